@@ -1,0 +1,1 @@
+"""Stable Diffusion model code (UNet, text encoders, VAE), configs and checkpoint loading."""

@@ -1,0 +1,1 @@
+"""Noise schedules, samplers and our own txt2img pipeline."""
