@@ -1,0 +1,170 @@
+"""``python -m lora_trainer <command>``: a thin shell over the package; every error a user can cause is one sentence."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_model() -> Path:
+    from .tiny_model.build import TINY_MODEL_PATH
+
+    return TINY_MODEL_PATH
+
+
+def load_for_inference(model: Path | None, vae: Path | None, precision: str | None, device: str, prediction: str | None):
+    import torch
+
+    from .models.checkpoint import load_checkpoint
+    from .models.common import parse_dtype
+
+    device = _device(device)
+    dtype = parse_dtype(precision or ("fp16" if device == "cuda" else "fp32"))
+    path = model or _default_model()
+    return load_checkpoint(path, dtype=dtype, device=device, vae_path=vae, prediction_type=prediction,
+                           vae_dtype=torch.float32 if device == "cpu" else None)
+
+
+def save_png(image, infotext: str, folder: Path, seed: int) -> Path:
+    """WebUI-style ``00012-1234.png`` with the ``parameters`` text chunk, written atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .safe_io import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in folder.glob("*.png") if p.name[:5].isdigit()]
+    target = folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
+    info = PngInfo()
+    info.add_text("parameters", infotext)
+    with atomic_path(target) as temporary:
+        image.save(temporary, format="PNG", pnginfo=info)
+    return target
+
+
+def generate(args) -> list[Path]:
+    from tqdm import tqdm
+
+    from .hashing import short_hash
+    from .models.prompt import prompt_problems
+    from .sampling.txt2img import GenerationSettings, txt2img
+
+    for text in (args.prompt, args.negative):
+        for problem in prompt_problems(text):
+            print(f"warning: {problem}", file=sys.stderr)
+    model = load_for_inference(args.model, args.vae, args.precision, args.device, args.prediction_type)
+    resolution = model.config.resolution
+    settings = GenerationSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        width=args.width or resolution,
+        height=args.height or resolution,
+        batch_size=args.batch_size,
+        clip_skip=args.clip_skip,
+    )
+    info = {"Model hash": short_hash(model.path), "Model": model.path.stem} if model.path.is_file() else {"Model": model.path.name}
+    with tqdm(total=args.steps, desc="sampling", unit="step", disable=args.quiet) as bar:
+        images = txt2img(model, settings, callback=lambda step, total: bar.update(1), model_info=info)
+    paths = [save_png(g.image, g.infotext, args.out, g.seed) for g in images]
+    for path in paths:
+        print(path)
+    return paths
+
+
+def inspect_model(args) -> None:
+    from .models.inspect import inspect_checkpoint
+
+    print("\n".join(inspect_checkpoint(args.file, with_hashes=not args.no_hash).lines()))
+
+
+def demo(args) -> None:
+    from .tiny_model.demo import run_demo
+
+    print(run_demo(args.out))
+
+
+def build_tiny_model(args) -> None:
+    from .tiny_model.build import TINY_MODEL_PATH, BuildSettings, build
+
+    build(args.out or TINY_MODEL_PATH, BuildSettings.quick() if args.quick else BuildSettings(seed=args.seed))
+
+
+def bench(args) -> None:
+    from .bench import run_bench
+
+    run_bench(args.area, args)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m lora_trainer", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    g = commands.add_parser("generate", help="txt2img from a checkpoint (default: the embedded tiny model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--model", type=Path, help="checkpoint file or Diffusers folder (default: the tiny shapes model)")
+    g.add_argument("--vae", type=Path, help="a separate VAE file")
+    g.add_argument("--sampler", default="Euler a", help="Euler, Euler a, DPM++ 2M Karras, DPM++ 2S a Karras, DDIM")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg-scale", "--cfg", type=float, default=7.0)
+    g.add_argument("--seed", type=int, default=-1)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--batch-size", "-n", type=int, default=1)
+    g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--device", default="auto")
+    g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override eps/v detection")
+    g.add_argument("--out", type=Path, default=Path("outputs") / "txt2img")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(run=generate)
+
+    m = commands.add_parser("model", help="model file tools").add_subparsers(dest="model_command", required=True)
+    i = m.add_parser("inspect", help="say what kind of model a file is")
+    i.add_argument("file", type=Path)
+    i.add_argument("--no-hash", action="store_true", help="skip hashing (fast on big files)")
+    i.set_defaults(run=inspect_model)
+
+    d = commands.add_parser("demo", help="the main job on the embedded default (tiny model)")
+    d.add_argument("--out", type=Path, default=Path("outputs") / "demo")
+    d.set_defaults(run=demo)
+
+    b = commands.add_parser("build-tiny-model", help="train the embedded tiny base model from scratch on CPU")
+    b.add_argument("--out", type=Path)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="a few steps only, to check the script")
+    b.set_defaults(run=build_tiny_model)
+
+    bench_parser = commands.add_parser("bench", help="print speed and memory figures")
+    bench_parser.add_argument("area", choices=["load", "generate"])
+    bench_parser.add_argument("--work-dir", type=Path, help="where to write the random full-size checkpoints")
+    bench_parser.add_argument("--models", default="sd15,sdxl")
+    bench_parser.set_defaults(run=bench)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,50 @@
+"""The hashes the WebUI and civitai show for model files, cached by path, size and modification time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .safe_io import write_text
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_TRAINER_CACHE", Path.home() / ".cache" / "lora_trainer"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Full SHA-256 of a file; the WebUI's "AutoV2" short hash is its first 10 hex digits."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    cache_file = cache_dir() / "hashes.json"
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    cache[key] = digest.hexdigest()
+    try:
+        write_text(cache_file, json.dumps(cache, indent=0))
+    except OSError:
+        pass  # a read-only home must not stop generation
+    return cache[key]
+
+
+def short_hash(path: str | Path) -> str:
+    """What the WebUI writes as ``Model hash`` in infotext."""
+    return file_sha256(path)[:10]
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """The WebUI's old 8-digit hash: SHA-256 of 64 KiB at offset 1 MiB (still shown for old images)."""
+    with Path(path).open("rb") as handle:
+        handle.seek(0x100000)
+        return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]

@@ -1,0 +1,42 @@
+"""Writing files so that a crash never leaves a truncated one behind: write a temporary file, then rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` in one step, on error it vanishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], target: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save tensors (contiguous, on CPU) with string metadata, atomically."""
+    from safetensors.torch import save_file
+
+    prepared = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    with atomic_path(target) as temporary:
+        save_file(prepared, str(temporary), metadata=metadata or {})
+    return Path(target)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    with atomic_path(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(target)
