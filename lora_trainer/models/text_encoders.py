@@ -18,6 +18,9 @@ from torch import nn
 from .attention import attention
 from .common import CheckpointedModel
 
+LAYOUTS = ("hf_clip", "open_clip")
+ACTIVATIONS = ("quick_gelu", "gelu")
+
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
@@ -31,6 +34,13 @@ class TextEncoderConfig:
     activation: str = "quick_gelu"  # OpenAI CLIP: quick_gelu; OpenCLIP ViT-H/bigG: gelu
     projection_dim: int | None = None
     eos_id: int = 49407
+
+    def __post_init__(self):
+        # A typo here would otherwise build the other layout (or the other activation) without a word.
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown text encoder layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown text encoder activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
 
 
 CLIP_VIT_L = TextEncoderConfig()
@@ -64,6 +74,59 @@ def first_eos_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 def pool_at_eos(states: torch.Tensor, input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """The state at the first end-of-text token of each row, as transformers and sd-scripts pool."""
     return states[torch.arange(states.shape[0], device=states.device), first_eos_positions(input_ids, eos_id)]
+
+
+# --- the shared forward ------------------------------------------------------------------------------------
+
+
+class TextTransformer(CheckpointedModel):
+    """The shared forward: embed, run every layer, keep the requested one, pool from the last."""
+
+    layout: str  # the config layout whose names this class stores
+    config: TextEncoderConfig
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        if config.layout != self.layout:
+            raise ValueError(f"{type(self).__name__} stores the {self.layout} layout, but the config asks for {config.layout}")
+        self.config = config
+
+    def _embed(self, input_ids):  # pragma: no cover - defined by each layout
+        raise NotImplementedError
+
+    def _layers(self) -> nn.ModuleList:  # pragma: no cover
+        raise NotImplementedError
+
+    def _final_norm(self, x):  # pragma: no cover
+        raise NotImplementedError
+
+    def _project(self, pooled):  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0, final_norm: bool = True) -> TextEncoderOutput:
+        """``skip_layers=0``: output of the last layer; 1: the penultimate (the WebUI's "clip skip 2"), …
+
+        ``pooled`` always comes from the last layer (final norm, first EOS, projection), whatever is skipped:
+        that is what SDXL was trained with and what transformers returns.
+        """
+        layers = self._layers()
+        if not 0 <= skip_layers < len(layers):
+            raise ValueError(
+                f"clip skip out of range: skip_layers={skip_layers}, but this text encoder has {len(layers)} layers "
+                f"(0 <= skip_layers < {len(layers)})"
+            )
+        keep = len(layers) - skip_layers
+        x = self._embed(input_ids)
+        hidden = x
+        for index, layer in enumerate(layers, start=1):
+            x = self.run_block(layer, x)
+            if index == keep:
+                hidden = x
+        last = self._final_norm(x)
+        if final_norm:
+            hidden = last if skip_layers == 0 else self._final_norm(hidden)
+        pooled = self._project(pool_at_eos(last, input_ids, self.config.eos_id))
+        return TextEncoderOutput(hidden, pooled)
 
 
 # --- hf_clip layout ----------------------------------------------------------------------------------------
@@ -111,6 +174,7 @@ class CLIPEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
+        # Persistent because SD1 checkpoints carry it; int64, which .to(dtype) leaves alone.
         self.register_buffer("position_ids", torch.arange(config.max_positions).unsqueeze(0), persistent=True)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -132,50 +196,16 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.width)
 
 
-class TextTransformer(CheckpointedModel):
-    """The shared forward: embed, run every layer, keep the requested one, pool from the last."""
-
-    config: TextEncoderConfig
-
-    def _embed(self, input_ids):  # pragma: no cover - defined by each layout
-        raise NotImplementedError
-
-    def _layers(self) -> nn.ModuleList:  # pragma: no cover
-        raise NotImplementedError
-
-    def _final_norm(self, x):  # pragma: no cover
-        raise NotImplementedError
-
-    def _project(self, pooled):
-        return pooled
-
-    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0, final_norm: bool = True) -> TextEncoderOutput:
-        """``skip_layers=0``: output of the last layer; 1: the penultimate (the WebUI's "clip skip 2"), …"""
-        layers = self._layers()
-        if not 0 <= skip_layers < len(layers):
-            raise ValueError(f"cannot skip {skip_layers} of {len(layers)} text encoder layers")
-        x = self._embed(input_ids)
-        keep = len(layers) - skip_layers
-        hidden = None
-        for index, layer in enumerate(layers, start=1):
-            x = self.run_block(layer, x)
-            if index == keep:
-                hidden = x
-        if final_norm:
-            hidden = self._final_norm(hidden)
-        pooled = self._project(pool_at_eos(self._final_norm(x), input_ids, self.config.eos_id))
-        return TextEncoderOutput(hidden, pooled)
-
-
 class CLIPTextModel(TextTransformer):
     """transformers' CLIPTextModel(WithProjection) layout: ``text_model.*`` (+ ``text_projection`` Linear)."""
 
+    layout = "hf_clip"
+
     def __init__(self, config: TextEncoderConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.text_model = CLIPTextTransformer(config)
-        if config.projection_dim is not None:
-            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
+        has_projection = config.projection_dim is not None
+        self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False) if has_projection else None
 
     def _embed(self, input_ids):
         return self.text_model.embeddings(input_ids)
@@ -187,7 +217,7 @@ class CLIPTextModel(TextTransformer):
         return self.text_model.final_layer_norm(x)
 
     def _project(self, pooled):
-        return self.text_projection(pooled) if self.config.projection_dim is not None else pooled
+        return pooled if self.text_projection is None else self.text_projection(pooled)
 
 
 # --- open_clip layout --------------------------------------------------------------------------------------
@@ -245,20 +275,29 @@ class OpenCLIPTransformer(nn.Module):
 
 
 class OpenCLIPTextModel(TextTransformer):
-    """OpenCLIP's text tower: ``token_embedding``, ``positional_embedding``, ``transformer.resblocks``, ``ln_final``."""
+    """OpenCLIP's text tower: ``token_embedding``, ``positional_embedding``, ``transformer.resblocks``, ``ln_final``.
+
+    ``text_projection`` ([width, projection], applied as ``x @ P``) exists only when ``projection_dim`` is set;
+    ``logit_scale`` always, since SD2/SDXL files carry it although nothing here uses it.
+    """
+
+    layout = "open_clip"
 
     def __init__(self, config: TextEncoderConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.max_positions, config.width))
         self.transformer = OpenCLIPTransformer(config)
         self.ln_final = nn.LayerNorm(config.width)
-        self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim or config.width))
+        if config.projection_dim is not None:
+            self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
+        else:
+            self.register_parameter("text_projection", None)
         self.logit_scale = nn.Parameter(torch.empty(()))
         if self.positional_embedding.device.type != "meta":
             nn.init.normal_(self.positional_embedding, std=0.01)
-            nn.init.normal_(self.text_projection, std=config.width**-0.5)
+            if self.text_projection is not None:
+                nn.init.normal_(self.text_projection, std=config.width**-0.5)
             nn.init.constant_(self.logit_scale, LOGIT_SCALE_INIT)
 
     def _embed(self, input_ids):
@@ -271,15 +310,26 @@ class OpenCLIPTextModel(TextTransformer):
         return self.ln_final(x)
 
     def _project(self, pooled):
-        return pooled @ self.text_projection
+        return pooled if self.text_projection is None else pooled @ self.text_projection
+
+
+_MODEL_CLASSES = {"hf_clip": CLIPTextModel, "open_clip": OpenCLIPTextModel}
 
 
 def build_text_encoder(config: TextEncoderConfig) -> TextTransformer:
-    return CLIPTextModel(config) if config.layout == "hf_clip" else OpenCLIPTextModel(config)
+    return _MODEL_CLASSES[config.layout](config)
 
 
 # --- transformers naming -----------------------------------------------------------------------------------
+#
+# transformers' names are always handled in their on-disk form, ``text_model.*`` (+ ``text_projection.weight``):
+# Diffusers folders, Kohya's LoRA names and CLIPTextModelWithProjection use it. transformers 5 drops that level
+# from a bare CLIPTextModel's state dict, so such names are given it back on the way in.
 
+_POSITION_IDS = "text_model.embeddings.position_ids"  # a buffer: rebuilt, never converted
+_BARE_CLIP_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
+_HF_LAYER_PARTS = ("layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                   "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 _OPEN_CLIP_LAYER_PARTS = {
     "layer_norm1": "ln_1",
     "layer_norm2": "ln_2",
@@ -289,53 +339,110 @@ _OPEN_CLIP_LAYER_PARTS = {
 }
 
 
-def text_encoder_from_transformers(state_dict: dict[str, torch.Tensor], config: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel(WithProjection) state dict (Diffusers folders' layout) in our layout."""
+class _Tensor(NamedTuple):
+    """One of our tensors and the transformers tensor(s) it is made of."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    how: str = "same"  # "same" | "transposed" (Linear weight vs x @ P) | "stacked" (q, k, v fused along dim 0)
+
+
+def _tensor_table(config: TextEncoderConfig) -> list[_Tensor]:
+    """Every converted tensor of ``config``'s model; buffers and ``logit_scale`` are handled apart."""
     if config.layout == "hf_clip":
-        converted = {k: v for k, v in state_dict.items() if k.startswith(("text_model.", "text_projection."))}
-        converted.setdefault("text_model.embeddings.position_ids", torch.arange(config.max_positions).unsqueeze(0))
-        return converted
-    converted = {
-        "token_embedding.weight": state_dict["text_model.embeddings.token_embedding.weight"],
-        "positional_embedding": state_dict["text_model.embeddings.position_embedding.weight"],
-        "ln_final.weight": state_dict["text_model.final_layer_norm.weight"],
-        "ln_final.bias": state_dict["text_model.final_layer_norm.bias"],
-        "logit_scale": state_dict.get("logit_scale", torch.tensor(LOGIT_SCALE_INIT)),
-    }
-    if "text_projection.weight" in state_dict:
-        converted["text_projection"] = state_dict["text_projection.weight"].T.contiguous()
-    else:
-        converted["text_projection"] = torch.eye(config.width)
+        names = [
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.embeddings.position_embedding.weight",
+            *(f"text_model.encoder.layers.{i}.{part}.{kind}"
+              for i in range(config.layers) for part in _HF_LAYER_PARTS for kind in ("weight", "bias")),
+            "text_model.final_layer_norm.weight",
+            "text_model.final_layer_norm.bias",
+        ]
+        if config.projection_dim is not None:
+            names.append("text_projection.weight")
+        return [_Tensor(name, (name,)) for name in names]
+
+    table = [
+        _Tensor("token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
+        _Tensor("positional_embedding", ("text_model.embeddings.position_embedding.weight",)),
+    ]
     for i in range(config.layers):
         hf, ours = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for hf_part, our_part in _OPEN_CLIP_LAYER_PARTS.items():
-            for kind in ("weight", "bias"):
-                converted[f"{ours}{our_part}.{kind}"] = state_dict[f"{hf}{hf_part}.{kind}"]
         for kind in ("weight", "bias"):
-            converted[f"{ours}attn.in_proj_{kind}"] = torch.cat(
-                [state_dict[f"{hf}self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
-            )
+            table += [_Tensor(f"{ours}{our_part}.{kind}", (f"{hf}{hf_part}.{kind}",))
+                      for hf_part, our_part in _OPEN_CLIP_LAYER_PARTS.items()]
+            table.append(_Tensor(f"{ours}attn.in_proj_{kind}",
+                                 tuple(f"{hf}self_attn.{p}_proj.{kind}" for p in "qkv"), "stacked"))
+    table += [
+        _Tensor("ln_final.weight", ("text_model.final_layer_norm.weight",)),
+        _Tensor("ln_final.bias", ("text_model.final_layer_norm.bias",)),
+    ]
+    if config.projection_dim is not None:
+        table.append(_Tensor("text_projection", ("text_projection.weight",), "transposed"))
+    return table
+
+
+def _with_text_model_level(name: str) -> str:
+    return "text_model." + name if name.startswith(_BARE_CLIP_ROOTS) else name
+
+
+def _check_names(given, known: set[str], needed: set[str], config: TextEncoderConfig, side: str) -> None:
+    """Refuse names we do not know (a vision tower, another layout) before reporting missing ones."""
+    unexpected = sorted(set(given) - known)
+    if unexpected:
+        raise ValueError(
+            f"unexpected tensor names for a {config.layout} layout text encoder in {side} naming "
+            f"({len(unexpected)}, e.g. {', '.join(unexpected[:3])}): not this layout's CLIP text encoder"
+        )
+    missing = sorted(needed - set(given))
+    if missing:
+        raise ValueError(
+            f"missing tensors for a {config.layout} layout text encoder with {config.layers} layers in {side} naming "
+            f"({len(missing)}, e.g. {', '.join(missing[:3])})"
+        )
+
+
+def text_encoder_from_transformers(state_dict: dict[str, torch.Tensor], config: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel(WithProjection) state dict, bare or under ``text_model.``, in our layout."""
+    state = {_with_text_model_level(k): v for k, v in state_dict.items()}
+    table = _tensor_table(config)
+    needed = {name for entry in table for name in entry.theirs}
+    optional = {_POSITION_IDS} | ({"logit_scale"} if config.layout == "open_clip" else set())
+    _check_names(state, needed | optional, needed, config, "transformers")
+
+    converted = {}
+    for entry in table:
+        parts = [state[name] for name in entry.theirs]
+        if entry.how == "stacked":
+            converted[entry.ours] = torch.cat(parts)
+        elif entry.how == "transposed":
+            converted[entry.ours] = parts[0].T.contiguous()
+        else:
+            converted[entry.ours] = parts[0]
+    if config.layout == "hf_clip":
+        # Old files store float position ids (76.9999…) that index the wrong row once cast: rebuild the exact range.
+        converted[_POSITION_IDS] = torch.arange(config.max_positions, dtype=torch.int64).unsqueeze(0)
+    else:
+        dtype = converted["token_embedding.weight"].dtype
+        converted["logit_scale"] = state.get("logit_scale", torch.tensor(LOGIT_SCALE_INIT, dtype=dtype)).reshape(())
     return converted
 
 
 def text_encoder_to_transformers(state_dict: dict[str, torch.Tensor], config: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """Our layout back to transformers' names (the inverse of ``text_encoder_from_transformers``)."""
-    if config.layout == "hf_clip":
-        return dict(state_dict)
-    converted = {
-        "text_model.embeddings.token_embedding.weight": state_dict["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": state_dict["positional_embedding"],
-        "text_model.final_layer_norm.weight": state_dict["ln_final.weight"],
-        "text_model.final_layer_norm.bias": state_dict["ln_final.bias"],
-        "text_projection.weight": state_dict["text_projection"].T.contiguous(),
-        "logit_scale": state_dict["logit_scale"],
-    }
-    for i in range(config.layers):
-        hf, ours = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for hf_part, our_part in _OPEN_CLIP_LAYER_PARTS.items():
-            for kind in ("weight", "bias"):
-                converted[f"{hf}{hf_part}.{kind}"] = state_dict[f"{ours}{our_part}.{kind}"]
-        for kind in ("weight", "bias"):
-            q, k, v = state_dict[f"{ours}attn.in_proj_{kind}"].chunk(3)
-            converted.update({f"{hf}self_attn.q_proj.{kind}": q, f"{hf}self_attn.k_proj.{kind}": k, f"{hf}self_attn.v_proj.{kind}": v})
+    """Our layout in transformers' on-disk names (``text_model.*``), without ``position_ids`` or ``logit_scale``."""
+    table = _tensor_table(config)
+    needed = {entry.ours for entry in table}
+    optional = {_POSITION_IDS} if config.layout == "hf_clip" else {"logit_scale"}
+    _check_names(state_dict, needed | optional, needed, config, "our")
+
+    converted = {}
+    for entry in table:
+        tensor = state_dict[entry.ours]
+        if entry.how == "stacked":
+            # Cloned so the three are separate tensors: safetensors refuses to save views of one storage.
+            converted.update({name: part.clone() for name, part in zip(entry.theirs, tensor.chunk(len(entry.theirs)))})
+        elif entry.how == "transposed":
+            converted[entry.theirs[0]] = tensor.T.contiguous()
+        else:
+            converted[entry.theirs[0]] = tensor
     return converted

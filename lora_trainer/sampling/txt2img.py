@@ -5,6 +5,7 @@ Used for samples during training, standalone grids and ``python -m lora_trainer 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,7 +17,8 @@ from PIL import Image
 from ..models.checkpoint import StableDiffusion
 from ..models.conditioning import encode_prompts
 from ..models.unet import size_conditioning
-from .samplers import get_sampler, seeded_noise_sampler, sigmas_for
+from ..errors import UserError
+from .samplers import get_sampler, seeded_noise_sampler
 from .schedule import cfg_denoiser, make_denoiser
 
 
@@ -65,14 +67,13 @@ def txt2img(
 ) -> list[GeneratedImage]:
     """Generate ``settings.batch_size`` images; image i uses seed ``seed + i`` exactly as the WebUI does."""
     if model.vae is None:
-        from ..errors import UserError
-
         raise UserError(f"{model.path} has no VAE baked in: give one with --vae FILE to decode images.")
     if settings.width % 8 or settings.height % 8:
-        from ..errors import UserError
-
         raise UserError(f"image size {settings.width}x{settings.height} must be a multiple of 8 on both sides.")
-    sampler = get_sampler(settings.sampler)
+    try:
+        sampler = get_sampler(settings.sampler)
+    except ValueError as error:
+        raise UserError(str(error)) from error
     config = model.config
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
@@ -101,15 +102,16 @@ def txt2img(
 
     latent_shape = (config.unet.in_channels, settings.height // 8, settings.width // 8)
     noise = torch.cat([initial_noise(seed + i, (1, *latent_shape)) for i in range(count)]).to(device)
-    sigmas = sigmas_for(settings.sampler, config.schedule, settings.steps).to(device)
-    x = noise * sigmas[0]
+    sigmas = sampler.sigmas(config.schedule, settings.steps).to(device)
+    x = sampler.initial_latent(noise, sigmas)
     progress = (lambda step, total, *_: callback(step, total)) if callback else None
     latents = sampler.function(guided, x, sigmas, noise_sampler=seeded_noise_sampler(x, seed), callback=progress)
 
     vae_dtype = next(model.vae.parameters()).dtype
     images = latents_to_images(model.vae.decode_latents(latents.to(vae_dtype)))
     info = {**(model_info or {}), **settings.extra_infotext}
-    return [GeneratedImage(image, seed + i, infotext(settings, seed + i, info)) for i, image in enumerate(images)]
+    named = dataclasses.replace(settings, sampler=sampler.name)
+    return [GeneratedImage(image, seed + i, infotext(named, seed + i, info)) for i, image in enumerate(images)]
 
 
 def infotext(settings: GenerationSettings, seed: int, model_info: dict[str, str]) -> str:

@@ -1,0 +1,83 @@
+"""The command line as a user meets it: PNGs with infotext, `model inspect`, and one clear sentence per bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from reference import TINY_KOHYA_CHECKPOINT
+
+from lora_trainer.cli import main
+from lora_trainer.safe_io import save_safetensors
+from lora_trainer.tiny_model.build import BuildSettings, build
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("模型 with spaces")
+    return build(folder / "quick model.safetensors", BuildSettings.quick())
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_writes_pngs_with_webui_infotext(quick_model, tmp_path, capsys):
+    out_dir = tmp_path / "输出 folder"
+    code, out, err = run(capsys, "generate", "--model", quick_model, "--prompt", "(red:1.2) circle", "--negative", "blurry",
+                         "--steps", 3, "--seed", 42, "--sampler", "euler_a", "--batch-size", 2, "--out", out_dir, "--quiet")
+    assert code == 0, err
+    files = sorted(out_dir.glob("*.png"))
+    assert [f.name for f in files] == ["00000-42.png", "00001-43.png"]
+    assert out.splitlines() == [str(f) for f in files]
+    text = Image.open(files[1]).text["parameters"]
+    prompt, negative, parameters = text.split("\n")
+    assert prompt == "(red:1.2) circle" and negative == "Negative prompt: blurry"
+    assert parameters.startswith("Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 43, Size: 64x64, Model hash: ")
+    assert parameters.endswith("Model: quick model")
+
+
+def test_unbalanced_brackets_warn_with_the_position_and_still_generate(quick_model, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--model", quick_model, "--prompt", "(red circle, blue", "--steps", 1,
+                       "--out", tmp_path, "--quiet")
+    assert code == 0
+    assert "warning:" in err and "'('" in err
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_inspect_names_architecture_parts_and_hashes(capsys):
+    code, out, _ = run(capsys, "model", "inspect", TINY_KOHYA_CHECKPOINT)
+    assert code == 0
+    assert "architecture:  SD1" in out
+    assert "fp16" in out and "UNet" in out and "VAE" in out and "text encoder (CLIP ViT-L)" in out
+    assert "AutoV2" in out and "other (schedule buffers" in out
+
+
+def test_inspect_says_unknown_and_why_for_a_flux_file(tmp_path, capsys):
+    path = save_safetensors({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, tmp_path / "flux.safetensors")
+    code, out, _ = run(capsys, "model", "inspect", path, "--no-hash")
+    assert code == 0
+    assert "architecture:  unknown" in out and "Flux" in out
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda d: d / "missing.safetensors", "no such file"),
+        (lambda d: (d / "half.safetensors").write_bytes(b"\x10\x00\x00") and d / "half.safetensors", "not a readable"),
+        (lambda d: d, "is a folder"),
+    ],
+    ids=["missing", "truncated", "folder"],
+)
+def test_bad_model_paths_give_one_sentence_and_exit_code_2(tmp_path, capsys, make, fragment):
+    code, out, err = run(capsys, "generate", "--model", make(tmp_path), "--prompt", "x", "--out", tmp_path / "o")
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and fragment in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_unknown_sampler_lists_the_valid_ones(quick_model, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--model", quick_model, "--prompt", "x", "--sampler", "UniPC", "--out", tmp_path)
+    assert code == 2 and "DPM++ 2M Karras" in err and "Traceback" not in err
