@@ -108,7 +108,9 @@ def test_kohya_tiny_checkpoint_loads_and_runs():
 
 
 def test_ema_only_files_load_their_ema_weights(tmp_path):
-    config = tiny_config(scaling_factor=0.5)
+    # EMA names have no dots; they are matched against SD1/SD2/SDXL's own topology, so use SD1's channel pattern
+    base = tiny_config(scaling_factor=0.5)
+    config = dataclasses.replace(base, unet=dataclasses.replace(base.unet, channel_mult=(1, 2, 4, 4)))
     state = tiny_state(config)
     ema = {}
     for key in list(state):

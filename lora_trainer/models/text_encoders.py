@@ -391,13 +391,13 @@ def _check_names(given, known: set[str], needed: set[str], config: TextEncoderCo
     unexpected = sorted(set(given) - known)
     if unexpected:
         raise ValueError(
-            f"unexpected tensor names for a {config.layout} layout text encoder in {side} naming "
+            f"unexpected tensor names for the {config.layout} layout text encoder in {side} naming "
             f"({len(unexpected)}, e.g. {', '.join(unexpected[:3])}): not this layout's CLIP text encoder"
         )
     missing = sorted(needed - set(given))
     if missing:
         raise ValueError(
-            f"missing tensors for a {config.layout} layout text encoder with {config.layers} layers in {side} naming "
+            f"missing tensors for the {config.layout} layout text encoder with {config.layers} layers in {side} naming "
             f"({len(missing)}, e.g. {', '.join(missing[:3])})"
         )
 
