@@ -1,7 +1,8 @@
 """Build our tiny base model on CPU: synthetic shapes -> tiny VAE -> tiny SD1-layout UNet + CLIP text encoder.
 
-The result is a single-file SD1 checkpoint (fp16, a few MB) with the same tensor names as a real SD1.5 file, so
-every code path that loads, samples, trains and names LoRAs for SD1 runs on it unchanged. Seeded: the same
+The result is a single-file SD1 checkpoint (fp16, about 13 MB) with SD1.5's block structure (4 levels, 2 ResBlocks
+each, attention on the first three, a CLIP text encoder with the full vocabulary), so every code path that loads,
+samples, trains and names LoRAs for SD1 runs on it unchanged. Seeded: the same
 settings give the same file on the same torch version.
 
     python -m lora_trainer build-tiny-model [--out FILE] [--quick]
