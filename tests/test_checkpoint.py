@@ -267,6 +267,32 @@ def test_a_diffusers_folder_loads_and_computes_like_diffusers(tmp_path):
         assert torch.allclose(model.text_encoders[0](ids).hidden, text(ids).last_hidden_state, atol=1e-5)
 
 
+def test_an_sd2_diffusers_folder_uses_its_truncated_openclip_encoder_as_is(tmp_path):
+    """Diffusers drops OpenCLIP's last layer and projection for SD2; its own last layer is SD2's penultimate one."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=1024,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True,
+    )
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, intermediate_size=64,
+                                        vocab_size=1000, max_position_embeddings=77, hidden_act="gelu", eos_token_id=999))
+    folder = tmp_path / "sd2"
+    unet.save_pretrained(folder / "unet")
+    text.save_pretrained(folder / "text_encoder")
+    model = load_checkpoint(folder)
+    slot = model.config.text_encoders[0]
+    assert model.config.name.startswith("sd2") and slot.config.layout == "open_clip"
+    assert slot.skip_layers == 0 and slot.final_norm and slot.config.projection_dim is None and slot.config.layers == 2
+    ids = torch.tensor([[998, 5, 6, 999] + [0] * 73])
+    with torch.no_grad():
+        ours = model.text_encoders[0](ids, skip_layers=slot.skip_layers, final_norm=slot.final_norm).hidden
+        assert torch.allclose(ours, text(ids).last_hidden_state, atol=1e-5)
+
+
 # --- bad files ---------------------------------------------------------------------------------------------
 
 

@@ -284,9 +284,12 @@ def _text_encoder_slot_from_shapes(slot: TextEncoderSlot, shapes: dict, override
         layers=len(layers) if layers else base.layers,
         mlp_width=mlp,
         heads=base.heads if width == base.width else max(1, width // 64),
-        projection_dim=projection if base.layout == "hf_clip" else (projection or base.projection_dim),
+        # a tower without text_projection has none (Diffusers' SD2 encoder); a file without the tower keeps the default
+        projection_dim=projection if layers or base.layout == "hf_clip" else base.projection_dim,
     )
-    return dataclasses.replace(slot, config=dataclasses.replace(config, **_tuples(override)))
+    slot_fields = {k: v for k, v in override.items() if k in ("skip_layers", "final_norm")}
+    config_fields = {k: v for k, v in override.items() if k not in slot_fields}
+    return dataclasses.replace(slot, config=dataclasses.replace(config, **_tuples(config_fields)), **slot_fields)
 
 
 def _vae_config_from_shapes(base: VAEConfig, shapes: dict, override: dict) -> VAEConfig:

@@ -115,7 +115,11 @@ def open_diffusers_folder(path: Path) -> tuple[TensorSource, dict]:
         te_config = _text_encoder_config(te_json, slot.config.layout)
         converted = text_encoder_from_transformers(_read_weights(path / folder), te_config)
         tensors.update({slot.prefix + k: v for k, v in converted.items()})
-        overrides["text_encoders"].append({"heads": te_config.heads, "activation": te_config.activation})
+        # Diffusers stores SD2's OpenCLIP encoder as a CLIPTextModel without projection and without the last layer
+        # (SD2 reads the penultimate one), so that encoder's own last layer is the one to use
+        truncated = slot.config.layout == "open_clip" and te_config.projection_dim is None
+        skip = slot.skip_layers - 1 if truncated else slot.skip_layers
+        overrides["text_encoders"].append({"heads": te_config.heads, "activation": te_config.activation, "skip_layers": skip})
 
     vae_json = _read_json(path / "vae" / "config.json")
     if vae_json:
