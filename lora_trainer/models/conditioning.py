@@ -21,6 +21,11 @@ class Conditioning:
     def chunks(self) -> int:
         return self.context.shape[1] // 77
 
+    def split(self, rows: int) -> tuple[Conditioning, Conditioning]:
+        """The first ``rows`` prompts and the rest."""
+        pooled = (None, None) if self.pooled is None else (self.pooled[:rows], self.pooled[rows:])
+        return Conditioning(self.context[:rows], pooled[0]), Conditioning(self.context[rows:], pooled[1])
+
     def padded_to(self, chunks: int, empty: Conditioning) -> Conditioning:
         """Append the empty prompt's chunk until there are ``chunks`` chunks, as the WebUI pads cond vs uncond."""
         missing = chunks - self.chunks()

@@ -80,12 +80,10 @@ def txt2img(
     seed = settings.resolved_seed()
     count = settings.batch_size
 
-    cond = encode_prompts(config, model.text_encoders, [settings.prompt] * count, settings.clip_skip)
-    uncond = encode_prompts(config, model.text_encoders, [settings.negative_prompt] * count, settings.clip_skip)
-    chunks = max(cond.chunks(), uncond.chunks())
-    if cond.chunks() != uncond.chunks():
-        empty = encode_prompts(config, model.text_encoders, [""], settings.clip_skip)
-        cond, uncond = cond.padded_to(chunks, empty), uncond.padded_to(chunks, empty)
+    # one call, so encode_prompts pads prompt and negative prompt to the same number of chunks
+    both = encode_prompts(config, model.text_encoders, [settings.prompt] * count + [settings.negative_prompt] * count,
+                          settings.clip_skip)
+    cond, uncond = both.split(count)
 
     def unet_conditioning(c):
         arguments = {"context": c.context.to(device, dtype)}
