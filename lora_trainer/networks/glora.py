@@ -1,0 +1,34 @@
+"""GLoRA (Chavan et al. 2023) as LyCORIS ≥ 3.1 writes it: ΔW = (α/r) · (W·A1·A2 + B1·B2).
+
+W·A1·A2 acts on W's input-channel axis (a conv keeps its kernel); B1·B2 is a LoRA-shaped term. The
+pre-3.1 layout (a1 [r, in], a2 [in, r], b1 [r, in], b2 [out, r]; ΔW = (α/r)·(W·A2·A1 + B2·B1)) is told
+apart by shape and read too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Algorithm, Delta, Tensors, as_matrix, register, scale
+
+SUFFIXES = frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha", "scale"})
+
+
+def _is_current_layout(a1: torch.Tensor, b1: torch.Tensor, weight: torch.Tensor) -> bool:
+    return a1.shape[0] == weight.shape[1] and b1.shape[0] == weight.shape[0]
+
+
+def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
+    a1, a2 = as_matrix(tensors["a1.weight"]), as_matrix(tensors["a2.weight"])
+    b1, b2 = as_matrix(tensors["b1.weight"]), as_matrix(tensors["b2.weight"])
+    if _is_current_layout(a1, b1, weight):
+        rank, weight_side, lora_side = a2.shape[0], a1 @ a2, b1 @ b2
+    else:
+        rank, weight_side, lora_side = a1.shape[0], a2 @ a1, b2 @ b1
+    # contract W's input channels with the [in, in] matrix, keeping any kernel axes
+    through_w = torch.einsum("oi...,ij->oj...", weight, weight_side)
+    raw = through_w + lora_side.reshape(weight.shape)
+    return Delta(raw * (scale(tensors, rank) * multiplier))
+
+
+register(Algorithm("glora", frozenset({"a1.weight"}), SUFFIXES, delta))

@@ -1,0 +1,46 @@
+"""LoKr (LyCORIS): the Kronecker product of a small factor W1 [a, c] and a larger W2 [b, d(, kh, kw)].
+
+Either factor may be stored full (``lokr_w1``, ``lokr_w2``) or as a low-rank product (``_a @ _b``), W2 also
+as a Tucker core ``lokr_t2`` on k×k convs. The scale is α/r with r the rank of the decomposed factor (W2's
+first); with both factors full there is no rank and the scale is 1 (LyCORIS stores alpha = dim then).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Algorithm, Delta, Tensors, as_matrix, register, scale, tucker
+
+SUFFIXES = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "scale"})
+
+
+def _rank(tensors: Tensors) -> int | None:
+    for key in ("lokr_w2_b", "lokr_w1_b"):
+        if key in tensors:
+            return tensors[key].shape[0]
+    return None
+
+
+def kronecker_weight(tensors: Tensors, shape: torch.Size) -> torch.Tensor:
+    """kron(W1, W2) shaped like the layer's weight, without scale."""
+    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    a, c = w1.shape
+    b, d = shape[0] // a, shape[1] // c
+    kernel = tuple(shape[2:])
+    if "lokr_w2" in tensors:
+        w2 = tensors["lokr_w2"]
+    elif "lokr_t2" in tensors:
+        w2 = tucker(tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
+    else:
+        w2 = as_matrix(tensors["lokr_w2_a"]) @ as_matrix(tensors["lokr_w2_b"])
+    w2 = w2.reshape(b, d, *kernel)
+    w1 = w1.reshape(a, c, *(1 for _ in kernel))
+    # kron needs contiguous inputs: a Tucker-rebuilt W2 is a non-contiguous einsum result
+    return torch.kron(w1.contiguous(), w2.contiguous()).reshape(shape)
+
+
+def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
+    return Delta(kronecker_weight(tensors, weight.shape) * (scale(tensors, _rank(tensors)) * multiplier))
+
+
+register(Algorithm("lokr", frozenset({"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}), SUFFIXES, delta))

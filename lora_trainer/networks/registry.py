@@ -1,0 +1,142 @@
+"""What a network algorithm is, and how the one that owns a module's stored tensors is found.
+
+A network file stores, per targeted layer, a few tensors under ``<layer name>.<suffix>``. Each algorithm module
+registers the suffixes it owns and a pure function from those tensors (plus the layer's base weight and the
+user's multiplier) to the change of the layer's weight and bias. Modifiers (DoRA) own extra suffixes and
+transform the delta of whichever algorithm they sit on. Adding an algorithm is adding a file that calls
+``register``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The change a network makes to one layer: ``W + weight``, ``b + bias`` (either may be None)."""
+
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def scaled(self, factor: float) -> Delta:
+        return Delta(*(None if t is None else t * factor for t in (self.weight, self.bias)))
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    markers: frozenset[str]  # any of these suffixes present means the module is this algorithm's
+    suffixes: frozenset[str]  # every suffix it consumes (markers included)
+    # delta(tensors, base weight, multiplier) -> Delta, for the layer as stored in the model
+    delta: Callable[[Tensors, torch.Tensor, float], Delta]
+    # True when delta(m) == m * delta(1): a strength change is then W += (m2 - m1) * delta(1)
+    linear_in_multiplier: bool = True
+    accepts: Callable[[Tensors], bool] = lambda tensors: True  # tie-break between algorithms sharing a marker
+
+
+@dataclass(frozen=True)
+class Modifier:
+    """Extra tensors that reshape another algorithm's result (DoRA's magnitude vector)."""
+
+    name: str
+    suffixes: frozenset[str]
+    # apply(tensors, base weight, delta of the underlying algorithm at multiplier 1, multiplier) -> Delta
+    apply: Callable[[Tensors, torch.Tensor, Delta, float], Delta]
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+MODIFIERS: dict[str, Modifier] = {}
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+def register_modifier(modifier: Modifier) -> Modifier:
+    MODIFIERS[modifier.name] = modifier
+    return modifier
+
+
+def known_suffixes() -> frozenset[str]:
+    every = set()
+    for owner in (*ALGORITHMS.values(), *MODIFIERS.values()):
+        every |= owner.suffixes
+    return frozenset(every)
+
+
+def find_algorithm(tensors: Tensors) -> Algorithm:
+    """The algorithm whose marker suffixes are present; ValueError naming the suffixes when none or several."""
+    candidates = [a for a in ALGORITHMS.values() if a.markers & tensors.keys() and a.accepts(tensors)]
+    if len(candidates) != 1:
+        what = "no known network algorithm" if not candidates else "several algorithms (" + ", ".join(a.name for a in candidates) + ")"
+        raise ValueError(f"{what} for the tensors {', '.join(sorted(tensors))}")
+    return candidates[0]
+
+
+def modifiers_for(tensors: Tensors) -> list[Modifier]:
+    return [m for m in MODIFIERS.values() if m.suffixes & tensors.keys()]
+
+
+def unknown_suffixes(tensors: Tensors) -> list[str]:
+    """Suffixes neither the module's algorithm nor a modifier consumes: reported, never silently dropped."""
+    algorithm = find_algorithm(tensors)
+    used = set(algorithm.suffixes)
+    for modifier in modifiers_for(tensors):
+        used |= modifier.suffixes
+    return sorted(set(tensors) - used)
+
+
+def is_linear_in_multiplier(tensors: Tensors) -> bool:
+    return find_algorithm(tensors).linear_in_multiplier and not modifiers_for(tensors)
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """fp32 for the math whatever the storage (fp16 products lose the small deltas); fp64 stays fp64."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def module_delta(tensors: Tensors, weight: torch.Tensor, multiplier: float = 1.0) -> Delta:
+    """ΔW (and Δbias) of one layer at ``multiplier``, in the compute dtype, shaped like the layer's weight."""
+    dtype = compute_dtype(weight)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    weight = weight.to(dtype)
+    algorithm = find_algorithm(tensors)
+    modifiers = modifiers_for(tensors)
+    if not modifiers:
+        return algorithm.delta(tensors, weight, multiplier)
+    delta = algorithm.delta(tensors, weight, 1.0)
+    for modifier in modifiers:
+        delta = modifier.apply(tensors, weight, delta, multiplier)
+    return delta
+
+
+# --- helpers shared by the low-rank algorithms --------------------------------------------------------------
+
+
+def scale(tensors: Tensors, rank: int | None) -> float:
+    """α / r; no alpha means α = r (every reader agrees); no rank (both LoKr factors full) means 1.
+
+    A1111's optional ``scale`` key replaces α / r; we honour it when reading, and never write it.
+    """
+    if "scale" in tensors:
+        return float(tensors["scale"])
+    alpha = tensors.get("alpha")
+    if alpha is None or rank is None:
+        return 1.0
+    return float(alpha) / rank
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Rebuild a [out, in, kh, kw] kernel from a Tucker core [r, r, kh, kw] and factors left [r, out], right [r, in]."""
+    return torch.einsum("ijhw,ip,jq->pqhw", core, as_matrix(left), as_matrix(right))
