@@ -25,6 +25,8 @@ class TextEncoderSlot:
     final_norm: bool  # whether the final layer norm is applied to the hidden states the UNet sees
     pad_id: int  # CLIP-L pads prompts with EOS (the WebUI's id_pad = id_end); the OpenCLIP towers pad with 0
     kohya_name: str  # the LoRA key prefix sd-scripts uses for it: lora_te, lora_te1, lora_te2
+    # sd-scripts builds SD2's encoder without the last layer (never used), so Kohya LoRAs name none in it
+    kohya_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class ModelConfig:
     resolution: int = 512  # native training/sampling size
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     unet_prefix: str = "model.diffusion_model."
+    # How sd-scripts names this UNet's LoRA modules: after the Diffusers model it trains (SD1/SD2) or after the
+    # original SGM model (SDXL). Either way the names are built from our own (original) module names.
+    lora_unet_naming: str = "diffusers"  # or "sgm"
     vae_prefix: str = "first_stage_model."
 
     @property
@@ -68,7 +73,7 @@ SD2 = ModelConfig(
     name="sd2",
     label="SD2",
     unet=SD2_UNET,
-    text_encoders=(TextEncoderSlot(OPENCLIP_VIT_H, "cond_stage_model.model.", 1, True, 0, "lora_te"),),
+    text_encoders=(TextEncoderSlot(OPENCLIP_VIT_H, "cond_stage_model.model.", 1, True, 0, "lora_te", kohya_layers=23),),
     vae=SD_VAE,
 )
 SD2_V = SD2.with_prediction("v_prediction")
@@ -84,6 +89,7 @@ SDXL = ModelConfig(
     ),
     vae=SDXL_VAE,
     resolution=1024,
+    lora_unet_naming="sgm",
 )
 
 FULL_SIZE = {config.name: config for config in (SD1, SD2, SD2_V, SDXL)}

@@ -364,7 +364,7 @@ def _diffusers_unet_name_map(config: UNetConfig) -> dict[str, str]:
     return names
 
 
-_RESNET_PARTS = {
+DIFFUSERS_RESNET_PARTS = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
@@ -389,8 +389,8 @@ def _convert_unet_key(key: str, prefixes: dict[str, str]) -> str:
         head = ".".join(parts[:cut])
         if head in prefixes:
             rest = parts[cut:]
-            if ".resnets." in head and rest[0] in _RESNET_PARTS:
-                rest = _RESNET_PARTS[rest[0]].split(".") + rest[1:]
+            if ".resnets." in head and rest[0] in DIFFUSERS_RESNET_PARTS:
+                rest = DIFFUSERS_RESNET_PARTS[rest[0]].split(".") + rest[1:]
             return ".".join([prefixes[head], *rest])
     raise KeyError(f"unexpected diffusers UNet key {key!r}")
 

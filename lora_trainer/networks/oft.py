@@ -17,9 +17,7 @@ def cayley_rotations(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ for every block of ``blocks`` [..., b, b], with ‖Q‖ (over all blocks) ≤ constraint."""
     q = blocks - blocks.transpose(-1, -2)
     if constraint > 0:
-        norm = torch.linalg.norm(q) + 1e-8
-        if norm > constraint:
-            q = q * (constraint / norm)
+        q = q * torch.clamp(constraint / (torch.linalg.norm(q) + 1e-8), max=1.0)  # branch-free: works on meta too
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     return (eye + q) @ torch.linalg.inv(eye - q)
 

@@ -1,0 +1,208 @@
+"""Networks merged into a model's weights: several at once, cheap strength changes, bit-exact restore.
+
+The first time a layer is touched its original weight is copied aside; restore copies it back, so the base
+model is bit-identical afterwards whatever happened in between. Each network's contribution to a layer is
+kept: for algorithms linear in the multiplier that is ΔW at strength 1 (a strength change is then one
+``W += (m₂ − m₁)·ΔW``), for DoRA/OFT/BOFT it is the current ΔW(m), recomputed only for their own layers.
+Every delta is computed from the original weight, so the order networks are listed in does not matter
+(the WebUI instead feeds each network the weight patched by the previous ones, which differs only where
+two weight-dependent networks such as DoRA and OFT sit on the same layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .files import MatchReport, ModuleMatch, NetworkFile, match_network
+from .naming import Target, model_targets
+from .registry import is_linear_in_multiplier, module_delta
+
+
+@dataclass(frozen=True)
+class Strength:
+    """How strongly a network is applied: the WebUI's ``<lora:name:te:unet>`` plus optional block weights."""
+
+    te: float = 1.0
+    unet: float | None = None  # None: same as te, as in the WebUI
+    blocks: dict[str, float] | None = None  # block label (BASE, IN01, MID, OUT03…) → weight; missing labels: 1
+
+    def for_target(self, target: Target) -> float:
+        side = self.te if target.is_text_encoder or self.unet is None else self.unet
+        if self.blocks is None:
+            return side
+        return side * self.blocks.get(target.block, 1.0)
+
+
+@dataclass
+class _Contribution:
+    match: ModuleMatch
+    linear: bool
+    multiplier: float
+    weight: torch.Tensor | None  # linear: ΔW(1); otherwise ΔW(multiplier); in the parameter's dtype and device
+    bias: torch.Tensor | None
+
+
+@dataclass
+class _Applied:
+    network: NetworkFile
+    strength: Strength
+    report: MatchReport
+    contributions: dict[str, _Contribution] = field(default_factory=dict)  # target name → contribution
+
+
+def network_key(network: NetworkFile) -> object:
+    return network.path.resolve() if network.path else id(network)
+
+
+class MergedNetworks:
+    """The networks currently merged into one model (its UNet and text encoders)."""
+
+    def __init__(self, targets: dict[str, Target], components: dict[str, nn.Module], label: str = "this model"):
+        self.targets = targets
+        self.components = components  # Target.component → the module its paths are relative to
+        self.label = label
+        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._applied: dict[object, _Applied] = {}
+
+    @classmethod
+    def for_model(cls, config, unet: nn.Module | None, text_encoders: Sequence[nn.Module] | None) -> MergedNetworks:
+        components = {"lora_unet": unet} if unet is not None else {}
+        components |= {slot.kohya_name: encoder for slot, encoder in zip(config.text_encoders, text_encoders or ())}
+        return cls(model_targets(config, unet, text_encoders), components, config.label)
+
+    # --- parameters ------------------------------------------------------------------------------------------
+
+    def _module(self, target: Target) -> nn.Module:
+        return self.components[target.component].get_submodule(target.module)
+
+    def weight_of(self, target: Target) -> torch.Tensor:
+        weight = getattr(self._module(target), target.parameter)
+        return weight if target.rows is None else weight[target.rows[0] : target.rows[1]]
+
+    def bias_of(self, target: Target) -> torch.Tensor | None:
+        bias = getattr(self._module(target), target.bias, None) if target.bias else None
+        if bias is None or target.rows is None:
+            return bias
+        return bias[target.rows[0] : target.rows[1]]
+
+    def _original(self, target: Target) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if target.name not in self._originals:
+            bias = self.bias_of(target)
+            self._originals[target.name] = (self.weight_of(target).detach().clone(), None if bias is None else bias.detach().clone())
+        return self._originals[target.name]
+
+    @torch.no_grad()
+    def _add(self, target: Target, weight: torch.Tensor | None, bias: torch.Tensor | None, factor: float) -> None:
+        if factor == 0:
+            return
+        if weight is not None:
+            self.weight_of(target).add_(weight, alpha=factor)
+        if bias is not None:
+            own = self.bias_of(target)
+            if own is None:
+                raise UserError(f"{target.name}: the network changes a bias this layer does not have")
+            own.add_(bias, alpha=factor)
+
+    # --- networks --------------------------------------------------------------------------------------------
+
+    def check(self, network: NetworkFile) -> MatchReport:
+        return match_network(network, self.targets, self.weight_of, self.label)
+
+    @property
+    def applied(self) -> list[tuple[NetworkFile, Strength]]:
+        return [(a.network, a.strength) for a in self._applied.values()]
+
+    def set_networks(self, networks: Sequence[tuple[NetworkFile, Strength]]) -> list[MatchReport]:
+        """Make exactly these networks merged at these strengths, changing only what differs from now.
+
+        A network that does not fit raises UserError with its report, and the model is left as it was.
+        """
+        wanted = {network_key(n): (n, s) for n, s in networks}
+        reports = {}
+        fresh = {}
+        for key, (network, strength) in wanted.items():
+            if key in self._applied and self._applied[key].network is network:
+                reports[key] = self._applied[key].report
+                continue
+            report = self.check(network)
+            if not report.ok:
+                raise UserError(report.message())
+            reports[key] = report
+            fresh[key] = (network, strength, report)
+
+        for key in [k for k in self._applied if k not in wanted or k in fresh]:
+            self._remove(key)
+        for key, (network, strength) in wanted.items():
+            if key in fresh:
+                self._add_network(key, *fresh[key])
+            elif self._applied[key].strength != strength:
+                self._restrength(self._applied[key], strength)
+        return [reports[k] for k in wanted]
+
+    def restore(self) -> None:
+        """Every touched weight back to its original bits; no network applied."""
+        with torch.no_grad():
+            for name, (weight, bias) in self._originals.items():
+                target = self.targets[name]
+                self.weight_of(target).copy_(weight)
+                if bias is not None:
+                    self.bias_of(target).copy_(bias)
+        self._originals.clear()
+        self._applied.clear()
+
+    def _contribution(self, match: ModuleMatch, multiplier: float) -> _Contribution:
+        weight, bias = self._original(match.target)
+        linear = is_linear_in_multiplier(match.tensors)
+        delta = module_delta(match.tensors, weight, 1.0 if linear else multiplier)
+        cast = lambda t: None if t is None else t.to(weight.dtype)  # noqa: E731
+        return _Contribution(match, linear, multiplier, cast(delta.weight), cast(delta.bias))
+
+    def _add_network(self, key, network: NetworkFile, strength: Strength, report: MatchReport) -> None:
+        applied = _Applied(network, strength, report)
+        self._applied[key] = applied
+        try:
+            for match in report.matched:
+                m = strength.for_target(match.target)
+                contribution = self._contribution(match, m)
+                self._add(match.target, contribution.weight, contribution.bias, m if contribution.linear else 1.0)
+                applied.contributions[match.target.name] = contribution
+        except Exception:
+            self._remove(key)  # leave the model as it was before this network
+            raise
+
+    def _remove(self, key) -> None:
+        applied = self._applied.pop(key)
+        for name, c in applied.contributions.items():
+            self._add(self.targets[name], c.weight, c.bias, -c.multiplier if c.linear else -1.0)
+        self._reset_untouched()
+
+    def _reset_untouched(self) -> None:
+        """Layers no network touches any more get their original bits back (no rounding residue)."""
+        in_use = {name for a in self._applied.values() for name in a.contributions}
+        with torch.no_grad():
+            for name in [n for n in self._originals if n not in in_use]:
+                weight, bias = self._originals.pop(name)
+                target = self.targets[name]
+                self.weight_of(target).copy_(weight)
+                if bias is not None:
+                    self.bias_of(target).copy_(bias)
+
+    def _restrength(self, applied: _Applied, strength: Strength) -> None:
+        applied.strength = strength
+        for name, c in applied.contributions.items():
+            m = strength.for_target(c.match.target)
+            if m == c.multiplier:
+                continue
+            if c.linear:
+                self._add(c.match.target, c.weight, c.bias, m - c.multiplier)
+            else:
+                self._add(c.match.target, c.weight, c.bias, -1.0)
+                fresh = self._contribution(c.match, m)
+                self._add(c.match.target, fresh.weight, fresh.bias, 1.0)
+                c.weight, c.bias = fresh.weight, fresh.bias
+            c.multiplier = m

@@ -1,0 +1,183 @@
+"""Which layers of a model a LoRA can target, and every name files on disk use for them.
+
+sd-scripts names a module ``<prefix>_<module path with . → _>``, with the module path of the model *it* trains:
+a Diffusers UNet for SD1/SD2, the original SGM UNet for SDXL, transformers' CLIPTextModel for every text encoder.
+Our models keep the original checkpoint names (as the WebUI's do), so the Kohya names are built here, once,
+from our own module names; the same table answers for the other namings people have on disk (Diffusers/PEFT,
+the WebUI's compvis-style names, ComfyUI's SGM names for SD1). Because ``.`` → ``_`` is lossy, names are only
+ever built, never parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..models.configs import ModelConfig
+from ..models.text_encoders import CLIPMLP, CLIPAttention, OpenCLIPAttention, OpenCLIPMLP
+from ..models.unet import DIFFUSERS_RESNET_PARTS, Downsample, ResBlock, SpatialTransformer, Upsample, unet_to_diffusers_names
+
+UNET = "lora_unet"
+
+# Which targets a network covers: "attention" = sd-scripts' default (Transformer blocks and text encoders),
+# "conv" = ResBlocks, down- and upsamplers (LoCon, added by ``conv_dim``).
+ATTENTION, CONV = "attention", "conv"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer a network may change."""
+
+    name: str  # the Kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    component: str  # "lora_unet" or the text encoder's Kohya prefix (lora_te, lora_te1, lora_te2)
+    module: str  # our module path inside that component
+    parameter: str = "weight"  # the parameter the delta changes ("in_proj_weight" for OpenCLIP's fused q/k/v)
+    bias: str | None = "bias"
+    rows: tuple[int, int] | None = None  # the rows of ``parameter`` this target owns (fused q/k/v)
+    group: str = ATTENTION
+    block: str = "BASE"  # block-weight label: BASE (text encoders), IN00…, MID, OUT00…
+    aliases: frozenset[str] = field(default_factory=frozenset)  # other names files use, in canonical form
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.component != UNET
+
+
+def canonical(name: str) -> str:
+    """A module name in any naming, with the Diffusers/PEFT root prefixes turned into Kohya's and dots into _."""
+    for peft_root, kohya in (("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_"), ("unet.", "lora_unet_")):
+        if name.startswith(peft_root):
+            name = kohya + name[len(peft_root):]
+            break
+    return name.replace(".", "_")
+
+
+def _underscored(path: str) -> str:
+    return path.replace(".", "_")
+
+
+# --- UNet ----------------------------------------------------------------------------------------------------
+
+
+def _block_label(ldm_path: str) -> str:
+    match = re.match(r"(input_blocks|output_blocks)\.(\d+)\.", ldm_path)
+    if match:
+        return ("IN" if match.group(1) == "input_blocks" else "OUT") + f"{int(match.group(2)):02d}"
+    return "MID" if ldm_path.startswith("middle_block.") else "BASE"
+
+
+def _diffusers_path(ldm_path: str, prefixes: dict[str, str]) -> str | None:
+    parts = ldm_path.split(".")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in prefixes:
+            rest = ".".join(parts[cut:])
+            diffusers = prefixes[head]
+            if ".resnets." in diffusers:
+                rest = {ldm: name for name, ldm in DIFFUSERS_RESNET_PARTS.items()}.get(rest, rest)
+            return ".".join(p for p in (diffusers, rest) if p)
+    return None
+
+
+def _unet_modules(unet: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """(path, group, layer) for every Linear/Conv2d inside a transformer (attention) or a ResBlock/resampler (conv)."""
+    for owner_path, owner in unet.named_modules():
+        if isinstance(owner, SpatialTransformer):
+            group = ATTENTION
+        elif isinstance(owner, (ResBlock, Downsample, Upsample)):
+            group = CONV
+        else:
+            continue
+        for child_path, child in owner.named_modules():
+            if isinstance(child, (nn.Linear, nn.Conv2d)) and child_path:
+                yield f"{owner_path}.{child_path}", group, child
+
+
+def unet_targets(config: ModelConfig, unet: nn.Module) -> list[Target]:
+    prefixes = unet_to_diffusers_names(config.unet)
+    targets = []
+    for path, group, _ in _unet_modules(unet):
+        diffusers = _diffusers_path(path, prefixes)
+        sgm = f"{UNET}_{_underscored(path)}"
+        by_diffusers = f"{UNET}_{_underscored(diffusers)}" if diffusers else None
+        name = sgm if config.lora_unet_naming == "sgm" or by_diffusers is None else by_diffusers
+        aliases = {sgm, f"diffusion_model_{_underscored(path)}"}
+        if by_diffusers:
+            aliases |= {by_diffusers, f"lycoris_{_underscored(diffusers)}"}
+        targets.append(Target(name, UNET, path, group=group, block=_block_label(path), aliases=frozenset(aliases - {name})))
+    return targets
+
+
+# --- text encoders -------------------------------------------------------------------------------------------
+
+_OPEN_CLIP_TO_HF = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def _text_encoder_modules(encoder: nn.Module) -> Iterator[tuple[str, str, str, tuple[int, int] | None]]:
+    """(our module path, transformers path, parameter, rows) of every Linear sd-scripts targets in a text encoder."""
+    for owner_path, owner in encoder.named_modules():
+        if isinstance(owner, (CLIPAttention, CLIPMLP)):
+            for child_path, child in owner.named_children():
+                if isinstance(child, nn.Linear):
+                    path = f"{owner_path}.{child_path}"
+                    yield path, path, "weight", None
+        elif isinstance(owner, OpenCLIPAttention):
+            layer = re.search(r"resblocks\.(\d+)\.", owner_path + ".").group(1)
+            width = owner.out_proj.in_features
+            for index, part in enumerate("qkv"):
+                yield owner_path, f"text_model.encoder.layers.{layer}.self_attn.{part}_proj", "in_proj_weight", (index * width, (index + 1) * width)
+            yield f"{owner_path}.out_proj", f"text_model.encoder.layers.{layer}.self_attn.out_proj", "weight", None
+        elif isinstance(owner, OpenCLIPMLP):
+            layer = re.search(r"resblocks\.(\d+)\.", owner_path + ".").group(1)
+            for child_path in ("c_fc", "c_proj"):
+                hf = _OPEN_CLIP_TO_HF[f"mlp.{child_path}"]
+                yield f"{owner_path}.{child_path}", f"text_model.encoder.layers.{layer}.{hf}", "weight", None
+
+
+def text_encoder_targets(config: ModelConfig, index: int, encoder: nn.Module) -> list[Target]:
+    slot = config.text_encoders[index]
+    prefix = slot.kohya_name
+    # Files for one-encoder models sometimes say lora_te1 (SDXL habits), SDXL files for CLIP-L sometimes lora_te.
+    other_prefixes = {"lora_te": ("lora_te1",), "lora_te1": ("lora_te",)}.get(prefix, ())
+    # The WebUI's compvis names: SD1 "transformer_text_model…", SDXL "0_transformer_text_model…", OpenCLIP "model_…".
+    compvis_root = {"lora_te1": "0_", "lora_te2": "1_"}.get(prefix, "")
+    targets = []
+    for path, hf_path, parameter, rows in _text_encoder_modules(encoder):
+        if slot.kohya_layers is not None and int(hf_path.split(".")[3]) >= slot.kohya_layers:
+            continue
+        name = f"{prefix}_{_underscored(hf_path)}"
+        aliases = {f"{p}_{_underscored(hf_path)}" for p in other_prefixes}
+        if slot.config.layout == "hf_clip":
+            aliases.add(f"{compvis_root}transformer_{_underscored(hf_path)}")
+        elif rows is None:
+            aliases.add(f"{compvis_root}model_{_underscored(path)}")
+        bias = "in_proj_bias" if rows else "bias"
+        targets.append(Target(name, prefix, path, parameter, bias, rows, ATTENTION, "BASE", frozenset(aliases)))
+    return targets
+
+
+def model_targets(config: ModelConfig, unet: nn.Module | None, text_encoders) -> dict[str, Target]:
+    """Every target of a model, by Kohya name. ``unet`` or ``text_encoders`` may be None (not loaded)."""
+    targets = []
+    for index, encoder in enumerate(text_encoders or ()):
+        targets += text_encoder_targets(config, index, encoder)
+    if unet is not None:
+        targets += unet_targets(config, unet)
+    by_name = {t.name: t for t in targets}
+    if len(by_name) != len(targets):
+        raise AssertionError("two targets share a Kohya name")
+    return by_name
+
+
+def alias_table(targets: dict[str, Target]) -> dict[str, Target]:
+    """Canonical name (any naming) → target; Kohya names win over aliases when both could apply."""
+    table = {}
+    for target in targets.values():
+        for alias in target.aliases:
+            table.setdefault(alias, target)
+    for target in targets.values():
+        table[target.name] = target
+    return table

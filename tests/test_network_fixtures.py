@@ -1,0 +1,135 @@
+"""Every LyCORIS-written fixture applies to its model with exactly the weight change LyCORIS's own forward makes.
+
+The fixtures (``shared/reference/network-fixtures``) hold files of every algorithm and, per targeted layer,
+the base weight and the ΔW read off LyCORIS's forward at multipliers 1 and 0.5. Here they go through the whole
+user path: read the file, match its names to the model's layers, merge, change the strength, restore.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from lora_trainer.networks.apply import MergedNetworks, Strength
+from lora_trainer.networks.files import read_network
+from lora_trainer.networks.naming import Target
+from reference import REFERENCE
+
+FIXTURES = REFERENCE / "network-fixtures"
+CASES = sorted(p.name.removesuffix(".expected.safetensors") for p in FIXTURES.glob("*.expected.safetensors"))
+ROOTS = {"text_encoder": "lora_te", "unet": "lora_unet"}
+SDXL_ROOTS = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "unet": "lora_unet"}
+UNTOUCHED = "unet.untouched"
+
+
+def _tree(weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A module tree with one Linear/Conv2d per ``<path>.weight`` (plus an untargeted layer), holding those weights."""
+    root = nn.Module()
+    for key, tensor in weights.items():
+        path, kind = key.rsplit(".", 1)
+        if kind != "weight":
+            continue
+        *parents, leaf = path.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        has_bias = f"{path}.bias" in weights
+        layer = nn.Linear(1, 1, bias=has_bias) if tensor.dim() == 2 else nn.Conv2d(1, 1, 1, bias=has_bias)
+        layer.weight = nn.Parameter(tensor.clone())
+        if has_bias:
+            layer.bias = nn.Parameter(weights[f"{path}.bias"].clone())
+        node.add_module(leaf, layer)
+    return root
+
+
+def _load(case: str):
+    expected = load_file(FIXTURES / f"{case}.expected.safetensors")
+    with safe_open(str(FIXTURES / f"{case}.expected.safetensors"), "pt") as handle:
+        answer_key = json.loads(handle.metadata()["lora_name_to_module"])
+    base = {k: v for k, v in expected.items() if k.endswith((".weight", ".bias"))}
+    base[f"{UNTOUCHED}.weight"] = torch.randn(8, 8)
+    model = _tree(base)
+    roots = SDXL_ROOTS if case == "lora_sdxl" else ROOTS
+    # Kohya's rule, built from the model's own module paths (not from the answer key)
+    targets = {}
+    for key in base:
+        path, kind = key.rsplit(".", 1)
+        if kind == "weight":
+            root, rest = path.split(".", 1)
+            name = f"{roots[root]}_{rest.replace('.', '_')}"
+            targets[name] = Target(name, roots[root], path)
+    merged = MergedNetworks(targets, {prefix: model for prefix in roots.values()})
+    return model, merged, expected, base, answer_key
+
+
+def _changes(model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return {key: state[key].double() - base[key].double() for key in base}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return (got - want.double()).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-7
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fixture_merges_to_lycoris_delta_at_both_strengths_and_restores_bit_exactly(case):
+    model, merged, expected, base, answer_key = _load(case)
+    network = read_network(FIXTURES / f"{case}.safetensors")
+
+    (report,) = merged.set_networks([(network, Strength(1.0))])
+    assert report.unmatched == [] and report.problems == [] and network.unreadable_keys == []
+    assert {m.name: m.target.module for m in report.matched} == answer_key  # every module consumed, right layer
+
+    for strength, suffix in ((1.0, ""), (0.5, "@0.5")):
+        merged.set_networks([(network, Strength(strength))])  # 1.0 → 0.5 is an in-place strength change
+        changes = _changes(model, base)
+        for path in answer_key.values():
+            assert _close(changes[f"{path}.weight"], expected[f"{path}.delta{suffix}"]), (path, strength)
+            if f"{path}.delta_bias" in expected:
+                assert _close(changes[f"{path}.bias"], expected[f"{path}.delta_bias{suffix}"]), (path, strength)
+            elif f"{path}.bias" in base:
+                assert changes[f"{path}.bias"].abs().max() == 0, path
+        assert changes[f"{UNTOUCHED}.weight"].abs().max() == 0
+
+    merged.restore()
+    state = model.state_dict()
+    assert all(torch.equal(state[key], base[key]) for key in base)
+
+
+def test_text_encoder_and_unet_strengths_apply_to_their_own_side_only():
+    model, merged, expected, base, answer_key = _load("lora")
+    network = read_network(FIXTURES / "lora.safetensors")
+    merged.set_networks([(network, Strength(te=0.5, unet=0.0))])
+    changes = _changes(model, base)
+    for path in answer_key.values():
+        want = expected[f"{path}.delta@0.5"] if path.startswith("text_encoder.") else torch.zeros_like(expected[f"{path}.delta"])
+        assert _close(changes[f"{path}.weight"], want), path
+
+
+def test_two_networks_add_up_and_removing_one_leaves_the_other_exactly():
+    model, merged, expected_lora, base, answer_key = _load("lora")
+    lora = read_network(FIXTURES / "lora.safetensors")
+    loha = read_network(FIXTURES / "loha.safetensors")
+    expected_loha = load_file(FIXTURES / "loha.expected.safetensors")
+
+    merged.set_networks([(lora, Strength(1.0)), (loha, Strength(0.5))])
+    changes = _changes(model, base)
+    for path in answer_key.values():
+        want = expected_lora[f"{path}.delta"].double() + expected_loha[f"{path}.delta@0.5"].double()
+        assert _close(changes[f"{path}.weight"], want), path
+
+    merged.set_networks([(loha, Strength(0.5))])
+    changes = _changes(model, base)
+    for path in answer_key.values():
+        assert _close(changes[f"{path}.weight"], expected_loha[f"{path}.delta@0.5"]), path
+
+    merged.set_networks([])
+    state = model.state_dict()
+    assert all(torch.equal(state[key], base[key]) for key in base)
