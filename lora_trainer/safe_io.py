@@ -21,6 +21,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     temporary = Path(temporary)
     try:
         yield temporary
+        with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
+            os.fsync(written.fileno())
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)

@@ -43,6 +43,8 @@ class ModelConfig:
     # How sd-scripts names this UNet's LoRA modules: after the Diffusers model it trains (SD1/SD2) or after the
     # original SGM model (SDXL). Either way the names are built from our own (original) module names.
     lora_unet_naming: str = "diffusers"  # or "sgm"
+    # sd-scripts' SD2 UNet keeps proj_in/proj_out as 1×1 convs, so its LoRA tensors for them are 4-D
+    kohya_conv_projections: bool = False
     vae_prefix: str = "first_stage_model."
 
     @property
@@ -75,6 +77,7 @@ SD2 = ModelConfig(
     unet=SD2_UNET,
     text_encoders=(TextEncoderSlot(OPENCLIP_VIT_H, "cond_stage_model.model.", 1, True, 0, "lora_te", kohya_layers=23),),
     vae=SD_VAE,
+    kohya_conv_projections=True,
 )
 SD2_V = SD2.with_prediction("v_prediction")
 

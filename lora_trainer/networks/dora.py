@@ -33,4 +33,9 @@ def apply(tensors: Tensors, weight: torch.Tensor, delta: Delta, multiplier: floa
     return Delta(v * factor - weight, delta.bias)
 
 
+def init_magnitude(weight: torch.Tensor, on_output: bool) -> torch.Tensor:
+    """The base weight's own norms, so that W' = W at step 0; [out, 1, …] or [1, in, …] as the axis says."""
+    return column_norms(weight.float(), on_output)
+
+
 register_modifier(Modifier("dora", frozenset({"dora_scale"}), apply))

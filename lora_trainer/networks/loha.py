@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Algorithm, Delta, Tensors, as_matrix, register, scale, tucker
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, register, scale, tucker
 
 SUFFIXES = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "scale"})
 
@@ -25,4 +25,16 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(raw * (scale(tensors, tensors["hada_w1_b"].shape[0]) * multiplier))
 
 
+def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
+    """LyCORIS's init: w1 random, w2_a zero, so the product is zero at step 0 but every factor gets a gradient."""
+    fan_in = int(torch.Size(shape[1:]).numel())
+    return {
+        "hada_w1_a": torch.randn(shape[0], rank) * 0.1,
+        "hada_w1_b": torch.randn(rank, fan_in),
+        "hada_w2_a": torch.zeros(shape[0], rank),
+        "hada_w2_b": torch.randn(rank, fan_in),
+    }
+
+
+INITIALISERS["loha"] = init
 register(Algorithm("loha", frozenset({"hada_w1_a"}), SUFFIXES, delta))

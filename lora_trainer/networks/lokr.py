@@ -7,9 +7,12 @@ first); with both factors full there is no rank and the scale is 1 (LyCORIS stor
 
 from __future__ import annotations
 
-import torch
+import math
 
-from .registry import Algorithm, Delta, Tensors, as_matrix, register, scale, tucker
+import torch
+from torch import nn
+
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, register, scale, tucker
 
 SUFFIXES = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "scale"})
 
@@ -43,4 +46,36 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(kronecker_weight(tensors, weight.shape) * (scale(tensors, _rank(tensors)) * multiplier))
 
 
+def factorization(n: int, factor: int = -1) -> tuple[int, int]:
+    """(small, large) with small·large = n: ``factor`` itself when it divides n, else the most square pair with
+    small ≤ factor (no cap for -1), as LyCORIS splits a layer's sides between W1 and W2."""
+    if factor > 0 and n % factor == 0:
+        return min(factor, n // factor), max(factor, n // factor)
+    cap = n if factor < 0 else factor
+    pairs = [(m, n // m) for m in range(1, math.isqrt(n) + 1) if n % m == 0 and m <= cap]
+    return min(pairs, key=sum)
+
+
+def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
+    """W1 [a, c] full and random; W2 [b, d(, k)] zero when full, else w2_a random and w2_b zero (LyCORIS's choice)."""
+    (a, b), (c, d) = factorization(shape[0], spec.factor), factorization(shape[1], spec.factor)
+    kernel = tuple(shape[2:])
+    tensors = {}
+    if spec.decompose_both and rank < max(a, c) / 2:
+        tensors["lokr_w1_a"], tensors["lokr_w1_b"] = torch.empty(a, rank), torch.empty(rank, c)
+        nn.init.kaiming_uniform_(tensors["lokr_w1_a"], a=math.sqrt(5))
+        nn.init.kaiming_uniform_(tensors["lokr_w1_b"], a=math.sqrt(5))
+    else:
+        tensors["lokr_w1"] = torch.empty(a, c)
+        nn.init.kaiming_uniform_(tensors["lokr_w1"], a=math.sqrt(5))
+    if not spec.full_matrix and rank < max(b, d) / 2:
+        tensors["lokr_w2_a"] = torch.empty(b, rank)
+        nn.init.kaiming_uniform_(tensors["lokr_w2_a"], a=math.sqrt(5))
+        tensors["lokr_w2_b"] = torch.zeros(rank, d * math.prod(kernel))
+    else:
+        tensors["lokr_w2"] = torch.zeros(b, d, *kernel)
+    return tensors
+
+
+INITIALISERS["lokr"] = init
 register(Algorithm("lokr", frozenset({"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}), SUFFIXES, delta))

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
-from .registry import Algorithm, Delta, Tensors, as_matrix, register, scale
+import torch
+from torch import nn
+
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, register, scale
 
 UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
 
@@ -26,4 +29,12 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(raw * (scale(tensors, down.shape[0]) * multiplier))
 
 
+def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
+    """sd-scripts' init: down as nn.Linear's default (Kaiming uniform, a=√5), up zero; convs keep their kernel in down."""
+    down = torch.empty(rank, shape[1], *shape[2:])
+    nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+    return {DOWN: down, UP: torch.zeros(shape[0], rank, *(1,) * (len(shape) - 2))}
+
+
+INITIALISERS["lora"] = INITIALISERS["dylora"] = init
 register(Algorithm("lora", frozenset({UP}), frozenset({UP, DOWN, MID, "alpha", "scale"}), delta))

@@ -23,8 +23,11 @@ from ..models.unet import DIFFUSERS_RESNET_PARTS, Downsample, ResBlock, SpatialT
 UNET = "lora_unet"
 
 # Which targets a network covers: "attention" = sd-scripts' default (Transformer blocks and text encoders),
-# "conv" = ResBlocks, down- and upsamplers (LoCon, added by ``conv_dim``).
-ATTENTION, CONV = "attention", "conv"
+# "conv" = ResBlocks, down- and upsamplers (LoCon, added by ``conv_dim``), "other" = the remaining Linear/Conv2d
+# layers (conv_in/out, time and label embeddings: LyCORIS presets), "norm" = norm layers (LyCORIS train_norm).
+# We train the first two, as sd-scripts does; files that touch the others still load.
+ATTENTION, CONV, OTHER, NORM = "attention", "conv", "other", "norm"
+_NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -83,17 +86,20 @@ def _diffusers_path(ldm_path: str, prefixes: dict[str, str]) -> str | None:
 
 
 def _unet_modules(unet: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
-    """(path, group, layer) for every Linear/Conv2d inside a transformer (attention) or a ResBlock/resampler (conv)."""
-    for owner_path, owner in unet.named_modules():
-        if isinstance(owner, SpatialTransformer):
-            group = ATTENTION
-        elif isinstance(owner, (ResBlock, Downsample, Upsample)):
-            group = CONV
-        else:
-            continue
-        for child_path, child in owner.named_modules():
-            if isinstance(child, (nn.Linear, nn.Conv2d)) and child_path:
-                yield f"{owner_path}.{child_path}", group, child
+    """(path, group, layer) for every Linear/Conv2d and norm layer, grouped by the block that owns it."""
+    owners = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, SpatialTransformer):
+            owners[path] = ATTENTION
+        elif isinstance(module, (ResBlock, Downsample, Upsample)):
+            owners[path] = CONV
+    for path, module in unet.named_modules():
+        if isinstance(module, _NORMS):
+            yield path, NORM, module
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            parts = path.split(".")
+            heads = (".".join(parts[:cut]) for cut in range(len(parts) - 1, 0, -1))
+            yield path, next((owners[h] for h in heads if h in owners), OTHER), module
 
 
 def unet_targets(config: ModelConfig, unet: nn.Module) -> list[Target]:
@@ -114,27 +120,39 @@ def unet_targets(config: ModelConfig, unet: nn.Module) -> list[Target]:
 # --- text encoders -------------------------------------------------------------------------------------------
 
 _OPEN_CLIP_TO_HF = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPEN_CLIP_NORMS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2"}
 
 
-def _text_encoder_modules(encoder: nn.Module) -> Iterator[tuple[str, str, str, tuple[int, int] | None]]:
-    """(our module path, transformers path, parameter, rows) of every Linear sd-scripts targets in a text encoder."""
+def _text_encoder_modules(encoder: nn.Module) -> Iterator[tuple[str, str, str, tuple[int, int] | None, str]]:
+    """(our module path, transformers path, parameter, rows, group) of every Linear sd-scripts targets in a text
+    encoder, and of its norm layers."""
     for owner_path, owner in encoder.named_modules():
-        if isinstance(owner, (CLIPAttention, CLIPMLP)):
+        if isinstance(owner, nn.LayerNorm):
+            if owner_path == "ln_final":
+                yield owner_path, "text_model.final_layer_norm", "weight", None, NORM
+            elif owner_path.rsplit(".", 1)[-1] in _OPEN_CLIP_NORMS:
+                layer = re.search(r"resblocks\.(\d+)\.", owner_path).group(1)
+                hf = _OPEN_CLIP_NORMS[owner_path.rsplit(".", 1)[-1]]
+                yield owner_path, f"text_model.encoder.layers.{layer}.{hf}", "weight", None, NORM
+            else:
+                yield owner_path, owner_path, "weight", None, NORM
+        elif isinstance(owner, (CLIPAttention, CLIPMLP)):
             for child_path, child in owner.named_children():
                 if isinstance(child, nn.Linear):
                     path = f"{owner_path}.{child_path}"
-                    yield path, path, "weight", None
+                    yield path, path, "weight", None, ATTENTION
         elif isinstance(owner, OpenCLIPAttention):
             layer = re.search(r"resblocks\.(\d+)\.", owner_path + ".").group(1)
             width = owner.out_proj.in_features
             for index, part in enumerate("qkv"):
-                yield owner_path, f"text_model.encoder.layers.{layer}.self_attn.{part}_proj", "in_proj_weight", (index * width, (index + 1) * width)
-            yield f"{owner_path}.out_proj", f"text_model.encoder.layers.{layer}.self_attn.out_proj", "weight", None
+                yield (owner_path, f"text_model.encoder.layers.{layer}.self_attn.{part}_proj", "in_proj_weight",
+                       (index * width, (index + 1) * width), ATTENTION)
+            yield f"{owner_path}.out_proj", f"text_model.encoder.layers.{layer}.self_attn.out_proj", "weight", None, ATTENTION
         elif isinstance(owner, OpenCLIPMLP):
             layer = re.search(r"resblocks\.(\d+)\.", owner_path + ".").group(1)
             for child_path in ("c_fc", "c_proj"):
                 hf = _OPEN_CLIP_TO_HF[f"mlp.{child_path}"]
-                yield f"{owner_path}.{child_path}", f"text_model.encoder.layers.{layer}.{hf}", "weight", None
+                yield f"{owner_path}.{child_path}", f"text_model.encoder.layers.{layer}.{hf}", "weight", None, ATTENTION
 
 
 def text_encoder_targets(config: ModelConfig, index: int, encoder: nn.Module) -> list[Target]:
@@ -145,8 +163,9 @@ def text_encoder_targets(config: ModelConfig, index: int, encoder: nn.Module) ->
     # The WebUI's compvis names: SD1 "transformer_text_model…", SDXL "0_transformer_text_model…", OpenCLIP "model_…".
     compvis_root = {"lora_te1": "0_", "lora_te2": "1_"}.get(prefix, "")
     targets = []
-    for path, hf_path, parameter, rows in _text_encoder_modules(encoder):
-        if slot.kohya_layers is not None and int(hf_path.split(".")[3]) >= slot.kohya_layers:
+    for path, hf_path, parameter, rows, group in _text_encoder_modules(encoder):
+        layer = re.search(r"layers\.(\d+)\.", hf_path)
+        if slot.kohya_layers is not None and layer and int(layer.group(1)) >= slot.kohya_layers:
             continue
         name = f"{prefix}_{_underscored(hf_path)}"
         aliases = {f"{p}_{_underscored(hf_path)}" for p in other_prefixes}
@@ -155,7 +174,7 @@ def text_encoder_targets(config: ModelConfig, index: int, encoder: nn.Module) ->
         elif rows is None:
             aliases.add(f"{compvis_root}model_{_underscored(path)}")
         bias = "in_proj_bias" if rows else "bias"
-        targets.append(Target(name, prefix, path, parameter, bias, rows, ATTENTION, "BASE", frozenset(aliases)))
+        targets.append(Target(name, prefix, path, parameter, bias, rows, group, "BASE", frozenset(aliases)))
     return targets
 
 

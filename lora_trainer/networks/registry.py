@@ -52,6 +52,9 @@ class Modifier:
 
 ALGORITHMS: dict[str, Algorithm] = {}
 MODIFIERS: dict[str, Modifier] = {}
+# algorithm name → init(weight shape, rank, spec) -> {suffix: tensor}: the fresh trainable tensors, as the
+# file stores them, chosen so that the network changes nothing at step 0
+INITIALISERS: dict[str, Callable] = {}
 
 
 def register(algorithm: Algorithm) -> Algorithm:

@@ -1,0 +1,124 @@
+"""Trainable network modules: thin nn.Module shells over the algorithm files' tensors and delta functions.
+
+A module's state dict is exactly what the file stores under its Kohya name (``lora_down.weight``, ``alpha``,
+``hada_w1_a``, ``dora_scale`` …). It changes its layer's output through a forward hook: LoRA through
+up(down(x)) (cheap, with sd-scripts' dropout, rank dropout and module dropout), every other algorithm
+through ΔW from the same pure function that merging uses, so training and merging cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dora import init_magnitude
+from .naming import Target
+from .registry import INITIALISERS, module_delta
+
+
+class _Holder(nn.Module):
+    """Holds one tensor as ``weight`` so the state dict says ``lora_down.weight`` like sd-scripts' files."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(tensor)
+
+
+class NetworkModule(nn.Module):
+    def __init__(self, target: Target, layer_weight: torch.Tensor, conv: dict | None, algorithm: str, rank: int, alpha: float, spec,
+                 stored_shape: torch.Size | None = None):
+        super().__init__()
+        self.target = target
+        self.algorithm = algorithm
+        self.rank = rank
+        self.conv = conv  # stride/padding/dilation/groups of a Conv2d layer, None for Linear
+        self.multiplier = 1.0
+        self.dropout = spec.dropout or 0.0
+        self.rank_dropout = spec.rank_dropout
+        self.module_dropout = spec.module_dropout
+        self.unit = spec.unit
+        shape = stored_shape or layer_weight.shape  # the layer's shape as the file's writer saw it
+        tensors = INITIALISERS[algorithm](shape, rank, spec)
+        if spec.dora:
+            tensors["dora_scale"] = init_magnitude(layer_weight.to("cpu") if layer_weight.device.type != "meta" else layer_weight, spec.dora_on_output)
+        for suffix, tensor in tensors.items():
+            tensor = tensor.to(device=layer_weight.device, dtype=torch.float32)
+            if suffix.endswith(".weight"):
+                self.add_module(suffix.removesuffix(".weight"), _Holder(tensor))
+            else:
+                self.register_parameter(suffix, nn.Parameter(tensor))
+        decomposed = algorithm != "lokr" or "lokr_w2_b" in tensors or "lokr_w1_b" in tensors
+        # no rank in a LoKr with both factors full: LyCORIS stores alpha = dim, so every reader's scale is 1
+        self.register_buffer("alpha", torch.tensor(float(alpha if decomposed else rank)))
+        self._base_weight = [layer_weight]  # a list: not a parameter of ours
+
+    # --- what the file stores --------------------------------------------------------------------------------
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict(keep_vars=True))
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    # --- forward ---------------------------------------------------------------------------------------------
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.linear(x, weight.reshape(weight.shape[0], -1))
+        return F.conv2d(x, weight, **self.conv)
+
+    def output_change(self, x: torch.Tensor) -> torch.Tensor:
+        """How much the layer's output changes for input ``x`` at the current multiplier."""
+        if self.training and self.module_dropout and random.random() < self.module_dropout:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        if self.algorithm in ("lora", "dylora") and not hasattr(self, "dora_scale"):
+            return self._lora_change(x)
+        base = self._base_weight[0].detach()
+        delta = module_delta(self.file_tensors(), base, self.multiplier).weight
+        return self._project(x, delta.to(x.dtype))
+
+    def _lora_change(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.lora_down.weight, self.lora_up.weight
+        scale = self.scale
+        if self.training and self.algorithm == "dylora":
+            down, up, scale = self._dylora_slice(down, up, scale)
+        hidden = self._project(x, down.to(x.dtype))
+        if self.training and self.dropout:
+            hidden = F.dropout(hidden, p=self.dropout)
+        if self.training and self.rank_dropout:
+            # sd-scripts: drop whole ranks per sample, and rescale so the expected output is unchanged
+            mask = (torch.rand(hidden.shape[0], self.rank, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
+            if self.conv:
+                mask = mask[:, :, None, None]
+            else:
+                mask = mask.reshape(hidden.shape[0], *(1,) * (hidden.dim() - 2), self.rank)
+            hidden = hidden * mask
+            scale = scale / (1 - self.rank_dropout)
+        out = F.linear(hidden, up.reshape(up.shape[0], -1).to(x.dtype)) if self.conv is None else F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1).to(x.dtype))
+        return out * (self.multiplier * scale)
+
+    def _dylora_slice(self, down, up, scale):
+        """DyLoRA (Valipour et al.): each step trains one block of ``unit`` ranks at a random depth b and uses the
+        ranks below it frozen, so every prefix of the ranks is a usable LoRA afterwards."""
+        blocks = self.rank // self.unit
+        b = random.randrange(blocks) * self.unit
+        used = b + self.unit
+        down = torch.cat([down[:b].detach(), down[b:used]])
+        up = torch.cat([up[:, :b].detach(), up[:, b:used]], dim=1)
+        return down, up, scale * math.sqrt(self.rank / used)
+
+
+def layer_and_weight(target: Target, component: nn.Module) -> tuple[nn.Module, torch.Tensor, dict | None]:
+    layer = component.get_submodule(target.module)
+    weight = getattr(layer, target.parameter)
+    if target.rows is not None:
+        weight = weight[target.rows[0] : target.rows[1]]
+    conv = None
+    if isinstance(layer, nn.Conv2d):
+        conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
+    return layer, weight, conv

@@ -1,0 +1,175 @@
+"""A trainable network on a model: which layers get a module, with what rank, and saving it the way sd-scripts does.
+
+The network is an ``nn.ModuleDict`` keyed by Kohya names, so its state dict *is* the file's tensor dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as serialize
+from torch import nn
+
+from ..errors import UserError
+from ..safe_io import save_safetensors
+from .modules import NetworkModule, layer_and_weight
+from .naming import ATTENTION, CONV, Target, model_targets
+from .spec import NetworkSpec
+
+# sd-scripts' block-wise lists: 25 entries for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 for SDXL
+# (0 time/label embedding, 1-9 input blocks, 10-12 middle block parts, 13-21 output blocks, 22 out).
+BLOCK_COUNT = {"diffusers": 25, "sgm": 23}
+
+
+def block_index(target: Target, naming: str) -> int | None:
+    """The target's position in sd-scripts' ``block_dims`` list; None for text encoders."""
+    if target.is_text_encoder:
+        return None
+    match = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)", target.module)
+    kind, number = match.group(1), int(match.group(2))
+    sgm = naming == "sgm"
+    if kind == "middle_block":
+        return 10 + number if sgm else 12
+    return {"input_blocks": 1 if sgm else 0, "output_blocks": 13}[kind] + number
+
+
+def _rank_and_alpha(target: Target, weight: torch.Tensor, spec: NetworkSpec, naming: str) -> tuple[int, float]:
+    """sd-scripts' rule: Linear and 1×1 convs use dim/alpha, k×k convs conv_dim/conv_alpha (block lists win)."""
+    is_kxk = weight.dim() == 4 and weight.shape[2:] != (1, 1)
+    index = block_index(target, naming)
+    if is_kxk:
+        dims, alphas, dim, alpha = spec.conv_block_dims, spec.conv_block_alphas, spec.conv_dim or 0, spec.conv_alpha
+        alpha = 1.0 if alpha is None else alpha
+    else:
+        dims, alphas, dim, alpha = spec.block_dims, spec.block_alphas, spec.dim, spec.alpha
+    for values in (dims, alphas):
+        if values is not None and len(values) != BLOCK_COUNT[naming]:
+            raise UserError(f"network_args block lists need {BLOCK_COUNT[naming]} values for this model, got {len(values)}")
+    if index is not None and dims is not None:
+        dim = dims[index]
+        alpha = alphas[index] if alphas is not None else alpha
+    return dim, alpha
+
+
+class LoRANetwork(nn.ModuleDict):
+    """Trainable modules by Kohya name; ``apply_to`` hooks them into the model, ``remove`` unhooks."""
+
+    def __init__(self, spec: NetworkSpec, modules: dict[str, NetworkModule], components: dict[str, nn.Module]):
+        super().__init__(modules)
+        self.spec = spec
+        self._components = components
+        self._handles: list = []
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for module in self.values():
+            module.multiplier = multiplier
+
+    def apply_to(self) -> LoRANetwork:
+        self.remove()
+        for module in self.values():
+            target = module.target
+            layer = self._components[target.component].get_submodule(target.module)
+            if target.rows is not None:
+                index = target.rows[0] // (target.rows[1] - target.rows[0])
+                layer.in_projection_adapters[index] = module.output_change
+                self._handles.append((layer.in_projection_adapters, index))
+            else:
+                hook = layer.register_forward_hook(lambda _, inputs, output, m=module: output + m.output_change(inputs[0]))
+                self._handles.append(hook)
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            if isinstance(handle, tuple):
+                handle[0].pop(handle[1], None)
+            else:
+                handle.remove()
+        self._handles.clear()
+
+    def text_encoder_modules(self) -> list[NetworkModule]:
+        return [m for m in self.values() if m.target.is_text_encoder]
+
+    def unet_modules(self) -> list[NetworkModule]:
+        return [m for m in self.values() if not m.target.is_text_encoder]
+
+
+def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkSpec,
+                   train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
+    """Modules on every target sd-scripts would give one, text encoders first (sd-scripts' saving order)."""
+    components = {"lora_unet": unet} if unet is not None else {}
+    components |= {slot.kohya_name: encoder for slot, encoder in zip(config.text_encoders, text_encoders or ())}
+    targets = model_targets(config, unet if train_unet else None, text_encoders if train_text_encoder else None)
+    modules = {}
+    for name, target in targets.items():
+        if target.group not in (ATTENTION, CONV) or (target.group == CONV and not spec.with_convs):
+            continue
+        _, weight, conv = layer_and_weight(target, components[target.component])
+        rank, alpha = _rank_and_alpha(target, weight, spec, config.lora_unet_naming)
+        if rank <= 0:
+            continue
+        stored_shape = None
+        if config.kohya_conv_projections and target.module.endswith(("proj_in", "proj_out")) and weight.dim() == 2:
+            stored_shape = torch.Size((*weight.shape, 1, 1))
+        modules[name] = NetworkModule(target, weight, conv, spec.algorithm, rank, alpha, spec, stored_shape)
+    if not modules:
+        raise UserError("the network has no module: train the UNet or a text encoder, and give network_dim > 0")
+    return LoRANetwork(spec, modules, components)
+
+
+# --- saving ----------------------------------------------------------------------------------------------------
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` (sha256 of the tensor-data section) and ``sshs_legacy_hash`` (8 hex of the sha256 of
+    bytes 1 MiB … 1 MiB + 64 KiB of the file serialised with only the ss_* metadata), as sd-scripts computes them."""
+    data = serialize(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(data[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
+    }
+
+
+MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+                          "sdxl": "stable-diffusion-xl-v1-base"}
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+
+
+def base_metadata(config, spec: NetworkSpec, title: str, resolution: tuple[int, int] | None = None) -> dict[str, str]:
+    """The keys every network file needs to be recognised (sd-scripts' ``--no_metadata`` minimum + modelspec)."""
+    v2 = config.name.startswith("sd2")
+    width, height = resolution or (config.resolution, config.resolution)
+    metadata = {
+        "ss_v2": str(v2),
+        "ss_base_model_version": BASE_MODEL_VERSION.get(config.name, config.name),
+        "ss_network_module": spec.network_module,
+        "ss_network_dim": str(spec.dim),
+        "ss_network_alpha": str(float(spec.alpha)),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(config.name, config.name) + "/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if config.lora_unet_naming == "sgm" else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if config.prediction_type == "v_prediction" else "epsilon",
+    }
+    if spec.metadata_args() is not None:
+        metadata["ss_network_args"] = spec.metadata_args()
+    return metadata
+
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
+
+
+def save_network(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str], dtype: str = "fp16") -> Path:
+    """Write a network file atomically with sd-scripts' hashes added; floating tensors saved as ``dtype``."""
+    if dtype not in SAVE_DTYPES:
+        raise UserError(f"save precision {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+    cast = {k: (v.detach().to("cpu", SAVE_DTYPES[dtype]) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in tensors.items()}
+    metadata = {**metadata, **kohya_hashes(cast, metadata)}
+    return save_safetensors(cast, path, metadata)

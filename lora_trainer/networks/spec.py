@@ -1,0 +1,124 @@
+"""What network to train, as one typed object, read from sd-scripts' ``--network_module/_dim/_alpha/_args``.
+
+``networks.lora`` (LoRA, LoCon with ``conv_dim``), ``networks.dylora`` and ``lycoris.kohya`` (``algo=…``)
+all become a ``NetworkSpec``; unknown ``network_args`` are refused by name, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora")
+MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    algorithm: str = "lora"  # lora (LoCon when conv_dim is set), loha, lokr, dylora
+    dim: int = 4
+    alpha: float = 1.0  # sd-scripts' default: scale 1/dim unless set
+    conv_dim: int | None = None  # 3×3 convs get a module only with a conv dim (LoCon)
+    conv_alpha: float | None = None  # default 1.0, as sd-scripts
+    dropout: float | None = None
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    dora: bool = False  # DoRA magnitude on top (LyCORIS dora_wd)
+    dora_on_output: bool = False  # False: input-axis dora_scale, the axis the WebUI reads correctly
+    factor: int = -1  # LoKr
+    full_matrix: bool = False  # LoKr
+    decompose_both: bool = False  # LoKr
+    unit: int = 1  # DyLoRA
+    network_module: str = "networks.lora"
+    network_args: tuple[tuple[str, str], ...] = ()  # as given, recorded in ss_network_args
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise UserError(f"network algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.dim < 1:
+            raise UserError(f"network_dim must be at least 1, got {self.dim}")
+
+    @property
+    def with_convs(self) -> bool:
+        return bool(self.conv_dim) or bool(self.conv_block_dims)
+
+    def metadata_args(self) -> str | None:
+        """``ss_network_args`` as sd-scripts writes it: the given args, all values strings."""
+        if not self.network_args:
+            return None
+        return json.dumps(dict(self.network_args))
+
+
+_BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both"}
+_FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout"}
+_INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}
+_LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, "conv_block_alphas": float}
+# Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
+_OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+                   "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+_KNOWN = {"algo", "wd_on_output"} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
+
+
+def _truthy(value: str) -> bool:
+    return str(value).lower() not in ("false", "0", "no", "")  # LyCORIS: anything but "false" is true
+
+
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    """``["conv_dim=4", "algo=loha"]`` → {"conv_dim": "4", "algo": "loha"}; a malformed item is named."""
+    parsed = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"network_args item {item!r} is not key=value (e.g. conv_dim=4)")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | None = None, network_alpha: float | None = None,
+                    network_args: list[str] | dict[str, str] | None = None, network_dropout: float | None = None) -> NetworkSpec:
+    """sd-scripts' network options → NetworkSpec, refusing what we would silently mis-train."""
+    if network_module not in MODULES:
+        raise UserError(f"--network_module {network_module!r} is not supported; use one of {', '.join(MODULES)}")
+    args = dict(network_args) if isinstance(network_args, dict) else parse_network_args(network_args)
+    if "preset" in args:
+        raise UserError("network_args preset=…: LyCORIS presets are not supported; we target what sd-scripts' LoRA "
+                        "targets (attention and text encoders, plus ResBlock convs with conv_dim)")
+    unknown = sorted(set(args) - _KNOWN)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _KNOWN, 1)) else k for k in unknown]
+        raise UserError(f"unsupported network_args: {', '.join(hints)}")
+    fields: dict = {"network_module": network_module, "network_args": tuple(args.items())}
+    if network_dim is not None:
+        fields["dim"] = int(network_dim)
+    if network_alpha is not None:
+        fields["alpha"] = float(network_alpha)
+    if network_dropout is not None:
+        fields["dropout"] = float(network_dropout)
+    algorithm = "dylora" if network_module == "networks.dylora" else args.get("algo", "lora").lower()
+    fields["algorithm"] = "lora" if algorithm == "locon" else algorithm
+    try:
+        for arg, name in _BOOL_ARGS.items():
+            if arg in args:
+                fields[name] = _truthy(args[arg])
+        if "wd_on_output" in args:
+            fields["dora_on_output"] = _truthy(args["wd_on_output"])
+        for arg, name in _FLOAT_ARGS.items():
+            if arg in args:
+                fields[name] = float(args[arg])
+        for arg, name in _INT_ARGS.items():
+            if arg in args:
+                fields[name] = int(args[arg])
+        for arg, kind in _LIST_ARGS.items():
+            if arg in args:
+                fields[arg] = tuple(kind(v) for v in args[arg].split(","))
+    except ValueError as error:
+        raise UserError(f"network_args: {error}") from error
+    return dataclasses.replace(NetworkSpec(), **fields)

@@ -1,0 +1,125 @@
+"""Networks we create on our models have exactly sd-scripts' keys and shapes, and load what sd-scripts wrote."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+import torch
+from reference import REFERENCE, TINY_KOHYA_CHECKPOINT
+
+from lora_trainer.errors import UserError
+from lora_trainer.models.checkpoint import build_models, load_checkpoint
+from lora_trainer.models.configs import FULL_SIZE
+from lora_trainer.networks.apply import MergedNetworks, Strength
+from lora_trainer.networks.files import group_tensors, read_network
+from lora_trainer.networks.naming import model_targets
+from lora_trainer.networks.network import create_network
+from lora_trainer.networks.spec import NetworkSpec, spec_from_kohya
+
+
+def kohya_list(name: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for line in (REFERENCE / f"kohya-lora-keys-{name}.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            key, shape, _ = line.split("\t")
+            shapes[key] = tuple(ast.literal_eval(shape))
+    return shapes
+
+
+@pytest.mark.parametrize("model, listing, spec", [
+    ("sd1", "sd15", NetworkSpec()),
+    ("sd1", "sd15-conv", NetworkSpec(conv_dim=4)),
+    ("sd2", "sd2", NetworkSpec()),
+    ("sdxl", "sdxl", NetworkSpec()),
+    ("sdxl", "sdxl-conv", NetworkSpec(conv_dim=4)),
+])
+def test_default_network_on_full_size_model_has_sd_scripts_keys_and_shapes(model, listing, spec):
+    config = FULL_SIZE[model]
+    unet, text_encoders, _ = build_models(config)  # meta device: no memory
+    network = create_network(config, unet, text_encoders, spec)
+    ours = {key: tuple(t.shape) for key, t in network.state_dict().items()}
+    assert ours == kohya_list(listing)
+
+
+@pytest.fixture(scope="module")
+def tiny_kohya():
+    return load_checkpoint(TINY_KOHYA_CHECKPOINT, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("relative", [
+    "lora-baseline/tinylora.safetensors",
+    "lora-toml-variant/tinylora_toml.safetensors",
+    "lora-lycoris/tiny_locon.safetensors",
+    "lora-lycoris/tiny_loha.safetensors",
+])
+def test_sd_scripts_outputs_load_onto_the_tiny_kohya_checkpoint_with_every_key_matched(tiny_kohya, relative):
+    network = read_network(REFERENCE / "kohya-fixtures" / relative)
+    merged = MergedNetworks.for_model(tiny_kohya.config, tiny_kohya.unet, tiny_kohya.text_encoders)
+    report = merged.check(network)
+    assert report.ok and report.unmatched == [] and network.unreadable_keys == []
+    assert len(report.matched) == len(network.modules)
+
+
+def test_diffusers_peft_names_and_webui_compvis_names_reach_the_same_layers():
+    config = FULL_SIZE["sd1"]
+    unet, text_encoders, _ = build_models(config)
+    targets = model_targets(config, unet, text_encoders)
+    merged = MergedNetworks(targets, {"lora_unet": unet, "lora_te": text_encoders[0]})
+    down, up = torch.zeros(4, 320), torch.zeros(320, 4)
+    files = {
+        "kohya": {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+                  "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": up},
+        "peft": {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": down,
+                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": up},
+        "compvis": {"diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+                    "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up},
+        "sgm": {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+                "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up},
+    }
+    for naming, tensors in files.items():
+        report = merged.check(group_tensors(tensors))
+        assert [m.target.module for m in report.matched] == ["input_blocks.1.1.transformer_blocks.0.attn1.to_q"], naming
+
+
+def test_sdxl_network_on_sd1_model_is_refused_with_a_reason_and_the_model_is_untouched(tiny_kohya):
+    sdxl_file = group_tensors({
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 4),
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight": torch.zeros(640, 4),
+    }, {"ss_base_model_version": "sdxl_base_v1-0"})
+    before = {k: v.clone() for k, v in tiny_kohya.unet.state_dict().items()}
+    merged = MergedNetworks.for_model(tiny_kohya.config, tiny_kohya.unet, tiny_kohya.text_encoders)
+    with pytest.raises(UserError, match="SDXL network"):
+        merged.set_networks([(sdxl_file, Strength(1.0))])
+    assert all(torch.equal(before[k], v) for k, v in tiny_kohya.unet.state_dict().items())
+
+
+def test_broken_modules_are_named_nan_shape_and_unknown_suffix(tiny_kohya):
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    channels = tiny_kohya.unet.get_submodule("input_blocks.1.1.proj_in").weight.shape[0]
+    broken = group_tensors({
+        f"{name}.lora_down.weight": torch.full((4, channels, 1, 1), float("nan")),
+        f"{name}.lora_up.weight": torch.zeros(channels, 4, 1, 1),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, channels + 1, 1, 1),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(channels * 2, 4, 1, 1),
+        "lora_unet_mid_block_attentions_0_proj_out.mystery": torch.zeros(3),
+    })
+    report = MergedNetworks.for_model(tiny_kohya.config, tiny_kohya.unet, tiny_kohya.text_encoders).check(broken)
+    text = report.message()
+    assert not report.ok
+    assert f"{name}: NaN or Inf in lora_down.weight" in text
+    assert any(p.startswith("lora_unet_mid_block_attentions_0_proj_in: ") and "input_blocks" not in p and "middle_block.1.proj_in" in p
+               for p in report.problems), text
+    assert "lora_unet_mid_block_attentions_0_proj_out.mystery: no known network tensor suffix" in text
+
+
+def test_kohya_network_args_become_a_spec_and_unknown_ones_are_refused_by_name():
+    spec = spec_from_kohya("lycoris.kohya", 8, 4, ["algo=loha", "conv_dim=4", "conv_alpha=2"])
+    assert (spec.algorithm, spec.dim, spec.alpha, spec.conv_dim, spec.conv_alpha) == ("loha", 8, 4.0, 4, 2.0)
+    assert spec.metadata_args() == '{"algo": "loha", "conv_dim": "4", "conv_alpha": "2"}'
+    with pytest.raises(UserError, match="conv_dimm \\(did you mean conv_dim\\?\\)"):
+        spec_from_kohya("networks.lora", 4, 1, ["conv_dimm=4"])
+    with pytest.raises(UserError, match="network_module"):
+        spec_from_kohya("networks.oft_magic", 4, 1, [])
