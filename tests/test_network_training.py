@@ -1,0 +1,131 @@
+"""Trainable networks: step 0 changes nothing, and what the hooked model computes is what the saved file merges to."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from reference import REFERENCE
+from safetensors import safe_open
+
+from lora_trainer.models.checkpoint import build_models
+from lora_trainer.models.configs import SD2, SDXL
+from lora_trainer.networks.apply import MergedNetworks, Strength
+from lora_trainer.networks.files import read_network
+from lora_trainer.networks.network import base_metadata, create_network, kohya_hashes, save_network
+from lora_trainer.networks.spec import NetworkSpec
+from lora_trainer.tiny_model.build import tiny_config
+
+SD1_TINY = tiny_config()
+
+
+def _tiny_like(config):
+    """``config``'s layout (linear projections, OpenCLIP encoders, label embedding) at the tiny model's widths."""
+    unet = dataclasses.replace(SD1_TINY.unet, use_linear_projection=config.unet.use_linear_projection, num_heads=4, head_dim=None,
+                               context_dim=32 * len(config.text_encoders),
+                               adm_in_channels=None if config.unet.adm_in_channels is None else 32 + 6 * 256)
+    slots = tuple(dataclasses.replace(slot, config=dataclasses.replace(slot.config, width=32, layers=2, heads=2, mlp_width=64,
+                                                                       projection_dim=32 if slot.config.projection_dim else None),
+                                      kohya_layers=1 if slot.kohya_layers else None)
+                  for slot in config.text_encoders)
+    return dataclasses.replace(config, unet=unet, text_encoders=slots, resolution=64)
+
+
+CONFIGS = {"sd1": SD1_TINY, "sd2": _tiny_like(SD2), "sdxl": _tiny_like(SDXL)}
+SPECS = {
+    "lora": NetworkSpec(dim=4, alpha=2),
+    "locon": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1),
+    "loha": NetworkSpec(algorithm="loha", dim=2, alpha=1, conv_dim=2),
+    "lokr": NetworkSpec(algorithm="lokr", dim=2, alpha=1, conv_dim=2, factor=4),
+    "dylora": NetworkSpec(algorithm="dylora", dim=4, alpha=4, unit=2),
+    "dora": NetworkSpec(dim=4, alpha=2, dora=True),
+}
+
+
+def _models(name: str):
+    torch.manual_seed(0)
+    config = CONFIGS[name]
+    unet, text_encoders, _ = build_models(config, device="cpu")
+    for module in (unet, *text_encoders):
+        module.eval()
+    return config, unet, text_encoders
+
+
+def _inputs(config):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49408, (2, 77), generator=generator)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    y = None if config.unet.adm_in_channels is None else torch.randn(2, config.unet.adm_in_channels, generator=generator)
+    return ids, x, y
+
+
+@torch.no_grad()
+def _outputs(config, unet, text_encoders):
+    ids, x, y = _inputs(config)
+    hidden = [encoder(ids).hidden for encoder in text_encoders]
+    context = torch.cat(hidden, dim=-1)
+    return [*hidden, unet(x, torch.tensor([10, 500]), context, y)]
+
+
+@pytest.mark.parametrize("algorithm", SPECS)
+def test_a_fresh_network_changes_nothing_at_step_zero(algorithm):
+    config, unet, text_encoders = _models("sd1")
+    before = _outputs(config, unet, text_encoders)
+    network = create_network(config, unet, text_encoders, SPECS[algorithm]).apply_to()
+    after = _outputs(config, unet, text_encoders)
+    for b, a in zip(before, after):
+        if algorithm == "dora":  # the magnitude divides by ‖W‖ + eps: equal up to one float32 epsilon
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+    assert len(network.unet_modules()) > 0 and len(network.text_encoder_modules()) > 0
+
+
+@pytest.mark.parametrize("model", CONFIGS)
+@pytest.mark.parametrize("algorithm", SPECS)
+def test_trained_network_saved_and_merged_gives_the_same_outputs_as_its_forward_hooks(tmp_path, model, algorithm):
+    config, unet, text_encoders = _models(model)
+    network = create_network(config, unet, text_encoders, SPECS[algorithm])
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1 + (1.0 if name.endswith("dora_scale") else 0.0))
+    network.eval().apply_to()
+    hooked = _outputs(config, unet, text_encoders)
+    network.remove()
+    base = _outputs(config, unet, text_encoders)
+
+    path = save_network(network.state_dict(), tmp_path / f"{algorithm}.safetensors", base_metadata(config, network.spec, algorithm), "fp32")
+    merged = MergedNetworks.for_model(config, unet, text_encoders)
+    (report,) = merged.set_networks([(read_network(path), Strength(1.0))])
+    assert report.unmatched == [] and len(report.matched) == len(network)
+    for h, m, b in zip(hooked, _outputs(config, unet, text_encoders), base):
+        assert not torch.allclose(h, b)  # the network does something ...
+        torch.testing.assert_close(m, h, rtol=1e-4, atol=1e-5)  # ... and the file merges to exactly that
+    merged.restore()
+    for b, r in zip(base, _outputs(config, unet, text_encoders)):
+        assert torch.equal(b, r)
+
+
+def test_saved_file_carries_metadata_and_the_hashes_sd_scripts_computes(tmp_path):
+    config, unet, text_encoders = _models("sd1")
+    network = create_network(config, unet, text_encoders, NetworkSpec(dim=4, alpha=1))
+    path = save_network(network.state_dict(), tmp_path / "x.safetensors", base_metadata(config, network.spec, "x"), "fp16")
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_network_dim"] == "4"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert kohya_hashes(tensors, metadata)["sshs_model_hash"] == metadata["sshs_model_hash"]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary file left behind
+
+
+def test_hashes_equal_the_ones_sd_scripts_wrote_into_its_own_files():
+    for relative in ("lora-baseline/tinylora.safetensors", "lora-toml-variant/tinylora_toml.safetensors"):
+        with safe_open(str(REFERENCE / "kohya-fixtures" / relative), "pt") as handle:
+            metadata = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        hashes = kohya_hashes(tensors, metadata)
+        assert hashes == {"sshs_model_hash": metadata["sshs_model_hash"], "sshs_legacy_hash": metadata["sshs_legacy_hash"]}
