@@ -123,3 +123,33 @@ def test_kohya_network_args_become_a_spec_and_unknown_ones_are_refused_by_name()
         spec_from_kohya("networks.lora", 4, 1, ["conv_dimm=4"])
     with pytest.raises(UserError, match="network_module"):
         spec_from_kohya("networks.oft_magic", 4, 1, [])
+
+
+@pytest.mark.parametrize("relative", ["lora-toml-variant/tinylora_toml.safetensors", "lora-lycoris/tiny_loha.safetensors"])
+def test_a_file_as_forward_hooks_gives_the_same_output_as_merged(tiny_kohya, relative):
+    from lora_trainer.networks.network import network_from_file
+
+    model = tiny_kohya
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=generator)
+    ids = torch.randint(0, 49408, (1, 77), generator=generator)
+
+    @torch.no_grad()
+    def outputs():
+        hidden = model.text_encoders[0](ids).hidden
+        return hidden, model.unet(x, torch.tensor([300]), hidden)
+
+    network = read_network(REFERENCE / "kohya-fixtures" / relative)
+    base = outputs()
+    hooks = network_from_file(model.config, model.unet, model.text_encoders, network).eval().apply_to()
+    hooks.set_multiplier(0.7)
+    hooked = outputs()
+    hooks.remove()
+    assert all(torch.equal(b, o) for b, o in zip(base, outputs()))  # unhooking leaves nothing behind
+
+    merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
+    merged.set_networks([(network, Strength(0.7))])
+    for h, m, b in zip(hooked, outputs(), base):
+        assert not torch.allclose(h, b)
+        torch.testing.assert_close(m, h, rtol=1e-4, atol=1e-5)
+    merged.restore()

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from .files import MatchReport, ModuleMatch, NetworkFile, match_network
-from .naming import Target, model_targets
+from .naming import Target, model_components, model_targets
 from .registry import is_linear_in_multiplier, module_delta
 
 
@@ -71,9 +71,7 @@ class MergedNetworks:
 
     @classmethod
     def for_model(cls, config, unet: nn.Module | None, text_encoders: Sequence[nn.Module] | None) -> MergedNetworks:
-        components = {"lora_unet": unet} if unet is not None else {}
-        components |= {slot.kohya_name: encoder for slot, encoder in zip(config.text_encoders, text_encoders or ())}
-        return cls(model_targets(config, unet, text_encoders), components, config.label)
+        return cls(model_targets(config, unet, text_encoders), model_components(config, unet, text_encoders), config.label)
 
     # --- parameters ------------------------------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ from torch import nn
 
 from .dora import init_magnitude
 from .naming import Target
-from .registry import INITIALISERS, module_delta
+from .registry import INITIALISERS, find_algorithm, module_delta
+from .registry import scale as registry_scale
+from .spec import NetworkSpec
 
 
 class _Holder(nn.Module):
@@ -29,41 +31,49 @@ class _Holder(nn.Module):
 
 
 class NetworkModule(nn.Module):
-    def __init__(self, target: Target, layer_weight: torch.Tensor, conv: dict | None, algorithm: str, rank: int, alpha: float, spec,
-                 stored_shape: torch.Size | None = None):
+    """One network module on one layer; ``fresh`` makes a trainable one, ``from_tensors`` wraps a file's tensors."""
+
+    def __init__(self, target: Target, layer_weight: torch.Tensor, conv: dict | None, tensors: dict[str, torch.Tensor],
+                 spec: NetworkSpec | None = None):
         super().__init__()
+        spec = spec or NetworkSpec()
         self.target = target
-        self.algorithm = algorithm
-        self.rank = rank
+        found = find_algorithm(tensors).name
+        self.algorithm = "dylora" if spec.algorithm == "dylora" and found == "lora" else found
         self.conv = conv  # stride/padding/dilation/groups of a Conv2d layer, None for Linear
         self.multiplier = 1.0
         self.dropout = spec.dropout or 0.0
         self.rank_dropout = spec.rank_dropout
         self.module_dropout = spec.module_dropout
         self.unit = spec.unit
-        shape = stored_shape or layer_weight.shape  # the layer's shape as the file's writer saw it
-        tensors = INITIALISERS[algorithm](shape, rank, spec)
-        if spec.dora:
-            tensors["dora_scale"] = init_magnitude(layer_weight.to("cpu") if layer_weight.device.type != "meta" else layer_weight, spec.dora_on_output)
         for suffix, tensor in tensors.items():
-            tensor = tensor.to(device=layer_weight.device, dtype=torch.float32)
-            if suffix.endswith(".weight"):
-                self.add_module(suffix.removesuffix(".weight"), _Holder(tensor))
+            tensor = tensor.to(layer_weight.device)
+            if not tensor.is_floating_point() or suffix == "alpha":
+                self.register_buffer(suffix, tensor)
+            elif suffix.endswith(".weight"):
+                self.add_module(suffix.removesuffix(".weight"), _Holder(tensor.float()))
             else:
-                self.register_parameter(suffix, nn.Parameter(tensor))
-        decomposed = algorithm != "lokr" or "lokr_w2_b" in tensors or "lokr_w1_b" in tensors
-        # no rank in a LoKr with both factors full: LyCORIS stores alpha = dim, so every reader's scale is 1
-        self.register_buffer("alpha", torch.tensor(float(alpha if decomposed else rank)))
+                self.register_parameter(suffix, nn.Parameter(tensor.float()))
         self._base_weight = [layer_weight]  # a list: not a parameter of ours
+
+    @classmethod
+    def fresh(cls, target: Target, layer_weight: torch.Tensor, conv: dict | None, rank: int, alpha: float, spec: NetworkSpec,
+              stored_shape: torch.Size | None = None) -> NetworkModule:
+        """Initialised as sd-scripts/LyCORIS do, so that it changes nothing until trained."""
+        shape = stored_shape or layer_weight.shape  # the layer's shape as the file's writer saw it
+        tensors = INITIALISERS[spec.algorithm](shape, rank, spec)
+        if spec.dora:
+            tensors["dora_scale"] = init_magnitude(layer_weight, spec.dora_on_output)
+        decomposed = spec.algorithm != "lokr" or "lokr_w2_b" in tensors or "lokr_w1_b" in tensors
+        # no rank in a LoKr with both factors full: LyCORIS stores alpha = dim, so every reader's scale is 1
+        tensors["alpha"] = torch.tensor(float(alpha if decomposed else rank))
+        return cls(target, layer_weight, conv, tensors, spec)
 
     # --- what the file stores --------------------------------------------------------------------------------
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict(keep_vars=True))
 
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -76,7 +86,7 @@ class NetworkModule(nn.Module):
         """How much the layer's output changes for input ``x`` at the current multiplier."""
         if self.training and self.module_dropout and random.random() < self.module_dropout:
             return torch.zeros((), dtype=x.dtype, device=x.device)
-        if self.algorithm in ("lora", "dylora") and not hasattr(self, "dora_scale"):
+        if self.algorithm in ("lora", "dylora") and not hasattr(self, "dora_scale") and not hasattr(self, "lora_mid"):
             return self._lora_change(x)
         base = self._base_weight[0].detach()
         delta = module_delta(self.file_tensors(), base, self.multiplier).weight
@@ -84,7 +94,7 @@ class NetworkModule(nn.Module):
 
     def _lora_change(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down.weight, self.lora_up.weight
-        scale = self.scale
+        scale = registry_scale(self.file_tensors(), down.shape[0])
         if self.training and self.algorithm == "dylora":
             down, up, scale = self._dylora_slice(down, up, scale)
         hidden = self._project(x, down.to(x.dtype))
@@ -92,11 +102,12 @@ class NetworkModule(nn.Module):
             hidden = F.dropout(hidden, p=self.dropout)
         if self.training and self.rank_dropout:
             # sd-scripts: drop whole ranks per sample, and rescale so the expected output is unchanged
-            mask = (torch.rand(hidden.shape[0], self.rank, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
+            rank = down.shape[0]
+            mask = (torch.rand(hidden.shape[0], rank, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
             if self.conv:
                 mask = mask[:, :, None, None]
             else:
-                mask = mask.reshape(hidden.shape[0], *(1,) * (hidden.dim() - 2), self.rank)
+                mask = mask.reshape(hidden.shape[0], *(1,) * (hidden.dim() - 2), rank)
             hidden = hidden * mask
             scale = scale / (1 - self.rank_dropout)
         out = F.linear(hidden, up.reshape(up.shape[0], -1).to(x.dtype)) if self.conv is None else F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1).to(x.dtype))
@@ -105,12 +116,12 @@ class NetworkModule(nn.Module):
     def _dylora_slice(self, down, up, scale):
         """DyLoRA (Valipour et al.): each step trains one block of ``unit`` ranks at a random depth b and uses the
         ranks below it frozen, so every prefix of the ranks is a usable LoRA afterwards."""
-        blocks = self.rank // self.unit
-        b = random.randrange(blocks) * self.unit
+        rank = down.shape[0]
+        b = random.randrange(rank // self.unit) * self.unit
         used = b + self.unit
         down = torch.cat([down[:b].detach(), down[b:used]])
         up = torch.cat([up[:, :b].detach(), up[:, b:used]], dim=1)
-        return down, up, scale * math.sqrt(self.rank / used)
+        return down, up, scale * math.sqrt(rank / used)
 
 
 def layer_and_weight(target: Target, component: nn.Module) -> tuple[nn.Module, torch.Tensor, dict | None]:

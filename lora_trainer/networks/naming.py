@@ -191,6 +191,13 @@ def model_targets(config: ModelConfig, unet: nn.Module | None, text_encoders) ->
     return by_name
 
 
+def model_components(config: ModelConfig, unet: nn.Module | None, text_encoders) -> dict[str, nn.Module]:
+    """Target.component → the module its paths are relative to."""
+    components = {UNET: unet} if unet is not None else {}
+    components |= {slot.kohya_name: encoder for slot, encoder in zip(config.text_encoders, text_encoders or ())}
+    return components
+
+
 def alias_table(targets: dict[str, Target]) -> dict[str, Target]:
     """Canonical name (any naming) → target; Kohya names win over aliases when both could apply."""
     table = {}

@@ -17,7 +17,8 @@ from torch import nn
 from ..errors import UserError
 from ..safe_io import save_safetensors
 from .modules import NetworkModule, layer_and_weight
-from .naming import ATTENTION, CONV, Target, model_targets
+from .files import NetworkFile, match_network
+from .naming import ATTENTION, CONV, Target, model_components, model_targets
 from .spec import NetworkSpec
 
 # sd-scripts' block-wise lists: 25 entries for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 for SDXL
@@ -100,8 +101,7 @@ class LoRANetwork(nn.ModuleDict):
 def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkSpec,
                    train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
     """Modules on every target sd-scripts would give one, text encoders first (sd-scripts' saving order)."""
-    components = {"lora_unet": unet} if unet is not None else {}
-    components |= {slot.kohya_name: encoder for slot, encoder in zip(config.text_encoders, text_encoders or ())}
+    components = model_components(config, unet, text_encoders)
     targets = model_targets(config, unet if train_unet else None, text_encoders if train_text_encoder else None)
     modules = {}
     for name, target in targets.items():
@@ -114,10 +114,27 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
         stored_shape = None
         if config.kohya_conv_projections and target.module.endswith(("proj_in", "proj_out")) and weight.dim() == 2:
             stored_shape = torch.Size((*weight.shape, 1, 1))
-        modules[name] = NetworkModule(target, weight, conv, spec.algorithm, rank, alpha, spec, stored_shape)
+        modules[name] = NetworkModule.fresh(target, weight, conv, rank, alpha, spec, stored_shape)
     if not modules:
         raise UserError("the network has no module: train the UNet or a text encoder, and give network_dim > 0")
     return LoRANetwork(spec, modules, components)
+
+
+def network_from_file(config, unet: nn.Module | None, text_encoders, network: NetworkFile, spec: NetworkSpec | None = None) -> LoRANetwork:
+    """A file's modules as hooks on the model (unmerged: preview, or training on from ``--network_weights``).
+
+    Any algorithm works; modules come out under their Kohya names whatever naming the file used.
+    """
+    components = model_components(config, unet, text_encoders)
+    targets = model_targets(config, unet, text_encoders)
+    report = match_network(network, targets, lambda t: layer_and_weight(t, components[t.component])[1], config.label)
+    if not report.ok:
+        raise UserError(report.message())
+    modules = {}
+    for match in report.matched:
+        _, weight, conv = layer_and_weight(match.target, components[match.target.component])
+        modules[match.target.name] = NetworkModule(match.target, weight, conv, match.tensors, spec)
+    return LoRANetwork(spec or NetworkSpec(), modules, components)
 
 
 # --- saving ----------------------------------------------------------------------------------------------------
