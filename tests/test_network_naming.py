@@ -153,3 +153,32 @@ def test_a_file_as_forward_hooks_gives_the_same_output_as_merged(tiny_kohya, rel
         assert not torch.allclose(h, b)
         torch.testing.assert_close(m, h, rtol=1e-4, atol=1e-5)
     merged.restore()
+
+
+def test_block_weight_layouts_are_the_block_weight_extensions():
+    from lora_trainer.networks.block_weights import block_layouts
+
+    sd_every, sd_short = block_layouts(FULL_SIZE["sd1"].unet)
+    xl_every, xl_short = block_layouts(FULL_SIZE["sdxl"].unet)
+    assert sd_short == ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
+    assert xl_short == ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+    assert (len(sd_every), len(xl_every)) == (26, 20)
+
+
+def test_outd_preset_keeps_text_encoder_and_deep_output_blocks_and_drops_the_rest(tiny_kohya):
+    from lora_trainer.networks.block_weights import parse_block_weights
+
+    model = tiny_kohya
+    weights = parse_block_weights("OUTD", model.config.unet)
+    assert weights["BASE"] == 1 and weights["OUT03"] == 1 and weights["OUT07"] == 0 and weights["IN01"] == 0
+    network = read_network(REFERENCE / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors")
+    merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
+    before = {"te": model.text_encoders[0].state_dict(), "unet": model.unet.state_dict()}
+    before = {side: {k: v.clone() for k, v in state.items()} for side, state in before.items()}
+    merged.set_networks([(network, Strength(1.0, blocks=weights))])
+    changed = {k for k, v in model.unet.state_dict().items() if not torch.equal(v, before["unet"][k])}
+    assert changed and all(k.startswith(("output_blocks.3.", "output_blocks.4.", "output_blocks.5.", "output_blocks.6.")) for k in changed)
+    assert any(not torch.equal(v, before["te"][k]) for k, v in model.text_encoders[0].state_dict().items())
+    merged.restore()
+    with pytest.raises(UserError, match="takes 17"):
+        parse_block_weights("1,0,1", model.config.unet)

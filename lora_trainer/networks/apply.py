@@ -29,7 +29,7 @@ class Strength:
 
     te: float = 1.0
     unet: float | None = None  # None: same as te, as in the WebUI
-    blocks: dict[str, float] | None = None  # block label (BASE, IN01, MID, OUT03…) → weight; missing labels: 1
+    blocks: dict[str, float] | None = None  # block label (BASE, IN01, M00, OUT03…) → weight; see block_weights.py
 
     def for_target(self, target: Target) -> float:
         side = self.te if target.is_text_encoder or self.unet is None else self.unet

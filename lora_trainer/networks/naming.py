@@ -41,7 +41,7 @@ class Target:
     bias: str | None = "bias"
     rows: tuple[int, int] | None = None  # the rows of ``parameter`` this target owns (fused q/k/v)
     group: str = ATTENTION
-    block: str = "BASE"  # block-weight label: BASE (text encoders), IN00…, MID, OUT00…
+    block: str = "BASE"  # block-weight label as the block-weight extension names it: BASE (text encoders), IN00…, M00, OUT00…
     aliases: frozenset[str] = field(default_factory=frozenset)  # other names files use, in canonical form
 
     @property
@@ -69,7 +69,7 @@ def _block_label(ldm_path: str) -> str:
     match = re.match(r"(input_blocks|output_blocks)\.(\d+)\.", ldm_path)
     if match:
         return ("IN" if match.group(1) == "input_blocks" else "OUT") + f"{int(match.group(2)):02d}"
-    return "MID" if ldm_path.startswith("middle_block.") else "BASE"
+    return "M00" if ldm_path.startswith("middle_block.") else ""  # time/label embedding, out: in no block
 
 
 def _diffusers_path(ldm_path: str, prefixes: dict[str, str]) -> str | None:
