@@ -102,3 +102,7 @@ def run_bench(area: str, args) -> None:
         bench_load(args.work_dir, [m.strip() for m in args.models.split(",") if m.strip()])
     elif area == "generate":
         bench_generate()
+    elif area == "networks":
+        from .networks.bench import run
+
+        run(args.precision)

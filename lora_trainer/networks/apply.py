@@ -142,6 +142,12 @@ class MergedNetworks:
                 self._restrength(self._applied[key], strength)
         return [reports[k] for k in wanted]
 
+    def held_bytes(self) -> int:
+        """Memory this object keeps while networks are applied: original weights and cached deltas."""
+        tensors = [t for pair in self._originals.values() for t in pair if t is not None]
+        tensors += [t for a in self._applied.values() for c in a.contributions.values() for t in (c.weight, c.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def restore(self) -> None:
         """Every touched weight back to its original bits; no network applied."""
         with torch.no_grad():

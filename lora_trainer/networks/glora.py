@@ -31,4 +31,4 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(raw * (scale(tensors, rank) * multiplier))
 
 
-register(Algorithm("glora", frozenset({"a1.weight"}), SUFFIXES, delta))
+register(Algorithm("glora", frozenset({"a1.weight"}), SUFFIXES, delta, uses_weight=True))

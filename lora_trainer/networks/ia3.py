@@ -18,4 +18,4 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(weight * w.reshape(shape) * multiplier)
 
 
-register(Algorithm("ia3", frozenset({"weight"}), frozenset({"weight", "on_input"}), delta))
+register(Algorithm("ia3", frozenset({"weight"}), frozenset({"weight", "on_input"}), delta, uses_weight=True))

@@ -49,5 +49,5 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
 
 register(Algorithm(
     "diag-oft", frozenset({"oft_blocks"}), frozenset({"oft_blocks", "rescale", "alpha"}), delta,
-    linear_in_multiplier=False, accepts=lambda tensors: tensors["oft_blocks"].dim() == 3,
+    linear_in_multiplier=False, uses_weight=True, accepts=lambda tensors: tensors["oft_blocks"].dim() == 3,
 ))

@@ -38,6 +38,7 @@ class Algorithm:
     # True when delta(m) == m * delta(1): a strength change is then W += (m2 - m1) * delta(1)
     linear_in_multiplier: bool = True
     accepts: Callable[[Tensors], bool] = lambda tensors: True  # tie-break between algorithms sharing a marker
+    uses_weight: bool = False  # whether delta reads the base weight's values (else only its shape)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,12 @@ def module_delta(tensors: Tensors, weight: torch.Tensor, multiplier: float = 1.0
     """ΔW (and Δbias) of one layer at ``multiplier``, in the compute dtype, shaped like the layer's weight."""
     dtype = compute_dtype(weight)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    weight = weight.to(dtype)
     algorithm = find_algorithm(tensors)
     modifiers = modifiers_for(tensors)
+    if algorithm.uses_weight or modifiers:
+        weight = weight.to(dtype)
+    else:  # only the shape is read: skip converting a large weight
+        weight = torch.empty(weight.shape, dtype=dtype, device="meta")
     if not modifiers:
         return algorithm.delta(tensors, weight, multiplier)
     delta = algorithm.delta(tensors, weight, 1.0)
