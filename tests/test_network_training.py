@@ -129,3 +129,22 @@ def test_hashes_equal_the_ones_sd_scripts_wrote_into_its_own_files():
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         hashes = kohya_hashes(tensors, metadata)
         assert hashes == {"sshs_model_hash": metadata["sshs_model_hash"], "sshs_legacy_hash": metadata["sshs_legacy_hash"]}
+
+
+def test_learning_rate_groups_follow_sd_scripts_text_encoder_unet_blocks_and_loraplus():
+    config, unet, text_encoders = _models("sd1")
+    plain = create_network(config, unet, text_encoders, NetworkSpec())
+    groups = {g["description"]: g for g in plain.parameter_groups(1e-4, text_encoder_lr=5e-5)}
+    assert set(groups) == {"textencoder", "unet"}
+    assert groups["textencoder"]["lr"] == 5e-5 and groups["unet"]["lr"] == 1e-4
+    assert {g["description"] for g in plain.parameter_groups(1e-4, text_encoder_lr=0)} == {"unet"}  # UNet only
+
+    # down blocks off (zeros), the rest at 1: only output/middle blocks get modules and groups
+    args = {"down_lr_weight": "zeros", "up_lr_weight": "1,1,1,1,1,1,1,1,1,1,1,0.5", "loraplus_lr_ratio": "4"}
+    network = create_network(config, unet, text_encoders, NetworkSpec(network_args=tuple(args.items())))
+    assert not any(m.target.module.startswith("input_blocks.") for m in network.unet_modules())
+    groups = {g["description"]: g for g in network.parameter_groups(1e-4)}
+    assert groups["unet_block24"]["lr"] == pytest.approx(0.5e-4)  # OUT11
+    assert groups["unet_block24 plus"]["lr"] == pytest.approx(4 * 0.5e-4)
+    assert groups["textencoder plus"]["lr"] == pytest.approx(4e-4)
+    assert not any(d.startswith("unet_block") and int(d.split()[0][10:]) < 12 for d in groups)

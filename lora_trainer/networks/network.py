@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..safe_io import save_safetensors
+from .lr_groups import block_lr_weights, parameter_groups
 from .modules import NetworkModule, layer_and_weight
 from .files import NetworkFile, match_network
 from .naming import ATTENTION, CONV, Target, model_components, model_targets
@@ -56,14 +57,34 @@ def _rank_and_alpha(target: Target, weight: torch.Tensor, spec: NetworkSpec, nam
     return dim, alpha
 
 
+def block_lr_weights_for(config, spec: NetworkSpec) -> list[float] | None:
+    """sd-scripts' per-block learning-rate multipliers from network_args (SD: mid is one block, SDXL: three)."""
+    sgm = config.lora_unet_naming == "sgm"
+    per_side = len(config.unet.channel_mult) * (config.unet.num_res_blocks + 1)
+    return block_lr_weights(dict(spec.network_args), per_side, 3 if sgm else 1, sgm)
+
+
 class LoRANetwork(nn.ModuleDict):
     """Trainable modules by Kohya name; ``apply_to`` hooks them into the model, ``remove`` unhooks."""
 
-    def __init__(self, spec: NetworkSpec, modules: dict[str, NetworkModule], components: dict[str, nn.Module]):
+    def __init__(self, spec: NetworkSpec, modules: dict[str, NetworkModule], components: dict[str, nn.Module], config=None):
         super().__init__(modules)
         self.spec = spec
+        self.config = config
         self._components = components
         self._handles: list = []
+
+    def parameter_groups(self, learning_rate: float, text_encoder_lr: float | None = None, unet_lr: float | None = None) -> list[dict]:
+        """Optimizer groups as sd-scripts makes them (text encoder / UNet rates, block rates, LoRA+)."""
+        args = dict(self.spec.network_args)
+        plus = args.get("loraplus_lr_ratio")
+        unet_plus = args.get("loraplus_unet_lr_ratio", plus)
+        te_plus = args.get("loraplus_text_encoder_lr_ratio", plus)
+        weights = block_lr_weights_for(self.config, self.spec) if self.config is not None else None
+        naming = self.config.lora_unet_naming if self.config is not None else "diffusers"
+        return parameter_groups(self, learning_rate, text_encoder_lr, unet_lr, weights,
+                                lambda m: block_index(m.target, naming),
+                                None if unet_plus is None else float(unet_plus), None if te_plus is None else float(te_plus))
 
     def set_multiplier(self, multiplier: float) -> None:
         for module in self.values():
@@ -103,10 +124,14 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
     """Modules on every target sd-scripts would give one, text encoders first (sd-scripts' saving order)."""
     components = model_components(config, unet, text_encoders)
     targets = model_targets(config, unet if train_unet else None, text_encoders if train_text_encoder else None)
+    lr_weights = block_lr_weights_for(config, spec)
     modules = {}
     for name, target in targets.items():
         if target.group not in (ATTENTION, CONV) or (target.group == CONV and not spec.with_convs):
             continue
+        index = block_index(target, config.lora_unet_naming)
+        if lr_weights is not None and index is not None and lr_weights[index] == 0:
+            continue  # sd-scripts: a block with learning rate 0 gets no module at all
         _, weight, conv = layer_and_weight(target, components[target.component])
         rank, alpha = _rank_and_alpha(target, weight, spec, config.lora_unet_naming)
         if rank <= 0:
@@ -117,7 +142,7 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
         modules[name] = NetworkModule.fresh(target, weight, conv, rank, alpha, spec, stored_shape)
     if not modules:
         raise UserError("the network has no module: train the UNet or a text encoder, and give network_dim > 0")
-    return LoRANetwork(spec, modules, components)
+    return LoRANetwork(spec, modules, components, config)
 
 
 def network_from_file(config, unet: nn.Module | None, text_encoders, network: NetworkFile, spec: NetworkSpec | None = None) -> LoRANetwork:
@@ -134,7 +159,7 @@ def network_from_file(config, unet: nn.Module | None, text_encoders, network: Ne
     for match in report.matched:
         _, weight, conv = layer_and_weight(match.target, components[match.target.component])
         modules[match.target.name] = NetworkModule(match.target, weight, conv, match.tensors, spec)
-    return LoRANetwork(spec or NetworkSpec(), modules, components)
+    return LoRANetwork(spec or NetworkSpec(), modules, components, config)
 
 
 # --- saving ----------------------------------------------------------------------------------------------------
