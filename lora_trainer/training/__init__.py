@@ -1,0 +1,1 @@
+"""The Kohya-compatible LoRA training subprocess: options, noise and loss, optimizers, the loop, outputs, events."""
