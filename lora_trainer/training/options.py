@@ -1,0 +1,345 @@
+"""The one typed configuration of a training run, with sd-scripts' argument names, types and defaults.
+
+The command line, a ``--config_file`` TOML (flattened one level, as sd-scripts does), the UI form and the HTTP
+API body all become a ``TrainOptions`` before anything runs. Options sd-scripts has and we do not implement are
+still recognised, and refused by name when set — never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from ..errors import UserError
+
+
+def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None, implemented: bool = True):
+    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs, "implemented": implemented})
+
+
+@dataclass
+class TrainOptions:
+    # model
+    pretrained_model_name_or_path: str | None = opt(None, "base checkpoint (.safetensors/.ckpt) or Diffusers folder")
+    v2: bool = opt(False, "SD2.x base model (detected from the checkpoint anyway; a contradiction is an error)")
+    v_parameterization: bool = opt(False, "v-prediction model (SD2-768-v)")
+    vae: str | None = opt(None, "a separate VAE file")
+    clip_skip: int | None = opt(None, "use the output of the k-th last text-encoder layer")
+    # dataset
+    train_data_dir: str | None = opt(None, "folder of <repeats>_<class tokens> subfolders")
+    reg_data_dir: str | None = opt(None, "regularisation images, same layout")
+    dataset_config: str | None = opt(None, "dataset TOML (general / datasets / subsets)")
+    in_json: str | None = opt(None, "fine-tuning metadata JSON", implemented=False)
+    dataset_repeats: int = opt(1, "repeats for in_json datasets", implemented=False)
+    resolution: str | None = opt(None, '"512" or "512,768"')
+    caption_extension: str = opt(".caption", "caption file extension")
+    caption_separator: str = opt(",", "tag separator")
+    keep_tokens: int = opt(0, "tags kept in front when shuffling")
+    keep_tokens_separator: str = opt("", "text before it is kept in front when shuffling")
+    secondary_separator: str | None = opt(None, "separator joined like a tag group, replaced by caption_separator")
+    shuffle_caption: bool = opt(False, "shuffle comma-separated tags")
+    enable_wildcard: bool = opt(False, "{a|b} wildcards and multi-line captions")
+    caption_prefix: str | None = opt(None, "text put before every caption")
+    caption_suffix: str | None = opt(None, "text put after every caption")
+    caption_dropout_rate: float = opt(0.0, "probability of training a sample with an empty caption")
+    caption_dropout_every_n_epochs: int = opt(0, "empty captions for the whole epoch every N epochs")
+    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each shuffled tag")
+    token_warmup_min: int = opt(1, "tags used at the start of token warm-up")
+    token_warmup_step: float = opt(0.0, "steps (or fraction of all steps) until all tags are used")
+    weighted_captions: bool = opt(False, "(token:1.3) syntax in captions", implemented=False)
+    color_aug: bool = opt(False, "colour augmentation", implemented=False)
+    flip_aug: bool = opt(False, "horizontal flip augmentation")
+    random_crop: bool = opt(False, "random instead of centre crop", implemented=False)
+    face_crop_aug_range: str | None = opt(None, "face crop augmentation", implemented=False)
+    alpha_mask: bool = opt(False, "use the PNG alpha as a loss mask", implemented=False)
+    resize_interpolation: str | None = opt(None, "resize filter", implemented=False)
+    enable_bucket: bool = opt(False, "aspect-ratio buckets")
+    min_bucket_reso: int = opt(256, "smallest bucket side")
+    max_bucket_reso: int = opt(1024, "largest bucket side")
+    bucket_reso_steps: int = opt(64, "bucket side step")
+    bucket_no_upscale: bool = opt(False, "never upscale images into a bucket")
+    cache_latents: bool = opt(False, "encode all images once before training, in memory")
+    cache_latents_to_disk: bool = opt(False, "… and keep them as sd-scripts' .npz files beside the images")
+    vae_batch_size: int = opt(1, "images per VAE batch while caching")
+    skip_cache_check: bool = opt(False, "trust existing .npz caches without checking them")
+    max_token_length: int | None = opt(None, "75, 150 or 225 tokens per caption", choices=[None, 75, 150, 225])
+    prior_loss_weight: float = opt(1.0, "loss weight of regularisation images")
+    masked_loss: bool = opt(False, "loss masks", implemented=False)
+    max_data_loader_n_workers: int = opt(8, "data loader processes (0 = load in the training process)")
+    persistent_data_loader_workers: bool = opt(False, "keep loader processes between epochs")
+    validation_split: float = opt(0.0, "fraction of images held out for validation loss")
+    validation_seed: int | None = opt(None, "seed of the held-out split")
+    validate_every_n_steps: int | None = opt(None, "validation every N steps")
+    validate_every_n_epochs: int | None = opt(None, "validation every N epochs")
+    max_validation_steps: int | None = opt(None, "validation batches per validation run")
+    # training loop and precision
+    output_dir: str | None = opt(None, "where the LoRA files go")
+    output_name: str | None = opt(None, "file name without extension")
+    save_model_as: str = opt("safetensors", "file format", choices=["safetensors", "ckpt", "pt"])
+    train_batch_size: int = opt(1, "images per step")
+    max_train_steps: int = opt(1600, "optimizer steps")
+    max_train_epochs: int | None = opt(None, "epochs (overrides max_train_steps)")
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    seed: int | None = opt(None, "random seed; a CPU run with the same seed is reproducible bit for bit")
+    mixed_precision: str = opt("no", "autocast precision", choices=["no", "fp16", "bf16"])
+    full_fp16: bool = opt(False, "network weights in fp16 too")
+    full_bf16: bool = opt(False, "network weights in bf16 too")
+    fp8_base: bool = opt(False, "fp8 base model", implemented=False)
+    save_precision: str | None = opt(None, "dtype of saved files", choices=[None, "float", "fp16", "bf16"])
+    no_half_vae: bool = opt(False, "keep the VAE in fp32")
+    lowram: bool = opt(False, "load the model to the GPU directly", implemented=False)
+    highvram: bool = opt(False, "keep cached latents on the GPU", implemented=False)
+    xformers: bool = opt(False, "xformers attention (CUDA, when installed)")
+    sdpa: bool = opt(False, "PyTorch SDPA attention (our default anyway)")
+    mem_eff_attn: bool = opt(False, "memory-efficient attention (we use SDPA)")
+    torch_compile: bool = opt(False, "torch.compile", implemented=False)
+    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
+    # noise and loss
+    noise_offset: float | None = opt(None, "noise offset")
+    noise_offset_random_strength: bool = opt(False, "random noise offset in [0, noise_offset]")
+    adaptive_noise_scale: float | None = opt(None, "extra offset proportional to the latents' mean (needs noise_offset)")
+    multires_noise_iterations: int | None = opt(None, "pyramid noise levels")
+    multires_noise_discount: float = opt(0.3, "pyramid noise discount")
+    ip_noise_gamma: float | None = opt(None, "input perturbation noise")
+    ip_noise_gamma_random_strength: bool = opt(False, "random input perturbation strength")
+    min_timestep: int | None = opt(None, "smallest training timestep")
+    max_timestep: int | None = opt(None, "largest training timestep (exclusive)")
+    zero_terminal_snr: bool = opt(False, "rescale the schedule to zero terminal SNR")
+    loss_type: str = opt("l2", "loss", choices=["l1", "l2", "huber", "smooth_l1"])
+    huber_schedule: str = opt("snr", "huber c schedule", choices=["constant", "exponential", "snr"])
+    huber_c: float = opt(0.1, "huber c")
+    huber_scale: float = opt(1.0, "huber scale")
+    min_snr_gamma: float | None = opt(None, "Min-SNR weighting gamma (5 is common)")
+    scale_v_pred_loss_like_noise_pred: bool = opt(False, "weight v-prediction loss like eps loss")
+    v_pred_like_loss: float | None = opt(None, "add v-prediction-like loss")
+    debiased_estimation_loss: bool = opt(False, "debiased estimation weighting")
+    # optimizer and schedule
+    optimizer_type: str = opt("", "AdamW, AdamW8bit, Lion, SGDNesterov, Adafactor, Prodigy, DAdaptation…")
+    use_8bit_adam: bool = opt(False, "old spelling of --optimizer_type AdamW8bit")
+    use_lion_optimizer: bool = opt(False, "old spelling of --optimizer_type Lion")
+    learning_rate: float = opt(2e-6, "base learning rate")
+    optimizer_args: list[str] | None = opt(None, "key=value optimizer arguments", nargs="*")
+    lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    lr_warmup_steps: float = opt(0, "warm-up steps, or a fraction (< 1) of all steps")
+    lr_scheduler_num_cycles: int = opt(1, "restarts of cosine_with_restarts")
+    lr_scheduler_power: float = opt(1.0, "power of polynomial")
+    lr_scheduler_min_lr_ratio: float | None = opt(None, "floor of the schedule as a fraction of the learning rate")
+    # network
+    network_module: str | None = opt(None, "networks.lora, networks.dylora or lycoris.kohya")
+    network_dim: int | None = opt(None, "rank (default 4)")
+    network_alpha: float = opt(1.0, "alpha (default 1: scale 1/dim)")
+    network_dropout: float | None = opt(None, "dropout on the LoRA's hidden activations")
+    network_args: list[str] | None = opt(None, "key=value network options (conv_dim=4, algo=loha, …)", nargs="*")
+    network_weights: str | None = opt(None, "start from these network weights")
+    dim_from_weights: bool = opt(False, "take the rank from --network_weights")
+    unet_lr: float | None = opt(None, "UNet learning rate")
+    text_encoder_lr: list[float] | None = opt(None, "text encoder learning rate(s)", nargs="*")
+    network_train_unet_only: bool = opt(False, "train the UNet only")
+    network_train_text_encoder_only: bool = opt(False, "train the text encoder(s) only")
+    scale_weight_norms: float | None = opt(None, "max-norm regularisation of each module's ΔW")
+    base_weights: list[str] | None = opt(None, "networks merged into the model before training", nargs="*")
+    base_weights_multiplier: list[float] | None = opt(None, "their strengths", nargs="*")
+    training_comment: str | None = opt(None, "stored as ss_training_comment")
+    no_metadata: bool = opt(False, "only the minimum metadata")
+    # saving and resuming
+    save_every_n_epochs: int | None = opt(None, "a numbered file every N epochs")
+    save_every_n_steps: int | None = opt(None, "a numbered file every N steps")
+    save_n_epoch_ratio: int | None = opt(None, "about N numbered files over the run")
+    save_last_n_epochs: int | None = opt(None, "keep only the last N epoch files")
+    save_last_n_epochs_state: int | None = opt(None, "keep only the last N epoch states")
+    save_last_n_steps: int | None = opt(None, "keep only step files of the last N steps")
+    save_last_n_steps_state: int | None = opt(None, "keep only states of the last N steps")
+    save_state: bool = opt(False, "save optimizer/scheduler/RNG state with each file, to resume")
+    save_state_on_train_end: bool = opt(False, "save the state at the end")
+    resume: str | None = opt(None, "state folder to resume from")
+    initial_epoch: int | None = opt(None, "start counting at this epoch", implemented=False)
+    initial_step: int | None = opt(None, "start counting at this step", implemented=False)
+    skip_until_initial_step: bool = opt(False, "skip batches until the state's step", implemented=False)
+    # samples and logs
+    sample_every_n_steps: int | None = opt(None, "sample images every N steps")
+    sample_every_n_epochs: int | None = opt(None, "sample images every N epochs")
+    sample_at_first: bool = opt(False, "sample before training")
+    sample_prompts: str | None = opt(None, "prompts file (.txt with --n --w --h --s --l --d, .toml, .json)")
+    sample_sampler: str = opt("ddim", "sampler of the samples")
+    logging_dir: str | None = opt(None, "TensorBoard logs")
+    log_with: str | None = opt(None, "tensorboard", choices=[None, "tensorboard", "wandb", "all"])
+    log_prefix: str | None = opt(None, "prefix of the log folder")
+    log_tracker_name: str | None = opt(None, "tracker name")
+    # modelspec
+    metadata_title: str | None = opt(None, "modelspec.title")
+    metadata_author: str | None = opt(None, "modelspec.author")
+    metadata_description: str | None = opt(None, "modelspec.description")
+    metadata_license: str | None = opt(None, "modelspec.license")
+    metadata_tags: str | None = opt(None, "modelspec.tags")
+    metadata_trigger_phrase: str | None = opt(None, "modelspec.trigger_phrase")
+    # SDXL (sdxl_train_network.py)
+    cache_text_encoder_outputs: bool = opt(False, "SDXL: encode captions once, before training")
+    cache_text_encoder_outputs_to_disk: bool = opt(False, "SDXL: … and keep them on disk", implemented=False)
+    # ours
+    device: str = opt("auto", "cpu, cuda, cuda:1, … (auto: the GPU when there is one)")
+    events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl)")
+    config_file: str | None = opt(None, "training options TOML (sections are flattened, as sd-scripts does)")
+    output_config: bool = opt(False, "write the options to <config_file>.toml and exit")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+DEFAULTS = TrainOptions()
+# sd-scripts options we know but do not offer at all (DeepSpeed, hub uploads, …): refused by name when given.
+FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token", "save_state_to_huggingface",
+           "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
+           "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale", "dataset_class",
+           "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "tokenizer_cache_dir", "conditioning_data_dir"}
+
+
+def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a LoRA with sd-scripts' options (Kohya-compatible).",
+                                     argument_default=argparse.SUPPRESS)
+    for f in FIELDS.values():
+        meta = f.metadata
+        help_text = meta["help"] + ("" if meta["implemented"] else " (not supported yet: refused when set)")
+        if f.type == "bool":
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            continue
+        kind = {"int | None": int, "int": int, "float | None": float, "float": float, "list[float] | None": float}.get(f.type, str)
+        choices = [c for c in meta["choices"] if c is not None] if meta["choices"] else None
+        parser.add_argument(f"--{f.name}", type=kind, nargs=meta["nargs"], choices=choices, help=help_text)
+    for name in sorted(FOREIGN):
+        parser.add_argument(f"--{name}", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--caption_extention", dest="caption_extension", help=argparse.SUPPRESS)  # sd-scripts' old spelling
+    parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                        help="print the resolved options and exit")
+    parser.add_argument("--print-kohya-command", "--print_kohya_command", dest="print_kohya_command", action="store_true",
+                        help="print the equivalent sd-scripts command line and exit")
+    return parser
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened."""
+    path = Path(path)
+    if path.suffix.lower() != ".toml":
+        path = path.with_name(path.name + ".toml")
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = toml.loads(path.read_text(encoding="utf-8"))
+    except (toml.TomlDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a valid UTF-8 TOML file ({error})") from error
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(k for k in flat if k not in FIELDS and k not in FOREIGN)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
+        raise UserError(f"{path}: unknown option(s) {', '.join(hints)}")
+    return flat
+
+
+def options_from(values: dict[str, Any], source: str = "options") -> TrainOptions:
+    """A dict of option values (CLI, TOML, UI form or API body) → validated TrainOptions."""
+    foreign = sorted(k for k, v in values.items() if k in FOREIGN and v is not None and v is not False)
+    unknown = sorted(k for k in values if k not in FIELDS and k not in FOREIGN)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
+        raise UserError(f"{source}: unknown option(s) {', '.join(hints)}")
+    options = TrainOptions(**{k: v for k, v in values.items() if k in FIELDS})
+    not_yet = sorted(name for name, f in FIELDS.items() if not f.metadata["implemented"] and getattr(options, name) != getattr(DEFAULTS, name))
+    refused = foreign + not_yet
+    if refused:
+        raise UserError(f"{source}: not supported: {', '.join('--' + n for n in refused)}; remove them to train here "
+                        "(or run the same command with sd-scripts)")
+    validate(options)
+    return options
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[TrainOptions, argparse.Namespace]:
+    """Command line (+ its ``--config_file``) → TrainOptions. CLI values beat the file, the file beats defaults."""
+    parser = build_parser(prog or "python -m lora_trainer.train_network")
+    given = vars(parser.parse_args(argv))
+    actions = {k: given.pop(k) for k in ("print_config", "print_kohya_command") if k in given}
+    values: dict[str, Any] = {}
+    if given.get("config_file"):
+        values.update(read_config_file(given["config_file"]))
+    values.update(given)
+    options = options_from(values, "command line")
+    return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions})
+
+
+def validate(options: TrainOptions) -> None:
+    """Contradictions sd-scripts rejects (and a few it lets through to fail later), said before any heavy work."""
+    problems = []
+    if options.adaptive_noise_scale is not None and options.noise_offset is None:
+        problems.append("--adaptive_noise_scale needs --noise_offset")
+    if options.scale_v_pred_loss_like_noise_pred and not options.v_parameterization:
+        problems.append("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
+    if options.v_pred_like_loss is not None and options.v_parameterization:
+        problems.append("--v_pred_like_loss is for eps models; drop it with --v_parameterization")
+    if options.network_train_unet_only and options.network_train_text_encoder_only:
+        problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if options.full_fp16 and options.mixed_precision != "fp16":
+        problems.append("--full_fp16 needs --mixed_precision fp16")
+    if options.full_bf16 and options.mixed_precision != "bf16":
+        problems.append("--full_bf16 needs --mixed_precision bf16")
+    if options.lr_scheduler == "constant" and options.lr_warmup_steps:
+        problems.append("--lr_scheduler constant takes no warm-up; use constant_with_warmup")
+    if options.cache_latents_to_disk:
+        options.cache_latents = True
+    if not (0.0 <= options.validation_split < 1.0):
+        problems.append(f"--validation_split {options.validation_split} must be in [0, 1)")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        if getattr(options, name) < 1:
+            problems.append(f"--{name} must be at least 1")
+    if options.resolution is not None:
+        try:
+            sides = [int(v) for v in str(options.resolution).split(",")]
+            assert len(sides) in (1, 2) and min(sides) > 0
+        except (ValueError, AssertionError):
+            problems.append(f'--resolution {options.resolution!r}: give "512" or "512,768"')
+    if options.train_data_dir is None and options.dataset_config is None:
+        problems.append("no dataset: give --train_data_dir (folders named <repeats>_<name>) or --dataset_config")
+    if options.pretrained_model_name_or_path is None:
+        problems.append("no base model: give --pretrained_model_name_or_path")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def resolution_of(options: TrainOptions) -> tuple[int, int] | None:
+    if options.resolution is None:
+        return None
+    sides = [int(v) for v in str(options.resolution).split(",")]
+    return (sides[0], sides[-1])
+
+
+def non_default(options: TrainOptions) -> dict[str, Any]:
+    ours = {"device", "events_file", "config_file", "output_config"}
+    return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}
+
+
+def kohya_command(options: TrainOptions, script: str = "train_network.py") -> str:
+    """The sd-scripts command line for the same run (``--print-kohya-command``)."""
+    parts = ["accelerate", "launch", script]
+    for name, value in non_default(options).items():
+        if isinstance(value, bool):
+            parts.append(f"--{name}")
+        elif isinstance(value, list):
+            parts += [f"--{name}", *map(str, value)]
+        else:
+            parts += [f"--{name}", str(value)]
+    return shlex.join(parts)
+
+
+def write_config(options: TrainOptions, path: str | Path) -> Path:
+    """``--output_config``: the options that differ from the defaults, as a TOML sd-scripts reads too."""
+    from ..safe_io import write_text
+
+    return write_text(Path(path), toml.dumps(non_default(options)))
