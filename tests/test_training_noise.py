@@ -83,4 +83,4 @@ def test_huber_losses_behave_like_l2_for_small_errors_and_l1_for_large_ones():
     assert huber[0] == pytest.approx(0.001**2, rel=1e-2)  # 2c(√(x²+c²) − c) ≈ x² for |x| ≪ c
     assert huber[1] == pytest.approx(2 * 0.1 * (10 - 0.1), rel=1e-3)  # ≈ 2c|x| for |x| ≫ c
     thresholds = N.huber_threshold(torch.tensor([0, 999]), "snr", 0.1, 1.0, ABAR)
-    assert thresholds[0] > 0.9 and thresholds[1] == pytest.approx(0.1, abs=1e-3)
+    assert thresholds[0] > 0.9 and thresholds[1] == pytest.approx(0.1, abs=1e-2)  # c at pure noise
