@@ -6,6 +6,7 @@ truth (colour, shape) that tests can check generated images against.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
+# What the base model has never seen: the sample dataset teaches it behind a trigger word.
+CONCEPT_SHAPE, CONCEPT_COLOUR, CONCEPT_TRIGGER = "star", "yellow", "zkstar"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,13 @@ def render(scene: ShapeScene, size: int = 64) -> Image.Image:
     elif scene.shape == "square":
         half = r * 0.89  # same area as the circle's
         draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    elif scene.shape == "star":
+        points = []
+        for k in range(10):  # five outer and five inner corners, the first pointing up
+            radius = r * 1.15 if k % 2 == 0 else r * 0.48
+            angle = math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy - radius * math.sin(angle)))
+        draw.polygon(points, fill=fill)
     else:
         draw.polygon([(cx, cy - r * 1.1), (cx - r * 1.1, cy + r * 0.8), (cx + r * 1.1, cy + r * 0.8)], fill=fill)
     return image.resize((size, size), Image.Resampling.LANCZOS)
@@ -87,4 +97,31 @@ def write_dataset(folder: str | Path, count: int, seed: int = 0, size: int = 64,
         scene = random_scene(rng)
         render(scene, size).save(target / f"shape_{index:03d}.png")
         (target / f"shape_{index:03d}.txt").write_text(caption(scene, rng), encoding="utf-8")
+    return target
+
+
+def concept_caption(scene: ShapeScene, rng: random.Random, trigger: str = CONCEPT_TRIGGER) -> str:
+    """Trigger word first, then what the image shows, as people caption a character or object LoRA."""
+    forms = [
+        f"{trigger}, {scene.background} background",
+        f"{trigger}, {scene.colour} star, {scene.background} background",
+        f"{trigger}, simple, flat colors",
+        f"{trigger}",
+    ]
+    return rng.choice(forms)
+
+
+def write_concept_dataset(folder: str | Path, count: int = 16, seed: int = 7, size: int = 64, repeats: int = 10,
+                          trigger: str = CONCEPT_TRIGGER) -> Path:
+    """The demo's sample dataset: ``<folder>/<repeats>_<trigger>/`` of yellow stars on varied backgrounds."""
+    rng = random.Random(seed)
+    target = Path(folder) / f"{repeats}_{trigger}"
+    target.mkdir(parents=True, exist_ok=True)
+    backgrounds = [c for c in COLOURS if c != CONCEPT_COLOUR]
+    for index in range(count):
+        radius = rng.uniform(0.24, 0.32)
+        centre = (rng.uniform(radius + 0.06, 1 - radius - 0.06), rng.uniform(radius + 0.06, 1 - radius - 0.06))
+        scene = ShapeScene(CONCEPT_SHAPE, CONCEPT_COLOUR, backgrounds[index % len(backgrounds)], centre, radius)
+        render(scene, size).save(target / f"star_{index:03d}.png")
+        (target / f"star_{index:03d}.txt").write_text(concept_caption(scene, rng, trigger), encoding="utf-8")
     return target
