@@ -186,6 +186,8 @@ class TrainOptions:
     # ours
     device: str = opt("auto", "cpu, cuda, cuda:1, … (auto: the GPU when there is one)")
     events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl)")
+    stop_file: str | None = opt(None, "when this file appears the run finishes its step, saves and exits "
+                                "(default: <output_dir>/<output_name>.stop)")
     config_file: str | None = opt(None, "training options TOML (sections are flattened, as sd-scripts does)")
     output_config: bool = opt(False, "write the options to <config_file>.toml and exit")
 
@@ -321,7 +323,7 @@ def resolution_of(options: TrainOptions) -> tuple[int, int] | None:
 
 
 def non_default(options: TrainOptions) -> dict[str, Any]:
-    ours = {"device", "events_file", "config_file", "output_config"}
+    ours = {"device", "events_file", "stop_file", "config_file", "output_config"}
     return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}
 
 

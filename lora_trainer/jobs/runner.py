@@ -1,0 +1,160 @@
+"""Run queued training jobs one at a time, each as a trainer subprocess, and keep the store up to date.
+
+Stop is graceful: a stop file makes the trainer finish its step, save the network and its state, and exit;
+after ``kill_after`` seconds it is killed. Every job's events go to ``<job folder>/events.jsonl``; the runner
+reads them to record saved files and the last state, which ``resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import toml
+
+from ..errors import UserError
+from ..training.events import read_events
+from ..training.options import options_from
+from .store import Job, JobStore
+
+
+def trainer_command(job: Job) -> list[str]:
+    return [sys.executable, "-m", "lora_trainer.train_network", "--config_file", str(job.config_path)]
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, command: Callable[[Job], list[str]] = trainer_command, kill_after: float = 120.0,
+                 poll: float = 0.5, on_event: Callable[[Job, dict], None] | None = None):
+        self.store = store
+        self.command = command
+        self.kill_after = kill_after
+        self.poll = poll
+        self.on_event = on_event
+        self._process: subprocess.Popen | None = None
+        self._current: int | None = None
+        self._stop_requested: set[int] = set()
+        self._pause_requested: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closing = False
+        store.recover()
+
+    # --- queue ----------------------------------------------------------------------------------------------
+
+    def submit(self, name: str, options: dict) -> Job:
+        """Validate now (a clear message before anything is queued), then queue."""
+        if not name or "/" in name or "\\" in name or ".." in name:
+            raise UserError(f"job name {name!r}: use a plain name without / or ..")
+        job = self.store.add(name, options)
+        values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path)}
+        try:
+            options_from(values, f"job {name}")
+        except UserError:
+            self.store.delete(job.id)
+            raise
+        job.config_path.write_text(toml.dumps(values), encoding="utf-8")
+        self._wake.set()
+        return job
+
+    def resume(self, job_id: int) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        if job.status in ("queued", "running"):
+            raise UserError(f"job {job_id} is {job.status}; nothing to resume")
+        if not job.last_state or not Path(job.last_state).exists():
+            raise UserError(f"job {job_id} saved no state to resume from; start it again (or use its last file as --network_weights)")
+        resumed = self.submit(job.name, {**job.options, "resume": job.last_state})
+        return self.store.update(resumed.id, resumed_from=job.id)
+
+    def stop(self, job_id: int, pause: bool = False) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        if job.status == "queued":
+            return self.store.update(job_id, status="stopped", finished=time.time(), message="removed from the queue")
+        if job.status == "running":
+            (self._pause_requested if pause else self._stop_requested).add(job_id)
+            job.stop_path.write_text("pause" if pause else "stop", encoding="utf-8")
+        return self.store.get(job_id)
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lora-trainer-jobs", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._closing:
+            if self.run_next() is None:
+                self._wake.wait(timeout=2.0)
+                self._wake.clear()
+
+    def run_next(self) -> Job | None:
+        """Run the oldest queued job to its end (synchronously); None when the queue is empty."""
+        job = self.store.next_queued()
+        if job is None:
+            return None
+        job.stop_path.unlink(missing_ok=True)
+        log = open(job.folder / "trainer.log", "w", encoding="utf-8")
+        process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,
+                                   start_new_session=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        self._process, self._current = process, job.id
+        job = self.store.update(job.id, status="running", started=time.time(), pid=process.pid)
+        offset, files, last_state, error = 0, [], None, None
+        stop_seen_at = None
+        while True:
+            finished = process.poll() is not None
+            events, offset = read_events(job.events_path, offset)
+            for event in events:
+                if event["event"] == "saved":
+                    files.append(event["path"])
+                elif event["event"] == "state" and event.get("action") == "saved":
+                    last_state = event["path"]
+                elif event["event"] == "error":
+                    error = event.get("message")
+                if self.on_event:
+                    self.on_event(job, event)
+            if events:
+                job = self.store.update(job.id, files=files, last_state=last_state)
+            if finished:
+                break
+            if job.id in self._stop_requested | self._pause_requested:
+                stop_seen_at = stop_seen_at or time.time()
+                if time.time() - stop_seen_at > self.kill_after:
+                    os.killpg(process.pid, signal.SIGKILL)
+            time.sleep(self.poll)
+        log.close()
+        code = process.returncode
+        if job.id in self._pause_requested and code == 0:
+            status, message = "paused", "paused: resume continues from the saved state"
+        elif job.id in self._stop_requested:
+            status, message = "stopped", "stopped and saved" if code == 0 else "stopped (killed after the timeout)"
+        elif code == 0:
+            status, message = "finished", None
+        else:
+            status, message = "failed", error or _tail(job.folder / "trainer.log")
+        self._process, self._current = None, None
+        self._stop_requested.discard(job.id)
+        self._pause_requested.discard(job.id)
+        return self.store.update(job.id, status=status, finished=time.time(), message=message, pid=None)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "the trainer exited with an error"

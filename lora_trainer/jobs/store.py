@@ -1,0 +1,149 @@
+"""The job queue's memory: one SQLite file that survives a WebUI restart.
+
+A job row holds its options (the same dict a Kohya TOML holds), its status, where its events and files are, and
+the last state folder it saved, so an interrupted job can be resumed with one click.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATUSES = ("queued", "running", "finished", "failed", "stopped", "interrupted", "paused")
+ACTIVE = ("queued", "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    options TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    pid INTEGER,
+    message TEXT,
+    files TEXT NOT NULL DEFAULT '[]',
+    last_state TEXT,
+    resumed_from INTEGER
+)
+"""
+
+
+@dataclass
+class Job:
+    id: int
+    name: str
+    status: str
+    options: dict
+    folder: Path
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    pid: int | None = None
+    message: str | None = None
+    files: list[str] = field(default_factory=list)
+    last_state: str | None = None
+    resumed_from: int | None = None
+
+    @property
+    def events_path(self) -> Path:
+        return self.folder / "events.jsonl"
+
+    @property
+    def stop_path(self) -> Path:
+        return self.folder / "stop"
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.toml"
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "status": self.status, "options": self.options, "folder": str(self.folder),
+                "created": self.created, "started": self.started, "finished": self.finished, "message": self.message,
+                "files": self.files, "last_state": self.last_state, "resumed_from": self.resumed_from}
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class JobStore:
+    def __init__(self, database: str | Path, jobs_folder: str | Path):
+        self.database = Path(database)
+        self.jobs_folder = Path(jobs_folder)
+        self.database.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.database, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _row(self, row) -> Job:
+        return Job(row["id"], row["name"], row["status"], json.loads(row["options"]), Path(row["folder"]), row["created"],
+                   row["started"], row["finished"], row["pid"], row["message"], json.loads(row["files"]),
+                   row["last_state"], row["resumed_from"])
+
+    def add(self, name: str, options: dict, resumed_from: int | None = None) -> Job:
+        with self._connect() as db:
+            cursor = db.execute("INSERT INTO jobs (name, status, options, folder, created, resumed_from) VALUES (?, 'queued', ?, '', ?, ?)",
+                                (name, json.dumps(options), time.time(), resumed_from))
+            job_id = cursor.lastrowid
+            folder = self.jobs_folder / f"job-{job_id:05d}"
+            db.execute("UPDATE jobs SET folder = ? WHERE id = ?", (str(folder), job_id))
+        folder.mkdir(parents=True, exist_ok=True)
+        return self.get(job_id)
+
+    def get(self, job_id: int) -> Job | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._row(row)
+
+    def all(self) -> list[Job]:
+        with self._connect() as db:
+            return [self._row(r) for r in db.execute("SELECT * FROM jobs ORDER BY id")]
+
+    def next_queued(self) -> Job | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else self._row(row)
+
+    def update(self, job_id: int, **fields) -> Job:
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown job status {fields['status']!r}")
+        if "files" in fields:
+            fields["files"] = json.dumps(fields["files"])
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        with self._connect() as db:
+            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
+        return self.get(job_id)
+
+    def delete(self, job_id: int) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def recover(self) -> list[Job]:
+        """After a restart: jobs marked running whose process is gone become "interrupted" (resumable)."""
+        recovered = []
+        for job in self.all():
+            if job.status == "running" and not _pid_alive(job.pid):
+                recovered.append(self.update(job.id, status="interrupted", finished=time.time(),
+                                             message="the trainer stopped when the WebUI did; resume continues from the last saved state"))
+        return recovered

@@ -1,0 +1,201 @@
+"""What a run writes and when, named and pruned as sd-scripts does, with its metadata.
+
+Files: ``<name>-000001.safetensors`` per ``save_every_n_epochs`` (never for the last epoch),
+``<name>-step00000050.safetensors`` per ``save_every_n_steps``, ``<name>.safetensors`` at the end; states
+``<name>-000001-state/``, ``<name>-step00000050-state/``, ``<name>-state/``. Every write is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..hashing import file_sha256, legacy_model_hash
+from ..networks.network import SAVE_DTYPES, base_metadata, save_network
+from ..safe_io import atomic_path
+from .options import TrainOptions, resolution_of
+
+
+class OutputPlan:
+    def __init__(self, options: TrainOptions, num_epochs: int):
+        self.options = options
+        self.num_epochs = num_epochs
+        self.folder = Path(options.output_dir or "output")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UserError(f"output folder {self.folder} is not writable ({error}); pick another --output_dir") from error
+        self.name = options.output_name
+        every = options.save_every_n_epochs
+        if options.save_n_epoch_ratio:
+            every = max(1, num_epochs // options.save_n_epoch_ratio)
+        self.every_epochs = every
+        self.suffix = "." + options.save_model_as
+
+    @property
+    def stop_file(self) -> Path:
+        return Path(self.options.stop_file) if self.options.stop_file else self.folder / f"{self.name or 'last'}.stop"
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.folder / f"{self.name or 'epoch'}-{epoch:06d}{self.suffix}"
+
+    def step_path(self, step: int) -> Path:
+        return self.folder / f"{self.name or 'at'}-step{step:08d}{self.suffix}"
+
+    def final_path(self) -> Path:
+        return self.folder / f"{self.name or 'last'}{self.suffix}"
+
+    def state_path(self, epoch: int | None, step: int | None) -> Path:
+        name = self.name or "last"
+        if step is not None:
+            return self.folder / f"{name}-step{step:08d}-state"
+        if epoch is not None:
+            return self.folder / f"{name}-{epoch:06d}-state"
+        return self.folder / f"{name}-state"
+
+    def save_at_epoch(self, epoch: int) -> bool:
+        return bool(self.every_epochs) and epoch % self.every_epochs == 0 and epoch < self.num_epochs
+
+    def save_at_step(self, step: int) -> bool:
+        return bool(self.options.save_every_n_steps) and step % self.options.save_every_n_steps == 0
+
+    def prune_epochs(self, epoch: int) -> None:
+        keep = self.options.save_last_n_epochs
+        if keep and self.every_epochs:
+            old = epoch - self.every_epochs * keep
+            if old > 0:
+                self.epoch_path(old).unlink(missing_ok=True)
+        keep_states = self.options.save_last_n_epochs_state
+        if keep_states and self.every_epochs:
+            old = epoch - self.every_epochs * keep_states
+            if old > 0:
+                shutil.rmtree(self.state_path(old, None), ignore_errors=True)
+
+    def prune_steps(self, step: int) -> None:
+        every, keep = self.options.save_every_n_steps, self.options.save_last_n_steps
+        if keep and every:
+            old = step - keep - 1
+            old -= old % every
+            if old > 0:
+                self.step_path(old).unlink(missing_ok=True)
+
+    def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
+        precision = self.options.save_precision or "float"
+        tensors = network.state_dict()
+        if self.suffix == ".safetensors":
+            return save_network(tensors, path, metadata, "fp32" if precision == "float" else precision)
+        cast = {k: v.detach().to("cpu", SAVE_DTYPES[precision]) for k, v in tensors.items()}
+        with atomic_path(path) as temporary:
+            torch.save(cast, temporary)
+        return path
+
+
+def _text(value) -> str:
+    return str(value)
+
+
+class RunMetadata:
+    """sd-scripts' ``ss_*`` and ``modelspec.*`` keys, with the values it writes (all strings)."""
+
+    def __init__(self, options: TrainOptions, config, model, spec, data, seed: int, started: float, optimizer: str,
+                 num_epochs: int, total_steps: int):
+        o = options
+        self.options = options
+        self.config = config
+        self.spec = spec
+        title = o.metadata_title or o.output_name or f"LoRA@{time.strftime('%Y%m%d%H%M%S')}"
+        self.base = base_metadata(config, spec, title, resolution_of(o))
+        if o.metadata_author:
+            self.base["modelspec.author"] = o.metadata_author
+        for key in ("description", "license", "tags", "trigger_phrase"):
+            value = getattr(o, f"metadata_{key}")
+            if value:
+                self.base[f"modelspec.{key}"] = value
+        self.base["modelspec.implementation_version"] = "lora-trainer/0.1.0"
+        if o.no_metadata:
+            self.full = {}
+            return
+        model_path = Path(o.pretrained_model_name_or_path)
+        self.full = {
+            "ss_session_id": random.randrange(2**32),
+            "ss_training_started_at": started,
+            "ss_output_name": o.output_name,
+            "ss_learning_rate": o.learning_rate,
+            "ss_text_encoder_lr": (o.text_encoder_lr or [None])[0],
+            "ss_unet_lr": o.unet_lr,
+            "ss_num_train_images": data.num_images,
+            "ss_num_validation_images": data.num_validation_images,
+            "ss_num_reg_images": data.num_reg_images,
+            "ss_num_batches_per_epoch": data.batches_per_epoch,
+            "ss_num_epochs": num_epochs,
+            "ss_gradient_checkpointing": o.gradient_checkpointing,
+            "ss_gradient_accumulation_steps": o.gradient_accumulation_steps,
+            "ss_max_train_steps": total_steps,
+            "ss_lr_warmup_steps": o.lr_warmup_steps if not float(o.lr_warmup_steps).is_integer() else int(o.lr_warmup_steps),
+            "ss_lr_scheduler": o.lr_scheduler,
+            "ss_network_dropout": o.network_dropout,
+            "ss_mixed_precision": o.mixed_precision,
+            "ss_full_fp16": o.full_fp16,
+            "ss_clip_skip": o.clip_skip,
+            "ss_max_token_length": o.max_token_length,
+            "ss_cache_latents": o.cache_latents,
+            "ss_seed": seed,
+            "ss_lowram": o.lowram,
+            "ss_noise_offset": o.noise_offset,
+            "ss_multires_noise_iterations": o.multires_noise_iterations,
+            "ss_multires_noise_discount": o.multires_noise_discount,
+            "ss_adaptive_noise_scale": o.adaptive_noise_scale,
+            "ss_zero_terminal_snr": o.zero_terminal_snr,
+            "ss_training_comment": o.training_comment,
+            "ss_sd_scripts_commit_hash": "(unknown)",
+            "ss_optimizer": optimizer,
+            "ss_max_grad_norm": o.max_grad_norm,
+            "ss_caption_dropout_rate": o.caption_dropout_rate,
+            "ss_caption_dropout_every_n_epochs": o.caption_dropout_every_n_epochs,
+            "ss_caption_tag_dropout_rate": o.caption_tag_dropout_rate,
+            "ss_face_crop_aug_range": o.face_crop_aug_range,
+            "ss_prior_loss_weight": o.prior_loss_weight,
+            "ss_min_snr_gamma": o.min_snr_gamma,
+            "ss_scale_weight_norms": o.scale_weight_norms,
+            "ss_ip_noise_gamma": o.ip_noise_gamma,
+            "ss_debiased_estimation": o.debiased_estimation_loss,
+            "ss_noise_offset_random_strength": o.noise_offset_random_strength,
+            "ss_ip_noise_gamma_random_strength": o.ip_noise_gamma_random_strength,
+            "ss_loss_type": o.loss_type,
+            "ss_huber_schedule": o.huber_schedule,
+            "ss_huber_scale": o.huber_scale,
+            "ss_huber_c": o.huber_c,
+            "ss_fp8_base": o.fp8_base,
+            "ss_fp8_base_unet": False,
+            "ss_validation_seed": o.validation_seed,
+            "ss_validation_split": o.validation_split,
+            "ss_max_validation_steps": o.max_validation_steps,
+            "ss_validate_every_n_epochs": o.validate_every_n_epochs,
+            "ss_validate_every_n_steps": o.validate_every_n_steps,
+            "ss_resize_interpolation": o.resize_interpolation,
+            **data.metadata(),
+        }
+        if model_path.is_file():
+            self.full["ss_sd_model_name"] = model_path.name
+            self.full["ss_sd_model_hash"] = legacy_model_hash(model_path)
+            self.full["ss_new_sd_model_hash"] = file_sha256(model_path)
+        else:
+            self.full["ss_sd_model_name"] = o.pretrained_model_name_or_path
+        if o.vae:
+            self.full["ss_vae_name"] = Path(o.vae).name
+        if spec.metadata_args() is not None:
+            self.full["ss_network_args"] = json.dumps({**dict(spec.network_args), **({"dropout": None} if "dropout" not in dict(spec.network_args) else {})})
+
+    def build(self, epoch: int, step: int) -> dict[str, str]:
+        values = {**self.full, "ss_training_finished_at": time.time(), "ss_steps": step, "ss_epoch": epoch} if self.full else {}
+        metadata = {k: v if isinstance(v, str) else _text(v) for k, v in values.items()}
+        return {**self.base, **metadata, "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,0 +1,115 @@
+"""The job queue runs jobs one at a time, stops them gracefully (or kills them), survives restarts, resumes."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from lora_trainer.errors import UserError
+from lora_trainer.jobs.runner import JobRunner
+from lora_trainer.jobs.store import JobStore
+
+# A stand-in trainer: reads its config like the real one, writes events, obeys (or ignores) the stop file.
+FAKE_TRAINER = textwrap.dedent('''
+    import json, sys, time, toml
+    from pathlib import Path
+    options = toml.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    mode = options["training_comment"]
+    events = open(options["events_file"], "a", encoding="utf-8")
+    def emit(kind, **fields):
+        events.write(json.dumps({"event": kind, **fields}) + "\\n"); events.flush()
+    emit("start")
+    if mode == "fail":
+        emit("error", message="the dataset has no usable training images")
+        sys.exit(2)
+    if mode in ("wait", "ignore"):
+        while not (mode == "wait" and Path(options["stop_file"]).exists()):
+            time.sleep(0.05)
+        state = Path(options["output_dir"]) / "run-state"
+        state.mkdir(parents=True, exist_ok=True)
+        emit("state", action="saved", path=str(state))
+    Path(options["output_dir"]).mkdir(parents=True, exist_ok=True)
+    out = Path(options["output_dir"]) / "run.safetensors"
+    out.write_bytes(b"x")
+    emit("saved", path=str(out))
+    emit("end")
+''')
+
+
+@pytest.fixture
+def runner(tmp_path):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER, encoding="utf-8")
+    store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs")
+    return JobRunner(store, command=lambda job: [sys.executable, str(script), str(job.config_path)], kill_after=1.0, poll=0.05)
+
+
+def options(tmp_path, mode: str) -> dict:
+    return {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": str(tmp_path / "data"),
+            "output_dir": str(tmp_path / f"out-{mode}"), "training_comment": mode}
+
+
+def test_jobs_run_one_at_a_time_in_order_and_record_their_files(runner, tmp_path):
+    first = runner.submit("first", options(tmp_path, "finish"))
+    second = runner.submit("second", options(tmp_path, "finish"))
+    done = runner.run_next()
+    assert done.id == first.id and done.status == "finished"
+    assert done.files == [str(tmp_path / "out-finish" / "run.safetensors")]
+    assert runner.store.get(second.id).status == "queued"
+    assert runner.run_next().id == second.id and runner.run_next() is None
+
+
+def test_a_failing_job_keeps_the_trainers_message(runner, tmp_path):
+    runner.submit("broken", options(tmp_path, "fail"))
+    job = runner.run_next()
+    assert job.status == "failed" and "no usable training images" in job.message
+
+
+def _run_in_background(runner):
+    thread = threading.Thread(target=runner.run_next)
+    thread.start()
+    while runner._current is None:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    return thread
+
+
+def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_path):
+    job = runner.submit("long", options(tmp_path, "wait"))
+    thread = _run_in_background(runner)
+    runner.stop(job.id)
+    thread.join(timeout=10)
+    stopped = runner.store.get(job.id)
+    assert stopped.status == "stopped" and stopped.message == "stopped and saved"
+    assert stopped.last_state == str(tmp_path / "out-wait" / "run-state")
+
+    resumed = runner.resume(job.id)
+    assert resumed.status == "queued" and resumed.options["resume"] == stopped.last_state and resumed.resumed_from == job.id
+
+
+def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path):
+    job = runner.submit("stubborn", options(tmp_path, "ignore"))
+    thread = _run_in_background(runner)
+    runner.stop(job.id)
+    thread.join(timeout=10)
+    assert runner.store.get(job.id).status == "stopped"
+    assert "killed" in runner.store.get(job.id).message
+
+
+def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(runner, tmp_path):
+    job = runner.submit("was running", options(tmp_path, "finish"))
+    runner.store.update(job.id, status="running", pid=2**22 + 12345)  # a process that no longer exists
+    restarted = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"))
+    assert restarted.store.get(job.id).status == "interrupted"
+
+
+def test_bad_options_and_names_are_refused_before_anything_is_queued(runner, tmp_path):
+    with pytest.raises(UserError, match="adaptive_noise_scale needs --noise_offset"):
+        runner.submit("x", {**options(tmp_path, "finish"), "adaptive_noise_scale": 0.1})
+    with pytest.raises(UserError, match="without / or .."):
+        runner.submit("../evil", options(tmp_path, "finish"))
+    assert runner.store.all() == []
