@@ -322,3 +322,11 @@ def test_apply_emphasis_identity_and_dtype():
         apply_emphasis(torch.zeros(1, 70, 4), torch.ones(1, 70))
     with pytest.raises(ValueError, match="weights"):
         apply_emphasis(torch.zeros(1, 77, 4), torch.ones(2, 77))
+
+
+def test_extra_network_tags_are_taken_out_of_the_prompt_like_the_webui_does():
+    from lora_trainer.models.prompt import split_extra_networks
+
+    text, found = split_extra_networks("a cat <lora:style-000004:0.8:0.5>, (smile:1.2) <hypernet:x:1>")
+    assert text == "a cat , (smile:1.2) "
+    assert found == [("lora", ["style-000004", "0.8", "0.5"]), ("hypernet", ["x", "1"])]

@@ -336,3 +336,12 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, chunk_size: int = 77)
     new_mean = states.mean(dim=(0, 2, 3), keepdim=True)
     states = states * (original_mean / new_mean)
     return states.reshape(batch, length, channels).to(z.dtype)
+
+
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def split_extra_networks(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """The WebUI's extra-network tags (``<lora:name:0.8>``) out of a prompt: (prompt without them, [(kind, args)])."""
+    found = [(m.group(1), m.group(2).split(":")) for m in EXTRA_NETWORK.finditer(text)]
+    return EXTRA_NETWORK.sub("", text), found

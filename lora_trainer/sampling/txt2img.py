@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..models.checkpoint import StableDiffusion
 from ..models.conditioning import encode_prompts
+from ..models.prompt import split_extra_networks
 from ..models.unet import size_conditioning
 from ..errors import UserError
 from .samplers import get_sampler, seeded_noise_sampler
@@ -81,8 +82,9 @@ def txt2img(
     count = settings.batch_size
 
     # one call, so encode_prompts pads prompt and negative prompt to the same number of chunks
-    both = encode_prompts(config, model.text_encoders, [settings.prompt] * count + [settings.negative_prompt] * count,
-                          settings.clip_skip)
+    # extra-network tags (<lora:…>) are instructions, not words: the WebUI strips them before encoding too
+    prompt, negative = (split_extra_networks(p)[0] for p in (settings.prompt, settings.negative_prompt))
+    both = encode_prompts(config, model.text_encoders, [prompt] * count + [negative] * count, settings.clip_skip)
     cond, uncond = both.split(count)
 
     def unet_conditioning(c):

@@ -1,0 +1,1 @@
+"""Epoch × strength (and other) comparison grids: the Prompt-Lora-Grid core, usable standalone."""

@@ -1,0 +1,95 @@
+"""Grid axes as users type them: strength lists and ranges, and the epoch files of a training run."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..errors import UserError
+
+MAX_CELLS = 400
+
+_RANGE = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*\(\s*([+-]?[\d.]+)\s*\)\s*$")
+_COUNT = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*\[\s*(\d+)\s*\]\s*$")
+
+
+def parse_values(text: str) -> list[float]:
+    """``0.2-1.0 (+0.2)``, ``0-1 [5]`` (5 evenly spaced values) or ``0, 0.5, 1`` — the X/Y/Z plot's syntax."""
+    values: list[float] = []
+    for part in re.split(r",(?![^(\[]*[)\]])", text):
+        if not part.strip():
+            continue
+        if match := _RANGE.match(part):
+            start, end, step = (Decimal(g) for g in match.groups())
+            if step == 0 or (end - start) * step < 0:
+                raise UserError(f"range {part.strip()!r}: the step must move from {start} towards {end}")
+            value = start
+            while (value <= end) if step > 0 else (value >= end):
+                values.append(float(value))
+                value += step
+        elif match := _COUNT.match(part):
+            start, end, count = float(match.group(1)), float(match.group(2)), int(match.group(3))
+            values += [start] if count == 1 else [start + (end - start) * i / (count - 1) for i in range(count)]
+        else:
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise UserError(f"{part.strip()!r} is not a number or a range such as 0.2-1.0 (+0.2)") from None
+    if not values:
+        raise UserError(f"no values in {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class EpochFile:
+    path: Path
+    epoch: int | None  # from ss_epoch (None: unknown)
+    steps: int | None
+    label: str
+
+
+_NUMBERED = re.compile(r"^(?P<run>.+?)-(?:(?P<epoch>\d{6})|step(?P<step>\d{8}))$")
+
+
+def run_files(final_or_any: str | Path) -> list[EpochFile]:
+    """Every file of the run ``<name>.safetensors`` belongs to: ``<name>-000001``…, ``<name>-step…``, the final
+    file; ordered by training progress, labelled from their metadata."""
+    path = Path(final_or_any)
+    match = _NUMBERED.match(path.stem)
+    run = match.group("run") if match else path.stem
+    candidates = [p for p in path.parent.glob(f"{glob_escape(run)}*{path.suffix}")
+                  if p.stem == run or ((m := _NUMBERED.match(p.stem)) and m.group("run") == run)]
+    if not candidates:
+        raise UserError(f"{path}: no files of this training run found")
+    files = [_describe(p) for p in candidates]
+    return sorted(files, key=lambda f: (f.steps if f.steps is not None else 1 << 60, f.path.stem != run, f.path.name))
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([\[\]*?])", r"[\1]", text)
+
+
+def _describe(path: Path) -> EpochFile:
+    metadata = {}
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # an unreadable file still gets a name-based label
+        pass
+    epoch = int(metadata["ss_epoch"]) if metadata.get("ss_epoch", "").isdigit() else None
+    steps = int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None
+    label = f"epoch {epoch}" if epoch is not None else path.stem
+    if steps is not None:
+        label += f" ({steps} steps)"
+    return EpochFile(path, epoch, steps, label)
+
+
+def check_size(rows: int, columns: int, confirmed: bool = False) -> None:
+    if rows == 0 or columns == 0:
+        raise UserError("the grid has an axis with no values")
+    if rows * columns > MAX_CELLS and not confirmed:
+        raise UserError(f"{rows} × {columns} = {rows * columns} images; confirm grids of more than {MAX_CELLS} cells")
