@@ -1,0 +1,263 @@
+"""Caption files on disk: reading them the way sd-scripts does (but telling the user when it would fail), and
+writing many of them safely — all-or-nothing, after a backup, never over someone else's newer edit.
+
+Reading. sd-scripts (``library/train_util.py``, ``read_caption`` inside ``DreamBoothDataset``) opens a caption with
+``encoding="utf-8"``, reads its lines and keeps only the first one, stripped (all non-empty stripped lines joined by
+``"\\n"`` when ``enable_wildcard`` is on); a non-UTF-8 file crashes training with ``UnicodeDecodeError``, and a UTF-8
+BOM survives as ``"\\ufeff"`` glued to the first tag. We keep the same line rule (``training_caption``) but decode
+more kindly: UTF-8, UTF-8 with BOM and UTF-16 with BOM are read (the BOM dropped), Windows and old-Mac line ends
+become ``"\\n"``, and anything else — a GBK file saved by a Chinese Notepad, for instance — is a ``UserError`` naming
+the file and telling the user to re-save it as UTF-8, unless the caller names the encoding. We always write UTF-8
+without a BOM, which is what sd-scripts reads correctly.
+
+Writing. ``write_captions`` first checks that no file changed on disk since it was read (by content, through the
+``CaptionStamp`` taken when reading; a file that was merely touched is not a conflict), then copies every previous
+version into a new timestamped backup folder, writes every new text into a temporary file beside its target and
+fsyncs it, and only when all of that succeeded renames the temporary files over the targets. A failure before the
+renames leaves every caption as it was.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from lora_trainer.errors import UserError
+
+CAPTION_WRITE_ENCODING = "utf-8"
+
+# fsync costs ~4 ms a file on an ordinary disk, so 1,000 captions take 4 s one after another; run side by side, the
+# file system folds them into a few journal commits (0.13 s measured for 1,000 files on a 2-core machine).
+_PARALLEL_SYNCS = 16
+
+
+@dataclass(frozen=True)
+class CaptionStamp:
+    """What a caption file looked like when it was read; ``exists=False`` stands for "there was no file"."""
+
+    exists: bool
+    size: int = 0
+    mtime_ns: int = 0
+    digest: bytes = b""
+
+    def same_content(self, other: CaptionStamp) -> bool:
+        return self.exists == other.exists and self.digest == other.digest
+
+
+NO_FILE = CaptionStamp(exists=False)
+
+
+@dataclass(frozen=True)
+class CaptionFile:
+    """A caption file's whole text (BOM dropped, line ends as ``"\\n"``) and the stamp to write it back safely."""
+
+    path: Path
+    text: str
+    stamp: CaptionStamp
+
+
+@dataclass(frozen=True)
+class CaptionWriteResult:
+    """The stamps of the files as written (to write them again later) and the backup folder, if one was made."""
+
+    written: Mapping[Path, CaptionStamp]
+    backup_folder: Path | None
+
+
+def caption_path_for(image: Path, extension: str = ".txt") -> Path:
+    """``photo.png`` → ``photo.txt``; like sd-scripts, a caption extension given without its dot gets one."""
+    if not extension.startswith("."):
+        extension = "." + extension
+    return image.with_name(image.stem + extension)
+
+
+def _stamp(data: bytes, stat: os.stat_result) -> CaptionStamp:
+    return CaptionStamp(True, len(data), stat.st_mtime_ns, hashlib.blake2b(data, digest_size=16).digest())
+
+
+def _read_bytes(path: Path) -> tuple[bytes, CaptionStamp]:
+    try:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            data = handle.read()
+    except FileNotFoundError:
+        return b"", NO_FILE
+    return data, _stamp(data, stat)
+
+
+def _normalise_line_ends(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def decode_caption(data: bytes, path: Path, encoding: str | None = None) -> str:
+    """Decode a caption file's bytes: UTF-8 (with or without BOM) or UTF-16 with BOM, unless ``encoding`` is given."""
+    if encoding is not None:
+        try:
+            return _normalise_line_ends(data.decode(encoding).lstrip("\ufeff"))
+        except (UnicodeDecodeError, LookupError) as error:
+            raise UserError(f"Caption file {path} cannot be read as {encoding} ({error}); re-save it as UTF-8.") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data, encoding = data[len(codecs.BOM_UTF8):], "utf-8"
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"  # the codec reads the BOM to pick the byte order, then drops it
+    else:
+        encoding = "utf-8"
+    try:
+        return _normalise_line_ends(data.decode(encoding))
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"Caption file {path} is not UTF-8 (byte 0x{data[error.start]:02x} at position {error.start}; GBK, Shift-JIS "
+            "or another local encoding?): re-save it as UTF-8 (in Notepad: Save as → Encoding: UTF-8)."
+        ) from None
+
+
+def load_caption_file(path: Path, encoding: str | None = None) -> CaptionFile:
+    """Read a caption file whole; a missing file reads as empty text with the ``NO_FILE`` stamp."""
+    path = Path(path)
+    data, stamp = _read_bytes(path)
+    return CaptionFile(path, decode_caption(data, path, encoding) if stamp.exists else "", stamp)
+
+
+def training_caption(text: str, enable_wildcard: bool = False) -> str:
+    """The caption sd-scripts trains on: the first line, stripped; with wildcards, every non-empty line, stripped."""
+    lines = text.split("\n")
+    if enable_wildcard:
+        return "\n".join(line.strip() for line in lines if line.strip())
+    return lines[0].strip()
+
+
+def read_caption(path: Path, encoding: str | None = None, enable_wildcard: bool = False) -> str:
+    """The caption sd-scripts would train on for this file (see ``training_caption``); "" for an empty file."""
+    caption_file = load_caption_file(path, encoding)
+    if not caption_file.stamp.exists:
+        raise UserError(f"Caption file {path} does not exist.")
+    return training_caption(caption_file.text, enable_wildcard)
+
+
+def _backup_folder(backup_dir: Path) -> Path:
+    base = Path(backup_dir) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    folder, attempt = base, 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # two saves within one second get folders of their own
+            attempt += 1
+            folder = base.with_name(f"{base.name}_{attempt}")
+
+
+def _common_root(paths: list[Path]) -> Path | None:
+    try:
+        return Path(os.path.commonpath([str(path.parent) for path in paths]))
+    except ValueError:  # different drives on Windows
+        return None
+
+
+def _backup_name(path: Path, root: Path | None) -> Path:
+    if root is not None:
+        return path.relative_to(root)
+    return Path(*path.parts[1:]) if path.is_absolute() else path
+
+
+def _write_synced(target: Path, data: bytes) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as written:
+            written.write(data)
+            written.flush()
+            os.fsync(written.fileno())
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return Path(temporary)
+
+
+def find_changed_on_disk(expected: Mapping[Path, CaptionStamp]) -> list[Path]:
+    """The files whose content on disk is no longer what their stamp says (created, deleted or edited since)."""
+    changed = []
+    for path, stamp in expected.items():
+        _, current = _read_bytes(Path(path))
+        if not current.same_content(stamp):
+            changed.append(Path(path))
+    return changed
+
+
+def write_captions(
+    changes: Mapping[Path, str],
+    backup_dir: Path | None,
+    expected: Mapping[Path, CaptionStamp] | None = None,
+) -> CaptionWriteResult:
+    """Write caption texts (UTF-8, no BOM) all-or-nothing, keeping the previous versions in a new folder under
+    ``backup_dir`` (none when ``backup_dir`` is None).
+
+    ``expected`` holds the stamp each file had when it was read (``NO_FILE`` for "must not exist yet"); if any file
+    in ``changes`` differs from its stamp, nothing is written and the ``UserError`` lists those files.
+    """
+    targets = [Path(path) for path in changes]
+    if not targets:
+        return CaptionWriteResult({}, None)
+    if expected:
+        conflicts = find_changed_on_disk({Path(p): s for p, s in expected.items() if Path(p) in set(targets)})
+        if conflicts:
+            listed = ", ".join(str(path) for path in conflicts[:10]) + (" …" if len(conflicts) > 10 else "")
+            raise UserError(
+                f"{len(conflicts)} caption file(s) changed on disk since they were read, so nothing was saved: {listed}. "
+                "Reload them to see the other version, then save again."
+            )
+    texts = {Path(path): text.encode(CAPTION_WRITE_ENCODING) for path, text in changes.items()}
+    backups = []
+    backup_folder = None
+    if backup_dir is not None:
+        existing = [path for path in targets if path.is_file()]
+        if existing:
+            backup_folder = _backup_folder(Path(backup_dir))
+            root = _common_root(existing)
+            backups = [(path, backup_folder / _backup_name(path, root)) for path in existing]
+
+    def copy_previous(pair: tuple[Path, Path]) -> Path:
+        return _write_synced(pair[1], pair[0].read_bytes())
+
+    def prepare(path: Path) -> Path:
+        return _write_synced(path, texts[path])
+
+    backup_temporaries = _run_all_or_clean_up(copy_previous, backups)
+    for temporary, (_, backup) in zip(backup_temporaries, backups):
+        os.replace(temporary, backup)  # every previous version is safe before any caption is touched
+    temporaries = _run_all_or_clean_up(prepare, targets)
+    replaced: list[Path] = []
+    try:
+        for temporary, target in zip(temporaries, targets):
+            os.replace(temporary, target)
+            replaced.append(target)
+    except OSError as error:
+        for temporary in temporaries[len(replaced):]:
+            temporary.unlink(missing_ok=True)
+        raise UserError(
+            f"Could not replace {target} ({error}); {len(replaced)} of {len(targets)} captions were already written"
+            + (f", the previous versions are in {backup_folder}." if backup_folder else ".")
+        ) from None
+    written = {target: _stamp(texts[target], os.stat(target)) for target in targets}
+    return CaptionWriteResult(written, backup_folder)
+
+
+def _run_all_or_clean_up(prepare, items: list) -> list[Path]:
+    """Run ``prepare`` (which writes one temporary file) on every item side by side; if any fails, delete the
+    temporary files the others made and raise a ``UserError`` that says nothing was changed."""
+    with ThreadPoolExecutor(_PARALLEL_SYNCS) as pool:
+        futures = [pool.submit(prepare, item) for item in items]
+    made = [future.result() for future in futures if future.exception() is None]
+    failures = [future.exception() for future in futures if future.exception() is not None]
+    if failures:
+        for temporary in made:
+            temporary.unlink(missing_ok=True)
+        raise UserError(f"Could not write captions ({failures[0]}); no caption was changed.")
+    return made

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import codecs
+import os
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.dataset import caption_files
+from lora_trainer.dataset.caption_files import (
+    NO_FILE,
+    caption_path_for,
+    load_caption_file,
+    read_caption,
+    training_caption,
+    write_captions,
+)
+from lora_trainer.errors import UserError
+
+
+def test_caption_path_sits_beside_the_image_and_adds_the_missing_dot():
+    assert caption_path_for(Path("d/10_dog/a.b.png")) == Path("d/10_dog/a.b.txt")
+    assert caption_path_for(Path("d/x.JPG"), "caption") == Path("d/x.caption")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "zkstar, 星, yellow star".encode("utf-8"),
+        codecs.BOM_UTF8 + "zkstar, 星, yellow star".encode("utf-8"),
+        "zkstar, 星, yellow star".encode("utf-16"),  # Python writes the BOM
+        codecs.BOM_UTF16_BE + "zkstar, 星, yellow star".encode("utf-16-be"),
+    ],
+    ids=["utf8", "utf8-bom", "utf16-le-bom", "utf16-be-bom"],
+)
+def test_utf8_and_bom_files_read_the_same_without_the_bom_glued_to_the_first_tag(tmp_path, data):
+    path = tmp_path / "a.txt"
+    path.write_bytes(data)
+    assert read_caption(path) == "zkstar, 星, yellow star"
+
+
+def test_gbk_caption_names_the_file_and_the_fix_unless_the_encoding_is_given(tmp_path):
+    path = tmp_path / "猫 cat.txt"
+    path.write_bytes("猫, 可爱".encode("gbk"))
+    with pytest.raises(UserError) as raised:
+        read_caption(path)
+    assert str(path) in str(raised.value) and "re-save it as UTF-8" in str(raised.value)
+    assert read_caption(path, encoding="gbk") == "猫, 可爱"
+
+
+def test_multiline_caption_trains_on_its_first_line_like_sd_scripts(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"  zkstar, star \r\nsecond line\r\n\r\nthird\r")
+    assert read_caption(path) == "zkstar, star"
+    assert read_caption(path, enable_wildcard=True) == "zkstar, star\nsecond line\nthird"
+    assert load_caption_file(path).text == "  zkstar, star \nsecond line\n\nthird\n"
+    assert training_caption("") == ""
+
+
+def test_missing_caption_reads_as_no_file_and_read_caption_says_so(tmp_path):
+    assert load_caption_file(tmp_path / "none.txt").stamp == NO_FILE
+    with pytest.raises(UserError, match="does not exist"):
+        read_caption(tmp_path / "none.txt")
+
+
+def test_write_keeps_previous_versions_in_a_timestamped_backup_and_writes_utf8(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_bytes(codecs.BOM_UTF8 + b"old a")
+    (data / "sub" / "b.txt").write_text("old b", encoding="utf-8")
+    stamps = {p: load_caption_file(p).stamp for p in (data / "a.txt", data / "sub" / "b.txt", data / "c.txt")}
+    result = write_captions(
+        {data / "a.txt": "new, 星", data / "sub" / "b.txt": "new b", data / "c.txt": "brand new"},
+        tmp_path / "backups",
+        stamps,
+    )
+    assert (data / "a.txt").read_bytes() == "new, 星".encode("utf-8")
+    assert (data / "c.txt").read_text(encoding="utf-8") == "brand new"
+    assert result.backup_folder.parent == tmp_path / "backups"
+    assert (result.backup_folder / "a.txt").read_bytes() == codecs.BOM_UTF8 + b"old a"
+    assert (result.backup_folder / "sub" / "b.txt").read_text(encoding="utf-8") == "old b"
+    assert not list(data.rglob("*.tmp"))
+    # the returned stamps let the same files be written again without a false conflict
+    second = write_captions({data / "a.txt": "newer"}, tmp_path / "backups", result.written)
+    assert second.backup_folder != result.backup_folder
+    assert (second.backup_folder / "a.txt").read_text(encoding="utf-8") == "new, 星"
+
+
+def test_a_file_edited_elsewhere_since_reading_blocks_the_whole_save(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a", encoding="utf-8")
+    b.write_text("b", encoding="utf-8")
+    stamps = {a: load_caption_file(a).stamp, b: load_caption_file(b).stamp}
+    b.write_text("b edited in another tool", encoding="utf-8")
+    with pytest.raises(UserError) as raised:
+        write_captions({a: "mine a", b: "mine b"}, tmp_path / "backups", stamps)
+    assert str(b) in str(raised.value) and str(a) not in str(raised.value)
+    assert a.read_text(encoding="utf-8") == "a"
+    assert b.read_text(encoding="utf-8") == "b edited in another tool"
+    assert not (tmp_path / "backups").exists()
+
+
+def test_a_caption_created_elsewhere_is_not_overwritten_when_none_was_expected(tmp_path):
+    new = tmp_path / "new.txt"
+    new.write_text("hand-written", encoding="utf-8")
+    with pytest.raises(UserError, match="changed on disk"):
+        write_captions({new: "tagger output"}, None, {new: NO_FILE})
+    assert new.read_text(encoding="utf-8") == "hand-written"
+
+
+def test_a_failed_write_changes_no_caption_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a", encoding="utf-8")
+    b.write_text("b", encoding="utf-8")
+    real = caption_files._write_synced
+
+    def failing_for_b(target: Path, data: bytes) -> Path:
+        if target == b:
+            raise OSError("disk full")
+        return real(target, data)
+
+    monkeypatch.setattr(caption_files, "_write_synced", failing_for_b)
+    with pytest.raises(UserError, match="no caption was changed"):
+        write_captions({a: "new a", b: "new b"}, None)
+    assert a.read_text(encoding="utf-8") == "a" and b.read_text(encoding="utf-8") == "b"
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]
