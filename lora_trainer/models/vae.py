@@ -54,8 +54,9 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         # Noise drawn in fp32 so one seed gives the same latents whatever the VAE's precision.
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=torch.float32)
-        return self.mean + self.std * noise.to(self.mean.dtype)
+        device = generator.device if generator is not None else self.mean.device  # a CPU generator serves a GPU VAE
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -1,0 +1,49 @@
+"""``python -m lora_trainer.train_network`` — sd-scripts' train_network.py command line, on our own trainer.
+
+SD1, SD2 and SDXL are told apart from the checkpoint itself; ``sdxl_train_network`` is the same entry point.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.train_network") -> int:
+    from .training.events import EventLog
+    from .training.options import kohya_command, non_default, parse_args, write_config
+
+    try:
+        options, actions = parse_args(argv, prog)
+        if actions.print_kohya_command:
+            print(kohya_command(options, "sdxl_train_network.py" if "sdxl" in prog else "train_network.py"))
+            return 0
+        if actions.print_config:
+            for name, value in non_default(options).items():
+                print(f"{name} = {value!r}")
+            return 0
+        if options.output_config:
+            target = Path(options.config_file or "config").with_suffix(".toml")
+            print(f"wrote {write_config(options, target)}")
+            return 0
+        from .training.trainer import train
+
+        name = options.output_name or "last"
+        events_path = options.events_file or str(Path(options.output_dir or "output") / f"{name}.events.jsonl")
+        with EventLog(events_path) as events:
+            try:
+                files = train(options, events)
+            except UserError as error:
+                events.emit("error", message=str(error))
+                raise
+        print(f"saved {files[-1]}")
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The trainer's one event channel: JSON lines (start, step, epoch, sample, saved, warning, error, end …).
+
+The trainer subprocess appends events to a file (and optionally stdout); the CLI, the UI and the API all read
+the same lines. Each line is one complete JSON object written with a single write and flushed, so a reader
+that meets a half-written last line simply waits for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+KINDS = ("start", "step", "epoch", "validation", "sample", "saved", "state", "warning", "error", "end")
+
+
+class EventLog:
+    def __init__(self, path: str | Path | None, echo: TextIO | None = None):
+        self.path = Path(path) if path else None
+        self.echo = echo
+        self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def emit(self, kind: str, **fields: Any) -> dict:
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        event = {"event": kind, "time": round(time.time(), 3), **fields}
+        line = json.dumps(event, ensure_ascii=False, default=str) + "\n"
+        for stream in (self._file, self.echo):
+            if stream is not None:
+                stream.write(line)
+                stream.flush()
+        return event
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:
+    """Complete events from byte offset ``start``, and the offset to continue from (a partial line is left)."""
+    path = Path(path)
+    if not path.exists():
+        return [], start
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        data = handle.read()
+    events = []
+    consumed = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        consumed += len(line)
+        if line.strip():
+            events.append(json.loads(line))
+    return events, start + consumed
+
+
+def follow(path: str | Path, poll: float = 0.5, until: tuple[str, ...] = ("end",)) -> Iterator[dict]:
+    """Yield events as they are written, stopping after an event whose kind is in ``until``."""
+    offset = 0
+    while True:
+        events, offset = read_events(path, offset)
+        for event in events:
+            yield event
+            if event["event"] in until:
+                return
+        time.sleep(poll)
+
+
+def stdout_log() -> EventLog:
+    return EventLog(None, sys.stdout)

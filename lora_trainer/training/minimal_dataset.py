@@ -1,0 +1,278 @@
+"""The dataset pieces the trainer needs, following sd-scripts (kohya-reference §4–§7): DreamBooth folders,
+captions, buckets, caption processing at batch time.
+
+Interim: the dataset package (issue #4) grows the complete versions of these (TOML configs, robust image
+loading, health reports); the trainer moves onto them as they land.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from ..dataset.caption_files import read_caption
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
+
+
+@dataclass(frozen=True)
+class Bucketing:
+    resolution: tuple[int, int]
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path
+    caption: str = ""
+    size: tuple[int, int] = (0, 0)
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Subset:
+    image_dir: Path
+    num_repeats: int
+    class_tokens: str | None
+    is_reg: bool
+    caption_extension: str
+    flip_aug: bool
+    caption_options: CaptionOptions
+
+    def images(self) -> list[ImageItem]:
+        items = []
+        for path in sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            try:
+                with Image.open(path) as image:  # header only: the pixels are read when latents are made
+                    rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF says "turn by 90°"
+                    size = (image.height, image.width) if rotated else image.size
+            except Exception as error:  # Pillow raises many types for broken files
+                items.append(ImageItem(path, problem=f"{path}: not a readable image ({error}); skipped"))
+                continue
+            items.append(ImageItem(path, self._caption(path), size))
+        return items
+
+    def _caption(self, image: Path) -> str:
+        caption_file = image.with_suffix(self.caption_extension)
+        if caption_file.is_file():
+            caption = read_caption(caption_file, enable_wildcard=self.caption_options.enable_wildcard)
+            if not caption:
+                raise UserError(f"{caption_file}: empty caption file; write a caption or delete the file")
+            return caption
+        return self.class_tokens or ""
+
+
+def dreambooth_subsets(folder: Path, is_reg: bool, options) -> list[Subset]:
+    """``<repeats>_<class tokens>`` subfolders (``10_sks dog`` → 10 repeats, "sks dog")."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: dataset folder not found")
+    subsets = []
+    skipped = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        head, _, rest = child.name.partition("_")
+        try:
+            repeats = int(head)
+        except ValueError:
+            skipped.append(child.name)
+            continue
+        if repeats < 1:
+            skipped.append(child.name)
+            continue
+        subsets.append(Subset(child, repeats, rest or None, is_reg, _extension(options.caption_extension),
+                              options.flip_aug, caption_options_from(options)))
+    if not subsets and not is_reg:
+        hint = f" (ignored: {', '.join(skipped)})" if skipped else ""
+        raise UserError(f"{folder}: no <repeats>_<name> subfolder{hint}; put the images in e.g. {folder / '10_mychar'}")
+    return subsets
+
+
+def _extension(text: str) -> str:
+    return text if text.startswith(".") else "." + text
+
+
+def caption_options_from(options) -> CaptionOptions:
+    return CaptionOptions(**{name: getattr(options, name) for name in CaptionOptions.__dataclass_fields__})
+
+
+def resolve_subsets(options) -> tuple[list[Subset], int, Bucketing]:
+    if options.dataset_config:
+        raise UserError("--dataset_config is not supported by the trainer yet; use --train_data_dir")
+    if options.resolution is None:
+        raise UserError("--resolution is required (e.g. 512 or 512,768)")
+    sides = [int(v) for v in str(options.resolution).split(",")]
+    resolution = (sides[0], sides[-1])
+    subsets = dreambooth_subsets(Path(options.train_data_dir), False, options)
+    if options.reg_data_dir:
+        subsets += dreambooth_subsets(Path(options.reg_data_dir), True, options)
+    bucketing = Bucketing(resolution, options.enable_bucket, options.min_bucket_reso, options.max_bucket_reso,
+                          options.bucket_reso_steps, options.bucket_no_upscale)
+    return subsets, options.train_batch_size, bucketing
+
+
+# --- buckets -----------------------------------------------------------------------------------------------
+
+
+def bucket_resolutions(max_reso: tuple[int, int], min_size: int, max_size: int, steps: int) -> list[tuple[int, int]]:
+    max_area = max_reso[0] * max_reso[1]
+    side = int(math.sqrt(max_area) // steps) * steps
+    resos = {(side, side)}
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // steps) * steps)
+        if height >= min_size:
+            resos.add((width, height))
+            resos.add((height, width))
+        width += steps
+    return sorted(resos)
+
+
+def _round(value: float, steps: int) -> int:
+    return int(value / steps + 0.5) * steps
+
+
+def assign(size: tuple[int, int], bucketing: Bucketing) -> tuple[int, int]:
+    if not bucketing.enable_bucket:
+        return bucketing.resolution
+    width, height = size
+    aspect = width / height
+    steps = bucketing.bucket_reso_steps
+    if bucketing.bucket_no_upscale:
+        max_area = bucketing.resolution[0] * bucketing.resolution[1]
+        resized = (width, height)
+        if width * height > max_area:
+            w = math.sqrt(max_area * aspect)
+            h = max_area / w
+            bw = _round(w, steps)
+            ar_w = bw / _round(bw / aspect, steps)
+            bh = _round(h, steps)
+            ar_h = _round(bh * aspect, steps) / bh
+            resized = (bw, int(bw / aspect + 0.5)) if abs(ar_w - aspect) < abs(ar_h - aspect) else (int(bh * aspect + 0.5), bh)
+        return (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
+    resos = bucket_resolutions(bucketing.resolution, bucketing.min_bucket_reso, bucketing.max_bucket_reso, steps)
+    if size in resos:
+        return size
+    errors = [abs(w / h - aspect) for w, h in resos]
+    return resos[errors.index(min(errors))]  # the first on ties, as sd-scripts' argmin
+
+
+def resize_and_crop(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Scale to cover the bucket, then centre-crop (sd-scripts' trim_and_resize_if_required)."""
+    width, height = image.size
+    scale = bucket[1] / height if width / height > bucket[0] / bucket[1] else bucket[0] / width
+    resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.LANCZOS)
+    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+    return image.crop((left, top, left + bucket[0], top + bucket[1]))
+
+
+def crop_ltrb(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Stability's crop box on the bucket, as sd-scripts stores it for SDXL (not the real crop)."""
+    bucket_ar, image_ar = bucket[0] / bucket[1], size[0] / size[1]
+    if bucket_ar > image_ar:
+        w, h = bucket[1] * image_ar, bucket[1]
+    else:
+        w, h = bucket[0], bucket[0] / image_ar
+    left, top = (bucket[0] - w) // 2, (bucket[1] - h) // 2
+    return left, top, left + w, top + h
+
+
+def crop_top_left(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    left, top, _, _ = crop_ltrb(size, bucket)
+    return int(top), int(left)
+
+
+def load_rgb(path: Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "P"):
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, background)
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
+        return image.convert("RGB")
+
+
+# --- captions at batch time --------------------------------------------------------------------------------
+
+_WILDCARD = re.compile(r"(?<!\{)\{([^{}]+)\}(?!\})")
+
+
+def process_caption(caption: str, o: CaptionOptions, rng: random.Random, epoch: int, step: int, max_steps: int) -> str:
+    """sd-scripts' BaseDataset.process_caption, in its order, with an explicit random source."""
+    if o.caption_prefix:
+        caption = o.caption_prefix + " " + caption
+    if o.caption_suffix:
+        caption = caption + " " + o.caption_suffix
+    dropped = rng.random() < o.caption_dropout_rate if o.caption_dropout_rate > 0 else False
+    if dropped or (o.caption_dropout_every_n_epochs > 0 and epoch % o.caption_dropout_every_n_epochs == 0):
+        return ""
+    if o.enable_wildcard:
+        lines = [line for line in caption.split("\n") if line.strip()]
+        caption = rng.choice(lines) if lines else ""
+        caption = _WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")), caption)
+        caption = caption.replace("{{", "{").replace("}}", "}")
+    else:
+        caption = caption.split("\n")[0]
+    if o.shuffle_caption or o.token_warmup_step > 0 or o.caption_tag_dropout_rate > 0:
+        fixed_head, flex, fixed_tail = _split_fixed(caption, o)
+        if o.token_warmup_step > 0:
+            warmup = o.token_warmup_step * max_steps if o.token_warmup_step < 1 else o.token_warmup_step
+            count = max(o.token_warmup_min, math.floor(step * len(flex) / warmup) if warmup else len(flex))
+            flex = flex[:count]
+        if o.shuffle_caption:
+            rng.shuffle(flex)
+        if o.caption_tag_dropout_rate > 0:
+            flex = [t for t in flex if rng.random() >= o.caption_tag_dropout_rate]
+        caption = ", ".join(fixed_head + flex + fixed_tail)
+    if o.secondary_separator:
+        caption = caption.replace(o.secondary_separator, o.caption_separator)
+    return caption
+
+
+def _split_fixed(caption: str, o: CaptionOptions) -> tuple[list[str], list[str], list[str]]:
+    def tags(text: str) -> list[str]:
+        return [t.strip() for t in text.split(o.caption_separator) if t.strip()]
+
+    if o.keep_tokens_separator and o.keep_tokens_separator in caption:
+        head, _, rest = caption.partition(o.keep_tokens_separator)
+        middle, _, tail = rest.partition(o.keep_tokens_separator)
+        return tags(head), tags(middle), tags(tail)
+    all_tags = tags(caption)
+    return all_tags[: o.keep_tokens], all_tags[o.keep_tokens :], []
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """``ss_tag_frequency`` per folder: tags split on ",", stripped, lower-cased, every occurrence counted."""
+    counts: Counter = Counter()
+    for caption in captions:
+        counts.update(t.strip().lower() for t in caption.split(",") if t.strip())
+    return dict(counts)

@@ -1,0 +1,118 @@
+"""Sample images during training: sd-scripts' prompt files (.txt with --n --w --h --s --l --d --ss, .toml, .json)
+and its file names, drawn with our own txt2img while the network is hooked in.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import toml
+import torch
+
+from ..errors import UserError
+from ..sampling.samplers import is_stand_in, sampler_name
+from ..sampling.txt2img import GenerationSettings, txt2img
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    scale: float = 7.5
+    seed: int | None = None
+    sampler: str | None = None
+
+
+_TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "s": "steps", "l": "scale", "d": "seed", "ss": "sampler"}
+_TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+              "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
+
+
+def _fixed(prompt: SamplePrompt) -> SamplePrompt:
+    prompt.width = max(64, int(prompt.width) // 8 * 8)
+    prompt.height = max(64, int(prompt.height) // 8 * 8)
+    prompt.steps = min(1000, max(1, int(prompt.steps)))
+    prompt.scale = float(prompt.scale)
+    prompt.seed = None if prompt.seed is None else int(prompt.seed)
+    return prompt
+
+
+def parse_txt_line(line: str, default_size: int = 512) -> SamplePrompt:
+    """``a cat --n ugly --w 768 --d 5`` → SamplePrompt (options split on " --", as sd-scripts does)."""
+    parts = line.split(" --")
+    prompt = SamplePrompt(parts[0].strip(), width=default_size, height=default_size)
+    for part in parts[1:]:
+        key, _, value = part.strip().partition(" ")
+        if key in _TXT_OPTIONS:
+            setattr(prompt, _TXT_OPTIONS[key], value.strip())
+    return _fixed(prompt)
+
+
+def read_prompts(path: str | Path, default_size: int = 512) -> list[SamplePrompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: sample prompts file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        data = toml.loads(text).get("prompt", {})
+        defaults = {k: v for k, v in data.items() if k != "subset"}
+        entries = [{**defaults, **entry} for entry in data.get("subset", [])]
+    elif path.suffix.lower() == ".json":
+        entries = [e if isinstance(e, dict) else {"prompt": e} for e in json.loads(text)]
+    else:
+        return [parse_txt_line(line.strip(), default_size) for line in text.splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    prompts = []
+    for entry in entries:
+        fields = {_TOML_KEYS[k]: v for k, v in entry.items() if k in _TOML_KEYS}
+        prompts.append(_fixed(SamplePrompt(**{"width": default_size, "height": default_size, **fields})))
+    return prompts
+
+
+def sample_path(folder: Path, name: str | None, index: int, seed: int | None, epoch: int | None, step: int) -> Path:
+    """sd-scripts' sample names: ``<name>_e000001_00_<time>_<seed>.png`` or ``<name>_000050_00_<time>.png``."""
+    when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    seed_part = "" if seed is None else f"_{seed}"
+    return folder / f"{(name + '_') if name else ''}{when}_{index:02d}_{stamp}{seed_part}.png"
+
+
+@torch.no_grad()
+def draw_samples(model, prompts: list[SamplePrompt], default_sampler: str, folder: Path, name: str | None,
+                 epoch: int | None, step: int, clip_skip: int = 1) -> list[Path]:
+    """Draw every prompt with the model as it is now (network hooks active); random state left untouched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cpu_state = torch.get_rng_state()
+    python_state = random.getstate()
+    paths = []
+    try:
+        for index, prompt in enumerate(prompts):
+            sampler = prompt.sampler or default_sampler
+            settings = GenerationSettings(prompt.prompt, prompt.negative_prompt, prompt.steps, sampler_name(sampler),
+                                          prompt.scale, -1 if prompt.seed is None else prompt.seed, prompt.width,
+                                          prompt.height, clip_skip=clip_skip)
+            if is_stand_in(sampler):
+                settings.extra_infotext["Sampler note"] = f"{sampler} drawn with {sampler_name(sampler)}"
+            image = txt2img(model, settings)[0]
+            path = sample_path(folder, name, index, prompt.seed, epoch, step)
+            image.image.save(path, pnginfo=_info(image.infotext))
+            paths.append(path)
+    finally:
+        torch.set_rng_state(cpu_state)
+        random.setstate(python_state)
+    return paths
+
+
+def _info(text: str):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    return info

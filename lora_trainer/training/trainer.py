@@ -1,0 +1,268 @@
+"""The training loop: a thin shell over the model code, the networks, the data plan and the pure step functions.
+
+One ``train(options)`` call runs a whole job in the current process and reports through the event log; the
+CLI, the UI and the API start it as a subprocess (``python -m lora_trainer.train_network``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..models.checkpoint import load_checkpoint
+from ..models.tokenizer import CLIPTokenizer
+from ..networks.network import LoRANetwork, create_network, network_from_file
+from ..networks.files import read_network
+from ..networks.spec import spec_from_kohya
+from . import noise as N
+from .data import TrainingData, build_training_data
+from .events import EventLog
+from .lr_schedules import make_scheduler, resolve_warmup
+from .optimizers import make_optimizer, optimizer_label
+from .options import TrainOptions
+from .outputs import OutputPlan, RunMetadata
+from .state import load_state, save_state
+from .text import encode_captions, sdxl_vector
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunState:
+    """What a resumed run needs besides the weights and the optimizer: where it is, and its random streams."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    batch_in_epoch: int = 0  # batches of the current epoch already trained
+    losses: list[float] = field(default_factory=list)  # per step, for averages and the recommendation
+
+
+class StopRequest:
+    """SIGINT/SIGTERM or a stop file: finish the step, save, exit cleanly."""
+
+    def __init__(self, stop_file: Path | None):
+        self.stop_file = stop_file
+        self.signalled = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (tests): signals stay as they are
+                pass
+
+    def _handle(self, *_):
+        self.signalled = True
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.stop_file is not None and self.stop_file.exists())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(options: TrainOptions, events: EventLog) -> list[Path]:
+    """Run the job; returns the files written (last one = the final network)."""
+    seed = options.seed if options.seed is not None else random.randrange(2**32)
+    seed_everything(seed)
+    device = pick_device(options.device)
+    weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
+    started = time.time()
+
+    model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
+                            vae_dtype=torch.float32 if options.no_half_vae else None,
+                            prediction_type="v_prediction" if options.v_parameterization else None)
+    config = model.config
+    _check_model_matches_options(config, options)
+    for module in model.modules():
+        module.requires_grad_(False).eval()
+    if options.gradient_checkpointing:
+        for module in (model.unet, *model.text_encoders):
+            module.gradient_checkpointing = True
+
+    data: TrainingData = build_training_data(options, config, seed)
+    events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
+                batches_per_epoch=data.batches_per_epoch, device=str(device))
+    data.cache_latents(model.vae, device, events)
+
+    spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
+                           options.network_args, options.network_dropout)
+    train_unet = not options.network_train_text_encoder_only
+    train_te = not options.network_train_unet_only and (options.text_encoder_lr or [None])[0] != 0
+    if options.network_weights and options.dim_from_weights:
+        network = network_from_file(config, model.unet, model.text_encoders, read_network(options.network_weights), spec)
+    else:
+        network = create_network(config, model.unet, model.text_encoders, spec, train_unet, train_te)
+        if options.network_weights:
+            _load_weights(network, options.network_weights)
+    network.to(device).train()
+    if options.full_fp16 or options.full_bf16:
+        network.to(DTYPES[options.mixed_precision])
+    network.apply_to()
+
+    steps_per_epoch = math.ceil(data.batches_per_epoch / options.gradient_accumulation_steps)
+    total_steps = options.max_train_steps
+    if options.max_train_epochs:
+        total_steps = options.max_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    te_lr = (options.text_encoder_lr or [None])[0]
+    groups = network.parameter_groups(options.learning_rate, te_lr, options.unet_lr)
+    optimizer_type = "AdamW8bit" if options.use_8bit_adam else "Lion" if options.use_lion_optimizer else options.optimizer_type
+    optimizer = make_optimizer(optimizer_type, groups, options.learning_rate, options.optimizer_args or [])
+    scheduler = make_scheduler(optimizer, options.lr_scheduler, total_steps,
+                               resolve_warmup(options.lr_warmup_steps, total_steps),
+                               num_cycles=options.lr_scheduler_num_cycles, power=options.lr_scheduler_power,
+                               min_lr_ratio=options.lr_scheduler_min_lr_ratio)
+    generator = torch.Generator().manual_seed(seed)
+    state = RunState()
+    if options.resume:
+        state = load_state(Path(options.resume), network, optimizer, scheduler, generator)
+        events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+
+    plan = OutputPlan(options, num_epochs)
+    metadata = RunMetadata(options, config, model, spec, data, seed, started, optimizer_label(optimizer, options.optimizer_args),
+                           num_epochs, total_steps)
+    tokenizer = CLIPTokenizer.default()
+    abar = config.schedule.alphas_cumprod
+    v_prediction = config.prediction_type == "v_prediction"
+    stop = StopRequest(plan.stop_file)
+    trainable = [p for g in groups for p in g["params"]]
+    written: list[Path] = []
+    last_time = time.perf_counter()
+
+    def save_network_file(path: Path, epoch: int, step: int) -> None:
+        saved = plan.save(network, path, metadata.build(epoch, step))
+        written.append(saved)
+        events.emit("saved", path=str(saved), epoch=epoch, step=step)
+
+    def finish(epoch: int) -> list[Path]:
+        save_network_file(plan.final_path(), epoch, state.step)
+        if options.save_state or options.save_state_on_train_end:
+            _save_state_event(plan.state_path(None, None), network, optimizer, scheduler, generator, state, events)
+        network.remove()
+        events.emit("end", files=[str(p) for p in written if p.exists()], steps=state.step, epochs=epoch,
+                    seconds=round(time.time() - started, 2))
+        return written
+
+    for epoch in range(state.epoch, num_epochs):
+        batches = data.epoch_batches(epoch)
+        epoch_losses = []
+        for index, batch in enumerate(batches):
+            if index < state.batch_in_epoch:
+                continue  # resumed mid-epoch: these batches were trained before the interruption
+            loss = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer, abar,
+                                  v_prediction, generator, device, weight_dtype, data, train_te)
+            (loss / options.gradient_accumulation_steps).backward()
+            state.batch_in_epoch = index + 1
+            if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
+                continue
+            if options.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                network.remove()
+                events.emit("error", message=f"the loss became {value} at step {state.step}: lower the learning rate "
+                            "or use fp32/bf16; the last good file is kept", step=state.step)
+                raise UserError(f"loss became {value} at step {state.step}; stopped (files saved so far are intact)")
+            state.losses.append(value)
+            epoch_losses.append(value)
+            now = time.perf_counter()
+            window = state.losses[-data.batches_per_epoch:]
+            events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
+                        average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
+                        seconds=round(now - last_time, 4))
+            last_time = now
+            if plan.save_at_step(state.step):
+                save_network_file(plan.step_path(state.step), epoch + 1, state.step)
+                plan.prune_steps(state.step)
+            if state.step >= total_steps:
+                break
+            if stop.requested:
+                state.epoch = epoch
+                _save_state_event(plan.state_path(epoch, state.step), network, optimizer, scheduler, generator, state, events)
+                return finish(epoch)
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        events.emit("epoch", epoch=epoch + 1, average=sum(epoch_losses) / max(1, len(epoch_losses)), step=state.step)
+        if plan.save_at_epoch(epoch + 1):
+            save_network_file(plan.epoch_path(epoch + 1), epoch + 1, state.step)
+            plan.prune_epochs(epoch + 1)
+            if options.save_state:
+                _save_state_event(plan.state_path(epoch + 1, None), network, optimizer, scheduler, generator, state, events)
+        if state.step >= total_steps:
+            break
+    return finish(state.epoch)
+
+
+def _save_state_event(path, network, optimizer, scheduler, generator, state, events) -> None:
+    save_state(path, network, optimizer, scheduler, generator, state)
+    events.emit("state", action="saved", path=str(path), epoch=state.epoch, step=state.step)
+
+
+def _training_step(batch, epoch, step, total_steps, model, config, network: LoRANetwork, options: TrainOptions, tokenizer,
+                   abar, v_prediction, generator, device, weight_dtype, data: TrainingData, train_te: bool) -> torch.Tensor:
+    latents = batch.latents.to(device, torch.float32) * config.vae.scaling_factor
+    captions = data.captions_for(batch, epoch, step, total_steps, generator)
+    with torch.set_grad_enabled(train_te):
+        context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, options.clip_skip or 1,
+                                          options.max_token_length)
+    y = None
+    if config.needs_size_conditioning:
+        y = sdxl_vector(pooled, batch.original_sizes, batch.crops, batch.target_sizes)
+    noise = N.training_noise(latents, generator, options.noise_offset, options.noise_offset_random_strength,
+                             options.adaptive_noise_scale, options.multires_noise_iterations, options.multires_noise_discount)
+    timesteps = N.sample_timesteps(len(latents), generator, config.schedule.num_timesteps, options.min_timestep, options.max_timestep)
+    perturbed = noise
+    if options.ip_noise_gamma:
+        gamma = options.ip_noise_gamma * (float(torch.rand((), generator=generator)) if options.ip_noise_gamma_random_strength else 1.0)
+        perturbed = noise + gamma * torch.randn(latents.shape, generator=generator).to(latents)
+    noisy = N.add_noise(latents, perturbed, timesteps, abar.to(device))
+    target = N.velocity(latents, noise, timesteps, abar.to(device)) if v_prediction else noise
+    with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+        prediction = model.unet(noisy.to(weight_dtype), timesteps.to(device), context.to(weight_dtype),
+                                None if y is None else y.to(weight_dtype))
+    huber = None
+    if options.loss_type in ("huber", "smooth_l1"):
+        huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, abar).to(device)
+    loss = N.elementwise_loss(prediction, target, options.loss_type, huber).mean(dim=(1, 2, 3))
+    loss = loss * batch.loss_weights.to(device)
+    weights = N.loss_weights(timesteps, abar, v_prediction, options.min_snr_gamma, options.scale_v_pred_loss_like_noise_pred,
+                             options.v_pred_like_loss, options.debiased_estimation_loss)
+    return (loss * weights.to(device)).mean()
+
+
+def _check_model_matches_options(config, options: TrainOptions) -> None:
+    family = config.name
+    if options.v2 and not family.startswith("sd2"):
+        raise UserError(f"--v2 is set but {options.pretrained_model_name_or_path} is an {config.label} model; drop --v2 or pick an SD2 checkpoint")
+    if options.v_parameterization and family == "sdxl":
+        raise UserError("--v_parameterization with an SDXL base model: SDXL base is an eps model; drop the option")
+
+
+def _load_weights(network: LoRANetwork, path: str) -> None:
+    file = read_network(path)
+    state = {f"{name}.{suffix}": tensor for name, tensors in file.modules.items() for suffix, tensor in tensors.items()}
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if unexpected:
+        raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
+                        "use --dim_from_weights to take the network's shape from the file")
