@@ -1,0 +1,567 @@
+"""The tag editor's core, with no UI in it: a folder of images and their comma-separated tags held in memory as an
+immutable ``TagEditor`` value; edits, filters, undo/redo and reload are pure functions that return a new value, and
+``save`` writes only the captions that changed, through ``caption_files.write_captions`` (backup first, all-or-nothing,
+never over a file someone else edited since it was read).
+
+Every edit is a small frozen dataclass (``AddTags``, ``ReplaceText``, …) that turns one image's tags into new tags,
+so the WebUI, the CLI and the API describe edits as data. ``apply_edit`` runs one over a selection and records the
+images it changed (their tags before and after) as one undo step; the history costs memory in proportion to what
+changed, not to the size of the dataset, so it is unlimited.
+
+Two images with the same stem (``a.png`` and ``a.jpg``) share ``a.txt``, as they do in sd-scripts; an edit of one is
+applied to both, so what the editor shows is what training reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Iterable, Mapping, Protocol
+
+from lora_trainer.dataset.caption_files import (
+    NO_FILE,
+    CaptionStamp,
+    caption_path_for,
+    load_caption_file,
+    write_captions,
+)
+from lora_trainer.errors import UserError
+
+Tags = tuple[str, ...]
+
+# sd-scripts' IMAGE_EXTENSIONS (library/train_util.py): these, in lower or upper case only.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | frozenset(suffix.upper() for suffix in IMAGE_EXTENSIONS)
+
+DEFAULT_BACKUP_FOLDER = ".caption-backups"
+
+
+def is_training_image(name: str) -> bool:
+    """Whether sd-scripts would train on a file with this name (by extension)."""
+    return os.path.splitext(name)[1] in _IMAGE_SUFFIXES
+
+
+def split_tags(caption: str) -> Tags:
+    """``"a, b ,,c\\nd"`` → ``("a", "b", "c", "d")``: commas and line breaks separate tags; blanks are dropped."""
+    return tuple(tag for tag in (part.strip() for part in caption.replace("\n", ",").split(",")) if tag)
+
+
+def join_tags(tags: Iterable[str]) -> str:
+    return ", ".join(tags)
+
+
+def _unique(tags: Iterable[str]) -> Tags:
+    return tuple(dict.fromkeys(tags))
+
+
+def _compiled(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise UserError(f"The regular expression {pattern!r} is not valid: {error}.") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edits: one image's tags in, new tags out.
+
+
+class TagEdit(Protocol):
+    def apply(self, tags: Tags) -> Tags: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class AddTags:
+    """Insert tags at ``position`` (0 = front, None = end, negative counts from the end); tags already there stay put."""
+
+    tags: Tags
+    position: int | None = None
+
+    def apply(self, tags: Tags) -> Tags:
+        missing = tuple(tag for tag in _unique(self.tags) if tag not in tags)
+        if not missing:
+            return tags
+        at = len(tags) if self.position is None else self.position
+        at = max(0, len(tags) + at + 1) if at < 0 else min(at, len(tags))
+        return tags[:at] + missing + tags[at:]
+
+    def describe(self) -> str:
+        where = "at the end" if self.position is None else f"at position {self.position}"
+        return f"Add {join_tags(self.tags)} {where}"
+
+
+@dataclass(frozen=True)
+class RemoveTags:
+    tags: Tags
+
+    def apply(self, tags: Tags) -> Tags:
+        unwanted = set(self.tags)
+        return tuple(tag for tag in tags if tag not in unwanted)
+
+    def describe(self) -> str:
+        return f"Remove {join_tags(self.tags)}"
+
+
+@dataclass(frozen=True)
+class ReplaceText:
+    """Replace text inside each tag (or in the whole caption), plainly or as a regular expression; a tag that becomes
+    empty disappears, and a whole-caption replacement may split or merge tags."""
+
+    find: str
+    replacement: str
+    regex: bool = False
+    whole_caption: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.find:
+            raise UserError("Replace needs some text to find.")
+        if self.regex:
+            _compiled(self.find)
+
+    def _replace(self, text: str) -> str:
+        if self.regex:
+            return _compiled(self.find).sub(self.replacement, text)
+        return text.replace(self.find, self.replacement)
+
+    def apply(self, tags: Tags) -> Tags:
+        if self.whole_caption:
+            return split_tags(self._replace(join_tags(tags)))
+        replaced = tuple(self._replace(tag).strip() for tag in tags)
+        return replaced if all(replaced) else tuple(tag for tag in replaced if tag)
+
+    def describe(self) -> str:
+        kind = "regex" if self.regex else "text"
+        return f"Replace {kind} {self.find!r} with {self.replacement!r}" + (" in whole captions" if self.whole_caption else "")
+
+
+@dataclass(frozen=True)
+class RenameTag:
+    """Rename one tag exactly; where the new name is already present the two merge at the first one's place."""
+
+    old: str
+    new: str
+
+    def apply(self, tags: Tags) -> Tags:
+        if self.old not in tags:
+            return tags
+        new = self.new.strip()
+        return _unique(new if tag == self.old else tag for tag in tags if tag != self.old or new)
+
+    def describe(self) -> str:
+        return f"Rename {self.old} to {self.new}"
+
+
+@dataclass(frozen=True)
+class RemoveDuplicates:
+    def apply(self, tags: Tags) -> Tags:
+        return _unique(tags)
+
+    def describe(self) -> str:
+        return "Remove duplicate tags"
+
+
+@dataclass(frozen=True)
+class SortTags:
+    """Sort alphabetically (case-insensitive), leaving the first ``keep_first`` tags (the trigger word) in place."""
+
+    keep_first: int = 0
+
+    def apply(self, tags: Tags) -> Tags:
+        head, tail = tags[: self.keep_first], tags[self.keep_first:]
+        return head + tuple(sorted(tail, key=lambda tag: (tag.casefold(), tag)))
+
+    def describe(self) -> str:
+        return "Sort tags" + (f" after the first {self.keep_first}" if self.keep_first else "")
+
+
+@dataclass(frozen=True)
+class MoveToFront:
+    """Move these tags (a trigger word, say) to the front, in this order, where an image has them."""
+
+    tags: Tags
+
+    def apply(self, tags: Tags) -> Tags:
+        present = tuple(tag for tag in _unique(self.tags) if tag in tags)
+        return present + tuple(tag for tag in tags if tag not in present)
+
+    def describe(self) -> str:
+        return f"Move {join_tags(self.tags)} to the front"
+
+
+@dataclass(frozen=True)
+class Lowercase:
+    def apply(self, tags: Tags) -> Tags:
+        return tuple(tag.lower() for tag in tags)
+
+    def describe(self) -> str:
+        return "Lowercase tags"
+
+
+def underscores_to_spaces(tag: str) -> str:
+    # sd-scripts' WD14 tagger keeps tags of 3 characters or fewer as they are: kaomoji such as ^_^ or o_o.
+    return tag.replace("_", " ") if len(tag) > 3 else tag
+
+
+@dataclass(frozen=True)
+class UnderscoresToSpaces:
+    def apply(self, tags: Tags) -> Tags:
+        return tuple(underscores_to_spaces(tag) for tag in tags)
+
+    def describe(self) -> str:
+        return "Underscores to spaces"
+
+
+@dataclass(frozen=True)
+class SpacesToUnderscores:
+    def apply(self, tags: Tags) -> Tags:
+        return tuple(tag.replace(" ", "_") for tag in tags)
+
+    def describe(self) -> str:
+        return "Spaces to underscores"
+
+
+@dataclass(frozen=True)
+class SetTags:
+    """The per-image edit: these tags, exactly."""
+
+    tags: Tags
+
+    def apply(self, tags: Tags) -> Tags:
+        return tuple(self.tags)
+
+    def describe(self) -> str:
+        return f"Set tags to {join_tags(self.tags)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The editor's state.
+
+
+@dataclass(frozen=True)
+class Step:
+    """One undoable step: the tags of the images it changed, before and after."""
+
+    description: str
+    before: Mapping[Path, Tags]
+    after: Mapping[Path, Tags]
+
+
+@dataclass(frozen=True)
+class TagEditor:
+    """A folder's images and tags in memory. ``tags`` is what the user sees, ``on_disk`` what the caption files held
+    when last read or saved; images whose caption could not be read are listed in ``unreadable`` and left alone."""
+
+    folder: Path
+    recursive: bool
+    caption_extension: str
+    backup_dir: Path | None
+    images: tuple[Path, ...]
+    tags: Mapping[Path, Tags]
+    on_disk: Mapping[Path, Tags]
+    stamps: Mapping[Path, CaptionStamp]
+    siblings: Mapping[Path, tuple[Path, ...]]
+    multiline: tuple[Path, ...] = ()
+    unreadable: Mapping[Path, str] = field(default_factory=dict)
+    undo_steps: tuple[Step, ...] = ()
+    redo_steps: tuple[Step, ...] = ()
+
+    def caption_path(self, image: Path) -> Path:
+        return caption_path_for(image, self.caption_extension)
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self.undo_steps)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self.redo_steps)
+
+
+def _frozen(mapping: Mapping) -> Mapping:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class _FolderScan:
+    images: tuple[Path, ...]
+    tags: dict[Path, Tags]
+    stamps: dict[Path, CaptionStamp]
+    multiline: tuple[Path, ...]
+    unreadable: dict[Path, str]
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    found: list[Path] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    # hidden folders hold our own backups (and .git and the like), never training images
+                    if recursive and not entry.name.startswith("."):
+                        pending.append(Path(entry.path))
+                elif is_training_image(entry.name) and entry.is_file():
+                    found.append(Path(entry.path))
+    return sorted(found, key=lambda path: (str(path.parent), path.name))
+
+
+def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
+    images = _image_files(folder, recursive)
+    tags: dict[Path, Tags] = {}
+    stamps: dict[Path, CaptionStamp] = {}
+    multiline: list[Path] = []
+    unreadable: dict[Path, str] = {}
+    for image in images:
+        caption = caption_path_for(image, caption_extension)
+        try:
+            caption_file = load_caption_file(caption)
+        except UserError as error:
+            unreadable[image] = str(error)
+            continue
+        stamps[caption] = caption_file.stamp
+        tags[image] = split_tags(caption_file.text)
+        if "\n" in caption_file.text.strip():  # sd-scripts trains on the first line only
+            multiline.append(image)
+    return _FolderScan(tuple(images), tags, stamps, tuple(multiline), unreadable)
+
+
+def _siblings(images: Iterable[Path], caption_extension: str) -> dict[Path, tuple[Path, ...]]:
+    by_caption: dict[Path, list[Path]] = {}
+    for image in images:
+        by_caption.setdefault(caption_path_for(image, caption_extension), []).append(image)
+    return {image: tuple(group) for group in by_caption.values() if len(group) > 1 for image in group}
+
+
+def open_folder(
+    folder: Path,
+    *,
+    recursive: bool = False,
+    caption_extension: str = ".txt",
+    backup_dir: Path | str | None = DEFAULT_BACKUP_FOLDER,
+) -> TagEditor:
+    """Read a folder's images (sd-scripts' extensions; sub-folders too when ``recursive``, hidden ones skipped) and
+    their captions. ``backup_dir`` is where ``save`` keeps previous versions (relative to ``folder``; None: none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder.")
+    if not caption_extension.startswith("."):
+        caption_extension = "." + caption_extension
+    scan = _scan(folder, recursive, caption_extension)
+    return TagEditor(
+        folder=folder,
+        recursive=recursive,
+        caption_extension=caption_extension,
+        backup_dir=None if backup_dir is None else folder / backup_dir,
+        images=scan.images,
+        tags=_frozen(scan.tags),
+        on_disk=_frozen(scan.tags),
+        stamps=_frozen(scan.stamps),
+        siblings=_frozen(_siblings(scan.images, caption_extension)),
+        multiline=scan.multiline,
+        unreadable=_frozen(scan.unreadable),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the state: tags, counts, filters.
+
+
+def caption_of(editor: TagEditor, image: Path) -> str:
+    return join_tags(editor.tags.get(image, ()))
+
+
+def tag_counts(editor: TagEditor, images: Iterable[Path] | None = None) -> list[tuple[str, int]]:
+    """How many images carry each tag (among ``images``, default all), most frequent first, then by name."""
+    selected = editor.tags.keys() if images is None else (image for image in images if image in editor.tags)
+    counts = Counter(tag for image in selected for tag in set(editor.tags[image]))
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+@dataclass(frozen=True)
+class TagFilter:
+    """Images that have all of ``all_of``, at least one of ``any_of`` (when given), none of ``none_of``, whose caption
+    matches ``caption_regex`` (searched in ``"tag1, tag2, …"``), and — with ``untagged`` — no tags at all."""
+
+    all_of: Tags = ()
+    any_of: Tags = ()
+    none_of: Tags = ()
+    caption_regex: str | None = None
+    untagged: bool = False
+
+    def __post_init__(self) -> None:
+        if self.caption_regex:
+            _compiled(self.caption_regex)
+
+    def matches(self, tags: Tags) -> bool:
+        if self.untagged and tags:
+            return False
+        present = set(tags)
+        if not present.issuperset(self.all_of):
+            return False
+        if self.any_of and present.isdisjoint(self.any_of):
+            return False
+        if not present.isdisjoint(self.none_of):
+            return False
+        return not self.caption_regex or _compiled(self.caption_regex).search(join_tags(tags)) is not None
+
+
+def select(editor: TagEditor, tag_filter: TagFilter) -> tuple[Path, ...]:
+    """The editable images that pass the filter, in folder order."""
+    return tuple(image for image in editor.images if image in editor.tags and tag_filter.matches(editor.tags[image]))
+
+
+def unsaved_images(editor: TagEditor) -> tuple[Path, ...]:
+    return tuple(image for image in editor.images if editor.tags.get(image) != editor.on_disk.get(image))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Changing the state: edits, undo, redo.
+
+
+def _with_tags(editor: TagEditor, new_tags: Mapping[Path, Tags]) -> Mapping[Path, Tags]:
+    merged = dict(editor.tags)
+    merged.update((image, tags) for image, tags in new_tags.items() if image in merged)
+    return MappingProxyType(merged)
+
+
+def _record(editor: TagEditor, description: str, after: Mapping[Path, Tags]) -> TagEditor:
+    changed = {image: tags for image, tags in after.items() if editor.tags.get(image, tags) != tags}
+    if not changed:
+        return editor
+    step = Step(description, MappingProxyType({image: editor.tags[image] for image in changed}), MappingProxyType(changed))
+    return replace(editor, tags=_with_tags(editor, changed), undo_steps=editor.undo_steps + (step,), redo_steps=())
+
+
+def _with_siblings(editor: TagEditor, images: Iterable[Path]) -> list[Path]:
+    chosen = dict.fromkeys(image for image in images if image in editor.tags)
+    for image in list(chosen):
+        chosen.update(dict.fromkeys(sibling for sibling in editor.siblings.get(image, ()) if sibling in editor.tags))
+    return list(chosen)
+
+
+def apply_edit(editor: TagEditor, edit: TagEdit, images: Iterable[Path] | None = None) -> TagEditor:
+    """Apply one edit to the selected images (default: every editable image) as one undoable step."""
+    targets = list(editor.tags) if images is None else _with_siblings(editor, images)
+    tags = editor.tags
+    return _record(editor, edit.describe(), {image: edit.apply(tags[image]) for image in targets})
+
+
+def edit_caption(editor: TagEditor, image: Path, caption: str) -> TagEditor:
+    """The per-image edit: the caption as typed, split into tags."""
+    return apply_edit(editor, SetTags(split_tags(caption)), [image])
+
+
+def undo(editor: TagEditor) -> TagEditor:
+    if not editor.undo_steps:
+        return editor
+    step = editor.undo_steps[-1]
+    return replace(
+        editor,
+        tags=_with_tags(editor, step.before),
+        undo_steps=editor.undo_steps[:-1],
+        redo_steps=editor.redo_steps + (step,),
+    )
+
+
+def redo(editor: TagEditor) -> TagEditor:
+    if not editor.redo_steps:
+        return editor
+    step = editor.redo_steps[-1]
+    return replace(
+        editor,
+        tags=_with_tags(editor, step.after),
+        undo_steps=editor.undo_steps + (step,),
+        redo_steps=editor.redo_steps[:-1],
+    )
+
+
+def revert(editor: TagEditor, images: Iterable[Path] | None = None) -> TagEditor:
+    """Throw away unsaved edits (of ``images``, default all) as one undoable step."""
+    chosen = unsaved_images(editor) if images is None else _with_siblings(editor, images)
+    return _record(editor, "Revert to the saved captions", {image: editor.on_disk[image] for image in chosen})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk: save and reload.
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    written: tuple[Path, ...]
+    backup_folder: Path | None
+
+
+def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
+    """Write the captions of the images with unsaved edits (and only those), keeping the previous versions in a new
+    folder under ``editor.backup_dir``. If another program changed any of them since they were read, nothing is
+    written and the ``UserError`` lists them: ``reload`` first."""
+    changed = unsaved_images(editor)
+    texts = {editor.caption_path(image): join_tags(editor.tags[image]) for image in changed}
+    result = write_captions(texts, editor.backup_dir, {path: editor.stamps.get(path, NO_FILE) for path in texts})
+    saved = editor.on_disk | {image: editor.tags[image] for image in changed}
+    stamps = editor.stamps | dict(result.written)
+    return (
+        replace(editor, on_disk=_frozen(saved), stamps=_frozen(stamps)),
+        SaveResult(tuple(texts), result.backup_folder),
+    )
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    """What changed on disk since the folder was read: ``updated`` now shows the other program's version (it had no
+    unsaved edits here); ``conflicts`` were changed there *and* here — the edits made here are kept and a ``save``
+    would replace the other version (after backing it up); ``revert`` takes the other version instead."""
+
+    updated: tuple[Path, ...] = ()
+    conflicts: tuple[Path, ...] = ()
+    added: tuple[Path, ...] = ()
+    removed: tuple[Path, ...] = ()
+    unreadable: tuple[Path, ...] = ()
+
+
+def reload(editor: TagEditor) -> tuple[TagEditor, ReloadReport]:
+    """Read the folder again without losing unsaved edits; see ``ReloadReport`` for what happens to each image."""
+    scan = _scan(editor.folder, editor.recursive, editor.caption_extension)
+    old_images, new_images = set(editor.images), set(scan.images)
+    updated, conflicts = [], []
+    tags = {}
+    for image in scan.images:
+        if image not in scan.tags:
+            continue
+        caption = editor.caption_path(image)
+        if image not in editor.tags:
+            tags[image] = scan.tags[image]
+        elif scan.stamps[caption].same_content(editor.stamps.get(caption, NO_FILE)):
+            tags[image] = editor.tags[image]
+        elif editor.tags[image] == editor.on_disk[image] or editor.tags[image] == scan.tags[image]:
+            updated.append(image)
+            tags[image] = scan.tags[image]
+        else:
+            conflicts.append(image)
+            tags[image] = editor.tags[image]
+    reloaded = replace(
+        editor,
+        images=scan.images,
+        tags=_frozen({image: editor.tags.get(image, tags[image]) for image in tags}),
+        on_disk=_frozen(scan.tags),
+        stamps=_frozen(scan.stamps),
+        siblings=_frozen(_siblings(scan.images, editor.caption_extension)),
+        multiline=scan.multiline,
+        unreadable=_frozen(scan.unreadable),
+    )
+    # the other program's versions arrive as an undoable step, so undo never silently mixes two histories
+    reloaded = _record(reloaded, "Reload captions changed on disk", {image: tags[image] for image in updated})
+    report = ReloadReport(
+        updated=tuple(updated),
+        conflicts=tuple(conflicts),
+        added=tuple(image for image in scan.images if image not in old_images),
+        removed=tuple(image for image in editor.images if image not in new_images),
+        unreadable=tuple(scan.unreadable),
+    )
+    return reloaded, report

@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.dataset.tag_editor import (
+    AddTags,
+    Lowercase,
+    MoveToFront,
+    RemoveDuplicates,
+    RemoveTags,
+    RenameTag,
+    ReplaceText,
+    SortTags,
+    SpacesToUnderscores,
+    TagFilter,
+    UnderscoresToSpaces,
+    apply_edit,
+    caption_of,
+    edit_caption,
+    open_folder,
+    redo,
+    reload,
+    revert,
+    save,
+    select,
+    split_tags,
+    tag_counts,
+    undo,
+    unsaved_images,
+)
+from lora_trainer.errors import UserError
+
+
+def make_dataset(folder: Path, captions: dict[str, str | None]) -> Path:
+    """Images are never decoded by the editor, so a few bytes stand in for each image file."""
+    for name, caption in captions.items():
+        image = folder / name
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(b"not decoded")
+        if caption is not None:
+            image.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(
+        tmp_path / "10_zkstar",
+        {
+            "a.png": "zkstar, yellow star, blue_background",
+            "b.jpg": "yellow star,  zkstar ,simple background, yellow star",
+            "c.webp": "red circle",
+            "d.png": None,
+            "e.PNG": "",
+        },
+    )
+
+
+def names(images) -> list[str]:
+    return [image.name for image in images]
+
+
+def test_open_lists_sd_scripts_images_with_stripped_tags_and_ignores_other_files(dataset):
+    (dataset / "notes.txt").write_text("not an image caption", encoding="utf-8")
+    (dataset / "f.gif").write_bytes(b"gif")
+    (dataset / "g.Png").write_bytes(b"mixed case is not an sd-scripts extension")
+    editor = open_folder(dataset)
+    assert names(editor.images) == ["a.png", "b.jpg", "c.webp", "d.png", "e.PNG"]
+    assert editor.tags[dataset / "b.jpg"] == ("yellow star", "zkstar", "simple background", "yellow star")
+    assert editor.tags[dataset / "d.png"] == () and editor.tags[dataset / "e.PNG"] == ()
+
+
+def test_recursive_open_reaches_subfolders_but_not_hidden_backup_folders(tmp_path):
+    root = make_dataset(tmp_path / "train", {"10_a/x.png": "x", "5_b/deep/y.png": "y", ".caption-backups/z.png": "z"})
+    assert names(open_folder(root).images) == []
+    assert names(open_folder(root, recursive=True).images) == ["x.png", "y.png"]
+
+
+def test_counts_and_filters_select_the_images_a_user_asks_for(dataset):
+    editor = open_folder(dataset)
+    assert tag_counts(editor)[:2] == [("yellow star", 2), ("zkstar", 2)]
+    assert names(select(editor, TagFilter(all_of=("zkstar", "yellow star")))) == ["a.png", "b.jpg"]
+    assert names(select(editor, TagFilter(any_of=("red circle", "blue_background")))) == ["a.png", "c.webp"]
+    assert names(select(editor, TagFilter(none_of=("zkstar",)))) == ["c.webp", "d.png", "e.PNG"]
+    assert names(select(editor, TagFilter(caption_regex=r"^yellow"))) == ["b.jpg"]
+    assert names(select(editor, TagFilter(untagged=True))) == ["d.png", "e.PNG"]
+    with pytest.raises(UserError, match="not valid"):
+        TagFilter(caption_regex="(unclosed")
+
+
+@pytest.mark.parametrize(
+    "edit, before, after",
+    [
+        (AddTags(("zkstar",), position=0), ("a", "b"), ("zkstar", "a", "b")),
+        (AddTags(("x",), position=1), ("a", "b"), ("a", "x", "b")),
+        (AddTags(("x",)), ("a", "b"), ("a", "b", "x")),
+        (AddTags(("x",), position=-2), ("a", "b"), ("a", "x", "b")),
+        (AddTags(("a", "x")), ("a", "b"), ("a", "b", "x")),
+        (RemoveTags(("a", "c")), ("a", "b", "c"), ("b",)),
+        (ReplaceText("star", "circle"), ("yellow star", "zkstar"), ("yellow circle", "zkcircle")),
+        (ReplaceText(r"^(\w+) hair$", r"\1_hair", regex=True), ("red hair", "hairband"), ("red_hair", "hairband")),
+        (ReplaceText("solo", ""), ("solo", "star"), ("star",)),
+        (ReplaceText(", simple background", "", whole_caption=True), ("star", "simple background"), ("star",)),
+        (RenameTag("1girl", "one girl"), ("1girl", "one girl", "x"), ("one girl", "x")),
+        (RemoveDuplicates(), ("a", "b", "a"), ("a", "b")),
+        (SortTags(keep_first=1), ("zkstar", "b", "A", "c"), ("zkstar", "A", "b", "c")),
+        (MoveToFront(("zkstar",)), ("a", "zkstar", "b"), ("zkstar", "a", "b")),
+        (MoveToFront(("zkstar",)), ("a", "b"), ("a", "b")),
+        (Lowercase(), ("Yellow Star",), ("yellow star",)),
+        (UnderscoresToSpaces(), ("blue_background", "^_^", "o_o"), ("blue background", "^_^", "o_o")),
+        (SpacesToUnderscores(), ("blue background",), ("blue_background",)),
+    ],
+    ids=lambda value: type(value).__name__ if not isinstance(value, tuple) else None,
+)
+def test_each_edit_turns_tags_into_what_its_name_promises(edit, before, after):
+    assert edit.apply(before) == after
+
+
+def test_batch_edit_touches_only_the_selection_and_undo_redo_walk_the_history(dataset):
+    editor = open_folder(dataset)
+    a, b, c = dataset / "a.png", dataset / "b.jpg", dataset / "c.webp"
+    stars = select(editor, TagFilter(all_of=("zkstar",)))
+    edited = apply_edit(editor, MoveToFront(("zkstar",)), stars)
+    edited = apply_edit(edited, RemoveDuplicates(), stars)
+    edited = apply_edit(edited, RenameTag("red circle", "circle"))
+    assert edited.tags[b] == ("zkstar", "yellow star", "simple background")
+    assert edited.tags[c] == ("circle",)
+    assert names(unsaved_images(edited)) == ["b.jpg", "c.webp"]
+    assert editor.tags[b][0] == "yellow star"  # the original value is untouched: edits return new states
+    back = undo(undo(undo(edited)))
+    assert back.tags == editor.tags and not back.can_undo
+    forward = redo(redo(back))
+    assert forward.tags[b] == ("zkstar", "yellow star", "simple background") and forward.tags[c] == ("red circle",)
+    # a new edit after undo drops the redo branch
+    branched = apply_edit(undo(edited), AddTags(("new",)), [a])
+    assert not branched.can_redo
+    assert apply_edit(editor, RemoveTags(("absent",))) is editor  # nothing changed, nothing to undo
+
+
+def test_per_image_edit_and_revert(dataset):
+    editor = open_folder(dataset)
+    d = dataset / "d.png"
+    edited = edit_caption(editor, d, " zkstar,  star ,, ")
+    assert caption_of(edited, d) == "zkstar, star"
+    assert revert(edited).tags == editor.tags
+
+
+def test_save_writes_only_changed_captions_after_backing_them_up(dataset):
+    untouched = {name: os.stat(dataset / name).st_mtime_ns for name in ("a.txt", "b.txt")}
+    editor = apply_edit(open_folder(dataset), AddTags(("zkstar",), position=0))  # a and b already have it
+    saved, result = save(editor)
+    assert sorted(path.name for path in result.written) == ["c.txt", "d.txt", "e.txt"]
+    assert {name: os.stat(dataset / name).st_mtime_ns for name in untouched} == untouched
+    assert (dataset / "c.txt").read_text(encoding="utf-8") == "zkstar, red circle"
+    assert (dataset / "d.txt").read_text(encoding="utf-8") == "zkstar"  # a caption file is created where none was
+    assert result.backup_folder.parent == dataset / ".caption-backups"
+    assert (result.backup_folder / "c.txt").read_text(encoding="utf-8") == "red circle"
+    assert not unsaved_images(saved)
+    assert save(saved)[1].written == ()
+    # the saved state can be edited and saved again without a false "changed on disk"
+    save(apply_edit(saved, RemoveTags(("zkstar",)), [dataset / "c.webp"]))
+    assert (dataset / "c.txt").read_text(encoding="utf-8") == "red circle"
+
+
+def test_images_sharing_a_stem_share_their_caption_and_are_edited_together(tmp_path):
+    folder = make_dataset(tmp_path / "d", {"a.png": "x", "a.jpg": "x"})
+    editor = edit_caption(open_folder(folder), folder / "a.png", "y")
+    assert editor.tags[folder / "a.jpg"] == ("y",)
+    save(editor)
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "y"
+
+
+def test_a_caption_edited_elsewhere_blocks_save_and_reload_reports_it(dataset):
+    editor = apply_edit(open_folder(dataset), AddTags(("mine",)), [dataset / "a.png"])
+    (dataset / "a.txt").write_text("their version", encoding="utf-8")
+    (dataset / "c.txt").write_text("red circle, theirs", encoding="utf-8")
+    (dataset / "new.png").write_bytes(b"x")
+    (dataset / "e.PNG").unlink()
+    with pytest.raises(UserError, match="changed on disk"):
+        save(editor)
+    assert (dataset / "a.txt").read_text(encoding="utf-8") == "their version"
+
+    reloaded, report = reload(editor)
+    assert names(report.conflicts) == ["a.png"]
+    assert names(report.updated) == ["c.webp"]
+    assert names(report.added) == ["new.png"] and names(report.removed) == ["e.PNG"]
+    assert reloaded.tags[dataset / "a.png"][-1] == "mine"  # unsaved work is never dropped
+    assert reloaded.tags[dataset / "c.webp"] == ("red circle", "theirs")
+    taken = revert(reloaded, [dataset / "a.png"])
+    assert taken.tags[dataset / "a.png"] == ("their version",)
+    _, result = save(reloaded)  # after the report, saving keeps mine and backs theirs up
+    assert (dataset / "a.txt").read_text(encoding="utf-8").endswith("mine")
+    assert (result.backup_folder / "a.txt").read_text(encoding="utf-8") == "their version"
+
+
+def test_a_non_utf8_caption_is_listed_and_left_alone_while_the_rest_opens(dataset):
+    (dataset / "c.txt").write_bytes("红色, 圆".encode("gbk"))
+    editor = open_folder(dataset)
+    assert "re-save it as UTF-8" in editor.unreadable[dataset / "c.webp"]
+    saved, result = save(apply_edit(editor, AddTags(("zkstar",))))
+    assert (dataset / "c.txt").read_bytes() == "红色, 圆".encode("gbk")
+
+
+def test_a_multiline_caption_is_flagged_because_training_reads_only_its_first_line(dataset):
+    (dataset / "c.txt").write_text("red circle\nsecond line tag", encoding="utf-8")
+    editor = open_folder(dataset)
+    assert names(editor.multiline) == ["c.webp"]
+    assert editor.tags[dataset / "c.webp"] == ("red circle", "second line tag")
+
+
+def test_split_tags_treats_commas_and_line_breaks_alike():
+    assert split_tags(" a, b ,,c\nd \n") == ("a", "b", "c", "d")
