@@ -1,49 +1,55 @@
-"""The main job on the embedded default: for now, draw a few prompts with the tiny shapes model.
+"""The main job on the embedded default: train a LoRA on the sample dataset, then draw its epoch × strength grid.
 
-Later issues grow this into "train a LoRA on the sample dataset and draw its epoch × strength grid".
+The tiny base model has never seen a star; the sample dataset (16 yellow stars captioned "zkstar, …") teaches
+it one behind the trigger word. The run writes Kohya-format epoch files and a grid whose columns go from "no
+LoRA" to strength 1, so the concept visibly appears as training and strength progress.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from .build import TINY_MODEL_PATH
+from .shapes import CONCEPT_TRIGGER
 
-DEMO_PROMPTS = ("a red circle", "a blue square", "green triangle, white background", "yellow circle, black background")
-
-
-def montage(images: list[Image.Image], labels: list[str], columns: int, cell: int = 128) -> Image.Image:
-    """A labelled grid: each image scaled to ``cell`` pixels with its label underneath."""
-    rows = (len(images) + columns - 1) // columns
-    label_height = 14
-    sheet = Image.new("RGB", (columns * cell, rows * (cell + label_height)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for index, (image, label) in enumerate(zip(images, labels)):
-        x, y = (index % columns) * cell, (index // columns) * (cell + label_height)
-        sheet.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
-        draw.text((x + 2, y + cell + 1), label[:24], fill="black")
-    return sheet
+SAMPLE_DATASET = Path(__file__).resolve().parents[1] / "assets" / "sample-dataset"
+DEMO_PROMPT = f"{CONCEPT_TRIGGER}, blue background"
+DEMO_EPOCHS = 4
+DEMO_STRENGTHS = (0.5, 1.0)
 
 
-def run_demo(out: str | Path, seeds: tuple[int, ...] = (1, 2, 3)) -> Path:
-    from ..cli import load_for_inference, save_png
-    from ..hashing import short_hash
-    from ..safe_io import atomic_path
-    from ..sampling.txt2img import GenerationSettings, txt2img
+def training_arguments(out: Path, epochs: int = DEMO_EPOCHS) -> list[str]:
+    """sd-scripts options of the demo run: what a user would type for this dataset."""
+    return [
+        "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(SAMPLE_DATASET),
+        "--output_dir", str(out), "--output_name", CONCEPT_TRIGGER, "--caption_extension", ".txt",
+        "--resolution", "64", "--train_batch_size", "4", "--max_train_epochs", str(epochs), "--save_every_n_epochs", "1",
+        "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8",
+        "--learning_rate", "2e-3", "--text_encoder_lr", "5e-4", "--optimizer_type", "AdamW", "--lr_scheduler", "constant",
+        "--cache_latents", "--seed", "42", "--max_data_loader_n_workers", "0",
+    ]
+
+
+def run_demo(out: str | Path, epochs: int = DEMO_EPOCHS, seed: int = 11) -> Path:
+    from ..grid.axes import run_files
+    from ..grid.render import epoch_strength_grid
+    from ..models.checkpoint import load_checkpoint
+    from ..sampling.txt2img import GenerationSettings
+    from ..train_network import main as train
 
     out = Path(out)
-    model = load_for_inference(None, None, None, "auto", None)
-    info = {"Model hash": short_hash(model.path), "Model": model.path.stem}
-    images, labels = [], []
-    for prompt in DEMO_PROMPTS:
-        for seed in seeds:
-            settings = GenerationSettings(prompt=prompt, steps=20, sampler="DPM++ 2M Karras", cfg_scale=5.0, seed=seed,
-                                          width=model.config.resolution, height=model.config.resolution)
-            generated = txt2img(model, settings, model_info=info)[0]
-            save_png(generated.image, generated.infotext, out / "images", seed)
-            images.append(generated.image)
-            labels.append(f"{prompt} #{seed}")
-    grid = out / "demo-grid.png"
-    with atomic_path(grid) as temporary:
-        montage(images, labels, columns=len(seeds)).save(temporary, format="PNG")
-    return grid
+    started = time.perf_counter()
+    print(f"training a LoRA for '{CONCEPT_TRIGGER}' on the tiny base model ({epochs} epochs) …", flush=True)
+    if train(training_arguments(out / "lora", epochs)) != 0:
+        raise SystemExit(2)
+    trained = time.perf_counter() - started
+    model = load_checkpoint(TINY_MODEL_PATH)
+    files = run_files(out / "lora" / f"{CONCEPT_TRIGGER}.safetensors")
+    settings = GenerationSettings(DEMO_PROMPT, steps=20, sampler="DPM++ 2M Karras", cfg_scale=5.0, seed=seed,
+                                  width=model.config.resolution, height=model.config.resolution)
+    grid = epoch_strength_grid(model, settings, files, list(DEMO_STRENGTHS), out=out / "grid")
+    print(f"trained in {trained:.0f} s; files: {', '.join(str(f.path) for f in files)}", file=sys.stderr)
+    print(f"grid ({len(files)} epochs × {len(DEMO_STRENGTHS)} strengths + no LoRA) in {grid.seconds:.0f} s", file=sys.stderr)
+    return grid.path

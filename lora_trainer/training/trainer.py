@@ -29,6 +29,7 @@ from .lr_schedules import make_scheduler, resolve_warmup
 from .optimizers import make_optimizer, optimizer_label
 from .options import TrainOptions
 from .outputs import OutputPlan, RunMetadata
+from .samples import draw_samples, read_prompts
 from .state import load_state, save_state
 from .text import encode_captions, sdxl_vector
 
@@ -147,6 +148,18 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
     written: list[Path] = []
     last_time = time.perf_counter()
 
+    prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
+
+    def sample(epoch: int | None, step: int) -> None:
+        if not prompts:
+            return
+        network.eval()
+        paths = draw_samples(model, prompts, options.sample_sampler, plan.folder / "sample", options.output_name, epoch, step,
+                             options.clip_skip or 1)
+        network.train()
+        for path in paths:
+            events.emit("sample", path=str(path), epoch=epoch, step=step)
+
     def save_network_file(path: Path, epoch: int, step: int) -> None:
         saved = plan.save(network, path, metadata.build(epoch, step))
         written.append(saved)
@@ -161,6 +174,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                     seconds=round(time.time() - started, 2))
         return written
 
+    if options.sample_at_first and state.step == 0:
+        sample(0, 0)
     for epoch in range(state.epoch, num_epochs):
         batches = data.epoch_batches(epoch)
         epoch_losses = []
@@ -196,6 +211,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
             if plan.save_at_step(state.step):
                 save_network_file(plan.step_path(state.step), epoch + 1, state.step)
                 plan.prune_steps(state.step)
+            if options.sample_every_n_steps and not options.sample_every_n_epochs and state.step % options.sample_every_n_steps == 0:
+                sample(None, state.step)
             if state.step >= total_steps:
                 break
             if stop.requested:
@@ -204,6 +221,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 return finish(epoch)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         events.emit("epoch", epoch=epoch + 1, average=sum(epoch_losses) / max(1, len(epoch_losses)), step=state.step)
+        if options.sample_every_n_epochs and (epoch + 1) % options.sample_every_n_epochs == 0:
+            sample(epoch + 1, state.step)
         if plan.save_at_epoch(epoch + 1):
             save_network_file(plan.epoch_path(epoch + 1), epoch + 1, state.step)
             plan.prune_epochs(epoch + 1)
