@@ -106,3 +106,7 @@ def run_bench(area: str, args) -> None:
         from .networks.bench import run
 
         run(args.precision)
+    elif area == "train":
+        from .training.bench import run
+
+        run(args.fixtures)

@@ -150,9 +150,11 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=build_tiny_model)
 
     bench_parser = commands.add_parser("bench", help="print speed and memory figures")
-    bench_parser.add_argument("area", choices=["load", "generate", "networks"])
+    bench_parser.add_argument("area", choices=["load", "generate", "networks", "train"])
     bench_parser.add_argument("--work-dir", type=Path, help="where to write the random full-size checkpoints")
     bench_parser.add_argument("--models", default="sd15,sdxl")
+    bench_parser.add_argument("--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-fixtures",
+                              help="sd-scripts' fixture folder (train)")
     bench_parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "bf16"], help="weights dtype (networks)")
     bench_parser.set_defaults(run=bench)
     return root
