@@ -94,7 +94,7 @@ class NetworkModule(nn.Module):
 
     def _lora_change(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down.weight, self.lora_up.weight
-        scale = registry_scale(self.file_tensors(), down.shape[0])
+        scale = registry_scale({k: getattr(self, k) for k in ("alpha", "scale") if hasattr(self, k)}, down.shape[0])
         if self.training and self.algorithm == "dylora":
             down, up, scale = self._dylora_slice(down, up, scale)
         hidden = self._project(x, down.to(x.dtype))
