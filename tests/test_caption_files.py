@@ -124,3 +124,16 @@ def test_a_failed_write_changes_no_caption_and_leaves_no_temporary_files(tmp_pat
         write_captions({a: "new a", b: "new b"}, None)
     assert a.read_text(encoding="utf-8") == "a" and b.read_text(encoding="utf-8") == "b"
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]
+
+
+def test_backup_is_a_copy_where_hard_links_are_not_possible(tmp_path, monkeypatch):
+    caption = tmp_path / "a.txt"
+    caption.write_text("old", encoding="utf-8")
+
+    def no_hard_links(source, target):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(caption_files.os, "link", no_hard_links)
+    result = write_captions({caption: "new"}, tmp_path / "backups", {caption: load_caption_file(caption).stamp})
+    assert (result.backup_folder / "a.txt").read_text(encoding="utf-8") == "old"
+    assert caption.read_text(encoding="utf-8") == "new"

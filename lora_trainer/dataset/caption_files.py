@@ -11,10 +11,13 @@ the file and telling the user to re-save it as UTF-8, unless the caller names th
 without a BOM, which is what sd-scripts reads correctly.
 
 Writing. ``write_captions`` first checks that no file changed on disk since it was read (by content, through the
-``CaptionStamp`` taken when reading; a file that was merely touched is not a conflict), then copies every previous
-version into a new timestamped backup folder, writes every new text into a temporary file beside its target and
-fsyncs it, and only when all of that succeeded renames the temporary files over the targets. A failure before the
-renames leaves every caption as it was.
+``CaptionStamp`` taken when reading; a file that was merely touched is not a conflict), writes every new text into a
+temporary file beside its target and fsyncs it, keeps every previous version in a new timestamped backup folder (a
+hard link where the file system allows, else a copy), and only when all of that succeeded renames the temporary files
+over the targets. A failure before the renames leaves every caption as it was.
+
+Not ``safe_io.atomic_path``: it fsyncs and renames one file at a time, and one fsync costs ~4 ms on an ordinary disk,
+so 1,000 captions would take 4 s; here the writes, syncs and renames of a batch run side by side.
 """
 
 from __future__ import annotations
@@ -214,44 +217,64 @@ def write_captions(
                 "Reload them to see the other version, then save again."
             )
     texts = {Path(path): text.encode(CAPTION_WRITE_ENCODING) for path, text in changes.items()}
-    backups = []
+    temporaries = _run_all_or_clean_up(lambda path: _write_synced(path, texts[path]), targets)
     backup_folder = None
-    if backup_dir is not None:
-        existing = [path for path in targets if path.is_file()]
-        if existing:
-            backup_folder = _backup_folder(Path(backup_dir))
-            root = _common_root(existing)
-            backups = [(path, backup_folder / _backup_name(path, root)) for path in existing]
+    existing = [path for path in targets if path.is_file()] if backup_dir is not None else []
+    if existing:
+        try:
+            backup_folder = _keep_previous_versions(existing, Path(backup_dir))
+        except BaseException:
+            for temporary in temporaries:
+                temporary.unlink(missing_ok=True)
+            raise
 
-    def copy_previous(pair: tuple[Path, Path]) -> Path:
-        return _write_synced(pair[1], pair[0].read_bytes())
+    def put_in_place(pair: tuple[Path, Path]) -> OSError | None:
+        try:
+            os.replace(*pair)
+            return None
+        except OSError as error:
+            pair[0].unlink(missing_ok=True)
+            return error
 
-    def prepare(path: Path) -> Path:
-        return _write_synced(path, texts[path])
-
-    backup_temporaries = _run_all_or_clean_up(copy_previous, backups)
-    for temporary, (_, backup) in zip(backup_temporaries, backups):
-        os.replace(temporary, backup)  # every previous version is safe before any caption is touched
-    temporaries = _run_all_or_clean_up(prepare, targets)
-    replaced: list[Path] = []
-    try:
-        for temporary, target in zip(temporaries, targets):
-            os.replace(temporary, target)
-            replaced.append(target)
-    except OSError as error:
-        for temporary in temporaries[len(replaced):]:
-            temporary.unlink(missing_ok=True)
+    # Side by side because on a disk mounted with discard, freeing a replaced file's blocks takes ~3 ms each.
+    with ThreadPoolExecutor(_PARALLEL_SYNCS) as pool:
+        failures = [error for error in pool.map(put_in_place, zip(temporaries, targets)) if error is not None]
+    if failures:
         raise UserError(
-            f"Could not replace {target} ({error}); {len(replaced)} of {len(targets)} captions were already written"
-            + (f", the previous versions are in {backup_folder}." if backup_folder else ".")
-        ) from None
+            f"Could not replace {len(failures)} of {len(targets)} captions ({failures[0]}); the others were written"
+            + (f", and the previous versions are in {backup_folder}." if backup_folder else ".")
+        )
     written = {target: _stamp(texts[target], os.stat(target)) for target in targets}
     return CaptionWriteResult(written, backup_folder)
 
 
-def _run_all_or_clean_up(prepare, items: list) -> list[Path]:
-    """Run ``prepare`` (which writes one temporary file) on every item side by side; if any fails, delete the
-    temporary files the others made and raise a ``UserError`` that says nothing was changed."""
+def _keep_previous_versions(existing: list[Path], backup_dir: Path) -> Path:
+    """Put the current version of each file into a new timestamped folder under ``backup_dir``, keeping the files'
+    layout relative to their common folder."""
+    try:
+        folder = _backup_folder(backup_dir)
+    except OSError as error:
+        raise UserError(f"Could not create a backup folder in {backup_dir} ({error}); no caption was changed.") from None
+    root = _common_root(existing)
+
+    def keep(path: Path) -> Path:
+        backup = folder / _backup_name(path, root)
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # A hard link is a free, instant backup: captions are only ever replaced by rename, never written in
+            # place, so the linked file keeps the old text once the caption's name points at the new file.
+            os.link(path, backup)
+        except OSError:  # another drive, or a file system without hard links
+            os.replace(_write_synced(backup, path.read_bytes()), backup)
+        return backup
+
+    _run_all_or_clean_up(keep, existing, f"Could not back up the previous captions into {folder}")
+    return folder
+
+
+def _run_all_or_clean_up(prepare, items: list, failure: str = "Could not write captions") -> list[Path]:
+    """Run ``prepare`` (which makes one file) on every item side by side; if any fails, delete the files the others
+    made and raise a ``UserError`` that says nothing was changed."""
     with ThreadPoolExecutor(_PARALLEL_SYNCS) as pool:
         futures = [pool.submit(prepare, item) for item in items]
     made = [future.result() for future in futures if future.exception() is None]
@@ -259,5 +282,5 @@ def _run_all_or_clean_up(prepare, items: list) -> list[Path]:
     if failures:
         for temporary in made:
             temporary.unlink(missing_ok=True)
-        raise UserError(f"Could not write captions ({failures[0]}); no caption was changed.")
+        raise UserError(f"{failure} ({failures[0]}); no caption was changed.")
     return made
