@@ -25,7 +25,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor

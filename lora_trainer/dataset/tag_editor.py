@@ -295,7 +295,9 @@ class _FolderScan:
     unreadable: dict[Path, str]
 
 
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
+def find_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """The images sd-scripts would train on in ``folder`` (and its sub-folders, hidden ones skipped, when
+    ``recursive``), sorted by folder, then name."""
     found: list[Path] = []
     pending = [folder]
     while pending:
@@ -312,7 +314,7 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
 
 
 def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
-    images = _image_files(folder, recursive)
+    images = find_images(folder, recursive)
     tags: dict[Path, Tags] = {}
     stamps: dict[Path, CaptionStamp] = {}
     multiline: list[Path] = []
