@@ -20,6 +20,7 @@ from lora_trainer.dataset.tag_editor import (
     apply_edit,
     caption_of,
     edit_caption,
+    make_edit,
     open_folder,
     redo,
     reload,
@@ -213,3 +214,13 @@ def test_a_multiline_caption_is_flagged_because_training_reads_only_its_first_li
 
 def test_split_tags_treats_commas_and_line_breaks_alike():
     assert split_tags(" a, b ,,c\nd \n") == ("a", "b", "c", "d")
+
+
+def test_edits_can_be_named_as_data_for_the_api_and_cli(dataset):
+    editor = open_folder(dataset)
+    edit = make_edit("add", tags=["zkstar"], position=0)
+    assert apply_edit(editor, edit).tags[dataset / "c.webp"] == ("zkstar", "red circle")
+    with pytest.raises(UserError, match="Did you mean 'rename'"):
+        make_edit("renam", old="a", new="b")
+    with pytest.raises(UserError, match="'sort'"):
+        make_edit("sort", by_frequency=True)

@@ -14,6 +14,7 @@ applied to both, so what the editor shows is what training reads.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections import Counter
@@ -236,6 +237,35 @@ class SetTags:
 
     def describe(self) -> str:
         return f"Set tags to {join_tags(self.tags)}"
+
+
+# The names the CLI, the WebUI and the API use for edits, e.g. {"edit": "add", "tags": ["zkstar"], "position": 0}.
+EDIT_KINDS: dict[str, type] = {
+    "add": AddTags,
+    "remove": RemoveTags,
+    "replace": ReplaceText,
+    "rename": RenameTag,
+    "remove_duplicates": RemoveDuplicates,
+    "sort": SortTags,
+    "move_to_front": MoveToFront,
+    "lowercase": Lowercase,
+    "underscores_to_spaces": UnderscoresToSpaces,
+    "spaces_to_underscores": SpacesToUnderscores,
+    "set": SetTags,
+}
+
+
+def make_edit(kind: str, **parameters) -> TagEdit:
+    """Build an edit from its name and parameters (lists become tuples); a wrong name or parameter is a UserError."""
+    if kind not in EDIT_KINDS:
+        close = difflib.get_close_matches(kind, EDIT_KINDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else f" Known edits: {', '.join(EDIT_KINDS)}."
+        raise UserError(f"Unknown tag edit {kind!r}.{hint}")
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in parameters.items()}
+    try:
+        return EDIT_KINDS[kind](**values)
+    except TypeError as error:
+        raise UserError(f"Tag edit {kind!r}: {error}.") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
