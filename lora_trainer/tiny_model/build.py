@@ -52,10 +52,10 @@ def tiny_config(scaling_factor: float = 1.0) -> ModelConfig:
 class BuildSettings:
     seed: int = 0
     images: int = 3000
-    vae_steps: int = 600
-    vae_batch: int = 16
-    unet_steps: int = 3000
-    unet_batch: int = 32
+    vae_steps: int = 1200
+    vae_batch: int = 24
+    unet_steps: int = 6000
+    unet_batch: int = 48
     lr_vae: float = 1e-3
     lr_unet: float = 1e-3
 
