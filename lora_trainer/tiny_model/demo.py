@@ -15,8 +15,9 @@ from .build import TINY_MODEL_PATH
 from .shapes import CONCEPT_TRIGGER
 
 SAMPLE_DATASET = Path(__file__).resolve().parents[1] / "assets" / "sample-dataset"
-DEMO_PROMPT = f"{CONCEPT_TRIGGER}, blue background"
-DEMO_EPOCHS = 4
+DEMO_PROMPT = CONCEPT_TRIGGER
+DEMO_EPOCHS = 8
+SAVE_EVERY = 2
 DEMO_STRENGTHS = (0.5, 1.0)
 
 
@@ -25,7 +26,7 @@ def training_arguments(out: Path, epochs: int = DEMO_EPOCHS) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(SAMPLE_DATASET),
         "--output_dir", str(out), "--output_name", CONCEPT_TRIGGER, "--caption_extension", ".txt",
-        "--resolution", "64", "--train_batch_size", "4", "--max_train_epochs", str(epochs), "--save_every_n_epochs", "1",
+        "--resolution", "64", "--train_batch_size", "4", "--max_train_epochs", str(epochs), "--save_every_n_epochs", str(SAVE_EVERY),
         "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8",
         "--learning_rate", "2e-3", "--text_encoder_lr", "5e-4", "--optimizer_type", "AdamW", "--lr_scheduler", "constant",
         "--cache_latents", "--seed", "42", "--max_data_loader_n_workers", "0",
