@@ -106,6 +106,10 @@ def run_bench(area: str, args) -> None:
         from .networks.bench import run
 
         run(args.precision)
+    elif area == "tags":
+        from .dataset.bench_tags import run
+
+        run(args.work_dir or Path(tempfile.gettempdir()) / "lora-trainer-bench-tags")
     elif area == "train":
         from .training.bench import run
 
