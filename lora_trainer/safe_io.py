@@ -6,9 +6,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # the dataset tools write files without needing torch loaded
+    import torch
 
 
 @contextmanager
