@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from . import minimal_dataset as B
+from ..dataset import buckets as B
 from . import minimal_dataset as C
-from .minimal_dataset import Subset, load_rgb, resolve_subsets
+from .minimal_dataset import Subset, load_rgb, resize_and_crop, resolve_subsets
 from .options import TrainOptions, resolution_of
 
 
@@ -29,9 +29,13 @@ class ImageRecord:
     caption: str
     subset: Subset
     size: tuple[int, int]  # original (w, h)
-    bucket: tuple[int, int]  # (w, h) it is trained at
+    choice: B.BucketChoice  # the bucket (w, h) it is trained at, and the size it is resized to first
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        return self.choice.bucket
 
 
 @dataclass
@@ -47,7 +51,7 @@ class Batch:
 
     @property
     def crops(self):
-        return [B.crop_top_left(r.size, r.bucket) for r in self.records]
+        return [(int(top), int(left)) for left, top, _, _ in (B.crop_ltrb(r.bucket, r.size) for r in self.records)]
 
     @property
     def target_sizes(self):
@@ -122,7 +126,7 @@ class TrainingData:
         for index, record in enumerate(sorted(todo, key=lambda r: r.bucket)):
             cached = _read_npz(record) if self.options.cache_latents_to_disk else None
             if cached is None:
-                image = B.resize_and_crop(load_rgb(record.path), record.bucket)
+                image = resize_and_crop(load_rgb(record.path), record.choice)
                 pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
                 variants = [pixels, pixels.flip(-1)] if record.subset.flip_aug else [pixels]
                 encoded = [vae.encode(v.to(vae.dtype)).sample(generator).float().cpu()[0] for v in variants]
@@ -198,7 +202,7 @@ def _read_npz(record: ImageRecord):
 
 def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, config_name: str) -> None:
     arrays = {"latents": latents.numpy().astype(np.float32), "original_size": np.array(record.size, dtype=np.int64),
-              "crop_ltrb": np.array(B.crop_ltrb(record.size, record.bucket), dtype=np.float64)}
+              "crop_ltrb": np.array(B.crop_ltrb(record.bucket, record.size), dtype=np.float64)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy().astype(np.float32)
     np.savez(npz_path(record, config_name), **arrays)
@@ -213,8 +217,7 @@ def build_training_data(options: TrainOptions, config, seed: int) -> TrainingDat
             if item.problem:
                 problems.append(item.problem)
                 continue
-            bucket = B.assign(item.size, bucketing)
-            records.append(ImageRecord(item.path, item.caption, subset, item.size, bucket))
+            records.append(ImageRecord(item.path, item.caption, subset, item.size, B.select_bucket(item.size, bucketing)))
     if not [r for r in records if not r.subset.is_reg]:
         detail = f" ({'; '.join(problems[:3])})" if problems else ""
         raise UserError(f"the dataset has no usable training images{detail}")

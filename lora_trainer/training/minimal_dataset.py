@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from ..dataset.buckets import BucketChoice, BucketSettings, centre_crop_box
 from ..dataset.caption_files import read_caption
 from ..errors import UserError
 
@@ -37,16 +38,6 @@ class CaptionOptions:
     caption_tag_dropout_rate: float = 0.0
     token_warmup_min: int = 1
     token_warmup_step: float = 0.0
-
-
-@dataclass(frozen=True)
-class Bucketing:
-    resolution: tuple[int, int]
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,7 +113,7 @@ def caption_options_from(options) -> CaptionOptions:
     return CaptionOptions(**{name: getattr(options, name) for name in CaptionOptions.__dataclass_fields__})
 
 
-def resolve_subsets(options) -> tuple[list[Subset], int, Bucketing]:
+def resolve_subsets(options) -> tuple[list[Subset], int, BucketSettings]:
     if options.dataset_config:
         raise UserError("--dataset_config is not supported by the trainer yet; use --train_data_dir")
     if options.resolution is None:
@@ -132,82 +123,19 @@ def resolve_subsets(options) -> tuple[list[Subset], int, Bucketing]:
     subsets = dreambooth_subsets(Path(options.train_data_dir), False, options)
     if options.reg_data_dir:
         subsets += dreambooth_subsets(Path(options.reg_data_dir), True, options)
-    bucketing = Bucketing(resolution, options.enable_bucket, options.min_bucket_reso, options.max_bucket_reso,
+    bucketing = BucketSettings(resolution, options.enable_bucket, options.min_bucket_reso, options.max_bucket_reso,
                           options.bucket_reso_steps, options.bucket_no_upscale)
     return subsets, options.train_batch_size, bucketing
 
 
-# --- buckets -----------------------------------------------------------------------------------------------
+# --- buckets (lora_trainer.dataset.buckets) -----------------------------------------------------------------
 
 
-def bucket_resolutions(max_reso: tuple[int, int], min_size: int, max_size: int, steps: int) -> list[tuple[int, int]]:
-    max_area = max_reso[0] * max_reso[1]
-    side = int(math.sqrt(max_area) // steps) * steps
-    resos = {(side, side)}
-    width = min_size
-    while width <= max_size:
-        height = min(max_size, int((max_area // width) // steps) * steps)
-        if height >= min_size:
-            resos.add((width, height))
-            resos.add((height, width))
-        width += steps
-    return sorted(resos)
-
-
-def _round(value: float, steps: int) -> int:
-    return int(value / steps + 0.5) * steps
-
-
-def assign(size: tuple[int, int], bucketing: Bucketing) -> tuple[int, int]:
-    if not bucketing.enable_bucket:
-        return bucketing.resolution
-    width, height = size
-    aspect = width / height
-    steps = bucketing.bucket_reso_steps
-    if bucketing.bucket_no_upscale:
-        max_area = bucketing.resolution[0] * bucketing.resolution[1]
-        resized = (width, height)
-        if width * height > max_area:
-            w = math.sqrt(max_area * aspect)
-            h = max_area / w
-            bw = _round(w, steps)
-            ar_w = bw / _round(bw / aspect, steps)
-            bh = _round(h, steps)
-            ar_h = _round(bh * aspect, steps) / bh
-            resized = (bw, int(bw / aspect + 0.5)) if abs(ar_w - aspect) < abs(ar_h - aspect) else (int(bh * aspect + 0.5), bh)
-        return (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
-    resos = bucket_resolutions(bucketing.resolution, bucketing.min_bucket_reso, bucketing.max_bucket_reso, steps)
-    if size in resos:
-        return size
-    errors = [abs(w / h - aspect) for w, h in resos]
-    return resos[errors.index(min(errors))]  # the first on ties, as sd-scripts' argmin
-
-
-def resize_and_crop(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+def resize_and_crop(image: Image.Image, choice: BucketChoice) -> Image.Image:
     """Scale to cover the bucket, then centre-crop (sd-scripts' trim_and_resize_if_required)."""
-    width, height = image.size
-    scale = bucket[1] / height if width / height > bucket[0] / bucket[1] else bucket[0] / width
-    resized = (int(width * scale + 0.5), int(height * scale + 0.5))
-    if resized != image.size:
-        image = image.resize(resized, Image.Resampling.LANCZOS)
-    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
-    return image.crop((left, top, left + bucket[0], top + bucket[1]))
-
-
-def crop_ltrb(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Stability's crop box on the bucket, as sd-scripts stores it for SDXL (not the real crop)."""
-    bucket_ar, image_ar = bucket[0] / bucket[1], size[0] / size[1]
-    if bucket_ar > image_ar:
-        w, h = bucket[1] * image_ar, bucket[1]
-    else:
-        w, h = bucket[0], bucket[0] / image_ar
-    left, top = (bucket[0] - w) // 2, (bucket[1] - h) // 2
-    return left, top, left + w, top + h
-
-
-def crop_top_left(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
-    left, top, _, _ = crop_ltrb(size, bucket)
-    return int(top), int(left)
+    if choice.resized_size != image.size:
+        image = image.resize(choice.resized_size, Image.Resampling.LANCZOS)
+    return image.crop(centre_crop_box(choice.resized_size, choice.bucket))
 
 
 def load_rgb(path: Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
