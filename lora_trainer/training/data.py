@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..dataset import buckets as B
 from . import minimal_dataset as C
 from .minimal_dataset import Subset, load_rgb, resize_and_crop, resolve_subsets
+from .evaluation import split_validation
 from .options import TrainOptions, resolution_of
 
 
@@ -61,15 +62,17 @@ class Batch:
 class TrainingData:
     def __init__(self, options: TrainOptions, records: list[ImageRecord], batch_size: int, seed: int, config_name: str):
         self.options = options
-        self.records = records
         self.batch_size = batch_size
         self.seed = seed
         self.config_name = config_name
-        self.train = [r for r in records if not r.subset.is_reg]
+        self.validation_seed = options.validation_seed if options.validation_seed is not None else seed
+        self.train, self.validation = split_validation([r for r in records if not r.subset.is_reg],
+                                                       options.validation_split, self.validation_seed)
         self.reg = [r for r in records if r.subset.is_reg]
+        self.records = self.train + self.reg  # what is trained on
         self.num_images = sum(r.subset.num_repeats for r in self.train)
         self.num_reg_images = sum(r.subset.num_repeats for r in self.reg)
-        self.num_validation_images = 0
+        self.num_validation_images = len(self.validation)
         self.batches_per_epoch = len(self._plan(0))
 
     # --- order ----------------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ class TrainingData:
     def cache_latents(self, vae, device, events) -> None:
         generator = torch.Generator().manual_seed(self.seed)
         vae.to(device)
-        todo = [r for r in self.records if r.latents is None]
+        todo = [r for r in self.records + self.validation if r.latents is None]
         for index, record in enumerate(sorted(todo, key=lambda r: r.bucket)):
             cached = _read_npz(record) if self.options.cache_latents_to_disk else None
             if cached is None:

@@ -195,7 +195,7 @@ class RunMetadata:
         if spec.metadata_args() is not None:
             self.full["ss_network_args"] = json.dumps({**dict(spec.network_args), **({"dropout": None} if "dropout" not in dict(spec.network_args) else {})})
 
-    def build(self, epoch: int, step: int) -> dict[str, str]:
-        values = {**self.full, "ss_training_finished_at": time.time(), "ss_steps": step, "ss_epoch": epoch} if self.full else {}
+    def build(self, epoch: int, step: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+        values = {**self.full, "ss_training_finished_at": time.time(), "ss_steps": step, "ss_epoch": epoch, **(extra or {})} if self.full else {}
         metadata = {k: v if isinstance(v, str) else _text(v) for k, v in values.items()}
         return {**self.base, **metadata, "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}

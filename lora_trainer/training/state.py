@@ -8,6 +8,7 @@ crash during the save leaves the previous state intact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,8 +35,7 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": _numpy_state(),
-        "run": {"epoch": run_state.epoch, "step": run_state.step, "batch_in_epoch": run_state.batch_in_epoch,
-                "losses": run_state.losses},
+        "run": dataclasses.asdict(run_state),
     }, temporary / "train_state.pt")
     (temporary / "train_state.json").write_text(json.dumps({"current_epoch": run_state.epoch, "current_step": run_state.step}),
                                                 encoding="utf-8")
@@ -80,5 +80,4 @@ def load_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     random.setstate(saved["python"])
     name, keys, position, has_gauss, gauss = saved["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
-    run = saved["run"]
-    return RunState(run["epoch"], run["step"], run["batch_in_epoch"], list(run["losses"]))
+    return RunState(**saved["run"])

@@ -6,6 +6,7 @@ CLI, the UI and the API start it as a subprocess (``python -m lora_trainer.train
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -24,6 +25,7 @@ from ..networks.files import read_network
 from ..networks.spec import spec_from_kohya
 from . import noise as N
 from .data import TrainingData, build_training_data
+from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
 from .lr_schedules import make_scheduler, resolve_warmup
 from .optimizers import make_optimizer, optimizer_label
@@ -50,7 +52,10 @@ class RunState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     batch_in_epoch: int = 0  # batches of the current epoch already trained
-    losses: list[float] = field(default_factory=list)  # per step, for averages and the recommendation
+    losses: list[float] = field(default_factory=list)  # per step, for the running average
+    epoch_train_loss: dict[int, float] = field(default_factory=dict)
+    epoch_validation_loss: dict[int, float] = field(default_factory=dict)
+    per_image_loss: dict[str, list[float]] = field(default_factory=dict)
 
 
 class StopRequest:
@@ -160,8 +165,26 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         for path in paths:
             events.emit("sample", path=str(path), epoch=epoch, step=step)
 
+    epoch_train_loss, epoch_validation_loss, per_image_loss = state.epoch_train_loss, state.epoch_validation_loss, state.per_image_loss
+
+    def validate(epoch: int) -> None:
+        every = options.validate_every_n_epochs or 1
+        if not data.validation or epoch % every:
+            return
+        network.eval()
+        loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype)
+        network.train()
+        epoch_validation_loss[epoch] = loss
+        events.emit("validation", epoch=epoch, step=state.step, loss=loss)
+
+    def judgement() -> dict[str, str]:
+        """What the files record about how the run went (our key; sd-scripts' readers ignore it)."""
+        return {"lora_trainer.losses": json.dumps({"epoch_training_loss": epoch_train_loss,
+                                                     "epoch_validation_loss": epoch_validation_loss,
+                                                     "highest_loss_images": outlier_images(per_image_loss)})}
+
     def save_network_file(path: Path, epoch: int, step: int) -> None:
-        saved = plan.save(network, path, metadata.build(epoch, step))
+        saved = plan.save(network, path, metadata.build(epoch, step, judgement()))
         written.append(saved)
         events.emit("saved", path=str(saved), epoch=epoch, step=step)
 
@@ -170,8 +193,12 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         if options.save_state or options.save_state_on_train_end:
             _save_state_event(plan.state_path(None, None), network, optimizer, scheduler, generator, state, events)
         network.remove()
+        epochs = sorted(epoch_train_loss)
+        advice = recommend_epoch([epoch_train_loss[e] for e in epochs], [epoch_validation_loss.get(e) for e in epochs])
         events.emit("end", files=[str(p) for p in written if p.exists()], steps=state.step, epochs=epoch,
-                    seconds=round(time.time() - started, 2))
+                    seconds=round(time.time() - started, 2),
+                    recommended_epoch=advice.epoch if advice else None, reason=advice.reason if advice else None,
+                    highest_loss_images=outlier_images(per_image_loss))
         return written
 
     if options.sample_at_first and state.step == 0:
@@ -182,8 +209,11 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         for index, batch in enumerate(batches):
             if index < state.batch_in_epoch:
                 continue  # resumed mid-epoch: these batches were trained before the interruption
-            loss = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer, abar,
-                                  v_prediction, generator, device, weight_dtype, data, train_te)
+            per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
+                                        abar, v_prediction, generator, device, weight_dtype, data, train_te)
+            loss = per_sample.mean()
+            for record, value in zip(batch.records, per_sample.detach().tolist()):
+                per_image_loss.setdefault(str(record.path), []).append(value)
             (loss / options.gradient_accumulation_steps).backward()
             state.batch_in_epoch = index + 1
             if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
@@ -220,7 +250,9 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 _save_state_event(plan.state_path(epoch, state.step), network, optimizer, scheduler, generator, state, events)
                 return finish(epoch)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
-        events.emit("epoch", epoch=epoch + 1, average=sum(epoch_losses) / max(1, len(epoch_losses)), step=state.step)
+        epoch_train_loss[epoch + 1] = sum(epoch_losses) / max(1, len(epoch_losses))
+        events.emit("epoch", epoch=epoch + 1, average=epoch_train_loss[epoch + 1], step=state.step)
+        validate(epoch + 1)
         if options.sample_every_n_epochs and (epoch + 1) % options.sample_every_n_epochs == 0:
             sample(epoch + 1, state.step)
         if plan.save_at_epoch(epoch + 1):
@@ -267,7 +299,32 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
     loss = loss * batch.loss_weights.to(device)
     weights = N.loss_weights(timesteps, abar, v_prediction, options.min_snr_gamma, options.scale_v_pred_loss_like_noise_pred,
                              options.v_pred_like_loss, options.debiased_estimation_loss)
-    return (loss * weights.to(device)).mean()
+    return loss * weights.to(device)
+
+
+@torch.no_grad()
+def _validation_loss(data: TrainingData, model, config, options: TrainOptions, tokenizer, abar, v_prediction, device,
+                     weight_dtype) -> float:
+    """Mean loss of the held-out images at fixed timesteps with fixed noise: comparable across epochs."""
+    timesteps = torch.tensor(VALIDATION_TIMESTEPS)
+    losses = []
+    for index, record in enumerate(data.validation):
+        latents = (record.latents.to(device, torch.float32) * config.vae.scaling_factor).expand(len(timesteps), -1, -1, -1)
+        noise = fixed_noise(tuple(latents.shape), data.validation_seed, index).to(device)
+        context, pooled = encode_captions(config, model.text_encoders, [record.caption.split("\n")[0]] * len(timesteps),
+                                          tokenizer, options.clip_skip or 1, options.max_token_length)
+        y = None
+        if config.needs_size_conditioning:
+            size = [(record.size[1], record.size[0])] * len(timesteps)
+            target_size = [(record.bucket[1], record.bucket[0])] * len(timesteps)
+            y = sdxl_vector(pooled, size, [(0, 0)] * len(timesteps), target_size)
+        noisy = N.add_noise(latents, noise, timesteps, abar.to(device))
+        target = N.velocity(latents, noise, timesteps, abar.to(device)) if v_prediction else noise
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            prediction = model.unet(noisy.to(weight_dtype), timesteps.to(device), context.to(weight_dtype),
+                                    None if y is None else y.to(weight_dtype))
+        losses.append(float(N.elementwise_loss(prediction, target, "l2").mean()))
+    return sum(losses) / len(losses)
 
 
 def _check_model_matches_options(config, options: TrainOptions) -> None:
