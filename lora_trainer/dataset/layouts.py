@@ -1,0 +1,406 @@
+"""Where a dataset's images and captions come from, as sd-scripts finds them (kohya-reference §4.3).
+
+- DreamBooth folders (``--train_data_dir`` / ``--reg_data_dir``): each direct subfolder ``<repeats>_<class tokens>``
+  is a subset (``config_util.generate_dreambooth_subsets_config_by_subdirs``): ``10_sks dog`` → 10 repeats, class
+  tokens "sks dog"; ``10_my_dog`` → "my_dog"; ``10_`` → 10 repeats and empty class tokens; ``abc_dog``, ``0_dog`` and
+  ``dog`` are skipped (sd-scripts logs a warning; we say how to rename them, and refuse a run left without folders).
+- Images of a subset folder: files directly inside with sd-scripts' extensions in lower or upper case
+  (``IMAGE_EXTENSIONS``), sorted by name; hidden files are skipped like glob's ``*`` does.
+- Caption of an image: ``<stem><caption_extension>``, else the face-crop name (``<stem minus its last 4 "_" parts>``),
+  first line only (every non-empty line with wildcards); an empty caption file is an error (sd-scripts asserts); no
+  file → the subset's class tokens (or "" with a note).
+- Fine-tuning metadata JSON (``--in_json`` / ``metadata_file``): ``{image key: {"caption", "tags", "image_size"}}``
+  (or JSON lines with ``image_path``), caption + ``caption_separator`` + tags.
+
+Where we differ: folders are read in name order (sd-scripts: file-system order); the face-crop caption name is derived
+from the file name only (sd-scripts splits the whole path, so underscores in folder names can send it to an unrelated
+file); a metadata key without an extension (written by ``merge_captions_to_metadata.py`` without ``--full_path``) is
+matched to ``<image_dir>/<key>.<image extension>`` instead of failing when the image is opened; ``cache_info``'s
+``metadata_cache.json`` is never written into the dataset, whose folders are only read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, training_caption
+from lora_trainer.dataset.captions import dataset_tag_frequency
+from lora_trainer.dataset.config import (
+    DREAMBOOTH,
+    FINE_TUNING,
+    DatasetConfig,
+    DatasetGroupConfig,
+    SubsetConfig,
+    resolve_dataset_config,
+)
+from lora_trainer.errors import UserError
+
+
+def _optional_extensions() -> tuple[str, ...]:
+    # sd-scripts reads these only when the matching Pillow plug-in is installed
+    extensions: list[str] = []
+    for module, extension in (("pillow_avif", ".avif"), ("pillow_jxl", ".jxl"), ("jxlpy", ".jxl")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        if extension not in extensions:
+            extensions.append(extension)
+    return tuple(extensions)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + _optional_extensions()
+_IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | frozenset(extension.upper() for extension in IMAGE_EXTENSIONS)
+_LIST_LIMIT = 5
+
+
+def _some(paths: Iterable[Any]) -> str:
+    names = [str(path) for path in paths]
+    shown = ", ".join(names[:_LIST_LIMIT])
+    return shown + (f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
+
+
+# --- DreamBooth folders -----------------------------------------------------------------------------------------
+
+
+def parse_repeats_folder_name(name: str) -> tuple[int, str] | None:
+    """``"10_sks dog"`` → ``(10, "sks dog")``; ``None`` for names sd-scripts skips (no number before the first
+    "_", or fewer than 1 repeat). Python's ``int`` is used as in sd-scripts, so ``" 5_x"`` and ``"+5_x"`` count too."""
+    head, _, rest = name.partition("_")
+    try:
+        repeats = int(head)
+    except ValueError:
+        return None
+    if repeats < 1:
+        return None
+    return repeats, rest
+
+
+def _rename_hint(name: str) -> str:
+    head, _, rest = name.partition("_")
+    try:
+        if int(head) < 1:
+            return f"it asks for {int(head)} repeats; rename it to 1_{rest or 'name'} or more"
+    except ValueError:
+        pass
+    return f"rename it to 10_{name} (10 repeats, class tokens {name!r}) or drop it"
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """The subsets found under ``--train_data_dir``/``--reg_data_dir`` as config tables, and what was skipped."""
+
+    subsets: tuple[dict[str, Any], ...]
+    notes: tuple[str, ...]
+
+
+def _scan_parent(parent: Path, is_reg: bool, option: str) -> tuple[list[dict[str, Any]], list[str]]:
+    if not parent.is_dir():
+        raise UserError(f"{option} {parent} is not a folder; give the folder that holds the <repeats>_<name> subfolders.")
+    subsets: list[dict[str, Any]] = []
+    notes: list[str] = []
+    skipped: list[str] = []
+    for folder in sorted(child for child in parent.iterdir() if child.is_dir()):
+        parsed = parse_repeats_folder_name(folder.name)
+        if parsed is None:
+            skipped.append(f"{folder.name!r} ({_rename_hint(folder.name)})")
+            continue
+        repeats, class_tokens = parsed
+        if not class_tokens:
+            notes.append(f"{folder}: the folder name gives no class tokens, so its images without a caption file train with an empty caption.")
+        subsets.append({"image_dir": str(folder), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": class_tokens})
+    if skipped:
+        notes.append(f"{option} {parent}: skipped folders without a <repeats>_ prefix: {_some(skipped)}.")
+    if not subsets and not is_reg:
+        loose_images = list_images(parent)
+        if loose_images:
+            raise UserError(
+                f"{option} {parent} holds {len(loose_images)} images directly, but sd-scripts reads only subfolders named "
+                f"<repeats>_<name>: move them into a subfolder such as {parent / '10_mytrigger'}."
+            )
+        found = f" (found {_some(skipped)})" if skipped else ""
+        raise UserError(f"{option} {parent} has no subfolder named <repeats>_<name>, such as 10_mytrigger{found}.")
+    return subsets, notes
+
+
+def scan_dreambooth_folders(train_data_dir: Path, reg_data_dir: Path | None = None) -> FolderScan:
+    """The subsets sd-scripts makes from ``--train_data_dir`` and ``--reg_data_dir`` (train first, then reg)."""
+    subsets, notes = _scan_parent(Path(train_data_dir), False, "--train_data_dir")
+    if reg_data_dir is not None:
+        reg_subsets, reg_notes = _scan_parent(Path(reg_data_dir), True, "--reg_data_dir")
+        subsets += reg_subsets
+        notes += reg_notes
+    return FolderScan(tuple(subsets), tuple(notes))
+
+
+def config_from_folders(
+    train_data_dir: Path, reg_data_dir: Path | None = None, cli_args: Mapping[str, Any] | object | None = None
+) -> DatasetGroupConfig:
+    """The dataset config sd-scripts builds without ``--dataset_config``: one dataset whose subsets are the folders,
+    every other option from the command line. Folder notes come back as the config's warnings."""
+    scan = scan_dreambooth_folders(train_data_dir, reg_data_dir)
+    group = resolve_dataset_config({"datasets": [{"subsets": list(scan.subsets)}]}, f"--train_data_dir {train_data_dir}", cli_args)
+    return DatasetGroupConfig(group.datasets, scan.notes + group.warnings)
+
+
+def config_from_metadata(
+    train_data_dir: Path | None, in_json: Path, cli_args: Mapping[str, Any] | object | None = None
+) -> DatasetGroupConfig:
+    """The dataset config sd-scripts builds for ``--in_json``: one fine-tuning subset."""
+    subset: dict[str, Any] = {"metadata_file": str(in_json)}
+    if train_data_dir is not None:
+        subset["image_dir"] = str(train_data_dir)
+    return resolve_dataset_config({"datasets": [{"subsets": [subset]}]}, f"--in_json {in_json}", cli_args)
+
+
+# --- images and captions of a subset ----------------------------------------------------------------------------
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Training images directly in ``folder``, sorted by name, as sd-scripts' ``glob_images`` lists them."""
+    return sorted(
+        path for path in Path(folder).iterdir()
+        if path.suffix in _IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def _images_in_unread_case(folder: Path) -> list[Path]:
+    return sorted(
+        path for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.suffix not in _IMAGE_SUFFIXES and path.is_file()
+    )
+
+
+def caption_candidates(image: Path, caption_extension: str) -> tuple[Path, ...]:
+    """``a_1_2_3_4.png`` → ``a_1_2_3_4.txt``, then the caption of the face-crop source ``a.txt``."""
+    own = caption_path_for(image, caption_extension)
+    parts = image.stem.split("_")
+    if len(parts) >= 5:
+        return own, caption_path_for(image.with_name("_".join(parts[:-4]) + image.suffix), caption_extension)
+    return (own,)
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One training image: its caption as sd-scripts would train it (before caption processing), the caption file it
+    came from (``None``: class tokens or metadata), and its size when the metadata gives it."""
+
+    path: Path
+    caption: str
+    caption_file: Path | None = None
+    image_size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SubsetImages:
+    """A subset's images; ``frequency_name``/``frequency_captions`` feed ``ss_tag_frequency`` (sd-scripts counts
+    captions per folder for DreamBooth, only the ``tags`` per metadata file for fine-tuning)."""
+
+    subset: SubsetConfig
+    images: tuple[ImageEntry, ...]
+    frequency_name: str
+    frequency_captions: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+def _duplicate_stem_notes(images: list[Path], caption_extension: str) -> list[str]:
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for image in images:
+        by_stem[image.stem].append(image)
+    return [
+        f"{' and '.join(path.name for path in paths)} in {paths[0].parent} share the name {stem!r}, so they share the "
+        f"caption {stem}{caption_extension} and their cached latents may overwrite each other; rename or remove one."
+        for stem, paths in by_stem.items() if len(paths) > 1
+    ]
+
+
+def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
+    """Images and captions of a DreamBooth subset; caption files that cannot be used raise one ``UserError``."""
+    folder = subset.image_dir
+    assert folder is not None
+    if not folder.is_dir():
+        return SubsetImages(subset, (), folder.name, (), (f"{folder} is not a folder; this subset is ignored.",))
+    images = list_images(folder)
+    notes = _duplicate_stem_notes(images, subset.caption_extension)
+    unread = _images_in_unread_case(folder)
+    if unread:
+        notes.append(f"{folder}: {_some(path.name for path in unread)} skipped: sd-scripts reads extensions in lower or upper case only; rename them.")
+    entries: list[ImageEntry] = []
+    empty_files: list[Path] = []
+    without_caption: list[Path] = []
+    for image in images:
+        caption_file = next((path for path in caption_candidates(image, subset.caption_extension) if path.is_file()), None)
+        if caption_file is None:
+            without_caption.append(image)
+            entries.append(ImageEntry(image, subset.class_tokens or ""))
+            continue
+        text = load_caption_file(caption_file).text
+        if text == "":
+            empty_files.append(caption_file)
+            continue
+        entries.append(ImageEntry(image, training_caption(text, subset.enable_wildcard), caption_file))
+    if empty_files:
+        raise UserError(
+            f"Empty caption files (sd-scripts stops on them): {_some(empty_files)}; write a caption in each, or delete "
+            "them to train those images with the folder's class tokens."
+        )
+    if without_caption:
+        fallback = f"the class tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
+        notes.append(
+            f"{folder}: {len(without_caption)} images have no {subset.caption_extension} caption and train with {fallback}: "
+            f"{_some(path.name for path in without_caption)}."
+        )
+    if not images:
+        notes.append(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); this subset is ignored.")
+    return SubsetImages(subset, tuple(entries), folder.name, tuple(entry.caption for entry in entries), tuple(notes))
+
+
+def read_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
+    """A fine-tuning metadata file: JSON ``{key: {...}}`` or JSON lines with ``image_path`` (sd-scripts' two forms)."""
+    if not path.is_file():
+        raise UserError(f"Metadata file {path} does not exist; check metadata_file / --in_json.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"Metadata file {path} is not UTF-8; re-save it as UTF-8.") from None
+    try:
+        if path.suffix.lower() == ".jsonl":
+            metadata: dict[str, dict[str, Any]] = {}
+            for line in text.splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    entry = {"caption": record.get("caption", "")}
+                    entry.update({key: record[key] for key in ("image_size", "tags") if key in record})
+                    metadata[record["image_path"]] = entry
+            return metadata
+        metadata = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"Metadata file {path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from None
+    except KeyError:
+        raise UserError(f"Metadata file {path}: every JSON line needs an \"image_path\".") from None
+    if not isinstance(metadata, dict) or not all(isinstance(entry, dict) for entry in metadata.values()):
+        raise UserError(f'Metadata file {path} must map each image to {{"caption": ..., "tags": ...}}.')
+    return metadata
+
+
+def _image_for_key(key: str, image_dir: Path | None, metadata_file: Path) -> Path:
+    path = Path(key)
+    if not path.is_absolute():
+        if image_dir is None:
+            raise UserError(
+                f"Metadata file {metadata_file} names images by relative path ({key!r}); set image_dir (or "
+                "--train_data_dir) to the folder they are in."
+            )
+        path = image_dir / key
+    if path.suffix in _IMAGE_SUFFIXES or path.is_file():
+        return path
+    for extension in IMAGE_EXTENSIONS:
+        for candidate in (path.with_name(path.name + extension), path.with_name(path.name + extension.upper())):
+            if candidate.is_file():
+                return candidate
+    return path
+
+
+def fine_tuning_images(subset: SubsetConfig) -> SubsetImages:
+    """Images and captions of a fine-tuning subset: caption, then ``caption_separator`` and the tags when there are
+    tags (every caption line gets the tags with wildcards), in sd-scripts' order (longest key first)."""
+    metadata_file = subset.metadata_file
+    assert metadata_file is not None
+    metadata = read_metadata_file(metadata_file)
+    separator = subset.caption_separator
+    entries: list[ImageEntry] = []
+    tags_list: list[str] = []
+    missing: list[str] = []
+    for key in sorted(metadata, key=len, reverse=True):
+        record = metadata[key]
+        caption = record.get("caption") or ""
+        tags = record.get("tags")
+        if subset.enable_wildcard:
+            if tags is not None:
+                tags = tags.replace("\n", separator)
+                caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip())
+                tags_list.append(tags)
+        elif tags:
+            caption = (caption + separator if caption else "") + tags
+            tags_list.append(tags)
+        path = _image_for_key(key, subset.image_dir, metadata_file)
+        if not path.is_file():
+            missing.append(key)
+        size = record.get("image_size")
+        entries.append(ImageEntry(path, caption, None, (int(size[0]), int(size[1])) if size else None))
+    notes = []
+    if missing:
+        notes.append(f"Metadata file {metadata_file}: no image found for {_some(missing)}.")
+    if not metadata:
+        notes.append(f"Metadata file {metadata_file} lists no images; this subset is ignored.")
+    return SubsetImages(subset, tuple(entries), metadata_file.name, tuple(tags_list), tuple(notes))
+
+
+def subset_images(subset: SubsetConfig) -> SubsetImages:
+    if subset.kind == FINE_TUNING:
+        return fine_tuning_images(subset)
+    if subset.kind == DREAMBOOTH:
+        return dreambooth_images(subset)
+    raise UserError(f"ControlNet subsets ({subset.image_dir}) are not supported by this trainer yet; use a DreamBooth or fine-tuning dataset.")
+
+
+# --- a whole dataset --------------------------------------------------------------------------------------------
+
+
+def regularization_repeats(num_train_images: int, reg_repeats: Iterable[int]) -> list[int]:
+    """sd-scripts' balancing of regularisation images (``DreamBoothDataset.__init__``): reg images are taken in order
+    with their own repeats until they match the training samples, then their repeats go up one by one in turns;
+    a 0 means the image is not used. Returns the effective repeats per reg image."""
+    repeats = list(reg_repeats)
+    used = [0] * len(repeats)
+    if not repeats:
+        return used
+    total = 0
+    first_round = True
+    while total < num_train_images:
+        for index, own_repeats in enumerate(repeats):
+            if first_round:
+                used[index] = own_repeats
+                total += own_repeats
+            else:
+                used[index] += 1
+                total += 1
+            if total >= num_train_images:
+                break
+        first_round = False
+    return used
+
+
+@dataclass(frozen=True)
+class DatasetImages:
+    """A dataset's subsets with their images, the ``ss_tag_frequency`` of this dataset, sample counts with repeats
+    (``ss_num_train_images`` / ``ss_num_reg_images``) and every note worth showing the user."""
+
+    dataset: DatasetConfig
+    subsets: tuple[SubsetImages, ...]
+    tag_frequency: dict[str, dict[str, int]]
+    num_train_images: int
+    num_reg_images: int
+    notes: tuple[str, ...]
+
+
+def dataset_images(dataset: DatasetConfig) -> DatasetImages:
+    """Read every subset of ``dataset``; subsets without images are dropped with a note (as sd-scripts does) and a
+    dataset left without any training image is a ``UserError``."""
+    loaded = [subset_images(subset) for subset in dataset.subsets]
+    notes = [note for subset in loaded for note in subset.notes]
+    kept = tuple(subset for subset in loaded if subset.images)
+    num_train = sum(subset.subset.num_repeats * len(subset.images) for subset in kept if not subset.subset.is_reg)
+    num_reg = sum(subset.subset.num_repeats * len(subset.images) for subset in kept if subset.subset.is_reg)
+    if num_train == 0:
+        where = _some(str(subset.subset.image_dir or subset.subset.metadata_file) for subset in loaded)
+        raise UserError(f"No training images found in {where}; add images ({', '.join(IMAGE_EXTENSIONS)}) or fix the paths.")
+    if num_reg > num_train:
+        notes.append(f"There are more regularisation samples ({num_reg}) than training samples ({num_train}); some are never used.")
+    # sd-scripts counts tags of every subset it read, reg subsets included
+    frequency = dataset_tag_frequency((subset.frequency_name, subset.frequency_captions) for subset in kept)
+    return DatasetImages(dataset, kept, frequency, num_train, num_reg, tuple(notes))
