@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..dataset import buckets as B
-from . import minimal_dataset as C
+from ..dataset import captions as C
 from .minimal_dataset import Subset, load_rgb, resize_and_crop, resolve_subsets
 from .evaluation import split_validation
 from .options import TrainOptions, resolution_of
@@ -117,7 +117,7 @@ class TrainingData:
     def captions_for(self, batch: Batch, epoch: int, step: int, total_steps: int, generator: torch.Generator) -> list[str]:
         rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
         return [C.process_caption(r.caption, r.subset.caption_options, rng, epoch=epoch + 1, step=step,
-                                  max_steps=total_steps) for r in batch.records]
+                                  max_train_steps=total_steps) for r in batch.records]
 
     # --- latents --------------------------------------------------------------------------------------------
 

@@ -7,10 +7,6 @@ loading, health reports); the trainer moves onto them as they land.
 
 from __future__ import annotations
 
-import math
-import random
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,26 +14,10 @@ from PIL import Image, ImageOps
 
 from ..dataset.buckets import BucketChoice, BucketSettings, centre_crop_box
 from ..dataset.caption_files import read_caption
+from ..dataset.captions import CaptionOptions
 from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,60 +127,3 @@ def load_rgb(path: Path, background: tuple[int, int, int] = (255, 255, 255)) -> 
             canvas.paste(rgba, mask=rgba.getchannel("A"))
             return canvas
         return image.convert("RGB")
-
-
-# --- captions at batch time --------------------------------------------------------------------------------
-
-_WILDCARD = re.compile(r"(?<!\{)\{([^{}]+)\}(?!\})")
-
-
-def process_caption(caption: str, o: CaptionOptions, rng: random.Random, epoch: int, step: int, max_steps: int) -> str:
-    """sd-scripts' BaseDataset.process_caption, in its order, with an explicit random source."""
-    if o.caption_prefix:
-        caption = o.caption_prefix + " " + caption
-    if o.caption_suffix:
-        caption = caption + " " + o.caption_suffix
-    dropped = rng.random() < o.caption_dropout_rate if o.caption_dropout_rate > 0 else False
-    if dropped or (o.caption_dropout_every_n_epochs > 0 and epoch % o.caption_dropout_every_n_epochs == 0):
-        return ""
-    if o.enable_wildcard:
-        lines = [line for line in caption.split("\n") if line.strip()]
-        caption = rng.choice(lines) if lines else ""
-        caption = _WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")), caption)
-        caption = caption.replace("{{", "{").replace("}}", "}")
-    else:
-        caption = caption.split("\n")[0]
-    if o.shuffle_caption or o.token_warmup_step > 0 or o.caption_tag_dropout_rate > 0:
-        fixed_head, flex, fixed_tail = _split_fixed(caption, o)
-        if o.token_warmup_step > 0:
-            warmup = o.token_warmup_step * max_steps if o.token_warmup_step < 1 else o.token_warmup_step
-            count = max(o.token_warmup_min, math.floor(step * len(flex) / warmup) if warmup else len(flex))
-            flex = flex[:count]
-        if o.shuffle_caption:
-            rng.shuffle(flex)
-        if o.caption_tag_dropout_rate > 0:
-            flex = [t for t in flex if rng.random() >= o.caption_tag_dropout_rate]
-        caption = ", ".join(fixed_head + flex + fixed_tail)
-    if o.secondary_separator:
-        caption = caption.replace(o.secondary_separator, o.caption_separator)
-    return caption
-
-
-def _split_fixed(caption: str, o: CaptionOptions) -> tuple[list[str], list[str], list[str]]:
-    def tags(text: str) -> list[str]:
-        return [t.strip() for t in text.split(o.caption_separator) if t.strip()]
-
-    if o.keep_tokens_separator and o.keep_tokens_separator in caption:
-        head, _, rest = caption.partition(o.keep_tokens_separator)
-        middle, _, tail = rest.partition(o.keep_tokens_separator)
-        return tags(head), tags(middle), tags(tail)
-    all_tags = tags(caption)
-    return all_tags[: o.keep_tokens], all_tags[o.keep_tokens :], []
-
-
-def tag_frequency(captions: list[str]) -> dict[str, int]:
-    """``ss_tag_frequency`` per folder: tags split on ",", stripped, lower-cased, every occurrence counted."""
-    counts: Counter = Counter()
-    for caption in captions:
-        counts.update(t.strip().lower() for t in caption.split(",") if t.strip())
-    return dict(counts)
