@@ -1,14 +1,14 @@
 """The data plan of a run: which images, in which buckets, in which order, with which captions, as latents.
 
-Built on the dataset package (layouts, buckets, captions, image loading); this file only arranges them the way
-sd-scripts' training loop consumes them: repeats, batches inside a bucket, a seeded order per epoch, cached
-latents (in memory or as sd-scripts' ``.npz`` files), and the dataset metadata of the saved files.
+Built on the dataset package (``--dataset_config`` / DreamBooth folders, buckets, captions); this file only arranges
+them the way sd-scripts' training loop consumes them: repeats (regularisation images balanced as sd-scripts does),
+batches inside a bucket per dataset, a seeded order per epoch, cached latents (in memory or as sd-scripts'
+``.npz`` files), and the dataset metadata of the saved files.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
 from ..dataset import buckets as B
 from ..dataset import captions as C
-from .minimal_dataset import Subset, load_rgb, resize_and_crop, resolve_subsets
+from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
+from ..dataset.layouts import config_from_folders, dataset_images, regularization_repeats
+from ..errors import UserError
 from .evaluation import split_validation
+from .minimal_dataset import image_size, load_rgb, resize_and_crop
 from .options import TrainOptions, resolution_of
 
 
@@ -28,9 +30,11 @@ from .options import TrainOptions, resolution_of
 class ImageRecord:
     path: Path
     caption: str
-    subset: Subset
+    subset: SubsetConfig
+    dataset: int  # index of its dataset
     size: tuple[int, int]  # original (w, h)
     choice: B.BucketChoice  # the bucket (w, h) it is trained at, and the size it is resized to first
+    repeats: int
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
 
@@ -59,41 +63,49 @@ class Batch:
         return [(r.bucket[1], r.bucket[0]) for r in self.records]
 
 
+@dataclass
+class DatasetPlan:
+    config: DatasetConfig
+    train: list[ImageRecord]
+    reg: list[ImageRecord]
+    validation: list[ImageRecord]
+    tag_frequency: dict[str, dict[str, int]]
+
+
 class TrainingData:
-    def __init__(self, options: TrainOptions, records: list[ImageRecord], batch_size: int, seed: int, config_name: str):
+    def __init__(self, options: TrainOptions, datasets: list[DatasetPlan], seed: int, config_name: str, notes: list[str],
+                 from_config_file: bool):
         self.options = options
-        self.batch_size = batch_size
+        self.datasets = datasets
         self.seed = seed
         self.config_name = config_name
+        self.notes = notes
+        self.from_config_file = from_config_file
         self.validation_seed = options.validation_seed if options.validation_seed is not None else seed
-        self.train, self.validation = split_validation([r for r in records if not r.subset.is_reg],
-                                                       options.validation_split, self.validation_seed)
-        self.reg = [r for r in records if r.subset.is_reg]
+        self.train = [r for d in datasets for r in d.train]
+        self.reg = [r for d in datasets for r in d.reg]
+        self.validation = [r for d in datasets for r in d.validation]
         self.records = self.train + self.reg  # what is trained on
-        self.num_images = sum(r.subset.num_repeats for r in self.train)
-        self.num_reg_images = sum(r.subset.num_repeats for r in self.reg)
+        self.num_images = sum(r.repeats for r in self.train)
+        self.num_reg_images = sum(r.repeats for r in self.reg)
         self.num_validation_images = len(self.validation)
         self.batches_per_epoch = len(self._plan(0))
 
     # --- order ----------------------------------------------------------------------------------------------
 
-    def _samples(self) -> list[ImageRecord]:
-        samples = [r for r in self.train for _ in range(r.subset.num_repeats)]
-        if self.reg:  # sd-scripts: as many regularisation samples as training samples, round-robin
-            reg_cycle = [r for r in self.reg for _ in range(r.subset.num_repeats)]
-            samples += [reg_cycle[i % len(reg_cycle)] for i in range(len(samples))]
-        return samples
-
     def _plan(self, epoch: int) -> list[list[ImageRecord]]:
+        """Batches of one bucket each, per dataset with its own batch size, in a seeded order per epoch."""
         rng = random.Random(self.seed + epoch)
-        by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
-        for record in self._samples():
-            by_bucket.setdefault(record.bucket, []).append(record)
         batches = []
-        for bucket in sorted(by_bucket):
-            members = by_bucket[bucket]
-            rng.shuffle(members)
-            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+        for dataset in self.datasets:
+            by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
+            for record in dataset.train + dataset.reg:
+                by_bucket.setdefault(record.bucket, []).extend([record] * record.repeats)
+            size = dataset.config.batch_size
+            for bucket in sorted(by_bucket):
+                members = by_bucket[bucket]
+                rng.shuffle(members)
+                batches += [members[i : i + size] for i in range(0, len(members), size)]
         rng.shuffle(batches)
         return batches
 
@@ -103,11 +115,12 @@ class TrainingData:
         for members in self._plan(epoch):
             flips = [m.subset.flip_aug and rng.random() < 0.5 for m in members]
             latents = torch.stack([self._latents(m, f) for m, f in zip(members, flips)])
-            weights = torch.tensor([self.options.prior_loss_weight if m.subset.is_reg else 1.0 for m in members])
+            weights = torch.tensor([self.datasets[m.dataset].config.prior_loss_weight if m.subset.is_reg else 1.0 for m in members])
             batches.append(Batch(members, flips, latents, weights))
         return batches
 
-    def _latents(self, record: ImageRecord, flipped: bool) -> torch.Tensor:
+    @staticmethod
+    def _latents(record: ImageRecord, flipped: bool) -> torch.Tensor:
         if record.latents is None:
             raise UserError("latents are not cached: training without --cache_latents is not supported yet")
         return record.latents_flipped if flipped else record.latents
@@ -126,7 +139,7 @@ class TrainingData:
         generator = torch.Generator().manual_seed(self.seed)
         vae.to(device)
         todo = [r for r in self.records + self.validation if r.latents is None]
-        for index, record in enumerate(sorted(todo, key=lambda r: r.bucket)):
+        for index, record in enumerate(sorted(todo, key=lambda r: (r.bucket, str(r.path)))):
             cached = _read_npz(record) if self.options.cache_latents_to_disk else None
             if cached is None:
                 image = resize_and_crop(load_rgb(record.path), record.choice)
@@ -142,46 +155,71 @@ class TrainingData:
 
     # --- metadata -------------------------------------------------------------------------------------------
 
+    def _dirs(self, reg: bool) -> dict:
+        dirs: dict = {}
+        for record in self.reg if reg else self.train:
+            name = record.subset.image_dir.name if record.subset.image_dir else record.subset.metadata_file.name
+            entry = dirs.setdefault(name, {"n_repeats": record.subset.num_repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return dirs
+
+    def _bucket_info(self, dataset: DatasetPlan):
+        if not dataset.config.enable_bucket:
+            return None
+        counts: dict = {}
+        for record in dataset.train + dataset.reg:
+            counts[record.bucket] = counts.get(record.bucket, 0) + record.repeats
+        errors = [abs(r.choice.aspect_error) for r in dataset.train + dataset.reg]
+        return {"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(counts.items()))},
+                "mean_img_ar_error": sum(errors) / max(1, len(errors))}
+
     def metadata(self) -> dict:
-        dirs, reg_dirs, frequency = {}, {}, {}
-        for subset, records in _by_subset(self.records).items():
-            entry = {"n_repeats": subset.num_repeats, "img_count": len(records)}
-            (reg_dirs if subset.is_reg else dirs)[subset.image_dir.name] = entry
-            if not subset.is_reg:
-                frequency[subset.image_dir.name] = C.tag_frequency([r.caption for r in records])
-        buckets = {}
-        for record in self._samples():
-            buckets[record.bucket] = buckets.get(record.bucket, 0) + 1
+        """sd-scripts' dataset keys: mode A (folders/CLI) or mode B (``--dataset_config``: ``ss_datasets``)."""
         o = self.options
-        bucket_info = None
-        if o.enable_bucket:
-            bucket_info = {"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(buckets.items()))}}
-        resolution = resolution_of(o)
+        frequency = C.merged_tag_frequency(d.tag_frequency for d in self.datasets)
+        common = {"ss_dataset_dirs": json.dumps(self._dirs(False)), "ss_reg_dataset_dirs": json.dumps(self._dirs(True)),
+                  "ss_tag_frequency": json.dumps(frequency)}
+        if self.from_config_file:
+            return {**common, "ss_datasets": json.dumps([self._dataset_entry(d) for d in self.datasets])}
+        first = self.datasets[0].config
+        resolution = resolution_of(o) or first.resolution
         return {
-            "ss_batch_size_per_device": self.batch_size,
-            "ss_total_batch_size": self.batch_size * o.gradient_accumulation_steps,
-            "ss_resolution": f"({resolution[0]}, {resolution[1]})" if resolution else None,
-            "ss_color_aug": o.color_aug,
-            "ss_flip_aug": o.flip_aug,
-            "ss_random_crop": o.random_crop,
-            "ss_shuffle_caption": o.shuffle_caption,
-            "ss_enable_bucket": o.enable_bucket,
+            **common,
+            "ss_batch_size_per_device": first.batch_size,
+            "ss_total_batch_size": first.batch_size * o.gradient_accumulation_steps,
+            "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+            "ss_color_aug": o.color_aug, "ss_flip_aug": o.flip_aug, "ss_random_crop": o.random_crop,
+            "ss_shuffle_caption": o.shuffle_caption, "ss_enable_bucket": o.enable_bucket,
             "ss_bucket_no_upscale": o.bucket_no_upscale,
-            "ss_min_bucket_reso": o.min_bucket_reso if o.enable_bucket else None,
-            "ss_max_bucket_reso": o.max_bucket_reso if o.enable_bucket else None,
+            "ss_min_bucket_reso": first.min_bucket_reso if o.enable_bucket else None,
+            "ss_max_bucket_reso": first.max_bucket_reso if o.enable_bucket else None,
             "ss_keep_tokens": o.keep_tokens,
-            "ss_dataset_dirs": json.dumps(dirs),
-            "ss_reg_dataset_dirs": json.dumps(reg_dirs),
-            "ss_tag_frequency": json.dumps(frequency),
-            "ss_bucket_info": json.dumps(bucket_info),
+            "ss_bucket_info": json.dumps(self._bucket_info(self.datasets[0])),
         }
 
-
-def _by_subset(records: list[ImageRecord]) -> dict:
-    groups: dict = {}
-    for record in records:
-        groups.setdefault(record.subset, []).append(record)
-    return groups
+    def _dataset_entry(self, dataset: DatasetPlan) -> dict:
+        c = dataset.config
+        subsets = []
+        for subset in c.subsets:
+            count = sum(1 for r in dataset.train + dataset.reg + dataset.validation if r.subset is subset)
+            entry = {"img_count": count, "num_repeats": subset.num_repeats, "color_aug": subset.color_aug,
+                     "flip_aug": subset.flip_aug, "random_crop": subset.random_crop, "shuffle_caption": subset.shuffle_caption,
+                     "keep_tokens": subset.keep_tokens, "keep_tokens_separator": subset.keep_tokens_separator,
+                     "secondary_separator": subset.secondary_separator, "enable_wildcard": subset.enable_wildcard,
+                     "caption_prefix": subset.caption_prefix, "caption_suffix": subset.caption_suffix,
+                     "resize_interpolation": subset.resize_interpolation}
+            if c.is_dreambooth:
+                entry.update({"image_dir": subset.image_dir.name, "class_tokens": subset.class_tokens, "is_reg": subset.is_reg})
+            else:
+                entry["metadata_file"] = subset.metadata_file.name
+            subsets.append(entry)
+        return {"is_dreambooth": c.is_dreambooth, "batch_size_per_device": c.batch_size,
+                "num_train_images": sum(r.repeats for r in dataset.train), "num_reg_images": sum(r.repeats for r in dataset.reg),
+                "resolution": list(c.resolution), "enable_bucket": c.enable_bucket,
+                "min_bucket_reso": c.min_bucket_reso if c.enable_bucket else None,
+                "max_bucket_reso": c.max_bucket_reso if c.enable_bucket else None,
+                "tag_frequency": dataset.tag_frequency, "bucket_info": self._bucket_info(dataset),
+                "resize_interpolation": c.resize_interpolation, "subsets": subsets}
 
 
 def npz_path(record: ImageRecord, config_name: str) -> Path:
@@ -211,19 +249,42 @@ def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor
     np.savez(npz_path(record, config_name), **arrays)
 
 
-def build_training_data(options: TrainOptions, config, seed: int) -> TrainingData:
-    subsets, batch_size, bucketing = resolve_subsets(options)
-    records = []
-    problems = []
-    for subset in subsets:
-        for item in subset.images():
-            if item.problem:
-                problems.append(item.problem)
+def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int) -> DatasetPlan:
+    images = dataset_images(dataset)
+    notes.extend(images.notes)
+    settings = dataset.bucket_settings
+    train, reg = [], []
+    for subset_images in images.subsets:
+        subset = subset_images.subset
+        for entry in subset_images.images:
+            try:
+                size = entry.image_size or image_size(entry.path)
+                choice = B.select_bucket(size, settings)
+            except UserError as problem:
+                notes.append(f"{entry.path}: {problem}; skipped")
                 continue
-            records.append(ImageRecord(item.path, item.caption, subset, item.size, B.select_bucket(item.size, bucketing)))
-    if not [r for r in records if not r.subset.is_reg]:
-        detail = f" ({'; '.join(problems[:3])})" if problems else ""
-        raise UserError(f"the dataset has no usable training images{detail}")
+            record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats)
+            (reg if subset.is_reg else train).append(record)
+    validation_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
+    train, validation = split_validation(train, dataset.validation_split, validation_seed)
+    used = regularization_repeats(sum(r.repeats for r in train), [r.repeats for r in reg])
+    for record, repeats in zip(reg, used):
+        record.repeats = repeats
+    reg = [r for r in reg if r.repeats > 0]
+    return DatasetPlan(dataset, train, reg, validation, images.tag_frequency)
+
+
+def build_training_data(options: TrainOptions, config, seed: int) -> TrainingData:
     if not options.cache_latents:
         raise UserError("training without --cache_latents is not supported yet: add --cache_latents")
-    return TrainingData(options, records, batch_size, seed, config.name)
+    if options.dataset_config:
+        group = load_dataset_config(Path(options.dataset_config), options)
+    else:
+        reg = Path(options.reg_data_dir) if options.reg_data_dir else None
+        group = config_from_folders(Path(options.train_data_dir), reg, options)
+    notes = list(group.warnings)
+    datasets = [_plan_dataset(i, d, notes, seed) for i, d in enumerate(group.datasets)]
+    datasets = [d for d in datasets if d.train]
+    if not datasets:
+        raise UserError("the dataset has no usable training images" + (f" ({'; '.join(notes[:3])})" if notes else ""))
+    return TrainingData(options, datasets, seed, config.name, notes, bool(options.dataset_config))

@@ -36,7 +36,7 @@ class TrainOptions:
     train_data_dir: str | None = opt(None, "folder of <repeats>_<class tokens> subfolders")
     reg_data_dir: str | None = opt(None, "regularisation images, same layout")
     dataset_config: str | None = opt(None, "dataset TOML (general / datasets / subsets)")
-    in_json: str | None = opt(None, "fine-tuning metadata JSON", implemented=False)
+    in_json: str | None = opt(None, "fine-tuning metadata JSON", implemented=False)  # --dataset_config metadata_file works
     dataset_repeats: int = opt(1, "repeats for in_json datasets", implemented=False)
     resolution: str | None = opt(None, '"512" or "512,768"')
     caption_extension: str = opt(".caption", "caption file extension")
