@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .dataset.commands import add_dataset_commands
 from .errors import UserError
 
 
@@ -157,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
                               help="sd-scripts' fixture folder (train)")
     bench_parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "bf16"], help="weights dtype (networks)")
     bench_parser.set_defaults(run=bench)
+
+    add_dataset_commands(commands)
     return root
 
 

@@ -1,0 +1,561 @@
+"""The dataset health report: what sd-scripts will do with a ``--train_data_dir`` folder, said before training.
+
+``check_dataset`` reads every image and caption once and returns a ``HealthReport``: the concept folders with their
+repeats, samples and steps per epoch; a resolution and a bucket histogram; for each image the bucket it lands in and
+the box of its own pixels that survives the centre crop (data for a per-image preview); tag frequency, trigger-word
+coverage and near-duplicates (perceptual hashes); and ``Finding``s — one per problem, each naming the file, what
+sd-scripts does with it and the fix. Everything is sorted, so two runs on the same folder give the same report.
+
+The judgements (which folder names sd-scripts accepts, which caption it trains on, how many steps an epoch has) are
+pure functions over plain data; only ``scan_images`` touches the disk, and nothing here ever writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from lora_trainer.dataset.buckets import BucketSettings, centre_crop_box, fixed_resolution_problem, select_bucket
+from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, training_caption
+from lora_trainer.dataset.captions import tag_frequency
+from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates, list_images, parse_repeats_folder_name
+from lora_trainer.errors import UserError
+
+Size = tuple[int, int]
+Box = tuple[int, int, int, int]
+
+# sd-scripts trains on 75 tokens unless --max_token_length is 150 or 225; beyond that the text encoder never sees it.
+TOKEN_LIMITS = (75, 150, 225)
+# Files users drop into a folder expecting them to be trained, which sd-scripts' glob never picks up.
+UNREAD_IMAGE_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif"})
+# An enlargement this large makes a visibly soft training image.
+TOO_SMALL_UPSCALE = 2.0
+# 64-bit perceptual hashes this close are the same picture re-encoded, resized or lightly edited.
+NEAR_DUPLICATE_BITS = 6
+# The suggested repeats aim at about this many samples per epoch (a common starting point for 10–50 images).
+SUGGESTED_SAMPLES_PER_EPOCH = 200
+MAX_SUGGESTED_REPEATS = 20
+
+SEVERITY_ORDER = {"error": 0, "warning": 1, "note": 2}
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """The training options that change the report, with sd-scripts' meanings; ``resolution`` is (width, height)."""
+
+    resolution: Size = (512, 512)
+    batch_size: int = 1
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    caption_extension: str = ".txt"
+    trigger: str | None = None
+    near_duplicate_bits: int = NEAR_DUPLICATE_BITS
+
+    def buckets(self) -> BucketSettings:
+        return BucketSettings(self.resolution, self.enable_bucket, self.min_bucket_reso, self.max_bucket_reso,
+                              self.bucket_reso_steps, self.bucket_no_upscale)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: ``kind`` is a stable name for the UI and tests, ``path`` is relative to the checked folder
+    ("" for the whole dataset), ``message`` says what happens and what to do."""
+
+    severity: str
+    kind: str
+    path: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ConceptFolder:
+    """A ``<repeats>_<class tokens>`` folder as sd-scripts reads it."""
+
+    path: str
+    repeats: int
+    class_tokens: str
+    image_count: int = 0
+    captioned_count: int = 0
+
+    @property
+    def samples(self) -> int:
+        return self.repeats * self.image_count
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """One image as training will see it. ``crop_box`` is the (left, top, right, bottom) part of the image's own
+    pixels that survives the centre crop; ``cut_off`` the fraction of its area that does not; ``scale`` the resize
+    factor (above 1: enlarged). ``caption_source`` is "file", "class tokens" or "none"."""
+
+    path: str
+    folder: str
+    size: Size
+    caption: str
+    caption_source: str
+    tokens: int
+    bucket: Size
+    resized_size: Size
+    crop_box: Box
+    cut_off: float
+    scale: float
+    perceptual_hash: str
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    folder: str
+    settings: HealthSettings
+    concept_folders: tuple[ConceptFolder, ...]
+    images: tuple[ImageCheck, ...]
+    samples_per_epoch: int
+    steps_per_epoch: int
+    resolution_histogram: tuple[tuple[str, int], ...]
+    bucket_histogram: tuple[tuple[str, int], ...]
+    tag_frequency: tuple[tuple[str, int], ...]
+    images_without_trigger: tuple[str, ...]
+    near_duplicates: tuple[tuple[str, ...], ...]
+    findings: tuple[Finding, ...]
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(finding for finding in self.findings if finding.severity == "error")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, indent=2)
+
+    def to_text(self) -> str:
+        return "\n".join(report_lines(self))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folder names (sd-scripts' ``generate_dreambooth_subsets_config_by_subdirs``)
+
+
+def suggested_repeats(image_count: int) -> int:
+    return max(1, min(MAX_SUGGESTED_REPEATS, round(SUGGESTED_SAMPLES_PER_EPOCH / max(1, image_count))))
+
+
+def suggested_folder_name(name: str, image_count: int) -> str:
+    """A name sd-scripts accepts for a folder it would skip: the repeats in front, the old name as class tokens."""
+    parsed_head, _, rest = name.partition("_")
+    words = rest if parsed_head.lstrip("-").isdigit() else name
+    return f"{suggested_repeats(image_count)}_{words or 'concept'}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure judgements over plain data
+
+
+def crop_in_image_pixels(size: Size, resized: Size, bucket: Size) -> Box:
+    """The centre crop of ``bucket`` out of the image resized to ``resized``, mapped back to the image's pixels."""
+    left, top, right, bottom = centre_crop_box(resized, bucket)
+    scale_x, scale_y = resized[0] / size[0], resized[1] / size[1]
+    return (
+        max(0, round(left / scale_x)),
+        max(0, round(top / scale_y)),
+        min(size[0], round(min(right, resized[0]) / scale_x)),
+        min(size[1], round(min(bottom, resized[1]) / scale_y)),
+    )
+
+
+def steps_per_epoch(samples_per_bucket: Iterable[int], batch_size: int) -> int:
+    """sd-scripts batches inside a bucket, so each bucket's last batch may be short: Σ ceil(samples / batch)."""
+    if batch_size < 1:
+        raise UserError(f"batch size is {batch_size}; give --batch-size 1 or more.")
+    return sum(math.ceil(samples / batch_size) for samples in samples_per_bucket if samples)
+
+
+def token_count_problem(tokens: int) -> tuple[str, str] | None:
+    """(kind, message) for a caption longer than sd-scripts' token windows."""
+    if tokens > TOKEN_LIMITS[2]:
+        return "caption-over-225", f"{tokens} tokens: everything after 225 is cut even with --max_token_length 225; shorten the caption."
+    if tokens > TOKEN_LIMITS[1]:
+        return "caption-over-150", f"{tokens} tokens: needs --max_token_length 225, else it is cut at 75; or shorten the caption."
+    if tokens > TOKEN_LIMITS[0]:
+        return "caption-over-75", f"{tokens} tokens: cut at 75 unless you train with --max_token_length 150 or 225; or shorten the caption."
+    return None
+
+
+def mentions(caption: str, word: str) -> bool:
+    """Whether ``word`` occurs in ``caption`` as a whole word or phrase, ignoring case."""
+    return re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", caption, flags=re.IGNORECASE) is not None
+
+
+def perceptual_hash(gray: np.ndarray) -> int:
+    """pHash: the signs of the 8×8 lowest frequencies of a 32×32 grey image's DCT against their median (DC left
+    out), as a 64-bit number; resizing, re-encoding and small edits change only a few bits."""
+    pixels = np.asarray(gray, dtype=np.float64)
+    if pixels.shape != (32, 32):
+        raise ValueError(f"perceptual_hash wants a 32x32 grey image, got {pixels.shape}")
+    # rounded so that the float noise of a blank image gives no random bits: blank images all hash to 0
+    coefficients = np.round((_DCT @ pixels @ _DCT.T)[:8, :8].ravel(), 6)
+    bits = coefficients > np.median(coefficients[1:])
+    return int(sum(1 << index for index, bit in enumerate(bits) if bit))
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    matrix = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    matrix[0] /= np.sqrt(2)
+    return matrix
+
+
+_DCT = _dct_matrix(32)
+
+
+def hamming_distances(hashes: Sequence[int], index: int) -> np.ndarray:
+    values = np.array(hashes, dtype=np.uint64)
+    differing = np.bitwise_xor(values, np.uint64(hashes[index]))
+    return np.unpackbits(differing.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+
+
+def near_duplicate_groups(hashes: dict[str, int], max_bits: int) -> tuple[tuple[str, ...], ...]:
+    """Groups (sorted, two or more names) of images whose hashes differ in at most ``max_bits`` bits, joined
+    transitively."""
+    names = sorted(hashes)
+    values = [hashes[name] for name in names]
+    parent = list(range(len(names)))
+
+    def root(item: int) -> int:
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    for index in range(len(names) - 1):
+        distances = hamming_distances(values[index:], 0)
+        for offset in np.nonzero(distances[1:] <= max_bits)[0]:
+            parent[root(index + 1 + int(offset))] = root(index)
+    groups: dict[int, list[str]] = {}
+    for index, name in enumerate(names):
+        groups.setdefault(root(index), []).append(name)
+    return tuple(sorted(tuple(group) for group in groups.values() if len(group) > 1))
+
+
+def _histogram(values: Iterable[str]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(Counter(values).items(), key=lambda item: (-item[1], item[0])))
+
+
+def _size_text(size: Size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the folder
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the disk says about one image: its upright size and grey 32×32 thumbnail, or why it cannot be read."""
+
+    path: Path
+    size: Size | None = None
+    thumbnail: np.ndarray | None = field(default=None, compare=False)
+    problem: str | None = None
+
+
+def read_image_facts(path: Path) -> ImageFacts:
+    """Decode the image (a header alone cannot show truncation) at reduced size where the format allows."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF "turn by 90°": training sees it upright
+                width, height = height, width
+            image.draft("L", (64, 64))  # JPEG decodes at 1/8 scale: the hash needs only 32×32
+            oriented = ImageOps.exif_transpose(image)
+            thumbnail = np.asarray(oriented.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    except Exception as error:  # Pillow raises many types for broken files
+        return ImageFacts(path, problem=f"{type(error).__name__}: {error}")
+    return ImageFacts(path, (width, height), thumbnail)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which folders sd-scripts would train from a ``--train_data_dir``, and what it would silently skip."""
+
+    concept_folders: tuple[tuple[Path, int, str], ...]
+    findings: tuple[Finding, ...]
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return path.as_posix()
+
+
+def discover_layout(root: Path) -> Layout:
+    """The ``<N>_<name>`` folders under ``root``; a flat folder of images is checked as one folder (its own
+    ``N_name`` if it has one, else 1 repeat) with a finding that says what to rename."""
+    subfolders = sorted(child for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
+    concept: list[tuple[Path, int, str]] = []
+    findings: list[Finding] = []
+    for child in subfolders:
+        parsed = parse_repeats_folder_name(child.name)
+        if parsed:
+            concept.append((child, *parsed))
+            continue
+        count = len(list_images(child))
+        if count:
+            findings.append(Finding(
+                "warning", "skipped-folder", _relative(child, root),
+                f"sd-scripts skips this folder and its {count} image(s): its name does not start with a number of "
+                f"repeats (1 or more) and '_'; rename it to {suggested_folder_name(child.name, count)}."))
+    loose = list_images(root)
+    if loose and concept:
+        findings.append(Finding(
+            "warning", "loose-images", ".",
+            f"{len(loose)} image(s) lie directly in {root.name} and are not trained: sd-scripts reads only the "
+            f"<repeats>_<name> subfolders; put them in one, e.g. {suggested_folder_name(root.name, len(loose))}."))
+    elif loose:
+        own = parse_repeats_folder_name(root.name)
+        if own:
+            findings.append(Finding(
+                "note", "concept-folder-given", ".",
+                f"{root.name} is itself a <repeats>_<name> folder ({own[0]} repeats); for --train_data_dir give its "
+                f"parent folder {root.parent}."))
+            concept.append((root, *own))
+        else:
+            name = suggested_folder_name(root.name, len(loose))
+            findings.append(Finding(
+                "warning", "flat-folder", ".",
+                f"{root.name} holds images but no <repeats>_<name> subfolder, so --train_data_dir {root.name} trains "
+                f"nothing; rename the folder to {name} and give its parent as --train_data_dir (checked here as 1 "
+                f"repeat), or point a dataset_config subset's image_dir at it."))
+            concept.append((root, 1, ""))
+    return Layout(tuple(concept), tuple(findings))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> HealthReport:
+    """Check ``folder`` as sd-scripts' ``--train_data_dir`` (or a single image folder) under ``settings``."""
+    from lora_trainer.models.tokenizer import CLIPTokenizer
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; give the folder that holds your <repeats>_<name> image folders.")
+    layout = discover_layout(root)
+    findings = list(layout.findings)
+    bucket_settings = settings.buckets()
+    tokenizer = CLIPTokenizer.default()
+    caption_extension = settings.caption_extension if settings.caption_extension.startswith(".") else "." + settings.caption_extension
+
+    concept_folders: list[ConceptFolder] = []
+    images: list[ImageCheck] = []
+    samples_per_bucket: Counter[Size] = Counter()
+    hashes: dict[str, int] = {}
+    frequency_by_folder: list[dict[str, int]] = []
+    for concept_path, repeats, class_tokens in layout.concept_folders:
+        folder_name = _relative(concept_path, root)
+        image_paths = list_images(concept_path)
+        findings += _folder_file_findings(concept_path, root, image_paths, caption_extension)
+        usable = 0
+        captioned_texts: dict[str, str] = {}
+        trained_captions: list[str] = []
+        for image_path in image_paths:
+            name = _relative(image_path, root)
+            facts = read_image_facts(image_path)
+            if facts.problem or facts.size is None:
+                findings.append(Finding("error", "corrupt-image", name,
+                                        f"cannot be read ({facts.problem}); sd-scripts stops on it: re-export or delete it."))
+                continue
+            caption, source, caption_findings = _effective_caption(image_path, name, class_tokens, caption_extension)
+            findings += caption_findings
+            if source == "file":
+                captioned_texts[name] = caption
+            trained_captions.append(caption)
+            tokens = len(tokenizer.encode(caption)) if caption else 0
+            too_long = token_count_problem(tokens)
+            if too_long:
+                findings.append(Finding("warning", too_long[0], name, too_long[1]))
+            hashes[name] = perceptual_hash(facts.thumbnail)
+            check = _image_check(name, folder_name, facts.size, caption, source, tokens, hashes[name], bucket_settings, findings)
+            images.append(check)
+            samples_per_bucket[check.bucket] += repeats
+            usable += 1
+        frequency_by_folder.append(tag_frequency(trained_captions))  # sd-scripts counts class-token captions too
+        concept_folders.append(ConceptFolder(folder_name, repeats, class_tokens, usable, len(captioned_texts)))
+        findings += _class_token_findings(folder_name, class_tokens, captioned_texts)
+
+    if not images:
+        findings.append(Finding(
+            "error", "no-images", ".",
+            f"{root} has no image sd-scripts would train on ({' '.join(IMAGE_EXTENSIONS)} files inside "
+            "<repeats>_<name> subfolders, e.g. 10_mychar); add images or give the right folder."))
+
+    without_trigger: tuple[str, ...] = ()
+    if settings.trigger:
+        without_trigger = tuple(sorted(image.path for image in images if not mentions(image.caption, settings.trigger)))
+        for name in without_trigger:
+            findings.append(Finding("warning", "missing-trigger", name,
+                                    f"the caption lacks the trigger word '{settings.trigger}'; add it (first, if you use keep_tokens)."))
+
+    duplicates = near_duplicate_groups(hashes, settings.near_duplicate_bits)
+    for group in duplicates:
+        findings.append(Finding("warning", "near-duplicate", group[0],
+                                f"looks like {', '.join(group[1:])}; near-copies count double in training: keep the best one."))
+
+    totals: Counter[str] = Counter()
+    for counts in frequency_by_folder:
+        totals.update(counts)
+    return HealthReport(
+        folder=str(root),
+        settings=settings,
+        concept_folders=tuple(concept_folders),
+        images=tuple(sorted(images, key=lambda image: image.path)),
+        samples_per_epoch=sum(samples_per_bucket.values()),
+        steps_per_epoch=steps_per_epoch(samples_per_bucket.values(), settings.batch_size),
+        resolution_histogram=_histogram(_size_text(image.size) for image in images),
+        bucket_histogram=_histogram(_size_text(image.bucket) for image in images),
+        tag_frequency=tuple(sorted(totals.items(), key=lambda item: (-item[1], item[0]))),
+        images_without_trigger=without_trigger,
+        near_duplicates=duplicates,
+        findings=tuple(sorted(set(findings), key=lambda f: (SEVERITY_ORDER[f.severity], f.kind, f.path, f.message))),
+    )
+
+
+def _image_check(name: str, folder: str, size: Size, caption: str, source: str, tokens: int, image_hash: int,
+                 bucket_settings: BucketSettings, findings: list[Finding]) -> ImageCheck:
+    hash_text = f"{image_hash:016x}"
+    try:
+        choice = select_bucket(size, bucket_settings)
+    except UserError as error:
+        findings.append(Finding("error", "no-bucket", name, str(error)))
+        return ImageCheck(name, folder, size, caption, source, tokens, (0, 0), size, (0, 0, *size), 0.0, 1.0, hash_text)
+    crop = crop_in_image_pixels(size, choice.resized_size, choice.bucket)
+    kept = (crop[2] - crop[0]) * (crop[3] - crop[1])
+    scale = max(choice.resized_size[0] / size[0], choice.resized_size[1] / size[1])
+    if not bucket_settings.enable_bucket:
+        problem = fixed_resolution_problem(size, bucket_settings.resolution, random_crop=False)
+        if problem:
+            findings.append(Finding("error", "wrong-size", name, problem))
+    if scale >= TOO_SMALL_UPSCALE:
+        findings.append(Finding("warning", "too-small", name,
+                                f"{_size_text(size)} is enlarged {scale:.1f}x to fill the {_size_text(choice.bucket)} bucket and will "
+                                "train soft; use a larger source or remove it."))
+    elif scale > 1.0:
+        findings.append(Finding("note", "upscaled", name,
+                                f"{_size_text(size)} is enlarged {scale:.2f}x to fill the {_size_text(choice.bucket)} bucket "
+                                "(bucket_no_upscale avoids that)."))
+    return ImageCheck(name, folder, size, caption, source, tokens, choice.bucket, choice.resized_size, crop,
+                      round(1 - kept / (size[0] * size[1]), 4), round(scale, 4), hash_text)
+
+
+def _effective_caption(image: Path, name: str, class_tokens: str, extension: str) -> tuple[str, str, list[Finding]]:
+    """The caption sd-scripts trains on and where it comes from, with the findings about the caption file."""
+    candidates = caption_candidates(image, extension)
+    caption_path = next((path for path in candidates if path.is_file()), candidates[0])
+    findings: list[Finding] = []
+    try:
+        caption_file = load_caption_file(caption_path)
+    except UserError as error:
+        findings.append(Finding("error", "caption-not-utf8", _sibling_name(name, caption_path), str(error)))
+        return class_tokens, "class tokens" if class_tokens else "none", findings
+    if not caption_file.stamp.exists:
+        target = f"the folder's class tokens '{class_tokens}'" if class_tokens else "an empty caption"
+        findings.append(Finding("warning", "missing-caption", name,
+                                f"has no {caption_path.name}, so it trains on {target}; write a caption file."))
+        return class_tokens, "class tokens" if class_tokens else "none", findings
+    caption = training_caption(caption_file.text)
+    if not caption:
+        findings.append(Finding("error", "empty-caption", _sibling_name(name, caption_path),
+                                "is empty (or its first line is), which stops sd-scripts with an assertion error; "
+                                "write the caption on the first line or delete the file."))
+        return caption, "file", findings
+    if "\n" in caption_file.text.strip():
+        findings.append(Finding("note", "multi-line-caption", _sibling_name(name, caption_path),
+                                "has several lines; sd-scripts trains on the first only (all of them with enable_wildcard)."))
+    return caption, "file", findings
+
+
+def _sibling_name(image_name: str, sibling: Path) -> str:
+    return str(Path(image_name).with_name(sibling.name).as_posix())
+
+
+def _folder_file_findings(folder: Path, root: Path, images: list[Path], caption_extension: str) -> list[Finding]:
+    findings = []
+    by_caption: dict[Path, list[Path]] = {}
+    for image in images:
+        by_caption.setdefault(caption_path_for(image, caption_extension), []).append(image)
+    for caption, sharing in by_caption.items():
+        if len(sharing) > 1:
+            names = ", ".join(path.name for path in sharing)
+            findings.append(Finding("warning", "shared-caption", _relative(caption, root),
+                                    f"is the caption of {names} (same name, different extension); rename one image "
+                                    "and give it its own caption."))
+    for child in folder.iterdir():
+        if child.suffix.lower() in UNREAD_IMAGE_SUFFIXES and child.is_file():
+            findings.append(Finding("warning", "unread-format", _relative(child, root),
+                                    f"sd-scripts does not read {child.suffix} files; convert it to PNG or JPEG."))
+    return findings
+
+
+def _class_token_findings(folder: str, class_tokens: str, captions: dict[str, str]) -> list[Finding]:
+    if not class_tokens or not captions:
+        return []
+    lacking = sorted(name for name, caption in captions.items() if not mentions(caption, class_tokens))
+    if not lacking:  # ignored, but the captions carry it anyway
+        return []
+    return [Finding("warning", "class-tokens-ignored", folder,
+                    f"the folder's class tokens '{class_tokens}' are ignored for the {len(captions)} image(s) that have a "
+                    f"caption file, and {len(lacking)} of those captions do not mention them ({', '.join(Path(n).name for n in lacking[:5])}"
+                    f"{' …' if len(lacking) > 5 else ''}); add '{class_tokens}' to those captions if it is your trigger.")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text form
+
+
+def report_lines(report: HealthReport) -> list[str]:
+    settings = report.settings
+    width, height = settings.resolution
+    buckets = (f"buckets {settings.min_bucket_reso}-{settings.max_bucket_reso} step {settings.bucket_reso_steps}"
+               + (", no upscale" if settings.bucket_no_upscale else "")) if settings.enable_bucket else "no buckets"
+    lines = [f"Dataset check: {report.folder}", f"  resolution {width}x{height}, {buckets}, batch size {settings.batch_size}", ""]
+    lines.append("Folders:")
+    for folder in report.concept_folders:
+        tokens = f"class tokens '{folder.class_tokens}'" if folder.class_tokens else "no class tokens"
+        lines.append(f"  {folder.path}: {folder.repeats} repeats x {folder.image_count} images = {folder.samples} samples; "
+                     f"{folder.captioned_count} captioned; {tokens}")
+    if not report.concept_folders:
+        lines.append("  (none)")
+    lines.append(f"Samples per epoch: {report.samples_per_epoch}; steps per epoch at batch size {settings.batch_size}: "
+                 f"{report.steps_per_epoch}")
+    lines += ["", "Image sizes:"] + [f"  {size:>11}  {count}" for size, count in report.resolution_histogram]
+    lines += ["Buckets:"] + [f"  {size:>11}  {count}" for size, count in report.bucket_histogram]
+    cropped = [image for image in report.images if image.cut_off >= 0.05]
+    if cropped:
+        lines.append(f"Crops cutting off 5% or more: {len(cropped)} image(s) (largest: "
+                     + ", ".join(f"{image.path} {image.cut_off:.0%}" for image in sorted(cropped, key=lambda i: (-i.cut_off, i.path))[:5]) + ")")
+    if report.tag_frequency:
+        lines += ["", "Tags (most frequent first):",
+                  "  " + ", ".join(f"{tag} {count}" for tag, count in report.tag_frequency[:30])
+                  + (f", … ({len(report.tag_frequency)} tags)" if len(report.tag_frequency) > 30 else "")]
+    if settings.trigger:
+        covered = len(report.images) - len(report.images_without_trigger)
+        lines.append(f"Trigger '{settings.trigger}': in {covered} of {len(report.images)} captions")
+    if report.near_duplicates:
+        lines += ["", "Near-duplicates:"] + ["  " + " ~ ".join(group) for group in report.near_duplicates]
+    counts = Counter(finding.severity for finding in report.findings)
+    lines += ["", f"Findings: {counts['error']} error(s), {counts['warning']} warning(s), {counts['note']} note(s)"]
+    for finding in report.findings:
+        where = f"{finding.path}: " if finding.path and finding.path != "." else ""
+        lines.append(f"  {finding.severity:<7} {finding.kind:<20} {where}{finding.message}")
+    return lines

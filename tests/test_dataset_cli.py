@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_trainer.cli import main
+
+
+def make_image(path: Path, size: tuple[int, int], seed: int, caption: str | None = "zk, star") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blocks = (np.random.default_rng(seed).random((6, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(blocks).resize(size, Image.Resampling.BILINEAR).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return path
+
+
+def test_check_prints_json_and_exits_0_on_a_healthy_folder(tmp_path, capsys):
+    for index in range(3):
+        make_image(tmp_path / "10_zk" / f"{index}.png", (768, 512), index)
+    assert main(["dataset", "check", str(tmp_path), "--json", "--batch-size", "4", "--resolution", "512,512",
+                 "--trigger", "zk"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps_per_epoch"] == 8  # 30 samples, one bucket, batch 4
+    assert report["settings"]["trigger"] == "zk" and report["findings"] == []
+    assert report["images"][0]["bucket"] == [640, 384]
+
+
+def test_check_exits_1_and_names_the_problem_when_training_would_fail(tmp_path, capsys):
+    make_image(tmp_path / "10_zk" / "a.png", (512, 512), 1, caption="")
+    with pytest.raises(SystemExit) as stopped:
+        main(["dataset", "check", str(tmp_path)])
+    assert stopped.value.code == 1
+    out = capsys.readouterr().out
+    assert "error   empty-caption" in out and "10_zk/a.txt" in out
+
+
+def test_check_of_a_missing_folder_is_one_sentence(tmp_path, capsys):
+    assert main(["dataset", "check", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_check_rejects_a_malformed_resolution(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["dataset", "check", str(tmp_path), "--resolution", "big"])
+    assert stopped.value.code == 2 and "512,768" in capsys.readouterr().err

@@ -1,0 +1,232 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_trainer.dataset.health import (
+    HealthSettings,
+    check_dataset,
+    crop_in_image_pixels,
+    mentions,
+    near_duplicate_groups,
+    perceptual_hash,
+    steps_per_epoch,
+)
+from lora_trainer.errors import UserError
+from lora_trainer.models.tokenizer import CLIPTokenizer
+
+
+def make_image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    """A distinct picture per seed: coarse random blocks, so perceptual hashes differ between seeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blocks = (np.random.default_rng(seed).random((6, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(blocks).resize(size, Image.Resampling.BILINEAR).save(path)
+    return path
+
+
+def caption(image: Path, text: str) -> Path:
+    target = image.with_suffix(".txt")
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def kinds(report, path: str | None = None) -> set[str]:
+    return {finding.kind for finding in report.findings if path is None or finding.path == path}
+
+
+def test_steps_per_epoch_batch_inside_each_bucket(tmp_path):
+    for index in range(3):
+        caption(make_image(tmp_path / "10_wide" / f"w{index}.png", (800, 600), index), "zk, wide")
+    for index in range(2):
+        caption(make_image(tmp_path / "2_tall" / f"t{index}.png", (600, 800), 10 + index), "zk, tall")
+    report = check_dataset(tmp_path, HealthSettings(batch_size=4))
+    assert [(f.path, f.repeats, f.image_count, f.samples) for f in report.concept_folders] == [
+        ("10_wide", 10, 3, 30), ("2_tall", 2, 2, 4)]
+    # 30 samples in 576x448 → 8 batches of 4; 4 samples in 448x576 → 1 batch (batches never mix buckets)
+    assert report.samples_per_epoch == 34
+    assert report.steps_per_epoch == 9
+    assert steps_per_epoch([30, 4], 4) == 9
+    assert report.bucket_histogram == (("576x448", 3), ("448x576", 2))
+    assert report.resolution_histogram == (("800x600", 3), ("600x800", 2))
+    with pytest.raises(UserError, match="batch"):
+        steps_per_epoch([1], 0)
+
+
+def test_each_image_gets_its_bucket_and_the_box_its_crop_keeps(tmp_path):
+    caption(make_image(tmp_path / "5_zk" / "a.png", (800, 600), 0), "zk")
+    image = check_dataset(tmp_path).images[0]
+    # 800x600 → cover 576x448 at 597x448 → 21 px excess, 10 cut on the left, 11 on the right (resized pixels)
+    assert image.bucket == (576, 448) and image.resized_size == (597, 448)
+    assert image.crop_box == (13, 0, 785, 600)
+    assert image.cut_off == pytest.approx(1 - 772 / 800, abs=1e-4)
+    assert crop_in_image_pixels((512, 512), (512, 512), (512, 512)) == (0, 0, 512, 512)
+
+
+def test_enlarged_and_too_small_images_are_named(tmp_path):
+    folder = tmp_path / "10_zk"
+    for name, size, seed in (("tiny.png", (200, 200), 1), ("small.png", (400, 400), 2), ("big.png", (1024, 1024), 3)):
+        caption(make_image(folder / name, size, seed), "zk")
+    report = check_dataset(tmp_path)
+    assert "too-small" in kinds(report, "10_zk/tiny.png")
+    assert "upscaled" in kinds(report, "10_zk/small.png")
+    assert not kinds(report, "10_zk/big.png")
+    no_upscale = check_dataset(tmp_path, HealthSettings(bucket_no_upscale=True))
+    assert not {"too-small", "upscaled"} & kinds(no_upscale)
+    assert {image.path: image.bucket for image in no_upscale.images}["10_zk/tiny.png"] == (192, 192)
+
+
+def test_without_buckets_images_of_another_size_are_errors(tmp_path):
+    caption(make_image(tmp_path / "10_zk" / "exact.png", (512, 512), 1), "zk")
+    caption(make_image(tmp_path / "10_zk" / "other.png", (640, 480), 2), "zk")
+    report = check_dataset(tmp_path, HealthSettings(enable_bucket=False))
+    assert [(f.kind, f.path) for f in report.errors] == [("wrong-size", "10_zk/other.png")]
+
+
+def test_caption_problems_name_the_file_and_the_fix(tmp_path):
+    folder = tmp_path / "10_sks dog"
+    make_image(folder / "missing.png", (512, 512), 1)
+    caption(make_image(folder / "empty.png", (512, 512), 2), "  \n")
+    make_image(folder / "gbk.png", (512, 512), 3).with_suffix(".txt").write_bytes("一只狗, 草地".encode("gbk"))
+    caption(make_image(folder / "lines.png", (512, 512), 4), "sks dog, grass\nsecond line")
+    report = check_dataset(tmp_path)
+    by_path = {(f.kind, f.path): f.message for f in report.findings}
+    assert "class tokens 'sks dog'" in by_path[("missing-caption", "10_sks dog/missing.png")]
+    assert "assertion" in by_path[("empty-caption", "10_sks dog/empty.txt")]
+    assert "UTF-8" in by_path[("caption-not-utf8", "10_sks dog/gbk.txt")]
+    assert ("multi-line-caption", "10_sks dog/lines.txt") in by_path
+    assert {f.kind for f in report.errors} == {"empty-caption", "caption-not-utf8"}
+    trained = {image.path: (image.caption, image.caption_source) for image in report.images}
+    assert trained["10_sks dog/missing.png"] == ("sks dog", "class tokens")
+    assert trained["10_sks dog/lines.png"] == ("sks dog, grass", "file")
+
+
+def test_long_captions_are_graded_by_token_windows(tmp_path):
+    folder = tmp_path / "1_zk"
+    tokenizer = CLIPTokenizer.default()
+    lengths = {"short": 10, "over75": 80, "over150": 160, "over225": 230}
+    for seed, (name, count) in enumerate(lengths.items()):
+        text = ", ".join(["cat"] * (count // 2))  # "cat" and "," are one token each
+        assert len(tokenizer.encode(text)) == count - 1
+        caption(make_image(folder / f"{name}.png", (512, 512), seed), text)
+    report = check_dataset(tmp_path)
+    assert not kinds(report, "1_zk/short.png")
+    assert kinds(report, "1_zk/over75.png") == {"caption-over-75"}
+    assert kinds(report, "1_zk/over150.png") == {"caption-over-150"}
+    assert kinds(report, "1_zk/over225.png") == {"caption-over-225"}
+    assert {image.path: image.tokens for image in report.images}["1_zk/over75.png"] == 79
+
+
+def test_tag_frequency_and_trigger_coverage(tmp_path):
+    folder = tmp_path / "10_zkstar"
+    caption(make_image(folder / "a.png", (512, 512), 1), "zkstar, Yellow Star, sky")
+    caption(make_image(folder / "b.png", (512, 512), 2), "yellow star, ZKSTAR")
+    caption(make_image(folder / "c.png", (512, 512), 3), "yellow star, zkstars")  # another word, not the trigger
+    make_image(folder / "d.png", (512, 512), 4)  # no caption: trains on the class tokens "zkstar"
+    report = check_dataset(tmp_path, HealthSettings(trigger="zkstar"))
+    assert report.tag_frequency == (("yellow star", 3), ("zkstar", 3), ("sky", 1), ("zkstars", 1))
+    assert report.images_without_trigger == ("10_zkstar/c.png",)
+    assert "missing-trigger" in kinds(report, "10_zkstar/c.png")
+    assert "zkstar" in report.to_text() and "in 3 of 4 captions" in report.to_text()
+    assert mentions("a photo of Sks Dog, grass", "sks dog") and not mentions("sks doggo", "sks dog")
+
+
+def test_class_tokens_ignored_when_captions_exist(tmp_path):
+    folder = tmp_path / "10_ohwx woman"
+    caption(make_image(folder / "a.png", (512, 512), 1), "a woman, smiling")
+    caption(make_image(folder / "b.png", (512, 512), 2), "ohwx woman, outdoors")
+    report = check_dataset(tmp_path)
+    [finding] = [f for f in report.findings if f.kind == "class-tokens-ignored"]
+    assert finding.path == "10_ohwx woman" and "a.png" in finding.message and "b.png" not in finding.message
+    caption(folder / "a.png", "ohwx woman, smiling")
+    assert not kinds(check_dataset(tmp_path))
+
+
+def test_folder_names_sd_scripts_skips_or_misreads(tmp_path):
+    make_image(tmp_path / "10_" / "a.png", (512, 512), 1)
+    make_image(tmp_path / "abc_dog" / "b.png", (512, 512), 2)
+    make_image(tmp_path / "loose.png", (512, 512), 3)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    report = check_dataset(tmp_path)
+    messages = {(f.kind, f.path): f.message for f in report.findings}
+    assert "rename it to 20_abc_dog" in messages[("skipped-folder", "abc_dog")]
+    assert "empty caption" in messages[("missing-caption", "10_/a.png")]
+    assert ("loose-images", ".") in messages
+    assert [image.path for image in report.images] == ["10_/a.png"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing moved or written
+
+
+def test_flat_folder_is_checked_and_told_what_to_rename(tmp_path):
+    folder = tmp_path / "my photos"
+    for index in range(4):
+        caption(make_image(folder / f"{index}.jpg", (640, 640), index), "me")
+    report = check_dataset(folder)
+    [finding] = [f for f in report.findings if f.kind == "flat-folder"]
+    assert "rename the folder to 20_my photos" in finding.message
+    assert report.concept_folders[0].repeats == 1 and report.samples_per_epoch == 4
+    concept = tmp_path / "5_me"
+    folder.rename(concept)
+    report = check_dataset(concept)
+    assert kinds(report) == {"concept-folder-given"} and report.samples_per_epoch == 20
+
+
+def test_zero_valid_images_and_corrupt_files(tmp_path):
+    (tmp_path / "10_zk").mkdir()
+    (tmp_path / "10_zk" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "10_zk" / "zero.jpg").write_bytes(b"")
+    report = check_dataset(tmp_path)
+    assert {(f.kind, f.path) for f in report.errors} == {
+        ("corrupt-image", "10_zk/broken.png"), ("corrupt-image", "10_zk/zero.jpg"), ("no-images", ".")}
+    good = make_image(tmp_path / "10_zk" / "good.png", (512, 512), 1)
+    truncated = tmp_path / "10_zk" / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    report = check_dataset(tmp_path)
+    assert [image.path for image in report.images] == ["10_zk/good.png"]
+    assert "corrupt-image" in kinds(report, "10_zk/truncated.png") and "no-images" not in kinds(report)
+    with pytest.raises(UserError, match="not a folder"):
+        check_dataset(tmp_path / "nope")
+
+
+def test_near_duplicates_are_grouped_and_distinct_images_are_not(tmp_path):
+    folder = tmp_path / "10_zk"
+    original = make_image(folder / "a.png", (800, 600), 1)
+    Image.open(original).resize((400, 300)).save(folder / "a small.jpg", quality=85)
+    for index in range(8):
+        make_image(folder / f"other{index}.png", (800, 600), 100 + index)
+    report = check_dataset(tmp_path)
+    assert report.near_duplicates == (("10_zk/a small.jpg", "10_zk/a.png"),)
+    assert near_duplicate_groups({"x": 0b0, "y": 0b111, "z": 0b111111 << 20}, 3) == (("x", "y"),)
+    gradient = np.add.outer(np.arange(32.0), np.arange(32.0) * 2) + 20
+    assert perceptual_hash(gradient) == perceptual_hash(gradient + 40)  # brightness alone changes nothing
+    assert perceptual_hash(gradient) != perceptual_hash(gradient[::-1])
+    assert perceptual_hash(np.full((32, 32), 10.0)) == perceptual_hash(np.full((32, 32), 200.0))  # blank is blank
+
+
+def test_shared_captions_and_unread_formats(tmp_path):
+    folder = tmp_path / "10_zk"
+    caption(make_image(folder / "a.png", (512, 512), 1), "zk")
+    make_image(folder / "a.jpg", (512, 512), 2)
+    make_image(folder / "anim.gif", (64, 64), 3)
+    report = check_dataset(tmp_path)
+    assert "shared-caption" in kinds(report, "10_zk/a.txt")
+    assert "unread-format" in kinds(report, "10_zk/anim.gif")
+
+
+def test_report_is_stable_json_and_text_with_unicode_paths(tmp_path):
+    folder = tmp_path / "数据 集" / "3_猫 cat"
+    caption(make_image(folder / "图 1.png", (768, 512), 1), "猫, cat")
+    caption(make_image(folder / "图 2.png", (512, 768), 2), "")
+    first = check_dataset(tmp_path / "数据 集", HealthSettings(resolution=(512, 512), batch_size=2, trigger="cat"))
+    second = check_dataset(tmp_path / "数据 集", HealthSettings(resolution=(512, 512), batch_size=2, trigger="cat"))
+    assert first == second and first.to_json() == second.to_json()
+    data = json.loads(first.to_json())
+    assert [image["path"] for image in data["images"]] == ["3_猫 cat/图 1.png", "3_猫 cat/图 2.png"]
+    assert data["images"][0]["crop_box"] == list(first.images[0].crop_box)
+    assert data["findings"][0]["severity"] == "error"
+    text = first.to_text()
+    assert "3_猫 cat: 3 repeats x 2 images = 6 samples" in text
+    assert "steps per epoch at batch size 2: 4" in text  # two buckets of 3 samples: 2 + 2 batches
+    assert "error   empty-caption" in text
