@@ -25,6 +25,7 @@ import numpy as np
 from lora_trainer.dataset.buckets import BucketSettings, centre_crop_box, fixed_resolution_problem, select_bucket
 from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, training_caption
 from lora_trainer.dataset.captions import tag_frequency
+from lora_trainer.dataset.images import ImageError, load_image
 from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates, list_images, parse_repeats_folder_name
 from lora_trainer.errors import UserError
 
@@ -267,20 +268,15 @@ class ImageFacts:
 
 
 def read_image_facts(path: Path) -> ImageFacts:
-    """Decode the image (a header alone cannot show truncation) at reduced size where the format allows."""
-    from PIL import Image, ImageOps
+    """Decode the whole image (a header alone cannot show truncation) and keep its upright size and a thumbnail."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF "turn by 90°": training sees it upright
-                width, height = height, width
-            image.draft("L", (64, 64))  # JPEG decodes at 1/8 scale: the hash needs only 32×32
-            oriented = ImageOps.exif_transpose(image)
-            thumbnail = np.asarray(oriented.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
-    except Exception as error:  # Pillow raises many types for broken files
-        return ImageFacts(path, problem=f"{type(error).__name__}: {error}")
-    return ImageFacts(path, (width, height), thumbnail)
+        image = load_image(path)
+    except ImageError as error:
+        return ImageFacts(path, problem=str(error))
+    thumbnail = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    return ImageFacts(path, image.size, thumbnail)
 
 
 @dataclass(frozen=True)
@@ -373,8 +369,7 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
             name = _relative(image_path, root)
             facts = read_image_facts(image_path)
             if facts.problem or facts.size is None:
-                findings.append(Finding("error", "corrupt-image", name,
-                                        f"cannot be read ({facts.problem}); sd-scripts stops on it: re-export or delete it."))
+                findings.append(Finding("error", "corrupt-image", name, f"{facts.problem} (sd-scripts stops on it)"))
                 continue
             caption, source, caption_findings = _effective_caption(image_path, name, class_tokens, caption_extension)
             findings += caption_findings
