@@ -19,10 +19,11 @@ import torch
 from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
+from ..dataset.images import load_image, read_image_size
 from ..dataset.layouts import config_from_folders, dataset_images, regularization_repeats
 from ..errors import UserError
 from .evaluation import split_validation
-from .minimal_dataset import image_size, load_rgb, resize_and_crop
+from .pixels import resize_and_crop
 from .options import TrainOptions, resolution_of
 
 
@@ -142,7 +143,7 @@ class TrainingData:
         for index, record in enumerate(sorted(todo, key=lambda r: (r.bucket, str(r.path)))):
             cached = _read_npz(record) if self.options.cache_latents_to_disk else None
             if cached is None:
-                image = resize_and_crop(load_rgb(record.path), record.choice)
+                image = resize_and_crop(load_image(record.path), record.choice)
                 pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
                 variants = [pixels, pixels.flip(-1)] if record.subset.flip_aug else [pixels]
                 encoded = [vae.encode(v.to(vae.dtype)).sample(generator).float().cpu()[0] for v in variants]
@@ -258,7 +259,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
         subset = subset_images.subset
         for entry in subset_images.images:
             try:
-                size = entry.image_size or image_size(entry.path)
+                size = entry.image_size or read_image_size(entry.path)
                 choice = B.select_bucket(size, settings)
             except UserError as problem:
                 notes.append(f"{entry.path}: {problem}; skipped")
