@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .dataset.commands import add_dataset_commands
 from .errors import UserError
+from .networks.tools.commands import add_lora_commands
 
 
 def _device(name: str) -> str:
@@ -160,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     bench_parser.set_defaults(run=bench)
 
     add_dataset_commands(commands)
+    add_lora_commands(commands)
     return root
 
 

@@ -1,0 +1,71 @@
+"""``python -m lora_trainer lora inspect|resize|merge|bake|extract``: parse arguments, call the tools, print."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+
+PRECISIONS = ["fp16", "bf16", "fp32"]
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def network_with_numbers(text: str, most: int) -> tuple[Path, list[float]]:
+    """``file[:a[:b]]`` → (file, [a, b]); numbers are read from the right so ``C:\\x.safetensors`` stays a path."""
+    numbers: list[float] = []
+    head = text
+    while len(numbers) < most and ":" in head:
+        rest, last = head.rsplit(":", 1)
+        if not _NUMBER.match(last):
+            break
+        numbers.insert(0, float(last))
+        head = rest
+    return Path(head), numbers
+
+
+def _strength(text: str):
+    from ..apply import Strength
+
+    path, numbers = network_with_numbers(text, 2)
+    te = numbers[0] if numbers else 1.0
+    return path, Strength(te, numbers[1] if len(numbers) > 1 else None)
+
+
+def run_inspect(args) -> None:
+    from .inspect import inspect_network
+
+    summaries = [inspect_network(path, top_tags=args.tags) for path in args.files]
+    if args.json:
+        print("[" + ",\n".join(s.to_json() for s in summaries) + "]" if len(summaries) > 1 else summaries[0].to_json())
+        return
+    for summary in summaries:
+        print("\n".join(summary.lines()))
+
+
+def run_bake(args) -> None:
+    from .bake import bake
+
+    result = bake(args.model, [_strength(text) for text in args.lora], args.out, args.precision)
+    print("\n".join(result.lines()))
+
+
+def add_lora_commands(subparsers) -> None:
+    """Register ``lora`` and its tools under the CLI's subcommands."""
+    lora = subparsers.add_parser("lora", help="LoRA file tools: inspect, resize, merge, bake, extract")
+    tools = lora.add_subparsers(dest="lora_command", required=True)
+
+    i = tools.add_parser("inspect", help="algorithm, rank per block, alpha, base model, tags, metadata, hashes")
+    i.add_argument("files", type=Path, nargs="+")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--tags", type=int, default=20, help="how many of the most frequent training tags to show")
+    i.set_defaults(run=run_inspect)
+
+    b = tools.add_parser("bake", help="merge LoRAs into a checkpoint and save a new single-file checkpoint",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="--lora takes FILE, FILE:STRENGTH or FILE:TE:UNET (as <lora:name:te:unet> in the WebUI)")
+    b.add_argument("--model", type=Path, required=True, help="the checkpoint to bake into (.safetensors or .ckpt)")
+    b.add_argument("--lora", action="append", required=True, metavar="FILE[:TE[:UNET]]", help="a network to bake; repeat for several")
+    b.add_argument("--out", type=Path, required=True, help="the new checkpoint (.safetensors)")
+    b.add_argument("--precision", choices=PRECISIONS, default="fp16", help="dtype of the saved checkpoint (default fp16)")
+    b.set_defaults(run=run_bake)

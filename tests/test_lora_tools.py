@@ -1,0 +1,166 @@
+"""LoRA tools (inspect, bake, resize, merge, extract): the numbers users rely on, on sd-scripts' and LyCORIS's own files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.cli import main
+from lora_trainer.errors import UserError
+from lora_trainer.networks.apply import Strength
+from lora_trainer.networks.files import read_network
+from lora_trainer.networks.tools.bake import bake
+from lora_trainer.networks.tools.inspect import inspect_network
+from reference import REFERENCE, TINY_KOHYA_CHECKPOINT
+
+KOHYA_LORA = REFERENCE / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors"
+KOHYA_LOHA = REFERENCE / "kohya-fixtures" / "lora-lycoris" / "tiny_loha.safetensors"
+LYCORIS_LORA = REFERENCE / "network-fixtures" / "lora.safetensors"
+LYCORIS_SDXL_LORA = REFERENCE / "network-fixtures" / "lora_sdxl.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))
+
+
+# --- inspect -------------------------------------------------------------------------------------------------
+
+
+def test_inspect_reports_what_sd_scripts_wrote_and_checks_its_hash():
+    summary = inspect_network(KOHYA_LORA)
+    assert summary.algorithms == {"lora": 204}
+    assert summary.base_model == "SD1" and summary.base_model_source == "ss_base_model_version"
+    assert (summary.network_module, summary.dim, summary.alpha) == ("networks.lora", "4", "4.0")
+    blocks = {b.block: b for b in summary.blocks}
+    assert blocks["TE"].modules == 12 and blocks["TE"].ranks == [4] and blocks["TE"].alphas == [4.0]
+    # SD1 attention blocks in block-weight labels: IN01/02/04/05/07/08, MID, OUT03…OUT11
+    assert [b.block for b in summary.blocks] == ["TE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
+                                                  *(f"OUT{i:02d}" for i in range(3, 12))]
+    assert summary.top_tags[0] == ("shapes", 16)
+    assert summary.hash_matches is True
+    assert summary.autov2 == summary.sha256[:10]
+    assert "ss_tag_frequency" not in summary.metadata and summary.metadata["modelspec.title"] == "tinylora"
+
+
+def test_inspect_says_when_the_tensors_changed_after_saving(tmp_path):
+    tensors = load_file(KOHYA_LORA)
+    with safe_open(str(KOHYA_LORA), "pt") as handle:
+        metadata = handle.metadata()
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] * 2
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata)
+    summary = inspect_network(edited)
+    assert summary.hash_matches is False
+    assert any("MISMATCH" in line for line in summary.lines())
+
+
+def test_inspect_reads_sdxl_from_metadata_and_names_both_text_encoders():
+    summary = inspect_network(LYCORIS_SDXL_LORA)
+    assert summary.base_model == "SDXL"
+    labels = [b.block for b in summary.blocks]
+    assert labels[:2] == ["TE1", "TE2"] and "MID" in labels
+
+
+def test_inspect_command_prints_json(capsys):
+    assert main(["lora", "inspect", str(KOHYA_LOHA), "--json", "--tags", "3"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["algorithms"] == {"loha": 206}
+    assert data["network_args"]["algo"] == "loha"
+    assert len(data["top_tags"]) == 3
+
+
+def test_inspect_refuses_a_checkpoint_and_a_missing_file(tmp_path, capsys):
+    with pytest.raises(UserError, match="checkpoint, not a LoRA"):
+        inspect_network(TINY_KOHYA_CHECKPOINT)
+    assert main(["lora", "inspect", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+
+
+# --- bake ----------------------------------------------------------------------------------------------------
+
+
+def loha_delta(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ΔW of a plain (non-Tucker) LoHa module written out from the formula: (α/r)·(w1a@w1b)⊙(w2a@w2b)."""
+    t = {k: v.double() for k, v in tensors.items()}
+    rank = t["hada_w1_b"].shape[0]
+    return (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (float(t["alpha"]) / rank)
+
+
+@pytest.fixture(scope="module")
+def baked_loha(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bake") / "baked.safetensors"
+    result = bake(TINY_KOHYA_CHECKPOINT, [(KOHYA_LOHA, Strength(1.0))], out)
+    return out, result
+
+
+def test_bake_adds_the_full_loha_delta_and_leaves_every_other_tensor_bit_identical(baked_loha):
+    out, result = baked_loha
+    base, baked = load_file(TINY_KOHYA_CHECKPOINT), load_file(out)
+    assert baked.keys() == base.keys()
+    untouched = [k for k in base if k not in result.changed_keys]
+    assert len(result.changed_keys) == 206 and len(untouched) > 400
+    for key in untouched:
+        assert baked[key].dtype == base[key].dtype and torch.equal(baked[key], base[key]), key
+
+    loha = read_network(KOHYA_LOHA).modules
+    layers = {  # Kohya module → checkpoint tensor (Linear layers, so the formula needs no reshaping)
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v":
+            "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight",
+    }
+    for module, key in layers.items():
+        expected = loha_delta(loha[module])
+        applied = baked[key].double() - base[key].double()
+        # not half of it (LyCORIS 4.1.3's merge applies α/r twice), not twice: the whole ΔW, up to fp16 rounding
+        ratio = float((applied * expected).sum() / (expected * expected).sum())
+        assert ratio == pytest.approx(1.0, abs=0.01), module
+        ulp = base[key].double().abs().max() * 2**-10
+        assert torch.allclose(applied, expected, atol=float(ulp)), module
+
+
+def test_baked_checkpoint_loads_with_our_loader(baked_loha):
+    from lora_trainer.models.checkpoint import load_checkpoint
+
+    out, _ = baked_loha
+    baked = load_checkpoint(out)
+    stored = load_file(out)
+    assert baked.config.label == "SD1"
+    fc1 = baked.text_encoders[0].get_submodule("text_model.encoder.layers.0.mlp.fc1").weight
+    assert torch.equal(fc1, stored["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"].float())
+
+
+def test_bake_refuses_an_sdxl_lora_on_an_sd1_checkpoint_and_writes_nothing(tmp_path):
+    out = tmp_path / "baked.safetensors"
+    with pytest.raises(UserError, match="SDXL") as error:
+        bake(TINY_KOHYA_CHECKPOINT, [(LYCORIS_SDXL_LORA, Strength(1.0))], out)
+    assert "lora_sdxl" in str(error.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bake_command_takes_te_and_unet_strengths(tmp_path, capsys):
+    two_layers = tmp_path / "two layers.safetensors"  # a space in the name, as on users' disks
+    save_file({k: v for k, v in load_file(KOHYA_LOHA).items()
+               if k.startswith(("lora_te_text_model_encoder_layers_0_mlp_fc1.", "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v."))},
+              str(two_layers))
+    out = tmp_path / "half.safetensors"
+    assert main(["lora", "bake", "--model", str(TINY_KOHYA_CHECKPOINT), "--lora", f"{two_layers}:0:0.5", "--out", str(out)]) == 0
+    assert "2 layers baked" in capsys.readouterr().out
+    base, baked = load_file(TINY_KOHYA_CHECKPOINT), load_file(out)
+    te_key = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    unet_key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"
+    assert torch.equal(baked[te_key], base[te_key])  # TE strength 0
+    expected = 0.5 * loha_delta(read_network(KOHYA_LOHA).modules["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"])
+    assert torch.allclose(baked[unet_key].double() - base[unet_key].double(), expected, atol=float(base[unet_key].abs().max()) * 2**-10)
+
+
+def test_bake_reports_missing_files_by_name(tmp_path):
+    with pytest.raises(UserError, match="missing.safetensors"):
+        bake(TINY_KOHYA_CHECKPOINT, [(tmp_path / "missing.safetensors", Strength(1.0))], tmp_path / "out.safetensors")
+    with pytest.raises(UserError, match="no-model.safetensors"):
+        bake(tmp_path / "no-model.safetensors", [(KOHYA_LOHA, Strength(1.0))], tmp_path / "out.safetensors")
