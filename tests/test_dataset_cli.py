@@ -48,3 +48,17 @@ def test_check_rejects_a_malformed_resolution(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["dataset", "check", str(tmp_path), "--resolution", "big"])
     assert stopped.value.code == 2 and "512,768" in capsys.readouterr().err
+
+
+def test_prep_writes_the_new_folder_and_refuses_one_inside_the_source(tmp_path, capsys):
+    source = tmp_path / "src"
+    make_image(source / "10_zk" / "a.png", (800, 600), 1)
+    out = tmp_path / "out"
+    assert main(["dataset", "prep", str(source), str(out), "--size", "512", "--buckets", "--flip", "--quiet"]) == 0
+    assert "Wrote 1 images, 1 flipped copies" in capsys.readouterr().out
+    assert Image.open(out / "10_zk" / "a.png").size == (576, 448)
+    assert (out / "10_zk" / "a_flip.txt").read_text(encoding="utf-8") == "zk, star"
+    assert main(["dataset", "prep", str(source), str(source / "out"), "--quiet"]) == 2
+    assert "inside the source" in capsys.readouterr().err
+    assert main(["dataset", "prep", str(source), str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``python -m lora_trainer dataset …``: argument parsing and printing over ``health``."""
+"""``python -m lora_trainer dataset …``: argument parsing and printing over ``health`` and ``preprocess``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,29 @@ def run_check(args) -> None:
         raise SystemExit(1)  # scripts can run `dataset check DIR && train …`
 
 
+def run_prep(args) -> None:
+    from lora_trainer.dataset.preprocess import PrepSettings, prepare_dataset
+
+    settings = PrepSettings(
+        size=args.size,
+        buckets=args.buckets,
+        crop=args.crop,
+        no_upscale=args.no_upscale,
+        flip=args.flip,
+        face_emphasis_repeats=args.face_emphasis,
+        caption_extension=args.caption_extension,
+        overwrite=args.overwrite,
+    )
+    result = prepare_dataset(args.source, args.out, settings, progress=None if args.quiet else _progress)
+    if not args.quiet:
+        print(file=sys.stderr)  # end the progress line
+    print(result.summary())
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\rprepared {done}/{total}", end="", file=sys.stderr, flush=True)
+
+
 def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-bucket-reso", type=int, default=256)
     parser.add_argument("--max-bucket-reso", type=int, default=1024)
@@ -45,7 +68,7 @@ def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dataset_commands(subparsers) -> None:
-    """Register ``dataset check`` on the CLI's sub-command list."""
+    """Register ``dataset check`` and ``dataset prep`` on the CLI's sub-command list."""
     dataset = subparsers.add_parser("dataset", help="check or prepare a training image folder")
     commands = dataset.add_subparsers(dest="dataset_command", required=True)
 
@@ -62,4 +85,22 @@ def add_dataset_commands(subparsers) -> None:
     check.add_argument("--caption-extension", default=".txt")
     _add_bucket_options(check)
     check.set_defaults(run=run_check)
+
+    prep = commands.add_parser(
+        "prep", help="crop and resize a folder of images into a new folder (sources are never changed)")
+    prep.add_argument("source", type=Path, help="the folder of source images (sub-folders are mirrored)")
+    prep.add_argument("out", type=Path, help="a new or empty folder outside the source")
+    prep.add_argument("--size", type=int, default=512, help="square side in pixels (default 512)")
+    prep.add_argument("--buckets", action="store_true",
+                      help="crop each image to its sd-scripts bucket for a --size x --size resolution instead of a square")
+    prep.add_argument("--crop", choices=["centre", "center", "focal"], default="centre",
+                      help="keep the middle (sd-scripts' crop) or the most interesting part (faces, else detail)")
+    prep.add_argument("--no-upscale", action="store_true", help="never enlarge: small images are only cropped")
+    prep.add_argument("--flip", action="store_true", help="also write a mirrored copy of every image")
+    prep.add_argument("--face-emphasis", type=int, metavar="REPEATS",
+                      help="add a '<REPEATS>_<name> face' folder of face close-ups (needs opencv-python-headless<5)")
+    prep.add_argument("--caption-extension", default=".txt")
+    prep.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)")
+    prep.add_argument("--quiet", action="store_true")
+    prep.set_defaults(run=run_prep)
 
