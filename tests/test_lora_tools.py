@@ -23,6 +23,15 @@ LYCORIS_LORA = REFERENCE / "network-fixtures" / "lora.safetensors"
 LYCORIS_SDXL_LORA = REFERENCE / "network-fixtures" / "lora_sdxl.safetensors"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # thousands of tiny SVDs and matmuls: on the shared 2-core machine, threading them costs 50× more than it saves
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _hash_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))
@@ -164,3 +173,80 @@ def test_bake_reports_missing_files_by_name(tmp_path):
         bake(TINY_KOHYA_CHECKPOINT, [(tmp_path / "missing.safetensors", Strength(1.0))], tmp_path / "out.safetensors")
     with pytest.raises(UserError, match="no-model.safetensors"):
         bake(tmp_path / "no-model.safetensors", [(KOHYA_LOHA, Strength(1.0))], tmp_path / "out.safetensors")
+
+
+# --- resize --------------------------------------------------------------------------------------------------
+
+from lora_trainer.networks.files import group_tensors  # noqa: E402
+from lora_trainer.networks.registry import module_delta  # noqa: E402
+from lora_trainer.networks.tools.resize import resize, resize_network  # noqa: E402
+from lora_trainer.networks.tools.shared import lora_layer_shape  # noqa: E402
+
+
+def deltas(network) -> dict[str, torch.Tensor]:
+    """ΔW per module at strength 1, computed by the loader's own algorithm code."""
+    return {name: module_delta(t, torch.empty(lora_layer_shape(t), device="meta")).weight for name, t in network.modules.items()}
+
+
+@pytest.mark.parametrize("fixture", [LYCORIS_LORA, KOHYA_LORA])
+def test_resize_to_its_own_rank_reproduces_every_delta(fixture, tmp_path):
+    out = tmp_path / "same.safetensors"
+    result = resize(fixture, out, rank=4, precision="fp32")
+    before, after = deltas(read_network(fixture)), deltas(read_network(out))
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.allclose(after[name], before[name], atol=1e-5 * float(before[name].abs().max()) + 1e-7), name
+    assert all(m.retained_fro == pytest.approx(1.0) for m in result.modules)
+    alpha = read_network(fixture).modules[name]["alpha"]
+    assert float(read_network(out).modules[name]["alpha"]) == pytest.approx(float(alpha))  # same rank, same α
+
+
+SINGULAR_VALUES = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625]
+
+
+def lora_with_singular_values(values=SINGULAR_VALUES, alpha=4.0, shape=(16, 12)):
+    """A Linear LoRA whose unscaled up @ down has exactly these singular values (rank 8, α 4: scale 0.5)."""
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], len(values), generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], len(values), generator=generator, dtype=torch.float64))
+    up, down = u * torch.tensor(values, dtype=torch.float64), v.T
+    return group_tensors({"lora_unet_layer.lora_up.weight": up.float(), "lora_unet_layer.lora_down.weight": down.float(),
+                          "lora_unet_layer.alpha": torch.tensor(alpha)})
+
+
+# Worked by hand from SINGULAR_VALUES (squares 64, 16, 4, 1, .25 …; total of squares 85.33, of values 15.94):
+# sv_ratio 10 keeps values > 0.8 → 4; sv_fro 0.99 needs ≥ 98.01 % of the squares: 64+16+4 = 84 is 98.4 % → 3;
+# sv_cumulative 0.9 needs ≥ 90 % of the sum: 8+4+2 = 14 is 87.8 %, +1 = 15 is 94.1 % → 4; a cap of 2 wins.
+@pytest.mark.parametrize("method, parameter, cap, expected", [
+    (None, None, 5, 5), ("sv_ratio", 10, 8, 4), ("sv_fro", 0.99, 8, 3), ("sv_cumulative", 0.9, 8, 4), ("sv_ratio", 10, 2, 2),
+])
+def test_resize_keeps_the_rank_each_method_asks_for_and_preserves_the_scale(method, parameter, cap, expected):
+    result = resize_network(lora_with_singular_values(), cap, method=method, parameter=parameter)
+    (module,) = result.modules
+    assert module.new_rank == expected
+    assert module.new_alpha == pytest.approx(0.5 * expected)  # old scale α/r = 4/8, times the new rank
+    kept = torch.tensor(SINGULAR_VALUES[:expected])
+    assert module.retained_fro == pytest.approx(float(kept.norm() / torch.tensor(SINGULAR_VALUES).norm()), rel=1e-5)
+    resized = group_tensors(result.tensors).modules["lora_unet_layer"]
+    delta = module_delta(resized, torch.empty(16, 12, device="meta")).weight
+    # what is left is 0.5 × the dropped singular values: ‖ΔW_old − ΔW_new‖ = 0.5 · ‖dropped‖
+    original = module_delta(lora_with_singular_values().modules["lora_unet_layer"], torch.empty(16, 12, device="meta")).weight
+    dropped = torch.tensor(SINGULAR_VALUES[expected:])
+    assert float((original - delta).norm()) == pytest.approx(0.5 * float(dropped.norm()), abs=1e-5)
+    assert result.metadata["ss_network_dim"] == ("Dynamic" if method else str(cap))
+
+
+def test_resize_command_prints_retained_energy_and_writes_a_hashed_file(tmp_path, capsys):
+    out = tmp_path / "small.safetensors"
+    assert main(["lora", "resize", str(KOHYA_LORA), "--out", str(out), "--new_rank", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "fro retained" in printed and "average Frobenius norm retained" in printed
+    summary = inspect_network(out)
+    assert summary.hash_matches is True and summary.dim == "2" and {b.ranks[0] for b in summary.blocks} == {2}
+    assert summary.metadata["ss_training_comment"].startswith("dimension is resized from 4 to 2")
+
+
+def test_resize_refuses_other_algorithms_by_name(tmp_path):
+    with pytest.raises(UserError, match=r"tiny_loha.*loha \(206 modules\).*merge --mode svd"):
+        resize(KOHYA_LOHA, tmp_path / "x.safetensors", rank=2)
+    assert not (tmp_path / "x.safetensors").exists()

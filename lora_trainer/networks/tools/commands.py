@@ -50,6 +50,13 @@ def run_bake(args) -> None:
     print("\n".join(result.lines()))
 
 
+def run_resize(args) -> None:
+    from .resize import resize
+
+    result = resize(args.file, args.out, args.new_rank, args.new_conv_rank, args.dynamic_method, args.dynamic_param, args.precision)
+    print("\n".join(result.lines()))
+
+
 def add_lora_commands(subparsers) -> None:
     """Register ``lora`` and its tools under the CLI's subcommands."""
     lora = subparsers.add_parser("lora", help="LoRA file tools: inspect, resize, merge, bake, extract")
@@ -69,3 +76,13 @@ def add_lora_commands(subparsers) -> None:
     b.add_argument("--out", type=Path, required=True, help="the new checkpoint (.safetensors)")
     b.add_argument("--precision", choices=PRECISIONS, default="fp16", help="dtype of the saved checkpoint (default fp16)")
     b.set_defaults(run=run_bake)
+
+    r = tools.add_parser("resize", help="SVD a LoRA/LoCon to a fixed rank or a dynamic one (sd-scripts' resize_lora)")
+    r.add_argument("file", type=Path)
+    r.add_argument("--out", "--save_to", type=Path, required=True)
+    r.add_argument("--new_rank", type=int, default=4, help="the rank; with --dynamic_method the largest rank kept")
+    r.add_argument("--new_conv_rank", type=int, help="rank of 3×3 conv modules (default: --new_rank)")
+    r.add_argument("--dynamic_method", choices=["sv_ratio", "sv_fro", "sv_cumulative"])
+    r.add_argument("--dynamic_param", type=float, help="sv_ratio: largest/smallest kept; sv_fro, sv_cumulative: share kept (0-1)")
+    r.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")
+    r.set_defaults(run=run_resize)
