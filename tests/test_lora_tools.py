@@ -250,3 +250,55 @@ def test_resize_refuses_other_algorithms_by_name(tmp_path):
     with pytest.raises(UserError, match=r"tiny_loha.*loha \(206 modules\).*merge --mode svd"):
         resize(KOHYA_LOHA, tmp_path / "x.safetensors", rank=2)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- merge ---------------------------------------------------------------------------------------------------
+
+from lora_trainer.networks.tools.merge import merge  # noqa: E402
+
+KOHYA_LORA_EPOCH_1 = REFERENCE / "kohya-fixtures" / "lora-baseline" / "tinylora-000001.safetensors"
+
+
+def test_concat_merge_is_exactly_the_weighted_sum_of_deltas(tmp_path):
+    out = tmp_path / "concat.safetensors"
+    assert main(["lora", "merge", f"{KOHYA_LORA}:0.7", f"{KOHYA_LORA_EPOCH_1}:-0.3", "--out", str(out), "--precision", "fp32"]) == 0
+    first, second, merged = deltas(read_network(KOHYA_LORA)), deltas(read_network(KOHYA_LORA_EPOCH_1)), deltas(read_network(out))
+    assert merged.keys() == first.keys()
+    for name, delta in merged.items():
+        expected = 0.7 * first[name] - 0.3 * second[name]
+        assert torch.allclose(delta, expected, atol=1e-6 * float(expected.abs().max())), name
+    summary = inspect_network(out)
+    assert summary.dim == "8" and summary.hash_matches and summary.metadata["modelspec.merged_from"] == "tinylora, tinylora-000001"
+
+
+def test_svd_merge_of_a_lora_and_a_loha_at_full_rank_is_the_weighted_sum(tmp_path):
+    out = tmp_path / "svd.safetensors"
+    result = merge([(KOHYA_LORA, 0.5), (KOHYA_LOHA, 1.0)], out, mode="svd", rank=10_000, model=TINY_KOHYA_CHECKPOINT,
+                   precision="fp32", clamp_quantile=1.0)
+    lora, merged = deltas(read_network(KOHYA_LORA)), read_network(out)
+    loha = read_network(KOHYA_LOHA).modules
+    assert set(merged.modules) == set(lora) | set(loha)
+    for name, module in merged.modules.items():
+        delta = module_delta(module, torch.empty(lora_layer_shape(module), device="meta")).weight
+        expected = module_delta(loha[name], torch.empty(delta.shape, device="meta")).weight if name in loha else torch.zeros_like(delta)
+        if name in lora:
+            expected = expected + 0.5 * lora[name].reshape(delta.shape)
+        assert torch.allclose(delta, expected, atol=1e-5 * float(expected.abs().max())), name
+    assert result.metadata["ss_network_module"] == "networks.lora" and result.metadata["ss_base_model_version"] == "sd_v1"
+
+
+def test_svd_merge_asks_for_the_model_only_when_it_needs_it(tmp_path):
+    with pytest.raises(UserError, match=r"tiny_loha.*kernel size.*--model"):
+        merge([(KOHYA_LOHA, 1.0)], tmp_path / "a.safetensors", mode="svd", rank=4)
+    with pytest.raises(UserError, match=r"lora_dora.*depends on the base weights.*--model"):
+        merge([(REFERENCE / "network-fixtures" / "lora_dora.safetensors", 1.0)], tmp_path / "b.safetensors", mode="svd", rank=4)
+    result = merge([(KOHYA_LORA, 1.0)], tmp_path / "c.safetensors", mode="svd", rank=2)  # LoRA: shapes are in the file
+    assert {int(t.shape[0]) for k, t in result.tensors.items() if k.endswith("lora_down.weight")} == {2}
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.safetensors"]
+
+
+def test_concat_merge_refuses_other_algorithms_and_other_base_models(tmp_path):
+    with pytest.raises(UserError, match=r"tiny_loha.*loha.*--mode svd"):
+        merge([(KOHYA_LORA, 1.0), (KOHYA_LOHA, 1.0)], tmp_path / "a.safetensors")
+    with pytest.raises(UserError, match="different base models"):
+        merge([(KOHYA_LORA, 1.0), (LYCORIS_SDXL_LORA, 1.0)], tmp_path / "b.safetensors")

@@ -57,6 +57,17 @@ def run_resize(args) -> None:
     print("\n".join(result.lines()))
 
 
+def run_merge(args) -> None:
+    from .merge import merge
+
+    inputs = []
+    for text in args.files:
+        path, numbers = network_with_numbers(text, 1)
+        inputs.append((path, numbers[0] if numbers else 1.0))
+    result = merge(inputs, args.out, args.mode, args.new_rank, args.new_conv_rank, args.model, args.precision, args.clamp_quantile)
+    print("\n".join(result.lines()))
+
+
 def add_lora_commands(subparsers) -> None:
     """Register ``lora`` and its tools under the CLI's subcommands."""
     lora = subparsers.add_parser("lora", help="LoRA file tools: inspect, resize, merge, bake, extract")
@@ -86,3 +97,15 @@ def add_lora_commands(subparsers) -> None:
     r.add_argument("--dynamic_param", type=float, help="sv_ratio: largest/smallest kept; sv_fro, sv_cumulative: share kept (0-1)")
     r.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")
     r.set_defaults(run=run_resize)
+
+    g = tools.add_parser("merge", help="several networks with weights into one LoRA (concatenated ranks, or SVD)")
+    g.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
+    g.add_argument("--out", "--save_to", type=Path, required=True)
+    g.add_argument("--mode", choices=["concat", "svd"], default="concat",
+                   help="concat: exact, LoRA/LoCon only, rank = sum of ranks; svd: any algorithm, SVD to --new_rank")
+    g.add_argument("--new_rank", type=int, help="rank of the merged LoRA (svd)")
+    g.add_argument("--new_conv_rank", type=int, help="rank of 3×3 conv modules (svd; default --new_rank)")
+    g.add_argument("--model", type=Path, help="the base checkpoint: needed for DoRA/OFT/IA3/GLoRA and LoHa/LoKr convs (svd)")
+    g.add_argument("--clamp_quantile", type=float, default=0.99, help="clamp the SVD factors to this quantile, as sd-scripts (1: off)")
+    g.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")
+    g.set_defaults(run=run_merge)

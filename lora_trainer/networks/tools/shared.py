@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,3 +115,42 @@ def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float | None = None
 
 def is_kxk_conv(shape: torch.Size) -> bool:
     return len(shape) == 4 and math.prod(shape[2:]) > 1
+
+
+class CheckpointLayers:
+    """The LoRA-targetable layers of a checkpoint file, read lazily: shapes without loading, weights on demand.
+
+    The model is built on the meta device only for its layer names; tensors come straight from the file.
+    """
+
+    def __init__(self, path):
+        from ...models.checkpoint import build_models, detect_architecture, open_tensors
+        from ..naming import UNET, alias_table, model_targets
+
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path}: give a single-file checkpoint (.safetensors/.ckpt), not a Diffusers folder")
+        self.path = path
+        self.source = open_tensors(path)
+        self.config, _ = detect_architecture(self.source)
+        unet, text_encoders, _ = build_models(self.config)
+        self.targets = model_targets(self.config, unet, text_encoders)
+        self.prefixes = {UNET: self.config.unet_prefix} | {s.kohya_name: s.prefix for s in self.config.text_encoders}
+        self._table = alias_table(self.targets)
+
+    def find(self, module_name: str):
+        from ..naming import canonical
+
+        return self._table.get(canonical(module_name))
+
+    def key(self, target, parameter: str | None = None) -> str:
+        return f"{self.prefixes[target.component]}{target.module}.{parameter or target.parameter}"
+
+    def shape(self, target) -> torch.Size:
+        shape = self.source.shapes[self.key(target)]
+        return torch.Size(shape if target.rows is None else (target.rows[1] - target.rows[0], *shape[1:]))
+
+    def weight(self, target) -> torch.Tensor:
+        """The layer's weight in fp32 (its own rows of a fused q/k/v projection)."""
+        weight = self.source.get(self.key(target)).float()
+        return weight if target.rows is None else weight[target.rows[0] : target.rows[1]]
