@@ -302,3 +302,79 @@ def test_concat_merge_refuses_other_algorithms_and_other_base_models(tmp_path):
         merge([(KOHYA_LORA, 1.0), (KOHYA_LOHA, 1.0)], tmp_path / "a.safetensors")
     with pytest.raises(UserError, match="different base models"):
         merge([(KOHYA_LORA, 1.0), (LYCORIS_SDXL_LORA, 1.0)], tmp_path / "b.safetensors")
+
+
+# --- extract -------------------------------------------------------------------------------------------------
+
+from lora_trainer.networks.tools.extract import extract  # noqa: E402
+
+# checkpoint layer → Kohya module: a text-encoder Linear, a UNet attention Linear, SD1's 1×1 proj_in, a ResBlock 3×3 conv
+TUNED_LAYERS = {
+    "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight": "lora_te_text_model_encoder_layers_1_mlp_fc2",
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+    "model.diffusion_model.output_blocks.3.1.proj_in.weight": "lora_unet_up_blocks_1_attentions_0_proj_in",
+    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": "lora_unet_down_blocks_0_resnets_0_conv1",
+}
+
+
+@pytest.fixture(scope="module")
+def tuned_checkpoint(tmp_path_factory):
+    """The tiny Kohya checkpoint with a known rank-2 change added to four layers, saved in fp32 (no rounding)."""
+    generator = torch.Generator().manual_seed(1)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(TINY_KOHYA_CHECKPOINT).items()}
+    changes = {}
+    for key in TUNED_LAYERS:
+        shape = state[key].shape
+        change = (torch.randn(shape[0], 2, generator=generator) @ torch.randn(2, shape[1:].numel(), generator=generator)) * 0.05
+        changes[key] = change.reshape(shape)
+        state[key] = state[key] + changes[key]
+    path = tmp_path_factory.mktemp("extract") / "tuned.safetensors"
+    save_file(state, str(path))
+    return path, changes
+
+
+def test_extracted_lora_reproduces_the_fine_tune_and_loads_with_every_key_matched(tuned_checkpoint, tmp_path):
+    from lora_trainer.models.checkpoint import load_checkpoint
+    from lora_trainer.networks.apply import MergedNetworks
+
+    tuned, changes = tuned_checkpoint
+    out = tmp_path / "extracted.safetensors"
+    result = extract(TINY_KOHYA_CHECKPOINT, tuned, out, dim=4, conv_dim=4, clamp_quantile=1.0, precision="fp32")
+    network = read_network(out)
+    for key, name in TUNED_LAYERS.items():
+        module = network.modules[name]
+        assert module["lora_down.weight"].shape[0] == 4 and float(module["alpha"]) == 4.0
+        delta = module_delta(module, torch.empty(changes[key].shape, device="meta")).weight
+        assert torch.allclose(delta, changes[key], atol=1e-5), name
+    untouched = network.modules["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"]
+    assert float(module_delta(untouched, torch.empty(lora_layer_shape(untouched), device="meta")).weight.abs().max()) < 1e-6
+    assert result.metadata["ss_network_module"] == "networks.lora" and result.metadata["ss_base_model_version"] == "sd_v1"
+    assert json.loads(result.metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4.0"}
+
+    model = load_checkpoint(TINY_KOHYA_CHECKPOINT)
+    merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
+    (report,) = merged.set_networks([(network, Strength(1.0))])
+    assert report.unmatched == [] and report.problems == [] and len(report.matched) == len(network.modules)
+    fc2 = model.text_encoders[0].get_submodule("text_model.encoder.layers.1.mlp.fc2").weight
+    tuned_fc2 = load_file(tuned)["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight"]
+    assert torch.allclose(fc2, tuned_fc2, atol=1e-5)
+
+
+def test_extract_skips_unchanged_text_encoders_and_convs_without_conv_dim(tuned_checkpoint, tmp_path, capsys):
+    tuned, _ = tuned_checkpoint
+    out = tmp_path / "unet only.safetensors"
+    assert main(["lora", "extract", "--model_org", str(TINY_KOHYA_CHECKPOINT), "--model_tuned", str(tuned),
+                 "--out", str(out), "--dim", "2", "--min_diff", "1"]) == 0
+    assert "text encoder unchanged" in capsys.readouterr().out
+    summary = inspect_network(out)
+    assert "TE" not in {b.block for b in summary.blocks} and summary.hash_matches
+    names = set(read_network(out).modules)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" not in names  # no --conv_dim: ResBlocks are not extracted
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k" in names
+
+
+def test_extract_refuses_a_lora_given_as_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="tinylora.*not an SD1/SD2/SDXL checkpoint"):
+        extract(TINY_KOHYA_CHECKPOINT, KOHYA_LORA, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []

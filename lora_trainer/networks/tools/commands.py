@@ -68,6 +68,13 @@ def run_merge(args) -> None:
     print("\n".join(result.lines()))
 
 
+def run_extract(args) -> None:
+    from .extract import extract
+
+    result = extract(args.model_org, args.model_tuned, args.out, args.dim, args.conv_dim, args.min_diff, args.clamp_quantile, args.precision)
+    print("\n".join(result.lines()))
+
+
 def add_lora_commands(subparsers) -> None:
     """Register ``lora`` and its tools under the CLI's subcommands."""
     lora = subparsers.add_parser("lora", help="LoRA file tools: inspect, resize, merge, bake, extract")
@@ -109,3 +116,14 @@ def add_lora_commands(subparsers) -> None:
     g.add_argument("--clamp_quantile", type=float, default=0.99, help="clamp the SVD factors to this quantile, as sd-scripts (1: off)")
     g.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")
     g.set_defaults(run=run_merge)
+
+    e = tools.add_parser("extract", help="a LoRA from a fine-tuned checkpoint minus its base, by SVD (sd-scripts' extract)")
+    e.add_argument("--model_org", "--base", type=Path, required=True, help="the base checkpoint")
+    e.add_argument("--model_tuned", "--tuned", type=Path, required=True, help="the fine-tuned checkpoint")
+    e.add_argument("--out", "--save_to", type=Path, required=True)
+    e.add_argument("--dim", type=int, default=4, help="rank of Linear and 1×1 layers (default 4)")
+    e.add_argument("--conv_dim", type=int, help="rank of 3×3 convs; without it ResBlocks are not extracted (as sd-scripts)")
+    e.add_argument("--min_diff", type=float, default=0.01, help="text encoders whose weights moved less are skipped")
+    e.add_argument("--clamp_quantile", type=float, default=0.99, help="clamp the factors to this quantile (1: off)")
+    e.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")
+    e.set_defaults(run=run_extract)

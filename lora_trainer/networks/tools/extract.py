@@ -1,0 +1,101 @@
+"""Extract a LoRA from a fine-tuned checkpoint minus its base, as sd-scripts' ``extract_lora_from_models.py`` does.
+
+The layers are the ones sd-scripts' ``networks.lora`` gives a module (text encoders and Transformer blocks; with
+``conv_dim`` also ResBlocks and down/upsamplers, their 3×3 convs at ``conv_dim``). Per layer: ΔW = W_tuned − W_base,
+truncated SVD to the rank (up = U·S, down = Vᵀ), factors clamped to the quantile of their values, α = rank.
+The text encoders are left out when no weight of theirs moved more than ``min_diff`` (most fine-tunes freeze them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...errors import UserError
+from ..lora import DOWN, UP
+from ..naming import ATTENTION, CONV
+from ..network import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, save_network
+from .shared import CLAMP_QUANTILE, CheckpointLayers, is_kxk_conv, low_rank
+
+MIN_DIFF = 0.01
+
+
+@dataclass
+class ExtractResult:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+    def lines(self) -> list[str]:
+        modules = sum(1 for key in self.tensors if key.endswith(DOWN))
+        return [*self.notes, f"extracted {modules} modules" + (f" into {self.path}" if self.path else "")]
+
+
+def extracted_tensors(base: CheckpointLayers, tuned: CheckpointLayers, dim: int, conv_dim: int | None = None,
+                      min_diff: float = MIN_DIFF, clamp_quantile: float | None = CLAMP_QUANTILE) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The LoRA tensors by Kohya key, and notes for the user (text encoders skipped)."""
+    differences, notes = {}, []
+    for name, target in base.targets.items():
+        if target.group != ATTENTION and not (target.group == CONV and conv_dim):
+            continue
+        tuned_target = tuned.targets.get(name)
+        if tuned_target is None or tuned.shape(tuned_target) != base.shape(target):
+            raise UserError(f"{tuned.path}: its layer {target.module} does not match {base.path}'s; the two checkpoints "
+                            "are not the same architecture (SD1/SD2/SDXL, or different widths)")
+        differences[name] = (target, tuned.weight(tuned_target) - base.weight(target))
+
+    text_encoder = {n: d for n, (t, d) in differences.items() if t.is_text_encoder}
+    largest = max((float(d.abs().max()) for d in text_encoder.values()), default=0.0)
+    if text_encoder and largest <= min_diff:
+        notes.append(f"text encoder unchanged (largest difference {largest:.3g} ≤ min_diff {min_diff}): extracting the UNet only")
+        differences = {n: v for n, v in differences.items() if n not in text_encoder}
+
+    tensors = {}
+    for name, (_, difference) in differences.items():
+        shape = difference.shape
+        rank = conv_dim if conv_dim and is_kxk_conv(shape) else dim
+        factors = low_rank(difference, min(rank, shape[0], shape[1]), clamp_quantile)  # sd-scripts caps by the channel counts
+        tensors |= {f"{name}.{UP}": factors.up, f"{name}.{DOWN}": factors.down, f"{name}.alpha": torch.tensor(float(factors.rank))}
+    return tensors, notes
+
+
+def extract_metadata(config, dim: int, conv_dim: int | None, title: str) -> dict[str, str]:
+    """What sd-scripts writes: its minimum network keys and the modelspec of a LoRA for this base model."""
+    args = {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))} if conv_dim else {}
+    return {
+        "ss_v2": str(config.name.startswith("sd2")),
+        "ss_base_model_version": BASE_MODEL_VERSION.get(config.name, config.name),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(float(dim)),
+        "ss_network_args": json.dumps(args),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(config.name, config.name) + "/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if config.lora_unet_naming == "sgm" else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if config.prediction_type == "v_prediction" else "epsilon",
+    }
+
+
+def extract(base: str | Path, tuned: str | Path, out: str | Path, dim: int = 4, conv_dim: int | None = None,
+            min_diff: float = MIN_DIFF, clamp_quantile: float | None = CLAMP_QUANTILE, precision: str = "fp16") -> ExtractResult:
+    if dim < 1 or (conv_dim is not None and conv_dim < 0):
+        raise UserError("--dim must be at least 1 (and --conv_dim at least 0)")
+    out = Path(out)
+    if out.resolve() in (Path(base).resolve(), Path(tuned).resolve()):
+        raise UserError(f"{out}: refusing to overwrite an input checkpoint; choose another output name")
+    base_layers, tuned_layers = CheckpointLayers(base), CheckpointLayers(tuned)
+    if base_layers.config.label != tuned_layers.config.label:
+        raise UserError(f"{tuned}: is {tuned_layers.config.label} and {base} is {base_layers.config.label}; "
+                        "extract from a fine-tune of the same base model")
+    tensors, notes = extracted_tensors(base_layers, tuned_layers, dim, conv_dim, min_diff, clamp_quantile)
+    metadata = extract_metadata(base_layers.config, dim, conv_dim, out.stem)
+    path = save_network(tensors, out, metadata, precision)
+    return ExtractResult(tensors, metadata, notes, path)
