@@ -110,6 +110,10 @@ def run_bench(area: str, args) -> None:
         from .dataset.bench_tags import run
 
         run(args.work_dir or Path(tempfile.gettempdir()) / "lora-trainer-bench-tags")
+    elif area == "prep":
+        from .dataset.bench_prep import run
+
+        run(args.work_dir or Path(tempfile.gettempdir()) / "lora-trainer-bench-prep")
     elif area == "train":
         from .training.bench import run
 
