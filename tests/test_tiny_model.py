@@ -56,6 +56,16 @@ def test_red_circles_are_red_and_round_blue_squares_are_blue_and_square(tiny):
     assert square_fill > circle_fill + 0.05, (circle_fill, square_fill)
 
 
+def test_the_issues_own_prompts_differ_in_mean_colour_and_shape_in_the_right_direction(tiny):
+    circles = draw(tiny, "a red circle")
+    squares = draw(tiny, "a blue square")
+    redness = lambda images: float((images[..., 0] - images[..., 2]).mean())  # noqa: E731  mean red minus blue
+    assert redness(circles) > redness(squares) + 20
+    circle_fill = np.nanmean([bounding_box_fill(m) for m in colour_mask(circles, "red")])
+    square_fill = np.nanmean([bounding_box_fill(m) for m in colour_mask(squares, "blue")])
+    assert square_fill > circle_fill + 0.05, (circle_fill, square_fill)
+
+
 def test_same_seed_same_image_different_seed_different_image(tiny):
     def one(seed):
         settings = GenerationSettings("a green triangle", steps=8, sampler="Euler a", seed=seed, width=64, height=64)
