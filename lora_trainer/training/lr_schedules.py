@@ -1,0 +1,122 @@
+"""Learning-rate schedules by sd-scripts' ``--lr_scheduler`` names, as pure multipliers of the base learning rate.
+
+sd-scripts (``train_util.get_scheduler_fix``) builds transformers' schedulers; ``lr_factor`` computes the same
+curves with the same float arithmetic, so a run here follows the very same learning rates step for step.
+``step`` is the 0-based optimizer step: the factor used by the first ``optimizer.step()`` is ``lr_factor(…, 0, …)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import UserError
+
+SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                   "cosine_with_min_lr", "adafactor")
+
+# transformers' polynomial schedule decays towards this absolute learning rate, not towards 0
+POLYNOMIAL_END_LR = 1e-7
+
+
+def check_scheduler_name(name: str) -> str:
+    """The scheduler's name as the curves know it; ``adafactor:<lr>`` (what sd-scripts writes) counts as ``adafactor``."""
+    base = name.split(":", 1)[0]
+    if base not in SCHEDULER_NAMES:
+        raise UserError(f"--lr_scheduler {name!r} is not known; use one of: {', '.join(SCHEDULER_NAMES)}")
+    return base
+
+
+def resolve_warmup(lr_warmup_steps: int | float | str | None, total_steps: int) -> int:
+    """Warm-up in optimizer steps: a whole number is steps, a number below 1 (or ``"10%"``) a fraction of all steps.
+
+    sd-scripts turns a fraction into steps with ``int(ratio * total_steps)`` (rounding down).
+    """
+    if lr_warmup_steps is None:
+        return 0
+    value = lr_warmup_steps
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            raise UserError(f"--lr_warmup_steps {lr_warmup_steps!r}: give a number of steps or a fraction below 1") from None
+    if value < 0:
+        raise UserError(f"--lr_warmup_steps {lr_warmup_steps!r} must not be negative")
+    if value < 1:
+        return int(value * total_steps)
+    if value != int(value):
+        raise UserError(f"--lr_warmup_steps {lr_warmup_steps!r}: a number of steps must be whole (or a fraction below 1)")
+    return int(value)
+
+
+def _warmup_factor(step: int, warmup_steps: int) -> float:
+    return float(step) / float(max(1, warmup_steps))
+
+
+def _progress(step: int, total_steps: int, warmup_steps: int) -> float:
+    return float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+
+
+def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int, num_cycles: int = 1, power: float = 1.0,
+              min_lr_ratio: float | None = None, initial_lr: float | None = None) -> float:
+    """The multiplier of each group's learning rate at 0-based optimizer ``step``.
+
+    As in sd-scripts: ``cosine`` is one half cosine (``num_cycles`` does not apply), ``cosine_with_restarts`` has
+    ``num_cycles`` hard restarts, ``cosine_with_min_lr`` runs ``num_cycles / 2`` cosines down to ``min_lr_ratio``
+    (the only schedule that reads it). ``polynomial`` decays to 1e-7 in absolute terms, so it needs the optimizer's
+    ``initial_lr``. ``adafactor`` keeps the rate: Adafactor's relative step sets its own.
+    """
+    name = check_scheduler_name(name)
+    if name in ("constant", "adafactor"):
+        return 1.0
+    if step < warmup_steps:
+        return _warmup_factor(step, warmup_steps)
+    if name == "constant_with_warmup":
+        return 1.0
+    if name == "linear":
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    if name == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * _progress(step, total_steps, warmup_steps))))
+    if name == "cosine_with_restarts":
+        progress = _progress(step, total_steps, warmup_steps)
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
+    if name == "cosine_with_min_lr":
+        if min_lr_ratio is None:
+            raise UserError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1)")
+        progress = _progress(step, total_steps, warmup_steps)
+        factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles / 2) * 2.0 * progress))
+        return max(0, factor * (1 - min_lr_ratio) + min_lr_ratio)
+    # polynomial
+    if initial_lr is None:
+        raise ValueError("the polynomial schedule needs the optimizer's initial_lr")
+    if step > total_steps:
+        return POLYNOMIAL_END_LR / initial_lr
+    pct_remaining = 1 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return ((initial_lr - POLYNOMIAL_END_LR) * pct_remaining**power + POLYNOMIAL_END_LR) / initial_lr
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup: int | float | str | None = 0,
+                   num_cycles: int = 1, power: float = 1.0, min_lr_ratio: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over ``lr_factor``; step it once per optimizer step, as sd-scripts does.
+
+    ``warmup`` is steps or a fraction (see ``resolve_warmup``). An Adafactor with ``relative_step`` gets the constant
+    schedule whatever ``name`` says, because sd-scripts forces ``adafactor:<lr>`` there.
+    """
+    name = check_scheduler_name(name)
+    warmup_steps = resolve_warmup(warmup, total_steps)
+    if getattr(optimizer, "uses_relative_step", False):
+        name = "adafactor"
+    if name in ("constant", "adafactor") and warmup_steps:
+        raise UserError(f"--lr_scheduler {name} takes no warm-up; set --lr_warmup_steps 0 or use constant_with_warmup")
+    initial_lr = optimizer.defaults.get("lr")
+    if name == "polynomial" and not (initial_lr and initial_lr > POLYNOMIAL_END_LR):
+        raise UserError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}; --learning_rate must be larger than that")
+
+    def factor_at(step: int) -> float:
+        return lr_factor(name, step, total_steps, warmup_steps, num_cycles, power, min_lr_ratio, initial_lr)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor_at)

@@ -1,0 +1,128 @@
+"""The learning-rate curves are the ones sd-scripts gets from diffusers/transformers, step for step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_trainer.errors import UserError
+from lora_trainer.training.lr_schedules import lr_factor, make_scheduler, resolve_warmup
+from lora_trainer.training.optimizers import make_optimizer
+
+diffusers_optimization = pytest.importorskip("diffusers.optimization")
+transformers_optimization = pytest.importorskip("transformers.optimization")
+
+BASE_LR = 3e-4
+
+
+def two_group_optimizer(lr: float = BASE_LR) -> torch.optim.Optimizer:
+    # two groups with different rates, like text encoder and U-Net
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr},
+              {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr / 4}]
+    return torch.optim.SGD(groups, lr=lr)
+
+
+def lr_history(scheduler, steps: int) -> list[list[float]]:
+    """The rates each of ``steps`` optimizer steps uses, as the trainer steps the scheduler after each."""
+    history = []
+    for _ in range(steps):
+        history.append([group["lr"] for group in scheduler.optimizer.param_groups])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return history
+
+
+CASES = [
+    # name, total steps, lr_warmup_steps as the user gives it, num_cycles, power
+    ("constant", 40, 0, 1, 1.0),
+    ("constant_with_warmup", 40, 7, 1, 1.0),
+    ("constant_with_warmup", 40, 0.25, 1, 1.0),
+    ("linear", 37, 0, 1, 1.0),
+    ("linear", 37, 0.1, 1, 1.0),
+    ("cosine", 50, 0, 1, 1.0),
+    ("cosine", 50, 0.15, 1, 1.0),
+    ("cosine_with_restarts", 61, 0, 3, 1.0),
+    ("cosine_with_restarts", 61, 5, 4, 1.0),
+    ("cosine_with_restarts", 61, 0.05, 1, 1.0),
+    ("polynomial", 45, 0, 1, 1.0),
+    ("polynomial", 45, 6, 1, 2.0),
+    ("polynomial", 45, 0.2, 1, 0.5),
+]
+
+
+@pytest.mark.parametrize("name, total, warmup, cycles, power", CASES)
+def test_every_step_equals_diffusers_get_scheduler(name, total, warmup, cycles, power):
+    # sd-scripts turns a ratio into int(ratio * total) before calling the library
+    library_warmup = int(warmup * total) if isinstance(warmup, float) else warmup
+    expected = lr_history(diffusers_optimization.get_scheduler(
+        name, two_group_optimizer(), num_warmup_steps=library_warmup, num_training_steps=total,
+        num_cycles=cycles, power=power), total + 3)
+    ours = lr_history(make_scheduler(two_group_optimizer(), name, total, warmup, num_cycles=cycles, power=power), total + 3)
+    assert ours == expected  # exact floats: same arithmetic, not merely close
+
+
+def test_factor_is_the_multiplier_the_scheduler_applies():
+    total, warmup = 30, 4
+    ours = lr_history(make_scheduler(two_group_optimizer(), "cosine_with_restarts", total, warmup, num_cycles=2), total)
+    assert [rates[0] for rates in ours] == [BASE_LR * lr_factor("cosine_with_restarts", step, total, warmup, num_cycles=2)
+                                            for step in range(total)]
+    assert lr_factor("linear", 0, 10, 2) == 0.0 and lr_factor("linear", 2, 10, 2) == 1.0 and lr_factor("linear", 10, 10, 2) == 0.0
+
+
+def test_cosine_with_min_lr_equals_transformers_with_sd_scripts_half_cycles():
+    total, warmup, cycles, floor = 40, 5, 1, 0.1
+    expected = lr_history(transformers_optimization.get_scheduler(
+        "cosine_with_min_lr", two_group_optimizer(), num_warmup_steps=warmup, num_training_steps=total,
+        scheduler_specific_kwargs={"num_cycles": cycles / 2, "min_lr_rate": floor}), total + 2)
+    ours = lr_history(make_scheduler(two_group_optimizer(), "cosine_with_min_lr", total, warmup, num_cycles=cycles,
+                                     min_lr_ratio=floor), total + 2)
+    assert ours == expected
+    assert min(rates[0] for rates in ours[warmup:]) == pytest.approx(BASE_LR * floor)
+
+
+@pytest.mark.parametrize("given, total, steps", [(0, 100, 0), (10, 100, 10), (0.1, 95, 9), (0.999, 10, 9), ("5%", 200, 10),
+                                                  ("0.5", 7, 3), (None, 50, 0), (1.0, 50, 1)])
+def test_warmup_as_steps_or_fraction_of_all_steps(given, total, steps):
+    assert resolve_warmup(given, total) == steps
+
+
+@pytest.mark.parametrize("given", [1.5, -1, "ten"])
+def test_unusable_warmup_is_refused_by_name(given):
+    with pytest.raises(UserError, match="--lr_warmup_steps"):
+        resolve_warmup(given, 100)
+
+
+def test_unknown_scheduler_names_the_option_and_the_valid_values():
+    with pytest.raises(UserError, match="--lr_scheduler 'cosine_annealing'") as error:
+        make_scheduler(two_group_optimizer(), "cosine_annealing", 10, 0)
+    assert "cosine_with_restarts" in str(error.value) and "polynomial" in str(error.value)
+
+
+def test_constant_with_warmup_steps_is_refused_as_sd_scripts_does():
+    with pytest.raises(UserError, match="constant_with_warmup"):
+        make_scheduler(two_group_optimizer(), "constant", 10, 3)
+
+
+def test_cosine_with_min_lr_needs_the_ratio():
+    with pytest.raises(UserError, match="--lr_scheduler_min_lr_ratio"):
+        make_scheduler(two_group_optimizer(), "cosine_with_min_lr", 10, 0)
+
+
+def test_adafactor_relative_step_keeps_the_rate_whatever_the_schedule():
+    parameter = torch.nn.Parameter(torch.ones(3, 2))
+    optimizer = make_optimizer("Adafactor", [{"params": [parameter], "lr": 1e-3}], 1e-3, [])
+    history = lr_history(make_scheduler(optimizer, "cosine", 10, 0), 10)
+    assert history == [[1e-3]] * 10
+    fixed_rate = make_optimizer("Adafactor", [{"params": [parameter], "lr": 1e-3}], 1e-3, ["relative_step=False"])
+    assert lr_history(make_scheduler(fixed_rate, "cosine", 10, 0), 3)[2][0] < 1e-3
+
+
+def test_resumed_scheduler_continues_the_same_curve():
+    total, warmup = 20, 3
+    uninterrupted = lr_history(make_scheduler(two_group_optimizer(), "polynomial", total, warmup, power=2.0), total)
+    first = make_scheduler(two_group_optimizer(), "polynomial", total, warmup, power=2.0)
+    before = lr_history(first, 8)
+    resumed = make_scheduler(two_group_optimizer(), "polynomial", total, warmup, power=2.0)
+    resumed.load_state_dict(first.state_dict())
+    resumed.optimizer.load_state_dict(first.optimizer.state_dict())
+    assert before + lr_history(resumed, total - 8) == uninterrupted

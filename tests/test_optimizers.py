@@ -1,0 +1,172 @@
+"""Optimizers by sd-scripts' names: arguments reach them, Lion/Adafactor do the published updates, errors say what to do."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from lora_trainer.errors import UserError
+from lora_trainer.training.optimizers import Adafactor, Lion, make_optimizer, optimizer_label, parse_optimizer_args
+from reference import REFERENCE
+
+
+def groups(lr: float = 1e-4) -> list[dict]:
+    # the trainer's shape of groups: text encoder and U-Net at their own rates, with a description
+    return [{"params": [torch.nn.Parameter(torch.ones(3, 2))], "lr": lr / 2, "description": "textencoder"},
+            {"params": [torch.nn.Parameter(torch.ones(4))], "lr": lr, "description": "unet"}]
+
+
+def fixture_optimizer_labels() -> set[str]:
+    text = (REFERENCE / "kohya-tiny-lora-keys.txt").read_text(encoding="utf-8")
+    return {line.split(" = ", 1)[1] for line in text.splitlines() if line.startswith("ss_optimizer = ")}
+
+
+def test_optimizer_args_are_python_literals_as_sd_scripts_reads_them():
+    assert parse_optimizer_args(["weight_decay=0.01", "betas=0.9,0.999", "decouple=True", "eps=1e-8", "name='x=y'"]) == {
+        "weight_decay": 0.01, "betas": (0.9, 0.999), "decouple": True, "eps": 1e-8, "name": "x=y"}
+    assert parse_optimizer_args(None) == {}
+
+
+@pytest.mark.parametrize("arguments, problem", [(["weight_decay"], "key=value"), (["decouple=yes"], "Python literal"),
+                                                (["foo=1"], "foo")])
+def test_bad_optimizer_args_are_named(arguments, problem):
+    with pytest.raises(UserError, match="--optimizer_args") as error:
+        make_optimizer("AdamW", groups(), 1e-4, arguments)
+    assert problem in str(error.value)
+
+
+@pytest.mark.parametrize("optimizer_type", ["", "AdamW", "adamw", "ADAMW"])
+def test_adamw_is_the_default_and_names_ignore_case(optimizer_type):
+    optimizer = make_optimizer(optimizer_type, groups(), 1e-4, ["weight_decay=0.05", "betas=0.8,0.95", "eps=1e-6"])
+    assert type(optimizer) is torch.optim.AdamW
+    assert [group["lr"] for group in optimizer.param_groups] == [5e-5, 1e-4]
+    assert all(group["weight_decay"] == 0.05 and group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
+               for group in optimizer.param_groups)
+    assert [group["description"] for group in optimizer.param_groups] == ["textencoder", "unet"]
+
+
+def test_ss_optimizer_has_the_format_of_sd_scripts_metadata():
+    labels = fixture_optimizer_labels()
+    with_args = make_optimizer("AdamW", groups(), 1e-4, ["weight_decay=0.01", "betas=0.9,0.99"])
+    plain = make_optimizer("AdamW", groups(), 1e-4, None)
+    assert optimizer_label(with_args) == "torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.99))"
+    assert {optimizer_label(with_args), optimizer_label(plain)} <= labels
+    made_elsewhere = torch.optim.AdamW(groups(), lr=1e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    assert optimizer_label(made_elsewhere, ["weight_decay=0.01", "betas=0.9,0.99"]) in labels
+
+
+def test_sgd_nesterov_gets_sd_scripts_momentum_and_shows_it():
+    optimizer = make_optimizer("SGDNesterov", groups(), 1e-3, [])
+    assert type(optimizer) is torch.optim.SGD
+    assert all(group["nesterov"] and group["momentum"] == 0.9 for group in optimizer.param_groups)
+    assert optimizer_label(optimizer) == "torch.optim.sgd.SGD(momentum=0.9)"
+    assert make_optimizer("SGDNesterov", groups(), 1e-3, ["momentum=0.5"]).param_groups[0]["momentum"] == 0.5
+    assert not make_optimizer("sgd", groups(), 1e-3, []).param_groups[0]["nesterov"]
+
+
+def test_other_torch_optimizers_and_module_paths_as_in_sd_scripts():
+    assert type(make_optimizer("RAdam", groups(), 1e-3, [])) is torch.optim.RAdam
+    assert type(make_optimizer("lora_trainer.training.optimizers.Lion", groups(), 1e-3, [])) is Lion
+
+
+def test_unknown_optimizer_lists_the_valid_names():
+    with pytest.raises(UserError, match="--optimizer_type 'AdamX'") as error:
+        make_optimizer("AdamX", groups(), 1e-4, [])
+    assert all(name in str(error.value) for name in ("AdamW8bit", "Lion", "Prodigy", "DAdaptAdam", "Adafactor"))
+
+
+@pytest.mark.parametrize("optimizer_type, package", [("AdamW8bit", "bitsandbytes"), ("PagedAdamW8bit", "bitsandbytes"),
+                                                     ("Lion8bit", "bitsandbytes"), ("DAdaptation", "dadaptation"),
+                                                     ("DAdaptAdam", "dadaptation"), ("prodigy", "prodigyopt"),
+                                                     ("pytorch_optimizer.CAME", "pytorch_optimizer")])
+def test_missing_optional_package_says_what_to_install(monkeypatch, optimizer_type, package):
+    monkeypatch.setitem(sys.modules, package, None)  # None in sys.modules makes its import fail
+    with pytest.raises(UserError, match=f"pip install {package}") as error:
+        make_optimizer(optimizer_type, groups(), 1.0, [])
+    assert "extras folder" in str(error.value) and optimizer_type in str(error.value)
+
+
+def test_optional_optimizer_gets_the_rate_and_the_arguments(monkeypatch):
+    prodigyopt = types.ModuleType("prodigyopt")
+
+    class Prodigy(torch.optim.SGD):
+        def __init__(self, params, lr=1.0, d_coef=1.0, **kwargs):
+            super().__init__(params, lr=lr, **kwargs)
+            self.d_coef = d_coef
+
+    Prodigy.__module__ = "prodigyopt"
+    prodigyopt.Prodigy = Prodigy
+    monkeypatch.setitem(sys.modules, "prodigyopt", prodigyopt)
+    optimizer = make_optimizer("Prodigy", groups(1.0), 1.0, ["d_coef=2", "weight_decay=0.01"])
+    assert type(optimizer) is Prodigy and optimizer.d_coef == 2
+    assert [group["lr"] for group in optimizer.param_groups] == [0.5, 1.0]
+    assert optimizer_label(optimizer) == "prodigyopt.Prodigy(d_coef=2,weight_decay=0.01)"
+
+
+def test_lion_first_steps_equal_the_papers_update_by_hand():
+    # c = b1*m + (1-b1)*g ; theta -= lr*(sign(c) + wd*theta) ; m = b2*m + (1-b2)*g, with lr 0.1, b 0.9/0.99, wd 0.01
+    parameter = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    optimizer = make_optimizer("Lion", [{"params": [parameter], "lr": 0.1}], 0.1, ["weight_decay=0.01"])
+    gradients = [[0.5, -1.0, 0.0], [-0.1, 0.03, 0.4], [0.0, 0.0, -0.5]]
+    # step 2: second entry, momentum -0.01 outweighs the gradient 0.03 (c = -0.009 + 0.003 < 0), so it still goes up;
+    # first entry, c = 0.0045 - 0.01 < 0 follows the gradient where b2's mix (0.00495 - 0.001) would not
+    by_hand = [[0.899, -1.898, 0.4995], [0.998101, -1.796102, 0.3990005], [0.897102899, -1.694305898, 0.4986014995]]
+    for gradient, expected in zip(gradients, by_hand):
+        parameter.grad = torch.tensor(gradient, dtype=torch.float64)
+        optimizer.step()
+        assert parameter.detach().tolist() == pytest.approx(expected, abs=1e-12)
+    assert optimizer.state[parameter]["exp_avg"].tolist() == pytest.approx([0.0039105, -0.009504, -0.00104], abs=1e-12)
+    assert optimizer_label(optimizer) == "lora_trainer.training.optimizers.Lion(weight_decay=0.01)"
+
+
+ADAFACTOR_SETTINGS = [
+    # (our --optimizer_args, transformers' Adafactor arguments with sd-scripts' defaults applied)
+    ([], {"lr": None, "relative_step": True}),
+    (["warmup_init=True"], {"lr": None, "relative_step": True, "warmup_init": True}),
+    (["scale_parameter=False", "relative_step=False", "warmup_init=False"],
+     {"lr": 1e-3, "scale_parameter": False, "relative_step": False, "warmup_init": False}),
+    (["relative_step=False", "beta1=0.9", "weight_decay=0.1", "clip_threshold=0.5"],
+     {"lr": 1e-3, "relative_step": False, "beta1": 0.9, "weight_decay": 0.1, "clip_threshold": 0.5}),
+]
+
+
+@pytest.mark.parametrize("arguments, transformers_kwargs", ADAFACTOR_SETTINGS)
+def test_adafactor_follows_transformers_adafactor_that_sd_scripts_uses(arguments, transformers_kwargs):
+    transformers_optimization = pytest.importorskip("transformers.optimization")
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=generator), torch.randn(4, generator=generator)]
+    gradients = [[torch.randn(p.shape, generator=generator) for p in start] for _ in range(6)]
+    ours_params = [torch.nn.Parameter(p.clone()) for p in start]
+    theirs_params = [torch.nn.Parameter(p.clone()) for p in start]
+    ours = make_optimizer("Adafactor", [{"params": ours_params, "lr": 1e-3}], 1e-3, arguments)
+    theirs = transformers_optimization.Adafactor(theirs_params, **transformers_kwargs)
+    for step_gradients in gradients:
+        for ours_p, theirs_p, gradient in zip(ours_params, theirs_params, step_gradients):
+            ours_p.grad, theirs_p.grad = gradient.clone(), gradient.clone()
+        ours.step()
+        theirs.step()
+    for ours_p, theirs_p, first in zip(ours_params, theirs_params, start):
+        assert not torch.equal(ours_p, first)
+        torch.testing.assert_close(ours_p, theirs_p, rtol=1e-6, atol=1e-7)
+
+
+def test_adafactor_defaults_and_label_as_sd_scripts_fills_them_in():
+    default = make_optimizer("adafactor", groups(), 1e-4, [])
+    assert type(default) is Adafactor and default.uses_relative_step
+    assert optimizer_label(default) == "lora_trainer.training.optimizers.Adafactor(relative_step=True)"
+    forced = make_optimizer("Adafactor", groups(), 1e-4, ["relative_step=False", "warmup_init=True"])
+    assert forced.uses_relative_step  # sd-scripts: warmup_init switches the relative step back on
+    fixed = make_optimizer("Adafactor", groups(), 1e-4, ["relative_step=False", "scale_parameter=False"])
+    assert not fixed.uses_relative_step
+    assert optimizer_label(fixed) == "lora_trainer.training.optimizers.Adafactor(relative_step=False,scale_parameter=False)"
+
+
+def test_adafactor_updates_half_precision_weights_in_place():
+    parameter = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
+    optimizer = make_optimizer("Adafactor", [{"params": [parameter], "lr": 1e-2}], 1e-2, ["relative_step=False"])
+    parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    assert parameter.dtype == torch.bfloat16 and bool((parameter < 1).all())
