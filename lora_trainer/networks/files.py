@@ -156,14 +156,9 @@ def _version_hint(network: NetworkFile, unmatched: list[str], targets: dict[str,
     return ""
 
 
-def _weight_shape(target: Target, parameter: torch.Tensor) -> torch.Size:
-    if target.rows is None:
-        return parameter.shape
-    return torch.Size((target.rows[1] - target.rows[0], *parameter.shape[1:]))
-
-
 def match_network(network: NetworkFile, targets: dict[str, Target], parameters, model_label: str = "this model") -> MatchReport:
-    """Match a file's modules to ``targets``; ``parameters(target)`` returns the target's current weight tensor.
+    """Match a file's modules to ``targets``; ``parameters(target)`` returns the target's weight (its own rows of a
+    fused q/k/v projection).
 
     Every module is checked (algorithm, finite values, and its delta's shape, computed on the meta device), so
     a report with no problems applies without failing half-way.
@@ -188,12 +183,14 @@ def match_network(network: NetworkFile, targets: dict[str, Target], parameters, 
         else:
             report.matched.append(ModuleMatch(name, target, tensors))
     report.hint = _version_hint(network, report.unmatched, targets, model_label)
+    if report.hint:  # some names can still match (SDXL's lora_te1_ reads as SD1's lora_te_): never apply half a file
+        report.problems.append(report.hint)
     if not report.matched and not report.problems:
         report.problems.append("no module of this network matches a layer of the model" + (f" ({report.hint})" if report.hint else ""))
     return report
 
 
-def _module_problem(name: str, tensors: dict[str, torch.Tensor], target: Target, parameter: torch.Tensor) -> str | None:
+def _module_problem(name: str, tensors: dict[str, torch.Tensor], target: Target, weight: torch.Tensor) -> str | None:
     try:
         find_algorithm(tensors)
     except ValueError as error:
@@ -201,7 +198,7 @@ def _module_problem(name: str, tensors: dict[str, torch.Tensor], target: Target,
     bad = [suffix for suffix, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         return f"{name}: NaN or Inf in {', '.join(bad)} (the training diverged; use an earlier epoch)"
-    shape = _weight_shape(target, parameter)
+    shape = weight.shape
     try:
         meta = {k: v if v.dim() == 0 else v.to("meta") for k, v in tensors.items()}  # scalars stay readable
         delta = module_delta(meta, torch.empty(shape, device="meta"), 1.0)

@@ -65,7 +65,10 @@ def baked_tensors(source: TensorSource, config, networks: Sequence[tuple[Network
         key = _key(target, prefixes, target.parameter)
         if key not in source.shapes:
             raise UserError(f"{source.path}: has no tensor {key}; the checkpoint is pruned or damaged")
-        return torch.empty(source.shapes[key], device="meta")
+        shape = source.shapes[key]
+        if target.rows is not None:  # a fused q/k/v projection: the target owns only its rows
+            shape = (target.rows[1] - target.rows[0], *shape[1:])
+        return torch.empty(shape, device="meta")
 
     reports, changed = [], {}
     originals: dict[str, torch.Tensor] = {}
