@@ -182,3 +182,15 @@ def test_outd_preset_keeps_text_encoder_and_deep_output_blocks_and_drops_the_res
     merged.restore()
     with pytest.raises(UserError, match="takes 17"):
         parse_block_weights("1,0,1", model.config.unet)
+
+
+def test_an_sdxl_file_whose_clip_l_names_fit_sd1_is_still_refused_whole():
+    config = FULL_SIZE["sd1"]
+    unet, text_encoders, _ = build_models(config)
+    merged = MergedNetworks.for_model(config, unet, text_encoders)
+    sdxl_file = group_tensors({
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),  # fits SD1's CLIP-L
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 4),
+    }, {"ss_base_model_version": "sdxl_base_v1-0"})
+    report = merged.check(sdxl_file)
+    assert len(report.matched) == 1 and not report.ok and "SDXL network" in report.message()
