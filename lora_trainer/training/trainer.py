@@ -64,11 +64,18 @@ class StopRequest:
     def __init__(self, stop_file: Path | None):
         self.stop_file = stop_file
         self.signalled = False
+        self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (tests): signals stay as they are
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
                 pass
+
+    def close(self) -> None:
+        """Give the signals back: after the run, Ctrl-C interrupts the caller again."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, *_):
         self.signalled = True
@@ -201,68 +208,71 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                     highest_loss_images=outlier_images(per_image_loss))
         return written
 
-    if options.sample_at_first and state.step == 0:
-        sample(0, 0)
-    for epoch in range(state.epoch, num_epochs):
-        batches = data.epoch_batches(epoch)
-        epoch_losses = []
-        for index, batch in enumerate(batches):
-            if index < state.batch_in_epoch:
-                continue  # resumed mid-epoch: these batches were trained before the interruption
-            per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
-                                        abar, v_prediction, generator, device, weight_dtype, data, train_te)
-            loss = per_sample.mean()
-            for record, value in zip(batch.records, per_sample.detach().tolist()):
-                per_image_loss.setdefault(str(record.path), []).append(value)
-            (loss / options.gradient_accumulation_steps).backward()
-            state.batch_in_epoch = index + 1
-            if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
-                continue
-            if options.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                network.remove()
-                events.emit("error", message=f"the loss became {value} at step {state.step}: lower the learning rate "
-                            "or use fp32/bf16; the last good file is kept", step=state.step)
-                raise UserError(f"loss became {value} at step {state.step}; stopped (files saved so far are intact)")
-            state.losses.append(value)
-            epoch_losses.append(value)
-            now = time.perf_counter()
-            window = state.losses[-data.batches_per_epoch:]
-            events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
-                        average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
-                        seconds=round(now - last_time, 4))
-            last_time = now
-            if plan.save_at_step(state.step):
-                save_network_file(plan.step_path(state.step), epoch + 1, state.step)
-                plan.prune_steps(state.step)
-            if options.sample_every_n_steps and not options.sample_every_n_epochs and state.step % options.sample_every_n_steps == 0:
-                sample(None, state.step)
+    try:
+        if options.sample_at_first and state.step == 0:
+            sample(0, 0)
+        for epoch in range(state.epoch, num_epochs):
+            batches = data.epoch_batches(epoch)
+            epoch_losses = []
+            for index, batch in enumerate(batches):
+                if index < state.batch_in_epoch:
+                    continue  # resumed mid-epoch: these batches were trained before the interruption
+                per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
+                                            abar, v_prediction, generator, device, weight_dtype, data, train_te)
+                loss = per_sample.mean()
+                for record, value in zip(batch.records, per_sample.detach().tolist()):
+                    per_image_loss.setdefault(str(record.path), []).append(value)
+                (loss / options.gradient_accumulation_steps).backward()
+                state.batch_in_epoch = index + 1
+                if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
+                    continue
+                if options.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    network.remove()
+                    events.emit("error", message=f"the loss became {value} at step {state.step}: lower the learning rate "
+                                "or use fp32/bf16; the last good file is kept", step=state.step)
+                    raise UserError(f"loss became {value} at step {state.step}; stopped (files saved so far are intact)")
+                state.losses.append(value)
+                epoch_losses.append(value)
+                now = time.perf_counter()
+                window = state.losses[-data.batches_per_epoch:]
+                events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
+                            average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
+                            seconds=round(now - last_time, 4))
+                last_time = now
+                if plan.save_at_step(state.step):
+                    save_network_file(plan.step_path(state.step), epoch + 1, state.step)
+                    plan.prune_steps(state.step)
+                if options.sample_every_n_steps and not options.sample_every_n_epochs and state.step % options.sample_every_n_steps == 0:
+                    sample(None, state.step)
+                if state.step >= total_steps:
+                    break
+                if stop.requested:
+                    state.epoch = epoch
+                    _save_state_event(plan.state_path(epoch, state.step), network, optimizer, scheduler, generator, state, events)
+                    return finish(epoch)
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            epoch_train_loss[epoch + 1] = sum(epoch_losses) / max(1, len(epoch_losses))
+            events.emit("epoch", epoch=epoch + 1, average=epoch_train_loss[epoch + 1], step=state.step)
+            validate(epoch + 1)
+            if options.sample_every_n_epochs and (epoch + 1) % options.sample_every_n_epochs == 0:
+                sample(epoch + 1, state.step)
+            if plan.save_at_epoch(epoch + 1):
+                save_network_file(plan.epoch_path(epoch + 1), epoch + 1, state.step)
+                plan.prune_epochs(epoch + 1)
+                if options.save_state:
+                    _save_state_event(plan.state_path(epoch + 1, None), network, optimizer, scheduler, generator, state, events)
             if state.step >= total_steps:
                 break
-            if stop.requested:
-                state.epoch = epoch
-                _save_state_event(plan.state_path(epoch, state.step), network, optimizer, scheduler, generator, state, events)
-                return finish(epoch)
-        state.epoch, state.batch_in_epoch = epoch + 1, 0
-        epoch_train_loss[epoch + 1] = sum(epoch_losses) / max(1, len(epoch_losses))
-        events.emit("epoch", epoch=epoch + 1, average=epoch_train_loss[epoch + 1], step=state.step)
-        validate(epoch + 1)
-        if options.sample_every_n_epochs and (epoch + 1) % options.sample_every_n_epochs == 0:
-            sample(epoch + 1, state.step)
-        if plan.save_at_epoch(epoch + 1):
-            save_network_file(plan.epoch_path(epoch + 1), epoch + 1, state.step)
-            plan.prune_epochs(epoch + 1)
-            if options.save_state:
-                _save_state_event(plan.state_path(epoch + 1, None), network, optimizer, scheduler, generator, state, events)
-        if state.step >= total_steps:
-            break
-    return finish(state.epoch)
+        return finish(state.epoch)
+    finally:
+        stop.close()
 
 
 def _save_state_event(path, network, optimizer, scheduler, generator, state, events) -> None:

@@ -1,0 +1,187 @@
+"""The trainer end to end on the tiny base model: Kohya files and metadata, events, reproducibility, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lora_trainer.errors import UserError
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+from lora_trainer.train_network import main as train_main
+from lora_trainer.training.events import read_events
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """The sample dataset with 2 repeats, under a path with spaces and CJK characters."""
+    root = tmp_path_factory.mktemp("data") / "我的 数据集 Ä"
+    shutil.copytree(SAMPLE, root / "2_zkstar")
+    return root
+
+
+def run(dataset: Path, out: Path, *extra: str) -> int:
+    return train_main([
+        "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
+        "--output_dir", str(out), "--output_name", "star", "--resolution", "64", "--train_batch_size", "4",
+        "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
+        "--max_train_epochs", "2", "--cache_latents", "--seed", "3", "--caption_extension", ".txt",
+        "--max_data_loader_n_workers", "0", *extra,
+    ])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def baseline(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "输出 folder"
+    assert run(dataset, out, "--save_every_n_epochs", "1", "--save_state") == 0
+    return out
+
+
+def test_run_writes_sd_scripts_files_with_kohya_keys_and_metadata(baseline):
+    assert sorted(p.name for p in baseline.glob("*.safetensors")) == ["star-000001.safetensors", "star.safetensors"]
+    with safe_open(str(baseline / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+        keys = set(handle.keys())
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    assert metadata["ss_epoch"] == "2" and metadata["ss_steps"] == "16" and metadata["ss_num_train_images"] == "32"
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"2_zkstar": {"n_repeats": 2, "img_count": 16}}
+    assert json.loads(metadata["ss_tag_frequency"])["2_zkstar"]["zkstar"] == 16
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_output_name"] == "star" and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_metadata_has_at_least_the_keys_sd_scripts_writes_for_such_a_run(baseline):
+    reference = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors"
+    from reference import REFERENCE
+
+    with safe_open(str(REFERENCE / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors"), "pt") as handle:
+        theirs = set(handle.metadata())
+    with safe_open(str(baseline / "star.safetensors"), "pt") as handle:
+        ours = set(handle.metadata())
+    assert theirs - ours == set()
+
+
+def test_events_tell_the_whole_run(baseline):
+    events, _ = read_events(baseline / "star.events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("step") == 16 and kinds.count("epoch") == 2
+    saved = [e["path"] for e in events if e["event"] == "saved"]
+    assert [Path(p).name for p in saved] == ["star-000001.safetensors", "star.safetensors"]
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    assert all(0 < loss < 2 for loss in losses)
+
+
+def test_same_seed_same_weights_bit_for_bit(baseline, dataset, tmp_path):
+    assert run(dataset, tmp_path) == 0
+    ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_run(baseline, dataset, tmp_path):
+    state = baseline / "star-000001-state"
+    assert (state / "model.safetensors").is_file() and json.loads((state / "train_state.json").read_text()) == {
+        "current_epoch": 1, "current_step": 8}
+    assert run(dataset, tmp_path, "--resume", str(state)) == 0
+    resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_result(baseline, dataset, tmp_path):
+    stop = tmp_path / "stop-now"
+    stop.write_text("stop")
+    assert run(dataset, tmp_path / "a", "--stop_file", str(stop)) == 0  # stops after its first step
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    state = next(e["path"] for e in events if e["event"] == "state")
+    assert [e["step"] for e in events if e["event"] == "step"] == [1]
+    stop.unlink()
+    assert run(dataset, tmp_path / "b", "--resume", state) == 0
+    resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_path, capsys):
+    assert run(tmp_path / "missing", tmp_path) == 2
+    assert "--train_data_dir" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--v2") == 2
+    assert "--v2 is set but" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--adaptive_noise_scale", "0.1") == 2
+    assert "needs --noise_offset" in capsys.readouterr().err
+
+
+def test_sample_images_are_drawn_at_first_and_every_epoch_with_sd_scripts_names(dataset, tmp_path):
+    from lora_trainer.training.samples import parse_txt_line
+
+    prompt = parse_txt_line("zkstar, red background --n blurry --w 64 --h 70 --s 3 --l 5 --d 5")
+    assert (prompt.negative_prompt, prompt.width, prompt.height, prompt.steps, prompt.scale, prompt.seed) == ("blurry", 64, 64, 3, 5.0, 5)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# samples\nzkstar, red background --w 64 --h 64 --s 3 --d 5\n", encoding="utf-8")
+    assert run(dataset, tmp_path, "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1", "--sample_at_first",
+               "--sample_sampler", "euler_a") == 0
+    names = sorted(p.name for p in (tmp_path / "sample").iterdir())
+    assert [n[:14] for n in names] == ["star_e000000_0", "star_e000001_0", "star_e000002_0"]
+    assert all(n.endswith("_5.png") for n in names)
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert sum(e["event"] == "sample" for e in events) == 3
+
+
+def test_validation_split_gives_a_loss_per_epoch_and_a_recommended_epoch(dataset, tmp_path):
+    assert run(dataset, tmp_path, "--validation_split", "0.25", "--validation_seed", "5") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    start = events[0]
+    validations = [e for e in events if e["event"] == "validation"]
+    assert [v["epoch"] for v in validations] == [1, 2] and all(v["loss"] > 0 for v in validations)
+    end = events[-1]
+    best = min(validations, key=lambda v: v["loss"])["epoch"]
+    assert end["recommended_epoch"] == best and "validation loss" in end["reason"]
+    assert len(end["highest_loss_images"]) == 5
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_num_validation_images"] == "4" and metadata["ss_num_train_images"] == "24"
+    assert set(json.loads(metadata["lora_trainer.losses"])["epoch_validation_loss"]) == {"1", "2"}
+
+
+def test_recommendation_without_a_split_is_the_knee_of_the_training_loss():
+    from lora_trainer.training.evaluation import recommend_epoch
+
+    advice = recommend_epoch([1.0, 0.5, 0.3, 0.28, 0.27, 0.26], [None] * 6)
+    assert advice.epoch == 3 and "knee" in advice.reason
+
+
+def test_dataset_config_toml_trains_with_its_own_repeats_and_writes_ss_datasets(dataset, tmp_path):
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[general]\ncaption_extension = '.txt'\nshuffle_caption = true\nkeep_tokens = 1\n"
+        "[[datasets]]\nresolution = 64\nbatch_size = 4\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{(dataset / '2_zkstar').as_posix()}'\n  num_repeats = 1\n  flip_aug = true\n",
+        encoding="utf-8")
+    assert train_main([
+        "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
+        "--output_dir", str(tmp_path / "out"), "--output_name", "star", "--network_module", "networks.lora",
+        "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_epochs", "1", "--cache_latents", "--seed", "3",
+    ]) == 0
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    datasets = json.loads(metadata["ss_datasets"])
+    assert metadata["ss_steps"] == "4" and "ss_resolution" not in metadata  # 16 images, repeats 1 (folder prefix ignored), batch 4
+    assert datasets[0]["subsets"][0]["image_dir"] == "2_zkstar" and datasets[0]["subsets"][0]["flip_aug"] is True
+
+
+def test_after_a_run_ctrl_c_interrupts_the_caller_again(dataset, tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    assert run(dataset, tmp_path, "--max_train_steps", "1") == 0
+    assert signal.getsignal(signal.SIGINT) is before
