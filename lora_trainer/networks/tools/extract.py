@@ -9,7 +9,6 @@ The text encoders are left out when no weight of theirs moved more than ``min_di
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import torch
 from ...errors import UserError
 from ..lora import DOWN, UP
 from ..naming import ATTENTION, CONV
-from ..network import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, save_network
+from ..network import base_metadata, save_network
+from ..spec import NetworkSpec
 from .shared import CLAMP_QUANTILE, CheckpointLayers, is_kxk_conv, low_rank
 
 MIN_DIFF = 0.01
@@ -65,23 +65,10 @@ def extracted_tensors(base: CheckpointLayers, tuned: CheckpointLayers, dim: int,
 
 
 def extract_metadata(config, dim: int, conv_dim: int | None, title: str) -> dict[str, str]:
-    """What sd-scripts writes: its minimum network keys and the modelspec of a LoRA for this base model."""
+    """What sd-scripts writes: its minimum network keys (``ss_network_args`` always, even empty) and the modelspec."""
     args = {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))} if conv_dim else {}
-    return {
-        "ss_v2": str(config.name.startswith("sd2")),
-        "ss_base_model_version": BASE_MODEL_VERSION.get(config.name, config.name),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(dim),
-        "ss_network_alpha": str(float(dim)),
-        "ss_network_args": json.dumps(args),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(config.name, config.name) + "/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if config.lora_unet_naming == "sgm" else "diffusers",
-        "modelspec.title": title,
-        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "v" if config.prediction_type == "v_prediction" else "epsilon",
-    }
+    spec = NetworkSpec(dim=dim, alpha=float(dim), conv_dim=conv_dim, network_args=tuple(args.items()))
+    return {**base_metadata(config, spec, title), "ss_network_args": json.dumps(args)}
 
 
 def extract(base: str | Path, tuned: str | Path, out: str | Path, dim: int = 4, conv_dim: int | None = None,
