@@ -185,3 +185,30 @@ def test_after_a_run_ctrl_c_interrupts_the_caller_again(dataset, tmp_path):
     before = signal.getsignal(signal.SIGINT)
     assert run(dataset, tmp_path, "--max_train_steps", "1") == 0
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_last_state_to_the_same_weights(baseline, dataset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    arguments = ["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
+                 "--output_dir", str(out), "--output_name", "star", "--resolution", "64", "--train_batch_size", "4",
+                 "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
+                 "--max_train_epochs", "2", "--cache_latents", "--seed", "3", "--caption_extension", ".txt",
+                 "--max_data_loader_n_workers", "0", "--save_every_n_epochs", "1", "--save_state"]
+    process = subprocess.Popen([sys.executable, "-m", "lora_trainer.train_network", *arguments],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "star-000001-state"
+    deadline = time.time() + 120
+    while not (state / "train_state.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)  # no chance to save anything more
+    process.wait()
+    assert not (out / "star.safetensors").exists(), "the run ended before it could be killed"
+    assert run(dataset, tmp_path / "resumed", "--resume", str(state)) == 0
+    resumed, uninterrupted = weights(tmp_path / "resumed" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -10,12 +10,14 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..errors import UserError
 from ..models.checkpoint import load_checkpoint
@@ -159,6 +161,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
     trainable = [p for g in groups for p in g["params"]]
     written: list[Path] = []
     last_time = time.perf_counter()
+    # a progress bar for people at a terminal; the UI and the API follow the event log instead
+    progress = tqdm(total=total_steps, initial=state.step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
     prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
 
@@ -242,6 +246,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 epoch_losses.append(value)
                 now = time.perf_counter()
                 window = state.losses[-data.batches_per_epoch:]
+                progress.update(1)
+                progress.set_postfix(epoch=epoch + 1, avr_loss=f"{sum(window) / len(window):.4f}")
                 events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
                             average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
                             seconds=round(now - last_time, 4))
@@ -272,6 +278,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 break
         return finish(state.epoch)
     finally:
+        progress.close()
         stop.close()
 
 
