@@ -212,3 +212,14 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_state_to_the_same_weights(
     assert run(dataset, tmp_path / "resumed", "--resume", str(state)) == 0
     resumed, uninterrupted = weights(tmp_path / "resumed" / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(baseline, dataset, tmp_path):
+    assert run(dataset, tmp_path, "--gradient_checkpointing") == 0
+    ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-7) for k in theirs)
+
+
+def test_options_we_do_not_implement_yet_are_refused_by_name(dataset, tmp_path, capsys):
+    assert run(dataset, tmp_path, "--zero_terminal_snr", "--scale_weight_norms", "1") == 2
+    assert "not supported: --scale_weight_norms, --zero_terminal_snr" in capsys.readouterr().err

@@ -18,8 +18,11 @@ class CheckpointedModel(nn.Module):
         self.gradient_checkpointing = enabled
 
     def run_block(self, block: Callable[..., torch.Tensor], *args):
-        """Call ``block(*args)``, recomputing its activations in backward when checkpointing is on and training."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        """Call ``block(*args)``, recomputing its activations in backward when checkpointing is on and gradients flow.
+
+        Not tied to ``training``: a LoRA run keeps the base model in eval mode and still needs the memory saving.
+        """
+        if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 

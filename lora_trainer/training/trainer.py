@@ -146,6 +146,9 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                                num_cycles=options.lr_scheduler_num_cycles, power=options.lr_scheduler_power,
                                min_lr_ratio=options.lr_scheduler_min_lr_ratio)
     generator = torch.Generator().manual_seed(seed)
+    # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
+    scaler = torch.amp.GradScaler(device.type, enabled=options.mixed_precision == "fp16" and device.type == "cuda"
+                                  and not options.full_fp16)
     state = RunState()
     if options.resume:
         state = load_state(Path(options.resume), network, optimizer, scheduler, generator)
@@ -226,13 +229,15 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 loss = per_sample.mean()
                 for record, value in zip(batch.records, per_sample.detach().tolist()):
                     per_image_loss.setdefault(str(record.path), []).append(value)
-                (loss / options.gradient_accumulation_steps).backward()
+                scaler.scale(loss / options.gradient_accumulation_steps).backward()
                 state.batch_in_epoch = index + 1
                 if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
                     continue
+                scaler.unscale_(optimizer)
                 if options.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
