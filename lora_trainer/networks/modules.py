@@ -48,7 +48,7 @@ class NetworkModule(nn.Module):
         self.unit = spec.unit
         for suffix, tensor in tensors.items():
             tensor = tensor.to(layer_weight.device)
-            if not tensor.is_floating_point() or suffix == "alpha":
+            if not tensor.is_floating_point() or suffix in ("alpha", "scale"):  # fixed numbers, not trained
                 self.register_buffer(suffix, tensor)
             elif suffix.endswith(".weight"):
                 self.add_module(suffix.removesuffix(".weight"), _Holder(tensor.float()))
@@ -86,18 +86,23 @@ class NetworkModule(nn.Module):
         """How much the layer's output changes for input ``x`` at the current multiplier."""
         if self.training and self.module_dropout and random.random() < self.module_dropout:
             return torch.zeros((), dtype=x.dtype, device=x.device)
-        if self.algorithm in ("lora", "dylora") and not hasattr(self, "dora_scale") and not hasattr(self, "lora_mid"):
+        if self._plain_lora:
             return self._lora_change(x)
         base = self._base_weight[0].detach()
         delta = module_delta(self.file_tensors(), base, self.multiplier).weight
         return self._project(x, delta.to(x.dtype))
 
+    @property
+    def _plain_lora(self) -> bool:
+        """up(down(x)) suffices: LoRA/DyLoRA without DoRA or a CP core (every other case goes through ΔW)."""
+        return self.algorithm in ("lora", "dylora") and "dora_scale" not in self._parameters and "lora_mid" not in self._modules
+
     def _lora_change(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self.lora_down.weight, self.lora_up.weight
-        scale = registry_scale({k: getattr(self, k) for k in ("alpha", "scale") if hasattr(self, k)}, down.shape[0])
+        down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
+        scale = registry_scale({k: self._buffers[k] for k in ("alpha", "scale") if k in self._buffers}, down.shape[0])
         if self.training and self.algorithm == "dylora":
             down, up, scale = self._dylora_slice(down, up, scale)
-        hidden = self._project(x, down.to(x.dtype))
+        hidden = self._project(x, down if down.dtype == x.dtype else down.to(x.dtype))
         if self.training and self.dropout:
             hidden = F.dropout(hidden, p=self.dropout)
         if self.training and self.rank_dropout:
@@ -110,7 +115,8 @@ class NetworkModule(nn.Module):
                 mask = mask.reshape(hidden.shape[0], *(1,) * (hidden.dim() - 2), rank)
             hidden = hidden * mask
             scale = scale / (1 - self.rank_dropout)
-        out = F.linear(hidden, up.reshape(up.shape[0], -1).to(x.dtype)) if self.conv is None else F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1).to(x.dtype))
+        up = up if up.dtype == x.dtype else up.to(x.dtype)
+        out = F.linear(hidden, up.reshape(up.shape[0], -1)) if self.conv is None else F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1))
         return out * (self.multiplier * scale)
 
     def _dylora_slice(self, down, up, scale):
