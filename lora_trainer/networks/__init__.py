@@ -1,6 +1,5 @@
 """LoRA-family networks: the weight math of every algorithm (one file each), Kohya naming, files, applying.
 
-Importing the package registers every algorithm, so ``registry.module_delta`` knows them all.
+The algorithm files register themselves with ``registry`` the first time an algorithm is looked up, so importing
+this package (e.g. for the CLI's argument parsing) costs nothing.
 """
-
-from . import boft, dora, full, glora, ia3, lokr, loha, lora, norm, oft  # noqa: F401  (registration)

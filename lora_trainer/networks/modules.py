@@ -17,7 +17,7 @@ from torch import nn
 
 from .dora import init_magnitude
 from .naming import Target
-from .registry import INITIALISERS, find_algorithm, module_delta
+from .registry import INITIALISERS, find_algorithm, load_builtin, module_delta
 from .registry import scale as registry_scale
 from .spec import NetworkSpec
 
@@ -61,6 +61,7 @@ class NetworkModule(nn.Module):
               stored_shape: torch.Size | None = None) -> NetworkModule:
         """Initialised as sd-scripts/LyCORIS do, so that it changes nothing until trained."""
         shape = stored_shape or layer_weight.shape  # the layer's shape as the file's writer saw it
+        load_builtin()
         tensors = INITIALISERS[spec.algorithm](shape, rank, spec)
         if spec.dora:
             tensors["dora_scale"] = init_magnitude(layer_weight, spec.dora_on_output)

@@ -9,6 +9,7 @@ transform the delta of whichever algorithm they sit on. Adding an algorithm is a
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -58,6 +59,20 @@ MODIFIERS: dict[str, Modifier] = {}
 INITIALISERS: dict[str, Callable] = {}
 
 
+BUILTIN = ("lora", "loha", "lokr", "ia3", "full", "norm", "glora", "oft", "boft", "dora")  # one file each
+
+
+def load_builtin() -> None:
+    """Import the algorithm files (each registers itself); cheap after the first call."""
+    if not _loaded:
+        for name in BUILTIN:
+            importlib.import_module(f"{__package__}.{name}")
+        _loaded.append(True)
+
+
+_loaded: list[bool] = []
+
+
 def register(algorithm: Algorithm) -> Algorithm:
     ALGORITHMS[algorithm.name] = algorithm
     return algorithm
@@ -69,6 +84,7 @@ def register_modifier(modifier: Modifier) -> Modifier:
 
 
 def known_suffixes() -> frozenset[str]:
+    load_builtin()
     every = set()
     for owner in (*ALGORITHMS.values(), *MODIFIERS.values()):
         every |= owner.suffixes
@@ -77,6 +93,7 @@ def known_suffixes() -> frozenset[str]:
 
 def find_algorithm(tensors: Tensors) -> Algorithm:
     """The algorithm whose marker suffixes are present; ValueError naming the suffixes when none or several."""
+    load_builtin()
     candidates = [a for a in ALGORITHMS.values() if a.markers & tensors.keys() and a.accepts(tensors)]
     if len(candidates) != 1:
         what = "no known network algorithm" if not candidates else "several algorithms (" + ", ".join(a.name for a in candidates) + ")"
@@ -85,6 +102,7 @@ def find_algorithm(tensors: Tensors) -> Algorithm:
 
 
 def modifiers_for(tensors: Tensors) -> list[Modifier]:
+    load_builtin()
     return [m for m in MODIFIERS.values() if m.suffixes & tensors.keys()]
 
 
