@@ -223,3 +223,52 @@ def test_gradient_checkpointing_trains_the_same_weights(baseline, dataset, tmp_p
 def test_options_we_do_not_implement_yet_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--zero_terminal_snr", "--scale_weight_norms", "1") == 2
     assert "not supported: --scale_weight_norms, --zero_terminal_snr" in capsys.readouterr().err
+
+
+def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run(dataset, tmp_path, "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "run_") == 0
+    (folder,) = (tmp_path / "logs").glob("run_*/network_train")
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/epoch_average"} <= tags
+    assert [e.step for e in events.Scalars("loss/epoch_average")] == [1, 2]
+    assert len(events.Scalars("loss/current")) == 16
+
+
+def test_sd_scripts_fixture_run_runs_unchanged_and_writes_its_files_keys_and_metadata(tmp_path):
+    """sd-scripts' own TOML pair (args + dataset) on its tiny checkpoint: same files, tensor keys, shapes, metadata keys."""
+    from reference import REFERENCE
+
+    fixtures = REFERENCE / "kohya-fixtures"
+    for name in ("args.toml", "dataset.toml"):
+        text = (fixtures / "configs" / name).read_text(encoding="utf-8")
+        (tmp_path / name).write_text(text.replace("{FIXTURES}", fixtures.as_posix()).replace("{OUT}", tmp_path.as_posix())
+                                     .replace(f"{fixtures.as_posix()}/configs/dataset.toml", (tmp_path / "dataset.toml").as_posix()),
+                                     encoding="utf-8")
+    assert train_main(["--config_file", str(tmp_path / "args.toml")]) == 0
+    out = tmp_path / "out"
+    assert {"tinylora_toml-000001.safetensors", "tinylora_toml.safetensors", "tinylora_toml-step00000040.safetensors",
+            "tinylora_toml-000001-state"} <= {p.name for p in out.iterdir()}
+    theirs_path = fixtures / "lora-toml-variant" / "tinylora_toml.safetensors"
+    with safe_open(str(out / "tinylora_toml.safetensors"), "pt") as ours, safe_open(str(theirs_path), "pt") as theirs:
+        assert set(ours.keys()) == set(theirs.keys())
+        assert all(ours.get_slice(k).get_shape() == theirs.get_slice(k).get_shape() for k in theirs.keys())
+        assert set(theirs.metadata()) <= set(ours.metadata())
+        assert ours.get_tensor(next(iter(ours.keys()))).dtype == torch.float16  # save_precision = "fp16"
+    assert len(list((out / "sample").glob("tinylora_toml_e000001_*.png"))) == 2
+
+
+def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
+    from lora_trainer.training.options import parse_args
+
+    (tmp_path / "args.toml").write_text("[model]\npretrained_model_name_or_path = 'm.safetensors'\n"
+                                        "[dataset]\ntrain_data_dir = 'data'\n[optimizer]\nlearning_rate = 1e-4\n",
+                                        encoding="utf-8")
+    options, _ = parse_args(["--config_file", str(tmp_path / "args"), "--learning_rate", "5e-4"])  # ".toml" is added
+    assert (options.pretrained_model_name_or_path, options.train_data_dir, options.learning_rate) == ("m.safetensors", "data", 5e-4)
+    (tmp_path / "typo.toml").write_text("[training]\nlearning_rat = 1e-4\n", encoding="utf-8")
+    with pytest.raises(UserError, match="learning_rat \\(did you mean learning_rate\\?\\)"):
+        parse_args(["--config_file", str(tmp_path / "typo.toml")])

@@ -169,10 +169,11 @@ class TrainOptions:
     sample_at_first: bool = opt(False, "sample before training")
     sample_prompts: str | None = opt(None, "prompts file (.txt with --n --w --h --s --l --d, .toml, .json)")
     sample_sampler: str = opt("ddim", "sampler of the samples")
-    logging_dir: str | None = opt(None, "TensorBoard logs", implemented=False)
-    log_with: str | None = opt(None, "tensorboard", choices=[None, "tensorboard", "wandb", "all"], implemented=False)
-    log_prefix: str | None = opt(None, "prefix of the log folder", implemented=False)
-    log_tracker_name: str | None = opt(None, "tracker name", implemented=False)
+    logging_dir: str | None = opt(None, "TensorBoard logs with sd-scripts' tags (needs the tensorboard package)")
+    log_with: str | None = opt(None, "tensorboard", choices=[None, "tensorboard", "wandb", "all"])
+    log_prefix: str | None = opt(None, "prefix of the log folder")
+    log_tracker_name: str | None = opt(None, "tracker name")
+    tokenizer_cache_dir: str | None = opt(None, "accepted for sd-scripts configs; our CLIP tokenizer is built in and needs no cache")
     # modelspec
     metadata_title: str | None = opt(None, "modelspec.title")
     metadata_author: str | None = opt(None, "modelspec.author")
@@ -198,7 +199,7 @@ DEFAULTS = TrainOptions()
 FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token", "save_state_to_huggingface",
            "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
            "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale", "dataset_class",
-           "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "tokenizer_cache_dir", "conditioning_data_dir"}
+           "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir"}
 
 
 def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse.ArgumentParser:

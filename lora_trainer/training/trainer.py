@@ -36,6 +36,7 @@ from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
 from .state import load_state, save_state
 from .text import encode_captions, sdxl_vector
+from .tracking import Tracker
 
 
 def pick_device(name: str) -> torch.device:
@@ -166,6 +167,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
     last_time = time.perf_counter()
     # a progress bar for people at a terminal; the UI and the API follow the event log instead
     progress = tqdm(total=total_steps, initial=state.step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    tracker = Tracker(options.logging_dir, options.log_with, options.log_prefix, options.log_tracker_name)
 
     prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
 
@@ -253,6 +255,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 window = state.losses[-data.batches_per_epoch:]
                 progress.update(1)
                 progress.set_postfix(epoch=epoch + 1, avr_loss=f"{sum(window) / len(window):.4f}")
+                tracker.step(state.step, value, sum(window) / len(window),
+                             {g.get("description", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)})
                 events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
                             average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
                             seconds=round(now - last_time, 4))
@@ -272,6 +276,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
             epoch_train_loss[epoch + 1] = sum(epoch_losses) / max(1, len(epoch_losses))
             events.emit("epoch", epoch=epoch + 1, average=epoch_train_loss[epoch + 1], step=state.step)
             validate(epoch + 1)
+            tracker.epoch(epoch + 1, epoch_train_loss[epoch + 1], epoch_validation_loss.get(epoch + 1))
             if options.sample_every_n_epochs and (epoch + 1) % options.sample_every_n_epochs == 0:
                 sample(epoch + 1, state.step)
             if plan.save_at_epoch(epoch + 1):
@@ -284,6 +289,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         return finish(state.epoch)
     finally:
         progress.close()
+        tracker.close()
         stop.close()
 
 

@@ -1,0 +1,49 @@
+"""TensorBoard logs with sd-scripts' tags, when ``--logging_dir`` is given (TensorBoard is an optional extra).
+
+Run folder: ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/network_train/``; per step ``loss/current``,
+``loss/average`` and ``lr/<group>`` (``lr/textencoder``, ``lr/unet``, ``lr/unet_block<i>``…), per epoch
+``loss/epoch_average`` (x axis = epoch) — so existing dashboards and comparisons keep working.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import UserError
+
+
+class Tracker:
+    def __init__(self, logging_dir: str | None, log_with: str | None, log_prefix: str | None, tracker_name: str | None):
+        self.writer = None
+        if not logging_dir:
+            return
+        if log_with not in (None, "tensorboard"):
+            raise UserError(f"--log_with {log_with}: only tensorboard is supported; drop the option or use tensorboard")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--logging_dir writes TensorBoard logs and needs the tensorboard package: pip install "
+                            "tensorboard (from the WebUI: the extension's optional extras), or drop --logging_dir") from None
+        self.folder = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / (tracker_name or "network_train")
+        self.writer = SummaryWriter(str(self.folder))
+
+    def step(self, step: int, loss: float, average: float, rates: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("loss/current", loss, step)
+        self.writer.add_scalar("loss/average", average, step)
+        for name, rate in rates.items():
+            self.writer.add_scalar(f"lr/{name}", rate, step)
+
+    def epoch(self, epoch: int, average: float, validation: float | None = None) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("loss/epoch_average", average, epoch)
+        if validation is not None:
+            self.writer.add_scalar("loss/validation/epoch_average", validation, epoch)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
