@@ -272,3 +272,12 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
     (tmp_path / "typo.toml").write_text("[training]\nlearning_rat = 1e-4\n", encoding="utf-8")
     with pytest.raises(UserError, match="learning_rat \\(did you mean learning_rate\\?\\)"):
         parse_args(["--config_file", str(tmp_path / "typo.toml")])
+
+
+def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(baseline, dataset, tmp_path):
+    assert run(dataset, tmp_path / "a", "--save_every_n_steps", "5", "--save_state", "--save_last_n_steps_state", "1") == 0
+    states = sorted(p.name for p in (tmp_path / "a").glob("star-step*-state"))
+    assert states == ["star-step00000015-state"]  # 5 and 10 were pruned, as sd-scripts prunes
+    assert run(dataset, tmp_path / "b", "--resume", str(tmp_path / "a" / states[0])) == 0
+    resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -156,7 +156,7 @@ class TrainOptions:
     save_last_n_epochs: int | None = opt(None, "keep only the last N epoch files")
     save_last_n_epochs_state: int | None = opt(None, "keep only the last N epoch states")
     save_last_n_steps: int | None = opt(None, "keep only step files of the last N steps")
-    save_last_n_steps_state: int | None = opt(None, "keep only states of the last N steps", implemented=False)
+    save_last_n_steps_state: int | None = opt(None, "keep only states of the last N steps")
     save_state: bool = opt(False, "save optimizer/scheduler/RNG state with each file, to resume")
     save_state_on_train_end: bool = opt(False, "save the state at the end")
     resume: str | None = opt(None, "state folder to resume from")

@@ -81,12 +81,14 @@ class OutputPlan:
                 shutil.rmtree(self.state_path(old, None), ignore_errors=True)
 
     def prune_steps(self, step: int) -> None:
-        every, keep = self.options.save_every_n_steps, self.options.save_last_n_steps
-        if keep and every:
-            old = step - keep - 1
-            old -= old % every
-            if old > 0:
-                self.step_path(old).unlink(missing_ok=True)
+        every = self.options.save_every_n_steps
+        for keep, remove in ((self.options.save_last_n_steps, lambda s: self.step_path(s).unlink(missing_ok=True)),
+                             (self.options.save_last_n_steps_state, lambda s: shutil.rmtree(self.state_path(None, s), ignore_errors=True))):
+            if keep and every:
+                old = step - keep - 1
+                old -= old % every
+                if old > 0:
+                    remove(old)
 
     def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
         precision = self.options.save_precision or "float"

@@ -263,6 +263,9 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 last_time = now
                 if plan.save_at_step(state.step):
                     save_network_file(plan.step_path(state.step), epoch + 1, state.step)
+                    if options.save_state:
+                        state.epoch = epoch  # the state is inside this epoch, at batch_in_epoch
+                        _save_state_event(plan.state_path(None, state.step), network, optimizer, scheduler, generator, state, events)
                     plan.prune_steps(state.step)
                 if options.sample_every_n_steps and not options.sample_every_n_epochs and state.step % options.sample_every_n_steps == 0:
                     sample(None, state.step)
