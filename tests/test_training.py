@@ -281,3 +281,9 @@ def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(b
     assert run(dataset, tmp_path / "b", "--resume", str(tmp_path / "a" / states[0])) == 0
     resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    def epoch_losses(path):
+        with safe_open(str(path), "pt") as handle:
+            return json.loads(handle.metadata()["lora_trainer.losses"])["epoch_training_loss"]
+
+    assert epoch_losses(tmp_path / "b" / "star.safetensors") == epoch_losses(baseline / "star.safetensors")

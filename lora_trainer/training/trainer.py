@@ -222,7 +222,6 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
             sample(0, 0)
         for epoch in range(state.epoch, num_epochs):
             batches = data.epoch_batches(epoch)
-            epoch_losses = []
             for index, batch in enumerate(batches):
                 if index < state.batch_in_epoch:
                     continue  # resumed mid-epoch: these batches were trained before the interruption
@@ -250,7 +249,6 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                                 "or use fp32/bf16; the last good file is kept", step=state.step)
                     raise UserError(f"loss became {value} at step {state.step}; stopped (files saved so far are intact)")
                 state.losses.append(value)
-                epoch_losses.append(value)
                 now = time.perf_counter()
                 window = state.losses[-data.batches_per_epoch:]
                 progress.update(1)
@@ -276,7 +274,9 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                     _save_state_event(plan.state_path(epoch, state.step), network, optimizer, scheduler, generator, state, events)
                     return finish(epoch)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
-            epoch_train_loss[epoch + 1] = sum(epoch_losses) / max(1, len(epoch_losses))
+            # from the whole history, so an epoch resumed part-way still averages all of its steps
+            this_epoch = state.losses[epoch * steps_per_epoch : state.step]
+            epoch_train_loss[epoch + 1] = sum(this_epoch) / max(1, len(this_epoch))
             events.emit("epoch", epoch=epoch + 1, average=epoch_train_loss[epoch + 1], step=state.step)
             validate(epoch + 1)
             tracker.epoch(epoch + 1, epoch_train_loss[epoch + 1], epoch_validation_loss.get(epoch + 1))
