@@ -43,3 +43,13 @@ def write_text(target: str | Path, text: str) -> Path:
     with atomic_path(target) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(target)
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    """A text file people edit by hand (configs, prompts, metadata): UTF-8 with or without BOM, else one clear error."""
+    from .errors import UserError
+
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8; re-save it as UTF-8 (in Notepad: Save as → Encoding: UTF-8).") from None

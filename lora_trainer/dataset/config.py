@@ -28,6 +28,7 @@ import toml
 from lora_trainer.dataset.buckets import BucketSettings, adjusted_bucket_range
 from lora_trainer.dataset.captions import CaptionOptions
 from lora_trainer.errors import UserError
+from lora_trainer.safe_io import read_utf8
 
 DREAMBOOTH = "dreambooth"
 FINE_TUNING = "fine_tuning"
@@ -226,10 +227,7 @@ def read_config_file(path: Path) -> dict:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise UserError(f"Dataset config {path} must end in .toml or .json (sd-scripts reads only those).")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"Dataset config {path} is not UTF-8; re-save it as UTF-8.") from None
+    text = read_utf8(path, "Dataset config")
     try:
         loaded = toml.loads(text) if suffix == ".toml" else json.loads(text)
     except toml.TomlDecodeError as error:

@@ -38,6 +38,7 @@ from lora_trainer.dataset.config import (
     resolve_dataset_config,
 )
 from lora_trainer.errors import UserError
+from lora_trainer.safe_io import read_utf8
 
 
 def _optional_extensions() -> tuple[str, ...]:
@@ -263,10 +264,7 @@ def read_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
     """A fine-tuning metadata file: JSON ``{key: {...}}`` or JSON lines with ``image_path`` (sd-scripts' two forms)."""
     if not path.is_file():
         raise UserError(f"Metadata file {path} does not exist; check metadata_file / --in_json.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"Metadata file {path} is not UTF-8; re-save it as UTF-8.") from None
+    text = read_utf8(path, "Metadata file")
     try:
         if path.suffix.lower() == ".jsonl":
             metadata: dict[str, dict[str, Any]] = {}

@@ -18,6 +18,7 @@ from typing import Any
 import toml
 
 from ..errors import UserError
+from ..safe_io import read_utf8
 
 
 def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None, implemented: bool = True):
@@ -232,9 +233,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = toml.loads(path.read_text(encoding="utf-8"))
-    except (toml.TomlDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not a valid UTF-8 TOML file ({error})") from error
+        data = toml.loads(read_utf8(path, "Config file"))
+    except toml.TomlDecodeError as error:
+        raise UserError(f"Config file {path} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno}).") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):

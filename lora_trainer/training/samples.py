@@ -14,6 +14,7 @@ import toml
 import torch
 
 from ..errors import UserError
+from ..safe_io import read_utf8
 from ..sampling.samplers import is_stand_in, sampler_name
 from ..sampling.txt2img import GenerationSettings, txt2img
 
@@ -59,7 +60,7 @@ def read_prompts(path: str | Path, default_size: int = 512) -> list[SamplePrompt
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: sample prompts file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "Sample prompts file")
     if path.suffix.lower() == ".toml":
         data = toml.loads(text).get("prompt", {})
         defaults = {k: v for k, v in data.items() if k != "subset"}
