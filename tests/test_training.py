@@ -287,3 +287,18 @@ def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(b
             return json.loads(handle.metadata()["lora_trainer.losses"])["epoch_training_loss"]
 
     assert epoch_losses(tmp_path / "b" / "star.safetensors") == epoch_losses(baseline / "star.safetensors")
+
+
+def test_two_folders_with_the_same_name_are_listed_apart_in_ss_dataset_dirs(dataset, tmp_path):
+    for parent in ("a", "b"):
+        shutil.copytree(dataset / "2_zkstar", tmp_path / parent / "stars")
+    config = tmp_path / "dataset.toml"
+    config.write_text("[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 64\nbatch_size = 4\n"
+                      + "".join(f"  [[datasets.subsets]]\n  image_dir = '{(tmp_path / p / 'stars').as_posix()}'\n" for p in "ab"),
+                      encoding="utf-8")
+    assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
+                       "--output_dir", str(tmp_path / "out"), "--output_name", "star", "--network_module", "networks.lora",
+                       "--max_train_steps", "2", "--cache_latents", "--seed", "3"]) == 0
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        dirs = json.loads(handle.metadata()["ss_dataset_dirs"])
+    assert dirs == {"stars": {"n_repeats": 1, "img_count": 16}, "stars (2)": {"n_repeats": 1, "img_count": 16}}

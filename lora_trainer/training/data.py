@@ -157,11 +157,20 @@ class TrainingData:
     # --- metadata -------------------------------------------------------------------------------------------
 
     def _dirs(self, reg: bool) -> dict:
+        """``ss_dataset_dirs``: folder name → repeats and image count; a second folder of the same name is "name (2)"."""
         dirs: dict = {}
+        names: dict[int, str] = {}  # id(subset) → its key
         for record in self.reg if reg else self.train:
-            name = record.subset.image_dir.name if record.subset.image_dir else record.subset.metadata_file.name
-            entry = dirs.setdefault(name, {"n_repeats": record.subset.num_repeats, "img_count": 0})
-            entry["img_count"] += 1
+            subset = record.subset
+            if id(subset) not in names:
+                base = subset.image_dir.name if subset.image_dir else subset.metadata_file.name
+                name, count = base, 1
+                while name in dirs:
+                    count += 1
+                    name = f"{base} ({count})"
+                names[id(subset)] = name
+                dirs[name] = {"n_repeats": subset.num_repeats, "img_count": 0}
+            dirs[names[id(subset)]]["img_count"] += 1
         return dirs
 
     def _bucket_info(self, dataset: DatasetPlan):
