@@ -40,18 +40,11 @@ def load_for_inference(model: Path | None, vae: Path | None, precision: str | No
 
 def save_png(image, infotext: str, folder: Path, seed: int) -> Path:
     """WebUI-style ``00012-1234.png`` with the ``parameters`` text chunk, written atomically."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from .safe_io import atomic_path
+    from .sampling.txt2img import write_png
 
     folder.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.name[:5]) for p in folder.glob("*.png") if p.name[:5].isdigit()]
-    target = folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
-    info = PngInfo()
-    info.add_text("parameters", infotext)
-    with atomic_path(target) as temporary:
-        image.save(temporary, format="PNG", pnginfo=info)
-    return target
+    return write_png(image, folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png", infotext)
 
 
 def generate(args) -> list[Path]:

@@ -6,6 +6,7 @@ next file; changing strengths within a row only applies the difference (``Merged
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..hashing import short_hash
 from ..networks.apply import MergedNetworks, Strength
 from ..networks.files import read_network
 from ..safe_io import atomic_path
-from ..sampling.txt2img import GenerationSettings, txt2img
+from ..sampling.txt2img import GenerationSettings, txt2img, write_png
 from .axes import EpochFile, check_size
 
 
@@ -62,7 +63,7 @@ def epoch_strength_grid(model, settings: GenerationSettings, epochs: list[EpochF
     """Rows = epochs, columns = (no LoRA) + strengths; same seed everywhere."""
     check_size(len(epochs), len(strengths) + int(baseline))
     seed = settings.resolved_seed()
-    settings = GenerationSettings(**{**settings.__dict__, "seed": seed, "batch_size": 1})
+    settings = dataclasses.replace(settings, seed=seed, batch_size=1)
     merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
     started = time.perf_counter()
     switching = 0.0
@@ -79,8 +80,8 @@ def epoch_strength_grid(model, settings: GenerationSettings, epochs: list[EpochF
                 switching += time.perf_counter() - t
                 lora = f"<lora:{epoch.path.stem}:{strength:g}>"
                 extra = {"Lora hashes": f"{epoch.path.stem}: {short_hash(epoch.path)}"}
-                image = txt2img(model, GenerationSettings(**{**settings.__dict__, "prompt": f"{settings.prompt} {lora}",
-                                                             "extra_infotext": {**settings.extra_infotext, **extra}}))[0]
+                image = txt2img(model, dataclasses.replace(settings, prompt=f"{settings.prompt} {lora}",
+                                                           extra_infotext={**settings.extra_infotext, **extra}))[0]
                 line.append(image.image)
                 line_infos.append(image.infotext)
                 if progress:
@@ -101,19 +102,12 @@ def epoch_strength_grid(model, settings: GenerationSettings, epochs: list[EpochF
 
 
 def _save(image: Image.Image, cells, infos, folder: Path) -> tuple[Path, list[Path]]:
-    from PIL.PngImagePlugin import PngInfo
-
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = []
     for r, (row, row_infos) in enumerate(zip(cells, infos)):
         for c, (cell, text) in enumerate(zip(row, row_infos)):
-            info = PngInfo()
-            info.add_text("parameters", text)
-            path = folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png"
-            with atomic_path(path) as temporary:
-                cell.save(temporary, format="PNG", pnginfo=info)
-            paths.append(path)
+            paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
     grid_path = folder / f"grid-{stamp}.png"
     with atomic_path(grid_path) as temporary:
         image.save(temporary, format="PNG")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -131,3 +132,16 @@ def infotext(settings: GenerationSettings, seed: int, model_info: dict[str, str]
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     lines.append(parameters)
     return "\n".join(lines)
+
+
+def write_png(image: Image.Image, path: Path, infotext: str) -> Path:
+    """A PNG whose ``parameters`` text chunk holds the WebUI infotext (PNG Info reads it), written atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from ..safe_io import atomic_path
+
+    info = PngInfo()
+    info.add_text("parameters", infotext)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG", pnginfo=info)
+    return path

@@ -16,7 +16,7 @@ import torch
 from ..errors import UserError
 from ..safe_io import read_utf8
 from ..sampling.samplers import is_stand_in, sampler_name
-from ..sampling.txt2img import GenerationSettings, txt2img
+from ..sampling.txt2img import GenerationSettings, txt2img, write_png
 
 
 @dataclass
@@ -102,18 +102,9 @@ def draw_samples(model, prompts: list[SamplePrompt], default_sampler: str, folde
             if is_stand_in(sampler):
                 settings.extra_infotext["Sampler note"] = f"{sampler} drawn with {sampler_name(sampler)}"
             image = txt2img(model, settings)[0]
-            path = sample_path(folder, name, index, prompt.seed, epoch, step)
-            image.image.save(path, pnginfo=_info(image.infotext))
-            paths.append(path)
+            paths.append(write_png(image.image, sample_path(folder, name, index, prompt.seed, epoch, step), image.infotext))
     finally:
         torch.set_rng_state(cpu_state)
         random.setstate(python_state)
     return paths
 
-
-def _info(text: str):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", text)
-    return info
