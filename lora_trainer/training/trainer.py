@@ -301,16 +301,26 @@ def _save_state_event(path, network, optimizer, scheduler, generator, state, eve
     events.emit("state", action="saved", path=str(path), epoch=state.epoch, step=state.step)
 
 
+def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str], sizes, latents, noise, input_noise,
+             timesteps, abar, v_prediction: bool, device, weight_dtype, train_te: bool = False):
+    """The UNet's prediction for ``latents`` noised with ``input_noise`` at ``timesteps``, and its target (ε or v of ``noise``)."""
+    with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
+        context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, options.clip_skip or 1,
+                                          options.max_token_length)
+    y = sdxl_vector(pooled, *sizes) if config.needs_size_conditioning else None
+    abar = abar.to(device)
+    noisy = N.add_noise(latents, input_noise, timesteps, abar)
+    target = N.velocity(latents, noise, timesteps, abar) if v_prediction else noise
+    with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+        prediction = model.unet(noisy.to(weight_dtype), timesteps.to(device), context.to(weight_dtype),
+                                None if y is None else y.to(weight_dtype))
+    return prediction, target
+
+
 def _training_step(batch, epoch, step, total_steps, model, config, network: LoRANetwork, options: TrainOptions, tokenizer,
                    abar, v_prediction, generator, device, weight_dtype, data: TrainingData, train_te: bool) -> torch.Tensor:
     latents = batch.latents.to(device, torch.float32) * config.vae.scaling_factor
     captions = data.captions_for(batch, epoch, step, total_steps, generator)
-    with torch.set_grad_enabled(train_te):
-        context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, options.clip_skip or 1,
-                                          options.max_token_length)
-    y = None
-    if config.needs_size_conditioning:
-        y = sdxl_vector(pooled, batch.original_sizes, batch.crops, batch.target_sizes)
     noise = N.training_noise(latents, generator, options.noise_offset, options.noise_offset_random_strength,
                              options.adaptive_noise_scale, options.multires_noise_iterations, options.multires_noise_discount)
     timesteps = N.sample_timesteps(len(latents), generator, config.schedule.num_timesteps, options.min_timestep, options.max_timestep)
@@ -318,11 +328,9 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
     if options.ip_noise_gamma:
         gamma = options.ip_noise_gamma * (float(torch.rand((), generator=generator)) if options.ip_noise_gamma_random_strength else 1.0)
         perturbed = noise + gamma * torch.randn(latents.shape, generator=generator).to(latents)
-    noisy = N.add_noise(latents, perturbed, timesteps, abar.to(device))
-    target = N.velocity(latents, noise, timesteps, abar.to(device)) if v_prediction else noise
-    with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-        prediction = model.unet(noisy.to(weight_dtype), timesteps.to(device), context.to(weight_dtype),
-                                None if y is None else y.to(weight_dtype))
+    prediction, target = _predict(model, config, options, tokenizer, captions,
+                                  (batch.original_sizes, batch.crops, batch.target_sizes), latents, noise, perturbed,
+                                  timesteps, abar, v_prediction, device, weight_dtype, train_te)
     huber = None
     if options.loss_type in ("huber", "smooth_l1"):
         huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, abar).to(device)
@@ -338,22 +346,14 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
                      weight_dtype) -> float:
     """Mean loss of the held-out images at fixed timesteps with fixed noise: comparable across epochs."""
     timesteps = torch.tensor(VALIDATION_TIMESTEPS)
+    count = len(timesteps)
     losses = []
     for index, record in enumerate(data.validation):
-        latents = (record.latents.to(device, torch.float32) * config.vae.scaling_factor).expand(len(timesteps), -1, -1, -1)
+        latents = (record.latents.to(device, torch.float32) * config.vae.scaling_factor).expand(count, -1, -1, -1)
         noise = fixed_noise(tuple(latents.shape), data.validation_seed, index).to(device)
-        context, pooled = encode_captions(config, model.text_encoders, [record.caption.split("\n")[0]] * len(timesteps),
-                                          tokenizer, options.clip_skip or 1, options.max_token_length)
-        y = None
-        if config.needs_size_conditioning:
-            size = [(record.size[1], record.size[0])] * len(timesteps)
-            target_size = [(record.bucket[1], record.bucket[0])] * len(timesteps)
-            y = sdxl_vector(pooled, size, [(0, 0)] * len(timesteps), target_size)
-        noisy = N.add_noise(latents, noise, timesteps, abar.to(device))
-        target = N.velocity(latents, noise, timesteps, abar.to(device)) if v_prediction else noise
-        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            prediction = model.unet(noisy.to(weight_dtype), timesteps.to(device), context.to(weight_dtype),
-                                    None if y is None else y.to(weight_dtype))
+        sizes = ([(record.size[1], record.size[0])] * count, [(0, 0)] * count, [(record.bucket[1], record.bucket[0])] * count)
+        prediction, target = _predict(model, config, options, tokenizer, [record.caption.split("\n")[0]] * count, sizes,
+                                      latents, noise, noise, timesteps, abar, v_prediction, device, weight_dtype)
         losses.append(float(N.elementwise_loss(prediction, target, "l2").mean()))
     return sum(losses) / len(losses)
 
