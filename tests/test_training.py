@@ -63,7 +63,6 @@ def test_run_writes_sd_scripts_files_with_kohya_keys_and_metadata(baseline):
 
 
 def test_metadata_has_at_least_the_keys_sd_scripts_writes_for_such_a_run(baseline):
-    reference = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors"
     from reference import REFERENCE
 
     with safe_open(str(REFERENCE / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors"), "pt") as handle:
@@ -140,7 +139,6 @@ def test_sample_images_are_drawn_at_first_and_every_epoch_with_sd_scripts_names(
 def test_validation_split_gives_a_loss_per_epoch_and_a_recommended_epoch(dataset, tmp_path):
     assert run(dataset, tmp_path, "--validation_split", "0.25", "--validation_seed", "5") == 0
     events, _ = read_events(tmp_path / "star.events.jsonl")
-    start = events[0]
     validations = [e for e in events if e["event"] == "validation"]
     assert [v["epoch"] for v in validations] == [1, 2] and all(v["loss"] > 0 for v in validations)
     end = events[-1]

@@ -101,10 +101,6 @@ class OutputPlan:
         return path
 
 
-def _text(value) -> str:
-    return str(value)
-
-
 class RunMetadata:
     """sd-scripts' ``ss_*`` and ``modelspec.*`` keys, with the values it writes (all strings)."""
 
@@ -199,5 +195,5 @@ class RunMetadata:
 
     def build(self, epoch: int, step: int, extra: dict[str, str] | None = None) -> dict[str, str]:
         values = {**self.full, "ss_training_finished_at": time.time(), "ss_steps": step, "ss_epoch": epoch, **(extra or {})} if self.full else {}
-        metadata = {k: v if isinstance(v, str) else _text(v) for k, v in values.items()}
+        metadata = {k: str(v) for k, v in values.items()}  # sd-scripts writes str(): None, True, (128, 128)
         return {**self.base, **metadata, "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
