@@ -30,12 +30,12 @@ from lora_trainer.dataset.caption_files import (
     load_caption_file,
     write_captions,
 )
+from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS
 from lora_trainer.errors import UserError
 
 Tags = tuple[str, ...]
 
-# sd-scripts' IMAGE_EXTENSIONS (library/train_util.py): these, in lower or upper case only.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# sd-scripts' IMAGE_EXTENSIONS, in lower or upper case only: the same list the trainer reads (layouts)
 _IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | frozenset(suffix.upper() for suffix in IMAGE_EXTENSIONS)
 
 DEFAULT_BACKUP_FOLDER = ".caption-backups"

@@ -29,13 +29,13 @@ from PIL import Image, ImageOps
 from lora_trainer.dataset.caption_files import CaptionStamp, caption_path_for, load_caption_file, write_captions
 from lora_trainer.dataset.tag_editor import (
     DEFAULT_BACKUP_FOLDER,
-    IMAGE_EXTENSIONS,
     Tags,
     find_images,
     join_tags,
     split_tags,
     underscores_to_spaces,
 )
+from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS
 from lora_trainer.errors import UserError
 
 MODEL_FILE = "model.onnx"
