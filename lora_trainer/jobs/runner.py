@@ -63,9 +63,7 @@ class JobRunner:
         return job
 
     def resume(self, job_id: int) -> Job:
-        job = self.store.get(job_id)
-        if job is None:
-            raise UserError(f"no job {job_id}")
+        job = self._job(job_id)
         if job.status in ("queued", "running"):
             raise UserError(f"job {job_id} is {job.status}; nothing to resume")
         if not job.last_state or not Path(job.last_state).exists():
@@ -74,15 +72,29 @@ class JobRunner:
         return self.store.update(resumed.id, resumed_from=job.id)
 
     def stop(self, job_id: int, pause: bool = False) -> Job:
-        job = self.store.get(job_id)
-        if job is None:
-            raise UserError(f"no job {job_id}")
+        job = self._job(job_id)
         if job.status == "queued":
             return self.store.update(job_id, status="stopped", finished=time.time(), message="removed from the queue")
         if job.status == "running":
             (self._pause_requested if pause else self._stop_requested).add(job_id)
             job.stop_path.write_text("pause" if pause else "stop", encoding="utf-8")
         return self.store.get(job_id)
+
+    def control(self, job_id: int, command: str) -> Job:
+        """``save`` (write the network and a state now, go on) or ``sample`` (draw the sample prompts now, go on)."""
+        if command not in ("save", "sample"):
+            raise UserError(f"control command {command!r}: use save or sample (stop and pause have their own calls)")
+        job = self._job(job_id)
+        if job.status != "running":
+            raise UserError(f"job {job_id} is {job.status}; {command} works only while it runs")
+        job.stop_path.write_text(command, encoding="utf-8")
+        return job
+
+    def _job(self, job_id: int) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        return job
 
     # --- running --------------------------------------------------------------------------------------------
 
@@ -114,6 +126,7 @@ class JobRunner:
                                    start_new_session=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
         self._process, self._current = process, job.id
         job = self.store.update(job.id, status="running", started=time.time(), pid=process.pid)
+        self._notify(job)
         offset, files, last_state, error = 0, [], None, None
         stop_seen_at = None
         while True:
@@ -150,7 +163,14 @@ class JobRunner:
         self._process, self._current = None, None
         self._stop_requested.discard(job.id)
         self._pause_requested.discard(job.id)
-        return self.store.update(job.id, status=status, finished=time.time(), message=message, pid=None)
+        job = self.store.update(job.id, status=status, finished=time.time(), message=message, pid=None)
+        self._notify(job)
+        return job
+
+    def _notify(self, job: Job) -> None:
+        """A synthetic ``job`` event when the subprocess starts and when it is gone, whatever way it went."""
+        if self.on_event:
+            self.on_event(job, {"event": "job", "status": job.status, "id": job.id})
 
 
 def _tail(path: Path, lines: int = 5) -> str:

@@ -62,7 +62,11 @@ class RunState:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM or a stop file: finish the step, save, exit cleanly."""
+    """SIGINT/SIGTERM or the control file: finish the step, then act.
+
+    The control file (``--stop_file``, written by the job runner) holds one word: ``stop`` or ``pause`` (or nothing)
+    = save weights and state, exit 0; ``save`` = save now and go on; ``sample`` = draw the samples now and go on.
+    """
 
     def __init__(self, stop_file: Path | None):
         self.stop_file = stop_file
@@ -83,9 +87,20 @@ class StopRequest:
     def _handle(self, *_):
         self.signalled = True
 
-    @property
-    def requested(self) -> bool:
-        return self.signalled or (self.stop_file is not None and self.stop_file.exists())
+    def command(self) -> str | None:
+        """``stop``, ``save``, ``sample`` or None; save and sample are taken (the file removed) when read."""
+        if self.signalled:
+            return "stop"
+        if self.stop_file is None or not self.stop_file.exists():
+            return None
+        try:
+            word = self.stop_file.read_text(encoding="utf-8").strip().lower()
+        except OSError:
+            return None
+        if word in ("save", "sample"):
+            self.stop_file.unlink(missing_ok=True)
+            return word
+        return "stop"
 
 
 def seed_everything(seed: int) -> None:
@@ -269,7 +284,14 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                     sample(None, state.step)
                 if state.step >= total_steps:
                     break
-                if stop.requested:
+                command = stop.command()
+                if command == "sample":
+                    sample(None, state.step)
+                elif command == "save":
+                    save_network_file(plan.step_path(state.step), epoch + 1, state.step)
+                    state.epoch = epoch
+                    _save_state_event(plan.state_path(None, state.step), network, optimizer, scheduler, generator, state, events)
+                elif command == "stop":
                     state.epoch = epoch
                     _save_state_event(plan.state_path(epoch, state.step), network, optimizer, scheduler, generator, state, events)
                     return finish(epoch)

@@ -1,0 +1,36 @@
+"""What the tabs and the API need from whoever hosts them: the WebUI (``lora_trainer.webui.host``) or the
+standalone app (``lora_trainer.app.standalone_host``). The grid and the Train tab only talk to this protocol, so
+the WebUI's grids go through its own txt2img and the standalone ones through ours, with the same plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..sampling.txt2img import GeneratedImage, GenerationSettings
+
+
+class Host(Protocol):
+    name: str  # "webui", "forge" or "standalone"
+
+    def checkpoints(self) -> dict[str, Path]:
+        """Title shown to the user → checkpoint file."""
+
+    def generation_defaults(self) -> GenerationSettings:
+        """Prompt, sampler, steps, size, CFG… prefilled in the grid (the WebUI's txt2img values when hosted there)."""
+
+    def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> GeneratedImage:
+        """One image; ``settings.prompt`` may hold ``<lora:name:weight>`` tags, applied the way the host applies them."""
+
+    def interrupted(self) -> bool:
+        """True when the user pressed the host's Interrupt (grids stop between cells)."""
+
+    def refresh_loras(self) -> None:
+        """New files were written into the Lora folder: make the host's Lora list show them."""
+
+    def release_gpu(self) -> None:
+        """Before a training job: free the host's model memory (the 'unload the checkpoint' setting)."""
+
+    def restore_gpu(self) -> None:
+        """After the job: load the model back."""

@@ -1,0 +1,46 @@
+"""Every path that comes from a request or a form is checked here: resolved (symlinks and ``..`` followed) and
+required to lie below one of the configured roots. Names for new files are checked to be plain names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import UserError
+
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+class PathNotAllowed(UserError):
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: bool = True) -> Path:
+    """``value`` resolved, if it is inside one of ``roots``; otherwise a message that names the field and the roots."""
+    if not str(value).strip():
+        raise PathNotAllowed(f"{field}: no path given", field)
+    path = Path(value).expanduser()
+    try:
+        resolved = path.resolve(strict=must_exist)
+    except (FileNotFoundError, OSError):
+        raise PathNotAllowed(f"{field}: {value} does not exist", field) from None
+    for root in roots:
+        try:
+            resolved.relative_to(Path(root).resolve())
+            return resolved
+        except ValueError:
+            continue
+    shown = ", ".join(str(r) for r in roots) or "(none configured)"
+    raise PathNotAllowed(f"{field}: {value} is outside the allowed folders ({shown}); add its folder in Settings → LoRA Trainer",
+                         field)
+
+
+def plain_name(name: str, field: str = "name") -> str:
+    """A file or job name that is safe on Windows and Linux: no separators, no ``..``, no reserved device names."""
+    name = (name or "").strip()
+    if not name or "/" in name or "\\" in name or ".." in name or re.search(r'[<>:"|?*\x00-\x1f]', name) \
+            or name.split(".")[0].upper() in _WINDOWS_RESERVED or name.endswith((" ", ".")):
+        raise PathNotAllowed(f"{field}: {name!r} is not a plain file name; use letters, digits, spaces, - and _", field)
+    return name

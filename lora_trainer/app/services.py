@@ -1,0 +1,59 @@
+"""One object per process that the tabs and the HTTP API share: settings, host, the job store and its runner.
+
+Built once by the WebUI extension (``lora_trainer.webui.extension``) or the standalone app; both call
+``Services.create``. The runner's event hook is where the host hears about saved files (Lora list refresh) and
+where the Lora card's user metadata is written when a job ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..jobs.runner import JobRunner
+from ..jobs.store import Job, JobStore
+from .host import Host
+from .settings import AppSettings
+
+
+@dataclass
+class Services:
+    settings: AppSettings
+    host: Host
+    store: JobStore
+    runner: JobRunner
+    _gpu_released: bool = False
+
+    @classmethod
+    def create(cls, settings: AppSettings, host: Host, start: bool = True, **runner_options) -> Services:
+        settings.data_folder.mkdir(parents=True, exist_ok=True)
+        store = JobStore(settings.jobs_database, settings.jobs_folder)
+        services = cls(settings, host, store, None)  # type: ignore[arg-type]
+        services.runner = JobRunner(store, on_event=services._on_event, **runner_options)
+        if start:
+            services.runner.start()
+        return services
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def _on_event(self, job: Job, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "job" and event["status"] == "running" and self.settings.unload_checkpoint_while_training:
+            self.host.release_gpu()
+            self._gpu_released = True
+        elif kind == "job" and event["status"] != "running" and self._gpu_released:
+            self._gpu_released = False
+            self.host.restore_gpu()
+        elif kind == "saved" and Path(event.get("path", "")).parent.resolve() == self.settings.lora_folder.resolve():
+            self.host.refresh_loras()
+        elif kind == "end":
+            self._finish(job, event)
+
+    def _finish(self, job: Job, event: dict) -> None:
+        from .user_metadata import write_card_metadata  # the Lora card's JSON: trigger words, weight, summary
+
+        files = [Path(p) for p in event.get("files", [])]
+        if files:
+            write_card_metadata(files[-1], event)
+            self.host.refresh_loras()

@@ -1,0 +1,75 @@
+"""The WebUI's Lora card, filled after training: ``<lora>.json`` beside the file, with the keys the card editor
+reads (``activation text``, ``preferred weight``, ``sd version``, ``description``, ``notes``).
+
+Trigger words come from the captions the run recorded (``ss_tag_frequency``): the tags every image of a concept
+folder carries, which is what a trigger word is; without captions, the folder's class name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..safe_io import write_text
+
+SD_VERSION = {"sd_v1": "SD1", "sd_v2": "SD2", "sd_v2_v": "SD2", "sdxl_base_v1-0": "SDXL"}
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 3) -> list[str]:
+    """Tags present in every caption of a dataset folder (first folders first), else the folders' class names."""
+    try:
+        frequencies = json.loads(metadata.get("ss_tag_frequency") or "{}")
+        folders = json.loads(metadata.get("ss_dataset_dirs") or "{}")
+    except json.JSONDecodeError:
+        return []
+    words: list[str] = []
+    for folder, tags in frequencies.items():
+        images = (folders.get(folder) or {}).get("img_count") or max(tags.values(), default=0)
+        for tag, count in sorted(tags.items(), key=lambda item: -item[1]):
+            if images and count >= images and tag not in words:
+                words.append(tag)
+    if not words:
+        for folder in folders:
+            name = folder.split("_", 1)[1] if "_" in folder and folder.split("_", 1)[0].isdigit() else folder
+            if name and name not in words:
+                words.append(name)
+    return words[:limit]
+
+
+def card_metadata(metadata: dict[str, str], end_event: dict, preferred_weight: float = 1.0) -> dict:
+    advice = ""
+    if end_event.get("recommended_epoch"):
+        advice = f" Recommended epoch: {end_event['recommended_epoch']} ({end_event.get('reason', '')})."
+    summary = (f"Trained with the LoRA Trainer on {metadata.get('ss_sd_model_name', 'an unknown model')}: "
+               f"{metadata.get('ss_num_train_images', '?')} images, {end_event.get('epochs', metadata.get('ss_epoch', '?'))} epochs, "
+               f"{end_event.get('steps', metadata.get('ss_steps', '?'))} steps, dim {metadata.get('ss_network_dim', '?')} / "
+               f"alpha {metadata.get('ss_network_alpha', '?')}, lr {metadata.get('ss_learning_rate', '?')}.{advice}")
+    return {
+        "description": summary,
+        "sd version": SD_VERSION.get(metadata.get("ss_base_model_version", ""), "Unknown"),
+        "activation text": ", ".join(trigger_words(metadata)),
+        "preferred weight": preferred_weight,
+        "negative text": "",
+        "notes": summary,
+    }
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def write_card_metadata(lora: Path, end_event: dict, preferred_weight: float = 1.0) -> Path:
+    """Write (or update, keeping what the user typed into fields we leave empty) ``<lora>.json``."""
+    target = lora.with_suffix(".json")
+    card = card_metadata(read_metadata(lora), end_event, preferred_weight)
+    if target.exists():
+        try:
+            existing = json.loads(target.read_text(encoding="utf-8"))
+            card = {**card, **{k: v for k, v in existing.items() if v not in ("", None)}}
+        except (OSError, json.JSONDecodeError):
+            pass
+    write_text(target, json.dumps(card, indent=4, ensure_ascii=False))
+    return target
