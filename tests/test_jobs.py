@@ -27,7 +27,11 @@ FAKE_TRAINER = textwrap.dedent('''
         emit("error", message="the dataset has no usable training images")
         sys.exit(2)
     if mode in ("wait", "ignore"):
-        while not (mode == "wait" and Path(options["stop_file"]).exists()):
+        control = Path(options["stop_file"])
+        while not (mode == "wait" and control.exists() and control.read_text() not in ("", "save")):
+            if control.exists() and control.read_text() == "save":  # save now, go on (as the trainer does)
+                control.unlink()
+                emit("saved", path=str(Path(options["output_dir"]) / "run-step00000001.safetensors"))
             time.sleep(0.05)
         state = Path(options["output_dir"]) / "run-state"
         state.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,22 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
 
     resumed = runner.resume(job.id)
     assert resumed.status == "queued" and resumed.options["resume"] == stopped.last_state and resumed.resumed_from == job.id
+
+
+def test_save_now_reaches_the_running_job_which_goes_on_until_stopped(runner, tmp_path):
+    job = runner.submit("long", options(tmp_path, "wait"))
+    with pytest.raises(UserError, match="only while it runs"):
+        runner.control(job.id, "save")
+    thread = _run_in_background(runner)
+    runner.control(job.id, "save")
+    while str(tmp_path / "out-wait" / "run-step00000001.safetensors") not in runner.store.get(job.id).files:
+        time.sleep(0.05)
+    assert runner.store.get(job.id).status == "running"
+    with pytest.raises(UserError, match="use save or sample"):
+        runner.control(job.id, "rm -rf")
+    runner.stop(job.id)
+    thread.join(timeout=10)
+    assert runner.store.get(job.id).status == "stopped"
 
 
 def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path):

@@ -111,6 +111,30 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseline, dataset, tmp_path):
+    control = tmp_path / "control"
+    control.write_text("save")
+    assert run(dataset, tmp_path / "a", "--stop_file", str(control)) == 0
+    assert not control.exists()  # taken: the run saved once, then went on
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    assert [Path(e["path"]).name for e in events if e["event"] == "saved"] == ["star-step00000001.safetensors", "star.safetensors"]
+    assert any(e["event"] == "state" for e in events) and events[-1]["steps"] == 16
+    finished, uninterrupted = weights(tmp_path / "a" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(finished[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_sample_now_draws_the_sample_prompts_at_that_step(dataset, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkstar --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
+    control = tmp_path / "control"
+    control.write_text("sample")
+    assert run(dataset, tmp_path / "a", "--stop_file", str(control), "--sample_prompts", str(prompts),
+               "--max_train_epochs", "1") == 0
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "sample"] == [1]
+    assert events[-1]["event"] == "end" and events[-1]["steps"] == 8
+
+
 def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_path, capsys):
     assert run(tmp_path / "missing", tmp_path) == 2
     assert "--train_data_dir" in capsys.readouterr().err
