@@ -1,0 +1,318 @@
+"""Tag-editor sessions kept on the server, shared by the Dataset Tag Editor tab and the HTTP API.
+
+A session is one open folder (``dataset.tag_editor.TagEditor``, an immutable value) plus the last filter its user
+looked through, behind a lock: ``session.change(fn)`` swaps in ``fn(editor)``, so two browser tabs or an API client
+and a tab editing the same session never lose each other's steps. The registry keeps the most recently used
+sessions (LRU); a closed or evicted session answers with a clear message. Nothing here knows about gradio or
+FastAPI: the tab and the routes turn requests into the plain calls below.
+
+Images are named by their path relative to the folder, with ``/`` separators (``sub/a.png``), in the UI and the API.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..dataset import tag_editor
+from ..dataset.caption_files import find_changed_on_disk
+from ..dataset.tag_editor import TagEditor, TagFilter, Tags
+from ..errors import UserError
+
+DEFAULT_LIMIT = 8  # open folders kept in memory; 10,000 images with their history is a few MB each
+PAGE_SIZE = 48
+
+# The API's edit names (and the core's own names, so either works) → tag_editor.EDIT_KINDS.
+EDIT_NAMES = {
+    "add": "add", "remove": "remove", "replace": "replace", "rename": "rename",
+    "dedupe": "remove_duplicates", "remove_duplicates": "remove_duplicates", "sort": "sort",
+    "move_first": "move_to_front", "move_to_front": "move_to_front", "lowercase": "lowercase",
+    "underscores_to_spaces": "underscores_to_spaces", "spaces_to_underscores": "spaces_to_underscores", "set": "set",
+}
+
+
+class SessionNotFound(UserError):
+    """The session id is unknown: closed, evicted by newer sessions, or from before a restart."""
+
+
+class SaveConflict(UserError):
+    """Captions changed on disk since they were read; ``conflicts`` names them. Nothing was written."""
+
+    def __init__(self, message: str, conflicts: list[str]):
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
+@dataclass
+class TagSession:
+    id: str
+    editor: TagEditor
+    tag_filter: TagFilter = field(default_factory=TagFilter)
+    used: float = field(default_factory=time.monotonic)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.editor.folder
+
+    def change(self, update: Callable[[TagEditor], TagEditor]) -> TagEditor:
+        """Replace the editor by ``update(editor)`` under the session's lock; returns the new editor."""
+        with self.lock:
+            self.editor = update(self.editor)
+            return self.editor
+
+
+class TagSessions:
+    """Open sessions by id, the least recently used dropped beyond ``limit``. Thread-safe."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT):
+        self.limit = limit
+        self._sessions: OrderedDict[str, TagSession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def open(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession:
+        """Read ``folder`` (already checked against the allowed roots by the caller) into a new session."""
+        editor = tag_editor.open_folder(Path(folder), recursive=recursive, caption_extension=caption_extension)
+        session = TagSession(secrets.token_urlsafe(12), editor)
+        with self._lock:
+            self._sessions[session.id] = session
+            while len(self._sessions) > self.limit:
+                self._sessions.popitem(last=False)
+        return session
+
+    def get(self, session_id: str) -> TagSession:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise SessionNotFound(f"Tag-editor session {session_id!r} is not open (closed, replaced by newer ones, "
+                                      "or from before a restart); open the folder again.")
+            self._sessions.move_to_end(session_id)
+        session.used = time.monotonic()
+        return session
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+
+_registry_lock = threading.Lock()
+
+
+def sessions_of(services) -> TagSessions:
+    """The one registry of a ``Services`` object (the tab and the API of one process share it)."""
+    with _registry_lock:
+        registry = getattr(services, "tag_sessions", None)
+        if registry is None:
+            registry = TagSessions()
+            services.tag_sessions = registry
+        return registry
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests as data → core calls.
+
+
+def image_name(editor: TagEditor, image: Path) -> str:
+    return image.relative_to(editor.folder).as_posix()
+
+
+def images_named(editor: TagEditor, names: Iterable[str]) -> list[Path]:
+    """Images by their relative names; a name that is not an image of the folder is a UserError naming it."""
+    known = {image_name(editor, image): image for image in editor.images}
+    chosen, unknown = [], []
+    for name in names:
+        (chosen if name in known else unknown).append(known.get(name, name))
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise UserError(f"selection: {shown} is not an image of {editor.folder}; use the names the page lists.")
+    return chosen
+
+
+def _tags(value, field_name: str) -> Tags:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tag_editor.split_tags(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(tag, str) for tag in value):
+        return tuple(tag.strip() for tag in value if tag.strip())
+    raise UserError(f"{field_name}: give tags as a list of strings or one comma-separated string.")
+
+
+def filter_from(data: dict | None) -> TagFilter:
+    """``{"all": [...], "any": [...], "none": [...], "regex": "...", "untagged": bool}`` → TagFilter."""
+    data = data or {}
+    unknown = sorted(set(data) - {"all", "any", "none", "regex", "untagged"})
+    if unknown:
+        raise UserError(f"filter: unknown key(s) {', '.join(unknown)}; use all, any, none, regex, untagged.")
+    return TagFilter(all_of=_tags(data.get("all"), "filter.all"), any_of=_tags(data.get("any"), "filter.any"),
+                     none_of=_tags(data.get("none"), "filter.none"), caption_regex=data.get("regex") or None,
+                     untagged=bool(data.get("untagged")))
+
+
+def filter_as_data(tag_filter: TagFilter) -> dict:
+    return {"all": list(tag_filter.all_of), "any": list(tag_filter.any_of), "none": list(tag_filter.none_of),
+            "regex": tag_filter.caption_regex, "untagged": tag_filter.untagged}
+
+
+def edit_from(data: dict) -> tag_editor.TagEdit:
+    """``{"op": "replace", "find": "x", "replacement": "y"}`` → the core's edit (``op`` names: ``EDIT_NAMES``)."""
+    op = data.get("op")
+    if op not in EDIT_NAMES:
+        raise UserError(f"op: {op!r} is not a tag edit; use one of {', '.join(sorted(set(EDIT_NAMES) - {'remove_duplicates', 'move_to_front'}))}.")
+    parameters = {key: value for key, value in data.items() if key not in ("op", "selection", "filter")}
+    for key in ("tags",):
+        if key in parameters:
+            parameters[key] = _tags(parameters[key], key)
+    return tag_editor.make_edit(EDIT_NAMES[op], **parameters)
+
+
+def selected_images(session: TagSession, selection, tag_filter: TagFilter | None = None) -> list[Path]:
+    """``"filtered"`` (the session's current filter, or ``tag_filter``), ``"all"``, or a list of image names."""
+    editor = session.editor
+    if selection in (None, "filtered"):
+        return list(tag_editor.select(editor, tag_filter or session.tag_filter))
+    if selection == "all":
+        return list(editor.tags)
+    if isinstance(selection, list):
+        return images_named(editor, selection)
+    raise UserError('selection: use "filtered", "all" or a list of image names.')
+
+
+def apply_request(session: TagSession, data: dict) -> TagEditor:
+    """One batch edit from its data form, as one undo step."""
+    edit = edit_from(data)
+    tag_filter = filter_from(data["filter"]) if data.get("filter") is not None else None
+    with session.lock:
+        images = selected_images(session, data.get("selection", "filtered"), tag_filter)
+        return session.change(lambda editor: tag_editor.apply_edit(editor, edit, images))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a page shows.
+
+
+def history(editor: TagEditor) -> dict:
+    return {"undo": [step.description for step in editor.undo_steps],
+            "redo": [step.description for step in reversed(editor.redo_steps)]}
+
+
+def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> dict:
+    """One page of the filtered images with their tags, the tag frequencies (all images and the filtered ones),
+    the undo/redo history and what is unsaved: everything a view of the folder needs, as JSON-able data."""
+    if page < 1 or page_size < 1:
+        raise UserError("page and page_size must be at least 1.")
+    with session.lock:
+        editor, tag_filter = session.editor, session.tag_filter
+    filtered = tag_editor.select(editor, tag_filter)
+    pages = max(1, math.ceil(len(filtered) / page_size))
+    shown = filtered[(page - 1) * page_size: page * page_size]
+    unsaved = set(tag_editor.unsaved_images(editor))
+    return {
+        "session": session.id,
+        "folder": str(editor.folder),
+        "filter": filter_as_data(tag_filter),
+        "page": page, "pages": pages, "page_size": page_size,
+        "total": len(editor.images), "filtered": len(filtered),
+        "images": [{"name": image_name(editor, image), "tags": list(editor.tags[image]), "unsaved": image in unsaved}
+                   for image in shown],
+        "tag_frequency": [[tag, count] for tag, count in tag_editor.tag_counts(editor)],
+        "filtered_tag_frequency": [[tag, count] for tag, count in tag_editor.tag_counts(editor, filtered)],
+        "unsaved": len(unsaved),
+        "unreadable": {image_name(editor, image): reason for image, reason in editor.unreadable.items()},
+        "history": history(editor),
+    }
+
+
+def set_filter(session: TagSession, tag_filter: TagFilter) -> None:
+    with session.lock:
+        session.tag_filter = tag_filter
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk.
+
+
+def save_session(session: TagSession, overwrite_changed: bool = False) -> dict:
+    """Write the unsaved captions (backups first). If another program changed any of them since they were read,
+    nothing is written and ``SaveConflict`` names them — unless ``overwrite_changed``: then the folder is reloaded
+    (images without edits here take the other version) and the edits made here replace the other versions."""
+    with session.lock:
+        editor = session.editor
+        reloaded = None
+        if overwrite_changed:
+            editor, reloaded = tag_editor.reload(editor)
+        else:
+            unsaved = tag_editor.unsaved_images(editor)
+            stamps = {editor.caption_path(image): editor.stamps.get(editor.caption_path(image), tag_editor.NO_FILE)
+                      for image in unsaved}
+            changed = set(find_changed_on_disk(stamps))
+            conflicts = [image_name(editor, image) for image in unsaved if editor.caption_path(image) in changed]
+            if conflicts:
+                raise SaveConflict(f"{len(conflicts)} caption file(s) changed on disk since they were read, so nothing "
+                                   f"was saved: {', '.join(conflicts[:10])}. Save with overwrite to keep the edits made "
+                                   "here (the other versions are backed up), or reload.", conflicts)
+        editor, result = tag_editor.save(editor)
+        session.editor = editor
+    return {
+        "written": [path.relative_to(editor.folder).as_posix() for path in result.written],  # caption files
+        "backup_folder": str(result.backup_folder) if result.backup_folder else None,
+        "conflicts_overwritten": [image_name(editor, image) for image in reloaded.conflicts] if reloaded else [],
+        "updated_from_disk": [image_name(editor, image) for image in reloaded.updated] if reloaded else [],
+    }
+
+
+def reload_session(session: TagSession) -> dict:
+    with session.lock:
+        editor, report = tag_editor.reload(session.editor)
+        session.editor = editor
+    return {key: [image_name(editor, image) if image.is_relative_to(editor.folder) else str(image)
+                  for image in getattr(report, key)]
+            for key in ("updated", "conflicts", "added", "removed", "unreadable")}
+
+
+def autotag(session: TagSession, tagger, images: list[Path], mode: str = "skip", trigger_word: str | None = None,
+            on_progress: Callable[[int, int], None] | None = None, batch_size: int = 8) -> dict:
+    """Tag ``images`` with ``tagger`` and merge the tags into the session (not the files) as one undo step; the
+    user reviews and saves as with any other edit. ``mode`` as in ``dataset.tagger.merged_caption``."""
+    from ..dataset.tagger import load_image_for_tagging, merged_caption
+
+    found: dict[Path, Tags] = {}
+    unreadable: dict[str, str] = {}
+    for start in range(0, len(images), batch_size):
+        batch, pictures = [], []
+        for image in images[start:start + batch_size]:
+            if mode == "skip" and session.editor.tags.get(image):
+                continue  # hand-written captions cost no tagging time
+            try:
+                pictures.append(load_image_for_tagging(image))
+                batch.append(image)
+            except (OSError, ValueError) as error:
+                unreadable[image_name(session.editor, image)] = str(error)
+        for image, tags in zip(batch, tagger.tag(pictures) if pictures else []):
+            found[image] = tuple(tags)
+        if on_progress:
+            on_progress(min(start + batch_size, len(images)), len(images))
+
+    def merge(editor: TagEditor) -> TagEditor:
+        new = {}
+        for image, tags in found.items():
+            merged = merged_caption(editor.tags.get(image, ()), tags, mode, trigger_word)
+            if merged is not None:
+                new[image] = merged
+        # one undo step for the whole run, each image with its own tags: the core's recorder does exactly that
+        return tag_editor._record(editor, f"Auto-tag with {tagger.name} ({mode})", new)
+
+    before = session.editor
+    editor = session.change(merge)
+    changed = [image_name(editor, image) for image in found if editor.tags.get(image) != before.tags.get(image)]
+    return {"tagged": len(found), "changed": changed, "unreadable": unreadable}

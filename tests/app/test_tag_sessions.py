@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lora_trainer.app import tag_sessions
+from lora_trainer.app.tag_sessions import SaveConflict, SessionNotFound, TagSessions
+from lora_trainer.errors import UserError
+
+
+@pytest.fixture
+def folder(make_dataset):
+    return make_dataset(count=6) / "10_zkchar"
+
+
+def test_page_lists_filtered_images_with_frequencies_and_paging(folder):
+    session = TagSessions().open(folder)
+    tag_sessions.set_filter(session, tag_sessions.filter_from({"all": ["red"]}))
+    first = tag_sessions.page_of(session, page=1, page_size=2)
+    assert first["filtered"] == 3 and first["total"] == 6 and first["pages"] == 2
+    assert [image["name"] for image in first["images"]] == ["img_000.png", "img_002.png"]
+    assert first["images"][0]["tags"] == ["zkchar", "red", "square"]
+    assert ["zkchar", 6] in first["tag_frequency"] and ["red", 3] in first["filtered_tag_frequency"]
+    assert ["blue", 3] not in first["filtered_tag_frequency"]
+    assert [image["name"] for image in tag_sessions.page_of(session, 2, 2)["images"]] == ["img_004.png"]
+
+
+def test_filter_keys_none_regex_untagged(make_dataset):
+    folder = make_dataset(count=3, tags=["a, b", "b, c", ""]) / "10_zkchar"
+    session = TagSessions().open(folder)
+    names = lambda data: [tag_sessions.image_name(session.editor, image)
+                          for image in tag_sessions.selected_images(session, "filtered", tag_sessions.filter_from(data))]
+    assert names({"none": ["a"]}) == ["img_001.png", "img_002.png"]
+    assert names({"any": "a, c"}) == ["img_000.png", "img_001.png"]
+    assert names({"regex": "^b"}) == ["img_001.png"]
+    assert names({"untagged": True}) == ["img_002.png"]
+    with pytest.raises(UserError, match="unknown key"):
+        tag_sessions.filter_from({"tags": ["a"]})
+
+
+def test_api_edit_names_map_to_core_edits_and_undo_redo(folder):
+    session = TagSessions().open(folder)
+    tag_sessions.apply_request(session, {"op": "move_first", "tags": ["square"], "selection": ["img_000.png"]})
+    assert session.editor.tags[folder / "img_000.png"] == ("square", "zkchar", "red")
+    tag_sessions.apply_request(session, {"op": "replace", "find": "zkchar", "replacement": "zkhero", "selection": "all"})
+    assert all("zkhero" in tags and "zkchar" not in tags for tags in session.editor.tags.values())
+    assert tag_sessions.history(session.editor)["undo"][-1].startswith("Replace text 'zkchar'")
+    session.change(tag_sessions.tag_editor.undo)
+    assert session.editor.tags[folder / "img_001.png"] == ("zkchar", "blue", "circle")
+    assert len(tag_sessions.history(session.editor)["redo"]) == 1
+    with pytest.raises(UserError, match="not a tag edit"):
+        tag_sessions.apply_request(session, {"op": "explode"})
+    with pytest.raises(UserError, match="not an image"):
+        tag_sessions.apply_request(session, {"op": "dedupe", "selection": ["../secret.png"]})
+
+
+def test_edit_on_filtered_selection_uses_the_sessions_filter(folder):
+    session = TagSessions().open(folder)
+    tag_sessions.set_filter(session, tag_sessions.filter_from({"all": ["blue"]}))
+    tag_sessions.apply_request(session, {"op": "add", "tags": "sad", "selection": "filtered"})
+    with_sad = [image.name for image, tags in session.editor.tags.items() if "sad" in tags]
+    assert with_sad == ["img_001.png", "img_003.png", "img_005.png"]
+
+
+def test_save_writes_changed_captions_and_reports_conflicts(folder):
+    session = TagSessions().open(folder)
+    tag_sessions.apply_request(session, {"op": "remove", "tags": ["square"], "selection": "all"})
+    (folder / "img_002.txt").write_text("someone, else", encoding="utf-8")
+    with pytest.raises(SaveConflict) as conflict:
+        tag_sessions.save_session(session)
+    assert conflict.value.conflicts == ["img_002.png"]
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, red, square"  # nothing written
+    report = tag_sessions.save_session(session, overwrite_changed=True)
+    assert report["conflicts_overwritten"] == ["img_002.png"]
+    assert sorted(report["written"]) == ["img_000.txt", "img_002.txt", "img_004.txt"]
+    assert (folder / "img_002.txt").read_text(encoding="utf-8") == "zkchar, red"
+    assert report["backup_folder"] is not None
+    assert tag_sessions.page_of(session)["unsaved"] == 0
+
+
+def test_registry_is_lru_limited_and_says_when_a_session_is_gone(folder):
+    registry = TagSessions(limit=2)
+    first, second = registry.open(folder), registry.open(folder)
+    registry.get(first.id)  # used: the second is now the oldest
+    third = registry.open(folder)
+    assert set(registry.ids()) == {first.id, third.id}
+    with pytest.raises(SessionNotFound, match="open the folder again"):
+        registry.get(second.id)
+    registry.close(first.id)
+    with pytest.raises(SessionNotFound):
+        registry.get(first.id)
+
+
+def test_services_share_one_registry(services):
+    assert tag_sessions.sessions_of(services) is tag_sessions.sessions_of(services)
+
+
+def test_concurrent_edits_are_all_kept(folder):
+    session = TagSessions().open(folder)
+    threads = [threading.Thread(target=tag_sessions.apply_request, args=(session, {"op": "add", "tags": [f"t{i}"], "selection": "all"}))
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all({f"t{i}" for i in range(8)} <= set(tags) for tags in session.editor.tags.values())
+    assert len(session.editor.undo_steps) == 8
+
+
+class _ColourTagger:
+    name = "colours"
+
+    def tag(self, images):
+        return [{"bright": 0.9} if sum(image.getpixel((0, 0))) > 300 else {"dark": 0.8} for image in images]
+
+
+def test_autotag_merges_into_the_session_as_one_undo_step(make_dataset):
+    folder = make_dataset(count=3, tags=["keep, this", None, ""]) / "10_zkchar"
+    session = TagSessions().open(folder)
+    report = tag_sessions.autotag(session, _ColourTagger(), list(session.editor.images), mode="skip", trigger_word="zk")
+    assert report["tagged"] == 2 and report["changed"] == ["img_001.png", "img_002.png"]
+    assert session.editor.tags[folder / "img_000.png"] == ("keep", "this")
+    assert session.editor.tags[folder / "img_001.png"][0] == "zk"
+    assert not (folder / "img_001.txt").exists()  # the files change on save only
+    session.change(tag_sessions.tag_editor.undo)
+    assert session.editor.tags[folder / "img_001.png"] == ()
