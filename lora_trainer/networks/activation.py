@@ -1,0 +1,257 @@
+"""``<lora:name:te:unet:dyn>`` tags as the WebUI reads them, and the LoRA files those names stand for.
+
+Pure core: the WebUI hook, the standalone host and the grid all turn prompt tags into ``LoraCall``s here,
+resolve names through one ``LoraLibrary`` and turn calls into ``apply.Strength``. Arguments are read exactly as
+the built-in Lora extension reads them (positional te, unet, dyn; ``te=``, ``unet=``, ``dyn=`` override), plus
+``lbw=`` block weights as the LoRA Block Weight extension writes them (a preset or a vector).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..grid.axes import run_files
+from ..models.configs import SD1, SDXL
+from .apply import Strength
+from .block_weights import PRESETS_17, block_layouts, parse_block_weights
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+TAG_NAMES = ("lora", "lyco")  # the built-in Lora extension answers both
+
+# The WebUI's extra-network syntax: <kind:arg1:arg2…> (modules/extra_networks.py, re_extra_net).
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+_EPOCH_SUFFIX = re.compile(r"^(?P<run>.+)@e(?P<epoch>\d+)$")
+
+# Vector lengths the block-weight extension accepts: the short form (blocks with attention) and every block.
+_LAYOUT_BY_LENGTH = {len(layout): config.unet for config in (SD1, SDXL) for layout in block_layouts(config.unet)}
+
+
+@dataclass(frozen=True)
+class LoraCall:
+    """One ``<lora:…>`` tag: which LoRA and how strongly."""
+
+    name: str
+    te: float = 1.0
+    unet: float | None = None  # None: same as te, as in the WebUI
+    dyn: int | None = None  # dynamic dim (the WebUI's ``dyn=``); we always apply the full rank
+    blocks: tuple[float, ...] | None = None  # lbw block weights, presets already expanded
+
+    @property
+    def unet_multiplier(self) -> float:
+        return self.te if self.unet is None else self.unet
+
+
+def _tag(items: list) -> str:
+    return "<lora:" + ":".join(str(i) for i in items) + ">"
+
+
+def _number(items: list, label: str, text, kind=float):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{_tag(items)}: {label} {text!r} is not a number; write e.g. <lora:name:0.8>") from None
+
+
+def parse_block_vector(text: str, tag: str = "lbw") -> tuple[float, ...]:
+    """A block-weight preset name (``OUTD``, ``ALL0.5`` …) or 17 (SD1/SD2) / 12 (SDXL) numbers, comma or space separated."""
+    expanded = PRESETS_17.get(text.strip(), text)
+    parts = [p for p in re.split(r"[,\s]+", expanded.strip()) if p]
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except ValueError:
+        raise UserError(f"{tag}: block weights {text!r} are neither a preset ({', '.join(PRESETS_17)}) "
+                        "nor numbers separated by commas") from None
+    if len(numbers) not in _LAYOUT_BY_LENGTH:
+        raise UserError(f"{tag}: block weights have {len(numbers)} values; write 17 (SD1/SD2) or 12 (SDXL) values "
+                        f"(26 or 20 to list every block), or a preset such as {', '.join(PRESETS_17)}")
+    return numbers
+
+
+def parse_lora_call(items: list) -> LoraCall:
+    """The colon-split arguments of one tag (the WebUI's ``ExtraNetworkParams.items``) → a LoraCall."""
+    if not items or not str(items[0]).strip():
+        raise UserError("<lora:…>: the tag names no LoRA; write <lora:name:weight>")
+    positional, named = [], {}
+    for item in items:
+        parts = item.split("=", 2) if isinstance(item, str) else [item]  # as ExtraNetworkParams splits them
+        if len(parts) == 2:
+            named[parts[0].strip()] = parts[1].strip()
+        else:
+            positional.append(item)
+    te = _number(items, "te weight", positional[1]) if len(positional) > 1 else 1.0
+    te = _number(items, "te weight", named["te"]) if "te" in named else te
+    unet = _number(items, "unet weight", positional[2]) if len(positional) > 2 else None
+    unet = _number(items, "unet weight", named["unet"]) if "unet" in named else unet
+    dyn = _number(items, "dyn", positional[3], int) if len(positional) > 3 else None
+    dyn = _number(items, "dyn", named["dyn"], int) if "dyn" in named else dyn
+    blocks = parse_block_vector(named["lbw"], _tag(items)) if "lbw" in named else None
+    return LoraCall(str(positional[0]).strip(), te, unet, dyn, blocks)
+
+
+def lora_calls_in(prompt: str) -> tuple[str, list[LoraCall]]:
+    """The prompt without its ``<lora:…>``/``<lyco:…>`` tags, and the calls in order. Other extra networks stay."""
+    calls = []
+
+    def take(match: re.Match) -> str:
+        if match.group(1) not in TAG_NAMES:
+            return match.group(0)
+        calls.append(parse_lora_call(match.group(2).split(":")))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), calls
+
+
+def strength_of(call: LoraCall, unet_config=None) -> Strength:
+    """The call's weights as ``apply.Strength``. Block vectors map onto ``unet_config``'s blocks when given, else
+    onto SD1/SD2 (17 or 26 values) or SDXL (12 or 20 values) by their length."""
+    blocks = None
+    if call.blocks is not None:
+        blocks = parse_block_weights(list(call.blocks), unet_config or _LAYOUT_BY_LENGTH[len(call.blocks)])
+    return Strength(call.te, call.unet, blocks)
+
+
+# --- the files names stand for ----------------------------------------------------------------------------------
+
+
+def sd_version_of(metadata: dict[str, str]) -> str:
+    """"SD1", "SD2", "SDXL" or "unknown", read from metadata the way the built-in Lora extension reads it."""
+    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl_"):
+        return "SDXL"
+    if str(metadata.get("ss_v2", "")) == "True":
+        return "SD2"
+    architecture = metadata.get("modelspec.architecture", "")
+    if architecture.startswith("stable-diffusion-xl"):
+        return "SDXL"
+    if architecture.startswith("stable-diffusion-v2"):
+        return "SD2"
+    return "SD1" if metadata else "unknown"
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata; {} for .pt/.ckpt (pickles are not opened just to list them) and for
+    unreadable files (they still show up, by file name)."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > 100 * 1024 * 1024:
+                return {}
+            header = json.loads(handle.read(length).decode("utf-8"))
+        metadata = header.get("__metadata__") or {}
+        return {str(k): str(v) for k, v in metadata.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    name: str  # file stem: what <lora:name> is written with
+    alias: str  # ss_output_name from the metadata (the name it was trained under), else the stem
+    path: Path
+    metadata: dict[str, str]
+    sd_version: str  # "SD1", "SD2", "SDXL" or "unknown"
+
+    @property
+    def epoch(self) -> int | None:
+        value = self.metadata.get("ss_epoch", "")
+        return int(value) if value.isdigit() else None
+
+
+class LoraLibrary:
+    """The LoRA files in some folders (searched recursively), by name, by alias and by ``name@eN``.
+
+    Listing is cheap (directory walk); metadata is read from a file's header when first needed and kept until the
+    file's modification time changes. A file name found in two folders resolves to the first folder's file; an
+    alias several files share (the epochs of one run) to the one with the highest ``ss_epoch``.
+    """
+
+    def __init__(self, folders: list[Path]):
+        self.folders = [Path(f) for f in folders]
+        self._files: list[tuple[Path, int]] | None = None
+        self._metadata: dict[Path, tuple[int, dict[str, str]]] = {}
+        self._short_hashes: dict[tuple[Path, int], str] = {}
+
+    def refresh(self) -> None:
+        files = []
+        for folder in self.folders:
+            if folder.is_dir():
+                found = [p for p in folder.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()]
+                files += [(p, p.stat().st_mtime_ns) for p in sorted(found, key=lambda p: str(p).lower())]
+        self._files = files
+        known = {p for p, _ in files}
+        self._metadata = {p: m for p, m in self._metadata.items() if p in known}
+
+    def _listing(self) -> list[tuple[Path, int]]:
+        if self._files is None:
+            self.refresh()
+        return self._files
+
+    def metadata_of(self, path: Path, mtime: int | None = None) -> dict[str, str]:
+        mtime = path.stat().st_mtime_ns if mtime is None else mtime
+        cached = self._metadata.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, read_metadata(path))
+            self._metadata[path] = cached
+        return cached[1]
+
+    def _entry(self, path: Path, mtime: int) -> LoraEntry:
+        metadata = self.metadata_of(path, mtime)
+        return LoraEntry(path.stem, metadata.get("ss_output_name") or path.stem, path, metadata, sd_version_of(metadata))
+
+    def entries(self) -> list[LoraEntry]:
+        return [self._entry(p, m) for p, m in self._listing()]
+
+    def entry(self, name: str) -> LoraEntry | None:
+        path = self.resolve(name)
+        return None if path is None else self._entry(path, path.stat().st_mtime_ns)
+
+    def resolve(self, name: str) -> Path | None:
+        """The file ``<lora:name>`` means: by file stem, then by alias, then ``run@eN`` = epoch N of a run."""
+        name = name.strip()
+        by_stem = next((p for p, _ in self._listing() if p.stem == name), None)
+        if by_stem is not None:
+            return by_stem
+        entries = self.entries()
+        by_alias = [e for e in entries if e.alias == name]
+        if by_alias:  # every file of a run carries its name: take the latest epoch (the final file)
+            return max(by_alias, key=lambda e: (e.epoch or 0, e.path.stat().st_mtime_ns)).path
+        match = _EPOCH_SUFFIX.match(name)
+        return self._epoch_file(match.group("run"), int(match.group("epoch")), entries) if match else None
+
+    def _epoch_file(self, run: str, epoch: int, entries: list[LoraEntry]) -> Path | None:
+        numbered = next((e.path for e in entries if e.path.stem == f"{run}-{epoch:06d}"), None)
+        if numbered is not None:
+            return numbered
+        named = [e for e in entries if e.alias == run or e.name == run]
+        if named:
+            # every file of that run, the numbered ones and the final one, with their ss_epoch
+            for file in run_files(named[0].path):
+                if file.epoch == epoch:
+                    return file.path
+        return next((e.path for e in named if e.epoch == epoch), None)
+
+    def short_hash(self, path: Path) -> str:
+        """The hash the WebUI writes into ``Lora hashes``: ``sshs_model_hash`` from the metadata, else the hash of
+        the tensor data (the "addnet" hash) for safetensors, else of the whole file; 12 hex digits."""
+        mtime = path.stat().st_mtime_ns
+        key = (path, mtime)
+        if key not in self._short_hashes:
+            recorded = self.metadata_of(path, mtime).get("sshs_model_hash")
+            self._short_hashes[key] = (recorded or _content_hash(path))[:12]
+        return self._short_hashes[key]
+
+
+def _content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if path.suffix.lower() == ".safetensors":
+            handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

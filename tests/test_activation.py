@@ -1,0 +1,124 @@
+import os
+
+import pytest
+import torch
+
+from lora_trainer.errors import UserError
+from lora_trainer.models.configs import SDXL
+from lora_trainer.networks.activation import LoraCall, LoraLibrary, lora_calls_in, parse_lora_call, sd_version_of, strength_of
+from lora_trainer.networks.naming import Target
+from lora_trainer.safe_io import save_safetensors
+
+
+def test_positional_weights_as_the_webui_reads_them():
+    assert parse_lora_call(["style"]) == LoraCall("style", 1.0, None)
+    assert parse_lora_call(["style", "0.7"]) == LoraCall("style", 0.7, None)
+    call = parse_lora_call(["style", "0.7", "0.2", "8"])
+    assert (call.te, call.unet, call.dyn) == (0.7, 0.2, 8)
+    assert parse_lora_call(["style", "0.7"]).unet_multiplier == 0.7  # unet defaults to te
+    assert parse_lora_call(["style", "-1.5", "2.5"]).unet_multiplier == 2.5  # negative and >1 allowed
+
+
+def test_named_arguments_override_positional_ones():
+    call = parse_lora_call(["style", "0.7", "unet=0.3", "te=0.1", "dyn=4"])
+    assert (call.te, call.unet, call.dyn) == (0.1, 0.3, 4)
+    # items the WebUI adds itself are numbers, not strings
+    assert parse_lora_call(["style", 0.5]) == LoraCall("style", 0.5)
+
+
+def test_malformed_weight_names_the_tag():
+    with pytest.raises(UserError, match=r"<lora:style:strong>.*te weight 'strong'"):
+        parse_lora_call(["style", "strong"])
+    with pytest.raises(UserError, match="names no LoRA"):
+        parse_lora_call([""])
+
+
+def test_lbw_presets_and_vectors():
+    assert parse_lora_call(["s", "1", "lbw=OUTD"]).blocks == (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0)
+    assert parse_lora_call(["s", "lbw=ALL0.5"]).blocks == (0.5,) * 17
+    spaced = parse_lora_call(["s", "lbw=1 0 0 0 0 1 1 1 1 1 1 1"]).blocks
+    assert spaced == (1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(UserError, match=r"<lora:s:lbw=1,0,1>.*3 values.*17 \(SD1/SD2\) or 12 \(SDXL\)"):
+        parse_lora_call(["s", "lbw=1,0,1"])
+    with pytest.raises(UserError, match="neither a preset"):
+        parse_lora_call(["s", "lbw=OUTSIDE"])
+
+
+def test_prompt_tags_are_removed_and_other_extra_networks_kept():
+    prompt, calls = lora_calls_in("a cat <lora:style:0.5>, <lyco:detail:1:0.2> <hypernet:h:1> sitting")
+    assert prompt == "a cat ,  <hypernet:h:1> sitting"  # tags become "", as in the WebUI
+    assert calls == [LoraCall("style", 0.5), LoraCall("detail", 1.0, 0.2)]
+
+
+def test_strength_maps_weights_and_blocks():
+    unet_target = Target("lora_unet_x", "lora_unet", "output_blocks.3.1.proj_in", block="OUT03")
+    text_target = Target("lora_te_x", "lora_te", "x")
+    strength = strength_of(parse_lora_call(["s", "0.5", "2", "lbw=OUTD"]))
+    assert strength.for_target(text_target) == 0.5  # BASE = 1
+    assert strength.for_target(unet_target) == 2.0  # OUT03 = 1 in OUTD
+    ind = strength_of(parse_lora_call(["s", "1", "lbw=IND"]))
+    assert ind.for_target(unet_target) == 0.0
+    assert strength_of(parse_lora_call(["s", "0.3"])).blocks is None
+    # a 12-value vector is SDXL's layout: its 7th value is OUT00
+    xl = strength_of(parse_lora_call(["s", "lbw=1,0,0,0,0,0,0.25,0,0,0,0,0"]))
+    assert xl.blocks["OUT00"] == 0.25 and xl.blocks["IN04"] == 0.0
+    with pytest.raises(UserError, match="17 values"):
+        strength_of(parse_lora_call(["s", "lbw=ALL"]), SDXL.unet)
+
+
+def _lora(path, **metadata):
+    save_safetensors({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, path, {k: str(v) for k, v in metadata.items()})
+    return path
+
+
+def test_library_resolves_stem_alias_and_epochs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    final = _lora(tmp_path / "cats.safetensors", ss_output_name="cats", ss_epoch=3)
+    one = _lora(tmp_path / "cats-000001.safetensors", ss_output_name="cats", ss_epoch=1)
+    renamed = _lora(tmp_path / "sub" / "dogs_v2_final.safetensors", ss_output_name="dogs", ss_epoch=2,
+                    ss_base_model_version="sdxl_base_v1-0")
+    _lora(tmp_path / "sub" / "dogs_v2_e1.safetensors", ss_output_name="dogs", ss_epoch=1)
+    (tmp_path / "old.pt").write_bytes(b"not a safetensors file")
+    library = LoraLibrary([tmp_path])
+    assert library.resolve("cats") == final
+    assert library.resolve("old") == tmp_path / "old.pt"
+    assert library.resolve("dogs") == renamed  # by ss_output_name: the run's latest epoch
+    assert library.resolve("cats@e1") == one
+    assert library.resolve("cats@e3") == final
+    assert library.resolve("dogs@e1") == tmp_path / "sub" / "dogs_v2_e1.safetensors"
+    assert library.resolve("cats@e7") is None and library.resolve("nothing") is None
+    entry = library.entry("dogs")
+    assert (entry.name, entry.alias, entry.sd_version, entry.epoch) == ("dogs_v2_final", "dogs", "SDXL", 2)
+    assert {e.name for e in library.entries()} == {"cats", "cats-000001", "dogs_v2_final", "dogs_v2_e1", "old"}
+    assert library.entry("old").metadata == {} and library.entry("old").sd_version == "unknown"
+
+
+def test_library_sees_new_files_after_refresh_and_rereads_changed_metadata(tmp_path):
+    library = LoraLibrary([tmp_path, tmp_path / "missing"])
+    assert library.entries() == []
+    path = _lora(tmp_path / "a.safetensors", ss_output_name="first")
+    assert library.resolve("a") is None
+    library.refresh()
+    assert library.entry("a").alias == "first"
+    _lora(path, ss_output_name="second")
+    os.utime(path, ns=(1, path.stat().st_mtime_ns + 10**9))
+    library.refresh()
+    assert library.entry("a").alias == "second"
+
+
+def test_short_hash_is_the_recorded_one_or_the_tensor_data_hash(tmp_path):
+    library = LoraLibrary([tmp_path])
+    recorded = _lora(tmp_path / "r.safetensors", sshs_model_hash="abcdef0123456789ff")
+    assert library.short_hash(recorded) == "abcdef012345"
+    # the tensor-data hash ignores the header, so metadata edits keep it
+    a = _lora(tmp_path / "a.safetensors", ss_output_name="x")
+    b = _lora(tmp_path / "b.safetensors", ss_output_name="a much longer name")
+    assert library.short_hash(a) == library.short_hash(b) and len(library.short_hash(a)) == 12
+
+
+def test_sd_version_from_metadata():
+    assert sd_version_of({"ss_base_model_version": "sdxl_base_v1-0"}) == "SDXL"
+    assert sd_version_of({"ss_v2": "True"}) == "SD2"
+    assert sd_version_of({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}) == "SDXL"
+    assert sd_version_of({"ss_v2": "False"}) == "SD1"
+    assert sd_version_of({}) == "unknown"
