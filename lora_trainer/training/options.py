@@ -145,7 +145,7 @@ class TrainOptions:
     text_encoder_lr: list[float] | None = opt(None, "text encoder learning rate(s)", nargs="*")
     network_train_unet_only: bool = opt(False, "train the UNet only")
     network_train_text_encoder_only: bool = opt(False, "train the text encoder(s) only")
-    scale_weight_norms: float | None = opt(None, "max-norm regularisation of each module's ΔW", implemented=False)
+    scale_weight_norms: float | None = opt(None, "max-norm regularisation of each module's ΔW")
     base_weights: list[str] | None = opt(None, "networks merged into the model before training", nargs="*", implemented=False)
     base_weights_multiplier: list[float] | None = opt(None, "their strengths", nargs="*", implemented=False)
     training_comment: str | None = opt(None, "stored as ss_training_comment")
@@ -309,6 +309,19 @@ def validate(options: TrainOptions) -> None:
             assert len(sides) in (1, 2) and min(sides) > 0
         except (ValueError, AssertionError):
             problems.append(f'--resolution {options.resolution!r}: give "512" or "512,768"')
+    if options.scale_weight_norms is not None:
+        from ..networks.max_norm import check_supported
+        from ..networks.spec import spec_from_kohya
+
+        if options.scale_weight_norms <= 0:
+            problems.append(f"--scale_weight_norms {options.scale_weight_norms} must be above 0 (sd-scripts' guides use 1)")
+        else:
+            spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
+                                   options.network_args, options.network_dropout)
+            try:
+                check_supported(spec.algorithm, spec.dora)
+            except UserError as problem:
+                problems.append(str(problem))
     if options.train_data_dir is None and options.dataset_config is None:
         problems.append("no dataset: give --train_data_dir (folders named <repeats>_<name>) or --dataset_config")
     if options.pretrained_model_name_or_path is None:

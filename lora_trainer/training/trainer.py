@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..models.checkpoint import load_checkpoint
 from ..models.tokenizer import CLIPTokenizer
+from ..networks.max_norm import apply_max_norm
 from ..networks.network import LoRANetwork, create_network, network_from_file
 from ..networks.files import read_network
 from ..networks.spec import spec_from_kohya
@@ -257,6 +258,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                norms = apply_max_norm(network.values(), options.scale_weight_norms) if options.scale_weight_norms else None
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     network.remove()
@@ -272,7 +274,9 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                              {g.get("description", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)})
                 events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
                             average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
-                            seconds=round(now - last_time, 4))
+                            seconds=round(now - last_time, 4),
+                            **({"keys_scaled": norms.keys_scaled, "average_key_norm": round(norms.average_norm, 5),
+                                "max_key_norm": round(norms.max_norm, 5)} if norms else {}))
                 last_time = now
                 if plan.save_at_step(state.step):
                     save_network_file(plan.step_path(state.step), epoch + 1, state.step)
