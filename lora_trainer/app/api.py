@@ -1,0 +1,802 @@
+"""The HTTP API under ``/lora-trainer/v1``: training jobs (with Server-Sent Events and webhooks), LoRAs, the dataset
+health report, tag-editor sessions and grids, for automation, the WebUI and the standalone app.
+
+Bodies are plain JSON objects read and checked by our own code (the WebUI runs fastapi 0.94 with pydantic 1, Forge
+and the standalone app newer ones; plain dicts behave the same under both), documented in the OpenAPI schema with
+examples. Every path in a request is resolved and must lie below the configured roots; job options go through
+``training.options.options_from`` only — nothing from a request is executed. Errors are always
+``{"error": {"code", "message", "field"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from ..errors import UserError
+from ..jobs.store import ACTIVE, Job
+from . import tag_sessions
+from .paths import PathNotAllowed, allowed_path, plain_name
+from .services import Services
+from .settings import AppSettings
+from .tag_sessions import SaveConflict, SessionNotFound
+
+PREFIX = "/lora-trainer/v1"
+log = logging.getLogger("lora_trainer.api")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: one JSON shape for every failure.
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.extra = status, code, message, field, extra
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None,
+                   **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "field": field, **extra}}, status, headers=headers)
+
+
+def response_for(error: Exception) -> JSONResponse:
+    if isinstance(error, ApiError):
+        return error_response(error.status, error.code, error.message, error.field, **error.extra)
+    if isinstance(error, PathNotAllowed):
+        return error_response(403, "path_not_allowed", str(error), error.field)
+    if isinstance(error, SessionNotFound):
+        return error_response(404, "session_not_found", str(error))
+    if isinstance(error, SaveConflict):
+        return error_response(409, "save_conflict", str(error), conflicts=error.conflicts)
+    if isinstance(error, UserError):
+        return error_response(400, "invalid", str(error), getattr(error, "field", None))
+    if isinstance(error, RequestValidationError):
+        first = error.errors()[0]
+        return error_response(400, "invalid", f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}",
+                              str(first["loc"][-1]))
+    if isinstance(error, HTTPException):
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))
+    log.exception("LoRA Trainer API: unexpected error", exc_info=error)
+    return error_response(500, "internal", f"internal error: {type(error).__name__}: {error}")
+
+
+class _ErrorsAsJson(APIRoute):
+    """Turns whatever a route (or its auth dependency) raises into the error JSON, for our routes only: the WebUI's
+    app and other extensions keep their own handlers."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except Exception as error:  # noqa: BLE001 - every failure becomes the documented error JSON
+                return response_for(error)
+
+        return route
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Jobs: a Kohya-TOML-like body → checked options (pure, tested directly).
+
+JOB_FIELDS = ("name", "options", "webhook")
+# path options and whether the path must exist already
+PATH_OPTIONS = {"pretrained_model_name_or_path": True, "vae": True, "train_data_dir": True, "reg_data_dir": True,
+                "dataset_config": True, "sample_prompts": True, "network_weights": True, "resume": True,
+                "output_dir": False, "logging_dir": False, "tokenizer_cache_dir": False}
+RUNNER_OPTIONS = ("events_file", "stop_file", "config_file", "output_config")  # the runner sets these itself
+
+
+def _flattened(values: dict) -> dict:
+    """One level of tables flattened, as ``training.options.read_config_file`` does for a Kohya TOML."""
+    flat: dict = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def checked_name(value: str, field: str) -> str:
+    """A name for a job or a file: a bad one is a client mistake (400), not a forbidden path."""
+    try:
+        return plain_name(value, field)
+    except PathNotAllowed as error:
+        raise ApiError(400, "invalid_name", str(error), field) from None
+
+
+def checked_path(value: Any, roots: list[Path], field: str, must_exist: bool) -> Path:
+    """Below a root first, then existing: a path outside the roots gets the same answer whether it exists or not."""
+    if not isinstance(value, str):
+        raise UserError(f"{field}: give a path as a string")
+    path = allowed_path(value, roots, field, must_exist=False)
+    if must_exist and not path.exists():
+        raise ApiError(400, "not_found", f"{field}: {value} does not exist", field)
+    return path
+
+
+def _check_dataset_config(path: Path, roots: list[Path]) -> None:
+    """The folders a ``--dataset_config`` names are requests' paths too."""
+    from ..dataset.config import load_dataset_config
+
+    for dataset in load_dataset_config(path).datasets:
+        for subset in dataset.subsets:
+            for folder in (subset.image_dir, subset.metadata_file):
+                if folder is None:
+                    continue
+                if not Path(folder).is_absolute():
+                    raise ApiError(400, "invalid", f"dataset_config: {folder} is relative; give absolute paths in a "
+                                   "config sent to the API", "dataset_config")
+                checked_path(str(folder), roots, "dataset_config", must_exist=True)
+
+
+def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None]:
+    """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened) → job name,
+    options with every path resolved inside the roots, webhook URL. Options are validated by ``options_from``."""
+    from ..training.options import FIELDS, FOREIGN, options_from
+
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid", "the body must be a JSON object")
+    nested = body.get("options", {})
+    if not isinstance(nested, dict):
+        raise ApiError(400, "invalid", "options: give an object of sd-scripts options", "options")
+    options = {**_flattened({k: v for k, v in body.items() if k not in JOB_FIELDS}), **_flattened(nested)}
+    for key in options:
+        if key in RUNNER_OPTIONS:
+            raise ApiError(400, "invalid", f"{key}: set by the job runner; leave it out", key)
+        if key not in FIELDS and key not in FOREIGN:
+            raise ApiError(400, "invalid", f"{key}: not an sd-scripts training option", key)
+    name = body.get("name") or options.get("output_name")
+    if not isinstance(name, str):
+        raise ApiError(400, "invalid", "name: give the job a name (it also names the LoRA file by default)", "name")
+    name = checked_name(name, "name")
+    options["output_name"] = checked_name(str(options.get("output_name") or name), "output_name")
+    options.setdefault("output_dir", str(settings.lora_folder))
+    roots = settings.roots()
+    for key, must_exist in PATH_OPTIONS.items():
+        if options.get(key) is not None:
+            options[key] = str(checked_path(options[key], roots, key, must_exist))
+    if options.get("dataset_config"):
+        _check_dataset_config(Path(options["dataset_config"]), roots)
+    webhook = body.get("webhook")
+    if webhook is not None:
+        parsed = urllib.parse.urlparse(webhook) if isinstance(webhook, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ApiError(400, "invalid", "webhook: give an http:// or https:// URL", "webhook")
+    options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}")
+    return name, options, webhook
+
+
+def job_json(job: Job) -> dict:
+    return {**job.as_dict(), "events": f"{PREFIX}/jobs/{job.id}/events"}
+
+
+def last_end_event(job: Job) -> dict | None:
+    from ..training.events import read_events
+
+    events, _ = read_events(job.events_path)
+    ends = [event for event in events if event["event"] == "end"]
+    return ends[-1] if ends else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Webhooks: called once when a job ends; a failing webhook never touches the job.
+
+WEBHOOK_FILE = "webhook.url"
+
+
+def post_json(url: str, payload: dict, timeout: float = 10.0) -> None:
+    request = urllib.request.Request(url, json.dumps(payload).encode("utf-8"), method="POST",
+                                     headers={"Content-Type": "application/json", "User-Agent": "lora-trainer"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked on submit
+        response.read()
+
+
+def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0.5) -> threading.Thread:
+    def watch() -> None:
+        while True:
+            job = services.store.get(job_id)
+            if job is None:
+                return
+            if job.status not in ACTIVE:
+                break
+            time.sleep(poll)
+        try:
+            post_json(url, {"job": job_json(job), "end": last_end_event(job)})
+        except Exception as error:  # noqa: BLE001 - a webhook is a courtesy; the job is done either way
+            log.warning("LoRA Trainer: webhook %s for job %s failed: %s", url, job_id, error)
+
+    thread = threading.Thread(target=watch, name=f"lora-trainer-webhook-{job_id}", daemon=True)
+    thread.start()
+    return thread
+
+
+def resume_webhooks(services: Services) -> None:
+    """After a restart: watch again the jobs still queued that asked for a webhook."""
+    for job in services.store.all():
+        hook = job.folder / WEBHOOK_FILE
+        if job.status in ACTIVE and hook.is_file():
+            watch_for_webhook(services, job.id, hook.read_text(encoding="utf-8").strip())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Server-Sent Events from a job's events file.
+
+
+def _lines_from(path: Path, offset: int) -> tuple[list[bytes], int]:
+    """Complete lines from byte ``offset`` and the offset after them (a half-written last line waits)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    return data[:end].splitlines(), offset + end
+
+
+async def job_events(path: Path, after: int, is_active: Callable[[], bool], poll: float = 0.25,
+                     keepalive: float = 15.0) -> AsyncIterator[str]:
+    """SSE messages (``id`` = line number in the file, from 1) after line ``after``, until the ``end`` event or until
+    the job is no longer active and the file is drained. Only file reads and async sleeps: the job never waits."""
+    offset, line_number, quiet = 0, 0, 0.0
+    while True:
+        active = is_active()  # before reading: a job that ended before this read has nothing more to write
+        lines, offset = _lines_from(path, offset)
+        for line in lines:
+            line_number += 1
+            if line_number <= after or not line.strip():
+                continue
+            text = line.decode("utf-8", errors="replace")
+            yield f"id: {line_number}\ndata: {text}\n\n"
+            if json.loads(text).get("event") == "end":
+                return
+        if not lines and not active:
+            return
+        if lines:
+            quiet = 0.0
+        else:
+            await asyncio.sleep(poll)
+            quiet += poll
+            if quiet >= keepalive:
+                quiet = 0.0
+                yield ": keep-alive\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRAs and datasets as JSON.
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+METADATA_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+                 "ss_network_alpha", "ss_network_args", "ss_epoch", "ss_steps", "ss_num_train_images", "ss_resolution",
+                 "ss_learning_rate", "ss_training_comment", "ss_training_started_at", "ss_training_finished_at",
+                 "sshs_model_hash", "modelspec.title", "modelspec.architecture")
+
+
+def lora_json(path: Path, folder: Path) -> dict:
+    from ..hashing import file_sha256
+    from .user_metadata import read_metadata
+
+    metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+    card = path.with_suffix(".json")
+    try:
+        user_metadata = json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        user_metadata = None
+    sha256 = file_sha256(path)
+    stat = path.stat()
+    return {"name": path.stem, "path": str(path), "relative_path": path.relative_to(folder).as_posix(),
+            "size": stat.st_size, "modified": stat.st_mtime, "sha256": sha256, "short_hash": sha256[:10],
+            "metadata": {key: metadata[key] for key in METADATA_KEYS if key in metadata},
+            "user_metadata": user_metadata}
+
+
+def list_loras(folder: Path) -> list[dict]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file())
+    return [lora_json(path, folder) for path in files]
+
+
+def health_json(report) -> dict:
+    """The health report's dataclasses as plain JSON (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(report), default=str))
+
+
+def health_settings_from(body: dict):
+    from ..dataset.health import HealthSettings
+
+    known = {f.name for f in dataclasses.fields(HealthSettings)}
+    values = {key: value for key, value in body.items() if key != "path"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ApiError(400, "invalid", f"{unknown[0]}: not a health-check setting; use {', '.join(sorted(known))}", unknown[0])
+    for key in ("resolution",):
+        if isinstance(values.get(key), int):
+            values[key] = (values[key], values[key])
+        elif isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    return HealthSettings(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routes.
+
+
+def _body_doc(description: str, examples: dict[str, dict], properties: dict[str, dict] | None = None,
+              required: list[str] | None = None) -> dict:
+    """An OpenAPI requestBody for a plain-JSON body (``openapi_extra``: the same on fastapi 0.94 and 0.104)."""
+    schema: dict = {"type": "object", "properties": properties or {}}
+    if required:
+        schema["required"] = required
+    return {"requestBody": {"required": True, "description": description, "content": {"application/json": {
+        "schema": schema, "examples": {name: {"summary": name, "value": value} for name, value in examples.items()}}}}}
+
+
+TAG_EDIT_EXAMPLES = {
+    "replace": {"op": "replace", "find": "1girl", "replacement": "1woman", "selection": "filtered"},
+    "add trigger at the front": {"op": "add", "tags": ["zkchar"], "position": 0, "selection": "all"},
+    "remove from two images": {"op": "remove", "tags": ["watermark"], "selection": ["a.png", "sub/b.png"]},
+}
+
+
+def create_router(services: Services) -> APIRouter:
+    """Every route under ``/lora-trainer/v1``, without auth (``register`` adds it)."""
+    router = APIRouter(prefix=PREFIX, tags=["LoRA Trainer"], route_class=_ErrorsAsJson)
+    settings = services.settings
+    sessions = tag_sessions.sessions_of(services)
+
+    async def json_body(request: Request) -> Any:
+        """The body as JSON, refused with 413 beyond ``settings.max_body_bytes`` (before reading it when announced)."""
+        limit = settings.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ApiError(413, "body_too_large", f"the body is larger than {limit} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise ApiError(413, "body_too_large", f"the body is larger than {limit} bytes")
+        if not data:
+            return {}
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ApiError(400, "invalid_json", f"the body is not JSON: {error}") from None
+
+    def object_body(body: Any = Depends(json_body)) -> dict:
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid", "the body must be a JSON object")
+        return body
+
+    def job_or_404(job_id: int) -> Job:
+        job = services.store.get(job_id)
+        if job is None:
+            raise ApiError(404, "job_not_found", f"no job {job_id}")
+        return job
+
+    # --- jobs ---------------------------------------------------------------------------------------------
+
+    @router.post("/jobs", status_code=201, summary="Queue a training job",
+                 openapi_extra=_body_doc(
+                     "sd-scripts options as in a Kohya TOML: either under `options`, or at the top level with the TOML's "
+                     "sections as nested objects (flattened as sd-scripts does). Paths must lie in the allowed folders; "
+                     "`output_dir` defaults to the Lora folder, `output_name` to the job name. `webhook` (optional) "
+                     "receives a POST with the job summary when the job ends.",
+                     {"options": {"name": "zkchar", "options": {
+                         "pretrained_model_name_or_path": "/models/Stable-diffusion/sd15.safetensors",
+                         "train_data_dir": "/datasets/zkchar", "resolution": "512", "network_module": "networks.lora",
+                         "network_dim": 16, "network_alpha": 8, "learning_rate": 1e-4, "max_train_epochs": 10,
+                         "save_every_n_epochs": 2}, "webhook": "http://127.0.0.1:9000/done"},
+                      "kohya toml sections": {"name": "zkstyle", "model_arguments": {
+                          "pretrained_model_name_or_path": "/models/Stable-diffusion/sd15.safetensors"},
+                          "dataset_arguments": {"train_data_dir": "/datasets/zkstyle", "resolution": "512"},
+                          "training_arguments": {"max_train_epochs": 8, "learning_rate": 1e-4}}},
+                     {"name": {"type": "string", "description": "job name (plain file name)"},
+                      "options": {"type": "object", "description": "sd-scripts options by name"},
+                      "webhook": {"type": "string", "description": "http(s) URL called when the job ends"}}))
+    def submit_job(body: dict = Depends(object_body)):
+        """Validated before it is queued (a clear 400/403 otherwise). A job submitted while another runs waits in
+        the queue (status `queued`); jobs never run in parallel."""
+        name, options, webhook = job_request(body, settings)
+        job = services.runner.submit(name, options)
+        if webhook:
+            (job.folder / WEBHOOK_FILE).write_text(webhook, encoding="utf-8")
+            watch_for_webhook(services, job.id, webhook)
+        return JSONResponse(job_json(job), 201)
+
+    @router.get("/jobs", summary="List jobs")
+    def list_jobs():
+        """Every job, oldest first, with status, options, saved files and last state."""
+        return {"jobs": [job_json(job) for job in services.store.all()]}
+
+    @router.get("/jobs/{job_id}", summary="One job")
+    def get_job(job_id: int):
+        """Status (queued, running, finished, failed, stopped, paused, interrupted), options, files, message."""
+        return job_json(job_or_404(job_id))
+
+    def state_change(job_id: int, change: Callable[[], Job]) -> dict:
+        job_or_404(job_id)
+        try:
+            return job_json(change())
+        except UserError as error:
+            raise ApiError(409, "job_state", str(error)) from None
+
+    @router.post("/jobs/{job_id}/stop", summary="Stop a job (save, then exit)")
+    def stop_job(job_id: int):
+        """A running job finishes its step, saves the network and its state and exits (killed after the timeout);
+        a queued job leaves the queue."""
+        return state_change(job_id, lambda: services.runner.stop(job_id))
+
+    @router.post("/jobs/{job_id}/pause", summary="Pause a job (frees the GPU)")
+    def pause_job(job_id: int):
+        """Like stop, but the job is marked `paused`; `resume` continues from the saved state."""
+        return state_change(job_id, lambda: services.runner.stop(job_id, pause=True))
+
+    @router.post("/jobs/{job_id}/resume", summary="Resume a stopped, paused or interrupted job")
+    def resume_job(job_id: int):
+        """Queues a new job that continues from the job's last saved state; returns the new job."""
+        return state_change(job_id, lambda: services.runner.resume(job_id))
+
+    @router.post("/jobs/{job_id}/save", summary="Save the network now")
+    def save_job(job_id: int):
+        """The running job writes its network and state now and goes on."""
+        return state_change(job_id, lambda: services.runner.control(job_id, "save"))
+
+    @router.post("/jobs/{job_id}/sample", summary="Draw the sample images now")
+    def sample_job(job_id: int):
+        """The running job draws its sample prompts now and goes on."""
+        return state_change(job_id, lambda: services.runner.control(job_id, "sample"))
+
+    @router.delete("/jobs/{job_id}", summary="Delete a job")
+    def delete_job(job_id: int):
+        """Removes the job and its folder (events, config, log); the LoRA files it saved stay. Refused while it
+        runs: stop it first."""
+        job = job_or_404(job_id)
+        if job.status == "running":
+            raise ApiError(409, "job_running", f"job {job_id} is running; stop it first (POST {PREFIX}/jobs/{job_id}/stop)")
+        services.store.delete(job_id)
+        if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
+            shutil.rmtree(job.folder, ignore_errors=True)
+        return {"deleted": job_id}
+
+    @router.get("/jobs/{job_id}/events", summary="Follow a job's events (Server-Sent Events)",
+                responses={200: {"content": {"text/event-stream": {"example": 'id: 3\ndata: {"event": "step", "step": 1, '
+                                                                             '"total": 80, "loss": 0.12}\n\n'}}}})
+    def job_event_stream(job_id: int, request: Request, after: int | None = None):
+        """One message per event line (`data` = the event JSON: start, step, epoch, validation, sample, saved,
+        state, warning, error, end), `id` = its line number. Reconnect with the `Last-Event-ID` header (or
+        `?after=N`) to continue after line N. The stream ends after the `end` event, or when the job is no longer
+        running and every event has been sent."""
+        job = job_or_404(job_id)
+        start = after if after is not None else request.headers.get("last-event-id")
+        try:
+            start = int(start or 0)
+        except ValueError:
+            raise ApiError(400, "invalid", "Last-Event-ID: give the id of the last event received", "Last-Event-ID") from None
+
+        def is_active() -> bool:
+            current = services.store.get(job_id)
+            return current is not None and current.status in ACTIVE
+
+        return StreamingResponse(job_events(job.events_path, start, is_active), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # --- LoRAs and dataset checks -------------------------------------------------------------------------
+
+    @router.get("/loras", summary="LoRAs in the Lora folder")
+    def loras():
+        """Each file with its training metadata (a subset of the `ss_*` keys), the Lora card's user metadata
+        (`<name>.json`) and its SHA-256 (the WebUI's AutoV2 hash = `short_hash`). New files are hashed once."""
+        return {"folder": str(settings.lora_folder), "loras": list_loras(settings.lora_folder)}
+
+    @router.post("/dataset/check", summary="Dataset health report",
+                 openapi_extra=_body_doc("A dataset folder (sd-scripts' `--train_data_dir` layout) and optional "
+                                         "settings (resolution, batch_size, caption_extension, trigger, …).",
+                                         {"check": {"path": "/datasets/zkchar", "resolution": 512, "trigger": "zkchar"}},
+                                         {"path": {"type": "string"}}, ["path"]))
+    def dataset_check(body: dict = Depends(object_body)):
+        """Images, captions, buckets, steps per epoch, tag frequencies, near-duplicates and findings."""
+        from ..dataset.health import check_dataset
+
+        folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
+        return health_json(check_dataset(folder, health_settings_from(body)))
+
+    # --- tag-editor sessions ------------------------------------------------------------------------------
+
+    def page_params(request: Request) -> tuple[int, int]:
+        query = request.query_params
+        try:
+            return int(query.get("page", 1)), int(query.get("page_size", tag_sessions.PAGE_SIZE))
+        except ValueError:
+            raise ApiError(400, "invalid", "page and page_size must be whole numbers", "page") from None
+
+    @router.post("/datasets/open", status_code=201, summary="Open a folder in the tag editor",
+                 openapi_extra=_body_doc("The folder of images and captions, `recursive` for sub-folders, "
+                                         "`caption_extension` (default `.txt`).",
+                                         {"open": {"path": "/datasets/zkchar/10_zkchar", "recursive": False}},
+                                         {"path": {"type": "string"}, "recursive": {"type": "boolean"},
+                                          "caption_extension": {"type": "string"}}, ["path"]))
+    def open_dataset(body: dict = Depends(object_body)):
+        """Returns the session id and the first page (images with tags, tag frequencies, history)."""
+        folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
+        session = sessions.open(folder, recursive=bool(body.get("recursive")),
+                                caption_extension=str(body.get("caption_extension") or ".txt"))
+        return JSONResponse(tag_sessions.page_of(session), 201)
+
+    @router.get("/datasets/{session_id}", summary="A page of a tag-editor session")
+    def dataset_page(session_id: str, request: Request):
+        """Query: `page`, `page_size`, and the filter: `all`, `any`, `none` (comma-separated tags), `regex`,
+        `untagged=true`. Given filter keys replace the session's filter (the one `"selection": "filtered"` edits);
+        `reset=true` clears it."""
+        session = sessions.get(session_id)
+        query = request.query_params
+        keys = ("all", "any", "none", "regex", "untagged")
+        if query.get("reset") == "true" or any(key in query for key in keys):
+            data = {key: query[key] for key in keys if key in query}
+            if "untagged" in data:
+                data["untagged"] = data["untagged"].lower() in ("1", "true", "yes")
+            tag_sessions.set_filter(session, tag_sessions.filter_from(data))
+        page, page_size = page_params(request)
+        return tag_sessions.page_of(session, page, page_size)
+
+    @router.get("/datasets/{session_id}/image", summary="One image of a session", response_class=FileResponse)
+    def dataset_image(session_id: str, name: str):
+        """The image file by its name as a page lists it (only images of the session's folder)."""
+        session = sessions.get(session_id)
+        return FileResponse(tag_sessions.images_named(session.editor, [name])[0])
+
+    @router.post("/datasets/{session_id}/edit", summary="Batch-edit tags (one undo step)",
+                 openapi_extra=_body_doc(
+                     "`op`: add, remove, replace, rename, dedupe, sort, move_first, lowercase, underscores_to_spaces, "
+                     "spaces_to_underscores, set, with its arguments (`tags`, `position`, `find`, `replacement`, "
+                     "`regex`, `whole_caption`, `old`, `new`, `keep_first`); `selection`: \"filtered\" (default, the "
+                     "session's filter or a `filter` given here), \"all\", or a list of image names.",
+                     TAG_EDIT_EXAMPLES, {"op": {"type": "string"}, "selection": {}}, ["op"]))
+    def edit_dataset(session_id: str, request: Request, body: dict = Depends(object_body)):
+        """Applies one edit to the selection as one undo step (in memory; save writes it); returns the page."""
+        session = sessions.get(session_id)
+        tag_sessions.apply_request(session, body)
+        return tag_sessions.page_of(session, *page_params(request))
+
+    @router.post("/datasets/{session_id}/undo", summary="Undo the last edit")
+    def undo_dataset(session_id: str, request: Request):
+        """Takes back the last edit step (nothing is written until save); returns the page."""
+        session = sessions.get(session_id)
+        session.change(tag_sessions.tag_editor.undo)
+        return tag_sessions.page_of(session, *page_params(request))
+
+    @router.post("/datasets/{session_id}/redo", summary="Redo the last undone edit")
+    def redo_dataset(session_id: str, request: Request):
+        """Applies again the last undone step; returns the page."""
+        session = sessions.get(session_id)
+        session.change(tag_sessions.tag_editor.redo)
+        return tag_sessions.page_of(session, *page_params(request))
+
+    @router.post("/datasets/{session_id}/save", summary="Write the edited captions",
+                 openapi_extra=_body_doc("`overwrite_changed`: replace captions another program changed since they "
+                                         "were read (they are backed up); without it such a save is refused with 409 "
+                                         "and the list of those images.",
+                                         {"save": {}, "overwrite": {"overwrite_changed": True}},
+                                         {"overwrite_changed": {"type": "boolean"}}))
+    def save_dataset(session_id: str, body: dict = Depends(object_body)):
+        """Only the changed captions are written, previous versions backed up, all or nothing."""
+        return tag_sessions.save_session(sessions.get(session_id), bool(body.get("overwrite_changed")))
+
+    @router.post("/datasets/{session_id}/reload", summary="Read captions changed on disk")
+    def reload_dataset(session_id: str):
+        """Keeps unsaved edits; reports updated, conflicting, added and removed images."""
+        return tag_sessions.reload_session(sessions.get(session_id))
+
+    @router.delete("/datasets/{session_id}", summary="Close a session")
+    def close_dataset(session_id: str):
+        """Forgets the session and its unsaved edits (the files stay as last saved)."""
+        sessions.close(session_id)
+        return {"closed": session_id}
+
+    @router.post("/datasets/{session_id}/autotag", summary="Auto-tag with a local WD14 model",
+                 openapi_extra=_body_doc(
+                     "`tagger`: a folder with `model.onnx` and `selected_tags.csv` (inside the allowed folders); "
+                     "`mode`: skip (only untagged images), append, prepend, overwrite; `trigger_word`; thresholds; "
+                     "`selection` as for edits. The tags go into the session as one undo step; save to write them.",
+                     {"autotag": {"tagger": "/models/wd14-vit-v2", "mode": "append", "trigger_word": "zkchar",
+                                  "general_threshold": 0.35, "selection": "all"}},
+                     {"tagger": {"type": "string"}, "mode": {"type": "string"}}, ["tagger"]))
+    def autotag_dataset(session_id: str, body: dict = Depends(object_body)):
+        """Needs onnxruntime and a local WD14 model; either missing answers 400 naming what to install or download."""
+        from ..dataset.tagger import EXISTING_CAPTION_MODES, TagSelection, WD14Tagger
+
+        session = sessions.get(session_id)
+        folder = checked_path(body.get("tagger"), settings.roots(), "tagger", must_exist=True)
+        mode = body.get("mode", "skip")
+        if mode not in EXISTING_CAPTION_MODES:
+            raise ApiError(400, "invalid", f"mode: use one of {', '.join(EXISTING_CAPTION_MODES)}", "mode")
+        try:
+            selection = TagSelection(general_threshold=float(body.get("general_threshold", 0.35)),
+                                     character_threshold=float(body.get("character_threshold", 0.85)),
+                                     excluded_tags=frozenset(tag_sessions.tag_editor.split_tags(str(body.get("excluded_tags", "")))))
+        except (TypeError, ValueError):
+            raise ApiError(400, "invalid", "thresholds must be numbers between 0 and 1", "general_threshold") from None
+        try:
+            tagger = WD14Tagger(folder, selection)
+        except UserError as error:
+            raise ApiError(400, "tagger_unavailable", str(error), "tagger") from None
+        images = tag_sessions.selected_images(session, body.get("selection", "all"))
+        return tag_sessions.autotag(session, tagger, images, mode, body.get("trigger_word") or None)
+
+    add_grid_routes(router, services, object_body)
+    return router
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grids: planned at once (mistakes answer 400), generated in the background one grid at a time.
+
+GRID_SETTINGS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "seed", "width", "height", "clip_skip")
+
+
+@dataclasses.dataclass
+class GridStatus:
+    id: str
+    status: str = "queued"  # queued, running, finished, stopped, failed
+    done: int = 0
+    total: int = 0
+    message: str | None = None
+    image: Path | None = None
+    seconds: float | None = None
+    best_epoch: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "status": self.status, "progress": {"done": self.done, "total": self.total},
+                "message": self.message, "seconds": self.seconds, "best_epoch": self.best_epoch,
+                "image": f"{PREFIX}/grids/{self.id}/image" if self.image else None,
+                "image_path": str(self.image) if self.image else None}
+
+
+def grid_request(body: dict, defaults, roots: list[Path]):
+    """The grid body → ``grid.plan.GridRequest`` (generation settings: the host's defaults, overridden by
+    ``settings``); a LoRA given as a path must lie in the allowed folders."""
+    from ..grid.plan import AxisSpec, GridRequest
+
+    def axis(name: str) -> AxisSpec:
+        value = body.get(name)
+        if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
+            raise ApiError(400, "invalid", f'{name}: give an axis such as {{"kind": "strength", "values": ["0.5", "1"]}}', name)
+        values = value.get("values", [])
+        if isinstance(values, str):
+            values = [v.strip() for v in values.split(",")]
+        return AxisSpec(value["kind"], [str(v) for v in values])
+
+    overrides = body.get("settings") or {}
+    unknown = sorted(set(overrides) - set(GRID_SETTINGS)) if isinstance(overrides, dict) else ["settings"]
+    if unknown:
+        raise ApiError(400, "invalid", f"settings.{unknown[0]}: use {', '.join(GRID_SETTINGS)}", "settings")
+    lora = str(body.get("lora") or "")
+    if "/" in lora or "\\" in lora:
+        lora = str(checked_path(lora, roots, "lora", must_exist=True))
+    try:
+        return GridRequest(x=axis("x"), y=axis("y"), settings=dataclasses.replace(defaults, **overrides), lora=lora,
+                           strength=float(body.get("strength", 1.0)), checkpoint=body.get("checkpoint"),
+                           baseline=bool(body.get("baseline", True)), confirmed=bool(body.get("confirmed", False)))
+    except (TypeError, ValueError) as error:
+        raise ApiError(400, "invalid", f"grid: {error}") from None
+
+
+def add_grid_routes(router: APIRouter, services: Services, object_body: Callable) -> None:
+    grids: dict[str, GridStatus] = {}
+    one_at_a_time = threading.Lock()  # one model, one GPU: grids queue behind each other
+
+    def run(status: GridStatus, plan) -> None:
+        from ..grid.plan import run_grid
+
+        with one_at_a_time:
+            status.status = "running"
+            started = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                status.done, status.total = done, total
+
+            try:
+                result = run_grid(services.host, plan, services.settings.grids_folder / status.id, progress)
+                status.image = result.path
+                status.status = "stopped" if result.stopped else "finished"
+            except Exception as error:  # noqa: BLE001 - reported through GET /grids/{id}
+                status.status, status.message = "failed", str(error)
+                if not isinstance(error, UserError):
+                    log.exception("LoRA Trainer: grid %s failed", status.id)
+            status.seconds = round(time.perf_counter() - started, 3)
+
+    @router.post("/grids", status_code=202, summary="Make a Prompt-Lora-Grid",
+                 openapi_extra=_body_doc(
+                     "Two axes (`kind`: epoch, strength, lora, prompt, seed, checkpoint; `values`), the LoRA or training "
+                     "run (`lora`: a name in the Lora folder, or a file path), `strength` where no axis sets it, "
+                     "`settings` (prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height; default: the "
+                     "host's txt2img values), `baseline` (a column without the LoRA), `confirmed` (needed above 400 cells).",
+                     {"epoch x strength": {"lora": "zkstar", "x": {"kind": "strength", "values": ["0.4", "0.7", "1.0"]},
+                                           "y": {"kind": "epoch", "values": []},
+                                           "settings": {"prompt": "zkstar, night sky", "seed": 11, "steps": 20}}},
+                     {"x": {"type": "object"}, "y": {"type": "object"}, "lora": {"type": "string"}}, ["x", "y"]))
+    def create_grid(body: dict = Depends(object_body)):
+        """Planned at once (an empty axis, an unknown LoRA or too many cells answer 400), then generated in the
+        background; returns the grid id to poll."""
+        from ..grid.plan import plan_grid
+        from ..networks.activation import LoraLibrary
+
+        request = grid_request(body, services.host.generation_defaults(), services.settings.roots())
+        plan = plan_grid(request, LoraLibrary([services.settings.lora_folder]))
+        status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
+        status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None
+        grids[status.id] = status
+        threading.Thread(target=run, args=(status, plan), name=f"lora-trainer-grid-{status.id}", daemon=True).start()
+        return JSONResponse(status.as_dict(), 202)
+
+    def grid_or_404(grid_id: str) -> GridStatus:
+        if grid_id not in grids:
+            raise ApiError(404, "grid_not_found", f"no grid {grid_id} (grids are kept until the server restarts)")
+        return grids[grid_id]
+
+    @router.get("/grids/{grid_id}", summary="A grid's progress and result")
+    def get_grid(grid_id: str):
+        """Status (queued, running, finished, stopped, failed), cells done of total, the image once finished."""
+        return grid_or_404(grid_id).as_dict()
+
+    @router.get("/grids/{grid_id}/image", summary="The grid image (PNG)", response_class=FileResponse)
+    def grid_image(grid_id: str):
+        """The assembled grid with its labels and legend, once the grid has finished (or was stopped)."""
+        status = grid_or_404(grid_id)
+        if status.image is None:
+            raise ApiError(409, "grid_not_ready", f"grid {grid_id} is {status.status}; no image yet")
+        return FileResponse(status.image, media_type="image/png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Auth and registration.
+
+
+def auth_dependency(settings: AppSettings, listening_remotely: bool) -> Callable:
+    """HTTP Basic against ``settings.api_credentials`` (the WebUI's ``--api-auth``), as the wd14-tagger extension
+    does; with no credentials, refuse every route when listening remotely unless the setting allows it."""
+    basic = HTTPBasic(auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        users = settings.api_credentials
+        if not users:
+            if listening_remotely and not settings.allow_unauthenticated_remote:
+                raise ApiError(403, "auth_required", "The LoRA Trainer API is off: the server listens on the network "
+                               "without credentials. Start it with --api-auth user:password, or allow unauthenticated "
+                               "remote access in Settings → LoRA Trainer.")
+            return
+        if credentials is not None:
+            expected = users.get(credentials.username)
+            if expected is not None and secrets.compare_digest(credentials.password.encode("utf-8"), expected.encode("utf-8")):
+                return
+        raise HTTPException(401, "wrong or missing credentials (HTTP Basic, the --api-auth user:password)",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def register(app: FastAPI, services: Services, listening_remotely: bool) -> None:
+    """Add every route to ``app`` behind the auth dependency; say at startup when the API refuses remote use."""
+    settings = services.settings
+    if listening_remotely and not settings.api_credentials and not settings.allow_unauthenticated_remote:
+        log.warning("LoRA Trainer: the API at %s answers 403: the server listens on the network without --api-auth. "
+                    "Set --api-auth user:password, or allow unauthenticated remote access in Settings → LoRA Trainer.",
+                    PREFIX)
+    app.include_router(create_router(services), dependencies=[Depends(auth_dependency(settings, listening_remotely))])
+    resume_webhooks(services)

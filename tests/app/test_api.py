@@ -1,0 +1,302 @@
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from lora_trainer.app.api import PREFIX, register
+from lora_trainer.app.services import Services
+
+V1 = PREFIX
+
+
+def make_client(services: Services, listening_remotely: bool = False) -> TestClient:
+    app = FastAPI()
+    register(app, services, listening_remotely)
+    return TestClient(app)
+
+
+@pytest.fixture
+def job_services(app_settings, fake_host, fast_job_command):
+    services = Services.create(app_settings, fake_host, start=True, command=fast_job_command, poll=0.05)
+    yield services
+    services.close()
+
+
+@pytest.fixture
+def client(job_services) -> TestClient:
+    return make_client(job_services)
+
+
+@pytest.fixture
+def job_body(app_settings, make_dataset):
+    checkpoint = app_settings.checkpoint_folders[0] / "base.safetensors"
+    checkpoint.write_bytes(b"not read by the fake trainer")
+    return {"name": "zkchar", "options": {"pretrained_model_name_or_path": str(checkpoint),
+                                          "train_data_dir": str(make_dataset()), "max_train_steps": 5}}
+
+
+def wait_for(client: TestClient, job_id: int, statuses=("finished", "failed", "stopped", "paused")) -> dict:
+    for _ in range(600):
+        job = client.get(f"{V1}/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} stayed {job['status']}")
+
+
+def sse_events(text: str) -> list[tuple[int, dict]]:
+    messages = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if fields:
+            messages.append((int(fields["id"]), json.loads(fields["data"])))
+    return messages
+
+
+def assert_error(response, status: int, code: str | None = None, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"code", "message", "field"} and error["message"]
+    if code:
+        assert error["code"] == code
+    if field:
+        assert error["field"] == field
+    return error
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------
+
+
+def test_job_runs_streams_events_and_its_file_is_listed(client, job_body, app_settings):
+    created = client.post(f"{V1}/jobs", json=job_body)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["status"] in ("queued", "running") and job["options"]["output_dir"] == str(app_settings.lora_folder)
+    assert job["options"]["output_name"] == "zkchar"
+    assert wait_for(client, job["id"])["status"] == "finished"
+
+    events = sse_events(client.get(f"{V1}/jobs/{job['id']}/events").text)
+    assert [number for number, _ in events] == list(range(1, len(events) + 1))
+    assert events[0][1]["event"] == "start" and events[-1][1]["event"] == "end"
+    assert [e["step"] for _, e in events if e["event"] == "step"] == [1, 2, 3, 4, 5]
+
+    resumed = sse_events(client.get(f"{V1}/jobs/{job['id']}/events", headers={"Last-Event-ID": "3"}).text)
+    assert [number for number, _ in resumed] == list(range(4, len(events) + 1))
+    assert sse_events(client.get(f"{V1}/jobs/{job['id']}/events?after=6").text)[0][0] == 7
+
+    loras = client.get(f"{V1}/loras").json()["loras"]
+    assert [lora["name"] for lora in loras] == ["zkchar"]
+    assert loras[0]["metadata"]["ss_output_name"] == "zkchar" and len(loras[0]["short_hash"]) == 10
+    assert loras[0]["user_metadata"]["preferred weight"] == 1.0  # the Lora card written when the job ended
+
+    assert [j["id"] for j in client.get(f"{V1}/jobs").json()["jobs"]] == [job["id"]]
+    assert client.delete(f"{V1}/jobs/{job['id']}").json() == {"deleted": job["id"]}
+    assert_error(client.get(f"{V1}/jobs/{job['id']}"), 404, "job_not_found")
+
+
+def test_flat_kohya_toml_sections_are_accepted(client, job_body):
+    options = job_body["options"]
+    body = {"name": "flat", "model_arguments": {"pretrained_model_name_or_path": options["pretrained_model_name_or_path"]},
+            "dataset_arguments": {"train_data_dir": options["train_data_dir"]}, "max_train_steps": 2}
+    created = client.post(f"{V1}/jobs", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["options"]["max_train_steps"] == 2
+    assert wait_for(client, created.json()["id"])["status"] == "finished"
+
+
+def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.3")
+    first = client.post(f"{V1}/jobs", json={**job_body, "options": {**job_body["options"], "max_train_steps": 200}}).json()
+    second = client.post(f"{V1}/jobs", json={**job_body, "name": "second"}).json()
+    assert wait_for(client, first["id"], ("running",))["status"] == "running"
+    assert client.get(f"{V1}/jobs/{second['id']}").json()["status"] == "queued"
+    assert_error(client.delete(f"{V1}/jobs/{first['id']}"), 409, "job_running")
+    assert client.post(f"{V1}/jobs/{first['id']}/save").status_code == 200
+    assert client.post(f"{V1}/jobs/{second['id']}/stop").json()["status"] == "stopped"  # leaves the queue
+    assert client.post(f"{V1}/jobs/{first['id']}/stop").status_code == 200
+    assert wait_for(client, first["id"])["status"] == "stopped"
+    assert_error(client.post(f"{V1}/jobs/{first['id']}/sample"), 409, "job_state")
+    assert_error(client.post(f"{V1}/jobs/{first['id']}/resume"), 409, "job_state")  # the fake saved no state
+    assert_error(client.post(f"{V1}/jobs/999/pause"), 404, "job_not_found")
+
+
+@pytest.mark.parametrize("change, status, field", [
+    ({"name": "a/b"}, 400, "name"),
+    ({"name": ".."}, 400, "name"),
+    ({"name": "ok", "options": {"output_name": "../x"}}, 400, "output_name"),
+    ({"options": {"learning_rat": 1e-4}}, 400, "learning_rat"),
+    ({"options": {"events_file": "/tmp/x"}}, 400, "events_file"),
+    ({"webhook": "file:///etc/passwd"}, 400, "webhook"),
+    ({"options": {"train_data_dir": "../../../../etc"}}, 403, "train_data_dir"),
+    ({"options": {"train_data_dir": "/etc"}}, 403, "train_data_dir"),
+    ({"options": {"output_dir": "/tmp/elsewhere"}}, 403, "output_dir"),
+    ({"options": {"network_weights": "/etc/passwd"}}, 403, "network_weights"),
+])
+def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, field):
+    body = {**job_body, **{k: v for k, v in change.items() if k != "options"},
+            "options": {**job_body["options"], **change.get("options", {})}}
+    assert_error(client.post(f"{V1}/jobs", json=body), status, field=field)
+    assert client.get(f"{V1}/jobs").json()["jobs"] == []
+
+
+def test_symlink_out_of_a_root_is_refused(client, job_body, app_settings, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = app_settings.dataset_roots[0] / "innocent"
+    link.symlink_to(outside)
+    body = {**job_body, "options": {**job_body["options"], "train_data_dir": str(link)}}
+    error = assert_error(client.post(f"{V1}/jobs", json=body), 403, "path_not_allowed", "train_data_dir")
+    assert "outside the allowed folders" in error["message"]
+
+
+def test_invalid_options_answer_400_with_options_from_message(client, job_body):
+    body = {**job_body, "options": {**job_body["options"], "full_fp16": True}}
+    assert "--full_fp16 needs --mixed_precision fp16" in assert_error(client.post(f"{V1}/jobs", json=body), 400)["message"]
+
+
+def test_body_too_large_and_not_json(job_services):
+    job_services.settings.max_body_bytes = 100
+    client = make_client(job_services)
+    assert_error(client.post(f"{V1}/jobs", json={"name": "x" * 200}), 413, "body_too_large")
+    assert_error(client.post(f"{V1}/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json")
+
+
+def test_webhook_gets_the_summary_when_the_job_ends(client, job_body):
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": f"http://127.0.0.1:{server.server_port}/done"}).json()
+        wait_for(client, job["id"])
+        for _ in range(200):
+            if received:
+                break
+            time.sleep(0.05)
+    finally:
+        server.shutdown()
+    assert received[0]["job"]["id"] == job["id"] and received[0]["job"]["status"] == "finished"
+    assert received[0]["end"]["files"][0].endswith("zkchar.safetensors")
+
+
+def test_unreachable_webhook_does_not_affect_the_job(client, job_body):
+    job = client.post(f"{V1}/jobs", json={**job_body, "webhook": "http://127.0.0.1:9/nothing-listens"}).json()
+    assert wait_for(client, job["id"])["status"] == "finished"
+
+
+# --- auth ------------------------------------------------------------------------------------------------------
+
+
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_basic_auth_with_api_credentials(services):
+    services.settings.api_credentials = {"alice": "s3cret"}
+    client = make_client(services, listening_remotely=True)
+    assert_error(client.get(f"{V1}/jobs"), 401, "unauthorized")
+    assert client.get(f"{V1}/jobs").headers["WWW-Authenticate"] == "Basic"
+    assert_error(client.get(f"{V1}/jobs", headers=basic("alice", "wrong")), 401)
+    assert_error(client.get(f"{V1}/jobs", headers=basic("bob", "s3cret")), 401)
+    assert client.get(f"{V1}/jobs", headers=basic("alice", "s3cret")).status_code == 200
+
+
+def test_remote_without_credentials_is_refused_unless_allowed(services):
+    client = make_client(services, listening_remotely=True)
+    error = assert_error(client.get(f"{V1}/loras"), 403, "auth_required")
+    assert "--api-auth" in error["message"]
+    assert_error(client.post(f"{V1}/dataset/check", json={"path": "/"}), 403, "auth_required")
+    services.settings.allow_unauthenticated_remote = True
+    assert client.get(f"{V1}/loras").status_code == 200
+    assert make_client(services, listening_remotely=False).get(f"{V1}/loras").status_code == 200
+
+
+def test_openapi_documents_every_route_with_examples(services):
+    schema = make_client(services).get("/openapi.json").json()
+    operations = [(path, method, op) for path, item in schema["paths"].items() for method, op in item.items()]
+    assert all(path.startswith(V1) for path, _, _ in operations)
+    assert {"/jobs", "/jobs/{job_id}/events", "/loras", "/dataset/check", "/datasets/open", "/datasets/{session_id}/edit",
+            "/grids", "/grids/{grid_id}/image"} <= {path[len(V1):] for path, _, _ in operations}
+    for path, method, op in operations:
+        assert op.get("summary") and op.get("description"), (method, path)
+        if method == "post" and "requestBody" in op:
+            assert op["requestBody"]["content"]["application/json"]["examples"], path
+    body_of = lambda p: schema["paths"][V1 + p]["post"]["requestBody"]["content"]["application/json"]
+    assert body_of("/jobs")["examples"]["options"]["value"]["options"]["network_dim"] == 16
+    assert "op" in body_of("/datasets/{session_id}/edit")["schema"]["required"]
+
+
+# --- datasets --------------------------------------------------------------------------------------------------
+
+
+def test_dataset_check_returns_the_health_report(services, make_dataset):
+    client = make_client(services)
+    report = client.post(f"{V1}/dataset/check", json={"path": str(make_dataset(count=3)), "resolution": 64, "trigger": "zkchar"})
+    assert report.status_code == 200, report.text
+    data = report.json()
+    assert data["concept_folders"][0]["image_count"] == 3 and data["concept_folders"][0]["repeats"] == 10
+    assert ["zkchar", 3] in data["tag_frequency"] and data["settings"]["resolution"] == [64, 64]
+    assert_error(client.post(f"{V1}/dataset/check", json={"path": "/etc"}), 403, field="path")
+    assert_error(client.post(f"{V1}/dataset/check", json={"path": str(services.settings.dataset_roots[0] / "nope")}), 400, "not_found")
+
+
+def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
+    client = make_client(services)
+    folder = make_dataset(count=5) / "10_zkchar"
+    opened = client.post(f"{V1}/datasets/open", json={"path": str(folder)})
+    assert opened.status_code == 201, opened.text
+    sid = opened.json()["session"]
+    assert opened.json()["total"] == 5 and ["zkchar", 5] in opened.json()["tag_frequency"]
+
+    page = client.get(f"{V1}/datasets/{sid}", params={"all": "blue", "page_size": 1, "page": 2}).json()
+    assert page["filtered"] == 2 and page["pages"] == 2 and [i["name"] for i in page["images"]] == ["img_003.png"]
+    edited = client.post(f"{V1}/datasets/{sid}/edit", json={"op": "replace", "find": "circle", "replacement": "ring"}).json()
+    assert edited["history"]["undo"] == ["Replace text 'circle' with 'ring'"] and edited["unsaved"] == 2
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "move_first", "tags": ["blue"], "selection": ["img_001.png"]})
+    assert client.post(f"{V1}/datasets/{sid}/undo").json()["history"]["redo"] == ["Move blue to the front"]
+    assert client.post(f"{V1}/datasets/{sid}/redo").json()["history"]["redo"] == []
+    assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "selection": ["../../etc/passwd"]}), 400)
+    assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "nuke"}), 400, "invalid")
+
+    (folder / "img_003.txt").write_text("changed, elsewhere", encoding="utf-8")
+    conflict = assert_error(client.post(f"{V1}/datasets/{sid}/save", json={}), 409, "save_conflict")
+    assert conflict["conflicts"] == ["img_003.png"]
+    saved = client.post(f"{V1}/datasets/{sid}/save", json={"overwrite_changed": True}).json()
+    assert sorted(saved["written"]) == ["img_001.txt", "img_003.txt"]
+    assert (folder / "img_001.txt").read_text(encoding="utf-8") == "blue, zkchar, ring"
+    assert (folder / "img_003.txt").read_text(encoding="utf-8") == "zkchar, blue, ring"
+
+    image = client.get(f"{V1}/datasets/{sid}/image", params={"name": "img_000.png"})
+    assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+    assert client.delete(f"{V1}/datasets/{sid}").status_code == 200
+    assert_error(client.get(f"{V1}/datasets/{sid}"), 404, "session_not_found")
+
+
+def test_tag_session_paths_and_autotag_errors(services, make_dataset):
+    client = make_client(services)
+    assert_error(client.post(f"{V1}/datasets/open", json={"path": "/etc"}), 403, field="path")
+    assert_error(client.post(f"{V1}/datasets/open", json={"path": str(services.settings.dataset_roots[0]) + "/../../"}), 403)
+    sid = client.post(f"{V1}/datasets/open", json={"path": str(make_dataset())}).json()["session"]
+    empty_tagger = services.settings.dataset_roots[0] / "tagger"
+    empty_tagger.mkdir()
+    error = assert_error(client.post(f"{V1}/datasets/{sid}/autotag", json={"tagger": str(empty_tagger)}), 400,
+                         "tagger_unavailable", "tagger")
+    assert "model.onnx" in error["message"]
+    assert_error(client.post(f"{V1}/datasets/{sid}/autotag", json={"tagger": "/opt"}), 403, field="tagger")
