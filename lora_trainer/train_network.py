@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
         events_path = options.events_file or str(Path(options.output_dir or "output") / f"{name}.events.jsonl")
         with EventLog(events_path) as events:
             try:
+                if options.backend:
+                    from .training.sd_scripts_backend import run_sd_scripts
+
+                    run_sd_scripts(options, events, Path(events_path).with_suffix(".sd-scripts.log"))
+                    print(f"sd-scripts finished; events in {events_path}")
+                    return 0
                 files = train(options, events)
             except UserError as error:
                 events.emit("error", message=str(error))

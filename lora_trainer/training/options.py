@@ -190,6 +190,7 @@ class TrainOptions:
     events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl)")
     stop_file: str | None = opt(None, "when this file appears the run finishes its step, saves and exits "
                                 "(default: <output_dir>/<output_name>.stop)")
+    backend: str | None = opt(None, "sd-scripts=PATH: run this configuration on your own sd-scripts checkout instead")
     config_file: str | None = opt(None, "training options TOML (sections are flattened, as sd-scripts does)")
     output_config: bool = opt(False, "write the options to <config_file>.toml and exit")
 
@@ -338,7 +339,7 @@ def resolution_of(options: TrainOptions) -> tuple[int, int] | None:
 
 
 def non_default(options: TrainOptions) -> dict[str, Any]:
-    ours = {"device", "events_file", "stop_file", "config_file", "output_config"}
+    ours = {"device", "events_file", "stop_file", "config_file", "output_config", "backend"}
     return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}
 
 

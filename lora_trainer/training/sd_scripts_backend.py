@@ -1,0 +1,137 @@
+"""``--backend sd-scripts=PATH``: run the same configuration on the user's own kohya-ss/sd-scripts checkout.
+
+The options become the TOML sd-scripts reads (``--config_file``; the options that are ours stay out), the
+script is chosen from the checkpoint (``sdxl_train_network.py`` for SDXL), and its console output — the tqdm
+``steps`` bar with ``avr_loss``, ``epoch N/M``, ``saving checkpoint: FILE`` — becomes our event stream, so the
+UI, the API and the job runner follow it exactly as they follow our own trainer. sd-scripts has no graceful
+stop: the control file's stop terminates it, keeping the files it saved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import toml
+
+from ..errors import UserError
+from .events import EventLog
+from .options import TrainOptions, non_default
+
+_STEPS = re.compile(r"steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[[^\]]*?(?:,\s*avr_loss=([0-9.eE+-]+|nan|inf))?\]")
+_EPOCH = re.compile(r"^epoch (\d+)/(\d+)\s*$")
+_SAVED = re.compile(r"saving checkpoint: (.+?)\s*$")
+_STATE = re.compile(r"saving (?:last )?state")
+_ERROR = re.compile(r"^(\w+(?:Error|Exception)): (.+)$")
+
+
+def checkout_of(backend: str) -> Path:
+    """``sd-scripts=PATH`` → the checkout, checked to hold train_network.py."""
+    kind, _, path = backend.partition("=")
+    if kind.strip() != "sd-scripts" or not path.strip():
+        raise UserError(f"--backend {backend!r}: write --backend sd-scripts=PATH (PATH = your sd-scripts checkout)")
+    checkout = Path(path.strip()).expanduser()
+    if not (checkout / "train_network.py").is_file():
+        raise UserError(f"--backend: {checkout} holds no train_network.py; point it at the sd-scripts checkout folder")
+    return checkout
+
+
+def python_of(checkout: Path) -> str:
+    """The checkout's own venv when it has one (that is where its accelerate/diffusers live), else ours."""
+    for candidate in (checkout / "venv" / "Scripts" / "python.exe", checkout / "venv" / "bin" / "python",
+                      checkout / ".venv" / "bin" / "python"):
+        if candidate.is_file():
+            return str(candidate)
+    return sys.executable
+
+
+def script_for(options: TrainOptions) -> str:
+    from ..models.checkpoint import detect_architecture, open_tensors
+
+    try:
+        config, _ = detect_architecture(open_tensors(options.pretrained_model_name_or_path))
+    except Exception:  # sd-scripts gives its own message for a file it cannot read
+        return "train_network.py"
+    return "sdxl_train_network.py" if config.name == "sdxl" else "train_network.py"
+
+
+def event_from_line(line: str) -> dict | None:
+    """One console line of sd-scripts → one of our events (None for lines that say nothing we track)."""
+    line = line.strip()
+    if match := _STEPS.search(line):
+        step, total, loss = int(match[1]), int(match[2]), match[3]
+        if step == 0:
+            return None
+        event = {"event": "step", "step": step, "total": total}
+        if loss is not None:
+            event["average"] = float(loss)
+        return event
+    if match := _EPOCH.match(line):  # printed as epoch N starts: epoch N-1 is complete
+        return {"event": "epoch", "epoch": int(match[1]) - 1, "epochs": int(match[2])} if int(match[1]) > 1 else None
+    if match := _SAVED.search(line):
+        return {"event": "saved", "path": match[1]}
+    if _STATE.search(line):
+        return {"event": "state", "action": "saving"}
+    if match := _ERROR.match(line):
+        return {"event": "error", "message": f"sd-scripts: {match[1]}: {match[2]}"}
+    return None
+
+
+def _lines(stream):
+    """tqdm redraws with carriage returns: split on both."""
+    buffer = b""
+    while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
+        buffer += chunk
+        *complete, buffer = re.split(rb"[\r\n]", buffer)
+        for raw in complete:
+            yield raw.decode("utf-8", errors="replace")
+    if buffer:
+        yield buffer.decode("utf-8", errors="replace")
+
+
+def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
+    checkout = checkout_of(options.backend)
+    script = script_for(options)
+    config = log_path.with_name(f"{log_path.stem}.sd-scripts.toml")
+    config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
+    command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
+    events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
+    stop_file = Path(options.stop_file) if options.stop_file else None
+    started, last_step, files, error = time.time(), 0, [], None
+    epochs_done, epoch_now = 0, 0
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w", encoding="utf-8") as log, \
+            subprocess.Popen(command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
+        for line in _lines(process.stdout):
+            log.write(line + "\n")
+            if match := _EPOCH.match(line.strip()):
+                epoch_now = int(match[1])
+            event = event_from_line(line)
+            if event is None or (event["event"] == "step" and event["step"] <= last_step):
+                pass  # nothing we track, or tqdm redrawing the same step
+            else:
+                kind = event.pop("event")
+                last_step = event.get("step", last_step) if kind == "step" else last_step
+                files += [event["path"]] if kind == "saved" else []
+                error = event["message"] if kind == "error" else error
+                epochs_done = event["epoch"] if kind == "epoch" else epochs_done
+                events.emit(kind, **event)
+            if process.returncode is None and stop_file is not None and stop_file.exists() \
+                    and stop_file.read_text(encoding="utf-8").strip() not in ("save", "sample"):
+                process.terminate()
+                process.returncode = process.wait()
+                events.emit("warning", message="sd-scripts cannot stop gracefully: terminated; the files it saved are kept")
+        code = process.wait()
+    if code != 0:
+        message = error or f"sd-scripts exited with code {code}; see {log_path}"
+        if not error:
+            events.emit("error", message=message)
+        raise UserError(message)
+    if epochs_done < epoch_now:  # the last epoch has no "epoch N+1" line after it
+        events.emit("epoch", epoch=epoch_now)
+    events.emit("end", files=files, steps=last_step, seconds=round(time.time() - started, 2), backend="sd-scripts")
+    return code
