@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .app.standalone import add_ui_command
 from .dataset.commands import add_dataset_commands
 from .errors import UserError
 from .networks.tools.commands import add_lora_commands
@@ -155,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_dataset_commands(commands)
     add_lora_commands(commands)
+    add_ui_command(commands)
     return root
 
 

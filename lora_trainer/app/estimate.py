@@ -1,0 +1,116 @@
+"""Before Start: how many steps the run takes (sd-scripts' arithmetic), a rough VRAM and time estimate, and the
+warnings users want before they wait an hour. Pure functions over the options and the dataset's numbers."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..dataset.health import HealthReport, steps_per_epoch
+from ..training.options import TrainOptions, resolution_of
+
+MIN_IMAGES = 5  # below this a LoRA memorises its few images instead of learning the subject
+MIN_STEPS = 100
+# Full-size weights in GiB at 16 bits (UNet + text encoders + VAE) and a measured-order seconds per step at batch 1
+# and native resolution on a mid-range GPU (RTX 3060-class); both are guides, not promises.
+_ARCH = {"sd1": {"weights": 2.1, "native": 512, "activations": 3.0, "seconds": 0.45},
+         "sdxl": {"weights": 6.9, "native": 1024, "activations": 9.0, "seconds": 1.6}}
+_CUDA_OVERHEAD_GIB = 0.8
+
+
+@dataclass(frozen=True)
+class Estimate:
+    images: int
+    samples_per_epoch: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    vram_gib: float
+    minutes: float
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        lines = [f"{self.images} images → {self.samples_per_epoch} samples per epoch (with repeats) → "
+                 f"{self.steps_per_epoch} steps per epoch × {self.epochs} epochs = {self.total_steps} steps",
+                 f"Estimated VRAM ≈ {self.vram_gib:.1f} GiB; time ≈ {_duration(self.minutes)} on a mid-range GPU"]
+        return lines + [f"⚠ {warning}" for warning in self.warnings]
+
+
+def _duration(minutes: float) -> str:
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def samples_per_bucket(report: HealthReport) -> list[int]:
+    """Samples (images × their folder's repeats) in each bucket, the numbers sd-scripts batches within."""
+    repeats = {folder.path: folder.repeats for folder in report.concept_folders}
+    counts: Counter = Counter()
+    for image in report.images:
+        counts[image.bucket] += repeats.get(image.folder, 1)
+    return list(counts.values())
+
+
+def planned_steps(bucket_samples: list[int], options: TrainOptions) -> tuple[int, int, int]:
+    """(steps per epoch, epochs, total optimizer steps) as sd-scripts counts them: batches within buckets, divided
+    by gradient accumulation; epochs given win over max_train_steps."""
+    per_epoch = math.ceil(steps_per_epoch(bucket_samples, options.train_batch_size) / options.gradient_accumulation_steps)
+    if options.max_train_epochs:
+        epochs = options.max_train_epochs
+        total = per_epoch * epochs
+    else:
+        total = options.max_train_steps
+        epochs = math.ceil(total / per_epoch) if per_epoch else 0
+    return per_epoch, epochs, total
+
+
+def vram_gib(options: TrainOptions, architecture: str = "sd1") -> float:
+    arch = _ARCH[architecture]
+    width, height = resolution_of(options) or (arch["native"], arch["native"])
+    half = options.mixed_precision in ("fp16", "bf16")
+    weights = arch["weights"] * (1 if half else 2)
+    activations = arch["activations"] * options.train_batch_size * (width * height) / arch["native"] ** 2
+    activations *= (0.3 if options.gradient_checkpointing else 1) * (1 if half else 2)
+    if not options.cache_latents:
+        activations += 0.5  # the VAE encodes every batch
+    if not options.network_train_unet_only:
+        activations += 0.4  # text-encoder activations kept for its gradients
+    return round(weights + activations + _CUDA_OVERHEAD_GIB, 1)
+
+
+def minutes(total_steps: int, options: TrainOptions, architecture: str = "sd1") -> float:
+    arch = _ARCH[architecture]
+    width, height = resolution_of(options) or (arch["native"], arch["native"])
+    per_step = arch["seconds"] * options.train_batch_size * (width * height) / arch["native"] ** 2
+    per_step *= 1.3 if options.gradient_checkpointing else 1
+    return total_steps * per_step / 60
+
+
+def warnings_for(options: TrainOptions, images: int, total_steps: int, epochs: int) -> list[str]:
+    warnings = []
+    dim = options.network_dim or 4
+    if options.network_alpha > dim:
+        warnings.append(f"network alpha {options.network_alpha:g} is above dim {dim}: updates are scaled by alpha/dim = "
+                        f"{options.network_alpha / dim:g}, which usually overshoots; use alpha ≤ dim (often dim/2)")
+    if images == 0:
+        warnings.append("the dataset has no usable images; press Check to see why")
+    elif images < MIN_IMAGES:
+        warnings.append(f"only {images} image(s): {MIN_IMAGES}–20 varied images give a LoRA that generalises")
+    if images and options.train_batch_size > images:
+        warnings.append(f"batch size {options.train_batch_size} is larger than the {images} images; lower it")
+    if total_steps and total_steps < MIN_STEPS:
+        warnings.append(f"only {total_steps} steps: the LoRA will learn little; raise the epochs or the folder's repeats")
+    step = options.bucket_reso_steps
+    sides = resolution_of(options)
+    if sides and any(side % step for side in sides):
+        warnings.append(f"resolution {options.resolution} is not divisible by the bucket step {step}; use a multiple of {step}")
+    if options.save_every_n_epochs and epochs and options.save_every_n_epochs > epochs:
+        warnings.append(f"save every {options.save_every_n_epochs} epochs but only {epochs} epochs: only the final file is written")
+    return warnings
+
+
+def estimate(options: TrainOptions, report: HealthReport | None, architecture: str = "sd1") -> Estimate:
+    buckets = samples_per_bucket(report) if report else []
+    images = len(report.images) if report else 0
+    per_epoch, epochs, total = planned_steps(buckets, options)
+    return Estimate(images, sum(buckets), per_epoch, epochs, total, vram_gib(options, architecture),
+                    minutes(total, options, architecture), warnings_for(options, images, total, epochs))

@@ -1,0 +1,119 @@
+"""The Train form as plain data: what the user typed → sd-scripts option values, the one dict ``options_from``
+checks and the job runner runs. Pure, so the form's meaning is tested without a browser."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import toml
+
+from ..errors import UserError
+from .presets import NO_TIER, preset_options
+
+# The algorithm choice as sd-scripts and LyCORIS spell it: (network_module, network_args).
+ALGORITHMS: dict[str, tuple[str, list[str]]] = {
+    "LoRA": ("networks.lora", []),
+    "LoCon": ("lycoris.kohya", ["algo=locon"]),
+    "LoHa": ("lycoris.kohya", ["algo=loha"]),
+    "LoKr": ("lycoris.kohya", ["algo=lokr"]),
+    "DyLoRA": ("networks.dylora", []),
+    "DoRA": ("lycoris.kohya", ["algo=lora", "dora_wd=True"]),
+}
+CONV_ALGORITHMS = ("LoCon", "LoHa", "LoKr")  # these also train the ResBlock convolutions
+
+# Form field → option name, for the fields that map one to one (blank = keep the preset's value).
+_DIRECT = {
+    "checkpoint": "pretrained_model_name_or_path", "dataset": "train_data_dir", "output_name": "output_name",
+    "epochs": "max_train_epochs", "batch_size": "train_batch_size", "resolution": "resolution",
+    "network_dim": "network_dim", "network_alpha": "network_alpha", "save_every_n_epochs": "save_every_n_epochs",
+    "sample_every_n_epochs": "sample_every_n_epochs", "optimizer": "optimizer_type", "scheduler": "lr_scheduler",
+    "seed": "seed",
+}
+_INTEGERS = {"max_train_epochs", "train_batch_size", "network_dim", "save_every_n_epochs", "sample_every_n_epochs", "seed"}
+
+
+def parse_extra_options(text: str) -> dict[str, Any]:
+    """The Advanced box: sd-scripts options as TOML (``key = value`` lines) or a JSON object."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        values = json.loads(text) if text.startswith("{") else toml.loads(text)
+    except (json.JSONDecodeError, toml.TomlDecodeError) as error:
+        raise UserError(f"Advanced options: not valid {'JSON' if text.startswith('{') else 'TOML'} ({error}); "
+                        'write one option per line, e.g. noise_offset = 0.05') from None
+    if not isinstance(values, dict) or any(isinstance(v, dict) for v in values.values()):
+        raise UserError("Advanced options: give plain option = value lines, without [tables]")
+    return values
+
+
+def _number(value: Any, name: str, integer: bool) -> int | float | None:
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}: {value!r} is not a number") from None
+    if integer:
+        if number != int(number):
+            raise UserError(f"{name}: {value!r} must be a whole number")
+        return int(number)
+    return number
+
+
+def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl: bool = False) -> dict[str, Any]:
+    """Preset (+ VRAM tier) first, then the main fields, the algorithm, the learning rates and finally the
+    Advanced box, each overriding what came before. Blank fields keep the preset's value."""
+    options = preset_options(preset, tier, sdxl)
+    for field, name in _DIRECT.items():
+        value = form.get(field)
+        if value in (None, ""):
+            continue
+        if name in _INTEGERS or name == "network_alpha":
+            value = _number(value, field, integer=name in _INTEGERS)
+        options[name] = str(value).strip() if isinstance(value, str) else value
+    if options.get("lr_scheduler") == "constant":  # the one schedule without warm-up; the preset's warm-up goes
+        options.pop("lr_warmup_steps", None)
+    if isinstance(options.get("resolution"), (int, float)):
+        options["resolution"] = str(int(options["resolution"]))
+    _fit_buckets(options)
+    unet_lr = _number(form.get("unet_lr"), "UNet learning rate", integer=False)
+    if unet_lr is not None:
+        options["unet_lr"] = options["learning_rate"] = unet_lr
+    text_encoder_lr = _number(form.get("text_encoder_lr"), "text encoder learning rate", integer=False)
+    if text_encoder_lr is not None:
+        if text_encoder_lr == 0:  # 0 means "do not train the text encoder", as in Kohya's GUI
+            options.pop("text_encoder_lr", None)
+            options["network_train_unet_only"] = True
+        else:
+            options["text_encoder_lr"] = [text_encoder_lr]
+            options["network_train_unet_only"] = False
+    algorithm = form.get("algorithm") or "LoRA"
+    if algorithm not in ALGORITHMS:
+        raise UserError(f"algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    module, args = ALGORITHMS[algorithm]
+    options["network_module"] = module
+    network_args = list(args)
+    if algorithm in CONV_ALGORITHMS:
+        dim, alpha = int(options.get("network_dim") or 4), float(options.get("network_alpha") or 1)
+        network_args += [f"conv_dim={max(1, dim // 2)}", f"conv_alpha={max(1.0, alpha / 2):g}"]
+    if algorithm == "DyLoRA":
+        network_args.append(f"unit={min(4, int(options.get('network_dim') or 4))}")
+    options["network_args"] = network_args or None
+    if form.get("sample_prompts"):
+        options["sample_prompts"] = form["sample_prompts"]
+    options.update(parse_extra_options(form.get("extra", "")))
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _fit_buckets(options: dict[str, Any]) -> None:
+    """Keep the preset's bucket range around the chosen resolution (sd-scripts refuses a minimum above it)."""
+    if not options.get("enable_bucket") or not options.get("resolution"):
+        return
+    try:
+        sides = [int(v) for v in str(options["resolution"]).split(",")]
+    except ValueError:
+        return  # options_from names the bad resolution
+    options["min_bucket_reso"] = min(options.get("min_bucket_reso", 256), min(sides))
+    options["max_bucket_reso"] = max(options.get("max_bucket_reso", 1024), max(sides))

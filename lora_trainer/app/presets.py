@@ -1,0 +1,175 @@
+"""Starting points users expect: subject presets (character, style, …) with the strength they are used at, VRAM
+tiers whose memory switches are merged on top, our own preset files, and Kohya TOML import/export.
+
+Everything here is plain dicts of sd-scripts option names, so what a preset fills is exactly what
+``options_from`` checks and the trainer runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from ..errors import UserError
+from ..safe_io import read_utf8, write_text
+from ..training.options import FIELDS, TrainOptions, kohya_command, options_from, read_config_file, write_config
+
+# What every preset shares: sd-scripts' LoRA on attention + text encoder, buckets, latents cached, a numbered file
+# and a sample every epoch so the user can pick the best epoch afterwards.
+_COMMON: dict[str, Any] = {
+    "network_module": "networks.lora", "optimizer_type": "AdamW", "lr_scheduler": "cosine", "lr_warmup_steps": 0.05,
+    "resolution": "512", "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
+    "caption_extension": ".txt", "cache_latents": True, "save_every_n_epochs": 1, "save_model_as": "safetensors",
+    "train_batch_size": 2, "min_snr_gamma": 5.0, "max_data_loader_n_workers": 0, "seed": 42, "save_state": True,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    title: str
+    options: dict[str, Any]
+    strength_range: tuple[float, float]  # the <lora:name:weight> users settle on for this kind of LoRA
+    preferred_weight: float  # written to the Lora card, prefilled in the grid
+    advice: str = ""
+
+    @property
+    def guidance(self) -> str:
+        low, high = self.strength_range
+        span = f"{low:g}–{high:g}" if high > low else f"{low:g} or more"
+        return f"Use at strength {span} (card weight {self.preferred_weight:g}). {self.advice}".strip()
+
+
+PRESETS: dict[str, Preset] = {
+    "character": Preset("Character", {
+        **_COMMON, "network_dim": 32, "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5],
+        "max_train_epochs": 10, "keep_tokens": 1, "shuffle_caption": True, "flip_aug": False},
+        (0.6, 0.8), 0.7, "Put the trigger word first in every caption (keep_tokens 1); no flips, faces are asymmetric."),
+    "anime_character": Preset("Anime character", {
+        **_COMMON, "network_dim": 16, "network_alpha": 8, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5],
+        "max_train_epochs": 10, "keep_tokens": 1, "shuffle_caption": True, "flip_aug": False, "clip_skip": 2},
+        (0.6, 0.8), 0.7, "Booru-tagged captions with the trigger first; clip skip 2 as anime models expect."),
+    "style": Preset("Style", {
+        **_COMMON, "network_dim": 32, "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [2e-5],
+        "max_train_epochs": 12, "keep_tokens": 0, "shuffle_caption": True, "flip_aug": True},
+        (0.4, 0.5), 0.45, "Many varied images; caption the content, not the style, so the style goes into the LoRA."),
+    "concept": Preset("Concept", {
+        **_COMMON, "network_dim": 16, "network_alpha": 8, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5],
+        "max_train_epochs": 10, "keep_tokens": 1, "shuffle_caption": True, "flip_aug": True},
+        (0.7, 1.0), 0.8, "The trigger word first; caption everything that is not the concept."),
+    "clothing": Preset("Clothing", {
+        **_COMMON, "network_dim": 16, "network_alpha": 8, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5],
+        "max_train_epochs": 10, "keep_tokens": 1, "shuffle_caption": True, "flip_aug": True},
+        (0.5, 0.7), 0.6, "Several wearers so the outfit, not the person, is learnt; lower strength keeps faces intact."),
+    "object": Preset("Object / product", {
+        **_COMMON, "network_dim": 16, "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5],
+        "max_train_epochs": 12, "keep_tokens": 1, "shuffle_caption": True, "flip_aug": False},
+        (1.0, 1.0), 1.0, "Shapes and logos must stay exact: no flips; use at full strength."),
+}
+
+# The switches that make a run fit the card: memory first (checkpointing, 8-bit optimizer, mixed precision, cached
+# latents, batch size), then what to give up (text encoder training, SDXL's 1024 resolution).
+VRAM_TIERS: dict[str, dict[str, Any]] = {
+    "6 GB": {"gradient_checkpointing": True, "mixed_precision": "fp16", "cache_latents": True, "optimizer_type": "AdamW8bit",
+             "train_batch_size": 1, "network_train_unet_only": True, "sdpa": True},
+    "8 GB": {"gradient_checkpointing": True, "mixed_precision": "fp16", "cache_latents": True, "optimizer_type": "AdamW8bit",
+             "train_batch_size": 1, "sdpa": True},
+    "12 GB": {"gradient_checkpointing": True, "mixed_precision": "fp16", "cache_latents": True, "optimizer_type": "AdamW8bit",
+              "train_batch_size": 2, "sdpa": True},
+    "16 GB": {"mixed_precision": "bf16", "cache_latents": True, "train_batch_size": 2, "sdpa": True},
+    "24 GB": {"mixed_precision": "bf16", "cache_latents": True, "train_batch_size": 4, "sdpa": True},
+}
+# SDXL at the same card: its native resolution and, below 16 GB, the UNet only.
+SDXL_TIERS: dict[str, dict[str, Any]] = {
+    "6 GB": {"resolution": "768", "network_train_unet_only": True},
+    "8 GB": {"resolution": "1024", "network_train_unet_only": True},
+    "12 GB": {"resolution": "1024", "network_train_unet_only": True},
+    "16 GB": {"resolution": "1024", "gradient_checkpointing": True},
+    "24 GB": {"resolution": "1024", "gradient_checkpointing": True},
+}
+NO_TIER = "no limit"
+
+
+def preset_options(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> dict[str, Any]:
+    """The preset's options with the VRAM tier's switches merged on top (tier wins)."""
+    if preset not in PRESETS:
+        raise UserError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if tier != NO_TIER and tier not in VRAM_TIERS:
+        raise UserError(f"VRAM tier {tier!r}: choose one of {NO_TIER}, {', '.join(VRAM_TIERS)}")
+    options = dict(PRESETS[preset].options)
+    if tier != NO_TIER:
+        options.update(VRAM_TIERS[tier])
+        if sdxl:
+            options.update(SDXL_TIERS[tier])
+    if options.get("network_train_unet_only"):
+        options.pop("text_encoder_lr", None)
+    return options
+
+
+# --- our own preset files --------------------------------------------------------------------------------------
+
+@dataclass
+class PresetFile:
+    title: str
+    options: dict[str, Any]
+    preferred_weight: float = 1.0
+    guidance: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_preset_file(preset: PresetFile, path: str | Path) -> Path:
+    """``[preset]`` (title, weight, guidance) and ``[options]`` (sd-scripts names) in one TOML."""
+    unknown = sorted(k for k in preset.options if k not in FIELDS)
+    if unknown:
+        raise UserError(f"preset {preset.title!r}: unknown option(s) {', '.join(unknown)}")
+    data = {"preset": {"title": preset.title, "preferred_weight": preset.preferred_weight, "guidance": preset.guidance},
+            "options": {k: v for k, v in preset.options.items() if v is not None}}
+    return write_text(Path(path), toml.dumps(data))
+
+
+def read_preset_file(path: str | Path) -> PresetFile:
+    path = Path(path)
+    try:
+        data = toml.loads(read_utf8(path, "Preset file"))
+    except toml.TomlDecodeError as error:
+        raise UserError(f"Preset file {path} is not valid TOML: {error.msg} (line {error.lineno}).") from None
+    if not isinstance(data.get("options"), dict):
+        raise UserError(f"Preset file {path}: no [options] table; export a preset from the Train tab to see the layout")
+    head = data.get("preset", {})
+    options_from({**data["options"], "pretrained_model_name_or_path": "-", "train_data_dir": "-"}, f"preset file {path}")
+    return PresetFile(str(head.get("title", path.stem)), data["options"], float(head.get("preferred_weight", 1.0)),
+                      str(head.get("guidance", "")))
+
+
+# --- Kohya TOML ----------------------------------------------------------------------------------------------
+
+def import_kohya_toml(path: str | Path) -> dict[str, Any]:
+    """A Kohya ``--config_file`` (args, tables flattened) → option values. A dataset config (``[[datasets]]``)
+    instead becomes ``dataset_config = path``, as sd-scripts takes it."""
+    path = Path(path)
+    try:
+        raw = toml.loads(read_utf8(path, "Config file"))
+    except toml.TomlDecodeError as error:
+        raise UserError(f"Config file {path} is not valid TOML: {error.msg} (line {error.lineno}).") from None
+    if "datasets" in raw:
+        from ..dataset.config import read_config_file as read_dataset_config
+
+        read_dataset_config(path)
+        return {"dataset_config": str(path.resolve())}
+    return read_config_file(path)
+
+
+def export_kohya_toml(values: dict[str, Any], path: str | Path) -> Path:
+    """The run as a TOML sd-scripts' ``--config_file`` reads (only what differs from the defaults)."""
+    return write_config(_checked(values), path)
+
+
+def command_for(values: dict[str, Any], sdxl: bool = False) -> str:
+    """"Show the equivalent sd-scripts command"."""
+    return kohya_command(_checked(values), "sdxl_train_network.py" if sdxl else "train_network.py")
+
+
+def _checked(values: dict[str, Any]) -> TrainOptions:
+    return options_from({k: v for k, v in values.items() if v is not None}, "training options")

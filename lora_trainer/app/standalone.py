@@ -1,0 +1,98 @@
+"""``python -m lora_trainer ui``: the three tabs and the HTTP API on one FastAPI app, on our own model code.
+
+Listens on 127.0.0.1 unless told otherwise; with ``--listen`` the API requires ``--api-auth`` (the API module
+refuses otherwise, unless ``--allow-unauthenticated``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .settings import AppSettings, parse_api_auth
+
+if TYPE_CHECKING:  # the CLI imports this module; torch and gradio load only when the app starts
+    from .services import Services
+
+log = logging.getLogger("lora_trainer.ui")
+
+
+def add_ui_command(commands) -> None:
+    ui = commands.add_parser("ui", help="the Train / Tag editor / Grid tabs in a browser, without the WebUI")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ui.add_argument("--listen", action="store_true", help="listen on every interface (0.0.0.0); the API then needs --api-auth")
+    ui.add_argument("--port", type=int, default=7870)
+    ui.add_argument("--data", type=Path, default=Path("lora-trainer-data"), help="job database, job folders, grids")
+    ui.add_argument("--lora-dir", type=Path, help="where finished LoRAs go (default: <data>/Lora)")
+    ui.add_argument("--dataset-root", type=Path, action="append", default=[],
+                    help="a folder datasets may be read from (repeatable; the bundled sample and the current folder always are)")
+    ui.add_argument("--checkpoint-dir", type=Path, action="append", default=[], help="a folder of base checkpoints (repeatable)")
+    ui.add_argument("--api-auth", help="user:password[,user2:password2] for the HTTP API")
+    ui.add_argument("--allow-unauthenticated", action="store_true", help="serve the API to the network without credentials")
+    ui.set_defaults(run=run)
+
+
+def settings_from(args: argparse.Namespace) -> AppSettings:
+    from ..tiny_model.demo import SAMPLE_DATASET
+
+    data = args.data.resolve()
+    return AppSettings(
+        lora_folder=(args.lora_dir or data / "Lora").resolve(),
+        data_folder=data,
+        dataset_roots=[*(p.resolve() for p in args.dataset_root), SAMPLE_DATASET, Path.cwd()],
+        checkpoint_folders=[p.resolve() for p in args.checkpoint_dir],
+        allow_unauthenticated_remote=args.allow_unauthenticated,
+        api_credentials=parse_api_auth(args.api_auth),
+    )
+
+
+def create_app(services: Services, listening_remotely: bool):
+    """One FastAPI app: the API routes under /lora-trainer/v1/ and the tabs at /."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from .ui import build_tabs
+
+    app = FastAPI(title="LoRA Trainer")
+    try:
+        from .api import register
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.api":
+            raise
+        log.warning("the HTTP API is not installed in this version; serving the tabs only")
+    else:
+        register(app, services, listening_remotely)
+    tabs = build_tabs(services)  # built outside the page: a Blocks created inside another would render twice
+    with gr.Blocks(title="LoRA Trainer", analytics_enabled=False, css=_stylesheet()) as page:
+        for blocks, title, elem_id in tabs:
+            with gr.Tab(title, elem_id=elem_id):
+                blocks.render()
+    page.queue()
+    return gr.mount_gradio_app(app, page, path="/")
+
+
+def _stylesheet() -> str:
+    path = Path(__file__).resolve().parents[2] / "style.css"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .services import Services
+    from .standalone_host import StandaloneHost
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = settings_from(args)
+    settings.lora_folder.mkdir(parents=True, exist_ok=True)
+    host = StandaloneHost(settings.checkpoint_folders, [settings.lora_folder])
+    services = Services.create(settings, host)
+    address = "0.0.0.0" if args.listen else args.host
+    try:
+        app = create_app(services, listening_remotely=address not in ("127.0.0.1", "localhost", "::1"))
+        log.info("LoRA Trainer: http://%s:%d/", address, args.port)
+        uvicorn.run(app, host=address, port=args.port, log_level="warning")
+    finally:
+        services.close()

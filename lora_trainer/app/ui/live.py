@@ -1,0 +1,167 @@
+"""The live view of a job as plain data, rebuilt from its event file: what the Train tab polls every second.
+
+Reading the job store and the event file (never browser state) is what lets a reloaded page or a second browser
+show the same run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...training.events import read_events
+
+NOTIFY_STATUSES = ("finished", "failed", "stopped", "paused", "interrupted")
+
+
+@dataclass
+class LiveView:
+    status: str = "queued"
+    phase: str = ""
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    average: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    seconds_per_step: float | None = None
+    memory_mib: float | None = None
+    samples: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    recommended_epoch: int | None = None
+    recommendation: str = ""
+    error: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if self.seconds_per_step is None or not self.total:
+            return None
+        return max(0, self.total - self.step) * self.seconds_per_step
+
+
+def apply_event(view: LiveView, event: dict, smoothing: float = 0.2) -> LiveView:
+    """Fold one event into the view (in place; returns it). it/s is an exponential average of step times."""
+    kind = event.get("event")
+    if kind == "step" and "phase" in event:
+        view.phase = f"{event['phase']} {event.get('done', 0)}/{event.get('total', 0)}"
+    elif kind == "step":
+        view.phase = "training"
+        view.step, view.total, view.epoch = event["step"], event.get("total", view.total), event.get("epoch", view.epoch)
+        view.loss.append((view.step, float(event["loss"])))
+        if event.get("average") is not None:
+            view.average.append((view.step, float(event["average"])))
+        lr = event.get("lr")
+        view.learning_rate = [float(v) for v in (lr if isinstance(lr, list) else [lr] if lr is not None else [])]
+        if event.get("seconds"):
+            seconds = float(event["seconds"])
+            view.seconds_per_step = seconds if view.seconds_per_step is None else \
+                (1 - smoothing) * view.seconds_per_step + smoothing * seconds
+        if event.get("memory_mib") is not None:
+            view.memory_mib = float(event["memory_mib"])
+    elif kind == "start":
+        view.phase = "starting"
+    elif kind == "epoch":
+        view.epoch = event.get("epoch", view.epoch)
+    elif kind == "validation":
+        view.validation.append((event.get("step", view.step), float(event["loss"])))
+    elif kind == "sample":
+        view.samples.append(event["path"])
+    elif kind == "saved":
+        view.files.append(event["path"])
+    elif kind == "warning":
+        view.warnings.append(str(event.get("message", "")))
+    elif kind == "error":
+        view.error = str(event.get("message", ""))
+    elif kind == "end":
+        view.phase = "done"
+        view.recommended_epoch = event.get("recommended_epoch")
+        view.recommendation = event.get("reason") or ""
+    return view
+
+
+def view_of(events: list[dict], status: str = "running", message: str | None = None) -> LiveView:
+    view = LiveView(status=status)
+    for event in events:
+        apply_event(view, event)
+    if status == "failed" and not view.error:
+        view.error = message or "the trainer stopped with an error"
+    return view
+
+
+def read_view(events_path: str | Path, status: str, message: str | None = None) -> LiveView:
+    events, _ = read_events(events_path)
+    return view_of(events, status, message)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress_text(view: LiveView) -> str:
+    """One Markdown line: status, step/total, epoch, it/s, ETA, lr, memory."""
+    parts = [f"**{view.status}**"]
+    if view.total:
+        parts.append(f"step {view.step}/{view.total} ({view.fraction:.0%})")
+    elif view.phase:
+        parts.append(view.phase)
+    if view.epoch:
+        parts.append(f"epoch {view.epoch}")
+    if view.seconds_per_step:
+        speed = 1 / view.seconds_per_step
+        parts.append(f"{speed:.2f} it/s" if speed >= 1 else f"{view.seconds_per_step:.2f} s/it")
+    if view.eta_seconds is not None and view.status == "running":
+        parts.append(f"ETA {_clock(view.eta_seconds)}")
+    if view.loss:
+        parts.append(f"loss {view.loss[-1][1]:.4f}" + (f" (avg {view.average[-1][1]:.4f})" if view.average else ""))
+    if view.learning_rate:
+        parts.append("lr " + " / ".join(f"{lr:.2e}" for lr in view.learning_rate))
+    if view.memory_mib is not None:
+        parts.append(f"memory {view.memory_mib / 1024:.1f} GiB")
+    text = " · ".join(parts)
+    if view.recommended_epoch:
+        text += f"\n\nRecommended epoch: **{view.recommended_epoch}**" + (f" ({view.recommendation})" if view.recommendation else "")
+    if view.error:
+        text += f"\n\n**Error:** {view.error}"
+    return text
+
+
+def loss_plot(view: LiveView, size: tuple[int, int] = (640, 240)):
+    """The loss curve (current, running average, validation) as a PIL image; gradio 3 and 4 both show it."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    series = [(view.loss, (170, 190, 230)), (view.average, (30, 80, 200)), (view.validation, (220, 120, 20))]
+    points = [p for values, _ in series for p in values]
+    margin = 36
+    draw.rectangle([margin, 8, width - 8, height - margin], outline=(160, 160, 160))
+    if not points:
+        draw.text((margin + 8, height // 2 - 6), "loss appears here once training steps run", fill=(120, 120, 120))
+        return image
+    last_step = max(view.total, max(step for step, _ in points), 1)
+    low, high = min(v for _, v in points), max(v for _, v in points)
+    high = high if high > low else low + 1e-6
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (margin + (width - margin - 8) * step / last_step,
+                8 + (height - margin - 8) * (1 - (value - low) / (high - low)))
+
+    for values, colour in series:
+        if len(values) == 1:
+            x, y = xy(*values[0])
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        elif values:
+            draw.line([xy(*p) for p in values], fill=colour, width=2)
+    draw.text((2, 4), f"{high:.3f}", fill=(80, 80, 80))
+    draw.text((2, height - margin - 10), f"{low:.3f}", fill=(80, 80, 80))
+    draw.text((margin, height - margin + 6), f"step 0 … {last_step}   light: loss  dark: average  orange: validation",
+              fill=(80, 80, 80))
+    return image

@@ -1,0 +1,435 @@
+"""The Train LoRA tab: checkpoint, dataset (with its health report), preset and VRAM tier, the main parameters,
+an Advanced box for the rest, validation with the step/VRAM/time estimate, the job buttons and a live view that
+polls the job store every second (so a reloaded page finds its run again).
+
+The handlers are plain functions of ``Services`` and the form values; ``build`` only wires them to components.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ...dataset.health import HealthSettings, check_dataset, report_lines
+from ...errors import UserError
+from ...jobs.store import Job
+from ...training.options import options_from, resolution_of
+from .. import presets
+from ..estimate import estimate
+from ..form import ALGORITHMS, form_to_options
+from ..paths import allowed_path, plain_name
+from ..services import Services
+from .compat import js_kwarg, poll_kwarg
+from .live import NOTIFY_STATUSES, LiveView, apply_event, loss_plot, progress_text
+
+# The main form, in the order of the components ``build`` passes to every handler.
+FORM_FIELDS = ("checkpoint", "dataset", "preset", "tier", "algorithm", "output_name", "epochs", "batch_size", "resolution",
+               "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "sample_every_n_epochs",
+               "sample_prompt", "optimizer", "scheduler", "extra")
+GRID_RUN_ELEM_ID = "lora_trainer_grid_run"  # the Prompt-Lora-Grid tab reads the run sent to it from here
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov", "DAdaptAdam")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+RESUMABLE = ("paused", "stopped", "interrupted", "failed")
+
+_ASK_NOTIFICATION = ("(...args) => { if (window.Notification && Notification.permission === 'default') "
+                     "Notification.requestPermission(); return args; }")
+_NOTIFY = ("(text) => { if (text && window.Notification && Notification.permission === 'granted') "
+           "new Notification('LoRA Trainer', {body: text}); return text; }")
+
+
+# --- handlers (plain functions; the tests call these) ----------------------------------------------------------
+
+def checkpoint_choices(services: Services) -> list[str]:
+    return list(services.host.checkpoints())
+
+
+def checkpoint_path(services: Services, value: str) -> Path:
+    """A title from the host's list, or a file path below the configured roots."""
+    known = services.host.checkpoints()
+    if value in known:
+        return Path(known[value])
+    return allowed_path(value, services.settings.roots(), "base checkpoint")
+
+
+def _form(values: tuple | list) -> dict[str, Any]:
+    return dict(zip(FORM_FIELDS, values))
+
+
+def _is_sdxl(path: Path) -> bool:
+    from ...models.checkpoint import detect_architecture, open_tensors
+
+    try:
+        config, _ = detect_architecture(open_tensors(path))
+    except (UserError, OSError):
+        return False
+    return "xl" in config.label.lower()
+
+
+def _resolution_pair(text: Any) -> tuple[int, int]:
+    sides = [int(float(v)) for v in str(text or "512").split(",")]
+    return (sides[0], sides[-1])
+
+
+def health_settings(options: dict[str, Any]) -> HealthSettings:
+    """The health check under the run's own resolution, batch size and buckets."""
+    checked = options_from({"pretrained_model_name_or_path": "-", "train_data_dir": "-", **options}, "Train form")
+    return HealthSettings(resolution=resolution_of(checked) or (512, 512), batch_size=checked.train_batch_size,
+                          enable_bucket=checked.enable_bucket, min_bucket_reso=checked.min_bucket_reso,
+                          max_bucket_reso=checked.max_bucket_reso, bucket_reso_steps=checked.bucket_reso_steps,
+                          bucket_no_upscale=checked.bucket_no_upscale, caption_extension=checked.caption_extension)
+
+
+def health_report(services: Services, dataset: str, options: dict[str, Any]):
+    folder = allowed_path(dataset, services.settings.dataset_roots, "dataset folder")
+    return check_dataset(folder, health_settings(options))
+
+
+def check_dataset_text(services: Services, form: dict[str, Any]) -> str:
+    """The Check button: the dataset's health report under the form's current settings."""
+    try:
+        options = form_to_options({**form, "checkpoint": None, "dataset": None, "sample_prompt": None},
+                                  form.get("preset") or "character", form.get("tier") or presets.NO_TIER)
+        return "\n".join(report_lines(health_report(services, form.get("dataset") or "", options)))
+    except UserError as error:
+        return f"error: {error}"
+
+
+def sample_prompt_file(services: Services, prompt: str, resolution: Any) -> str:
+    """sd-scripts reads sample prompts from a file: write the typed prompt (at the training size unless it says
+    otherwise) into the data folder, named by its content so queued jobs never overwrite each other's."""
+    width, height = _resolution_pair(resolution)
+    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+    lines = [line if re.search(r"--[wh]\s", line + " ") else f"{line} --w {width} --h {height}" for line in lines]
+    text = "\n".join(lines) + "\n"
+    folder = services.settings.data_folder / "sample-prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The form → checked sd-scripts option values (and whether the base is SDXL); raises UserError."""
+    checkpoint = checkpoint_path(services, form.get("checkpoint") or "")
+    dataset = allowed_path(form.get("dataset") or "", services.settings.dataset_roots, "dataset folder")
+    name = plain_name(form.get("output_name") or "", "output name")
+    sdxl = _is_sdxl(checkpoint)
+    values = {**form, "checkpoint": str(checkpoint), "dataset": str(dataset), "output_name": name}
+    if (form.get("sample_prompt") or "").strip():
+        values["sample_prompts"] = sample_prompt_file(services, form["sample_prompt"], form.get("resolution") or 512)
+    options = form_to_options(values, form.get("preset") or "character", form.get("tier") or presets.NO_TIER, sdxl)
+    options["output_dir"] = str(services.settings.lora_folder)
+    options_from(options, "Train form")
+    return options, sdxl
+
+
+def validation_text(services: Services, form: dict[str, Any]) -> str:
+    """Total steps, VRAM and time, and the warnings, or the one-sentence problem."""
+    try:
+        options, sdxl = job_options(services, form)
+        checked = options_from(options, "Train form")
+        report = health_report(services, form["dataset"], options)
+    except UserError as error:
+        return f"**Cannot start:** {error}"
+    if report.errors:
+        return "**Cannot start:** " + "; ".join(f"{f.path}: {f.message}" for f in report.errors[:3])
+    return "\n\n".join(estimate(checked, report, "sdxl" if sdxl else "sd1").lines())
+
+
+def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
+    """Start (or queue behind the running job). Returns the message and the new job's id."""
+    text = validation_text(services, form)
+    if text.startswith("**Cannot start:**"):
+        return text, None
+    options, _ = job_options(services, form)
+    running = [job for job in services.store.all() if job.status in ("queued", "running")]
+    job = services.runner.submit(options["output_name"], options)
+    where = f"queued behind {len(running)} job(s)" if running else "starting"
+    return f"Job {job.id} ({job.name}) {where}.\n\n{text}", job.id
+
+
+def resume_target(services: Services, job_id: int | None) -> Job | None:
+    """The selected job if it can be resumed, else the last paused/stopped/interrupted one with a saved state."""
+    jobs = services.store.all()
+    chosen = [job for job in jobs if job.id == job_id and job.status in RESUMABLE and job.last_state]
+    if chosen:
+        return chosen[0]
+    candidates = [job for job in jobs if job.status in RESUMABLE and job.last_state and Path(job.last_state).exists()]
+    return candidates[-1] if candidates else None
+
+
+def job_action(services: Services, action: str, job_id: int | None) -> tuple[str, int | None]:
+    """Stop and save, Pause, Resume, Save now, Sample now. Returns a message and the job to show."""
+    try:
+        if action == "resume":
+            target = resume_target(services, job_id)
+            if target is None:
+                return "Nothing to resume: no paused, stopped or interrupted job saved a state.", job_id
+            job = services.runner.resume(target.id)
+            return f"Job {job.id} resumes job {target.id} from its last state.", job.id
+        if job_id is None:
+            return "No job selected.", None
+        if action in ("stop", "pause"):
+            job = services.runner.stop(job_id, pause=action == "pause")
+            return (f"Job {job_id}: {'pausing (frees the GPU)' if action == 'pause' else 'stopping'} after the current step, "
+                    "saving first." if job.status == "running" else f"Job {job_id} is {job.status}."), job_id
+        services.runner.control(job_id, action)
+        return f"Job {job_id}: {'saving' if action == 'save' else 'drawing samples'} after the current step.", job_id
+    except UserError as error:
+        return f"error: {error}", job_id
+
+
+@dataclass
+class _Followed:
+    offset: int
+    view: LiveView
+
+
+class LiveViews:
+    """Per job: the event offset read so far and the view folded from it, so a poll reads only new lines."""
+
+    def __init__(self):
+        self._followed: dict[int, _Followed] = {}
+
+    def view(self, job: Job) -> LiveView:
+        from ...training.events import read_events
+
+        followed = self._followed.setdefault(job.id, _Followed(0, LiveView()))
+        events, followed.offset = read_events(job.events_path, followed.offset)
+        for event in events:
+            apply_event(followed.view, event)
+        view = followed.view
+        view.status = job.status
+        if job.status == "failed" and not view.error:
+            view.error = job.message or "the trainer stopped with an error"
+        return view
+
+
+def shown_job(services: Services, job_id: int | None) -> Job | None:
+    """The chosen job, else the running one, else the newest."""
+    jobs = services.store.all()
+    by_id = {job.id: job for job in jobs}
+    if job_id in by_id:
+        return by_id[job_id]
+    running = [job for job in jobs if job.status == "running"]
+    return (running or jobs or [None])[-1]
+
+
+JOB_COLUMNS = ["id", "name", "status", "created", "message"]
+
+
+def job_rows(services: Services) -> list[list[Any]]:
+    return [[job.id, job.name, job.status, time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created)), job.message or ""]
+            for job in reversed(services.store.all())]
+
+
+def job_table(services: Services):
+    import pandas as pd  # gradio's own dependency; a DataFrame keeps the column names when the rows are empty
+
+    return pd.DataFrame(job_rows(services), columns=JOB_COLUMNS)
+
+
+def progress_html(view: LiveView) -> str:
+    return (f'<div class="lora-trainer-progress"><div class="lora-trainer-progress-bar" style="width:{view.fraction * 100:.1f}%">'
+            f"</div></div>")
+
+
+def end_notice(job: Job | None) -> str:
+    """Changes when the shown job ends: the browser notification's text."""
+    return f"Job {job.id} ({job.name}) {job.status}" if job and job.status in NOTIFY_STATUSES else ""
+
+
+def job_label(job: Job) -> str:
+    return f"{job.id}: {job.name} ({job.status})"
+
+
+def job_id_of(label: str | None) -> int | None:
+    if not label:
+        return None
+    head = str(label).split(":", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+# --- the tab ---------------------------------------------------------------------------------------------------
+
+def build(services: Services) -> gr.Blocks:
+    views = LiveViews()
+    names = list(presets.PRESETS)
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            checkpoint = gr.Dropdown(checkpoint_choices(services), label="Base checkpoint", allow_custom_value=True,
+                                     value=(checkpoint_choices(services) or [None])[0], elem_id="lora_trainer_checkpoint",
+                                     info="from the list, or the path of a .safetensors file")
+            refresh = gr.Button("🔄", elem_id="lora_trainer_refresh_checkpoints", scale=0, min_width=40)
+            dataset = gr.Textbox(label="Dataset folder", elem_id="lora_trainer_dataset",
+                                 placeholder="folder with <repeats>_<name> subfolders, e.g. 10_mychar")
+            check = gr.Button("Check", elem_id="lora_trainer_check", scale=0)
+        with gr.Row():
+            preset = gr.Dropdown(names, value="character", label="Preset", elem_id="lora_trainer_preset")
+            tier = gr.Dropdown([presets.NO_TIER, *presets.VRAM_TIERS], value=presets.NO_TIER, label="GPU memory",
+                               elem_id="lora_trainer_tier")
+            algorithm = gr.Radio(list(ALGORITHMS), value="LoRA", label="Algorithm", elem_id="lora_trainer_algorithm")
+        guidance = gr.Markdown(presets.PRESETS["character"].guidance, elem_id="lora_trainer_guidance")
+        with gr.Row():
+            output_name = gr.Textbox(label="Output name", elem_id="lora_trainer_output_name", placeholder="my_lora")
+            epochs = gr.Number(label="Epochs", precision=0, elem_id="lora_trainer_epochs")
+            batch_size = gr.Number(label="Batch size", precision=0, elem_id="lora_trainer_batch_size")
+            resolution = gr.Textbox(label="Resolution", elem_id="lora_trainer_resolution", info='"512" or "512,768"')
+        with gr.Row():
+            network_dim = gr.Number(label="Network dim (rank)", precision=0, elem_id="lora_trainer_dim")
+            network_alpha = gr.Number(label="Network alpha", elem_id="lora_trainer_alpha")
+            unet_lr = gr.Number(label="UNet learning rate", elem_id="lora_trainer_unet_lr")
+            text_encoder_lr = gr.Number(label="Text encoder learning rate (0 = UNet only)", elem_id="lora_trainer_te_lr")
+        with gr.Row():
+            save_every = gr.Number(label="Save every N epochs", precision=0, elem_id="lora_trainer_save_every")
+            sample_every = gr.Number(label="Sample every N epochs", precision=0, elem_id="lora_trainer_sample_every")
+            sample_prompt = gr.Textbox(label="Sample prompt(s), one per line", lines=2, elem_id="lora_trainer_sample_prompt",
+                                       placeholder="mychar, smiling --n blurry --s 20")
+        with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
+            with gr.Row():
+                optimizer = gr.Dropdown(list(OPTIMIZERS), label="Optimizer", allow_custom_value=True, elem_id="lora_trainer_optimizer")
+                scheduler = gr.Dropdown(list(SCHEDULERS), label="LR scheduler", elem_id="lora_trainer_scheduler")
+            extra = gr.Textbox(label="More sd-scripts options (TOML lines or a JSON object)", lines=4, elem_id="lora_trainer_extra",
+                               placeholder="noise_offset = 0.05\ncaption_dropout_rate = 0.05")
+            with gr.Row():
+                import_file = gr.File(label="Import Kohya TOML or preset file", file_types=[".toml"], elem_id="lora_trainer_import")
+                exported = gr.File(label="Exported", interactive=False, elem_id="lora_trainer_exported")
+            with gr.Row():
+                export_kohya = gr.Button("Export Kohya TOML", elem_id="lora_trainer_export_kohya")
+                export_preset = gr.Button("Export preset file", elem_id="lora_trainer_export_preset")
+                show_command = gr.Button("Show sd-scripts command", elem_id="lora_trainer_show_command")
+            command = gr.Code(label="Equivalent sd-scripts command", language="shell", interactive=False, elem_id="lora_trainer_command")
+        report = gr.Textbox(label="Dataset check", lines=8, max_lines=30, interactive=False, elem_id="lora_trainer_report")
+        with gr.Row():
+            validate_button = gr.Button("Validate", elem_id="lora_trainer_validate")
+            start = gr.Button("Start", variant="primary", elem_id="lora_trainer_start")
+            stop = gr.Button("Stop and save", elem_id="lora_trainer_stop")
+            pause = gr.Button("Pause", elem_id="lora_trainer_pause")
+            resume = gr.Button("Resume", elem_id="lora_trainer_resume")
+            save_now = gr.Button("Save now", elem_id="lora_trainer_save_now")
+            sample_now = gr.Button("Sample now", elem_id="lora_trainer_sample_now")
+        message = gr.Markdown(elem_id="lora_trainer_message")
+        with gr.Row():
+            job = gr.Dropdown([], label="Job", allow_custom_value=True, elem_id="lora_trainer_job")
+        progress = gr.Markdown(elem_id="lora_trainer_progress_text")
+        bar = gr.HTML(elem_id="lora_trainer_progress")
+        with gr.Row():
+            plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_trainer_loss")
+            samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="lora_trainer_samples")
+        with gr.Row():
+            files = gr.Dropdown([], label="Saved files", elem_id="lora_trainer_files", allow_custom_value=True)
+            send = gr.Button("Send to Prompt-Lora-Grid", elem_id="lora_trainer_send_to_grid", scale=0)
+            grid_run = gr.Textbox(label="Run sent to Prompt-Lora-Grid", interactive=False, elem_id=GRID_RUN_ELEM_ID)
+        jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Jobs",
+                            elem_id="lora_trainer_jobs")
+        ended = gr.Textbox(visible=False, elem_id="lora_trainer_job_ended")
+
+        form = [checkpoint, dataset, preset, tier, algorithm, output_name, epochs, batch_size, resolution, network_dim,
+                network_alpha, unet_lr, text_encoder_lr, save_every, sample_every, sample_prompt, optimizer, scheduler, extra]
+        preset_fields = [epochs, batch_size, resolution, network_dim, network_alpha, unet_lr, text_encoder_lr, save_every,
+                         optimizer, scheduler]
+
+        def fill_from_preset(name, tier_name):
+            options = presets.preset_options(name, tier_name)
+            te = options.get("text_encoder_lr")
+            return [options.get("max_train_epochs"), options.get("train_batch_size"), options.get("resolution"),
+                    options.get("network_dim"), options.get("network_alpha"), options.get("unet_lr"),
+                    te[0] if te else 0, options.get("save_every_n_epochs"), options.get("optimizer_type"),
+                    options.get("lr_scheduler"), presets.PRESETS[name].guidance]
+
+        for trigger in (preset.change, tier.change):
+            trigger(fill_from_preset, [preset, tier], preset_fields + [guidance])
+        tab.load(fill_from_preset, [preset, tier], preset_fields + [guidance])
+        refresh.click(lambda: gr.update(choices=checkpoint_choices(services)), None, checkpoint)
+        check.click(lambda *v: check_dataset_text(services, _form(v)), form, report)
+        validate_button.click(lambda *v: validation_text(services, _form(v)), form, message)
+
+        def start_job(*values):
+            text, job_id = submit(services, _form(values))
+            return text, job_id and job_label(services.store.get(job_id))
+
+        start.click(start_job, form, [message, job], **js_kwarg(_ASK_NOTIFICATION))
+        for button, action in ((stop, "stop"), (pause, "pause"), (resume, "resume"), (save_now, "save"), (sample_now, "sample")):
+            def act(label, action=action):
+                text, job_id = job_action(services, action, job_id_of(label))
+                shown = services.store.get(job_id) if job_id else None
+                return text, job_label(shown) if shown else label
+            button.click(act, job, [message, job])
+
+        def export(kind, *values):
+            form_values = _form(values)
+            try:
+                options, sdxl = job_options(services, form_values)
+                folder = services.settings.data_folder / "exports"
+                if kind == "command":
+                    return gr.update(), presets.command_for(options, sdxl), ""
+                if kind == "kohya":
+                    path = presets.export_kohya_toml(options, folder / f"{options['output_name']}.toml")
+                else:
+                    chosen = presets.PRESETS[form_values["preset"]]
+                    kept = {k: v for k, v in options.items() if k not in ("pretrained_model_name_or_path", "train_data_dir",
+                                                                           "output_dir", "sample_prompts")}
+                    path = presets.write_preset_file(presets.PresetFile(form_values["output_name"], kept, chosen.preferred_weight,
+                                                                        chosen.guidance), folder / f"{options['output_name']}.preset.toml")
+                return str(path), gr.update(), f"Written {path}"
+            except UserError as error:
+                return gr.update(), gr.update(), f"error: {error}"
+
+        export_kohya.click(lambda *v: export("kohya", *v), form, [exported, command, message])
+        export_preset.click(lambda *v: export("preset", *v), form, [exported, command, message])
+        show_command.click(lambda *v: export("command", *v), form, [exported, command, message])
+        import_file.upload(lambda f: import_into_form(f.name if hasattr(f, "name") else f),
+                           import_file, [checkpoint, dataset, output_name, epochs, batch_size, resolution, network_dim,
+                                         network_alpha, unet_lr, text_encoder_lr, save_every, sample_every, optimizer,
+                                         scheduler, extra, message])
+
+        def send_to_grid(path):
+            return path or "", "Sent to Prompt-Lora-Grid." if path else "Pick a saved file first."
+
+        send.click(send_to_grid, files, [grid_run, message])
+
+        def poll(label):
+            shown = shown_job(services, job_id_of(label))
+            choices = [job_label(j) for j in reversed(services.store.all())]
+            if shown is None:
+                return (gr.update(choices=choices), "No jobs yet: fill the form and press Start.", progress_html(LiveView()),
+                        loss_plot(LiveView()), [], gr.update(choices=[]), job_table(services), "")
+            view = views.view(shown)
+            return (gr.update(choices=choices, value=job_label(shown)), progress_text(view), progress_html(view), loss_plot(view),
+                    view.samples[-8:], gr.update(choices=view.files, value=view.files[-1] if view.files else None),
+                    job_table(services), end_notice(shown))
+
+        tab.load(poll, job, [job, progress, bar, plot, samples, files, jobs, ended], show_progress="hidden", **poll_kwarg(1.0))
+        ended.change(None, ended, None, **js_kwarg(_NOTIFY))
+    return tab
+
+
+def import_into_form(path: str) -> list[Any]:
+    """An uploaded Kohya TOML or our preset file → the form's fields (what does not fit a field goes to Advanced)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+        if "[options]" in text:
+            options = presets.read_preset_file(path).options
+        else:
+            options = presets.import_kohya_toml(path)
+    except UserError as error:
+        return [gr.update()] * 15 + [f"error: {error}"]
+    shown = {"pretrained_model_name_or_path", "train_data_dir", "output_name", "max_train_epochs", "train_batch_size",
+             "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs",
+             "sample_every_n_epochs", "optimizer_type", "lr_scheduler"}
+    import toml
+
+    rest = {k: v for k, v in options.items() if k not in shown and v is not None}
+    te = options.get("text_encoder_lr")
+    values = [options.get("pretrained_model_name_or_path"), options.get("train_data_dir"), options.get("output_name"),
+              options.get("max_train_epochs"), options.get("train_batch_size"), options.get("resolution"),
+              options.get("network_dim"), options.get("network_alpha"), options.get("unet_lr") or options.get("learning_rate"),
+              (te[0] if isinstance(te, list) and te else te), options.get("save_every_n_epochs"),
+              options.get("sample_every_n_epochs"), options.get("optimizer_type"), options.get("lr_scheduler")]
+    return [gr.update() if v is None else v for v in values] + [toml.dumps(rest), f"Imported {Path(path).name}."]

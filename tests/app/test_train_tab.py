@@ -1,0 +1,151 @@
+"""The Train tab under gradio 3.41.2: it builds, and the functions its buttons call validate, submit, queue,
+stop, resume and follow jobs through Services (with a fake trainer command instead of real training)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.app.services import Services
+from lora_trainer.app.settings import AppSettings
+from lora_trainer.app.ui import build_tabs, train_tab
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+from lora_trainer.tiny_model.demo import SAMPLE_DATASET
+from lora_trainer.training.options import options_from
+
+# A stand-in trainer: writes the events a short run writes, a saved file and a state, then exits.
+FAKE_TRAINER = r"""
+import json, pathlib, sys, toml
+options = toml.load(sys.argv[1])
+events = pathlib.Path(options["events_file"])
+out = pathlib.Path(options["output_dir"]); out.mkdir(parents=True, exist_ok=True)
+state = pathlib.Path.cwd() / "state"; state.mkdir(exist_ok=True)
+lines = [{"event": "start"}] + [{"event": "step", "step": s, "total": 4, "epoch": 1, "loss": 0.5 / s, "average": 0.4,
+          "lr": [1e-4], "seconds": 0.1} for s in range(1, 5)]
+(out / (options["output_name"] + ".safetensors")).write_bytes(b"")
+lines += [{"event": "saved", "path": str(out / (options["output_name"] + ".safetensors"))},
+          {"event": "state", "action": "saved", "path": str(state)},
+          {"event": "end", "files": [], "recommended_epoch": 1, "reason": "lowest validation loss"}]
+with open(events, "a", encoding="utf-8") as f:
+    for line in lines:
+        f.write(json.dumps(line) + "\n")
+"""
+
+
+class FakeHost:
+    name = "standalone"
+
+    def checkpoints(self):
+        return {"tiny-sd (embedded demo model)": TINY_MODEL_PATH}
+
+    def refresh_loras(self):
+        pass
+
+    def release_gpu(self):
+        pass
+
+    def restore_gpu(self):
+        pass
+
+
+@pytest.fixture
+def services(tmp_path):
+    settings = AppSettings(lora_folder=tmp_path / "Lora", data_folder=tmp_path / "data", dataset_roots=[SAMPLE_DATASET],
+                           unload_checkpoint_while_training=False)
+    services = Services.create(settings, FakeHost(), start=False,
+                               command=lambda job: [sys.executable, "-c", FAKE_TRAINER, str(job.config_path)])
+    yield services
+    services.close()
+
+
+def form(**changes):
+    values = {"checkpoint": "tiny-sd (embedded demo model)", "dataset": str(SAMPLE_DATASET), "preset": "character",
+              "tier": "no limit", "algorithm": "LoRA", "output_name": "star", "epochs": 2, "batch_size": 4, "resolution": "64",
+              "network_dim": 8, "network_alpha": 8, "unet_lr": 2e-3, "text_encoder_lr": 5e-4, "save_every_n_epochs": 1,
+              "sample_every_n_epochs": 1, "sample_prompt": "zkstar", "optimizer": "AdamW", "scheduler": "constant", "extra": ""}
+    return {**values, **changes}
+
+
+def test_the_three_tabs_build_under_gradio_3(services):
+    import gradio as gr
+
+    tabs = build_tabs(services)
+    assert [(title, elem_id) for _, title, elem_id in tabs] == [
+        ("Train LoRA", "lora_trainer_train"), ("Dataset Tag Editor", "lora_trainer_tags"), ("Prompt-Lora-Grid", "lora_trainer_grid")]
+    assert gr.__version__ == "3.41.2" and all(isinstance(blocks, gr.Blocks) for blocks, _, _ in tabs)
+
+
+def test_form_becomes_the_options_the_job_runs_with(services):
+    options, sdxl = train_tab.job_options(services, form())
+    checked = options_from(options)
+    assert not sdxl
+    assert checked.pretrained_model_name_or_path == str(TINY_MODEL_PATH)
+    assert checked.train_data_dir == str(SAMPLE_DATASET) and checked.output_dir == str(services.settings.lora_folder)
+    assert (checked.max_train_epochs, checked.train_batch_size, checked.resolution) == (2, 4, "64")
+    assert checked.unet_lr == 2e-3 and checked.text_encoder_lr == [5e-4]
+    prompt = Path(checked.sample_prompts).read_text(encoding="utf-8")
+    assert prompt.strip() == "zkstar --w 64 --h 64"  # samples at the training size unless the prompt says otherwise
+
+
+def test_validation_shows_steps_and_refuses_bad_input(services, tmp_path):
+    text = train_tab.validation_text(services, form())
+    assert "16 images" in text and "× 2 epochs" in text
+    assert "outside the allowed folders" in train_tab.validation_text(services, form(dataset=str(tmp_path)))
+    assert "not a plain file name" in train_tab.validation_text(services, form(output_name="../evil"))
+    assert "does not exist" in train_tab.validation_text(services, form(checkpoint=str(tmp_path / "missing.safetensors")))
+    assert "Advanced options" in train_tab.validation_text(services, form(extra="noise_offset = "))
+
+
+def test_dataset_check_shows_the_health_report(services):
+    text = train_tab.check_dataset_text(services, form())
+    assert "10_zkstar" in text and "Samples per epoch" in text
+
+
+def test_start_queues_a_second_job_and_the_live_view_follows_it(services):
+    message, first = train_tab.submit(services, form())
+    assert first is not None and "starting" in message
+    message, second = train_tab.submit(services, form(output_name="star2"))
+    assert "queued behind 1 job" in message
+    assert [job.status for job in services.store.all()] == ["queued", "queued"]
+    services.runner.run_next()
+    finished = services.store.get(first)
+    assert finished.status == "finished"
+    view = train_tab.LiveViews().view(finished)
+    assert (view.step, view.total, view.recommended_epoch) == (4, 4, 1)
+    assert view.files and view.files[0].endswith("star.safetensors")
+    assert train_tab.end_notice(finished) == f"Job {first} (star) finished"
+    assert train_tab.shown_job(services, None).id == second  # the newest when nothing runs
+
+
+def test_stop_pause_resume_and_controls_say_what_happens(services):
+    text, _ = train_tab.job_action(services, "resume", None)
+    assert "Nothing to resume" in text
+    _, job_id = train_tab.submit(services, form())
+    text, _ = train_tab.job_action(services, "stop", job_id)  # still queued: removed from the queue
+    assert services.store.get(job_id).status == "stopped"
+    assert "works only while it runs" in train_tab.job_action(services, "save", job_id)[0]
+    _, job_id = train_tab.submit(services, form())
+    services.runner.run_next()
+    services.store.update(job_id, status="interrupted")
+    text, resumed = train_tab.job_action(services, "resume", None)
+    assert resumed != job_id and f"resumes job {job_id}" in text
+    assert services.store.get(resumed).options["resume"] == services.store.get(job_id).last_state
+
+
+def test_failed_job_shows_its_error(services):
+    _, job_id = train_tab.submit(services, form())
+    job = services.store.update(job_id, status="failed", message="CUDA out of memory")
+    view = train_tab.LiveViews().view(job)
+    assert view.error == "CUDA out of memory"
+
+
+def test_import_fills_the_form_from_a_kohya_toml(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\npretrained_model_name_or_path = "base.safetensors"\n[train]\nmax_train_epochs = 7\n'
+                      'network_dim = 16\nnoise_offset = 0.05\n', encoding="utf-8")
+    values = train_tab.import_into_form(str(config))
+    assert values[0] == "base.safetensors" and values[3] == 7 and values[6] == 16
+    assert "noise_offset = 0.05" in values[-2] and "Imported" in values[-1]
