@@ -1,0 +1,57 @@
+"""The live view model from an event file: progress, ETA, loss series, samples, files, recommended epoch."""
+
+from __future__ import annotations
+
+import json
+
+from lora_trainer.app.ui.live import loss_plot, progress_text, read_view, view_of
+
+EVENTS = [
+    {"event": "start", "images": 16},
+    {"event": "step", "phase": "caching latents", "done": 3, "total": 16},
+    *({"event": "step", "step": s, "total": 10, "epoch": 1 + (s > 5), "loss": 1.0 / s, "average": 0.5, "lr": [1e-4, 5e-5],
+       "seconds": 0.5} for s in range(1, 5)),
+    {"event": "sample", "path": "/runs/sample/a_e000001.png"},
+    {"event": "saved", "path": "/runs/star-000001.safetensors"},
+    {"event": "validation", "step": 4, "loss": 0.3},
+]
+
+
+def test_progress_eta_and_series():
+    view = view_of(EVENTS, "running")
+    assert (view.step, view.total, view.epoch) == (4, 10, 1)
+    assert view.eta_seconds == 6 * 0.5
+    assert [step for step, _ in view.loss] == [1, 2, 3, 4] and view.validation == [(4, 0.3)]
+    assert view.learning_rate == [1e-4, 5e-5]
+    text = progress_text(view)
+    assert "step 4/10 (40%)" in text and "2.00 it/s" in text and "ETA 0:03" in text and "lr 1.00e-04 / 5.00e-05" in text
+
+
+def test_end_gives_the_recommended_epoch_and_files():
+    view = view_of([*EVENTS, {"event": "end", "files": [], "recommended_epoch": 3, "reason": "lowest validation loss"}], "finished")
+    assert view.samples == ["/runs/sample/a_e000001.png"] and view.files == ["/runs/star-000001.safetensors"]
+    assert "Recommended epoch: **3** (lowest validation loss)" in progress_text(view)
+    assert "ETA" not in progress_text(view)
+
+
+def test_failed_job_shows_the_trainer_error_or_the_store_message():
+    assert view_of([{"event": "error", "message": "loss became nan"}], "failed", "exit 1").error == "loss became nan"
+    assert view_of([], "failed", "CUDA out of memory").error == "CUDA out of memory"
+    assert "**Error:** CUDA out of memory" in progress_text(view_of([], "failed", "CUDA out of memory"))
+
+
+def test_caching_phase_before_the_first_step():
+    view = view_of(EVENTS[:2], "running")
+    assert "caching latents 3/16" in progress_text(view)
+
+
+def test_reading_an_event_file_ignores_a_half_written_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in EVENTS) + '{"event": "step", "st', encoding="utf-8")
+    assert read_view(path, "running").step == 4
+
+
+def test_loss_plot_draws_the_curve():
+    empty, drawn = loss_plot(view_of([], "queued")), loss_plot(view_of(EVENTS, "running"))
+    assert empty.size == drawn.size == (640, 240)
+    assert drawn.getcolors(1 << 16) != empty.getcolors(1 << 16)

@@ -1,0 +1,107 @@
+"""Presets and VRAM tiers fill options the trainer accepts; preset files and Kohya TOML round-trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_trainer.app import presets
+from lora_trainer.app.form import ALGORITHMS, form_to_options, parse_extra_options
+from lora_trainer.errors import UserError
+from lora_trainer.networks.spec import spec_from_kohya
+from lora_trainer.training.options import options_from, read_config_file
+
+PATHS = {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": "dataset"}
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+@pytest.mark.parametrize("tier", [presets.NO_TIER, *presets.VRAM_TIERS])
+def test_every_preset_and_tier_is_a_valid_run(name, tier):
+    for sdxl in (False, True):
+        options = options_from({**presets.preset_options(name, tier, sdxl), **PATHS})
+        if tier in ("6 GB", "8 GB"):
+            assert options.gradient_checkpointing and options.train_batch_size == 1 and options.optimizer_type == "AdamW8bit"
+        if sdxl and tier != presets.NO_TIER:
+            assert options.resolution in ("768", "1024")
+
+
+def test_strength_guidance_matches_what_users_expect():
+    weights = {name: preset.preferred_weight for name, preset in presets.PRESETS.items()}
+    assert weights["character"] == 0.7 and weights["style"] == 0.45 and weights["object"] >= 1
+    assert weights["clothing"] < weights["character"]
+    assert "0.6–0.8" in presets.PRESETS["character"].guidance and "0.4–0.5" in presets.PRESETS["style"].guidance
+
+
+def test_the_smallest_tier_trains_the_unet_only():
+    options = presets.preset_options("character", "6 GB")
+    assert options["network_train_unet_only"] and "text_encoder_lr" not in options
+
+
+def test_unknown_preset_or_tier_is_a_user_error():
+    with pytest.raises(UserError, match="preset"):
+        presets.preset_options("portrait")
+    with pytest.raises(UserError, match="VRAM tier"):
+        presets.preset_options("style", "4 GB")
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_each_algorithm_becomes_sd_scripts_network_options(algorithm):
+    options = form_to_options({**PATHS, "checkpoint": "base.safetensors", "dataset": "d", "algorithm": algorithm,
+                               "network_dim": 8, "network_alpha": 4}, "concept")
+    spec = spec_from_kohya(options["network_module"], options["network_dim"], options["network_alpha"], options.get("network_args"))
+    expected = {"LoRA": "lora", "LoCon": "lora", "LoHa": "loha", "LoKr": "lokr", "DyLoRA": "dylora", "DoRA": "lora"}[algorithm]
+    assert spec.algorithm == expected
+    assert spec.dora == (algorithm == "DoRA")
+    assert (spec.conv_dim is not None and spec.conv_dim > 0) == (algorithm in ("LoCon", "LoHa", "LoKr"))
+
+
+def test_form_overrides_the_preset_and_the_advanced_box_overrides_the_form():
+    options = form_to_options({"checkpoint": "m.safetensors", "dataset": "d", "epochs": "3", "network_dim": 4, "text_encoder_lr": 0,
+                               "resolution": "64", "extra": "noise_offset = 0.05\nnetwork_dim = 2"}, "style", "24 GB")
+    assert options["max_train_epochs"] == 3 and options["network_dim"] == 2 and options["noise_offset"] == 0.05
+    assert options["network_train_unet_only"] and "text_encoder_lr" not in options
+    assert options["min_bucket_reso"] == 64  # the bucket range follows a small resolution
+    assert options["train_batch_size"] == 4  # from the tier
+    options_from(options)
+
+
+def test_advanced_box_errors_name_the_box():
+    with pytest.raises(UserError, match="Advanced options"):
+        parse_extra_options("noise_offset = ")
+    assert parse_extra_options('{"seed": 3}') == {"seed": 3}
+    with pytest.raises(UserError, match="whole number"):
+        form_to_options({"epochs": "2.5"}, "style")
+
+
+def test_preset_file_round_trip(tmp_path):
+    source = presets.PresetFile("My character", presets.preset_options("character"), 0.7, "Use at 0.7.")
+    path = presets.write_preset_file(source, tmp_path / "mine.preset.toml")
+    loaded = presets.read_preset_file(path)
+    assert loaded.options == source.options and loaded.preferred_weight == 0.7 and loaded.title == "My character"
+
+
+def test_broken_preset_file_says_so(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[options]\nnetwork_dimm = 4\n", encoding="utf-8")
+    with pytest.raises(UserError, match="did you mean network_dim"):
+        presets.read_preset_file(path)
+
+
+def test_kohya_toml_import_export_round_trip(tmp_path):
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text('[model_arguments]\npretrained_model_name_or_path = "base.safetensors"\n'
+                     '[dataset_arguments]\ntrain_data_dir = "train"\nresolution = "512,512"\nshuffle_caption = true\n'
+                     '[training_arguments]\nmax_train_epochs = 6\noptimizer_type = "AdamW8bit"\n'
+                     '[network_arguments]\nnetwork_module = "networks.lora"\nnetwork_dim = 16\nnetwork_alpha = 8\n', encoding="utf-8")
+    imported = presets.import_kohya_toml(kohya)
+    exported = presets.export_kohya_toml(imported, tmp_path / "out.toml")
+    assert read_config_file(exported) == imported
+    command = presets.command_for(imported)
+    assert command.startswith("accelerate launch train_network.py") and "--network_dim 16" in command
+    assert presets.command_for(imported, sdxl=True).startswith("accelerate launch sdxl_train_network.py")
+
+
+def test_kohya_dataset_config_imports_as_dataset_config(tmp_path):
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text('[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 512\n[[datasets.subsets]]\n'
+                       'image_dir = "img"\nnum_repeats = 10\n', encoding="utf-8")
+    assert presets.import_kohya_toml(dataset) == {"dataset_config": str(dataset.resolve())}
