@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw, ImageFont
 from ..hashing import short_hash
 from ..networks.apply import MergedNetworks, Strength
 from ..networks.files import read_network
-from ..safe_io import atomic_path
 from ..sampling.txt2img import GenerationSettings, txt2img, write_png
 from .axes import EpochFile, check_size
 
@@ -29,6 +28,7 @@ class GridResult:
     switching_seconds: float
     path: Path | None = None
     cell_paths: list[Path] = field(default_factory=list)
+    stopped: bool = False  # interrupted: the cells not generated are grey
 
 
 def _font(size: int):
@@ -38,24 +38,48 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "") -> Image.Image:
-    """Cells with column labels on top, row labels on the left, and a title line."""
+def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
+             legend: str = "") -> Image.Image:
+    """Cells with column labels on top, row labels on the left (labels may have several lines), a title line above
+    and a legend line below."""
     width, height = cells[0][0].size
     font_size = max(10, width // 8)
     font = _font(font_size)
-    label_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in row_labels) + 12
-    top = font_size * 2 + 8 + (font_size + 6 if title else 0)
-    grid = Image.new("RGB", (label_width + width * len(column_labels), top + height * len(row_labels)), "white")
+    line = font_size + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(int(measure.textlength(part, font=font)) for t in row_labels for part in t.split("\n")) + 12
+    column_lines = max((label.count("\n") + 1 for label in column_labels), default=1)
+    title_height = line + 4 if title else 0
+    top = title_height + column_lines * line + 8
+    total_width = label_width + width * len(column_labels)
+    legend_lines = _wrap(legend, font, total_width - 12, measure) if legend else []
+    bottom = len(legend_lines) * line + 4 if legend else 0
+    grid = Image.new("RGB", (total_width, top + height * len(row_labels) + bottom), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((6, 4), title, fill="black", font=font)
     for c, label in enumerate(column_labels):
-        draw.text((label_width + c * width + 4, top - font_size - 6), label, fill="black", font=font)
+        draw.multiline_text((label_width + c * width + 4, title_height + 4), label, fill="black", font=font, spacing=4)
     for r, label in enumerate(row_labels):
-        draw.text((6, top + r * height + height // 2 - font_size // 2), label, fill="black", font=font)
+        lines = label.count("\n") + 1
+        draw.multiline_text((6, top + r * height + height // 2 - lines * line // 2), label, fill="black", font=font, spacing=4)
         for c, cell in enumerate(cells[r]):
             grid.paste(cell, (label_width + c * width, top + r * height))
+    if legend_lines:
+        draw.multiline_text((6, top + height * len(row_labels) + 2), "\n".join(legend_lines), fill="black", font=font, spacing=4)
     return grid
+
+
+def _wrap(text: str, font, width: int, measure) -> list[str]:
+    """Lines no wider than ``width``, broken after commas (a legend lists ``name: hash, name: hash``)."""
+    lines = [""]
+    for part in text.split(", "):
+        candidate = f"{lines[-1]}, {part}" if lines[-1] else part
+        if lines[-1] and measure.textlength(candidate, font=font) > width:
+            lines.append(part)
+        else:
+            lines[-1] = candidate
+    return lines
 
 
 def epoch_strength_grid(model, settings: GenerationSettings, epochs: list[EpochFile], strengths: list[float],
@@ -97,18 +121,17 @@ def epoch_strength_grid(model, settings: GenerationSettings, epochs: list[EpochF
     image = assemble(cells, [e.label for e in epochs], columns, title)
     result = GridResult(image, cells, time.perf_counter() - started, switching)
     if out is not None:
-        result.path, result.cell_paths = _save(image, cells, infos, Path(out))
+        result.path, result.cell_paths = save_grid(image, cells, infos, Path(out), title)
     return result
 
 
-def _save(image: Image.Image, cells, infos, folder: Path) -> tuple[Path, list[Path]]:
+def save_grid(image: Image.Image, cells, infos, folder: Path, grid_infotext: str = "") -> tuple[Path, list[Path]]:
+    """Every cell as a PNG with its own infotext, and the grid (with the title and LoRA legend as its text)."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = []
     for r, (row, row_infos) in enumerate(zip(cells, infos)):
         for c, (cell, text) in enumerate(zip(row, row_infos)):
             paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
-    grid_path = folder / f"grid-{stamp}.png"
-    with atomic_path(grid_path) as temporary:
-        image.save(temporary, format="PNG")
+    grid_path = write_png(image, folder / f"grid-{stamp}.png", grid_infotext)
     return grid_path, paths

@@ -1,0 +1,358 @@
+"""Grids as data: a request (two axes, a LoRA or training run, the generation settings) becomes a plan of cells,
+each one complete ``GenerationSettings`` whose prompt carries the ``<lora:…>`` tags; ``run_grid`` sends the cells
+to a host (``app.host.Host``: our own sampler standalone, the WebUI's txt2img there), so a cell is exactly the
+image a user later gets by typing that prompt.
+
+Axis kinds: ``epoch`` (files of a training run, found automatically), ``strength`` (lists or ranges as in the X/Y/Z
+plot), ``lora`` (LoRA names, two such axes combine a character and a style), ``prompt`` (Prompt S/R: the first
+value is searched in the prompt and replaced by each value), ``seed`` and ``checkpoint`` ("trained on the base
+model, used on a fine-tune"). Every cell shares the seed unless the seed is an axis; the baseline column shows the
+row without the LoRA(s) the columns bring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from PIL import Image
+
+from ..errors import UserError
+from ..safe_io import atomic_path, write_text
+from ..sampling.txt2img import GenerationSettings
+from .axes import EpochFile, check_size, parse_values, run_files
+from .render import GridResult, assemble, save_grid
+
+AXIS_KINDS = ("epoch", "strength", "lora", "prompt", "seed", "checkpoint")
+LOSSES_KEY = "lora_trainer.losses"  # written by the trainer (training/trainer.py, judgement())
+
+
+class LoraResolver(Protocol):
+    def resolve(self, name: str) -> Path | None: ...
+
+
+@dataclass
+class AxisSpec:
+    kind: str
+    values: list[str] = field(default_factory=list)  # epoch: empty = every file of the run
+
+
+@dataclass
+class GridRequest:
+    x: AxisSpec
+    y: AxisSpec
+    settings: GenerationSettings
+    lora: str = ""  # the LoRA or training run the axes vary around: a name the host knows or a file path
+    strength: float = 1.0  # used where no axis sets the strength
+    checkpoint: str | None = None  # host checkpoint title; None: the host's current one
+    baseline: bool = True
+    confirmed: bool = False
+
+
+@dataclass(frozen=True)
+class EpochLoss:
+    training: float | None
+    validation: float | None
+
+
+@dataclass(frozen=True)
+class GridCell:
+    settings: GenerationSettings
+    checkpoint: str | None
+    loras: tuple[tuple[Path, float], ...]  # what the prompt's tags resolve to
+
+    @property
+    def key(self) -> tuple:
+        s = self.settings
+        return (s.prompt, s.negative_prompt, s.seed, s.steps, s.sampler, s.cfg_scale, s.width, s.height, self.checkpoint)
+
+
+@dataclass
+class GridPlan:
+    cells: list[list[GridCell]]
+    row_labels: list[str]
+    column_labels: list[str]
+    title: str
+    legend: str  # "Lora hashes" of every file the grid uses
+    files: list[Path]
+    epoch_losses: dict[Path, EpochLoss] = field(default_factory=dict)
+    best_epoch: Path | None = None  # the trainer's recommendation among the grid's epoch files
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return len(self.cells), len(self.cells[0]) if self.cells else 0
+
+
+@dataclass(frozen=True)
+class _AxisValue:
+    label: str
+    loras: tuple[Path, ...] = ()  # LoRA files this value adds (epoch, lora)
+    strength: float | None = None
+    prompt: tuple[str, str] | None = None  # (search, replacement)
+    seed: int | None = None
+    checkpoint: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading axes.
+
+
+def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
+    """Each epoch file's training/validation loss as the trainer recorded it (any file of the run holds the losses
+    up to its own epoch)."""
+    recorded: dict[str, dict] = {}
+    for file in files:
+        text = _metadata(file.path).get(LOSSES_KEY)
+        try:
+            data = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            continue
+        for kind in ("epoch_training_loss", "epoch_validation_loss"):
+            recorded.setdefault(kind, {}).update(data.get(kind) or {})
+    losses = {}
+    for file in files:
+        if file.epoch is None:
+            continue
+        key = str(file.epoch)
+        train, validation = recorded.get("epoch_training_loss", {}).get(key), recorded.get("epoch_validation_loss", {}).get(key)
+        if train is not None or validation is not None:
+            losses[file.path] = EpochLoss(train, validation)
+    return losses
+
+
+def best_epoch(files: list[EpochFile], losses: dict[Path, EpochLoss]) -> Path | None:
+    """The trainer's recommendation (lowest validation loss, else the knee of the training loss) among ``files``."""
+    from ..training.evaluation import recommend_epoch
+
+    measured = [f for f in files if f.path in losses and losses[f.path].training is not None]
+    if not measured:
+        return None
+    advice = recommend_epoch([losses[f.path].training for f in measured], [losses[f.path].validation for f in measured])
+    return measured[advice.epoch - 1].path if advice else None
+
+
+def loss_text(loss: EpochLoss | None) -> str:
+    if loss is None:
+        return ""
+    if loss.validation is not None:
+        return f"val loss {loss.validation:.4f}"
+    return f"loss {loss.training:.4f}" if loss.training is not None else ""
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # a .pt file or a broken one: no metadata, name-based labels
+        return {}
+
+
+def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA") -> Path:
+    """A LoRA as the host will find it from ``<lora:stem>``: by name, or a file path whose stem the host resolves to
+    that same file."""
+    text = name.strip()
+    if not text:
+        raise UserError(f"{field_name}: no LoRA given; pick a training run or type a LoRA name")
+    path = Path(text)
+    if path.suffix and path.is_file():
+        found = library.resolve(path.stem)
+        if found is None or Path(found).resolve() != path.resolve():
+            raise UserError(f"{field_name}: {path} is not in the Lora folder the generator reads; "
+                            "copy or promote it there (or add its folder to the Lora folders) and refresh")
+        return path.resolve()
+    found = library.resolve(text)
+    if found is None:
+        raise UserError(f"{field_name}: no LoRA named {text!r} in the Lora folder; check the name or press refresh")
+    return Path(found).resolve()
+
+
+def _run_of(request: GridRequest, library: LoraResolver) -> list[EpochFile]:
+    return run_files(resolve_lora(request.lora, library, "training run"))
+
+
+def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver) -> tuple[list[_AxisValue], list[EpochFile]]:
+    values = [v for v in (str(v).strip() for v in axis.values) if v]
+    if axis.kind == "epoch":
+        files = _run_of(request, library)
+        if values:
+            wanted = {int(v) for v in values if v.isdigit()}
+            unknown = [v for v in values if not v.isdigit()]
+            if unknown:
+                raise UserError(f"epoch axis: {', '.join(unknown)} is not an epoch number; give numbers such as 2, 4, 6")
+            files = [f for f in files if f.epoch in wanted]
+        if not files:
+            raise UserError(f"epoch axis: none of the epochs {', '.join(values)} is among the run's files")
+        losses = epoch_losses(files)
+        labels = [f.label + (f"\n{loss_text(losses.get(f.path))}" if f.path in losses else "") for f in files]
+        return [_AxisValue(label, loras=(f.path,)) for f, label in zip(files, labels)], files
+    if axis.kind == "strength":
+        return [_AxisValue(f"strength {s:g}", strength=s) for s in parse_values(", ".join(values))], []
+    if axis.kind == "lora":
+        return [_AxisValue(Path(resolve_lora(v, library, "LoRA axis")).stem, loras=(resolve_lora(v, library, "LoRA axis"),))
+                for v in values], []
+    if axis.kind == "prompt":
+        if values and values[0] not in request.settings.prompt:
+            raise UserError(f"prompt axis: {values[0]!r} (the first value) does not occur in the prompt; "
+                            "the first value is the text each value replaces, as in Prompt S/R")
+        return [_AxisValue(v, prompt=(values[0], v)) for v in values], []
+    if axis.kind == "seed":
+        try:
+            return [_AxisValue(f"seed {int(v)}", seed=int(v)) for v in values], []
+        except ValueError:
+            raise UserError(f"seed axis: {', '.join(values)} must be whole numbers") from None
+    if axis.kind == "checkpoint":
+        return [_AxisValue(Path(v).stem if Path(v).suffix else v, checkpoint=v) for v in values], []
+    raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan.
+
+
+def _cell(request: GridRequest, seed: int, parts: list[_AxisValue], fallback_lora: Path | None) -> GridCell:
+    loras = tuple(path for part in parts for path in part.loras)
+    if not any(part.loras for part in parts) and fallback_lora is not None:
+        loras = (fallback_lora,)
+    strength = next((p.strength for p in parts if p.strength is not None), request.strength)
+    prompt = request.settings.prompt
+    for part in parts:
+        if part.prompt:
+            prompt = prompt.replace(*part.prompt)
+    cell_seed = next((p.seed for p in parts if p.seed is not None), seed)
+    checkpoint = next((p.checkpoint for p in parts if p.checkpoint is not None), request.checkpoint)
+    tags = "".join(f" <lora:{path.stem}:{strength:g}>" for path in loras)
+    settings = dataclasses.replace(request.settings, prompt=prompt + tags, seed=cell_seed, batch_size=1)
+    return GridCell(settings, checkpoint, tuple((path, strength) for path in loras))
+
+
+def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
+    """Cells row by row (y values), columns = baseline (optional) + x values. Raises UserError for an empty axis, an
+    unknown LoRA, and more than 400 cells unless ``request.confirmed``."""
+    for axis in (request.x, request.y):
+        if axis.kind not in AXIS_KINDS:
+            raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}")
+        if axis.kind != "epoch" and not [v for v in axis.values if str(v).strip()]:
+            raise UserError(f"the {axis.kind} axis has no values")
+    xs, x_files = _axis_values(request.x, request, library)
+    ys, y_files = _axis_values(request.y, request, library)
+    check_size(len(ys), len(xs) + int(request.baseline), request.confirmed)
+    brings_lora = any(axis.kind in ("epoch", "lora") for axis in (request.x, request.y))
+    fallback = None if brings_lora else resolve_lora(request.lora, library)
+    seed = request.settings.resolved_seed()
+
+    cells = []
+    for y in ys:
+        row = []
+        if request.baseline:
+            row.append(_baseline(request, seed, y))
+        row += [_cell(request, seed, [x, y], fallback) for x in xs]
+        cells.append(row)
+
+    files = list(dict.fromkeys(path for row in cells for cell in row for path, _ in cell.loras))
+    epoch_files = x_files or y_files
+    losses = epoch_losses(epoch_files) if epoch_files else {}
+    x_name = xs[0].label if request.x.kind == "lora" and len(xs) == 1 else "LoRA"
+    baseline_label = "no LoRA" if request.x.kind != "lora" else f"without {x_name}"
+    s = request.settings
+    title = f"{s.prompt} | seed {seed} | {s.sampler}, {s.steps} steps, CFG {s.cfg_scale:g}, {s.width}x{s.height}"
+    return GridPlan(
+        cells=cells,
+        row_labels=[y.label for y in ys],
+        column_labels=([baseline_label] if request.baseline else []) + [x.label for x in xs],
+        title=title,
+        legend=lora_hashes(files),
+        files=files,
+        epoch_losses=losses,
+        best_epoch=best_epoch(epoch_files, losses) if epoch_files else None,
+    )
+
+
+def _baseline(request: GridRequest, seed: int, y: _AxisValue) -> GridCell:
+    """The row without what the columns bring: when the columns are LoRAs (LoRA A × B, epochs × a style) the row's
+    own LoRA stays; otherwise no LoRA at all, with the row's prompt, seed and checkpoint."""
+    if request.x.kind in ("epoch", "lora"):
+        return _cell(request, seed, [y], None)
+    return _cell(request, seed, [dataclasses.replace(y, loras=())], None)
+
+
+def lora_hashes(files: list[Path]) -> str:
+    """The infotext's ``Lora hashes`` value: ``name: addnet hash`` (the first 12 hex digits of the tensor data's
+    SHA-256, which the WebUI shows and civitai looks up)."""
+    from ..networks.tools.inspect import tensor_data_sha256
+
+    return ", ".join(f"{path.stem}: {tensor_data_sha256(path)[:12]}" for path in files)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a plan through a host.
+
+
+def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[int, int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> GridResult:
+    """Generate every cell through ``host.generate`` (identical cells once), between cells honouring ``should_stop``
+    and the host's Interrupt, then assemble the grid and save it and every cell with infotext. An interrupted grid
+    keeps the cells done so far (the others grey) and says so in ``GridResult.stopped``."""
+    started = time.perf_counter()
+    switching_before = getattr(host, "switching_seconds", 0.0)  # hosts that merge LoRAs themselves measure it
+    unique = list(dict.fromkeys(cell.key for row in plan.cells for cell in row))
+    done: dict[tuple, object] = {}
+    stopped = False
+    by_key = {cell.key: cell for row in plan.cells for cell in row}
+    for index, key in enumerate(unique):
+        if (should_stop and should_stop()) or host.interrupted():
+            stopped = True
+            break
+        cell = by_key[key]
+        done[key] = host.generate(cell.settings, cell.checkpoint)
+        if progress:
+            progress(index + 1, len(unique))
+    width, height = plan.cells[0][0].settings.width, plan.cells[0][0].settings.height
+    blank = Image.new("RGB", (width, height), (128, 128, 128))
+    images = [[done[c.key].image if c.key in done else blank for c in row] for row in plan.cells]
+    infos = [[done[c.key].infotext if c.key in done else "" for c in row] for row in plan.cells]
+    legend = f"Lora hashes: {plan.legend}" if plan.legend else ""
+    grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend)
+    switching = getattr(host, "switching_seconds", 0.0) - switching_before
+    result = GridResult(grid, images, time.perf_counter() - started, switching, stopped=stopped)
+    if out_folder is not None:
+        result.path, result.cell_paths = save_grid(grid, images, infos, Path(out_folder), plan.title + "\n" + legend)
+    return result
+
+
+def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: float) -> Path:
+    """Copy the chosen epoch into the Lora folder as ``<final_name>.safetensors`` (atomically) and record
+    ``strength`` as the card's preferred weight in ``<final_name>.json``, keeping the card's other fields."""
+    from ..app.paths import plain_name
+
+    epoch_file, lora_folder = Path(epoch_file), Path(lora_folder)
+    if not epoch_file.is_file():
+        raise UserError(f"promote: {epoch_file} does not exist")
+    name = plain_name(final_name, "final name")
+    target = lora_folder / f"{name}{epoch_file.suffix}"
+    if target.exists() and target.resolve() == epoch_file.resolve():
+        copied = target
+    else:
+        with atomic_path(target) as temporary:
+            shutil.copyfile(epoch_file, temporary)
+        copied = target
+    card_path = copied.with_suffix(".json")
+    card = {}
+    if card_path.exists():
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8-sig"))
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"promote: {card_path} is not valid JSON; fix or delete it, then promote again") from None
+    if not card:
+        from ..app.user_metadata import card_metadata, read_metadata
+
+        card = card_metadata(read_metadata(copied), {}) if copied.suffix == ".safetensors" else {}
+    card["preferred weight"] = float(strength)
+    write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
+    return copied

@@ -1,0 +1,65 @@
+"""The standalone host applies exactly the prompt's LoRAs on our own model and leaves the base model bit-exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from lora_trainer.app.standalone_host import EMBEDDED_TITLE, StandaloneHost
+from lora_trainer.grid.bench import make_epoch_files
+from lora_trainer.models.checkpoint import load_checkpoint
+from lora_trainer.sampling.txt2img import GenerationSettings
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+SETTINGS = GenerationSettings("zkstar", steps=1, sampler="Euler", cfg_scale=5.0, seed=3, width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    make_epoch_files(folder, "tinylora", epochs=1)
+    return StandaloneHost([], [folder])
+
+
+def pixels(host, prompt: str) -> np.ndarray:
+    return np.asarray(host.generate(dataclasses.replace(SETTINGS, prompt=prompt)).image)
+
+
+def test_loras_are_applied_and_removed_exactly(host):
+    base = pixels(host, "zkstar")
+    assert not np.array_equal(pixels(host, "zkstar <lora:tinylora:1>"), base)
+    half = pixels(host, "zkstar <lora:tinylora:0.5>")  # only the strength changed: the difference is applied
+    assert not np.array_equal(half, base)
+    assert np.array_equal(pixels(host, "zkstar <lora:tinylora:0>"), base)
+    assert np.array_equal(pixels(host, "zkstar"), base)
+    fresh = load_checkpoint(TINY_MODEL_PATH).unet.state_dict()
+    assert all(torch.equal(value, fresh[key]) for key, value in host._model.unet.state_dict().items())
+    assert host.switching_seconds > 0
+
+
+def test_infotext_has_lora_hashes_and_a_missing_lora_is_skipped_with_one_warning(host):
+    image = host.generate(dataclasses.replace(SETTINGS, prompt="zkstar <lora:tinylora:1>"))
+    assert 'Lora hashes: "tinylora: ' in image.infotext and "Model: tiny-sd" in image.infotext
+    host.take_warnings()
+    base = pixels(host, "zkstar")
+    assert np.array_equal(pixels(host, "zkstar <lora:nosuch:1>"), base)
+    assert np.array_equal(pixels(host, "zkstar <lora:nosuch:0.5>"), base)
+    warnings = host.take_warnings()
+    assert len(warnings) == 1 and "'nosuch' not found" in warnings[0]
+
+
+def test_checkpoints_interrupt_and_gpu_release(host):
+    assert host.checkpoints()[EMBEDDED_TITLE] == TINY_MODEL_PATH
+    assert host.generation_defaults().width == 64
+    host.interrupt()
+    assert host.interrupted()
+    host.clear_interrupt()
+    assert not host.interrupted()
+    host.generate(SETTINGS)
+    host.release_gpu()
+    assert host.loaded_checkpoint is None
+    host.restore_gpu()
+    assert host.loaded_checkpoint == TINY_MODEL_PATH.resolve()

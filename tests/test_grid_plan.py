@@ -1,0 +1,141 @@
+"""Grid plans for every axis kind, run through the standalone host on the tiny model, and promoting the winner."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_trainer.app.standalone_host import StandaloneHost
+from lora_trainer.errors import UserError
+from lora_trainer.grid.bench import make_epoch_files
+from lora_trainer.grid.plan import AxisSpec, GridRequest, plan_grid, promote, run_grid
+from lora_trainer.networks.activation import LoraLibrary
+from lora_trainer.sampling.txt2img import GenerationSettings
+
+SETTINGS = GenerationSettings("zkstar, shapes", steps=1, sampler="Euler", cfg_scale=5.0, seed=7, width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    make_epoch_files(folder, "tinylora", epochs=2, seed=0)
+    make_epoch_files(folder, "style", epochs=1, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def library(loras):
+    return LoraLibrary([loras])
+
+
+def request(x: AxisSpec, y: AxisSpec, **changes) -> GridRequest:
+    return GridRequest(x, y, **{"settings": SETTINGS, "lora": "tinylora", **changes})
+
+
+def prompts(plan) -> list[list[str]]:
+    return [[cell.settings.prompt for cell in row] for row in plan.cells]
+
+
+def test_epoch_by_strength_finds_the_run_files_and_adds_a_baseline_column(library):
+    plan = plan_grid(request(AxisSpec("strength", ["0.5-1.0 (+0.5)"]), AxisSpec("epoch", [])), library)
+    assert prompts(plan) == [
+        ["zkstar, shapes", "zkstar, shapes <lora:tinylora-000001:0.5>", "zkstar, shapes <lora:tinylora-000001:1>"],
+        ["zkstar, shapes", "zkstar, shapes <lora:tinylora:0.5>", "zkstar, shapes <lora:tinylora:1>"],
+    ]
+    assert {cell.settings.seed for row in plan.cells for cell in row} == {7}
+    assert plan.column_labels == ["no LoRA", "strength 0.5", "strength 1"]
+    # labels from ss_epoch/ss_steps, with the validation loss the trainer recorded under each epoch
+    assert plan.row_labels == ["epoch 1 (10 steps)\nval loss 0.1500", "epoch 2 (20 steps)\nval loss 0.1700"]
+    assert plan.best_epoch.name == "tinylora-000001.safetensors"  # lowest validation loss
+    assert plan.legend.startswith("tinylora-000001: ") and ", tinylora: " in plan.legend
+
+
+def test_chosen_epochs_only_and_a_random_seed_is_fixed_once_for_every_cell(library):
+    plan = plan_grid(request(AxisSpec("epoch", ["2"]), AxisSpec("strength", ["1"]),
+                             settings=dataclasses.replace(SETTINGS, seed=-1), baseline=False), library)
+    assert prompts(plan) == [["zkstar, shapes <lora:tinylora:1>"]]
+    assert plan.cells[0][0].settings.seed >= 0
+
+
+def test_lora_a_by_lora_b_combines_both_and_the_baseline_keeps_the_row_lora(library):
+    plan = plan_grid(request(AxisSpec("lora", ["style"]), AxisSpec("lora", ["tinylora-000001", "tinylora"]), lora="",
+                             strength=0.8), library)
+    assert prompts(plan)[0] == ["zkstar, shapes <lora:tinylora-000001:0.8>",
+                                "zkstar, shapes <lora:style:0.8> <lora:tinylora-000001:0.8>"]
+    assert plan.column_labels == ["without style", "style"]
+
+
+def test_prompt_axis_replaces_the_first_value_like_prompt_sr_and_seed_axis_sets_row_seeds(library):
+    plan = plan_grid(request(AxisSpec("prompt", ["shapes", "circle"]), AxisSpec("seed", ["1", "2"]), baseline=False),
+                     library)
+    assert prompts(plan)[0] == ["zkstar, shapes <lora:tinylora:1>", "zkstar, circle <lora:tinylora:1>"]
+    assert [[c.settings.seed for c in row] for row in plan.cells] == [[1, 1], [2, 2]]
+    with pytest.raises(UserError, match="does not occur in the prompt"):
+        plan_grid(request(AxisSpec("prompt", ["square", "circle"]), AxisSpec("seed", ["1"])), library)
+
+
+def test_checkpoint_axis_sends_each_column_to_its_checkpoint(library):
+    plan = plan_grid(request(AxisSpec("checkpoint", ["base.safetensors", "finetune.safetensors"]),
+                             AxisSpec("strength", ["1"])), library)
+    assert [c.checkpoint for c in plan.cells[0]] == [None, "base.safetensors", "finetune.safetensors"]
+    assert plan.column_labels == ["no LoRA", "base", "finetune"]
+
+
+def test_bad_grids_are_refused_and_big_ones_need_confirmation(library):
+    with pytest.raises(UserError, match="no values"):
+        plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)
+    with pytest.raises(UserError, match="no LoRA named 'nosuch'"):
+        plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="nosuch"), library)
+    big = request(AxisSpec("strength", ["0-1 [20]"]), AxisSpec("seed", [str(i) for i in range(20)]))
+    with pytest.raises(UserError, match="confirm"):
+        plan_grid(big, library)
+    assert plan_grid(dataclasses.replace(big, confirmed=True), library).size == (20, 21)
+
+
+def test_run_grid_on_the_tiny_model_gives_the_images_users_later_get(library, loras, tmp_path):
+    host = StandaloneHost([], [loras])
+    plan = plan_grid(request(AxisSpec("strength", ["0, 1"]), AxisSpec("epoch", ["2"])), library)
+    seen = []
+    result = run_grid(host, plan, tmp_path / "grid", progress=lambda done, total: seen.append((done, total)))
+    baseline, zero, full = (np.asarray(image) for image in result.cells[0])
+    assert np.array_equal(zero, baseline)  # strength 0 is the base model, bit for bit
+    assert not np.array_equal(full, baseline)
+    assert seen[-1] == (3, 3) and not result.stopped
+    # a cell is what the same prompt gives when generated alone, on a fresh host
+    alone = StandaloneHost([], [loras]).generate(plan.cells[0][2].settings)
+    assert np.array_equal(np.asarray(alone.image), full)
+    assert result.path.is_file() and len(result.cell_paths) == 3
+    saved = Image.open(result.cell_paths[2]).text["parameters"]
+    assert "<lora:tinylora:1>" in saved and 'Lora hashes: "tinylora: ' in saved and "Seed: 7" in saved
+    assert "Lora hashes: tinylora: " in Image.open(result.path).text["parameters"]
+
+
+def test_an_interrupted_grid_keeps_the_cells_done(library, loras):
+    host = StandaloneHost([], [loras])
+    plan = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["2"])), library)
+    calls = []
+    result = run_grid(host, plan, None, should_stop=lambda: calls.append(1) or len(calls) > 1)
+    assert result.stopped and result.path is None
+    assert np.asarray(result.cells[0][1]).std() == 0  # not generated: grey
+
+
+def test_promote_copies_the_epoch_and_writes_the_preferred_weight(loras, tmp_path):
+    lora_folder = tmp_path / "Lora"
+    lora_folder.mkdir()
+    (lora_folder / "mychar.json").write_text(json.dumps({"activation text": "zkstar", "preferred weight": 1}),
+                                             encoding="utf-8")
+    copied = promote(loras / "tinylora-000001.safetensors", lora_folder, "mychar", 0.7)
+    assert copied == lora_folder / "mychar.safetensors"
+    assert copied.read_bytes() == (loras / "tinylora-000001.safetensors").read_bytes()
+    card = json.loads((lora_folder / "mychar.json").read_text(encoding="utf-8"))
+    assert card == {"activation text": "zkstar", "preferred weight": 0.7}
+    fresh = promote(loras / "style.safetensors", lora_folder, "newstyle", 0.9)
+    assert json.loads(fresh.with_suffix(".json").read_text(encoding="utf-8"))["preferred weight"] == 0.9
+    with pytest.raises(UserError, match="plain file name"):
+        promote(loras / "style.safetensors", lora_folder, "../evil", 1.0)
+    shutil.rmtree(lora_folder)
