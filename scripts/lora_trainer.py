@@ -1,5 +1,5 @@
 """What the WebUI imports at start-up. Keep it light: put the extension root on sys.path and hand over to the
-package's WebUI layer. Nothing heavy is imported here, so a broken optional extra can never stop the WebUI."""
+package's WebUI layer, which only registers callbacks; tabs, API and the job runner are built inside them."""
 
 import sys
 from pathlib import Path
@@ -8,5 +8,6 @@ EXTENSION_ROOT = Path(__file__).resolve().parents[1]
 if str(EXTENSION_ROOT) not in sys.path:
     sys.path.insert(0, str(EXTENSION_ROOT))
 
-# The tabs, settings, API routes and <lora:...> hooks are registered by lora_trainer.webui (its own issues);
-# until they land the extension only makes the trainer package importable for the WebUI's Python.
+from lora_trainer.webui import extension  # noqa: E402
+
+extension.register()

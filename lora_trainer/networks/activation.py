@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,3 +256,54 @@ def _content_hash(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- rewriting tags (X/Y/Z axes, grids) ----------------------------------------------------------------------------
+
+
+def edit_lora_tags(prompt: str, edit: Callable[[list[str]], list[str]], name: str | None = None) -> str:
+    """``prompt`` with ``edit(items)`` applied to every ``<lora:…>`` tag naming ``name`` (default: the first tag's
+    name). Raises UserError when the prompt has no such tag."""
+    tags = [m for m in _EXTRA_NETWORK.finditer(prompt) if m.group(1) in TAG_NAMES]
+    if name is None and tags:
+        name = tags[0].group(2).split(":")[0].strip()
+    chosen = [m for m in tags if m.group(2).split(":")[0].strip() == name]
+    if not chosen:
+        raise UserError(f"the prompt has no <lora:{name or 'name'}:…> tag to change; add one, e.g. <lora:my_lora:1>")
+    pieces, last = [], 0
+    for m in chosen:
+        items = edit(m.group(2).split(":"))
+        pieces += [prompt[last:m.start()], f"<{m.group(1)}:{':'.join(items)}>"]
+        last = m.end()
+    return "".join(pieces) + prompt[last:]
+
+
+def with_name(new_name: str) -> Callable[[list[str]], list[str]]:
+    return lambda items: [new_name, *items[1:]]
+
+
+def with_weight(weight: float) -> Callable[[list[str]], list[str]]:
+    """Both weights (te and unet) set to ``weight``; dyn, lbw and other named arguments kept."""
+
+    def edit(items: list[str]) -> list[str]:
+        named = [i for i in items[1:] if "=" in i and i.split("=", 1)[0].strip() not in ("te", "unet")]
+        positional = [i for i in items[1:] if "=" not in i]
+        weights = [f"{weight:g}", f"{weight:g}", *positional[2:]] if len(positional) > 2 else [f"{weight:g}"]
+        return [items[0], *weights, *named]
+
+    return edit
+
+
+def with_block_weights(value: str) -> Callable[[list[str]], list[str]]:
+    """``lbw=value`` (a preset or a vector, written with commas) replacing any lbw the tag had."""
+    vector = ",".join(f"{v:g}" for v in parse_block_vector(value))
+    text = value.strip() if value.strip() in PRESETS_17 else vector
+    return lambda items: [*(i for i in items if not i.startswith("lbw=")), f"lbw={text}"]
+
+
+def run_name(name: str) -> str:
+    """The training run a LoRA name belongs to: ``cats@e3`` and ``cats-000003`` → ``cats``."""
+    if match := _EPOCH_SUFFIX.match(name):
+        return match.group("run")
+    numbered = re.match(r"^(?P<run>.+?)-\d{6}$", name)
+    return numbered.group("run") if numbered else name

@@ -1,0 +1,135 @@
+"""``<lora:…>`` in WebUI prompts, applied by merging into the loaded model's weights with exact restore.
+
+Registered by ``extension.py`` under the tag names it owns (see docs/webui.md, "Who answers <lora:…>").
+The WebUI calls ``activate`` before every batch, with an empty list when the prompt has no tag: the merged set is
+then made to equal exactly what the prompt asks for (MergedNetworks changes only what differs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from modules import extra_networks, shared
+
+from ..errors import UserError
+from ..networks.activation import LoraCall, LoraLibrary, parse_lora_call, strength_of
+from ..networks.apply import MergedNetworks, Strength
+from ..networks.files import NetworkFile, read_network
+from .model_map import checkpoint_config, merged_networks_for, sd_version_of_config
+
+log = logging.getLogger("lora_trainer")
+_REMOVE_SYMBOLS = str.maketrans("", "", ":,")  # the built-in strips these from names in "Lora hashes"
+
+
+class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
+    def __init__(self, folders: Callable[[], list[Path]]):
+        super().__init__("lora")
+        self.folders = folders
+        self.library = LoraLibrary(folders())
+        self.warnings: list[str] = []  # every warning given, once each (the console shows them too)
+        self._networks: dict[Path, tuple[int, NetworkFile]] = {}
+        self._model = None  # the WebUI model self._merged belongs to
+        self._merged: MergedNetworks | None = None
+        self._config = None
+
+    # --- WebUI interface ----------------------------------------------------------------------------------------
+
+    def activate(self, p, params_list):
+        calls = []
+        for params in params_list:
+            try:
+                calls.append(parse_lora_call(params.items))
+            except UserError as error:
+                self._warn(str(error))
+        merged = self._merged_for(shared.sd_model)
+        if merged is None:
+            return
+        wanted, hashes = [], {}
+        for call in calls:
+            found = self._network_for(call)
+            if found is None:
+                continue
+            network, strength = found
+            report = merged.check(network)
+            if not report.ok:
+                self._warn(f"<lora:{call.name}> skipped: {report.message()}")
+                continue
+            wanted.append((network, strength))
+            hashes[call.name.translate(_REMOVE_SYMBOLS)] = self.library.short_hash(network.path)
+        merged.set_networks(wanted)
+        if hashes:
+            p.extra_generation_params["Lora hashes"] = ", ".join(f"{name}: {short}" for name, short in hashes.items())
+
+    def deactivate(self, p):
+        pass  # the weights stay merged until the next activate says otherwise, as with the built-in
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        folders = self.folders()
+        if folders != self.library.folders:
+            self.library = LoraLibrary(folders)
+        self.library.refresh()
+
+    def restore(self) -> None:
+        """Every merged weight back to the checkpoint's bits (script reload, extension unloaded)."""
+        if self._merged is not None:
+            self._merged.restore()
+
+    def forget_model(self, *_) -> None:
+        """A checkpoint was loaded: its weights are fresh, so nothing is to be restored into them."""
+        self._model = self._merged = self._config = None
+
+    # --- internals ----------------------------------------------------------------------------------------------
+
+    def _merged_for(self, sd_model) -> MergedNetworks | None:
+        if sd_model is None:
+            return None
+        if sd_model is not self._model:
+            self.restore()
+            info = getattr(sd_model, "sd_checkpoint_info", None)
+            if info is None:
+                return None
+            self._config = checkpoint_config(Path(info.filename))
+            self._merged, missing = merged_networks_for(sd_model, self._config)
+            if missing:
+                log.info("LoRA Trainer: %d layers of %s not found in the loaded model (e.g. %s); LoRAs skip them",
+                         len(missing), self._config.label, missing[0])
+            self._model = sd_model
+        return self._merged
+
+    def _network_for(self, call: LoraCall) -> tuple[NetworkFile, Strength] | None:
+        path = self.library.resolve(call.name)
+        if path is None:  # a file written since the last scan (a training run's new epoch), or new settings
+            self.refresh()
+            path = self.library.resolve(call.name)
+        if path is None:
+            self._warn(f"Lora not found: {call.name}")
+            return None
+        entry = self.library.entry(call.name)
+        model_version = sd_version_of_config(self._config)
+        if entry is not None and entry.sd_version not in ("unknown", model_version):
+            self._warn(f"<lora:{call.name}> skipped: it was trained for {entry.sd_version}, the loaded model is {model_version}")
+            return None
+        try:
+            strength = strength_of(call, self._config.unet)
+            return self._read(path), strength
+        except UserError as error:
+            self._warn(f"<lora:{call.name}> skipped: {error}")
+            return None
+
+    def _read(self, path: Path) -> NetworkFile:
+        """The same NetworkFile object while the file is unchanged, so a strength change is a cheap update."""
+        mtime = path.stat().st_mtime_ns
+        cached = self._networks.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, read_network(path))
+            self._networks[path] = cached
+        return cached[1]
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            log.warning("LoRA Trainer: %s", message)

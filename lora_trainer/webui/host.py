@@ -1,0 +1,90 @@
+"""``app.host.Host`` inside the WebUI: images through its own txt2img (queue lock, progress, Interrupt), its
+checkpoint list, its Lora list and its unload/reload of the model around training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import UserError
+from ..sampling.txt2img import GeneratedImage, GenerationSettings
+from .detect import is_forge
+
+
+class WebUIHost:
+    def __init__(self, on_refresh: Callable[[], None] | None = None):
+        self.name = "forge" if is_forge() else "webui"
+        self.on_refresh = on_refresh  # our own <lora:…> handler's library rescans too
+
+    def checkpoints(self) -> dict[str, Path]:
+        from modules import sd_models
+
+        return {title: Path(info.filename) for title, info in sd_models.checkpoints_list.items()}
+
+    def generation_defaults(self) -> GenerationSettings:
+        from modules import shared
+
+        side = 1024 if getattr(shared.sd_model, "is_sdxl", False) else 512
+        return GenerationSettings(prompt="", steps=20, sampler="Euler a", cfg_scale=7.0, width=side, height=side)
+
+    def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> GeneratedImage:
+        from modules import processing, sd_models, shared
+        from modules.call_queue import queue_lock
+
+        overrides = {}
+        if checkpoint:
+            info = sd_models.checkpoints_list.get(checkpoint) or sd_models.get_closet_checkpoint_match(checkpoint)
+            if info is None:
+                raise UserError(f"checkpoint {checkpoint!r} is not in the WebUI's list; press its refresh button")
+            overrides["sd_model_checkpoint"] = info.title
+        if settings.clip_skip > 1:
+            overrides["CLIP_stop_at_last_layers"] = settings.clip_skip
+        seed = settings.resolved_seed()
+        with queue_lock:
+            shared.state.begin(job="lora_trainer")
+            try:
+                p = processing.StableDiffusionProcessingTxt2Img(
+                    sd_model=shared.sd_model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
+                    seed=seed, sampler_name=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
+                    width=settings.width, height=settings.height, batch_size=1, n_iter=1,
+                    do_not_save_samples=True, do_not_save_grid=True, override_settings=overrides)
+                p.scripts = None
+                try:
+                    processed = processing.process_images(p)
+                finally:
+                    p.close()
+            finally:
+                shared.state.end()
+        if not processed.images:
+            raise UserError("the WebUI returned no image (interrupted?)")
+        if progress:
+            progress(settings.steps, settings.steps)
+        return GeneratedImage(processed.images[0], seed, processed.infotexts[0])
+
+    def interrupted(self) -> bool:
+        from modules import shared
+
+        return bool(shared.state.interrupted or shared.state.stopping_generation)
+
+    def refresh_loras(self) -> None:
+        try:
+            import networks  # the built-in Lora extension's module, when it is loaded
+
+            networks.list_available_networks()
+        except (ImportError, AttributeError):
+            pass
+        if self.on_refresh:
+            self.on_refresh()
+
+    def release_gpu(self) -> None:
+        from modules import sd_models
+
+        if hasattr(sd_models, "unload_model_weights"):
+            sd_models.unload_model_weights()
+
+    def restore_gpu(self) -> None:
+        from modules import sd_models
+
+        if hasattr(sd_models, "reload_model_weights"):
+            sd_models.reload_model_weights()

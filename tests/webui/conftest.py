@@ -1,0 +1,109 @@
+"""The extension loaded the way the WebUI loads it, against the stand-in ``modules`` in tests/webui_stub."""
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lora_trainer.models import checkpoint
+from lora_trainer.networks.network import base_metadata, create_network, save_network
+from lora_trainer.networks.spec import NetworkSpec
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+ROOT = Path(__file__).resolve().parents[2]
+STUB = ROOT / "tests" / "webui_stub"
+_OUR_WEBUI_MODULES = ("lora_trainer.webui.extension", "lora_trainer.webui.extra_network", "lora_trainer.webui.xyz_axes",
+                      "lora_trainer.webui.host")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return checkpoint.load_checkpoint(TINY_MODEL_PATH)
+
+
+@pytest.fixture(scope="session")
+def lora_folder(tmp_path_factory, tiny_model):
+    """LoRAs for the tiny model: a two-epoch run "cats", a file whose alias differs ("dogs"), one marked SDXL."""
+    folder = tmp_path_factory.mktemp("Lora")
+    config = tiny_model.config
+
+    def make(file_name, seed, **metadata):
+        network = create_network(config, tiny_model.unet, tiny_model.text_encoders, NetworkSpec(dim=4, alpha=4))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        save_network(network.state_dict(), folder / file_name, {**base_metadata(config, network.spec, file_name), **metadata}, "fp32")
+
+    make("cats-000001.safetensors", 1, ss_output_name="cats", ss_epoch="1")
+    make("cats.safetensors", 2, ss_output_name="cats", ss_epoch="2")
+    make("renamed_file.safetensors", 3, ss_output_name="dogs", ss_epoch="1")
+    make("xl_style.safetensors", 4, ss_output_name="xl_style", ss_base_model_version="sdxl_base_v1-0")
+    return folder
+
+
+def _forget_modules():
+    for name in [n for n in sys.modules if n in ("modules", "xyz_grid.py", "lora_trainer.py") or n.startswith("modules.")]:
+        del sys.modules[name]
+    for name in _OUR_WEBUI_MODULES:
+        sys.modules.pop(name, None)
+
+
+def load_by_path(name: str, path: Path):
+    """As modules/script_loading.load_module: the module is named after the file and not put in sys.modules."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def webui_modules(tmp_path, monkeypatch, tiny_model, lora_folder):
+    """The stand-in WebUI before any extension script is loaded (X/Y/Z plot loaded, tiny model listed)."""
+    _forget_modules()
+    monkeypatch.setenv("WEBUI_STUB_ROOT", str(tmp_path / "webui"))
+    monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(STUB))
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, **_: copy.deepcopy(tiny_model))
+    from modules import call_queue, extra_networks, processing, script_callbacks, scripts, sd_models, shared
+
+    shared.cmd_opts.lora_dir = str(lora_folder)
+    xyz_path = STUB / "scripts" / "xyz_grid.py"
+    xyz = load_by_path("xyz_grid.py", xyz_path)
+    scripts.scripts_data.append(scripts.ScriptClassData(xyz.Script, str(xyz_path), str(STUB), xyz))
+    sd_models.list_models()
+    yield SimpleNamespace(shared=shared, script_callbacks=script_callbacks, extra_networks=extra_networks,
+                          processing=processing, sd_models=sd_models, scripts=scripts, xyz=xyz, call_queue=call_queue)
+    script_callbacks.script_unloaded_callback()
+    _forget_modules()
+
+
+@pytest.fixture
+def load_extension(webui_modules):
+    """Loads scripts/lora_trainer.py as the WebUI does, then runs before_ui; returns the stand-in namespace."""
+
+    def load(before_ui: bool = True):
+        webui_modules.script = load_by_path("lora_trainer.py", ROOT / "scripts" / "lora_trainer.py")
+        if before_ui:
+            webui_modules.script_callbacks.before_ui_callback()
+        return webui_modules
+
+    return load
+
+
+@pytest.fixture
+def webui(load_extension):
+    """The extension loaded and a model loaded, as after the WebUI's start-up."""
+    w = load_extension()
+    w.sd_models.load_model()
+    return w
+
+
+def txt2img(w, prompt: str, seed: int = 3):
+    p = w.processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=seed, steps=1, width=64, height=64,
+                                                      sampler_name="Euler", cfg_scale=5, do_not_save_samples=True)
+    return p, w.processing.process_images(p)

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from tests.webui.conftest import txt2img
+
+
+def pixels(processed):
+    return np.asarray(processed.images[0], dtype=np.int16)
+
+
+def differs(a, b):
+    return np.abs(pixels(a) - pixels(b)).sum() > 0
+
+
+def test_lora_changes_the_image_and_the_next_prompt_without_it_is_bit_exact(webui):
+    _, base = txt2img(webui, "a red circle")
+    p, with_lora = txt2img(webui, "a red circle <lora:cats:1>")
+    assert differs(base, with_lora)
+    assert 'Lora hashes: "cats: ' in with_lora.infotexts[0]
+    assert p.extra_generation_params["Lora hashes"].startswith("cats: ")
+    _, after = txt2img(webui, "a red circle")
+    assert np.array_equal(pixels(after), pixels(base))
+    unet = webui.shared.sd_model.model.diffusion_model
+    assert all(not p.requires_grad for p in unet.parameters())
+
+
+def test_multipliers_named_arguments_and_block_weights_each_change_the_image(webui):
+    variants = ["<lora:cats:1>", "<lora:cats:1:unet=0>", "<lora:cats:0:1>", "<lora:cats:1:lbw=INS>"]
+    images = [pixels(txt2img(webui, f"a red circle {tag}")[1]) for tag in variants]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert not np.array_equal(images[i], images[j]), (variants[i], variants[j])
+
+
+def test_alias_epoch_and_lyco_tags_resolve_to_files(webui):
+    by_alias = pixels(txt2img(webui, "a red circle <lora:dogs:1>")[1])
+    by_file = pixels(txt2img(webui, "a red circle <lora:renamed_file:1>")[1])
+    assert np.array_equal(by_alias, by_file)
+    epoch1 = pixels(txt2img(webui, "a red circle <lora:cats@e1:1>")[1])
+    numbered = pixels(txt2img(webui, "a red circle <lyco:cats-000001:1>")[1])
+    assert np.array_equal(epoch1, numbered) and not np.array_equal(epoch1, by_file)
+
+
+def test_missing_incompatible_or_malformed_loras_warn_once_and_generation_goes_on(webui, caplog):
+    _, base = txt2img(webui, "a red circle")
+    for _ in range(2):
+        _, result = txt2img(webui, "a red circle <lora:nothing_here:1> <lora:xl_style:1> <lora:dogs:lots>")
+        assert np.array_equal(pixels(result), pixels(base))
+    handler = webui.extra_networks.extra_network_registry["lora"]
+    assert handler.warnings[0] == "<lora:dogs:lots>: te weight 'lots' is not a number; write e.g. <lora:name:0.8>"
+    assert handler.warnings[1:] == ["Lora not found: nothing_here",
+                                    "<lora:xl_style> skipped: it was trained for SDXL, the loaded model is SD1"]
+    assert sum("nothing_here" in r.message for r in caplog.records) == 1
+
+
+def test_new_checkpoint_weights_are_not_overwritten_by_a_stale_restore(webui):
+    _, base = txt2img(webui, "a red circle")
+    txt2img(webui, "a red circle <lora:cats:1>")
+    webui.sd_models.reload_model_weights(forced_reload=True)  # fresh weights, on_model_loaded
+    _, after = txt2img(webui, "a red circle")
+    assert np.array_equal(pixels(after), pixels(base))
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_each_tag_has_exactly_one_owner(load_extension, webui_modules, own):
+    w = webui_modules
+    builtin = w.extra_networks.ExtraNetwork("lora")  # the built-in registers first (its on_before_ui runs earlier)
+    w.script_callbacks.on_before_ui(lambda: (w.extra_networks.register_extra_network(builtin),
+                                             w.extra_networks.register_extra_network_alias(builtin, "lyco")))
+    w.shared.opts.data["lora_trainer_owns_lora_tags"] = own
+    load_extension()
+    owner = w.extra_networks.extra_network_registry["lora"]
+    assert w.extra_networks.extra_network_aliases["lyco"] is owner
+    assert (owner is builtin) is (not own)
+    assert type(owner).__name__ == ("ExtraNetworkLoraTrainer" if own else "ExtraNetwork")
+
+
+def test_on_forge_lora_tags_are_left_to_forge(load_extension, webui_modules, monkeypatch):
+    import lora_trainer.webui.detect as detect
+
+    real_find_spec = detect.importlib.util.find_spec
+    monkeypatch.setattr(detect.importlib.util, "find_spec", lambda name, *a: object() if name == "modules_forge" else real_find_spec(name, *a))
+    w = load_extension()
+    assert "lora" not in w.extra_networks.extra_network_registry
+    assert any(o.label == "[LoRA] Strength" for o in w.xyz.axis_options)  # the rest of the extension still works

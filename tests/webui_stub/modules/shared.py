@@ -1,0 +1,28 @@
+"""The WebUI's shared state: options, command-line options, the generation state and the loaded model."""
+
+import argparse
+import os
+
+from modules import paths_internal, shared_state
+from modules.options import OptionInfo, Options, options_section  # noqa: F401
+
+cmd_opts = argparse.Namespace(
+    lora_dir=os.path.join(paths_internal.models_path, "Lora"),
+    ckpt_dir=None,
+    api_auth=None,
+    listen=False,
+    api=False,
+    data_dir=paths_internal.data_path,
+)
+
+options_templates = {}
+options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
+    "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
+    "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),
+}))
+opts = Options(options_templates)
+
+state = shared_state.State()
+
+# The real WebUI exposes a lazy property that loads the model on first use; here sd_models.load_model sets it.
+sd_model = None
