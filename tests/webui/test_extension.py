@@ -1,0 +1,93 @@
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_trainer.errors import UserError
+from lora_trainer.webui.extras import EXTRAS, extras_folder, pip_command
+from tests.webui.conftest import txt2img
+
+
+def test_loading_the_script_registers_callbacks_settings_and_axes_once(load_extension):
+    w = load_extension(before_ui=False)
+    callbacks = w.script_callbacks.callback_map
+    for category in ("ui_tabs", "app_started", "before_ui", "model_loaded", "script_unloaded"):
+        assert len(callbacks[f"callbacks_{category}"]) == 1, category
+    assert w.shared.opts.lora_trainer_owns_lora_tags is True
+    assert w.shared.opts.data_labels["lora_trainer_dataset_roots"].section == ("lora_trainer", "LoRA Trainer")
+    labels = [o.label for o in w.xyz.axis_options if o.label.startswith("[LoRA] ")]
+    assert labels == ["[LoRA] Epoch", "[LoRA] Strength", "[LoRA] Name", "[LoRA] Block weights"]  # at import already
+    w.script_callbacks.before_ui_callback()
+    assert [o.label for o in w.xyz.axis_options if o.label.startswith("[LoRA] ")] == labels  # no doubles
+
+
+def test_tabs_and_api_get_one_services_built_from_the_settings(load_extension, monkeypatch, tmp_path):
+    w = load_extension()
+    w.shared.cmd_opts.api_auth = "u:p,v:q"
+    w.shared.cmd_opts.listen = True
+    w.shared.opts.data["lora_trainer_dataset_roots"] = f"{tmp_path / 'a'}, {tmp_path / 'b'}\n{tmp_path / 'c'}"
+    w.shared.opts.data["lora_trainer_data_folder"] = str(tmp_path / "data")
+    seen = {}
+    monkeypatch.setitem(sys.modules, "lora_trainer.app.ui", types.SimpleNamespace(build_tabs=lambda s: seen.setdefault("ui", s) and [("blocks", "Train LoRA", "lora_trainer_train")]))
+    monkeypatch.setitem(sys.modules, "lora_trainer.app.api", types.SimpleNamespace(register=lambda app, s, listening_remotely: seen.update(api=(app, s, listening_remotely))))
+    assert w.script_callbacks.ui_tabs_callback() == [("blocks", "Train LoRA", "lora_trainer_train")]
+    w.script_callbacks.app_started_callback(None, "the app")
+    services = seen["ui"]
+    assert seen["api"] == ("the app", services, True)
+    settings = services.settings
+    assert settings.dataset_roots == [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    assert settings.api_credentials == {"u": "p", "v": "q"}
+    assert settings.lora_folder == Path(w.shared.cmd_opts.lora_dir) and settings.data_folder == tmp_path / "data"
+    assert services.host.name == "webui"
+
+
+def test_missing_tabs_module_gives_no_tabs_instead_of_breaking_the_webui(load_extension, monkeypatch, caplog):
+    w = load_extension()
+    monkeypatch.setitem(sys.modules, "lora_trainer.app.ui", types.SimpleNamespace())
+    assert w.script_callbacks.ui_tabs_callback() == []
+    assert "tabs unavailable" in caplog.text
+
+
+def test_host_generates_through_the_webui_with_its_lora_handling(webui, monkeypatch):
+    from lora_trainer.sampling.txt2img import GenerationSettings
+    from lora_trainer.webui.host import WebUIHost
+
+    refreshed = []
+    host = WebUIHost(on_refresh=lambda: refreshed.append(True))
+    assert list(host.checkpoints().values())[0].name == "tiny-sd.safetensors"
+    image = host.generate(GenerationSettings("a red circle <lora:cats:1>", steps=1, width=64, height=64, seed=3, sampler="Euler"))
+    assert image.seed == 3 and image.image.size == (64, 64) and "Lora hashes" in image.infotext
+    assert not webui.shared.state.job  # state.end() ran
+    monkeypatch.setitem(sys.modules, "networks", types.SimpleNamespace(list_available_networks=lambda: refreshed.append("builtin")))
+    host.refresh_loras()
+    assert refreshed == ["builtin", True]
+    webui.shared.state.interrupt()
+    assert host.interrupted()
+    calls = []
+    monkeypatch.setattr(webui.sd_models, "unload_model_weights", lambda: calls.append("unload"))
+    monkeypatch.setattr(webui.sd_models, "reload_model_weights", lambda: calls.append("reload"))
+    host.release_gpu()
+    host.restore_gpu()
+    assert calls == ["unload", "reload"]
+
+
+def test_unloading_the_script_restores_the_weights(webui):
+    _, base = txt2img(webui, "a red circle")
+    txt2img(webui, "a red circle <lora:cats:1>")
+    weights = {k: v.clone() for k, v in webui.shared.sd_model.state_dict().items()}
+    webui.script_callbacks.script_unloaded_callback()
+    restored = webui.shared.sd_model.state_dict()
+    assert any(not (weights[k] == restored[k]).all() for k in weights)
+    _, after = txt2img(webui, "a red circle")
+    assert np.array_equal(np.asarray(after.images[0]), np.asarray(base.images[0]))
+
+
+def test_extras_install_into_the_private_folder_only(tmp_path):
+    command = pip_command(["prodigyopt", "lion-pytorch"], extras_folder(tmp_path), python="py")
+    assert command == ["py", "-m", "pip", "install", "--target", str(tmp_path / "extras"), "--upgrade", "--prefer-binary",
+                       "prodigyopt", "lion-pytorch"]
+    assert set(EXTRAS) == {"onnxruntime", "bitsandbytes", "prodigyopt", "lion-pytorch"}
+    with pytest.raises(UserError, match="unknown extra torch"):
+        pip_command(["torch"], tmp_path)
