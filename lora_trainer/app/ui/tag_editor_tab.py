@@ -1,0 +1,489 @@
+"""The Dataset Tag Editor tab: a thin gradio shell over ``app.tag_sessions`` (the server-side editor the API shares)
+and ``tag_view`` (what a page shows). Handlers are plain functions of the services and the browser's ``TabState``
+returning every output in ``OUTPUTS`` order, so tests call them directly.
+
+Only one page of thumbnails (48) goes to the browser; thumbnails are made when a page first shows them and kept
+under the data folder, keyed by file, size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gradio as gr
+
+from ...dataset import tag_editor
+from ...errors import UserError
+from .. import tag_sessions
+from ..paths import allowed_path
+from . import tag_view
+
+THUMBNAIL_SIZE = 192
+OPERATIONS = {  # label → tag_sessions op
+    "Add tags": "add", "Remove tags": "remove", "Replace text": "replace", "Rename tag": "rename",
+    "Remove duplicates": "dedupe", "Sort tags": "sort", "Move tags to the front": "move_first",
+    "Lowercase": "lowercase", "Underscores to spaces": "underscores_to_spaces", "Spaces to underscores": "spaces_to_underscores",
+}
+OUTPUTS = ("state", "gallery", "page_info", "frequency", "history", "status")
+
+
+@dataclass(frozen=True)
+class TabState:
+    session: str = ""
+    page: int = 1
+    selection: tuple[str, ...] = ()  # image names (relative to the folder)
+    current: str = ""  # the image in the per-image editor
+    tag_query: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thumbnails.
+
+
+def thumbnail(image: Path, cache_folder: Path, size: int = THUMBNAIL_SIZE) -> Path:
+    """A small JPEG of ``image`` (made once, reused until the image changes)."""
+    from PIL import Image, ImageOps
+
+    stat = image.stat()
+    key = hashlib.sha1(f"{image.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}".encode()).hexdigest()
+    target = cache_folder / key[:2] / f"{key}.jpg"
+    if not target.exists():
+        from ...safe_io import atomic_path
+
+        try:
+            with Image.open(image) as opened:
+                opened.draft("RGB", (size, size))  # JPEGs decode at reduced size: much faster for big photos
+                small = ImageOps.exif_transpose(opened).convert("RGB")
+                small.thumbnail((size, size))
+        except (OSError, ValueError):
+            small = Image.new("RGB", (size, size), (90, 90, 90))  # unreadable: a grey square keeps the page usable
+        with atomic_path(target) as temporary:
+            small.save(temporary, format="JPEG", quality=85)
+    return target
+
+
+def thumbnail_folder(services) -> Path:
+    return services.settings.data_folder / "thumbnails"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The view.
+
+
+def _session(services, state: TabState):
+    if not state.session:
+        raise UserError("Open a dataset folder first.")
+    return tag_sessions.sessions_of(services).get(state.session)
+
+
+def render(services, state: TabState, status: str = "") -> tuple:
+    """Every output for ``state``: gallery items of the current page, page text, frequency rows, history rows."""
+    if not state.session:
+        return state, [], "No folder open.", [], [], status
+    session = _session(services, state)
+    editor, tag_filter = session.editor, session.tag_filter
+    filtered = tag_editor.select(editor, tag_filter)
+    page = tag_view.page_of(editor, filtered, state.page)
+    state = replace(state, page=page.number)
+    unsaved = set(tag_editor.unsaved_images(editor))
+    chosen = set(state.selection)
+    cache = thumbnail_folder(services)
+    items = []
+    for offset, image in enumerate(page.images):
+        name = tag_sessions.image_name(editor, image)
+        label = tag_view.item_label(editor, image, page.first_index + offset, name in chosen, image in unsaved)
+        items.append((str(thumbnail(image, cache)), label))
+    frequency = tag_view.frequency_rows(tag_editor.tag_counts(editor, filtered), state.tag_query)
+    info = tag_view.page_text(page, len(state.selection), len(unsaved))
+    return state, items, info, frequency, tag_view.history_rows(editor), status
+
+
+def _guarded(handler):
+    """User mistakes become the status line instead of an error popup; the view stays as it was."""
+
+    def run(services, state: TabState, *args):
+        try:
+            return handler(services, state, *args)
+        except UserError as error:
+            try:
+                return render(services, state, f"⚠ {error}")
+            except UserError:
+                return render(services, TabState(), f"⚠ {error}")
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+@_guarded
+def open_folder(services, state: TabState, folder: str, recursive: bool, caption_extension: str) -> tuple:
+    path = allowed_path(folder, services.settings.dataset_roots, "dataset folder")
+    registry = tag_sessions.sessions_of(services)
+    if state.session:
+        registry.close(state.session)
+    session = registry.open(path, recursive=bool(recursive), caption_extension=caption_extension or ".txt")
+    editor = session.editor
+    note = f"Opened {path}: {len(editor.images)} images."
+    if editor.unreadable:
+        note += f" {len(editor.unreadable)} caption file(s) could not be read and are left alone."
+    return render(services, TabState(session=session.id), note)
+
+
+@_guarded
+def set_filter(services, state: TabState, all_of: str, any_of: str, none_of: str, regex: str, untagged: bool) -> tuple:
+    tag_sessions.set_filter(_session(services, state), tag_view.filter_from_fields(all_of, any_of, none_of, regex, untagged))
+    return render(services, replace(state, page=1))
+
+
+@_guarded
+def go_to_page(services, state: TabState, page) -> tuple:
+    return render(services, replace(state, page=int(page or 1)))
+
+
+@_guarded
+def search_tags(services, state: TabState, query: str) -> tuple:
+    return render(services, replace(state, tag_query=query or ""))
+
+
+def _filtered(services, state: TabState) -> tuple[Path, ...]:
+    session = _session(services, state)
+    return tag_editor.select(session.editor, session.tag_filter)
+
+
+@_guarded
+def select_all_filtered(services, state: TabState) -> tuple:
+    editor = _session(services, state).editor
+    names = tuple(tag_sessions.image_name(editor, image) for image in _filtered(services, state))
+    return render(services, replace(state, selection=names))
+
+
+@_guarded
+def clear_selection(services, state: TabState) -> tuple:
+    return render(services, replace(state, selection=()))
+
+
+@_guarded
+def select_range(services, state: TabState, start, end) -> tuple:
+    editor = _session(services, state).editor
+    chosen = tag_view.index_range(_filtered(services, state), start, end)
+    names = tuple(dict.fromkeys(state.selection + tuple(tag_sessions.image_name(editor, i) for i in chosen)))
+    return render(services, replace(state, selection=names))
+
+
+def click_image(services, state: TabState, index: int) -> tuple:
+    """A click in the gallery (``index`` on the page) toggles the image's selection and opens it in the caption
+    editor; returns the view plus (image name, caption) for the per-image editor."""
+    try:
+        editor = _session(services, state).editor
+        page = tag_view.page_of(editor, _filtered(services, state), state.page)
+        image = page.images[index]
+    except (UserError, IndexError) as error:
+        return (*render(services, state, f"⚠ {error}" if isinstance(error, UserError) else ""), "", "")
+    name = tag_sessions.image_name(editor, image)
+    state = replace(state, selection=tag_view.toggled(state.selection, name), current=name)
+    return (*render(services, state), name, tag_editor.caption_of(editor, image))
+
+
+@_guarded
+def set_caption(services, state: TabState, caption: str) -> tuple:
+    session = _session(services, state)
+    if not state.current:
+        raise UserError("Click an image first; its caption appears here for editing.")
+    image = tag_sessions.images_named(session.editor, [state.current])[0]
+    session.change(lambda editor: tag_editor.edit_caption(editor, image, caption or ""))
+    return render(services, state, f"Caption of {state.current} changed (not saved yet).")
+
+
+def edit_data(operation: str, tags: str, find: str, replacement: str, regex: bool, whole_caption: bool,
+              at_front: bool, keep_first) -> dict:
+    """The batch-edit form → ``tag_sessions`` edit data."""
+    op = OPERATIONS.get(operation)
+    if op is None:
+        raise UserError(f"Pick a batch operation ({', '.join(OPERATIONS)}).")
+    if op in ("add", "remove", "move_first"):
+        if not tag_editor.split_tags(tags or ""):
+            raise UserError(f"{operation}: type the tags, separated by commas.")
+        data = {"op": op, "tags": tags}
+        if op == "add":
+            data["position"] = 0 if at_front else None
+        return data
+    if op == "replace":
+        return {"op": op, "find": find or "", "replacement": replacement or "", "regex": bool(regex),
+                "whole_caption": bool(whole_caption)}
+    if op == "rename":
+        if not (find or "").strip():
+            raise UserError("Rename tag: type the tag to rename in 'Find' and its new name in 'Replace with'.")
+        return {"op": op, "old": find.strip(), "new": replacement or ""}
+    if op == "sort":
+        return {"op": op, "keep_first": int(keep_first or 0)}
+    return {"op": op}
+
+
+@_guarded
+def batch_edit(services, state: TabState, scope: str, operation: str, tags: str, find: str, replacement: str,
+               regex: bool, whole_caption: bool, at_front: bool, keep_first) -> tuple:
+    session = _session(services, state)
+    data = edit_data(operation, tags, find, replacement, regex, whole_caption, at_front, keep_first)
+    if scope == "selected":
+        if not state.selection:
+            raise UserError("No image is selected: click images, use a range, or apply to the filtered images.")
+        data["selection"] = list(state.selection)
+    before = len(session.editor.undo_steps)
+    editor = tag_sessions.apply_request(session, data)
+    changed = len(editor.undo_steps[-1].after) if len(editor.undo_steps) > before else 0
+    return render(services, state, f"{operation}: {changed} image(s) changed (not saved yet).")
+
+
+@_guarded
+def undo(services, state: TabState) -> tuple:
+    _session(services, state).change(tag_editor.undo)
+    return render(services, state, "Undone.")
+
+
+@_guarded
+def redo(services, state: TabState) -> tuple:
+    _session(services, state).change(tag_editor.redo)
+    return render(services, state, "Redone.")
+
+
+@_guarded
+def save(services, state: TabState, overwrite_changed: bool) -> tuple:
+    try:
+        result = tag_sessions.save_session(_session(services, state), bool(overwrite_changed))
+    except tag_sessions.SaveConflict as conflict:
+        return render(services, state, f"⚠ {conflict}")
+    backup = f" Previous versions in {result['backup_folder']}." if result["backup_folder"] else ""
+    return render(services, state, f"Saved {len(result['written'])} caption file(s).{backup}")
+
+
+@_guarded
+def reload(services, state: TabState) -> tuple:
+    report = tag_sessions.reload_session(_session(services, state))
+    parts = [f"{len(report[key])} {key}" for key in ("updated", "conflicts", "added", "removed") if report[key]]
+    note = "Reloaded: " + (", ".join(parts) if parts else "nothing changed on disk") + "."
+    if report["conflicts"]:
+        note += " Conflicts keep the edits made here; Save with overwrite replaces the other versions."
+    return render(services, state, note)
+
+
+def click_tag(frequency: list[list], row: int, all_of: str) -> str:
+    """Clicking a tag in the frequency list adds it to (or removes it from) the 'all of' filter."""
+    try:
+        tag = str(frequency[row][0])
+    except (IndexError, TypeError):
+        return all_of
+    return tag_view.with_tag(all_of, tag)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folder tools: preprocessing, auto-tagging, health.
+
+
+def preprocess(services, source: str, out: str, size, crop: str, flip: bool, face_repeats, buckets: bool) -> str:
+    from ...dataset.preprocess import PrepSettings, prepare_dataset
+
+    try:
+        roots = services.settings.dataset_roots
+        source_path = allowed_path(source, roots, "dataset folder")
+        out_path = allowed_path(out, roots, "output folder", must_exist=False)
+        settings = PrepSettings(size=int(size), crop=crop, flip=bool(flip), buckets=bool(buckets),
+                                face_emphasis_repeats=int(face_repeats) if face_repeats else None)
+        return prepare_dataset(source_path, out_path, settings).summary()
+    except UserError as error:
+        return f"⚠ {error}"
+
+
+def autotag(services, state: TabState, scope: str, tagger_kind: str, model_folder: str, general: float,
+            character: float, mode: str, trigger: str) -> tuple:
+    """Tag the filtered (or selected) images into the editor as one undo step; nothing is written until Save."""
+    try:
+        session = _session(services, state)
+        images = (tag_sessions.images_named(session.editor, state.selection) if scope == "selected"
+                  else list(_filtered(services, state)))
+        tagger = _tagger(services, tagger_kind, model_folder, general, character)
+        result = tag_sessions.autotag(session, tagger, images, mode=mode, trigger_word=(trigger or "").strip() or None)
+    except UserError as error:
+        return render(services, state, f"⚠ {error}")
+    note = f"Auto-tagged {result['tagged']} image(s); {len(result['changed'])} caption(s) changed (not saved yet)."
+    if result["unreadable"]:
+        note += f" {len(result['unreadable'])} image(s) could not be read."
+    return render(services, state, note)
+
+
+class _HostInterrogator:
+    """The WebUI's DeepBooru / CLIP interrogator behind the tagger protocol (``tag(images) → tags``)."""
+
+    def __init__(self, interrogate, kind: str):
+        self.interrogate, self.kind, self.name = interrogate, kind, kind
+
+    def tag(self, images):
+        return [{tag: 1.0 for tag in tag_editor.split_tags(self.interrogate(image, self.kind))} for image in images]
+
+
+def _tagger(services, kind: str, model_folder: str, general: float, character: float):
+    if kind in ("DeepBooru", "CLIP"):
+        interrogate = getattr(services.host, "interrogate", None)
+        if interrogate is None:
+            raise UserError(f"{kind} needs the WebUI's interrogator; standalone, use a WD14 ONNX model folder.")
+        return _HostInterrogator(interrogate, kind.lower())
+    from ...dataset.tagger import TagSelection, WD14Tagger, check_tagger_folder
+
+    if not (model_folder or "").strip():
+        raise UserError("WD14: give the folder holding model.onnx and selected_tags.csv.")
+    check_tagger_folder(Path(model_folder))
+    return WD14Tagger(Path(model_folder), TagSelection(general_threshold=float(general), character_threshold=float(character)))
+
+
+def health_report(services, folder: str, trigger: str) -> str:
+    from ...dataset.health import HealthSettings, check_dataset
+
+    try:
+        path = allowed_path(folder, services.settings.dataset_roots, "dataset folder")
+        return check_dataset(path, HealthSettings(trigger=(trigger or "").strip() or None)).to_text()
+    except UserError as error:
+        return f"⚠ {error}"
+
+
+# Copies the folder into the Train tab's dataset textbox (found by elem_id only) and tells gradio it changed.
+TRAIN_ON_FOLDER_JS = """(folder) => {
+  const root = window.gradioApp ? gradioApp() : document;
+  const box = root.querySelector('#lora_trainer_train_dataset textarea, #lora_trainer_train_dataset input');
+  if (box) { box.value = folder; box.dispatchEvent(new Event('input', {bubbles: true})); }
+  return [folder];
+}"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gradio shell.
+
+
+def build(services):
+    from .compat import js_kwarg
+
+    has_interrogator = getattr(services.host, "interrogate", None) is not None
+    roots = services.settings.dataset_roots
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        state = gr.State(TabState())
+        with gr.Row():
+            folder = gr.Textbox(label="Dataset folder", value=str(roots[0]) if roots else "", scale=4,
+                                elem_id="lora_trainer_tags_folder")
+            recursive = gr.Checkbox(label="Sub-folders too", value=True, scale=1)
+            extension = gr.Textbox(label="Caption extension", value=".txt", scale=1)
+            open_button = gr.Button("Open", variant="primary", scale=1, elem_id="lora_trainer_tags_open")
+        status = gr.Markdown(elem_id="lora_trainer_tags_status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    all_of = gr.Textbox(label="All of", elem_id="lora_trainer_tags_all_of")
+                    any_of = gr.Textbox(label="Any of")
+                    none_of = gr.Textbox(label="None of")
+                    regex = gr.Textbox(label="Caption regex")
+                    untagged = gr.Checkbox(label="Untagged only")
+                    filter_button = gr.Button("Filter", elem_id="lora_trainer_tags_filter")
+                page_info = gr.Markdown(elem_id="lora_trainer_tags_page_info")
+                gallery = gr.Gallery(label="Images", columns=8, height=520, allow_preview=False,
+                                     elem_id="lora_trainer_tags_gallery")
+                with gr.Row():
+                    previous_page = gr.Button("◀ Previous")
+                    page_number = gr.Number(label="Page", value=1, precision=0)
+                    next_page = gr.Button("Next ▶")
+                with gr.Row():
+                    select_all = gr.Button("Select all filtered")
+                    clear = gr.Button("Clear selection")
+                    range_start = gr.Number(label="From image #", precision=0)
+                    range_end = gr.Number(label="to #", precision=0)
+                    select_range_button = gr.Button("Select range")
+                with gr.Row():
+                    current_name = gr.Textbox(label="Image", interactive=False, scale=1)
+                    caption = gr.Textbox(label="Caption (this image)", lines=2, scale=4)
+                    set_caption_button = gr.Button("Set caption", scale=1)
+            with gr.Column(scale=2):
+                tag_search = gr.Textbox(label="Search tags")
+                frequency = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"], interactive=False,
+                                         label="Tags (click one to filter by it)", elem_id="lora_trainer_tags_frequency")
+                with gr.Group():
+                    scope = gr.Radio(["filtered", "selected"], value="filtered", label="Apply to")
+                    operation = gr.Dropdown(list(OPERATIONS), value="Replace text", label="Batch operation",
+                                            elem_id="lora_trainer_tags_operation")
+                    tags = gr.Textbox(label="Tags (add / remove / move to front)")
+                    with gr.Row():
+                        find = gr.Textbox(label="Find (replace) / tag (rename)", elem_id="lora_trainer_tags_find")
+                        replacement = gr.Textbox(label="Replace with / new name", elem_id="lora_trainer_tags_replacement")
+                    with gr.Row():
+                        use_regex = gr.Checkbox(label="Regex")
+                        whole_caption = gr.Checkbox(label="Whole caption")
+                        at_front = gr.Checkbox(label="Add at the front")
+                        keep_first = gr.Number(label="Sort: keep first N", value=0, precision=0)
+                    apply_button = gr.Button("Apply", variant="primary", elem_id="lora_trainer_tags_apply")
+                with gr.Row():
+                    undo_button = gr.Button("Undo", elem_id="lora_trainer_tags_undo")
+                    redo_button = gr.Button("Redo", elem_id="lora_trainer_tags_redo")
+                history = gr.Dataframe(headers=["#", "step", "state", "images"], interactive=False, label="History")
+                with gr.Row():
+                    overwrite = gr.Checkbox(label="Overwrite captions changed on disk")
+                    save_button = gr.Button("Save", variant="primary", elem_id="lora_trainer_tags_save")
+                    reload_button = gr.Button("Reload from disk")
+                train_button = gr.Button("Train on this folder", elem_id="lora_trainer_tags_train")
+        with gr.Accordion("Auto-tag", open=False):
+            with gr.Row():
+                kinds = ["WD14 (ONNX folder)"] + (["DeepBooru", "CLIP"] if has_interrogator else [])
+                tagger_kind = gr.Dropdown(kinds, value=kinds[0], label="Tagger")
+                model_folder = gr.Textbox(label="WD14 model folder (model.onnx + selected_tags.csv)")
+                general = gr.Slider(0, 1, value=0.35, step=0.01, label="General threshold")
+                character = gr.Slider(0, 1, value=0.85, step=0.01, label="Character threshold")
+                mode = gr.Dropdown(["skip", "append", "prepend", "overwrite"], value="skip", label="Existing captions")
+                trigger = gr.Textbox(label="Trigger word first")
+                autotag_button = gr.Button("Auto-tag")
+        with gr.Accordion("Preprocess into a new folder", open=False):
+            with gr.Row():
+                prep_out = gr.Textbox(label="Output folder")
+                prep_size = gr.Number(label="Size", value=512, precision=0)
+                prep_crop = gr.Dropdown(["centre", "focal"], value="centre", label="Crop")
+                prep_flip = gr.Checkbox(label="Flipped copies")
+                prep_faces = gr.Number(label="Face close-ups: repeats (0 = none)", value=0, precision=0)
+                prep_buckets = gr.Checkbox(label="Keep aspect ratio (buckets)")
+                prep_button = gr.Button("Preprocess")
+            prep_result = gr.Textbox(label="Result", lines=4, interactive=False)
+        with gr.Accordion("Dataset health", open=False):
+            health_trigger = gr.Textbox(label="Trigger word")
+            health_button = gr.Button("Check")
+            health_text = gr.Textbox(label="Report", lines=12, interactive=False)
+
+        view = [state, gallery, page_info, frequency, history, status]
+        call = lambda handler: (lambda *args: handler(services, *args))  # noqa: E731
+        open_button.click(call(open_folder), [state, folder, recursive, extension], view)
+        filter_inputs = [state, all_of, any_of, none_of, regex, untagged]
+        filter_button.click(call(set_filter), filter_inputs, view)
+        page_number.submit(call(go_to_page), [state, page_number], view)
+        previous_page.click(lambda s: go_to_page(services, s, s.page - 1), [state], view)
+        next_page.click(lambda s: go_to_page(services, s, s.page + 1), [state], view)
+        tag_search.submit(call(search_tags), [state, tag_search], view)
+        select_all.click(call(select_all_filtered), [state], view)
+        clear.click(call(clear_selection), [state], view)
+        select_range_button.click(call(select_range), [state, range_start, range_end], view)
+
+        def on_gallery(s, evt: gr.SelectData):
+            return click_image(services, s, evt.index)
+
+        gallery.select(on_gallery, [state], view + [current_name, caption])
+        set_caption_button.click(call(set_caption), [state, caption], view)
+
+        def on_tag(table, all_text, evt: gr.SelectData):
+            rows = table.values.tolist() if hasattr(table, "values") else table
+            return click_tag(rows, evt.index[0], all_text)
+
+        frequency.select(on_tag, [frequency, all_of], [all_of]).then(call(set_filter), filter_inputs, view)
+        edit_inputs = [state, scope, operation, tags, find, replacement, use_regex, whole_caption, at_front, keep_first]
+        apply_button.click(call(batch_edit), edit_inputs, view)
+        undo_button.click(call(undo), [state], view)
+        redo_button.click(call(redo), [state], view)
+        save_button.click(call(save), [state, overwrite], view)
+        reload_button.click(call(reload), [state], view)
+        train_button.click(None, [folder], [folder], **js_kwarg(TRAIN_ON_FOLDER_JS))
+        autotag_button.click(call(autotag), [state, scope, tagger_kind, model_folder, general, character, mode, trigger], view)
+        prep_button.click(lambda *a: preprocess(services, *a),
+                          [folder, prep_out, prep_size, prep_crop, prep_flip, prep_faces, prep_buckets], prep_result)
+        health_button.click(lambda *a: health_report(services, *a), [folder, health_trigger], health_text)
+    return blocks

@@ -1,0 +1,97 @@
+"""The Dataset Tag Editor tab's handlers, called as the buttons call them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lora_trainer.app.ui import tag_editor_tab as tab
+
+VIEW = {name: index for index, name in enumerate(tab.OUTPUTS)}
+
+
+@pytest.fixture
+def opened(services, make_dataset):
+    folder = make_dataset("chars", "10_zkchar", count=60)
+    view = tab.open_folder(services, tab.TabState(), str(folder), True, ".txt")
+    return folder, view
+
+
+def test_open_shows_one_page_with_thumbnails_and_tag_counts(services, opened):
+    folder, view = opened
+    state, gallery = view[VIEW["state"]], view[VIEW["gallery"]]
+    assert state.session and len(gallery) == 48
+    thumbnail, label = gallery[0]
+    assert thumbnail.startswith(str(services.settings.data_folder / "thumbnails")) and label.startswith("#1 img_000.png: zkchar")
+    assert view[VIEW["frequency"]][0] == ["zkchar", 60]
+    assert "Page 1 of 2" in view[VIEW["page_info"]]
+    assert len(tab.go_to_page(services, state, 2)[VIEW["gallery"]]) == 12
+
+
+def test_folders_outside_the_dataset_roots_are_refused_in_the_status_line(services, tmp_path):
+    view = tab.open_folder(services, tab.TabState(), str(tmp_path), False, ".txt")
+    assert "outside the allowed folders" in view[VIEW["status"]] and not view[VIEW["state"]].session
+
+
+def test_filter_batch_replace_undo_and_save_write_the_caption_files(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    view = tab.set_filter(services, state, "red", "", "", "", False)
+    assert "of 30 shown" in view[VIEW["page_info"]]
+    view = tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, True, 0)
+    assert "30 image(s) changed" in view[VIEW["status"]]
+    view = tab.batch_edit(services, state, "filtered", "Replace text", "", "red", "crimson", False, False, False, 0)
+    assert view[VIEW["history"]][-1] == [2, "Replace text 'red' with 'crimson'", "done", 30]
+    assert "of 0 shown" not in view[VIEW["page_info"]] and "No image matches" in view[VIEW["page_info"]]
+    view = tab.undo(services, state)
+    assert view[VIEW["history"]][-1][2] == "undone" and "of 30 shown" in view[VIEW["page_info"]]
+    view = tab.save(services, state, False)
+    assert "Saved 30 caption file(s)" in view[VIEW["status"]]
+    captions = folder / "10_zkchar"
+    assert (captions / "img_000.txt").read_text(encoding="utf-8") == "solo, zkchar, red, square"
+    assert (captions / "img_001.txt").read_text(encoding="utf-8") == "zkchar, blue, circle"
+
+
+def test_selection_by_click_and_range_then_edit_only_those(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    clicked = tab.click_image(services, state, 2)
+    state = clicked[VIEW["state"]]
+    assert state.selection == ("10_zkchar/img_002.png",) and clicked[-2:] == ("10_zkchar/img_002.png", "zkchar, red, square")
+    state = tab.select_range(services, state, 4, 5)[VIEW["state"]]
+    assert state.selection == ("10_zkchar/img_002.png", "10_zkchar/img_003.png", "10_zkchar/img_004.png")
+    view = tab.batch_edit(services, state, "selected", "Remove tags", "zkchar", "", "", False, False, False, 0)
+    assert "3 image(s) changed" in view[VIEW["status"]] and view[VIEW["frequency"]][0] == ["zkchar", 57]
+    view = tab.set_caption(services, replace(state, current="10_zkchar/img_010.png"), "new, caption")
+    assert "#11 img_010.png: new, caption" in [label.lstrip("☑* ") for _, label in view[VIEW["gallery"]]]
+
+
+def test_save_warns_when_a_caption_changed_on_disk(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    tab.batch_edit(services, state, "filtered", "Lowercase", "", "", "", False, False, False, 0)
+    tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    (folder / "10_zkchar" / "img_000.txt").write_text("edited elsewhere", encoding="utf-8")
+    view = tab.save(services, state, False)
+    assert "changed on disk" in view[VIEW["status"]] and "img_000.png" in view[VIEW["status"]]
+    assert (folder / "10_zkchar" / "img_001.txt").read_text(encoding="utf-8") == "zkchar, blue, circle"  # nothing written
+    view = tab.save(services, state, True)
+    assert (folder / "10_zkchar" / "img_000.txt").read_text(encoding="utf-8") == "zkchar, red, square, solo"
+
+
+def test_tools_report_missing_pieces_clearly(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    view = tab.autotag(services, state, "filtered", "WD14 (ONNX folder)", str(folder / "nope"), 0.35, 0.85, "skip", "")
+    assert "does not exist" in view[VIEW["status"]]
+    view = tab.autotag(services, state, "filtered", "DeepBooru", "", 0.35, 0.85, "skip", "")
+    assert "needs the WebUI's interrogator" in view[VIEW["status"]]
+    assert "Samples per epoch" in tab.health_report(services, str(folder), "zkchar")
+    out = folder.parent / "prepared"
+    assert "Wrote 60 images" in tab.preprocess(services, str(folder), str(out), 64, "centre", False, 0, False)
+    assert tab.click_tag([["red", 30], ["blue", 30]], 1, "red") == "red, blue"
+
+
+def test_the_tab_builds(services):
+    assert tab.build(services) is not None
