@@ -4,6 +4,7 @@ data and Lora folders, and a headless Debian Chromium driven by Playwright. Scre
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +71,20 @@ def app_url(app_folders):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        _kill_trainers(app_folders["data"])
+
+
+def _kill_trainers(data: Path) -> None:
+    """Trainer subprocesses run in their own session (a job outlives its app): end the ones this app started."""
+    from lora_trainer.jobs.store import JobStore
+
+    store = JobStore(data / "jobs.sqlite", data / "jobs")
+    for job in store.all():
+        if job.status == "running" and job.pid:
+            try:
+                os.killpg(job.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +109,12 @@ def page(browser, app_url, request):
         page.screenshot(path=str(screenshot_path(request.node.name, "end")), full_page=True)
     finally:
         context.close()
+
+
+@pytest.fixture
+def screenshot(page, request):
+    """``screenshot("running")`` saves test-artifacts/<test>-running.png."""
+    return lambda label: page.screenshot(path=str(screenshot_path(request.node.name, label)), full_page=True)
 
 
 def screenshot_path(test_name: str, label: str) -> Path:

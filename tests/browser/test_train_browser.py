@@ -1,0 +1,64 @@
+"""The Train tab in a real browser: fill the form for a tiny run on the embedded model and the bundled sample
+dataset, start it, watch progress, the loss plot and a sample, stop it (a file is saved), resume it to the end."""
+
+from __future__ import annotations
+
+import re
+
+from lora_trainer.tiny_model.demo import SAMPLE_DATASET
+
+STEP = re.compile(r"step (\d+)/(\d+)")
+
+
+def _fill(page, elem_id: str, value: str, field: str = "textarea") -> None:
+    page.locator(f"#{elem_id} {field}").first.fill(value)
+
+
+def _progress(page) -> str:
+    return page.inner_text("#lora_trainer_progress_text")
+
+
+def _wait_for_progress(page, pattern: str, timeout: float = 60_000) -> str:
+    page.wait_for_function(
+        "pattern => new RegExp(pattern).test(document.querySelector('#lora_trainer_progress_text').innerText)",
+        arg=pattern, timeout=timeout)
+    return _progress(page)
+
+
+def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
+    page.wait_for_selector("#lora_trainer_start")
+    _fill(page, "lora_trainer_dataset", str(SAMPLE_DATASET))
+    _fill(page, "lora_trainer_output_name", "browser_star")
+    for elem_id, value in (("lora_trainer_epochs", "3"), ("lora_trainer_batch_size", "16"), ("lora_trainer_dim", "8"),
+                           ("lora_trainer_alpha", "8"), ("lora_trainer_unet_lr", "0.002"), ("lora_trainer_te_lr", "0.0005"),
+                           ("lora_trainer_save_every", "1"), ("lora_trainer_sample_every", "1")):
+        _fill(page, elem_id, value, "input")
+    _fill(page, "lora_trainer_resolution", "64")
+    _fill(page, "lora_trainer_sample_prompt", "zkstar --s 6")
+    page.click("#lora_trainer_check")
+    page.wait_for_function("() => document.querySelector('#lora_trainer_report textarea').value.includes('10_zkstar')")
+    page.click("#lora_trainer_start")
+    page.wait_for_function("() => /Job \\d+ \\(browser_star\\) starting/.test(document.querySelector('#lora_trainer_message').innerText)")
+
+    first = int(STEP.search(_wait_for_progress(page, r"step [1-9]\d*/")).group(1))
+    page.wait_for_function(
+        "first => { const m = /step (\\d+)\\//.exec(document.querySelector('#lora_trainer_progress_text').innerText);"
+        " return m && Number(m[1]) > first; }", arg=first)
+    page.wait_for_selector("#lora_trainer_samples img", timeout=60_000)  # the first epoch's sample
+    assert page.locator("#lora_trainer_loss img").count() == 1
+    screenshot("running")
+
+    page.click("#lora_trainer_stop")
+    stopped = _wait_for_progress(page, "stopped")
+    total = int(STEP.search(stopped).group(2))
+    assert int(STEP.search(stopped).group(1)) < total
+    page.wait_for_function("() => document.querySelector('#lora_trainer_files input').value.endsWith('.safetensors')")
+    assert list(app_folders["lora"].glob("browser_star*.safetensors"))
+    screenshot("stopped")
+
+    page.click("#lora_trainer_resume")
+    page.wait_for_function("() => /resumes job/.test(document.querySelector('#lora_trainer_message').innerText)")
+    finished = _wait_for_progress(page, "finished", timeout=90_000)
+    assert f"step {total}/{total}" in finished
+    assert (app_folders["lora"] / "browser_star.safetensors").exists()
+    screenshot("finished")
