@@ -1,0 +1,181 @@
+"""The Prompt-Lora-Grid tab: pick a training run (or LoRAs), two axes and the generation settings; the plan
+(``grid.plan``) runs through ``services.host`` only, so under the WebUI the cells are the WebUI's own txt2img
+images and standalone they are ours. Handlers are plain functions (tests call them directly)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from ...errors import UserError
+from ...grid.axes import run_files
+from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_grid, promote, run_grid
+from ...networks.activation import LoraLibrary
+from ...sampling.txt2img import GenerationSettings
+
+_stop = threading.Event()  # the tab's Interrupt; hosts with their own (the WebUI's) are asked too
+
+
+def library_of(services) -> LoraLibrary:
+    """The Lora folder as the host sees it: the same names ``<lora:…>`` resolves to."""
+    library = getattr(services, "_grid_library", None)
+    if library is None:
+        library = services._grid_library = LoraLibrary([services.settings.lora_folder])
+    library.refresh()
+    return library
+
+
+def training_runs(services) -> list[str]:
+    """Runs in the Lora folder: every final file that has numbered epoch siblings, newest first, then the others."""
+    library = library_of(services)
+    entries = library.entries()
+    stems = {e.name for e in entries}
+    runs = [e for e in entries if any(s.startswith(e.name + "-") and s[len(e.name) + 1:].isdigit() for s in stems)]
+    singles = [e for e in entries if e not in runs and not (e.name.rsplit("-", 1)[-1].isdigit() and e.name.rsplit("-", 1)[0] in stems)]
+    by_time = lambda e: -e.path.stat().st_mtime  # noqa: E731
+    return [e.name for e in sorted(runs, key=by_time)] + [e.name for e in sorted(singles, key=by_time)]
+
+
+def _values(text: str) -> list[str]:
+    """Axis values, comma separated; ranges such as ``0.2-1.0 (+0.2)`` stay whole (their commas are inside brackets)."""
+    import re
+
+    return [part.strip() for part in re.split(r",(?![^(\[]*[)\]])", text or "") if part.strip()]
+
+
+def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y_values: str, strength,
+                  prompt: str, negative: str, seed, sampler: str, steps, width, height, cfg, checkpoint: str,
+                  baseline: bool, confirmed: bool, progress=None):
+    """→ (grid image path, cell images, losses rows, epoch choices update, status)."""
+    _stop.clear()
+    clear = getattr(services.host, "clear_interrupt", None)
+    if clear:
+        clear()
+    try:
+        settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
+                                      int(width), int(height))
+        axes = [AxisSpec(x_kind, _values(x_values) if x_kind != "strength" else [x_values or ""]),
+                AxisSpec(y_kind, _values(y_values) if y_kind != "strength" else [y_values or ""])]
+        request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
+                              checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
+        plan = plan_grid(request, library_of(services))
+        report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress else None
+        result = run_grid(services.host, plan, services.settings.grids_folder, report, _stop.is_set)
+    except UserError as error:
+        return None, [], [], gr.update(), f"⚠ {error}"
+    losses = [[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
+              for path, loss in plan.epoch_losses.items()]
+    epochs = [str(p) for p in plan.files]
+    note = f"Grid saved: {result.path} ({result.seconds:.1f} s"
+    note += f", switching LoRAs {result.switching_seconds:.2f} s)." if result.switching_seconds else ")."
+    if result.stopped:
+        note = "Interrupted: the cells not generated are grey. " + note
+    warnings = getattr(services.host, "take_warnings", lambda: [])()
+    if warnings:
+        note += " " + " ".join(f"⚠ {w}" for w in warnings)
+    best = str(plan.best_epoch) if plan.best_epoch else (epochs[-1] if epochs else None)
+    cells = [image for row in result.cells for image in row]
+    return str(result.path), cells, losses, gr.update(choices=epochs, value=best), note
+
+
+def interrupt(services) -> str:
+    _stop.set()
+    stop = getattr(services.host, "interrupt", None)
+    if stop:
+        stop()
+    return "Interrupting after the current image…"
+
+
+def promote_epoch(services, epoch_file: str, final_name: str, strength) -> str:
+    try:
+        if not epoch_file:
+            raise UserError("Generate a grid first, then pick the epoch to promote.")
+        name = (final_name or "").strip() or _run_name(Path(epoch_file))
+        copied = promote(Path(epoch_file), services.settings.lora_folder, name, float(strength))
+    except UserError as error:
+        return f"⚠ {error}"
+    services.host.refresh_loras()
+    return f"Promoted {Path(epoch_file).name} to {copied} with preferred weight {float(strength):g}."
+
+
+def _run_name(path: Path) -> str:
+    stem = path.stem
+    head, _, tail = stem.rpartition("-")
+    return head if head and tail.isdigit() else stem
+
+
+def run_summary(services, run: str) -> str:
+    """The run's files with their recorded losses, shown when a run is picked."""
+    try:
+        path = library_of(services).resolve(run) if run and not Path(run).is_file() else Path(run) if run else None
+        if path is None:
+            return ""
+        from ...grid.plan import epoch_losses
+
+        files = run_files(path)
+        losses = epoch_losses(files)
+        return "\n".join(f"- {f.label}" + (f" — {loss_text(losses[f.path])}" if f.path in losses else "") for f in files)
+    except UserError as error:
+        return f"⚠ {error}"
+
+
+def build(services):
+    defaults = services.host.generation_defaults()
+    samplers = ["Euler a", "Euler", "DPM++ 2M Karras", "DPM++ 2S a Karras", "DDIM"]
+    if defaults.sampler not in samplers:
+        samplers.insert(0, defaults.sampler)
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        with gr.Row():
+            runs = gr.Dropdown(training_runs(services), label="Training run or LoRA (Lora folder)", scale=3)
+            refresh = gr.Button("🔄", scale=0)
+            run = gr.Textbox(label="Run / LoRA used by the grid", elem_id="lora_trainer_grid_run", scale=3)
+        run_files_text = gr.Markdown()
+        with gr.Row():
+            x_kind = gr.Dropdown(list(AXIS_KINDS), value="strength", label="X axis (columns)")
+            x_values = gr.Textbox(value="0.2-1.0 (+0.2)", label="X values", elem_id="lora_trainer_grid_x_values")
+            y_kind = gr.Dropdown(list(AXIS_KINDS), value="epoch", label="Y axis (rows)")
+            y_values = gr.Textbox(value="", label="Y values (epoch: empty = every epoch file)")
+            strength = gr.Number(value=1.0, label="Strength where no axis sets it")
+        with gr.Row():
+            prompt = gr.Textbox(value=defaults.prompt, label="Prompt", lines=2, scale=3, elem_id="lora_trainer_grid_prompt")
+            negative = gr.Textbox(value=defaults.negative_prompt, label="Negative prompt", lines=2, scale=2)
+        with gr.Row():
+            seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1: random, then the same in every cell)")
+            sampler = gr.Dropdown(samplers, value=defaults.sampler, label="Sampler")
+            steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Steps")
+            width = gr.Slider(64, 2048, value=defaults.width, step=8, label="Width")
+            height = gr.Slider(64, 2048, value=defaults.height, step=8, label="Height")
+            cfg = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG scale")
+            checkpoint = gr.Dropdown([""] + list(services.host.checkpoints()), value="", label="Checkpoint (empty: current)")
+        with gr.Row():
+            baseline = gr.Checkbox(value=True, label="Baseline column without the LoRA")
+            confirmed = gr.Checkbox(value=False, label="I confirm grids of more than 400 images")
+            generate = gr.Button("Generate", variant="primary", elem_id="lora_trainer_grid_generate")
+            stop = gr.Button("Interrupt", elem_id="lora_trainer_grid_interrupt")
+        status = gr.Markdown(elem_id="lora_trainer_grid_status")
+        grid_image = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="lora_trainer_grid_image")
+        cells = gr.Gallery(label="Cells", columns=6, height=360, elem_id="lora_trainer_grid_cells")
+        losses = gr.Dataframe(headers=["epoch file", "training loss", "validation loss", "best epoch"], interactive=False,
+                              label="Losses the trainer recorded")
+        with gr.Row():
+            epoch = gr.Dropdown([], label="Promote this file", scale=3)
+            promote_strength = gr.Number(value=1.0, label="Preferred weight")
+            final_name = gr.Textbox(label="Final name in the Lora folder (empty: the run's name)")
+            promote_button = gr.Button("Promote", elem_id="lora_trainer_grid_promote")
+        promote_status = gr.Markdown()
+
+        refresh.click(lambda: gr.update(choices=training_runs(services)), None, runs)
+        runs.change(lambda name: name, runs, run)
+        run.change(lambda name: run_summary(services, name), run, run_files_text)
+
+        def on_generate(*args, progress=gr.Progress()):
+            return generate_grid(services, *args, progress=progress)
+
+        generate.click(on_generate, [run, x_kind, x_values, y_kind, y_values, strength, prompt, negative, seed, sampler,
+                                     steps, width, height, cfg, checkpoint, baseline, confirmed],
+                       [grid_image, cells, losses, epoch, status])
+        stop.click(lambda: interrupt(services), None, status, queue=False)
+        promote_button.click(lambda *a: promote_epoch(services, *a), [epoch, final_name, promote_strength], promote_status)
+    return blocks

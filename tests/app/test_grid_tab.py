@@ -1,0 +1,64 @@
+"""The Prompt-Lora-Grid tab's handlers, called as the buttons call them, on a host that records its calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.app.ui import grid_tab
+from lora_trainer.grid.bench import make_epoch_files
+
+SETTINGS = dict(prompt="zkstar", negative="", seed=5, sampler="Euler", steps=4, width=64, height=64, cfg=5.0, checkpoint="")
+
+
+@pytest.fixture
+def run(services):
+    make_epoch_files(services.settings.lora_folder, "tinylora", epochs=2)
+    return "tinylora"
+
+
+def generate(services, run, x_kind="strength", x_values="0.5-1.0 (+0.5)", y_kind="epoch", y_values="", **changes):
+    values = {**SETTINGS, **changes}
+    return grid_tab.generate_grid(services, run, x_kind, x_values, y_kind, y_values, 1.0, values["prompt"],
+                                  values["negative"], values["seed"], values["sampler"], values["steps"], values["width"],
+                                  values["height"], values["cfg"], values["checkpoint"], True, False)
+
+
+def test_runs_are_listed_and_an_epoch_by_strength_grid_goes_through_the_host(services, fake_host, run):
+    assert grid_tab.training_runs(services) == ["tinylora"]
+    assert "epoch 1 (10 steps) — val loss 0.1500" in grid_tab.run_summary(services, run)
+    path, cells, losses, epochs, status = generate(services, run)
+    assert Path(path).is_file() and Path(path).parent == services.settings.grids_folder
+    prompts = [settings.prompt for settings, _ in fake_host.generated]
+    # the baseline is the same image in every row: generated once
+    assert prompts == ["zkstar", "zkstar <lora:tinylora-000001:0.5>", "zkstar <lora:tinylora-000001:1>",
+                       "zkstar <lora:tinylora:0.5>", "zkstar <lora:tinylora:1>"]
+    assert {settings.seed for settings, _ in fake_host.generated} == {5}
+    assert len(cells) == 6 and "Grid saved" in status
+    assert losses[0][0] == "tinylora-000001" and losses[0][3] == "★ recommended"
+    assert epochs["value"].endswith("tinylora-000001.safetensors") and len(epochs["choices"]) == 2
+
+
+def test_mistakes_and_interrupts_are_reported_in_the_status(services, fake_host, run):
+    assert "does not occur in the prompt" in generate(services, run, x_kind="prompt", x_values="cat, dog")[4]
+    assert "no LoRA named" in generate(services, "nosuch")[4]
+    fake_host.interrupt_after = 2
+    assert generate(services, run)[4].startswith("Interrupted")
+    assert grid_tab.interrupt(services).startswith("Interrupting")
+
+
+def test_promote_writes_the_file_and_the_preferred_weight(services, fake_host, run):
+    epoch_file = str(services.settings.lora_folder / "tinylora-000001.safetensors")
+    message = grid_tab.promote_epoch(services, epoch_file, "", 0.8)
+    target = services.settings.lora_folder / "tinylora.safetensors"
+    assert "Promoted" in message and target.read_bytes() == Path(epoch_file).read_bytes()
+    assert json.loads(target.with_suffix(".json").read_text(encoding="utf-8"))["preferred weight"] == 0.8
+    assert ("refresh_loras", ()) in fake_host.calls
+    assert "Generate a grid first" in grid_tab.promote_epoch(services, "", "", 1.0)
+
+
+def test_the_tab_builds_with_the_host_defaults(services, fake_host):
+    assert grid_tab.build(services) is not None
+    assert ("generation_defaults", ()) in fake_host.calls
