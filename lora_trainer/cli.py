@@ -150,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=build_tiny_model)
 
     bench_parser = commands.add_parser("bench", help="print speed and memory figures")
-    bench_parser.add_argument("area", choices=["load", "generate", "networks", "train", "tags", "prep", "ui"])
+    bench_parser.add_argument("area", choices=["load", "generate", "networks", "train", "tags", "prep", "ui", "grid", "tags-ui"])
     bench_parser.add_argument("--work-dir", type=Path, help="where to write the random full-size checkpoints")
     bench_parser.add_argument("--models", default="sd15,sdxl")
     bench_parser.add_argument("--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-fixtures",
