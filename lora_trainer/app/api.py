@@ -134,11 +134,11 @@ def checked_path(value: Any, roots: list[Path], field: str, must_exist: bool) ->
     return path
 
 
-def _check_dataset_config(path: Path, roots: list[Path]) -> None:
+def _check_dataset_config(path: Path, roots: list[Path], options: dict) -> None:
     """The folders a ``--dataset_config`` names are requests' paths too."""
     from ..dataset.config import load_dataset_config
 
-    for dataset in load_dataset_config(path).datasets:
+    for dataset in load_dataset_config(path, options).datasets:
         for subset in dataset.subsets:
             for folder in (subset.image_dir, subset.metadata_file):
                 if folder is None:
@@ -176,7 +176,7 @@ def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None
         if options.get(key) is not None:
             options[key] = str(checked_path(options[key], roots, key, must_exist))
     if options.get("dataset_config"):
-        _check_dataset_config(Path(options["dataset_config"]), roots)
+        _check_dataset_config(Path(options["dataset_config"]), roots, options)
     webhook = body.get("webhook")
     if webhook is not None:
         parsed = urllib.parse.urlparse(webhook) if isinstance(webhook, str) else None

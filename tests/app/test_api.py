@@ -300,3 +300,43 @@ def test_tag_session_paths_and_autotag_errors(services, make_dataset):
                          "tagger_unavailable", "tagger")
     assert "model.onnx" in error["message"]
     assert_error(client.post(f"{V1}/datasets/{sid}/autotag", json={"tagger": "/opt"}), 403, field="tagger")
+
+
+# --- one real job: the trainer on the tiny model ----------------------------------------------------------------
+
+
+def test_real_tiny_training_through_the_api(tmp_path, fake_host, monkeypatch):
+    """Submit, follow the events to the end, find the file in GET /loras. One epoch of the sample dataset at one
+    repeat (4 steps at resolution 64) through a dataset config, which the API checks against the roots as well."""
+    from lora_trainer.app.bench_api import tiny_job_options, tiny_settings
+    from lora_trainer.tiny_model.demo import SAMPLE_DATASET
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the machine's cores are shared: one thread per trainer is fastest
+    services = Services.create(tiny_settings(tmp_path), fake_host, poll=0.1)
+    try:
+        dataset_config = services.settings.data_folder / "dataset.toml"
+        dataset_config.write_text(
+            f"[[datasets]]\nresolution = 64\nbatch_size = 4\n[[datasets.subsets]]\nimage_dir = '{SAMPLE_DATASET / '10_zkstar'}'\n"
+            "num_repeats = 1\ncaption_extension = '.txt'\n", encoding="utf-8")
+        client = make_client(services)
+        options = tiny_job_options(services.settings.lora_folder, epochs=1)
+        del options["output_dir"], options["train_data_dir"]  # the Lora folder by default; the dataset config instead
+        created = client.post(f"{V1}/jobs", json={"name": "zkstar-api", "options": {**options, "dataset_config": str(dataset_config)}})
+        assert created.status_code == 201, created.text
+        events = [event for _, event in sse_events(client.get(f"{V1}/jobs/{created.json()['id']}/events").text)]
+        assert events[-1]["event"] == "end", events[-3:]
+        assert [event["step"] for event in events if event["event"] == "step"] == [1, 2, 3, 4]
+        assert wait_for(client, created.json()["id"])["status"] == "finished"
+        loras = {lora["name"]: lora for lora in client.get(f"{V1}/loras").json()["loras"]}
+        assert loras["zkstar"]["metadata"]["ss_network_dim"] == "8"
+        assert loras["zkstar"]["path"] == events[-1]["files"][-1]
+    finally:
+        services.close()
+
+
+def test_dataset_config_folders_must_lie_in_the_roots(client, job_body, app_settings, tmp_path):
+    config = app_settings.data_folder / "dataset.toml"
+    config.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n", encoding="utf-8")
+    body = {**job_body, "options": {**job_body["options"], "dataset_config": str(config)}}
+    del body["options"]["train_data_dir"]
+    assert_error(client.post(f"{V1}/jobs", json=body), 403, field="dataset_config")
