@@ -340,3 +340,34 @@ def test_dataset_config_folders_must_lie_in_the_roots(client, job_body, app_sett
     body = {**job_body, "options": {**job_body["options"], "dataset_config": str(config)}}
     del body["options"]["train_data_dir"]
     assert_error(client.post(f"{V1}/jobs", json=body), 403, field="dataset_config")
+
+
+# --- grids -----------------------------------------------------------------------------------------------------
+
+
+def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
+    import numpy
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    client = make_client(services)
+    body = {"lora": "mylora", "x": {"kind": "strength", "values": ["0.5", "1"]}, "y": {"kind": "seed", "values": "1, 2"},
+            "settings": {"prompt": "a star", "steps": 3}}
+    created = client.post(f"{V1}/grids", json=body)
+    assert created.status_code == 202, created.text
+    grid_id = created.json()["id"]
+    for _ in range(400):
+        status = client.get(f"{V1}/grids/{grid_id}").json()
+        if status["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    assert status["status"] == "finished" and status["progress"] == {"done": 6, "total": 6}  # 2 seeds × (baseline + 2)
+    prompts = sorted(settings.prompt for settings, _ in fake_host.generated)
+    assert prompts.count("a star") == 2 and "a star <lora:mylora:0.5>" in prompts
+    image = client.get(status["image"])
+    assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+    assert_error(client.post(f"{V1}/grids", json={**body, "x": {"kind": "strength", "values": []}}), 400)
+    assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400)
+    assert_error(client.post(f"{V1}/grids", json={**body, "lora": "/etc/passwd"}), 403, field="lora")
+    assert_error(client.get(f"{V1}/grids/nope"), 404, "grid_not_found")
