@@ -5,6 +5,7 @@ Each measurement runs in a fresh subprocess so peak RSS belongs to that measurem
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 import subprocess
@@ -118,10 +119,8 @@ def run_bench(area: str, args) -> None:
         from .training.bench import run
 
         run(args.fixtures)
-    elif area in ("grid", "tags-ui"):
-        from .app.ui.bench_tags_ui import main as tags_ui
-        from .grid.bench import main as grid
-
-        status = (grid if area == "grid" else tags_ui)(["--work-dir", str(args.work_dir)] if args.work_dir else [])
-        if status:
+    else:  # the app's benches parse their own arguments
+        module = {"ui": ".app.bench_ui", "api": ".app.bench_api", "grid": ".grid.bench", "tags-ui": ".app.ui.bench_tags_ui"}[area]
+        main = importlib.import_module(module, __package__).main
+        if main(["--work-dir", str(args.work_dir)] if args.work_dir and area != "ui" else []):
             print(f"bench {area}: a target was missed (see above)")

@@ -100,10 +100,6 @@ def build_tiny_model(args) -> None:
 
 
 def bench(args) -> None:
-    if args.area == "ui":
-        from .app.bench_ui import main as bench_ui
-
-        raise SystemExit(bench_ui([]))
     from .bench import run_bench
 
     run_bench(args.area, args)
@@ -150,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=build_tiny_model)
 
     bench_parser = commands.add_parser("bench", help="print speed and memory figures")
-    bench_parser.add_argument("area", choices=["load", "generate", "networks", "train", "tags", "prep", "ui", "grid", "tags-ui"])
+    bench_parser.add_argument("area", choices=["load", "generate", "networks", "train", "tags", "prep", "ui", "api", "grid", "tags-ui"])
     bench_parser.add_argument("--work-dir", type=Path, help="where to write the random full-size checkpoints")
     bench_parser.add_argument("--models", default="sd15,sdxl")
     bench_parser.add_argument("--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-fixtures",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import threading
@@ -133,3 +134,9 @@ def test_bad_options_and_names_are_refused_before_anything_is_queued(runner, tmp
     with pytest.raises(UserError, match="without / or .."):
         runner.submit("../evil", options(tmp_path, "finish"))
     assert runner.store.all() == []
+
+
+def test_the_trainer_finds_installed_extras_after_everything_the_host_has(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/host/site")
+    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), extras_folder=tmp_path / "extras")
+    assert runner.environment()["PYTHONPATH"].split(os.pathsep) == ["/host/site", str(tmp_path / "extras")]

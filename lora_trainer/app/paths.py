@@ -22,19 +22,15 @@ def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: b
     if not str(value).strip():
         raise PathNotAllowed(f"{field}: no path given", field)
     path = Path(value).expanduser()
-    try:
-        resolved = path.resolve(strict=must_exist)
-    except (FileNotFoundError, OSError):
-        raise PathNotAllowed(f"{field}: {value} does not exist", field) from None
-    for root in roots:
-        try:
-            resolved.relative_to(Path(root).resolve())
-            return resolved
-        except ValueError:
-            continue
-    shown = ", ".join(str(r) for r in roots) or "(none configured)"
-    raise PathNotAllowed(f"{field}: {value} is outside the allowed folders ({shown}); add its folder in Settings → LoRA Trainer",
-                         field)
+    resolved = path.resolve()  # symlinks and .. followed as far as the path exists
+    if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+        # said before existence, so a request cannot probe which files exist outside the roots
+        shown = ", ".join(str(r) for r in roots) or "(none configured)"
+        raise PathNotAllowed(f"{field}: {value} is outside the allowed folders ({shown}); add its folder in Settings → "
+                             "LoRA Trainer", field)
+    if must_exist and not resolved.exists():
+        raise PathNotAllowed(f"{field}: {value} does not exist", field)
+    return resolved
 
 
 def plain_name(name: str, field: str = "name") -> str:

@@ -7,13 +7,14 @@ where the Lora card's user metadata is written when a job ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..jobs.runner import JobRunner
 from ..jobs.store import Job, JobStore
 from .host import Host
 from .settings import AppSettings
+from .tag_sessions import TagSessions
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Services:
     host: Host
     store: JobStore
     runner: JobRunner
+    tag_sessions: TagSessions = field(default_factory=TagSessions)  # the Tag Editor tab and the API share them
     _gpu_released: bool = False
 
     @classmethod
@@ -29,7 +31,7 @@ class Services:
         settings.data_folder.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.jobs_database, settings.jobs_folder)
         services = cls(settings, host, store, None)  # type: ignore[arg-type]
-        services.runner = JobRunner(store, on_event=services._on_event, **runner_options)
+        services.runner = JobRunner(store, on_event=services._on_event, extras_folder=settings.extras_folder, **runner_options)
         if start:
             services.runner.start()
         return services

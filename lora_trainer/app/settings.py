@@ -17,6 +17,7 @@ class AppSettings:
     allow_unauthenticated_remote: bool = False  # --listen without --api-auth: refuse the API unless this is set
     api_credentials: dict[str, str] = field(default_factory=dict)  # user -> password (the WebUI's --api-auth)
     max_body_bytes: int = 1_000_000
+    extras_folder: Path | None = None  # optional trainer packages installed on request (the extension's extras/)
 
     @property
     def jobs_database(self) -> Path:

@@ -105,17 +105,9 @@ class TagSessions:
             return list(self._sessions)
 
 
-_registry_lock = threading.Lock()
-
-
 def sessions_of(services) -> TagSessions:
     """The one registry of a ``Services`` object (the tab and the API of one process share it)."""
-    with _registry_lock:
-        registry = getattr(services, "tag_sessions", None)
-        if registry is None:
-            registry = TagSessions()
-            services.tag_sessions = registry
-        return registry
+    return services.tag_sessions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,7 +302,7 @@ def autotag(session: TagSession, tagger, images: list[Path], mode: str = "skip",
             if merged is not None:
                 new[image] = merged
         # one undo step for the whole run, each image with its own tags: the core's recorder does exactly that
-        return tag_editor._record(editor, f"Auto-tag with {tagger.name} ({mode})", new)
+        return tag_editor.record_step(editor, f"Auto-tag with {tagger.name} ({mode})", new)
 
     before = session.editor
     editor = session.change(merge)

@@ -462,7 +462,8 @@ def _with_tags(editor: TagEditor, new_tags: Mapping[Path, Tags]) -> Mapping[Path
     return MappingProxyType(merged)
 
 
-def _record(editor: TagEditor, description: str, after: Mapping[Path, Tags]) -> TagEditor:
+def record_step(editor: TagEditor, description: str, after: Mapping[Path, Tags]) -> TagEditor:
+    """New tags for some images as one undoable step (edits use it; so does auto-tagging, whose tags differ per image)."""
     changed = {image: tags for image, tags in after.items() if editor.tags.get(image, tags) != tags}
     if not changed:
         return editor
@@ -481,7 +482,7 @@ def apply_edit(editor: TagEditor, edit: TagEdit, images: Iterable[Path] | None =
     """Apply one edit to the selected images (default: every editable image) as one undoable step."""
     targets = list(editor.tags) if images is None else _with_siblings(editor, images)
     tags = editor.tags
-    return _record(editor, edit.describe(), {image: edit.apply(tags[image]) for image in targets})
+    return record_step(editor, edit.describe(), {image: edit.apply(tags[image]) for image in targets})
 
 
 def edit_caption(editor: TagEditor, image: Path, caption: str) -> TagEditor:
@@ -516,7 +517,7 @@ def redo(editor: TagEditor) -> TagEditor:
 def revert(editor: TagEditor, images: Iterable[Path] | None = None) -> TagEditor:
     """Throw away unsaved edits (of ``images``, default all) as one undoable step."""
     chosen = unsaved_images(editor) if images is None else _with_siblings(editor, images)
-    return _record(editor, "Revert to the saved captions", {image: editor.on_disk[image] for image in chosen})
+    return record_step(editor, "Revert to the saved captions", {image: editor.on_disk[image] for image in chosen})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,7 +589,7 @@ def reload(editor: TagEditor) -> tuple[TagEditor, ReloadReport]:
         unreadable=_frozen(scan.unreadable),
     )
     # the other program's versions arrive as an undoable step, so undo never silently mixes two histories
-    reloaded = _record(reloaded, "Reload captions changed on disk", {image: tags[image] for image in updated})
+    reloaded = record_step(reloaded, "Reload captions changed on disk", {image: tags[image] for image in updated})
     report = ReloadReport(
         updated=tuple(updated),
         conflicts=tuple(conflicts),

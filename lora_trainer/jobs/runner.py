@@ -30,12 +30,13 @@ def trainer_command(job: Job) -> list[str]:
 
 class JobRunner:
     def __init__(self, store: JobStore, command: Callable[[Job], list[str]] = trainer_command, kill_after: float = 120.0,
-                 poll: float = 0.5, on_event: Callable[[Job, dict], None] | None = None):
+                 poll: float = 0.5, on_event: Callable[[Job, dict], None] | None = None, extras_folder: Path | None = None):
         self.store = store
         self.command = command
         self.kill_after = kill_after
         self.poll = poll
         self.on_event = on_event
+        self.extras_folder = extras_folder  # optional packages installed for the trainer only (bitsandbytes, …)
         self._process: subprocess.Popen | None = None
         self._current: int | None = None
         self._stop_requested: set[int] = set()
@@ -123,7 +124,7 @@ class JobRunner:
         job.stop_path.unlink(missing_ok=True)
         log = open(job.folder / "trainer.log", "w", encoding="utf-8")
         process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,
-                                   start_new_session=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+                                   start_new_session=True, env=self.environment())
         self._process, self._current = process, job.id
         job = self.store.update(job.id, status="running", started=time.time(), pid=process.pid)
         self._notify(job)
@@ -166,6 +167,14 @@ class JobRunner:
         job = self.store.update(job.id, status=status, finished=time.time(), message=message, pid=None)
         self._notify(job)
         return job
+
+    def environment(self) -> dict[str, str]:
+        """The trainer's environment: the extras folder goes last on PYTHONPATH, so the packages pip put there as
+        dependencies (numpy, …) never shadow the host's own."""
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+        if self.extras_folder is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(self.extras_folder)) if p)
+        return env
 
     def _notify(self, job: Job) -> None:
         """A synthetic ``job`` event when the subprocess starts and when it is gone, whatever way it went."""

@@ -50,3 +50,8 @@ def test_names_that_are_not_plain_file_names_on_windows_or_linux_are_refused(nam
 
 def test_plain_names_pass_unchanged():
     assert plain_name(" 星 star-v2_final ") == "星 star-v2_final"
+
+
+def test_a_missing_path_outside_the_roots_reads_as_outside_so_requests_cannot_probe_the_disk(roots, tmp_path):
+    with pytest.raises(PathNotAllowed, match="outside the allowed folders"):
+        allowed_path(tmp_path / "secret" / "no such file", roots, "train_data_dir")
