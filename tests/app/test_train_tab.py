@@ -41,6 +41,11 @@ class FakeHost:
     def checkpoints(self):
         return {"tiny-sd (embedded demo model)": TINY_MODEL_PATH}
 
+    def generation_defaults(self):
+        from lora_trainer.sampling.txt2img import GenerationSettings
+
+        return GenerationSettings("zkstar", width=64, height=64)
+
     def refresh_loras(self):
         pass
 
@@ -113,6 +118,7 @@ def test_start_queues_a_second_job_and_the_live_view_follows_it(services):
     services.runner.run_next()
     finished = services.store.get(first)
     assert finished.status == "finished"
+    assert json.loads((finished.folder / "card.json").read_text(encoding="utf-8")) == {"preferred_weight": 0.7}
     view = train_tab.LiveViews().view(finished)
     assert (view.step, view.total, view.recommended_epoch) == (4, 4, 1)
     assert view.files and view.files[0].endswith("star.safetensors")

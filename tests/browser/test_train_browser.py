@@ -18,7 +18,10 @@ def _progress(page) -> str:
     return page.inner_text("#lora_trainer_progress_text")
 
 
-def _wait_for_progress(page, pattern: str, timeout: float = 60_000) -> str:
+WAIT_MS = 240_000  # upper bounds for a loaded CI machine; an idle one trains this run in seconds
+
+
+def _wait_for_progress(page, pattern: str, timeout: float = WAIT_MS) -> str:
     page.wait_for_function(
         "pattern => new RegExp(pattern).test(document.querySelector('#lora_trainer_progress_text').innerText)",
         arg=pattern, timeout=timeout)
@@ -30,7 +33,7 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     _fill(page, "lora_trainer_dataset", str(SAMPLE_DATASET))
     _fill(page, "lora_trainer_output_name", "browser_star")
     for elem_id, value in (("lora_trainer_epochs", "3"), ("lora_trainer_batch_size", "16"), ("lora_trainer_dim", "8"),
-                           ("lora_trainer_alpha", "8"), ("lora_trainer_unet_lr", "0.002"), ("lora_trainer_te_lr", "0.0005"),
+                           ("lora_trainer_alpha", "8"), ("lora_trainer_unet_lr", "0.002"), ("lora_trainer_te_lr", "0"),
                            ("lora_trainer_save_every", "1"), ("lora_trainer_sample_every", "1")):
         _fill(page, elem_id, value, "input")
     _fill(page, "lora_trainer_resolution", "64")
@@ -38,13 +41,14 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     page.click("#lora_trainer_check")
     page.wait_for_function("() => document.querySelector('#lora_trainer_report textarea').value.includes('10_zkstar')")
     page.click("#lora_trainer_start")
-    page.wait_for_function("() => /Job \\d+ \\(browser_star\\) starting/.test(document.querySelector('#lora_trainer_message').innerText)")
+    page.wait_for_function("() => /Job \\d+ \\(browser_star\\) starting/.test(document.querySelector('#lora_trainer_message').innerText)",
+                           timeout=WAIT_MS)
 
     first = int(STEP.search(_wait_for_progress(page, r"step [1-9]\d*/")).group(1))
     page.wait_for_function(
         "first => { const m = /step (\\d+)\\//.exec(document.querySelector('#lora_trainer_progress_text').innerText);"
-        " return m && Number(m[1]) > first; }", arg=first)
-    page.wait_for_selector("#lora_trainer_samples img", timeout=60_000)  # the first epoch's sample
+        " return m && Number(m[1]) > first; }", arg=first, timeout=WAIT_MS)
+    page.wait_for_selector("#lora_trainer_samples img", timeout=WAIT_MS)  # the first epoch's sample
     assert page.locator("#lora_trainer_loss img").count() == 1
     screenshot("running")
 
@@ -58,7 +62,7 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
 
     page.click("#lora_trainer_resume")
     page.wait_for_function("() => /resumes job/.test(document.querySelector('#lora_trainer_message').innerText)")
-    finished = _wait_for_progress(page, "finished", timeout=90_000)
+    finished = _wait_for_progress(page, "finished")
     assert f"step {total}/{total}" in finished
     assert (app_folders["lora"] / "browser_star.safetensors").exists()
     screenshot("finished")

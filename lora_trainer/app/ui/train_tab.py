@@ -8,6 +8,7 @@ The handlers are plain functions of ``Services`` and the form values; ``build`` 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -32,14 +33,20 @@ from .live import NOTIFY_STATUSES, LiveView, apply_event, loss_plot, progress_te
 FORM_FIELDS = ("checkpoint", "dataset", "preset", "tier", "algorithm", "output_name", "epochs", "batch_size", "resolution",
                "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "sample_every_n_epochs",
                "sample_prompt", "optimizer", "scheduler", "extra")
-GRID_RUN_ELEM_ID = "lora_trainer_grid_run"  # the Prompt-Lora-Grid tab reads the run sent to it from here
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov", "DAdaptAdam")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 RESUMABLE = ("paused", "stopped", "interrupted", "failed")
 
 _ASK_NOTIFICATION = ("(...args) => { if (window.Notification && Notification.permission === 'default') "
                      "Notification.requestPermission(); return args; }")
-_NOTIFY = ("(text) => { if (text && window.Notification && Notification.permission === 'granted') "
+# The grid tab is another Blocks (another top-level tab in the WebUI): the run goes over in the browser, into its
+# run box (elem_id lora_trainer_grid_run), as if typed there.
+_SEND_TO_GRID = ("(path) => { const root = typeof gradioApp === 'function' ? gradioApp() : document; "
+                 "const box = root.querySelector('#lora_trainer_grid_run textarea'); "
+                 "if (box && path) { box.value = path; box.dispatchEvent(new Event('input', {bubbles: true})); } return [path]; }")
+# Only a change seen while the page is open notifies: the first value after a (re)load is the page catching up.
+_NOTIFY = ("(text) => { const first = window.loraTrainerLastEnd === undefined; window.loraTrainerLastEnd = text; "
+           "if (!first && text && window.Notification && Notification.permission === 'granted') "
            "new Notification('LoRA Trainer', {body: text}); return text; }")
 
 
@@ -150,8 +157,17 @@ def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
     options, _ = job_options(services, form)
     running = [job for job in services.store.all() if job.status in ("queued", "running")]
     job = services.runner.submit(options["output_name"], options)
+    write_card_hints(job, presets.PRESETS[form.get("preset") or "character"].preferred_weight)
     where = f"queued behind {len(running)} job(s)" if running else "starting"
     return f"Job {job.id} ({job.name}) {where}.\n\n{text}", job.id
+
+
+CARD_HINTS = "card.json"  # beside the job: what the Lora card should say that the options do not hold
+
+
+def write_card_hints(job: Job, preferred_weight: float) -> None:
+    """The preset's weight for the Lora card written when the job ends (read by ``Services`` at the end event)."""
+    (job.folder / CARD_HINTS).write_text(json.dumps({"preferred_weight": preferred_weight}), encoding="utf-8")
 
 
 def resume_target(services: Services, job_id: int | None) -> Job | None:
@@ -325,7 +341,6 @@ def build(services: Services) -> gr.Blocks:
         with gr.Row():
             files = gr.Dropdown([], label="Saved files", elem_id="lora_trainer_files", allow_custom_value=True)
             send = gr.Button("Send to Prompt-Lora-Grid", elem_id="lora_trainer_send_to_grid", scale=0)
-            grid_run = gr.Textbox(label="Run sent to Prompt-Lora-Grid", interactive=False, elem_id=GRID_RUN_ELEM_ID)
         jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Jobs",
                             elem_id="lora_trainer_jobs")
         ended = gr.Textbox(visible=False, elem_id="lora_trainer_job_ended")
@@ -389,10 +404,8 @@ def build(services: Services) -> gr.Blocks:
                                          network_alpha, unet_lr, text_encoder_lr, save_every, sample_every, optimizer,
                                          scheduler, extra, message])
 
-        def send_to_grid(path):
-            return path or "", "Sent to Prompt-Lora-Grid." if path else "Pick a saved file first."
-
-        send.click(send_to_grid, files, [grid_run, message])
+        send.click(lambda path: "Sent to Prompt-Lora-Grid." if path else "Pick a saved file first.", files, message,
+                   **js_kwarg(_SEND_TO_GRID))
 
         def poll(label):
             shown = shown_job(services, job_id_of(label))
