@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
             except UserError as error:
                 events.emit("error", message=str(error))
                 raise
-        print(f"saved {files[-1]}")
+        if files:  # under torchrun only rank 0 writes
+            print(f"saved {files[-1]}")
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -75,8 +75,9 @@ class DatasetPlan:
 
 class TrainingData:
     def __init__(self, options: TrainOptions, datasets: list[DatasetPlan], seed: int, config_name: str, notes: list[str],
-                 from_config_file: bool):
+                 from_config_file: bool, world_size: int = 1):
         self.options = options
+        self.world_size = world_size  # under torchrun a batch is the global batch: batch_size per rank × ranks
         self.datasets = datasets
         self.seed = seed
         self.config_name = config_name
@@ -102,7 +103,7 @@ class TrainingData:
             by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
             for record in dataset.train + dataset.reg:
                 by_bucket.setdefault(record.bucket, []).extend([record] * record.repeats)
-            size = dataset.config.batch_size
+            size = dataset.config.batch_size * self.world_size
             for bucket in sorted(by_bucket):
                 members = by_bucket[bucket]
                 rng.shuffle(members)
@@ -196,7 +197,7 @@ class TrainingData:
         return {
             **common,
             "ss_batch_size_per_device": first.batch_size,
-            "ss_total_batch_size": first.batch_size * o.gradient_accumulation_steps,
+            "ss_total_batch_size": first.batch_size * self.world_size * o.gradient_accumulation_steps,
             "ss_resolution": f"({resolution[0]}, {resolution[1]})",
             "ss_color_aug": o.color_aug, "ss_flip_aug": o.flip_aug, "ss_random_crop": o.random_crop,
             "ss_shuffle_caption": o.shuffle_caption, "ss_enable_bucket": o.enable_bucket,
@@ -284,7 +285,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     return DatasetPlan(dataset, train, reg, validation, images.tag_frequency)
 
 
-def build_training_data(options: TrainOptions, config, seed: int) -> TrainingData:
+def build_training_data(options: TrainOptions, config, seed: int, world_size: int = 1) -> TrainingData:
     if not options.cache_latents:
         raise UserError("training without --cache_latents is not supported yet: add --cache_latents")
     if options.dataset_config:
@@ -297,4 +298,4 @@ def build_training_data(options: TrainOptions, config, seed: int) -> TrainingDat
     datasets = [d for d in datasets if d.train]
     if not datasets:
         raise UserError("the dataset has no usable training images" + (f" ({'; '.join(notes[:3])})" if notes else ""))
-    return TrainingData(options, datasets, seed, config.name, notes, bool(options.dataset_config))
+    return TrainingData(options, datasets, seed, config.name, notes, bool(options.dataset_config), world_size)

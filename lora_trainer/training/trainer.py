@@ -23,6 +23,9 @@ from ..errors import UserError
 from ..models.checkpoint import load_checkpoint
 from ..models.tokenizer import CLIPTokenizer
 from ..networks.max_norm import apply_max_norm
+from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
+from .distributed import finish as finish_world
+from .distributed import start as start_world
 from ..networks.network import LoRANetwork, create_network, network_from_file
 from ..networks.files import read_network
 from ..networks.spec import spec_from_kohya
@@ -40,9 +43,9 @@ from .text import encode_captions, sdxl_vector
 from .tracking import Tracker
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: World = World()) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
 
 
@@ -112,9 +115,18 @@ def seed_everything(seed: int) -> None:
 
 def train(options: TrainOptions, events: EventLog) -> list[Path]:
     """Run the job; returns the files written (last one = the final network)."""
-    seed = options.seed if options.seed is not None else random.randrange(2**32)
+    world = world_from_env()
+    device = pick_device(options.device, world)
+    start_world(world, device)
+    try:
+        return _train(options, events if world.is_main else EventLog(None), world, device)
+    finally:
+        finish_world(world)
+
+
+def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device) -> list[Path]:
+    seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
     seed_everything(seed)
-    device = pick_device(options.device)
     weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
     started = time.time()
 
@@ -129,7 +141,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         for module in (model.unet, *model.text_encoders):
             module.gradient_checkpointing = True
 
-    data: TrainingData = build_training_data(options, config, seed)
+    data: TrainingData = build_training_data(options, config, seed, world.size)
     events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
                 batches_per_epoch=data.batches_per_epoch, device=str(device))
     data.cache_latents(model.vae, device, events)
@@ -188,7 +200,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
     prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
 
     def sample(epoch: int | None, step: int) -> None:
-        if not prompts:
+        if not prompts or not world.is_main:
             return
         network.eval()
         paths = draw_samples(model, prompts, options.sample_sampler, plan.folder / "sample", options.output_name, epoch, step,
@@ -201,7 +213,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
 
     def validate(epoch: int) -> None:
         every = options.validate_every_n_epochs or 1
-        if not data.validation or epoch % every:
+        if not data.validation or epoch % every or not world.is_main:
             return
         network.eval()
         loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype)
@@ -216,6 +228,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                                                      "highest_loss_images": outlier_images(per_image_loss)})}
 
     def save_network_file(path: Path, epoch: int, step: int) -> None:
+        if not world.is_main:
+            return
         saved = plan.save(network, path, metadata.build(epoch, step, judgement()))
         written.append(saved)
         events.emit("saved", path=str(saved), epoch=epoch, step=step)
@@ -241,15 +255,22 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
             for index, batch in enumerate(batches):
                 if index < state.batch_in_epoch:
                     continue  # resumed mid-epoch: these batches were trained before the interruption
+                rows = world.shard(len(batch.records))
                 per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
-                                            abar, v_prediction, generator, device, weight_dtype, data, train_te)
-                loss = per_sample.mean()
-                for record, value in zip(batch.records, per_sample.detach().tolist()):
+                                            abar, v_prediction, generator, device, weight_dtype, data, train_te, rows)
+                # this rank's share of the global batch mean: summed over ranks, the gradients are the mean's
+                if per_sample.numel():  # a short last batch may leave a rank without rows
+                    scaler.scale(per_sample.sum() / (len(batch.records) * options.gradient_accumulation_steps)).backward()
+                every_sample = torch.zeros(len(batch.records))
+                every_sample[rows] = per_sample.detach().float().cpu()
+                every_sample = sum_across(world, every_sample)
+                loss = every_sample.mean()
+                for record, value in zip(batch.records, every_sample.tolist()):
                     per_image_loss.setdefault(str(record.path), []).append(value)
-                scaler.scale(loss / options.gradient_accumulation_steps).backward()
                 state.batch_in_epoch = index + 1
                 if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
                     continue
+                sum_gradients(world, trainable)
                 scaler.unscale_(optimizer)
                 if options.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
@@ -288,7 +309,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
                     sample(None, state.step)
                 if state.step >= total_steps:
                     break
-                command = stop.command()
+                command = agree_on_command(world, stop.command() if world.is_main else None, stop.signalled)
                 if command == "sample":
                     sample(None, state.step)
                 elif command == "save":
@@ -323,6 +344,8 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
 
 
 def _save_state_event(path, network, optimizer, scheduler, generator, state, events) -> None:
+    if not world_from_env().is_main:
+        return
     save_state(path, network, optimizer, scheduler, generator, state)
     events.emit("state", action="saved", path=str(path), epoch=state.epoch, step=state.step)
 
@@ -344,7 +367,10 @@ def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str
 
 
 def _training_step(batch, epoch, step, total_steps, model, config, network: LoRANetwork, options: TrainOptions, tokenizer,
-                   abar, v_prediction, generator, device, weight_dtype, data: TrainingData, train_te: bool) -> torch.Tensor:
+                   abar, v_prediction, generator, device, weight_dtype, data: TrainingData, train_te: bool,
+                   rows: slice = slice(None)) -> torch.Tensor:
+    """Per-sample losses of ``rows`` of the batch; the random draws are made for the whole batch, so every rank's
+    generator stays in step and a slice trains exactly what that slice of a single-process batch would."""
     latents = batch.latents.to(device, torch.float32) * config.vae.scaling_factor
     captions = data.captions_for(batch, epoch, step, total_steps, generator)
     noise = N.training_noise(latents, generator, options.noise_offset, options.noise_offset_random_strength,
@@ -354,14 +380,17 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
     if options.ip_noise_gamma:
         gamma = options.ip_noise_gamma * (float(torch.rand((), generator=generator)) if options.ip_noise_gamma_random_strength else 1.0)
         perturbed = noise + gamma * torch.randn(latents.shape, generator=generator).to(latents)
-    prediction, target = _predict(model, config, options, tokenizer, captions,
-                                  (batch.original_sizes, batch.crops, batch.target_sizes), latents, noise, perturbed,
+    sizes = tuple(values[rows] for values in (batch.original_sizes, batch.crops, batch.target_sizes))
+    latents, noise, perturbed, timesteps, captions = latents[rows], noise[rows], perturbed[rows], timesteps[rows], captions[rows]
+    if not len(latents):
+        return torch.zeros(0, device=device)
+    prediction, target = _predict(model, config, options, tokenizer, captions, sizes, latents, noise, perturbed,
                                   timesteps, abar, v_prediction, device, weight_dtype, train_te)
     huber = None
     if options.loss_type in ("huber", "smooth_l1"):
         huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, abar).to(device)
     loss = N.elementwise_loss(prediction, target, options.loss_type, huber).mean(dim=(1, 2, 3))
-    loss = loss * batch.loss_weights.to(device)
+    loss = loss * batch.loss_weights[rows].to(device)
     weights = N.loss_weights(timesteps, abar, v_prediction, options.min_snr_gamma, options.scale_v_pred_loss_like_noise_pred,
                              options.v_pred_like_loss, options.debiased_estimation_loss)
     return loss * weights.to(device)

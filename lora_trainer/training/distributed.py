@@ -1,0 +1,96 @@
+"""Data-parallel training under ``torchrun --nproc_per_node N`` (NCCL on GPUs, gloo on CPU).
+
+Every rank draws the same random numbers for the whole global batch (same seed, same generator), trains on its
+own slice of it, and gradients are summed across ranks. So N ranks with batch b train exactly what one process
+with batch N·b trains — the same order, noise and timesteps — up to the order of floating-point sums. Only rank 0
+writes files and events; what it decides (stop, save now, sample now) is broadcast so no rank waits alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+COMMANDS = (None, "stop", "save", "sample")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def shard(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch (the last batch of an epoch may be short: slices stay in order)."""
+        per_rank = -(-batch_size // self.size)
+        return slice(min(batch_size, self.rank * per_rank), min(batch_size, (self.rank + 1) * per_rank))
+
+
+def world_from_env() -> World:
+    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(world: World, device: torch.device) -> None:
+    if world.distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """NCCL reduces GPU tensors only: small bookkeeping tensors travel to the GPU and back."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.cuda()
+        dist.all_reduce(on_gpu)
+        return on_gpu.to(tensor.device)
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def finish(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:
+    """Each rank's loss is its slice's share of the global mean, so the sum of gradients is the global gradient."""
+    if not world.distributed:
+        return
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+
+
+def sum_across(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(tensor) if world.distributed else tensor
+
+
+def agree_on_seed(world: World, seed: int) -> int:
+    """Rank 0's seed for everyone (a run without --seed picks one at random on each rank)."""
+    if not world.distributed:
+        return seed
+    # a sum in which only rank 0 counts: one collective that works on gloo and NCCL alike
+    return int(_all_reduce(torch.tensor([seed if world.is_main else 0], dtype=torch.int64)))
+
+
+def agree_on_command(world: World, command: str | None, signalled: bool) -> str | None:
+    """Rank 0's control-file command; a signal on any rank means stop for all."""
+    if not world.distributed:
+        return command
+    values = torch.tensor([COMMANDS.index(command) if world.is_main else 0, int(signalled)], dtype=torch.int64)
+    values = _all_reduce(values)
+    return "stop" if values[1] > 0 else COMMANDS[int(values[0])]
