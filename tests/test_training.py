@@ -81,6 +81,7 @@ def test_events_tell_the_whole_run(baseline):
     assert [Path(p).name for p in saved] == ["star-000001.safetensors", "star.safetensors"]
     losses = [e["loss"] for e in events if e["event"] == "step"]
     assert all(0 < loss < 2 for loss in losses)
+    assert all(e["memory_mib"] > 50 for e in events if e["event"] == "step")  # the UI's memory figure
 
 
 def test_same_seed_same_weights_bit_for_bit(baseline, dataset, tmp_path):

@@ -7,6 +7,7 @@ where the Lora card's user metadata is written when a job ends.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from ..jobs.store import Job, JobStore
 from .host import Host
 from .settings import AppSettings
 from .tag_sessions import TagSessions
+
+
+CARD_HINTS = "card.json"  # beside a job: what its Lora card should say that the options do not hold
+
+
+def write_card_hints(job: Job, preferred_weight: float) -> None:
+    """The preset's preferred weight, for the Lora card written when the job ends."""
+    (job.folder / CARD_HINTS).write_text(json.dumps({"preferred_weight": preferred_weight}), encoding="utf-8")
 
 
 @dataclass
@@ -57,5 +66,14 @@ class Services:
 
         files = [Path(p) for p in event.get("files", [])]
         if files:
-            write_card_metadata(files[-1], event)
+            write_card_metadata(files[-1], event, self._card_hints(job).get("preferred_weight", 1.0))
             self.host.refresh_loras()
+
+    def _card_hints(self, job: Job) -> dict:
+        """The job's hints, or those of the job it resumed (a resumed job is a new job with the same intent)."""
+        while job is not None:
+            try:
+                return json.loads((job.folder / CARD_HINTS).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                job = self.store.get(job.resumed_from) if job.resumed_from else None
+        return {}

@@ -107,6 +107,18 @@ class StopRequest:
         return "stop"
 
 
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak GPU memory of the run, or the process's peak RSS on the CPU (None where the OS does not say)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -295,7 +307,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                              {g.get("description", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)})
                 events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
                             average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
-                            seconds=round(now - last_time, 4),
+                            seconds=round(now - last_time, 4), memory_mib=peak_memory_mib(device),
                             **({"keys_scaled": norms.keys_scaled, "average_key_norm": round(norms.average_norm, 5),
                                 "max_key_norm": round(norms.max_norm, 5)} if norms else {}))
                 last_time = now

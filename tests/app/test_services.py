@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.app.services import Services
+from lora_trainer.app.services import Services, write_card_hints
 from lora_trainer.app.settings import AppSettings, parse_api_auth
 from lora_trainer.app.user_metadata import card_metadata, trigger_words, write_card_metadata
 from lora_trainer.safe_io import save_safetensors
@@ -86,13 +86,15 @@ def test_a_job_frees_the_hosts_gpu_refreshes_its_lora_list_and_fills_the_card(tm
     host = RecordingHost()
     services = Services.create(settings, host, start=False,
                                command=lambda job: [sys.executable, str(script), str(job.config_path)], poll=0.05)
-    services.runner.submit("star", {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": str(tmp_path),
+    job = services.runner.submit("star", {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": str(tmp_path),
                                     "output_dir": str(settings.lora_folder), "output_name": "star",
                                     "training_comment": str(source)})
+    write_card_hints(job, 0.45)  # the style preset's weight
     assert services.runner.run_next().status == "finished"
     assert host.calls[0] == "release" and host.calls[-1] == "restore" and "refresh" in host.calls
     card = json.loads((settings.lora_folder / "star.json").read_text(encoding="utf-8"))
     assert card["activation text"] == "zkstar, yellow star" and card["sd version"] == "SDXL"
+    assert card["preferred weight"] == 0.45
 
 
 def test_the_webuis_api_auth_flag_is_read_as_users_and_passwords():

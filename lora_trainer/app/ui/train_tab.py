@@ -8,7 +8,6 @@ The handlers are plain functions of ``Services`` and the form values; ``build`` 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from .. import presets
 from ..estimate import estimate
 from ..form import ALGORITHMS, form_to_options
 from ..paths import allowed_path, plain_name
-from ..services import Services
+from ..services import Services, write_card_hints
 from .compat import js_kwarg, poll_kwarg
 from .live import NOTIFY_STATUSES, LiveView, apply_event, loss_plot, progress_text
 
@@ -160,14 +159,6 @@ def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
     write_card_hints(job, presets.PRESETS[form.get("preset") or "character"].preferred_weight)
     where = f"queued behind {len(running)} job(s)" if running else "starting"
     return f"Job {job.id} ({job.name}) {where}.\n\n{text}", job.id
-
-
-CARD_HINTS = "card.json"  # beside the job: what the Lora card should say that the options do not hold
-
-
-def write_card_hints(job: Job, preferred_weight: float) -> None:
-    """The preset's weight for the Lora card written when the job ends (read by ``Services`` at the end event)."""
-    (job.folder / CARD_HINTS).write_text(json.dumps({"preferred_weight": preferred_weight}), encoding="utf-8")
 
 
 def resume_target(services: Services, job_id: int | None) -> Job | None:
