@@ -122,3 +122,22 @@ def test_sd_version_from_metadata():
     assert sd_version_of({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}) == "SDXL"
     assert sd_version_of({"ss_v2": "False"}) == "SD1"
     assert sd_version_of({}) == "unknown"
+
+
+def test_dyn_uses_the_first_ranks_at_the_full_ranks_scale_as_the_webui_does():
+    import torch
+
+    from lora_trainer.networks.activation import at_rank
+    from lora_trainer.networks.files import NetworkFile
+    from lora_trainer.networks.registry import module_delta
+
+    torch.manual_seed(0)
+    down, up = torch.randn(8, 16), torch.randn(32, 8)
+    network = NetworkFile({"lora_unet_x": {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(4.0)}})
+    cut = at_rank(network, 2)
+    delta = module_delta(cut.modules["lora_unet_x"], torch.zeros(32, 16), 1.0).weight
+    assert torch.allclose(delta, (4.0 / 8) * up[:, :2] @ down[:2], atol=1e-6)
+    assert at_rank(network, 2) is cut  # the same object: a strength change stays an incremental update
+    assert at_rank(network, 8) is not network and at_rank(network, None) is network
+    assert torch.equal(at_rank(network, 8).modules["lora_unet_x"]["lora_down.weight"], down)
+    assert parse_lora_call(["dylora", "1", "1", "2"]).dyn == 2

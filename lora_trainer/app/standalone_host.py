@@ -192,7 +192,7 @@ class StandaloneHost:
 
     def _apply_loras(self, prompt: str, model) -> list[tuple[str, Path]]:
         """Merge exactly the prompt's LoRAs (nothing when it has no tags); returns (name, file) of those applied."""
-        from ..networks.activation import lora_calls_in, strength_of
+        from ..networks.activation import at_rank, lora_calls_in, strength_of
 
         _, calls = lora_calls_in(prompt)
         wanted, used = [], []
@@ -201,7 +201,7 @@ class StandaloneHost:
             if path is None:
                 self._warn(f"missing:{call.name}", f"LoRA {call.name!r} not found in the Lora folder; generating without it")
                 continue
-            network = self._network(Path(path).resolve())
+            network = at_rank(self._network(Path(path).resolve()), call.dyn)
             report = self._fit.get(id(network))
             if report is None:
                 report = self._fit[id(network)] = self._merged.check(network)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -20,6 +20,7 @@ from ..grid.axes import run_files
 from ..models.configs import SD1, SDXL
 from .apply import Strength
 from .block_weights import PRESETS_17, block_layouts, parse_block_weights
+from .files import NetworkFile
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 TAG_NAMES = ("lora", "lyco")  # the built-in Lora extension answers both
@@ -39,7 +40,7 @@ class LoraCall:
     name: str
     te: float = 1.0
     unet: float | None = None  # None: same as te, as in the WebUI
-    dyn: int | None = None  # dynamic dim (the WebUI's ``dyn=``); we always apply the full rank
+    dyn: int | None = None  # dynamic dim (the WebUI's ``dyn=``): use the first ``dyn`` ranks (``at_rank``)
     blocks: tuple[float, ...] | None = None  # lbw block weights, presets already expanded
 
     @property
@@ -307,3 +308,23 @@ def run_name(name: str) -> str:
         return match.group("run")
     numbered = re.match(r"^(?P<run>.+?)-\d{6}$", name)
     return numbered.group("run") if numbered else name
+
+
+def at_rank(network: NetworkFile, dyn: int | None) -> NetworkFile:
+    """The network with only its first ``dyn`` ranks (DyLoRA's ``dyn=``), as the WebUI's built-in does it: up and
+    down are cut, the scale stays alpha / full rank (so alpha is cut with them), CP-decomposed modules stay whole."""
+    if not dyn or dyn < 1:
+        return network
+    if dyn not in network.ranks:
+        modules = {}
+        for name, tensors in network.modules.items():
+            down, up = tensors.get("lora_down.weight"), tensors.get("lora_up.weight")
+            if down is None or up is None or "lora_mid.weight" in tensors or dyn >= down.shape[0]:
+                modules[name] = tensors
+                continue
+            cut = {**tensors, "lora_down.weight": down[:dyn], "lora_up.weight": up[:, :dyn]}
+            if "alpha" in tensors:
+                cut["alpha"] = tensors["alpha"] * (dyn / down.shape[0])
+            modules[name] = cut
+        network.ranks[dyn] = replace(network, modules=modules, ranks={})
+    return network.ranks[dyn]

@@ -39,6 +39,8 @@ class NetworkFile:
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     unreadable_keys: list[str] = field(default_factory=list)  # keys with no suffix any algorithm owns
+    # this file cut to fewer ranks (``dyn=``), kept so a repeated tag gets the same object (incremental strength changes)
+    ranks: dict[int, NetworkFile] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from modules import extra_networks, shared
 
 from ..errors import UserError
-from ..networks.activation import LoraCall, LoraLibrary, parse_lora_call, strength_of
+from ..networks.activation import LoraCall, LoraLibrary, at_rank, parse_lora_call, strength_of
 from ..networks.apply import MergedNetworks, Strength
 from ..networks.files import NetworkFile, read_network
 from .model_map import checkpoint_config, merged_networks_for, sd_version_of_config
@@ -115,7 +115,7 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
             return None
         try:
             strength = strength_of(call, self._config.unet)
-            return self._read(path), strength
+            return at_rank(self._read(path), call.dyn), strength
         except UserError as error:
             self._warn(f"<lora:{call.name}> skipped: {error}")
             return None
