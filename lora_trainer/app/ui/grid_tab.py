@@ -144,7 +144,7 @@ def build(services):
         with gr.Row():
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1: random, then the same in every cell)")
             sampler = gr.Dropdown(samplers, value=defaults.sampler, label="Sampler")
-            steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Steps")
+            steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Steps", elem_id="lora_trainer_grid_steps")
             width = gr.Slider(64, 2048, value=defaults.width, step=8, label="Width")
             height = gr.Slider(64, 2048, value=defaults.height, step=8, label="Height")
             cfg = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG scale")

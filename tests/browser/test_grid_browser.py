@@ -1,0 +1,53 @@
+"""The Prompt-Lora-Grid tab in a real browser: a two-epoch run appears in the Lora folder, the user picks it, asks for
+strengths 0.5 and 1 at 4 steps on the tiny model and presses Generate; the grid shows up and is saved under the
+app's data folder with every cell, and the recorded losses mark the recommended epoch."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from playwright.sync_api import expect
+from PIL import Image
+
+from lora_trainer.grid.bench import make_epoch_files
+
+RUN = "browsergrid"
+WAIT_MS = 240_000  # upper bound for a loaded CI machine (model load and 5 images); an idle one takes seconds
+ERROR_TOAST = ".toast-body.error"  # gradio's popup when a handler raises
+FINISHED_OR_FAILED = f"""() => /Grid saved:|⚠/.test(document.querySelector('#lora_trainer_grid_status').innerText)
+    || document.querySelector('{ERROR_TOAST}') !== null"""
+
+
+def test_epoch_by_strength_grid_in_the_browser(page, app_folders, screenshot):
+    make_epoch_files(app_folders["lora"], RUN, epochs=2)
+    tab = page.locator("#lora_trainer_grid")
+    page.get_by_role("button", name="Prompt-Lora-Grid", exact=True).click()
+    tab.get_by_role("button", name="🔄").click()  # the run was made after the page was built
+    tab.get_by_label("Training run or LoRA (Lora folder)").click()
+    page.locator(f"ul.options li[data-value='{RUN}']").click()
+    expect(tab.locator("#lora_trainer_grid_run textarea")).to_have_value(RUN)
+    expect(tab.get_by_role("listitem").filter(has_text="epoch 1 (10 steps)")).to_be_visible()
+    tab.locator("#lora_trainer_grid_x_values textarea").fill("0.5, 1")
+    tab.locator("#lora_trainer_grid_steps input[type=number]").fill("4")
+    screenshot("settings")
+
+    page.click("#lora_trainer_grid_generate")
+    status = page.locator("#lora_trainer_grid_status").first  # gradio 3.41 repeats a Markdown's elem_id inside
+    page.wait_for_function(FINISHED_OR_FAILED, timeout=WAIT_MS)
+    assert "Grid saved:" in status.inner_text(), (status.inner_text(), page.locator(ERROR_TOAST).all_inner_texts())
+    saved = Path(re.search(r"Grid saved: (.+?\.png) \(", status.inner_text()).group(1))
+    assert saved.parent == app_folders["data"] / "grids" and saved.is_file()
+    shown = tab.locator("#lora_trainer_grid_image img")
+    expect(shown).to_be_visible()
+    shown.evaluate("image => image.decode()")  # resolves once the image has loaded
+    natural = shown.evaluate("image => [image.naturalWidth, image.naturalHeight]")
+    with Image.open(saved) as grid:
+        assert natural == list(grid.size) and min(grid.size) > 0
+    # 2 epochs × (no LoRA, 0.5, 1), each cell saved next to the grid
+    expect(tab.locator("#lora_trainer_grid_cells img")).to_have_count(6)
+    assert len(list(saved.parent.glob(f"{saved.stem}-r*-c*.png"))) == 6
+    losses = tab.get_by_role("table", name="Losses the trainer recorded")
+    recommended = losses.get_by_role("row").filter(has_text="★ recommended")
+    expect(recommended).to_contain_text(f"{RUN}-000001")  # make_epoch_files records the lowest validation loss there
+    screenshot("grid")
