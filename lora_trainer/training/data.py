@@ -25,6 +25,7 @@ from ..errors import UserError
 from .evaluation import split_validation
 from .pixels import resize_and_crop
 from .options import TrainOptions, resolution_of
+from .text import caching_problems
 
 
 @dataclass
@@ -133,6 +134,18 @@ class TrainingData:
         rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
         return [C.process_caption(r.caption, r.subset.caption_options, rng, epoch=epoch + 1, step=step,
                                   max_train_steps=total_steps) for r in batch.records]
+
+    def fixed_captions(self) -> dict[Path, str]:
+        """Each image's caption as training sees it, for ``--cache_text_encoder_outputs`` (refused when captions vary)."""
+        problems = sorted({p for r in self.records for p in caching_problems(r.subset.caption_options)})
+        if problems:
+            raise UserError(f"--cache_text_encoder_outputs encodes each caption once, but {', '.join(problems)} change the "
+                            "captions between steps; turn them off (in the options or the dataset TOML) or drop the caching")
+        rng = random.Random(0)  # unused: nothing random is on
+        captions = {r.path: C.process_caption(r.caption, r.subset.caption_options, rng, epoch=1, step=0, max_train_steps=1)
+                    for r in self.records}
+        captions.update({r.path: r.caption.split("\n")[0] for r in self.validation})
+        return captions
 
     # --- latents --------------------------------------------------------------------------------------------
 

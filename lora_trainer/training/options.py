@@ -183,8 +183,8 @@ class TrainOptions:
     metadata_tags: str | None = opt(None, "modelspec.tags")
     metadata_trigger_phrase: str | None = opt(None, "modelspec.trigger_phrase")
     # SDXL (sdxl_train_network.py)
-    cache_text_encoder_outputs: bool = opt(False, "SDXL: encode captions once, before training", implemented=False)
-    cache_text_encoder_outputs_to_disk: bool = opt(False, "SDXL: … and keep them on disk", implemented=False)
+    cache_text_encoder_outputs: bool = opt(False, "encode captions once, before training (UNet-only runs)")
+    cache_text_encoder_outputs_to_disk: bool = opt(False, "… and keep them beside the images (<image>_te_outputs.npz)")
     # ours
     device: str = opt("auto", "cpu, cuda, cuda:1, … (auto: the GPU when there is one)")
     events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl)")
@@ -299,6 +299,11 @@ def validate(options: TrainOptions) -> None:
         problems.append("--lr_scheduler constant takes no warm-up; use constant_with_warmup")
     if options.cache_latents_to_disk:
         options.cache_latents = True
+    if options.cache_text_encoder_outputs_to_disk:
+        options.cache_text_encoder_outputs = True
+    if options.cache_text_encoder_outputs and not options.network_train_unet_only:
+        problems.append("--cache_text_encoder_outputs needs --network_train_unet_only (cached captions cannot train the "
+                        "text encoders)")
     if not (0.0 <= options.validation_split < 1.0):
         problems.append(f"--validation_split {options.validation_split} must be in [0, 1)")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):

@@ -61,3 +61,95 @@ def sdxl_vector(pooled: torch.Tensor, original_sizes, crops, target_sizes) -> to
     rows = [size_conditioning(pooled[i : i + 1], tuple(o), tuple(c), tuple(t))
             for i, (o, c, t) in enumerate(zip(original_sizes, crops, target_sizes))]
     return torch.cat(rows)
+
+
+TE_OUTPUTS_SUFFIX = "_te_outputs.npz"  # sd-scripts' name for a cached caption, beside its image
+
+
+def caching_problems(caption_options) -> list[str]:
+    """Why captions of a subset cannot be encoded once: anything that makes the caption differ between steps."""
+    o = caption_options
+    problems = [name for name, on in (("shuffle_caption", o.shuffle_caption), ("enable_wildcard", o.enable_wildcard),
+                                      ("caption_dropout_rate", o.caption_dropout_rate),
+                                      ("caption_dropout_every_n_epochs", o.caption_dropout_every_n_epochs),
+                                      ("caption_tag_dropout_rate", o.caption_tag_dropout_rate),
+                                      ("token_warmup_step", o.token_warmup_step)) if on]
+    return problems
+
+
+class TextEncoderCache:
+    """Every caption encoded once before training (``--cache_text_encoder_outputs``): the UNet-only run then needs
+    the text encoders no more. With ``--cache_text_encoder_outputs_to_disk`` each image gets sd-scripts'
+    ``<image>_te_outputs.npz`` (``hidden_state1``, ``hidden_state2``, ``pool2`` for SDXL; ``hidden_state1`` for
+    one encoder), read back instead of encoding when its shapes fit and its caption is still the image's."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def fill(self, text_encoders, captions_by_image: dict, tokenizer: CLIPTokenizer, clip_skip: int,
+             max_token_length: int | None, to_disk: bool, batch_size: int = 16) -> None:
+        todo: dict[str, list] = {}
+        for image, caption in captions_by_image.items():
+            if caption in self._outputs:
+                continue
+            loaded = self._read(image, caption) if to_disk else None
+            if loaded is not None:
+                self._outputs[caption] = loaded
+            else:
+                todo.setdefault(caption, []).append(image)
+        captions = list(todo)
+        with torch.no_grad():
+            for start in range(0, len(captions), batch_size):
+                chunk = captions[start : start + batch_size]
+                context, pooled = encode_captions(self.config, text_encoders, chunk, tokenizer, clip_skip, max_token_length)
+                for i, caption in enumerate(chunk):
+                    output = (context[i].float().cpu(), None if pooled is None else pooled[i].float().cpu())
+                    self._outputs[caption] = output
+                    if to_disk:
+                        for image in todo[caption]:
+                            self._write(image, caption, *output)
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        missing = [c for c in captions if c not in self._outputs]
+        if missing:
+            raise KeyError(f"caption not cached: {missing[0]!r}")
+        outputs = [self._outputs[c] for c in captions]
+        pooled = None if outputs[0][1] is None else torch.stack([o[1] for o in outputs])
+        return torch.stack([o[0] for o in outputs]), pooled
+
+    def _widths(self) -> list[int]:
+        return [slot.config.width for slot in self.config.text_encoders]
+
+    def _write(self, image, caption: str, context: torch.Tensor, pooled: torch.Tensor | None) -> None:
+        import numpy as np
+
+        from ..safe_io import atomic_path
+
+        arrays = {f"hidden_state{i + 1}": part.numpy() for i, part in enumerate(context.split(self._widths(), dim=-1))}
+        if pooled is not None:
+            arrays[f"pool{len(self._widths())}"] = pooled.numpy()
+        arrays["caption"] = np.array(caption)  # ours (sd-scripts ignores it): an edited caption is encoded again
+        target = image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
+        with atomic_path(target) as temporary:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
+
+    def _read(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        import numpy as np
+
+        path = image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as npz:
+                if "caption" in npz and str(npz["caption"]) != caption:
+                    return None
+                parts = [torch.from_numpy(npz[f"hidden_state{i + 1}"]).float() for i in range(len(self._widths()))]
+                pool_key = f"pool{len(self._widths())}"
+                pooled = torch.from_numpy(npz[pool_key]).float() if pool_key in npz else None
+        except (OSError, KeyError, ValueError):
+            return None  # unreadable or another layout: encode again
+        if [p.shape[-1] for p in parts] != self._widths() or len({p.shape[0] for p in parts}) != 1:
+            return None
+        return torch.cat(parts, dim=-1), pooled

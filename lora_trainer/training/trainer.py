@@ -39,7 +39,7 @@ from .options import TrainOptions
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
 from .state import load_state, save_state
-from .text import encode_captions, sdxl_vector
+from .text import TextEncoderCache, encode_captions, sdxl_vector
 from .tracking import Tracker
 
 
@@ -154,6 +154,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
             module.gradient_checkpointing = True
 
     data: TrainingData = build_training_data(options, config, seed, world.size)
+    fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
     events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
                 batches_per_epoch=data.batches_per_epoch, device=str(device))
     data.cache_latents(model.vae, device, events)
@@ -199,6 +200,14 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     metadata = RunMetadata(options, config, model, spec, data, seed, started, optimizer_label(optimizer, options.optimizer_args),
                            num_epochs, total_steps)
     tokenizer = CLIPTokenizer.default()
+    text_cache = None
+    if options.cache_text_encoder_outputs:
+        text_cache = TextEncoderCache(config)
+        text_cache.fill(model.text_encoders, fixed_captions, tokenizer, options.clip_skip or 1,
+                        options.max_token_length, options.cache_text_encoder_outputs_to_disk)
+        if device.type == "cuda":  # the encoders are needed again only for samples: keep them off the GPU
+            for encoder in model.text_encoders:
+                encoder.to("cpu")
     abar = config.schedule.alphas_cumprod
     v_prediction = config.prediction_type == "v_prediction"
     stop = StopRequest(plan.stop_file)
@@ -228,7 +237,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         if not data.validation or epoch % every or not world.is_main:
             return
         network.eval()
-        loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype)
+        loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype, text_cache)
         network.train()
         epoch_validation_loss[epoch] = loss
         events.emit("validation", epoch=epoch, step=state.step, loss=loss)
@@ -269,7 +278,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                     continue  # resumed mid-epoch: these batches were trained before the interruption
                 rows = world.shard(len(batch.records))
                 per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
-                                            abar, v_prediction, generator, device, weight_dtype, data, train_te, rows)
+                                            abar, v_prediction, generator, device, weight_dtype, data, train_te, rows,
+                                            text_cache)
                 # this rank's share of the global batch mean: summed over ranks, the gradients are the mean's
                 if per_sample.numel():  # a short last batch may leave a rank without rows
                     scaler.scale(per_sample.sum() / (len(batch.records) * options.gradient_accumulation_steps)).backward()
@@ -363,11 +373,15 @@ def _save_state_event(path, network, optimizer, scheduler, generator, state, eve
 
 
 def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str], sizes, latents, noise, input_noise,
-             timesteps, abar, v_prediction: bool, device, weight_dtype, train_te: bool = False):
+             timesteps, abar, v_prediction: bool, device, weight_dtype, train_te: bool = False,
+             text_cache: TextEncoderCache | None = None):
     """The UNet's prediction for ``latents`` noised with ``input_noise`` at ``timesteps``, and its target (ε or v of ``noise``)."""
-    with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
-        context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, options.clip_skip or 1,
-                                          options.max_token_length)
+    if text_cache is not None:
+        context, pooled = (None if t is None else t.to(device) for t in text_cache.encode(captions))
+    else:
+        with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
+            context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, options.clip_skip or 1,
+                                              options.max_token_length)
     y = sdxl_vector(pooled, *sizes) if config.needs_size_conditioning else None
     abar = abar.to(device)
     noisy = N.add_noise(latents, input_noise, timesteps, abar)
@@ -380,7 +394,7 @@ def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str
 
 def _training_step(batch, epoch, step, total_steps, model, config, network: LoRANetwork, options: TrainOptions, tokenizer,
                    abar, v_prediction, generator, device, weight_dtype, data: TrainingData, train_te: bool,
-                   rows: slice = slice(None)) -> torch.Tensor:
+                   rows: slice = slice(None), text_cache: TextEncoderCache | None = None) -> torch.Tensor:
     """Per-sample losses of ``rows`` of the batch; the random draws are made for the whole batch, so every rank's
     generator stays in step and a slice trains exactly what that slice of a single-process batch would."""
     latents = batch.latents.to(device, torch.float32) * config.vae.scaling_factor
@@ -397,7 +411,7 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
     if not len(latents):
         return torch.zeros(0, device=device)
     prediction, target = _predict(model, config, options, tokenizer, captions, sizes, latents, noise, perturbed,
-                                  timesteps, abar, v_prediction, device, weight_dtype, train_te)
+                                  timesteps, abar, v_prediction, device, weight_dtype, train_te, text_cache)
     huber = None
     if options.loss_type in ("huber", "smooth_l1"):
         huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, abar).to(device)
@@ -410,7 +424,7 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
 
 @torch.no_grad()
 def _validation_loss(data: TrainingData, model, config, options: TrainOptions, tokenizer, abar, v_prediction, device,
-                     weight_dtype) -> float:
+                     weight_dtype, text_cache: TextEncoderCache | None = None) -> float:
     """Mean loss of the held-out images at fixed timesteps with fixed noise: comparable across epochs."""
     timesteps = torch.tensor(VALIDATION_TIMESTEPS)
     count = len(timesteps)
@@ -420,7 +434,8 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
         noise = fixed_noise(tuple(latents.shape), data.validation_seed, index).to(device)
         sizes = ([(record.size[1], record.size[0])] * count, [(0, 0)] * count, [(record.bucket[1], record.bucket[0])] * count)
         prediction, target = _predict(model, config, options, tokenizer, [record.caption.split("\n")[0]] * count, sizes,
-                                      latents, noise, noise, timesteps, abar, v_prediction, device, weight_dtype)
+                                      latents, noise, noise, timesteps, abar, v_prediction, device, weight_dtype,
+                                      text_cache=text_cache)
         losses.append(float(N.elementwise_loss(prediction, target, "l2").mean()))
     return sum(losses) / len(losses)
 

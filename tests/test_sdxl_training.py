@@ -1,0 +1,92 @@
+"""SDXL training end to end on a tiny SDXL-layout checkpoint (two text encoders, size conditioning): Kohya's
+lora_te1/lora_te2 names and sdxl metadata, and --cache_text_encoder_outputs(_to_disk) training the same weights as
+encoding every step, with sd-scripts' <image>_te_outputs.npz beside the images."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_network_training import CONFIGS
+
+from lora_trainer.models.checkpoint import ARCHITECTURE_METADATA_KEY, architecture_overrides, build_models
+from lora_trainer.safe_io import save_safetensors
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+from lora_trainer.train_network import main as train_main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """Random tiny SDXL weights with the tiny SD1 model's VAE (the latents only need to be consistent)."""
+    config = CONFIGS["sdxl"]
+    torch.manual_seed(0)
+    unet, text_encoders, _ = build_models(config, device="cpu")
+    state = {config.unet_prefix + k: v for k, v in unet.state_dict().items()}
+    for slot, encoder in zip(config.text_encoders, text_encoders):
+        state.update({slot.prefix + k: v for k, v in encoder.state_dict().items()})
+    with safe_open(str(TINY_MODEL_PATH), "pt") as handle:
+        state.update({k: handle.get_tensor(k).float() for k in handle.keys() if k.startswith(config.vae_prefix)})
+    path = tmp_path_factory.mktemp("model") / "tiny sdxl.safetensors"
+    import json
+
+    return save_safetensors(state, path, {ARCHITECTURE_METADATA_KEY: json.dumps(architecture_overrides(config))})
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(SAMPLE, root / "1_zkstar")
+    for extra in list((root / "1_zkstar").glob("*.png"))[8:]:  # 8 images keep the run short
+        extra.unlink()
+        extra.with_suffix(".txt").unlink()
+    return root
+
+
+def train(model: Path, data: Path, out: Path, *extra: str) -> int:
+    return train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+                       "--output_name", "star", "--resolution", "64", "--train_batch_size", "4", "--network_dim", "4",
+                       "--network_alpha", "4", "--learning_rate", "1e-3", "--max_train_epochs", "1", "--cache_latents",
+                       "--seed", "3", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", *extra])
+
+
+def test_sdxl_run_writes_both_text_encoders_and_sdxl_metadata(tiny_sdxl, dataset, tmp_path):
+    assert train(tiny_sdxl, dataset, tmp_path) == 0
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_cached_text_encoder_outputs_train_what_encoding_every_step_trains(tiny_sdxl, dataset, tmp_path):
+    assert train(tiny_sdxl, dataset, tmp_path / "live", "--network_train_unet_only") == 0
+    assert train(tiny_sdxl, dataset, tmp_path / "cached", "--network_train_unet_only",
+                 "--cache_text_encoder_outputs_to_disk") == 0
+    live, cached = load_file(str(tmp_path / "live" / "star.safetensors")), load_file(str(tmp_path / "cached" / "star.safetensors"))
+    assert live.keys() == cached.keys()
+    assert all(torch.allclose(live[k].float(), cached[k].float(), atol=1e-3, rtol=1e-2) for k in live)
+
+    npz = sorted((dataset / "1_zkstar").glob("*_te_outputs.npz"))
+    assert len(npz) == 8
+    with np.load(npz[0]) as arrays:  # sd-scripts' keys and layout: [77, 32] per encoder here, pool of the second
+        assert arrays["hidden_state1"].shape == (77, 32) and arrays["hidden_state2"].shape == (77, 32)
+        assert arrays["pool2"].shape == (32,)
+    stamp = npz[0].stat().st_mtime_ns
+    assert train(tiny_sdxl, dataset, tmp_path / "again", "--network_train_unet_only",
+                 "--cache_text_encoder_outputs_to_disk") == 0
+    assert npz[0].stat().st_mtime_ns == stamp  # read back, not encoded again
+
+
+def test_caching_refuses_what_would_make_captions_vary(tiny_sdxl, dataset, tmp_path, capsys):
+    assert train(tiny_sdxl, dataset, tmp_path, "--cache_text_encoder_outputs") == 2
+    assert "needs --network_train_unet_only" in capsys.readouterr().err
+    assert train(tiny_sdxl, dataset, tmp_path, "--cache_text_encoder_outputs", "--network_train_unet_only",
+                 "--shuffle_caption") == 2
+    assert "shuffle_caption change the captions" in capsys.readouterr().err
