@@ -53,17 +53,11 @@ def create_app(services: Services, listening_remotely: bool):
     import gradio as gr
     from fastapi import FastAPI
 
+    from .api import register
     from .ui import build_tabs
 
     app = FastAPI(title="LoRA Trainer")
-    try:
-        from .api import register
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.api":
-            raise
-        log.warning("the HTTP API is not installed in this version; serving the tabs only")
-    else:
-        register(app, services, listening_remotely)
+    register(app, services, listening_remotely)
     tabs = build_tabs(services)  # built outside the page: a Blocks created inside another would render twice
     with gr.Blocks(title="LoRA Trainer", analytics_enabled=False, css=_stylesheet()) as page:
         for blocks, title, elem_id in tabs:
@@ -93,6 +87,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         app = create_app(services, listening_remotely=address not in ("127.0.0.1", "localhost", "::1"))
         log.info("LoRA Trainer: http://%s:%d/", address, args.port)
-        uvicorn.run(app, host=address, port=args.port, log_level="warning")
+        # open event streams and the page's websocket would hold a graceful shutdown forever
+        uvicorn.run(app, host=address, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
         services.close()

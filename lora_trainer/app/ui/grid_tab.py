@@ -61,7 +61,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
         request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
                               checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
         plan = plan_grid(request, library_of(services))
-        report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress else None
+        report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
         result = run_grid(services.host, plan, services.settings.grids_folder, report, _stop.is_set)
     except UserError as error:
         return None, [], [], gr.update(), f"⚠ {error}"
