@@ -13,7 +13,6 @@ from pathlib import Path
 
 from ..app.settings import AppSettings, parse_api_auth
 from .detect import is_forge
-from .extras import extras_folder
 
 log = logging.getLogger("lora_trainer")
 EXTENSION_ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +68,7 @@ def app_settings() -> AppSettings:
         unload_checkpoint_while_training=bool(_option("lora_trainer_unload_checkpoint")),
         allow_unauthenticated_remote=bool(_option("lora_trainer_allow_unauthenticated_remote")),
         api_credentials=parse_api_auth(getattr(shared.cmd_opts, "api_auth", None)),
-        extras_folder=extras_folder(EXTENSION_ROOT),
+        extras_folder=EXTENSION_ROOT / "extras",  # private: only the trainer subprocess uses it
     )
 
 

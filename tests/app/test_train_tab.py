@@ -155,3 +155,18 @@ def test_import_fills_the_form_from_a_kohya_toml(tmp_path):
     values = train_tab.import_into_form(str(config))
     assert values[0] == "base.safetensors" and values[3] == 7 and values[6] == 16
     assert "noise_offset = 0.05" in values[-2] and "Imported" in values[-1]
+
+
+def test_extras_are_offered_only_where_a_private_folder_exists_and_install_there(services, tmp_path, monkeypatch):
+    def elem_ids(blocks):
+        return {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+
+    assert "lora_trainer_install_extras" not in elem_ids(train_tab.build(services))  # standalone: no private folder
+    services.settings.extras_folder = tmp_path / "extras"
+    assert "lora_trainer_install_extras" in elem_ids(train_tab.build(services))
+    ran = []
+    monkeypatch.setattr("lora_trainer.app.extras.subprocess.run",
+                        lambda command, **_: ran.append(command) or type("Done", (), {"returncode": 0, "stdout": ""})())
+    assert "Installed prodigyopt into" in train_tab.install_extras_text(services, ["prodigyopt"])
+    assert ran[0][ran[0].index("--target") + 1] == str(tmp_path / "extras")
+    assert train_tab.install_extras_text(services, []).startswith("error: choose at least one extra")

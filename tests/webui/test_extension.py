@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lora_trainer.errors import UserError
-from lora_trainer.webui.extras import EXTRAS, extras_folder, pip_command
+from lora_trainer.app.extras import EXTRAS, pip_command
 from tests.webui.conftest import txt2img
 
 
@@ -85,7 +85,7 @@ def test_unloading_the_script_restores_the_weights(webui):
 
 
 def test_extras_install_into_the_private_folder_only(tmp_path):
-    command = pip_command(["prodigyopt", "lion-pytorch"], extras_folder(tmp_path), python="py")
+    command = pip_command(["prodigyopt", "lion-pytorch"], tmp_path / "extras", python="py")
     assert command == ["py", "-m", "pip", "install", "--target", str(tmp_path / "extras"), "--upgrade", "--prefer-binary",
                        "prodigyopt", "lion-pytorch"]
     assert set(EXTRAS) == {"onnxruntime", "bitsandbytes", "prodigyopt", "lion-pytorch"}

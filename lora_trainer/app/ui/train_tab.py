@@ -22,6 +22,7 @@ from ...jobs.store import Job
 from ...training.options import options_from, resolution_of
 from .. import presets
 from ..estimate import estimate
+from ..extras import EXTRAS, install_extras
 from ..form import ALGORITHMS, form_to_options
 from ..paths import allowed_path, plain_name
 from ..services import Services, write_card_hints
@@ -192,6 +193,16 @@ def job_action(services: Services, action: str, job_id: int | None) -> tuple[str
         return f"error: {error}", job_id
 
 
+def install_extras_text(services: Services, names: list[str]) -> str:
+    """The 'Install extras' button: pip into the private folder only the trainer subprocess reads."""
+    folder = services.settings.extras_folder
+    try:
+        install_extras(list(names or []), folder)
+    except UserError as error:
+        return f"error: {error}"
+    return f"Installed {', '.join(names)} into {folder}; the next training job can use them."
+
+
 @dataclass
 class _Followed:
     offset: int
@@ -312,6 +323,12 @@ def build(services: Services) -> gr.Blocks:
                 export_preset = gr.Button("Export preset file", elem_id="lora_trainer_export_preset")
                 show_command = gr.Button("Show sd-scripts command", elem_id="lora_trainer_show_command")
             command = gr.Code(label="Equivalent sd-scripts command", language="shell", interactive=False, elem_id="lora_trainer_command")
+            if services.settings.extras_folder is not None:  # the WebUI: extras go to the extension's private folder
+                with gr.Row():
+                    extras = gr.CheckboxGroup(list(EXTRAS), label="Optional trainer extras: "
+                                              + "; ".join(f"{name} = {use}" for name, use in EXTRAS.items()),
+                                              elem_id="lora_trainer_extras")
+                    install = gr.Button("Install extras", elem_id="lora_trainer_install_extras")
         report = gr.Textbox(label="Dataset check", lines=8, max_lines=30, interactive=False, elem_id="lora_trainer_report")
         with gr.Row():
             validate_button = gr.Button("Validate", elem_id="lora_trainer_validate")
@@ -361,6 +378,8 @@ def build(services: Services) -> gr.Blocks:
             return text, job_id and job_label(services.store.get(job_id))
 
         start.click(start_job, form, [message, job], **js_kwarg(_ASK_NOTIFICATION))
+        if services.settings.extras_folder is not None:
+            install.click(lambda names: install_extras_text(services, names), extras, message)
         for button, action in ((stop, "stop"), (pause, "pause"), (resume, "resume"), (save_now, "save"), (sample_now, "sample")):
             def act(label, action=action):
                 text, job_id = job_action(services, action, job_id_of(label))

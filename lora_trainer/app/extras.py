@@ -18,10 +18,6 @@ EXTRAS = {
 }
 
 
-def extras_folder(extension_root: Path) -> Path:
-    return Path(extension_root) / "extras"
-
-
 def pip_command(packages: list[str], target: Path, python: str = sys.executable) -> list[str]:
     unknown = [p for p in packages if p not in EXTRAS]
     if unknown:
@@ -31,9 +27,8 @@ def pip_command(packages: list[str], target: Path, python: str = sys.executable)
     return [python, "-m", "pip", "install", "--target", str(target), "--upgrade", "--prefer-binary", *packages]
 
 
-def install_extras(packages: list[str], extension_root: Path) -> str:
-    """Run pip for ``packages``; returns its output, raises UserError with pip's last lines when it fails."""
-    target = extras_folder(extension_root)
+def install_extras(packages: list[str], target: Path) -> str:
+    """Run pip for ``packages`` into ``target``; returns its output, raises UserError with pip's last lines on failure."""
     target.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(pip_command(packages, target), capture_output=True, text=True, encoding="utf-8", errors="replace")
     if result.returncode != 0:
