@@ -75,8 +75,8 @@ def test_a_fresh_network_changes_nothing_at_step_zero(algorithm):
     network = create_network(config, unet, text_encoders, SPECS[algorithm]).apply_to()
     after = _outputs(config, unet, text_encoders)
     for b, a in zip(before, after):
-        if algorithm == "dora":  # the magnitude divides by ‖W‖ + eps: equal up to one float32 epsilon
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if algorithm == "dora":  # the magnitude divides by ‖W‖ + eps: equal up to float32 rounding through the UNet
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(a, b)
     assert len(network.unet_modules()) > 0 and len(network.text_encoder_modules()) > 0
