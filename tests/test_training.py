@@ -325,3 +325,17 @@ def test_two_folders_with_the_same_name_are_listed_apart_in_ss_dataset_dirs(data
     with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
         dirs = json.loads(handle.metadata()["ss_dataset_dirs"])
     assert dirs == {"stars": {"n_repeats": 1, "img_count": 16}, "stars (2)": {"n_repeats": 1, "img_count": 16}}
+
+
+def test_running_out_of_memory_says_which_options_lower_it(dataset, tmp_path, capsys, monkeypatch):
+    import lora_trainer.training.trainer as trainer
+
+    def out_of_memory(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "_training_step", out_of_memory)
+    assert run(dataset, tmp_path, "--gradient_checkpointing") == 2
+    message = capsys.readouterr().err
+    assert "out of CPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
+    assert "--mixed_precision bf16" in message and "smaller --train_batch_size (now 4)" in message
+    assert "--gradient_checkpointing," not in message  # already on: not advised

@@ -254,32 +254,71 @@ def _lines_from(path: Path, offset: int) -> tuple[list[bytes], int]:
     return data[:end].splitlines(), offset + end
 
 
-async def job_events(path: Path, after: int, is_active: Callable[[], bool], poll: float = 0.25,
-                     keepalive: float = 15.0) -> AsyncIterator[str]:
-    """SSE messages (``id`` = line number in the file, from 1) after line ``after``, until the ``end`` event or until
-    the job is no longer active and the file is drained. Only file reads and async sleeps: the job never waits."""
-    offset, line_number, quiet = 0, 0, 0.0
-    while True:
-        active = is_active()  # before reading: a job that ended before this read has nothing more to write
-        lines, offset = _lines_from(path, offset)
-        for line in lines:
-            line_number += 1
-            if line_number <= after or not line.strip():
-                continue
-            text = line.decode("utf-8", errors="replace")
-            yield f"id: {line_number}\ndata: {text}\n\n"
-            if json.loads(text).get("event") == "end":
+class EventFeed:
+    """One reader of a job's events file, however many clients follow it: 50 event streams cost the server one file
+    poll and one status check per interval, not 50, so the trainer beside it keeps its CPU."""
+
+    def __init__(self, path: Path, is_active: Callable[[], bool], poll: float = 0.25):
+        self.path, self.is_active, self.poll = path, is_active, poll
+        self.lines: list[str] = []  # line n of the file is lines[n - 1]
+        self.end_line: int | None = None  # the line of the ``end`` event, once read
+        self.done = False
+        self._reader: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> EventFeed:
+        if self._reader is None:
+            self.loop = asyncio.get_running_loop()
+            self._reader = self.loop.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        offset = 0
+        while not self.done:
+            active = self.is_active()  # before reading: a job that ended before this read has nothing more to write
+            lines, offset = _lines_from(self.path, offset)
+            for line in lines:
+                self.lines.append(line.decode("utf-8", errors="replace"))
+                if self.end_line is None and line.strip() and json.loads(line).get("event") == "end":
+                    self.end_line = len(self.lines)
+            self.done = self.end_line is not None or (not lines and not active)
+            if not self.done:
+                await asyncio.sleep(self.poll)
+
+    async def follow(self, after: int, keepalive: float = 15.0) -> AsyncIterator[str]:
+        """SSE messages (``id`` = line number, from 1) after line ``after``, until the ``end`` event or until the job is
+        no longer active and the file is drained."""
+        sent, quiet = after, 0.0
+        while True:
+            while sent < len(self.lines):
+                text = self.lines[sent]
+                sent += 1
+                if text.strip():
+                    yield f"id: {sent}\ndata: {text}\n\n"
+                if sent == self.end_line:
+                    return
+            if self.done and sent >= len(self.lines):
                 return
-        if not lines and not active:
-            return
-        if lines:
-            quiet = 0.0
-        else:
-            await asyncio.sleep(poll)
-            quiet += poll
+            await asyncio.sleep(self.poll)  # a look at a list in memory: the file is read once, by the feed
+            quiet = 0.0 if sent < len(self.lines) else quiet + self.poll
             if quiet >= keepalive:
                 quiet = 0.0
                 yield ": keep-alive\n\n"
+
+
+class EventFeeds:
+    """The live feed of each job file; a finished feed is replaced on the next request (it then reads the file once)."""
+
+    def __init__(self):
+        self._feeds: dict[Path, EventFeed] = {}
+
+    async def follow(self, path: Path, is_active: Callable[[], bool], after: int) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        feed = self._feeds.get(path)
+        if feed is None or feed.done or feed.loop is not loop:  # a feed belongs to the loop that reads it
+            feed = self._feeds[path] = EventFeed(path, is_active)
+        async for message in feed.start().follow(after):
+            yield message
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,6 +401,7 @@ def create_router(services: Services) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["LoRA Trainer"], route_class=_ErrorsAsJson)
     settings = services.settings
     sessions = tag_sessions.sessions_of(services)
+    feeds = EventFeeds()
 
     async def json_body(request: Request) -> Any:
         """The body as JSON, refused with 413 beyond ``settings.max_body_bytes`` (before reading it when announced)."""
@@ -495,7 +535,7 @@ def create_router(services: Services) -> APIRouter:
             current = services.store.get(job_id)
             return current is not None and current.status in ACTIVE
 
-        return StreamingResponse(job_events(job.events_path, start, is_active), media_type="text/event-stream",
+        return StreamingResponse(feeds.follow(job.events_path, is_active, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # --- LoRAs and dataset checks -------------------------------------------------------------------------

@@ -76,13 +76,16 @@ def _unicode_classes() -> tuple[str, str]:
 
 
 @cache
-def pretokenize_pattern() -> re.Pattern[str]:
+def pretokenize_pattern(ascii_only: bool = False) -> re.Pattern[str]:
     """CLIP's word-splitting pattern, with ``\\p{L}``/``\\p{N}``/``\\s`` spelled out for the stdlib ``re``.
+
+    ``ascii_only``: the same pattern for text without non-ASCII characters, where ``\\p{L}`` is ``A-Za-z`` and
+    ``\\p{N}`` is ``0-9``; it spares most captions (and a trainer's start-up) building the full classes.
 
     CLIP: ``<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``.
     Its IGNORECASE flag is dropped: the text is lowercased first, as transformers' version also relies on.
     """
-    letter, number = _unicode_classes()
+    letter, number = ("A-Za-z", "0-9") if ascii_only else _unicode_classes()
     space = re.escape(WHITESPACE)
     return re.compile(
         rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{letter}]+|[{number}]|[^{space}{letter}{number}]+"
@@ -145,7 +148,7 @@ class CLIPTokenizer:
             raise ValueError("merges produce duplicate tokens; is this a CLIP merges file?")
         self._ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._special = {BOS_TOKEN: self._token_to_id[BOS_TOKEN], EOS_TOKEN: self._token_to_id[EOS_TOKEN]}
-        self._pattern = pretokenize_pattern()
+        self._ascii_pattern = pretokenize_pattern(ascii_only=True)
         self._bpe_cached = lru_cache(maxsize=bpe_cache_size)(self._bpe)
 
     @classmethod
@@ -191,7 +194,9 @@ class CLIPTokenizer:
         database and odd runs of bare combining marks (NFC order) may split differently.
         """
         ids: list[int] = []
-        for word in self._pattern.findall(clean_text(text)):
+        text = clean_text(text)
+        pattern = self._ascii_pattern if text.isascii() else pretokenize_pattern()
+        for word in pattern.findall(text):
             special = self._special.get(word)
             if special is not None:
                 ids.append(special)

@@ -12,9 +12,15 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 COMMANDS = (None, "stop", "save", "sample")
+
+
+def _dist():
+    """torch.distributed, imported only under torchrun: it costs a single-process trainer half a second at start."""
+    import torch.distributed as dist
+
+    return dist
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ def world_from_env() -> World:
 
 
 def start(world: World, device: torch.device) -> None:
-    if world.distributed and not dist.is_initialized():
+    dist = _dist() if world.distributed else None
+    if dist is not None and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -52,6 +59,7 @@ def start(world: World, device: torch.device) -> None:
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """NCCL reduces GPU tensors only: small bookkeeping tensors travel to the GPU and back."""
+    dist = _dist()
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
         on_gpu = tensor.cuda()
         dist.all_reduce(on_gpu)
@@ -61,8 +69,8 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def finish(world: World) -> None:
-    if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    if world.distributed and _dist().is_initialized():
+        _dist().destroy_process_group()
 
 
 def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:
@@ -72,7 +80,7 @@ def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-        dist.all_reduce(parameter.grad)
+        _dist().all_reduce(parameter.grad)
 
 
 def sum_across(world: World, tensor: torch.Tensor) -> torch.Tensor:

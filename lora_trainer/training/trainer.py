@@ -132,8 +132,25 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
     start_world(world, device)
     try:
         return _train(options, events if world.is_main else EventLog(None), world, device)
+    except torch.OutOfMemoryError as error:
+        raise UserError(f"out of {device.type.upper()} memory ({str(error).splitlines()[0][:120]}); {memory_advice(options)}") from None
     finally:
         finish_world(world)
+
+
+def memory_advice(options: TrainOptions) -> str:
+    """The switches that lower memory which this run does not use yet, most effective first."""
+    unused = [hint for hint, used in (
+        ("--gradient_checkpointing", options.gradient_checkpointing),
+        ("--mixed_precision bf16 (or fp16)", options.mixed_precision != "no"),
+        ("--cache_latents", options.cache_latents),
+        ("--optimizer_type AdamW8bit (needs bitsandbytes)", "8bit" in (options.optimizer_type or "").lower()),
+        ("--network_train_unet_only", options.network_train_unet_only),
+        ("--cache_text_encoder_outputs (with --network_train_unet_only)", options.cache_text_encoder_outputs),
+        (f"a smaller --train_batch_size (now {options.train_batch_size})", options.train_batch_size == 1),
+        ("a lower --resolution", False),
+    ) if not used]
+    return "to fit, try " + ", ".join(unused)
 
 
 def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device) -> list[Path]:
