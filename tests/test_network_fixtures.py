@@ -49,7 +49,7 @@ def _tree(weights: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-def _load(case: str):
+def _load(case: str, store: str | None = None):
     expected = load_file(FIXTURES / f"{case}.expected.safetensors")
     with safe_open(str(FIXTURES / f"{case}.expected.safetensors"), "pt") as handle:
         answer_key = json.loads(handle.metadata()["lora_name_to_module"])
@@ -65,7 +65,7 @@ def _load(case: str):
             root, rest = path.split(".", 1)
             name = f"{roots[root]}_{rest.replace('.', '_')}"
             targets[name] = Target(name, roots[root], path)
-    merged = MergedNetworks(targets, {prefix: model for prefix in roots.values()})
+    merged = MergedNetworks(targets, {prefix: model for prefix in roots.values()}, store=store)
     return model, merged, expected, base, answer_key
 
 
@@ -78,9 +78,10 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return (got - want.double()).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-7
 
 
+@pytest.mark.parametrize("store", [None, "cpu"])  # "cpu": backups and cached ΔW kept in RAM, as the WebUI hook does
 @pytest.mark.parametrize("case", CASES)
-def test_fixture_merges_to_lycoris_delta_at_both_strengths_and_restores_bit_exactly(case):
-    model, merged, expected, base, answer_key = _load(case)
+def test_fixture_merges_to_lycoris_delta_at_both_strengths_and_restores_bit_exactly(case, store):
+    model, merged, expected, base, answer_key = _load(case, store)
     network = read_network(FIXTURES / f"{case}.safetensors")
 
     (report,) = merged.set_networks([(network, Strength(1.0))])
@@ -133,3 +134,4 @@ def test_two_networks_add_up_and_removing_one_leaves_the_other_exactly():
     merged.set_networks([])
     state = model.state_dict()
     assert all(torch.equal(state[key], base[key]) for key in base)
+

@@ -62,10 +62,14 @@ def network_key(network: NetworkFile) -> object:
 class MergedNetworks:
     """The networks currently merged into one model (its UNet and text encoders)."""
 
-    def __init__(self, targets: dict[str, Target], components: dict[str, nn.Module], label: str = "this model"):
+    def __init__(self, targets: dict[str, Target], components: dict[str, nn.Module], label: str = "this model",
+                 store: torch.device | str | None = None):
         self.targets = targets
         self.components = components  # Target.component → the module its paths are relative to
         self.label = label
+        # where the originals and the cached ΔW live: None = beside the weights; "cpu" keeps a GPU model's VRAM
+        # for generating (the WebUI keeps its backups in RAM too)
+        self.store = None if store is None else torch.device(store)
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._applied: dict[object, _Applied] = {}
 
@@ -91,20 +95,24 @@ class MergedNetworks:
     def _original(self, target: Target) -> tuple[torch.Tensor, torch.Tensor | None]:
         if target.name not in self._originals:
             bias = self.bias_of(target)
-            self._originals[target.name] = (self.weight_of(target).detach().clone(), None if bias is None else bias.detach().clone())
+            self._originals[target.name] = (self._stored(self.weight_of(target)), None if bias is None else self._stored(bias))
         return self._originals[target.name]
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().clone() if self.store is None else tensor.detach().to(self.store, copy=True)
 
     @torch.no_grad()
     def _add(self, target: Target, weight: torch.Tensor | None, bias: torch.Tensor | None, factor: float) -> None:
         if factor == 0:
             return
         if weight is not None:
-            self.weight_of(target).add_(weight, alpha=factor)
+            own = self.weight_of(target)
+            own.add_(weight.to(own.device), alpha=factor)
         if bias is not None:
             own = self.bias_of(target)
             if own is None:
                 raise UserError(f"{target.name}: the network changes a bias this layer does not have")
-            own.add_(bias, alpha=factor)
+            own.add_(bias.to(own.device), alpha=factor)
 
     # --- networks --------------------------------------------------------------------------------------------
 
@@ -160,11 +168,13 @@ class MergedNetworks:
         self._applied.clear()
 
     def _contribution(self, match: ModuleMatch, multiplier: float) -> _Contribution:
-        weight, bias = self._original(match.target)
+        weight, _ = self._original(match.target)
+        device = self.weight_of(match.target).device
         linear = is_linear_in_multiplier(match.tensors)
-        delta = module_delta(match.tensors, weight, 1.0 if linear else multiplier)
-        cast = lambda t: None if t is None else t.to(weight.dtype)  # noqa: E731
-        return _Contribution(match, linear, multiplier, cast(delta.weight), cast(delta.bias))
+        tensors = {k: v.to(device) for k, v in match.tensors.items()}  # ΔW is computed where the model is
+        delta = module_delta(tensors, weight.to(device), 1.0 if linear else multiplier)
+        keep = lambda t: None if t is None else t.to(weight.dtype).to(self.store or device)  # noqa: E731
+        return _Contribution(match, linear, multiplier, keep(delta.weight), keep(delta.bias))
 
     def _add_network(self, key, network: NetworkFile, strength: Strength, report: MatchReport) -> None:
         applied = _Applied(network, strength, report)

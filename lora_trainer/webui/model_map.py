@@ -42,7 +42,8 @@ def merged_networks_for(sd_model: nn.Module, config: ModelConfig) -> tuple[Merge
         else:
             targets[name] = target
     present = {k: v for k, v in components.items() if v is not None}
-    return MergedNetworks(targets, present, config.label), missing
+    # backups and cached ΔW in RAM, as the built-in keeps its backups: the GPU stays free for generating
+    return MergedNetworks(targets, present, config.label, store="cpu"), missing
 
 
 def sd_version_of_config(config: ModelConfig) -> str:
