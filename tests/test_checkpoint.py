@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
-from reference import TINY_KOHYA_CHECKPOINT, REFERENCE, reference_keys
+from reference import TINY_KOHYA_CHECKPOINT, reference_keys
 
 from lora_trainer.errors import UserError
 from lora_trainer.models.checkpoint import (

@@ -26,7 +26,6 @@ from lora_trainer.sampling.samplers import (
     get_sampler,
     is_stand_in,
     sample_ddim,
-    sample_dpmpp_2m,
     sample_dpmpp_2s_ancestral,
     sample_euler,
     sample_euler_ancestral,

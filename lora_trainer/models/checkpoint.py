@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from .configs import FULL_SIZE, SD1, SD2, SDXL, ModelConfig, TextEncoderSlot
-from .text_encoders import TextEncoderConfig, build_text_encoder
+from .text_encoders import build_text_encoder
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig, normalize_vae_state_dict
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from ..models.checkpoint import ARCHITECTURE_METADATA_KEY, architecture_overrides
 from ..models.configs import SD1, ModelConfig
 from ..models.prompt import tokenize_prompt
-from ..models.text_encoders import TextEncoderConfig, build_text_encoder
+from ..models.text_encoders import build_text_encoder
 from ..models.tokenizer import CLIPTokenizer
-from ..models.unet import UNetConfig, UNetModel
+from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..safe_io import save_safetensors
 from .shapes import random_scene, render, training_caption
