@@ -128,6 +128,29 @@ def load_caption_file(path: Path, encoding: str | None = None) -> CaptionFile:
     return CaptionFile(path, decode_caption(data, path, encoding) if stamp.exists else "", stamp)
 
 
+@dataclass(frozen=True)
+class ImageCaptions:
+    """The caption files of some images, read whole: text per image, stamp per caption file, and the images whose
+    caption could not be read (with the reason), which callers leave alone."""
+
+    texts: dict[Path, str]
+    stamps: dict[Path, CaptionStamp]
+    unreadable: dict[Path, str]
+
+
+def read_image_captions(images: list[Path], caption_extension: str) -> ImageCaptions:
+    texts, stamps, unreadable = {}, {}, {}
+    for image in images:
+        path = caption_path_for(image, caption_extension)
+        try:
+            caption_file = load_caption_file(path)
+        except UserError as error:
+            unreadable[image] = str(error)
+            continue
+        texts[image], stamps[path] = caption_file.text, caption_file.stamp
+    return ImageCaptions(texts, stamps, unreadable)
+
+
 def training_caption(text: str, enable_wildcard: bool = False) -> str:
     """The caption sd-scripts trains on: the first line, stripped; with wildcards, every non-empty line, stripped."""
     lines = text.split("\n")

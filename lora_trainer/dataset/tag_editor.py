@@ -27,7 +27,7 @@ from lora_trainer.dataset.caption_files import (
     NO_FILE,
     CaptionStamp,
     caption_path_for,
-    load_caption_file,
+    read_image_captions,
     write_captions,
 )
 from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS
@@ -347,22 +347,11 @@ def find_images(folder: Path, recursive: bool = False) -> list[Path]:
 
 def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
     images = find_images(folder, recursive)
-    tags: dict[Path, Tags] = {}
-    stamps: dict[Path, CaptionStamp] = {}
-    multiline: list[Path] = []
-    unreadable: dict[Path, str] = {}
-    for image in images:
-        caption = caption_path_for(image, caption_extension)
-        try:
-            caption_file = load_caption_file(caption)
-        except UserError as error:
-            unreadable[image] = str(error)
-            continue
-        stamps[caption] = caption_file.stamp
-        tags[image] = split_tags(caption_file.text)
-        if "\n" in caption_file.text.strip():  # sd-scripts trains on the first line only
-            multiline.append(image)
-    return _FolderScan(tuple(images), tags, stamps, tuple(multiline), unreadable)
+    captions = read_image_captions(images, caption_extension)
+    tags = {image: split_tags(text) for image, text in captions.texts.items()}
+    # sd-scripts trains on the first line only
+    multiline = tuple(image for image, text in captions.texts.items() if "\n" in text.strip())
+    return _FolderScan(tuple(images), tags, captions.stamps, multiline, captions.unreadable)
 
 
 def _siblings(images: Iterable[Path], caption_extension: str) -> dict[Path, tuple[Path, ...]]:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Literal, Mapping, Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from lora_trainer.dataset.caption_files import CaptionStamp, caption_path_for, load_caption_file, write_captions
+from lora_trainer.dataset.caption_files import CaptionStamp, caption_path_for, read_image_captions, write_captions
 from lora_trainer.dataset.tag_editor import (
     DEFAULT_BACKUP_FOLDER,
     Tags,
@@ -251,19 +251,12 @@ def propose_captions(
     """Tag the images that need it and work out their new captions; writes nothing."""
     if mode not in EXISTING_CAPTION_MODES:
         raise UserError(f"Unknown mode {mode!r} for existing captions; use one of {', '.join(EXISTING_CAPTION_MODES)}.")
-    existing: dict[Path, Tags] = {}
-    stamps: dict[Path, CaptionStamp] = {}
+    captions = read_image_captions(list(images), caption_extension)
+    stamps, unreadable = captions.stamps, dict(captions.unreadable)
+    existing: dict[Path, Tags] = {image: split_tags(text) for image, text in captions.texts.items()}
     skipped: list[Path] = []
-    unreadable: dict[Path, str] = {}
     to_tag: list[Path] = []
-    for image in images:
-        caption_file = caption_path_for(image, caption_extension)
-        try:
-            loaded = load_caption_file(caption_file)
-        except UserError as error:
-            unreadable[image] = str(error)
-            continue
-        existing[image], stamps[caption_file] = split_tags(loaded.text), loaded.stamp
+    for image in existing:
         if mode == "skip" and existing[image]:
             skipped.append(image)  # decided before loading the image: hand-written captions cost no tagging time
         else:
