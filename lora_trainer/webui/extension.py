@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 from ..app.settings import AppSettings, parse_api_auth
@@ -168,5 +169,10 @@ def register() -> None:
     script_callbacks.on_model_loaded(_model_loaded)
     script_callbacks.on_script_unloaded(_script_unloaded)
     _register_axes()  # now too: the API's X/Y/Z instance exists before on_before_ui (--nowebui)
+    # extras installed on request (onnxruntime for the tag editor's WD14) become importable here too, last on the
+    # path: whatever the WebUI already has always wins over a copy in extras/
+    extras = str(EXTENSION_ROOT / "extras")
+    if extras not in sys.path:
+        sys.path.append(extras)
 
 

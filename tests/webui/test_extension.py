@@ -23,6 +23,17 @@ def test_loading_the_script_registers_callbacks_settings_and_axes_once(load_exte
     assert [o.label for o in w.xyz.axis_options if o.label.startswith("[LoRA] ")] == labels  # no doubles
 
 
+def test_installed_extras_are_importable_in_the_webui_but_never_ahead_of_its_own_packages(load_extension, monkeypatch):
+    import sys
+
+    from lora_trainer.webui.extension import EXTENSION_ROOT
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the extension's change undone after the test
+    load_extension(before_ui=False)
+    extras = str(EXTENSION_ROOT / "extras")
+    assert sys.path.count(extras) == 1 and sys.path[-1] == extras
+
+
 def test_tabs_and_api_get_one_services_built_from_the_settings(load_extension, monkeypatch, tmp_path):
     w = load_extension()
     w.shared.cmd_opts.api_auth = "u:p,v:q"
