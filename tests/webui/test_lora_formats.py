@@ -30,14 +30,17 @@ def test_the_hook_merges_each_format_to_what_the_core_computes(webui, tiny_model
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
     path = lora_folder / f"format_{kind}.safetensors"
     save_network(network.state_dict(), path, base_metadata(config, network.spec, path.stem), "fp32")
-
-    txt2img(webui, f"a red circle <lora:format_{kind}:0.7:0.4>")  # the hook leaves the weights merged until the next prompt
+    saved = read_network(path)
+    try:
+        txt2img(webui, f"a red circle <lora:format_{kind}:0.7:0.4>")  # the hook leaves the weights merged until the next prompt
+    finally:
+        path.unlink()  # the folder is shared by the session's tests, which list it
     # the prompt hijack wraps the text encoder (cond_stage_model.wrapped.…), as in the WebUI
     merged_by_hook = {k.replace(".wrapped", ""): v for k, v in webui.shared.sd_model.state_dict().items()}
 
     reference = copy.deepcopy(tiny_model)
     core = MergedNetworks.for_model(config, reference.unet, reference.text_encoders)
-    core.set_networks([(read_network(path), Strength(0.7, 0.4))])
+    core.set_networks([(saved, Strength(0.7, 0.4))])
     parts = [(config.unet_prefix, reference.unet)] + [(slot.prefix, encoder) for slot, encoder in
                                                        zip(config.text_encoders, reference.text_encoders)]
     changed = 0
