@@ -38,6 +38,17 @@ def file_sha256(path: str | Path) -> str:
     return cache[key]
 
 
+def tensor_data_sha256(path: str | Path) -> str:
+    """sha256 of the tensor-data section of a safetensors file: sd-scripts' ``sshs_model_hash`` of the file as it is."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def short_hash(path: str | Path) -> str:
     """What the WebUI writes as ``Model hash`` in infotext."""
     return file_sha256(path)[:10]

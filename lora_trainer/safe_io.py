@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -53,3 +54,21 @@ def read_utf8(path: str | Path, what: str) -> str:
         return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not UTF-8; re-save it as UTF-8 (in Notepad: Save as → Encoding: UTF-8).") from None
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's header metadata; {} for .pt/.ckpt (pickles are not opened just to list them) and for
+    unreadable files (they still show up, by file name)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > 100 * 1024 * 1024:
+                return {}
+            header = json.loads(handle.read(length).decode("utf-8"))
+        metadata = header.get("__metadata__") or {}
+        return {str(k): str(v) for k, v in metadata.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}

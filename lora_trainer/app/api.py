@@ -333,9 +333,9 @@ METADATA_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", 
 
 def lora_json(path: Path, folder: Path) -> dict:
     from ..hashing import file_sha256
-    from .user_metadata import read_metadata
+    from ..safe_io import read_safetensors_metadata
 
-    metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+    metadata = read_safetensors_metadata(path)
     card = path.with_suffix(".json")
     try:
         user_metadata = json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import safe_open
-
-from ..safe_io import write_text
+from ..safe_io import read_safetensors_metadata, write_text
 
 SD_VERSION = {"sd_v1": "SD1", "sd_v2": "SD2", "sd_v2_v": "SD2", "sdxl_base_v1-0": "SDXL"}
 
@@ -56,15 +54,10 @@ def card_metadata(metadata: dict[str, str], end_event: dict, preferred_weight: f
     }
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def write_card_metadata(lora: Path, end_event: dict, preferred_weight: float = 1.0) -> Path:
     """Write (or update, keeping what the user typed into fields we leave empty) ``<lora>.json``."""
     target = lora.with_suffix(".json")
-    card = card_metadata(read_metadata(lora), end_event, preferred_weight)
+    card = card_metadata(read_safetensors_metadata(lora), end_event, preferred_weight)
     if target.exists():
         try:
             existing = json.loads(target.read_text(encoding="utf-8"))

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from safetensors import safe_open
-
 from ..errors import UserError
+from ..safe_io import read_safetensors_metadata
 
 MAX_CELLS = 400
 
@@ -74,12 +73,7 @@ def glob_escape(text: str) -> str:
 
 
 def _describe(path: Path) -> EpochFile:
-    metadata = {}
-    try:
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception:  # an unreadable file still gets a name-based label
-        pass
+    metadata = read_safetensors_metadata(path)  # {} for an unreadable file: it still gets a name-based label
     epoch = int(metadata["ss_epoch"]) if metadata.get("ss_epoch", "").isdigit() else None
     steps = int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None
     label = f"epoch {epoch}" if epoch is not None else path.stem

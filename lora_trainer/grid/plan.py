@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 from PIL import Image
 
 from ..errors import UserError
-from ..safe_io import atomic_path, write_text
+from ..safe_io import atomic_path, read_safetensors_metadata, write_text
 from ..sampling.txt2img import GenerationSettings
 from .axes import EpochFile, check_size, parse_values, run_files
 from .render import GridResult, assemble, save_grid
@@ -107,7 +107,7 @@ def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
     up to its own epoch)."""
     recorded: dict[str, dict] = {}
     for file in files:
-        text = _metadata(file.path).get(LOSSES_KEY)
+        text = read_safetensors_metadata(file.path).get(LOSSES_KEY)
         try:
             data = json.loads(text) if text else {}
         except json.JSONDecodeError:
@@ -142,16 +142,6 @@ def loss_text(loss: EpochLoss | None) -> str:
     if loss.validation is not None:
         return f"val loss {loss.validation:.4f}"
     return f"loss {loss.training:.4f}" if loss.training is not None else ""
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception:  # a .pt file or a broken one: no metadata, name-based labels
-        return {}
 
 
 def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA") -> Path:
@@ -285,7 +275,7 @@ def _baseline(request: GridRequest, seed: int, y: _AxisValue) -> GridCell:
 def lora_hashes(files: list[Path]) -> str:
     """The infotext's ``Lora hashes`` value: ``name: addnet hash`` (the first 12 hex digits of the tensor data's
     SHA-256, which the WebUI shows and civitai looks up)."""
-    from ..networks.tools.inspect import tensor_data_sha256
+    from ..hashing import tensor_data_sha256
 
     return ", ".join(f"{path.stem}: {tensor_data_sha256(path)[:12]}" for path in files)
 
@@ -350,9 +340,9 @@ def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: floa
         except (OSError, json.JSONDecodeError):
             raise UserError(f"promote: {card_path} is not valid JSON; fix or delete it, then promote again") from None
     if not card:
-        from ..app.user_metadata import card_metadata, read_metadata
+        from ..app.user_metadata import card_metadata
 
-        card = card_metadata(read_metadata(copied), {}) if copied.suffix == ".safetensors" else {}
+        card = card_metadata(read_safetensors_metadata(copied), {}) if copied.suffix == ".safetensors" else {}
     card["preferred weight"] = float(strength)
     write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
     return copied

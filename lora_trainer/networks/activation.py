@@ -8,8 +8,6 @@ the built-in Lora extension reads them (positional te, unet, dyn; ``te=``, ``une
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,7 +15,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..grid.axes import run_files
+from ..hashing import file_sha256, tensor_data_sha256
 from ..models.configs import SD1, SDXL
+from ..models.prompt import EXTRA_NETWORK
+from ..safe_io import read_safetensors_metadata
 from .apply import Strength
 from .block_weights import PRESETS_17, block_layouts, parse_block_weights
 from .files import NetworkFile
@@ -26,7 +27,6 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 TAG_NAMES = ("lora", "lyco")  # the built-in Lora extension answers both
 
 # The WebUI's extra-network syntax: <kind:arg1:arg2…> (modules/extra_networks.py, re_extra_net).
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _EPOCH_SUFFIX = re.compile(r"^(?P<run>.+)@e(?P<epoch>\d+)$")
 
 # Vector lengths the block-weight extension accepts: the short form (blocks with attention) and every block.
@@ -105,7 +105,7 @@ def lora_calls_in(prompt: str) -> tuple[str, list[LoraCall]]:
         calls.append(parse_lora_call(match.group(2).split(":")))
         return ""
 
-    return _EXTRA_NETWORK.sub(take, prompt), calls
+    return EXTRA_NETWORK.sub(take, prompt), calls
 
 
 def strength_of(call: LoraCall, unet_config=None) -> Strength:
@@ -132,23 +132,6 @@ def sd_version_of(metadata: dict[str, str]) -> str:
     if architecture.startswith("stable-diffusion-v2"):
         return "SD2"
     return "SD1" if metadata else "unknown"
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's header metadata; {} for .pt/.ckpt (pickles are not opened just to list them) and for
-    unreadable files (they still show up, by file name)."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if length > 100 * 1024 * 1024:
-                return {}
-            header = json.loads(handle.read(length).decode("utf-8"))
-        metadata = header.get("__metadata__") or {}
-        return {str(k): str(v) for k, v in metadata.items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 @dataclass(frozen=True)
@@ -198,7 +181,7 @@ class LoraLibrary:
         mtime = path.stat().st_mtime_ns if mtime is None else mtime
         cached = self._metadata.get(path)
         if cached is None or cached[0] != mtime:
-            cached = (mtime, read_metadata(path))
+            cached = (mtime, read_safetensors_metadata(path))
             self._metadata[path] = cached
         return cached[1]
 
@@ -245,18 +228,9 @@ class LoraLibrary:
         key = (path, mtime)
         if key not in self._short_hashes:
             recorded = self.metadata_of(path, mtime).get("sshs_model_hash")
-            self._short_hashes[key] = (recorded or _content_hash(path))[:12]
+            content = tensor_data_sha256(path) if path.suffix.lower() == ".safetensors" else file_sha256(path)
+            self._short_hashes[key] = (recorded or content)[:12]
         return self._short_hashes[key]
-
-
-def _content_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        if path.suffix.lower() == ".safetensors":
-            handle.seek(8 + int.from_bytes(handle.read(8), "little"))
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- rewriting tags (X/Y/Z axes, grids) ----------------------------------------------------------------------------
@@ -265,7 +239,7 @@ def _content_hash(path: Path) -> str:
 def edit_lora_tags(prompt: str, edit: Callable[[list[str]], list[str]], name: str | None = None) -> str:
     """``prompt`` with ``edit(items)`` applied to every ``<lora:…>`` tag naming ``name`` (default: the first tag's
     name). Raises UserError when the prompt has no such tag."""
-    tags = [m for m in _EXTRA_NETWORK.finditer(prompt) if m.group(1) in TAG_NAMES]
+    tags = [m for m in EXTRA_NETWORK.finditer(prompt) if m.group(1) in TAG_NAMES]
     if name is None and tags:
         name = tags[0].group(2).split(":")[0].strip()
     chosen = [m for m in tags if m.group(2).split(":")[0].strip() == name]

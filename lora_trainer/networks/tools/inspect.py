@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...hashing import file_sha256
+from ...hashing import file_sha256, tensor_data_sha256
 from ..files import NetworkFile
 from ..registry import Tensors, find_algorithm, modifiers_for
 from .shared import read_network_file
@@ -188,17 +187,6 @@ def tag_frequency(metadata: dict[str, str]) -> Counter:
         if isinstance(tags, dict):
             counts.update({tag.strip(): int(count) for tag, count in tags.items() if isinstance(count, (int, float))})
     return counts
-
-
-def tensor_data_sha256(path: Path) -> str:
-    """sha256 of the tensor-data section of a safetensors file: sd-scripts' ``sshs_model_hash`` of the file as it is."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        header = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header)
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inspect_network(path: str | Path, top_tags: int = 20) -> NetworkSummary:
