@@ -265,6 +265,12 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                                                      "epoch_validation_loss": epoch_validation_loss,
                                                      "highest_loss_images": outlier_images(per_image_loss)})}
 
+    def save_state_file(path: Path) -> None:
+        if not world.is_main:
+            return
+        save_state(path, network, optimizer, scheduler, generator, state)
+        events.emit("state", action="saved", path=str(path), epoch=state.epoch, step=state.step)
+
     def save_network_file(path: Path, epoch: int, step: int) -> None:
         if not world.is_main:
             return
@@ -275,7 +281,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     def finish(epoch: int) -> list[Path]:
         save_network_file(plan.final_path(), epoch, state.step)
         if options.save_state or options.save_state_on_train_end:
-            _save_state_event(plan.state_path(None, None), network, optimizer, scheduler, generator, state, events)
+            save_state_file(plan.state_path(None, None))
         network.remove()
         epochs = sorted(epoch_train_loss)
         advice = recommend_epoch([epoch_train_loss[e] for e in epochs], [epoch_validation_loss.get(e) for e in epochs])
@@ -342,7 +348,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                     save_network_file(plan.step_path(state.step), epoch + 1, state.step)
                     if options.save_state:
                         state.epoch = epoch  # the state is inside this epoch, at batch_in_epoch
-                        _save_state_event(plan.state_path(None, state.step), network, optimizer, scheduler, generator, state, events)
+                        save_state_file(plan.state_path(None, state.step))
                     plan.prune_steps(state.step)
                 if options.sample_every_n_steps and not options.sample_every_n_epochs and state.step % options.sample_every_n_steps == 0:
                     sample(None, state.step)
@@ -354,10 +360,10 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                 elif command == "save":
                     save_network_file(plan.step_path(state.step), epoch + 1, state.step)
                     state.epoch = epoch
-                    _save_state_event(plan.state_path(None, state.step), network, optimizer, scheduler, generator, state, events)
+                    save_state_file(plan.state_path(None, state.step))
                 elif command == "stop":
                     state.epoch = epoch
-                    _save_state_event(plan.state_path(epoch, state.step), network, optimizer, scheduler, generator, state, events)
+                    save_state_file(plan.state_path(epoch, state.step))
                     return finish(epoch)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             # from the whole history, so an epoch resumed part-way still averages all of its steps
@@ -372,7 +378,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                 save_network_file(plan.epoch_path(epoch + 1), epoch + 1, state.step)
                 plan.prune_epochs(epoch + 1)
                 if options.save_state:
-                    _save_state_event(plan.state_path(epoch + 1, None), network, optimizer, scheduler, generator, state, events)
+                    save_state_file(plan.state_path(epoch + 1, None))
             if state.step >= total_steps:
                 break
         return finish(state.epoch)
@@ -380,13 +386,6 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         progress.close()
         tracker.close()
         stop.close()
-
-
-def _save_state_event(path, network, optimizer, scheduler, generator, state, events) -> None:
-    if not world_from_env().is_main:
-        return
-    save_state(path, network, optimizer, scheduler, generator, state)
-    events.emit("state", action="saved", path=str(path), epoch=state.epoch, step=state.step)
 
 
 def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str], sizes, latents, noise, input_noise,
