@@ -339,3 +339,19 @@ def test_running_out_of_memory_says_which_options_lower_it(dataset, tmp_path, ca
     assert "out of CPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
     assert "--mixed_precision bf16" in message and "smaller --train_batch_size (now 4)" in message
     assert "--gradient_checkpointing," not in message  # already on: not advised
+
+
+def test_an_empty_dataset_or_an_output_path_that_is_a_file_is_refused_and_nothing_is_written(dataset, tmp_path, capsys):
+    empty = tmp_path / "empty set" / "5_nothing"
+    empty.mkdir(parents=True)
+    assert run(empty.parent, tmp_path / "out") == 2
+    message = capsys.readouterr().err
+    assert "No training images found in" in message and "5_nothing; add images (.png" in message
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("keep me", encoding="utf-8")
+    assert run(dataset, blocked) == 2
+    message = capsys.readouterr().err
+    assert "is not writable" in message and "pick another --output_dir" in message and "Traceback" not in message
+    assert blocked.read_text(encoding="utf-8") == "keep me"  # nothing lost

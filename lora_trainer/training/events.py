@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..errors import UserError
+
 KINDS = ("start", "step", "epoch", "validation", "sample", "saved", "state", "warning", "error", "end")
 
 
@@ -23,8 +25,12 @@ class EventLog:
         self.echo = echo
         self._file = None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+            except OSError as error:
+                raise UserError(f"the event log {self.path} is not writable ({error}); pick another --output_dir "
+                                "or --events_file") from None
 
     def emit(self, kind: str, **fields: Any) -> dict:
         if kind not in KINDS:
