@@ -149,6 +149,13 @@ def to_rgb(image: Image.Image, background: Colour = WHITE) -> Image.Image:
 
 def load_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The picture upright as 8-bit RGB (first frame of an animation); ``ImageError`` names the file and why not."""
+    return load_image_and_alpha(path, background, max_pixels)[0]
+
+
+def load_image_and_alpha(path: Path, background: Colour = WHITE,
+                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Image.Image | None]:
+    """``load_image`` and the picture's transparency as an 8-bit "L" image (None when it has none): one decode
+    serves training with ``alpha_mask``, which masks the loss where the picture is transparent."""
     path = Path(path)
     with _open(path, max_pixels) as image:
         orientation = exif_orientation(image)
@@ -156,7 +163,9 @@ def load_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT
             image.seek(0)
             image.load()
             upright = image.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else image
-            return to_rgb(upright, background).copy()
+            has_alpha = (upright.mode == "P" and "transparency" in upright.info) or upright.mode in _ALPHA_MODES
+            alpha = upright.convert("RGBA").getchannel("A") if has_alpha else None
+            return to_rgb(upright, background).copy(), alpha
         except MemoryError:
             raise
         except Exception as error:  # decoders raise OSError, SyntaxError, zlib/struct errors… for damaged files

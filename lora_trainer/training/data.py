@@ -2,8 +2,9 @@
 
 Built on the dataset package (``--dataset_config`` / DreamBooth folders, buckets, captions); this file only arranges
 them the way sd-scripts' training loop consumes them: repeats (regularisation images balanced as sd-scripts does),
-batches inside a bucket per dataset, a seeded order per epoch, cached latents (in memory or as sd-scripts'
-``.npz`` files), and the dataset metadata of the saved files.
+batches inside a bucket per dataset, a seeded order per epoch, latents either cached once (in memory or as
+sd-scripts' ``.npz`` files) or encoded per batch with crop/colour/flip augmentation drawn from the epoch's seed, loss
+masks from the images' transparency (``alpha_mask``), and the dataset metadata of the saved files.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch
 from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
-from ..dataset.images import load_image, read_image_size
+from ..dataset.images import read_image_size
 from ..dataset.layouts import config_from_folders, dataset_images, regularization_repeats
 from ..errors import UserError
 from .evaluation import split_validation
-from .pixels import resize_and_crop
+from .pixels import training_pixels
 from .options import TrainOptions, resolution_of
 from .text import caching_problems
 
@@ -39,6 +40,7 @@ class ImageRecord:
     repeats: int
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # with alpha_mask and cached latents: [H, W] at the bucket size, unflipped
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -49,8 +51,10 @@ class ImageRecord:
 class Batch:
     records: list[ImageRecord]
     flips: list[bool]
-    latents: torch.Tensor | None = None
+    latents: torch.Tensor | None = None  # None until encoded when latents are not cached
     loss_weights: torch.Tensor = field(default_factory=lambda: torch.ones(1))
+    masks: torch.Tensor | None = None  # [B, H, W] loss masks when a subset uses alpha_mask
+    augment_seed: int = 0  # seeds this batch's crops, colours and VAE sampling when latents are not cached
 
     @property
     def original_sizes(self):
@@ -58,7 +62,12 @@ class Batch:
 
     @property
     def crops(self):
-        return [(int(top), int(left)) for left, top, _, _ in (B.crop_ltrb(r.bucket, r.size) for r in self.records)]
+        """SDXL's (top, left) crop conditioning as sd-scripts gives it, mirrored for a flipped image."""
+        crops = []
+        for record, flipped in zip(self.records, self.flips):
+            left, top, right, _ = B.crop_ltrb(record.bucket, record.size)
+            crops.append((int(top), int(record.bucket[0] - right if flipped else left)))
+        return crops
 
     @property
     def target_sizes(self):
@@ -113,20 +122,36 @@ class TrainingData:
         return batches
 
     def epoch_batches(self, epoch: int) -> list[Batch]:
+        """The epoch's batches; with cached latents they are ready, else ``encode`` fills them when trained."""
         rng = random.Random(self.seed * 1000003 + epoch)
         batches = []
         for members in self._plan(epoch):
             flips = [m.subset.flip_aug and rng.random() < 0.5 for m in members]
-            latents = torch.stack([self._latents(m, f) for m, f in zip(members, flips)])
             weights = torch.tensor([self.datasets[m.dataset].config.prior_loss_weight if m.subset.is_reg else 1.0 for m in members])
-            batches.append(Batch(members, flips, latents, weights))
+            if not self.options.cache_latents:
+                batches.append(Batch(members, flips, None, weights, augment_seed=rng.getrandbits(62)))
+                continue
+            latents = torch.stack([m.latents_flipped if f else m.latents for m, f in zip(members, flips)])
+            masks = None
+            if any(m.subset.alpha_mask for m in members):
+                masks = torch.stack([_flip(m.mask, f) if m.mask is not None else torch.ones(m.bucket[1], m.bucket[0])
+                                     for m, f in zip(members, flips)])
+            batches.append(Batch(members, flips, latents, weights, masks))
         return batches
 
-    @staticmethod
-    def _latents(record: ImageRecord, flipped: bool) -> torch.Tensor:
-        if record.latents is None:
-            raise UserError("latents are not cached: training without --cache_latents is not supported yet")
-        return record.latents_flipped if flipped else record.latents
+    @torch.no_grad()
+    def encode(self, batch: Batch, vae, device) -> Batch:
+        """Without ``--cache_latents``: load, crop, colour-augment, flip and encode the batch's images now."""
+        if batch.latents is not None:
+            return batch
+        rng = random.Random(batch.augment_seed)
+        images = [training_pixels(r.path, r.choice, flip=f, random_crop=r.subset.random_crop, color_aug=r.subset.color_aug,
+                                  alpha_mask=r.subset.alpha_mask, rng=rng) for r, f in zip(batch.records, batch.flips)]
+        pixels = torch.stack([i.pixels for i in images]).to(device, vae.dtype)
+        batch.latents = vae.encode(pixels).sample(torch.Generator().manual_seed(batch.augment_seed)).float().cpu()
+        if any(i.mask is not None for i in images):
+            batch.masks = torch.stack([i.mask if i.mask is not None else torch.ones(pixels.shape[-2:]) for i in images])
+        return batch
 
     # --- captions -------------------------------------------------------------------------------------------
 
@@ -151,20 +176,21 @@ class TrainingData:
 
     @torch.no_grad()
     def cache_latents(self, vae, device, events) -> None:
+        """Encode every image once (with ``--cache_latents``; the validation images always: they are never augmented)."""
         generator = torch.Generator().manual_seed(self.seed)
         vae.to(device)
-        todo = [r for r in self.records + self.validation if r.latents is None]
+        todo = [r for r in (self.records if self.options.cache_latents else []) + self.validation if r.latents is None]
         for index, record in enumerate(sorted(todo, key=lambda r: (r.bucket, str(r.path)))):
             cached = _read_npz(record) if self.options.cache_latents_to_disk else None
             if cached is None:
-                image = resize_and_crop(load_image(record.path), record.choice)
-                pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
+                image = training_pixels(record.path, record.choice, alpha_mask=record.subset.alpha_mask)
+                pixels = image.pixels[None].to(device)
                 variants = [pixels, pixels.flip(-1)] if record.subset.flip_aug else [pixels]
                 encoded = [vae.encode(v.to(vae.dtype)).sample(generator).float().cpu()[0] for v in variants]
-                cached = (encoded[0], encoded[1] if len(encoded) > 1 else None)
+                cached = (encoded[0], encoded[1] if len(encoded) > 1 else None, image.mask)
                 if self.options.cache_latents_to_disk:
                     _write_npz(record, *cached, self.config_name)
-            record.latents, record.latents_flipped = cached
+            record.latents, record.latents_flipped, record.mask = cached
             if (index + 1) % 50 == 0:
                 events.emit("step", phase="caching latents", done=index + 1, total=len(todo))
 
@@ -252,7 +278,12 @@ def npz_path(record: ImageRecord, config_name: str) -> Path:
     return record.path.with_name(f"{record.path.stem}_{w:04d}x{h:04d}_{'sdxl' if config_name == 'sdxl' else 'sd'}.npz")
 
 
+def _flip(mask: torch.Tensor, flipped: bool) -> torch.Tensor:
+    return mask.flip(-1) if flipped else mask
+
+
 def _read_npz(record: ImageRecord):
+    """(latents, flipped latents, alpha mask) from an sd-scripts cache that fits this run, else None."""
     for path in record.path.parent.glob(f"{record.path.stem}_*x*_sd*.npz"):
         with np.load(path) as data:
             latents = data.get("latents")
@@ -261,15 +292,22 @@ def _read_npz(record: ImageRecord):
             flipped = data.get("latents_flipped")
             if record.subset.flip_aug and flipped is None:
                 return None
-            return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped)
+            mask = data.get("alpha_mask")
+            if record.subset.alpha_mask and mask is None:
+                return None
+            mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
+            return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
     return None
 
 
-def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, config_name: str) -> None:
+def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None,
+               config_name: str) -> None:
     arrays = {"latents": latents.numpy().astype(np.float32), "original_size": np.array(record.size, dtype=np.int64),
               "crop_ltrb": np.array(B.crop_ltrb(record.bucket, record.size), dtype=np.float64)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy().astype(np.float32)
+    if mask is not None:
+        arrays["alpha_mask"] = mask.numpy().astype(np.float32)
     np.savez(npz_path(record, config_name), **arrays)
 
 
@@ -299,16 +337,34 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
 
 
 def build_training_data(options: TrainOptions, config, seed: int, world_size: int = 1) -> TrainingData:
-    if not options.cache_latents:
-        raise UserError("training without --cache_latents is not supported yet: add --cache_latents")
     if options.dataset_config:
         group = load_dataset_config(Path(options.dataset_config), options)
     else:
         reg = Path(options.reg_data_dir) if options.reg_data_dir else None
         group = config_from_folders(Path(options.train_data_dir), reg, options)
     notes = list(group.warnings)
+    _check_augmentations(group.datasets, options)
     datasets = [_plan_dataset(i, d, notes, seed) for i, d in enumerate(group.datasets)]
     datasets = [d for d in datasets if d.train]
     if not datasets:
         raise UserError("the dataset has no usable training images" + (f" ({'; '.join(notes[:3])})" if notes else ""))
     return TrainingData(options, datasets, seed, config.name, notes, bool(options.dataset_config), world_size)
+
+
+def _check_augmentations(datasets: list[DatasetConfig], options: TrainOptions) -> None:
+    """Augmentations that change the pixels every step cannot use latents encoded once (sd-scripts asserts the same);
+    ``--masked_loss`` needs a subset whose masks come from transparency."""
+    subsets = [subset for dataset in datasets for subset in dataset.subsets]
+    if options.masked_loss and not any(subset.alpha_mask for subset in subsets):
+        raise UserError("--masked_loss needs masks: set alpha_mask = true on the subsets (or --alpha_mask) to mask the loss "
+                        "with the images' transparency (mask folders, conditioning_data_dir, are not supported)")
+    if not options.cache_latents:
+        return
+    for dataset in datasets:
+        for subset in dataset.subsets:
+            used = [name for name in ("color_aug", "random_crop") if getattr(subset, name)]
+            if used:
+                where = subset.image_dir or subset.metadata_file
+                raise UserError(f"{where}: {' and '.join(used)} change the pixels every step, so latents cannot be cached; "
+                                "drop --cache_latents/--cache_latents_to_disk (slower, more memory) or turn "
+                                f"{' and '.join(used)} off")

@@ -100,6 +100,15 @@ def elementwise_loss(prediction: Tensor, target: Tensor, loss_type: str, huber_c
     raise ValueError(f"loss type {loss_type!r} is not one of l1, l2, huber, smooth_l1")
 
 
+def masked(loss: Tensor, masks: Tensor | None) -> Tensor:
+    """sd-scripts' ``apply_masked_loss``: the [B, H, W] pixel masks area-averaged to the latent grid, multiplied in
+    (the mean over the image then counts masked-out latents as zero loss, as sd-scripts does)."""
+    if masks is None:
+        return loss
+    grid = F.interpolate(masks[:, None].to(loss), size=loss.shape[2:], mode="area")
+    return loss * grid
+
+
 def snr(timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
     abar = alphas_cumprod[timesteps].double()
     return (abar / (1 - abar)).float()
@@ -116,7 +125,8 @@ def loss_weights(timesteps: Tensor, alphas_cumprod: Tensor, v_prediction: bool, 
     weight = torch.ones_like(s)
     if min_snr_gamma:
         clipped = torch.minimum(s, torch.full_like(s, min_snr_gamma))
-        weight = weight * (clipped / (s + 1) if v_prediction else clipped / s)
+        # at a zero-terminal-SNR timestep min(snr, γ)/snr → 1 (its limit), not 0/0
+        weight = weight * (clipped / (s + 1) if v_prediction else torch.where(s > 0, clipped / s.clamp(min=1e-30), 1.0))
     capped = torch.minimum(s, torch.full_like(s, 1000.0))
     like_noise = capped / (capped + 1)
     if scale_v_pred_loss_like_noise_pred:

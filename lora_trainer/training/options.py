@@ -55,11 +55,11 @@ class TrainOptions:
     token_warmup_min: int = opt(1, "tags used at the start of token warm-up")
     token_warmup_step: float = opt(0.0, "steps (or fraction of all steps) until all tags are used")
     weighted_captions: bool = opt(False, "(token:1.3) syntax in captions", implemented=False)
-    color_aug: bool = opt(False, "colour augmentation", implemented=False)
+    color_aug: bool = opt(False, "colour augmentation: small hue or gamma changes (latents cannot be cached)")
     flip_aug: bool = opt(False, "horizontal flip augmentation")
-    random_crop: bool = opt(False, "random instead of centre crop", implemented=False)
+    random_crop: bool = opt(False, "random instead of centre crop (latents cannot be cached)")
     face_crop_aug_range: str | None = opt(None, "face crop augmentation", implemented=False)
-    alpha_mask: bool = opt(False, "use the PNG alpha as a loss mask", implemented=False)
+    alpha_mask: bool = opt(False, "the images' transparency masks the loss (transparent parts are not learnt)")
     resize_interpolation: str | None = opt(None, "resize filter", implemented=False)
     enable_bucket: bool = opt(False, "aspect-ratio buckets")
     min_bucket_reso: int = opt(256, "smallest bucket side")
@@ -72,7 +72,7 @@ class TrainOptions:
     skip_cache_check: bool = opt(False, "trust existing .npz caches without checking them")
     max_token_length: int | None = opt(None, "75, 150 or 225 tokens per caption", choices=[None, 75, 150, 225])
     prior_loss_weight: float = opt(1.0, "loss weight of regularisation images")
-    masked_loss: bool = opt(False, "loss masks", implemented=False)
+    masked_loss: bool = opt(False, "mask the loss (masks from --alpha_mask; mask folders are not supported)")
     max_data_loader_n_workers: int = opt(8, "data loader processes (0 = load in the training process)")
     persistent_data_loader_workers: bool = opt(False, "keep loader processes between epochs")
     validation_split: float = opt(0.0, "fraction of images held out for validation loss")
@@ -113,7 +113,7 @@ class TrainOptions:
     ip_noise_gamma_random_strength: bool = opt(False, "random input perturbation strength")
     min_timestep: int | None = opt(None, "smallest training timestep")
     max_timestep: int | None = opt(None, "largest training timestep (exclusive)")
-    zero_terminal_snr: bool = opt(False, "rescale the schedule to zero terminal SNR", implemented=False)
+    zero_terminal_snr: bool = opt(False, "rescale the schedule to zero terminal SNR (Lin et al. 2023; for v-prediction)")
     loss_type: str = opt("l2", "loss", choices=["l1", "l2", "huber", "smooth_l1"])
     huber_schedule: str = opt("snr", "huber c schedule", choices=["constant", "exponential", "snr"])
     huber_c: float = opt(0.1, "huber c")
@@ -146,8 +146,8 @@ class TrainOptions:
     network_train_unet_only: bool = opt(False, "train the UNet only")
     network_train_text_encoder_only: bool = opt(False, "train the text encoder(s) only")
     scale_weight_norms: float | None = opt(None, "max-norm regularisation of each module's ΔW")
-    base_weights: list[str] | None = opt(None, "networks merged into the model before training", nargs="*", implemented=False)
-    base_weights_multiplier: list[float] | None = opt(None, "their strengths", nargs="*", implemented=False)
+    base_weights: list[str] | None = opt(None, "networks merged into the model before training", nargs="*")
+    base_weights_multiplier: list[float] | None = opt(None, "their strengths (1 where not given)", nargs="*")
     training_comment: str | None = opt(None, "stored as ss_training_comment")
     no_metadata: bool = opt(False, "only the minimum metadata")
     # saving and resuming
@@ -289,6 +289,11 @@ def validate(options: TrainOptions) -> None:
         problems.append("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
     if options.v_pred_like_loss is not None and options.v_parameterization:
         problems.append("--v_pred_like_loss is for eps models; drop it with --v_parameterization")
+    if options.zero_terminal_snr and not options.v_parameterization:
+        infinite = [f"--{name}" for name in ("debiased_estimation_loss", "v_pred_like_loss") if getattr(options, name)]
+        if infinite:
+            problems.append(f"{' and '.join(infinite)} weigh the loss by 1/SNR, which is infinite at the last timestep of "
+                            "--zero_terminal_snr on an epsilon model; add --v_parameterization or drop one of them")
     if options.network_train_unet_only and options.network_train_text_encoder_only:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if options.full_fp16 and options.mixed_precision != "fp16":
@@ -299,6 +304,13 @@ def validate(options: TrainOptions) -> None:
         problems.append("--lr_scheduler constant takes no warm-up; use constant_with_warmup")
     if options.cache_latents_to_disk:
         options.cache_latents = True
+    augmented = [f"--{name}" for name in ("color_aug", "random_crop") if getattr(options, name)]
+    if augmented and options.cache_latents:
+        problems.append(f"{' and '.join(augmented)} change the pixels every step, so latents cannot be cached: drop "
+                        "--cache_latents/--cache_latents_to_disk or the augmentation")
+    if options.masked_loss and not options.alpha_mask and not options.dataset_config:
+        problems.append("--masked_loss needs masks: add --alpha_mask to mask the loss with the images' transparency "
+                        "(mask folders, conditioning_data_dir, are not supported)")
     if options.cache_text_encoder_outputs_to_disk:
         options.cache_text_encoder_outputs = True
     if options.cache_text_encoder_outputs and not options.network_train_unet_only:
@@ -328,6 +340,9 @@ def validate(options: TrainOptions) -> None:
                 check_supported(spec.algorithm, spec.dora)
             except UserError as problem:
                 problems.append(str(problem))
+    for path in options.base_weights or []:
+        if not Path(path).is_file():
+            problems.append(f"--base_weights {path}: no such network file")
     if options.train_data_dir is None and options.dataset_config is None:
         problems.append("no dataset: give --train_data_dir (folders named <repeats>_<name>) or --dataset_config")
     if options.pretrained_model_name_or_path is None:

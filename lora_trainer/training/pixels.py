@@ -1,14 +1,90 @@
-"""The bucket crop of a training image (sd-scripts' ``trim_and_resize_if_required``)."""
+"""A training image as the VAE sees it, in sd-scripts' order: resize to cover the bucket, crop (centre, or random
+with ``random_crop``), alpha mask, colour augmentation, flip. Pure functions of the image, the bucket choice and a
+seeded ``random.Random``, so a resumed run draws the same augmentations."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
 from PIL import Image
 
 from ..dataset.buckets import BucketChoice, centre_crop_box
+from ..dataset.images import load_image_and_alpha
+
+Box = tuple[int, int, int, int]
 
 
-def resize_and_crop(image: Image.Image, choice: BucketChoice) -> Image.Image:
-    """Scale to cover the bucket, then centre-crop."""
+def crop_box(choice: BucketChoice, random_crop: bool = False, rng: random.Random | None = None) -> Box:
+    """The (left, top, right, bottom) part of the resized image that is trained: the centre, or anywhere with
+    ``random_crop`` (sd-scripts' ``trim_and_resize_if_required``)."""
+    if not random_crop:
+        return centre_crop_box(choice.resized_size, choice.bucket)
+    rng = rng or random.Random()
+    left = rng.randint(0, max(0, choice.resized_size[0] - choice.bucket[0]))
+    top = rng.randint(0, max(0, choice.resized_size[1] - choice.bucket[1]))
+    return left, top, left + choice.bucket[0], top + choice.bucket[1]
+
+
+def resize_and_crop(image: Image.Image, choice: BucketChoice, box: Box | None = None) -> Image.Image:
+    """Scale to cover the bucket, then keep ``box`` (the centre by default)."""
     if choice.resized_size != image.size:
         image = image.resize(choice.resized_size, Image.Resampling.LANCZOS)
-    return image.crop(centre_crop_box(choice.resized_size, choice.bucket))
+    return image.crop(box or centre_crop_box(choice.resized_size, choice.bucket))
+
+
+HUE_SHIFT_LIMIT = 8 / 180  # sd-scripts: ±8 on OpenCV's 0–180 hue circle
+GAMMA_RANGE = (0.95, 1.05)
+
+
+def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """sd-scripts' ``color_aug``: a third of the time either a hue shift of up to ±8/180 of the circle or a gamma
+    of 0.95–1.05 applied to the 0–255 values (as sd-scripts does, so bright pixels saturate), else unchanged."""
+    if rng.random() > 0.33:
+        return image
+    if rng.random() > 0.5:
+        shift = rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT)
+        hsv = np.asarray(image.convert("HSV"), dtype=np.int16).copy()
+        hsv[..., 0] = (hsv[..., 0] + round(shift * 256)) % 256
+        return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+    gamma = rng.uniform(*GAMMA_RANGE)
+    values = np.asarray(image, dtype=np.float64) ** gamma
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB → [3, H, W] in [-1, 1], as the VAE takes it."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def mask_tensor(alpha: Image.Image | None, size: tuple[int, int]) -> torch.Tensor:
+    """The loss mask [H, W] in [0, 1] from an alpha channel; an image without transparency counts everywhere."""
+    if alpha is None:
+        return torch.ones(size[1], size[0])
+    return torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+
+
+@dataclass
+class TrainingPixels:
+    pixels: torch.Tensor  # [3, H, W] in [-1, 1]
+    mask: torch.Tensor | None  # [H, W] in [0, 1] with alpha_mask, else None
+
+
+def training_pixels(path: Path, choice: BucketChoice, *, flip: bool = False, random_crop: bool = False,
+                    color_aug: bool = False, alpha_mask: bool = False, rng: random.Random | None = None) -> TrainingPixels:
+    """One image ready for the VAE (and its loss mask), with the augmentations asked for."""
+    rng = rng or random.Random()
+    image, alpha = load_image_and_alpha(path)
+    box = crop_box(choice, random_crop, rng)
+    image = resize_and_crop(image, choice, box)
+    mask = mask_tensor(resize_and_crop(alpha, choice, box) if alpha is not None else None, choice.bucket) if alpha_mask else None
+    if color_aug:
+        image = color_augment(image, rng)
+    pixels = to_tensor(image)
+    if flip:
+        pixels = pixels.flip(-1)
+        mask = None if mask is None else mask.flip(-1)
+    return TrainingPixels(pixels, mask)

@@ -6,6 +6,7 @@ CLI, the UI and the API start it as a subprocess (``python -m lora_trainer.train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..models.checkpoint import load_checkpoint
 from ..models.tokenizer import CLIPTokenizer
+from ..networks.apply import MergedNetworks, Strength
 from ..networks.max_norm import apply_max_norm
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
 from .distributed import finish as finish_world
@@ -162,8 +164,13 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
                             vae_dtype=torch.float32 if options.no_half_vae else None,
                             prediction_type="v_prediction" if options.v_parameterization else None)
+    if options.zero_terminal_snr:  # trained (and sampled during training) on the rescaled schedule
+        model.config = dataclasses.replace(model.config, schedule=dataclasses.replace(model.config.schedule,
+                                                                                     zero_terminal_snr=True))
     config = model.config
     _check_model_matches_options(config, options)
+    if options.base_weights:
+        _merge_base_weights(model, options, events)
     for module in model.modules():
         module.requires_grad_(False).eval()
     if options.gradient_checkpointing:
@@ -172,6 +179,9 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
 
     data: TrainingData = build_training_data(options, config, seed, world.size)
     fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
+    if options.zero_terminal_snr and config.prediction_type != "v_prediction":
+        events.emit("warning", message="--zero_terminal_snr on an epsilon-prediction model: at the last timestep the "
+                    "input is pure noise and the target equals it; the paper pairs it with --v_parameterization")
     events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
                 batches_per_epoch=data.batches_per_epoch, device=str(device))
     data.cache_latents(model.vae, device, events)
@@ -413,7 +423,7 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
                    rows: slice = slice(None), text_cache: TextEncoderCache | None = None) -> torch.Tensor:
     """Per-sample losses of ``rows`` of the batch; the random draws are made for the whole batch, so every rank's
     generator stays in step and a slice trains exactly what that slice of a single-process batch would."""
-    latents = batch.latents.to(device, torch.float32) * config.vae.scaling_factor
+    latents = data.encode(batch, model.vae, device).latents.to(device, torch.float32) * config.vae.scaling_factor
     captions = data.captions_for(batch, epoch, step, total_steps, generator)
     noise = N.training_noise(latents, generator, options.noise_offset, options.noise_offset_random_strength,
                              options.adaptive_noise_scale, options.multires_noise_iterations, options.multires_noise_discount)
@@ -431,7 +441,8 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
     huber = None
     if options.loss_type in ("huber", "smooth_l1"):
         huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, abar).to(device)
-    loss = N.elementwise_loss(prediction, target, options.loss_type, huber).mean(dim=(1, 2, 3))
+    masks = None if batch.masks is None else batch.masks[rows].to(device)
+    loss = N.masked(N.elementwise_loss(prediction, target, options.loss_type, huber), masks).mean(dim=(1, 2, 3))
     loss = loss * batch.loss_weights[rows].to(device)
     weights = N.loss_weights(timesteps, abar, v_prediction, options.min_snr_gamma, options.scale_v_pred_loss_like_noise_pred,
                              options.v_pred_like_loss, options.debiased_estimation_loss)
@@ -462,6 +473,20 @@ def _check_model_matches_options(config, options: TrainOptions) -> None:
         raise UserError(f"--v2 is set but {options.pretrained_model_name_or_path} is an {config.label} model; drop --v2 or pick an SD2 checkpoint")
     if options.v_parameterization and family == "sdxl":
         raise UserError("--v_parameterization with an SDXL base model: SDXL base is an eps model; drop the option")
+
+
+def _merge_base_weights(model, options: TrainOptions, events: EventLog) -> None:
+    """``--base_weights``: networks merged into the base model for good before training (sd-scripts' ``merge_to``);
+    the trained network is then meant to be used on top of them."""
+    multipliers = options.base_weights_multiplier or []
+    networks = [(read_network(path), Strength(multipliers[i] if i < len(multipliers) else 1.0))
+                for i, path in enumerate(options.base_weights)]
+    merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
+    merged.store = torch.device("cpu")  # its copies of the originals are dropped with it: this merge is never undone
+    for report in merged.set_networks(networks):
+        if report.unmatched:
+            events.emit("warning", message=f"--base_weights {report.network}: {len(report.unmatched)} of its modules fit no "
+                        f"layer of the base model and were skipped (e.g. {report.unmatched[0]})")
 
 
 def _load_weights(network: LoRANetwork, path: str) -> None:

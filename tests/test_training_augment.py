@@ -1,0 +1,230 @@
+"""Training without cached latents: images encoded per batch with sd-scripts' crop/colour/flip augmentation, and
+loss masks from the images' transparency (``--alpha_mask``), cached or not."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lora_trainer.dataset.buckets import BucketChoice
+from lora_trainer.training import noise as N
+from lora_trainer.training.data import Batch
+from lora_trainer.training.pixels import color_augment, crop_box, training_pixels
+from lora_trainer.train_network import main as train_main
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
+
+
+def train(dataset: Path, out: Path, *extra: str) -> int:
+    return train_main([
+        "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
+        "--output_dir", str(out), "--output_name", "star", "--resolution", "64", "--train_batch_size", "2",
+        "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3", "--max_train_epochs", "2",
+        "--seed", "5", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def wide_dataset(tmp_path_factory) -> Path:
+    """Six of the sample images stretched to 96×64, so a 64×64 crop has room to move."""
+    root = tmp_path_factory.mktemp("wide") / "数据 wide"
+    folder = root / "1_zkstar"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:6]:
+        Image.open(image).convert("RGB").resize((96, 64)).save(folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    return root
+
+
+def lora(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "star.safetensors"))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the pure pixel functions ----------------------------------------------------------------------------------
+
+
+def test_random_crop_moves_inside_the_resized_image_and_repeats_with_the_seed():
+    choice = BucketChoice(bucket=(64, 64), resized_size=(96, 64), aspect_error=0.0)
+    assert crop_box(choice) == (16, 0, 80, 64)  # centre
+    boxes = [crop_box(choice, True, random.Random(seed)) for seed in range(40)]
+    assert all(0 <= left <= 32 and right - left == 64 and (top, bottom) == (0, 64) for left, top, right, bottom in boxes)
+    assert len({b[0] for b in boxes}) > 10
+    assert boxes == [crop_box(choice, True, random.Random(seed)) for seed in range(40)]
+
+
+def test_colour_augmentation_changes_a_third_of_the_images_slightly():
+    image = Image.fromarray(np.random.default_rng(0).integers(30, 200, (16, 16, 3), dtype=np.uint8), "RGB")
+    before = np.asarray(image, dtype=np.float64)
+    changes = [np.abs(np.asarray(color_augment(image, random.Random(seed)), dtype=np.float64) - before).mean()
+               for seed in range(300)]
+    changed = [c for c in changes if c > 0]
+    assert 0.25 < len(changed) / len(changes) < 0.42  # sd-scripts: p = 0.33
+    assert max(changed) < 40  # a nudge of hue or gamma, not a different picture
+
+
+def test_flip_mirrors_the_pixels_and_the_alpha_mask(tmp_path):
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :4, 3] = 255  # left half opaque, right half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    choice = BucketChoice(bucket=(8, 8), resized_size=(8, 8), aspect_error=0.0)
+    plain = training_pixels(tmp_path / "half.png", choice, alpha_mask=True)
+    flipped = training_pixels(tmp_path / "half.png", choice, alpha_mask=True, flip=True)
+    assert plain.mask[:, :4].eq(1).all() and plain.mask[:, 4:].eq(0).all()
+    assert torch.equal(flipped.mask, plain.mask.flip(-1)) and torch.equal(flipped.pixels, plain.pixels.flip(-1))
+    assert training_pixels(tmp_path / "half.png", choice).mask is None  # no alpha_mask: no mask
+
+
+def test_the_loss_mask_zeroes_the_transparent_part_of_the_loss():
+    loss = torch.ones(1, 4, 2, 2)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :, :8] = 1  # left half of the pixels → left column of latents
+    out = N.masked(loss, mask)
+    assert out[..., 0].eq(1).all() and out[..., 1].eq(0).all()
+    assert torch.equal(N.masked(loss, None), loss)
+
+
+def test_sdxl_crop_conditioning_is_mirrored_for_a_flipped_image():
+    class Record:
+        bucket, size = (64, 64), (128, 64)  # a 2:1 image in a square bucket: fitted inside, 16 px margins
+
+    crops = Batch([Record(), Record()], [False, True]).crops
+    assert crops[0] == (16, 0) and crops[1] == (16, 0)  # symmetric margins mirror onto themselves
+    Record.size = (100, 64)
+    left = Batch([Record()], [False]).crops[0][1]
+    right_margin = 64 - (left + 64)
+    assert Batch([Record()], [True]).crops[0][1] == right_margin
+
+
+# --- training end to end --------------------------------------------------------------------------------------
+
+
+def test_training_without_cached_latents_is_reproducible_and_augmentations_change_what_is_learnt(wide_dataset, tmp_path):
+    assert train(wide_dataset, tmp_path / "a") == 0
+    assert train(wide_dataset, tmp_path / "b") == 0
+    assert same(lora(tmp_path / "a"), lora(tmp_path / "b"))  # per-batch encoding is seeded too
+    assert train(wide_dataset, tmp_path / "crop", "--random_crop", "--color_aug", "--flip_aug") == 0
+    assert train(wide_dataset, tmp_path / "crop2", "--random_crop", "--color_aug", "--flip_aug") == 0
+    assert same(lora(tmp_path / "crop"), lora(tmp_path / "crop2"))
+    assert not same(lora(tmp_path / "a"), lora(tmp_path / "crop"))
+
+
+def test_an_uncached_run_resumed_mid_epoch_draws_the_same_augmentations_and_ends_with_the_same_weights(wide_dataset, tmp_path):
+    augment = ("--random_crop", "--color_aug", "--flip_aug")
+    assert train(wide_dataset, tmp_path / "whole", *augment, "--save_state", "--save_every_n_steps", "2") == 0
+    state = tmp_path / "whole" / "star-step00000002-state"  # 3 batches per epoch: step 2 is mid-epoch
+    assert state.is_dir()
+    assert train(wide_dataset, tmp_path / "resumed", *augment, "--resume", str(state)) == 0
+    assert same(lora(tmp_path / "whole"), lora(tmp_path / "resumed"))
+
+
+def _transparent_copy(tmp_path: Path, alpha: int) -> Path:
+    folder = tmp_path / f"alpha{alpha}" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:4]:
+        rgba = Image.open(image).convert("RGBA")
+        rgba.putalpha(alpha)
+        rgba.save(folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    return folder.parent
+
+
+@pytest.mark.parametrize("caching", [(), ("--cache_latents_to_disk",)], ids=["per-batch", "cached"])
+def test_fully_transparent_images_teach_nothing_with_alpha_mask(tmp_path, caching):
+    dataset = _transparent_copy(tmp_path, alpha=0)
+    assert train(dataset, tmp_path / "masked", "--alpha_mask", "--masked_loss", *caching) == 0
+    ups = [t for k, t in lora(tmp_path / "masked").items() if k.endswith("lora_up.weight")]
+    assert ups and all(t.eq(0).all() for t in ups)  # zero loss everywhere: the LoRA stays a no-op
+    assert train(dataset, tmp_path / "unmasked", *caching) == 0
+    assert any(t.ne(0).any() for k, t in lora(tmp_path / "unmasked").items() if k.endswith("lora_up.weight"))
+    if caching:
+        caches = list((dataset / "1_zkstar").glob("*_sd.npz"))
+        assert caches and all("alpha_mask" in np.load(c).files for c in caches)
+
+
+def test_augmentations_that_cannot_be_cached_are_refused_before_training(wide_dataset, tmp_path, capsys):
+    assert train(wide_dataset, tmp_path, "--cache_latents", "--color_aug") == 2
+    assert "--color_aug change the pixels every step, so latents cannot be cached" in capsys.readouterr().err
+    config = tmp_path / "dataset.toml"
+    config.write_text(f'[general]\nresolution = 64\ncaption_extension = ".txt"\n[[datasets]]\n[[datasets.subsets]]\n'
+                      f'image_dir = "{(wide_dataset / "1_zkstar").as_posix()}"\nrandom_crop = true\n', encoding="utf-8")
+    assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
+                       "--output_dir", str(tmp_path / "out"), "--cache_latents"]) == 2
+    err = capsys.readouterr().err
+    assert "1_zkstar: random_crop change the pixels every step" in err and "drop --cache_latents" in err
+    assert train(wide_dataset, tmp_path, "--masked_loss") == 2
+    assert "--masked_loss needs masks: add --alpha_mask" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+# --- zero terminal SNR ----------------------------------------------------------------------------------------
+
+
+def test_min_snr_weights_stay_finite_at_the_zero_snr_timestep():
+    from lora_trainer.sampling.schedule import NoiseSchedule
+
+    abar = NoiseSchedule(zero_terminal_snr=True).alphas_cumprod
+    assert abar[-1] == 0
+    timesteps = torch.tensor([0, 500, 999])
+    for v_prediction in (False, True):
+        weights = N.loss_weights(timesteps, abar, v_prediction, min_snr_gamma=5)
+        assert torch.isfinite(weights).all()
+    assert N.loss_weights(timesteps, abar, False, min_snr_gamma=5)[-1] == 1  # the limit of min(snr, γ)/snr
+
+
+def test_zero_terminal_snr_trains_on_the_rescaled_schedule(wide_dataset, tmp_path, capsys):
+    from safetensors import safe_open
+    from lora_trainer.training.events import read_events
+
+    common = ("--cache_latents", "--v_parameterization", "--min_snr_gamma", "5", "--min_timestep", "990")
+    assert train(wide_dataset, tmp_path / "zt", "--zero_terminal_snr", *common) == 0
+    assert train(wide_dataset, tmp_path / "plain", *common) == 0
+    with safe_open(str(tmp_path / "zt" / "star.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_zero_terminal_snr"] == "True"
+    zt, plain = lora(tmp_path / "zt"), lora(tmp_path / "plain")
+    assert all(torch.isfinite(t).all() for t in zt.values()) and not same(zt, plain)
+    events, _ = read_events(tmp_path / "zt" / "star.events.jsonl")
+    assert not [e for e in events if e["event"] == "warning" and "zero_terminal_snr" in e["message"]]
+    assert train(wide_dataset, tmp_path / "eps", "--zero_terminal_snr", "--cache_latents", "--max_train_steps", "1",
+                 "--max_train_epochs", "1") == 0
+    events, _ = read_events(tmp_path / "eps" / "star.events.jsonl")
+    assert any(e["event"] == "warning" and "--zero_terminal_snr on an epsilon-prediction model" in e["message"] for e in events)
+    assert train(wide_dataset, tmp_path / "bad", "--zero_terminal_snr", "--debiased_estimation_loss") == 2
+    assert "infinite at the last timestep" in capsys.readouterr().err
+
+
+# --- base weights ---------------------------------------------------------------------------------------------
+
+
+def test_base_weights_are_merged_before_training_so_the_new_lora_learns_on_top_of_them(wide_dataset, tmp_path, capsys):
+    """Training on (base + LoRA A) is training on a checkpoint that has A baked in: same weights either way."""
+    from lora_trainer.networks.apply import Strength
+    from lora_trainer.networks.tools.bake import bake
+
+    assert train(wide_dataset, tmp_path / "a", "--cache_latents", "--max_train_epochs", "1") == 0
+    first = tmp_path / "a" / "star.safetensors"
+    baked = tmp_path / "baked.safetensors"
+    bake(TINY_MODEL_PATH, [(first, Strength(0.5))], baked, precision="float")
+    assert train(wide_dataset, tmp_path / "on_base", "--cache_latents", "--base_weights", str(first),
+                 "--base_weights_multiplier", "0.5") == 0
+    assert train_main(["--pretrained_model_name_or_path", str(baked), "--train_data_dir", str(wide_dataset),
+                       "--output_dir", str(tmp_path / "on_baked"), "--output_name", "star", "--resolution", "64",
+                       "--train_batch_size", "2", "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
+                       "--max_train_epochs", "2", "--seed", "5", "--caption_extension", ".txt", "--cache_latents"]) == 0
+    on_base, on_baked = lora(tmp_path / "on_base"), lora(tmp_path / "on_baked")
+    assert all(torch.allclose(on_base[k], on_baked[k], atol=1e-5) for k in on_baked)
+    assert not same(on_base, lora(tmp_path / "a"))
+    assert train(wide_dataset, tmp_path / "missing", "--base_weights", str(tmp_path / "nope.safetensors")) == 2
+    assert "--base_weights" in capsys.readouterr().err
