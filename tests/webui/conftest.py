@@ -46,6 +46,24 @@ def lora_folder(tmp_path_factory, tiny_model):
     return folder
 
 
+_LOADED: dict[Path, object] = {}  # checkpoints the tests wrote, loaded once per session
+
+
+def _memoised_loader(tiny_model):
+    """Each checkpoint read once; every WebUI load gets its own copy (the tiny model from the session fixture)."""
+    real = checkpoint.load_checkpoint
+
+    def load(path, **kwargs):
+        path = Path(path).resolve()
+        if path == TINY_MODEL_PATH.resolve():
+            return copy.deepcopy(tiny_model)
+        if path not in _LOADED:
+            _LOADED[path] = real(path, **kwargs)
+        return copy.deepcopy(_LOADED[path])
+
+    return load
+
+
 def _forget_modules():
     for name in [n for n in sys.modules if n in ("modules", "xyz_grid.py", "lora_trainer.py") or n.startswith("modules.")]:
         del sys.modules[name]
@@ -68,7 +86,7 @@ def webui_modules(tmp_path, monkeypatch, tiny_model, lora_folder):
     monkeypatch.setenv("WEBUI_STUB_ROOT", str(tmp_path / "webui"))
     monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(STUB))
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, **_: copy.deepcopy(tiny_model))
+    monkeypatch.setattr(checkpoint, "load_checkpoint", _memoised_loader(tiny_model))
     from modules import call_queue, extra_networks, processing, script_callbacks, scripts, sd_models, shared
 
     shared.cmd_opts.lora_dir = str(lora_folder)
@@ -103,7 +121,39 @@ def webui(load_extension):
     return w
 
 
-def txt2img(w, prompt: str, seed: int = 3):
-    p = w.processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=seed, steps=1, width=64, height=64,
+def txt2img(w, prompt: str, seed: int = 3, size: int = 64):
+    p = w.processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=seed, steps=1, width=size, height=size,
                                                       sampler_name="Euler", cfg_scale=5, do_not_save_samples=True)
     return p, w.processing.process_images(p)
+
+
+def use_checkpoint(w, path: Path):
+    """The WebUI switched to the checkpoint file ``path`` (listed from --ckpt-dir, as the checkpoint dropdown does)."""
+    w.shared.cmd_opts.ckpt_dir = str(path.parent)
+    w.sd_models.list_models()
+    info = next(i for i in w.sd_models.checkpoints_list.values() if Path(i.filename) == path)
+    w.shared.opts.data["sd_model_checkpoint"] = info.title
+    return w.sd_models.reload_model_weights(info=info)
+
+
+def webui_parameters(sd_model) -> dict[str, torch.Tensor]:
+    """The WebUI model's parameters by checkpoint name (the prompt hijack's ``.wrapped`` left out), copied."""
+    return {k.replace(".wrapped", ""): v.detach().clone() for k, v in sd_model.named_parameters()}
+
+
+def txt2img_watching_weights(w, prompt: str, seed: int = 3, size: int = 64):
+    """txt2img, and the WebUI model's parameters as the UNet saw them on its first call (during generation)."""
+    seen = {}
+    model = w.shared.sd_model
+
+    def snapshot(module, args):
+        if not seen:
+            seen.update(webui_parameters(model))
+
+    handle = model.model.diffusion_model.register_forward_pre_hook(snapshot)
+    try:
+        _, processed = txt2img(w, prompt, seed, size)
+    finally:
+        handle.remove()
+    assert seen, "the UNet never ran"
+    return processed, seen
