@@ -20,7 +20,8 @@ from lora_trainer.networks.naming import NORM, model_targets
 from lora_trainer.networks.network import base_metadata, create_network, save_network
 from lora_trainer.networks.spec import NetworkSpec
 from lora_trainer.safe_io import save_safetensors
-from tests.webui.conftest import txt2img, txt2img_watching_weights, use_checkpoint, webui_parameters
+from tests.webui.conftest import (assert_merged_like_the_core, assert_restored, core_merge, pixels, txt2img,
+                                  txt2img_watching_weights, use_checkpoint, webui_parameters)
 
 FIXTURES = REFERENCE / "network-fixtures"
 SD1_CASES = sorted(p.name.removesuffix(".expected.safetensors") for p in FIXTURES.glob("*.expected.safetensors")
@@ -32,31 +33,6 @@ SPECS = {
     "lokr": NetworkSpec(algorithm="lokr", dim=2, alpha=1, conv_dim=2, factor=4),
     "dora": NetworkSpec(dim=4, alpha=2, dora=True),
 }
-
-
-def pixels(processed):
-    return np.asarray(processed.images[0], dtype=np.int16)
-
-
-def core_merge(model, network, strength: Strength) -> dict[str, torch.Tensor]:
-    """What our merging core makes of ``model`` (a copy) with ``network``: parameters by checkpoint name."""
-    model = copy.deepcopy(model)
-    config = model.config
-    MergedNetworks.for_model(config, model.unet, model.text_encoders).set_networks([(network, strength)])
-    parts = [(config.unet_prefix, model.unet)] + [(slot.prefix, te) for slot, te in zip(config.text_encoders, model.text_encoders)]
-    return {prefix + name: p.detach().clone() for prefix, module in parts for name, p in module.named_parameters()}
-
-
-def assert_merged_like_the_core(during: dict, want: dict, label) -> int:
-    """Every parameter LoRAs may change equals the core's; returns how many differ from the checkpoint."""
-    for name, value in want.items():
-        assert torch.allclose(during[name].float(), value.float(), rtol=1e-5, atol=1e-6), (label, name)
-    return len(want)
-
-
-def assert_restored(w, before: dict) -> None:
-    after = webui_parameters(w.shared.sd_model)
-    assert all(torch.equal(after[k], v) for k, v in before.items()), "weights not restored bit-exactly"
 
 
 # --- formats our trainer writes, on the tiny model ---------------------------------------------------------------
