@@ -13,6 +13,7 @@ from reference import REFERENCE
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora_trainer.models import checkpoint
 from lora_trainer.models.checkpoint import ARCHITECTURE_METADATA_KEY, architecture_overrides, build_models
 from lora_trainer.networks.apply import MergedNetworks, Strength
 from lora_trainer.networks.files import read_network
@@ -21,7 +22,7 @@ from lora_trainer.networks.network import base_metadata, create_network, save_ne
 from lora_trainer.networks.spec import NetworkSpec
 from lora_trainer.safe_io import save_safetensors
 from tests.webui.conftest import (assert_merged_like_the_core, assert_restored, core_merge, pixels, txt2img,
-                                  txt2img_watching_weights, use_checkpoint, webui_parameters)
+                                  tiny_sdxl_config, txt2img_watching_weights, use_checkpoint, webui_parameters)
 
 FIXTURES = REFERENCE / "network-fixtures"
 SD1_CASES = sorted(p.name.removesuffix(".expected.safetensors") for p in FIXTURES.glob("*.expected.safetensors")
@@ -183,5 +184,89 @@ def test_every_lycoris_fixture_through_the_hook_gives_lycoris_deltas_at_both_str
             core.set_networks([(reread, Strength(strength))])
             assert_merged_like_the_core(during, core_state, (case, strength))
 
+    txt2img(webui, "a red circle", size=32)
+    assert_restored(webui, before)
+
+
+# --- the SDXL fixture: CLIP-L and OpenCLIP (fused q/k/v in the WebUI's nn.MultiheadAttention) -------------------
+
+_OPEN_CLIP = "conditioner.embedders.1.model.transformer.resblocks."
+_SDXL_PATHS = (
+    ("text_encoder.", "conditioner.embedders.0.transformer."),
+    ("unet.", "model.diffusion_model."),
+)
+_SDXL_OPEN_CLIP_PARTS = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+# The toy model's feed-forwards are 2× wide (our UNet's are 4×) and its first output block narrower than its skip input.
+_NOT_IN_AN_SDXL_UNET = ("lora_unet_output_blocks_0_0_", "lora_unet_input_blocks_1_1_transformer_blocks_0_ff_",
+                        "lora_unet_middle_block_1_transformer_blocks_0_ff_")
+
+
+def sdxl_ldm_key(fixture_key: str) -> tuple[str, slice | None]:
+    """Checkpoint key (and rows of it) of a fixture tensor; OpenCLIP's q/k/v are rows of the fused in_proj."""
+    if fixture_key.startswith("text_encoder_2.text_model.encoder.layers."):
+        layer, part = fixture_key.removeprefix("text_encoder_2.text_model.encoder.layers.").split(".", 1)
+        module, kind = part.rsplit(".", 1)
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            index = "qkv".index(module[len("self_attn.")])
+            return f"{_OPEN_CLIP}{layer}.attn.in_proj_{kind}", slice(index * 32, (index + 1) * 32)
+        return f"{_OPEN_CLIP}{layer}.{_SDXL_OPEN_CLIP_PARTS[module]}.{kind}", None
+    return next(ldm + fixture_key[len(d):] for d, ldm in _SDXL_PATHS if fixture_key.startswith(d)), None
+
+
+@pytest.fixture(scope="session")
+def fixture_shaped_sdxl_checkpoint(tmp_path_factory, tiny_model):
+    """SDXL's layout at the SDXL fixture's widths (CLIP-L 16, OpenCLIP 32, UNet 16 channels, two levels of 32 with
+    attention, one ResBlock each, context 48), the fixture's base weights in the layers it targets."""
+    xl = tiny_sdxl_config(tiny_model.config)
+    te1, te2 = xl.text_encoders
+    config = dataclasses.replace(
+        xl,
+        unet=dataclasses.replace(xl.unet, model_channels=16, channel_mult=(2, 2), num_res_blocks=1, transformer_depth=(1, 1),
+                                 context_dim=48, norm_groups=8),
+        text_encoders=(dataclasses.replace(te1, config=dataclasses.replace(te1.config, width=16)), te2),
+    )
+    torch.manual_seed(0)
+    unet, text_encoders, _ = build_models(config, device="cpu")
+    state = {config.unet_prefix + k: v for k, v in unet.state_dict().items()}
+    state |= {slot.prefix + k: v for slot, te in zip(config.text_encoders, text_encoders) for k, v in te.state_dict().items()}
+    state |= {config.vae_prefix + k: v for k, v in tiny_model.vae.state_dict().items()}
+    expected, _ = fixture_expected("lora_sdxl")
+    for key, tensor in expected.items():
+        if key.endswith((".weight", ".bias")):
+            target, rows = sdxl_ldm_key(key)
+            if state[target][rows or slice(None)].shape == tensor.shape:  # the toy model's misfits stay random
+                state[target][rows or slice(None)] = tensor
+    path = tmp_path_factory.mktemp("checkpoints") / "fixture shaped sdxl.safetensors"
+    return save_safetensors(state, path, {ARCHITECTURE_METADATA_KEY: json.dumps(architecture_overrides(config))})
+
+
+def test_the_sdxl_lycoris_fixture_through_the_hook_changes_openclips_fused_rows_by_lycoris_deltas(
+        webui, fixture_shaped_sdxl_checkpoint, tmp_path):
+    """LyCORIS's own ΔW for lora_te2_…_q_proj/k_proj/v_proj lands on the q/k/v rows of the WebUI's fused in_proj."""
+    expected, answer_key = fixture_expected("lora_sdxl")
+    network = read_network(FIXTURES / "lora_sdxl.safetensors")
+    kept = {name: tensors for name, tensors in network.modules.items() if not name.startswith(_NOT_IN_AN_SDXL_UNET)}
+    assert len(kept) == 49 and sum(name.startswith("lora_te2_") for name in kept) == 12
+    folder = tmp_path / "fixtures"
+    save_safetensors({f"{n}.{s}": t for n, ts in kept.items() for s, t in ts.items()}, folder / "fx_lora_sdxl.safetensors",
+                     network.metadata)
+    webui.shared.opts.data["lora_trainer_output_folder"] = str(folder)
+    use_checkpoint(webui, fixture_shaped_sdxl_checkpoint)
+    assert type(webui.shared.sd_model.get_submodule("conditioner.embedders.1.wrapped.model.transformer.resblocks.0.attn")) \
+        is torch.nn.MultiheadAttention
+    before = webui_parameters(webui.shared.sd_model)
+    ours = checkpoint.load_checkpoint(fixture_shaped_sdxl_checkpoint)  # our own model of it: what the core merges into
+    for strength, suffix in ((1.0, ""), (0.5, "@0.5")):
+        _, during = txt2img_watching_weights(webui, f"a red circle <lora:fx_lora_sdxl:{strength}>", size=32)
+        assert webui.extra_networks.extra_network_registry["lora"].warnings == []
+        for name in kept:
+            key, rows = sdxl_ldm_key(answer_key[name] + ".weight")
+            rows = rows or slice(None)
+            assert torch.equal(before[key][rows], expected[answer_key[name] + ".weight"]), name
+            got = during[key][rows].double() - before[key][rows].double()
+            want = expected[f"{answer_key[name]}.delta{suffix}"].double()
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-7, (name, strength)
+        assert_merged_like_the_core(during, core_merge(ours, read_network(folder / "fx_lora_sdxl.safetensors"), Strength(strength)),
+                                    ("lora_sdxl", strength))
     txt2img(webui, "a red circle", size=32)
     assert_restored(webui, before)
