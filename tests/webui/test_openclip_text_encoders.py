@@ -2,16 +2,19 @@
 ``nn.MultiheadAttention`` with a fused ``in_proj_weight`` [3C, C], while Kohya files name q_proj/k_proj/v_proj/out_proj
 apart. The hook must change exactly the rows of each part, as our core merges them, and give the bits back after."""
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lora_trainer.models import checkpoint
 from lora_trainer.networks.apply import MergedNetworks, Strength
 from lora_trainer.networks.files import read_network
 from lora_trainer.networks.spec import NetworkSpec
+from lora_trainer.safe_io import read_safetensors_metadata, save_safetensors
 from tests.webui.conftest import (assert_merged_like_the_core, assert_restored, core_merge, pixels, random_network,
                                   save_lora, txt2img, txt2img_watching_weights, use_checkpoint, webui_parameters)
 
@@ -105,3 +108,28 @@ def test_the_webui_layout_encoder_computes_what_our_encoder_computes_after_the_s
         unmerged = ours.text_encoders[-1](ids, skip_layers=slot.skip_layers, final_norm=slot.final_norm)
     assert torch.allclose(got.hidden, want.hidden, atol=1e-5) and torch.allclose(got.pooled, want.pooled, atol=1e-5)
     assert not torch.allclose(got.hidden, unmerged.hidden, atol=1e-3)
+
+
+def test_the_first_lora_after_loading_an_sd2_checkpoint_does_not_rerun_the_eps_or_v_test_forward(
+        webui, sd2_checkpoint, tmp_path, monkeypatch):
+    """A full-size SD2 file without a .yaml or metadata is told eps from v by running its UNet once (as the WebUI
+    does when it loads it). The hook only needs layer names: it must not run that forward again at generation time."""
+    stripped = tmp_path / "no metadata" / "sd2 as downloaded.safetensors"
+    metadata_free = json.loads(read_safetensors_metadata(sd2_checkpoint)[checkpoint.ARCHITECTURE_METADATA_KEY])
+    del metadata_free["prediction_type"]
+    tensors = load_file(sd2_checkpoint)
+    save_safetensors(tensors, stripped, {checkpoint.ARCHITECTURE_METADATA_KEY: json.dumps(metadata_free)})
+    config = checkpoint.detect_architecture(checkpoint.open_tensors(stripped))[0]
+    monkeypatch.setitem(checkpoint.FULL_SIZE, "sd2", config)  # this tiny file now counts as a full-size SD2 file
+    forwards = []
+    monkeypatch.setattr(checkpoint, "_responds_like_v_prediction", lambda source, config: forwards.append(source.path) or False)
+    use_checkpoint(webui, stripped)
+    assert len(forwards) == 1  # the WebUI's own load decided eps/v
+    webui.shared.opts.data["lora_trainer_output_folder"] = str(tmp_path / "loras")
+    ours = checkpoint.load_checkpoint(stripped)
+    lora = save_lora(random_network(ours, NetworkSpec(dim=4, alpha=2), seed=14), tmp_path / "loras" / "sd2_any.safetensors", ours.config)
+    forwards.clear()
+    before = webui_parameters(webui.shared.sd_model)
+    _, during = txt2img_watching_weights(webui, f"a red circle <lora:{lora.stem}:1>")
+    assert forwards == []
+    assert any(not torch.equal(during[k], before[k]) for k in before)
