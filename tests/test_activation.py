@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lora_trainer.errors import UserError
-from lora_trainer.models.configs import SDXL
+from lora_trainer.models.configs import SD1, SDXL
 from lora_trainer.networks.activation import LoraCall, LoraLibrary, lora_calls_in, parse_lora_call, sd_version_of, strength_of
+from lora_trainer.networks.block_weights import SD1_SCHEME, SDXL_SCHEME
 from lora_trainer.networks.naming import Target
 from lora_trainer.safe_io import save_safetensors
 
@@ -34,8 +35,10 @@ def test_malformed_weight_names_the_tag():
 
 
 def test_lbw_presets_and_vectors():
-    assert parse_lora_call(["s", "1", "lbw=OUTD"]).blocks == (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0)
-    assert parse_lora_call(["s", "lbw=ALL0.5"]).blocks == (0.5,) * 17
+    outd = strength_of(parse_lora_call(["s", "1", "lbw=OUTD"]), SD1.unet).blocks
+    assert [outd[b] for b in SD1_SCHEME.blocks] == [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    half = strength_of(parse_lora_call(["s", "lbw=ALL0.5"]), SD1.unet).blocks
+    assert [half[b] for b in SD1_SCHEME.blocks] == [0.5] * 17
     spaced = parse_lora_call(["s", "lbw=1 0 0 0 0 1 1 1 1 1 1 1"]).blocks
     assert spaced == (1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1)
     with pytest.raises(UserError, match=r"<lora:s:lbw=1,0,1>.*3 values.*17 \(SD1/SD2\) or 12 \(SDXL\)"):
@@ -62,8 +65,21 @@ def test_strength_maps_weights_and_blocks():
     # a 12-value vector is SDXL's layout: its 7th value is OUT00
     xl = strength_of(parse_lora_call(["s", "lbw=1,0,0,0,0,0,0.25,0,0,0,0,0"]))
     assert xl.blocks["OUT00"] == 0.25 and xl.blocks["IN04"] == 0.0
-    with pytest.raises(UserError, match="17 values"):
-        strength_of(parse_lora_call(["s", "lbw=ALL"]), SDXL.unet)
+    with pytest.raises(UserError, match="17 values.*this model takes 12"):
+        strength_of(parse_lora_call(["s", "lbw=" + ",".join("1" * 17)]), SDXL.unet)
+
+
+def test_presets_take_the_loaded_models_blocks():
+    """The same preset name means the same levels on SD1 and on SDXL, with each model's own block count."""
+    sd1 = {name: strength_of(parse_lora_call(["s", f"lbw={name}"]), SD1.unet).blocks for name in ("ALL", "OUTD", "IND")}
+    xl = {name: strength_of(parse_lora_call(["s", f"lbw={name}"]), SDXL.unet).blocks for name in ("ALL", "OUTD", "IND")}
+    assert [xl["ALL"][b] for b in SDXL_SCHEME.blocks] == [1.0] * 12
+    assert [b for b in SDXL_SCHEME.blocks if xl["OUTD"][b]] == ["BASE", "OUT00", "OUT01", "OUT02", "OUT03"]
+    assert [b for b in SD1_SCHEME.blocks if sd1["OUTD"][b]] == ["BASE", "OUT03", "OUT04", "OUT05", "OUT06"]
+    assert [b for b in SDXL_SCHEME.blocks if xl["IND"][b]] == ["BASE", "IN05", "IN07", "IN08"]
+    assert [b for b in SD1_SCHEME.blocks if sd1["IND"][b]] == ["BASE", "IN05", "IN07", "IN08"]
+    assert all(len(SDXL_SCHEME.presets[name].split(",")) == 12 for name in SDXL_SCHEME.presets)
+    assert SDXL_SCHEME.presets.keys() == SD1_SCHEME.presets.keys()
 
 
 def _lora(path, **metadata):

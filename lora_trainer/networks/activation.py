@@ -20,7 +20,7 @@ from ..models.configs import SD1, SDXL
 from ..models.prompt import EXTRA_NETWORK
 from ..safe_io import read_safetensors_metadata
 from .apply import Strength
-from .block_weights import PRESETS_17, block_layouts, parse_block_weights
+from .block_weights import PRESET_NAMES, block_layouts, parse_block_weights
 from .files import NetworkFile
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -41,7 +41,7 @@ class LoraCall:
     te: float = 1.0
     unet: float | None = None  # None: same as te, as in the WebUI
     dyn: int | None = None  # dynamic dim (the WebUI's ``dyn=``): use the first ``dyn`` ranks (``at_rank``)
-    blocks: tuple[float, ...] | None = None  # lbw block weights, presets already expanded
+    blocks: tuple[float, ...] | str | None = None  # lbw: numbers, or a preset name (its values depend on the model)
 
     @property
     def unet_multiplier(self) -> float:
@@ -59,18 +59,20 @@ def _number(items: list, label: str, text, kind=float):
         raise UserError(f"{_tag(items)}: {label} {text!r} is not a number; write e.g. <lora:name:0.8>") from None
 
 
-def parse_block_vector(text: str, tag: str = "lbw") -> tuple[float, ...]:
-    """A block-weight preset name (``OUTD``, ``ALL0.5`` …) or 17 (SD1/SD2) / 12 (SDXL) numbers, comma or space separated."""
-    expanded = PRESETS_17.get(text.strip(), text)
-    parts = [p for p in re.split(r"[,\s]+", expanded.strip()) if p]
+def parse_block_vector(text: str, tag: str = "lbw") -> tuple[float, ...] | str:
+    """A block-weight preset name (``OUTD``, ``ALL0.5`` …, returned as the name: its values depend on the loaded
+    model) or 17 (SD1/SD2) / 12 (SDXL) numbers, comma or space separated."""
+    if text.strip() in PRESET_NAMES:
+        return text.strip()
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
     try:
         numbers = tuple(float(p) for p in parts)
     except ValueError:
-        raise UserError(f"{tag}: block weights {text!r} are neither a preset ({', '.join(PRESETS_17)}) "
+        raise UserError(f"{tag}: block weights {text!r} are neither a preset ({', '.join(PRESET_NAMES)}) "
                         "nor numbers separated by commas") from None
     if len(numbers) not in _LAYOUT_BY_LENGTH:
         raise UserError(f"{tag}: block weights have {len(numbers)} values; write 17 (SD1/SD2) or 12 (SDXL) values "
-                        f"(26 or 20 to list every block), or a preset such as {', '.join(PRESETS_17)}")
+                        f"(26 or 20 to list every block), or a preset such as {', '.join(PRESET_NAMES)}")
     return numbers
 
 
@@ -109,10 +111,13 @@ def lora_calls_in(prompt: str) -> tuple[str, list[LoraCall]]:
 
 
 def strength_of(call: LoraCall, unet_config=None) -> Strength:
-    """The call's weights as ``apply.Strength``. Block vectors map onto ``unet_config``'s blocks when given, else
-    onto SD1/SD2 (17 or 26 values) or SDXL (12 or 20 values) by their length."""
+    """The call's weights as ``apply.Strength``. Block vectors and presets map onto ``unet_config``'s blocks (a
+    preset takes that model's values: SD1/SD2's 17 or SDXL's 12) when given; else vectors go by their length (SD1/SD2
+    17 or 26 values, SDXL 12 or 20) and presets are SD1/SD2's."""
     blocks = None
-    if call.blocks is not None:
+    if isinstance(call.blocks, str):
+        blocks = parse_block_weights(call.blocks, unet_config or SD1.unet)
+    elif call.blocks is not None:
         blocks = parse_block_weights(list(call.blocks), unet_config or _LAYOUT_BY_LENGTH[len(call.blocks)])
     return Strength(call.te, call.unet, blocks)
 
@@ -271,8 +276,8 @@ def with_weight(weight: float) -> Callable[[list[str]], list[str]]:
 
 def with_block_weights(value: str) -> Callable[[list[str]], list[str]]:
     """``lbw=value`` (a preset or a vector, written with commas) replacing any lbw the tag had."""
-    vector = ",".join(f"{v:g}" for v in parse_block_vector(value))
-    text = value.strip() if value.strip() in PRESETS_17 else vector
+    parsed = parse_block_vector(value)
+    text = parsed if isinstance(parsed, str) else ",".join(f"{v:g}" for v in parsed)
     return lambda items: [*(i for i in items if not i.startswith("lbw=")), f"lbw={text}"]
 
 

@@ -13,15 +13,18 @@ from pathlib import Path
 
 from torch import nn
 
-from ..models.checkpoint import build_models, identify, open_tensors
+from ..models.checkpoint import build_models, detect_architecture, open_tensors
 from ..models.configs import ModelConfig
 from ..networks.apply import MergedNetworks
 from ..networks.naming import UNET, model_targets
 
 
 def checkpoint_config(path: Path) -> ModelConfig:
-    """The architecture of a checkpoint file, read from its tensor names and shapes (no weights loaded)."""
-    return identify(open_tensors(path), path)[0]
+    """The architecture of a checkpoint file, read from its tensor names and shapes (no weights loaded, nothing run).
+
+    Not ``identify``: its eps/v decision may run a test forward of a full SD2 UNet, which would stall the first
+    generation after every SD2 load; eps or v changes no layer a LoRA names, and the WebUI has decided it already."""
+    return detect_architecture(open_tensors(path))[0]
 
 
 def merged_networks_for(sd_model: nn.Module, config: ModelConfig) -> tuple[MergedNetworks, list[str]]:

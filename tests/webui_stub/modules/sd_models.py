@@ -1,8 +1,11 @@
-"""Checkpoints as modules/sd_models.py lists and loads them; the model is our tiny SD1 checkpoint, dressed in the
-LDM module tree the WebUI builds (model.diffusion_model, cond_stage_model wrapped by the prompt hijack, …)."""
+"""Checkpoints as modules/sd_models.py lists and loads them: our tiny SD1 checkpoint and whatever --ckpt-dir holds
+(tiny SD2/SDXL ones in tests), dressed in the module tree the WebUI builds: model.diffusion_model, the text encoders
+in ldm's/sgm's embedders (OpenCLIP as open_clip's own modules, nn.MultiheadAttention included) wrapped by the prompt
+hijack (cond_stage_model.wrapped…, conditioner.embedders.N.wrapped…)."""
 
 import os
 
+import torch
 from torch import nn
 
 from modules import script_callbacks, shared
@@ -66,12 +69,109 @@ class _Container(nn.Module):
     pass
 
 
-class FrozenCLIPEmbedderWithCustomWords(nn.Module):
-    """The WebUI's prompt hijack: the text encoder module is reachable as ``.wrapped``."""
+# --- the text encoders as the WebUI holds them ----------------------------------------------------------------
+# ldm.modules.encoders.modules (SD1, SD2) and sgm.modules.encoders.modules (SDXL) in the real WebUI: CLIP-L is
+# transformers' CLIPTextModel under ``.transformer``; OpenCLIP is open_clip's text tower under ``.model``, whose
+# attention is torch.nn.MultiheadAttention. The prompt hijack then wraps each embedder (``.wrapped``).
 
-    def __init__(self, wrapped):
+
+class FrozenCLIPEmbedder(nn.Module):
+    def __init__(self, transformer, layer="last"):
         super().__init__()
-        self.wrapped = wrapped
+        self.transformer = transformer
+        self.layer = layer
+
+
+class OpenCLIPTextTower(nn.Module):
+    """open_clip.model.CLIP without its visual tower (ldm/sgm delete it): the text side's own parameter names."""
+
+    def __init__(self, config):
+        super().__init__()
+        from open_clip.transformer import Transformer, build_causal_mask
+
+        self.context_length = config.max_positions
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.max_positions, config.width))
+        self.transformer = Transformer(config.width, config.layers, config.heads, mlp_ratio=config.mlp_width / config.width)
+        self.ln_final = nn.LayerNorm(config.width)
+        projection = config.projection_dim
+        self.text_projection = nn.Parameter(torch.empty(config.width, projection)) if projection else None
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.register_buffer("attn_mask", build_causal_mask(config.max_positions), persistent=False)
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):
+    """SD2's encoder (ldm): the penultimate layer, after ln_final."""
+
+    def __init__(self, model, layer="penultimate"):
+        super().__init__()
+        self.model = model
+        self.layer = layer
+        self.layer_idx = 1 if layer == "penultimate" else 0
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """SDXL's second encoder (sgm): the penultimate layer without ln_final, plus the pooled projection."""
+
+    def __init__(self, model, layer="penultimate"):
+        super().__init__(model, layer)
+        self.return_pooled = True
+        self.legacy = False
+
+
+class _SampledThroughTheWebUIModules(nn.Module):
+    """What the stand-in's sampling calls for an OpenCLIP encoder: our encoder interface (hidden states of a layer,
+    the pooled vector), computed by the WebUI-layout tower, so merged weights are used the way the WebUI uses them."""
+
+    def __init__(self, embedder, config):
+        super().__init__()
+        self.embedder = embedder
+        self.config = config
+
+    def forward(self, input_ids, skip_layers=0, final_norm=True):
+        from lora_trainer.models.text_encoders import TextEncoderOutput, pool_at_eos
+
+        tower = self.embedder.model
+        length = input_ids.shape[1]
+        x = tower.token_embedding(input_ids) + tower.positional_embedding[:length]
+        x = x.permute(1, 0, 2)  # sequence first, as open_clip runs its blocks
+        mask = tower.attn_mask[:length, :length]
+        keep = len(tower.transformer.resblocks) - skip_layers
+        hidden = x
+        for index, block in enumerate(tower.transformer.resblocks, start=1):
+            x = block(x, attn_mask=mask)
+            if index == keep:
+                hidden = x
+        hidden, x = hidden.permute(1, 0, 2), x.permute(1, 0, 2)
+        last = tower.ln_final(x)
+        if final_norm:
+            hidden = last if skip_layers == 0 else tower.ln_final(hidden)
+        pooled = pool_at_eos(last, input_ids, self.config.eos_id)
+        return TextEncoderOutput(hidden, pooled if tower.text_projection is None else pooled @ tower.text_projection)
+
+
+def _embedder(model, slot, encoder):
+    """The embedder the WebUI builds for one text encoder slot, holding the loaded weights."""
+    if slot.config.layout == "hf_clip":
+        return FrozenCLIPEmbedder(encoder, layer="hidden" if slot.skip_layers else "last")
+    tower = OpenCLIPTextTower(slot.config)
+    tower.load_state_dict(encoder.state_dict())  # open_clip's names are the checkpoint's: nothing to convert
+    tower.to(next(encoder.parameters()).dtype)
+    kind = FrozenOpenCLIPEmbedder2 if slot.final_norm is False and model.config.needs_size_conditioning else FrozenOpenCLIPEmbedder
+    return kind(tower)
+
+
+def _hijack(embedder, index, config):
+    """modules/sd_hijack.py: each text encoder wrapped in the class made for it (its weights under ``.wrapped``)."""
+    from modules import sd_hijack_clip, sd_hijack_open_clip
+
+    if config.needs_size_conditioning:  # SDXL's conditioner
+        kind = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords if index == 0 else sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords
+    elif isinstance(embedder, FrozenOpenCLIPEmbedder):
+        kind = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords
+    else:
+        kind = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords
+    return kind(embedder, None)
 
 
 def _place(root, dotted_prefix, module):
@@ -89,15 +189,15 @@ def _latent_diffusion(model):
     config = model.config
     ldm = nn.Module()
     _place(ldm, config.unet_prefix, model.unet)
-    for slot, encoder in zip(config.text_encoders, model.text_encoders):
-        _place(ldm, slot.prefix, encoder)
+    for index, (slot, encoder) in enumerate(zip(config.text_encoders, model.text_encoders)):
+        embedder = _embedder(model, slot, encoder)
+        # the slot's prefix names the encoder inside its embedder (….transformer. / ….model.): place the embedder
+        embedder_path = slot.prefix.rstrip(".").rsplit(".", 1)[0]
+        _place(ldm, embedder_path, _hijack(embedder, index, config))
+        if isinstance(embedder, FrozenOpenCLIPEmbedder):
+            model.text_encoders[index] = _SampledThroughTheWebUIModules(embedder, slot.config)
     if model.vae is not None:
         _place(ldm, config.vae_prefix, model.vae)
-    if hasattr(ldm, "cond_stage_model"):
-        ldm.cond_stage_model = FrozenCLIPEmbedderWithCustomWords(ldm.cond_stage_model)
-    if hasattr(ldm, "conditioner"):
-        for index, embedder in enumerate(list(ldm.conditioner.embedders.children())):
-            ldm.conditioner.embedders.add_module(str(index), FrozenCLIPEmbedderWithCustomWords(embedder))
     ldm.is_sdxl = config.name == "sdxl"
     ldm.is_sd2 = config.name.startswith("sd2")
     ldm.is_sd1 = config.name == "sd1"
