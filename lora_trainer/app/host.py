@@ -17,7 +17,9 @@ class Host(Protocol):
         """Title shown to the user → checkpoint file."""
 
     def generation_defaults(self) -> GenerationSettings:
-        """Prompt, sampler, steps, size, CFG… prefilled in the grid (the WebUI's txt2img values when hosted there)."""
+        """Prompt, sampler, steps, size, CFG… prefilled in the grid and used by the API's grids (the WebUI's saved
+        txt2img defaults when hosted there). A host may also offer ``txt2img_form`` (``webui.txt2img_form``): the
+        grid tab then gets a "From txt2img" button that copies the live txt2img values."""
 
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> GeneratedImage:

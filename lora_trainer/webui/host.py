@@ -9,12 +9,14 @@ from pathlib import Path
 from ..errors import UserError
 from ..sampling.txt2img import GeneratedImage, GenerationSettings
 from .detect import is_forge
+from .txt2img_form import Txt2ImgComponents, saved_txt2img_settings
 
 
 class WebUIHost:
-    def __init__(self, on_refresh: Callable[[], None] | None = None):
+    def __init__(self, on_refresh: Callable[[], None] | None = None, txt2img_form: Txt2ImgComponents | None = None):
         self.name = "forge" if is_forge() else "webui"
         self.on_refresh = on_refresh  # our own <lora:…> handler's library rescans too
+        self.txt2img_form = txt2img_form  # the txt2img components, for the grid tab's "From txt2img"
 
     def checkpoints(self) -> dict[str, Path]:
         from modules import sd_models
@@ -22,10 +24,12 @@ class WebUIHost:
         return {title: Path(info.filename) for title, info in sd_models.checkpoints_list.items()}
 
     def generation_defaults(self) -> GenerationSettings:
+        """What the WebUI's txt2img page opens with (its saved ui-config.json), else built-in values."""
         from modules import shared
 
         side = 1024 if getattr(shared.sd_model, "is_sdxl", False) else 512
-        return GenerationSettings(prompt="", steps=20, sampler="Euler a", cfg_scale=7.0, width=side, height=side)
+        built_in = GenerationSettings(prompt="", steps=20, sampler="Euler a", cfg_scale=7.0, width=side, height=side)
+        return saved_txt2img_settings(getattr(shared.cmd_opts, "ui_config_file", None), built_in)
 
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> GeneratedImage:

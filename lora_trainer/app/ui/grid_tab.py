@@ -80,6 +80,20 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
     return str(result.path), cells, losses, gr.update(choices=epochs, value=best), note
 
 
+def form_updates(fields: list[str], values: list, samplers: list[str]) -> list:
+    """The "From txt2img" button: new values for the grid's fields named in ``fields`` (GenerationSettings
+    names); a None value keeps the field as it is, a sampler the list lacks is added to it."""
+    updates = []
+    for field, value in zip(fields, values):
+        if value is None:
+            updates.append(gr.update())
+        elif field == "sampler":
+            updates.append(gr.update(choices=samplers if value in samplers else samplers + [value], value=value))
+        else:
+            updates.append(value)
+    return updates
+
+
 def interrupt(services) -> str:
     _stop.set()
     stop = getattr(services.host, "interrupt", None)
@@ -138,9 +152,13 @@ def build(services):
             y_kind = gr.Dropdown(list(AXIS_KINDS), value="epoch", label="Y axis (rows)")
             y_values = gr.Textbox(value="", label="Y values (epoch: empty = every epoch file)")
             strength = gr.Number(value=1.0, label="Strength where no axis sets it")
+        txt2img_form = getattr(services.host, "txt2img_form", None)  # the WebUI's txt2img page, when hosted there
         with gr.Row():
             prompt = gr.Textbox(value=defaults.prompt, label="Prompt", lines=2, scale=3, elem_id="lora_trainer_grid_prompt")
-            negative = gr.Textbox(value=defaults.negative_prompt, label="Negative prompt", lines=2, scale=2)
+            negative = gr.Textbox(value=defaults.negative_prompt, label="Negative prompt", lines=2, scale=2,
+                                  elem_id="lora_trainer_grid_negative")
+            if txt2img_form is not None:
+                from_txt2img = gr.Button("From txt2img", scale=0, elem_id="lora_trainer_grid_from_txt2img")
         with gr.Row():
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1: random, then the same in every cell)")
             sampler = gr.Dropdown(samplers, value=defaults.sampler, label="Sampler")
@@ -166,6 +184,11 @@ def build(services):
             promote_button = gr.Button("Promote", elem_id="lora_trainer_grid_promote")
         promote_status = gr.Markdown()
 
+        if txt2img_form is not None:
+            txt2img_form.connect(from_txt2img, {"prompt": prompt, "negative_prompt": negative, "seed": seed,
+                                                "sampler": sampler, "steps": steps, "width": width, "height": height,
+                                                "cfg_scale": cfg},
+                                 lambda fields, values: form_updates(fields, values, samplers))
         refresh.click(lambda: gr.update(choices=training_runs(services)), None, runs)
         runs.change(lambda name: name, runs, run)
         run.change(lambda name: run_summary(services, name), run, run_files_text)
