@@ -68,16 +68,24 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
     losses = [[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
               for path, loss in plan.epoch_losses.items()]
     epochs = [str(p) for p in plan.files]
-    note = f"Grid saved: {result.path} ({result.seconds:.1f} s"
-    note += f", switching LoRAs {result.switching_seconds:.2f} s)." if result.switching_seconds else ")."
-    if result.stopped:
-        note = "Interrupted: the cells not generated are grey. " + note
+    if result.path is None:
+        note = ("Interrupted before the first cell finished: nothing was saved." if result.stopped else
+                "No cell finished (every one was skipped): nothing was saved.")
+    else:
+        note = f"Grid saved: {result.path} ({result.seconds:.1f} s"
+        note += f", switching LoRAs {result.switching_seconds:.2f} s)." if result.switching_seconds else ")."
+        if result.stopped:
+            note = (f"Interrupted after {result.finished} of {result.total} cells: the cells not generated are grey. "
+                    + note)
+        elif result.finished < result.total:
+            note = f"{result.total - result.finished} of {result.total} cells were skipped (grey). " + note
     warnings = getattr(services.host, "take_warnings", lambda: [])()
     if warnings:
         note += " " + " ".join(f"⚠ {w}" for w in warnings)
     best = str(plan.best_epoch) if plan.best_epoch else (epochs[-1] if epochs else None)
     cells = [image for row in result.cells for image in row]
-    return str(result.path), cells, losses, gr.update(choices=epochs, value=best), note
+    grid_path = str(result.path) if result.path else None
+    return grid_path, cells if result.path else [], losses, gr.update(choices=epochs, value=best), note
 
 
 def form_updates(fields: list[str], values: list, samplers: list[str]) -> list:
