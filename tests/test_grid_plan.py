@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -15,7 +16,7 @@ from lora_trainer.errors import UserError
 from lora_trainer.grid.bench import make_epoch_files
 from lora_trainer.grid.plan import AxisSpec, GridRequest, plan_grid, promote, run_grid
 from lora_trainer.networks.activation import LoraLibrary
-from lora_trainer.sampling.txt2img import GenerationSettings
+from lora_trainer.sampling.txt2img import GeneratedImage, GenerationSettings
 
 SETTINGS = GenerationSettings("zkstar, shapes", steps=1, sampler="Euler", cfg_scale=5.0, seed=7, width=64, height=64)
 
@@ -122,6 +123,48 @@ def test_an_interrupted_grid_keeps_the_cells_done(library, loras):
     result = run_grid(host, plan, None, should_stop=lambda: calls.append(1) or len(calls) > 1)
     assert result.stopped and result.path is None
     assert np.asarray(result.cells[0][1]).std() == 0  # not generated: grey
+
+
+class BatchHost:
+    """A host with its own progress across a grid (``batch``) whose Interrupt/Skip can cut an image short."""
+
+    def __init__(self, cut_short=(), interrupt_at=None):
+        self.log, self.cut_short, self.interrupt_at, self.stopped = [], cut_short, interrupt_at, False
+
+    @contextlib.contextmanager
+    def batch(self, count, label):
+        self.log.append(("begin", count))
+        yield
+        self.log.append(("end",))
+
+    def generate(self, settings, checkpoint=None, progress=None):
+        self.log.append(("cell", settings.prompt))
+        cell = sum(entry[0] == "cell" for entry in self.log)
+        if cell == self.interrupt_at:
+            self.stopped = True
+        if cell in self.cut_short or self.stopped:
+            return None
+        return GeneratedImage(Image.new("RGB", (settings.width, settings.height), (0, 0, 255)), settings.seed, "drawn")
+
+    def interrupted(self):
+        return self.stopped
+
+
+def test_a_host_batch_spans_the_grid_and_a_cut_short_cell_stays_grey(library, tmp_path):
+    host = BatchHost(cut_short=(2,))
+    plan = plan_grid(request(AxisSpec("strength", ["0.5, 1"]), AxisSpec("epoch", ["2"])), library)
+    result = run_grid(host, plan, tmp_path / "grid")
+    assert host.log[0] == ("begin", 3) and host.log[-1] == ("end",) and len(host.log) == 5
+    assert [image.getpixel((0, 0)) == (128, 128, 128) for image in result.cells[0]] == [False, True, False]  # grey
+    assert (result.finished, result.total, result.stopped) == (2, 3, False) and result.path.is_file()
+
+
+def test_an_interrupt_during_the_first_cell_saves_nothing(library, tmp_path):
+    host = BatchHost(interrupt_at=1)
+    plan = plan_grid(request(AxisSpec("strength", ["0.5, 1"]), AxisSpec("epoch", ["2"])), library)
+    result = run_grid(host, plan, tmp_path / "grid")
+    assert [entry[0] for entry in host.log] == ["begin", "cell", "end"]
+    assert result.stopped and result.finished == 0 and result.path is None and not (tmp_path / "grid").exists()
 
 
 def test_promote_copies_the_epoch_and_writes_the_preferred_weight(loras, tmp_path):

@@ -755,6 +755,10 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
                 result = run_grid(services.host, plan, services.settings.grids_folder / status.id, progress)
                 status.image = result.path
                 status.status = "stopped" if result.stopped else "finished"
+                if result.path is None:
+                    status.message = "no cell finished (interrupted or skipped): nothing was saved"
+                elif result.finished < result.total:
+                    status.message = f"{result.finished} of {result.total} cells finished; the others are grey"
             except Exception as error:  # noqa: BLE001 - reported through GET /grids/{id}
                 status.status, status.message = "failed", str(error)
                 if not isinstance(error, UserError):

@@ -4,6 +4,7 @@ the WebUI's grids go through its own txt2img and the standalone ones through our
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -17,11 +18,18 @@ class Host(Protocol):
         """Title shown to the user → checkpoint file."""
 
     def generation_defaults(self) -> GenerationSettings:
-        """Prompt, sampler, steps, size, CFG… prefilled in the grid (the WebUI's txt2img values when hosted there)."""
+        """Prompt, sampler, steps, size, CFG… prefilled in the grid and used by the API's grids (the WebUI's saved
+        txt2img defaults when hosted there). A host may also offer ``txt2img_form`` (``webui.txt2img_form``): the
+        grid tab then gets a "From txt2img" button that copies the live txt2img values."""
 
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> GeneratedImage:
-        """One image; ``settings.prompt`` may hold ``<lora:name:weight>`` tags, applied the way the host applies them."""
+                 progress: Callable[[int, int], None] | None = None) -> GeneratedImage | None:
+        """One image; ``settings.prompt`` may hold ``<lora:name:weight>`` tags, applied the way the host applies them.
+        None when the host's own Interrupt or Skip cut the image short (nothing worth keeping)."""
+
+    def batch(self, count: int, label: str) -> AbstractContextManager[None]:
+        """Around the ``count`` ``generate`` calls of one grid: the host shows its progress across all of them
+        ("cell i of count") and keeps its queue for the grid. Optional: grids run without it."""
 
     def interrupted(self) -> bool:
         """True when the user pressed the host's Interrupt (grids stop between cells)."""

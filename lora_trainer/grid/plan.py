@@ -12,6 +12,7 @@ row without the LoRA(s) the columns bring.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -286,23 +287,31 @@ def lora_hashes(files: list[Path]) -> str:
 
 def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GridResult:
-    """Generate every cell through ``host.generate`` (identical cells once), between cells honouring ``should_stop``
-    and the host's Interrupt, then assemble the grid and save it and every cell with infotext. An interrupted grid
-    keeps the cells done so far (the others grey) and says so in ``GridResult.stopped``."""
+    """Generate every cell through ``host.generate`` (identical cells once) inside ``host.batch`` when the host has
+    one (its progress then spans the grid), between cells honouring ``should_stop`` and the host's Interrupt, then
+    assemble the grid and save it and every cell with infotext. An interrupted grid keeps the cells finished so far
+    (the others grey) and says so in ``GridResult.stopped``; a cell the host cut short is grey too. When not one
+    cell finished, nothing is saved (``GridResult.path`` stays None)."""
     started = time.perf_counter()
     switching_before = getattr(host, "switching_seconds", 0.0)  # hosts that merge LoRAs themselves measure it
     unique = list(dict.fromkeys(cell.key for row in plan.cells for cell in row))
     done: dict[tuple, object] = {}
     stopped = False
     by_key = {cell.key: cell for row in plan.cells for cell in row}
-    for index, key in enumerate(unique):
-        if (should_stop and should_stop()) or host.interrupted():
-            stopped = True
-            break
-        cell = by_key[key]
-        done[key] = host.generate(cell.settings, cell.checkpoint)
-        if progress:
-            progress(index + 1, len(unique))
+    batch = getattr(host, "batch", None)
+    with batch(len(unique), "Prompt-Lora-Grid") if batch else contextlib.nullcontext():
+        for index, key in enumerate(unique):
+            if (should_stop and should_stop()) or host.interrupted():
+                stopped = True
+                break
+            cell = by_key[key]
+            image = host.generate(cell.settings, cell.checkpoint)
+            if image is not None:
+                done[key] = image
+            if progress:
+                progress(index + 1, len(unique))
+        else:
+            stopped = host.interrupted() and len(done) < len(unique)
     width, height = plan.cells[0][0].settings.width, plan.cells[0][0].settings.height
     blank = Image.new("RGB", (width, height), (128, 128, 128))
     images = [[done[c.key].image if c.key in done else blank for c in row] for row in plan.cells]
@@ -310,8 +319,9 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     legend = f"Lora hashes: {plan.legend}" if plan.legend else ""
     grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend)
     switching = getattr(host, "switching_seconds", 0.0) - switching_before
-    result = GridResult(grid, images, time.perf_counter() - started, switching, stopped=stopped)
-    if out_folder is not None:
+    result = GridResult(grid, images, time.perf_counter() - started, switching, stopped=stopped,
+                        finished=len(done), total=len(unique))
+    if out_folder is not None and done:
         result.path, result.cell_paths = save_grid(grid, images, infos, Path(out_folder), plan.title + "\n" + legend)
     return result
 

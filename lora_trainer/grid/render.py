@@ -29,6 +29,8 @@ class GridResult:
     path: Path | None = None
     cell_paths: list[Path] = field(default_factory=list)
     stopped: bool = False  # interrupted: the cells not generated are grey
+    finished: int = 0  # distinct cells generated (identical cells are drawn once)
+    total: int = 0  # distinct cells planned
 
 
 def _font(size: int):

@@ -21,6 +21,7 @@ SECTION = ("lora_trainer", "LoRA Trainer")
 
 _services = None
 _lora_tags = None  # our ExtraNetworkLoraTrainer, when we own <lora:…>
+_txt2img_form = None  # the WebUI's txt2img components (webui.txt2img_form), seen through on_after_component
 
 
 def option_infos() -> dict:
@@ -80,8 +81,17 @@ def services():
         from ..app.services import Services
         from .host import WebUIHost
 
-        _services = Services.create(app_settings(), WebUIHost(on_refresh=_refresh_library))
+        _services = Services.create(app_settings(), WebUIHost(on_refresh=_refresh_library, txt2img_form=txt2img_form()))
     return _services
+
+
+def txt2img_form():
+    global _txt2img_form
+    if _txt2img_form is None:
+        from .txt2img_form import Txt2ImgComponents
+
+        _txt2img_form = Txt2ImgComponents()
+    return _txt2img_form
 
 
 def _refresh_library() -> None:
@@ -138,6 +148,10 @@ def _before_ui():
     _register_axes()
 
 
+def _after_component(component, **kwargs):
+    txt2img_form().after_component(component, **kwargs)
+
+
 def _register_axes():
     from . import xyz_axes  # imports the network core (torch): only once the WebUI runs callbacks or loads us
 
@@ -157,6 +171,8 @@ def _script_unloaded():
     if _services is not None:
         _services.close()
         _services = None
+    if _txt2img_form is not None:
+        _txt2img_form.forget()
 
 
 def register() -> None:
@@ -166,6 +182,7 @@ def register() -> None:
     script_callbacks.on_ui_tabs(_ui_tabs)
     script_callbacks.on_app_started(_app_started)
     script_callbacks.on_before_ui(_before_ui)
+    script_callbacks.on_after_component(_after_component)  # before create_ui builds txt2img, then the tabs
     script_callbacks.on_model_loaded(_model_loaded)
     script_callbacks.on_script_unloaded(_script_unloaded)
     _register_axes()  # now too: the API's X/Y/Z instance exists before on_before_ui (--nowebui)

@@ -1,20 +1,32 @@
 """``app.host.Host`` inside the WebUI: images through its own txt2img (queue lock, progress, Interrupt), its
-checkpoint list, its Lora list and its unload/reload of the model around training."""
+checkpoint list, its Lora list and its unload/reload of the model around training.
+
+Progress and Interrupt go through ``shared.state`` as the X/Y/Z plot's do: a grid is one WebUI job (``begin`` once,
+``job_count`` = the number of cells before the first ``process_images``, which then leaves it alone and advances
+``job_no`` after each cell), so the WebUI's progress (``/internal/progress``, ``/sdapi/v1/progress``) runs across the
+whole grid, and its Interrupt stops it; the cell being drawn when Interrupt or Skip came is cut short by the
+WebUI's sampler, so it is not kept.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
 from ..sampling.txt2img import GeneratedImage, GenerationSettings
 from .detect import is_forge
+from .txt2img_form import Txt2ImgComponents, saved_txt2img_settings
 
 
 class WebUIHost:
-    def __init__(self, on_refresh: Callable[[], None] | None = None):
+    def __init__(self, on_refresh: Callable[[], None] | None = None, txt2img_form: Txt2ImgComponents | None = None):
         self.name = "forge" if is_forge() else "webui"
         self.on_refresh = on_refresh  # our own <lora:…> handler's library rescans too
+        self.txt2img_form = txt2img_form  # the txt2img components, for the grid tab's "From txt2img"
+        self._local = threading.local()  # the batch this thread runs, if any (it holds the queue lock)
 
     def checkpoints(self) -> dict[str, Path]:
         from modules import sd_models
@@ -22,13 +34,32 @@ class WebUIHost:
         return {title: Path(info.filename) for title, info in sd_models.checkpoints_list.items()}
 
     def generation_defaults(self) -> GenerationSettings:
+        """What the WebUI's txt2img page opens with (its saved ui-config.json), else built-in values."""
         from modules import shared
 
         side = 1024 if getattr(shared.sd_model, "is_sdxl", False) else 512
-        return GenerationSettings(prompt="", steps=20, sampler="Euler a", cfg_scale=7.0, width=side, height=side)
+        built_in = GenerationSettings(prompt="", steps=20, sampler="Euler a", cfg_scale=7.0, width=side, height=side)
+        return saved_txt2img_settings(getattr(shared.cmd_opts, "ui_config_file", None), built_in)
+
+    @contextmanager
+    def batch(self, count: int, label: str = "Prompt-Lora-Grid") -> Iterator[None]:
+        """``count`` images as one WebUI job: the queue held throughout (txt2img waits, as it waits for the X/Y/Z
+        plot), ``state.begin`` once, ``job_count`` set before the first image, ``textinfo`` naming the cell."""
+        from modules import shared
+        from modules.call_queue import queue_lock
+
+        with queue_lock:
+            shared.state.begin(job="lora_trainer_grid")
+            shared.state.job_count = count
+            self._local.batch = {"label": label, "count": count, "done": 0}
+            try:
+                yield
+            finally:
+                self._local.batch = None
+                shared.state.end()
 
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> GeneratedImage:
+                 progress: Callable[[int, int], None] | None = None) -> GeneratedImage | None:
         from modules import processing, sd_models, shared
         from modules.call_queue import queue_lock
 
@@ -41,21 +72,43 @@ class WebUIHost:
         if settings.clip_skip > 1:
             overrides["CLIP_stop_at_last_layers"] = settings.clip_skip
         seed = settings.resolved_seed()
-        with queue_lock:
-            shared.state.begin(job="lora_trainer")
+
+        def draw():
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=shared.sd_model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
+                seed=seed, sampler_name=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
+                width=settings.width, height=settings.height, batch_size=1, n_iter=1,
+                do_not_save_samples=True, do_not_save_grid=True, override_settings=overrides)
+            p.scripts = None
             try:
-                p = processing.StableDiffusionProcessingTxt2Img(
-                    sd_model=shared.sd_model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
-                    seed=seed, sampler_name=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
-                    width=settings.width, height=settings.height, batch_size=1, n_iter=1,
-                    do_not_save_samples=True, do_not_save_grid=True, override_settings=overrides)
-                p.scripts = None
-                try:
-                    processed = processing.process_images(p)
-                finally:
-                    p.close()
+                return processing.process_images(p)
             finally:
-                shared.state.end()
+                p.close()
+
+        batch = getattr(self._local, "batch", None)
+        if batch is None:
+            with queue_lock:
+                shared.state.begin(job="lora_trainer")
+                try:
+                    processed = draw()
+                finally:
+                    shared.state.end()
+        else:  # one cell of a grid: the batch holds the queue and the job
+            if shared.state.interrupted:
+                return None
+            shared.state.skipped = False
+            shared.state.job_no = batch["done"]
+            shared.state.textinfo = f"{batch['label']}: cell {batch['done'] + 1} of {batch['count']}"
+            try:
+                processed = draw()
+            except Exception:
+                if shared.state.interrupted:  # stopped before its first step: nothing to return
+                    return None
+                raise
+            finally:
+                batch["done"] += 1
+            if shared.state.interrupted or shared.state.skipped:
+                return None  # the WebUI's sampler stopped this image early: not a cell worth keeping
         if not processed.images:
             raise UserError("the WebUI returned no image (interrupted?)")
         if progress:

@@ -370,3 +370,23 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400)
     assert_error(client.post(f"{V1}/grids", json={**body, "lora": "/etc/passwd"}), 403, field="lora")
     assert_error(client.get(f"{V1}/grids/nope"), 404, "grid_not_found")
+
+
+def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(services, fake_host):
+    import numpy
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    fake_host.interrupt_after = 0  # Interrupt pressed before the grid's first cell
+    client = make_client(services)
+    body = {"lora": "mylora", "x": {"kind": "strength", "values": ["1"]}, "y": {"kind": "seed", "values": "1"}}
+    grid_id = client.post(f"{V1}/grids", json=body).json()["id"]
+    for _ in range(400):
+        status = client.get(f"{V1}/grids/{grid_id}").json()
+        if status["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    assert status["status"] == "stopped" and status["image"] is None
+    assert status["message"] == "no cell finished (interrupted or skipped): nothing was saved"
+    assert_error(client.get(f"{V1}/grids/{grid_id}/image"), 409, "grid_not_ready")

@@ -68,16 +68,38 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
     losses = [[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
               for path, loss in plan.epoch_losses.items()]
     epochs = [str(p) for p in plan.files]
-    note = f"Grid saved: {result.path} ({result.seconds:.1f} s"
-    note += f", switching LoRAs {result.switching_seconds:.2f} s)." if result.switching_seconds else ")."
-    if result.stopped:
-        note = "Interrupted: the cells not generated are grey. " + note
+    if result.path is None:
+        note = ("Interrupted before the first cell finished: nothing was saved." if result.stopped else
+                "No cell finished (every one was skipped): nothing was saved.")
+    else:
+        note = f"Grid saved: {result.path} ({result.seconds:.1f} s"
+        note += f", switching LoRAs {result.switching_seconds:.2f} s)." if result.switching_seconds else ")."
+        if result.stopped:
+            note = (f"Interrupted after {result.finished} of {result.total} cells: the cells not generated are grey. "
+                    + note)
+        elif result.finished < result.total:
+            note = f"{result.total - result.finished} of {result.total} cells were skipped (grey). " + note
     warnings = getattr(services.host, "take_warnings", lambda: [])()
     if warnings:
         note += " " + " ".join(f"⚠ {w}" for w in warnings)
     best = str(plan.best_epoch) if plan.best_epoch else (epochs[-1] if epochs else None)
     cells = [image for row in result.cells for image in row]
-    return str(result.path), cells, losses, gr.update(choices=epochs, value=best), note
+    grid_path = str(result.path) if result.path else None
+    return grid_path, cells if result.path else [], losses, gr.update(choices=epochs, value=best), note
+
+
+def form_updates(fields: list[str], values: list, samplers: list[str]) -> list:
+    """The "From txt2img" button: new values for the grid's fields named in ``fields`` (GenerationSettings
+    names); a None value keeps the field as it is, a sampler the list lacks is added to it."""
+    updates = []
+    for field, value in zip(fields, values):
+        if value is None:
+            updates.append(gr.update())
+        elif field == "sampler":
+            updates.append(gr.update(choices=samplers if value in samplers else samplers + [value], value=value))
+        else:
+            updates.append(value)
+    return updates
 
 
 def interrupt(services) -> str:
@@ -138,9 +160,13 @@ def build(services):
             y_kind = gr.Dropdown(list(AXIS_KINDS), value="epoch", label="Y axis (rows)")
             y_values = gr.Textbox(value="", label="Y values (epoch: empty = every epoch file)")
             strength = gr.Number(value=1.0, label="Strength where no axis sets it")
+        txt2img_form = getattr(services.host, "txt2img_form", None)  # the WebUI's txt2img page, when hosted there
         with gr.Row():
             prompt = gr.Textbox(value=defaults.prompt, label="Prompt", lines=2, scale=3, elem_id="lora_trainer_grid_prompt")
-            negative = gr.Textbox(value=defaults.negative_prompt, label="Negative prompt", lines=2, scale=2)
+            negative = gr.Textbox(value=defaults.negative_prompt, label="Negative prompt", lines=2, scale=2,
+                                  elem_id="lora_trainer_grid_negative")
+            if txt2img_form is not None:
+                from_txt2img = gr.Button("From txt2img", scale=0, elem_id="lora_trainer_grid_from_txt2img")
         with gr.Row():
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1: random, then the same in every cell)")
             sampler = gr.Dropdown(samplers, value=defaults.sampler, label="Sampler")
@@ -166,6 +192,11 @@ def build(services):
             promote_button = gr.Button("Promote", elem_id="lora_trainer_grid_promote")
         promote_status = gr.Markdown()
 
+        if txt2img_form is not None:
+            txt2img_form.connect(from_txt2img, {"prompt": prompt, "negative_prompt": negative, "seed": seed,
+                                                "sampler": sampler, "steps": steps, "width": width, "height": height,
+                                                "cfg_scale": cfg},
+                                 lambda fields, values: form_updates(fields, values, samplers))
         refresh.click(lambda: gr.update(choices=training_runs(services)), None, runs)
         runs.change(lambda name: name, runs, run)
         run.change(lambda name: run_summary(services, name), run, run_files_text)

@@ -109,8 +109,11 @@ def process_images(p):
     p.all_subseeds = list(p.all_seeds)
     images, infotexts = [], []
     p.extra_network_data = {}
-    shared.state.job_count = p.n_iter
+    if shared.state.job_count == -1:  # a caller that set it (the X/Y/Z plot) counts its own jobs
+        shared.state.job_count = p.n_iter
     for n in range(p.n_iter):
+        if shared.state.skipped:
+            shared.state.skipped = False
         if shared.state.interrupted or shared.state.stopping_generation:
             break
         p.iteration = n

@@ -18,6 +18,7 @@ callback_map = dict(
     callbacks_script_unloaded=[],
     callbacks_before_reload=[],
     callbacks_infotext_pasted=[],
+    callbacks_after_component=[],
 )
 
 
@@ -61,6 +62,16 @@ def ui_settings_callback():
     _run("ui_settings")
 
 
+def after_component_callback(component, **kwargs):
+    """Called by the WebUI's patched gradio IOComponent.__init__ (modules/gradio_extensons.py) after each component,
+    with the constructor's keyword arguments."""
+    for c in callback_map["callbacks_after_component"]:
+        try:
+            c.callback(component, **kwargs)
+        except Exception as e:
+            errors.display(e, f"after_component callback {c.name}")
+
+
 def before_ui_callback():
     _run("before_ui")
 
@@ -99,3 +110,7 @@ def on_before_reload(callback, *, name=None):
 
 def on_infotext_pasted(callback, *, name=None):
     add_callback(callback_map["callbacks_infotext_pasted"], callback, name=name, category="infotext_pasted")
+
+
+def on_after_component(callback, *, name=None):
+    add_callback(callback_map["callbacks_after_component"], callback, name=name, category="after_component")

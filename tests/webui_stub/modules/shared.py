@@ -13,6 +13,7 @@ cmd_opts = argparse.Namespace(
     listen=False,
     api=False,
     data_dir=paths_internal.data_path,
+    ui_config_file=os.path.join(paths_internal.data_path, "ui-config.json"),
 )
 
 options_templates = {}
