@@ -355,3 +355,21 @@ def test_an_empty_dataset_or_an_output_path_that_is_a_file_is_refused_and_nothin
     message = capsys.readouterr().err
     assert "is not writable" in message and "pick another --output_dir" in message and "Traceback" not in message
     assert blocked.read_text(encoding="utf-8") == "keep me"  # nothing lost
+
+
+def test_validation_every_n_steps_adds_step_losses_to_the_events_and_the_file(dataset, tmp_path):
+    assert run(dataset, tmp_path, "--validation_split", "0.25", "--validate_every_n_steps", "2",
+               "--max_validation_steps", "2") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    by_step = [e for e in events if e["event"] == "validation" and "epoch" not in e]
+    by_epoch = [e for e in events if e["event"] == "validation" and "epoch" in e]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert [e["step"] for e in by_step] == [s for s in steps if s % 2 == 0] and len(by_epoch) == 2
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        losses = json.loads(handle.metadata()["lora_trainer.losses"])
+    assert set(losses["step_validation_loss"]) == {str(e["step"]) for e in by_step}
+    # two of the four held-out images per run: a different (cheaper) mean than all four
+    assert run(dataset, tmp_path / "all", "--validation_split", "0.25", "--validate_every_n_steps", "2") == 0
+    every, _ = read_events(tmp_path / "all" / "star.events.jsonl")
+    first_all = next(e["loss"] for e in every if e["event"] == "validation")
+    assert by_step[0]["loss"] != first_all

@@ -77,9 +77,9 @@ class TrainOptions:
     persistent_data_loader_workers: bool = opt(False, "keep loader processes between epochs")
     validation_split: float = opt(0.0, "fraction of images held out for validation loss")
     validation_seed: int | None = opt(None, "seed of the held-out split")
-    validate_every_n_steps: int | None = opt(None, "validation every N steps", implemented=False)
+    validate_every_n_steps: int | None = opt(None, "validation loss every N steps too (the live plot shows it)")
     validate_every_n_epochs: int | None = opt(None, "validation every N epochs")
-    max_validation_steps: int | None = opt(None, "validation batches per validation run", implemented=False)
+    max_validation_steps: int | None = opt(None, "held-out images per validation run (each at the fixed timesteps)")
     # training loop and precision
     output_dir: str | None = opt(None, "where the LoRA files go")
     output_name: str | None = opt(None, "file name without extension")

@@ -36,6 +36,10 @@ class Tracker:
         for name, rate in rates.items():
             self.writer.add_scalar(f"lr/{name}", rate, step)
 
+    def step_validation(self, step: int, loss: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("loss/validation/step_current", loss, step)
+
     def epoch(self, epoch: int, average: float, validation: float | None = None) -> None:
         if self.writer is None:
             return

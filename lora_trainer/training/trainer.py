@@ -64,6 +64,7 @@ class RunState:
     losses: list[float] = field(default_factory=list)  # per step, for the running average
     epoch_train_loss: dict[int, float] = field(default_factory=dict)
     epoch_validation_loss: dict[int, float] = field(default_factory=dict)
+    step_validation_loss: dict[int, float] = field(default_factory=dict)  # with --validate_every_n_steps
     per_image_loss: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -259,20 +260,32 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
 
     epoch_train_loss, epoch_validation_loss, per_image_loss = state.epoch_train_loss, state.epoch_validation_loss, state.per_image_loss
 
+    def validation_loss() -> float:
+        network.eval()
+        loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype, text_cache)
+        network.train()
+        return loss
+
     def validate(epoch: int) -> None:
         every = options.validate_every_n_epochs or 1
         if not data.validation or epoch % every or not world.is_main:
             return
-        network.eval()
-        loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype, text_cache)
-        network.train()
-        epoch_validation_loss[epoch] = loss
+        epoch_validation_loss[epoch] = loss = validation_loss()
         events.emit("validation", epoch=epoch, step=state.step, loss=loss)
+
+    def validate_at_step(step: int) -> None:
+        every = options.validate_every_n_steps
+        if not every or not data.validation or step % every or not world.is_main:
+            return
+        state.step_validation_loss[step] = loss = validation_loss()
+        tracker.step_validation(step, loss)
+        events.emit("validation", step=step, loss=loss)
 
     def judgement() -> dict[str, str]:
         """What the files record about how the run went (our key; sd-scripts' readers ignore it)."""
         return {"lora_trainer.losses": json.dumps({"epoch_training_loss": epoch_train_loss,
                                                      "epoch_validation_loss": epoch_validation_loss,
+                                                     "step_validation_loss": state.step_validation_loss,
                                                      "highest_loss_images": outlier_images(per_image_loss)})}
 
     def save_state_file(path: Path) -> None:
@@ -360,6 +373,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                         state.epoch = epoch  # the state is inside this epoch, at batch_in_epoch
                         save_state_file(plan.state_path(None, state.step))
                     plan.prune_steps(state.step)
+                validate_at_step(state.step)
                 if options.sample_every_n_steps and not options.sample_every_n_epochs and state.step % options.sample_every_n_steps == 0:
                     sample(None, state.step)
                 if state.step >= total_steps:
@@ -456,7 +470,7 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
     timesteps = torch.tensor(VALIDATION_TIMESTEPS)
     count = len(timesteps)
     losses = []
-    for index, record in enumerate(data.validation):
+    for index, record in enumerate(data.validation[: options.max_validation_steps]):
         latents = (record.latents.to(device, torch.float32) * config.vae.scaling_factor).expand(count, -1, -1, -1)
         noise = fixed_noise(tuple(latents.shape), data.validation_seed, index).to(device)
         sizes = ([(record.size[1], record.size[0])] * count, [(0, 0)] * count, [(record.bucket[1], record.bucket[0])] * count)
