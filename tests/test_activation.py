@@ -157,3 +157,25 @@ def test_dyn_uses_the_first_ranks_at_the_full_ranks_scale_as_the_webui_does():
     assert at_rank(network, 8) is not network and at_rank(network, None) is network
     assert torch.equal(at_rank(network, 8).modules["lora_unet_x"]["lora_down.weight"], down)
     assert parse_lora_call(["dylora", "1", "1", "2"]).dyn == 2
+
+
+def test_library_keeps_a_read_network_until_its_file_changes_and_only_the_most_recent_files(tmp_path):
+    """A strength change between generations reuses the same network object (a cheap update of the merge)."""
+    def lora(path, scale):
+        save_safetensors({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1) * scale,
+                          "lora_unet_x.alpha": torch.tensor(1.0)}, path, {})
+        return path
+
+    library = LoraLibrary([tmp_path])
+    path = lora(tmp_path / "a.safetensors", 1.0)
+    first = library.network(path)
+    assert library.network(path) is first
+    lora(path, 2.0)
+    os.utime(path, ns=(1, path.stat().st_mtime_ns + 10**9))
+    changed = library.network(path)
+    assert changed is not first and torch.equal(changed.modules["lora_unet_x"]["lora_up.weight"], torch.full((2, 1), 2.0))
+    others = [lora(tmp_path / f"b{i}.safetensors", 1.0) for i in range(LoraLibrary.NETWORKS_KEPT)]
+    for other in others:
+        library.network(other)
+    assert library.network(others[-1]) is library.network(others[-1])
+    assert library.network(path) is not changed  # pushed out by 16 newer files: read again

@@ -228,3 +228,28 @@ def test_base_weights_are_merged_before_training_so_the_new_lora_learns_on_top_o
     assert not same(on_base, lora(tmp_path / "a"))
     assert train(wide_dataset, tmp_path / "missing", "--base_weights", str(tmp_path / "nope.safetensors")) == 2
     assert "--base_weights" in capsys.readouterr().err
+
+
+# --- resize filters -------------------------------------------------------------------------------------------
+
+
+def test_resize_filter_follows_sd_scripts_default_and_the_chosen_interpolation(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from lora_trainer.training.pixels import resize_filter
+
+    assert resize_filter((1024, 768), (512, 384)) == PILImage.Resampling.BOX  # shrinking: area
+    assert resize_filter((300, 300), (512, 512)) == PILImage.Resampling.LANCZOS  # enlarging: lanczos
+    assert resize_filter((1024, 768), (512, 384), "bicubic") == PILImage.Resampling.BICUBIC
+    stripes = np.zeros((64, 96, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: area averages them to grey, nearest keeps black or white
+    PILImage.fromarray(stripes).save(tmp_path / "stripes.png")
+    choice = BucketChoice(bucket=(32, 32), resized_size=(48, 32), aspect_error=0.0)
+    area = training_pixels(tmp_path / "stripes.png", choice).pixels
+    nearest = training_pixels(tmp_path / "stripes.png", choice, interpolation="nearest").pixels
+    assert area.abs().max() < 0.2 and nearest.abs().min() > 0.9
+    config = tmp_path / "args.toml"
+    config.write_text('resize_interpolation = "cubik"\n', encoding="utf-8")
+    assert train_main(["--config_file", str(config), "--pretrained_model_name_or_path", str(TINY_MODEL_PATH),
+                       "--train_data_dir", str(tmp_path)]) == 2
+    assert "--resize_interpolation 'cubik' is not one of lanczos" in capsys.readouterr().err

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 EMBEDDED_TITLE = "tiny-sd (embedded demo model)"
-NETWORK_CACHE = 16  # read LoRA files kept: a 10-epoch grid switches without re-reading
 
 
 class StandaloneHost:
@@ -43,8 +41,7 @@ class StandaloneHost:
         self._model_path: Path | None = None
         self._merged = None
         self._released_path: Path | None = None
-        self._networks: OrderedDict[Path, tuple[int, object]] = OrderedDict()
-        self._fit: dict[int, object] = {}  # id(network) → its match report against the loaded model
+        self._fit: dict[tuple, object] = {}  # (file, mtime, dyn) → its match report against the loaded model
         self._warned: set[str] = set()
         self._warnings: list[str] = []
 
@@ -174,22 +171,6 @@ class StandaloneHost:
             self._warnings.append(message)
             log.warning(message)
 
-    def _network(self, path: Path):
-        from ..networks.files import read_network
-
-        mtime = path.stat().st_mtime_ns
-        cached = self._networks.get(path)
-        if cached is None or cached[0] != mtime:
-            if cached is not None:
-                self._fit.pop(id(cached[1]), None)
-            cached = (mtime, read_network(path))
-            self._networks[path] = cached
-        self._networks.move_to_end(path)
-        while len(self._networks) > NETWORK_CACHE:
-            _, (_, dropped) = self._networks.popitem(last=False)
-            self._fit.pop(id(dropped), None)
-        return cached[1]
-
     def _apply_loras(self, prompt: str, model) -> list[tuple[str, Path]]:
         """Merge exactly the prompt's LoRAs (nothing when it has no tags); returns (name, file) of those applied."""
         from ..networks.activation import at_rank, lora_calls_in, strength_of
@@ -201,10 +182,14 @@ class StandaloneHost:
             if path is None:
                 self._warn(f"missing:{call.name}", f"LoRA {call.name!r} not found in the Lora folder; generating without it")
                 continue
-            network = at_rank(self._network(Path(path).resolve()), call.dyn)
-            report = self._fit.get(id(network))
+            path = Path(path).resolve()
+            network = at_rank(self.library.network(path), call.dyn)
+            key = (path, path.stat().st_mtime_ns, call.dyn)
+            report = self._fit.get(key)
             if report is None:
-                report = self._fit[id(network)] = self._merged.check(network)
+                if len(self._fit) > 4 * self.library.NETWORKS_KEPT:
+                    self._fit.clear()
+                report = self._fit[key] = self._merged.check(network)
             if not report.ok:
                 self._warn(f"unfit:{path}", f"LoRA {call.name!r} does not fit {model.config.label} and was skipped: "
                                             f"{report.message()}")

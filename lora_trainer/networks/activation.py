@@ -21,7 +21,7 @@ from ..models.prompt import EXTRA_NETWORK
 from ..safe_io import read_safetensors_metadata
 from .apply import Strength
 from .block_weights import PRESET_NAMES, block_layouts, parse_block_weights
-from .files import NetworkFile
+from .files import NetworkFile, read_network
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 TAG_NAMES = ("lora", "lyco")  # the built-in Lora extension answers both
@@ -161,11 +161,27 @@ class LoraLibrary:
     alias several files share (the epochs of one run) to the one with the highest ``ss_epoch``.
     """
 
+    NETWORKS_KEPT = 16  # read files kept: a 10-epoch grid switches without re-reading
+
     def __init__(self, folders: list[Path]):
         self.folders = [Path(f) for f in folders]
         self._files: list[tuple[Path, int]] | None = None
         self._metadata: dict[Path, tuple[int, dict[str, str]]] = {}
         self._short_hashes: dict[tuple[Path, int], str] = {}
+        self._networks: dict[Path, tuple[int, NetworkFile]] = {}  # oldest use first
+
+    def network(self, path: Path) -> NetworkFile:
+        """The file's network: the same object while the file is unchanged, so that a strength change between two
+        generations is a cheap update of the merged weights rather than a new merge."""
+        path = Path(path)
+        mtime = path.stat().st_mtime_ns
+        cached = self._networks.pop(path, None)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, read_network(path))
+        self._networks[path] = cached
+        while len(self._networks) > self.NETWORKS_KEPT:
+            self._networks.pop(next(iter(self._networks)))
+        return cached[1]
 
     def refresh(self) -> None:
         files = []

@@ -146,7 +146,8 @@ class TrainingData:
             return batch
         rng = random.Random(batch.augment_seed)
         images = [training_pixels(r.path, r.choice, flip=f, random_crop=r.subset.random_crop, color_aug=r.subset.color_aug,
-                                  alpha_mask=r.subset.alpha_mask, rng=rng) for r, f in zip(batch.records, batch.flips)]
+                                  alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r), rng=rng)
+                  for r, f in zip(batch.records, batch.flips)]
         pixels = torch.stack([i.pixels for i in images]).to(device, vae.dtype)
         batch.latents = vae.encode(pixels).sample(torch.Generator().manual_seed(batch.augment_seed)).float().cpu()
         if any(i.mask is not None for i in images):
@@ -183,7 +184,8 @@ class TrainingData:
         for index, record in enumerate(sorted(todo, key=lambda r: (r.bucket, str(r.path)))):
             cached = _read_npz(record) if self.options.cache_latents_to_disk else None
             if cached is None:
-                image = training_pixels(record.path, record.choice, alpha_mask=record.subset.alpha_mask)
+                image = training_pixels(record.path, record.choice, alpha_mask=record.subset.alpha_mask,
+                                        interpolation=self._interpolation(record))
                 pixels = image.pixels[None].to(device)
                 variants = [pixels, pixels.flip(-1)] if record.subset.flip_aug else [pixels]
                 encoded = [vae.encode(v.to(vae.dtype)).sample(generator).float().cpu()[0] for v in variants]
@@ -193,6 +195,9 @@ class TrainingData:
             record.latents, record.latents_flipped, record.mask = cached
             if (index + 1) % 50 == 0:
                 events.emit("step", phase="caching latents", done=index + 1, total=len(todo))
+
+    def _interpolation(self, record: ImageRecord) -> str | None:
+        return record.subset.resize_interpolation or self.datasets[record.dataset].config.resize_interpolation
 
     # --- metadata -------------------------------------------------------------------------------------------
 

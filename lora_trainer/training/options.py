@@ -60,7 +60,9 @@ class TrainOptions:
     random_crop: bool = opt(False, "random instead of centre crop (latents cannot be cached)")
     face_crop_aug_range: str | None = opt(None, "face crop augmentation", implemented=False)
     alpha_mask: bool = opt(False, "the images' transparency masks the loss (transparent parts are not learnt)")
-    resize_interpolation: str | None = opt(None, "resize filter", implemented=False)
+    resize_interpolation: str | None = opt(None, "resize filter (default: area when shrinking, lanczos when enlarging)",
+                                           choices=[None, "lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic",
+                                                    "area", "box"])
     enable_bucket: bool = opt(False, "aspect-ratio buckets")
     min_bucket_reso: int = opt(256, "smallest bucket side")
     max_bucket_reso: int = opt(1024, "largest bucket side")
@@ -283,6 +285,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
 def validate(options: TrainOptions) -> None:
     """Contradictions sd-scripts rejects (and a few it lets through to fail later), said before any heavy work."""
     problems = []
+    for name, f in FIELDS.items():  # the command line checks these itself; TOML, the UI and the API do not
+        allowed = f.metadata["choices"]
+        if allowed and getattr(options, name) not in allowed:
+            problems.append(f"--{name} {getattr(options, name)!r} is not one of {', '.join(str(c) for c in allowed if c is not None)}")
     if options.adaptive_noise_scale is not None and options.noise_offset is None:
         problems.append("--adaptive_noise_scale needs --noise_offset")
     if options.scale_v_pred_loss_like_noise_pred and not options.v_parameterization:

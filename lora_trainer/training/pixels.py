@@ -29,10 +29,23 @@ def crop_box(choice: BucketChoice, random_crop: bool = False, rng: random.Random
     return left, top, left + choice.bucket[0], top + choice.bucket[1]
 
 
-def resize_and_crop(image: Image.Image, choice: BucketChoice, box: Box | None = None) -> Image.Image:
+FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+           "linear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+           "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}  # sd-scripts' resize_interpolation names
+
+
+def resize_filter(size: tuple[int, int], resized: tuple[int, int], interpolation: str | None = None) -> Image.Resampling:
+    """``resize_interpolation``, or sd-scripts' default: area averaging when shrinking, Lanczos when enlarging."""
+    if interpolation is None:
+        interpolation = "area" if size[0] >= resized[0] and size[1] >= resized[1] else "lanczos"
+    return FILTERS[interpolation]
+
+
+def resize_and_crop(image: Image.Image, choice: BucketChoice, box: Box | None = None,
+                    interpolation: str | None = None) -> Image.Image:
     """Scale to cover the bucket, then keep ``box`` (the centre by default)."""
     if choice.resized_size != image.size:
-        image = image.resize(choice.resized_size, Image.Resampling.LANCZOS)
+        image = image.resize(choice.resized_size, resize_filter(image.size, choice.resized_size, interpolation))
     return image.crop(box or centre_crop_box(choice.resized_size, choice.bucket))
 
 
@@ -74,13 +87,16 @@ class TrainingPixels:
 
 
 def training_pixels(path: Path, choice: BucketChoice, *, flip: bool = False, random_crop: bool = False,
-                    color_aug: bool = False, alpha_mask: bool = False, rng: random.Random | None = None) -> TrainingPixels:
+                    color_aug: bool = False, alpha_mask: bool = False, interpolation: str | None = None,
+                    rng: random.Random | None = None) -> TrainingPixels:
     """One image ready for the VAE (and its loss mask), with the augmentations asked for."""
     rng = rng or random.Random()
     image, alpha = load_image_and_alpha(path)
     box = crop_box(choice, random_crop, rng)
-    image = resize_and_crop(image, choice, box)
-    mask = mask_tensor(resize_and_crop(alpha, choice, box) if alpha is not None else None, choice.bucket) if alpha_mask else None
+    image = resize_and_crop(image, choice, box, interpolation)
+    mask = None
+    if alpha_mask:
+        mask = mask_tensor(None if alpha is None else resize_and_crop(alpha, choice, box, interpolation), choice.bucket)
     if color_aug:
         image = color_augment(image, rng)
     pixels = to_tensor(image)

@@ -16,7 +16,7 @@ from modules import extra_networks, shared
 from ..errors import UserError
 from ..networks.activation import LoraCall, LoraLibrary, at_rank, parse_lora_call, strength_of
 from ..networks.apply import MergedNetworks, Strength
-from ..networks.files import NetworkFile, read_network
+from ..networks.files import NetworkFile
 from .model_map import checkpoint_config, merged_networks_for, sd_version_of_config
 
 log = logging.getLogger("lora_trainer")
@@ -29,7 +29,6 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
         self.folders = folders
         self.library = LoraLibrary(folders())
         self.warnings: list[str] = []  # every warning given, once each (the console shows them too)
-        self._networks: dict[Path, tuple[int, NetworkFile]] = {}
         self._model = None  # the WebUI model self._merged belongs to
         self._merged: MergedNetworks | None = None
         self._config = None
@@ -115,19 +114,10 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
             return None
         try:
             strength = strength_of(call, self._config.unet)
-            return at_rank(self._read(path), call.dyn), strength
+            return at_rank(self.library.network(path), call.dyn), strength
         except UserError as error:
             self._warn(f"<lora:{call.name}> skipped: {error}")
             return None
-
-    def _read(self, path: Path) -> NetworkFile:
-        """The same NetworkFile object while the file is unchanged, so a strength change is a cheap update."""
-        mtime = path.stat().st_mtime_ns
-        cached = self._networks.get(path)
-        if cached is None or cached[0] != mtime:
-            cached = (mtime, read_network(path))
-            self._networks[path] = cached
-        return cached[1]
 
     def _warn(self, message: str) -> None:
         if message not in self.warnings:
