@@ -44,14 +44,14 @@ def _on_disk(captions: dict[Path, str]) -> dict[Path, str]:
     return {path: path.read_text(encoding="utf-8") for path in captions}
 
 
-def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screenshot):
+def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screenshot, open_tab):
     folder = app_folders["data"].parent / "tags200"  # the app's working folder: an allowed dataset root
     before = _make_folder(folder)
     page_info, status = _markdown(page, "lora_trainer_tags_page_info"), _markdown(page, "lora_trainer_tags_status")
     gallery = page.locator("#lora_trainer_tags_gallery")
     thumbnails_before = _thumbnails(app_folders["data"])
 
-    page.get_by_role("button", name="Dataset Tag Editor", exact=True).click()
+    open_tab("Dataset Tag Editor")
     page.locator("#lora_trainer_tags_folder textarea").fill(str(folder))
     page.click("#lora_trainer_tags_open")
     expect(status).to_contain_text(f"{IMAGES} images.", timeout=WAIT_MS)
