@@ -161,6 +161,19 @@ def test_import_fills_the_form_from_a_kohya_toml(tmp_path):
     assert "noise_offset = 0.05" in values[-2] and "Imported" in values[-1]
 
 
+def test_an_imported_optimizer_or_scheduler_outside_the_lists_is_shown_as_imported(services, tmp_path):
+    import warnings
+
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\noptimizer_type = "AdEMAMix8bit"\nlr_scheduler = "cosine_with_min_lr"\n', encoding="utf-8")
+    values = train_tab.import_into_form(str(config))
+    boxes = {getattr(b, "elem_id", None): b for b in train_tab.build(services).blocks.values()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gradio 4 warns (and its page shows an empty box) for a value outside the choices
+        assert boxes["lora_trainer_optimizer"].postprocess(values[12]) == "AdEMAMix8bit"
+        assert boxes["lora_trainer_scheduler"].postprocess(values[13]) == "cosine_with_min_lr"
+
+
 def test_extras_are_offered_only_where_a_private_folder_exists_and_install_there(services, tmp_path, monkeypatch):
     def elem_ids(blocks):
         return {getattr(b, "elem_id", None) for b in blocks.blocks.values()}

@@ -332,7 +332,8 @@ def build(services: Services) -> gr.Blocks:
         with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
             with gr.Row():
                 optimizer = gr.Dropdown(list(OPTIMIZERS), label="Optimizer", allow_custom_value=True, elem_id="lora_trainer_optimizer")
-                scheduler = gr.Dropdown(list(SCHEDULERS), label="LR scheduler", elem_id="lora_trainer_scheduler")
+                scheduler = gr.Dropdown(list(SCHEDULERS), label="LR scheduler", allow_custom_value=True,
+                                        elem_id="lora_trainer_scheduler")  # an imported TOML may name any of sd-scripts'
             extra = gr.Textbox(label="More sd-scripts options (TOML lines or a JSON object)", lines=4, elem_id="lora_trainer_extra",
                                placeholder="noise_offset = 0.05\ncaption_dropout_rate = 0.05")
             with gr.Row():
