@@ -1,6 +1,7 @@
 """The Dataset Tag Editor tab in a real browser, on a folder of 200 captioned images: open it (one page of 48
 thumbnails, not 200), filter by clicking a tag in the frequency list, batch-replace a tag on the filtered images,
-undo and redo, save; then the caption files on disk hold exactly the edit, and the previous versions are backed up."""
+undo and redo, save; then the caption files on disk hold exactly the edit, and the previous versions are backed up;
+"Train on this folder" fills the Train tab's dataset box."""
 
 from __future__ import annotations
 
@@ -103,3 +104,7 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
     assert len(backups) == 1 and backups[0].name in status.inner_text()
     assert {path.name: path.read_text(encoding="utf-8") for path in backups[0].rglob("*.txt")} == \
         {path.name: before[path] for path in edited}
+
+    page.click("#lora_trainer_tags_train")
+    open_tab("Train LoRA")
+    expect(page.locator("#lora_trainer_dataset textarea")).to_have_value(str(folder))  # the Train tab's dataset box
