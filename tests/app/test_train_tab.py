@@ -1,5 +1,6 @@
-"""The Train tab under gradio 3.41.2: it builds, and the functions its buttons call validate, submit, queue,
-stop, resume and follow jobs through Services (with a fake trainer command instead of real training)."""
+"""The Train tab under the WebUI's gradio (3.41.2) and Forge's (4.40.0): it builds, and the functions its buttons
+call validate, submit, queue, stop, resume and follow jobs through Services (with a fake trainer command instead of
+real training)."""
 
 from __future__ import annotations
 
@@ -74,13 +75,16 @@ def form(**changes):
     return {**values, **changes}
 
 
-def test_the_three_tabs_build_under_gradio_3(services):
+def test_the_three_tabs_build_under_the_webuis_gradio(services):
     import gradio as gr
 
     tabs = build_tabs(services)
     assert [(title, elem_id) for _, title, elem_id in tabs] == [
         ("Train LoRA", "lora_trainer_train"), ("Dataset Tag Editor", "lora_trainer_tags"), ("Prompt-Lora-Grid", "lora_trainer_grid")]
-    assert gr.__version__ == "3.41.2" and all(isinstance(blocks, gr.Blocks) for blocks, _, _ in tabs)
+    # AUTOMATIC1111 1.10 pins 3.41.2 (`.ci/run`), Forge 4.40.0 (`.ci/gradio4`)
+    assert gr.__version__ in ("3.41.2", "4.40.0") and all(isinstance(blocks, gr.Blocks) for blocks, _, _ in tabs)
+    shown = {getattr(block, "elem_id", None) for blocks, _, _ in tabs for block in blocks.blocks.values()}
+    assert {"lora_trainer_start", "lora_trainer_tags_gallery", "lora_trainer_grid_generate"} <= shown
 
 
 def test_form_becomes_the_options_the_job_runs_with(services):
@@ -157,6 +161,19 @@ def test_import_fills_the_form_from_a_kohya_toml(tmp_path):
     assert "noise_offset = 0.05" in values[-2] and "Imported" in values[-1]
 
 
+def test_an_imported_optimizer_or_scheduler_outside_the_lists_is_shown_as_imported(services, tmp_path):
+    import warnings
+
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\noptimizer_type = "AdEMAMix8bit"\nlr_scheduler = "cosine_with_min_lr"\n', encoding="utf-8")
+    values = train_tab.import_into_form(str(config))
+    boxes = {getattr(b, "elem_id", None): b for b in train_tab.build(services).blocks.values()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gradio 4 warns (and its page shows an empty box) for a value outside the choices
+        assert boxes["lora_trainer_optimizer"].postprocess(values[12]) == "AdEMAMix8bit"
+        assert boxes["lora_trainer_scheduler"].postprocess(values[13]) == "cosine_with_min_lr"
+
+
 def test_extras_are_offered_only_where_a_private_folder_exists_and_install_there(services, tmp_path, monkeypatch):
     def elem_ids(blocks):
         return {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
@@ -170,3 +187,25 @@ def test_extras_are_offered_only_where_a_private_folder_exists_and_install_there
     assert "Installed prodigyopt into" in train_tab.install_extras_text(services, ["prodigyopt"])
     assert ran[0][ran[0].index("--target") + 1] == str(tmp_path / "extras")
     assert train_tab.install_extras_text(services, []).startswith("error: choose at least one extra")
+
+
+def test_a_poll_leaves_the_job_and_file_the_user_or_a_button_chose(services):
+    _, first = train_tab.submit(services, form())
+    services.runner.run_next()
+    services.store.update(first, status="interrupted")
+    views = train_tab.LiveViews()
+    stale = train_tab.job_label(services.store.get(first))  # the Job box when the poll was triggered
+    _, resumed = train_tab.job_action(services, "resume", first)
+    chosen = train_tab.job_label(services.store.get(resumed))  # what Resume put into the box meanwhile
+    box, progress, *_ = train_tab.poll(services, views, stale, None)
+    # a poll that read the box before Resume answered must not put the old job back
+    assert "value" not in box and chosen in box["choices"] and "**interrupted**" in progress
+    box, progress, *_ = train_tab.poll(services, views, chosen, None)
+    assert "value" not in box and "**queued**" in progress
+    services.runner.run_next()
+    box, progress, _, _, _, files, *_ = train_tab.poll(services, views, chosen, None)
+    assert box["value"] == f"{resumed}: star (finished)" and "**finished**" in progress  # the status shows in the box
+    saved = files["value"]
+    assert saved.endswith("star.safetensors")
+    _, _, _, _, _, files, *_ = train_tab.poll(services, views, box["value"], saved)
+    assert "value" not in files  # the file the user picked stays picked

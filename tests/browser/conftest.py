@@ -4,6 +4,7 @@ data and Lora folders, and a headless Debian Chromium driven by Playwright. Scre
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,6 +116,17 @@ def page(browser, app_url, request):
 def screenshot(page, request):
     """``screenshot("running")`` saves test-artifacts/<test>-running.png."""
     return lambda label: page.screenshot(path=str(screenshot_path(request.node.name, label)), full_page=True)
+
+
+@pytest.fixture
+def open_tab(page):
+    """``open_tab("Prompt-Lora-Grid")`` clicks that top-level tab: a plain button in gradio 3's tab bar,
+    ``role="tab"`` in gradio 4's, so found by the bar and its exact text."""
+
+    def click(title: str) -> None:
+        page.locator(".tab-nav button").filter(has_text=re.compile(f"^\\s*{re.escape(title)}\\s*$")).first.click()
+
+    return click
 
 
 def screenshot_path(test_name: str, label: str) -> Path:

@@ -19,13 +19,13 @@ FINISHED_OR_FAILED = f"""() => /Grid saved:|⚠/.test(document.querySelector('#l
     || document.querySelector('{ERROR_TOAST}') !== null"""
 
 
-def test_epoch_by_strength_grid_in_the_browser(page, app_folders, screenshot):
+def test_epoch_by_strength_grid_in_the_browser(page, app_folders, screenshot, open_tab):
     make_epoch_files(app_folders["lora"], RUN, epochs=2)
     tab = page.locator("#lora_trainer_grid")
-    page.get_by_role("button", name="Prompt-Lora-Grid", exact=True).click()
+    open_tab("Prompt-Lora-Grid")
     tab.get_by_role("button", name="🔄").click()  # the run was made after the page was built
     tab.get_by_label("Training run or LoRA (Lora folder)").click()
-    page.locator(f"ul.options li[data-value='{RUN}']").click()
+    page.locator(f"ul.options li[data-testid='dropdown-option'][aria-label='{RUN}']").click()  # gradio 3 and 4 alike
     expect(tab.locator("#lora_trainer_grid_run textarea")).to_have_value(RUN)
     expect(tab.get_by_role("listitem").filter(has_text="epoch 1 (10 steps)")).to_be_visible()
     tab.locator("#lora_trainer_grid_x_values textarea").fill("0.5, 1")

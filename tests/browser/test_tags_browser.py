@@ -1,6 +1,7 @@
 """The Dataset Tag Editor tab in a real browser, on a folder of 200 captioned images: open it (one page of 48
 thumbnails, not 200), filter by clicking a tag in the frequency list, batch-replace a tag on the filtered images,
-undo and redo, save; then the caption files on disk hold exactly the edit, and the previous versions are backed up."""
+undo and redo, save; then the caption files on disk hold exactly the edit, and the previous versions are backed up;
+"Train on this folder" fills the Train tab's dataset box."""
 
 from __future__ import annotations
 
@@ -44,14 +45,14 @@ def _on_disk(captions: dict[Path, str]) -> dict[Path, str]:
     return {path: path.read_text(encoding="utf-8") for path in captions}
 
 
-def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screenshot):
+def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screenshot, open_tab):
     folder = app_folders["data"].parent / "tags200"  # the app's working folder: an allowed dataset root
     before = _make_folder(folder)
     page_info, status = _markdown(page, "lora_trainer_tags_page_info"), _markdown(page, "lora_trainer_tags_status")
     gallery = page.locator("#lora_trainer_tags_gallery")
     thumbnails_before = _thumbnails(app_folders["data"])
 
-    page.get_by_role("button", name="Dataset Tag Editor", exact=True).click()
+    open_tab("Dataset Tag Editor")
     page.locator("#lora_trainer_tags_folder textarea").fill(str(folder))
     page.click("#lora_trainer_tags_open")
     expect(status).to_contain_text(f"{IMAGES} images.", timeout=WAIT_MS)
@@ -103,3 +104,7 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
     assert len(backups) == 1 and backups[0].name in status.inner_text()
     assert {path.name: path.read_text(encoding="utf-8") for path in backups[0].rglob("*.txt")} == \
         {path.name: before[path] for path in edited}
+
+    page.click("#lora_trainer_tags_train")
+    open_tab("Train LoRA")
+    expect(page.locator("#lora_trainer_dataset textarea")).to_have_value(str(folder))  # the Train tab's dataset box

@@ -1,6 +1,13 @@
-"""What differs between gradio 3.41 (AUTOMATIC1111 1.10) and gradio 4 (Forge), in one place.
+"""What differs between gradio 3.41.2 (AUTOMATIC1111 1.10) and gradio 4.40.0 (Forge), in one place.
 
-The tabs are written against the common subset; the few calls whose spelling changed go through here.
+The tabs are written against the common subset and tested under both (``.ci/run``, ``.ci/gradio4``); the calls
+whose spelling changed go through the functions here. What changed in behaviour, not spelling, the tabs avoid:
+
+- gradio 4 runs events side by side and sends an event's inputs when it is triggered (gradio 3's queue ran one
+  event at a time and asked for the inputs when it started), so a handler that runs every second must not write
+  back a value it read: ``train_tab.poll`` sets the Job and Saved files boxes only when their value changes;
+- gradio 4 warns about, and its page shows as empty, a Dropdown value outside the choices unless
+  ``allow_custom_value``: every Dropdown a handler or an import may fill with another value allows it.
 """
 
 from __future__ import annotations
@@ -17,5 +24,6 @@ def js_kwarg(code: str) -> dict[str, str]:
 
 
 def poll_kwarg(seconds: float) -> dict[str, float]:
-    """``every=`` re-runs a ``load`` handler in gradio 3 and 4 alike (gradio 4's ``gr.Timer`` does not exist in 3)."""
+    """``every=`` re-runs a ``load`` handler in gradio 3 and 4 alike (4.40 runs it on a hidden ``gr.Timer``, which
+    does not exist in 3)."""
     return {"every": seconds}

@@ -349,7 +349,7 @@ def health_report(services, folder: str, trigger: str) -> str:
 # Copies the folder into the Train tab's dataset textbox (found by elem_id only) and tells gradio it changed.
 TRAIN_ON_FOLDER_JS = """(folder) => {
   const root = window.gradioApp ? gradioApp() : document;
-  const box = root.querySelector('#lora_trainer_train_dataset textarea, #lora_trainer_train_dataset input');
+  const box = root.querySelector('#lora_trainer_dataset textarea, #lora_trainer_dataset input');
   if (box) { box.value = folder; box.dispatchEvent(new Event('input', {bubbles: true})); }
   return [folder];
 }"""

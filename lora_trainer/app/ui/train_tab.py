@@ -274,6 +274,26 @@ def job_id_of(label: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def poll(services: Services, views: LiveViews, label: str | None, chosen_file: str | None) -> tuple:
+    """The live view's outputs, every second: Job box, progress, bar, loss plot, samples, Saved files box, job table,
+    end notice. The two boxes get a new value only when it differs from what they hold: gradio 4 sends a poll's
+    inputs when it is triggered and runs it beside other events, so a poll that read the Job box just before
+    Resume or Start replaced its job would otherwise put the old job back (and the newest file would replace the
+    file the user picked, every second)."""
+    shown = shown_job(services, job_id_of(label))
+    choices = [job_label(j) for j in reversed(services.store.all())]
+    if shown is None:
+        return (gr.update(choices=choices), "No jobs yet: fill the form and press Start.", progress_html(LiveView()),
+                loss_plot(LiveView()), [], gr.update(choices=[]), job_table(services), "")
+    view = views.view(shown)
+    current = job_label(shown)
+    job_box = gr.update(choices=choices) if label == current else gr.update(choices=choices, value=current)
+    files_box = gr.update(choices=view.files) if chosen_file in view.files else \
+        gr.update(choices=view.files, value=view.files[-1] if view.files else None)
+    return (job_box, progress_text(view), progress_html(view), loss_plot(view), view.samples[-8:], files_box,
+            job_table(services), end_notice(shown))
+
+
 # --- the tab ---------------------------------------------------------------------------------------------------
 
 def build(services: Services) -> gr.Blocks:
@@ -312,7 +332,8 @@ def build(services: Services) -> gr.Blocks:
         with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
             with gr.Row():
                 optimizer = gr.Dropdown(list(OPTIMIZERS), label="Optimizer", allow_custom_value=True, elem_id="lora_trainer_optimizer")
-                scheduler = gr.Dropdown(list(SCHEDULERS), label="LR scheduler", elem_id="lora_trainer_scheduler")
+                scheduler = gr.Dropdown(list(SCHEDULERS), label="LR scheduler", allow_custom_value=True,
+                                        elem_id="lora_trainer_scheduler")  # an imported TOML may name any of sd-scripts'
             extra = gr.Textbox(label="More sd-scripts options (TOML lines or a JSON object)", lines=4, elem_id="lora_trainer_extra",
                                placeholder="noise_offset = 0.05\ncaption_dropout_rate = 0.05")
             with gr.Row():
@@ -417,18 +438,8 @@ def build(services: Services) -> gr.Blocks:
         send.click(lambda path: "Sent to Prompt-Lora-Grid." if path else "Pick a saved file first.", files, message,
                    **js_kwarg(_SEND_TO_GRID))
 
-        def poll(label):
-            shown = shown_job(services, job_id_of(label))
-            choices = [job_label(j) for j in reversed(services.store.all())]
-            if shown is None:
-                return (gr.update(choices=choices), "No jobs yet: fill the form and press Start.", progress_html(LiveView()),
-                        loss_plot(LiveView()), [], gr.update(choices=[]), job_table(services), "")
-            view = views.view(shown)
-            return (gr.update(choices=choices, value=job_label(shown)), progress_text(view), progress_html(view), loss_plot(view),
-                    view.samples[-8:], gr.update(choices=view.files, value=view.files[-1] if view.files else None),
-                    job_table(services), end_notice(shown))
-
-        tab.load(poll, job, [job, progress, bar, plot, samples, files, jobs, ended], show_progress="hidden", **poll_kwarg(1.0))
+        tab.load(lambda label, chosen: poll(services, views, label, chosen), [job, files],
+                 [job, progress, bar, plot, samples, files, jobs, ended], show_progress="hidden", **poll_kwarg(1.0))
         ended.change(None, ended, None, **js_kwarg(_NOTIFY))
     return tab
 
