@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -348,7 +349,7 @@ def _all_unet_names(keys) -> set[str]:
         return regular
     names = set()
     for config in (SD1, SD2, SDXL):
-        with torch.device("meta"):
+        with on_meta():
             names |= set(UNetModel(config.unet).state_dict())
     return names
 
@@ -380,9 +381,33 @@ class StableDiffusion:
             yield self.vae
 
 
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_", "kaiming_normal_",
+          "xavier_uniform_", "xavier_normal_")
+
+
+@contextmanager
+def on_meta():
+    """Build modules on the meta device without running their weight initialisers: on meta tensors those go through
+    torch's decompositions, whose first use imports torch._dynamo and sympy — ~75 MB and seconds of start-up for
+    numbers that are overwritten by the checkpoint anyway."""
+    originals = {name: getattr(nn.init, name) for name in _INITS}
+
+    def skipping(original):
+        return lambda tensor, *args, **kwargs: tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+    for name, original in originals.items():
+        setattr(nn.init, name, skipping(original))
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
+
+
 def build_models(config: ModelConfig, device: str | torch.device = "meta"):
     """Instantiate the UNet, text encoders and VAE of ``config`` (on the meta device by default: no memory)."""
-    with torch.device(device):
+    with on_meta() if str(device) == "meta" else torch.device(device):
         unet = UNetModel(config.unet)
         text_encoders = [build_text_encoder(slot.config) for slot in config.text_encoders]
         vae = AutoencoderKL(config.vae)
@@ -421,7 +446,7 @@ def load_checkpoint(
         vae_source = _vae_source(Path(vae_path))
         vae_shapes = {config.vae_prefix + key: shape for key, shape in vae_source.shapes.items()}
         config = dataclasses.replace(config, vae=_vae_config_from_shapes(config.vae, vae_shapes, {}))
-        with torch.device("meta"):
+        with on_meta():
             vae = AutoencoderKL(config.vae)
         _load_part(vae, vae_source, "", vae_dtype, device, "VAE")
         notes.append(f"VAE from {vae_path}")
@@ -504,7 +529,7 @@ def _prediction_from_metadata(metadata: dict[str, str]) -> str | None:
 
 def _responds_like_v_prediction(source: TensorSource, config: ModelConfig) -> bool:
     """The WebUI's test: at t=999 a v-model's output minus a constant 0.5 input averages below -1."""
-    with torch.device("meta"):
+    with on_meta():
         unet = UNetModel(config.unet)
     _load_part(unet, source, config.unet_prefix, torch.float32, "cpu", "UNet")
     with torch.no_grad():

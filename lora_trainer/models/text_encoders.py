@@ -175,7 +175,11 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
         # Persistent because SD1 checkpoints carry it; int64, which .to(dtype) leaves alone.
-        self.register_buffer("position_ids", torch.arange(config.max_positions).unsqueeze(0), persistent=True)
+        # (torch.arange on the meta device would import torch's symbolic-shape machinery: empty, then fill when real)
+        position_ids = torch.empty(1, config.max_positions, dtype=torch.int64)
+        if not position_ids.is_meta:
+            position_ids[0] = torch.arange(config.max_positions)
+        self.register_buffer("position_ids", position_ids, persistent=True)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = self.position_ids[:, : input_ids.shape[1]]

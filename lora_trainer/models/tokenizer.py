@@ -146,7 +146,9 @@ class CLIPTokenizer:
         self._token_to_id = {token: i for i, token in enumerate(vocab)}
         if len(self._token_to_id) != len(vocab):
             raise ValueError("merges produce duplicate tokens; is this a CLIP merges file?")
-        self._ranks = {pair: rank for rank, pair in enumerate(merges)}
+        # A merge's rank is its token's id - 512 (merged tokens are unique, checked above), so instead of a dict of
+        # 48894 string pairs (~10 MB) one byte per merge records where its token splits.
+        self._merge_split = bytes(len(first) for first, _ in merges)
         self._special = {BOS_TOKEN: self._token_to_id[BOS_TOKEN], EOS_TOKEN: self._token_to_id[EOS_TOKEN]}
         self._ascii_pattern = pretokenize_pattern(ascii_only=True)
         self._bpe_cached = lru_cache(maxsize=bpe_cache_size)(self._bpe)
@@ -222,14 +224,20 @@ class CLIPTokenizer:
                 out += b" "
         return out.decode("utf-8", errors="replace").strip()
 
+    def _rank(self, first: str, second: str) -> int | None:
+        """The merge rank of (first, second), or None when CLIP has no such merge."""
+        rank = self._token_to_id.get(first + second, -1) - 2 * len(self._byte_encoder)
+        if 0 <= rank < len(self._merge_split) and self._merge_split[rank] == len(first):
+            return rank
+        return None
+
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Merge one byte-encoded word by merge rank (lowest first, all occurrences left to right), as CLIP does."""
         parts = [*word[:-1], word[-1] + END_OF_WORD]
-        ranks = self._ranks
         while len(parts) > 1:
             best_rank, best = None, None
             for pair in zip(parts, parts[1:]):
-                rank = ranks.get(pair)
+                rank = self._rank(*pair)
                 if rank is not None and (best_rank is None or rank < best_rank):
                     best_rank, best = rank, pair
             if best is None:

@@ -186,6 +186,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
                 batches_per_epoch=data.batches_per_epoch, device=str(device))
     data.cache_latents(model.vae, device, events)
+    if options.cache_latents:  # every latent is ready: free the encoder (sd-scripts moves the whole VAE off the GPU)
+        model.vae.encoder = None
 
     spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
                            options.network_args, options.network_dropout)
