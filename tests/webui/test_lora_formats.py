@@ -117,6 +117,15 @@ def fixture_expected(case: str):
     return load_file(FIXTURES / f"{case}.expected.safetensors"), answer_key
 
 
+def _random_checkpoint_state(config, vae) -> dict:
+    """A seeded random checkpoint of ``config`` (with the tiny model's VAE) as a single-file state dict."""
+    torch.manual_seed(0)
+    unet, text_encoders, _ = build_models(config, device="cpu")
+    state = {config.unet_prefix + k: v for k, v in unet.state_dict().items()}
+    state |= {slot.prefix + k: v for slot, te in zip(config.text_encoders, text_encoders) for k, v in te.state_dict().items()}
+    return state | {config.vae_prefix + k: v for k, v in vae.state_dict().items()}
+
+
 @pytest.fixture(scope="session")
 def fixture_shaped_checkpoint(tmp_path_factory, tiny_model):
     """An SD1-layout checkpoint at the fixtures' widths (TE 16 wide, 2 layers, MLP 64; UNet 16 channels, two levels of
@@ -129,11 +138,7 @@ def fixture_shaped_checkpoint(tmp_path_factory, tiny_model):
                                  context_dim=16, num_heads=4, norm_groups=8),
         text_encoders=(dataclasses.replace(slot, config=dataclasses.replace(slot.config, width=16, layers=2, heads=2, mlp_width=64)),),
     )
-    torch.manual_seed(0)
-    unet, text_encoders, _ = build_models(config, device="cpu")
-    state = {config.unet_prefix + k: v for k, v in unet.state_dict().items()}
-    state |= {slot.prefix + k: v for slot, te in zip(config.text_encoders, text_encoders) for k, v in te.state_dict().items()}
-    state |= {config.vae_prefix + k: v for k, v in tiny_model.vae.state_dict().items()}
+    state = _random_checkpoint_state(config, tiny_model.vae)
     expected, _ = fixture_expected("lora")
     for key, tensor in expected.items():
         if key.endswith((".weight", ".bias")) and ldm_key(key) is not None:
@@ -225,11 +230,7 @@ def fixture_shaped_sdxl_checkpoint(tmp_path_factory, tiny_model):
                                  context_dim=48, norm_groups=8),
         text_encoders=(dataclasses.replace(te1, config=dataclasses.replace(te1.config, width=16)), te2),
     )
-    torch.manual_seed(0)
-    unet, text_encoders, _ = build_models(config, device="cpu")
-    state = {config.unet_prefix + k: v for k, v in unet.state_dict().items()}
-    state |= {slot.prefix + k: v for slot, te in zip(config.text_encoders, text_encoders) for k, v in te.state_dict().items()}
-    state |= {config.vae_prefix + k: v for k, v in tiny_model.vae.state_dict().items()}
+    state = _random_checkpoint_state(config, tiny_model.vae)
     expected, _ = fixture_expected("lora_sdxl")
     for key, tensor in expected.items():
         if key.endswith((".weight", ".bias")):
