@@ -54,7 +54,7 @@ class TrainOptions:
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each shuffled tag")
     token_warmup_min: int = opt(1, "tags used at the start of token warm-up")
     token_warmup_step: float = opt(0.0, "steps (or fraction of all steps) until all tags are used")
-    weighted_captions: bool = opt(False, "(token:1.3) syntax in captions", implemented=False)
+    weighted_captions: bool = opt(False, "read (word:1.3)/(word)/[word] in captions as token weights")
     color_aug: bool = opt(False, "colour augmentation: small hue or gamma changes (latents cannot be cached)")
     flip_aug: bool = opt(False, "horizontal flip augmentation")
     random_crop: bool = opt(False, "random instead of centre crop (latents cannot be cached)")

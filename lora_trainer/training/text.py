@@ -2,33 +2,66 @@
 
 A caption is tokenized as plain text (brackets are just characters), cut at 75 tokens — or 150/225 with
 ``max_token_length``, encoded in 75-token chunks whose states are joined as BOS + every chunk's tokens + EOS.
+With ``--weighted_captions`` the ``(word:1.2)``/``(word)``/``[word]`` syntax is read instead (the brackets are then
+not text) and each token's final state is multiplied by its weight, as sd-scripts' current code does (no mean
+restoration, unlike the WebUI's prompts).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..models.configs import ModelConfig
+from ..models.prompt import parse_prompt_attention
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import size_conditioning
 
 CHUNK = 75
 
 
-def caption_chunks(caption: str, tokenizer: CLIPTokenizer, pad_id: int, max_token_length: int | None) -> list[list[int]]:
-    """Token ids as chunks of 77 (BOS + 75 + EOS), sd-scripts' layout for ``max_token_length`` None/150/225."""
+@dataclass(frozen=True)
+class CaptionEncoding:
+    """How captions become text-encoder states: sd-scripts' ``--clip_skip``, ``--max_token_length``, ``--weighted_captions``."""
+
+    clip_skip: int = 1
+    max_token_length: int | None = None
+    weighted: bool = False
+
+
+def caption_tokens(caption: str, tokenizer: CLIPTokenizer, limit: int, weighted: bool = False) -> tuple[list[int], list[float]]:
+    """The caption's token ids (no BOS/EOS, cut at ``limit``) and each one's weight (1.0 unless ``weighted``)."""
+    if not weighted:
+        tokens = tokenizer.encode(caption)[:limit]
+        return tokens, [1.0] * len(tokens)
+    tokens, weights = [], []
+    for text, weight in parse_prompt_attention(caption):
+        ids = tokenizer.encode(text)
+        tokens += ids
+        weights += [1.0 if weight == -1.0 else weight] * len(ids)  # BREAK is just a word to sd-scripts
+    return tokens[:limit], weights[:limit]
+
+
+def caption_chunks(caption: str, tokenizer: CLIPTokenizer, pad_id: int, max_token_length: int | None,
+                   weighted: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+    """Token ids as chunks of 77 (BOS + 75 + EOS), sd-scripts' layout for ``max_token_length`` None/150/225, and
+    the tokens' weights in the same layout (1.0 for BOS, EOS and padding)."""
     limit = max_token_length or CHUNK
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    tokens = tokenizer.encode(caption)[:limit]
-    full = [bos, *tokens, eos, *[pad_id] * (limit - len(tokens))]
+    tokens, token_weights = caption_tokens(caption, tokenizer, limit, weighted)
+    padding = limit - len(tokens)
+    full = [bos, *tokens, eos, *[pad_id] * padding]
+    weights = [1.0, *token_weights, 1.0, *[1.0] * padding]
     if limit == CHUNK:
-        return [full]
-    chunks = []
+        return [full], [weights]
+    chunks, chunk_weights = [], []
     for start in range(1, limit + 1, CHUNK):
         piece = full[start : start + CHUNK]
         end = eos if piece[-1] not in (eos, pad_id) else pad_id  # a chunk cut mid-caption still ends with EOS
         chunks.append([bos, *piece, end])
-    return chunks
+        chunk_weights.append([1.0, *weights[start : start + CHUNK], 1.0])
+    return chunks, chunk_weights
 
 
 def _joined(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -40,17 +73,21 @@ def _joined(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
     return torch.cat([states[:, 0, :1], inner, states[:, -1, -1:]], dim=1)
 
 
-def encode_captions(config: ModelConfig, text_encoders, captions: list[str], tokenizer: CLIPTokenizer, clip_skip: int = 1,
-                    max_token_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_captions(config: ModelConfig, text_encoders, captions: list[str], tokenizer: CLIPTokenizer,
+                    encoding: CaptionEncoding = CaptionEncoding()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(context [B, T, ΣC], pooled [B, P] or None) — with gradients when the encoders are being trained."""
     states, pooled = [], None
     for slot, encoder in zip(config.text_encoders, text_encoders):
         device = next(encoder.parameters()).device
-        ids = [caption_chunks(c, tokenizer, slot.pad_id, max_token_length) for c in captions]
-        chunks = len(ids[0])
-        flat = torch.tensor([chunk for caption in ids for chunk in caption], device=device)
-        output = encoder(flat, skip_layers=slot.skip_layers + clip_skip - 1, final_norm=slot.final_norm)
-        states.append(_joined(output.hidden, chunks))
+        tokenized = [caption_chunks(c, tokenizer, slot.pad_id, encoding.max_token_length, encoding.weighted) for c in captions]
+        chunks = len(tokenized[0][0])
+        flat = torch.tensor([chunk for ids, _ in tokenized for chunk in ids], device=device)
+        output = encoder(flat, skip_layers=slot.skip_layers + encoding.clip_skip - 1, final_norm=slot.final_norm)
+        hidden = output.hidden
+        if encoding.weighted:
+            weights = torch.tensor([chunk for _, w in tokenized for chunk in w], device=device, dtype=hidden.dtype)
+            hidden = hidden * weights[..., None]
+        states.append(_joined(hidden, chunks))
         if output.pooled is not None:
             pooled = output.pooled.reshape(len(captions), chunks, -1)[:, 0]  # the first chunk's, as sd-scripts
     return torch.cat(states, dim=-1), pooled
@@ -85,10 +122,14 @@ class TextEncoderCache:
 
     def __init__(self, config: ModelConfig):
         self.config = config
+        self.encoding = CaptionEncoding()
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def fill(self, text_encoders, captions_by_image: dict, tokenizer: CLIPTokenizer, clip_skip: int,
-             max_token_length: int | None, to_disk: bool, batch_size: int = 16) -> None:
+    def fill(self, text_encoders, captions_by_image: dict, tokenizer: CLIPTokenizer, encoding: CaptionEncoding,
+             to_disk: bool, batch_size: int = 16) -> None:
+        if encoding != self.encoding:
+            self._outputs.clear()
+        self.encoding = encoding
         todo: dict[str, list] = {}
         for image, caption in captions_by_image.items():
             if caption in self._outputs:
@@ -102,7 +143,7 @@ class TextEncoderCache:
         with torch.no_grad():
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start : start + batch_size]
-                context, pooled = encode_captions(self.config, text_encoders, chunk, tokenizer, clip_skip, max_token_length)
+                context, pooled = encode_captions(self.config, text_encoders, chunk, tokenizer, encoding)
                 for i, caption in enumerate(chunk):
                     output = (context[i].float().cpu(), None if pooled is None else pooled[i].float().cpu())
                     self._outputs[caption] = output
@@ -129,7 +170,8 @@ class TextEncoderCache:
         arrays = {f"hidden_state{i + 1}": part.numpy() for i, part in enumerate(context.split(self._widths(), dim=-1))}
         if pooled is not None:
             arrays[f"pool{len(self._widths())}"] = pooled.numpy()
-        arrays["caption"] = np.array(caption)  # ours (sd-scripts ignores it): an edited caption is encoded again
+        arrays["caption"] = np.array(caption)  # ours (sd-scripts ignores these): an edited caption is encoded again,
+        arrays["encoding"] = np.array(repr(self.encoding))  # and so is one cached with another clip skip or weighting
         target = image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
         with atomic_path(target) as temporary:
             with open(temporary, "wb") as handle:
@@ -144,6 +186,8 @@ class TextEncoderCache:
         try:
             with np.load(path) as npz:
                 if "caption" in npz and str(npz["caption"]) != caption:
+                    return None
+                if "encoding" in npz and str(npz["encoding"]) != repr(self.encoding):
                     return None
                 parts = [torch.from_numpy(npz[f"hidden_state{i + 1}"]).float() for i in range(len(self._widths()))]
                 pool_key = f"pool{len(self._widths())}"

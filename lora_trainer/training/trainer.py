@@ -41,7 +41,7 @@ from .options import TrainOptions
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
 from .state import load_state, save_state
-from .text import TextEncoderCache, encode_captions, sdxl_vector
+from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
 from .tracking import Tracker
 
 
@@ -120,6 +120,10 @@ def peak_memory_mib(device: torch.device) -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+def caption_encoding(options: TrainOptions) -> CaptionEncoding:
+    return CaptionEncoding(options.clip_skip or 1, options.max_token_length, options.weighted_captions)
 
 
 def seed_everything(seed: int) -> None:
@@ -233,8 +237,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     text_cache = None
     if options.cache_text_encoder_outputs:
         text_cache = TextEncoderCache(config)
-        text_cache.fill(model.text_encoders, fixed_captions, tokenizer, options.clip_skip or 1,
-                        options.max_token_length, options.cache_text_encoder_outputs_to_disk)
+        text_cache.fill(model.text_encoders, fixed_captions, tokenizer, caption_encoding(options),
+                        options.cache_text_encoder_outputs_to_disk)
         if device.type == "cuda":  # the encoders are needed again only for samples: keep them off the GPU
             for encoder in model.text_encoders:
                 encoder.to("cpu")
@@ -422,8 +426,7 @@ def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str
         context, pooled = (None if t is None else t.to(device) for t in text_cache.encode(captions))
     else:
         with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
-            context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, options.clip_skip or 1,
-                                              options.max_token_length)
+            context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, caption_encoding(options))
     y = sdxl_vector(pooled, *sizes) if config.needs_size_conditioning else None
     abar = abar.to(device)
     noisy = N.add_noise(latents, input_noise, timesteps, abar)
