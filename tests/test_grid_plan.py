@@ -157,6 +157,7 @@ def test_a_host_batch_spans_the_grid_and_a_cut_short_cell_stays_grey(library, tm
     assert host.log[0] == ("begin", 3) and host.log[-1] == ("end",) and len(host.log) == 5
     assert [image.getpixel((0, 0)) == (128, 128, 128) for image in result.cells[0]] == [False, True, False]  # grey
     assert (result.finished, result.total, result.stopped) == (2, 3, False) and result.path.is_file()
+    assert [p.name[-11:] for p in result.cell_paths] == ["r00-c00.png", "r00-c02.png"]  # no file for the grey cell
 
 
 def test_an_interrupt_during_the_first_cell_saves_nothing(library, tmp_path):

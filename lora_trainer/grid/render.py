@@ -128,12 +128,14 @@ def epoch_strength_grid(model, settings: GenerationSettings, epochs: list[EpochF
 
 
 def save_grid(image: Image.Image, cells, infos, folder: Path, grid_infotext: str = "") -> tuple[Path, list[Path]]:
-    """Every cell as a PNG with its own infotext, and the grid (with the title and LoRA legend as its text)."""
+    """Every generated cell as a PNG with its own infotext, and the grid (with the title and LoRA legend as its
+    text). A cell without infotext was never generated (an interrupted grid's grey placeholder): not written."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = []
     for r, (row, row_infos) in enumerate(zip(cells, infos)):
         for c, (cell, text) in enumerate(zip(row, row_infos)):
-            paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
+            if text:
+                paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
     grid_path = write_png(image, folder / f"grid-{stamp}.png", grid_infotext)
     return grid_path, paths
