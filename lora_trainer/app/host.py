@@ -22,6 +22,9 @@ class Host(Protocol):
         txt2img defaults when hosted there). A host may also offer ``txt2img_form`` (``webui.txt2img_form``): the
         grid tab then gets a "From txt2img" button that copies the live txt2img values."""
 
+    def sampler_names(self) -> list[str]:
+        """The samplers a grid may use: the WebUI's visible ones there (its settings hide some), ours standalone."""
+
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> GeneratedImage | None:
         """One image; ``settings.prompt`` may hold ``<lora:name:weight>`` tags, applied the way the host applies them.

@@ -71,6 +71,11 @@ class StandaloneHost:
                                       width=64, height=64)
         return GenerationSettings("", steps=20, sampler="DPM++ 2M Karras", cfg_scale=7.0, seed=-1, width=512, height=512)
 
+    def sampler_names(self) -> list[str]:
+        from ..sampling.samplers import SAMPLERS
+
+        return list(SAMPLERS)
+
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> GeneratedImage:
         import dataclasses

@@ -41,6 +41,11 @@ class WebUIHost:
         built_in = GenerationSettings(prompt="", steps=20, sampler="Euler a", cfg_scale=7.0, width=side, height=side)
         return saved_txt2img_settings(getattr(shared.cmd_opts, "ui_config_file", None), built_in)
 
+    def sampler_names(self) -> list[str]:
+        from modules import sd_samplers
+
+        return list(sd_samplers.visible_sampler_names())
+
     @contextmanager
     def batch(self, count: int, label: str = "Prompt-Lora-Grid") -> Iterator[None]:
         """``count`` images as one WebUI job: the queue held throughout (txt2img waits, as it waits for the X/Y/Z

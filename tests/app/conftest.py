@@ -46,6 +46,9 @@ class FakeHost:
         self.calls.append(("generation_defaults", ()))
         return GenerationSettings("a photo", steps=4, width=64, height=64, seed=1)
 
+    def sampler_names(self) -> list[str]:
+        return ["Euler", "DPM++ 2M Karras"]
+
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None, progress=None) -> GeneratedImage:
         self.calls.append(("generate", (settings, checkpoint)))
         if progress:

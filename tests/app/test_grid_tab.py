@@ -59,6 +59,12 @@ def test_promote_writes_the_file_and_the_preferred_weight(services, fake_host, r
     assert "Generate a grid first" in grid_tab.promote_epoch(services, "", "", 1.0)
 
 
-def test_the_tab_builds_with_the_host_defaults(services, fake_host):
-    assert grid_tab.build(services) is not None
+def test_the_tab_builds_with_the_host_defaults_and_samplers(services, fake_host):
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        assert grid_tab.build(services) is not None
     assert ("generation_defaults", ()) in fake_host.calls
+    sampler = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Sampler")
+    names = [c[0] if isinstance(c, tuple) else c for c in sampler.choices]  # gradio 4 keeps (name, value) pairs
+    assert names == ["Euler a", "Euler", "DPM++ 2M Karras"]  # the host's list, its default sampler first

@@ -63,3 +63,11 @@ def test_checkpoints_interrupt_and_gpu_release(host):
     assert host.loaded_checkpoint is None
     host.restore_gpu()
     assert host.loaded_checkpoint == TINY_MODEL_PATH.resolve()
+
+
+def test_standalone_grids_offer_every_sampler_we_implement(tmp_path):
+    from lora_trainer.app.standalone_host import StandaloneHost
+    from lora_trainer.sampling.samplers import SAMPLERS
+
+    host = StandaloneHost([tmp_path], [tmp_path])
+    assert host.sampler_names() == list(SAMPLERS) and host.generation_defaults().sampler in host.sampler_names()

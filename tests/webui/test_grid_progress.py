@@ -79,3 +79,13 @@ def test_skip_leaves_that_cell_grey_and_the_grid_goes_on(webui, monkeypatch):
     _, seen, (_, cells, _, _, status) = run_grid_tab(webui, monkeypatch, press_skip)
     assert len(seen) == 5 and status.startswith("1 of 5 cells were skipped (grey). Grid saved")
     assert [grey(c) for c in cells] == [False, True, False, False, False, False]
+
+
+def test_the_grid_offers_the_webuis_visible_samplers(webui_modules, monkeypatch):
+    from modules import sd_samplers
+
+    from lora_trainer.webui.host import WebUIHost
+
+    monkeypatch.setattr(sd_samplers, "samplers_hidden", {"DDIM"})
+    names = WebUIHost().sampler_names()
+    assert names == [s.name for s in sd_samplers.all_samplers if s.name != "DDIM"] and "DDIM" not in names

@@ -145,7 +145,7 @@ def run_summary(services, run: str) -> str:
 
 def build(services):
     defaults = services.host.generation_defaults()
-    samplers = ["Euler a", "Euler", "DPM++ 2M Karras", "DPM++ 2S a Karras", "DDIM"]
+    samplers = services.host.sampler_names()
     if defaults.sampler not in samplers:
         samplers.insert(0, defaults.sampler)
     with gr.Blocks(analytics_enabled=False) as blocks:
