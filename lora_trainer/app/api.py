@@ -687,7 +687,8 @@ def create_router(services: Services) -> APIRouter:
 # ---------------------------------------------------------------------------------------------------------------
 # Grids: planned at once (mistakes answer 400), generated in the background one grid at a time.
 
-GRID_SETTINGS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "seed", "width", "height", "clip_skip")
+GRID_SETTINGS = ("prompt", "negative_prompt", "steps", "sampler", "scheduler", "cfg_scale", "seed", "width", "height",
+                 "clip_skip")
 
 
 @dataclasses.dataclass

@@ -25,6 +25,9 @@ class Host(Protocol):
     def sampler_names(self) -> list[str]:
         """The samplers a grid may use: the WebUI's visible ones there (its settings hide some), ours standalone."""
 
+    def scheduler_names(self) -> list[str]:
+        """The WebUI's schedule types ("Automatic", "Karras", …); empty where samplers carry their schedule."""
+
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> GeneratedImage | None:
         """One image; ``settings.prompt`` may hold ``<lora:name:weight>`` tags, applied the way the host applies them.

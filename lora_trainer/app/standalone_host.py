@@ -76,6 +76,9 @@ class StandaloneHost:
 
         return list(SAMPLERS)
 
+    def scheduler_names(self) -> list[str]:
+        return []  # our sampler names carry their schedule ("DPM++ 2M Karras")
+
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> GeneratedImage:
         import dataclasses

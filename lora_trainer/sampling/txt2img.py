@@ -37,6 +37,7 @@ class GenerationSettings:
     batch_size: int = 1
     clip_skip: int = 1
     extra_infotext: dict[str, str] = field(default_factory=dict)
+    scheduler: str = ""  # the WebUI's "Schedule type" (its samplers name it apart since 1.9); "" = the sampler's own
 
     def resolved_seed(self) -> int:
         return self.seed if self.seed >= 0 else random.randrange(2**32)

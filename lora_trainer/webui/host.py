@@ -46,6 +46,13 @@ class WebUIHost:
 
         return list(sd_samplers.visible_sampler_names())
 
+    def scheduler_names(self) -> list[str]:
+        try:
+            from modules import sd_schedulers
+        except ImportError:  # before WebUI 1.9 the schedule was part of the sampler's name
+            return []
+        return [scheduler.label for scheduler in sd_schedulers.schedulers]
+
     @contextmanager
     def batch(self, count: int, label: str = "Prompt-Lora-Grid") -> Iterator[None]:
         """``count`` images as one WebUI job: the queue held throughout (txt2img waits, as it waits for the X/Y/Z
@@ -83,7 +90,8 @@ class WebUIHost:
                 sd_model=shared.sd_model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
                 seed=seed, sampler_name=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
                 width=settings.width, height=settings.height, batch_size=1, n_iter=1,
-                do_not_save_samples=True, do_not_save_grid=True, override_settings=overrides)
+                do_not_save_samples=True, do_not_save_grid=True, override_settings=overrides,
+                **({"scheduler": settings.scheduler} if settings.scheduler else {}))
             p.scripts = None
             try:
                 return processing.process_images(p)

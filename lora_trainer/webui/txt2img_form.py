@@ -34,6 +34,7 @@ TXT2IMG_ELEM_IDS = {
     "negative_prompt": "txt2img_neg_prompt",
     "seed": "txt2img_seed",
     "sampler": "txt2img_sampling",
+    "scheduler": "txt2img_scheduler",
     "steps": "txt2img_steps",
     "width": "txt2img_width",
     "height": "txt2img_height",
@@ -49,6 +50,7 @@ UI_CONFIG_KEYS = {
     "negative_prompt": ("txt2img/Negative prompt/value",),
     "seed": ("customscript/seed.py/txt2img/Seed/value", "txt2img/Seed/value"),
     "sampler": ("customscript/sampler.py/txt2img/Sampling method/value", "txt2img/Sampling method/value"),
+    "scheduler": ("customscript/sampler.py/txt2img/Schedule type/value",),
     "steps": ("customscript/sampler.py/txt2img/Sampling steps/value", "txt2img/Sampling steps/value"),
     "width": ("txt2img/Width/value",),
     "height": ("txt2img/Height/value",),
@@ -61,7 +63,7 @@ def form_value(field: str, value):
     try:
         if field in ("prompt", "negative_prompt"):
             return "" if value is None else str(value)
-        if field == "sampler":
+        if field in ("sampler", "scheduler"):
             return value if isinstance(value, str) and value.strip() else None
         if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
             return None

@@ -49,6 +49,9 @@ class FakeHost:
     def sampler_names(self) -> list[str]:
         return ["Euler", "DPM++ 2M Karras"]
 
+    def scheduler_names(self) -> list[str]:
+        return []
+
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None, progress=None) -> GeneratedImage:
         self.calls.append(("generate", (settings, checkpoint)))
         if progress:

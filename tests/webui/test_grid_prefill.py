@@ -17,13 +17,14 @@ TXT2IMG = {
     "txt2img_neg_prompt": (gr.Textbox, dict(label="Negative prompt"), "blurry"),
     "txt2img_steps": (gr.Slider, dict(minimum=1, maximum=150, step=1, label="Sampling steps"), 33),
     "txt2img_sampling": (gr.Dropdown, dict(label="Sampling method", choices=["DPM++ 2M", "Euler a", "Euler"]), "DPM++ 2M"),
+    "txt2img_scheduler": (gr.Dropdown, dict(label="Schedule type", choices=["Automatic", "Karras", "Exponential"]), "Exponential"),
     "txt2img_width": (gr.Slider, dict(minimum=64, maximum=2048, step=8, label="Width"), 640),
     "txt2img_height": (gr.Slider, dict(minimum=64, maximum=2048, step=8, label="Height"), 768),
     "txt2img_cfg_scale": (gr.Slider, dict(minimum=1.0, maximum=30.0, step=0.5, label="CFG Scale"), 6.5),
     "txt2img_seed": (gr.Number, dict(label="Seed", precision=0), 1234),
 }
 GRID_LABELS = {"Prompt": "prompt", "Negative prompt": "negative", "Seed (-1: random, then the same in every cell)": "seed",
-               "Sampler": "sampler", "Steps": "steps", "Width": "width", "Height": "height", "CFG scale": "cfg"}
+               "Sampler": "sampler", "Schedule type": "scheduler", "Steps": "steps", "Width": "width", "Height": "height", "CFG scale": "cfg"}
 
 
 def build_page(w, txt2img_ids=tuple(TXT2IMG), tabs_first=False):
@@ -82,7 +83,7 @@ def test_from_txt2img_fills_the_grid_form_with_what_txt2img_shows(load_extension
     filled = click(demo, "lora_trainer_grid_from_txt2img", values_of(txt2img))
     sampler = filled.pop("sampler")
     assert filled == {"prompt": "a red circle, night sky", "negative": "blurry", "seed": 1234, "steps": 33,
-                      "width": 640, "height": 768, "cfg": 6.5}
+                      "width": 640, "height": 768, "cfg": 6.5, "scheduler": "Exponential"}
     assert sampler["value"] == "DPM++ 2M" and "DPM++ 2M" in sampler["choices"]  # a WebUI sampler the list lacked
 
 
@@ -107,6 +108,7 @@ UI_CONFIG_110 = {
     "txt2img/Negative prompt/value": "lowres",
     "customscript/sampler.py/txt2img/Sampling method/value": "DPM++ 2M",
     "customscript/sampler.py/txt2img/Sampling steps/value": 28,
+    "customscript/sampler.py/txt2img/Schedule type/value": "Karras",
     "customscript/seed.py/txt2img/Seed/value": 77.0,
     "txt2img/Width/value": 768,
     "txt2img/Height/value": 1024,
@@ -130,8 +132,9 @@ def test_grid_defaults_are_the_webui_saved_txt2img_defaults(webui):
 
     write_ui_config(webui, UI_CONFIG_110)
     defaults = WebUIHost().generation_defaults()
-    assert (defaults.prompt, defaults.negative_prompt, defaults.sampler, defaults.steps, defaults.seed, defaults.width,
-            defaults.height, defaults.cfg_scale) == ("zkstar, 1girl", "lowres", "DPM++ 2M", 28, 77, 768, 1024, 5.5)
+    assert (defaults.prompt, defaults.negative_prompt, defaults.sampler, defaults.scheduler, defaults.steps, defaults.seed,
+            defaults.width, defaults.height, defaults.cfg_scale) == ("zkstar, 1girl", "lowres", "DPM++ 2M", "Karras", 28, 77,
+                                                                     768, 1024, 5.5)
     # an API grid that gives no settings is drawn with them; what it gives wins
     request = grid_request({"x": {"kind": "strength", "values": ["1"]}, "y": {"kind": "seed", "values": ["1"]},
                             "settings": {"steps": 4}}, defaults, [])
@@ -155,3 +158,18 @@ def test_without_a_ui_config_the_grid_starts_from_built_in_values(webui, caplog)
     write_ui_config(webui, {}).write_text("{not json", encoding="utf-8")
     assert WebUIHost().generation_defaults() == built_in
     assert "unreadable" in caplog.text
+
+
+def test_the_grid_draws_with_the_chosen_schedule_type(webui, monkeypatch):
+    """WebUI 1.9+ names the schedule apart from the sampler: the grid passes it to txt2img as the page does."""
+    from lora_trainer.webui.host import WebUIHost
+
+    host = WebUIHost()
+    assert host.scheduler_names()[:3] == ["Automatic", "Uniform", "Karras"]
+    seen = []
+    original = webui.processing.process_images
+    monkeypatch.setattr(webui.processing, "process_images", lambda p: (seen.append((p.sampler_name, p.scheduler)), original(p))[1])
+    for scheduler in ("Karras", ""):
+        host.generate(GenerationSettings("a red circle", steps=2, sampler="Euler", width=64, height=64, seed=3,
+                                         scheduler=scheduler))
+    assert seen == [("Euler", "Karras"), ("Euler", None)]  # "" leaves the WebUI's Automatic

@@ -47,7 +47,7 @@ def _values(text: str) -> list[str]:
 
 def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y_values: str, strength,
                   prompt: str, negative: str, seed, sampler: str, steps, width, height, cfg, checkpoint: str,
-                  baseline: bool, confirmed: bool, progress=None):
+                  baseline: bool, confirmed: bool, scheduler: str = "", progress=None):
     """→ (grid image path, cell images, losses rows, epoch choices update, status)."""
     _stop.clear()
     clear = getattr(services.host, "clear_interrupt", None)
@@ -55,7 +55,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
         clear()
     try:
         settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
-                                      int(width), int(height))
+                                      int(width), int(height), scheduler="" if scheduler == "Automatic" else scheduler or "")
         axes = [AxisSpec(x_kind, _values(x_values) if x_kind != "strength" else [x_values or ""]),
                 AxisSpec(y_kind, _values(y_values) if y_kind != "strength" else [y_values or ""])]
         request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
@@ -170,6 +170,9 @@ def build(services):
         with gr.Row():
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1: random, then the same in every cell)")
             sampler = gr.Dropdown(samplers, value=defaults.sampler, label="Sampler")
+            schedulers = services.host.scheduler_names()
+            scheduler = gr.Dropdown(schedulers, value=defaults.scheduler or (schedulers[0] if schedulers else None),
+                                    label="Schedule type", visible=bool(schedulers))
             steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Steps", elem_id="lora_trainer_grid_steps")
             width = gr.Slider(64, 2048, value=defaults.width, step=8, label="Width")
             height = gr.Slider(64, 2048, value=defaults.height, step=8, label="Height")
@@ -194,8 +197,8 @@ def build(services):
 
         if txt2img_form is not None:
             txt2img_form.connect(from_txt2img, {"prompt": prompt, "negative_prompt": negative, "seed": seed,
-                                                "sampler": sampler, "steps": steps, "width": width, "height": height,
-                                                "cfg_scale": cfg},
+                                                "sampler": sampler, "scheduler": scheduler, "steps": steps,
+                                                "width": width, "height": height, "cfg_scale": cfg},
                                  lambda fields, values: form_updates(fields, values, samplers))
         refresh.click(lambda: gr.update(choices=training_runs(services)), None, runs)
         runs.change(lambda name: name, runs, run)
@@ -205,7 +208,7 @@ def build(services):
             return generate_grid(services, *args, progress=progress)
 
         generate.click(on_generate, [run, x_kind, x_values, y_kind, y_values, strength, prompt, negative, seed, sampler,
-                                     steps, width, height, cfg, checkpoint, baseline, confirmed],
+                                     steps, width, height, cfg, checkpoint, baseline, confirmed, scheduler],
                        [grid_image, cells, losses, epoch, status])
         stop.click(lambda: interrupt(services), None, status, queue=False)
         promote_button.click(lambda *a: promote_epoch(services, *a), [epoch, final_name, promote_strength], promote_status)
