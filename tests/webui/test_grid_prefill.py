@@ -4,6 +4,7 @@ txt2img", saved through its ui-config.json."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 
 import gradio as gr
@@ -68,7 +69,9 @@ def click(demo, elem_id: str, browser_values: dict[int, object]) -> dict[str, ob
     index, dependency = next((i, d) for i, d in enumerate(demo.dependencies)
                              if d["targets"] == [button._id] and d["trigger"] == "click")
     inputs = [browser_values.get(i, demo.blocks[i].value) for i in dependency["inputs"]]
-    answer = asyncio.run(demo.process_api(index, inputs, state={}))
+    # in a thread of its own: an earlier test (Playwright's sync API) may have left this thread's event loop running
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(asyncio.run, demo.process_api(index, inputs, state={})).result()
     return {GRID_LABELS[demo.blocks[i].label]: value for i, value in zip(dependency["outputs"], answer["data"])}
 
 
