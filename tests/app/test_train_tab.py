@@ -47,6 +47,12 @@ class FakeHost:
 
         return GenerationSettings("zkstar", width=64, height=64)
 
+    def sampler_names(self):
+        return ["Euler a"]
+
+    def scheduler_names(self):
+        return []
+
     def refresh_loras(self):
         pass
 
