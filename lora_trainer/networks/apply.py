@@ -220,3 +220,24 @@ class MergedNetworks:
                 self._add(c.match.target, fresh.weight, fresh.bias, 1.0)
                 c.weight, c.bias = fresh.weight, fresh.bias
             c.multiplier = m
+
+
+@torch.no_grad()
+def merge_for_good(config, unet: nn.Module, text_encoders: Sequence[nn.Module],
+                   networks: Sequence[tuple[NetworkFile, Strength]]) -> list[MatchReport]:
+    """Add networks into a model's weights with nothing kept to undo them (``--base_weights``): no copies of the
+    originals or of the deltas, which ``MergedNetworks`` needs for its exact restore. Each layer's ΔW is computed
+    from its weight as it is when that network comes, in the order given, as sd-scripts' ``merge_to`` does."""
+    model = MergedNetworks.for_model(config, unet, text_encoders)
+    reports = []
+    for network, strength in networks:
+        report = model.check(network)
+        if not report.ok:
+            raise UserError(report.message())
+        for match in report.matched:
+            weight = model.weight_of(match.target)
+            tensors = {k: v.to(weight.device) for k, v in match.tensors.items()}
+            delta = module_delta(tensors, weight, strength.for_target(match.target))
+            model._add(match.target, delta.weight, delta.bias, 1.0)
+        reports.append(report)
+    return reports

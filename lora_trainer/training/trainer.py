@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..models.checkpoint import load_checkpoint
 from ..models.tokenizer import CLIPTokenizer
-from ..networks.apply import MergedNetworks, Strength
+from ..networks.apply import Strength, merge_for_good
 from ..networks.max_norm import apply_max_norm
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
 from .distributed import finish as finish_world
@@ -500,9 +500,7 @@ def _merge_base_weights(model, options: TrainOptions, events: EventLog) -> None:
     multipliers = options.base_weights_multiplier or []
     networks = [(read_network(path), Strength(multipliers[i] if i < len(multipliers) else 1.0))
                 for i, path in enumerate(options.base_weights)]
-    merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
-    merged.store = torch.device("cpu")  # its copies of the originals are dropped with it: this merge is never undone
-    for report in merged.set_networks(networks):
+    for report in merge_for_good(model.config, model.unet, model.text_encoders, networks):
         if report.unmatched:
             events.emit("warning", message=f"--base_weights {report.network}: {len(report.unmatched)} of its modules fit no "
                         f"layer of the base model and were skipped (e.g. {report.unmatched[0]})")
