@@ -55,7 +55,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
         clear()
     try:
         settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
-                                      int(width), int(height), scheduler="" if scheduler == "Automatic" else scheduler or "")
+                                      int(width), int(height), scheduler=scheduler or "")
         axes = [AxisSpec(x_kind, _values(x_values) if x_kind != "strength" else [x_values or ""]),
                 AxisSpec(y_kind, _values(y_values) if y_kind != "strength" else [y_values or ""])]
         request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
