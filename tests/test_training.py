@@ -243,6 +243,29 @@ def test_gradient_checkpointing_trains_the_same_weights(baseline, dataset, tmp_p
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-7) for k in theirs)
 
 
+def test_fine_tuning_metadata_json_trains_exactly_as_the_same_captions_in_folders(baseline, dataset, tmp_path):
+    """--in_json (sd-scripts' fine-tuning mode, made by merge_captions_to_metadata.py) with --dataset_repeats 2 is the
+    folder run: same images, captions, repeats and order, so the same weights; the metadata names the JSON file."""
+    images = dataset / "2_zkstar"
+    metadata = {p.name: {"caption": p.with_suffix(".txt").read_text(encoding="utf-8").strip()} for p in sorted(images.glob("*.png"))}
+    meta = tmp_path / "元 meta.json"
+    meta.write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
+    assert run(images, tmp_path / "out", "--in_json", str(meta), "--dataset_repeats", "2") == 0
+    ours, theirs = weights(tmp_path / "out" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        written = handle.metadata()
+    assert json.loads(written["ss_dataset_dirs"]) == {"元 meta.json": {"n_repeats": 2, "img_count": 16}}
+    assert written["ss_num_train_images"] == "32"
+
+
+def test_in_json_with_reg_images_is_refused_as_a_contradiction(dataset, tmp_path, capsys):
+    meta = tmp_path / "meta.json"
+    meta.write_text("{}", encoding="utf-8")
+    assert run(dataset, tmp_path, "--in_json", str(meta), "--reg_data_dir", str(dataset)) == 2
+    assert "--reg_data_dir is for DreamBooth folders" in capsys.readouterr().err
+
+
 def test_options_we_do_not_implement_yet_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--fp8_base", "--torch_compile") == 2
     assert "not supported: --fp8_base, --torch_compile" in capsys.readouterr().err

@@ -100,7 +100,7 @@ class _ErrorsAsJson(APIRoute):
 JOB_FIELDS = ("name", "options", "webhook")
 # path options and whether the path must exist already
 PATH_OPTIONS = {"pretrained_model_name_or_path": True, "vae": True, "train_data_dir": True, "reg_data_dir": True,
-                "dataset_config": True, "sample_prompts": True, "network_weights": True, "resume": True,
+                "dataset_config": True, "in_json": True, "sample_prompts": True, "network_weights": True, "resume": True,
                 "output_dir": False, "logging_dir": False, "tokenizer_cache_dir": False}
 RUNNER_OPTIONS = ("events_file", "stop_file", "config_file", "output_config")  # the runner sets these itself
 
@@ -147,6 +147,16 @@ def _check_dataset_config(path: Path, roots: list[Path], options: dict) -> None:
                     raise ApiError(400, "invalid", f"dataset_config: {folder} is relative; give absolute paths in a "
                                    "config sent to the API", "dataset_config")
                 checked_path(str(folder), roots, "dataset_config", must_exist=True)
+            if subset.metadata_file is not None:
+                _check_metadata_images(subset.metadata_file, subset.image_dir, roots, "dataset_config")
+
+
+def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: list[Path], field: str) -> None:
+    """A fine-tuning metadata file may name images by absolute path: those are requests' paths too."""
+    from ..dataset.layouts import metadata_image_paths
+
+    for image in metadata_image_paths(metadata_file, image_dir):
+        checked_path(str(image), roots, field, must_exist=False)
 
 
 def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None]:
@@ -177,6 +187,9 @@ def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None
             options[key] = str(checked_path(options[key], roots, key, must_exist))
     if options.get("dataset_config"):
         _check_dataset_config(Path(options["dataset_config"]), roots, options)
+    elif options.get("in_json"):
+        image_dir = Path(options["train_data_dir"]) if options.get("train_data_dir") else None
+        _check_metadata_images(Path(options["in_json"]), image_dir, roots, "in_json")
     webhook = body.get("webhook")
     if webhook is not None:
         parsed = urllib.parse.urlparse(webhook) if isinstance(webhook, str) else None

@@ -303,6 +303,11 @@ def _image_for_key(key: str, image_dir: Path | None, metadata_file: Path) -> Pat
     return path
 
 
+def metadata_image_paths(metadata_file: Path, image_dir: Path | None) -> list[Path]:
+    """Every image a fine-tuning metadata file names, as training will open it."""
+    return [_image_for_key(key, image_dir, metadata_file) for key in read_metadata_file(metadata_file)]
+
+
 def fine_tuning_images(subset: SubsetConfig) -> SubsetImages:
     """Images and captions of a fine-tuning subset: caption, then ``caption_separator`` and the tags when there are
     tags (every caption line gets the tags with wildcards), in sd-scripts' order (longest key first)."""

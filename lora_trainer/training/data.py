@@ -21,7 +21,7 @@ from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import read_image_size
-from ..dataset.layouts import config_from_folders, dataset_images, regularization_repeats
+from ..dataset.layouts import config_from_folders, config_from_metadata, dataset_images, regularization_repeats
 from ..errors import UserError
 from .evaluation import split_validation
 from .pixels import training_pixels
@@ -208,7 +208,7 @@ class TrainingData:
         for record in self.reg if reg else self.train:
             subset = record.subset
             if id(subset) not in names:
-                base = subset.image_dir.name if subset.image_dir else subset.metadata_file.name
+                base = subset.metadata_file.name if subset.metadata_file else subset.image_dir.name
                 name, count = base, 1
                 while name in dirs:
                     count += 1
@@ -344,6 +344,8 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
 def build_training_data(options: TrainOptions, config, seed: int, world_size: int = 1) -> TrainingData:
     if options.dataset_config:
         group = load_dataset_config(Path(options.dataset_config), options)
+    elif options.in_json:  # sd-scripts' fine-tuning mode: one subset, --train_data_dir is where its images are
+        group = config_from_metadata(Path(options.train_data_dir) if options.train_data_dir else None, Path(options.in_json), options)
     else:
         reg = Path(options.reg_data_dir) if options.reg_data_dir else None
         group = config_from_folders(Path(options.train_data_dir), reg, options)

@@ -37,8 +37,8 @@ class TrainOptions:
     train_data_dir: str | None = opt(None, "folder of <repeats>_<class tokens> subfolders")
     reg_data_dir: str | None = opt(None, "regularisation images, same layout")
     dataset_config: str | None = opt(None, "dataset TOML (general / datasets / subsets)")
-    in_json: str | None = opt(None, "fine-tuning metadata JSON", implemented=False)  # --dataset_config metadata_file works
-    dataset_repeats: int = opt(1, "repeats for in_json datasets", implemented=False)
+    in_json: str | None = opt(None, "fine-tuning metadata JSON ({image: {caption, tags}}); --train_data_dir is its image folder")
+    dataset_repeats: int = opt(1, "repeats of every image where no num_repeats is given (--in_json datasets)")
     resolution: str | None = opt(None, '"512" or "512,768"')
     caption_extension: str = opt(".caption", "caption file extension")
     caption_separator: str = opt(",", "tag separator")
@@ -349,8 +349,13 @@ def validate(options: TrainOptions) -> None:
     for path in options.base_weights or []:
         if not Path(path).is_file():
             problems.append(f"--base_weights {path}: no such network file")
-    if options.train_data_dir is None and options.dataset_config is None:
-        problems.append("no dataset: give --train_data_dir (folders named <repeats>_<name>) or --dataset_config")
+    if options.train_data_dir is None and options.dataset_config is None and options.in_json is None:
+        problems.append("no dataset: give --train_data_dir (folders named <repeats>_<name>), --in_json or --dataset_config")
+    if options.in_json and options.reg_data_dir and not options.dataset_config:
+        problems.append("--reg_data_dir is for DreamBooth folders: a --in_json (fine-tuning) dataset has no regularisation "
+                        "images; drop one of them")
+    if options.dataset_repeats < 1:
+        problems.append(f"--dataset_repeats {options.dataset_repeats} must be 1 or more")
     if options.pretrained_model_name_or_path is None:
         problems.append("no base model: give --pretrained_model_name_or_path")
     if problems:

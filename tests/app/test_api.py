@@ -341,6 +341,18 @@ def test_dataset_config_folders_must_lie_in_the_roots(client, job_body, app_sett
     assert_error(client.post(f"{V1}/jobs", json=body), 403, field="dataset_config")
 
 
+
+def test_fine_tuning_metadata_may_not_name_images_outside_the_roots(client, job_body, app_settings, tmp_path):
+    """--in_json inside the roots, but naming an image by absolute path elsewhere: refused like the image itself."""
+    meta = app_settings.data_folder / "meta.json"
+    meta.write_text(json.dumps({str(tmp_path / "secret.png"): {"caption": "x"}}), encoding="utf-8")
+    body = {**job_body, "options": {**job_body["options"], "in_json": str(meta)}}
+    assert_error(client.post(f"{V1}/jobs", json=body), 403, field="in_json")
+    inside = job_body["options"]["train_data_dir"]
+    meta.write_text(json.dumps({"img.png": {"caption": "x"}}), encoding="utf-8")
+    body["options"]["train_data_dir"] = inside
+    assert client.post(f"{V1}/jobs", json=body).status_code == 201
+
 # --- grids -----------------------------------------------------------------------------------------------------
 
 
