@@ -266,9 +266,24 @@ def test_in_json_with_reg_images_is_refused_as_a_contradiction(dataset, tmp_path
     assert "--reg_data_dir is for DreamBooth folders" in capsys.readouterr().err
 
 
+def test_fp8_base_trains_nearly_the_same_lora_and_says_so_in_the_file(baseline, dataset, tmp_path, capsys):
+    assert run(dataset, tmp_path, "--fp8_base") == 2  # sd-scripts asserts mixed precision too
+    assert "--fp8_base needs --mixed_precision fp16 or bf16" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--fp8_base", "--mixed_precision", "bf16") == 0
+    ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
+    ups = [k for k in theirs if "lora_up" in k]
+    learnt_fp8, learnt_full = (torch.cat([w[k].flatten() for k in ups]) for w in (ours, theirs))
+    assert torch.nn.functional.cosine_similarity(learnt_fp8, learnt_full, 0) > 0.85
+    assert not torch.equal(learnt_fp8, learnt_full)
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_fp8_base"] == "True"
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert events[0]["fp8_saved_mib"] > 0
+
+
 def test_options_we_do_not_implement_yet_are_refused_by_name(dataset, tmp_path, capsys):
-    assert run(dataset, tmp_path, "--fp8_base", "--torch_compile") == 2
-    assert "not supported: --fp8_base, --torch_compile" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--lowram", "--torch_compile") == 2
+    assert "not supported: --lowram, --torch_compile" in capsys.readouterr().err
 
 
 def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):

@@ -307,7 +307,7 @@ class UNetModel(CheckpointedModel):
     ) -> torch.Tensor:
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.out[0].weight.dtype  # the last norm's: the compute precision even when weights are fp8 (--fp8_base)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.config.adm_in_channels is not None:
             if y is None:

@@ -95,7 +95,8 @@ class TrainOptions:
     mixed_precision: str = opt("no", "autocast precision", choices=["no", "fp16", "bf16"])
     full_fp16: bool = opt(False, "network weights in fp16 too")
     full_bf16: bool = opt(False, "network weights in bf16 too")
-    fp8_base: bool = opt(False, "fp8 base model", implemented=False)
+    fp8_base: bool = opt(False, "keep the frozen base model's Linear/Conv2d weights in fp8 (about half the memory of "
+                         "fp16; needs --mixed_precision fp16 or bf16)")
     save_precision: str | None = opt(None, "dtype of saved files", choices=[None, "float", "fp16", "bf16"])
     no_half_vae: bool = opt(False, "keep the VAE in fp32")
     lowram: bool = opt(False, "load the model to the GPU directly", implemented=False)
@@ -354,6 +355,8 @@ def validate(options: TrainOptions) -> None:
     if options.in_json and options.reg_data_dir and not options.dataset_config:
         problems.append("--reg_data_dir is for DreamBooth folders: a --in_json (fine-tuning) dataset has no regularisation "
                         "images; drop one of them")
+    if options.fp8_base and options.mixed_precision == "no":
+        problems.append("--fp8_base needs --mixed_precision fp16 or bf16 (the fp8 weights are computed in that precision)")
     if options.dataset_repeats < 1:
         problems.append(f"--dataset_repeats {options.dataset_repeats} must be 1 or more")
     if options.pretrained_model_name_or_path is None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..models.checkpoint import load_checkpoint
+from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
 from ..networks.apply import Strength, merge_for_good
 from ..networks.max_norm import apply_max_norm
@@ -176,6 +177,9 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     _check_model_matches_options(config, options)
     if options.base_weights:
         _merge_base_weights(model, options, events)
+    fp8_saved = 0
+    if options.fp8_base:  # after the merge, which adds to full-precision weights; before the network reads them
+        fp8_saved = sum(store_in_fp8(part) for part in (model.unet, *model.text_encoders))
     for module in model.modules():
         module.requires_grad_(False).eval()
     if options.gradient_checkpointing:
@@ -188,7 +192,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         events.emit("warning", message="--zero_terminal_snr on an epsilon-prediction model: at the last timestep the "
                     "input is pure noise and the target equals it; the paper pairs it with --v_parameterization")
     events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
-                batches_per_epoch=data.batches_per_epoch, device=str(device))
+                batches_per_epoch=data.batches_per_epoch, device=str(device),
+                **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
     data.cache_latents(model.vae, device, events)
     if options.cache_latents:  # every latent is ready: free the encoder (sd-scripts moves the whole VAE off the GPU)
         model.vae.encoder = None

@@ -1,0 +1,41 @@
+"""--fp8_base: the frozen base weights take one byte each and the model still computes what it computed."""
+
+from __future__ import annotations
+
+import torch
+
+from lora_trainer.models.checkpoint import load_checkpoint
+from lora_trainer.models.fp8 import FP8, store_in_fp8
+from lora_trainer.models.unet import SDXL_UNET, UNetModel
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+
+def test_a_full_size_sdxl_unet_in_bf16_halves_to_under_two_and_a_half_gib():
+    with torch.device("meta"):
+        unet = UNetModel(SDXL_UNET).to(torch.bfloat16)
+    before = sum(p.numel() * p.element_size() for p in unet.parameters())
+    saved = store_in_fp8(unet)
+    after = sum(p.numel() * p.element_size() for p in unet.parameters())
+    assert before - after == saved
+    assert before > 4.7 * 2**30 and after < 2.4 * 2**30
+    # norms keep their precision: they set the precision the UNet computes in
+    assert unet.out[0].weight.dtype == torch.bfloat16 and unet.out[2].weight.dtype == FP8
+
+
+def test_the_tiny_model_in_fp8_predicts_nearly_the_same_noise_and_passes_gradients_to_its_inputs():
+    model = load_checkpoint(TINY_MODEL_PATH)
+    unet = model.unet.requires_grad_(False)
+    keys = list(unet.state_dict())
+    torch.manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, model.config.unet.context_dim)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        full = unet(x, t, context)
+    store_in_fp8(unet)
+    assert list(unet.state_dict()) == keys  # same names: networks and files find the same layers
+    context.requires_grad_(True)  # a text-encoder LoRA learns through the UNet's frozen fp8 layers
+    fp8 = unet(x, t, context)
+    relative = ((fp8 - full).norm() / full.norm()).item()
+    assert 0 < relative < 0.1
+    fp8.square().mean().backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0
