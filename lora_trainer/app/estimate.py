@@ -68,6 +68,8 @@ def vram_gib(options: TrainOptions, architecture: str = "sd1") -> float:
     width, height = resolution_of(options) or (arch["native"], arch["native"])
     half = options.mixed_precision in ("fp16", "bf16")
     weights = arch["weights"] * (1 if half else 2)
+    if options.fp8_base:  # UNet and text-encoder Linear/Conv weights take one byte; the VAE and norms keep theirs
+        weights *= 0.55
     activations = arch["activations"] * options.train_batch_size * (width * height) / arch["native"] ** 2
     activations *= (0.3 if options.gradient_checkpointing else 1) * (1 if half else 2)
     if not options.cache_latents:

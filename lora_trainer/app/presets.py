@@ -81,11 +81,11 @@ VRAM_TIERS: dict[str, dict[str, Any]] = {
     "16 GB": {"mixed_precision": "bf16", "cache_latents": True, "train_batch_size": 2, "sdpa": True},
     "24 GB": {"mixed_precision": "bf16", "cache_latents": True, "train_batch_size": 4, "sdpa": True},
 }
-# SDXL at the same card: its native resolution and, below 16 GB, the UNet only.
+# SDXL at the same card: its native resolution, below 16 GB the UNet only, and up to 12 GB its weights in fp8.
 SDXL_TIERS: dict[str, dict[str, Any]] = {
-    "6 GB": {"resolution": "768", "network_train_unet_only": True},
-    "8 GB": {"resolution": "1024", "network_train_unet_only": True},
-    "12 GB": {"resolution": "1024", "network_train_unet_only": True},
+    "6 GB": {"resolution": "768", "network_train_unet_only": True, "fp8_base": True},
+    "8 GB": {"resolution": "1024", "network_train_unet_only": True, "fp8_base": True},
+    "12 GB": {"resolution": "1024", "network_train_unet_only": True, "fp8_base": True},
     "16 GB": {"resolution": "1024", "gradient_checkpointing": True},
     "24 GB": {"resolution": "1024", "gradient_checkpointing": True},
 }

@@ -152,6 +152,7 @@ def memory_advice(options: TrainOptions) -> str:
         ("--gradient_checkpointing", options.gradient_checkpointing),
         ("--mixed_precision bf16 (or fp16)", options.mixed_precision != "no"),
         ("--cache_latents", options.cache_latents),
+        ("--fp8_base (with mixed precision)", options.fp8_base),
         ("--optimizer_type AdamW8bit (needs bitsandbytes)", "8bit" in (options.optimizer_type or "").lower()),
         ("--network_train_unet_only", options.network_train_unet_only),
         ("--cache_text_encoder_outputs (with --network_train_unet_only)", options.cache_text_encoder_outputs),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from lora_trainer.app.estimate import estimate, planned_steps, samples_per_bucket, vram_gib, warnings_for
 from lora_trainer.dataset.health import HealthSettings, check_dataset
 from lora_trainer.tiny_model.demo import SAMPLE_DATASET
@@ -54,3 +56,5 @@ def test_memory_switches_lower_the_vram_estimate():
                               cache_latents=True, network_train_unet_only=True))
     assert saving < plain / 2
     assert vram_gib(options(resolution="1024", mixed_precision="bf16"), "sdxl") > vram_gib(options(resolution="512", mixed_precision="bf16"))
+    sdxl = options(resolution="1024", mixed_precision="bf16", gradient_checkpointing=True)
+    assert vram_gib(dataclasses.replace(sdxl, fp8_base=True), "sdxl") < vram_gib(sdxl, "sdxl") - 2

@@ -24,6 +24,15 @@ def test_every_preset_and_tier_is_a_valid_run(name, tier):
             assert options.resolution in ("768", "1024")
 
 
+@pytest.mark.parametrize("tier", ["8 GB", "12 GB", "16 GB", "24 GB"])  # 6 GB SDXL stays tight: 6.1 GiB estimated
+def test_sdxl_tiers_fit_their_card_by_the_estimate_with_fp8_weights_up_to_12_gb(tier):
+    from lora_trainer.app.estimate import vram_gib
+
+    options = options_from({**presets.preset_options("character", tier, sdxl=True), **PATHS})
+    assert vram_gib(options, "sdxl") <= float(tier.split()[0])
+    assert options.fp8_base == (tier in ("8 GB", "12 GB"))
+
+
 def test_strength_guidance_matches_what_users_expect():
     weights = {name: preset.preferred_weight for name, preset in presets.PRESETS.items()}
     assert weights["character"] == 0.7 and weights["style"] == 0.45 and weights["object"] >= 1
