@@ -281,9 +281,22 @@ def test_fp8_base_trains_nearly_the_same_lora_and_says_so_in_the_file(baseline, 
     assert events[0]["fp8_saved_mib"] > 0
 
 
+def test_the_gpu_cache_goes_back_to_the_card_after_caching_and_samples_unless_highvram(monkeypatch):
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.trainer import release_cached_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    base = {"pretrained_model_name_or_path": "m", "train_data_dir": "d"}
+    release_cached_memory(torch.device("cuda"), options_from({**base, "lowram": True}))
+    release_cached_memory(torch.device("cuda"), options_from({**base, "highvram": True}))
+    release_cached_memory(torch.device("cpu"), options_from(base))
+    assert calls == [1]
+
+
 def test_options_we_do_not_implement_yet_are_refused_by_name(dataset, tmp_path, capsys):
-    assert run(dataset, tmp_path, "--lowram", "--torch_compile") == 2
-    assert "not supported: --lowram, --torch_compile" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--deepspeed", "--torch_compile") == 2
+    assert "not supported: --deepspeed, --torch_compile" in capsys.readouterr().err
 
 
 def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):

@@ -99,8 +99,10 @@ class TrainOptions:
                          "fp16; needs --mixed_precision fp16 or bf16)")
     save_precision: str | None = opt(None, "dtype of saved files", choices=[None, "float", "fp16", "bf16"])
     no_half_vae: bool = opt(False, "keep the VAE in fp32")
-    lowram: bool = opt(False, "load the model to the GPU directly", implemented=False)
-    highvram: bool = opt(False, "keep cached latents on the GPU", implemented=False)
+    lowram: bool = opt(False, "load the model straight to the GPU: always so here (tensors stream one by one from the "
+                       "memory-mapped file to the device)")
+    highvram: bool = opt(False, "keep the GPU's cached memory after caching latents and drawing samples (by default "
+                         "it is handed back, e.g. to the WebUI on the same card)")
     xformers: bool = opt(False, "xformers attention (CUDA, when installed)")
     sdpa: bool = opt(False, "PyTorch SDPA attention (our default anyway)")
     mem_eff_attn: bool = opt(False, "memory-efficient attention (we use SDPA)")

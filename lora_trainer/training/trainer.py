@@ -146,6 +146,13 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         finish_world(world)
 
 
+def release_cached_memory(device: torch.device, options: TrainOptions) -> None:
+    """Hand the blocks PyTorch keeps cached back to the driver after the big one-off allocations (VAE encoding,
+    sampling), as sd-scripts does unless ``--highvram``: other programs on the card, the WebUI first, get them."""
+    if device.type == "cuda" and not options.highvram:
+        torch.cuda.empty_cache()
+
+
 def memory_advice(options: TrainOptions) -> str:
     """The switches that lower memory which this run does not use yet, most effective first."""
     unused = [hint for hint, used in (
@@ -198,6 +205,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     data.cache_latents(model.vae, device, events)
     if options.cache_latents:  # every latent is ready: free the encoder (sd-scripts moves the whole VAE off the GPU)
         model.vae.encoder = None
+    release_cached_memory(device, options)
 
     spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
                            options.network_args, options.network_dropout)
@@ -267,6 +275,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         paths = draw_samples(model, prompts, options.sample_sampler, plan.folder / "sample", options.output_name, epoch, step,
                              options.clip_skip or 1)
         network.train()
+        release_cached_memory(device, options)
         for path in paths:
             events.emit("sample", path=str(path), epoch=epoch, step=step)
 
