@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from lora_trainer.dataset.buckets import BucketChoice
 from lora_trainer.training import noise as N
 from lora_trainer.training.data import Batch
-from lora_trainer.training.pixels import color_augment, crop_box, training_pixels
+from lora_trainer.dataset.layouts import face_in_name
+from lora_trainer.training.pixels import color_augment, crop_box, face_crop_plan, training_pixels
 from lora_trainer.train_network import main as train_main
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 
@@ -106,6 +107,81 @@ def test_sdxl_crop_conditioning_is_mirrored_for_a_flipped_image():
     left = Batch([Record()], [False]).crops[0][1]
     right_margin = 64 - (left + 64)
     assert Batch([Record()], [True]).crops[0][1] == right_margin
+
+
+def test_face_position_is_read_from_sd_scripts_face_crop_names():
+    assert face_in_name(Path("anna_0003_120_80_40_48.png")) == (120, 80, 40, 48)
+    assert face_in_name(Path("photo_2024_01_02_beach.png")) is None  # dates are not a face (sd-scripts crashes)
+    assert face_in_name(Path("a_0_10_20_20.png")) is None  # centre x 0: sd-scripts' "no face"
+    assert face_in_name(Path("a_1_2_3.png")) is None
+
+
+def _face_image(path: Path, size=(256, 256), face=(180, 60, 32, 32)) -> Path:
+    """White, with a red square "face" of the named size at the named centre."""
+    image = Image.new("RGB", size, "white")
+    cx, cy, w, h = face
+    image.paste((255, 0, 0), (cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def test_face_crop_cuts_the_resolution_around_the_face_at_the_asked_face_size(tmp_path):
+    image = _face_image(tmp_path / "girl_180_60_32_32.png")
+    choice = BucketChoice((64, 64), (64, 64), 0.0)
+    # range 2,2: the face must be half the 64 px side, which it already is: no resize, the box is centred on it
+    assert face_crop_plan((256, 256), (64, 64), (180, 60, 32, 32), (2.0, 2.0), False, random.Random(0)) == \
+        ((256, 256), (148, 28, 212, 92))
+    pixels = training_pixels(image, choice, face=(180, 60, 32, 32), face_range=(2.0, 2.0)).pixels
+    red = (pixels[0] > 0.5) & (pixels[1] < -0.5)
+    assert red[16:48, 16:48].all() and red.sum() == 32 * 32  # exactly the face, in the middle
+    # range 2,4: the face ends up between a quarter and a half of the side, always inside the crop
+    for seed in range(20):
+        resized, box = face_crop_plan((256, 256), (64, 64), (180, 60, 32, 32), (2.0, 4.0), False, random.Random(seed))
+        scale = resized[0] / 256
+        assert 16 - 1 <= 32 * scale <= 32 + 1 and resized[0] >= 64
+        assert box[0] <= 180 * scale <= box[2] and box[1] <= 60 * scale <= box[3]
+        assert box[2] - box[0] == 64 and box[3] - box[1] == 64 and box[2] <= resized[0] and box[3] <= resized[1]
+
+
+def test_face_crop_near_an_edge_stays_inside_and_a_small_image_is_enlarged_to_cover():
+    resized, box = face_crop_plan((256, 256), (64, 64), (8, 250, 32, 32), (2.0, 2.0), False, random.Random(0))
+    assert box == (0, 192, 64, 256)
+    resized, box = face_crop_plan((48, 40), (64, 64), (24, 20, 16, 16), (2.0, 4.0), False, random.Random(0))
+    assert resized[0] >= 64 and resized[1] >= 64 and box[2] - box[0] == 64
+
+
+def test_face_crop_with_random_crop_wanders_but_keeps_the_face_in_the_middle_most_often():
+    lefts = [face_crop_plan((512, 512), (64, 64), (256, 256, 32, 32), (2.0, 2.0), True, random.Random(seed))[1][0]
+             for seed in range(400)]
+    assert len(set(lefts)) > 50 and all(0 <= left <= 512 - 64 for left in lefts)
+    centred = sum(abs(left - 224) < 64 for left in lefts)
+    far = sum(abs(left - 224) >= 192 for left in lefts)
+    assert centred > 2 * far  # a triangular spread around the face, as sd-scripts draws it
+
+
+def test_sdxl_conditioning_of_a_face_crop_is_the_uncropped_target_as_sd_scripts_gives_it():
+    class Record:
+        bucket, size, face = (64, 64), (256, 128), (180, 60, 32, 32)
+
+    batch = Batch([Record(), Record()], [False, True])
+    assert batch.original_sizes == [(64, 64), (64, 64)] and batch.crops == [(0, 0), (0, 0)]
+
+
+def test_face_crop_trains_uncached_without_buckets_and_is_refused_where_sd_scripts_ignores_it(tmp_path, capsys):
+    folder = tmp_path / "脸 faces" / "2_zkgirl"
+    for index, face in enumerate([(180, 60, 32, 32), (60, 190, 40, 40), (128, 128, 48, 48), (200, 200, 24, 24)]):
+        _face_image(folder / f"girl{index}_{face[0]}_{face[1]}_{face[2]}_{face[3]}.png", face=face)
+        (folder / f"girl{index}.txt").write_text("zkgirl, red face", encoding="utf-8")  # the face-crop source's caption
+    assert train(folder.parent, tmp_path / "a", "--face_crop_aug_range", "2.0,4.0") == 0
+    assert train(folder.parent, tmp_path / "b", "--face_crop_aug_range", "2.0,4.0") == 0
+    assert same(lora(tmp_path / "a"), lora(tmp_path / "b"))
+    assert train(folder.parent, tmp_path / "plain") == 0
+    assert not same(lora(tmp_path / "a"), lora(tmp_path / "plain"))
+    assert train(folder.parent, tmp_path / "c", "--face_crop_aug_range", "2.0,4.0", "--cache_latents") == 2
+    assert "--face_crop_aug_range change the pixels every step" in capsys.readouterr().err
+    assert train(folder.parent, tmp_path / "c", "--face_crop_aug_range", "2.0,4.0", "--enable_bucket") == 2
+    assert "does not work with --enable_bucket" in capsys.readouterr().err
 
 
 # --- training end to end --------------------------------------------------------------------------------------

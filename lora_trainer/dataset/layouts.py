@@ -185,6 +185,17 @@ def caption_candidates(image: Path, caption_extension: str) -> tuple[Path, ...]:
     return (own,)
 
 
+def face_in_name(image: Path) -> tuple[int, int, int, int] | None:
+    """``a_120_80_40_48.png`` → the face's centre (120, 80) and size 40×48, sd-scripts' face-crop naming (written by
+    its ``detect_face_rotate.py``); None when the last four parts are not whole numbers or the centre x is 0, where
+    sd-scripts finds no face (it crashes on a name like ``photo_2024_01_02_x``: we train such an image normally)."""
+    parts = image.stem.split("_")
+    if len(parts) < 5 or not all(part.isdigit() for part in parts[-4:]):
+        return None
+    cx, cy, width, height = (int(part) for part in parts[-4:])
+    return (cx, cy, width, height) if cx > 0 else None
+
+
 @dataclass(frozen=True)
 class ImageEntry:
     """One training image: its caption as sd-scripts would train it (before caption processing), the caption file it

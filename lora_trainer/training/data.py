@@ -21,7 +21,7 @@ from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import read_image_size
-from ..dataset.layouts import config_from_folders, config_from_metadata, dataset_images, regularization_repeats
+from ..dataset.layouts import config_from_folders, config_from_metadata, dataset_images, face_in_name, regularization_repeats
 from ..errors import UserError
 from .evaluation import split_validation
 from .pixels import training_pixels
@@ -41,6 +41,7 @@ class ImageRecord:
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # with alpha_mask and cached latents: [H, W] at the bucket size, unflipped
+    face: tuple[int, int, int, int] | None = None  # face centre and size from the name, with face_crop_aug_range
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -58,13 +59,17 @@ class Batch:
 
     @property
     def original_sizes(self):
-        return [(r.size[1], r.size[0]) for r in self.records]  # (h, w) as SDXL's conditioning wants
+        # (h, w) as SDXL's conditioning wants; a face crop is "uncropped at the target size", as sd-scripts says
+        return [(r.bucket[1], r.bucket[0]) if r.face else (r.size[1], r.size[0]) for r in self.records]
 
     @property
     def crops(self):
         """SDXL's (top, left) crop conditioning as sd-scripts gives it, mirrored for a flipped image."""
         crops = []
         for record, flipped in zip(self.records, self.flips):
+            if record.face:  # sd-scripts: crop (0, 0, 0, 0), which its mirroring turns into a left of the full width
+                crops.append((0, 0))
+                continue
             left, top, right, _ = B.crop_ltrb(record.bucket, record.size)
             crops.append((int(top), int(record.bucket[0] - right if flipped else left)))
         return crops
@@ -146,7 +151,8 @@ class TrainingData:
             return batch
         rng = random.Random(batch.augment_seed)
         images = [training_pixels(r.path, r.choice, flip=f, random_crop=r.subset.random_crop, color_aug=r.subset.color_aug,
-                                  alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r), rng=rng)
+                                  alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r), face=r.face,
+                                  face_range=r.subset.face_crop_aug_range, rng=rng)
                   for r, f in zip(batch.records, batch.flips)]
         pixels = torch.stack([i.pixels for i in images]).to(device, vae.dtype)
         batch.latents = vae.encode(pixels).sample(torch.Generator().manual_seed(batch.augment_seed)).float().cpu()
@@ -338,6 +344,9 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     for record, repeats in zip(reg, used):
         record.repeats = repeats
     reg = [r for r in reg if r.repeats > 0]
+    for record in train + reg:  # validation images are never augmented
+        if record.subset.face_crop_aug_range is not None:
+            record.face = face_in_name(record.path)
     return DatasetPlan(dataset, train, reg, validation, images.tag_frequency)
 
 
@@ -365,11 +374,17 @@ def _check_augmentations(datasets: list[DatasetConfig], options: TrainOptions) -
     if options.masked_loss and not any(subset.alpha_mask for subset in subsets):
         raise UserError("--masked_loss needs masks: set alpha_mask = true on the subsets (or --alpha_mask) to mask the loss "
                         "with the images' transparency (mask folders, conditioning_data_dir, are not supported)")
+    for dataset in datasets:
+        for subset in dataset.subsets:
+            if subset.face_crop_aug_range is not None and dataset.enable_bucket:
+                raise UserError(f"{subset.image_dir or subset.metadata_file}: face_crop_aug_range cuts the fixed resolution "
+                                "around the face and does not work with buckets (sd-scripts ignores it there); turn "
+                                "enable_bucket off or drop face_crop_aug_range")
     if not options.cache_latents:
         return
     for dataset in datasets:
         for subset in dataset.subsets:
-            used = [name for name in ("color_aug", "random_crop") if getattr(subset, name)]
+            used = [name for name in ("color_aug", "random_crop", "face_crop_aug_range") if getattr(subset, name)]
             if used:
                 where = subset.image_dir or subset.metadata_file
                 raise UserError(f"{where}: {' and '.join(used)} change the pixels every step, so latents cannot be cached; "

@@ -58,7 +58,9 @@ class TrainOptions:
     color_aug: bool = opt(False, "colour augmentation: small hue or gamma changes (latents cannot be cached)")
     flip_aug: bool = opt(False, "horizontal flip augmentation")
     random_crop: bool = opt(False, "random instead of centre crop (latents cannot be cached)")
-    face_crop_aug_range: str | None = opt(None, "face crop augmentation", implemented=False)
+    face_crop_aug_range: str | None = opt(None, '"2.0,4.0": cut the resolution around the face named in the file name '
+                                          '(img_<cx>_<cy>_<w>_<h>.png), the face 1/4…1/2 of the short side (no buckets, '
+                                          'latents cannot be cached)')
     alpha_mask: bool = opt(False, "the images' transparency masks the loss (transparent parts are not learnt)")
     resize_interpolation: str | None = opt(None, "resize filter (default: area when shrinking, lanczos when enlarging)",
                                            choices=[None, "lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic",
@@ -313,7 +315,10 @@ def validate(options: TrainOptions) -> None:
         problems.append("--lr_scheduler constant takes no warm-up; use constant_with_warmup")
     if options.cache_latents_to_disk:
         options.cache_latents = True
-    augmented = [f"--{name}" for name in ("color_aug", "random_crop") if getattr(options, name)]
+    augmented = [f"--{name}" for name in ("color_aug", "random_crop", "face_crop_aug_range") if getattr(options, name)]
+    if options.face_crop_aug_range and options.enable_bucket:
+        problems.append("--face_crop_aug_range cuts the fixed resolution around the face and does not work with "
+                        "--enable_bucket (sd-scripts ignores it there): drop one of them")
     if augmented and options.cache_latents:
         problems.append(f"{' and '.join(augmented)} change the pixels every step, so latents cannot be cached: drop "
                         "--cache_latents/--cache_latents_to_disk or the augmentation")

@@ -4,6 +4,7 @@ seeded ``random.Random``, so a resumed run draws the same augmentations."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,39 @@ def crop_box(choice: BucketChoice, random_crop: bool = False, rng: random.Random
     left = rng.randint(0, max(0, choice.resized_size[0] - choice.bucket[0]))
     top = rng.randint(0, max(0, choice.resized_size[1] - choice.bucket[1]))
     return left, top, left + choice.bucket[0], top + choice.bucket[1]
+
+
+def face_crop_plan(image_size: tuple[int, int], target: tuple[int, int], face: tuple[int, int, int, int],
+                   face_range: tuple[float, float], random_crop: bool, rng: random.Random) -> tuple[tuple[int, int], Box]:
+    """sd-scripts' ``crop_target`` for ``face_crop_aug_range = (low, high)``: scale the image so the face's larger
+    side is 1/high … 1/low of the target's shorter side (never below covering the target, never enlarged beyond the
+    original), then cut the target around the face — shifted by up to ±face/20 when the range is a range, or
+    anywhere that keeps the face near the middle more often with ``random_crop``. Returns (resized size, box).
+
+    Where we differ: an image smaller than the target is enlarged to cover it (sd-scripts fails on it)."""
+    width, height = image_size
+    if image_size == target:
+        return image_size, (0, 0, width, height)
+    cx, cy, face_w, face_h = face
+    face_size = max(face_w, face_h)
+    short_side = min(target)
+    cover = max(target[1] / height, target[0] / width)
+    min_scale = max(cover, min(1.0, short_side / (face_size * face_range[1])))
+    max_scale = max(min_scale, min(1.0, short_side / (face_size * face_range[0])))
+    scale = min_scale if min_scale >= max_scale else rng.uniform(min_scale, max_scale)
+    resized = (max(target[0], int(width * scale + 0.5)), max(target[1], int(height * scale + 0.5)))
+    start = []
+    for target_side, length, centre in ((target[1], resized[1], int(cy * scale + 0.5)),
+                                        (target[0], resized[0], int(cx * scale + 0.5))):  # sd-scripts: rows first
+        p1 = centre - target_side // 2
+        if random_crop:
+            reach = max(length - centre, centre)
+            p1 += rng.randint(0, reach) + rng.randint(0, reach) - reach
+        elif face_range[0] != face_range[1] and face_size > short_side // 10 and face_size >= 40:
+            p1 += rng.randint(-face_size // 20, face_size // 20)
+        start.append(max(0, min(p1, length - target_side)))
+    top, left = start
+    return resized, (left, top, left + target[0], top + target[1])
 
 
 FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -88,11 +122,17 @@ class TrainingPixels:
 
 def training_pixels(path: Path, choice: BucketChoice, *, flip: bool = False, random_crop: bool = False,
                     color_aug: bool = False, alpha_mask: bool = False, interpolation: str | None = None,
+                    face: tuple[int, int, int, int] | None = None, face_range: tuple[float, float] | None = None,
                     rng: random.Random | None = None) -> TrainingPixels:
-    """One image ready for the VAE (and its loss mask), with the augmentations asked for."""
+    """One image ready for the VAE (and its loss mask), with the augmentations asked for; with ``face`` and
+    ``face_range`` it is cut around the face (``face_crop_aug_range``) instead of resized into the bucket."""
     rng = rng or random.Random()
     image, alpha = load_image_and_alpha(path)
-    box = crop_box(choice, random_crop, rng)
+    if face is not None and face_range is not None:
+        resized, box = face_crop_plan(image.size, choice.bucket, face, face_range, random_crop, rng)
+        choice = dataclasses.replace(choice, resized_size=resized)
+    else:
+        box = crop_box(choice, random_crop, rng)
     image = resize_and_crop(image, choice, box, interpolation)
     mask = None
     if alpha_mask:
