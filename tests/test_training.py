@@ -294,6 +294,33 @@ def test_the_gpu_cache_goes_back_to_the_card_after_caching_and_samples_unless_hi
     assert calls == [1]
 
 
+def test_a_run_continued_from_its_epoch_file_counts_and_names_on_from_the_initial_epoch(baseline, dataset, tmp_path):
+    """sd-scripts' --network_weights X-000001 --initial_epoch 2: the second epoch is trained, numbered as such."""
+    first = baseline / "star-000001.safetensors"
+    assert run(dataset, tmp_path / "epoch", "--network_weights", str(first), "--initial_epoch", "2", "--save_every_n_epochs", "1") == 0
+    events, _ = read_events(tmp_path / "epoch" / "star.events.jsonl")
+    steps = [e["step"] for e in events if e["event"] == "step" and "phase" not in e]
+    assert steps == list(range(9, 17)) and [e["epoch"] for e in events if e["event"] == "epoch"] == [2]
+    assert sorted(p.name for p in (tmp_path / "epoch").glob("*.safetensors")) == ["star.safetensors"]
+    with safe_open(str(tmp_path / "epoch" / "star.safetensors"), "pt") as handle:
+        assert (handle.metadata()["ss_epoch"], handle.metadata()["ss_steps"]) == ("2", "16")
+    assert not torch.equal(weights(tmp_path / "epoch" / "star.safetensors")["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"],
+                           weights(first)["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"])
+    # --initial_step 12: from the start of its epoch, or (skip_until_initial_step) from step 13 on
+    for extra, expected in ((), list(range(9, 17))), (("--skip_until_initial_step",), [13, 14, 15, 16]):
+        out = tmp_path / f"step{len(extra)}"
+        assert run(dataset, out, "--network_weights", str(first), "--initial_step", "12", *extra) == 0
+        events, _ = read_events(out / "star.events.jsonl")
+        assert [e["step"] for e in events if e["event"] == "step" and "phase" not in e] == expected
+
+
+def test_initial_steps_that_leave_nothing_or_contradict_a_resume_are_refused(baseline, dataset, tmp_path, capsys):
+    assert run(dataset, tmp_path, "--initial_step", "16") == 2
+    assert "--initial_step 16 leaves nothing to train: the run has 16 steps" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--initial_epoch", "2", "--resume", str(baseline / "star-000001-state")) == 2
+    assert "--resume continues exactly where its state stopped" in capsys.readouterr().err
+
+
 def test_options_we_do_not_implement_yet_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--deepspeed", "--torch_compile") == 2
     assert "not supported: --deepspeed, --torch_compile" in capsys.readouterr().err

@@ -168,9 +168,11 @@ class TrainOptions:
     save_state: bool = opt(False, "save optimizer/scheduler/RNG state with each file, to resume")
     save_state_on_train_end: bool = opt(False, "save the state at the end")
     resume: str | None = opt(None, "state folder to resume from")
-    initial_epoch: int | None = opt(None, "start counting at this epoch", implemented=False)
-    initial_step: int | None = opt(None, "start counting at this step", implemented=False)
-    skip_until_initial_step: bool = opt(False, "skip batches until the state's step", implemented=False)
+    initial_epoch: int | None = opt(None, "continue a run from its network file (--network_weights): start at this "
+                                    "epoch (1 = the first); counting and file names go on from there")
+    initial_step: int | None = opt(None, "… or at this step (0 = the first); wins over --initial_epoch")
+    skip_until_initial_step: bool = opt(False, "with --initial_step: skip that epoch's batches before it (else the run "
+                                        "starts at the epoch's beginning); --resume always continues exactly")
     # samples and logs
     sample_every_n_steps: int | None = opt(None, "sample images every N steps")
     sample_every_n_epochs: int | None = opt(None, "sample images every N epochs")
@@ -362,6 +364,13 @@ def validate(options: TrainOptions) -> None:
     if options.in_json and options.reg_data_dir and not options.dataset_config:
         problems.append("--reg_data_dir is for DreamBooth folders: a --in_json (fine-tuning) dataset has no regularisation "
                         "images; drop one of them")
+    if options.initial_epoch is not None and options.initial_epoch < 1:
+        problems.append(f"--initial_epoch {options.initial_epoch}: epochs count from 1")
+    if options.initial_step is not None and options.initial_step < 0:
+        problems.append(f"--initial_step {options.initial_step}: steps count from 0")
+    if options.resume and (options.initial_epoch is not None or options.initial_step is not None):
+        problems.append("--resume continues exactly where its state stopped; --initial_epoch/--initial_step are for "
+                        "continuing from a network file (--network_weights) without a state: drop one of them")
     if options.fp8_base and options.mixed_precision == "no":
         problems.append("--fp8_base needs --mixed_precision fp16 or bf16 (the fp8 weights are computed in that precision)")
     if options.dataset_repeats < 1:

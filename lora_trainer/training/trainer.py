@@ -67,6 +67,16 @@ class RunState:
     epoch_validation_loss: dict[int, float] = field(default_factory=dict)
     step_validation_loss: dict[int, float] = field(default_factory=dict)  # with --validate_every_n_steps
     per_image_loss: dict[str, list[float]] = field(default_factory=dict)
+    first_step: int = 0  # the step before losses[0]: a run continued with --initial_step starts counting there
+
+    @classmethod
+    def continuing(cls, initial_step: int, steps_per_epoch: int, accumulation: int, skip_batches: bool) -> RunState:
+        """sd-scripts' ``--initial_step``/``--initial_epoch`` (a run continued from a network file, without a state):
+        counting, file names and data order go on from that step. The data of the epoch it falls in is skipped up to
+        it with ``--skip_until_initial_step``; without, the run starts at that epoch's beginning, as sd-scripts does."""
+        epoch = initial_step // steps_per_epoch
+        step = initial_step if skip_batches else epoch * steps_per_epoch
+        return cls(epoch=epoch, step=step, batch_in_epoch=(step - epoch * steps_per_epoch) * accumulation, first_step=step)
 
 
 class StopRequest:
@@ -243,6 +253,13 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     if options.resume:
         state = load_state(Path(options.resume), network, optimizer, scheduler, generator)
         events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+    elif options.initial_step is not None or options.initial_epoch is not None:
+        initial_step = options.initial_step if options.initial_step is not None else (options.initial_epoch - 1) * steps_per_epoch
+        if initial_step >= total_steps:
+            raise UserError(f"--initial_step {initial_step} leaves nothing to train: the run has {total_steps} steps "
+                            f"({num_epochs} epochs of {steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
+        state = RunState.continuing(initial_step, steps_per_epoch, options.gradient_accumulation_steps,
+                                    options.skip_until_initial_step)
 
     plan = OutputPlan(options, num_epochs)
     metadata = RunMetadata(options, config, model, spec, data, seed, started, optimizer_label(optimizer, options.optimizer_args),
@@ -412,7 +429,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                     return finish(epoch)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             # from the whole history, so an epoch resumed part-way still averages all of its steps
-            this_epoch = state.losses[epoch * steps_per_epoch : state.step]
+            this_epoch = state.losses[max(0, epoch * steps_per_epoch - state.first_step) : state.step - state.first_step]
             epoch_train_loss[epoch + 1] = sum(this_epoch) / max(1, len(this_epoch))
             events.emit("epoch", epoch=epoch + 1, average=epoch_train_loss[epoch + 1], step=state.step)
             validate(epoch + 1)
