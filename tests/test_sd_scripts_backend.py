@@ -89,3 +89,93 @@ def test_console_lines_sd_scripts_prints_become_events():
     assert event_from_line("epoch 3/10") == {"event": "epoch", "epoch": 2, "epochs": 10}  # epoch 2 is done
     assert event_from_line("steps:   0%|          | 0/10 [00:00<?, ?it/s]") is None
     assert event_from_line("prepare optimizer, data loader etc.") is None
+
+
+# Console lines captured from the real kohya-ss/sd-scripts (commit 48d368fa, train_network.py, CPU, tiny model,
+# --validation_split 0.25 --validate_every_n_steps 5). Each step is drawn twice: progress_bar.update(1) with the
+# previous avr_loss, then set_postfix with its own; validation bars have their own 1..N counter and end in ESC[A.
+REAL_CONSOLE = [
+    "steps:   0%|          | 0/60 [00:00<?, ?it/s]",
+    "epoch 1/1",
+    "",
+    "2026-12-01 20:13:16 INFO     epoch is incremented.             train_util.py:784",
+    "                             current_epoch: 0, epoch: 1                         ",
+    "steps:   2%|▏         | 1/60 [00:00<00:37,  1.57it/s]",
+    "steps:   2%|▏         | 1/60 [00:00<00:37,  1.57it/s, avr_loss=1.14]",
+    "steps:   3%|▎         | 2/60 [00:01<00:31,  1.83it/s, avr_loss=1.14]",
+    "steps:   3%|▎         | 2/60 [00:01<00:31,  1.83it/s, avr_loss=1.12]",
+    "steps:   8%|▊         | 5/60 [00:02<00:26,  2.07it/s, avr_loss=1.12]",
+    "steps:   8%|▊         | 5/60 [00:02<00:26,  2.07it/s, avr_loss=1.17]",
+    "",
+    "validation steps:   0%|          | 0/8 [00:00<?, ?it/s]\x1b[A",
+    "validation steps:  75%|███████▌  | 6/8 [00:00<00:00,  7.01it/s]\x1b[A",
+    "validation steps:  75%|███████▌  | 6/8 [00:00<00:00,  7.01it/s, val_avg_loss=1.16, timestep=200]\x1b[A",
+    "validation steps: 100%|██████████| 8/8 [00:01<00:00,  6.76it/s, val_avg_loss=1.15, timestep=800]\x1b[A",
+    "steps:  10%|█         | 6/60 [00:02<00:26,  2.08it/s, avr_loss=1.17]",
+    "steps:  10%|█         | 6/60 [00:02<00:26,  2.08it/s, avr_loss=1.16]",
+    "steps:  12%|█▏        | 7/60 [00:03<00:25,  2.05it/s, avr_loss=1.15]",  # fast runs: update's draw is skipped
+    "steps: 100%|██████████| 60/60 [00:28<00:00,  2.12it/s, avr_loss=1.13]",
+    "epoch validation steps: 100%|██████████| 8/8 [00:01<00:00,  7.41it/s, val_epoch_avg_loss=1.14, timestep=800]\x1b[A",
+    "saving checkpoint: {out}/val.safetensors",
+    "2026-12-01 20:14:01 INFO     model saved.                  train_network.py:1729",
+    "steps: 100%|██████████| 60/60 [00:28<00:00,  2.12it/s, avr_loss=1.13]",
+]
+
+REPLAY = textwrap.dedent('''
+    import argparse, json, sys, time, toml
+    from pathlib import Path
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config_file")
+    options = toml.loads(Path(parser.parse_args().config_file).read_text(encoding="utf-8"))
+    out = Path(options["output_dir"])
+    for line in json.loads(Path(__file__).with_name("console.json").read_text(encoding="utf-8")):
+        if line.startswith("@write "):  # a file sd-scripts (or the user) writes at this point
+            Path(line[7:].format(out=out)).write_text("stop" if line.endswith("STOP") else "weights", encoding="utf-8")
+        elif line == "@pause":  # let the trainer read everything printed so far
+            time.sleep(1.5)
+        elif line == "@hang":
+            while True:
+                print("steps:  50%|█████     | 30/60 [00:14<00:14,  2.1it/s, avr_loss=1.1]", flush=True); time.sleep(0.2)
+        else:
+            # tqdm redraws with "\\r"; sd-scripts prints its own lines as print(f"\\n...")
+            sys.stdout.write("\\r" + line.format(out=out) if line.startswith("steps") else "\\n" + line.format(out=out) + "\\n")
+            sys.stdout.flush()
+''')
+
+
+def replay(checkout: Path, lines: list[str]) -> Path:
+    import json
+
+    (checkout / "train_network.py").write_text(REPLAY, encoding="utf-8")
+    (checkout / "console.json").write_text(json.dumps(lines), encoding="utf-8")
+    return checkout
+
+
+def test_real_sd_scripts_console_steps_carry_their_own_loss_and_validation_bars_are_not_steps(checkout, tmp_path):
+    assert event_from_line(REAL_CONSOLE[14]) is None and event_from_line(REAL_CONSOLE[20]) is None
+    assert train(replay(checkout, REAL_CONSOLE), tmp_path) == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    steps = [e for e in events if e["event"] == "step"]
+    assert [(e["step"], e["total"], e.get("average")) for e in steps] == [
+        (1, 60, 1.14), (2, 60, 1.12), (5, 60, 1.17), (6, 60, 1.16), (7, 60, 1.15), (60, 60, 1.13)]
+    assert [e["event"] for e in events] == ["start"] + ["step"] * 6 + ["saved", "epoch", "end"]
+    assert events[-1]["steps"] == 60 and events[-1]["files"] == [str(tmp_path / "val.safetensors")]
+    assert (tmp_path / "star.events.sd-scripts.toml").is_file()  # the config it ran, beside its log
+
+
+def test_a_stop_terminates_sd_scripts_keeps_its_files_and_ends_without_an_error(checkout, tmp_path):
+    lines = ["epoch 1/3", "steps:  33%|███▎      | 20/60 [00:09<00:18,  2.1it/s, avr_loss=1.14]",
+             "@write {out}/star-000001.safetensors", "saving checkpoint: {out}/star-000001.safetensors", "epoch 2/3",
+             "@pause", "@write {out}/STOP", "@hang"]
+    assert train(replay(checkout, lines), tmp_path, "--stop_file", str(tmp_path / "STOP")) == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert [e["event"] for e in events if e["event"] != "step"] == ["start", "saved", "epoch", "warning", "end"]
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1]  # epoch 2 was cut short
+    assert events[-1]["stopped"] is True and events[-1]["files"] == [str(tmp_path / "star-000001.safetensors")]
+    assert (tmp_path / "star-000001.safetensors").is_file()
+
+
+def test_an_sd_scripts_crash_is_one_error_event(checkout, tmp_path):
+    assert train(checkout, tmp_path, "--training_comment", "crash") == 2
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert [e["event"] for e in events].count("error") == 1

@@ -321,9 +321,9 @@ def test_initial_steps_that_leave_nothing_or_contradict_a_resume_are_refused(bas
     assert "--resume continues exactly where its state stopped" in capsys.readouterr().err
 
 
-def test_options_we_do_not_implement_yet_are_refused_by_name(dataset, tmp_path, capsys):
-    assert run(dataset, tmp_path, "--deepspeed", "--torch_compile") == 2
-    assert "not supported: --deepspeed, --torch_compile" in capsys.readouterr().err
+def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_path, capsys):
+    assert run(dataset, tmp_path, "--deepspeed", "--huggingface_repo_id", "me/star") == 2
+    assert "not supported: --deepspeed, --huggingface_repo_id" in capsys.readouterr().err
 
 
 def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):

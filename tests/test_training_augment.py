@@ -99,7 +99,7 @@ def test_the_loss_mask_zeroes_the_transparent_part_of_the_loss():
 
 def test_sdxl_crop_conditioning_is_mirrored_for_a_flipped_image():
     class Record:
-        bucket, size = (64, 64), (128, 64)  # a 2:1 image in a square bucket: fitted inside, 16 px margins
+        bucket, size, face = (64, 64), (128, 64), None  # a 2:1 image in a square bucket: fitted inside, 16 px margins
 
     crops = Batch([Record(), Record()], [False, True]).crops
     assert crops[0] == (16, 0) and crops[1] == (16, 0)  # symmetric margins mirror onto themselves

@@ -18,7 +18,6 @@ from torch import nn
 from .dora import init_magnitude
 from .naming import Target
 from .registry import INITIALISERS, find_algorithm, load_builtin, module_delta
-from .registry import scale as registry_scale
 from .spec import NetworkSpec
 
 
@@ -100,7 +99,7 @@ class NetworkModule(nn.Module):
 
     def _lora_change(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
-        scale = registry_scale({k: self._buffers[k] for k in ("alpha", "scale") if k in self._buffers}, down.shape[0])
+        scale = self._scale(down.shape[0])
         if self.training and self.algorithm == "dylora":
             down, up, scale = self._dylora_slice(down, up, scale)
         hidden = self._project(x, down if down.dtype == x.dtype else down.to(x.dtype))
@@ -119,6 +118,14 @@ class NetworkModule(nn.Module):
         up = up if up.dtype == x.dtype else up.to(x.dtype)
         out = F.linear(hidden, up.reshape(up.shape[0], -1)) if self.conv is None else F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1))
         return out * (self.multiplier * scale)
+
+    def _scale(self, rank: int) -> torch.Tensor | float:
+        """registry.scale (α / r, or the file's ``scale``) kept a tensor: reading it as a Python number would make
+        every LoRA layer wait for the GPU in every forward, and would cut a torch.compile graph at each layer."""
+        if "scale" in self._buffers:
+            return self._buffers["scale"]
+        alpha = self._buffers.get("alpha")
+        return 1.0 if alpha is None else alpha / rank
 
     def _dylora_slice(self, down, up, scale):
         """DyLoRA (Valipour et al.): each step trains one block of ``unit`` ranks at a random depth b and uses the

@@ -21,8 +21,8 @@ from ..errors import UserError
 from ..safe_io import read_utf8
 
 
-def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None, implemented: bool = True):
-    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs, "implemented": implemented})
+def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs})
 
 
 @dataclass
@@ -108,7 +108,11 @@ class TrainOptions:
     xformers: bool = opt(False, "xformers attention (CUDA, when installed)")
     sdpa: bool = opt(False, "PyTorch SDPA attention (our default anyway)")
     mem_eff_attn: bool = opt(False, "memory-efficient attention (we use SDPA)")
-    torch_compile: bool = opt(False, "torch.compile", implemented=False)
+    torch_compile: bool = opt(False, "compile the UNet and text encoders with torch.compile (slow first steps; "
+                              "inductor needs a C++ compiler, on Windows MSVC)")
+    dynamo_backend: str = opt("inductor", "torch.compile backend", choices=["eager", "aot_eager", "inductor",
+                              "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt", "onnxrt", "tensort",
+                              "ipex", "tvm"])
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     # noise and loss
     noise_offset: float | None = opt(None, "noise offset")
@@ -218,13 +222,12 @@ def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse
                                      argument_default=argparse.SUPPRESS)
     for f in FIELDS.values():
         meta = f.metadata
-        help_text = meta["help"] + ("" if meta["implemented"] else " (not supported yet: refused when set)")
         if f.type == "bool":
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            parser.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
             continue
         kind = {"int | None": int, "int": int, "float | None": float, "float": float, "list[float] | None": float}.get(f.type, str)
         choices = [c for c in meta["choices"] if c is not None] if meta["choices"] else None
-        parser.add_argument(f"--{f.name}", type=kind, nargs=meta["nargs"], choices=choices, help=help_text)
+        parser.add_argument(f"--{f.name}", type=kind, nargs=meta["nargs"], choices=choices, help=meta["help"])
     for name in sorted(FOREIGN):
         parser.add_argument(f"--{name}", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--caption_extention", dest="caption_extension", help=argparse.SUPPRESS)  # sd-scripts' old spelling
@@ -267,10 +270,8 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
         raise UserError(f"{source}: unknown option(s) {', '.join(hints)}")
     options = TrainOptions(**{k: v for k, v in values.items() if k in FIELDS})
-    not_yet = sorted(name for name, f in FIELDS.items() if not f.metadata["implemented"] and getattr(options, name) != getattr(DEFAULTS, name))
-    refused = foreign + not_yet
-    if refused:
-        raise UserError(f"{source}: not supported: {', '.join('--' + n for n in refused)}; remove them to train here "
+    if foreign:
+        raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
                         "(or run the same command with sd-scripts)")
     validate(options)
     return options

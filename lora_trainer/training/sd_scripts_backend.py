@@ -22,7 +22,9 @@ from ..errors import UserError
 from .events import EventLog
 from .options import TrainOptions, non_default
 
-_STEPS = re.compile(r"steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[[^\]]*?(?:,\s*avr_loss=([0-9.eE+-]+|nan|inf))?\]")
+# "steps:" is the training bar; sd-scripts' "validation steps:" / "epoch validation steps:" bars (with
+# --validation_split) count their own 1..N and must not become step events, hence the look-behind.
+_STEPS = re.compile(r"(?<![\w ])steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[[^\]]*?(?:,\s*avr_loss=([0-9.eE+-]+|nan|inf))?\]")
 _EPOCH = re.compile(r"^epoch (\d+)/(\d+)\s*$")
 _SAVED = re.compile(r"saving checkpoint: (.+?)\s*$")
 _STATE = re.compile(r"saving (?:last )?state")
@@ -96,42 +98,60 @@ def _lines(stream):
 def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
     checkout = checkout_of(options.backend)
     script = script_for(options)
-    config = log_path.with_name(f"{log_path.stem}.sd-scripts.toml")
+    config = log_path.with_suffix(".toml")  # beside its log: <name>.events.sd-scripts.toml
     config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
     stop_file = Path(options.stop_file) if options.stop_file else None
     started, last_step, files, error = time.time(), 0, [], None
-    epochs_done, epoch_now = 0, 0
+    epochs_done, epoch_now, epochs, stopped = 0, 0, None, False
+    # sd-scripts draws each step twice: progress_bar.update(1) (avr_loss still that of the step before), then
+    # set_postfix(avr_loss=...). A step is held until its redraw (or the next line we track) so it carries its own loss.
+    pending: dict | None = None
+
+    def flush():
+        nonlocal pending
+        if pending is not None:
+            events.emit("step", **pending)
+            pending = None
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w", encoding="utf-8") as log, \
             subprocess.Popen(command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
         for line in _lines(process.stdout):
             log.write(line + "\n")
             if match := _EPOCH.match(line.strip()):
-                epoch_now = int(match[1])
+                epoch_now, epochs = int(match[1]), int(match[2])
             event = event_from_line(line)
-            if event is None or (event["event"] == "step" and event["step"] <= last_step):
-                pass  # nothing we track, or tqdm redrawing the same step
-            else:
+            if event is not None and event["event"] == "step":
+                event.pop("event")
+                if pending is not None and event["step"] == pending["step"]:
+                    pending.update(event)  # the redraw after set_postfix: this step's own average
+                    flush()
+                elif event["step"] > last_step:
+                    flush()
+                    pending, last_step = event, event["step"]
+            elif event is not None:
+                flush()
                 kind = event.pop("event")
-                last_step = event.get("step", last_step) if kind == "step" else last_step
                 files += [event["path"]] if kind == "saved" else []
-                error = event["message"] if kind == "error" else error
                 epochs_done = event["epoch"] if kind == "epoch" else epochs_done
-                events.emit(kind, **event)
+                if kind == "error":  # becomes the UserError below; the caller writes the one error event
+                    error = event["message"]
+                else:
+                    events.emit(kind, **event)
             if process.returncode is None and stop_file is not None and stop_file.exists() \
                     and stop_file.read_text(encoding="utf-8").strip() not in ("save", "sample"):
+                flush()
                 process.terminate()
                 process.returncode = process.wait()
+                stopped = True
                 events.emit("warning", message="sd-scripts cannot stop gracefully: terminated; the files it saved are kept")
         code = process.wait()
-    if code != 0:
-        message = error or f"sd-scripts exited with code {code}; see {log_path}"
-        if not error:
-            events.emit("error", message=message)
-        raise UserError(message)
-    if epochs_done < epoch_now:  # the last epoch has no "epoch N+1" line after it
-        events.emit("epoch", epoch=epoch_now)
-    events.emit("end", files=files, steps=last_step, seconds=round(time.time() - started, 2), backend="sd-scripts")
+    flush()
+    if code != 0 and not stopped:  # a stop the user asked for ends like our own trainer's stop: with "end"
+        raise UserError(error or f"sd-scripts exited with code {code}; see {log_path}")
+    if epochs_done < epoch_now and not stopped:  # the last epoch has no "epoch N+1" line after it
+        events.emit("epoch", epoch=epoch_now, epochs=epochs)
+    events.emit("end", files=files, steps=last_step, seconds=round(time.time() - started, 2), backend="sd-scripts",
+                **({"stopped": True} if stopped else {}))
     return code

@@ -152,8 +152,28 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         return _train(options, events if world.is_main else EventLog(None), world, device)
     except torch.OutOfMemoryError as error:
         raise UserError(f"out of {device.type.upper()} memory ({str(error).splitlines()[0][:120]}); {memory_advice(options)}") from None
+    except Exception as error:
+        if options.torch_compile and type(error).__module__.startswith("torch._"):  # dynamo/inductor: compiling failed
+            raise UserError(f"torch.compile with --dynamo_backend {options.dynamo_backend} failed "
+                            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); try --dynamo_backend eager or "
+                            "aot_eager, or drop --torch_compile") from error
+        raise
     finally:
         finish_world(world)
+
+
+def compile_models(model, backend: str) -> None:
+    """``--torch_compile``: the UNet and the text encoders compiled in place (their names and weights unchanged)."""
+    import torch._dynamo
+
+    from .options import FIELDS
+
+    available = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in available:
+        offered = [name for name in FIELDS["dynamo_backend"].metadata["choices"] if name in available]
+        raise UserError(f"--dynamo_backend {backend} is not available with this PyTorch; choose one of {', '.join(offered)}")
+    for part in (model.unet, *model.text_encoders):
+        part.compile(backend=backend)
 
 
 def release_cached_memory(device: torch.device, options: TrainOptions) -> None:
@@ -231,6 +251,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     if options.full_fp16 or options.full_bf16:
         network.to(DTYPES[options.mixed_precision])
     network.apply_to()
+    if options.torch_compile:  # after the hooks are in place, so the compiled graphs include them
+        compile_models(model, options.dynamo_backend)
 
     steps_per_epoch = math.ceil(data.batches_per_epoch / options.gradient_accumulation_steps)
     total_steps = options.max_train_steps
