@@ -18,7 +18,7 @@ ALGORITHMS: dict[str, tuple[str, list[str]]] = {
     "LoHa": ("lycoris.kohya", ["algo=loha"]),
     "LoKr": ("lycoris.kohya", ["algo=lokr"]),
     "DyLoRA": ("networks.dylora", []),
-    "DoRA": ("lycoris.kohya", ["algo=lora", "dora_wd=True"]),
+    "DoRA": ("lycoris.kohya", ["algo=lora", "dora_wd=True", "preset=attn-mlp"]),  # the layers LoRA trains (+ time embedding)
 }
 CONV_ALGORITHMS = ("LoCon", "LoHa", "LoKr")  # these also train the ResBlock convolutions
 

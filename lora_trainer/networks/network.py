@@ -19,7 +19,8 @@ from ..safe_io import save_safetensors
 from .lr_groups import block_lr_weights, parameter_groups
 from .modules import NetworkModule, layer_and_weight
 from .files import NetworkFile, match_network
-from .naming import ATTENTION, CONV, Target, model_components, model_targets
+from .lycoris_presets import targeted
+from .naming import Target, model_components, model_targets
 from .spec import NetworkSpec
 
 # sd-scripts' block-wise lists: 25 entries for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 for SDXL
@@ -28,10 +29,13 @@ BLOCK_COUNT = {"diffusers": 25, "sgm": 23}
 
 
 def block_index(target: Target, naming: str) -> int | None:
-    """The target's position in sd-scripts' ``block_dims`` list; None for text encoders."""
+    """The target's position in sd-scripts' ``block_dims`` list; None for text encoders and the layers outside the
+    blocks (time embedding, the last conv: LyCORIS presets)."""
     if target.is_text_encoder:
         return None
     match = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)", target.module)
+    if match is None:
+        return None
     kind, number = match.group(1), int(match.group(2))
     sgm = naming == "sgm"
     if kind == "middle_block":
@@ -127,7 +131,7 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
     lr_weights = block_lr_weights_for(config, spec)
     modules = {}
     for name, target in targets.items():
-        if target.group not in (ATTENTION, CONV) or (target.group == CONV and not spec.with_convs):
+        if not targeted(target, spec.preset, spec.with_convs, config.lora_unet_naming):
             continue
         index = block_index(target, config.lora_unet_naming)
         if lr_weights is not None and index is not None and lr_weights[index] == 0:

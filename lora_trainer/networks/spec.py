@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .lycoris_presets import LYCORIS_DEFAULT, lycoris_preset
 
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora")
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
@@ -39,6 +40,7 @@ class NetworkSpec:
     unit: int = 1  # DyLoRA
     network_module: str = "networks.lora"
     network_args: tuple[tuple[str, str], ...] = ()  # as given, recorded in ss_network_args
+    preset: str | None = None  # lycoris.kohya: the LyCORIS preset that chooses the layers; None: sd-scripts' LoRA targets
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -64,7 +66,7 @@ _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, 
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
-_KNOWN = {"algo", "wd_on_output"} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
+_KNOWN = {"algo", "wd_on_output", "preset"} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
 
 
 def _truthy(value: str) -> bool:
@@ -88,9 +90,8 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
     if network_module not in MODULES:
         raise UserError(f"--network_module {network_module!r} is not supported; use one of {', '.join(MODULES)}")
     args = dict(network_args) if isinstance(network_args, dict) else parse_network_args(network_args)
-    if "preset" in args:
-        raise UserError("network_args preset=…: LyCORIS presets are not supported; we target what sd-scripts' LoRA "
-                        "targets (attention and text encoders, plus ResBlock convs with conv_dim)")
+    if "preset" in args and network_module != "lycoris.kohya":
+        raise UserError("network_args preset=… is a LyCORIS option: use --network_module lycoris.kohya with it")
     unknown = sorted(set(args) - _KNOWN)
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _KNOWN, 1)) else k for k in unknown]
@@ -121,4 +122,15 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
                 fields[arg] = tuple(kind(v) for v in args[arg].split(","))
     except ValueError as error:
         raise UserError(f"network_args: {error}") from error
+    if network_module == "lycoris.kohya":
+        fields.update(_lycoris_layers(args.get("preset", LYCORIS_DEFAULT), fields))
     return dataclasses.replace(NetworkSpec(), **fields)
+
+
+def _lycoris_layers(preset: str, fields: dict) -> dict:
+    """LyCORIS's defaults for the layers: its preset (``full`` unless given), convolutions at ``conv_dim`` =
+    ``network_dim`` and ``conv_alpha`` = ``network_alpha`` unless given, none where the preset has them off."""
+    if not lycoris_preset(preset).convs:
+        return {"preset": preset, "conv_dim": None, "conv_block_dims": None}
+    return {"preset": preset, "conv_dim": fields.get("conv_dim", fields.get("dim", NetworkSpec.dim)),
+            "conv_alpha": fields.get("conv_alpha", fields.get("alpha", NetworkSpec.alpha))}
