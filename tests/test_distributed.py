@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,22 +20,26 @@ from lora_trainer.training.events import read_events
 SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
 
 
-def arguments(data: Path, out: Path, batch: int) -> list[str]:
+def arguments(data: Path, out: Path, batch: int, latents: tuple[str, ...] = ("--cache_latents",)) -> list[str]:
     return ["-m", "lora_trainer.train_network", "--pretrained_model_name_or_path", str(TINY_MODEL_PATH),
             "--train_data_dir", str(data), "--output_dir", str(out), "--output_name", "star", "--resolution", "64",
             "--train_batch_size", str(batch), "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
-            "--max_train_epochs", "1", "--cache_latents", "--seed", "3", "--caption_extension", ".txt",
+            "--max_train_epochs", "1", "--seed", "3", "--caption_extension", ".txt", *latents,
             "--max_data_loader_n_workers", "0", "--device", "cpu", "--save_every_n_epochs", "1"]
 
 
-def test_two_gloo_ranks_train_the_same_weights_as_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("latents", [("--cache_latents",), ("--flip_aug", "--color_aug", "--random_crop")],
+                         ids=["cached", "encoded-per-rank-with-augmentation"])
+def test_two_gloo_ranks_train_the_same_weights_as_one_process_with_the_global_batch(tmp_path, latents):
+    """Uncached, each rank encodes only its half of the batch: the augmentation and posterior-noise draws are the
+    whole batch's, so each image gets the latent the single process gives it."""
     data = tmp_path / "data"
     shutil.copytree(SAMPLE, data / "1_zkstar")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *arguments(data, tmp_path / "single", 4)], env=env, capture_output=True, text=True)
+    single = subprocess.run([sys.executable, *arguments(data, tmp_path / "single", 4, latents)], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            *arguments(data, tmp_path / "ddp", 2)], env=env, capture_output=True, text=True)
+                            *arguments(data, tmp_path / "ddp", 2, latents)], env=env, capture_output=True, text=True)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
 
     one, two = load_file(str(tmp_path / "single" / "star.safetensors")), load_file(str(tmp_path / "ddp" / "star.safetensors"))

@@ -55,7 +55,10 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         # Noise drawn in fp32 so one seed gives the same latents whatever the VAE's precision.
         device = generator.device if generator is not None else self.mean.device  # a CPU generator serves a GPU VAE
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        return self.sample_with(torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32))
+
+    def sample_with(self, noise: torch.Tensor) -> torch.Tensor:
+        """mean + std · noise, for noise drawn elsewhere (e.g. for a whole batch of which these are some rows)."""
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:

@@ -145,8 +145,12 @@ class TrainingData:
         return batches
 
     @torch.no_grad()
-    def encode(self, batch: Batch, vae, device) -> Batch:
-        """Without ``--cache_latents``: load, crop, colour-augment, flip and encode the batch's images now."""
+    def encode(self, batch: Batch, vae, device, rows: slice = slice(None)) -> Batch:
+        """Without ``--cache_latents``: load, crop, colour-augment, flip and encode the batch's images now.
+
+        Under torchrun each rank encodes only its ``rows``; the augmentation and posterior-noise draws are still made
+        for the whole batch, so every row gets the latent a single process would give it. Other ranks' rows stay
+        zero: only their shape is used, for the batch-wide noise draws of the training step."""
         if batch.latents is not None:
             return batch
         rng = random.Random(batch.augment_seed)
@@ -154,8 +158,13 @@ class TrainingData:
                                   alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r), face=r.face,
                                   face_range=r.subset.face_crop_aug_range, rng=rng)
                   for r, f in zip(batch.records, batch.flips)]
-        pixels = torch.stack([i.pixels for i in images]).to(device, vae.dtype)
-        batch.latents = vae.encode(pixels).sample(torch.Generator().manual_seed(batch.augment_seed)).float().cpu()
+        height, width = images[0].pixels.shape[-2:]
+        factor = vae.config.downscale
+        batch.latents = torch.zeros(len(images), vae.config.z_channels, height // factor, width // factor)
+        noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(batch.augment_seed))[rows]
+        if len(noise):  # a short last batch may leave a rank without rows
+            posterior = vae.encode(torch.stack([i.pixels for i in images[rows]]).to(device, vae.dtype))
+            batch.latents[rows] = posterior.sample_with(noise).float().cpu()
         if any(i.mask is not None for i in images):
             batch.masks = torch.stack([i.mask if i.mask is not None else torch.ones(pixels.shape[-2:]) for i in images])
         return batch

@@ -496,7 +496,7 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
                    rows: slice = slice(None), text_cache: TextEncoderCache | None = None) -> torch.Tensor:
     """Per-sample losses of ``rows`` of the batch; the random draws are made for the whole batch, so every rank's
     generator stays in step and a slice trains exactly what that slice of a single-process batch would."""
-    latents = data.encode(batch, model.vae, device).latents.to(device, torch.float32) * config.vae.scaling_factor
+    latents = data.encode(batch, model.vae, device, rows).latents.to(device, torch.float32) * config.vae.scaling_factor
     captions = data.captions_for(batch, epoch, step, total_steps, generator)
     noise = N.training_noise(latents, generator, options.noise_offset, options.noise_offset_random_strength,
                              options.adaptive_noise_scale, options.multires_noise_iterations, options.multires_noise_discount)
