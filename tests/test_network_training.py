@@ -148,3 +148,22 @@ def test_learning_rate_groups_follow_sd_scripts_text_encoder_unet_blocks_and_lor
     assert groups["unet_block24 plus"]["lr"] == pytest.approx(4 * 0.5e-4)
     assert groups["textencoder plus"]["lr"] == pytest.approx(4e-4)
     assert not any(d.startswith("unet_block") and int(d.split()[0][10:]) < 12 for d in groups)
+
+
+def test_a_loaded_alpha_sets_the_scale_the_hooks_apply():
+    """Weights loaded onto a network (--network_weights, a resumed state) bring their own alpha; the forward uses it."""
+    unet, text_encoders, _ = build_models(SD1_TINY)
+    for module in [unet, *text_encoders]:
+        module.to_empty(device="cpu")
+        for parameter in module.parameters():
+            torch.nn.init.normal_(parameter, std=0.02)
+    network = create_network(SD1_TINY, unet, text_encoders, NetworkSpec(dim=4, alpha=4))
+    name, module = next((n, m) for n, m in network.items() if n.startswith("lora_unet"))
+    torch.nn.init.normal_(module.lora_up.weight, std=0.1)
+    x = torch.randn(2, module.lora_down.weight.shape[1]) if module.conv is None else torch.randn(1, module.lora_down.weight.shape[1], 4, 4)
+    before = module.output_change(x)
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    state[f"{name}.alpha"] = torch.tensor(1.0)  # α 1 with rank 4: a quarter of the change
+    network.load_state_dict(state)
+    assert module.lora_scale == 0.25
+    assert torch.allclose(module.output_change(x), before / 4)

@@ -18,6 +18,7 @@ from torch import nn
 from .dora import init_magnitude
 from .naming import Target
 from .registry import INITIALISERS, find_algorithm, load_builtin, module_delta
+from .registry import scale as registry_scale
 from .spec import NetworkSpec
 
 
@@ -54,6 +55,8 @@ class NetworkModule(nn.Module):
             else:
                 self.register_parameter(suffix, nn.Parameter(tensor.float()))
         self._base_weight = [layer_weight]  # a list: not a parameter of ours
+        self._refresh_scale(tensors)  # as given (on the CPU): a model built on the meta device has meta buffers
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_scale(module._buffers))
 
     @classmethod
     def fresh(cls, target: Target, layer_weight: torch.Tensor, conv: dict | None, rank: int, alpha: float, spec: NetworkSpec,
@@ -99,7 +102,7 @@ class NetworkModule(nn.Module):
 
     def _lora_change(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
-        scale = self._scale(down.shape[0])
+        scale = self.lora_scale
         if self.training and self.algorithm == "dylora":
             down, up, scale = self._dylora_slice(down, up, scale)
         hidden = self._project(x, down if down.dtype == x.dtype else down.to(x.dtype))
@@ -119,13 +122,14 @@ class NetworkModule(nn.Module):
         out = F.linear(hidden, up.reshape(up.shape[0], -1)) if self.conv is None else F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1))
         return out * (self.multiplier * scale)
 
-    def _scale(self, rank: int) -> torch.Tensor | float:
-        """registry.scale (α / r, or the file's ``scale``) kept a tensor: reading it as a Python number would make
-        every LoRA layer wait for the GPU in every forward, and would cut a torch.compile graph at each layer."""
-        if "scale" in self._buffers:
-            return self._buffers["scale"]
-        alpha = self._buffers.get("alpha")
-        return 1.0 if alpha is None else alpha / rank
+    def _refresh_scale(self, tensors) -> None:
+        """α / r (or the file's ``scale``) as a number, read when the module is made or loaded: read in every forward
+        it would make each LoRA layer wait for the GPU, and cut a torch.compile graph at each layer."""
+        down = self._modules.get("lora_down")
+        scalars = {k: tensors[k] for k in ("alpha", "scale") if k in tensors}
+        if any(t.is_meta for t in scalars.values()):
+            return  # loaded onto a model without data: keep the scale it was made with
+        self.lora_scale = registry_scale(scalars, down.weight.shape[0]) if down is not None else 1.0
 
     def _dylora_slice(self, down, up, scale):
         """DyLoRA (Valipour et al.): each step trains one block of ``unit`` ranks at a random depth b and uses the
