@@ -329,3 +329,21 @@ def test_resize_filter_follows_sd_scripts_default_and_the_chosen_interpolation(t
     assert train_main(["--config_file", str(config), "--pretrained_model_name_or_path", str(TINY_MODEL_PATH),
                        "--train_data_dir", str(tmp_path)]) == 2
     assert "--resize_interpolation 'cubik' is not one of lanczos" in capsys.readouterr().err
+
+
+def test_an_uncached_batch_mixing_masked_and_unmasked_subsets_trains(tmp_path):
+    """A subset with alpha_mask beside one without: their images share batches, the unmasked ones count everywhere."""
+    masked = _transparent_copy(tmp_path, alpha=255) / "1_zkstar"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for image in sorted(SAMPLE.glob("*.png"))[4:8]:
+        shutil.copy(image, plain / image.name)
+        shutil.copy(image.with_suffix(".txt"), plain / image.with_suffix(".txt").name)
+    config = tmp_path / "dataset.toml"
+    config.write_text(f'[general]\nresolution = 64\ncaption_extension = ".txt"\nbatch_size = 4\n[[datasets]]\n'
+                      f'[[datasets.subsets]]\nimage_dir = "{masked.as_posix()}"\nalpha_mask = true\n'
+                      f'[[datasets.subsets]]\nimage_dir = "{plain.as_posix()}"\n', encoding="utf-8")
+    assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
+                       "--output_dir", str(tmp_path / "out"), "--output_name", "star", "--network_dim", "4",
+                       "--max_train_epochs", "1", "--seed", "5", "--masked_loss"]) == 0
+    assert any(t.ne(0).any() for k, t in lora(tmp_path / "out").items() if k.endswith("lora_up.weight"))

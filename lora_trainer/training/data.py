@@ -166,7 +166,7 @@ class TrainingData:
             posterior = vae.encode(torch.stack([i.pixels for i in images[rows]]).to(device, vae.dtype))
             batch.latents[rows] = posterior.sample_with(noise).float().cpu()
         if any(i.mask is not None for i in images):
-            batch.masks = torch.stack([i.mask if i.mask is not None else torch.ones(pixels.shape[-2:]) for i in images])
+            batch.masks = torch.stack([i.mask if i.mask is not None else torch.ones(height, width) for i in images])
         return batch
 
     # --- captions -------------------------------------------------------------------------------------------
