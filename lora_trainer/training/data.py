@@ -378,24 +378,21 @@ def build_training_data(options: TrainOptions, config, seed: int, world_size: in
 
 def _check_augmentations(datasets: list[DatasetConfig], options: TrainOptions) -> None:
     """Augmentations that change the pixels every step cannot use latents encoded once (sd-scripts asserts the same);
-    ``--masked_loss`` needs a subset whose masks come from transparency."""
+    face crops need the fixed resolution (no buckets); ``--masked_loss`` needs a subset whose masks come from
+    transparency."""
     subsets = [subset for dataset in datasets for subset in dataset.subsets]
     if options.masked_loss and not any(subset.alpha_mask for subset in subsets):
         raise UserError("--masked_loss needs masks: set alpha_mask = true on the subsets (or --alpha_mask) to mask the loss "
                         "with the images' transparency (mask folders, conditioning_data_dir, are not supported)")
     for dataset in datasets:
         for subset in dataset.subsets:
+            where = subset.image_dir or subset.metadata_file
             if subset.face_crop_aug_range is not None and dataset.enable_bucket:
-                raise UserError(f"{subset.image_dir or subset.metadata_file}: face_crop_aug_range cuts the fixed resolution "
-                                "around the face and does not work with buckets (sd-scripts ignores it there); turn "
-                                "enable_bucket off or drop face_crop_aug_range")
-    if not options.cache_latents:
-        return
-    for dataset in datasets:
-        for subset in dataset.subsets:
+                raise UserError(f"{where}: face_crop_aug_range cuts the fixed resolution around the face and does not "
+                                "work with buckets (sd-scripts ignores it there); turn enable_bucket off or drop "
+                                "face_crop_aug_range")
             used = [name for name in ("color_aug", "random_crop", "face_crop_aug_range") if getattr(subset, name)]
-            if used:
-                where = subset.image_dir or subset.metadata_file
+            if used and options.cache_latents:
                 raise UserError(f"{where}: {' and '.join(used)} change the pixels every step, so latents cannot be cached; "
                                 "drop --cache_latents/--cache_latents_to_disk (slower, more memory) or turn "
                                 f"{' and '.join(used)} off")

@@ -38,7 +38,7 @@ from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recom
 from .events import EventLog
 from .lr_schedules import make_scheduler, resolve_warmup
 from .optimizers import make_optimizer, optimizer_label
-from .options import TrainOptions
+from .options import FIELDS, TrainOptions
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
 from .state import load_state, save_state
@@ -165,8 +165,6 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
 def compile_models(model, backend: str) -> None:
     """``--torch_compile``: the UNet and the text encoders compiled in place (their names and weights unchanged)."""
     import torch._dynamo
-
-    from .options import FIELDS
 
     available = torch._dynamo.list_backends(exclude_tags=())
     if backend not in available:
