@@ -161,9 +161,10 @@ def test_a_loaded_alpha_sets_the_scale_the_hooks_apply():
     name, module = next((n, m) for n, m in network.items() if n.startswith("lora_unet"))
     torch.nn.init.normal_(module.lora_up.weight, std=0.1)
     x = torch.randn(2, module.lora_down.weight.shape[1]) if module.conv is None else torch.randn(1, module.lora_down.weight.shape[1], 4, 4)
-    before = module.output_change(x)
+    change = lambda: module.changed_output(x, torch.zeros(len(x), module.lora_up.weight.shape[0], *x.shape[2:]))
+    before = change()
     state = {k: v.clone() for k, v in network.state_dict().items()}
     state[f"{name}.alpha"] = torch.tensor(1.0)  # α 1 with rank 4: a quarter of the change
     network.load_state_dict(state)
     assert module.lora_scale == 0.25
-    assert torch.allclose(module.output_change(x), before / 4)
+    assert torch.allclose(change(), before / 4)

@@ -240,7 +240,7 @@ class OpenCLIPAttention(nn.Module):
             nn.init.xavier_uniform_(self.in_proj_weight)
             nn.init.zeros_(self.in_proj_bias)
         # Trainable networks on q, k or v (index 0, 1, 2): Kohya names them q_proj/k_proj/v_proj, which are rows
-        # of the fused projection here. Each maps the input to the change of its part. Not a module: not saved.
+        # of the fused projection here. Each maps (input, part) to the changed part. Not a module: not saved.
         self.in_projection_adapters: dict[int, object] = {}
 
     def in_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,7 +248,7 @@ class OpenCLIPAttention(nn.Module):
         parts = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         if not self.in_projection_adapters:
             return parts
-        return tuple(part + self.in_projection_adapters[i](x) if i in self.in_projection_adapters else part
+        return tuple(self.in_projection_adapters[i](x, part) if i in self.in_projection_adapters else part
                      for i, part in enumerate(parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

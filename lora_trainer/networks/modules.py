@@ -2,7 +2,7 @@
 
 A module's state dict is exactly what the file stores under its Kohya name (``lora_down.weight``, ``alpha``,
 ``hada_w1_a``, ``dora_scale`` …). It changes its layer's output through a forward hook: LoRA through
-up(down(x)) (cheap, with sd-scripts' dropout, rank dropout and module dropout), every other algorithm
+output + up(down(x)) (cheap, with sd-scripts' dropout, rank dropout and module dropout), every other algorithm
 through ΔW from the same pure function that merging uses, so training and merging cannot disagree.
 """
 
@@ -20,6 +20,9 @@ from .naming import Target
 from .registry import INITIALISERS, find_algorithm, load_builtin, module_delta
 from .registry import scale as registry_scale
 from .spec import NetworkSpec
+
+
+_POINTWISE = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
 
 
 class _Holder(nn.Module):
@@ -83,24 +86,37 @@ class NetworkModule(nn.Module):
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
             return F.linear(x, weight.reshape(weight.shape[0], -1))
+        if weight.shape[2:] == (1, 1) and self.conv == _POINTWISE:
+            # a 1×1 convolution is a matrix product over the channels; as one it skips the convolution's per-call setup
+            return torch.matmul(weight.reshape(weight.shape[0], -1), x.flatten(2)).unflatten(2, x.shape[2:])
         return F.conv2d(x, weight, **self.conv)
 
-    def output_change(self, x: torch.Tensor) -> torch.Tensor:
-        """How much the layer's output changes for input ``x`` at the current multiplier."""
+    def changed_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The layer's ``output`` for input ``x`` with this module's change added at the current multiplier."""
         if self.training and self.module_dropout and random.random() < self.module_dropout:
-            return torch.zeros((), dtype=x.dtype, device=x.device)
-        if self._plain_lora:
-            return self._lora_change(x)
-        base = self._base_weight[0].detach()
-        delta = module_delta(self.file_tensors(), base, self.multiplier).weight
-        return self._project(x, delta.to(x.dtype))
+            return output
+        if not self._plain_lora:
+            base = self._base_weight[0].detach()
+            delta = module_delta(self.file_tensors(), base, self.multiplier).weight
+            return output + self._project(x, delta.to(x.dtype))
+        hidden, up, scale = self._lora_hidden(x)
+        up = up.reshape(up.shape[0], -1)
+        # up-projection, scaling and sum as one matrix-multiply-add: a third of the ops of output + up(·)·scale
+        if self.conv is None:
+            flat = torch.addmm(output.reshape(-1, output.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.t(),
+                               alpha=self.multiplier * scale)
+        else:
+            flat = torch.baddbmm(output.flatten(2), up.expand(len(hidden), -1, -1), hidden.flatten(2),
+                                 alpha=self.multiplier * scale)
+        return flat.view(output.shape)
 
     @property
     def _plain_lora(self) -> bool:
         """up(down(x)) suffices: LoRA/DyLoRA without DoRA or a CP core (every other case goes through ΔW)."""
         return self.algorithm in ("lora", "dylora") and "dora_scale" not in self._parameters and "lora_mid" not in self._modules
 
-    def _lora_change(self, x: torch.Tensor) -> torch.Tensor:
+    def _lora_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """down(x) with sd-scripts' dropouts, the up weight and α/r (adjusted by rank dropout and DyLoRA)."""
         down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
         scale = self.lora_scale
         if self.training and self.algorithm == "dylora":
@@ -118,9 +134,7 @@ class NetworkModule(nn.Module):
                 mask = mask.reshape(hidden.shape[0], *(1,) * (hidden.dim() - 2), rank)
             hidden = hidden * mask
             scale = scale / (1 - self.rank_dropout)
-        up = up if up.dtype == x.dtype else up.to(x.dtype)
-        out = F.linear(hidden, up.reshape(up.shape[0], -1)) if self.conv is None else F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1))
-        return out * (self.multiplier * scale)
+        return hidden, up if up.dtype == x.dtype else up.to(x.dtype), scale
 
     def _refresh_scale(self, tensors) -> None:
         """α / r (or the file's ``scale``) as a number, read when the module is made or loaded: read in every forward

@@ -101,10 +101,10 @@ class LoRANetwork(nn.ModuleDict):
             layer = self._components[target.component].get_submodule(target.module)
             if target.rows is not None:
                 index = target.rows[0] // (target.rows[1] - target.rows[0])
-                layer.in_projection_adapters[index] = module.output_change
+                layer.in_projection_adapters[index] = module.changed_output
                 self._handles.append((layer.in_projection_adapters, index))
             else:
-                hook = layer.register_forward_hook(lambda _, inputs, output, m=module: output + m.output_change(inputs[0]))
+                hook = layer.register_forward_hook(lambda _, inputs, output, m=module: m.changed_output(inputs[0], output))
                 self._handles.append(hook)
         return self
 
