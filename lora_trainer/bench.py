@@ -26,13 +26,12 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def write_random_checkpoint(name: str, path: Path) -> Path:
-    """A full-size checkpoint of random fp16 weights with the real key names, for load benchmarks."""
-    from .models.checkpoint import build_models
-    from .models.configs import FULL_SIZE
+def write_random_checkpoint(config, path: Path) -> Path:
+    """A checkpoint of ``config`` (a ModelConfig) with random fp16 weights and the real key names, for benchmarks;
+    its architecture metadata makes it read back as ``config`` whatever its widths."""
+    from .models.checkpoint import ARCHITECTURE_METADATA_KEY, architecture_overrides, build_models
     from .safe_io import save_safetensors
 
-    config = FULL_SIZE[REFERENCE_NAMES[name]]
     unet, text_encoders, vae = build_models(config)
     parts = [(config.unet_prefix, unet), (config.vae_prefix, vae)]
     parts += [(slot.prefix, encoder) for slot, encoder in zip(config.text_encoders, text_encoders)]
@@ -44,8 +43,7 @@ def write_random_checkpoint(name: str, path: Path) -> Path:
                 tensors[prefix + key] = (torch.randn(meta.shape, generator=generator) * 0.02).half()
             else:
                 tensors[prefix + key] = torch.arange(meta.shape[-1]).expand(meta.shape).clone()
-    save_safetensors(tensors, path)
-    return path
+    return save_safetensors(tensors, path, {ARCHITECTURE_METADATA_KEY: json.dumps(architecture_overrides(config))})
 
 
 def _measure_load(path: Path) -> dict:
@@ -64,11 +62,13 @@ def _measure_load(path: Path) -> dict:
 
 
 def bench_load(work_dir: Path | None, models: list[str]) -> None:
+    from .models.configs import FULL_SIZE
+
     with tempfile.TemporaryDirectory(dir=work_dir) as folder:
         for name in models:
             path = Path(folder) / f"random-{name}-fp16.safetensors"
             started = time.perf_counter()
-            write_random_checkpoint(name, path)
+            write_random_checkpoint(FULL_SIZE[REFERENCE_NAMES[name]], path)
             size = path.stat().st_size / 2**30
             print(f"{name}: wrote a random fp16 checkpoint of {size:.2f} GiB in {time.perf_counter() - started:.0f} s", flush=True)
             figures = _measure_load(path)
@@ -116,9 +116,13 @@ def run_bench(area: str, args) -> None:
 
         run(args.work_dir or Path(tempfile.gettempdir()) / "lora-trainer-bench-prep")
     elif area == "train":
-        from .training.bench import run
+        from .training.bench import run, run_size
 
-        run(args.fixtures)
+        if args.size == "reference":
+            run(args.fixtures)
+        else:
+            run_size(args.size, args.work_dir, args.steps, args.batch, args.resolution, args.gradient_checkpointing,
+                     args.peak_tflops)
     else:  # the app's benches parse their own arguments
         module = {"ui": ".app.bench_ui", "api": ".app.bench_api", "grid": ".grid.bench", "tags-ui": ".app.ui.bench_tags_ui"}[area]
         main = importlib.import_module(module, __package__).main

@@ -152,6 +152,15 @@ def parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-fixtures",
                               help="sd-scripts' fixture folder (train)")
     bench_parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "bf16"], help="weights dtype (networks)")
+    bench_parser.add_argument("--size", default="reference", choices=["reference", "small", "sd15", "sdxl"],
+                              help="train: sd-scripts' reference run on the tiny fixture, or random weights of a small "
+                                   "SD1-architecture model, SD1.5 or SDXL (images/s, peak memory, FLOP utilisation)")
+    bench_parser.add_argument("--steps", type=int, default=12, help="train --size: optimizer steps (the first 2 are warm-up)")
+    bench_parser.add_argument("--batch", type=int, help="train --size: batch size (default per size)")
+    bench_parser.add_argument("--resolution", type=int, help="train --size: pixels (default: the size's native resolution)")
+    bench_parser.add_argument("--gradient-checkpointing", action="store_true", help="train --size: as on 6–12 GB cards")
+    bench_parser.add_argument("--peak-tflops", type=float, help="train --size: the device's dense bf16 peak, for MFU "
+                                                                "(known GPUs are looked up)")
     bench_parser.set_defaults(run=bench)
 
     add_dataset_commands(commands)

@@ -1,4 +1,5 @@
-"""``python -m lora_trainer bench train``: the issue's reference run, timed the way sd-scripts' figures were.
+"""``python -m lora_trainer bench train``: the issue's reference run, timed the way sd-scripts' figures were, and
+``--size small|sd15|sdxl``: random-weight models of real architectures, for images/s, peak memory and FLOP utilisation.
 
 sd-scripts on the 2-core reference machine: 0.130 s/step (median, first step excluded), 33.9 s wall, 599 MB peak
 RSS for: tiny-sd15 checkpoint, ``10_shapes`` DreamBooth folder, resolution 128, batch 2, 2 epochs, dim 4 /
@@ -7,13 +8,20 @@ alpha 4, AdamW lr 1e-4 constant, fp32, latents cached in memory, no loader worke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models.configs import SD1, SDXL, ModelConfig
 from .events import read_events
 
 REFERENCE = {"seconds_per_step": 0.130, "wall_seconds": 33.9, "peak_rss_mb": 599}
@@ -59,3 +67,119 @@ def run(fixtures: Path) -> None:
           f"peak RSS {figures['peak_rss_mb']:.0f} MB")
     print(f"sd-scripts on the reference machine: {REFERENCE['seconds_per_step']} s/step, {REFERENCE['wall_seconds']} s wall, "
           f"{REFERENCE['peak_rss_mb']} MB; goal ≤ 0.10 s/step, ≤ 15 s, ≤ 450 MB")
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """A random-weight model to train, and how it is usually trained."""
+
+    config: ModelConfig
+    batch: int
+    train_text_encoder: bool  # False: UNet only, with the text encoders' outputs cached (the usual SDXL recipe)
+    rank: int = 16
+
+
+# "small": SD1's topology with its real text encoder and VAE, and a UNet of 128 instead of 320 channels, at 256 px
+SIZES = {
+    "small": BenchSize(dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, model_channels=128), resolution=256),
+                       batch=2, train_text_encoder=True),
+    "sd15": BenchSize(SD1, batch=4, train_text_encoder=True),
+    "sdxl": BenchSize(SDXL, batch=2, train_text_encoder=False),
+}
+
+# dense bf16 tensor-core peaks (TFLOP/s) by device name, most specific first
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+               ("RTX 4090", 165.2), ("RTX 4080", 97.5), ("RTX 3090", 71.0), ("A10G", 70.0), ("T4", 65.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((peak for name, peak in PEAK_TFLOPS if name in device_name), None)
+
+
+def training_flops(config: ModelConfig, batch: int, resolution: int, train_text_encoder: bool, rank: int) -> int:
+    """The model FLOPs of one LoRA training step at ``resolution``: forward, and backward into the network (the
+    frozen weights get no gradients), counted on the meta device; no recomputation, so it is the MFU numerator."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..models.checkpoint import build_models
+    from ..models.tokenizer import CLIPTokenizer
+    from ..networks.network import create_network
+    from ..networks.spec import NetworkSpec
+    from .text import encode_captions, sdxl_vector
+
+    unet, text_encoders, _ = build_models(config)
+    for part in (unet, *text_encoders):
+        part.requires_grad_(False)
+    create_network(config, unet, text_encoders, NetworkSpec(dim=rank, alpha=rank),
+                   train_text_encoder=train_text_encoder).apply_to().train()
+    captions = ["a photo of a bench image"] * batch
+    latent = resolution // 8
+    with FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(train_text_encoder):
+            context, pooled = encode_captions(config, text_encoders, captions, CLIPTokenizer.default())
+        if not train_text_encoder:  # cached outputs: the encoders do not run in a step
+            counter.flop_counts.clear()
+        y = None
+        if config.needs_size_conditioning:
+            sizes = [(resolution, resolution)] * batch
+            y = sdxl_vector(pooled, sizes, [(0, 0)] * batch, sizes)
+        noisy = torch.zeros(batch, config.unet.in_channels, latent, latent, device="meta")
+        prediction = unet(noisy, torch.zeros(batch, dtype=torch.long, device="meta"), context, y)
+        prediction.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+def _write_images(folder: Path, count: int, resolution: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+        (folder / f"{index:03d}.txt").write_text(f"bench image {index}", encoding="utf-8")
+
+
+def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, resolution: int | None,
+             gradient_checkpointing: bool, peak: float | None) -> None:
+    """Train a LoRA on random weights of ``size`` through the real command and report the step speed and memory."""
+    from ..bench import write_random_checkpoint
+
+    chosen = SIZES[size]
+    batch = batch or chosen.batch
+    resolution = resolution or chosen.config.resolution
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(dir=work_dir) as folder:
+        folder = Path(folder)
+        checkpoint = write_random_checkpoint(chosen.config, folder / f"random-{size}.safetensors")
+        print(f"{size}: random fp16 checkpoint of {checkpoint.stat().st_size / 2**30:.2f} GiB written", flush=True)
+        _write_images(folder / "data" / "1_bench", batch * 2, resolution)
+        arguments = [
+            "--pretrained_model_name_or_path", str(checkpoint), "--train_data_dir", str(folder / "data"),
+            "--output_dir", str(folder / "out"), "--output_name", "bench", "--resolution", str(resolution),
+            "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--network_module", "networks.lora",
+            "--network_dim", str(chosen.rank), "--network_alpha", str(chosen.rank), "--optimizer_type", "AdamW",
+            "--learning_rate", "1e-4", "--mixed_precision", "bf16" if cuda else "no", "--cache_latents", "--sdpa",
+            "--max_data_loader_n_workers", "0", "--seed", "0", "--save_precision", "fp16",
+        ]
+        if not chosen.train_text_encoder:
+            arguments += ["--network_train_unet_only", "--cache_text_encoder_outputs"]
+        if gradient_checkpointing:
+            arguments.append("--gradient_checkpointing")
+        figures = _child(arguments)
+        events, _ = read_events(folder / "out" / "bench.events.jsonl")
+    timed = [e for e in events if e["event"] == "step" and "loss" in e][2:]  # the first steps warm the kernels up
+    if not timed:
+        raise SystemExit(f"bench train --size {size}: give --steps of 3 or more (the first 2 are warm-up)")
+    per_step = statistics.median(e["seconds"] for e in timed)
+    memory = max(e.get("memory_mib") or 0 for e in timed)
+    flops = training_flops(dataclasses.replace(chosen.config, resolution=resolution), batch, resolution,
+                           chosen.train_text_encoder, chosen.rank)
+    achieved = flops / per_step / 1e12
+    device = torch.cuda.get_device_name(0) if cuda else "CPU"
+    peak = peak or (peak_tflops(device) if cuda else None)
+    utilisation = f"{100 * achieved / peak:.1f} % of {peak:g} TFLOP/s" if peak else "MFU needs --peak-tflops on this device"
+    print(f"{size} ({chosen.config.label} architecture, {resolution} px, batch {batch}, LoRA rank {chosen.rank}, "
+          f"{'bf16' if cuda else 'fp32'}{', gradient checkpointing' if gradient_checkpointing else ''}"
+          f"{'' if chosen.train_text_encoder else ', UNet only with cached text-encoder outputs'}) on {device}:")
+    print(f"  {batch / per_step:.2f} images/s ({per_step:.3f} s/step, median of {len(timed)}), "
+          f"peak {'VRAM' if cuda else 'RSS'} {memory / 1024:.2f} GiB, {flops / 1e12:.2f} TFLOP per step = "
+          f"{achieved:.2f} TFLOP/s, {utilisation}; {figures['wall']:.0f} s wall")

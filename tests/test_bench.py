@@ -1,0 +1,41 @@
+"""The figures ``bench train --size`` prints: the checkpoint it trains on, and the two halves of its FLOP utilisation."""
+
+import dataclasses
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lora_trainer.bench import write_random_checkpoint
+from lora_trainer.models.checkpoint import build_models, detect_architecture, open_tensors
+from lora_trainer.tiny_model.build import tiny_config
+from lora_trainer.training.bench import peak_tflops, training_flops
+
+
+def test_a_random_benchmark_checkpoint_reads_back_as_the_architecture_it_was_made_for(tmp_path):
+    config = dataclasses.replace(tiny_config(), resolution=96)
+    path = write_random_checkpoint(config, tmp_path / "random.safetensors")
+    detected, _ = detect_architecture(open_tensors(path))
+    assert detected == config
+
+
+def test_the_step_flops_are_forward_plus_a_backward_without_weight_gradients_of_the_frozen_model():
+    config = tiny_config()
+    unet, _, _ = build_models(config)
+    latent = config.resolution // 8
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        unet(torch.zeros(2, 4, latent, latent, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"),
+             torch.zeros(2, 77, config.unet.context_dim, device="meta"))
+    one = training_flops(config, 1, config.resolution, train_text_encoder=False, rank=4)
+    two = training_flops(config, 2, config.resolution, train_text_encoder=False, rank=4)
+    assert two == 2 * one  # per image, so images/s and FLOP/s agree
+    # backward into the LoRA only: about one more forward (input gradients), not two (no base weight gradients)
+    assert 1.8 < two / forward.get_total_flops() < 2.5
+    assert training_flops(config, 2, config.resolution, train_text_encoder=True, rank=4) > two  # a trained encoder runs in the step
+
+
+def test_mfu_is_taken_against_the_cards_dense_bf16_peak():
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
+    assert peak_tflops("NVIDIA GeForce GTX 1080") is None  # unknown: the bench asks for --peak-tflops
