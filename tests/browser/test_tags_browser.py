@@ -1,7 +1,7 @@
 """The Dataset Tag Editor tab in a real browser, on a folder of 200 captioned images: open it (one page of 48
 thumbnails, not 200), filter by clicking a tag in the frequency list, batch-replace a tag on the filtered images,
 undo and redo, save; then the caption files on disk hold exactly the edit, and the previous versions are backed up;
-"Train on this folder" fills the Train tab's dataset box."""
+"Train on this folder" fills the Train tab's dataset box and shows that tab."""
 
 from __future__ import annotations
 
@@ -106,5 +106,6 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
         {path.name: before[path] for path in edited}
 
     page.click("#lora_trainer_tags_train")
-    open_tab("Train LoRA")
-    expect(page.locator("#lora_trainer_dataset textarea")).to_have_value(str(folder))  # the Train tab's dataset box
+    dataset_box = page.locator("#lora_trainer_dataset textarea")
+    expect(dataset_box).to_be_visible(timeout=WAIT_MS)  # the Train tab is shown, without a click on its title
+    expect(dataset_box).to_have_value(str(folder))

@@ -12,6 +12,6 @@ def build_tabs(services: Services) -> list[tuple[gr.Blocks, str, str]]:
     """``(blocks, title, elem_id)`` for each tab, in the order the WebUI's ``on_ui_tabs`` expects."""
     from . import grid_tab, tag_editor_tab, train_tab
 
-    return [(train_tab.build(services), "Train LoRA", "lora_trainer_train"),
+    return [(train_tab.build(services), train_tab.TITLE, "lora_trainer_train"),
             (tag_editor_tab.build(services), "Dataset Tag Editor", "lora_trainer_tags"),
             (grid_tab.build(services), "Prompt-Lora-Grid", "lora_trainer_grid")]

@@ -9,6 +9,7 @@ under the data folder, keyed by file, size and modification time.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ...errors import UserError
 from .. import tag_sessions
 from ..paths import allowed_path
 from . import tag_view
+from .train_tab import TITLE as TRAIN_TAB_TITLE
 
 THUMBNAIL_SIZE = 192
 OPERATIONS = {  # label → tag_sessions op
@@ -347,12 +349,16 @@ def health_report(services, folder: str, trigger: str) -> str:
 
 
 # Copies the folder into the Train tab's dataset textbox (found by elem_id only) and tells gradio it changed.
+# fills the Train tab's dataset box, then shows that tab (a plain button in gradio 3's tab bar, role="tab" in 4's)
 TRAIN_ON_FOLDER_JS = """(folder) => {
   const root = window.gradioApp ? gradioApp() : document;
   const box = root.querySelector('#lora_trainer_dataset textarea, #lora_trainer_dataset input');
   if (box) { box.value = folder; box.dispatchEvent(new Event('input', {bubbles: true})); }
+  const tab = Array.from(root.querySelectorAll('.tab-nav button, button[role="tab"]'))
+    .find((button) => button.textContent.trim() === TITLE);
+  if (tab) tab.click();
   return [folder];
-}"""
+}""".replace("TITLE", json.dumps(TRAIN_TAB_TITLE))
 
 
 # ---------------------------------------------------------------------------------------------------------------

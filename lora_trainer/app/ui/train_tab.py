@@ -29,6 +29,8 @@ from ..services import Services, write_card_hints
 from .compat import js_kwarg, poll_kwarg
 from .live import NOTIFY_STATUSES, LiveView, apply_event, loss_plot, progress_text
 
+TITLE = "Train LoRA"
+
 # The main form, in the order of the components ``build`` passes to every handler.
 FORM_FIELDS = ("checkpoint", "dataset", "preset", "tier", "algorithm", "output_name", "epochs", "batch_size", "resolution",
                "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "sample_every_n_epochs",
