@@ -1,23 +1,15 @@
-"""Epoch × strength grids on our own sampler (the WebUI tab runs the same plan through its txt2img).
-
-Every cell uses the same seed; a baseline column shows the model without the LoRA. Switching epochs merges the
-next file; changing strengths within a row only applies the difference (``MergedNetworks``).
-"""
+"""A grid's picture and files: the labelled image assembled from its cells, and every cell saved as a PNG with its
+infotext. What the cells are and how they are generated is ``plan.py``'s."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..hashing import short_hash
-from ..networks.apply import MergedNetworks, Strength
-from ..networks.files import read_network
-from ..sampling.txt2img import GenerationSettings, txt2img, write_png
-from .axes import EpochFile, check_size
+from ..sampling.txt2img import write_png
 
 
 @dataclass
@@ -82,49 +74,6 @@ def _wrap(text: str, font, width: int, measure) -> list[str]:
         else:
             lines[-1] = candidate
     return lines
-
-
-def epoch_strength_grid(model, settings: GenerationSettings, epochs: list[EpochFile], strengths: list[float],
-                        baseline: bool = True, out: Path | None = None, progress=None) -> GridResult:
-    """Rows = epochs, columns = (no LoRA) + strengths; same seed everywhere."""
-    check_size(len(epochs), len(strengths) + int(baseline))
-    seed = settings.resolved_seed()
-    settings = dataclasses.replace(settings, seed=seed, batch_size=1)
-    merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
-    started = time.perf_counter()
-    switching = 0.0
-    base_image = txt2img(model, settings)[0] if baseline else None
-    cells, infos = [], []
-    total = len(epochs) * len(strengths)
-    try:
-        for row, epoch in enumerate(epochs):
-            network = read_network(epoch.path)
-            line, line_infos = ([base_image.image], [base_image.infotext]) if baseline else ([], [])
-            for column, strength in enumerate(strengths):
-                t = time.perf_counter()
-                merged.set_networks([(network, Strength(strength))])
-                switching += time.perf_counter() - t
-                lora = f"<lora:{epoch.path.stem}:{strength:g}>"
-                extra = {"Lora hashes": f"{epoch.path.stem}: {short_hash(epoch.path)}"}
-                image = txt2img(model, dataclasses.replace(settings, prompt=f"{settings.prompt} {lora}",
-                                                           extra_infotext={**settings.extra_infotext, **extra}))[0]
-                line.append(image.image)
-                line_infos.append(image.infotext)
-                if progress:
-                    progress(row * len(strengths) + column + 1, total)
-            cells.append(line)
-            infos.append(line_infos)
-    finally:
-        t = time.perf_counter()
-        merged.restore()
-        switching += time.perf_counter() - t
-    columns = (["no LoRA"] if baseline else []) + [f"strength {s:g}" for s in strengths]
-    title = f"{settings.prompt} | seed {seed} | {settings.sampler}, {settings.steps} steps, CFG {settings.cfg_scale:g}"
-    image = assemble(cells, [e.label for e in epochs], columns, title)
-    result = GridResult(image, cells, time.perf_counter() - started, switching)
-    if out is not None:
-        result.path, result.cell_paths = save_grid(image, cells, infos, Path(out), title)
-    return result
 
 
 def save_grid(image: Image.Image, cells, infos, folder: Path, grid_infotext: str = "") -> tuple[Path, list[Path]]:

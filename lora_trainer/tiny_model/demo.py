@@ -19,6 +19,7 @@ DEMO_PROMPT = CONCEPT_TRIGGER
 DEMO_EPOCHS = 8
 SAVE_EVERY = 2
 DEMO_STRENGTHS = (0.5, 1.0)
+DEMO_RESOLUTION = 64  # the tiny model's native size
 
 
 def training_arguments(out: Path, epochs: int = DEMO_EPOCHS) -> list[str]:
@@ -26,7 +27,7 @@ def training_arguments(out: Path, epochs: int = DEMO_EPOCHS) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(SAMPLE_DATASET),
         "--output_dir", str(out), "--output_name", CONCEPT_TRIGGER, "--caption_extension", ".txt",
-        "--resolution", "64", "--train_batch_size", "4", "--max_train_epochs", str(epochs), "--save_every_n_epochs", str(SAVE_EVERY),
+        "--resolution", str(DEMO_RESOLUTION), "--train_batch_size", "4", "--max_train_epochs", str(epochs), "--save_every_n_epochs", str(SAVE_EVERY),
         "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8",
         "--learning_rate", "2e-3", "--text_encoder_lr", "5e-4", "--optimizer_type", "AdamW", "--lr_scheduler", "constant",
         "--cache_latents", "--seed", "42", "--max_data_loader_n_workers", "0",
@@ -34,9 +35,8 @@ def training_arguments(out: Path, epochs: int = DEMO_EPOCHS) -> list[str]:
 
 
 def run_demo(out: str | Path, epochs: int = DEMO_EPOCHS, seed: int = 11) -> Path:
-    from ..grid.axes import run_files
-    from ..grid.render import epoch_strength_grid
-    from ..models.checkpoint import load_checkpoint
+    from ..app.standalone_host import StandaloneHost
+    from ..grid.plan import AxisSpec, GridRequest, plan_grid, run_grid
     from ..sampling.txt2img import GenerationSettings
     from ..train_network import main as train
 
@@ -46,11 +46,14 @@ def run_demo(out: str | Path, epochs: int = DEMO_EPOCHS, seed: int = 11) -> Path
     if train(training_arguments(out / "lora", epochs)) != 0:
         raise SystemExit(2)
     trained = time.perf_counter() - started
-    model = load_checkpoint(TINY_MODEL_PATH)
-    files = run_files(out / "lora" / f"{CONCEPT_TRIGGER}.safetensors")
+    # the Prompt-Lora-Grid tab's own path: epochs × strengths of the run, plus a "no LoRA" column
+    host = StandaloneHost([], [out / "lora"], default_checkpoint=TINY_MODEL_PATH)
     settings = GenerationSettings(DEMO_PROMPT, steps=20, sampler="DPM++ 2M Karras", cfg_scale=5.0, seed=seed,
-                                  width=model.config.resolution, height=model.config.resolution)
-    grid = epoch_strength_grid(model, settings, files, list(DEMO_STRENGTHS), out=out / "grid")
-    print(f"trained in {trained:.0f} s; files: {', '.join(str(f.path) for f in files)}", file=sys.stderr)
-    print(f"grid ({len(files)} epochs × {len(DEMO_STRENGTHS)} strengths + no LoRA) in {grid.seconds:.0f} s", file=sys.stderr)
+                                  width=DEMO_RESOLUTION, height=DEMO_RESOLUTION)
+    strengths = AxisSpec("strength", [", ".join(f"{s:g}" for s in DEMO_STRENGTHS)])
+    plan = plan_grid(GridRequest(strengths, AxisSpec("epoch", []), settings, lora=CONCEPT_TRIGGER), host.library)
+    grid = run_grid(host, plan, out / "grid")
+    files = sorted((out / "lora").glob("*.safetensors"))
+    print(f"trained in {trained:.0f} s; files: {', '.join(str(f) for f in files)}", file=sys.stderr)
+    print(f"grid ({plan.size[0]} epochs × {len(DEMO_STRENGTHS)} strengths + no LoRA) in {grid.seconds:.0f} s", file=sys.stderr)
     return grid.path
