@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from lora_trainer.app.ui.live import loss_plot, progress_text, read_view, view_of
 
@@ -51,7 +52,12 @@ def test_reading_an_event_file_ignores_a_half_written_line(tmp_path):
     assert read_view(path, "running").step == 4
 
 
-def test_loss_plot_draws_the_curve():
+def test_loss_plot_draws_the_curves_through_every_step():
     empty, drawn = loss_plot(view_of([], "queued")), loss_plot(view_of(EVENTS, "running"))
-    assert empty.size == drawn.size == (640, 240)
-    assert drawn.getcolors(1 << 16) != empty.getcolors(1 << 16)
+    assert "<polyline" not in empty and "loss appears here" in empty
+    view = view_of(EVENTS, "running")
+    curves = dict(re.findall(r'<polyline class="(\w+)"[^>]* points="([^"]+)"', drawn))
+    assert len(curves["loss"].split()) == len(view.loss) and len(curves["average"].split()) == len(view.average)
+    heights = [float(point.split(",")[1]) for point in curves["loss"].split()]
+    lowest = min(range(len(view.loss)), key=lambda i: view.loss[i][1])
+    assert heights[lowest] == max(heights)  # the lowest loss is drawn lowest (SVG's y grows downwards)

@@ -49,7 +49,7 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
         "first => { const m = /step (\\d+)\\//.exec(document.querySelector('#lora_trainer_progress_text').innerText);"
         " return m && Number(m[1]) > first; }", arg=first, timeout=WAIT_MS)
     page.wait_for_selector("#lora_trainer_samples img", timeout=WAIT_MS)  # the first epoch's sample
-    assert page.locator("#lora_trainer_loss img").count() == 1
+    assert page.locator("#lora_trainer_loss svg polyline.loss").count() == 1  # the live loss curve
     screenshot("running")
 
     page.click("#lora_trainer_stop")

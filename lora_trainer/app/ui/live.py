@@ -132,20 +132,43 @@ def progress_text(view: LiveView) -> str:
     return text
 
 
-def loss_plot(view: LiveView, size: tuple[int, int] = (640, 240)):
-    """The loss curve (current, running average, validation) as a PIL image; gradio 3 and 4 both show it."""
-    from PIL import Image, ImageDraw
+LOSS_SERIES = (("loss", "#aabee6"), ("average", "#1e50c8"), ("validation", "#dc7814"))
 
+
+def loss_plot(view: LiveView, size: tuple[int, int] = (640, 240)) -> str:
+    """The loss curves (loss, running average, validation) as inline SVG: a few kilobytes of text per poll, drawn by
+    the browser, where a picture would leave a file in gradio 4's cache at every poll of a long run."""
     width, height = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    series = [(view.loss, (170, 190, 230)), (view.average, (30, 80, 200)), (view.validation, (220, 120, 20))]
-    points = [p for values, _ in series for p in values]
     margin = 36
-    draw.rectangle([margin, 8, width - 8, height - margin], outline=(160, 160, 160))
+    left, top, right, bottom = margin, 8, width - 8, height - margin
+    parts = [f'<svg class="lora-trainer-loss-plot" viewBox="0 0 {width} {height}" width="100%" '
+             f'xmlns="http://www.w3.org/2000/svg" font-family="sans-serif" font-size="11">',
+             f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="white" stroke="#a0a0a0"/>']
+    series = [(name, colour, getattr(view, name)) for name, colour in LOSS_SERIES]
+    points = [p for _, _, values in series for p in values]
     if not points:
-        draw.text((margin + 8, height // 2 - 6), "loss appears here once training steps run", fill=(120, 120, 120))
-        return image
+        parts.append(f'<text x="{left + 8}" y="{height // 2}" fill="#787878">loss appears here once training steps run</text>')
+        return "".join(parts) + "</svg>"
+    last_step = max(view.total, max(step for step, _ in points), 1)
+    low, high = min(v for _, v in points), max(v for _, v in points)
+    high = high if high > low else low + 1e-6
+
+    def xy(step: float, value: float) -> str:
+        return (f"{left + (right - left) * step / last_step:.1f},"
+                f"{top + (bottom - top) * (1 - (value - low) / (high - low)):.1f}")
+
+    for name, colour, values in series:
+        if len(values) == 1:
+            x, y = xy(*values[0]).split(",")
+            parts.append(f'<circle class="{name}" cx="{x}" cy="{y}" r="2.5" fill="{colour}"/>')
+        elif values:
+            parts.append(f'<polyline class="{name}" fill="none" stroke="{colour}" stroke-width="2" '
+                         f'points="{" ".join(xy(*p) for p in values)}"/>')
+    parts.append(f'<text x="2" y="{top + 10}" fill="#505050">{high:.3f}</text>')
+    parts.append(f'<text x="2" y="{bottom}" fill="#505050">{low:.3f}</text>')
+    parts.append(f'<text x="{left}" y="{height - margin + 18}" fill="#505050">step 0 … {last_step}   '
+                 f'light: loss  dark: average  orange: validation</text>')
+    return "".join(parts) + "</svg>"
     last_step = max(view.total, max(step for step, _ in points), 1)
     low, high = min(v for _, v in points), max(v for _, v in points)
     high = high if high > low else low + 1e-6

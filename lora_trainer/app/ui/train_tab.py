@@ -367,7 +367,7 @@ def build(services: Services) -> gr.Blocks:
         progress = gr.Markdown(elem_id="lora_trainer_progress_text")
         bar = gr.HTML(elem_id="lora_trainer_progress")
         with gr.Row():
-            plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_trainer_loss")
+            plot = gr.HTML(loss_plot(LiveView()), label="Loss", elem_id="lora_trainer_loss")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="lora_trainer_samples")
         with gr.Row():
             files = gr.Dropdown([], label="Saved files", elem_id="lora_trainer_files", allow_custom_value=True)
