@@ -132,7 +132,7 @@ class BatchHost:
         self.log, self.cut_short, self.interrupt_at, self.stopped = [], cut_short, interrupt_at, False
 
     @contextlib.contextmanager
-    def batch(self, count, label):
+    def batch(self, count, label, steps):
         self.log.append(("begin", count))
         yield
         self.log.append(("end",))

@@ -33,9 +33,10 @@ class Host(Protocol):
         """One image; ``settings.prompt`` may hold ``<lora:name:weight>`` tags, applied the way the host applies them.
         None when the host's own Interrupt or Skip cut the image short (nothing worth keeping)."""
 
-    def batch(self, count: int, label: str) -> AbstractContextManager[None]:
-        """Around the ``count`` ``generate`` calls of one grid: the host shows its progress across all of them
-        ("cell i of count") and keeps its queue for the grid. Optional: grids run without it."""
+    def batch(self, count: int, label: str, steps: int | None = None) -> AbstractContextManager[None]:
+        """Around the ``count`` ``generate`` calls of one grid (``steps`` sampling steps in all): the host shows its
+        progress across all of them ("cell i of count") and keeps its queue for the grid. Optional: grids run
+        without it."""
 
     def interrupted(self) -> bool:
         """True when the user pressed the host's Interrupt (grids stop between cells)."""

@@ -299,7 +299,8 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     stopped = False
     by_key = {cell.key: cell for row in plan.cells for cell in row}
     batch = getattr(host, "batch", None)
-    with batch(len(unique), "Prompt-Lora-Grid") if batch else contextlib.nullcontext():
+    steps = sum(by_key[key].settings.steps for key in unique)
+    with batch(len(unique), "Prompt-Lora-Grid", steps) if batch else contextlib.nullcontext():
         for index, key in enumerate(unique):
             if (should_stop and should_stop()) or host.interrupted():
                 stopped = True

@@ -54,20 +54,25 @@ class WebUIHost:
         return [scheduler.label for scheduler in sd_schedulers.schedulers]
 
     @contextmanager
-    def batch(self, count: int, label: str = "Prompt-Lora-Grid") -> Iterator[None]:
-        """``count`` images as one WebUI job: the queue held throughout (txt2img waits, as it waits for the X/Y/Z
-        plot), ``state.begin`` once, ``job_count`` set before the first image, ``textinfo`` naming the cell."""
+    def batch(self, count: int, label: str = "Prompt-Lora-Grid", steps: int | None = None) -> Iterator[None]:
+        """``count`` images (``steps`` sampling steps in all) as one WebUI job: the queue held throughout (txt2img
+        waits, as it waits for the X/Y/Z plot), ``state.begin`` once, ``job_count`` set before the first image,
+        ``textinfo`` naming the cell; the console's "Total progress" bar spans the grid and is closed after it, as
+        txt2img closes it after its own images."""
         from modules import shared
         from modules.call_queue import queue_lock
 
         with queue_lock:
             shared.state.begin(job="lora_trainer_grid")
             shared.state.job_count = count
+            if steps:
+                shared.total_tqdm.updateTotal(steps)
             self._local.batch = {"label": label, "count": count, "done": 0}
             try:
                 yield
             finally:
                 self._local.batch = None
+                shared.total_tqdm.clear()
                 shared.state.end()
 
     def generate(self, settings: GenerationSettings, checkpoint: str | None = None,

@@ -45,6 +45,9 @@ def test_the_webui_progress_counts_cells_across_the_whole_grid(webui, monkeypatc
     assert webui.shared.state.job_no == 5 and webui.shared.state.job == ""  # ended once, after the last cell
     assert not webui.call_queue.queue_lock.locked()
     assert status.startswith("Grid saved") and len(cells) == 6 and not any(grey(c) for c in cells)
+    # the console's "Total progress" bar: the grid's 5 cells × 1 step, every step counted, closed after the grid
+    assert webui.shared.total_tqdm.bar is None
+    assert webui.shared.total_tqdm.closed[-1] == {"total": 5, "done": 5}
 
 
 def test_interrupt_stops_the_grid_and_keeps_the_finished_cells(webui, monkeypatch):

@@ -133,6 +133,7 @@ def process_images(p):
 
         def progress(step, total):
             shared.state.sampling_step, shared.state.sampling_steps = step, total
+            shared.total_tqdm.update()
 
         for generated in txt2img(model, settings, callback=progress, model_info=model_info):
             images.append(generated.image)

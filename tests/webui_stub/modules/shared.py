@@ -25,5 +25,9 @@ opts = Options(options_templates)
 
 state = shared_state.State()
 
+from modules import shared_total_tqdm  # noqa: E402 - it reads shared.state, as the real one does
+
+total_tqdm = shared_total_tqdm.TotalTQDM()
+
 # The real WebUI exposes a lazy property that loads the model on first use; here sd_models.load_model sets it.
 sd_model = None
