@@ -169,22 +169,3 @@ def loss_plot(view: LiveView, size: tuple[int, int] = (640, 240)) -> str:
     parts.append(f'<text x="{left}" y="{height - margin + 18}" fill="#505050">step 0 … {last_step}   '
                  f'light: loss  dark: average  orange: validation</text>')
     return "".join(parts) + "</svg>"
-    last_step = max(view.total, max(step for step, _ in points), 1)
-    low, high = min(v for _, v in points), max(v for _, v in points)
-    high = high if high > low else low + 1e-6
-
-    def xy(step: float, value: float) -> tuple[float, float]:
-        return (margin + (width - margin - 8) * step / last_step,
-                8 + (height - margin - 8) * (1 - (value - low) / (high - low)))
-
-    for values, colour in series:
-        if len(values) == 1:
-            x, y = xy(*values[0])
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        elif values:
-            draw.line([xy(*p) for p in values], fill=colour, width=2)
-    draw.text((2, 4), f"{high:.3f}", fill=(80, 80, 80))
-    draw.text((2, height - margin - 10), f"{low:.3f}", fill=(80, 80, 80))
-    draw.text((margin, height - margin + 6), f"step 0 … {last_step}   light: loss  dark: average  orange: validation",
-              fill=(80, 80, 80))
-    return image
