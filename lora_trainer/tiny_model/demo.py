@@ -36,6 +36,7 @@ def training_arguments(out: Path, epochs: int = DEMO_EPOCHS) -> list[str]:
 
 def run_demo(out: str | Path, epochs: int = DEMO_EPOCHS, seed: int = 11) -> Path:
     from ..app.standalone_host import StandaloneHost
+    from ..grid.axes import run_files
     from ..grid.plan import AxisSpec, GridRequest, plan_grid, run_grid
     from ..sampling.txt2img import GenerationSettings
     from ..train_network import main as train
@@ -53,7 +54,7 @@ def run_demo(out: str | Path, epochs: int = DEMO_EPOCHS, seed: int = 11) -> Path
     strengths = AxisSpec("strength", [", ".join(f"{s:g}" for s in DEMO_STRENGTHS)])
     plan = plan_grid(GridRequest(strengths, AxisSpec("epoch", []), settings, lora=CONCEPT_TRIGGER), host.library)
     grid = run_grid(host, plan, out / "grid")
-    files = sorted((out / "lora").glob("*.safetensors"))
-    print(f"trained in {trained:.0f} s; files: {', '.join(str(f) for f in files)}", file=sys.stderr)
-    print(f"grid ({plan.size[0]} epochs × {len(DEMO_STRENGTHS)} strengths + no LoRA) in {grid.seconds:.0f} s", file=sys.stderr)
+    files = run_files(out / "lora" / f"{CONCEPT_TRIGGER}.safetensors")
+    print(f"trained in {trained:.0f} s; files: {', '.join(str(f.path) for f in files)}", file=sys.stderr)
+    print(f"grid ({len(files)} epochs × {len(DEMO_STRENGTHS)} strengths + no LoRA) in {grid.seconds:.0f} s", file=sys.stderr)
     return grid.path

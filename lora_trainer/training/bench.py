@@ -17,9 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..models.configs import SD1, SDXL, ModelConfig
 from .events import read_events
@@ -129,19 +127,11 @@ def training_flops(config: ModelConfig, batch: int, resolution: int, train_text_
     return counter.get_total_flops()
 
 
-def _write_images(folder: Path, count: int, resolution: int) -> None:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
-        (folder / f"{index:03d}.txt").write_text(f"bench image {index}", encoding="utf-8")
-
-
 def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, resolution: int | None,
              gradient_checkpointing: bool, peak: float | None) -> None:
     """Train a LoRA on random weights of ``size`` through the real command and report the step speed and memory."""
     from ..bench import write_random_checkpoint
+    from ..tiny_model.shapes import write_dataset
 
     chosen = SIZES[size]
     batch = batch or chosen.batch
@@ -151,7 +141,7 @@ def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, re
         folder = Path(folder)
         checkpoint = write_random_checkpoint(chosen.config, folder / f"random-{size}.safetensors")
         print(f"{size}: random fp16 checkpoint of {checkpoint.stat().st_size / 2**30:.2f} GiB written", flush=True)
-        _write_images(folder / "data" / "1_bench", batch * 2, resolution)
+        write_dataset(folder / "data", batch * 2, size=resolution, repeats=1)
         arguments = [
             "--pretrained_model_name_or_path", str(checkpoint), "--train_data_dir", str(folder / "data"),
             "--output_dir", str(folder / "out"), "--output_name", "bench", "--resolution", str(resolution),

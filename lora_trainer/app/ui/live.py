@@ -153,17 +153,16 @@ def loss_plot(view: LiveView, size: tuple[int, int] = (640, 240)) -> str:
     low, high = min(v for _, v in points), max(v for _, v in points)
     high = high if high > low else low + 1e-6
 
-    def xy(step: float, value: float) -> str:
-        return (f"{left + (right - left) * step / last_step:.1f},"
-                f"{top + (bottom - top) * (1 - (value - low) / (high - low)):.1f}")
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return left + (right - left) * step / last_step, top + (bottom - top) * (1 - (value - low) / (high - low))
 
     for name, colour, values in series:
         if len(values) == 1:
-            x, y = xy(*values[0]).split(",")
-            parts.append(f'<circle class="{name}" cx="{x}" cy="{y}" r="2.5" fill="{colour}"/>')
+            x, y = xy(*values[0])
+            parts.append(f'<circle class="{name}" cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>')
         elif values:
-            parts.append(f'<polyline class="{name}" fill="none" stroke="{colour}" stroke-width="2" '
-                         f'points="{" ".join(xy(*p) for p in values)}"/>')
+            points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(*p) for p in values))
+            parts.append(f'<polyline class="{name}" fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
     parts.append(f'<text x="2" y="{top + 10}" fill="#505050">{high:.3f}</text>')
     parts.append(f'<text x="2" y="{bottom}" fill="#505050">{low:.3f}</text>')
     parts.append(f'<text x="{left}" y="{height - margin + 18}" fill="#505050">step 0 … {last_step}   '

@@ -348,8 +348,8 @@ def health_report(services, folder: str, trigger: str) -> str:
         return f"⚠ {error}"
 
 
-# Copies the folder into the Train tab's dataset textbox (found by elem_id only) and tells gradio it changed.
-# fills the Train tab's dataset box, then shows that tab (a plain button in gradio 3's tab bar, role="tab" in 4's)
+# Copies the folder into the Train tab's dataset textbox (found by elem_id only), tells gradio it changed, then
+# shows that tab (found by its title: a plain button in gradio 3's tab bar, role="tab" in 4's).
 TRAIN_ON_FOLDER_JS = """(folder) => {
   const root = window.gradioApp ? gradioApp() : document;
   const box = root.querySelector('#lora_trainer_dataset textarea, #lora_trainer_dataset input');
