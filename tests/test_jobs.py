@@ -133,6 +133,8 @@ def test_bad_options_and_names_are_refused_before_anything_is_queued(runner, tmp
         runner.submit("x", {**options(tmp_path, "finish"), "adaptive_noise_scale": 0.1})
     with pytest.raises(UserError, match="without / or .."):
         runner.submit("../evil", options(tmp_path, "finish"))
+    with pytest.raises(UserError, match="network algorithm 'lorra' is not one of"):  # said here, not by the subprocess
+        runner.submit("x", {**options(tmp_path, "finish"), "network_module": "lycoris.kohya", "network_args": ["algo=lorra"]})
     assert runner.store.all() == []
 
 

@@ -151,6 +151,24 @@ def _check_dataset_config(path: Path, roots: list[Path], options: dict) -> None:
                 _check_metadata_images(subset.metadata_file, subset.image_dir, roots, "dataset_config")
 
 
+def _checked_network_args(items: Any, roots: list[Path]) -> list[str]:
+    """A LyCORIS preset file (``preset=…toml``) is a request's path too: absolute, inside the roots."""
+    from ..networks.lycoris_presets import LYCORIS_PRESETS
+
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ApiError(400, "invalid", "network_args: give a list of key=value strings", "network_args")
+    checked = []
+    for item in items:
+        key, _, value = item.partition("=")
+        if key.strip() == "preset" and value.strip() not in (*LYCORIS_PRESETS, "ia3"):
+            if not Path(value.strip()).is_absolute():
+                raise ApiError(400, "invalid", f"network_args: preset file {value.strip()} is relative; give an "
+                               "absolute path", "network_args")
+            item = f"preset={checked_path(value.strip(), roots, 'network_args', must_exist=True)}"
+        checked.append(item)
+    return checked
+
+
 def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: list[Path], field: str) -> None:
     """A fine-tuning metadata file may name images by absolute path: those are requests' paths too."""
     from ..dataset.layouts import metadata_image_paths
@@ -185,6 +203,8 @@ def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None
     for key, must_exist in PATH_OPTIONS.items():
         if options.get(key) is not None:
             options[key] = str(checked_path(options[key], roots, key, must_exist))
+    if options.get("network_args") is not None:
+        options["network_args"] = _checked_network_args(options["network_args"], roots)
     if options.get("dataset_config"):
         _check_dataset_config(Path(options["dataset_config"]), roots, options)
     elif options.get("in_json"):

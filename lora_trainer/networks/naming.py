@@ -18,7 +18,8 @@ from torch import nn
 
 from ..models.configs import ModelConfig
 from ..models.text_encoders import CLIPMLP, CLIPAttention, OpenCLIPAttention, OpenCLIPMLP
-from ..models.unet import DIFFUSERS_RESNET_PARTS, Downsample, ResBlock, SpatialTransformer, Upsample, unet_to_diffusers_names
+from ..models.unet import (DIFFUSERS_RESNET_PARTS, GEGLU, BasicTransformerBlock, CrossAttention, Downsample, FeedForward,
+                           ResBlock, SpatialTransformer, Upsample, unet_to_diffusers_names)
 
 UNET = "lora_unet"
 
@@ -43,6 +44,10 @@ class Target:
     group: str = ATTENTION
     block: str = "BASE"  # block-weight label as the block-weight extension names it: BASE (text encoders), IN00…, M00, OUT00…
     aliases: frozenset[str] = field(default_factory=frozenset)  # other names files use, in canonical form
+    # The model sd-scripts trains, which LyCORIS presets name layers by: this layer's module path there (the Kohya
+    # name is the prefix + this path with . → _), and the (class name, module path) of the blocks around it.
+    sd_scripts_path: str = ""
+    sd_scripts_blocks: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_text_encoder(self) -> bool:
@@ -102,18 +107,44 @@ def _unet_modules(unet: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
             yield path, next((owners[h] for h in heads if h in owners), OTHER), module
 
 
+# sd-scripts' class names for our UNet blocks (its SD1/SD2 and SDXL UNets name them alike)
+_SD_SCRIPTS_UNET_CLASSES = {SpatialTransformer: "Transformer2DModel", BasicTransformerBlock: "BasicTransformerBlock",
+                            CrossAttention: "CrossAttention", FeedForward: "FeedForward", GEGLU: "GEGLU",
+                            ResBlock: "ResnetBlock2D", Downsample: "Downsample2D", Upsample: "Upsample2D"}
+
+
+def _sd_scripts_unet_blocks(path: str, source: str, blocks: dict[str, str], prefixes: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """(class, path) in sd-scripts' UNet of the blocks around the layer at our ``path`` (``source`` there)."""
+    found = []
+    parts = path.split(".")
+    for cut in range(1, len(parts)):
+        head = ".".join(parts[:cut])
+        if head in blocks:
+            # a block's own path, or the layer's path less the levels below the block (a sampler's conv: op → conv)
+            there = _diffusers_path(head, prefixes) if prefixes is not None else head
+            found.append((blocks[head], there or source.rsplit(".", len(parts) - cut)[0]))
+    if prefixes is not None and source.startswith("time_embedding."):
+        found.append(("TimestepEmbedding", "time_embedding"))  # a class in sd-scripts' SD1/SD2 UNet, not in its SDXL one
+    return tuple(found)
+
+
 def unet_targets(config: ModelConfig, unet: nn.Module) -> list[Target]:
     prefixes = unet_to_diffusers_names(config.unet)
+    blocks = {path: _SD_SCRIPTS_UNET_CLASSES[type(m)] for path, m in unet.named_modules() if type(m) in _SD_SCRIPTS_UNET_CLASSES}
     targets = []
     for path, group, _ in _unet_modules(unet):
         diffusers = _diffusers_path(path, prefixes)
         sgm = f"{UNET}_{_underscored(path)}"
         by_diffusers = f"{UNET}_{_underscored(diffusers)}" if diffusers else None
-        name = sgm if config.lora_unet_naming == "sgm" or by_diffusers is None else by_diffusers
+        by_sgm = config.lora_unet_naming == "sgm" or by_diffusers is None
+        name = sgm if by_sgm else by_diffusers
         aliases = {sgm, f"diffusion_model_{_underscored(path)}"}
         if by_diffusers:
             aliases |= {by_diffusers, f"lycoris_{_underscored(diffusers)}"}
-        targets.append(Target(name, UNET, path, group=group, block=_block_label(path), aliases=frozenset(aliases - {name})))
+        source = path if by_sgm else diffusers
+        sd_scripts_blocks = _sd_scripts_unet_blocks(path, source, blocks, None if by_sgm else prefixes)
+        targets.append(Target(name, UNET, path, group=group, block=_block_label(path), aliases=frozenset(aliases - {name}),
+                              sd_scripts_path=source, sd_scripts_blocks=sd_scripts_blocks))
     return targets
 
 
@@ -155,6 +186,17 @@ def _text_encoder_modules(encoder: nn.Module) -> Iterator[tuple[str, str, str, t
                 yield f"{owner_path}.{child_path}", f"text_model.encoder.layers.{layer}.{hf}", "weight", None, ATTENTION
 
 
+def _sd_scripts_text_encoder_blocks(hf_path: str) -> tuple[tuple[str, str], ...]:
+    """(class, path) in transformers' CLIP text model (sd-scripts' for every text encoder) of the blocks around a
+    layer. Its attention class is CLIPSdpaAttention or CLIPAttention by transformers' version: both are named."""
+    match = re.match(r"(text_model\.encoder\.layers\.\d+)\.(self_attn|mlp)\.", hf_path)
+    if not match:
+        return ()
+    layer, part = match.group(1), f"{match.group(1)}.{match.group(2)}"
+    owners = [("CLIPAttention", part), ("CLIPSdpaAttention", part)] if match.group(2) == "self_attn" else [("CLIPMLP", part)]
+    return (("CLIPTextTransformer", "text_model"), ("CLIPEncoder", "text_model.encoder"), ("CLIPEncoderLayer", layer), *owners)
+
+
 def text_encoder_targets(config: ModelConfig, index: int, encoder: nn.Module) -> list[Target]:
     slot = config.text_encoders[index]
     prefix = slot.kohya_name
@@ -174,7 +216,8 @@ def text_encoder_targets(config: ModelConfig, index: int, encoder: nn.Module) ->
         elif rows is None:
             aliases.add(f"{compvis_root}model_{_underscored(path)}")
         bias = "in_proj_bias" if rows else "bias"
-        targets.append(Target(name, prefix, path, parameter, bias, rows, group, "BASE", frozenset(aliases)))
+        targets.append(Target(name, prefix, path, parameter, bias, rows, group, "BASE", frozenset(aliases), hf_path,
+                              _sd_scripts_text_encoder_blocks(hf_path)))
     return targets
 
 

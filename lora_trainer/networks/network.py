@@ -19,7 +19,7 @@ from ..safe_io import save_safetensors
 from .lr_groups import block_lr_weights, parameter_groups
 from .modules import NetworkModule, layer_and_weight
 from .files import NetworkFile, match_network
-from .lycoris_presets import targeted
+from .lycoris_presets import lycoris_preset, targeted
 from .naming import Target, model_components, model_targets
 from .spec import NetworkSpec
 
@@ -129,9 +129,10 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
     components = model_components(config, unet, text_encoders)
     targets = model_targets(config, unet if train_unet else None, text_encoders if train_text_encoder else None)
     lr_weights = block_lr_weights_for(config, spec)
+    preset = lycoris_preset(spec.preset) if spec.preset else None
     modules = {}
     for name, target in targets.items():
-        if not targeted(target, spec.preset, spec.with_convs, config.lora_unet_naming):
+        if not targeted(target, preset, spec.with_convs):
             continue
         index = block_index(target, config.lora_unet_naming)
         if lr_weights is not None and index is not None and lr_weights[index] == 0:

@@ -344,15 +344,19 @@ def validate(options: TrainOptions) -> None:
             assert len(sides) in (1, 2) and min(sides) > 0
         except (ValueError, AssertionError):
             problems.append(f'--resolution {options.resolution!r}: give "512" or "512,768"')
-    if options.scale_weight_norms is not None:
-        from ..networks.max_norm import check_supported
-        from ..networks.spec import spec_from_kohya
+    from ..networks.max_norm import check_supported
+    from ..networks.spec import spec_from_kohya
 
+    try:  # the network options (a LyCORIS preset file too), here rather than in the trainer subprocess
+        spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
+                               options.network_args, options.network_dropout)
+    except UserError as problem:
+        problems.append(str(problem))
+        spec = None
+    if options.scale_weight_norms is not None:
         if options.scale_weight_norms <= 0:
             problems.append(f"--scale_weight_norms {options.scale_weight_norms} must be above 0 (sd-scripts' guides use 1)")
-        else:
-            spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
-                                   options.network_args, options.network_dropout)
+        elif spec is not None:
             try:
                 check_supported(spec.algorithm, spec.dora)
             except UserError as problem:

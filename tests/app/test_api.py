@@ -138,6 +138,8 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     ({"options": {"train_data_dir": "/etc"}}, 403, "train_data_dir"),
     ({"options": {"output_dir": "/tmp/elsewhere"}}, 403, "output_dir"),
     ({"options": {"network_weights": "/etc/passwd"}}, 403, "network_weights"),
+    ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=/etc/preset.toml"]}}, 403, "network_args"),
+    ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=presets/mine.toml"]}}, 400, "network_args"),
 ])
 def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, field):
     body = {**job_body, **{k: v for k, v in change.items() if k != "options"},
@@ -352,6 +354,18 @@ def test_fine_tuning_metadata_may_not_name_images_outside_the_roots(client, job_
     meta.write_text(json.dumps({"img.png": {"caption": "x"}}), encoding="utf-8")
     body["options"]["train_data_dir"] = inside
     assert client.post(f"{V1}/jobs", json=body).status_code == 201
+
+def test_a_lycoris_preset_file_inside_the_roots_is_accepted_by_its_absolute_path(client, job_body, app_settings):
+    preset = app_settings.data_folder / "my preset.toml"
+    preset.write_text('unet_target_module = ["Transformer2DModel"]\n', encoding="utf-8")
+    body = {**job_body, "options": {**job_body["options"], "network_module": "lycoris.kohya",
+                                    "network_args": ["algo=loha", f"preset={preset}"]}}
+    response = client.post(f"{V1}/jobs", json=body)
+    assert response.status_code == 201, response.text
+    preset.write_text('module_algo_map = { CrossAttention = { algo = "lokr" } }\n', encoding="utf-8")
+    error = assert_error(client.post(f"{V1}/jobs", json={**body, "name": "second"}), 400)
+    assert "module_algo_map" in error["message"] and "my preset.toml" in error["message"]
+
 
 # --- grids -----------------------------------------------------------------------------------------------------
 
