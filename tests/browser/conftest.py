@@ -54,7 +54,8 @@ def app_url(app_folders):
     """The app's URL (the bundled sample dataset is an allowed root); the app runs for the whole session and is killed afterwards. Its log is kept in test-artifacts/."""
     ARTIFACTS.mkdir(exist_ok=True)
     port = _free_port()
-    log = ARTIFACTS / f"standalone-app{os.environ.get('PYTEST_XDIST_WORKER', '')}.log"  # one app per test worker
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # one app per test worker
+    log = ARTIFACTS / (f"standalone-app-{worker}.log" if worker else "standalone-app.log")
     command = [sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--data", str(app_folders["data"]),
                "--lora-dir", str(app_folders["lora"])]
     with open(log, "w", encoding="utf-8") as output:

@@ -28,6 +28,14 @@ def _wait_for_progress(page, pattern: str, timeout: float = WAIT_MS) -> str:
     return _progress(page)
 
 
+# the heights of some elements, every 50 ms for 3 s (three polls of the live view)
+_HEIGHTS_WHILE_POLLING = """selectors => new Promise(done => {
+    const seen = selectors.map(() => []);
+    const timer = setInterval(() => selectors.forEach((s, i) => seen[i].push(document.querySelector(s).getBoundingClientRect().height)), 50);
+    setTimeout(() => { clearInterval(timer); done(seen); }, 3000);
+})"""
+
+
 def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     page.wait_for_selector("#lora_trainer_start")
     _fill(page, "lora_trainer_dataset", str(SAMPLE_DATASET))
@@ -50,6 +58,8 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
         " return m && Number(m[1]) > first; }", arg=first, timeout=WAIT_MS)
     page.wait_for_selector("#lora_trainer_samples img", timeout=WAIT_MS)  # the first epoch's sample
     assert page.locator("#lora_trainer_loss svg polyline.loss").count() == 1  # the live loss curve
+    heights = page.evaluate(_HEIGHTS_WHILE_POLLING, ["#lora_trainer_progress_text", "#lora_trainer_progress"])
+    assert all(max(seen) < 60 for seen in heights), [(min(seen), max(seen)) for seen in heights]  # no jumps at each poll
     screenshot("running")
 
     page.click("#lora_trainer_stop")
