@@ -189,6 +189,6 @@ def test_face_emphasis_without_opencv_says_what_to_install(tmp_path, monkeypatch
 
 def test_opencv_face_detector_runs_when_installed():
     if not focus.face_detector_available():
-        pytest.skip("opencv-python-headless<5 is not installed")
+        pytest.skip("opencv-python-headless<4.12 is not installed")
     noise = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
     assert focus.detect_faces(noise) == ()

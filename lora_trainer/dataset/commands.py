@@ -98,7 +98,7 @@ def add_dataset_commands(subparsers) -> None:
     prep.add_argument("--no-upscale", action="store_true", help="never enlarge: small images are only cropped")
     prep.add_argument("--flip", action="store_true", help="also write a mirrored copy of every image")
     prep.add_argument("--face-emphasis", type=int, metavar="REPEATS",
-                      help="add a '<REPEATS>_<name> face' folder of face close-ups (needs opencv-python-headless<5)")
+                      help="add a '<REPEATS>_<name> face' folder of face close-ups (needs opencv-python-headless<4.12)")
     prep.add_argument("--caption-extension", default=".txt")
     prep.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)")
     prep.add_argument("--quiet", action="store_true")

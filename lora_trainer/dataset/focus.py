@@ -42,10 +42,11 @@ def face_detector_problem() -> str | None:
     try:
         import cv2
     except ImportError:
-        return "Face detection needs OpenCV: pip install \"opencv-python-headless<5\" into the same Python"
+        return ("Face detection needs OpenCV: pip install \"opencv-python-headless<4.12\" into the same Python "
+                "(4.12 and later need NumPy 2, which the WebUI's gradio 3 cannot use)")
     if not hasattr(cv2, "CascadeClassifier") or not (Path(cv2.data.haarcascades) / FACE_CASCADE).is_file():
         return (f"OpenCV {cv2.__version__} has no bundled Haar face detector (OpenCV 5 dropped it): "
-                "pip install \"opencv-python-headless<5\"")
+                "pip install \"opencv-python-headless<4.12\"")
     return None
 
 
