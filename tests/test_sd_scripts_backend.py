@@ -67,6 +67,20 @@ def test_the_run_goes_to_sd_scripts_with_our_options_and_comes_back_as_events(ch
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 6 and len(events[-1]["files"]) == 2
 
 
+def test_relative_paths_reach_sd_scripts_absolute_since_it_runs_in_its_checkout(checkout, tmp_path, monkeypatch):
+    work = tmp_path / "my project"
+    (work / "presets").mkdir(parents=True)
+    (work / "presets" / "mine.toml").write_text('unet_target_module = ["Transformer2DModel"]\n', encoding="utf-8")
+    monkeypatch.chdir(work)
+    assert train_main(["--backend", f"sd-scripts={checkout}", "--pretrained_model_name_or_path", str(TINY_MODEL_PATH),
+                       "--train_data_dir", "data", "--output_dir", "out", "--output_name", "star", "--max_train_epochs", "1",
+                       "--network_module", "lycoris.kohya", "--network_args", "algo=loha", "preset=presets/mine.toml"]) == 0
+    seen = toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))
+    assert seen["output_dir"] == str(work / "out") and seen["train_data_dir"] == "data"  # not here: left for sd-scripts to say
+    assert seen["network_args"] == ["algo=loha", f"preset={work / 'presets' / 'mine.toml'}"]
+    assert (work / "out" / "star.safetensors").is_file()
+
+
 def test_an_sd_scripts_crash_is_an_error_event_with_its_message(checkout, tmp_path, capsys):
     assert train(checkout, tmp_path, "--training_comment", "crash") == 2
     assert "CUDA out of memory" in capsys.readouterr().err

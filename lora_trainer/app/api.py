@@ -99,9 +99,6 @@ class _ErrorsAsJson(APIRoute):
 
 JOB_FIELDS = ("name", "options", "webhook")
 # path options and whether the path must exist already
-PATH_OPTIONS = {"pretrained_model_name_or_path": True, "vae": True, "train_data_dir": True, "reg_data_dir": True,
-                "dataset_config": True, "in_json": True, "sample_prompts": True, "network_weights": True, "resume": True,
-                "output_dir": False, "logging_dir": False, "tokenizer_cache_dir": False}
 RUNNER_OPTIONS = ("events_file", "stop_file", "config_file", "output_config")  # the runner sets these itself
 
 
@@ -153,18 +150,17 @@ def _check_dataset_config(path: Path, roots: list[Path], options: dict) -> None:
 
 def _checked_network_args(items: Any, roots: list[Path]) -> list[str]:
     """A LyCORIS preset file (``preset=…toml``) is a request's path too: absolute, inside the roots."""
-    from ..networks.lycoris_presets import LYCORIS_PRESETS
+    from ..training.options import network_preset_file
 
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         raise ApiError(400, "invalid", "network_args: give a list of key=value strings", "network_args")
     checked = []
     for item in items:
-        key, _, value = item.partition("=")
-        if key.strip() == "preset" and value.strip() not in (*LYCORIS_PRESETS, "ia3"):
-            if not Path(value.strip()).is_absolute():
-                raise ApiError(400, "invalid", f"network_args: preset file {value.strip()} is relative; give an "
-                               "absolute path", "network_args")
-            item = f"preset={checked_path(value.strip(), roots, 'network_args', must_exist=True)}"
+        if (preset := network_preset_file(item)) is not None:
+            if not Path(preset).is_absolute():
+                raise ApiError(400, "invalid", f"network_args: preset file {preset} is relative; give an absolute "
+                               "path", "network_args")
+            item = f"preset={checked_path(preset, roots, 'network_args', must_exist=True)}"
         checked.append(item)
     return checked
 
@@ -180,7 +176,7 @@ def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: l
 def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None]:
     """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened) → job name,
     options with every path resolved inside the roots, webhook URL. Options are validated by ``options_from``."""
-    from ..training.options import FIELDS, FOREIGN, options_from
+    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, options_from
 
     if not isinstance(body, dict):
         raise ApiError(400, "invalid", "the body must be a JSON object")
@@ -201,7 +197,9 @@ def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None
     options.setdefault("output_dir", str(settings.lora_folder))
     roots = settings.roots()
     for key, must_exist in PATH_OPTIONS.items():
-        if options.get(key) is not None:
+        if isinstance(options.get(key), list):
+            options[key] = [str(checked_path(value, roots, key, must_exist)) for value in options[key]]
+        elif options.get(key) is not None:
             options[key] = str(checked_path(options[key], roots, key, must_exist))
     if options.get("network_args") is not None:
         options["network_args"] = _checked_network_args(options["network_args"], roots)

@@ -393,6 +393,42 @@ def resolution_of(options: TrainOptions) -> tuple[int, int] | None:
     return (sides[0], sides[-1])
 
 
+# Options that name files or folders, with whether they must exist before the run (``base_weights``: a list). The
+# API checks them against its allowed folders; the sd-scripts backend, which runs in its checkout, makes them absolute.
+PATH_OPTIONS = {"pretrained_model_name_or_path": True, "vae": True, "train_data_dir": True, "reg_data_dir": True,
+                "dataset_config": True, "in_json": True, "sample_prompts": True, "network_weights": True, "resume": True,
+                "base_weights": True, "output_dir": False, "logging_dir": False, "tokenizer_cache_dir": False}
+
+
+def network_preset_file(item: str) -> str | None:
+    """The LyCORIS preset file a ``network_args`` item names (``preset=my.toml``), None for anything else."""
+    from ..networks.lycoris_presets import LYCORIS_PRESETS
+
+    key, _, value = item.partition("=")
+    value = value.strip()
+    return value if key.strip() == "preset" and value not in (*LYCORIS_PRESETS, "ia3") else None
+
+
+def with_absolute_paths(options: TrainOptions) -> TrainOptions:
+    """Relative paths (a LyCORIS preset file's too) made absolute against the current folder, for a process that runs
+    elsewhere; a relative input that does not exist here is left for that process to report."""
+    def absolute(value: str, must_exist: bool) -> str:
+        path = Path(value).expanduser()
+        return value if path.is_absolute() or (must_exist and not path.exists()) else str(path.resolve())
+
+    changes: dict[str, Any] = {}
+    for name, must_exist in PATH_OPTIONS.items():
+        value = getattr(options, name)
+        if isinstance(value, list):
+            changes[name] = [absolute(v, must_exist) for v in value]
+        elif value is not None:
+            changes[name] = absolute(value, must_exist)
+    if options.network_args:
+        changes["network_args"] = [f"preset={absolute(preset, True)}" if (preset := network_preset_file(item)) else item
+                                   for item in options.network_args]
+    return dataclasses.replace(options, **changes)
+
+
 def non_default(options: TrainOptions) -> dict[str, Any]:
     ours = {"device", "events_file", "stop_file", "config_file", "output_config", "backend"}
     return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}

@@ -20,7 +20,7 @@ import toml
 
 from ..errors import UserError
 from .events import EventLog
-from .options import TrainOptions, non_default
+from .options import TrainOptions, non_default, with_absolute_paths
 
 # "steps:" is the training bar; sd-scripts' "validation steps:" / "epoch validation steps:" bars (with
 # --validation_split) count their own 1..N and must not become step events, hence the look-behind.
@@ -98,8 +98,8 @@ def _lines(stream):
 def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
     checkout = checkout_of(options.backend)
     script = script_for(options)
-    config = log_path.with_suffix(".toml")  # beside its log: <name>.events.sd-scripts.toml
-    config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
+    config = log_path.with_suffix(".toml").resolve()  # beside its log: <name>.events.sd-scripts.toml
+    config.write_text(toml.dumps(non_default(with_absolute_paths(options))), encoding="utf-8")  # it runs in its checkout
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
     stop_file = Path(options.stop_file) if options.stop_file else None

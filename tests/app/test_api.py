@@ -138,6 +138,7 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     ({"options": {"train_data_dir": "/etc"}}, 403, "train_data_dir"),
     ({"options": {"output_dir": "/tmp/elsewhere"}}, 403, "output_dir"),
     ({"options": {"network_weights": "/etc/passwd"}}, 403, "network_weights"),
+    ({"options": {"base_weights": ["/etc/passwd"]}}, 403, "base_weights"),
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=/etc/preset.toml"]}}, 403, "network_args"),
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=presets/mine.toml"]}}, 400, "network_args"),
 ])
