@@ -187,8 +187,39 @@ def test_face_emphasis_without_opencv_says_what_to_install(tmp_path, monkeypatch
     assert Image.open(tmp_path / "out" / "a.png").size == (128, 128)
 
 
-def test_opencv_face_detector_runs_when_installed():
+def drawn_face(side: int) -> Image.Image:
+    """A plain frontal face (skin oval, brows, eyes, nose, mouth), softened: OpenCV's Haar cascade finds it."""
+    from PIL import ImageDraw, ImageFilter
+
+    image = Image.new("RGB", (side, side), (90, 120, 160))
+    draw = ImageDraw.Draw(image)
+    cx = cy = side // 2
+    w, h = int(side * 0.42), int(side * 0.55)
+    draw.ellipse([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=(225, 185, 160))
+    for side_sign in (-1, 1):
+        ex = cx + side_sign * int(w * 0.22)
+        draw.rectangle([ex - int(w * 0.13), cy - int(h * 0.2), ex + int(w * 0.13), cy - int(h * 0.16)], fill=(60, 40, 30))
+        draw.ellipse([ex - int(w * 0.1), cy - int(h * 0.12), ex + int(w * 0.1), cy - int(h * 0.04)], fill=(40, 30, 30))
+    draw.polygon([(cx, cy - int(h * 0.02)), (cx - int(w * 0.07), cy + int(h * 0.12)), (cx + int(w * 0.07), cy + int(h * 0.12))],
+                 fill=(200, 150, 130))
+    draw.rectangle([cx - int(w * 0.18), cy + int(h * 0.22), cx + int(w * 0.18), cy + int(h * 0.26)], fill=(150, 60, 60))
+    return image.filter(ImageFilter.GaussianBlur(2))
+
+
+def test_opencv_finds_a_drawn_face_and_the_focal_crop_keeps_it_whole(tmp_path):
     if not focus.face_detector_available():
         pytest.skip("opencv-python-headless<4.12 is not installed")
     noise = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
     assert focus.detect_faces(noise) == ()
+    # a wide picture: the face on the left, a black-and-white checkerboard on the right
+    picture = Image.new("RGB", (700, 300), (90, 120, 160))
+    picture.paste(drawn_face(300), (0, 0))
+    board = (np.indices((300, 400)).sum(axis=0) // 20 % 2 * 255).astype(np.uint8)
+    picture.paste(Image.fromarray(board).convert("RGB"), (300, 0))
+    faces = focus.detect_faces(np.asarray(picture))
+    assert len(faces) == 1 and (faces[0][0] + faces[0][2]) / 2 < 300
+    (tmp_path / "src").mkdir()
+    picture.save(tmp_path / "src" / "portrait.png")
+    prepare_dataset(tmp_path / "src", tmp_path / "out", PrepSettings(size=256, crop="focal"))
+    cropped = Image.open(tmp_path / "out" / "portrait.png")
+    assert cropped.size == (256, 256) and len(focus.detect_faces(np.asarray(cropped.convert("RGB")))) == 1
