@@ -71,13 +71,20 @@ def test_relative_paths_reach_sd_scripts_absolute_since_it_runs_in_its_checkout(
     work = tmp_path / "my project"
     (work / "presets").mkdir(parents=True)
     (work / "presets" / "mine.toml").write_text('unet_target_module = ["Transformer2DModel"]\n', encoding="utf-8")
+    (work / "dataset.toml").write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'images/stars'\n"
+                                       "num_repeats = 2\n", encoding="utf-8")
     monkeypatch.chdir(work)
     assert train_main(["--backend", f"sd-scripts={checkout}", "--pretrained_model_name_or_path", str(TINY_MODEL_PATH),
-                       "--train_data_dir", "data", "--output_dir", "out", "--output_name", "star", "--max_train_epochs", "1",
-                       "--network_module", "lycoris.kohya", "--network_args", "algo=loha", "preset=presets/mine.toml"]) == 0
+                       "--dataset_config", "dataset.toml", "--output_dir", "out", "--output_name", "star", "--max_train_epochs", "1",
+                       "--network_module", "lycoris.kohya", "--network_args", "algo=loha", "preset=presets/mine.toml",
+                       "--network_weights", "start.safetensors"]) == 0
     seen = toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))
-    assert seen["output_dir"] == str(work / "out") and seen["train_data_dir"] == "data"  # not here: left for sd-scripts to say
+    assert seen["output_dir"] == str(work / "out")
+    assert seen["network_weights"] == "start.safetensors"  # not here: left for sd-scripts to say so
     assert seen["network_args"] == ["algo=loha", f"preset={work / 'presets' / 'mine.toml'}"]
+    dataset = toml.loads(Path(seen["dataset_config"]).read_text(encoding="utf-8"))  # a copy, beside the run's log
+    assert dataset["datasets"][0]["subsets"][0] == {"image_dir": str(work / "images" / "stars"), "num_repeats": 2}
+    assert dataset["datasets"][0]["resolution"] == 64 and (work / "dataset.toml").read_text(encoding="utf-8").count("images/stars")
     assert (work / "out" / "star.safetensors").is_file()
 
 

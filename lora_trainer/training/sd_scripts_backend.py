@@ -9,6 +9,7 @@ stop: the control file's stop terminates it, keeping the files it saved.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -95,11 +96,33 @@ def _lines(stream):
         yield buffer.decode("utf-8", errors="replace")
 
 
+_DATASET_PATHS = ("image_dir", "metadata_file", "conditioning_data_dir")
+
+
+def absolute_dataset_config(source: Path, target: Path) -> Path:
+    """A copy of a ``--dataset_config`` at ``target`` with its subsets' folders absolute: sd-scripts reads them
+    against the folder it runs in, its checkout, not ours."""
+    from ..dataset.config import read_config_file
+
+    config = read_config_file(source)
+    for dataset in config.get("datasets", []):
+        for subset in dataset.get("subsets", []):
+            for key in _DATASET_PATHS:
+                if isinstance(subset.get(key), str) and not Path(subset[key]).expanduser().is_absolute():
+                    subset[key] = str(Path(subset[key]).expanduser().resolve())
+    target.write_text(toml.dumps(config), encoding="utf-8")
+    return target
+
+
 def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
     checkout = checkout_of(options.backend)
     script = script_for(options)
+    options = with_absolute_paths(options)  # it runs in its checkout
     config = log_path.with_suffix(".toml").resolve()  # beside its log: <name>.events.sd-scripts.toml
-    config.write_text(toml.dumps(non_default(with_absolute_paths(options))), encoding="utf-8")  # it runs in its checkout
+    if options.dataset_config:
+        dataset = absolute_dataset_config(Path(options.dataset_config), config.with_suffix(".dataset.toml"))
+        options = dataclasses.replace(options, dataset_config=str(dataset))
+    config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
     stop_file = Path(options.stop_file) if options.stop_file else None
