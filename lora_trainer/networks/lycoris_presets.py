@@ -21,7 +21,7 @@ from pathlib import Path
 import toml
 
 from ..errors import UserError
-from .naming import ATTENTION, CONV, OTHER, UNET, Target
+from .naming import ATTENTION, CONV, NORM, UNET, Target
 
 _UNET_BLOCKS = frozenset({"Transformer2DModel", "BasicTransformerBlock", "CrossAttention", "FeedForward", "GEGLU",
                           "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding"})
@@ -52,7 +52,7 @@ class Preset:
         modules, names = ((self.unet_modules, self.unet_names) if target.component == UNET
                           else (self.text_encoder_modules, self.text_encoder_names))
         path = target.sd_scripts_path
-        if target.group not in (ATTENTION, CONV, OTHER) or self._matches(self.exclude, path):
+        if target.group == NORM or self._matches(self.exclude, path):  # LyCORIS trains norms only with train_norm
             return False
         if self._matches(names, path):
             return True
@@ -96,7 +96,7 @@ def lycoris_preset(name: str) -> Preset:
         raise UserError("network_args preset=ia3: LyCORIS's ia3 preset sets an algorithm per layer, which is not "
                         f"supported; use one of {', '.join(LYCORIS_PRESETS)} or a preset file")
     path = Path(name)
-    if not path.suffix.lower() == ".toml" and not path.is_file():
+    if path.suffix.lower() != ".toml" and not path.is_file():
         raise UserError(f"network_args preset={name}: not a LyCORIS preset ({', '.join(LYCORIS_PRESETS)}) nor a "
                         "preset file (.toml)")
     try:

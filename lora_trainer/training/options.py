@@ -409,22 +409,24 @@ def network_preset_file(item: str) -> str | None:
     return value if key.strip() == "preset" and value not in (*LYCORIS_PRESETS, "ia3") else None
 
 
-def with_absolute_paths(options: TrainOptions) -> TrainOptions:
-    """Relative paths (a LyCORIS preset file's too) made absolute against the current folder, for a process that runs
-    elsewhere; a relative input that does not exist here is left for that process to report."""
-    def absolute(value: str, must_exist: bool) -> str:
-        path = Path(value).expanduser()
-        return value if path.is_absolute() or (must_exist and not path.exists()) else str(path.resolve())
+def absolute_path(value: str, must_exist: bool) -> str:
+    """``value`` made absolute against the current folder, for a process that runs elsewhere; a relative input
+    (``must_exist``) that does not exist here is left as given, for that process to report."""
+    path = Path(value).expanduser()
+    return value if path.is_absolute() or (must_exist and not path.exists()) else str(path.resolve())
 
+
+def with_absolute_paths(options: TrainOptions) -> TrainOptions:
+    """The path options (a LyCORIS preset file too) through ``absolute_path``."""
     changes: dict[str, Any] = {}
     for name, must_exist in PATH_OPTIONS.items():
         value = getattr(options, name)
         if isinstance(value, list):
-            changes[name] = [absolute(v, must_exist) for v in value]
+            changes[name] = [absolute_path(v, must_exist) for v in value]
         elif value is not None:
-            changes[name] = absolute(value, must_exist)
+            changes[name] = absolute_path(value, must_exist)
     if options.network_args:
-        changes["network_args"] = [f"preset={absolute(preset, True)}" if (preset := network_preset_file(item)) else item
+        changes["network_args"] = [f"preset={absolute_path(preset, True)}" if (preset := network_preset_file(item)) else item
                                    for item in options.network_args]
     return dataclasses.replace(options, **changes)
 

@@ -21,7 +21,7 @@ import toml
 
 from ..errors import UserError
 from .events import EventLog
-from .options import TrainOptions, non_default, with_absolute_paths
+from .options import TrainOptions, absolute_path, non_default, with_absolute_paths
 
 # "steps:" is the training bar; sd-scripts' "validation steps:" / "epoch validation steps:" bars (with
 # --validation_split) count their own 1..N and must not become step events, hence the look-behind.
@@ -108,8 +108,8 @@ def absolute_dataset_config(source: Path, target: Path) -> Path:
     for dataset in config.get("datasets", []):
         for subset in dataset.get("subsets", []):
             for key in _DATASET_PATHS:
-                if isinstance(subset.get(key), str) and not Path(subset[key]).expanduser().is_absolute():
-                    subset[key] = str(Path(subset[key]).expanduser().resolve())
+                if isinstance(subset.get(key), str):
+                    subset[key] = absolute_path(subset[key], must_exist=False)
     target.write_text(toml.dumps(config), encoding="utf-8")
     return target
 
