@@ -14,13 +14,19 @@ from lora_trainer.errors import UserError
 from lora_trainer.models.checkpoint import build_models, load_checkpoint
 from lora_trainer.models.configs import FULL_SIZE
 from lora_trainer.networks.lycoris_presets import LYCORIS_PRESETS
-from lora_trainer.networks.network import create_network
+from lora_trainer.networks.files import read_network
+from lora_trainer.networks.network import create_network, network_from_file, save_network
+from lora_trainer.training.options import options_from
 from lora_trainer.networks.spec import spec_from_kohya
 
 LYCORIS_RUN = json.loads((Path(__file__).parent / "data" / "lycoris-preset-modules-tiny-sd15.json").read_text(encoding="utf-8"))
 # preset files (blocks; regex names with exclusions and keys left to the full preset; fnmatch patterns) and the
 # modules lycoris-lora made from each on sd-scripts' SD1 model
 LYCORIS_FILES = json.loads((Path(__file__).parent / "data" / "lycoris-preset-files-tiny-sd15.json").read_text(encoding="utf-8"))["files"]
+# preset files with block maps (module_algo_map by class, name_algo_map by path), and what lycoris-lora saved from each
+# on sd-scripts' SD1 model: every module's class and every tensor's shape (alpha's value)
+LYCORIS_MAPS = json.loads((Path(__file__).parent / "data" / "lycoris-preset-maps-tiny-sd15.json").read_text(encoding="utf-8"))
+LYCORIS_CLASSES = {"LoConModule": "lora", "LohaModule": "loha", "LokrModule": "lokr", "DyLoraModule": "dylora"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def test_sdxl_full_preset_is_sd_scripts_conv_lora_layout_since_its_unet_has_no_n
 def test_presets_are_refused_outside_lycoris_and_unknown_ones_are_named():
     with pytest.raises(UserError, match="preset=… is a LyCORIS option"):
         spec_from_kohya("networks.lora", 4, 1, ["preset=attn-mlp"])
-    with pytest.raises(UserError, match="preset=ia3: LyCORIS's ia3 preset sets an algorithm per layer"):
+    with pytest.raises(UserError, match="preset=ia3: .* choose no layer of an SD model"):
         spec_from_kohya("lycoris.kohya", 4, 1, ["preset=ia3"])
     with pytest.raises(UserError, match="preset=atn-mlp: not a LyCORIS preset .full, full-lin, attn-mlp"):
         spec_from_kohya("lycoris.kohya", 4, 1, ["preset=atn-mlp"])
@@ -89,7 +95,18 @@ def test_a_preset_file_without_convolutions_gives_none_even_with_a_conv_dim(tiny
 
 
 @pytest.mark.parametrize("content, message", [
-    ('module_algo_map = { CrossAttention = { algo = "lokr" } }', "not supported: module_algo_map .per-block algorithms"),
+    ('unet_target_module = ["UNet2DConditionModel"]', "lists the model root UNet2DConditionModel"),
+    ('module_algo_map = ["CrossAttention"]', "module_algo_map must be a table of tables"),
+    ('[module_algo_map.CrossAtention]\ndim = 2', "module_algo_map lists CrossAtention, no block of an SD model"),
+    ('[module_algo_map.CrossAttention]\nalgo = "ia3"', r"\[module_algo_map.CrossAttention\] algo = 'ia3' is not trained here"),
+    ('[module_algo_map.CrossAttention]\ndim = "8"', "dim must be a whole number"),
+    ('[module_algo_map.CrossAttention]\ndim = 0', "dim must be at least 1"),
+    ('[module_algo_map.CrossAttention]\nalpha = 0', "alpha = 0: LyCORIS reads it as unset"),
+    ('[module_algo_map.CrossAttention]\nweight_decompose = "yes"', "weight_decompose must be true or false"),
+    ('[module_algo_map.CrossAttention]\ndropout = 0.1', "dropout: LyCORIS stops with a dropout in a block map"),
+    ('[module_algo_map.CrossAttention]\nwd_on_output = false', "wd_on_output: LyCORIS applies network_args' wd_on_output"),
+    ('[module_algo_map.CrossAttention]\nuse_tucker = true', "use_tucker is not supported in a block map"),
+    ('[name_algo_map."down_blocks.(0"]\ndim = 2', "name_algo_map 'down_blocks.\\(0' is not a regular expression"),
     ('unet_target_module = ["Transfomer2DModel"]', "unet_target_module lists Transfomer2DModel, no block of an SD model"),
     ('text_encoder_target_module = ["Transformer2DModel"]', "text_encoder_target_module lists Transformer2DModel"),
     ('unet_target_modules = ["Transformer2DModel"]', "unknown keys: unet_target_modules"),
@@ -105,3 +122,47 @@ def test_bad_preset_files_are_refused_naming_the_file_and_the_key(tmp_path, cont
     assert "mein Preset.toml" in str(error.value)
     with pytest.raises(UserError, match="cannot read the preset file"):
         spec_from_kohya("lycoris.kohya", 4, 1, [f"preset={tmp_path / 'missing.toml'}"])
+
+
+@pytest.mark.parametrize("file_name", sorted(LYCORIS_MAPS["files"]))
+def test_block_maps_give_each_layer_the_algorithm_and_tensors_lycoris_gives_it(tiny_kohya, tmp_path, file_name):
+    expected = LYCORIS_MAPS["files"][file_name]
+    preset = tmp_path / "Blöcke 配置" / file_name
+    preset.parent.mkdir()
+    preset.write_text(expected["toml"], encoding="utf-8")
+    ours = network(tiny_kohya, *LYCORIS_MAPS["network_args"], f"preset={preset}")
+    assert {name: module.algorithm for name, module in ours.items()} == {
+        name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
+    tensors = {f"{name}.{key}": float(t) if t.dim() == 0 else "x".join(map(str, t.shape))
+               for name, module in ours.items() for key, t in module.file_tensors().items()}
+    assert tensors == expected["tensors"]
+
+
+def test_a_block_mapped_network_trains_on_from_its_file_with_each_layer_as_it_was(tiny_kohya, tmp_path):
+    """``--network_weights`` with the same preset: a layer the map made DyLoRA goes on as DyLoRA (its rank slicing)."""
+    preset = tmp_path / "names.toml"
+    preset.write_text(LYCORIS_MAPS["files"]["maps_names.toml"]["toml"], encoding="utf-8")
+    args = [*LYCORIS_MAPS["network_args"], f"preset={preset}"]
+    made = network(tiny_kohya, *args)
+    path = save_network({k: v for name, m in made.items() for k, v in
+                         ((f"{name}.{key}", t) for key, t in m.file_tensors().items())}, tmp_path / "mixed.safetensors", {})
+    spec = spec_from_kohya("lycoris.kohya", 4, 4, args)
+    again = network_from_file(tiny_kohya.config, tiny_kohya.unet, tiny_kohya.text_encoders, read_network(path), spec)
+    assert {n: m.algorithm for n, m in again.items()} == {n: m.algorithm for n, m in made.items()}
+    assert again["lora_unet_time_embedding_linear_1"].algorithm == "dylora"
+    assert again["lora_unet_time_embedding_linear_1"].unit == 2
+
+
+def test_scale_weight_norms_is_refused_when_a_block_map_adds_dora(tmp_path):
+    preset = tmp_path / "dora.toml"
+    preset.write_text(LYCORIS_MAPS["files"]["maps_dora.toml"]["toml"], encoding="utf-8")
+    with pytest.raises(UserError, match="not with DoRA"):
+        options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d", "scale_weight_norms": 1.0,
+                      "network_module": "lycoris.kohya", "network_args": ["algo=lora", f"preset={preset}"]})
+
+
+def test_lycoris_dylora_ranks_come_in_blocks_of_four_unless_told(tiny_kohya):
+    assert spec_from_kohya("lycoris.kohya", 8, 8, ["algo=dylora"]).unit == 4  # LyCORIS's default block_size
+    assert spec_from_kohya("networks.dylora", 8, 8, []).unit == 1  # sd-scripts' default unit
+    with pytest.raises(UserError, match="rank 6 is not a multiple of its unit .block_size. 4"):
+        network(tiny_kohya, "algo=dylora", "preset=attn-only", dim=6)

@@ -13,6 +13,7 @@ from lora_trainer.models.checkpoint import build_models
 from lora_trainer.models.configs import SD2, SDXL
 from lora_trainer.networks.apply import MergedNetworks, Strength
 from lora_trainer.networks.files import read_network
+from lora_trainer.networks.lycoris_presets import LYCORIS_PRESETS
 from lora_trainer.networks.network import base_metadata, create_network, kohya_hashes, save_network
 from lora_trainer.networks.spec import NetworkSpec
 from lora_trainer.tiny_model.build import tiny_config
@@ -40,6 +41,12 @@ SPECS = {
     "lokr": NetworkSpec(algorithm="lokr", dim=2, alpha=1, conv_dim=2, factor=4),
     "dylora": NetworkSpec(algorithm="dylora", dim=4, alpha=4, unit=2),
     "dora": NetworkSpec(dim=4, alpha=2, dora=True),
+    # a LyCORIS preset with block maps: LoKr attention, LoHa feed-forward with DoRA, LoRA elsewhere, in one network
+    "mixed": NetworkSpec(dim=2, alpha=1, conv_dim=2, conv_alpha=1, network_module="lycoris.kohya", preset="maps.toml",
+                         lycoris=dataclasses.replace(LYCORIS_PRESETS["full"], module_options=(
+                             ("CrossAttention", (("algorithm", "lokr"), ("factor", 4))),
+                             ("FeedForward", (("algorithm", "loha"), ("dora", True))),
+                             ("ResnetBlock2D", (("dim", 4),))))),
 }
 
 
@@ -75,11 +82,13 @@ def test_a_fresh_network_changes_nothing_at_step_zero(algorithm):
     network = create_network(config, unet, text_encoders, SPECS[algorithm]).apply_to()
     after = _outputs(config, unet, text_encoders)
     for b, a in zip(before, after):
-        if algorithm == "dora":  # the magnitude divides by ‖W‖ + eps: equal up to float32 rounding through the UNet
+        if algorithm in ("dora", "mixed"):  # the magnitude divides by ‖W‖ + eps: equal up to float32 rounding through the UNet
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(a, b)
     assert len(network.unet_modules()) > 0 and len(network.text_encoder_modules()) > 0
+    if algorithm == "mixed":
+        assert {m.algorithm for m in network.values()} == {"lora", "loha", "lokr"}
 
 
 @pytest.mark.parametrize("model", CONFIGS)
@@ -91,6 +100,8 @@ def test_trained_network_saved_and_merged_gives_the_same_outputs_as_its_forward_
     with torch.no_grad():
         for name, parameter in network.named_parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1 + (1.0 if name.endswith("dora_scale") else 0.0))
+    if algorithm == "mixed":
+        assert {m.algorithm for m in network.values()} == {"lora", "loha", "lokr"}
     network.eval().apply_to()
     hooked = _outputs(config, unet, text_encoders)
     network.remove()

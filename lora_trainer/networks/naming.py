@@ -45,7 +45,8 @@ class Target:
     block: str = "BASE"  # block-weight label as the block-weight extension names it: BASE (text encoders), IN00…, M00, OUT00…
     aliases: frozenset[str] = field(default_factory=frozenset)  # other names files use, in canonical form
     # The model sd-scripts trains, which LyCORIS presets name layers by: this layer's module path there (the Kohya
-    # name is the prefix + this path with . → _), and the (class name, module path) of the blocks around it.
+    # name is the prefix + this path with . → _), and the (class name, module path) of the blocks around it there,
+    # outermost first, ending with the layer itself (Linear, Conv2d …).
     sd_scripts_path: str = ""
     sd_scripts_blocks: tuple[tuple[str, str], ...] = ()
 
@@ -113,9 +114,25 @@ _SD_SCRIPTS_UNET_CLASSES = {SpatialTransformer: "Transformer2DModel", BasicTrans
                             ResBlock: "ResnetBlock2D", Downsample: "Downsample2D", Upsample: "Upsample2D"}
 
 
-def _sd_scripts_unet_blocks(path: str, source: str, blocks: dict[str, str], prefixes: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+def _sd1_container(source: str, with_attention: set[str]) -> tuple[str, str] | None:
+    """The Diffusers down/mid/up block (class, path) that holds a layer of sd-scripts' SD1/SD2 UNet."""
+    match = re.match(r"(down_blocks|up_blocks)\.\d+|mid_block", source)
+    if match is None:
+        return None
+    path = match.group(0)
+    if path == "mid_block":
+        return "UNetMidBlock2DCrossAttn", path
+    kind = "Down" if path.startswith("down") else "Up"
+    return (f"CrossAttn{kind}Block2D" if path in with_attention else f"{kind}Block2D"), path
+
+
+def _sd_scripts_unet_blocks(path: str, source: str, blocks: dict[str, str], prefixes: dict[str, str] | None,
+                            with_attention: set[str]) -> list[tuple[str, str]]:
     """(class, path) in sd-scripts' UNet of the blocks around the layer at our ``path`` (``source`` there)."""
     found = []
+    container = _sd1_container(source, with_attention) if prefixes is not None else None
+    if container is not None:
+        found.append(container)
     parts = path.split(".")
     for cut in range(1, len(parts)):
         head = ".".join(parts[:cut])
@@ -125,15 +142,18 @@ def _sd_scripts_unet_blocks(path: str, source: str, blocks: dict[str, str], pref
             found.append((blocks[head], there or source.rsplit(".", len(parts) - cut)[0]))
     if prefixes is not None and source.startswith("time_embedding."):
         found.append(("TimestepEmbedding", "time_embedding"))  # a class in sd-scripts' SD1/SD2 UNet, not in its SDXL one
-    return tuple(found)
+    return found
 
 
 def unet_targets(config: ModelConfig, unet: nn.Module) -> list[Target]:
     prefixes = unet_to_diffusers_names(config.unet)
     blocks = {path: _SD_SCRIPTS_UNET_CLASSES[type(m)] for path, m in unet.named_modules() if type(m) in _SD_SCRIPTS_UNET_CLASSES}
+    layers = list(_unet_modules(unet))
+    diffusers_paths = {path: _diffusers_path(path, prefixes) for path, _, _ in layers}
+    with_attention = {d.split(".attentions.")[0] for d in diffusers_paths.values() if d and ".attentions." in d}
     targets = []
-    for path, group, _ in _unet_modules(unet):
-        diffusers = _diffusers_path(path, prefixes)
+    for path, group, layer in layers:
+        diffusers = diffusers_paths[path]
         sgm = f"{UNET}_{_underscored(path)}"
         by_diffusers = f"{UNET}_{_underscored(diffusers)}" if diffusers else None
         by_sgm = config.lora_unet_naming == "sgm" or by_diffusers is None
@@ -142,9 +162,12 @@ def unet_targets(config: ModelConfig, unet: nn.Module) -> list[Target]:
         if by_diffusers:
             aliases |= {by_diffusers, f"lycoris_{_underscored(diffusers)}"}
         source = path if by_sgm else diffusers
-        sd_scripts_blocks = _sd_scripts_unet_blocks(path, source, blocks, None if by_sgm else prefixes)
+        # sd-scripts' SD1 UNet has 1×1 convolutions where ours has Linear projections
+        conv_there = config.kohya_conv_projections and path.endswith(("proj_in", "proj_out"))
+        layer_class = "Conv2d" if conv_there else type(layer).__name__
+        sd_scripts_blocks = _sd_scripts_unet_blocks(path, source, blocks, None if by_sgm else prefixes, with_attention)
         targets.append(Target(name, UNET, path, group=group, block=_block_label(path), aliases=frozenset(aliases - {name}),
-                              sd_scripts_path=source, sd_scripts_blocks=sd_scripts_blocks))
+                              sd_scripts_path=source, sd_scripts_blocks=(*sd_scripts_blocks, (layer_class, source))))
     return targets
 
 
@@ -216,8 +239,9 @@ def text_encoder_targets(config: ModelConfig, index: int, encoder: nn.Module) ->
         elif rows is None:
             aliases.add(f"{compvis_root}model_{_underscored(path)}")
         bias = "in_proj_bias" if rows else "bias"
+        layer_class = "LayerNorm" if group == NORM else "Linear"
         targets.append(Target(name, prefix, path, parameter, bias, rows, group, "BASE", frozenset(aliases), hf_path,
-                              _sd_scripts_text_encoder_blocks(hf_path)))
+                              (*_sd_scripts_text_encoder_blocks(hf_path), (layer_class, hf_path))))
     return targets
 
 

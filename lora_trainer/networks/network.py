@@ -19,7 +19,7 @@ from ..safe_io import save_safetensors
 from .lr_groups import block_lr_weights, parameter_groups
 from .modules import NetworkModule, layer_and_weight
 from .files import NetworkFile, match_network
-from .lycoris_presets import lycoris_preset, targeted
+from .lycoris_presets import targeted
 from .naming import Target, model_components, model_targets
 from .spec import NetworkSpec
 
@@ -43,9 +43,20 @@ def block_index(target: Target, naming: str) -> int | None:
     return {"input_blocks": 1 if sgm else 0, "output_blocks": 13}[kind] + number
 
 
+def layer_options(spec: NetworkSpec, target: Target, weight: torch.Tensor) -> NetworkSpec:
+    """The network's options for one layer: a LyCORIS preset's block maps may give it its own algorithm, rank …"""
+    if spec.lycoris is None or not spec.lycoris.chooses(target):
+        return spec
+    return spec.for_layer(spec.lycoris.options(target), _is_kxk(weight))
+
+
+def _is_kxk(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4 and weight.shape[2:] != (1, 1)
+
+
 def _rank_and_alpha(target: Target, weight: torch.Tensor, spec: NetworkSpec, naming: str) -> tuple[int, float]:
     """sd-scripts' rule: Linear and 1×1 convs use dim/alpha, k×k convs conv_dim/conv_alpha (block lists win)."""
-    is_kxk = weight.dim() == 4 and weight.shape[2:] != (1, 1)
+    is_kxk = _is_kxk(weight)
     index = block_index(target, naming)
     if is_kxk:
         dims, alphas, dim, alpha = spec.conv_block_dims, spec.conv_block_alphas, spec.conv_dim or 0, spec.conv_alpha
@@ -129,22 +140,25 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
     components = model_components(config, unet, text_encoders)
     targets = model_targets(config, unet if train_unet else None, text_encoders if train_text_encoder else None)
     lr_weights = block_lr_weights_for(config, spec)
-    preset = lycoris_preset(spec.preset) if spec.preset else None
     modules = {}
     for name, target in targets.items():
-        if not targeted(target, preset, spec.with_convs):
+        if not targeted(target, spec.lycoris, spec.with_convs):
             continue
         index = block_index(target, config.lora_unet_naming)
         if lr_weights is not None and index is not None and lr_weights[index] == 0:
             continue  # sd-scripts: a block with learning rate 0 gets no module at all
         _, weight, conv = layer_and_weight(target, components[target.component])
-        rank, alpha = _rank_and_alpha(target, weight, spec, config.lora_unet_naming)
+        layer_spec = layer_options(spec, target, weight)
+        rank, alpha = _rank_and_alpha(target, weight, layer_spec, config.lora_unet_naming)
         if rank <= 0:
             continue
+        if layer_spec.algorithm == "dylora" and rank % layer_spec.unit:
+            raise UserError(f"{name}: DyLoRA's rank {rank} is not a multiple of its unit (block_size) "
+                            f"{layer_spec.unit}: change network_dim or the unit")
         stored_shape = None
         if config.kohya_conv_projections and target.module.endswith(("proj_in", "proj_out")) and weight.dim() == 2:
             stored_shape = torch.Size((*weight.shape, 1, 1))
-        modules[name] = NetworkModule.fresh(target, weight, conv, rank, alpha, spec, stored_shape)
+        modules[name] = NetworkModule.fresh(target, weight, conv, rank, alpha, layer_spec, stored_shape)
     if not modules:
         raise UserError("the network has no module: train the UNet or a text encoder, and give network_dim > 0")
     return LoRANetwork(spec, modules, components, config)
@@ -163,7 +177,8 @@ def network_from_file(config, unet: nn.Module | None, text_encoders, network: Ne
     modules = {}
     for match in report.matched:
         _, weight, conv = layer_and_weight(match.target, components[match.target.component])
-        modules[match.target.name] = NetworkModule(match.target, weight, conv, match.tensors, spec)
+        layer_spec = layer_options(spec, match.target, weight) if spec is not None else None
+        modules[match.target.name] = NetworkModule(match.target, weight, conv, match.tensors, layer_spec)
     return LoRANetwork(spec or NetworkSpec(), modules, components, config)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .lycoris_presets import LYCORIS_DEFAULT, lycoris_preset
+from .lycoris_presets import LYCORIS_DEFAULT, Preset, lycoris_preset
 
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora")
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
@@ -41,6 +42,7 @@ class NetworkSpec:
     network_module: str = "networks.lora"
     network_args: tuple[tuple[str, str], ...] = ()  # as given, recorded in ss_network_args
     preset: str | None = None  # lycoris.kohya: the LyCORIS preset that chooses the layers; None: sd-scripts' LoRA targets
+    lycoris: Preset | None = field(default=None, compare=False, repr=False)  # that preset, read
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -51,6 +53,24 @@ class NetworkSpec:
     @property
     def with_convs(self) -> bool:
         return bool(self.conv_dim) or bool(self.conv_block_dims)
+
+    def for_layer(self, options: Mapping[str, object], kxk: bool) -> NetworkSpec:
+        """These options with a LyCORIS block map's ``options`` for one layer (its ``dim``/``alpha`` are the conv
+        ones on a k×k convolution, and win over block lists)."""
+        if not options:
+            return self
+        fields = dict(options)
+        prefix = "conv_" if kxk else ""
+        for name in ("dim", "alpha"):
+            if name in fields:
+                fields[prefix + name] = fields.pop(name)
+                fields[f"{prefix}block_{name}s"] = None
+        return dataclasses.replace(self, **fields)
+
+    @property
+    def uses_dora(self) -> bool:
+        """DoRA on any layer: the network's option, or a block map's."""
+        return self.dora or any(options.get("dora") for options in (self.lycoris.all_options() if self.lycoris else ()))
 
     def metadata_args(self) -> str | None:
         """``ss_network_args`` as sd-scripts writes it: the given args, all values strings."""
@@ -129,8 +149,13 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
 
 def _lycoris_layers(preset: str, fields: dict) -> dict:
     """LyCORIS's defaults for the layers: its preset (``full`` unless given), convolutions at ``conv_dim`` =
-    ``network_dim`` and ``conv_alpha`` = ``network_alpha`` unless given, none where the preset has them off."""
-    if not lycoris_preset(preset).convs:
-        return {"preset": preset, "conv_dim": None, "conv_block_dims": None}
-    return {"preset": preset, "conv_dim": fields.get("conv_dim", fields.get("dim", NetworkSpec.dim)),
-            "conv_alpha": fields.get("conv_alpha", fields.get("alpha", NetworkSpec.alpha))}
+    ``network_dim`` and ``conv_alpha`` = ``network_alpha`` unless given, none where the preset has them off (unless a
+    block map gives them a dim), DyLoRA blocks of 4 ranks."""
+    layers = lycoris_preset(preset)
+    chosen = {"preset": preset, "lycoris": layers,
+              "conv_alpha": fields.get("conv_alpha", fields.get("alpha", NetworkSpec.alpha))}
+    if fields["algorithm"] == "dylora" and "unit" not in fields:
+        chosen["unit"] = 4
+    if not layers.convs:
+        return {**chosen, "conv_dim": None, "conv_block_dims": None}
+    return {**chosen, "conv_dim": fields.get("conv_dim", fields.get("dim", NetworkSpec.dim))}
