@@ -48,6 +48,7 @@ _OTHER_MODELS_BLOCKS = frozenset({
 
 
 Options = tuple[tuple[str, object], ...]  # a block map entry: NetworkSpec field → value, e.g. (("algorithm", "lokr"),)
+_BY_NAME = -1  # a layer the preset chooses by its path, not by a block around it
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ class Preset:
         if start == _BY_NAME:
             path = target.sd_scripts_path
             named = dict(self.name_options)
-            found = named.get(path) or next((o for p, o in self.name_options if self._matches((p,), path)), None)
-            return dict(found or by_class.get(layer_class, ()))
+            found = named[path] if path in named else next((o for p, o in self.name_options if self._matches((p,), path)), None)
+            return dict(by_class.get(layer_class, ()) if found is None else found)
         options, algorithm = {}, None
         for index, (cls, block) in enumerate(target.sd_scripts_blocks[start:]):
             if cls in by_class and (index == 0 or not self._matches(self.exclude, block)):
@@ -104,7 +105,6 @@ class Preset:
         return [dict(options) for _, options in self.module_options + self.name_options]
 
 
-_BY_NAME = -1
 _TE = frozenset({"CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"})
 _IN_OUT = ("conv_in", "conv_out")
 _TIME = ("time_embedding.linear_1", "time_embedding.linear_2")
