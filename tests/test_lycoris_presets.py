@@ -26,6 +26,8 @@ LYCORIS_FILES = json.loads((Path(__file__).parent / "data" / "lycoris-preset-fil
 # preset files with block maps (module_algo_map by class, name_algo_map by path), and what lycoris-lora saved from each
 # on sd-scripts' SD1 model: every module's class and every tensor's shape (alpha's value)
 LYCORIS_MAPS = json.loads((Path(__file__).parent / "data" / "lycoris-preset-maps-tiny-sd15.json").read_text(encoding="utf-8"))
+# use_tucker runs (LoCon, LoHa, LoKr) on the convolutions of the unet-convblock-only preset, and what lycoris-lora saved
+LYCORIS_TUCKER = json.loads((Path(__file__).parent / "data" / "lycoris-tucker-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
 LYCORIS_CLASSES = {"LoConModule": "lora", "LohaModule": "loha", "LokrModule": "lokr", "DyLoraModule": "dylora"}
 
 
@@ -70,7 +72,7 @@ def test_sdxl_full_preset_is_sd_scripts_conv_lora_layout_since_its_unet_has_no_n
 
 
 def test_presets_are_refused_outside_lycoris_and_unknown_ones_are_named():
-    with pytest.raises(UserError, match="preset=… is a LyCORIS option"):
+    with pytest.raises(UserError, match="preset=…: LyCORIS options, which networks.lora would ignore"):
         spec_from_kohya("networks.lora", 4, 1, ["preset=attn-mlp"])
     with pytest.raises(UserError, match="preset=ia3: .* choose no layer of an SD model"):
         spec_from_kohya("lycoris.kohya", 4, 1, ["preset=ia3"])
@@ -105,7 +107,7 @@ def test_a_preset_file_without_convolutions_gives_none_even_with_a_conv_dim(tiny
     ('[module_algo_map.CrossAttention]\nweight_decompose = "yes"', "weight_decompose must be true or false"),
     ('[module_algo_map.CrossAttention]\ndropout = 0.1', "dropout: LyCORIS stops with a dropout in a block map"),
     ('[module_algo_map.CrossAttention]\nwd_on_output = false', "wd_on_output: LyCORIS applies network_args' wd_on_output"),
-    ('[module_algo_map.CrossAttention]\nuse_tucker = true', "use_tucker is not supported in a block map"),
+    ('[module_algo_map.CrossAttention]\nuse_scalar = true', "use_scalar is not supported in a block map"),
     ('[name_algo_map."down_blocks.(0"]\ndim = 2', "name_algo_map 'down_blocks.\\(0' is not a regular expression"),
     ('unet_target_module = ["Transfomer2DModel"]', "unet_target_module lists Transfomer2DModel, no block of an SD model"),
     ('text_encoder_target_module = ["Transformer2DModel"]', "text_encoder_target_module lists Transformer2DModel"),
@@ -133,9 +135,34 @@ def test_block_maps_give_each_layer_the_algorithm_and_tensors_lycoris_gives_it(t
     ours = network(tiny_kohya, *LYCORIS_MAPS["network_args"], f"preset={preset}")
     assert {name: module.algorithm for name, module in ours.items()} == {
         name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
-    tensors = {f"{name}.{key}": float(t) if t.dim() == 0 else "x".join(map(str, t.shape))
-               for name, module in ours.items() for key, t in module.file_tensors().items()}
-    assert tensors == expected["tensors"]
+    assert _saved_like_lycoris(ours) == expected["tensors"]
+
+
+def _saved_like_lycoris(modules) -> dict:
+    return {f"{name}.{key}": float(t) if t.dim() == 0 else "x".join(map(str, t.shape))
+            for name, module in modules.items() for key, t in module.file_tensors().items()}
+
+
+@pytest.mark.parametrize("run", sorted(LYCORIS_TUCKER))
+def test_use_tucker_gives_the_cores_and_factors_lycoris_saves(tiny_kohya, run):
+    expected = LYCORIS_TUCKER[run]
+    ours = network(tiny_kohya, *expected["network_args"], "preset=unet-convblock-only")
+    assert {name: module.algorithm for name, module in ours.items()} == {
+        name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
+    assert _saved_like_lycoris(ours) == expected["tensors"]
+
+
+def test_tucker_and_dropout_options_are_checked_against_the_algorithm():
+    assert spec_from_kohya("lycoris.kohya", 4, 4, ["use_conv_cp=True"]).tucker  # LyCORIS's older names
+    assert not spec_from_kohya("lycoris.kohya", 4, 4, ["use_tucker=False"]).tucker
+    with pytest.raises(UserError, match="disable_conv_cp: LyCORIS reads it from network_args as text"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["disable_conv_cp=False"])
+    with pytest.raises(UserError, match="DyLoRA has no Tucker form"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["algo=dylora", "use_tucker=True"])
+    with pytest.raises(UserError, match="LoHa has no neuron dropout"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["algo=loha"], network_dropout=0.1)
+    with pytest.raises(UserError, match="use_tucker=…: LyCORIS options, which networks.lora would ignore"):
+        spec_from_kohya("networks.lora", 4, 4, ["use_tucker=True"])
 
 
 def test_a_block_mapped_network_trains_on_from_its_file_with_each_layer_as_it_was(tiny_kohya, tmp_path):

@@ -41,6 +41,10 @@ SPECS = {
     "lokr": NetworkSpec(algorithm="lokr", dim=2, alpha=1, conv_dim=2, factor=4),
     "dylora": NetworkSpec(algorithm="dylora", dim=4, alpha=4, unit=2),
     "dora": NetworkSpec(dim=4, alpha=2, dora=True),
+    # k×k convolutions as a Tucker core between 1×1 factors (LyCORIS use_tucker): LoCon through its three
+    # convolutions, LoHa through ΔW
+    "locon-tucker": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1, tucker=True),
+    "loha-tucker": NetworkSpec(algorithm="loha", dim=2, alpha=1, conv_dim=2, tucker=True),
     # a LyCORIS preset with block maps: LoKr attention, LoHa feed-forward with DoRA, LoRA elsewhere, in one network
     "mixed": NetworkSpec(dim=2, alpha=1, conv_dim=2, conv_alpha=1, network_module="lycoris.kohya", preset="maps.toml",
                          lycoris=dataclasses.replace(LYCORIS_PRESETS["full"], module_options=(
@@ -89,6 +93,8 @@ def test_a_fresh_network_changes_nothing_at_step_zero(algorithm):
     assert len(network.unet_modules()) > 0 and len(network.text_encoder_modules()) > 0
     if algorithm == "mixed":
         assert {m.algorithm for m in network.values()} == {"lora", "loha", "lokr"}
+    if algorithm.endswith("tucker"):
+        assert any(key.endswith(("lora_mid.weight", "hada_t1")) for key in network.state_dict())
 
 
 @pytest.mark.parametrize("model", CONFIGS)
@@ -179,3 +185,65 @@ def test_a_loaded_alpha_sets_the_scale_the_hooks_apply():
     network.load_state_dict(state)
     assert module.lora_scale == 0.25
     assert torch.allclose(change(), before / 4)
+
+
+def _trained_text_encoder_module(network_module: str, **options):
+    """A text-encoder LoRA module with random weights, in training mode, under ``network_module``'s dropouts."""
+    config, unet, text_encoders = _models("sd1")
+    spec = NetworkSpec(dim=8, alpha=8, network_module=network_module, **options)
+    network = create_network(config, None, text_encoders, spec, train_unet=False)
+    module = next(iter(network.values()))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        module.lora_up.weight.normal_()
+    return module.train()
+
+
+def _rank_contributions(module, x):
+    """Each rank's part of the module's change for input ``x``: [rank, *output shape]."""
+    down, up = module.lora_down.weight, module.lora_up.weight
+    return torch.stack([torch.outer(x @ down[k], up[:, k]) for k in range(down.shape[0])]) * module.lora_scale
+
+
+@pytest.mark.parametrize("network_module, kept_weight, shared", [("networks.lora", 2.0, False), ("lycoris.kohya", 1.0, True)])
+def test_rank_dropout_drops_ranks_as_the_network_library_does(network_module, kept_weight, shared):
+    """sd-scripts drops ranks per sample and scales the kept ones by 1/(1-p); LyCORIS one set for the batch, unscaled."""
+    module = _trained_text_encoder_module(network_module, rank_dropout=0.5)
+    row = torch.randn(5, module.lora_down.weight.shape[1])
+    x = row.expand(4, *row.shape)
+    with torch.no_grad():
+        changed = module.changed_output(x, torch.zeros(4, 5, module.lora_up.weight.shape[0]))
+        parts = _rank_contributions(module, row).flatten(1).T  # [outputs, rank]
+    weights = [torch.linalg.lstsq(parts, sample.flatten()).solution for sample in changed]
+    for w in weights:  # every rank is either dropped or kept with the library's weight
+        assert torch.allclose(torch.minimum(w.abs(), (w - kept_weight).abs()), torch.zeros_like(w), atol=1e-3)
+    assert all(torch.equal(changed[0], other) for other in changed[1:]) == shared
+
+
+@pytest.mark.parametrize("network_module", ["networks.lora", "lycoris.kohya"])
+def test_dropout_is_on_the_ranks_in_sd_scripts_and_on_the_output_in_lycoris(network_module):
+    module = _trained_text_encoder_module(network_module, dropout=0.5)
+    x = torch.randn(2, 5, module.lora_down.weight.shape[1])
+    zero = torch.zeros(2, 5, module.lora_up.weight.shape[0])
+    with torch.no_grad():
+        dropped = module.changed_output(x, zero)
+        full = module.eval().changed_output(x, zero)
+    ratio = dropped / full
+    on_output = bool(((ratio - 0).abs() < 1e-4).logical_or((ratio - 2).abs() < 1e-4).all())  # each value 0 or 2×
+    assert on_output == (network_module == "lycoris.kohya")
+
+
+def test_rank_dropout_on_loha_drops_whole_output_channels_of_its_change_as_lycoris_does():
+    config, unet, text_encoders = _models("sd1")
+    spec = NetworkSpec(algorithm="loha", dim=4, alpha=4, rank_dropout=0.5, network_module="lycoris.kohya")
+    module = next(iter(create_network(config, None, text_encoders, spec, train_unet=False).values()))
+    with torch.no_grad():
+        module.hada_w2_a.normal_()
+    x = torch.randn(2, 5, module.hada_w1_b.shape[1])
+    zero = torch.zeros(2, 5, module.hada_w1_a.shape[0])
+    with torch.no_grad():
+        dropped = module.train().changed_output(x, zero)
+        full = module.eval().changed_output(x, zero)
+    kept = torch.isclose(dropped, full, atol=1e-6).all(dim=(0, 1))
+    gone = (dropped.abs() < 1e-9).all(dim=(0, 1))
+    assert bool((kept | gone).all()) and kept.any() and gone.any()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, register, scale, tucker
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, has_kernel, register, scale, tucker
 
 SUFFIXES = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "scale"})
 
@@ -26,7 +26,18 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
 
 
 def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
-    """LyCORIS's init: w1 random, w2_a zero, so the product is zero at step 0 but every factor gets a gradient."""
+    """LyCORIS's init: w1 random, w2_a zero, so the product is zero at step 0 but every factor gets a gradient;
+    with ``spec.tucker`` a k×k convolution gets cores (std 0.1) and factors stored [r, out], [r, in]."""
+    if spec.tucker and has_kernel(shape):
+        kernel = tuple(shape[2:])
+        return {
+            "hada_t1": torch.randn(rank, rank, *kernel) * 0.1,
+            "hada_w1_a": torch.randn(rank, shape[0]) * 0.1,
+            "hada_w1_b": torch.randn(rank, shape[1]),
+            "hada_t2": torch.randn(rank, rank, *kernel) * 0.1,
+            "hada_w2_a": torch.zeros(rank, shape[0]),
+            "hada_w2_b": torch.randn(rank, shape[1]),
+        }
     fan_in = int(torch.Size(shape[1:]).numel())
     return {
         "hada_w1_a": torch.randn(shape[0], rank) * 0.1,

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, register, scale, tucker
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, has_kernel, register, scale, tucker
 
 SUFFIXES = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "scale"})
 
@@ -57,18 +57,24 @@ def factorization(n: int, factor: int = -1) -> tuple[int, int]:
 
 
 def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
-    """W1 [a, c] full and random; W2 [b, d(, k)] zero when full, else w2_a random and w2_b zero (LyCORIS's choice)."""
+    """W1 [a, c] full and random; W2 [b, d(, k)] zero when full, else w2_a random and w2_b zero (LyCORIS's choice);
+    with ``spec.tucker`` a decomposed W2 of a k×k convolution is a core [r, r, k] between w2_a [r, b] and w2_b [r, d]."""
     (a, b), (c, d) = factorization(shape[0], spec.factor), factorization(shape[1], spec.factor)
     kernel = tuple(shape[2:])
     tensors = {}
-    if spec.decompose_both and rank < max(a, c) / 2:
+    if spec.decompose_both and rank < max(a, c) / 2 and not spec.full_matrix:
         tensors["lokr_w1_a"], tensors["lokr_w1_b"] = torch.empty(a, rank), torch.empty(rank, c)
         nn.init.kaiming_uniform_(tensors["lokr_w1_a"], a=math.sqrt(5))
         nn.init.kaiming_uniform_(tensors["lokr_w1_b"], a=math.sqrt(5))
     else:
         tensors["lokr_w1"] = torch.empty(a, c)
         nn.init.kaiming_uniform_(tensors["lokr_w1"], a=math.sqrt(5))
-    if not spec.full_matrix and rank < max(b, d) / 2:
+    if not spec.full_matrix and rank < max(b, d) / 2 and spec.tucker and has_kernel(shape):
+        tensors["lokr_t2"], tensors["lokr_w2_a"] = torch.empty(rank, rank, *kernel), torch.empty(rank, b)
+        nn.init.kaiming_uniform_(tensors["lokr_t2"], a=math.sqrt(5))
+        nn.init.kaiming_uniform_(tensors["lokr_w2_a"], a=math.sqrt(5))
+        tensors["lokr_w2_b"] = torch.zeros(rank, d)
+    elif not spec.full_matrix and rank < max(b, d) / 2:
         tensors["lokr_w2_a"] = torch.empty(b, rank)
         nn.init.kaiming_uniform_(tensors["lokr_w2_a"], a=math.sqrt(5))
         tensors["lokr_w2_b"] = torch.zeros(rank, d * math.prod(kernel))

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, register, scale
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, has_kernel, register, scale
 
 UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
 
@@ -30,10 +30,18 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
 
 
 def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
-    """sd-scripts' init: down as nn.Linear's default (Kaiming uniform, a=√5), up zero; convs keep their kernel in down."""
-    down = torch.empty(rank, shape[1], *shape[2:])
-    nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-    return {DOWN: down, UP: torch.zeros(shape[0], rank, *(1,) * (len(shape) - 2))}
+    """sd-scripts' init: down as nn.Linear's default (Kaiming uniform, a=√5), up zero; convs keep their kernel in
+    down, or with ``spec.tucker`` in a core between 1×1 factors (LyCORIS), initialised as down."""
+    kernel = tuple(shape[2:])
+    tensors = {}
+    if spec.tucker and has_kernel(shape):
+        tensors[MID] = torch.empty(rank, rank, *kernel)
+        nn.init.kaiming_uniform_(tensors[MID], a=math.sqrt(5))
+        kernel = (1,) * len(kernel)
+    tensors[DOWN] = torch.empty(rank, shape[1], *kernel)
+    nn.init.kaiming_uniform_(tensors[DOWN], a=math.sqrt(5))
+    tensors[UP] = torch.zeros(shape[0], rank, *(1,) * (len(shape) - 2))
+    return tensors
 
 
 INITIALISERS["lora"] = INITIALISERS["dylora"] = init

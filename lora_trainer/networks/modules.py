@@ -49,6 +49,9 @@ class NetworkModule(nn.Module):
         self.rank_dropout = spec.rank_dropout
         self.module_dropout = spec.module_dropout
         self.unit = spec.unit
+        # LyCORIS drops the module's output and one set of ranks for the whole batch, unscaled; sd-scripts the
+        # hidden ranks, per sample, rescaled: each network library's own dropouts
+        self.lycoris_dropouts = spec.network_module == "lycoris.kohya"
         for suffix, tensor in tensors.items():
             tensor = tensor.to(layer_weight.device)
             if not tensor.is_floating_point() or suffix in ("alpha", "scale"):  # fixed numbers, not trained
@@ -98,9 +101,15 @@ class NetworkModule(nn.Module):
         if not self._plain_lora:
             base = self._base_weight[0].detach()
             delta = module_delta(self.file_tensors(), base, self.multiplier).weight
+            if self.training and self.rank_dropout:  # LyCORIS: whole output rows of ΔW, unscaled
+                kept = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
+                delta = delta * kept.view(-1, *(1,) * (delta.dim() - 1))
             return output + self._project(x, delta.to(x.dtype))
         hidden, up, scale = self._lora_hidden(x)
         up = up.reshape(up.shape[0], -1)
+        if self.training and self.dropout and self.lycoris_dropouts:  # on the module's output: keep it apart
+            change = F.linear(hidden, up) if self.conv is None else torch.matmul(up, hidden.flatten(2)).view(output.shape)
+            return output + F.dropout(change * (self.multiplier * scale), p=self.dropout)
         # up-projection, scaling and sum as one matrix-multiply-add: a third of the ops of output + up(·)·scale
         if self.conv is None:
             flat = torch.addmm(output.reshape(-1, output.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.t(),
@@ -112,28 +121,34 @@ class NetworkModule(nn.Module):
 
     @property
     def _plain_lora(self) -> bool:
-        """up(down(x)) suffices: LoRA/DyLoRA without DoRA or a CP core (every other case goes through ΔW)."""
-        return self.algorithm in ("lora", "dylora") and "dora_scale" not in self._parameters and "lora_mid" not in self._modules
+        """down (through a Tucker core), then up: LoRA/DyLoRA without DoRA (every other case goes through ΔW)."""
+        return self.algorithm in ("lora", "dylora") and "dora_scale" not in self._parameters
 
     def _lora_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """down(x) with sd-scripts' dropouts, the up weight and α/r (adjusted by rank dropout and DyLoRA)."""
+        """down(x) with the dropouts on the ranks, the up weight and α/r (adjusted by rank dropout and DyLoRA)."""
         down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
         scale = self.lora_scale
         if self.training and self.algorithm == "dylora":
             down, up, scale = self._dylora_slice(down, up, scale)
-        hidden = self._project(x, down if down.dtype == x.dtype else down.to(x.dtype))
-        if self.training and self.dropout:
+        down = down if down.dtype == x.dtype else down.to(x.dtype)
+        mid = self._modules.get("lora_mid")
+        if mid is None:
+            hidden = self._project(x, down)
+        else:  # Tucker: the 1×1 down, then the core with the layer's kernel, stride and padding
+            hidden = F.conv2d(F.conv2d(x, down), mid.weight.to(x.dtype), **self.conv)
+        if self.training and self.dropout and not self.lycoris_dropouts:
             hidden = F.dropout(hidden, p=self.dropout)
         if self.training and self.rank_dropout:
-            # sd-scripts: drop whole ranks per sample, and rescale so the expected output is unchanged
             rank = down.shape[0]
-            mask = (torch.rand(hidden.shape[0], rank, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
+            shared = self.lycoris_dropouts  # one mask for the batch, unscaled (LyCORIS)
+            mask = (torch.rand(1 if shared else hidden.shape[0], rank, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
             if self.conv:
                 mask = mask[:, :, None, None]
             else:
-                mask = mask.reshape(hidden.shape[0], *(1,) * (hidden.dim() - 2), rank)
+                mask = mask.reshape(mask.shape[0], *(1,) * (hidden.dim() - 2), rank)
             hidden = hidden * mask
-            scale = scale / (1 - self.rank_dropout)
+            if not shared:  # sd-scripts: per sample, rescaled so the expected output is unchanged
+                scale = scale / (1 - self.rank_dropout)
         return hidden, up if up.dtype == x.dtype else up.to(x.dtype), scale
 
     def _refresh_scale(self, tensors) -> None:

@@ -158,6 +158,11 @@ def scale(tensors: Tensors, rank: int | None) -> float:
     return float(alpha) / rank
 
 
+def has_kernel(shape: torch.Size) -> bool:
+    """A k×k convolution's weight shape (not a Linear's nor a 1×1 convolution's)."""
+    return any(side != 1 for side in shape[2:])
+
+
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 

@@ -39,6 +39,7 @@ class NetworkSpec:
     full_matrix: bool = False  # LoKr
     decompose_both: bool = False  # LoKr
     unit: int = 1  # DyLoRA
+    tucker: bool = False  # k×k convolutions as a Tucker core between 1×1 factors (LyCORIS use_tucker)
     network_module: str = "networks.lora"
     network_args: tuple[tuple[str, str], ...] = ()  # as given, recorded in ss_network_args
     preset: str | None = None  # lycoris.kohya: the LyCORIS preset that chooses the layers; None: sd-scripts' LoRA targets
@@ -49,6 +50,12 @@ class NetworkSpec:
             raise UserError(f"network algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         if self.dim < 1:
             raise UserError(f"network_dim must be at least 1, got {self.dim}")
+        if self.dropout and (self.algorithm in ("loha", "lokr") or self.dora):
+            name = "DoRA" if self.dora else {"loha": "LoHa", "lokr": "LoKr"}[self.algorithm]
+            raise UserError(f"--network_dropout / dropout: {name} has no neuron dropout (LyCORIS ignores it there); "
+                            "use rank_dropout or module_dropout")
+        if self.tucker and self.algorithm == "dylora":
+            raise UserError("use_tucker: DyLoRA has no Tucker form; drop use_tucker or use algo=lora")
 
     @property
     def with_convs(self) -> bool:
@@ -80,13 +87,16 @@ class NetworkSpec:
 
 
 _BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both"}
+_TUCKER_ARGS = ("use_tucker", "use_cp", "use_conv_cp")  # LyCORIS's name, and its older ones
 _FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout"}
 _INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}
 _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, "conv_block_alphas": float}
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
-_KNOWN = {"algo", "wd_on_output", "preset"} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
+# sd-scripts' networks.lora / networks.dylora would ignore these without a word
+_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", *_BOOL_ARGS, *_TUCKER_ARGS}
+_KNOWN = {"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
 
 
 def _truthy(value: str) -> bool:
@@ -110,8 +120,13 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
     if network_module not in MODULES:
         raise UserError(f"--network_module {network_module!r} is not supported; use one of {', '.join(MODULES)}")
     args = dict(network_args) if isinstance(network_args, dict) else parse_network_args(network_args)
-    if "preset" in args and network_module != "lycoris.kohya":
-        raise UserError("network_args preset=… is a LyCORIS option: use --network_module lycoris.kohya with it")
+    lycoris_only = sorted(_LYCORIS_ONLY & args.keys())
+    if lycoris_only and network_module != "lycoris.kohya":
+        raise UserError(f"network_args {', '.join(f'{k}=…' for k in lycoris_only)}: LyCORIS options, which "
+                        f"{network_module} would ignore; use --network_module lycoris.kohya with them")
+    if "disable_conv_cp" in args:
+        raise UserError("network_args disable_conv_cp: LyCORIS reads it from network_args as text, so it never "
+                        "turns the Tucker form on; give use_tucker=True")
     unknown = sorted(set(args) - _KNOWN)
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _KNOWN, 1)) else k for k in unknown]
@@ -129,6 +144,8 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
         for arg, name in _BOOL_ARGS.items():
             if arg in args:
                 fields[name] = _truthy(args[arg])
+        if any(arg in args for arg in _TUCKER_ARGS):
+            fields["tucker"] = any(_truthy(args[arg]) for arg in _TUCKER_ARGS if arg in args)
         if "wd_on_output" in args:
             fields["dora_on_output"] = _truthy(args["wd_on_output"])
         for arg, name in _FLOAT_ARGS.items():
