@@ -99,7 +99,8 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
         dim, alpha = int(options.get("network_dim") or 4), float(options.get("network_alpha") or 1)
         network_args += [f"conv_dim={max(1, dim // 2)}", f"conv_alpha={max(1.0, alpha / 2):g}"]
     if algorithm == "DyLoRA":
-        network_args.append(f"unit={min(4, int(options.get('network_dim') or 4))}")
+        dim = int(options.get("network_dim") or 4)  # the rank must be a multiple of the unit (sd-scripts asserts it)
+        network_args.append(f"unit={next(unit for unit in (4, 3, 2, 1) if dim % unit == 0)}")
     options["network_args"] = network_args or None
     if form.get("sample_prompts"):
         options["sample_prompts"] = form["sample_prompts"]

@@ -63,6 +63,13 @@ def test_each_algorithm_becomes_sd_scripts_network_options(algorithm):
     assert (spec.conv_dim is not None and spec.conv_dim > 0) == (algorithm in ("LoCon", "LoHa", "LoKr"))
 
 
+@pytest.mark.parametrize("dim, unit", [(8, 4), (6, 3), (5, 1)])
+def test_dylora_from_the_form_gets_a_unit_that_divides_its_rank(dim, unit):
+    options = form_to_options({**PATHS, "checkpoint": "base.safetensors", "dataset": "d", "algorithm": "DyLoRA",
+                               "network_dim": dim}, "concept")
+    assert spec_from_kohya(options["network_module"], dim, 1, options["network_args"]).unit == unit
+
+
 def test_form_overrides_the_preset_and_the_advanced_box_overrides_the_form():
     options = form_to_options({"checkpoint": "m.safetensors", "dataset": "d", "epochs": "3", "network_dim": 4, "text_encoder_lr": 0,
                                "resolution": "64", "extra": "noise_offset = 0.05\nnetwork_dim = 2"}, "style", "24 GB")
