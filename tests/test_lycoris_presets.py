@@ -28,7 +28,10 @@ LYCORIS_FILES = json.loads((Path(__file__).parent / "data" / "lycoris-preset-fil
 LYCORIS_MAPS = json.loads((Path(__file__).parent / "data" / "lycoris-preset-maps-tiny-sd15.json").read_text(encoding="utf-8"))
 # use_tucker runs (LoCon, LoHa, LoKr) on the convolutions of the unet-convblock-only preset, and what lycoris-lora saved
 LYCORIS_TUCKER = json.loads((Path(__file__).parent / "data" / "lycoris-tucker-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
-LYCORIS_CLASSES = {"LoConModule": "lora", "LohaModule": "loha", "LokrModule": "lokr", "DyLoraModule": "dylora"}
+# train_norm runs (attn-mlp, unet-convblock-only), and what lycoris-lora saved
+LYCORIS_NORMS = json.loads((Path(__file__).parent / "data" / "lycoris-train-norm-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
+LYCORIS_CLASSES = {"LoConModule": "lora", "LohaModule": "loha", "LokrModule": "lokr", "DyLoraModule": "dylora",
+                   "NormModule": "norm"}
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +150,15 @@ def _saved_like_lycoris(modules) -> dict:
 def test_use_tucker_gives_the_cores_and_factors_lycoris_saves(tiny_kohya, run):
     expected = LYCORIS_TUCKER[run]
     ours = network(tiny_kohya, *expected["network_args"], "preset=unet-convblock-only")
+    assert {name: module.algorithm for name, module in ours.items()} == {
+        name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
+    assert _saved_like_lycoris(ours) == expected["tensors"]
+
+
+@pytest.mark.parametrize("run", sorted(LYCORIS_NORMS))
+def test_train_norm_shifts_the_norm_layers_lycoris_shifts(tiny_kohya, run):
+    expected = LYCORIS_NORMS[run]
+    ours = network(tiny_kohya, *expected["network_args"])
     assert {name: module.algorithm for name, module in ours.items()} == {
         name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
     assert _saved_like_lycoris(ours) == expected["tensors"]

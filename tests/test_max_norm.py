@@ -58,6 +58,8 @@ def test_unusable_limits_and_algorithms_are_refused_before_training():
     with pytest.raises(UserError, match="not with DoRA"):
         options_from({**base, "scale_weight_norms": 1.0, "network_module": "lycoris.kohya",
                       "network_args": ["algo=lora", "dora_wd=True"]})
+    with pytest.raises(UserError, match="not the γ/β shifts of train_norm"):
+        options_from({**base, "scale_weight_norms": 1.0, "network_module": "lycoris.kohya", "network_args": ["train_norm=True"]})
     assert options_from({**base, "scale_weight_norms": 1.0}).scale_weight_norms == 1.0
 
 

@@ -43,6 +43,9 @@ SPECS = {
     "dora": NetworkSpec(dim=4, alpha=2, dora=True),
     # k×k convolutions as a Tucker core between 1×1 factors (LyCORIS use_tucker): LoCon through its three
     # convolutions, LoHa through ΔW
+    # LyCORIS train_norm: the GroupNorm/LayerNorm layers inside the preset's blocks shift their γ and β
+    "norms": NetworkSpec(dim=2, alpha=1, network_module="lycoris.kohya", preset="attn-mlp",
+                         lycoris=LYCORIS_PRESETS["attn-mlp"], train_norm=True),
     "locon-tucker": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1, tucker=True),
     "loha-tucker": NetworkSpec(algorithm="loha", dim=2, alpha=1, conv_dim=2, tucker=True),
     # a LyCORIS preset with block maps: LoKr attention, LoHa feed-forward with DoRA, LoRA elsewhere, in one network
@@ -95,6 +98,8 @@ def test_a_fresh_network_changes_nothing_at_step_zero(algorithm):
         assert {m.algorithm for m in network.values()} == {"lora", "loha", "lokr"}
     if algorithm.endswith("tucker"):
         assert any(key.endswith(("lora_mid.weight", "hada_t1")) for key in network.state_dict())
+    if algorithm == "norms":
+        assert {m.algorithm for m in network.values()} == {"lora", "norm"}
 
 
 @pytest.mark.parametrize("model", CONFIGS)

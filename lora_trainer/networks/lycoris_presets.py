@@ -63,8 +63,8 @@ class Preset:
     module_options: tuple[tuple[str, Options], ...] = ()  # module_algo_map: block class → options
     name_options: tuple[tuple[str, Options], ...] = ()  # name_algo_map: path or pattern → options, in file order
 
-    def chooses(self, target: Target) -> bool:
-        return target.group != NORM and self._chosen_block(target) is not None  # LyCORIS trains norms only with train_norm
+    def chooses(self, target: Target, train_norm: bool = False) -> bool:
+        return (train_norm or target.group != NORM) and self._chosen_block(target) is not None
 
     def options(self, target: Target) -> dict[str, object]:
         """The block maps' NetworkSpec fields for a chosen ``target`` ({} when no entry applies)."""
@@ -240,9 +240,10 @@ def _block_map(where: str, key: str, table: object) -> tuple[tuple[str, Options]
     return tuple(entries)
 
 
-def targeted(target: Target, preset: Preset | None, with_convs: bool) -> bool:
+def targeted(target: Target, preset: Preset | None, with_convs: bool, train_norm: bool = False) -> bool:
     """Whether ``target`` gets a module: sd-scripts' LoRA (attention blocks and text encoders, plus the ResBlock and
-    sampler layers with ``conv_dim``) when ``preset`` is None, else the LyCORIS preset's choice."""
+    sampler layers with ``conv_dim``) when ``preset`` is None, else the LyCORIS preset's choice (norm layers in
+    its blocks too with ``train_norm``)."""
     if preset is None:
         return target.group == ATTENTION or (target.group == CONV and with_convs)
-    return preset.chooses(target)
+    return preset.chooses(target, train_norm)

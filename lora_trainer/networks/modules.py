@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +39,11 @@ class NetworkModule(nn.Module):
     """One network module on one layer; ``fresh`` makes a trainable one, ``from_tensors`` wraps a file's tensors."""
 
     def __init__(self, target: Target, layer_weight: torch.Tensor, conv: dict | None, tensors: dict[str, torch.Tensor],
-                 spec: NetworkSpec | None = None):
+                 spec: NetworkSpec | None = None, norm: Callable | None = None):
         super().__init__()
         spec = spec or NetworkSpec()
         self.target = target
+        self.norm = norm  # a norm layer's normalisation with other weight and bias (``norm_function``), else None
         found = find_algorithm(tensors).name
         self.algorithm = "dylora" if spec.algorithm == "dylora" and found == "lora" else found
         self.conv = conv  # stride/padding/dilation/groups of a Conv2d layer, None for Linear
@@ -78,6 +81,15 @@ class NetworkModule(nn.Module):
         tensors["alpha"] = torch.tensor(float(alpha if decomposed else rank))
         return cls(target, layer_weight, conv, tensors, spec)
 
+    @classmethod
+    def fresh_norm(cls, target: Target, layer_weight: torch.Tensor, has_bias: bool, spec: NetworkSpec,
+                   norm: Callable) -> NetworkModule:
+        """A trained norm layer (LyCORIS ``train_norm``): γ and β shifts, zero at step 0, no rank or alpha."""
+        tensors = {"w_norm": torch.zeros(layer_weight.shape)}
+        if has_bias:
+            tensors["b_norm"] = torch.zeros(layer_weight.shape)
+        return cls(target, layer_weight, None, tensors, spec, norm)
+
     # --- what the file stores --------------------------------------------------------------------------------
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
@@ -100,11 +112,19 @@ class NetworkModule(nn.Module):
             return output
         if not self._plain_lora:
             base = self._base_weight[0].detach()
-            delta = module_delta(self.file_tensors(), base, self.multiplier).weight
+            delta = module_delta(self.file_tensors(), base, self.multiplier)
+            weight, bias = delta.weight, delta.bias
             if self.training and self.rank_dropout:  # LyCORIS: whole output rows of ΔW, unscaled
-                kept = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
-                delta = delta * kept.view(-1, *(1,) * (delta.dim() - 1))
-            return output + self._project(x, delta.to(x.dtype))
+                kept = (torch.rand(weight.shape[0], device=weight.device) > self.rank_dropout).to(weight.dtype)
+                weight = weight * kept.view(-1, *(1,) * (weight.dim() - 1))
+                bias = None if bias is None else bias * kept
+            weight, bias = (None if t is None else t.to(x.dtype) for t in (weight, bias))
+            if self.norm is not None:  # the normalised input times Δγ, plus Δβ
+                return output + self.norm(x, weight=weight, bias=bias)
+            change = self._project(x, weight)
+            if bias is not None:
+                change = change + (bias if self.conv is None else bias[:, None, None])
+            return output + change
         hidden, up, scale = self._lora_hidden(x)
         up = up.reshape(up.shape[0], -1)
         if self.training and self.dropout and self.lycoris_dropouts:  # on the module's output: keep it apart
@@ -169,6 +189,15 @@ class NetworkModule(nn.Module):
         down = torch.cat([down[:b].detach(), down[b:used]])
         up = torch.cat([up[:, :b].detach(), up[:, b:used]], dim=1)
         return down, up, scale * math.sqrt(rank / used)
+
+
+def norm_function(layer: nn.Module) -> Callable | None:
+    """``f(x, weight=…, bias=…)``: a GroupNorm/LayerNorm layer's normalisation with other γ and β; None for others."""
+    if isinstance(layer, nn.GroupNorm):
+        return partial(F.group_norm, num_groups=layer.num_groups, eps=layer.eps)
+    if isinstance(layer, nn.LayerNorm):
+        return partial(F.layer_norm, normalized_shape=layer.normalized_shape, eps=layer.eps)
+    return None
 
 
 def layer_and_weight(target: Target, component: nn.Module) -> tuple[nn.Module, torch.Tensor, dict | None]:

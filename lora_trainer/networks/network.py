@@ -17,10 +17,10 @@ from torch import nn
 from ..errors import UserError
 from ..safe_io import save_safetensors
 from .lr_groups import block_lr_weights, parameter_groups
-from .modules import NetworkModule, layer_and_weight
+from .modules import NetworkModule, layer_and_weight, norm_function
 from .files import NetworkFile, match_network
 from .lycoris_presets import targeted
-from .naming import Target, model_components, model_targets
+from .naming import NORM, Target, model_components, model_targets
 from .spec import NetworkSpec
 
 # sd-scripts' block-wise lists: 25 entries for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 for SDXL
@@ -142,12 +142,16 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
     lr_weights = block_lr_weights_for(config, spec)
     modules = {}
     for name, target in targets.items():
-        if not targeted(target, spec.lycoris, spec.with_convs):
+        if not targeted(target, spec.lycoris, spec.with_convs, spec.train_norm):
             continue
         index = block_index(target, config.lora_unet_naming)
         if lr_weights is not None and index is not None and lr_weights[index] == 0:
             continue  # sd-scripts: a block with learning rate 0 gets no module at all
-        _, weight, conv = layer_and_weight(target, components[target.component])
+        layer, weight, conv = layer_and_weight(target, components[target.component])
+        if target.group == NORM:
+            has_bias = getattr(layer, target.bias or "", None) is not None
+            modules[name] = NetworkModule.fresh_norm(target, weight, has_bias, spec, norm_function(layer))
+            continue
         layer_spec = layer_options(spec, target, weight)
         rank, alpha = _rank_and_alpha(target, weight, layer_spec, config.lora_unet_naming)
         if rank <= 0:
@@ -176,9 +180,9 @@ def network_from_file(config, unet: nn.Module | None, text_encoders, network: Ne
         raise UserError(report.message())
     modules = {}
     for match in report.matched:
-        _, weight, conv = layer_and_weight(match.target, components[match.target.component])
+        layer, weight, conv = layer_and_weight(match.target, components[match.target.component])
         layer_spec = layer_options(spec, match.target, weight) if spec is not None else None
-        modules[match.target.name] = NetworkModule(match.target, weight, conv, match.tensors, layer_spec)
+        modules[match.target.name] = NetworkModule(match.target, weight, conv, match.tensors, layer_spec, norm_function(layer))
     return LoRANetwork(spec or NetworkSpec(), modules, components, config)
 
 

@@ -39,6 +39,7 @@ class NetworkSpec:
     full_matrix: bool = False  # LoKr
     decompose_both: bool = False  # LoKr
     unit: int = 1  # DyLoRA
+    train_norm: bool = False  # LyCORIS: the norm layers inside the preset's blocks get γ/β shifts
     tucker: bool = False  # k×k convolutions as a Tucker core between 1×1 factors (LyCORIS use_tucker)
     network_module: str = "networks.lora"
     network_args: tuple[tuple[str, str], ...] = ()  # as given, recorded in ss_network_args
@@ -86,7 +87,7 @@ class NetworkSpec:
         return json.dumps(dict(self.network_args))
 
 
-_BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both"}
+_BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both", "train_norm": "train_norm"}
 _TUCKER_ARGS = ("use_tucker", "use_cp", "use_conv_cp")  # LyCORIS's name, and its older ones
 _FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout"}
 _INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}

@@ -361,6 +361,8 @@ def validate(options: TrainOptions) -> None:
                 check_supported(spec.algorithm, spec.uses_dora)
             except UserError as problem:
                 problems.append(str(problem))
+            if spec.train_norm:
+                problems.append("--scale_weight_norms limits low-rank changes, not the γ/β shifts of train_norm: drop one")
     for path in options.base_weights or []:
         if not Path(path).is_file():
             problems.append(f"--base_weights {path}: no such network file")
