@@ -164,6 +164,15 @@ def test_train_norm_shifts_the_norm_layers_lycoris_shifts(tiny_kohya, run):
     assert _saved_like_lycoris(ours) == expected["tensors"]
 
 
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+def test_rs_lora_scales_by_the_square_root_of_the_rank_and_stores_alpha_so_readers_agree(tiny_kohya, algo):
+    modules = network(tiny_kohya, f"algo={algo}", "rs_lora=True", "preset=attn-only", "factor=2", dim=4, alpha=4)
+    assert {float(m.alpha) for m in modules.values()} == {8.0}  # α·√r, as lycoris-lora 4.1.3 saves it (4, 4 → 8)
+    assert {m.lora_scale for m in modules.values() if algo == "locon"} <= {2.0}  # α/√r in training
+    with pytest.raises(UserError, match="DyLoRA keeps the α/r scale"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["algo=dylora", "rs_lora=True"])
+
+
 def test_tucker_and_dropout_options_are_checked_against_the_algorithm():
     assert spec_from_kohya("lycoris.kohya", 4, 4, ["use_conv_cp=True"]).tucker  # LyCORIS's older names
     assert not spec_from_kohya("lycoris.kohya", 4, 4, ["use_tucker=False"]).tucker

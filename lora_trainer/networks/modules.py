@@ -77,8 +77,11 @@ class NetworkModule(nn.Module):
         if spec.dora:
             tensors["dora_scale"] = init_magnitude(layer_weight, spec.dora_on_output)
         decomposed = spec.algorithm != "lokr" or "lokr_w2_b" in tensors or "lokr_w1_b" in tensors
-        # no rank in a LoKr with both factors full: LyCORIS stores alpha = dim, so every reader's scale is 1
-        tensors["alpha"] = torch.tensor(float(alpha if decomposed else rank))
+        if not decomposed:  # no rank in a LoKr with both factors full: LyCORIS stores alpha = dim, so every reader's scale is 1
+            alpha = rank
+        elif spec.rs_lora:  # scale α/√r, stored so that alpha / r gives it
+            alpha = alpha * math.sqrt(rank)
+        tensors["alpha"] = torch.tensor(float(alpha))
         return cls(target, layer_weight, conv, tensors, spec)
 
     @classmethod

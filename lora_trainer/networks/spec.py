@@ -39,6 +39,7 @@ class NetworkSpec:
     full_matrix: bool = False  # LoKr
     decompose_both: bool = False  # LoKr
     unit: int = 1  # DyLoRA
+    rs_lora: bool = False  # LyCORIS rank-stabilised scale α/√r (stored as alpha = α·√r, which every reader turns into it)
     train_norm: bool = False  # LyCORIS: the norm layers inside the preset's blocks get γ/β shifts
     tucker: bool = False  # k×k convolutions as a Tucker core between 1×1 factors (LyCORIS use_tucker)
     network_module: str = "networks.lora"
@@ -55,6 +56,8 @@ class NetworkSpec:
             name = "DoRA" if self.dora else {"loha": "LoHa", "lokr": "LoKr"}[self.algorithm]
             raise UserError(f"--network_dropout / dropout: {name} has no neuron dropout (LyCORIS ignores it there); "
                             "use rank_dropout or module_dropout")
+        if self.rs_lora and self.algorithm == "dylora":
+            raise UserError("rs_lora: LyCORIS's DyLoRA keeps the α/r scale (it ignores rs_lora); drop rs_lora")
         if self.tucker and self.algorithm == "dylora":
             raise UserError("use_tucker: DyLoRA has no Tucker form; drop use_tucker or use algo=lora")
 
@@ -87,7 +90,8 @@ class NetworkSpec:
         return json.dumps(dict(self.network_args))
 
 
-_BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both", "train_norm": "train_norm"}
+_BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both", "train_norm": "train_norm",
+              "rs_lora": "rs_lora"}
 _TUCKER_ARGS = ("use_tucker", "use_cp", "use_conv_cp")  # LyCORIS's name, and its older ones
 _FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout"}
 _INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}
