@@ -26,12 +26,10 @@ LYCORIS_FILES = json.loads((Path(__file__).parent / "data" / "lycoris-preset-fil
 # preset files with block maps (module_algo_map by class, name_algo_map by path), and what lycoris-lora saved from each
 # on sd-scripts' SD1 model: every module's class and every tensor's shape (alpha's value)
 LYCORIS_MAPS = json.loads((Path(__file__).parent / "data" / "lycoris-preset-maps-tiny-sd15.json").read_text(encoding="utf-8"))
-# use_tucker runs (LoCon, LoHa, LoKr) on the convolutions of the unet-convblock-only preset, and what lycoris-lora saved
-LYCORIS_TUCKER = json.loads((Path(__file__).parent / "data" / "lycoris-tucker-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
-# train_norm runs (attn-mlp, unet-convblock-only), and what lycoris-lora saved
-LYCORIS_NORMS = json.loads((Path(__file__).parent / "data" / "lycoris-train-norm-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
-LYCORIS_CLASSES = {"LoConModule": "lora", "LohaModule": "loha", "LokrModule": "lokr", "DyLoraModule": "dylora",
-                   "NormModule": "norm"}
+# LyCORIS options (use_tucker, train_norm, unbalanced_factorization, bypass_mode, rs_lora) and what lycoris-lora saved
+LYCORIS_OPTIONS = json.loads((Path(__file__).parent / "data" / "lycoris-options-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
+LYCORIS_CLASS = {"lora": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule", "dylora": "DyLoraModule",
+                 "norm": "NormModule"}
 
 
 @pytest.fixture(scope="module")
@@ -136,32 +134,21 @@ def test_block_maps_give_each_layer_the_algorithm_and_tensors_lycoris_gives_it(t
     preset.parent.mkdir()
     preset.write_text(expected["toml"], encoding="utf-8")
     ours = network(tiny_kohya, *LYCORIS_MAPS["network_args"], f"preset={preset}")
-    assert {name: module.algorithm for name, module in ours.items()} == {
-        name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
-    assert _saved_like_lycoris(ours) == expected["tensors"]
+    assert saved_like_lycoris(ours) == expected["modules"]
 
 
-def _saved_like_lycoris(modules) -> dict:
-    return {f"{name}.{key}": float(t) if t.dim() == 0 else "x".join(map(str, t.shape))
-            for name, module in modules.items() for key, t in module.file_tensors().items()}
+def saved_like_lycoris(modules) -> dict[str, str]:
+    """Each module as the fixtures write it: its LyCORIS class, then suffix=shape (alpha=value) per tensor."""
+    def tensor(key, t):
+        return f"{key}={float(t)}" if t.dim() == 0 else f"{key}={'x'.join(map(str, t.shape))}"
+    return {name: " ".join([LYCORIS_CLASS[module.algorithm], *sorted(tensor(k, t) for k, t in module.file_tensors().items())])
+            for name, module in modules.items()}
 
 
-@pytest.mark.parametrize("run", sorted(LYCORIS_TUCKER))
-def test_use_tucker_gives_the_cores_and_factors_lycoris_saves(tiny_kohya, run):
-    expected = LYCORIS_TUCKER[run]
-    ours = network(tiny_kohya, *expected["network_args"], "preset=unet-convblock-only")
-    assert {name: module.algorithm for name, module in ours.items()} == {
-        name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
-    assert _saved_like_lycoris(ours) == expected["tensors"]
-
-
-@pytest.mark.parametrize("run", sorted(LYCORIS_NORMS))
-def test_train_norm_shifts_the_norm_layers_lycoris_shifts(tiny_kohya, run):
-    expected = LYCORIS_NORMS[run]
-    ours = network(tiny_kohya, *expected["network_args"])
-    assert {name: module.algorithm for name, module in ours.items()} == {
-        name: LYCORIS_CLASSES[cls] for name, cls in expected["classes"].items()}
-    assert _saved_like_lycoris(ours) == expected["tensors"]
+@pytest.mark.parametrize("run", sorted(LYCORIS_OPTIONS))
+def test_lycoris_options_give_the_modules_and_tensors_lycoris_saves(tiny_kohya, run):
+    expected = LYCORIS_OPTIONS[run]
+    assert saved_like_lycoris(network(tiny_kohya, *expected["network_args"])) == expected["modules"]
 
 
 @pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])

@@ -60,6 +60,8 @@ def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
     """W1 [a, c] full and random; W2 [b, d(, k)] zero when full, else w2_a random and w2_b zero (LyCORIS's choice);
     with ``spec.tucker`` a decomposed W2 of a k×k convolution is a core [r, r, k] between w2_a [r, b] and w2_b [r, d]."""
     (a, b), (c, d) = factorization(shape[0], spec.factor), factorization(shape[1], spec.factor)
+    if spec.unbalanced_factorization:  # LyCORIS: the output side's larger part in W1
+        a, b = b, a
     kernel = tuple(shape[2:])
     tensors = {}
     if spec.decompose_both and rank < max(a, c) / 2 and not spec.full_matrix:

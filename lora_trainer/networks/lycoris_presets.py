@@ -129,7 +129,8 @@ _REFUSED_KEYS = {"target_module": "LyCORIS's wrapper keys (not lycoris.kohya's)"
 # a block map entry's options, as LyCORIS passes them to a module → (NetworkSpec field, type)
 _MAP_OPTIONS = {"algo": ("algorithm", str), "dim": ("dim", int), "alpha": ("alpha", float), "factor": ("factor", int),
                 "full_matrix": ("full_matrix", bool), "decompose_both": ("decompose_both", bool),
-                "weight_decompose": ("dora", bool), "block_size": ("unit", int), "use_tucker": ("tucker", bool)}
+                "weight_decompose": ("dora", bool), "block_size": ("unit", int), "use_tucker": ("tucker", bool),
+                "unbalanced_factorization": ("unbalanced_factorization", bool)}
 _MAP_REFUSED = {
     "wd_on_output": "LyCORIS applies network_args' wd_on_output to every layer and ignores it here; set it in network_args",
     "dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",

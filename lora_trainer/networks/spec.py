@@ -37,6 +37,7 @@ class NetworkSpec:
     dora_on_output: bool = False  # False: input-axis dora_scale, the axis the WebUI reads correctly
     factor: int = -1  # LoKr
     full_matrix: bool = False  # LoKr
+    unbalanced_factorization: bool = False  # LoKr: the larger part of the output side in W1
     decompose_both: bool = False  # LoKr
     unit: int = 1  # DyLoRA
     rs_lora: bool = False  # LyCORIS rank-stabilised scale α/√r (stored as alpha = α·√r, which every reader turns into it)
@@ -91,7 +92,9 @@ class NetworkSpec:
 
 
 _BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both", "train_norm": "train_norm",
-              "rs_lora": "rs_lora"}
+              "rs_lora": "rs_lora", "unbalanced_factorization": "unbalanced_factorization"}
+# LyCORIS computes the layer and its change apart instead of through W + ΔW: the same numbers, as we always do
+_SAME_RESULT_ARGS = {"bypass_mode"}
 _TUCKER_ARGS = ("use_tucker", "use_cp", "use_conv_cp")  # LyCORIS's name, and its older ones
 _FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout"}
 _INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}
@@ -100,8 +103,8 @@ _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, 
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
 # sd-scripts' networks.lora / networks.dylora would ignore these without a word
-_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", *_BOOL_ARGS, *_TUCKER_ARGS}
-_KNOWN = {"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
+_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", *_BOOL_ARGS, *_TUCKER_ARGS, *_SAME_RESULT_ARGS}
+_KNOWN = {"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS, *_SAME_RESULT_ARGS} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
 
 
 def _truthy(value: str) -> bool:
