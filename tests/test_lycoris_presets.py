@@ -29,7 +29,7 @@ LYCORIS_MAPS = json.loads((Path(__file__).parent / "data" / "lycoris-preset-maps
 # LyCORIS options (use_tucker, train_norm, unbalanced_factorization, bypass_mode, rs_lora) and what lycoris-lora saved
 LYCORIS_OPTIONS = json.loads((Path(__file__).parent / "data" / "lycoris-options-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
 LYCORIS_CLASS = {"lora": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule", "dylora": "DyLoraModule",
-                 "norm": "NormModule"}
+                 "norm": "NormModule", "full": "FullModule"}
 
 
 @pytest.fixture(scope="module")

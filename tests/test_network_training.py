@@ -46,6 +46,8 @@ SPECS = {
     # LyCORIS train_norm: the GroupNorm/LayerNorm layers inside the preset's blocks shift their γ and β
     "norms": NetworkSpec(dim=2, alpha=1, network_module="lycoris.kohya", preset="attn-mlp",
                          lycoris=LYCORIS_PRESETS["attn-mlp"], train_norm=True),
+    "full": NetworkSpec(algorithm="full", network_module="lycoris.kohya", preset="attn-only",
+                        lycoris=LYCORIS_PRESETS["attn-only"]),
     "locon-tucker": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1, tucker=True),
     "loha-tucker": NetworkSpec(algorithm="loha", dim=2, alpha=1, conv_dim=2, tucker=True),
     # a LyCORIS preset with block maps: LoKr attention, LoHa feed-forward with DoRA, LoRA elsewhere, in one network

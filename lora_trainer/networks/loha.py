@@ -25,7 +25,7 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(raw * (scale(tensors, tensors["hada_w1_b"].shape[0]) * multiplier))
 
 
-def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
+def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = None) -> dict[str, torch.Tensor]:
     """LyCORIS's init: w1 random, w2_a zero, so the product is zero at step 0 but every factor gets a gradient;
     with ``spec.tucker`` a k×k convolution gets cores (std 0.1) and factors stored [r, out], [r, in]."""
     if spec.tucker and has_kernel(shape):

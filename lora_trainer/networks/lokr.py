@@ -56,7 +56,7 @@ def factorization(n: int, factor: int = -1) -> tuple[int, int]:
     return min(pairs, key=sum)
 
 
-def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
+def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = None) -> dict[str, torch.Tensor]:
     """W1 [a, c] full and random; W2 [b, d(, k)] zero when full, else w2_a random and w2_b zero (LyCORIS's choice);
     with ``spec.tucker`` a decomposed W2 of a k×k convolution is a core [r, r, k] between w2_a [r, b] and w2_b [r, d]."""
     (a, b), (c, d) = factorization(shape[0], spec.factor), factorization(shape[1], spec.factor)

@@ -29,7 +29,7 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(raw * (scale(tensors, down.shape[0]) * multiplier))
 
 
-def init(shape: torch.Size, rank: int, spec) -> dict[str, torch.Tensor]:
+def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = None) -> dict[str, torch.Tensor]:
     """sd-scripts' init: down as nn.Linear's default (Kaiming uniform, a=√5), up zero; convs keep their kernel in
     down, or with ``spec.tucker`` in a core between 1×1 factors (LyCORIS), initialised as down."""
     kernel = tuple(shape[2:])

@@ -136,7 +136,7 @@ _MAP_REFUSED = {
     "dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",
     "rank_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",
     "module_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args"}
-_MAP_ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora"}
+_MAP_ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "full": "full"}
 
 
 def lycoris_preset(name: str) -> Preset:

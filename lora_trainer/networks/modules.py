@@ -69,11 +69,13 @@ class NetworkModule(nn.Module):
 
     @classmethod
     def fresh(cls, target: Target, layer_weight: torch.Tensor, conv: dict | None, rank: int, alpha: float, spec: NetworkSpec,
-              stored_shape: torch.Size | None = None) -> NetworkModule:
+              stored_shape: torch.Size | None = None, bias_shape: torch.Size | None = None) -> NetworkModule:
         """Initialised as sd-scripts/LyCORIS do, so that it changes nothing until trained."""
         shape = stored_shape or layer_weight.shape  # the layer's shape as the file's writer saw it
         load_builtin()
-        tensors = INITIALISERS[spec.algorithm](shape, rank, spec)
+        tensors = INITIALISERS[spec.algorithm](shape, rank, spec, bias_shape)
+        if spec.algorithm == "full":  # no rank, no alpha
+            return cls(target, layer_weight, conv, tensors, spec)
         if spec.dora:
             tensors["dora_scale"] = init_magnitude(layer_weight, spec.dora_on_output)
         decomposed = spec.algorithm != "lokr" or "lokr_w2_b" in tensors or "lokr_w1_b" in tensors

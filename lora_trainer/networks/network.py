@@ -162,7 +162,9 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
         stored_shape = None
         if config.kohya_conv_projections and target.module.endswith(("proj_in", "proj_out")) and weight.dim() == 2:
             stored_shape = torch.Size((*weight.shape, 1, 1))
-        modules[name] = NetworkModule.fresh(target, weight, conv, rank, alpha, layer_spec, stored_shape)
+        bias = getattr(layer, target.bias or "", None)
+        bias_shape = None if bias is None else torch.Size((weight.shape[0],))  # a fused q/k/v's rows: its part
+        modules[name] = NetworkModule.fresh(target, weight, conv, rank, alpha, layer_spec, stored_shape, bias_shape)
     if not modules:
         raise UserError("the network has no module: train the UNet or a text encoder, and give network_dim > 0")
     return LoRANetwork(spec, modules, components, config)

@@ -54,8 +54,8 @@ class Modifier:
 
 ALGORITHMS: dict[str, Algorithm] = {}
 MODIFIERS: dict[str, Modifier] = {}
-# algorithm name → init(weight shape, rank, spec) -> {suffix: tensor}: the fresh trainable tensors, as the
-# file stores them, chosen so that the network changes nothing at step 0
+# algorithm name → init(weight shape, rank, spec, bias shape or None) -> {suffix: tensor}: the fresh trainable
+# tensors, as the file stores them, chosen so that the network changes nothing at step 0
 INITIALISERS: dict[str, Callable] = {}
 
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from .lycoris_presets import LYCORIS_DEFAULT, Preset, lycoris_preset
 
-ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora")
+ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora", "full")
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
 
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    algorithm: str = "lora"  # lora (LoCon when conv_dim is set), loha, lokr, dylora
+    algorithm: str = "lora"  # lora (LoCon when conv_dim is set), loha, lokr, dylora, full (LyCORIS native fine-tuning)
     dim: int = 4
     alpha: float = 1.0  # sd-scripts' default: scale 1/dim unless set
     conv_dim: int | None = None  # 3×3 convs get a module only with a conv dim (LoCon)
@@ -53,8 +53,11 @@ class NetworkSpec:
             raise UserError(f"network algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         if self.dim < 1:
             raise UserError(f"network_dim must be at least 1, got {self.dim}")
-        if self.dropout and (self.algorithm in ("loha", "lokr") or self.dora):
-            name = "DoRA" if self.dora else {"loha": "LoHa", "lokr": "LoKr"}[self.algorithm]
+        if self.algorithm == "full" and (self.dora or self.tucker or self.rs_lora):
+            raise UserError("algo=full trains the weights' difference itself: dora_wd, use_tucker and rs_lora do not "
+                            "apply to it; drop them")
+        if self.dropout and (self.algorithm in ("loha", "lokr", "full") or self.dora):
+            name = "DoRA" if self.dora else {"loha": "LoHa", "lokr": "LoKr", "full": "algo=full"}[self.algorithm]
             raise UserError(f"--network_dropout / dropout: {name} has no neuron dropout (LyCORIS ignores it there); "
                             "use rank_dropout or module_dropout")
         if self.rs_lora and self.algorithm == "dylora":
