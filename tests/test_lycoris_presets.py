@@ -29,7 +29,8 @@ LYCORIS_MAPS = json.loads((Path(__file__).parent / "data" / "lycoris-preset-maps
 # LyCORIS options (use_tucker, train_norm, unbalanced_factorization, bypass_mode, rs_lora) and what lycoris-lora saved
 LYCORIS_OPTIONS = json.loads((Path(__file__).parent / "data" / "lycoris-options-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
 LYCORIS_CLASS = {"lora": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule", "dylora": "DyLoraModule",
-                 "norm": "NormModule", "full": "FullModule"}
+                 "norm": "NormModule", "full": "FullModule", "ia3": "IA3Module", "diag-oft": "DiagOFTModule",
+                 "glora": "GLoRAModule"}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_a_preset_file_without_convolutions_gives_none_even_with_a_conv_dim(tiny
     ('unet_target_module = ["UNet2DConditionModel"]', "lists the model root UNet2DConditionModel"),
     ('module_algo_map = ["CrossAttention"]', "module_algo_map must be a table of tables"),
     ('[module_algo_map.CrossAtention]\ndim = 2', "module_algo_map lists CrossAtention, no block of an SD model"),
-    ('[module_algo_map.CrossAttention]\nalgo = "ia3"', r"\[module_algo_map.CrossAttention\] algo = 'ia3' is not trained here"),
+    ('[module_algo_map.CrossAttention]\nalgo = "boft"', r"\[module_algo_map.CrossAttention\] algo = 'boft' is not trained here"),
     ('[module_algo_map.CrossAttention]\ndim = "8"', "dim must be a whole number"),
     ('[module_algo_map.CrossAttention]\ndim = 0', "dim must be at least 1"),
     ('[module_algo_map.CrossAttention]\nalpha = 0', "alpha = 0: LyCORIS reads it as unset"),
@@ -133,7 +134,7 @@ def test_block_maps_give_each_layer_the_algorithm_and_tensors_lycoris_gives_it(t
     preset = tmp_path / "Blöcke 配置" / file_name
     preset.parent.mkdir()
     preset.write_text(expected["toml"], encoding="utf-8")
-    ours = network(tiny_kohya, *LYCORIS_MAPS["network_args"], f"preset={preset}")
+    ours = network(tiny_kohya, *expected["network_args"], f"preset={preset}")
     assert saved_like_lycoris(ours) == expected["modules"]
 
 
@@ -167,8 +168,10 @@ def test_tucker_and_dropout_options_are_checked_against_the_algorithm():
         spec_from_kohya("lycoris.kohya", 4, 4, ["disable_conv_cp=False"])
     with pytest.raises(UserError, match="DyLoRA has no Tucker form"):
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=dylora", "use_tucker=True"])
-    with pytest.raises(UserError, match="LoHa has no neuron dropout"):
+    with pytest.raises(UserError, match="algo=loha has no neuron dropout"):
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=loha"], network_dropout=0.1)
+    with pytest.raises(UserError, match="algo=glora: rs_lora apply to lora, loha and lokr only"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["algo=glora", "rs_lora=True"])  # LyCORIS would scale by α/√r, save α
     with pytest.raises(UserError, match="use_tucker=…: LyCORIS options, which networks.lora would ignore"):
         spec_from_kohya("networks.lora", 4, 4, ["use_tucker=True"])
 
@@ -177,7 +180,7 @@ def test_a_block_mapped_network_trains_on_from_its_file_with_each_layer_as_it_wa
     """``--network_weights`` with the same preset: a layer the map made DyLoRA goes on as DyLoRA (its rank slicing)."""
     preset = tmp_path / "names.toml"
     preset.write_text(LYCORIS_MAPS["files"]["maps_names.toml"]["toml"], encoding="utf-8")
-    args = [*LYCORIS_MAPS["network_args"], f"preset={preset}"]
+    args = [*LYCORIS_MAPS["files"]["maps_names.toml"]["network_args"], f"preset={preset}"]
     made = network(tiny_kohya, *args)
     path = save_network({k: v for name, m in made.items() for k, v in
                          ((f"{name}.{key}", t) for key, t in m.file_tensors().items())}, tmp_path / "mixed.safetensors", {})

@@ -48,6 +48,12 @@ SPECS = {
                          lycoris=LYCORIS_PRESETS["attn-mlp"], train_norm=True),
     "full": NetworkSpec(algorithm="full", network_module="lycoris.kohya", preset="attn-only",
                         lycoris=LYCORIS_PRESETS["attn-only"]),
+    # LyCORIS's other trainable algorithms, on the attention layers
+    "ia3": NetworkSpec(algorithm="ia3", network_module="lycoris.kohya", preset="attn-only", lycoris=LYCORIS_PRESETS["attn-only"]),
+    "diag-oft": NetworkSpec(algorithm="diag-oft", dim=4, constraint=0.5, rescaled=True, network_module="lycoris.kohya",
+                            preset="attn-only", lycoris=LYCORIS_PRESETS["attn-only"]),
+    "glora": NetworkSpec(algorithm="glora", dim=2, alpha=1, network_module="lycoris.kohya", preset="attn-mlp",
+                         lycoris=LYCORIS_PRESETS["attn-mlp"]),
     "locon-tucker": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1, tucker=True),
     "loha-tucker": NetworkSpec(algorithm="loha", dim=2, alpha=1, conv_dim=2, tucker=True),
     # a LyCORIS preset with block maps: LoKr attention, LoHa feed-forward with DoRA, LoRA elsewhere, in one network

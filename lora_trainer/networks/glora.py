@@ -7,9 +7,12 @@ apart by shape and read too.
 
 from __future__ import annotations
 
-import torch
+import math
 
-from .registry import Algorithm, Delta, Tensors, as_matrix, register, scale
+import torch
+from torch import nn
+
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, register, scale
 
 SUFFIXES = frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha", "scale"})
 
@@ -31,4 +34,16 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(raw * (scale(tensors, rank) * multiplier))
 
 
+def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = None) -> dict[str, torch.Tensor]:
+    """LyCORIS's current layout: a1 [in, r], b1 [out, r] Kaiming (a=√5), a2 [r, in], b2 [r, in(, k)] zero; on a
+    convolution 1×1 kernels except b2's."""
+    pointwise = (1,) * (len(shape) - 2)
+    tensors = {"a1.weight": torch.empty(shape[1], rank, *pointwise), "a2.weight": torch.zeros(rank, shape[1], *pointwise),
+               "b1.weight": torch.empty(shape[0], rank, *pointwise), "b2.weight": torch.zeros(rank, *shape[1:])}
+    for key in ("a1.weight", "b1.weight"):
+        nn.init.kaiming_uniform_(tensors[key], a=math.sqrt(5))
+    return tensors
+
+
+INITIALISERS["glora"] = init
 register(Algorithm("glora", frozenset({"a1.weight"}), SUFFIXES, delta, uses_weight=True))

@@ -130,13 +130,15 @@ _REFUSED_KEYS = {"target_module": "LyCORIS's wrapper keys (not lycoris.kohya's)"
 _MAP_OPTIONS = {"algo": ("algorithm", str), "dim": ("dim", int), "alpha": ("alpha", float), "factor": ("factor", int),
                 "full_matrix": ("full_matrix", bool), "decompose_both": ("decompose_both", bool),
                 "weight_decompose": ("dora", bool), "block_size": ("unit", int), "use_tucker": ("tucker", bool),
-                "unbalanced_factorization": ("unbalanced_factorization", bool)}
+                "unbalanced_factorization": ("unbalanced_factorization", bool), "constraint": ("constraint", float),
+                "rescaled": ("rescaled", bool), "train_on_input": ("ia3_on_input", bool)}
 _MAP_REFUSED = {
     "wd_on_output": "LyCORIS applies network_args' wd_on_output to every layer and ignores it here; set it in network_args",
     "dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",
     "rank_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",
     "module_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args"}
-_MAP_ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "full": "full"}
+_MAP_ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "full": "full",
+                   "ia3": "ia3", "diag-oft": "diag-oft", "glora": "glora"}
 
 
 def lycoris_preset(name: str) -> Preset:
@@ -146,8 +148,8 @@ def lycoris_preset(name: str) -> Preset:
     if name == "ia3":
         raise UserError("network_args preset=ia3: LyCORIS's ia3 preset names its layers by short paths (to_k, k_proj "
                         "…) that, matched from the start of a module path, choose no layer of an SD model (LyCORIS "
-                        "4.1.3 makes an empty network from it), and IA³ is not trained here; use one of "
-                        f"{', '.join(LYCORIS_PRESETS)} or a preset file")
+                        f"4.1.3 makes an empty network from it); use algo=ia3 with one of {', '.join(LYCORIS_PRESETS)} "
+                        "or a preset file (train_on_input = true in a name_algo_map entry for the input side)")
     path = Path(name)
     if path.suffix.lower() != ".toml" and not path.is_file():
         raise UserError(f"network_args preset={name}: not a LyCORIS preset ({', '.join(LYCORIS_PRESETS)}) nor a "

@@ -24,6 +24,7 @@ from .registry import scale as registry_scale
 from .spec import NetworkSpec
 
 
+RANK_SCALED = ("lora", "dylora", "loha", "lokr", "glora")  # the algorithms scaled by α/r, which store alpha
 _POINTWISE = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
 
 
@@ -74,7 +75,7 @@ class NetworkModule(nn.Module):
         shape = stored_shape or layer_weight.shape  # the layer's shape as the file's writer saw it
         load_builtin()
         tensors = INITIALISERS[spec.algorithm](shape, rank, spec, bias_shape)
-        if spec.algorithm == "full":  # no rank, no alpha
+        if spec.algorithm not in RANK_SCALED:  # no α/r: no alpha, or the algorithm's own (OFT's constraint)
             return cls(target, layer_weight, conv, tensors, spec)
         if spec.dora:
             tensors["dora_scale"] = init_magnitude(layer_weight, spec.dora_on_output)

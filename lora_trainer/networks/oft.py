@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Algorithm, Delta, Tensors, register
+from .lokr import factorization
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, register
 
 
 def cayley_rotations(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
@@ -47,6 +48,17 @@ def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     return Delta(rescaled(tensors, rotated) - weight)
 
 
+def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = None) -> dict[str, torch.Tensor]:
+    """LyCORIS's: zero generators (R = I) in blocks of about ``rank`` output rows, alpha = the constraint, and a
+    ``rescale`` of ones with ``spec.rescaled``."""
+    size, count = factorization(shape[0], rank)
+    tensors = {"oft_blocks": torch.zeros(count, size, size), "alpha": torch.tensor(float(spec.constraint))}
+    if spec.rescaled:
+        tensors["rescale"] = torch.ones(shape[0], *(1,) * (len(shape) - 1))
+    return tensors
+
+
+INITIALISERS["diag-oft"] = init
 register(Algorithm(
     "diag-oft", frozenset({"oft_blocks"}), frozenset({"oft_blocks", "rescale", "alpha"}), delta,
     linear_in_multiplier=False, uses_weight=True, accepts=lambda tensors: tensors["oft_blocks"].dim() == 3,

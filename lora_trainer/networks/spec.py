@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from .lycoris_presets import LYCORIS_DEFAULT, Preset, lycoris_preset
 
-ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora", "full")
+ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora", "full", "ia3", "diag-oft", "glora")
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
 
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    algorithm: str = "lora"  # lora (LoCon when conv_dim is set), loha, lokr, dylora, full (LyCORIS native fine-tuning)
+    algorithm: str = "lora"  # lora (LoCon when conv_dim is set), loha, lokr, dylora; LyCORIS's full, ia3, diag-oft, glora
     dim: int = 4
     alpha: float = 1.0  # sd-scripts' default: scale 1/dim unless set
     conv_dim: int | None = None  # 3×3 convs get a module only with a conv dim (LoCon)
@@ -42,6 +42,9 @@ class NetworkSpec:
     unit: int = 1  # DyLoRA
     rs_lora: bool = False  # LyCORIS rank-stabilised scale α/√r (stored as alpha = α·√r, which every reader turns into it)
     train_norm: bool = False  # LyCORIS: the norm layers inside the preset's blocks get γ/β shifts
+    constraint: float = 0.0  # Diag-OFT: the bound on its rotations' generators (0: none)
+    rescaled: bool = False  # Diag-OFT: a trained scale per output channel after the rotation
+    ia3_on_input: bool = False  # (IA)³ on the input channels (LyCORIS's train_on_input, in block maps)
     tucker: bool = False  # k×k convolutions as a Tucker core between 1×1 factors (LyCORIS use_tucker)
     network_module: str = "networks.lora"
     network_args: tuple[tuple[str, str], ...] = ()  # as given, recorded in ss_network_args
@@ -53,11 +56,12 @@ class NetworkSpec:
             raise UserError(f"network algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         if self.dim < 1:
             raise UserError(f"network_dim must be at least 1, got {self.dim}")
-        if self.algorithm == "full" and (self.dora or self.tucker or self.rs_lora):
-            raise UserError("algo=full trains the weights' difference itself: dora_wd, use_tucker and rs_lora do not "
-                            "apply to it; drop them")
-        if self.dropout and (self.algorithm in ("loha", "lokr", "full") or self.dora):
-            name = "DoRA" if self.dora else {"loha": "LoHa", "lokr": "LoKr", "full": "algo=full"}[self.algorithm]
+        low_rank = self.algorithm in ("lora", "loha", "lokr")
+        given = [name for name, on in (("dora_wd", self.dora), ("use_tucker", self.tucker), ("rs_lora", self.rs_lora)) if on]
+        if given and not low_rank and self.algorithm != "dylora":
+            raise UserError(f"algo={self.algorithm}: {', '.join(given)} apply to lora, loha and lokr only; drop them")
+        if self.dropout and (self.algorithm not in ("lora", "dylora") or self.dora):
+            name = "DoRA" if self.dora else f"algo={self.algorithm}"
             raise UserError(f"--network_dropout / dropout: {name} has no neuron dropout (LyCORIS ignores it there); "
                             "use rank_dropout or module_dropout")
         if self.rs_lora and self.algorithm == "dylora":
@@ -95,18 +99,19 @@ class NetworkSpec:
 
 
 _BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both", "train_norm": "train_norm",
-              "rs_lora": "rs_lora", "unbalanced_factorization": "unbalanced_factorization"}
+              "rs_lora": "rs_lora", "unbalanced_factorization": "unbalanced_factorization", "rescaled": "rescaled"}
 # LyCORIS computes the layer and its change apart instead of through W + ΔW: the same numbers, as we always do
 _SAME_RESULT_ARGS = {"bypass_mode"}
 _TUCKER_ARGS = ("use_tucker", "use_cp", "use_conv_cp")  # LyCORIS's name, and its older ones
-_FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout"}
+_FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout",
+               "constraint": "constraint"}
 _INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}
 _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, "conv_block_alphas": float}
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
 # sd-scripts' networks.lora / networks.dylora would ignore these without a word
-_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", *_BOOL_ARGS, *_TUCKER_ARGS, *_SAME_RESULT_ARGS}
+_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", *_BOOL_ARGS, *_TUCKER_ARGS, *_SAME_RESULT_ARGS}
 _KNOWN = {"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS, *_SAME_RESULT_ARGS} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
 
 
