@@ -30,7 +30,7 @@ LYCORIS_MAPS = json.loads((Path(__file__).parent / "data" / "lycoris-preset-maps
 LYCORIS_OPTIONS = json.loads((Path(__file__).parent / "data" / "lycoris-options-tiny-sd15.json").read_text(encoding="utf-8"))["runs"]
 LYCORIS_CLASS = {"lora": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule", "dylora": "DyLoraModule",
                  "norm": "NormModule", "full": "FullModule", "ia3": "IA3Module", "diag-oft": "DiagOFTModule",
-                 "glora": "GLoRAModule"}
+                 "glora": "GLoRAModule", "boft": "ButterflyOFTModule"}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_a_preset_file_without_convolutions_gives_none_even_with_a_conv_dim(tiny
     ('unet_target_module = ["UNet2DConditionModel"]', "lists the model root UNet2DConditionModel"),
     ('module_algo_map = ["CrossAttention"]', "module_algo_map must be a table of tables"),
     ('[module_algo_map.CrossAtention]\ndim = 2', "module_algo_map lists CrossAtention, no block of an SD model"),
-    ('[module_algo_map.CrossAttention]\nalgo = "boft"', r"\[module_algo_map.CrossAttention\] algo = 'boft' is not trained here"),
+    ('[module_algo_map.CrossAttention]\nalgo = "tlora"', r"\[module_algo_map.CrossAttention\] algo = 'tlora' is not trained here"),
     ('[module_algo_map.CrossAttention]\ndim = "8"', "dim must be a whole number"),
     ('[module_algo_map.CrossAttention]\ndim = 0', "dim must be at least 1"),
     ('[module_algo_map.CrossAttention]\nalpha = 0', "alpha = 0: LyCORIS reads it as unset"),
@@ -149,7 +149,9 @@ def saved_like_lycoris(modules) -> dict[str, str]:
 @pytest.mark.parametrize("run", sorted(LYCORIS_OPTIONS))
 def test_lycoris_options_give_the_modules_and_tensors_lycoris_saves(tiny_kohya, run):
     expected = LYCORIS_OPTIONS[run]
-    assert saved_like_lycoris(network(tiny_kohya, *expected["network_args"])) == expected["modules"]
+    dims = [int(a.split("=")[1]) for a in expected["network_args"] if a.startswith("network_dim=")]
+    args = [a for a in expected["network_args"] if not a.startswith("network_dim=")]
+    assert saved_like_lycoris(network(tiny_kohya, *args, dim=dims[0] if dims else 4)) == expected["modules"]
 
 
 @pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
@@ -159,6 +161,11 @@ def test_rs_lora_scales_by_the_square_root_of_the_rank_and_stores_alpha_so_reade
     assert {m.lora_scale for m in modules.values() if algo == "locon"} <= {2.0}  # α/√r in training
     with pytest.raises(UserError, match="DyLoRA keeps the α/r scale"):
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=dylora", "rs_lora=True"])
+
+
+def test_boft_names_the_dim_a_layer_width_needs(tiny_kohya):
+    with pytest.raises(UserError, match="96 output channels cannot be split .* at most network_dim/conv_dim = 4 .*at least 6"):
+        network(tiny_kohya, "algo=boft", "preset=attn-only", dim=4)
 
 
 def test_tucker_and_dropout_options_are_checked_against_the_algorithm():

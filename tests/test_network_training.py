@@ -52,6 +52,8 @@ SPECS = {
     "ia3": NetworkSpec(algorithm="ia3", network_module="lycoris.kohya", preset="attn-only", lycoris=LYCORIS_PRESETS["attn-only"]),
     "diag-oft": NetworkSpec(algorithm="diag-oft", dim=4, constraint=0.5, rescaled=True, network_module="lycoris.kohya",
                             preset="attn-only", lycoris=LYCORIS_PRESETS["attn-only"]),
+    "boft": NetworkSpec(algorithm="boft", dim=8, constraint=0.25, rescaled=True, network_module="lycoris.kohya",
+                        preset="attn-only", lycoris=LYCORIS_PRESETS["attn-only"]),
     "glora": NetworkSpec(algorithm="glora", dim=2, alpha=1, network_module="lycoris.kohya", preset="attn-mlp",
                          lycoris=LYCORIS_PRESETS["attn-mlp"]),
     "locon-tucker": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1, tucker=True),

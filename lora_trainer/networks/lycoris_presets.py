@@ -138,7 +138,7 @@ _MAP_REFUSED = {
     "rank_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",
     "module_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args"}
 _MAP_ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "full": "full",
-                   "ia3": "ia3", "diag-oft": "diag-oft", "glora": "glora"}
+                   "ia3": "ia3", "diag-oft": "diag-oft", "boft": "boft", "glora": "glora"}
 
 
 def lycoris_preset(name: str) -> Preset:

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from .lycoris_presets import LYCORIS_DEFAULT, Preset, lycoris_preset
 
-ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora", "full", "ia3", "diag-oft", "glora")
+ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora", "full", "ia3", "diag-oft", "boft", "glora")
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
 
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    algorithm: str = "lora"  # lora (LoCon when conv_dim is set), loha, lokr, dylora; LyCORIS's full, ia3, diag-oft, glora
+    algorithm: str = "lora"  # lora (LoCon when conv_dim is set), loha, lokr, dylora; LyCORIS's full, ia3, diag-oft, boft, glora
     dim: int = 4
     alpha: float = 1.0  # sd-scripts' default: scale 1/dim unless set
     conv_dim: int | None = None  # 3×3 convs get a module only with a conv dim (LoCon)
@@ -42,8 +42,8 @@ class NetworkSpec:
     unit: int = 1  # DyLoRA
     rs_lora: bool = False  # LyCORIS rank-stabilised scale α/√r (stored as alpha = α·√r, which every reader turns into it)
     train_norm: bool = False  # LyCORIS: the norm layers inside the preset's blocks get γ/β shifts
-    constraint: float = 0.0  # Diag-OFT: the bound on its rotations' generators (0: none)
-    rescaled: bool = False  # Diag-OFT: a trained scale per output channel after the rotation
+    constraint: float = 0.0  # Diag-OFT/BOFT: the bound on its rotations' generators (0: none)
+    rescaled: bool = False  # Diag-OFT/BOFT: a trained scale per output channel after the rotation
     ia3_on_input: bool = False  # (IA)³ on the input channels (LyCORIS's train_on_input, in block maps)
     tucker: bool = False  # k×k convolutions as a Tucker core between 1×1 factors (LyCORIS use_tucker)
     network_module: str = "networks.lora"

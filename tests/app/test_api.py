@@ -363,7 +363,7 @@ def test_a_lycoris_preset_file_inside_the_roots_is_accepted_by_its_absolute_path
                                     "network_args": ["algo=loha", f"preset={preset}"]}}
     response = client.post(f"{V1}/jobs", json=body)
     assert response.status_code == 201, response.text
-    preset.write_text('module_algo_map = { CrossAttention = { algo = "boft" } }\n', encoding="utf-8")
+    preset.write_text('module_algo_map = { CrossAttention = { algo = "tlora" } }\n', encoding="utf-8")
     error = assert_error(client.post(f"{V1}/jobs", json={**body, "name": "second"}), 400)
     assert "module_algo_map.CrossAttention" in error["message"] and "my preset.toml" in error["message"]
 
