@@ -198,10 +198,11 @@ def test_a_block_mapped_network_trains_on_from_its_file_with_each_layer_as_it_wa
     assert again["lora_unet_time_embedding_linear_1"].unit == 2
 
 
-def test_scale_weight_norms_is_refused_when_a_block_map_adds_dora(tmp_path):
-    preset = tmp_path / "dora.toml"
-    preset.write_text(LYCORIS_MAPS["files"]["maps_dora.toml"]["toml"], encoding="utf-8")
-    with pytest.raises(UserError, match="not with DoRA"):
+@pytest.mark.parametrize("entry, refused", [("weight_decompose = true", "DoRA"), ('algo = "glora"', "glora")])
+def test_scale_weight_norms_is_refused_when_a_block_map_adds_what_it_cannot_limit(tmp_path, entry, refused):
+    preset = tmp_path / "map.toml"
+    preset.write_text(f"[module_algo_map.FeedForward]\n{entry}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"not with {refused}"):
         options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d", "scale_weight_norms": 1.0,
                       "network_module": "lycoris.kohya", "network_args": ["algo=lora", f"preset={preset}"]})
 

@@ -89,7 +89,15 @@ class NetworkSpec:
     @property
     def uses_dora(self) -> bool:
         """DoRA on any layer: the network's option, or a block map's."""
-        return self.dora or any(options.get("dora") for options in (self.lycoris.all_options() if self.lycoris else ()))
+        return self.dora or any(options.get("dora") for options in self._map_options())
+
+    @property
+    def algorithms(self) -> set[str]:
+        """The algorithms of every layer: the network's, and those a block map names."""
+        return {self.algorithm} | {str(options["algorithm"]) for options in self._map_options() if "algorithm" in options}
+
+    def _map_options(self) -> list[dict]:
+        return self.lycoris.all_options() if self.lycoris else []
 
     def metadata_args(self) -> str | None:
         """``ss_network_args`` as sd-scripts writes it: the given args, all values strings."""

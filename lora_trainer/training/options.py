@@ -358,7 +358,8 @@ def validate(options: TrainOptions) -> None:
             problems.append(f"--scale_weight_norms {options.scale_weight_norms} must be above 0 (sd-scripts' guides use 1)")
         elif spec is not None:
             try:
-                check_supported(spec.algorithm, spec.uses_dora)
+                for algorithm in sorted(spec.algorithms):
+                    check_supported(algorithm, spec.uses_dora)
             except UserError as problem:
                 problems.append(str(problem))
             if spec.train_norm:
