@@ -179,6 +179,9 @@ def test_tucker_and_dropout_options_are_checked_against_the_algorithm():
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=loha"], network_dropout=0.1)
     with pytest.raises(UserError, match="algo=glora: rs_lora apply to lora, loha and lokr only"):
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=glora", "rs_lora=True"])  # LyCORIS would scale by α/√r, save α
+    with pytest.raises(UserError, match="use_scalar=True: LyCORIS's trained scale on ΔW.* is not supported"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["use_scalar=True"])
+    assert spec_from_kohya("lycoris.kohya", 4, 4, ["use_scalar=False", "train_t5xxl=False"]).algorithm == "lora"
     with pytest.raises(UserError, match="use_tucker=…: LyCORIS options, which networks.lora would ignore"):
         spec_from_kohya("networks.lora", 4, 4, ["use_tucker=True"])
 

@@ -118,9 +118,15 @@ _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, 
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+# LyCORIS options refused when on (off, they change nothing here)
+_NOT_HERE = {"use_scalar": "LyCORIS's trained scale on ΔW, folded into a factor on save, is not supported; without it the "
+                           "file has the same keys",
+             "train_t5xxl": "an SD model has no T5 encoder", "train_llm_adapter": "an SD model has no LLM adapter"}
 # sd-scripts' networks.lora / networks.dylora would ignore these without a word
-_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", *_BOOL_ARGS, *_TUCKER_ARGS, *_SAME_RESULT_ARGS}
-_KNOWN = {"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS, *_SAME_RESULT_ARGS} | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS
+_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", *_NOT_HERE, *_BOOL_ARGS,
+                 *_TUCKER_ARGS, *_SAME_RESULT_ARGS}
+_KNOWN = ({"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS, *_SAME_RESULT_ARGS, *_NOT_HERE}
+          | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS)
 
 
 def _truthy(value: str) -> bool:
@@ -148,6 +154,9 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
     if lycoris_only and network_module != "lycoris.kohya":
         raise UserError(f"network_args {', '.join(f'{k}=…' for k in lycoris_only)}: LyCORIS options, which "
                         f"{network_module} would ignore; use --network_module lycoris.kohya with them")
+    for arg, why in _NOT_HERE.items():
+        if arg in args and _truthy(args[arg]):
+            raise UserError(f"network_args {arg}={args[arg]}: {why}")
     if "disable_conv_cp" in args:
         raise UserError("network_args disable_conv_cp: LyCORIS reads it from network_args as text, so it never "
                         "turns the Tucker form on; give use_tucker=True")
