@@ -109,7 +109,7 @@ def test_a_preset_file_without_convolutions_gives_none_even_with_a_conv_dim(tiny
     ('[module_algo_map.CrossAttention]\nweight_decompose = "yes"', "weight_decompose must be true or false"),
     ('[module_algo_map.CrossAttention]\ndropout = 0.1', "dropout: LyCORIS stops with a dropout in a block map"),
     ('[module_algo_map.CrossAttention]\nwd_on_output = false', "wd_on_output: LyCORIS applies network_args' wd_on_output"),
-    ('[module_algo_map.CrossAttention]\nuse_scalar = true', "use_scalar is not supported in a block map"),
+    ('[module_algo_map.CrossAttention]\nbypass_mode = true', "bypass_mode is not supported in a block map"),
     ('[name_algo_map."down_blocks.(0"]\ndim = 2', "name_algo_map 'down_blocks.\\(0' is not a regular expression"),
     ('unet_target_module = ["Transfomer2DModel"]', "unet_target_module lists Transfomer2DModel, no block of an SD model"),
     ('text_encoder_target_module = ["Transformer2DModel"]', "text_encoder_target_module lists Transformer2DModel"),
@@ -179,9 +179,11 @@ def test_tucker_and_dropout_options_are_checked_against_the_algorithm():
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=loha"], network_dropout=0.1)
     with pytest.raises(UserError, match="algo=glora: rs_lora apply to lora, loha and lokr only"):
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=glora", "rs_lora=True"])  # LyCORIS would scale by α/√r, save α
-    with pytest.raises(UserError, match="use_scalar=True: LyCORIS's trained scale on ΔW.* is not supported"):
-        spec_from_kohya("lycoris.kohya", 4, 4, ["use_scalar=True"])
-    assert spec_from_kohya("lycoris.kohya", 4, 4, ["use_scalar=False", "train_t5xxl=False"]).algorithm == "lora"
+    with pytest.raises(UserError, match="train_t5xxl=True: an SD model has no T5 encoder"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["train_t5xxl=True"])
+    assert spec_from_kohya("lycoris.kohya", 4, 4, ["train_t5xxl=False"]).algorithm == "lora"
+    with pytest.raises(UserError, match="use_scalar: LyCORIS's dylora has no trained scalar"):
+        spec_from_kohya("lycoris.kohya", 4, 4, ["algo=dylora", "use_scalar=True"])
     with pytest.raises(UserError, match="use_tucker=…: LyCORIS options, which networks.lora would ignore"):
         spec_from_kohya("networks.lora", 4, 4, ["use_tucker=True"])
 

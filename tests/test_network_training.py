@@ -56,6 +56,9 @@ SPECS = {
                         preset="attn-only", lycoris=LYCORIS_PRESETS["attn-only"]),
     "glora": NetworkSpec(algorithm="glora", dim=2, alpha=1, network_module="lycoris.kohya", preset="attn-mlp",
                          lycoris=LYCORIS_PRESETS["attn-mlp"]),
+    # LyCORIS use_scalar: ΔW times a trained scalar, folded into a factor in the file
+    "lora-scalar": NetworkSpec(dim=4, alpha=2, conv_dim=2, use_scalar=True, network_module="lycoris.kohya"),
+    "loha-scalar": NetworkSpec(algorithm="loha", dim=2, alpha=1, use_scalar=True, network_module="lycoris.kohya"),
     "locon-tucker": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1, tucker=True),
     "loha-tucker": NetworkSpec(algorithm="loha", dim=2, alpha=1, conv_dim=2, tucker=True),
     # a LyCORIS preset with block maps: LoKr attention, LoHa feed-forward with DoRA, LoRA elsewhere, in one network
@@ -110,6 +113,8 @@ def test_a_fresh_network_changes_nothing_at_step_zero(algorithm):
         assert any(key.endswith(("lora_mid.weight", "hada_t1")) for key in network.state_dict())
     if algorithm == "norms":
         assert {m.algorithm for m in network.values()} == {"lora", "norm"}
+    if algorithm.endswith("scalar"):
+        assert all(float(m.scalar) == 0 for m in network.values()) and "scalar" not in " ".join(network.file_tensors())
 
 
 @pytest.mark.parametrize("model", CONFIGS)
@@ -128,7 +133,7 @@ def test_trained_network_saved_and_merged_gives_the_same_outputs_as_its_forward_
     network.remove()
     base = _outputs(config, unet, text_encoders)
 
-    path = save_network(network.state_dict(), tmp_path / f"{algorithm}.safetensors", base_metadata(config, network.spec, algorithm), "fp32")
+    path = save_network(network.file_tensors(), tmp_path / f"{algorithm}.safetensors", base_metadata(config, network.spec, algorithm), "fp32")
     merged = MergedNetworks.for_model(config, unet, text_encoders)
     (report,) = merged.set_networks([(read_network(path), Strength(1.0))])
     assert report.unmatched == [] and len(report.matched) == len(network)

@@ -40,8 +40,8 @@ def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = Non
     pointwise = (1,) * (len(shape) - 2)
     tensors = {"a1.weight": torch.empty(shape[1], rank, *pointwise), "a2.weight": torch.zeros(rank, shape[1], *pointwise),
                "b1.weight": torch.empty(shape[0], rank, *pointwise), "b2.weight": torch.zeros(rank, *shape[1:])}
-    for key in ("a1.weight", "b1.weight"):
-        nn.init.kaiming_uniform_(tensors[key], a=math.sqrt(5))
+    for key in ("a1.weight", "b1.weight") + (("a2.weight", "b2.weight") if spec.use_scalar else ()):
+        nn.init.kaiming_uniform_(tensors[key], a=math.sqrt(5))  # with use_scalar the trained scalar starts at 0 instead
     return tensors
 
 

@@ -30,7 +30,7 @@ def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = Non
     with ``spec.tucker`` a k×k convolution gets cores (std 0.1) and factors stored [r, out], [r, in]."""
     if spec.tucker and has_kernel(shape):
         kernel = tuple(shape[2:])
-        return {
+        tensors = {
             "hada_t1": torch.randn(rank, rank, *kernel) * 0.1,
             "hada_w1_a": torch.randn(rank, shape[0]) * 0.1,
             "hada_w1_b": torch.randn(rank, shape[1]),
@@ -38,13 +38,17 @@ def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = Non
             "hada_w2_a": torch.zeros(rank, shape[0]),
             "hada_w2_b": torch.randn(rank, shape[1]),
         }
-    fan_in = int(torch.Size(shape[1:]).numel())
-    return {
-        "hada_w1_a": torch.randn(shape[0], rank) * 0.1,
-        "hada_w1_b": torch.randn(rank, fan_in),
-        "hada_w2_a": torch.zeros(shape[0], rank),
-        "hada_w2_b": torch.randn(rank, fan_in),
-    }
+    else:
+        fan_in = int(torch.Size(shape[1:]).numel())
+        tensors = {
+            "hada_w1_a": torch.randn(shape[0], rank) * 0.1,
+            "hada_w1_b": torch.randn(rank, fan_in),
+            "hada_w2_a": torch.zeros(shape[0], rank),
+            "hada_w2_b": torch.randn(rank, fan_in),
+        }
+    if spec.use_scalar:  # the trained scalar starts at 0 instead (LyCORIS)
+        tensors["hada_w2_a"].normal_(std=0.1)
+    return tensors
 
 
 INITIALISERS["loha"] = init

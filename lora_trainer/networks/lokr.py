@@ -82,6 +82,8 @@ def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = Non
         tensors["lokr_w2_b"] = torch.zeros(rank, d * math.prod(kernel))
     else:
         tensors["lokr_w2"] = torch.zeros(b, d, *kernel)
+    if spec.use_scalar:  # the trained scalar starts at 0 instead (LyCORIS)
+        nn.init.kaiming_uniform_(tensors["lokr_w2" if "lokr_w2" in tensors else "lokr_w2_b"], a=math.sqrt(5))
     return tensors
 
 

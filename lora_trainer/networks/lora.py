@@ -41,6 +41,8 @@ def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = Non
     tensors[DOWN] = torch.empty(rank, shape[1], *kernel)
     nn.init.kaiming_uniform_(tensors[DOWN], a=math.sqrt(5))
     tensors[UP] = torch.zeros(shape[0], rank, *(1,) * (len(shape) - 2))
+    if spec.use_scalar:  # the trained scalar starts at 0 instead (LyCORIS)
+        nn.init.kaiming_uniform_(tensors[UP], a=math.sqrt(5))
     return tensors
 
 

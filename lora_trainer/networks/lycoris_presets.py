@@ -131,7 +131,8 @@ _MAP_OPTIONS = {"algo": ("algorithm", str), "dim": ("dim", int), "alpha": ("alph
                 "full_matrix": ("full_matrix", bool), "decompose_both": ("decompose_both", bool),
                 "weight_decompose": ("dora", bool), "block_size": ("unit", int), "use_tucker": ("tucker", bool),
                 "unbalanced_factorization": ("unbalanced_factorization", bool), "constraint": ("constraint", float),
-                "rescaled": ("rescaled", bool), "train_on_input": ("ia3_on_input", bool)}
+                "rescaled": ("rescaled", bool), "train_on_input": ("ia3_on_input", bool),
+                "use_scalar": ("use_scalar", bool)}
 _MAP_REFUSED = {
     "wd_on_output": "LyCORIS applies network_args' wd_on_output to every layer and ignores it here; set it in network_args",
     "dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",

@@ -24,6 +24,9 @@ from .registry import scale as registry_scale
 from .spec import NetworkSpec
 
 
+# the factor(s) LyCORIS multiplies by a trained ``scalar`` when it saves a module (ΔW is linear in each)
+SCALAR_FACTORS = {"lora": ("lora_up.weight",), "loha": ("hada_w1_a",), "lokr": ("lokr_w1", "lokr_w1_a"),
+                  "glora": ("a2.weight", "b2.weight")}
 RANK_SCALED = ("lora", "dylora", "loha", "lokr", "glora")  # the algorithms scaled by α/r, which store alpha
 _POINTWISE = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
 
@@ -79,6 +82,8 @@ class NetworkModule(nn.Module):
             return cls(target, layer_weight, conv, tensors, spec)
         if spec.dora:
             tensors["dora_scale"] = init_magnitude(layer_weight, spec.dora_on_output)
+        if spec.use_scalar:  # ΔW × a trained scalar from 0, its usually-zero factor random instead (LyCORIS)
+            tensors["scalar"] = torch.tensor(0.0)
         decomposed = spec.algorithm != "lokr" or "lokr_w2_b" in tensors or "lokr_w1_b" in tensors
         if not decomposed:  # no rank in a LoKr with both factors full: LyCORIS stores alpha = dim, so every reader's scale is 1
             alpha = rank
@@ -99,7 +104,14 @@ class NetworkModule(nn.Module):
     # --- what the file stores --------------------------------------------------------------------------------
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.state_dict(keep_vars=True))
+        """The tensors as the file stores them: a trained ``scalar`` (LyCORIS ``use_scalar``) folded into its factor."""
+        tensors = dict(self.state_dict(keep_vars=True))
+        scalar = tensors.pop("scalar", None)
+        if scalar is not None:
+            for key in SCALAR_FACTORS.get(self.algorithm, ()):
+                if key in tensors:
+                    tensors[key] = tensors[key] * scalar
+        return tensors
 
 
     # --- forward ---------------------------------------------------------------------------------------------
@@ -175,6 +187,9 @@ class NetworkModule(nn.Module):
             hidden = hidden * mask
             if not shared:  # sd-scripts: per sample, rescaled so the expected output is unchanged
                 scale = scale / (1 - self.rank_dropout)
+        scalar = self._parameters.get("scalar")
+        if scalar is not None:
+            up = up * scalar
         return hidden, up if up.dtype == x.dtype else up.to(x.dtype), scale
 
     def _refresh_scale(self, tensors) -> None:

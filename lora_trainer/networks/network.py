@@ -101,6 +101,10 @@ class LoRANetwork(nn.ModuleDict):
                                 lambda m: block_index(m.target, naming),
                                 None if unet_plus is None else float(unet_plus), None if te_plus is None else float(te_plus))
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """What the network file stores, by ``<Kohya name>.<suffix>`` (a module's trained scalar folded in)."""
+        return {f"{name}.{key}": tensor for name, module in self.items() for key, tensor in module.file_tensors().items()}
+
     def set_multiplier(self, multiplier: float) -> None:
         for module in self.values():
             module.multiplier = multiplier

@@ -40,6 +40,7 @@ class NetworkSpec:
     unbalanced_factorization: bool = False  # LoKr: the larger part of the output side in W1
     decompose_both: bool = False  # LoKr
     unit: int = 1  # DyLoRA
+    use_scalar: bool = False  # LyCORIS: ΔW times a trained scalar from 0 (folded into a factor in the file)
     rs_lora: bool = False  # LyCORIS rank-stabilised scale α/√r (stored as alpha = α·√r, which every reader turns into it)
     train_norm: bool = False  # LyCORIS: the norm layers inside the preset's blocks get γ/β shifts
     constraint: float = 0.0  # Diag-OFT/BOFT: the bound on its rotations' generators (0: none)
@@ -56,6 +57,8 @@ class NetworkSpec:
             raise UserError(f"network algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         if self.dim < 1:
             raise UserError(f"network_dim must be at least 1, got {self.dim}")
+        if self.use_scalar and self.algorithm not in ("lora", "loha", "lokr", "glora"):
+            raise UserError(f"use_scalar: LyCORIS's {self.algorithm} has no trained scalar; drop use_scalar")
         low_rank = self.algorithm in ("lora", "loha", "lokr")
         given = [name for name, on in (("dora_wd", self.dora), ("use_tucker", self.tucker), ("rs_lora", self.rs_lora)) if on]
         if given and not low_rank and self.algorithm != "dylora":
@@ -89,14 +92,15 @@ class NetworkSpec:
     @property
     def uses_dora(self) -> bool:
         """DoRA on any layer: the network's option, or a block map's."""
-        return self.dora or any(options.get("dora") for options in self._map_options())
+        return self.dora or any(options.get("dora") for options in self.map_options())
 
     @property
     def algorithms(self) -> set[str]:
         """The algorithms of every layer: the network's, and those a block map names."""
-        return {self.algorithm} | {str(options["algorithm"]) for options in self._map_options() if "algorithm" in options}
+        return {self.algorithm} | {str(options["algorithm"]) for options in self.map_options() if "algorithm" in options}
 
-    def _map_options(self) -> list[dict]:
+    def map_options(self) -> list[dict]:
+        """Every block map entry of the LyCORIS preset, as NetworkSpec fields ([] without maps)."""
         return self.lycoris.all_options() if self.lycoris else []
 
     def metadata_args(self) -> str | None:
@@ -107,7 +111,8 @@ class NetworkSpec:
 
 
 _BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both", "train_norm": "train_norm",
-              "rs_lora": "rs_lora", "unbalanced_factorization": "unbalanced_factorization", "rescaled": "rescaled"}
+              "rs_lora": "rs_lora", "unbalanced_factorization": "unbalanced_factorization", "rescaled": "rescaled",
+              "use_scalar": "use_scalar"}
 # LyCORIS computes the layer and its change apart instead of through W + ΔW: the same numbers, as we always do
 _SAME_RESULT_ARGS = {"bypass_mode"}
 _TUCKER_ARGS = ("use_tucker", "use_cp", "use_conv_cp")  # LyCORIS's name, and its older ones
@@ -119,9 +124,7 @@ _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, 
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
 # LyCORIS options refused when on (off, they change nothing here)
-_NOT_HERE = {"use_scalar": "LyCORIS's trained scale on ΔW, folded into a factor on save, is not supported; without it the "
-                           "file has the same keys",
-             "train_t5xxl": "an SD model has no T5 encoder", "train_llm_adapter": "an SD model has no LLM adapter"}
+_NOT_HERE = {"train_t5xxl": "an SD model has no T5 encoder", "train_llm_adapter": "an SD model has no LLM adapter"}
 # sd-scripts' networks.lora / networks.dylora would ignore these without a word
 _LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", *_NOT_HERE, *_BOOL_ARGS,
                  *_TUCKER_ARGS, *_SAME_RESULT_ARGS}

@@ -92,7 +92,7 @@ class OutputPlan:
 
     def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
         precision = self.options.save_precision or "float"
-        tensors = network.state_dict()
+        tensors = network.file_tensors()
         if self.suffix == ".safetensors":
             return save_network(tensors, path, metadata, "fp32" if precision == "float" else precision)
         cast = {k: v.detach().to("cpu", SAVE_DTYPES[precision]) for k, v in tensors.items()}
