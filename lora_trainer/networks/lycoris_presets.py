@@ -27,6 +27,7 @@ import toml
 
 from ..errors import UserError
 from .naming import ATTENTION, CONV, NORM, UNET, Target
+from .registry import algorithm_name, trainable_algorithms
 
 _UNET_BLOCKS = frozenset({"Transformer2DModel", "BasicTransformerBlock", "CrossAttention", "FeedForward", "GEGLU",
                           "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding", "Linear", "Conv2d",
@@ -135,11 +136,8 @@ _MAP_OPTIONS = {"algo": ("algorithm", str), "dim": ("dim", int), "alpha": ("alph
                 "use_scalar": ("use_scalar", bool)}
 _MAP_REFUSED = {
     "wd_on_output": "LyCORIS applies network_args' wd_on_output to every layer and ignores it here; set it in network_args",
-    "dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",
-    "rank_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args",
-    "module_dropout": "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args"}
-_MAP_ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "full": "full",
-                   "ia3": "ia3", "diag-oft": "diag-oft", "boft": "boft", "glora": "glora"}
+    **dict.fromkeys(("dropout", "rank_dropout", "module_dropout"),
+                    "LyCORIS stops with a dropout in a block map (it passes it twice); set it in network_args")}
 
 
 def lycoris_preset(name: str) -> Preset:
@@ -224,9 +222,10 @@ def _block_map(where: str, key: str, table: object) -> tuple[tuple[str, Options]
                 raise UserError(f"{at} {option} is not supported in a block map (supported: {', '.join(_MAP_OPTIONS)})")
             field, kind = _MAP_OPTIONS[option]
             if kind is str:
-                if str(value).lower() not in _MAP_ALGORITHMS:
-                    raise UserError(f"{at} algo = {value!r} is not trained here; use one of {', '.join(_MAP_ALGORITHMS)}")
-                value = _MAP_ALGORITHMS[str(value).lower()]
+                if algorithm_name(str(value)) not in trainable_algorithms():
+                    raise UserError(f"{at} algo = {value!r} is not trained here; use one of locon, "
+                                    f"{', '.join(trainable_algorithms())}")
+                value = algorithm_name(str(value))
             elif kind is bool and not isinstance(value, bool):
                 raise UserError(f"{at} {option} must be true or false, got {value!r}")
             elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -21,6 +21,7 @@ from .modules import NetworkModule, layer_and_weight, norm_function
 from .files import NetworkFile, match_network
 from .lycoris_presets import targeted
 from .naming import NORM, Target, model_components, model_targets
+from .registry import has_kernel
 from .spec import NetworkSpec
 
 # sd-scripts' block-wise lists: 25 entries for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 for SDXL
@@ -47,16 +48,12 @@ def layer_options(spec: NetworkSpec, target: Target, weight: torch.Tensor) -> Ne
     """The network's options for one layer: a LyCORIS preset's block maps may give it its own algorithm, rank …"""
     if spec.lycoris is None or not spec.lycoris.chooses(target):
         return spec
-    return spec.for_layer(spec.lycoris.options(target), _is_kxk(weight))
-
-
-def _is_kxk(weight: torch.Tensor) -> bool:
-    return weight.dim() == 4 and weight.shape[2:] != (1, 1)
+    return spec.for_layer(spec.lycoris.options(target), has_kernel(weight.shape))
 
 
 def _rank_and_alpha(target: Target, weight: torch.Tensor, spec: NetworkSpec, naming: str) -> tuple[int, float]:
     """sd-scripts' rule: Linear and 1×1 convs use dim/alpha, k×k convs conv_dim/conv_alpha (block lists win)."""
-    is_kxk = _is_kxk(weight)
+    is_kxk = has_kernel(weight.shape)
     index = block_index(target, naming)
     if is_kxk:
         dims, alphas, dim, alpha = spec.conv_block_dims, spec.conv_block_alphas, spec.conv_dim or 0, spec.conv_alpha
@@ -152,9 +149,9 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
         if lr_weights is not None and index is not None and lr_weights[index] == 0:
             continue  # sd-scripts: a block with learning rate 0 gets no module at all
         layer, weight, conv = layer_and_weight(target, components[target.component])
+        bias = getattr(layer, target.bias or "", None)
         if target.group == NORM:
-            has_bias = getattr(layer, target.bias or "", None) is not None
-            modules[name] = NetworkModule.fresh_norm(target, weight, has_bias, spec, norm_function(layer))
+            modules[name] = NetworkModule.fresh_norm(target, weight, bias is not None, spec, norm_function(layer))
             continue
         layer_spec = layer_options(spec, target, weight)
         rank, alpha = _rank_and_alpha(target, weight, layer_spec, config.lora_unet_naming)
@@ -166,7 +163,6 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
         stored_shape = None
         if config.kohya_conv_projections and target.module.endswith(("proj_in", "proj_out")) and weight.dim() == 2:
             stored_shape = torch.Size((*weight.shape, 1, 1))
-        bias = getattr(layer, target.bias or "", None)
         bias_shape = None if bias is None else torch.Size((weight.shape[0],))  # a fused q/k/v's rows: its part
         modules[name] = NetworkModule.fresh(target, weight, conv, rank, alpha, layer_spec, stored_shape, bias_shape)
     if not modules:

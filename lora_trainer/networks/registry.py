@@ -73,6 +73,18 @@ def load_builtin() -> None:
 _loaded: list[bool] = []
 
 
+def trainable_algorithms() -> tuple[str, ...]:
+    """The algorithms a network can train: those whose file registers an initialiser."""
+    load_builtin()
+    return tuple(INITIALISERS)
+
+
+def algorithm_name(name: str) -> str:
+    """sd-scripts'/LyCORIS's ``algo=`` spelling → the algorithm's name here (LoCon is LoRA on convolutions too)."""
+    name = name.lower()
+    return "lora" if name == "locon" else name
+
+
 def register(algorithm: Algorithm) -> Algorithm:
     ALGORITHMS[algorithm.name] = algorithm
     return algorithm

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from .lycoris_presets import LYCORIS_DEFAULT, Preset, lycoris_preset
-
-ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora", "full", "ia3", "diag-oft", "boft", "glora")
+from .registry import algorithm_name, trainable_algorithms
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
 
 
@@ -53,8 +52,8 @@ class NetworkSpec:
     lycoris: Preset | None = field(default=None, compare=False, repr=False)  # that preset, read
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise UserError(f"network algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.algorithm not in trainable_algorithms():
+            raise UserError(f"network algorithm {self.algorithm!r} is not one of {', '.join(trainable_algorithms())}")
         if self.dim < 1:
             raise UserError(f"network_dim must be at least 1, got {self.dim}")
         if self.use_scalar and self.algorithm not in ("lora", "loha", "lokr", "glora"):
@@ -174,8 +173,7 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
         fields["alpha"] = float(network_alpha)
     if network_dropout is not None:
         fields["dropout"] = float(network_dropout)
-    algorithm = "dylora" if network_module == "networks.dylora" else args.get("algo", "lora").lower()
-    fields["algorithm"] = "lora" if algorithm == "locon" else algorithm
+    fields["algorithm"] = "dylora" if network_module == "networks.dylora" else algorithm_name(args.get("algo", "lora"))
     try:
         for arg, name in _BOOL_ARGS.items():
             if arg in args:
