@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from playwright.sync_api import expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect
 from PIL import Image
 
 from lora_trainer.grid.bench import make_epoch_files
@@ -19,13 +19,27 @@ FINISHED_OR_FAILED = f"""() => /Grid saved:|⚠/.test(document.querySelector('#l
     || document.querySelector('{ERROR_TOAST}') !== null"""
 
 
+def pick_option(page, dropdown, label: str, tries: int = 12) -> None:
+    """Open the dropdown and pick `label`. The refreshed choices arrive asynchronously; a list opened before they
+    arrive keeps the old choices on a loaded machine (the CI run of 2026-12-02 waited 30 s for it), so reopen it."""
+    option = page.locator(f"ul.options li[data-testid='dropdown-option'][aria-label='{label}']")  # gradio 3 and 4
+    for _ in range(tries - 1):
+        dropdown.click()
+        try:
+            option.click(timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    dropdown.click()
+    option.click()
+
+
 def test_epoch_by_strength_grid_in_the_browser(page, app_folders, screenshot, open_tab):
     make_epoch_files(app_folders["lora"], RUN, epochs=2)
     tab = page.locator("#lora_trainer_grid")
     open_tab("Prompt-Lora-Grid")
     tab.get_by_role("button", name="🔄").click()  # the run was made after the page was built
-    tab.get_by_label("Training run or LoRA (Lora folder)").click()
-    page.locator(f"ul.options li[data-testid='dropdown-option'][aria-label='{RUN}']").click()  # gradio 3 and 4 alike
+    pick_option(page, tab.get_by_label("Training run or LoRA (Lora folder)"), RUN)
     expect(tab.locator("#lora_trainer_grid_run textarea")).to_have_value(RUN)
     expect(tab.get_by_role("listitem").filter(has_text="epoch 1 (10 steps)")).to_be_visible()
     tab.locator("#lora_trainer_grid_x_values textarea").fill("0.5, 1")
