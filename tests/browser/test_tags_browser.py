@@ -63,7 +63,7 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
     screenshot("opened")
 
     page.locator("#lora_trainer_tags_frequency").get_by_role("cell", name="smile", exact=True).click()
-    expect(page.locator("#lora_trainer_tags_all_of textarea")).to_have_value("smile")
+    expect(page.locator("#lora_trainer_tags_all_of textarea")).to_have_value("smile", timeout=WAIT_MS)
     expect(page_info).to_contain_text(f"Page 1 of 3: images 1–{PAGE_SIZE} of 100 shown ({IMAGES} in the folder)",
                                       timeout=WAIT_MS)
     expect(gallery.locator("img").nth(1)).to_have_attribute("alt", "#2 img_002.png: 1girl, red_hair, smile")

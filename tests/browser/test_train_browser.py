@@ -47,7 +47,8 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     _fill(page, "lora_trainer_resolution", "64")
     _fill(page, "lora_trainer_sample_prompt", "zkstar --s 6")
     page.click("#lora_trainer_check")
-    page.wait_for_function("() => document.querySelector('#lora_trainer_report textarea').value.includes('10_zkstar')")
+    page.wait_for_function("() => document.querySelector('#lora_trainer_report textarea').value.includes('10_zkstar')",
+                           timeout=WAIT_MS)
     page.click("#lora_trainer_start")
     page.wait_for_function("() => /Job \\d+ \\(browser_star\\) starting/.test(document.querySelector('#lora_trainer_message').innerText)",
                            timeout=WAIT_MS)
@@ -66,12 +67,14 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     stopped = _wait_for_progress(page, "stopped")
     total = int(STEP.search(stopped).group(2))
     assert int(STEP.search(stopped).group(1)) < total
-    page.wait_for_function("() => document.querySelector('#lora_trainer_files input').value.endsWith('.safetensors')")
+    page.wait_for_function("() => document.querySelector('#lora_trainer_files input').value.endsWith('.safetensors')",
+                           timeout=WAIT_MS)
     assert list(app_folders["lora"].glob("browser_star*.safetensors"))
     screenshot("stopped")
 
     page.click("#lora_trainer_resume")
-    page.wait_for_function("() => /resumes job/.test(document.querySelector('#lora_trainer_message').innerText)")
+    page.wait_for_function("() => /resumes job/.test(document.querySelector('#lora_trainer_message').innerText)",
+                           timeout=WAIT_MS)
     finished = _wait_for_progress(page, "finished")
     assert f"step {total}/{total}" in finished
     assert (app_folders["lora"] / "browser_star.safetensors").exists()
