@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lora_trainer.models.checkpoint import load_checkpoint
 from lora_trainer.models.fp8 import FP8, store_in_fp8
 from lora_trainer.models.unet import SDXL_UNET, UNetModel
+from lora_trainer.networks.naming import unet_targets
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 
 
@@ -31,8 +33,12 @@ def test_the_tiny_model_in_fp8_predicts_nearly_the_same_noise_and_passes_gradien
     t = torch.tensor([10, 500])
     with torch.no_grad():
         full = unet(x, t, context)
+    classes = {t.name: t.sd_scripts_blocks[-1] for t in unet_targets(model.config, unet)}
     store_in_fp8(unet)
     assert list(unet.state_dict()) == keys  # same names: networks and files find the same layers
+    assert all(layer.weight.dtype == FP8 for layer in unet.modules() if isinstance(layer, (nn.Linear, nn.Conv2d)))
+    # LyCORIS presets still find the layers by their class (Linear, Conv2d), not by the fp8 subclass
+    assert {t.name: t.sd_scripts_blocks[-1] for t in unet_targets(model.config, unet)} == classes
     context.requires_grad_(True)  # a text-encoder LoRA learns through the UNet's frozen fp8 layers
     fp8 = unet(x, t, context)
     relative = ((fp8 - full).norm() / full.norm()).item()

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import PointwiseConv2d
+
 FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8).max  # 448: e4m3fn has no infinity, a larger value would become NaN
 
@@ -43,7 +45,7 @@ class Fp8Conv2d(nn.Conv2d):
         return self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
 
 
-_FP8_CLASS = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d}
+_FP8_CLASS = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d, PointwiseConv2d: Fp8Conv2d}
 
 
 def store_in_fp8(model: nn.Module) -> int:

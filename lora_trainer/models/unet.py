@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .common import CheckpointedModel
+from .common import CheckpointedModel, PointwiseConv2d
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ResBlock(nn.Module):
             nn.Dropout(0.0),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
+        self.skip_connection = PointwiseConv2d(channels, out_channels) if channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -175,8 +175,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Linear(channels, channels)
             self.proj_out = nn.Linear(channels, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
-            self.proj_out = nn.Conv2d(channels, channels, 1)
+            self.proj_in = PointwiseConv2d(channels, channels)
+            self.proj_out = PointwiseConv2d(channels, channels)
         self.linear_projection = config.use_linear_projection
         heads = config.heads_for(channels)
         self.transformer_blocks = nn.ModuleList(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .common import CheckpointedModel
+from .common import CheckpointedModel, PointwiseConv2d
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class ResnetBlock(nn.Module):
         self.norm2 = _group_norm(out_channels, groups)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.nin_shortcut = PointwiseConv2d(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -96,10 +96,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = _group_norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = PointwiseConv2d(channels, channels)
+        self.k = PointwiseConv2d(channels, channels)
+        self.v = PointwiseConv2d(channels, channels)
+        self.proj_out = PointwiseConv2d(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

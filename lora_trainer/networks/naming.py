@@ -164,11 +164,17 @@ def unet_targets(config: ModelConfig, unet: nn.Module) -> list[Target]:
         source = path if by_sgm else diffusers
         # sd-scripts' SD1 UNet has 1×1 convolutions where ours has Linear projections
         conv_there = config.kohya_conv_projections and path.endswith(("proj_in", "proj_out"))
-        layer_class = "Conv2d" if conv_there else type(layer).__name__
+        layer_class = "Conv2d" if conv_there else torch_class_name(layer)
         sd_scripts_blocks = _sd_scripts_unet_blocks(path, source, blocks, None if by_sgm else prefixes, with_attention)
         targets.append(Target(name, UNET, path, group=group, block=_block_label(path), aliases=frozenset(aliases - {name}),
                               sd_scripts_path=source, sd_scripts_blocks=(*sd_scripts_blocks, (layer_class, source))))
     return targets
+
+
+def torch_class_name(layer: nn.Module) -> str:
+    """The torch.nn class a layer is (``Linear``, ``Conv2d``, ``GroupNorm`` …), as LyCORIS presets name it, also for our
+    subclasses of it (a 1×1 ``PointwiseConv2d``, the ``--fp8_base`` layers)."""
+    return next(cls.__name__ for cls in type(layer).__mro__ if cls.__module__.startswith("torch.nn."))
 
 
 # --- text encoders -------------------------------------------------------------------------------------------
