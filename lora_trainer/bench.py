@@ -117,9 +117,11 @@ def run_bench(area: str, args) -> None:
         run(args.work_dir or Path(tempfile.gettempdir()) / "lora-trainer-bench-prep")
     elif area == "train":
         from .training.bench import run, run_size
+        from .training.sd_scripts_backend import checkout_of
 
         if args.size == "reference":
-            run(args.fixtures)
+            checkout = checkout_of(f"sd-scripts={args.sd_scripts}") if args.sd_scripts else None
+            run(args.fixtures, checkout, args.rounds, args.sd_scripts_arg)
         else:
             run_size(args.size, args.work_dir, args.steps, args.batch, args.resolution, args.gradient_checkpointing,
                      args.peak_tflops)

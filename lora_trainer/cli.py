@@ -155,6 +155,12 @@ def parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--size", default="reference", choices=["reference", "small", "sd15", "sdxl"],
                               help="train: sd-scripts' reference run on the tiny fixture, or random weights of a small "
                                    "SD1-architecture model, SD1.5 or SDXL (images/s, peak memory, FLOP utilisation)")
+    bench_parser.add_argument("--sd-scripts", type=Path, metavar="CHECKOUT",
+                              help="train: also run sd-scripts' train_network.py from this checkout on the reference run, "
+                                   "alternately with ours, and print the ratios")
+    bench_parser.add_argument("--rounds", type=int, default=1, help="train: how many times to run the reference run (each)")
+    bench_parser.add_argument("--sd-scripts-arg", action="append", default=[], metavar="ARG",
+                              help="train: an extra argument for sd-scripts (e.g. --sd-scripts-arg=--tokenizer_cache_dir=DIR)")
     bench_parser.add_argument("--steps", type=int, default=12, help="train --size: optimizer steps (the first 2 are warm-up)")
     bench_parser.add_argument("--batch", type=int, help="train --size: batch size (default per size)")
     bench_parser.add_argument("--resolution", type=int, help="train --size: pixels (default: the size's native resolution)")

@@ -1,14 +1,16 @@
-"""The figures ``bench train --size`` prints: the checkpoint it trains on, and the two halves of its FLOP utilisation."""
+"""The figures ``bench train`` prints: with ``--size``, the checkpoint it trains on and the two halves of its FLOP
+utilisation; with ``--sd-scripts``, sd-scripts' step time read from its progress bar."""
 
 import dataclasses
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lora_trainer.bench import write_random_checkpoint
 from lora_trainer.models.checkpoint import build_models, detect_architecture, open_tensors
 from lora_trainer.tiny_model.build import tiny_config
-from lora_trainer.training.bench import peak_tflops, training_flops
+from lora_trainer.training.bench import peak_tflops, progress_bar_seconds, training_flops
 
 
 def test_a_random_benchmark_checkpoint_reads_back_as_the_architecture_it_was_made_for(tmp_path):
@@ -39,3 +41,14 @@ def test_mfu_is_taken_against_the_cards_dense_bf16_peak():
     assert peak_tflops("NVIDIA H200") == 989.0
     assert peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
     assert peak_tflops("NVIDIA GeForce GTX 1080") is None  # unknown: the bench asks for --peak-tflops
+
+
+def test_sd_scripts_step_time_comes_from_its_finished_steps_bar_not_from_the_caching_bars():
+    stderr = ("caching latents: 100%|██████████| 16/16 [00:02<00:00,  7.1it/s]\n"
+              "steps:   1%|          | 1/160 [00:01<03:10,  1.20s/it]\r"
+              "steps:  50%|█████     | 80/160 [00:31<00:30,  2.61it/s, avr_loss=0.1]\r"
+              "steps: 100%|██████████| 160/160 [01:02<00:00,  2.56it/s, avr_loss=0.0951]\n")
+    assert progress_bar_seconds(stderr) == (160, 62)
+    assert progress_bar_seconds("steps: 100%|██████████| 9000/9000 [1:02:03<00:00,  2.4it/s]") == (9000, 3723)
+    with pytest.raises(ValueError, match="no finished 'steps' progress bar"):
+        progress_bar_seconds("steps:  50%|█████     | 80/160 [00:31<00:30,  2.61it/s]")  # a run that stopped halfway

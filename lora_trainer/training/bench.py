@@ -3,13 +3,16 @@
 
 sd-scripts on the 2-core reference machine: 0.130 s/step (median, first step excluded), 33.9 s wall, 599 MB peak
 RSS for: tiny-sd15 checkpoint, ``10_shapes`` DreamBooth folder, resolution 128, batch 2, 2 epochs, dim 4 /
-alpha 4, AdamW lr 1e-4 constant, fp32, latents cached in memory, no loader workers.
+alpha 4, AdamW lr 1e-4 constant, fp32, latents cached in memory, no loader workers. Hosts differ in speed by more
+than the goals do, so ``--sd-scripts CHECKOUT --rounds N`` runs sd-scripts' own script alternately with ours and
+scales our figures to that machine by the ratios.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -21,8 +24,9 @@ import torch
 
 from ..models.configs import SD1, SDXL, ModelConfig
 from .events import read_events
+from .sd_scripts_backend import python_of
 
-REFERENCE = {"seconds_per_step": 0.130, "wall_seconds": 33.9, "peak_rss_mb": 599}
+REFERENCE = {"seconds_per_step": 0.130, "wall_seconds": 33.9, "peak_rss_mb": 599}  # sd-scripts on the reference machine
 
 
 def reference_arguments(fixtures: Path, out: Path) -> list[str]:
@@ -36,35 +40,95 @@ def reference_arguments(fixtures: Path, out: Path) -> list[str]:
     ]
 
 
-def _child(arguments: list[str]) -> dict:
-    code = (
-        "import json, resource, sys, time\n"
-        "started = time.perf_counter()\n"
-        "from lora_trainer.train_network import main\n"
-        f"code = main({arguments!r})\n"
-        "print(json.dumps({'code': code, 'wall': time.perf_counter() - started,"
-        " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+@dataclass(frozen=True)
+class RunFigures:
+    seconds_per_step: float  # mean over every step, the first included, as sd-scripts' progress bar counts
+    wall_seconds: float  # the whole process: imports, loading, caching, training, saving
+    peak_rss_mb: float
+
+
+# Runs the command's script as __main__ in a fresh interpreter and prints its wall time and peak RSS as JSON last.
+_MEASURED = (
+    "import json, resource, runpy, sys, time\n"
+    "started = time.perf_counter()\n"
+    "sys.argv = {argv!r}\n"
+    "try:\n"
+    "    {call}\n"
+    "finally:\n"
+    "    print(json.dumps({{'wall': time.perf_counter() - started,"
+    " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))\n"
+)
+
+
+def _measured(python: str, argv: list[str], call: str, cwd: Path | None = None) -> tuple[dict, str]:
+    code = _MEASURED.format(argv=argv, call=call)
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=cwd)
     if result.returncode != 0:
-        raise SystemExit(result.stderr[-2000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{argv[0]} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
-def run(fixtures: Path) -> None:
+def ours(fixtures: Path) -> tuple[RunFigures, float, float]:
+    """Our reference run: its figures, the median step (first excluded) and the time from start event to first step."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        figures = _child(reference_arguments(fixtures, out))
+        arguments = reference_arguments(fixtures, out)
+        figures, _ = _measured(sys.executable, ["train_network", *arguments],
+                               "from lora_trainer.train_network import main; main(sys.argv[1:])")
         events, _ = read_events(out / "tinylora.events.jsonl")
     steps = [e for e in events if e["event"] == "step" and "loss" in e]
     start = next(e["time"] for e in events if e["event"] == "start")
-    first_step = steps[0]["time"]
-    per_step = statistics.median(e["seconds"] for e in steps[1:])
-    print(f"reference run ({len(steps)} steps): {per_step:.3f} s/step (median, first excluded), "
-          f"{figures['wall']:.1f} s wall ({first_step - start + (start - events[0]['time']):.1f} s from start event to first step), "
-          f"peak RSS {figures['peak_rss_mb']:.0f} MB")
+    mean = sum(e["seconds"] for e in steps) / len(steps)
+    median = statistics.median(e["seconds"] for e in steps[1:])
+    return RunFigures(mean, figures["wall"], figures["peak_rss_mb"]), median, steps[0]["time"] - start
+
+
+def progress_bar_seconds(stderr: str) -> tuple[int, float]:
+    """Steps and elapsed seconds of the last completed ``steps`` progress bar (tqdm) sd-scripts printed."""
+    bars = re.findall(r"steps: 100%\|[^|]*\| (\d+)/\1 \[(?:(\d+):)?(\d+):(\d+)<", stderr)
+    if not bars:
+        raise ValueError("no finished 'steps' progress bar in sd-scripts' output")
+    total, hours, minutes, seconds = bars[-1]
+    return int(total), int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds)
+
+
+def sd_scripts(checkout: Path, fixtures: Path, extra: list[str]) -> RunFigures:
+    """sd-scripts' own ``train_network.py`` on the same run, in its checkout's Python."""
+    with tempfile.TemporaryDirectory() as folder:
+        arguments = [*reference_arguments(fixtures, Path(folder)), "--save_model_as", "safetensors", *extra]
+        script = checkout / "train_network.py"
+        figures, stderr = _measured(python_of(checkout), [str(script), *arguments],
+                                    f"runpy.run_path({str(script)!r}, run_name='__main__')", cwd=checkout)
+    steps, elapsed = progress_bar_seconds(stderr)
+    return RunFigures(elapsed / steps, figures["wall"], figures["peak_rss_mb"])
+
+
+def _line(name: str, figures: RunFigures) -> str:
+    return (f"{name}: {figures.seconds_per_step:.3f} s/step (mean), {figures.wall_seconds:.1f} s wall, "
+            f"peak RSS {figures.peak_rss_mb:.0f} MB")
+
+
+def run(fixtures: Path, checkout: Path | None = None, rounds: int = 1, extra: list[str] = ()) -> None:
+    """Our reference run ``rounds`` times; with an sd-scripts checkout, its run alternately with ours (the same
+    host's load for both), and our figures scaled to the reference machine by the ratios."""
+    pairs = []
+    for _ in range(rounds):
+        theirs = sd_scripts(checkout, fixtures, list(extra)) if checkout else None
+        if theirs:
+            print(_line("sd-scripts", theirs), flush=True)
+        mine, median, to_first_step = ours(fixtures)
+        print(f"{_line('ours', mine)}; {median:.3f} s/step median (first excluded), "
+              f"{to_first_step:.1f} s from start event to first step", flush=True)
+        pairs.append((mine, theirs))
     print(f"sd-scripts on the reference machine: {REFERENCE['seconds_per_step']} s/step, {REFERENCE['wall_seconds']} s wall, "
           f"{REFERENCE['peak_rss_mb']} MB; goal ≤ 0.10 s/step, ≤ 15 s, ≤ 450 MB")
+    if checkout:
+        ratios = {field: statistics.median(getattr(m, field) / getattr(t, field) for m, t in pairs)
+                  for field in ("seconds_per_step", "wall_seconds", "peak_rss_mb")}
+        print("ours / sd-scripts (median of the pairs): " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.items()))
+        print("scaled to the reference machine: " + ", ".join(
+            f"{REFERENCE[k]:.3g} → {REFERENCE[k] * v:.3g}" for k, v in
+            (("seconds_per_step", ratios["seconds_per_step"]), ("wall_seconds", ratios["wall_seconds"]))))
 
 
 @dataclass(frozen=True)
