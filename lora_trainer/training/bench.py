@@ -74,7 +74,7 @@ def ours(fixtures: Path) -> tuple[RunFigures, float, float]:
         out = Path(folder)
         arguments = reference_arguments(fixtures, out)
         figures, _ = _measured(sys.executable, ["train_network", *arguments],
-                               "from lora_trainer.train_network import main; main(sys.argv[1:])")
+                               "from lora_trainer.train_network import main; sys.exit(main(sys.argv[1:]))")
         events, _ = read_events(out / "tinylora.events.jsonl")
     steps = [e for e in events if e["event"] == "step" and "loss" in e]
     start = next(e["time"] for e in events if e["event"] == "start")
