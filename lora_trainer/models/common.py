@@ -35,13 +35,18 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.reshape(self.out_channels, self.in_channels)
-        pixels = x.flatten(2)  # (batch, channels, height·width)
-        if self.bias is None:
-            out = torch.matmul(weight, pixels)
-        else:
-            out = torch.baddbmm(self.bias[:, None], weight.expand(len(x), -1, -1), pixels)
-        return out.unflatten(2, x.shape[2:])
+        return pointwise_conv2d(x, self.weight, self.bias)
+
+
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1×1 ``weight`` (stride 1, no padding) as a matrix product over the channels."""
+    weight = weight.reshape(weight.shape[0], -1)
+    pixels = x.flatten(2)  # (batch, channels, height·width)
+    if bias is None:
+        out = torch.matmul(weight, pixels)
+    else:
+        out = torch.baddbmm(bias[:, None], weight.expand(len(x), -1, -1), pixels)
+    return out.unflatten(2, x.shape[2:])
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

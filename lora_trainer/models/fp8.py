@@ -49,7 +49,7 @@ _FP8_CLASS = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d, PointwiseConv2d: Fp8Co
 
 
 def store_in_fp8(model: nn.Module) -> int:
-    """Every plain Linear/Conv2d of ``model`` keeps its weight in fp8 from now on; returns the bytes saved.
+    """Every Linear/Conv2d of ``model`` (our 1×1 ``PointwiseConv2d`` too) keeps its weight in fp8 from now on; returns the bytes saved.
 
     The layers stay the same objects (their class becomes the fp8 subclass), so names, hooks and state-dict keys
     are unchanged.

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.common import pointwise_conv2d
 from .dora import init_magnitude
 from .naming import Target
 from .registry import INITIALISERS, find_algorithm, load_builtin, module_delta
@@ -120,8 +121,7 @@ class NetworkModule(nn.Module):
         if self.conv is None:
             return F.linear(x, weight.reshape(weight.shape[0], -1))
         if weight.shape[2:] == (1, 1) and self.conv == _POINTWISE:
-            # a 1×1 convolution is a matrix product over the channels; as one it skips the convolution's per-call setup
-            return torch.matmul(weight.reshape(weight.shape[0], -1), x.flatten(2)).unflatten(2, x.shape[2:])
+            return pointwise_conv2d(x, weight)  # skips the convolution's per-call setup
         return F.conv2d(x, weight, **self.conv)
 
     def changed_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def progress_bar_seconds(stderr: str) -> tuple[int, float]:
     return int(total), int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds)
 
 
-def sd_scripts(checkout: Path, fixtures: Path, extra: list[str]) -> RunFigures:
+def sd_scripts(checkout: Path, fixtures: Path, extra: Sequence[str]) -> RunFigures:
     """sd-scripts' own ``train_network.py`` on the same run, in its checkout's Python."""
     with tempfile.TemporaryDirectory() as folder:
         arguments = [*reference_arguments(fixtures, Path(folder)), "--save_model_as", "safetensors", *extra]
@@ -108,12 +109,12 @@ def _line(name: str, figures: RunFigures) -> str:
             f"peak RSS {figures.peak_rss_mb:.0f} MB")
 
 
-def run(fixtures: Path, checkout: Path | None = None, rounds: int = 1, extra: list[str] = ()) -> None:
+def run(fixtures: Path, checkout: Path | None = None, rounds: int = 1, extra: Sequence[str] = ()) -> None:
     """Our reference run ``rounds`` times; with an sd-scripts checkout, its run alternately with ours (the same
     host's load for both), and our figures scaled to the reference machine by the ratios."""
     pairs = []
     for _ in range(rounds):
-        theirs = sd_scripts(checkout, fixtures, list(extra)) if checkout else None
+        theirs = sd_scripts(checkout, fixtures, extra) if checkout else None
         if theirs:
             print(_line("sd-scripts", theirs), flush=True)
         mine, median, to_first_step = ours(fixtures)
@@ -127,8 +128,7 @@ def run(fixtures: Path, checkout: Path | None = None, rounds: int = 1, extra: li
                   for field in ("seconds_per_step", "wall_seconds", "peak_rss_mb")}
         print("ours / sd-scripts (median of the pairs): " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.items()))
         print("scaled to the reference machine: " + ", ".join(
-            f"{REFERENCE[k]:.3g} → {REFERENCE[k] * v:.3g}" for k, v in
-            (("seconds_per_step", ratios["seconds_per_step"]), ("wall_seconds", ratios["wall_seconds"]))))
+            f"{k} {REFERENCE[k]:.3g} → {REFERENCE[k] * ratios[k]:.3g}" for k in ("seconds_per_step", "wall_seconds")))
 
 
 @dataclass(frozen=True)
