@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing
 from safetensors.torch import load_file
 
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
-from lora_trainer.training.distributed import World
+from lora_trainer.training.distributed import World, sum_gradients
 from lora_trainer.training.events import read_events
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
@@ -61,3 +62,30 @@ def test_a_global_batch_is_split_into_ordered_slices_even_when_short():
     assert [World(r, 2).shard(3) for r in range(2)] == [slice(0, 2), slice(2, 3)]
     assert [World(r, 2).shard(1) for r in range(2)] == [slice(0, 1), slice(1, 1)]  # rank 1 idles, in step
     assert World().shard(5) == slice(0, 5)
+
+
+def _sum_gradients_on_rank(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    parameters = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4, dtype=torch.float16)),
+                  torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(5))]
+    parameters[0].grad = torch.arange(6.0).reshape(3, 2) * (rank + 1)
+    parameters[1].grad = torch.full((4,), 0.5 * (rank + 1), dtype=torch.float16)
+    parameters[2].grad = (torch.arange(6.0).reshape(3, 2) * 10 * (rank + 1)).t()  # not contiguous
+    if rank == 0:  # rank 1 never touched this one: its share is zero
+        parameters[3].grad = torch.ones(5)
+    sum_gradients(World(rank, 2), parameters)
+    torch.save([p.grad for p in parameters], f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_summed_gradients_land_in_their_own_parameters_whatever_their_dtype_or_layout(tmp_path):
+    """The gradients travel as one flat buffer per dtype: each must come back to its own parameter, in its shape."""
+    torch.multiprocessing.spawn(_sum_gradients_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(grads[0], torch.arange(6.0).reshape(3, 2) * 3)
+        assert grads[1].dtype == torch.float16 and torch.equal(grads[1], torch.full((4,), 1.5, dtype=torch.float16))
+        assert torch.equal(grads[2], (torch.arange(6.0).reshape(3, 2) * 30).t())
+        assert torch.equal(grads[3], torch.ones(5))
