@@ -170,3 +170,32 @@ def test_adafactor_updates_half_precision_weights_in_place():
     parameter.grad = torch.ones_like(parameter)
     optimizer.step()
     assert parameter.dtype == torch.bfloat16 and bool((parameter < 1).all())
+
+
+def test_loss_scaling_unscales_the_fp16_gradients_of_a_full_fp16_network():
+    """--full_fp16 keeps the network's weights, so their gradients, in fp16: the loss scaler must still unscale them
+    (torch's own refuses fp16 gradients) so that the step sees the true gradient."""
+    from lora_trainer.training.trainer import NetworkGradScaler
+
+    weight = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scaler = NetworkGradScaler("cpu", init_scale=2.0**10)
+    scaler.scale((weight.float() * 1e-3).sum()).backward()
+    assert torch.allclose(weight.grad.float(), torch.full((3,), 1.024), rtol=1e-3)  # scaled in the backward pass
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert weight.dtype == torch.float16 and torch.allclose(weight.float(), torch.full((3,), 0.999), atol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer_type", ["AdamW", "", "Prodigy", "DAdaptAdam", "torch.optim.Adam"])
+def test_full_fp16_with_moments_that_vanish_in_fp16_is_refused_before_training(optimizer_type):
+    from lora_trainer.training.options import TrainOptions, validate
+
+    def options(optimizer_type: str) -> TrainOptions:
+        return TrainOptions(pretrained_model_name_or_path="m.safetensors", train_data_dir="data", mixed_precision="fp16",
+                            full_fp16=True, optimizer_type=optimizer_type)
+
+    with pytest.raises(UserError, match="--full_fp16 with .*AdamW8bit or Adafactor"):
+        validate(options(optimizer_type))
+    validate(options("AdamW8bit"))  # 8-bit state with fp32 scales: fine

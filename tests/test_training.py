@@ -237,6 +237,16 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_state_to_the_same_weights(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_mixed_precision_on_the_cpu_trains_the_fp32_weights_and_says_so(baseline, dataset, tmp_path):
+    """Half precision pays only on a GPU: on the CPU the run is the fp32 one, --full_bf16 included, and a warning
+    tells the user instead of the option passing silently."""
+    assert run(dataset, tmp_path, "--mixed_precision", "bf16", "--full_bf16") == 0
+    ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert any("--mixed_precision bf16 and --full_bf16 on the CPU" in e["message"] for e in events if e["event"] == "warning")
+
+
 def test_gradient_checkpointing_trains_the_same_weights(baseline, dataset, tmp_path):
     assert run(dataset, tmp_path, "--gradient_checkpointing") == 0
     ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")

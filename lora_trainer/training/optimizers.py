@@ -106,6 +106,17 @@ def _import_class(module_path: str, class_name: str, optimizer_type: str, pip_pa
     return optimizer_class
 
 
+# Their average of squared gradients lives in the weights' dtype: with fp16 weights, squares under 6e-8 round to zero
+# and m / (√v + ε) divides by zero (ε = 1e-8 is zero in fp16 too). 8-bit and 32-bit bitsandbytes states, our
+# Adafactor (fp32 state) and sign or momentum updates (Lion, SGD) do not have the problem.
+_FP16_MOMENTS = {"adamw", "adam", "nadam", "radam", "adamax", "adagrad", "prodigy", "dadaptation", "dadaptadampreprint",
+                 "dadaptadagrad", "dadaptadam", "dadaptadan", "dadaptadanip"}
+
+
+def moments_underflow_in_fp16(optimizer_type: str) -> bool:
+    return optimizer_type.rpartition(".")[2].lower() in _FP16_MOMENTS
+
+
 def _unknown(optimizer_type: str) -> UserError:
     return UserError(f"--optimizer_type {optimizer_type!r} is not known; use one of: {', '.join(OPTIMIZERS)}, "
                      f"a torch.optim class name (e.g. RAdam) or a module.Class path")

@@ -19,6 +19,7 @@ import toml
 
 from ..errors import UserError
 from ..safe_io import read_utf8
+from .optimizers import moments_underflow_in_fp16
 
 
 def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None):
@@ -207,6 +208,11 @@ class TrainOptions:
     config_file: str | None = opt(None, "training options TOML (sections are flattened, as sd-scripts does)")
     output_config: bool = opt(False, "write the options to <config_file>.toml and exit")
 
+    @property
+    def optimizer(self) -> str:
+        """--optimizer_type, or what sd-scripts' old switches select (AdamW when nothing does)."""
+        return "AdamW8bit" if self.use_8bit_adam else "Lion" if self.use_lion_optimizer else self.optimizer_type or "AdamW"
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 DEFAULTS = TrainOptions()
@@ -312,6 +318,11 @@ def validate(options: TrainOptions) -> None:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if options.full_fp16 and options.mixed_precision != "fp16":
         problems.append("--full_fp16 needs --mixed_precision fp16")
+    if options.full_fp16 and moments_underflow_in_fp16(options.optimizer):
+        problems.append(f"--full_fp16 with {options.optimizer}: it keeps its average of squared gradients in fp16, where "
+                        "values under 6e-8 are zero, so its steps divide by zero (NaN within a few steps); use "
+                        "--optimizer_type AdamW8bit or Adafactor, or --mixed_precision bf16 --full_bf16, or drop --full_fp16 "
+                        "(the network's own weights are small: it saves little)")
     if options.full_bf16 and options.mixed_precision != "bf16":
         problems.append("--full_bf16 needs --mixed_precision bf16")
     if options.lr_scheduler == "constant" and options.lr_warmup_steps:

@@ -133,6 +133,15 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
 
 
+class NetworkGradScaler(torch.amp.GradScaler):
+    """Loss scaling that unscales fp16 gradients too: under --full_fp16 the network's own weights, so their
+    gradients, are fp16, which torch's scaler refuses to unscale (sd-scripts patches accelerate's the same way).
+    Without scaling, the fp16 UNet's backward pass rounds the small gradients of a LoRA to zero."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
+
+
 def caption_encoding(options: TrainOptions) -> CaptionEncoding:
     return CaptionEncoding(options.clip_skip or 1, options.max_token_length, options.weighted_captions)
 
@@ -188,7 +197,7 @@ def memory_advice(options: TrainOptions) -> str:
         ("--mixed_precision bf16 (or fp16)", options.mixed_precision != "no"),
         ("--cache_latents", options.cache_latents),
         ("--fp8_base (with mixed precision)", options.fp8_base),
-        ("--optimizer_type AdamW8bit (needs bitsandbytes)", "8bit" in (options.optimizer_type or "").lower()),
+        ("--optimizer_type AdamW8bit (needs bitsandbytes)", "8bit" in options.optimizer.lower()),
         ("--network_train_unet_only", options.network_train_unet_only),
         ("--cache_text_encoder_outputs (with --network_train_unet_only)", options.cache_text_encoder_outputs),
         (f"a smaller --train_batch_size (now {options.train_batch_size})", options.train_batch_size == 1),
@@ -201,6 +210,10 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
     seed_everything(seed)
     weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
+    if weight_dtype != DTYPES[options.mixed_precision]:
+        full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
+        events.emit("warning", message=f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: "
+                    "the run computes and trains in fp32 (half precision pays only on a GPU)")
     started = time.time()
 
     model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
@@ -246,8 +259,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         if options.network_weights:
             _load_weights(network, options.network_weights)
     network.to(device).train()
-    if options.full_fp16 or options.full_bf16:
-        network.to(DTYPES[options.mixed_precision])
+    if (options.full_fp16 or options.full_bf16) and weight_dtype != torch.float32:
+        network.to(weight_dtype)
     network.apply_to()
     if options.torch_compile:  # after the hooks are in place, so the compiled graphs include them
         compile_models(model, options.dynamo_backend)
@@ -259,16 +272,14 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     te_lr = (options.text_encoder_lr or [None])[0]
     groups = network.parameter_groups(options.learning_rate, te_lr, options.unet_lr)
-    optimizer_type = "AdamW8bit" if options.use_8bit_adam else "Lion" if options.use_lion_optimizer else options.optimizer_type
-    optimizer = make_optimizer(optimizer_type, groups, options.learning_rate, options.optimizer_args or [])
+    optimizer = make_optimizer(options.optimizer, groups, options.learning_rate, options.optimizer_args or [])
     scheduler = make_scheduler(optimizer, options.lr_scheduler, total_steps,
                                resolve_warmup(options.lr_warmup_steps, total_steps),
                                num_cycles=options.lr_scheduler_num_cycles, power=options.lr_scheduler_power,
                                min_lr_ratio=options.lr_scheduler_min_lr_ratio)
     generator = torch.Generator().manual_seed(seed)
     # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
-    scaler = torch.amp.GradScaler(device.type, enabled=options.mixed_precision == "fp16" and device.type == "cuda"
-                                  and not options.full_fp16)
+    scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
     state = RunState()
     if options.resume:
         state = load_state(Path(options.resume), network, optimizer, scheduler, generator)
