@@ -247,6 +247,20 @@ def test_mixed_precision_on_the_cpu_trains_the_fp32_weights_and_says_so(baseline
     assert any("--mixed_precision bf16 and --full_bf16 on the CPU" in e["message"] for e in events if e["event"] == "warning")
 
 
+def test_xformers_runs_only_when_asked_and_asking_without_it_says_what_to_install(dataset, tmp_path, capsys, monkeypatch):
+    """--sdpa (or no flag) must keep an installed xformers out: a build that does not match the torch fails mid-run."""
+    from lora_trainer.models import attention
+
+    monkeypatch.setattr(attention, "_backend", attention._backend)  # restored after the test
+    monkeypatch.setattr(attention, "_XFORMERS_AVAILABLE", False)
+    assert run(dataset, tmp_path / "refused", "--xformers") == 2
+    assert "--xformers: attention backend 'xformers' was asked for but xformers is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").glob("*.safetensors"))
+    monkeypatch.setattr(attention, "_XFORMERS_AVAILABLE", True)
+    assert run(dataset, tmp_path / "sdpa", "--sdpa") == 0
+    assert attention._backend == "sdpa"
+
+
 def test_gradient_checkpointing_trains_the_same_weights(baseline, dataset, tmp_path):
     assert run(dataset, tmp_path, "--gradient_checkpointing") == 0
     ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")

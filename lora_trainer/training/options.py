@@ -106,9 +106,9 @@ class TrainOptions:
                        "memory-mapped file to the device)")
     highvram: bool = opt(False, "keep the GPU's cached memory after caching latents and drawing samples (by default "
                          "it is handed back, e.g. to the WebUI on the same card)")
-    xformers: bool = opt(False, "xformers attention (CUDA, when installed)")
-    sdpa: bool = opt(False, "PyTorch SDPA attention (our default anyway)")
-    mem_eff_attn: bool = opt(False, "memory-efficient attention (we use SDPA)")
+    xformers: bool = opt(False, "xformers attention (CUDA; pip install the build made for your torch)")
+    sdpa: bool = opt(False, "PyTorch SDPA attention (the default without --xformers)")
+    mem_eff_attn: bool = opt(False, "memory-efficient attention (SDPA picks its memory-efficient kernel)")
     torch_compile: bool = opt(False, "compile the UNet and text encoders with torch.compile (slow first steps; "
                               "inductor needs a C++ compiler, on Windows MSVC)")
     dynamo_backend: str = opt("inductor", "torch.compile backend", choices=["eager", "aot_eager", "inductor",

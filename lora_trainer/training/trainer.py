@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..models.attention import set_attention_backend
 from ..models.checkpoint import load_checkpoint
 from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
@@ -171,6 +172,18 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         finish_world(world)
 
 
+def choose_attention(options: TrainOptions, device: torch.device, events: EventLog) -> None:
+    """xformers' kernel when --xformers asks for it, else SDPA (--sdpa, and what --mem_eff_attn is for): never an
+    installed xformers unasked, since a build that does not match the torch fails only at the first step."""
+    try:
+        set_attention_backend("xformers" if options.xformers else "sdpa")
+    except ValueError as error:
+        raise UserError(f"--xformers: {error}; install the xformers build made for your torch, or use --sdpa") from None
+    if options.xformers and device.type != "cuda":
+        events.emit("warning", message=f"--xformers on the {device.type.upper()}: xformers runs on CUDA only, so "
+                    "attention uses SDPA")
+
+
 def compile_models(model, backend: str) -> None:
     """``--torch_compile``: the UNet and the text encoders compiled in place (their names and weights unchanged)."""
     import torch._dynamo
@@ -214,6 +227,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
         events.emit("warning", message=f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: "
                     "the run computes and trains in fp32 (half precision pays only on a GPU)")
+    choose_attention(options, device, events)
     started = time.time()
 
     model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
