@@ -172,7 +172,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
         finish_world(world)
 
 
-def choose_attention(options: TrainOptions, device: torch.device, events: EventLog) -> None:
+def choose_attention(options: TrainOptions, device: torch.device) -> list[str]:
     """xformers' kernel when --xformers asks for it, else SDPA (--sdpa, and what --mem_eff_attn is for): never an
     installed xformers unasked, since a build that does not match the torch fails only at the first step."""
     try:
@@ -180,8 +180,8 @@ def choose_attention(options: TrainOptions, device: torch.device, events: EventL
     except ValueError as error:
         raise UserError(f"--xformers: {error}; install the xformers build made for your torch, or use --sdpa") from None
     if options.xformers and device.type != "cuda":
-        events.emit("warning", message=f"--xformers on the {device.type.upper()}: xformers runs on CUDA only, so "
-                    "attention uses SDPA")
+        return [f"--xformers on the {device.type.upper()}: xformers runs on CUDA only, so attention uses SDPA"]
+    return []
 
 
 def compile_models(model, backend: str) -> None:
@@ -222,12 +222,13 @@ def memory_advice(options: TrainOptions) -> str:
 def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device) -> list[Path]:
     seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
     seed_everything(seed)
+    warnings: list[str] = []  # said right after the start event, which comes first in every event stream
     weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
     if weight_dtype != DTYPES[options.mixed_precision]:
         full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
-        events.emit("warning", message=f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: "
-                    "the run computes and trains in fp32 (half precision pays only on a GPU)")
-    choose_attention(options, device, events)
+        warnings.append(f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: the run "
+                        "computes and trains in fp32 (half precision pays only on a GPU)")
+    warnings += choose_attention(options, device)
     started = time.time()
 
     model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
@@ -239,7 +240,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     config = model.config
     _check_model_matches_options(config, options)
     if options.base_weights:
-        _merge_base_weights(model, options, events)
+        warnings += _merge_base_weights(model, options)
     fp8_saved = 0
     if options.fp8_base:  # after the merge, which adds to full-precision weights; before the network reads them
         fp8_saved = sum(store_in_fp8(part) for part in (model.unet, *model.text_encoders))
@@ -252,11 +253,13 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     data: TrainingData = build_training_data(options, config, seed, world.size)
     fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
     if options.zero_terminal_snr and config.prediction_type != "v_prediction":
-        events.emit("warning", message="--zero_terminal_snr on an epsilon-prediction model: at the last timestep the "
-                    "input is pure noise and the target equals it; the paper pairs it with --v_parameterization")
+        warnings.append("--zero_terminal_snr on an epsilon-prediction model: at the last timestep the input is pure "
+                        "noise and the target equals it; the paper pairs it with --v_parameterization")
     events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
                 batches_per_epoch=data.batches_per_epoch, device=str(device),
                 **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
+    for message in warnings:
+        events.emit("warning", message=message)
     data.cache_latents(model.vae, device, events)
     if options.cache_latents:  # every latent is ready: free the encoder (sd-scripts moves the whole VAE off the GPU)
         model.vae.encoder = None
@@ -571,16 +574,15 @@ def _check_model_matches_options(config, options: TrainOptions) -> None:
         raise UserError("--v_parameterization with an SDXL base model: SDXL base is an eps model; drop the option")
 
 
-def _merge_base_weights(model, options: TrainOptions, events: EventLog) -> None:
+def _merge_base_weights(model, options: TrainOptions) -> list[str]:
     """``--base_weights``: networks merged into the base model for good before training (sd-scripts' ``merge_to``);
-    the trained network is then meant to be used on top of them."""
+    the trained network is then meant to be used on top of them. Returns the warnings about modules that fit nothing."""
     multipliers = options.base_weights_multiplier or []
     networks = [(read_network(path), Strength(multipliers[i] if i < len(multipliers) else 1.0))
                 for i, path in enumerate(options.base_weights)]
-    for report in merge_for_good(model.config, model.unet, model.text_encoders, networks):
-        if report.unmatched:
-            events.emit("warning", message=f"--base_weights {report.network}: {len(report.unmatched)} of its modules fit no "
-                        f"layer of the base model and were skipped (e.g. {report.unmatched[0]})")
+    return [f"--base_weights {report.network}: {len(report.unmatched)} of its modules fit no layer of the base model "
+            f"and were skipped (e.g. {report.unmatched[0]})"
+            for report in merge_for_good(model.config, model.unet, model.text_encoders, networks) if report.unmatched]
 
 
 def _load_weights(network: LoRANetwork, path: str) -> None:
