@@ -347,3 +347,24 @@ def test_an_uncached_batch_mixing_masked_and_unmasked_subsets_trains(tmp_path):
                        "--output_dir", str(tmp_path / "out"), "--output_name", "star", "--network_dim", "4",
                        "--max_train_epochs", "1", "--seed", "5", "--masked_loss"]) == 0
     assert any(t.ne(0).any() for k, t in lora(tmp_path / "out").items() if k.endswith("lora_up.weight"))
+
+
+def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_path):
+    """SD and SDXL caches of one image share a folder and a latent shape (`_sd.npz`, `_sdxl.npz`) but come from
+    different VAEs: an SD run must read only its own, and read it back on the next run."""
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:6]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+        np.savez(folder / f"{image.stem}_0064x0064_sdxl.npz", latents=np.full((4, 8, 8), 50.0, dtype=np.float32),
+                 original_size=np.array([64, 64]), crop_ltrb=np.zeros(4))
+    assert train(folder.parent, tmp_path / "memory", "--cache_latents") == 0
+    assert train(folder.parent, tmp_path / "disk", "--cache_latents_to_disk") == 0
+    assert same(lora(tmp_path / "disk"), lora(tmp_path / "memory"))
+    own = sorted(folder.glob("*_0064x0064_sd.npz"))
+    assert len(own) == 6
+    stamps = [path.stat().st_mtime_ns for path in own]
+    assert train(folder.parent, tmp_path / "again", "--cache_latents_to_disk") == 0
+    assert [path.stat().st_mtime_ns for path in own] == stamps  # read back, not encoded again
+    assert same(lora(tmp_path / "again"), lora(tmp_path / "memory"))

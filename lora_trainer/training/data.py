@@ -197,7 +197,7 @@ class TrainingData:
         vae.to(device)
         todo = [r for r in (self.records if self.options.cache_latents else []) + self.validation if r.latents is None]
         for index, record in enumerate(sorted(todo, key=lambda r: (r.bucket, str(r.path)))):
-            cached = _read_npz(record) if self.options.cache_latents_to_disk else None
+            cached = _read_npz(record, self.config_name) if self.options.cache_latents_to_disk else None
             if cached is None:
                 image = training_pixels(record.path, record.choice, alpha_mask=record.subset.alpha_mask,
                                         interpolation=self._interpolation(record))
@@ -302,22 +302,24 @@ def _flip(mask: torch.Tensor, flipped: bool) -> torch.Tensor:
     return mask.flip(-1) if flipped else mask
 
 
-def _read_npz(record: ImageRecord):
-    """(latents, flipped latents, alpha mask) from an sd-scripts cache that fits this run, else None."""
-    for path in record.path.parent.glob(f"{record.path.stem}_*x*_sd*.npz"):
-        with np.load(path) as data:
-            latents = data.get("latents")
-            if latents is None or tuple(latents.shape[1:]) != (record.bucket[1] // 8, record.bucket[0] // 8):
-                return None
-            flipped = data.get("latents_flipped")
-            if record.subset.flip_aug and flipped is None:
-                return None
-            mask = data.get("alpha_mask")
-            if record.subset.alpha_mask and mask is None:
-                return None
-            mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
-            return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
-    return None
+def _read_npz(record: ImageRecord, config_name: str):
+    """(latents, flipped latents, alpha mask) from this model family's sd-scripts cache when it fits this run, else
+    None. Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs."""
+    path = npz_path(record, config_name)
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        latents = data.get("latents")
+        if latents is None or tuple(latents.shape[1:]) != (record.bucket[1] // 8, record.bucket[0] // 8):
+            return None
+        flipped = data.get("latents_flipped")
+        if record.subset.flip_aug and flipped is None:
+            return None
+        mask = data.get("alpha_mask")
+        if record.subset.alpha_mask and mask is None:
+            return None
+        mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
+        return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
 
 
 def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None,
