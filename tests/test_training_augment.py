@@ -368,3 +368,27 @@ def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_
     assert train(folder.parent, tmp_path / "again", "--cache_latents_to_disk") == 0
     assert [path.stat().st_mtime_ns for path in own] == stamps  # read back, not encoded again
     assert same(lora(tmp_path / "again"), lora(tmp_path / "memory"))
+
+
+def test_loader_threads_read_ahead_without_changing_what_is_trained(wide_dataset, tmp_path):
+    """Without cached latents the next batches are read and augmented by threads: the same crops, colours and flips as
+    reading them in the training loop, since each batch draws from its own seed."""
+    augmented = ("--flip_aug", "--color_aug", "--random_crop")
+    assert train(wide_dataset, tmp_path / "inline", *augmented) == 0
+    assert train(wide_dataset, tmp_path / "threads", *augmented, "--max_data_loader_n_workers", "3") == 0
+    assert same(lora(tmp_path / "threads"), lora(tmp_path / "inline"))
+
+
+def test_caching_several_images_per_vae_batch_caches_what_one_at_a_time_caches(wide_dataset, tmp_path):
+    """--vae_batch_size only groups the VAE's work: every image (and its flipped copy) gets the draw it gets alone,
+    so the caches agree up to the rounding of a batched convolution."""
+    caches = {}
+    for size in ("1", "4"):
+        dataset = tmp_path / f"data {size}"
+        shutil.copytree(wide_dataset, dataset)
+        assert train(dataset, tmp_path / size, "--cache_latents_to_disk", "--flip_aug", "--vae_batch_size", size) == 0
+        caches[size] = {p.name: dict(np.load(p)) for p in (dataset / "1_zkstar").glob("*_sd.npz")}
+    assert len(caches["1"]) == 6 and caches["1"].keys() == caches["4"].keys()
+    for name, one in caches["1"].items():
+        for key in ("latents", "latents_flipped"):
+            assert np.allclose(one[key], caches["4"][name][key], atol=1e-5)

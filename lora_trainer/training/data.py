@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from ..dataset.images import read_image_size
 from ..dataset.layouts import config_from_folders, config_from_metadata, dataset_images, face_in_name, regularization_repeats
 from ..errors import UserError
 from .evaluation import split_validation
-from .pixels import training_pixels
+from .pixels import TrainingPixels, training_pixels
 from .options import TrainOptions, resolution_of
 from .text import caching_problems
 
@@ -56,6 +59,7 @@ class Batch:
     loss_weights: torch.Tensor = field(default_factory=lambda: torch.ones(1))
     masks: torch.Tensor | None = None  # [B, H, W] loss masks when a subset uses alpha_mask
     augment_seed: int = 0  # seeds this batch's crops, colours and VAE sampling when latents are not cached
+    pixels: list[TrainingPixels] | None = None  # read ahead by a loader thread, until encoded
 
     @property
     def original_sizes(self):
@@ -153,11 +157,8 @@ class TrainingData:
         zero: only their shape is used, for the batch-wide noise draws of the training step."""
         if batch.latents is not None:
             return batch
-        rng = random.Random(batch.augment_seed)
-        images = [training_pixels(r.path, r.choice, flip=f, random_crop=r.subset.random_crop, color_aug=r.subset.color_aug,
-                                  alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r), face=r.face,
-                                  face_range=r.subset.face_crop_aug_range, rng=rng)
-                  for r, f in zip(batch.records, batch.flips)]
+        images = batch.pixels or self._pixels(batch)
+        batch.pixels = None
         height, width = images[0].pixels.shape[-2:]
         factor = vae.config.downscale
         batch.latents = torch.zeros(len(images), vae.config.z_channels, height // factor, width // factor)
@@ -168,6 +169,30 @@ class TrainingData:
         if any(i.mask is not None for i in images):
             batch.masks = torch.stack([i.mask if i.mask is not None else torch.ones(height, width) for i in images])
         return batch
+
+    def _pixels(self, batch: Batch) -> list[TrainingPixels]:
+        """The batch's images read, cropped, colour-augmented and flipped, with draws from its own seed only."""
+        rng = random.Random(batch.augment_seed)
+        return [training_pixels(r.path, r.choice, flip=f, random_crop=r.subset.random_crop, color_aug=r.subset.color_aug,
+                                alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r), face=r.face,
+                                face_range=r.subset.face_crop_aug_range, rng=rng)
+                for r, f in zip(batch.records, batch.flips)]
+
+    def loaded(self, batches: list[Batch], workers: int) -> Iterator[Batch]:
+        """``batches`` in order; without cached latents each one's images are read up to ``workers`` batches ahead
+        (sd-scripts' loader processes, here threads: PIL and torch decode and resize without the GIL). Each batch
+        draws from its own seed, so what the threads produce does not depend on their timing."""
+        if self.options.cache_latents or workers <= 0:
+            yield from batches
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="loader") as pool:
+            ahead: deque[tuple[Batch, Future]] = deque()
+            for batch in batches:
+                ahead.append((batch, pool.submit(self._pixels, batch)))
+                if len(ahead) > workers:
+                    yield _with_pixels(*ahead.popleft())
+            while ahead:
+                yield _with_pixels(*ahead.popleft())
 
     # --- captions -------------------------------------------------------------------------------------------
 
@@ -196,20 +221,32 @@ class TrainingData:
         generator = torch.Generator().manual_seed(self.seed)
         vae.to(device)
         todo = [r for r in (self.records if self.options.cache_latents else []) + self.validation if r.latents is None]
-        for index, record in enumerate(sorted(todo, key=lambda r: (r.bucket, str(r.path)))):
-            cached = _read_npz(record, self.config_name) if self.options.cache_latents_to_disk else None
-            if cached is None:
-                image = training_pixels(record.path, record.choice, alpha_mask=record.subset.alpha_mask,
-                                        interpolation=self._interpolation(record))
-                pixels = image.pixels[None].to(device)
-                variants = [pixels, pixels.flip(-1)] if record.subset.flip_aug else [pixels]
-                encoded = [vae.encode(v.to(vae.dtype)).sample(generator).float().cpu()[0] for v in variants]
-                cached = (encoded[0], encoded[1] if len(encoded) > 1 else None, image.mask)
-                if self.options.cache_latents_to_disk:
-                    _write_npz(record, *cached, self.config_name)
-            record.latents, record.latents_flipped, record.mask = cached
-            if (index + 1) % 50 == 0:
-                events.emit("step", phase="caching latents", done=index + 1, total=len(todo))
+        todo.sort(key=lambda r: (r.bucket, str(r.path)))
+        done = 0
+        for group in _vae_batches(todo, self.options.vae_batch_size):
+            disk = [_read_npz(r, self.config_name) if self.options.cache_latents_to_disk else None for r in group]
+            fresh = [r for r, cached in zip(group, disk) if cached is None]
+            encoded = iter(self._encode_for_cache(fresh, vae, device, generator) if fresh else [])
+            for record, cached in zip(group, disk):
+                if cached is None:
+                    cached = next(encoded)
+                    if self.options.cache_latents_to_disk:
+                        _write_npz(record, *cached, self.config_name)
+                record.latents, record.latents_flipped, record.mask = cached
+            if (done + len(group)) // 50 > done // 50:
+                events.emit("step", phase="caching latents", done=done + len(group), total=len(todo))
+            done += len(group)
+
+    def _encode_for_cache(self, records: list[ImageRecord], vae, device, generator):
+        """(latents, flipped latents or None, mask) of each record, the images through the VAE as one batch."""
+        images = [training_pixels(r.path, r.choice, alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r))
+                  for r in records]
+        pixels = torch.stack([image.pixels for image in images]).to(device, vae.dtype)
+        posteriors = [vae.encode(pixels)] + ([vae.encode(pixels.flip(-1))] if records[0].subset.flip_aug else [])
+        # drawn image by image, flipped after unflipped: the same draws whatever --vae_batch_size is
+        noise = torch.randn((len(records), len(posteriors), *posteriors[0].mean.shape[1:]), generator=generator)
+        latents = [posterior.sample_with(noise[:, i]).float().cpu() for i, posterior in enumerate(posteriors)]
+        return [(latents[0][i], latents[1][i] if len(latents) > 1 else None, image.mask) for i, image in enumerate(images)]
 
     def _interpolation(self, record: ImageRecord) -> str | None:
         return record.subset.resize_interpolation or self.datasets[record.dataset].config.resize_interpolation
@@ -290,6 +327,24 @@ class TrainingData:
                 "max_bucket_reso": c.max_bucket_reso if c.enable_bucket else None,
                 "tag_frequency": dataset.tag_frequency, "bucket_info": self._bucket_info(dataset),
                 "resize_interpolation": c.resize_interpolation, "subsets": subsets}
+
+
+def _vae_batches(records: list[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
+    """Runs of up to ``size`` records that the VAE can take together: one bucket, the same flip_aug."""
+    group: list[ImageRecord] = []
+    for record in records:
+        fits = group and (record.bucket, record.subset.flip_aug) == (group[0].bucket, group[0].subset.flip_aug)
+        if group and (not fits or len(group) >= size):
+            yield group
+            group = []
+        group.append(record)
+    if group:
+        yield group
+
+
+def _with_pixels(batch: Batch, pixels: Future) -> Batch:
+    batch.pixels = pixels.result()
+    return batch
 
 
 def npz_path(record: ImageRecord, config_name: str) -> Path:

@@ -74,12 +74,12 @@ class TrainOptions:
     cache_latents: bool = opt(False, "encode all images once before training, in memory")
     cache_latents_to_disk: bool = opt(False, "… and keep them as sd-scripts' .npz files beside the images")
     vae_batch_size: int = opt(1, "images per VAE batch while caching")
-    skip_cache_check: bool = opt(False, "trust existing .npz caches without checking them")
+    skip_cache_check: bool = opt(False, "accepted: a cache is checked as it is read, which training needs anyway")
     max_token_length: int | None = opt(None, "75, 150 or 225 tokens per caption", choices=[None, 75, 150, 225])
     prior_loss_weight: float = opt(1.0, "loss weight of regularisation images")
     masked_loss: bool = opt(False, "mask the loss (masks from --alpha_mask; mask folders are not supported)")
-    max_data_loader_n_workers: int = opt(8, "data loader processes (0 = load in the training process)")
-    persistent_data_loader_workers: bool = opt(False, "keep loader processes between epochs")
+    max_data_loader_n_workers: int = opt(8, "batches read ahead by loader threads without cached latents (0 = none)")
+    persistent_data_loader_workers: bool = opt(False, "accepted: loader threads cost nothing to start, so each epoch has its own")
     validation_split: float = opt(0.0, "fraction of images held out for validation loss")
     validation_seed: int | None = opt(None, "seed of the held-out split")
     validate_every_n_steps: int | None = opt(None, "validation loss every N steps too (the live plot shows it)")
@@ -316,6 +316,8 @@ def validate(options: TrainOptions) -> None:
                             "--zero_terminal_snr on an epsilon model; add --v_parameterization or drop one of them")
     if options.network_train_unet_only and options.network_train_text_encoder_only:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if options.vae_batch_size < 1:
+        problems.append(f"--vae_batch_size {options.vae_batch_size}: give at least 1 image per VAE batch")
     if options.full_fp16 and options.mixed_precision != "fp16":
         problems.append("--full_fp16 needs --mixed_precision fp16")
     if options.full_fp16 and moments_underflow_in_fp16(options.optimizer):

@@ -405,9 +405,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
             sample(0, 0)
         for epoch in range(state.epoch, num_epochs):
             batches = data.epoch_batches(epoch)
-            for index, batch in enumerate(batches):
-                if index < state.batch_in_epoch:
-                    continue  # resumed mid-epoch: these batches were trained before the interruption
+            resumed_at = state.batch_in_epoch  # resumed mid-epoch: the batches before it were trained before
+            for index, batch in enumerate(data.loaded(batches[resumed_at:], options.max_data_loader_n_workers), resumed_at):
                 rows = world.shard(len(batch.records))
                 per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
                                             abar, v_prediction, generator, device, weight_dtype, data, train_te, rows,
