@@ -202,6 +202,23 @@ def test_dataset_config_toml_trains_with_its_own_repeats_and_writes_ss_datasets(
     assert datasets[0]["subsets"][0]["image_dir"] == "2_zkstar" and datasets[0]["subsets"][0]["flip_aug"] is True
 
 
+def test_a_datasets_network_multiplier_scales_the_network_while_its_batches_train(dataset, tmp_path):
+    """sd-scripts' per-dataset ``network_multiplier``: at 0 its batches see no network, so they teach it nothing."""
+    def trained_with(multiplier: str, out: Path) -> dict[str, torch.Tensor]:
+        config = tmp_path / f"dataset {multiplier}.toml"
+        config.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 64\nbatch_size = 4\n"
+                          f"network_multiplier = {multiplier}\n  [[datasets.subsets]]\n"
+                          f"  image_dir = '{(dataset / '2_zkstar').as_posix()}'\n  num_repeats = 1\n", encoding="utf-8")
+        assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
+                           "--output_dir", str(out), "--output_name", "star", "--network_dim", "4", "--learning_rate",
+                           "1e-3", "--max_train_epochs", "1", "--cache_latents", "--seed", "3"]) == 0
+        return weights(out / "star.safetensors")
+
+    ups = [t for k, t in trained_with("0.0", tmp_path / "off").items() if k.endswith("lora_up.weight")]
+    assert ups and all(t.eq(0).all() for t in ups)
+    assert any(t.ne(0).any() for k, t in trained_with("1.0", tmp_path / "on").items() if k.endswith("lora_up.weight"))
+
+
 def test_after_a_run_ctrl_c_interrupts_the_caller_again(dataset, tmp_path):
     import signal
 

@@ -170,6 +170,10 @@ class TrainingData:
             batch.masks = torch.stack([i.mask if i.mask is not None else torch.ones(height, width) for i in images])
         return batch
 
+    def network_multiplier(self, batch: Batch) -> float:
+        """Its dataset's ``network_multiplier`` (a batch never mixes datasets; sd-scripts too takes one per batch)."""
+        return self.datasets[batch.records[0].dataset].config.network_multiplier
+
     def _pixels(self, batch: Batch) -> list[TrainingPixels]:
         """The batch's images read, cropped, colour-augmented and flipped, with draws from its own seed only."""
         rng = random.Random(batch.augment_seed)

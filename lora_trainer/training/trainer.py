@@ -336,7 +336,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     def sample(epoch: int | None, step: int) -> None:
         if not prompts or not world.is_main:
             return
-        network.eval()
+        network.eval().set_multiplier(1.0)
         paths = draw_samples(model, prompts, options.sample_sampler, plan.folder / "sample", options.output_name, epoch, step,
                              options.clip_skip or 1)
         network.train()
@@ -347,7 +347,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     epoch_train_loss, epoch_validation_loss, per_image_loss = state.epoch_train_loss, state.epoch_validation_loss, state.per_image_loss
 
     def validation_loss() -> float:
-        network.eval()
+        network.eval().set_multiplier(1.0)
         loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype, text_cache)
         network.train()
         return loss
@@ -408,6 +408,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
             resumed_at = state.batch_in_epoch  # resumed mid-epoch: the batches before it were trained before
             for index, batch in enumerate(data.loaded(batches[resumed_at:], options.max_data_loader_n_workers), resumed_at):
                 rows = world.shard(len(batch.records))
+                network.set_multiplier(data.network_multiplier(batch))
                 per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
                                             abar, v_prediction, generator, device, weight_dtype, data, train_te, rows,
                                             text_cache)
