@@ -219,6 +219,24 @@ def test_a_datasets_network_multiplier_scales_the_network_while_its_batches_trai
     assert any(t.ne(0).any() for k, t in trained_with("1.0", tmp_path / "on").items() if k.endswith("lora_up.weight"))
 
 
+@pytest.mark.parametrize("caching", [("--cache_latents",), ()], ids=["cached", "per-batch"])
+def test_a_vae_that_gives_nan_latents_stops_the_run_naming_the_image_and_the_fix(dataset, tmp_path, capsys, caching):
+    """In fp16 the SDXL VAE overflows to NaN (the WebUI's --no-half-vae message): say so at the image, not later as a
+    NaN loss with no cause."""
+    from safetensors.torch import save_file
+
+    state = load_file(str(TINY_MODEL_PATH))
+    state["first_stage_model.encoder.conv_in.bias"][0] = float("nan")
+    model = tmp_path / "broken vae.safetensors"
+    save_file(state, str(model))
+    args = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(dataset), "--output_dir",
+            str(tmp_path / "out"), "--resolution", "64", "--max_train_epochs", "1", "--max_data_loader_n_workers", "0"]
+    assert train_main([*args, *caching]) == 2
+    err = capsys.readouterr().err
+    assert "2_zkstar" in err and ".png: the VAE (float32) gave NaN/Inf latents; check the VAE weights" in err
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
 def test_after_a_run_ctrl_c_interrupts_the_caller_again(dataset, tmp_path):
     import signal
 

@@ -166,6 +166,7 @@ class TrainingData:
         if len(noise):  # a short last batch may leave a rank without rows
             posterior = vae.encode(torch.stack([i.pixels for i in images[rows]]).to(device, vae.dtype))
             batch.latents[rows] = posterior.sample_with(noise).float().cpu()
+            _check_finite(batch.latents[rows], batch.records[rows], vae.dtype)
         if any(i.mask is not None for i in images):
             batch.masks = torch.stack([i.mask if i.mask is not None else torch.ones(height, width) for i in images])
         return batch
@@ -250,6 +251,7 @@ class TrainingData:
         # drawn image by image, flipped after unflipped: the same draws whatever --vae_batch_size is
         noise = torch.randn((len(records), len(posteriors), *posteriors[0].mean.shape[1:]), generator=generator)
         latents = [posterior.sample_with(noise[:, i]).float().cpu() for i, posterior in enumerate(posteriors)]
+        _check_finite(torch.stack(latents, 1), records, vae.dtype)
         return [(latents[0][i], latents[1][i] if len(latents) > 1 else None, image.mask) for i, image in enumerate(images)]
 
     def _interpolation(self, record: ImageRecord) -> str | None:
@@ -344,6 +346,17 @@ def _vae_batches(records: list[ImageRecord], size: int) -> Iterator[list[ImageRe
         group.append(record)
     if group:
         yield group
+
+
+def _check_finite(latents: torch.Tensor, records: list[ImageRecord], vae_dtype: torch.dtype) -> None:
+    """Stop at the first image whose latents hold NaN/Inf, before they poison the training: in fp16 the SDXL VAE
+    overflows (the WebUI's --no-half-vae message)."""
+    bad = (~torch.isfinite(latents.flatten(1))).any(1)
+    if bad.any():
+        path = records[int(bad.nonzero()[0])].path
+        fix = ("add --no_half_vae to keep the VAE in fp32, or use an fp16-fixed VAE with --vae"
+               if vae_dtype == torch.float16 else "check the VAE weights (--vae or the checkpoint's own)")
+        raise UserError(f"{path}: the VAE ({str(vae_dtype).removeprefix('torch.')}) gave NaN/Inf latents; {fix}")
 
 
 def _with_pixels(batch: Batch, pixels: Future) -> Batch:
