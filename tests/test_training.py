@@ -237,6 +237,21 @@ def test_a_vae_that_gives_nan_latents_stops_the_run_naming_the_image_and_the_fix
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
+def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, capsys, monkeypatch):
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.trainer import check_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run(dataset, tmp_path, "--device", "cuda") == 2
+    assert "--device cuda: this PyTorch" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    options = options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d", "mixed_precision": "bf16"})
+    with pytest.raises(UserError, match="--mixed_precision bf16: Tesla T4 has no bf16 arithmetic; use --mixed_precision fp16"):
+        check_precision(options, torch.device("cuda"))
+    check_precision(options, torch.device("cpu"))  # the CPU computes in fp32 anyway
+
+
 def test_after_a_run_ctrl_c_interrupts_the_caller_again(dataset, tmp_path):
     import signal
 

@@ -50,7 +50,18 @@ from .tracking import Tracker
 def pick_device(name: str, world: World = World()) -> torch.device:
     if name == "auto":
         return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU; install the CUDA build "
+                        "of torch for your driver, or use --device cpu")
+    return device
+
+
+def check_precision(options: TrainOptions, device: torch.device) -> None:
+    """bf16 needs an Ampere or newer GPU (a Colab T4 or an RTX 20xx has none): say so before loading anything."""
+    if device.type == "cuda" and options.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(False):
+        raise UserError(f"--mixed_precision bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic; use "
+                        "--mixed_precision fp16" + (" with --full_fp16" if options.full_bf16 else ""))
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -229,6 +240,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         warnings.append(f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: the run "
                         "computes and trains in fp32 (half precision pays only on a GPU)")
     warnings += choose_attention(options, device)
+    check_precision(options, device)
     started = time.time()
 
     model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
