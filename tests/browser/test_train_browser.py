@@ -40,7 +40,8 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     page.wait_for_selector("#lora_trainer_start")
     _fill(page, "lora_trainer_dataset", str(SAMPLE_DATASET))
     _fill(page, "lora_trainer_output_name", "browser_star")
-    for elem_id, value in (("lora_trainer_epochs", "3"), ("lora_trainer_batch_size", "16"), ("lora_trainer_dim", "8"),
+    # 8 epochs of 10 steps: the stop lands mid-run even when the first sample and the 3 s height check take 30 steps
+    for elem_id, value in (("lora_trainer_epochs", "8"), ("lora_trainer_batch_size", "16"), ("lora_trainer_dim", "8"),
                            ("lora_trainer_alpha", "8"), ("lora_trainer_unet_lr", "0.002"), ("lora_trainer_te_lr", "0"),
                            ("lora_trainer_save_every", "1"), ("lora_trainer_sample_every", "1")):
         _fill(page, elem_id, value, "input")
