@@ -252,6 +252,64 @@ def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, caps
     check_precision(options, torch.device("cpu"))  # the CPU computes in fp32 anyway
 
 
+def test_a_nan_loss_stops_the_run_with_advice_and_keeps_the_files_saved_before(baseline, dataset, tmp_path, capsys,
+                                                                               monkeypatch):
+    from lora_trainer.training import trainer
+
+    calls = []
+
+    def poisoned(*args, **kwargs):  # the loss weights of step 12 (epoch 2) and on are NaN
+        calls.append(1)
+        weights = loss_weights(*args, **kwargs)
+        return weights * float("nan") if len(calls) >= 12 else weights
+
+    loss_weights = trainer.N.loss_weights
+    monkeypatch.setattr(trainer.N, "loss_weights", poisoned)
+    assert run(dataset, tmp_path, "--save_every_n_epochs", "1") == 2
+    assert "the loss became nan at step 12: lower the learning rate" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["star-000001.safetensors"]
+    epoch_one = weights(tmp_path / "star-000001.safetensors")
+    expected = weights(baseline / "star-000001.safetensors")
+    assert all(torch.equal(epoch_one[k], expected[k]) for k in expected)
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert [e["event"] for e in events].count("error") == 1 and events[-1]["event"] == "error"
+
+
+@pytest.mark.parametrize("failing", ["network file", "state"])
+def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_earlier_files_and_states_whole(baseline, dataset, tmp_path,
+                                                                                            capsys, monkeypatch, failing):
+    """The second save of the kind fails half-written (the final network file, or the final state)."""
+    import errno
+
+    import safetensors.torch
+
+    from lora_trainer.training import state
+
+    module = safetensors.torch if failing == "network file" else state
+    save_file, saves = module.save_file, []
+
+    def fills_the_disk(tensors, filename, metadata=None):
+        saves.append(filename)
+        if len(saves) == 2:
+            Path(filename).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(module, "save_file", fills_the_disk)
+    assert run(dataset, tmp_path, "--save_every_n_epochs", "1", "--save_state") == 2
+    err = capsys.readouterr().err
+    failed = "star.safetensors" if failing == "network file" else "star-state"
+    assert f"could not write {tmp_path / failed}: No space left on device" in err and "--resume" in err
+    kept = ["star-000001-state", "star-000001.safetensors"] + (["star.safetensors"] if failing == "state" else [])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".jsonl")) == kept  # nothing half-written
+    epoch_one = weights(tmp_path / "star-000001.safetensors")
+    expected = weights(baseline / "star-000001.safetensors")
+    assert all(torch.equal(epoch_one[k], expected[k]) for k in expected)
+    assert run(dataset, tmp_path / "resumed", "--resume", str(tmp_path / "star-000001-state")) == 0
+    resumed, uninterrupted = weights(tmp_path / "resumed" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_after_a_run_ctrl_c_interrupts_the_caller_again(dataset, tmp_path):
     import signal
 

@@ -27,21 +27,25 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(temporary / "model.safetensors"))
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": _numpy_state(),
-        "run": dataclasses.asdict(run_state),
-    }, temporary / "train_state.pt")
-    (temporary / "train_state.json").write_text(json.dumps({"current_epoch": run_state.epoch, "current_step": run_state.step}),
-                                                encoding="utf-8")
-    for file in temporary.iterdir():
-        with open(file, "rb+") as handle:
-            os.fsync(handle.fileno())
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(temporary / "model.safetensors"))
+        torch.save({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": _numpy_state(),
+            "run": dataclasses.asdict(run_state),
+        }, temporary / "train_state.pt")
+        (temporary / "train_state.json").write_text(
+            json.dumps({"current_epoch": run_state.epoch, "current_step": run_state.step}), encoding="utf-8")
+        for file in temporary.iterdir():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:  # a full disk or a kill: the half-written folder goes, the previous state stays
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -10,9 +10,11 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -389,13 +391,15 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     def save_state_file(path: Path) -> None:
         if not world.is_main:
             return
-        save_state(path, network, optimizer, scheduler, generator, state)
+        with _writing(path):
+            save_state(path, network, optimizer, scheduler, generator, state)
         events.emit("state", action="saved", path=str(path), epoch=state.epoch, step=state.step)
 
     def save_network_file(path: Path, epoch: int, step: int) -> None:
         if not world.is_main:
             return
-        saved = plan.save(network, path, metadata.build(epoch, step, judgement()))
+        with _writing(path):
+            saved = plan.save(network, path, metadata.build(epoch, step, judgement()))
         written.append(saved)
         events.emit("saved", path=str(saved), epoch=epoch, step=step)
 
@@ -449,9 +453,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     network.remove()
-                    events.emit("error", message=f"the loss became {value} at step {state.step}: lower the learning rate "
-                                "or use fp32/bf16; the last good file is kept", step=state.step)
-                    raise UserError(f"loss became {value} at step {state.step}; stopped (files saved so far are intact)")
+                    raise UserError(f"the loss became {value} at step {state.step}: lower the learning rate or use "
+                                    "fp32/bf16; stopped, and the files saved before it are intact")
                 state.losses.append(value)
                 now = time.perf_counter()
                 window = state.losses[-data.batches_per_epoch:]
@@ -508,6 +511,19 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         progress.close()
         tracker.close()
         stop.close()
+
+
+@contextmanager
+def _writing(path: Path):
+    """A save that fails (a full disk, a vanished drive) stops the run with what to do; the writes are atomic, so
+    every file and state saved before it is intact."""
+    try:
+        yield
+    except OSError as error:
+        folder = next((p for p in (path, *path.parents) if p.exists()), None)
+        free = f", {shutil.disk_usage(folder).free / 2**30:.1f} GiB free there" if folder else ""
+        raise UserError(f"could not write {path}: {error.strerror or error}{free}. Everything saved before it is intact: "
+                        "make room, then continue from the last state (--resume) or file (--network_weights)") from None
 
 
 def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str], sizes, latents, noise, input_noise,
