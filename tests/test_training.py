@@ -345,6 +345,38 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_state_to_the_same_weights(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_and_exits_0_and_the_run_resumes_to_the_same_weights(baseline, dataset, tmp_path,
+                                                                                             signal_name):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "signalled"
+    arguments = ["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
+                 "--output_dir", str(out), "--output_name", "star", "--resolution", "64", "--train_batch_size", "4",
+                 "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
+                 "--max_train_epochs", "2", "--cache_latents", "--seed", "3", "--caption_extension", ".txt",
+                 "--max_data_loader_n_workers", "0"]
+    process = subprocess.Popen([sys.executable, "-m", "lora_trainer.train_network", *arguments],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    events_file, deadline = out / "star.events.jsonl", time.time() + 120
+    while process.poll() is None and time.time() < deadline and not (
+            events_file.exists() and '"step": 2, "total"' in events_file.read_text(encoding="utf-8")):
+        time.sleep(0.01)
+    os.kill(process.pid, getattr(signal, signal_name))
+    assert process.wait(timeout=120) == 0, process.stderr.read().decode()[-2000:]
+    events, _ = read_events(events_file)
+    stopped = [e for e in events if e["event"] == "state" and e["action"] == "saved"]
+    assert stopped and stopped[-1]["step"] < 16, "the run ended before the signal came"
+    assert (out / "star.safetensors").exists()  # the weights so far
+    assert run(dataset, tmp_path / "resumed", "--resume", stopped[-1]["path"]) == 0
+    resumed, uninterrupted = weights(tmp_path / "resumed" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_mixed_precision_on_the_cpu_trains_the_fp32_weights_and_says_so(baseline, dataset, tmp_path):
     """Half precision pays only on a GPU: on the CPU the run is the fp32 one, --full_bf16 included, and a warning
     tells the user instead of the option passing silently."""
