@@ -161,6 +161,29 @@ def test_sample_images_are_drawn_at_first_and_every_epoch_with_sd_scripts_names(
     assert sum(e["event"] == "sample" for e in events) == 3
 
 
+def test_sample_prompt_files_in_toml_and_json_read_as_sd_scripts_reads_them(tmp_path):
+    """sd-scripts' three formats for the same two prompts: [prompt] defaults with [[prompt.subset]] entries, a JSON
+    list of objects, and --options lines."""
+    from lora_trainer.training.samples import read_prompts
+
+    (tmp_path / "p.txt").write_text("zkstar, red dress --n blurry --w 64 --h 96 --s 12 --l 6 --d 7 --ss euler_a\n"
+                                    "zkstar, white hair --n blurry --w 64 --h 64 --s 12 --l 6\n", encoding="utf-8")
+    (tmp_path / "p.toml").write_text(
+        '[prompt]\nnegative_prompt = "blurry"\nwidth = 64\nheight = 64\nsample_steps = 12\nscale = 6\n'
+        '[[prompt.subset]]\nprompt = "zkstar, red dress"\nheight = 96\nseed = 7\nsample_sampler = "euler_a"\n'
+        '[[prompt.subset]]\nprompt = "zkstar, white hair"\n', encoding="utf-8")
+    (tmp_path / "p.json").write_text(
+        '[{"prompt": "zkstar, red dress", "negative_prompt": "blurry", "width": 64, "height": 96, "sample_steps": 12,'
+        ' "scale": 6, "seed": 7, "sample_sampler": "euler_a"},'
+        ' {"prompt": "zkstar, white hair", "negative_prompt": "blurry", "width": 64, "height": 64, "sample_steps": 12,'
+        ' "scale": 6}]', encoding="utf-8")
+    from_txt = read_prompts(tmp_path / "p.txt")
+    assert [(p.prompt, p.height, p.seed, p.sampler) for p in from_txt] == [
+        ("zkstar, red dress", 96, 7, "euler_a"), ("zkstar, white hair", 64, None, None)]
+    assert read_prompts(tmp_path / "p.toml") == from_txt
+    assert read_prompts(tmp_path / "p.json") == from_txt
+
+
 def test_validation_split_gives_a_loss_per_epoch_and_a_recommended_epoch(dataset, tmp_path):
     assert run(dataset, tmp_path, "--validation_split", "0.25", "--validation_seed", "5") == 0
     events, _ = read_events(tmp_path / "star.events.jsonl")
