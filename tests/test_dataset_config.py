@@ -186,6 +186,14 @@ def test_bucket_sizes_that_contradict_the_resolution_name_the_file(tmp_path):
     assert str(path) in message and "min_bucket_reso" in message
 
 
+def test_a_resolution_off_the_bucket_step_is_refused_with_the_nearest_sizes_unless_bucketing(tmp_path):
+    path = one_subset(tmp_path, 'image_dir = "a"', "resolution = [500, 768]")
+    message = error_of(path)
+    assert str(path) in message and "resolution 500x768" in message and "use 448x768 or 512x768" in message
+    bucketed = one_subset(tmp_path, 'image_dir = "a"', "resolution = [500, 768]\nenable_bucket = true")
+    assert load_dataset_config(bucketed).datasets[0].resolution == (500, 768)  # the buckets keep to the step
+
+
 def test_bucket_sizes_are_snapped_to_the_step_as_sd_scripts_does(tmp_path):
     path = one_subset(tmp_path, 'image_dir = "a"', "resolution = 512\nenable_bucket = true\nmin_bucket_reso = 200\nmax_bucket_reso = 1000")
     dataset = load_dataset_config(path).datasets[0]

@@ -377,6 +377,13 @@ def _check_dataset_values(source: str, table: str, dataset: DatasetConfig) -> Da
     if min(dataset.resolution) < 1:
         raise UserError(f"{source}: resolution of {table} is {dataset.resolution}; both sides must be positive.")
     if not dataset.enable_bucket:
+        step = dataset.bucket_reso_steps
+        if step > 0 and any(side % step for side in dataset.resolution):
+            down = "x".join(str(max(step, side // step * step)) for side in dataset.resolution)
+            up = "x".join(str(-(-side // step) * step) for side in dataset.resolution)
+            width, height = dataset.resolution
+            raise UserError(f"{source}: resolution {width}x{height} of {table} is not a multiple of bucket_reso_steps "
+                            f"{step}; use {down} or {up}, or turn on enable_bucket.")
         return dataset
     try:
         min_reso, max_reso = adjusted_bucket_range(
