@@ -28,11 +28,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
             target = Path(options.config_file or "config").with_suffix(".toml")
             print(f"wrote {write_config(options, target)}")
             return 0
+        from .training.distributed import world_from_env
         from .training.trainer import train
 
         name = options.output_name or "last"
         events_path = options.events_file or str(Path(options.output_dir or "output") / f"{name}.events.jsonl")
-        with EventLog(events_path) as events:
+        with EventLog(events_path if world_from_env().is_main else None) as events:  # under torchrun, rank 0 tells
             try:
                 if options.backend:
                     from .training.sd_scripts_backend import run_sd_scripts

@@ -89,3 +89,24 @@ def test_summed_gradients_land_in_their_own_parameters_whatever_their_dtype_or_l
         assert grads[1].dtype == torch.float16 and torch.equal(grads[1], torch.full((4,), 1.5, dtype=torch.float16))
         assert torch.equal(grads[2], (torch.arange(6.0).reshape(3, 2) * 30).t())
         assert torch.equal(grads[3], torch.ones(5))
+
+
+def test_only_rank_0_writes_the_event_stream_even_when_every_rank_fails(tmp_path, monkeypatch, capsys):
+    """A failure that every rank meets (a NaN loss, a full disk) is one error event, not one per rank."""
+    from lora_trainer.errors import UserError
+    from lora_trainer.train_network import main
+    from lora_trainer.training import trainer
+
+    def fails(options, events):
+        raise UserError("the loss became nan at step 3")
+
+    monkeypatch.setattr(trainer, "train", fails)
+    arguments = ["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(tmp_path),
+                 "--output_dir", str(tmp_path / "out"), "--output_name", "star"]
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(arguments) == 2
+        assert "the loss became nan at step 3" in capsys.readouterr().err  # each rank says it on its console
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    assert [e["event"] for e in events] == ["error"]
