@@ -63,7 +63,7 @@ def check_precision(options: TrainOptions, device: torch.device) -> None:
     """bf16 needs an Ampere or newer GPU (a Colab T4 or an RTX 20xx has none): say so before loading anything."""
     if device.type == "cuda" and options.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(False):
         raise UserError(f"--mixed_precision bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic; use "
-                        "--mixed_precision fp16" + (" with --full_fp16" if options.full_bf16 else ""))
+                        "--mixed_precision fp16" + (" and drop --full_bf16" if options.full_bf16 else ""))
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
