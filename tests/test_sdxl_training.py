@@ -90,3 +90,15 @@ def test_caching_refuses_what_would_make_captions_vary(tiny_sdxl, dataset, tmp_p
     assert train(tiny_sdxl, dataset, tmp_path, "--cache_text_encoder_outputs", "--network_train_unet_only",
                  "--shuffle_caption") == 2
     assert "shuffle_caption change the captions" in capsys.readouterr().err
+
+
+def test_clip_skip_leaves_sdxl_alone_as_sd_scripts_and_the_webui_do_and_says_so(tiny_sdxl, dataset, tmp_path):
+    """SD1.5 presets often carry clip_skip = 2; on SDXL sd-scripts warns and ignores it, and the WebUI never applies it."""
+    from lora_trainer.training.events import read_events
+
+    assert train(tiny_sdxl, dataset, tmp_path / "plain") == 0
+    assert train(tiny_sdxl, dataset, tmp_path / "skip", "--clip_skip", "2") == 0
+    plain, skip = load_file(str(tmp_path / "plain" / "star.safetensors")), load_file(str(tmp_path / "skip" / "star.safetensors"))
+    assert all(torch.equal(plain[k], skip[k]) for k in plain)
+    events, _ = read_events(tmp_path / "skip" / "star.events.jsonl")
+    assert any("--clip_skip 2 on an SDXL model" in e["message"] for e in events if e["event"] == "warning")

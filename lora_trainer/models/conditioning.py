@@ -66,7 +66,7 @@ def _encode_one(config, text_encoders, prompt: str, clip_skip: int, tokenizer) -
         device = next(encoder.parameters()).device
         ids = torch.tensor(chunks.tokens, device=device)
         weights = torch.tensor(chunks.weights, device=device)
-        output = encoder(ids, skip_layers=slot.skip_layers + clip_skip - 1, final_norm=slot.final_norm)
+        output = encoder(ids, skip_layers=config.skip_layers(slot, clip_skip), final_norm=slot.final_norm)
         hidden = torch.cat([apply_emphasis(output.hidden[i : i + 1], weights[i : i + 1]) for i in range(len(ids))], dim=1)
         states.append(hidden)
         pooled = output.pooled[:1]  # the pooled vector of the first chunk, as the WebUI and sd-scripts use

@@ -46,10 +46,16 @@ class ModelConfig:
     # sd-scripts' SD2 UNet keeps proj_in/proj_out as 1×1 convs, so its LoRA tensors for them are 4-D
     kohya_conv_projections: bool = False
     vae_prefix: str = "first_stage_model."
+    # SDXL: sd-scripts and the WebUI keep its encoders' layers whatever the clip skip setting says
+    takes_clip_skip: bool = True
 
     @property
     def needs_size_conditioning(self) -> bool:
         return self.unet.adm_in_channels is not None
+
+    def skip_layers(self, slot: TextEncoderSlot, clip_skip: int) -> int:
+        """How many final layers of ``slot``'s encoder to leave out at a clip skip setting (1 = as the model was made)."""
+        return slot.skip_layers + (clip_skip - 1 if self.takes_clip_skip else 0)
 
     def with_prediction(self, prediction_type: str) -> ModelConfig:
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -93,6 +99,7 @@ SDXL = ModelConfig(
     vae=SDXL_VAE,
     resolution=1024,
     lora_unet_naming="sgm",
+    takes_clip_skip=False,
 )
 
 FULL_SIZE = {config.name: config for config in (SD1, SD2, SD2_V, SDXL)}

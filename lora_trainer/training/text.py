@@ -82,7 +82,7 @@ def encode_captions(config: ModelConfig, text_encoders, captions: list[str], tok
         tokenized = [caption_chunks(c, tokenizer, slot.pad_id, encoding.max_token_length, encoding.weighted) for c in captions]
         chunks = len(tokenized[0][0])
         flat = torch.tensor([chunk for ids, _ in tokenized for chunk in ids], device=device)
-        output = encoder(flat, skip_layers=slot.skip_layers + encoding.clip_skip - 1, final_norm=slot.final_norm)
+        output = encoder(flat, skip_layers=config.skip_layers(slot, encoding.clip_skip), final_norm=slot.final_norm)
         hidden = output.hidden
         if encoding.weighted:
             weights = torch.tensor([chunk for _, w in tokenized for chunk in w], device=device, dtype=hidden.dtype)

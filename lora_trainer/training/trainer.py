@@ -253,6 +253,9 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
                                                                                      zero_terminal_snr=True))
     config = model.config
     _check_model_matches_options(config, options)
+    if (options.clip_skip or 1) > 1 and not config.takes_clip_skip:
+        warnings.append(f"--clip_skip {options.clip_skip} on an {config.label} model: sd-scripts and the WebUI leave "
+                        f"{config.label}'s text-encoder layers as they are, and so does this run")
     if options.base_weights:
         warnings += _merge_base_weights(model, options)
     fp8_saved = 0
