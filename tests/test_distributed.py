@@ -26,7 +26,7 @@ def arguments(data: Path, out: Path, batch: int, latents: tuple[str, ...] = ("--
             "--train_data_dir", str(data), "--output_dir", str(out), "--output_name", "star", "--resolution", "64",
             "--train_batch_size", str(batch), "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
             "--max_train_epochs", "1", "--seed", "3", "--caption_extension", ".txt", *latents,
-            "--max_data_loader_n_workers", "0", "--device", "cpu", "--save_every_n_epochs", "1"]
+            "--max_data_loader_n_workers", "0", "--device", "cpu", "--save_every_n_epochs", "1", "--ddp_timeout", "5"]
 
 
 @pytest.mark.parametrize("latents", [("--cache_latents",), ("--flip_aug", "--color_aug", "--random_crop")],

@@ -508,6 +508,19 @@ def test_initial_steps_that_leave_nothing_or_contradict_a_resume_are_refused(bas
     assert "--resume continues exactly where its state stopped" in capsys.readouterr().err
 
 
+def test_sd_scripts_switches_that_change_nothing_here_run_and_say_so(baseline, dataset, tmp_path):
+    """Kohya GUI commands carry switches such as --disable_mmap_load_safetensors or --cache_info: they must run, and
+    the run must say that they change nothing here rather than pass over them in silence."""
+    assert run(dataset, tmp_path, "--disable_mmap_load_safetensors", "--cache_info", "--persistent_data_loader_workers") == 0
+    ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    said = " ".join(e["message"] for e in events if e["event"] == "warning")
+    assert all(f"--{name} has no effect here" in said
+               for name in ("disable_mmap_load_safetensors", "cache_info", "persistent_data_loader_workers"))
+    assert "skip_cache_check" not in said  # only the switches that were set
+
+
 def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--deepspeed", "--huggingface_repo_id", "me/star") == 2
     assert "not supported: --deepspeed, --huggingface_repo_id" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -49,12 +50,13 @@ def world_from_env() -> World:
     return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def start(world: World, device: torch.device) -> None:
+def start(world: World, device: torch.device, timeout_minutes: int | None = None) -> None:
     dist = _dist() if world.distributed else None
     if dist is not None and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,14 @@ from .optimizers import moments_underflow_in_fp16
 
 
 def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs})
+    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs, "inert": None})
+
+
+def inert(why: str):
+    """An sd-scripts switch that changes nothing here, and why: accepted so existing commands run, and said in a
+    warning when set (never silently ignored)."""
+    return field(default=False, metadata={"help": f"accepted, no effect: {why}", "choices": None, "nargs": None,
+                                          "inert": why})
 
 
 @dataclass
@@ -74,12 +81,13 @@ class TrainOptions:
     cache_latents: bool = opt(False, "encode all images once before training, in memory")
     cache_latents_to_disk: bool = opt(False, "… and keep them as sd-scripts' .npz files beside the images")
     vae_batch_size: int = opt(1, "images per VAE batch while caching")
-    skip_cache_check: bool = opt(False, "accepted: a cache is checked as it is read, which training needs anyway")
+    skip_cache_check: bool = inert("a cache is checked as it is read, which training needs anyway")
+    cache_info: bool = inert("image sizes come from the files' headers, which is fast without a cache")
     max_token_length: int | None = opt(None, "75, 150 or 225 tokens per caption", choices=[None, 75, 150, 225])
     prior_loss_weight: float = opt(1.0, "loss weight of regularisation images")
     masked_loss: bool = opt(False, "mask the loss (masks from --alpha_mask; mask folders are not supported)")
     max_data_loader_n_workers: int = opt(8, "batches read ahead by loader threads without cached latents (0 = none)")
-    persistent_data_loader_workers: bool = opt(False, "accepted: loader threads cost nothing to start, so each epoch has its own")
+    persistent_data_loader_workers: bool = inert("loader threads cost nothing to start, so each epoch has its own")
     validation_split: float = opt(0.0, "fraction of images held out for validation loss")
     validation_seed: int | None = opt(None, "seed of the held-out split")
     validate_every_n_steps: int | None = opt(None, "validation loss every N steps too (the live plot shows it)")
@@ -102,8 +110,9 @@ class TrainOptions:
                          "fp16; needs --mixed_precision fp16 or bf16)")
     save_precision: str | None = opt(None, "dtype of saved files", choices=[None, "float", "fp16", "bf16"])
     no_half_vae: bool = opt(False, "keep the VAE in fp32")
-    lowram: bool = opt(False, "load the model straight to the GPU: always so here (tensors stream one by one from the "
-                       "memory-mapped file to the device)")
+    lowram: bool = inert("the model always loads straight to the GPU here, tensor by tensor from the mapped file")
+    disable_mmap_load_safetensors: bool = inert("the checkpoint is converted tensor by tensor, so memory stays low "
+                                                "with the file mapped")
     highvram: bool = opt(False, "keep the GPU's cached memory after caching latents and drawing samples (by default "
                          "it is handed back, e.g. to the WebUI on the same card)")
     xformers: bool = opt(False, "xformers attention (CUDA; pip install the build made for your torch)")
@@ -186,6 +195,7 @@ class TrainOptions:
     sample_sampler: str = opt("ddim", "sampler of the samples")
     logging_dir: str | None = opt(None, "TensorBoard logs with sd-scripts' tags (needs the tensorboard package)")
     log_with: str | None = opt(None, "tensorboard", choices=[None, "tensorboard", "wandb", "all"])
+    log_config: bool = inert("the options are in the event stream and the saved files' ss_* metadata")
     log_prefix: str | None = opt(None, "prefix of the log folder")
     log_tracker_name: str | None = opt(None, "tracker name")
     tokenizer_cache_dir: str | None = opt(None, "accepted for sd-scripts configs; our CLIP tokenizer is built in and needs no cache")
@@ -199,6 +209,11 @@ class TrainOptions:
     # SDXL (sdxl_train_network.py)
     cache_text_encoder_outputs: bool = opt(False, "encode captions once, before training (UNet-only runs)")
     cache_text_encoder_outputs_to_disk: bool = opt(False, "… and keep them beside the images (<image>_te_outputs.npz)")
+    # torchrun
+    ddp_timeout: int | None = opt(None, "minutes a rank waits for the others before giving up (torch's default: 10)")
+    ddp_gradient_as_bucket_view: bool = inert("gradients are summed in one flat buffer per step, without torch's DDP "
+                                              "wrapper and its buckets")
+    ddp_static_graph: bool = inert("there is no DDP wrapper here whose graph could be static")
     # ours
     device: str = opt("auto", "cpu, cuda, cuda:1, … (auto: the GPU when there is one)")
     events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl)")
@@ -220,7 +235,8 @@ DEFAULTS = TrainOptions()
 FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token", "save_state_to_huggingface",
            "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
            "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale", "dataset_class",
-           "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir"}
+           "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir",
+           "log_tracker_config"}
 
 
 def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse.ArgumentParser:

@@ -170,7 +170,7 @@ def train(options: TrainOptions, events: EventLog) -> list[Path]:
     """Run the job; returns the files written (last one = the final network)."""
     world = world_from_env()
     device = pick_device(options.device, world)
-    start_world(world, device)
+    start_world(world, device, options.ddp_timeout)
     try:
         return _train(options, events if world.is_main else EventLog(None), world, device)
     except torch.OutOfMemoryError as error:
@@ -235,7 +235,8 @@ def memory_advice(options: TrainOptions) -> str:
 def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device) -> list[Path]:
     seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
     seed_everything(seed)
-    warnings: list[str] = []  # said right after the start event, which comes first in every event stream
+    warnings = [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
+                if f.metadata["inert"] and getattr(options, name)]  # said right after the start event, which comes first
     weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
     if weight_dtype != DTYPES[options.mixed_precision]:
         full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
