@@ -286,7 +286,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def options_from(values: dict[str, Any], source: str = "options") -> TrainOptions:
     """A dict of option values (CLI, TOML, UI form or API body) → validated TrainOptions."""
-    foreign = sorted(k for k, v in values.items() if k in FOREIGN and v is not None and v is not False)
+    # an empty value asks for nothing (Kohya GUI files carry e.g. lr_scheduler_args = [], wandb_api_key = "")
+    foreign = sorted(k for k, v in values.items() if k in FOREIGN and v not in (None, False, "", []))
     unknown = sorted(k for k in values if k not in FIELDS and k not in FOREIGN)
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
@@ -303,6 +304,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     """Command line (+ its ``--config_file``) → TrainOptions. CLI values beat the file, the file beats defaults."""
     parser = build_parser(prog or "python -m lora_trainer.train_network")
     given = vars(parser.parse_args(argv))
+    # a foreign switch given bare (--deepspeed) asks for something; an empty list in a TOML file does not
+    given.update({k: True for k, v in given.items() if k in FOREIGN and v == []})
     actions = {k: given.pop(k) for k in ("print_config", "print_kohya_command") if k in given}
     values: dict[str, Any] = {}
     if given.get("config_file"):
