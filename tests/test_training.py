@@ -524,8 +524,9 @@ def test_sd_scripts_switches_that_change_nothing_here_run_and_say_so(baseline, d
 def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--deepspeed", "--huggingface_repo_id", "me/star") == 2
     assert "not supported: --deepspeed, --huggingface_repo_id" in capsys.readouterr().err
-    config = tmp_path / "kohya_gui.toml"  # empty values of those options ask for nothing: the file trains
-    config.write_text('lr_scheduler_args = []\nhuggingface_repo_id = ""\nwandb_api_key = ""\ndeepspeed = false\n',
+    config = tmp_path / "kohya_gui.toml"  # empty values ask for nothing, ours (vae = "") as much as those: it trains
+    config.write_text('lr_scheduler_args = []\nhuggingface_repo_id = ""\nwandb_api_key = ""\ndeepspeed = false\n'
+                      'vae = ""\nnetwork_weights = ""\nsample_prompts = ""\nresume = ""\nlogging_dir = ""\n',
                       encoding="utf-8")
     assert run(dataset, tmp_path / "out", "--config_file", str(config), "--max_train_epochs", "1") == 0
 

@@ -292,7 +292,9 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
         raise UserError(f"{source}: unknown option(s) {', '.join(hints)}")
-    options = TrainOptions(**{k: v for k, v in values.items() if k in FIELDS})
+    # an empty path or name (vae = "" in a TOML file) means not given, not the current folder
+    options = TrainOptions(**{k: None if v == "" and FIELDS[k].default is None else v
+                              for k, v in values.items() if k in FIELDS})
     if foreign:
         raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
                         "(or run the same command with sd-scripts)")
