@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
                     run_sd_scripts(options, events, Path(events_path).with_suffix(".sd-scripts.log"))
                     print(f"sd-scripts finished; events in {events_path}")
                     return 0
-                files = train(options, events)
+                files = train(options, events, actions.notes)
             except UserError as error:
                 events.emit("error", message=str(error))
                 raise

@@ -524,11 +524,19 @@ def test_sd_scripts_switches_that_change_nothing_here_run_and_say_so(baseline, d
 def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--deepspeed", "--huggingface_repo_id", "me/star") == 2
     assert "not supported: --deepspeed, --huggingface_repo_id" in capsys.readouterr().err
-    config = tmp_path / "kohya_gui.toml"  # empty values ask for nothing, ours (vae = "") as much as those: it trains
+    # a Kohya GUI file: empty values ask for nothing, ours (vae = "") as much as those, and the GUI's own keys, which
+    # sd-scripts never reads, are noted: it trains
+    config = tmp_path / "kohya_gui.toml"
     config.write_text('lr_scheduler_args = []\nhuggingface_repo_id = ""\nwandb_api_key = ""\ndeepspeed = false\n'
-                      'vae = ""\nnetwork_weights = ""\nsample_prompts = ""\nresume = ""\nlogging_dir = ""\n',
-                      encoding="utf-8")
+                      'vae = ""\nnetwork_weights = ""\nsample_prompts = ""\nresume = ""\nlogging_dir = ""\n'
+                      'epoch = 15\nnoise_offset_type = "Original"\ndynamo_backend = "no"\n', encoding="utf-8")
     assert run(dataset, tmp_path / "out", "--config_file", str(config), "--max_train_epochs", "1") == 0
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    said = " ".join(e["message"] for e in events if e["event"] == "warning")
+    assert "kohya_gui.toml: epoch is not read, by sd-scripts either" in said and "noise_offset_type is not read" in said
+    config.write_text("learning_rat = 1e-4\n", encoding="utf-8")  # a typo still stops the run
+    assert run(dataset, tmp_path / "typo", "--config_file", str(config)) == 2
+    assert "unknown option(s) learning_rat (did you mean learning_rate?)" in capsys.readouterr().err
 
 
 def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):

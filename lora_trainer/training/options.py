@@ -120,9 +120,9 @@ class TrainOptions:
     mem_eff_attn: bool = opt(False, "memory-efficient attention (SDPA picks its memory-efficient kernel)")
     torch_compile: bool = opt(False, "compile the UNet and text encoders with torch.compile (slow first steps; "
                               "inductor needs a C++ compiler, on Windows MSVC)")
-    dynamo_backend: str = opt("inductor", "torch.compile backend", choices=["eager", "aot_eager", "inductor",
-                              "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt", "onnxrt", "tensort",
-                              "ipex", "tvm"])
+    dynamo_backend: str = opt("inductor", "torch.compile backend (no: compile nothing, as accelerate's NO; the Kohya GUI "
+                              "writes it)", choices=["no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser",
+                              "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt", "onnxrt", "tensort", "ipex", "tvm"])
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     # noise and loss
     noise_offset: float | None = opt(None, "noise offset")
@@ -260,8 +260,20 @@ def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse
     return parser
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened."""
+# Keys the Kohya GUI writes into the file it hands sd-scripts, which sd-scripts never reads (it keeps unknown keys
+# without a word): dropped with a note, so the GUI's files run unchanged while a typo still stops the run.
+KOHYA_GUI_KEYS = {
+    "epoch": "the GUI's epoch count, already turned into max_train_steps or max_train_epochs",
+    "noise_offset_type": "the GUI's choice between noise_offset and multires_noise_*, which the file already holds",
+    "stop_text_encoder_training": "a DreamBooth option of the GUI that train_network.py does not have",
+    "huggingface_repo_type": "used only with huggingface_repo_id", "huggingface_repo_visibility": "used only with huggingface_repo_id",
+    "huggingface_path_in_repo": "used only with huggingface_repo_id",
+}
+
+
+def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened; the Kohya GUI's
+    own keys are dropped, each with a line in ``notes``."""
     path = Path(path)
     if path.suffix.lower() != ".toml":
         path = path.with_name(path.name + ".toml")
@@ -277,6 +289,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             flat.update(value)
         else:
             flat[key] = value
+    for key in sorted(KOHYA_GUI_KEYS.keys() & flat.keys()):
+        del flat[key]
+        if notes is not None:
+            notes.append(f"{path}: {key} is not read, by sd-scripts either ({KOHYA_GUI_KEYS[key]})")
     unknown = sorted(k for k in flat if k not in FIELDS and k not in FOREIGN)
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
@@ -310,11 +326,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     given.update({k: True for k, v in given.items() if k in FOREIGN and v == []})
     actions = {k: given.pop(k) for k in ("print_config", "print_kohya_command") if k in given}
     values: dict[str, Any] = {}
+    notes: list[str] = []
     if given.get("config_file"):
-        values.update(read_config_file(given["config_file"]))
+        values.update(read_config_file(given["config_file"], notes))
     values.update(given)
     options = options_from(values, "command line")
-    return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions})
+    return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions, "notes": notes})
 
 
 def validate(options: TrainOptions) -> None:

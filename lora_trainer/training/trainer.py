@@ -166,13 +166,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(options: TrainOptions, events: EventLog) -> list[Path]:
-    """Run the job; returns the files written (last one = the final network)."""
+def train(options: TrainOptions, events: EventLog, notes: list[str] = ()) -> list[Path]:
+    """Run the job; returns the files written (last one = the final network). ``notes`` (what reading the options
+    left out) become warnings after the start event."""
     world = world_from_env()
     device = pick_device(options.device, world)
     start_world(world, device, options.ddp_timeout)
     try:
-        return _train(options, events if world.is_main else EventLog(None), world, device)
+        return _train(options, events if world.is_main else EventLog(None), world, device, list(notes))
     except torch.OutOfMemoryError as error:
         raise UserError(f"out of {device.type.upper()} memory ({str(error).splitlines()[0][:120]}); {memory_advice(options)}") from None
     except Exception as error:
@@ -232,11 +233,11 @@ def memory_advice(options: TrainOptions) -> str:
     return "to fit, try " + ", ".join(unused)
 
 
-def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device) -> list[Path]:
+def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str]) -> list[Path]:
     seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
     seed_everything(seed)
-    warnings = [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
-                if f.metadata["inert"] and getattr(options, name)]  # said right after the start event, which comes first
+    warnings = notes + [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
+                        if f.metadata["inert"] and getattr(options, name)]  # said right after the start event
     weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
     if weight_dtype != DTYPES[options.mixed_precision]:
         full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
@@ -297,7 +298,9 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     if (options.full_fp16 or options.full_bf16) and weight_dtype != torch.float32:
         network.to(weight_dtype)
     network.apply_to()
-    if options.torch_compile:  # after the hooks are in place, so the compiled graphs include them
+    if options.torch_compile and options.dynamo_backend == "no":  # sd-scripts hands accelerate NO: nothing compiled
+        events.emit("warning", message="--torch_compile with --dynamo_backend no compiles nothing, as in sd-scripts")
+    elif options.torch_compile:  # after the hooks are in place, so the compiled graphs include them
         compile_models(model, options.dynamo_backend)
 
     steps_per_epoch = math.ceil(data.batches_per_epoch / options.gradient_accumulation_steps)
