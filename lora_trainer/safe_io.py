@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,16 @@ from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:  # the dataset tools write files without needing torch loaded
     import torch
+
+
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name that works on Windows and Linux alike: no separators, no ``..``, none of ``<>:"|?*``, no reserved
+    device name (CON, NUL, COM1 …), no trailing space or dot."""
+    return bool(name) and not ("/" in name or "\\" in name or ".." in name or re.search(r'[<>:"|?*\x00-\x1f]', name)
+                               or name.split(".")[0].upper() in _WINDOWS_RESERVED or name.endswith((" ", ".")))
 
 
 @contextmanager

@@ -143,6 +143,9 @@ def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_pat
     assert "--v2 is set but" in capsys.readouterr().err
     assert run(dataset, tmp_path, "--adaptive_noise_scale", "0.1") == 2
     assert "needs --noise_offset" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--output_name", "star:v2") == 2  # trains on Linux, then cannot be copied to Windows
+    assert "--output_name 'star:v2' cannot be a file name on Windows" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def test_sample_images_are_drawn_at_first_and_every_epoch_with_sd_scripts_names(dataset, tmp_path):

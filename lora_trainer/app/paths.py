@@ -3,12 +3,10 @@ required to lie below one of the configured roots. Names for new files are check
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..errors import UserError
-
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+from ..safe_io import is_plain_name
 
 
 class PathNotAllowed(UserError):
@@ -36,7 +34,6 @@ def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: b
 def plain_name(name: str, field: str = "name") -> str:
     """A file or job name that is safe on Windows and Linux: no separators, no ``..``, no reserved device names."""
     name = (name or "").strip()
-    if not name or "/" in name or "\\" in name or ".." in name or re.search(r'[<>:"|?*\x00-\x1f]', name) \
-            or name.split(".")[0].upper() in _WINDOWS_RESERVED or name.endswith((" ", ".")):
+    if not is_plain_name(name):
         raise PathNotAllowed(f"{field}: {name!r} is not a plain file name; use letters, digits, spaces, - and _", field)
     return name

@@ -18,7 +18,7 @@ from typing import Any
 import toml
 
 from ..errors import UserError
-from ..safe_io import read_utf8
+from ..safe_io import is_plain_name, read_utf8
 from .optimizers import moments_underflow_in_fp16
 
 
@@ -354,6 +354,9 @@ def validate(options: TrainOptions) -> None:
                             "--zero_terminal_snr on an epsilon model; add --v_parameterization or drop one of them")
     if options.network_train_unet_only and options.network_train_text_encoder_only:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if options.output_name and not is_plain_name(options.output_name):
+        problems.append(f"--output_name {options.output_name!r} cannot be a file name on Windows; use letters, digits, "
+                        "spaces, - and _")
     if options.vae_batch_size < 1:
         problems.append(f"--vae_batch_size {options.vae_batch_size}: give at least 1 image per VAE batch")
     if options.full_fp16 and options.mixed_precision != "fp16":
