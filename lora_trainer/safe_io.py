@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -13,6 +14,9 @@ from typing import TYPE_CHECKING, Iterator
 if TYPE_CHECKING:  # the dataset tools write files without needing torch loaded
     import torch
 
+
+# what np.load raises for a cache another tool left half-written or in another layout: read as "no cache"
+UNREADABLE_NPZ = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
 
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 

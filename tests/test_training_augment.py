@@ -392,3 +392,30 @@ def test_caching_several_images_per_vae_batch_caches_what_one_at_a_time_caches(w
     for name, one in caches["1"].items():
         for key in ("latents", "latents_flipped"):
             assert np.allclose(one[key], caches["4"][name][key], atol=1e-5)
+
+
+def test_a_half_written_disk_cache_is_encoded_again_and_an_unwritable_folder_is_named(tmp_path, capsys, monkeypatch):
+    """Another tool's crash can leave a truncated .npz beside an image: it is read as no cache (not a crash), and
+    rewritten whole. A folder that takes no cache says so, with the in-memory alternative."""
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:4]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    broken = folder / f"{sorted(SAMPLE.glob('*.png'))[0].stem}_0064x0064_sd.npz"
+    broken.write_bytes(b"PK\x03\x04 cut short")
+    assert train(folder.parent, tmp_path / "memory", "--cache_latents") == 0
+    assert train(folder.parent, tmp_path / "disk", "--cache_latents_to_disk") == 0
+    assert same(lora(tmp_path / "disk"), lora(tmp_path / "memory"))
+    assert np.load(broken)["latents"].shape == (4, 8, 8)
+    assert not list(folder.glob(".*.tmp"))
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    for cache in folder.glob("*.npz"):
+        cache.unlink()
+    monkeypatch.setattr(np, "savez", refused)
+    assert train(folder.parent, tmp_path / "read-only", "--cache_latents_to_disk") == 2
+    err = capsys.readouterr().err
+    assert "cannot write the latent cache" in err and "Permission denied" in err and "--cache_latents without" in err

@@ -26,6 +26,7 @@ from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import read_image_size
 from ..dataset.layouts import config_from_folders, config_from_metadata, dataset_images, face_in_name, regularization_repeats
 from ..errors import UserError
+from ..safe_io import UNREADABLE_NPZ, atomic_path
 from .evaluation import split_validation
 from .pixels import TrainingPixels, training_pixels
 from .options import TrainOptions, resolution_of
@@ -380,18 +381,19 @@ def _read_npz(record: ImageRecord, config_name: str):
     path = npz_path(record, config_name)
     if not path.is_file():
         return None
-    with np.load(path) as data:
-        latents = data.get("latents")
-        if latents is None or tuple(latents.shape[1:]) != (record.bucket[1] // 8, record.bucket[0] // 8):
-            return None
-        flipped = data.get("latents_flipped")
-        if record.subset.flip_aug and flipped is None:
-            return None
-        mask = data.get("alpha_mask")
-        if record.subset.alpha_mask and mask is None:
-            return None
-        mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
-        return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
+    try:
+        with np.load(path) as data:
+            latents = data.get("latents")
+            flipped = data.get("latents_flipped")
+            mask = data.get("alpha_mask")
+    except UNREADABLE_NPZ:  # half-written by a crashed run of another tool: encode again
+        return None
+    if latents is None or tuple(latents.shape[1:]) != (record.bucket[1] // 8, record.bucket[0] // 8):
+        return None
+    if (record.subset.flip_aug and flipped is None) or (record.subset.alpha_mask and mask is None):
+        return None
+    mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
+    return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
 
 
 def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None,
@@ -402,7 +404,13 @@ def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor
         arrays["latents_flipped"] = flipped.numpy().astype(np.float32)
     if mask is not None:
         arrays["alpha_mask"] = mask.numpy().astype(np.float32)
-    np.savez(npz_path(record, config_name), **arrays)
+    target = npz_path(record, config_name)
+    try:
+        with atomic_path(target) as temporary, open(temporary, "wb") as handle:  # a crash leaves no half-written cache
+            np.savez(handle, **arrays)
+    except OSError as error:
+        raise UserError(f"cannot write the latent cache {target}: {error.strerror or error}; make the folder writable "
+                        "or cache in memory only (--cache_latents without --cache_latents_to_disk)") from None
 
 
 def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int) -> DatasetPlan:

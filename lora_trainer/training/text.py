@@ -180,6 +180,8 @@ class TextEncoderCache:
     def _read(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         import numpy as np
 
+        from ..safe_io import UNREADABLE_NPZ
+
         path = image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
         if not path.exists():
             return None
@@ -192,7 +194,7 @@ class TextEncoderCache:
                 parts = [torch.from_numpy(npz[f"hidden_state{i + 1}"]).float() for i in range(len(self._widths()))]
                 pool_key = f"pool{len(self._widths())}"
                 pooled = torch.from_numpy(npz[pool_key]).float() if pool_key in npz else None
-        except (OSError, KeyError, ValueError):
+        except UNREADABLE_NPZ:
             return None  # unreadable or another layout: encode again
         if [p.shape[-1] for p in parts] != self._widths() or len({p.shape[0] for p in parts}) != 1:
             return None
