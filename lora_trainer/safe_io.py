@@ -29,8 +29,9 @@ def is_plain_name(name: str) -> bool:
 
 
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it replaces ``target`` in one step, on error it vanishes."""
+def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` in one step, on error it vanishes.
+    ``durable=False`` skips the flush to disk: for caches, which can be made again, written by the thousand."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -38,8 +39,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     temporary = Path(temporary)
     try:
         yield temporary
-        with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
-            os.fsync(written.fileno())
+        if durable:
+            with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
+                os.fsync(written.fileno())
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)

@@ -406,7 +406,7 @@ def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor
         arrays["alpha_mask"] = mask.numpy().astype(np.float32)
     target = npz_path(record, config_name)
     try:
-        with atomic_path(target) as temporary, open(temporary, "wb") as handle:  # a crash leaves no half-written cache
+        with atomic_path(target, durable=False) as temporary, open(temporary, "wb") as handle:  # a crash leaves no half-written cache
             np.savez(handle, **arrays)
     except OSError as error:
         raise UserError(f"cannot write the latent cache {target}: {error.strerror or error}; make the folder writable "

@@ -173,7 +173,7 @@ class TextEncoderCache:
         arrays["caption"] = np.array(caption)  # ours (sd-scripts ignores these): an edited caption is encoded again,
         arrays["encoding"] = np.array(repr(self.encoding))  # and so is one cached with another clip skip or weighting
         target = image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
-        with atomic_path(target) as temporary:
+        with atomic_path(target, durable=False) as temporary:
             with open(temporary, "wb") as handle:
                 np.savez(handle, **arrays)
 
