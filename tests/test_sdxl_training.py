@@ -102,3 +102,11 @@ def test_clip_skip_leaves_sdxl_alone_as_sd_scripts_and_the_webui_do_and_says_so(
     assert all(torch.equal(plain[k], skip[k]) for k in plain)
     events, _ = read_events(tmp_path / "skip" / "star.events.jsonl")
     assert any("--clip_skip 2 on an SDXL model" in e["message"] for e in events if e["event"] == "warning")
+
+
+def test_a_v_prediction_sdxl_model_trains_with_sd_scripts_flags_and_says_so_in_the_file(tiny_sdxl, dataset, tmp_path):
+    """NoobAI-XL v-pred and its kind: --v_parameterization --zero_terminal_snr on an SDXL checkpoint, as with sd-scripts."""
+    assert train(tiny_sdxl, dataset, tmp_path, "--v_parameterization", "--zero_terminal_snr") == 0
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_base_model_version"].startswith("sdxl")

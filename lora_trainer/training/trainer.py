@@ -602,11 +602,10 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
 
 
 def _check_model_matches_options(config, options: TrainOptions) -> None:
-    family = config.name
-    if options.v2 and not family.startswith("sd2"):
+    """--v2 must name an SD2 file. --v_parameterization may go with SDXL: v-prediction SDXL models (NoobAI-XL v-pred)
+    are trained so, as sd-scripts allows."""
+    if options.v2 and not config.name.startswith("sd2"):
         raise UserError(f"--v2 is set but {options.pretrained_model_name_or_path} is an {config.label} model; drop --v2 or pick an SD2 checkpoint")
-    if options.v_parameterization and family == "sdxl":
-        raise UserError("--v_parameterization with an SDXL base model: SDXL base is an eps model; drop the option")
 
 
 def _merge_base_weights(model, options: TrainOptions) -> list[str]:
