@@ -4,6 +4,7 @@ encoding every step, with sd-scripts' <image>_te_outputs.npz beside the images."
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -34,8 +35,6 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     with safe_open(str(TINY_MODEL_PATH), "pt") as handle:
         state.update({k: handle.get_tensor(k).float() for k in handle.keys() if k.startswith(config.vae_prefix)})
     path = tmp_path_factory.mktemp("model") / "tiny sdxl.safetensors"
-    import json
-
     return save_safetensors(state, path, {ARCHITECTURE_METADATA_KEY: json.dumps(architecture_overrides(config))})
 
 
@@ -110,3 +109,23 @@ def test_a_v_prediction_sdxl_model_trains_with_sd_scripts_flags_and_says_so_in_t
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_base_model_version"].startswith("sdxl")
+
+
+def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_schedule(tiny_sdxl, dataset, tmp_path):
+    """v-prediction SDXL files carry empty v_pred/ztsnr tensors (ComfyUI reads them): loading follows the file, so a
+    run and its samples use v-prediction on the zero-terminal-SNR schedule without being told."""
+    from lora_trainer.models.checkpoint import load_checkpoint
+
+    state = load_file(str(tiny_sdxl))
+    with safe_open(str(tiny_sdxl), "pt") as handle:
+        architecture = json.loads(handle.metadata()[ARCHITECTURE_METADATA_KEY])
+    architecture.pop("prediction_type", None)  # the widths only: the markers say the rest
+    metadata = {ARCHITECTURE_METADATA_KEY: json.dumps(architecture)}
+    marked = save_safetensors({**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, tmp_path / "vpred.safetensors",
+                              metadata)
+    model = load_checkpoint(marked)
+    assert model.config.prediction_type == "v_prediction" and model.config.schedule.zero_terminal_snr
+    assert float(model.config.schedule.alphas_cumprod[-1]) < 1e-6  # pure noise at the last timestep
+    assert train(marked, dataset, tmp_path / "out") == 0
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        assert handle.metadata()["modelspec.prediction_type"] == "v"

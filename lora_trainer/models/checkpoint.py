@@ -504,8 +504,13 @@ def _with_prediction_type(config, source, path, override, overrides, notes) -> M
     if declared:
         notes.append(f"prediction type {declared} (declared by the file)")
         return config.with_prediction(declared)
-    if "v_pred" in source.shapes:
-        return config.with_prediction("v_prediction")
+    if "v_pred" in source.shapes:  # the marker v-prediction SDXL files (NoobAI-XL v-pred) carry, as ComfyUI reads it
+        notes.append("prediction type v_prediction (the file's v_pred marker)")
+        config = config.with_prediction("v_prediction")
+        if "ztsnr" in source.shapes:  # and trained on the zero-terminal-SNR schedule
+            notes.append("zero terminal SNR schedule (the file's ztsnr marker)")
+            config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, zero_terminal_snr=True))
+        return config
     if config.name == "sd2" and config.unet == FULL_SIZE["sd2"].unet:
         prediction = "v_prediction" if _responds_like_v_prediction(source, config) else "epsilon"
         notes.append(f"prediction type {prediction} (from a test forward, as the WebUI decides)")
