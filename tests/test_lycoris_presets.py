@@ -217,3 +217,9 @@ def test_lycoris_dylora_ranks_come_in_blocks_of_four_unless_told(tiny_kohya):
     assert spec_from_kohya("networks.dylora", 8, 8, []).unit == 1  # sd-scripts' default unit
     with pytest.raises(UserError, match="rank 6 is not a multiple of its unit .block_size. 4"):
         network(tiny_kohya, "algo=dylora", "preset=attn-only", dim=6)
+
+
+@pytest.mark.parametrize("algo", ["tlora", "abba"])
+def test_lycoris_algorithms_newer_than_the_one_implemented_are_named_as_such(algo):
+    with pytest.raises(UserError, match=f"'{algo}' is a LyCORIS algorithm newer than lycoris-lora 4.1.3.*choose one of lora"):
+        spec_from_kohya("lycoris.kohya", 4, 1, [f"algo={algo}"])
