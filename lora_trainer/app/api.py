@@ -184,6 +184,8 @@ def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None
     if not isinstance(nested, dict):
         raise ApiError(400, "invalid", "options: give an object of sd-scripts options", "options")
     options = {**_flattened({k: v for k, v in body.items() if k not in JOB_FIELDS}), **_flattened(nested)}
+    # an empty path or name means not given (as in a TOML file), not the server's current folder
+    options = {k: v for k, v in options.items() if not (v == "" and k in FIELDS and FIELDS[k].default is None)}
     for key in options:
         if key in RUNNER_OPTIONS:
             raise ApiError(400, "invalid", f"{key}: set by the job runner; leave it out", key)

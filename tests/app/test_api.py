@@ -149,6 +149,15 @@ def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, 
     assert client.get(f"{V1}/jobs").json()["jobs"] == []
 
 
+def test_empty_paths_in_a_body_mean_not_given(client, job_body):
+    """A Kohya-TOML-like body often carries vae = "" or network_weights = "": not the server's current folder."""
+    body = {**job_body, "options": {**job_body["options"], "vae": "", "network_weights": "", "sample_prompts": ""}}
+    response = client.post(f"{V1}/jobs", json=body)
+    assert response.status_code in (200, 201, 202), response.text
+    job = client.get(f"{V1}/jobs").json()["jobs"][0]
+    assert not {"vae", "network_weights", "sample_prompts"} & set(job.get("options", {}))
+
+
 def test_symlink_out_of_a_root_is_refused(client, job_body, app_settings, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
