@@ -413,17 +413,21 @@ def test_mixed_precision_on_the_cpu_trains_the_fp32_weights_and_says_so(baseline
     assert any("--mixed_precision bf16 and --full_bf16 on the CPU" in e["message"] for e in events if e["event"] == "warning")
 
 
-def test_xformers_runs_only_when_asked_and_asking_without_it_says_what_to_install(dataset, tmp_path, capsys, monkeypatch):
-    """--sdpa (or no flag) must keep an installed xformers out: a build that does not match the torch fails mid-run."""
+def test_xformers_runs_only_when_asked_and_asking_without_it_gives_way_to_sdpa_with_a_warning(dataset, tmp_path, monkeypatch):
+    """--sdpa (or no flag) must keep an installed xformers out: a build that does not match the torch fails mid-run.
+    --xformers without xformers (shared configs set it) runs on SDPA, the same attention, and says so."""
     from lora_trainer.models import attention
 
     monkeypatch.setattr(attention, "_backend", attention._backend)  # restored after the test
     monkeypatch.setattr(attention, "_XFORMERS_AVAILABLE", False)
-    assert run(dataset, tmp_path / "refused", "--xformers") == 2
-    assert "--xformers: attention backend 'xformers' was asked for but xformers is not installed" in capsys.readouterr().err
-    assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").glob("*.safetensors"))
+    assert run(dataset, tmp_path / "asked", "--xformers", "--max_train_epochs", "1") == 0
+    assert attention._backend == "sdpa"
+    events, _ = read_events(tmp_path / "asked" / "star.events.jsonl")
+    assert any("--xformers: xformers is not installed, so attention uses SDPA" in e["message"]
+               for e in events if e["event"] == "warning")
     monkeypatch.setattr(attention, "_XFORMERS_AVAILABLE", True)
-    assert run(dataset, tmp_path / "sdpa", "--sdpa") == 0
+    monkeypatch.setattr(attention, "_backend", "auto")  # what an installed xformers would get unasked
+    assert run(dataset, tmp_path / "sdpa", "--sdpa", "--max_train_epochs", "1") == 0
     assert attention._backend == "sdpa"
 
 
@@ -527,12 +531,13 @@ def test_sd_scripts_switches_that_change_nothing_here_run_and_say_so(baseline, d
 def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--deepspeed", "--huggingface_repo_id", "me/star") == 2
     assert "not supported: --deepspeed, --huggingface_repo_id" in capsys.readouterr().err
-    # a Kohya GUI file: empty values ask for nothing, ours (vae = "") as much as those, and the GUI's own keys, which
+    # a Kohya GUI (or lora-scripts) file: empty values ask for nothing, ours (vae = "") as much as those, and the GUI's own keys, which
     # sd-scripts never reads, are noted: it trains
     config = tmp_path / "kohya_gui.toml"
     config.write_text('lr_scheduler_args = []\nhuggingface_repo_id = ""\nwandb_api_key = ""\ndeepspeed = false\n'
                       'vae = ""\nnetwork_weights = ""\nsample_prompts = ""\nresume = ""\nlogging_dir = ""\n'
-                      'epoch = 15\nnoise_offset_type = "Original"\ndynamo_backend = "no"\n', encoding="utf-8")
+                      'epoch = 15\nnoise_offset_type = "Original"\ndynamo_backend = "no"\nlr_restart_cycles = 1\n',
+                      encoding="utf-8")
     assert run(dataset, tmp_path / "out", "--config_file", str(config), "--max_train_epochs", "1") == 0
     events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
     said = " ".join(e["message"] for e in events if e["event"] == "warning")

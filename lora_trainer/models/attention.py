@@ -15,6 +15,10 @@ _XFORMERS_AVAILABLE = importlib.util.find_spec("xformers") is not None
 _backend = "auto"  # "auto" | "sdpa" | "xformers"
 
 
+def xformers_installed() -> bool:
+    return _XFORMERS_AVAILABLE
+
+
 def set_attention_backend(name: str) -> None:
     """Choose "auto", "sdpa" or "xformers" for every attention call in the process."""
     global _backend

@@ -260,20 +260,22 @@ def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse
     return parser
 
 
-# Keys the Kohya GUI writes into the file it hands sd-scripts, which sd-scripts never reads (it keeps unknown keys
-# without a word): dropped with a note, so the GUI's files run unchanged while a typo still stops the run.
-KOHYA_GUI_KEYS = {
+# Keys that front-ends (the Kohya GUI, Akegarasu's lora-scripts) write into the file they hand sd-scripts, which
+# sd-scripts never reads (it keeps unknown keys without a word): dropped with a note, so their files run unchanged
+# while a typo still stops the run.
+FRONT_END_KEYS = {
     "epoch": "the GUI's epoch count, already turned into max_train_steps or max_train_epochs",
     "noise_offset_type": "the GUI's choice between noise_offset and multires_noise_*, which the file already holds",
     "stop_text_encoder_training": "a DreamBooth option of the GUI that train_network.py does not have",
     "huggingface_repo_type": "used only with huggingface_repo_id", "huggingface_repo_visibility": "used only with huggingface_repo_id",
     "huggingface_path_in_repo": "used only with huggingface_repo_id",
+    "lr_restart_cycles": "lora-scripts' name; sd-scripts reads lr_scheduler_num_cycles",
 }
 
 
 def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
-    """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened; the Kohya GUI's
-    own keys are dropped, each with a line in ``notes``."""
+    """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened; front-ends' own
+    keys are dropped, each with a line in ``notes``."""
     path = Path(path)
     if path.suffix.lower() != ".toml":
         path = path.with_name(path.name + ".toml")
@@ -289,10 +291,10 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
             flat.update(value)
         else:
             flat[key] = value
-    for key in sorted(KOHYA_GUI_KEYS.keys() & flat.keys()):
+    for key in sorted(FRONT_END_KEYS.keys() & flat.keys()):
         del flat[key]
         if notes is not None:
-            notes.append(f"{path}: {key} is not read, by sd-scripts either ({KOHYA_GUI_KEYS[key]})")
+            notes.append(f"{path}: {key} is not read, by sd-scripts either ({FRONT_END_KEYS[key]})")
     unknown = sorted(k for k in flat if k not in FIELDS and k not in FOREIGN)
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..models.attention import set_attention_backend
+from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
 from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
@@ -188,11 +188,13 @@ def train(options: TrainOptions, events: EventLog, notes: list[str] = ()) -> lis
 
 def choose_attention(options: TrainOptions, device: torch.device) -> list[str]:
     """xformers' kernel when --xformers asks for it, else SDPA (--sdpa, and what --mem_eff_attn is for): never an
-    installed xformers unasked, since a build that does not match the torch fails only at the first step."""
-    try:
-        set_attention_backend("xformers" if options.xformers else "sdpa")
-    except ValueError as error:
-        raise UserError(f"--xformers: {error}; install the xformers build made for your torch, or use --sdpa") from None
+    installed xformers unasked, since a build that does not match the torch fails only at the first step. Asked for
+    where it cannot run, it gives way to SDPA (the same attention) with a warning: many shared configs set it."""
+    if options.xformers and not xformers_installed():
+        set_attention_backend("sdpa")
+        return ["--xformers: xformers is not installed, so attention uses SDPA (PyTorch's own kernel, as lean on "
+                "torch 2); install the xformers build made for your torch to use it"]
+    set_attention_backend("xformers" if options.xformers else "sdpa")
     if options.xformers and device.type != "cuda":
         return [f"--xformers on the {device.type.upper()}: xformers runs on CUDA only, so attention uses SDPA"]
     return []
