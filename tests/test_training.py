@@ -536,9 +536,11 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     config = tmp_path / "kohya_gui.toml"
     config.write_text('lr_scheduler_args = []\nhuggingface_repo_id = ""\nwandb_api_key = ""\ndeepspeed = false\n'
                       'vae = ""\nnetwork_weights = ""\nsample_prompts = ""\nresume = ""\nlogging_dir = ""\n'
-                      'epoch = 15\nnoise_offset_type = "Original"\ndynamo_backend = "no"\nlr_restart_cycles = 1\n',
-                      encoding="utf-8")
+                      'epoch = 15\nnoise_offset_type = "Original"\ndynamo_backend = "no"\nlr_restart_cycles = 1\n'
+                      'text_encoder_lr = 1e-5\n', encoding="utf-8")  # one number, as older sd-scripts took it
     assert run(dataset, tmp_path / "out", "--config_file", str(config), "--max_train_epochs", "1") == 0
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_text_encoder_lr"] == "1e-05"
     events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
     said = " ".join(e["message"] for e in events if e["event"] == "warning")
     assert "kohya_gui.toml: epoch is not read, by sd-scripts either" in said and "noise_offset_type is not read" in said

@@ -302,6 +302,17 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
     return flat
 
 
+def _normalised(name: str, value: Any) -> Any:
+    """A file's spelling of a value as the command line's: an empty path or name (vae = "") is not given, not the
+    current folder; one value where a list goes (text_encoder_lr = 1e-5, as older sd-scripts took it) is a list."""
+    f = FIELDS[name]
+    if value == "" and f.default is None:
+        return None
+    if f.metadata["nargs"] == "*" and value is not None and not isinstance(value, (list, tuple)):
+        return [value]
+    return value
+
+
 def options_from(values: dict[str, Any], source: str = "options") -> TrainOptions:
     """A dict of option values (CLI, TOML, UI form or API body) → validated TrainOptions."""
     # an empty value asks for nothing (Kohya GUI files carry e.g. lr_scheduler_args = [], wandb_api_key = "")
@@ -310,9 +321,7 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
         raise UserError(f"{source}: unknown option(s) {', '.join(hints)}")
-    # an empty path or name (vae = "" in a TOML file) means not given, not the current folder
-    options = TrainOptions(**{k: None if v == "" and FIELDS[k].default is None else v
-                              for k, v in values.items() if k in FIELDS})
+    options = TrainOptions(**{k: _normalised(k, v) for k, v in values.items() if k in FIELDS})
     if foreign:
         raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
                         "(or run the same command with sd-scripts)")
