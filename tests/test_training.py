@@ -549,6 +549,24 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     assert "unknown option(s) learning_rat (did you mean learning_rate?)" in capsys.readouterr().err
 
 
+def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named():
+    """TOML and JSON bodies carry clip_skip = "2" or learning_rate = "1e-4" where the command line reads numbers."""
+    from lora_trainer.training.options import options_from
+
+    base = {"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d"}
+    options = options_from({**base, "clip_skip": "2", "network_dim": "32", "learning_rate": "1e-4",
+                            "text_encoder_lr": ["1e-5"], "seed": 42.0, "lr_warmup_steps": "10%", "lr_scheduler": "cosine"},
+                           "config.toml")
+    assert (options.clip_skip, options.network_dim, options.learning_rate, options.text_encoder_lr, options.seed) == (
+        2, 32, 1e-4, [1e-5], 42)
+    assert options.lr_warmup_steps == "10%"  # a share of the steps, read where the schedule is made
+    for bad, said in (({"clip_skip": "two"}, "clip_skip = 'two' is not a whole number"),
+                      ({"network_dim": 2.5}, "network_dim = 2.5 is not a whole number"),
+                      ({"learning_rate": "fast"}, "learning_rate = 'fast' is not a number")):
+        with pytest.raises(UserError, match=f"config.toml: {said}"):
+            options_from({**base, **bad}, "config.toml")
+
+
 def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -302,15 +302,40 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
     return flat
 
 
-def _normalised(name: str, value: Any) -> Any:
+_NUMBERS = {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}
+_ALSO_TEXT = {"lr_warmup_steps"}  # "10%" is read where it is used
+
+
+def _normalised(name: str, value: Any, source: str) -> Any:
     """A file's spelling of a value as the command line's: an empty path or name (vae = "") is not given, not the
-    current folder; one value where a list goes (text_encoder_lr = 1e-5, as older sd-scripts took it) is a list."""
+    current folder; one value where a list goes (text_encoder_lr = 1e-5, as older sd-scripts took it) is a list; a
+    number written as text (clip_skip = "2") is that number, as the command line reads it."""
     f = FIELDS[name]
     if value == "" and f.default is None:
         return None
     if f.metadata["nargs"] == "*" and value is not None and not isinstance(value, (list, tuple)):
-        return [value]
-    return value
+        value = [value]
+    kind = _NUMBERS.get(f.type)
+    if kind is None or value is None:
+        return value
+    try:
+        return [_number(kind, v) for v in value] if isinstance(value, (list, tuple)) else _number(kind, value)
+    except (TypeError, ValueError):
+        if name in _ALSO_TEXT and isinstance(value, str):
+            return value
+        raise UserError(f"{source}: {name} = {value!r} is not {'a whole number' if kind is int else 'a number'}") from None
+
+
+def _number(kind: type, value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    number = int(value) if kind is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit() else value
+    number = float(number) if isinstance(number, str) else number
+    if kind is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(value)
+        return int(number)
+    return float(number)
 
 
 def options_from(values: dict[str, Any], source: str = "options") -> TrainOptions:
@@ -321,7 +346,7 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
         raise UserError(f"{source}: unknown option(s) {', '.join(hints)}")
-    options = TrainOptions(**{k: _normalised(k, v) for k, v in values.items() if k in FIELDS})
+    options = TrainOptions(**{k: _normalised(k, v, source) for k, v in values.items() if k in FIELDS})
     if foreign:
         raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
                         "(or run the same command with sd-scripts)")
