@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -554,6 +555,7 @@ def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named(
     from lora_trainer.training.options import options_from
 
     base = {"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d"}
+    assert options_from({**base, "network_dim": np.int64(16)}).network_dim == 16  # from a UI component
     options = options_from({**base, "clip_skip": "2", "network_dim": "32", "learning_rate": "1e-4",
                             "text_encoder_lr": ["1e-5"], "seed": 42.0, "lr_warmup_steps": "10%", "lr_scheduler": "cosine"},
                            "config.toml")

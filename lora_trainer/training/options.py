@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import numbers
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,19 +321,19 @@ def _normalised(name: str, value: Any, source: str) -> Any:
         return value
     try:
         return [_number(kind, v) for v in value] if isinstance(value, (list, tuple)) else _number(kind, value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         if name in _ALSO_TEXT and isinstance(value, str):
             return value
         raise UserError(f"{source}: {name} = {value!r} is not {'a whole number' if kind is int else 'a number'}") from None
 
 
 def _number(kind: type, value: Any) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):  # numpy numbers too (UI components)
         raise TypeError(value)
     number = int(value) if kind is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit() else value
     number = float(number) if isinstance(number, str) else number
     if kind is int:
-        if isinstance(number, float) and not number.is_integer():
+        if float(number) != int(number):
             raise ValueError(value)
         return int(number)
     return float(number)
