@@ -57,6 +57,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], target: str | Path, metad
     return Path(target)
 
 
+def save_npz(target: str | Path, arrays: dict) -> Path:
+    """A cache of numpy arrays (sd-scripts' .npz layout), renamed into place without the flush to disk."""
+    import numpy as np
+
+    with atomic_path(target, durable=False) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
+    return Path(target)
+
+
 def write_text(target: str | Path, text: str) -> Path:
     with atomic_path(target) as temporary:
         temporary.write_text(text, encoding="utf-8")

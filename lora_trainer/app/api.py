@@ -176,7 +176,7 @@ def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: l
 def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None]:
     """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened) → job name,
     options with every path resolved inside the roots, webhook URL. Options are validated by ``options_from``."""
-    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, options_from
+    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, not_given, options_from
 
     if not isinstance(body, dict):
         raise ApiError(400, "invalid", "the body must be a JSON object")
@@ -185,7 +185,7 @@ def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None
         raise ApiError(400, "invalid", "options: give an object of sd-scripts options", "options")
     options = {**_flattened({k: v for k, v in body.items() if k not in JOB_FIELDS}), **_flattened(nested)}
     # an empty path or name means not given (as in a TOML file), not the server's current folder
-    options = {k: v for k, v in options.items() if not (v == "" and k in FIELDS and FIELDS[k].default is None)}
+    options = {k: v for k, v in options.items() if not (k in FIELDS and not_given(k, v))}
     for key in options:
         if key in RUNNER_OPTIONS:
             raise ApiError(400, "invalid", f"{key}: set by the job runner; leave it out", key)

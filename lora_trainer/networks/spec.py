@@ -124,9 +124,9 @@ _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, 
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
-# LyCORIS options refused when on (off, they change nothing here)
 # LyCORIS's algo= names after 4.1.3 (tlora: its files keep no base factors, and it needs a per-timestep rank mask)
 _NEWER_LYCORIS = {"tlora", "abba", "gora", "ralora", "lora2"}
+# LyCORIS options refused when on (off, they change nothing here)
 _NOT_HERE = {"train_t5xxl": "an SD model has no T5 encoder", "train_llm_adapter": "an SD model has no LLM adapter"}
 # sd-scripts' networks.lora / networks.dylora would ignore these without a word
 _LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", *_NOT_HERE, *_BOOL_ARGS,

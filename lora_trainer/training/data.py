@@ -26,7 +26,7 @@ from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import read_image_size
 from ..dataset.layouts import config_from_folders, config_from_metadata, dataset_images, face_in_name, regularization_repeats
 from ..errors import UserError
-from ..safe_io import UNREADABLE_NPZ, atomic_path
+from ..safe_io import UNREADABLE_NPZ, save_npz
 from .evaluation import split_validation
 from .pixels import TrainingPixels, training_pixels
 from .options import TrainOptions, resolution_of
@@ -406,8 +406,7 @@ def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor
         arrays["alpha_mask"] = mask.numpy().astype(np.float32)
     target = npz_path(record, config_name)
     try:
-        with atomic_path(target, durable=False) as temporary, open(temporary, "wb") as handle:  # a crash leaves no half-written cache
-            np.savez(handle, **arrays)
+        save_npz(target, arrays)  # a crash leaves no half-written cache
     except OSError as error:
         raise UserError(f"cannot write the latent cache {target}: {error.strerror or error}; make the folder writable "
                         "or cache in memory only (--cache_latents without --cache_latents_to_disk)") from None

@@ -23,15 +23,14 @@ from ..safe_io import is_plain_name, read_utf8
 from .optimizers import moments_underflow_in_fp16
 
 
-def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs, "inert": None})
+def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None, inert: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs, "inert": inert})
 
 
 def inert(why: str):
     """An sd-scripts switch that changes nothing here, and why: accepted so existing commands run, and said in a
     warning when set (never silently ignored)."""
-    return field(default=False, metadata={"help": f"accepted, no effect: {why}", "choices": None, "nargs": None,
-                                          "inert": why})
+    return opt(False, f"accepted, no effect: {why}", inert=why)
 
 
 @dataclass
@@ -303,6 +302,11 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
     return flat
 
 
+def not_given(name: str, value: Any) -> bool:
+    """An empty path or name (vae = "" in a TOML file or an API body) means the option was not given."""
+    return value == "" and FIELDS[name].default is None
+
+
 _NUMBERS = {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}
 _ALSO_TEXT = {"lr_warmup_steps"}  # "10%" is read where it is used
 
@@ -312,7 +316,7 @@ def _normalised(name: str, value: Any, source: str) -> Any:
     current folder; one value where a list goes (text_encoder_lr = 1e-5, as older sd-scripts took it) is a list; a
     number written as text (clip_skip = "2") is that number, as the command line reads it."""
     f = FIELDS[name]
-    if value == "" and f.default is None:
+    if not_given(name, value):
         return None
     if f.metadata["nargs"] == "*" and value is not None and not isinstance(value, (list, tuple)):
         value = [value]

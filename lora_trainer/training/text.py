@@ -165,17 +165,14 @@ class TextEncoderCache:
     def _write(self, image, caption: str, context: torch.Tensor, pooled: torch.Tensor | None) -> None:
         import numpy as np
 
-        from ..safe_io import atomic_path
+        from ..safe_io import save_npz
 
         arrays = {f"hidden_state{i + 1}": part.numpy() for i, part in enumerate(context.split(self._widths(), dim=-1))}
         if pooled is not None:
             arrays[f"pool{len(self._widths())}"] = pooled.numpy()
         arrays["caption"] = np.array(caption)  # ours (sd-scripts ignores these): an edited caption is encoded again,
         arrays["encoding"] = np.array(repr(self.encoding))  # and so is one cached with another clip skip or weighting
-        target = image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
-        with atomic_path(target, durable=False) as temporary:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, **arrays)
+        save_npz(image.with_name(image.stem + TE_OUTPUTS_SUFFIX), arrays)
 
     def _read(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         import numpy as np

@@ -246,6 +246,8 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
         warnings.append(f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: the run "
                         "computes and trains in fp32 (half precision pays only on a GPU)")
     warnings += choose_attention(options, device)
+    if options.torch_compile and options.dynamo_backend == "no":  # sd-scripts hands accelerate NO: nothing compiled
+        warnings.append("--torch_compile with --dynamo_backend no compiles nothing, as in sd-scripts")
     check_precision(options, device)
     started = time.time()
 
@@ -300,9 +302,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     if (options.full_fp16 or options.full_bf16) and weight_dtype != torch.float32:
         network.to(weight_dtype)
     network.apply_to()
-    if options.torch_compile and options.dynamo_backend == "no":  # sd-scripts hands accelerate NO: nothing compiled
-        events.emit("warning", message="--torch_compile with --dynamo_backend no compiles nothing, as in sd-scripts")
-    elif options.torch_compile:  # after the hooks are in place, so the compiled graphs include them
+    if options.torch_compile and options.dynamo_backend != "no":  # after the hooks are in place, so the graphs include them
         compile_models(model, options.dynamo_backend)
 
     steps_per_epoch = math.ceil(data.batches_per_epoch / options.gradient_accumulation_steps)
