@@ -14,6 +14,20 @@ def _fill(page, elem_id: str, value: str, field: str = "textarea") -> None:
     page.locator(f"#{elem_id} {field}").first.fill(value)
 
 
+def _holds(page, fields: dict[tuple[str, str], str], tries: int = 10) -> None:
+    """Every field holds exactly what was filled in, filled again while not: on a loaded machine an update of the
+    page that arrives late can merge with what was typed (an epochs field once read 108 for 8)."""
+    for _ in range(tries):
+        wrong = {key: value for key, value in fields.items()
+                 if page.locator(f"#{key[0]} {key[1]}").first.input_value() != value}
+        if not wrong:
+            return
+        for (elem_id, field), value in wrong.items():
+            _fill(page, elem_id, value, field)
+        page.wait_for_timeout(500)
+    raise AssertionError(f"the form does not keep {sorted(wrong)}")
+
+
 def _progress(page) -> str:
     return page.inner_text("#lora_trainer_progress_text")
 
@@ -41,20 +55,25 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     _fill(page, "lora_trainer_dataset", str(SAMPLE_DATASET))
     _fill(page, "lora_trainer_output_name", "browser_star")
     # 8 epochs of 10 steps: the stop lands mid-run even when the first sample and the 3 s height check take 30 steps
-    for elem_id, value in (("lora_trainer_epochs", "8"), ("lora_trainer_batch_size", "16"), ("lora_trainer_dim", "8"),
-                           ("lora_trainer_alpha", "8"), ("lora_trainer_unet_lr", "0.002"), ("lora_trainer_te_lr", "0"),
-                           ("lora_trainer_save_every", "1"), ("lora_trainer_sample_every", "1")):
-        _fill(page, elem_id, value, "input")
-    _fill(page, "lora_trainer_resolution", "64")
-    _fill(page, "lora_trainer_sample_prompt", "zkstar --s 6")
+    form = {(elem_id, "input"): value for elem_id, value in (
+        ("lora_trainer_epochs", "8"), ("lora_trainer_batch_size", "16"), ("lora_trainer_dim", "8"), ("lora_trainer_alpha", "8"),
+        ("lora_trainer_unet_lr", "0.002"), ("lora_trainer_te_lr", "0"), ("lora_trainer_save_every", "1"),
+        ("lora_trainer_sample_every", "1"))}
+    form |= {("lora_trainer_resolution", "textarea"): "64", ("lora_trainer_sample_prompt", "textarea"): "zkstar --s 6"}
+    for (elem_id, field), value in form.items():
+        _fill(page, elem_id, value, field)
+    _holds(page, form)
     page.click("#lora_trainer_check")
     page.wait_for_function("() => document.querySelector('#lora_trainer_report textarea').value.includes('10_zkstar')",
                            timeout=WAIT_MS)
+    _holds(page, form)  # the check's answer must not have changed the form either
     page.click("#lora_trainer_start")
     page.wait_for_function("() => /Job \\d+ \\(browser_star\\) starting/.test(document.querySelector('#lora_trainer_message').innerText)",
                            timeout=WAIT_MS)
 
-    first = int(STEP.search(_wait_for_progress(page, r"step [1-9]\d*/")).group(1))
+    started = STEP.search(_wait_for_progress(page, r"step [1-9]\d*/"))
+    assert started.group(2) == "80", started.group(0)  # 8 epochs of 160 images at batch 16, as filled in
+    first = int(started.group(1))
     page.wait_for_function(
         "first => { const m = /step (\\d+)\\//.exec(document.querySelector('#lora_trainer_progress_text').innerText);"
         " return m && Number(m[1]) > first; }", arg=first, timeout=WAIT_MS)
