@@ -81,6 +81,10 @@ def test_cached_text_encoder_outputs_train_what_encoding_every_step_trains(tiny_
     assert train(tiny_sdxl, dataset, tmp_path / "again", "--network_train_unet_only",
                  "--cache_text_encoder_outputs_to_disk") == 0
     assert npz[0].stat().st_mtime_ns == stamp  # read back, not encoded again
+    # an SD1.5 preset's clip_skip = 2 changes nothing on SDXL: the same caches serve it
+    assert train(tiny_sdxl, dataset, tmp_path / "skip", "--network_train_unet_only",
+                 "--cache_text_encoder_outputs_to_disk", "--clip_skip", "2") == 0
+    assert npz[0].stat().st_mtime_ns == stamp
 
 
 def test_caching_refuses_what_would_make_captions_vary(tiny_sdxl, dataset, tmp_path, capsys):

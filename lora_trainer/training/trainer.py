@@ -156,8 +156,10 @@ class NetworkGradScaler(torch.amp.GradScaler):
         return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
 
 
-def caption_encoding(options: TrainOptions) -> CaptionEncoding:
-    return CaptionEncoding(options.clip_skip or 1, options.max_token_length, options.weighted_captions)
+def caption_encoding(options: TrainOptions, config) -> CaptionEncoding:
+    """How this run encodes captions; clip skip only on models that take it (not SDXL), so caches match either way."""
+    clip_skip = (options.clip_skip or 1) if config.takes_clip_skip else 1
+    return CaptionEncoding(clip_skip, options.max_token_length, options.weighted_captions)
 
 
 def seed_everything(seed: int) -> None:
@@ -339,7 +341,7 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     text_cache = None
     if options.cache_text_encoder_outputs:
         text_cache = TextEncoderCache(config)
-        text_cache.fill(model.text_encoders, fixed_captions, tokenizer, caption_encoding(options),
+        text_cache.fill(model.text_encoders, fixed_captions, tokenizer, caption_encoding(options, config),
                         options.cache_text_encoder_outputs_to_disk)
         if device.type == "cuda":  # the encoders are needed again only for samples: keep them off the GPU
             for encoder in model.text_encoders:
@@ -543,7 +545,7 @@ def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str
         context, pooled = (None if t is None else t.to(device) for t in text_cache.encode(captions))
     else:
         with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
-            context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, caption_encoding(options))
+            context, pooled = encode_captions(config, model.text_encoders, captions, tokenizer, caption_encoding(options, config))
     y = sdxl_vector(pooled, *sizes) if config.needs_size_conditioning else None
     abar = abar.to(device)
     noisy = N.add_noise(latents, input_noise, timesteps, abar)
