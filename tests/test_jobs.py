@@ -36,6 +36,8 @@ FAKE_TRAINER = textwrap.dedent('''
             time.sleep(0.05)
         state = Path(options["output_dir"]) / "run-state"
         state.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
+            (state / name).write_bytes(b"x")
         emit("state", action="saved", path=str(state))
     Path(options["output_dir"]).mkdir(parents=True, exist_ok=True)
     out = Path(options["output_dir"]) / "run.safetensors"

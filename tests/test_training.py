@@ -509,6 +509,40 @@ def test_a_run_continued_from_its_epoch_file_counts_and_names_on_from_the_initia
         assert [e["step"] for e in events if e["event"] == "step" and "phase" not in e] == expected
 
 
+def test_a_run_resumes_from_sd_scripts_own_state_folder_with_its_network_and_step_count(dataset, tmp_path, capsys):
+    """A Kohya GUI run's --save_state folder (accelerate's: model.safetensors, train_state.json) goes on here as
+    sd-scripts would go on: its weights, the epoch of its step, the learning-rate schedule at that step."""
+    from reference import REFERENCE
+
+    fixtures = REFERENCE / "kohya-fixtures"
+    state = fixtures / "lora-toml-variant" / "state-example" / "tinylora_toml-step00000010-state"  # step 10 of its run
+    its_network = ("--pretrained_model_name_or_path", str(fixtures / "model" / "tiny-sd15.safetensors"),
+                   "--network_alpha", "2", "--network_args", "conv_dim=2", "conv_alpha=1")
+    # at a learning rate of 1e-30 nothing moves: the file holds the state's weights, conv modules and alphas included
+    assert run(dataset, tmp_path / "still", *its_network, "--learning_rate", "1e-30", "--resume", str(state)) == 0
+    saved, theirs = weights(tmp_path / "still" / "star.safetensors"), weights(state / "model.safetensors")
+    assert saved.keys() == theirs.keys()
+    assert all(torch.allclose(saved[k], theirs[k], rtol=0, atol=1e-25) for k in theirs)
+    events, _ = read_events(tmp_path / "still" / "star.events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "step" and "phase" not in e] == list(range(9, 17))  # epoch 2 of 8 steps
+    assert any("is sd-scripts' state" in e["message"] and "optimizer starts afresh" in e["message"]
+               for e in events if e["event"] == "warning")
+
+    # from step 11 on with --skip_until_initial_step; the linear schedule is where an unbroken run would have it
+    assert run(dataset, tmp_path / "skip", *its_network, "--lr_scheduler", "linear", "--skip_until_initial_step",
+               "--resume", str(state)) == 0
+    events, _ = read_events(tmp_path / "skip" / "star.events.jsonl")
+    steps = [e for e in events if e["event"] == "step" and "phase" not in e]
+    assert [e["step"] for e in steps] == [11, 12, 13, 14, 15, 16]
+    assert steps[0]["lr"] == pytest.approx([1e-3 * (16 - 11) / 16] * 2)  # not the 15/16 of a schedule begun afresh
+
+    # another network is refused with a tensor it lacks; a folder that is no state, before any work
+    assert run(dataset, tmp_path / "other", "--resume", str(state)) == 2
+    assert "its network does not match this run's options" in capsys.readouterr().err
+    assert run(dataset, tmp_path / "none", "--resume", str(tmp_path / "still")) == 2
+    assert "not a state folder" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
 def test_initial_steps_that_leave_nothing_or_contradict_a_resume_are_refused(baseline, dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--initial_step", "16") == 2
     assert "--initial_step 16 leaves nothing to train: the run has 16 steps" in capsys.readouterr().err

@@ -8,6 +8,7 @@ curves with the same float arithmetic, so a run here follows the very same learn
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -120,3 +121,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
         return lr_factor(name, step, total_steps, warmup_steps, num_cycles, power, min_lr_ratio, initial_lr)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor_at)
+
+
+def advance(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
+    """Moves ``scheduler`` on by ``steps`` optimizer steps that are not trained (a run going on at a later step)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")  # meant here
+        for _ in range(steps):
+            scheduler.step()

@@ -473,6 +473,13 @@ def validate(options: TrainOptions) -> None:
         problems.append(f"--initial_epoch {options.initial_epoch}: epochs count from 1")
     if options.initial_step is not None and options.initial_step < 0:
         problems.append(f"--initial_step {options.initial_step}: steps count from 0")
+    if options.resume:
+        from .state import state_kind
+
+        try:
+            state_kind(Path(options.resume))
+        except UserError as problem:
+            problems.append(str(problem))
     if options.resume and (options.initial_epoch is not None or options.initial_step is not None):
         problems.append("--resume continues exactly where its state stopped; --initial_epoch/--initial_step are for "
                         "continuing from a network file (--network_weights) without a state: drop one of them")

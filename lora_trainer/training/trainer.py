@@ -39,12 +39,12 @@ from . import noise as N
 from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
-from .lr_schedules import make_scheduler, resolve_warmup
+from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import make_optimizer, optimizer_label
 from .options import FIELDS, TrainOptions
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
-from .state import load_state, save_state
+from .state import load_sd_scripts_state, load_state, save_state, state_kind
 from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
 from .tracking import Tracker
 
@@ -323,16 +323,29 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
     scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
     state = RunState()
-    if options.resume:
+    initial_step, initial_from = None, ""  # where a run goes on from without a state of ours
+    if options.resume and state_kind(Path(options.resume)) == "sd-scripts":
+        initial_step = load_sd_scripts_state(Path(options.resume), network)
+        initial_from = f"--resume {options.resume} (at step {initial_step})"
+    elif options.resume:
         state = load_state(Path(options.resume), network, optimizer, scheduler, generator)
         events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
     elif options.initial_step is not None or options.initial_epoch is not None:
         initial_step = options.initial_step if options.initial_step is not None else (options.initial_epoch - 1) * steps_per_epoch
+        initial_from = f"--initial_step {initial_step}"
+    if initial_step is not None:
         if initial_step >= total_steps:
-            raise UserError(f"--initial_step {initial_step} leaves nothing to train: the run has {total_steps} steps "
-                            f"({num_epochs} epochs of {steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
+            raise UserError(f"{initial_from} leaves nothing to train: the run has {total_steps} steps ({num_epochs} "
+                            f"epochs of {steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
         state = RunState.continuing(initial_step, steps_per_epoch, options.gradient_accumulation_steps,
                                     options.skip_until_initial_step)
+    if options.resume and initial_step is not None:  # sd-scripts' state: its weights and step count, our own schedule
+        advance(scheduler, state.step)
+        events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+        events.emit("warning", message=f"{options.resume} is sd-scripts' state: its network and step count ({initial_step}) "
+                    f"are read, and the run goes on from step {state.step} (the start of its epoch unless "
+                    "--skip_until_initial_step) with the learning-rate schedule there; its optimizer moments and random "
+                    "states (accelerate's optimizer.bin, random_states_*.pkl) are not, so the optimizer starts afresh")
 
     plan = OutputPlan(options, num_epochs)
     metadata = RunMetadata(options, config, model, spec, data, seed, started, optimizer_label(optimizer, options.optimizer_args),

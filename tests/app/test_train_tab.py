@@ -24,6 +24,8 @@ options = toml.load(sys.argv[1])
 events = pathlib.Path(options["events_file"])
 out = pathlib.Path(options["output_dir"]); out.mkdir(parents=True, exist_ok=True)
 state = pathlib.Path.cwd() / "state"; state.mkdir(exist_ok=True)
+for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
+    (state / name).write_bytes(b"")
 lines = [{"event": "start"}] + [{"event": "step", "step": s, "total": 4, "epoch": 1, "loss": 0.5 / s, "average": 0.4,
           "lr": [1e-4], "seconds": 0.1} for s in range(1, 5)]
 (out / (options["output_name"] + ".safetensors")).write_bytes(b"")
