@@ -238,11 +238,333 @@ def memory_advice(options: TrainOptions) -> str:
 
 
 def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str]) -> list[Path]:
-    seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
-    seed_everything(seed)
-    warnings = notes + [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
-                        if f.metadata["inert"] and getattr(options, name)]  # said right after the start event
-    weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
+    run = TrainingRun(options, events, world, device, notes)
+    try:
+        return run.train()
+    finally:
+        run.close()
+
+
+class TrainingRun:
+    """One job, from the checkpoint to the final file: the set-up in the order sd-scripts does it, then the loop and
+    what it calls between steps (saves, samples, validation, control commands). The step itself is ``_training_step``."""
+
+    def __init__(self, options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str]):
+        self.options, self.events, self.world, self.device = options, events, world, device
+        self.seed = seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
+        seed_everything(seed)
+        self.weight_dtype = weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
+        warnings = notes + _option_warnings(options, device, weight_dtype)  # said right after the start event
+        check_precision(options, device)
+        self.started = time.time()
+
+        self.model, fp8_saved = _prepared_model(options, device, weight_dtype, warnings)
+        self.config = config = self.model.config
+        self.data = data = build_training_data(options, config, seed, world.size)
+        fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
+        if options.zero_terminal_snr and config.prediction_type != "v_prediction":
+            warnings.append("--zero_terminal_snr on an epsilon-prediction model: at the last timestep the input is pure "
+                            "noise and the target equals it; the paper pairs it with --v_parameterization")
+        events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
+                    batches_per_epoch=data.batches_per_epoch, device=str(device),
+                    **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
+        for message in warnings:
+            events.emit("warning", message=message)
+        data.cache_latents(self.model.vae, device, events)
+        if options.cache_latents:  # every latent is ready: free the encoder (sd-scripts moves the whole VAE off the GPU)
+            self.model.vae.encoder = None
+        release_cached_memory(device, options)
+
+        self.spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
+                                    options.network_args, options.network_dropout)
+        self.train_te = not options.network_train_unet_only and (options.text_encoder_lr or [None])[0] != 0
+        self.network = network = _prepared_network(options, self.model, self.spec, self.train_te, device, weight_dtype)
+        if options.torch_compile and options.dynamo_backend != "no":  # after the hooks, so the graphs include them
+            compile_models(self.model, options.dynamo_backend)
+
+        self.steps_per_epoch = math.ceil(data.batches_per_epoch / options.gradient_accumulation_steps)
+        self.total_steps = (options.max_train_epochs * self.steps_per_epoch if options.max_train_epochs
+                            else options.max_train_steps)
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        groups = network.parameter_groups(options.learning_rate, (options.text_encoder_lr or [None])[0], options.unet_lr)
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = make_optimizer(options.optimizer, groups, options.learning_rate, options.optimizer_args or [])
+        self.scheduler = make_scheduler(self.optimizer, options.lr_scheduler, self.total_steps,
+                                        resolve_warmup(options.lr_warmup_steps, self.total_steps),
+                                        num_cycles=options.lr_scheduler_num_cycles, power=options.lr_scheduler_power,
+                                        min_lr_ratio=options.lr_scheduler_min_lr_ratio)
+        self.generator = torch.Generator().manual_seed(seed)
+        # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
+        self.scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
+        self.state = self._starting_state()
+
+        self.plan = OutputPlan(options, self.num_epochs)
+        self.metadata = RunMetadata(options, config, self.model, self.spec, data, seed, self.started,
+                                    optimizer_label(self.optimizer, options.optimizer_args), self.num_epochs,
+                                    self.total_steps)
+        self.tokenizer = CLIPTokenizer.default()
+        self.text_cache = self._text_cache(fixed_captions) if options.cache_text_encoder_outputs else None
+        self.prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
+        self.written: list[Path] = []
+        self.tracker = Tracker(options.logging_dir, options.log_with, options.log_prefix, options.log_tracker_name)
+        self.stop = StopRequest(self.plan.stop_file)
+        # a progress bar for people at a terminal; the UI and the API follow the event log instead
+        self.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", disable=not sys.stderr.isatty(),
+                             dynamic_ncols=True)
+        self._loss = torch.zeros(())  # the latest batch's mean loss over every rank
+        self._last_time = time.perf_counter()
+
+    def close(self) -> None:
+        self.progress.close()
+        self.tracker.close()
+        self.stop.close()
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+
+    def _starting_state(self) -> RunState:
+        """Step 0, a state of ours (exactly where it stopped), or a step to go on from: sd-scripts' state folder,
+        ``--initial_step``/``--initial_epoch``."""
+        options, events = self.options, self.events
+        initial_step, initial_from = None, ""
+        if options.resume and state_kind(Path(options.resume)) == "sd-scripts":
+            initial_step = load_sd_scripts_state(Path(options.resume), self.network)
+            initial_from = f"--resume {options.resume} (at step {initial_step})"
+        elif options.resume:
+            state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
+            events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+            return state
+        elif options.initial_step is not None or options.initial_epoch is not None:
+            initial_step = (options.initial_step if options.initial_step is not None
+                            else (options.initial_epoch - 1) * self.steps_per_epoch)
+            initial_from = f"--initial_step {initial_step}"
+        if initial_step is None:
+            return RunState()
+        if initial_step >= self.total_steps:
+            raise UserError(f"{initial_from} leaves nothing to train: the run has {self.total_steps} steps "
+                            f"({self.num_epochs} epochs of {self.steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
+        state = RunState.continuing(initial_step, self.steps_per_epoch, options.gradient_accumulation_steps,
+                                    options.skip_until_initial_step)
+        if options.resume:  # sd-scripts' state: its weights and step count, our own schedule
+            advance(self.scheduler, state.step)
+            events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+            events.emit("warning", message=f"{options.resume} is sd-scripts' state: its network and step count "
+                        f"({initial_step}) are read, and the run goes on from step {state.step} (the start of its epoch "
+                        "unless --skip_until_initial_step) with the learning-rate schedule there; its optimizer moments "
+                        "and random states (accelerate's optimizer.bin, random_states_*.pkl) are not, so the optimizer "
+                        "starts afresh")
+        return state
+
+    def _text_cache(self, fixed_captions: dict) -> TextEncoderCache:
+        text_cache = TextEncoderCache(self.config)
+        text_cache.fill(self.model.text_encoders, fixed_captions, self.tokenizer,
+                        caption_encoding(self.options, self.config), self.options.cache_text_encoder_outputs_to_disk)
+        if self.device.type == "cuda":  # the encoders are needed again only for samples: keep them off the GPU
+            for encoder in self.model.text_encoders:
+                encoder.to("cpu")
+        return text_cache
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def train(self) -> list[Path]:
+        options, state, data = self.options, self.state, self.data
+        if options.sample_at_first and state.step == 0:
+            self.sample(0, 0)
+        for epoch in range(state.epoch, self.num_epochs):
+            batches = data.epoch_batches(epoch)
+            resumed_at = state.batch_in_epoch  # resumed mid-epoch: the batches before it were trained before
+            for index, batch in enumerate(data.loaded(batches[resumed_at:], options.max_data_loader_n_workers), resumed_at):
+                self._learn(batch, epoch)
+                state.batch_in_epoch = index + 1
+                if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
+                    continue
+                self._step(epoch)
+                if state.step >= self.total_steps:
+                    break
+                if self._obey(epoch) == "stop":
+                    return self.finish(epoch)
+            self._end_epoch(epoch)
+            if state.step >= self.total_steps:
+                break
+        return self.finish(state.epoch)
+
+    def _learn(self, batch, epoch: int) -> None:
+        """Forward and backward on this rank's rows of ``batch``; every rank's per-image losses are recorded."""
+        options, world = self.options, self.world
+        rows = world.shard(len(batch.records))
+        self.network.set_multiplier(self.data.network_multiplier(batch))
+        per_sample = _training_step(batch, epoch, self.state.step, self.total_steps, self.model, self.config, self.network,
+                                    options, self.tokenizer, self.config.schedule.alphas_cumprod, self.v_prediction,
+                                    self.generator, self.device, self.weight_dtype, self.data, self.train_te, rows,
+                                    self.text_cache)
+        # this rank's share of the global batch mean: summed over ranks, the gradients are the mean's
+        if per_sample.numel():  # a short last batch may leave a rank without rows
+            self.scaler.scale(per_sample.sum() / (len(batch.records) * options.gradient_accumulation_steps)).backward()
+        every_sample = torch.zeros(len(batch.records))
+        every_sample[rows] = per_sample.detach().float().cpu()
+        every_sample = sum_across(world, every_sample)
+        self._loss = every_sample.mean()
+        for record, value in zip(batch.records, every_sample.tolist()):
+            self.state.per_image_loss.setdefault(str(record.path), []).append(value)
+
+    def _step(self, epoch: int) -> None:
+        """The optimizer step, its reports, and what falls due at this step (a step file, validation, samples)."""
+        options, state, optimizer = self.options, self.state, self.optimizer
+        sum_gradients(self.world, self.trainable)
+        self.scaler.unscale_(optimizer)
+        if options.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, options.max_grad_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        norms = apply_max_norm(self.network.values(), options.scale_weight_norms) if options.scale_weight_norms else None
+        value = float(self._loss.detach())
+        if not math.isfinite(value):
+            self.network.remove()
+            raise UserError(f"the loss became {value} at step {state.step}: lower the learning rate or use "
+                            "fp32/bf16; stopped, and the files saved before it are intact")
+        state.losses.append(value)
+        now = time.perf_counter()
+        window = state.losses[-self.data.batches_per_epoch:]
+        average = sum(window) / len(window)
+        self.progress.update(1)
+        self.progress.set_postfix(epoch=epoch + 1, avr_loss=f"{average:.4f}")
+        self.tracker.step(state.step, value, average,
+                          {g.get("description", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)})
+        self.events.emit("step", step=state.step, total=self.total_steps, epoch=epoch + 1, loss=value, average=average,
+                         lr=[g["lr"] for g in optimizer.param_groups][:2], seconds=round(now - self._last_time, 4),
+                         memory_mib=peak_memory_mib(self.device),
+                         **({"keys_scaled": norms.keys_scaled, "average_key_norm": round(norms.average_norm, 5),
+                             "max_key_norm": round(norms.max_norm, 5)} if norms else {}))
+        self._last_time = now
+        if self.plan.save_at_step(state.step):
+            self.save_network_file(self.plan.step_path(state.step), epoch + 1, state.step)
+            if options.save_state:
+                state.epoch = epoch  # the state is inside this epoch, at batch_in_epoch
+                self.save_state_file(self.plan.state_path(None, state.step))
+            self.plan.prune_steps(state.step)
+        self.validate_at_step(state.step)
+        every = options.sample_every_n_steps
+        if every and not options.sample_every_n_epochs and state.step % every == 0:
+            self.sample(None, state.step)
+
+    def _obey(self, epoch: int) -> str | None:
+        """Carries out a control command (the control file, a signal), agreed by every rank; returns it."""
+        state, plan = self.state, self.plan
+        command = agree_on_command(self.world, self.stop.command() if self.world.is_main else None, self.stop.signalled)
+        if command == "sample":
+            self.sample(None, state.step)
+        elif command == "save":
+            self.save_network_file(plan.step_path(state.step), epoch + 1, state.step)
+            state.epoch = epoch
+            self.save_state_file(plan.state_path(None, state.step))
+        elif command == "stop":
+            state.epoch = epoch
+            self.save_state_file(plan.state_path(epoch, state.step))
+        return command
+
+    def _end_epoch(self, epoch: int) -> None:
+        options, state, plan = self.options, self.state, self.plan
+        done = epoch + 1
+        state.epoch, state.batch_in_epoch = done, 0
+        # from the whole history, so an epoch resumed part-way still averages all of its steps
+        this_epoch = state.losses[max(0, epoch * self.steps_per_epoch - state.first_step) : state.step - state.first_step]
+        state.epoch_train_loss[done] = sum(this_epoch) / max(1, len(this_epoch))
+        self.events.emit("epoch", epoch=done, average=state.epoch_train_loss[done], step=state.step)
+        self.validate(done)
+        self.tracker.epoch(done, state.epoch_train_loss[done], state.epoch_validation_loss.get(done))
+        if options.sample_every_n_epochs and done % options.sample_every_n_epochs == 0:
+            self.sample(done, state.step)
+        if plan.save_at_epoch(done):
+            self.save_network_file(plan.epoch_path(done), done, state.step)
+            plan.prune_epochs(done)
+            if options.save_state:
+                self.save_state_file(plan.state_path(done, None))
+
+    def finish(self, epoch: int) -> list[Path]:
+        state, options = self.state, self.options
+        self.save_network_file(self.plan.final_path(), epoch, state.step)
+        if options.save_state or options.save_state_on_train_end:
+            self.save_state_file(self.plan.state_path(None, None))
+        self.network.remove()
+        epochs = sorted(state.epoch_train_loss)
+        advice = recommend_epoch([state.epoch_train_loss[e] for e in epochs],
+                                 [state.epoch_validation_loss.get(e) for e in epochs])
+        self.events.emit("end", files=[str(p) for p in self.written if p.exists()], steps=state.step, epochs=epoch,
+                         seconds=round(time.time() - self.started, 2),
+                         recommended_epoch=advice.epoch if advice else None, reason=advice.reason if advice else None,
+                         highest_loss_images=outlier_images(state.per_image_loss))
+        return self.written
+
+    # --- between steps ---------------------------------------------------------------------------------------
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.config.prediction_type == "v_prediction"
+
+    def sample(self, epoch: int | None, step: int) -> None:
+        if not self.prompts or not self.world.is_main:
+            return
+        self.network.eval().set_multiplier(1.0)
+        paths = draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
+                             self.options.output_name, epoch, step, self.options.clip_skip or 1)
+        self.network.train()
+        release_cached_memory(self.device, self.options)
+        for path in paths:
+            self.events.emit("sample", path=str(path), epoch=epoch, step=step)
+
+    def validation_loss(self) -> float:
+        self.network.eval().set_multiplier(1.0)
+        loss = _validation_loss(self.data, self.model, self.config, self.options, self.tokenizer,
+                                self.config.schedule.alphas_cumprod, self.v_prediction, self.device, self.weight_dtype,
+                                self.text_cache)
+        self.network.train()
+        return loss
+
+    def validate(self, epoch: int) -> None:
+        every = self.options.validate_every_n_epochs or 1
+        if not self.data.validation or epoch % every or not self.world.is_main:
+            return
+        self.state.epoch_validation_loss[epoch] = loss = self.validation_loss()
+        self.events.emit("validation", epoch=epoch, step=self.state.step, loss=loss)
+
+    def validate_at_step(self, step: int) -> None:
+        every = self.options.validate_every_n_steps
+        if not every or not self.data.validation or step % every or not self.world.is_main:
+            return
+        self.state.step_validation_loss[step] = loss = self.validation_loss()
+        self.tracker.step_validation(step, loss)
+        self.events.emit("validation", step=step, loss=loss)
+
+    def judgement(self) -> dict[str, str]:
+        """What the files record about how the run went (our key; sd-scripts' readers ignore it)."""
+        state = self.state
+        return {"lora_trainer.losses": json.dumps({"epoch_training_loss": state.epoch_train_loss,
+                                                     "epoch_validation_loss": state.epoch_validation_loss,
+                                                     "step_validation_loss": state.step_validation_loss,
+                                                     "highest_loss_images": outlier_images(state.per_image_loss)})}
+
+    def save_state_file(self, path: Path) -> None:
+        if not self.world.is_main:
+            return
+        with _writing(path):
+            save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state)
+        self.events.emit("state", action="saved", path=str(path), epoch=self.state.epoch, step=self.state.step)
+
+    def save_network_file(self, path: Path, epoch: int, step: int) -> None:
+        if not self.world.is_main:
+            return
+        with _writing(path):
+            saved = self.plan.save(self.network, path, self.metadata.build(epoch, step, self.judgement()))
+        self.written.append(saved)
+        self.events.emit("saved", path=str(saved), epoch=epoch, step=step)
+
+
+def _option_warnings(options: TrainOptions, device: torch.device, weight_dtype: torch.dtype) -> list[str]:
+    """What the options ask for that this run does otherwise, or not at all; chooses the attention kernel."""
+    warnings = [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
+                if f.metadata["inert"] and getattr(options, name)]
     if weight_dtype != DTYPES[options.mixed_precision]:
         full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
         warnings.append(f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: the run "
@@ -250,9 +572,11 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     warnings += choose_attention(options, device)
     if options.torch_compile and options.dynamo_backend == "no":  # sd-scripts hands accelerate NO: nothing compiled
         warnings.append("--torch_compile with --dynamo_backend no compiles nothing, as in sd-scripts")
-    check_precision(options, device)
-    started = time.time()
+    return warnings
 
+
+def _prepared_model(options: TrainOptions, device: torch.device, weight_dtype: torch.dtype, warnings: list[str]):
+    """The checkpoint loaded, checked against the options, with --base_weights merged, frozen; and the bytes fp8 saved."""
     model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
                             vae_dtype=torch.float32 if options.no_half_vae else None,
                             prediction_type="v_prediction" if options.v_parameterization else None)
@@ -274,267 +598,24 @@ def _train(options: TrainOptions, events: EventLog, world: World, device: torch.
     if options.gradient_checkpointing:
         for module in (model.unet, *model.text_encoders):
             module.gradient_checkpointing = True
+    return model, fp8_saved
 
-    data: TrainingData = build_training_data(options, config, seed, world.size)
-    fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
-    if options.zero_terminal_snr and config.prediction_type != "v_prediction":
-        warnings.append("--zero_terminal_snr on an epsilon-prediction model: at the last timestep the input is pure "
-                        "noise and the target equals it; the paper pairs it with --v_parameterization")
-    events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
-                batches_per_epoch=data.batches_per_epoch, device=str(device),
-                **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
-    for message in warnings:
-        events.emit("warning", message=message)
-    data.cache_latents(model.vae, device, events)
-    if options.cache_latents:  # every latent is ready: free the encoder (sd-scripts moves the whole VAE off the GPU)
-        model.vae.encoder = None
-    release_cached_memory(device, options)
 
-    spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
-                           options.network_args, options.network_dropout)
-    train_unet = not options.network_train_text_encoder_only
-    train_te = not options.network_train_unet_only and (options.text_encoder_lr or [None])[0] != 0
+def _prepared_network(options: TrainOptions, model, spec, train_te: bool, device: torch.device,
+                      weight_dtype: torch.dtype) -> LoRANetwork:
+    """The network to train (fresh, or from --network_weights), on the device, hooked into the model."""
+    config = model.config
     if options.network_weights and options.dim_from_weights:
         network = network_from_file(config, model.unet, model.text_encoders, read_network(options.network_weights), spec)
     else:
-        network = create_network(config, model.unet, model.text_encoders, spec, train_unet, train_te)
+        network = create_network(config, model.unet, model.text_encoders, spec,
+                                 not options.network_train_text_encoder_only, train_te)
         if options.network_weights:
             _load_weights(network, options.network_weights)
     network.to(device).train()
     if (options.full_fp16 or options.full_bf16) and weight_dtype != torch.float32:
         network.to(weight_dtype)
-    network.apply_to()
-    if options.torch_compile and options.dynamo_backend != "no":  # after the hooks are in place, so the graphs include them
-        compile_models(model, options.dynamo_backend)
-
-    steps_per_epoch = math.ceil(data.batches_per_epoch / options.gradient_accumulation_steps)
-    total_steps = options.max_train_steps
-    if options.max_train_epochs:
-        total_steps = options.max_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    te_lr = (options.text_encoder_lr or [None])[0]
-    groups = network.parameter_groups(options.learning_rate, te_lr, options.unet_lr)
-    optimizer = make_optimizer(options.optimizer, groups, options.learning_rate, options.optimizer_args or [])
-    scheduler = make_scheduler(optimizer, options.lr_scheduler, total_steps,
-                               resolve_warmup(options.lr_warmup_steps, total_steps),
-                               num_cycles=options.lr_scheduler_num_cycles, power=options.lr_scheduler_power,
-                               min_lr_ratio=options.lr_scheduler_min_lr_ratio)
-    generator = torch.Generator().manual_seed(seed)
-    # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
-    scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
-    state = RunState()
-    initial_step, initial_from = None, ""  # where a run goes on from without a state of ours
-    if options.resume and state_kind(Path(options.resume)) == "sd-scripts":
-        initial_step = load_sd_scripts_state(Path(options.resume), network)
-        initial_from = f"--resume {options.resume} (at step {initial_step})"
-    elif options.resume:
-        state = load_state(Path(options.resume), network, optimizer, scheduler, generator)
-        events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
-    elif options.initial_step is not None or options.initial_epoch is not None:
-        initial_step = options.initial_step if options.initial_step is not None else (options.initial_epoch - 1) * steps_per_epoch
-        initial_from = f"--initial_step {initial_step}"
-    if initial_step is not None:
-        if initial_step >= total_steps:
-            raise UserError(f"{initial_from} leaves nothing to train: the run has {total_steps} steps ({num_epochs} "
-                            f"epochs of {steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
-        state = RunState.continuing(initial_step, steps_per_epoch, options.gradient_accumulation_steps,
-                                    options.skip_until_initial_step)
-    if options.resume and initial_step is not None:  # sd-scripts' state: its weights and step count, our own schedule
-        advance(scheduler, state.step)
-        events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
-        events.emit("warning", message=f"{options.resume} is sd-scripts' state: its network and step count ({initial_step}) "
-                    f"are read, and the run goes on from step {state.step} (the start of its epoch unless "
-                    "--skip_until_initial_step) with the learning-rate schedule there; its optimizer moments and random "
-                    "states (accelerate's optimizer.bin, random_states_*.pkl) are not, so the optimizer starts afresh")
-
-    plan = OutputPlan(options, num_epochs)
-    metadata = RunMetadata(options, config, model, spec, data, seed, started, optimizer_label(optimizer, options.optimizer_args),
-                           num_epochs, total_steps)
-    tokenizer = CLIPTokenizer.default()
-    text_cache = None
-    if options.cache_text_encoder_outputs:
-        text_cache = TextEncoderCache(config)
-        text_cache.fill(model.text_encoders, fixed_captions, tokenizer, caption_encoding(options, config),
-                        options.cache_text_encoder_outputs_to_disk)
-        if device.type == "cuda":  # the encoders are needed again only for samples: keep them off the GPU
-            for encoder in model.text_encoders:
-                encoder.to("cpu")
-    abar = config.schedule.alphas_cumprod
-    v_prediction = config.prediction_type == "v_prediction"
-    stop = StopRequest(plan.stop_file)
-    trainable = [p for g in groups for p in g["params"]]
-    written: list[Path] = []
-    last_time = time.perf_counter()
-    # a progress bar for people at a terminal; the UI and the API follow the event log instead
-    progress = tqdm(total=total_steps, initial=state.step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    tracker = Tracker(options.logging_dir, options.log_with, options.log_prefix, options.log_tracker_name)
-
-    prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
-
-    def sample(epoch: int | None, step: int) -> None:
-        if not prompts or not world.is_main:
-            return
-        network.eval().set_multiplier(1.0)
-        paths = draw_samples(model, prompts, options.sample_sampler, plan.folder / "sample", options.output_name, epoch, step,
-                             options.clip_skip or 1)
-        network.train()
-        release_cached_memory(device, options)
-        for path in paths:
-            events.emit("sample", path=str(path), epoch=epoch, step=step)
-
-    epoch_train_loss, epoch_validation_loss, per_image_loss = state.epoch_train_loss, state.epoch_validation_loss, state.per_image_loss
-
-    def validation_loss() -> float:
-        network.eval().set_multiplier(1.0)
-        loss = _validation_loss(data, model, config, options, tokenizer, abar, v_prediction, device, weight_dtype, text_cache)
-        network.train()
-        return loss
-
-    def validate(epoch: int) -> None:
-        every = options.validate_every_n_epochs or 1
-        if not data.validation or epoch % every or not world.is_main:
-            return
-        epoch_validation_loss[epoch] = loss = validation_loss()
-        events.emit("validation", epoch=epoch, step=state.step, loss=loss)
-
-    def validate_at_step(step: int) -> None:
-        every = options.validate_every_n_steps
-        if not every or not data.validation or step % every or not world.is_main:
-            return
-        state.step_validation_loss[step] = loss = validation_loss()
-        tracker.step_validation(step, loss)
-        events.emit("validation", step=step, loss=loss)
-
-    def judgement() -> dict[str, str]:
-        """What the files record about how the run went (our key; sd-scripts' readers ignore it)."""
-        return {"lora_trainer.losses": json.dumps({"epoch_training_loss": epoch_train_loss,
-                                                     "epoch_validation_loss": epoch_validation_loss,
-                                                     "step_validation_loss": state.step_validation_loss,
-                                                     "highest_loss_images": outlier_images(per_image_loss)})}
-
-    def save_state_file(path: Path) -> None:
-        if not world.is_main:
-            return
-        with _writing(path):
-            save_state(path, network, optimizer, scheduler, generator, state)
-        events.emit("state", action="saved", path=str(path), epoch=state.epoch, step=state.step)
-
-    def save_network_file(path: Path, epoch: int, step: int) -> None:
-        if not world.is_main:
-            return
-        with _writing(path):
-            saved = plan.save(network, path, metadata.build(epoch, step, judgement()))
-        written.append(saved)
-        events.emit("saved", path=str(saved), epoch=epoch, step=step)
-
-    def finish(epoch: int) -> list[Path]:
-        save_network_file(plan.final_path(), epoch, state.step)
-        if options.save_state or options.save_state_on_train_end:
-            save_state_file(plan.state_path(None, None))
-        network.remove()
-        epochs = sorted(epoch_train_loss)
-        advice = recommend_epoch([epoch_train_loss[e] for e in epochs], [epoch_validation_loss.get(e) for e in epochs])
-        events.emit("end", files=[str(p) for p in written if p.exists()], steps=state.step, epochs=epoch,
-                    seconds=round(time.time() - started, 2),
-                    recommended_epoch=advice.epoch if advice else None, reason=advice.reason if advice else None,
-                    highest_loss_images=outlier_images(per_image_loss))
-        return written
-
-    try:
-        if options.sample_at_first and state.step == 0:
-            sample(0, 0)
-        for epoch in range(state.epoch, num_epochs):
-            batches = data.epoch_batches(epoch)
-            resumed_at = state.batch_in_epoch  # resumed mid-epoch: the batches before it were trained before
-            for index, batch in enumerate(data.loaded(batches[resumed_at:], options.max_data_loader_n_workers), resumed_at):
-                rows = world.shard(len(batch.records))
-                network.set_multiplier(data.network_multiplier(batch))
-                per_sample = _training_step(batch, epoch, state.step, total_steps, model, config, network, options, tokenizer,
-                                            abar, v_prediction, generator, device, weight_dtype, data, train_te, rows,
-                                            text_cache)
-                # this rank's share of the global batch mean: summed over ranks, the gradients are the mean's
-                if per_sample.numel():  # a short last batch may leave a rank without rows
-                    scaler.scale(per_sample.sum() / (len(batch.records) * options.gradient_accumulation_steps)).backward()
-                every_sample = torch.zeros(len(batch.records))
-                every_sample[rows] = per_sample.detach().float().cpu()
-                every_sample = sum_across(world, every_sample)
-                loss = every_sample.mean()
-                for record, value in zip(batch.records, every_sample.tolist()):
-                    per_image_loss.setdefault(str(record.path), []).append(value)
-                state.batch_in_epoch = index + 1
-                if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
-                    continue
-                sum_gradients(world, trainable)
-                scaler.unscale_(optimizer)
-                if options.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                norms = apply_max_norm(network.values(), options.scale_weight_norms) if options.scale_weight_norms else None
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    network.remove()
-                    raise UserError(f"the loss became {value} at step {state.step}: lower the learning rate or use "
-                                    "fp32/bf16; stopped, and the files saved before it are intact")
-                state.losses.append(value)
-                now = time.perf_counter()
-                window = state.losses[-data.batches_per_epoch:]
-                progress.update(1)
-                progress.set_postfix(epoch=epoch + 1, avr_loss=f"{sum(window) / len(window):.4f}")
-                tracker.step(state.step, value, sum(window) / len(window),
-                             {g.get("description", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)})
-                events.emit("step", step=state.step, total=total_steps, epoch=epoch + 1, loss=value,
-                            average=sum(window) / len(window), lr=[g["lr"] for g in optimizer.param_groups][:2],
-                            seconds=round(now - last_time, 4), memory_mib=peak_memory_mib(device),
-                            **({"keys_scaled": norms.keys_scaled, "average_key_norm": round(norms.average_norm, 5),
-                                "max_key_norm": round(norms.max_norm, 5)} if norms else {}))
-                last_time = now
-                if plan.save_at_step(state.step):
-                    save_network_file(plan.step_path(state.step), epoch + 1, state.step)
-                    if options.save_state:
-                        state.epoch = epoch  # the state is inside this epoch, at batch_in_epoch
-                        save_state_file(plan.state_path(None, state.step))
-                    plan.prune_steps(state.step)
-                validate_at_step(state.step)
-                if options.sample_every_n_steps and not options.sample_every_n_epochs and state.step % options.sample_every_n_steps == 0:
-                    sample(None, state.step)
-                if state.step >= total_steps:
-                    break
-                command = agree_on_command(world, stop.command() if world.is_main else None, stop.signalled)
-                if command == "sample":
-                    sample(None, state.step)
-                elif command == "save":
-                    save_network_file(plan.step_path(state.step), epoch + 1, state.step)
-                    state.epoch = epoch
-                    save_state_file(plan.state_path(None, state.step))
-                elif command == "stop":
-                    state.epoch = epoch
-                    save_state_file(plan.state_path(epoch, state.step))
-                    return finish(epoch)
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
-            # from the whole history, so an epoch resumed part-way still averages all of its steps
-            this_epoch = state.losses[max(0, epoch * steps_per_epoch - state.first_step) : state.step - state.first_step]
-            epoch_train_loss[epoch + 1] = sum(this_epoch) / max(1, len(this_epoch))
-            events.emit("epoch", epoch=epoch + 1, average=epoch_train_loss[epoch + 1], step=state.step)
-            validate(epoch + 1)
-            tracker.epoch(epoch + 1, epoch_train_loss[epoch + 1], epoch_validation_loss.get(epoch + 1))
-            if options.sample_every_n_epochs and (epoch + 1) % options.sample_every_n_epochs == 0:
-                sample(epoch + 1, state.step)
-            if plan.save_at_epoch(epoch + 1):
-                save_network_file(plan.epoch_path(epoch + 1), epoch + 1, state.step)
-                plan.prune_epochs(epoch + 1)
-                if options.save_state:
-                    save_state_file(plan.state_path(epoch + 1, None))
-            if state.step >= total_steps:
-                break
-        return finish(state.epoch)
-    finally:
-        progress.close()
-        tracker.close()
-        stop.close()
+    return network.apply_to()
 
 
 @contextmanager
