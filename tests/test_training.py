@@ -543,6 +543,21 @@ def test_a_run_resumes_from_sd_scripts_own_state_folder_with_its_network_and_ste
     assert "not a state folder" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
+def test_sd_scripts_states_of_older_accelerate_and_broken_step_files(tmp_path):
+    """Older accelerate wrote the network as pytorch_model.bin (a plain state dict: loaded without running code);
+    a train_state.json without its step is named with what sd-scripts writes there."""
+    from lora_trainer.training.state import load_sd_scripts_state, state_kind
+
+    network = torch.nn.ModuleDict({"lora_unet_x": torch.nn.Linear(2, 2, bias=False)})
+    torch.save({"lora_unet_x.weight": torch.ones(2, 2)}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "train_state.json").write_text('{"current_epoch": 1, "current_step": 7}', encoding="utf-8")
+    assert state_kind(tmp_path) == "sd-scripts" and load_sd_scripts_state(tmp_path, network) == 7
+    assert torch.equal(network["lora_unet_x"].weight, torch.ones(2, 2))
+    (tmp_path / "train_state.json").write_text('{"current_epoch": 1}', encoding="utf-8")
+    with pytest.raises(UserError, match=r"train_state.json: no readable current_step .*\"current_step\": …"):
+        load_sd_scripts_state(tmp_path, network)
+
+
 def test_initial_steps_that_leave_nothing_or_contradict_a_resume_are_refused(baseline, dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--initial_step", "16") == 2
     assert "--initial_step 16 leaves nothing to train: the run has 16 steps" in capsys.readouterr().err
