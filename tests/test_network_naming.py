@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 
 import pytest
 import torch
@@ -123,6 +124,30 @@ def test_kohya_network_args_become_a_spec_and_unknown_ones_are_refused_by_name()
         spec_from_kohya("networks.lora", 4, 1, ["conv_dimm=4"])
     with pytest.raises(UserError, match="network_module"):
         spec_from_kohya("networks.oft_magic", 4, 1, [])
+
+
+# network_args as the Kohya GUI writes them for its LyCORIS types (lora_gui.py), with its defaults filled in
+GUI_LYCORIS_ARGS = {
+    "LyCORIS/LoCon": "preset=full conv_dim=1 conv_alpha=1 use_tucker=False rank_dropout=0 bypass_mode=False dora_wd=False "
+                     "module_dropout=0 use_tucker=False use_scalar=False rank_dropout_scale=False algo=locon train_norm=False",
+    "LyCORIS/LoKr": "preset=full conv_dim=1 conv_alpha=1 use_tucker=False rank_dropout=0 bypass_mode=False dora_wd=False "
+                    "module_dropout=0 factor=-1 use_cp=False use_scalar=False decompose_both=False rank_dropout_scale=False "
+                    "algo=lokr train_norm=False",
+    "LyCORIS/iA3": "preset=full conv_dim=1 conv_alpha=1 train_on_input=True algo=ia3",
+    "LyCORIS/GLoRA": "preset=full conv_dim=1 conv_alpha=1 use_tucker=False rank_dropout=0 module_dropout=0 "
+                     "rank_dropout_scale=False algo=glora train_norm=False",
+}
+
+
+@pytest.mark.parametrize("gui_type", sorted(GUI_LYCORIS_ARGS))
+def test_kohya_gui_lycoris_network_args_build_what_lycoris_builds_from_them(gui_type):
+    """The GUI writes rank_dropout_scale and train_on_input into every such run; LyCORIS 4.1.3's create_network never
+    reads them from network_args, so they are accepted and change nothing, as there."""
+    args = GUI_LYCORIS_ARGS[gui_type].split()
+    spec = spec_from_kohya("lycoris.kohya", 16, 8, args)
+    without = spec_from_kohya("lycoris.kohya", 16, 8, [a for a in args if not a.startswith(("rank_dropout_scale=", "train_on_input="))])
+    assert dataclasses.replace(spec, network_args=()) == dataclasses.replace(without, network_args=())
+    assert not spec.ia3_on_input  # LyCORIS's iA3 from network_args trains the output side whatever the GUI says
 
 
 @pytest.mark.parametrize("relative", ["lora-toml-variant/tinylora_toml.safetensors", "lora-lycoris/tiny_loha.safetensors"])

@@ -114,8 +114,10 @@ class NetworkSpec:
 _BOOL_ARGS = {"dora_wd": "dora", "full_matrix": "full_matrix", "decompose_both": "decompose_both", "train_norm": "train_norm",
               "rs_lora": "rs_lora", "unbalanced_factorization": "unbalanced_factorization", "rescaled": "rescaled",
               "use_scalar": "use_scalar"}
-# LyCORIS computes the layer and its change apart instead of through W + ΔW: the same numbers, as we always do
-_SAME_RESULT_ARGS = {"bypass_mode"}
+# LyCORIS computes the layer and its change apart instead of through W + ΔW: the same numbers, as we always do;
+# rank_dropout_scale and train_on_input its create_network never reads from network_args (4.1.3), so they change
+# nothing there either, yet the Kohya GUI writes them into every LyCORIS run's network_args
+_SAME_RESULT_ARGS = {"bypass_mode", "rank_dropout_scale", "train_on_input"}
 _TUCKER_ARGS = ("use_tucker", "use_cp", "use_conv_cp")  # LyCORIS's name, and its older ones
 _FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout", "dropout": "dropout",
                "constraint": "constraint"}
