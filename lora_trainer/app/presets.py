@@ -146,9 +146,11 @@ def read_preset_file(path: str | Path) -> PresetFile:
 # --- Kohya TOML ----------------------------------------------------------------------------------------------
 
 def import_kohya_toml(path: str | Path) -> dict[str, Any]:
-    """A Kohya ``--config_file`` (args, tables flattened) → option values. A dataset config (``[[datasets]]``)
-    instead becomes ``dataset_config = path``, as sd-scripts takes it."""
+    """A Kohya ``--config_file`` (args, tables flattened) or the Kohya GUI's saved settings (``.json``) → option
+    values. A dataset config (``[[datasets]]``) instead becomes ``dataset_config = path``, as sd-scripts takes it."""
     path = Path(path)
+    if path.suffix.lower() == ".json":
+        return read_config_file(path)
     try:
         raw = toml.loads(read_utf8(path, "Config file"))
     except toml.TomlDecodeError as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import numbers
 import shlex
 from dataclasses import dataclass, field
@@ -277,6 +278,8 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
     """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened; front-ends' own
     keys are dropped, each with a line in ``notes``."""
     path = Path(path)
+    if path.suffix.lower() == ".json":  # not sd-scripts': the Kohya GUI's saved settings
+        return _read_gui_config(path, notes)
     if path.suffix.lower() != ".toml":
         path = path.with_name(path.name + ".toml")
     if not path.is_file():
@@ -285,6 +288,42 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
         data = toml.loads(read_utf8(path, "Config file"))
     except toml.TomlDecodeError as error:
         raise UserError(f"Config file {path} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno}).") from None
+    return _flattened(path, data, notes)
+
+
+def _read_gui_config(path: Path, notes: list[str] | None) -> dict[str, Any]:
+    """A Kohya GUI "Save config" file (JSON) → the options the GUI would hand sd-scripts (``training/kohya_gui.py``)."""
+    from .kohya_gui import is_gui_config, options_from_gui
+
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = json.loads(read_utf8(path, "Config file"))
+    except json.JSONDecodeError as error:
+        raise UserError(f"Config file {path} is not valid JSON: {error.msg} (line {error.lineno}).") from None
+    if not isinstance(data, dict) or not is_gui_config(data):
+        raise UserError(f"{path}: a JSON config here is a Kohya GUI LoRA config (it has LoRA_type); sd-scripts' own "
+                        "config files are TOML")
+    gui_notes: list[str] = []
+    options = options_from_gui(data, gui_notes, str(path))
+    if notes is not None:
+        notes += gui_notes
+    if str(data.get("additional_parameters") or "").strip():  # the GUI appends them to sd-scripts' command line
+        options.update(_command_line_values(data["additional_parameters"], f"{path}: additional_parameters"))
+    return _flattened(path, options, notes)
+
+
+def _command_line_values(text: str, source: str) -> dict[str, Any]:
+    """The options a piece of command-line text gives, as the command line reads them."""
+    try:
+        given = vars(build_parser().parse_args(shlex.split(text)))
+    except (SystemExit, ValueError):  # argparse has said what it could not read
+        raise UserError(f"{source}: {text!r} is not a list of options this trainer reads") from None
+    return {k: True if k in FOREIGN and v == [] else v for k, v in given.items()}
+
+
+def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dict[str, Any]:
+    """One level of tables flattened; front-ends' own keys dropped with a note; unknown keys refused."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):

@@ -339,7 +339,8 @@ def build(services: Services) -> gr.Blocks:
             extra = gr.Textbox(label="More sd-scripts options (TOML lines or a JSON object)", lines=4, elem_id="lora_trainer_extra",
                                placeholder="noise_offset = 0.05\ncaption_dropout_rate = 0.05")
             with gr.Row():
-                import_file = gr.File(label="Import Kohya TOML or preset file", file_types=[".toml"], elem_id="lora_trainer_import")
+                import_file = gr.File(label="Import Kohya TOML, Kohya GUI JSON or preset file", file_types=[".toml", ".json"],
+                                      elem_id="lora_trainer_import")
                 exported = gr.File(label="Exported", interactive=False, elem_id="lora_trainer_exported")
             with gr.Row():
                 export_kohya = gr.Button("Export Kohya TOML", elem_id="lora_trainer_export_kohya")
@@ -447,7 +448,8 @@ def build(services: Services) -> gr.Blocks:
 
 
 def import_into_form(path: str) -> list[Any]:
-    """An uploaded Kohya TOML or our preset file → the form's fields (what does not fit a field goes to Advanced)."""
+    """An uploaded Kohya TOML, Kohya GUI settings (JSON) or our preset file → the form's fields (what does not fit
+    a field goes to Advanced)."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
         if "[options]" in text:

@@ -1,0 +1,147 @@
+"""The Kohya GUI's saved LoRA settings (bmaltais/kohya_ss, "Save config": its own JSON, not sd-scripts' TOML) as
+sd-scripts options, the way the GUI turns them into the TOML it hands sd-scripts: so a GUI user's ``.json`` runs
+here as it ran there.
+
+Pure data in, data out: ``options_from_gui`` returns the options and says what it left out in ``notes``; the GUI's
+``additional_parameters`` (command-line text) is read by the caller, with the command line's parser.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UserError
+
+# The GUI's LoRA types for SD1/SD2/SDXL and the network each trains (lora_gui.py).
+_LYCORIS_ALGOS = {"LoCon": "locon", "LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr",
+                  "LyCORIS/iA3": "ia3", "LyCORIS/DyLoRA": "dylora", "LyCORIS/GLoRA": "glora",
+                  "LyCORIS/Diag-OFT": "diag-oft", "LyCORIS/BOFT": "boft", "LyCORIS/Native Fine-Tuning": "full"}
+# the LyCORIS arguments the GUI passes, by the GUI's field name (those it passes with another name are mapped)
+_LYCORIS_FIELDS = {"locon": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout", "use_scalar",
+                             "dora_wd", "bypass_mode", "train_norm"),
+                   "loha": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout", "use_scalar",
+                            "dora_wd", "bypass_mode", "train_norm"),
+                   "lokr": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout", "use_scalar",
+                            "dora_wd", "bypass_mode", "train_norm", "factor", "use_cp", "decompose_both"),
+                   "ia3": ("conv_dim", "conv_alpha"),
+                   "dylora": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout", "train_norm"),
+                   "glora": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout", "train_norm"),
+                   "diag-oft": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout", "train_norm",
+                                "constraint", "rescaled"),
+                   "boft": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout", "train_norm"),
+                   "full": ("rank_dropout", "module_dropout", "train_norm")}
+_KOHYA_BLOCK_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
+                       "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout")
+_LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+# GUI field → sd-scripts option, where the names differ
+_RENAMED = {"optimizer": "optimizer_type", "max_resolution": "resolution", "lora_network_weights": "network_weights"}
+# the GUI's own fields, consumed above or meaningless to sd-scripts: never an option
+_GUI_ONLY = {"LoRA_type", "LyCORIS_preset", "model_list", "sdxl", "sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs",
+             "xformers", "lr_warmup", "epoch", "noise_offset_type", "num_cpu_threads_per_process", "additional_parameters",
+             "stop_text_encoder_training", "stop_text_encoder_training_pct", "unit", "factor", "use_cp", "use_tucker",
+             "use_scalar", "decompose_both", "conv_dim", "conv_alpha", "constrain", "rescaled", "train_on_input",
+             "rank_dropout_scale", "dora_wd", "bypass_mode", "train_norm", "sample_prompts", "use_wandb",
+             "dataset_config", *_KOHYA_BLOCK_FIELDS, *_LORAPLUS}
+
+
+def is_gui_config(data: dict) -> bool:
+    """A Kohya GUI LoRA settings file (every version saves its LoRA type)."""
+    return "LoRA_type" in data
+
+
+def _set(value: Any) -> bool:
+    """The GUI drops "", False, None and 0 before it writes the TOML (``value not in ["", False, None]``)."""
+    return value not in ("", None) and value is not False and not (isinstance(value, (int, float)) and value == 0)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value) if value not in ("", None) else 0.0
+    except (TypeError, ValueError):
+        raise UserError(f"the Kohya GUI value {value!r} is not a number") from None
+
+
+def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI config") -> dict[str, Any]:
+    """The sd-scripts options the GUI would write for ``data``; ``notes`` gain what is not carried over."""
+    from .options import FIELDS, FOREIGN, FRONT_END_KEYS
+
+    lora_type = data.get("LoRA_type", "Standard")
+    sdxl = bool(data.get("sdxl"))
+    options_like = FIELDS.keys() | FOREIGN | FRONT_END_KEYS.keys() | _RENAMED.keys()  # checked as a TOML's are
+    options = {_RENAMED.get(k, k): v for k, v in data.items() if k not in _GUI_ONLY and k in options_like and _set(v)}
+    left = sorted(k for k, v in data.items() if k not in _GUI_ONLY and k not in options_like and _set(v))
+    if left:
+        notes.append(f"{source}: {', '.join(left)} {'is' if len(left) == 1 else 'are'} the GUI's own, not carried over")
+    options.update(_network(lora_type, data, source))
+
+    kind = data.get("noise_offset_type", "Original")  # one noise kind is passed, the other's fields are left
+    unused = ("multires_noise_iterations", "multires_noise_discount") if kind == "Original" else \
+             ("noise_offset", "adaptive_noise_scale", "noise_offset_random_strength")
+    for name in unused:
+        options.pop(name, None)
+    attention = data.get("xformers")
+    if attention in ("xformers", True):
+        options["xformers"] = True
+    elif attention == "sdpa":
+        options["sdpa"] = True
+    if sdxl and data.get("sdxl_no_half_vae"):
+        options["no_half_vae"] = True
+    if sdxl and data.get("sdxl_cache_text_encoder_outputs"):
+        options["cache_text_encoder_outputs"] = True
+
+    if not _set(data.get("max_train_epochs")) and not _set(data.get("max_train_steps")) and _set(data.get("epoch")):
+        options["max_train_epochs"] = int(_number(data["epoch"]))  # the GUI counts its steps from the epochs then
+    if "lr_scheduler_num_cycles" in data and not _set(data.get("lr_scheduler_num_cycles")) and _set(data.get("epoch")):
+        options["lr_scheduler_num_cycles"] = int(_number(data["epoch"]))  # the GUI's default: one cycle per epoch
+    if not _set(data.get("lr_warmup_steps")) and _number(data.get("lr_warmup")):
+        options["lr_warmup_steps"] = _number(data["lr_warmup"]) / 100  # a percentage of the steps: sd-scripts' ratio
+    for name in ("optimizer_args", "lr_scheduler_args"):  # one text field in the GUI, a list for sd-scripts
+        if isinstance(options.get(name), str):
+            options[name] = options[name].replace('"', "").split()
+
+    te_lr, unet_lr = _number(data.get("text_encoder_lr")), _number(data.get("unet_lr"))
+    options.pop("text_encoder_lr", None)
+    if te_lr:
+        options["text_encoder_lr"] = [te_lr]
+    options["network_train_unet_only"] = te_lr == 0 and unet_lr != 0
+    options["network_train_text_encoder_only"] = te_lr != 0 and unet_lr == 0
+
+    if lora_type == "LyCORIS/iA3" and options.pop("network_dropout", None) is not None:
+        notes.append(f"{source}: network_dropout is not carried over (LyCORIS's iA3 has no neuron dropout, so it did "
+                     "nothing there)")
+    for name in ("sample_prompts", "stop_text_encoder_training_pct", "use_wandb", "dataset_config"):
+        if _set(data.get(name)):
+            notes.append(f"{source}: {name} is not carried over ({_WHY[name]})")
+    return options
+
+
+_WHY = {"sample_prompts": "the GUI keeps the prompts' text there; save them as a .txt file and give its path",
+        "stop_text_encoder_training_pct": "sd-scripts' LoRA training has no such option",
+        "use_wandb": "wandb is not supported here; TensorBoard logs are written with --logging_dir",
+        "dataset_config": "give the dataset TOML with --dataset_config"}
+
+
+def _network(lora_type: str, data: dict, source: str) -> dict[str, Any]:
+    """network_module and network_args for the GUI's LoRA type, built as lora_gui.py builds them."""
+    if lora_type in _LYCORIS_ALGOS:
+        algo = _LYCORIS_ALGOS[lora_type]
+        args = [f"preset={data.get('LyCORIS_preset') or 'full'}", f"algo={algo}"]
+        renamed = {"constraint": "constrain"}  # the GUI's field name for LyCORIS's constraint
+        args += [f"{name}={data[renamed.get(name, name)]}" for name in _LYCORIS_FIELDS[algo]
+                 if renamed.get(name, name) in data and data[renamed.get(name, name)] not in ("", None)]
+        if algo == "dylora" and _set(data.get("unit")):
+            args.append(f"block_size={data['unit']}")
+        return {"network_module": "lycoris.kohya", "network_args": args + _loraplus(data)}
+    if lora_type in ("Standard", "Kohya LoCon"):
+        args = [f"conv_dim={data.get('conv_dim', 1)}", f"conv_alpha={data.get('conv_alpha', 1)}"] if lora_type == "Kohya LoCon" else []
+        args += [f"{name}={data[name]}" for name in _KOHYA_BLOCK_FIELDS if _set(data.get(name))]
+        return {"network_module": "networks.lora", "network_args": args + _loraplus(data)}
+    if lora_type == "Kohya DyLoRA":
+        args = [f"{name}={data[name]}" for name in ("conv_dim", "conv_alpha", *_KOHYA_BLOCK_FIELDS, "unit") if _set(data.get(name))]
+        return {"network_module": "networks.dylora", "network_args": args + _loraplus(data)}
+    raise UserError(f"{source}: LoRA_type {lora_type!r} is not trained here (SD1/SD2/SDXL LoRA types: Standard, "
+                    f"Kohya LoCon, Kohya DyLoRA, {', '.join(_LYCORIS_ALGOS)})")
+
+
+def _loraplus(data: dict) -> list[str]:
+    return [f"{name}={data[name]}" for name in _LORAPLUS if _set(data.get(name))]

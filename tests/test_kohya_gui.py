@@ -1,0 +1,115 @@
+"""The Kohya GUI's saved settings (its own JSON, "Save config" in bmaltais/kohya_ss) run here as the GUI runs them:
+the same sd-scripts options the GUI would write into its TOML, and what is not carried over is said."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from lora_trainer.app import presets
+from lora_trainer.errors import UserError
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+from lora_trainer.train_network import main as train_main
+from lora_trainer.training.events import read_events
+from lora_trainer.training.options import parse_args
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
+
+# A GUI settings file as the GUI saves it: its field names, its strings for numbers, "" for unset
+GUI_SETTINGS = {
+    "LoRA_type": "Standard", "LyCORIS_preset": "full", "adaptive_noise_scale": 0, "additional_parameters": "",
+    "block_alphas": "", "block_dims": "", "bucket_reso_steps": 64, "cache_latents": True, "caption_extension": ".txt",
+    "clip_skip": "1", "conv_alpha": 1, "conv_dim": 1, "enable_bucket": False, "epoch": 3, "factor": -1,
+    "gradient_accumulation_steps": "1", "keep_tokens": "0", "learning_rate": 0.0001, "lora_network_weights": "",
+    "lr_scheduler": "cosine", "lr_scheduler_args": "", "lr_scheduler_num_cycles": "", "lr_warmup": 10,
+    "max_data_loader_n_workers": "0", "max_resolution": "512,512", "max_train_epochs": "", "max_train_steps": "",
+    "min_snr_gamma": 5, "mixed_precision": "fp16", "model_list": "custom", "module_dropout": 0,
+    "multires_noise_discount": 0.3, "multires_noise_iterations": 6, "network_alpha": 8, "network_dim": 16,
+    "network_dropout": 0, "noise_offset": 0.05, "noise_offset_type": "Original", "num_cpu_threads_per_process": 2,
+    "optimizer": "AdamW8bit", "optimizer_args": "weight_decay=0.05 betas=0.9,0.99", "output_dir": "out",
+    "output_name": "mychar", "pretrained_model_name_or_path": "model.safetensors", "rank_dropout": 0,
+    "sample_prompts": "zkstar, a yellow star --w 512 --h 512", "save_every_n_epochs": 1, "save_precision": "fp16",
+    "scale_weight_norms": 0, "sdxl": True, "sdxl_cache_text_encoder_outputs": False, "sdxl_no_half_vae": True,
+    "seed": "", "stop_text_encoder_training_pct": 0, "text_encoder_lr": 5e-05, "train_batch_size": 2,
+    "train_data_dir": "data", "unet_lr": 0.0001, "unit": 1, "up_lr_weight": "", "use_cp": False, "use_wandb": False,
+    "v2": False, "v_parameterization": False, "vae_batch_size": 0, "xformers": "sdpa",
+}
+
+
+def read(tmp_path: Path, **changes) -> tuple[dict, list[str]]:
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({**GUI_SETTINGS, **changes}), encoding="utf-8")
+    options, actions = parse_args(["--config_file", str(path)])
+    return options, actions.notes
+
+
+def test_gui_settings_become_the_options_the_gui_hands_sd_scripts(tmp_path):
+    options, notes = read(tmp_path)
+    assert (options.optimizer_type, options.resolution, options.network_module, options.network_args) == (
+        "AdamW8bit", "512,512", "networks.lora", [])
+    assert options.optimizer_args == ["weight_decay=0.05", "betas=0.9,0.99"]
+    assert options.max_train_epochs == 3  # the GUI counts its steps from "epoch" when no maximum is given
+    assert options.lr_warmup_steps == pytest.approx(0.1)  # 10 % of the steps, sd-scripts' ratio
+    assert options.lr_scheduler_num_cycles == 3  # the GUI's default: one cycle per epoch
+    assert options.text_encoder_lr == [5e-05] and options.unet_lr == 0.0001
+    assert (options.clip_skip, options.min_snr_gamma, options.noise_offset) == (1, 5, 0.05)
+    assert options.multires_noise_iterations is None  # "Original" noise: the multires fields are not passed
+    assert options.sdpa and not options.xformers and options.no_half_vae
+    assert options.seed is None and options.scale_weight_norms is None  # "" and 0 are unset in the GUI
+    assert any("sample_prompts is not carried over" in n and "save them as a .txt" in n for n in notes)
+    assert any("epoch is not read" in n for n in notes) is False  # consumed, not a front-end leftover
+
+
+def test_gui_learning_rates_choose_what_trains_as_the_gui_does(tmp_path):
+    unet_only, _ = read(tmp_path, text_encoder_lr=0)
+    assert unet_only.network_train_unet_only and not unet_only.network_train_text_encoder_only
+    te_only, _ = read(tmp_path, unet_lr=0)
+    assert te_only.network_train_text_encoder_only and not te_only.network_train_unet_only
+    multires, _ = read(tmp_path, noise_offset_type="Multires")
+    assert (multires.multires_noise_iterations, multires.multires_noise_discount, multires.noise_offset) == (6, 0.3, None)
+
+
+def test_gui_lycoris_types_carry_their_network_args_and_drop_what_lycoris_ignores(tmp_path):
+    lokr, _ = read(tmp_path, LoRA_type="LyCORIS/LoKr", conv_dim=8, conv_alpha=4, factor=8, use_cp=True,
+                   rank_dropout_scale=True, bypass_mode=False)
+    assert lokr.network_module == "lycoris.kohya"
+    assert {"preset=full", "algo=lokr", "conv_dim=8", "conv_alpha=4", "factor=8", "use_cp=True"} <= set(lokr.network_args)
+    ia3, notes = read(tmp_path, LoRA_type="LyCORIS/iA3", network_dropout=0.3, train_on_input=True)
+    assert ia3.network_dropout is None and any("network_dropout is not carried over" in n for n in notes)
+    kohya_locon, _ = read(tmp_path, LoRA_type="Kohya LoCon", conv_dim=4, conv_alpha=2, down_lr_weight="0,0,0,0,0,0,1,1,1,1,1,1")
+    assert kohya_locon.network_args == ["conv_dim=4", "conv_alpha=2", "down_lr_weight=0,0,0,0,0,0,1,1,1,1,1,1"]
+    with pytest.raises(UserError, match="LoRA_type 'Flux1' is not trained here"):
+        read(tmp_path, LoRA_type="Flux1")
+
+
+def test_gui_additional_parameters_are_read_as_the_command_line_reads_them(tmp_path):
+    options, _ = read(tmp_path, additional_parameters="--network_train_unet_only --clip_skip 2 --max_grad_norm 0.5")
+    assert (options.network_train_unet_only, options.clip_skip, options.max_grad_norm) == (True, 2, 0.5)
+    with pytest.raises(UserError, match="not supported: --deepspeed"):
+        read(tmp_path, additional_parameters="--deepspeed")
+    (tmp_path / "other.json").write_text('{"learning_rate": 1e-4}', encoding="utf-8")
+    with pytest.raises(UserError, match="a JSON config here is a Kohya GUI LoRA config"):
+        parse_args(["--config_file", str(tmp_path / "other.json")])
+
+
+def test_a_gui_settings_file_trains_here_and_imports_into_the_form(tmp_path):
+    data = tmp_path / "数据 set"
+    shutil.copytree(SAMPLE, data / "1_zkstar")
+    settings = {**GUI_SETTINGS, "pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(data),
+                "output_dir": str(tmp_path / "out"), "max_resolution": "64,64", "epoch": 1, "train_batch_size": 4,
+                "optimizer": "AdamW", "mixed_precision": "no", "sdxl": False, "xformers": "xformers",
+                "max_data_loader_n_workers": "0", "lr_scheduler": "constant", "lr_warmup": 0}
+    path = tmp_path / "my settings.json"
+    path.write_text(json.dumps(settings, indent=4), encoding="utf-8")
+    assert train_main(["--config_file", str(path)]) == 0
+    with safe_open(str(tmp_path / "out" / "mychar.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_epoch"]) == ("16", "8.0", "1")
+    events, _ = read_events(tmp_path / "out" / "mychar.events.jsonl")
+    assert any("sample_prompts is not carried over" in e["message"] for e in events if e["event"] == "warning")
+    imported = presets.import_kohya_toml(path)  # the Train tab's import takes the same file
+    assert (imported["optimizer_type"], imported["resolution"], imported["max_train_epochs"]) == ("AdamW", "64,64", 1)
