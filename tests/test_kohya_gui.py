@@ -64,13 +64,15 @@ def test_gui_settings_become_the_options_the_gui_hands_sd_scripts(tmp_path):
     assert any("epoch is not read" in n for n in notes) is False  # consumed, not a front-end leftover
 
 
-def test_gui_learning_rates_choose_what_trains_as_the_gui_does(tmp_path):
+def test_gui_rates_noise_and_unset_values_read_as_the_gui_reads_them(tmp_path):
     unet_only, _ = read(tmp_path, text_encoder_lr=0)
     assert unet_only.network_train_unet_only and not unet_only.network_train_text_encoder_only
     te_only, _ = read(tmp_path, unet_lr=0)
     assert te_only.network_train_text_encoder_only and not te_only.network_train_unet_only
     multires, _ = read(tmp_path, noise_offset_type="Multires")
     assert (multires.multires_noise_iterations, multires.multires_noise_discount, multires.noise_offset) == (6, 0.3, None)
+    assert read(tmp_path, seed="0")[0].seed is None and read(tmp_path, seed="42")[0].seed == 42  # "0" is unset there
+    assert read(tmp_path, dataset_config="my dataset.toml")[0].dataset_config == "my dataset.toml"
 
 
 def test_gui_lycoris_types_carry_their_network_args_and_drop_what_lycoris_ignores(tmp_path):

@@ -41,7 +41,7 @@ _GUI_ONLY = {"LoRA_type", "LyCORIS_preset", "model_list", "sdxl", "sdxl_no_half_
              "stop_text_encoder_training", "stop_text_encoder_training_pct", "unit", "factor", "use_cp", "use_tucker",
              "use_scalar", "decompose_both", "conv_dim", "conv_alpha", "constrain", "rescaled", "train_on_input",
              "rank_dropout_scale", "dora_wd", "bypass_mode", "train_norm", "sample_prompts", "use_wandb",
-             "dataset_config", *_KOHYA_BLOCK_FIELDS, *_LORAPLUS}
+             *_KOHYA_BLOCK_FIELDS, *_LORAPLUS}
 
 
 def is_gui_config(data: dict) -> bool:
@@ -50,8 +50,14 @@ def is_gui_config(data: dict) -> bool:
 
 
 def _set(value: Any) -> bool:
-    """The GUI drops "", False, None and 0 before it writes the TOML (``value not in ["", False, None]``)."""
-    return value not in ("", None) and value is not False and not (isinstance(value, (int, float)) and value == 0)
+    """The GUI drops "", False, None and 0 before it writes the TOML (``value not in ["", False, None]``, after its
+    int() of the numbers it keeps as text, such as "0" for keep_tokens or seed)."""
+    if isinstance(value, str):
+        try:
+            return float(value) != 0
+        except ValueError:
+            return value != ""
+    return value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0)
 
 
 def _number(value: Any) -> float:
@@ -109,7 +115,7 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     if lora_type == "LyCORIS/iA3" and options.pop("network_dropout", None) is not None:
         notes.append(f"{source}: network_dropout is not carried over (LyCORIS's iA3 has no neuron dropout, so it did "
                      "nothing there)")
-    for name in ("sample_prompts", "stop_text_encoder_training_pct", "use_wandb", "dataset_config"):
+    for name in ("sample_prompts", "stop_text_encoder_training_pct", "use_wandb"):
         if _set(data.get(name)):
             notes.append(f"{source}: {name} is not carried over ({_WHY[name]})")
     return options
@@ -117,8 +123,7 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
 
 _WHY = {"sample_prompts": "the GUI keeps the prompts' text there; save them as a .txt file and give its path",
         "stop_text_encoder_training_pct": "sd-scripts' LoRA training has no such option",
-        "use_wandb": "wandb is not supported here; TensorBoard logs are written with --logging_dir",
-        "dataset_config": "give the dataset TOML with --dataset_config"}
+        "use_wandb": "wandb is not supported here; TensorBoard logs are written with --logging_dir"}
 
 
 def _network(lora_type: str, data: dict, source: str) -> dict[str, Any]:
