@@ -169,6 +169,19 @@ def test_import_fills_the_form_from_a_kohya_toml(tmp_path):
     assert "noise_offset = 0.05" in values[-2] and "Imported" in values[-1]
 
 
+def test_import_fills_the_form_from_kohya_gui_settings(tmp_path):
+    """The Kohya GUI's "Save config" JSON: its names (optimizer, max_resolution, epoch) land in the form's fields."""
+    config = tmp_path / "my gui settings.json"
+    config.write_text('{"LoRA_type": "Standard", "pretrained_model_name_or_path": "base.safetensors", "epoch": 6, '
+                      '"max_train_epochs": "", "max_resolution": "768,768", "optimizer": "Prodigy", "network_dim": 32, '
+                      '"noise_offset_type": "Original", "noise_offset": 0.05, "text_encoder_lr": 0, "unet_lr": 1.0}',
+                      encoding="utf-8")
+    values = train_tab.import_into_form(str(config))
+    assert (values[0], values[3], values[5], values[6], values[12]) == ("base.safetensors", 6, "768,768", 32, "Prodigy")
+    assert "noise_offset = 0.05" in values[-2] and "network_train_unet_only = true" in values[-2]
+    assert "Imported" in values[-1]
+
+
 def test_an_imported_optimizer_or_scheduler_outside_the_lists_is_shown_as_imported(services, tmp_path):
     import warnings
 
