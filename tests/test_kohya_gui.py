@@ -115,3 +115,70 @@ def test_a_gui_settings_file_trains_here_and_imports_into_the_form(tmp_path):
     assert any("sample_prompts is not carried over" in e["message"] for e in events if e["event"] == "warning")
     imported = presets.import_kohya_toml(path)  # the Train tab's import takes the same file
     assert (imported["optimizer_type"], imported["resolution"], imported["max_train_epochs"]) == ("AdamW", "64,64", 1)
+
+
+# the TOML the GUI writes for sd-scripts (its values filtered as it filters them), here for a LyCORIS/LoCon run
+GUI_TOML = """bucket_reso_steps = 64
+cache_latents = true
+caption_dropout_every_n_epochs = 0
+caption_dropout_rate = 0.05
+caption_extension = ".txt"
+clip_skip = 1
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 1
+gradient_accumulation_steps = 1
+huber_c = 0.1
+huber_schedule = "snr"
+keep_tokens = 0
+learning_rate = 0.0001
+loss_type = "l2"
+lr_scheduler = "constant"
+lr_scheduler_args = []
+lr_scheduler_num_cycles = 1
+max_bucket_reso = 2048
+max_data_loader_n_workers = 0
+max_grad_norm = 1
+max_timestep = 1000
+max_token_length = 75
+max_train_steps = 4
+min_bucket_reso = 64
+min_snr_gamma = 5
+mixed_precision = "no"
+network_alpha = 4
+network_args = [ "preset=full", "conv_dim=2", "conv_alpha=1", "use_tucker=False", "rank_dropout=0", "bypass_mode=False", "dora_wd=False", "module_dropout=0", "use_tucker=False", "use_scalar=False", "rank_dropout_scale=False", "algo=locon", "train_norm=False",]
+network_dim = 4
+network_module = "lycoris.kohya"
+noise_offset_type = "Original"
+optimizer_args = []
+optimizer_type = "AdamW"
+output_dir = "{out}"
+output_name = "last"
+pretrained_model_name_or_path = "{model}"
+prior_loss_weight = 1
+resolution = "64,64"
+sample_sampler = "euler_a"
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+save_precision = "fp16"
+sdpa = true
+text_encoder_lr = [ 5e-05, 5e-05,]
+train_batch_size = 4
+train_data_dir = "{data}"
+unet_lr = 0.0001
+"""
+
+
+def test_the_toml_the_gui_hands_sd_scripts_for_a_lycoris_run_trains_here(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "1_zkstar")
+    config = tmp_path / "config_lora-20261202.toml"
+    config.write_text(GUI_TOML.format(out=(tmp_path / "out").as_posix(), model=TINY_MODEL_PATH.as_posix(),
+                                      data=data.as_posix()), encoding="utf-8")
+    assert train_main(["--config_file", str(config)]) == 0
+    with safe_open(str(tmp_path / "out" / "last.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_network_module"] == "lycoris.kohya"
+        assert any(".lora_down." in k for k in handle.keys())
+    events, _ = read_events(tmp_path / "out" / "last.events.jsonl")
+    said = " ".join(e["message"] for e in events if e["event"] == "warning")
+    assert "epoch is not read" in said and "noise_offset_type is not read" in said
