@@ -173,10 +173,12 @@ def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: l
         checked_path(str(image), roots, field, must_exist=False)
 
 
-def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None]:
-    """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened) → job name,
-    options with every path resolved inside the roots, webhook URL. Options are validated by ``options_from``."""
-    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, not_given, options_from
+def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None) -> tuple[str, dict, str | None]:
+    """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened), or the Kohya
+    GUI's saved settings in their place → job name, options with every path resolved inside the roots, webhook URL;
+    ``notes`` gain what the GUI's settings hold that is not carried over. Options are validated by ``options_from``."""
+    from ..training.kohya_gui import is_gui_config
+    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, gui_settings_options, not_given, options_from
 
     if not isinstance(body, dict):
         raise ApiError(400, "invalid", "the body must be a JSON object")
@@ -184,6 +186,11 @@ def job_request(body: Any, settings: AppSettings) -> tuple[str, dict, str | None
     if not isinstance(nested, dict):
         raise ApiError(400, "invalid", "options: give an object of sd-scripts options", "options")
     options = {**_flattened({k: v for k, v in body.items() if k not in JOB_FIELDS}), **_flattened(nested)}
+    if is_gui_config(options):  # a Kohya GUI user posts the settings file as it is
+        try:
+            options = gui_settings_options(options, notes if notes is not None else [], "Kohya GUI settings")
+        except UserError as error:
+            raise ApiError(400, "invalid", str(error), "LoRA_type") from None
     # an empty path or name means not given (as in a TOML file), not the server's current folder
     options = {k: v for k, v in options.items() if not (k in FIELDS and not_given(k, v))}
     for key in options:
@@ -469,7 +476,9 @@ def create_router(services: Services) -> APIRouter:
     @router.post("/jobs", status_code=201, summary="Queue a training job",
                  openapi_extra=_body_doc(
                      "sd-scripts options as in a Kohya TOML: either under `options`, or at the top level with the TOML's "
-                     "sections as nested objects (flattened as sd-scripts does). Paths must lie in the allowed folders; "
+                     "sections as nested objects (flattened as sd-scripts does); or the Kohya GUI's saved settings (its "
+                     "JSON, with `LoRA_type`) in their place, read as the GUI reads them, what they hold that is not "
+                     "carried over listed under `warnings` in the answer. Paths must lie in the allowed folders; "
                      "`output_dir` defaults to the Lora folder, `output_name` to the job name. `webhook` (optional) "
                      "receives a POST with the job summary when the job ends.",
                      {"options": {"name": "zkchar", "options": {
@@ -487,12 +496,13 @@ def create_router(services: Services) -> APIRouter:
     def submit_job(body: dict = Depends(object_body)):
         """Validated before it is queued (a clear 400/403 otherwise). A job submitted while another runs waits in
         the queue (status `queued`); jobs never run in parallel."""
-        name, options, webhook = job_request(body, settings)
+        notes: list[str] = []
+        name, options, webhook = job_request(body, settings, notes)
         job = services.runner.submit(name, options)
         if webhook:
             (job.folder / WEBHOOK_FILE).write_text(webhook, encoding="utf-8")
             watch_for_webhook(services, job.id, webhook)
-        return JSONResponse(job_json(job), 201)
+        return JSONResponse({**job_json(job), **({"warnings": notes} if notes else {})}, 201)
 
     @router.get("/jobs", summary="List jobs")
     def list_jobs():

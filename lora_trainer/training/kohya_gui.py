@@ -69,11 +69,11 @@ def _number(value: Any) -> float:
 
 def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI config") -> dict[str, Any]:
     """The sd-scripts options the GUI would write for ``data``; ``notes`` gain what is not carried over."""
-    from .options import FIELDS, FOREIGN, FRONT_END_KEYS
+    from .options import FIELDS, FOREIGN
 
     lora_type = data.get("LoRA_type", "Standard")
     sdxl = bool(data.get("sdxl"))
-    options_like = FIELDS.keys() | FOREIGN | FRONT_END_KEYS.keys() | _RENAMED.keys()  # checked as a TOML's are
+    options_like = FIELDS.keys() | FOREIGN | _RENAMED.keys()  # checked as a TOML's are (FOREIGN: refused by name)
     options = {_RENAMED.get(k, k): v for k, v in data.items() if k not in _GUI_ONLY and k in options_like and _set(v)}
     left = sorted(k for k, v in data.items() if k not in _GUI_ONLY and k not in options_like and _set(v))
     if left:
@@ -99,7 +99,9 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
         options["max_train_epochs"] = int(_number(data["epoch"]))  # the GUI counts its steps from the epochs then
     if "lr_scheduler_num_cycles" in data and not _set(data.get("lr_scheduler_num_cycles")) and _set(data.get("epoch")):
         options["lr_scheduler_num_cycles"] = int(_number(data["epoch"]))  # the GUI's default: one cycle per epoch
-    if not _set(data.get("lr_warmup_steps")) and _number(data.get("lr_warmup")):
+    if data.get("lr_scheduler", "constant") == "constant":  # the GUI zeroes (and locks) the warm-up for it
+        options.pop("lr_warmup_steps", None)
+    elif not _set(data.get("lr_warmup_steps")) and _number(data.get("lr_warmup")):
         options["lr_warmup_steps"] = _number(data["lr_warmup"]) / 100  # a percentage of the steps: sd-scripts' ratio
     for name in ("optimizer_args", "lr_scheduler_args"):  # one text field in the GUI, a list for sd-scripts
         if isinstance(options.get(name), str):

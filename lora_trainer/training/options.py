@@ -293,7 +293,7 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
 
 def _read_gui_config(path: Path, notes: list[str] | None) -> dict[str, Any]:
     """A Kohya GUI "Save config" file (JSON) → the options the GUI would hand sd-scripts (``training/kohya_gui.py``)."""
-    from .kohya_gui import is_gui_config, options_from_gui
+    from .kohya_gui import is_gui_config
 
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
@@ -305,12 +305,21 @@ def _read_gui_config(path: Path, notes: list[str] | None) -> dict[str, Any]:
         raise UserError(f"{path}: a JSON config here is a Kohya GUI LoRA config (it has LoRA_type); sd-scripts' own "
                         "config files are TOML")
     gui_notes: list[str] = []
-    options = options_from_gui(data, gui_notes, str(path))
+    options = gui_settings_options(data, gui_notes, str(path))
     if notes is not None:
         notes += gui_notes
-    if str(data.get("additional_parameters") or "").strip():  # the GUI appends them to sd-scripts' command line
-        options.update(_command_line_values(data["additional_parameters"], f"{path}: additional_parameters"))
     return _flattened(path, options, notes)
+
+
+def gui_settings_options(data: dict, notes: list[str], source: str) -> dict[str, Any]:
+    """The Kohya GUI's saved settings → sd-scripts option values (``kohya_gui.options_from_gui``), with its
+    ``additional_parameters`` read as the command line reads them: the GUI appends them to sd-scripts' command."""
+    from .kohya_gui import options_from_gui
+
+    options = options_from_gui(data, notes, source)
+    if str(data.get("additional_parameters") or "").strip():
+        options.update(_command_line_values(data["additional_parameters"], f"{source}: additional_parameters"))
+    return options
 
 
 def _command_line_values(text: str, source: str) -> dict[str, Any]:

@@ -111,6 +111,25 @@ def test_flat_kohya_toml_sections_are_accepted(client, job_body):
     assert wait_for(client, created.json()["id"])["status"] == "finished"
 
 
+def test_kohya_gui_settings_are_accepted_as_the_gui_reads_them(client, job_body):
+    """A Kohya GUI user posts the settings file as it is: its names are read as the GUI reads them, and what it
+    keeps to itself comes back under warnings; a LoRA type not trained here is a 400 naming the field."""
+    options = job_body["options"]
+    body = {"LoRA_type": "LyCORIS/LoHa", "LyCORIS_preset": "attn-mlp", "conv_dim": 4, "conv_alpha": 2,
+            "pretrained_model_name_or_path": options["pretrained_model_name_or_path"],
+            "train_data_dir": options["train_data_dir"], "output_name": "gui", "optimizer": "AdamW",
+            "max_resolution": "512,512", "epoch": 2, "max_train_epochs": "", "lr_warmup": 5, "text_encoder_lr": 0,
+            "unet_lr": 1e-4, "sample_prompts": "zkchar, a portrait", "seed": "", "use_wandb": False}
+    created = client.post(f"{V1}/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert (job["name"], job["options"]["optimizer_type"], job["options"]["network_module"]) == ("gui", "AdamW", "lycoris.kohya")
+    assert {"preset=attn-mlp", "algo=loha", "conv_dim=4"} <= set(job["options"]["network_args"])
+    assert job["options"]["max_train_epochs"] == 2 and job["options"]["network_train_unet_only"] is True
+    assert any("sample_prompts is not carried over" in w for w in job["warnings"])
+    assert_error(client.post(f"{V1}/jobs", json={**body, "LoRA_type": "Flux1"}), 400, field="LoRA_type")
+
+
 def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.3")
     first = client.post(f"{V1}/jobs", json={**job_body, "options": {**job_body["options"], "max_train_steps": 200}}).json()
