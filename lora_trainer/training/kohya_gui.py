@@ -111,8 +111,9 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     options.pop("text_encoder_lr", None)
     if te_lr:
         options["text_encoder_lr"] = [te_lr]
-    options["network_train_unet_only"] = te_lr == 0 and unet_lr != 0
-    options["network_train_text_encoder_only"] = te_lr != 0 and unet_lr == 0
+    if "text_encoder_lr" in data and "unet_lr" in data:  # a rate of 0 leaves that part untrained, in the GUI
+        options["network_train_unet_only"] = te_lr == 0 and unet_lr != 0
+        options["network_train_text_encoder_only"] = te_lr != 0 and unet_lr == 0
 
     if lora_type == "LyCORIS/iA3" and options.pop("network_dropout", None) is not None:
         notes.append(f"{source}: network_dropout is not carried over (LyCORIS's iA3 has no neuron dropout, so it did "
