@@ -276,39 +276,35 @@ FRONT_END_KEYS = {
 
 def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
     """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened; front-ends' own
-    keys are dropped, each with a line in ``notes``."""
+    keys are dropped, each with a line in ``notes``. A ``.json`` is the Kohya GUI's saved settings instead."""
     path = Path(path)
-    if path.suffix.lower() == ".json":  # not sd-scripts': the Kohya GUI's saved settings
-        return _read_gui_config(path, notes)
-    if path.suffix.lower() != ".toml":
+    gui = path.suffix.lower() == ".json"
+    if not gui and path.suffix.lower() != ".toml":
         path = path.with_name(path.name + ".toml")
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
+    text = read_utf8(path, "Config file")
+    if gui:
+        return _flattened(path, _gui_config(path, text, notes if notes is not None else []), notes)
     try:
-        data = toml.loads(read_utf8(path, "Config file"))
+        data = toml.loads(text)
     except toml.TomlDecodeError as error:
         raise UserError(f"Config file {path} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno}).") from None
     return _flattened(path, data, notes)
 
 
-def _read_gui_config(path: Path, notes: list[str] | None) -> dict[str, Any]:
-    """A Kohya GUI "Save config" file (JSON) → the options the GUI would hand sd-scripts (``training/kohya_gui.py``)."""
+def _gui_config(path: Path, text: str, notes: list[str]) -> dict[str, Any]:
+    """A Kohya GUI "Save config" file (JSON) → the options the GUI would hand sd-scripts."""
     from .kohya_gui import is_gui_config
 
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
     try:
-        data = json.loads(read_utf8(path, "Config file"))
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"Config file {path} is not valid JSON: {error.msg} (line {error.lineno}).") from None
     if not isinstance(data, dict) or not is_gui_config(data):
         raise UserError(f"{path}: a JSON config here is a Kohya GUI LoRA config (it has LoRA_type); sd-scripts' own "
                         "config files are TOML")
-    gui_notes: list[str] = []
-    options = gui_settings_options(data, gui_notes, str(path))
-    if notes is not None:
-        notes += gui_notes
-    return _flattened(path, options, notes)
+    return gui_settings_options(data, notes, str(path))
 
 
 def gui_settings_options(data: dict, notes: list[str], source: str) -> dict[str, Any]:
