@@ -145,12 +145,13 @@ def read_preset_file(path: str | Path) -> PresetFile:
 
 # --- Kohya TOML ----------------------------------------------------------------------------------------------
 
-def import_kohya_toml(path: str | Path) -> dict[str, Any]:
+def import_kohya_toml(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
     """A Kohya ``--config_file`` (args, tables flattened) or the Kohya GUI's saved settings (``.json``) → option
-    values. A dataset config (``[[datasets]]``) instead becomes ``dataset_config = path``, as sd-scripts takes it."""
+    values; ``notes`` gain what the file holds that is not carried over. A dataset config (``[[datasets]]``)
+    instead becomes ``dataset_config = path``, as sd-scripts takes it."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        return read_config_file(path)
+        return read_config_file(path, notes)
     try:
         raw = toml.loads(read_utf8(path, "Config file"))
     except toml.TomlDecodeError as error:
@@ -160,7 +161,7 @@ def import_kohya_toml(path: str | Path) -> dict[str, Any]:
 
         read_dataset_config(path)
         return {"dataset_config": str(path.resolve())}
-    return read_config_file(path)
+    return read_config_file(path, notes)
 
 
 def export_kohya_toml(values: dict[str, Any], path: str | Path) -> Path:

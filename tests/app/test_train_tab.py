@@ -179,7 +179,10 @@ def test_import_fills_the_form_from_kohya_gui_settings(tmp_path):
     values = train_tab.import_into_form(str(config))
     assert (values[0], values[3], values[5], values[6], values[12]) == ("base.safetensors", 6, "768,768", 32, "Prodigy")
     assert "noise_offset = 0.05" in values[-2] and "network_train_unet_only = true" in values[-2]
-    assert "Imported" in values[-1]
+    assert values[-1].startswith("Imported my gui settings.json.")
+    config.write_text(config.read_text(encoding="utf-8").replace("}", ', "sample_prompts": "zkchar, smiling"}'),
+                      encoding="utf-8")
+    assert "sample_prompts is not carried over" in train_tab.import_into_form(str(config))[-1]  # said, not lost
 
 
 def test_an_imported_optimizer_or_scheduler_outside_the_lists_is_shown_as_imported(services, tmp_path):

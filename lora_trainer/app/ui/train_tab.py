@@ -450,12 +450,13 @@ def build(services: Services) -> gr.Blocks:
 def import_into_form(path: str) -> list[Any]:
     """An uploaded Kohya TOML, Kohya GUI settings (JSON) or our preset file → the form's fields (what does not fit
     a field goes to Advanced)."""
+    notes: list[str] = []
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
         if "[options]" in text:
             options = presets.read_preset_file(path).options
         else:
-            options = presets.import_kohya_toml(path)
+            options = presets.import_kohya_toml(path, notes)
     except UserError as error:
         return [gr.update()] * 15 + [f"error: {error}"]
     shown = {"pretrained_model_name_or_path", "train_data_dir", "output_name", "max_train_epochs", "train_batch_size",
@@ -470,4 +471,5 @@ def import_into_form(path: str) -> list[Any]:
               options.get("network_dim"), options.get("network_alpha"), options.get("unet_lr") or options.get("learning_rate"),
               (te[0] if isinstance(te, list) and te else te), options.get("save_every_n_epochs"),
               options.get("sample_every_n_epochs"), options.get("optimizer_type"), options.get("lr_scheduler")]
-    return [gr.update() if v is None else v for v in values] + [toml.dumps(rest), f"Imported {Path(path).name}."]
+    said = "".join(f" {note.split(': ', 1)[-1]}." for note in notes)  # what it holds that is not carried over
+    return [gr.update() if v is None else v for v in values] + [toml.dumps(rest), f"Imported {Path(path).name}.{said}"]
