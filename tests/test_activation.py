@@ -122,6 +122,34 @@ def test_library_sees_new_files_after_refresh_and_rereads_changed_metadata(tmp_p
     assert library.entry("a").alias == "second"
 
 
+def test_library_leaves_out_training_states_and_files_renamed_away_while_it_looks(tmp_path, monkeypatch):
+    """Training writes its states beside the LoRAs (models/Lora/<name>-state/model.safetensors, renamed into place
+    from ….tmp): they are no LoRAs, and a file that vanishes between the walk and its stat is not an error (it once
+    stopped the job queue's thread mid-run)."""
+    import pathlib
+
+    _lora(tmp_path / "star.safetensors", ss_output_name="star")
+    for state in ("star-000002-state", "star-step00000010-state.tmp", "star-state.old", "custom"):
+        (tmp_path / state).mkdir()
+        _lora(tmp_path / state / "model.safetensors")
+    (tmp_path / "custom" / "train_state.json").write_text('{"current_epoch": 1, "current_step": 4}', encoding="utf-8")
+    vanishing = _lora(tmp_path / "star-000001.safetensors", ss_output_name="star")
+    real_stat, looked = pathlib.Path.stat, []
+
+    def stat(path, *args, **kwargs):  # the walk sees the file, then it is renamed away before its stat
+        if path == vanishing:
+            looked.append(path)
+            if len(looked) > 1:
+                raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    library = LoraLibrary([tmp_path])
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    library.refresh()
+    assert len(looked) == 2
+    assert [e.name for e in library.entries()] == ["star"]
+
+
 def test_short_hash_is_the_recorded_one_or_the_tensor_data_hash(tmp_path):
     library = LoraLibrary([tmp_path])
     recorded = _lora(tmp_path / "r.safetensors", sshs_model_hash="abcdef0123456789ff")

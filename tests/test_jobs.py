@@ -70,6 +70,20 @@ def test_jobs_run_one_at_a_time_in_order_and_record_their_files(runner, tmp_path
     assert runner.run_next().id == second.id and runner.run_next() is None
 
 
+def test_a_failing_event_listener_never_stops_a_job_or_the_queue(runner, tmp_path, caplog):
+    """The app refreshes its LoRA list on each saved file; when that fails (a file renamed away during the walk),
+    the job still finishes and the next one still runs."""
+    def listener(job, event):
+        if event["event"] == "saved":
+            raise FileNotFoundError("renamed away meanwhile")
+
+    runner.on_event = listener
+    first = runner.submit("first", options(tmp_path, "finish"))
+    second = runner.submit("second", options(tmp_path, "finish"))
+    assert runner.run_next().status == "finished" and runner.run_next().id == second.id
+    assert runner.store.get(first.id).files and "handling its saved event failed" in caplog.text
+
+
 def test_a_failing_job_keeps_the_trainers_message(runner, tmp_path):
     runner.submit("broken", options(tmp_path, "fail"))
     job = runner.run_next()

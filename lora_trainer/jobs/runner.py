@@ -7,6 +7,7 @@ reads them to record saved files and the last state, which ``resume`` continues 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -141,7 +142,10 @@ class JobRunner:
                 elif event["event"] == "error":
                     error = event.get("message")
                 if self.on_event:
-                    self.on_event(job, event)
+                    try:
+                        self.on_event(job, event)
+                    except Exception:  # a listener's failure (a LoRA list refresh) must never stop the queue
+                        logging.getLogger(__name__).exception("job %s: handling its %s event failed", job.id, event["event"])
             if events:
                 job = self.store.update(job.id, files=files, last_state=last_state)
             if finished:

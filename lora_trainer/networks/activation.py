@@ -153,6 +153,13 @@ class LoraEntry:
         return int(value) if value.isdigit() else None
 
 
+def in_state_folder(path: Path) -> bool:
+    """A training state's network (``<name>-state/model.safetensors``, sd-scripts' and ours, also while it is
+    written to ``….tmp`` or replaced from ``….old``) is a run's snapshot, not a LoRA to list."""
+    folder = path.parent
+    return folder.name.removesuffix(".tmp").removesuffix(".old").endswith("-state") or (folder / "train_state.json").exists()
+
+
 class LoraLibrary:
     """The LoRA files in some folders (searched recursively), by name, by alias and by ``name@eN``.
 
@@ -187,8 +194,13 @@ class LoraLibrary:
         files = []
         for folder in self.folders:
             if folder.is_dir():
-                found = [p for p in folder.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()]
-                files += [(p, p.stat().st_mtime_ns) for p in sorted(found, key=lambda p: str(p).lower())]
+                found = [p for p in folder.rglob("*")
+                         if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not in_state_folder(p)]
+                for path in sorted(found, key=lambda p: str(p).lower()):
+                    try:
+                        files.append((path, path.stat().st_mtime_ns))
+                    except (FileNotFoundError, NotADirectoryError):  # renamed away meanwhile (an atomic save)
+                        continue
         self._files = files
         known = {p for p, _ in files}
         self._metadata = {p: m for p, m in self._metadata.items() if p in known}
