@@ -19,17 +19,21 @@ FINISHED_OR_FAILED = f"""() => /Grid saved:|⚠/.test(document.querySelector('#l
     || document.querySelector('{ERROR_TOAST}') !== null"""
 
 
-def pick_option(page, dropdown, label: str, tries: int = 12) -> None:
-    """Open the dropdown and pick `label`. The refreshed choices arrive asynchronously; a list opened before they
-    arrive keeps the old choices on a loaded machine (the CI run of 2026-12-02 waited 30 s for it), so reopen it."""
+def pick_option(page, dropdown, label: str, refresh, tries: int = 12) -> None:
+    """Refresh the choices, open the dropdown and pick `label`. The refreshed choices arrive asynchronously; a list
+    opened before they arrive keeps the old choices on a loaded machine (the CI run of 2026-12-02 waited 30 s for
+    it), and a refresh clicked while the page still settles can go unanswered (a later CI run saw no choices for
+    90 s), so both are done again until the choice is there."""
     option = page.locator(f"ul.options li[data-testid='dropdown-option'][aria-label='{label}']")  # gradio 3 and 4
     for _ in range(tries - 1):
+        refresh()
         dropdown.click()
         try:
             option.click(timeout=5_000)
             return
         except PlaywrightTimeout:
             page.keyboard.press("Escape")
+    refresh()
     dropdown.click()
     option.click()
 
@@ -38,8 +42,8 @@ def test_epoch_by_strength_grid_in_the_browser(page, app_folders, screenshot, op
     make_epoch_files(app_folders["lora"], RUN, epochs=2)
     tab = page.locator("#lora_trainer_grid")
     open_tab("Prompt-Lora-Grid")
-    tab.get_by_role("button", name="🔄").click()  # the run was made after the page was built
-    pick_option(page, tab.get_by_label("Training run or LoRA (Lora folder)"), RUN)
+    refresh = tab.get_by_role("button", name="🔄")  # the run was made after the page was built
+    pick_option(page, tab.get_by_label("Training run or LoRA (Lora folder)"), RUN, refresh.click)
     expect(tab.locator("#lora_trainer_grid_run textarea")).to_have_value(RUN)
     expect(tab.get_by_role("listitem").filter(has_text="epoch 1 (10 steps)")).to_be_visible()
     tab.locator("#lora_trainer_grid_x_values textarea").fill("0.5, 1")

@@ -34,8 +34,14 @@ def training_runs(services) -> list[str]:
     stems = {e.name for e in entries}
     runs = [e for e in entries if any(s.startswith(e.name + "-") and s[len(e.name) + 1:].isdigit() for s in stems)]
     singles = [e for e in entries if e not in runs and not (e.name.rsplit("-", 1)[-1].isdigit() and e.name.rsplit("-", 1)[0] in stems)]
-    by_time = lambda e: -e.path.stat().st_mtime  # noqa: E731
-    return [e.name for e in sorted(runs, key=by_time)] + [e.name for e in sorted(singles, key=by_time)]
+    return [e.name for e in sorted(runs, key=_newest_first)] + [e.name for e in sorted(singles, key=_newest_first)]
+
+
+def _newest_first(entry) -> float:
+    try:
+        return -entry.path.stat().st_mtime
+    except OSError:  # replaced or removed since the listing: last
+        return 0.0
 
 
 def _values(text: str) -> list[str]:
