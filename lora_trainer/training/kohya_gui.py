@@ -134,9 +134,9 @@ def _network(lora_type: str, data: dict, source: str) -> dict[str, Any]:
     if lora_type in _LYCORIS_ALGOS:
         algo = _LYCORIS_ALGOS[lora_type]
         args = [f"preset={data.get('LyCORIS_preset') or 'full'}", f"algo={algo}"]
-        renamed = {"constraint": "constrain"}  # the GUI's field name for LyCORIS's constraint
-        args += [f"{name}={data[renamed.get(name, name)]}" for name in _LYCORIS_FIELDS[algo]
-                 if renamed.get(name, name) in data and data[renamed.get(name, name)] not in ("", None)]
+        gui_field = {"constraint": "constrain"}  # the GUI's field name for LyCORIS's constraint
+        values = {name: data.get(gui_field.get(name, name)) for name in _LYCORIS_FIELDS[algo]}
+        args += [f"{name}={value}" for name, value in values.items() if value not in ("", None)]
         if algo == "dylora" and _set(data.get("unit")):
             args.append(f"block_size={data['unit']}")
         return {"network_module": "lycoris.kohya", "network_args": args + _loraplus(data)}

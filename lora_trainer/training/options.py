@@ -321,10 +321,15 @@ def gui_settings_options(data: dict, notes: list[str], source: str) -> dict[str,
 def _command_line_values(text: str, source: str) -> dict[str, Any]:
     """The options a piece of command-line text gives, as the command line reads them."""
     try:
-        given = vars(build_parser().parse_args(shlex.split(text)))
+        return _parsed(build_parser(), shlex.split(text))
     except (SystemExit, ValueError):  # argparse has said what it could not read
         raise UserError(f"{source}: {text!r} is not a list of options this trainer reads") from None
-    return {k: True if k in FOREIGN and v == [] else v for k, v in given.items()}
+
+
+def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
+    """The options ``argv`` gives. A foreign switch given bare (--deepspeed) asks for something, where an empty list
+    in a TOML file does not: it reads as True, to be refused by name."""
+    return {k: True if k in FOREIGN and v == [] else v for k, v in vars(parser.parse_args(argv)).items()}
 
 
 def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dict[str, Any]:
@@ -405,10 +410,7 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[TrainOptions, argparse.Namespace]:
     """Command line (+ its ``--config_file``) → TrainOptions. CLI values beat the file, the file beats defaults."""
-    parser = build_parser(prog or "python -m lora_trainer.train_network")
-    given = vars(parser.parse_args(argv))
-    # a foreign switch given bare (--deepspeed) asks for something; an empty list in a TOML file does not
-    given.update({k: True for k, v in given.items() if k in FOREIGN and v == []})
+    given = _parsed(build_parser(prog or "python -m lora_trainer.train_network"), argv)
     actions = {k: given.pop(k) for k in ("print_config", "print_kohya_command") if k in given}
     values: dict[str, Any] = {}
     notes: list[str] = []

@@ -277,7 +277,8 @@ class TrainingRun:
 
         self.spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
                                     options.network_args, options.network_dropout)
-        self.train_te = not options.network_train_unet_only and (options.text_encoder_lr or [None])[0] != 0
+        te_lr = (options.text_encoder_lr or [None])[0]
+        self.train_te = not options.network_train_unet_only and te_lr != 0
         self.network = network = _prepared_network(options, self.model, self.spec, self.train_te, device, weight_dtype)
         if options.torch_compile and options.dynamo_backend != "no":  # after the hooks, so the graphs include them
             compile_models(self.model, options.dynamo_backend)
@@ -286,7 +287,7 @@ class TrainingRun:
         self.total_steps = (options.max_train_epochs * self.steps_per_epoch if options.max_train_epochs
                             else options.max_train_steps)
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        groups = network.parameter_groups(options.learning_rate, (options.text_encoder_lr or [None])[0], options.unet_lr)
+        groups = network.parameter_groups(options.learning_rate, te_lr, options.unet_lr)
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = make_optimizer(options.optimizer, groups, options.learning_rate, options.optimizer_args or [])
         self.scheduler = make_scheduler(self.optimizer, options.lr_scheduler, self.total_steps,
