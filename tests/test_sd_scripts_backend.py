@@ -55,10 +55,12 @@ def train(checkout: Path, out: Path, *extra: str) -> int:
 
 
 def test_the_run_goes_to_sd_scripts_with_our_options_and_comes_back_as_events(checkout, tmp_path):
-    assert train(checkout, tmp_path) == 0
+    assert train(checkout, tmp_path, "--save_state", "--state_dir", str(tmp_path / "states")) == 0
     seen = toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))
-    assert seen["network_dim"] == 8 and seen["output_name"] == "star" and "backend" not in seen and "events_file" not in seen
+    assert seen["network_dim"] == 8 and seen["output_name"] == "star" and seen["save_state"]
+    assert not {"backend", "events_file", "state_dir"} & set(seen)  # ours: sd-scripts would refuse them
     events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert any("not in --state_dir" in e["message"] for e in events if e["event"] == "warning")
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 7)) and steps[0]["total"] == 6
     assert steps[-1]["average"] == pytest.approx(0.5 / 6, rel=1e-2)

@@ -99,7 +99,7 @@ class _ErrorsAsJson(APIRoute):
 
 JOB_FIELDS = ("name", "options", "webhook")
 # path options and whether the path must exist already
-RUNNER_OPTIONS = ("events_file", "stop_file", "config_file", "output_config")  # the runner sets these itself
+RUNNER_OPTIONS = ("events_file", "stop_file", "state_dir", "config_file", "output_config")  # the runner sets these itself
 
 
 def _flattened(values: dict) -> dict:

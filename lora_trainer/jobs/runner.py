@@ -54,7 +54,9 @@ class JobRunner:
         if not name or "/" in name or "\\" in name or ".." in name:
             raise UserError(f"job name {name!r}: use a plain name without / or ..")
         job = self.store.add(name, options)
-        values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path)}
+        # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
+        values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),
+                  "state_dir": str(job.state_folder)}
         try:
             options_from(values, f"job {name}")
         except UserError:

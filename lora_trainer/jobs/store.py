@@ -60,6 +60,10 @@ class Job:
         return self.folder / "stop"
 
     @property
+    def state_folder(self) -> Path:
+        return self.folder / "states"
+
+    @property
     def config_path(self) -> Path:
         return self.folder / "config.toml"
 

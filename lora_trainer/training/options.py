@@ -220,6 +220,8 @@ class TrainOptions:
     events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl)")
     stop_file: str | None = opt(None, "when this file appears the run finishes its step, saves and exits "
                                 "(default: <output_dir>/<output_name>.stop)")
+    state_dir: str | None = opt(None, "where --save_state folders go (default: --output_dir, beside the files, as in "
+                                "sd-scripts; the app keeps them in the job's folder, out of the WebUI's Lora list)")
     backend: str | None = opt(None, "sd-scripts=PATH: run this configuration on your own sd-scripts checkout instead")
     config_file: str | None = opt(None, "training options TOML (sections are flattened, as sd-scripts does)")
     output_config: bool = opt(False, "write the options to <config_file>.toml and exit")
@@ -550,7 +552,7 @@ def resolution_of(options: TrainOptions) -> tuple[int, int] | None:
 # API checks them against its allowed folders; the sd-scripts backend, which runs in its checkout, makes them absolute.
 PATH_OPTIONS = {"pretrained_model_name_or_path": True, "vae": True, "train_data_dir": True, "reg_data_dir": True,
                 "dataset_config": True, "in_json": True, "sample_prompts": True, "network_weights": True, "resume": True,
-                "base_weights": True, "output_dir": False, "logging_dir": False, "tokenizer_cache_dir": False}
+                "base_weights": True, "output_dir": False, "state_dir": False, "logging_dir": False, "tokenizer_cache_dir": False}
 
 
 def network_preset_file(item: str) -> str | None:
@@ -585,7 +587,7 @@ def with_absolute_paths(options: TrainOptions) -> TrainOptions:
 
 
 def non_default(options: TrainOptions) -> dict[str, Any]:
-    ours = {"device", "events_file", "stop_file", "config_file", "output_config", "backend"}
+    ours = {"device", "events_file", "stop_file", "state_dir", "config_file", "output_config", "backend"}
     return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}
 
 

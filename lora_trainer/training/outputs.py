@@ -2,7 +2,8 @@
 
 Files: ``<name>-000001.safetensors`` per ``save_every_n_epochs`` (never for the last epoch),
 ``<name>-step00000050.safetensors`` per ``save_every_n_steps``, ``<name>.safetensors`` at the end; states
-``<name>-000001-state/``, ``<name>-step00000050-state/``, ``<name>-state/``. Every write is atomic.
+``<name>-000001-state/``, ``<name>-step00000050-state/``, ``<name>-state/`` (in ``--state_dir`` when given). Every
+write is atomic.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class OutputPlan:
             every = max(1, num_epochs // options.save_n_epoch_ratio)
         self.every_epochs = every
         self.suffix = "." + options.save_model_as
+        self.state_folder = Path(options.state_dir) if options.state_dir else self.folder
 
     @property
     def stop_file(self) -> Path:
@@ -57,10 +59,10 @@ class OutputPlan:
     def state_path(self, epoch: int | None, step: int | None) -> Path:
         name = self.name or "last"
         if step is not None:
-            return self.folder / f"{name}-step{step:08d}-state"
+            return self.state_folder / f"{name}-step{step:08d}-state"
         if epoch is not None:
-            return self.folder / f"{name}-{epoch:06d}-state"
-        return self.folder / f"{name}-state"
+            return self.state_folder / f"{name}-{epoch:06d}-state"
+        return self.state_folder / f"{name}-state"
 
     def save_at_epoch(self, epoch: int) -> bool:
         return bool(self.every_epochs) and epoch % self.every_epochs == 0 and epoch < self.num_epochs

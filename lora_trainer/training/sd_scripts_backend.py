@@ -125,6 +125,9 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
     config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
+    if options.state_dir and (options.save_state or options.save_state_on_train_end):
+        events.emit("warning", message=f"sd-scripts saves its states beside its files in {options.output_dir}, "
+                                       f"not in --state_dir {options.state_dir}")
     stop_file = Path(options.stop_file) if options.stop_file else None
     started, last_step, files, error = time.time(), 0, [], None
     epochs_done, epoch_now, epochs, stopped = 0, 0, None, False

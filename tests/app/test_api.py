@@ -5,6 +5,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -152,6 +153,7 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     ({"name": "ok", "options": {"output_name": "../x"}}, 400, "output_name"),
     ({"options": {"learning_rat": 1e-4}}, 400, "learning_rat"),
     ({"options": {"events_file": "/tmp/x"}}, 400, "events_file"),
+    ({"options": {"state_dir": "/tmp/x"}}, 400, "state_dir"),  # a path the client could write anywhere
     ({"webhook": "file:///etc/passwd"}, 400, "webhook"),
     ({"options": {"train_data_dir": "../../../../etc"}}, 403, "train_data_dir"),
     ({"options": {"train_data_dir": "/etc"}}, 403, "train_data_dir"),
@@ -337,7 +339,8 @@ def test_tag_session_paths_and_autotag_errors(services, make_dataset):
 
 def test_real_tiny_training_through_the_api(tmp_path, fake_host, monkeypatch):
     """Submit, follow the events to the end, find the file in GET /loras. One epoch of the sample dataset at one
-    repeat (4 steps at resolution 64) through a dataset config, which the API checks against the roots as well."""
+    repeat (4 steps at resolution 64) through a dataset config, which the API checks against the roots as well. The
+    run's state goes to the job's folder: in the Lora folder the WebUI would list its files as Lora cards."""
     from lora_trainer.app.bench_api import tiny_job_options, tiny_settings
     from lora_trainer.tiny_model.demo import SAMPLE_DATASET
 
@@ -351,7 +354,8 @@ def test_real_tiny_training_through_the_api(tmp_path, fake_host, monkeypatch):
         client = make_client(services)
         options = tiny_job_options(services.settings.lora_folder, epochs=1)
         del options["output_dir"], options["train_data_dir"]  # the Lora folder by default; the dataset config instead
-        created = client.post(f"{V1}/jobs", json={"name": "zkstar-api", "options": {**options, "dataset_config": str(dataset_config)}})
+        created = client.post(f"{V1}/jobs", json={"name": "zkstar-api", "options": {**options, "dataset_config": str(dataset_config),
+                                                                                      "save_state": True}})
         assert created.status_code == 201, created.text
         events = [event for _, event in sse_events(client.get(f"{V1}/jobs/{created.json()['id']}/events").text)]
         assert events[-1]["event"] == "end", events[-3:]
@@ -360,6 +364,10 @@ def test_real_tiny_training_through_the_api(tmp_path, fake_host, monkeypatch):
         loras = {lora["name"]: lora for lora in client.get(f"{V1}/loras").json()["loras"]}
         assert loras["zkstar"]["metadata"]["ss_network_dim"] == "8"
         assert loras["zkstar"]["path"] == events[-1]["files"][-1]
+        job = services.store.get(created.json()["id"])
+        assert Path(job.last_state) == job.folder / "states" / "zkstar-state"
+        assert (Path(job.last_state) / "model.safetensors").is_file()
+        assert [p.name for p in services.settings.lora_folder.rglob("*") if "state" in p.name] == []
     finally:
         services.close()
 
