@@ -17,8 +17,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
 
     try:
         options, actions = parse_args(argv, prog)
-        if actions.print_kohya_command:
-            print(kohya_command(options, "sdxl_train_network.py" if "sdxl" in prog else "train_network.py"))
+        if actions.print_kohya_command:  # the script for the checkpoint's version, as the backend would run
+            from .training.sd_scripts_backend import script_for
+
+            print(kohya_command(options, "sdxl_train_network.py" if "sdxl" in prog else script_for(options)))
             return 0
         if actions.print_config:
             for name, value in non_default(options).items():

@@ -55,6 +55,14 @@ def train(model: Path, data: Path, out: Path, *extra: str) -> int:
                        "--seed", "3", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", *extra])
 
 
+def test_the_kohya_command_of_an_sdxl_checkpoint_names_sdxl_train_network(tiny_sdxl, dataset, tmp_path, capsys):
+    """Told from the checkpoint (as Kohya GUI settings with sdxl = true are run here), not from the command's name."""
+    assert train(tiny_sdxl, dataset, tmp_path, "--print-kohya-command") == 0
+    assert capsys.readouterr().out.startswith("accelerate launch sdxl_train_network.py --pretrained_model_name_or_path")
+    assert train(TINY_MODEL_PATH, dataset, tmp_path, "--print-kohya-command") == 0
+    assert capsys.readouterr().out.startswith("accelerate launch train_network.py")
+
+
 def test_sdxl_run_writes_both_text_encoders_and_sdxl_metadata(tiny_sdxl, dataset, tmp_path):
     assert train(tiny_sdxl, dataset, tmp_path) == 0
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
