@@ -183,3 +183,21 @@ def test_the_toml_the_gui_hands_sd_scripts_for_a_lycoris_run_trains_here(tmp_pat
     events, _ = read_events(tmp_path / "out" / "last.events.jsonl")
     said = " ".join(e["message"] for e in events if e["event"] == "warning")
     assert "epoch is not read" in said and "noise_offset_type is not read" in said
+
+
+def test_the_guis_ia3_preset_with_scale_weight_norms_trains_and_says_what_is_left_alone(tmp_path):
+    """The GUI's iA3 preset sets scale_weight_norms = 1, which LyCORIS skips for iA3: it runs, with a warning."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "1_zkstar")
+    settings = {**GUI_SETTINGS, "pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(data),
+                "output_dir": str(tmp_path / "out"), "max_resolution": "64,64", "epoch": 1, "train_batch_size": 4,
+                "optimizer": "AdamW", "mixed_precision": "no", "sdxl": False, "max_data_loader_n_workers": "0",
+                "LoRA_type": "LyCORIS/iA3", "scale_weight_norms": 1, "learning_rate": 1e-2, "unet_lr": 1e-2,
+                "text_encoder_lr": 1e-2, "lr_scheduler": "constant", "lr_warmup": 0}
+    path = tmp_path / "ia3.json"
+    path.write_text(json.dumps(settings), encoding="utf-8")
+    assert train_main(["--config_file", str(path)]) == 0
+    events, _ = read_events(tmp_path / "out" / "mychar.events.jsonl")
+    assert any("the ia3 changes are left as they are" in e["message"] for e in events if e["event"] == "warning")
+    with safe_open(str(tmp_path / "out" / "mychar.safetensors"), "pt") as handle:
+        assert any(key.endswith(".weight") and handle.get_tensor(key).abs().max() > 0 for key in handle.keys())

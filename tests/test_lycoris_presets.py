@@ -203,7 +203,7 @@ def test_a_block_mapped_network_trains_on_from_its_file_with_each_layer_as_it_wa
     assert again["lora_unet_time_embedding_linear_1"].unit == 2
 
 
-@pytest.mark.parametrize("entry, refused", [("weight_decompose = true", "DoRA"), ('algo = "glora"', "glora")])
+@pytest.mark.parametrize("entry, refused", [("weight_decompose = true", "DoRA"), ('algo = "diag-oft"', "diag-oft")])
 def test_scale_weight_norms_is_refused_when_a_block_map_adds_what_it_cannot_limit(tmp_path, entry, refused):
     preset = tmp_path / "map.toml"
     preset.write_text(f"[module_algo_map.FeedForward]\n{entry}\n", encoding="utf-8")

@@ -58,9 +58,28 @@ def test_unusable_limits_and_algorithms_are_refused_before_training():
     with pytest.raises(UserError, match="not with DoRA"):
         options_from({**base, "scale_weight_norms": 1.0, "network_module": "lycoris.kohya",
                       "network_args": ["algo=lora", "dora_wd=True"]})
-    with pytest.raises(UserError, match="not the γ/β shifts of train_norm"):
-        options_from({**base, "scale_weight_norms": 1.0, "network_module": "lycoris.kohya", "network_args": ["train_norm=True"]})
+    with pytest.raises(UserError, match="not with diag-oft"):  # LyCORIS limits OFT by its own rule, not ΔW's norm
+        options_from({**base, "scale_weight_norms": 1.0, "network_module": "lycoris.kohya", "network_args": ["algo=diag-oft"]})
     assert options_from({**base, "scale_weight_norms": 1.0}).scale_weight_norms == 1.0
+
+
+def test_modules_lycoris_gives_no_max_norm_are_left_as_they_are():
+    """iA3, GLoRA, full and train_norm's shifts: LyCORIS 4.1.3 skips them, so Kohya GUI presets pairing them with
+    --scale_weight_norms (its iA3 and LoKr train_norm presets) run, with the low-rank modules still limited."""
+    base = {"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d", "scale_weight_norms": 1.0,
+            "network_module": "lycoris.kohya"}
+    assert options_from({**base, "network_args": ["algo=ia3"]}).scale_weight_norms == 1.0
+    assert options_from({**base, "network_args": ["algo=lokr", "train_norm=True"]}).scale_weight_norms == 1.0
+    lora, ia3 = trained_module("lora", 1.0, 4), trained_module("ia3", 1.0, 5)
+    norm = NetworkModule.fresh_norm(Target("lora_unet_n", "lora_unet", "n"), torch.ones(16), True, NetworkSpec(),
+                                    torch.nn.functional.layer_norm)
+    with torch.no_grad():
+        norm.file_tensors()["w_norm"].fill_(100.0)
+    before = {id(m): {k: v.clone() for k, v in m.file_tensors().items()} for m in (ia3, norm)}
+    report = apply_max_norm([lora, ia3, norm], 1e-3)
+    assert report.keys_scaled == 1 and delta_norm(lora) == pytest.approx(1e-3, rel=1e-4)
+    for module in (ia3, norm):
+        assert all(torch.equal(before[id(module)][k], v) for k, v in module.file_tensors().items())
 
 
 def test_training_with_a_limit_reports_the_norms_and_keeps_them_under_it(tmp_path):

@@ -18,6 +18,9 @@ from .registry import module_delta
 
 _NOT_FACTORS = ("alpha", "scale", "dora_scale")
 SUPPORTED = ("lora", "dylora", "loha", "lokr")
+# LyCORIS 4.1.3 gives these modules no max-norm (its base class returns nothing, so a run skips them): a Kohya GUI
+# preset that pairs --scale_weight_norms with iA3 or train_norm runs there, and here, with the rest limited
+LEFT_ALONE = ("ia3", "glora", "full", "norm")
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,19 @@ def shrink_ratio(norm: float, limit: float) -> float:
 
 
 def check_supported(algorithm: str, dora: bool) -> None:
-    if dora or algorithm not in SUPPORTED:
+    if dora or algorithm not in SUPPORTED + LEFT_ALONE:  # OFT's max-norm in LyCORIS is its own rule; DoRA's magnitude
         name = "DoRA" if dora else algorithm
         raise UserError(f"--scale_weight_norms works with LoRA, LoCon, DyLoRA, LoHa and LoKr, not with {name}: "
                         "drop --scale_weight_norms or the algorithm")
+
+
+def left_alone_warning(algorithms: set[str], train_norm: bool) -> str | None:
+    """What --scale_weight_norms leaves as it is in this network, said once at the start (None: it limits everything)."""
+    names = sorted(a for a in algorithms if a in LEFT_ALONE and a != "norm") + (["train_norm"] if train_norm else [])
+    if not names:
+        return None
+    return (f"--scale_weight_norms limits the LoRA, LoCon, DyLoRA, LoHa and LoKr modules only; the {', '.join(names)} "
+            "changes are left as they are, as in LyCORIS")
 
 
 @torch.no_grad()
@@ -48,6 +60,8 @@ def apply_max_norm(modules: Iterable, limit: float) -> MaxNormReport:
     """Shrink every module (``NetworkModule``) whose ΔW norm exceeds ``limit``; report as sd-scripts logs it."""
     scaled, norms = 0, []
     for module in modules:
+        if module.algorithm not in SUPPORTED:
+            continue
         tensors = module.file_tensors()
         names = factor_names(tensors)
         norm = float(module_delta(tensors, module._base_weight[0].detach(), 1.0).weight.float().norm())

@@ -505,8 +505,6 @@ def validate(options: TrainOptions) -> None:
                     check_supported(algorithm, spec.uses_dora)
             except UserError as problem:
                 problems.append(str(problem))
-            if spec.train_norm:
-                problems.append("--scale_weight_norms limits low-rank changes, not the γ/β shifts of train_norm: drop one")
             if spec.use_scalar or any(o.get("use_scalar") for o in spec.map_options()):
                 problems.append("--scale_weight_norms shrinks the factors, not use_scalar's trained scalar: drop one")
     for path in options.base_weights or []:

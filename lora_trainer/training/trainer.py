@@ -28,7 +28,7 @@ from ..models.checkpoint import load_checkpoint
 from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
 from ..networks.apply import Strength, merge_for_good
-from ..networks.max_norm import apply_max_norm
+from ..networks.max_norm import apply_max_norm, left_alone_warning
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
 from .distributed import finish as finish_world
 from .distributed import start as start_world
@@ -254,7 +254,9 @@ class TrainingRun:
         self.seed = seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
         seed_everything(seed)
         self.weight_dtype = weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
-        warnings = notes + _option_warnings(options, device, weight_dtype)  # said right after the start event
+        self.spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
+                                    options.network_args, options.network_dropout)
+        warnings = notes + _option_warnings(options, self.spec, device, weight_dtype)  # said right after the start event
         check_precision(options, device)
         self.started = time.time()
 
@@ -275,8 +277,6 @@ class TrainingRun:
             self.model.vae.encoder = None
         release_cached_memory(device, options)
 
-        self.spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
-                                    options.network_args, options.network_dropout)
         te_lr = (options.text_encoder_lr or [None])[0]
         self.train_te = not options.network_train_unet_only and te_lr != 0
         self.network = network = _prepared_network(options, self.model, self.spec, self.train_te, device, weight_dtype)
@@ -562,10 +562,12 @@ class TrainingRun:
         self.events.emit("saved", path=str(saved), epoch=epoch, step=step)
 
 
-def _option_warnings(options: TrainOptions, device: torch.device, weight_dtype: torch.dtype) -> list[str]:
+def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_dtype: torch.dtype) -> list[str]:
     """What the options ask for that this run does otherwise, or not at all; chooses the attention kernel."""
     warnings = [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
                 if f.metadata["inert"] and getattr(options, name)]
+    if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
+        warnings.append(left_alone)
     if weight_dtype != DTYPES[options.mixed_precision]:
         full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
         warnings.append(f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: the run "
