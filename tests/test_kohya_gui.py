@@ -201,3 +201,24 @@ def test_the_guis_ia3_preset_with_scale_weight_norms_trains_and_says_what_is_lef
     assert any("the ia3 changes are left as they are" in e["message"] for e in events if e["event"] == "warning")
     with safe_open(str(tmp_path / "out" / "mychar.safetensors"), "pt") as handle:
         assert any(key.endswith(".weight") and handle.get_tensor(key).abs().max() > 0 for key in handle.keys())
+
+
+def test_the_guis_torch_scheduler_in_additional_parameters_sets_the_learning_rates(tmp_path):
+    """The GUI's "SDXL - 1 image LoRA" preset puts --lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args ...
+    in additional_parameters; sd-scripts then builds torch's scheduler instead of --lr_scheduler's."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "1_zkstar")
+    settings = {**GUI_SETTINGS, "pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(data),
+                "output_dir": str(tmp_path / "out"), "max_resolution": "64,64", "epoch": 1, "train_batch_size": 4,
+                "optimizer": "AdamW", "optimizer_args": "", "mixed_precision": "no", "sdxl": False,
+                "max_data_loader_n_workers": "0", "lr_warmup": 0, "learning_rate": 1e-3, "unet_lr": 1e-3,
+                "text_encoder_lr": 1e-3, "additional_parameters":
+                '--lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=2" "eta_min=0e-0"'}
+    path = tmp_path / "one image.json"
+    path.write_text(json.dumps(settings), encoding="utf-8")
+    assert train_main(["--config_file", str(path)]) == 0
+    events, _ = read_events(tmp_path / "out" / "mychar.events.jsonl")
+    rates = [e["lr"][0] for e in events if e["event"] == "step"]
+    # down to 0 in two steps and up again, not the GUI's own lr_scheduler "cosine" (a step reports the rate after
+    # its scheduler step, as sd-scripts logs get_last_lr())
+    assert rates == pytest.approx([5e-4, 0.0, 5e-4, 1e-3], abs=1e-9)

@@ -126,3 +126,28 @@ def test_resumed_scheduler_continues_the_same_curve():
     resumed.load_state_dict(first.state_dict())
     resumed.optimizer.load_state_dict(first.optimizer.state_dict())
     assert before + lr_history(resumed, total - 8) == uninterrupted
+
+
+def test_a_torch_scheduler_class_replaces_the_schedule_as_sd_scripts_lr_scheduler_type_does():
+    """The Kohya GUI's "1 image" preset: --lr_scheduler_type CosineAnnealingLR --lr_scheduler_args T_max=1000 eta_min=0e-0."""
+    ours = make_scheduler(two_group_optimizer(), "cosine", 10, 0, scheduler_type="CosineAnnealingLR",
+                          scheduler_args=["T_max=8", "eta_min=0e-0"])
+    reference = two_group_optimizer()
+    torch_curve = lr_history(torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=8, eta_min=0.0), 10)
+    assert lr_history(ours, 10) == torch_curve and torch_curve[8] == [0.0, 0.0]
+    full_path = make_scheduler(two_group_optimizer(), "constant", 10, 0, scheduler_type="torch.optim.lr_scheduler.StepLR",
+                               scheduler_args=["step_size=2", "gamma=0.5"])
+    assert [rates[0] / BASE_LR for rates in lr_history(full_path, 5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("scheduler_type, arguments, warmup, message", [
+    ("os.system", [], 0, "give a class of torch.optim.lr_scheduler"),  # no other module is imported: a job body names it
+    ("LambdaLR", [], 0, "takes a function"),
+    ("ReduceLROnPlateau", [], 0, "steps on a validation metric"),
+    ("StepLR", ["step_size=2"], 3, "takes no warm-up, as in sd-scripts"),
+    ("StepLR", [], 0, "step_size"),  # the class's own complaint, with the option names
+])
+def test_unusable_scheduler_classes_and_arguments_are_refused_by_name(scheduler_type, arguments, warmup, message):
+    with pytest.raises(UserError, match=message) as error:
+        make_scheduler(two_group_optimizer(), "constant", 10, warmup, scheduler_type=scheduler_type, scheduler_args=arguments)
+    assert "--lr_scheduler_type" in str(error.value)

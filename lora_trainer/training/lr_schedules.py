@@ -100,13 +100,54 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int, num_cyc
     return ((initial_lr - POLYNOMIAL_END_LR) * pct_remaining**power + POLYNOMIAL_END_LR) / initial_lr
 
 
+# torch's schedulers that cannot be built from key=value literals, or do not step once per optimizer step
+_NOT_FROM_LITERALS = {"LambdaLR": "takes a function", "MultiplicativeLR": "takes a function",
+                      "SequentialLR": "takes other schedulers", "ChainedScheduler": "takes other schedulers",
+                      "ReduceLROnPlateau": "steps on a validation metric, not once per optimizer step",
+                      "LRScheduler": "is the base class of the others", "_LRScheduler": "is the base class of the others"}
+
+
+def scheduler_class(name: str) -> type:
+    """``--lr_scheduler_type``: a class of ``torch.optim.lr_scheduler``, by name or full path. sd-scripts imports any
+    module a config names; here only torch's schedulers, so that a job's settings (an API body) cannot run code."""
+    module, _, class_name = name.rpartition(".")
+    found = getattr(torch.optim.lr_scheduler, class_name, None)
+    known = isinstance(found, type) and issubclass(found, torch.optim.lr_scheduler.LRScheduler)
+    if module not in ("", "torch.optim.lr_scheduler") or not known:
+        raise UserError(f"--lr_scheduler_type {name!r}: give a class of torch.optim.lr_scheduler (e.g. CosineAnnealingLR, "
+                        "OneCycleLR, StepLR); schedulers of other modules are not imported here")
+    if class_name in _NOT_FROM_LITERALS:
+        raise UserError(f"--lr_scheduler_type {name}: it {_NOT_FROM_LITERALS[class_name]}; use another scheduler")
+    return found
+
+
+def check_custom_scheduler(name: str, arguments: list[str] | None, warmup: int | float | str | None) -> dict:
+    """The keyword arguments of ``--lr_scheduler_type``'s class, refused as sd-scripts refuses them with a warm-up."""
+    from .optimizers import parse_optimizer_args
+
+    scheduler_class(name)
+    if warmup and float(str(warmup).rstrip("%")):
+        raise UserError(f"--lr_scheduler_type {name} takes no warm-up, as in sd-scripts: set --lr_warmup_steps 0")
+    return parse_optimizer_args(arguments, "lr_scheduler_args")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup: int | float | str | None = 0,
-                   num_cycles: int = 1, power: float = 1.0, min_lr_ratio: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+                   num_cycles: int = 1, power: float = 1.0, min_lr_ratio: float | None = None,
+                   scheduler_type: str | None = None,
+                   scheduler_args: list[str] | None = None) -> torch.optim.lr_scheduler.LRScheduler:
     """A ``LambdaLR`` over ``lr_factor``; step it once per optimizer step, as sd-scripts does.
 
     ``warmup`` is steps or a fraction (see ``resolve_warmup``). An Adafactor with ``relative_step`` gets the constant
-    schedule whatever ``name`` says, because sd-scripts forces ``adafactor:<lr>`` there.
+    schedule whatever ``name`` says, because sd-scripts forces ``adafactor:<lr>`` there. ``scheduler_type`` (a torch
+    scheduler class, with ``scheduler_args``) replaces ``name`` altogether, as sd-scripts' ``--lr_scheduler_type`` does.
     """
+    if scheduler_type:
+        kwargs = check_custom_scheduler(scheduler_type, scheduler_args, warmup)
+        try:
+            return scheduler_class(scheduler_type)(optimizer, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"--lr_scheduler_type {scheduler_type} with --lr_scheduler_args "
+                            f"{' '.join(scheduler_args or []) or '(none)'}: {error}") from None
     name = check_scheduler_name(name)
     warmup_steps = resolve_warmup(warmup, total_steps)
     if getattr(optimizer, "uses_relative_step", False):

@@ -72,20 +72,21 @@ OPTIMIZERS: dict[str, OptimizerSource] = {
 _BY_LOWER_NAME = {name.lower(): source for name, source in OPTIMIZERS.items()}
 
 
-def parse_optimizer_args(optimizer_args: list[str] | None) -> dict:
+def parse_optimizer_args(optimizer_args: list[str] | None, option: str = "optimizer_args") -> dict:
     """``["weight_decay=0.01", "betas=0.9,0.999"]`` → ``{"weight_decay": 0.01, "betas": (0.9, 0.999)}``.
 
-    Values are Python literals, read with ``ast.literal_eval`` as sd-scripts reads them (``True``, ``1e-8``, tuples).
+    Values are Python literals, read with ``ast.literal_eval`` as sd-scripts reads them (``True``, ``1e-8``, tuples);
+    ``--lr_scheduler_args`` are read the same way (``option`` names it in messages).
     """
     kwargs = {}
     for argument in optimizer_args or []:
         key, separator, text = argument.partition("=")
         if not separator or not key.strip():
-            raise UserError(f"--optimizer_args {argument!r}: write key=value, e.g. weight_decay=0.01 betas=0.9,0.999")
+            raise UserError(f"--{option} {argument!r}: write key=value, e.g. weight_decay=0.01 betas=0.9,0.999")
         try:
             kwargs[key.strip()] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
-            raise UserError(f"--optimizer_args {argument!r}: the value must be a Python literal "
+            raise UserError(f"--{option} {argument!r}: the value must be a Python literal "
                             f"(a number, True/False, a tuple like 0.9,0.999 or a quoted string)") from None
     return kwargs
 

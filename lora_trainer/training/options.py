@@ -155,6 +155,9 @@ class TrainOptions:
     lr_scheduler_num_cycles: int = opt(1, "restarts of cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power of polynomial")
     lr_scheduler_min_lr_ratio: float | None = opt(None, "floor of the schedule as a fraction of the learning rate")
+    lr_scheduler_type: str | None = opt(None, "a torch.optim.lr_scheduler class instead of --lr_scheduler "
+                                        "(e.g. CosineAnnealingLR)")
+    lr_scheduler_args: list[str] | None = opt(None, "key=value arguments of --lr_scheduler_type's class", nargs="*")
     # network
     network_module: str | None = opt(None, "networks.lora, networks.dylora or lycoris.kohya")
     network_dim: int | None = opt(None, "rank (default 4)")
@@ -237,7 +240,7 @@ DEFAULTS = TrainOptions()
 # sd-scripts options we know but do not offer at all (DeepSpeed, hub uploads, …): refused by name when given.
 FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token", "save_state_to_huggingface",
            "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
-           "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale", "dataset_class",
+           "lr_decay_steps", "lr_scheduler_timescale", "dataset_class",
            "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir",
            "log_tracker_config"}
 
@@ -457,7 +460,17 @@ def validate(options: TrainOptions) -> None:
                         "(the network's own weights are small: it saves little)")
     if options.full_bf16 and options.mixed_precision != "bf16":
         problems.append("--full_bf16 needs --mixed_precision bf16")
-    if options.lr_scheduler == "constant" and options.lr_warmup_steps:
+    if options.lr_scheduler_type:  # replaces --lr_scheduler
+        from .lr_schedules import check_custom_scheduler
+
+        try:
+            check_custom_scheduler(options.lr_scheduler_type, options.lr_scheduler_args, options.lr_warmup_steps)
+        except UserError as problem:
+            problems.append(str(problem))
+    elif options.lr_scheduler_args:
+        problems.append("--lr_scheduler_args are the arguments of --lr_scheduler_type's class; the built-in schedules "
+                        "read --lr_scheduler_num_cycles, --lr_scheduler_power and --lr_scheduler_min_lr_ratio")
+    elif options.lr_scheduler == "constant" and options.lr_warmup_steps:
         problems.append("--lr_scheduler constant takes no warm-up; use constant_with_warmup")
     if options.cache_latents_to_disk:
         options.cache_latents = True

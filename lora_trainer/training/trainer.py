@@ -293,7 +293,8 @@ class TrainingRun:
         self.scheduler = make_scheduler(self.optimizer, options.lr_scheduler, self.total_steps,
                                         resolve_warmup(options.lr_warmup_steps, self.total_steps),
                                         num_cycles=options.lr_scheduler_num_cycles, power=options.lr_scheduler_power,
-                                        min_lr_ratio=options.lr_scheduler_min_lr_ratio)
+                                        min_lr_ratio=options.lr_scheduler_min_lr_ratio,
+                                        scheduler_type=options.lr_scheduler_type, scheduler_args=options.lr_scheduler_args)
         self.generator = torch.Generator().manual_seed(seed)
         # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
         self.scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
