@@ -743,3 +743,15 @@ def test_validation_every_n_steps_adds_step_losses_to_the_events_and_the_file(da
     every, _ = read_events(tmp_path / "all" / "star.events.jsonl")
     first_all = next(e["loss"] for e in every if e["event"] == "validation")
     assert by_step[0]["loss"] != first_all
+
+
+@pytest.mark.parametrize("network", [["--network_args", "module_dropout=0.5"],
+                                     ["--network_module", "networks.dylora", "--network_args", "unit=1"]])
+def test_module_dropout_and_dylora_ranks_are_drawn_again_alike_in_a_checkpointed_recompute(dataset, tmp_path, network):
+    """Gradient checkpointing runs a block's forward twice; the second must skip the same modules and train the same
+    DyLoRA ranks (the Kohya GUI's SDXL LoKr preset pairs module dropout with checkpointing). They are drawn from
+    torch's generator, which checkpointing restores for the recompute."""
+    assert run(dataset, tmp_path / "plain", "--max_train_epochs", "1", *network) == 0
+    assert run(dataset, tmp_path / "checkpointed", "--max_train_epochs", "1", "--gradient_checkpointing", *network) == 0
+    plain, checkpointed = (weights(tmp_path / name / "star.safetensors") for name in ("plain", "checkpointed"))
+    assert all(torch.allclose(checkpointed[k], plain[k], rtol=1e-5, atol=1e-7) for k in plain)

@@ -9,7 +9,6 @@ through ΔW from the same pure function that merging uses, so training and mergi
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 from functools import partial
 
@@ -126,7 +125,9 @@ class NetworkModule(nn.Module):
 
     def changed_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The layer's ``output`` for input ``x`` with this module's change added at the current multiplier."""
-        if self.training and self.module_dropout and random.random() < self.module_dropout:
+        # drawn from torch's generator, as sd-scripts and LyCORIS draw it: gradient checkpointing restores that one for
+        # its recompute, which must take the same modules (Python's random would draw anew: a crash or wrong gradients)
+        if self.training and self.module_dropout and float(torch.rand(1)) < self.module_dropout:
             return output
         if not self._plain_lora:
             base = self._base_weight[0].detach()
@@ -205,7 +206,7 @@ class NetworkModule(nn.Module):
         """DyLoRA (Valipour et al.): each step trains one block of ``unit`` ranks at a random depth b and uses the
         ranks below it frozen, so every prefix of the ranks is a usable LoRA afterwards."""
         rank = down.shape[0]
-        b = random.randrange(rank // self.unit) * self.unit
+        b = int(torch.randint(rank // self.unit, ())) * self.unit  # torch's generator: see module dropout
         used = b + self.unit
         down = torch.cat([down[:b].detach(), down[b:used]])
         up = torch.cat([up[:, :b].detach(), up[:, b:used]], dim=1)
