@@ -755,3 +755,11 @@ def test_module_dropout_and_dylora_ranks_are_drawn_again_alike_in_a_checkpointed
     assert run(dataset, tmp_path / "checkpointed", "--max_train_epochs", "1", "--gradient_checkpointing", *network) == 0
     plain, checkpointed = (weights(tmp_path / name / "star.safetensors") for name in ("plain", "checkpointed"))
     assert all(torch.allclose(checkpointed[k], plain[k], rtol=1e-5, atol=1e-7) for k in plain)
+
+
+def test_a_missing_network_weights_file_is_named_before_any_work(dataset, tmp_path, capsys):
+    """A Kohya GUI preset can carry its author's lora_network_weights (D:/…): said at once, with the option's name."""
+    assert run(dataset, tmp_path, "--network_weights", str(tmp_path / "D" / "kill bill.safetensors")) == 2
+    error = capsys.readouterr().err
+    assert "--network_weights" in error and "kill bill.safetensors: no such network file" in error
+    assert not (tmp_path / "star.events.jsonl").exists()  # refused with the options, before the model is read
