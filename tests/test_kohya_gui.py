@@ -47,6 +47,20 @@ def read(tmp_path: Path, **changes) -> tuple[dict, list[str]]:
     return options, actions.notes
 
 
+def tiny_run(tmp_path: Path, name: str, **changes) -> Path:
+    """GUI_SETTINGS for a short run of the tiny model on the sample dataset (one epoch of 4 steps), written to
+    ``name``: the settings file's path."""
+    data = tmp_path / "数据 set"
+    shutil.copytree(SAMPLE, data / "1_zkstar")
+    settings = {**GUI_SETTINGS, "pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(data),
+                "output_dir": str(tmp_path / "out"), "max_resolution": "64,64", "epoch": 1, "train_batch_size": 4,
+                "optimizer": "AdamW", "mixed_precision": "no", "sdxl": False, "max_data_loader_n_workers": "0",
+                "lr_scheduler": "constant", "lr_warmup": 0, **changes}
+    path = tmp_path / name
+    path.write_text(json.dumps(settings, indent=4), encoding="utf-8")
+    return path
+
+
 def test_gui_settings_become_the_options_the_gui_hands_sd_scripts(tmp_path):
     options, notes = read(tmp_path)
     assert (options.optimizer_type, options.resolution, options.network_module, options.network_args) == (
@@ -100,14 +114,7 @@ def test_gui_additional_parameters_are_read_as_the_command_line_reads_them(tmp_p
 
 
 def test_a_gui_settings_file_trains_here_and_imports_into_the_form(tmp_path):
-    data = tmp_path / "数据 set"
-    shutil.copytree(SAMPLE, data / "1_zkstar")
-    settings = {**GUI_SETTINGS, "pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(data),
-                "output_dir": str(tmp_path / "out"), "max_resolution": "64,64", "epoch": 1, "train_batch_size": 4,
-                "optimizer": "AdamW", "mixed_precision": "no", "sdxl": False, "xformers": "xformers",
-                "max_data_loader_n_workers": "0", "lr_scheduler": "constant", "lr_warmup": 0}
-    path = tmp_path / "my settings.json"
-    path.write_text(json.dumps(settings, indent=4), encoding="utf-8")
+    path = tiny_run(tmp_path, "my settings.json", xformers="xformers")
     assert train_main(["--config_file", str(path)]) == 0
     with safe_open(str(tmp_path / "out" / "mychar.safetensors"), "pt") as handle:
         metadata = handle.metadata()
@@ -187,15 +194,8 @@ def test_the_toml_the_gui_hands_sd_scripts_for_a_lycoris_run_trains_here(tmp_pat
 
 def test_the_guis_ia3_preset_with_scale_weight_norms_trains_and_says_what_is_left_alone(tmp_path):
     """The GUI's iA3 preset sets scale_weight_norms = 1, which LyCORIS skips for iA3: it runs, with a warning."""
-    data = tmp_path / "data"
-    shutil.copytree(SAMPLE, data / "1_zkstar")
-    settings = {**GUI_SETTINGS, "pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(data),
-                "output_dir": str(tmp_path / "out"), "max_resolution": "64,64", "epoch": 1, "train_batch_size": 4,
-                "optimizer": "AdamW", "mixed_precision": "no", "sdxl": False, "max_data_loader_n_workers": "0",
-                "LoRA_type": "LyCORIS/iA3", "scale_weight_norms": 1, "learning_rate": 1e-2, "unet_lr": 1e-2,
-                "text_encoder_lr": 1e-2, "lr_scheduler": "constant", "lr_warmup": 0}
-    path = tmp_path / "ia3.json"
-    path.write_text(json.dumps(settings), encoding="utf-8")
+    path = tiny_run(tmp_path, "ia3.json", LoRA_type="LyCORIS/iA3", scale_weight_norms=1, learning_rate=1e-2,
+                    unet_lr=1e-2, text_encoder_lr=1e-2)
     assert train_main(["--config_file", str(path)]) == 0
     events, _ = read_events(tmp_path / "out" / "mychar.events.jsonl")
     assert any("the ia3 changes are left as they are" in e["message"] for e in events if e["event"] == "warning")
@@ -206,16 +206,9 @@ def test_the_guis_ia3_preset_with_scale_weight_norms_trains_and_says_what_is_lef
 def test_the_guis_torch_scheduler_in_additional_parameters_sets_the_learning_rates(tmp_path):
     """The GUI's "SDXL - 1 image LoRA" preset puts --lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args ...
     in additional_parameters; sd-scripts then builds torch's scheduler instead of --lr_scheduler's."""
-    data = tmp_path / "data"
-    shutil.copytree(SAMPLE, data / "1_zkstar")
-    settings = {**GUI_SETTINGS, "pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(data),
-                "output_dir": str(tmp_path / "out"), "max_resolution": "64,64", "epoch": 1, "train_batch_size": 4,
-                "optimizer": "AdamW", "optimizer_args": "", "mixed_precision": "no", "sdxl": False,
-                "max_data_loader_n_workers": "0", "lr_warmup": 0, "learning_rate": 1e-3, "unet_lr": 1e-3,
-                "text_encoder_lr": 1e-3, "additional_parameters":
-                '--lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=2" "eta_min=0e-0"'}
-    path = tmp_path / "one image.json"
-    path.write_text(json.dumps(settings), encoding="utf-8")
+    path = tiny_run(tmp_path, "one image.json", optimizer_args="", learning_rate=1e-3, unet_lr=1e-3, text_encoder_lr=1e-3,
+                    lr_scheduler="cosine", additional_parameters=
+                    '--lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=2" "eta_min=0e-0"')
     assert train_main(["--config_file", str(path)]) == 0
     events, _ = read_events(tmp_path / "out" / "mychar.events.jsonl")
     rates = [e["lr"][0] for e in events if e["event"] == "step"]
