@@ -3,6 +3,7 @@ loss masks from the images' transparency (``--alpha_mask``), cached or not."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_trainer.dataset.buckets import BucketChoice
@@ -419,3 +421,67 @@ def test_a_half_written_disk_cache_is_encoded_again_and_an_unwritable_folder_is_
     assert train(folder.parent, tmp_path / "read-only", "--cache_latents_to_disk") == 2
     err = capsys.readouterr().err
     assert "cannot write the latent cache" in err and "Permission denied" in err and "--cache_latents without" in err
+
+
+# --- mask folders (conditioning_data_dir with --masked_loss) ---------------------------------------------------
+
+
+def _masked_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Six sample images two ways: RGBA whose alpha is the mask, and RGB with the mask as the red channel of an image
+    of the same name in a mask folder. The masked-out part is white in both, so the VAE sees the same pixels (an
+    alpha image is composited on white) and only the source of the mask differs."""
+    alpha_dir, rgb_dir, mask_dir = tmp_path / "alpha", tmp_path / "rgb", tmp_path / "masks 蒙版"
+    for folder in (alpha_dir, rgb_dir, mask_dir):
+        folder.mkdir()
+    for index, image in enumerate(sorted(SAMPLE.glob("*.png"))[:6]):
+        rgb = Image.open(image).convert("RGB")
+        mask = Image.new("L", rgb.size, 0)
+        mask.paste(255, (0, 0, 20 + 6 * index, rgb.size[1]))  # a left part, wider image by image: flips show
+        white = Image.composite(rgb, Image.new("RGB", rgb.size, "white"), mask)
+        rgba = white.copy()
+        rgba.putalpha(mask)
+        rgba.save(alpha_dir / image.name)
+        white.save(rgb_dir / image.name)
+        black = Image.new("L", rgb.size, 0)
+        Image.merge("RGB", (mask, black, black)).save(mask_dir / f"{image.stem}.png")
+        for folder in (alpha_dir, rgb_dir):
+            shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    return alpha_dir, rgb_dir, mask_dir
+
+
+def _masked_run(tmp_path: Path, name: str, subset: str, *extra: str) -> int:
+    config = tmp_path / f"{name}.toml"
+    config.write_text(f'[general]\nresolution = 64\ncaption_extension = ".txt"\nflip_aug = true\n[[datasets]]\n'
+                      f'batch_size = 2\n[[datasets.subsets]]\n{subset}\n', encoding="utf-8")
+    return train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
+                       "--output_dir", str(tmp_path / name), "--output_name", "star", "--network_dim", "4",
+                       "--learning_rate", "1e-3", "--max_train_epochs", "1", "--seed", "5", "--masked_loss", *extra])
+
+
+@pytest.mark.parametrize("caching", [(), ("--cache_latents_to_disk",)], ids=["per-batch", "cached"])
+def test_a_mask_folder_masks_the_loss_as_the_same_mask_in_the_alpha_channel_does(tmp_path, caching):
+    """The Kohya GUI's masked-loss datasets: ``conditioning_data_dir`` per subset, its images' red channel the mask."""
+    alpha_dir, rgb_dir, mask_dir = _masked_pair(tmp_path)
+    assert _masked_run(tmp_path, "alpha", f'image_dir = "{alpha_dir.as_posix()}"\nalpha_mask = true', *caching) == 0
+    folder_subset = f'image_dir = "{rgb_dir.as_posix()}"\nconditioning_data_dir = "{mask_dir.as_posix()}"'
+    assert _masked_run(tmp_path, "folder", folder_subset, *caching) == 0
+    assert same(lora(tmp_path / "folder"), lora(tmp_path / "alpha"))
+    if caching:  # the second run reads its latents back; the masks still come from the folder, not the cache
+        assert all("alpha_mask" not in np.load(c).files for c in rgb_dir.glob("*_sd.npz"))
+        assert _masked_run(tmp_path, "again", folder_subset, *caching) == 0
+        assert same(lora(tmp_path / "again"), lora(tmp_path / "alpha"))
+    with safe_open(str(tmp_path / "folder" / "star.safetensors"), "pt") as handle:
+        subsets = json.loads(handle.metadata()["ss_datasets"])[0]["subsets"]
+    assert subsets[0]["conditioning_data_dir"] == "masks 蒙版" and subsets[0]["image_dir"] == "rgb"
+
+
+def test_images_without_a_mask_in_the_mask_folder_are_named_before_any_work(tmp_path, capsys):
+    _, rgb_dir, mask_dir = _masked_pair(tmp_path)
+    removed = sorted(mask_dir.iterdir())[0]
+    removed.unlink()
+    subset = f'image_dir = "{rgb_dir.as_posix()}"\nconditioning_data_dir = "{mask_dir.as_posix()}"'
+    assert _masked_run(tmp_path, "out", subset) == 2
+    error = capsys.readouterr().err
+    assert f"no mask for 1 of the images in {rgb_dir}" in error and removed.name in error
+    events = tmp_path / "out" / "star.events.jsonl"
+    assert "caching latents" not in (events.read_text(encoding="utf-8") if events.exists() else "")

@@ -135,9 +135,9 @@ def _check_dataset_config(path: Path, roots: list[Path], options: dict) -> None:
     """The folders a ``--dataset_config`` names are requests' paths too."""
     from ..dataset.config import load_dataset_config
 
-    for dataset in load_dataset_config(path, options).datasets:
+    for dataset in load_dataset_config(path, options, support_controlnet=bool(options.get("masked_loss"))).datasets:
         for subset in dataset.subsets:
-            for folder in (subset.image_dir, subset.metadata_file):
+            for folder in (subset.image_dir, subset.metadata_file, subset.conditioning_data_dir):
                 if folder is None:
                     continue
                 if not Path(folder).is_absolute():

@@ -30,7 +30,6 @@ from typing import Any, Iterable, Mapping
 from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, training_caption
 from lora_trainer.dataset.captions import dataset_tag_frequency
 from lora_trainer.dataset.config import (
-    DREAMBOOTH,
     FINE_TUNING,
     DatasetConfig,
     DatasetGroupConfig,
@@ -357,9 +356,7 @@ def fine_tuning_images(subset: SubsetConfig) -> SubsetImages:
 def subset_images(subset: SubsetConfig) -> SubsetImages:
     if subset.kind == FINE_TUNING:
         return fine_tuning_images(subset)
-    if subset.kind == DREAMBOOTH:
-        return dreambooth_images(subset)
-    raise UserError(f"ControlNet subsets ({subset.image_dir}) are not supported by this trainer yet; use a DreamBooth or fine-tuning dataset.")
+    return dreambooth_images(subset)  # a ControlNet subset's images and captions too, as sd-scripts reads them
 
 
 # --- a whole dataset --------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Built on the dataset package (``--dataset_config`` / DreamBooth folders, buckets
 them the way sd-scripts' training loop consumes them: repeats (regularisation images balanced as sd-scripts does),
 batches inside a bucket per dataset, a seeded order per epoch, latents either cached once (in memory or as
 sd-scripts' ``.npz`` files) or encoded per batch with crop/colour/flip augmentation drawn from the epoch's seed, loss
-masks from the images' transparency (``alpha_mask``), and the dataset metadata of the saved files.
+masks from the images' transparency (``alpha_mask``) or from mask folders (``conditioning_data_dir`` with
+``--masked_loss``), and the dataset metadata of the saved files.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import read_image_size
-from ..dataset.layouts import config_from_folders, config_from_metadata, dataset_images, face_in_name, regularization_repeats
+from ..dataset.layouts import (config_from_folders, config_from_metadata, dataset_images, face_in_name, list_images,
+                               regularization_repeats)
 from ..errors import UserError
 from ..safe_io import UNREADABLE_NPZ, save_npz
 from .evaluation import split_validation
-from .pixels import TrainingPixels, training_pixels
+from .pixels import TrainingPixels, mask_image, mask_tensor, resize_and_crop, training_pixels
 from .options import TrainOptions, resolution_of
 from .text import caching_problems
 
@@ -44,8 +46,13 @@ class ImageRecord:
     repeats: int
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # with alpha_mask and cached latents: [H, W] at the bucket size, unflipped
+    mask: torch.Tensor | None = None  # a masked image with cached latents: [H, W] at the bucket size, unflipped
     face: tuple[int, int, int, int] | None = None  # face centre and size from the name, with face_crop_aug_range
+    mask_path: Path | None = None  # its image in the subset's mask folder (conditioning_data_dir)
+
+    @property
+    def masked(self) -> bool:
+        return self.subset.alpha_mask or self.mask_path is not None
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -58,7 +65,7 @@ class Batch:
     flips: list[bool]
     latents: torch.Tensor | None = None  # None until encoded when latents are not cached
     loss_weights: torch.Tensor = field(default_factory=lambda: torch.ones(1))
-    masks: torch.Tensor | None = None  # [B, H, W] loss masks when a subset uses alpha_mask
+    masks: torch.Tensor | None = None  # [B, H, W] loss masks when a subset is masked
     augment_seed: int = 0  # seeds this batch's crops, colours and VAE sampling when latents are not cached
     pixels: list[TrainingPixels] | None = None  # read ahead by a loader thread, until encoded
 
@@ -143,7 +150,7 @@ class TrainingData:
                 continue
             latents = torch.stack([m.latents_flipped if f else m.latents for m, f in zip(members, flips)])
             masks = None
-            if any(m.subset.alpha_mask for m in members):
+            if any(m.masked for m in members):
                 masks = torch.stack([_flip(m.mask, f) if m.mask is not None else torch.ones(m.bucket[1], m.bucket[0])
                                      for m, f in zip(members, flips)])
             batches.append(Batch(members, flips, latents, weights, masks))
@@ -180,7 +187,8 @@ class TrainingData:
         """The batch's images read, cropped, colour-augmented and flipped, with draws from its own seed only."""
         rng = random.Random(batch.augment_seed)
         return [training_pixels(r.path, r.choice, flip=f, random_crop=r.subset.random_crop, color_aug=r.subset.color_aug,
-                                alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r), face=r.face,
+                                alpha_mask=r.subset.alpha_mask, mask_path=r.mask_path, interpolation=self._interpolation(r),
+                                face=r.face,
                                 face_range=r.subset.face_crop_aug_range, rng=rng)
                 for r, f in zip(batch.records, batch.flips)]
 
@@ -230,7 +238,8 @@ class TrainingData:
         todo.sort(key=lambda r: (r.bucket, str(r.path)))
         done = 0
         for group in _vae_batches(todo, self.options.vae_batch_size):
-            disk = [_read_npz(r, self.config_name) if self.options.cache_latents_to_disk else None for r in group]
+            disk = [_read_npz(r, self.config_name, self._interpolation(r)) if self.options.cache_latents_to_disk else None
+                    for r in group]
             fresh = [r for r, cached in zip(group, disk) if cached is None]
             encoded = iter(self._encode_for_cache(fresh, vae, device, generator) if fresh else [])
             for record, cached in zip(group, disk):
@@ -245,8 +254,8 @@ class TrainingData:
 
     def _encode_for_cache(self, records: list[ImageRecord], vae, device, generator):
         """(latents, flipped latents or None, mask) of each record, the images through the VAE as one batch."""
-        images = [training_pixels(r.path, r.choice, alpha_mask=r.subset.alpha_mask, interpolation=self._interpolation(r))
-                  for r in records]
+        images = [training_pixels(r.path, r.choice, alpha_mask=r.subset.alpha_mask, mask_path=r.mask_path,
+                                  interpolation=self._interpolation(r)) for r in records]
         pixels = torch.stack([image.pixels for image in images]).to(device, vae.dtype)
         posteriors = [vae.encode(pixels)] + ([vae.encode(pixels.flip(-1))] if records[0].subset.flip_aug else [])
         # drawn image by image, flipped after unflipped: the same draws whatever --vae_batch_size is
@@ -324,6 +333,8 @@ class TrainingData:
                      "resize_interpolation": subset.resize_interpolation}
             if c.is_dreambooth:
                 entry.update({"image_dir": subset.image_dir.name, "class_tokens": subset.class_tokens, "is_reg": subset.is_reg})
+            elif subset.conditioning_data_dir:  # sd-scripts lists no subsets of a ControlNet dataset: named here
+                entry.update({"image_dir": subset.image_dir.name, "conditioning_data_dir": subset.conditioning_data_dir.name})
             else:
                 entry["metadata_file"] = subset.metadata_file.name
             subsets.append(entry)
@@ -375,9 +386,10 @@ def _flip(mask: torch.Tensor, flipped: bool) -> torch.Tensor:
     return mask.flip(-1) if flipped else mask
 
 
-def _read_npz(record: ImageRecord, config_name: str):
-    """(latents, flipped latents, alpha mask) from this model family's sd-scripts cache when it fits this run, else
-    None. Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs."""
+def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None):
+    """(latents, flipped latents, mask) from this model family's sd-scripts cache when it fits this run, else None.
+    Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs. A mask folder's
+    mask is not in it (sd-scripts reads those images each step): it is read from the folder."""
     path = npz_path(record, config_name)
     if not path.is_file():
         return None
@@ -393,6 +405,9 @@ def _read_npz(record: ImageRecord, config_name: str):
     if (record.subset.flip_aug and flipped is None) or (record.subset.alpha_mask and mask is None):
         return None
     mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
+    if record.mask_path is not None:
+        mask = mask_tensor(resize_and_crop(mask_image(record.mask_path, record.size), record.choice,
+                                           interpolation=interpolation), record.bucket)
     return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
 
 
@@ -402,7 +417,7 @@ def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor
               "crop_ltrb": np.array(B.crop_ltrb(record.bucket, record.size), dtype=np.float64)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy().astype(np.float32)
-    if mask is not None:
+    if mask is not None and record.subset.alpha_mask:  # a mask folder's stays in its folder, as in sd-scripts
         arrays["alpha_mask"] = mask.numpy().astype(np.float32)
     target = npz_path(record, config_name)
     try:
@@ -412,6 +427,29 @@ def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor
                         "or cache in memory only (--cache_latents without --cache_latents_to_disk)") from None
 
 
+MASK_SOURCES = ("set alpha_mask = true on the subsets (or --alpha_mask) to mask the loss with the images' "
+                "transparency, or give each subset of a --dataset_config a mask folder (conditioning_data_dir: an image "
+                "of the same name per training image, white where it is learnt, black where not)")
+
+
+def _mask_files(subset: SubsetConfig, entries, notes: list[str]) -> dict[str, Path]:
+    """The mask folder's image for each training image (same name, any image extension), as sd-scripts pairs them;
+    a training image without one is an error before any work, a mask without its image a note."""
+    folder = subset.conditioning_data_dir
+    if not folder.is_dir():
+        raise UserError(f"conditioning_data_dir {folder}: no such folder; give the folder of the masks of {subset.image_dir}")
+    masks = {path.stem: path for path in list_images(folder)}
+    missing = [entry.path.name for entry in entries if entry.path.stem not in masks]
+    if missing:
+        raise UserError(f"conditioning_data_dir {folder}: no mask for {len(missing)} of the images in {subset.image_dir} "
+                        f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}); add an image of the same name for each")
+    unused = sorted(set(masks) - {entry.path.stem for entry in entries})
+    if unused:
+        notes.append(f"conditioning_data_dir {folder}: {len(unused)} masks without a training image are not used "
+                     f"({', '.join(unused[:5])})")
+    return masks
+
+
 def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int) -> DatasetPlan:
     images = dataset_images(dataset)
     notes.extend(images.notes)
@@ -419,6 +457,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     train, reg = [], []
     for subset_images in images.subsets:
         subset = subset_images.subset
+        masks = _mask_files(subset, subset_images.images, notes) if subset.conditioning_data_dir else None
         for entry in subset_images.images:
             try:
                 size = entry.image_size or read_image_size(entry.path)
@@ -426,7 +465,8 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
             except UserError as problem:
                 notes.append(f"{entry.path}: {problem}; skipped")
                 continue
-            record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats)
+            record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
+                                 mask_path=masks.get(entry.path.stem) if masks is not None else None)
             (reg if subset.is_reg else train).append(record)
     validation_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
     train, validation = split_validation(train, dataset.validation_split, validation_seed)
@@ -442,7 +482,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
 
 def build_training_data(options: TrainOptions, config, seed: int, world_size: int = 1) -> TrainingData:
     if options.dataset_config:
-        group = load_dataset_config(Path(options.dataset_config), options)
+        group = load_dataset_config(Path(options.dataset_config), options, support_controlnet=options.masked_loss)
     elif options.in_json:  # sd-scripts' fine-tuning mode: one subset, --train_data_dir is where its images are
         group = config_from_metadata(Path(options.train_data_dir) if options.train_data_dir else None, Path(options.in_json), options)
     else:
@@ -459,12 +499,10 @@ def build_training_data(options: TrainOptions, config, seed: int, world_size: in
 
 def _check_augmentations(datasets: list[DatasetConfig], options: TrainOptions) -> None:
     """Augmentations that change the pixels every step cannot use latents encoded once (sd-scripts asserts the same);
-    face crops need the fixed resolution (no buckets); ``--masked_loss`` needs a subset whose masks come from
-    transparency."""
+    face crops need the fixed resolution (no buckets); ``--masked_loss`` needs a subset with masks."""
     subsets = [subset for dataset in datasets for subset in dataset.subsets]
-    if options.masked_loss and not any(subset.alpha_mask for subset in subsets):
-        raise UserError("--masked_loss needs masks: set alpha_mask = true on the subsets (or --alpha_mask) to mask the loss "
-                        "with the images' transparency (mask folders, conditioning_data_dir, are not supported)")
+    if options.masked_loss and not any(subset.alpha_mask or subset.conditioning_data_dir for subset in subsets):
+        raise UserError(f"--masked_loss needs masks: {MASK_SOURCES}")
     for dataset in datasets:
         for subset in dataset.subsets:
             where = subset.image_dir or subset.metadata_file

@@ -86,7 +86,7 @@ class TrainOptions:
     cache_info: bool = inert("image sizes come from the files' headers, which is fast without a cache")
     max_token_length: int | None = opt(None, "75, 150 or 225 tokens per caption", choices=[None, 75, 150, 225])
     prior_loss_weight: float = opt(1.0, "loss weight of regularisation images")
-    masked_loss: bool = opt(False, "mask the loss (masks from --alpha_mask; mask folders are not supported)")
+    masked_loss: bool = opt(False, "mask the loss (masks from --alpha_mask, or a dataset config's conditioning_data_dir)")
     max_data_loader_n_workers: int = opt(8, "batches read ahead by loader threads without cached latents (0 = none)")
     persistent_data_loader_workers: bool = inert("loader threads cost nothing to start, so each epoch has its own")
     validation_split: float = opt(0.0, "fraction of images held out for validation loss")
@@ -482,8 +482,8 @@ def validate(options: TrainOptions) -> None:
         problems.append(f"{' and '.join(augmented)} change the pixels every step, so latents cannot be cached: drop "
                         "--cache_latents/--cache_latents_to_disk or the augmentation")
     if options.masked_loss and not options.alpha_mask and not options.dataset_config:
-        problems.append("--masked_loss needs masks: add --alpha_mask to mask the loss with the images' transparency "
-                        "(mask folders, conditioning_data_dir, are not supported)")
+        problems.append("--masked_loss needs masks: add --alpha_mask to mask the loss with the images' transparency, or "
+                        "give the subsets of a --dataset_config mask folders (conditioning_data_dir)")
     if options.cache_text_encoder_outputs_to_disk:
         options.cache_text_encoder_outputs = True
     if options.cache_text_encoder_outputs and not options.network_train_unet_only:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..dataset.buckets import BucketChoice, centre_crop_box
 from ..dataset.images import load_image_and_alpha
+from ..errors import UserError
 
 Box = tuple[int, int, int, int]
 
@@ -114,6 +115,16 @@ def mask_tensor(alpha: Image.Image | None, size: tuple[int, int]) -> torch.Tenso
     return torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
 
 
+def mask_image(path: Path, image_size: tuple[int, int]) -> Image.Image:
+    """A mask folder's image (sd-scripts' ``conditioning_data_dir`` with ``--masked_loss``): its red channel, which
+    sd-scripts reads as the mask (white: learnt, black: not), at the training image's own size."""
+    red = load_image_and_alpha(path)[0].getchannel("R")
+    if red.size != image_size:
+        raise UserError(f"{path}: the mask is {red.size[0]}x{red.size[1]} but its image is {image_size[0]}x{image_size[1]}; "
+                        "save each mask at the size of its image")
+    return red
+
+
 @dataclass
 class TrainingPixels:
     pixels: torch.Tensor  # [3, H, W] in [-1, 1]
@@ -121,13 +132,16 @@ class TrainingPixels:
 
 
 def training_pixels(path: Path, choice: BucketChoice, *, flip: bool = False, random_crop: bool = False,
-                    color_aug: bool = False, alpha_mask: bool = False, interpolation: str | None = None,
-                    face: tuple[int, int, int, int] | None = None, face_range: tuple[float, float] | None = None,
-                    rng: random.Random | None = None) -> TrainingPixels:
-    """One image ready for the VAE (and its loss mask), with the augmentations asked for; with ``face`` and
-    ``face_range`` it is cut around the face (``face_crop_aug_range``) instead of resized into the bucket."""
+                    color_aug: bool = False, alpha_mask: bool = False, mask_path: Path | None = None,
+                    interpolation: str | None = None, face: tuple[int, int, int, int] | None = None,
+                    face_range: tuple[float, float] | None = None, rng: random.Random | None = None) -> TrainingPixels:
+    """One image ready for the VAE (and its loss mask: its transparency, or ``mask_path``'s image, cut and flipped
+    with it), with the augmentations asked for; with ``face`` and ``face_range`` it is cut around the face
+    (``face_crop_aug_range``) instead of resized into the bucket."""
     rng = rng or random.Random()
     image, alpha = load_image_and_alpha(path)
+    if mask_path is not None:
+        alpha, alpha_mask = mask_image(mask_path, image.size), True
     if face is not None and face_range is not None:
         resized, box = face_crop_plan(image.size, choice.bucket, face, face_range, random_crop, rng)
         choice = dataclasses.replace(choice, resized_size=resized)
