@@ -568,19 +568,25 @@ def test_initial_steps_that_leave_nothing_or_contradict_a_resume_are_refused(bas
 def test_sd_scripts_switches_that_change_nothing_here_run_and_say_so(baseline, dataset, tmp_path):
     """Kohya GUI commands carry switches such as --disable_mmap_load_safetensors or --cache_info: they must run, and
     the run must say that they change nothing here rather than pass over them in silence."""
-    assert run(dataset, tmp_path, "--disable_mmap_load_safetensors", "--cache_info", "--persistent_data_loader_workers") == 0
+    assert run(dataset, tmp_path, "--disable_mmap_load_safetensors", "--cache_info", "--persistent_data_loader_workers",
+               "--console_log_level", "INFO", "--console_log_simple") == 0  # sd-scripts' logging options, in its docs
     ours, theirs = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     events, _ = read_events(tmp_path / "star.events.jsonl")
     said = " ".join(e["message"] for e in events if e["event"] == "warning")
-    assert all(f"--{name} has no effect here" in said
-               for name in ("disable_mmap_load_safetensors", "cache_info", "persistent_data_loader_workers"))
+    assert all(f"--{name} has no effect here" in said for name in ("disable_mmap_load_safetensors", "cache_info",
+                                                                  "persistent_data_loader_workers", "console_log_level",
+                                                                  "console_log_simple"))
     assert "skip_cache_check" not in said  # only the switches that were set
 
 
 def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "--deepspeed", "--huggingface_repo_id", "me/star") == 2
     assert "not supported: --deepspeed, --huggingface_repo_id" in capsys.readouterr().err
+    # sd-scripts' SDXL guide writes --text_encoder_lr1/2, which its own parser refuses too: named with the real one
+    assert run(dataset, tmp_path, "--text_encoder_lr1=1e-5", "--text_encoder_lr2", "1e-5") == 2
+    assert ("unknown option(s) --text_encoder_lr1 (did you mean --text_encoder_lr?), --text_encoder_lr2 (did you mean "
+            "--text_encoder_lr?)") in capsys.readouterr().err
     # a Kohya GUI (or lora-scripts) file: empty values ask for nothing, ours (vae = "") as much as those, and the GUI's own keys, which
     # sd-scripts never reads, are noted: it trains
     config = tmp_path / "kohya_gui.toml"

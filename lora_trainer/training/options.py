@@ -202,6 +202,12 @@ class TrainOptions:
     log_config: bool = inert("the options are in the event stream and the saved files' ss_* metadata")
     log_prefix: str | None = opt(None, "prefix of the log folder")
     log_tracker_name: str | None = opt(None, "tracker name")
+    # sd-scripts' console logging: its console is its log; here the event stream is, and the console shows progress
+    console_log_level: str | None = opt(None, "accepted, no effect: the event stream (--events_file) has every message",
+                                        inert="the event stream (--events_file) has every message")
+    console_log_file: str | None = opt(None, "accepted, no effect: the event stream (--events_file) is the run's log",
+                                       inert="the event stream (--events_file) is the run's log")
+    console_log_simple: bool = inert("the console shows a progress bar, warnings and errors only")
     tokenizer_cache_dir: str | None = opt(None, "accepted for sd-scripts configs; our CLIP tokenizer is built in and needs no cache")
     # modelspec
     metadata_title: str | None = opt(None, "modelspec.title")
@@ -326,15 +332,24 @@ def gui_settings_options(data: dict, notes: list[str], source: str) -> dict[str,
 def _command_line_values(text: str, source: str) -> dict[str, Any]:
     """The options a piece of command-line text gives, as the command line reads them."""
     try:
-        return _parsed(build_parser(), shlex.split(text))
+        return _parsed(build_parser(), shlex.split(text), source)
     except (SystemExit, ValueError):  # argparse has said what it could not read
         raise UserError(f"{source}: {text!r} is not a list of options this trainer reads") from None
 
 
-def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
+def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None, source: str = "command line") -> dict[str, Any]:
     """The options ``argv`` gives. A foreign switch given bare (--deepspeed) asks for something, where an empty list
-    in a TOML file does not: it reads as True, to be refused by name."""
-    return {k: True if k in FOREIGN and v == [] else v for k, v in vars(parser.parse_args(argv)).items()}
+    in a TOML file does not: it reads as True, to be refused by name. Unknown options are named, with the closest
+    known one (argparse would print its whole usage)."""
+    given, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [word.split("=", 1)[0] for word in unknown if word.startswith("-")]
+        if not flags:
+            raise UserError(f"{source}: unexpected value(s) {' '.join(unknown)}; each value follows its --option")
+        hints = [f"{flag} (did you mean --{match[0]}?)" if (match := difflib.get_close_matches(flag.lstrip("-"), FIELDS, 1))
+                 else flag for flag in flags]
+        raise UserError(f"{source}: unknown option(s) {', '.join(hints)}; `--help` lists the options")
+    return {k: True if k in FOREIGN and v == [] else v for k, v in vars(given).items()}
 
 
 def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dict[str, Any]:
