@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -769,3 +770,21 @@ def test_a_missing_network_weights_file_is_named_before_any_work(dataset, tmp_pa
     error = capsys.readouterr().err
     assert "--network_weights" in error and "kill bill.safetensors: no such network file" in error
     assert not (tmp_path / "star.events.jsonl").exists()  # refused with the options, before the model is read
+
+
+def test_modelspec_options_fill_the_files_metadata_and_a_thumbnail_file_becomes_a_data_url(dataset, tmp_path, capsys):
+    """sd-scripts' --metadata_* options (its add_model_spec_arguments): what a model card or a civitai upload reads."""
+    thumbnail = sorted(dataset.rglob("*.png"))[0]
+    given = {"title": "Star", "author": "me", "description": "a yellow star", "license": "CC-BY-4.0", "tags": "star,shape",
+             "trigger_phrase": "zkstar", "usage_hint": "use zkstar at 0.8", "merged_from": "a, b", "preprocessor": "none",
+             "is_negative_embedding": "false"}
+    arguments = [word for key, value in given.items() for word in (f"--metadata_{key}", value)]
+    assert run(dataset, tmp_path, "--max_train_epochs", "1", *arguments, "--metadata_thumbnail", str(thumbnail)) == 0
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert {key: metadata[f"modelspec.{key}"] for key in given} == given
+    assert metadata["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(thumbnail.read_bytes()).decode()
+    assert run(dataset, tmp_path / "missing", "--metadata_thumbnail", str(tmp_path / "cover.png")) == 2
+    assert "--metadata_thumbnail" in capsys.readouterr().err
+    assert run(dataset, tmp_path / "deepspeed", "--offload_optimizer_device", "cpu") == 2  # DeepSpeed's own options
+    assert "not supported: --offload_optimizer_device" in capsys.readouterr().err

@@ -178,7 +178,8 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     GUI's saved settings in their place → job name, options with every path resolved inside the roots, webhook URL;
     ``notes`` gain what the GUI's settings hold that is not carried over. Options are validated by ``options_from``."""
     from ..training.kohya_gui import is_gui_config
-    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, gui_settings_options, not_given, options_from
+    from ..training.options import (FIELDS, FOREIGN, PATH_OPTIONS, gui_settings_options, is_data_url, not_given,
+                                    options_from)
 
     if not isinstance(body, dict):
         raise ApiError(400, "invalid", "the body must be a JSON object")
@@ -208,7 +209,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     for key, must_exist in PATH_OPTIONS.items():
         if isinstance(options.get(key), list):
             options[key] = [str(checked_path(value, roots, key, must_exist)) for value in options[key]]
-        elif options.get(key) is not None:
+        elif options.get(key) is not None and not is_data_url(options[key]):
             options[key] = str(checked_path(options[key], roots, key, must_exist))
     if options.get("network_args") is not None:
         options["network_args"] = _checked_network_args(options["network_args"], roots)

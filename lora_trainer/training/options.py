@@ -216,6 +216,11 @@ class TrainOptions:
     metadata_license: str | None = opt(None, "modelspec.license")
     metadata_tags: str | None = opt(None, "modelspec.tags")
     metadata_trigger_phrase: str | None = opt(None, "modelspec.trigger_phrase")
+    metadata_usage_hint: str | None = opt(None, "modelspec.usage_hint")
+    metadata_thumbnail: str | None = opt(None, "modelspec.thumbnail: an image file (stored as a data URL) or a data URL")
+    metadata_merged_from: str | None = opt(None, "modelspec.merged_from")
+    metadata_preprocessor: str | None = opt(None, "modelspec.preprocessor")
+    metadata_is_negative_embedding: str | None = opt(None, "modelspec.is_negative_embedding")
     # SDXL (sdxl_train_network.py)
     cache_text_encoder_outputs: bool = opt(False, "encode captions once, before training (UNet-only runs)")
     cache_text_encoder_outputs_to_disk: bool = opt(False, "… and keep them beside the images (<image>_te_outputs.npz)")
@@ -246,7 +251,8 @@ DEFAULTS = TrainOptions()
 # sd-scripts options we know but do not offer at all (DeepSpeed, hub uploads, …): refused by name when given.
 FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token", "save_state_to_huggingface",
            "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
-           "lr_decay_steps", "lr_scheduler_timescale", "dataset_class",
+           "lr_decay_steps", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+           "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients", "lr_scheduler_timescale", "dataset_class",
            "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir",
            "log_tracker_config"}
 
@@ -535,6 +541,10 @@ def validate(options: TrainOptions) -> None:
                 problems.append(str(problem))
             if spec.use_scalar or any(o.get("use_scalar") for o in spec.map_options()):
                 problems.append("--scale_weight_norms shrinks the factors, not use_scalar's trained scalar: drop one")
+    thumbnail = options.metadata_thumbnail
+    if thumbnail and not is_data_url(thumbnail) and not Path(thumbnail).is_file():
+        problems.append(f"--metadata_thumbnail {thumbnail}: no such image file; give an image (it is stored in the "
+                        "file's metadata as a data URL) or a data: URL")
     for path in options.base_weights or []:
         if not Path(path).is_file():
             problems.append(f"--base_weights {path}: no such network file")
@@ -581,6 +591,7 @@ def resolution_of(options: TrainOptions) -> tuple[int, int] | None:
 # API checks them against its allowed folders; the sd-scripts backend, which runs in its checkout, makes them absolute.
 PATH_OPTIONS = {"pretrained_model_name_or_path": True, "vae": True, "train_data_dir": True, "reg_data_dir": True,
                 "dataset_config": True, "in_json": True, "sample_prompts": True, "network_weights": True, "resume": True,
+                "metadata_thumbnail": True,
                 "base_weights": True, "output_dir": False, "state_dir": False, "logging_dir": False, "tokenizer_cache_dir": False}
 
 
@@ -593,9 +604,16 @@ def network_preset_file(item: str) -> str | None:
     return value if key.strip() == "preset" and value not in (*LYCORIS_PRESETS, "ia3") else None
 
 
+def is_data_url(value: Any) -> bool:
+    """A ``data:`` URL where a path may stand (``--metadata_thumbnail``): the image itself, not a file."""
+    return isinstance(value, str) and value.startswith("data:")
+
+
 def absolute_path(value: str, must_exist: bool) -> str:
     """``value`` made absolute against the current folder, for a process that runs elsewhere; a relative input
     (``must_exist``) that does not exist here is left as given, for that process to report."""
+    if is_data_url(value):
+        return value
     path = Path(value).expanduser()
     return value if path.is_absolute() or (must_exist and not path.exists()) else str(path.resolve())
 

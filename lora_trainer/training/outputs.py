@@ -8,7 +8,9 @@ write is atomic.
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
 import random
 import shutil
 import time
@@ -20,7 +22,7 @@ from ..errors import UserError
 from ..hashing import file_sha256, legacy_model_hash
 from ..networks.network import SAVE_DTYPES, base_metadata, save_network
 from ..safe_io import atomic_path
-from .options import TrainOptions, resolution_of
+from .options import TrainOptions, is_data_url, resolution_of
 
 
 class OutputPlan:
@@ -103,6 +105,14 @@ class OutputPlan:
         return path
 
 
+def data_url(value: str) -> str:
+    """``--metadata_thumbnail``: a file becomes a data URL (its type from the name), as sd-scripts stores it."""
+    if is_data_url(value):
+        return value
+    kind = mimetypes.guess_type(value)[0] or "application/octet-stream"
+    return f"data:{kind};base64,{base64.b64encode(Path(value).read_bytes()).decode('ascii')}"
+
+
 class RunMetadata:
     """sd-scripts' ``ss_*`` and ``modelspec.*`` keys, with the values it writes (all strings)."""
 
@@ -116,10 +126,11 @@ class RunMetadata:
         self.base = base_metadata(config, spec, title, resolution_of(o))
         if o.metadata_author:
             self.base["modelspec.author"] = o.metadata_author
-        for key in ("description", "license", "tags", "trigger_phrase"):
+        for key in ("description", "license", "tags", "trigger_phrase", "usage_hint", "merged_from", "preprocessor",
+                    "is_negative_embedding", "thumbnail"):
             value = getattr(o, f"metadata_{key}")
             if value:
-                self.base[f"modelspec.{key}"] = value
+                self.base[f"modelspec.{key}"] = data_url(value) if key == "thumbnail" else value
         self.base["modelspec.implementation_version"] = "lora-trainer/0.1.0"
         if o.no_metadata:
             self.full = {}

@@ -160,6 +160,7 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     ({"options": {"output_dir": "/tmp/elsewhere"}}, 403, "output_dir"),
     ({"options": {"network_weights": "/etc/passwd"}}, 403, "network_weights"),
     ({"options": {"base_weights": ["/etc/passwd"]}}, 403, "base_weights"),
+    ({"options": {"metadata_thumbnail": "/etc/passwd"}}, 403, "metadata_thumbnail"),  # read into the file's metadata
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=/etc/preset.toml"]}}, 403, "network_args"),
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=presets/mine.toml"]}}, 400, "network_args"),
 ])
@@ -168,6 +169,13 @@ def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, 
             "options": {**job_body["options"], **change.get("options", {})}}
     assert_error(client.post(f"{V1}/jobs", json=body), status, field=field)
     assert client.get(f"{V1}/jobs").json()["jobs"] == []
+
+
+def test_a_thumbnail_given_as_a_data_url_is_no_path(client, job_body):
+    body = {**job_body, "options": {**job_body["options"], "metadata_thumbnail": "data:image/png;base64,iVBORw0KGgo="}}
+    response = client.post(f"{V1}/jobs", json=body)
+    assert response.status_code == 201, response.text
+    assert response.json()["options"]["metadata_thumbnail"] == "data:image/png;base64,iVBORw0KGgo="
 
 
 def test_empty_paths_in_a_body_mean_not_given(client, job_body):
