@@ -82,6 +82,98 @@ def state_kind(folder: Path) -> str:
                     "--network_weights instead")
 
 
+# Where sd-scripts' networks.lora puts each layer's parameters in its optimizer: module by module as its models register
+# their layers (torch's named_modules), text encoders first, lora_down before lora_up. accelerate's optimizer.bin numbers
+# the moments in that order, so a rank per name part sorts Kohya names into it. Checked against the orders sd-scripts
+# gives for SD1.5, SD2 and SDXL, with and without conv_dim (tests/data/sd-scripts-optimizer-order.json.gz).
+_REGISTRATION_RANK = {
+    "te": 0, "te1": 0, "te2": 1, "unet": 2,
+    # transformers' CLIP text model
+    "text_model": 0, "encoder": 0, "layers": 0, "self_attn": 0, "mlp": 1,
+    "k_proj": 0, "v_proj": 1, "q_proj": 2, "out_proj": 3, "fc1": 0, "fc2": 1,
+    # sd-scripts' SD1/SD2 UNet: diffusers' layout, its mid block registered after the up blocks
+    "down_blocks": 0, "up_blocks": 1, "mid_block": 2, "attentions": 0, "resnets": 1, "downsamplers": 2, "upsamplers": 2,
+    "conv1": 0, "time_emb_proj": 1, "conv2": 2, "conv_shortcut": 3, "conv": 0,
+    # its SDXL UNet: the LDM layout
+    "input_blocks": 0, "middle_block": 1, "output_blocks": 2,
+    "in_layers": 0, "emb_layers": 1, "out_layers": 2, "skip_connection": 3, "op": 0,
+    # the transformer blocks of both
+    "proj_in": 0, "transformer_blocks": 1, "proj_out": 2, "attn1": 0, "ff": 1, "attn2": 2,
+    "to_q": 0, "to_k": 1, "to_v": 2, "to_out": 3, "net": 0, "proj": 0,
+    "lora_down": 0, "lora_up": 1, "weight": 0,
+}
+_LONGEST_PART = max(part.count("_") + 1 for part in _REGISTRATION_RANK)
+
+
+def sd_scripts_parameter_key(name: str) -> tuple[int, ...]:
+    """Sort key of a parameter (``lora_unet_….lora_down.weight``) in sd-scripts' networks.lora optimizer order;
+    KeyError for a name part whose place is not known."""
+    words = [word for piece in name.removeprefix("lora_").split(".") for word in piece.split("_")]
+    key, index = [], 0
+    while index < len(words):
+        if words[index].isdigit():
+            key.append(int(words[index]))
+            index += 1
+            continue
+        for size in range(min(_LONGEST_PART, len(words) - index), 0, -1):
+            part = "_".join(words[index:index + size])
+            if part in _REGISTRATION_RANK:
+                key.append(_REGISTRATION_RANK[part])
+                index += size
+                break
+        else:
+            raise KeyError(words[index])
+    return tuple(key)
+
+
+# flags of torch's optimizers that say how a step is computed, not what (they vary with the torch version)
+_IMPLEMENTATION_FLAGS = {"params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable", "maximize",
+                         "decoupled_weight_decay"}
+
+
+def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
+    """The optimizer moments of sd-scripts' state ``folder`` (accelerate's ``optimizer.bin``) into ``optimizer``;
+    None when they are loaded, else why not (the optimizer then starts afresh). Only networks.lora lists its
+    parameters in an order known here, and only without LoRA+ or block learning rates, which regroup them."""
+    path = folder / "optimizer.bin"
+    if not path.is_file():
+        return "the state has no optimizer.bin"
+    if network.spec.network_module not in (None, "networks.lora") or dict(network.spec.network_args).keys() & {
+            "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "down_lr_weight",
+            "mid_lr_weight", "up_lr_weight"}:
+        return "its order of parameters is known for networks.lora without LoRA+ or block learning rates only"
+    try:
+        theirs = torch.load(path, map_location="cpu", weights_only=True)  # tensors and numbers: no code runs
+        their_groups, their_state = theirs["param_groups"], theirs["state"]
+    except Exception as error:
+        return f"optimizer.bin cannot be read safely ({error})"
+    ours = optimizer.state_dict()
+    settings = set(optimizer.defaults) - _IMPLEMENTATION_FLAGS  # a group may carry more: our rate's description
+    if any(set(group) - _IMPLEMENTATION_FLAGS != settings for group in their_groups):
+        return "it was saved by another optimizer (--optimizer_type)"
+    name_of = {id(parameter): name for name, parameter in network.named_parameters()}
+    index_of = {}  # our parameters' numbers in our state dict, by Kohya name
+    for group, our_group in zip(optimizer.param_groups, ours["param_groups"]):
+        index_of.update({name_of[id(parameter)]: number for parameter, number in zip(group["params"], our_group["params"])})
+    try:
+        names = sorted(index_of, key=sd_scripts_parameter_key)
+    except KeyError as part:
+        return f"the place of layer part {part} in sd-scripts' order is not known"
+    shapes = {name: tuple(parameter.shape) for name, parameter in network.named_parameters()}
+    their_numbers = [number for group in their_groups for number in group["params"]]
+    if len(their_numbers) != len(names):
+        return f"it holds {len(their_numbers)} parameters where this run trains {len(names)}"
+    state = {}
+    for name, number in zip(names, their_numbers):
+        moments = their_state.get(number, {})
+        if any(t.dim() and tuple(t.shape) != shapes[name] for t in moments.values() if isinstance(t, torch.Tensor)):
+            return f"its moments do not fit {name} (another base model or network options)"
+        if moments:
+            state[index_of[name]] = moments
+    optimizer.load_state_dict({"state": state, "param_groups": ours["param_groups"]})
+    return None
+
+
 def load_sd_scripts_state(folder: Path, network) -> int:
     """Loads the network of sd-scripts' state ``folder`` and returns the optimizer steps it had done."""
     folder = Path(folder)

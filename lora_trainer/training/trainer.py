@@ -44,7 +44,7 @@ from .optimizers import make_optimizer, optimizer_label
 from .options import FIELDS, TrainOptions
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
-from .state import load_sd_scripts_state, load_state, save_state, state_kind
+from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, state_kind
 from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
 from .tracking import Tracker
 
@@ -328,8 +328,10 @@ class TrainingRun:
         ``--initial_step``/``--initial_epoch``."""
         options, events = self.options, self.events
         initial_step, initial_from = None, ""
+        moments_not_read = None
         if options.resume and state_kind(Path(options.resume)) == "sd-scripts":
             initial_step = load_sd_scripts_state(Path(options.resume), self.network)
+            moments_not_read = load_sd_scripts_moments(Path(options.resume), self.network, self.optimizer)
             initial_from = f"--resume {options.resume} (at step {initial_step})"
         elif options.resume:
             state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
@@ -349,11 +351,12 @@ class TrainingRun:
         if options.resume:  # sd-scripts' state: its weights and step count, our own schedule
             advance(self.scheduler, state.step)
             events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+            moments = ("its optimizer moments too (optimizer.bin)" if moments_not_read is None else
+                       f"not its optimizer moments, so the optimizer starts afresh: {moments_not_read}")
             events.emit("warning", message=f"{options.resume} is sd-scripts' state: its network and step count "
-                        f"({initial_step}) are read, and the run goes on from step {state.step} (the start of its epoch "
-                        "unless --skip_until_initial_step) with the learning-rate schedule there; its optimizer moments "
-                        "and random states (accelerate's optimizer.bin, random_states_*.pkl) are not, so the optimizer "
-                        "starts afresh")
+                        f"({initial_step}) are read, and {moments}; the run goes on from step {state.step} (the start "
+                        "of its epoch unless --skip_until_initial_step) with the learning-rate schedule there; its "
+                        "random states (random_states_*.pkl, pickles) are not read")
         return state
 
     def _text_cache(self, fixed_captions: dict) -> TextEncoderCache:

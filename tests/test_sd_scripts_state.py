@@ -1,0 +1,88 @@
+"""Optimizer moments from sd-scripts' own --save_state folders (accelerate's optimizer.bin): they are numbered in the
+order networks.lora hands its parameters to the optimizer, which this trainer reproduces from the Kohya names."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_trainer.models.checkpoint import load_checkpoint
+from lora_trainer.networks.network import create_network
+from lora_trainer.networks.spec import spec_from_kohya
+from lora_trainer.training.optimizers import make_optimizer
+from lora_trainer.training.state import load_sd_scripts_moments, load_sd_scripts_state, sd_scripts_parameter_key
+from reference import REFERENCE
+
+DATA = Path(__file__).parent / "data"
+# sd-scripts' train_network.py on the shared tiny checkpoint: networks.lora dim 1, AdamW lr 1e-3, 5 steps, a state and
+# a file saved at every step; kept: the state of step 5 (without its pickles) and the file of step 4
+STATE = DATA / "sd-scripts-state-step5"
+STEP4 = DATA / "sd-scripts-step4.safetensors"
+ORDERS = json.loads(gzip.decompress((DATA / "sd-scripts-optimizer-order.json.gz").read_bytes()))
+
+
+@pytest.mark.parametrize("model", ["sd15", "sd15-conv", "sd2", "sd2-conv", "sdxl", "sdxl-conv"])
+def test_the_parameter_order_is_sd_scripts_for_full_size_models(model):
+    """The orders sd-scripts' networks.lora gives on its own full-size models (text encoders, then the UNet as its
+    classes register their layers: SD1/SD2's mid block after the up blocks, SDXL in LDM order)."""
+    names = [f"{module}.{part}.weight" for module in ORDERS[model] for part in ("lora_down", "lora_up")]
+    assert sorted(reversed(names), key=sd_scripts_parameter_key) == names
+
+
+def tiny_run(*network_args: str, lr: float = 1e-3):
+    """The network and AdamW of the run that saved the state (dim 1 on the tiny checkpoint), with other network_args."""
+    model = load_checkpoint(REFERENCE / "kohya-fixtures" / "model" / "tiny-sd15.safetensors", dtype=torch.float32)
+    network = create_network(model.config, model.unet, model.text_encoders,
+                             spec_from_kohya("networks.lora", 1, 1, list(network_args)))
+    return network, make_optimizer("AdamW", network.parameter_groups(lr), lr, [])
+
+
+def test_the_moments_of_sd_scripts_state_continue_its_adamw_exactly():
+    """Each parameter's moments must be its own: from step 4's weights, one AdamW step with the loaded moments gives
+    step 5's weights exactly. A parameter given another layer's moments (same shape: q and k) would not."""
+    network, optimizer = tiny_run()
+    assert load_sd_scripts_state(STATE, network) == 5
+    assert load_sd_scripts_moments(STATE, network, optimizer) is None
+    before, after = load_file(str(STEP4)), load_file(str(STATE / "model.safetensors"))
+    group = optimizer.param_groups[0]
+    (beta1, beta2), eps, lr, decay = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+    checked = 0
+    for name, parameter in network.named_parameters():
+        moments = optimizer.state[parameter]
+        assert int(moments["step"]) == 5
+        denominator = moments["exp_avg_sq"].sqrt() / (1 - beta2**5) ** 0.5 + eps
+        expected = before[name] * (1 - lr * decay) - lr / (1 - beta1**5) * moments["exp_avg"] / denominator
+        assert torch.allclose(expected, after[name], rtol=1e-5, atol=1e-8), name
+        checked += 1
+    assert checked == 408
+
+
+def test_moments_that_do_not_fit_leave_the_optimizer_fresh_and_say_why():
+    network, optimizer = tiny_run("conv_dim=1")
+    assert "parameters where this run trains" in load_sd_scripts_moments(STATE, network, optimizer)
+    assert not optimizer.state
+    network, _ = tiny_run()
+    lion = make_optimizer("Lion", network.parameter_groups(1e-4), 1e-4, [])
+    assert load_sd_scripts_moments(STATE, network, lion) == "it was saved by another optimizer (--optimizer_type)"
+    network, optimizer = tiny_run("loraplus_lr_ratio=4")
+    assert "without LoRA+ or block learning rates" in load_sd_scripts_moments(STATE, network, optimizer)
+
+
+def test_a_run_resumed_from_the_state_says_it_read_the_moments(tmp_path):
+    from test_training import SAMPLE
+
+    from lora_trainer.train_network import main as train_main
+    from lora_trainer.training.events import read_events
+
+    assert train_main(["--pretrained_model_name_or_path", str(REFERENCE / "kohya-fixtures" / "model" / "tiny-sd15.safetensors"),
+                       "--train_data_dir", str(SAMPLE.parent), "--output_dir", str(tmp_path), "--output_name", "star",
+                       "--resolution", "64", "--train_batch_size", "4", "--network_dim", "1", "--network_alpha", "1",
+                       "--max_train_steps", "7", "--caption_extension", ".txt", "--resume", str(STATE)]) == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    said = [e["message"] for e in events if e["event"] == "warning" and "sd-scripts' state" in e["message"]]
+    assert said and "its optimizer moments too (optimizer.bin)" in said[0]
