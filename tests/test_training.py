@@ -594,13 +594,17 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     config.write_text('lr_scheduler_args = []\nhuggingface_repo_id = ""\nwandb_api_key = ""\ndeepspeed = false\n'
                       'vae = ""\nnetwork_weights = ""\nsample_prompts = ""\nresume = ""\nlogging_dir = ""\n'
                       'epoch = 15\nnoise_offset_type = "Original"\ndynamo_backend = "no"\nlr_restart_cycles = 1\n'
-                      'text_encoder_lr = 1e-5\n', encoding="utf-8")  # one number, as older sd-scripts took it
+                      'text_encoder_lr = 1e-5\n'  # one number, as older sd-scripts took it
+                      # lora-scripts' own template (config/lora.toml) carries its contrastive-loss settings, off
+                      'enable_contrastive = false\nnegative_sampling_method = "Random-Noise"\nnoise_strength = 1.0\n'
+                      'contrastive_weight = 0.05\ncontrastive_warmup_steps = 100\n', encoding="utf-8")
     assert run(dataset, tmp_path / "out", "--config_file", str(config), "--max_train_epochs", "1") == 0
     with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_text_encoder_lr"] == "1e-05"
     events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
     said = " ".join(e["message"] for e in events if e["event"] == "warning")
     assert "kohya_gui.toml: epoch is not read, by sd-scripts either" in said and "noise_offset_type is not read" in said
+    assert "noise_strength is not read" in said and "contrastive_weight is not read" in said
     config.write_text("learning_rat = 1e-4\n", encoding="utf-8")  # a typo still stops the run
     assert run(dataset, tmp_path / "typo", "--config_file", str(config)) == 2
     assert "unknown option(s) learning_rat (did you mean learning_rate?)" in capsys.readouterr().err

@@ -254,7 +254,7 @@ FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token"
            "lr_decay_steps", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
            "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients", "lr_scheduler_timescale", "dataset_class",
            "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir",
-           "log_tracker_config"}
+           "log_tracker_config", "enable_contrastive"}
 
 
 def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse.ArgumentParser:
@@ -288,6 +288,8 @@ FRONT_END_KEYS = {
     "huggingface_repo_type": "used only with huggingface_repo_id", "huggingface_repo_visibility": "used only with huggingface_repo_id",
     "huggingface_path_in_repo": "used only with huggingface_repo_id",
     "lr_restart_cycles": "lora-scripts' name; sd-scripts reads lr_scheduler_num_cycles",
+    **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
+                    "lora-scripts' template: settings of its enable_contrastive, which is off"),
 }
 
 
