@@ -187,6 +187,17 @@ def test_sample_prompt_files_in_toml_and_json_read_as_sd_scripts_reads_them(tmp_
         ("zkstar, red dress", 96, 7, "euler_a"), ("zkstar, white hair", 64, None, None)]
     assert read_prompts(tmp_path / "p.toml") == from_txt
     assert read_prompts(tmp_path / "p.json") == from_txt
+    # sd-scripts reads the options in any case; -1 asks for a new seed each time, as in the WebUI
+    (tmp_path / "upper.txt").write_text("zkstar --W 64 --H 96 --D -1\n", encoding="utf-8")
+    assert [(p.width, p.height, p.seed) for p in read_prompts(tmp_path / "upper.txt")] == [(64, 96, None)]
+
+
+def test_an_unreadable_sample_prompt_is_named_with_its_line_before_any_work(dataset, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# samples\nzkstar --w 64\nzkstar --w big\n", encoding="utf-8")
+    assert run(dataset, tmp_path, "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1") == 2
+    assert f"{prompts} line 3: width 'big' is not a whole number" in capsys.readouterr().err
+    assert not (tmp_path / "star.events.jsonl").exists()
 
 
 def test_validation_split_gives_a_loss_per_epoch_and_a_recommended_epoch(dataset, tmp_path):

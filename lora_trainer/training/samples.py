@@ -36,24 +36,34 @@ _TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width":
               "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
 
 
-def _fixed(prompt: SamplePrompt) -> SamplePrompt:
-    prompt.width = max(64, int(prompt.width) // 8 * 8)
-    prompt.height = max(64, int(prompt.height) // 8 * 8)
-    prompt.steps = min(1000, max(1, int(prompt.steps)))
-    prompt.scale = float(prompt.scale)
-    prompt.seed = None if prompt.seed is None else int(prompt.seed)
+def _number(prompt: SamplePrompt, name: str, kind: type, where: str):
+    value = getattr(prompt, name)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {name} {value!r} is not {'a whole number' if kind is int else 'a number'}") from None
+
+
+def _fixed(prompt: SamplePrompt, where: str) -> SamplePrompt:
+    prompt.width = max(64, _number(prompt, "width", int, where) // 8 * 8)
+    prompt.height = max(64, _number(prompt, "height", int, where) // 8 * 8)
+    prompt.steps = min(1000, max(1, _number(prompt, "steps", int, where)))
+    prompt.scale = _number(prompt, "scale", float, where)
+    seed = None if prompt.seed is None else _number(prompt, "seed", int, where)
+    prompt.seed = None if seed is None or seed < 0 else seed  # -1: a new seed each time, as in the WebUI
     return prompt
 
 
-def parse_txt_line(line: str, default_size: int = 512) -> SamplePrompt:
-    """``a cat --n ugly --w 768 --d 5`` → SamplePrompt (options split on " --", as sd-scripts does)."""
+def parse_txt_line(line: str, default_size: int = 512, where: str = "sample prompt") -> SamplePrompt:
+    """``a cat --n ugly --w 768 --d 5`` → SamplePrompt (options split on " --" and read in any case, as sd-scripts
+    does)."""
     parts = line.split(" --")
     prompt = SamplePrompt(parts[0].strip(), width=default_size, height=default_size)
     for part in parts[1:]:
         key, _, value = part.strip().partition(" ")
-        if key in _TXT_OPTIONS:
-            setattr(prompt, _TXT_OPTIONS[key], value.strip())
-    return _fixed(prompt)
+        if key.lower() in _TXT_OPTIONS:
+            setattr(prompt, _TXT_OPTIONS[key.lower()], value.strip())
+    return _fixed(prompt, where)
 
 
 def read_prompts(path: str | Path, default_size: int = 512) -> list[SamplePrompt]:
@@ -68,12 +78,13 @@ def read_prompts(path: str | Path, default_size: int = 512) -> list[SamplePrompt
     elif path.suffix.lower() == ".json":
         entries = [e if isinstance(e, dict) else {"prompt": e} for e in json.loads(text)]
     else:
-        return [parse_txt_line(line.strip(), default_size) for line in text.splitlines()
-                if line.strip() and not line.strip().startswith("#")]
+        return [parse_txt_line(line.strip(), default_size, f"{path} line {number}")
+                for number, line in enumerate(text.splitlines(), 1) if line.strip() and not line.strip().startswith("#")]
     prompts = []
-    for entry in entries:
+    for number, entry in enumerate(entries, 1):
         fields = {_TOML_KEYS[k]: v for k, v in entry.items() if k in _TOML_KEYS}
-        prompts.append(_fixed(SamplePrompt(**{"width": default_size, "height": default_size, **fields})))
+        prompts.append(_fixed(SamplePrompt(**{"width": default_size, "height": default_size, **fields}),
+                              f"{path} prompt {number}"))
     return prompts
 
 
