@@ -151,3 +151,25 @@ def test_unusable_scheduler_classes_and_arguments_are_refused_by_name(scheduler_
     with pytest.raises(UserError, match=message) as error:
         make_scheduler(two_group_optimizer(), "constant", 10, warmup, scheduler_type=scheduler_type, scheduler_args=arguments)
     assert "--lr_scheduler_type" in str(error.value)
+
+
+@pytest.mark.parametrize("total, warmup, decay, cycles, floor", [(40, 5, 10, 1, None), (40, 0, 0.25, 2, 0.1), (33, 0.1, 0, 1, None)])
+def test_warmup_stable_decay_equals_transformers_as_sd_scripts_calls_it(total, warmup, decay, cycles, floor):
+    """sd-scripts' warmup_stable_decay: --lr_decay_steps (steps or a fraction), the rest stable, num_cycles / 2 cosines
+    down to --lr_scheduler_min_lr_ratio (0 when not given)."""
+    warmup_steps = int(warmup * total) if isinstance(warmup, float) else warmup
+    decay_steps = int(decay * total) if isinstance(decay, float) else decay
+    expected = lr_history(transformers_optimization.get_wsd_schedule(
+        two_group_optimizer(), num_warmup_steps=warmup_steps, num_decay_steps=decay_steps,
+        num_stable_steps=total - warmup_steps - decay_steps, num_cycles=cycles / 2, min_lr_ratio=floor or 0.0), total + 2)
+    ours = lr_history(make_scheduler(two_group_optimizer(), "warmup_stable_decay", total, warmup, num_cycles=cycles,
+                                     min_lr_ratio=floor, decay=decay), total + 2)
+    assert ours == expected  # exact floats: the same arithmetic
+
+
+@pytest.mark.parametrize("warmup, timescale", [(0, None), (8, None), (8, 20)])
+def test_inverse_sqrt_equals_transformers_with_sd_scripts_timescale(warmup, timescale):
+    expected = lr_history(transformers_optimization.get_inverse_sqrt_schedule(
+        two_group_optimizer(), num_warmup_steps=warmup, timescale=timescale), 60)
+    ours = lr_history(make_scheduler(two_group_optimizer(), "inverse_sqrt", 50, warmup, timescale=timescale), 60)
+    assert ours == expected

@@ -15,7 +15,7 @@ import torch
 from ..errors import UserError
 
 SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                   "cosine_with_min_lr", "adafactor")
+                   "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "adafactor")
 
 # transformers' polynomial schedule decays towards this absolute learning rate, not towards 0
 POLYNOMIAL_END_LR = 1e-7
@@ -29,8 +29,9 @@ def check_scheduler_name(name: str) -> str:
     return base
 
 
-def resolve_warmup(lr_warmup_steps: int | float | str | None, total_steps: int) -> int:
-    """Warm-up in optimizer steps: a whole number is steps, a number below 1 (or ``"10%"``) a fraction of all steps.
+def resolve_warmup(lr_warmup_steps: int | float | str | None, total_steps: int, option: str = "--lr_warmup_steps") -> int:
+    """Warm-up (or ``--lr_decay_steps``) in optimizer steps: a whole number is steps, a number below 1 (or ``"10%"``)
+    a fraction of all steps.
 
     sd-scripts turns a fraction into steps with ``int(ratio * total_steps)`` (rounding down).
     """
@@ -42,13 +43,13 @@ def resolve_warmup(lr_warmup_steps: int | float | str | None, total_steps: int) 
         try:
             value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
         except ValueError:
-            raise UserError(f"--lr_warmup_steps {lr_warmup_steps!r}: give a number of steps or a fraction below 1") from None
+            raise UserError(f"{option} {lr_warmup_steps!r}: give a number of steps or a fraction below 1") from None
     if value < 0:
-        raise UserError(f"--lr_warmup_steps {lr_warmup_steps!r} must not be negative")
+        raise UserError(f"{option} {lr_warmup_steps!r} must not be negative")
     if value < 1:
         return int(value * total_steps)
     if value != int(value):
-        raise UserError(f"--lr_warmup_steps {lr_warmup_steps!r}: a number of steps must be whole (or a fraction below 1)")
+        raise UserError(f"{option} {lr_warmup_steps!r}: a number of steps must be whole (or a fraction below 1)")
     return int(value)
 
 
@@ -61,21 +62,29 @@ def _progress(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int, num_cycles: int = 1, power: float = 1.0,
-              min_lr_ratio: float | None = None, initial_lr: float | None = None) -> float:
+              min_lr_ratio: float | None = None, initial_lr: float | None = None, decay_steps: int = 0,
+              timescale: int | None = None) -> float:
     """The multiplier of each group's learning rate at 0-based optimizer ``step``.
 
     As in sd-scripts: ``cosine`` is one half cosine (``num_cycles`` does not apply), ``cosine_with_restarts`` has
-    ``num_cycles`` hard restarts, ``cosine_with_min_lr`` runs ``num_cycles / 2`` cosines down to ``min_lr_ratio``
-    (the only schedule that reads it). ``polynomial`` decays to 1e-7 in absolute terms, so it needs the optimizer's
-    ``initial_lr``. ``adafactor`` keeps the rate: Adafactor's relative step sets its own.
+    ``num_cycles`` hard restarts, ``cosine_with_min_lr`` runs ``num_cycles / 2`` cosines down to ``min_lr_ratio``.
+    ``polynomial`` decays to 1e-7 in absolute terms, so it needs the optimizer's ``initial_lr``. ``inverse_sqrt``
+    falls as 1/√step after the warm-up (``timescale``: the warm-up, or 10 000 without one). ``warmup_stable_decay``
+    holds the rate after the warm-up and spends its last ``decay_steps`` on ``num_cycles / 2`` cosines down to
+    ``min_lr_ratio`` (0 when not given). ``adafactor`` keeps the rate: Adafactor's relative step sets its own.
     """
     name = check_scheduler_name(name)
     if name in ("constant", "adafactor"):
         return 1.0
+    if name == "warmup_stable_decay":
+        return _warmup_stable_decay(step, total_steps, warmup_steps, decay_steps, num_cycles, min_lr_ratio or 0.0)
     if step < warmup_steps:
         return _warmup_factor(step, warmup_steps)
     if name == "constant_with_warmup":
         return 1.0
+    if name == "inverse_sqrt":
+        timescale = timescale or warmup_steps or 10_000
+        return 1.0 / math.sqrt((step + timescale - warmup_steps) / timescale)
     if name == "linear":
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
     if name == "cosine":
@@ -131,10 +140,26 @@ def check_custom_scheduler(name: str, arguments: list[str] | None, warmup: int |
     return parse_optimizer_args(arguments, "lr_scheduler_args")
 
 
+def _warmup_stable_decay(step: int, total_steps: int, warmup_steps: int, decay_steps: int, num_cycles: int,
+                         floor: float) -> float:
+    """transformers' WSD schedule as sd-scripts calls it: linear warm-up from the floor, the rest of the steps not
+    decayed stable, then ``num_cycles / 2`` cosines to the floor."""
+    stable_steps = total_steps - warmup_steps - decay_steps
+    if step < warmup_steps:
+        return max(0.0, float(step) / float(max(1, warmup_steps)) * (1.0 - floor) + floor)
+    if step < warmup_steps + stable_steps:
+        return 1.0
+    if step < warmup_steps + stable_steps + decay_steps:
+        progress = float(step - warmup_steps - stable_steps) / float(max(1, decay_steps))
+        factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles / 2) * 2.0 * progress))
+        return max(0.0, factor * (1.0 - floor) + floor)
+    return floor
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup: int | float | str | None = 0,
                    num_cycles: int = 1, power: float = 1.0, min_lr_ratio: float | None = None,
-                   scheduler_type: str | None = None,
-                   scheduler_args: list[str] | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+                   scheduler_type: str | None = None, scheduler_args: list[str] | None = None,
+                   decay: int | float | str | None = 0, timescale: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
     """A ``LambdaLR`` over ``lr_factor``; step it once per optimizer step, as sd-scripts does.
 
     ``warmup`` is steps or a fraction (see ``resolve_warmup``). An Adafactor with ``relative_step`` gets the constant
@@ -158,8 +183,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     if name == "polynomial" and not (initial_lr and initial_lr > POLYNOMIAL_END_LR):
         raise UserError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}; --learning_rate must be larger than that")
 
+    decay_steps = resolve_warmup(decay, total_steps, "--lr_decay_steps")
+
     def factor_at(step: int) -> float:
-        return lr_factor(name, step, total_steps, warmup_steps, num_cycles, power, min_lr_ratio, initial_lr)
+        return lr_factor(name, step, total_steps, warmup_steps, num_cycles, power, min_lr_ratio, initial_lr, decay_steps,
+                         timescale)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor_at)
 

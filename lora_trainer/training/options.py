@@ -150,11 +150,14 @@ class TrainOptions:
     use_lion_optimizer: bool = opt(False, "old spelling of --optimizer_type Lion")
     learning_rate: float = opt(2e-6, "base learning rate")
     optimizer_args: list[str] | None = opt(None, "key=value optimizer arguments", nargs="*")
-    lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
+                                        "cosine_with_min_lr, inverse_sqrt, warmup_stable_decay")
     lr_warmup_steps: float = opt(0, "warm-up steps, or a fraction (< 1) of all steps")
     lr_scheduler_num_cycles: int = opt(1, "restarts of cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power of polynomial")
     lr_scheduler_min_lr_ratio: float | None = opt(None, "floor of the schedule as a fraction of the learning rate")
+    lr_decay_steps: float = opt(0, "warmup_stable_decay: steps of its final decay, or a fraction (< 1) of all steps")
+    lr_scheduler_timescale: int | None = opt(None, "inverse_sqrt: its timescale (default: the warm-up steps)")
     lr_scheduler_type: str | None = opt(None, "a torch.optim.lr_scheduler class instead of --lr_scheduler "
                                         "(e.g. CosineAnnealingLR)")
     lr_scheduler_args: list[str] | None = opt(None, "key=value arguments of --lr_scheduler_type's class", nargs="*")
@@ -251,8 +254,9 @@ DEFAULTS = TrainOptions()
 # sd-scripts options we know but do not offer at all (DeepSpeed, hub uploads, …): refused by name when given.
 FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token", "save_state_to_huggingface",
            "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
-           "lr_decay_steps", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
-           "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients", "lr_scheduler_timescale", "dataset_class",
+           "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+           "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
+           "dataset_class",
            "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir",
            "log_tracker_config", "enable_contrastive"}
 
@@ -385,7 +389,7 @@ def not_given(name: str, value: Any) -> bool:
 
 
 _NUMBERS = {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}
-_ALSO_TEXT = {"lr_warmup_steps"}  # "10%" is read where it is used
+_ALSO_TEXT = {"lr_warmup_steps", "lr_decay_steps"}  # "10%" is read where it is used
 
 
 def _normalised(name: str, value: Any, source: str) -> Any:

@@ -294,7 +294,8 @@ class TrainingRun:
                                         resolve_warmup(options.lr_warmup_steps, self.total_steps),
                                         num_cycles=options.lr_scheduler_num_cycles, power=options.lr_scheduler_power,
                                         min_lr_ratio=options.lr_scheduler_min_lr_ratio,
-                                        scheduler_type=options.lr_scheduler_type, scheduler_args=options.lr_scheduler_args)
+                                        scheduler_type=options.lr_scheduler_type, scheduler_args=options.lr_scheduler_args,
+                                        decay=options.lr_decay_steps, timescale=options.lr_scheduler_timescale)
         self.generator = torch.Generator().manual_seed(seed)
         # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
         self.scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
