@@ -619,6 +619,9 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     config.write_text("learning_rat = 1e-4\n", encoding="utf-8")  # a typo still stops the run
     assert run(dataset, tmp_path / "typo", "--config_file", str(config)) == 2
     assert "unknown option(s) learning_rat (did you mean learning_rate?)" in capsys.readouterr().err
+    config.write_text("enable_contrastive = true\n", encoding="utf-8")  # the message says where it came from
+    assert run(dataset, tmp_path / "contrastive", "--config_file", str(config)) == 2
+    assert f"command line and {config}: not supported: --enable_contrastive" in capsys.readouterr().err
 
 
 def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named():

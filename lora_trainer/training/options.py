@@ -449,7 +449,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     if given.get("config_file"):
         values.update(read_config_file(given["config_file"], notes))
     values.update(given)
-    options = options_from(values, "command line")
+    options = options_from(values, f"command line and {given['config_file']}" if given.get("config_file") else "command line")
     return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions, "notes": notes})
 
 
