@@ -111,6 +111,10 @@ def test_gui_additional_parameters_are_read_as_the_command_line_reads_them(tmp_p
     (tmp_path / "other.json").write_text('{"learning_rate": 1e-4}', encoding="utf-8")
     with pytest.raises(UserError, match="a JSON config here is a Kohya GUI LoRA config"):
         parse_args(["--config_file", str(tmp_path / "other.json")])
+    # the GUI's DreamBooth tab saves the same kind of file, without LoRA_type (its test/config/Standard-AdamW.json)
+    (tmp_path / "dreambooth.json").write_text('{"learning_rate_te": 1e-5, "max_resolution": "512,512"}', encoding="utf-8")
+    with pytest.raises(UserError, match="from its DreamBooth or fine-tuning tab, which trains the whole model"):
+        parse_args(["--config_file", str(tmp_path / "dreambooth.json")])
 
 
 def test_a_gui_settings_file_trains_here_and_imports_into_the_form(tmp_path):

@@ -324,6 +324,9 @@ def _gui_config(path: Path, text: str, notes: list[str]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"Config file {path} is not valid JSON: {error.msg} (line {error.lineno}).") from None
+    if isinstance(data, dict) and not is_gui_config(data) and {"max_resolution", "learning_rate_te"} & data.keys():
+        raise UserError(f"{path}: a Kohya GUI config without LoRA_type, from its DreamBooth or fine-tuning tab, which "
+                        "trains the whole model; save the settings from the GUI's LoRA tab to train a LoRA here")
     if not isinstance(data, dict) or not is_gui_config(data):
         raise UserError(f"{path}: a JSON config here is a Kohya GUI LoRA config (it has LoRA_type); sd-scripts' own "
                         "config files are TOML")
