@@ -19,10 +19,16 @@ from lora_trainer.training.state import load_sd_scripts_moments, load_sd_scripts
 from reference import REFERENCE
 
 DATA = Path(__file__).parent / "data"
-# sd-scripts' train_network.py on the shared tiny checkpoint: networks.lora dim 1, AdamW lr 1e-3, 5 steps, a state and
-# a file saved at every step; kept: the state of step 5 (without its pickles) and the file of step 4
+# sd-scripts' train_network.py on the shared tiny checkpoint: networks.lora dim 1, AdamW lr 1e-3, a state and a file
+# saved at every step; kept: a state (without its pickles) and the file of the step before. The second run has block
+# learning rates and LoRA+, which split the parameters into 34 groups.
 STATE = DATA / "sd-scripts-state-step5"
 STEP4 = DATA / "sd-scripts-step4.safetensors"
+BLOCKS_LORAPLUS = ("down_lr_weight=1,1,1,1,1,1,0.5,0.5,0.5,0.5,0.5,0.5", "mid_lr_weight=2",
+                   "up_lr_weight=0,0,0,1,1,1,1,1,1,1,1,1", "loraplus_lr_ratio=4")
+RUNS = {"plain": (STATE, STEP4, ()),
+        "blocks and LoRA+": (DATA / "sd-scripts-state-blocks-loraplus", DATA / "sd-scripts-state-blocks-loraplus-step1.safetensors",
+                             BLOCKS_LORAPLUS)}
 ORDERS = json.loads(gzip.decompress((DATA / "sd-scripts-optimizer-order.json.gz").read_bytes()))
 
 
@@ -42,35 +48,40 @@ def tiny_run(*network_args: str, lr: float = 1e-3):
     return network, make_optimizer("AdamW", network.parameter_groups(lr), lr, [])
 
 
-def test_the_moments_of_sd_scripts_state_continue_its_adamw_exactly():
-    """Each parameter's moments must be its own: from step 4's weights, one AdamW step with the loaded moments gives
-    step 5's weights exactly. A parameter given another layer's moments (same shape: q and k) would not."""
-    network, optimizer = tiny_run()
-    assert load_sd_scripts_state(STATE, network) == 5
-    assert load_sd_scripts_moments(STATE, network, optimizer) is None
-    before, after = load_file(str(STEP4)), load_file(str(STATE / "model.safetensors"))
-    group = optimizer.param_groups[0]
-    (beta1, beta2), eps, lr, decay = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_the_moments_of_sd_scripts_state_continue_its_adamw_exactly(run):
+    """Each parameter's moments (and its group's rate) must be its own: from the previous step's weights, one AdamW
+    step with the loaded moments gives the state's weights exactly. A parameter given another layer's moments (same
+    shape: q and k) would not, nor one in another block's group."""
+    state, previous, network_args = RUNS[run]
+    network, optimizer = tiny_run(*network_args)
+    step = load_sd_scripts_state(state, network)
+    assert load_sd_scripts_moments(state, network, optimizer) is None
+    before, after = load_file(str(previous)), load_file(str(state / "model.safetensors"))
+    name_of = {id(parameter): name for name, parameter in network.named_parameters()}
     checked = 0
-    for name, parameter in network.named_parameters():
-        moments = optimizer.state[parameter]
-        assert int(moments["step"]) == 5
-        denominator = moments["exp_avg_sq"].sqrt() / (1 - beta2**5) ** 0.5 + eps
-        expected = before[name] * (1 - lr * decay) - lr / (1 - beta1**5) * moments["exp_avg"] / denominator
-        assert torch.allclose(expected, after[name], rtol=1e-5, atol=1e-8), name
-        checked += 1
+    for group in optimizer.param_groups:
+        (beta1, beta2), eps, lr, decay = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+        for parameter in group["params"]:
+            name, moments = name_of[id(parameter)], optimizer.state[parameter]
+            assert int(moments["step"]) == step
+            denominator = moments["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5 + eps
+            expected = before[name] * (1 - lr * decay) - lr / (1 - beta1**step) * moments["exp_avg"] / denominator
+            assert torch.allclose(expected, after[name], rtol=1e-5, atol=1e-8), name
+            checked += 1
     assert checked == 408
 
 
 def test_moments_that_do_not_fit_leave_the_optimizer_fresh_and_say_why():
     network, optimizer = tiny_run("conv_dim=1")
-    assert "parameters where this run trains" in load_sd_scripts_moments(STATE, network, optimizer)
+    assert "groups hold [24, 384] parameters where this run's hold [24, 556]" in load_sd_scripts_moments(STATE, network, optimizer)
     assert not optimizer.state
     network, _ = tiny_run()
     lion = make_optimizer("Lion", network.parameter_groups(1e-4), 1e-4, [])
     assert load_sd_scripts_moments(STATE, network, lion) == "it was saved by another optimizer (--optimizer_type)"
-    network, optimizer = tiny_run("loraplus_lr_ratio=4")
-    assert "without LoRA+ or block learning rates" in load_sd_scripts_moments(STATE, network, optimizer)
+    network, optimizer = tiny_run("loraplus_lr_ratio=4")  # the state had no LoRA+: its groups are not these
+    assert "parameter groups hold [24, 384] parameters where this run's hold [12, 12, 192, 192]" in \
+        load_sd_scripts_moments(STATE, network, optimizer)
 
 
 def test_a_run_resumed_from_the_state_says_it_read_the_moments(tmp_path):

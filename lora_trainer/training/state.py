@@ -133,15 +133,14 @@ _IMPLEMENTATION_FLAGS = {"params", "lr", "initial_lr", "foreach", "fused", "capt
 
 def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     """The optimizer moments of sd-scripts' state ``folder`` (accelerate's ``optimizer.bin``) into ``optimizer``;
-    None when they are loaded, else why not (the optimizer then starts afresh). Only networks.lora lists its
-    parameters in an order known here, and only without LoRA+ or block learning rates, which regroup them."""
+    None when they are loaded, else why not (the optimizer then starts afresh). Only networks.lora's order of
+    parameters is known here. Its groups (text encoders, the UNet or its blocks, LoRA+'s up weights apart) are ours
+    (``parameter_groups``), placed where their first layer registers, each listing its layers in that order."""
     path = folder / "optimizer.bin"
     if not path.is_file():
         return "the state has no optimizer.bin"
-    if network.spec.network_module not in (None, "networks.lora") or dict(network.spec.network_args).keys() & {
-            "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "down_lr_weight",
-            "mid_lr_weight", "up_lr_weight"}:
-        return "its order of parameters is known for networks.lora without LoRA+ or block learning rates only"
+    if network.spec.network_module not in (None, "networks.lora"):
+        return "the order of parameters is known for networks.lora only"
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)  # tensors and numbers: no code runs
         their_groups, their_state = theirs["param_groups"], theirs["state"]
@@ -156,13 +155,18 @@ def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     for group, our_group in zip(optimizer.param_groups, ours["param_groups"]):
         index_of.update({name_of[id(parameter)]: number for parameter, number in zip(group["params"], our_group["params"])})
     try:
-        names = sorted(index_of, key=sd_scripts_parameter_key)
+        groups = sorted((sorted((name_of[id(p)] for p in group["params"]), key=sd_scripts_parameter_key)
+                         for group in optimizer.param_groups if group["params"]),
+                        key=lambda names: sd_scripts_parameter_key(names[0]))
     except KeyError as part:
         return f"the place of layer part {part} in sd-scripts' order is not known"
+    sizes, their_sizes = [len(names) for names in groups], [len(group["params"]) for group in their_groups]
+    if sizes != their_sizes:
+        return (f"its parameter groups hold {their_sizes} parameters where this run's hold {sizes} (other network "
+                "options, rates or LoRA+)")
+    names = [name for group in groups for name in group]
     shapes = {name: tuple(parameter.shape) for name, parameter in network.named_parameters()}
     their_numbers = [number for group in their_groups for number in group["params"]]
-    if len(their_numbers) != len(names):
-        return f"it holds {len(their_numbers)} parameters where this run trains {len(names)}"
     state = {}
     for name, number in zip(names, their_numbers):
         moments = their_state.get(number, {})
