@@ -7,12 +7,11 @@ all become a ``NetworkSpec``; unknown ``network_args`` are refused by name, neve
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import UserError, with_closest
 from .lycoris_presets import LYCORIS_DEFAULT, Preset, lycoris_preset
 from .registry import algorithm_name, trainable_algorithms
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
@@ -170,8 +169,7 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
                         "turns the Tucker form on; give use_tucker=True")
     unknown = sorted(set(args) - _KNOWN)
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _KNOWN, 1)) else k for k in unknown]
-        raise UserError(f"unsupported network_args: {', '.join(hints)}")
+        raise UserError(f"unsupported network_args: {with_closest(unknown, _KNOWN)}")
     fields: dict = {"network_module": network_module, "network_args": tuple(args.items())}
     if network_dim is not None:
         fields["dim"] = int(network_dim)

@@ -30,7 +30,7 @@ from ..dataset.layouts import (config_from_folders, config_from_metadata, datase
 from ..errors import UserError
 from ..safe_io import UNREADABLE_NPZ, save_npz
 from .evaluation import split_validation
-from .pixels import TrainingPixels, mask_image, mask_tensor, resize_and_crop, training_pixels
+from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
 from .text import caching_problems
 
@@ -406,8 +406,7 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None):
         return None
     mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
     if record.mask_path is not None:
-        mask = mask_tensor(resize_and_crop(mask_image(record.mask_path, record.size), record.choice,
-                                           interpolation=interpolation), record.bucket)
+        mask = cut_mask(mask_image(record.mask_path, record.size), record.choice, interpolation=interpolation)
     return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
 
 

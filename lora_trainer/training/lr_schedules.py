@@ -130,14 +130,14 @@ def scheduler_class(name: str) -> type:
     return found
 
 
-def check_custom_scheduler(name: str, arguments: list[str] | None, warmup: int | float | str | None) -> dict:
-    """The keyword arguments of ``--lr_scheduler_type``'s class, refused as sd-scripts refuses them with a warm-up."""
+def check_custom_scheduler(name: str, arguments: list[str] | None, warmup: int | float | str | None) -> tuple[type, dict]:
+    """``--lr_scheduler_type``'s class and its keyword arguments, refused as sd-scripts refuses them with a warm-up."""
     from .optimizers import parse_optimizer_args
 
-    scheduler_class(name)
+    found = scheduler_class(name)
     if warmup and float(str(warmup).rstrip("%")):
         raise UserError(f"--lr_scheduler_type {name} takes no warm-up, as in sd-scripts: set --lr_warmup_steps 0")
-    return parse_optimizer_args(arguments, "lr_scheduler_args")
+    return found, parse_optimizer_args(arguments, "lr_scheduler_args")
 
 
 def _warmup_stable_decay(step: int, total_steps: int, warmup_steps: int, decay_steps: int, num_cycles: int,
@@ -167,9 +167,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     scheduler class, with ``scheduler_args``) replaces ``name`` altogether, as sd-scripts' ``--lr_scheduler_type`` does.
     """
     if scheduler_type:
-        kwargs = check_custom_scheduler(scheduler_type, scheduler_args, warmup)
+        found, kwargs = check_custom_scheduler(scheduler_type, scheduler_args, warmup)
         try:
-            return scheduler_class(scheduler_type)(optimizer, **kwargs)
+            return found(optimizer, **kwargs)
         except (TypeError, ValueError) as error:
             raise UserError(f"--lr_scheduler_type {scheduler_type} with --lr_scheduler_args "
                             f"{' '.join(scheduler_args or []) or '(none)'}: {error}") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import numbers
 import shlex
@@ -19,7 +18,7 @@ from typing import Any
 
 import toml
 
-from ..errors import UserError
+from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
 from .optimizers import moments_underflow_in_fp16
 
@@ -324,10 +323,10 @@ def _gui_config(path: Path, text: str, notes: list[str]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"Config file {path} is not valid JSON: {error.msg} (line {error.lineno}).") from None
-    if isinstance(data, dict) and not is_gui_config(data) and {"max_resolution", "learning_rate_te"} & data.keys():
-        raise UserError(f"{path}: a Kohya GUI config without LoRA_type, from its DreamBooth or fine-tuning tab, which "
-                        "trains the whole model; save the settings from the GUI's LoRA tab to train a LoRA here")
     if not isinstance(data, dict) or not is_gui_config(data):
+        if isinstance(data, dict) and {"max_resolution", "learning_rate_te"} & data.keys():
+            raise UserError(f"{path}: a Kohya GUI config without LoRA_type, from its DreamBooth or fine-tuning tab, "
+                            "which trains the whole model; save the settings from the GUI's LoRA tab to train a LoRA here")
         raise UserError(f"{path}: a JSON config here is a Kohya GUI LoRA config (it has LoRA_type); sd-scripts' own "
                         "config files are TOML")
     return gui_settings_options(data, notes, str(path))
@@ -361,9 +360,7 @@ def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None, source: str
         flags = [word.split("=", 1)[0] for word in unknown if word.startswith("-")]
         if not flags:
             raise UserError(f"{source}: unexpected value(s) {' '.join(unknown)}; each value follows its --option")
-        hints = [f"{flag} (did you mean --{match[0]}?)" if (match := difflib.get_close_matches(flag.lstrip("-"), FIELDS, 1))
-                 else flag for flag in flags]
-        raise UserError(f"{source}: unknown option(s) {', '.join(hints)}; `--help` lists the options")
+        raise UserError(f"{source}: unknown option(s) {with_closest(flags, FIELDS, '--')}; `--help` lists the options")
     return {k: True if k in FOREIGN and v == [] else v for k, v in vars(given).items()}
 
 
@@ -381,8 +378,7 @@ def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dic
             notes.append(f"{path}: {key} is not read, by sd-scripts either ({FRONT_END_KEYS[key]})")
     unknown = sorted(k for k in flat if k not in FIELDS and k not in FOREIGN)
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
-        raise UserError(f"{path}: unknown option(s) {', '.join(hints)}")
+        raise UserError(f"{path}: unknown option(s) {with_closest(unknown, FIELDS)}")
     return flat
 
 
@@ -433,8 +429,7 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
     foreign = sorted(k for k, v in values.items() if k in FOREIGN and v not in (None, False, "", []))
     unknown = sorted(k for k in values if k not in FIELDS and k not in FOREIGN)
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown]
-        raise UserError(f"{source}: unknown option(s) {', '.join(hints)}")
+        raise UserError(f"{source}: unknown option(s) {with_closest(unknown, FIELDS)}")
     options = TrainOptions(**{k: _normalised(k, v, source) for k, v in values.items() if k in FIELDS})
     if foreign:
         raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "

@@ -115,6 +115,12 @@ def mask_tensor(alpha: Image.Image | None, size: tuple[int, int]) -> torch.Tenso
     return torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
 
 
+def cut_mask(mask: Image.Image | None, choice: BucketChoice, box: Box | None = None,
+             interpolation: str | None = None) -> torch.Tensor:
+    """The loss mask [H, W] of a picture, resized and cut into its bucket as the picture is (``resize_and_crop``)."""
+    return mask_tensor(None if mask is None else resize_and_crop(mask, choice, box, interpolation), choice.bucket)
+
+
 def mask_image(path: Path, image_size: tuple[int, int]) -> Image.Image:
     """A mask folder's image (sd-scripts' ``conditioning_data_dir`` with ``--masked_loss``): its red channel, which
     sd-scripts reads as the mask (white: learnt, black: not), at the training image's own size."""
@@ -148,9 +154,7 @@ def training_pixels(path: Path, choice: BucketChoice, *, flip: bool = False, ran
     else:
         box = crop_box(choice, random_crop, rng)
     image = resize_and_crop(image, choice, box, interpolation)
-    mask = None
-    if alpha_mask:
-        mask = mask_tensor(None if alpha is None else resize_and_crop(alpha, choice, box, interpolation), choice.bucket)
+    mask = cut_mask(alpha, choice, box, interpolation) if alpha_mask else None
     if color_aug:
         image = color_augment(image, rng)
     pixels = to_tensor(image)

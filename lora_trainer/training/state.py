@@ -150,7 +150,8 @@ def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     settings = set(optimizer.defaults) - _IMPLEMENTATION_FLAGS  # a group may carry more: our rate's description
     if any(set(group) - _IMPLEMENTATION_FLAGS != settings for group in their_groups):
         return "it was saved by another optimizer (--optimizer_type)"
-    name_of = {id(parameter): name for name, parameter in network.named_parameters()}
+    parameters = dict(network.named_parameters())
+    name_of = {id(parameter): name for name, parameter in parameters.items()}
     index_of = {}  # our parameters' numbers in our state dict, by Kohya name
     for group, our_group in zip(optimizer.param_groups, ours["param_groups"]):
         index_of.update({name_of[id(parameter)]: number for parameter, number in zip(group["params"], our_group["params"])})
@@ -165,12 +166,11 @@ def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
         return (f"its parameter groups hold {their_sizes} parameters where this run's hold {sizes} (other network "
                 "options, rates or LoRA+)")
     names = [name for group in groups for name in group]
-    shapes = {name: tuple(parameter.shape) for name, parameter in network.named_parameters()}
     their_numbers = [number for group in their_groups for number in group["params"]]
     state = {}
     for name, number in zip(names, their_numbers):
         moments = their_state.get(number, {})
-        if any(t.dim() and tuple(t.shape) != shapes[name] for t in moments.values() if isinstance(t, torch.Tensor)):
+        if any(t.dim() and t.shape != parameters[name].shape for t in moments.values() if isinstance(t, torch.Tensor)):
             return f"its moments do not fit {name} (another base model or network options)"
         if moments:
             state[index_of[name]] = moments
