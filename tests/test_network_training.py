@@ -145,6 +145,50 @@ def test_trained_network_saved_and_merged_gives_the_same_outputs_as_its_forward_
         assert torch.equal(b, r)
 
 
+def _step_through(config, unet, text_encoders, network, merge_below: int):
+    """Outputs, the network's gradients and the FLOPs of one training forward and backward, with LoRAs on products
+    below ``merge_below`` multiply-adds run through their merged weight."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for module in network.values():
+        module.merge_below = merge_below
+    network.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # DyLoRA draws its ranks from torch's generator
+    with FlopCounterMode(display=False) as counter:
+        outputs = _outputs_with_grad(config, unet, text_encoders)
+        sum(o.square().mean() for o in outputs).backward()
+    return outputs, {n: p.grad.clone() for n, p in network.named_parameters()}, counter.get_total_flops()
+
+
+def _outputs_with_grad(config, unet, text_encoders):
+    ids, x, y = _inputs(config)
+    hidden = [encoder(ids).hidden for encoder in text_encoders]
+    return [*hidden, unet(x, torch.tensor([10, 500]), torch.cat(hidden, dim=-1), y)]
+
+
+@pytest.mark.parametrize("model, algorithm", [("sd1", "locon"), ("sd2", "lora"), ("sd1", "dylora"), ("sdxl", "lora-scalar")])
+def test_a_small_layers_lora_through_its_merged_weight_trains_exactly_as_through_its_factors(model, algorithm):
+    """Small products take the merged weight W + s·up·down (fewer products: faster on a tiny model); the output and
+    every gradient are the factored LoRA's, for Linear, 1×1 and 3×3 convolutions, DyLoRA and LyCORIS's scalar."""
+    config, unet, text_encoders = _models(model)
+    network = create_network(config, unet, text_encoders, SPECS[algorithm])
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    network.train().apply_to()
+    factored, factored_grads, factored_flops = _step_through(config, unet, text_encoders, network, merge_below=0)
+    merged, merged_grads, merged_flops = _step_through(config, unet, text_encoders, network, merge_below=2**40)
+    assert merged_flops != factored_flops  # the shortcut was taken
+    for f, m in zip(factored, merged):
+        torch.testing.assert_close(m, f, rtol=1e-4, atol=1e-5)
+    assert merged_grads.keys() == factored_grads.keys()
+    for name, gradient in factored_grads.items():
+        torch.testing.assert_close(merged_grads[name], gradient, rtol=1e-3, atol=1e-6, msg=name)
+    network.remove()
+    assert not any("forward" in vars(layer) for part in (unet, *text_encoders) for layer in part.modules())
+
+
 def test_saved_file_carries_metadata_and_the_hashes_sd_scripts_computes(tmp_path):
     config, unet, text_encoders = _models("sd1")
     network = create_network(config, unet, text_encoders, NetworkSpec(dim=4, alpha=1))

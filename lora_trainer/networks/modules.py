@@ -1,9 +1,10 @@
 """Trainable network modules: thin nn.Module shells over the algorithm files' tensors and delta functions.
 
 A module's state dict is exactly what the file stores under its Kohya name (``lora_down.weight``, ``alpha``,
-``hada_w1_a``, ``dora_scale`` …). It changes its layer's output through a forward hook: LoRA through
-output + up(down(x)) (cheap, with sd-scripts' dropout, rank dropout and module dropout), every other algorithm
-through ΔW from the same pure function that merging uses, so training and merging cannot disagree.
+``hada_w1_a``, ``dora_scale`` …). While the network is applied it is its layer's forward: LoRA through
+output + up(down(x)) (cheap, with sd-scripts' dropout, rank dropout and module dropout) or, on a small product,
+through the merged weight W + s·up·down; every other algorithm through ΔW from the same pure function that merging
+uses, so training and merging cannot disagree.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ SCALAR_FACTORS = {"lora": ("lora_up.weight",), "loha": ("hada_w1_a",), "lokr": (
                   "glora": ("a2.weight", "b2.weight")}
 RANK_SCALED = ("lora", "dylora", "loha", "lokr", "glora")  # the algorithms scaled by α/r, which store alpha
 _POINTWISE = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
+# Below this many multiply-adds in the layer's product (rows of x × the weight's size) a LoRA runs as one product
+# with the merged weight W + s·up·down: there the per-call cost of x·downᵀ·upᵀ's extra products, forward and
+# backward, outweighs their arithmetic (a tiny model's layers: LoRA took 40 % of its step on a CPU, 25 % after),
+# while above it the merged weight's gradient (rows × out × in) costs more than it saves (even at ≈ 2**24 on a
+# 2-core CPU; far higher on a GPU). Only in fp32: the half-precision paths (GPUs) stay sd-scripts' factored sums.
+MERGE_BELOW = 2**23
 
 
 class _Holder(nn.Module):
@@ -68,6 +75,9 @@ class NetworkModule(nn.Module):
             else:
                 self.register_parameter(suffix, nn.Parameter(tensor.float()))
         self._base_weight = [layer_weight]  # a list: not a parameter of ours
+        self.merge_below = MERGE_BELOW
+        self._mergeable = (self._plain_lora and "lora_mid" not in self._modules and norm is None and target.rows is None
+                           and target.parameter == "weight" and (conv is None or conv["groups"] == 1))
         self._refresh_scale(tensors)  # as given (on the CPU): a model built on the meta device has meta buffers
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_scale(module._buffers))
 
@@ -116,19 +126,43 @@ class NetworkModule(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------------------
 
-    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.conv is None:
-            return F.linear(x, weight.reshape(weight.shape[0], -1))
+            return F.linear(x, weight.reshape(weight.shape[0], -1), bias)
         if weight.shape[2:] == (1, 1) and self.conv == _POINTWISE:
-            return pointwise_conv2d(x, weight)  # skips the convolution's per-call setup
-        return F.conv2d(x, weight, **self.conv)
+            return pointwise_conv2d(x, weight, bias)  # skips the convolution's per-call setup
+        return F.conv2d(x, weight, bias, **self.conv)
+
+    def layer_output(self, layer: nn.Module, layer_forward: Callable, x: torch.Tensor) -> torch.Tensor:
+        """The layer's forward while the network is applied: its output for ``x`` with this module's change."""
+        if self._dropped():
+            return layer_forward(x)
+        if self._merges(x):
+            down, up, scale = self._lora_factors(x.dtype)
+            base = self._base_weight[0]
+            weight = torch.addmm(base.flatten(1), up.flatten(1), down.flatten(1), alpha=self.multiplier * scale)
+            return self._project(x, weight.view(base.shape), layer.bias)
+        return self._changed(x, layer_forward(x))
 
     def changed_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The layer's ``output`` for input ``x`` with this module's change added at the current multiplier."""
-        # drawn from torch's generator, as sd-scripts and LyCORIS draw it: gradient checkpointing restores that one for
-        # its recompute, which must take the same modules (Python's random would draw anew: a crash or wrong gradients)
-        if self.training and self.module_dropout and float(torch.rand(1)) < self.module_dropout:
-            return output
+        return output if self._dropped() else self._changed(x, output)
+
+    def _dropped(self) -> bool:
+        """Module dropout, drawn from torch's generator as sd-scripts and LyCORIS draw it: gradient checkpointing
+        restores that one for its recompute, which must take the same modules (Python's random would draw anew)."""
+        return bool(self.training and self.module_dropout and float(torch.rand(1)) < self.module_dropout)
+
+    def _merges(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes through the merged weight (see ``MERGE_BELOW``): a plain LoRA without dropout on its
+        hidden ranks, in fp32, on a small product."""
+        if not self._mergeable or (self.training and (self.dropout or self.rank_dropout)):
+            return False
+        base = self._base_weight[0]
+        rows = x.numel() // x.shape[-1 if self.conv is None else 1]
+        return x.dtype == base.dtype == torch.float32 and rows * base.numel() < self.merge_below
+
+    def _changed(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if not self._plain_lora:
             base = self._base_weight[0].detach()
             delta = module_delta(self.file_tensors(), base, self.multiplier)
@@ -165,11 +199,7 @@ class NetworkModule(nn.Module):
 
     def _lora_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """down(x) with the dropouts on the ranks, the up weight and α/r (adjusted by rank dropout and DyLoRA)."""
-        down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
-        scale = self.lora_scale
-        if self.training and self.algorithm == "dylora":
-            down, up, scale = self._dylora_slice(down, up, scale)
-        down = down if down.dtype == x.dtype else down.to(x.dtype)
+        down, up, scale = self._lora_factors(x.dtype)
         mid = self._modules.get("lora_mid")
         if mid is None:
             hidden = self._project(x, down)
@@ -188,10 +218,18 @@ class NetworkModule(nn.Module):
             hidden = hidden * mask
             if not shared:  # sd-scripts: per sample, rescaled so the expected output is unchanged
                 scale = scale / (1 - self.rank_dropout)
+        return hidden, up, scale
+
+    def _lora_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """down, up (a trained scalar folded in) in ``dtype`` and α/r, DyLoRA's ranks of this step taken."""
+        down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
+        scale = self.lora_scale
+        if self.training and self.algorithm == "dylora":
+            down, up, scale = self._dylora_slice(down, up, scale)
         scalar = self._parameters.get("scalar")
         if scalar is not None:
             up = up * scalar
-        return hidden, up if up.dtype == x.dtype else up.to(x.dtype), scale
+        return down.to(dtype), up.to(dtype), scale
 
     def _refresh_scale(self, tensors) -> None:
         """α / r (or the file's ``scale``) as a number, read when the module is made or loaded: read in every forward

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def block_lr_weights_for(config, spec: NetworkSpec) -> list[float] | None:
 
 
 class LoRANetwork(nn.ModuleDict):
-    """Trainable modules by Kohya name; ``apply_to`` hooks them into the model, ``remove`` unhooks."""
+    """Trainable modules by Kohya name; ``apply_to`` makes each its layer's forward, ``remove`` restores the layers."""
 
     def __init__(self, spec: NetworkSpec, modules: dict[str, NetworkModule], components: dict[str, nn.Module], config=None):
         super().__init__(modules)
@@ -115,17 +116,19 @@ class LoRANetwork(nn.ModuleDict):
                 index = target.rows[0] // (target.rows[1] - target.rows[0])
                 layer.in_projection_adapters[index] = module.changed_output
                 self._handles.append((layer.in_projection_adapters, index))
-            else:
-                hook = layer.register_forward_hook(lambda _, inputs, output, m=module: m.changed_output(inputs[0], output))
-                self._handles.append(hook)
+            else:  # the layer's forward replaced, as sd-scripts does: a hook could not skip the base product
+                self._handles.append((layer, layer.__dict__.get("forward")))
+                layer.forward = partial(module.layer_output, layer, layer.forward)
         return self
 
     def remove(self) -> None:
-        for handle in self._handles:
-            if isinstance(handle, tuple):
-                handle[0].pop(handle[1], None)
+        for holder, previous in reversed(self._handles):
+            if isinstance(holder, dict):  # a fused in-projection's adapters, by index
+                holder.pop(previous, None)
+            elif previous is None:
+                del holder.forward  # the class's forward again
             else:
-                handle.remove()
+                holder.forward = previous
         self._handles.clear()
 
     def text_encoder_modules(self) -> list[NetworkModule]:
@@ -171,7 +174,7 @@ def create_network(config, unet: nn.Module | None, text_encoders, spec: NetworkS
 
 
 def network_from_file(config, unet: nn.Module | None, text_encoders, network: NetworkFile, spec: NetworkSpec | None = None) -> LoRANetwork:
-    """A file's modules as hooks on the model (unmerged: preview, or training on from ``--network_weights``).
+    """A file's modules applied to the model (unmerged: preview, or training on from ``--network_weights``).
 
     Any algorithm works; modules come out under their Kohya names whatever naming the file used.
     """

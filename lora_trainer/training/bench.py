@@ -172,8 +172,10 @@ def training_flops(config: ModelConfig, batch: int, resolution: int, train_text_
     unet, text_encoders, _ = build_models(config)
     for part in (unet, *text_encoders):
         part.requires_grad_(False)
-    create_network(config, unet, text_encoders, NetworkSpec(dim=rank, alpha=rank),
-                   train_text_encoder=train_text_encoder).apply_to().train()
+    network = create_network(config, unet, text_encoders, NetworkSpec(dim=rank, alpha=rank),
+                             train_text_encoder=train_text_encoder).apply_to().train()
+    for module in network.values():  # the factored products: the model's FLOPs, not a small layer's shortcut
+        module.merge_below = 0
     captions = ["a photo of a bench image"] * batch
     latent = resolution // 8
     with FlopCounterMode(display=False) as counter:
