@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lora_trainer.bench import write_random_checkpoint
 from lora_trainer.models.checkpoint import build_models, detect_architecture, open_tensors
 from lora_trainer.tiny_model.build import tiny_config
-from lora_trainer.training.bench import peak_tflops, progress_bar_seconds, training_flops
+from lora_trainer.training.bench import SIZES, BenchSize, peak_tflops, progress_bar_seconds, run_size, training_flops
 
 
 def test_a_random_benchmark_checkpoint_reads_back_as_the_architecture_it_was_made_for(tmp_path):
@@ -52,3 +52,15 @@ def test_sd_scripts_step_time_comes_from_its_finished_steps_bar_not_from_the_cac
     assert progress_bar_seconds("steps: 100%|██████████| 9000/9000 [1:02:03<00:00,  2.4it/s]") == (9000, 3723)
     with pytest.raises(ValueError, match="no finished 'steps' progress bar"):
         progress_bar_seconds("steps:  50%|█████     | 80/160 [00:31<00:30,  2.61it/s]")  # a run that stopped halfway
+
+
+def test_a_size_bench_trains_through_the_real_command_and_reports_speed_memory_and_flops(tmp_path, monkeypatch, capsys):
+    """``bench train --size``: the same path as small/sd15/sdxl (random checkpoint, the training command, its
+    events), on the tiny architecture so that it runs here."""
+    monkeypatch.setitem(SIZES, "tiny", BenchSize(dataclasses.replace(tiny_config(), resolution=64), batch=1,
+                                                 train_text_encoder=False, rank=2))
+    run_size("tiny", tmp_path, steps=3, batch=None, resolution=None, gradient_checkpointing=False, peak=None)
+    report = capsys.readouterr().out
+    assert "random fp16 checkpoint" in report
+    assert "64 px, batch 1, LoRA rank 2" in report and "UNet only with cached text-encoder outputs" in report
+    assert "images/s" in report and "peak RSS" in report and "TFLOP per step" in report and "MFU needs --peak-tflops" in report

@@ -220,7 +220,8 @@ def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, re
             arguments += ["--network_train_unet_only", "--cache_text_encoder_outputs"]
         if gradient_checkpointing:
             arguments.append("--gradient_checkpointing")
-        figures = _child(arguments)
+        figures, _ = _measured(sys.executable, ["train_network", *arguments],
+                               "from lora_trainer.train_network import main; sys.exit(main(sys.argv[1:]))")
         events, _ = read_events(folder / "out" / "bench.events.jsonl")
     timed = [e for e in events if e["event"] == "step" and "loss" in e][2:]  # the first steps warm the kernels up
     if not timed:
