@@ -105,7 +105,8 @@ class LoRANetwork(nn.ModuleDict):
 
     def set_multiplier(self, multiplier: float) -> None:
         for module in self.values():
-            module.multiplier = multiplier
+            if module.multiplier != multiplier:  # called every batch: setting a module attribute is not free
+                module.multiplier = multiplier
 
     def apply_to(self) -> LoRANetwork:
         self.remove()
