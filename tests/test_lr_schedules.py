@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from lora_trainer.errors import UserError
 from lora_trainer.training.lr_schedules import lr_factor, make_scheduler, resolve_warmup
 from lora_trainer.training.optimizers import make_optimizer
+from lora_trainer.training.options import parse_args
 
 diffusers_optimization = pytest.importorskip("diffusers.optimization")
 transformers_optimization = pytest.importorskip("transformers.optimization")
@@ -173,3 +176,56 @@ def test_inverse_sqrt_equals_transformers_with_sd_scripts_timescale(warmup, time
         two_group_optimizer(), num_warmup_steps=warmup, timescale=timescale), 60)
     ours = lr_history(make_scheduler(two_group_optimizer(), "inverse_sqrt", 50, warmup, timescale=timescale), 60)
     assert ours == expected
+
+
+# --lr_scheduler_args on a built-in schedule: sd-scripts passes them to the library function it calls
+SCHEDULE_ARGUMENT_CASES = [
+    ("cosine", ["num_cycles=1.5"], lambda o, w, t: transformers_optimization.get_cosine_schedule_with_warmup(o, w, t, num_cycles=1.5)),
+    ("polynomial", ["lr_end=1e-5"], lambda o, w, t: transformers_optimization.get_polynomial_decay_schedule_with_warmup(
+        o, w, t, lr_end=1e-5, power=1.0)),
+    ("cosine_with_min_lr", ["min_lr=3e-5"], lambda o, w, t: transformers_optimization.get_cosine_with_min_lr_schedule_with_warmup(
+        o, w, t, num_cycles=0.5, min_lr=3e-5)),
+    ("warmup_stable_decay", ["warmup_type='cosine'", "decay_type='1-sqrt'"], lambda o, w, t: transformers_optimization.get_wsd_schedule(
+        o, w, num_decay_steps=10, num_stable_steps=t - w - 10, warmup_type="cosine", decay_type="1-sqrt", num_cycles=0.5)),
+    ("warmup_stable_decay", ["warmup_type='1-sqrt'", "decay_type='linear'"], lambda o, w, t: transformers_optimization.get_wsd_schedule(
+        o, w, num_decay_steps=10, num_stable_steps=t - w - 10, warmup_type="1-sqrt", decay_type="linear", num_cycles=0.5)),
+]
+
+
+@pytest.mark.parametrize("name, arguments, library", SCHEDULE_ARGUMENT_CASES)
+def test_schedule_arguments_change_the_built_in_schedules_as_in_sd_scripts(name, arguments, library):
+    total, warmup = 40, 6
+    expected = lr_history(library(two_group_optimizer(), warmup, total), total + 2)
+    ours = lr_history(make_scheduler(two_group_optimizer(), name, total, warmup, scheduler_args=arguments, decay=10), total + 2)
+    assert ours == expected  # exact floats
+    plain = lr_history(make_scheduler(two_group_optimizer(), name, total, warmup, min_lr_ratio=0.0, decay=10), total + 2)
+    assert ours != plain  # the arguments changed the curve
+
+
+def test_piecewise_constant_follows_its_step_rules_as_diffusers_does():
+    rules = "1:10,0.1:20,0.01:30,0.005"
+    expected = lr_history(diffusers_optimization.get_piecewise_constant_schedule(two_group_optimizer(), rules), 40)
+    ours = lr_history(make_scheduler(two_group_optimizer(), "piecewise_constant", 40, 0,
+                                     scheduler_args=[f"step_rules='{rules}'"]), 40)
+    assert ours == expected
+    assert [rates[0] for rates in ours[9:11]] == [BASE_LR, BASE_LR * 0.1] and ours[-1][0] == BASE_LR * 0.005
+
+
+@pytest.mark.parametrize("name, arguments, warmup, message", [
+    ("cosine", ["lr_end=1e-5"], 0, "--lr_scheduler_args lr_end: --lr_scheduler cosine takes num_cycles"),
+    ("linear", ["num_cycles=2"], 0, "--lr_scheduler linear takes none"),
+    ("cosine", ["last_epoch=5"], 0, "--resume"),
+    ("polynomial", ["lr_end='small'"], 0, "lr_end='small': give a number"),
+    ("warmup_stable_decay", ["decay_type='exp'"], 0, "decay_type='exp': give one of linear, cosine, 1-sqrt"),
+    ("piecewise_constant", [], 0, "needs its rules as a quoted string"),
+    ("piecewise_constant", ["step_rules=1:10,0.1"], 0, "must be a Python literal"),  # unquoted: sd-scripts fails too
+    ("piecewise_constant", ["step_rules='1-10,0.1'"], 0, "write factor:step pairs"),
+    ("piecewise_constant", ["step_rules='1:10,0.1'"], 5, "takes no warm-up"),
+])
+def test_unusable_schedule_arguments_are_refused_before_training_with_the_fix(name, arguments, warmup, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        make_scheduler(two_group_optimizer(), name, 40, warmup, scheduler_args=arguments)
+    options = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "d", "--lr_scheduler", name,
+               "--lr_warmup_steps", str(warmup)] + (["--lr_scheduler_args", *arguments] if arguments else [])
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args(options)

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
 
 SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                   "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "adafactor")
+                   "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "piecewise_constant", "adafactor")
+
+# --lr_scheduler_args a built-in schedule takes: sd-scripts passes them on to its transformers/diffusers function,
+# so these are that function's parameters less the ones sd-scripts fills itself (and last_epoch: see below)
+SCHEDULE_ARGUMENTS = {"cosine": ("num_cycles",), "polynomial": ("lr_end",), "cosine_with_min_lr": ("min_lr",),
+                      "warmup_stable_decay": ("warmup_type", "decay_type"), "piecewise_constant": ("step_rules",)}
+WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+NO_WARMUP = ("constant", "adafactor", "piecewise_constant")  # the rules of piecewise_constant give every rate
 
 # transformers' polynomial schedule decays towards this absolute learning rate, not towards 0
 POLYNOMIAL_END_LR = 1e-7
@@ -53,6 +61,66 @@ def resolve_warmup(lr_warmup_steps: int | float | str | None, total_steps: int, 
     return int(value)
 
 
+@dataclass(frozen=True)
+class ScheduleShape:
+    """What ``--lr_scheduler_args`` change in a built-in schedule (transformers' and diffusers' defaults otherwise)."""
+
+    cosine_cycles: float = 0.5  # cosine: half a cosine
+    lr_end: float = POLYNOMIAL_END_LR  # polynomial: the absolute rate it decays to
+    min_lr: float | None = None  # cosine_with_min_lr: the floor as a rate, instead of --lr_scheduler_min_lr_ratio
+    warmup_type: str = "linear"  # warmup_stable_decay: linear, cosine or 1-sqrt
+    decay_type: str = "cosine"
+    step_rules: tuple[tuple[int, float], ...] = ()  # piecewise_constant: (before this step, factor) …, then
+    last_factor: float = 1.0
+
+
+def schedule_shape(name: str, arguments: list[str] | None) -> ScheduleShape:
+    """``--lr_scheduler_args`` of the built-in schedule ``name``, read and checked as sd-scripts' functions take them."""
+    from .optimizers import parse_optimizer_args
+
+    name = check_scheduler_name(name)
+    given = parse_optimizer_args(arguments, "lr_scheduler_args")
+    allowed = SCHEDULE_ARGUMENTS.get(name, ())
+    if "last_epoch" in given:
+        raise UserError("--lr_scheduler_args last_epoch: to go on from a later step use --resume (a saved state) or "
+                        "--initial_step/--initial_epoch")
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        takes = f"takes {', '.join(allowed)}" if allowed else "takes none"
+        raise UserError(f"--lr_scheduler_args {', '.join(unknown)}: --lr_scheduler {name} {takes}; the built-in schedules "
+                        "also read --lr_scheduler_num_cycles, --lr_scheduler_power and --lr_scheduler_min_lr_ratio")
+    values = {}
+    for key in ("num_cycles", "lr_end", "min_lr"):
+        if key in given:
+            value = given[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UserError(f"--lr_scheduler_args {key}={value!r}: give a number, not below 0")
+            values["cosine_cycles" if key == "num_cycles" else key] = float(value)
+    for key in ("warmup_type", "decay_type"):
+        if key in given:
+            if given[key] not in WSD_SHAPES:
+                raise UserError(f"--lr_scheduler_args {key}={given[key]!r}: give one of {', '.join(WSD_SHAPES)} (quoted)")
+            values[key] = given[key]
+    if name == "piecewise_constant":
+        values["step_rules"], values["last_factor"] = _step_rules(given.get("step_rules"))
+    return ScheduleShape(**values)
+
+
+def _step_rules(text) -> tuple[tuple[tuple[int, float], ...], float]:
+    """diffusers' ``step_rules``: ``"1:10,0.1:20,0.005"`` is ×1 before step 10, ×0.1 before step 20, then ×0.005."""
+    example = "--lr_scheduler_args \"step_rules='1:10,0.1:20,0.005'\" (×1 before step 10, ×0.1 before 20, then ×0.005)"
+    if not isinstance(text, str):
+        raise UserError(f"--lr_scheduler piecewise_constant needs its rules as a quoted string, e.g. {example}")
+    *rules, last = [part.strip() for part in text.split(",")]
+    try:
+        pairs = [(int(steps), float(factor)) for factor, steps in (rule.split(":") for rule in rules)]
+        last_factor = float(last)
+    except ValueError:
+        raise UserError(f"--lr_scheduler_args step_rules={text!r}: write factor:step pairs, then the last factor, "
+                        f"e.g. {example}") from None
+    return tuple(sorted(pairs)), last_factor
+
+
 def _warmup_factor(step: int, warmup_steps: int) -> float:
     return float(step) / float(max(1, warmup_steps))
 
@@ -63,7 +131,7 @@ def _progress(step: int, total_steps: int, warmup_steps: int) -> float:
 
 def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int, num_cycles: int = 1, power: float = 1.0,
               min_lr_ratio: float | None = None, initial_lr: float | None = None, decay_steps: int = 0,
-              timescale: int | None = None) -> float:
+              timescale: int | None = None, shape: ScheduleShape = ScheduleShape()) -> float:
     """The multiplier of each group's learning rate at 0-based optimizer ``step``.
 
     As in sd-scripts: ``cosine`` is one half cosine (``num_cycles`` does not apply), ``cosine_with_restarts`` has
@@ -71,13 +139,17 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int, num_cyc
     ``polynomial`` decays to 1e-7 in absolute terms, so it needs the optimizer's ``initial_lr``. ``inverse_sqrt``
     falls as 1/√step after the warm-up (``timescale``: the warm-up, or 10 000 without one). ``warmup_stable_decay``
     holds the rate after the warm-up and spends its last ``decay_steps`` on ``num_cycles / 2`` cosines down to
-    ``min_lr_ratio`` (0 when not given). ``adafactor`` keeps the rate: Adafactor's relative step sets its own.
+    ``min_lr_ratio`` (0 when not given). ``piecewise_constant`` steps through ``shape.step_rules``. ``adafactor``
+    keeps the rate: Adafactor's relative step sets its own. ``shape`` holds what ``--lr_scheduler_args`` change.
     """
     name = check_scheduler_name(name)
     if name in ("constant", "adafactor"):
         return 1.0
+    if name == "piecewise_constant":
+        return next((factor for before, factor in shape.step_rules if step < before), shape.last_factor)
     if name == "warmup_stable_decay":
-        return _warmup_stable_decay(step, total_steps, warmup_steps, decay_steps, num_cycles, min_lr_ratio or 0.0)
+        return _warmup_stable_decay(step, total_steps, warmup_steps, decay_steps, num_cycles, min_lr_ratio or 0.0,
+                                    shape.warmup_type, shape.decay_type)
     if step < warmup_steps:
         return _warmup_factor(step, warmup_steps)
     if name == "constant_with_warmup":
@@ -88,13 +160,16 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int, num_cyc
     if name == "linear":
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
     if name == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * _progress(step, total_steps, warmup_steps))))
+        progress = _progress(step, total_steps, warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * shape.cosine_cycles * 2.0 * progress)))
     if name == "cosine_with_restarts":
         progress = _progress(step, total_steps, warmup_steps)
         if progress >= 1.0:
             return 0.0
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
     if name == "cosine_with_min_lr":
+        if shape.min_lr is not None:
+            min_lr_ratio = shape.min_lr / initial_lr
         if min_lr_ratio is None:
             raise UserError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1)")
         progress = _progress(step, total_steps, warmup_steps)
@@ -103,10 +178,11 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int, num_cyc
     # polynomial
     if initial_lr is None:
         raise ValueError("the polynomial schedule needs the optimizer's initial_lr")
+    lr_end = shape.lr_end
     if step > total_steps:
-        return POLYNOMIAL_END_LR / initial_lr
+        return lr_end / initial_lr
     pct_remaining = 1 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return ((initial_lr - POLYNOMIAL_END_LR) * pct_remaining**power + POLYNOMIAL_END_LR) / initial_lr
+    return ((initial_lr - lr_end) * pct_remaining**power + lr_end) / initial_lr
 
 
 # torch's schedulers that cannot be built from key=value literals, or do not step once per optimizer step
@@ -141,17 +217,21 @@ def check_custom_scheduler(name: str, arguments: list[str] | None, warmup: int |
 
 
 def _warmup_stable_decay(step: int, total_steps: int, warmup_steps: int, decay_steps: int, num_cycles: int,
-                         floor: float) -> float:
-    """transformers' WSD schedule as sd-scripts calls it: linear warm-up from the floor, the rest of the steps not
-    decayed stable, then ``num_cycles / 2`` cosines to the floor."""
+                         floor: float, warmup_type: str = "linear", decay_type: str = "cosine") -> float:
+    """transformers' WSD schedule as sd-scripts calls it: a warm-up from the floor (linear, cosine or 1-sqrt), the
+    rest of the steps not decayed stable, then the decay to the floor (``num_cycles / 2`` cosines, linear or 1-sqrt)."""
     stable_steps = total_steps - warmup_steps - decay_steps
     if step < warmup_steps:
-        return max(0.0, float(step) / float(max(1, warmup_steps)) * (1.0 - floor) + floor)
+        progress = float(step) / float(max(1, warmup_steps))
+        factor = {"linear": progress, "cosine": 0.5 * (1.0 - math.cos(math.pi * progress)),
+                  "1-sqrt": 1.0 - math.sqrt(1.0 - progress)}[warmup_type]
+        return max(0.0, factor * (1.0 - floor) + floor)
     if step < warmup_steps + stable_steps:
         return 1.0
     if step < warmup_steps + stable_steps + decay_steps:
         progress = float(step - warmup_steps - stable_steps) / float(max(1, decay_steps))
-        factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles / 2) * 2.0 * progress))
+        factor = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * float(num_cycles / 2) * 2.0 * progress)),
+                  "1-sqrt": 1.0 - math.sqrt(progress)}[decay_type]
         return max(0.0, factor * (1.0 - floor) + floor)
     return floor
 
@@ -177,17 +257,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     warmup_steps = resolve_warmup(warmup, total_steps)
     if getattr(optimizer, "uses_relative_step", False):
         name = "adafactor"
-    if name in ("constant", "adafactor") and warmup_steps:
+    if name in NO_WARMUP and warmup_steps:
         raise UserError(f"--lr_scheduler {name} takes no warm-up; set --lr_warmup_steps 0 or use constant_with_warmup")
+    shape = schedule_shape(name, scheduler_args)
     initial_lr = optimizer.defaults.get("lr")
-    if name == "polynomial" and not (initial_lr and initial_lr > POLYNOMIAL_END_LR):
-        raise UserError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}; --learning_rate must be larger than that")
+    if name == "polynomial" and not (initial_lr and initial_lr > shape.lr_end):
+        raise UserError(f"--lr_scheduler polynomial decays to {shape.lr_end}; --learning_rate must be larger than that")
 
     decay_steps = resolve_warmup(decay, total_steps, "--lr_decay_steps")
 
     def factor_at(step: int) -> float:
         return lr_factor(name, step, total_steps, warmup_steps, num_cycles, power, min_lr_ratio, initial_lr, decay_steps,
-                         timescale)
+                         timescale, shape)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor_at)
 

@@ -150,7 +150,7 @@ class TrainOptions:
     learning_rate: float = opt(2e-6, "base learning rate")
     optimizer_args: list[str] | None = opt(None, "key=value optimizer arguments", nargs="*")
     lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
-                                        "cosine_with_min_lr, inverse_sqrt, warmup_stable_decay")
+                                        "cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, piecewise_constant")
     lr_warmup_steps: float = opt(0, "warm-up steps, or a fraction (< 1) of all steps")
     lr_scheduler_num_cycles: int = opt(1, "restarts of cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power of polynomial")
@@ -159,7 +159,8 @@ class TrainOptions:
     lr_scheduler_timescale: int | None = opt(None, "inverse_sqrt: its timescale (default: the warm-up steps)")
     lr_scheduler_type: str | None = opt(None, "a torch.optim.lr_scheduler class instead of --lr_scheduler "
                                         "(e.g. CosineAnnealingLR)")
-    lr_scheduler_args: list[str] | None = opt(None, "key=value arguments of --lr_scheduler_type's class", nargs="*")
+    lr_scheduler_args: list[str] | None = opt(None, "key=value arguments of --lr_scheduler_type's class, or of the schedule "
+                                              "(cosine num_cycles, polynomial lr_end, piecewise_constant step_rules …)", nargs="*")
     # network
     network_module: str | None = opt(None, "networks.lora, networks.dylora or lycoris.kohya")
     network_dim: int | None = opt(None, "rank (default 4)")
@@ -492,11 +493,15 @@ def validate(options: TrainOptions) -> None:
             check_custom_scheduler(options.lr_scheduler_type, options.lr_scheduler_args, options.lr_warmup_steps)
         except UserError as problem:
             problems.append(str(problem))
-    elif options.lr_scheduler_args:
-        problems.append("--lr_scheduler_args are the arguments of --lr_scheduler_type's class; the built-in schedules "
-                        "read --lr_scheduler_num_cycles, --lr_scheduler_power and --lr_scheduler_min_lr_ratio")
-    elif options.lr_scheduler == "constant" and options.lr_warmup_steps:
-        problems.append("--lr_scheduler constant takes no warm-up; use constant_with_warmup")
+    else:
+        from .lr_schedules import NO_WARMUP, check_scheduler_name, schedule_shape
+
+        try:
+            if check_scheduler_name(options.lr_scheduler) in NO_WARMUP and options.lr_warmup_steps:
+                problems.append(f"--lr_scheduler {options.lr_scheduler} takes no warm-up; use constant_with_warmup")
+            schedule_shape(options.lr_scheduler, options.lr_scheduler_args)
+        except UserError as problem:
+            problems.append(str(problem))
     if options.cache_latents_to_disk:
         options.cache_latents = True
     augmented = [f"--{name}" for name in ("color_aug", "random_crop", "face_crop_aug_range") if getattr(options, name)]
