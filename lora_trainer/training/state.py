@@ -6,9 +6,11 @@ A state folder holds ``model.safetensors`` (the network, training dtype, no meta
 crash during the save leaves the previous state intact.
 
 sd-scripts' own ``--save_state`` folders (accelerate's) hold the network and ``train_state.json`` too; a run resumes
-from them with the network's weights and the step count. Their optimizer, scheduler and random states are not read:
-``random_states_0.pkl`` is a pickle (unsafe to load), and ``optimizer.bin`` lists moments by the position of each
-parameter in sd-scripts' module order, which a wrong guess would hand to another layer of the same shape.
+from them with the network's weights and the step count, and for networks.lora with the optimizer's moments:
+``optimizer.bin`` lists them by the position of each parameter in sd-scripts' module order, which
+``sd_scripts_parameter_key`` reproduces (a wrong guess would hand them to another layer of the same shape, so other
+network modules start the optimizer afresh). Their scheduler follows from the step; ``random_states_0.pkl`` is a
+pickle (unsafe to load) and is not read.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import gradio as gr
 from ...dataset.health import HealthSettings, check_dataset, report_lines
 from ...errors import UserError
 from ...jobs.store import Job
+from ...training.lr_schedules import SCHEDULER_NAMES
 from ...training.options import options_from, resolution_of
 from .. import presets
 from ..estimate import estimate
@@ -36,7 +37,6 @@ FORM_FIELDS = ("checkpoint", "dataset", "preset", "tier", "algorithm", "output_n
                "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "sample_every_n_epochs",
                "sample_prompt", "optimizer", "scheduler", "extra")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov", "DAdaptAdam")
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 RESUMABLE = ("paused", "stopped", "interrupted", "failed")
 
 _ASK_NOTIFICATION = ("(...args) => { if (window.Notification && Notification.permission === 'default') "
@@ -334,7 +334,7 @@ def build(services: Services) -> gr.Blocks:
         with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
             with gr.Row():
                 optimizer = gr.Dropdown(list(OPTIMIZERS), label="Optimizer", allow_custom_value=True, elem_id="lora_trainer_optimizer")
-                scheduler = gr.Dropdown(list(SCHEDULERS), label="LR scheduler", allow_custom_value=True,
+                scheduler = gr.Dropdown(list(SCHEDULER_NAMES), label="LR scheduler", allow_custom_value=True,
                                         elem_id="lora_trainer_scheduler")  # an imported TOML may name any of sd-scripts'
             extra = gr.Textbox(label="More sd-scripts options (TOML lines or a JSON object)", lines=4, elem_id="lora_trainer_extra",
                                placeholder="noise_offset = 0.05\ncaption_dropout_rate = 0.05")
