@@ -29,8 +29,9 @@ def arguments(data: Path, out: Path, batch: int, latents: tuple[str, ...] = ("--
             "--max_data_loader_n_workers", "0", "--device", "cpu", "--save_every_n_epochs", "1", "--ddp_timeout", "5"]
 
 
-@pytest.mark.parametrize("latents", [("--cache_latents",), ("--flip_aug", "--color_aug", "--random_crop")],
-                         ids=["cached", "encoded-per-rank-with-augmentation"])
+@pytest.mark.parametrize("latents", [("--cache_latents",), ("--flip_aug", "--color_aug", "--random_crop"),
+                                     ("--cache_latents", "--network_module", "networks.dylora", "--network_args", "unit=2")],
+                         ids=["cached", "encoded-per-rank-with-augmentation", "dylora"])
 def test_two_gloo_ranks_train_the_same_weights_as_one_process_with_the_global_batch(tmp_path, latents):
     """Uncached, each rank encodes only its half of the batch: the augmentation and posterior-noise draws are the
     whole batch's, so each image gets the latent the single process gives it."""
@@ -69,12 +70,13 @@ def _sum_gradients_on_rank(rank: int, init_file: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     parameters = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4, dtype=torch.float16)),
-                  torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(5))]
+                  torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2))]
     parameters[0].grad = torch.arange(6.0).reshape(3, 2) * (rank + 1)
     parameters[1].grad = torch.full((4,), 0.5 * (rank + 1), dtype=torch.float16)
     parameters[2].grad = (torch.arange(6.0).reshape(3, 2) * 10 * (rank + 1)).t()  # not contiguous
     if rank == 0:  # rank 1 never touched this one: its share is zero
         parameters[3].grad = torch.ones(5)
+    # parameters[4]: no rank trained it (DyLoRA's other ranks): it keeps no gradient, so the optimizer leaves it alone
     sum_gradients(World(rank, 2), parameters)
     torch.save([p.grad for p in parameters], f"{out}/{rank}.pt")
     dist.destroy_process_group()
@@ -89,6 +91,7 @@ def test_summed_gradients_land_in_their_own_parameters_whatever_their_dtype_or_l
         assert grads[1].dtype == torch.float16 and torch.equal(grads[1], torch.full((4,), 1.5, dtype=torch.float16))
         assert torch.equal(grads[2], (torch.arange(6.0).reshape(3, 2) * 30).t())
         assert torch.equal(grads[3], torch.ones(5))
+        assert grads[4] is None
 
 
 def test_only_rank_0_writes_the_event_stream_even_when_every_rank_fails(tmp_path, monkeypatch, capsys):

@@ -157,7 +157,8 @@ def _step_through(config, unet, text_encoders, network, merge_below: int):
     with FlopCounterMode(display=False) as counter:
         outputs = _outputs_with_grad(config, unet, text_encoders)
         sum(o.square().mean() for o in outputs).backward()
-    return outputs, {n: p.grad.clone() for n, p in network.named_parameters()}, counter.get_total_flops()
+    gradients = {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}  # DyLoRA: its block
+    return outputs, gradients, counter.get_total_flops()
 
 
 def _outputs_with_grad(config, unet, text_encoders):
@@ -311,3 +312,30 @@ def test_rank_dropout_on_loha_drops_whole_output_channels_of_its_change_as_lycor
     kept = torch.isclose(dropped, full, atol=1e-6).all(dim=(0, 1))
     gone = (dropped.abs() < 1e-9).all(dim=(0, 1))
     assert bool((kept | gone).all()) and kept.any() and gone.any()
+
+
+def test_a_dylora_step_moves_only_the_block_of_ranks_it_trained_as_sd_scripts_per_rank_parameters_do():
+    """sd-scripts' DyLoRA holds a parameter per rank and trains one block per step: the other ranks get no gradient,
+    so AdamW moves them neither by momentum from earlier steps nor by weight decay."""
+    config, unet, text_encoders = _models("sd1")
+    spec = NetworkSpec(algorithm="dylora", network_module="networks.dylora", dim=4, alpha=4, unit=1)
+    network = create_network(config, None, text_encoders, spec, train_unet=False).train().apply_to()
+    modules = list(network.values())
+    with torch.no_grad():
+        for module in modules:  # up starts at zero: give every rank a gradient path
+            module.lora_up.load_state_dict({"weight": torch.randn(module.lora_up.weight.shape) * 0.1})
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2, weight_decay=0.1)
+    ids, _, _ = _inputs(config)
+    torch.manual_seed(0)
+    moved_blocks = []
+    for _ in range(6):
+        before = [m.lora_down.weight.detach().clone() for m in modules]
+        text_encoders[0](ids).hidden.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for module, old in zip(modules, before):
+            moved = (module.lora_down.weight.detach() != old).any(dim=1).nonzero().flatten().tolist()
+            assert len(moved) == 1  # one rank (unit 1) per step, however many moved before
+            moved_blocks.append(moved[0])
+    assert len(set(moved_blocks)) > 1  # the block is drawn anew each step
+    network.remove()

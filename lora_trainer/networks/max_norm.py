@@ -70,6 +70,6 @@ def apply_max_norm(modules: Iterable, limit: float) -> MaxNormReport:
             scaled += 1
             per_factor = ratio ** (1.0 / len(names))
             for name in names:
-                tensors[name].mul_(per_factor)
+                module.scale_(name, per_factor)
         norms.append(norm * ratio)
     return MaxNormReport(scaled, sum(norms) / max(1, len(norms)), max(norms, default=0.0))

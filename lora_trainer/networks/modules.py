@@ -46,6 +46,49 @@ class _Holder(nn.Module):
         self.weight = nn.Parameter(tensor)
 
 
+class _Ranks(nn.Module):
+    """DyLoRA's ``lora_down``/``lora_up``: one parameter per rank (rows of down, columns of up), as sd-scripts' DyLoRA
+    holds them, stored as one ``weight``. A step trains one block of ranks and leaves the others without a gradient,
+    so the optimizer does not move them (no momentum carried over, no weight decay) and counts each rank's own steps."""
+
+    def __init__(self, tensor: torch.Tensor, dim: int):
+        super().__init__()
+        self.dim = dim
+        for index, part in enumerate(tensor.split(1, dim)):
+            self.register_parameter(f"rank{index}", nn.Parameter(part.clone()))
+
+    @property
+    def ranks(self) -> list[nn.Parameter]:
+        return list(self._parameters.values())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat(self.ranks, self.dim)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight = self.weight
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        value = state_dict[key]
+        if value.shape != self.weight.shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the shape in "
+                              f"current model is {tuple(self.weight.shape)}.")
+            return
+        with torch.no_grad():
+            for rank, part in zip(self.ranks, value.split(1, self.dim)):
+                rank.copy_(part)
+
+    @torch.no_grad()
+    def mul_(self, factor: float) -> None:
+        for rank in self.ranks:
+            rank.mul_(factor)
+
+
 class NetworkModule(nn.Module):
     """One network module on one layer; ``fresh`` makes a trainable one, ``from_tensors`` wraps a file's tensors."""
 
@@ -70,6 +113,8 @@ class NetworkModule(nn.Module):
             tensor = tensor.to(layer_weight.device)
             if not tensor.is_floating_point() or suffix in ("alpha", "scale"):  # fixed numbers, not trained
                 self.register_buffer(suffix, tensor)
+            elif self.algorithm == "dylora" and suffix in ("lora_down.weight", "lora_up.weight"):
+                self.add_module(suffix.removesuffix(".weight"), _Ranks(tensor.float(), 0 if suffix == "lora_down.weight" else 1))
             elif suffix.endswith(".weight"):
                 self.add_module(suffix.removesuffix(".weight"), _Holder(tensor.float()))
             else:
@@ -123,6 +168,14 @@ class NetworkModule(nn.Module):
                     tensors[key] = tensors[key] * scalar
         return tensors
 
+    @torch.no_grad()
+    def scale_(self, name: str, factor: float) -> None:
+        """Multiplies the trained factor stored as ``name`` (a file tensor's suffix) by ``factor``, in place."""
+        holder = self._modules.get(name.removesuffix(".weight"))
+        if isinstance(holder, _Ranks):
+            holder.mul_(factor)
+        else:  # the parameter itself: a file tensor may be a product (a trained scalar folded in)
+            self.get_parameter(name).mul_(factor)
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -222,10 +275,11 @@ class NetworkModule(nn.Module):
 
     def _lora_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """down, up (a trained scalar folded in) in ``dtype`` and α/r, DyLoRA's ranks of this step taken."""
-        down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
         scale = self.lora_scale
         if self.training and self.algorithm == "dylora":
-            down, up, scale = self._dylora_slice(down, up, scale)
+            down, up, scale = self._dylora_slice(scale)
+        else:
+            down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
         scalar = self._parameters.get("scalar")
         if scalar is not None:
             up = up * scalar
@@ -240,14 +294,16 @@ class NetworkModule(nn.Module):
             return  # loaded onto a model without data: keep the scale it was made with
         self.lora_scale = registry_scale(scalars, down.weight.shape[0]) if down is not None else 1.0
 
-    def _dylora_slice(self, down, up, scale):
+    def _dylora_slice(self, scale):
         """DyLoRA (Valipour et al.): each step trains one block of ``unit`` ranks at a random depth b and uses the
-        ranks below it frozen, so every prefix of the ranks is a usable LoRA afterwards."""
-        rank = down.shape[0]
+        ranks below it frozen, so every prefix of the ranks is a usable LoRA afterwards. The ranks above the block are
+        not used and, like the frozen ones, get no gradient."""
+        downs, ups = self._modules["lora_down"].ranks, self._modules["lora_up"].ranks
+        rank = len(downs)
         b = int(torch.randint(rank // self.unit, ())) * self.unit  # torch's generator: see module dropout
         used = b + self.unit
-        down = torch.cat([down[:b].detach(), down[b:used]])
-        up = torch.cat([up[:, :b].detach(), up[:, b:used]], dim=1)
+        down = torch.cat([*(r.detach() for r in downs[:b]), *downs[b:used]])
+        up = torch.cat([*(r.detach() for r in ups[:b]), *ups[b:used]], dim=1)
         return down, up, scale * math.sqrt(rank / used)
 
 

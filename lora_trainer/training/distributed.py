@@ -77,10 +77,16 @@ def finish(world: World) -> None:
 
 def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:
     """Each rank's loss is its slice's share of the global mean, so the sum of gradients is the global gradient."""
-    if not world.distributed:
+    if not world.distributed or not parameters:
         return
+    # a parameter no rank trained this step (DyLoRA's other ranks) keeps no gradient, so the optimizer leaves it alone;
+    # one trained elsewhere only (a rank without rows in a short last batch) gets zeros here to sum with
+    trained = torch.tensor([float(p.grad is not None) for p in parameters], device=parameters[0].device)
+    _dist().all_reduce(trained, op=_dist().ReduceOp.MAX)
     by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for parameter in parameters:
+    for parameter, anywhere in zip(parameters, trained.tolist()):
+        if not anywhere:
+            continue
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
         by_kind.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter.grad)
