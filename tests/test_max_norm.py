@@ -15,14 +15,24 @@ from lora_trainer.networks.spec import NetworkSpec
 from lora_trainer.training.options import options_from
 
 
+SPECS = {"lora": NetworkSpec(), "loha": NetworkSpec(algorithm="loha"), "lokr": NetworkSpec(algorithm="lokr"),
+         "dylora": NetworkSpec(algorithm="dylora", network_module="networks.dylora", unit=1),
+         "lora-scalar": NetworkSpec(use_scalar=True, network_module="lycoris.kohya")}
+LIMITED = ("lora", "loha", "lokr", "dylora", "lora-scalar")
+SPECS["ia3"] = NetworkSpec(algorithm="ia3")
+
+
 def trained_module(algorithm: str, size: float, seed: int) -> NetworkModule:
     torch.manual_seed(seed)
     layer = torch.randn(32, 16)
-    module = NetworkModule.fresh(Target("lora_unet_x", "lora_unet", "x"), layer, None, 4, 2.0, NetworkSpec(algorithm=algorithm))
-    with torch.no_grad():
-        for tensor in module.file_tensors().values():
-            if tensor.is_floating_point() and tensor.dim() > 0:
-                tensor.copy_(torch.randn_like(tensor) * size)
+    module = NetworkModule.fresh(Target("lora_unet_x", "lora_unet", "x"), layer, None, 4, 2.0, SPECS[algorithm])
+    state = module.state_dict()
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.dim() > 0:
+            state[key] = torch.randn_like(tensor) * size
+    if "scalar" in state:  # a trained scalar, folded into lora_up in the file
+        state["scalar"] = torch.tensor(0.7)
+    module.load_state_dict(state)
     return module
 
 
@@ -31,7 +41,7 @@ def delta_norm(module: NetworkModule) -> float:
     return float(module_delta(module.file_tensors(), module._base_weight[0], 1.0).weight.norm())
 
 
-@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("algorithm", LIMITED)
 def test_a_module_above_the_limit_lands_on_it_and_one_below_is_untouched(algorithm):
     big, small = trained_module(algorithm, 1.0, 1), trained_module(algorithm, 1e-3, 2)
     limit = 0.5 * delta_norm(big)
