@@ -1,5 +1,6 @@
 """Optimizer moments from sd-scripts' own --save_state folders (accelerate's optimizer.bin): they are numbered in the
-order networks.lora hands its parameters to the optimizer, which this trainer reproduces from the Kohya names."""
+order networks.lora (and networks.dylora, a parameter per rank) hands its parameters to the optimizer, which this
+trainer reproduces from the Kohya names."""
 
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ def test_the_parameter_order_is_sd_scripts_for_full_size_models(model):
     assert sorted(reversed(names), key=sd_scripts_parameter_key) == names
 
 
-def tiny_run(*network_args: str, lr: float = 1e-3):
+def tiny_run(*network_args: str, lr: float = 1e-3, module: str = "networks.lora", dim: int = 1):
     """The network and AdamW of the run that saved the state (dim 1 on the tiny checkpoint), with other network_args."""
     model = load_checkpoint(REFERENCE / "kohya-fixtures" / "model" / "tiny-sd15.safetensors", dtype=torch.float32)
     network = create_network(model.config, model.unet, model.text_encoders,
-                             spec_from_kohya("networks.lora", 1, 1, list(network_args)))
+                             spec_from_kohya(module, dim, dim, list(network_args)))
     return network, make_optimizer("AdamW", network.parameter_groups(lr), lr, [])
 
 
@@ -97,3 +98,26 @@ def test_a_run_resumed_from_the_state_says_it_read_the_moments(tmp_path):
     events, _ = read_events(tmp_path / "star.events.jsonl")
     said = [e["message"] for e in events if e["event"] == "warning" and "sd-scripts' state" in e["message"]]
     assert said and "its optimizer moments too (optimizer.bin)" in said[0]
+
+
+# sd-scripts' train_network.py with networks.dylora dim 2, unit 1, AdamW lr 1e-3, 2 steps: a parameter per rank, and
+# each module's step trained one randomly drawn rank (its Python random), so each module has its own trained ranks
+DYLORA_STATE = DATA / "sd-scripts-state-dylora"
+
+
+def test_a_dylora_state_resumes_with_each_ranks_moments():
+    """A rank only has moments if it was trained, and only a trained rank's up column left its zero start: for every
+    module, the ranks given moments must be exactly the ranks whose up column is not zero. Moments handed to another
+    module (whose drawn ranks differ) or another rank would break that."""
+    network, optimizer = tiny_run("unit=1", module="networks.dylora", dim=2)
+    assert load_sd_scripts_state(DYLORA_STATE, network) == 2
+    assert load_sd_scripts_moments(DYLORA_STATE, network, optimizer) is None
+    parameters = dict(network.named_parameters())
+    patterns = set()
+    for name, module in network.items():
+        trained = {i for i in range(2) if module.lora_up.weight[:, i].abs().sum() > 0}
+        with_moments = {i for i in range(2) if parameters[f"{name}.lora_up.rank_{i}"] in optimizer.state}
+        assert with_moments == trained, name
+        assert {i for i in range(2) if parameters[f"{name}.lora_down.rank_{i}"] in optimizer.state} == trained, name
+        patterns.add(frozenset(trained))
+    assert len(patterns) > 1  # the modules drew differently: the check tells them apart

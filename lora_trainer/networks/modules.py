@@ -55,7 +55,7 @@ class _Ranks(nn.Module):
         super().__init__()
         self.dim = dim
         for index, part in enumerate(tensor.split(1, dim)):
-            self.register_parameter(f"rank{index}", nn.Parameter(part.clone()))
+            self.register_parameter(f"rank_{index}", nn.Parameter(part.clone()))  # sd-scripts: lora_A.0, lora_A.1 …
 
     @property
     def ranks(self) -> list[nn.Parameter]:

@@ -6,7 +6,7 @@ A state folder holds ``model.safetensors`` (the network, training dtype, no meta
 crash during the save leaves the previous state intact.
 
 sd-scripts' own ``--save_state`` folders (accelerate's) hold the network and ``train_state.json`` too; a run resumes
-from them with the network's weights and the step count, and for networks.lora with the optimizer's moments:
+from them with the network's weights and the step count, and for networks.lora/dylora with the optimizer's moments:
 ``optimizer.bin`` lists them by the position of each parameter in sd-scripts' module order, which
 ``sd_scripts_parameter_key`` reproduces (a wrong guess would hand them to another layer of the same shape, so other
 network modules start the optimizer afresh). Their scheduler follows from the step; ``random_states_0.pkl`` is a
@@ -103,6 +103,7 @@ _REGISTRATION_RANK = {
     "proj_in": 0, "transformer_blocks": 1, "proj_out": 2, "attn1": 0, "ff": 1, "attn2": 2,
     "to_q": 0, "to_k": 1, "to_v": 2, "to_out": 3, "net": 0, "proj": 0,
     "lora_down": 0, "lora_up": 1, "weight": 0,
+    "rank": 0,  # DyLoRA's parameter per rank (its lora_A.N / lora_B.N)
 }
 _LONGEST_PART = max(part.count("_") + 1 for part in _REGISTRATION_RANK)
 
@@ -135,14 +136,14 @@ _IMPLEMENTATION_FLAGS = {"params", "lr", "initial_lr", "foreach", "fused", "capt
 
 def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     """The optimizer moments of sd-scripts' state ``folder`` (accelerate's ``optimizer.bin``) into ``optimizer``;
-    None when they are loaded, else why not (the optimizer then starts afresh). Only networks.lora's order of
-    parameters is known here. Its groups (text encoders, the UNet or its blocks, LoRA+'s up weights apart) are ours
+    None when they are loaded, else why not (the optimizer then starts afresh). Only networks.lora's and
+    networks.dylora's order of parameters is known here (DyLoRA's a parameter per rank, as ours). Its groups (text encoders, the UNet or its blocks, LoRA+'s up weights apart) are ours
     (``parameter_groups``), placed where their first layer registers, each listing its layers in that order."""
     path = folder / "optimizer.bin"
     if not path.is_file():
         return "the state has no optimizer.bin"
-    if network.spec.network_module not in (None, "networks.lora"):
-        return "the order of parameters is known for networks.lora only"
+    if network.spec.network_module not in (None, "networks.lora", "networks.dylora"):
+        return "the order of parameters is known for networks.lora and networks.dylora only"
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)  # tensors and numbers: no code runs
         their_groups, their_state = theirs["param_groups"], theirs["state"]
@@ -171,13 +172,23 @@ def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     their_numbers = [number for group in their_groups for number in group["params"]]
     state = {}
     for name, number in zip(names, their_numbers):
+        shape = parameters[name].shape
         moments = their_state.get(number, {})
-        if any(t.dim() and t.shape != parameters[name].shape for t in moments.values() if isinstance(t, torch.Tensor)):
+        if any(t.dim() and _without_trailing_ones(t.shape) != _without_trailing_ones(shape)
+               for t in moments.values() if isinstance(t, torch.Tensor)):
             return f"its moments do not fit {name} (another base model or network options)"
-        if moments:
-            state[index_of[name]] = moments
+        if moments:  # sd-scripts' DyLoRA holds a 1×1 convolution's ranks as (1, in) and (out, 1): ours keep the 1×1
+            state[index_of[name]] = {k: t.reshape(shape) if isinstance(t, torch.Tensor) and t.dim() else t
+                                     for k, t in moments.items()}
     optimizer.load_state_dict({"state": state, "param_groups": ours["param_groups"]})
     return None
+
+
+def _without_trailing_ones(shape: torch.Size) -> tuple[int, ...]:
+    dims = list(shape)
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
 
 
 def load_sd_scripts_state(folder: Path, network) -> int:
