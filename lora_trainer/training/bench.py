@@ -61,6 +61,9 @@ _MEASURED = (
 )
 
 
+_OUR_COMMAND = "from lora_trainer.train_network import main; sys.exit(main(sys.argv[1:]))"
+
+
 def _measured(python: str, argv: list[str], call: str, cwd: Path | None = None) -> tuple[dict, str]:
     code = _MEASURED.format(argv=argv, call=call)
     result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=cwd)
@@ -75,7 +78,7 @@ def ours(fixtures: Path) -> tuple[RunFigures, float, float]:
         out = Path(folder)
         arguments = reference_arguments(fixtures, out)
         figures, _ = _measured(sys.executable, ["train_network", *arguments],
-                               "from lora_trainer.train_network import main; sys.exit(main(sys.argv[1:]))")
+                               _OUR_COMMAND)
         events, _ = read_events(out / "tinylora.events.jsonl")
     steps = [e for e in events if e["event"] == "step" and "loss" in e]
     start = next(e["time"] for e in events if e["event"] == "start")
@@ -221,7 +224,7 @@ def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, re
         if gradient_checkpointing:
             arguments.append("--gradient_checkpointing")
         figures, _ = _measured(sys.executable, ["train_network", *arguments],
-                               "from lora_trainer.train_network import main; sys.exit(main(sys.argv[1:]))")
+                               _OUR_COMMAND)
         events, _ = read_events(folder / "out" / "bench.events.jsonl")
     timed = [e for e in events if e["event"] == "step" and "loss" in e][2:]  # the first steps warm the kernels up
     if not timed:

@@ -106,6 +106,20 @@ def schedule_shape(name: str, arguments: list[str] | None) -> ScheduleShape:
     return ScheduleShape(**values)
 
 
+def check_schedule(name: str, warmup: int | float | str | None, arguments: list[str] | None) -> ScheduleShape:
+    """The built-in schedule ``name``'s ``--lr_scheduler_args``, refused (as is a warm-up it does not take) before work."""
+    if check_scheduler_name(name) in NO_WARMUP and _asks_warmup(warmup):
+        raise UserError(f"--lr_scheduler {name} takes no warm-up; set --lr_warmup_steps 0 or use constant_with_warmup")
+    return schedule_shape(name, arguments)
+
+
+def _asks_warmup(warmup: int | float | str | None) -> bool:
+    try:
+        return bool(warmup) and float(str(warmup).rstrip("%")) != 0
+    except ValueError:  # unreadable: given all the same (resolve_warmup names the format)
+        return True
+
+
 def _step_rules(text) -> tuple[tuple[tuple[int, float], ...], float]:
     """diffusers' ``step_rules``: ``"1:10,0.1:20,0.005"`` is ×1 before step 10, ×0.1 before step 20, then ×0.005."""
     example = "--lr_scheduler_args \"step_rules='1:10,0.1:20,0.005'\" (×1 before step 10, ×0.1 before 20, then ×0.005)"
@@ -211,7 +225,7 @@ def check_custom_scheduler(name: str, arguments: list[str] | None, warmup: int |
     from .optimizers import parse_optimizer_args
 
     found = scheduler_class(name)
-    if warmup and float(str(warmup).rstrip("%")):
+    if _asks_warmup(warmup):
         raise UserError(f"--lr_scheduler_type {name} takes no warm-up, as in sd-scripts: set --lr_warmup_steps 0")
     return found, parse_optimizer_args(arguments, "lr_scheduler_args")
 
@@ -257,9 +271,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     warmup_steps = resolve_warmup(warmup, total_steps)
     if getattr(optimizer, "uses_relative_step", False):
         name = "adafactor"
-    if name in NO_WARMUP and warmup_steps:
-        raise UserError(f"--lr_scheduler {name} takes no warm-up; set --lr_warmup_steps 0 or use constant_with_warmup")
-    shape = schedule_shape(name, scheduler_args)
+    shape = check_schedule(name, warmup_steps, scheduler_args)
     initial_lr = optimizer.defaults.get("lr")
     if name == "polynomial" and not (initial_lr and initial_lr > shape.lr_end):
         raise UserError(f"--lr_scheduler polynomial decays to {shape.lr_end}; --learning_rate must be larger than that")

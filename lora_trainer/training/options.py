@@ -494,12 +494,10 @@ def validate(options: TrainOptions) -> None:
         except UserError as problem:
             problems.append(str(problem))
     else:
-        from .lr_schedules import NO_WARMUP, check_scheduler_name, schedule_shape
+        from .lr_schedules import check_schedule
 
         try:
-            if check_scheduler_name(options.lr_scheduler) in NO_WARMUP and options.lr_warmup_steps:
-                problems.append(f"--lr_scheduler {options.lr_scheduler} takes no warm-up; use constant_with_warmup")
-            schedule_shape(options.lr_scheduler, options.lr_scheduler_args)
+            check_schedule(options.lr_scheduler, options.lr_warmup_steps, options.lr_scheduler_args)
         except UserError as problem:
             problems.append(str(problem))
     if options.cache_latents_to_disk:

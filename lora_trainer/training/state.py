@@ -137,8 +137,9 @@ _IMPLEMENTATION_FLAGS = {"params", "lr", "initial_lr", "foreach", "fused", "capt
 def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     """The optimizer moments of sd-scripts' state ``folder`` (accelerate's ``optimizer.bin``) into ``optimizer``;
     None when they are loaded, else why not (the optimizer then starts afresh). Only networks.lora's and
-    networks.dylora's order of parameters is known here (DyLoRA's a parameter per rank, as ours). Its groups (text encoders, the UNet or its blocks, LoRA+'s up weights apart) are ours
-    (``parameter_groups``), placed where their first layer registers, each listing its layers in that order."""
+    networks.dylora's order of parameters is known here (DyLoRA's a parameter per rank, as ours). Its groups (text
+    encoders, the UNet or its blocks, LoRA+'s up weights apart) are ours (``parameter_groups``), placed where their
+    first layer registers, each listing its layers in that order."""
     path = folder / "optimizer.bin"
     if not path.is_file():
         return "the state has no optimizer.bin"
