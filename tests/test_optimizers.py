@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_trainer.errors import UserError
+from lora_trainer.training.flat_adamw import FlatAdamW
 from lora_trainer.training.optimizers import Adafactor, Lion, make_optimizer, optimizer_label, parse_optimizer_args
 from reference import REFERENCE
 
@@ -41,7 +42,7 @@ def test_bad_optimizer_args_are_named(arguments, problem):
 @pytest.mark.parametrize("optimizer_type", ["", "AdamW", "adamw", "ADAMW"])
 def test_adamw_is_the_default_and_names_ignore_case(optimizer_type):
     optimizer = make_optimizer(optimizer_type, groups(), 1e-4, ["weight_decay=0.05", "betas=0.8,0.95", "eps=1e-6"])
-    assert type(optimizer) is torch.optim.AdamW
+    assert type(optimizer) is FlatAdamW and isinstance(optimizer, torch.optim.AdamW)
     assert [group["lr"] for group in optimizer.param_groups] == [5e-5, 1e-4]
     assert all(group["weight_decay"] == 0.05 and group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
                for group in optimizer.param_groups)

@@ -120,6 +120,7 @@ class NetworkModule(nn.Module):
             else:
                 self.register_parameter(suffix, nn.Parameter(tensor.float()))
         self._base_weight = [layer_weight]  # a list: not a parameter of ours
+        self._pointwise = conv == _POINTWISE and layer_weight.shape[2:] == (1, 1)
         self.merge_below = MERGE_BELOW
         self._mergeable = (self._plain_lora and "lora_mid" not in self._modules and norm is None and target.rows is None
                            and target.parameter == "weight" and (conv is None or conv["groups"] == 1))
@@ -180,21 +181,24 @@ class NetworkModule(nn.Module):
     # --- forward ---------------------------------------------------------------------------------------------
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x through a weight shaped as the layer's (or, for a Linear or 1×1 convolution, as a matrix)."""
         if self.conv is None:
-            return F.linear(x, weight.reshape(weight.shape[0], -1), bias)
-        if weight.shape[2:] == (1, 1) and self.conv == _POINTWISE:
+            return F.linear(x, weight if weight.dim() == 2 else weight.flatten(1), bias)
+        if self._pointwise:
             return pointwise_conv2d(x, weight, bias)  # skips the convolution's per-call setup
+        if weight.dim() == 2:  # the layer's weight as a matrix
+            weight = weight.view(self._base_weight[0].shape)
         return F.conv2d(x, weight, bias, **self.conv)
 
     def layer_output(self, layer: nn.Module, layer_forward: Callable, x: torch.Tensor) -> torch.Tensor:
         """The layer's forward while the network is applied: its output for ``x`` with this module's change."""
         if self._dropped():
             return layer_forward(x)
-        if self._merges(x):
+        if self._merges(x):  # the product as a matrix: no reshaping (each a node in the autograd graph) where none is needed
             down, up, scale = self._lora_factors(x.dtype)
-            base = self._base_weight[0]
-            weight = torch.addmm(base.flatten(1), up.flatten(1), down.flatten(1), alpha=self.multiplier * scale)
-            return self._project(x, weight.view(base.shape), layer.bias)
+            weight = torch.addmm(self._base_weight[0].flatten(1), up.flatten(1), down.flatten(1),
+                                 alpha=self.multiplier * scale)
+            return self._project(x, weight, layer.bias)
         return self._changed(x, layer_forward(x))
 
     def changed_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

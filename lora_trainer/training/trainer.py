@@ -40,7 +40,7 @@ from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
-from .optimizers import make_optimizer, optimizer_label
+from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label
 from .options import FIELDS, TrainOptions
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
@@ -418,7 +418,7 @@ class TrainingRun:
         sum_gradients(self.world, self.trainable)
         self.scaler.unscale_(optimizer)
         if options.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable, options.max_grad_norm)
+            clip_grad_norm_(self.optimizer, self.trainable, options.max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
         self.scheduler.step()
