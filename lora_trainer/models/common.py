@@ -41,8 +41,7 @@ class PointwiseConv2d(nn.Conv2d):
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1×1 ``weight`` (stride 1, no padding, or given as a matrix) as a matrix
     product over the channels."""
-    if weight.dim() != 2:
-        weight = weight.flatten(1)
+    weight = weight.flatten(1)  # a matrix stays itself: no autograd node
     pixels = x.flatten(2)  # (batch, channels, height·width)
     if bias is None:
         out = torch.matmul(weight, pixels)

@@ -183,7 +183,7 @@ class NetworkModule(nn.Module):
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x through a weight shaped as the layer's (or, for a Linear or 1×1 convolution, as a matrix)."""
         if self.conv is None:
-            return F.linear(x, weight if weight.dim() == 2 else weight.flatten(1), bias)
+            return F.linear(x, weight.flatten(1), bias)  # a matrix stays itself: no autograd node
         if self._pointwise:
             return pointwise_conv2d(x, weight, bias)  # skips the convolution's per-call setup
         if weight.dim() == 2:  # the layer's weight as a matrix

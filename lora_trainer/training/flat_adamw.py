@@ -30,7 +30,7 @@ class _FlatGroup:
         self.params = params
         self.sizes = [p.numel() for p in params]
         self.offsets = list(itertools.accumulate(self.sizes, initial=0))
-        first = params[0]
+        self.counts = torch.tensor(self.sizes)  # elements per parameter, to spread per-parameter numbers over them
         self.values = torch.cat([p.detach().reshape(-1) for p in params])
         self.exp_avg = torch.zeros_like(self.values)
         self.exp_avg_sq = torch.zeros_like(self.values)
@@ -41,7 +41,7 @@ class _FlatGroup:
         self.addresses = [p.data_ptr() for p in params]
         self.state = state
         self.unregistered = set(range(len(params)))  # torch gives a parameter its state at its first step
-        self.dtype, self.device = first.dtype, first.device
+        self.device = params[0].device
         self.gradient: torch.Tensor | None = None  # gathered for this step
         self.has_gradient: list[bool] = []
 
@@ -100,7 +100,7 @@ class _FlatGroup:
             taken = torch.tensor(self.has_gradient)
             self.steps += taken
             self.uniform_steps = False
-            mask = torch.repeat_interleave(taken.to(self.device), torch.tensor(self.sizes, device=self.device))
+            mask = torch.repeat_interleave(taken, self.counts).to(self.device)
             values, exp_avg, exp_avg_sq = self.values.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone()
             self._update(values, exp_avg, exp_avg_sq, grad, lr, beta1, beta2, eps, weight_decay)
             for flat, updated in ((self.values, values), (self.exp_avg, exp_avg), (self.exp_avg_sq, exp_avg_sq)):
@@ -123,7 +123,7 @@ class _FlatGroup:
             denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
             values.addcdiv_(exp_avg, denom, value=-step_size)
         else:  # each parameter's own step count, element by element; the numbers in float64 as Python's are
-            steps = torch.repeat_interleave(self.steps.double(), torch.tensor(self.sizes))
+            steps = torch.repeat_interleave(self.steps.double(), self.counts)
             bias_correction1 = 1 - beta1**steps
             bias_correction2 = 1 - beta2**steps
             step_size = (lr / bias_correction1).to(values.device, values.dtype)
