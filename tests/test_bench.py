@@ -1,7 +1,9 @@
 """The figures ``bench train`` prints: with ``--size``, the checkpoint it trains on and the two halves of its FLOP
-utilisation; with ``--sd-scripts``, sd-scripts' step time read from its progress bar."""
+utilisation; with ``--sd-scripts``, sd-scripts' step time and first step read from its progress bar, and our wall
+time scaled to the reference machine."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from lora_trainer.bench import write_random_checkpoint
 from lora_trainer.models.checkpoint import build_models, detect_architecture, open_tensors
 from lora_trainer.tiny_model.build import tiny_config
-from lora_trainer.training.bench import SIZES, BenchSize, peak_tflops, progress_bar_seconds, run_size, training_flops
+from lora_trainer.training.bench import (
+    SIZES,
+    BenchSize,
+    RunFigures,
+    peak_tflops,
+    phase_scaled_wall,
+    progress_bar_seconds,
+    run_measured,
+    run_size,
+    training_flops,
+)
 
 
 def test_a_random_benchmark_checkpoint_reads_back_as_the_architecture_it_was_made_for(tmp_path):
@@ -52,6 +64,26 @@ def test_sd_scripts_step_time_comes_from_its_finished_steps_bar_not_from_the_cac
     assert progress_bar_seconds("steps: 100%|██████████| 9000/9000 [1:02:03<00:00,  2.4it/s]") == (9000, 3723)
     with pytest.raises(ValueError, match="no finished 'steps' progress bar"):
         progress_bar_seconds("steps:  50%|█████     | 80/160 [00:31<00:30,  2.61it/s]")  # a run that stopped halfway
+
+
+def test_the_wall_time_scales_phase_by_phase_when_a_host_starts_fast_and_trains_slowly():
+    """sd-scripts on a host that starts as fast as the reference machine (10.5 s) and trains at half its speed
+    (2 × 23.4 s): a run of ours that starts in 2 s and trains in 20 s there takes 2 + 10 s on the reference machine,
+    not the 13 s that the whole wall time's ratio (22 / 57.3) gives."""
+    theirs = RunFigures(0.29, 10.5 + 2 * 23.4, 625, first_step_seconds=10.5)
+    ours = RunFigures(0.125, 22.0, 350, first_step_seconds=2.0)
+    assert phase_scaled_wall(ours, theirs) == pytest.approx(12.0)
+    assert 22.0 / theirs.wall_seconds * 33.9 == pytest.approx(13.0, abs=0.05)
+
+
+def test_the_first_step_of_sd_scripts_is_timed_from_its_steps_bar_as_it_is_drawn():
+    """tqdm redraws its bar with carriage returns; the moment ``1/N`` shows is the end of the first step."""
+    call = ("sys.stderr.write('caching latents: 100%|#| 1/1\\nsteps:   0%|  | 0/3\\r'); sys.stderr.flush(); time.sleep(0.6); "
+            "sys.stderr.write('steps:  33%|# | 1/3 [00:00<00:01]\\r'); sys.stderr.flush(); time.sleep(0.6)")
+    figures, stderr, first_step = run_measured(sys.executable, ["fake"], call)
+    assert "1/3" in stderr
+    assert 0.5 < first_step - figures["started"] < figures["wall"] - 0.4
+    assert 1.1 < figures["wall"] < 5
 
 
 def test_a_size_bench_trains_through_the_real_command_and_reports_speed_memory_and_flops(tmp_path, monkeypatch, capsys):

@@ -6,8 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import keys_under, shapes_of
 
+from lora_trainer.models.common import Conv2d
 from lora_trainer.models.unet import (
     SD1_UNET,
     SD2_UNET,
@@ -181,3 +183,38 @@ def test_sdxl_unet_refuses_to_run_without_its_vector_conditioning():
     model = UNetModel(dataclasses.replace(config))
     with pytest.raises(ValueError, match="size_conditioning"):
         model(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 3, 24))
+
+
+def _kernels(run) -> set[str]:
+    with torch.profiler.profile() as profile:
+        run()
+    return {event.name for event in profile.events()}
+
+
+@pytest.mark.parametrize(("stride", "padding", "bias"), [(1, 1, True), (2, 1, False), (2, 0, True)])
+def test_small_cpu_convolution_takes_the_im2col_kernel_and_computes_what_conv2d_does(stride, padding, bias):
+    """The 3×3 convolutions of a small model skip oneDNN's per-call setup, forward and backward, with the same result."""
+    torch.manual_seed(0)
+    layer = Conv2d(8, 6, 3, stride=stride, padding=padding, bias=bias)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    ours = layer(x)
+    kernels = _kernels(lambda: layer(x).sum().backward())
+    expected_input = x.detach().clone().requires_grad_()
+    expected = F.conv2d(expected_input, layer.weight, layer.bias, stride, padding)
+    gradient = torch.randn_like(expected)
+    ours_grads = torch.autograd.grad(ours, [x, *layer.parameters()], gradient)
+    expected_grads = torch.autograd.grad(expected, [expected_input, *layer.parameters()], gradient)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(ours_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "aten::_slow_conv2d_forward" in kernels and "aten::_slow_conv2d_backward" in kernels
+    assert "aten::mkldnn_convolution" not in kernels
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_large_cpu_convolution_stays_on_onednn():
+    layer = Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(1, 64, 64, 64)
+    with torch.no_grad():
+        kernels = _kernels(lambda: layer(x))
+    assert "aten::mkldnn_convolution" in kernels and "aten::_slow_conv2d_forward" not in kernels

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import PointwiseConv2d
+from .common import Conv2d, PointwiseConv2d
 
 FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8).max  # 448: e4m3fn has no infinity, a larger value would become NaN
@@ -38,14 +38,14 @@ class Fp8Linear(nn.Linear):
         return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
 
-class Fp8Conv2d(nn.Conv2d):
+class Fp8Conv2d(Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         return self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
 
 
-_FP8_CLASS = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d, PointwiseConv2d: Fp8Conv2d}
+_FP8_CLASS = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d, Conv2d: Fp8Conv2d, PointwiseConv2d: Fp8Conv2d}
 
 
 def store_in_fp8(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .common import CheckpointedModel, PointwiseConv2d
+from .common import CheckpointedModel, Conv2d, PointwiseConv2d
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,14 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, out_channels: int, emb_dim: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            nn.GroupNorm(groups, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels),
             nn.SiLU(),
             nn.Dropout(0.0),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = PointwiseConv2d(channels, out_channels) if channels != out_channels else nn.Identity()
 
@@ -204,7 +204,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -213,7 +213,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # An explicit size keeps latents whose sides are not multiples of 8 aligned with their skip connections.
@@ -247,7 +247,7 @@ class UNetModel(CheckpointedModel):
                 nn.Sequential(nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
 
-        self.input_blocks = nn.ModuleList([UNetStage([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([UNetStage([Conv2d(config.in_channels, mc, 3, padding=1)])])
         skip_channels = [mc]
         channels = mc
         levels = len(config.channel_mult)
@@ -284,7 +284,7 @@ class UNetModel(CheckpointedModel):
                     stage.append(Upsample(channels))
                 self.output_blocks.append(UNetStage(stage))
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(), Conv2d(channels, config.out_channels, 3, padding=1))
 
     def _run_stage(self, stage: UNetStage, h, emb, context, upsample_size=None):
         for layer in stage:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .common import CheckpointedModel, PointwiseConv2d
+from .common import CheckpointedModel, Conv2d, PointwiseConv2d
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = _group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _group_norm(out_channels, groups)
         self.dropout = nn.Dropout(0.0)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = PointwiseConv2d(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -126,7 +126,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -185,7 +185,7 @@ class Encoder(nn.Module):
         super().__init__()
         groups, levels = config.norm_groups, len(config.channel_mult)
         widths = [config.base_channels * m for m in config.channel_mult]
-        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, config.base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         channels = config.base_channels
         for level, width in enumerate(widths):
@@ -197,7 +197,7 @@ class Encoder(nn.Module):
             self.down.append(Level(blocks, downsample, "downsample"))
         self.mid = MidBlock(channels, groups)
         self.norm_out = _group_norm(channels, groups)
-        self.conv_out = nn.Conv2d(channels, 2 * config.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, run_block=None) -> torch.Tensor:
         h = self.conv_in(x)
@@ -215,7 +215,7 @@ class Decoder(nn.Module):
         groups, levels = config.norm_groups, len(config.channel_mult)
         widths = [config.base_channels * m for m in config.channel_mult]
         channels = widths[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, channels, 3, padding=1)
+        self.conv_in = Conv2d(config.z_channels, channels, 3, padding=1)
         self.mid = MidBlock(channels, groups)
         up = []
         for level in reversed(range(levels)):
@@ -227,7 +227,7 @@ class Decoder(nn.Module):
             up.insert(0, Level(blocks, upsample, "upsample"))
         self.up = nn.ModuleList(up)
         self.norm_out = _group_norm(channels, groups)
-        self.conv_out = nn.Conv2d(channels, config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels, config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, run_block=None) -> torch.Tensor:
         h = self.conv_in(z)

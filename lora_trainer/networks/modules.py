@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.common import pointwise_conv2d
+from ..models.common import conv2d, pointwise_conv2d
 from .dora import init_magnitude
 from .naming import Target
 from .registry import INITIALISERS, find_algorithm, load_builtin, module_delta
@@ -188,7 +188,7 @@ class NetworkModule(nn.Module):
             return pointwise_conv2d(x, weight, bias)  # skips the convolution's per-call setup
         if weight.dim() == 2:  # the layer's weight as a matrix
             weight = weight.view(self._base_weight[0].shape)
-        return F.conv2d(x, weight, bias, **self.conv)
+        return conv2d(x, weight, bias, **self.conv)
 
     def layer_output(self, layer: nn.Module, layer_forward: Callable, x: torch.Tensor) -> torch.Tensor:
         """The layer's forward while the network is applied: its output for ``x`` with this module's change."""
@@ -261,7 +261,7 @@ class NetworkModule(nn.Module):
         if mid is None:
             hidden = self._project(x, down)
         else:  # Tucker: the 1×1 down, then the core with the layer's kernel, stride and padding
-            hidden = F.conv2d(F.conv2d(x, down), mid.weight.to(x.dtype), **self.conv)
+            hidden = conv2d(F.conv2d(x, down), mid.weight.to(x.dtype), **self.conv)
         if self.training and self.dropout and not self.lycoris_dropouts:
             hidden = F.dropout(hidden, p=self.dropout)
         if self.training and self.rank_dropout:
