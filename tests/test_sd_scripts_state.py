@@ -1,6 +1,6 @@
 """Optimizer moments from sd-scripts' own --save_state folders (accelerate's optimizer.bin): they are numbered in the
-order networks.lora (and networks.dylora, a parameter per rank) hands its parameters to the optimizer, which this
-trainer reproduces from the Kohya names."""
+order networks.lora (and networks.dylora, a parameter per rank, and lycoris.kohya) hands its parameters to the
+optimizer, which this trainer reproduces from the Kohya names."""
 
 from __future__ import annotations
 
@@ -27,9 +27,17 @@ STATE = DATA / "sd-scripts-state-step5"
 STEP4 = DATA / "sd-scripts-step4.safetensors"
 BLOCKS_LORAPLUS = ("down_lr_weight=1,1,1,1,1,1,0.5,0.5,0.5,0.5,0.5,0.5", "mid_lr_weight=2",
                    "up_lr_weight=0,0,0,1,1,1,1,1,1,1,1,1", "loraplus_lr_ratio=4")
-RUNS = {"plain": (STATE, STEP4, ()),
+# sd-scripts with lycoris.kohya (lycoris-lora 4.1.3), preset attn-mlp (which adds the time embedding's two Linear
+# layers), dim 2, AdamW lr 1e-3, 64 px, 2 steps: the state of step 2 and the file of step 1
+LYCORIS_ALGORITHMS = ("loha", "lokr")
+RUNS = {"plain": (STATE, STEP4, (), "networks.lora", 1),
         "blocks and LoRA+": (DATA / "sd-scripts-state-blocks-loraplus", DATA / "sd-scripts-state-blocks-loraplus-step1.safetensors",
-                             BLOCKS_LORAPLUS)}
+                             BLOCKS_LORAPLUS, "networks.lora", 1),
+        **{f"lycoris {algorithm}": (DATA / f"sd-scripts-state-lycoris-{algorithm}",
+                                    DATA / f"sd-scripts-state-lycoris-{algorithm}-step1.safetensors",
+                                    (f"algo={algorithm}", "preset=attn-mlp"), "lycoris.kohya", 2)
+           for algorithm in LYCORIS_ALGORITHMS}}
+PARAMETERS = {"plain": 408, "blocks and LoRA+": 408, "lycoris loha": 824, "lycoris lokr": 618}
 ORDERS = json.loads(gzip.decompress((DATA / "sd-scripts-optimizer-order.json.gz").read_bytes()))
 
 
@@ -54,8 +62,8 @@ def test_the_moments_of_sd_scripts_state_continue_its_adamw_exactly(run):
     """Each parameter's moments (and its group's rate) must be its own: from the previous step's weights, one AdamW
     step with the loaded moments gives the state's weights exactly. A parameter given another layer's moments (same
     shape: q and k) would not, nor one in another block's group."""
-    state, previous, network_args = RUNS[run]
-    network, optimizer = tiny_run(*network_args)
+    state, previous, network_args, module, dim = RUNS[run]
+    network, optimizer = tiny_run(*network_args, module=module, dim=dim)
     step = load_sd_scripts_state(state, network)
     assert load_sd_scripts_moments(state, network, optimizer) is None
     before, after = load_file(str(previous)), load_file(str(state / "model.safetensors"))
@@ -70,7 +78,13 @@ def test_the_moments_of_sd_scripts_state_continue_its_adamw_exactly(run):
             expected = before[name] * (1 - lr * decay) - lr / (1 - beta1**step) * moments["exp_avg"] / denominator
             assert torch.allclose(expected, after[name], rtol=1e-5, atol=1e-8), name
             checked += 1
-    assert checked == 408
+    assert checked == PARAMETERS[run]
+
+
+def test_lycoris_moments_of_an_unknown_order_leave_the_optimizer_fresh_and_say_why():
+    network, optimizer = tiny_run("algo=loha", "preset=attn-mlp", "dora_wd=True", module="lycoris.kohya", dim=2)
+    why = load_sd_scripts_moments(DATA / "sd-scripts-state-lycoris-loha", network, optimizer)
+    assert "LoCon, LoHa and LoKr without dora_wd or use_scalar" in why and not optimizer.state
 
 
 def test_moments_that_do_not_fit_leave_the_optimizer_fresh_and_say_why():

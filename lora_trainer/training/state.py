@@ -94,15 +94,20 @@ _REGISTRATION_RANK = {
     "text_model": 0, "encoder": 0, "layers": 0, "self_attn": 0, "mlp": 1,
     "k_proj": 0, "v_proj": 1, "q_proj": 2, "out_proj": 3, "fc1": 0, "fc2": 1,
     # sd-scripts' SD1/SD2 UNet: diffusers' layout, its mid block registered after the up blocks
+    "conv_in": -2, "time_embedding": -1, "linear_1": 0, "linear_2": 1, "conv_out": 3,  # LyCORIS's presets reach these
     "down_blocks": 0, "up_blocks": 1, "mid_block": 2, "attentions": 0, "resnets": 1, "downsamplers": 2, "upsamplers": 2,
     "conv1": 0, "time_emb_proj": 1, "conv2": 2, "conv_shortcut": 3, "conv": 0,
     # its SDXL UNet: the LDM layout
-    "input_blocks": 0, "middle_block": 1, "output_blocks": 2,
+    "time_embed": -2, "label_emb": -1, "input_blocks": 0, "middle_block": 1, "output_blocks": 2, "out": 3,
     "in_layers": 0, "emb_layers": 1, "out_layers": 2, "skip_connection": 3, "op": 0,
     # the transformer blocks of both
     "proj_in": 0, "transformer_blocks": 1, "proj_out": 2, "attn1": 0, "ff": 1, "attn2": 2,
     "to_q": 0, "to_k": 1, "to_v": 2, "to_out": 3, "net": 0, "proj": 0,
-    "lora_down": 0, "lora_up": 1, "weight": 0,
+    "lora_down": 0, "lora_mid": 1, "lora_up": 2, "weight": 0,
+    # a LyCORIS module's own parameters, in the order its class registers them (lycoris-lora 4.1.3): LoHa's, LoKr's
+    # (each factor whole, or as two with a Tucker core for the second), and LoCon's are lora_down/lora_mid/lora_up
+    "hada_t1": 0, "hada_w1_a": 1, "hada_w1_b": 2, "hada_t2": 3, "hada_w2_a": 4, "hada_w2_b": 5,
+    "lokr_w1": 0, "lokr_w1_a": 0, "lokr_w1_b": 1, "lokr_w2": 2, "lokr_t2": 2, "lokr_w2_a": 3, "lokr_w2_b": 4,
     "rank": 0,  # DyLoRA's parameter per rank (its lora_A.N / lora_B.N)
 }
 _LONGEST_PART = max(part.count("_") + 1 for part in _REGISTRATION_RANK)
@@ -136,15 +141,21 @@ _IMPLEMENTATION_FLAGS = {"params", "lr", "initial_lr", "foreach", "fused", "capt
 
 def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     """The optimizer moments of sd-scripts' state ``folder`` (accelerate's ``optimizer.bin``) into ``optimizer``;
-    None when they are loaded, else why not (the optimizer then starts afresh). Only networks.lora's and
-    networks.dylora's order of parameters is known here (DyLoRA's a parameter per rank, as ours). Its groups (text
+    None when they are loaded, else why not (the optimizer then starts afresh). The order of parameters is known for
+    networks.lora, networks.dylora (a parameter per rank, as ours) and lycoris.kohya's LoCon, LoHa and LoKr (its
+    modules in networks.lora's order, each module's parameters as its class registers them). Its groups (text
     encoders, the UNet or its blocks, LoRA+'s up weights apart) are ours (``parameter_groups``), placed where their
     first layer registers, each listing its layers in that order."""
     path = folder / "optimizer.bin"
     if not path.is_file():
         return "the state has no optimizer.bin"
-    if network.spec.network_module not in (None, "networks.lora", "networks.dylora"):
-        return "the order of parameters is known for networks.lora and networks.dylora only"
+    spec = network.spec
+    if spec.network_module == "lycoris.kohya":
+        if spec.algorithm not in ("lora", "loha", "lokr") or spec.dora or spec.use_scalar:
+            return ("the order of parameters is known for lycoris.kohya's LoCon, LoHa and LoKr without dora_wd or "
+                    "use_scalar only")
+    elif spec.network_module not in (None, "networks.lora", "networks.dylora"):
+        return "the order of parameters is known for networks.lora, networks.dylora and lycoris.kohya only"
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)  # tensors and numbers: no code runs
         their_groups, their_state = theirs["param_groups"], theirs["state"]
