@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_trainer.errors import UserError
 from lora_trainer.models.checkpoint import load_checkpoint
 from lora_trainer.networks.network import create_network
 from lora_trainer.networks.spec import spec_from_kohya
@@ -28,16 +29,17 @@ STEP4 = DATA / "sd-scripts-step4.safetensors"
 BLOCKS_LORAPLUS = ("down_lr_weight=1,1,1,1,1,1,0.5,0.5,0.5,0.5,0.5,0.5", "mid_lr_weight=2",
                    "up_lr_weight=0,0,0,1,1,1,1,1,1,1,1,1", "loraplus_lr_ratio=4")
 # sd-scripts with lycoris.kohya (lycoris-lora 4.1.3), preset attn-mlp (which adds the time embedding's two Linear
-# layers), dim 2, AdamW lr 1e-3, 64 px, 2 steps: the state of step 2 and the file of step 1
-LYCORIS_ALGORITHMS = ("loha", "lokr")
+# layers), dim 2, AdamW lr 1e-3, 64 px, 2 steps: the state of step 2 and the file of step 1. LoCon with DoRA puts
+# each module's dora_scale before its factors (LoHa's and LoKr's after theirs)
+LYCORIS_RUNS = {"loha": ("algo=loha",), "lokr": ("algo=lokr",),
+                "locon-dora": ("algo=locon", "dora_wd=True", "wd_on_output=True")}
 RUNS = {"plain": (STATE, STEP4, (), "networks.lora", 1),
         "blocks and LoRA+": (DATA / "sd-scripts-state-blocks-loraplus", DATA / "sd-scripts-state-blocks-loraplus-step1.safetensors",
                              BLOCKS_LORAPLUS, "networks.lora", 1),
-        **{f"lycoris {algorithm}": (DATA / f"sd-scripts-state-lycoris-{algorithm}",
-                                    DATA / f"sd-scripts-state-lycoris-{algorithm}-step1.safetensors",
-                                    (f"algo={algorithm}", "preset=attn-mlp"), "lycoris.kohya", 2)
-           for algorithm in LYCORIS_ALGORITHMS}}
-PARAMETERS = {"plain": 408, "blocks and LoRA+": 408, "lycoris loha": 824, "lycoris lokr": 618}
+        **{f"lycoris {run}": (DATA / f"sd-scripts-state-lycoris-{run}", DATA / f"sd-scripts-state-lycoris-{run}-step1.safetensors",
+                              (*network_args, "preset=attn-mlp"), "lycoris.kohya", 2)
+           for run, network_args in LYCORIS_RUNS.items()}}
+PARAMETERS = {"plain": 408, "blocks and LoRA+": 408, "lycoris loha": 824, "lycoris lokr": 618, "lycoris locon-dora": 618}
 ORDERS = json.loads(gzip.decompress((DATA / "sd-scripts-optimizer-order.json.gz").read_bytes()))
 
 
@@ -81,10 +83,18 @@ def test_the_moments_of_sd_scripts_state_continue_its_adamw_exactly(run):
     assert checked == PARAMETERS[run]
 
 
+def test_a_lycoris_dora_state_on_the_other_axis_says_which_option_fits_it():
+    """LyCORIS trains dora_scale on the output axis by default, this trainer on the input axis (the one the WebUI
+    reads correctly): resuming sd-scripts' state with only dora_wd=True must name wd_on_output=True."""
+    network, _ = tiny_run("algo=locon", "dora_wd=True", "preset=attn-mlp", module="lycoris.kohya", dim=2)
+    with pytest.raises(UserError, match="dora_scale is on the other axis.*wd_on_output=True"):
+        load_sd_scripts_state(DATA / "sd-scripts-state-lycoris-locon-dora", network)
+
+
 def test_lycoris_moments_of_an_unknown_order_leave_the_optimizer_fresh_and_say_why():
-    network, optimizer = tiny_run("algo=loha", "preset=attn-mlp", "dora_wd=True", module="lycoris.kohya", dim=2)
+    network, optimizer = tiny_run("algo=loha", "preset=attn-mlp", "use_scalar=True", module="lycoris.kohya", dim=2)
     why = load_sd_scripts_moments(DATA / "sd-scripts-state-lycoris-loha", network, optimizer)
-    assert "LoCon, LoHa and LoKr without dora_wd or use_scalar" in why and not optimizer.state
+    assert "LoCon, LoHa and LoKr without use_scalar" in why and not optimizer.state
 
 
 def test_moments_that_do_not_fit_leave_the_optimizer_fresh_and_say_why():

@@ -108,12 +108,15 @@ _REGISTRATION_RANK = {
     # (each factor whole, or as two with a Tucker core for the second), and LoCon's are lora_down/lora_mid/lora_up
     "hada_t1": 0, "hada_w1_a": 1, "hada_w1_b": 2, "hada_t2": 3, "hada_w2_a": 4, "hada_w2_b": 5,
     "lokr_w1": 0, "lokr_w1_a": 0, "lokr_w1_b": 1, "lokr_w2": 2, "lokr_t2": 2, "lokr_w2_a": 3, "lokr_w2_b": 4,
+    "dora_scale": 6,  # registered after LoHa's and LoKr's factors; LoCon's comes first (``_OWN_PARAMETERS_FIRST``)
     "rank": 0,  # DyLoRA's parameter per rank (its lora_A.N / lora_B.N)
 }
 _LONGEST_PART = max(part.count("_") + 1 for part in _REGISTRATION_RANK)
+# LyCORIS's LoCon holds its factors in submodules, which torch lists after the module's own parameters (dora_scale)
+_OWN_PARAMETERS_FIRST = {**_REGISTRATION_RANK, "dora_scale": -1}
 
 
-def sd_scripts_parameter_key(name: str) -> tuple[int, ...]:
+def sd_scripts_parameter_key(name: str, ranks: dict[str, int] = _REGISTRATION_RANK) -> tuple[int, ...]:
     """Sort key of a parameter (``lora_unet_….lora_down.weight``) in sd-scripts' networks.lora optimizer order;
     KeyError for a name part whose place is not known."""
     words = [word for piece in name.removeprefix("lora_").split(".") for word in piece.split("_")]
@@ -125,8 +128,8 @@ def sd_scripts_parameter_key(name: str) -> tuple[int, ...]:
             continue
         for size in range(min(_LONGEST_PART, len(words) - index), 0, -1):
             part = "_".join(words[index:index + size])
-            if part in _REGISTRATION_RANK:
-                key.append(_REGISTRATION_RANK[part])
+            if part in ranks:
+                key.append(ranks[part])
                 index += size
                 break
         else:
@@ -151,9 +154,9 @@ def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
         return "the state has no optimizer.bin"
     spec = network.spec
     if spec.network_module == "lycoris.kohya":
-        if spec.algorithm not in ("lora", "loha", "lokr") or spec.dora or spec.use_scalar:
-            return ("the order of parameters is known for lycoris.kohya's LoCon, LoHa and LoKr without dora_wd or "
-                    "use_scalar only")
+        if spec.algorithm not in ("lora", "loha", "lokr") or spec.use_scalar:
+            return ("the order of parameters is known for lycoris.kohya's LoCon, LoHa and LoKr without use_scalar only "
+                    "(whose states store its scalar folded into the factors)")
     elif spec.network_module not in (None, "networks.lora", "networks.dylora"):
         return "the order of parameters is known for networks.lora, networks.dylora and lycoris.kohya only"
     try:
@@ -171,9 +174,10 @@ def load_sd_scripts_moments(folder: Path, network, optimizer) -> str | None:
     for group, our_group in zip(optimizer.param_groups, ours["param_groups"]):
         index_of.update({name_of[id(parameter)]: number for parameter, number in zip(group["params"], our_group["params"])})
     try:
-        groups = sorted((sorted((name_of[id(p)] for p in group["params"]), key=sd_scripts_parameter_key)
+        ranks = _OWN_PARAMETERS_FIRST if spec.algorithm == "lora" else _REGISTRATION_RANK
+        groups = sorted((sorted((name_of[id(p)] for p in group["params"]), key=lambda name: sd_scripts_parameter_key(name, ranks))
                          for group in optimizer.param_groups if group["params"]),
-                        key=lambda names: sd_scripts_parameter_key(names[0]))
+                        key=lambda names: sd_scripts_parameter_key(names[0], ranks))
     except KeyError as part:
         return f"the place of layer part {part} in sd-scripts' order is not known"
     sizes, their_sizes = [len(names) for names in groups], [len(group["params"]) for group in their_groups]
@@ -230,9 +234,13 @@ def _load_network(folder: Path, network, tensors: dict[str, torch.Tensor]) -> No
     if missing or unexpected or resized:
         example = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
                    f"{resized[0]} {list(tensors[resized[0]].shape)} where this run has {list(own[resized[0]].shape)}")
+        hint = ""
+        if resized and resized[0].endswith("dora_scale") and tensors[resized[0]].shape == own[resized[0]].shape[::-1]:
+            hint = ("; its dora_scale is on the other axis: LyCORIS puts it on the output axis unless told otherwise, "
+                    "this trainer on the input axis unless network_args has wd_on_output=True")
         raise UserError(f"{folder}: its network does not match this run's options ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected, {len(resized)} resized tensors, e.g. {example}); resume with "
-                        "the same base model and network options (network_dim, network_args such as conv_dim)")
+                        f"the same base model and network options (network_dim, network_args such as conv_dim){hint}")
     network.load_state_dict(tensors)
 
 
