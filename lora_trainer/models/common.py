@@ -33,7 +33,7 @@ class CheckpointedModel(nn.Module):
 # A CPU convolution whose im2col buffer (batch × input channels × kernel area × output pixels) holds fewer elements than
 # this is cheaper through torch's own im2col + matrix product than through oneDNN, whose per-call setup (≈ 0.1–0.15 ms)
 # outweighs the arithmetic: a small model's 3×3 convolutions at 16×16 pixels and below, forward and backward (measured
-# on x86_64 with AVX2, torch 2.13: the reference training run's step 7–10 % faster). Larger ones stay on oneDNN.
+# on x86_64 with AVX2, torch 2.13: the reference training run's step 5–11 % faster). Larger ones stay on oneDNN.
 IM2COL_BELOW = 2**18
 
 
