@@ -81,11 +81,13 @@ _OUR_COMMAND = "from lora_trainer.train_network import main; sys.exit(main(sys.a
 
 
 # sd-scripts' steps bar once its first step is done
-_FIRST_STEP_DONE = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*1/\d+")
+SD_SCRIPTS_FIRST_STEP = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*1/\d+")
 
 
-def run_measured(python: str, argv: list[str], call: str, cwd: Path | None = None) -> tuple[dict, str, float | None]:
-    """The figures the script printed, its stderr, and when (epoch seconds) its stderr first showed a finished step."""
+def run_measured(python: str, argv: list[str], call: str, cwd: Path | None = None,
+                 first_step_done: re.Pattern | None = None) -> tuple[dict, str, float | None]:
+    """The figures the script printed, its stderr, and when (epoch seconds) its stderr first matched
+    ``first_step_done`` (None without a pattern or a match)."""
     process = subprocess.Popen([python, "-c", _MEASURED.format(argv=argv, call=call)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd=cwd)
     chunks, first_step = [], []
@@ -93,8 +95,9 @@ def run_measured(python: str, argv: list[str], call: str, cwd: Path | None = Non
     def read_stderr() -> None:  # tqdm redraws with carriage returns: read as it comes, not by lines
         while chunk := process.stderr.read1(65536):
             chunks.append(chunk)
-            if not first_step and _FIRST_STEP_DONE.search(b"".join(chunks[-2:]).decode("utf-8", "replace")):
-                first_step.append(time.time())
+            if first_step_done and not first_step:
+                if first_step_done.search(b"".join(chunks[-2:]).decode("utf-8", "replace")):
+                    first_step.append(time.time())
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
@@ -137,7 +140,8 @@ def sd_scripts(checkout: Path, fixtures: Path, extra: Sequence[str]) -> RunFigur
         arguments = [*reference_arguments(fixtures, Path(folder)), "--save_model_as", "safetensors", *extra]
         script = checkout / "train_network.py"
         figures, stderr, first_step = run_measured(python_of(checkout), [str(script), *arguments],
-                                                f"runpy.run_path({str(script)!r}, run_name='__main__')", cwd=checkout)
+                                                f"runpy.run_path({str(script)!r}, run_name='__main__')", cwd=checkout,
+                                                first_step_done=SD_SCRIPTS_FIRST_STEP)
     steps, elapsed = progress_bar_seconds(stderr)
     if first_step is None:
         raise SystemExit("sd-scripts' output showed no finished first step")
