@@ -16,24 +16,12 @@ from lora_trainer.networks.files import read_network
 from lora_trainer.networks.lycoris_presets import LYCORIS_PRESETS
 from lora_trainer.networks.network import base_metadata, create_network, kohya_hashes, save_network
 from lora_trainer.networks.spec import NetworkSpec
-from lora_trainer.tiny_model.build import tiny_config
+from lora_trainer.tiny_model.build import tiny_config, tiny_like
 
 SD1_TINY = tiny_config()
 
 
-def _tiny_like(config):
-    """``config``'s layout (linear projections, OpenCLIP encoders, label embedding) at the tiny model's widths."""
-    unet = dataclasses.replace(SD1_TINY.unet, use_linear_projection=config.unet.use_linear_projection, num_heads=4, head_dim=None,
-                               context_dim=32 * len(config.text_encoders),
-                               adm_in_channels=None if config.unet.adm_in_channels is None else 32 + 6 * 256)
-    slots = tuple(dataclasses.replace(slot, config=dataclasses.replace(slot.config, width=32, layers=2, heads=2, mlp_width=64,
-                                                                       projection_dim=32 if slot.config.projection_dim else None),
-                                      kohya_layers=1 if slot.kohya_layers else None)
-                  for slot in config.text_encoders)
-    return dataclasses.replace(config, unet=unet, text_encoders=slots, resolution=64)
-
-
-CONFIGS = {"sd1": SD1_TINY, "sd2": _tiny_like(SD2), "sdxl": _tiny_like(SDXL)}
+CONFIGS = {"sd1": SD1_TINY, "sd2": tiny_like(SD2), "sdxl": tiny_like(SDXL)}
 SPECS = {
     "lora": NetworkSpec(dim=4, alpha=2),
     "locon": NetworkSpec(dim=4, alpha=2, conv_dim=2, conv_alpha=1),

@@ -48,6 +48,18 @@ def tiny_config(scaling_factor: float = 1.0) -> ModelConfig:
     )
 
 
+def tiny_like(config: ModelConfig) -> ModelConfig:
+    """``config``'s layout (linear projections, OpenCLIP encoders, label embedding) at the tiny model's widths."""
+    unet = dataclasses.replace(tiny_config().unet, use_linear_projection=config.unet.use_linear_projection, num_heads=4, head_dim=None,
+                               context_dim=32 * len(config.text_encoders),
+                               adm_in_channels=None if config.unet.adm_in_channels is None else 32 + 6 * 256)
+    slots = tuple(dataclasses.replace(slot, config=dataclasses.replace(slot.config, width=32, layers=2, heads=2, mlp_width=64,
+                                                                       projection_dim=32 if slot.config.projection_dim else None),
+                                      kohya_layers=1 if slot.kohya_layers else None)
+                  for slot in config.text_encoders)
+    return dataclasses.replace(config, unet=unet, text_encoders=slots, resolution=64)
+
+
 @dataclass
 class BuildSettings:
     seed: int = 0

@@ -1,0 +1,151 @@
+"""The trainer's GPU paths on a real CUDA device: each mixed precision, --fp8_base, gradient checkpointing, SDXL with
+cached text-encoder outputs, the out-of-memory advice and NCCL's collectives.
+
+Skipped where PyTorch sees no CUDA GPU (CI and the 2-core development machines have none): ``.ci/device-check`` runs
+them on a lent GPU. The CPU suite covers the same options' logic; these check that the CUDA kernels, autocast and the
+grad scaler do what the CPU cannot show.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_trainer.bench import write_random_checkpoint
+from lora_trainer.models.configs import SDXL
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH, tiny_like
+from lora_trainer.train_network import main as train_main
+from lora_trainer.training.distributed import World, agree_on_command, agree_on_seed, sum_gradients
+from lora_trainer.training.events import read_events
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: .ci/device-check runs these on one")
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "我的 数据集 Ä"
+    shutil.copytree(SAMPLE, root / "2_zkstar")
+    return root
+
+
+def train(dataset: Path, out: Path, *extra: str, model: Path = TINY_MODEL_PATH) -> tuple[int, list[dict]]:
+    code = train_main([
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(dataset), "--output_dir", str(out),
+        "--output_name", "star", "--resolution", "64", "--train_batch_size", "4", "--network_module", "networks.lora",
+        "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3", "--max_train_epochs", "2",
+        "--cache_latents", "--seed", "3", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
+        "--device", "cuda", *extra,
+    ])
+    events, _ = read_events(out / "star.events.jsonl")
+    return code, events
+
+
+def learned(out: Path) -> torch.Tensor:
+    """Everything the run learned, as one vector: the up factors start at zero, so they are the change itself."""
+    weights = load_file(str(out / "star.safetensors"))
+    return torch.cat([weights[k].float().flatten() for k in sorted(weights) if k.endswith("lora_up.weight")])
+
+
+def losses(events: list[dict]) -> list[float]:
+    return [e["loss"] for e in events if e["event"] == "step" and "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def fp32_run(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fp32")
+    code, events = train(dataset, out, "--mixed_precision", "no")
+    assert code == 0 and events[0]["device"] == "cuda:0"
+    return out
+
+
+@pytest.mark.parametrize("precision", [
+    ["--mixed_precision", "fp16"],  # autocast and the grad scaler
+    ["--mixed_precision", "bf16"],
+    ["--mixed_precision", "bf16", "--full_bf16"],
+    ["--mixed_precision", "fp16", "--full_fp16", "--optimizer_type", "Lion", "--learning_rate", "1e-4"],
+], ids=["fp16", "bf16", "full_bf16", "full_fp16"])
+def test_each_mixed_precision_learns_what_fp32_learns_on_the_gpu(dataset, fp32_run, tmp_path, precision):
+    code, events = train(dataset, tmp_path, *precision)
+    assert code == 0, [e for e in events if e["event"] == "error"]
+    assert len(losses(events)) == 16 and all(0 < loss < 10 for loss in losses(events))
+    change, reference = learned(tmp_path), learned(fp32_run)
+    assert change.isfinite().all() and change.abs().max() > 0
+    if "Lion" not in precision:  # same optimizer and learning rate: the same direction, up to rounding
+        assert torch.cosine_similarity(change, reference, dim=0) > 0.8
+
+
+def test_fp8_base_keeps_the_frozen_weights_in_fp8_and_starts_from_the_same_loss(dataset, tmp_path):
+    code, bf16 = train(dataset, tmp_path / "bf16", "--mixed_precision", "bf16")
+    assert code == 0
+    code, fp8 = train(dataset, tmp_path / "fp8", "--mixed_precision", "bf16", "--fp8_base")
+    assert code == 0, [e for e in fp8 if e["event"] == "error"]
+    assert fp8[0]["fp8_saved_mib"] > 0
+    # the same seed draws the same noise: only the base weights' rounding differs at the first step
+    assert losses(fp8)[0] == pytest.approx(losses(bf16)[0], rel=0.1)
+    assert learned(tmp_path / "fp8").isfinite().all()
+
+
+def test_gradient_checkpointing_learns_the_same_weights_on_the_gpu(dataset, fp32_run, tmp_path):
+    code, events = train(dataset, tmp_path, "--mixed_precision", "no", "--gradient_checkpointing")
+    assert code == 0, [e for e in events if e["event"] == "error"]
+    assert torch.cosine_similarity(learned(tmp_path), learned(fp32_run), dim=0) > 0.99
+
+
+def test_sdxl_with_cached_text_encoder_outputs_trains_in_bf16_on_the_gpu(dataset, tmp_path):
+    model = write_random_checkpoint(tiny_like(SDXL), tmp_path / "tiny sdxl.safetensors")
+    code, events = train(dataset, tmp_path / "out", "--mixed_precision", "bf16", "--network_train_unet_only",
+                         "--cache_text_encoder_outputs", model=model)
+    assert code == 0, [e for e in events if e["event"] == "error"]
+    assert events[0]["model"] == "SDXL" and all(0 < loss < 10 for loss in losses(events))
+    assert any(key.startswith("lora_unet_") for key in load_file(str(tmp_path / "out" / "star.safetensors")))
+
+
+def test_running_out_of_gpu_memory_names_the_options_that_lower_memory(dataset, tmp_path, capsys):
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(2**20 / total)  # 1 MiB: the first weights overflow it
+    try:
+        code, events = train(dataset, tmp_path, "--mixed_precision", "no")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "out of CUDA memory" in message and "--gradient_checkpointing" in message and "--mixed_precision bf16" in message
+    assert events[-1]["event"] == "error" and "--gradient_checkpointing" in events[-1]["message"]
+
+
+def _nccl_rank(rank: int, size: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    # a World of at least 2 takes the distributed path even on a one-GPU machine, where NCCL allows one rank only
+    world = World(rank, max(size, 2))
+    parameters = [torch.nn.Parameter(torch.zeros(3, 2, device="cuda")),
+                  torch.nn.Parameter(torch.zeros(4, device="cuda", dtype=torch.bfloat16))]
+    parameters[0].grad = torch.arange(6.0, device="cuda").reshape(3, 2) * (rank + 1)
+    parameters[1].grad = torch.full((4,), 0.5 * (rank + 1), device="cuda", dtype=torch.bfloat16)
+    sum_gradients(world, parameters)
+    seed = agree_on_seed(world, 1234 if rank == 0 else 99)  # CPU tensors travel through the GPU for NCCL
+    command = agree_on_command(world, "save" if rank == 0 else None, signalled=False)
+    torch.save({"grads": [p.grad.cpu() for p in parameters], "seed": seed, "command": command}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_nccl_sums_gradients_and_shares_rank_0s_decisions(tmp_path):
+    size = min(2, torch.cuda.device_count())
+    torch.multiprocessing.spawn(_nccl_rank, args=(size, str(tmp_path / "init"), str(tmp_path)), nprocs=size)
+    total = sum(rank + 1 for rank in range(size))
+    for rank in range(size):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(result["grads"][0], torch.arange(6.0).reshape(3, 2) * total)
+        assert result["grads"][1].dtype == torch.bfloat16
+        assert torch.equal(result["grads"][1], torch.full((4,), 0.5 * total, dtype=torch.bfloat16))
+        assert result["seed"] == 1234 and result["command"] == "save"
