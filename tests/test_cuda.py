@@ -8,11 +8,11 @@ grad scaler do what the CPU cannot show.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import test_training
 from safetensors.torch import load_file
 
 from lora_trainer.bench import write_random_checkpoint
@@ -22,16 +22,9 @@ from lora_trainer.train_network import main as train_main
 from lora_trainer.training.distributed import World, agree_on_command, agree_on_seed, sum_gradients
 from lora_trainer.training.events import read_events
 
+dataset = test_training.dataset  # the fixture: the sample dataset under a CJK path with spaces, 2 repeats
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: .ci/device-check runs these on one")
-
-SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "我的 数据集 Ä"
-    shutil.copytree(SAMPLE, root / "2_zkstar")
-    return root
 
 
 def train(dataset: Path, out: Path, *extra: str, model: Path = TINY_MODEL_PATH) -> tuple[int, list[dict]]:
