@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +160,57 @@ def test_the_trainer_finds_installed_extras_after_everything_the_host_has(tmp_pa
     monkeypatch.setenv("PYTHONPATH", "/host/site")
     runner = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), extras_folder=tmp_path / "extras")
     assert runner.environment()["PYTHONPATH"].split(os.pathsep) == ["/host/site", str(tmp_path / "extras")]
+
+
+def _state_of(pid: int) -> str:
+    """'gone', 'zombie' (dead, not yet reaped) or 'alive'."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return "gone"
+    return "zombie" if "\nState:\tZ" in status else "alive"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_killing_a_stubborn_trainer_takes_its_data_loader_workers_with_it(tmp_path):
+    from lora_trainer.jobs.runner import _OWN_GROUP, kill_process_tree
+
+    worker_pid = tmp_path / "worker.pid"
+    script = ("import subprocess, sys, time\n"
+              "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(worker_pid)!r}, 'w').write(str(worker.pid))\n"
+              "time.sleep(60)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], **_OWN_GROUP)
+    deadline = time.time() + 20
+    while not worker_pid.exists() or not worker_pid.read_text():
+        assert time.time() < deadline, "the fake trainer never started its worker"
+        time.sleep(0.05)
+    worker = int(worker_pid.read_text())
+    kill_process_tree(trainer)
+    assert trainer.wait(timeout=10) != 0
+    deadline = time.time() + 10
+    while _state_of(worker) == "alive" and time.time() < deadline:
+        time.sleep(0.05)
+    assert _state_of(worker) != "alive"
+    kill_process_tree(trainer)  # already gone: no error
+
+
+@pytest.mark.parametrize("taskkill_code, killed_alone", [(0, False), (128, True)])
+def test_on_windows_the_kill_goes_through_taskkill_of_the_whole_tree(monkeypatch, taskkill_code, killed_alone):
+    """Windows has no process groups to signal: taskkill /T ends the trainer's tree, else the trainer alone."""
+    from lora_trainer.jobs import runner as runner_module
+
+    calls = []
+    monkeypatch.setattr(runner_module.subprocess, "run",
+                        lambda command, **_: calls.append(command) or subprocess.CompletedProcess(command, taskkill_code))
+
+    class Trainer:
+        pid, killed = 4242, False
+
+        def kill(self):
+            self.killed = True
+
+    trainer = Trainer()
+    runner_module.kill_process_tree(trainer, windows=True)
+    assert calls == [["taskkill", "/F", "/T", "/PID", "4242"]]
+    assert trainer.killed == killed_alone

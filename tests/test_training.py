@@ -692,6 +692,33 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
         parse_args(["--config_file", str(tmp_path / "typo.toml")])
 
 
+@pytest.mark.parametrize("windows", [False, True], ids=["posix shell", "cmd.exe"])
+def test_the_printed_kohya_command_reads_back_to_the_same_options_in_the_systems_shell(windows):
+    """--print-kohya-command is pasted into a shell: paths with spaces, CJK and backslashes and a name with an
+    apostrophe must come back whole (POSIX single quotes are no quotes in cmd.exe)."""
+    from lora_trainer.training.options import kohya_command, parse_args, split_command_line
+
+    options, _ = parse_args(["--pretrained_model_name_or_path", "C:\\models\\my model.safetensors",
+                             "--train_data_dir", "D:\\训练 数据\\Ä", "--output_name", "it's mine",
+                             "--network_module", "lycoris.kohya", "--network_args", "algo=loha", "conv_dim=4"])
+    command = kohya_command(options, windows=windows)
+    quote = '"' if windows else "'"
+    assert f"{quote}D:\\训练 数据\\Ä{quote}" in command
+    words = split_command_line(command, windows=windows)
+    assert words[:3] == ["accelerate", "launch", "train_network.py"]
+    assert parse_args(words[3:])[0] == options
+
+
+def test_on_windows_a_command_line_keeps_its_backslashes_and_apostrophes():
+    """Kohya GUI's additional_parameters typed on Windows: unquoted paths, cmd.exe's quoting."""
+    from lora_trainer.training.options import split_command_line
+
+    text = '--vae C:\\models\\vae.safetensors --output_name Kim\'s --sample_prompts "D:\\my prompts.txt"'
+    assert split_command_line(text, windows=True) == [
+        "--vae", "C:\\models\\vae.safetensors", "--output_name", "Kim's", "--sample_prompts", "D:\\my prompts.txt"]
+    assert split_command_line("--output_name 'my lora'", windows=False) == ["--output_name", "my lora"]
+
+
 def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(baseline, dataset, tmp_path):
     assert run(dataset, tmp_path / "a", "--save_every_n_steps", "5", "--save_state", "--save_last_n_steps_state", "1") == 0
     states = sorted(p.name for p in (tmp_path / "a").glob("star-step*-state"))

@@ -29,6 +29,25 @@ def trainer_command(job: Job) -> list[str]:
     return [sys.executable, "-m", "lora_trainer.train_network", "--config_file", str(job.config_path)]
 
 
+# The trainer in its own process group, as the host's Ctrl-C must not reach it (it would stop the job unasked) and a
+# kill must reach its data-loader workers too: a new session on POSIX, a new process group on Windows.
+_OWN_GROUP = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+
+
+def kill_process_tree(process: subprocess.Popen, windows: bool = os.name == "nt") -> None:
+    """Kill the trainer and its data-loader workers: its process group on POSIX; on Windows, which has no process
+    groups to signal, ``taskkill /T`` (its tree), or the process alone where taskkill fails."""
+    if windows:
+        taskkill = subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+        if taskkill.returncode != 0:
+            process.kill()
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended between the last poll and now
+        pass
+
+
 class JobRunner:
     def __init__(self, store: JobStore, command: Callable[[Job], list[str]] = trainer_command, kill_after: float = 120.0,
                  poll: float = 0.5, on_event: Callable[[Job, dict], None] | None = None, extras_folder: Path | None = None):
@@ -127,7 +146,7 @@ class JobRunner:
         job.stop_path.unlink(missing_ok=True)
         log = open(job.folder / "trainer.log", "w", encoding="utf-8")
         process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,
-                                   start_new_session=True, env=self.environment())
+                                   env=self.environment(), **_OWN_GROUP)
         self._process, self._current = process, job.id
         job = self.store.update(job.id, status="running", started=time.time(), pid=process.pid)
         self._notify(job)
@@ -155,7 +174,7 @@ class JobRunner:
             if job.id in self._stop_requested | self._pause_requested:
                 stop_seen_at = stop_seen_at or time.time()
                 if time.time() - stop_seen_at > self.kill_after:
-                    os.killpg(process.pid, signal.SIGKILL)
+                    kill_process_tree(process)
             time.sleep(self.poll)
         log.close()
         code = process.returncode

@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import numbers
+import os
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,10 +346,26 @@ def gui_settings_options(data: dict, notes: list[str], source: str) -> dict[str,
     return options
 
 
+def split_command_line(text: str, windows: bool = os.name == "nt") -> list[str]:
+    """The words of ``text`` as the user's shell splits them: quotes group words; on Windows, as cmd.exe reads a
+    command, only double quotes do, and a backslash is a path separator (``C:\\data\\set``), not an escape."""
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    if windows:
+        lexer.quotes, lexer.escape = '"', ""
+    return list(lexer)
+
+
+def join_command_line(parts: list[str], windows: bool = os.name == "nt") -> str:
+    """One line to paste into the user's shell: double quotes as cmd.exe and PowerShell read them on Windows
+    (POSIX single quotes are not quotes there), POSIX quoting elsewhere."""
+    return subprocess.list2cmdline(parts) if windows else shlex.join(parts)
+
+
 def _command_line_values(text: str, source: str) -> dict[str, Any]:
     """The options a piece of command-line text gives, as the command line reads them."""
     try:
-        return _parsed(build_parser(), shlex.split(text), source)
+        return _parsed(build_parser(), split_command_line(text), source)
     except (SystemExit, ValueError):  # argparse has said what it could not read
         raise UserError(f"{source}: {text!r} is not a list of options this trainer reads") from None
 
@@ -652,8 +670,8 @@ def non_default(options: TrainOptions) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}
 
 
-def kohya_command(options: TrainOptions, script: str = "train_network.py") -> str:
-    """The sd-scripts command line for the same run (``--print-kohya-command``)."""
+def kohya_command(options: TrainOptions, script: str = "train_network.py", windows: bool = os.name == "nt") -> str:
+    """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell."""
     parts = ["accelerate", "launch", script]
     for name, value in non_default(options).items():
         if isinstance(value, bool):
@@ -662,7 +680,7 @@ def kohya_command(options: TrainOptions, script: str = "train_network.py") -> st
             parts += [f"--{name}", *map(str, value)]
         else:
             parts += [f"--{name}", str(value)]
-    return shlex.join(parts)
+    return join_command_line(parts, windows)
 
 
 def write_config(options: TrainOptions, path: str | Path) -> Path:
