@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,27 @@ def is_plain_name(name: str) -> bool:
                                or name.split(".")[0].upper() in _WINDOWS_RESERVED or name.endswith((" ", ".")))
 
 
+# On Windows a file that another program has open cannot be replaced: an antivirus scan or the search indexer opens
+# every new file for a moment, so a rename can fail once or twice where it would succeed a moment later.
+REPLACE_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6) if os.name == "nt" else ()
+
+
+def _replace(source: Path, target: Path) -> None:
+    for wait in REPLACE_RETRY_SECONDS:
+        try:
+            return os.replace(source, target)
+        except PermissionError:
+            time.sleep(wait)
+    try:
+        os.replace(source, target)
+    except PermissionError as error:
+        from .errors import UserError
+
+        raise UserError(f"{target} could not be replaced ({error.strerror}): another program has it open, or the folder "
+                        "is read-only; close that program (or choose another output folder) and save again. The "
+                        "previous file is unchanged.") from error
+
+
 @contextmanager
 def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one step, on error it vanishes.
@@ -42,7 +64,7 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
         if durable:
             with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
                 os.fsync(written.fileno())
-        os.replace(temporary, target)
+        _replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
 

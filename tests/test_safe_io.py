@@ -1,0 +1,60 @@
+"""Atomic writes: a new file replaces the old one whole, or the old one stays, also where Windows holds files open."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lora_trainer import safe_io
+from lora_trainer.errors import UserError
+
+
+def refusing(times: int):
+    """os.replace failing ``times`` times as Windows does while another program has the target open."""
+    real = os.replace
+    calls = []
+
+    def replace(source, target):
+        calls.append(target)
+        if len(calls) <= times:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return real(source, target)
+
+    return replace, calls
+
+
+def test_a_rename_refused_for_a_moment_is_tried_again(tmp_path, monkeypatch):
+    """An antivirus scan or the search indexer opens each new file briefly: the save waits it out."""
+    target = tmp_path / "star.safetensors"
+    target.write_text("old", encoding="utf-8")
+    replace, calls = refusing(2)
+    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0, 0, 0))
+    monkeypatch.setattr(os, "replace", replace)
+    safe_io.write_text(target, "new")
+    assert target.read_text(encoding="utf-8") == "new" and len(calls) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["star.safetensors"]  # no temporary left behind
+
+
+def test_a_file_held_open_for_good_keeps_the_previous_version_and_says_what_to_do(tmp_path, monkeypatch):
+    target = tmp_path / "star.safetensors"
+    target.write_text("old", encoding="utf-8")
+    replace, calls = refusing(100)
+    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0, 0))
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match="star.safetensors could not be replaced .*another program has it open.*"
+                                        "previous file is unchanged"):
+        safe_io.write_text(target, "new")
+    assert len(calls) == 3
+    assert target.read_text(encoding="utf-8") == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["star.safetensors"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX renames")
+def test_where_renames_cannot_be_refused_a_permission_error_is_not_waited_on(tmp_path, monkeypatch):
+    """On Linux and macOS an open file never blocks a rename: a refusal is final, so there is no retry."""
+    replace, calls = refusing(1)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match="could not be replaced"):
+        safe_io.write_text(tmp_path / "a.txt", "new")
+    assert len(calls) == 1
