@@ -34,20 +34,14 @@ def is_plain_name(name: str) -> bool:
 REPLACE_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6) if os.name == "nt" else ()
 
 
-def _replace(source: Path, target: Path) -> None:
+def replace_path(source: str | Path, target: str | Path) -> None:
+    """``os.replace``, tried again for a few seconds where Windows refuses it while another program has a file open."""
     for wait in REPLACE_RETRY_SECONDS:
         try:
             return os.replace(source, target)
         except PermissionError:
             time.sleep(wait)
-    try:
-        os.replace(source, target)
-    except PermissionError as error:
-        from .errors import UserError
-
-        raise UserError(f"{target} could not be replaced ({error.strerror}): another program has it open, or the folder "
-                        "is read-only; close that program (or choose another output folder) and save again. The "
-                        "previous file is unchanged.") from error
+    os.replace(source, target)
 
 
 @contextmanager
@@ -64,7 +58,14 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
         if durable:
             with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
                 os.fsync(written.fileno())
-        _replace(temporary, target)
+        try:
+            replace_path(temporary, target)
+        except PermissionError as error:
+            from .errors import UserError
+
+            raise UserError(f"{target} could not be replaced ({error.strerror}): another program has it open, or the "
+                            "folder is read-only; close that program (or choose another output folder) and save again. "
+                            "The previous file is unchanged.") from error
     finally:
         temporary.unlink(missing_ok=True)
 

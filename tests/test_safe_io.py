@@ -1,4 +1,5 @@
-"""Atomic writes: a new file replaces the old one whole, or the old one stays, also where Windows holds files open."""
+"""Atomic writes: a new file replaces the old one whole, or the old one stays, also where Windows holds files open
+(a LoRA file, a state folder, captions)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,15 @@ def test_where_renames_cannot_be_refused_a_permission_error_is_not_waited_on(tmp
     with pytest.raises(UserError, match="could not be replaced"):
         safe_io.write_text(tmp_path / "a.txt", "new")
     assert len(calls) == 1
+
+
+def test_captions_and_state_folders_wait_out_a_brief_lock_too(tmp_path, monkeypatch):
+    from lora_trainer.dataset.caption_files import write_captions
+
+    caption = tmp_path / "a.txt"
+    caption.write_text("old", encoding="utf-8")
+    replace, calls = refusing(1)
+    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0, 0))
+    monkeypatch.setattr(os, "replace", replace)
+    write_captions({caption: "new"}, backup_dir=None)
+    assert caption.read_text(encoding="utf-8") == "new" and len(calls) == 2

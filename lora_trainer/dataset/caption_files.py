@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Mapping
 
 from lora_trainer.errors import UserError
+from lora_trainer.safe_io import replace_path
 
 CAPTION_WRITE_ENCODING = "utf-8"
 
@@ -252,7 +253,7 @@ def write_captions(
 
     def put_in_place(pair: tuple[Path, Path]) -> OSError | None:
         try:
-            os.replace(*pair)
+            replace_path(*pair)
             return None
         except OSError as error:
             pair[0].unlink(missing_ok=True)

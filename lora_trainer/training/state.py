@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..safe_io import replace_path
 
 
 def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator, run_state) -> Path:
@@ -56,11 +57,11 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(temporary, folder)
+        replace_path(folder, old)
+        replace_path(temporary, folder)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(temporary, folder)
+        replace_path(temporary, folder)
     return folder
 
 
