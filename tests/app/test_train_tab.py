@@ -205,11 +205,13 @@ def test_extras_are_offered_only_where_a_private_folder_exists_and_install_there
     assert "lora_trainer_install_extras" not in elem_ids(train_tab.build(services))  # standalone: no private folder
     services.settings.extras_folder = tmp_path / "extras"
     assert "lora_trainer_install_extras" in elem_ids(train_tab.build(services))
-    ran = []
+    ran, planned = [], {"install": [{"metadata": {"name": "prodigyopt", "version": "1.1.2"}}]}
     monkeypatch.setattr("lora_trainer.app.extras.subprocess.run",
-                        lambda command, **_: ran.append(command) or type("Done", (), {"returncode": 0, "stdout": ""})())
-    assert "Installed prodigyopt into" in train_tab.install_extras_text(services, ["prodigyopt"])
-    assert ran[0][ran[0].index("--target") + 1] == str(tmp_path / "extras")
+                        lambda command, **_: ran.append(command) or type("Done", (), {"returncode": 0, "stdout": json.dumps(planned)})())
+    assert "Installed prodigyopt==1.1.2 into" in train_tab.install_extras_text(services, ["prodigyopt"])
+    assert ran[1][ran[1].index("--target") + 1] == str(tmp_path / "extras")
+    planned = {"install": []}  # the WebUI's environment has it already
+    assert train_tab.install_extras_text(services, ["prodigyopt"]).startswith("The WebUI's environment already has prodigyopt")
     assert train_tab.install_extras_text(services, []).startswith("error: choose at least one extra")
 
 

@@ -1,3 +1,5 @@
+import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 
 from lora_trainer.errors import UserError
-from lora_trainer.app.extras import EXTRAS, pip_command
+from lora_trainer.app.extras import EXTRAS, install_extras, missing_distributions, pip_command, plan_command
 from tests.webui.conftest import txt2img
 
 
@@ -96,9 +98,39 @@ def test_unloading_the_script_restores_the_weights(webui):
 
 
 def test_extras_install_into_the_private_folder_only(tmp_path):
-    command = pip_command(["prodigyopt", "lion-pytorch"], tmp_path / "extras", python="py")
-    assert command == ["py", "-m", "pip", "install", "--target", str(tmp_path / "extras"), "--upgrade", "--prefer-binary",
-                       "prodigyopt", "lion-pytorch"]
+    command = pip_command(["prodigyopt==1.1.2", "lion-pytorch==0.2.5"], tmp_path / "extras", python="py")
+    assert command == ["py", "-m", "pip", "install", "--target", str(tmp_path / "extras"), "--no-deps", "--upgrade",
+                       "--prefer-binary", "prodigyopt==1.1.2", "lion-pytorch==0.2.5"]
     assert set(EXTRAS) == {"onnxruntime", "bitsandbytes", "prodigyopt", "lion-pytorch"}
     with pytest.raises(UserError, match="unknown extra torch"):
-        pip_command(["torch"], tmp_path)
+        plan_command(["torch"])
+
+
+def report(*distributions: tuple[str, str]) -> dict:
+    """pip's --report for a dry run, as much of it as the install reads."""
+    return {"version": "1", "install": [{"metadata": {"name": name, "version": version}} for name, version in distributions]}
+
+
+def test_extras_put_only_what_the_webui_lacks_into_the_folder_never_torch_again(tmp_path, monkeypatch):
+    """pip --target alone ignores the installed packages: for bitsandbytes it would download torch and CUDA again."""
+    ran = []
+
+    def pip(command, **_):
+        ran.append(command)
+        planned = report(("bitsandbytes", "0.45.0")) if "--dry-run" in command else {}
+        return subprocess.CompletedProcess(command, 0, json.dumps(planned), "")
+
+    monkeypatch.setattr("lora_trainer.app.extras.subprocess.run", pip)
+    assert install_extras(["bitsandbytes"], tmp_path / "extras") == ["bitsandbytes==0.45.0"]
+    plan, install = ran
+    assert "--dry-run" in plan and "--target" not in plan  # planned against the WebUI's environment, which has torch
+    assert install[install.index("--target") + 1] == str(tmp_path / "extras") and "--no-deps" in install
+    assert install[-1] == "bitsandbytes==0.45.0"
+
+
+def test_an_extra_that_needs_another_torch_is_refused_naming_both_versions(tmp_path):
+    with pytest.raises(UserError, match=r"need torch 9\.0\.0 \(the WebUI has \d.*\).*never replaced"):
+        missing_distributions(report(("bitsandbytes", "9.9"), ("torch", "9.0.0")))
+    assert missing_distributions(report(("onnxruntime", "1.20.1"), ("coloredlogs", "15.0.1"))) == [
+        "onnxruntime==1.20.1", "coloredlogs==15.0.1"]
+    assert missing_distributions(report()) == []  # the WebUI has them all: nothing to put in the folder

@@ -199,10 +199,12 @@ def install_extras_text(services: Services, names: list[str]) -> str:
     """The 'Install extras' button: pip into the private folder only the trainer subprocess reads."""
     folder = services.settings.extras_folder
     try:
-        install_extras(list(names or []), folder)
+        installed = install_extras(list(names or []), folder)
     except UserError as error:
         return f"error: {error}"
-    return f"Installed {', '.join(names)} into {folder}; the next training job can use them."
+    if not installed:
+        return f"The WebUI's environment already has {', '.join(names)}; the next training job can use them."
+    return f"Installed {', '.join(installed)} into {folder}; the next training job can use them."
 
 
 @dataclass
