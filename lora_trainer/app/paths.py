@@ -17,7 +17,10 @@ class PathNotAllowed(UserError):
 
 def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: bool = True) -> Path:
     """``value`` resolved, if it is inside one of ``roots``; otherwise a message that names the field and the roots."""
-    if not str(value).strip():
+    value = str(value).strip()
+    if len(value) > 1 and value[0] == value[-1] == '"':  # Windows Explorer's "Copy as path" quotes the path
+        value = value[1:-1].strip()
+    if not value:
         raise PathNotAllowed(f"{field}: no path given", field)
     path = Path(value).expanduser()
     resolved = path.resolve()  # symlinks and .. followed as far as the path exists

@@ -55,3 +55,11 @@ def test_plain_names_pass_unchanged():
 def test_a_missing_path_outside_the_roots_reads_as_outside_so_requests_cannot_probe_the_disk(roots, tmp_path):
     with pytest.raises(PathNotAllowed, match="outside the allowed folders"):
         allowed_path(tmp_path / "secret" / "no such file", roots, "train_data_dir")
+
+
+def test_a_path_pasted_with_windows_explorers_quotes_is_read_without_them(roots):
+    """Explorer's "Copy as path" gives "D:\\datasets\\my set" with its double quotes."""
+    folder = roots[0] / "我的 数据集"
+    assert allowed_path(f' "{folder}" ', roots, "dataset folder") == folder.resolve()
+    with pytest.raises(PathNotAllowed, match="dataset folder: no path given"):
+        allowed_path('""', roots, "dataset folder")
