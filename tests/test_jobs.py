@@ -158,8 +158,24 @@ def test_bad_options_and_names_are_refused_before_anything_is_queued(runner, tmp
 
 def test_the_trainer_finds_installed_extras_after_everything_the_host_has(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/host/site")
+    monkeypatch.setattr("lora_trainer.jobs.runner._installed", lambda: True)
     runner = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), extras_folder=tmp_path / "extras")
     assert runner.environment()["PYTHONPATH"].split(os.pathsep) == ["/host/site", str(tmp_path / "extras")]
+
+
+def test_the_trainer_finds_this_package_where_only_the_webui_process_has_it_on_its_path(tmp_path):
+    """In the WebUI the package is no installed distribution: the extension's folder is on the WebUI's sys.path
+    only. ``-S`` hides every site-packages folder (and this checkout's editable install with them), so the trainer's
+    module is found through the runner's environment or not at all."""
+    from lora_trainer.jobs.runner import PACKAGE_ROOT
+
+    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), extras_folder=tmp_path / "extras")
+    probe = [sys.executable, "-S", "-c", "import lora_trainer.train_network as t; print(t.__file__)"]
+    found = subprocess.run(probe, env=runner.environment(), cwd=tmp_path, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == PACKAGE_ROOT / "lora_trainer" / "train_network.py"
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert subprocess.run(probe, env=bare, cwd=tmp_path, capture_output=True).returncode != 0  # the probe can fail
 
 
 def _state_of(pid: int) -> str:

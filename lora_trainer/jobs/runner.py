@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import site
 import subprocess
 import sys
 import threading
@@ -27,6 +28,16 @@ from .store import Job, JobStore
 
 def trainer_command(job: Job) -> list[str]:
     return [sys.executable, "-m", "lora_trainer.train_network", "--config_file", str(job.config_path)]
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds lora_trainer/
+
+
+def _installed() -> bool:
+    """Whether this package lies in a site-packages folder, where every interpreter of this environment finds it
+    (a folder put on PYTHONPATH would come before the standard library)."""
+    sites = {Path(p).resolve() for p in (*getattr(site, "getsitepackages", list)(), site.getusersitepackages())}
+    return PACKAGE_ROOT in sites
 
 
 # The trainer in its own process group, as the host's Ctrl-C must not reach it (it would stop the job unasked) and a
@@ -194,11 +205,18 @@ class JobRunner:
         return job
 
     def environment(self) -> dict[str, str]:
-        """The trainer's environment: the extras folder goes last on PYTHONPATH, so the packages pip put there as
-        dependencies (numpy, …) never shadow the host's own."""
+        """The trainer's environment. PYTHONPATH starts with the folder that holds this package unless it is installed:
+        in the WebUI that is the extension's folder, which only the WebUI's own process has on its path (put there by
+        ``scripts/lora_trainer.py``). The extras folder goes last, so the packages pip put there as dependencies
+        (numpy, …) never shadow the host's own."""
         env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if not _installed():
+            paths.insert(0, str(PACKAGE_ROOT))
         if self.extras_folder is not None:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(self.extras_folder)) if p)
+            paths.append(str(self.extras_folder))
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
         return env
 
     def _notify(self, job: Job) -> None:
