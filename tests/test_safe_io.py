@@ -11,10 +11,10 @@ from lora_trainer import safe_io
 from lora_trainer.errors import UserError
 
 
-def refusing(times: int):
-    """os.replace failing ``times`` times as Windows does while another program has the target open."""
-    real = os.replace
-    calls = []
+def refuse(monkeypatch, times: int, waits: tuple | None = None) -> list:
+    """os.replace fails ``times`` times, as Windows fails it while another program has the target open; ``waits``
+    replaces the retry delays (None: this system's own). Returns the list of attempts."""
+    real, calls = os.replace, []
 
     def replace(source, target):
         calls.append(target)
@@ -22,16 +22,17 @@ def refusing(times: int):
             raise PermissionError(13, "The process cannot access the file because it is being used by another process")
         return real(source, target)
 
-    return replace, calls
+    if waits is not None:
+        monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", waits)
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
 
 
 def test_a_rename_refused_for_a_moment_is_tried_again(tmp_path, monkeypatch):
     """An antivirus scan or the search indexer opens each new file briefly: the save waits it out."""
     target = tmp_path / "star.safetensors"
     target.write_text("old", encoding="utf-8")
-    replace, calls = refusing(2)
-    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0, 0, 0))
-    monkeypatch.setattr(os, "replace", replace)
+    calls = refuse(monkeypatch, 2, waits=(0, 0, 0))
     safe_io.write_text(target, "new")
     assert target.read_text(encoding="utf-8") == "new" and len(calls) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["star.safetensors"]  # no temporary left behind
@@ -40,9 +41,7 @@ def test_a_rename_refused_for_a_moment_is_tried_again(tmp_path, monkeypatch):
 def test_a_file_held_open_for_good_keeps_the_previous_version_and_says_what_to_do(tmp_path, monkeypatch):
     target = tmp_path / "star.safetensors"
     target.write_text("old", encoding="utf-8")
-    replace, calls = refusing(100)
-    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0, 0))
-    monkeypatch.setattr(os, "replace", replace)
+    calls = refuse(monkeypatch, 100, waits=(0, 0))
     with pytest.raises(UserError, match="star.safetensors could not be replaced .*another program has it open.*"
                                         "previous file is unchanged"):
         safe_io.write_text(target, "new")
@@ -54,20 +53,17 @@ def test_a_file_held_open_for_good_keeps_the_previous_version_and_says_what_to_d
 @pytest.mark.skipif(os.name == "nt", reason="POSIX renames")
 def test_where_renames_cannot_be_refused_a_permission_error_is_not_waited_on(tmp_path, monkeypatch):
     """On Linux and macOS an open file never blocks a rename: a refusal is final, so there is no retry."""
-    replace, calls = refusing(1)
-    monkeypatch.setattr(os, "replace", replace)
+    calls = refuse(monkeypatch, 1)
     with pytest.raises(UserError, match="could not be replaced"):
         safe_io.write_text(tmp_path / "a.txt", "new")
     assert len(calls) == 1
 
 
-def test_captions_and_state_folders_wait_out_a_brief_lock_too(tmp_path, monkeypatch):
+def test_captions_wait_out_a_brief_lock_too(tmp_path, monkeypatch):
     from lora_trainer.dataset.caption_files import write_captions
 
     caption = tmp_path / "a.txt"
     caption.write_text("old", encoding="utf-8")
-    replace, calls = refusing(1)
-    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0, 0))
-    monkeypatch.setattr(os, "replace", replace)
+    calls = refuse(monkeypatch, 1, waits=(0, 0))
     write_captions({caption: "new"}, backup_dir=None)
     assert caption.read_text(encoding="utf-8") == "new" and len(calls) == 2
