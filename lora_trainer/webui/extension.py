@@ -31,11 +31,24 @@ def option_infos() -> dict:
     return {
         "lora_trainer_output_folder": info("", "Folder for finished LoRAs (empty: the WebUI's Lora folder)").needs_restart(),
         "lora_trainer_data_folder": info("", "Folder for jobs, states and grids (empty: <webui data>/lora_trainer)").needs_restart(),
-        "lora_trainer_dataset_roots": info("", "Folders datasets may be read and edited in (comma or newline separated)").needs_restart(),
-        "lora_trainer_unload_checkpoint": info(True, "Unload the checkpoint from the GPU while training"),
+        "lora_trainer_dataset_roots": info("", "Folders datasets may be read and edited in (comma or newline separated)",
+                                           onchange=_apply_live_settings),
+        "lora_trainer_unload_checkpoint": info(True, "Unload the checkpoint from the GPU while training",
+                                               onchange=_apply_live_settings),
         "lora_trainer_allow_unauthenticated_remote": info(False, "Allow the trainer API without --api-auth when listening remotely").needs_restart(),
         "lora_trainer_owns_lora_tags": info(True, "LoRA Trainer applies <lora:…> tags (off: the built-in Lora extension does)").needs_restart(),
     }
+
+
+def _apply_live_settings() -> None:
+    """The settings that take effect without a restart, read again into the running services when applied."""
+    if _services is not None:
+        _services.settings.dataset_roots = _dataset_roots()
+        _services.settings.unload_checkpoint_while_training = bool(_option("lora_trainer_unload_checkpoint"))
+
+
+def _dataset_roots() -> list[Path]:
+    return [Path(p.strip()) for p in re.split(r"[,\n]", _option("lora_trainer_dataset_roots")) if p.strip()]
 
 
 def _option(key: str):
@@ -65,7 +78,7 @@ def app_settings() -> AppSettings:
     return AppSettings(
         lora_folder=Path(_option("lora_trainer_output_folder") or shared.cmd_opts.lora_dir),
         data_folder=Path(_option("lora_trainer_data_folder") or os.path.join(paths_internal.data_path, "lora_trainer")),
-        dataset_roots=[Path(p.strip()) for p in re.split(r"[,\n]", _option("lora_trainer_dataset_roots")) if p.strip()],
+        dataset_roots=_dataset_roots(),
         checkpoint_folders=checkpoint_folders,
         unload_checkpoint_while_training=bool(_option("lora_trainer_unload_checkpoint")),
         allow_unauthenticated_remote=bool(_option("lora_trainer_allow_unauthenticated_remote")),

@@ -56,6 +56,22 @@ def test_tabs_and_api_get_one_services_built_from_the_settings(load_extension, m
     assert services.host.name == "webui"
 
 
+def test_dataset_folders_and_unloading_apply_without_a_restart(load_extension, monkeypatch, tmp_path):
+    """A first user adds their dataset folder in Settings after the tab refused it: the next click must see it."""
+    w = load_extension()
+    w.shared.opts.data["lora_trainer_data_folder"] = str(tmp_path / "data")
+    monkeypatch.setitem(sys.modules, "lora_trainer.app.ui", types.SimpleNamespace(build_tabs=lambda s: []))
+    w.script_callbacks.ui_tabs_callback()
+    from lora_trainer.webui import extension
+
+    settings = extension.services().settings
+    assert settings.dataset_roots == [] and settings.unload_checkpoint_while_training is True
+    assert w.shared.opts.set("lora_trainer_dataset_roots", f"{tmp_path / '我的 数据集'}")  # as Settings → Apply does
+    assert w.shared.opts.set("lora_trainer_unload_checkpoint", False)
+    assert settings.dataset_roots == [tmp_path / "我的 数据集"] and settings.unload_checkpoint_while_training is False
+    assert "requires restart" not in w.shared.opts.data_labels["lora_trainer_dataset_roots"].comment_after
+
+
 def test_missing_tabs_module_gives_no_tabs_instead_of_breaking_the_webui(load_extension, monkeypatch, caplog):
     w = load_extension()
     monkeypatch.setitem(sys.modules, "lora_trainer.app.ui", types.SimpleNamespace())

@@ -76,6 +76,19 @@ class Options:
         if key not in self.data and not info.do_not_save:
             self.data[key] = info.default
 
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        """As the WebUI's Settings page applies a value: stored, then the option's onchange called."""
+        old = self.data.get(key, None)
+        if old == value:
+            return False
+        option = self.data_labels[key]
+        if option.do_not_save or (is_api and option.restrict_api):
+            return False
+        self.data[key] = value
+        if run_callbacks and option.onchange is not None:
+            option.onchange()
+        return True
+
     def onchange(self, key, func, call=True):
         self.data_labels[key].onchange = func
         if call:
