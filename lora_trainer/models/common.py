@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
+
+from ..compat import is_compiling, is_in_torch_dispatch_mode
 
 
 class CheckpointedModel(nn.Module):
@@ -42,7 +43,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.conv2d``, with a small fp32 convolution on the CPU computed by torch's im2col kernel (see ``IM2COL_BELOW``).
     Compiling, FLOP counting and fake tensors see the plain convolution, which they know."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and groups == 1 and not isinstance(padding, str)
-            and _pair(dilation) == (1, 1) and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+            and _pair(dilation) == (1, 1) and torch.backends.mkldnn.enabled and not is_compiling()
             and not is_in_torch_dispatch_mode()):
         kernel, stride, padding = weight.shape[2:], _pair(stride), _pair(padding)
         rows = (x.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1

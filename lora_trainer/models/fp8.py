@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import autocast_dtype
 from .common import Conv2d, PointwiseConv2d
 
 FP8 = torch.float8_e4m3fn
@@ -25,10 +26,7 @@ def to_fp8(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    return autocast_dtype(x.device.type) or x.dtype
 
 
 class Fp8Linear(nn.Linear):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..compat import GradScaler, OutOfMemoryError, autocast
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
@@ -147,7 +148,7 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
 
 
-class NetworkGradScaler(torch.amp.GradScaler):
+class NetworkGradScaler(GradScaler):
     """Loss scaling that unscales fp16 gradients too: under --full_fp16 the network's own weights, so their
     gradients, are fp16, which torch's scaler refuses to unscale (sd-scripts patches accelerate's the same way).
     Without scaling, the fp16 UNet's backward pass rounds the small gradients of a LoRA to zero."""
@@ -176,7 +177,7 @@ def train(options: TrainOptions, events: EventLog, notes: list[str] = ()) -> lis
     start_world(world, device, options.ddp_timeout)
     try:
         return _train(options, events if world.is_main else EventLog(None), world, device, list(notes))
-    except torch.OutOfMemoryError as error:
+    except OutOfMemoryError as error:
         raise UserError(f"out of {device.type.upper()} memory ({str(error).splitlines()[0][:120]}); {memory_advice(options)}") from None
     except Exception as error:
         if options.torch_compile and type(error).__module__.startswith("torch._"):  # dynamo/inductor: compiling failed
@@ -652,7 +653,7 @@ def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str
     abar = abar.to(device)
     noisy = N.add_noise(latents, input_noise, timesteps, abar)
     target = N.velocity(latents, noise, timesteps, abar) if v_prediction else noise
-    with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+    with autocast(device.type, weight_dtype):
         prediction = model.unet(noisy.to(weight_dtype), timesteps.to(device), context.to(weight_dtype),
                                 None if y is None else y.to(weight_dtype))
     return prediction, target
