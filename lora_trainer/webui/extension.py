@@ -40,15 +40,15 @@ def option_infos() -> dict:
     }
 
 
+_LIVE_SETTINGS = ("dataset_roots", "unload_checkpoint_while_training")
+
+
 def _apply_live_settings() -> None:
     """The settings that take effect without a restart, read again into the running services when applied."""
     if _services is not None:
-        _services.settings.dataset_roots = _dataset_roots()
-        _services.settings.unload_checkpoint_while_training = bool(_option("lora_trainer_unload_checkpoint"))
-
-
-def _dataset_roots() -> list[Path]:
-    return [Path(p.strip()) for p in re.split(r"[,\n]", _option("lora_trainer_dataset_roots")) if p.strip()]
+        fresh = app_settings()
+        for name in _LIVE_SETTINGS:
+            setattr(_services.settings, name, getattr(fresh, name))
 
 
 def _option(key: str):
@@ -78,7 +78,7 @@ def app_settings() -> AppSettings:
     return AppSettings(
         lora_folder=Path(_option("lora_trainer_output_folder") or shared.cmd_opts.lora_dir),
         data_folder=Path(_option("lora_trainer_data_folder") or os.path.join(paths_internal.data_path, "lora_trainer")),
-        dataset_roots=_dataset_roots(),
+        dataset_roots=[Path(p.strip()) for p in re.split(r"[,\n]", _option("lora_trainer_dataset_roots")) if p.strip()],
         checkpoint_folders=checkpoint_folders,
         unload_checkpoint_while_training=bool(_option("lora_trainer_unload_checkpoint")),
         allow_unauthenticated_remote=bool(_option("lora_trainer_allow_unauthenticated_remote")),
