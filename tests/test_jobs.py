@@ -163,6 +163,23 @@ def test_the_trainer_finds_installed_extras_after_everything_the_host_has(tmp_pa
     assert runner.environment()["PYTHONPATH"].split(os.pathsep) == ["/host/site", str(tmp_path / "extras")]
 
 
+@pytest.mark.parametrize("device_id, visible, expected", [
+    (None, None, None),  # no --device-id: the trainer's own default, the first visible GPU
+    ("1", None, "1"),
+    ("1", "3,5,7", "5"),  # the WebUI's cuda:1 is the second GPU it sees
+    ("1", " 3, 5 ", "5"),
+    ("4", "3,5", None),  # out of range: the WebUI could not have used it either; the environment is left alone
+    ("cuda:1", None, None),
+])
+def test_the_trainer_trains_on_the_gpu_the_webui_was_started_on(tmp_path, monkeypatch, device_id, visible, expected):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), cuda_device=device_id)
+    assert runner.environment().get("CUDA_VISIBLE_DEVICES") == (visible if expected is None else expected)
+
+
 def test_the_trainer_finds_this_package_where_only_the_webui_process_has_it_on_its_path(tmp_path):
     """In the WebUI the package is no installed distribution: the extension's folder is on the WebUI's sys.path
     only. ``-S`` hides every site-packages folder (and this checkout's editable install with them), so the trainer's

@@ -40,7 +40,8 @@ class Services:
         settings.data_folder.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.jobs_database, settings.jobs_folder)
         services = cls(settings, host, store, None)  # type: ignore[arg-type]
-        services.runner = JobRunner(store, on_event=services._on_event, extras_folder=settings.extras_folder, **runner_options)
+        services.runner = JobRunner(store, on_event=services._on_event, extras_folder=settings.extras_folder,
+                                    cuda_device=settings.cuda_device, **runner_options)
         if start:
             services.runner.start()
         return services

@@ -18,6 +18,7 @@ class AppSettings:
     api_credentials: dict[str, str] = field(default_factory=dict)  # user -> password (the WebUI's --api-auth)
     max_body_bytes: int = 1_000_000
     extras_folder: Path | None = None  # optional trainer packages installed on request (the extension's extras/)
+    cuda_device: str | None = None  # the WebUI's --device-id: the trainer trains on the GPU the WebUI generates on
 
     @property
     def jobs_database(self) -> Path:

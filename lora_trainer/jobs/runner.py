@@ -33,6 +33,19 @@ def trainer_command(job: Job) -> list[str]:
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds lora_trainer/
 
 
+def visible_devices(device_id: str | None, visible: str | None) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` for a trainer that is to train on the host's GPU ``device_id`` (the WebUI's
+    ``--device-id``, an index among the GPUs the host sees), or None to leave the environment as it is. The trainer
+    always uses its first visible GPU, so it gets only that one; an index into an existing list becomes its entry."""
+    if device_id is None or not device_id.strip().isdigit():
+        return None
+    index = int(device_id)
+    if not visible or not visible.strip():
+        return str(index)
+    entries = [entry.strip() for entry in visible.split(",")]
+    return entries[index] if index < len(entries) else None
+
+
 def _installed() -> bool:
     """Whether this package lies in a site-packages folder, where every interpreter of this environment finds it
     (a folder put on PYTHONPATH would come before the standard library)."""
@@ -61,13 +74,15 @@ def kill_process_tree(process: subprocess.Popen, windows: bool = os.name == "nt"
 
 class JobRunner:
     def __init__(self, store: JobStore, command: Callable[[Job], list[str]] = trainer_command, kill_after: float = 120.0,
-                 poll: float = 0.5, on_event: Callable[[Job, dict], None] | None = None, extras_folder: Path | None = None):
+                 poll: float = 0.5, on_event: Callable[[Job, dict], None] | None = None, extras_folder: Path | None = None,
+                 cuda_device: str | None = None):
         self.store = store
         self.command = command
         self.kill_after = kill_after
         self.poll = poll
         self.on_event = on_event
         self.extras_folder = extras_folder  # optional packages installed for the trainer only (bitsandbytes, …)
+        self.cuda_device = cuda_device  # the host's GPU index (the WebUI's --device-id); None: the first visible one
         self._process: subprocess.Popen | None = None
         self._current: int | None = None
         self._stop_requested: set[int] = set()
@@ -208,8 +223,11 @@ class JobRunner:
         """The trainer's environment. PYTHONPATH starts with the folder that holds this package unless it is installed:
         in the WebUI that is the extension's folder, which only the WebUI's own process has on its path (put there by
         ``scripts/lora_trainer.py``). The extras folder goes last, so the packages pip put there as dependencies
-        (numpy, …) never shadow the host's own."""
+        (numpy, …) never shadow the host's own. The trainer sees only the host's GPU when the host names one."""
         env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+        devices = visible_devices(self.cuda_device, env.get("CUDA_VISIBLE_DEVICES"))
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if not _installed():
             paths.insert(0, str(PACKAGE_ROOT))

@@ -84,6 +84,7 @@ def app_settings() -> AppSettings:
         allow_unauthenticated_remote=bool(_option("lora_trainer_allow_unauthenticated_remote")),
         api_credentials=parse_api_auth(getattr(shared.cmd_opts, "api_auth", None)),
         extras_folder=EXTENSION_ROOT / "extras",  # private: only the trainer subprocess uses it
+        cuda_device=getattr(shared.cmd_opts, "device_id", None),
     )
 
 

@@ -40,6 +40,7 @@ def test_tabs_and_api_get_one_services_built_from_the_settings(load_extension, m
     w = load_extension()
     w.shared.cmd_opts.api_auth = "u:p,v:q"
     w.shared.cmd_opts.listen = True
+    w.shared.cmd_opts.device_id = "1"
     w.shared.opts.data["lora_trainer_dataset_roots"] = f"{tmp_path / 'a'}, {tmp_path / 'b'}\n{tmp_path / 'c'}"
     w.shared.opts.data["lora_trainer_data_folder"] = str(tmp_path / "data")
     seen = {}
@@ -54,6 +55,7 @@ def test_tabs_and_api_get_one_services_built_from_the_settings(load_extension, m
     assert settings.api_credentials == {"u": "p", "v": "q"}
     assert settings.lora_folder == Path(w.shared.cmd_opts.lora_dir) and settings.data_folder == tmp_path / "data"
     assert services.host.name == "webui"
+    assert services.runner.cuda_device == "1"  # the trainer trains on the GPU the WebUI was started on
 
 
 def test_dataset_folders_and_unloading_apply_without_a_restart(load_extension, monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ from modules.options import OptionInfo, Options, options_section  # noqa: F401
 cmd_opts = argparse.Namespace(
     lora_dir=os.path.join(paths_internal.models_path, "Lora"),
     ckpt_dir=None,
+    device_id=None,
     api_auth=None,
     listen=False,
     api=False,
