@@ -41,3 +41,13 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type == "cpu":
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
     return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def has_fused_kernels(device_types: set[str]) -> bool:
+    """Whether torch has fused optimizer kernels (``AdamW(fused=True)``) for every one of these device types: CUDA
+    throughout, the CPU since torch 2.4."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
+    return device_types <= set(_get_fused_kernels_supported_devices())

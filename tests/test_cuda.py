@@ -8,6 +8,7 @@ grad scaler do what the CPU cannot show.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,8 @@ def _nccl_rank(rank: int, size: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    # a rank left waiting fails the test in a minute instead of hanging it
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", timeout=timedelta(minutes=1), rank=rank, world_size=size)
     # a World of at least 2 takes the distributed path even on a one-GPU machine, where NCCL allows one rank only
     world = World(rank, max(size, 2))
     parameters = [torch.nn.Parameter(torch.zeros(3, 2, device="cuda")),

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,8 @@ def test_a_global_batch_is_split_into_ordered_slices_even_when_short():
 def _sum_gradients_on_rank(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # a rank left waiting fails the test in a minute instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", timeout=timedelta(minutes=1), rank=rank, world_size=2)
     parameters = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4, dtype=torch.float16)),
                   torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2))]
     parameters[0].grad = torch.arange(6.0).reshape(3, 2) * (rank + 1)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from lora_trainer.errors import UserError
 from lora_trainer.training.flat_adamw import FlatAdamW
 from lora_trainer.training.optimizers import clip_grad_norm_, make_optimizer
 
@@ -138,6 +139,19 @@ def test_make_optimizer_uses_it_where_torch_adamw_would_compute_the_same():
     mixed = parameters()
     mixed[0] = torch.nn.Parameter(mixed[0].detach().half())  # one group with two dtypes cannot share a flat tensor
     assert type(made([], mixed)) is torch.optim.AdamW
+
+
+def test_torch_adamw_is_fused_only_where_this_torch_has_the_kernel(monkeypatch):
+    """The WebUI's torch 2.1 has no fused CPU AdamW: asking for it there failed the run before its first step."""
+    amsgrad = ["amsgrad=True"]  # not FlatAdamW's: torch's AdamW
+    fused_on_cpu = bool(make_optimizer("AdamW", two_groups(parameters()), 1e-4, amsgrad).defaults["fused"])
+    assert fused_on_cpu is (torch.__version__ >= "2.4")
+    for module in (sys.modules["torch.utils._foreach_utils"], sys.modules["torch.optim.optimizer"]):  # as in 2.1
+        monkeypatch.setattr(module, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
+    assert not make_optimizer("AdamW", two_groups(parameters()), 1e-4, amsgrad).defaults["fused"]
+    contradiction = ["fused=True", "differentiable=True"]  # torch's RuntimeError, in every version
+    with pytest.raises(UserError, match="--optimizer_args 'fused=True differentiable=True': `fused` does not support"):
+        make_optimizer("AdamW", two_groups(parameters()), 1e-4, contradiction)  # said, not a traceback
 
 
 def test_it_does_not_import_torch_dynamo(tmp_path):

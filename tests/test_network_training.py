@@ -127,7 +127,7 @@ def test_trained_network_saved_and_merged_gives_the_same_outputs_as_its_forward_
     assert report.unmatched == [] and len(report.matched) == len(network)
     for h, m, b in zip(hooked, _outputs(config, unet, text_encoders), base):
         assert not torch.allclose(h, b)  # the network does something ...
-        torch.testing.assert_close(m, h, rtol=1e-4, atol=1e-5)  # ... and the file merges to exactly that
+        assert_close_at_scale(m, h, 1e-4, floor=1e-5)  # ... and the file merges to exactly that
     merged.restore()
     for b, r in zip(base, _outputs(config, unet, text_encoders)):
         assert torch.equal(b, r)
@@ -155,6 +155,16 @@ def _outputs_with_grad(config, unet, text_encoders):
     return [*hidden, unet(x, torch.tensor([10, 500]), torch.cat(hidden, dim=-1), y)]
 
 
+def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, fraction: float, floor: float,
+                          msg: str | None = None) -> None:
+    """Equal up to fp32 rounding: within ``fraction`` of ``expected``'s largest magnitude, plus ``floor`` for a tensor
+    that is rounding noise itself (a gradient of ≈ 1e-12). The two paths sum in different orders, and each torch
+    version's kernels in their own (the WebUI's torch 2.1 differs by ≈ 1e-5 of the outputs' scale and by ≈ 1e-3 of a
+    gradient's); a real error (a wrong scale, a missing path) is far larger."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=floor + fraction * scale, msg=msg)
+
+
 @pytest.mark.parametrize("model, algorithm", [("sd1", "locon"), ("sd2", "lora"), ("sd1", "dylora"), ("sdxl", "lora-scalar")])
 def test_a_small_layers_lora_through_its_merged_weight_trains_exactly_as_through_its_factors(model, algorithm):
     """Small products take the merged weight W + s·up·down (fewer products: faster on a tiny model); the output and
@@ -170,10 +180,12 @@ def test_a_small_layers_lora_through_its_merged_weight_trains_exactly_as_through
     merged, merged_grads, merged_flops = _step_through(config, unet, text_encoders, network, merge_below=2**40)
     assert merged_flops != factored_flops  # the shortcut was taken
     for f, m in zip(factored, merged):
-        torch.testing.assert_close(m, f, rtol=1e-4, atol=1e-5)
+        assert_close_at_scale(m, f, 1e-4, floor=1e-5)
     assert merged_grads.keys() == factored_grads.keys()
     for name, gradient in factored_grads.items():
-        torch.testing.assert_close(merged_grads[name], gradient, rtol=1e-3, atol=1e-6, msg=name)
+        # a scalar's gradient is one sum over its whole layer, whose terms largely cancel: rounding weighs more there
+        fraction = 1e-2 if name.endswith(".scalar") else 2e-3
+        assert_close_at_scale(merged_grads[name], gradient, fraction, floor=1e-6, msg=name)
     network.remove()
     assert not any("forward" in vars(layer) for part in (unet, *text_encoders) for layer in part.modules())
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compat import has_fused_kernels
 from ..errors import UserError
 from .flat_adamw import FlatAdamW
 
@@ -166,11 +167,11 @@ def make_optimizer(optimizer_type: str, param_groups: list[dict], learning_rate:
     if optimizer_class is torch.optim.AdamW and not {"fused", "foreach"} & kwargs.keys():
         if kwargs.keys() <= _FLAT_ADAMW_ARGUMENTS and all(FlatAdamW.supports(g["params"]) for g in param_groups):
             optimizer_class = FlatAdamW  # the same steps, without the per-tensor overhead; not shown in ss_optimizer
-        else:
+        elif has_fused_kernels({p.device.type for g in param_groups for p in g["params"]}):
             speed = {"fused": True}  # one kernel for all parameters: ~4x faster steps on CPU too
     try:
         optimizer = optimizer_class(param_groups, lr=learning_rate, **fixed_kwargs, **speed, **kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:  # RuntimeError: e.g. fused=True where torch has no such kernel
         raise UserError(f"--optimizer_type {optimizer_type or 'AdamW'} with --optimizer_args "
                         f"{' '.join(optimizer_args or [])!r}: {error}") from None
     optimizer.sd_scripts_kwargs = kwargs  # what ss_optimizer shows, sd-scripts' filled-in defaults included
