@@ -21,7 +21,8 @@ is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._utils.is_
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5
 
-if hasattr(torch.amp, "GradScaler"):
+SCALES_LOSS_ON_CPU = hasattr(torch.amp, "GradScaler")  # torch.amp.GradScaler("cpu"): 2.3
+if SCALES_LOSS_ON_CPU:
     GradScaler = torch.amp.GradScaler
 else:  # torch < 2.3: CUDA's scaler, which takes no device (fp16 is trained on CUDA only here)
     class GradScaler(torch.cuda.amp.GradScaler):

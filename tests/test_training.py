@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora_trainer.compat import OutOfMemoryError
 from lora_trainer.errors import UserError
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 from lora_trainer.train_network import main as train_main
@@ -289,6 +290,12 @@ def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, caps
     with pytest.raises(UserError, match="--mixed_precision bf16: Tesla T4 has no bf16 arithmetic; use --mixed_precision fp16"):
         check_precision(options, torch.device("cuda"))
     check_precision(options, torch.device("cpu"))  # the CPU computes in fp32 anyway
+    fp16 = options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d", "mixed_precision": "fp16"})
+    monkeypatch.setattr("lora_trainer.training.trainer.SCALES_LOSS_ON_CPU", True)  # torch 2.3 and later
+    check_precision(fp16, torch.device("cpu"))
+    monkeypatch.setattr("lora_trainer.training.trainer.SCALES_LOSS_ON_CPU", False)  # the WebUI's torch 2.1
+    with pytest.raises(UserError, match="--mixed_precision fp16 on the CPU: this PyTorch .* use --mixed_precision bf16"):
+        check_precision(fp16, torch.device("cpu"))
 
 
 def test_a_nan_loss_stops_the_run_with_advice_and_keeps_the_files_saved_before(baseline, dataset, tmp_path, capsys,
@@ -753,7 +760,7 @@ def test_running_out_of_memory_says_which_options_lower_it(dataset, tmp_path, ca
     import lora_trainer.training.trainer as trainer
 
     def out_of_memory(*_, **__):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "_training_step", out_of_memory)
     assert run(dataset, tmp_path, "--gradient_checkpointing") == 2

@@ -123,7 +123,7 @@ def _open_pickle(path: Path) -> TensorSource:
     import zipfile
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))  # str: torch < 2.2 maps names only
     except pickle.UnpicklingError as error:
         raise UserError(
             f"{path} needs unsafe unpickling to load (it stores Python objects, not just tensors), which could run "

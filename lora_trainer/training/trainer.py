@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..compat import GradScaler, OutOfMemoryError, autocast
+from ..compat import SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
@@ -61,10 +61,14 @@ def pick_device(name: str, world: World = World()) -> torch.device:
 
 
 def check_precision(options: TrainOptions, device: torch.device) -> None:
-    """bf16 needs an Ampere or newer GPU (a Colab T4 or an RTX 20xx has none): say so before loading anything."""
+    """bf16 needs an Ampere or newer GPU (a Colab T4 or an RTX 20xx has none), and fp16 needs loss scaling, which torch
+    does on the CPU from 2.3 on (the WebUI's 2.1 has it for CUDA only): say so before loading anything."""
     if device.type == "cuda" and options.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(False):
         raise UserError(f"--mixed_precision bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic; use "
                         "--mixed_precision fp16" + (" and drop --full_bf16" if options.full_bf16 else ""))
+    if device.type == "cpu" and options.mixed_precision == "fp16" and not SCALES_LOSS_ON_CPU:
+        raise UserError(f"--mixed_precision fp16 on the CPU: this PyTorch ({torch.__version__}) scales the loss on CUDA "
+                        "only, and without it fp16 gradients round to zero; use --mixed_precision bf16 or no on the CPU")
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
