@@ -118,9 +118,9 @@ class TextTransformer(CheckpointedModel):
         keep = len(layers) - skip_layers
         x = self._embed(input_ids)
         hidden = x
-        for index, layer in enumerate(layers, start=1):
+        for index, layer in enumerate(layers):  # no start=: dynamo before torch 2.4 breaks the graph on it
             x = self.run_block(layer, x)
-            if index == keep:
+            if index + 1 == keep:
                 hidden = x
         last = self._final_norm(x)
         if final_norm:
