@@ -352,11 +352,19 @@ def test_ckpt_that_needs_unsafe_unpickling_is_refused_without_running_it(tmp_pat
     expect_user_error(path, "unsafe unpickling", ".safetensors")
 
 
-def test_plain_ckpt_with_a_state_dict_loads(tmp_path):
+def test_plain_ckpt_with_a_state_dict_loads(tmp_path, monkeypatch):
     config = tiny_config(scaling_factor=0.5)
     state = tiny_state(config)
-    path = tmp_path / "model.ckpt"
+    path = tmp_path / "模型 v1.ckpt"
     torch.save({"state_dict": state, "global_step": 10}, path)
+    load = torch.load
+
+    def load_as_torch_2_1_does(f, *args, mmap=None, **kwargs):  # the WebUI's torch maps a file by its name only
+        if mmap and not isinstance(f, str):
+            raise ValueError("f must be a string filename in order to use mmap argument")
+        return load(f, *args, mmap=mmap, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_as_torch_2_1_does)
     model = load_checkpoint(path, overrides=architecture_overrides(config))
     assert torch.equal(model.unet.out[2].weight, state["model.diffusion_model.out.2.weight"])
 

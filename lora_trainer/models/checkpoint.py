@@ -123,7 +123,8 @@ def _open_pickle(path: Path) -> TensorSource:
     import zipfile
 
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))  # str: torch < 2.2 maps names only
+        # by name: torch < 2.2 (the WebUI's 2.1) maps a file given as a string only
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         raise UserError(
             f"{path} needs unsafe unpickling to load (it stores Python objects, not just tensors), which could run "
