@@ -68,8 +68,12 @@ def create_app(services: Services, listening_remotely: bool):
 
 
 def _stylesheet() -> str:
-    path = Path(__file__).resolve().parents[2] / "style.css"
-    return path.read_text(encoding="utf-8") if path.is_file() else ""
+    """The extension's ``style.css``: the copy a wheel carries in the package (setup.py), or the checkout's own."""
+    package = Path(__file__).resolve().parents[1]
+    for path in (package / "assets" / "style.css", package.parent / "style.css"):
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return ""
 
 
 def run(args: argparse.Namespace) -> None:
