@@ -13,16 +13,26 @@ from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 from lora_trainer.training.trainer import compile_models
 
 
-def test_a_text_encoder_with_a_lora_compiles_without_graph_breaks_and_gives_the_same_states_and_gradients():
-    """The text encoder stands for the UNet here (same LoRA layers, a fraction of the tracing time on a CPU)."""
+@pytest.mark.parametrize("network_module, network_args", [
+    ("networks.lora", []),
+    ("lycoris.kohya", ["algo=loha"]),
+    ("lycoris.kohya", ["algo=lokr", "use_scalar=True"]),
+    ("lycoris.kohya", ["algo=locon", "dora_wd=True"]),
+    ("lycoris.kohya", ["algo=ia3"]),
+    ("lycoris.kohya", ["algo=diag-oft"]),
+], ids=["lora", "loha", "lokr-scalar", "dora", "ia3", "oft"])
+def test_a_text_encoder_with_a_network_compiles_without_graph_breaks_and_gives_the_same_states_and_gradients(
+        network_module, network_args):
+    """The text encoder stands for the UNet here (same network layers, a fraction of the tracing time on a CPU)."""
     import torch._dynamo
 
     model = load_checkpoint(TINY_MODEL_PATH)
     model.unet = torch.nn.Identity()  # compile_models compiles every part; only the text encoder is run here
-    network = create_network(model.config, None, model.text_encoders, spec_from_kohya("networks.lora", 4, 2),
+    network = create_network(model.config, None, model.text_encoders, spec_from_kohya(network_module, 4, 2, network_args),
                              train_unet=False)
-    for module in network.values():
-        torch.nn.init.normal_(module.lora_up.weight, std=0.02)  # a trained LoRA: its change is not zero
+    with torch.no_grad():
+        for parameter in network.parameters():  # a trained network: its change is not zero
+            parameter.add_(torch.randn_like(parameter) * 0.02)
     network.apply_to()
     encoder = model.text_encoders[0]
     tokens = torch.randint(0, 49407, (2, 77))
@@ -31,11 +41,11 @@ def test_a_text_encoder_with_a_lora_compiles_without_graph_breaks_and_gives_the_
         network.zero_grad()
         states = encoder(tokens).hidden
         states.square().mean().backward()
-        return states.detach(), next(iter(network.values())).lora_up.weight.grad.clone()
+        return states.detach(), next(network.parameters()).grad.clone()
 
     eager = states_and_gradient()
-    # one graph: a break (e.g. a Python number read from a tensor in each LoRA layer, as α/r was) recompiles per
-    # layer shape on a real model until dynamo gives up, and on a GPU waits for the device in every layer
+    # one graph: a break (e.g. a Python number read from a tensor in each layer, as α/r and LyCORIS's alpha were)
+    # recompiles per layer shape on a real model until dynamo gives up, and on a GPU waits for the device in every layer
     assert torch._dynamo.explain(encoder)(tokens).graph_break_count == 0
     compile_models(model, "eager")
     compiled = states_and_gradient()

@@ -49,9 +49,10 @@ def attention(
     if _use_xformers(q, mask, causal):
         import xformers.ops  # noqa: PLC0415 - optional extra
 
-        q, k, v = (t.reshape(batch, -1, heads, head_dim) for t in (q, k, v))
+        q, k, v = [t.reshape(batch, -1, heads, head_dim) for t in (q, k, v)]
         out = xformers.ops.memory_efficient_attention(q, k, v)
         return out.reshape(batch, -1, channels)
-    q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    # lists, not generators: dynamo before torch 2.2 (the WebUI's 2.1) cannot unpack a generator without a graph break
+    q, k, v = [t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v)]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return out.transpose(1, 2).reshape(batch, -1, channels)

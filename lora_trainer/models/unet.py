@@ -192,7 +192,7 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = run_block(block, h, context) if run_block else block(h, context)
+            h = block(h, context) if run_block is None else run_block(block, h, context)  # "is None": dynamo < 2.2 cannot test a method
         if self.linear_projection:
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2)

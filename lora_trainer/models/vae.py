@@ -104,7 +104,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))
+        q, k, v = [conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v)]
         h = attention(q, k, v, heads=1)
         h = h.transpose(1, 2).reshape(batch, channels, height, width)
         return x + self.proj_out(h)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .registry import INITIALISERS, Algorithm, Delta, Tensors, register
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, optional, register
 
 
 def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
-    bias = tensors.get("diff_b")
+    bias = optional(tensors, "diff_b")
     return Delta(tensors["diff"].reshape(weight.shape) * multiplier, None if bias is None else bias * multiplier)
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, has_kernel, register, scale, tucker
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, has_kernel, optional, register, scale, tucker
 
 SUFFIXES = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "scale"})
 
 
 def _factor(tensors: Tensors, index: int, shape: torch.Size) -> torch.Tensor:
-    a, b, core = tensors[f"hada_w{index}_a"], tensors[f"hada_w{index}_b"], tensors.get(f"hada_t{index}")
+    a, b, core = tensors[f"hada_w{index}_a"], tensors[f"hada_w{index}_b"], optional(tensors, f"hada_t{index}")
     if core is not None:
         return tucker(core, a, b)
     return (as_matrix(a) @ as_matrix(b)).reshape(shape)

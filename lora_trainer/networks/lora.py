@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, has_kernel, register, scale
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, as_matrix, has_kernel, optional, register, scale
 
 UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
 
@@ -25,7 +25,7 @@ def lora_weight(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None, 
 
 def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     down = tensors[DOWN]
-    raw = lora_weight(tensors[UP], down, tensors.get(MID), weight.shape)
+    raw = lora_weight(tensors[UP], down, optional(tensors, MID), weight.shape)
     return Delta(raw * (scale(tensors, down.shape[0]) * multiplier))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from ..models.common import conv2d, pointwise_conv2d
 from .dora import init_magnitude
 from .naming import Target
-from .registry import INITIALISERS, find_algorithm, load_builtin, module_delta
+from .registry import INITIALISERS, delta_by, find_algorithm, load_builtin, modifiers_for
 from .registry import scale as registry_scale
 from .spec import NetworkSpec
 
@@ -98,7 +98,8 @@ class NetworkModule(nn.Module):
         spec = spec or NetworkSpec()
         self.target = target
         self.norm = norm  # a norm layer's normalisation with other weight and bias (``norm_function``), else None
-        found = find_algorithm(tensors).name
+        self._delta_kind = find_algorithm(tensors), modifiers_for(tensors)
+        found = self._delta_kind[0].name
         self.algorithm = "dylora" if spec.algorithm == "dylora" and found == "lora" else found
         self.conv = conv  # stride/padding/dilation/groups of a Conv2d layer, None for Linear
         self.multiplier = 1.0
@@ -161,7 +162,8 @@ class NetworkModule(nn.Module):
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors as the file stores them: a trained ``scalar`` (LyCORIS ``use_scalar``) folded into its factor."""
-        tensors = dict(self.state_dict(keep_vars=True))
+        # the state dict's entries, gathered by hand: dynamo before torch 2.4 (Forge's 2.3) cannot trace state_dict()
+        tensors = {**self._parameters, **self._buffers, **{f"{name}.weight": m.weight for name, m in self._modules.items()}}
         scalar = tensors.pop("scalar", None)
         if scalar is not None:
             for key in SCALAR_FACTORS.get(self.algorithm, ()):
@@ -222,13 +224,13 @@ class NetworkModule(nn.Module):
     def _changed(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if not self._plain_lora:
             base = self._base_weight[0].detach()
-            delta = module_delta(self.file_tensors(), base, self.multiplier)
+            delta = delta_by(*self._delta_kind, {**self.file_tensors(), **self._fixed_numbers}, base, self.multiplier)
             weight, bias = delta.weight, delta.bias
             if self.training and self.rank_dropout:  # LyCORIS: whole output rows of ΔW, unscaled
                 kept = (torch.rand(weight.shape[0], device=weight.device) > self.rank_dropout).to(weight.dtype)
                 weight = weight * kept.view(-1, *(1,) * (weight.dim() - 1))
                 bias = None if bias is None else bias * kept
-            weight, bias = (None if t is None else t.to(x.dtype) for t in (weight, bias))
+            weight, bias = [None if t is None else t.to(x.dtype) for t in (weight, bias)]
             if self.norm is not None:  # the normalised input times Δγ, plus Δβ
                 return output + self.norm(x, weight=weight, bias=bias)
             change = self._project(x, weight)
@@ -257,11 +259,10 @@ class NetworkModule(nn.Module):
     def _lora_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """down(x) with the dropouts on the ranks, the up weight and α/r (adjusted by rank dropout and DyLoRA)."""
         down, up, scale = self._lora_factors(x.dtype)
-        mid = self._modules.get("lora_mid")
-        if mid is None:
+        if "lora_mid" not in self._modules:
             hidden = self._project(x, down)
         else:  # Tucker: the 1×1 down, then the core with the layer's kernel, stride and padding
-            hidden = conv2d(F.conv2d(x, down), mid.weight.to(x.dtype), **self.conv)
+            hidden = conv2d(F.conv2d(x, down), self._modules["lora_mid"].weight.to(x.dtype), **self.conv)
         if self.training and self.dropout and not self.lycoris_dropouts:
             hidden = F.dropout(hidden, p=self.dropout)
         if self.training and self.rank_dropout:
@@ -284,19 +285,20 @@ class NetworkModule(nn.Module):
             down, up, scale = self._dylora_slice(scale)
         else:
             down, up = self._modules["lora_down"].weight, self._modules["lora_up"].weight
-        scalar = self._parameters.get("scalar")
-        if scalar is not None:
-            up = up * scalar
+        if "scalar" in self._parameters:  # not .get(): dynamo before torch 2.2 cuts the graph at a dict's .get
+            up = up * self._parameters["scalar"]
         return down.to(dtype), up.to(dtype), scale
 
     def _refresh_scale(self, tensors) -> None:
-        """α / r (or the file's ``scale``) as a number, read when the module is made or loaded: read in every forward
-        it would make each LoRA layer wait for the GPU, and cut a torch.compile graph at each layer."""
+        """α / r (or the file's ``scale``) and the fixed buffers as numbers, read when the module is made or loaded:
+        read in every forward they would make each layer wait for the GPU, and cut a torch.compile graph at each
+        layer."""
         down = self._modules.get("lora_down")
-        scalars = {k: tensors[k] for k in ("alpha", "scale") if k in tensors}
-        if any(t.is_meta for t in scalars.values()):
+        fixed = {k: tensors[k] for k in self._buffers}  # alpha, scale, IA3's on_input: one number each
+        if any(t.is_meta for t in fixed.values()):
             return  # loaded onto a model without data: keep the scale it was made with
-        self.lora_scale = registry_scale(scalars, down.weight.shape[0]) if down is not None else 1.0
+        self.lora_scale = registry_scale(fixed, down.weight.shape[0]) if down is not None else 1.0
+        self._fixed_numbers = {k: t.item() for k, t in fixed.items()}  # what ΔW algorithms read instead of the buffers
 
     def _dylora_slice(self, scale):
         """DyLoRA (Valipour et al.): each step trains one block of ``unit`` ranks at a random depth b and uses the

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,6 +76,14 @@ def block_lr_weights_for(config, spec: NetworkSpec) -> list[float] | None:
     return block_lr_weights(dict(spec.network_args), per_side, 3 if sgm else 1, sgm)
 
 
+def _changed_forward(module: NetworkModule, layer: nn.Module, layer_forward):
+    """The layer's forward with ``module``'s change: a closure, not a ``functools.partial``, because dynamo before
+    torch 2.2 (the WebUI's 2.1) cannot call a partial and would cut a ``--torch_compile`` graph at every layer."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return module.layer_output(layer, layer_forward, x)
+    return forward
+
+
 class LoRANetwork(nn.ModuleDict):
     """Trainable modules by Kohya name; ``apply_to`` makes each its layer's forward, ``remove`` restores the layers."""
 
@@ -119,7 +126,7 @@ class LoRANetwork(nn.ModuleDict):
                 self._handles.append((layer.in_projection_adapters, index))
             else:  # the layer's forward replaced, as sd-scripts does: a hook could not skip the base product
                 self._handles.append((layer, layer.__dict__.get("forward")))
-                layer.forward = partial(module.layer_output, layer, layer.forward)
+                layer.forward = _changed_forward(module, layer, layer.forward)
         return self
 
     def remove(self) -> None:

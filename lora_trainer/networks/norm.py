@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Algorithm, Delta, Tensors, register
+from .registry import Algorithm, Delta, Tensors, optional, register
 
 
 def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
-    w, b = tensors.get("w_norm"), tensors.get("b_norm")
+    w, b = optional(tensors, "w_norm"), optional(tensors, "b_norm")
     return Delta(None if w is None else w.reshape(weight.shape) * multiplier, None if b is None else b * multiplier)
 
 

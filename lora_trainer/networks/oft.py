@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .lokr import factorization
-from .registry import INITIALISERS, Algorithm, Delta, Tensors, register
+from .registry import INITIALISERS, Algorithm, Delta, Tensors, optional, register
 
 
 def cayley_rotations(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
@@ -31,12 +31,12 @@ def towards_identity(rotations: torch.Tensor, multiplier: float) -> torch.Tensor
 
 
 def constraint_of(tensors: Tensors, out_channels: int) -> float:
-    alpha = tensors.get("alpha")
+    alpha = optional(tensors, "alpha")
     return 0.0 if alpha is None else float(alpha) * out_channels
 
 
 def rescaled(tensors: Tensors, rotated: torch.Tensor) -> torch.Tensor:
-    rescale = tensors.get("rescale")
+    rescale = optional(tensors, "rescale")
     return rotated if rescale is None else rotated * rescale.reshape(-1, *(1,) * (rotated.dim() - 1))
 
 

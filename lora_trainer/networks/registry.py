@@ -12,21 +12,24 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 Tensors = Mapping[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Delta:
-    """The change a network makes to one layer: ``W + weight``, ``b + bias`` (either may be None)."""
+class Delta(NamedTuple):
+    """The change a network makes to one layer: ``W + weight``, ``b + bias`` (either may be None).
+
+    A NamedTuple, not a frozen dataclass: dynamo before torch 2.4 (Forge's 2.3) cannot build the latter in a
+    compiled forward and would cut the graph at every layer."""
 
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
     def scaled(self, factor: float) -> Delta:
-        return Delta(*(None if t is None else t * factor for t in (self.weight, self.bias)))
+        return Delta(*[None if t is None else t * factor for t in self])
 
 
 @dataclass(frozen=True)
@@ -138,10 +141,15 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def module_delta(tensors: Tensors, weight: torch.Tensor, multiplier: float = 1.0) -> Delta:
     """ΔW (and Δbias) of one layer at ``multiplier``, in the compute dtype, shaped like the layer's weight."""
+    return delta_by(find_algorithm(tensors), modifiers_for(tensors), tensors, weight, multiplier)
+
+
+def delta_by(algorithm: Algorithm, modifiers: list[Modifier], tensors: Tensors, weight: torch.Tensor,
+             multiplier: float) -> Delta:
+    """``module_delta`` with the algorithm and modifiers already known (a training module's, found once)."""
     dtype = compute_dtype(weight)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    algorithm = find_algorithm(tensors)
-    modifiers = modifiers_for(tensors)
+    # alpha/scale may come as Python numbers (a module's, read once), which need no conversion
+    tensors = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in tensors.items()}
     if algorithm.uses_weight or modifiers:
         weight = weight.to(dtype)
     else:  # only the shape is read: skip converting a large weight
@@ -157,6 +165,12 @@ def module_delta(tensors: Tensors, weight: torch.Tensor, multiplier: float = 1.0
 # --- helpers shared by the low-rank algorithms --------------------------------------------------------------
 
 
+def optional(tensors: Tensors, key: str) -> torch.Tensor | None:
+    """``tensors.get(key)``, which dynamo before torch 2.2 (the WebUI's 2.1) cannot trace: a ``--torch_compile``
+    graph would break at every layer."""
+    return tensors[key] if key in tensors else None
+
+
 def scale(tensors: Tensors, rank: int | None) -> float:
     """α / r; no alpha means α = r (every reader agrees); no rank (both LoKr factors full) means 1.
 
@@ -164,7 +178,7 @@ def scale(tensors: Tensors, rank: int | None) -> float:
     """
     if "scale" in tensors:
         return float(tensors["scale"])
-    alpha = tensors.get("alpha")
+    alpha = optional(tensors, "alpha")
     if alpha is None or rank is None:
         return 1.0
     return float(alpha) / rank
