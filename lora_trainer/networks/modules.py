@@ -125,6 +125,7 @@ class NetworkModule(nn.Module):
         self.merge_below = MERGE_BELOW
         self._mergeable = (self._plain_lora and "lora_mid" not in self._modules and norm is None and target.rows is None
                            and target.parameter == "weight" and (conv is None or conv["groups"] == 1))
+        self._fixed_numbers: dict[str, float] = {}  # the buffers as numbers (_refresh_scale); until then, the buffers
         self._refresh_scale(tensors)  # as given (on the CPU): a model built on the meta device has meta buffers
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_scale(module._buffers))
 
