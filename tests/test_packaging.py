@@ -40,7 +40,7 @@ def test_an_installed_copy_finds_its_model_dataset_vocabulary_and_styles(wheel, 
     site = tmp_path / "site packages 站点"  # a wheel is a zip: unpacked, it is the installed package
     zipfile.ZipFile(wheel).extractall(site)
     probe = (
-        "import lora_trainer, sys\n"
+        "import lora_trainer\n"
         "from lora_trainer.app.standalone import _stylesheet\n"
         "from lora_trainer.models.tokenizer import CLIPTokenizer, read_merges\n"
         "from lora_trainer.tiny_model.build import TINY_MODEL_PATH\n"
