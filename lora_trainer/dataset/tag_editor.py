@@ -19,6 +19,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from types import MappingProxyType
 from typing import Iterable, Mapping, Protocol
@@ -48,7 +49,7 @@ def is_training_image(name: str) -> bool:
 
 def split_tags(caption: str) -> Tags:
     """``"a, b ,,c\\nd"`` → ``("a", "b", "c", "d")``: commas and line breaks separate tags; blanks are dropped."""
-    return tuple(tag for tag in (part.strip() for part in caption.replace("\n", ",").split(",")) if tag)
+    return tuple([tag for tag in map(str.strip, caption.replace("\n", ",").split(",")) if tag])
 
 
 def join_tags(tags: Iterable[str]) -> str:
@@ -130,11 +131,18 @@ class ReplaceText:
         return text.replace(self.find, self.replacement)
 
     def apply(self, tags: Tags) -> Tags:
-        if not self.regex and not (self.find in join_tags(tags) if self.whole_caption else any(self.find in t for t in tags)):
-            return tags  # nothing to replace: skip the rebuild (most images, in most replaces)
         if self.whole_caption:
-            return split_tags(self._replace(join_tags(tags)))
-        replaced = tuple(self._replace(tag).strip() for tag in tags)
+            caption = join_tags(tags)
+            if not self.regex and self.find not in caption:
+                return tags
+            return split_tags(self._replace(caption))
+        if self.regex:
+            replaced = tuple([self._replace(tag).strip() for tag in tags])
+        else:  # inlined: a replace across 10,000 captions runs this for every tag of every image
+            find, replacement = self.find, self.replacement
+            if find not in "\n".join(tags):  # then in no tag either: most images, in most replaces
+                return tags
+            replaced = tuple([tag.replace(find, replacement).strip() if find in tag else tag for tag in tags])
         return replaced if all(replaced) else tuple(tag for tag in replaced if tag)
 
     def describe(self) -> str:
@@ -330,8 +338,8 @@ class _FolderScan:
 def find_images(folder: Path, recursive: bool = False) -> list[Path]:
     """The images sd-scripts would train on in ``folder`` (and its sub-folders, hidden ones skipped, when
     ``recursive``), sorted by folder, then name."""
-    found: list[Path] = []
-    pending = [folder]
+    found: list[tuple[str, str, str]] = []  # (folder, name, path) as strings: sorted before any Path is built
+    pending = [str(folder)]
     while pending:
         current = pending.pop()
         with os.scandir(current) as entries:
@@ -339,10 +347,10 @@ def find_images(folder: Path, recursive: bool = False) -> list[Path]:
                 if entry.is_dir():
                     # hidden folders hold our own backups (and .git and the like), never training images
                     if recursive and not entry.name.startswith("."):
-                        pending.append(Path(entry.path))
+                        pending.append(entry.path)
                 elif is_training_image(entry.name) and entry.is_file():
-                    found.append(Path(entry.path))
-    return sorted(found, key=lambda path: (str(path.parent), path.name))
+                    found.append((current, entry.name, entry.path))
+    return [Path(path) for _, _, path in sorted(found)]
 
 
 def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
@@ -354,10 +362,12 @@ def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
     return _FolderScan(tuple(images), tags, captions.stamps, multiline, captions.unreadable)
 
 
-def _siblings(images: Iterable[Path], caption_extension: str) -> dict[Path, tuple[Path, ...]]:
-    by_caption: dict[Path, list[Path]] = {}
+def _siblings(images: Iterable[Path]) -> dict[Path, tuple[Path, ...]]:
+    """Images that share a caption file: same folder, same stem (compared as the file system does: normcase folds case
+    on Windows), as strings, which is cheaper than building 10,000 caption paths."""
+    by_caption: dict[str, list[Path]] = {}
     for image in images:
-        by_caption.setdefault(caption_path_for(image, caption_extension), []).append(image)
+        by_caption.setdefault(os.path.normcase(os.path.splitext(str(image))[0]), []).append(image)
     return {image: tuple(group) for group in by_caption.values() if len(group) > 1 for image in group}
 
 
@@ -385,7 +395,7 @@ def open_folder(
         tags=_frozen(scan.tags),
         on_disk=_frozen(scan.tags),
         stamps=_frozen(scan.stamps),
-        siblings=_frozen(_siblings(scan.images, caption_extension)),
+        siblings=_frozen(_siblings(scan.images)),
         multiline=scan.multiline,
         unreadable=_frozen(scan.unreadable),
     )
@@ -401,8 +411,9 @@ def caption_of(editor: TagEditor, image: Path) -> str:
 
 def tag_counts(editor: TagEditor, images: Iterable[Path] | None = None) -> list[tuple[str, int]]:
     """How many images carry each tag (among ``images``, default all), most frequent first, then by name."""
-    selected = editor.tags.keys() if images is None else (image for image in images if image in editor.tags)
-    counts = Counter(tag for image in selected for tag in set(editor.tags[image]))
+    tags = editor.tags
+    selected = tags.values() if images is None else [tags[image] for image in images if image in tags]
+    counts = Counter(chain.from_iterable(map(set, selected)))  # no Python loop per tag: 200,000 tags in 10,000 images
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
@@ -582,7 +593,7 @@ def reload(editor: TagEditor) -> tuple[TagEditor, ReloadReport]:
         tags=_frozen({image: editor.tags.get(image, tags[image]) for image in tags}),
         on_disk=_frozen(scan.tags),
         stamps=_frozen(scan.stamps),
-        siblings=_frozen(_siblings(scan.images, editor.caption_extension)),
+        siblings=_frozen(_siblings(scan.images)),
         multiline=scan.multiline,
         unreadable=_frozen(scan.unreadable),
     )
