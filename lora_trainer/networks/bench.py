@@ -62,6 +62,11 @@ def run(dtype: str = "fp16") -> None:
         del network
         gc.collect()
         merged = MergedNetworks.for_model(SD1, unet, text_encoders)
+        if label == next(iter(CASES)):
+            # The fit check computes ΔW on the meta device, where torch 2.13 (not the WebUI's 2.1 nor Forge's 2.3)
+            # imports torch._dynamo at the first out-of-place arithmetic: once per process, so it is shown apart.
+            first = _timed(lambda: merged.check(file))
+            print(f"first fit check in this process: {first:.2f} s (once; then part of each apply)", flush=True)
         apply = _timed(lambda: merged.set_networks([(file, Strength(1.0))]))
         held = merged.held_bytes() / 2**20
         change = _timed(lambda: merged.set_networks([(file, Strength(0.5))]))
