@@ -106,6 +106,20 @@ def test_a_state_moves_between_torch_adamw_and_flat_adamw_and_training_continues
     assert equal(fourth, straight)
 
 
+def test_its_own_state_loaded_back_in_memory_keeps_the_moments_and_step_counts():
+    """A state dict of FlatAdamW holds views of its flat tensors; loading one back into the same optimizer (no file
+    in between) once zeroed them before reading them: the moments and step counts were lost."""
+    straight = parameters()
+    train(FlatAdamW(two_groups(straight)), straight, 10)
+    params = parameters()
+    optimizer = FlatAdamW(two_groups(params))
+    train(optimizer, params, 5)
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert [float(optimizer.state[p]["step"]) for p in params] == [5.0] * len(params)
+    train_from(optimizer, params, 5, 10)
+    assert equal(params, straight)
+
+
 def train_from(optimizer, params, start: int, stop: int) -> None:
     """The steps ``start`` … ``stop - 1`` of ``train``'s gradient sequence."""
     generator = torch.Generator().manual_seed(2)
@@ -155,11 +169,12 @@ def test_torch_adamw_is_fused_only_where_this_torch_has_the_kernel(monkeypatch):
 
 
 def test_it_does_not_import_torch_dynamo(tmp_path):
-    # every torch optimizer's first call imports torch._dynamo, 1-2 s of a short run's start
+    # every torch optimizer's first call imports torch._dynamo, 1-2 s of a short run's start (or of its first save)
     code = ("import sys, torch\n"
             "from lora_trainer.training.flat_adamw import FlatAdamW\n"
             "p = torch.nn.Parameter(torch.ones(3))\n"
             "o = FlatAdamW([p]); p.grad = torch.ones(3); o.clip_grad_norm_(1.0); o.step(); o.zero_grad()\n"
+            "o.load_state_dict(o.state_dict())\n"  # a state saved and resumed
             "print('torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

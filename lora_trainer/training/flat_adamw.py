@@ -21,6 +21,8 @@ import torch
 # The base class's bookkeeping, without the decorator that imports torch._dynamo (1–2 s) on first call: it keeps
 # torch.compile from tracing them, and an optimizer is never compiled here.
 _add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+_state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+_load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
 
 
 class _FlatGroup:
@@ -74,16 +76,18 @@ class _FlatGroup:
     def load(self, state: dict) -> None:
         """Copies a loaded state (torch's AdamW format) into the flat tensors, and makes its tensors views again."""
         self.state = state
-        self.exp_avg.zero_()
-        self.exp_avg_sq.zero_()
-        self.steps.zero_()
+        # built apart, then copied in: the loaded tensors may be views of these very flat tensors (a state dict of
+        # this optimizer loaded back into it), which zeroing them first would wipe
+        exp_avg, exp_avg_sq, steps = (torch.zeros_like(t) for t in (self.exp_avg, self.exp_avg_sq, self.steps))
         loaded = [index for index, p in enumerate(self.params) if p in state]
         for index in loaded:
             p, start, stop = self.params[index], self.offsets[index], self.offsets[index + 1]
-            for flat, key in ((self.exp_avg, "exp_avg"), (self.exp_avg_sq, "exp_avg_sq")):
+            for flat, key in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
                 if key in state[p]:
                     flat[start:stop].copy_(state[p][key].reshape(-1))
-            self.steps[index] = float(state[p].get("step", 0))
+            steps[index] = float(state[p].get("step", 0))
+        for own, new in ((self.exp_avg, exp_avg), (self.exp_avg_sq, exp_avg_sq), (self.steps, steps)):
+            own.copy_(new)
         self.unregistered = set(range(len(self.params)))
         self.register(loaded)
         self.uniform_steps = bool((self.steps == self.steps[0]).all())
@@ -175,8 +179,11 @@ class FlatAdamW(torch.optim.AdamW):
             gradient.mul_(factor.to(gradient.device))
         return total
 
+    def state_dict(self) -> dict:
+        return _state_dict(self)
+
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        _load_state_dict(self, state_dict)
         for flat in self._flat:
             flat.load(self.state)
 
