@@ -61,3 +61,19 @@ def test_a_backend_this_pytorch_lacks_is_named_with_the_ones_it_has(monkeypatch)
     with pytest.raises(UserError, match=r"--dynamo_backend onnxrt is not available with this PyTorch; choose one of "
                                         r"eager, inductor, cudagraphs, tvm$"):
         compile_models(model, "onnxrt")
+
+
+@pytest.mark.parametrize("slow_tracer, warned", [(True, True), (False, False)], ids=["torch-2.1", "torch-2.2+"])
+def test_compiling_under_a_torch_that_traces_for_minutes_says_so_before_the_run_seems_stalled(monkeypatch, slow_tracer,
+                                                                                             warned):
+    from lora_trainer.training import trainer
+    from lora_trainer.training.options import options_from
+
+    monkeypatch.setattr(trainer, "DYNAMO_TRACES_SLOWLY", slow_tracer)
+    options = options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
+                            "torch_compile": True})
+    warnings = trainer._option_warnings(options, None, torch.device("cpu"), torch.float32)
+    assert any("traces a UNet with a network for minutes" in w and torch.__version__ in w for w in warnings) is warned
+    assert not any("minutes" in w for w in trainer._option_warnings(
+        options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d"}), None, torch.device("cpu"),
+        torch.float32))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..compat import SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
+from ..compat import DYNAMO_TRACES_SLOWLY, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
@@ -585,6 +585,10 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
     warnings += choose_attention(options, device)
     if options.torch_compile and options.dynamo_backend == "no":  # sd-scripts hands accelerate NO: nothing compiled
         warnings.append("--torch_compile with --dynamo_backend no compiles nothing, as in sd-scripts")
+    elif options.torch_compile and DYNAMO_TRACES_SLOWLY:
+        warnings.append(f"--torch_compile under torch {torch.__version__}: its compiler traces a UNet with a network "
+                        "for minutes before the first step (8 minutes for an SD1 UNet with a LoRA on a 2-core CPU), "
+                        "so the run looks stalled; torch 2.2 and later take seconds")
     return warnings
 
 
