@@ -588,7 +588,7 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
     elif options.torch_compile and DYNAMO_TRACES_SLOWLY:
         warnings.append(f"--torch_compile under torch {torch.__version__}: its compiler traces a UNet with a network "
                         "for minutes before the first step (8 minutes for an SD1 UNet with a LoRA on a 2-core CPU), "
-                        "so the run looks stalled; torch 2.2 and later take seconds")
+                        "so the run looks stalled; later torch takes under a minute")
     return warnings
 
 
