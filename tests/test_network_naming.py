@@ -97,6 +97,34 @@ def test_sdxl_network_on_sd1_model_is_refused_with_a_reason_and_the_model_is_unt
     assert all(torch.equal(before[k], v) for k, v in tiny_kohya.unet.state_dict().items())
 
 
+def test_a_network_is_checked_once_while_it_lives_and_its_tensors_are_not_kept_after(tiny_kohya, monkeypatch):
+    """The WebUI checks every LoRA of the prompt before each generation; a check computes every layer's ΔW shape."""
+    import gc
+    import weakref
+
+    from lora_trainer.networks import apply, files
+
+    checks = []
+    monkeypatch.setattr(apply, "match_network",
+                        lambda network, *rest: checks.append(network) or files.match_network(network, *rest))
+    merged = MergedNetworks.for_model(tiny_kohya.config, tiny_kohya.unet, tiny_kohya.text_encoders)
+    network = read_network(REFERENCE / "kohya-fixtures" / "lora-baseline/tinylora.safetensors")
+    report = merged.check(network)
+    assert merged.check(network) is report
+    merged.set_networks([(network, Strength(0.5))])
+    merged.set_networks([(network, Strength(1.0))])
+    assert len(checks) == 1
+    merged.restore()
+    # a file read again (changed on disk) is a new object, and is checked again
+    again = read_network(REFERENCE / "kohya-fixtures" / "lora-baseline/tinylora.safetensors")
+    merged.check(again)
+    assert len(checks) == 2
+    tensor = weakref.ref(next(iter(next(iter(network.modules.values())).values())))
+    del network, report, checks[:], again
+    gc.collect()
+    assert tensor() is None  # the remembered report went with its network
+
+
 def test_broken_modules_are_named_nan_shape_and_unknown_suffix(tiny_kohya):
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
     channels = tiny_kohya.unet.get_submodule("input_blocks.1.1.proj_in").weight.shape[0]

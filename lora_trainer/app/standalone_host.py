@@ -41,7 +41,6 @@ class StandaloneHost:
         self._model_path: Path | None = None
         self._merged = None
         self._released_path: Path | None = None
-        self._fit: dict[tuple, object] = {}  # (file, mtime, dyn) → its match report against the loaded model
         self._warned: set[str] = set()
         self._warnings: list[str] = []
 
@@ -164,7 +163,6 @@ class StandaloneHost:
     def _drop_model(self) -> None:
         self._model = self._merged = None
         self._model_path = None
-        self._fit.clear()
         try:
             import torch
 
@@ -183,6 +181,7 @@ class StandaloneHost:
         """Merge exactly the prompt's LoRAs (nothing when it has no tags); returns (name, file) of those applied."""
         from ..networks.activation import at_rank, lora_calls_in, strength_of
 
+        started = time.perf_counter()  # reading, checking and merging: all of it is the grid's switching time
         _, calls = lora_calls_in(prompt)
         wanted, used = [], []
         for call in calls:
@@ -192,12 +191,7 @@ class StandaloneHost:
                 continue
             path = Path(path).resolve()
             network = at_rank(self.library.network(path), call.dyn)
-            key = (path, path.stat().st_mtime_ns, call.dyn)
-            report = self._fit.get(key)
-            if report is None:
-                if len(self._fit) > 4 * self.library.NETWORKS_KEPT:
-                    self._fit.clear()
-                report = self._fit[key] = self._merged.check(network)
+            report = self._merged.check(network)
             if not report.ok:
                 self._warn(f"unfit:{path}", f"LoRA {call.name!r} does not fit {model.config.label} and was skipped: "
                                             f"{report.message()}")
@@ -206,7 +200,6 @@ class StandaloneHost:
             if call.te == 0 and call.unet_multiplier == 0:
                 continue  # unmerged rather than merged at 0: the base weights come back bit for bit
             wanted.append((network, strength_of(call, model.config.unet)))
-        started = time.perf_counter()
         self._merged.set_networks(wanted)
         self.switching_seconds += time.perf_counter() - started
         return used

@@ -8,9 +8,11 @@ so the figure measures the grid, not a training run; tests and the browser tests
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -47,8 +49,13 @@ def make_epoch_files(folder: Path, name: str = "tinylora", epochs: int = 2, seed
     return paths
 
 
+def _timed(action) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
-    import time
 
     from ..app.standalone_host import StandaloneHost
     from ..sampling.txt2img import GenerationSettings
@@ -69,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = GenerationSettings("zkstar", steps=args.steps, sampler="DPM++ 2M Karras", cfg_scale=5.0, seed=11,
                                   width=64, height=64)
     host.generate(settings)  # load the model first: the figure is about the grid, not the model load
+    # and the first LoRA a process uses: its fit check on the meta device makes torch 2.13 import its dynamo, once
+    plain = _timed(lambda: host.generate(settings))
+    first_lora = _timed(lambda: host.generate(dataclasses.replace(settings, prompt=f"{settings.prompt} <lora:{files[0].stem}:1>")))
+    print(f"first LoRA used in this process: {first_lora - plain:.2f} s more than a generation without one (once per "
+          "process, not part of the grid's figure)")
     request = GridRequest(AxisSpec("strength", [args.strengths]), AxisSpec("epoch", []), settings, lora="benchlora")
     plan = plan_grid(request, host.library)
     rows, columns = plan.size

@@ -11,6 +11,7 @@ two weight-dependent networks such as DoRA and OFT sit on the same layer).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +73,8 @@ class MergedNetworks:
         self.store = None if store is None else torch.device(store)
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._applied: dict[object, _Applied] = {}
+        self._modules: dict[str, nn.Module] = {}  # target name → its layer, looked up once
+        self._reports: dict[int, tuple[weakref.ref, MatchReport]] = {}  # id(network) → report, while it lives
 
     @classmethod
     def for_model(cls, config, unet: nn.Module | None, text_encoders: Sequence[nn.Module] | None) -> MergedNetworks:
@@ -80,7 +83,10 @@ class MergedNetworks:
     # --- parameters ------------------------------------------------------------------------------------------
 
     def _module(self, target: Target) -> nn.Module:
-        return self.components[target.component].get_submodule(target.module)
+        module = self._modules.get(target.name)
+        if module is None:
+            module = self._modules[target.name] = self.components[target.component].get_submodule(target.module)
+        return module
 
     def weight_of(self, target: Target) -> torch.Tensor:
         weight = getattr(self._module(target), target.parameter)
@@ -117,7 +123,15 @@ class MergedNetworks:
     # --- networks --------------------------------------------------------------------------------------------
 
     def check(self, network: NetworkFile) -> MatchReport:
-        return match_network(network, self.targets, self.weight_of, self.label)
+        """How the network fits this model, computed once per network object while it lives: the WebUI asks before
+        every generation, for every LoRA of the prompt, and a check computes each layer's ΔW shape."""
+        known = self._reports.get(id(network))
+        if known is not None and known[0]() is network:
+            return known[1]
+        report = match_network(network, self.targets, self.weight_of, self.label)
+        reports = self._reports  # the callback holds the dict, not self; it runs before the id can be reused
+        self._reports[id(network)] = (weakref.ref(network, lambda _, key=id(network): reports.pop(key, None)), report)
+        return report
 
     @property
     def applied(self) -> list[tuple[NetworkFile, Strength]]:

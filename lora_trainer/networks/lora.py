@@ -26,7 +26,7 @@ def lora_weight(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None, 
 def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     down = tensors[DOWN]
     raw = lora_weight(tensors[UP], down, optional(tensors, MID), weight.shape)
-    return Delta(raw * (scale(tensors, down.shape[0]) * multiplier))
+    return Delta(raw.mul_(scale(tensors, down.shape[0]) * multiplier))
 
 
 def init(shape: torch.Size, rank: int, spec, bias_shape: torch.Size | None = None) -> dict[str, torch.Tensor]:
