@@ -56,7 +56,6 @@ def _timed(action) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from ..app.standalone_host import StandaloneHost
     from ..sampling.txt2img import GenerationSettings
     from .plan import AxisSpec, GridRequest, plan_grid, run_grid
@@ -76,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = GenerationSettings("zkstar", steps=args.steps, sampler="DPM++ 2M Karras", cfg_scale=5.0, seed=11,
                                   width=64, height=64)
     host.generate(settings)  # load the model first: the figure is about the grid, not the model load
-    # and the first LoRA a process uses: its fit check on the meta device makes torch 2.13 import its dynamo, once
+    # and apart from it, what the first LoRA of a process costs once (on torch 2.13 a LyCORIS file's first fit check
+    # imports torch._dynamo: its products on the meta device go through torch._refs; a LoRA's in-place scale does not)
     plain = _timed(lambda: host.generate(settings))
     first_lora = _timed(lambda: host.generate(dataclasses.replace(settings, prompt=f"{settings.prompt} <lora:{files[0].stem}:1>")))
     print(f"first LoRA used in this process: {first_lora - plain:.2f} s more than a generation without one (once per "
