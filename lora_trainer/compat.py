@@ -21,7 +21,7 @@ is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._utils.is_
 
 # dynamo before 2.2 carries every guard along through every traced value, so tracing time grows with the square of the
 # guards: an SD1 UNet with a LoRA took 8 minutes under 2.1.2 on a 2-core CPU (46 s without it; 21 s under 2.3.1)
-DYNAMO_TRACES_SLOWLY = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 2)
+DYNAMO_TRACES_SLOWLY = torch.__version__ < "2.2"  # TorchVersion compares as a version: 2.1.2+cu121 < 2.2
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5
 
