@@ -26,6 +26,8 @@ def lora_weight(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None, 
 def delta(tensors: Tensors, weight: torch.Tensor, multiplier: float) -> Delta:
     down = tensors[DOWN]
     raw = lora_weight(tensors[UP], down, optional(tensors, MID), weight.shape)
+    # in place: raw is this call's own product (autograd keeps the factors, not it), one ΔW-sized copy fewer, and on
+    # the meta device (a file's fit check) an out-of-place product goes through torch._refs, which imports dynamo
     return Delta(raw.mul_(scale(tensors, down.shape[0]) * multiplier))
 
 
