@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import stat
 import time
 import zipfile
 from contextlib import contextmanager
@@ -44,17 +44,41 @@ def replace_path(source: str | Path, target: str | Path) -> None:
     os.replace(source, target)
 
 
+def open_temporary_beside(target: Path) -> tuple[int, Path]:
+    """Create a new hidden file in ``target``'s folder, open for writing (binary), to be renamed onto ``target``.
+
+    It gets the permissions the finished file should have: those of the file it replaces, else what the user's umask
+    gives a new file, as an editor's save would. (``tempfile.mkstemp`` makes files only their owner can read: a LoRA
+    saved that way is unreadable by a WebUI running as another user, and an edited caption would change its mode.)"""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = target.with_name(f".{target.name}.{os.urandom(4).hex()}.tmp")
+        try:
+            handle = os.open(temporary, flags, 0o666)  # the umask applies, as to any new file
+            break
+        except FileExistsError:
+            continue
+    if os.name != "nt":  # Windows has no modes to keep, only a read-only flag
+        try:
+            os.chmod(handle, stat.S_IMODE(os.stat(target).st_mode))
+        except FileNotFoundError:
+            pass
+    return handle, temporary
+
+
 @contextmanager
 def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one step, on error it vanishes.
     ``durable=False`` skips the flush to disk: for caches, which can be made again, written by the thousand."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    handle, temporary = open_temporary_beside(target)
+    permissions = stat.S_IMODE(os.fstat(handle).st_mode)
     os.close(handle)
-    temporary = Path(temporary)
     try:
         yield temporary
+        if os.name != "nt":  # the writer may have made the file anew: safetensors 0.8 writes its files owner-only
+            os.chmod(temporary, permissions)
         if durable:
             with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
                 os.fsync(written.fileno())

@@ -86,6 +86,21 @@ def test_write_keeps_previous_versions_in_a_timestamped_backup_and_writes_utf8(t
     assert (second.backup_folder / "a.txt").read_text(encoding="utf-8") == "new, 星"
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_an_edited_caption_keeps_its_permissions_and_a_new_one_gets_the_usual_ones(tmp_path):
+    """Saving in the tag editor changes the text, not who may read or edit the file."""
+    shared, new = tmp_path / "shared.txt", tmp_path / "new.txt"
+    shared.write_text("old", encoding="utf-8")
+    shared.chmod(0o664)  # group-editable, as on a team's dataset share
+    previous = os.umask(0o022)
+    try:
+        write_captions({shared: "edited", new: "fresh"}, tmp_path / "backups")
+    finally:
+        os.umask(previous)
+    assert oct(shared.stat().st_mode & 0o777) == oct(0o664)
+    assert oct(new.stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_a_file_edited_elsewhere_since_reading_blocks_the_whole_save(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("a", encoding="utf-8")

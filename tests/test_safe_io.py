@@ -67,3 +67,32 @@ def test_captions_wait_out_a_brief_lock_too(tmp_path, monkeypatch):
     calls = refuse(monkeypatch, 1, waits=(0, 0))
     write_captions({caption: "new"}, backup_dir=None)
     assert caption.read_text(encoding="utf-8") == "new" and len(calls) == 2
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_a_saved_lora_is_readable_by_other_users_as_any_new_file_is(tmp_path, umask_022):
+    """A WebUI run as another user (a service, a container) must be able to load what the trainer saved: the atomic
+    save's temporary file once made every LoRA readable by its owner only."""
+    import torch
+
+    saved = safe_io.save_safetensors({"w": torch.ones(2)}, tmp_path / "star.safetensors")
+    assert oct(saved.stat().st_mode & 0o777) == oct(0o644)
+    safe_io.write_text(tmp_path / "notes.txt", "x")
+    assert oct((tmp_path / "notes.txt").stat().st_mode & 0o777) == oct(0o644)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_a_replaced_file_keeps_the_permissions_it_had(tmp_path, umask_022):
+    target = tmp_path / "star.safetensors"
+    target.write_text("old", encoding="utf-8")
+    target.chmod(0o660)  # shared with a group, kept from other users: the user's choice stays
+    safe_io.write_text(target, "new")
+    assert target.read_text(encoding="utf-8") == "new"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o660)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Mapping
 
 from lora_trainer.errors import UserError
-from lora_trainer.safe_io import replace_path
+from lora_trainer.safe_io import open_temporary_beside, replace_path
 
 CAPTION_WRITE_ENCODING = "utf-8"
 
@@ -194,17 +193,16 @@ def _backup_name(path: Path, root: Path | None) -> Path:
 
 
 def _write_synced(target: Path, data: bytes) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    handle, temporary = open_temporary_beside(target)
     try:
         with os.fdopen(handle, "wb") as written:
             written.write(data)
             written.flush()
             os.fsync(written.fileno())
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    return Path(temporary)
+    return temporary
 
 
 def find_changed_on_disk(expected: Mapping[Path, CaptionStamp]) -> list[Path]:
