@@ -44,12 +44,12 @@ def replace_path(source: str | Path, target: str | Path) -> None:
     os.replace(source, target)
 
 
-def open_temporary_beside(target: Path) -> tuple[int, Path]:
+def open_temporary_beside(target: Path) -> tuple[int, Path, int]:
     """Create a new hidden file in ``target``'s folder, open for writing (binary), to be renamed onto ``target``.
-
-    It gets the permissions the finished file should have: those of the file it replaces, else what the user's umask
-    gives a new file, as an editor's save would. (``tempfile.mkstemp`` makes files only their owner can read: a LoRA
-    saved that way is unreadable by a WebUI running as another user, and an edited caption would change its mode.)"""
+    Also returns the permissions to give it once written (``give_permissions``): those of the file it replaces, else
+    what the user's umask gives a new file, as an editor's save would. (``tempfile.mkstemp`` makes files only their
+    owner can read: a LoRA saved that way is unreadable by a WebUI running as another user, and an edited caption
+    would change its mode.)"""
     target.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
@@ -59,12 +59,17 @@ def open_temporary_beside(target: Path) -> tuple[int, Path]:
             break
         except FileExistsError:
             continue
+    try:
+        permissions = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        permissions = stat.S_IMODE(os.fstat(handle).st_mode)
+    return handle, temporary, permissions
+
+
+def give_permissions(written: Path, permissions: int) -> None:
+    """Set them only once the file is written: a read-only file's replacement must stay writable until then."""
     if os.name != "nt":  # Windows has no modes to keep, only a read-only flag
-        try:
-            os.chmod(handle, stat.S_IMODE(os.stat(target).st_mode))
-        except FileNotFoundError:
-            pass
-    return handle, temporary
+        os.chmod(written, permissions)
 
 
 @contextmanager
@@ -72,13 +77,11 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one step, on error it vanishes.
     ``durable=False`` skips the flush to disk: for caches, which can be made again, written by the thousand."""
     target = Path(target)
-    handle, temporary = open_temporary_beside(target)
-    permissions = stat.S_IMODE(os.fstat(handle).st_mode)
+    handle, temporary, permissions = open_temporary_beside(target)
     os.close(handle)
     try:
         yield temporary
-        if os.name != "nt":  # the writer may have made the file anew: safetensors 0.8 writes its files owner-only
-            os.chmod(temporary, permissions)
+        give_permissions(temporary, permissions)  # also where the writer made the file anew: safetensors 0.8 does, owner-only
         if durable:
             with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
                 os.fsync(written.fileno())

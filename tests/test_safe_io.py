@@ -96,3 +96,17 @@ def test_a_replaced_file_keeps_the_permissions_it_had(tmp_path, umask_022):
     safe_io.write_text(target, "new")
     assert target.read_text(encoding="utf-8") == "new"
     assert oct(target.stat().st_mode & 0o777) == oct(0o660)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_a_read_only_file_is_replaced_and_stays_read_only(tmp_path, umask_022):
+    """A user who made a LoRA read-only to protect it can still save over it on purpose (a rename replaces it); the
+    new file is writable while it is written (else a non-root writer could not open it) and read-only after."""
+    target = tmp_path / "star.safetensors"
+    target.write_text("old", encoding="utf-8")
+    target.chmod(0o444)
+    with safe_io.atomic_path(target) as temporary:
+        assert temporary.stat().st_mode & 0o200
+        temporary.write_text("new", encoding="utf-8")
+    assert target.read_text(encoding="utf-8") == "new"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o444)

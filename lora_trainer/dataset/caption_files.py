@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Mapping
 
 from lora_trainer.errors import UserError
-from lora_trainer.safe_io import open_temporary_beside, replace_path
+from lora_trainer.safe_io import give_permissions, open_temporary_beside, replace_path
 
 CAPTION_WRITE_ENCODING = "utf-8"
 
@@ -193,12 +193,13 @@ def _backup_name(path: Path, root: Path | None) -> Path:
 
 
 def _write_synced(target: Path, data: bytes) -> Path:
-    handle, temporary = open_temporary_beside(target)
+    handle, temporary, permissions = open_temporary_beside(target)
     try:
         with os.fdopen(handle, "wb") as written:
             written.write(data)
             written.flush()
             os.fsync(written.fileno())
+        give_permissions(temporary, permissions)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
