@@ -63,6 +63,10 @@ def open_temporary_beside(target: Path) -> tuple[int, Path, int]:
         permissions = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         permissions = stat.S_IMODE(os.fstat(handle).st_mode)
+    except BaseException:
+        os.close(handle)
+        temporary.unlink()
+        raise
     return handle, temporary, permissions
 
 
@@ -81,7 +85,7 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     os.close(handle)
     try:
         yield temporary
-        give_permissions(temporary, permissions)  # also where the writer made the file anew: safetensors 0.8 does, owner-only
+        give_permissions(temporary, permissions)  # also where the writer made it anew (safetensors 0.8: owner-only)
         if durable:
             with open(temporary, "rb+") as written:  # on disk before the rename, so a power cut cannot leave it empty
                 os.fsync(written.fileno())
