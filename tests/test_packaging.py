@@ -59,3 +59,28 @@ def test_an_installed_copy_finds_its_model_dataset_vocabulary_and_styles(wheel, 
     assert model_bytes > 1_000_000 and images == 16
     assert int(tokens) > 2
     assert "\n".join(css).strip() == (ROOT / "style.css").read_text(encoding="utf-8").strip()
+
+
+def _python_3_10() -> str | None:
+    """The WebUI's own Python (3.10), where this machine has one: on PATH, or one pyenv keeps."""
+    candidates = [shutil.which("python3.10"), *map(str, sorted(Path.home().glob(".pyenv/versions/3.10*/bin/python3.10")))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", ""], capture_output=True).returncode == 0:  # not a pyenv shim without it
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(_python_3_10() is None, reason="no Python 3.10 on this machine")
+def test_every_file_compiles_under_the_webuis_python_3_10():
+    """The WebUI 1.10 runs on Python 3.10 and loads the extension's scripts and the trainer with it: syntax only a
+    newer Python reads (PEP 695 generics, nested f-string quotes, ``except*``) would break the extension on load."""
+    files = [p for folder in ("lora_trainer", "scripts") for p in (ROOT / folder).rglob("*.py")] + [ROOT / "install.py"]
+    probe = ("import sys\nfailed = []\nfor name in sys.stdin.read().splitlines():\n"
+             "    try:\n        compile(open(name, encoding='utf-8').read(), name, 'exec')\n"
+             "    except SyntaxError as error:\n        failed.append(f'{name}:{error.lineno}: {error.msg}')\n"
+             "print('\\n'.join(failed))\n")
+    done = subprocess.run([_python_3_10(), "-c", probe], input="\n".join(map(str, files)), capture_output=True,
+                          text=True, encoding="utf-8", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(files) > 100
+    assert done.stdout.strip() == "", "syntax Python 3.10 cannot read:\n" + done.stdout
