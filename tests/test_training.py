@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def baseline(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "输出 folder"
     assert run(dataset, out, "--save_every_n_epochs", "1", "--save_state") == 0
     return out
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_every_file_a_run_writes_gets_the_permissions_of_any_new_file(baseline, tmp_path):
+    """A WebUI or ComfyUI running as another user (a service, a container) reads the LoRA files, and a state folder
+    may be resumed by another account: nothing may come out owner-only, as atomic saves once made it."""
+    (tmp_path / "probe").write_text("x", encoding="utf-8")
+    usual = (tmp_path / "probe").stat().st_mode & 0o777
+    written = {p.relative_to(baseline).as_posix(): oct(p.stat().st_mode & 0o777) for p in baseline.rglob("*") if p.is_file()}
+    assert "star.safetensors" in written and "star-000001-state/model.safetensors" in written
+    assert written == dict.fromkeys(written, oct(usual))
 
 
 def test_run_writes_sd_scripts_files_with_kohya_keys_and_metadata(baseline):
@@ -329,19 +341,17 @@ def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_earlier_files_an
 
     import safetensors.torch
 
-    from lora_trainer.training import state
-
-    module = safetensors.torch if failing == "network file" else state
-    save_file, saves = module.save_file, []
+    save_file, saves = safetensors.torch.save_file, []
 
     def fills_the_disk(tensors, filename, metadata=None):
-        saves.append(filename)
-        if len(saves) == 2:
-            Path(filename).write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if ("model.safetensors" in Path(filename).name) == (failing == "state"):  # a state's network, or a LoRA file
+            saves.append(filename)
+            if len(saves) == 2:
+                Path(filename).write_bytes(b"\0" * 100)
+                raise OSError(errno.ENOSPC, "No space left on device")
         return save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(module, "save_file", fills_the_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_the_disk)
     assert run(dataset, tmp_path, "--save_every_n_epochs", "1", "--save_state") == 2
     err = capsys.readouterr().err
     failed = "star.safetensors" if failing == "network file" else "star-state"

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..safe_io import replace_path
+from ..safe_io import replace_path, save_safetensors
 
 
 def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator, run_state) -> Path:
@@ -36,7 +36,7 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(temporary / "model.safetensors"))
+        save_safetensors(network.state_dict(), temporary / "model.safetensors")  # readable as the LoRA files are
         torch.save({
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
