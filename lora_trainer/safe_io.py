@@ -44,6 +44,12 @@ def replace_path(source: str | Path, target: str | Path) -> None:
     os.replace(source, target)
 
 
+def _shortened(name: str, longest: int = 255 - len(".12345678.tmp") - 1) -> str:
+    """``name`` cut to fit a temporary's name within the 255 bytes a file name may have: a name the user could give
+    the file itself (80 CJK characters are 240 bytes) must not fail for the temporary's few extra characters."""
+    return name.encode("utf-8")[:longest].decode("utf-8", "ignore")
+
+
 def open_temporary_beside(target: Path) -> tuple[int, Path, int]:
     """Create a new hidden file in ``target``'s folder, open for writing (binary), to be renamed onto ``target``.
     Also returns the permissions to give it once written (``give_permissions``): those of the file it replaces, else
@@ -53,7 +59,7 @@ def open_temporary_beside(target: Path) -> tuple[int, Path, int]:
     target.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        temporary = target.with_name(f".{target.name}.{os.urandom(4).hex()}.tmp")
+        temporary = target.with_name(f".{_shortened(target.name)}.{os.urandom(4).hex()}.tmp")
         try:
             handle = os.open(temporary, flags, 0o666)  # the umask applies, as to any new file
             break

@@ -110,3 +110,13 @@ def test_a_read_only_file_is_replaced_and_stays_read_only(tmp_path, umask_022):
         temporary.write_text("new", encoding="utf-8")
     assert target.read_text(encoding="utf-8") == "new"
     assert oct(target.stat().st_mode & 0o777) == oct(0o444)
+
+
+def test_a_file_name_near_the_length_limit_still_saves(tmp_path):
+    """80 CJK characters are 240 bytes: the file itself fits in a name's 255, and its temporary must not fail."""
+    import torch
+
+    target = tmp_path / ("星" * 80 + ".safetensors")
+    safe_io.save_safetensors({"w": torch.ones(2)}, target)
+    safe_io.save_safetensors({"w": torch.zeros(2)}, target)  # replacing it too
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
