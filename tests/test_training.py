@@ -160,6 +160,8 @@ def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_pat
     assert "needs --noise_offset" in capsys.readouterr().err
     assert run(dataset, tmp_path, "--output_name", "star:v2") == 2  # trains on Linux, then cannot be copied to Windows
     assert "--output_name 'star:v2' cannot be a file name on Windows" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--output_name", "星" * 70) == 2  # 210 bytes: the file fits, its step states do not
+    assert "--output_name is 210 bytes long in UTF-8" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors"))
 
 

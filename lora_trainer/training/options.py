@@ -24,6 +24,8 @@ from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
 from .optimizers import moments_underflow_in_fp16
 
+LONGEST_OUTPUT_NAME_BYTES = 200  # leaves room for what a run adds to it within a file name's 255 bytes
+
 
 def opt(default: Any = None, help: str = "", *, choices=None, nargs: str | None = None, inert: str | None = None):
     return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs, "inert": inert})
@@ -493,6 +495,10 @@ def validate(options: TrainOptions) -> None:
     if options.output_name and not is_plain_name(options.output_name):
         problems.append(f"--output_name {options.output_name!r} cannot be a file name on Windows; use letters, digits, "
                         "spaces, - and _")
+    if options.output_name and len(options.output_name.encode("utf-8")) > LONGEST_OUTPUT_NAME_BYTES:
+        problems.append(f"--output_name is {len(options.output_name.encode('utf-8'))} bytes long in UTF-8; a file name may "
+                        "have 255, and a run adds up to 55 to it (name-step00000050-state, sample images): use at most "
+                        f"{LONGEST_OUTPUT_NAME_BYTES} bytes (a CJK character takes 3)")
     if options.vae_batch_size < 1:
         problems.append(f"--vae_batch_size {options.vae_batch_size}: give at least 1 image per VAE batch")
     if options.full_fp16 and options.mixed_precision != "fp16":
