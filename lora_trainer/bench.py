@@ -19,6 +19,13 @@ import torch
 REFERENCE_NAMES = {"sd15": "sd1", "sdxl": "sdxl", "sd2": "sd2"}
 
 
+def timed(action) -> float:
+    """Seconds ``action()`` takes."""
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
 def _machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     import os

@@ -49,14 +49,9 @@ def make_epoch_files(folder: Path, name: str = "tinylora", epochs: int = 2, seed
     return paths
 
 
-def _timed(action) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
 def main(argv: list[str] | None = None) -> int:
     from ..app.standalone_host import StandaloneHost
+    from ..bench import timed
     from ..sampling.txt2img import GenerationSettings
     from .plan import AxisSpec, GridRequest, plan_grid, run_grid
 
@@ -77,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     host.generate(settings)  # load the model first: the figure is about the grid, not the model load
     # and apart from it, what the first LoRA of a process costs once (on torch 2.13 a LyCORIS file's first fit check
     # imports torch._dynamo: its products on the meta device go through torch._refs; a LoRA's in-place scale does not)
-    plain = _timed(lambda: host.generate(settings))
-    first_lora = _timed(lambda: host.generate(dataclasses.replace(settings, prompt=f"{settings.prompt} <lora:{files[0].stem}:1>")))
+    plain = timed(lambda: host.generate(settings))
+    first_lora = timed(lambda: host.generate(dataclasses.replace(settings, prompt=f"{settings.prompt} <lora:{files[0].stem}:1>")))
     print(f"first LoRA used in this process: {first_lora - plain:.2f} s more than a generation without one (once per "
           "process, not part of the grid's figure)")
     request = GridRequest(AxisSpec("strength", [args.strengths]), AxisSpec("epoch", []), settings, lora="benchlora")

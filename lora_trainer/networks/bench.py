@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import gc
 import resource
-import time
 
 import torch
 
+from ..bench import timed
 from ..models.checkpoint import build_models
 from ..models.configs import SD1
 from .apply import MergedNetworks, Strength
@@ -42,12 +42,6 @@ def _random_model(dtype: torch.dtype):
     return unet, text_encoders
 
 
-def _timed(action) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
 def run(dtype: str = "fp16") -> None:
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     unet, text_encoders = _random_model(torch_dtype)
@@ -65,12 +59,12 @@ def run(dtype: str = "fp16") -> None:
         # The fit check computes each ΔW on the meta device, where torch 2.13 (not the WebUI's 2.1 nor Forge's 2.3)
         # imports torch._dynamo at the first out-of-place arithmetic (LoHa's and LoKr's products, not LoRA's in-place
         # scale): once per process. A network is checked once; the apply after it reuses the check.
-        check = _timed(lambda: merged.check(file))
-        apply = _timed(lambda: merged.set_networks([(file, Strength(1.0))]))
+        check = timed(lambda: merged.check(file))
+        apply = timed(lambda: merged.set_networks([(file, Strength(1.0))]))
         held = merged.held_bytes() / 2**20
-        change = _timed(lambda: merged.set_networks([(file, Strength(0.5))]))
-        block_change = _timed(lambda: merged.set_networks([(file, Strength(0.5, 0.8))]))
-        restore = _timed(merged.restore)
+        change = timed(lambda: merged.set_networks([(file, Strength(0.5))]))
+        block_change = timed(lambda: merged.set_networks([(file, Strength(0.5, 0.8))]))
+        restore = timed(merged.restore)
         gc.collect()
         print(f"{label} ({len(file.modules)} modules): check {check:.2f} s, apply {apply:.2f} s, strength change {change:.2f} s "
               f"(unet only {block_change:.2f} s), restore {restore:.2f} s, held while applied {held:.0f} MiB (original weights + cached deltas)", flush=True)
