@@ -44,10 +44,37 @@ def replace_path(source: str | Path, target: str | Path) -> None:
     os.replace(source, target)
 
 
-def _shortened(name: str, longest: int = 255 - len(".12345678.tmp") - 1) -> str:
-    """``name`` cut to fit a temporary's name within the 255 bytes a file name may have: a name the user could give
-    the file itself (80 CJK characters are 240 bytes) must not fail for the temporary's few extra characters."""
-    return name.encode("utf-8")[:longest].decode("utf-8", "ignore")
+def temporary_beside(target: Path, tag: str = "12345678") -> Path:
+    """The hidden name a file is written under before it is renamed onto ``target`` (``tag``: 8 random hex digits).
+    ``target``'s name is cut to keep it within the 255 bytes a file name may have: a name the user could give the file
+    itself (80 CJK characters are 240 bytes) must not fail for the temporary's few extra characters."""
+    shortened = target.name.encode("utf-8")[:255 - len(f"..{tag}.tmp")].decode("utf-8", "ignore")
+    return target.with_name(f".{shortened}.{tag}.tmp")
+
+
+WINDOWS_LONGEST_FILE_PATH = 259  # MAX_PATH, less its terminating NUL
+WINDOWS_LONGEST_FOLDER_PATH = 247  # a folder leaves room for an 8.3 file name in it (MAX_PATH - 12, NUL included)
+
+
+def windows_path_limits() -> tuple[int, int] | None:
+    """The longest file and folder paths this process may use, where Windows limits them: (259, 247) unless long paths
+    are enabled (Windows 10 1607+, ``LongPathsEnabled``; Python itself is long-path aware); ``None`` elsewhere."""
+    if os.name != "nt":
+        return None
+    import winreg
+
+    try:
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem") as key:
+            if winreg.QueryValueEx(key, "LongPathsEnabled")[0] == 1:
+                return None
+    except OSError:  # no such value: the old limit
+        pass
+    return WINDOWS_LONGEST_FILE_PATH, WINDOWS_LONGEST_FOLDER_PATH
+
+
+def windows_path_length(path: str | Path) -> int:
+    """Length of the absolute path as Windows counts it (UTF-16 units: a CJK character is one, an emoji two)."""
+    return len(os.path.abspath(path).encode("utf-16-le")) // 2
 
 
 def open_temporary_beside(target: Path) -> tuple[int, Path, int]:
@@ -59,7 +86,7 @@ def open_temporary_beside(target: Path) -> tuple[int, Path, int]:
     target.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        temporary = target.with_name(f".{_shortened(target.name)}.{os.urandom(4).hex()}.tmp")
+        temporary = temporary_beside(target, os.urandom(4).hex())
         try:
             handle = os.open(temporary, flags, 0o666)  # the umask applies, as to any new file
             break

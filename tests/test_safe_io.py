@@ -120,3 +120,41 @@ def test_a_file_name_near_the_length_limit_still_saves(tmp_path):
     safe_io.save_safetensors({"w": torch.ones(2)}, target)
     safe_io.save_safetensors({"w": torch.zeros(2)}, target)  # replacing it too
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_windows_counts_a_path_in_utf16_units():
+    """A CJK character is one unit of Windows' 259, an emoji two: not bytes, not code points."""
+    assert safe_io.windows_path_length("/模型/😀.png") == len("/模型/") + 2 + len(".png")
+
+
+class _Registry:
+    """winreg with one LongPathsEnabled value (None: the value is absent, as on a Windows 7 machine)."""
+    HKEY_LOCAL_MACHINE = "HKLM"
+
+    def __init__(self, value):
+        self.value, self.asked = value, []
+
+    def OpenKey(self, root, key):  # noqa: N802 - winreg's names
+        import contextlib
+
+        self.asked.append(f"{root}\\{key}")
+        return contextlib.nullcontext()
+
+    def QueryValueEx(self, key, name):  # noqa: N802
+        if self.value is None:
+            raise FileNotFoundError(name)
+        return self.value, 4
+
+
+@pytest.mark.parametrize("value, limits", [(1, None), (0, (259, 247)), (None, (259, 247))])
+def test_windows_limits_paths_unless_long_paths_are_enabled(monkeypatch, value, limits):
+    import sys
+
+    registry = _Registry(value)
+    monkeypatch.setitem(sys.modules, "winreg", registry)
+    with monkeypatch.context() as windows:  # only around the call: pathlib consults os.name too
+        windows.setattr(os, "name", "nt")
+        found = safe_io.windows_path_limits()
+    assert found == limits
+    assert registry.asked == ["HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem"]
+    assert safe_io.windows_path_limits() is None  # Linux and macOS: no such limit

@@ -312,6 +312,36 @@ def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, caps
         check_precision(fp16, torch.device("cpu"))
 
 
+def test_a_run_whose_paths_windows_cannot_hold_is_refused_before_loading(dataset, tmp_path, capsys, monkeypatch):
+    """Where long paths are off, Windows refuses paths over 259 characters: a deep WebUI folder and a long name would
+    train for hours and then fail at the first save. The check counts what a run may write, exactly."""
+    from lora_trainer.safe_io import windows_path_length
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.outputs import OutputPlan
+
+    def plan(folder: Path) -> OutputPlan:
+        return OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
+                                        "output_dir": str(folder), "output_name": "star"}), num_epochs=1)
+
+    def padded(characters: int) -> str:  # a folder name that many UTF-16 units long, some of them CJK
+        return "深" * min(characters, 50) + "x" * max(characters - 50, 0)
+
+    files, folders = plan(tmp_path / "x").longest_paths()
+    room = 1 + min(259 - max(map(windows_path_length, files)), 247 - max(map(windows_path_length, folders)))
+    plan(tmp_path / padded(room)).check_path_lengths((259, 247))  # fits to the character
+    with pytest.raises(UserError, match="shorten --output_dir or --output_name by 1 character, "):
+        plan(tmp_path / padded(room + 1)).check_path_lengths((259, 247))
+    plan(tmp_path / padded(room + 1)).check_path_lengths(None)  # Linux, or Windows with long paths enabled
+
+    monkeypatch.setattr("lora_trainer.training.trainer.windows_path_limits", lambda: (259, 247))
+    out = tmp_path / padded(room + 5)
+    assert run(dataset, out) == 2
+    error = capsys.readouterr().err
+    assert "Windows allows 259 unless long paths are enabled: shorten --output_dir or --output_name by 5" in error
+    events, _ = read_events(out / "star.events.jsonl")
+    assert [e["event"] for e in events] == ["error"]  # no start: refused before the model was loaded
+
+
 def test_a_nan_loss_stops_the_run_with_advice_and_keeps_the_files_saved_before(baseline, dataset, tmp_path, capsys,
                                                                                monkeypatch):
     from lora_trainer.training import trainer

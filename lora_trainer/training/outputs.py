@@ -21,8 +21,10 @@ import torch
 from ..errors import UserError
 from ..hashing import file_sha256, legacy_model_hash
 from ..networks.network import SAVE_DTYPES, base_metadata, save_network
-from ..safe_io import atomic_path
+from ..safe_io import atomic_path, temporary_beside, windows_path_length
 from .options import TrainOptions, is_data_url, resolution_of
+from .samples import sample_path
+from .state import staging_folder
 
 
 class OutputPlan:
@@ -93,6 +95,34 @@ class OutputPlan:
                 old -= old % every
                 if old > 0:
                     remove(old)
+
+    def longest_paths(self) -> tuple[list[Path], list[Path]]:
+        """The longest file and folder paths this run may write: a step file's temporary (a stop saves one at any step)
+        and the model's temporary inside a state folder being written, and a sample image's where samples are drawn."""
+        last_step = 10**8 - 1  # sd-scripts' names give steps 8 digits
+        state = staging_folder(self.state_path(None, last_step))
+        files = [temporary_beside(self.step_path(last_step)), temporary_beside(state / "model.safetensors")]
+        if self.options.sample_prompts:
+            files.append(temporary_beside(sample_path(self.folder / "sample", self.name, 99, 2**32 - 1, 999999, 0)))
+        return files, [state]
+
+    def check_path_lengths(self, limits: tuple[int, int] | None) -> None:
+        """Where Windows limits paths (``safe_io.windows_path_limits``: 259 characters unless long paths are enabled),
+        the run is refused before any work if its longest path would not fit: else the first save, maybe hours in,
+        fails."""
+        if limits is None:
+            return
+        longest_file, longest_folder = limits
+        files, folders = self.longest_paths()
+        over = [(windows_path_length(path) - limit, path, limit)
+                for paths, limit in ((files, longest_file), (folders, longest_folder)) for path in paths]
+        excess, path, limit = max(over, key=lambda o: o[0])
+        if excess > 0:
+            folders_named = "--output_dir or --state_dir" if self.options.state_dir else "--output_dir"
+            raise UserError(f"this run would write {path}, which is {limit + excess} characters long, and Windows allows "
+                            f"{limit} unless long paths are enabled: shorten {folders_named} or --output_name by "
+                            f"{excess} character{'s' if excess > 1 else ''}, or enable long paths (Group Policy \"Enable Win32 long paths\", or "
+                            "LongPathsEnabled = 1 in HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem) and restart")
 
     def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
         precision = self.options.save_precision or "float"

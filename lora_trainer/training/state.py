@@ -30,9 +30,14 @@ from ..errors import UserError
 from ..safe_io import replace_path, save_safetensors
 
 
+def staging_folder(folder: Path) -> Path:
+    """Where a state is written before it replaces ``folder``, so that a kill mid-save leaves the previous one."""
+    return folder.with_name(folder.name + ".tmp")
+
+
 def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator, run_state) -> Path:
     folder = Path(folder)
-    temporary = folder.with_name(folder.name + ".tmp")
+    temporary = staging_folder(folder)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:

@@ -36,6 +36,7 @@ from .distributed import start as start_world
 from ..networks.network import LoRANetwork, create_network, network_from_file
 from ..networks.files import read_network
 from ..networks.spec import spec_from_kohya
+from ..safe_io import windows_path_limits
 from . import noise as N
 from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
@@ -263,6 +264,8 @@ class TrainingRun:
                                     options.network_args, options.network_dropout)
         warnings = notes + _option_warnings(options, self.spec, device, weight_dtype)  # said right after the start event
         check_precision(options, device)
+        # the folders and names only, before the model loads (the epoch count, known later, does not change them)
+        OutputPlan(options, num_epochs=1).check_path_lengths(windows_path_limits())
         self.started = time.time()
 
         self.model, fp8_saved = _prepared_model(options, device, weight_dtype, warnings)
