@@ -495,8 +495,9 @@ def validate(options: TrainOptions) -> None:
     if options.output_name and not is_plain_name(options.output_name):
         problems.append(f"--output_name {options.output_name!r} cannot be a file name on Windows; use letters, digits, "
                         "spaces, - and _")
-    if options.output_name and len(options.output_name.encode("utf-8")) > LONGEST_OUTPUT_NAME_BYTES:
-        problems.append(f"--output_name is {len(options.output_name.encode('utf-8'))} bytes long in UTF-8; a file name may "
+    name_bytes = len((options.output_name or "").encode("utf-8"))
+    if name_bytes > LONGEST_OUTPUT_NAME_BYTES:
+        problems.append(f"--output_name is {name_bytes} bytes long in UTF-8; a file name may "
                         "have 255, and a run adds up to 55 to it (name-step00000050-state, sample images): use at most "
                         f"{LONGEST_OUTPUT_NAME_BYTES} bytes (a CJK character takes 3)")
     if options.vae_batch_size < 1:
