@@ -21,7 +21,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -173,10 +173,13 @@ def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: l
         checked_path(str(image), roots, field, must_exist=False)
 
 
-def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None) -> tuple[str, dict, str | None]:
+def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None,
+                checkpoints: Mapping[str, Path] | None = None) -> tuple[str, dict, str | None]:
     """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened), or the Kohya
     GUI's saved settings in their place → job name, options with every path resolved inside the roots, webhook URL;
-    ``notes`` gain what the GUI's settings hold that is not carried over. Options are validated by ``options_from``."""
+    ``notes`` gain what the GUI's settings hold that is not carried over. Options are validated by ``options_from``.
+    The base model may also be named by its title in the host's list (``checkpoints``: ``GET /checkpoints``, the
+    WebUI's checkpoint titles), as the Train tab names it."""
     from ..training.kohya_gui import is_gui_config
     from ..training.options import (FIELDS, FOREIGN, PATH_OPTIONS, gui_settings_options, is_data_url, not_given,
                                     options_from)
@@ -206,8 +209,15 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     options["output_name"] = checked_name(str(options.get("output_name") or name), "output_name")
     options.setdefault("output_dir", str(settings.lora_folder))
     roots = settings.roots()
+    model = options.get("pretrained_model_name_or_path")
+    listed = (checkpoints or {}).get(model) if isinstance(model, str) else None
+    if isinstance(model, str) and listed is None and not Path(model.strip().strip('"')).is_absolute():
+        raise ApiError(400, "not_found", f"pretrained_model_name_or_path: {model!r} is not a checkpoint title (GET "
+                       "/checkpoints lists them) nor an absolute path", "pretrained_model_name_or_path")
     for key, must_exist in PATH_OPTIONS.items():
-        if isinstance(options.get(key), list):
+        if key == "pretrained_model_name_or_path" and listed is not None:  # the host's own list: no root to check
+            options[key] = str(listed)
+        elif isinstance(options.get(key), list):
             options[key] = [str(checked_path(value, roots, key, must_exist)) for value in options[key]]
         elif options.get(key) is not None and not is_data_url(options[key]):
             options[key] = str(checked_path(options[key], roots, key, must_exist))
@@ -498,7 +508,7 @@ def create_router(services: Services) -> APIRouter:
         """Validated before it is queued (a clear 400/403 otherwise). A job submitted while another runs waits in
         the queue (status `queued`); jobs never run in parallel."""
         notes: list[str] = []
-        name, options, webhook = job_request(body, settings, notes)
+        name, options, webhook = job_request(body, settings, notes, services.host.checkpoints())
         job = services.runner.submit(name, options)
         if webhook:
             (job.folder / WEBHOOK_FILE).write_text(webhook, encoding="utf-8")
@@ -583,6 +593,13 @@ def create_router(services: Services) -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # --- LoRAs and dataset checks -------------------------------------------------------------------------
+
+    @router.get("/checkpoints", summary="Base models a job can name by title")
+    def checkpoints():
+        """The host's checkpoints (the WebUI's list, with the titles its own API gives; in the standalone app the
+        embedded tiny model and the `--checkpoint-dir` folders): a job's `pretrained_model_name_or_path` may be a
+        title from here instead of a path."""
+        return {"checkpoints": [{"title": title, "path": str(path)} for title, path in services.host.checkpoints().items()]}
 
     @router.get("/loras", summary="LoRAs in the Lora folder")
     def loras():

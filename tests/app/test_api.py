@@ -466,3 +466,24 @@ def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(service
     assert status["status"] == "stopped" and status["image"] is None
     assert status["message"] == "no cell finished (interrupted or skipped): nothing was saved"
     assert_error(client.get(f"{V1}/grids/{grid_id}/image"), 409, "grid_not_ready")
+
+
+def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fake_host, make_dataset, tmp_path):
+    """Automation names checkpoints as the WebUI's API titles them, and the standalone app's embedded model lies
+    outside every root: a title from GET /checkpoints is taken as the Train tab takes it; a path still needs a root."""
+    embedded = tmp_path / "package" / "tiny-sd.safetensors"  # outside the roots, as the shipped model is
+    embedded.parent.mkdir()
+    embedded.write_bytes(b"not read by the fake trainer")
+    fake_host._checkpoints["tiny-sd (embedded demo model)"] = embedded
+    listed = client.get(f"{V1}/checkpoints").json()["checkpoints"]
+    assert listed == [{"title": "tiny-sd (embedded demo model)", "path": str(embedded)}]
+    options = {"pretrained_model_name_or_path": listed[0]["title"], "train_data_dir": str(make_dataset()),
+               "max_train_steps": 5}
+    response = client.post(f"{V1}/jobs", json={"name": "zkchar", "options": options})
+    assert response.status_code == 201, response.text
+    assert response.json()["options"]["pretrained_model_name_or_path"] == str(embedded)
+    by_path = {"name": "zkchar2", "options": {**options, "pretrained_model_name_or_path": str(embedded)}}
+    assert_error(client.post(f"{V1}/jobs", json=by_path), 403, "path_not_allowed", "pretrained_model_name_or_path")
+    unknown = {"name": "zkchar3", "options": {**options, "pretrained_model_name_or_path": "sd15 [abcd1234]"}}
+    error = assert_error(client.post(f"{V1}/jobs", json=unknown), 400, "not_found", "pretrained_model_name_or_path")
+    assert "'sd15 [abcd1234]' is not a checkpoint title (GET /checkpoints lists them) nor an absolute path" in error["message"]
