@@ -866,6 +866,20 @@ def test_a_missing_network_weights_file_is_named_before_any_work(dataset, tmp_pa
     assert not (tmp_path / "star.events.jsonl").exists()  # refused with the options, before the model is read
 
 
+def test_network_weights_of_another_kind_name_the_options_the_file_was_trained_with(dataset, tmp_path, capsys):
+    """A LoHa file continued by a LoRA run: the message gives the file's own network options to repeat."""
+    loha = ("--network_module", "lycoris.kohya", "--network_args", "algo=loha", "preset=attn-mlp")
+    assert run(dataset, tmp_path / "loha", *loha, "--max_train_epochs", "1") == 0
+    start = str(tmp_path / "loha" / "star.safetensors")
+    assert run(dataset, tmp_path / "lora", "--network_weights", start) == 2
+    error = capsys.readouterr().err
+    assert ("the file is loha with --network_module lycoris.kohya --network_args algo=loha preset=attn-mlp, this run "
+            "trains lora") in error
+    assert run(dataset, tmp_path / "again", *loha, "--network_weights", start, "--max_train_epochs", "1") == 0
+    assert run(dataset, tmp_path / "taken", "--network_weights", start, "--dim_from_weights", "--max_train_epochs", "1") == 0
+    assert {key.split(".", 1)[1] for key in weights(tmp_path / "taken" / "star.safetensors")} >= {"hada_w1_a", "hada_w2_b"}
+
+
 def test_modelspec_options_fill_the_files_metadata_and_a_thumbnail_file_becomes_a_data_url(dataset, tmp_path, capsys):
     """sd-scripts' --metadata_* options (its add_model_spec_arguments): what a model card or a civitai upload reads."""
     thumbnail = sorted(dataset.rglob("*.png"))[0]

@@ -43,7 +43,7 @@ from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recom
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label
-from .options import FIELDS, TrainOptions
+from .options import FIELDS, TrainOptions, join_command_line
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
 from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, state_kind
@@ -743,4 +743,17 @@ def _load_weights(network: LoRANetwork, path: str) -> None:
     missing, unexpected = network.load_state_dict(state, strict=False)
     if unexpected:
         raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
-                        "use --dim_from_weights to take the network's shape from the file")
+                        f"{_other_network_advice(file, network.spec.algorithm)}add --dim_from_weights to take the "
+                        "network's kind and shape from the file")
+
+
+def _other_network_advice(file, algorithm: str) -> str:
+    """Where the file is another kind of network (a LoHa given to networks.lora), the options it was trained with."""
+    kinds = sorted(file.algorithms)
+    if kinds == [algorithm] or (algorithm == "dylora" and kinds == ["lora"]):
+        return ""
+    module = file.metadata.get("ss_network_module")
+    args = [f"{key}={value}" for key, value in file.training_args.items() if value is not None]  # sd-scripts: dropout=null
+    given = (f" with {join_command_line(['--network_module', module, *(['--network_args', *args] if args else [])])}"
+             if module else "")
+    return f"the file is {' and '.join(kinds)}{given}, this run trains {algorithm}: train it with the file's options, or "
