@@ -143,3 +143,11 @@ def test_fixed_resolution_explains_why_an_image_would_fail_without_buckets():
     assert "smaller" in fixed_resolution_problem((400, 600), (512, 512), random_crop=True)
     assert "random_crop" in fixed_resolution_problem((768, 512), (512, 512), random_crop=False)
     assert fixed_resolution_problem((768, 512), (512, 512), random_crop=True) is None
+
+
+def test_min_bucket_below_one_step_is_refused_instead_of_a_zero_wide_bucket():
+    # snapped down to the step it would be 0: sd-scripts then divides by zero while listing its buckets
+    with pytest.raises(UserError, match="min_bucket_reso 32 is less than bucket_reso_steps 64, .* set min_bucket_reso to 64"):
+        bucket_list(BucketSettings((64, 128), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128))
+    assert bucket_list(BucketSettings((64, 128), enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128)) == (
+        (64, 64), (64, 128), (128, 64))

@@ -57,6 +57,9 @@ def adjusted_bucket_range(resolution: Size, min_bucket_reso: int, max_bucket_res
     """
     if bucket_reso_steps < 1:
         raise UserError(f"bucket_reso_steps is {bucket_reso_steps}; it must be a positive number of pixels (64 for SD1/SD2, 32 or 64 for SDXL).")
+    if min_bucket_reso < bucket_reso_steps:  # snapped down it would be 0, and sd-scripts divides by it
+        raise UserError(f"min_bucket_reso {min_bucket_reso} is less than bucket_reso_steps {bucket_reso_steps}, the "
+                        f"narrowest a bucket can be; set min_bucket_reso to {bucket_reso_steps} or more.")
     if min_bucket_reso % bucket_reso_steps:
         min_bucket_reso -= min_bucket_reso % bucket_reso_steps
     if max_bucket_reso % bucket_reso_steps:
