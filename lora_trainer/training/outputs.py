@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
+import os
 import random
 import shutil
 import time
@@ -34,7 +35,7 @@ class OutputPlan:
         self.folder = Path(options.output_dir or "output")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / ".write-test"
+            probe = self.folder / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as error:
