@@ -866,6 +866,21 @@ def test_a_missing_network_weights_file_is_named_before_any_work(dataset, tmp_pa
     assert not (tmp_path / "star.events.jsonl").exists()  # refused with the options, before the model is read
 
 
+def test_what_the_dataset_leaves_out_is_said_as_warnings(dataset, tmp_path):
+    """A damaged image and a folder without its repeats prefix are skipped, as sd-scripts skips such folders: the
+    user must hear which and why, or a run trains on less than they think."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "2_zkstar" / "damaged.png").write_bytes(b"not a png")
+    (data / "zkstar extra").mkdir()
+    assert run(data, tmp_path / "out") == 0
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert any("damaged.png is not an image Pillow can read" in w and w.endswith("skipped") for w in warnings)
+    assert any("skipped folders without a <repeats>_ prefix: 'zkstar extra'" in w for w in warnings)
+    assert [e["event"] for e in events].index("warning") == 1  # right after the start event, as the UI shows them
+
+
 def test_network_weights_of_another_kind_name_the_options_the_file_was_trained_with(dataset, tmp_path, capsys):
     """A LoHa file continued by a LoRA run: the message gives the file's own network options to repeat."""
     loha = ("--network_module", "lycoris.kohya", "--network_args", "algo=loha", "preset=attn-mlp")

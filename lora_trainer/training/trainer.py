@@ -271,6 +271,7 @@ class TrainingRun:
         self.model, fp8_saved = _prepared_model(options, device, weight_dtype, warnings)
         self.config = config = self.model.config
         self.data = data = build_training_data(options, config, seed, world.size)
+        warnings += data.notes  # what the dataset left out (folders without repeats, unreadable images …)
         fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
         if options.zero_terminal_snr and config.prediction_type != "v_prediction":
             warnings.append("--zero_terminal_snr on an epsilon-prediction model: at the last timestep the input is pure "
