@@ -34,21 +34,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
         from .training.trainer import train
 
         name = options.output_name or "last"
-        events_path = options.events_file or str(Path(options.output_dir or "output") / f"{name}.events.jsonl")
-        with EventLog(events_path if world_from_env().is_main else None) as events:  # under torchrun, rank 0 tells
+        to_stdout = options.events_file == "-"  # JSON lines for a program reading this process
+        events_path = None if to_stdout else (
+            options.events_file or str(Path(options.output_dir or "output") / f"{name}.events.jsonl"))
+        main_rank = world_from_env().is_main  # under torchrun, rank 0 tells
+        with EventLog(events_path if main_rank else None, echo=sys.stdout if to_stdout and main_rank else None,
+                      console=sys.stderr if main_rank else None) as events:
             try:
                 if options.backend:
                     from .training.sd_scripts_backend import run_sd_scripts
 
-                    run_sd_scripts(options, events, Path(events_path).with_suffix(".sd-scripts.log"))
-                    print(f"sd-scripts finished; events in {events_path}")
+                    log = Path(events_path).with_suffix(".sd-scripts.log") if events_path else \
+                        Path(options.output_dir or "output") / f"{name}.sd-scripts.log"
+                    run_sd_scripts(options, events, log)
                     return 0
-                files = train(options, events, actions.notes)
+                train(options, events, actions.notes)
             except UserError as error:
                 events.emit("error", message=str(error))
                 raise
-        if files:  # under torchrun only rank 0 writes
-            print(f"saved {files[-1]}")
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

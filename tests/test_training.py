@@ -866,6 +866,26 @@ def test_a_missing_network_weights_file_is_named_before_any_work(dataset, tmp_pa
     assert not (tmp_path / "star.events.jsonl").exists()  # refused with the options, before the model is read
 
 
+def test_the_terminal_hears_warnings_saves_and_the_recommendation_and_a_program_may_read_events_on_stdout(
+        dataset, tmp_path, capsys):
+    """sd-scripts users read its console: the event stream's warnings, saved files and recommended epoch are said on
+    stderr too; ``--events_file -`` writes the JSON lines to stdout for a program driving the trainer."""
+    assert run(dataset, tmp_path / "out", "--xformers", "--save_every_n_epochs", "1") == 0
+    said = capsys.readouterr()
+    lines = said.err.splitlines()
+    assert lines[0].startswith("warning: --xformers") and not said.out
+    assert f"saved {tmp_path / 'out' / 'star-000001.safetensors'}" in lines
+    assert lines[-1].startswith("recommended epoch: ")
+
+    assert run(dataset, tmp_path / "piped", "--events_file", "-") == 0
+    said = capsys.readouterr()
+    events = [json.loads(line) for line in said.out.splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    assert events[-1]["files"] == [str(tmp_path / "piped" / "star.safetensors")]
+    assert f"saved {tmp_path / 'piped' / 'star.safetensors'}" in said.err.splitlines()
+    assert not list((tmp_path / "piped").glob("*.jsonl"))
+
+
 def test_what_the_dataset_leaves_out_is_said_as_warnings(dataset, tmp_path):
     """A damaged image and a folder without its repeats prefix are skipped, as sd-scripts skips such folders: the
     user must hear which and why, or a run trains on less than they think."""

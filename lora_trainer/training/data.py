@@ -462,7 +462,8 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
                 size = entry.image_size or read_image_size(entry.path)
                 choice = B.select_bucket(size, settings)
             except UserError as problem:
-                notes.append(f"{entry.path}: {problem}; skipped")
+                said = str(problem).rstrip(".")
+                notes.append(f"{said if str(entry.path) in said else f'{entry.path}: {said}'}; skipped")
                 continue
             record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
                                  mask_path=masks.get(entry.path.stem) if masks is not None else None)

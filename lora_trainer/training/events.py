@@ -8,7 +8,6 @@ that meets a half-written last line simply waits for the rest.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,34 @@ from ..errors import UserError
 KINDS = ("start", "step", "epoch", "validation", "sample", "saved", "state", "warning", "error", "end")
 
 
+def console_line(event: dict) -> str | None:
+    """What a person at a terminal reads of an event, as sd-scripts' console tells it (the progress bar shows the
+    steps; an error is printed by the command itself)."""
+    kind = event["event"]
+    if kind == "warning":
+        return f"warning: {event['message']}"
+    if kind == "saved":
+        return f"saved {event['path']}"
+    if kind == "state" and event.get("action") == "saved":
+        return f"saved state {event['path']}"
+    if kind == "sample":
+        return f"sample {event['path']}"
+    if kind == "validation" and event.get("loss") is not None:
+        when = f"epoch {event['epoch']}" if event.get("epoch") is not None else f"step {event.get('step')}"
+        return f"{when}: validation loss {event['loss']:.5f}"
+    if kind == "end" and event.get("recommended_epoch") is not None:
+        return f"recommended epoch: {event['recommended_epoch']} ({event['reason']})"
+    return None
+
+
 class EventLog:
-    def __init__(self, path: str | Path | None, echo: TextIO | None = None):
+    """Events appended to ``path``; also written as JSON lines to ``echo`` (``--events_file -``: stdout) and, as
+    ``console_line`` words them, to ``console`` (the CLI's stderr, above its progress bar)."""
+
+    def __init__(self, path: str | Path | None, echo: TextIO | None = None, console: TextIO | None = None):
         self.path = Path(path) if path else None
         self.echo = echo
+        self.console = console
         self._file = None
         if self.path is not None:
             try:
@@ -41,6 +64,10 @@ class EventLog:
             if stream is not None:
                 stream.write(line)
                 stream.flush()
+        if self.console is not None and (words := console_line(event)) is not None:
+            from tqdm import tqdm
+
+            tqdm.write(words, file=self.console)  # the bar is cleared and drawn again below the line
         return event
 
     def close(self) -> None:
@@ -85,6 +112,3 @@ def follow(path: str | Path, poll: float = 0.5, until: tuple[str, ...] = ("end",
                 return
         time.sleep(poll)
 
-
-def stdout_log() -> EventLog:
-    return EventLog(None, sys.stdout)

@@ -238,7 +238,7 @@ class TrainOptions:
     ddp_static_graph: bool = inert("there is no DDP wrapper here whose graph could be static")
     # ours
     device: str = opt("auto", "cpu, cuda, cuda:1, … (auto: the GPU when there is one)")
-    events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl)")
+    events_file: str | None = opt(None, "JSON-lines event stream (default: <output_dir>/<output_name>.events.jsonl; - for stdout)")
     stop_file: str | None = opt(None, "when this file appears the run finishes its step, saves and exits "
                                 "(default: <output_dir>/<output_name>.stop)")
     state_dir: str | None = opt(None, "where --save_state folders go (default: --output_dir, beside the files, as in "
