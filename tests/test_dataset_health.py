@@ -86,6 +86,15 @@ def test_without_buckets_images_of_another_size_are_errors(tmp_path):
     assert [(f.kind, f.path) for f in report.errors] == [("wrong-size", "10_zk/other.png")]
 
 
+def test_bucket_options_that_contradict_the_resolution_are_one_error_not_one_per_image(tmp_path):
+    for seed in range(3):
+        caption(make_image(tmp_path / "10_zk" / f"{seed}.png", (64, 64), seed), "zk")
+    with pytest.raises(UserError, match="min_bucket_reso 256 is larger than the shorter side of the resolution 64x64"):
+        check_dataset(tmp_path, HealthSettings(resolution=(64, 64)))
+    report = check_dataset(tmp_path, HealthSettings(resolution=(64, 64), min_bucket_reso=64, max_bucket_reso=128))
+    assert not report.errors
+
+
 def test_caption_problems_name_the_file_and_the_fix(tmp_path):
     folder = tmp_path / "10_sks dog"
     make_image(folder / "missing.png", (512, 512), 1)

@@ -22,7 +22,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lora_trainer.dataset.buckets import BucketSettings, centre_crop_box, fixed_resolution_problem, select_bucket
+from lora_trainer.dataset.buckets import (BucketSettings, bucket_list, centre_crop_box, fixed_resolution_problem,
+                                         select_bucket)
 from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, training_caption
 from lora_trainer.dataset.captions import tag_frequency
 from lora_trainer.dataset.images import ImageError, load_image
@@ -350,6 +351,7 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
     layout = discover_layout(root)
     findings = list(layout.findings)
     bucket_settings = settings.buckets()
+    bucket_list(bucket_settings)  # bucket options that contradict the resolution: one error, not one per image
     tokenizer = CLIPTokenizer.default()
     caption_extension = settings.caption_extension if settings.caption_extension.startswith(".") else "." + settings.caption_extension
 

@@ -288,11 +288,14 @@ def test_openapi_documents_every_route_with_examples(services):
 
 def test_dataset_check_returns_the_health_report(services, make_dataset):
     client = make_client(services)
-    report = client.post(f"{V1}/dataset/check", json={"path": str(make_dataset(count=3)), "resolution": 64, "trigger": "zkchar"})
+    body = {"path": str(make_dataset(count=3)), "resolution": 64, "min_bucket_reso": 64, "trigger": "zkchar"}
+    report = client.post(f"{V1}/dataset/check", json=body)
     assert report.status_code == 200, report.text
     data = report.json()
     assert data["concept_folders"][0]["image_count"] == 3 and data["concept_folders"][0]["repeats"] == 10
     assert ["zkchar", 3] in data["tag_frequency"] and data["settings"]["resolution"] == [64, 64]
+    contradicting = assert_error(client.post(f"{V1}/dataset/check", json={**body, "min_bucket_reso": 256}), 400)
+    assert "min_bucket_reso 256 is larger than the shorter side of the resolution 64x64" in contradicting["message"]
     assert_error(client.post(f"{V1}/dataset/check", json={"path": "/etc"}), 403, field="path")
     assert_error(client.post(f"{V1}/dataset/check", json={"path": str(services.settings.dataset_roots[0] / "nope")}), 400, "not_found")
 
