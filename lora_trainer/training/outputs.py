@@ -120,9 +120,10 @@ class OutputPlan:
         excess, path, limit = max(over, key=lambda o: o[0])
         if excess > 0:
             folders_named = "--output_dir or --state_dir" if self.options.state_dir else "--output_dir"
+            characters = f"{excess} character{'s' if excess > 1 else ''}"
             raise UserError(f"this run would write {path}, which is {limit + excess} characters long, and Windows allows "
                             f"{limit} unless long paths are enabled: shorten {folders_named} or --output_name by "
-                            f"{excess} character{'s' if excess > 1 else ''}, or enable long paths (Group Policy \"Enable Win32 long paths\", or "
+                            f"{characters}, or enable long paths (Group Policy \"Enable Win32 long paths\", or "
                             "LongPathsEnabled = 1 in HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem) and restart")
 
     def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
