@@ -13,7 +13,7 @@ from .errors import UserError
 
 def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.train_network") -> int:
     from .training.events import EventLog
-    from .training.options import kohya_command, non_default, parse_args, write_config
+    from .training.options import kohya_command, non_default, parse_args, write_output_config
 
     try:
         options, actions = parse_args(argv, prog)
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
                 print(f"{name} = {value!r}")
             return 0
         if options.output_config:
-            target = Path(options.config_file or "config").with_suffix(".toml")
-            print(f"wrote {write_config(options, target)}")
+            print(f"wrote {write_output_config(options)}")
             return 0
         from .training.distributed import world_from_env
         from .training.trainer import train

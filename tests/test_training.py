@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -739,6 +740,23 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
     (tmp_path / "typo.toml").write_text("[training]\nlearning_rat = 1e-4\n", encoding="utf-8")
     with pytest.raises(UserError, match="learning_rat \\(did you mean learning_rate\\?\\)"):
         parse_args(["--config_file", str(tmp_path / "typo.toml")])
+
+
+def test_output_config_writes_the_config_file_as_sd_scripts_names_it_and_it_reads_back(tmp_path, capsys):
+    """sd-scripts' --output_config --config_file NAME writes NAME.toml (never over a file) instead of reading it."""
+    from lora_trainer.training.options import parse_args
+
+    command = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "数据 set", "--network_module",
+               "lycoris.kohya", "--network_args", "algo=lokr", "factor=4", "--max_train_epochs", "3"]
+    name = str(tmp_path / "v1.5 cfg")  # a dot in the name: ".toml" is added, not put in place of ".5 cfg"
+    assert train_main([*command, "--output_config", "--config_file", name]) == 0
+    assert capsys.readouterr().out == f"wrote {name}.toml\n"
+    read_back = parse_args(["--config_file", name])[0]
+    assert dataclasses.replace(read_back, config_file=None) == parse_args(command)[0]
+    assert train_main([*command, "--output_config", "--config_file", name]) == 2
+    assert f"{name}.toml already exists; --output_config does not overwrite it" in capsys.readouterr().err
+    assert train_main([*command, "--output_config"]) == 2
+    assert "add --config_file NAME" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("windows", [False, True], ids=["posix shell", "cmd.exe"])

@@ -301,13 +301,19 @@ FRONT_END_KEYS = {
 }
 
 
+def toml_file_path(name: str | Path) -> Path:
+    """sd-scripts' rule for ``--config_file``: ``.toml`` appended unless the name ends in it (``v1.5`` → ``v1.5.toml``)."""
+    path = Path(name)
+    return path if path.suffix.lower() == ".toml" else path.with_name(path.name + ".toml")
+
+
 def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
     """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened; front-ends' own
     keys are dropped, each with a line in ``notes``. A ``.json`` is the Kohya GUI's saved settings instead."""
     path = Path(path)
     gui = path.suffix.lower() == ".json"
-    if not gui and path.suffix.lower() != ".toml":
-        path = path.with_name(path.name + ".toml")
+    if not gui:
+        path = toml_file_path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     text = read_utf8(path, "Config file")
@@ -465,7 +471,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     actions = {k: given.pop(k) for k in ("print_config", "print_kohya_command") if k in given}
     values: dict[str, Any] = {}
     notes: list[str] = []
-    if given.get("config_file"):
+    if given.get("config_file") and not given.get("output_config"):  # with --output_config it is where to write
         values.update(read_config_file(given["config_file"], notes))
     values.update(given)
     options = options_from(values, f"command line and {given['config_file']}" if given.get("config_file") else "command line")
@@ -691,7 +697,18 @@ def kohya_command(options: TrainOptions, script: str = "train_network.py", windo
 
 
 def write_config(options: TrainOptions, path: str | Path) -> Path:
-    """``--output_config``: the options that differ from the defaults, as a TOML sd-scripts reads too."""
+    """The options that differ from the defaults, as a TOML sd-scripts' ``--config_file`` reads too."""
     from ..safe_io import write_text
 
     return write_text(Path(path), toml.dumps(non_default(options)))
+
+
+def write_output_config(options: TrainOptions) -> Path:
+    """``--output_config``: the options written to ``--config_file`` (``.toml`` appended as sd-scripts does), never
+    over an existing file, as sd-scripts."""
+    if not options.config_file:
+        raise UserError("--output_config writes the options to the file --config_file names: add --config_file NAME")
+    target = toml_file_path(options.config_file)
+    if target.exists():
+        raise UserError(f"{target} already exists; --output_config does not overwrite it: give another --config_file")
+    return write_config(options, target)
