@@ -32,12 +32,12 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-def run(dataset: Path, out: Path, *extra: str) -> int:
+def run(dataset: Path, out: Path, *extra: str, seed: str | None = "3") -> int:
     return train_main([
         "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
         "--output_dir", str(out), "--output_name", "star", "--resolution", "64", "--train_batch_size", "4",
         "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
-        "--max_train_epochs", "2", "--cache_latents", "--seed", "3", "--caption_extension", ".txt",
+        "--max_train_epochs", "2", "--cache_latents", *(["--seed", seed] if seed else []), "--caption_extension", ".txt",
         "--max_data_loader_n_workers", "0", *extra,
     ])
 
@@ -109,7 +109,7 @@ def test_same_seed_same_weights_bit_for_bit(baseline, dataset, tmp_path):
 def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_run(baseline, dataset, tmp_path):
     state = baseline / "star-000001-state"
     assert (state / "model.safetensors").is_file() and json.loads((state / "train_state.json").read_text()) == {
-        "current_epoch": 1, "current_step": 8}
+        "current_epoch": 1, "current_step": 8, "seed": 3, "images": 32, "batches_per_epoch": 8}  # sd-scripts reads the first two
     assert run(dataset, tmp_path, "--resume", str(state)) == 0
     resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
@@ -126,6 +126,29 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     assert run(dataset, tmp_path / "b", "--resume", state) == 0
     resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_with(dataset, tmp_path):
+    """Without --seed each run draws one, and the data order comes from it: a resumed run must take the interrupted
+    run's, or the epoch it stopped in is trained in another order (some images twice, some never)."""
+    stop = tmp_path / "stop-now"
+    stop.write_text("stop")
+    assert run(dataset, tmp_path / "a", "--stop_file", str(stop), seed=None) == 0  # stops after its first step
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    seed, state = events[0]["seed"], next(e["path"] for e in events if e["event"] == "state")
+    stop.unlink()
+    assert run(dataset, tmp_path / "b", "--resume", state, seed=None) == 0
+    resumed_events, _ = read_events(tmp_path / "b" / "star.events.jsonl")
+    assert resumed_events[0]["seed"] == seed
+    assert not [e for e in resumed_events if e["event"] == "warning" and "--resume" in e["message"]]
+    assert run(dataset, tmp_path / "c", seed=str(seed)) == 0
+    resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(tmp_path / "c" / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    assert run(dataset, tmp_path / "d", "--resume", state, "--train_batch_size", "2", seed=None) == 0
+    events, _ = read_events(tmp_path / "d" / "star.events.jsonl")
+    said = [e["message"] for e in events if e["event"] == "warning" and "--resume" in e["message"]]
+    assert len(said) == 1 and "(batches per epoch 8 then, 16 now)" in said[0], said
 
 
 def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseline, dataset, tmp_path):

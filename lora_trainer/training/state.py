@@ -35,7 +35,10 @@ def staging_folder(folder: Path) -> Path:
     return folder.with_name(folder.name + ".tmp")
 
 
-def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator, run_state) -> Path:
+def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator, run_state,
+               facts: dict[str, int] | None = None) -> Path:
+    """``facts``: what fixed the run's data order (its seed, images, batches per epoch), for ``saved_facts``; kept in
+    train_state.json beside sd-scripts' two keys, which is all sd-scripts reads of it."""
     folder = Path(folder)
     temporary = staging_folder(folder)
     shutil.rmtree(temporary, ignore_errors=True)
@@ -52,7 +55,8 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
             "run": dataclasses.asdict(run_state),
         }, temporary / "train_state.pt")
         (temporary / "train_state.json").write_text(
-            json.dumps({"current_epoch": run_state.epoch, "current_step": run_state.step}), encoding="utf-8")
+            json.dumps({"current_epoch": run_state.epoch, "current_step": run_state.step, **(facts or {})}),
+            encoding="utf-8")
         for file in temporary.iterdir():
             with open(file, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -68,6 +72,15 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     else:
         replace_path(temporary, folder)
     return folder
+
+
+def saved_facts(folder: Path) -> dict[str, int]:
+    """The ``facts`` a state of ours was saved with ({} for sd-scripts' states and older ones of ours)."""
+    try:
+        saved = json.loads((Path(folder) / "train_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {key: saved[key] for key in ("seed", "images", "batches_per_epoch") if isinstance(saved.get(key), int)}
 
 
 def _numpy_state() -> list:

@@ -46,7 +46,7 @@ from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label
 from .options import FIELDS, TrainOptions, join_command_line
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
-from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, state_kind
+from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, saved_facts, state_kind
 from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
 from .tracking import Tracker
 
@@ -257,7 +257,10 @@ class TrainingRun:
 
     def __init__(self, options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str]):
         self.options, self.events, self.world, self.device = options, events, world, device
-        self.seed = seed = agree_on_seed(world, options.seed if options.seed is not None else random.randrange(2**32))
+        # a resumed run draws its data in the order the interrupted one would have: with the seed it was saved with
+        self.resumed_facts = saved_facts(Path(options.resume)) if options.resume else {}
+        seed = options.seed if options.seed is not None else self.resumed_facts.get("seed", random.randrange(2**32))
+        self.seed = seed = agree_on_seed(world, seed)
         seed_everything(seed)
         self.weight_dtype = weight_dtype = DTYPES[options.mixed_precision] if device.type == "cuda" else torch.float32
         self.spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
@@ -346,6 +349,8 @@ class TrainingRun:
         elif options.resume:
             state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
             events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+            for message in self._resumed_differently():
+                events.emit("warning", message=message)
             return state
         elif options.initial_step is not None or options.initial_epoch is not None:
             initial_step = (options.initial_step if options.initial_step is not None
@@ -368,6 +373,22 @@ class TrainingRun:
                         "of its epoch unless --skip_until_initial_step) with the learning-rate schedule there; its "
                         "random states (random_states_*.pkl, pickles) are not read")
         return state
+
+    def _facts(self) -> dict[str, int]:
+        """What fixes this run's data order, kept in its states."""
+        return {"seed": self.seed, "images": self.data.num_images, "batches_per_epoch": self.data.batches_per_epoch}
+
+    def _resumed_differently(self) -> list[str]:
+        """Why a resumed run will not end as the interrupted one would have: another seed, dataset or batch size."""
+        saved, now = self.resumed_facts, self._facts()
+        names = {"seed": "--seed", "images": "images", "batches_per_epoch": "batches per epoch"}
+        changed = [f"{names[key]} {saved[key]} then, {now[key]} now" for key in names
+                   if key in saved and saved[key] != now[key]]
+        if not changed:
+            return []
+        return [f"--resume {self.options.resume} was saved by a run with other data or options ({'; '.join(changed)}): "
+                "it goes on from its step, but its epochs are not the batches the interrupted run would have trained; "
+                "resume with the same dataset, --train_batch_size and --seed (or none) to continue it exactly"]
 
     def _text_cache(self, fixed_captions: dict) -> TextEncoderCache:
         text_cache = TextEncoderCache(self.config)
@@ -564,7 +585,7 @@ class TrainingRun:
         if not self.world.is_main:
             return
         with _writing(path):
-            save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state)
+            save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state, self._facts())
         self.events.emit("state", action="saved", path=str(path), epoch=self.state.epoch, step=self.state.step)
 
     def save_network_file(self, path: Path, epoch: int, step: int) -> None:
