@@ -115,12 +115,13 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_result(baseline, dataset, tmp_path):
+def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_result(baseline, dataset, tmp_path, capsys):
     stop = tmp_path / "stop-now"
     stop.write_text("stop")
     assert run(dataset, tmp_path / "a", "--stop_file", str(stop)) == 0  # stops after its first step
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
     state = next(e["path"] for e in events if e["event"] == "state")
+    assert f'stopped at step 1; to go on, run the same command with --resume "{state}"' in capsys.readouterr().err
     assert [e["step"] for e in events if e["event"] == "step"] == [1]
     stop.unlink()
     assert run(dataset, tmp_path / "b", "--resume", state) == 0

@@ -27,6 +27,8 @@ def console_line(event: dict) -> str | None:
     if kind == "saved":
         return f"saved {event['path']}"
     if kind == "state" and event.get("action") == "saved":
+        if event.get("stopped"):
+            return f"stopped at step {event['step']}; to go on, run the same command with --resume \"{event['path']}\""
         return f"saved state {event['path']}"
     if kind == "sample":
         return f"sample {event['path']}"

@@ -497,7 +497,7 @@ class TrainingRun:
             self.save_state_file(plan.state_path(None, state.step))
         elif command == "stop":
             state.epoch = epoch
-            self.save_state_file(plan.state_path(epoch, state.step))
+            self.save_state_file(plan.state_path(epoch, state.step), stopped=True)
         return command
 
     def _end_epoch(self, epoch: int) -> None:
@@ -581,12 +581,14 @@ class TrainingRun:
                                                      "step_validation_loss": state.step_validation_loss,
                                                      "highest_loss_images": outlier_images(state.per_image_loss)})}
 
-    def save_state_file(self, path: Path) -> None:
+    def save_state_file(self, path: Path, stopped: bool = False) -> None:
+        """``stopped``: saved because the run was asked to stop (or pause), to be resumed from."""
         if not self.world.is_main:
             return
         with _writing(path):
             save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state, self._facts())
-        self.events.emit("state", action="saved", path=str(path), epoch=self.state.epoch, step=self.state.step)
+        self.events.emit("state", action="saved", path=str(path), epoch=self.state.epoch, step=self.state.step,
+                         **({"stopped": True} if stopped else {}))
 
     def save_network_file(self, path: Path, epoch: int, step: int) -> None:
         if not self.world.is_main:
