@@ -59,6 +59,7 @@ def generate(args) -> list[Path]:
         for problem in prompt_problems(text):
             print(f"warning: {problem}", file=sys.stderr)
     model = load_for_inference(args.model, args.vae, args.precision, args.device, args.prediction_type)
+    _, extra = apply_prompt_loras(args.prompt, model, args.lora_dir or [Path("models") / "Lora"])
     resolution = model.config.resolution
     settings = GenerationSettings(
         prompt=args.prompt,
@@ -71,6 +72,7 @@ def generate(args) -> list[Path]:
         height=args.height or resolution,
         batch_size=args.batch_size,
         clip_skip=args.clip_skip,
+        extra_infotext=extra,
     )
     info = {"Model hash": short_hash(model.path), "Model": model.path.stem} if model.path.is_file() else {"Model": model.path.name}
     with tqdm(total=args.steps, desc="sampling", unit="step", disable=args.quiet) as bar:
@@ -79,6 +81,20 @@ def generate(args) -> list[Path]:
     for path in paths:
         print(path)
     return paths
+
+
+def apply_prompt_loras(prompt: str, model, folders: list[Path]) -> tuple[list[tuple[str, Path]], dict[str, str]]:
+    """The prompt's ``<lora:name:weight>`` tags merged into the model as the WebUI would (each one left out is said);
+    the LoRAs used and their ``Lora hashes`` infotext."""
+    from .networks.activation import LoraLibrary, lora_hashes_infotext, merge_prompt_loras
+    from .networks.apply import MergedNetworks
+
+    library = LoraLibrary(folders)
+    merged = MergedNetworks.for_model(model.config, model.unet, model.text_encoders)
+    used, skipped = merge_prompt_loras(prompt, library, merged, model.config)
+    for _, message in skipped:
+        print(f"warning: {message}", file=sys.stderr)
+    return used, lora_hashes_infotext(used, library)
 
 
 def inspect_model(args) -> None:
@@ -125,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     g.add_argument("--device", default="auto")
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override eps/v detection")
+    g.add_argument("--lora-dir", type=Path, action="append",
+                   help="where <lora:name:weight> tags of the prompt are looked up (repeatable; default: models/Lora)")
     g.add_argument("--out", type=Path, default=Path("outputs") / "txt2img")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(run=generate)

@@ -39,6 +39,36 @@ def test_generate_writes_pngs_with_webui_infotext(quick_model, tmp_path, capsys)
     assert parameters.endswith("Model: quick model")
 
 
+def test_generate_applies_the_prompts_lora_tags_and_says_which_it_cannot_find(quick_model, tmp_path, capsys):
+    """A LoRA trained without the WebUI is tried as in the WebUI: <lora:name:weight> in the prompt."""
+    from lora_trainer.models.checkpoint import load_checkpoint
+    from lora_trainer.networks.network import create_network, save_network
+    from lora_trainer.networks.spec import spec_from_kohya
+
+    model = load_checkpoint(quick_model)
+    network = create_network(model.config, model.unet, model.text_encoders, spec_from_kohya("networks.lora", 4, 4, []))
+    with torch.no_grad():
+        for parameter in network.parameters():  # a trained network: its change is not zero
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    save_network(network.file_tensors(), tmp_path / "loras" / "我的 lora.safetensors", {})
+
+    def generated(prompt: str, *extra) -> tuple:
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        code, _, err = run(capsys, "generate", "--model", quick_model, "--prompt", prompt, "--steps", 3, "--seed", 7,
+                           "--out", out, "--quiet", *extra)
+        assert code == 0, err
+        image = Image.open(next(out.glob("*.png")))
+        return torch.tensor(list(image.getdata()), dtype=torch.float32), image.text["parameters"], err
+
+    plain, _, _ = generated("circle")
+    with_lora, infotext, _ = generated("circle <lora:我的 lora:1>", "--lora-dir", tmp_path / "loras")
+    assert (with_lora - plain).abs().mean() > 1
+    assert infotext.startswith("circle <lora:我的 lora:1>\n") and 'Lora hashes: "我的 lora: ' in infotext
+    missing, _, err = generated("circle <lora:nosuch:1>", "--lora-dir", tmp_path / "loras")
+    assert torch.equal(missing, plain)
+    assert "warning: LoRA 'nosuch' not found in" in err and "generating without it" in err
+
+
 def test_unbalanced_brackets_warn_with_the_position_and_still_generate(quick_model, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--model", quick_model, "--prompt", "(red circle, blue", "--steps", 1,
                        "--out", tmp_path, "--quiet")

@@ -83,15 +83,13 @@ class StandaloneHost:
         import dataclasses
 
         from ..hashing import short_hash
+        from ..networks.activation import lora_hashes_infotext
         from ..sampling.txt2img import txt2img
 
         with self._lock:
             model = self._load(self._checkpoint_path(checkpoint))
             used = self._apply_loras(settings.prompt, model)
-            extra = dict(settings.extra_infotext)
-            if used:
-                # quoted: the value holds commas and colons (the WebUI's infotext quotes it the same way)
-                extra["Lora hashes"] = '"' + ", ".join(f"{name}: {self.library.short_hash(path)}" for name, path in used) + '"'
+            extra = {**settings.extra_infotext, **lora_hashes_infotext(used, self.library)}
             info = {"Model hash": short_hash(self._model_path)[:10], "Model": self._model_path.stem}
             image = txt2img(model, dataclasses.replace(settings, extra_infotext=extra), callback=progress, model_info=info)
             return image[0]
@@ -179,27 +177,11 @@ class StandaloneHost:
 
     def _apply_loras(self, prompt: str, model) -> list[tuple[str, Path]]:
         """Merge exactly the prompt's LoRAs (nothing when it has no tags); returns (name, file) of those applied."""
-        from ..networks.activation import at_rank, lora_calls_in, strength_of
+        from ..networks.activation import merge_prompt_loras
 
         started = time.perf_counter()  # reading, checking and merging: all of it is the grid's switching time
-        _, calls = lora_calls_in(prompt)
-        wanted, used = [], []
-        for call in calls:
-            path = self.library.resolve(call.name)
-            if path is None:
-                self._warn(f"missing:{call.name}", f"LoRA {call.name!r} not found in the Lora folder; generating without it")
-                continue
-            path = Path(path).resolve()
-            network = at_rank(self.library.network(path), call.dyn)
-            report = self._merged.check(network)
-            if not report.ok:
-                self._warn(f"unfit:{path}", f"LoRA {call.name!r} does not fit {model.config.label} and was skipped: "
-                                            f"{report.message()}")
-                continue
-            used.append((call.name, Path(path)))
-            if call.te == 0 and call.unet_multiplier == 0:
-                continue  # unmerged rather than merged at 0: the base weights come back bit for bit
-            wanted.append((network, strength_of(call, model.config.unet)))
-        self._merged.set_networks(wanted)
+        used, skipped = merge_prompt_loras(prompt, self.library, self._merged, model.config)
+        for key, message in skipped:
+            self._warn(key, message)
         self.switching_seconds += time.perf_counter() - started
         return used

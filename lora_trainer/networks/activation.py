@@ -335,3 +335,38 @@ def at_rank(network: NetworkFile, dyn: int | None) -> NetworkFile:
             modules[name] = cut
         network.ranks[dyn] = replace(network, modules=modules, ranks={})
     return network.ranks[dyn]
+
+
+def merge_prompt_loras(prompt: str, library: LoraLibrary, merged, config) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """Merge exactly the prompt's LoRAs into ``merged`` (an ``apply.MergedNetworks`` of a ``config`` model; none when
+    the prompt has no tags). Returns (name, file) of each applied, and (key, message) of each left out: not found, or
+    not fitting the model (the key names the case, so a caller can say it once)."""
+    _, calls = lora_calls_in(prompt)
+    wanted, used, skipped = [], [], []
+    for call in calls:
+        path = library.resolve(call.name)
+        if path is None:
+            folders = ", ".join(str(f) for f in library.folders) or "no LoRA folder"
+            skipped.append((f"missing:{call.name}", f"LoRA {call.name!r} not found in {folders}; generating without it"))
+            continue
+        path = Path(path).resolve()
+        network = at_rank(library.network(path), call.dyn)
+        report = merged.check(network)
+        if not report.ok:
+            skipped.append((f"unfit:{path}", f"LoRA {call.name!r} does not fit {config.label} and was skipped: "
+                                             f"{report.message()}"))
+            continue
+        used.append((call.name, path))
+        if call.te == 0 and call.unet_multiplier == 0:
+            continue  # unmerged rather than merged at 0: the base weights come back bit for bit
+        wanted.append((network, strength_of(call, config.unet)))
+    merged.set_networks(wanted)
+    return used, skipped
+
+
+def lora_hashes_infotext(used: list[tuple[str, Path]], library: LoraLibrary) -> dict[str, str]:
+    """The WebUI's ``Lora hashes`` infotext entry for the LoRAs a generation used (none: {})."""
+    if not used:
+        return {}
+    # quoted: the value holds commas and colons (the WebUI's infotext quotes it the same way)
+    return {"Lora hashes": '"' + ", ".join(f"{name}: {library.short_hash(path)}" for name, path in used) + '"'}
