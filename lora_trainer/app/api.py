@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from ..errors import UserError
+from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
 from .paths import PathNotAllowed, allowed_path, plain_name
@@ -509,6 +510,8 @@ def create_router(services: Services) -> APIRouter:
         the queue (status `queued`); jobs never run in parallel."""
         notes: list[str] = []
         name, options, webhook = job_request(body, settings, notes, services.host.checkpoints())
+        if note := earlier_files_note(options):
+            notes.append(note)
         job = services.runner.submit(name, options)
         if webhook:
             (job.folder / WEBHOOK_FILE).write_text(webhook, encoding="utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import site
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import toml
 
 from ..errors import UserError
-from ..training.events import read_events
+from ..training.events import EventLog, read_events
 from ..training.options import options_from
 from .store import Job, JobStore
 
@@ -31,6 +32,42 @@ def trainer_command(job: Job) -> list[str]:
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds lora_trainer/
+
+
+def earlier_files(options: dict) -> list[Path]:
+    """Files of an earlier run of the same name in the job's output folder (the Lora folder): a new job would replace
+    them. None for a resumed job, whose files they are."""
+    from ..training.outputs import files_of_run
+
+    if options.get("resume"):
+        return []
+    return files_of_run(Path(options.get("output_dir") or "output"), options.get("output_name") or "last")
+
+
+def earlier_files_note(options: dict) -> str | None:
+    """What submitting the job will do to an earlier run's files, said before it is queued."""
+    files = earlier_files(options)
+    if not files:
+        return None
+    shown = ", ".join(path.name for path in files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    return (f"{files[0].parent} already holds a run named {options.get('output_name')!r} ({shown}): when this job "
+            "starts they are moved into its job folder (replaced/), not overwritten")
+
+
+def set_aside_earlier_files(job: Job) -> list[Path]:
+    """Move an earlier run's files out of the new job's way, into ``<job folder>/replaced``: nothing is lost, and
+    moving them back restores them. A file another program holds open stays (the run then replaces it)."""
+    moved = []
+    for path in earlier_files(job.options):
+        target = job.folder / "replaced" / path.name
+        target.parent.mkdir(exist_ok=True)
+        try:
+            shutil.move(str(path), str(target))
+        except OSError as error:
+            logging.getLogger(__name__).warning("job %s: could not move %s aside (%s)", job.id, path, error)
+            continue
+        moved.append(target)
+    return moved
 
 
 def visible_devices(device_id: str | None, visible: str | None) -> str | None:
@@ -170,6 +207,11 @@ class JobRunner:
         if job is None:
             return None
         job.stop_path.unlink(missing_ok=True)
+        if moved := set_aside_earlier_files(job):  # said in the job's own events, before the trainer's
+            with EventLog(job.events_path) as events:
+                events.emit("warning", message=f"{len(moved)} file(s) of an earlier run named "
+                            f"{job.options.get('output_name')!r} were moved out of the way into {moved[0].parent}; "
+                            "move them back to restore them")
         log = open(job.folder / "trainer.log", "w", encoding="utf-8")
         process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,
                                    env=self.environment(), **_OWN_GROUP)

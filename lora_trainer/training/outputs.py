@@ -13,6 +13,7 @@ import json
 import mimetypes
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,21 @@ from ..safe_io import atomic_path, temporary_beside, windows_path_length
 from .options import TrainOptions, is_data_url, resolution_of
 from .samples import sample_path
 from .state import staging_folder
+
+
+# What sits beside a network file in a Lora folder and belongs to it: the WebUI's card and preview images
+_COMPANION_SUFFIXES = (".json", ".preview.png", ".png", ".jpg", ".jpeg", ".webp")
+
+
+def files_of_run(folder: Path, name: str) -> list[Path]:
+    """The files in ``folder`` a run named ``name`` writes there (final, epoch and step files, in any saved format) or
+    the WebUI keeps with them (cards, previews): what a new run of that name would replace or leave mixed in."""
+    suffixes = "|".join(re.escape(s) for s in (*(f".{kind}" for kind in ("safetensors", "ckpt", "pt")), *_COMPANION_SUFFIXES))
+    pattern = re.compile(re.escape(name) + rf"(-\d{{6}}|-step\d{{8}})?({suffixes})",
+                         re.IGNORECASE if os.name == "nt" else 0)  # Windows' names ignore case
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if pattern.fullmatch(path.name) and path.is_file())
 
 
 class OutputPlan:

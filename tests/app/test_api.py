@@ -490,3 +490,12 @@ def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fa
     unknown = {"name": "zkchar3", "options": {**options, "pretrained_model_name_or_path": "sd15 [abcd1234]"}}
     error = assert_error(client.post(f"{V1}/jobs", json=unknown), 400, "not_found", "pretrained_model_name_or_path")
     assert "'sd15 [abcd1234]' is not a checkpoint title (GET /checkpoints lists them) nor an absolute path" in error["message"]
+
+
+def test_a_job_named_as_an_earlier_run_in_the_lora_folder_is_told_its_files_will_be_moved_aside(client, job_body,
+                                                                                                 app_settings):
+    (app_settings.lora_folder / "zkchar.safetensors").write_bytes(b"the first attempt")
+    answer = client.post(f"{V1}/jobs", json=job_body)
+    assert answer.status_code == 201, answer.text
+    assert any("already holds a run named 'zkchar' (zkchar.safetensors): when this job starts they are moved into its "
+               "job folder" in warning for warning in answer.json()["warnings"])

@@ -18,6 +18,7 @@ import gradio as gr
 
 from ...dataset.health import HealthSettings, check_dataset, report_lines
 from ...errors import UserError
+from ...jobs.runner import earlier_files_note
 from ...jobs.store import Job
 from ...training.lr_schedules import SCHEDULER_NAMES
 from ...training.options import options_from, resolution_of
@@ -148,7 +149,9 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         return f"**Cannot start:** {error}"
     if report.errors:
         return "**Cannot start:** " + "; ".join(f"{f.path}: {f.message}" for f in report.errors[:3])
-    return "\n\n".join(estimate(checked, report, "sdxl" if sdxl else "sd1").lines())
+    note = earlier_files_note(options)
+    lines = estimate(checked, report, "sdxl" if sdxl else "sd1").lines()
+    return "\n\n".join([*lines, f"**Note:** {note}"] if note else lines)
 
 
 def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
