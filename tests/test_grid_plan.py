@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lora_trainer.app.standalone_host import StandaloneHost
@@ -182,4 +183,24 @@ def test_promote_copies_the_epoch_and_writes_the_preferred_weight(loras, tmp_pat
     assert json.loads(fresh.with_suffix(".json").read_text(encoding="utf-8"))["preferred weight"] == 0.9
     with pytest.raises(UserError, match="plain file name"):
         promote(loras / "style.safetensors", lora_folder, "../evil", 1.0)
+
+
+def test_promoting_over_the_runs_final_file_keeps_that_last_epoch_under_its_epoch_name(loras, tmp_path):
+    """The grid's default final name is the run's: its final file holds the last epoch, saved under no other name,
+    so replacing it would lose that epoch for good."""
+    from lora_trainer.safe_io import save_safetensors
+
+    lora_folder = tmp_path / "Lora"
+    save_safetensors({"w": torch.ones(2)}, lora_folder / "mychar.safetensors", {"ss_epoch": "8"})
+    last_epoch = (lora_folder / "mychar.safetensors").read_bytes()
+    promote(loras / "tinylora-000001.safetensors", lora_folder, "mychar", 0.7)
+    assert (lora_folder / "mychar-000008.safetensors").read_bytes() == last_epoch
+    assert (lora_folder / "mychar.safetensors").read_bytes() == (loras / "tinylora-000001.safetensors").read_bytes()
+    promote(loras / "tinylora-000001.safetensors", lora_folder, "mychar", 0.8)  # the same file again: nothing to keep
+    assert sorted(p.name for p in lora_folder.glob("*.safetensors")) == ["mychar-000008.safetensors", "mychar.safetensors"]
+    save_safetensors({"w": torch.zeros(2)}, lora_folder / "other.safetensors", {})  # no epoch: it cannot be kept
+    with pytest.raises(UserError, match="other.safetensors would be replaced, and it cannot be kept as an epoch file "
+                                        r"\(its epoch is unknown\); give another final name"):
+        promote(loras / "tinylora-000001.safetensors", lora_folder, "other", 1.0)
+    assert (lora_folder / "other.safetensors").exists()
     shutil.rmtree(lora_folder)

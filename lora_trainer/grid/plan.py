@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -327,6 +329,19 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     return result
 
 
+def _keep_as_epoch_file(target: Path) -> Path:
+    """The file a promotion would replace (by default the run's final file: its last epoch, which sd-scripts saves
+    under no other name) is kept under its epoch's name, ``<name>-000008.safetensors``, where it stays on the grid's
+    epoch axis; where that name is taken or the epoch unknown, the promotion is refused instead."""
+    epoch = read_safetensors_metadata(target).get("ss_epoch", "") if target.suffix == ".safetensors" else ""
+    kept = target.with_name(f"{target.stem}-{int(epoch):06d}{target.suffix}") if epoch.isdigit() else None
+    if kept is None or kept.exists():
+        raise UserError(f"promote: {target} would be replaced, and it cannot be kept as an epoch file "
+                        f"({'its epoch is unknown' if kept is None else f'{kept.name} exists'}); give another final name")
+    os.replace(target, kept)
+    return kept
+
+
 def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: float) -> Path:
     """Copy the chosen epoch into the Lora folder as ``<final_name>.safetensors`` (atomically) and record
     ``strength`` as the card's preferred weight in ``<final_name>.json``, keeping the card's other fields."""
@@ -340,6 +355,8 @@ def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: floa
     if target.exists() and target.resolve() == epoch_file.resolve():
         copied = target
     else:
+        if target.exists() and not filecmp.cmp(target, epoch_file, shallow=False):
+            _keep_as_epoch_file(target)
         with atomic_path(target) as temporary:
             shutil.copyfile(epoch_file, temporary)
         copied = target
