@@ -74,7 +74,7 @@ def test_jobs_run_one_at_a_time_in_order_and_record_their_files(runner, tmp_path
 
 def test_a_new_job_moves_an_earlier_runs_files_of_its_name_aside_instead_of_replacing_them(runner, tmp_path):
     """Training "mychar" again in the Tab must not destroy the first attempt (and its edited card) in models/Lora:
-    it is said before the job is queued, and the files wait in the job's folder to be moved back."""
+    it is said before the job is queued, and the files wait beside the job folders to be moved back."""
     from lora_trainer.jobs.runner import earlier_files_note
     from lora_trainer.training.events import read_events
 
@@ -84,17 +84,18 @@ def test_a_new_job_moves_an_earlier_runs_files_of_its_name_aside_instead_of_repl
                        ("run.json", '{"activation text": "zkchar"}'), ("run.v2.safetensors", "another LoRA")):
         (lora / name).write_text(text, encoding="utf-8")
     again = {**options(tmp_path, "finish"), "output_dir": str(lora), "output_name": "run"}
-    note = earlier_files_note(again)
+    note = earlier_files_note(again, runner.replaced_folder)
     assert note.startswith(f"{lora} already holds a run named 'run' (run-000002.safetensors, run.json, run.safetensors)")
     job = runner.submit("run", again)
     assert runner.run_next().status == "finished"
-    replaced = job.folder / "replaced"
+    replaced = runner.replaced_folder / job.folder.name
+    assert not replaced.is_relative_to(job.folder)  # deleting the job must not delete them
     assert (replaced / "run.safetensors").read_text(encoding="utf-8") == "first attempt"
     assert sorted(p.name for p in replaced.iterdir()) == ["run-000002.safetensors", "run.json", "run.safetensors"]
     assert sorted(p.name for p in lora.iterdir()) == ["run.safetensors", "run.v2.safetensors"]  # the new file and the other LoRA
     events, _ = read_events(job.events_path)
     assert events[0]["event"] == "warning" and f"moved out of the way into {replaced}" in events[0]["message"]
-    assert earlier_files_note({**again, "resume": "some state"}) is None  # a resumed run's files are its own
+    assert earlier_files_note({**again, "resume": "some state"}, runner.replaced_folder) is None  # its own files
 
 
 def test_a_failing_event_listener_never_stops_a_job_or_the_queue(runner, tmp_path, caplog):

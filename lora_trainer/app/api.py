@@ -510,7 +510,7 @@ def create_router(services: Services) -> APIRouter:
         the queue (status `queued`); jobs never run in parallel."""
         notes: list[str] = []
         name, options, webhook = job_request(body, settings, notes, services.host.checkpoints())
-        if note := earlier_files_note(options):
+        if note := earlier_files_note(options, services.runner.replaced_folder):
             notes.append(note)
         job = services.runner.submit(name, options)
         if webhook:

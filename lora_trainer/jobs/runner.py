@@ -44,23 +44,24 @@ def earlier_files(options: dict) -> list[Path]:
     return files_of_run(Path(options.get("output_dir") or "output"), options.get("output_name") or "last")
 
 
-def earlier_files_note(options: dict) -> str | None:
+def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
     """What submitting the job will do to an earlier run's files, said before it is queued."""
     files = earlier_files(options)
     if not files:
         return None
     shown = ", ".join(path.name for path in files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
     return (f"{files[0].parent} already holds a run named {options.get('output_name')!r} ({shown}): when this job "
-            "starts they are moved into its job folder (replaced/), not overwritten")
+            f"starts they are moved into {replaced_folder}, not overwritten")
 
 
-def set_aside_earlier_files(job: Job) -> list[Path]:
-    """Move an earlier run's files out of the new job's way, into ``<job folder>/replaced``: nothing is lost, and
-    moving them back restores them. A file another program holds open stays (the run then replaces it)."""
+def set_aside_earlier_files(job: Job, replaced_folder: Path) -> list[Path]:
+    """Move an earlier run's files out of the new job's way, into ``replaced_folder/<job folder's name>``: nothing is
+    lost (deleting the job leaves them), and moving them back restores them. A file another program holds open stays
+    (the run then replaces it)."""
     moved = []
     for path in earlier_files(job.options):
-        target = job.folder / "replaced" / path.name
-        target.parent.mkdir(exist_ok=True)
+        target = replaced_folder / job.folder.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.move(str(path), str(target))
         except OSError as error:
@@ -130,6 +131,11 @@ class JobRunner:
         store.recover()
 
     # --- queue ----------------------------------------------------------------------------------------------
+
+    @property
+    def replaced_folder(self) -> Path:
+        """Where an earlier run's files go when a new job of its name starts: beside the job folders, not in one."""
+        return self.store.jobs_folder.parent / "replaced"
 
     def submit(self, name: str, options: dict) -> Job:
         """Validate now (a clear message before anything is queued), then queue."""
@@ -207,7 +213,7 @@ class JobRunner:
         if job is None:
             return None
         job.stop_path.unlink(missing_ok=True)
-        if moved := set_aside_earlier_files(job):  # said in the job's own events, before the trainer's
+        if moved := set_aside_earlier_files(job, self.replaced_folder):  # said in its events, before the trainer's
             with EventLog(job.events_path) as events:
                 events.emit("warning", message=f"{len(moved)} file(s) of an earlier run named "
                             f"{job.options.get('output_name')!r} were moved out of the way into {moved[0].parent}; "

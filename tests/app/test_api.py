@@ -497,5 +497,5 @@ def test_a_job_named_as_an_earlier_run_in_the_lora_folder_is_told_its_files_will
     (app_settings.lora_folder / "zkchar.safetensors").write_bytes(b"the first attempt")
     answer = client.post(f"{V1}/jobs", json=job_body)
     assert answer.status_code == 201, answer.text
-    assert any("already holds a run named 'zkchar' (zkchar.safetensors): when this job starts they are moved into its "
-               "job folder" in warning for warning in answer.json()["warnings"])
+    assert any("already holds a run named 'zkchar' (zkchar.safetensors): when this job starts they are moved into "
+               f"{app_settings.data_folder / 'replaced'}, not overwritten" in warning for warning in answer.json()["warnings"])

@@ -149,7 +149,7 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         return f"**Cannot start:** {error}"
     if report.errors:
         return "**Cannot start:** " + "; ".join(f"{f.path}: {f.message}" for f in report.errors[:3])
-    note = earlier_files_note(options)
+    note = earlier_files_note(options, services.runner.replaced_folder)
     lines = estimate(checked, report, "sdxl" if sdxl else "sd1").lines()
     return "\n\n".join([*lines, f"**Note:** {note}"] if note else lines)
 
