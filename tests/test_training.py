@@ -109,7 +109,8 @@ def test_same_seed_same_weights_bit_for_bit(baseline, dataset, tmp_path):
 def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_run(baseline, dataset, tmp_path):
     state = baseline / "star-000001-state"
     assert (state / "model.safetensors").is_file() and json.loads((state / "train_state.json").read_text()) == {
-        "current_epoch": 1, "current_step": 8, "seed": 3, "images": 32, "batches_per_epoch": 8}  # sd-scripts reads the first two
+        "current_epoch": 1, "current_step": 8, "seed": 3, "images": 32, "batches_per_epoch": 8,
+        "optimizer": "AdamW"}  # sd-scripts reads the first two
     assert run(dataset, tmp_path, "--resume", str(state)) == 0
     resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
@@ -150,6 +151,23 @@ def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_
     events, _ = read_events(tmp_path / "d" / "star.events.jsonl")
     said = [e["message"] for e in events if e["event"] == "warning" and "--resume" in e["message"]]
     assert len(said) == 1 and "(batches per epoch 8 then, 16 now)" in said[0], said
+
+
+def test_a_state_resumed_with_another_optimizer_is_refused_and_other_learning_rates_are_said(baseline, dataset,
+                                                                                                tmp_path, capsys):
+    """The moments in a state belong to the optimizer that made them; its rates and schedule replace the command's
+    (as in sd-scripts), which a user changing --learning_rate on resume must hear."""
+    state = baseline / "star-000001-state"
+    assert run(dataset, tmp_path / "lion", "--resume", str(state), "--optimizer_type", "Lion") == 2
+    error = capsys.readouterr().err
+    assert f"was saved by --optimizer_type AdamW, and its moments do not fit Lion: resume with --optimizer_type AdamW, or " \
+           f"start Lion afresh from its network with --network_weights {state / 'model.safetensors'}" in error
+    assert not (tmp_path / "lion").exists() or not list((tmp_path / "lion").glob("*.safetensors"))
+    assert run(dataset, tmp_path / "faster", "--resume", str(state), "--learning_rate", "5e-3") == 0
+    events, _ = read_events(tmp_path / "faster" / "star.events.jsonl")
+    said = [e["message"] for e in events if e["event"] == "warning" and "learning rates" in e["message"]]
+    assert len(said) == 1 and "goes on at the learning rates it was saved with (0.001" in said[0]
+    assert "not this command's (0.005" in said[0]
 
 
 def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseline, dataset, tmp_path):

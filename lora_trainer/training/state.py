@@ -36,9 +36,9 @@ def staging_folder(folder: Path) -> Path:
 
 
 def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator, run_state,
-               facts: dict[str, int] | None = None) -> Path:
-    """``facts``: what fixed the run's data order (its seed, images, batches per epoch), for ``saved_facts``; kept in
-    train_state.json beside sd-scripts' two keys, which is all sd-scripts reads of it."""
+               facts: dict[str, int | str] | None = None) -> Path:
+    """``facts``: what fixed the run's data order (its seed, images, batches per epoch) and its optimizer, for
+    ``saved_facts``; kept in train_state.json beside sd-scripts' two keys, which is all sd-scripts reads of it."""
     folder = Path(folder)
     temporary = staging_folder(folder)
     shutil.rmtree(temporary, ignore_errors=True)
@@ -74,13 +74,16 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     return folder
 
 
-def saved_facts(folder: Path) -> dict[str, int]:
+_FACT_TYPES = {"seed": int, "images": int, "batches_per_epoch": int, "optimizer": str}
+
+
+def saved_facts(folder: Path) -> dict[str, int | str]:
     """The ``facts`` a state of ours was saved with ({} for sd-scripts' states and older ones of ours)."""
     try:
         saved = json.loads((Path(folder) / "train_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {key: saved[key] for key in ("seed", "images", "batches_per_epoch") if isinstance(saved.get(key), int)}
+    return {key: saved[key] for key, kind in _FACT_TYPES.items() if isinstance(saved.get(key), kind)}
 
 
 def _numpy_state() -> list:

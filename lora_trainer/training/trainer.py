@@ -259,6 +259,7 @@ class TrainingRun:
         self.options, self.events, self.world, self.device = options, events, world, device
         # a resumed run draws its data in the order the interrupted one would have: with the seed it was saved with
         self.resumed_facts = saved_facts(Path(options.resume)) if options.resume else {}
+        _check_resumed_optimizer(options, self.resumed_facts)
         seed = options.seed if options.seed is not None else self.resumed_facts.get("seed", random.randrange(2**32))
         self.seed = seed = agree_on_seed(world, seed)
         seed_everything(seed)
@@ -347,10 +348,16 @@ class TrainingRun:
             moments_not_read = load_sd_scripts_moments(Path(options.resume), self.network, self.optimizer)
             initial_from = f"--resume {options.resume} (at step {initial_step})"
         elif options.resume:
+            asked = _learning_rates(self.optimizer)
             state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
             events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
             for message in self._resumed_differently():
                 events.emit("warning", message=message)
+            if (saved := _learning_rates(self.optimizer)) != asked:  # the state's optimizer and schedule replace ours
+                events.emit("warning", message=f"--resume {options.resume} goes on at the learning rates it was saved "
+                            f"with ({', '.join(f'{lr:g}' for lr in saved)}), not this command's "
+                            f"({', '.join(f'{lr:g}' for lr in asked)}), as sd-scripts does; to train on at other rates, "
+                            f"start from its network: --network_weights {Path(options.resume) / 'model.safetensors'}")
             return state
         elif options.initial_step is not None or options.initial_epoch is not None:
             initial_step = (options.initial_step if options.initial_step is not None
@@ -374,9 +381,10 @@ class TrainingRun:
                         "random states (random_states_*.pkl, pickles) are not read")
         return state
 
-    def _facts(self) -> dict[str, int]:
-        """What fixes this run's data order, kept in its states."""
-        return {"seed": self.seed, "images": self.data.num_images, "batches_per_epoch": self.data.batches_per_epoch}
+    def _facts(self) -> dict[str, int | str]:
+        """What fixes this run's data order, and its optimizer: kept in its states."""
+        return {"seed": self.seed, "images": self.data.num_images, "batches_per_epoch": self.data.batches_per_epoch,
+                "optimizer": self.options.optimizer}
 
     def _resumed_differently(self) -> list[str]:
         """Why a resumed run will not end as the interrupted one would have: another seed, dataset or batch size."""
@@ -741,6 +749,20 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
                                       text_cache=text_cache)
         losses.append(float(N.elementwise_loss(prediction, target, "l2").mean()))
     return sum(losses) / len(losses)
+
+
+def _check_resumed_optimizer(options: TrainOptions, saved: dict) -> None:
+    """A state's optimizer moments only mean something to the optimizer that made them."""
+    made_by = saved.get("optimizer")
+    if made_by and made_by.lower() != options.optimizer.lower():
+        raise UserError(f"--resume {options.resume} was saved by --optimizer_type {made_by}, and its moments do not fit "
+                        f"{options.optimizer}: resume with --optimizer_type {made_by}, or start {options.optimizer} "
+                        f"afresh from its network with --network_weights {Path(options.resume) / 'model.safetensors'}")
+
+
+def _learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each group's base rate (before the schedule scales it)."""
+    return [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
 
 
 def _check_model_matches_options(config, options: TrainOptions) -> None:
