@@ -222,6 +222,14 @@ def test_sample_images_are_drawn_at_first_and_every_epoch_with_sd_scripts_names(
     assert all(n.endswith("_5.png") for n in names)
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert sum(e["event"] == "sample" for e in events) == 3
+    assert not [e for e in events if e["event"] == "warning" and "<lora:" in e["message"]]
+    prompts.write_text("zkstar <lora:other:0.5>, red background --w 64 --h 64 --s 3\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "tagged", "--sample_prompts", str(prompts), "--sample_at_first",
+               "--max_train_steps", "1", "--max_train_epochs", "0") == 0
+    events, _ = read_events(tmp_path / "tagged" / "star.events.jsonl")
+    assert [e["message"] for e in events if e["event"] == "warning" and "<lora:" in e["message"]] == [
+        f"{prompts} prompt 1: its <lora:…> tags are left out; a sample shows the base model with the network being "
+        "trained, and no other"]
 
 
 def test_sample_prompt_files_in_toml_and_json_read_as_sd_scripts_reads_them(tmp_path):

@@ -28,6 +28,7 @@ from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
 from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
+from ..networks.activation import lora_calls_in
 from ..networks.apply import Strength, merge_for_good
 from ..networks.max_norm import apply_max_norm, left_alone_warning
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
@@ -321,6 +322,10 @@ class TrainingRun:
         self.tokenizer = CLIPTokenizer.default()
         self.text_cache = self._text_cache(fixed_captions) if options.cache_text_encoder_outputs else None
         self.prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
+        for number, prompt in enumerate(self.prompts, 1):
+            if lora_calls_in(prompt.prompt)[1]:
+                events.emit("warning", message=f"{options.sample_prompts} prompt {number}: its <lora:…> tags are left "
+                            "out; a sample shows the base model with the network being trained, and no other")
         self.written: list[Path] = []
         self.tracker = Tracker(options.logging_dir, options.log_with, options.log_prefix, options.log_tracker_name)
         self.stop = StopRequest(self.plan.stop_file)
