@@ -954,6 +954,26 @@ def test_the_terminal_hears_warnings_saves_and_the_recommendation_and_a_program_
     assert not list((tmp_path / "piped").glob("*.jsonl"))
 
 
+def test_long_phases_show_a_progress_bar_at_a_terminal_and_none_in_a_log(monkeypatch):
+    """Caching a thousand latents takes minutes: a person at a terminal sees it move, as in sd-scripts; the job
+    runner's trainer.log (not a terminal) gets no bar redrawn a thousand times."""
+    import io
+    import sys
+
+    from lora_trainer.training.events import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, shown in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress_bar(3, "image", "caching latents", leave=False)
+        bar.update(3)
+        bar.close()
+        assert ("caching latents" in stream.getvalue()) == shown
+
+
 def test_what_the_dataset_leaves_out_is_said_as_warnings(dataset, tmp_path):
     """A damaged image and a folder without its repeats prefix are skipped, as sd-scripts skips such folders: the
     user must hear which and why, or a run trains on less than they think."""

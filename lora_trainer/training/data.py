@@ -30,6 +30,7 @@ from ..dataset.layouts import (config_from_folders, config_from_metadata, datase
 from ..errors import UserError
 from ..safe_io import UNREADABLE_NPZ, save_npz
 from .evaluation import split_validation
+from .events import progress_bar
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
 from .text import caching_problems
@@ -236,7 +237,7 @@ class TrainingData:
         vae.to(device)
         todo = [r for r in (self.records if self.options.cache_latents else []) + self.validation if r.latents is None]
         todo.sort(key=lambda r: (r.bucket, str(r.path)))
-        done = 0
+        done, bar = 0, progress_bar(len(todo), "image", "caching latents", leave=False)
         for group in _vae_batches(todo, self.options.vae_batch_size):
             disk = [_read_npz(r, self.config_name, self._interpolation(r)) if self.options.cache_latents_to_disk else None
                     for r in group]
@@ -251,6 +252,8 @@ class TrainingData:
             if (done + len(group)) // 50 > done // 50:
                 events.emit("step", phase="caching latents", done=done + len(group), total=len(todo))
             done += len(group)
+            bar.update(len(group))
+        bar.close()
 
     def _encode_for_cache(self, records: list[ImageRecord], vae, device, generator):
         """(latents, flipped latents or None, mask) of each record, the images through the VAE as one batch."""

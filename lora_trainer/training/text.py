@@ -17,6 +17,7 @@ from ..models.configs import ModelConfig
 from ..models.prompt import parse_prompt_attention
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import size_conditioning
+from .events import progress_bar
 
 CHUNK = 75
 
@@ -140,6 +141,7 @@ class TextEncoderCache:
             else:
                 todo.setdefault(caption, []).append(image)
         captions = list(todo)
+        bar = progress_bar(len(captions), "caption", "caching text encoder outputs", leave=False)
         with torch.no_grad():
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start : start + batch_size]
@@ -150,6 +152,8 @@ class TextEncoderCache:
                     if to_disk:
                         for image in todo[caption]:
                             self._write(image, caption, *output)
+                bar.update(len(chunk))
+        bar.close()
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         missing = [c for c in captions if c not in self._outputs]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..compat import DYNAMO_TRACES_SLOWLY, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..errors import UserError
@@ -41,7 +40,7 @@ from ..safe_io import windows_path_limits
 from . import noise as N
 from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
-from .events import EventLog
+from .events import EventLog, progress_bar
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label
 from .options import FIELDS, TrainOptions, join_command_line
@@ -329,9 +328,7 @@ class TrainingRun:
         self.written: list[Path] = []
         self.tracker = Tracker(options.logging_dir, options.log_with, options.log_prefix, options.log_tracker_name)
         self.stop = StopRequest(self.plan.stop_file)
-        # a progress bar for people at a terminal; the UI and the API follow the event log instead
-        self.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", disable=not sys.stderr.isatty(),
-                             dynamic_ncols=True)
+        self.progress = progress_bar(self.total_steps, "step", initial=self.state.step)
         self._loss = torch.zeros(())  # the latest batch's mean loss over every rank
         self._last_time = time.perf_counter()
 
@@ -537,6 +534,7 @@ class TrainingRun:
         if options.save_state or options.save_state_on_train_end:
             self.save_state_file(self.plan.state_path(None, None))
         self.network.remove()
+        self.progress.close()  # the summary below stands under the finished bar, not above a redrawn one
         epochs = sorted(state.epoch_train_loss)
         advice = recommend_epoch([state.epoch_train_loss[e] for e in epochs],
                                  [state.epoch_validation_loss.get(e) for e in epochs])
