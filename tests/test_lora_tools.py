@@ -340,8 +340,11 @@ def test_extracted_lora_reproduces_the_fine_tune_and_loads_with_every_key_matche
 
     tuned, changes = tuned_checkpoint
     out = tmp_path / "extracted.safetensors"
-    result = extract(TINY_KOHYA_CHECKPOINT, tuned, out, dim=4, conv_dim=4, clamp_quantile=1.0, precision="fp32")
+    reported = []
+    result = extract(TINY_KOHYA_CHECKPOINT, tuned, out, dim=4, conv_dim=4, clamp_quantile=1.0, precision="fp32",
+                     progress=lambda done, total: reported.append((done, total)))
     network = read_network(out)
+    assert reported[-1] == (len(network.modules), len(network.modules))  # a layer at a time, as the CLI's bar shows
     for key, name in TUNED_LAYERS.items():
         module = network.modules[name]
         assert module["lora_down.weight"].shape[0] == 4 and float(module["alpha"]) == 4.0
@@ -378,3 +381,17 @@ def test_extract_refuses_a_lora_given_as_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="tinylora.*not an SD1/SD2/SDXL checkpoint"):
         extract(TINY_KOHYA_CHECKPOINT, KOHYA_LORA, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_long_tools_report_their_progress_module_by_module(tmp_path):
+    """An SDXL extract or SVD merge runs minutes on a CPU: the CLI draws these calls as a bar."""
+    from lora_trainer.networks.tools.merge import merge
+    from lora_trainer.networks.tools.resize import resize
+
+    for tool in (lambda progress: resize(KOHYA_LORA, tmp_path / "r.safetensors", 2, progress=progress),
+                 lambda progress: merge([(KOHYA_LOHA, 1.0)], tmp_path / "m.safetensors", "svd", 2,
+                                        model=TINY_KOHYA_CHECKPOINT, progress=progress)):
+        calls = []
+        tool(lambda done, total: calls.append((done, total)))
+        total = calls[-1][1]
+        assert total > 1 and calls[-1] == (total, total) and [done for done, _ in calls] == sorted(done for done, _ in calls)

@@ -960,7 +960,7 @@ def test_long_phases_show_a_progress_bar_at_a_terminal_and_none_in_a_log(monkeyp
     import io
     import sys
 
-    from lora_trainer.training.events import progress_bar
+    from lora_trainer.console import progress_bar
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

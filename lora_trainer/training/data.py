@@ -27,10 +27,10 @@ from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import read_image_size
 from ..dataset.layouts import (config_from_folders, config_from_metadata, dataset_images, face_in_name, list_images,
                                regularization_repeats)
+from ..console import progress_bar
 from ..errors import UserError
 from ..safe_io import UNREADABLE_NPZ, save_npz
 from .evaluation import split_validation
-from .events import progress_bar
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
 from .text import caching_problems

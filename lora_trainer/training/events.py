@@ -18,17 +18,6 @@ from ..errors import UserError
 KINDS = ("start", "step", "epoch", "validation", "sample", "saved", "state", "warning", "error", "end")
 
 
-def progress_bar(total: int, unit: str, description: str | None = None, initial: int = 0, leave: bool = True):
-    """A tqdm bar for a person at a terminal (none elsewhere: the UI and the API follow the event log instead);
-    ``leave=False`` for a phase that gives way to the next bar."""
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit=unit, desc=description, disable=not total or not sys.stderr.isatty(),
-                dynamic_ncols=True, leave=leave)
-
-
 def console_line(event: dict) -> str | None:
     """What a person at a terminal reads of an event, as sd-scripts' console tells it (the progress bar shows the
     steps; an error is printed by the command itself)."""

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..console import progress_bar
 from ..models.configs import ModelConfig
 from ..models.prompt import parse_prompt_attention
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import size_conditioning
-from .events import progress_bar
 
 CHUNK = 75
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..compat import DYNAMO_TRACES_SLOWLY, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
+from ..console import progress_bar
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
@@ -40,7 +41,7 @@ from ..safe_io import windows_path_limits
 from . import noise as N
 from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
-from .events import EventLog, progress_bar
+from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label
 from .options import FIELDS, TrainOptions, join_command_line

@@ -6,6 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
+from ...console import progress_callback
+
 
 PRECISIONS = ["fp16", "bf16", "fp32"]
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -53,7 +55,9 @@ def run_bake(args) -> None:
 def run_resize(args) -> None:
     from .resize import resize
 
-    result = resize(args.file, args.out, args.new_rank, args.new_conv_rank, args.dynamic_method, args.dynamic_param, args.precision)
+    with progress_callback("module", "resizing") as progress:
+        result = resize(args.file, args.out, args.new_rank, args.new_conv_rank, args.dynamic_method, args.dynamic_param,
+                        args.precision, progress)
     print("\n".join(result.lines()))
 
 
@@ -64,14 +68,18 @@ def run_merge(args) -> None:
     for text in args.files:
         path, numbers = network_with_numbers(text, 1)
         inputs.append((path, numbers[0] if numbers else 1.0))
-    result = merge(inputs, args.out, args.mode, args.new_rank, args.new_conv_rank, args.model, args.precision, args.clamp_quantile)
+    with progress_callback("module", "merging") as progress:
+        result = merge(inputs, args.out, args.mode, args.new_rank, args.new_conv_rank, args.model, args.precision,
+                       args.clamp_quantile, progress)
     print("\n".join(result.lines()))
 
 
 def run_extract(args) -> None:
     from .extract import extract
 
-    result = extract(args.model_org, args.model_tuned, args.out, args.dim, args.conv_dim, args.min_diff, args.clamp_quantile, args.precision)
+    with progress_callback("layer", "extracting") as progress:
+        result = extract(args.model_org, args.model_tuned, args.out, args.dim, args.conv_dim, args.min_diff,
+                         args.clamp_quantile, args.precision, progress)
     print("\n".join(result.lines()))
 
 

@@ -9,6 +9,7 @@ The text encoders are left out when no weight of theirs moved more than ``min_di
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,10 @@ class ExtractResult:
 
 
 def extracted_tensors(base: CheckpointLayers, tuned: CheckpointLayers, dim: int, conv_dim: int | None = None,
-                      min_diff: float = MIN_DIFF, clamp_quantile: float | None = CLAMP_QUANTILE) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The LoRA tensors by Kohya key, and notes for the user (text encoders skipped)."""
+                      min_diff: float = MIN_DIFF, clamp_quantile: float | None = CLAMP_QUANTILE,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The LoRA tensors by Kohya key, and notes for the user (text encoders skipped); ``progress(done, total)`` after
+    each layer's SVD (minutes for SDXL on a CPU)."""
     differences, notes = {}, []
     for name, target in base.targets.items():
         if target.group != ATTENTION and not (target.group == CONV and conv_dim):
@@ -56,11 +59,13 @@ def extracted_tensors(base: CheckpointLayers, tuned: CheckpointLayers, dim: int,
         differences = {n: v for n, v in differences.items() if n not in text_encoder}
 
     tensors = {}
-    for name, (_, difference) in differences.items():
+    for done, (name, (_, difference)) in enumerate(differences.items(), 1):
         shape = difference.shape
         rank = conv_dim if conv_dim and is_kxk_conv(shape) else dim
         factors = low_rank(difference, min(rank, shape[0], shape[1]), clamp_quantile)  # sd-scripts caps by the channel counts
         tensors |= {f"{name}.{UP}": factors.up, f"{name}.{DOWN}": factors.down, f"{name}.alpha": torch.tensor(float(factors.rank))}
+        if progress:
+            progress(done, len(differences))
     return tensors, notes
 
 
@@ -72,7 +77,8 @@ def extract_metadata(config, dim: int, conv_dim: int | None, title: str) -> dict
 
 
 def extract(base: str | Path, tuned: str | Path, out: str | Path, dim: int = 4, conv_dim: int | None = None,
-            min_diff: float = MIN_DIFF, clamp_quantile: float | None = CLAMP_QUANTILE, precision: str = "fp16") -> ExtractResult:
+            min_diff: float = MIN_DIFF, clamp_quantile: float | None = CLAMP_QUANTILE, precision: str = "fp16",
+            progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     if dim < 1 or (conv_dim is not None and conv_dim < 0):
         raise UserError("--dim must be at least 1 (and --conv_dim at least 0)")
     out = Path(out)
@@ -82,7 +88,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, dim: int = 4, 
     if base_layers.config.label != tuned_layers.config.label:
         raise UserError(f"{tuned}: is {tuned_layers.config.label} and {base} is {base_layers.config.label}; "
                         "extract from a fine-tune of the same base model")
-    tensors, notes = extracted_tensors(base_layers, tuned_layers, dim, conv_dim, min_diff, clamp_quantile)
+    tensors, notes = extracted_tensors(base_layers, tuned_layers, dim, conv_dim, min_diff, clamp_quantile, progress)
     metadata = extract_metadata(base_layers.config, dim, conv_dim, out.stem)
     path = save_network(tensors, out, metadata, precision)
     return ExtractResult(tensors, metadata, notes, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,11 +123,16 @@ def summed_delta(name: str, parts, layers: CheckpointLayers | None) -> tuple[tor
 
 
 def svd_merge(networks: Sequence[tuple[NetworkFile, float]], rank: int, conv_rank: int | None = None,
-              layers: CheckpointLayers | None = None, clamp_quantile: float | None = CLAMP_QUANTILE) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Σ ΔWᵢ per layer, each module's SVD to ``rank`` (k×k convs: ``conv_rank``), α = rank; and notes on what was dropped."""
+              layers: CheckpointLayers | None = None, clamp_quantile: float | None = CLAMP_QUANTILE,
+              progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Σ ΔWᵢ per layer, each module's SVD to ``rank`` (k×k convs: ``conv_rank``), α = rank; and notes on what was
+    dropped. ``progress(done, total)`` after each module."""
     conv_rank = rank if conv_rank is None else conv_rank
     tensors, dropped_bias, dropped_norm = {}, [], []
-    for name, parts in _grouped(networks).items():
+    grouped = _grouped(networks)
+    for done, (name, parts) in enumerate(grouped.items(), 1):
+        if progress:
+            progress(done - 1, len(grouped))
         delta, bias = summed_delta(name, parts, layers)
         if delta is None:
             dropped_norm.append(name)
@@ -136,6 +141,8 @@ def svd_merge(networks: Sequence[tuple[NetworkFile, float]], rank: int, conv_ran
             dropped_bias.append(name)
         factors = low_rank(delta, conv_rank if is_kxk_conv(delta.shape) else rank, clamp_quantile)
         tensors |= {f"{name}.{UP}": factors.up, f"{name}.{DOWN}": factors.down, f"{name}.alpha": torch.tensor(float(factors.rank))}
+    if progress:
+        progress(len(grouped), len(grouped))
     notes = []
     if dropped_bias:
         notes.append(f"bias changes of {len(dropped_bias)} layers dropped (a LoRA holds none): {', '.join(dropped_bias[:5])}")
@@ -174,7 +181,8 @@ def merged_metadata(networks: Sequence[tuple[NetworkFile, float]], dims: set[int
 
 def merge_networks(networks: Sequence[tuple[NetworkFile, float]], mode: str = "concat", rank: int | None = None,
                    conv_rank: int | None = None, layers: CheckpointLayers | None = None,
-                   clamp_quantile: float | None = CLAMP_QUANTILE, title: str = "merged") -> MergeResult:
+                   clamp_quantile: float | None = CLAMP_QUANTILE, title: str = "merged",
+                   progress: Callable[[int, int], None] | None = None) -> MergeResult:
     if mode not in MODES:
         raise UserError(f"merge mode {mode!r} is not one of {', '.join(MODES)}")
     if not networks:
@@ -195,19 +203,19 @@ def merge_networks(networks: Sequence[tuple[NetworkFile, float]], mode: str = "c
     else:
         if not rank or rank < 1:
             raise UserError("--mode svd needs --new_rank (the rank of the merged LoRA)")
-        tensors, notes = svd_merge(networks, rank, conv_rank, layers, clamp_quantile)
+        tensors, notes = svd_merge(networks, rank, conv_rank, layers, clamp_quantile, progress)
     dims = {int(t.shape[0]) for k, t in tensors.items() if k.endswith(DOWN)}
     return MergeResult(tensors, merged_metadata(networks, dims, conv_rank if mode == "svd" else None, title), notes)
 
 
 def merge(inputs: Sequence[tuple[str | Path, float]], out: str | Path, mode: str = "concat", rank: int | None = None,
           conv_rank: int | None = None, model: str | Path | None = None, precision: str = "fp16",
-          clamp_quantile: float | None = CLAMP_QUANTILE) -> MergeResult:
+          clamp_quantile: float | None = CLAMP_QUANTILE, progress: Callable[[int, int], None] | None = None) -> MergeResult:
     out = Path(out)
     networks = [(read_network_file(path), weight) for path, weight in inputs]
     if any(n.path and n.path.resolve() == out.resolve() for n, _ in networks):
         raise UserError(f"{out}: refusing to overwrite an input; choose another output name")
     layers = CheckpointLayers(model) if model else None
-    result = merge_networks(networks, mode, rank, conv_rank, layers, clamp_quantile, title=out.stem)
+    result = merge_networks(networks, mode, rank, conv_rank, layers, clamp_quantile, title=out.stem, progress=progress)
     result.path = save_network(result.tensors, out, result.metadata, precision)
     return result

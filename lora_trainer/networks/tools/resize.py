@@ -7,6 +7,7 @@ old scale × new rank, so the effective scale α/r — and with it ΔW — is pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,8 +110,9 @@ class ResizeResult:
 
 
 def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None, method: str | None = None,
-                   parameter: float | None = None) -> ResizeResult:
-    """Every module resized (k×k convs to ``conv_rank``, default ``rank``); metadata rewritten as sd-scripts does."""
+                   parameter: float | None = None, progress: Callable[[int, int], None] | None = None) -> ResizeResult:
+    """Every module resized (k×k convs to ``conv_rank``, default ``rank``); metadata rewritten as sd-scripts does;
+    ``progress(done, total)`` after each module."""
     require_plain_lora(network, "resize", "convert it first with `lora merge --mode svd` (one file, weight 1)")
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise UserError("the new rank must be at least 1")
@@ -118,11 +120,13 @@ def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None
         raise UserError(f"--dynamic_method {method} needs --dynamic_param")
     conv_rank = rank if conv_rank is None else conv_rank
     tensors, modules = {}, []
-    for name, module in network.modules.items():
+    for done, (name, module) in enumerate(network.modules.items(), 1):
         max_rank = conv_rank if is_kxk_conv(lora_layer_shape(module)) else rank
         resized, figures = resize_module(name, module, max_rank, method, parameter)
         tensors |= {f"{name}.{suffix}": t for suffix, t in resized.items()}
         modules.append(figures)
+        if progress:
+            progress(done, len(network.modules))
 
     metadata = {k: v for k, v in network.metadata.items() if not k.startswith("sshs_")}
     comment = metadata.get("ss_training_comment", "")
@@ -139,10 +143,11 @@ def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None
 
 
 def resize(path: str | Path, out: str | Path, rank: int, conv_rank: int | None = None, method: str | None = None,
-           parameter: float | None = None, precision: str = "fp16") -> ResizeResult:
+           parameter: float | None = None, precision: str = "fp16",
+           progress: Callable[[int, int], None] | None = None) -> ResizeResult:
     network = read_network_file(path)
     if Path(out).resolve() == Path(path).resolve():
         raise UserError(f"{out}: refusing to overwrite the input; choose another output name")
-    result = resize_network(network, rank, conv_rank, method, parameter)
+    result = resize_network(network, rank, conv_rank, method, parameter, progress)
     result.path = save_network(result.tensors, out, result.metadata, precision)
     return result

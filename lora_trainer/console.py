@@ -1,0 +1,34 @@
+"""Progress a person at a terminal sees (tqdm); none off a terminal, where the UI and the API follow events or logs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Callable
+
+
+def progress_bar(total: int, unit: str, description: str | None = None, initial: int = 0, leave: bool = True):
+    """A tqdm bar on stderr at a terminal, a disabled one elsewhere (a log must not hold a bar redrawn a thousand
+    times); ``leave=False`` for a phase that gives way to the next bar."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit=unit, desc=description, disable=not total or not sys.stderr.isatty(),
+                dynamic_ncols=True, leave=leave)
+
+
+@contextmanager
+def progress_callback(unit: str, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback, as the tools' long loops take one, drawn as a bar that goes when done."""
+    bars = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(progress_bar(total, unit, description, leave=False))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
