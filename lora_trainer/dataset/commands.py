@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from ..console import progress_callback
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -51,14 +52,9 @@ def run_prep(args) -> None:
         caption_extension=args.caption_extension,
         overwrite=args.overwrite,
     )
-    result = prepare_dataset(args.source, args.out, settings, progress=None if args.quiet else _progress)
-    if not args.quiet:
-        print(file=sys.stderr)  # end the progress line
+    with progress_callback("image", "preparing") as progress:
+        result = prepare_dataset(args.source, args.out, settings, progress=None if args.quiet else progress)
     print(result.summary())
-
-
-def _progress(done: int, total: int) -> None:
-    print(f"\rprepared {done}/{total}", end="", file=sys.stderr, flush=True)
 
 
 def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
