@@ -114,7 +114,7 @@ class TrainOptions:
                          "fp16; needs --mixed_precision fp16 or bf16)")
     save_precision: str | None = opt(None, "dtype of saved files", choices=[None, "float", "fp16", "bf16"])
     no_half_vae: bool = opt(False, "keep the VAE in fp32")
-    lowram: bool = inert("the model always loads straight to the GPU here, tensor by tensor from the mapped file")
+    lowram: bool = inert("the model always loads straight to its device here (the GPU when training on one), tensor by tensor from the mapped file")
     disable_mmap_load_safetensors: bool = inert("the checkpoint is converted tensor by tensor, so memory stays low "
                                                 "with the file mapped")
     highvram: bool = opt(False, "keep the GPU's cached memory after caching latents and drawing samples (by default "
