@@ -114,7 +114,8 @@ def test_captions_come_from_the_caption_extension_else_class_tokens(tmp_path):
     loaded = dreambooth_images(only_subset(folder, class_tokens="zk"))
     assert [(entry.path.name, entry.caption) for entry in loaded.images] == [("a.png", "zk, red star"), ("b.png", "zk")]
     assert loaded.images[0].caption_file == folder / "a.txt" and loaded.images[1].caption_file is None
-    assert any("1 images have no .txt caption and train with the class tokens 'zk'" in note for note in loaded.notes)
+    assert any("1 images have no .txt caption and train with the class tokens 'zk': b.png. 1 of them have a .caption "
+               "file beside them: add --caption_extension .caption to train with those." in note for note in loaded.notes)
 
 
 def test_wildcard_subsets_keep_every_non_empty_caption_line(tmp_path):

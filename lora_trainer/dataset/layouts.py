@@ -263,11 +263,21 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         fallback = f"the class tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
         notes.append(
             f"{folder}: {len(without_caption)} images have no {subset.caption_extension} caption and train with {fallback}: "
-            f"{_some(path.name for path in without_caption)}."
+            f"{_some(path.name for path in without_caption)}.{_other_caption_hint(without_caption, subset.caption_extension)}"
         )
     if not images:
         notes.append(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); this subset is ignored.")
     return SubsetImages(subset, tuple(entries), folder.name, tuple(entry.caption for entry in entries), tuple(notes))
+
+
+def _other_caption_hint(images: list[Path], extension: str) -> str:
+    """Captions under the other usual extension beside those images: the option most often forgotten (sd-scripts'
+    default is .caption, the taggers and the Kohya GUI write .txt)."""
+    for other in (".txt", ".caption"):
+        found = sum(image.with_suffix(other).is_file() for image in images)
+        if other != extension.lower() and found:
+            return f" {found} of them have a {other} file beside them: add --caption_extension {other} to train with those."
+    return ""
 
 
 def read_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
