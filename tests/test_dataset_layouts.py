@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -167,8 +168,11 @@ def test_unicode_and_spaces_in_folder_and_file_names(tmp_path):
 def test_a_dataset_without_any_image_is_refused_with_the_folders_it_looked_in(tmp_path):
     (tmp_path / "10_zk").mkdir()
     group = config_from_folders(tmp_path, None, CLI)
-    with pytest.raises(UserError, match=r"No training images found in .*10_zk"):
+    with pytest.raises(UserError, match=r"No training images found in .*10_zk; add images"):
         dataset_images(group.datasets[0])
+    moved = dataclasses.replace(group.datasets[0].subsets[0], image_dir=tmp_path / "moved away")
+    with pytest.raises(UserError, match=r"No training images found in .*moved away \(.*moved away: no such folder\); add"):
+        dataset_images(dataclasses.replace(group.datasets[0], subsets=(moved,)))
 
 
 def test_the_fixture_toml_counts_and_tag_frequency_match_sd_scripts_own_metadata(tmp_path):

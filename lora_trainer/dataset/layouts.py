@@ -234,7 +234,8 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
     folder = subset.image_dir
     assert folder is not None
     if not folder.is_dir():
-        return SubsetImages(subset, (), folder.name, (), (f"{folder} is not a folder; this subset is ignored.",))
+        what = "is not a folder" if folder.exists() else "does not exist"
+        return SubsetImages(subset, (), folder.name, (), (f"{folder} {what}; this subset is ignored.",))
     images = list_images(folder)
     notes = _duplicate_stem_notes(images, subset.caption_extension)
     unread = _images_in_unread_case(folder)
@@ -419,7 +420,10 @@ def dataset_images(dataset: DatasetConfig) -> DatasetImages:
     num_reg = sum(subset.subset.num_repeats * len(subset.images) for subset in kept if subset.subset.is_reg)
     if num_train == 0:
         where = _some(str(subset.subset.image_dir or subset.subset.metadata_file) for subset in loaded)
-        raise UserError(f"No training images found in {where}; add images ({', '.join(IMAGE_EXTENSIONS)}) or fix the paths.")
+        missing = [subset.subset.image_dir for subset in loaded
+                   if subset.subset.image_dir is not None and not subset.subset.image_dir.is_dir()]
+        why = f" ({_some(str(folder) for folder in missing)}: no such folder)" if missing else ""
+        raise UserError(f"No training images found in {where}{why}; add images ({', '.join(IMAGE_EXTENSIONS)}) or fix the paths.")
     if num_reg > num_train:
         notes.append(f"There are more regularisation samples ({num_reg}) than training samples ({num_train}); some are never used.")
     # sd-scripts counts tags of every subset it read, reg subsets included
