@@ -111,3 +111,14 @@ def test_bad_model_paths_give_one_sentence_and_exit_code_2(tmp_path, capsys, mak
 def test_unknown_sampler_lists_the_valid_ones(quick_model, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--model", quick_model, "--prompt", "x", "--sampler", "UniPC", "--out", tmp_path)
     assert code == 2 and "DPM++ 2M Karras" in err and "Traceback" not in err
+
+
+def test_the_app_without_its_extra_says_what_to_install(capsys, monkeypatch):
+    """The base install (what the WebUI's venv gets) has no gradio, fastapi or uvicorn: `ui` says how to add them."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("uvicorn", "fastapi") else real(name, *a))
+    code, _, err = run(capsys, "ui", "--port", 7899)
+    assert code == 2
+    assert 'the standalone app needs fastapi, uvicorn, which this install lacks: pip install -e ".[ui]"' in err

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import UserError
 from .settings import AppSettings, parse_api_auth
 
 if TYPE_CHECKING:  # the CLI imports this module; torch and gradio load only when the app starts
@@ -77,6 +78,12 @@ def _stylesheet() -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    missing = [name for name in ("gradio", "fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:  # the base install trains and generates; the app is an extra, kept out of the WebUI's venv
+        raise UserError(f"the standalone app needs {', '.join(missing)}, which this install lacks: "
+                        "pip install -e \".[ui]\" in the extension's folder (or pip install \"lora-trainer[ui]\")")
     import uvicorn
 
     from .services import Services
