@@ -205,6 +205,10 @@ def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_pat
     assert "--output_name 'star:v2' cannot be a file name on Windows" in capsys.readouterr().err
     assert run(dataset, tmp_path, "--output_name", "星" * 70) == 2  # 210 bytes: the file fits, its step states do not
     assert "--output_name is 210 bytes long in UTF-8" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--log_with", "wandb") == 2  # was trained without a word of logging
+    assert "--log_with wandb: Weights & Biases is not supported here" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--log_with", "tensorboard") == 2
+    assert "--log_with tensorboard needs --logging_dir" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors"))
 
 

@@ -506,6 +506,11 @@ def validate(options: TrainOptions) -> None:
         problems.append(f"--output_name is {name_bytes} bytes long in UTF-8; a file name may "
                         "have 255, and a run adds up to 55 to it (name-step00000050-state, sample images): use at most "
                         f"{LONGEST_OUTPUT_NAME_BYTES} bytes (a CJK character takes 3)")
+    if options.log_with in ("wandb", "all"):
+        problems.append(f"--log_with {options.log_with}: Weights & Biases is not supported here; log with --logging_dir "
+                        "(TensorBoard) and the event stream, or run the command with sd-scripts")
+    elif options.log_with == "tensorboard" and not options.logging_dir:
+        problems.append("--log_with tensorboard needs --logging_dir, the folder the logs go to (as in sd-scripts)")
     if options.vae_batch_size < 1:
         problems.append(f"--vae_batch_size {options.vae_batch_size}: give at least 1 image per VAE batch")
     if options.full_fp16 and options.mixed_precision != "fp16":

@@ -14,12 +14,10 @@ from ..errors import UserError
 
 
 class Tracker:
-    def __init__(self, logging_dir: str | None, log_with: str | None, log_prefix: str | None, tracker_name: str | None):
+    def __init__(self, logging_dir: str | None, log_prefix: str | None, tracker_name: str | None):
         self.writer = None
         if not logging_dir:
             return
-        if log_with not in (None, "tensorboard"):
-            raise UserError(f"--log_with {log_with}: only tensorboard is supported; drop the option or use tensorboard")
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
