@@ -54,6 +54,8 @@ def temporary_beside(target: Path, tag: str = "12345678") -> Path:
 
 WINDOWS_LONGEST_FILE_PATH = 259  # MAX_PATH, less its terminating NUL
 WINDOWS_LONGEST_FOLDER_PATH = 247  # a folder leaves room for an 8.3 file name in it (MAX_PATH - 12, NUL included)
+ENABLE_LONG_PATHS = ("enable long paths (Group Policy \"Enable Win32 long paths\", or LongPathsEnabled = 1 in "
+                     "HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem) and restart")
 
 
 def windows_path_limits() -> tuple[int, int] | None:

@@ -367,6 +367,21 @@ def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, caps
         check_precision(fp16, torch.device("cpu"))
 
 
+def test_save_n_epoch_ratio_spaces_the_epoch_files_over_the_run_as_sd_scripts_does():
+    """sd-scripts: every floor(epochs / ratio) epochs, at least every epoch; the last epoch is the final file."""
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.outputs import OutputPlan
+
+    def saved_epochs(epochs: int, ratio: int) -> list[int]:
+        plan = OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
+                                        "output_dir": str(Path("out")), "save_n_epoch_ratio": ratio}))
+        plan.num_epochs = epochs  # counted once the data is read, after the plan was checked
+        return [epoch for epoch in range(1, epochs + 1) if plan.save_at_epoch(epoch)]
+
+    assert saved_epochs(10, 3) == [3, 6, 9]
+    assert saved_epochs(2, 3) == [1]
+
+
 def test_a_run_whose_paths_windows_cannot_hold_is_refused_before_loading(dataset, tmp_path, capsys, monkeypatch):
     """Where long paths are off, Windows refuses paths over 259 characters: a deep WebUI folder and a long name would
     train for hours and then fail at the first save. The check counts what a run may write, exactly."""
@@ -376,7 +391,7 @@ def test_a_run_whose_paths_windows_cannot_hold_is_refused_before_loading(dataset
 
     def plan(folder: Path) -> OutputPlan:
         return OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
-                                        "output_dir": str(folder), "output_name": "star"}), num_epochs=1)
+                                        "output_dir": str(folder), "output_name": "star"}))
 
     def padded(characters: int) -> str:  # a folder name that many UTF-16 units long, some of them CJK
         return "深" * min(characters, 50) + "x" * max(characters - 50, 0)
@@ -395,6 +410,34 @@ def test_a_run_whose_paths_windows_cannot_hold_is_refused_before_loading(dataset
     assert "Windows allows 259 unless long paths are enabled: shorten --output_dir or --output_name by 5" in error
     events, _ = read_events(out / "star.events.jsonl")
     assert [e["event"] for e in events] == ["error"]  # no start: refused before the model was loaded
+
+
+def test_caches_beside_images_that_windows_cannot_hold_are_refused_before_caching(tmp_path, capsys, monkeypatch):
+    """sd-scripts' cache names are longer than the image's (``img_0064x0064_sd.npz``): in a deep dataset folder every
+    image opens and its cache cannot be written. Said before the caching starts, with the ways out; in memory it runs."""
+    from lora_trainer.safe_io import windows_path_length
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.outputs import OutputPlan
+
+    deep = tmp_path / ("深" * 60 + "x" * 40) / "2_zkstar"  # 100 UTF-16 units, 220 bytes: any file system holds it
+    shutil.copytree(SAMPLE, deep)
+    out = tmp_path / "o"
+    limit = max(windows_path_length(p) for p in deep.iterdir()) + 5  # the images (and captions) fit, their caches not
+    files, folders = OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
+                                              "output_dir": str(out), "output_name": "star"})).longest_paths()
+    assert max(map(windows_path_length, files + folders)) < limit - 12  # the outputs fit
+    monkeypatch.setattr("lora_trainer.training.trainer.windows_path_limits", lambda: (limit, limit - 12))
+
+    assert run(deep.parent, out, "--cache_latents_to_disk", "--max_train_steps", "1") == 2
+    error = capsys.readouterr().err
+    assert f"--cache_latents_to_disk would write {deep / 'star_0'}" in error  # one of the longest: all are as long
+    assert "_0064x0064_sd.npz beside its image, and its temporary name is" in error
+    assert "move the dataset to a folder" in error and "drop --cache_latents_to_disk" in error
+    assert not list(deep.glob("*.npz"))
+    events, _ = read_events(out / "star.events.jsonl")
+    assert [e["event"] for e in events] == ["error"]  # before the start: nothing cached, nothing trained
+
+    assert run(deep.parent, out, "--max_train_steps", "1") == 0  # cached in memory: no path beside the images
 
 
 def test_a_nan_loss_stops_the_run_with_advice_and_keeps_the_files_saved_before(baseline, dataset, tmp_path, capsys,

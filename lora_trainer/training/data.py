@@ -29,11 +29,11 @@ from ..dataset.layouts import (config_from_folders, config_from_metadata, datase
                                regularization_repeats)
 from ..console import progress_bar
 from ..errors import UserError
-from ..safe_io import UNREADABLE_NPZ, save_npz
+from ..safe_io import ENABLE_LONG_PATHS, UNREADABLE_NPZ, save_npz, temporary_beside, windows_path_length
 from .evaluation import split_validation
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
-from .text import caching_problems
+from .text import caching_problems, te_outputs_path
 
 
 @dataclass
@@ -227,6 +227,24 @@ class TrainingData:
                     for r in self.records}
         captions.update({r.path: r.caption.split("\n")[0] for r in self.validation})
         return captions
+
+    def check_cache_path_lengths(self, limits: tuple[int, int] | None) -> None:
+        """The caches written beside the images (sd-scripts' names, longer than the image's) must fit Windows' path
+        limit too (``OutputPlan.check_path_lengths``): else the caching fails part-way, after the model has loaded."""
+        images = [r.path for r in self.records + self.validation]
+        caches = [("--cache_latents_to_disk", path) for path in (
+            [npz_path(r, self.config_name) for r in self.records + self.validation] if self.options.cache_latents_to_disk else [])]
+        caches += [("--cache_text_encoder_outputs_to_disk", te_outputs_path(image))
+                   for image in (images if self.options.cache_text_encoder_outputs_to_disk else [])]
+        if limits is None or not caches:
+            return
+        option, path = max(caches, key=lambda c: windows_path_length(temporary_beside(c[1])))
+        excess = windows_path_length(temporary_beside(path)) - limits[0]
+        if excess > 0:
+            raise UserError(f"{option} would write {path} beside its image, and its temporary name is {limits[0] + excess} "
+                            f"characters long where Windows allows {limits[0]} unless long paths are enabled: move the "
+                            f"dataset to a folder {excess} characters shorter (or shorten that image's name), drop "
+                            f"{option} (the cache then stays in memory), or {ENABLE_LONG_PATHS}")
 
     # --- latents --------------------------------------------------------------------------------------------
 

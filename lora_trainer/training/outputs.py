@@ -23,7 +23,7 @@ import torch
 from ..errors import UserError
 from ..hashing import file_sha256, legacy_model_hash
 from ..networks.network import SAVE_DTYPES, base_metadata, save_network
-from ..safe_io import atomic_path, temporary_beside, windows_path_length
+from ..safe_io import ENABLE_LONG_PATHS, atomic_path, temporary_beside, windows_path_length
 from .options import TrainOptions, is_data_url, resolution_of
 from .samples import sample_path
 from .state import staging_folder
@@ -45,9 +45,9 @@ def files_of_run(folder: Path, name: str) -> list[Path]:
 
 
 class OutputPlan:
-    def __init__(self, options: TrainOptions, num_epochs: int):
+    def __init__(self, options: TrainOptions, num_epochs: int = 1):
         self.options = options
-        self.num_epochs = num_epochs
+        self.num_epochs = num_epochs  # known once the data is counted: set it then (the names do not depend on it)
         self.folder = Path(options.output_dir or "output")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -57,12 +57,14 @@ class OutputPlan:
         except OSError as error:
             raise UserError(f"output folder {self.folder} is not writable ({error}); pick another --output_dir") from error
         self.name = options.output_name
-        every = options.save_every_n_epochs
-        if options.save_n_epoch_ratio:
-            every = max(1, num_epochs // options.save_n_epoch_ratio)
-        self.every_epochs = every
         self.suffix = "." + options.save_model_as
         self.state_folder = Path(options.state_dir) if options.state_dir else self.folder
+
+    @property
+    def every_epochs(self) -> int | None:
+        if self.options.save_n_epoch_ratio:
+            return max(1, self.num_epochs // self.options.save_n_epoch_ratio)
+        return self.options.save_every_n_epochs
 
     @property
     def stop_file(self) -> Path:
@@ -139,8 +141,7 @@ class OutputPlan:
             characters = f"{excess} character{'s' if excess > 1 else ''}"
             raise UserError(f"this run would write {path}, which is {limit + excess} characters long, and Windows allows "
                             f"{limit} unless long paths are enabled: shorten {folders_named} or --output_name by "
-                            f"{characters}, or enable long paths (Group Policy \"Enable Win32 long paths\", or "
-                            "LongPathsEnabled = 1 in HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem) and restart")
+                            f"{characters}, or {ENABLE_LONG_PATHS}")
 
     def save(self, network, path: Path, metadata: dict[str, str]) -> Path:
         precision = self.options.save_precision or "float"

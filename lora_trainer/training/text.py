@@ -10,6 +10,7 @@ restoration, unlike the WebUI's prompts).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,6 +105,10 @@ def sdxl_vector(pooled: torch.Tensor, original_sizes, crops, target_sizes) -> to
 TE_OUTPUTS_SUFFIX = "_te_outputs.npz"  # sd-scripts' name for a cached caption, beside its image
 
 
+def te_outputs_path(image: Path) -> Path:
+    return image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
+
+
 def caching_problems(caption_options) -> list[str]:
     """Why captions of a subset cannot be encoded once: anything that makes the caption differ between steps."""
     o = caption_options
@@ -176,14 +181,14 @@ class TextEncoderCache:
             arrays[f"pool{len(self._widths())}"] = pooled.numpy()
         arrays["caption"] = np.array(caption)  # ours (sd-scripts ignores these): an edited caption is encoded again,
         arrays["encoding"] = np.array(repr(self.encoding))  # and so is one cached with another clip skip or weighting
-        save_npz(image.with_name(image.stem + TE_OUTPUTS_SUFFIX), arrays)
+        save_npz(te_outputs_path(image), arrays)
 
     def _read(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         import numpy as np
 
         from ..safe_io import UNREADABLE_NPZ
 
-        path = image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
+        path = te_outputs_path(image)
         if not path.exists():
             return None
         try:

@@ -270,12 +270,14 @@ class TrainingRun:
         warnings = notes + _option_warnings(options, self.spec, device, weight_dtype)  # said right after the start event
         check_precision(options, device)
         # the folders and names only, before the model loads (the epoch count, known later, does not change them)
-        OutputPlan(options, num_epochs=1).check_path_lengths(windows_path_limits())
+        self.plan = OutputPlan(options)
+        self.plan.check_path_lengths(windows_path_limits())
         self.started = time.time()
 
         self.model, fp8_saved = _prepared_model(options, device, weight_dtype, warnings)
         self.config = config = self.model.config
         self.data = data = build_training_data(options, config, seed, world.size)
+        data.check_cache_path_lengths(windows_path_limits())
         warnings += data.notes  # what the dataset left out (folders without repeats, unreadable images …)
         fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
         if options.zero_terminal_snr and config.prediction_type != "v_prediction":
@@ -315,7 +317,7 @@ class TrainingRun:
         self.scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
         self.state = self._starting_state()
 
-        self.plan = OutputPlan(options, self.num_epochs)
+        self.plan.num_epochs = self.num_epochs
         self.metadata = RunMetadata(options, config, self.model, self.spec, data, seed, self.started,
                                     optimizer_label(self.optimizer, options.optimizer_args), self.num_epochs,
                                     self.total_steps)
