@@ -236,6 +236,23 @@ def test_resize_keeps_the_rank_each_method_asks_for_and_preserves_the_scale(meth
     assert result.metadata["ss_network_dim"] == ("Dynamic" if method else str(cap))
 
 
+def test_resize_above_a_modules_rank_keeps_its_rank_and_says_so():
+    """Resizing rank 8 "up" to 12 cannot add anything: sd-scripts pads the file with zero directions; here each module
+    keeps its own rank, ΔW unchanged, and the report says why the file is smaller than asked."""
+    original = lora_with_singular_values()
+    result = resize_network(original, 12)
+    (module,) = result.modules
+    assert module.new_rank == 8 and module.new_alpha == pytest.approx(4.0)
+    resized = group_tensors(result.tensors).modules["lora_unet_layer"]
+    assert resized["lora_down.weight"].shape == (8, 12)
+    before = module_delta(original.modules["lora_unet_layer"], torch.empty(16, 12, device="meta")).weight
+    after = module_delta(resized, torch.empty(16, 12, device="meta")).weight
+    assert torch.allclose(after, before, atol=1e-5)
+    assert result.metadata["ss_network_dim"] == "8"
+    assert "1 module kept its rank (8), below the asked 12: a higher rank would hold only zeros" in result.lines()
+    assert not any("kept" in line for line in resize_network(original, 8).lines())
+
+
 def test_resize_command_prints_retained_energy_and_writes_a_hashed_file(tmp_path, capsys):
     out = tmp_path / "small.safetensors"
     assert main(["lora", "resize", str(KOHYA_LORA), "--out", str(out), "--new_rank", "2"]) == 0

@@ -74,7 +74,8 @@ def resize_module(name: str, tensors: Tensors, max_rank: int, method: str | None
     product = lora_weight(tensors[UP].float(), tensors[DOWN].float(), None if mid is None else mid.float(), shape)
     matrix = product.reshape(shape[0], -1)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    rank = min(chosen_rank(s, max_rank, method, parameter), len(s))
+    # never above the module's own rank (sd-scripts' cap is the asked rank only): past it the SVD adds zero directions
+    rank = min(chosen_rank(s, max_rank, method, parameter), old_rank, len(s))
     up, down = u[:, :rank] * s[:rank], vh[:rank]
     if len(shape) == 4:
         up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
@@ -96,6 +97,7 @@ class ResizeResult:
     metadata: dict[str, str]
     modules: list[ModuleResize] = field(default_factory=list)
     path: Path | None = None
+    asked_rank: int | None = None  # a fixed rank (no dynamic method)
 
     @property
     def mean_retained_fro(self) -> float:
@@ -104,6 +106,11 @@ class ResizeResult:
     def lines(self) -> list[str]:
         lines = [m.line() for m in self.modules]
         lines.append(f"average Frobenius norm retained: {self.mean_retained_fro:.2%} over {len(self.modules)} modules")
+        below = [m for m in self.modules if self.asked_rank and m.old_rank < self.asked_rank]
+        if below:
+            ranks = ", ".join(str(r) for r in sorted({m.old_rank for m in below}))
+            lines.append(f"{len(below)} module{'s' if len(below) > 1 else ''} kept {'their' if len(below) > 1 else 'its'} "
+                         f"rank ({ranks}), below the asked {self.asked_rank}: a higher rank would hold only zeros")
         if self.path:
             lines.append(f"wrote {self.path}")
         return lines
@@ -135,11 +142,11 @@ def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None
         metadata["ss_training_comment"] = f"Dynamic resize with {method}: {parameter} from {old_dim}; {comment}"
         metadata["ss_network_dim"] = metadata["ss_network_alpha"] = "Dynamic"
     else:
-        conv = "" if conv_rank == rank else f" (conv: {conv_rank})"
-        metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {rank}{conv}; {comment}"
-        metadata["ss_network_dim"] = str(rank)
+        conv = "" if conv_rank == rank else f" (conv: {min(conv_rank, old_dim)})"
+        metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {min(rank, old_dim)}{conv}; {comment}"
+        metadata["ss_network_dim"] = str(min(rank, old_dim))
         metadata["ss_network_alpha"] = str(modules[-1].new_alpha)  # sd-scripts writes the last module's
-    return ResizeResult(tensors, metadata, modules)
+    return ResizeResult(tensors, metadata, modules, asked_rank=None if method else rank)
 
 
 def resize(path: str | Path, out: str | Path, rank: int, conv_rank: int | None = None, method: str | None = None,
