@@ -104,7 +104,9 @@ def loha_delta(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def baked_loha(tmp_path_factory):
     out = tmp_path_factory.mktemp("bake") / "baked.safetensors"
-    result = bake(TINY_KOHYA_CHECKPOINT, [(KOHYA_LOHA, Strength(1.0))], out)
+    progress = []
+    result = bake(TINY_KOHYA_CHECKPOINT, [(KOHYA_LOHA, Strength(1.0))], out, progress=lambda *done: progress.append(done))
+    assert progress == [(done, 206) for done in range(1, 207)]  # the bar of `lora bake`: module by module, to the end
     return out, result
 
 

@@ -9,7 +9,7 @@ the original weight, as ``MergedNetworks`` does, so the order networks are liste
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +52,10 @@ def _rows(tensor: torch.Tensor, target: Target) -> torch.Tensor:
     return tensor if target.rows is None else tensor[target.rows[0] : target.rows[1]]
 
 
-def baked_tensors(source: TensorSource, config, networks: Sequence[tuple[NetworkFile, Strength]]) -> tuple[dict[str, torch.Tensor], list[MatchReport]]:
-    """The new fp32 values of every checkpoint tensor the networks change, and each network's match report.
+def baked_tensors(source: TensorSource, config, networks: Sequence[tuple[NetworkFile, Strength]],
+                  progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], list[MatchReport]]:
+    """The new fp32 values of every checkpoint tensor the networks change, and each network's match report;
+    ``progress(done, total)`` after each module added.
 
     UserError (with the report) when a network fits no layer, has broken modules, or is for another base model.
     """
@@ -78,11 +80,13 @@ def baked_tensors(source: TensorSource, config, networks: Sequence[tuple[Network
             originals[key] = source.get(key).float()
         return originals[key]
 
-    for network, strength in networks:
+    for network, _ in networks:  # every network checked before the first (slow) change
         report = match_network(network, targets, stored, config.label)
         if not report.ok or report.hint:  # a version mismatch can still match a few text-encoder layers by name
             raise UserError(f"{network.path or network.name} cannot be baked into {source.path}:\n{report.message()}")
         reports.append(report)
+    done, total = 0, sum(len(report.matched) for report in reports)
+    for (network, strength), report in zip(networks, reports):
         for match in report.matched:
             target = match.target
             weight_key = _key(target, prefixes, target.parameter)
@@ -95,12 +99,16 @@ def baked_tensors(source: TensorSource, config, networks: Sequence[tuple[Network
                     raise UserError(f"{network.path}: {match.name} changes {key}, which {source.path} does not have")
                 new = changed.setdefault(key, original(key).clone())
                 _rows(new, target).add_(change.to(new.dtype))
+            done += 1
+            if progress:
+                progress(done, total)
     return changed, reports
 
 
 def bake(checkpoint: str | Path, networks: Sequence[tuple[str | Path | NetworkFile, Strength]], out: str | Path,
-         precision: str = "fp16") -> BakeResult:
-    """Merge ``networks`` (any algorithm, each with text-encoder/UNet strengths) into ``checkpoint`` and save ``out``."""
+         precision: str = "fp16", progress: Callable[[int, int], None] | None = None) -> BakeResult:
+    """Merge ``networks`` (any algorithm, each with text-encoder/UNet strengths) into ``checkpoint`` and save ``out``;
+    ``progress(done, total)`` after each module added."""
     checkpoint, out = Path(checkpoint), Path(out)
     if precision not in SAVE_DTYPES:
         raise UserError(f"precision {precision!r} is not one of {', '.join(SAVE_DTYPES)}")
@@ -115,7 +123,7 @@ def bake(checkpoint: str | Path, networks: Sequence[tuple[str | Path | NetworkFi
     loaded = [(n if isinstance(n, NetworkFile) else read_network_file(n), s) for n, s in networks]
     if not loaded:
         raise UserError("no network to bake: give at least one --lora file")
-    changed, reports = baked_tensors(source, config, loaded)
+    changed, reports = baked_tensors(source, config, loaded, progress)
 
     dtype = SAVE_DTYPES[precision]
     tensors = {}

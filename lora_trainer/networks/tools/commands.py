@@ -48,7 +48,8 @@ def run_inspect(args) -> None:
 def run_bake(args) -> None:
     from .bake import bake
 
-    result = bake(args.model, [_strength(text) for text in args.lora], args.out, args.precision)
+    with progress_callback("module", "baking") as progress:
+        result = bake(args.model, [_strength(text) for text in args.lora], args.out, args.precision, progress)
     print("\n".join(result.lines()))
 
 
