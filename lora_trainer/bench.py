@@ -56,12 +56,13 @@ def write_random_checkpoint(config, path: Path) -> Path:
 def _measure_load(path: Path) -> dict:
     """Runs in a child process: load to fp16 on CPU, report seconds and peak RSS."""
     code = (
-        "import json, resource, time, torch\n"
+        "import json, time, torch\n"
         "from lora_trainer.models.checkpoint import load_checkpoint\n"
+        "from lora_trainer.process_memory import peak_rss_mib\n"
         "t = time.perf_counter()\n"
         f"model = load_checkpoint({str(path)!r}, dtype=torch.float16)\n"
         "seconds = time.perf_counter() - t\n"
-        "print(json.dumps({'seconds': seconds, 'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
+        "print(json.dumps({'seconds': seconds, 'peak_rss_mib': peak_rss_mib(),"
         " 'architecture': model.config.label}))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

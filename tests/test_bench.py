@@ -87,6 +87,24 @@ def test_the_first_step_of_sd_scripts_is_timed_from_its_steps_bar_as_it_is_drawn
     assert 1.1 < figures["wall"] < 5
 
 
+def test_peak_memory_of_a_measured_run_counts_what_it_allocated_without_importing_this_package():
+    """sd-scripts' interpreter has no lora_trainer: the measuring code must stand alone, and see a 300 MB buffer."""
+    call = "assert not any(m.startswith('lora_trainer') for m in sys.modules); buffer = bytearray(300 * 2**20)"
+    figures, stderr, _ = run_measured(sys.executable, ["fake"], call)
+    assert "Error" not in stderr
+    assert 300 < figures["peak_rss_mb"] < 600
+
+
+def test_the_process_memory_figures_follow_an_allocation():
+    from lora_trainer.process_memory import peak_rss_mib, rss_mib
+
+    before = rss_mib()
+    buffer = torch.ones(100 * 2**20 // 4)  # 100 MiB, written
+    assert rss_mib() - before > 90
+    assert peak_rss_mib() > rss_mib() - 5 > 95  # the kernel updates the peak lazily
+    del buffer
+
+
 def test_a_size_bench_trains_through_the_real_command_and_reports_speed_memory_and_flops(tmp_path, monkeypatch, capsys):
     """``bench train --size``: the same path as small/sd15/sdxl (random checkpoint, the training command, its
     events), on the tiny architecture so that it runs here."""

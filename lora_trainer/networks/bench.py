@@ -6,11 +6,11 @@ Prints the time to apply each network merged, to change its strength, to restore
 from __future__ import annotations
 
 import gc
-import resource
 
 import torch
 
 from ..bench import timed
+from ..process_memory import rss_mib
 from ..models.checkpoint import build_models
 from ..models.configs import SD1
 from .apply import MergedNetworks, Strength
@@ -25,9 +25,6 @@ CASES = {
 }
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _random_model(dtype: torch.dtype):
@@ -45,7 +42,9 @@ def _random_model(dtype: torch.dtype):
 def run(dtype: str = "fp16") -> None:
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     unet, text_encoders = _random_model(torch_dtype)
-    print(f"SD1.5 of random {dtype} weights on CPU, {torch.get_num_threads()} threads; model RSS {_rss_mib():.0f} MiB", flush=True)
+    rss = rss_mib()  # None on macOS
+    print(f"SD1.5 of random {dtype} weights on CPU, {torch.get_num_threads()} threads; model RSS "
+          f"{'unknown' if rss is None else f'{rss:.0f} MiB'}", flush=True)
     for label, spec in CASES.items():
         network = create_network(SD1, unet, text_encoders, spec)
         generator = torch.Generator().manual_seed(1)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import process_memory
 from ..models.configs import SD1, SDXL, ModelConfig
 from .events import read_events
 from .sd_scripts_backend import python_of
@@ -64,16 +65,16 @@ def phase_scaled_wall(ours: RunFigures, theirs: RunFigures) -> float:
 
 
 # Runs the command's script as __main__ in a fresh interpreter and prints its start (epoch seconds), wall time and peak
-# RSS as JSON last.
+# RSS as JSON last; after process_memory's source, so any Python measures alike (sd-scripts' has no lora_trainer).
 _MEASURED = (
-    "import json, resource, runpy, sys, time\n"
+    "import json, runpy, sys, time\n"
     "started, epoch = time.perf_counter(), time.time()\n"
     "sys.argv = {argv!r}\n"
     "try:\n"
     "    {call}\n"
     "finally:\n"
     "    print(json.dumps({{'started': epoch, 'wall': time.perf_counter() - started,"
-    " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))\n"
+    " 'peak_rss_mb': peak_rss_mib()}}))\n"
 )
 
 
@@ -88,7 +89,8 @@ def run_measured(python: str, argv: list[str], call: str, cwd: Path | None = Non
                  first_step_done: re.Pattern | None = None) -> tuple[dict, str, float | None]:
     """The figures the script printed, its stderr, and when (epoch seconds) its stderr first matched
     ``first_step_done`` (None without a pattern or a match)."""
-    process = subprocess.Popen([python, "-c", _MEASURED.format(argv=argv, call=call)], stdout=subprocess.PIPE,
+    code = Path(process_memory.__file__).read_text(encoding="utf-8") + "\n" + _MEASURED.format(argv=argv, call=call)
+    process = subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd=cwd)
     chunks, first_step = [], []
 

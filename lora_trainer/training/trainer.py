@@ -12,7 +12,6 @@ import math
 import random
 import shutil
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 
 from ..compat import DYNAMO_TRACES_SLOWLY, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..console import progress_bar
+from ..process_memory import peak_rss_mib
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
@@ -146,12 +146,8 @@ def peak_memory_mib(device: torch.device) -> float | None:
     """Peak GPU memory of the run, or the process's peak RSS on the CPU (None where the OS does not say)."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+    peak = peak_rss_mib()
+    return None if peak is None else round(peak, 1)
 
 
 class NetworkGradScaler(GradScaler):
