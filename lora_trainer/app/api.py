@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
-from .paths import PathNotAllowed, allowed_path, plain_name
+from .paths import PathNotAllowed, allowed_path, plain_name, unquoted
 from .services import Services
 from .settings import AppSettings
 from .tag_sessions import SaveConflict, SessionNotFound
@@ -212,7 +212,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     roots = settings.roots()
     model = options.get("pretrained_model_name_or_path")
     listed = (checkpoints or {}).get(model) if isinstance(model, str) else None
-    if isinstance(model, str) and listed is None and not Path(model.strip().strip('"')).is_absolute():
+    if isinstance(model, str) and listed is None and not Path(unquoted(model)).is_absolute():
         raise ApiError(400, "not_found", f"pretrained_model_name_or_path: {model!r} is not a checkpoint title (GET "
                        "/checkpoints lists them) nor an absolute path", "pretrained_model_name_or_path")
     for key, must_exist in PATH_OPTIONS.items():

@@ -15,11 +15,17 @@ class PathNotAllowed(UserError):
         self.field = field
 
 
+def unquoted(value: str) -> str:
+    """A pasted path without its surrounding spaces and quotes (Windows Explorer's "Copy as path" quotes it)."""
+    value = value.strip()
+    if len(value) > 1 and value[0] == value[-1] == '"':
+        value = value[1:-1].strip()
+    return value
+
+
 def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: bool = True) -> Path:
     """``value`` resolved, if it is inside one of ``roots``; otherwise a message that names the field and the roots."""
-    value = str(value).strip()
-    if len(value) > 1 and value[0] == value[-1] == '"':  # Windows Explorer's "Copy as path" quotes the path
-        value = value[1:-1].strip()
+    value = unquoted(str(value))
     if not value:
         raise PathNotAllowed(f"{field}: no path given", field)
     path = Path(value).expanduser()
