@@ -89,7 +89,7 @@ def test_warmup_as_steps_or_fraction_of_all_steps(given, total, steps):
     assert resolve_warmup(given, total) == steps
 
 
-@pytest.mark.parametrize("given", [1.5, -1, "ten"])
+@pytest.mark.parametrize("given", [1.5, -1, "ten", "-5%", float("nan")])
 def test_unusable_warmup_is_refused_by_name(given):
     with pytest.raises(UserError, match="--lr_warmup_steps"):
         resolve_warmup(given, 100)

@@ -782,7 +782,7 @@ def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named(
                            "config.toml")
     assert (options.clip_skip, options.network_dim, options.learning_rate, options.text_encoder_lr, options.seed) == (
         2, 32, 1e-4, [1e-5], 42)
-    assert options.lr_warmup_steps == "10%"  # a share of the steps, read where the schedule is made
+    assert options.lr_warmup_steps == 0.1  # a share of the steps, as sd-scripts' int_or_float reads "10%"
     for bad, said in (({"clip_skip": "two"}, "clip_skip = 'two' is not a whole number"),
                       ({"network_dim": 2.5}, "network_dim = 2.5 is not a whole number"),
                       ({"learning_rate": "fast"}, "learning_rate = 'fast' is not a number")):
@@ -854,6 +854,24 @@ def test_output_config_writes_the_config_file_as_sd_scripts_names_it_and_it_read
     assert f"{name}.toml already exists; --output_config does not overwrite it" in capsys.readouterr().err
     assert train_main([*command, "--output_config"]) == 2
     assert "add --config_file NAME" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, written", [("10", "10"), ("10.0", "10"), ("10%", "0.1"), ("0.05", "0.05")])
+def test_warm_up_steps_are_written_as_sd_scripts_reads_them(given, written, tmp_path, capsys):
+    """sd-scripts reads any float warm-up as a share of the run (10.0 → ten times the run, the rate never rises)
+    and refuses "10.0" on its command line: whole steps must come out as an int in the TOML and the command."""
+    from lora_trainer.training.options import parse_args
+
+    command = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "d", "--lr_scheduler",
+               "constant_with_warmup", "--lr_warmup_steps", given, "--lr_decay_steps", given]
+    name = tmp_path / "cfg"
+    assert train_main([*command, "--output_config", "--config_file", str(name)]) == 0
+    text = (tmp_path / "cfg.toml").read_text(encoding="utf-8")
+    assert f"lr_warmup_steps = {written}\n" in text and f"lr_decay_steps = {written}\n" in text
+    capsys.readouterr()
+    assert train_main([*command, "--print-kohya-command"]) == 0
+    assert f"--lr_warmup_steps {written} --lr_decay_steps {written}" in capsys.readouterr().out
+    assert parse_args(["--config_file", str(name)])[0].lr_warmup_steps == parse_args(command)[0].lr_warmup_steps
 
 
 @pytest.mark.parametrize("windows", [False, True], ids=["posix shell", "cmd.exe"])

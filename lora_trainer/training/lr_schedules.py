@@ -37,28 +37,36 @@ def check_scheduler_name(name: str) -> str:
     return base
 
 
-def resolve_warmup(lr_warmup_steps: int | float | str | None, total_steps: int, option: str = "--lr_warmup_steps") -> int:
-    """Warm-up (or ``--lr_decay_steps``) in optimizer steps: a whole number is steps, a number below 1 (or ``"10%"``)
-    a fraction of all steps.
+def steps_or_fraction(value: int | float | str) -> int | float:
+    """sd-scripts' ``int_or_float`` for ``--lr_warmup_steps``/``--lr_decay_steps``: ``"10%"`` and numbers below 1 are a
+    fraction of all steps (a float), 1 and more a whole number of steps (an int, which is how a TOML file or a command
+    line written from it must show it: sd-scripts reads any float as a fraction). ValueError says what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("give a number of steps, a fraction below 1 or a percentage such as 10%")
+    text = str(value).strip()
+    try:
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError("give a number of steps, a fraction below 1 or a percentage such as 10%") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a number of steps, a fraction or a percentage, not negative")
+    if number < 1:
+        return number
+    if number != int(number):
+        raise ValueError("a number of steps must be whole (or give a fraction below 1)")
+    return int(number)
 
-    sd-scripts turns a fraction into steps with ``int(ratio * total_steps)`` (rounding down).
-    """
+
+def resolve_warmup(lr_warmup_steps: int | float | str | None, total_steps: int, option: str = "--lr_warmup_steps") -> int:
+    """Warm-up (or ``--lr_decay_steps``) in optimizer steps; sd-scripts turns a fraction into steps with
+    ``int(ratio * total_steps)`` (rounding down)."""
     if lr_warmup_steps is None:
         return 0
-    value = lr_warmup_steps
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
-        except ValueError:
-            raise UserError(f"{option} {lr_warmup_steps!r}: give a number of steps or a fraction below 1") from None
-    if value < 0:
-        raise UserError(f"{option} {lr_warmup_steps!r} must not be negative")
-    if value < 1:
-        return int(value * total_steps)
-    if value != int(value):
-        raise UserError(f"{option} {lr_warmup_steps!r}: a number of steps must be whole (or a fraction below 1)")
-    return int(value)
+    try:
+        value = steps_or_fraction(lr_warmup_steps)
+    except ValueError as error:
+        raise UserError(f"{option} {lr_warmup_steps!r}: {error}") from None
+    return int(value * total_steps) if isinstance(value, float) else value
 
 
 @dataclass(frozen=True)

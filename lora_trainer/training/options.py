@@ -22,6 +22,7 @@ import toml
 
 from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
+from .lr_schedules import steps_or_fraction
 from .optimizers import moments_underflow_in_fp16
 
 LONGEST_OUTPUT_NAME_BYTES = 200  # leaves room for what a run adds to it within a file name's 255 bytes
@@ -155,11 +156,11 @@ class TrainOptions:
     optimizer_args: list[str] | None = opt(None, "key=value optimizer arguments", nargs="*")
     lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
                                         "cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, piecewise_constant")
-    lr_warmup_steps: float = opt(0, "warm-up steps, or a fraction (< 1) of all steps")
+    lr_warmup_steps: int | float = opt(0, "warm-up steps, or a fraction (< 1) of all steps")
     lr_scheduler_num_cycles: int = opt(1, "restarts of cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power of polynomial")
     lr_scheduler_min_lr_ratio: float | None = opt(None, "floor of the schedule as a fraction of the learning rate")
-    lr_decay_steps: float = opt(0, "warmup_stable_decay: steps of its final decay, or a fraction (< 1) of all steps")
+    lr_decay_steps: int | float = opt(0, "warmup_stable_decay: steps of its final decay, or a fraction (< 1) of all steps")
     lr_scheduler_timescale: int | None = opt(None, "inverse_sqrt: its timescale (default: the warm-up steps)")
     lr_scheduler_type: str | None = opt(None, "a torch.optim.lr_scheduler class instead of --lr_scheduler "
                                         "(e.g. CosineAnnealingLR)")
@@ -265,6 +266,13 @@ FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token"
            "log_tracker_config", "enable_contrastive"}
 
 
+def _steps_or_fraction_argument(text: str) -> int | float:
+    try:
+        return steps_or_fraction(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
 def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Train a LoRA with sd-scripts' options (Kohya-compatible).",
                                      argument_default=argparse.SUPPRESS)
@@ -273,7 +281,8 @@ def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse
         if f.type == "bool":
             parser.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
             continue
-        kind = {"int | None": int, "int": int, "float | None": float, "float": float, "list[float] | None": float}.get(f.type, str)
+        kind = {"int | None": int, "int": int, "float | None": float, "float": float, "list[float] | None": float,
+                "int | float": _steps_or_fraction_argument}.get(f.type, str)
         choices = [c for c in meta["choices"] if c is not None] if meta["choices"] else None
         parser.add_argument(f"--{f.name}", type=kind, nargs=meta["nargs"], choices=choices, help=meta["help"])
     for name in sorted(FOREIGN):
@@ -415,7 +424,6 @@ def not_given(name: str, value: Any) -> bool:
 
 
 _NUMBERS = {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}
-_ALSO_TEXT = {"lr_warmup_steps", "lr_decay_steps"}  # "10%" is read where it is used
 
 
 def _normalised(name: str, value: Any, source: str) -> Any:
@@ -427,14 +435,17 @@ def _normalised(name: str, value: Any, source: str) -> Any:
         return None
     if f.metadata["nargs"] == "*" and value is not None and not isinstance(value, (list, tuple)):
         value = [value]
+    if f.type == "int | float" and value is not None:
+        try:
+            return steps_or_fraction(value)
+        except ValueError as error:
+            raise UserError(f"{source}: {name} = {value!r}: {error}") from None
     kind = _NUMBERS.get(f.type)
     if kind is None or value is None:
         return value
     try:
         return [_number(kind, v) for v in value] if isinstance(value, (list, tuple)) else _number(kind, value)
     except (TypeError, ValueError, OverflowError):
-        if name in _ALSO_TEXT and isinstance(value, str):
-            return value
         raise UserError(f"{source}: {name} = {value!r} is not {'a whole number' if kind is int else 'a number'}") from None
 
 

@@ -200,7 +200,7 @@ class RunMetadata:
             "ss_gradient_checkpointing": o.gradient_checkpointing,
             "ss_gradient_accumulation_steps": o.gradient_accumulation_steps,
             "ss_max_train_steps": total_steps,
-            "ss_lr_warmup_steps": o.lr_warmup_steps if not float(o.lr_warmup_steps).is_integer() else int(o.lr_warmup_steps),
+            "ss_lr_warmup_steps": o.lr_warmup_steps,
             "ss_lr_scheduler": o.lr_scheduler,
             "ss_network_dropout": o.network_dropout,
             "ss_mixed_precision": o.mixed_precision,
