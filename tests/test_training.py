@@ -124,8 +124,8 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     state = next(e["path"] for e in events if e["event"] == "state")
     assert f'stopped at step 1; to go on, run the same command with --resume "{state}"' in capsys.readouterr().err
     assert [e["step"] for e in events if e["event"] == "step"] == [1]
-    stop.unlink()
-    assert run(dataset, tmp_path / "b", "--resume", state) == 0
+    assert not stop.exists()  # taken: the printed command, run as it is, goes on to the end
+    assert run(dataset, tmp_path / "b", "--resume", state, "--stop_file", str(stop)) == 0
     resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
@@ -138,7 +138,6 @@ def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_
     assert run(dataset, tmp_path / "a", "--stop_file", str(stop), seed=None) == 0  # stops after its first step
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
     seed, state = events[0]["seed"], next(e["path"] for e in events if e["event"] == "state")
-    stop.unlink()
     assert run(dataset, tmp_path / "b", "--resume", state, seed=None) == 0
     resumed_events, _ = read_events(tmp_path / "b" / "star.events.jsonl")
     assert resumed_events[0]["seed"] == seed

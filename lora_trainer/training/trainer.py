@@ -127,7 +127,8 @@ class StopRequest:
         self.signalled = True
 
     def command(self) -> str | None:
-        """``stop``, ``save``, ``sample`` or None; save and sample are taken (the file removed) when read."""
+        """``stop``, ``save``, ``sample`` or None; a command is taken (the file removed) when read: a stop left behind
+        would stop the resumed run, and every later one with that name, after its first step."""
         if self.signalled:
             return "stop"
         if self.stop_file is None or not self.stop_file.exists():
@@ -136,10 +137,8 @@ class StopRequest:
             word = self.stop_file.read_text(encoding="utf-8").strip().lower()
         except OSError:
             return None
-        if word in ("save", "sample"):
-            self.stop_file.unlink(missing_ok=True)
-            return word
-        return "stop"
+        self.stop_file.unlink(missing_ok=True)
+        return word if word in ("save", "sample") else "stop"
 
 
 def peak_memory_mib(device: torch.device) -> float | None:
