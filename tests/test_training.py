@@ -900,6 +900,16 @@ def test_on_windows_a_command_line_keeps_its_backslashes_and_apostrophes():
     assert split_command_line("--output_name 'my lora'", windows=False) == ["--output_name", "my lora"]
 
 
+def test_keeping_the_last_files_keeps_as_many_states_unless_told_otherwise(dataset, tmp_path):
+    """sd-scripts prunes states with --save_last_n_epochs/--save_last_n_steps when their _state twins are not given:
+    a long run with --save_state must not fill the disk with a state per save."""
+    assert run(dataset, tmp_path, "--max_train_epochs", "3", "--save_state", "--save_every_n_epochs", "1",
+               "--save_last_n_epochs", "1", "--save_every_n_steps", "5", "--save_last_n_steps", "5") == 0
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("star-"))
+    assert names == ["star-000002-state", "star-000002.safetensors", "star-state", "star-step00000015-state",
+                     "star-step00000015.safetensors", "star-step00000020-state", "star-step00000020.safetensors"]
+
+
 def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(baseline, dataset, tmp_path):
     assert run(dataset, tmp_path / "a", "--save_every_n_steps", "5", "--save_state", "--save_last_n_steps_state", "1") == 0
     states = sorted(p.name for p in (tmp_path / "a").glob("star-step*-state"))

@@ -99,7 +99,7 @@ class OutputPlan:
             old = epoch - self.every_epochs * keep
             if old > 0:
                 self.epoch_path(old).unlink(missing_ok=True)
-        keep_states = self.options.save_last_n_epochs_state
+        keep_states = self.options.save_last_n_epochs_state or keep  # sd-scripts: states follow the files unless told
         if keep_states and self.every_epochs:
             old = epoch - self.every_epochs * keep_states
             if old > 0:
@@ -107,8 +107,10 @@ class OutputPlan:
 
     def prune_steps(self, step: int) -> None:
         every = self.options.save_every_n_steps
-        for keep, remove in ((self.options.save_last_n_steps, lambda s: self.step_path(s).unlink(missing_ok=True)),
-                             (self.options.save_last_n_steps_state, lambda s: shutil.rmtree(self.state_path(None, s), ignore_errors=True))):
+        keep_files = self.options.save_last_n_steps
+        keep_states = self.options.save_last_n_steps_state or keep_files  # as for epochs
+        for keep, remove in ((keep_files, lambda s: self.step_path(s).unlink(missing_ok=True)),
+                             (keep_states, lambda s: shutil.rmtree(self.state_path(None, s), ignore_errors=True))):
             if keep and every:
                 old = step - keep - 1
                 old -= old % every
