@@ -193,6 +193,32 @@ def test_sample_now_draws_the_sample_prompts_at_that_step(dataset, tmp_path):
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 8
 
 
+def test_a_failing_sample_is_a_warning_and_the_training_goes_on(dataset, tmp_path, monkeypatch, capsys):
+    """A sample (out of memory on a small GPU, say) shows the training: losing the run to it would lose hours."""
+    def broken(*_, **__):
+        raise RuntimeError("out of memory while drawing")
+
+    monkeypatch.setattr("lora_trainer.training.trainer.draw_samples", broken)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkstar --w 64 --h 64 --s 2\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "a", "--sample_prompts", str(prompts), "--sample_every_n_steps", "4") == 0
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    warnings = [e["message"] for e in events if e["event"] == "warning" and "samples" in e["message"]]
+    assert warnings[0] == ("the samples at step 4 failed (RuntimeError: out of memory while drawing); training goes "
+                           "on without them") and len(warnings) == 4
+    assert events[-1]["event"] == "end" and (tmp_path / "a" / "star.safetensors").is_file()
+
+
+def test_an_unknown_sampler_is_refused_before_the_run_with_the_names_to_use(dataset, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkstar --w 64 --h 64\nzkstar, red --ss bogus_sampler\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "a", "--sample_prompts", str(prompts)) == 2
+    assert f"{prompts} line 2: sampler: unknown sampler 'bogus_sampler': use one of Euler, Euler a" in capsys.readouterr().err
+    assert run(dataset, tmp_path / "a", "--sample_sampler", "k_eulr") == 2
+    assert "--sample_sampler: unknown sampler 'k_eulr'" in capsys.readouterr().err
+    assert not list((tmp_path / "a").glob("*.safetensors"))
+
+
 def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_path, capsys):
     assert run(tmp_path / "missing", tmp_path) == 2
     assert "--train_data_dir" in capsys.readouterr().err

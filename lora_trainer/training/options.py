@@ -595,13 +595,14 @@ def validate(options: TrainOptions) -> None:
                 problems.append(str(problem))
             if spec.use_scalar or any(o.get("use_scalar") for o in spec.map_options()):
                 problems.append("--scale_weight_norms shrinks the factors, not use_scalar's trained scalar: drop one")
-    if options.sample_prompts and Path(options.sample_prompts).is_file():  # a bad line, now rather than at the first sample
-        from .samples import read_prompts
+    from .samples import check_sampler, read_prompts  # a bad sampler or line now, rather than at the first sample
 
-        try:
+    try:
+        check_sampler(options.sample_sampler, "--sample_sampler")
+        if options.sample_prompts and Path(options.sample_prompts).is_file():
             read_prompts(options.sample_prompts)
-        except UserError as problem:
-            problems.append(str(problem))
+    except UserError as problem:
+        problems.append(str(problem))
     thumbnail = options.metadata_thumbnail
     if thumbnail and not is_data_url(thumbnail) and not Path(thumbnail).is_file():
         problems.append(f"--metadata_thumbnail {thumbnail}: no such image file; give an image (it is stored in the "

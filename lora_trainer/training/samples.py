@@ -51,7 +51,18 @@ def _fixed(prompt: SamplePrompt, where: str) -> SamplePrompt:
     prompt.scale = _number(prompt, "scale", float, where)
     seed = None if prompt.seed is None else _number(prompt, "seed", int, where)
     prompt.seed = None if seed is None or seed < 0 else seed  # -1: a new seed each time, as in the WebUI
+    if prompt.sampler:
+        check_sampler(prompt.sampler, f"{where}: sampler")
     return prompt
+
+
+def check_sampler(name: str, where: str) -> None:
+    """An unknown sampler is refused when the prompts are read (sd-scripts draws it with DDIM without a word), not at
+    the first sample, hours in."""
+    try:
+        sampler_name(name)
+    except ValueError as error:
+        raise UserError(f"{where}: {error}") from None
 
 
 def parse_txt_line(line: str, default_size: int = 512, where: str = "sample prompt") -> SamplePrompt:

@@ -552,9 +552,15 @@ class TrainingRun:
         if not self.prompts or not self.world.is_main:
             return
         self.network.eval().set_multiplier(1.0)
-        paths = draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
-                             self.options.output_name, epoch, step, self.options.clip_skip or 1)
-        self.network.train()
+        try:
+            paths = draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
+                                 self.options.output_name, epoch, step, self.options.clip_skip or 1)
+        except Exception as error:  # a sample shows the training; it is never worth the training itself
+            paths = []
+            self.events.emit("warning", message=f"the samples at step {step} failed ({type(error).__name__}: {error}); "
+                             "training goes on without them")
+        finally:
+            self.network.train()
         release_cached_memory(self.device, self.options)
         for path in paths:
             self.events.emit("sample", path=str(path), epoch=epoch, step=step)
