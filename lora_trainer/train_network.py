@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
             except UserError as error:
                 events.emit("error", message=str(error))
                 raise
+            except Exception as error:  # a bug: the UI and the API show this event; the traceback goes to the console
+                events.emit("error", message=f"unexpected {type(error).__name__}: {error}; please report it with the "
+                            "traceback from the console or the job's log")
+                raise
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

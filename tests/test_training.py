@@ -1103,6 +1103,27 @@ def test_network_weights_of_another_kind_name_the_options_the_file_was_trained_w
     assert {key.split(".", 1)[1] for key in weights(tmp_path / "taken" / "star.safetensors")} >= {"hada_w1_a", "hada_w2_b"}
 
 
+def test_network_weights_of_another_rank_name_it_instead_of_torchs_size_mismatches(baseline, dataset, tmp_path, capsys):
+    assert run(dataset, tmp_path, "--network_weights", str(baseline / "star.safetensors"), "--network_dim", "8") == 2
+    error = capsys.readouterr().err
+    assert "tensors have other shapes than this network's (e.g. lora_" in error
+    assert "its rank is 4 and this run has --network_dim 8; set the file's --network_dim (and --network_alpha), or add " \
+           "--dim_from_weights" in error and "Traceback" not in error
+
+
+def test_an_unexpected_failure_still_ends_the_event_stream_with_an_error(dataset, tmp_path, monkeypatch):
+    """The UI and the API read the events only: a bug must show there too, not just in a console nobody sees."""
+    def broken(*_, **__):
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr("lora_trainer.training.trainer._training_step", broken)
+    with pytest.raises(ZeroDivisionError):
+        run(dataset, tmp_path)
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert events[-1]["event"] == "error"
+    assert events[-1]["message"].startswith("unexpected ZeroDivisionError: float division by zero; please report it")
+
+
 def test_modelspec_options_fill_the_files_metadata_and_a_thumbnail_file_becomes_a_data_url(dataset, tmp_path, capsys):
     """sd-scripts' --metadata_* options (its add_model_spec_arguments): what a model card or a civitai upload reads."""
     thumbnail = sorted(dataset.rglob("*.png"))[0]

@@ -793,6 +793,16 @@ def _merge_base_weights(model, options: TrainOptions) -> list[str]:
 def _load_weights(network: LoRANetwork, path: str) -> None:
     file = read_network(path)
     state = {f"{name}.{suffix}": tensor for name, tensors in file.modules.items() for suffix, tensor in tensors.items()}
+    own = network.state_dict()
+    other = [key for key, tensor in state.items() if key in own and own[key].shape != tensor.shape]
+    if other:  # torch would stop with a page of size mismatches
+        key = other[0]
+        ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith("lora_down.weight")})
+        rank = f"its rank is {', '.join(map(str, ranks))} and " if ranks else ""
+        raise UserError(f"{path}: {len(other)} tensors have other shapes than this network's (e.g. {key}: "
+                        f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} here): {rank}this run has "
+                        f"--network_dim {network.spec.dim}; set the file's --network_dim (and --network_alpha), or add "
+                        "--dim_from_weights to take them from the file")
     missing, unexpected = network.load_state_dict(state, strict=False)
     if unexpected:
         raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
