@@ -18,9 +18,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
     try:
         options, actions = parse_args(argv, prog)
         if actions.print_kohya_command:  # the script for the checkpoint's version, as the backend would run
-            from .training.sd_scripts_backend import script_for
+            from .training.sd_scripts_backend import for_sd_scripts
 
-            print(kohya_command(options, "sdxl_train_network.py" if "sdxl" in prog else script_for(options)))
+            script, told = for_sd_scripts(options)
+            print(kohya_command(told, "sdxl_train_network.py" if "sdxl" in prog else script))
             return 0
         if actions.print_config:
             for name, value in non_default(options).items():

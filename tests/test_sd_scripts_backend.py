@@ -202,3 +202,23 @@ def test_an_sd_scripts_crash_is_one_error_event(checkout, tmp_path):
     assert train(checkout, tmp_path, "--training_comment", "crash") == 2
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert [e["event"] for e in events].count("error") == 1
+
+
+def test_the_sd_scripts_command_is_told_the_version_and_prediction_this_trainer_detects(tmp_path, capsys):
+    """sd-scripts does not detect SD2 (a missing --v2 fails its strict load) nor v-prediction (a missing
+    --v_parameterization trains the wrong target): the printed command and the backend's config carry them."""
+    from lora_trainer.bench import write_random_checkpoint
+    from lora_trainer.models.configs import SD2
+    from lora_trainer.tiny_model.build import tiny_like
+
+    sd2 = write_random_checkpoint(tiny_like(SD2), tmp_path / "my sd2.safetensors")
+
+    def printed(model: Path) -> str:
+        assert train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", "d",
+                           "--print-kohya-command"]) == 0
+        return capsys.readouterr().out
+
+    assert " --v2" in printed(sd2) and "--v_parameterization" not in printed(sd2)
+    sd2.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n', encoding="utf-8")
+    assert " --v2" in printed(sd2) and " --v_parameterization" in printed(sd2)  # the WebUI's .yaml beside it
+    assert "--v2" not in printed(TINY_MODEL_PATH) and "--v_parameterization" not in printed(TINY_MODEL_PATH)

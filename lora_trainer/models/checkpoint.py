@@ -494,11 +494,9 @@ def _with_prediction_type(config, source, path, override, overrides, notes) -> M
     if override:
         notes.append(f"prediction type {override} (set by the user)")
         return config.with_prediction(override)
-    yaml_file = None if path.is_dir() else path.with_suffix(".yaml")
-    if yaml_file is not None and yaml_file.exists():
-        text = yaml_file.read_text(encoding="utf-8", errors="replace")
-        prediction = "v_prediction" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
-        notes.append(f"prediction type {prediction} (from {yaml_file.name})")
+    prediction = _yaml_prediction(path)
+    if prediction:
+        notes.append(f"prediction type {prediction} (from {path.with_suffix('.yaml').name})")
         return config.with_prediction(prediction)
     declared = _prediction_from_metadata(source.metadata) or (overrides or {}).get("prediction_type")
     declared = declared or _metadata_overrides(source.metadata).get("prediction_type")
@@ -517,6 +515,22 @@ def _with_prediction_type(config, source, path, override, overrides, notes) -> M
         notes.append(f"prediction type {prediction} (from a test forward, as the WebUI decides)")
         return config.with_prediction(prediction)
     return config
+
+
+def _yaml_prediction(path: Path) -> str | None:
+    """The prediction type a .yaml beside the checkpoint (the WebUI's config file) declares."""
+    yaml_file = None if path.is_dir() else path.with_suffix(".yaml")
+    if yaml_file is None or not yaml_file.exists():
+        return None
+    text = yaml_file.read_text(encoding="utf-8", errors="replace")
+    return "v_prediction" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
+
+
+def declared_prediction_type(source: TensorSource, path: Path) -> str | None:
+    """eps or v as the file says it, by a .yaml beside it, its metadata or the v_pred marker; None where only a test
+    forward (``identify``) could tell."""
+    return _yaml_prediction(path) or _prediction_from_metadata(source.metadata) or (
+        "v_prediction" if "v_pred" in source.shapes else None)
 
 
 def _prediction_from_metadata(metadata: dict[str, str]) -> str | None:

@@ -52,14 +52,24 @@ def python_of(checkout: Path) -> str:
     return sys.executable
 
 
-def script_for(options: TrainOptions) -> str:
-    from ..models.checkpoint import detect_architecture, open_tensors
+def for_sd_scripts(options: TrainOptions) -> tuple[str, TrainOptions]:
+    """The script for the checkpoint's version, and the options with what sd-scripts must be told and this trainer
+    detects: ``--v2`` for an SD2 file, ``--v_parameterization`` where the file declares v-prediction (a wrong or
+    missing flag fails sd-scripts' strict load, or trains the wrong target)."""
+    from ..models.checkpoint import declared_prediction_type, detect_architecture, open_tensors
 
+    path = Path(options.pretrained_model_name_or_path or "")
     try:
-        config, _ = detect_architecture(open_tensors(options.pretrained_model_name_or_path))
+        source = open_tensors(path)
+        config, _ = detect_architecture(source)
     except Exception:  # sd-scripts gives its own message for a file it cannot read
-        return "train_network.py"
-    return "sdxl_train_network.py" if config.name == "sdxl" else "train_network.py"
+        return "train_network.py", options
+    told = {}
+    if config.name.startswith("sd2") and not options.v2:
+        told["v2"] = True
+    if declared_prediction_type(source, path) == "v_prediction" and not options.v_parameterization:
+        told["v_parameterization"] = True
+    return ("sdxl_train_network.py" if config.name == "sdxl" else "train_network.py"), dataclasses.replace(options, **told)
 
 
 def event_from_line(line: str) -> dict | None:
@@ -116,7 +126,7 @@ def absolute_dataset_config(source: Path, target: Path) -> Path:
 
 def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
     checkout = checkout_of(options.backend)
-    script = script_for(options)
+    script, options = for_sd_scripts(options)
     options = with_absolute_paths(options)  # it runs in its checkout
     config = log_path.with_suffix(".toml").resolve()  # beside its log: <name>.events.sd-scripts.toml
     if options.dataset_config:
