@@ -307,7 +307,11 @@ def test_validation_split_gives_a_loss_per_epoch_and_a_recommended_epoch(dataset
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_num_validation_images"] == "4" and metadata["ss_num_train_images"] == "24"
-    assert set(json.loads(metadata["lora_trainer.losses"])["epoch_validation_loss"]) == {"1", "2"}
+    losses = json.loads(metadata["lora_trainer.losses"])
+    assert set(losses["epoch_validation_loss"]) == {"1", "2"}
+    # the events (read on this machine) name the files; a shared file names the folder and the image only
+    assert [name for name, _ in losses["highest_loss_images"]] == [
+        f"2_zkstar/{Path(path).name}" for path, _ in end["highest_loss_images"]]
 
 
 def test_recommendation_without_a_split_is_the_knee_of_the_training_loss():

@@ -594,7 +594,9 @@ class TrainingRun:
         return {"lora_trainer.losses": json.dumps({"epoch_training_loss": state.epoch_train_loss,
                                                      "epoch_validation_loss": state.epoch_validation_loss,
                                                      "step_validation_loss": state.step_validation_loss,
-                                                     "highest_loss_images": outlier_images(state.per_image_loss)})}
+                                                     "highest_loss_images": [
+                                                         (_shared_name(path), loss)
+                                                         for path, loss in outlier_images(state.per_image_loss)]})}
 
     def save_state_file(self, path: Path, stopped: bool = False) -> None:
         """``stopped``: saved because the run was asked to stop (or pause), to be resumed from."""
@@ -756,6 +758,13 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
                                       text_cache=text_cache)
         losses.append(float(N.elementwise_loss(prediction, target, "l2").mean()))
     return sum(losses) / len(losses)
+
+
+def _shared_name(image: str) -> str:
+    """An image as a file people share names it: ``10_shapes/img_011.png``, as sd-scripts keeps only folder names
+    (a full path gives away the user's name on Windows)."""
+    path = Path(image)
+    return f"{path.parent.name}/{path.name}"
 
 
 def _check_resumed_optimizer(options: TrainOptions, saved: dict) -> None:
