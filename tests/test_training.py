@@ -332,9 +332,15 @@ def test_dataset_config_toml_trains_with_its_own_repeats_and_writes_ss_datasets(
         "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
         "--output_dir", str(tmp_path / "out"), "--output_name", "star", "--network_module", "networks.lora",
         "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_epochs", "1", "--cache_latents", "--seed", "3",
+        "--train_data_dir", str(dataset),  # a Kohya GUI keeps its folder field: not read, as sd-scripts says
     ]) == 0
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    assert f"--dataset_config {config} describes the data: --train_data_dir is not read" in [
+        e["message"].split(" (")[0] for e in events if e["event"] == "warning"]
     with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
         metadata = handle.metadata()
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"2_zkstar": {"n_repeats": 1, "img_count": 16}}
+    assert "ss_reg_dataset_dirs" not in metadata  # ss_datasets tells the regularisation subsets, as in sd-scripts
     datasets = json.loads(metadata["ss_datasets"])
     assert metadata["ss_steps"] == "4" and "ss_resolution" not in metadata  # 16 images, repeats 1 (folder prefix ignored), batch 4
     assert datasets[0]["subsets"][0]["image_dir"] == "2_zkstar" and datasets[0]["subsets"][0]["flip_aug"] is True

@@ -290,11 +290,12 @@ class TrainingData:
 
     # --- metadata -------------------------------------------------------------------------------------------
 
-    def _dirs(self, reg: bool) -> dict:
+    @staticmethod
+    def _dirs(records: list[ImageRecord]) -> dict:
         """``ss_dataset_dirs``: folder name → repeats and image count; a second folder of the same name is "name (2)"."""
         dirs: dict = {}
         names: dict[int, str] = {}  # id(subset) → its key
-        for record in self.reg if reg else self.train:
+        for record in records:
             subset = record.subset
             if id(subset) not in names:
                 base = subset.metadata_file.name if subset.metadata_file else subset.image_dir.name
@@ -321,10 +322,11 @@ class TrainingData:
         """sd-scripts' dataset keys: mode A (folders/CLI) or mode B (``--dataset_config``: ``ss_datasets``)."""
         o = self.options
         frequency = C.merged_tag_frequency(d.tag_frequency for d in self.datasets)
-        common = {"ss_dataset_dirs": json.dumps(self._dirs(False)), "ss_reg_dataset_dirs": json.dumps(self._dirs(True)),
+        if self.from_config_file:  # every subset's folder in one table, regularisation ones too, as sd-scripts has it
+            return {"ss_dataset_dirs": json.dumps(self._dirs(self.train + self.reg)), "ss_tag_frequency": json.dumps(frequency),
+                    "ss_datasets": json.dumps([self._dataset_entry(d) for d in self.datasets])}
+        common = {"ss_dataset_dirs": json.dumps(self._dirs(self.train)), "ss_reg_dataset_dirs": json.dumps(self._dirs(self.reg)),
                   "ss_tag_frequency": json.dumps(frequency)}
-        if self.from_config_file:
-            return {**common, "ss_datasets": json.dumps([self._dataset_entry(d) for d in self.datasets])}
         first = self.datasets[0].config
         resolution = resolution_of(o) or first.resolution
         return {

@@ -622,6 +622,10 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
                 if f.metadata["inert"] and getattr(options, name)]
     if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
         warnings.append(left_alone)
+    ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(options, name)]
+    if options.dataset_config and ignored:  # sd-scripts says the same
+        warnings.append(f"--dataset_config {options.dataset_config} describes the data: {' and '.join(ignored)} "
+                        f"{'is' if len(ignored) == 1 else 'are'} not read (put the folders in its subsets)")
     if weight_dtype != DTYPES[options.mixed_precision]:
         full = " and --full_fp16" if options.full_fp16 else " and --full_bf16" if options.full_bf16 else ""
         warnings.append(f"--mixed_precision {options.mixed_precision}{full} on the {device.type.upper()}: the run "
