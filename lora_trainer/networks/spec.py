@@ -52,9 +52,9 @@ class NetworkSpec:
 
     def __post_init__(self):
         if self.algorithm not in trainable_algorithms():
-            newer = (" is a LyCORIS algorithm newer than lycoris-lora 4.1.3, whose algorithms this trainer implements; "
-                     "choose" if self.algorithm in _NEWER_LYCORIS else " is not")
-            raise UserError(f"network algorithm {self.algorithm!r}{newer} one of {', '.join(trainable_algorithms())}")
+            why = (_UNLOADABLE_LYCORIS.get(self.algorithm) or (" is a LyCORIS algorithm newer than lycoris-lora 4.1.3, "
+                   "whose algorithms this trainer implements; choose" if self.algorithm in _NEWER_LYCORIS else " is not"))
+            raise UserError(f"network algorithm {self.algorithm!r}{why} one of {', '.join(trainable_algorithms())}")
         if self.dim < 1:
             raise UserError(f"network_dim must be at least 1, got {self.dim}")
         if self.use_scalar and self.algorithm not in ("lora", "loha", "lokr", "glora"):
@@ -125,8 +125,11 @@ _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, 
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
 _OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
-# LyCORIS's algo= names after 4.1.3 (tlora: its files keep no base factors, and it needs a per-timestep rank mask)
-_NEWER_LYCORIS = {"tlora", "abba", "gora", "ralora", "lora2"}
+# LyCORIS's algo= names after 4.1.3
+_NEWER_LYCORIS = {"abba", "gora", "ralora", "lora2"}
+# in 4.1.3, not trained here: what its files would be good for
+_UNLOADABLE_LYCORIS = {"tlora": " (T-LoRA, LyCORIS 4.1.3) is not trained here: its files (lambda_layer, a rank mask per "
+                                "timestep) load in neither the WebUI nor ComfyUI; choose"}
 # LyCORIS options refused when on (off, they change nothing here)
 _NOT_HERE = {"train_t5xxl": "an SD model has no T5 encoder", "train_llm_adapter": "an SD model has no LLM adapter"}
 # sd-scripts' networks.lora / networks.dylora would ignore these without a word
