@@ -352,6 +352,18 @@ def test_ckpt_that_needs_unsafe_unpickling_is_refused_without_running_it(tmp_pat
     expect_user_error(path, "unsafe unpickling", ".safetensors")
 
 
+def test_a_ckpt_that_is_no_pickle_at_all_is_called_damaged_not_unsafe(tmp_path):
+    """Random bytes (a broken download, an HTML page saved as .ckpt) are no security question: say what they are."""
+    path = tmp_path / "download.ckpt"
+    path.write_bytes(b"<!DOCTYPE html><html>Too many requests</html>" * 50)
+    expect_user_error(path, "is not a checkpoint: neither the zip nor the pickle a .ckpt/.pt is", "download it again")
+    legacy = tmp_path / "legacy.ckpt"  # torch's pre-1.6 format: a bare pickle, still read
+    torch.save({"state_dict": {"x": torch.ones(1)}}, legacy, _use_new_zipfile_serialization=False)
+    from lora_trainer.models.checkpoint import open_tensors
+
+    assert open_tensors(legacy).shapes == {"x": (1,)}
+
+
 def test_plain_ckpt_with_a_state_dict_loads(tmp_path, monkeypatch):
     config = tiny_config(scaling_factor=0.5)
     state = tiny_state(config)

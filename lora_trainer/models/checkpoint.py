@@ -122,9 +122,15 @@ def _open_pickle(path: Path) -> TensorSource:
     import pickle
     import zipfile
 
+    is_zip = zipfile.is_zipfile(path)
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    if not is_zip and not (len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5):  # a pickle's PROTO opcode
+        raise UserError(f"{path} is not a checkpoint: neither the zip nor the pickle a .ckpt/.pt is (damaged, or another "
+                        "kind of file renamed); download it again or pick another file")
     try:
         # by name: torch < 2.2 (the WebUI's 2.1) maps a file given as a string only
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
         raise UserError(
             f"{path} needs unsafe unpickling to load (it stores Python objects, not just tensors), which could run "
