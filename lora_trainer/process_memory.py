@@ -36,6 +36,13 @@ def peak_rss_mib() -> float | None:
     if os.name == "nt":
         counters = _windows_counters()
         return None if counters is None else counters.PeakWorkingSetSize / 2**20
+    try:  # Linux: this program's own peak; getrusage's counts the parent's too when it was started from a big one
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

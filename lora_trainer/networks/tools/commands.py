@@ -107,7 +107,8 @@ def add_lora_commands(subparsers) -> None:
     r = tools.add_parser("resize", help="SVD a LoRA/LoCon to a fixed rank or a dynamic one (sd-scripts' resize_lora)")
     r.add_argument("file", type=Path)
     r.add_argument("--out", "--save_to", type=Path, required=True)
-    r.add_argument("--new_rank", type=int, default=4, help="the rank; with --dynamic_method the largest rank kept")
+    r.add_argument("--new_rank", type=int, default=4,
+                   help="the rank (a module of a lower rank keeps its own); with --dynamic_method the largest rank kept")
     r.add_argument("--new_conv_rank", type=int, help="rank of 3×3 conv modules (default: --new_rank)")
     r.add_argument("--dynamic_method", choices=["sv_ratio", "sv_fro", "sv_cumulative"])
     r.add_argument("--dynamic_param", type=float, help="sv_ratio: largest/smallest kept; sv_fro, sv_cumulative: share kept (0-1)")
