@@ -22,7 +22,6 @@ import torch
 
 from ..compat import DYNAMO_TRACES_SLOWLY, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..console import progress_bar
-from ..process_memory import peak_rss_mib
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import load_checkpoint
@@ -31,13 +30,14 @@ from ..models.tokenizer import CLIPTokenizer
 from ..networks.activation import lora_calls_in
 from ..networks.apply import Strength, merge_for_good
 from ..networks.max_norm import apply_max_norm, left_alone_warning
+from ..networks.files import read_network
+from ..networks.network import LoRANetwork, create_network, network_from_file
+from ..networks.spec import spec_from_kohya
+from ..process_memory import peak_rss_mib
+from ..safe_io import windows_path_limits
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
 from .distributed import finish as finish_world
 from .distributed import start as start_world
-from ..networks.network import LoRANetwork, create_network, network_from_file
-from ..networks.files import read_network
-from ..networks.spec import spec_from_kohya
-from ..safe_io import windows_path_limits
 from . import noise as N
 from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
