@@ -26,6 +26,8 @@ STAND_IN = textwrap.dedent('''
     Path("seen-options.toml").write_text(toml.dumps(options), encoding="utf-8")
     if options.get("training_comment") == "crash":
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    if options.get("network_module") is None:  # sd-scripts: importlib.import_module(args.network_module)
+        raise AttributeError("'NoneType' object has no attribute 'startswith'")
     out = Path(options["output_dir"]); out.mkdir(parents=True, exist_ok=True)
     epochs, per_epoch = options["max_train_epochs"], 3
     bar = tqdm(range(epochs * per_epoch), smoothing=0, desc="steps")
@@ -58,6 +60,7 @@ def test_the_run_goes_to_sd_scripts_with_our_options_and_comes_back_as_events(ch
     assert train(checkout, tmp_path, "--save_state", "--state_dir", str(tmp_path / "states")) == 0
     seen = toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))
     assert seen["network_dim"] == 8 and seen["output_name"] == "star" and seen["save_state"]
+    assert seen["network_module"] == "networks.lora"  # our default, which sd-scripts does not have
     assert not {"backend", "events_file", "state_dir"} & set(seen)  # ours: sd-scripts would refuse them
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert any("not in --state_dir" in e["message"] for e in events if e["event"] == "warning")
@@ -222,3 +225,4 @@ def test_the_sd_scripts_command_is_told_the_version_and_prediction_this_trainer_
     sd2.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n', encoding="utf-8")
     assert " --v2" in printed(sd2) and " --v_parameterization" in printed(sd2)  # the WebUI's .yaml beside it
     assert "--v2" not in printed(TINY_MODEL_PATH) and "--v_parameterization" not in printed(TINY_MODEL_PATH)
+    assert "--output_dir output --network_module networks.lora" in printed(TINY_MODEL_PATH)  # required there

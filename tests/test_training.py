@@ -884,7 +884,8 @@ def test_output_config_writes_the_config_file_as_sd_scripts_names_it_and_it_read
     assert train_main([*command, "--output_config", "--config_file", name]) == 0
     assert capsys.readouterr().out == f"wrote {name}.toml\n"
     read_back = parse_args(["--config_file", name])[0]
-    assert dataclasses.replace(read_back, config_file=None) == parse_args(command)[0]
+    # sd-scripts must be told the output folder this trainer defaults to (it has no default)
+    assert dataclasses.replace(read_back, config_file=None) == dataclasses.replace(parse_args(command)[0], output_dir="output")
     assert train_main([*command, "--output_config", "--config_file", name]) == 2
     assert f"{name}.toml already exists; --output_config does not overwrite it" in capsys.readouterr().err
     assert train_main([*command, "--output_config"]) == 2

@@ -720,6 +720,13 @@ def write_config(options: TrainOptions, path: str | Path) -> Path:
     return write_text(Path(path), toml.dumps(non_default(options)))
 
 
+def with_sd_scripts_requirements(options: TrainOptions) -> TrainOptions:
+    """What this trainer defaults and sd-scripts requires, said: it has no --network_module default (it stops at
+    import_module(None)) and joins files onto --output_dir (None fails at the first save)."""
+    return dataclasses.replace(options, network_module=options.network_module or "networks.lora",
+                               output_dir=options.output_dir or "output")
+
+
 def write_output_config(options: TrainOptions) -> Path:
     """``--output_config``: the options written to ``--config_file`` (``.toml`` appended as sd-scripts does), never
     over an existing file, as sd-scripts."""
@@ -728,4 +735,4 @@ def write_output_config(options: TrainOptions) -> Path:
     target = toml_file_path(options.config_file)
     if target.exists():
         raise UserError(f"{target} already exists; --output_config does not overwrite it: give another --config_file")
-    return write_config(options, target)
+    return write_config(with_sd_scripts_requirements(options), target)

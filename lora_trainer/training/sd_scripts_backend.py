@@ -21,7 +21,7 @@ import toml
 
 from ..errors import UserError
 from .events import EventLog
-from .options import TrainOptions, absolute_path, non_default, with_absolute_paths
+from .options import TrainOptions, absolute_path, non_default, with_absolute_paths, with_sd_scripts_requirements
 
 # "steps:" is the training bar; sd-scripts' "validation steps:" / "epoch validation steps:" bars (with
 # --validation_split) count their own 1..N and must not become step events, hence the look-behind.
@@ -55,9 +55,11 @@ def python_of(checkout: Path) -> str:
 def for_sd_scripts(options: TrainOptions) -> tuple[str, TrainOptions]:
     """The script for the checkpoint's version, and the options with what sd-scripts must be told and this trainer
     detects: ``--v2`` for an SD2 file, ``--v_parameterization`` where the file declares v-prediction (a wrong or
-    missing flag fails sd-scripts' strict load, or trains the wrong target)."""
+    missing flag fails sd-scripts' strict load, or trains the wrong target), and what it requires and this trainer
+    defaults (``with_sd_scripts_requirements``)."""
     from ..models.checkpoint import declared_prediction_type, detect_architecture, open_tensors
 
+    options = with_sd_scripts_requirements(options)
     path = Path(options.pretrained_model_name_or_path or "")
     try:
         source = open_tensors(path)
