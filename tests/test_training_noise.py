@@ -84,3 +84,13 @@ def test_huber_losses_behave_like_l2_for_small_errors_and_l1_for_large_ones():
     assert huber[1] == pytest.approx(2 * 0.1 * (10 - 0.1), rel=1e-3)  # ≈ 2c|x| for |x| ≫ c
     thresholds = N.huber_threshold(torch.tensor([0, 999]), "snr", 0.1, 1.0, ABAR)
     assert thresholds[0] > 0.9 and thresholds[1] == pytest.approx(0.1, abs=1e-2)  # c at pure noise
+
+
+def test_offset_and_pyramid_noise_both_apply_when_both_are_asked_for():
+    """sd-scripts adds the offset, then builds the pyramid on that noise: asking for both must not drop one."""
+    latents = torch.randn(2, 4, 16, 16)
+    both = N.training_noise(latents, _generator(), noise_offset=0.1, multires_noise_iterations=6)
+    offset_only = N.training_noise(latents, _generator(), noise_offset=0.1)
+    generator = _generator()
+    by_hand = N.pyramid_noise(N.training_noise(latents, generator, noise_offset=0.1), generator, 6, 0.3)
+    assert not torch.equal(both, offset_only) and torch.equal(both, by_hand)

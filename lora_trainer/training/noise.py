@@ -37,14 +37,14 @@ def pyramid_noise(noise: Tensor, generator: torch.Generator, iterations: int, di
 def training_noise(latents: Tensor, generator: torch.Generator, noise_offset: float | None = None,
                    noise_offset_random_strength: bool = False, adaptive_noise_scale: float | None = None,
                    multires_noise_iterations: int | None = None, multires_noise_discount: float = 0.3) -> Tensor:
-    """The noise a step adds to its latents (sd-scripts: offset noise, adaptive offset, or pyramid noise)."""
+    """The noise a step adds to its latents (sd-scripts: offset noise, adaptive offset, then pyramid noise)."""
     noise = _randn(latents.shape, generator, latents)
     if noise_offset:
         offset: float | Tensor = noise_offset * (_rand(generator) if noise_offset_random_strength else 1.0)
         if adaptive_noise_scale is not None:
             offset = torch.clamp(offset + adaptive_noise_scale * latents.mean(dim=(2, 3), keepdim=True).abs(), min=0.0)
         noise = noise + offset * _randn((latents.shape[0], latents.shape[1], 1, 1), generator, latents)
-    elif multires_noise_iterations:
+    if multires_noise_iterations:  # on top of the offset, as sd-scripts does both
         noise = pyramid_noise(noise, generator, multires_noise_iterations, multires_noise_discount)
     return noise
 
