@@ -339,3 +339,22 @@ def test_a_dylora_step_moves_only_the_block_of_ranks_it_trained_as_sd_scripts_pe
             moved_blocks.append(moved[0])
     assert len(set(moved_blocks)) > 1  # the block is drawn anew each step
     network.remove()
+
+
+@pytest.mark.parametrize("family, prediction, version, architecture", [
+    ("SD1", "epsilon", "sd_v1", "stable-diffusion-v1"), ("SD1", "v_prediction", "sd_v1_v", "stable-diffusion-v1"),
+    ("SD2", "epsilon", "sd_v2", "stable-diffusion-v2-512"), ("SD2", "v_prediction", "sd_v2_v", "stable-diffusion-v2-768-v"),
+    ("SDXL", "epsilon", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+    ("SDXL", "v_prediction", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+])
+def test_files_name_their_base_model_as_sd_scripts_does(family, prediction, version, architecture):
+    """sd-scripts' get_model_version_str_for_sd1_sd2 and determine_architecture; the WebUI lists a network as SDXL by
+    the sdxl_ prefix, so a v-prediction SDXL LoRA (NoobAI-XL v-pred) must keep it."""
+    from lora_trainer.models import configs
+    from lora_trainer.networks.network import base_metadata
+    from lora_trainer.networks.spec import NetworkSpec
+
+    config = getattr(configs, family).with_prediction(prediction)
+    metadata = base_metadata(config, NetworkSpec(), "title")
+    assert (metadata["ss_base_model_version"], metadata["modelspec.architecture"]) == (version, architecture + "/lora")
+    assert metadata["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")

@@ -120,7 +120,10 @@ def test_a_v_prediction_sdxl_model_trains_with_sd_scripts_flags_and_says_so_in_t
     assert train(tiny_sdxl, dataset, tmp_path, "--v_parameterization", "--zero_terminal_snr") == 0
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
         metadata = handle.metadata()
-    assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_base_model_version"].startswith("sdxl")
+    assert metadata["modelspec.prediction_type"] == "v"
+    # what sd-scripts writes, and what the WebUI reads to list the file among SDXL networks
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
 
 def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_schedule(tiny_sdxl, dataset, tmp_path):

@@ -213,9 +213,14 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     }
 
 
-MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-                          "sdxl": "stable-diffusion-xl-v1-base"}
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+# sd-scripts' names for each config (sai_model_spec.determine_architecture, get_model_version_str_for_sd1_sd2): only
+# SD2 has an architecture of its own for v-prediction; an SDXL file must keep its sdxl_ version whatever it predicts,
+# since the WebUI tells SDXL networks by that prefix
+MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd1-v": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                          "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
+                          "sdxl-v": "stable-diffusion-xl-v1-base"}
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd1-v": "sd_v1_v", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0",
+                      "sdxl-v": "sdxl_base_v1-0"}
 
 
 def base_metadata(config, spec: NetworkSpec, title: str, resolution: tuple[int, int] | None = None) -> dict[str, str]:
@@ -224,12 +229,12 @@ def base_metadata(config, spec: NetworkSpec, title: str, resolution: tuple[int, 
     width, height = resolution or (config.resolution, config.resolution)
     metadata = {
         "ss_v2": str(v2),
-        "ss_base_model_version": BASE_MODEL_VERSION.get(config.name, config.name),
+        "ss_base_model_version": BASE_MODEL_VERSION[config.name],
         "ss_network_module": spec.network_module,
         "ss_network_dim": str(spec.dim),
         "ss_network_alpha": str(float(spec.alpha)),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(config.name, config.name) + "/lora",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[config.name] + "/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if config.lora_unet_naming == "sgm" else "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
