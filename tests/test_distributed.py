@@ -42,7 +42,8 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process_with_the_global_ba
     single = subprocess.run([sys.executable, *arguments(data, tmp_path / "single", 4, latents)], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            *arguments(data, tmp_path / "ddp", 2, latents)], env=env, capture_output=True, text=True)
+                            *arguments(data, tmp_path / "ddp", 2, latents), "--logging_dir", str(tmp_path / "logs")],
+                           env=env, capture_output=True, text=True)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
 
     one, two = load_file(str(tmp_path / "single" / "star.safetensors")), load_file(str(tmp_path / "ddp" / "star.safetensors"))
@@ -57,6 +58,7 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process_with_the_global_ba
     losses = [(a["loss"], b["loss"]) for a, b in zip(*[[e for e in events if e["event"] == "step"] for events in (single_events, ddp_events)])]
     assert all(abs(a - b) < 1e-4 for a, b in losses)
     assert sorted(p.name for p in (tmp_path / "ddp").glob("*.safetensors")) == ["star.safetensors"]
+    assert len(list((tmp_path / "logs").rglob("events.out.tfevents.*"))) == 1  # TensorBoard would draw rank 1's twice
 
 
 def test_a_global_batch_is_split_into_ordered_slices_even_when_short():

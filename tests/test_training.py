@@ -1146,6 +1146,16 @@ def test_modelspec_options_fill_the_files_metadata_and_a_thumbnail_file_becomes_
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
         metadata = handle.metadata()
     assert {key: metadata[f"modelspec.{key}"] for key in given} == given
+    assert "modelspec.timestep_range" not in metadata and "modelspec.encoder_layer" not in metadata  # not asked for
+    assert run(dataset, tmp_path / "range", "--max_train_steps", "1", "--min_timestep", "100", "--clip_skip", "2") == 0
+    with safe_open(str(tmp_path / "range" / "star.safetensors"), "pt") as handle:
+        ranged = handle.metadata()
+    assert (ranged["modelspec.timestep_range"], ranged["modelspec.encoder_layer"]) == ("100,1000", "2")
+    # sd-scripts records --network_dropout inside ss_network_args too
+    assert run(dataset, tmp_path / "drop", "--max_train_steps", "1", "--network_dropout", "0.1", "--network_args",
+               "conv_dim=2") == 0
+    with safe_open(str(tmp_path / "drop" / "star.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["ss_network_args"]) == {"conv_dim": "2", "dropout": 0.1}
     assert metadata["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(thumbnail.read_bytes()).decode()
     assert run(dataset, tmp_path / "missing", "--metadata_thumbnail", str(tmp_path / "cover.png")) == 2
     assert "--metadata_thumbnail" in capsys.readouterr().err

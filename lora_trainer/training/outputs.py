@@ -182,6 +182,10 @@ class RunMetadata:
             value = getattr(o, f"metadata_{key}")
             if value:
                 self.base[f"modelspec.{key}"] = data_url(value) if key == "thumbnail" else value
+        if o.min_timestep is not None or o.max_timestep is not None:  # sd-scripts' defaults fill the other end
+            self.base["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"
+        if o.clip_skip is not None:
+            self.base["modelspec.encoder_layer"] = str(o.clip_skip)
         self.base["modelspec.implementation_version"] = "lora-trainer/0.1.0"
         if o.no_metadata:
             self.full = {}
@@ -255,7 +259,8 @@ class RunMetadata:
         if o.vae:
             self.full["ss_vae_name"] = Path(o.vae).name
         if spec.metadata_args() is not None:
-            self.full["ss_network_args"] = json.dumps({**dict(spec.network_args), **({"dropout": None} if "dropout" not in dict(spec.network_args) else {})})
+            given = dict(spec.network_args)  # sd-scripts adds --network_dropout as "dropout" (its LyCORIS workaround)
+            self.full["ss_network_args"] = json.dumps({**given, **({} if "dropout" in given else {"dropout": o.network_dropout})})
 
     def build(self, epoch: int, step: int, extra: dict[str, str] | None = None) -> dict[str, str]:
         values = {**self.full, "ss_training_finished_at": time.time(), "ss_steps": step, "ss_epoch": epoch, **(extra or {})} if self.full else {}

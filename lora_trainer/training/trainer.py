@@ -324,7 +324,7 @@ class TrainingRun:
                 events.emit("warning", message=f"{options.sample_prompts} prompt {number}: its <lora:…> tags are left "
                             "out; a sample shows the base model with the network being trained, and no other")
         self.written: list[Path] = []
-        self.tracker = Tracker(options.logging_dir, options.log_prefix, options.log_tracker_name)
+        self.tracker = Tracker(options.logging_dir if world.is_main else None, options.log_prefix, options.log_tracker_name)
         self.stop = StopRequest(self.plan.stop_file)
         self.progress = progress_bar(self.total_steps, "step", initial=self.state.step)
         self._loss = torch.zeros(())  # the latest batch's mean loss over every rank
