@@ -124,6 +124,9 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     state = next(e["path"] for e in events if e["event"] == "state")
     assert f'stopped at step 1; to go on, run the same command with --resume "{state}"' in capsys.readouterr().err
     assert [e["step"] for e in events if e["event"] == "step"] == [1]
+    assert events[-1]["epochs"] == 1  # stopped in the first epoch: the file is labelled as such (the grid reads it)
+    with safe_open(str(tmp_path / "a" / "star.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_epoch"] == "1"
     assert not stop.exists()  # taken: the printed command, run as it is, goes on to the end
     assert run(dataset, tmp_path / "b", "--resume", state, "--stop_file", str(stop)) == 0
     resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(baseline / "star.safetensors")

@@ -424,8 +424,8 @@ class TrainingRun:
                 self._step(epoch)
                 if state.step >= self.total_steps:
                     break
-                if self._obey(epoch) == "stop":
-                    return self.finish(epoch)
+                if self._obey(epoch) == "stop":  # the file counts the epoch it stopped in, from 1, as a step save does
+                    return self.finish(epoch + 1)
             self._end_epoch(epoch)
             if state.step >= self.total_steps:
                 break
