@@ -1125,6 +1125,18 @@ def test_network_weights_of_another_rank_name_it_instead_of_torchs_size_mismatch
            "--dim_from_weights" in error and "Traceback" not in error
 
 
+def test_network_weights_go_on_unet_only_without_the_text_encoder_part(baseline, dataset, tmp_path):
+    """sd-scripts continues a full LoRA with --network_train_unet_only (its load is not strict): so does this, and
+    says the text-encoder modules are left out."""
+    start = baseline / "star.safetensors"
+    assert run(dataset, tmp_path, "--network_weights", str(start), "--network_train_unet_only", "--max_train_steps", "1") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert any(e["message"].startswith(f"--network_weights {start}: its text-encoder modules are left out")
+               for e in events if e["event"] == "warning")
+    saved = weights(tmp_path / "star.safetensors")
+    assert saved and not any(key.startswith("lora_te") for key in saved)
+
+
 def test_an_unexpected_failure_still_ends_the_event_stream_with_an_error(dataset, tmp_path, monkeypatch):
     """The UI and the API read the events only: a bug must show there too, not just in a console nobody sees."""
     def broken(*_, **__):

@@ -290,7 +290,11 @@ class TrainingRun:
 
         te_lr = (options.text_encoder_lr or [None])[0]
         self.train_te = not options.network_train_unet_only and te_lr != 0
-        self.network = network = _prepared_network(options, self.model, self.spec, self.train_te, device, weight_dtype)
+        network_notes: list[str] = []
+        self.network = network = _prepared_network(options, self.model, self.spec, self.train_te, device, weight_dtype,
+                                                   network_notes)
+        for message in network_notes:
+            events.emit("warning", message=message)
         if options.torch_compile and options.dynamo_backend != "no":  # after the hooks, so the graphs include them
             compile_models(self.model, options.dynamo_backend)
 
@@ -667,8 +671,9 @@ def _prepared_model(options: TrainOptions, device: torch.device, weight_dtype: t
 
 
 def _prepared_network(options: TrainOptions, model, spec, train_te: bool, device: torch.device,
-                      weight_dtype: torch.dtype) -> LoRANetwork:
-    """The network to train (fresh, or from --network_weights), on the device, hooked into the model."""
+                      weight_dtype: torch.dtype, notes: list[str]) -> LoRANetwork:
+    """The network to train (fresh, or from --network_weights), on the device, hooked into the model; what the
+    user should hear goes into ``notes``."""
     config = model.config
     if options.network_weights and options.dim_from_weights:
         network = network_from_file(config, model.unet, model.text_encoders, read_network(options.network_weights), spec)
@@ -676,7 +681,7 @@ def _prepared_network(options: TrainOptions, model, spec, train_te: bool, device
         network = create_network(config, model.unet, model.text_encoders, spec,
                                  not options.network_train_text_encoder_only, train_te)
         if options.network_weights:
-            _load_weights(network, options.network_weights)
+            notes += _load_weights(network, options.network_weights)
     network.to(device).train()
     if (options.full_fp16 or options.full_bf16) and weight_dtype != torch.float32:
         network.to(weight_dtype)
@@ -803,7 +808,7 @@ def _merge_base_weights(model, options: TrainOptions) -> list[str]:
             for report in merge_for_good(model.config, model.unet, model.text_encoders, networks) if report.unmatched]
 
 
-def _load_weights(network: LoRANetwork, path: str) -> None:
+def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     file = read_network(path)
     state = {f"{name}.{suffix}": tensor for name, tensors in file.modules.items() for suffix, tensor in tensors.items()}
     own = network.state_dict()
@@ -816,11 +821,25 @@ def _load_weights(network: LoRANetwork, path: str) -> None:
                         f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} here): {rank}this run has "
                         f"--network_dim {network.spec.dim}; set the file's --network_dim (and --network_alpha), or add "
                         "--dim_from_weights to take them from the file")
+
+    def part(key: str) -> str:  # lora_unet, lora_te, lora_te1 …: the model part a module belongs to
+        words = key.split("_", 2)
+        return words[1] if len(words) == 3 else key
+
+    trained = {part(key) for key in own}
+    skipped = sorted({part(key) for key in state} - trained)
+    state = {key: tensor for key, tensor in state.items() if part(key) in trained}
     missing, unexpected = network.load_state_dict(state, strict=False)
+    notes = [f"--network_weights {path}: its {', '.join(TRAINED_PART_NAMES.get(p, p) for p in skipped)} modules "
+             "are left out, since this run does not train that part (they are not in the files it saves)"] if skipped else []
     if unexpected:
         raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
                         f"{_other_network_advice(file, network.spec.algorithm)}add --dim_from_weights to take the "
                         "network's kind and shape from the file")
+    return notes
+
+
+TRAINED_PART_NAMES = {"unet": "UNet", "te": "text-encoder", "te1": "first text-encoder", "te2": "second text-encoder"}
 
 
 def _other_network_advice(file, algorithm: str) -> str:
