@@ -1137,6 +1137,34 @@ def test_network_weights_go_on_unet_only_without_the_text_encoder_part(baseline,
     assert saved and not any(key.startswith("lora_te") for key in saved)
 
 
+def test_adafactor_on_its_relative_step_says_the_rates_go_unused_and_shows_the_steps_it_takes(dataset, tmp_path):
+    """sd-scripts: with relative_step the rates and the schedule are not used (it warns, and records adafactor:<lr>);
+    its TensorBoard shows the step sizes Adafactor takes, which is what the events carry too."""
+    assert run(dataset, tmp_path, "--optimizer_type", "Adafactor", "--lr_scheduler", "cosine", "--unet_lr", "1e-4",
+               "--text_encoder_lr", "5e-5") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert ("--optimizer_type Adafactor takes its own step size (relative_step, its default): --learning_rate 0.001, "
+            "--unet_lr, --text_encoder_lr, --lr_scheduler cosine change nothing, as in sd-scripts") in [
+        e["message"].split("; for fixed")[0] for e in events if e["event"] == "warning"]
+    rates = [e["lr"] for e in events if e["event"] == "step"]
+    assert len(rates) == 16 and all(len(r) == 2 and r[0] != 5e-5 and r[1] != 1e-4 and 0 < min(r) for r in rates)
+    assert rates[0] != rates[-1]  # the step follows the weights' scale
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_lr_scheduler"] == "adafactor:0.001" and metadata["ss_unet_lr"] == "None"
+    assert metadata["ss_learning_rate"] == "None" and metadata["ss_text_encoder_lr"] == "None"
+
+
+def test_the_step_events_carry_each_parts_rate_and_every_group_when_there_are_more(dataset, tmp_path):
+    """LoRA+ makes four groups (text encoder, its up weights, UNet, its up weights): the one-line view shows the text
+    encoder's and the UNet's rate, and every group's is there by name."""
+    assert run(dataset, tmp_path, "--network_args", "loraplus_lr_ratio=16", "--unet_lr", "1e-4", "--text_encoder_lr",
+               "1e-5") == 0
+    step = next(e for e in read_events(tmp_path / "star.events.jsonl")[0] if e["event"] == "step")
+    assert step["lr"] == [1e-5, 1e-4]
+    assert step["lr_groups"] == {"textencoder": 1e-5, "textencoder plus": 1.6e-4, "unet": 1e-4, "unet plus": 1.6e-3}
+
+
 def test_an_unexpected_failure_still_ends_the_event_stream_with_an_error(dataset, tmp_path, monkeypatch):
     """The UI and the API read the events only: a bug must show there too, not just in a console nobody sees."""
     def broken(*_, **__):

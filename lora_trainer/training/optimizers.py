@@ -149,6 +149,13 @@ def _adafactor_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
+def takes_its_own_step(optimizer_type: str | None, optimizer_args: list[str] | None) -> bool:
+    """Adafactor on its relative step (sd-scripts' default for it): the learning rates and the schedule go unused."""
+    if (optimizer_type or "").lower() != "adafactor":
+        return False
+    return bool(_adafactor_kwargs(parse_optimizer_args(optimizer_args))["relative_step"])
+
+
 def make_optimizer(optimizer_type: str, param_groups: list[dict], learning_rate: float,
                    optimizer_args: list[str] | None) -> torch.optim.Optimizer:
     """The optimizer sd-scripts' ``get_optimizer`` would build for these options (``""`` means AdamW).
@@ -284,12 +291,12 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group)
+            sizes = [self._update(param, group) for param in group["params"] if param.grad is not None]
+            if sizes:  # the group's rate as transformers' AdafactorSchedule reports it: its first parameter's step
+                group["step_size"] = sizes[0]
         return loss
 
-    def _update(self, param: torch.Tensor, group: dict) -> None:
+    def _update(self, param: torch.Tensor, group: dict) -> float:
         grad = param.grad.float()
         weights = param.float()  # low-precision weights are updated in fp32 and written back
         state = self.state[param]
@@ -324,3 +331,4 @@ class Adafactor(torch.optim.Optimizer):
         weights.sub_(update)
         if weights is not param:
             param.copy_(weights)
+        return step_size

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..hashing import file_sha256, legacy_model_hash
 from ..networks.network import SAVE_DTYPES, base_metadata, save_network
 from ..safe_io import ENABLE_LONG_PATHS, atomic_path, temporary_beside, windows_path_length
+from .optimizers import takes_its_own_step
 from .options import TrainOptions, is_data_url, resolution_of
 from .samples import sample_path
 from .state import staging_folder
@@ -258,6 +259,9 @@ class RunMetadata:
             self.full["ss_sd_model_name"] = o.pretrained_model_name_or_path
         if o.vae:
             self.full["ss_vae_name"] = Path(o.vae).name
+        if takes_its_own_step(o.optimizer, o.optimizer_args):  # as sd-scripts records it: the rates were not used
+            self.full.update({"ss_learning_rate": None, "ss_unet_lr": None, "ss_text_encoder_lr": None,
+                              "ss_lr_scheduler": f"adafactor:{o.learning_rate}"})
         if spec.metadata_args() is not None:
             given = dict(spec.network_args)  # sd-scripts adds --network_dropout as "dropout" (its LyCORIS workaround)
             self.full["ss_network_args"] = json.dumps({**given, **({} if "dropout" in given else {"dropout": o.network_dropout})})

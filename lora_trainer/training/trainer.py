@@ -43,7 +43,7 @@ from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
-from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label
+from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label, takes_its_own_step
 from .options import FIELDS, TrainOptions, join_command_line
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
@@ -478,10 +478,11 @@ class TrainingRun:
         average = sum(window) / len(window)
         self.progress.update(1)
         self.progress.set_postfix(epoch=epoch + 1, avr_loss=f"{average:.4f}")
-        self.tracker.step(state.step, value, average,
-                          {g.get("description", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)})
+        rates = group_rates(optimizer)
+        self.tracker.step(state.step, value, average, rates)
         self.events.emit("step", step=state.step, total=self.total_steps, epoch=epoch + 1, loss=value, average=average,
-                         lr=[g["lr"] for g in optimizer.param_groups][:2], seconds=round(now - self._last_time, 4),
+                         lr=part_rates(rates), **({"lr_groups": rates} if len(rates) > 2 else {}),
+                         seconds=round(now - self._last_time, 4),
                          memory_mib=peak_memory_mib(self.device),
                          **({"keys_scaled": norms.keys_scaled, "average_key_norm": round(norms.average_norm, 5),
                              "max_key_norm": round(norms.max_norm, 5)} if norms else {}))
@@ -626,6 +627,14 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
                 if f.metadata["inert"] and getattr(options, name)]
     if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
         warnings.append(left_alone)
+    if takes_its_own_step(options.optimizer, options.optimizer_args):
+        unused = [f"--learning_rate {options.learning_rate:g}"] + [f"--{name}" for name in ("unet_lr", "text_encoder_lr")
+                                                                  if getattr(options, name)]
+        if options.lr_scheduler not in ("constant", "adafactor"):
+            unused.append(f"--lr_scheduler {options.lr_scheduler}")
+        warnings.append(f"--optimizer_type Adafactor takes its own step size (relative_step, its default): "
+                        f"{', '.join(unused)} change nothing, as in sd-scripts; for fixed rates add --optimizer_args "
+                        "relative_step=False scale_parameter=False warmup_init=False")
     ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(options, name)]
     if options.dataset_config and ignored:  # sd-scripts says the same
         warnings.append(f"--dataset_config {options.dataset_config} describes the data: {' and '.join(ignored)} "
@@ -783,6 +792,19 @@ def _check_resumed_optimizer(options: TrainOptions, saved: dict) -> None:
         raise UserError(f"--resume {options.resume} was saved by --optimizer_type {made_by}, and its moments do not fit "
                         f"{options.optimizer}: resume with --optimizer_type {made_by}, or start {options.optimizer} "
                         f"afresh from its network with --network_weights {Path(options.resume) / 'model.safetensors'}")
+
+
+def group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each parameter group's rate this step, by sd-scripts' TensorBoard names (textencoder, unet, unet_block3 plus
+    …); an Adafactor on its relative step reports the step it took, as sd-scripts' adafactor schedule shows it."""
+    return {group.get("description", f"group{i}"): group.get("step_size", group["lr"])
+            for i, group in enumerate(optimizer.param_groups)}
+
+
+def part_rates(rates: dict[str, float]) -> list[float]:
+    """The text encoder's and the UNet's rate (each its first group's), for a one-line view; else every group's."""
+    parts = [next((rate for name, rate in rates.items() if name.startswith(part)), None) for part in ("textencoder", "unet")]
+    return [rate for rate in parts if rate is not None] or list(rates.values())
 
 
 def _learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
