@@ -1165,6 +1165,18 @@ def test_the_step_events_carry_each_parts_rate_and_every_group_when_there_are_mo
     assert step["lr_groups"] == {"textencoder": 1e-5, "textencoder plus": 1.6e-4, "unet": 1e-4, "unet plus": 1.6e-3}
 
 
+def test_dim_from_weights_writes_the_files_rank_and_alpha_and_needs_the_file(baseline, dataset, tmp_path, capsys):
+    """The card in the WebUI shows ss_network_dim: a run that took its shape from a file must say that shape."""
+    start = baseline / "star.safetensors"
+    assert run(dataset, tmp_path, "--network_weights", str(start), "--dim_from_weights", "--network_dim", "16",
+               "--network_alpha", "1") == 0
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "4.0")
+    assert run(dataset, tmp_path / "none", "--dim_from_weights") == 2
+    assert "--dim_from_weights takes the network's shape from --network_weights: give that file" in capsys.readouterr().err
+
+
 def test_an_unexpected_failure_still_ends_the_event_stream_with_an_error(dataset, tmp_path, monkeypatch):
     """The UI and the API read the events only: a bug must show there too, not just in a console nobody sees."""
     def broken(*_, **__):

@@ -613,6 +613,9 @@ def validate(options: TrainOptions) -> None:
     if options.network_weights and not options.backend and not Path(options.network_weights).is_file():
         problems.append(f"--network_weights {options.network_weights}: no such network file; give the LoRA file to "
                         "continue training from, or leave the option out to start a new one")
+    if options.dim_from_weights and not options.network_weights:
+        problems.append("--dim_from_weights takes the network's shape from --network_weights: give that file, or drop "
+                        "--dim_from_weights")
     if options.train_data_dir is None and options.dataset_config is None and options.in_json is None:
         problems.append("no dataset: give --train_data_dir (folders named <repeats>_<name>), --in_json or --dataset_config")
     if options.in_json and options.reg_data_dir and not options.dataset_config:

@@ -293,6 +293,7 @@ class TrainingRun:
         network_notes: list[str] = []
         self.network = network = _prepared_network(options, self.model, self.spec, self.train_te, device, weight_dtype,
                                                    network_notes)
+        self.spec = network.spec  # --dim_from_weights: the file's rank and alpha
         for message in network_notes:
             events.emit("warning", message=message)
         if options.torch_compile and options.dynamo_backend != "no":  # after the hooks, so the graphs include them
@@ -685,7 +686,9 @@ def _prepared_network(options: TrainOptions, model, spec, train_te: bool, device
     user should hear goes into ``notes``."""
     config = model.config
     if options.network_weights and options.dim_from_weights:
-        network = network_from_file(config, model.unet, model.text_encoders, read_network(options.network_weights), spec)
+        file = read_network(options.network_weights)
+        network = network_from_file(config, model.unet, model.text_encoders, file, spec)
+        network.spec = _shape_of(file, spec)  # the files this run saves say the rank they hold
     else:
         network = create_network(config, model.unet, model.text_encoders, spec,
                                  not options.network_train_text_encoder_only, train_te)
@@ -828,6 +831,20 @@ def _merge_base_weights(model, options: TrainOptions) -> list[str]:
     return [f"--base_weights {report.network}: {len(report.unmatched)} of its modules fit no layer of the base model "
             f"and were skipped (e.g. {report.unmatched[0]})"
             for report in merge_for_good(model.config, model.unet, model.text_encoders, networks) if report.unmatched]
+
+
+def _shape_of(file, spec):
+    """``spec`` with the rank and alpha most of the file's modules have (``--dim_from_weights``)."""
+    from collections import Counter
+
+    from ..networks.tools.inspect import module_rank
+
+    ranks = Counter(rank for tensors in file.modules.values() if (rank := module_rank(tensors)) is not None)
+    alphas = Counter(float(tensors["alpha"]) for tensors in file.modules.values() if "alpha" in tensors)
+    if not ranks:
+        return spec
+    rank = ranks.most_common(1)[0][0]
+    return dataclasses.replace(spec, dim=rank, alpha=alphas.most_common(1)[0][0] if alphas else float(rank))
 
 
 def _load_weights(network: LoRANetwork, path: str) -> list[str]:
