@@ -202,3 +202,17 @@ def test_full_fp16_with_moments_that_vanish_in_fp16_is_refused_before_training(o
     with pytest.raises(UserError, match="--full_fp16 with .*AdamW8bit or Adafactor"):
         validate(options(optimizer_type))
     validate(options("AdamW8bit"))  # 8-bit state with fp32 scales: fine
+
+
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "RAdamScheduleFree", "prodigyplus.ProdigyPlusScheduleFree"])
+def test_schedule_free_optimizers_are_refused_by_what_they_are(name):
+    """They need train()/eval() around every sample and save; "not known" would send the user looking for a typo."""
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(UserError, match=f"--optimizer_type {name}: the schedule-free optimizers are not supported here yet"):
+        make_optimizer(name, [{"params": [parameter]}], 1e-3, [])
+
+
+def test_a_missing_optimizer_package_is_named_as_pip_knows_it():
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(UserError, match="needs the Python package came-pytorch: run `pip install came-pytorch`"):
+        make_optimizer("came_pytorch.CAME", [{"params": [parameter]}], 1e-3, [])

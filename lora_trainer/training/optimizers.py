@@ -97,7 +97,7 @@ def _import_class(module_path: str, class_name: str, optimizer_type: str, pip_pa
     try:
         module = importlib.import_module(module_path)
     except ImportError:
-        package = pip_package or module_path.split(".")[0]
+        package = pip_package or _PYPI_NAMES.get(module_path.split(".")[0], module_path.split(".")[0])
         raise UserError(
             f"--optimizer_type {optimizer_type} needs the Python package {package}: run `pip install {package}` into the "
             f"extension's private extras folder (or into this Python environment when training without the WebUI)"
@@ -120,7 +120,18 @@ def moments_underflow_in_fp16(optimizer_type: str) -> bool:
     return optimizer_type.rpartition(".")[2].lower() in _FP16_MOMENTS
 
 
+# sd-scripts' schedule-free optimizers: they must be switched between train() and eval() around every sample and
+# save (the saved weights are the averaged ones), which this loop does not do
+_SCHEDULE_FREE = {"radamschedulefree", "adamwschedulefree", "sgdschedulefree"}
+# import name → PyPI name, where they differ (a dotted --optimizer_type names the module)
+_PYPI_NAMES = {"prodigyplus": "prodigy-plus-schedule-free", "came_pytorch": "came-pytorch", "lion_pytorch": "lion-pytorch",
+               "pytorch_optimizer": "pytorch-optimizer", "torch_optimizer": "torch-optimizer"}
+
+
 def _unknown(optimizer_type: str) -> UserError:
+    if optimizer_type.lower() in _SCHEDULE_FREE or "schedulefree" in optimizer_type.lower():
+        return UserError(f"--optimizer_type {optimizer_type}: the schedule-free optimizers are not supported here yet; "
+                         "choose AdamW (or Prodigy), or run this command with sd-scripts (--backend sd-scripts=PATH)")
     return UserError(f"--optimizer_type {optimizer_type!r} is not known; use one of: {', '.join(OPTIMIZERS)}, "
                      f"a torch.optim class name (e.g. RAdam) or a module.Class path")
 
@@ -130,6 +141,8 @@ def _resolve(optimizer_type: str) -> tuple[type, OptimizerSource | None]:
     source = _BY_LOWER_NAME.get((optimizer_type or "AdamW").lower())
     if source is not None:
         return _import_class(source.module, source.class_name, optimizer_type or "AdamW", source.pip_package), source
+    if "schedulefree" in optimizer_type.lower():
+        raise _unknown(optimizer_type)
     if "." in optimizer_type:
         module_path, _, class_name = optimizer_type.rpartition(".")
         optimizer_class = _import_class(module_path, class_name, optimizer_type, None)
