@@ -211,8 +211,3 @@ def test_schedule_free_optimizers_are_refused_by_what_they_are(name):
     with pytest.raises(UserError, match=f"--optimizer_type {name}: the schedule-free optimizers are not supported here yet"):
         make_optimizer(name, [{"params": [parameter]}], 1e-3, [])
 
-
-def test_a_missing_optimizer_package_is_named_as_pip_knows_it():
-    parameter = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(UserError, match="needs the Python package came-pytorch: run `pip install came-pytorch`"):
-        make_optimizer("came_pytorch.CAME", [{"params": [parameter]}], 1e-3, [])

@@ -97,7 +97,7 @@ def _import_class(module_path: str, class_name: str, optimizer_type: str, pip_pa
     try:
         module = importlib.import_module(module_path)
     except ImportError:
-        package = pip_package or _PYPI_NAMES.get(module_path.split(".")[0], module_path.split(".")[0])
+        package = pip_package or module_path.split(".")[0]
         raise UserError(
             f"--optimizer_type {optimizer_type} needs the Python package {package}: run `pip install {package}` into the "
             f"extension's private extras folder (or into this Python environment when training without the WebUI)"
@@ -123,9 +123,6 @@ def moments_underflow_in_fp16(optimizer_type: str) -> bool:
 # sd-scripts' schedule-free optimizers: they must be switched between train() and eval() around every sample and
 # save (the saved weights are the averaged ones), which this loop does not do
 _SCHEDULE_FREE = {"radamschedulefree", "adamwschedulefree", "sgdschedulefree"}
-# import name → PyPI name, where they differ (a dotted --optimizer_type names the module)
-_PYPI_NAMES = {"prodigyplus": "prodigy-plus-schedule-free", "came_pytorch": "came-pytorch", "lion_pytorch": "lion-pytorch",
-               "pytorch_optimizer": "pytorch-optimizer", "torch_optimizer": "torch-optimizer"}
 
 
 def _unknown(optimizer_type: str) -> UserError:
