@@ -840,6 +840,20 @@ def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):
     assert [e.step for e in events.Scalars("loss/epoch_average")] == [1, 2]
     assert len(events.Scalars("loss/current")) == 16
 
+    # sd-scripts' tags for the weight-norm limit and for validation (divergence: validation above training)
+    assert run(dataset, tmp_path / "more", "--logging_dir", str(tmp_path / "more logs"), "--scale_weight_norms", "0.01",
+               "--validation_split", "0.25", "--validate_every_n_steps", "3") == 0
+    (folder,) = (tmp_path / "more logs").glob("*/network_train")
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert {"max_norm/keys_scaled", "max_norm/max_key_norm", "norm/avg_key_norm", "loss/validation/step_average",
+            "loss/validation/step_divergence", "loss/validation/epoch_average",
+            "loss/validation/epoch_divergence"} <= set(events.Tags()["scalars"])
+    assert max(e.value for e in events.Scalars("max_norm/keys_scaled")) > 0
+    average, validation, divergence = (events.Scalars(f"loss/{tag}")[-1].value for tag in (
+        "epoch_average", "validation/epoch_average", "validation/epoch_divergence"))
+    assert divergence == pytest.approx(validation - average, rel=1e-5)
+
 
 def test_sd_scripts_fixture_run_runs_unchanged_and_writes_its_files_keys_and_metadata(tmp_path):
     """sd-scripts' own TOML pair (args + dataset) on its tiny checkpoint: same files, tensor keys, shapes, metadata keys."""

@@ -26,17 +26,25 @@ class Tracker:
         self.folder = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / (tracker_name or "network_train")
         self.writer = SummaryWriter(str(self.folder))
 
-    def step(self, step: int, loss: float, average: float, rates: dict[str, float]) -> None:
+    def step(self, step: int, loss: float, average: float, rates: dict[str, float], norms=None) -> None:
+        """``norms``: what --scale_weight_norms did this step (``max_norm.MaxNormReport``)."""
         if self.writer is None:
             return
         self.writer.add_scalar("loss/current", loss, step)
         self.writer.add_scalar("loss/average", average, step)
         for name, rate in rates.items():
             self.writer.add_scalar(f"lr/{name}", rate, step)
+        if norms is not None:
+            self.writer.add_scalar("max_norm/keys_scaled", norms.keys_scaled, step)
+            self.writer.add_scalar("max_norm/max_key_norm", norms.max_norm, step)
+            self.writer.add_scalar("norm/avg_key_norm", norms.average_norm, step)
 
-    def step_validation(self, step: int, loss: float) -> None:
+    def step_validation(self, step: int, loss: float, training_average: float) -> None:
+        """The validation loss and how far it is above the training loss's running average (overfitting shows as a
+        growing divergence)."""
         if self.writer is not None:
-            self.writer.add_scalar("loss/validation/step_current", loss, step)
+            self.writer.add_scalar("loss/validation/step_average", loss, step)
+            self.writer.add_scalar("loss/validation/step_divergence", loss - training_average, step)
 
     def epoch(self, epoch: int, average: float, validation: float | None = None) -> None:
         if self.writer is None:
@@ -44,6 +52,7 @@ class Tracker:
         self.writer.add_scalar("loss/epoch_average", average, epoch)
         if validation is not None:
             self.writer.add_scalar("loss/validation/epoch_average", validation, epoch)
+            self.writer.add_scalar("loss/validation/epoch_divergence", validation - average, epoch)
 
     def close(self) -> None:
         if self.writer is not None:

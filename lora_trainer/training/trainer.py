@@ -480,7 +480,7 @@ class TrainingRun:
         self.progress.update(1)
         self.progress.set_postfix(epoch=epoch + 1, avr_loss=f"{average:.4f}")
         rates = group_rates(optimizer)
-        self.tracker.step(state.step, value, average, rates)
+        self.tracker.step(state.step, value, average, rates, norms)
         self.events.emit("step", step=state.step, total=self.total_steps, epoch=epoch + 1, loss=value, average=average,
                          lr=part_rates(rates), **({"lr_groups": rates} if len(rates) > 2 else {}),
                          seconds=round(now - self._last_time, 4),
@@ -591,7 +591,8 @@ class TrainingRun:
         if not every or not self.data.validation or step % every or not self.world.is_main:
             return
         self.state.step_validation_loss[step] = loss = self.validation_loss()
-        self.tracker.step_validation(step, loss)
+        window = self.state.losses[-self.data.batches_per_epoch:]
+        self.tracker.step_validation(step, loss, sum(window) / max(1, len(window)))
         self.events.emit("validation", step=step, loss=loss)
 
     def judgement(self) -> dict[str, str]:
