@@ -204,10 +204,22 @@ def test_full_fp16_with_moments_that_vanish_in_fp16_is_refused_before_training(o
     validate(options("AdamW8bit"))  # 8-bit state with fp32 scales: fine
 
 
-@pytest.mark.parametrize("name", ["AdamWScheduleFree", "RAdamScheduleFree", "prodigyplus.ProdigyPlusScheduleFree"])
-def test_schedule_free_optimizers_are_refused_by_what_they_are(name):
-    """They need train()/eval() around every sample and save; "not known" would send the user looking for a typo."""
-    parameter = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(UserError, match=f"--optimizer_type {name}: the schedule-free optimizers are not supported here yet"):
-        make_optimizer(name, [{"params": [parameter]}], 1e-3, [])
+def test_a_schedule_free_optimizer_is_used_with_its_averaged_weights_and_trains_on_after():
+    """sd-scripts' *ScheduleFree: trained on one sequence of weights (y), sampled and saved with another (x);
+    ``evaluating`` switches there and back on the same numbers, once however deeply it is nested."""
+    from lora_trainer.training.optimizers import evaluating
 
+    parameter = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    optimizer = make_optimizer("AdamWScheduleFree", [{"params": [parameter]}], 0.1, [])
+    for _ in range(3):
+        parameter.grad = parameter.detach().clone()
+        optimizer.step()
+    training = parameter.detach().clone()
+    with evaluating(optimizer):
+        used = parameter.detach().clone()
+        with evaluating(optimizer):
+            assert torch.equal(parameter.detach(), used)
+    assert not torch.allclose(used, training)  # the averaged weights, not the ones it trains on
+    assert torch.allclose(parameter.detach(), training, atol=1e-6) and optimizer.param_groups[0]["train_mode"]
+    with evaluating(make_optimizer("AdamW", [{"params": [parameter]}], 0.1, [])):  # others: nothing to switch
+        assert torch.allclose(parameter.detach(), training, atol=1e-6)

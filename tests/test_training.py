@@ -1191,6 +1191,25 @@ def test_dim_from_weights_writes_the_files_rank_and_alpha_and_needs_the_file(bas
     assert "--dim_from_weights takes the network's shape from --network_weights: give that file" in capsys.readouterr().err
 
 
+def test_a_schedule_free_run_stopped_and_resumed_ends_as_the_uninterrupted_one(dataset, tmp_path):
+    """AdamWScheduleFree saves (files and states) its averaged weights; a resumed run turns them back into the ones
+    it trains on, exactly as the uninterrupted run did after the same save."""
+    schedule_free = ("--optimizer_type", "AdamWScheduleFree", "--lr_scheduler", "cosine", "--save_every_n_epochs", "1")
+    assert run(dataset, tmp_path / "whole", *schedule_free) == 0
+    events, _ = read_events(tmp_path / "whole" / "star.events.jsonl")
+    assert any(e["message"].startswith("--optimizer_type AdamWScheduleFree makes its own schedule: --lr_scheduler cosine")
+               for e in events if e["event"] == "warning")
+    assert len({tuple(e["lr"]) for e in events if e["event"] == "step"}) == 1  # no cosine applied on top
+    stop = tmp_path / "stop"
+    stop.write_text("stop")
+    assert run(dataset, tmp_path / "a", *schedule_free, "--stop_file", str(stop)) == 0
+    state = next(e["path"] for e in read_events(tmp_path / "a" / "star.events.jsonl")[0] if e["event"] == "state")
+    assert run(dataset, tmp_path / "b", *schedule_free, "--resume", state) == 0
+    for name in ("star-000001.safetensors", "star.safetensors"):
+        resumed, whole = weights(tmp_path / "b" / name), weights(tmp_path / "whole" / name)
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole), name
+
+
 def test_an_unexpected_failure_still_ends_the_event_stream_with_an_error(dataset, tmp_path, monkeypatch):
     """The UI and the API read the events only: a bug must show there too, not just in a console nobody sees."""
     def broken(*_, **__):

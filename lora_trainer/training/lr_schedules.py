@@ -279,6 +279,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     warmup_steps = resolve_warmup(warmup, total_steps)
     if getattr(optimizer, "uses_relative_step", False):
         name = "adafactor"
+    if callable(getattr(optimizer, "eval", None)):  # schedule-free: its own schedule (sd-scripts' dummy scheduler)
+        name, warmup_steps = "constant", 0
     shape = check_schedule(name, warmup_steps, scheduler_args)
     initial_lr = optimizer.defaults.get("lr")
     if name == "polynomial" and not (initial_lr and initial_lr > shape.lr_end):

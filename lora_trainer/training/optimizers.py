@@ -17,6 +17,8 @@ from __future__ import annotations
 import ast
 import importlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +72,8 @@ OPTIMIZERS: dict[str, OptimizerSource] = {
     "DAdaptLion": _dadapt("DAdaptLion"),
     "DAdaptSGD": _dadapt("DAdaptSGD"),
     "Prodigy": OptimizerSource("prodigyopt", "Prodigy", "prodigyopt"),
+    **{name: OptimizerSource("schedulefree", name, "schedulefree")
+       for name in ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree")},
 }
 _BY_LOWER_NAME = {name.lower(): source for name, source in OPTIMIZERS.items()}
 
@@ -120,15 +124,7 @@ def moments_underflow_in_fp16(optimizer_type: str) -> bool:
     return optimizer_type.rpartition(".")[2].lower() in _FP16_MOMENTS
 
 
-# sd-scripts' schedule-free optimizers: they must be switched between train() and eval() around every sample and
-# save (the saved weights are the averaged ones), which this loop does not do
-_SCHEDULE_FREE = {"radamschedulefree", "adamwschedulefree", "sgdschedulefree"}
-
-
 def _unknown(optimizer_type: str) -> UserError:
-    if optimizer_type.lower() in _SCHEDULE_FREE or "schedulefree" in optimizer_type.lower():
-        return UserError(f"--optimizer_type {optimizer_type}: the schedule-free optimizers are not supported here yet; "
-                         "choose AdamW (or Prodigy), or run this command with sd-scripts (--backend sd-scripts=PATH)")
     return UserError(f"--optimizer_type {optimizer_type!r} is not known; use one of: {', '.join(OPTIMIZERS)}, "
                      f"a torch.optim class name (e.g. RAdam) or a module.Class path")
 
@@ -138,8 +134,6 @@ def _resolve(optimizer_type: str) -> tuple[type, OptimizerSource | None]:
     source = _BY_LOWER_NAME.get((optimizer_type or "AdamW").lower())
     if source is not None:
         return _import_class(source.module, source.class_name, optimizer_type or "AdamW", source.pip_package), source
-    if "schedulefree" in optimizer_type.lower():
-        raise _unknown(optimizer_type)
     if "." in optimizer_type:
         module_path, _, class_name = optimizer_type.rpartition(".")
         optimizer_class = _import_class(module_path, class_name, optimizer_type, None)
@@ -157,6 +151,26 @@ def _adafactor_kwargs(kwargs: dict) -> dict:
     if kwargs.get("warmup_init", False):
         kwargs["relative_step"] = True
     return kwargs
+
+
+def is_schedule_free(optimizer_type: str | None) -> bool:
+    """sd-scripts' test (any ``…ScheduleFree``, ProdigyPlus's too): it keeps two sets of weights, trains on one and is
+    used as the other, and makes its own schedule."""
+    return (optimizer_type or "").lower().endswith("schedulefree")
+
+
+@contextmanager
+def evaluating(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """A schedule-free optimizer's weights as they are to be used (sampled, validated, saved), then back to the ones
+    it trains on; nothing for other optimizers, nor inside an outer ``evaluating``."""
+    switch = callable(getattr(optimizer, "eval", None)) and optimizer.param_groups[0].get("train_mode", False)
+    if switch:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            optimizer.train()
 
 
 def takes_its_own_step(optimizer_type: str | None, optimizer_args: list[str] | None) -> bool:
@@ -192,6 +206,8 @@ def make_optimizer(optimizer_type: str, param_groups: list[dict], learning_rate:
         raise UserError(f"--optimizer_type {optimizer_type or 'AdamW'} with --optimizer_args "
                         f"{' '.join(optimizer_args or [])!r}: {error}") from None
     optimizer.sd_scripts_kwargs = kwargs  # what ss_optimizer shows, sd-scripts' filled-in defaults included
+    if is_schedule_free(optimizer_type):
+        optimizer.train()  # they start in neither mode
     return optimizer
 
 

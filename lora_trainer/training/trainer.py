@@ -43,7 +43,8 @@ from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
-from .optimizers import clip_grad_norm_, make_optimizer, optimizer_label, takes_its_own_step
+from .optimizers import (clip_grad_norm_, evaluating, is_schedule_free, make_optimizer, optimizer_label,
+                         takes_its_own_step)
 from .options import FIELDS, TrainOptions, join_command_line
 from .outputs import OutputPlan, RunMetadata
 from .samples import draw_samples, read_prompts
@@ -316,6 +317,8 @@ class TrainingRun:
         # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
         self.scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
         self.state = self._starting_state()
+        if is_schedule_free(options.optimizer):  # a state holds the weights as they are used: back to training ones
+            self.optimizer.train()
 
         self.plan.num_epochs = self.num_epochs
         self.metadata = RunMetadata(options, config, self.model, self.spec, data, seed, self.started,
@@ -555,21 +558,25 @@ class TrainingRun:
         return self.config.prediction_type == "v_prediction"
 
     def sample(self, epoch: int | None, step: int) -> None:
-        if not self.prompts or not self.world.is_main:
+        if not self.prompts:
             return
-        self.network.eval().set_multiplier(1.0)
-        try:
-            paths = draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
-                                 self.options.output_name, epoch, step, self.options.clip_skip or 1)
-        except Exception as error:  # a sample shows the training; it is never worth the training itself
-            paths = []
-            self.events.emit("warning", message=f"the samples at step {step} failed ({type(error).__name__}: {error}); "
-                             "training goes on without them")
-        finally:
-            self.network.train()
+        with evaluating(self.optimizer):  # every rank: a schedule-free optimizer's weights as they are used
+            paths = self._draw_samples(epoch, step) if self.world.is_main else []
         release_cached_memory(self.device, self.options)
         for path in paths:
             self.events.emit("sample", path=str(path), epoch=epoch, step=step)
+
+    def _draw_samples(self, epoch: int | None, step: int) -> list[Path]:
+        self.network.eval().set_multiplier(1.0)
+        try:
+            return draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
+                                self.options.output_name, epoch, step, self.options.clip_skip or 1)
+        except Exception as error:  # a sample shows the training; it is never worth the training itself
+            self.events.emit("warning", message=f"the samples at step {step} failed ({type(error).__name__}: {error}); "
+                             "training goes on without them")
+            return []
+        finally:
+            self.network.train()
 
     def validation_loss(self) -> float:
         self.network.eval().set_multiplier(1.0)
@@ -581,19 +588,23 @@ class TrainingRun:
 
     def validate(self, epoch: int) -> None:
         every = self.options.validate_every_n_epochs or 1
-        if not self.data.validation or epoch % every or not self.world.is_main:
+        if not self.data.validation or epoch % every:
             return
-        self.state.epoch_validation_loss[epoch] = loss = self.validation_loss()
-        self.events.emit("validation", epoch=epoch, step=self.state.step, loss=loss)
+        with evaluating(self.optimizer):  # on every rank, the same weights after it
+            if self.world.is_main:
+                self.state.epoch_validation_loss[epoch] = loss = self.validation_loss()
+                self.events.emit("validation", epoch=epoch, step=self.state.step, loss=loss)
 
     def validate_at_step(self, step: int) -> None:
         every = self.options.validate_every_n_steps
-        if not every or not self.data.validation or step % every or not self.world.is_main:
+        if not every or not self.data.validation or step % every:
             return
-        self.state.step_validation_loss[step] = loss = self.validation_loss()
-        window = self.state.losses[-self.data.batches_per_epoch:]
-        self.tracker.step_validation(step, loss, sum(window) / max(1, len(window)))
-        self.events.emit("validation", step=step, loss=loss)
+        with evaluating(self.optimizer):  # on every rank, the same weights after it
+            if self.world.is_main:
+                self.state.step_validation_loss[step] = loss = self.validation_loss()
+                window = self.state.losses[-self.data.batches_per_epoch:]
+                self.tracker.step_validation(step, loss, sum(window) / max(1, len(window)))
+                self.events.emit("validation", step=step, loss=loss)
 
     def judgement(self) -> dict[str, str]:
         """What the files record about how the run went (our key; sd-scripts' readers ignore it)."""
@@ -607,20 +618,22 @@ class TrainingRun:
 
     def save_state_file(self, path: Path, stopped: bool = False) -> None:
         """``stopped``: saved because the run was asked to stop (or pause), to be resumed from."""
-        if not self.world.is_main:
-            return
-        with _writing(path):
-            save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state, self._facts())
-        self.events.emit("state", action="saved", path=str(path), epoch=self.state.epoch, step=self.state.step,
-                         **({"stopped": True} if stopped else {}))
+        with evaluating(self.optimizer):  # a schedule-free optimizer's weights as they are used
+            if not self.world.is_main:
+                return
+            with _writing(path):
+                save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state, self._facts())
+            self.events.emit("state", action="saved", path=str(path), epoch=self.state.epoch, step=self.state.step,
+                             **({"stopped": True} if stopped else {}))
 
     def save_network_file(self, path: Path, epoch: int, step: int) -> None:
-        if not self.world.is_main:
-            return
-        with _writing(path):
-            saved = self.plan.save(self.network, path, self.metadata.build(epoch, step, self.judgement()))
-        self.written.append(saved)
-        self.events.emit("saved", path=str(saved), epoch=epoch, step=step)
+        with evaluating(self.optimizer):  # a schedule-free optimizer's weights as they are used
+            if not self.world.is_main:
+                return
+            with _writing(path):
+                saved = self.plan.save(self.network, path, self.metadata.build(epoch, step, self.judgement()))
+            self.written.append(saved)
+            self.events.emit("saved", path=str(saved), epoch=epoch, step=step)
 
 
 def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_dtype: torch.dtype) -> list[str]:
@@ -637,6 +650,10 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
         warnings.append(f"--optimizer_type Adafactor takes its own step size (relative_step, its default): "
                         f"{', '.join(unused)} change nothing, as in sd-scripts; for fixed rates add --optimizer_args "
                         "relative_step=False scale_parameter=False warmup_init=False")
+    if is_schedule_free(options.optimizer) and (options.lr_scheduler != "constant" or options.lr_warmup_steps):
+        warnings.append(f"--optimizer_type {options.optimizer} makes its own schedule: --lr_scheduler "
+                        f"{options.lr_scheduler} and --lr_warmup_steps change nothing, as in sd-scripts; give it a "
+                        "warm-up with --optimizer_args warmup_steps=N")
     ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(options, name)]
     if options.dataset_config and ignored:  # sd-scripts says the same
         warnings.append(f"--dataset_config {options.dataset_config} describes the data: {' and '.join(ignored)} "
