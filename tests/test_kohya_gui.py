@@ -88,6 +88,8 @@ def test_gui_rates_noise_and_unset_values_read_as_the_gui_reads_them(tmp_path):
     assert read(tmp_path, seed="0")[0].seed is None and read(tmp_path, seed="42")[0].seed == 42  # "0" is unset there
     assert read(tmp_path, dataset_config="my dataset.toml")[0].dataset_config == "my dataset.toml"
     assert not read(tmp_path, lr_scheduler="constant", lr_warmup=10)[0].lr_warmup_steps  # the GUI zeroes it there
+    whole = read(tmp_path, lr_warmup=100)[0]  # 100 %: the whole run warms up, not one step
+    assert whole.lr_warmup_steps == 1.0 and isinstance(whole.lr_warmup_steps, float)
 
 
 def test_gui_lycoris_types_carry_their_network_args_and_drop_what_lycoris_ignores(tmp_path):

@@ -84,12 +84,12 @@ def test_cosine_with_min_lr_equals_transformers_with_sd_scripts_half_cycles():
 
 
 @pytest.mark.parametrize("given, total, steps", [(0, 100, 0), (10, 100, 10), (0.1, 95, 9), (0.999, 10, 9), ("5%", 200, 10),
-                                                  ("0.5", 7, 3), (None, 50, 0), (1.0, 50, 1)])
+                                                  ("0.5", 7, 3), (None, 50, 0), (1, 50, 1), (1.0, 50, 50), ("100%", 50, 50)])
 def test_warmup_as_steps_or_fraction_of_all_steps(given, total, steps):
     assert resolve_warmup(given, total) == steps
 
 
-@pytest.mark.parametrize("given", [1.5, -1, "ten", "-5%", float("nan")])
+@pytest.mark.parametrize("given", [1.5, -1, "ten", "-5%", float("nan"), "150%"])
 def test_unusable_warmup_is_refused_by_name(given):
     with pytest.raises(UserError, match="--lr_warmup_steps"):
         resolve_warmup(given, 100)

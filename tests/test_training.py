@@ -909,7 +909,8 @@ def test_output_config_writes_the_config_file_as_sd_scripts_names_it_and_it_read
     assert "add --config_file NAME" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("given, written", [("10", "10"), ("10.0", "10"), ("10%", "0.1"), ("0.05", "0.05")])
+@pytest.mark.parametrize("given, written", [("10", "10"), ("10.0", "10"), ("10%", "0.1"), ("0.05", "0.05"),
+                                            ("100%", "1.0")])
 def test_warm_up_steps_are_written_as_sd_scripts_reads_them(given, written, tmp_path, capsys):
     """sd-scripts reads any float warm-up as a share of the run (10.0 → ten times the run, the rate never rises)
     and refuses "10.0" on its command line: whole steps must come out as an int in the TOML and the command."""
@@ -923,7 +924,8 @@ def test_warm_up_steps_are_written_as_sd_scripts_reads_them(given, written, tmp_
     assert f"lr_warmup_steps = {written}\n" in text and f"lr_decay_steps = {written}\n" in text
     capsys.readouterr()
     assert train_main([*command, "--print-kohya-command"]) == 0
-    assert f"--lr_warmup_steps {written} --lr_decay_steps {written}" in capsys.readouterr().out
+    on_the_command_line = "100%" if written == "1.0" else written  # sd-scripts refuses 1.0 there
+    assert f"--lr_warmup_steps {on_the_command_line} --lr_decay_steps {on_the_command_line}" in capsys.readouterr().out
     assert parse_args(["--config_file", str(name)])[0].lr_warmup_steps == parse_args(command)[0].lr_warmup_steps
 
 

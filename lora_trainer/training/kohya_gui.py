@@ -102,7 +102,7 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     if data.get("lr_scheduler", "constant") == "constant":  # the GUI zeroes (and locks) the warm-up for it
         options.pop("lr_warmup_steps", None)
     elif not _set(data.get("lr_warmup_steps")) and _number(data.get("lr_warmup")):
-        options["lr_warmup_steps"] = _number(data["lr_warmup"]) / 100  # a percentage of the steps: sd-scripts' ratio
+        options["lr_warmup_steps"] = f"{_number(data['lr_warmup']):g}%"  # a share of the steps, 100% too
     for name in ("optimizer_args", "lr_scheduler_args"):  # one text field in the GUI, a list for sd-scripts
         if isinstance(options.get(name), str):
             options[name] = options[name].replace('"', "").split()

@@ -38,9 +38,10 @@ def check_scheduler_name(name: str) -> str:
 
 
 def steps_or_fraction(value: int | float | str) -> int | float:
-    """sd-scripts' ``int_or_float`` for ``--lr_warmup_steps``/``--lr_decay_steps``: ``"10%"`` and numbers below 1 are a
-    fraction of all steps (a float), 1 and more a whole number of steps (an int, which is how a TOML file or a command
-    line written from it must show it: sd-scripts reads any float as a fraction). ValueError says what is wrong."""
+    """sd-scripts' ``int_or_float`` for ``--lr_warmup_steps``/``--lr_decay_steps``: ``"10%"`` (up to ``"100%"``, or a
+    TOML's ``1.0``: the whole run) and numbers below 1 are a fraction of all steps (a float), 1 and more a whole number
+    of steps (an int, which is how a TOML file or a command line written from it must show it: sd-scripts reads any
+    float as a fraction). ValueError says what is wrong."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("give a number of steps, a fraction below 1 or a percentage such as 10%")
     text = str(value).strip()
@@ -50,6 +51,10 @@ def steps_or_fraction(value: int | float | str) -> int | float:
         raise ValueError("give a number of steps, a fraction below 1 or a percentage such as 10%") from None
     if not math.isfinite(number) or number < 0:
         raise ValueError("must be a number of steps, a fraction or a percentage, not negative")
+    if text.endswith("%") or (isinstance(value, float) and value == 1.0):
+        if number > 1:
+            raise ValueError("a percentage of the run cannot pass 100%")
+        return number
     if number < 1:
         return number
     if number != int(number):

@@ -707,6 +707,8 @@ def kohya_command(options: TrainOptions, script: str = "train_network.py", windo
     """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell."""
     parts = ["accelerate", "launch", script]
     for name, value in non_default(options).items():
+        if FIELDS[name].type == "int | float" and value == 1.0 and isinstance(value, float):
+            value = "100%"  # the whole run: sd-scripts' command line reads 1.0 as a step count, and refuses it
         if isinstance(value, bool):
             parts.append(f"--{name}")
         elif isinstance(value, list):
