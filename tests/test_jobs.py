@@ -15,6 +15,7 @@ import pytest
 from lora_trainer.errors import UserError
 from lora_trainer.jobs.runner import JobRunner
 from lora_trainer.jobs.store import JobStore
+from lora_trainer.training.events import read_events
 
 # A stand-in trainer: reads its config like the real one, writes events, obeys (or ignores) the stop file.
 FAKE_TRAINER = textwrap.dedent('''
@@ -29,6 +30,9 @@ FAKE_TRAINER = textwrap.dedent('''
     if mode == "fail":
         emit("error", message="the dataset has no usable training images")
         sys.exit(2)
+    if mode == "die":  # what the kernel's out-of-memory killer does: nothing said, nothing logged
+        import os, signal
+        os.kill(os.getpid(), signal.SIGKILL)
     if mode in ("wait", "ignore"):
         control = Path(options["stop_file"])
         while not (mode == "wait" and control.exists() and control.read_text() not in ("", "save")):
@@ -118,6 +122,18 @@ def test_a_failing_job_keeps_the_trainers_message(runner, tmp_path):
     assert job.status == "failed" and "no usable training images" in job.message
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_killed_trainer_is_said_in_the_job_and_ends_its_event_stream(runner, tmp_path):
+    """Killed (out of memory, say), the trainer writes nothing: the job and the stream that the UI, the API and an
+    EventSource waiting for its end read must still say what happened."""
+    job = runner.submit("killed", options(tmp_path, "die"))
+    job = runner.run_next()
+    assert job.status == "failed"
+    assert job.message == "the trainer was killed (SIGKILL) before it could say why: the system may have run out of memory"
+    events, _ = read_events(job.events_path)
+    assert [e["event"] for e in events] == ["start", "error"] and events[-1]["message"] == job.message
+
+
 def _run_in_background(runner):
     thread = threading.Thread(target=runner.run_next)
     thread.start()
@@ -163,6 +179,8 @@ def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path):
     thread.join(timeout=10)
     assert runner.store.get(job.id).status == "stopped"
     assert "killed" in runner.store.get(job.id).message
+    assert read_events(job.events_path)[0][-1] == {**read_events(job.events_path)[0][-1], "event": "error",
+                                                   "message": runner.store.get(job.id).message}
 
 
 def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(runner, tmp_path):

@@ -224,7 +224,7 @@ class JobRunner:
         self._process, self._current = process, job.id
         job = self.store.update(job.id, status="running", started=time.time(), pid=process.pid)
         self._notify(job)
-        offset, files, last_state, error = 0, [], None, None
+        offset, files, last_state, error, ended = 0, [], None, None, False
         stop_seen_at = None
         while True:
             finished = process.poll() is not None
@@ -236,6 +236,7 @@ class JobRunner:
                     last_state = event["path"]
                 elif event["event"] == "error":
                     error = event.get("message")
+                ended = ended or event["event"] in ("end", "error")
                 if self.on_event:
                     try:
                         self.on_event(job, event)
@@ -259,7 +260,10 @@ class JobRunner:
         elif code == 0:
             status, message = "finished", None
         else:
-            status, message = "failed", error or _tail(job.folder / "trainer.log")
+            status, message = "failed", error or _tail(job.folder / "trainer.log") or _exit_reason(code)
+        if not ended and status in ("failed", "stopped") and code != 0:  # killed: say so where the UI and API read
+            with EventLog(job.events_path) as events:  # appends
+                events.emit("error", message=message)
         self._process, self._current = None, None
         self._stop_requested.discard(job.id)
         self._pause_requested.discard(job.id)
@@ -293,6 +297,17 @@ class JobRunner:
 
 def _tail(path: Path, lines: int = 5) -> str:
     try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]).strip()
     except OSError:
-        return "the trainer exited with an error"
+        return ""
+
+
+def _exit_reason(code: int) -> str:
+    """What an exit code says when the trainer could say nothing (killed, out of memory on the host …)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the trainer was killed ({name}) before it could say why: the system may have run out of memory"
+    return f"the trainer exited with code {code} before it could say why"
