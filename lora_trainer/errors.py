@@ -5,7 +5,12 @@ from collections.abc import Iterable
 
 
 class UserError(Exception):
-    """An error caused by user input; the CLI prints its message without a traceback."""
+    """An error caused by user input; the CLI prints its message without a traceback. ``field`` names the option or
+    form field it is about, when there is one, so the API and the UI can point at it."""
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def with_closest(names: Iterable[str], known: Iterable[str], prefix: str = "") -> str:

@@ -11,8 +11,7 @@ from ..safe_io import is_plain_name
 
 class PathNotAllowed(UserError):
     def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field)
 
 
 def unquoted(value: str) -> str:

@@ -129,6 +129,17 @@ def _unknown(optimizer_type: str) -> UserError:
                      f"a torch.optim class name (e.g. RAdam) or a module.Class path")
 
 
+def check_optimizer_name(optimizer_type: str) -> None:
+    """An unknown name is refused with the options, before a job is queued or a model loaded; a dotted path or a
+    known name whose package is missing is said when the optimizer is made."""
+    name = optimizer_type or "AdamW"
+    if name.lower() in _BY_LOWER_NAME or "." in name:
+        return
+    found = getattr(torch.optim, name, None)
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        raise _unknown(name)
+
+
 def _resolve(optimizer_type: str) -> tuple[type, OptimizerSource | None]:
     """The optimizer class; like sd-scripts, other names are looked up in torch.optim, dotted ones are imported."""
     source = _BY_LOWER_NAME.get((optimizer_type or "AdamW").lower())

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import numbers
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import toml
 from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
 from .lr_schedules import steps_or_fraction
-from .optimizers import moments_underflow_in_fp16
+from .optimizers import check_optimizer_name, moments_underflow_in_fp16
 
 LONGEST_OUTPUT_NAME_BYTES = 200  # leaves room for what a run adds to it within a file name's 255 bytes
 
@@ -439,14 +440,15 @@ def _normalised(name: str, value: Any, source: str) -> Any:
         try:
             return steps_or_fraction(value)
         except ValueError as error:
-            raise UserError(f"{source}: {name} = {value!r}: {error}") from None
+            raise UserError(f"{source}: {name} = {value!r}: {error}", name) from None
     kind = _NUMBERS.get(f.type)
     if kind is None or value is None:
         return value
     try:
         return [_number(kind, v) for v in value] if isinstance(value, (list, tuple)) else _number(kind, value)
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{source}: {name} = {value!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        raise UserError(f"{source}: {name} = {value!r} is not {'a whole number' if kind is int else 'a number'}",
+                        name) from None
 
 
 def _number(kind: type, value: Any) -> int | float:
@@ -467,11 +469,11 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
     foreign = sorted(k for k, v in values.items() if k in FOREIGN and v not in (None, False, "", []))
     unknown = sorted(k for k in values if k not in FIELDS and k not in FOREIGN)
     if unknown:
-        raise UserError(f"{source}: unknown option(s) {with_closest(unknown, FIELDS)}")
+        raise UserError(f"{source}: unknown option(s) {with_closest(unknown, FIELDS)}", unknown[0])
     options = TrainOptions(**{k: _normalised(k, v, source) for k, v in values.items() if k in FIELDS})
     if foreign:
         raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
-                        "(or run the same command with sd-scripts)")
+                        "(or run the same command with sd-scripts)", foreign[0])
     validate(options)
     return options
 
@@ -569,6 +571,9 @@ def validate(options: TrainOptions) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(options, name) < 1:
             problems.append(f"--{name} must be at least 1")
+    if options.max_train_epochs is not None and options.max_train_epochs < 0:  # 0 is "not set", as in the Kohya GUI
+        problems.append(f"--max_train_epochs {options.max_train_epochs}: give 1 or more epochs, or 0 (or leave it out) to "
+                        "count the run in --max_train_steps")
     if options.resolution is not None:
         try:
             sides = [int(v) for v in str(options.resolution).split(",")]
@@ -613,6 +618,10 @@ def validate(options: TrainOptions) -> None:
     if options.network_weights and not options.backend and not Path(options.network_weights).is_file():
         problems.append(f"--network_weights {options.network_weights}: no such network file; give the LoRA file to "
                         "continue training from, or leave the option out to start a new one")
+    try:
+        check_optimizer_name(options.optimizer)
+    except UserError as problem:
+        problems.append(str(problem))
     if options.dim_from_weights and not options.network_weights:
         problems.append("--dim_from_weights takes the network's shape from --network_weights: give that file, or drop "
                         "--dim_from_weights")
@@ -642,7 +651,9 @@ def validate(options: TrainOptions) -> None:
     if options.pretrained_model_name_or_path is None:
         problems.append("no base model: give --pretrained_model_name_or_path")
     if problems:
-        raise UserError("; ".join(problems))
+        # each problem starts with the option it is about (--name …), which the API and the UI point at
+        first_option = re.match(r"--(\w+)", problems[0])
+        raise UserError("; ".join(problems), first_option and first_option[1])
 
 
 def resolution_of(options: TrainOptions) -> tuple[int, int] | None:
