@@ -165,6 +165,13 @@ def test_unicode_and_spaces_in_folder_and_file_names(tmp_path):
     assert loaded.tag_frequency == {"10_猫 cat": {"猫": 1, "白い背景": 1}}
 
 
+def test_folders_without_resolution_ask_for_the_option_not_for_a_file_to_set_it_in(tmp_path):
+    image(tmp_path / "10_zk" / "a.png")
+    with pytest.raises(UserError, match=r"^--train_data_dir .*: no --resolution; give the training size") as error:
+        config_from_folders(tmp_path, None, {"caption_extension": ".txt"})
+    assert "[[datasets]]" not in str(error.value) and error.value.field == "resolution"
+
+
 def test_a_dataset_without_any_image_is_refused_with_the_folders_it_looked_in(tmp_path):
     (tmp_path / "10_zk").mkdir()
     group = config_from_folders(tmp_path, None, CLI)

@@ -370,10 +370,12 @@ def _check_dataset_values(source: str, table: str, dataset: DatasetConfig) -> Da
         if subset.face_crop_aug_range is not None and subset.face_crop_aug_range[0] > subset.face_crop_aug_range[1]:
             raise UserError(f"{source}: face_crop_aug_range in {table} must be [low, high] with low <= high.")
     if dataset.resolution is None:
-        raise UserError(
-            f"{source}: {table} has no resolution; set resolution = 512 (or [width, height]) in [general] or "
-            "[[datasets]], or pass --resolution."
-        )
+        sizes = "512 for SD1, 768 for SD2-768, 1024 for SDXL"
+        if source.startswith("--"):  # folders named on the command line: there is no file to set it in
+            raise UserError(f"{source}: no --resolution; give the training size ({sizes}; or width,height), around "
+                            "which the images are bucketed.", "resolution")
+        raise UserError(f"{source}: {table} has no resolution; set resolution = 512 (or [width, height]; {sizes}) in "
+                        "[general] or [[datasets]], or pass --resolution.", "resolution")
     if min(dataset.resolution) < 1:
         raise UserError(f"{source}: resolution of {table} is {dataset.resolution}; both sides must be positive.")
     if not dataset.enable_bucket:
