@@ -62,8 +62,9 @@ def runner(tmp_path):
 
 
 def options(tmp_path, mode: str) -> dict:
+    (tmp_path / "data" / "1_zk").mkdir(parents=True, exist_ok=True)  # a job is checked for its folders when submitted
     return {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": str(tmp_path / "data"),
-            "output_dir": str(tmp_path / f"out-{mode}"), "training_comment": mode}
+            "resolution": "64", "output_dir": str(tmp_path / f"out-{mode}"), "training_comment": mode}
 
 
 def test_jobs_run_one_at_a_time_in_order_and_record_their_files(runner, tmp_path):

@@ -145,8 +145,11 @@ class JobRunner:
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),
                   "state_dir": str(job.state_folder)}
+        from ..training.data import dataset_group  # torch: imported when a job is submitted, not with the tabs
+
         try:
-            options_from(values, f"job {name}")
+            # the dataset's layout and resolution too: a job that would fail as it starts is refused instead
+            dataset_group(options_from(values, f"job {name}"))
         except UserError:
             self.store.delete(job.id)
             raise

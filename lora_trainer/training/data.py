@@ -23,7 +23,7 @@ import torch
 
 from ..dataset import buckets as B
 from ..dataset import captions as C
-from ..dataset.config import DatasetConfig, SubsetConfig, load_dataset_config
+from ..dataset.config import DatasetConfig, DatasetGroupConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import read_image_size
 from ..dataset.layouts import (config_from_folders, config_from_metadata, dataset_images, face_in_name, list_images,
                                regularization_repeats)
@@ -503,14 +503,19 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     return DatasetPlan(dataset, train, reg, validation, images.tag_frequency)
 
 
-def build_training_data(options: TrainOptions, config, seed: int, world_size: int = 1) -> TrainingData:
+def dataset_group(options: TrainOptions) -> DatasetGroupConfig:
+    """The datasets the run reads, resolved with its options: from --dataset_config, --in_json (fine-tuning) or the
+    folders. No image is opened, so a job can be checked with it before it is queued."""
     if options.dataset_config:
-        group = load_dataset_config(Path(options.dataset_config), options, support_controlnet=options.masked_loss)
-    elif options.in_json:  # sd-scripts' fine-tuning mode: one subset, --train_data_dir is where its images are
-        group = config_from_metadata(Path(options.train_data_dir) if options.train_data_dir else None, Path(options.in_json), options)
-    else:
-        reg = Path(options.reg_data_dir) if options.reg_data_dir else None
-        group = config_from_folders(Path(options.train_data_dir), reg, options)
+        return load_dataset_config(Path(options.dataset_config), options, support_controlnet=options.masked_loss)
+    if options.in_json:  # sd-scripts' fine-tuning mode: one subset, --train_data_dir is where its images are
+        return config_from_metadata(Path(options.train_data_dir) if options.train_data_dir else None, Path(options.in_json), options)
+    reg = Path(options.reg_data_dir) if options.reg_data_dir else None
+    return config_from_folders(Path(options.train_data_dir), reg, options)
+
+
+def build_training_data(options: TrainOptions, config, seed: int, world_size: int = 1) -> TrainingData:
+    group = dataset_group(options)
     notes = list(group.warnings)
     _check_augmentations(group.datasets, options)
     datasets = [_plan_dataset(i, d, notes, seed) for i, d in enumerate(group.datasets)]

@@ -40,7 +40,8 @@ def job_body(app_settings, make_dataset):
     checkpoint = app_settings.checkpoint_folders[0] / "base.safetensors"
     checkpoint.write_bytes(b"not read by the fake trainer")
     return {"name": "zkchar", "options": {"pretrained_model_name_or_path": str(checkpoint),
-                                          "train_data_dir": str(make_dataset()), "max_train_steps": 5}}
+                                          "train_data_dir": str(make_dataset()), "resolution": 64,
+                                          "max_train_steps": 5}}
 
 
 def wait_for(client: TestClient, job_id: int, statuses=("finished", "failed", "stopped", "paused")) -> dict:
@@ -105,7 +106,7 @@ def test_job_runs_streams_events_and_its_file_is_listed(client, job_body, app_se
 def test_flat_kohya_toml_sections_are_accepted(client, job_body):
     options = job_body["options"]
     body = {"name": "flat", "model_arguments": {"pretrained_model_name_or_path": options["pretrained_model_name_or_path"]},
-            "dataset_arguments": {"train_data_dir": options["train_data_dir"]}, "max_train_steps": 2}
+            "dataset_arguments": {"train_data_dir": options["train_data_dir"], "resolution": 64}, "max_train_steps": 2}
     created = client.post(f"{V1}/jobs", json=body)
     assert created.status_code == 201, created.text
     assert created.json()["options"]["max_train_steps"] == 2
@@ -172,6 +173,19 @@ def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, 
     body = {**job_body, **{k: v for k, v in change.items() if k != "options"},
             "options": {**job_body["options"], **change.get("options", {})}}
     assert_error(client.post(f"{V1}/jobs", json=body), status, field=field)
+    assert client.get(f"{V1}/jobs").json()["jobs"] == []
+
+
+def test_a_job_whose_run_would_fail_at_its_dataset_is_refused_not_queued(client, job_body, app_settings):
+    """No --resolution, or a folder without <repeats>_<name> subfolders: a 400 now, not a job that fails as it starts."""
+    options = {k: v for k, v in job_body["options"].items() if k != "resolution"}
+    error = assert_error(client.post(f"{V1}/jobs", json={**job_body, "options": options}), 400, field="resolution")
+    assert "no --resolution; give the training size" in error["message"]
+    flat = app_settings.dataset_roots[0] / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(b"")
+    body = {**job_body, "options": {**job_body["options"], "train_data_dir": str(flat)}}
+    assert "move them into a subfolder such as" in assert_error(client.post(f"{V1}/jobs", json=body), 400)["message"]
     assert client.get(f"{V1}/jobs").json()["jobs"] == []
 
 
@@ -485,7 +499,7 @@ def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fa
     listed = client.get(f"{V1}/checkpoints").json()["checkpoints"]
     assert listed == [{"title": "tiny-sd (embedded demo model)", "path": str(embedded)}]
     options = {"pretrained_model_name_or_path": listed[0]["title"], "train_data_dir": str(make_dataset()),
-               "max_train_steps": 5}
+               "resolution": 64, "max_train_steps": 5}
     response = client.post(f"{V1}/jobs", json={"name": "zkchar", "options": options})
     assert response.status_code == 201, response.text
     assert response.json()["options"]["pretrained_model_name_or_path"] == str(embedded)

@@ -86,9 +86,11 @@ def test_a_job_frees_the_hosts_gpu_refreshes_its_lora_list_and_fills_the_card(tm
     host = RecordingHost()
     services = Services.create(settings, host, start=False,
                                command=lambda job: [sys.executable, str(script), str(job.config_path)], poll=0.05)
-    job = services.runner.submit("star", {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": str(tmp_path),
-                                    "output_dir": str(settings.lora_folder), "output_name": "star",
-                                    "training_comment": str(source)})
+    (tmp_path / "images" / "1_star").mkdir(parents=True)
+    job = services.runner.submit("star", {"pretrained_model_name_or_path": "base.safetensors",
+                                          "train_data_dir": str(tmp_path / "images"), "resolution": "64",
+                                          "output_dir": str(settings.lora_folder), "output_name": "star",
+                                          "training_comment": str(source)})
     write_card_hints(job, 0.45)  # the style preset's weight
     assert services.runner.run_next().status == "finished"
     assert host.calls[0] == "release" and host.calls[-1] == "restore" and "refresh" in host.calls
