@@ -981,6 +981,37 @@ def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(b
     assert epoch_losses(tmp_path / "b" / "star.safetensors") == epoch_losses(baseline / "star.safetensors")
 
 
+def test_regularisation_images_are_counted_and_listed_as_sd_scripts_records_them(dataset, tmp_path):
+    """ss_num_reg_images is the folders' images × repeats before they are balanced against the training images; a
+    --dataset_config run lists only training folders in ss_dataset_dirs (the reg ones are in ss_datasets)."""
+    reg = tmp_path / "reg" / "3_star"
+    reg.mkdir(parents=True)
+    for image in sorted((dataset / "2_zkstar").glob("*.png"))[:4]:
+        shutil.copy(image, reg / image.name)
+
+    def metadata(out: Path) -> dict:
+        with safe_open(str(out / "star.safetensors"), "pt") as handle:
+            return handle.metadata()
+
+    assert run(dataset, tmp_path / "folders", "--reg_data_dir", str(tmp_path / "reg"), "--max_train_steps", "1",
+               "--max_train_epochs", "0") == 0
+    written = metadata(tmp_path / "folders")
+    assert written["ss_num_reg_images"] == "12"  # 4 images × 3, though balanced up to the 32 training images
+    assert json.loads(written["ss_reg_dataset_dirs"]) == {"3_star": {"n_repeats": 3, "img_count": 4}}
+    config = tmp_path / "dataset.toml"
+    config.write_text("[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 64\nbatch_size = 4\n"
+                      f"  [[datasets.subsets]]\n  image_dir = '{(dataset / '2_zkstar').as_posix()}'\n  num_repeats = 2\n"
+                      f"  [[datasets.subsets]]\n  image_dir = '{reg.as_posix()}'\n  num_repeats = 3\n  is_reg = true\n",
+                      encoding="utf-8")
+    assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
+                       "--output_dir", str(tmp_path / "toml"), "--output_name", "star", "--network_module", "networks.lora",
+                       "--max_train_steps", "1", "--cache_latents", "--seed", "3"]) == 0
+    written = metadata(tmp_path / "toml")
+    assert json.loads(written["ss_dataset_dirs"]) == {"2_zkstar": {"n_repeats": 2, "img_count": 16}}
+    assert written["ss_num_reg_images"] == "12" and json.loads(written["ss_datasets"])[0]["num_reg_images"] == 12
+    assert [s["is_reg"] for s in json.loads(written["ss_datasets"])[0]["subsets"]] == [False, True]
+
+
 def test_two_folders_with_the_same_name_are_listed_apart_in_ss_dataset_dirs(dataset, tmp_path):
     for parent in ("a", "b"):
         shutil.copytree(dataset / "2_zkstar", tmp_path / parent / "stars")

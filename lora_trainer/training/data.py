@@ -99,6 +99,7 @@ class DatasetPlan:
     reg: list[ImageRecord]
     validation: list[ImageRecord]
     tag_frequency: dict[str, dict[str, int]]
+    num_reg_images: int  # with their folders' repeats, before they are balanced against the training images
 
 
 class TrainingData:
@@ -117,7 +118,7 @@ class TrainingData:
         self.validation = [r for d in datasets for r in d.validation]
         self.records = self.train + self.reg  # what is trained on
         self.num_images = sum(r.repeats for r in self.train)
-        self.num_reg_images = sum(r.repeats for r in self.reg)
+        self.num_reg_images = sum(d.num_reg_images for d in datasets)
         self.num_validation_images = len(self.validation)
         self.batches_per_epoch = len(self._plan(0))
 
@@ -322,8 +323,8 @@ class TrainingData:
         """sd-scripts' dataset keys: mode A (folders/CLI) or mode B (``--dataset_config``: ``ss_datasets``)."""
         o = self.options
         frequency = C.merged_tag_frequency(d.tag_frequency for d in self.datasets)
-        if self.from_config_file:  # every subset's folder in one table, regularisation ones too, as sd-scripts has it
-            return {"ss_dataset_dirs": json.dumps(self._dirs(self.train + self.reg)), "ss_tag_frequency": json.dumps(frequency),
+        if self.from_config_file:  # the training subsets' folders in one table; sd-scripts leaves regularisation out
+            return {"ss_dataset_dirs": json.dumps(self._dirs(self.train)), "ss_tag_frequency": json.dumps(frequency),
                     "ss_datasets": json.dumps([self._dataset_entry(d) for d in self.datasets])}
         common = {"ss_dataset_dirs": json.dumps(self._dirs(self.train)), "ss_reg_dataset_dirs": json.dumps(self._dirs(self.reg)),
                   "ss_tag_frequency": json.dumps(frequency)}
@@ -362,7 +363,7 @@ class TrainingData:
                 entry["metadata_file"] = subset.metadata_file.name
             subsets.append(entry)
         return {"is_dreambooth": c.is_dreambooth, "batch_size_per_device": c.batch_size,
-                "num_train_images": sum(r.repeats for r in dataset.train), "num_reg_images": sum(r.repeats for r in dataset.reg),
+                "num_train_images": sum(r.repeats for r in dataset.train), "num_reg_images": dataset.num_reg_images,
                 "resolution": list(c.resolution), "enable_bucket": c.enable_bucket,
                 "min_bucket_reso": c.min_bucket_reso if c.enable_bucket else None,
                 "max_bucket_reso": c.max_bucket_reso if c.enable_bucket else None,
@@ -493,6 +494,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
             (reg if subset.is_reg else train).append(record)
     validation_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
     train, validation = split_validation(train, dataset.validation_split, validation_seed)
+    num_reg_images = sum(r.repeats for r in reg)  # what sd-scripts records as ss_num_reg_images
     used = regularization_repeats(sum(r.repeats for r in train), [r.repeats for r in reg])
     for record, repeats in zip(reg, used):
         record.repeats = repeats
@@ -500,7 +502,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     for record in train + reg:  # validation images are never augmented
         if record.subset.face_crop_aug_range is not None:
             record.face = face_in_name(record.path)
-    return DatasetPlan(dataset, train, reg, validation, images.tag_frequency)
+    return DatasetPlan(dataset, train, reg, validation, images.tag_frequency, num_reg_images)
 
 
 def dataset_group(options: TrainOptions) -> DatasetGroupConfig:
