@@ -170,6 +170,10 @@ def test_folders_without_resolution_ask_for_the_option_not_for_a_file_to_set_it_
     with pytest.raises(UserError, match=r"^--train_data_dir .*: no --resolution; give the training size") as error:
         config_from_folders(tmp_path, None, {"caption_extension": ".txt"})
     assert "[[datasets]]" not in str(error.value) and error.value.field == "resolution"
+    with pytest.raises(UserError, match=r"--resolution 96,128 is not a multiple of --bucket_reso_steps 64; use 64,128 or "
+                                        r"128,128, or add --enable_bucket") as error:
+        config_from_folders(tmp_path, None, {"resolution": "96,128"})
+    assert "[[datasets]]" not in str(error.value)
 
 
 def test_a_dataset_without_any_image_is_refused_with_the_folders_it_looked_in(tmp_path):

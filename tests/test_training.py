@@ -904,7 +904,11 @@ def test_output_config_writes_the_config_file_as_sd_scripts_names_it_and_it_read
     # sd-scripts must be told the output folder this trainer defaults to (it has no default)
     assert dataclasses.replace(read_back, config_file=None) == dataclasses.replace(parse_args(command)[0], output_dir="output")
     assert train_main([*command, "--output_config", "--config_file", name]) == 2
-    assert f"{name}.toml already exists; --output_config does not overwrite it" in capsys.readouterr().err
+    assert f"{name}.toml already exists; --output_config writes the command line's options to a new file and does " \
+           "not read or overwrite this one" in capsys.readouterr().err
+    # the file's own options are not read then (as in sd-scripts): said instead of "no dataset", "no base model"
+    assert train_main(["--network_dim", "8", "--output_config", "--config_file", name]) == 2
+    assert "already exists" in (error := capsys.readouterr().err) and "no dataset" not in error
     assert train_main([*command, "--output_config"]) == 2
     assert "add --config_file NAME" in capsys.readouterr().err
 

@@ -484,7 +484,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     actions = {k: given.pop(k) for k in ("print_config", "print_kohya_command") if k in given}
     values: dict[str, Any] = {}
     notes: list[str] = []
-    if given.get("config_file") and not given.get("output_config"):  # with --output_config it is where to write
+    if given.get("config_file") and given.get("output_config"):  # then it is where to write: said before the options
+        target = toml_file_path(given["config_file"])
+        if target.exists():
+            raise UserError(f"{target} already exists; --output_config writes the command line's options to a new "
+                            "file and does not read or overwrite this one: give another --config_file")
+    elif given.get("config_file"):
         values.update(read_config_file(given["config_file"], notes))
     values.update(given)
     options = options_from(values, f"command line and {given['config_file']}" if given.get("config_file") else "command line")
