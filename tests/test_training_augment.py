@@ -4,6 +4,7 @@ loss masks from the images' transparency (``--alpha_mask``), cached or not."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -353,7 +354,7 @@ def test_an_uncached_batch_mixing_masked_and_unmasked_subsets_trains(tmp_path):
 
 def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_path):
     """SD and SDXL caches of one image share a folder and a latent shape (`_sd.npz`, `_sdxl.npz`) but come from
-    different VAEs: an SD run must read only its own, and read it back on the next run."""
+    different VAEs: an SD run must read only its own, and read it back on the next run unless the image changed since."""
     folder = tmp_path / "data" / "1_zkstar"
     folder.mkdir(parents=True)
     for image in sorted(SAMPLE.glob("*.png"))[:6]:
@@ -370,6 +371,14 @@ def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_
     assert train(folder.parent, tmp_path / "again", "--cache_latents_to_disk") == 0
     assert [path.stat().st_mtime_ns for path in own] == stamps  # read back, not encoded again
     assert same(lora(tmp_path / "again"), lora(tmp_path / "memory"))
+    # an image painted over after it was cached (same size, so the same cache name) is encoded again, the rest not
+    edited = folder / own[0].name.replace("_0064x0064_sd.npz", ".png")
+    Image.new("RGB", (64, 64), (255, 0, 255)).save(edited)
+    os.utime(edited, ns=(stamps[0] + 10**9, stamps[0] + 10**9))
+    before = np.load(own[0])["latents"]
+    assert train(folder.parent, tmp_path / "edited", "--cache_latents_to_disk") == 0
+    assert not np.array_equal(np.load(own[0])["latents"], before)
+    assert [path.stat().st_mtime_ns for path in own[1:]] == stamps[1:]
 
 
 def test_loader_threads_read_ahead_without_changing_what_is_trained(wide_dataset, tmp_path):

@@ -415,7 +415,7 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None):
     Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs. A mask folder's
     mask is not in it (sd-scripts reads those images each step): it is read from the folder."""
     path = npz_path(record, config_name)
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_mtime < record.path.stat().st_mtime:  # the image was edited since
         return None
     try:
         with np.load(path) as data:
