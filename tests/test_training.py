@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,21 @@ def run(dataset: Path, out: Path, *extra: str, seed: str | None = "3") -> int:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def command_while_running(monkeypatch, control: Path, word: str) -> None:
+    """``word`` written to the control file once the next run has started, as the job runner writes it: a file
+    written before the run started is a leftover, dropped."""
+    import lora_trainer.training.trainer as trainer
+
+    started = trainer.TrainingRun.train
+
+    def train(self):
+        monkeypatch.setattr(trainer.TrainingRun, "train", started)  # the next run only
+        control.write_text(word, encoding="utf-8")
+        return started(self)
+
+    monkeypatch.setattr(trainer.TrainingRun, "train", train)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +132,10 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_result(baseline, dataset, tmp_path, capsys):
+def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_result(baseline, dataset, tmp_path, capsys,
+                                                                                  monkeypatch):
     stop = tmp_path / "stop-now"
-    stop.write_text("stop")
+    command_while_running(monkeypatch, stop, "stop")
     assert run(dataset, tmp_path / "a", "--stop_file", str(stop)) == 0  # stops after its first step
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
     state = next(e["path"] for e in events if e["event"] == "state")
@@ -133,11 +150,32 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_with(dataset, tmp_path):
+def test_a_leftover_control_word_and_an_unknown_one_are_said_and_not_obeyed(dataset, tmp_path, monkeypatch):
+    """A pause pressed twice, or a stop as the last run ended, stays in the file: the next run must not stop after
+    its first step for it. A mistyped word is not a stop either."""
+    control = tmp_path / "out" / "star.stop"  # the default control file beside the outputs
+    control.parent.mkdir()
+    control.write_text("pause", encoding="utf-8")
+    os.utime(control, (time.time() - 60, time.time() - 60))
+    assert run(dataset, tmp_path / "out", "--max_train_epochs", "1") == 0
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["steps"] == 8 and not control.exists()
+    assert f"{control} held 'pause' from before this run started: removed, not obeyed" in [
+        e["message"] for e in events if e["event"] == "warning"]
+    control = tmp_path / "control"
+    command_while_running(monkeypatch, control, "smaple")
+    assert run(dataset, tmp_path / "typo", "--max_train_epochs", "1", "--stop_file", str(control)) == 0
+    events, _ = read_events(tmp_path / "typo" / "star.events.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["steps"] == 8 and not control.exists()
+    assert f"{control}: 'smaple' is not a control command (stop, pause, save or sample): not obeyed" in [
+        e["message"] for e in events if e["event"] == "warning"]
+
+
+def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_with(dataset, tmp_path, monkeypatch):
     """Without --seed each run draws one, and the data order comes from it: a resumed run must take the interrupted
     run's, or the epoch it stopped in is trained in another order (some images twice, some never)."""
     stop = tmp_path / "stop-now"
-    stop.write_text("stop")
+    command_while_running(monkeypatch, stop, "stop")
     assert run(dataset, tmp_path / "a", "--stop_file", str(stop), seed=None) == 0  # stops after its first step
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
     seed, state = events[0]["seed"], next(e["path"] for e in events if e["event"] == "state")
@@ -172,9 +210,9 @@ def test_a_state_resumed_with_another_optimizer_is_refused_and_other_learning_ra
     assert "not this command's (0.005" in said[0]
 
 
-def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseline, dataset, tmp_path):
+def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseline, dataset, tmp_path, monkeypatch):
     control = tmp_path / "control"
-    control.write_text("save")
+    command_while_running(monkeypatch, control, "save")
     assert run(dataset, tmp_path / "a", "--stop_file", str(control)) == 0
     assert not control.exists()  # taken: the run saved once, then went on
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
@@ -184,11 +222,11 @@ def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseli
     assert all(torch.equal(finished[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_sample_now_draws_the_sample_prompts_at_that_step(dataset, tmp_path):
+def test_sample_now_draws_the_sample_prompts_at_that_step(dataset, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("zkstar --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
     control = tmp_path / "control"
-    control.write_text("sample")
+    command_while_running(monkeypatch, control, "sample")
     assert run(dataset, tmp_path / "a", "--stop_file", str(control), "--sample_prompts", str(prompts),
                "--max_train_epochs", "1") == 0
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
@@ -1228,7 +1266,7 @@ def test_dim_from_weights_writes_the_files_rank_and_alpha_and_needs_the_file(bas
     assert "--dim_from_weights takes the network's shape from --network_weights: give that file" in capsys.readouterr().err
 
 
-def test_a_schedule_free_run_stopped_and_resumed_ends_as_the_uninterrupted_one(dataset, tmp_path):
+def test_a_schedule_free_run_stopped_and_resumed_ends_as_the_uninterrupted_one(dataset, tmp_path, monkeypatch):
     """AdamWScheduleFree saves (files and states) its averaged weights; a resumed run turns them back into the ones
     it trains on, exactly as the uninterrupted run did after the same save."""
     schedule_free = ("--optimizer_type", "AdamWScheduleFree", "--lr_scheduler", "cosine", "--save_every_n_epochs", "1")
@@ -1238,7 +1276,7 @@ def test_a_schedule_free_run_stopped_and_resumed_ends_as_the_uninterrupted_one(d
                for e in events if e["event"] == "warning")
     assert len({tuple(e["lr"]) for e in events if e["event"] == "step"}) == 1  # no cosine applied on top
     stop = tmp_path / "stop"
-    stop.write_text("stop")
+    command_while_running(monkeypatch, stop, "stop")
     assert run(dataset, tmp_path / "a", *schedule_free, "--stop_file", str(stop)) == 0
     state = next(e["path"] for e in read_events(tmp_path / "a" / "star.events.jsonl")[0] if e["event"] == "state")
     assert run(dataset, tmp_path / "b", *schedule_free, "--resume", state) == 0

@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,14 @@ class StopRequest:
 
     The control file (``--stop_file``, written by the job runner) holds one word: ``stop`` or ``pause`` (or nothing)
     = save weights and state, exit 0; ``save`` = save now and go on; ``sample`` = draw the samples now and go on.
+    Another word is said through ``warn`` and not obeyed.
     """
 
-    def __init__(self, stop_file: Path | None):
+    WORDS = ("stop", "pause", "save", "sample", "")
+
+    def __init__(self, stop_file: Path | None, warn: Callable[[str], None]):
         self.stop_file = stop_file
+        self.warn = warn
         self.signalled = False
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,6 +137,28 @@ class StopRequest:
         would stop the resumed run, and every later one with that name, after its first step."""
         if self.signalled:
             return "stop"
+        word = self._take()
+        if word is None:
+            return None
+        if word not in self.WORDS:
+            self.warn(f"{self.stop_file}: {word!r} is not a control command (stop, pause, save or sample): not obeyed")
+            return None
+        return word if word in ("save", "sample") else "stop"
+
+    def drop_leftover(self, started: float) -> None:
+        """A command written before this run started (a pause pressed twice, a stop as the last run ended) is removed
+        and said, not obeyed: it would stop this run after its first step."""
+        try:
+            if self.stop_file is None or self.stop_file.stat().st_mtime >= started:
+                return
+        except OSError:
+            return
+        word = self._take()
+        if word is not None:
+            self.warn(f"{self.stop_file} held {word or 'stop'!r} from before this run started: removed, not obeyed")
+
+    def _take(self) -> str | None:
+        """The control file's word, the file removed; None without one."""
         if self.stop_file is None or not self.stop_file.exists():
             return None
         try:
@@ -139,7 +166,7 @@ class StopRequest:
         except OSError:
             return None
         self.stop_file.unlink(missing_ok=True)
-        return word if word in ("save", "sample") else "stop"
+        return word
 
 
 def peak_memory_mib(device: torch.device) -> float | None:
@@ -333,7 +360,9 @@ class TrainingRun:
                             "out; a sample shows the base model with the network being trained, and no other")
         self.written: list[Path] = []
         self.tracker = Tracker(options.logging_dir if world.is_main else None, options.log_prefix, options.log_tracker_name)
-        self.stop = StopRequest(self.plan.stop_file)
+        self.stop = StopRequest(self.plan.stop_file, lambda message: events.emit("warning", message=message))
+        if world.is_main:  # the one rank that reads the control file
+            self.stop.drop_leftover(self.started)
         self.progress = progress_bar(self.total_steps, "step", initial=self.state.step)
         self._loss = torch.zeros(())  # the latest batch's mean loss over every rank
         self._last_time = time.perf_counter()
