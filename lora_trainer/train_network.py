@@ -6,12 +6,14 @@ SD1, SD2 and SDXL are told apart from the checkpoint itself; ``sdxl_train_networ
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from .errors import UserError
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.train_network") -> int:
+    started = time.time()  # a control word older than this is an earlier run's
     from .training.events import EventLog
     from .training.options import kohya_command, non_default, parse_args, write_output_config
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
                         Path(options.output_dir or "output") / f"{name}.sd-scripts.log"
                     run_sd_scripts(options, events, log)
                     return 0
-                train(options, events, actions.notes)
+                train(options, events, actions.notes, started)
             except UserError as error:
                 events.emit("error", message=str(error))
                 raise

@@ -198,14 +198,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(options: TrainOptions, events: EventLog, notes: list[str] = ()) -> list[Path]:
+def train(options: TrainOptions, events: EventLog, notes: list[str] = (), started: float | None = None) -> list[Path]:
     """Run the job; returns the files written (last one = the final network). ``notes`` (what reading the options
-    left out) become warnings after the start event."""
+    left out) become warnings after the start event. ``started``: when the command began (now by default); a control
+    word written before it is a leftover of an earlier run."""
+    started = time.time() if started is None else started
     world = world_from_env()
     device = pick_device(options.device, world)
     start_world(world, device, options.ddp_timeout)
     try:
-        return _train(options, events if world.is_main else EventLog(None), world, device, list(notes))
+        return _train(options, events if world.is_main else EventLog(None), world, device, list(notes), started)
     except OutOfMemoryError as error:
         raise UserError(f"out of {device.type.upper()} memory ({str(error).splitlines()[0][:120]}); {memory_advice(options)}") from None
     except Exception as error:
@@ -267,8 +269,9 @@ def memory_advice(options: TrainOptions) -> str:
     return "to fit, try " + ", ".join(unused)
 
 
-def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str]) -> list[Path]:
-    run = TrainingRun(options, events, world, device, notes)
+def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str],
+           started: float) -> list[Path]:
+    run = TrainingRun(options, events, world, device, notes, started)
     try:
         return run.train()
     finally:
@@ -279,7 +282,8 @@ class TrainingRun:
     """One job, from the checkpoint to the final file: the set-up in the order sd-scripts does it, then the loop and
     what it calls between steps (saves, samples, validation, control commands). The step itself is ``_training_step``."""
 
-    def __init__(self, options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str]):
+    def __init__(self, options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str],
+                 started: float):
         self.options, self.events, self.world, self.device = options, events, world, device
         # a resumed run draws its data in the order the interrupted one would have: with the seed it was saved with
         self.resumed_facts = saved_facts(Path(options.resume)) if options.resume else {}
@@ -362,7 +366,7 @@ class TrainingRun:
         self.tracker = Tracker(options.logging_dir if world.is_main else None, options.log_prefix, options.log_tracker_name)
         self.stop = StopRequest(self.plan.stop_file, lambda message: events.emit("warning", message=message))
         if world.is_main:  # the one rank that reads the control file
-            self.stop.drop_leftover(self.started)
+            self.stop.drop_leftover(started)
         self.progress = progress_bar(self.total_steps, "step", initial=self.state.step)
         self._loss = torch.zeros(())  # the latest batch's mean loss over every rank
         self._last_time = time.perf_counter()
