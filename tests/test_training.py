@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -326,6 +327,59 @@ def test_sample_prompt_files_in_toml_and_json_read_as_sd_scripts_reads_them(tmp_
     # sd-scripts reads the options in any case; -1 asks for a new seed each time, as in the WebUI
     (tmp_path / "upper.txt").write_text("zkstar --W 64 --H 96 --D -1\n", encoding="utf-8")
     assert [(p.width, p.height, p.seed) for p in read_prompts(tmp_path / "upper.txt")] == [(64, 96, None)]
+
+
+def test_json_lines_read_as_txt_lines_and_options_not_read_are_named(tmp_path):
+    """sd-scripts reads a JSON string as a .txt line, options and all; a typo'd or other-model option is kept
+    apart to be said, not dropped in silence."""
+    from lora_trainer.training.samples import not_read_warning, read_prompts
+
+    (tmp_path / "p.json").write_text('["zkstar --n ugly --w 64 --d 4 --neg blurry --g 3.5"]', encoding="utf-8")
+    (prompt,) = read_prompts(tmp_path / "p.json")
+    assert (prompt.prompt, prompt.negative_prompt, prompt.width, prompt.seed) == ("zkstar", "ugly", 64, 4)
+    assert prompt.not_read == ("--neg", "--g (for sd-scripts' other models)")
+    assert not_read_warning(tmp_path / "p.json", 1, prompt).startswith(
+        f"{tmp_path / 'p.json'} prompt 1: --neg, --g (for sd-scripts' other models) not read")
+    (tmp_path / "p.toml").write_text('[prompt]\nwidth = 64\n[[prompt.subset]]\nprompt = "zkstar"\nnegative_promt = "x"\n',
+                                     encoding="utf-8")
+    assert read_prompts(tmp_path / "p.toml")[0].not_read == ("negative_promt",)
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("bad.toml", "[prompt\n", "is not valid TOML: "),
+    ("bad.json", '[{"prompt": "a"},]', "is not valid JSON: "),
+    ("flat.toml", '[[prompts]]\nprompt = "a"\n', "write the defaults under [prompt] and one [[prompt.subset]]"),
+    ("number.json", "5", "give a JSON list of prompts"),
+    ("noprompt.json", '[{"width": 64}]', "prompt 1: give each prompt as a table"),
+])
+def test_a_malformed_prompts_file_is_one_message_naming_it(tmp_path, name, text, problem):
+    from lora_trainer.training.samples import read_prompts
+
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=r"^" + re.escape(f"{tmp_path / name}")) as error:
+        read_prompts(tmp_path / name)
+    assert problem in str(error.value)
+
+
+def test_samples_that_would_never_be_drawn_are_said(dataset, tmp_path):
+    from lora_trainer.training.options import parse_args
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "a", "--sample_prompts", str(empty), "--sample_every_n_steps", "-1",
+               "--max_train_steps", "2", "--max_train_epochs", "0") == 0
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    assert f"{empty} holds no prompt: no samples are drawn" in [e["message"] for e in events if e["event"] == "warning"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("zkstar --w 64 --h 64 --s 2\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "b", "--sample_prompts", str(prompts), "--sample_every_n_steps", "-1",
+               "--max_train_steps", "2", "--max_train_epochs", "0") == 0
+    events, _ = read_events(tmp_path / "b" / "star.events.jsonl")
+    assert not [e for e in events if e["event"] == "sample"]  # 0 or less is no interval, as sd-scripts reads it
+    assert any(e["message"].startswith("--sample_prompts without --sample_every_n_steps") for e in events
+               if e["event"] == "warning")
+    assert parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                       "--sample_every_n_epochs", "0"])[0].sample_every_n_epochs is None
 
 
 def test_an_unreadable_sample_prompt_is_named_with_its_line_before_any_work(dataset, tmp_path, capsys):

@@ -471,6 +471,9 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
     if unknown:
         raise UserError(f"{source}: unknown option(s) {with_closest(unknown, FIELDS)}", unknown[0])
     options = TrainOptions(**{k: _normalised(k, v, source) for k, v in values.items() if k in FIELDS})
+    for name in ("sample_every_n_steps", "sample_every_n_epochs"):  # 0 or less is none, as sd-scripts reads it
+        if getattr(options, name) is not None and getattr(options, name) <= 0:
+            options = dataclasses.replace(options, **{name: None})
     if foreign:
         raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
                         "(or run the same command with sd-scripts)", foreign[0])

@@ -29,11 +29,23 @@ class SamplePrompt:
     scale: float = 7.5
     seed: int | None = None
     sampler: str | None = None
+    not_read: tuple[str, ...] = ()  # the line's options or the entry's keys that this trainer does not read
 
 
 _TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "s": "steps", "l": "scale", "d": "seed", "ss": "sampler"}
 _TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
               "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
+# sd-scripts reads these for its other models (FLUX, SD3, Lumina, ControlNet): known, and not drawn here
+_OTHER_MODELS_TXT = {"g", "cn", "ctr", "rcfg", "fs"}
+_OTHER_MODELS_KEYS = {"guidance_scale", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift", "enum"}
+
+
+def not_read_warning(path: str | Path, number: int, prompt: SamplePrompt) -> str:
+    """What a prompt asked for and is drawn without, said once when the run starts."""
+    txt = str(path).lower().endswith(".txt") or not str(path).lower().endswith((".toml", ".json"))
+    known = "--n --w --h --s --l --d --ss" if txt else ", ".join(_TOML_KEYS)
+    return (f"{path} prompt {number}: {', '.join(prompt.not_read)} not read (this trainer reads {known}); the sample "
+            "is drawn without them")
 
 
 def _number(prompt: SamplePrompt, name: str, kind: type, where: str):
@@ -70,10 +82,14 @@ def parse_txt_line(line: str, default_size: int = 512, where: str = "sample prom
     does)."""
     parts = line.split(" --")
     prompt = SamplePrompt(parts[0].strip(), width=default_size, height=default_size)
+    not_read = []
     for part in parts[1:]:
         key, _, value = part.strip().partition(" ")
         if key.lower() in _TXT_OPTIONS:
             setattr(prompt, _TXT_OPTIONS[key.lower()], value.strip())
+        else:
+            not_read.append(f"--{key}" + (" (for sd-scripts' other models)" if key.lower() in _OTHER_MODELS_TXT else ""))
+    prompt.not_read = tuple(not_read)
     return _fixed(prompt, where)
 
 
@@ -83,20 +99,52 @@ def read_prompts(path: str | Path, default_size: int = 512) -> list[SamplePrompt
         raise UserError(f"{path}: sample prompts file not found")
     text = read_utf8(path, "Sample prompts file")
     if path.suffix.lower() == ".toml":
-        data = toml.loads(text).get("prompt", {})
-        defaults = {k: v for k, v in data.items() if k != "subset"}
-        entries = [{**defaults, **entry} for entry in data.get("subset", [])]
+        entries = _toml_entries(path, text)
     elif path.suffix.lower() == ".json":
-        entries = [e if isinstance(e, dict) else {"prompt": e} for e in json.loads(text)]
+        entries = _json_entries(path, text)
     else:
         return [parse_txt_line(line.strip(), default_size, f"{path} line {number}")
                 for number, line in enumerate(text.splitlines(), 1) if line.strip() and not line.strip().startswith("#")]
     prompts = []
     for number, entry in enumerate(entries, 1):
+        where = f"{path} prompt {number}"
+        if isinstance(entry, str):  # a line as in a .txt file, options and all (sd-scripts reads it so)
+            prompts.append(parse_txt_line(entry.strip(), default_size, where))
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise UserError(f"{where}: give each prompt as a table (an object in JSON) with prompt = \"…\", or as a "
+                            "line of text with its --options")
         fields = {_TOML_KEYS[k]: v for k, v in entry.items() if k in _TOML_KEYS}
-        prompts.append(_fixed(SamplePrompt(**{"width": default_size, "height": default_size, **fields}),
-                              f"{path} prompt {number}"))
+        not_read = tuple(k + (" (for sd-scripts' other models)" if k in _OTHER_MODELS_KEYS else "")
+                         for k in entry if k not in _TOML_KEYS and k not in ("enum", "subset"))
+        prompts.append(_fixed(SamplePrompt(**{"width": default_size, "height": default_size, **fields},
+                                           not_read=not_read), where))
     return prompts
+
+
+def _toml_entries(path: Path, text: str) -> list:
+    """sd-scripts' layout: ``[prompt]`` with the defaults, then one ``[[prompt.subset]]`` per image."""
+    try:
+        data = toml.loads(text)
+    except toml.TomlDecodeError as error:
+        raise UserError(f"{path} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    prompt = data.get("prompt")
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("subset"), list):
+        raise UserError(f"{path}: write the defaults under [prompt] and one [[prompt.subset]] table per sample, each "
+                        "with prompt = \"…\" (sd-scripts' layout)")
+    defaults = {k: v for k, v in prompt.items() if k != "subset"}
+    return [{**defaults, **entry} if isinstance(entry, dict) else entry for entry in prompt["subset"]]
+
+
+def _json_entries(path: Path, text: str) -> list:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: give a JSON list of prompts: objects with \"prompt\", or lines of text with their "
+                        "--options")
+    return data
 
 
 def sample_path(folder: Path, name: str | None, index: int, seed: int | None, epoch: int | None, step: int) -> Path:

@@ -48,7 +48,7 @@ from .optimizers import (clip_grad_norm_, evaluating, is_schedule_free, make_opt
                          takes_its_own_step)
 from .options import FIELDS, TrainOptions, join_command_line
 from .outputs import OutputPlan, RunMetadata
-from .samples import draw_samples, read_prompts
+from .samples import draw_samples, not_read_warning, read_prompts
 from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, saved_facts, state_kind
 from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
 from .tracking import Tracker
@@ -184,6 +184,24 @@ class NetworkGradScaler(GradScaler):
 
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
+
+
+def _sample_warnings(options: TrainOptions, prompts: list) -> list[str]:
+    """What a prompts file asks for and will not get: options not read, <lora:…> tags, no prompt, no time to draw."""
+    path = options.sample_prompts
+    warnings = []
+    for number, prompt in enumerate(prompts, 1):
+        if prompt.not_read:
+            warnings.append(not_read_warning(path, number, prompt))
+        if lora_calls_in(prompt.prompt)[1]:
+            warnings.append(f"{path} prompt {number}: its <lora:…> tags are left out; a sample shows the base model "
+                            "with the network being trained, and no other")
+    if path and not prompts:
+        warnings.append(f"{path} holds no prompt: no samples are drawn")
+    elif prompts and not (options.sample_every_n_steps or options.sample_every_n_epochs or options.sample_at_first):
+        warnings.append("--sample_prompts without --sample_every_n_steps, --sample_every_n_epochs or --sample_at_first: "
+                        "samples are drawn only when asked for (sample now)")
+    return warnings
 
 
 def caption_encoding(options: TrainOptions, config) -> CaptionEncoding:
@@ -358,10 +376,8 @@ class TrainingRun:
         self.tokenizer = CLIPTokenizer.default()
         self.text_cache = self._text_cache(fixed_captions) if options.cache_text_encoder_outputs else None
         self.prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
-        for number, prompt in enumerate(self.prompts, 1):
-            if lora_calls_in(prompt.prompt)[1]:
-                events.emit("warning", message=f"{options.sample_prompts} prompt {number}: its <lora:…> tags are left "
-                            "out; a sample shows the base model with the network being trained, and no other")
+        for message in _sample_warnings(options, self.prompts):
+            events.emit("warning", message=message)
         self.written: list[Path] = []
         self.tracker = Tracker(options.logging_dir if world.is_main else None, options.log_prefix, options.log_tracker_name)
         self.stop = StopRequest(self.plan.stop_file, lambda message: events.emit("warning", message=message))
@@ -540,6 +556,9 @@ class TrainingRun:
         state, plan = self.state, self.plan
         command = agree_on_command(self.world, self.stop.command() if self.world.is_main else None, self.stop.signalled)
         if command == "sample":
+            if not self.prompts:
+                self.events.emit("warning", message="sample: this run has no sample prompts (--sample_prompts); "
+                                 "nothing was drawn")
             self.sample(None, state.step)
         elif command == "save":
             self.save_network_file(plan.step_path(state.step), epoch + 1, state.step)
