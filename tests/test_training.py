@@ -143,6 +143,7 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     assert f'stopped at step 1; to go on, run the same command with --resume "{state}"' in capsys.readouterr().err
     assert [e["step"] for e in events if e["event"] == "step"] == [1]
     assert events[-1]["epochs"] == 1  # stopped in the first epoch: the file is labelled as such (the grid reads it)
+    assert events[-1]["stopped"] is True  # the final file is a stopped run's, not a finished one's
     with safe_open(str(tmp_path / "a" / "star.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_epoch"] == "1"
     assert not stop.exists()  # taken: the printed command, run as it is, goes on to the end
@@ -161,6 +162,7 @@ def test_a_leftover_control_word_and_an_unknown_one_are_said_and_not_obeyed(data
     assert run(dataset, tmp_path / "out", "--max_train_epochs", "1") == 0
     events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 8 and not control.exists()
+    assert events[-1]["stopped"] is False
     assert f"{control} held 'pause' from before this run started: removed, not obeyed" in [
         e["message"] for e in events if e["event"] == "warning"]
     control = tmp_path / "control"

@@ -482,7 +482,7 @@ class TrainingRun:
                 if state.step >= self.total_steps:
                     break
                 if self._obey(epoch) == "stop":  # the file counts the epoch it stopped in, from 1, as a step save does
-                    return self.finish(epoch + 1)
+                    return self.finish(epoch + 1, stopped=True)
             self._end_epoch(epoch)
             if state.step >= self.total_steps:
                 break
@@ -587,7 +587,8 @@ class TrainingRun:
             if options.save_state:
                 self.save_state_file(plan.state_path(done, None))
 
-    def finish(self, epoch: int) -> list[Path]:
+    def finish(self, epoch: int, stopped: bool = False) -> list[Path]:
+        """The final file (and state): at the last step, or where a stop or pause cut the run short (``stopped``)."""
         state, options = self.state, self.options
         self.save_network_file(self.plan.final_path(), epoch, state.step)
         if options.save_state or options.save_state_on_train_end:
@@ -598,7 +599,7 @@ class TrainingRun:
         advice = recommend_epoch([state.epoch_train_loss[e] for e in epochs],
                                  [state.epoch_validation_loss.get(e) for e in epochs])
         self.events.emit("end", files=[str(p) for p in self.written if p.exists()], steps=state.step, epochs=epoch,
-                         seconds=round(time.time() - self.started, 2),
+                         stopped=stopped, seconds=round(time.time() - self.started, 2),
                          recommended_epoch=advice.epoch if advice else None, reason=advice.reason if advice else None,
                          highest_loss_images=outlier_images(state.per_image_loss))
         return self.written
