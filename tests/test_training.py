@@ -375,8 +375,10 @@ def test_samples_that_would_never_be_drawn_are_said(dataset, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("zkstar --w 64 --h 64 --s 2\n", encoding="utf-8")
     assert run(dataset, tmp_path / "b", "--sample_prompts", str(prompts), "--sample_every_n_steps", "-1",
-               "--max_train_steps", "2", "--max_train_epochs", "0") == 0
+               "--max_train_steps", "2", "--max_train_epochs", "0", "--sample_sampler", "dpmsolver++") == 0
     events, _ = read_events(tmp_path / "b" / "star.events.jsonl")
+    assert "samples are drawn with the closest sampler this trainer has: dpmsolver++ with DPM++ 2M Karras" in [
+        e["message"] for e in events if e["event"] == "warning"]
     assert not [e for e in events if e["event"] == "sample"]  # 0 or less is no interval, as sd-scripts reads it
     assert any(e["message"].startswith("--sample_prompts without --sample_every_n_steps") for e in events
                if e["event"] == "warning")

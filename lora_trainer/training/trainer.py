@@ -48,6 +48,7 @@ from .optimizers import (clip_grad_norm_, evaluating, is_schedule_free, make_opt
                          takes_its_own_step)
 from .options import FIELDS, TrainOptions, join_command_line
 from .outputs import OutputPlan, RunMetadata
+from ..sampling.samplers import is_stand_in, sampler_name
 from .samples import draw_samples, not_read_warning, read_prompts
 from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, saved_facts, state_kind
 from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
@@ -196,6 +197,10 @@ def _sample_warnings(options: TrainOptions, prompts: list) -> list[str]:
         if lora_calls_in(prompt.prompt)[1]:
             warnings.append(f"{path} prompt {number}: its <lora:…> tags are left out; a sample shows the base model "
                             "with the network being trained, and no other")
+    stand_ins = sorted({name for name in [options.sample_sampler] + [p.sampler for p in prompts] if name and is_stand_in(name)})
+    if prompts and stand_ins:  # sd-scripts has samplers the WebUI's list has not
+        warnings.append("samples are drawn with the closest sampler this trainer has: "
+                        + ", ".join(f"{name} with {sampler_name(name)}" for name in stand_ins))
     if path and not prompts:
         warnings.append(f"{path} holds no prompt: no samples are drawn")
     elif prompts and not (options.sample_every_n_steps or options.sample_every_n_epochs or options.sample_at_first):
