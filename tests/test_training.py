@@ -213,6 +213,19 @@ def test_a_state_resumed_with_another_optimizer_is_refused_and_other_learning_ra
     assert "not this command's (0.005" in said[0]
 
 
+def test_a_state_resumed_with_another_network_alpha_keeps_its_own_and_the_files_say_so(baseline, dataset, tmp_path):
+    state = baseline / "star-000001-state"
+    assert run(dataset, tmp_path, "--resume", str(state), "--network_alpha", "1") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert any(e["message"].startswith(f"--network_alpha 1: {state} was trained with alpha 4, which it keeps")
+               for e in events if e["event"] == "warning")
+    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_network_alpha"] == "4.0"
+        assert {float(handle.get_tensor(k)) for k in handle.keys() if k.endswith(".alpha")} == {4.0}
+    resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # trained on as the state was
+
+
 def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseline, dataset, tmp_path, monkeypatch):
     control = tmp_path / "control"
     command_while_running(monkeypatch, control, "save")

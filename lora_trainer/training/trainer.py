@@ -370,7 +370,9 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(seed)
         # fp16 gradients underflow without loss scaling (bf16 and fp32 do not need it): a no-op elsewhere
         self.scaler = NetworkGradScaler(device.type, enabled=weight_dtype == torch.float16)
+        asked_alphas = _alphas(network)
         self.state = self._starting_state()
+        self.spec = network.spec = _spec_with_loaded_alpha(options, network, asked_alphas, events)
         if is_schedule_free(options.optimizer):  # a state holds the weights as they are used: back to training ones
             self.optimizer.train()
 
@@ -907,6 +909,23 @@ def _merge_base_weights(model, options: TrainOptions) -> list[str]:
     return [f"--base_weights {report.network}: {len(report.unmatched)} of its modules fit no layer of the base model "
             f"and were skipped (e.g. {report.unmatched[0]})"
             for report in merge_for_good(model.config, model.unet, model.text_encoders, networks) if report.unmatched]
+
+
+def _alphas(network: LoRANetwork) -> dict[str, float]:
+    return {name: float(module.alpha) for name, module in network.items() if "alpha" in module._buffers}
+
+
+def _spec_with_loaded_alpha(options: TrainOptions, network: LoRANetwork, asked: dict[str, float], events: EventLog):
+    """A resumed state keeps the alpha it was trained with (α/rank scales its weights), whatever --network_alpha
+    says now: said, and written into the files' metadata as the alpha their tensors hold."""
+    changed = [(asked[name], alpha) for name, alpha in _alphas(network).items() if name in asked and alpha != asked[name]]
+    if not changed:
+        return network.spec
+    before, after = max(set(changed), key=changed.count)
+    alpha = network.spec.alpha * after / before  # the option's value (rsLoRA stores α·√r)
+    events.emit("warning", message=f"--network_alpha {network.spec.alpha:g}: {options.resume} was trained with alpha "
+                f"{alpha:g}, which it keeps (the weights are scaled by alpha / rank); its files say {alpha:g}")
+    return dataclasses.replace(network.spec, alpha=alpha)
 
 
 def _shape_of(file, spec):
