@@ -144,6 +144,9 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     assert [e["step"] for e in events if e["event"] == "step"] == [1]
     assert events[-1]["epochs"] == 1  # stopped in the first epoch: the file is labelled as such (the grid reads it)
     assert events[-1]["stopped"] is True  # the final file is a stopped run's, not a finished one's
+    # a state inside the first epoch is in epoch 1, as sd-scripts' own mid-epoch states say
+    assert json.loads((Path(state) / "train_state.json").read_text(encoding="utf-8"))["current_epoch"] == 1
+    assert [e["epoch"] for e in events if e["event"] == "state"] == [1]
     with safe_open(str(tmp_path / "a" / "star.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_epoch"] == "1"
     assert not stop.exists()  # taken: the printed command, run as it is, goes on to the end

@@ -55,7 +55,7 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
             "run": dataclasses.asdict(run_state),
         }, temporary / "train_state.pt")
         (temporary / "train_state.json").write_text(
-            json.dumps({"current_epoch": run_state.epoch, "current_step": run_state.step, **(facts or {})}),
+            json.dumps({"current_epoch": run_state.current_epoch, "current_step": run_state.step, **(facts or {})}),
             encoding="utf-8")
         for file in temporary.iterdir():
             with open(file, "rb+") as handle:

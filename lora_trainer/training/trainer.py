@@ -93,6 +93,12 @@ class RunState:
     per_image_loss: dict[str, list[float]] = field(default_factory=dict)
     first_step: int = 0  # the step before losses[0]: a run continued with --initial_step starts counting there
 
+    @property
+    def current_epoch(self) -> int:
+        """The epoch this state is in, or has just finished, counted from 1: sd-scripts' ``current_epoch``, and the
+        epoch the step events name."""
+        return self.epoch + (1 if self.batch_in_epoch else 0)
+
     @classmethod
     def continuing(cls, initial_step: int, steps_per_epoch: int, accumulation: int, skip_batches: bool) -> RunState:
         """sd-scripts' ``--initial_step``/``--initial_epoch`` (a run continued from a network file, without a state):
@@ -414,7 +420,7 @@ class TrainingRun:
         elif options.resume:
             asked = _learning_rates(self.optimizer)
             state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
-            events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+            events.emit("state", action="resumed", path=options.resume, epoch=state.current_epoch, step=state.step)
             for message in self._resumed_differently():
                 events.emit("warning", message=message)
             if (saved := _learning_rates(self.optimizer)) != asked:  # the state's optimizer and schedule replace ours
@@ -436,7 +442,7 @@ class TrainingRun:
                                     options.skip_until_initial_step)
         if options.resume:  # sd-scripts' state: its weights and step count, our own schedule
             advance(self.scheduler, state.step)
-            events.emit("state", action="resumed", path=options.resume, epoch=state.epoch, step=state.step)
+            events.emit("state", action="resumed", path=options.resume, epoch=state.current_epoch, step=state.step)
             moments = ("its optimizer moments too (optimizer.bin)" if moments_not_read is None else
                        f"not its optimizer moments, so the optimizer starts afresh: {moments_not_read}")
             events.emit("warning", message=f"{options.resume} is sd-scripts' state: its network and step count "
@@ -683,7 +689,7 @@ class TrainingRun:
                 return
             with _writing(path):
                 save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state, self._facts())
-            self.events.emit("state", action="saved", path=str(path), epoch=self.state.epoch, step=self.state.step,
+            self.events.emit("state", action="saved", path=str(path), epoch=self.state.current_epoch, step=self.state.step,
                              **({"stopped": True} if stopped else {}))
 
     def save_network_file(self, path: Path, epoch: int, step: int) -> None:
