@@ -104,7 +104,7 @@ def test_only_rank_0_writes_the_event_stream_even_when_every_rank_fails(tmp_path
     from lora_trainer.train_network import main
     from lora_trainer.training import trainer
 
-    def fails(options, events, notes=()):
+    def fails(options, events, notes=(), started=None):
         raise UserError("the loss became nan at step 3")
 
     monkeypatch.setattr(trainer, "train", fails)
