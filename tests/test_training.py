@@ -1256,12 +1256,19 @@ def test_what_the_dataset_leaves_out_is_said_as_warnings(dataset, tmp_path):
     user must hear which and why, or a run trains on less than they think."""
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
+    expected = {}  # the tags of the images that train, as ss_tag_frequency counts them
+    for caption in sorted((data / "2_zkstar").glob("*.txt")):
+        for tag in caption.read_text(encoding="utf-8").split(","):
+            expected[tag.strip().lower()] = expected.get(tag.strip().lower(), 0) + 1
     (data / "2_zkstar" / "damaged.png").write_bytes(b"not a png")
+    (data / "2_zkstar" / "damaged.txt").write_text("zkstar, torn edges", encoding="utf-8")
     (data / "zkstar extra").mkdir()
     assert run(data, tmp_path / "out") == 0
     events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
     warnings = [e["message"] for e in events if e["event"] == "warning"]
     assert any("damaged.png is not an image Pillow can read" in w and w.endswith("skipped") for w in warnings)
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["ss_tag_frequency"]) == {"2_zkstar": expected}  # not the skipped image's
     assert any("skipped folders without a <repeats>_ prefix: 'zkstar extra'" in w for w in warnings)
     assert [e["event"] for e in events].index("warning") == 1  # right after the start event, as the UI shows them
 

@@ -178,6 +178,19 @@ def dataset_tag_frequency(folders: Iterable[tuple[str, Iterable[str]]]) -> dict[
     return frequency
 
 
+def tag_frequency_without(frequency: Mapping[str, Mapping[str, int]], folder: str,
+                          captions: Iterable[str]) -> dict[str, dict[str, int]]:
+    """``frequency`` less the tags of ``captions`` in ``folder`` (images left out after the count: unreadable ones)."""
+    result = {name: dict(counts) for name, counts in frequency.items()}
+    counts = result.setdefault(folder, {})
+    for tag, count in tag_frequency(captions).items():
+        if counts.get(tag, 0) > count:
+            counts[tag] -= count
+        else:
+            counts.pop(tag, None)
+    return result
+
+
 def merged_tag_frequency(datasets: Iterable[Mapping[str, Mapping[str, int]]]) -> dict[str, dict[str, int]]:
     """``ss_tag_frequency`` across datasets: a folder name already seen in an earlier dataset is not counted again."""
     merged: dict[str, dict[str, int]] = {}

@@ -478,6 +478,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     notes.extend(images.notes)
     settings = dataset.bucket_settings
     train, reg = [], []
+    tag_frequency = images.tag_frequency
     for subset_images in images.subsets:
         subset = subset_images.subset
         masks = _mask_files(subset, subset_images.images, notes) if subset.conditioning_data_dir else None
@@ -488,6 +489,8 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
             except UserError as problem:
                 said = str(problem).rstrip(".")
                 notes.append(f"{said if str(entry.path) in said else f'{entry.path}: {said}'}; skipped")
+                if subset.metadata_file is None:  # a folder's tags count captions (a metadata file's, its tags)
+                    tag_frequency = C.tag_frequency_without(tag_frequency, subset_images.frequency_name, [entry.caption])
                 continue
             record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
                                  mask_path=masks.get(entry.path.stem) if masks is not None else None)
@@ -502,7 +505,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     for record in train + reg:  # validation images are never augmented
         if record.subset.face_crop_aug_range is not None:
             record.face = face_in_name(record.path)
-    return DatasetPlan(dataset, train, reg, validation, images.tag_frequency, num_reg_images)
+    return DatasetPlan(dataset, train, reg, validation, tag_frequency, num_reg_images)
 
 
 def dataset_group(options: TrainOptions) -> DatasetGroupConfig:
