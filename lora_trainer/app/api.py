@@ -101,6 +101,8 @@ class _ErrorsAsJson(APIRoute):
 JOB_FIELDS = ("name", "options", "webhook")
 # path options and whether the path must exist already
 RUNNER_OPTIONS = ("events_file", "stop_file", "state_dir", "config_file", "output_config")  # the runner sets these itself
+# a request names data, never a program: --backend runs the train_network.py (and venv) of the folder it names
+LOCAL_ONLY_OPTIONS = ("backend",)
 
 
 def _flattened(values: dict) -> dict:
@@ -174,6 +176,12 @@ def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: l
         checked_path(str(image), roots, field, must_exist=False)
 
 
+def _not_json(constant: str):
+    """NaN and Infinity, which Python's parser takes and JSON has not: stored in a job, they broke every later
+    answer that lists it."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None,
                 checkpoints: Mapping[str, Path] | None = None) -> tuple[str, dict, str | None]:
     """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened), or the Kohya
@@ -201,6 +209,9 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     for key in options:
         if key in RUNNER_OPTIONS:
             raise ApiError(400, "invalid", f"{key}: set by the job runner; leave it out", key)
+        if key in LOCAL_ONLY_OPTIONS and options[key]:
+            raise ApiError(400, "invalid", f"{key}: runs the program of the folder it names, which a request may not "
+                           "choose; use it from the command line or the Train tab", key)
         if key not in FIELDS and key not in FOREIGN:
             raise ApiError(400, "invalid", f"{key}: not an sd-scripts training option", key)
     name = body.get("name") or options.get("output_name")
@@ -419,12 +430,29 @@ def health_settings_from(body: dict):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ApiError(400, "invalid", f"{unknown[0]}: not a health-check setting; use {', '.join(sorted(known))}", unknown[0])
-    for key in ("resolution",):
-        if isinstance(values.get(key), int):
-            values[key] = (values[key], values[key])
-        elif isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
+    if "resolution" in values:
+        values["resolution"] = _health_resolution(values["resolution"])
+    for f in dataclasses.fields(HealthSettings):  # the type each setting's default has: a wrong one is a 400, not a 500
+        value, default = values.get(f.name), f.default
+        if value is None or f.name == "resolution":
+            continue
+        wanted = str if default is None else type(default)  # trigger: a word or nothing
+        if isinstance(value, bool) != (wanted is bool) or not isinstance(value, wanted):
+            raise ApiError(400, "invalid", f"{f.name}: give {'true or false' if wanted is bool else 'a ' + wanted.__name__}",
+                           f.name)
     return HealthSettings(**values)
+
+
+def _health_resolution(value: Any) -> tuple[int, int]:
+    """512, "512", "512,768" or [512, 768] → (width, height)."""
+    sides = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        numbers = [int(side) for side in sides if not isinstance(side, bool)]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) not in (1, 2) or len(numbers) != len(sides) or min(numbers) < 1:
+        raise ApiError(400, "invalid", 'resolution: give 512, "512,768" or [512, 768]', "resolution")
+    return numbers[0], numbers[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,9 +496,11 @@ def create_router(services: Services) -> APIRouter:
         if not data:
             return {}
         try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return json.loads(data, parse_constant=_not_json)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
             raise ApiError(400, "invalid_json", f"the body is not JSON: {error}") from None
+        except RecursionError:
+            raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
 
     def object_body(body: Any = Depends(json_body)) -> dict:
         if not isinstance(body, dict):
@@ -584,7 +614,7 @@ def create_router(services: Services) -> APIRouter:
         job = job_or_404(job_id)
         start = after if after is not None else request.headers.get("last-event-id")
         try:
-            start = int(start or 0)
+            start = max(0, int(start or 0))  # ids count from 1: before the first is from the start
         except ValueError:
             raise ApiError(400, "invalid", "Last-Event-ID: give the id of the last event received", "Last-Event-ID") from None
 

@@ -18,7 +18,7 @@ import difflib
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from itertools import chain
 from pathlib import Path
 from types import MappingProxyType
@@ -272,10 +272,29 @@ def make_edit(kind: str, **parameters) -> TagEdit:
         hint = f" Did you mean {close[0]!r}?" if close else f" Known edits: {', '.join(EDIT_KINDS)}."
         raise UserError(f"Unknown tag edit {kind!r}.{hint}")
     values = {name: tuple(value) if isinstance(value, list) else value for name, value in parameters.items()}
-    try:
-        return EDIT_KINDS[kind](**values)
-    except TypeError as error:
-        raise UserError(f"Tag edit {kind!r}: {error}.") from None
+    edit_fields = {f.name: f for f in fields(EDIT_KINDS[kind])}
+    takes = ", ".join(edit_fields) or "no parameters"
+    unknown = sorted(set(values) - set(edit_fields))
+    missing = [name for name, f in edit_fields.items() if f.default is MISSING and name not in values]
+    if unknown or missing:
+        problem = f"has no parameter {unknown[0]!r}" if unknown else f"needs {missing[0]}"
+        raise UserError(f"Tag edit {kind!r} {problem}; it takes {takes}.")
+    for name, value in values.items():  # checked here: a wrong type would fail only when the edit runs
+        kinds = _PARAMETER_KINDS.get(str(edit_fields[name].type))
+        if kinds and not _is_kind(value, kinds[0]):
+            raise UserError(f"Tag edit {kind!r}: {name} must be {kinds[1]}, not {value!r}.")
+    return EDIT_KINDS[kind](**values)
+
+
+def _is_kind(value, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:  # True is an int to Python, not a position
+        return False
+    return isinstance(value, types) and (not isinstance(value, tuple) or all(isinstance(tag, str) for tag in value))
+
+
+# what each annotation of an edit's parameters takes, and how to say it
+_PARAMETER_KINDS = {"Tags": ((tuple,), "a list of tags"), "int | None": ((int, type(None)), "a whole number or null"),
+                    "int": ((int,), "a whole number"), "str": ((str,), "text"), "bool": ((bool,), "true or false")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -116,6 +116,8 @@ class JobStore:
         return self.get(job_id)
 
     def get(self, job_id: int) -> Job | None:
+        if not -2**63 <= job_id < 2**63:  # beyond SQLite's integers: no such job (not an OverflowError)
+            return None
         with self._connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else self._row(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import numbers
 import os
 import re
@@ -456,6 +457,8 @@ def _number(kind: type, value: Any) -> int | float:
         raise TypeError(value)
     number = int(value) if kind is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit() else value
     number = float(number) if isinstance(number, str) else number
+    if not math.isfinite(number):  # TOML has nan and inf: no option means them
+        raise ValueError(value)
     if kind is int:
         if float(number) != int(number):
             raise ValueError(value)

@@ -157,6 +157,7 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     ({"options": {"optimizer_type": "AdamX"}}, 400, "optimizer_type"),  # not only once the job has started
     ({"options": {"mixed_precision": "fp32"}}, 400, "mixed_precision"),
     ({"options": {"max_train_epochs": -3}}, 400, "max_train_epochs"),  # not a run that saves an untrained file
+    ({"options": {"backend": "sd-scripts=/tmp/anything"}}, 400, "backend"),  # would run that folder's train_network.py
     ({"options": {"events_file": "/tmp/x"}}, 400, "events_file"),
     ({"options": {"state_dir": "/tmp/x"}}, 400, "state_dir"),  # a path the client could write anywhere
     ({"webhook": "file:///etc/passwd"}, 400, "webhook"),
@@ -218,6 +219,22 @@ def test_symlink_out_of_a_root_is_refused(client, job_body, app_settings, tmp_pa
 def test_invalid_options_answer_400_with_options_from_message(client, job_body):
     body = {**job_body, "options": {**job_body["options"], "full_fp16": True}}
     assert "--full_fp16 needs --mixed_precision fp16" in assert_error(client.post(f"{V1}/jobs", json=body), 400)["message"]
+
+
+def test_bodies_and_ids_json_cannot_hold_are_refused_not_stored(client, job_body):
+    """NaN/Infinity (Python's parser takes them), a body nested beyond the parser, an id beyond SQLite's integers,
+    a negative event id: each a clear answer, nothing queued, and the job list still readable."""
+    text = json.dumps(job_body).replace('"max_train_steps": 5', '"max_train_steps": 5, "learning_rate": NaN')
+    error = assert_error(client.post(f"{V1}/jobs", content=text, headers={"Content-Type": "application/json"}), 400,
+                         "invalid_json")
+    assert "NaN is not a JSON number" in error["message"]
+    deep = "[" * 100_000 + "]" * 100_000
+    assert_error(client.post(f"{V1}/jobs", content=deep, headers={"Content-Type": "application/json"}), 400, "invalid_json")
+    assert client.get(f"{V1}/jobs").json()["jobs"] == []
+    assert_error(client.get(f"{V1}/jobs/99999999999999999999999"), 404, "job_not_found")
+    job = client.post(f"{V1}/jobs", json=job_body).json()
+    wait_for(client, job["id"])
+    assert "data:" in client.get(f"{V1}/jobs/{job['id']}/events", params={"after": -3}).text  # from the start
 
 
 def test_body_too_large_and_not_json(job_services):
@@ -315,6 +332,10 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
     contradicting = assert_error(client.post(f"{V1}/dataset/check", json={**body, "min_bucket_reso": 256}), 400)
     assert "min_bucket_reso 256 is larger than the shorter side of the resolution 64x64" in contradicting["message"]
     assert_error(client.post(f"{V1}/dataset/check", json={"path": "/etc"}), 403, field="path")
+    for wrong, field in (({"resolution": "abc"}, "resolution"), ({"resolution": [64, 0]}, "resolution"),
+                         ({"batch_size": "2"}, "batch_size"), ({"enable_bucket": 1}, "enable_bucket")):
+        assert_error(client.post(f"{V1}/dataset/check", json={**body, **wrong}), 400, field=field)
+    assert client.post(f"{V1}/dataset/check", json={**body, "resolution": "64,64"}).status_code == 200
     assert_error(client.post(f"{V1}/dataset/check", json={"path": str(services.settings.dataset_roots[0] / "nope")}), 400, "not_found")
 
 
@@ -335,6 +356,10 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     assert client.post(f"{V1}/datasets/{sid}/redo").json()["history"]["redo"] == []
     assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "selection": ["../../etc/passwd"]}), 400)
     assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "nuke"}), 400, "invalid")
+    wrong = assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "position": "first"}), 400)
+    assert "position must be a whole number or null" in wrong["message"]
+    assert "needs tags; it takes tags, position" in assert_error(
+        client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add"}), 400)["message"]
 
     (folder / "img_003.txt").write_text("changed, elsewhere", encoding="utf-8")
     conflict = assert_error(client.post(f"{V1}/datasets/{sid}/save", json={}), 409, "save_conflict")
