@@ -191,6 +191,55 @@ def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(ru
     assert restarted.store.get(job.id).status == "interrupted"
 
 
+def test_a_trainer_still_running_after_a_restart_is_followed_to_its_end_and_holds_the_queue(runner, tmp_path):
+    """The WebUI restarted while a trainer ran (trainers have their own process group, so they outlive it): the new
+    runner follows that trainer (stop works, its files and end are recorded) before it starts the next job."""
+    job = runner.submit("outlived", options(tmp_path, "wait"))
+    waiting = runner.submit("next", options(tmp_path, "finish"))
+    trainer = subprocess.Popen([sys.executable, str(tmp_path / "fake_trainer.py"), str(job.config_path)],
+                               start_new_session=True)
+    threading.Thread(target=trainer.wait, daemon=True).start()  # its old parent, gone in life, reaped it
+    runner.store.update(job.id, status="running", pid=trainer.pid)
+    restarted = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), kill_after=5.0, poll=0.05)
+    assert restarted.store.get(job.id).status == "running"
+    followed = []
+    follower = threading.Thread(target=lambda: followed.append(restarted.run_next()))
+    follower.start()
+    time.sleep(0.5)
+    assert restarted.store.get(waiting.id).status == "queued"  # one trainer at a time, whoever started it
+    restarted.stop(job.id)
+    follower.join(timeout=10)
+    assert followed[0].id == job.id and followed[0].status == "stopped"
+    assert followed[0].files == [str(tmp_path / "out-wait" / "run.safetensors")] and followed[0].last_state
+    assert restarted.run_next().id == waiting.id
+
+
+def test_a_windows_trainer_is_asked_whether_it_runs_without_a_signal(monkeypatch):
+    """os.kill(pid, 0) is a liveness probe on POSIX but Ctrl-C on Windows, which would stop the trainer it asks
+    about: there the process is opened and its exit code read."""
+    import ctypes
+
+    from lora_trainer.jobs.store import pid_alive
+
+    class Kernel32:
+        def OpenProcess(self, access, inherit, pid):
+            return 7 if pid in (11, 12) else 0
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = 259 if self.asked == 11 else 0  # STILL_ACTIVE, or an exit code
+            return 1
+
+        def CloseHandle(self, handle):
+            pass
+
+    kernel32 = Kernel32()
+    monkeypatch.setattr(os, "kill", lambda *_: pytest.fail("os.kill on Windows sends Ctrl-C"))
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name: kernel32, raising=False)
+    for pid, running in ((11, True), (12, False), (13, False)):
+        kernel32.asked = pid
+        assert pid_alive(pid, windows=True) is running
+
+
 def test_bad_options_and_names_are_refused_before_anything_is_queued(runner, tmp_path):
     with pytest.raises(UserError, match="adaptive_noise_scale needs --noise_offset"):
         runner.submit("x", {**options(tmp_path, "finish"), "adaptive_noise_scale": 0.1})

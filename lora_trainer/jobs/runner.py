@@ -24,7 +24,7 @@ import toml
 from ..errors import UserError
 from ..training.events import EventLog, read_events
 from ..training.options import options_from
-from .store import Job, JobStore
+from .store import Job, JobStore, pid_alive
 
 
 def trainer_command(job: Job) -> list[str]:
@@ -108,6 +108,24 @@ def kill_process_tree(process: subprocess.Popen, windows: bool = os.name == "nt"
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:  # it ended between the last poll and now
         pass
+
+
+class AdoptedProcess:
+    """A trainer that an earlier server started and left running (the WebUI restarted): followed by its pid, since
+    only its parent could read its exit code."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None  # unknown: its events tell how it ended
+
+    def poll(self) -> bool | None:
+        return None if pid_alive(self.pid) else True
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, getattr(signal, "SIGKILL", signal.SIGTERM))  # Windows: SIGTERM is TerminateProcess
+        except OSError:
+            pass
 
 
 class JobRunner:
@@ -211,7 +229,12 @@ class JobRunner:
                 self._wake.clear()
 
     def run_next(self) -> Job | None:
-        """Run the oldest queued job to its end (synchronously); None when the queue is empty."""
+        """Follow a trainer an earlier server left running, else run the oldest queued job, to its end
+        (synchronously); None when there is neither. One trainer at a time, whoever started it."""
+        orphan = next((job for job in self.store.all() if job.status == "running" and job.id != self._current
+                       and pid_alive(job.pid)), None)
+        if orphan is not None:
+            return self._follow(orphan, AdoptedProcess(orphan.pid), log=None)
         job = self.store.next_queued()
         if job is None:
             return None
@@ -227,6 +250,11 @@ class JobRunner:
         self._process, self._current = process, job.id
         job = self.store.update(job.id, status="running", started=time.time(), pid=process.pid)
         self._notify(job)
+        return self._follow(job, process, log)
+
+    def _follow(self, job: Job, process: subprocess.Popen | AdoptedProcess, log) -> Job:
+        """The running trainer's events into the job (files, last state, error) and its end into the job's status."""
+        self._process, self._current = process, job.id
         offset, files, last_state, error, ended = 0, [], None, None, False
         stop_seen_at = None
         while True:
@@ -254,8 +282,11 @@ class JobRunner:
                 if time.time() - stop_seen_at > self.kill_after:
                     kill_process_tree(process)
             time.sleep(self.poll)
-        log.close()
+        if log is not None:
+            log.close()
         code = process.returncode
+        if code is None:  # adopted: no exit code to read, its events say how it ended
+            code = 0 if ended and error is None else 1
         if job.id in self._pause_requested and code == 0:
             status, message = "paused", "paused: resume continues from the saved state"
         elif job.id in self._stop_requested:

@@ -73,9 +73,11 @@ class Job:
                 "files": self.files, "last_state": self.last_state, "resumed_from": self.resumed_from}
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None, windows: bool = os.name == "nt") -> bool:
     if not pid:
         return False
+    if windows:  # os.kill(pid, 0) there sends Ctrl-C to the process group: it would stop the trainer it asks about
+        return _windows_process_running(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,6 +87,20 @@ def _pid_alive(pid: int | None) -> bool:
     except OSError:
         return False
     return True
+
+
+def _windows_process_running(pid: int, kernel32=None) -> bool:
+    import ctypes
+
+    kernel32 = kernel32 or ctypes.WinDLL("kernel32")
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 class JobStore:
@@ -146,10 +162,11 @@ class JobStore:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def recover(self) -> list[Job]:
-        """After a restart: jobs marked running whose process is gone become "interrupted" (resumable)."""
+        """After a restart: jobs marked running whose process is gone become "interrupted" (resumable); one whose
+        trainer still runs stays running, for the runner to follow (``JobRunner.run_next``)."""
         recovered = []
         for job in self.all():
-            if job.status == "running" and not _pid_alive(job.pid):
+            if job.status == "running" and not pid_alive(job.pid):
                 recovered.append(self.update(job.id, status="interrupted", finished=time.time(),
                                              message="the trainer stopped when the WebUI did; resume continues from the last saved state"))
         return recovered
