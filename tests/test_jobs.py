@@ -35,8 +35,8 @@ FAKE_TRAINER = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)
     if mode in ("wait", "ignore"):
         control = Path(options["stop_file"])
-        while not (mode == "wait" and control.exists() and control.read_text() not in ("", "save")):
-            if control.exists() and control.read_text() == "save":  # save now, go on (as the trainer does)
+        while not (mode == "wait" and control.exists() and control.read_text().split() not in ([], ["save"])):
+            if control.exists() and control.read_text().split() == ["save"]:  # save now, go on (as the trainer does)
                 control.unlink()
                 emit("saved", path=str(Path(options["output_dir"]) / "run-step00000001.safetensors"))
             time.sleep(0.05)

@@ -242,14 +242,16 @@ def test_save_now_writes_a_file_and_a_state_and_the_run_goes_on_unchanged(baseli
 
 
 def test_sample_now_draws_the_sample_prompts_at_that_step(dataset, tmp_path, monkeypatch):
+    """Save now and sample now pressed within one step (the job runner adds a line each): both are done."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("zkstar --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
     control = tmp_path / "control"
-    command_while_running(monkeypatch, control, "sample")
+    command_while_running(monkeypatch, control, "save\nsample\n")
     assert run(dataset, tmp_path / "a", "--stop_file", str(control), "--sample_prompts", str(prompts),
                "--max_train_epochs", "1") == 0
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
     assert [e["step"] for e in events if e["event"] == "sample"] == [1]
+    assert [Path(e["path"]).name for e in events if e["event"] == "saved"][0] == "star-step00000001.safetensors"
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 8
 
 

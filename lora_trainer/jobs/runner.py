@@ -179,6 +179,9 @@ class JobRunner:
         job = self._job(job_id)
         if job.status in ("queued", "running"):
             raise UserError(f"job {job_id} is {job.status}; nothing to resume")
+        later = [j for j in self.store.all() if j.resumed_from == job_id and j.status != "failed"]
+        if later:  # two jobs from one state would train the same steps twice and write the same files
+            raise UserError(f"job {job_id} was resumed already, as job {later[-1].id}: resume that one")
         if not job.last_state or not Path(job.last_state).exists():
             raise UserError(f"job {job_id} saved no state to resume from; start it again (or use its last file as --network_weights)")
         resumed = self.submit(job.name, {**job.options, "resume": job.last_state})
@@ -188,9 +191,11 @@ class JobRunner:
         job = self._job(job_id)
         if job.status == "queued":
             return self.store.update(job_id, status="stopped", finished=time.time(), message="removed from the queue")
-        if job.status == "running":
-            (self._pause_requested if pause else self._stop_requested).add(job_id)
-            job.stop_path.write_text("pause" if pause else "stop", encoding="utf-8")
+        if job.status != "running":
+            raise UserError(f"job {job_id} is {job.status}; only a queued or running job can be "
+                            f"{'paused' if pause else 'stopped'}")
+        (self._pause_requested if pause else self._stop_requested).add(job_id)
+        _tell(job, "pause" if pause else "stop")
         return self.store.get(job_id)
 
     def control(self, job_id: int, command: str) -> Job:
@@ -200,7 +205,7 @@ class JobRunner:
         job = self._job(job_id)
         if job.status != "running":
             raise UserError(f"job {job_id} is {job.status}; {command} works only while it runs")
-        job.stop_path.write_text(command, encoding="utf-8")
+        _tell(job, command)
         return job
 
     def _job(self, job_id: int) -> Job:
@@ -327,6 +332,13 @@ class JobRunner:
         """A synthetic ``job`` event when the subprocess starts and when it is gone, whatever way it went."""
         if self.on_event:
             self.on_event(job, {"event": "job", "status": job.status, "id": job.id})
+
+
+def _tell(job: Job, command: str) -> None:
+    """A command for the running trainer, a line of its control file: added to any it has not read yet (a save then a
+    sample within one step are both done)."""
+    with open(job.stop_path, "a", encoding="utf-8") as control:
+        control.write(command + "\n")
 
 
 def _tail(path: Path, lines: int = 5) -> str:

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 
-COMMANDS = (None, "stop", "save", "sample")
+COMMANDS = (None, "stop", "save", "sample", "save+sample")  # the control file's commands, as one value to share
 
 
 def _dist():

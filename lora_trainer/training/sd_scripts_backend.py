@@ -43,6 +43,14 @@ def checkout_of(backend: str) -> Path:
     return checkout
 
 
+def _asks_to_stop(stop_file: Path | None) -> bool:
+    """The control file says stop or pause (or nothing, which is stop): sd-scripts can neither save nor sample now."""
+    if stop_file is None or not stop_file.exists():
+        return False
+    words = stop_file.read_text(encoding="utf-8").split()
+    return not words or bool({"stop", "pause"} & set(words))
+
+
 def python_of(checkout: Path) -> str:
     """The checkout's own venv when it has one (that is where its accelerate/diffusers live), else ours."""
     for candidate in (checkout / "venv" / "Scripts" / "python.exe", checkout / "venv" / "bin" / "python",
@@ -177,8 +185,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
                     error = event["message"]
                 else:
                     events.emit(kind, **event)
-            if process.returncode is None and stop_file is not None and stop_file.exists() \
-                    and stop_file.read_text(encoding="utf-8").strip() not in ("save", "sample"):
+            if process.returncode is None and _asks_to_stop(stop_file):
                 flush()
                 process.terminate()
                 process.returncode = process.wait()

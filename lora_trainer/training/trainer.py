@@ -112,8 +112,9 @@ class RunState:
 class StopRequest:
     """SIGINT/SIGTERM or the control file: finish the step, then act.
 
-    The control file (``--stop_file``, written by the job runner) holds one word: ``stop`` or ``pause`` (or nothing)
-    = save weights and state, exit 0; ``save`` = save now and go on; ``sample`` = draw the samples now and go on.
+    The control file (``--stop_file``, written by the job runner) holds a word a line: ``stop`` or ``pause`` (or
+    nothing) = save weights and state, exit 0; ``save`` = save now and go on; ``sample`` = draw the samples now and go
+    on. A stop takes the others' place (it saves too); save and sample both written within a step are both done.
     Another word is said through ``warn`` and not obeyed.
     """
 
@@ -144,13 +145,16 @@ class StopRequest:
         would stop the resumed run, and every later one with that name, after its first step."""
         if self.signalled:
             return "stop"
-        word = self._take()
-        if word is None:
+        text = self._take()
+        if text is None:
             return None
-        if word not in self.WORDS:
-            self.warn(f"{self.stop_file}: {word!r} is not a control command (stop, pause, save or sample): not obeyed")
-            return None
-        return word if word in ("save", "sample") else "stop"
+        words = [word.strip() for word in text.splitlines()] or [""]
+        for word in words:
+            if word not in self.WORDS:
+                self.warn(f"{self.stop_file}: {word!r} is not a control command (stop, pause, save or sample): not obeyed")
+        if any(word in ("stop", "pause", "") for word in words):
+            return "stop"
+        return "+".join(word for word in ("save", "sample") if word in words) or None
 
     def drop_leftover(self, started: float) -> None:
         """A command written before this run started (a pause pressed twice, a stop as the last run ended) is removed
@@ -160,12 +164,13 @@ class StopRequest:
                 return
         except OSError:
             return
-        word = self._take()
-        if word is not None:
-            self.warn(f"{self.stop_file} held {word or 'stop'!r} from before this run started: removed, not obeyed")
+        text = self._take()
+        if text is not None:
+            self.warn(f"{self.stop_file} held {text.replace(chr(10), ', ') or 'stop'!r} from before this run started: "
+                      "removed, not obeyed")
 
     def _take(self) -> str | None:
-        """The control file's word, the file removed; None without one."""
+        """The control file's words, the file removed; None without one."""
         if self.stop_file is None or not self.stop_file.exists():
             return None
         try:
@@ -568,16 +573,17 @@ class TrainingRun:
         """Carries out a control command (the control file, a signal), agreed by every rank; returns it."""
         state, plan = self.state, self.plan
         command = agree_on_command(self.world, self.stop.command() if self.world.is_main else None, self.stop.signalled)
-        if command == "sample":
+        asked = (command or "").split("+")
+        if "sample" in asked:
             if not self.prompts:
                 self.events.emit("warning", message="sample: this run has no sample prompts (--sample_prompts); "
                                  "nothing was drawn")
             self.sample(None, state.step)
-        elif command == "save":
+        if "save" in asked:
             self.save_network_file(plan.step_path(state.step), epoch + 1, state.step)
             state.epoch = epoch
             self.save_state_file(plan.state_path(None, state.step))
-        elif command == "stop":
+        if command == "stop":
             state.epoch = epoch
             self.save_state_file(plan.state_path(epoch, state.step), stopped=True)
         return command

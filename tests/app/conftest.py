@@ -134,7 +134,7 @@ FAKE_TRAINER = textwrap.dedent('''
     emit("start", total_steps=total)
     stop_file = Path(config["stop_file"])
     for step in range(1, total + 1):
-        if stop_file.exists() and stop_file.read_text() in ("stop", "pause"):
+        if stop_file.exists() and set(stop_file.read_text().split()) & {"stop", "pause"}:
             break
         time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0.02")))
         emit("step", step=step, total=total, epoch=1, loss=0.1, average=0.1, lr=1e-4, seconds=0.02)
