@@ -155,6 +155,10 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
 
     resumed = runner.resume(job.id)
     assert resumed.status == "queued" and resumed.options["resume"] == stopped.last_state and resumed.resumed_from == job.id
+    with pytest.raises(UserError, match=f"job {job.id} was resumed already, as job {resumed.id}: resume that one"):
+        runner.resume(job.id)  # a second job from the same state would train the same steps and write the same files
+    with pytest.raises(UserError, match=f"job {job.id} is stopped; only a queued or running job can be paused"):
+        runner.stop(job.id, pause=True)
 
 
 def test_save_now_reaches_the_running_job_which_goes_on_until_stopped(runner, tmp_path):
