@@ -251,7 +251,8 @@ def test_bad_options_and_names_are_refused_before_anything_is_queued(runner, tmp
         runner.submit("../evil", options(tmp_path, "finish"))
     with pytest.raises(UserError, match="network algorithm 'lorra' is not one of"):  # said here, not by the subprocess
         runner.submit("x", {**options(tmp_path, "finish"), "network_module": "lycoris.kohya", "network_args": ["algo=lorra"]})
-    assert runner.store.all() == []
+    assert runner.store.all() == [] and not list((tmp_path / "jobs").glob("job-*"))  # no folder left, no id used up
+    assert runner.submit("good", options(tmp_path, "finish")).id == 1
 
 
 def test_the_trainer_finds_installed_extras_after_everything_the_host_has(tmp_path, monkeypatch):

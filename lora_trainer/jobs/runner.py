@@ -159,18 +159,15 @@ class JobRunner:
         """Validate now (a clear message before anything is queued), then queue."""
         if not name or "/" in name or "\\" in name or ".." in name:
             raise UserError(f"job name {name!r}: use a plain name without / or ..")
+        from ..training.data import dataset_group  # torch: imported when a job is submitted, not with the tabs
+
+        # checked before the job exists (no id or folder used up, nothing the queue could start half-made): the
+        # options, and the dataset's layout and resolution, so a job that would fail as it starts is refused instead
+        dataset_group(options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}"))
         job = self.store.add(name, options)
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),
                   "state_dir": str(job.state_folder)}
-        from ..training.data import dataset_group  # torch: imported when a job is submitted, not with the tabs
-
-        try:
-            # the dataset's layout and resolution too: a job that would fail as it starts is refused instead
-            dataset_group(options_from(values, f"job {name}"))
-        except UserError:
-            self.store.delete(job.id)
-            raise
         job.config_path.write_text(toml.dumps(values), encoding="utf-8")
         self._wake.set()
         return job
