@@ -1074,6 +1074,21 @@ def test_on_windows_a_command_line_keeps_its_backslashes_and_apostrophes():
     assert split_command_line("--output_name 'my lora'", windows=False) == ["--output_name", "my lora"]
 
 
+def test_step_files_count_the_epochs_completed_as_sd_scripts_and_run_at_epoch_names_the_epoch_end(dataset, tmp_path):
+    """sd-scripts writes a step file's ss_epoch as the epochs completed (0 inside the first): a step file inside
+    epoch 2 must not be taken for epoch 2's file by <lora:run@e2> (the final file is)."""
+    from lora_trainer.networks.activation import LoraLibrary
+
+    assert run(dataset, tmp_path, "--save_every_n_steps", "6") == 0  # 8 steps an epoch: steps 6 and 12
+    def ss_epoch(name):
+        with safe_open(str(tmp_path / name), "pt") as handle:
+            return handle.metadata()["ss_epoch"]
+
+    assert [ss_epoch(n) for n in ("star-step00000006.safetensors", "star-step00000012.safetensors",
+                                  "star.safetensors")] == ["0", "1", "2"]
+    assert LoraLibrary([tmp_path]).resolve("star@e2") == tmp_path / "star.safetensors"
+
+
 def test_keeping_the_last_files_keeps_as_many_states_unless_told_otherwise(dataset, tmp_path):
     """sd-scripts prunes states with --save_last_n_epochs/--save_last_n_steps when their _state twins are not given:
     a long run with --save_state must not fill the disk with a state per save."""

@@ -558,8 +558,8 @@ class TrainingRun:
                          **({"keys_scaled": norms.keys_scaled, "average_key_norm": round(norms.average_norm, 5),
                              "max_key_norm": round(norms.max_norm, 5)} if norms else {}))
         self._last_time = now
-        if self.plan.save_at_step(state.step):
-            self.save_network_file(self.plan.step_path(state.step), epoch + 1, state.step)
+        if self.plan.save_at_step(state.step):  # a step file counts the epochs completed (ss_epoch), as sd-scripts'
+            self.save_network_file(self.plan.step_path(state.step), epoch, state.step)
             if options.save_state:
                 state.epoch = epoch  # the state is inside this epoch, at batch_in_epoch
                 self.save_state_file(self.plan.state_path(None, state.step))
@@ -580,7 +580,7 @@ class TrainingRun:
                                  "nothing was drawn")
             self.sample(None, state.step)
         if "save" in asked:
-            self.save_network_file(plan.step_path(state.step), epoch + 1, state.step)
+            self.save_network_file(plan.step_path(state.step), epoch, state.step)
             state.epoch = epoch
             self.save_state_file(plan.state_path(None, state.step))
         if command == "stop":
