@@ -1047,6 +1047,17 @@ def test_warm_up_steps_are_written_as_sd_scripts_reads_them(given, written, tmp_
     assert parse_args(["--config_file", str(name)])[0].lr_warmup_steps == parse_args(command)[0].lr_warmup_steps
 
 
+def test_the_printed_sd1_command_leaves_out_what_only_sdxl_train_network_takes(dataset, capsys):
+    """sd-scripts' train_network.py stops on --cache_text_encoder_outputs (an sdxl_train_network.py option), which
+    this trainer also does for SD1: left out of the printed command, and said."""
+    assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
+                       "--network_train_unet_only", "--cache_text_encoder_outputs", "--print-kohya-command"]) == 0
+    printed = capsys.readouterr()
+    assert "train_network.py" in printed.out and "--network_train_unet_only" in printed.out
+    assert "--cache_text_encoder_outputs" not in printed.out
+    assert "note: --cache_text_encoder_outputs left out: sd-scripts' train_network.py does not take it" in printed.err
+
+
 @pytest.mark.parametrize("windows", [False, True], ids=["posix shell", "cmd.exe"])
 def test_the_printed_kohya_command_reads_back_to_the_same_options_in_the_systems_shell(windows):
     """--print-kohya-command is pasted into a shell: paths with spaces, CJK and backslashes and a name with an

@@ -725,10 +725,23 @@ def non_default(options: TrainOptions) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}
 
 
+# options sd-scripts adds for sdxl_train_network.py only: its train_network.py (SD1/SD2) stops on them; trained here
+SDXL_SCRIPT_ONLY = ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "disable_mmap_load_safetensors")
+
+
+def left_out_of_command(options: TrainOptions, script: str) -> list[str]:
+    """The options of this run that ``script`` does not take (``kohya_command`` leaves them out: say so)."""
+    return [] if "sdxl" in script else [f"--{name}" for name in SDXL_SCRIPT_ONLY if getattr(options, name)]
+
+
 def kohya_command(options: TrainOptions, script: str = "train_network.py", windows: bool = os.name == "nt") -> str:
-    """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell."""
+    """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell;
+    without the options ``script`` does not take (``left_out_of_command``)."""
     parts = ["accelerate", "launch", script]
+    left_out = {name.removeprefix("--") for name in left_out_of_command(options, script)}
     for name, value in non_default(options).items():
+        if name in left_out:
+            continue
         if FIELDS[name].type == "int | float" and value == 1.0 and isinstance(value, float):
             value = "100%"  # the whole run: sd-scripts' command line reads 1.0 as a step count, and refuses it
         if isinstance(value, bool):
