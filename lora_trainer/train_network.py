@@ -15,7 +15,7 @@ from .errors import UserError
 def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.train_network") -> int:
     started = time.time()  # a control word older than this is an earlier run's
     from .training.events import EventLog
-    from .training.options import kohya_command, left_out_of_command, non_default, parse_args, write_output_config
+    from .training.options import kohya_command, non_default, parse_args, sd_scripts_notes, write_output_config
 
     try:
         options, actions = parse_args(argv, prog)
@@ -25,9 +25,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
             script, told = for_sd_scripts(options)
             script = "sdxl_train_network.py" if "sdxl" in prog else script
             print(kohya_command(told, script))
-            if left_out := left_out_of_command(told, script):
-                print(f"note: {', '.join(left_out)} left out: sd-scripts' {script} does not take "
-                      f"{'it' if len(left_out) == 1 else 'them'} (sdxl_train_network.py only)", file=sys.stderr)
+            for note in sd_scripts_notes(told, script):
+                print(f"note: {note}", file=sys.stderr)
             return 0
         if actions.print_config:
             for name, value in non_default(options).items():

@@ -1056,6 +1056,12 @@ def test_the_printed_sd1_command_leaves_out_what_only_sdxl_train_network_takes(d
     assert "train_network.py" in printed.out and "--network_train_unet_only" in printed.out
     assert "--cache_text_encoder_outputs" not in printed.out
     assert "note: --cache_text_encoder_outputs left out: sd-scripts' train_network.py does not take it" in printed.err
+    lycoris = ["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
+               "--network_module", "lycoris.kohya", "--print-kohya-command", "--network_args", "algo=loha"]
+    assert train_main(lycoris) == 0  # LyCORIS's default preset, full: lycoris-lora 4.1.3 in sd-scripts stops on it
+    assert "stops on an SD1/SD2 model with preset=full" in capsys.readouterr().err
+    assert train_main([*lycoris, "preset=attn-mlp"]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("windows", [False, True], ids=["posix shell", "cmd.exe"])

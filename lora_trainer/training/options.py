@@ -734,6 +734,22 @@ def left_out_of_command(options: TrainOptions, script: str) -> list[str]:
     return [] if "sdxl" in script else [f"--{name}" for name in SDXL_SCRIPT_ONLY if getattr(options, name)]
 
 
+def sd_scripts_notes(options: TrainOptions, script: str) -> list[str]:
+    """What a user running this run with sd-scripts' ``script`` must know: options left out of the command, and
+    runs sd-scripts stops on that this trainer does."""
+    notes = []
+    if left_out := left_out_of_command(options, script):
+        notes.append(f"{', '.join(left_out)} left out: sd-scripts' {script} does not take "
+                     f"{'it' if len(left_out) == 1 else 'them'} (sdxl_train_network.py only)")
+    given = dict(arg.split("=", 1) for arg in options.network_args or [] if "=" in arg)
+    preset = given.get("preset", "full").strip()
+    if options.network_module == "lycoris.kohya" and "sdxl" not in script and preset in ("full", "full-lin", "unet-only"):
+        notes.append(f"sd-scripts with lycoris-lora 4.1.3 stops on an SD1/SD2 model with preset={preset} (LyCORIS's "
+                     "default is full): it lists the time embedding twice (\"duplicated lora name\"); this trainer "
+                     "trains it once. To run it there, add preset=attn-mlp (or another preset) to --network_args")
+    return notes
+
+
 def kohya_command(options: TrainOptions, script: str = "train_network.py", windows: bool = os.name == "nt") -> str:
     """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell;
     without the options ``script`` does not take (``left_out_of_command``)."""

@@ -21,7 +21,8 @@ import toml
 
 from ..errors import UserError
 from .events import EventLog
-from .options import TrainOptions, absolute_path, non_default, with_absolute_paths, with_sd_scripts_requirements
+from .options import (TrainOptions, absolute_path, non_default, sd_scripts_notes, with_absolute_paths,
+                      with_sd_scripts_requirements)
 
 # "steps:" is the training bar; sd-scripts' "validation steps:" / "epoch validation steps:" bars (with
 # --validation_split) count their own 1..N and must not become step events, hence the look-behind.
@@ -145,6 +146,8 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
     config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
+    for note in sd_scripts_notes(options, script):
+        events.emit("warning", message=note)
     if options.state_dir and (options.save_state or options.save_state_on_train_end):
         events.emit("warning", message=f"sd-scripts saves its states beside its files in {options.output_dir}, "
                                        f"not in --state_dir {options.state_dir}")
