@@ -1047,6 +1047,20 @@ def test_warm_up_steps_are_written_as_sd_scripts_reads_them(given, written, tmp_
     assert parse_args(["--config_file", str(name)])[0].lr_warmup_steps == parse_args(command)[0].lr_warmup_steps
 
 
+def test_dylora_convolutions_take_the_network_rank_and_alpha_as_in_sd_scripts(dataset, tmp_path, capsys):
+    """sd-scripts' networks.dylora asserts conv_dim == network_dim and reads no conv_alpha: the same command must
+    train the same scale here, and say what it does not read."""
+    dylora = ("--network_module", "networks.dylora", "--max_train_steps", "1", "--max_train_epochs", "0")
+    assert run(dataset, tmp_path / "a", *dylora, "--network_args", "unit=2", "conv_dim=8") == 2
+    assert "networks.dylora: conv_dim=8 must equal --network_dim 4" in capsys.readouterr().err
+    assert run(dataset, tmp_path / "b", *dylora, "--network_args", "unit=2", "conv_dim=4", "conv_alpha=2") == 0
+    events, _ = read_events(tmp_path / "b" / "star.events.jsonl")
+    assert any(e["message"].startswith("conv_alpha=2: networks.dylora trains its convolutions at --network_alpha 4")
+               for e in events if e["event"] == "warning")
+    alphas = {k: float(v) for k, v in weights(tmp_path / "b" / "star.safetensors").items() if k.endswith(".alpha")}
+    assert any("resnets" in k for k in alphas) and set(alphas.values()) == {4.0}
+
+
 def test_the_printed_sd1_command_leaves_out_what_only_sdxl_train_network_takes(dataset, capsys):
     """sd-scripts' train_network.py stops on --cache_text_encoder_outputs (an sdxl_train_network.py option), which
     this trainer also does for SD1: left out of the printed command, and said."""

@@ -202,6 +202,12 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
         raise UserError(f"network_args: {error}") from error
     if network_module == "lycoris.kohya":
         fields.update(_lycoris_layers(args.get("preset", LYCORIS_DEFAULT), fields))
+    if network_module == "networks.dylora" and "conv_dim" in fields:  # sd-scripts' DyLoRA: convolutions as the rest
+        dim = fields.get("dim", NetworkSpec.dim)
+        if fields["conv_dim"] != dim:
+            raise UserError(f"networks.dylora: conv_dim={fields['conv_dim']} must equal --network_dim {dim} (sd-scripts' "
+                            f"DyLoRA trains convolutions at the network's rank); give conv_dim={dim}")
+        fields["conv_alpha"] = fields.get("alpha", NetworkSpec.alpha)  # conv_alpha is not read there (said by the trainer)
     return dataclasses.replace(NetworkSpec(), **fields)
 
 
