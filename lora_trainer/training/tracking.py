@@ -1,7 +1,8 @@
 """TensorBoard logs with sd-scripts' tags, when ``--logging_dir`` is given (TensorBoard is an optional extra).
 
 Run folder: ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/network_train/``; per step ``loss/current``,
-``loss/average`` and ``lr/<group>`` (``lr/textencoder``, ``lr/unet``, ``lr/unet_block<i>``…), per epoch
+``loss/average`` and ``lr/<group>`` (``lr/textencoder``, ``lr/unet``, ``lr/unet_block<i>``…, and ``lr/group<i>``
+as sd-scripts' for-else adds them), per epoch
 ``loss/epoch_average`` (x axis = epoch) — so existing dashboards and comparisons keep working.
 """
 
@@ -34,6 +35,12 @@ class Tracker:
         self.writer.add_scalar("loss/average", average, step)
         for name, rate in rates.items():
             self.writer.add_scalar(f"lr/{name}", rate, step)
+        # sd-scripts also logs every group after the text encoder's by number (a for-else in its generate_step_logs),
+        # and dashboards that compare runs by tag look for them
+        values = list(rates.values())
+        first = 1 if next(iter(rates), "").startswith("textencoder") else 0
+        for index in range(first, len(values)):
+            self.writer.add_scalar(f"lr/group{index}", values[index], step)
         if norms is not None:
             self.writer.add_scalar("max_norm/keys_scaled", norms.keys_scaled, step)
             self.writer.add_scalar("max_norm/max_key_norm", norms.max_norm, step)
