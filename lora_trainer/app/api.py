@@ -783,6 +783,23 @@ def create_router(services: Services) -> APIRouter:
 
 GRID_SETTINGS = ("prompt", "negative_prompt", "steps", "sampler", "scheduler", "cfg_scale", "seed", "width", "height",
                  "clip_skip")
+# each setting's type and range, checked when the grid is asked for (not when its first cell fails)
+_GRID_SETTING_RANGES = {"steps": (int, 1, 150), "seed": (int, -1, 2**32 - 1), "width": (int, 64, 2048),
+                        "height": (int, 64, 2048), "clip_skip": (int, 1, 12), "cfg_scale": (float, 0.0, 100.0)}
+
+
+def _checked_grid_settings(overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if key in _GRID_SETTING_RANGES:
+            kind, low, high = _GRID_SETTING_RANGES[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or kind is int and value != int(value) or not low <= value <= high:
+                raise ApiError(400, "invalid", f"settings.{key}: give a {'whole ' if kind is int else ''}number from "
+                               f"{low} to {high}", f"settings.{key}")
+            overrides = {**overrides, key: kind(value)}
+        elif not isinstance(value, str):
+            raise ApiError(400, "invalid", f"settings.{key}: give text", f"settings.{key}")
+    return overrides
 
 
 @dataclasses.dataclass
@@ -803,9 +820,10 @@ class GridStatus:
                 "image_path": str(self.image) if self.image else None}
 
 
-def grid_request(body: dict, defaults, roots: list[Path]):
+def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[str, Path] | None = None):
     """The grid body → ``grid.plan.GridRequest`` (generation settings: the host's defaults, overridden by
-    ``settings``); a LoRA given as a path must lie in the allowed folders."""
+    ``settings``); a LoRA or a checkpoint given as a path must lie in the allowed folders, a checkpoint otherwise be
+    one of the host's titles (``checkpoints``)."""
     from ..grid.plan import AxisSpec, GridRequest
 
     def axis(name: str) -> AxisSpec:
@@ -815,12 +833,26 @@ def grid_request(body: dict, defaults, roots: list[Path]):
         values = value.get("values", [])
         if isinstance(values, str):
             values = [v.strip() for v in values.split(",")]
-        return AxisSpec(value["kind"], [str(v) for v in values])
+        values = [str(v) for v in values]
+        if value["kind"] == "checkpoint":
+            values = [checkpoint(v, f"{name}.values") for v in values]
+        return AxisSpec(value["kind"], values)
+
+    def checkpoint(value: str, field: str) -> str:
+        """A title (or file name) of the host's list as it is; anything else is a path, which must lie in the allowed
+        folders: a request may not make the server open, or say whether there is, a file elsewhere."""
+        listed = checkpoints or {}
+        if value in listed or any(value in (Path(path).name, Path(path).stem) for path in listed.values()):
+            return value
+        return str(checked_path(value, roots, field, must_exist=True))
 
     overrides = body.get("settings") or {}
     unknown = sorted(set(overrides) - set(GRID_SETTINGS)) if isinstance(overrides, dict) else ["settings"]
     if unknown:
         raise ApiError(400, "invalid", f"settings.{unknown[0]}: use {', '.join(GRID_SETTINGS)}", "settings")
+    overrides = _checked_grid_settings(overrides)
+    if body.get("checkpoint") is not None:
+        body = {**body, "checkpoint": checkpoint(str(body["checkpoint"]), "checkpoint")}
     lora = str(body.get("lora") or "")
     if "/" in lora or "\\" in lora:
         lora = str(checked_path(lora, roots, "lora", must_exist=True))
@@ -876,7 +908,8 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
         from ..grid.plan import plan_grid
         from ..networks.activation import LoraLibrary
 
-        request = grid_request(body, services.host.generation_defaults(), services.settings.roots())
+        request = grid_request(body, services.host.generation_defaults(), services.settings.roots(),
+                               services.host.checkpoints())
         plan = plan_grid(request, LoraLibrary([services.settings.lora_folder]))
         status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
         status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None

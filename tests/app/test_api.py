@@ -492,6 +492,14 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400)
     assert_error(client.post(f"{V1}/grids", json={**body, "lora": "/etc/passwd"}), 403, field="lora")
     assert_error(client.get(f"{V1}/grids/nope"), 404, "grid_not_found")
+    # a checkpoint outside the roots is neither opened nor said to exist; settings are checked before any cell
+    outside = {**body, "y": {"kind": "checkpoint", "values": ["/etc/hostname"]}}
+    assert_error(client.post(f"{V1}/grids", json=outside), 403, field="y.values")
+    assert_error(client.post(f"{V1}/grids", json={**body, "checkpoint": "/etc/nope.safetensors"}), 403, field="checkpoint")
+    for wrong in ({"steps": "many"}, {"width": 100000}, {"height": -64}, {"cfg_scale": True}, {"prompt": 5}):
+        key = next(iter(wrong))
+        assert_error(client.post(f"{V1}/grids", json={**body, "settings": {**body["settings"], **wrong}}), 400,
+                     field=f"settings.{key}")
 
 
 def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(services, fake_host):
