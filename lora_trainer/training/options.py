@@ -582,6 +582,12 @@ def validate(options: TrainOptions) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(options, name) < 1:
             problems.append(f"--{name} must be at least 1")
+    rates = [("learning_rate", [options.learning_rate]), ("unet_lr", [options.unet_lr]),
+             ("text_encoder_lr", options.text_encoder_lr or [])]
+    for name, values in rates:
+        if any(value is not None and value < 0 for value in values):
+            problems.append(f"--{name} {' '.join(f'{v:g}' for v in values if v is not None)}: a learning rate is 0 or "
+                            "more (0 leaves that part untrained)")
     if options.max_train_epochs is not None and options.max_train_epochs < 0:  # 0 is "not set", as in the Kohya GUI
         problems.append(f"--max_train_epochs {options.max_train_epochs}: give 1 or more epochs, or 0 (or leave it out) to "
                         "count the run in --max_train_steps")

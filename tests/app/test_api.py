@@ -154,6 +154,8 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     ({"name": "ok", "options": {"output_name": "../x"}}, 400, "output_name"),
     ({"options": {"learning_rat": 1e-4}}, 400, "learning_rat"),
     ({"options": {"learning_rate": "abc"}}, 400, "learning_rate"),
+    ({"options": {"learning_rate": -1}}, 400, "learning_rate"),
+    ({"options": {"text_encoder_lr": [1e-4, -1e-5]}}, 400, "text_encoder_lr"),
     ({"options": {"optimizer_type": "AdamX"}}, 400, "optimizer_type"),  # not only once the job has started
     ({"options": {"mixed_precision": "fp32"}}, 400, "mixed_precision"),
     ({"options": {"max_train_epochs": -3}}, 400, "max_train_epochs"),  # not a run that saves an untrained file
