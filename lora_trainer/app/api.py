@@ -11,6 +11,7 @@ examples. Every path in a request is resolved and must lie below the configured 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
@@ -25,7 +26,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
@@ -940,6 +941,50 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
 # Auth and registration.
 
 
+def basic_credentials_match(users: Mapping[str, str], authorization: str | None) -> bool:
+    """An ``Authorization: Basic …`` header naming one of ``users`` with its password."""
+    scheme, _, encoded = (authorization or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return credentials_match(users, user, password)
+
+
+def credentials_match(users: Mapping[str, str], user: str, password: str) -> bool:
+    expected = users.get(user)
+    return expected is not None and secrets.compare_digest(password.encode("utf-8"), expected.encode("utf-8"))
+
+
+class RemotePageGuard:
+    """ASGI middleware for the standalone app on the network: the pages and the UI's websocket ask for the API's
+    credentials too (the tabs read and write files as the API does); the API routes answer for themselves."""
+
+    def __init__(self, app, settings: AppSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or scope["path"].startswith(PREFIX):
+            return await self.app(scope, receive, send)
+        users = self.settings.api_credentials
+        authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        if users and basic_credentials_match(users, authorization) or not users and self.settings.allow_unauthenticated_remote:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await receive()  # the connect message, then the refusal (a 403 to the handshake)
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if users:
+            response = PlainTextResponse("LoRA Trainer: sign in with the --api-auth user and password", 401,
+                                         headers={"WWW-Authenticate": 'Basic realm="LoRA Trainer"'})
+        else:
+            response = PlainTextResponse("LoRA Trainer listens on the network without credentials: start it with "
+                                         "--api-auth user:password (or --allow-unauthenticated)", 403)
+        await response(scope, receive, send)
+
+
 def auth_dependency(settings: AppSettings, listening_remotely: bool) -> Callable:
     """HTTP Basic against ``settings.api_credentials`` (the WebUI's ``--api-auth``), as the wd14-tagger extension
     does; with no credentials, refuse every route when listening remotely unless the setting allows it."""
@@ -953,10 +998,8 @@ def auth_dependency(settings: AppSettings, listening_remotely: bool) -> Callable
                                "without credentials. Start it with --api-auth user:password, or allow unauthenticated "
                                "remote access in Settings → LoRA Trainer.")
             return
-        if credentials is not None:
-            expected = users.get(credentials.username)
-            if expected is not None and secrets.compare_digest(credentials.password.encode("utf-8"), expected.encode("utf-8")):
-                return
+        if credentials is not None and credentials_match(users, credentials.username, credentials.password):
+            return
         raise HTTPException(401, "wrong or missing credentials (HTTP Basic, the --api-auth user:password)",
                             headers={"WWW-Authenticate": "Basic"})
 

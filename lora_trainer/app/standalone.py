@@ -1,7 +1,7 @@
 """``python -m lora_trainer ui``: the three tabs and the HTTP API on one FastAPI app, on our own model code.
 
-Listens on 127.0.0.1 unless told otherwise; with ``--listen`` the API requires ``--api-auth`` (the API module
-refuses otherwise, unless ``--allow-unauthenticated``).
+Listens on 127.0.0.1 unless told otherwise; with ``--listen`` the API and the pages require ``--api-auth`` (they
+refuse otherwise, unless ``--allow-unauthenticated``).
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ log = logging.getLogger("lora_trainer.ui")
 def add_ui_command(commands) -> None:
     ui = commands.add_parser("ui", help="the Train / Tag editor / Grid tabs in a browser, without the WebUI")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    ui.add_argument("--listen", action="store_true", help="listen on every interface (0.0.0.0); the API then needs --api-auth")
+    ui.add_argument("--listen", action="store_true",
+                    help="listen on every interface (0.0.0.0); the API and the pages then need --api-auth")
     ui.add_argument("--port", type=int, default=7870)
     ui.add_argument("--data", type=Path, default=Path("lora-trainer-data"), help="job database, job folders, grids")
     ui.add_argument("--lora-dir", type=Path, help="where finished LoRAs go (default: <data>/Lora)")
     ui.add_argument("--dataset-root", type=Path, action="append", default=[],
                     help="a folder datasets may be read from (repeatable; the bundled sample and the current folder always are)")
     ui.add_argument("--checkpoint-dir", type=Path, action="append", default=[], help="a folder of base checkpoints (repeatable)")
-    ui.add_argument("--api-auth", help="user:password[,user2:password2] for the HTTP API")
+    ui.add_argument("--api-auth", help="user:password[,user2:password2] for the HTTP API (and the pages, with --listen)")
     ui.add_argument("--allow-unauthenticated", action="store_true", help="serve the API to the network without credentials")
     ui.set_defaults(run=run)
 
@@ -54,11 +55,13 @@ def create_app(services: Services, listening_remotely: bool):
     import gradio as gr
     from fastapi import FastAPI
 
-    from .api import register
+    from .api import RemotePageGuard, register
     from .ui import build_tabs
 
     app = FastAPI(title="LoRA Trainer")
     register(app, services, listening_remotely)
+    if listening_remotely:  # the tabs read and write files as the API does: the same credentials
+        app.add_middleware(RemotePageGuard, settings=services.settings)
     tabs = build_tabs(services)  # built outside the page: a Blocks created inside another would render twice
     with gr.Blocks(title="LoRA Trainer", analytics_enabled=False, css=_stylesheet()) as page:
         for blocks, title, elem_id in tabs:

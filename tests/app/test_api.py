@@ -295,6 +295,30 @@ def test_basic_auth_with_api_credentials(services):
     assert client.get(f"{V1}/jobs", headers=basic("alice", "s3cret")).status_code == 200
 
 
+def test_the_standalone_pages_on_the_network_ask_for_the_same_credentials(services):
+    """The tabs read and write files as the API does: on the network the pages and the UI's websocket need the
+    --api-auth credentials too (they were open to anyone)."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from lora_trainer.app.standalone import create_app
+
+    services.settings.api_credentials = {"alice": "s3cret"}
+    client = TestClient(create_app(services, listening_remotely=True))
+    page = client.get("/")
+    assert page.status_code == 401 and page.headers["WWW-Authenticate"].startswith("Basic")
+    assert client.get("/", headers=basic("alice", "wrong")).status_code == 401
+    assert client.get("/", headers=basic("alice", "s3cret")).status_code == 200
+    with pytest.raises(WebSocketDisconnect):
+        with client.websocket_connect("/queue/join") as socket:
+            socket.receive_text()
+    assert_error(client.get(f"{V1}/jobs"), 401, "unauthorized")  # the API keeps its own error shape
+    services.settings.api_credentials = {}
+    assert "--api-auth" in client.get("/").text and client.get("/").status_code == 403
+    services.settings.allow_unauthenticated_remote = True
+    assert client.get("/").status_code == 200
+    assert TestClient(create_app(services, listening_remotely=False)).get("/").status_code == 200
+
+
 def test_remote_without_credentials_is_refused_unless_allowed(services):
     client = make_client(services, listening_remotely=True)
     error = assert_error(client.get(f"{V1}/loras"), 403, "auth_required")
