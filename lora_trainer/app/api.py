@@ -742,6 +742,7 @@ def create_router(services: Services) -> APIRouter:
     @router.delete("/datasets/{session_id}", summary="Close a session")
     def close_dataset(session_id: str):
         """Forgets the session and its unsaved edits (the files stay as last saved)."""
+        sessions.get(session_id)  # an unknown one is a 404, as everywhere else
         sessions.close(session_id)
         return {"closed": session_id}
 
@@ -776,6 +777,12 @@ def create_router(services: Services) -> APIRouter:
         return tag_sessions.autotag(session, tagger, images, mode, body.get("trigger_word") or None)
 
     add_grid_routes(router, services, object_body)
+
+    @router.api_route("/{unknown:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def no_such_route(unknown: str, request: Request):
+        """Last: what no route above takes gets the documented error shape, not FastAPI's {"detail": …}."""
+        raise ApiError(404, "not_found", f"no {request.method} {PREFIX}/{unknown}; GET /docs lists the API's routes")
+
     return router
 
 

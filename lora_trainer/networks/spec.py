@@ -56,7 +56,7 @@ class NetworkSpec:
                    "whose algorithms this trainer implements; choose" if self.algorithm in _NEWER_LYCORIS else " is not"))
             raise UserError(f"network algorithm {self.algorithm!r}{why} one of {', '.join(trainable_algorithms())}")
         if self.dim < 1:
-            raise UserError(f"network_dim must be at least 1, got {self.dim}")
+            raise UserError(f"network_dim must be at least 1, got {self.dim}", "network_dim")
         if self.use_scalar and self.algorithm not in ("lora", "loha", "lokr", "glora"):
             raise UserError(f"use_scalar: LyCORIS's {self.algorithm} has no trained scalar; drop use_scalar")
         low_rank = self.algorithm in ("lora", "loha", "lokr")

@@ -603,8 +603,9 @@ def validate(options: TrainOptions) -> None:
     try:  # the network options (a LyCORIS preset file too), here rather than in the trainer subprocess
         spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
                                options.network_args, options.network_dropout)
-    except UserError as problem:
-        problems.append(str(problem))
+    except UserError as problem:  # said as the option it is about, which the API and the UI point at
+        said, field = str(problem), problem.field or "network_args"
+        problems.append(said if said.startswith("--") else f"--{said}" if said.startswith(field) else f"--{field}: {said}")
         spec = None
     if options.scale_weight_norms is not None:
         if options.scale_weight_norms <= 0:

@@ -234,6 +234,8 @@ def test_bodies_and_ids_json_cannot_hold_are_refused_not_stored(client, job_body
     assert_error(client.post(f"{V1}/jobs", content=deep, headers={"Content-Type": "application/json"}), 400, "invalid_json")
     assert client.get(f"{V1}/jobs").json()["jobs"] == []
     assert_error(client.get(f"{V1}/jobs/99999999999999999999999"), 404, "job_not_found")
+    assert_error(client.get(f"{V1}/no-such-thing"), 404, "not_found")  # the error shape, not FastAPI's {"detail"}
+    assert_error(client.delete(f"{V1}/datasets/zzz"), 404, "session_not_found")
     job = client.post(f"{V1}/jobs", json=job_body).json()
     wait_for(client, job["id"])
     assert "data:" in client.get(f"{V1}/jobs/{job['id']}/events", params={"after": -3}).text  # from the start
