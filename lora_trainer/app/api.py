@@ -177,6 +177,21 @@ def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: l
         checked_path(str(image), roots, field, must_exist=False)
 
 
+def flag(body: dict, name: str, default: bool) -> bool:
+    """A true/false field: "maybe" or "yes" is a 400 naming it, not read as true."""
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(400, "invalid", f"{name}: give true or false", name)
+    return value
+
+
+def text(body: dict, name: str, default: str) -> str:
+    value = body.get(name) or default
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid", f"{name}: give text", name)
+    return value
+
+
 def _not_json(constant: str):
     """NaN and Infinity, which Python's parser takes and JSON has not: stored in a job, they broke every later
     answer that lists it."""
@@ -671,8 +686,8 @@ def create_router(services: Services) -> APIRouter:
     def open_dataset(body: dict = Depends(object_body)):
         """Returns the session id and the first page (images with tags, tag frequencies, history)."""
         folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
-        session = sessions.open(folder, recursive=bool(body.get("recursive")),
-                                caption_extension=str(body.get("caption_extension") or ".txt"))
+        session = sessions.open(folder, recursive=flag(body, "recursive", False),
+                                caption_extension=text(body, "caption_extension", ".txt"))
         return JSONResponse(tag_sessions.page_of(session), 201)
 
     @router.get("/datasets/{session_id}", summary="A page of a tag-editor session")
@@ -732,7 +747,7 @@ def create_router(services: Services) -> APIRouter:
                                          {"overwrite_changed": {"type": "boolean"}}))
     def save_dataset(session_id: str, body: dict = Depends(object_body)):
         """Only the changed captions are written, previous versions backed up, all or nothing."""
-        return tag_sessions.save_session(sessions.get(session_id), bool(body.get("overwrite_changed")))
+        return tag_sessions.save_session(sessions.get(session_id), flag(body, "overwrite_changed", False))
 
     @router.post("/datasets/{session_id}/reload", summary="Read captions changed on disk")
     def reload_dataset(session_id: str):
@@ -867,7 +882,7 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
     try:
         return GridRequest(x=axis("x"), y=axis("y"), settings=dataclasses.replace(defaults, **overrides), lora=lora,
                            strength=float(body.get("strength", 1.0)), checkpoint=body.get("checkpoint"),
-                           baseline=bool(body.get("baseline", True)), confirmed=bool(body.get("confirmed", False)))
+                           baseline=flag(body, "baseline", True), confirmed=flag(body, "confirmed", False))
     except (TypeError, ValueError) as error:
         raise ApiError(400, "invalid", f"grid: {error}") from None
 

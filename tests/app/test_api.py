@@ -370,6 +370,9 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
 def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     client = make_client(services)
     folder = make_dataset(count=5) / "10_zkchar"
+    assert_error(client.post(f"{V1}/datasets/open", json={"path": str(folder), "recursive": "maybe"}), 400, field="recursive")
+    assert_error(client.post(f"{V1}/datasets/open", json={"path": str(folder), "caption_extension": 5}), 400,
+                 field="caption_extension")
     opened = client.post(f"{V1}/datasets/open", json={"path": str(folder)})
     assert opened.status_code == 201, opened.text
     sid = opened.json()["session"]
@@ -391,6 +394,7 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
 
     (folder / "img_003.txt").write_text("changed, elsewhere", encoding="utf-8")
     conflict = assert_error(client.post(f"{V1}/datasets/{sid}/save", json={}), 409, "save_conflict")
+    assert_error(client.post(f"{V1}/datasets/{sid}/save", json={"overwrite_changed": "yes"}), 400, field="overwrite_changed")
     assert conflict["conflicts"] == ["img_003.png"]
     saved = client.post(f"{V1}/datasets/{sid}/save", json={"overwrite_changed": True}).json()
     assert sorted(saved["written"]) == ["img_001.txt", "img_003.txt"]
