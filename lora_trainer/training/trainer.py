@@ -714,8 +714,8 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
                 if f.metadata["inert"] and getattr(options, name)]
     if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
         warnings.append(left_alone)
-    conv_alpha = dict(spec.network_args).get("conv_alpha")
-    if options.network_module == "networks.dylora" and conv_alpha is not None and float(conv_alpha) != spec.alpha:
+    conv_alpha = dict(spec.network_args).get("conv_alpha") if options.network_module == "networks.dylora" else None
+    if conv_alpha is not None and float(conv_alpha) != spec.alpha:
         warnings.append(f"conv_alpha={conv_alpha}: networks.dylora trains its convolutions at --network_alpha "
                         f"{spec.alpha:g}, as sd-scripts' DyLoRA does (it reads no conv_alpha)")
     if takes_its_own_step(options.optimizer, options.optimizer_args):
