@@ -519,14 +519,14 @@ def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, caps
         check_precision(fp16, torch.device("cpu"))
 
 
-def test_save_n_epoch_ratio_spaces_the_epoch_files_over_the_run_as_sd_scripts_does():
+def test_save_n_epoch_ratio_spaces_the_epoch_files_over_the_run_as_sd_scripts_does(tmp_path):
     """sd-scripts: every floor(epochs / ratio) epochs, at least every epoch; the last epoch is the final file."""
     from lora_trainer.training.options import options_from
     from lora_trainer.training.outputs import OutputPlan
 
     def saved_epochs(epochs: int, ratio: int) -> list[int]:
         plan = OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
-                                        "output_dir": str(Path("out")), "save_n_epoch_ratio": ratio}))
+                                        "output_dir": str(tmp_path / "out"), "save_n_epoch_ratio": ratio}))
         plan.num_epochs = epochs  # counted once the data is read, after the plan was checked
         return [epoch for epoch in range(1, epochs + 1) if plan.save_at_epoch(epoch)]
 
