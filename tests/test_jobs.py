@@ -218,6 +218,19 @@ def test_a_trainer_still_running_after_a_restart_is_followed_to_its_end_and_hold
     assert restarted.run_next().id == waiting.id
 
 
+@pytest.mark.parametrize("text, command, unknown", [
+    ("", "stop", []), ("stop\n", "stop", []), ("PAUSE", "stop", []), ("save\nsample\n", "save+sample", []),
+    ("save\n\n", "save", []),  # a blank line (an editor's last newline) is no stop
+    ("save\nstop\n", "stop", []),  # a stop saves too: it takes the others' place
+    ("smaple\n", None, ["smaple"]), ("sample\nrm -rf\n", "sample", ["rm", "-rf"]),
+])
+def test_the_control_file_words_read_as_one_command(text, command, unknown):
+    """What the trainer and the sd-scripts backend both read from the lines the job runner adds."""
+    from lora_trainer.training.control import control_command
+
+    assert control_command(text) == (command, unknown)
+
+
 def test_a_windows_trainer_is_asked_whether_it_runs_without_a_signal(monkeypatch):
     """os.kill(pid, 0) is a liveness probe on POSIX but Ctrl-C on Windows, which would stop the trainer it asks
     about: there the process is opened and its exit code read."""

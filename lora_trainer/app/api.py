@@ -202,12 +202,12 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
                 checkpoints: Mapping[str, Path] | None = None) -> tuple[str, dict, str | None]:
     """``{"name", "options": {...}, "webhook"}`` or a flat Kohya-TOML-like object (sections flattened), or the Kohya
     GUI's saved settings in their place → job name, options with every path resolved inside the roots, webhook URL;
-    ``notes`` gain what the GUI's settings hold that is not carried over. Options are validated by ``options_from``.
+    ``notes`` gain what the GUI's settings hold that is not carried over. The options themselves (and the dataset
+    they name) are checked once, by ``JobRunner.submit``, before the job is queued.
     The base model may also be named by its title in the host's list (``checkpoints``: ``GET /checkpoints``, the
     WebUI's checkpoint titles), as the Train tab names it."""
     from ..training.kohya_gui import is_gui_config
-    from ..training.options import (FIELDS, FOREIGN, PATH_OPTIONS, gui_settings_options, is_data_url, not_given,
-                                    options_from)
+    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, gui_settings_options, is_data_url, not_given
 
     if not isinstance(body, dict):
         raise ApiError(400, "invalid", "the body must be a JSON object")
@@ -261,7 +261,6 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
         parsed = urllib.parse.urlparse(webhook) if isinstance(webhook, str) else None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ApiError(400, "invalid", "webhook: give an http:// or https:// URL", "webhook")
-    options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}")
     return name, options, webhook
 
 

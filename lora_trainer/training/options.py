@@ -748,9 +748,11 @@ def sd_scripts_notes(options: TrainOptions, script: str) -> list[str]:
     if left_out := left_out_of_command(options, script):
         notes.append(f"{', '.join(left_out)} left out: sd-scripts' {script} does not take "
                      f"{'it' if len(left_out) == 1 else 'them'} (sdxl_train_network.py only)")
-    given = dict(arg.split("=", 1) for arg in options.network_args or [] if "=" in arg)
-    preset = given.get("preset", "full").strip()
-    if options.network_module == "lycoris.kohya" and "sdxl" not in script and preset in ("full", "full-lin", "unet-only"):
+    from ..networks.spec import spec_from_kohya
+
+    preset = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
+                             options.network_args, options.network_dropout).preset  # LyCORIS's default when not given
+    if "sdxl" not in script and preset in ("full", "full-lin", "unet-only"):
         notes.append(f"sd-scripts with lycoris-lora 4.1.3 stops on an SD1/SD2 model with preset={preset} (LyCORIS's "
                      "default is full): it lists the time embedding twice (\"duplicated lora name\"); this trainer "
                      "trains it once. To run it there, add preset=attn-mlp (or another preset) to --network_args")

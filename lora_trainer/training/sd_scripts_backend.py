@@ -20,6 +20,7 @@ from pathlib import Path
 import toml
 
 from ..errors import UserError
+from .control import control_command
 from .events import EventLog
 from .options import (TrainOptions, absolute_path, non_default, sd_scripts_notes, with_absolute_paths,
                       with_sd_scripts_requirements)
@@ -45,11 +46,8 @@ def checkout_of(backend: str) -> Path:
 
 
 def _asks_to_stop(stop_file: Path | None) -> bool:
-    """The control file says stop or pause (or nothing, which is stop): sd-scripts can neither save nor sample now."""
-    if stop_file is None or not stop_file.exists():
-        return False
-    words = stop_file.read_text(encoding="utf-8").split()
-    return not words or bool({"stop", "pause"} & set(words))
+    """The control file asks to stop or pause: sd-scripts can neither save nor sample now, so only that is obeyed."""
+    return stop_file is not None and stop_file.exists() and control_command(stop_file.read_text(encoding="utf-8"))[0] == "stop"
 
 
 def python_of(checkout: Path) -> str:

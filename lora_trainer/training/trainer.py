@@ -40,6 +40,7 @@ from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum
 from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
+from .control import control_command
 from .data import TrainingData, build_training_data
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
@@ -118,8 +119,6 @@ class StopRequest:
     Another word is said through ``warn`` and not obeyed.
     """
 
-    WORDS = ("stop", "pause", "save", "sample", "")
-
     def __init__(self, stop_file: Path | None, warn: Callable[[str], None]):
         self.stop_file = stop_file
         self.warn = warn
@@ -148,13 +147,10 @@ class StopRequest:
         text = self._take()
         if text is None:
             return None
-        words = [word.strip() for word in text.splitlines()] or [""]
-        for word in words:
-            if word not in self.WORDS:
-                self.warn(f"{self.stop_file}: {word!r} is not a control command (stop, pause, save or sample): not obeyed")
-        if any(word in ("stop", "pause", "") for word in words):
-            return "stop"
-        return "+".join(word for word in ("save", "sample") if word in words) or None
+        command, unknown = control_command(text)
+        for word in unknown:
+            self.warn(f"{self.stop_file}: {word!r} is not a control command (stop, pause, save or sample): not obeyed")
+        return command
 
     def drop_leftover(self, started: float) -> None:
         """A command written before this run started (a pause pressed twice, a stop as the last run ended) is removed
@@ -174,11 +170,11 @@ class StopRequest:
         if self.stop_file is None or not self.stop_file.exists():
             return None
         try:
-            word = self.stop_file.read_text(encoding="utf-8").strip().lower()
+            text = self.stop_file.read_text(encoding="utf-8").strip()
         except OSError:
             return None
         self.stop_file.unlink(missing_ok=True)
-        return word
+        return text
 
 
 def peak_memory_mib(device: torch.device) -> float | None:
