@@ -498,6 +498,21 @@ def test_a_vae_that_gives_nan_latents_stops_the_run_naming_the_image_and_the_fix
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
+def test_a_plain_cuda_device_is_this_ranks_gpu_and_a_missing_one_is_named(monkeypatch):
+    """Under torchrun, --device cuda must put each rank on its own GPU (all on GPU 0 stops NCCL), and cuda:7 on a
+    two-GPU machine is refused before loading, not by a CUDA error later."""
+    from lora_trainer.training.distributed import World
+    from lora_trainer.training.trainer import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda", World(1, 2, 1)) == torch.device("cuda", 1)
+    assert pick_device("cuda") == torch.device("cuda", 0)
+    assert pick_device("cuda:1", World(0, 2, 0)) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="--device cuda:7: this machine has 2 CUDA GPU"):
+        pick_device("cuda:7")
+
+
 def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, capsys, monkeypatch):
     from lora_trainer.training.options import options_from
     from lora_trainer.training.trainer import check_precision

@@ -60,9 +60,16 @@ def pick_device(name: str, world: World = World()) -> torch.device:
     if name == "auto":
         return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise UserError(f"--device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU; install the CUDA build "
                         "of torch for your driver, or use --device cpu")
+    if device.index is None:  # under torchrun each rank takes its own GPU, as with --device auto
+        device = torch.device("cuda", world.local_rank)
+    if device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+                        "use --device cuda or auto")
     return device
 
 
