@@ -938,6 +938,30 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     assert f"command line and {config}: not supported: --enable_contrastive" in capsys.readouterr().err
 
 
+def test_tensorboard_logs_the_adapted_step_of_prodigy_as_sd_scripts_does(dataset, tmp_path, monkeypatch):
+    """D-Adaptation and Prodigy find their own step d; lr only scales it, so d·lr is what a user watches."""
+    import sys
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Prodigy(torch.optim.SGD):  # a stand-in: the package is an optional extra
+        def __init__(self, params, lr=1.0, **kwargs):
+            super().__init__(params, lr=lr)
+            for group in self.param_groups:
+                group["d"] = 1e-3
+
+    Prodigy.__module__ = "prodigyopt"
+    monkeypatch.setitem(sys.modules, "prodigyopt", types.SimpleNamespace(Prodigy=Prodigy))
+    assert run(dataset, tmp_path, "--logging_dir", str(tmp_path / "logs"), "--optimizer_type", "Prodigy",
+               "--learning_rate", "1", "--text_encoder_lr", "0.5") == 0
+    (folder,) = (tmp_path / "logs").glob("*/network_train")
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert [e.value for e in events.Scalars("lr/d*lr/unet")][:1] == pytest.approx([1e-3])
+    assert [e.value for e in events.Scalars("lr/d*lr/textencoder")][:1] == pytest.approx([5e-4])
+
+
 def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named():
     """TOML and JSON bodies carry clip_skip = "2" or learning_rate = "1e-4" where the command line reads numbers."""
     from lora_trainer.training.options import options_from

@@ -2,7 +2,7 @@
 
 Run folder: ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/network_train/``; per step ``loss/current``,
 ``loss/average`` and ``lr/<group>`` (``lr/textencoder``, ``lr/unet``, ``lr/unet_block<i>``…, and ``lr/group<i>``
-as sd-scripts' for-else adds them), per epoch
+as sd-scripts' for-else adds them; ``lr/d*lr/<group>`` for D-Adaptation and Prodigy), per epoch
 ``loss/epoch_average`` (x axis = epoch) — so existing dashboards and comparisons keep working.
 """
 
@@ -27,14 +27,18 @@ class Tracker:
         self.folder = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / (tracker_name or "network_train")
         self.writer = SummaryWriter(str(self.folder))
 
-    def step(self, step: int, loss: float, average: float, rates: dict[str, float], norms=None) -> None:
-        """``norms``: what --scale_weight_norms did this step (``max_norm.MaxNormReport``)."""
+    def step(self, step: int, loss: float, average: float, rates: dict[str, float], norms=None,
+             adapted: dict[str, float] | None = None) -> None:
+        """``norms``: what --scale_weight_norms did this step (``max_norm.MaxNormReport``); ``adapted``: each group's
+        d·lr where the optimizer adapts its own step (D-Adaptation, Prodigy), as sd-scripts' ``lr/d*lr/<group>``."""
         if self.writer is None:
             return
         self.writer.add_scalar("loss/current", loss, step)
         self.writer.add_scalar("loss/average", average, step)
         for name, rate in rates.items():
             self.writer.add_scalar(f"lr/{name}", rate, step)
+        for name, rate in (adapted or {}).items():
+            self.writer.add_scalar(f"lr/d*lr/{name}", rate, step)
         # sd-scripts also logs every group after the text encoder's by number (a for-else in its generate_step_logs),
         # and dashboards that compare runs by tag look for them
         values = list(rates.values())

@@ -553,7 +553,7 @@ class TrainingRun:
         self.progress.update(1)
         self.progress.set_postfix(epoch=epoch + 1, avr_loss=f"{average:.4f}")
         rates = group_rates(optimizer)
-        self.tracker.step(state.step, value, average, rates, norms)
+        self.tracker.step(state.step, value, average, rates, norms, adapted_rates(optimizer))
         self.events.emit("step", step=state.step, total=self.total_steps, epoch=epoch + 1, loss=value, average=average,
                          lr=part_rates(rates), **({"lr_groups": rates} if len(rates) > 2 else {}),
                          seconds=round(now - self._last_time, 4),
@@ -899,6 +899,12 @@ def group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     …); an Adafactor on its relative step reports the step it took, as sd-scripts' adafactor schedule shows it."""
     return {group.get("description", f"group{i}"): group.get("step_size", group["lr"])
             for i, group in enumerate(optimizer.param_groups)}
+
+
+def adapted_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """D-Adaptation's and Prodigy's step size d·lr of each group that has one (their lr is a multiplier of d)."""
+    return {group.get("description", f"group{i}"): group["d"] * group["lr"]
+            for i, group in enumerate(optimizer.param_groups) if isinstance(group.get("d"), (int, float))}
 
 
 def part_rates(rates: dict[str, float]) -> list[float]:
