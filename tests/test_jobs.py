@@ -26,7 +26,16 @@ FAKE_TRAINER = textwrap.dedent('''
     events = open(options["events_file"], "a", encoding="utf-8")
     def emit(kind, **fields):
         events.write(json.dumps({"event": kind, **fields}) + "\\n"); events.flush()
+    if mode == "late":  # a slow interpreter start: the job is running well before the trainer takes its start time
+        time.sleep(0.5)
+        mode = "wait"
+    started = time.time()  # as train_network.main takes it
+    time.sleep(0.05)  # the trainer's imports, before it says start
     emit("start")
+    control = Path(options["stop_file"])
+    if control.exists() and control.stat().st_mtime < started:  # as StopRequest.drop_leftover: an earlier run's word
+        control.unlink()
+        emit("warning", message=f"{control} held a word from before this run started: removed, not obeyed")
     if mode == "fail":
         emit("error", message="the dataset has no usable training images")
         sys.exit(2)
@@ -34,7 +43,6 @@ FAKE_TRAINER = textwrap.dedent('''
         import os, signal
         os.kill(os.getpid(), signal.SIGKILL)
     if mode in ("wait", "ignore"):
-        control = Path(options["stop_file"])
         while not (mode == "wait" and control.exists() and control.read_text().split() not in ([], ["save"])):
             if control.exists() and control.read_text().split() == ["save"]:  # save now, go on (as the trainer does)
                 control.unlink()
@@ -159,6 +167,52 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
         runner.resume(job.id)  # a second job from the same state would train the same steps and write the same files
     with pytest.raises(UserError, match=f"job {job.id} is stopped; only a queued or running job can be paused"):
         runner.stop(job.id, pause=True)
+
+
+@pytest.mark.parametrize("word, status", [("stop", "stopped"), ("pause", "paused")])
+def test_a_stop_pressed_before_the_trainer_took_its_start_time_is_obeyed_not_dropped_as_a_leftover(runner, tmp_path,
+                                                                                                 word, status):
+    """The trainer drops control words older than its own start (an earlier run's); a stop pressed as the job
+    starts, while the trainer's interpreter still loads, is this job's and must stop it, saved."""
+    job = runner.submit("early", options(tmp_path, "late"))
+    thread = threading.Thread(target=runner.run_next)
+    thread.start()
+    while runner.store.get(job.id).status != "running":
+        time.sleep(0.01)
+    runner.stop(job.id, pause=word == "pause")
+    thread.join(timeout=10)
+    ended = runner.store.get(job.id)
+    assert ended.status == status and ended.last_state == str(tmp_path / "out-late" / "run-state"), ended.message
+    assert [e for e in read_events(job.events_path)[0] if e["event"] == "warning"] == []
+
+
+def test_a_stop_pressed_as_the_job_leaves_the_queue_is_not_undone_by_its_start(runner, tmp_path):
+    """A stop that reads the job as queued while the runner takes it would mark it removed, and the launch would
+    then run it to its end: the stop must be one for the starting job instead."""
+    job = runner.submit("racing", options(tmp_path, "finish"))
+    next_queued, pressed = runner.store.next_queued, []
+
+    def taken_while_stop_is_pressed():
+        taken = next_queued()
+        stopper = threading.Thread(target=lambda: pressed.append(runner.stop(job.id)))
+        stopper.start()
+        stopper.join(timeout=0.3)
+        return taken
+
+    runner.store.next_queued = taken_while_stop_is_pressed
+    ended = runner.run_next()
+    assert pressed[0].status == "running"
+    assert ended.id == job.id and ended.status == "stopped"
+
+
+def test_a_trainer_that_cannot_be_launched_fails_its_job_and_the_queue_goes_on(tmp_path):
+    """The job is marked running as it leaves the queue: a launch that fails must not leave it so."""
+    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), command=lambda job: [str(tmp_path / "nothing")])
+    job = runner.submit("unlaunchable", options(tmp_path, "finish"))
+    failed = runner.run_next()
+    assert failed.id == job.id and failed.status == "failed"
+    assert failed.message.startswith("the trainer could not be started: ") and "nothing" in failed.message
+    assert runner.run_next() is None
 
 
 def test_save_now_reaches_the_running_job_which_goes_on_until_stopped(runner, tmp_path):

@@ -143,6 +143,12 @@ class JobRunner:
         self._current: int | None = None
         self._stop_requested: set[int] = set()
         self._pause_requested: set[int] = set()
+        # Control words wait here until the job's trainer has said "start": the trainer drops a word older than its
+        # own start as an earlier run's leftover, and a stop pressed while its interpreter loads would be one.
+        self._listening: set[int] = set()
+        self._held: dict[int, list[str]] = {}
+        # stop, pause and the control words against the queue taking a job and the trainer saying start
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
@@ -185,25 +191,41 @@ class JobRunner:
         return self.store.update(resumed.id, resumed_from=job.id)
 
     def stop(self, job_id: int, pause: bool = False) -> Job:
-        job = self._job(job_id)
-        if job.status == "queued":
-            return self.store.update(job_id, status="stopped", finished=time.time(), message="removed from the queue")
-        if job.status != "running":
-            raise UserError(f"job {job_id} is {job.status}; only a queued or running job can be "
-                            f"{'paused' if pause else 'stopped'}")
-        (self._pause_requested if pause else self._stop_requested).add(job_id)
-        _tell(job, "pause" if pause else "stop")
+        with self._lock:
+            job = self._job(job_id)
+            if job.status == "queued":
+                return self.store.update(job_id, status="stopped", finished=time.time(), message="removed from the queue")
+            if job.status != "running":
+                raise UserError(f"job {job_id} is {job.status}; only a queued or running job can be "
+                                f"{'paused' if pause else 'stopped'}")
+            (self._pause_requested if pause else self._stop_requested).add(job_id)
+            self._send(job, "pause" if pause else "stop")
         return self.store.get(job_id)
 
     def control(self, job_id: int, command: str) -> Job:
         """``save`` (write the network and a state now, go on) or ``sample`` (draw the sample prompts now, go on)."""
         if command not in ("save", "sample"):
             raise UserError(f"control command {command!r}: use save or sample (stop and pause have their own calls)")
-        job = self._job(job_id)
-        if job.status != "running":
-            raise UserError(f"job {job_id} is {job.status}; {command} works only while it runs")
-        _tell(job, command)
+        with self._lock:
+            job = self._job(job_id)
+            if job.status != "running":
+                raise UserError(f"job {job_id} is {job.status}; {command} works only while it runs")
+            self._send(job, command)
         return job
+
+    def _send(self, job: Job, command: str) -> None:
+        """Tell the trainer now if it has said start, else once it does (``_listen``); under ``_lock``."""
+        if job.id in self._listening:
+            _tell(job, command)
+        else:
+            self._held.setdefault(job.id, []).append(command)
+
+    def _listen(self, job: Job) -> None:
+        """The trainer has said start, so it has taken its start time: the words held until now are this job's."""
+        with self._lock:
+            self._listening.add(job.id)
+            for command in self._held.pop(job.id, []):
+                _tell(job, command)
 
     def _job(self, job_id: int) -> Job:
         job = self.store.get(job_id)
@@ -237,7 +259,7 @@ class JobRunner:
                        and pid_alive(job.pid)), None)
         if orphan is not None:
             return self._follow(orphan, AdoptedProcess(orphan.pid), log=None)
-        job = self.store.next_queued()
+        job = self._take_next()
         if job is None:
             return None
         job.stop_path.unlink(missing_ok=True)
@@ -247,12 +269,25 @@ class JobRunner:
                             f"{job.options.get('output_name')!r} were moved out of the way into {moved[0].parent}; "
                             "move them back to restore them")
         log = open(job.folder / "trainer.log", "w", encoding="utf-8")
-        process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,
-                                   env=self.environment(), **_OWN_GROUP)
+        try:
+            process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,
+                                       env=self.environment(), **_OWN_GROUP)
+        except OSError as error:  # it is marked running already: said, or it would hold the queue for good
+            log.close()
+            self._forget(job.id)
+            return self.store.update(job.id, status="failed", finished=time.time(),
+                                     message=f"the trainer could not be started: {error}")
         self._process, self._current = process, job.id
-        job = self.store.update(job.id, status="running", started=time.time(), pid=process.pid)
+        job = self.store.update(job.id, pid=process.pid)
         self._notify(job)
         return self._follow(job, process, log)
+
+    def _take_next(self) -> Job | None:
+        """The oldest queued job, marked running at once: a stop pressed from here on stops the starting job. Read
+        as queued while the trainer is launched, it would be marked removed and then run to its end all the same."""
+        with self._lock:
+            job = self.store.next_queued()
+            return None if job is None else self.store.update(job.id, status="running", started=time.time())
 
     def _follow(self, job: Job, process: subprocess.Popen | AdoptedProcess, log) -> Job:
         """The running trainer's events into the job (files, last state, error) and its end into the job's status."""
@@ -269,6 +304,8 @@ class JobRunner:
                     last_state = event["path"]
                 elif event["event"] == "error":
                     error = event.get("message")
+                elif event["event"] == "start":
+                    self._listen(job)
                 ended = ended or event["event"] in ("end", "error")
                 if self.on_event:
                     try:
@@ -301,11 +338,16 @@ class JobRunner:
             with EventLog(job.events_path) as events:  # appends
                 events.emit("error", message=message)
         self._process, self._current = None, None
-        self._stop_requested.discard(job.id)
-        self._pause_requested.discard(job.id)
         job = self.store.update(job.id, status=status, finished=time.time(), message=message, pid=None)
+        self._forget(job.id)  # after: a stop pressed until then reads the job as running and leaves its id here
         self._notify(job)
         return job
+
+    def _forget(self, job_id: int) -> None:
+        with self._lock:
+            for requested in (self._stop_requested, self._pause_requested, self._listening):
+                requested.discard(job_id)
+            self._held.pop(job_id, None)
 
     def environment(self) -> dict[str, str]:
         """The trainer's environment. PYTHONPATH starts with the folder that holds this package unless it is installed:
