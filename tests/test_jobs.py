@@ -165,7 +165,7 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
     assert resumed.status == "queued" and resumed.options["resume"] == stopped.last_state and resumed.resumed_from == job.id
     with pytest.raises(UserError, match=f"job {job.id} was resumed already, as job {resumed.id}: resume that one"):
         runner.resume(job.id)  # a second job from the same state would train the same steps and write the same files
-    with pytest.raises(UserError, match=f"job {job.id} is stopped; only a queued or running job can be paused"):
+    with pytest.raises(UserError, match=f"job {job.id} is stopped; only a running job can be paused"):
         runner.stop(job.id, pause=True)
 
 
@@ -213,6 +213,17 @@ def test_a_trainer_that_cannot_be_launched_fails_its_job_and_the_queue_goes_on(t
     assert failed.id == job.id and failed.status == "failed"
     assert failed.message.startswith("the trainer could not be started: ") and "nothing" in failed.message
     assert runner.run_next() is None
+
+
+def test_pausing_a_queued_job_is_refused_as_it_has_nothing_to_save(runner, tmp_path):
+    job = runner.submit("waiting", options(tmp_path, "finish"))
+    with pytest.raises(UserError, match=f"job {job.id} is queued, not running: nothing to pause; stop takes it out "
+                                        "of the queue"):
+        runner.stop(job.id, pause=True)
+    assert runner.store.get(job.id).status == "queued"
+    assert runner.stop(job.id).status == "stopped"
+    with pytest.raises(UserError, match=f"job {job.id} is stopped; only a running job can be paused"):
+        runner.stop(job.id, pause=True)
 
 
 def test_save_now_reaches_the_running_job_which_goes_on_until_stopped(runner, tmp_path):

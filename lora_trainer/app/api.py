@@ -588,7 +588,8 @@ def create_router(services: Services) -> APIRouter:
 
     @router.post("/jobs/{job_id}/pause", summary="Pause a job (frees the GPU)")
     def pause_job(job_id: int):
-        """Like stop, but the job is marked `paused`; `resume` continues from the saved state."""
+        """Like stop, but the job is marked `paused`; `resume` continues from the saved state. Only a running job:
+        a queued one has nothing to save (409; stop takes it out of the queue)."""
         return state_change(job_id, lambda: services.runner.stop(job_id, pause=True))
 
     @router.post("/jobs/{job_id}/resume", summary="Resume a stopped, paused or interrupted job")

@@ -193,11 +193,13 @@ class JobRunner:
     def stop(self, job_id: int, pause: bool = False) -> Job:
         with self._lock:
             job = self._job(job_id)
+            if job.status == "queued" and pause:  # it has trained nothing, so there is nothing to save
+                raise UserError(f"job {job_id} is queued, not running: nothing to pause; stop takes it out of the queue")
             if job.status == "queued":
                 return self.store.update(job_id, status="stopped", finished=time.time(), message="removed from the queue")
             if job.status != "running":
-                raise UserError(f"job {job_id} is {job.status}; only a queued or running job can be "
-                                f"{'paused' if pause else 'stopped'}")
+                raise UserError(f"job {job_id} is {job.status}; only a {'running' if pause else 'queued or running'} "
+                                f"job can be {'paused' if pause else 'stopped'}")
             (self._pause_requested if pause else self._stop_requested).add(job_id)
             self._send(job, "pause" if pause else "stop")
         return self.store.get(job_id)

@@ -140,6 +140,9 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     assert client.get(f"{V1}/jobs/{second['id']}").json()["status"] == "queued"
     assert_error(client.delete(f"{V1}/jobs/{first['id']}"), 409, "job_running")
     assert client.post(f"{V1}/jobs/{first['id']}/save").status_code == 200
+    refused = assert_error(client.post(f"{V1}/jobs/{second['id']}/pause"), 409, "job_state")  # nothing to save yet
+    assert refused["message"] == f"job {second['id']} is queued, not running: nothing to pause; stop takes it out of the queue"
+    assert client.get(f"{V1}/jobs/{second['id']}").json()["status"] == "queued"
     assert client.post(f"{V1}/jobs/{second['id']}/stop").json()["status"] == "stopped"  # leaves the queue
     assert client.post(f"{V1}/jobs/{first['id']}/stop").status_code == 200
     assert wait_for(client, first["id"])["status"] == "stopped"
