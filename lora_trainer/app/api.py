@@ -592,10 +592,11 @@ def create_router(services: Services) -> APIRouter:
         a queued one has nothing to save (409; stop takes it out of the queue)."""
         return state_change(job_id, lambda: services.runner.stop(job_id, pause=True))
 
-    @router.post("/jobs/{job_id}/resume", summary="Resume a stopped, paused or interrupted job")
+    @router.post("/jobs/{job_id}/resume", status_code=201, summary="Resume a stopped, paused or interrupted job")
     def resume_job(job_id: int):
-        """Queues a new job that continues from the job's last saved state; returns the new job."""
-        return state_change(job_id, lambda: services.runner.resume(job_id))
+        """Queues a new job that continues from the job's last saved state; returns the new job (201, as
+        `POST /jobs` does: a job was created)."""
+        return JSONResponse(state_change(job_id, lambda: services.runner.resume(job_id)), 201)
 
     @router.post("/jobs/{job_id}/save", summary="Save the network now")
     def save_job(job_id: int):

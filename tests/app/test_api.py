@@ -151,6 +151,20 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     assert_error(client.post(f"{V1}/jobs/999/pause"), 404, "job_not_found")
 
 
+def test_resume_answers_201_with_the_new_job_as_submitting_does(client, job_services, job_body, tmp_path):
+    job = client.post(f"{V1}/jobs", json=job_body).json()
+    assert wait_for(client, job["id"])["status"] == "finished"
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
+        (state / name).write_bytes(b"x")
+    job_services.store.update(job["id"], status="paused", last_state=str(state))
+    resumed = client.post(f"{V1}/jobs/{job['id']}/resume")
+    assert resumed.status_code == 201, resumed.text
+    assert resumed.json()["resumed_from"] == job["id"] and resumed.json()["options"]["resume"] == str(state)
+    assert wait_for(client, resumed.json()["id"])["status"] == "finished"
+
+
 @pytest.mark.parametrize("change, status, field", [
     ({"name": "a/b"}, 400, "name"),
     ({"name": ".."}, 400, "name"),
