@@ -595,8 +595,14 @@ def create_router(services: Services) -> APIRouter:
     @router.post("/jobs/{job_id}/resume", status_code=201, summary="Resume a stopped, paused or interrupted job")
     def resume_job(job_id: int):
         """Queues a new job that continues from the job's last saved state; returns the new job (201, as
-        `POST /jobs` does: a job was created)."""
-        return JSONResponse(state_change(job_id, lambda: services.runner.resume(job_id)), 201)
+        `POST /jobs` does: a job was created). The job's webhook, if it had one, is called when the new one ends."""
+        resumed = state_change(job_id, lambda: services.runner.resume(job_id))
+        hook = job_or_404(job_id).folder / WEBHOOK_FILE
+        if hook.is_file():  # the run goes on, so whoever waits for its end still does
+            url = hook.read_text(encoding="utf-8").strip()
+            (services.store.get(resumed["id"]).folder / WEBHOOK_FILE).write_text(url, encoding="utf-8")
+            watch_for_webhook(services, resumed["id"], url)
+        return JSONResponse(resumed, 201)
 
     @router.post("/jobs/{job_id}/save", summary="Save the network now")
     def save_job(job_id: int):

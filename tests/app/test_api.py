@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -151,18 +152,22 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     assert_error(client.post(f"{V1}/jobs/999/pause"), 404, "job_not_found")
 
 
-def test_resume_answers_201_with_the_new_job_as_submitting_does(client, job_services, job_body, tmp_path):
-    job = client.post(f"{V1}/jobs", json=job_body).json()
-    assert wait_for(client, job["id"])["status"] == "finished"
-    state = tmp_path / "state"
-    state.mkdir()
-    for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
-        (state / name).write_bytes(b"x")
-    job_services.store.update(job["id"], status="paused", last_state=str(state))
-    resumed = client.post(f"{V1}/jobs/{job['id']}/resume")
-    assert resumed.status_code == 201, resumed.text
-    assert resumed.json()["resumed_from"] == job["id"] and resumed.json()["options"]["resume"] == str(state)
-    assert wait_for(client, resumed.json()["id"])["status"] == "finished"
+def test_resume_answers_201_with_the_new_job_and_its_end_calls_the_jobs_webhook(client, job_services, job_body, tmp_path):
+    with webhook_server() as (url, received):
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        assert wait_for(client, job["id"])["status"] == "finished"
+        wait_for_calls(received, 1)
+        state = tmp_path / "state"
+        state.mkdir()
+        for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
+            (state / name).write_bytes(b"x")
+        job_services.store.update(job["id"], status="paused", last_state=str(state))
+        resumed = client.post(f"{V1}/jobs/{job['id']}/resume")
+        assert resumed.status_code == 201, resumed.text
+        assert resumed.json()["resumed_from"] == job["id"] and resumed.json()["options"]["resume"] == str(state)
+        assert wait_for(client, resumed.json()["id"])["status"] == "finished"
+        wait_for_calls(received, 2)
+    assert [call["job"]["id"] for call in received] == [job["id"], resumed.json()["id"]]
 
 
 @pytest.mark.parametrize("change, status, field", [
@@ -265,7 +270,9 @@ def test_body_too_large_and_not_json(job_services):
     assert_error(client.post(f"{V1}/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json")
 
 
-def test_webhook_gets_the_summary_when_the_job_ends(client, job_body):
+@contextlib.contextmanager
+def webhook_server():
+    """A local endpoint that keeps what it is sent: (its URL, the JSON bodies received)."""
     received = []
 
     class Hook(BaseHTTPRequestHandler):
@@ -280,14 +287,24 @@ def test_webhook_gets_the_summary_when_the_job_ends(client, job_body):
     server = HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": f"http://127.0.0.1:{server.server_port}/done"}).json()
-        wait_for(client, job["id"])
-        for _ in range(200):
-            if received:
-                break
-            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.server_port}/done", received
     finally:
         server.shutdown()
+
+
+def wait_for_calls(received: list, count: int) -> list:
+    for _ in range(200):
+        if len(received) >= count:
+            break
+        time.sleep(0.05)
+    return received
+
+
+def test_webhook_gets_the_summary_when_the_job_ends(client, job_body):
+    with webhook_server() as (url, received):
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        wait_for(client, job["id"])
+        wait_for_calls(received, 1)
     assert received[0]["job"]["id"] == job["id"] and received[0]["job"]["status"] == "finished"
     assert received[0]["end"]["files"][0].endswith("zkchar.safetensors")
 
