@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from lora_trainer.dataset.images import (
     ImageError,
+    checked_image_size,
     load_image,
     load_images,
     read_image_size,
@@ -148,11 +149,30 @@ def test_bad_files_are_reported_and_the_good_ones_still_load(tmp_path):
     assert all(problem.message.startswith(str(problem.path)) for problem in result.problems)
 
 
-def test_sizes_come_from_headers_so_a_truncated_file_still_has_a_size(tmp_path):
-    truncated = tmp_path / "cut.jpg"
+@pytest.mark.parametrize("name", ["cut.jpg", "cut.png"])
+def test_a_truncated_file_has_a_size_from_its_header_but_fails_the_checked_size(tmp_path, name):
+    """Its header still reads, so the size alone cannot find it: the check a dataset makes before training decodes
+    the pixels, and names the file and what is wrong, as loading it would part-way through the run."""
+    truncated = tmp_path / name
     marked_image((64, 48)).save(truncated, quality=95)
-    truncated.write_bytes(truncated.read_bytes()[:1000])
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     assert read_image_sizes([truncated]).sizes == {truncated: (64, 48)}
+    with pytest.raises(ImageError, match=f"{name} is truncated \\(the file ends early\\); re-export or re-download"):
+        checked_image_size(truncated)
+
+
+def test_a_checked_size_refuses_corrupt_data_after_a_good_header_and_keeps_the_upright_size(tmp_path):
+    good = with_orientation(tmp_path / "turned.jpg", 6)
+    assert checked_image_size(good) == read_image_size(good) == (4, 6)
+    corrupt = tmp_path / "corrupt.png"
+    marked_image((64, 48)).save(corrupt)
+    data = bytearray(corrupt.read_bytes())
+    start = data.index(b"IDAT") + 4
+    data[start : start + 16] = bytes(16)  # the compressed pixels zeroed, the file's length unchanged
+    corrupt.write_bytes(bytes(data))
+    assert read_image_size(corrupt) == (64, 48)
+    with pytest.raises(ImageError, match="corrupt.png cannot be decoded"):
+        checked_image_size(corrupt)
 
 
 def test_unicode_and_spaces_in_paths(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -1363,6 +1364,61 @@ def test_what_the_dataset_leaves_out_is_said_as_warnings(dataset, tmp_path):
         assert json.loads(handle.metadata()["ss_tag_frequency"]) == {"2_zkstar": expected}  # not the skipped image's
     assert any("skipped folders without a <repeats>_ prefix: 'zkstar extra'" in w for w in warnings)
     assert [e["event"] for e in events].index("warning") == 1  # right after the start event, as the UI shows them
+
+
+def truncated_png(path: Path, size: tuple[int, int] = (128, 64)) -> Path:
+    """A PNG cut in the middle of its pixel data: its header (and so its size) still reads, its pixels do not."""
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise, "RGB").save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def caption_tags(folder: Path) -> dict[str, int]:
+    """The tags of the .txt captions in ``folder`` as ss_tag_frequency counts them."""
+    counts: dict[str, int] = {}
+    for caption in sorted(folder.glob("*.txt")):
+        for tag in caption.read_text(encoding="utf-8").split(","):
+            counts[tag.strip().lower()] = counts.get(tag.strip().lower(), 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("caching", [("--cache_latents",), ()], ids=["cached", "per-batch"])
+def test_a_truncated_image_is_skipped_like_an_unreadable_one_and_counts_nowhere(dataset, tmp_path, caching):
+    """A PNG cut short still has a readable header: it used to pass the dataset check and stop the run when its
+    latents were cached (or mid-epoch without caching). It is skipped before anything is counted, with the file and
+    what is wrong, like a file Pillow cannot open: not in the image count, the tags or the buckets."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    expected = caption_tags(data / "2_zkstar")
+    truncated_png(data / "2_zkstar" / "cut.png")  # wide: a bucket of its own, were it counted
+    (data / "2_zkstar" / "cut.txt").write_text("zkstar, torn edges", encoding="utf-8")
+    args = ["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(data), "--output_dir",
+            str(tmp_path / "out"), "--output_name", "star", "--resolution", "64", "--max_train_epochs", "1",
+            "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
+            "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128"]
+    assert train_main([*args, *caching]) == 0
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert (f"{data / '2_zkstar' / 'cut.png'} is truncated (the file ends early); re-export or re-download it, "
+            "or remove it; skipped") in warnings
+    assert next(e for e in events if e["event"] == "start")["images"] == 32  # 16 readable images x 2 repeats
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_num_train_images"] == "32"
+    assert json.loads(metadata["ss_tag_frequency"]) == {"2_zkstar": expected}
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"2_zkstar": {"n_repeats": 2, "img_count": 16}}
+    assert json.loads(metadata["ss_bucket_info"])["buckets"] == {"0": {"resolution": [64, 64], "count": 32}}
+
+
+def test_a_dataset_of_truncated_images_only_is_refused_naming_them(tmp_path, capsys):
+    folder = tmp_path / "data" / "2_zkstar"
+    folder.mkdir(parents=True)
+    truncated_png(folder / "a.png"), truncated_png(folder / "b.png")
+    assert run(tmp_path / "data", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "the dataset has no usable training images" in err
+    assert f"{folder / 'a.png'} is truncated" in err and f"{folder / 'b.png'} is truncated" in err
 
 
 def test_network_weights_of_another_kind_name_the_options_the_file_was_trained_with(dataset, tmp_path, capsys):

@@ -13,6 +13,8 @@ stops the run. Here:
   guard also stays on);
 - empty, truncated and non-image files become ``ImageProblem``s; the batch functions return the good images and the
   list of problems so the rest of the dataset proceeds.
+- ``checked_image_size`` decodes the pixels once as well: a file truncated after a good header is found before
+  training, where it can be skipped like any other unreadable file.
 """
 
 from __future__ import annotations
@@ -116,14 +118,41 @@ def exif_orientation(image: Image.Image) -> int:
     return orientation if orientation in _UPRIGHT else 1
 
 
+def _upright_size(image: Image.Image) -> Size:
+    """(width, height) of an opened image as the picture is seen upright; read before decoding (a PNG's late EXIF
+    chunk, parsed only by decoding, is ignored as ``load_image`` ignores it)."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in _SWAPS_SIDES else (width, height)
+
+
+def _undecodable(path: Path, error: Exception) -> ImageError:
+    """The message of a file whose header reads but whose pixels do not decode."""
+    reason = "is truncated (the file ends early)" if "truncated" in str(error) else f"cannot be decoded ({error})"
+    return ImageError(f"{path} {reason}; re-export or re-download it, or remove it.")
+
+
 def read_image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Size:
     """(width, height) as the picture is seen upright, read from the header without decoding the pixels."""
     path = Path(path)
     with _open(path, max_pixels) as image:
-        width, height = image.size
-        if exif_orientation(image) in _SWAPS_SIDES:
-            return height, width
-        return width, height
+        return _upright_size(image)
+
+
+def checked_image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Size:
+    """``read_image_size`` once every pixel has been decoded (the first frame of an animation): a file damaged
+    after a good header (truncated, corrupt data) is an ``ImageError`` here, like a file Pillow cannot open, so it
+    can be left out of a dataset before training, not found when ``load_image`` reads it part-way through a run."""
+    path = Path(path)
+    with _open(path, max_pixels) as image:
+        size = _upright_size(image)
+        try:
+            image.seek(0)
+            image.load()
+        except MemoryError:
+            raise
+        except Exception as error:  # decoders raise OSError, SyntaxError, zlib/struct errors… for damaged files
+            raise _undecodable(path, error) from None
+        return size
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
@@ -169,8 +198,7 @@ def load_image_and_alpha(path: Path, background: Colour = WHITE,
         except MemoryError:
             raise
         except Exception as error:  # decoders raise OSError, SyntaxError, zlib/struct errors… for damaged files
-            reason = "is truncated (the file ends early)" if "truncated" in str(error) else f"cannot be decoded ({error})"
-            raise ImageError(f"{path} {reason}; re-export or re-download it, or remove it.") from None
+            raise _undecodable(path, error) from None
 
 
 @dataclass(frozen=True)

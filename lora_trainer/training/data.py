@@ -11,9 +11,10 @@ masks from the images' transparency (``alpha_mask``) or from mask folders (``con
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, DatasetGroupConfig, SubsetConfig, load_dataset_config
-from ..dataset.images import read_image_size
-from ..dataset.layouts import (config_from_folders, config_from_metadata, dataset_images, face_in_name, list_images,
-                               regularization_repeats)
+from ..dataset.images import checked_image_size
+from ..dataset.layouts import (ImageEntry, config_from_folders, config_from_metadata, dataset_images, face_in_name,
+                               list_images, regularization_repeats)
 from ..console import progress_bar
 from ..errors import UserError
 from ..safe_io import ENABLE_LONG_PATHS, UNREADABLE_NPZ, save_npz, temporary_beside, windows_path_length
@@ -473,6 +474,31 @@ def _mask_files(subset: SubsetConfig, entries, notes: list[str]) -> dict[str, Pa
     return masks
 
 
+# Pillow decodes without the GIL; at most a few images decoded at once, each up to 100 megapixels
+_CHECK_THREADS = min(8, os.cpu_count() or 1)
+
+
+_SizedImage = tuple[tuple[int, int], B.BucketChoice]  # an image's original size (w, h) and its bucket
+
+
+def _sized_image(entry: ImageEntry, settings: B.BucketSettings) -> _SizedImage | UserError:
+    """The image's size and bucket, or why it cannot train. Its pixels are decoded once here, even when the metadata
+    gives its size: a file truncated after a good header is then skipped like any unreadable one, before anything is
+    counted, instead of stopping the run when its latents are cached (or mid-epoch without caching)."""
+    try:
+        size = checked_image_size(entry.path)
+        size = entry.image_size or size  # sd-scripts buckets a metadata entry by the size it gives
+        return size, B.select_bucket(size, settings)
+    except UserError as problem:
+        return problem
+
+
+def _sized_images(entries: Sequence[ImageEntry], settings: B.BucketSettings) -> list[_SizedImage | UserError]:
+    """``_sized_image`` of each entry, in order (the notes of the skipped ones then come in the folder's order)."""
+    with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="image-check") as pool:
+        return list(pool.map(lambda entry: _sized_image(entry, settings), entries))
+
+
 def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int) -> DatasetPlan:
     images = dataset_images(dataset)
     notes.extend(images.notes)
@@ -482,16 +508,14 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     for subset_images in images.subsets:
         subset = subset_images.subset
         masks = _mask_files(subset, subset_images.images, notes) if subset.conditioning_data_dir else None
-        for entry in subset_images.images:
-            try:
-                size = entry.image_size or read_image_size(entry.path)
-                choice = B.select_bucket(size, settings)
-            except UserError as problem:
-                said = str(problem).rstrip(".")
+        for entry, sized in zip(subset_images.images, _sized_images(subset_images.images, settings)):
+            if isinstance(sized, UserError):
+                said = str(sized).rstrip(".")
                 notes.append(f"{said if str(entry.path) in said else f'{entry.path}: {said}'}; skipped")
                 if subset.metadata_file is None:  # a folder's tags count captions (a metadata file's, its tags)
                     tag_frequency = C.tag_frequency_without(tag_frequency, subset_images.frequency_name, [entry.caption])
                 continue
+            size, choice = sized
             record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
                                  mask_path=masks.get(entry.path.stem) if masks is not None else None)
             (reg if subset.is_reg else train).append(record)
