@@ -227,6 +227,9 @@ def test_fine_tuning_metadata_joins_caption_and_tags_and_counts_only_tags(tmp_pa
     # a key without extension (merge_captions_to_metadata without --full_path) finds b.jpg
     assert entries == {"a.png": "a red star,star, red", "b.jpg": "Blue"}
     assert loaded.tag_frequency == {"meta.json": {"star": 1, "red": 1, "blue": 1}}
+    # each entry's own share of the count, for an image the trainer leaves out later
+    counted = {entry.path.name: entry.counted_tags for entry in loaded.subsets[0].images}
+    assert counted == {"a.png": "star, red", "b.jpg": "Blue"}
 
 
 def test_fine_tuning_json_lines_and_sizes_from_metadata(tmp_path):

@@ -1421,6 +1421,33 @@ def test_a_dataset_of_truncated_images_only_is_refused_naming_them(tmp_path, cap
     assert f"{folder / 'a.png'} is truncated" in err and f"{folder / 'b.png'} is truncated" in err
 
 
+DAMAGE = {"not an image": lambda path: path.write_bytes(b"not a png"), "truncated": truncated_png}
+
+
+@pytest.mark.parametrize(("damage", "size"),
+                         [(DAMAGE["not an image"], {}), (DAMAGE["truncated"], {"image_size": [128, 64]})],
+                         ids=["not an image", "truncated, sized by the metadata"])
+def test_fine_tuning_tags_of_a_skipped_image_are_not_counted(dataset, tmp_path, damage, size):
+    """--in_json: ss_tag_frequency counts the metadata's tags, and a skipped image's tags leave it, as a folder's
+    skipped image takes its caption out (sd-scripts would stop on such an image: it trains nothing). An image is
+    checked even when the metadata gives its size (prepare_buckets_latents.py writes it), else a damaged one would
+    stop the run when its latents are cached."""
+    images = tmp_path / "images"
+    shutil.copytree(dataset / "2_zkstar", images)
+    metadata = {p.name: {"caption": "a star", "tags": p.with_suffix(".txt").read_text(encoding="utf-8").strip()}
+                for p in sorted(images.glob("*.png"))}
+    expected = caption_tags(images)
+    damage(images / "damaged.png")
+    metadata["damaged.png"] = {"caption": "a star", "tags": "zkstar, torn edges", **size}
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(metadata), encoding="utf-8")
+    assert run(images, tmp_path / "out", "--in_json", str(meta), "--dataset_repeats", "2") == 0
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        written = handle.metadata()
+    assert json.loads(written["ss_tag_frequency"]) == {"meta.json": expected}
+    assert written["ss_num_train_images"] == "32"
+
+
 def test_network_weights_of_another_kind_name_the_options_the_file_was_trained_with(dataset, tmp_path, capsys):
     """A LoHa file continued by a LoRA run: the message gives the file's own network options to repeat."""
     loha = ("--network_module", "lycoris.kohya", "--network_args", "algo=loha", "preset=attn-mlp")

@@ -198,12 +198,15 @@ def face_in_name(image: Path) -> tuple[int, int, int, int] | None:
 @dataclass(frozen=True)
 class ImageEntry:
     """One training image: its caption as sd-scripts would train it (before caption processing), the caption file it
-    came from (``None``: class tokens or metadata), and its size when the metadata gives it."""
+    came from (``None``: class tokens or metadata), its size when the metadata gives it, and what ``ss_tag_frequency``
+    counts for it (a folder image's caption, a metadata entry's tags; ``None``: nothing), so that an image left out
+    later takes its own tags out of the count."""
 
     path: Path
     caption: str
     caption_file: Path | None = None
     image_size: tuple[int, int] | None = None
+    counted_tags: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,10 @@ def _duplicate_stem_notes(images: list[Path], caption_extension: str) -> list[st
     ]
 
 
+def _counted_tags(entries: Iterable[ImageEntry]) -> tuple[str, ...]:
+    return tuple(entry.counted_tags for entry in entries if entry.counted_tags is not None)
+
+
 def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
     """Images and captions of a DreamBooth subset; caption files that cannot be used raise one ``UserError``."""
     folder = subset.image_dir
@@ -248,13 +255,15 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         caption_file = next((path for path in caption_candidates(image, subset.caption_extension) if path.is_file()), None)
         if caption_file is None:
             without_caption.append(image)
-            entries.append(ImageEntry(image, subset.class_tokens or ""))
+            fallback = subset.class_tokens or ""
+            entries.append(ImageEntry(image, fallback, counted_tags=fallback))
             continue
         text = load_caption_file(caption_file).text
         if text == "":
             empty_files.append(caption_file)
             continue
-        entries.append(ImageEntry(image, training_caption(text, subset.enable_wildcard), caption_file))
+        caption = training_caption(text, subset.enable_wildcard)
+        entries.append(ImageEntry(image, caption, caption_file, counted_tags=caption))
     if empty_files:
         raise UserError(
             f"Empty caption files (sd-scripts stops on them): {_some(empty_files)}; write a caption in each, or delete "
@@ -268,7 +277,7 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         )
     if not images:
         notes.append(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); this subset is ignored.")
-    return SubsetImages(subset, tuple(entries), folder.name, tuple(entry.caption for entry in entries), tuple(notes))
+    return SubsetImages(subset, tuple(entries), folder.name, _counted_tags(entries), tuple(notes))
 
 
 def _other_caption_hint(images: list[Path], extension: str) -> str:
@@ -337,31 +346,30 @@ def fine_tuning_images(subset: SubsetConfig) -> SubsetImages:
     metadata = read_metadata_file(metadata_file)
     separator = subset.caption_separator
     entries: list[ImageEntry] = []
-    tags_list: list[str] = []
     missing: list[str] = []
     for key in sorted(metadata, key=len, reverse=True):
         record = metadata[key]
         caption = record.get("caption") or ""
         tags = record.get("tags")
+        counted = None  # sd-scripts counts the tags only, and only of the images that have them
         if subset.enable_wildcard:
             if tags is not None:
-                tags = tags.replace("\n", separator)
+                counted = tags = tags.replace("\n", separator)
                 caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip())
-                tags_list.append(tags)
         elif tags:
             caption = (caption + separator if caption else "") + tags
-            tags_list.append(tags)
+            counted = tags
         path = _image_for_key(key, subset.image_dir, metadata_file)
         if not path.is_file():
             missing.append(key)
         size = record.get("image_size")
-        entries.append(ImageEntry(path, caption, None, (int(size[0]), int(size[1])) if size else None))
+        entries.append(ImageEntry(path, caption, None, (int(size[0]), int(size[1])) if size else None, counted))
     notes = []
     if missing:
         notes.append(f"Metadata file {metadata_file}: no image found for {_some(missing)}.")
     if not metadata:
         notes.append(f"Metadata file {metadata_file} lists no images; this subset is ignored.")
-    return SubsetImages(subset, tuple(entries), metadata_file.name, tuple(tags_list), tuple(notes))
+    return SubsetImages(subset, tuple(entries), metadata_file.name, _counted_tags(entries), tuple(notes))
 
 
 def subset_images(subset: SubsetConfig) -> SubsetImages:

@@ -512,8 +512,9 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
             if isinstance(sized, UserError):
                 said = str(sized).rstrip(".")
                 notes.append(f"{said if str(entry.path) in said else f'{entry.path}: {said}'}; skipped")
-                if subset.metadata_file is None:  # a folder's tags count captions (a metadata file's, its tags)
-                    tag_frequency = C.tag_frequency_without(tag_frequency, subset_images.frequency_name, [entry.caption])
+                if entry.counted_tags is not None:  # it trains nothing: its tags leave ss_tag_frequency
+                    tag_frequency = C.tag_frequency_without(tag_frequency, subset_images.frequency_name,
+                                                            [entry.counted_tags])
                 continue
             size, choice = sized
             record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
