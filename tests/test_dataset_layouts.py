@@ -13,6 +13,7 @@ from safetensors import safe_open
 from lora_trainer.dataset.buckets import select_bucket
 from lora_trainer.dataset.config import load_dataset_config, resolve_dataset_config
 from lora_trainer.dataset.layouts import (
+    caption_fallback_notes,
     config_from_folders,
     config_from_metadata,
     dataset_images,
@@ -115,8 +116,12 @@ def test_captions_come_from_the_caption_extension_else_class_tokens(tmp_path):
     loaded = dreambooth_images(only_subset(folder, class_tokens="zk"))
     assert [(entry.path.name, entry.caption) for entry in loaded.images] == [("a.png", "zk, red star"), ("b.png", "zk")]
     assert loaded.images[0].caption_file == folder / "a.txt" and loaded.images[1].caption_file is None
-    assert any("1 images have no .txt caption and train with the class tokens 'zk': b.png. 1 of them have a .caption "
-               "file beside them: add --caption_extension .caption to train with those." in note for note in loaded.notes)
+    # said by the trainer once it knows which images it can read (caption_fallback_notes), not while listing them
+    assert not any("have no .txt caption" in note for note in loaded.notes)
+    assert caption_fallback_notes(loaded.subset, loaded.images) == [
+        f"{folder}: 1 images have no .txt caption and train with the class tokens 'zk': b.png. 1 of them have a "
+        ".caption file beside them: add --caption_extension .caption to train with those."]
+    assert caption_fallback_notes(loaded.subset, loaded.images[:1]) == []  # b.png left out: nothing to say
 
 
 def test_wildcard_subsets_keep_every_non_empty_caption_line(tmp_path):

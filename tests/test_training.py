@@ -1424,6 +1424,21 @@ def test_a_dataset_of_truncated_images_only_is_refused_naming_them(tmp_path, cap
 DAMAGE = {"not an image": lambda path: path.write_bytes(b"not a png"), "truncated": truncated_png}
 
 
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_the_class_token_note_leaves_out_the_images_that_are_skipped(dataset, tmp_path, damage):
+    """Images without a caption file train with the folder's class tokens, and the note lists them: a damaged one
+    is skipped, so it is neither listed nor counted there."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "2_zkstar" / "star_003.txt").unlink()
+    damage(data / "2_zkstar" / "damaged.png")
+    assert run(data, tmp_path / "out") == 0
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    notes = [e["message"] for e in events if e["event"] == "warning" and "caption and train with" in e["message"]]
+    assert notes == [f"{data / '2_zkstar'}: 1 images have no .txt caption and train with the class tokens 'zkstar': "
+                     "star_003.png."]
+
+
 @pytest.mark.parametrize(("damage", "size"),
                          [(DAMAGE["not an image"], {}), (DAMAGE["truncated"], {"image_size": [128, 64]})],
                          ids=["not an image", "truncated, sized by the metadata"])

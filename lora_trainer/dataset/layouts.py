@@ -250,11 +250,9 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         notes.append(f"{folder}: {_some(path.name for path in unread)} skipped: sd-scripts reads extensions in lower or upper case only; rename them.")
     entries: list[ImageEntry] = []
     empty_files: list[Path] = []
-    without_caption: list[Path] = []
     for image in images:
         caption_file = next((path for path in caption_candidates(image, subset.caption_extension) if path.is_file()), None)
         if caption_file is None:
-            without_caption.append(image)
             fallback = subset.class_tokens or ""
             entries.append(ImageEntry(image, fallback, counted_tags=fallback))
             continue
@@ -269,15 +267,26 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
             f"Empty caption files (sd-scripts stops on them): {_some(empty_files)}; write a caption in each, or delete "
             "them to train those images with the folder's class tokens."
         )
-    if without_caption:
-        fallback = f"the class tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
-        notes.append(
-            f"{folder}: {len(without_caption)} images have no {subset.caption_extension} caption and train with {fallback}: "
-            f"{_some(path.name for path in without_caption)}.{_other_caption_hint(without_caption, subset.caption_extension)}"
-        )
     if not images:
         notes.append(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); this subset is ignored.")
     return SubsetImages(subset, tuple(entries), folder.name, _counted_tags(entries), tuple(notes))
+
+
+def caption_fallback_notes(subset: SubsetConfig, entries: Iterable[ImageEntry]) -> list[str]:
+    """The note on a folder's images that train with its class tokens for want of a caption file, given the images
+    that do train: said once the unreadable ones are left out (by the caller, who opens the images), so it never
+    names an image that is skipped. Fine-tuning subsets have no caption files: no note."""
+    if subset.kind == FINE_TUNING:
+        return []
+    without_caption = [entry.path for entry in entries if entry.caption_file is None]
+    if not without_caption:
+        return []
+    fallback = f"the class tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
+    return [
+        f"{subset.image_dir}: {len(without_caption)} images have no {subset.caption_extension} caption and train with "
+        f"{fallback}: {_some(path.name for path in without_caption)}."
+        f"{_other_caption_hint(without_caption, subset.caption_extension)}"
+    ]
 
 
 def _other_caption_hint(images: list[Path], extension: str) -> str:

@@ -26,8 +26,8 @@ from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, DatasetGroupConfig, SubsetConfig, load_dataset_config
 from ..dataset.images import checked_image_size
-from ..dataset.layouts import (ImageEntry, config_from_folders, config_from_metadata, dataset_images, face_in_name,
-                               list_images, regularization_repeats)
+from ..dataset.layouts import (ImageEntry, caption_fallback_notes, config_from_folders, config_from_metadata,
+                               dataset_images, face_in_name, list_images, regularization_repeats)
 from ..console import progress_bar
 from ..errors import UserError
 from ..safe_io import ENABLE_LONG_PATHS, UNREADABLE_NPZ, save_npz, temporary_beside, windows_path_length
@@ -508,6 +508,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     for subset_images in images.subsets:
         subset = subset_images.subset
         masks = _mask_files(subset, subset_images.images, notes) if subset.conditioning_data_dir else None
+        kept = []
         for entry, sized in zip(subset_images.images, _sized_images(subset_images.images, settings)):
             if isinstance(sized, UserError):
                 said = str(sized).rstrip(".")
@@ -516,10 +517,12 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
                     tag_frequency = C.tag_frequency_without(tag_frequency, subset_images.frequency_name,
                                                             [entry.counted_tags])
                 continue
+            kept.append(entry)
             size, choice = sized
             record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
                                  mask_path=masks.get(entry.path.stem) if masks is not None else None)
             (reg if subset.is_reg else train).append(record)
+        notes.extend(caption_fallback_notes(subset, kept))  # after the skips: it names only images that train
     validation_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
     train, validation = split_validation(train, dataset.validation_split, validation_seed)
     num_reg_images = sum(r.repeats for r in reg)  # what sd-scripts records as ss_num_reg_images
