@@ -494,9 +494,15 @@ def _sized_image(entry: ImageEntry, settings: B.BucketSettings) -> _SizedImage |
 
 
 def _sized_images(entries: Sequence[ImageEntry], settings: B.BucketSettings) -> list[_SizedImage | UserError]:
-    """``_sized_image`` of each entry, in order (the notes of the skipped ones then come in the folder's order)."""
-    with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="image-check") as pool:
-        return list(pool.map(lambda entry: _sized_image(entry, settings), entries))
+    """``_sized_image`` of each entry, in order (the notes of the skipped ones then come in the folder's order).
+    A bar: decoding takes ≈ 6 ms a megapixel PNG, a minute for ten thousand images on 2 cores."""
+    sized = []
+    with (ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="image-check") as pool,
+          progress_bar(len(entries), "image", "checking images", leave=False) as bar):
+        for result in pool.map(lambda entry: _sized_image(entry, settings), entries):
+            sized.append(result)
+            bar.update()
+    return sized
 
 
 def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int) -> DatasetPlan:
