@@ -42,6 +42,10 @@ FAKE_TRAINER = textwrap.dedent('''
     if mode == "die":  # what the kernel's out-of-memory killer does: nothing said, nothing logged
         import os, signal
         os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "loading":  # a model that takes longer to load than a stop waits; the control file is not read yet
+        time.sleep(30)
+    if mode == "ignore":  # stuck in training: it took a step, then stopped reading the control file
+        emit("step", step=1)
     if mode in ("wait", "ignore"):
         while not (mode == "wait" and control.exists() and control.read_text().split() not in ([], ["save"])):
             if control.exists() and control.read_text().split() == ["save"]:  # save now, go on (as the trainer does)
@@ -251,6 +255,21 @@ def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path):
     assert "killed" in runner.store.get(job.id).message
     assert read_events(job.events_path)[0][-1] == {**read_events(job.events_path)[0][-1], "event": "error",
                                                    "message": runner.store.get(job.id).message}
+
+
+def test_a_stop_while_the_model_loads_ends_the_job_stopped_saying_nothing_was_trained(runner, tmp_path):
+    """Killed when the wait runs out, as a stuck trainer is, but before its first step there was nothing to lose:
+    the job says so, and its events end as a stopped run, not as an error."""
+    job = runner.submit("slow start", options(tmp_path, "loading"))
+    thread = _run_in_background(runner)
+    while not [e for e in read_events(job.events_path)[0] if e["event"] == "start"]:
+        time.sleep(0.02)
+    runner.stop(job.id, pause=True)
+    thread.join(timeout=10)
+    ended = runner.store.get(job.id)
+    assert ended.status == "stopped" and "before its first step" in ended.message and "nothing was trained" in ended.message
+    last = read_events(job.events_path)[0][-1]
+    assert last["event"] == "end" and last["stopped"] and last["files"] == []
 
 
 def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(runner, tmp_path):

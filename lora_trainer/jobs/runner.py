@@ -294,7 +294,7 @@ class JobRunner:
     def _follow(self, job: Job, process: subprocess.Popen | AdoptedProcess, log) -> Job:
         """The running trainer's events into the job (files, last state, error) and its end into the job's status."""
         self._process, self._current = process, job.id
-        offset, files, last_state, error, ended = 0, [], None, None, False
+        offset, files, last_state, error, ended, stepped = 0, [], None, None, False, False
         stop_seen_at = None
         while True:
             finished = process.poll() is not None
@@ -308,6 +308,7 @@ class JobRunner:
                     error = event.get("message")
                 elif event["event"] == "start":
                     self._listen(job)
+                stepped = stepped or event["event"] == "step"
                 ended = ended or event["event"] in ("end", "error")
                 if self.on_event:
                     try:
@@ -330,6 +331,10 @@ class JobRunner:
             code = 0 if ended and error is None else 1
         if job.id in self._pause_requested and code == 0:
             status, message = "paused", "paused: resume continues from the saved state"
+        elif job.id in self._stop_requested | self._pause_requested and code != 0 and not stepped:
+            # still loading the model or caching latents when the wait ran out: killed, and nothing was lost
+            status, message = "stopped", (f"stopped before its first step (the model was still loading or the latents "
+                                          f"caching after {self.kill_after:g} s): nothing was trained or saved")
         elif job.id in self._stop_requested:
             status, message = "stopped", "stopped and saved" if code == 0 else "stopped (killed after the timeout)"
         elif code == 0:
@@ -338,7 +343,10 @@ class JobRunner:
             status, message = "failed", error or _tail(job.folder / "trainer.log") or _exit_reason(code)
         if not ended and status in ("failed", "stopped") and code != 0:  # killed: say so where the UI and API read
             with EventLog(job.events_path) as events:  # appends
-                events.emit("error", message=message)
+                if stepped or status == "failed":
+                    events.emit("error", message=message)
+                else:  # what the user asked for, not a failure
+                    events.emit("end", files=[], steps=0, stopped=True, message=message)
         self._process, self._current = None, None
         job = self.store.update(job.id, status=status, finished=time.time(), message=message, pid=None)
         self._forget(job.id)  # after: a stop pressed until then reads the job as running and leaves its id here
