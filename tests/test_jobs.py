@@ -246,10 +246,11 @@ def test_save_now_reaches_the_running_job_which_goes_on_until_stopped(runner, tm
     assert runner.store.get(job.id).status == "stopped"
 
 
-def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path):
+@pytest.mark.parametrize("pause", [False, True], ids=["stop", "pause"])
+def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path, pause):
     job = runner.submit("stubborn", options(tmp_path, "ignore"))
     thread = _run_in_background(runner)
-    runner.stop(job.id)
+    runner.stop(job.id, pause=pause)
     thread.join(timeout=10)
     assert runner.store.get(job.id).status == "stopped"
     assert "killed" in runner.store.get(job.id).message

@@ -335,7 +335,7 @@ class JobRunner:
             # still loading the model or caching latents when the wait ran out: killed, and nothing was lost
             status, message = "stopped", (f"stopped before its first step (the model was still loading or the latents "
                                           f"caching after {self.kill_after:g} s): nothing was trained or saved")
-        elif job.id in self._stop_requested:
+        elif job.id in self._stop_requested | self._pause_requested:  # a pause killed after the timeout is a stop
             status, message = "stopped", "stopped and saved" if code == 0 else "stopped (killed after the timeout)"
         elif code == 0:
             status, message = "finished", None
