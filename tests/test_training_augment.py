@@ -494,3 +494,18 @@ def test_images_without_a_mask_in_the_mask_folder_are_named_before_any_work(tmp_
     assert f"no mask for 1 of the images in {rgb_dir}" in error and removed.name in error
     events = tmp_path / "out" / "star.events.jsonl"
     assert "caching latents" not in (events.read_text(encoding="utf-8") if events.exists() else "")
+
+
+def test_a_damaged_mask_is_named_before_any_work(tmp_path, capsys):
+    """A mask says which pixels are learnt; one cut short must not stop the run mid-epoch (or train unmasked)."""
+    _, rgb_dir, mask_dir = _masked_pair(tmp_path)
+    damaged = sorted(mask_dir.iterdir())[1]
+    size = Image.open(damaged).size
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size[::-1], dtype=np.uint8), "L").save(damaged)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # the header reads, the pixels do not
+    subset = f'image_dir = "{rgb_dir.as_posix()}"\nconditioning_data_dir = "{mask_dir.as_posix()}"'
+    assert _masked_run(tmp_path, "out", subset) == 2
+    error = capsys.readouterr().err
+    assert f"conditioning_data_dir {mask_dir}: 1 masks cannot be read" in error and f"{damaged} is truncated" in error
+    events = tmp_path / "out" / "star.events.jsonl"
+    assert "caching latents" not in (events.read_text(encoding="utf-8") if events.exists() else "")

@@ -471,7 +471,24 @@ def _mask_files(subset: SubsetConfig, entries, notes: list[str]) -> dict[str, Pa
     if unused:
         notes.append(f"conditioning_data_dir {folder}: {len(unused)} masks without a training image are not used "
                      f"({', '.join(unused[:5])})")
+    damaged = [problem for problem in _decoded(masks[entry.path.stem] for entry in entries) if problem is not None]
+    if damaged:  # like a missing mask, before any work: which parts to learn is the user's to say
+        raise UserError(f"conditioning_data_dir {folder}: {len(damaged)} masks cannot be read: "
+                        f"{str(damaged[0]).rstrip('.')}{' (and more)' if len(damaged) > 1 else ''}")
     return masks
+
+
+def _decoded(paths: Iterator[Path]) -> list[UserError | None]:
+    """Each image fully decoded, on a few threads: None where it reads, else why not."""
+    def problem(path: Path) -> UserError | None:
+        try:
+            checked_image_size(path)
+        except UserError as error:
+            return error
+        return None
+
+    with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="mask-check") as pool:
+        return list(pool.map(problem, paths))
 
 
 # Pillow decodes without the GIL; at most a few images decoded at once, each up to 100 megapixels
