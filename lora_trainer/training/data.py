@@ -14,7 +14,7 @@ import json
 import os
 import random
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,24 +471,20 @@ def _mask_files(subset: SubsetConfig, entries, notes: list[str]) -> dict[str, Pa
     if unused:
         notes.append(f"conditioning_data_dir {folder}: {len(unused)} masks without a training image are not used "
                      f"({', '.join(unused[:5])})")
-    damaged = [problem for problem in _decoded(masks[entry.path.stem] for entry in entries) if problem is not None]
+    damaged = [problem for problem in _each_decoded(_mask_problem, [masks[entry.path.stem] for entry in entries], "mask")
+               if problem is not None]
     if damaged:  # like a missing mask, before any work: which parts to learn is the user's to say
         raise UserError(f"conditioning_data_dir {folder}: {len(damaged)} masks cannot be read: "
                         f"{str(damaged[0]).rstrip('.')}{' (and more)' if len(damaged) > 1 else ''}")
     return masks
 
 
-def _decoded(paths: Iterator[Path]) -> list[UserError | None]:
-    """Each image fully decoded, on a few threads: None where it reads, else why not."""
-    def problem(path: Path) -> UserError | None:
-        try:
-            checked_image_size(path)
-        except UserError as error:
-            return error
-        return None
-
-    with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="mask-check") as pool:
-        return list(pool.map(problem, paths))
+def _mask_problem(path: Path) -> UserError | None:
+    try:
+        checked_image_size(path)
+    except UserError as error:
+        return error
+    return None
 
 
 # Pillow decodes without the GIL; at most a few images decoded at once, each up to 100 megapixels
@@ -510,16 +506,16 @@ def _sized_image(entry: ImageEntry, settings: B.BucketSettings) -> _SizedImage |
         return problem
 
 
-def _sized_images(entries: Sequence[ImageEntry], settings: B.BucketSettings) -> list[_SizedImage | UserError]:
-    """``_sized_image`` of each entry, in order (the notes of the skipped ones then come in the folder's order).
-    A bar: decoding takes ≈ 6 ms a megapixel PNG, a minute for ten thousand images on 2 cores."""
-    sized = []
+def _each_decoded(check: Callable, items: Sequence, unit: str) -> list:
+    """``check`` (which decodes an image) of each item, in order, on a few threads, with a bar: decoding takes
+    ≈ 6 ms a megapixel PNG, a minute for ten thousand images on 2 cores."""
+    results = []
     with (ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="image-check") as pool,
-          progress_bar(len(entries), "image", "checking images", leave=False) as bar):
-        for result in pool.map(lambda entry: _sized_image(entry, settings), entries):
-            sized.append(result)
+          progress_bar(len(items), unit, f"checking {unit}s", leave=False) as bar):
+        for result in pool.map(check, items):
+            results.append(result)
             bar.update()
-    return sized
+    return results
 
 
 def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int) -> DatasetPlan:
@@ -532,7 +528,8 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
         subset = subset_images.subset
         masks = _mask_files(subset, subset_images.images, notes) if subset.conditioning_data_dir else None
         kept = []
-        for entry, sized in zip(subset_images.images, _sized_images(subset_images.images, settings)):
+        checked = _each_decoded(lambda entry: _sized_image(entry, settings), subset_images.images, "image")
+        for entry, sized in zip(subset_images.images, checked):
             if isinstance(sized, UserError):
                 said = str(sized).rstrip(".")
                 notes.append(f"{said if str(entry.path) in said else f'{entry.path}: {said}'}; skipped")
