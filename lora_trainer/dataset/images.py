@@ -145,14 +145,19 @@ def checked_image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Size
     path = Path(path)
     with _open(path, max_pixels) as image:
         size = _upright_size(image)
-        try:
-            image.seek(0)
-            image.load()
-        except MemoryError:
-            raise
-        except Exception as error:  # decoders raise OSError, SyntaxError, zlib/struct errors… for damaged files
-            raise _undecodable(path, error) from None
+        _decode(image, path)
         return size
+
+
+def _decode(image: Image.Image, path: Path) -> None:
+    """Every pixel of the first frame; a damaged file (truncated, corrupt data) is an ``ImageError`` naming it."""
+    try:
+        image.seek(0)
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as error:  # decoders raise OSError, SyntaxError, zlib/struct errors… for damaged files
+        raise _undecodable(path, error) from None
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
@@ -188,16 +193,15 @@ def load_image_and_alpha(path: Path, background: Colour = WHITE,
     path = Path(path)
     with _open(path, max_pixels) as image:
         orientation = exif_orientation(image)
+        _decode(image, path)
         try:
-            image.seek(0)
-            image.load()
             upright = image.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else image
             has_alpha = (upright.mode == "P" and "transparency" in upright.info) or upright.mode in _ALPHA_MODES
             alpha = upright.convert("RGBA").getchannel("A") if has_alpha else None
             return to_rgb(upright, background).copy(), alpha
         except MemoryError:
             raise
-        except Exception as error:  # decoders raise OSError, SyntaxError, zlib/struct errors… for damaged files
+        except Exception as error:  # a mode Pillow cannot convert (LAB, say): as unreadable as a damaged file
             raise _undecodable(path, error) from None
 
 
