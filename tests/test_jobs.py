@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_trainer.errors import UserError
 from lora_trainer.jobs.runner import JobRunner
 from lora_trainer.jobs.store import JobStore
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 from lora_trainer.training.events import read_events
 
 # A stand-in trainer: reads its config like the real one, writes events, obeys (or ignores) the stop file.
@@ -75,8 +77,25 @@ def runner(tmp_path):
 
 def options(tmp_path, mode: str) -> dict:
     (tmp_path / "data" / "1_zk").mkdir(parents=True, exist_ok=True)  # a job is checked for its folders when submitted
-    return {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": str(tmp_path / "data"),
+    return {"pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(tmp_path / "data"),
             "resolution": "64", "output_dir": str(tmp_path / f"out-{mode}"), "training_comment": mode}
+
+
+def test_a_job_the_trainer_would_refuse_as_it_starts_is_refused_when_submitted(runner, tmp_path, monkeypatch):
+    """Read from the checkpoint's header and the machine, before the job exists: a LoRA picked as the base model,
+    --v2 on an SD1 file, a GPU the machine does not have. Found at the start, they failed a job after its wait."""
+    from lora_trainer.safe_io import save_safetensors
+
+    lora = save_safetensors({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+                            tmp_path / "my lora.safetensors")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for change, said in (({"pretrained_model_name_or_path": str(lora)}, "my lora.safetensors is not an SD1/SD2/SDXL checkpoint"),
+                         ({"v2": True}, "--v2 is set but .* is an SD1"),
+                         ({"device": "cuda:1"}, "--device cuda:1: this machine has 1 CUDA GPU")):
+        with pytest.raises(UserError, match=said):
+            runner.submit("refused", {**options(tmp_path, "finish"), **change})
+    assert runner.store.all() == []
 
 
 def test_jobs_run_one_at_a_time_in_order_and_record_their_files(runner, tmp_path):

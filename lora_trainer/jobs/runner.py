@@ -165,11 +165,16 @@ class JobRunner:
         """Validate now (a clear message before anything is queued), then queue."""
         if not name or "/" in name or "\\" in name or ".." in name:
             raise UserError(f"job name {name!r}: use a plain name without / or ..")
-        from ..training.data import dataset_group  # torch: imported when a job is submitted, not with the tabs
+        # torch: imported when a job is submitted, not with the tabs
+        from ..training.data import dataset_group
+        from ..training.trainer import check_before_queueing
 
         # checked before the job exists (no id or folder used up, nothing the queue could start half-made): the
-        # options, and the dataset's layout and resolution, so a job that would fail as it starts is refused instead
-        dataset_group(options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}"))
+        # options, the dataset's layout and resolution, the device and the checkpoint's kind, so a job that would
+        # fail as it starts is refused instead
+        checked = options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}")
+        dataset_group(checked)
+        check_before_queueing(checked)
         job = self.store.add(name, options)
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),

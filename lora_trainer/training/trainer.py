@@ -25,7 +25,7 @@ from ..compat import DYNAMO_TRACES_SLOWLY, SCALES_LOSS_ON_CPU, GradScaler, OutOf
 from ..console import progress_bar
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
-from ..models.checkpoint import load_checkpoint
+from ..models.checkpoint import detect_architecture, load_checkpoint, open_tensors
 from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
 from ..networks.activation import lora_calls_in
@@ -71,6 +71,22 @@ def pick_device(name: str, world: World = World()) -> torch.device:
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
                         "use --device cuda or auto")
     return device
+
+
+def check_before_queueing(options: TrainOptions) -> None:
+    """What the trainer would refuse as it starts, found from headers alone, so that the job queue refuses it at
+    once: a GPU this machine lacks, a file that is not an SD checkpoint (a LoRA, a VAE), --v2 on an SD1 file."""
+    try:
+        pick_device(options.device)
+    except UserError as error:
+        raise UserError(str(error), "device") from None
+    path = Path(options.pretrained_model_name_or_path)
+    if path.suffix.lower() == ".safetensors":  # a header; a pickle (.ckpt) would have to be loaded whole
+        try:
+            config, _ = detect_architecture(open_tensors(path))
+            _check_model_matches_options(config, options)
+        except UserError as error:
+            raise UserError(str(error), "pretrained_model_name_or_path") from None
 
 
 def check_precision(options: TrainOptions, device: torch.device) -> None:

@@ -3,17 +3,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lora_trainer.app.api import PREFIX, register
 from lora_trainer.app.services import Services
+from lora_trainer.safe_io import save_safetensors
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 
 V1 = PREFIX
 
@@ -39,7 +43,7 @@ def client(job_services) -> TestClient:
 @pytest.fixture
 def job_body(app_settings, make_dataset):
     checkpoint = app_settings.checkpoint_folders[0] / "base.safetensors"
-    checkpoint.write_bytes(b"not read by the fake trainer")
+    shutil.copy(TINY_MODEL_PATH, checkpoint)  # read for its kind when the job is submitted, not loaded
     return {"name": "zkchar", "options": {"pretrained_model_name_or_path": str(checkpoint),
                                           "train_data_dir": str(make_dataset()), "resolution": 64,
                                           "max_train_steps": 5}}
@@ -150,6 +154,15 @@ def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
     assert_error(client.post(f"{V1}/jobs/{first['id']}/sample"), 409, "job_state")
     assert_error(client.post(f"{V1}/jobs/{first['id']}/resume"), 409, "job_state")  # the fake saved no state
     assert_error(client.post(f"{V1}/jobs/999/pause"), 404, "job_not_found")
+
+
+def test_a_lora_picked_as_the_base_model_is_a_400_naming_the_field(client, job_body, app_settings):
+    lora = app_settings.checkpoint_folders[0] / "a lora.safetensors"
+    save_safetensors({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, lora)
+    body = {**job_body, "options": {**job_body["options"], "pretrained_model_name_or_path": str(lora)}}
+    error = assert_error(client.post(f"{V1}/jobs", json=body), 400, "invalid", "pretrained_model_name_or_path")
+    assert "is not an SD1/SD2/SDXL checkpoint" in error["message"]
+    assert client.get(f"{V1}/jobs").json()["jobs"] == []
 
 
 def test_resume_answers_201_with_the_new_job_and_its_end_calls_the_jobs_webhook(client, job_services, job_body, tmp_path):
@@ -593,7 +606,7 @@ def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fa
     outside every root: a title from GET /checkpoints is taken as the Train tab takes it; a path still needs a root."""
     embedded = tmp_path / "package" / "tiny-sd.safetensors"  # outside the roots, as the shipped model is
     embedded.parent.mkdir()
-    embedded.write_bytes(b"not read by the fake trainer")
+    shutil.copy(TINY_MODEL_PATH, embedded)
     fake_host._checkpoints["tiny-sd (embedded demo model)"] = embedded
     listed = client.get(f"{V1}/checkpoints").json()["checkpoints"]
     assert listed == [{"title": "tiny-sd (embedded demo model)", "path": str(embedded)}]

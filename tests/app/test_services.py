@@ -14,6 +14,7 @@ from lora_trainer.app.services import Services, write_card_hints
 from lora_trainer.app.settings import AppSettings, parse_api_auth
 from lora_trainer.app.user_metadata import card_metadata, trigger_words, write_card_metadata
 from lora_trainer.safe_io import save_safetensors
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 
 FAKE_TRAINER = textwrap.dedent('''
     import json, sys, toml
@@ -87,7 +88,7 @@ def test_a_job_frees_the_hosts_gpu_refreshes_its_lora_list_and_fills_the_card(tm
     services = Services.create(settings, host, start=False,
                                command=lambda job: [sys.executable, str(script), str(job.config_path)], poll=0.05)
     (tmp_path / "images" / "1_star").mkdir(parents=True)
-    job = services.runner.submit("star", {"pretrained_model_name_or_path": "base.safetensors",
+    job = services.runner.submit("star", {"pretrained_model_name_or_path": str(TINY_MODEL_PATH),
                                           "train_data_dir": str(tmp_path / "images"), "resolution": "64",
                                           "output_dir": str(settings.lora_folder), "output_name": "star",
                                           "training_comment": str(source)})
