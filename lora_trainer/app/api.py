@@ -850,10 +850,10 @@ class GridStatus:
                 "image_path": str(self.image) if self.image else None}
 
 
-def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[str, Path] | None = None):
+def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[str, Path] | None = None, host=None):
     """The grid body → ``grid.plan.GridRequest`` (generation settings: the host's defaults, overridden by
     ``settings``); a LoRA or a checkpoint given as a path must lie in the allowed folders, a checkpoint otherwise be
-    one of the host's titles (``checkpoints``)."""
+    one of the host's titles (``checkpoints``); a sampler one of the ``host``'s, by its name there."""
     from ..grid.plan import AxisSpec, GridRequest
 
     def axis(name: str) -> AxisSpec:
@@ -881,6 +881,12 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
     if unknown:
         raise ApiError(400, "invalid", f"settings.{unknown[0]}: use {', '.join(GRID_SETTINGS)}", "settings")
     overrides = _checked_grid_settings(overrides)
+    if host is not None and "sampler" in overrides:
+        named = host.sampler(overrides["sampler"])
+        if named is None:  # the WebUI would draw every cell with its default sampler instead
+            raise ApiError(400, "invalid", f"settings.sampler: {overrides['sampler']!r} is not a sampler here; use one "
+                           f"of {', '.join(host.sampler_names())}", "settings.sampler")
+        overrides = {**overrides, "sampler": named}
     if body.get("checkpoint") is not None:
         body = {**body, "checkpoint": checkpoint(str(body["checkpoint"]), "checkpoint")}
     lora = str(body.get("lora") or "")
@@ -939,7 +945,7 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
         from ..networks.activation import LoraLibrary
 
         request = grid_request(body, services.host.generation_defaults(), services.settings.roots(),
-                               services.host.checkpoints())
+                               services.host.checkpoints(), services.host)
         plan = plan_grid(request, LoraLibrary([services.settings.lora_folder]))
         status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
         status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None

@@ -25,6 +25,10 @@ class Host(Protocol):
     def sampler_names(self) -> list[str]:
         """The samplers a grid may use: the WebUI's visible ones there (its settings hide some), ours standalone."""
 
+    def sampler(self, name: str) -> str | None:
+        """The host's own name for the sampler ``name`` (an alias, any case: "euler_a" → "Euler a"), or None when it
+        has none: a grid asked for by name is checked, and run on that name, before anything is drawn."""
+
     def scheduler_names(self) -> list[str]:
         """The WebUI's schedule types ("Automatic", "Karras", …); empty where samplers carry their schedule."""
 

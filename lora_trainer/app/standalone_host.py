@@ -75,6 +75,14 @@ class StandaloneHost:
 
         return list(SAMPLERS)
 
+    def sampler(self, name: str) -> str | None:
+        from ..sampling.samplers import sampler_name
+
+        try:
+            return sampler_name(name)
+        except ValueError:
+            return None
+
     def scheduler_names(self) -> list[str]:
         return []  # our sampler names carry their schedule ("DPM++ 2M Karras")
 

@@ -46,6 +46,26 @@ class WebUIHost:
 
         return list(sd_samplers.visible_sampler_names())
 
+    def sampler(self, name: str) -> str | None:
+        """Its exact name, an alias in any case ("k_euler_a"), as the WebUI's own API reads them, or a name with a
+        schedule type after it ("DPM++ 2M Karras", from before 1.9): the WebUI's txt2img takes exact names only
+        and draws any other with its default sampler, saying so only in its console."""
+        from modules import sd_samplers
+
+        if name in sd_samplers.all_samplers_map:
+            return name
+        if alias := getattr(sd_samplers, "samplers_map", {}).get(name.lower()):
+            return alias
+        try:
+            from modules import sd_schedulers
+        except ImportError:
+            return None
+        for scheduler in sd_schedulers.schedulers:
+            for suffix in (scheduler.label, scheduler.name, *(getattr(scheduler, "aliases", None) or [])):
+                if name.endswith(f" {suffix}") and name[: -len(suffix) - 1] in sd_samplers.all_samplers_map:
+                    return name
+        return None
+
     def scheduler_names(self) -> list[str]:
         try:
             from modules import sd_schedulers

@@ -49,6 +49,9 @@ class FakeHost:
     def sampler_names(self) -> list[str]:
         return ["Euler", "DPM++ 2M Karras"]
 
+    def sampler(self, name: str) -> str | None:
+        return next((known for known in self.sampler_names() if known.lower() == name.lower()), None)
+
     def scheduler_names(self) -> list[str]:
         return []
 

@@ -553,7 +553,7 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
               str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
     client = make_client(services)
     body = {"lora": "mylora", "x": {"kind": "strength", "values": ["0.5", "1"]}, "y": {"kind": "seed", "values": "1, 2"},
-            "settings": {"prompt": "a star", "steps": 3}}
+            "settings": {"prompt": "a star", "steps": 3, "sampler": "euler"}}
     created = client.post(f"{V1}/grids", json=body)
     assert created.status_code == 202, created.text
     grid_id = created.json()["id"]
@@ -565,6 +565,7 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     assert status["status"] == "finished" and status["progress"] == {"done": 6, "total": 6}  # 2 seeds × (baseline + 2)
     prompts = sorted(settings.prompt for settings, _ in fake_host.generated)
     assert prompts.count("a star") == 2 and "a star <lora:mylora:0.5>" in prompts
+    assert {settings.sampler for settings, _ in fake_host.generated} == {"Euler"}  # the host's name for it
     image = client.get(status["image"])
     assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
     assert_error(client.post(f"{V1}/grids", json={**body, "x": {"kind": "strength", "values": []}}), 400)
@@ -579,6 +580,10 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
         key = next(iter(wrong))
         assert_error(client.post(f"{V1}/grids", json={**body, "settings": {**body["settings"], **wrong}}), 400,
                      field=f"settings.{key}")
+    # a sampler the host lacks: the WebUI would draw every cell with its default one instead
+    error = assert_error(client.post(f"{V1}/grids", json={**body, "settings": {"sampler": "Eular a"}}), 400,
+                         field="settings.sampler")
+    assert "'Eular a' is not a sampler here; use one of Euler, DPM++ 2M Karras" in error["message"]
 
 
 def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(services, fake_host):

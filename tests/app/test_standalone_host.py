@@ -71,3 +71,5 @@ def test_standalone_grids_offer_every_sampler_we_implement(tmp_path):
 
     host = StandaloneHost([tmp_path], [tmp_path])
     assert host.sampler_names() == list(SAMPLERS) and host.generation_defaults().sampler in host.sampler_names()
+    assert (host.sampler("euler_a"), host.sampler("DPM++ 2M Karras"), host.sampler("Eular a")) == (
+        "Euler a", "DPM++ 2M Karras", None)

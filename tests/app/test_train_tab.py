@@ -52,6 +52,9 @@ class FakeHost:
     def sampler_names(self):
         return ["Euler a"]
 
+    def sampler(self, name):
+        return "Euler a" if name.lower() == "euler a" else None
+
     def scheduler_names(self):
         return []
 

@@ -84,6 +84,17 @@ def test_skip_leaves_that_cell_grey_and_the_grid_goes_on(webui, monkeypatch):
     assert [grey(c) for c in cells] == [False, True, False, False, False, False]
 
 
+def test_a_grid_names_samplers_as_the_webuis_txt2img_takes_them(webui_modules):
+    """Its txt2img takes exact names only (any other: its default sampler, said in the console alone): aliases in any
+    case become names, a name with a schedule type after it stays (WebUI 1.9+ splits it), others are unknown."""
+    from lora_trainer.webui.host import WebUIHost
+
+    host = WebUIHost()
+    assert [host.sampler(name) for name in ("Euler a", "K_EULER_A", "euler", "Euler Karras", "Euler SGMUniform")] == [
+        "Euler a", "Euler a", "Euler", "Euler Karras", "Euler SGMUniform"]
+    assert host.sampler("Eular a") is None and host.sampler("Karras") is None
+
+
 def test_the_grid_offers_the_webuis_visible_samplers(webui_modules, monkeypatch):
     from modules import sd_samplers
 

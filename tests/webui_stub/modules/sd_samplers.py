@@ -9,7 +9,10 @@ from lora_trainer.sampling.samplers import SAMPLERS
 SamplerData = namedtuple("SamplerData", ["name", "constructor", "aliases", "options"])
 
 all_samplers = [SamplerData(name, None, [], {}) for name in SAMPLERS]
+all_samplers_map = {x.name: x for x in all_samplers}
 samplers = all_samplers
+# lower-case names and aliases → names, as the WebUI's set_samplers() fills it (its API reads names through it)
+samplers_map = {**{x.name.lower(): x.name for x in all_samplers}, "k_euler_a": "Euler a", "k_euler": "Euler"}
 samplers_hidden: set[str] = set()
 
 
