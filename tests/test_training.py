@@ -156,6 +156,23 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_a_control_word_is_a_leftover_only_when_older_than_a_fat_drive_can_tell_apart(tmp_path):
+    """FAT rounds file times to 2 s: a stop written just after the run started may read as older than the start."""
+    from lora_trainer.training.trainer import StopRequest
+
+    warned = []
+    request = StopRequest(tmp_path / "control", warned.append)
+    try:
+        started = time.time()
+        for age, kept in ((1.5, True), (5.0, False)):
+            (tmp_path / "control").write_text("stop", encoding="utf-8")
+            os.utime(tmp_path / "control", (started - age, started - age))
+            request.drop_leftover(started)
+            assert (tmp_path / "control").exists() == kept and len(warned) == (0 if kept else 1)
+    finally:
+        request.close()
+
+
 def test_a_leftover_control_word_and_an_unknown_one_are_said_and_not_obeyed(dataset, tmp_path, monkeypatch):
     """A pause pressed twice, or a stop as the last run ended, stays in the file: the next run must not stop after
     its first step for it. A mistyped word is not a stop either."""

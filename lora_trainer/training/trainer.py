@@ -178,8 +178,8 @@ class StopRequest:
     def drop_leftover(self, started: float) -> None:
         """A command written before this run started (a pause pressed twice, a stop as the last run ended) is removed
         and said, not obeyed: it would stop this run after its first step."""
-        try:
-            if self.stop_file is None or self.stop_file.stat().st_mtime >= started:
+        try:  # FAT keeps file times to 2 s: a word of this run may read up to that much older than its start
+            if self.stop_file is None or self.stop_file.stat().st_mtime >= started - 2.0:
                 return
         except OSError:
             return
