@@ -92,9 +92,11 @@ def test_a_job_the_trainer_would_refuse_as_it_starts_is_refused_when_submitted(r
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for change, said in (({"pretrained_model_name_or_path": str(lora)}, "my lora.safetensors is not an SD1/SD2/SDXL checkpoint"),
                          ({"v2": True}, "--v2 is set but .* is an SD1"),
+                         ({"vae": str(lora)}, "--vae .*my lora.safetensors: not a VAE"),
                          ({"device": "cuda:1"}, "--device cuda:1: this machine has 1 CUDA GPU")):
-        with pytest.raises(UserError, match=said):
+        with pytest.raises(UserError, match=said) as refused:
             runner.submit("refused", {**options(tmp_path, "finish"), **change})
+        assert refused.value.field == next(iter(change))  # the API's 400 names it
     assert runner.store.all() == []
 
 
@@ -245,6 +247,9 @@ def test_pausing_a_queued_job_is_refused_as_it_has_nothing_to_save(runner, tmp_p
         runner.stop(job.id, pause=True)
     assert runner.store.get(job.id).status == "queued"
     assert runner.stop(job.id).status == "stopped"
+    # its stream ends as a stopped run's does: a client that waits for the end event is not left waiting
+    assert read_events(job.events_path)[0] == [{**read_events(job.events_path)[0][0], "event": "end", "files": [],
+                                                "steps": 0, "stopped": True, "message": "removed from the queue"}]
     with pytest.raises(UserError, match=f"job {job.id} is stopped; only a running job can be paused"):
         runner.stop(job.id, pause=True)
 

@@ -350,6 +350,17 @@ def _convert_diffusers_vae_key(key: str, decoder_levels: int) -> str:
     return f"{part}.{rest}"
 
 
+def vae_layout(keys) -> str | None:
+    """"diffusers" or "ldm" for a VAE's tensor names (the ``first_stage_model.`` prefix taken off), None for
+    anything else: read from a file's header, before its tensors."""
+    keys = [k.removeprefix("first_stage_model.") for k in keys]
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in keys):
+        return "diffusers"
+    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in keys):
+        return "ldm"
+    return None
+
+
 def normalize_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Bring a standalone VAE file's tensors to our keys, whatever layout it was saved in.
 
@@ -363,12 +374,13 @@ def normalize_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, t
     if any(k.startswith(prefix) for k in state_dict):
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     keys = list(state_dict)
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in keys):
+    layout = vae_layout(keys)
+    if layout == "diffusers":
         try:
             return vae_from_diffusers({k: v for k, v in state_dict.items() if k.startswith(_LDM_PARTS)})
         except KeyError as error:
             raise ValueError(f"diffusers VAE keys with an unknown part: {error.args[0]}") from error
-    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in keys):
+    if layout == "ldm":
         converted = {}
         for key, tensor in state_dict.items():
             if not key.startswith(_LDM_PARTS):

@@ -28,6 +28,7 @@ from ..models.attention import set_attention_backend, xformers_installed
 from ..models.checkpoint import detect_architecture, load_checkpoint, open_tensors
 from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
+from ..models.vae import vae_layout
 from ..networks.activation import lora_calls_in
 from ..networks.apply import Strength, merge_for_good
 from ..networks.max_norm import apply_max_norm, left_alone_warning
@@ -84,9 +85,18 @@ def check_before_queueing(options: TrainOptions) -> None:
     if path.suffix.lower() == ".safetensors":  # a header; a pickle (.ckpt) would have to be loaded whole
         try:
             config, _ = detect_architecture(open_tensors(path))
-            _check_model_matches_options(config, options)
         except UserError as error:
             raise UserError(str(error), "pretrained_model_name_or_path") from None
+        _check_model_matches_options(config, options)
+    vae = Path(options.vae) if options.vae else None
+    if vae is not None and vae.suffix.lower() == ".safetensors":
+        try:
+            keys = list(open_tensors(vae).shapes)
+        except UserError as error:
+            raise UserError(f"--vae {error}", "vae") from None
+        if vae_layout(keys) is None:
+            raise UserError(f"--vae {vae}: not a VAE ({len(keys)} tensors such as {sorted(keys)[0] if keys else 'none'}); "
+                            "give a VAE file (such as sdxl_vae.safetensors) or leave --vae out", "vae")
 
 
 def check_precision(options: TrainOptions, device: torch.device) -> None:
@@ -938,7 +948,8 @@ def _check_model_matches_options(config, options: TrainOptions) -> None:
     """--v2 must name an SD2 file. --v_parameterization may go with SDXL: v-prediction SDXL models (NoobAI-XL v-pred)
     are trained so, as sd-scripts allows."""
     if options.v2 and not config.name.startswith("sd2"):
-        raise UserError(f"--v2 is set but {options.pretrained_model_name_or_path} is an {config.label} model; drop --v2 or pick an SD2 checkpoint")
+        raise UserError(f"--v2 is set but {options.pretrained_model_name_or_path} is an {config.label} model; drop --v2 "
+                        "or pick an SD2 checkpoint", "v2")
 
 
 def _merge_base_weights(model, options: TrainOptions) -> list[str]:
