@@ -56,10 +56,11 @@ def adjusted_bucket_range(resolution: Size, min_bucket_reso: int, max_bucket_res
     which option to change.
     """
     if bucket_reso_steps < 1:
-        raise UserError(f"bucket_reso_steps is {bucket_reso_steps}; it must be a positive number of pixels (64 for SD1/SD2, 32 or 64 for SDXL).")
+        raise UserError(f"bucket_reso_steps is {bucket_reso_steps}; it must be a positive number of pixels (64 for SD1/SD2, "
+                        "32 or 64 for SDXL).", "bucket_reso_steps")
     if min_bucket_reso < bucket_reso_steps:  # snapped down it would be 0, and sd-scripts divides by it
         raise UserError(f"min_bucket_reso {min_bucket_reso} is less than bucket_reso_steps {bucket_reso_steps}, the "
-                        f"narrowest a bucket can be; set min_bucket_reso to {bucket_reso_steps} or more.")
+                        f"narrowest a bucket can be; set min_bucket_reso to {bucket_reso_steps} or more.", "min_bucket_reso")
     if min_bucket_reso % bucket_reso_steps:
         min_bucket_reso -= min_bucket_reso % bucket_reso_steps
     if max_bucket_reso % bucket_reso_steps:
@@ -68,12 +69,12 @@ def adjusted_bucket_range(resolution: Size, min_bucket_reso: int, max_bucket_res
     if min(resolution) < min_bucket_reso:
         raise UserError(
             f"min_bucket_reso {min_bucket_reso} is larger than the shorter side of the resolution {width}x{height}; "
-            f"lower min_bucket_reso to {min(resolution)} or less, or raise the resolution."
+            f"lower min_bucket_reso to {min(resolution)} or less, or raise the resolution.", "min_bucket_reso"
         )
     if max(resolution) > max_bucket_reso:
         raise UserError(
             f"max_bucket_reso {max_bucket_reso} is smaller than the longer side of the resolution {width}x{height}; "
-            f"raise max_bucket_reso to {max(resolution)} or more, or lower the resolution."
+            f"raise max_bucket_reso to {max(resolution)} or more, or lower the resolution.", "max_bucket_reso"
         )
     return min_bucket_reso, max_bucket_reso
 

@@ -404,7 +404,8 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
     data = report.json()
     assert data["concept_folders"][0]["image_count"] == 3 and data["concept_folders"][0]["repeats"] == 10
     assert ["zkchar", 3] in data["tag_frequency"] and data["settings"]["resolution"] == [64, 64]
-    contradicting = assert_error(client.post(f"{V1}/dataset/check", json={**body, "min_bucket_reso": 256}), 400)
+    contradicting = assert_error(client.post(f"{V1}/dataset/check", json={**body, "min_bucket_reso": 256}), 400,
+                                 field="min_bucket_reso")  # the field to change, also when it was left at its default
     assert "min_bucket_reso 256 is larger than the shorter side of the resolution 64x64" in contradicting["message"]
     assert_error(client.post(f"{V1}/dataset/check", json={"path": "/etc"}), 403, field="path")
     for wrong, field in (({"resolution": "abc"}, "resolution"), ({"resolution": [64, 0]}, "resolution"),
