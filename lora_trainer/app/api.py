@@ -265,7 +265,9 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
 
 
 def job_json(job: Job) -> dict:
-    return {**job.as_dict(), "events": f"{PREFIX}/jobs/{job.id}/events"}
+    """The job, its events' URL, and whether a webhook waits for its end (not the URL: it may hold a token)."""
+    return {**job.as_dict(), "events": f"{PREFIX}/jobs/{job.id}/events",
+            "webhook": (job.folder / WEBHOOK_FILE).is_file()}
 
 
 def last_end_event(job: Job) -> dict | None:

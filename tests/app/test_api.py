@@ -316,10 +316,14 @@ def wait_for_calls(received: list, count: int) -> list:
 def test_webhook_gets_the_summary_when_the_job_ends(client, job_body):
     with webhook_server() as (url, received):
         job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        assert job["webhook"] is True and url not in json.dumps(client.get(f"{V1}/jobs").json())
         wait_for(client, job["id"])
         wait_for_calls(received, 1)
     assert received[0]["job"]["id"] == job["id"] and received[0]["job"]["status"] == "finished"
     assert received[0]["end"]["files"][0].endswith("zkchar.safetensors")
+    plain = client.post(f"{V1}/jobs", json=job_body).json()
+    assert plain["webhook"] is False
+    wait_for(client, plain["id"])
 
 
 def test_unreachable_webhook_does_not_affect_the_job(client, job_body):
