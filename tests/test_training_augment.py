@@ -352,9 +352,15 @@ def test_an_uncached_batch_mixing_masked_and_unmasked_subsets_trains(tmp_path):
     assert any(t.ne(0).any() for k, t in lora(tmp_path / "out").items() if k.endswith("lora_up.weight"))
 
 
-def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_path):
+def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_path, monkeypatch):
     """SD and SDXL caches of one image share a folder and a latent shape (`_sd.npz`, `_sdxl.npz`) but come from
-    different VAEs: an SD run must read only its own, and read it back on the next run unless the image changed since."""
+    different VAEs: an SD run must read only its own, and read it back on the next run unless the image changed since;
+    an image read back from its cache is not decoded at the start either (the run never reads its pixels)."""
+    from lora_trainer.training import data as training_data
+
+    decoded = []
+    checked = training_data.checked_image_size
+    monkeypatch.setattr(training_data, "checked_image_size", lambda path: decoded.append(path.name) or checked(path))
     folder = tmp_path / "data" / "1_zkstar"
     folder.mkdir(parents=True)
     for image in sorted(SAMPLE.glob("*.png"))[:6]:
@@ -368,7 +374,9 @@ def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_
     own = sorted(folder.glob("*_0064x0064_sd.npz"))
     assert len(own) == 6
     stamps = [path.stat().st_mtime_ns for path in own]
+    decoded.clear()
     assert train(folder.parent, tmp_path / "again", "--cache_latents_to_disk") == 0
+    assert decoded == []
     assert [path.stat().st_mtime_ns for path in own] == stamps  # read back, not encoded again
     assert same(lora(tmp_path / "again"), lora(tmp_path / "memory"))
     # an image painted over after it was cached (same size, so the same cache name) is encoded again, the rest not
@@ -377,6 +385,7 @@ def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_
     os.utime(edited, ns=(stamps[0] + 10**9, stamps[0] + 10**9))
     before = np.load(own[0])["latents"]
     assert train(folder.parent, tmp_path / "edited", "--cache_latents_to_disk") == 0
+    assert decoded == [edited.name]  # checked before it is encoded again
     assert not np.array_equal(np.load(own[0])["latents"], before)
     assert [path.stat().st_mtime_ns for path in own[1:]] == stamps[1:]
 

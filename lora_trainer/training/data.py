@@ -25,7 +25,7 @@ import torch
 from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, DatasetGroupConfig, SubsetConfig, load_dataset_config
-from ..dataset.images import checked_image_size
+from ..dataset.images import checked_image_size, read_image_size
 from ..dataset.layouts import (ImageEntry, caption_fallback_notes, config_from_folders, config_from_metadata,
                                dataset_images, face_in_name, list_images, regularization_repeats)
 from ..console import progress_bar
@@ -403,8 +403,17 @@ def _with_pixels(batch: Batch, pixels: Future) -> Batch:
 
 def npz_path(record: ImageRecord, config_name: str) -> Path:
     """sd-scripts' cache name: ``<stem>_<W:04d>x<H:04d>_sd.npz`` (``_sdxl``), W×H the original image size."""
-    w, h = record.size
-    return record.path.with_name(f"{record.path.stem}_{w:04d}x{h:04d}_{'sdxl' if config_name == 'sdxl' else 'sd'}.npz")
+    return _npz_beside(record.path, record.size, config_name)
+
+
+def _npz_beside(image: Path, size: tuple[int, int], config_name: str) -> Path:
+    w, h = size
+    return image.with_name(f"{image.stem}_{w:04d}x{h:04d}_{'sdxl' if config_name == 'sdxl' else 'sd'}.npz")
+
+
+def _cached_since(image: Path, cache: Path) -> bool:
+    """The cache was written after the image last changed (an edited image is encoded again)."""
+    return cache.is_file() and cache.stat().st_mtime >= image.stat().st_mtime
 
 
 def _flip(mask: torch.Tensor, flipped: bool) -> torch.Tensor:
@@ -416,7 +425,7 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None):
     Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs. A mask folder's
     mask is not in it (sd-scripts reads those images each step): it is read from the folder."""
     path = npz_path(record, config_name)
-    if not path.is_file() or path.stat().st_mtime < record.path.stat().st_mtime:  # the image was edited since
+    if not _cached_since(record.path, path):
         return None
     try:
         with np.load(path) as data:
@@ -494,11 +503,17 @@ _CHECK_THREADS = min(8, os.cpu_count() or 1)
 _SizedImage = tuple[tuple[int, int], B.BucketChoice]  # an image's original size (w, h) and its bucket
 
 
-def _sized_image(entry: ImageEntry, settings: B.BucketSettings) -> _SizedImage | UserError:
+def _sized_image(entry: ImageEntry, settings: B.BucketSettings, cached_as: str | None = None) -> _SizedImage | UserError:
     """The image's size and bucket, or why it cannot train. Its pixels are decoded once here, even when the metadata
     gives its size: a file truncated after a good header is then skipped like any unreadable one, before anything is
-    counted, instead of stopping the run when its latents are cached (or mid-epoch without caching)."""
+    counted, instead of stopping the run when its latents are cached (or mid-epoch without caching). Not when this
+    model family's disk cache (``cached_as``) is newer than the image: the run reads the latents, never the pixels
+    (unless the cache was made at another resolution, when the image is read to encode it again)."""
     try:
+        if cached_as is not None:
+            size = entry.image_size or read_image_size(entry.path)
+            if _cached_since(entry.path, _npz_beside(entry.path, size, cached_as)):
+                return size, B.select_bucket(size, settings)
         size = checked_image_size(entry.path)
         size = entry.image_size or size  # sd-scripts buckets a metadata entry by the size it gives
         return size, B.select_bucket(size, settings)
@@ -518,7 +533,8 @@ def _each_decoded(check: Callable, items: Sequence, unit: str) -> list:
     return results
 
 
-def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int) -> DatasetPlan:
+def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int,
+                  cached_as: str | None = None) -> DatasetPlan:
     images = dataset_images(dataset)
     notes.extend(images.notes)
     settings = dataset.bucket_settings
@@ -528,7 +544,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
         subset = subset_images.subset
         masks = _mask_files(subset, subset_images.images, notes) if subset.conditioning_data_dir else None
         kept = []
-        checked = _each_decoded(lambda entry: _sized_image(entry, settings), subset_images.images, "image")
+        checked = _each_decoded(lambda entry: _sized_image(entry, settings, cached_as), subset_images.images, "image")
         for entry, sized in zip(subset_images.images, checked):
             if isinstance(sized, UserError):
                 said = str(sized).rstrip(".")
@@ -571,7 +587,8 @@ def build_training_data(options: TrainOptions, config, seed: int, world_size: in
     group = dataset_group(options)
     notes = list(group.warnings)
     _check_augmentations(group.datasets, options)
-    datasets = [_plan_dataset(i, d, notes, seed) for i, d in enumerate(group.datasets)]
+    cached_as = config.name if options.cache_latents_to_disk else None  # whose disk caches the run would read
+    datasets = [_plan_dataset(i, d, notes, seed, cached_as) for i, d in enumerate(group.datasets)]
     datasets = [d for d in datasets if d.train]
     if not datasets:
         raise UserError("the dataset has no usable training images" + (f" ({'; '.join(notes[:3])})" if notes else ""))
