@@ -416,6 +416,10 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
                          ({"batch_size": "2"}, "batch_size"), ({"enable_bucket": 1}, "enable_bucket")):
         assert_error(client.post(f"{V1}/dataset/check", json={**body, **wrong}), 400, field=field)
     assert client.post(f"{V1}/dataset/check", json={**body, "resolution": "64,64"}).status_code == 200
+    # bucket limits left out follow the resolution, as a job at 64 px trains without naming them
+    small = {key: value for key, value in body.items() if key != "min_bucket_reso"}
+    assert client.post(f"{V1}/dataset/check", json=small).json()["settings"]["min_bucket_reso"] == 64
+    assert client.post(f"{V1}/dataset/check", json={**small, "resolution": 2048}).json()["settings"]["max_bucket_reso"] == 2048
     assert_error(client.post(f"{V1}/dataset/check", json={"path": str(services.settings.dataset_roots[0] / "nope")}), 400, "not_found")
 
 
