@@ -56,3 +56,11 @@ def has_fused_kernels(device_types: set[str]) -> bool:
     except ImportError:
         return False
     return device_types <= set(_get_fused_kernels_supported_devices())
+
+
+def native_bf16() -> bool:
+    """The GPU computes bf16 itself (not emulated); torch 2.1 (the WebUI's) takes no argument and checks just that."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()

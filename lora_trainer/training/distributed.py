@@ -56,7 +56,8 @@ def start(world: World, device: torch.device, timeout_minutes: int | None = None
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        # torch 2.1 (the WebUI's) refuses timeout=None: left out unless --ddp_timeout is given
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({} if timeout is None else {"timeout": timeout}))
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compat import DYNAMO_TRACES_SLOWLY, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
+from ..compat import DYNAMO_TRACES_SLOWLY, native_bf16, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..console import progress_bar
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed
@@ -102,7 +102,7 @@ def check_before_queueing(options: TrainOptions) -> None:
 def check_precision(options: TrainOptions, device: torch.device) -> None:
     """bf16 needs an Ampere or newer GPU (a Colab T4 or an RTX 20xx has none), and fp16 needs loss scaling, which torch
     does on the CPU from 2.3 on (the WebUI's 2.1 has it for CUDA only): say so before loading anything."""
-    if device.type == "cuda" and options.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(False):
+    if device.type == "cuda" and options.mixed_precision == "bf16" and not native_bf16():
         raise UserError(f"--mixed_precision bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic; use "
                         "--mixed_precision fp16" + (" and drop --full_bf16" if options.full_bf16 else ""))
     if device.type == "cpu" and options.mixed_precision == "fp16" and not SCALES_LOSS_ON_CPU:
