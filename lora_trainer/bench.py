@@ -132,7 +132,7 @@ def run_bench(area: str, args) -> None:
             run(args.fixtures, checkout, args.rounds, args.sd_scripts_arg)
         else:
             run_size(args.size, args.work_dir, args.steps, args.batch, args.resolution, args.gradient_checkpointing,
-                     args.peak_tflops)
+                     args.peak_tflops, args.train_arg)
     else:  # the app's benches parse their own arguments
         module = {"ui": ".app.bench_ui", "api": ".app.bench_api", "grid": ".grid.bench", "tags-ui": ".app.ui.bench_tags_ui"}[area]
         main = importlib.import_module(module, __package__).main

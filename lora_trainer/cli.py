@@ -183,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--batch", type=int, help="train --size: batch size (default per size)")
     bench_parser.add_argument("--resolution", type=int, help="train --size: pixels (default: the size's native resolution)")
     bench_parser.add_argument("--gradient-checkpointing", action="store_true", help="train --size: as on 6–12 GB cards")
+    bench_parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                              help="train --size: an extra trainer argument (e.g. --train-arg=--xformers)")
     bench_parser.add_argument("--peak-tflops", type=float, help="train --size: the device's dense bf16 peak, for MFU "
                                                                 "(known GPUs are looked up)")
     bench_parser.set_defaults(run=bench)

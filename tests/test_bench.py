@@ -113,8 +113,10 @@ def test_a_size_bench_trains_through_the_real_command_and_reports_speed_memory_a
     events), on the tiny architecture so that it runs here."""
     monkeypatch.setitem(SIZES, "tiny", BenchSize(dataclasses.replace(tiny_config(), resolution=64), batch=1,
                                                  train_text_encoder=False, rank=2))
-    run_size("tiny", tmp_path, steps=3, batch=None, resolution=None, gradient_checkpointing=False, peak=None)
+    run_size("tiny", tmp_path, steps=3, batch=None, resolution=None, gradient_checkpointing=False, peak=None,
+             extra=["--min_snr_gamma=5"])
     report = capsys.readouterr().out
     assert "random fp16 checkpoint" in report
     assert "64 px, batch 1, LoRA rank 2" in report and "UNet only with cached text-encoder outputs" in report
+    assert ", --min_snr_gamma=5)" in report  # what was measured is named with its figures
     assert "images/s" in report and "peak RSS" in report and "TFLOP per step" in report and "MFU needs --peak-tflops" in report

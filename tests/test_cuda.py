@@ -1,5 +1,5 @@
 """The trainer's GPU paths on a real CUDA device: each mixed precision, --fp8_base, gradient checkpointing, SDXL with
-cached text-encoder outputs, the out-of-memory advice and NCCL's collectives.
+cached text-encoder outputs, xformers (where it is installed), the out-of-memory advice and NCCL's collectives.
 
 Skipped where PyTorch sees no CUDA GPU (CI and the 2-core development machines have none): ``.ci/device-check`` runs
 them on a lent GPU. The CPU suite covers the same options' logic; these check that the CUDA kernels, autocast and the
@@ -17,10 +17,11 @@ import test_training
 from safetensors.torch import load_file
 
 from lora_trainer.bench import write_random_checkpoint
+from lora_trainer.models import attention as attention_module
 from lora_trainer.models.configs import SDXL
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH, tiny_like
 from lora_trainer.train_network import main as train_main
-from lora_trainer.training.distributed import World, agree_on_command, agree_on_seed, sum_gradients
+from lora_trainer.training.distributed import World, agree_on_command, agree_on_seed, finish, sum_gradients
 from lora_trainer.training.events import read_events
 
 dataset = test_training.dataset  # the fixture: the sample dataset under a CJK path with spaces, 2 repeats
@@ -100,6 +101,95 @@ def test_sdxl_with_cached_text_encoder_outputs_trains_in_bf16_on_the_gpu(dataset
     assert any(key.startswith("lora_unet_") for key in load_file(str(tmp_path / "out" / "star.safetensors")))
 
 
+needs_xformers = pytest.mark.skipif(not attention_module.xformers_installed(),
+                                    reason="needs xformers: .ci/device-check installs the wheel it carries")
+
+
+@pytest.fixture
+def xformers_calls(monkeypatch) -> list[tuple]:
+    """Each call of xformers' kernel, by query shape and dtype: proof that --xformers ran it, not SDPA."""
+    import xformers.ops
+
+    kernel, calls = xformers.ops.memory_efficient_attention, []
+
+    def counted(q, k, v, *args, **kwargs):
+        out = kernel(q, k, v, *args, **kwargs)
+        calls.append((tuple(q.shape), q.dtype))  # the calls that ran (a build for another torch fails each)
+        return out
+
+    monkeypatch.setattr(xformers.ops, "memory_efficient_attention", counted)
+    yield calls
+    attention_module.set_attention_backend("auto")
+
+
+@pytest.fixture
+def working_xformers() -> None:
+    problem = attention_module.xformers_problem(torch.device("cuda"))
+    if problem:  # PyPI's wheels are each made for one torch: the test below shows what --xformers does then
+        pytest.skip(problem)
+
+
+@needs_xformers
+@pytest.mark.usefixtures("working_xformers")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("tokens, context, channels, heads", [
+    (4096, 4096, 320, 8),  # SD1.5's first self-attention at 512 px (head 40)
+    (1024, 77, 640, 10),  # SDXL's cross-attention to the prompt (head 64)
+    (256, 77, 1280, 20),  # SD2's deepest (head 64)
+    (256, 256, 32, 8),  # the tiny model's (head 4)
+], ids=["sd15-self", "sdxl-cross", "sd2-cross", "tiny"])
+def test_xformers_attention_equals_sdpa_forward_and_backward(xformers_calls, dtype, tokens, context, channels, heads):
+    generator = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, n, channels, device="cuda", dtype=dtype, generator=generator) for n in (tokens, context, context))
+    results = {}
+    for backend in ("xformers", "sdpa"):
+        attention_module.set_attention_backend(backend)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention_module.attention(*inputs, heads)
+        out.float().square().mean().backward()
+        results[backend] = [out.float(), *(t.grad.float() for t in inputs)]
+    assert xformers_calls == [((2, tokens, heads, channels // heads), dtype)]
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}[dtype]
+    for ours, sdpa in zip(results["xformers"], results["sdpa"]):
+        assert (ours - sdpa).abs().max() <= tolerance * sdpa.abs().max()
+
+
+@needs_xformers
+@pytest.mark.usefixtures("working_xformers")
+def test_the_vae_attention_of_latent_caching_runs_in_xformers(xformers_calls):
+    """The VAE's single head of 512 channels, without gradients (the encoder only caches latents)."""
+    attention_module.set_attention_backend("xformers")
+    q = torch.randn(1, 64 * 64, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours = attention_module.attention(q, q, q, 1)
+        attention_module.set_attention_backend("sdpa")
+        sdpa = attention_module.attention(q, q, q, 1)
+    assert len(xformers_calls) == 1 and (ours.float() - sdpa.float()).abs().max() <= 2e-2 * sdpa.float().abs().max()
+
+
+@needs_xformers
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_xformers_training_learns_what_sdpa_learns(dataset, tmp_path, xformers_calls, precision):
+    code, sdpa_events = train(dataset, tmp_path / "sdpa", "--mixed_precision", precision, "--sdpa")
+    assert code == 0 and not xformers_calls  # --sdpa keeps an installed xformers out
+    problem = attention_module.xformers_problem(torch.device("cuda"))
+    xformers_calls.clear()  # the probe's own
+    code, events = train(dataset, tmp_path / "xformers", "--mixed_precision", precision, "--xformers")
+    assert code == 0, [e for e in events if e["event"] == "error"]
+    said = [e["message"] for e in events if e["event"] == "warning" and "xformers" in e["message"]]
+    if problem:  # a build for another torch: said at the start, and the run is SDPA's
+        assert said == [f"--xformers: {problem}, so attention uses SDPA; install the xformers build made for torch "
+                        f"{torch.__version__} to use it"] and not xformers_calls
+    else:
+        assert not said and DTYPES[precision] in {dtype for _, dtype in xformers_calls}  # the UNet's, under autocast
+    assert losses(events)[0] == pytest.approx(losses(sdpa_events)[0], rel=0.05)  # the same noise, the same start
+    change, reference = learned(tmp_path / "xformers"), learned(tmp_path / "sdpa")
+    assert change.isfinite().all() and torch.cosine_similarity(change, reference, dim=0) > 0.9
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def test_running_out_of_gpu_memory_names_the_options_that_lower_memory(dataset, tmp_path, capsys):
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
@@ -131,7 +221,7 @@ def _nccl_rank(rank: int, size: int, init_file: str, out: str) -> None:
     seed = agree_on_seed(world, 1234 if rank == 0 else 99)  # CPU tensors travel through the GPU for NCCL
     command = agree_on_command(world, "save" if rank == 0 else None, signalled=False)
     torch.save({"grads": [p.grad.cpu() for p in parameters], "seed": seed, "command": command}, f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    finish(world)
 
 
 def test_nccl_sums_gradients_and_shares_rank_0s_decisions(tmp_path):

@@ -16,7 +16,7 @@ import torch.multiprocessing
 from safetensors.torch import load_file
 
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
-from lora_trainer.training.distributed import World, sum_gradients
+from lora_trainer.training.distributed import World, finish, sum_gradients
 from lora_trainer.training.events import read_events
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
@@ -68,6 +68,21 @@ def test_a_global_batch_is_split_into_ordered_slices_even_when_short():
     assert World().shard(5) == slice(0, 5)
 
 
+def test_the_process_group_gets_a_timeout_only_when_ddp_timeout_is_given(monkeypatch):
+    """torch 2.1 (the WebUI's) refuses timeout=None: torchrun without --ddp_timeout failed at its start."""
+    import torch.distributed as dist
+
+    from lora_trainer.training.distributed import start
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
+    start(World(0, 2), torch.device("cpu"))
+    start(World(0, 2), torch.device("cpu"), timeout_minutes=5)
+    start(World(), torch.device("cpu"), timeout_minutes=5)  # one process: no group at all
+    assert calls == [("gloo", {}), ("gloo", {"timeout": timedelta(minutes=5)})]
+
+
 def _sum_gradients_on_rank(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -83,7 +98,7 @@ def _sum_gradients_on_rank(rank: int, init_file: str, out: str) -> None:
     # parameters[4]: no rank trained it (DyLoRA's other ranks): it keeps no gradient, so the optimizer leaves it alone
     sum_gradients(World(rank, 2), parameters)
     torch.save([p.grad for p in parameters], f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    finish(World(rank, 2))  # the trainer's own shutdown: under torch 2.1 a bare destroy_process_group could hang here
 
 
 def test_summed_gradients_land_in_their_own_parameters_whatever_their_dtype_or_layout(tmp_path):

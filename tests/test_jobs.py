@@ -17,6 +17,7 @@ from lora_trainer.errors import UserError
 from lora_trainer.jobs.runner import JobRunner
 from lora_trainer.jobs.store import JobStore
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+from lora_trainer.training import tracking
 from lora_trainer.training.events import read_events
 
 # A stand-in trainer: reads its config like the real one, writes events, obeys (or ignores) the stop file.
@@ -90,10 +91,12 @@ def test_a_job_the_trainer_would_refuse_as_it_starts_is_refused_when_submitted(r
                             tmp_path / "my lora.safetensors")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(tracking, "tensorboard_installed", lambda: False)
     for change, said in (({"pretrained_model_name_or_path": str(lora)}, "my lora.safetensors is not an SD1/SD2/SDXL checkpoint"),
                          ({"v2": True}, "--v2 is set but .* is an SD1"),
                          ({"vae": str(lora)}, "--vae .*my lora.safetensors: not a VAE"),
-                         ({"device": "cuda:1"}, "--device cuda:1: this machine has 1 CUDA GPU")):
+                         ({"device": "cuda:1"}, "--device cuda:1: this machine has 1 CUDA GPU"),
+                         ({"logging_dir": str(tmp_path / "logs")}, "--logging_dir .* needs the tensorboard package")):
         with pytest.raises(UserError, match=said) as refused:
             runner.submit("refused", {**options(tmp_path, "finish"), **change})
         assert refused.value.field == next(iter(change))  # the API's 400 names it

@@ -156,6 +156,15 @@ def test_unusable_scheduler_classes_and_arguments_are_refused_by_name(scheduler_
     assert "--lr_scheduler_type" in str(error.value)
 
 
+def test_reduce_on_plateau_is_refused_for_its_reason_where_torch_does_not_subclass_it(monkeypatch):
+    """torch 2.1 (the WebUI's) has ReduceLROnPlateau outside the LRScheduler hierarchy: still refused for what it is."""
+    class OldReduceLROnPlateau:  # noqa: the 2.1 shape: a plain class
+        pass
+    monkeypatch.setattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", OldReduceLROnPlateau)
+    with pytest.raises(UserError, match="steps on a validation metric"):
+        make_scheduler(two_group_optimizer(), "constant", 10, 0, scheduler_type="ReduceLROnPlateau", scheduler_args=[])
+
+
 @pytest.mark.parametrize("total, warmup, decay, cycles, floor", [(40, 5, 10, 1, None), (40, 0, 0.25, 2, 0.1), (33, 0.1, 0, 1, None)])
 def test_warmup_stable_decay_equals_transformers_as_sd_scripts_calls_it(total, warmup, decay, cycles, floor):
     """sd-scripts' warmup_stable_decay: --lr_decay_steps (steps or a fraction), the rest stable, num_cycles / 2 cosines

@@ -22,6 +22,7 @@ from lora_trainer.compat import OutOfMemoryError
 from lora_trainer.errors import UserError
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 from lora_trainer.train_network import main as train_main
+from lora_trainer.training import tracking
 from lora_trainer.training.events import read_events
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
@@ -317,6 +318,16 @@ def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_pat
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_logging_without_tensorboard_installed_is_refused_before_the_model_loads(dataset, tmp_path, monkeypatch, capsys):
+    """Found when the writer was made, it came after the loading and caching (and under torchrun left the other ranks
+    failing with a gloo traceback): now every rank says it before the start event."""
+    monkeypatch.setattr(tracking, "tensorboard_installed", lambda: False)
+    assert run(dataset, tmp_path, "--logging_dir", str(tmp_path / "logs")) == 2
+    assert "--logging_dir writes TensorBoard logs and needs the tensorboard package" in capsys.readouterr().err
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert "start" not in [e["event"] for e in events] and not (tmp_path / "logs").exists()
+
+
 def test_sample_images_are_drawn_at_first_and_every_epoch_with_sd_scripts_names(dataset, tmp_path):
     from lora_trainer.training.samples import parse_txt_line
 
@@ -544,6 +555,12 @@ def test_a_gpu_the_run_cannot_use_is_said_before_loading(dataset, tmp_path, caps
     with pytest.raises(UserError, match="--mixed_precision bf16: Tesla T4 has no bf16 arithmetic; use --mixed_precision fp16"):
         check_precision(options, torch.device("cuda"))
     check_precision(options, torch.device("cpu"))  # the CPU computes in fp32 anyway
+    # torch 2.1 (the WebUI's) takes no argument: asking with one stopped every CUDA bf16 run at its start
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    check_precision(options, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(UserError, match="Tesla T4 has no bf16 arithmetic"):
+        check_precision(options, torch.device("cuda"))
     fp16 = options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d", "mixed_precision": "fp16"})
     monkeypatch.setattr("lora_trainer.training.trainer.SCALES_LOSS_ON_CPU", True)  # torch 2.3 and later
     check_precision(fp16, torch.device("cpu"))

@@ -243,8 +243,9 @@ def training_flops(config: ModelConfig, batch: int, resolution: int, train_text_
 
 
 def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, resolution: int | None,
-             gradient_checkpointing: bool, peak: float | None) -> None:
-    """Train a LoRA on random weights of ``size`` through the real command and report the step speed and memory."""
+             gradient_checkpointing: bool, peak: float | None, extra: list[str] = ()) -> None:
+    """Train a LoRA on random weights of ``size`` through the real command and report the step speed and memory;
+    ``extra``: more trainer arguments (``--xformers``, ``--torch_compile``), named in the report."""
     from ..bench import write_random_checkpoint
     from ..tiny_model.shapes import write_dataset
 
@@ -269,6 +270,7 @@ def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, re
             arguments += ["--network_train_unet_only", "--cache_text_encoder_outputs"]
         if gradient_checkpointing:
             arguments.append("--gradient_checkpointing")
+        arguments += extra
         figures, _, _ = run_measured(sys.executable, ["train_network", *arguments], _OUR_COMMAND)
         events, _ = read_events(folder / "out" / "bench.events.jsonl")
     timed = [e for e in events if e["event"] == "step" and "loss" in e][2:]  # the first steps warm the kernels up
@@ -284,7 +286,8 @@ def run_size(size: str, work_dir: Path | None, steps: int, batch: int | None, re
     utilisation = f"{100 * achieved / peak:.1f} % of {peak:g} TFLOP/s" if peak else "MFU needs --peak-tflops on this device"
     print(f"{size} ({chosen.config.label} architecture, {resolution} px, batch {batch}, LoRA rank {chosen.rank}, "
           f"{'bf16' if cuda else 'fp32'}{', gradient checkpointing' if gradient_checkpointing else ''}"
-          f"{'' if chosen.train_text_encoder else ', UNet only with cached text-encoder outputs'}) on {device}:")
+          f"{'' if chosen.train_text_encoder else ', UNet only with cached text-encoder outputs'}"
+          f"{''.join(f', {argument}' for argument in extra)}) on {device}:")
     print(f"  {batch / per_step:.2f} images/s ({per_step:.3f} s/step, median of {len(timed)}), "
           f"peak {'VRAM' if cuda else 'RSS'} {memory / 1024:.2f} GiB, {flops / 1e12:.2f} TFLOP per step = "
           f"{achieved:.2f} TFLOP/s, {utilisation}; {figures['wall']:.0f} s wall")

@@ -60,20 +60,31 @@ def start(world: World, device: torch.device, timeout_minutes: int | None = None
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({} if timeout is None else {"timeout": timeout}))
 
 
+# The tensors of the latest collectives, freed only after the process group: before torch 2.8 (the WebUI's is 2.1)
+# gloo's worker thread can drop the last reference to one while ~ProcessGroupGloo holds the GIL waiting for that
+# thread, and destroy_process_group hangs (seen in about one run in three under torch 2.1.2)
+_sent: dict[str, torch.Tensor] = {}
+
+
+def _reduce(tensor: torch.Tensor, purpose: str, **kwargs) -> None:
+    _sent[purpose] = tensor
+    _dist().all_reduce(tensor, **kwargs)
+
+
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """NCCL reduces GPU tensors only: small bookkeeping tensors travel to the GPU and back."""
-    dist = _dist()
-    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+    if _dist().get_backend() == "nccl" and tensor.device.type != "cuda":
         on_gpu = tensor.cuda()
-        dist.all_reduce(on_gpu)
+        _reduce(on_gpu, "bookkeeping")
         return on_gpu.to(tensor.device)
-    dist.all_reduce(tensor)
+    _reduce(tensor, "bookkeeping")
     return tensor
 
 
 def finish(world: World) -> None:
     if world.distributed and _dist().is_initialized():
         _dist().destroy_process_group()
+    _sent.clear()
 
 
 def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:
@@ -83,7 +94,7 @@ def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:
     # a parameter no rank trained this step (DyLoRA's other ranks) keeps no gradient, so the optimizer leaves it alone;
     # one trained elsewhere only (a rank without rows in a short last batch) gets zeros here to sum with
     trained = torch.tensor([float(p.grad is not None) for p in parameters], device=parameters[0].device)
-    _dist().all_reduce(trained, op=_dist().ReduceOp.MAX)
+    _reduce(trained, "trained", op=_dist().ReduceOp.MAX)
     by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for parameter, anywhere in zip(parameters, trained.tolist()):
         if not anywhere:
@@ -93,9 +104,9 @@ def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:
         by_kind.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter.grad)
     # one collective per dtype and device instead of one per tensor: a network has hundreds of small gradients,
     # and each NCCL call costs tens of microseconds of latency whatever its size
-    for grads in by_kind.values():
+    for kind, grads in by_kind.items():
         flat = torch.cat([grad.reshape(-1) for grad in grads])
-        _dist().all_reduce(flat)
+        _reduce(flat, f"gradients {kind}")
         for grad, summed in zip(grads, flat.split([grad.numel() for grad in grads])):
             grad.copy_(summed.view_as(grad))
 

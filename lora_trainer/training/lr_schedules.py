@@ -224,12 +224,13 @@ def scheduler_class(name: str) -> type:
     module a config names; here only torch's schedulers, so that a job's settings (an API body) cannot run code."""
     module, _, class_name = name.rpartition(".")
     found = getattr(torch.optim.lr_scheduler, class_name, None)
-    known = isinstance(found, type) and issubclass(found, torch.optim.lr_scheduler.LRScheduler)
-    if module not in ("", "torch.optim.lr_scheduler") or not known:
+    ours = module in ("", "torch.optim.lr_scheduler") and isinstance(found, type)
+    # before the subclass test: torch 2.1's ReduceLROnPlateau is no LRScheduler, and deserves its own reason
+    if ours and class_name in _NOT_FROM_LITERALS:
+        raise UserError(f"--lr_scheduler_type {name}: it {_NOT_FROM_LITERALS[class_name]}; use another scheduler")
+    if not ours or not issubclass(found, torch.optim.lr_scheduler.LRScheduler):
         raise UserError(f"--lr_scheduler_type {name!r}: give a class of torch.optim.lr_scheduler (e.g. CosineAnnealingLR, "
                         "OneCycleLR, StepLR); schedulers of other modules are not imported here")
-    if class_name in _NOT_FROM_LITERALS:
-        raise UserError(f"--lr_scheduler_type {name}: it {_NOT_FROM_LITERALS[class_name]}; use another scheduler")
     return found
 
 

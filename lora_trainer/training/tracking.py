@@ -8,10 +8,23 @@ as sd-scripts' for-else adds them; ``lr/d*lr/<group>`` for D-Adaptation and Prod
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
 from ..errors import UserError
+
+
+def tensorboard_installed() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def require_tensorboard(logging_dir: str | None) -> None:
+    """Checked on every rank before the model loads: found only when the writer is made, the missing package cost a
+    user the loading and caching, and under torchrun it left the other ranks failing with a gloo traceback."""
+    if logging_dir and not tensorboard_installed():
+        raise UserError("--logging_dir writes TensorBoard logs and needs the tensorboard package: pip install "
+                        "tensorboard (from the WebUI: the extension's optional extras), or drop --logging_dir", "logging_dir")
 
 
 class Tracker:
@@ -19,11 +32,8 @@ class Tracker:
         self.writer = None
         if not logging_dir:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--logging_dir writes TensorBoard logs and needs the tensorboard package: pip install "
-                            "tensorboard (from the WebUI: the extension's optional extras), or drop --logging_dir") from None
+        require_tensorboard(logging_dir)
+        from torch.utils.tensorboard import SummaryWriter
         self.folder = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / (tracker_name or "network_train")
         self.writer = SummaryWriter(str(self.folder))
 

@@ -24,7 +24,7 @@ import torch
 from ..compat import DYNAMO_TRACES_SLOWLY, native_bf16, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..console import progress_bar
 from ..errors import UserError
-from ..models.attention import set_attention_backend, xformers_installed
+from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
 from ..models.checkpoint import detect_architecture, load_checkpoint, open_tensors
 from ..models.fp8 import store_in_fp8
 from ..models.tokenizer import CLIPTokenizer
@@ -54,7 +54,7 @@ from ..sampling.samplers import is_stand_in, sampler_name
 from .samples import draw_samples, not_read_warning, read_prompts
 from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, saved_facts, state_kind
 from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
-from .tracking import Tracker
+from .tracking import Tracker, require_tensorboard
 
 
 def pick_device(name: str, world: World = World()) -> torch.device:
@@ -88,6 +88,7 @@ def check_before_queueing(options: TrainOptions) -> None:
         except UserError as error:
             raise UserError(str(error), "pretrained_model_name_or_path") from None
         _check_model_matches_options(config, options)
+    require_tensorboard(options.logging_dir)
     vae = Path(options.vae) if options.vae else None
     if vae is not None and vae.suffix.lower() == ".safetensors":
         try:
@@ -291,9 +292,14 @@ def choose_attention(options: TrainOptions, device: torch.device) -> list[str]:
         set_attention_backend("sdpa")
         return ["--xformers: xformers is not installed, so attention uses SDPA (PyTorch's own kernel, as lean on "
                 "torch 2); install the xformers build made for your torch to use it"]
-    set_attention_backend("xformers" if options.xformers else "sdpa")
     if options.xformers and device.type != "cuda":
+        set_attention_backend("sdpa")
         return [f"--xformers on the {device.type.upper()}: xformers runs on CUDA only, so attention uses SDPA"]
+    problem = xformers_problem(device) if options.xformers else None
+    set_attention_backend("xformers" if options.xformers and not problem else "sdpa")
+    if problem:
+        return [f"--xformers: {problem}, so attention uses SDPA; install the xformers build made for torch "
+                f"{torch.__version__} to use it"]
     return []
 
 
@@ -359,6 +365,7 @@ class TrainingRun:
                                     options.network_args, options.network_dropout)
         warnings = notes + _option_warnings(options, self.spec, device, weight_dtype)  # said right after the start event
         check_precision(options, device)
+        require_tensorboard(options.logging_dir)
         # the folders and names only, before the model loads (the epoch count, known later, does not change them)
         self.plan = OutputPlan(options)
         self.plan.check_path_lengths(windows_path_limits())
