@@ -201,9 +201,10 @@ class JobRunner:
             if job.status == "queued" and pause:  # it has trained nothing, so there is nothing to save
                 raise UserError(f"job {job_id} is queued, not running: nothing to pause; stop takes it out of the queue")
             if job.status == "queued":
+                removed = "removed from the queue"
                 with EventLog(job.events_path) as events:  # its stream ends as every stopped job's does
-                    events.emit("end", files=[], steps=0, stopped=True, message="removed from the queue")
-                return self.store.update(job_id, status="stopped", finished=time.time(), message="removed from the queue")
+                    events.emit("end", files=[], steps=0, stopped=True, message=removed)
+                return self.store.update(job_id, status="stopped", finished=time.time(), message=removed)
             if job.status != "running":
                 raise UserError(f"job {job_id} is {job.status}; only a {'running' if pause else 'queued or running'} "
                                 f"job can be {'paused' if pause else 'stopped'}")
