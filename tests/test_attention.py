@@ -57,14 +57,22 @@ def test_the_vaes_transposed_tokens_reach_xformers_contiguous(kernel_calls):
 
 def test_a_shape_no_xformers_kernel_takes_runs_in_sdpa(monkeypatch):
     """xformers' dispatcher refuses some shapes (a 512-wide head on a build with flash kernels only) before computing:
-    that call runs in SDPA, the same attention, instead of stopping the run."""
+    that call runs in SDPA, the same attention, instead of stopping the run; the shape is not offered again."""
+    asked = []
+
     def refuses(q, k, v):
+        asked.append(q.shape[-1])
         raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs")
 
     install_fake_xformers(monkeypatch, refuses)
+    monkeypatch.setattr(attention, "_refused_by_xformers", set())
     monkeypatch.setattr(attention, "_use_xformers", lambda q, mask, causal: True)  # as on a GPU
     q, k, v = torch.randn(3, 2, 16, 64)
-    assert torch.allclose(attention.attention(q, k, v, 4), sdpa(q, k, v, 4), atol=1e-6)
+    for _ in range(3):
+        assert torch.allclose(attention.attention(q, k, v, 4), sdpa(q, k, v, 4), atol=1e-6)
+    assert asked == [16]  # once for 16-wide heads in fp32 without gradients
+    attention.attention(q, k, v, 2)
+    assert asked == [16, 32]  # another width is asked
 
 
 def test_an_xformers_build_that_cannot_run_is_found_before_the_run_and_said(monkeypatch):

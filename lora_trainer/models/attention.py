@@ -74,13 +74,20 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     import xformers.ops  # noqa: PLC0415 - optional extra
 
     batch, _, channels = q.shape
+    kind = (channels // heads, q.dtype, q.requires_grad or k.requires_grad or v.requires_grad)
+    if kind in _refused_by_xformers:  # asked once: the refusal lists every kernel's reasons, costly to build each call
+        return None
     # every kernel wants the head width contiguous: the VAE's (B, C, H·W) → (B, H·W, C) transpose is not
     q, k, v = [t.reshape(batch, -1, heads, channels // heads).contiguous() for t in (q, k, v)]
     try:
         out = xformers.ops.memory_efficient_attention(q, k, v)
     except NotImplementedError:
+        _refused_by_xformers.add(kind)
         return None
     return out.reshape(batch, -1, channels)
+
+
+_refused_by_xformers: set[tuple[int, torch.dtype, bool]] = set()  # (head width, dtype, with gradients)
 
 
 def attention(
