@@ -3,6 +3,7 @@ the CPU torch here. tests/test_cuda.py runs the real one where a lent GPU has a 
 
 from __future__ import annotations
 
+import platform
 import sys
 import types
 
@@ -88,8 +89,7 @@ def test_an_xformers_build_that_cannot_run_is_found_before_the_run_and_said(monk
     monkeypatch.setattr("lora_trainer.training.trainer.xformers_problem", lambda device: problem)
     warnings = choose_attention(options, torch.device("cuda"))
     assert attention._backend == "sdpa"
-    assert warnings == [f"--xformers: {problem}, so attention uses SDPA; install the xformers build made for torch "
-                        f"{torch.__version__} to use it"]
+    assert warnings == [f"--xformers: {problem}. Attention uses SDPA instead (PyTorch's own kernel, the same attention)"]
 
 
 def test_a_build_for_another_torch_is_named_with_what_it_was_built_for(monkeypatch):
@@ -105,11 +105,26 @@ def test_a_build_for_another_torch_is_named_with_what_it_was_built_for(monkeypat
         build_info=types.SimpleNamespace(torch_version="2.10.0+cu128", python_version="3.10.19"))
     monkeypatch.setitem(sys.modules, "xformers._cpp_lib", cpp_lib)
     problem = attention.xformers_problem(torch.device("cpu"))
-    assert problem.startswith("xformers 0.0.99 was built for torch 2.10.0+cu128 and Python 3.10.19 (this is torch "
-                              f"{torch.__version__}, Python ") and problem.endswith("so its kernels do not load")
+    assert problem == ("xformers 0.0.99 was built for torch 2.10.0+cu128 and Python 3.10.19 (this is torch "
+                       f"{torch.__version__}, Python {platform.python_version()}), so its kernels do not load; install "
+                       f"the xformers build made for torch {torch.__version__}")
+    kernel_said = "xformers 0.0.99 cannot run here: No operator found for `memory_efficient_attention_forward` with inputs"
+    # a record naming this very torch and Python: the versions are not the cause, so they are not blamed
+    cpp_lib._cpp_library_load_exception.build_info = types.SimpleNamespace(
+        torch_version=torch.__version__, python_version=platform.python_version())
+    assert attention.xformers_problem(torch.device("cpu")) == kernel_said
     monkeypatch.delitem(sys.modules, "xformers._cpp_lib")  # no record: the kernel's own first line
-    assert attention.xformers_problem(torch.device("cpu")) == (
-        "xformers 0.0.99 cannot run here: No operator found for `memory_efficient_attention_forward` with inputs")
+    assert attention.xformers_problem(torch.device("cpu")) == kernel_said
+
+
+def test_generation_under_no_grad_finds_a_working_build_working(kernel_calls):
+    """The standalone app draws under torch.no_grad (and the WebUI under inference mode): the probe's backward must not
+    fail there, or a working xformers would be taken for a broken one for the rest of the process."""
+    with torch.no_grad():
+        assert attention.xformers_problem(torch.device("cpu")) is None
+    with torch.inference_mode():
+        assert attention.xformers_problem(torch.device("cpu")) is None
+    assert len(kernel_calls) == 2
 
 
 def test_a_working_xformers_build_is_used_when_asked(kernel_calls, monkeypatch):

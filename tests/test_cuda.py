@@ -136,30 +136,35 @@ def working_xformers() -> None:
     (4096, 4096, 320, 8),  # SD1.5's first self-attention at 512 px (head 40)
     (1024, 77, 640, 10),  # SDXL's cross-attention to the prompt (head 64)
     (256, 77, 1280, 20),  # SD2's deepest (head 64)
-    (256, 256, 32, 8),  # the tiny model's (head 4)
+    (256, 256, 32, 4),  # the tiny model's (heads of 8, 16 and 24 channels)
 ], ids=["sd15-self", "sdxl-cross", "sd2-cross", "tiny"])
 def test_xformers_attention_equals_sdpa_forward_and_backward(xformers_calls, dtype, tokens, context, channels, heads):
     generator = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(2, n, channels, device="cuda", dtype=dtype, generator=generator) for n in (tokens, context, context))
+    # a random upstream gradient: the gradient of a mean over millions of outputs underflows in half precision
+    upstream = torch.randn(2, tokens, channels, device="cuda", dtype=dtype, generator=generator)
     results = {}
     for backend in ("xformers", "sdpa"):
         attention_module.set_attention_backend(backend)
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         out = attention_module.attention(*inputs, heads)
-        out.float().square().mean().backward()
+        out.backward(upstream)
         results[backend] = [out.float(), *(t.grad.float() for t in inputs)]
     assert xformers_calls == [((2, tokens, heads, channels // heads), dtype)]
-    tolerance = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}[dtype]
-    for ours, sdpa in zip(results["xformers"], results["sdpa"]):
-        assert (ours - sdpa).abs().max() <= tolerance * sdpa.abs().max()
+    output_tolerance = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}[dtype]
+    gradient_tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3}[dtype]
+    for index, (ours, sdpa) in enumerate(zip(results["xformers"], results["sdpa"])):
+        tolerance = output_tolerance if index == 0 else gradient_tolerance
+        assert sdpa.abs().max() > 0 and (ours - sdpa).abs().max() <= tolerance * sdpa.abs().max()
 
 
 @needs_xformers
 @pytest.mark.usefixtures("working_xformers")
 def test_the_vae_attention_of_latent_caching_runs_in_xformers(xformers_calls):
-    """The VAE's single head of 512 channels, without gradients (the encoder only caches latents)."""
+    """The VAE's single head of 512 channels, without gradients (the encoder only caches latents), on its transposed
+    (B, C, H·W) → (B, H·W, C) tokens, which xformers takes only made contiguous."""
     attention_module.set_attention_backend("xformers")
-    q = torch.randn(1, 64 * 64, 512, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, 512, 64 * 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     with torch.no_grad():
         ours = attention_module.attention(q, q, q, 1)
         attention_module.set_attention_backend("sdpa")
@@ -173,15 +178,15 @@ def test_xformers_training_learns_what_sdpa_learns(dataset, tmp_path, xformers_c
     code, sdpa_events = train(dataset, tmp_path / "sdpa", "--mixed_precision", precision, "--sdpa")
     assert code == 0 and not xformers_calls  # --sdpa keeps an installed xformers out
     problem = attention_module.xformers_problem(torch.device("cuda"))
-    xformers_calls.clear()  # the probe's own
     code, events = train(dataset, tmp_path / "xformers", "--mixed_precision", precision, "--xformers")
     assert code == 0, [e for e in events if e["event"] == "error"]
     said = [e["message"] for e in events if e["event"] == "warning" and "xformers" in e["message"]]
+    in_the_model = {dtype for shape, dtype in xformers_calls if shape != attention_module.PROBE_SHAPE}  # not the probes'
     if problem:  # a build for another torch: said at the start, and the run is SDPA's
-        assert said == [f"--xformers: {problem}, so attention uses SDPA; install the xformers build made for torch "
-                        f"{torch.__version__} to use it"] and not xformers_calls
+        assert said == [f"--xformers: {problem}. Attention uses SDPA instead (PyTorch's own kernel, the same attention)"]
+        assert not in_the_model
     else:
-        assert not said and DTYPES[precision] in {dtype for _, dtype in xformers_calls}  # the UNet's, under autocast
+        assert not said and DTYPES[precision] in in_the_model  # the UNet's, under autocast
     assert losses(events)[0] == pytest.approx(losses(sdpa_events)[0], rel=0.05)  # the same noise, the same start
     change, reference = learned(tmp_path / "xformers"), learned(tmp_path / "sdpa")
     assert change.isfinite().all() and torch.cosine_similarity(change, reference, dim=0) > 0.9

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -326,6 +327,12 @@ def test_logging_without_tensorboard_installed_is_refused_before_the_model_loads
     assert "--logging_dir writes TensorBoard logs and needs the tensorboard package" in capsys.readouterr().err
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert "start" not in [e["event"] for e in events] and not (tmp_path / "logs").exists()
+    # installed, but too old for torch's writer (it needs tensorboard 1.15 or later): said, not a traceback
+    monkeypatch.setattr(tracking, "tensorboard_installed", lambda: True)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import raises ImportError
+    with pytest.raises(UserError, match="tensorboard is installed but torch cannot use it") as error:
+        tracking.Tracker(str(tmp_path / "logs"), None, None)
+    assert error.value.field == "logging_dir"
 
 
 def test_sample_images_are_drawn_at_first_and_every_epoch_with_sd_scripts_names(dataset, tmp_path):

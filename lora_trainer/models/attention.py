@@ -32,6 +32,9 @@ def set_attention_backend(name: str) -> None:
     _backend = name
 
 
+PROBE_SHAPE = (1, 8, 1, 64)  # the probe's query: (batch, tokens, heads, head width), a width every kernel takes
+
+
 def xformers_problem(device: torch.device) -> str | None:
     """Why xformers cannot run attention on ``device``, or None when it can. A build made for another torch or Python
     imports with a warning and fails at its first call (PyPI's wheels target one torch each): found here, before a
@@ -41,16 +44,20 @@ def xformers_problem(device: torch.device) -> str | None:
         import xformers.ops  # noqa: PLC0415
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype, requires_grad=True)
-        xformers.ops.memory_efficient_attention(q, q, q).sum().backward()
+        # forward and backward, whatever the caller's context: generation asks under no_grad
+        with torch.inference_mode(False), torch.enable_grad():
+            q = torch.zeros(PROBE_SHAPE, device=device, dtype=dtype, requires_grad=True)
+            xformers.ops.memory_efficient_attention(q, q, q).sum().backward()
     except Exception as error:  # noqa: BLE001 - any failure means: not on this machine
         version = getattr(sys.modules.get("xformers"), "__version__", "")
         # xformers keeps why its compiled part did not load, with what it was built for
         failed_load = getattr(sys.modules.get("xformers._cpp_lib"), "_cpp_library_load_exception", None)
         build = getattr(failed_load, "build_info", None)
-        if build is not None:  # the usual case, and then its kernel's complaint ("No operator found") says less
+        if build is not None and (build.torch_version, build.python_version) != (torch.__version__, platform.python_version()):
+            # the usual case, and then its kernel's complaint ("No operator found") says less
             return (f"xformers {version} was built for torch {build.torch_version} and Python {build.python_version} "
-                    f"(this is torch {torch.__version__}, Python {platform.python_version()}), so its kernels do not load")
+                    f"(this is torch {torch.__version__}, Python {platform.python_version()}), so its kernels do not "
+                    f"load; install the xformers build made for torch {torch.__version__}")
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160].rstrip(":")
         return f"xformers {version} cannot run here: {first_line}"
     return None

@@ -60,14 +60,16 @@ def start(world: World, device: torch.device, timeout_minutes: int | None = None
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({} if timeout is None else {"timeout": timeout}))
 
 
-# The tensors of the latest collectives, freed only after the process group: before torch 2.8 (the WebUI's is 2.1)
-# gloo's worker thread can drop the last reference to one while ~ProcessGroupGloo holds the GIL waiting for that
-# thread, and destroy_process_group hangs (seen in about one run in three under torch 2.1.2)
+# gloo's: the tensors of the latest collectives, freed only after the process group. Before torch 2.8 (the WebUI's
+# is 2.1) gloo's worker thread can drop the last reference to one while ~ProcessGroupGloo holds the GIL waiting for
+# that thread, and destroy_process_group hangs (seen in about one run in three under torch 2.1.2). Not NCCL's: on a
+# GPU the kept gradient buffer would add its size to the next step's peak memory.
 _sent: dict[str, torch.Tensor] = {}
 
 
 def _reduce(tensor: torch.Tensor, purpose: str, **kwargs) -> None:
-    _sent[purpose] = tensor
+    if _dist().get_backend() == "gloo":
+        _sent[purpose] = tensor
     _dist().all_reduce(tensor, **kwargs)
 
 
@@ -83,8 +85,10 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 def finish(world: World) -> None:
     if world.distributed and _dist().is_initialized():
-        _dist().destroy_process_group()
-    _sent.clear()
+        try:
+            _dist().destroy_process_group()
+        finally:
+            _sent.clear()
 
 
 def sum_gradients(world: World, parameters: list[torch.nn.Parameter]) -> None:

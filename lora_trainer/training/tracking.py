@@ -33,7 +33,11 @@ class Tracker:
         if not logging_dir:
             return
         require_tensorboard(logging_dir)
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:  # installed, but a version torch cannot use
+            raise UserError(f"--logging_dir: tensorboard is installed but torch cannot use it ({error}); "
+                            "pip install -U tensorboard, or drop --logging_dir", "logging_dir") from None
         self.folder = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / (tracker_name or "network_train")
         self.writer = SummaryWriter(str(self.folder))
 

@@ -298,8 +298,7 @@ def choose_attention(options: TrainOptions, device: torch.device) -> list[str]:
     problem = xformers_problem(device) if options.xformers else None
     set_attention_backend("xformers" if options.xformers and not problem else "sdpa")
     if problem:
-        return [f"--xformers: {problem}, so attention uses SDPA; install the xformers build made for torch "
-                f"{torch.__version__} to use it"]
+        return [f"--xformers: {problem}. Attention uses SDPA instead (PyTorch's own kernel, the same attention)"]
     return []
 
 
