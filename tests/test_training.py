@@ -1023,6 +1023,30 @@ def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named(
             options_from({**base, **bad}, "config.toml")
 
 
+def test_a_value_of_another_kind_in_a_file_is_refused_by_name_not_read_as_something_else(tmp_path):
+    """A list where one value goes, "false" for a switch (true to Python), an option written as a table: each said,
+    naming the file and the option, before the run — not a traceback mid-run or a switch silently on."""
+    from lora_trainer.training.options import options_from, parse_args
+
+    base = {"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d"}
+    for bad, said in (({"learning_rate": [1e-4]}, "learning_rate = \\[0.0001\\] is not a number"),
+                      ({"noise_offset": [0.1]}, "noise_offset = \\[0.1\\] is not a number"),
+                      ({"flip_aug": "false"}, "flip_aug = 'false' is not true or false"),
+                      ({"network_args": ["conv_dim=4", True]}, 'network_args .* is not a list of "key=value" texts'),
+                      ({"max_train_steps": 1e30}, "max_train_steps = 1e\\+30 is out of range")):
+        with pytest.raises(UserError, match=f"config.toml: {said}") as raised:
+            options_from({**base, **bad}, "config.toml")
+        assert raised.value.field == next(iter(bad))
+    # what files legitimately write: a number for a text option, a resolution pair, null for not given
+    options = options_from({**base, "resolution": [512, 768], "metadata_title": 2024, "shuffle_caption": None})
+    assert (options.resolution, options.metadata_title, options.shuffle_caption) == ("512,768", "2024", False)
+
+    (tmp_path / "args.toml").write_text("[model]\npretrained_model_name_or_path = 'm.safetensors'\n"
+                                        "[network_args]\nconv_dim = 4\n", encoding="utf-8")
+    with pytest.raises(UserError, match='args.toml: network_args is a table; give it a list of "key=value" texts'):
+        parse_args(["--config_file", str(tmp_path / "args.toml")])
+
+
 def test_tensorboard_logs_carry_sd_scripts_tags(dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -106,17 +106,6 @@ RUNNER_OPTIONS = ("events_file", "stop_file", "state_dir", "config_file", "outpu
 LOCAL_ONLY_OPTIONS = ("backend",)
 
 
-def _flattened(values: dict) -> dict:
-    """One level of tables flattened, as ``training.options.read_config_file`` does for a Kohya TOML."""
-    flat: dict = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
-
-
 def checked_name(value: str, field: str) -> str:
     """A name for a job or a file: a bad one is a client mistake (400), not a forbidden path."""
     try:
@@ -207,14 +196,19 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     The base model may also be named by its title in the host's list (``checkpoints``: ``GET /checkpoints``, the
     WebUI's checkpoint titles), as the Train tab names it."""
     from ..training.kohya_gui import is_gui_config
-    from ..training.options import FIELDS, FOREIGN, PATH_OPTIONS, gui_settings_options, is_data_url, not_given
+    from ..training.options import (FIELDS, FOREIGN, PATH_OPTIONS, flattened_sections, gui_settings_options,
+                                    is_data_url, not_given)
 
     if not isinstance(body, dict):
         raise ApiError(400, "invalid", "the body must be a JSON object")
     nested = body.get("options", {})
     if not isinstance(nested, dict):
         raise ApiError(400, "invalid", "options: give an object of sd-scripts options", "options")
-    options = {**_flattened({k: v for k, v in body.items() if k not in JOB_FIELDS}), **_flattened(nested)}
+    try:  # sections flattened, as in a Kohya TOML
+        options = {**flattened_sections({k: v for k, v in body.items() if k not in JOB_FIELDS}, "body"),
+                   **flattened_sections(nested, "options")}
+    except UserError as error:
+        raise ApiError(400, "invalid", str(error), error.field) from None
     if is_gui_config(options):  # a Kohya GUI user posts the settings file as it is
         try:
             options = gui_settings_options(options, notes if notes is not None else [], "Kohya GUI settings")

@@ -402,14 +402,23 @@ def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None, source: str
     return {k: True if k in FOREIGN and v == [] else v for k, v in vars(given).items()}
 
 
-def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dict[str, Any]:
-    """One level of tables flattened; front-ends' own keys dropped with a note; unknown keys refused."""
+def flattened_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """One level of tables flattened, as sd-scripts reads a ``--config_file``: a table's keys are options. A table
+    named after an option (``[network_args]``, ``"learning_rate": {…}``) is a mistake for that option's value."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
+        if not isinstance(value, dict):
             flat[key] = value
+        elif key in FIELDS:
+            raise UserError(f"{source}: {key} is a table; give it {_expected(FIELDS[key])}", key)
+        else:
+            flat.update(value)
+    return flat
+
+
+def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dict[str, Any]:
+    """One level of tables flattened; front-ends' own keys dropped with a note; unknown keys refused."""
+    flat = flattened_sections(data, str(path))
     for key in sorted(FRONT_END_KEYS.keys() & flat.keys()):
         del flat[key]
         if notes is not None:
@@ -431,12 +440,33 @@ _NUMBERS = {"int": int, "int | None": int, "float": float, "float | None": float
 def _normalised(name: str, value: Any, source: str) -> Any:
     """A file's spelling of a value as the command line's: an empty path or name (vae = "") is not given, not the
     current folder; one value where a list goes (text_encoder_lr = 1e-5, as older sd-scripts took it) is a list; a
-    number written as text (clip_skip = "2") is that number, as the command line reads it."""
+    number written as text (clip_skip = "2") is that number, as the command line reads it. A value of another kind
+    (a list where one number goes, "false" for a switch, a table) is refused, naming the option:
+    the command line's parser refuses them too, and past here they would fail mid-run or read as something else."""
     f = FIELDS[name]
     if not_given(name, value):
         return None
-    if f.metadata["nargs"] == "*" and value is not None and not isinstance(value, (list, tuple)):
-        value = [value]
+    if value is None:  # JSON's null: not given
+        return f.default
+    wrong = UserError(f"{source}: {name} = {_shown(value)} is not {_expected(f)}", name)
+    if isinstance(value, dict):
+        raise wrong
+    if name == "resolution" and isinstance(value, (list, tuple)) and 1 <= len(value) <= 2:  # as a dataset TOML has it
+        value = ",".join(str(side) for side in value)
+    if f.metadata["nargs"] == "*":
+        value = list(value) if isinstance(value, (list, tuple)) else [value]
+    elif isinstance(value, (list, tuple)):
+        raise wrong
+    if f.type == "bool":
+        if isinstance(value, str) or value not in (True, False):  # "false" would be true to Python
+            raise wrong
+        return bool(value)
+    if f.type in ("str", "str | None", "list[str] | None"):  # a number is its text (resolution = 512), as typed
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, os.PathLike, numbers.Real)) and not isinstance(v, bool) for v in items):
+            raise wrong
+        texts = [os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in items]
+        return texts if isinstance(value, list) else texts[0]
     if f.type == "int | float" and value is not None:
         try:
             return steps_or_fraction(value)
@@ -447,9 +477,28 @@ def _normalised(name: str, value: Any, source: str) -> Any:
         return value
     try:
         return [_number(kind, v) for v in value] if isinstance(value, (list, tuple)) else _number(kind, value)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{source}: {name} = {value!r} is not {'a whole number' if kind is int else 'a number'}",
-                        name) from None
+    except OverflowError:
+        raise UserError(f"{source}: {name} = {_shown(value)} is out of range", name) from None
+    except (TypeError, ValueError):
+        raise wrong from None
+
+
+_KEY_VALUE_LISTS = ("optimizer_args", "lr_scheduler_args", "network_args")
+
+
+def _expected(f: dataclasses.Field) -> str:
+    """What a field's value is, in a message's words."""
+    if f.name in _KEY_VALUE_LISTS:
+        return 'a list of "key=value" texts, such as ["conv_dim=4", "conv_alpha=1"]'
+    return {"bool": "true or false (without quotes)", "str": "a text", "str | None": "a text",
+            "list[str] | None": "a list of texts", "int": "a whole number", "int | None": "a whole number",
+            "float": "a number", "float | None": "a number", "list[float] | None": "a number or a list of numbers",
+            "int | float": "a number of steps or a fraction of them"}.get(str(f.type), "a single value")
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "…"
 
 
 def _number(kind: type, value: Any) -> int | float:
@@ -459,6 +508,8 @@ def _number(kind: type, value: Any) -> int | float:
     number = float(number) if isinstance(number, str) else number
     if not math.isfinite(number):  # TOML has nan and inf: no option means them
         raise ValueError(value)
+    if abs(number) >= 2**63:  # beyond the 64-bit integers every count and seed is held in (1e30 in a JSON body)
+        raise OverflowError(value)
     if kind is int:
         if float(number) != int(number):
             raise ValueError(value)

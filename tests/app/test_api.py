@@ -206,6 +206,17 @@ def test_resume_answers_201_with_the_new_job_and_its_end_calls_the_jobs_webhook(
     ({"options": {"metadata_thumbnail": "/etc/passwd"}}, 403, "metadata_thumbnail"),  # read into the file's metadata
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=/etc/preset.toml"]}}, 403, "network_args"),
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=presets/mine.toml"]}}, 400, "network_args"),
+    # a value of another kind: refused by name, not a 500 now or a failed (or silently different) run later
+    ({"options": {"learning_rate": [1e-4]}}, 400, "learning_rate"),
+    ({"options": {"network_dim": [4]}}, 400, "network_dim"),
+    ({"options": {"noise_offset": [0.1]}}, 400, "noise_offset"),
+    ({"options": {"clip_skip": [2]}}, 400, "clip_skip"),
+    ({"options": {"optimizer_type": 5}}, 400, "optimizer_type"),
+    ({"options": {"network_args": ["conv_dim=4", True]}}, 400, "network_args"),
+    ({"options": {"flip_aug": "false"}}, 400, "flip_aug"),  # a switch that would have been on
+    ({"options": {"network_args": {"conv_dim": 4}}}, 400, "network_args"),  # not flattened as a section
+    ({"options": {"min_snr_gamma": {}}}, 400, "min_snr_gamma"),  # not an empty section that drops the option
+    ({"options": {"max_train_steps": 1e30}}, 400, "max_train_steps"),
 ])
 def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, field):
     body = {**job_body, **{k: v for k, v in change.items() if k != "options"},
