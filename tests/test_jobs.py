@@ -139,6 +139,29 @@ def test_a_new_job_moves_an_earlier_runs_files_of_its_name_aside_instead_of_repl
     assert earlier_files_note({**again, "resume": "some state"}, runner.replaced_folder) is None  # its own files
 
 
+def test_a_job_lists_its_files_where_a_later_run_moved_them_and_a_run_that_wrote_nothing_puts_them_back(runner, tmp_path):
+    """An automation client that downloads a job's file must get that job's run, not the later one written under the
+    same name; and a re-run that fails before its first file leaves the Lora folder as it found it."""
+    lora = tmp_path / "Lora"
+    first = runner.submit("run", {**options(tmp_path, "finish"), "output_dir": str(lora), "output_name": "run"})
+    runner.run_next()
+    (lora / "run.safetensors").write_text("first run", encoding="utf-8")
+    second = runner.submit("run", {**options(tmp_path, "finish"), "output_dir": str(lora), "output_name": "run"})
+    runner.run_next()
+    (moved_first,) = runner.store.get(first.id).files
+    assert Path(moved_first).read_text(encoding="utf-8") == "first run"
+    assert runner.store.get(second.id).files == [str(lora / "run.safetensors")]
+
+    (lora / "run.safetensors").write_text("second run", encoding="utf-8")
+    failed = runner.submit("run", {**options(tmp_path, "fail"), "output_dir": str(lora), "output_name": "run"})
+    assert runner.run_next().status == "failed"
+    assert (lora / "run.safetensors").read_text(encoding="utf-8") == "second run"  # back where it was
+    assert runner.store.get(second.id).files == [str(lora / "run.safetensors")]
+    assert not (runner.replaced_folder / failed.folder.name).exists()
+    events, _ = read_events(failed.events_path)
+    assert "are back in" in events[-1]["message"]
+
+
 def test_a_failing_event_listener_never_stops_a_job_or_the_queue(runner, tmp_path, caplog):
     """The app refreshes its LoRA list on each saved file; when that fails (a file renamed away during the walk),
     the job still finishes and the next one still runs."""

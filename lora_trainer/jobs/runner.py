@@ -54,21 +54,37 @@ def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
             f"starts they are moved into {replaced_folder}, not overwritten")
 
 
-def set_aside_earlier_files(job: Job, replaced_folder: Path) -> list[Path]:
+def set_aside_earlier_files(job: Job, replaced_folder: Path) -> dict[Path, Path]:
     """Move an earlier run's files out of the new job's way, into ``replaced_folder/<job folder's name>``: nothing is
     lost (deleting the job leaves them), and moving them back restores them. A file another program holds open stays
-    (the run then replaces it)."""
-    moved = []
-    for path in earlier_files(job.options):
-        target = replaced_folder / job.folder.name / path.name
+    (the run then replaces it). Returns where each file went."""
+    return _moved(job, {path: replaced_folder / job.folder.name / path.name for path in earlier_files(job.options)})
+
+
+def put_back_earlier_files(job: Job, replaced_folder: Path) -> dict[Path, Path]:
+    """Undo ``set_aside_earlier_files`` for a job that wrote no file of its own: each file whose place is still free
+    goes back. Returns where each file went."""
+    folder = replaced_folder / job.folder.name
+    output = Path(job.options.get("output_dir") or "output")
+    moves = {path: output / path.name for path in sorted(folder.iterdir()) if not (output / path.name).exists()} \
+        if folder.is_dir() else {}
+    moved = _moved(job, moves)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return moved
+
+
+def _moved(job: Job, moves: dict[Path, Path]) -> dict[Path, Path]:
+    done = {}
+    for path, target in moves.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.move(str(path), str(target))
         except OSError as error:
-            logging.getLogger(__name__).warning("job %s: could not move %s aside (%s)", job.id, path, error)
+            logging.getLogger(__name__).warning("job %s: could not move %s to %s (%s)", job.id, path, target, error)
             continue
-        moved.append(target)
-    return moved
+        done[path] = target
+    return done
 
 
 def visible_devices(device_id: str | None, visible: str | None) -> str | None:
@@ -274,10 +290,11 @@ class JobRunner:
             return None
         job.stop_path.unlink(missing_ok=True)
         if moved := set_aside_earlier_files(job, self.replaced_folder):  # said in its events, before the trainer's
+            self._files_moved(moved)
             with EventLog(job.events_path) as events:
                 events.emit("warning", message=f"{len(moved)} file(s) of an earlier run named "
-                            f"{job.options.get('output_name')!r} were moved out of the way into {moved[0].parent}; "
-                            "move them back to restore them")
+                            f"{job.options.get('output_name')!r} were moved out of the way into "
+                            f"{next(iter(moved.values())).parent}; move them back to restore them")
         log = open(job.folder / "trainer.log", "w", encoding="utf-8")
         try:
             process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,
@@ -285,6 +302,7 @@ class JobRunner:
         except OSError as error:  # it is marked running already: said, or it would hold the queue for good
             log.close()
             self._forget(job.id)
+            self._put_back(job)
             return self.store.update(job.id, status="failed", finished=time.time(),
                                      message=f"the trainer could not be started: {error}")
         self._process, self._current = process, job.id
@@ -355,11 +373,30 @@ class JobRunner:
                     events.emit("error", message=message)
                 else:  # what the user asked for, not a failure
                     events.emit("end", files=[], steps=0, stopped=True, message=message)
+        if status == "failed" and not files:
+            self._put_back(job)
         self._process, self._current = None, None
         job = self.store.update(job.id, status=status, finished=time.time(), message=message, pid=None)
         self._forget(job.id)  # after: a stop pressed until then reads the job as running and leaves its id here
         self._notify(job)
         return job
+
+    def _put_back(self, job: Job) -> None:
+        """A run that failed before writing a file replaces nothing: the earlier run's files go back."""
+        if back := put_back_earlier_files(job, self.replaced_folder):
+            self._files_moved(back)
+            with EventLog(job.events_path) as events:
+                events.emit("warning", message=f"the {len(back)} file(s) of the earlier run named "
+                            f"{job.options.get('output_name')!r} are back in {next(iter(back.values())).parent}")
+
+    def _files_moved(self, moved: dict[Path, Path]) -> None:
+        """Jobs that list a moved file list it where it is now: a client that downloads a job's file must get that
+        job's run, not the later one written under the same name."""
+        moved = {path.resolve(): str(target) for path, target in moved.items()}
+        for job in self.store.all():
+            now = [moved.get(Path(name).resolve(), name) for name in job.files]
+            if now != job.files:
+                self.store.update(job.id, files=now)
 
     def _forget(self, job_id: int) -> None:
         with self._lock:
