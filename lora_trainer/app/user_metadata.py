@@ -54,15 +54,23 @@ def card_metadata(metadata: dict[str, str], end_event: dict, preferred_weight: f
     }
 
 
+WROTE = "lora trainer wrote"  # the card's fields as we last wrote them: the card editor keeps keys it does not know
+
+
 def write_card_metadata(lora: Path, end_event: dict, preferred_weight: float = 1.0) -> Path:
-    """Write (or update, keeping what the user typed into fields we leave empty) ``<lora>.json``."""
+    """Write (or update) ``<lora>.json``. What the user typed is kept: a field is ours to rewrite only while it is
+    empty or still what we wrote last time (a resumed run's card then tells its whole run, not its first part)."""
     target = lora.with_suffix(".json")
     card = card_metadata(read_safetensors_metadata(lora), end_event, preferred_weight)
+    existing = {}
     if target.exists():
         try:
-            existing = json.loads(target.read_text(encoding="utf-8"))
-            card = {**card, **{k: v for k, v in existing.items() if v not in ("", None)}}
+            existing = json.loads(target.read_text(encoding="utf-8-sig"))
         except (OSError, json.JSONDecodeError):
             pass
-    write_text(target, json.dumps(card, indent=4, ensure_ascii=False))
+    if not isinstance(existing, dict):
+        existing = {}
+    wrote = existing.get(WROTE) if isinstance(existing.get(WROTE), dict) else {}
+    typed = {k: v for k, v in existing.items() if v not in ("", None) and (k not in wrote or wrote[k] != v)}
+    write_text(target, json.dumps({**card, **typed, WROTE: card}, indent=4, ensure_ascii=False))
     return target

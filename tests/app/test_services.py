@@ -78,6 +78,18 @@ def test_rewriting_the_card_keeps_what_the_user_typed(tmp_path):
     assert card["activation text"] == "my words" and card["notes"].startswith("Trained with the LoRA Trainer")
 
 
+def test_a_resumed_runs_card_tells_the_whole_run_and_still_keeps_what_the_user_typed(tmp_path):
+    """Paused after 13 steps and resumed to 40, the card must not keep saying "13 steps": what we wrote is ours to
+    rewrite, what the user typed over it is not."""
+    lora = lora_file(tmp_path / "star.safetensors", RUN_METADATA)
+    write_card_metadata(lora, {"epochs": 1, "steps": 13})
+    card = json.loads((tmp_path / "star.json").read_text(encoding="utf-8"))
+    (tmp_path / "star.json").write_text(json.dumps({**card, "notes": "my notes"}), encoding="utf-8")  # edited in the WebUI
+    card = json.loads(write_card_metadata(lora, {"epochs": 4, "steps": 40, "recommended_epoch": 3}).read_text(encoding="utf-8"))
+    assert "4 epochs, 40 steps" in card["description"] and "Recommended epoch: 3" in card["description"]
+    assert card["notes"] == "my notes" and card["activation text"] == "zkstar, yellow star"
+
+
 def test_a_job_frees_the_hosts_gpu_refreshes_its_lora_list_and_fills_the_card(tmp_path):
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER, encoding="utf-8")
