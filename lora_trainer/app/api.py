@@ -1019,6 +1019,9 @@ class RemotePageGuard:
         await response(scope, receive, send)
 
 
+ALLOW_REMOTE = "(in the WebUI: Settings → LoRA Trainer; the standalone app: --allow-unauthenticated)"
+
+
 def auth_dependency(settings: AppSettings, listening_remotely: bool) -> Callable:
     """HTTP Basic against ``settings.api_credentials`` (the WebUI's ``--api-auth``), as the wd14-tagger extension
     does; with no credentials, refuse every route when listening remotely unless the setting allows it."""
@@ -1030,7 +1033,7 @@ def auth_dependency(settings: AppSettings, listening_remotely: bool) -> Callable
             if listening_remotely and not settings.allow_unauthenticated_remote:
                 raise ApiError(403, "auth_required", "The LoRA Trainer API is off: the server listens on the network "
                                "without credentials. Start it with --api-auth user:password, or allow unauthenticated "
-                               "remote access in Settings → LoRA Trainer.")
+                               f"remote access {ALLOW_REMOTE}.")
             return
         if credentials is not None and credentials_match(users, credentials.username, credentials.password):
             return
@@ -1045,7 +1048,7 @@ def register(app: FastAPI, services: Services, listening_remotely: bool) -> None
     settings = services.settings
     if listening_remotely and not settings.api_credentials and not settings.allow_unauthenticated_remote:
         log.warning("LoRA Trainer: the API at %s answers 403: the server listens on the network without --api-auth. "
-                    "Set --api-auth user:password, or allow unauthenticated remote access in Settings → LoRA Trainer.",
-                    PREFIX)
+                    "Set --api-auth user:password, or allow unauthenticated remote access %s.",
+                    PREFIX, ALLOW_REMOTE)
     app.include_router(create_router(services), dependencies=[Depends(auth_dependency(settings, listening_remotely))])
     resume_webhooks(services)

@@ -32,8 +32,8 @@ def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: b
     if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
         # said before existence, so a request cannot probe which files exist outside the roots
         shown = ", ".join(str(r) for r in roots) or "(none configured)"
-        raise PathNotAllowed(f"{field}: {value} is outside the allowed folders ({shown}); add its folder in Settings → "
-                             "LoRA Trainer", field)
+        raise PathNotAllowed(f"{field}: {value} is outside the allowed folders ({shown}); allow its folder (in the "
+                             "WebUI: Settings → LoRA Trainer; the standalone app: --dataset-root or --checkpoint-dir)", field)
     if must_exist and not resolved.exists():
         raise PathNotAllowed(f"{field}: {value} does not exist", field)
     return resolved

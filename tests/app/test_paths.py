@@ -26,6 +26,7 @@ def test_dot_dot_and_absolute_paths_outside_the_roots_are_refused_naming_the_fie
         with pytest.raises(PathNotAllowed, match="train_data_dir: .* is outside the allowed folders") as refused:
             allowed_path(escape, roots, "train_data_dir")
         assert refused.value.field == "train_data_dir"
+        assert "Settings → LoRA Trainer" in str(refused.value) and "--dataset-root" in str(refused.value)  # WebUI, standalone
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks on this system")
