@@ -24,9 +24,10 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 1
 
 def is_plain_name(name: str) -> bool:
     """A file name that works on Windows and Linux alike: no separators, no ``..``, none of ``<>:"|?*``, no reserved
-    device name (CON, NUL, COM1 …), no trailing space or dot."""
+    device name (CON, NUL, COM1 …), no trailing space or dot, no leading dot (a hidden file that file lists skip)."""
     return bool(name) and not ("/" in name or "\\" in name or ".." in name or re.search(r'[<>:"|?*\x00-\x1f]', name)
-                               or name.split(".")[0].upper() in _WINDOWS_RESERVED or name.endswith((" ", ".")))
+                               or name.split(".")[0].upper() in _WINDOWS_RESERVED or name.endswith((" ", "."))
+                               or name.startswith("."))
 
 
 # On Windows a file that another program has open cannot be replaced: an antivirus scan or the search indexer opens

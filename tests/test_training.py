@@ -1037,6 +1037,9 @@ def test_a_value_of_another_kind_in_a_file_is_refused_by_name_not_read_as_someth
         with pytest.raises(UserError, match=f"config.toml: {said}") as raised:
             options_from({**base, **bad}, "config.toml")
         assert raised.value.field == next(iter(bad))
+    with pytest.raises(UserError, match="no base model") as raised:  # named in the message and as the field
+        options_from({"train_data_dir": "d"})
+    assert raised.value.field == "pretrained_model_name_or_path"
     # what files legitimately write: a number for a text option, a resolution pair, null for not given
     options = options_from({**base, "resolution": [512, 768], "metadata_title": 2024, "shuffle_caption": None})
     assert (options.resolution, options.metadata_title, options.shuffle_caption) == ("512,768", "2024", False)

@@ -720,8 +720,8 @@ def validate(options: TrainOptions) -> None:
     if options.pretrained_model_name_or_path is None:
         problems.append("no base model: give --pretrained_model_name_or_path")
     if problems:
-        # each problem starts with the option it is about (--name …), which the API and the UI point at
-        first_option = re.match(r"--(\w+)", problems[0])
+        # each problem names the option it is about (--name …) first, which the API and the UI point at
+        first_option = re.search(r"--(\w+)", problems[0])
         raise UserError("; ".join(problems), first_option and first_option[1])
 
 
