@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from ..dataset import tag_editor
 from ..errors import UserError
 from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
@@ -226,7 +227,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
             raise ApiError(400, "invalid", f"{key}: not an sd-scripts training option", key)
     name = body.get("name") or options.get("output_name")
     if not isinstance(name, str):
-        raise ApiError(400, "invalid", "name: give the job a name (it also names the LoRA file by default)", "name")
+        raise ApiError(400, "invalid", "name: give the job a name as text (it also names the LoRA file by default)", "name")
     name = checked_name(name, "name")
     options["output_name"] = checked_name(str(options.get("output_name") or name), "output_name")
     options.setdefault("output_dir", str(settings.lora_folder))
@@ -694,7 +695,8 @@ def create_router(services: Services) -> APIRouter:
         folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
         session = sessions.open(folder, recursive=flag(body, "recursive", False),
                                 caption_extension=text(body, "caption_extension", ".txt"))
-        return JSONResponse(tag_sessions.page_of(session), 201)
+        note = tag_editor.empty_folder_note(session.editor)
+        return JSONResponse({**tag_sessions.page_of(session), **({"note": note} if note else {})}, 201)
 
     @router.get("/datasets/{session_id}", summary="A page of a tag-editor session")
     def dataset_page(session_id: str, request: Request):

@@ -372,6 +372,20 @@ def find_images(folder: Path, recursive: bool = False) -> list[Path]:
     return [Path(path) for _, _, path in sorted(found)]
 
 
+def empty_folder_note(editor: TagEditor) -> str | None:
+    """What to do when a folder opened without its sub-folders shows no image but its sub-folders hold some: a Kohya
+    training folder (``train/10_zkchar/``) is opened so."""
+    if editor.images or editor.recursive:
+        return None
+    with os.scandir(editor.folder) as entries:
+        holders = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith(".")
+                         and any(is_training_image(name) for name in os.listdir(entry.path)))
+    if not holders:
+        return None
+    shown = ", ".join(holders[:3]) + (f" and {len(holders) - 3} more" if len(holders) > 3 else "")
+    return f"no images in {editor.folder} itself, but its sub-folders hold some ({shown}): open one, or include sub-folders"
+
+
 def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
     images = find_images(folder, recursive)
     captions = read_image_captions(images, caption_extension)

@@ -444,7 +444,11 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     opened = client.post(f"{V1}/datasets/open", json={"path": str(folder)})
     assert opened.status_code == 201, opened.text
     sid = opened.json()["session"]
-    assert opened.json()["total"] == 5 and ["zkchar", 5] in opened.json()["tag_frequency"]
+    assert opened.json()["total"] == 5 and ["zkchar", 5] in opened.json()["tag_frequency"] and "note" not in opened.json()
+    # the Kohya training folder above it: no image of its own, and the answer says where they are
+    train = client.post(f"{V1}/datasets/open", json={"path": str(folder.parent)}).json()
+    assert train["total"] == 0 and "its sub-folders hold some (10_zkchar)" in train["note"]
+    assert "note" not in client.post(f"{V1}/datasets/open", json={"path": str(folder.parent), "recursive": True}).json()
 
     page = client.get(f"{V1}/datasets/{sid}", params={"all": "blue", "page_size": 1, "page": 2}).json()
     assert page["filtered"] == 2 and page["pages"] == 2 and [i["name"] for i in page["images"]] == ["img_003.png"]

@@ -29,6 +29,13 @@ def test_open_shows_one_page_with_thumbnails_and_tag_counts(services, opened):
     assert len(tab.go_to_page(services, state, 2)[VIEW["gallery"]]) == 12
 
 
+def test_a_training_folder_opened_without_sub_folders_says_where_its_images_are(services, make_dataset):
+    folder = make_dataset("chars", "10_zkchar", count=3)  # the Kohya training folder, chars/10_zkchar/…
+    view = tab.open_folder(services, tab.TabState(), str(folder), False, ".txt")
+    assert "0 images. No images in" in view[VIEW["status"]] and "(10_zkchar)" in view[VIEW["status"]]
+    assert "Sub-folders too" in view[VIEW["status"]]
+
+
 def test_folders_outside_the_dataset_roots_are_refused_in_the_status_line(services, tmp_path):
     view = tab.open_folder(services, tab.TabState(), str(tmp_path), False, ".txt")
     assert "outside the allowed folders" in view[VIEW["status"]] and not view[VIEW["state"]].session

@@ -128,6 +128,8 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
     session = registry.open(path, recursive=bool(recursive), caption_extension=caption_extension or ".txt")
     editor = session.editor
     note = f"Opened {path}: {len(editor.images)} images."
+    if empty := tag_editor.empty_folder_note(editor):
+        note += f" {empty[0].upper()}{empty[1:]} (tick 'Sub-folders too')."
     if editor.unreadable:
         note += f" {len(editor.unreadable)} caption file(s) could not be read and are left alone."
     return render(services, TabState(session=session.id), note)
