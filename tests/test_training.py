@@ -1087,9 +1087,12 @@ def test_sd_scripts_fixture_run_runs_unchanged_and_writes_its_files_keys_and_met
     from reference import REFERENCE
 
     fixtures = REFERENCE / "kohya-fixtures"
+    # the images copied: the run caches latents to disk beside them (cache_latents_to_disk), never in the shared fixtures
+    shutil.copytree(fixtures / "dataset", tmp_path / "dataset")
     for name in ("args.toml", "dataset.toml"):
         text = (fixtures / "configs" / name).read_text(encoding="utf-8")
-        (tmp_path / name).write_text(text.replace("{FIXTURES}", fixtures.as_posix()).replace("{OUT}", tmp_path.as_posix())
+        (tmp_path / name).write_text(text.replace("{FIXTURES}/dataset/", f"{tmp_path.as_posix()}/dataset/")
+                                     .replace("{FIXTURES}", fixtures.as_posix()).replace("{OUT}", tmp_path.as_posix())
                                      .replace(f"{fixtures.as_posix()}/configs/dataset.toml", (tmp_path / "dataset.toml").as_posix()),
                                      encoding="utf-8")
     assert train_main(["--config_file", str(tmp_path / "args.toml")]) == 0
@@ -1103,6 +1106,7 @@ def test_sd_scripts_fixture_run_runs_unchanged_and_writes_its_files_keys_and_met
         assert set(theirs.metadata()) <= set(ours.metadata())
         assert ours.get_tensor(next(iter(ours.keys()))).dtype == torch.float16  # save_precision = "fp16"
     assert len(list((out / "sample").glob("tinylora_toml_e000001_*.png"))) == 2
+    assert list((tmp_path / "dataset").rglob("*.npz")) and not list((fixtures / "dataset").rglob("*.npz"))
 
 
 def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
