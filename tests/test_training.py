@@ -136,6 +136,17 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_an_epoch_resumed_with_another_batch_size_averages_the_steps_it_trained(baseline, dataset, tmp_path):
+    """Epoch 1 had 8 steps, epoch 2 (batch 2 now) has 16: its average is theirs, not an empty slice's 0.0 in the
+    events, TensorBoard and the file's recorded losses."""
+    assert run(dataset, tmp_path, "--resume", str(baseline / "star-000001-state"), "--train_batch_size", "2") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    steps = [e["loss"] for e in events if e["event"] == "step"]
+    (epoch,) = [e for e in events if e["event"] == "epoch"]
+    assert len(steps) == 16 and epoch["epoch"] == 2
+    assert epoch["average"] == pytest.approx(sum(steps) / len(steps))
+
+
 def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_result(baseline, dataset, tmp_path, capsys,
                                                                                   monkeypatch):
     stop = tmp_path / "stop-now"

@@ -127,6 +127,8 @@ class RunState:
     step_validation_loss: dict[int, float] = field(default_factory=dict)  # with --validate_every_n_steps
     per_image_loss: dict[str, list[float]] = field(default_factory=dict)
     first_step: int = 0  # the step before losses[0]: a run continued with --initial_step starts counting there
+    # the step the current epoch began at: a resumed run's epochs may have had another length (another batch size)
+    epoch_first_step: int | None = None
 
     @property
     def current_epoch(self) -> int:
@@ -526,6 +528,8 @@ class TrainingRun:
         for epoch in range(state.epoch, self.num_epochs):
             batches = data.epoch_batches(epoch)
             resumed_at = state.batch_in_epoch  # resumed mid-epoch: the batches before it were trained before
+            if not resumed_at:
+                state.epoch_first_step = state.step
             for index, batch in enumerate(data.loaded(batches[resumed_at:], options.max_data_loader_n_workers), resumed_at):
                 self._learn(batch, epoch)
                 state.batch_in_epoch = index + 1
@@ -628,7 +632,8 @@ class TrainingRun:
         done = epoch + 1
         state.epoch, state.batch_in_epoch = done, 0
         # from the whole history, so an epoch resumed part-way still averages all of its steps
-        this_epoch = state.losses[max(0, epoch * self.steps_per_epoch - state.first_step) : state.step - state.first_step]
+        began = state.epoch_first_step if state.epoch_first_step is not None else epoch * self.steps_per_epoch
+        this_epoch = state.losses[max(0, began - state.first_step) : state.step - state.first_step]
         state.epoch_train_loss[done] = sum(this_epoch) / max(1, len(this_epoch))
         self.events.emit("epoch", epoch=done, average=state.epoch_train_loss[done], step=state.step)
         self.validate(done)
