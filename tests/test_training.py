@@ -483,6 +483,22 @@ def test_recommendation_without_a_split_is_the_knee_of_the_training_loss():
 
     advice = recommend_epoch([1.0, 0.5, 0.3, 0.28, 0.27, 0.26], [None] * 6)
     assert advice.epoch == 3 and "knee" in advice.reason
+    # a run continued from epoch 5 (--initial_epoch) numbers its epochs from there
+    assert recommend_epoch([1.0, 0.5, 0.3, 0.28, 0.27, 0.26], [None] * 6, list(range(5, 11))).epoch == 7
+
+
+def test_a_recommended_epoch_without_a_kept_file_says_how_to_keep_it(dataset, tmp_path, monkeypatch):
+    import lora_trainer.training.trainer as trainer
+    from lora_trainer.training.evaluation import Recommendation
+
+    monkeypatch.setattr(trainer, "recommend_epoch", lambda *losses: Recommendation(1, "the knee"))
+    assert run(dataset, tmp_path / "finals only") == 0  # 2 epochs, only the final file
+    end = read_events(tmp_path / "finals only" / "star.events.jsonl")[0][-1]
+    assert end["recommended_epoch"] == 1 and "no file of epoch 1 was kept" in end["reason"]
+    assert "--save_every_n_epochs 1" in end["reason"]
+    assert run(dataset, tmp_path / "every epoch", "--save_every_n_epochs", "1") == 0
+    end = read_events(tmp_path / "every epoch" / "star.events.jsonl")[0][-1]
+    assert end["reason"] == "the knee"
 
 
 def test_dataset_config_toml_trains_with_its_own_repeats_and_writes_ss_datasets(dataset, tmp_path):

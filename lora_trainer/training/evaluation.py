@@ -46,17 +46,19 @@ def knee(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: distances[i])
 
 
-def recommend_epoch(train_losses: list[float], validation_losses: list[float | None]) -> Recommendation | None:
-    """Lowest validation loss when there is a held-out split, else the knee of the training loss."""
+def recommend_epoch(train_losses: list[float], validation_losses: list[float | None],
+                    epochs: list[int] | None = None) -> Recommendation | None:
+    """Lowest validation loss when there is a held-out split, else the knee of the training loss; ``epochs`` numbers
+    the losses (1, 2, … unless given: a run continued from a later epoch)."""
     if not train_losses:
         return None
+    epochs = epochs or list(range(1, len(train_losses) + 1))
     measured = [(loss, i) for i, loss in enumerate(validation_losses) if loss is not None]
     if measured:
         loss, index = min(measured)
-        return Recommendation(index + 1, f"lowest validation loss ({loss:.4f}) of {len(measured)} evaluated epochs")
-    index = knee(train_losses)
-    return Recommendation(index + 1, "no validation split: the knee of the training loss, where more epochs stop paying "
-                                     "off (check the grid around it; training loss alone cannot show overfitting)")
+        return Recommendation(epochs[index], f"lowest validation loss ({loss:.4f}) of {len(measured)} evaluated epochs")
+    return Recommendation(epochs[knee(train_losses)], "no validation split: the knee of the training loss, where more "
+                          "epochs stop paying off (check the grid around it; training loss alone cannot show overfitting)")
 
 
 def outlier_images(per_image: dict[str, list[float]], count: int = 5) -> list[tuple[str, float]]:

@@ -656,10 +656,14 @@ class TrainingRun:
         self.progress.close()  # the summary below stands under the finished bar, not above a redrawn one
         epochs = sorted(state.epoch_train_loss)
         advice = recommend_epoch([state.epoch_train_loss[e] for e in epochs],
-                                 [state.epoch_validation_loss.get(e) for e in epochs])
+                                 [state.epoch_validation_loss.get(e) for e in epochs], epochs)
+        reason = advice and advice.reason
+        if advice and not (self.plan.epoch_path(advice.epoch).exists() or advice.epoch == epoch and not stopped):
+            reason += (f"; no file of epoch {advice.epoch} was kept: to have it, save every epoch "
+                       "(--save_every_n_epochs 1, and --save_last_n_epochs none or larger)")
         self.events.emit("end", files=[str(p) for p in self.written if p.exists()], steps=state.step, epochs=epoch,
                          stopped=stopped, seconds=round(time.time() - self.started, 2),
-                         recommended_epoch=advice.epoch if advice else None, reason=advice.reason if advice else None,
+                         recommended_epoch=advice.epoch if advice else None, reason=reason,
                          highest_loss_images=outlier_images(state.per_image_loss))
         return self.written
 
