@@ -96,7 +96,9 @@ def test_a_job_the_trainer_would_refuse_as_it_starts_is_refused_when_submitted(r
                          ({"v2": True}, "--v2 is set but .* is an SD1"),
                          ({"vae": str(lora)}, "--vae .*my lora.safetensors: not a VAE"),
                          ({"device": "cuda:1"}, "--device cuda:1: this machine has 1 CUDA GPU"),
-                         ({"logging_dir": str(tmp_path / "logs")}, "--logging_dir .* needs the tensorboard package")):
+                         ({"logging_dir": str(tmp_path / "logs")}, "--logging_dir .* needs the tensorboard package"),
+                         # a Kohya GUI preset's step of 1: odd sizes sd-scripts refuses for an SD1 model
+                         ({"bucket_reso_steps": 1}, "bucket_reso_steps 1: SD1 training needs a multiple of 64 .*use 64")):
         with pytest.raises(UserError, match=said) as refused:
             runner.submit("refused", {**options(tmp_path, "finish"), **change})
         assert refused.value.field == next(iter(change))  # the API's 400 names it

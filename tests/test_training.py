@@ -487,6 +487,19 @@ def test_recommendation_without_a_split_is_the_knee_of_the_training_loss():
     assert recommend_epoch([1.0, 0.5, 0.3, 0.28, 0.27, 0.26], [None] * 6, list(range(5, 11))).epoch == 7
 
 
+def test_bucket_steps_follow_sd_scripts_multiples_sd1_64_sdxl_32(dataset, tmp_path, capsys):
+    from lora_trainer.dataset.config import DatasetConfig, DatasetGroupConfig
+    from lora_trainer.models.configs import SD1, SDXL
+    from lora_trainer.training.data import check_bucket_steps
+
+    check_bucket_steps(DatasetGroupConfig((DatasetConfig("dreambooth", (), bucket_reso_steps=32),)), SDXL)
+    with pytest.raises(UserError, match="bucket_reso_steps 32: SD1 training needs a multiple of 64"):
+        check_bucket_steps(DatasetGroupConfig((DatasetConfig("dreambooth", (), bucket_reso_steps=32),)), SD1)
+    assert run(dataset, tmp_path, "--enable_bucket", "--bucket_reso_steps", "8", "--min_bucket_reso", "32") == 2
+    assert "bucket_reso_steps 8: SD1 training needs a multiple of 64" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
 def test_a_recommended_epoch_without_a_kept_file_says_how_to_keep_it(dataset, tmp_path, monkeypatch):
     import lora_trainer.training.trainer as trainer
     from lora_trainer.training.evaluation import Recommendation

@@ -48,6 +48,8 @@ class ModelConfig:
     vae_prefix: str = "first_stage_model."
     # SDXL: sd-scripts and the WebUI keep its encoders' layers whatever the clip skip setting says
     takes_clip_skip: bool = True
+    # what --bucket_reso_steps must be a multiple of: sd-scripts' train_network.py asserts 64, sdxl_train_network.py 32
+    bucket_step_multiple: int = 64
 
     @property
     def needs_size_conditioning(self) -> bool:
@@ -100,6 +102,7 @@ SDXL = ModelConfig(
     resolution=1024,
     lora_unet_naming="sgm",
     takes_clip_skip=False,
+    bucket_step_multiple=32,
 )
 
 FULL_SIZE = {config.name: config for config in (SD1, SD2, SD2_V, SDXL)}

@@ -583,8 +583,22 @@ def dataset_group(options: TrainOptions) -> DatasetGroupConfig:
     return config_from_folders(Path(options.train_data_dir), reg, options)
 
 
+def check_bucket_steps(group: DatasetGroupConfig, config) -> None:
+    """sd-scripts' ``verify_bucket_reso_steps``: bucket sides step by a multiple of 64 for SD1/SD2 and 32 for SDXL,
+    so every latent side halves evenly down the UNet; a step of 1 (shipped in some Kohya GUI presets) trains odd
+    sizes that sd-scripts refuses."""
+    multiple = config.bucket_step_multiple
+    for dataset in group.datasets:
+        step = dataset.bucket_reso_steps
+        if step % multiple:
+            fix = max(multiple, round(step / multiple) * multiple)
+            raise UserError(f"bucket_reso_steps {step}: {config.label} training needs a multiple of {multiple} (as "
+                            f"sd-scripts asserts); use {fix}", "bucket_reso_steps")
+
+
 def build_training_data(options: TrainOptions, config, seed: int, world_size: int = 1) -> TrainingData:
     group = dataset_group(options)
+    check_bucket_steps(group, config)
     notes = list(group.warnings)
     _check_augmentations(group.datasets, options)
     cached_as = config.name if options.cache_latents_to_disk else None  # whose disk caches the run would read

@@ -42,7 +42,7 @@ from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
 from .control import control_command
-from .data import TrainingData, build_training_data
+from .data import TrainingData, build_training_data, check_bucket_steps, dataset_group
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
@@ -88,6 +88,7 @@ def check_before_queueing(options: TrainOptions) -> None:
         except UserError as error:
             raise UserError(str(error), "pretrained_model_name_or_path") from None
         _check_model_matches_options(config, options)
+        check_bucket_steps(dataset_group(options), config)
     require_tensorboard(options.logging_dir)
     vae = Path(options.vae) if options.vae else None
     if vae is not None and vae.suffix.lower() == ".safetensors":
