@@ -257,9 +257,14 @@ def test_resize_above_a_modules_rank_keeps_its_rank_and_says_so():
 
 def test_resize_command_prints_retained_energy_and_writes_a_hashed_file(tmp_path, capsys):
     out = tmp_path / "small.safetensors"
-    assert main(["lora", "resize", str(KOHYA_LORA), "--out", str(out), "--new_rank", "2"]) == 0
+    assert main(["lora", "resize", str(KOHYA_LORA), "--out", str(out), "--new_rank", "2", "--verbose"]) == 0
     printed = capsys.readouterr().out
     assert "fro retained" in printed and "average Frobenius norm retained" in printed
+    # sd-scripts' spelling (--model, --save_to), a module's line only when asked, as its --verbose
+    assert main(["lora", "resize", "--model", str(KOHYA_LORA), "--save_to", str(tmp_path / "b.safetensors"),
+                 "--new_rank", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "average Frobenius norm retained" in printed and "fro retained" not in printed
     summary = inspect_network(out)
     assert summary.hash_matches is True and summary.dim == "2" and {b.ranks[0] for b in summary.blocks} == {2}
     assert summary.metadata["ss_training_comment"].startswith("dimension is resized from 4 to 2")

@@ -100,7 +100,7 @@ def test_caching_refuses_what_would_make_captions_vary(tiny_sdxl, dataset, tmp_p
     assert "needs --network_train_unet_only" in capsys.readouterr().err
     assert train(tiny_sdxl, dataset, tmp_path, "--cache_text_encoder_outputs", "--network_train_unet_only",
                  "--shuffle_caption") == 2
-    assert "shuffle_caption change the captions" in capsys.readouterr().err
+    assert "shuffle_caption changes the captions" in capsys.readouterr().err
 
 
 def test_clip_skip_leaves_sdxl_alone_as_sd_scripts_and_the_webui_do_and_says_so(tiny_sdxl, dataset, tmp_path):

@@ -182,7 +182,7 @@ def test_face_crop_trains_uncached_without_buckets_and_is_refused_where_sd_scrip
     assert train(folder.parent, tmp_path / "plain") == 0
     assert not same(lora(tmp_path / "a"), lora(tmp_path / "plain"))
     assert train(folder.parent, tmp_path / "c", "--face_crop_aug_range", "2.0,4.0", "--cache_latents") == 2
-    assert "--face_crop_aug_range change the pixels every step" in capsys.readouterr().err
+    assert "--face_crop_aug_range changes the pixels every step" in capsys.readouterr().err
     assert train(folder.parent, tmp_path / "c", "--face_crop_aug_range", "2.0,4.0", "--enable_bucket") == 2
     assert "does not work with --enable_bucket" in capsys.readouterr().err
 
@@ -235,14 +235,14 @@ def test_fully_transparent_images_teach_nothing_with_alpha_mask(tmp_path, cachin
 
 def test_augmentations_that_cannot_be_cached_are_refused_before_training(wide_dataset, tmp_path, capsys):
     assert train(wide_dataset, tmp_path, "--cache_latents", "--color_aug") == 2
-    assert "--color_aug change the pixels every step, so latents cannot be cached" in capsys.readouterr().err
+    assert "--color_aug changes the pixels every step, so latents cannot be cached" in capsys.readouterr().err
     config = tmp_path / "dataset.toml"
     config.write_text(f'[general]\nresolution = 64\ncaption_extension = ".txt"\n[[datasets]]\n[[datasets.subsets]]\n'
                       f'image_dir = "{(wide_dataset / "1_zkstar").as_posix()}"\nrandom_crop = true\n', encoding="utf-8")
     assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--dataset_config", str(config),
                        "--output_dir", str(tmp_path / "out"), "--cache_latents"]) == 2
     err = capsys.readouterr().err
-    assert "1_zkstar: random_crop change the pixels every step" in err and "drop --cache_latents" in err
+    assert "1_zkstar: random_crop changes the pixels every step" in err and "drop --cache_latents" in err
     assert train(wide_dataset, tmp_path, "--masked_loss") == 2
     assert "--masked_loss needs masks: add --alpha_mask" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))

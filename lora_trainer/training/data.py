@@ -222,8 +222,9 @@ class TrainingData:
         """Each image's caption as training sees it, for ``--cache_text_encoder_outputs`` (refused when captions vary)."""
         problems = sorted({p for r in self.records for p in caching_problems(r.subset.caption_options)})
         if problems:
-            raise UserError(f"--cache_text_encoder_outputs encodes each caption once, but {', '.join(problems)} change the "
-                            "captions between steps; turn them off (in the options or the dataset TOML) or drop the caching")
+            raise UserError(f"--cache_text_encoder_outputs encodes each caption once, but {', '.join(problems)} "
+                            f"{'changes' if len(problems) == 1 else 'change'} the captions between steps; turn them off "
+                            "(in the options or the dataset TOML) or drop the caching")
         rng = random.Random(0)  # unused: nothing random is on
         captions = {r.path: C.process_caption(r.caption, r.subset.caption_options, rng, epoch=1, step=0, max_train_steps=1)
                     for r in self.records}
@@ -624,6 +625,7 @@ def _check_augmentations(datasets: list[DatasetConfig], options: TrainOptions) -
                                 "face_crop_aug_range")
             used = [name for name in ("color_aug", "random_crop", "face_crop_aug_range") if getattr(subset, name)]
             if used and options.cache_latents:
-                raise UserError(f"{where}: {' and '.join(used)} change the pixels every step, so latents cannot be cached; "
+                raise UserError(f"{where}: {' and '.join(used)} "
+                                f"{'changes' if len(used) == 1 else 'change'} the pixels every step, so latents cannot be cached; "
                                 "drop --cache_latents/--cache_latents_to_disk (slower, more memory) or turn "
                                 f"{' and '.join(used)} off")

@@ -618,7 +618,8 @@ def validate(options: TrainOptions) -> None:
         problems.append("--face_crop_aug_range cuts the fixed resolution around the face and does not work with "
                         "--enable_bucket (sd-scripts ignores it there): drop one of them")
     if augmented and options.cache_latents:
-        problems.append(f"{' and '.join(augmented)} change the pixels every step, so latents cannot be cached: drop "
+        problems.append(f"{' and '.join(augmented)} {'changes' if len(augmented) == 1 else 'change'} the pixels every step, "
+                        "so latents cannot be cached: drop "
                         "--cache_latents/--cache_latents_to_disk or the augmentation")
     if options.masked_loss and not options.alpha_mask and not options.dataset_config:
         problems.append("--masked_loss needs masks: add --alpha_mask to mask the loss with the images' transparency, or "

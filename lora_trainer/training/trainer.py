@@ -769,7 +769,7 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
         if options.lr_scheduler not in ("constant", "adafactor"):
             unused.append(f"--lr_scheduler {options.lr_scheduler}")
         warnings.append(f"--optimizer_type Adafactor takes its own step size (relative_step, its default): "
-                        f"{', '.join(unused)} change nothing, as in sd-scripts; for fixed rates add --optimizer_args "
+                        f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing, as in sd-scripts; for fixed rates add --optimizer_args "
                         "relative_step=False scale_parameter=False warmup_init=False")
     if is_schedule_free(options.optimizer) and (options.lr_scheduler != "constant" or options.lr_warmup_steps):
         warnings.append(f"--optimizer_type {options.optimizer} makes its own schedule: --lr_scheduler "

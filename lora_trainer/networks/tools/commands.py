@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ...console import progress_callback
+from ...errors import UserError
 
 
 PRECISIONS = ["fp16", "bf16", "fp32"]
@@ -56,10 +57,12 @@ def run_bake(args) -> None:
 def run_resize(args) -> None:
     from .resize import resize
 
+    if (args.file is None) == (args.model is None):
+        raise UserError("lora resize: give the LoRA to resize once, as FILE or as --model FILE")
     with progress_callback("module", "resizing") as progress:
-        result = resize(args.file, args.out, args.new_rank, args.new_conv_rank, args.dynamic_method, args.dynamic_param,
-                        args.precision, progress)
-    print("\n".join(result.lines()))
+        result = resize(args.file or args.model, args.out, args.new_rank, args.new_conv_rank, args.dynamic_method,
+                        args.dynamic_param, args.precision, progress)
+    print("\n".join(result.lines(per_module=args.verbose)))
 
 
 def run_merge(args) -> None:
@@ -105,7 +108,8 @@ def add_lora_commands(subparsers) -> None:
     b.set_defaults(run=run_bake)
 
     r = tools.add_parser("resize", help="SVD a LoRA/LoCon to a fixed rank or a dynamic one (sd-scripts' resize_lora)")
-    r.add_argument("file", type=Path)
+    r.add_argument("file", type=Path, nargs="?")
+    r.add_argument("--model", type=Path, help="the LoRA to resize, as sd-scripts' resize_lora.py names it (or give it first)")
     r.add_argument("--out", "--save_to", type=Path, required=True)
     r.add_argument("--new_rank", type=int, default=4,
                    help="the rank (a module of a lower rank keeps its own); with --dynamic_method the largest rank kept")
@@ -113,6 +117,7 @@ def add_lora_commands(subparsers) -> None:
     r.add_argument("--dynamic_method", choices=["sv_ratio", "sv_fro", "sv_cumulative"])
     r.add_argument("--dynamic_param", type=float, help="sv_ratio: largest/smallest kept; sv_fro, sv_cumulative: share kept (0-1)")
     r.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")
+    r.add_argument("--verbose", action="store_true", help="a line per module (its rank and retained norm)")
     r.set_defaults(run=run_resize)
 
     g = tools.add_parser("merge", help="several networks with weights into one LoRA (concatenated ranks, or SVD)")

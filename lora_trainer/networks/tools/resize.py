@@ -103,8 +103,8 @@ class ResizeResult:
     def mean_retained_fro(self) -> float:
         return sum(m.retained_fro for m in self.modules) / len(self.modules)
 
-    def lines(self) -> list[str]:
-        lines = [m.line() for m in self.modules]
+    def lines(self, per_module: bool = True) -> list[str]:
+        lines = [m.line() for m in self.modules] if per_module else []
         lines.append(f"average Frobenius norm retained: {self.mean_retained_fro:.2%} over {len(self.modules)} modules")
         below = [m for m in self.modules if self.asked_rank and m.old_rank < self.asked_rank]
         if below:
