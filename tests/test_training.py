@@ -167,6 +167,10 @@ def test_stop_file_finishes_the_step_saves_and_the_run_resumes_to_the_same_resul
     assert run(dataset, tmp_path / "b", "--resume", state, "--stop_file", str(stop)) == 0
     resumed, uninterrupted = weights(tmp_path / "b" / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    # with --save_state the stop's state is the one state: not a second, identical end-of-training "star-state"
+    command_while_running(monkeypatch, stop, "stop")
+    assert run(dataset, tmp_path / "c", "--stop_file", str(stop), "--save_state") == 0
+    assert [p.name for p in (tmp_path / "c").glob("*-state")] == ["star-step00000001-state"]
 
 
 def test_a_control_word_is_a_leftover_only_when_older_than_a_fat_drive_can_tell_apart(tmp_path):

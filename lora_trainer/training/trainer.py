@@ -651,7 +651,7 @@ class TrainingRun:
         """The final file (and state): at the last step, or where a stop or pause cut the run short (``stopped``)."""
         state, options = self.state, self.options
         self.save_network_file(self.plan.final_path(), epoch, state.step)
-        if options.save_state or options.save_state_on_train_end:
+        if (options.save_state or options.save_state_on_train_end) and not stopped:  # a stop saved its state already
             self.save_state_file(self.plan.state_path(None, None))
         self.network.remove()
         self.progress.close()  # the summary below stands under the finished bar, not above a redrawn one
