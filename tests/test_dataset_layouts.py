@@ -122,6 +122,9 @@ def test_captions_come_from_the_caption_extension_else_class_tokens(tmp_path):
         f"{folder}: 1 images have no .txt caption and train with the class tokens 'zk': b.png. 1 of them have a "
         ".caption file beside them: add --caption_extension .caption to train with those."]
     assert caption_fallback_notes(loaded.subset, loaded.images[:1]) == []  # b.png left out: nothing to say
+    # from a dataset TOML, whose subset value wins over the command line's: the fix is in that file
+    assert caption_fallback_notes(loaded.subset, loaded.images, "data.toml")[0].endswith(
+        'set caption_extension = ".caption" for this subset in data.toml to train with those.')
 
 
 def test_wildcard_subsets_keep_every_non_empty_caption_line(tmp_path):

@@ -272,10 +272,12 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
     return SubsetImages(subset, tuple(entries), folder.name, _counted_tags(entries), tuple(notes))
 
 
-def caption_fallback_notes(subset: SubsetConfig, entries: Iterable[ImageEntry]) -> list[str]:
+def caption_fallback_notes(subset: SubsetConfig, entries: Iterable[ImageEntry],
+                           config_file: str | Path | None = None) -> list[str]:
     """The note on a folder's images that train with its class tokens for want of a caption file, given the images
     that do train: said once the unreadable ones are left out (by the caller, who opens the images), so it never
-    names an image that is skipped. Fine-tuning subsets have no caption files: no note."""
+    names an image that is skipped. Fine-tuning subsets have no caption files: no note. ``config_file``: the dataset
+    TOML the subset comes from, whose caption_extension wins over the command line's."""
     if subset.kind == FINE_TUNING:
         return []
     without_caption = [entry.path for entry in entries if entry.caption_file is None]
@@ -285,17 +287,19 @@ def caption_fallback_notes(subset: SubsetConfig, entries: Iterable[ImageEntry]) 
     return [
         f"{subset.image_dir}: {len(without_caption)} images have no {subset.caption_extension} caption and train with "
         f"{fallback}: {_some(path.name for path in without_caption)}."
-        f"{_other_caption_hint(without_caption, subset.caption_extension)}"
+        f"{_other_caption_hint(without_caption, subset.caption_extension, config_file)}"
     ]
 
 
-def _other_caption_hint(images: list[Path], extension: str) -> str:
+def _other_caption_hint(images: list[Path], extension: str, config_file: str | Path | None) -> str:
     """Captions under the other usual extension beside those images: the option most often forgotten (sd-scripts'
     default is .caption, the taggers and the Kohya GUI write .txt)."""
     for other in (".txt", ".caption"):
         found = sum(image.with_suffix(other).is_file() for image in images)
         if other != extension.lower() and found:
-            return f" {found} of them have a {other} file beside them: add --caption_extension {other} to train with those."
+            fix = (f"set caption_extension = \"{other}\" for this subset in {config_file}" if config_file
+                   else f"add --caption_extension {other}")
+            return f" {found} of them have a {other} file beside them: {fix} to train with those."
     return ""
 
 

@@ -535,7 +535,7 @@ def _each_decoded(check: Callable, items: Sequence, unit: str) -> list:
 
 
 def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int,
-                  cached_as: str | None = None) -> DatasetPlan:
+                  cached_as: str | None = None, config_file: str | None = None) -> DatasetPlan:
     images = dataset_images(dataset)
     notes.extend(images.notes)
     settings = dataset.bucket_settings
@@ -559,7 +559,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
             record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
                                  mask_path=masks.get(entry.path.stem) if masks is not None else None)
             (reg if subset.is_reg else train).append(record)
-        notes.extend(caption_fallback_notes(subset, kept))  # after the skips: it names only images that train
+        notes.extend(caption_fallback_notes(subset, kept, config_file))  # after the skips: it names only images that train
     validation_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
     train, validation = split_validation(train, dataset.validation_split, validation_seed)
     num_reg_images = sum(r.repeats for r in reg)  # what sd-scripts records as ss_num_reg_images
@@ -603,7 +603,7 @@ def build_training_data(options: TrainOptions, config, seed: int, world_size: in
     notes = list(group.warnings)
     _check_augmentations(group.datasets, options)
     cached_as = config.name if options.cache_latents_to_disk else None  # whose disk caches the run would read
-    datasets = [_plan_dataset(i, d, notes, seed, cached_as) for i, d in enumerate(group.datasets)]
+    datasets = [_plan_dataset(i, d, notes, seed, cached_as, options.dataset_config) for i, d in enumerate(group.datasets)]
     datasets = [d for d in datasets if d.train]
     if not datasets:
         raise UserError("the dataset has no usable training images" + (f" ({'; '.join(notes[:3])})" if notes else ""))
