@@ -90,6 +90,7 @@ def test_inspect_says_unknown_and_why_for_a_flux_file(tmp_path, capsys):
     code, out, _ = run(capsys, "model", "inspect", path, "--no-hash")
     assert code == 0
     assert "architecture:  unknown" in out and "Flux" in out
+    assert "not a model's part         1 tensors" in out and "schedule buffers" not in out  # not a model's buffers
 
 
 @pytest.mark.parametrize(

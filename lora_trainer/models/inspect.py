@@ -40,8 +40,9 @@ class CheckpointReport:
             "parts:",
         ]
         out += [f"  {name:<26} {count} tensors" for name, count in self.parts.items()]
-        if self.other_keys:
-            out.append(f"  {'other (schedule buffers…)':<26} {self.other_keys} tensors")
+        if self.other_keys:  # beside a model's parts, its schedule buffers and the like; else the file is not a model
+            label = "other (schedule buffers…)" if self.parts else "not a model's part"
+            out.append(f"  {label:<26} {self.other_keys} tensors")
         out.append(f"tensors:       {self.total_keys}")
         if self.sha256:
             out.append(f"hash:          {self.sha256[:10]} (AutoV2, the WebUI's 'Model hash'), legacy {self.legacy_hash}")
