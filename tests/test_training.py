@@ -1186,6 +1186,11 @@ def test_output_config_writes_the_config_file_as_sd_scripts_names_it_and_it_read
     assert "already exists" in (error := capsys.readouterr().err) and "no dataset" not in error
     assert train_main([*command, "--output_config"]) == 2
     assert "add --config_file NAME" in capsys.readouterr().err
+    # a template without model or dataset is written, as sd-scripts writes it; contradictions are still said
+    assert train_main(["--network_dim", "8", "--output_config", "--config_file", str(tmp_path / "template")]) == 0
+    assert "network_dim = 8" in (tmp_path / "template.toml").read_text(encoding="utf-8")
+    assert train_main(["--adaptive_noise_scale", "0.1", "--output_config", "--config_file", str(tmp_path / "bad")]) == 2
+    assert "--adaptive_noise_scale needs --noise_offset" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("given, written", [("10", "10"), ("10.0", "10"), ("10%", "0.1"), ("0.05", "0.05"),

@@ -517,8 +517,9 @@ def _number(kind: type, value: Any) -> int | float:
     return float(number)
 
 
-def options_from(values: dict[str, Any], source: str = "options") -> TrainOptions:
-    """A dict of option values (CLI, TOML, UI form or API body) → validated TrainOptions."""
+def options_from(values: dict[str, Any], source: str = "options", template: bool = False) -> TrainOptions:
+    """A dict of option values (CLI, TOML, UI form or API body) → validated TrainOptions; a ``template`` (what
+    --output_config writes) may leave the model and the dataset out, as sd-scripts writes it unchecked."""
     # an empty value asks for nothing (Kohya GUI files carry e.g. lr_scheduler_args = [], wandb_api_key = "")
     foreign = sorted(k for k, v in values.items() if k in FOREIGN and v not in (None, False, "", []))
     unknown = sorted(k for k in values if k not in FIELDS and k not in FOREIGN)
@@ -531,7 +532,7 @@ def options_from(values: dict[str, Any], source: str = "options") -> TrainOption
     if foreign:
         raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
                         "(or run the same command with sd-scripts)", foreign[0])
-    validate(options)
+    validate(options, template)
     return options
 
 
@@ -549,11 +550,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     elif given.get("config_file"):
         values.update(read_config_file(given["config_file"], notes))
     values.update(given)
-    options = options_from(values, f"command line and {given['config_file']}" if given.get("config_file") else "command line")
+    options = options_from(values, f"command line and {given['config_file']}" if given.get("config_file") else "command line",
+                           template=bool(given.get("output_config")))
     return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions, "notes": notes})
 
 
-def validate(options: TrainOptions) -> None:
+def validate(options: TrainOptions, template: bool = False) -> None:
     """Contradictions sd-scripts rejects (and a few it lets through to fail later), said before any heavy work."""
     problems = []
     for name, f in FIELDS.items():  # the command line checks these itself; TOML, the UI and the API do not
@@ -695,7 +697,7 @@ def validate(options: TrainOptions) -> None:
     if options.dim_from_weights and not options.network_weights:
         problems.append("--dim_from_weights takes the network's shape from --network_weights: give that file, or drop "
                         "--dim_from_weights")
-    if options.train_data_dir is None and options.dataset_config is None and options.in_json is None:
+    if options.train_data_dir is None and options.dataset_config is None and options.in_json is None and not template:
         problems.append("no dataset: give --train_data_dir (folders named <repeats>_<name>), --in_json or --dataset_config")
     if options.in_json and options.reg_data_dir and not options.dataset_config:
         problems.append("--reg_data_dir is for DreamBooth folders: a --in_json (fine-tuning) dataset has no regularisation "
@@ -718,7 +720,7 @@ def validate(options: TrainOptions) -> None:
         problems.append("--fp8_base needs --mixed_precision fp16 or bf16 (the fp8 weights are computed in that precision)")
     if options.dataset_repeats < 1:
         problems.append(f"--dataset_repeats {options.dataset_repeats} must be 1 or more")
-    if options.pretrained_model_name_or_path is None:
+    if options.pretrained_model_name_or_path is None and not template:
         problems.append("no base model: give --pretrained_model_name_or_path")
     if problems:
         # each problem names the option it is about (--name …) first, which the API and the UI point at
