@@ -76,9 +76,12 @@ def add_dataset_commands(subparsers) -> None:
     check.add_argument("--resolution", type=parse_resolution, default=(512, 512), help="512 or 512,768 (default 512)")
     check.add_argument("--batch-size", type=int, default=1)
     check.add_argument("--trigger", help="the trigger word every caption should contain")
-    check.add_argument("--no-buckets", action="store_true", help="check as if enable_bucket were off")
+    check.add_argument("--no-buckets", action="store_true",
+                       help="check as if enable_bucket were off (buckets are on here, as the Kohya GUI trains; "
+                            "sd-scripts' command line has them off unless --enable_bucket)")
     check.add_argument("--bucket-no-upscale", action="store_true")
-    check.add_argument("--caption-extension", default=".txt")
+    check.add_argument("--caption-extension", default=".txt",
+                       help="default .txt, as the taggers and the Kohya GUI write; sd-scripts' own default is .caption")
     _add_bucket_options(check)
     check.set_defaults(run=run_check)
 
