@@ -1087,6 +1087,7 @@ def test_a_value_of_another_kind_in_a_file_is_refused_by_name_not_read_as_someth
     # what files legitimately write: a number for a text option, a resolution pair, null for not given
     options = options_from({**base, "resolution": [512, 768], "metadata_title": 2024, "shuffle_caption": None})
     assert (options.resolution, options.metadata_title, options.shuffle_caption) == ("512,768", "2024", False)
+    assert options_from({**base, "resolution": 512.0}).resolution == "512"  # a UI's number field
 
     (tmp_path / "args.toml").write_text("[model]\npretrained_model_name_or_path = 'm.safetensors'\n"
                                         "[network_args]\nconv_dim = 4\n", encoding="utf-8")

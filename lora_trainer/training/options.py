@@ -452,7 +452,7 @@ def _normalised(name: str, value: Any, source: str) -> Any:
     if isinstance(value, dict):
         raise wrong
     if name == "resolution" and isinstance(value, (list, tuple)) and 1 <= len(value) <= 2:  # as a dataset TOML has it
-        value = ",".join(str(side) for side in value)
+        value = ",".join(_text(side) for side in value)
     if f.metadata["nargs"] == "*":
         value = list(value) if isinstance(value, (list, tuple)) else [value]
     elif isinstance(value, (list, tuple)):
@@ -465,7 +465,7 @@ def _normalised(name: str, value: Any, source: str) -> Any:
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (str, os.PathLike, numbers.Real)) and not isinstance(v, bool) for v in items):
             raise wrong
-        texts = [os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in items]
+        texts = [os.fspath(v) if isinstance(v, os.PathLike) else _text(v) for v in items]
         return texts if isinstance(value, list) else texts[0]
     if f.type == "int | float" and value is not None:
         try:
@@ -494,6 +494,13 @@ def _expected(f: dataclasses.Field) -> str:
             "list[str] | None": "a list of texts", "int": "a whole number", "int | None": "a whole number",
             "float": "a number", "float | None": "a number", "list[float] | None": "a number or a list of numbers",
             "int | float": "a number of steps or a fraction of them"}.get(str(f.type), "a single value")
+
+
+def _text(value: str | numbers.Real) -> str:
+    """A text option's value as text: a whole number from a UI's number field (512.0) as it is typed (512)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _shown(value: Any) -> str:
