@@ -154,6 +154,12 @@ def test_stop_pause_resume_and_controls_say_what_happens(services):
     text, resumed = train_tab.job_action(services, "resume", None)
     assert resumed != job_id and f"resumes job {job_id}" in text
     assert services.store.get(resumed).options["resume"] == services.store.get(job_id).last_state
+    # a selected job that saved no state (killed as it started) is said so; no other run is resumed in its place
+    _, crashed = train_tab.submit(services, form())
+    services.store.update(crashed, status="failed", last_state=None)
+    text, shown = train_tab.job_action(services, "resume", crashed)
+    assert f"job {crashed} saved no state to resume from" in text and shown == crashed
+    assert len(services.store.all()) == 4  # no job was added
 
 
 def test_failed_job_shows_its_error(services):
@@ -219,22 +225,29 @@ def test_extras_are_offered_only_where_a_private_folder_exists_and_install_there
 
 
 def test_a_poll_leaves_the_job_and_file_the_user_or_a_button_chose(services):
+    """The live view reads what was picked from the session's Picked, never from the boxes: gradio 3 polls with the
+    values the boxes had when the page loaded (a pick snapped back to the newest job every second)."""
     _, first = train_tab.submit(services, form())
     services.runner.run_next()
     services.store.update(first, status="interrupted")
-    views = train_tab.LiveViews()
-    stale = train_tab.job_label(services.store.get(first))  # the Job box when the poll was triggered
+    views, picked = train_tab.LiveViews(), train_tab.Picked()
+    box, *_ = train_tab.poll(services, views, picked)
+    assert box["value"] == f"{first}: star (interrupted)"  # nothing picked: the newest job
     _, resumed = train_tab.job_action(services, "resume", first)
-    chosen = train_tab.job_label(services.store.get(resumed))  # what Resume put into the box meanwhile
-    box, progress, *_ = train_tab.poll(services, views, stale, None)
-    # a poll that read the box before Resume answered must not put the old job back
-    assert "value" not in box and chosen in box["choices"] and "**interrupted**" in progress
-    box, progress, *_ = train_tab.poll(services, views, chosen, None)
-    assert "value" not in box and "**queued**" in progress
+    picked.choose_job(train_tab.job_label(services.store.get(resumed)))  # what Resume does beside its answer
+    box, progress, *_ = train_tab.poll(services, views, picked)
+    assert box["value"] == f"{resumed}: star (queued)" and "**queued**" in progress
+    picked.choose_job(f"{first}: star (interrupted)")  # the user picks the older job while the new one runs
     services.runner.run_next()
-    box, progress, _, _, _, files, *_ = train_tab.poll(services, views, chosen, None)
+    for _ in range(2):  # and it stays picked, poll after poll
+        box, progress, _, _, _, files, *_ = train_tab.poll(services, views, picked)
+        assert "**interrupted**" in progress
+    assert "value" not in box
+    picked.choose_job(f"{resumed}: star (finished)")
+    box, progress, _, _, _, files, *_ = train_tab.poll(services, views, picked)
     assert box["value"] == f"{resumed}: star (finished)" and "**finished**" in progress  # the status shows in the box
-    saved = files["value"]
-    assert saved.endswith("star.safetensors")
-    _, _, _, _, _, files, *_ = train_tab.poll(services, views, box["value"], saved)
+    saved = files["choices"][-1]
+    assert saved.endswith("star.safetensors") and picked.shown_file == saved  # the box holds the newest file
+    picked.file = saved
+    _, _, _, _, _, files, *_ = train_tab.poll(services, views, picked)
     assert "value" not in files  # the file the user picked stays picked

@@ -99,3 +99,10 @@ def test_train_stop_resume_in_the_browser(page, app_folders, screenshot):
     assert f"step {total}/{total}" in finished
     assert (app_folders["lora"] / "browser_star.safetensors").exists()
     screenshot("finished")
+
+    # the stopped job picked in the Job box stays shown, poll after poll (gradio 3 polls with the page's first values)
+    page.click("#lora_trainer_job input")
+    page.locator("#lora_trainer_job li", has_text="(stopped)").first.click()
+    _wait_for_progress(page, "stopped")
+    page.wait_for_timeout(3000)
+    assert "(stopped)" in page.locator("#lora_trainer_job input").input_value() and "stopped" in _progress(page)

@@ -168,11 +168,12 @@ def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
 
 
 def resume_target(services: Services, job_id: int | None) -> Job | None:
-    """The selected job if it can be resumed, else the last paused/stopped/interrupted one with a saved state."""
+    """The selected job (whether it can be resumed is the runner's to say), else, with none selected, the last
+    paused/stopped/interrupted one with a saved state. Never another job than the selected one: a failed run
+    without a state would resume some other run."""
     jobs = services.store.all()
-    chosen = [job for job in jobs if job.id == job_id and job.status in RESUMABLE and job.last_state]
-    if chosen:
-        return chosen[0]
+    if job_id is not None:
+        return next((job for job in jobs if job.id == job_id), None)
     candidates = [job for job in jobs if job.status in RESUMABLE and job.last_state and Path(job.last_state).exists()]
     return candidates[-1] if candidates else None
 
@@ -281,22 +282,38 @@ def job_id_of(label: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def poll(services: Services, views: LiveViews, label: str | None, chosen_file: str | None) -> tuple:
+@dataclass
+class Picked:
+    """What the Job and Saved files boxes should hold, for one browser session (a ``gr.State``, changed in place).
+    The live view reads it instead of the boxes: gradio 3 (the WebUI's) runs a polling handler with the inputs it
+    had when the page loaded, so the boxes' own values would be stale to it and every poll would put the newest job
+    back over the one the user picked; gradio 4 sends them when a poll starts, which may be just before Resume or
+    Start replaced the job."""
+
+    job: str | None = None  # the job the user, Start or Resume chose; None: the running one, else the newest
+    file: str | None = None  # the saved file the user chose; None: the newest
+    shown_job: str | None = None  # what the live view last put into each box
+    shown_file: str | None = None
+
+    def choose_job(self, label: str | None) -> None:
+        self.job, self.file = label, None
+
+
+def poll(services: Services, views: LiveViews, picked: Picked) -> tuple:
     """The live view's outputs, every second: Job box, progress, bar, loss plot, samples, Saved files box, job table,
-    end notice. The two boxes get a new value only when it differs from what they hold: gradio 4 sends a poll's
-    inputs when it is triggered and runs it beside other events, so a poll that read the Job box just before
-    Resume or Start replaced its job would otherwise put the old job back (and the newest file would replace the
-    file the user picked, every second)."""
-    shown = shown_job(services, job_id_of(label))
+    end notice. A box gets a value only when it differs from the one the live view last gave it, so a list being
+    opened is not reset each second."""
+    shown = shown_job(services, job_id_of(picked.job))
     choices = [job_label(j) for j in reversed(services.store.all())]
     if shown is None:
         return (gr.update(choices=choices), "No jobs yet: fill the form and press Start.", progress_html(LiveView()),
                 loss_plot(LiveView()), [], gr.update(choices=[]), job_table(services), "")
     view = views.view(shown)
     current = job_label(shown)
-    job_box = gr.update(choices=choices) if label == current else gr.update(choices=choices, value=current)
-    files_box = gr.update(choices=view.files) if chosen_file in view.files else \
-        gr.update(choices=view.files, value=view.files[-1] if view.files else None)
+    job_box = gr.update(choices=choices) if picked.shown_job == current else gr.update(choices=choices, value=current)
+    file = picked.file if picked.file in view.files else (view.files[-1] if view.files else None)
+    files_box = gr.update(choices=view.files) if picked.shown_file == file else gr.update(choices=view.files, value=file)
+    picked.shown_job, picked.shown_file = current, file
     return (job_box, progress_text(view), progress_html(view), loss_plot(view), view.samples[-8:], files_box,
             job_table(services), end_notice(shown))
 
@@ -402,19 +419,29 @@ def build(services: Services) -> gr.Blocks:
         check.click(lambda *v: check_dataset_text(services, _form(v)), form, report)
         validate_button.click(lambda *v: validation_text(services, _form(v)), form, message)
 
+        picked = gr.State(Picked())
+
         def start_job(*values):
+            *values, chosen = values
             text, job_id = submit(services, _form(values))
+            if job_id:
+                chosen.choose_job(job_label(services.store.get(job_id)))
             return text, job_id and job_label(services.store.get(job_id))
 
-        start.click(start_job, form, [message, job], **js_kwarg(_ASK_NOTIFICATION))
+        start.click(start_job, [*form, picked], [message, job], **js_kwarg(_ASK_NOTIFICATION))
+        # the user's picks (not the live view's own updates, which are no input)
+        job.input(lambda label, chosen: chosen.choose_job(label), [job, picked], None)
+        files.input(lambda path, chosen: setattr(chosen, "file", path), [files, picked], None)
         if services.settings.extras_folder is not None:
             install.click(lambda names: install_extras_text(services, names), extras, message)
         for button, action in ((stop, "stop"), (pause, "pause"), (resume, "resume"), (save_now, "save"), (sample_now, "sample")):
-            def act(label, action=action):
+            def act(label, chosen, action=action):
                 text, job_id = job_action(services, action, job_id_of(label))
                 shown = services.store.get(job_id) if job_id else None
+                if shown:
+                    chosen.choose_job(job_label(shown))
                 return text, job_label(shown) if shown else label
-            button.click(act, job, [message, job])
+            button.click(act, [job, picked], [message, job])
 
         def export(kind, *values):
             form_values = _form(values)
@@ -446,7 +473,7 @@ def build(services: Services) -> gr.Blocks:
         send.click(lambda path: "Sent to Prompt-Lora-Grid." if path else "Pick a saved file first.", files, message,
                    **js_kwarg(_SEND_TO_GRID))
 
-        tab.load(lambda label, chosen: poll(services, views, label, chosen), [job, files],
+        tab.load(lambda chosen: poll(services, views, chosen), picked,
                  [job, progress, bar, plot, samples, files, jobs, ended], show_progress="hidden", **poll_kwarg(1.0))
         ended.change(None, ended, None, **js_kwarg(_NOTIFY))
     return tab
