@@ -86,6 +86,20 @@ class TagSessions:
                 self._sessions.popitem(last=False)
         return session
 
+    def with_unsaved(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession | None:
+        """The latest open session of ``folder`` (read the same way) that holds unsaved edits: a page reloaded in the
+        middle of editing finds them there."""
+        if not caption_extension.startswith("."):  # as the editor keeps it
+            caption_extension = "." + caption_extension
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in reversed(sessions):
+            editor = session.editor
+            if (editor.folder == Path(folder) and editor.recursive == recursive
+                    and editor.caption_extension == caption_extension and tag_editor.unsaved_images(editor)):
+                return session
+        return None
+
     def get(self, session_id: str) -> TagSession:
         with self._lock:
             session = self._sessions.get(session_id)

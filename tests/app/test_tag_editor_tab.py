@@ -60,6 +60,24 @@ def test_filter_batch_replace_undo_and_save_write_the_caption_files(services, op
     assert (captions / "img_001.txt").read_text(encoding="utf-8") == "zkchar, blue, circle"
 
 
+def test_unsaved_edits_are_not_dropped_by_opening_a_folder_or_reloading_the_page(services, opened, make_dataset):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, True, 0)
+    other = make_dataset("others", "5_zk", count=2)
+    view = tab.open_folder(services, state, str(other), True, ".txt")
+    assert "60 caption edit(s) in" in view[VIEW["status"]] and "press Open again to drop them" in view[VIEW["status"]]
+    assert view[VIEW["state"]].session == state.session  # still the edited folder
+    # a reloaded page (a fresh state) reopening the folder finds its edits
+    view = tab.open_folder(services, tab.TabState(), str(folder), True, ".txt")
+    assert "with its 60 unsaved caption edit(s) from before" in view[VIEW["status"]]
+    assert view[VIEW["state"]].session == state.session
+    view = tab.open_folder(services, view[VIEW["state"]], str(other), True, ".txt")  # asked once more, then Open again
+    view = tab.open_folder(services, view[VIEW["state"]], str(other), True, ".txt")
+    assert "Opened" in view[VIEW["status"]] and "2 images" in view[VIEW["status"]]
+    assert (folder / "10_zkchar" / "img_000.txt").read_text(encoding="utf-8") == "zkchar, red, square"  # never written
+
+
 def test_selection_by_click_and_range_then_edit_only_those(services, opened):
     folder, view = opened
     state = view[VIEW["state"]]

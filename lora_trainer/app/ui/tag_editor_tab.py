@@ -38,6 +38,7 @@ class TabState:
     selection: tuple[str, ...] = ()  # image names (relative to the folder)
     current: str = ""  # the image in the per-image editor
     tag_query: str = ""
+    discard_asked: bool = False  # Open was pressed over unsaved edits once: pressed again, they are dropped
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,8 +125,18 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
     path = allowed_path(folder, services.settings.dataset_roots, "dataset folder")
     registry = tag_sessions.sessions_of(services)
     if state.session:
+        unsaved = len(tag_editor.unsaved_images(_session(services, state).editor))
+        if unsaved and not state.discard_asked:
+            return render(services, replace(state, discard_asked=True),
+                          f"⚠ {unsaved} caption edit(s) in {_session(services, state).folder} are not saved: Save them, "
+                          "or press Open again to drop them.")
         registry.close(state.session)
-    session = registry.open(path, recursive=bool(recursive), caption_extension=caption_extension or ".txt")
+    reading = {"recursive": bool(recursive), "caption_extension": caption_extension or ".txt"}
+    if kept := registry.with_unsaved(path, **reading):  # left by a reloaded page
+        unsaved = len(tag_editor.unsaved_images(kept.editor))
+        return render(services, TabState(session=kept.id), f"Opened {path} with its {unsaved} unsaved caption edit(s) "
+                      "from before (the page was reloaded): Save them, or Undo.")
+    session = registry.open(path, **reading)
     editor = session.editor
     note = f"Opened {path}: {len(editor.images)} images."
     if empty := tag_editor.empty_folder_note(editor):
