@@ -88,6 +88,28 @@ def test_checkpoint_axis_sends_each_column_to_its_checkpoint(library):
     assert plan.column_labels == ["no LoRA", "base", "finetune"]
 
 
+def test_a_grid_without_a_checkpoint_runs_on_the_runs_own_base_model_when_the_host_lists_it(loras, tmp_path):
+    """Left empty, "current" was whatever model the host had loaded, of other widths than the run's: every LoRA was
+    skipped and the grid of identical columns said "Grid saved"."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.grid.plan import plan_on_base_model
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    for source in loras.glob("tinylora*.safetensors"):
+        metadata = {**read_safetensors_metadata(source), "ss_sd_model_name": "tiny-sd15.safetensors"}
+        save_file(load_file(source), str(tmp_path / source.name), metadata)
+    library = LoraLibrary([tmp_path])
+    checkpoints = {"demo (embedded)": tmp_path / "tiny.safetensors", "sd/tiny-sd15.safetensors": tmp_path / "tiny-sd15.safetensors"}
+    asked = request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []))
+    plan, base = plan_on_base_model(asked, library, checkpoints)
+    assert base == "sd/tiny-sd15.safetensors" and {c.checkpoint for row in plan.cells for c in row} == {base}
+    plan, base = plan_on_base_model(dataclasses.replace(asked, checkpoint="demo (embedded)"), library, checkpoints)
+    assert base is None and {c.checkpoint for row in plan.cells for c in row} == {"demo (embedded)"}  # asked: kept
+    plan, base = plan_on_base_model(asked, library, {"demo (embedded)": tmp_path / "tiny.safetensors"})
+    assert base is None and {c.checkpoint for row in plan.cells for c in row} == {None}  # not listed: the current one
+
+
 def test_bad_grids_are_refused_and_big_ones_need_confirmation(library):
     with pytest.raises(UserError, match="no values"):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)

@@ -225,6 +225,26 @@ def _cell(request: GridRequest, seed: int, parts: list[_AxisValue], fallback_lor
     return GridCell(settings, checkpoint, tuple((path, strength) for path in loras))
 
 
+def base_model_title(files: list[Path], checkpoints: dict[str, Path]) -> str | None:
+    """The host's title for the checkpoint the LoRAs were trained on (their ``ss_sd_model_name``, one for all), if
+    it lists that file: a LoRA is compared on its own base model, and on another one of other widths it fits nothing."""
+    names = {read_safetensors_metadata(path).get("ss_sd_model_name") for path in files if path.suffix == ".safetensors"}
+    if len(names) != 1 or None in names:
+        return None
+    (name,) = names
+    return next((title for title, path in checkpoints.items() if Path(path).name == Path(name).name), None)
+
+
+def plan_on_base_model(request: GridRequest, library: LoraResolver, checkpoints: dict[str, Path]) -> tuple[GridPlan, str | None]:
+    """``plan_grid``; with no checkpoint asked, on the LoRAs' own base model where the host lists it (its title is
+    returned, else None: the host's current model)."""
+    plan = plan_grid(request, library)
+    base = None if request.checkpoint else base_model_title(plan.files, checkpoints)
+    if base is None:
+        return plan, None
+    return plan_grid(dataclasses.replace(request, checkpoint=base), library), base
+
+
 def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     """Cells row by row (y values), columns = baseline (optional) + x values. Raises UserError for an empty axis, an
     unknown LoRA, and more than 400 cells unless ``request.confirmed``."""

@@ -11,7 +11,7 @@ import gradio as gr
 
 from ...errors import UserError
 from ...grid.axes import run_files
-from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_grid, promote, run_grid
+from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_on_base_model, promote, run_grid
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
 
@@ -66,7 +66,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
                 AxisSpec(y_kind, _values(y_values) if y_kind != "strength" else [y_values or ""])]
         request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
                               checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
-        plan = plan_grid(request, library_of(services))
+        plan, base = plan_on_base_model(request, library_of(services), services.host.checkpoints())
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
         result = run_grid(services.host, plan, services.settings.grids_folder, report, _stop.is_set)
     except UserError as error:
@@ -79,6 +79,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
                 "No cell finished (every one was skipped): nothing was saved.")
     else:
         note = f"Grid saved: {result.path} ({result.seconds:.1f} s"
+        note = (f"Checkpoint {base}, the one the LoRA was trained on. " if base else "") + note
         note += f", switching LoRAs {result.switching_seconds:.2f} s)." if result.switching_seconds else ")."
         if result.stopped:
             note = (f"Interrupted after {result.finished} of {result.total} cells: the cells not generated are grey. "
@@ -183,7 +184,7 @@ def build(services):
             width = gr.Slider(64, 2048, value=defaults.width, step=8, label="Width")
             height = gr.Slider(64, 2048, value=defaults.height, step=8, label="Height")
             cfg = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG scale")
-            checkpoint = gr.Dropdown([""] + list(services.host.checkpoints()), value="", label="Checkpoint (empty: current)")
+            checkpoint = gr.Dropdown([""] + list(services.host.checkpoints()), value="", label="Checkpoint (empty: the run's base model if listed, else the current one)")
         with gr.Row():
             baseline = gr.Checkbox(value=True, label="Baseline column without the LoRA")
             confirmed = gr.Checkbox(value=False, label="I confirm grids of more than 400 images")
