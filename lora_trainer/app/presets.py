@@ -92,6 +92,11 @@ SDXL_TIERS: dict[str, dict[str, Any]] = {
 NO_TIER = "no limit"
 
 
+def tier_gib(tier: str) -> float | None:
+    """The card size a VRAM tier names ("8 GB" → 8), None for no limit."""
+    return float(tier.split()[0]) if tier in VRAM_TIERS else None
+
+
 def preset_options(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> dict[str, Any]:
     """The preset's options with the VRAM tier's switches merged on top (tier wins)."""
     if preset not in PRESETS:

@@ -162,6 +162,14 @@ def test_stop_pause_resume_and_controls_say_what_happens(services):
     assert len(services.store.all()) == 4  # no job was added
 
 
+def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(services):
+    assert train_tab.tier_values("character", "6 GB") == {"batch_size": 1, "optimizer": "AdamW8bit", "text_encoder_lr": 0}
+    assert set(train_tab.tier_values("character", "24 GB")) == {"batch_size", "optimizer"}  # not epochs, rank, rates
+    text = train_tab.validation_text(services, form(tier="6 GB", resolution="1024", batch_size=8))
+    assert "above the 6 GB chosen as GPU memory: lower the batch size or the resolution" in text
+    assert "above the" not in train_tab.validation_text(services, form(tier="24 GB"))
+
+
 def test_failed_job_shows_its_error(services):
     _, job_id = train_tab.submit(services, form())
     job = services.store.update(job_id, status="failed", message="CUDA out of memory")

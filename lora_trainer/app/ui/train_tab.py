@@ -150,8 +150,23 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
     if report.errors:
         return "**Cannot start:** " + "; ".join(f"{f.path}: {f.message}" for f in report.errors[:3])
     note = earlier_files_note(options, services.runner.replaced_folder)
-    lines = estimate(checked, report, "sdxl" if sdxl else "sd1").lines()
+    planned = estimate(checked, report, "sdxl" if sdxl else "sd1")
+    lines = planned.lines()
+    card = presets.tier_gib(form.get("tier") or presets.NO_TIER)
+    if card is not None and planned.vram_gib > card:
+        lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: lower the batch size or the "
+                     "resolution (or pick the card's real size)")
     return "\n\n".join([*lines, f"**Note:** {note}"] if note else lines)
+
+
+def tier_values(preset: str, tier: str) -> dict[str, Any]:
+    """The form fields a GPU memory tier decides (batch size, optimizer, the text encoder's rate when a small card
+    trains the UNet only): choosing a tier leaves the epochs, rank, rates and resolution typed or imported as they are."""
+    options = presets.preset_options(preset, tier)
+    values = {"batch_size": options.get("train_batch_size"), "optimizer": options.get("optimizer_type")}
+    if "text_encoder_lr" not in options:
+        values["text_encoder_lr"] = 0
+    return values
 
 
 def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
@@ -412,8 +427,14 @@ def build(services: Services) -> gr.Blocks:
                     te[0] if te else 0, options.get("save_every_n_epochs"), options.get("optimizer_type"),
                     options.get("lr_scheduler"), presets.PRESETS[name].guidance]
 
-        for trigger in (preset.change, tier.change):
-            trigger(fill_from_preset, [preset, tier], preset_fields + [guidance])
+        def fill_from_tier(name, tier_name):
+            values = tier_values(name, tier_name)
+            return [values.get(field, gr.update()) for field in ("epochs", "batch_size", "resolution", "network_dim",
+                    "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "optimizer", "scheduler",
+                    "guidance")]
+
+        preset.change(fill_from_preset, [preset, tier], preset_fields + [guidance])
+        tier.change(fill_from_tier, [preset, tier], preset_fields + [guidance])
         tab.load(fill_from_preset, [preset, tier], preset_fields + [guidance])
         refresh.click(lambda: gr.update(choices=checkpoint_choices(services)), None, checkpoint)
         check.click(lambda *v: check_dataset_text(services, _form(v)), form, report)
