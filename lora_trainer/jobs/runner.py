@@ -209,6 +209,7 @@ class JobRunner:
         if not job.last_state or not Path(job.last_state).exists():
             raise UserError(f"job {job_id} saved no state to resume from; start it again (or use its last file as --network_weights)")
         resumed = self.submit(job.name, {**job.options, "resume": job.last_state})
+        self.store.update(job.id, message=f"resumed as job {resumed.id}")  # its status stays what it ended as
         return self.store.update(resumed.id, resumed_from=job.id)
 
     def stop(self, job_id: int, pause: bool = False) -> Job:
