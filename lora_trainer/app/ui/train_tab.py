@@ -50,7 +50,7 @@ _SEND_TO_GRID = ("(path) => { const root = typeof gradioApp === 'function' ? gra
 # Only a change seen while the page is open notifies: the first value after a (re)load is the page catching up.
 _NOTIFY = ("(text) => { const first = window.loraTrainerLastEnd === undefined; window.loraTrainerLastEnd = text; "
            "if (!first && text && window.Notification && Notification.permission === 'granted') "
-           "new Notification('LoRA Trainer', {body: text}); return text; }")
+           "new Notification('LoRA Trainer', {body: text}); return [text]; }")  # a list: gradio 3 iterates it
 
 
 # --- handlers (plain functions; the tests call these) ----------------------------------------------------------
