@@ -45,6 +45,12 @@ def _on_disk(captions: dict[Path, str]) -> dict[Path, str]:
     return {path: path.read_text(encoding="utf-8") for path in captions}
 
 
+# thumbnails reaching past the right edge of the gallery's box (cut off, or hidden behind a sideways scroll)
+_CUT_THUMBNAILS = """() => { const box = document.querySelector('#lora_trainer_tags_gallery').getBoundingClientRect();
+    return [...document.querySelectorAll('#lora_trainer_tags_gallery img')]
+        .filter(image => image.getBoundingClientRect().right > box.right + 1).length; }"""
+
+
 def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screenshot, open_tab):
     folder = app_folders["data"].parent / "tags200"  # the app's working folder: an allowed dataset root
     before = _make_folder(folder)
@@ -61,6 +67,10 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
     expect(gallery.locator("img").first).to_have_attribute("alt", "#1 img_000.png: 1girl, red_hair, smile")
     assert _thumbnails(app_folders["data"]) - thumbnails_before == PAGE_SIZE  # only the page shown was made
     screenshot("opened")
+    for width in (1280, 1400, 1600):  # every thumbnail column fits the gallery's box, at common window widths
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(300)
+        assert page.evaluate(_CUT_THUMBNAILS) == 0, width
 
     page.locator("#lora_trainer_tags_frequency").get_by_role("cell", name="smile", exact=True).click()
     expect(page.locator("#lora_trainer_tags_all_of textarea")).to_have_value("smile", timeout=WAIT_MS)
