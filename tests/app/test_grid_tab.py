@@ -50,6 +50,9 @@ def test_mistakes_and_interrupts_are_reported_in_the_status(services, fake_host,
 
 
 def test_promote_writes_the_file_and_the_preferred_weight(services, fake_host, run):
+    assert grid_tab.preferred_weight(services, run) == 1.0  # no card yet
+    (services.settings.lora_folder / "tinylora.json").write_text('{"preferred weight": 0.7}', encoding="utf-8")
+    assert grid_tab.preferred_weight(services, run) == 0.7  # the preset's card weight is Promote's default
     epoch_file = str(services.settings.lora_folder / "tinylora-000001.safetensors")
     message = grid_tab.promote_epoch(services, epoch_file, "", 0.8)
     target = services.settings.lora_folder / "tinylora.safetensors"

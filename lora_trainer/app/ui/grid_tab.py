@@ -135,6 +135,18 @@ def _run_name(path: Path) -> str:
     return head if head and tail.isdigit() else stem
 
 
+def preferred_weight(services, run: str) -> float:
+    """The run's Lora card weight (its preset's, or the user's), which Promote keeps unless changed; 1 without one."""
+    import json
+
+    try:
+        path = library_of(services).resolve(run) if run and not Path(run).is_file() else Path(run) if run else None
+        card = json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8-sig")) if path else {}
+        return float(card.get("preferred weight") or 1.0)
+    except (OSError, ValueError, TypeError, AttributeError, UserError):
+        return 1.0
+
+
 def run_summary(services, run: str) -> str:
     """The run's files with their recorded losses, shown when a run is picked."""
     try:
@@ -209,7 +221,8 @@ def build(services):
                                  lambda fields, values: form_updates(fields, values, samplers))
         refresh.click(lambda: gr.update(choices=training_runs(services)), None, runs)
         runs.change(lambda name: name, runs, run)
-        run.change(lambda name: run_summary(services, name), run, run_files_text)
+        run.change(lambda name: (run_summary(services, name), preferred_weight(services, name)), run,
+                   [run_files_text, promote_strength])
 
         def on_generate(*args, progress=gr.Progress()):
             return generate_grid(services, *args, progress=progress)
