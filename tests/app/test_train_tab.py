@@ -184,6 +184,10 @@ def test_import_fills_the_form_from_a_kohya_toml(tmp_path):
     values = train_tab.import_into_form(str(config))
     assert values[0] == "base.safetensors" and values[3] == 7 and values[6] == 16
     assert "noise_offset = 0.05" in values[-2] and "Imported" in values[-1]
+    # what the file leaves out is sd-scripts' default where a field shows it, and the preset's additions are named
+    assert (values[12], values[13]) == ("AdamW", "constant")
+    assert "The character preset adds what the file leaves out: " in values[-1] and "min_snr_gamma = 5" in values[-1]
+    assert "network_dim" not in values[-1]  # a field the form shows is not the preset's to add
 
 
 def test_import_fills_the_form_from_kohya_gui_settings(tmp_path):

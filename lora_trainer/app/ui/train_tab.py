@@ -21,7 +21,7 @@ from ...errors import UserError
 from ...jobs.runner import earlier_files_note
 from ...jobs.store import Job
 from ...training.lr_schedules import SCHEDULER_NAMES
-from ...training.options import options_from, resolution_of
+from ...training.options import DEFAULTS, options_from, resolution_of
 from .. import presets
 from ..estimate import estimate
 from ..extras import EXTRAS, install_extras
@@ -486,8 +486,8 @@ def build(services: Services) -> gr.Blocks:
         export_kohya.click(lambda *v: export("kohya", *v), form, [exported, command, message])
         export_preset.click(lambda *v: export("preset", *v), form, [exported, command, message])
         show_command.click(lambda *v: export("command", *v), form, [exported, command, message])
-        import_file.upload(lambda f: import_into_form(f.name if hasattr(f, "name") else f),
-                           import_file, [checkpoint, dataset, output_name, epochs, batch_size, resolution, network_dim,
+        import_file.upload(lambda f, name: import_into_form(f.name if hasattr(f, "name") else f, name),
+                           [import_file, preset], [checkpoint, dataset, output_name, epochs, batch_size, resolution, network_dim,
                                          network_alpha, unet_lr, text_encoder_lr, save_every, sample_every, optimizer,
                                          scheduler, extra, message])
 
@@ -500,21 +500,25 @@ def build(services: Services) -> gr.Blocks:
     return tab
 
 
-def import_into_form(path: str) -> list[Any]:
+def import_into_form(path: str, preset: str = "character") -> list[Any]:
     """An uploaded Kohya TOML, Kohya GUI settings (JSON) or our preset file → the form's fields (what does not fit
-    a field goes to Advanced)."""
+    a field goes to Advanced). A Kohya file's scheduler and optimizer left out are sd-scripts' defaults, as the file
+    meant them; the ``preset``'s options it leaves out still apply, and are named."""
     notes: list[str] = []
+    shown = {"pretrained_model_name_or_path", "train_data_dir", "output_name", "max_train_epochs", "train_batch_size",
+             "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs",
+             "sample_every_n_epochs", "optimizer_type", "lr_scheduler", "learning_rate"}
+    added = {}
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
         if "[options]" in text:
             options = presets.read_preset_file(path).options
         else:
-            options = presets.import_kohya_toml(path, notes)
+            options = {"lr_scheduler": "constant", "optimizer_type": "AdamW", **presets.import_kohya_toml(path, notes)}
+            added = {k: v for k, v in presets.preset_options(preset).items()  # those that change something
+                     if k not in options and k not in shown and getattr(DEFAULTS, k, None) != v}
     except UserError as error:
         return [gr.update()] * 15 + [f"error: {error}"]
-    shown = {"pretrained_model_name_or_path", "train_data_dir", "output_name", "max_train_epochs", "train_batch_size",
-             "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs",
-             "sample_every_n_epochs", "optimizer_type", "lr_scheduler"}
     import toml
 
     rest = {k: v for k, v in options.items() if k not in shown and v is not None}
@@ -525,4 +529,7 @@ def import_into_form(path: str) -> list[Any]:
               (te[0] if isinstance(te, list) and te else te), options.get("save_every_n_epochs"),
               options.get("sample_every_n_epochs"), options.get("optimizer_type"), options.get("lr_scheduler")]
     said = "".join(f" {note.split(': ', 1)[-1]}." for note in notes)  # what it holds that is not carried over
+    if added:  # the form trains with its preset's options where the file has none
+        said += (f" The {preset} preset adds what the file leaves out: "
+                 + ", ".join(f"{k} = {v!r}" for k, v in added.items()) + " (change them in Advanced).")
     return [gr.update() if v is None else v for v in values] + [toml.dumps(rest), f"Imported {Path(path).name}.{said}"]
