@@ -38,3 +38,18 @@ def test_run_files_are_found_from_any_of_them_and_ordered_by_training_progress(t
     files = run_files(tmp_path / "tinylora-000001.safetensors")
     assert [f.path.name for f in files] == ["tinylora-000001.safetensors", "tinylora.safetensors"]
     assert [f.epoch for f in files] == [1, 2] and files[0].label == "epoch 1 (80 steps)"
+    assert files[1].label == "epoch 2 (160 steps)"  # sd-scripts' finished run
+
+
+def test_a_stopped_runs_final_file_is_labelled_as_stopped_early(tmp_path):
+    """Stop and save writes the final name: in the grid it must not pass for the finished run."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    source = REFERENCE / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors"
+    metadata = {**read_safetensors_metadata(source), "ss_epoch": "1", "ss_steps": "22"}  # of ss_max_train_steps 160
+    save_file(load_file(source), str(tmp_path / "tinylora.safetensors"), metadata)
+    save_file(load_file(source), str(tmp_path / "tinylora-000001.safetensors"), {**metadata, "ss_steps": "20"})
+    labels = [f.label for f in run_files(tmp_path / "tinylora.safetensors")]
+    assert labels == ["epoch 1 (20 steps)", "epoch 1 (22 of 160 steps: stopped early)"]

@@ -77,7 +77,10 @@ def _describe(path: Path) -> EpochFile:
     epoch = int(metadata["ss_epoch"]) if metadata.get("ss_epoch", "").isdigit() else None
     steps = int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None
     label = f"epoch {epoch}" if epoch is not None else path.stem
-    if steps is not None:
+    planned = int(metadata["ss_max_train_steps"]) if metadata.get("ss_max_train_steps", "").isdigit() else None
+    if steps is not None and planned and steps < planned and not re.search(r"-(\d{6}|step\d{8})$", path.stem):
+        label += f" ({steps} of {planned} steps: stopped early)"  # a run's final file, saved where a stop cut it short
+    elif steps is not None:
         label += f" ({steps} steps)"
     return EpochFile(path, epoch, steps, label)
 
