@@ -149,5 +149,8 @@ def test_min_bucket_below_one_step_is_refused_instead_of_a_zero_wide_bucket():
     # snapped down to the step it would be 0: sd-scripts then divides by zero while listing its buckets
     with pytest.raises(UserError, match="min_bucket_reso 32 is less than bucket_reso_steps 64, .* set min_bucket_reso to 64"):
         bucket_list(BucketSettings((64, 128), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128))
+    # a resolution below one step is the resolution's problem, even where the form fitted min_bucket_reso to it
+    with pytest.raises(UserError, match="resolution 63x63 is smaller than bucket_reso_steps 64, .* use a resolution of 64"):
+        bucket_list(BucketSettings((63, 63), enable_bucket=True, min_bucket_reso=63, max_bucket_reso=1024))
     assert bucket_list(BucketSettings((64, 128), enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128)) == (
         (64, 64), (64, 128), (128, 64))

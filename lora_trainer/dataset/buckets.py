@@ -58,6 +58,9 @@ def adjusted_bucket_range(resolution: Size, min_bucket_reso: int, max_bucket_res
     if bucket_reso_steps < 1:
         raise UserError(f"bucket_reso_steps is {bucket_reso_steps}; it must be a positive number of pixels (64 for SD1/SD2, "
                         "32 or 64 for SDXL).", "bucket_reso_steps")
+    if min(resolution) < bucket_reso_steps:  # said of the resolution the user typed, not of a bucket limit fitted to it
+        raise UserError(f"resolution {resolution[0]}x{resolution[1]} is smaller than bucket_reso_steps {bucket_reso_steps}, "
+                        f"the narrowest a bucket can be; use a resolution of {bucket_reso_steps} or more.", "resolution")
     if min_bucket_reso < bucket_reso_steps:  # snapped down it would be 0, and sd-scripts divides by it
         raise UserError(f"min_bucket_reso {min_bucket_reso} is less than bucket_reso_steps {bucket_reso_steps}, the "
                         f"narrowest a bucket can be; set min_bucket_reso to {bucket_reso_steps} or more.", "min_bucket_reso")
