@@ -42,6 +42,8 @@ def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: b
 def plain_name(name: str, field: str = "name") -> str:
     """A file or job name that is safe on Windows and Linux: no separators, no ``..``, no reserved device names."""
     name = (name or "").strip()
+    if not name:
+        raise PathNotAllowed(f"{field}: empty; type a name (letters, digits, spaces, - and _)", field)
     if not is_plain_name(name):
         raise PathNotAllowed(f"{field}: {name!r} is not a plain file name; use letters, digits, spaces, - and _", field)
     return name

@@ -115,6 +115,7 @@ def test_validation_shows_steps_and_refuses_bad_input(services, tmp_path):
     assert "16 images" in text and "× 2 epochs" in text
     assert "outside the allowed folders" in train_tab.validation_text(services, form(dataset=str(tmp_path)))
     assert "not a plain file name" in train_tab.validation_text(services, form(output_name="../evil"))
+    assert "output name: empty; type a name" in train_tab.validation_text(services, form(output_name=" "))
     assert "does not exist" in train_tab.validation_text(services, form(checkpoint=str(services.settings.data_folder / "missing.safetensors")))
     assert "Advanced options" in train_tab.validation_text(services, form(extra="noise_offset = "))
 
