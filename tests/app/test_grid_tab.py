@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,10 @@ def generate(services, run, x_kind="strength", x_values="0.5-1.0 (+0.5)", y_kind
 
 def test_runs_are_listed_and_an_epoch_by_strength_grid_goes_through_the_host(services, fake_host, run):
     assert grid_tab.training_runs(services) == ["tinylora"]
+    lora = services.settings.lora_folder
+    shutil.copy(lora / "tinylora.safetensors", lora / "tinylora-step00000185.safetensors")  # a --save_every_n_steps file
+    assert grid_tab.training_runs(services) == ["tinylora"]  # part of the run, not a run of its own
+    (lora / "tinylora-step00000185.safetensors").unlink()
     assert "epoch 1 (10 steps) — val loss 0.1500" in grid_tab.run_summary(services, run)
     path, cells, losses, epochs, status = generate(services, run)
     assert Path(path).is_file() and Path(path).parent == services.settings.grids_folder

@@ -32,9 +32,15 @@ def training_runs(services) -> list[str]:
     library = library_of(services)
     entries = library.entries()
     stems = {e.name for e in entries}
-    runs = [e for e in entries if any(s.startswith(e.name + "-") and s[len(e.name) + 1:].isdigit() for s in stems)]
-    singles = [e for e in entries if e not in runs and not (e.name.rsplit("-", 1)[-1].isdigit() and e.name.rsplit("-", 1)[0] in stems)]
+    runs = [e for e in entries if any(s.startswith(e.name + "-") and _saved_along(s[len(e.name) + 1:]) for s in stems)]
+    singles = [e for e in entries if e not in runs
+               and not (_saved_along(e.name.rsplit("-", 1)[-1]) and e.name.rsplit("-", 1)[0] in stems)]
     return [e.name for e in sorted(runs, key=_newest_first)] + [e.name for e in sorted(singles, key=_newest_first)]
+
+
+def _saved_along(suffix: str) -> bool:
+    """An epoch (``000003``) or step (``step00000185``) file's suffix: a file saved along a run, not a run of its own."""
+    return suffix.isdigit() or (suffix.startswith("step") and suffix[4:].isdigit())
 
 
 def _newest_first(entry) -> float:
