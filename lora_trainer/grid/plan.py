@@ -147,22 +147,23 @@ def loss_text(loss: EpochLoss | None) -> str:
     return f"loss {loss.training:.4f}" if loss.training is not None else ""
 
 
-def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA") -> Path:
+def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA", field: str = "lora") -> Path:
     """A LoRA as the host will find it from ``<lora:stem>``: by name, or a file path whose stem the host resolves to
-    that same file."""
+    that same file. ``field``: the request's key the mistakes name."""
     text = name.strip()
     if not text:
-        raise UserError(f"{field_name}: no LoRA given; pick a training run or type a LoRA name")
+        raise UserError(f"{field_name}: no LoRA given; pick a training run or type a LoRA name", field)
     path = Path(text)
     if path.suffix and path.is_file():
         found = library.resolve(path.stem)
         if found is None or Path(found).resolve() != path.resolve():
             raise UserError(f"{field_name}: {path} is not in the Lora folder the generator reads; "
-                            "copy or promote it there (or add its folder to the Lora folders) and refresh")
+                            "copy or promote it there (or add its folder to the Lora folders)", field)
         return path.resolve()
     found = library.resolve(text)
     if found is None:
-        raise UserError(f"{field_name}: no LoRA named {text!r} in the Lora folder; check the name or press refresh")
+        raise UserError(f"{field_name}: no LoRA named {text!r} in the Lora folder; check the name (a file added since "
+                        "the list was read shows after a refresh)", field)
     return Path(found).resolve()
 
 
@@ -188,7 +189,7 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver) ->
     if axis.kind == "strength":
         return [_AxisValue(f"strength {s:g}", strength=s) for s in parse_values(", ".join(values))], []
     if axis.kind == "lora":
-        return [_AxisValue(Path(resolve_lora(v, library, "LoRA axis")).stem, loras=(resolve_lora(v, library, "LoRA axis"),))
+        return [_AxisValue(Path(resolve_lora(v, library, "LoRA axis", None)).stem, loras=(resolve_lora(v, library, "LoRA axis", None),))
                 for v in values], []
     if axis.kind == "prompt":
         if values and values[0] not in request.settings.prompt:
@@ -245,17 +246,30 @@ def plan_on_base_model(request: GridRequest, library: LoraResolver, checkpoints:
     return plan_grid(dataclasses.replace(request, checkpoint=base), library), base
 
 
+def _axis_values_of(name: str, axis: AxisSpec, request: GridRequest, library: LoraResolver):
+    """``_axis_values``, its mistakes naming the axis (the API's field) unless they name a field of their own."""
+    try:
+        return _axis_values(axis, request, library)
+    except UserError as error:
+        if error.field:
+            raise
+        raise UserError(str(error), name) from None
+
+
 def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     """Cells row by row (y values), columns = baseline (optional) + x values. Raises UserError for an empty axis, an
     unknown LoRA, and more than 400 cells unless ``request.confirmed``."""
-    for axis in (request.x, request.y):
+    for name, axis in (("x", request.x), ("y", request.y)):
         if axis.kind not in AXIS_KINDS:
-            raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}")
+            raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}", name)
         if axis.kind != "epoch" and not [v for v in axis.values if str(v).strip()]:
-            raise UserError(f"the {axis.kind} axis has no values")
-    xs, x_files = _axis_values(request.x, request, library)
-    ys, y_files = _axis_values(request.y, request, library)
-    check_size(len(ys), len(xs) + int(request.baseline), request.confirmed)
+            raise UserError(f"the {axis.kind} axis has no values", name)
+    xs, x_files = _axis_values_of("x", request.x, request, library)
+    ys, y_files = _axis_values_of("y", request.y, request, library)
+    try:
+        check_size(len(ys), len(xs) + int(request.baseline), request.confirmed)
+    except UserError as error:
+        raise UserError(str(error), "confirmed") from None
     brings_lora = any(axis.kind in ("epoch", "lora") for axis in (request.x, request.y))
     fallback = None if brings_lora else resolve_lora(request.lora, library)
     seed = request.settings.resolved_seed()

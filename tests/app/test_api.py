@@ -593,8 +593,11 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     assert {settings.sampler for settings, _ in fake_host.generated} == {"Euler"}  # the host's name for it
     image = client.get(status["image"])
     assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
-    assert_error(client.post(f"{V1}/grids", json={**body, "x": {"kind": "strength", "values": []}}), 400)
-    assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400)
+    # each mistake names the body's key it is about
+    assert_error(client.post(f"{V1}/grids", json={**body, "x": {"kind": "strength", "values": []}}), 400, field="x")
+    assert_error(client.post(f"{V1}/grids", json={**body, "y": {"kind": "seed", "values": ["one"]}}), 400, field="y")
+    unknown = assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400, field="lora")
+    assert "press" not in unknown["message"]  # no button in an API answer
     assert_error(client.post(f"{V1}/grids", json={**body, "lora": "/etc/passwd"}), 403, field="lora")
     assert_error(client.get(f"{V1}/grids/nope"), 404, "grid_not_found")
     # a checkpoint outside the roots is neither opened nor said to exist; settings are checked before any cell
