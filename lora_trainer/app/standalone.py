@@ -29,21 +29,29 @@ def add_ui_command(commands) -> None:
     ui.add_argument("--data", type=Path, default=Path("lora-trainer-data"), help="job database, job folders, grids")
     ui.add_argument("--lora-dir", type=Path, help="where finished LoRAs go (default: <data>/Lora)")
     ui.add_argument("--dataset-root", type=Path, action="append", default=[],
-                    help="a folder datasets may be read from (repeatable; the bundled sample and the current folder always are)")
+                    help="a folder datasets may be read from (repeatable; the bundled sample always is, and the current "
+                         "folder when the app serves this machine only)")
     ui.add_argument("--checkpoint-dir", type=Path, action="append", default=[], help="a folder of base checkpoints (repeatable)")
     ui.add_argument("--api-auth", help="user:password[,user2:password2] for the HTTP API (and the pages, with --listen)")
     ui.add_argument("--allow-unauthenticated", action="store_true", help="serve the API to the network without credentials")
     ui.set_defaults(run=run)
 
 
+def listens_remotely(args: argparse.Namespace) -> bool:
+    return args.listen or args.host not in ("127.0.0.1", "localhost", "::1")
+
+
 def settings_from(args: argparse.Namespace) -> AppSettings:
     from ..tiny_model.demo import SAMPLE_DATASET
 
     data = args.data.resolve()
+    # the folder it was started in is a convenience on this machine; on the network (started from ~, say) it would
+    # open every file below it to each client
+    here = [] if listens_remotely(args) else [Path.cwd()]
     return AppSettings(
         lora_folder=(args.lora_dir or data / "Lora").resolve(),
         data_folder=data,
-        dataset_roots=[*(p.resolve() for p in args.dataset_root), SAMPLE_DATASET, Path.cwd()],
+        dataset_roots=[*(p.resolve() for p in args.dataset_root), SAMPLE_DATASET, *here],
         checkpoint_folders=[p.resolve() for p in args.checkpoint_dir],
         allow_unauthenticated_remote=args.allow_unauthenticated,
         api_credentials=parse_api_auth(args.api_auth),
@@ -99,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
     services = Services.create(settings, host)
     address = "0.0.0.0" if args.listen else args.host
     try:
-        app = create_app(services, listening_remotely=address not in ("127.0.0.1", "localhost", "::1"))
+        app = create_app(services, listening_remotely=listens_remotely(args))
         log.info("LoRA Trainer: http://%s:%d/", address, args.port)
         # open event streams and the page's websocket would hold a graceful shutdown forever
         uvicorn.run(app, host=address, port=args.port, log_level="warning", timeout_graceful_shutdown=3)

@@ -73,3 +73,17 @@ def test_standalone_grids_offer_every_sampler_we_implement(tmp_path):
     assert host.sampler_names() == list(SAMPLERS) and host.generation_defaults().sampler in host.sampler_names()
     assert (host.sampler("euler_a"), host.sampler("DPM++ 2M Karras"), host.sampler("Eular a")) == (
         "Euler a", "DPM++ 2M Karras", None)
+
+
+def test_the_current_folder_is_a_dataset_root_only_while_the_app_serves_this_machine(tmp_path, monkeypatch):
+    """Started from the home folder with --listen, it would have opened every file below it to the network."""
+    import argparse
+
+    from lora_trainer.app.standalone import settings_from
+
+    monkeypatch.chdir(tmp_path)
+    local = argparse.Namespace(data=tmp_path / "data", lora_dir=None, dataset_root=[], checkpoint_dir=[], host="127.0.0.1",
+                               listen=False, allow_unauthenticated=False, api_auth=None)
+    assert tmp_path in settings_from(local).dataset_roots
+    for remote in ({"listen": True}, {"host": "0.0.0.0"}):
+        assert tmp_path not in settings_from(argparse.Namespace(**{**vars(local), **remote})).dataset_roots
