@@ -718,7 +718,7 @@ def create_router(services: Services) -> APIRouter:
     def dataset_image(session_id: str, name: str):
         """The image file by its name as a page lists it (only images of the session's folder)."""
         session = sessions.get(session_id)
-        return FileResponse(tag_sessions.images_named(session.editor, [name])[0])
+        return FileResponse(tag_sessions.images_named(session.editor, [name], "name")[0])
 
     @router.post("/datasets/{session_id}/edit", summary="Batch-edit tags (one undo step)",
                  openapi_extra=_body_doc(

@@ -132,7 +132,7 @@ def image_name(editor: TagEditor, image: Path) -> str:
     return image.relative_to(editor.folder).as_posix()
 
 
-def images_named(editor: TagEditor, names: Iterable[str]) -> list[Path]:
+def images_named(editor: TagEditor, names: Iterable[str], field: str = "selection") -> list[Path]:
     """Images by their relative names; a name that is not an image of the folder is a UserError naming it."""
     known = {image_name(editor, image): image for image in editor.images}
     chosen, unknown = [], []
@@ -140,7 +140,7 @@ def images_named(editor: TagEditor, names: Iterable[str]) -> list[Path]:
         (chosen if name in known else unknown).append(known.get(name, name))
     if unknown:
         shown = ", ".join(repr(name) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
-        raise UserError(f"selection: {shown} is not an image of {editor.folder}; use the names the page lists.")
+        raise UserError(f"{field}: {shown} is not an image of {editor.folder}; use the names the page lists.", field)
     return chosen
 
 
@@ -151,7 +151,7 @@ def _tags(value, field_name: str) -> Tags:
         return tag_editor.split_tags(value)
     if isinstance(value, (list, tuple)) and all(isinstance(tag, str) for tag in value):
         return tuple(tag.strip() for tag in value if tag.strip())
-    raise UserError(f"{field_name}: give tags as a list of strings or one comma-separated string.")
+    raise UserError(f"{field_name}: give tags as a list of strings or one comma-separated string.", field_name)
 
 
 def filter_from(data: dict | None) -> TagFilter:
@@ -159,7 +159,7 @@ def filter_from(data: dict | None) -> TagFilter:
     data = data or {}
     unknown = sorted(set(data) - {"all", "any", "none", "regex", "untagged"})
     if unknown:
-        raise UserError(f"filter: unknown key(s) {', '.join(unknown)}; use all, any, none, regex, untagged.")
+        raise UserError(f"filter: unknown key(s) {', '.join(unknown)}; use all, any, none, regex, untagged.", "filter")
     return TagFilter(all_of=_tags(data.get("all"), "filter.all"), any_of=_tags(data.get("any"), "filter.any"),
                      none_of=_tags(data.get("none"), "filter.none"), caption_regex=data.get("regex") or None,
                      untagged=bool(data.get("untagged")))
@@ -174,7 +174,7 @@ def edit_from(data: dict) -> tag_editor.TagEdit:
     """``{"op": "replace", "find": "x", "replacement": "y"}`` → the core's edit (``op`` names: ``EDIT_NAMES``)."""
     op = data.get("op")
     if op not in EDIT_NAMES:
-        raise UserError(f"op: {op!r} is not a tag edit; use one of {', '.join(sorted(set(EDIT_NAMES) - {'remove_duplicates', 'move_to_front'}))}.")
+        raise UserError(f"op: {op!r} is not a tag edit; use one of {', '.join(sorted(set(EDIT_NAMES) - {'remove_duplicates', 'move_to_front'}))}.", "op")
     parameters = {key: value for key, value in data.items() if key not in ("op", "selection", "filter")}
     for key in ("tags",):
         if key in parameters:
@@ -191,7 +191,7 @@ def selected_images(session: TagSession, selection, tag_filter: TagFilter | None
         return list(editor.tags)
     if isinstance(selection, list):
         return images_named(editor, selection)
-    raise UserError('selection: use "filtered", "all" or a list of image names.')
+    raise UserError('selection: use "filtered", "all" or a list of image names.', "selection")
 
 
 def apply_request(session: TagSession, data: dict) -> TagEditor:
@@ -216,7 +216,7 @@ def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> d
     """One page of the filtered images with their tags, the tag frequencies (all images and the filtered ones),
     the undo/redo history and what is unsaved: everything a view of the folder needs, as JSON-able data."""
     if page < 1 or page_size < 1:
-        raise UserError("page and page_size must be at least 1.")
+        raise UserError("page and page_size must be at least 1.", "page")
     with session.lock:
         editor, tag_filter = session.editor, session.tag_filter
     filtered = tag_editor.select(editor, tag_filter)

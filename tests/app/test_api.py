@@ -457,8 +457,10 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     client.post(f"{V1}/datasets/{sid}/edit", json={"op": "move_first", "tags": ["blue"], "selection": ["img_001.png"]})
     assert client.post(f"{V1}/datasets/{sid}/undo").json()["history"]["redo"] == ["Move blue to the front"]
     assert client.post(f"{V1}/datasets/{sid}/redo").json()["history"]["redo"] == []
-    assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "selection": ["../../etc/passwd"]}), 400)
-    assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "nuke"}), 400, "invalid")
+    assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "selection": ["../../etc/passwd"]}),
+                 400, field="selection")
+    assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "nuke"}), 400, "invalid", field="op")
+    assert_error(client.get(f"{V1}/datasets/{sid}/image", params={"name": "nope.png"}), 400, field="name")
     wrong = assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "position": "first"}), 400)
     assert "position must be a whole number or null" in wrong["message"]
     assert "needs tags; it takes tags, position" in assert_error(
