@@ -116,6 +116,10 @@ def test_validation_shows_steps_and_refuses_bad_input(services, tmp_path):
     assert "outside the allowed folders" in train_tab.validation_text(services, form(dataset=str(tmp_path)))
     assert "not a plain file name" in train_tab.validation_text(services, form(output_name="../evil"))
     assert "output name: empty; type a name" in train_tab.validation_text(services, form(output_name=" "))
+    # an imported Kohya TOML's dataset_config: said for what it is, not "dataset folder: no path given"
+    text = train_tab.validation_text(services, form(dataset="", extra='dataset_config = "datasets.toml"'))
+    assert "Advanced: dataset_config names the datasets in a file" in text and "--dataset_config FILE" in text
+    assert "16 images" in train_tab.validation_text(services, form(extra='dataset_config = ""'))  # empty: not given
     assert "does not exist" in train_tab.validation_text(services, form(checkpoint=str(services.settings.data_folder / "missing.safetensors")))
     assert "Advanced options" in train_tab.validation_text(services, form(extra="noise_offset = "))
 

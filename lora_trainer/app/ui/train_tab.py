@@ -25,7 +25,7 @@ from ...training.options import DEFAULTS, options_from, resolution_of
 from .. import presets
 from ..estimate import estimate
 from ..extras import EXTRAS, install_extras
-from ..form import ALGORITHMS, form_to_options
+from ..form import ALGORITHMS, form_to_options, parse_extra_options
 from ..paths import allowed_path, plain_name
 from ..services import Services, write_card_hints
 from .compat import js_kwarg, poll_kwarg
@@ -127,6 +127,12 @@ def sample_prompt_file(services: Services, prompt: str, resolution: Any) -> str:
 def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The form → checked sd-scripts option values (and whether the base is SDXL); raises UserError."""
     checkpoint = checkpoint_path(services, form.get("checkpoint") or "")
+    extra = parse_extra_options(form.get("extra", ""))
+    elsewhere = [key for key in ("dataset_config", "in_json") if extra.get(key)]  # "" is not given
+    if elsewhere:  # an imported Kohya TOML may carry one; its datasets are not what the form checks and estimates
+        raise UserError(f"Advanced: {elsewhere[0]} names the datasets in a file, and this tab trains the Dataset folder's "
+                        "<repeats>_<name> subfolders: remove it and pick the folder, or train that file from the command "
+                        f"line (python -m lora_trainer.train_network --{elsewhere[0]} FILE) or the API (POST /jobs)", "extra")
     dataset = allowed_path(form.get("dataset") or "", services.settings.dataset_roots, "dataset folder")
     name = plain_name(form.get("output_name") or "", "output name")
     sdxl = _is_sdxl(checkpoint)
