@@ -513,7 +513,7 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
     notes: list[str] = []
     shown = {"pretrained_model_name_or_path", "train_data_dir", "output_name", "max_train_epochs", "train_batch_size",
              "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs",
-             "sample_every_n_epochs", "optimizer_type", "lr_scheduler", "learning_rate"}
+             "sample_every_n_epochs", "optimizer_type", "lr_scheduler"}
     added = {}
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
@@ -522,7 +522,8 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
         else:
             options = {"lr_scheduler": "constant", "optimizer_type": "AdamW", **presets.import_kohya_toml(path, notes)}
             added = {k: v for k, v in presets.preset_options(preset).items()  # those that change something
-                     if k not in options and k not in shown and getattr(DEFAULTS, k, None) != v}
+                     if k not in options and k not in shown | {"learning_rate"}  # its rate shows in the UNet field
+                     and getattr(DEFAULTS, k, None) != v}
     except UserError as error:
         return [gr.update()] * 15 + [f"error: {error}"]
     import toml
