@@ -945,9 +945,10 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
         from ..grid.plan import plan_on_base_model
         from ..networks.activation import LoraLibrary
 
-        request = grid_request(body, services.host.generation_defaults(), services.settings.roots(),
-                               services.host.checkpoints(), services.host)
-        plan, _ = plan_on_base_model(request, LoraLibrary([services.settings.lora_folder]), services.host.checkpoints())
+        checkpoints = services.host.checkpoints()
+        request = grid_request(body, services.host.generation_defaults(), services.settings.roots(), checkpoints,
+                               services.host)
+        plan, _ = plan_on_base_model(request, LoraLibrary([services.settings.lora_folder]), checkpoints)
         status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
         status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None
         grids[status.id] = status

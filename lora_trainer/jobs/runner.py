@@ -189,8 +189,7 @@ class JobRunner:
         # options, the dataset's layout and resolution, the device and the checkpoint's kind, so a job that would
         # fail as it starts is refused instead
         checked = options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}")
-        dataset_group(checked)
-        check_before_queueing(checked)
+        check_before_queueing(checked, dataset_group(checked))
         job = self.store.add(name, options)
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),

@@ -467,13 +467,13 @@ def _normalised(name: str, value: Any, source: str) -> Any:
             raise wrong
         texts = [os.fspath(v) if isinstance(v, os.PathLike) else _text(v) for v in items]
         return texts if isinstance(value, list) else texts[0]
-    if f.type == "int | float" and value is not None:
+    if f.type == "int | float":
         try:
             return steps_or_fraction(value)
         except ValueError as error:
             raise UserError(f"{source}: {name} = {value!r}: {error}", name) from None
     kind = _NUMBERS.get(f.type)
-    if kind is None or value is None:
+    if kind is None:
         return value
     try:
         return [_number(kind, v) for v in value] if isinstance(value, (list, tuple)) else _number(kind, value)

@@ -23,6 +23,7 @@ import torch
 
 from ..compat import DYNAMO_TRACES_SLOWLY, native_bf16, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..console import progress_bar
+from ..dataset.config import DatasetGroupConfig
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
 from ..models.checkpoint import detect_architecture, load_checkpoint, open_tensors
@@ -42,7 +43,7 @@ from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
 from .control import control_command
-from .data import TrainingData, build_training_data, check_bucket_steps, dataset_group
+from .data import TrainingData, build_training_data, check_bucket_steps
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
@@ -74,9 +75,10 @@ def pick_device(name: str, world: World = World()) -> torch.device:
     return device
 
 
-def check_before_queueing(options: TrainOptions) -> None:
+def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> None:
     """What the trainer would refuse as it starts, found from headers alone, so that the job queue refuses it at
-    once: a GPU this machine lacks, a file that is not an SD checkpoint (a LoRA, a VAE), --v2 on an SD1 file."""
+    once: a GPU this machine lacks, a file that is not an SD checkpoint (a LoRA, a VAE), --v2 on an SD1 file, a bucket
+    step that model does not take. ``group``: the job's datasets (``dataset_group``), read once by the caller."""
     try:
         pick_device(options.device)
     except UserError as error:
@@ -88,7 +90,7 @@ def check_before_queueing(options: TrainOptions) -> None:
         except UserError as error:
             raise UserError(str(error), "pretrained_model_name_or_path") from None
         _check_model_matches_options(config, options)
-        check_bucket_steps(dataset_group(options), config)
+        check_bucket_steps(group, config)
     require_tensorboard(options.logging_dir)
     vae = Path(options.vae) if options.vae else None
     if vae is not None and vae.suffix.lower() == ".safetensors":

@@ -146,17 +146,22 @@ def preferred_weight(services, run: str) -> float:
     import json
 
     try:
-        path = library_of(services).resolve(run) if run and not Path(run).is_file() else Path(run) if run else None
+        path = _run_path(services, run)
         card = json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8-sig")) if path else {}
         return float(card.get("preferred weight") or 1.0)
     except (OSError, ValueError, TypeError, AttributeError, UserError):
         return 1.0
 
 
+def _run_path(services, run: str) -> Path | None:
+    """The picked run's file: a name in the Lora folder, or a path."""
+    return library_of(services).resolve(run) if run and not Path(run).is_file() else Path(run) if run else None
+
+
 def run_summary(services, run: str) -> str:
     """The run's files with their recorded losses, shown when a run is picked."""
     try:
-        path = library_of(services).resolve(run) if run and not Path(run).is_file() else Path(run) if run else None
+        path = _run_path(services, run)
         if path is None:
             return ""
         from ...grid.plan import epoch_losses

@@ -125,10 +125,11 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
     path = allowed_path(folder, services.settings.dataset_roots, "dataset folder")
     registry = tag_sessions.sessions_of(services)
     if state.session:
-        unsaved = len(tag_editor.unsaved_images(_session(services, state).editor))
+        editing = _session(services, state)
+        unsaved = len(tag_editor.unsaved_images(editing.editor))
         if unsaved and not state.discard_asked:
             return render(services, replace(state, discard_asked=True),
-                          f"⚠ {unsaved} caption edit(s) in {_session(services, state).folder} are not saved: Save them, "
+                          f"⚠ {unsaved} caption edit(s) in {editing.folder} are not saved: Save them, "
                           "or press Open again to drop them.")
         registry.close(state.session)
     reading = {"recursive": bool(recursive), "caption_extension": caption_extension or ".txt"}
