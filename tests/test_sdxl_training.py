@@ -93,6 +93,19 @@ def test_cached_text_encoder_outputs_train_what_encoding_every_step_trains(tiny_
     assert train(tiny_sdxl, dataset, tmp_path / "skip", "--network_train_unet_only",
                  "--cache_text_encoder_outputs_to_disk", "--clip_skip", "2") == 0
     assert npz[0].stat().st_mtime_ns == stamp
+    # another base model (a fine-tune of the text encoders): its captions are encoded again, never read from these
+    with safe_open(str(tiny_sdxl), "pt") as handle:
+        metadata = handle.metadata()
+    tuned = {k: v * 1.01 if k.startswith("conditioner.") and v.is_floating_point() else v
+             for k, v in load_file(str(tiny_sdxl)).items()}
+    other = save_safetensors(tuned, tmp_path / "fine-tune.safetensors", metadata)
+    before = np.load(npz[0])["hidden_state2"]
+    assert train(other, dataset, tmp_path / "other", "--network_train_unet_only",
+                 "--cache_text_encoder_outputs_to_disk") == 0
+    assert not np.allclose(np.load(npz[0])["hidden_state2"], before)
+    assert train(other, dataset, tmp_path / "other live", "--network_train_unet_only") == 0
+    other_cached, other_live = (load_file(str(tmp_path / name / "star.safetensors")) for name in ("other", "other live"))
+    assert all(torch.allclose(other_live[k].float(), other_cached[k].float(), atol=1e-3, rtol=1e-2) for k in other_live)
 
 
 def test_caching_refuses_what_would_make_captions_vary(tiny_sdxl, dataset, tmp_path, capsys):

@@ -390,6 +390,34 @@ def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_
     assert [path.stat().st_mtime_ns for path in own[1:]] == stamps[1:]
 
 
+def test_latents_cached_by_another_vae_encoder_are_encoded_again_and_a_decoder_only_vae_keeps_them(tmp_path):
+    """Switching to a checkpoint or --vae with another encoder must not train on the old latents (sd-scripts would:
+    it checks only their shape); a VAE whose decoder alone was tuned (as sd-vae-ft-mse is) makes the same latents."""
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:4]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    vae = {k.removeprefix("first_stage_model."): v for k, v in load_file(str(TINY_MODEL_PATH)).items()
+           if k.startswith("first_stage_model.")}
+    from lora_trainer.safe_io import save_safetensors
+
+    decoder_tuned = save_safetensors({k: v * 1.01 if k.startswith("decoder.") else v for k, v in vae.items()},
+                                     tmp_path / "decoder tuned.safetensors")
+    encoder_tuned = save_safetensors({k: v * 1.01 if k.startswith("encoder.") else v for k, v in vae.items()},
+                                     tmp_path / "encoder tuned.safetensors")
+    assert train(folder.parent, tmp_path / "first", "--cache_latents_to_disk") == 0
+    caches = sorted(folder.glob("*_sd.npz"))
+    stamps, latents = [c.stat().st_mtime_ns for c in caches], np.load(caches[0])["latents"]
+    assert train(folder.parent, tmp_path / "decoder", "--cache_latents_to_disk", "--vae", str(decoder_tuned)) == 0
+    assert [c.stat().st_mtime_ns for c in caches] == stamps
+    assert train(folder.parent, tmp_path / "encoder", "--cache_latents_to_disk", "--vae", str(encoder_tuned)) == 0
+    assert all(c.stat().st_mtime_ns != stamp for c, stamp in zip(caches, stamps))
+    assert not np.allclose(np.load(caches[0])["latents"], latents)
+    assert train(folder.parent, tmp_path / "in memory", "--cache_latents", "--vae", str(encoder_tuned)) == 0
+    assert same(lora(tmp_path / "encoder"), lora(tmp_path / "in memory"))
+
+
 def test_loader_threads_read_ahead_without_changing_what_is_trained(wide_dataset, tmp_path):
     """Without cached latents the next batches are read and augmented by threads: the same crops, colours and flips as
     reading them in the training loop, since each batch draws from its own seed."""

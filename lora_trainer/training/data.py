@@ -30,6 +30,7 @@ from ..dataset.layouts import (ImageEntry, caption_fallback_notes, config_from_f
                                dataset_images, face_in_name, list_images, regularization_repeats)
 from ..console import progress_bar
 from ..errors import UserError
+from ..hashing import weights_fingerprint
 from ..safe_io import ENABLE_LONG_PATHS, UNREADABLE_NPZ, save_npz, temporary_beside, windows_path_length
 from .evaluation import split_validation
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
@@ -258,17 +259,18 @@ class TrainingData:
         vae.to(device)
         todo = [r for r in (self.records if self.options.cache_latents else []) + self.validation if r.latents is None]
         todo.sort(key=lambda r: (r.bucket, str(r.path)))
+        encoder = weights_fingerprint(vae.encoder, vae.quant_conv) if self.options.cache_latents_to_disk and todo else ""
         done, bar = 0, progress_bar(len(todo), "image", "caching latents", leave=False)
         for group in _vae_batches(todo, self.options.vae_batch_size):
-            disk = [_read_npz(r, self.config_name, self._interpolation(r)) if self.options.cache_latents_to_disk else None
-                    for r in group]
+            disk = [_read_npz(r, self.config_name, self._interpolation(r), encoder)
+                    if self.options.cache_latents_to_disk else None for r in group]
             fresh = [r for r, cached in zip(group, disk) if cached is None]
             encoded = iter(self._encode_for_cache(fresh, vae, device, generator) if fresh else [])
             for record, cached in zip(group, disk):
                 if cached is None:
                     cached = next(encoded)
                     if self.options.cache_latents_to_disk:
-                        _write_npz(record, *cached, self.config_name)
+                        _write_npz(record, *cached, self.config_name, encoder)
                 record.latents, record.latents_flipped, record.mask = cached
             if (done + len(group)) // 50 > done // 50:
                 events.emit("step", phase="caching latents", done=done + len(group), total=len(todo))
@@ -421,10 +423,12 @@ def _flip(mask: torch.Tensor, flipped: bool) -> torch.Tensor:
     return mask.flip(-1) if flipped else mask
 
 
-def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None):
+def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None, encoder: str):
     """(latents, flipped latents, mask) from this model family's sd-scripts cache when it fits this run, else None.
-    Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs. A mask folder's
-    mask is not in it (sd-scripts reads those images each step): it is read from the folder."""
+    Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs; and not one
+    ours wrote with another VAE encoder (``encoder``: its weights' fingerprint; a checkpoint with another baked-in VAE,
+    or ``--vae``), which sd-scripts would train on unnoticed. A mask folder's mask is not in it (sd-scripts reads
+    those images each step): it is read from the folder."""
     path = npz_path(record, config_name)
     if not _cached_since(record.path, path):
         return None
@@ -433,9 +437,12 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None):
             latents = data.get("latents")
             flipped = data.get("latents_flipped")
             mask = data.get("alpha_mask")
+            made_by = data.get("vae_encoder")
     except UNREADABLE_NPZ:  # half-written by a crashed run of another tool: encode again
         return None
     if latents is None or tuple(latents.shape[1:]) != (record.bucket[1] // 8, record.bucket[0] // 8):
+        return None
+    if made_by is not None and str(made_by) != encoder:  # sd-scripts' files have no such entry: trusted as it does
         return None
     if (record.subset.flip_aug and flipped is None) or (record.subset.alpha_mask and mask is None):
         return None
@@ -446,9 +453,10 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None):
 
 
 def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None,
-               config_name: str) -> None:
+               config_name: str, encoder: str) -> None:
     arrays = {"latents": latents.numpy().astype(np.float32), "original_size": np.array(record.size, dtype=np.int64),
-              "crop_ltrb": np.array(B.crop_ltrb(record.bucket, record.size), dtype=np.float64)}
+              "crop_ltrb": np.array(B.crop_ltrb(record.bucket, record.size), dtype=np.float64),
+              "vae_encoder": np.array(encoder)}  # ours: sd-scripts reads only the entries it knows
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy().astype(np.float32)
     if mask is not None and record.subset.alpha_mask:  # a mask folder's stays in its folder, as in sd-scripts

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..console import progress_bar
+from ..hashing import weights_fingerprint
 from ..models.configs import ModelConfig
 from ..models.prompt import parse_prompt_attention
 from ..models.tokenizer import CLIPTokenizer
@@ -124,18 +125,21 @@ class TextEncoderCache:
     """Every caption encoded once before training (``--cache_text_encoder_outputs``): the UNet-only run then needs
     the text encoders no more. With ``--cache_text_encoder_outputs_to_disk`` each image gets sd-scripts'
     ``<image>_te_outputs.npz`` (``hidden_state1``, ``hidden_state2``, ``pool2`` for SDXL; ``hidden_state1`` for
-    one encoder), read back instead of encoding when its shapes fit and its caption is still the image's."""
+    one encoder), read back instead of encoding when its shapes fit, its caption is still the image's and it was
+    not made by other text encoders (sd-scripts would read a cache of another base model's)."""
 
     def __init__(self, config: ModelConfig):
         self.config = config
         self.encoding = CaptionEncoding()
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._made_by = ""  # the text encoders' weights_fingerprint
 
     def fill(self, text_encoders, captions_by_image: dict, tokenizer: CLIPTokenizer, encoding: CaptionEncoding,
              to_disk: bool, batch_size: int = 16) -> None:
         if encoding != self.encoding:
             self._outputs.clear()
         self.encoding = encoding
+        self._made_by = weights_fingerprint(*text_encoders) if to_disk else ""
         todo: dict[str, list] = {}
         for image, caption in captions_by_image.items():
             if caption in self._outputs:
@@ -181,6 +185,7 @@ class TextEncoderCache:
             arrays[f"pool{len(self._widths())}"] = pooled.numpy()
         arrays["caption"] = np.array(caption)  # ours (sd-scripts ignores these): an edited caption is encoded again,
         arrays["encoding"] = np.array(repr(self.encoding))  # and so is one cached with another clip skip or weighting
+        arrays["text_encoders"] = np.array(self._made_by)  # or by other text encoders (another base model)
         save_npz(te_outputs_path(image), arrays)
 
     def _read(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -196,6 +201,8 @@ class TextEncoderCache:
                 if "caption" in npz and str(npz["caption"]) != caption:
                     return None
                 if "encoding" in npz and str(npz["encoding"]) != repr(self.encoding):
+                    return None
+                if "text_encoders" in npz and str(npz["text_encoders"]) != self._made_by:
                     return None
                 parts = [torch.from_numpy(npz[f"hidden_state{i + 1}"]).float() for i in range(len(self._widths()))]
                 pool_key = f"pool{len(self._widths())}"
