@@ -42,7 +42,7 @@ def test_runs_are_listed_and_an_epoch_by_strength_grid_goes_through_the_host(ser
                        "zkstar <lora:tinylora:0.5>", "zkstar <lora:tinylora:1>"]
     assert {settings.seed for settings, _ in fake_host.generated} == {5}
     assert len(cells) == 6 and "Grid saved" in status
-    assert losses[0][0] == "tinylora-000001" and losses[0][3] == "★ recommended"
+    assert losses.values.tolist()[0][0] == "tinylora-000001" and losses.values.tolist()[0][3] == "★ recommended"
     assert epochs["value"].endswith("tinylora-000001.safetensors") and len(epochs["choices"]) == 2
 
 

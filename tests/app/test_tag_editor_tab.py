@@ -24,7 +24,7 @@ def test_open_shows_one_page_with_thumbnails_and_tag_counts(services, opened):
     assert state.session and len(gallery) == 48
     thumbnail, label = gallery[0]
     assert thumbnail.startswith(str(services.settings.data_folder / "thumbnails")) and label.startswith("#1 img_000.png: zkchar")
-    assert view[VIEW["frequency"]][0] == ["zkchar", 60]
+    assert view[VIEW["frequency"]].values.tolist()[0] == ["zkchar", 60]
     assert "Page 1 of 2" in view[VIEW["page_info"]]
     assert len(tab.go_to_page(services, state, 2)[VIEW["gallery"]]) == 12
 
@@ -49,10 +49,10 @@ def test_filter_batch_replace_undo_and_save_write_the_caption_files(services, op
     view = tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, True, 0)
     assert "30 image(s) changed" in view[VIEW["status"]]
     view = tab.batch_edit(services, state, "filtered", "Replace text", "", "red", "crimson", False, False, False, 0)
-    assert view[VIEW["history"]][-1] == [2, "Replace text 'red' with 'crimson'", "done", 30]
+    assert view[VIEW["history"]].values.tolist()[-1] == [2, "Replace text 'red' with 'crimson'", "done", 30]
     assert "of 0 shown" not in view[VIEW["page_info"]] and "No image matches" in view[VIEW["page_info"]]
     view = tab.undo(services, state)
-    assert view[VIEW["history"]][-1][2] == "undone" and "of 30 shown" in view[VIEW["page_info"]]
+    assert view[VIEW["history"]].values.tolist()[-1][2] == "undone" and "of 30 shown" in view[VIEW["page_info"]]
     view = tab.save(services, state, False)
     assert "Saved 30 caption file(s)" in view[VIEW["status"]]
     captions = folder / "10_zkchar"
@@ -87,7 +87,7 @@ def test_selection_by_click_and_range_then_edit_only_those(services, opened):
     state = tab.select_range(services, state, 4, 5)[VIEW["state"]]
     assert state.selection == ("10_zkchar/img_002.png", "10_zkchar/img_003.png", "10_zkchar/img_004.png")
     view = tab.batch_edit(services, state, "selected", "Remove tags", "zkchar", "", "", False, False, False, 0)
-    assert "3 image(s) changed" in view[VIEW["status"]] and view[VIEW["frequency"]][0] == ["zkchar", 57]
+    assert "3 image(s) changed" in view[VIEW["status"]] and view[VIEW["frequency"]].values.tolist()[0] == ["zkchar", 57]
     view = tab.set_caption(services, replace(state, current="10_zkchar/img_010.png"), "new, caption")
     assert "#11 img_010.png: new, caption" in [label.lstrip("☑* ") for _, label in view[VIEW["gallery"]]]
 

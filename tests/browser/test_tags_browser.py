@@ -66,6 +66,8 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
     expect(gallery.locator("img")).to_have_count(PAGE_SIZE)
     expect(gallery.locator("img").first).to_have_attribute("alt", "#1 img_000.png: 1girl, red_hair, smile")
     assert _thumbnails(app_folders["data"]) - thumbnails_before == PAGE_SIZE  # only the page shown was made
+    # no step yet: the empty History keeps its column names (gradio 3 headed an empty update "1 2 3 4")
+    expect(page.get_by_role("table", name="History").locator("thead")).to_contain_text("step")
     screenshot("opened")
     for width in (1280, 1400, 1600):  # every thumbnail column fits the gallery's box, at common window widths
         page.set_viewport_size({"width": width, "height": 1000})

@@ -7,7 +7,9 @@ whose spelling changed go through the functions here. What changed in behaviour,
   event at a time and asked for the inputs when it started), so a handler that runs every second must not write
   back a value it read: ``train_tab.poll`` sets the Job and Saved files boxes only when their value changes;
 - gradio 4 warns about, and its page shows as empty, a Dropdown value outside the choices unless
-  ``allow_custom_value``: every Dropdown a handler or an import may fill with another value allows it.
+  ``allow_custom_value``: every Dropdown a handler or an import may fill with another value allows it;
+- gradio 3 heads a Dataframe updated with an empty list of rows "1 2 3 …" instead of its headers: handlers return
+  ``table(rows, columns)``.
 """
 
 from __future__ import annotations
@@ -27,3 +29,10 @@ def poll_kwarg(seconds: float) -> dict[str, float]:
     """``every=`` re-runs a ``load`` handler in gradio 3 and 4 alike (4.40 runs it on a hidden ``gr.Timer``, which
     does not exist in 3)."""
     return {"every": seconds}
+
+
+def table(rows: list[list], columns: list[str]):
+    """A Dataframe's value that keeps its column names when there are no rows (a DataFrame: gradio's own dependency)."""
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=columns)

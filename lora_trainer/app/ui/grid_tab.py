@@ -14,7 +14,9 @@ from ...grid.axes import run_files
 from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_on_base_model, promote, run_grid
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
+from .compat import table
 
+LOSS_COLUMNS = ["epoch file", "training loss", "validation loss", "best epoch"]
 _stop = threading.Event()  # the tab's Interrupt; hosts with their own (the WebUI's) are asked too
 
 
@@ -76,9 +78,9 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
         result = run_grid(services.host, plan, services.settings.grids_folder, report, _stop.is_set)
     except UserError as error:
-        return None, [], [], gr.update(), f"⚠ {error}"
-    losses = [[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
-              for path, loss in plan.epoch_losses.items()]
+        return None, [], table([], LOSS_COLUMNS), gr.update(), f"⚠ {error}"
+    losses = table([[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
+                    for path, loss in plan.epoch_losses.items()], LOSS_COLUMNS)
     epochs = [str(p) for p in plan.files]
     if result.path is None:
         note = ("Interrupted before the first cell finished: nothing was saved." if result.stopped else
@@ -216,7 +218,7 @@ def build(services):
         status = gr.Markdown(elem_id="lora_trainer_grid_status")
         grid_image = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="lora_trainer_grid_image")
         cells = gr.Gallery(label="Cells", columns=6, height=360, elem_id="lora_trainer_grid_cells")
-        losses = gr.Dataframe(headers=["epoch file", "training loss", "validation loss", "best epoch"], interactive=False,
+        losses = gr.Dataframe(headers=LOSS_COLUMNS, interactive=False,
                               label="Losses the trainer recorded")
         with gr.Row():
             epoch = gr.Dropdown([], label="Promote this file", scale=3)

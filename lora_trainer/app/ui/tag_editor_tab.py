@@ -20,6 +20,7 @@ from ...errors import UserError
 from .. import tag_sessions
 from ..paths import allowed_path
 from . import tag_view
+from .compat import table
 from .train_tab import TITLE as TRAIN_TAB_TITLE
 
 THUMBNAIL_SIZE = 192
@@ -29,6 +30,8 @@ OPERATIONS = {  # label → tag_sessions op
     "Lowercase": "lowercase", "Underscores to spaces": "underscores_to_spaces", "Spaces to underscores": "spaces_to_underscores",
 }
 OUTPUTS = ("state", "gallery", "page_info", "frequency", "history", "status")
+FREQUENCY_COLUMNS = ["tag", "images"]
+HISTORY_COLUMNS = ["#", "step", "state", "images"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def _session(services, state: TabState):
 def render(services, state: TabState, status: str = "") -> tuple:
     """Every output for ``state``: gallery items of the current page, page text, frequency rows, history rows."""
     if not state.session:
-        return state, [], "No folder open.", [], [], status
+        return state, [], "No folder open.", table([], FREQUENCY_COLUMNS), table([], HISTORY_COLUMNS), status
     session = _session(services, state)
     editor, tag_filter = session.editor, session.tag_filter
     filtered = tag_editor.select(editor, tag_filter)
@@ -100,7 +103,8 @@ def render(services, state: TabState, status: str = "") -> tuple:
         items.append((str(thumbnail(image, cache)), label))
     frequency = tag_view.frequency_rows(tag_editor.tag_counts(editor, filtered), state.tag_query)
     info = tag_view.page_text(page, len(state.selection), len(unsaved))
-    return state, items, info, frequency, tag_view.history_rows(editor), status
+    return (state, items, info, table(frequency, FREQUENCY_COLUMNS), table(tag_view.history_rows(editor), HISTORY_COLUMNS),
+            status)
 
 
 def _guarded(handler):
@@ -422,7 +426,7 @@ def build(services):
                     set_caption_button = gr.Button("Set caption", scale=1)
             with gr.Column(scale=2):
                 tag_search = gr.Textbox(label="Search tags")
-                frequency = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"], interactive=False,
+                frequency = gr.Dataframe(headers=FREQUENCY_COLUMNS, datatype=["str", "number"], interactive=False,
                                          label="Tags (click one to filter by it)", elem_id="lora_trainer_tags_frequency")
                 with gr.Group():
                     scope = gr.Radio(["filtered", "selected"], value="filtered", label="Apply to")
@@ -441,7 +445,7 @@ def build(services):
                 with gr.Row():
                     undo_button = gr.Button("Undo", elem_id="lora_trainer_tags_undo")
                     redo_button = gr.Button("Redo", elem_id="lora_trainer_tags_redo")
-                history = gr.Dataframe(headers=["#", "step", "state", "images"], interactive=False, label="History")
+                history = gr.Dataframe(headers=HISTORY_COLUMNS, interactive=False, label="History")
                 with gr.Row():
                     overwrite = gr.Checkbox(label="Overwrite captions changed on disk")
                     save_button = gr.Button("Save", variant="primary", elem_id="lora_trainer_tags_save")

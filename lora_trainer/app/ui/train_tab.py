@@ -28,7 +28,7 @@ from ..extras import EXTRAS, install_extras
 from ..form import ALGORITHMS, form_to_options, parse_extra_options
 from ..paths import allowed_path, plain_name
 from ..services import Services, write_card_hints
-from .compat import js_kwarg, poll_kwarg
+from .compat import js_kwarg, poll_kwarg, table
 from .live import NOTIFY_STATUSES, LiveView, apply_event, loss_plot, progress_text
 
 TITLE = "Train LoRA"
@@ -277,9 +277,7 @@ def job_rows(services: Services) -> list[list[Any]]:
 
 
 def job_table(services: Services):
-    import pandas as pd  # gradio's own dependency; a DataFrame keeps the column names when the rows are empty
-
-    return pd.DataFrame(job_rows(services), columns=JOB_COLUMNS)
+    return table(job_rows(services), JOB_COLUMNS)
 
 
 def progress_html(view: LiveView) -> str:
