@@ -45,10 +45,12 @@ def _on_disk(captions: dict[Path, str]) -> dict[Path, str]:
     return {path: path.read_text(encoding="utf-8") for path in captions}
 
 
-# thumbnails reaching past the right edge of the gallery's box (cut off, or hidden behind a sideways scroll)
-_CUT_THUMBNAILS = """() => { const box = document.querySelector('#lora_trainer_tags_gallery').getBoundingClientRect();
-    return [...document.querySelectorAll('#lora_trainer_tags_gallery img')]
-        .filter(image => image.getBoundingClientRect().right > box.right + 1).length; }"""
+# [thumbnails reaching past the right edge of the gallery's box (cut off, or hidden behind a sideways scroll),
+#  thumbnails in the first row]
+_THUMBNAIL_FIT = """() => { const box = document.querySelector('#lora_trainer_tags_gallery').getBoundingClientRect();
+    const images = [...document.querySelectorAll('#lora_trainer_tags_gallery img')].map(i => i.getBoundingClientRect());
+    return [images.filter(r => r.right > box.right + 1).length,
+            images.filter(r => Math.abs(r.top - images[0].top) < 1).length]; }"""
 
 
 def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screenshot, open_tab):
@@ -69,10 +71,11 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
     # no step yet: the empty History keeps its column names (gradio 3 headed an empty update "1 2 3 4")
     expect(page.get_by_role("table", name="History").locator("thead")).to_contain_text("step")
     screenshot("opened")
-    for width in (1280, 1400, 1600):  # every thumbnail column fits the gallery's box, at common window widths
+    for width in (1024, 1280, 1400, 1600, 1920):  # a grid of thumbnails that fits the gallery's box at common widths
         page.set_viewport_size({"width": width, "height": 1000})
         page.wait_for_timeout(300)
-        assert page.evaluate(_CUT_THUMBNAILS) == 0, width
+        cut, first_row = page.evaluate(_THUMBNAIL_FIT)
+        assert cut == 0 and 5 <= first_row <= 16, (width, cut, first_row)
 
     page.locator("#lora_trainer_tags_frequency").get_by_role("cell", name="smile", exact=True).click()
     expect(page.locator("#lora_trainer_tags_all_of textarea")).to_have_value("smile", timeout=WAIT_MS)

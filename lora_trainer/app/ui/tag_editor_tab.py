@@ -408,7 +408,7 @@ def build(services):
                     filter_button = gr.Button("Filter", elem_id="lora_trainer_tags_filter")
                 page_info = gr.Markdown(elem_id="lora_trainer_tags_page_info")
                 # per screen width (phone … 1536 px and up): 8 columns at 1280 px overflowed the half of the page it gets
-                gallery = gr.Gallery(label="Images", columns=(3, 4, 4, 5, 6, 8), height=520, allow_preview=False,
+                gallery = gr.Gallery(label="Images", columns=6, height=520, allow_preview=False,  # style.css: as many as fit
                                      elem_id="lora_trainer_tags_gallery")
                 with gr.Row():
                     previous_page = gr.Button("◀ Previous")
