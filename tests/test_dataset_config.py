@@ -100,6 +100,14 @@ def test_caption_extension_defaults_to_sd_scripts_dot_caption(tmp_path):
     assert group.datasets[0].subsets[0].caption_extension == ".caption"
 
 
+def test_an_image_extension_as_caption_extension_names_the_file_and_the_table(tmp_path):
+    """sd-scripts would read each image as its own caption and stop at its first undecodable byte."""
+    path = one_subset(tmp_path, 'image_dir = "a"\ncaption_extension = "png"')
+    message = error_of(path)
+    assert str(path) in message and "[[datasets.subsets]] #1 of [[datasets]] #1" in message
+    assert "caption_extension '.png' is an image extension: give the captions' own, such as .txt" in message
+
+
 def test_subset_caption_options_are_what_the_caption_processor_takes(tmp_path):
     path = one_subset(tmp_path, 'image_dir = "a"\nshuffle_caption = true\nkeep_tokens_separator = "|||"')
     options = load_dataset_config(path).datasets[0].subsets[0].caption_options

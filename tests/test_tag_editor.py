@@ -21,6 +21,7 @@ from lora_trainer.dataset.tag_editor import (
     caption_of,
     edit_caption,
     make_edit,
+    multiline_note,
     open_folder,
     redo,
     reload,
@@ -205,11 +206,28 @@ def test_a_non_utf8_caption_is_listed_and_left_alone_while_the_rest_opens(datase
     assert (dataset / "c.txt").read_bytes() == "红色, 圆".encode("gbk")
 
 
-def test_a_multiline_caption_is_flagged_because_training_reads_only_its_first_line(dataset):
-    (dataset / "c.txt").write_text("red circle\nsecond line tag", encoding="utf-8")
+def test_a_multiline_caption_shows_and_edits_the_first_line_training_reads_and_keeps_the_others(dataset):
+    """sd-scripts trains on the first line (each line is an alternative with --enable_wildcard): merging the lines into
+    one on save would start training the others."""
+    (dataset / "c.txt").write_text("red circle\nsecond line tag, not trained\n", encoding="utf-8")
     editor = open_folder(dataset)
     assert names(editor.multiline) == ["c.webp"]
-    assert editor.tags[dataset / "c.webp"] == ("red circle", "second line tag")
+    assert editor.tags[dataset / "c.webp"] == ("red circle",)
+    assert "1 caption has lines after the first (c.webp): training reads only the first" in multiline_note(editor)
+    saved, _ = save(apply_edit(editor, AddTags(("zkstar",), position=0)))
+    assert (dataset / "c.txt").read_text(encoding="utf-8") == "zkstar, red circle\nsecond line tag, not trained\n"
+    assert (dataset / "a.txt").read_text(encoding="utf-8") == "zkstar, yellow star, blue_background"
+    assert multiline_note(open_folder(dataset / "..")) is None
+
+
+def test_an_image_extension_is_refused_as_the_caption_extension(dataset):
+    """Saving would write text into the images sharing a stem (a.png's caption a.png)."""
+    for extension in (".png", "JPG", ".webp"):
+        with pytest.raises(UserError, match="is an image extension: give the captions' own"):
+            open_folder(dataset, caption_extension=extension)
+    with pytest.raises(UserError, match="'../x' is not a file extension"):
+        open_folder(dataset, caption_extension="../x")
+    assert open_folder(dataset, caption_extension="caption").caption_extension == ".caption"
 
 
 def test_split_tags_treats_commas_and_line_breaks_alike():

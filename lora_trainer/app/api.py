@@ -695,7 +695,8 @@ def create_router(services: Services) -> APIRouter:
         folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
         session = sessions.open(folder, recursive=flag(body, "recursive", False),
                                 caption_extension=text(body, "caption_extension", ".txt"))
-        note = tag_editor.empty_folder_note(session.editor)
+        note = " ".join(f"{n[0].upper()}{n[1:]}." for n in (tag_editor.empty_folder_note(session.editor),
+                                                             tag_editor.multiline_note(session.editor)) if n)
         return JSONResponse({**tag_sessions.page_of(session), **({"note": note} if note else {})}, 201)
 
     @router.get("/datasets/{session_id}", summary="A page of a tag-editor session")

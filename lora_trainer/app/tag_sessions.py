@@ -69,7 +69,9 @@ class TagSession:
 
 
 class TagSessions:
-    """Open sessions by id, the least recently used dropped beyond ``limit``. Thread-safe."""
+    """Open sessions by id, the least recently used without unsaved edits dropped beyond ``limit`` (edits are never
+    dropped: the tab and API clients share the registry, and one client's opens must not throw away another's work).
+    Thread-safe."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT):
         self.limit = limit
@@ -82,8 +84,10 @@ class TagSessions:
         session = TagSession(secrets.token_urlsafe(12), editor)
         with self._lock:
             self._sessions[session.id] = session
-            while len(self._sessions) > self.limit:
-                self._sessions.popitem(last=False)
+            clean = [key for key, kept in self._sessions.items()
+                     if key != session.id and not tag_editor.unsaved_images(kept.editor)]
+            for key in clean[: max(0, len(self._sessions) - self.limit)]:
+                del self._sessions[key]
         return session
 
     def with_unsaved(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession | None:
@@ -235,6 +239,7 @@ def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> d
         "filtered_tag_frequency": [[tag, count] for tag, count in tag_editor.tag_counts(editor, filtered)],
         "unsaved": len(unsaved),
         "unreadable": {image_name(editor, image): reason for image, reason in editor.unreadable.items()},
+        "multiline": [image_name(editor, image) for image in editor.multiline],
         "history": history(editor),
     }
 

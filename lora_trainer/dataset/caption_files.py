@@ -81,6 +81,21 @@ def caption_path_for(image: Path, extension: str = ".txt") -> Path:
     return image.with_name(image.stem + extension)
 
 
+# extensions of image files, sd-scripts' and others': never a caption's (saving would write text into an image)
+_IMAGE_LIKE = frozenset((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".avif", ".jxl", ".tif", ".tiff"))
+
+
+def checked_caption_extension(extension: str, name: str = "caption extension") -> str:
+    """``extension`` with its dot, or why no caption can have it: an image's extension (the tag editor would write
+    text into the images sharing a stem, the trainer read an image as a caption) or not an extension at all."""
+    extension = extension if extension.startswith(".") else "." + extension
+    if extension.lower() in _IMAGE_LIKE:
+        raise UserError(f"{name} {extension!r} is an image extension: give the captions' own, such as .txt or .caption")
+    if extension == "." or any(mark in extension for mark in ("/", "\\", ":")) or extension.strip() != extension:
+        raise UserError(f"{name} {extension!r} is not a file extension: give one such as .txt or .caption")
+    return extension
+
+
 def _stamp(data: bytes, stat: os.stat_result) -> CaptionStamp:
     return CaptionStamp(True, len(data), stat.st_mtime_ns, hashlib.blake2b(data, digest_size=16).digest())
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import toml
 
 from lora_trainer.dataset.buckets import BucketSettings, adjusted_bucket_range
+from lora_trainer.dataset.caption_files import checked_caption_extension
 from lora_trainer.dataset.captions import CaptionOptions
 from lora_trainer.errors import UserError
 from lora_trainer.safe_io import read_utf8
@@ -366,9 +367,16 @@ def _check_dataset_values(source: str, table: str, dataset: DatasetConfig) -> Da
             closest = difflib.get_close_matches(interpolation, RESIZE_INTERPOLATIONS, n=1)
             hint = f"did you mean {closest[0]}?" if closest else f"use one of {', '.join(RESIZE_INTERPOLATIONS)}."
             raise UserError(f"{source}: resize_interpolation {interpolation!r} in {table} is not a resize filter; {hint}")
-    for subset in dataset.subsets:
+    for number, subset in enumerate(dataset.subsets, 1):
         if subset.face_crop_aug_range is not None and subset.face_crop_aug_range[0] > subset.face_crop_aug_range[1]:
             raise UserError(f"{source}: face_crop_aug_range in {table} must be [low, high] with low <= high.")
+        if subset.caption_extension:
+            command_line = source.startswith("--")  # folders named on the command line: said in its options
+            try:
+                checked_caption_extension(subset.caption_extension, "--caption_extension" if command_line else "caption_extension")
+            except UserError as error:
+                where = f"{source}: {error}" if command_line else f"{source}: [[datasets.subsets]] #{number} of {table}: {error}"
+                raise UserError(where, "caption_extension") from None
     if dataset.resolution is None:
         sizes = "512 for SD1, 768 for SD2-768, 1024 for SDXL"
         if source.startswith("--"):  # folders named on the command line: there is no file to set it in

@@ -24,7 +24,7 @@ import numpy as np
 
 from lora_trainer.dataset.buckets import (BucketSettings, bucket_list, centre_crop_box, fixed_resolution_problem,
                                          select_bucket)
-from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, training_caption
+from lora_trainer.dataset.caption_files import caption_path_for, checked_caption_extension, load_caption_file, training_caption
 from lora_trainer.dataset.captions import tag_frequency
 from lora_trainer.dataset.images import ImageError, load_image
 from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates, list_images, parse_repeats_folder_name
@@ -353,7 +353,7 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
     bucket_settings = settings.buckets()
     bucket_list(bucket_settings)  # bucket options that contradict the resolution: one error, not one per image
     tokenizer = CLIPTokenizer.default()
-    caption_extension = settings.caption_extension if settings.caption_extension.startswith(".") else "." + settings.caption_extension
+    caption_extension = checked_caption_extension(settings.caption_extension)
 
     concept_folders: list[ConceptFolder] = []
     images: list[ImageCheck] = []

@@ -9,7 +9,9 @@ images it changed (their tags before and after) as one undo step; the history co
 changed, not to the size of the dataset, so it is unlimited.
 
 Two images with the same stem (``a.png`` and ``a.jpg``) share ``a.txt``, as they do in sd-scripts; an edit of one is
-applied to both, so what the editor shows is what training reads.
+applied to both, so what the editor shows is what training reads. For the same reason a caption's tags are its first
+line (sd-scripts trains on that line alone; with ``--enable_wildcard`` each line is an alternative): the lines after
+it are kept as they are and written back below the edited first line.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lora_trainer.dataset.caption_files import (
     NO_FILE,
     CaptionStamp,
     caption_path_for,
+    checked_caption_extension,
     read_image_captions,
     write_captions,
 )
@@ -313,7 +316,8 @@ class Step:
 @dataclass(frozen=True)
 class TagEditor:
     """A folder's images and tags in memory. ``tags`` is what the user sees, ``on_disk`` what the caption files held
-    when last read or saved; images whose caption could not be read are listed in ``unreadable`` and left alone."""
+    when last read or saved (their first lines); ``later_lines`` the text after the first line of a multi-line caption,
+    kept as it is; images whose caption could not be read are listed in ``unreadable`` and left alone."""
 
     folder: Path
     recursive: bool
@@ -324,13 +328,18 @@ class TagEditor:
     on_disk: Mapping[Path, Tags]
     stamps: Mapping[Path, CaptionStamp]
     siblings: Mapping[Path, tuple[Path, ...]]
-    multiline: tuple[Path, ...] = ()
+    later_lines: Mapping[Path, str] = field(default_factory=dict)
     unreadable: Mapping[Path, str] = field(default_factory=dict)
     undo_steps: tuple[Step, ...] = ()
     redo_steps: tuple[Step, ...] = ()
 
     def caption_path(self, image: Path) -> Path:
         return caption_path_for(image, self.caption_extension)
+
+    @property
+    def multiline(self) -> tuple[Path, ...]:
+        """Images whose caption has lines after the first, which training reads only with ``--enable_wildcard``."""
+        return tuple(image for image in self.images if image in self.later_lines)
 
     @property
     def can_undo(self) -> bool:
@@ -350,7 +359,7 @@ class _FolderScan:
     images: tuple[Path, ...]
     tags: dict[Path, Tags]
     stamps: dict[Path, CaptionStamp]
-    multiline: tuple[Path, ...]
+    later_lines: dict[Path, str]
     unreadable: dict[Path, str]
 
 
@@ -389,10 +398,13 @@ def empty_folder_note(editor: TagEditor) -> str | None:
 def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
     images = find_images(folder, recursive)
     captions = read_image_captions(images, caption_extension)
-    tags = {image: split_tags(text) for image, text in captions.texts.items()}
-    # sd-scripts trains on the first line only
-    multiline = tuple(image for image, text in captions.texts.items() if "\n" in text.strip())
-    return _FolderScan(tuple(images), tags, captions.stamps, multiline, captions.unreadable)
+    tags, later_lines = {}, {}
+    for image, text in captions.texts.items():
+        first, _, later = text.partition("\n")  # sd-scripts trains on the first line only
+        tags[image] = split_tags(first)
+        if later.strip():
+            later_lines[image] = later
+    return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable)
 
 
 def _siblings(images: Iterable[Path]) -> dict[Path, tuple[Path, ...]]:
@@ -416,8 +428,7 @@ def open_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder.")
-    if not caption_extension.startswith("."):
-        caption_extension = "." + caption_extension
+    caption_extension = checked_caption_extension(caption_extension)
     scan = _scan(folder, recursive, caption_extension)
     return TagEditor(
         folder=folder,
@@ -429,7 +440,7 @@ def open_folder(
         on_disk=_frozen(scan.tags),
         stamps=_frozen(scan.stamps),
         siblings=_frozen(_siblings(scan.images)),
-        multiline=scan.multiline,
+        later_lines=_frozen(scan.later_lines),
         unreadable=_frozen(scan.unreadable),
     )
 
@@ -440,6 +451,21 @@ def open_folder(
 
 def caption_of(editor: TagEditor, image: Path) -> str:
     return join_tags(editor.tags.get(image, ()))
+
+
+def caption_text(editor: TagEditor, image: Path) -> str:
+    """The caption file's text for the image's tags: the first line, then the lines after it as they were read."""
+    later = editor.later_lines.get(image)
+    return caption_of(editor, image) + (f"\n{later}" if later else "")
+
+
+def multiline_note(editor: TagEditor) -> str | None:
+    if not editor.multiline:
+        return None
+    count = len(editor.multiline)
+    return (f"{count} caption{'s have' if count > 1 else ' has'} lines after the first "
+            f"({', '.join(path.name for path in editor.multiline[:3])}{', …' if count > 3 else ''}): training reads only "
+            "the first (each line is an alternative with --enable_wildcard); the editor edits that line and keeps the others")
 
 
 def tag_counts(editor: TagEditor, images: Iterable[Path] | None = None) -> list[tuple[str, int]]:
@@ -577,7 +603,7 @@ def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
     folder under ``editor.backup_dir``. If another program changed any of them since they were read, nothing is
     written and the ``UserError`` lists them: ``reload`` first."""
     changed = unsaved_images(editor)
-    texts = {editor.caption_path(image): join_tags(editor.tags[image]) for image in changed}
+    texts = {editor.caption_path(image): caption_text(editor, image) for image in changed}
     result = write_captions(texts, editor.backup_dir, {path: editor.stamps.get(path, NO_FILE) for path in texts})
     saved = editor.on_disk | {image: editor.tags[image] for image in changed}
     stamps = editor.stamps | dict(result.written)
@@ -627,7 +653,7 @@ def reload(editor: TagEditor) -> tuple[TagEditor, ReloadReport]:
         on_disk=_frozen(scan.tags),
         stamps=_frozen(scan.stamps),
         siblings=_frozen(_siblings(scan.images)),
-        multiline=scan.multiline,
+        later_lines=_frozen(scan.later_lines),
         unreadable=_frozen(scan.unreadable),
     )
     # the other program's versions arrive as an undoable step, so undo never silently mixes two histories

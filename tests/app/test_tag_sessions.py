@@ -92,6 +92,20 @@ def test_registry_is_lru_limited_and_says_when_a_session_is_gone(folder):
         registry.get(first.id)
 
 
+def test_a_session_with_unsaved_edits_is_never_dropped_for_newer_ones(folder):
+    """The tab and API clients share the registry: opening folders elsewhere must not throw away someone's edits."""
+    registry = TagSessions(limit=2)
+    editing = registry.open(folder)
+    tag_sessions.apply_request(editing, {"op": "add", "tags": ["solo"], "selection": "all"})
+    opened = [registry.open(folder) for _ in range(5)]
+    assert registry.get(editing.id) is editing and len(registry.ids()) == 2
+    assert opened[-1].id in registry.ids()
+    tag_sessions.save_session(editing)  # saved: a clean session again, dropped like any other once the oldest
+    registry.open(folder), registry.open(folder)
+    with pytest.raises(SessionNotFound):
+        registry.get(editing.id)
+
+
 def test_services_share_one_registry(services):
     assert tag_sessions.sessions_of(services) is tag_sessions.sessions_of(services)
 

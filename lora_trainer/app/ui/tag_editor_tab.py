@@ -148,6 +148,8 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
         note += f" {empty[0].upper()}{empty[1:]} (tick 'Sub-folders too')."
     if editor.unreadable:
         note += f" {len(editor.unreadable)} caption file(s) could not be read and are left alone."
+    if multiline := tag_editor.multiline_note(editor):
+        note += f" {multiline}."
     return render(services, TabState(session=session.id), note)
 
 
