@@ -100,6 +100,11 @@ def test_transparent_pixels_become_white_not_black():
     assert prepare_image(transparent, INPUT_SIZE).min() == 255.0
 
 
+def test_a_16_bit_grey_image_is_tagged_as_the_grey_training_sees_not_as_white():
+    grey = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))  # mid-grey in 16 bits (Pillow mode I;16)
+    assert prepare_image(grey, 16).mean() == 128.0
+
+
 def test_selection_drops_ratings_applies_both_thresholds_exclusions_and_keeps_kaomoji():
     probabilities = expected_probabilities((0.0, 0.0, 1.0))  # pure red: ratings 1.0, hatsune_miku 0.8
     assert select_tags(probabilities, LABELS, TagSelection()) == {"red hair": 1.0, "^_^": pytest.approx(0.9)}

@@ -145,6 +145,10 @@ def images_named(editor: TagEditor, names: Iterable[str], field: str = "selectio
     if unknown:
         shown = ", ".join(repr(name) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
         raise UserError(f"{field}: {shown} is not an image of {editor.folder}; use the names the page lists.", field)
+    unreadable = [image for image in chosen if image in editor.unreadable]
+    if unreadable:  # left alone by every edit: say so rather than answer as if the edit were made
+        raise UserError(f"{field}: the caption of {image_name(editor, unreadable[0])} cannot be edited: "
+                        f"{editor.unreadable[unreadable[0]]}", field)
     return chosen
 
 
@@ -154,7 +158,7 @@ def _tags(value, field_name: str) -> Tags:
     if isinstance(value, str):
         return tag_editor.split_tags(value)
     if isinstance(value, (list, tuple)) and all(isinstance(tag, str) for tag in value):
-        return tuple(tag.strip() for tag in value if tag.strip())
+        return tuple(tag for text in value for tag in tag_editor.split_tags(text))  # a comma in a caption parts tags
     raise UserError(f"{field_name}: give tags as a list of strings or one comma-separated string.", field_name)
 
 

@@ -365,7 +365,7 @@ class _FolderScan:
 
 def find_images(folder: Path, recursive: bool = False) -> list[Path]:
     """The images sd-scripts would train on in ``folder`` (and its sub-folders, hidden ones skipped, when
-    ``recursive``), sorted by folder, then name."""
+    ``recursive``), sorted by folder, then name; not hidden files (macOS's ``._name.jpg``: its glob skips them)."""
     found: list[tuple[str, str, str]] = []  # (folder, name, path) as strings: sorted before any Path is built
     pending = [str(folder)]
     while pending:
@@ -376,7 +376,7 @@ def find_images(folder: Path, recursive: bool = False) -> list[Path]:
                     # hidden folders hold our own backups (and .git and the like), never training images
                     if recursive and not entry.name.startswith("."):
                         pending.append(entry.path)
-                elif is_training_image(entry.name) and entry.is_file():
+                elif is_training_image(entry.name) and not entry.name.startswith(".") and entry.is_file():
                     found.append((current, entry.name, entry.path))
     return [Path(path) for _, _, path in sorted(found)]
 

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Literal, Mapping, Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from lora_trainer.dataset.images import to_rgb
 from lora_trainer.dataset.caption_files import CaptionStamp, caption_path_for, read_image_captions, write_captions
 from lora_trainer.dataset.tag_editor import (
     DEFAULT_BACKUP_FOLDER,
@@ -97,13 +98,9 @@ def read_labels(csv_path: Path) -> list[Label]:
 
 
 def prepare_image(image: Image.Image, size: int) -> np.ndarray:
-    """One image as the WD14 model wants it: (size, size, 3) float32, BGR, 0–255, padded square on white."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    else:
-        image = image.convert("RGB")
+    """One image as the WD14 model wants it: (size, size, 3) float32, BGR, 0–255, padded square on white (16-bit
+    images scaled to 8 bits as training reads them: Pillow's own conversion clips them to white)."""
+    image = to_rgb(image)
     side = max(image.size)
     square = Image.new("RGB", (side, side), (255, 255, 255))
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))

@@ -55,6 +55,21 @@ def test_api_edit_names_map_to_core_edits_and_undo_redo(folder):
         tag_sessions.apply_request(session, {"op": "dedupe", "selection": ["../secret.png"]})
 
 
+def test_a_tag_holding_a_comma_is_two_tags_and_an_unreadable_caption_is_named_not_skipped(folder):
+    """A caption file separates tags by commas: "zkchar, solo" saved as one tag would read back as two (and the image
+    would stay unsaved for ever). An edit of an image whose caption could not be read says so."""
+    (folder / "img_005.txt").write_bytes("红色".encode("gbk"))
+    (folder / "._img_000.png").write_bytes(b"macOS resource fork")  # hidden: neither listed nor given a caption
+    session = TagSessions().open(folder)
+    assert "._img_000.png" not in [image.name for image in session.editor.images]
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo, smile"], "selection": ["img_000.png"]})
+    assert session.editor.tags[folder / "img_000.png"][-2:] == ("solo", "smile")
+    tag_sessions.save_session(session)
+    assert tag_sessions.TagSessions().open(folder).editor.tags[folder / "img_000.png"][-2:] == ("solo", "smile")
+    with pytest.raises(UserError, match="the caption of img_005.png cannot be edited: Caption file .*img_005.txt is not UTF-8"):
+        tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": ["img_005.png"]})
+
+
 def test_edit_on_filtered_selection_uses_the_sessions_filter(folder):
     session = TagSessions().open(folder)
     tag_sessions.set_filter(session, tag_sessions.filter_from({"all": ["blue"]}))
