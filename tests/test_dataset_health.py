@@ -95,16 +95,33 @@ def test_bucket_options_that_contradict_the_resolution_are_one_error_not_one_per
     assert not report.errors
 
 
+def test_images_the_trainer_skips_are_reported_and_a_wrong_caption_extension_is_named(tmp_path):
+    """What the trainer warns about, the report says before: images in sub-folders of an image folder and an image
+    extension in mixed case (both never read); captions under the other usual extension point at the option."""
+    folder = tmp_path / "10_zk"
+    caption(make_image(folder / "a.png", (512, 512), 1), "zk, a")
+    make_image(folder / "outfit 1" / "b.png", (512, 512), 2)
+    make_image(folder / "Mixed.Jpg", (512, 512), 3)
+    report = check_dataset(tmp_path, HealthSettings(caption_extension=".caption"))
+    by_path = {(f.kind, f.path): f.message for f in report.findings}
+    assert "1 images in its sub-folders (outfit 1) are not trained" in by_path[("nested-images", "10_zk")]
+    assert "Mixed.Jpg skipped" in by_path[("unread-case", "10_zk")]
+    assert "its captions are .txt files: check with --caption-extension .txt" in by_path[("missing-caption", "10_zk/a.png")]
+
+
 def test_caption_problems_name_the_file_and_the_fix(tmp_path):
     folder = tmp_path / "10_sks dog"
     make_image(folder / "missing.png", (512, 512), 1)
-    caption(make_image(folder / "empty.png", (512, 512), 2), "  \n")
+    caption(make_image(folder / "empty.png", (512, 512), 2), "")
+    caption(make_image(folder / "blank.png", (512, 512), 5), "  \nsks dog, on the second line")
     make_image(folder / "gbk.png", (512, 512), 3).with_suffix(".txt").write_bytes("一只狗, 草地".encode("gbk"))
     caption(make_image(folder / "lines.png", (512, 512), 4), "sks dog, grass\nsecond line")
     report = check_dataset(tmp_path)
     by_path = {(f.kind, f.path): f.message for f in report.findings}
     assert "class tokens 'sks dog'" in by_path[("missing-caption", "10_sks dog/missing.png")]
+    # sd-scripts asserts on a file without lines; a blank first line is its (empty) caption: trained, not stopped
     assert "assertion" in by_path[("empty-caption", "10_sks dog/empty.txt")]
+    assert "empty first line" in by_path[("blank-first-line", "10_sks dog/blank.txt")]
     assert "UTF-8" in by_path[("caption-not-utf8", "10_sks dog/gbk.txt")]
     assert ("multi-line-caption", "10_sks dog/lines.txt") in by_path
     assert {f.kind for f in report.errors} == {"empty-caption", "caption-not-utf8"}

@@ -81,6 +81,35 @@ def test_images_directly_in_the_train_folder_are_explained(tmp_path):
         scan_dreambooth_folders(tmp_path)
 
 
+def test_a_concept_folder_given_as_train_folder_says_to_give_its_parent_and_hidden_folders_are_passed_over(tmp_path):
+    concept = tmp_path / "5_zkchar 女孩"
+    image(concept / "a.png")
+    with pytest.raises(UserError, match=r"5_zkchar 女孩 is itself a <repeats>_<name> folder \(5 repeats\): give the "
+                                        r"folder that holds it, --train_data_dir " + str(tmp_path).replace("\\", "\\\\")):
+        scan_dreambooth_folders(concept)
+    (tmp_path / ".caption-backups" / "2026-12-04_10-00-00").mkdir(parents=True)  # the tag editor's, never a subset
+    assert "caption-backups" not in " ".join(scan_dreambooth_folders(tmp_path).notes)
+
+
+def test_images_in_sub_folders_of_an_image_folder_are_said_not_to_train(tmp_path):
+    """sd-scripts reads an image folder's own files: outfits sorted into sub-folders would silently train nothing."""
+    folder = tmp_path / "10_zk"
+    for name in ("outfit 1/a.png", "outfit 1/b.png", "outfit 2/c.png", ".caption-backups/d.png"):
+        image(folder / name)
+    image(folder / "e.png")
+    notes = " ".join(dreambooth_images(only_subset(folder)).notes)
+    assert "3 images in its sub-folders (outfit 1, outfit 2) are not trained" in notes and "move them up into 10_zk" in notes
+
+
+def test_a_blank_first_line_is_said_to_train_an_empty_caption(tmp_path):
+    """sd-scripts trains on the first line, here empty (it stops only on a file without any line)."""
+    folder = tmp_path / "1_x"
+    image(folder / "a.png"), caption(folder / "a.txt", "\nzk, red star")
+    loaded = dreambooth_images(only_subset(folder))
+    assert loaded.images[0].caption == ""
+    assert any("the first line of a.txt is empty" in note for note in loaded.notes)
+
+
 def test_a_train_folder_with_only_badly_named_folders_lists_them(tmp_path):
     (tmp_path / "abc_dog").mkdir()
     with pytest.raises(UserError, match=r"no subfolder named <repeats>_<name>.*abc_dog"):

@@ -27,7 +27,8 @@ from lora_trainer.dataset.buckets import (BucketSettings, bucket_list, centre_cr
 from lora_trainer.dataset.caption_files import caption_path_for, checked_caption_extension, load_caption_file, training_caption
 from lora_trainer.dataset.captions import tag_frequency
 from lora_trainer.dataset.images import ImageError, load_image
-from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates, list_images, parse_repeats_folder_name
+from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, caption_candidates, images_in_unread_case, list_images,
+                                         nested_images_note, parse_repeats_folder_name, unread_case_note)
 from lora_trainer.errors import UserError
 
 Size = tuple[int, int]
@@ -467,14 +468,22 @@ def _effective_caption(image: Path, name: str, class_tokens: str, extension: str
         return class_tokens, "class tokens" if class_tokens else "none", findings
     if not caption_file.stamp.exists:
         target = f"the folder's class tokens '{class_tokens}'" if class_tokens else "an empty caption"
-        findings.append(Finding("warning", "missing-caption", name,
-                                f"has no {caption_path.name}, so it trains on {target}; write a caption file."))
+        other = next((suffix for suffix in (".txt", ".caption")
+                      if suffix != extension.lower() and image.with_suffix(suffix).is_file()), None)
+        fix = (f"its captions are {other} files: check with --caption-extension {other} (train with --caption_extension "
+               f"{other})" if other else "write a caption file")
+        findings.append(Finding("warning", "missing-caption", name, f"has no {caption_path.name}, so it trains on {target}; {fix}."))
         return class_tokens, "class tokens" if class_tokens else "none", findings
     caption = training_caption(caption_file.text)
-    if not caption:
+    if caption_file.text == "":
         findings.append(Finding("error", "empty-caption", _sibling_name(name, caption_path),
-                                "is empty (or its first line is), which stops sd-scripts with an assertion error; "
-                                "write the caption on the first line or delete the file."))
+                                "is empty, which stops sd-scripts with an assertion error; write the caption in it or "
+                                "delete the file."))
+        return caption, "file", findings
+    if not caption:
+        findings.append(Finding("warning", "blank-first-line", _sibling_name(name, caption_path),
+                                "has an empty first line, and the first line is the caption sd-scripts trains on (so "
+                                "an empty caption); write the caption on the first line."))
         return caption, "file", findings
     if "\n" in caption_file.text.strip():
         findings.append(Finding("note", "multi-line-caption", _sibling_name(name, caption_path),
@@ -501,6 +510,10 @@ def _folder_file_findings(folder: Path, root: Path, images: list[Path], caption_
         if child.suffix.lower() in UNREAD_IMAGE_SUFFIXES and child.is_file():
             findings.append(Finding("warning", "unread-format", _relative(child, root),
                                     f"sd-scripts does not read {child.suffix} files; convert it to PNG or JPEG."))
+    if unread := images_in_unread_case(folder):
+        findings.append(Finding("warning", "unread-case", _relative(folder, root), unread_case_note(unread)))
+    if nested := nested_images_note(folder):
+        findings.append(Finding("warning", "nested-images", _relative(folder, root), f"{nested}."))
     return findings
 
 

@@ -104,7 +104,13 @@ def _scan_parent(parent: Path, is_reg: bool, option: str) -> tuple[list[dict[str
     subsets: list[dict[str, Any]] = []
     notes: list[str] = []
     skipped: list[str] = []
-    for folder in sorted(child for child in parent.iterdir() if child.is_dir()):
+    own = parse_repeats_folder_name(parent.name)
+    if own and list_images(parent) and not any(parse_repeats_folder_name(child.name) for child in parent.iterdir()
+                                               if child.is_dir()):
+        raise UserError(f"{option} {parent} is itself a <repeats>_<name> folder ({own[0]} repeats): give the folder "
+                        f"that holds it, {option} {parent.parent}")
+    # hidden folders (the tag editor's .caption-backups, .git) are never image folders: not worth a rename hint
+    for folder in sorted(child for child in parent.iterdir() if child.is_dir() and not child.name.startswith(".")):
         parsed = parse_repeats_folder_name(folder.name)
         if parsed is None:
             skipped.append(f"{folder.name!r} ({_rename_hint(folder.name)})")
@@ -168,11 +174,35 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _images_in_unread_case(folder: Path) -> list[Path]:
+def images_in_unread_case(folder: Path) -> list[Path]:
+    """``a.Jpg``: an image sd-scripts skips, reading extensions in lower or upper case only."""
     return sorted(
         path for path in folder.iterdir()
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.suffix not in _IMAGE_SUFFIXES and path.is_file()
     )
+
+
+def unread_case_note(unread: list[Path]) -> str:
+    return (f"{_some(path.name for path in unread)} skipped: sd-scripts reads extensions in lower or upper case only; "
+            "rename them.")
+
+
+def nested_images_note(folder: Path) -> str | None:
+    """Images in sub-folders of an image folder (``10_zk/outfit 1/``), which sd-scripts never reads: its glob takes
+    the folder's own files; hidden sub-folders (the tag editor's backups) are not counted."""
+    nested = {child.name: len(list_images(child)) for child in sorted(folder.iterdir())
+              if child.is_dir() and not child.name.startswith(".")}
+    nested = {name: count for name, count in nested.items() if count}
+    if not nested:
+        return None
+    return (f"{sum(nested.values())} images in its sub-folders ({_some(nested)}) are not trained: sd-scripts reads only "
+            f"the folder's own images; move them up into {folder.name}, or make each sub-folder a <repeats>_<name> "
+            "folder beside it")
+
+
+def blank_first_line_note(folder: Path, caption_files: list[Path]) -> str:
+    return (f"{folder}: the first line of {_some(path.name for path in caption_files)} is empty, and the first line is "
+            "the caption sd-scripts trains on (so an empty caption); write the caption on the first line.")
 
 
 def caption_candidates(image: Path, caption_extension: str) -> tuple[Path, ...]:
@@ -245,11 +275,14 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         return SubsetImages(subset, (), folder.name, (), (f"{folder} {what}; this subset is ignored.",))
     images = list_images(folder)
     notes = _duplicate_stem_notes(images, subset.caption_extension)
-    unread = _images_in_unread_case(folder)
+    unread = images_in_unread_case(folder)
     if unread:
-        notes.append(f"{folder}: {_some(path.name for path in unread)} skipped: sd-scripts reads extensions in lower or upper case only; rename them.")
+        notes.append(f"{folder}: {unread_case_note(unread)}")
+    if nested := nested_images_note(folder):
+        notes.append(f"{folder}: {nested}.")
     entries: list[ImageEntry] = []
     empty_files: list[Path] = []
+    blank_first_lines: list[Path] = []
     for image in images:
         caption_file = next((path for path in caption_candidates(image, subset.caption_extension) if path.is_file()), None)
         if caption_file is None:
@@ -261,12 +294,16 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
             empty_files.append(caption_file)
             continue
         caption = training_caption(text, subset.enable_wildcard)
+        if not caption:
+            blank_first_lines.append(caption_file)
         entries.append(ImageEntry(image, caption, caption_file, counted_tags=caption))
     if empty_files:
         raise UserError(
             f"Empty caption files (sd-scripts stops on them): {_some(empty_files)}; write a caption in each, or delete "
             "them to train those images with the folder's class tokens."
         )
+    if blank_first_lines:
+        notes.append(blank_first_line_note(folder, blank_first_lines))
     if not images:
         notes.append(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); this subset is ignored.")
     return SubsetImages(subset, tuple(entries), folder.name, _counted_tags(entries), tuple(notes))
