@@ -77,7 +77,8 @@ def runner(tmp_path):
 
 
 def options(tmp_path, mode: str) -> dict:
-    (tmp_path / "data" / "1_zk").mkdir(parents=True, exist_ok=True)  # a job is checked for its folders when submitted
+    (tmp_path / "data" / "1_zk").mkdir(parents=True, exist_ok=True)  # a job is checked for its folders and their
+    (tmp_path / "data" / "1_zk" / "a.png").write_bytes(b"")  # images (listed, not decoded) when submitted
     return {"pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(tmp_path / "data"),
             "resolution": "64", "output_dir": str(tmp_path / f"out-{mode}"), "training_comment": mode}
 

@@ -282,6 +282,7 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         notes.append(f"{folder}: {nested}.")
     entries: list[ImageEntry] = []
     empty_files: list[Path] = []
+    undecodable: list[UserError] = []  # all of them in one message: re-saving them is one task
     blank_first_lines: list[Path] = []
     for image in images:
         caption_file = next((path for path in caption_candidates(image, subset.caption_extension) if path.is_file()), None)
@@ -289,7 +290,11 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
             fallback = subset.class_tokens or ""
             entries.append(ImageEntry(image, fallback, counted_tags=fallback))
             continue
-        text = load_caption_file(caption_file).text
+        try:
+            text = load_caption_file(caption_file).text
+        except UserError as error:
+            undecodable.append(error)
+            continue
         if text == "":
             empty_files.append(caption_file)
             continue
@@ -297,6 +302,9 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         if not caption:
             blank_first_lines.append(caption_file)
         entries.append(ImageEntry(image, caption, caption_file, counted_tags=caption))
+    if undecodable:
+        more = f" ({len(undecodable) - 1} more caption files cannot be read either)" if len(undecodable) > 1 else ""
+        raise UserError(f"{str(undecodable[0]).rstrip('.')}{more}.")
     if empty_files:
         raise UserError(
             f"Empty caption files (sd-scripts stops on them): {_some(empty_files)}; write a caption in each, or delete "

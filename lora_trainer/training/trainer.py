@@ -24,6 +24,7 @@ import torch
 from ..compat import DYNAMO_TRACES_SLOWLY, native_bf16, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..console import progress_bar
 from ..dataset.config import DatasetGroupConfig
+from ..dataset.layouts import dataset_images
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
 from ..models.checkpoint import detect_architecture, load_checkpoint, open_tensors
@@ -76,9 +77,10 @@ def pick_device(name: str, world: World = World()) -> torch.device:
 
 
 def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> None:
-    """What the trainer would refuse as it starts, found from headers alone, so that the job queue refuses it at
-    once: a GPU this machine lacks, a file that is not an SD checkpoint (a LoRA, a VAE), --v2 on an SD1 file, a bucket
-    step that model does not take. ``group``: the job's datasets (``dataset_group``), read once by the caller."""
+    """What the trainer would refuse as it starts, found from headers and caption files alone, so that the job queue
+    refuses it at once instead of hours later behind another job: a GPU this machine lacks, a file that is not an SD
+    checkpoint (a LoRA, a VAE), --v2 on an SD1 file, a bucket step that model does not take, caption files it cannot
+    read (not UTF-8, empty). ``group``: the job's datasets (``dataset_group``), read once by the caller."""
     try:
         pick_device(options.device)
     except UserError as error:
@@ -92,6 +94,12 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> N
         _check_model_matches_options(config, options)
         check_bucket_steps(group, config)
     require_tensorboard(options.logging_dir)
+    for dataset in group.datasets:
+        try:
+            dataset_images(dataset)
+        except UserError as error:
+            field = next(name for name in ("dataset_config", "in_json", "train_data_dir") if getattr(options, name))
+            raise UserError(str(error), field) from None
     vae = Path(options.vae) if options.vae else None
     if vae is not None and vae.suffix.lower() == ".safetensors":
         try:

@@ -235,6 +235,12 @@ def test_a_job_whose_run_would_fail_at_its_dataset_is_refused_not_queued(client,
     (flat / "a.png").write_bytes(b"")
     body = {**job_body, "options": {**job_body["options"], "train_data_dir": str(flat)}}
     assert "move them into a subfolder such as" in assert_error(client.post(f"{V1}/jobs", json=body), 400)["message"]
+    # caption files the run could not read (not UTF-8): a 400 naming them now, not a job failing behind another later
+    dataset = Path(job_body["options"]["train_data_dir"])
+    for image in sorted(dataset.rglob("*.png"))[:2]:
+        image.with_suffix(".caption").write_bytes("红色的星星".encode("gbk"))  # sd-scripts' default extension
+    error = assert_error(client.post(f"{V1}/jobs", json=job_body), 400, field="train_data_dir")
+    assert "is not UTF-8" in error["message"] and "(1 more caption files cannot be read either)" in error["message"]
     assert client.get(f"{V1}/jobs").json()["jobs"] == []
 
 
