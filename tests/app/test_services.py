@@ -100,6 +100,7 @@ def test_a_job_frees_the_hosts_gpu_refreshes_its_lora_list_and_fills_the_card(tm
     services = Services.create(settings, host, start=False,
                                command=lambda job: [sys.executable, str(script), str(job.config_path)], poll=0.05)
     (tmp_path / "images" / "1_star").mkdir(parents=True)
+    (tmp_path / "images" / "1_star" / "a.png").write_bytes(b"")  # listed (not decoded) when the job is submitted
     job = services.runner.submit("star", {"pretrained_model_name_or_path": str(TINY_MODEL_PATH),
                                           "train_data_dir": str(tmp_path / "images"), "resolution": "64",
                                           "output_dir": str(settings.lora_folder), "output_name": "star",
