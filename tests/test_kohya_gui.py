@@ -180,6 +180,7 @@ text_encoder_lr = [ 5e-05, 5e-05,]
 train_batch_size = 4
 train_data_dir = "{data}"
 unet_lr = 0.0001
+wandb_run_name = "last"
 """
 
 
@@ -196,6 +197,30 @@ def test_the_toml_the_gui_hands_sd_scripts_for_a_lycoris_run_trains_here(tmp_pat
     events, _ = read_events(tmp_path / "out" / "last.events.jsonl")
     said = " ".join(e["message"] for e in events if e["event"] == "warning")
     assert "epoch is not read" in said and "noise_offset_type is not read" in said
+    assert "wandb_run_name is not read" in said  # written by the GUI (v25 on) into every file it hands sd-scripts
+
+
+def test_a_gui_config_with_a_dataset_config_and_no_step_count_trains_sd_scripts_default_steps(tmp_path):
+    """lora_gui.py passes neither max_train_steps nor max_train_epochs then (its epoch field is for folders)."""
+    options, notes = read(tmp_path, dataset_config="dataset.toml", train_data_dir="")
+    assert options.max_train_epochs is None and options.max_train_steps == 1600
+    assert any("epoch is not carried over: with a dataset_config the GUI passes" in note for note in notes)
+    assert read(tmp_path)[0].max_train_epochs == 3  # folders: the GUI counts its steps from the epochs
+
+
+def test_config_files_of_other_tools_read_as_sd_scripts_reads_them(tmp_path, capsys):
+    """LyCORIS's example configs write resume = false (no resume, to sd-scripts); a dataset config handed to
+    --config_file says where it goes; sd-scripts' hub options on the command line are named, not 'unknown'."""
+    config = tmp_path / "loha_config.toml"
+    config.write_text('[Basics]\npretrained_model_name_or_path = "m.safetensors"\ntrain_data_dir = "data"\n'
+                      'resolution = "64,64"\n[Save]\noutput_dir = "out"\nresume = false\n', encoding="utf-8")
+    assert parse_args(["--config_file", str(config)])[0].resume is None
+    datasets = tmp_path / "dataset.toml"
+    datasets.write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "data"\n', encoding="utf-8")
+    with pytest.raises(UserError, match="is a dataset config \\(\\[\\[datasets\\]\\]\\): give it with --dataset_config"):
+        parse_args(["--config_file", str(datasets)])
+    assert train_main(["--config_file", str(config), "--huggingface_repo_type", "model"]) == 2
+    assert "not supported: --huggingface_repo_type" in capsys.readouterr().err
 
 
 def test_the_guis_ia3_preset_with_scale_weight_norms_trains_and_says_what_is_left_alone(tmp_path):

@@ -1597,6 +1597,11 @@ def test_network_weights_of_another_kind_name_the_options_the_file_was_trained_w
     assert run(dataset, tmp_path / "again", *loha, "--network_weights", start, "--max_train_epochs", "1") == 0
     assert run(dataset, tmp_path / "taken", "--network_weights", start, "--dim_from_weights", "--max_train_epochs", "1") == 0
     assert {key.split(".", 1)[1] for key in weights(tmp_path / "taken" / "star.safetensors")} >= {"hada_w1_a", "hada_w2_b"}
+    # saved as what it holds: a LoHa labelled networks.lora would be listed and inspected as a LoRA
+    with safe_open(str(tmp_path / "taken" / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"])["algo"] == "loha"
 
 
 def test_network_weights_of_another_rank_name_it_instead_of_torchs_size_mismatches(baseline, dataset, tmp_path, capsys):

@@ -95,7 +95,12 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     if sdxl and data.get("sdxl_cache_text_encoder_outputs"):
         options["cache_text_encoder_outputs"] = True
 
-    if not _set(data.get("max_train_epochs")) and not _set(data.get("max_train_steps")) and _set(data.get("epoch")):
+    no_count = not _set(data.get("max_train_epochs")) and not _set(data.get("max_train_steps")) and _set(data.get("epoch"))
+    if no_count and _set(data.get("dataset_config")):  # lora_gui.py passes no count then: sd-scripts' 1600 steps
+        notes.append(f"{source}: epoch is not carried over: with a dataset_config the GUI passes sd-scripts neither "
+                     "max_train_steps nor max_train_epochs, so it trains its default 1600 steps; set max_train_epochs "
+                     "to train by epochs")
+    elif no_count:
         options["max_train_epochs"] = int(_number(data["epoch"]))  # the GUI counts its steps from the epochs then
     if "lr_scheduler_num_cycles" in data and not _set(data.get("lr_scheduler_num_cycles")) and _set(data.get("epoch")):
         options["lr_scheduler_num_cycles"] = int(_number(data["epoch"]))  # the GUI's default: one cycle per epoch

@@ -263,7 +263,7 @@ FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token"
            "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
            "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
            "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
-           "dataset_class",
+           "dataset_class", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
            "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir",
            "log_tracker_config", "enable_contrastive"}
 
@@ -306,6 +306,7 @@ FRONT_END_KEYS = {
     "stop_text_encoder_training": "a DreamBooth option of the GUI that train_network.py does not have",
     "huggingface_repo_type": "used only with huggingface_repo_id", "huggingface_repo_visibility": "used only with huggingface_repo_id",
     "huggingface_path_in_repo": "used only with huggingface_repo_id",
+    "wandb_run_name": "used only with --log_with wandb; the Kohya GUI writes it into every file it hands sd-scripts",
     "lr_restart_cycles": "lora-scripts' name; sd-scripts reads lr_scheduler_num_cycles",
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     "lora-scripts' template: settings of its enable_contrastive, which is off"),
@@ -418,6 +419,9 @@ def flattened_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dict[str, Any]:
     """One level of tables flattened; front-ends' own keys dropped with a note; unknown keys refused."""
+    if "datasets" in data:
+        raise UserError(f"{path} is a dataset config ([[datasets]]): give it with --dataset_config (the training "
+                        "options go in --config_file)", "dataset_config")
     flat = flattened_sections(data, str(path))
     for key in sorted(FRONT_END_KEYS.keys() & flat.keys()):
         del flat[key]
@@ -430,8 +434,10 @@ def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dic
 
 
 def not_given(name: str, value: Any) -> bool:
-    """An empty path or name (vae = "" in a TOML file or an API body) means the option was not given."""
-    return value == "" and FIELDS[name].default is None
+    """An empty path or name (vae = "" in a TOML file or an API body) means the option was not given; so does false
+    for one (resume = false in LyCORIS's example configs), which sd-scripts reads as not set."""
+    f = FIELDS[name]
+    return f.default is None and (value == "" or (value is False and f.type == "str | None"))
 
 
 _NUMBERS = {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}

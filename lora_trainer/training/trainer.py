@@ -842,6 +842,12 @@ def _prepared_network(options: TrainOptions, model, spec, train_te: bool, device
         file = read_network(options.network_weights)
         network = network_from_file(config, model.unet, model.text_encoders, file, spec)
         network.spec = _shape_of(file, spec)  # the files this run saves say the rank they hold
+        if _other_network_advice(file, spec.algorithm):  # and the kind: a LoHa is not saved labelled networks.lora
+            network.spec = _kind_of(file, network.spec)
+            args = " ".join(f"{key}={value}" for key, value in network.spec.network_args)
+            notes.append(f"--network_weights {options.network_weights} is {' and '.join(sorted(file.algorithms))}: "
+                         f"trained and saved as such ({network.spec.network_module}{' ' + args if args else ''}), not "
+                         f"as --network_module {spec.network_module}")
     else:
         network = create_network(config, model.unet, model.text_encoders, spec,
                                  not options.network_train_text_encoder_only, train_te)
@@ -1022,6 +1028,16 @@ def _shape_of(file, spec):
         return spec
     rank = ranks.most_common(1)[0][0]
     return dataclasses.replace(spec, dim=rank, alpha=alphas.most_common(1)[0][0] if alphas else float(rank))
+
+
+def _kind_of(file, spec):
+    """``spec`` as the file's own network options (module and args from its metadata, else LyCORIS's name for its
+    kind), keeping the rank, alpha and dropout already taken."""
+    module = file.metadata.get("ss_network_module") or "lycoris.kohya"
+    args = {key: str(value) for key, value in file.training_args.items() if value is not None and key != "dropout"}
+    if module == "lycoris.kohya" and "algo" not in args:
+        args["algo"] = sorted(file.algorithms)[0]
+    return spec_from_kohya(module, spec.dim, spec.alpha, args, spec.dropout)
 
 
 def _load_weights(network: LoRANetwork, path: str) -> list[str]:
