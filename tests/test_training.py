@@ -1262,6 +1262,24 @@ def test_the_printed_kohya_command_reads_back_to_the_same_options_in_the_systems
     assert parse_args(words[3:])[0] == options
 
 
+def test_the_printed_kohya_command_holds_only_values_sd_scripts_command_line_takes():
+    """Its parser refuses values outside its choices (which a TOML escapes): 75 tokens (its default is None),
+    dynamo_backend "no" (a Kohya GUI default), a WebUI sampler name, the box filter."""
+    from lora_trainer.training.options import kohya_command, parse_args, split_command_line
+
+    options, _ = parse_args(["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "data",
+                             "--max_token_length", "75", "--dynamo_backend", "no", "--sample_sampler", "DPM++ 2M Karras",
+                             "--resize_interpolation", "box", "--network_module", "networks.lora"])
+    words = split_command_line(kohya_command(options, windows=False), windows=False)
+    assert "--max_token_length" not in words and "--dynamo_backend" not in words
+    assert words[words.index("--sample_sampler") + 1] == "dpmsolver++"
+    assert words[words.index("--resize_interpolation") + 1] == "area"
+    options, _ = parse_args(["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "data",
+                             "--max_token_length", "150", "--sample_sampler", "k_euler_a"])
+    words = split_command_line(kohya_command(options, windows=False), windows=False)
+    assert words[words.index("--max_token_length") + 1] == "150" and words[words.index("--sample_sampler") + 1] == "k_euler_a"
+
+
 def test_on_windows_a_command_line_keeps_its_backslashes_and_apostrophes():
     """Kohya GUI's additional_parameters typed on Windows: unquoted paths, cmd.exe's quoting."""
     from lora_trainer.training.options import split_command_line

@@ -293,6 +293,19 @@ STAND_INS: dict[str, str] = {
 }
 
 
+# sd-scripts' own --sample_sampler choices (its command line refuses any other name; a TOML it does not check)
+SD_SCRIPTS_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                       "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+_SD_SCRIPTS_NAME = {"Euler": "euler", "Euler a": "euler_a", "DDIM": "ddim", "DPM++ 2M Karras": "dpmsolver++",
+                    "DPM++ 2S a Karras": "k_dpm_2_a"}
+
+
+def sd_scripts_sampler(name: str) -> str:
+    """The sd-scripts name for a sampler given in any accepted spelling: itself when sd-scripts has it, else the one
+    sd-scripts runs closest to ours (its DPM++ 2M without Karras spacing, its DPM2 a for DPM++ 2S a)."""
+    return name if name in SD_SCRIPTS_SAMPLERS else _SD_SCRIPTS_NAME[sampler_name(name)]
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower().replace("++", "pp"))
 

@@ -829,9 +829,23 @@ def sd_scripts_notes(options: TrainOptions, script: str) -> list[str]:
 def kohya_command(options: TrainOptions, script: str = "train_network.py", windows: bool = os.name == "nt") -> str:
     """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell;
     without the options ``script`` does not take (``left_out_of_command``)."""
+    from ..sampling.samplers import sd_scripts_sampler
+
     parts = ["accelerate", "launch", script]
     left_out = {name.removeprefix("--") for name in left_out_of_command(options, script)}
-    for name, value in non_default(options).items():
+    values = non_default(options)
+    # values its command line's choices refuse, written as it takes them: 75 tokens is its default (None); a
+    # dynamo_backend of "no" compiles nothing (no --torch_compile); a WebUI sampler name as its closest; box is area
+    if values.get("max_token_length") == 75:
+        del values["max_token_length"]
+    if values.get("dynamo_backend") == "no":
+        values.pop("dynamo_backend")
+        values.pop("torch_compile", None)
+    if "sample_sampler" in values:
+        values["sample_sampler"] = sd_scripts_sampler(values["sample_sampler"])
+    if values.get("resize_interpolation") == "box":
+        values["resize_interpolation"] = "area"
+    for name, value in values.items():
         if name in left_out:
             continue
         if FIELDS[name].type == "int | float" and value == 1.0 and isinstance(value, float):
