@@ -17,7 +17,7 @@ from lora_trainer.networks.lycoris_presets import LYCORIS_PRESETS
 from lora_trainer.networks.files import read_network
 from lora_trainer.networks.network import create_network, network_from_file, save_network
 from lora_trainer.training.options import options_from
-from lora_trainer.networks.spec import spec_from_kohya
+from lora_trainer.networks.spec import lycoris_reading_notes, spec_from_kohya
 
 LYCORIS_RUN = json.loads((Path(__file__).parent / "data" / "lycoris-preset-modules-tiny-sd15.json").read_text(encoding="utf-8"))
 # preset files (blocks; regex names with exclusions and keys left to the full preset; fnmatch patterns) and the
@@ -186,6 +186,22 @@ def test_tucker_and_dropout_options_are_checked_against_the_algorithm():
         spec_from_kohya("lycoris.kohya", 4, 4, ["algo=dylora", "use_scalar=True"])
     with pytest.raises(UserError, match="use_tucker=…: LyCORIS options, which networks.lora would ignore"):
         spec_from_kohya("networks.lora", 4, 4, ["use_tucker=True"])
+
+
+def test_switches_read_as_lycoris_4_1_3_reads_them_and_the_surprising_readings_are_said():
+    """The same network as sd-scripts with lycoris-lora builds from the same args (the Kohya GUI's LoKr passes
+    use_cp=False beside use_tucker, and decompose_both=False, into every run): LyCORIS's `use_conv_cp or use_cp or
+    use_tucker` stops at the first text given, its decompose_both is the text itself (any text is true), and its
+    str_bool takes anything but "false" for true."""
+    gui_lokr = ["algo=lokr", "use_tucker=True", "use_cp=False", "decompose_both=False"]
+    spec = spec_from_kohya("lycoris.kohya", 4, 4, gui_lokr)
+    assert not spec.tucker and spec.decompose_both
+    notes = lycoris_reading_notes(gui_lokr)
+    assert "use_tucker=True is not used: LyCORIS reads use_cp=False, given too, as its answer" in notes[0]
+    assert "decompose_both=False decomposes both LoKr factors all the same" in notes[1]
+    assert spec_from_kohya("lycoris.kohya", 4, 4, ["algo=lokr", "use_tucker=True"]).tucker
+    assert lycoris_reading_notes(["algo=lokr", "use_tucker=True"]) == []
+    assert spec_from_kohya("lycoris.kohya", 4, 4, ["use_scalar=0"]).use_scalar
 
 
 def test_a_block_mapped_network_trains_on_from_its_file_with_each_layer_as_it_was(tiny_kohya, tmp_path):

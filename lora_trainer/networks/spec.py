@@ -140,7 +140,30 @@ _KNOWN = ({"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS, *
 
 
 def _truthy(value: str) -> bool:
-    return str(value).lower() not in ("false", "0", "no", "")  # LyCORIS: anything but "false" is true
+    return str(value).lower() != "false"  # LyCORIS 4.1.3's str_bool: anything but "false" is true ("0" too)
+
+
+def _lycoris_tucker(args: dict[str, str]) -> bool:
+    """The Tucker switch as lycoris-lora 4.1.3 reads it: ``use_conv_cp or use_cp or use_tucker`` over the texts, so the
+    first one given with any text decides (the Kohya GUI's LoKr passes ``use_cp=False`` beside ``use_tucker``)."""
+    return _truthy(next((args[arg] for arg in ("use_conv_cp", "use_cp", "use_tucker") if args.get(arg)), "false"))
+
+
+def lycoris_reading_notes(args: dict[str, str] | list[str] | None) -> list[str]:
+    """Where lycoris-lora 4.1.3 (and so this trainer, to build the same network) reads a switch otherwise than it
+    reads: said, with how to get what it says."""
+    args = dict(args) if isinstance(args, dict) else parse_network_args(args)
+    notes = []
+    if args.get("use_tucker") and _truthy(args["use_tucker"]) and not _lycoris_tucker(args):
+        first = next(arg for arg in ("use_conv_cp", "use_cp") if args.get(arg))
+        notes.append(f"network_args use_tucker={args['use_tucker']} is not used: LyCORIS reads {first}={args[first]}, "
+                     f"given too, as its answer (and so does this trainer, to build the same network); drop {first} "
+                     "for the Tucker form")
+    if args.get("decompose_both", "").lower() == "false":
+        notes.append("network_args decompose_both=False decomposes both LoKr factors all the same: LyCORIS passes the "
+                     "text on, and any text is true (so does this trainer); leave decompose_both out to keep the first "
+                     "factor whole")
+    return notes
 
 
 def parse_network_args(items: list[str] | None) -> dict[str, str]:
@@ -185,8 +208,10 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
         for arg, name in _BOOL_ARGS.items():
             if arg in args:
                 fields[name] = _truthy(args[arg])
+        if "decompose_both" in args:  # passed to the module as the text itself, true unless empty
+            fields["decompose_both"] = bool(args["decompose_both"])
         if any(arg in args for arg in _TUCKER_ARGS):
-            fields["tucker"] = any(_truthy(args[arg]) for arg in _TUCKER_ARGS if arg in args)
+            fields["tucker"] = _lycoris_tucker(args)
         if "wd_on_output" in args:
             fields["dora_on_output"] = _truthy(args["wd_on_output"])
         for arg, name in _FLOAT_ARGS.items():

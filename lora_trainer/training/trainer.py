@@ -36,7 +36,7 @@ from ..networks.apply import Strength, merge_for_good
 from ..networks.max_norm import apply_max_norm, left_alone_warning
 from ..networks.files import read_network
 from ..networks.network import LoRANetwork, create_network, network_from_file
-from ..networks.spec import spec_from_kohya
+from ..networks.spec import lycoris_reading_notes, spec_from_kohya
 from ..process_memory import peak_rss_mib
 from ..safe_io import windows_path_limits
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
@@ -767,6 +767,8 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
     """What the options ask for that this run does otherwise, or not at all; chooses the attention kernel."""
     warnings = [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
                 if f.metadata["inert"] and getattr(options, name)]
+    if spec.network_module == "lycoris.kohya":
+        warnings += lycoris_reading_notes(options.network_args)
     if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
         warnings.append(left_alone)
     conv_alpha = dict(spec.network_args).get("conv_alpha") if options.network_module == "networks.dylora" else None
