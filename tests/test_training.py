@@ -1313,6 +1313,11 @@ def test_keeping_the_last_files_keeps_as_many_states_unless_told_otherwise(datas
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("star-"))
     assert names == ["star-000002-state", "star-000002.safetensors", "star-state", "star-step00000015-state",
                      "star-step00000015.safetensors", "star-step00000020-state", "star-step00000020.safetensors"]
+    # a run without --save_state writes no state, so it removes none: not an earlier run's, resumable state
+    assert run(dataset, tmp_path / "b", "--max_train_epochs", "3", "--save_state", "--save_every_n_epochs", "1") == 0
+    assert run(dataset, tmp_path / "b", "--max_train_epochs", "3", "--save_every_n_epochs", "1",
+               "--save_last_n_epochs", "1") == 0
+    assert {"star-000001-state", "star-000002-state"} <= {p.name for p in (tmp_path / "b").iterdir()}
 
 
 def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(baseline, dataset, tmp_path):

@@ -101,7 +101,7 @@ class OutputPlan:
             if old > 0:
                 self.epoch_path(old).unlink(missing_ok=True)
         keep_states = self.options.save_last_n_epochs_state or keep  # sd-scripts: states follow the files unless told
-        if keep_states and self.every_epochs:
+        if keep_states and self.every_epochs and self.options.save_state:  # never a state this run did not write
             old = epoch - self.every_epochs * keep_states
             if old > 0:
                 shutil.rmtree(self.state_path(old, None), ignore_errors=True)
@@ -109,7 +109,7 @@ class OutputPlan:
     def prune_steps(self, step: int) -> None:
         every = self.options.save_every_n_steps
         keep_files = self.options.save_last_n_steps
-        keep_states = self.options.save_last_n_steps_state or keep_files  # as for epochs
+        keep_states = (self.options.save_last_n_steps_state or keep_files) if self.options.save_state else None
         for keep, remove in ((keep_files, lambda s: self.step_path(s).unlink(missing_ok=True)),
                              (keep_states, lambda s: shutil.rmtree(self.state_path(None, s), ignore_errors=True))):
             if keep and every:
