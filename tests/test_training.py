@@ -232,6 +232,21 @@ def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_
     events, _ = read_events(tmp_path / "d" / "star.events.jsonl")
     said = [e["message"] for e in events if e["event"] == "warning" and "--resume" in e["message"]]
     assert len(said) == 1 and "(batches per epoch 8 then, 16 now)" in said[0], said
+    # another accumulation trains fewer epochs in the same steps; another resolution other latents: both said
+    assert run(dataset, tmp_path / "e", "--resume", state, "--gradient_accumulation_steps", "2", seed=None) == 0
+    events, _ = read_events(tmp_path / "e" / "star.events.jsonl")
+    said = [e["message"] for e in events if e["event"] == "warning" and "--resume" in e["message"]]
+    assert len(said) == 1 and "--gradient_accumulation_steps 1 then, 2 now" in said[0], said
+
+
+def test_a_resume_that_leaves_nothing_to_train_is_refused_not_saved_as_finished(dataset, tmp_path, capsys):
+    """A state past the end of this run's schedule (--max_train_epochs lowered) would 'finish' at once and save its
+    weights as a final file of this run's length."""
+    assert run(dataset, tmp_path / "a", "--save_state", "--save_every_n_epochs", "1") == 0
+    assert run(dataset, tmp_path / "b", "--resume", str(tmp_path / "a" / "star-000001-state"),
+               "--max_train_epochs", "1") == 2
+    assert "leaves nothing to train: this run has 8 steps (1 epochs of 8); raise --max_train_epochs" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "star.safetensors").exists()
 
 
 def test_a_state_resumed_with_another_optimizer_is_refused_and_other_learning_rates_are_said(baseline, dataset,

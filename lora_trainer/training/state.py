@@ -37,8 +37,9 @@ def staging_folder(folder: Path) -> Path:
 
 def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator, run_state,
                facts: dict[str, int | str] | None = None) -> Path:
-    """``facts``: what fixed the run's data order (its seed, images, batches per epoch) and its optimizer, for
-    ``saved_facts``; kept in train_state.json beside sd-scripts' two keys, which is all sd-scripts reads of it."""
+    """``facts``: what fixed the run's data order (its seed, images, batches per epoch, resolution, accumulation)
+    and its optimizer, for ``saved_facts``; kept in train_state.json beside sd-scripts' two keys, which is all
+    sd-scripts reads of it."""
     folder = Path(folder)
     temporary = staging_folder(folder)
     shutil.rmtree(temporary, ignore_errors=True)
@@ -74,7 +75,8 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     return folder
 
 
-_FACT_TYPES = {"seed": int, "images": int, "batches_per_epoch": int, "optimizer": str}
+_FACT_TYPES = {"seed": int, "images": int, "batches_per_epoch": int, "optimizer": str, "resolution": str,
+               "gradient_accumulation_steps": int}
 
 
 def saved_facts(folder: Path) -> dict[str, int | str]:

@@ -473,6 +473,10 @@ class TrainingRun:
         elif options.resume:
             asked = _learning_rates(self.optimizer)
             state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
+            if state.step >= self.total_steps:  # else "finished" at once, its weights saved as if trained to this end
+                raise UserError(f"--resume {options.resume} (at step {state.step}, epoch {state.current_epoch}) leaves "
+                                f"nothing to train: this run has {self.total_steps} steps ({self.num_epochs} epochs of "
+                                f"{self.steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
             events.emit("state", action="resumed", path=options.resume, epoch=state.current_epoch, step=state.step)
             for message in self._resumed_differently():
                 events.emit("warning", message=message)
@@ -507,19 +511,21 @@ class TrainingRun:
     def _facts(self) -> dict[str, int | str]:
         """What fixes this run's data order, and its optimizer: kept in its states."""
         return {"seed": self.seed, "images": self.data.num_images, "batches_per_epoch": self.data.batches_per_epoch,
-                "optimizer": self.options.optimizer}
+                "optimizer": self.options.optimizer, "resolution": self.options.resolution or "",
+                "gradient_accumulation_steps": self.options.gradient_accumulation_steps}
 
     def _resumed_differently(self) -> list[str]:
         """Why a resumed run will not end as the interrupted one would have: another seed, dataset or batch size."""
         saved, now = self.resumed_facts, self._facts()
-        names = {"seed": "--seed", "images": "images", "batches_per_epoch": "batches per epoch"}
+        names = {"seed": "--seed", "images": "images", "batches_per_epoch": "batches per epoch",
+                 "resolution": "--resolution", "gradient_accumulation_steps": "--gradient_accumulation_steps"}
         changed = [f"{names[key]} {saved[key]} then, {now[key]} now" for key in names
                    if key in saved and saved[key] != now[key]]
         if not changed:
             return []
         return [f"--resume {self.options.resume} was saved by a run with other data or options ({'; '.join(changed)}): "
                 "it goes on from its step, but its epochs are not the batches the interrupted run would have trained; "
-                "resume with the same dataset, --train_batch_size and --seed (or none) to continue it exactly"]
+                "resume with the same dataset, options and --seed (or none) to continue it exactly"]
 
     def _text_cache(self, fixed_captions: dict) -> TextEncoderCache:
         text_cache = TextEncoderCache(self.config)
