@@ -731,6 +731,22 @@ def test_a_nan_loss_stops_the_run_with_advice_and_keeps_the_files_saved_before(b
     assert [e["event"] for e in events].count("error") == 1 and events[-1]["event"] == "error"
 
 
+def test_a_full_disk_said_by_safetensors_in_its_own_words_gets_the_same_message(dataset, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError ("I/O error: No space left on device"), not an OSError:
+    still what to do, not a traceback asking for a bug report."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert run(dataset, tmp_path, "--max_train_epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert f"could not write {tmp_path / 'star.safetensors'}: Error while serializing: I/O error: No space left" in err
+    assert "make room, then continue" in err and "report" not in err
+
+
 @pytest.mark.parametrize("failing", ["network file", "state"])
 def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_earlier_files_and_states_whole(baseline, dataset, tmp_path,
                                                                                             capsys, monkeypatch, failing):

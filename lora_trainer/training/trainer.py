@@ -873,11 +873,17 @@ def _writing(path: Path):
     every file and state saved before it is intact."""
     try:
         yield
-    except OSError as error:
+    except Exception as error:  # safetensors and torch.save raise their own kinds for a write that failed
         folder = next((p for p in (path, *path.parents) if p.exists()), None)
-        free = f", {shutil.disk_usage(folder).free / 2**30:.1f} GiB free there" if folder else ""
-        raise UserError(f"could not write {path}: {error.strerror or error}{free}. Everything saved before it is intact: "
-                        "make room, then continue from the last state (--resume) or file (--network_weights)") from None
+        free = shutil.disk_usage(folder).free if folder else None
+        full = free is not None and free < 2**26  # under 64 MiB left: torch.save's "unexpected pos" is a full disk
+        if not isinstance(error, OSError) and not full and "I/O error" not in str(error):
+            raise
+        why = (error.strerror or str(error)) if isinstance(error, OSError) else "no space left on the disk" if full else str(error)
+        room = f", {free / 2**30:.1f} GiB free there" if free is not None else ""
+        fix = "make the folder writable" if isinstance(error, PermissionError) else "make room"
+        raise UserError(f"could not write {path}: {why}{room}. Everything saved before it is intact: {fix}, then "
+                        "continue from the last state (--resume) or file (--network_weights)") from None
 
 
 def _predict(model, config, options: TrainOptions, tokenizer, captions: list[str], sizes, latents, noise, input_noise,
