@@ -190,6 +190,32 @@ def test_a_control_word_is_a_leftover_only_when_older_than_a_fat_drive_can_tell_
         request.close()
 
 
+def test_a_control_file_that_cannot_be_removed_is_obeyed_once_and_said(tmp_path, monkeypatch):
+    """A folder without write access (or a virus scanner holding the file on Windows): the word is still obeyed,
+    not a crash that saves nothing, and not obeyed again at every step until the file changes."""
+    from lora_trainer.training.trainer import StopRequest
+
+    control = tmp_path / "control"
+    warned = []
+    request = StopRequest(control, warned.append)
+    unlink = Path.unlink
+
+    def held(path, missing_ok=False):
+        if path == control:
+            raise PermissionError(13, "Permission denied")
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held)
+    try:
+        control.write_text("save", encoding="utf-8")
+        assert request.command() == "save" and "could not be removed after it was read (Permission denied)" in warned[0]
+        assert request.command() is None and request.command() is None
+        control.write_text("stop now", encoding="utf-8")  # a new word: read again
+        assert request.command() == "stop"
+    finally:
+        request.close()
+
+
 def test_a_leftover_control_word_and_an_unknown_one_are_said_and_not_obeyed(dataset, tmp_path, monkeypatch):
     """A pause pressed twice, or a stop as the last run ended, stays in the file: the next run must not stop after
     its first step for it. A mistyped word is not a stop either."""

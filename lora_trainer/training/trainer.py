@@ -170,6 +170,7 @@ class StopRequest:
         self.stop_file = stop_file
         self.warn = warn
         self.signalled = False
+        self._obeyed: tuple[int, int] | None = None  # the control file read but not removable, by time and size
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -213,14 +214,24 @@ class StopRequest:
                       "removed, not obeyed")
 
     def _take(self) -> str | None:
-        """The control file's words, the file removed; None without one."""
-        if self.stop_file is None or not self.stop_file.exists():
+        """The control file's words, the file removed; None without one. A file that cannot be removed (a folder
+        without write access, a virus scanner holding it on Windows) is obeyed once, said, and then read again only
+        when it changes."""
+        if self.stop_file is None:
             return None
         try:
+            stat = self.stop_file.stat()
+            if (stat.st_mtime_ns, stat.st_size) == self._obeyed:
+                return None
             text = self.stop_file.read_text(encoding="utf-8").strip()
         except OSError:
             return None
-        self.stop_file.unlink(missing_ok=True)
+        try:
+            self.stop_file.unlink(missing_ok=True)
+        except OSError as error:
+            self._obeyed = (stat.st_mtime_ns, stat.st_size)
+            self.warn(f"{self.stop_file} could not be removed after it was read ({error.strerror or error}): its words "
+                      "are obeyed once; give a control file in a folder this run may write to")
         return text
 
 
