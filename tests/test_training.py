@@ -1526,6 +1526,23 @@ def test_the_terminal_hears_warnings_saves_and_the_recommendation_and_a_program_
     assert not list((tmp_path / "piped").glob("*.jsonl"))
 
 
+def test_a_reader_of_the_event_stream_going_away_leaves_the_run_training(dataset, tmp_path, capsys, monkeypatch):
+    """``--events_file - | head``: the pipe breaks; the run goes on and saves (it died unsaved on BrokenPipeError)."""
+    import io
+    import sys
+
+    class Closing(io.StringIO):
+        def write(self, text):
+            if self.tell() > 2000:
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", Closing())
+    assert run(dataset, tmp_path, "--events_file", "-") == 0
+    assert (tmp_path / "star.safetensors").exists()
+    assert "the reader of the event stream went away; training goes on" in capsys.readouterr().err
+
+
 def test_long_phases_show_a_progress_bar_at_a_terminal_and_none_in_a_log(monkeypatch):
     """Caching a thousand latents takes minutes: a person at a terminal sees it move, as in sd-scripts; the job
     runner's trainer.log (not a terminal) gets no bar redrawn a thousand times."""

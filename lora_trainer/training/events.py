@@ -8,6 +8,7 @@ that meets a half-written last line simply waits for the rest.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,15 +63,29 @@ class EventLog:
             raise ValueError(f"unknown event kind {kind!r}")
         event = {"event": kind, "time": round(time.time(), 3), **fields}
         line = json.dumps(event, ensure_ascii=False, default=str) + "\n"
-        for stream in (self._file, self.echo):
-            if stream is not None:
-                stream.write(line)
-                stream.flush()
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        if self.echo is not None:
+            try:
+                self.echo.write(line)
+                self.echo.flush()
+            except (BrokenPipeError, ValueError):  # the reader of --events_file - went away: train on, unwatched
+                self._stop_echo()
         if self.console is not None and (words := console_line(event)) is not None:
             from tqdm import tqdm
 
             tqdm.write(words, file=self.console)  # the bar is cleared and drawn again below the line
         return event
+
+    def _stop_echo(self) -> None:
+        echo, self.echo = self.echo, None
+        try:  # whatever is left in its buffer would fail again when Python flushes it at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), echo.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self.console is not None:
+            self.console.write("warning: the reader of the event stream went away; training goes on\n")
 
     def close(self) -> None:
         if self._file is not None:
