@@ -42,8 +42,9 @@ FAKE_TRAINER = textwrap.dedent('''
     if mode == "fail":
         emit("error", message="the dataset has no usable training images")
         sys.exit(2)
-    if mode == "die":  # what the kernel's out-of-memory killer does: nothing said, nothing logged
+    if mode == "die":  # what the kernel's out-of-memory killer does: nothing said about it (the log holds older lines)
         import os, signal
+        print("saved state /out/star-000001-state", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "loading":  # a model that takes longer to load than a stop waits; the control file is not read yet
         time.sleep(30)
@@ -332,6 +333,25 @@ def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(ru
     runner.store.update(job.id, status="running", pid=2**22 + 12345)  # a process that no longer exists
     restarted = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"))
     assert restarted.store.get(job.id).status == "interrupted"
+
+
+def test_a_job_that_finished_while_the_webui_was_down_is_finished_after_restart_with_its_files(runner, tmp_path):
+    """Its trainer outlived the WebUI and ran to its end unobserved: its events say so. Shown as interrupted, a
+    Resume would train the finished epochs again over its files."""
+    from lora_trainer.training.events import EventLog
+
+    job = runner.submit("ran alone", options(tmp_path, "finish"))
+    runner.store.update(job.id, status="running", pid=2**22 + 12345, files=["e1.safetensors"], last_state="s1")
+    with EventLog(job.events_path) as events:
+        events.emit("start")
+        for epoch in (1, 2):
+            events.emit("saved", path=f"e{epoch}.safetensors")
+            events.emit("state", action="saved", path=f"s{epoch}")
+        events.emit("saved", path="final.safetensors")
+        events.emit("end", files=["final.safetensors"], steps=20)
+    recovered = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs")).store.get(job.id)
+    assert recovered.status == "finished" and recovered.message is None
+    assert recovered.files == ["e1.safetensors", "e2.safetensors", "final.safetensors"] and recovered.last_state == "s2"
 
 
 def test_a_trainer_still_running_after_a_restart_is_followed_to_its_end_and_holds_the_queue(runner, tmp_path):

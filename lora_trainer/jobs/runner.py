@@ -366,7 +366,8 @@ class JobRunner:
         elif code == 0:
             status, message = "finished", None
         else:
-            status, message = "failed", error or _tail(job.folder / "trainer.log") or _exit_reason(code)
+            # killed by a signal, the log's last lines are whatever it said before (a warning, a saved file): not why
+            status, message = "failed", error or (code > 0 and _tail(job.folder / "trainer.log")) or _exit_reason(code)
         if not ended and status in ("failed", "stopped") and code != 0:  # killed: say so where the UI and API read
             with EventLog(job.events_path) as events:  # appends
                 if stepped or status == "failed":

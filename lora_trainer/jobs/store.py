@@ -162,11 +162,26 @@ class JobStore:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def recover(self) -> list[Job]:
-        """After a restart: jobs marked running whose process is gone become "interrupted" (resumable); one whose
-        trainer still runs stays running, for the runner to follow (``JobRunner.run_next``)."""
+        """After a restart: a job marked running whose process is gone ends as its events say — finished, stopped
+        or failed when the trainer ran to its end while nobody followed it, else "interrupted" (resumable) — with the
+        files and the last state its events name; one whose trainer still runs stays running, for the runner to follow
+        (``JobRunner.run_next``)."""
+        from ..training.events import read_events  # light: json and paths
+
         recovered = []
         for job in self.all():
             if job.status == "running" and not pid_alive(job.pid):
-                recovered.append(self.update(job.id, status="interrupted", finished=time.time(),
-                                             message="the trainer stopped when the WebUI did; resume continues from the last saved state"))
+                events, _ = read_events(job.events_path, 0)
+                files = [e["path"] for e in events if e["event"] == "saved"]
+                states = [e["path"] for e in events if e["event"] == "state" and e.get("action") == "saved"]
+                last = events[-1] if events else {}
+                if last.get("event") == "end":
+                    status, message = ("stopped", "stopped and saved") if last.get("stopped") else ("finished", None)
+                elif last.get("event") == "error":
+                    status, message = "failed", last.get("message")
+                else:
+                    status, message = "interrupted", ("the trainer stopped when the WebUI did; resume continues from "
+                                                      "the last saved state")
+                recovered.append(self.update(job.id, status=status, finished=time.time(), message=message, pid=None,
+                                             files=files or job.files, last_state=states[-1] if states else job.last_state))
         return recovered
