@@ -5,8 +5,10 @@ SD1, SD2 and SDXL are told apart from the checkpoint itself; ``sdxl_train_networ
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -53,7 +55,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
                         Path(options.output_dir or "output") / f"{name}.sd-scripts.log"
                     run_sd_scripts(options, events, log)
                     return 0
-                train(options, events, actions.notes, started)
+                with _interrupt_on_sigterm():
+                    train(options, events, actions.notes, started)
+            except KeyboardInterrupt:  # before the training loop's own handlers (loading, caching): nothing to save
+                message = "stopped before the first step (the model was loading or the latents caching): nothing was trained or saved"
+                events.emit("end", files=[], steps=0, stopped=True, message=message)
+                print(message, file=sys.stderr)
+                return 130
             except UserError as error:
                 events.emit("error", message=str(error))
                 raise
@@ -65,6 +73,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+@contextmanager
+def _interrupt_on_sigterm():
+    """SIGTERM as Ctrl-C until the training loop takes both over (it finishes the step and saves): a stop while the
+    model loads ends the event stream as a stop, not with a silent kill."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1526,6 +1526,23 @@ def test_the_terminal_hears_warnings_saves_and_the_recommendation_and_a_program_
     assert not list((tmp_path / "piped").glob("*.jsonl"))
 
 
+def test_a_stop_while_the_latents_cache_ends_the_stream_as_a_stop_not_a_traceback(dataset, tmp_path, capsys, monkeypatch):
+    """SIGTERM or Ctrl-C before the training loop takes them over (loading, caching: minutes on a large dataset): the
+    stream ends as a stop that saved nothing, which the UI and API read, instead of a traceback or a silent kill."""
+    import os
+    import signal
+
+    from lora_trainer.training.data import TrainingData
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(TrainingData, "cache_latents", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
+    assert run(dataset, tmp_path) == 130
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["stopped"] and events[-1]["files"] == []
+    assert "stopped before the first step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # given back
+
+
 def test_a_reader_of_the_event_stream_going_away_leaves_the_run_training(dataset, tmp_path, capsys, monkeypatch):
     """``--events_file - | head``: the pipe breaks; the run goes on and saves (it died unsaved on BrokenPipeError)."""
     import io
