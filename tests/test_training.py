@@ -1012,6 +1012,20 @@ def test_a_run_resumes_from_sd_scripts_own_state_folder_with_its_network_and_ste
     assert "not a state folder" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
+def test_a_damaged_or_missing_state_is_said_with_where_to_resume_from(dataset, tmp_path, capsys):
+    """A run killed while writing a state (or a full disk) leaves it cut short: what to do, not a traceback."""
+    assert run(dataset, tmp_path / "a", "--save_state", "--save_every_n_epochs", "1") == 0
+    for part in ("model.safetensors", "train_state.pt"):
+        damaged = tmp_path / f"damaged {part}"
+        shutil.copytree(tmp_path / "a" / "star-000001-state", damaged)
+        (damaged / part).write_bytes((damaged / part).read_bytes()[:100])
+        assert run(dataset, tmp_path / "b", "--resume", str(damaged)) == 2
+        err = capsys.readouterr().err
+        assert f"{part} cannot be read" in err and "resume from the state saved before it" in err and "Traceback" not in err
+    assert run(dataset, tmp_path / "b", "--resume", str(tmp_path / "gone-state")) == 2
+    assert "no such folder; give a state folder a run saved" in capsys.readouterr().err
+
+
 def test_sd_scripts_states_of_older_accelerate_and_broken_step_files(tmp_path):
     """Older accelerate wrote the network as pytorch_model.bin (a plain state dict: loaded without running code);
     a train_state.json without its step is named with what sd-scripts writes there."""

@@ -99,6 +99,9 @@ SD_SCRIPTS_NETWORK_FILES = ("model.safetensors", "pytorch_model.bin")  # acceler
 def state_kind(folder: Path) -> str:
     """"ours" or "sd-scripts" (a ``--save_state`` folder of sd-scripts); anything else is refused with what it lacks."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--resume {folder}: no such folder; give a state folder a run saved (name-000001-state, "
+                        "name-state …)")
     if (folder / "model.safetensors").is_file() and (folder / "train_state.pt").is_file():
         return "ours"
     if (folder / "train_state.json").is_file() and any((folder / name).is_file() for name in SD_SCRIPTS_NETWORK_FILES):
@@ -272,11 +275,18 @@ def load_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     from .trainer import RunState
 
     folder = Path(folder)
-    _load_network(folder, network, load_file(str(folder / "model.safetensors")))
+    damaged = ("it is damaged (a run killed while writing it, a full disk): resume from the state saved before it, "
+               "or from its network with --network_weights")
+    try:
+        tensors = load_file(str(folder / "model.safetensors"))
+    except Exception as error:  # safetensors' own error kind for a truncated file
+        raise UserError(f"{folder}/model.safetensors cannot be read ({error}): {damaged}") from None
+    _load_network(folder, network, tensors)
     try:
         saved = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)  # plain data only
     except Exception as error:
-        raise UserError(f"{folder}/train_state.pt cannot be read safely ({error}); was it written by this trainer?") from error
+        why = str(error) or type(error).__name__
+        raise UserError(f"{folder}/train_state.pt cannot be read safely ({why}): {damaged}") from error
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     generator.set_state(saved["generator"])
