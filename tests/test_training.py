@@ -130,7 +130,7 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     state = baseline / "star-000001-state"
     assert (state / "model.safetensors").is_file() and json.loads((state / "train_state.json").read_text()) == {
         "current_epoch": 1, "current_step": 8, "seed": 3, "images": 32, "batches_per_epoch": 8,
-        "optimizer": "AdamW"}  # sd-scripts reads the first two
+        "optimizer": "AdamW", "resolution": "64", "gradient_accumulation_steps": 1}  # sd-scripts reads the first two
     assert run(dataset, tmp_path, "--resume", str(state)) == 0
     resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -784,7 +784,7 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
     """What the options ask for that this run does otherwise, or not at all; chooses the attention kernel."""
     warnings = [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
                 if f.metadata["inert"] and getattr(options, name)]
-    if spec.network_module == "lycoris.kohya":
+    if options.network_module == "lycoris.kohya":
         warnings += lycoris_reading_notes(options.network_args)
     if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
         warnings.append(left_alone)
