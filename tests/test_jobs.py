@@ -54,7 +54,10 @@ FAKE_TRAINER = textwrap.dedent('''
         while not (mode == "wait" and control.exists() and control.read_text().split() not in ([], ["save"])):
             if control.exists() and control.read_text().split() == ["save"]:  # save now, go on (as the trainer does)
                 control.unlink()
-                emit("saved", path=str(Path(options["output_dir"]) / "run-step00000001.safetensors"))
+                step_file = Path(options["output_dir"]) / "run-step00000001.safetensors"
+                step_file.parent.mkdir(parents=True, exist_ok=True)
+                step_file.write_bytes(b"x")
+                emit("saved", path=str(step_file))
             time.sleep(0.05)
         state = Path(options["output_dir"]) / "run-state"
         state.mkdir(parents=True, exist_ok=True)
@@ -333,6 +336,8 @@ def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(ru
     runner.store.update(job.id, status="running", pid=2**22 + 12345)  # a process that no longer exists
     restarted = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"))
     assert restarted.store.get(job.id).status == "interrupted"
+    last = read_events(job.events_path)[0][-1]  # a client waiting on the stream for its end gets one
+    assert last["event"] == "error" and "stopped when the WebUI did" in last["message"]
 
 
 def test_a_job_that_finished_while_the_webui_was_down_is_finished_after_restart_with_its_files(runner, tmp_path):
@@ -342,16 +347,20 @@ def test_a_job_that_finished_while_the_webui_was_down_is_finished_after_restart_
 
     job = runner.submit("ran alone", options(tmp_path, "finish"))
     runner.store.update(job.id, status="running", pid=2**22 + 12345, files=["e1.safetensors"], last_state="s1")
+    saved = {name: tmp_path / f"{name}.safetensors" for name in ("e1", "e2", "e3", "final")}
     with EventLog(job.events_path) as events:
         events.emit("start")
-        for epoch in (1, 2):
-            events.emit("saved", path=f"e{epoch}.safetensors")
+        for epoch in (1, 2, 3):
+            events.emit("saved", path=str(saved[f"e{epoch}"]))
             events.emit("state", action="saved", path=f"s{epoch}")
-        events.emit("saved", path="final.safetensors")
-        events.emit("end", files=["final.safetensors"], steps=20)
+        events.emit("saved", path=str(saved["final"]))
+        events.emit("end", files=[str(saved["final"])], steps=20)
+    for name, path in saved.items():
+        if name != "e1":  # pruned by --save_last_n_epochs: not listed as the job's
+            path.write_bytes(b"")
     recovered = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs")).store.get(job.id)
     assert recovered.status == "finished" and recovered.message is None
-    assert recovered.files == ["e1.safetensors", "e2.safetensors", "final.safetensors"] and recovered.last_state == "s2"
+    assert recovered.files == [str(saved[name]) for name in ("e2", "e3", "final")] and recovered.last_state == "s3"
 
 
 def test_a_trainer_still_running_after_a_restart_is_followed_to_its_end_and_holds_the_queue(runner, tmp_path):

@@ -341,8 +341,8 @@ class JobRunner:
                         self.on_event(job, event)
                     except Exception:  # a listener's failure (a LoRA list refresh) must never stop the queue
                         logging.getLogger(__name__).exception("job %s: handling its %s event failed", job.id, event["event"])
-            if events:
-                job = self.store.update(job.id, files=files, last_state=last_state)
+            if events:  # not the epoch files --save_last_n_epochs removed since they were saved
+                job = self.store.update(job.id, files=[f for f in files if Path(f).exists()], last_state=last_state)
             if finished:
                 break
             if job.id in self._stop_requested | self._pause_requested:

@@ -166,22 +166,28 @@ class JobStore:
         or failed when the trainer ran to its end while nobody followed it, else "interrupted" (resumable) — with the
         files and the last state its events name; one whose trainer still runs stays running, for the runner to follow
         (``JobRunner.run_next``)."""
-        from ..training.events import read_events  # light: json and paths
+        from ..errors import UserError
+        from ..training.events import EventLog, read_events  # light: json and paths
 
         recovered = []
         for job in self.all():
             if job.status == "running" and not pid_alive(job.pid):
                 events, _ = read_events(job.events_path, 0)
-                files = [e["path"] for e in events if e["event"] == "saved"]
+                files = [e["path"] for e in events if e["event"] == "saved" and Path(e["path"]).exists()]
                 states = [e["path"] for e in events if e["event"] == "state" and e.get("action") == "saved"]
                 last = events[-1] if events else {}
                 if last.get("event") == "end":
                     status, message = ("stopped", "stopped and saved") if last.get("stopped") else ("finished", None)
                 elif last.get("event") == "error":
                     status, message = "failed", last.get("message")
-                else:
+                else:  # its stream ends here too, for a client waiting on it for an end or an error
                     status, message = "interrupted", ("the trainer stopped when the WebUI did; resume continues from "
                                                       "the last saved state")
+                    try:
+                        with EventLog(job.events_path) as log:
+                            log.emit("error", message=message)
+                    except UserError:  # a job folder gone read-only must not stop the server starting
+                        pass
                 recovered.append(self.update(job.id, status=status, finished=time.time(), message=message, pid=None,
                                              files=files or job.files, last_state=states[-1] if states else job.last_state))
         return recovered
