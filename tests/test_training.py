@@ -1480,6 +1480,11 @@ def test_an_empty_dataset_or_an_output_path_that_is_a_file_is_refused_and_nothin
     message = capsys.readouterr().err
     assert "is not writable" in message and "pick another --output_dir" in message and "Traceback" not in message
     assert blocked.read_text(encoding="utf-8") == "keep me"  # nothing lost
+    # a state folder that cannot be written is said before training, not at the first save an epoch in
+    assert run(dataset, tmp_path / "out2", "--save_state", "--state_dir", str(blocked)) == 2
+    message = capsys.readouterr().err
+    assert "state folder" in message and "is not writable" in message and "pick another --state_dir" in message
+    assert not list((tmp_path / "out2").glob("*.safetensors"))
 
 
 def test_validation_every_n_steps_adds_step_losses_to_the_events_and_the_file(dataset, tmp_path):

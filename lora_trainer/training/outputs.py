@@ -45,21 +45,27 @@ def files_of_run(folder: Path, name: str) -> list[Path]:
     return sorted(path for path in folder.iterdir() if pattern.fullmatch(path.name) and path.is_file())
 
 
+def _check_writable(folder: Path, what: str, option: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{what} {folder} is not writable ({error}); pick another {option}") from error
+
+
 class OutputPlan:
     def __init__(self, options: TrainOptions, num_epochs: int = 1):
         self.options = options
         self.num_epochs = num_epochs  # known once the data is counted: set it then (the names do not depend on it)
         self.folder = Path(options.output_dir or "output")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise UserError(f"output folder {self.folder} is not writable ({error}); pick another --output_dir") from error
+        _check_writable(self.folder, "output folder", "--output_dir")
         self.name = options.output_name
         self.suffix = "." + options.save_model_as
         self.state_folder = Path(options.state_dir) if options.state_dir else self.folder
+        if options.state_dir:  # a stop saves a state there too: said now, not at the first save an epoch in
+            _check_writable(self.state_folder, "state folder", "--state_dir")
 
     @property
     def every_epochs(self) -> int | None:
