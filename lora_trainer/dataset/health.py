@@ -28,7 +28,8 @@ from lora_trainer.dataset.caption_files import caption_path_for, checked_caption
 from lora_trainer.dataset.captions import tag_frequency
 from lora_trainer.dataset.images import ImageError, load_image
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, caption_candidates, images_in_unread_case, list_images,
-                                         nested_images_note, parse_repeats_folder_name, unread_case_note)
+                                         nested_images_note, other_caption_extension, parse_repeats_folder_name,
+                                         unread_case_note)
 from lora_trainer.errors import UserError
 
 Size = tuple[int, int]
@@ -468,8 +469,7 @@ def _effective_caption(image: Path, name: str, class_tokens: str, extension: str
         return class_tokens, "class tokens" if class_tokens else "none", findings
     if not caption_file.stamp.exists:
         target = f"the folder's class tokens '{class_tokens}'" if class_tokens else "an empty caption"
-        other = next((suffix for suffix in (".txt", ".caption")
-                      if suffix != extension.lower() and image.with_suffix(suffix).is_file()), None)
+        other = other_caption_extension(image, extension)
         fix = (f"its captions are {other} files: check with --caption-extension {other} (train with --caption_extension "
                f"{other})" if other else "write a caption file")
         findings.append(Finding("warning", "missing-caption", name, f"has no {caption_path.name}, so it trains on {target}; {fix}."))

@@ -336,10 +336,19 @@ def caption_fallback_notes(subset: SubsetConfig, entries: Iterable[ImageEntry],
     ]
 
 
+_USUAL_CAPTION_EXTENSIONS = (".txt", ".caption")  # the taggers' and the Kohya GUI's, sd-scripts' default
+
+
+def other_caption_extension(image: Path, extension: str) -> str | None:
+    """The other usual caption extension of a caption file beside ``image``, when ``extension`` finds none."""
+    return next((other for other in _USUAL_CAPTION_EXTENSIONS
+                 if other != extension.lower() and image.with_suffix(other).is_file()), None)
+
+
 def _other_caption_hint(images: list[Path], extension: str, config_file: str | Path | None) -> str:
     """Captions under the other usual extension beside those images: the option most often forgotten (sd-scripts'
     default is .caption, the taggers and the Kohya GUI write .txt)."""
-    for other in (".txt", ".caption"):
+    for other in _USUAL_CAPTION_EXTENSIONS:
         found = sum(image.with_suffix(other).is_file() for image in images)
         if other != extension.lower() and found:
             fix = (f"set caption_extension = \"{other}\" for this subset in {config_file}" if config_file

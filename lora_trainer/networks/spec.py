@@ -149,10 +149,10 @@ def _lycoris_tucker(args: dict[str, str]) -> bool:
     return _truthy(next((args[arg] for arg in ("use_conv_cp", "use_cp", "use_tucker") if args.get(arg)), "false"))
 
 
-def lycoris_reading_notes(args: dict[str, str] | list[str] | None) -> list[str]:
+def lycoris_reading_notes(network_args: list[str] | None) -> list[str]:
     """Where lycoris-lora 4.1.3 (and so this trainer, to build the same network) reads a switch otherwise than it
     reads: said, with how to get what it says."""
-    args = dict(args) if isinstance(args, dict) else parse_network_args(args)
+    args = parse_network_args(network_args)
     notes = []
     if args.get("use_tucker") and _truthy(args["use_tucker"]) and not _lycoris_tucker(args):
         first = next(arg for arg in ("use_conv_cp", "use_cp") if args.get(arg))
