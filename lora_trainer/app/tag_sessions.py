@@ -145,10 +145,6 @@ def images_named(editor: TagEditor, names: Iterable[str], field: str = "selectio
     if unknown:
         shown = ", ".join(repr(name) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
         raise UserError(f"{field}: {shown} is not an image of {editor.folder}; use the names the page lists.", field)
-    unreadable = [image for image in chosen if image in editor.unreadable]
-    if unreadable:  # left alone by every edit: say so rather than answer as if the edit were made
-        raise UserError(f"{field}: the caption of {image_name(editor, unreadable[0])} cannot be edited: "
-                        f"{editor.unreadable[unreadable[0]]}", field)
     return chosen
 
 
@@ -208,6 +204,11 @@ def apply_request(session: TagSession, data: dict) -> TagEditor:
     tag_filter = filter_from(data["filter"]) if data.get("filter") is not None else None
     with session.lock:
         images = selected_images(session, data.get("selection", "filtered"), tag_filter)
+        editor = session.editor
+        if isinstance(data.get("selection"), list) and (unreadable := [i for i in images if i in editor.unreadable]):
+            # named, yet left alone by every edit: said rather than answered as if the edit were made
+            raise UserError(f"selection: the caption of {image_name(editor, unreadable[0])} cannot be edited: "
+                            f"{editor.unreadable[unreadable[0]]}", "selection")
         return session.change(lambda editor: tag_editor.apply_edit(editor, edit, images))
 
 

@@ -68,6 +68,7 @@ def test_a_tag_holding_a_comma_is_two_tags_and_an_unreadable_caption_is_named_no
     assert tag_sessions.TagSessions().open(folder).editor.tags[folder / "img_000.png"][-2:] == ("solo", "smile")
     with pytest.raises(UserError, match="the caption of img_005.png cannot be edited: Caption file .*img_005.txt is not UTF-8"):
         tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": ["img_005.png"]})
+    assert tag_sessions.images_named(session.editor, ["img_005.png"], "name") == [folder / "img_005.png"]  # shown still
 
 
 def test_edit_on_filtered_selection_uses_the_sessions_filter(folder):
