@@ -228,6 +228,16 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
         runner.stop(job.id, pause=True)
 
 
+def test_a_job_whose_state_was_cut_off_while_being_replaced_resumes_from_the_one_it_replaced(runner, tmp_path):
+    job = runner.submit("long", options(tmp_path, "wait"))
+    thread = _run_in_background(runner)
+    runner.stop(job.id)
+    thread.join(timeout=10)
+    state = Path(runner.store.get(job.id).last_state)
+    state.rename(state.with_name(state.name + ".old"))  # killed between save_state's two renames
+    assert runner.resume(job.id).options["resume"] == str(state)  # the trainer reads the .old one and says so
+
+
 @pytest.mark.parametrize("word, status", [("stop", "stopped"), ("pause", "paused")])
 def test_a_stop_pressed_before_the_trainer_took_its_start_time_is_obeyed_not_dropped_as_a_leftover(runner, tmp_path,
                                                                                                  word, status):

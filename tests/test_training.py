@@ -136,6 +136,19 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_a_state_whose_replacing_save_was_cut_off_between_its_renames_resumes_from_the_one_it_replaced(
+        baseline, dataset, tmp_path, capsys):
+    """``save_state`` moves the old folder to ``.old`` before renaming the new one into place: a kill between the two
+    leaves no folder of that name, and the job's Resume gives that name."""
+    shutil.copytree(baseline / "star-000001-state", tmp_path / "star-000001-state.old")
+    shutil.copytree(baseline / "star-000001-state", tmp_path / "star-000001-state.tmp")
+    (tmp_path / "star-000001-state.tmp" / "model.safetensors").unlink()  # however far the new one got
+    assert run(dataset, tmp_path / "out", "--resume", str(tmp_path / "star-000001-state")) == 0
+    assert "a save replacing it was cut off" in capsys.readouterr().err
+    resumed, uninterrupted = weights(tmp_path / "out" / "star.safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_an_epoch_resumed_with_another_batch_size_averages_the_steps_it_trained(baseline, dataset, tmp_path):
     """Epoch 1 had 8 steps, epoch 2 (batch 2 now) has 16: its average is theirs, not an empty slice's 0.0 in the
     events, TensorBoard and the file's recorded losses."""

@@ -205,7 +205,9 @@ class JobRunner:
         later = [j for j in self.store.all() if j.resumed_from == job_id and j.status != "failed"]
         if later:  # two jobs from one state would train the same steps twice and write the same files
             raise UserError(f"job {job_id} was resumed already, as job {later[-1].id}: resume that one")
-        if not job.last_state or not Path(job.last_state).exists():
+        from ..training.state import readable_state
+
+        if not job.last_state or not readable_state(Path(job.last_state)).exists():
             raise UserError(f"job {job_id} saved no state to resume from; start it again (or use its last file as --network_weights)")
         resumed = self.submit(job.name, {**job.options, "resume": job.last_state})
         self.store.update(job.id, message=f"resumed as job {resumed.id}")  # its status stays what it ended as

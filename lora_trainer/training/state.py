@@ -96,9 +96,19 @@ def _numpy_state() -> list:
 SD_SCRIPTS_NETWORK_FILES = ("model.safetensors", "pytorch_model.bin")  # accelerate's names, newer and older
 
 
+def readable_state(folder: Path) -> Path:
+    """``folder``, or the state it held before a save replacing it was cut off between its two renames (``save_state``):
+    then only ``<folder>.old`` is left whole."""
+    folder = Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and (old / "model.safetensors").is_file() and (old / "train_state.pt").is_file():
+        return old
+    return folder
+
+
 def state_kind(folder: Path) -> str:
     """"ours" or "sd-scripts" (a ``--save_state`` folder of sd-scripts); anything else is refused with what it lacks."""
-    folder = Path(folder)
+    folder = readable_state(folder)
     if not folder.is_dir():
         raise UserError(f"--resume {folder}: no such folder; give a state folder a run saved (name-000001-state, "
                         "name-state …)")

@@ -54,7 +54,8 @@ from .options import FIELDS, TrainOptions, join_command_line
 from .outputs import OutputPlan, RunMetadata
 from ..sampling.samplers import is_stand_in, sampler_name
 from .samples import draw_samples, not_read_warning, read_prompts
-from .state import load_sd_scripts_moments, load_sd_scripts_state, load_state, save_state, saved_facts, state_kind
+from .state import (load_sd_scripts_moments, load_sd_scripts_state, load_state, readable_state, save_state, saved_facts,
+                    state_kind)
 from .text import CaptionEncoding, TextEncoderCache, encode_captions, sdxl_vector
 from .tracking import Tracker, require_tensorboard
 
@@ -376,6 +377,10 @@ class TrainingRun:
 
     def __init__(self, options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str],
                  started: float):
+        if options.resume and (found := readable_state(Path(options.resume))) != Path(options.resume):
+            notes.append(f"--resume {options.resume}: a save replacing it was cut off, so it is missing; resuming from "
+                         f"the state it replaced, {found}")
+            options = dataclasses.replace(options, resume=str(found))
         self.options, self.events, self.world, self.device = options, events, world, device
         # a resumed run draws its data in the order the interrupted one would have: with the seed it was saved with
         self.resumed_facts = saved_facts(Path(options.resume)) if options.resume else {}
