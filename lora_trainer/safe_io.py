@@ -53,6 +53,42 @@ def temporary_beside(target: Path, tag: str = "12345678") -> Path:
     return target.with_name(f".{shortened}.{tag}.tmp")
 
 
+STALE_AFTER_SECONDS = 60.0  # a write in progress touches its temporary continually; one a minute older was abandoned
+
+
+def stale_temporaries(folder: Path, targets: re.Pattern, now: float | None = None) -> list[Path]:
+    """The temporaries in ``folder`` (``temporary_beside``) for a file name ``targets`` matches in full, that nothing has
+    written for ``STALE_AFTER_SECONDS``: left by a process killed mid-write (SIGKILL, a power cut), never renamed. A
+    run started twice by mistake keeps its twin's live one."""
+    now = time.time() if now is None else now
+    stale = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:  # no such folder (yet): nothing was left there
+        return []
+    for entry in entries:
+        name = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", entry.name)
+        try:
+            if name and targets.fullmatch(name[1]) and now - entry.stat().st_mtime > STALE_AFTER_SECONDS and entry.is_file():
+                stale.append(entry)
+        except OSError:  # removed meanwhile
+            continue
+    return sorted(stale)
+
+
+def remove_files(paths: list[Path]) -> int:
+    """Remove them (any already gone: another process cleaning too); returns the bytes freed."""
+    freed = 0
+    for path in paths:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+            freed += size
+        except OSError:
+            continue
+    return freed
+
+
 WINDOWS_LONGEST_FILE_PATH = 259  # MAX_PATH, less its terminating NUL
 WINDOWS_LONGEST_FOLDER_PATH = 247  # a folder leaves room for an 8.3 file name in it (MAX_PATH - 12, NUL included)
 ENABLE_LONG_PATHS = ("enable long paths (Group Policy \"Enable Win32 long paths\", or LongPathsEnabled = 1 in "

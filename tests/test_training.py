@@ -819,6 +819,35 @@ def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_earlier_files_an
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_what_a_run_killed_while_saving_left_is_removed_by_the_next_run_of_that_name(dataset, tmp_path, capsys):
+    """SIGKILL or a power cut mid-save leaves hidden temporaries the size of a network (states: staging folders), and
+    a kill mid-caching leaves half-written caches beside the images; nothing else is touched, and a minute-fresh
+    temporary may be a twin run's live save."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    shutil.copytree(dataset, data)
+    image_folder = data / "2_zkstar"
+    old, fresh = time.time() - 3600, time.time()
+    left = [out / ".star.safetensors.0123abcd.tmp", out / ".star-000001.safetensors.89abcdef.tmp",
+            out / "star-step00000004-state.tmp" / "model.safetensors", out / "star-state.tmp" / "train_state.pt",
+            out / "star-000001-state.old" / "model.safetensors", image_folder / ".a_0064x0064_sd.npz.0badcafe.tmp"]
+    kept = [out / ".star-step00000002.safetensors.aaaaaaaa.tmp",  # fresh: maybe a twin's save in progress
+            out / ".other.safetensors.bbbbbbbb.tmp", out / ".starlet.safetensors.cccccccc.tmp",  # other runs'
+            out / "star-000002-state.old" / "model.safetensors",  # the state a cut-off save replaced: what --resume reads
+            out / "notes.txt", image_folder / ".notes.txt.dddddddd.tmp"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1024)
+    (out / "star-000002-state.old" / "train_state.pt").write_bytes(b"x")
+    (out / "star-000001-state").mkdir()
+    for path in {p for f in left + kept for p in (f, f.parent)} - {out, image_folder}:
+        os.utime(path, (old, old))
+    os.utime(kept[0], (fresh, fresh))
+    assert run(data, out, "--save_every_n_epochs", "1", "--cache_latents_to_disk") == 0
+    err = capsys.readouterr().err
+    assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+    assert "killed while saving" in err and "killed while caching" in err
+
+
 def test_after_a_run_ctrl_c_interrupts_the_caller_again(dataset, tmp_path):
     import signal
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,11 +32,12 @@ from ..dataset.layouts import (ImageEntry, caption_fallback_notes, config_from_f
 from ..console import progress_bar
 from ..errors import UserError
 from ..hashing import weights_fingerprint
-from ..safe_io import ENABLE_LONG_PATHS, UNREADABLE_NPZ, save_npz, temporary_beside, windows_path_length
+from ..safe_io import (ENABLE_LONG_PATHS, UNREADABLE_NPZ, remove_files, save_npz, stale_temporaries, temporary_beside,
+                       windows_path_length)
 from .evaluation import split_validation
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
-from .text import caching_problems, te_outputs_path
+from .text import TE_OUTPUTS_SUFFIX, caching_problems, te_outputs_path
 
 
 @dataclass
@@ -260,6 +262,14 @@ class TrainingData:
         todo = [r for r in (self.records if self.options.cache_latents else []) + self.validation if r.latents is None]
         todo.sort(key=lambda r: (r.bucket, str(r.path)))
         encoder = weights_fingerprint(vae.encoder, vae.quant_conv) if self.options.cache_latents_to_disk and todo else ""
+        if self.options.cache_latents_to_disk or self.options.cache_text_encoder_outputs_to_disk:
+            folders = {r.path.parent for r in self.records + self.validation}
+            left = [t for folder in sorted(folders) for t in stale_temporaries(folder, _CACHE_NAMES)]
+            if left:
+                freed = remove_files(left)
+                events.emit("warning", message=f"removed {len(left)} cache file{'s' if len(left) > 1 else ''} that a run "
+                            f"killed while caching left half-written beside the images ({freed / 2**20:.1f} MiB), "
+                            f"e.g. {left[0]}")
         done, bar = 0, progress_bar(len(todo), "image", "caching latents", leave=False)
         for group in _vae_batches(todo, self.options.vae_batch_size):
             disk = [_read_npz(r, self.config_name, self._interpolation(r), encoder)
@@ -402,6 +412,10 @@ def _check_finite(latents: torch.Tensor, records: list[ImageRecord], vae_dtype: 
 def _with_pixels(batch: Batch, pixels: Future) -> Batch:
     batch.pixels = pixels.result()
     return batch
+
+
+# the names of the caches written beside the images (``_npz_beside``, ``text.te_outputs_path``)
+_CACHE_NAMES = re.compile(r".+_\d{4}x\d{4}_(sd|sdxl)\.npz|.+" + re.escape(TE_OUTPUTS_SUFFIX))
 
 
 def npz_path(record: ImageRecord, config_name: str) -> Path:

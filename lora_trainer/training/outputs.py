@@ -23,7 +23,8 @@ import torch
 from ..errors import UserError
 from ..hashing import file_sha256, legacy_model_hash
 from ..networks.network import SAVE_DTYPES, base_metadata, save_network
-from ..safe_io import ENABLE_LONG_PATHS, atomic_path, temporary_beside, windows_path_length
+from ..safe_io import (ENABLE_LONG_PATHS, STALE_AFTER_SECONDS, atomic_path, remove_files, stale_temporaries,
+                       temporary_beside, windows_path_length)
 from .optimizers import takes_its_own_step
 from .options import TrainOptions, is_data_url, resolution_of
 from .samples import sample_path
@@ -53,6 +54,13 @@ def _check_writable(folder: Path, what: str, option: str) -> None:
         probe.unlink()
     except OSError as error:
         raise UserError(f"{what} {folder} is not writable ({error}); pick another {option}") from error
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 class OutputPlan:
@@ -123,6 +131,35 @@ class OutputPlan:
                 old -= old % every
                 if old > 0:
                     remove(old)
+
+    def remove_leftovers(self, now: float | None = None) -> str | None:
+        """What a run of this name killed while saving (SIGKILL, a power cut) left behind, each the size of a network:
+        hidden temporaries of its files, staging folders of its states (``<state>.tmp``), and an ``<state>.old`` that
+        was not removed once its replacement was in place. Returns a note saying what went, or None."""
+        now = time.time() if now is None else now
+        files = rf"({re.escape(self.final_path().stem)}|{re.escape(self.epoch_path(0).stem[:-6])}\d{{6}}|" \
+                rf"{re.escape(self.step_path(0).stem[:-8])}\d{{8}})\.(safetensors|ckpt|pt)"
+        gone = stale_temporaries(self.folder, re.compile(files), now)
+        freed = remove_files(gone)
+        name = re.escape(self.name or "last")
+        states = re.compile(rf"({name}|{name}-\d{{6}}|{name}-step\d{{8}})-state\.(tmp|old)")
+        for folder in _entries(self.state_folder):
+            match = states.fullmatch(folder.name)
+            if not match or not folder.is_dir() or match[2] == "old" and not folder.with_suffix("").is_dir():
+                continue  # a lone .old is the state a cut-off save replaced: what --resume reads (readable_state)
+            try:
+                entries = [folder, *folder.iterdir()]
+                if now - max(entry.stat().st_mtime for entry in entries) <= STALE_AFTER_SECONDS:
+                    continue
+                freed += sum(entry.stat().st_size for entry in entries[1:] if entry.is_file())
+            except OSError:  # removed meanwhile
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+        if not gone:
+            return None
+        return (f"removed what a run named {self.name or 'last'!r} left when it was killed while saving: "
+                f"{', '.join(p.name for p in gone)} ({freed / 2**20:.1f} MiB)")
 
     def longest_paths(self) -> tuple[list[Path], list[Path]]:
         """The longest file and folder paths this run may write: a step file's temporary (a stop saves one at any step)

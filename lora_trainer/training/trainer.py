@@ -397,6 +397,8 @@ class TrainingRun:
         # the folders and names only, before the model loads (the epoch count, known later, does not change them)
         self.plan = OutputPlan(options)
         self.plan.check_path_lengths(windows_path_limits())
+        if world.is_main and (removed := self.plan.remove_leftovers()):
+            warnings.append(removed)
         self.started = time.time()
 
         self.model, fp8_saved = _prepared_model(options, device, weight_dtype, warnings)
