@@ -770,6 +770,27 @@ def test_a_nan_loss_stops_the_run_with_advice_and_keeps_the_files_saved_before(b
     assert [e["event"] for e in events].count("error") == 1 and events[-1]["event"] == "error"
 
 
+def test_weights_that_overflowed_while_the_loss_was_finite_are_never_saved_over_a_good_file(dataset, tmp_path, capsys,
+                                                                                            monkeypatch):
+    """The loss is computed before the step that applies its gradient: an overflow in that step (at an epoch's end)
+    must stop the run before the epoch file, not leave an infinite one as the last save."""
+    from lora_trainer.training import trainer
+
+    step = trainer.TrainingRun._step
+
+    def overflowing(self, epoch):
+        step(self, epoch)
+        if self.state.step == 8:  # the last step of epoch 1
+            with torch.no_grad():
+                self.trainable[0].view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(trainer.TrainingRun, "_step", overflowing)
+    assert run(dataset, tmp_path, "--save_every_n_epochs", "1", "--save_every_n_steps", "3") == 2
+    assert "weights became infinite or NaN (the loss was still finite) at step 8" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["star-step00000003.safetensors",
+                                                                        "star-step00000006.safetensors"]
+
+
 def test_a_full_disk_said_by_safetensors_in_its_own_words_gets_the_same_message(dataset, tmp_path, capsys, monkeypatch):
     """safetensors reports a full disk as a SafetensorError ("I/O error: No space left on device"), not an OSError:
     still what to do, not a traceback asking for a bug report."""

@@ -614,9 +614,7 @@ class TrainingRun:
         norms = apply_max_norm(self.network.values(), options.scale_weight_norms) if options.scale_weight_norms else None
         value = float(self._loss.detach())
         if not math.isfinite(value):
-            self.network.remove()
-            raise UserError(f"the loss became {value} at step {state.step}: lower the learning rate or use "
-                            "fp32/bf16; stopped, and the files saved before it are intact")
+            self._stop_diverged(f"the loss became {value}")
         state.losses.append(value)
         now = time.perf_counter()
         window = state.losses[-self.data.batches_per_epoch:]
@@ -767,8 +765,20 @@ class TrainingRun:
                                                          (_shared_name(path), loss)
                                                          for path, loss in outlier_images(state.per_image_loss)]})}
 
+    def _stop_diverged(self, what: str) -> None:
+        self.network.remove()
+        raise UserError(f"{what} at step {self.state.step}: lower the learning rate or use fp32/bf16; stopped, and the "
+                        "files saved before it are intact")
+
+    def _check_finite_weights(self) -> None:
+        """Before a save: an overflowing gradient can make the weights infinite while the step's loss (computed before
+        it) was finite, and the loss check would only stop the run after this file had replaced a good one."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):  # one sync for them all
+            self._stop_diverged("the network's weights became infinite or NaN (the loss was still finite)")
+
     def save_state_file(self, path: Path, stopped: bool = False) -> None:
         """``stopped``: saved because the run was asked to stop (or pause), to be resumed from."""
+        self._check_finite_weights()
         with evaluating(self.optimizer):  # a schedule-free optimizer's weights as they are used
             if not self.world.is_main:
                 return
@@ -778,6 +788,7 @@ class TrainingRun:
                              **({"stopped": True} if stopped else {}))
 
     def save_network_file(self, path: Path, epoch: int, step: int) -> None:
+        self._check_finite_weights()
         with evaluating(self.optimizer):  # a schedule-free optimizer's weights as they are used
             if not self.world.is_main:
                 return
