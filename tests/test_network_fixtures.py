@@ -135,3 +135,52 @@ def test_two_networks_add_up_and_removing_one_leaves_the_other_exactly():
     state = model.state_dict()
     assert all(torch.equal(state[key], base[key]) for key in base)
 
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's weights cast to ``dtype`` (as the WebUI loads a checkpoint in fp16, or fp8), and those bits."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_the_same_prompt_gives_the_same_weights_whatever_was_generated_before():
+    """An X/Y/Z strength sweep, another LoRA added and removed: in fp16 each change made by adding and subtracting
+    would leave rounding residue, so the same <lora:…:0.5> would differ from one generation to the next."""
+    model, merged, *_ = _load("lora")
+    _in_dtype(model, torch.float16)
+    lora, loha = read_network(FIXTURES / "lora.safetensors"), read_network(FIXTURES / "loha.safetensors")
+    merged.set_networks([(lora, Strength(0.5))])
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    for strength in [1.0, 0.7, -1.0, 2.0, 3.3, 0.1, 1.7] * 3:
+        merged.set_networks([(lora, Strength(strength)), (loha, Strength(strength))])
+        merged.set_networks([(lora, Strength(strength))])
+    merged.set_networks([(loha, Strength(0.5)), (lora, Strength(0.5))])  # the order tags are written in: no matter
+    merged.set_networks([(lora, Strength(0.5))])
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
+
+
+def test_a_network_named_twice_applies_twice_as_in_the_webui():
+    model, merged, expected, base, answer_key = _load("lora")
+    lora = read_network(FIXTURES / "lora.safetensors")
+    merged.set_networks([(lora, Strength(0.5)), (lora, Strength(0.5))])
+    changes = _changes(model, base)
+    assert all(_close(changes[f"{path}.weight"], expected[f"{path}.delta"]) for path in answer_key.values())
+    merged.set_networks([(lora, Strength(0.5))])
+    changes = _changes(model, base)
+    assert all(_close(changes[f"{path}.weight"], expected[f"{path}.delta@0.5"]) for path in answer_key.values())
+
+
+@pytest.mark.parametrize("case", ["lora", "loha"])
+def test_fp8_weights_as_the_webui_stores_them_take_a_network_and_come_back_bit_exactly(case):
+    """The WebUI's "FP8 weight" setting keeps Linear/Conv2d weights in float8_e4m3fn, which has no arithmetic."""
+    model, merged, expected, base, answer_key = _load(case)
+    loaded = _in_dtype(model, torch.float8_e4m3fn)
+    merged.set_networks([(read_network(FIXTURES / f"{case}.safetensors"), Strength(1.0))])
+    state = model.state_dict()
+    for path in answer_key.values():  # the sum, within float8's resolution (3 mantissa bits)
+        want = loaded[f"{path}.weight"].float() + expected[f"{path}.delta"].float()
+        assert ((state[f"{path}.weight"].float() - want).abs() <= want.abs() / 16 + 2**-9).all(), path
+    assert not all(torch.equal(state[k].float(), loaded[k].float()) for k in loaded)
+    merged.set_networks([])
+    assert all(torch.equal(v.float(), loaded[k].float()) for k, v in model.state_dict().items())

@@ -2,11 +2,14 @@
 
 The first time a layer is touched its original weight is copied aside; restore copies it back, so the base
 model is bit-identical afterwards whatever happened in between. Each network's contribution to a layer is
-kept: for algorithms linear in the multiplier that is ΔW at strength 1 (a strength change is then one
-``W += (m₂ − m₁)·ΔW``), for DoRA/OFT/BOFT it is the current ΔW(m), recomputed only for their own layers.
-Every delta is computed from the original weight, so the order networks are listed in does not matter
-(the WebUI instead feeds each network the weight patched by the previous ones, which differs only where
-two weight-dependent networks such as DoRA and OFT sit on the same layer).
+kept: for algorithms linear in the multiplier that is ΔW at strength 1, for DoRA/OFT/BOFT the current ΔW(m),
+recomputed only for their own layers. A layer is always written afresh as original + Σ mᵢ·ΔWᵢ, summed in fp32
+in a fixed order and rounded to the weight's dtype once (fp16, fp8 alike): the weights then depend only on the
+networks and strengths asked for now, never on the generations before (adding and subtracting strength changes
+in fp16 would leave rounding residue that grows with every X/Y/Z cell). Every delta is computed from the original
+weight, so the order networks are listed in does not matter (the WebUI instead feeds each network the weight
+patched by the previous ones, which differs only where two weight-dependent networks such as DoRA and OFT sit on
+the same layer). A network listed twice is applied twice, its strengths adding up, as in the WebUI.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ class _Contribution:
     multiplier: float
     weight: torch.Tensor | None  # linear: ΔW(1); otherwise ΔW(multiplier); in the parameter's dtype and device
     bias: torch.Tensor | None
+
+    @property
+    def factor(self) -> float:
+        """What ``weight`` is added with: the multiplier, or 1 where it is already ΔW(multiplier)."""
+        return self.multiplier if self.linear else 1.0
 
 
 @dataclass
@@ -109,8 +117,7 @@ class MergedNetworks:
 
     @torch.no_grad()
     def _add(self, target: Target, weight: torch.Tensor | None, bias: torch.Tensor | None, factor: float) -> None:
-        if factor == 0:
-            return
+        """Add into the layer as it is (``merge_for_good``: nothing kept to undo it)."""
         if weight is not None:
             own = self.weight_of(target)
             own.add_(weight.to(own.device), alpha=factor)
@@ -119,6 +126,22 @@ class MergedNetworks:
             if own is None:
                 raise UserError(f"{target.name}: the network changes a bias this layer does not have")
             own.add_(bias.to(own.device), alpha=factor)
+
+    @torch.no_grad()
+    def _write(self, names: set[str]) -> None:
+        """Each named layer set to its original plus what the applied networks add to it; a layer none of them touches
+        any more gets its original bits back, and its copy is let go."""
+        parts: dict[str, list[_Contribution]] = {}
+        for key in sorted(self._applied, key=str):  # one order for a set of networks, whatever order they came in
+            for name, contribution in self._applied[key].contributions.items():
+                if name in names:
+                    parts.setdefault(name, []).append(contribution)
+        for name in names & self._originals.keys():
+            target = self.targets[name]
+            weight, bias = self._originals[name] if name in parts else self._originals.pop(name)
+            _set_sum(self.weight_of(target), weight, [(c.weight, c.factor) for c in parts.get(name, [])])
+            if bias is not None:
+                _set_sum(self.bias_of(target), bias, [(c.bias, c.factor) for c in parts.get(name, [])])
 
     # --- networks --------------------------------------------------------------------------------------------
 
@@ -138,11 +161,14 @@ class MergedNetworks:
         return [(a.network, a.strength) for a in self._applied.values()]
 
     def set_networks(self, networks: Sequence[tuple[NetworkFile, Strength]]) -> list[MatchReport]:
-        """Make exactly these networks merged at these strengths, changing only what differs from now.
+        """Make exactly these networks merged at these strengths, computing only what differs from now.
 
         A network that does not fit raises UserError with its report, and the model is left as it was.
         """
-        wanted = {network_key(n): (n, s) for n, s in networks}
+        wanted: dict[tuple[object, int], tuple[NetworkFile, Strength]] = {}
+        for network, strength in networks:
+            times = sum(k[0] == network_key(network) for k in wanted)  # the same file twice: both apply
+            wanted[(network_key(network), times)] = (network, strength)
         reports = {}
         fresh = {}
         for key, (network, strength) in wanted.items():
@@ -155,13 +181,17 @@ class MergedNetworks:
             reports[key] = report
             fresh[key] = (network, strength, report)
 
-        for key in [k for k in self._applied if k not in wanted or k in fresh]:
-            self._remove(key)
-        for key, (network, strength) in wanted.items():
-            if key in fresh:
-                self._add_network(key, *fresh[key])
-            elif self._applied[key].strength != strength:
-                self._restrength(self._applied[key], strength)
+        changed: set[str] = set()
+        try:
+            for key in [k for k in self._applied if k not in wanted or k in fresh]:
+                changed |= self._applied.pop(key).contributions.keys()
+            for key, (network, strength) in wanted.items():
+                if key in fresh:
+                    self._add_network(key, *fresh[key], changed)
+                elif self._applied[key].strength != strength:
+                    self._restrength(self._applied[key], strength, changed)
+        finally:
+            self._write(changed)
         return [reports[k] for k in wanted]
 
     def held_bytes(self) -> int:
@@ -186,54 +216,51 @@ class MergedNetworks:
         device = self.weight_of(match.target).device
         linear = is_linear_in_multiplier(match.tensors)
         tensors = {k: v.to(device) for k, v in match.tensors.items()}  # ΔW is computed where the model is
-        delta = module_delta(tensors, weight.to(device), 1.0 if linear else multiplier)
-        keep = lambda t: None if t is None else t.to(weight.dtype).to(self.store or device)  # noqa: E731
+        delta = module_delta(tensors, _computable(weight.to(device)), 1.0 if linear else multiplier)
+        if delta.bias is not None and self.bias_of(match.target) is None:
+            raise UserError(f"{match.target.name}: the network changes a bias this layer does not have")
+        keep = lambda t: None if t is None else t.to(self.store or device, _computable(weight).dtype)  # noqa: E731
         return _Contribution(match, linear, multiplier, keep(delta.weight), keep(delta.bias))
 
-    def _add_network(self, key, network: NetworkFile, strength: Strength, report: MatchReport) -> None:
+    def _add_network(self, key, network: NetworkFile, strength: Strength, report: MatchReport, changed: set[str]) -> None:
         applied = _Applied(network, strength, report)
         self._applied[key] = applied
         try:
             for match in report.matched:
-                m = strength.for_target(match.target)
-                contribution = self._contribution(match, m)
-                self._add(match.target, contribution.weight, contribution.bias, m if contribution.linear else 1.0)
-                applied.contributions[match.target.name] = contribution
+                changed.add(match.target.name)  # its original is kept from here on: written back if this one fails
+                applied.contributions[match.target.name] = self._contribution(match, strength.for_target(match.target))
         except Exception:
-            self._remove(key)  # leave the model as it was before this network
+            del self._applied[key]  # the model stays as it was before this network
             raise
 
-    def _remove(self, key) -> None:
-        applied = self._applied.pop(key)
-        for name, c in applied.contributions.items():
-            self._add(self.targets[name], c.weight, c.bias, -c.multiplier if c.linear else -1.0)
-        self._reset_untouched()
-
-    def _reset_untouched(self) -> None:
-        """Layers no network touches any more get their original bits back (no rounding residue)."""
-        in_use = {name for a in self._applied.values() for name in a.contributions}
-        with torch.no_grad():
-            for name in [n for n in self._originals if n not in in_use]:
-                weight, bias = self._originals.pop(name)
-                target = self.targets[name]
-                self.weight_of(target).copy_(weight)
-                if bias is not None:
-                    self.bias_of(target).copy_(bias)
-
-    def _restrength(self, applied: _Applied, strength: Strength) -> None:
+    def _restrength(self, applied: _Applied, strength: Strength, changed: set[str]) -> None:
         applied.strength = strength
         for name, c in applied.contributions.items():
             m = strength.for_target(c.match.target)
             if m == c.multiplier:
                 continue
-            if c.linear:
-                self._add(c.match.target, c.weight, c.bias, m - c.multiplier)
-            else:
-                self._add(c.match.target, c.weight, c.bias, -1.0)
+            if not c.linear:
                 fresh = self._contribution(c.match, m)
-                self._add(c.match.target, fresh.weight, fresh.bias, 1.0)
                 c.weight, c.bias = fresh.weight, fresh.bias
             c.multiplier = m
+            changed.add(name)
+
+
+def _computable(tensor: torch.Tensor) -> torch.Tensor:
+    """fp8 weights (the WebUI's "FP8 weight" setting) have no arithmetic: their deltas are computed in fp16."""
+    return tensor.half() if tensor.dtype.itemsize == 1 and tensor.is_floating_point() else tensor
+
+
+def _set_sum(own: torch.Tensor, original: torch.Tensor, parts: list[tuple[torch.Tensor | None, float]]) -> None:
+    """``own`` = original + Σ factor·delta, summed in fp32 and rounded to ``own``'s dtype once."""
+    parts = [(delta, factor) for delta, factor in parts if delta is not None and factor != 0]
+    if not parts:
+        own.copy_(original)
+        return
+    total = original.to(own.device, torch.float32, copy=True)
+    for delta, factor in parts:
+        total.add_(delta.to(own.device, torch.float32), alpha=factor)
+    own.copy_(total)
 
 
 @torch.no_grad()

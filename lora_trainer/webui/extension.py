@@ -174,7 +174,7 @@ def _register_axes():
 
 def _model_loaded(sd_model):
     if _lora_tags is not None:
-        _lora_tags.forget_model()
+        _lora_tags.forget_model(sd_model)
 
 
 def _script_unloaded():

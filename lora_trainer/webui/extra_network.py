@@ -77,8 +77,16 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
         if self._merged is not None:
             self._merged.restore()
 
-    def forget_model(self, *_) -> None:
-        """A checkpoint was loaded: its weights are fresh, so nothing is to be restored into them."""
+    def forget_model(self, loaded=None) -> None:
+        """A checkpoint was loaded. Into the model object we merged into: its weights are fresh, so nothing is to be
+        restored into them. As another object: the one we merged into may stay in memory (the WebUI's "Maximum number
+        of checkpoints loaded at the same time" above 1) and come back later without a callback, so it gets its own
+        weights back now."""
+        if loaded is not self._model and self._merged is not None:
+            try:
+                self._merged.restore()
+            except Exception as error:  # its weights were freed or moved away: nothing left to restore
+                log.info("LoRA Trainer: the previous checkpoint's weights were not restored (%s)", error)
         self._model = self._merged = self._config = None
 
     # --- internals ----------------------------------------------------------------------------------------------

@@ -61,6 +61,31 @@ def test_new_checkpoint_weights_are_not_overwritten_by_a_stale_restore(webui):
     assert np.array_equal(pixels(after), pixels(base))
 
 
+def test_a_checkpoint_kept_in_memory_and_switched_back_to_has_no_lora_left_in_it(webui):
+    """"Maximum number of checkpoints loaded at the same time" above 1: loading B makes a new model object and keeps
+    A; switching back to A reuses it without any callback."""
+    a = webui.shared.sd_model
+    _, base = txt2img(webui, "a red circle")
+    txt2img(webui, "a red circle <lora:cats:1>")
+    webui.sd_models.load_model(next(iter(webui.sd_models.checkpoints_list.values())))  # B: a new object
+    assert webui.shared.sd_model is not a
+    txt2img(webui, "a red circle")
+    webui.shared.sd_model = a  # sd_models.reuse_model_from_already_loaded
+    _, after = txt2img(webui, "a red circle")
+    assert np.array_equal(pixels(after), pixels(base))
+
+
+def test_the_same_lora_twice_adds_up_as_with_the_builtin(webui):
+    """The WebUI applies each tag: strengths add (here up to fp32 rounding: ΔW/2 + ΔW/2 against ΔW)."""
+    _, twice = txt2img(webui, "a red circle <lora:cats:0.5> <lora:cats:0.5>")
+    _, once = txt2img(webui, "a red circle <lora:cats:1>")
+    _, half = txt2img(webui, "a red circle <lora:cats:0.5>")
+    _, by_alias_and_file = txt2img(webui, "a red circle <lora:dogs:0.5> <lora:renamed_file:0.5>")  # one file
+    _, dogs = txt2img(webui, "a red circle <lora:dogs:1>")
+    assert np.abs(pixels(twice) - pixels(once)).max() <= 2 and np.abs(pixels(twice) - pixels(half)).max() > 10
+    assert np.abs(pixels(by_alias_and_file) - pixels(dogs)).max() <= 2
+
+
 @pytest.mark.parametrize("own", [True, False])
 def test_each_tag_has_exactly_one_owner(load_extension, webui_modules, own):
     w = webui_modules
