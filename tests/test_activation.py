@@ -165,7 +165,9 @@ def test_sd_version_from_metadata():
     assert sd_version_of({"ss_v2": "True"}) == "SD2"
     assert sd_version_of({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}) == "SDXL"
     assert sd_version_of({"ss_v2": "False"}) == "SD1"
+    assert sd_version_of({"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora"}) == "SD1"
     assert sd_version_of({}) == "unknown"
+    assert sd_version_of({"format": "pt"}) == "unknown"  # diffusers' save_lora_weights, SDXL LoRAs included
 
 
 def test_dyn_uses_the_first_ranks_at_the_full_ranks_scale_as_the_webui_does():

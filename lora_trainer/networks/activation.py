@@ -126,17 +126,18 @@ def strength_of(call: LoraCall, unet_config=None) -> Strength:
 
 
 def sd_version_of(metadata: dict[str, str]) -> str:
-    """"SD1", "SD2", "SDXL" or "unknown", read from metadata the way the built-in Lora extension reads it."""
-    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl_"):
-        return "SDXL"
-    if str(metadata.get("ss_v2", "")) == "True":
-        return "SD2"
+    """"SD1", "SD2", "SDXL" or "unknown", from what sd-scripts and modelspec write. Unlike the built-in Lora extension,
+    which takes any other metadata for SD1 (only to hide cards, never to refuse a tag), a file without them is
+    "unknown": diffusers and converters write ``{"format": "pt"}`` into SDXL LoRAs too."""
     architecture = metadata.get("modelspec.architecture", "")
-    if architecture.startswith("stable-diffusion-xl"):
+    base = str(metadata.get("ss_base_model_version", ""))
+    if base.startswith("sdxl_") or architecture.startswith("stable-diffusion-xl"):
         return "SDXL"
-    if architecture.startswith("stable-diffusion-v2"):
+    if str(metadata.get("ss_v2", "")) == "True" or base.startswith("sd_v2") or architecture.startswith("stable-diffusion-v2"):
         return "SD2"
-    return "SD1" if metadata else "unknown"
+    if str(metadata.get("ss_v2", "")) == "False" or base.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
+        return "SD1"
+    return "unknown"
 
 
 @dataclass(frozen=True)

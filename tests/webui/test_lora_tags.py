@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.webui.conftest import txt2img
+from tests.webui.conftest import txt2img, use_checkpoint
 
 
 def pixels(processed):
@@ -51,6 +51,27 @@ def test_missing_incompatible_or_malformed_loras_warn_once_and_generation_goes_o
     assert handler.warnings[1:] == ["Lora not found: nothing_here",
                                     "<lora:xl_style> skipped: it was trained for SDXL, the loaded model is SD1"]
     assert sum("nothing_here" in r.message for r in caplog.records) == 1
+
+
+def test_an_sdxl_lora_without_version_metadata_applies_to_an_sdxl_checkpoint(webui, sdxl_checkpoint, tmp_path):
+    """diffusers and converters write {"format": "pt"} into SDXL LoRAs too: no sign of SD1, whatever the WebUI's
+    card filter guesses from it."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.models import checkpoint
+    from lora_trainer.networks.spec import NetworkSpec
+    from tests.webui.conftest import random_network, save_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    webui.shared.opts.data["lora_trainer_output_folder"] = str(folder)
+    use_checkpoint(webui, sdxl_checkpoint)
+    model = checkpoint.load_checkpoint(sdxl_checkpoint)
+    kohya = save_lora(random_network(model, NetworkSpec(dim=4, alpha=4), seed=5), folder / "xl.safetensors", model.config)
+    save_file(load_file(kohya), str(folder / "xl_converted.safetensors"), {"format": "pt"})
+    _, with_metadata = txt2img(webui, "a red circle <lora:xl:1>", size=32)
+    _, converted = txt2img(webui, "a red circle <lora:xl_converted:1>", size=32)
+    assert np.array_equal(pixels(converted), pixels(with_metadata))
 
 
 def test_new_checkpoint_weights_are_not_overwritten_by_a_stale_restore(webui):
