@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import UserError
 from ..networks.activation import LoraLibrary, edit_lora_tags, parse_block_vector, run_name, with_block_weights, with_name, with_weight
 
 PREFIX = "[LoRA] "
@@ -24,9 +25,31 @@ def find_xyz_module():
     return None
 
 
-def apply_epoch(p, x, xs):
-    name = _first_name(p.prompt)
-    p.prompt = edit_lora_tags(p.prompt, with_name(f"{run_name(name)}@e{int(x)}"), name)
+def epoch_file(library: LoraLibrary, name: str, epoch: int) -> str:
+    """The file stem of epoch ``epoch`` of the run ``name`` belongs to: what both our handler and the built-in one
+    look up (the built-in knows file stems and aliases, not our ``run@eN``)."""
+    run = run_name(name)
+    path = library.resolve(f"{run}@e{epoch}")
+    if path is None:
+        library.refresh()  # an epoch file written since the last scan
+        path = library.resolve(f"{run}@e{epoch}")
+    if path is None:
+        raise UserError(f"{PREFIX}Epoch {epoch}: the Lora folders hold no file of epoch {epoch} of {run!r} "
+                        f"({run}-{epoch:06d}.safetensors, or a file of that run whose ss_epoch is {epoch})")
+    return path.stem
+
+
+def epoch_axis(library: Callable[[], LoraLibrary]) -> tuple[Callable, Callable]:
+    def apply(p, x, xs):
+        name = _first_name(p.prompt)
+        p.prompt = edit_lora_tags(p.prompt, with_name(epoch_file(library(), name, int(x))), name)
+
+    def confirm(p, xs):  # every epoch found before the first image is made
+        name = _first_name(p.prompt)
+        for x in xs:
+            epoch_file(library(), name, int(x))
+
+    return apply, confirm
 
 
 def apply_strength(p, x, xs):
@@ -58,8 +81,10 @@ def axis_options(xyz, library: Callable[[], LoraLibrary]) -> list:
         current.refresh()
         return sorted({entry.name for entry in current.entries()}, key=str.lower)
 
+    apply_epoch, confirm_epochs = epoch_axis(library)
     return [
-        xyz.AxisOption(f"{PREFIX}Epoch", int, apply_epoch, format_value=xyz.format_value_add_label, cost=0.3),
+        xyz.AxisOption(f"{PREFIX}Epoch", int, apply_epoch, format_value=xyz.format_value_add_label, cost=0.3,
+                       confirm=confirm_epochs),
         xyz.AxisOption(f"{PREFIX}Strength", float, apply_strength, format_value=xyz.format_value_add_label),
         xyz.AxisOption(f"{PREFIX}Name", str, apply_name, format_value=xyz.format_value, choices=names, cost=0.3),
         xyz.AxisOption(f"{PREFIX}Block weights", str, apply_block_weights, format_value=xyz.format_value_add_label,

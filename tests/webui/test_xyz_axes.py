@@ -19,8 +19,12 @@ def test_axes_rewrite_the_lora_tag(load_extension):
     w = load_extension()
     prompt = "cat <lora:cats:0.5:lbw=OUTD>, <lora:dogs:0.3> and <lora:cats:0.8:0.2>"
     assert _applied(w, "Strength", prompt, 1.0, [1.0]) == "cat <lora:cats:1:lbw=OUTD>, <lora:dogs:0.3> and <lora:cats:1>"
-    assert _applied(w, "Epoch", prompt, 3, [3]).startswith("cat <lora:cats@e3:0.5:lbw=OUTD>, <lora:dogs:0.3> and <lora:cats@e3:0.8")
-    assert _applied(w, "Epoch", "x <lora:cats-000001:1>", 2, [2]) == "x <lora:cats@e2:1>"
+    # the epoch's file stem: what the built-in handler knows too (it has no run@eN); the last epoch is the final file
+    assert _applied(w, "Epoch", prompt, 1, [1]).startswith("cat <lora:cats-000001:0.5:lbw=OUTD>, <lora:dogs:0.3> and <lora:cats-000001:0.8")
+    assert _applied(w, "Epoch", "x <lora:cats-000001:1>", 2, [2]) == "x <lora:cats:1>"
+    assert _applied(w, "Epoch", "x <lora:cats@e1:1>", 2, [2]) == "x <lora:cats:1>"
+    with pytest.raises(UserError, match=r"\[LoRA\] Epoch 7: the Lora folders hold no file of epoch 7 of 'cats'"):
+        _axis(w, "Epoch").confirm(w.processing.StableDiffusionProcessingTxt2Img(prompt=prompt), [1, 7])
     assert _applied(w, "Name", "x <lora:cats:0.7>", "renamed_file", []) == "x <lora:renamed_file:0.7>"
     assert _applied(w, "Block weights", "x <lora:cats:1:lbw=INS>", "OUTD", []) == "x <lora:cats:1:lbw=OUTD>"
     assert _applied(w, "Block weights", "x <lora:cats:1>", "1 0 0 0 0 0 0 0 1 1 1 1 0 0 0 0 0", []) == \
