@@ -32,10 +32,12 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
         self._model = None  # the WebUI model self._merged belongs to
         self._merged: MergedNetworks | None = None
         self._config = None
+        self._generation = None  # the processing object of the generation being activated: its comments
 
     # --- WebUI interface ----------------------------------------------------------------------------------------
 
     def activate(self, p, params_list):
+        self._generation = p
         calls = []
         for params in params_list:
             try:
@@ -128,6 +130,11 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
             return None
 
     def _warn(self, message: str) -> None:
+        """Said under every image it concerns (the generation's comments, as the built-in says "Lora not found"), and
+        once per session in the console."""
+        comment = getattr(self._generation, "comment", None)
+        if comment is not None:
+            comment(f"LoRA Trainer: {message}")
         if message not in self.warnings:
             self.warnings.append(message)
             log.warning("LoRA Trainer: %s", message)

@@ -41,11 +41,12 @@ def test_alias_epoch_and_lyco_tags_resolve_to_files(webui):
     assert np.array_equal(epoch1, numbered) and not np.array_equal(epoch1, by_file)
 
 
-def test_missing_incompatible_or_malformed_loras_warn_once_and_generation_goes_on(webui, caplog):
+def test_missing_incompatible_or_malformed_loras_are_said_under_each_generation_once_in_the_console_and_it_goes_on(webui, caplog):
     _, base = txt2img(webui, "a red circle")
-    for _ in range(2):
-        _, result = txt2img(webui, "a red circle <lora:nothing_here:1> <lora:xl_style:1> <lora:dogs:lots>")
+    for _ in range(2):  # said under each generation's images, as the built-in's "Lora not found"
+        p, result = txt2img(webui, "a red circle <lora:nothing_here:1> <lora:xl_style:1> <lora:dogs:lots>")
         assert np.array_equal(pixels(result), pixels(base))
+        assert "LoRA Trainer: Lora not found: nothing_here" in p.comments and len(p.comments) == 3
     handler = webui.extra_networks.extra_network_registry["lora"]
     assert handler.warnings[0] == "<lora:dogs:lots>: te weight 'lots' is not a number; write e.g. <lora:name:0.8>"
     assert handler.warnings[1:] == ["Lora not found: nothing_here",

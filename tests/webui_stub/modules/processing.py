@@ -51,6 +51,10 @@ class StableDiffusionProcessing:
         self.override_settings = self.override_settings or {}
         self.iteration = 0
         self.is_hr_pass = False
+        self.comments = {}
+
+    def comment(self, text):
+        self.comments[text] = 1
 
     def close(self):
         pass
