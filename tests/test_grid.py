@@ -17,6 +17,8 @@ from lora_trainer.grid.axes import check_size, parse_values, run_files
     ("0-1 [3]", [0.0, 0.5, 1.0]),
     ("1, -0.5, 1.5", [1.0, -0.5, 1.5]),
     ("1-0 (-0.5)", [1.0, 0.5, 0.0]),
+    ("1-3", [1.0, 2.0, 3.0]),  # no step: 1, as the X/Y/Z plot reads it
+    ("0-1, 0.5", [0.0, 1.0, 0.5]),
 ])
 def test_strength_lists_and_ranges_read_like_the_xyz_plot(text, values):
     assert parse_values(text) == pytest.approx(values)

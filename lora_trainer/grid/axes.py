@@ -12,18 +12,19 @@ from ..safe_io import read_safetensors_metadata
 
 MAX_CELLS = 400
 
-_RANGE = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*\(\s*([+-]?[\d.]+)\s*\)\s*$")
+_RANGE = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*(?:\(\s*([+-]?[\d.]+)\s*\))?\s*$")  # no step: 1
 _COUNT = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*\[\s*(\d+)\s*\]\s*$")
 
 
 def parse_values(text: str) -> list[float]:
-    """``0.2-1.0 (+0.2)``, ``0-1 [5]`` (5 evenly spaced values) or ``0, 0.5, 1`` — the X/Y/Z plot's syntax."""
+    """``0.2-1.0 (+0.2)``, ``1-3`` (step 1), ``0-1 [5]`` (5 evenly spaced values) or ``0, 0.5, 1`` — the X/Y/Z plot's
+    syntax."""
     values: list[float] = []
     for part in re.split(r",(?![^(\[]*[)\]])", text):
         if not part.strip():
             continue
         if match := _RANGE.match(part):
-            start, end, step = (Decimal(g) for g in match.groups())
+            start, end, step = (Decimal(g or "1") for g in match.groups())
             if step == 0 or (end - start) * step < 0:
                 raise UserError(f"range {part.strip()!r}: the step must move from {start} towards {end}")
             value = start
