@@ -160,6 +160,19 @@ def test_short_hash_is_the_recorded_one_or_the_tensor_data_hash(tmp_path):
     assert library.short_hash(a) == library.short_hash(b) and len(library.short_hash(a)) == 12
 
 
+def test_a_name_found_twice_resolves_to_the_file_the_webui_picks(tmp_path):
+    """The WebUI's Lora extension walks its folders in sorted order and the last file of a name wins."""
+    from safetensors.torch import save_file
+
+    for folder in ("Lora/a_old", "Lora/b_new", "LyCORIS"):
+        (tmp_path / folder).mkdir(parents=True)
+    for path in ("Lora/a_old/style", "Lora/b_new/style", "Lora/b_new/pose", "LyCORIS/pose"):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / f"{path}.safetensors"))
+    library = LoraLibrary([tmp_path / "Lora", tmp_path / "LyCORIS"])
+    assert library.resolve("style") == tmp_path / "Lora/b_new/style.safetensors"
+    assert library.resolve("pose") == tmp_path / "LyCORIS/pose.safetensors"
+
+
 def test_sd_version_from_metadata():
     assert sd_version_of({"ss_base_model_version": "sdxl_base_v1-0"}) == "SDXL"
     assert sd_version_of({"ss_v2": "True"}) == "SD2"

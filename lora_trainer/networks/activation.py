@@ -165,8 +165,10 @@ class LoraLibrary:
     """The LoRA files in some folders (searched recursively), by name, by alias and by ``name@eN``.
 
     Listing is cheap (directory walk); metadata is read from a file's header when first needed and kept until the
-    file's modification time changes. A file name found in two folders resolves to the first folder's file; an
-    alias several files share (the epochs of one run) to the one with the highest ``ss_epoch``.
+    file's modification time changes. A file name found twice resolves as in the WebUI's Lora extension, to the
+    last one listed (folders in order, each walked in sorted order: ``b/style`` over ``a/style``, the LyCORIS folder
+    over the Lora folder); an alias several files share (the epochs of one run) to the one with the highest
+    ``ss_epoch``.
     """
 
     NETWORKS_KEPT = 16  # read files kept: a 10-epoch grid switches without re-reading
@@ -233,7 +235,7 @@ class LoraLibrary:
     def resolve(self, name: str) -> Path | None:
         """The file ``<lora:name>`` means: by file stem, then by alias, then ``run@eN`` = epoch N of a run."""
         name = name.strip()
-        by_stem = next((p for p, _ in self._listing() if p.stem == name), None)
+        by_stem = next((p for p, _ in reversed(self._listing()) if p.stem == name), None)
         if by_stem is not None:
             return by_stem
         entries = self.entries()
@@ -244,7 +246,7 @@ class LoraLibrary:
         return self._epoch_file(match.group("run"), int(match.group("epoch")), entries) if match else None
 
     def _epoch_file(self, run: str, epoch: int, entries: list[LoraEntry]) -> Path | None:
-        numbered = next((e.path for e in entries if e.path.stem == f"{run}-{epoch:06d}"), None)
+        numbered = next((e.path for e in reversed(entries) if e.path.stem == f"{run}-{epoch:06d}"), None)
         if numbered is not None:
             return numbered
         named = [e for e in entries if e.alias == run or e.name == run]
