@@ -38,6 +38,7 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
 
     def activate(self, p, params_list):
         self._generation = p
+        params_list = self._with_always_added(p, list(params_list))
         calls = []
         for params in params_list:
             try:
@@ -60,8 +61,25 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
             wanted.append((network, strength))
             hashes[call.name.translate(_REMOVE_SYMBOLS)] = self.library.short_hash(network.path)
         merged.set_networks(wanted)
-        if hashes:
-            p.extra_generation_params["Lora hashes"] = ", ".join(f"{name}: {short}" for name, short in hashes.items())
+        if not getattr(shared.opts, "lora_add_hashes_to_infotext", True):  # the built-in Lora extension's setting
+            return
+        if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):  # hires fix: both passes' LoRAs
+            p.lora_hashes = {}
+        p.lora_hashes.update(hashes)
+        if p.lora_hashes:
+            p.extra_generation_params["Lora hashes"] = ", ".join(f"{name}: {short}" for name, short in p.lora_hashes.items())
+
+    def _with_always_added(self, p, params_list: list) -> list:
+        """The built-in's "Add network to prompt" setting (``sd_lora``): that LoRA in every prompt not naming it, at the
+        default multiplier, written into the prompts as the built-in writes it (so the infotext says it)."""
+        always = getattr(shared.opts, "sd_lora", "None")
+        if always in ("None", "", None) or any(params.items and params.items[0] == always for params in params_list):
+            return params_list
+        if self.library.resolve(always) is None:
+            return params_list
+        multiplier = getattr(shared.opts, "extra_networks_default_multiplier", 1.0)
+        p.all_prompts = [prompt + f"<lora:{always}:{multiplier}>" for prompt in getattr(p, "all_prompts", None) or []]
+        return [*params_list, extra_networks.ExtraNetworkParams(items=[always, multiplier])]
 
     def deactivate(self, p):
         pass  # the weights stay merged until the next activate says otherwise, as with the built-in

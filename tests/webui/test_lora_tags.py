@@ -75,6 +75,17 @@ def test_an_sdxl_lora_without_version_metadata_applies_to_an_sdxl_checkpoint(web
     assert np.array_equal(pixels(converted), pixels(with_metadata))
 
 
+def test_the_builtin_lora_settings_are_obeyed_while_we_own_the_tags(webui):
+    """"Add network to prompt" (sd_lora) and "Add Lora hashes to infotext", registered by the built-in extension."""
+    _, cats = txt2img(webui, "a red circle <lora:cats:1>")
+    webui.shared.opts.data.update(sd_lora="cats", extra_networks_default_multiplier=1.0)
+    p, always = txt2img(webui, "a red circle")
+    assert np.array_equal(pixels(always), pixels(cats)) and p.all_prompts[0].endswith("<lora:cats:1.0>")
+    webui.shared.opts.data.update(sd_lora="None", lora_add_hashes_to_infotext=False)
+    p, without_hashes = txt2img(webui, "a red circle <lora:cats:1>")
+    assert np.array_equal(pixels(without_hashes), pixels(cats)) and "Lora hashes" not in p.extra_generation_params
+
+
 def test_new_checkpoint_weights_are_not_overwritten_by_a_stale_restore(webui):
     _, base = txt2img(webui, "a red circle")
     txt2img(webui, "a red circle <lora:cats:1>")
