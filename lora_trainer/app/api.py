@@ -197,8 +197,8 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     The base model may also be named by its title in the host's list (``checkpoints``: ``GET /checkpoints``, the
     WebUI's checkpoint titles), as the Train tab names it."""
     from ..training.kohya_gui import is_gui_config
-    from ..training.options import (FIELDS, FOREIGN, PATH_OPTIONS, flattened_sections, gui_settings_options,
-                                    is_data_url, not_given)
+    from ..training.options import (DATA_URL_OPTIONS, FIELDS, FOREIGN, PATH_OPTIONS, flattened_sections,
+                                    gui_settings_options, is_data_url, not_given)
 
     if not isinstance(body, dict):
         raise ApiError(400, "invalid", "the body must be a JSON object")
@@ -242,7 +242,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
             options[key] = str(listed)
         elif isinstance(options.get(key), list):
             options[key] = [str(checked_path(value, roots, key, must_exist)) for value in options[key]]
-        elif options.get(key) is not None and not is_data_url(options[key]):
+        elif options.get(key) is not None and not (key in DATA_URL_OPTIONS and is_data_url(options[key])):
             options[key] = str(checked_path(options[key], roots, key, must_exist))
     if options.get("network_args") is not None:
         options["network_args"] = _checked_network_args(options["network_args"], roots)

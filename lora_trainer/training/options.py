@@ -765,9 +765,13 @@ def network_preset_file(item: str) -> str | None:
     return value if key.strip() == "preset" and value not in (*LYCORIS_PRESETS, "ia3") else None
 
 
+DATA_URL_OPTIONS = ("metadata_thumbnail",)  # the path options that may be given the file's content instead
+
+
 def is_data_url(value: Any) -> bool:
-    """A ``data:`` URL where a path may stand (``--metadata_thumbnail``): the image itself, not a file."""
-    return isinstance(value, str) and value.startswith("data:")
+    """A ``data:`` URL (``data:image/png;base64,…``) where a path may stand (``--metadata_thumbnail``): the image
+    itself, not a file. Only with a media type: ``data:/../x`` is a path (a folder named ``data:``)."""
+    return isinstance(value, str) and re.match(r"data:[\w.+-]+/[\w.+-]+[;,]", value) is not None
 
 
 def absolute_path(value: str, must_exist: bool) -> str:

@@ -204,6 +204,11 @@ def test_resume_answers_201_with_the_new_job_and_its_end_calls_the_jobs_webhook(
     ({"options": {"network_weights": "/etc/passwd"}}, 403, "network_weights"),
     ({"options": {"base_weights": ["/etc/passwd"]}}, 403, "base_weights"),
     ({"options": {"metadata_thumbnail": "/etc/passwd"}}, 403, "metadata_thumbnail"),  # read into the file's metadata
+    # "data:" starts a data URL only for the thumbnail, and only with a media type: else it is a folder's name
+    ({"options": {"output_dir": "data:/../../../../../../../../tmp/elsewhere"}}, 403, "output_dir"),
+    ({"options": {"output_dir": "data:image/png;base64,AAAA"}}, 403, "output_dir"),
+    ({"options": {"dataset_config": "data:/../../../../../../../../etc/hostname"}}, 403, "dataset_config"),
+    ({"options": {"metadata_thumbnail": "data:/../../../../../../../../etc/passwd"}}, 403, "metadata_thumbnail"),
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=/etc/preset.toml"]}}, 403, "network_args"),
     ({"options": {"network_module": "lycoris.kohya", "network_args": ["preset=presets/mine.toml"]}}, 400, "network_args"),
     # a value of another kind: refused by name, not a 500 now or a failed (or silently different) run later
