@@ -29,6 +29,9 @@ def test_bad_axes_are_refused_with_a_reason():
         parse_values("0.5, strong")
     with pytest.raises(UserError, match="step must move"):
         parse_values("0-1 (-0.1)")
+    for huge in ("0-1 [1000000000]", "0-1 (+0.000000001)", "0.5, 0-1 [1000]"):  # counted, not built, to be refused
+        with pytest.raises(UserError, match="an axis takes at most 1000"):
+            parse_values(huge)
     with pytest.raises(UserError, match="confirm"):
         check_size(21, 20)
 

@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..safe_io import read_safetensors_metadata
 
 MAX_CELLS = 400
+MAX_AXIS_VALUES = 1000  # counted before any list is made: "0-1 [10000000]" must not fill the memory to be refused
 
 _RANGE = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*(?:\(\s*([+-]?[\d.]+)\s*\))?\s*$")  # no step: 1
 _COUNT = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*\[\s*(\d+)\s*\]\s*$")
@@ -27,12 +28,14 @@ def parse_values(text: str) -> list[float]:
             start, end, step = (Decimal(g or "1") for g in match.groups())
             if step == 0 or (end - start) * step < 0:
                 raise UserError(f"range {part.strip()!r}: the step must move from {start} towards {end}")
+            _check_count(part, int((end - start) / step) + 1, len(values))
             value = start
             while (value <= end) if step > 0 else (value >= end):
                 values.append(float(value))
                 value += step
         elif match := _COUNT.match(part):
             start, end, count = float(match.group(1)), float(match.group(2)), int(match.group(3))
+            _check_count(part, count, len(values))
             values += [start] if count == 1 else [start + (end - start) * i / (count - 1) for i in range(count)]
         else:
             try:
@@ -42,6 +45,12 @@ def parse_values(text: str) -> list[float]:
     if not values:
         raise UserError(f"no values in {text!r}")
     return values
+
+
+def _check_count(part: str, count: int, before: int) -> None:
+    if before + count > MAX_AXIS_VALUES:
+        raise UserError(f"{part.strip()!r} makes {count} values; an axis takes at most {MAX_AXIS_VALUES}: use a larger "
+                        "step or fewer values")
 
 
 @dataclass(frozen=True)
