@@ -49,12 +49,23 @@ class BucketChoice:
     aspect_error: float
 
 
+LARGEST_SIDE = 8192  # pixels: 64 megapixels an image (SDXL trains at 1024); beyond, a typo that would take the memory
+
+
+def check_largest_side(value: int, option: str) -> None:
+    if value > LARGEST_SIDE:
+        raise UserError(f"{option} {value} is larger than {LARGEST_SIDE} pixels, the most this trainer takes (SD1 trains "
+                        f"at 512, SDXL at 1024); give a smaller {option}.", option)
+
+
 def adjusted_bucket_range(resolution: Size, min_bucket_reso: int, max_bucket_reso: int, bucket_reso_steps: int) -> tuple[int, int]:
     """min/max bucket sizes snapped to the step (min down, max up), then checked against the resolution.
 
     sd-scripts logs the snapping as a warning and asserts the checks; the assertions become ``UserError``s that say
     which option to change.
     """
+    check_largest_side(max(resolution), "resolution")
+    check_largest_side(max_bucket_reso, "max_bucket_reso")
     if bucket_reso_steps < 1:
         raise UserError(f"bucket_reso_steps is {bucket_reso_steps}; it must be a positive number of pixels (64 for SD1/SD2, "
                         "32 or 64 for SDXL).", "bucket_reso_steps")

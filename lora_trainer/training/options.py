@@ -22,6 +22,7 @@ from typing import Any
 
 import toml
 
+from ..dataset.buckets import check_largest_side
 from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
 from .lr_schedules import steps_or_fraction
@@ -664,6 +665,15 @@ def validate(options: TrainOptions, template: bool = False) -> None:
             assert len(sides) in (1, 2) and min(sides) > 0
         except (ValueError, AssertionError):
             problems.append(f'--resolution {options.resolution!r}: give "512" or "512,768"')
+        else:
+            try:
+                check_largest_side(max(sides), "--resolution")
+            except UserError as problem:
+                problems.append(str(problem))
+    try:
+        check_largest_side(options.max_bucket_reso, "--max_bucket_reso")
+    except UserError as problem:
+        problems.append(str(problem))
     from ..networks.max_norm import check_supported
     from ..networks.spec import spec_from_kohya
 

@@ -222,6 +222,7 @@ def test_resume_answers_201_with_the_new_job_and_its_end_calls_the_jobs_webhook(
     ({"options": {"network_args": {"conv_dim": 4}}}, 400, "network_args"),  # not flattened as a section
     ({"options": {"min_snr_gamma": {}}}, 400, "min_snr_gamma"),  # not an empty section that drops the option
     ({"options": {"max_train_steps": 1e30}}, 400, "max_train_steps"),
+    ({"options": {"resolution": "100000000"}}, 400, "resolution"),
 ])
 def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, field):
     body = {**job_body, **{k: v for k, v in change.items() if k != "options"},
@@ -436,7 +437,9 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
     assert "min_bucket_reso 256 is larger than the shorter side of the resolution 64x64" in contradicting["message"]
     assert_error(client.post(f"{V1}/dataset/check", json={"path": "/etc"}), 403, field="path")
     for wrong, field in (({"resolution": "abc"}, "resolution"), ({"resolution": [64, 0]}, "resolution"),
-                         ({"batch_size": "2"}, "batch_size"), ({"enable_bucket": 1}, "enable_bucket")):
+                         ({"batch_size": "2"}, "batch_size"), ({"enable_bucket": 1}, "enable_bucket"),
+                         # a typo's bucket list would take the server's memory and minutes to refuse
+                         ({"resolution": 100000000}, "resolution"), ({"max_bucket_reso": 10**9}, "max_bucket_reso")):
         assert_error(client.post(f"{V1}/dataset/check", json={**body, **wrong}), 400, field=field)
     assert client.post(f"{V1}/dataset/check", json={**body, "resolution": "64,64"}).status_code == 200
     # bucket limits left out follow the resolution, as a job at 64 px trains without naming them
