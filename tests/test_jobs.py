@@ -350,6 +350,23 @@ def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(ru
     assert last["event"] == "error" and "stopped when the WebUI did" in last["message"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times read from /proc here")
+def test_a_job_whose_trainer_pid_now_belongs_to_another_process_is_neither_followed_nor_killed(runner, tmp_path):
+    """After a crash the number can be given to any later process: one that started an hour after the job is not
+    its trainer (it held the queue for good, and a stop killed it)."""
+    job = runner.submit("long gone", options(tmp_path, "finish"))
+    waiting = runner.submit("next", options(tmp_path, "finish"))
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runner.store.update(job.id, status="running", pid=stranger.pid, started=time.time() - 3600)
+        restarted = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), poll=0.05)
+        assert restarted.store.get(job.id).status == "interrupted"
+        assert restarted.run_next().id == waiting.id and stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_a_job_that_finished_while_the_webui_was_down_is_finished_after_restart_with_its_files(runner, tmp_path):
     """Its trainer outlived the WebUI and ran to its end unobserved: its events say so. Shown as interrupted, a
     Resume would train the finished epochs again over its files."""
@@ -381,7 +398,7 @@ def test_a_trainer_still_running_after_a_restart_is_followed_to_its_end_and_hold
     trainer = subprocess.Popen([sys.executable, str(tmp_path / "fake_trainer.py"), str(job.config_path)],
                                start_new_session=True)
     threading.Thread(target=trainer.wait, daemon=True).start()  # its old parent, gone in life, reaped it
-    runner.store.update(job.id, status="running", pid=trainer.pid)
+    runner.store.update(job.id, status="running", pid=trainer.pid, started=time.time())
     restarted = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), kill_after=5.0, poll=0.05)
     assert restarted.store.get(job.id).status == "running"
     followed = []

@@ -24,7 +24,7 @@ import toml
 from ..errors import UserError
 from ..training.events import EventLog, read_events
 from ..training.options import options_from
-from .store import Job, JobStore, pid_alive
+from .store import Job, JobStore, trainer_alive
 
 
 def trainer_command(job: Job) -> list[str]:
@@ -130,14 +130,17 @@ class AdoptedProcess:
     """A trainer that an earlier server started and left running (the WebUI restarted): followed by its pid, since
     only its parent could read its exit code."""
 
-    def __init__(self, pid: int):
-        self.pid = pid
+    def __init__(self, job: Job):
+        self.job = job
+        self.pid = job.pid
         self.returncode: int | None = None  # unknown: its events tell how it ended
 
     def poll(self) -> bool | None:
-        return None if pid_alive(self.pid) else True
+        return None if trainer_alive(self.job) else True
 
     def kill(self) -> None:
+        if not trainer_alive(self.job):  # its number may be another process's by now
+            return
         try:
             os.kill(self.pid, getattr(signal, "SIGKILL", signal.SIGTERM))  # Windows: SIGTERM is TerminateProcess
         except OSError:
@@ -284,9 +287,9 @@ class JobRunner:
         """Follow a trainer an earlier server left running, else run the oldest queued job, to its end
         (synchronously); None when there is neither. One trainer at a time, whoever started it."""
         orphan = next((job for job in self.store.all() if job.status == "running" and job.id != self._current
-                       and pid_alive(job.pid)), None)
+                       and trainer_alive(job)), None)
         if orphan is not None:
-            return self._follow(orphan, AdoptedProcess(orphan.pid), log=None)
+            return self._follow(orphan, AdoptedProcess(orphan), log=None)
         job = self._take_next()
         if job is None:
             return None

@@ -73,6 +73,56 @@ class Job:
                 "files": self.files, "last_state": self.last_state, "resumed_from": self.resumed_from}
 
 
+# How long after a job was marked running its trainer may start (the earlier run's files are moved out of the way
+# in between): a process under the job's pid that started at another time is not its trainer but a later process
+# that was given the same number after the trainer died — never to be followed, or killed by a stop.
+TRAINER_START_WINDOW = (-5.0, 60.0)
+
+
+def trainer_alive(job: "Job") -> bool:
+    """The job's trainer still runs: its pid is taken, by a process that started when the job did (where the system
+    tells a process's start time: Linux, Windows)."""
+    if not pid_alive(job.pid):
+        return False
+    began = process_start_time(job.pid)
+    if began is None or job.started is None:
+        return True
+    earliest, latest = TRAINER_START_WINDOW
+    return job.started + earliest <= began <= job.started + latest
+
+
+def process_start_time(pid: int, windows: bool = os.name == "nt") -> float | None:
+    """When process ``pid`` started, in seconds since the epoch; None where the system does not say."""
+    try:
+        if windows:
+            return _windows_process_start(pid)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime: clock ticks after boot
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return None
+
+
+def _windows_process_start(pid: int) -> float | None:
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32")
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return None
+    try:
+        times = [wintypes.FILETIME() for _ in range(4)]  # creation, exit, kernel, user
+        if not kernel32.GetProcessTimes(handle, *(ctypes.byref(t) for t in times)):
+            return None
+        created = (times[0].dwHighDateTime << 32) | times[0].dwLowDateTime  # 100 ns since 1601
+        return created / 1e7 - 11644473600.0
+    finally:
+        kernel32.CloseHandle(handle)
+
+
 def pid_alive(pid: int | None, windows: bool = os.name == "nt") -> bool:
     if not pid:
         return False
@@ -171,7 +221,7 @@ class JobStore:
 
         recovered = []
         for job in self.all():
-            if job.status == "running" and not pid_alive(job.pid):
+            if job.status == "running" and not trainer_alive(job):
                 events, _ = read_events(job.events_path, 0)
                 files = [e["path"] for e in events if e["event"] == "saved" and Path(e["path"]).exists()]
                 states = [e["path"] for e in events if e["event"] == "state" and e.get("action") == "saved"]
