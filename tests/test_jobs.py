@@ -347,7 +347,8 @@ def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(ru
     restarted = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"))
     assert restarted.store.get(job.id).status == "interrupted"
     last = read_events(job.events_path)[0][-1]  # a client waiting on the stream for its end gets one
-    assert last["event"] == "error" and "stopped when the WebUI did" in last["message"]
+    assert last["event"] == "error" and "stopped when the app did" in last["message"]
+    assert last["message"].endswith("it had saved no state to resume from: start the job again")  # not "resume"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times read from /proc here")

@@ -231,8 +231,10 @@ class JobStore:
                 elif last.get("event") == "error":
                     status, message = "failed", last.get("message")
                 else:  # its stream ends here too, for a client waiting on it for an end or an error
-                    status, message = "interrupted", ("the trainer stopped when the WebUI did; resume continues from "
-                                                      "the last saved state")
+                    resumable = states or job.last_state
+                    status, message = "interrupted", ("the trainer stopped when the app did; " + (
+                        "resume continues from the last saved state" if resumable else
+                        "it had saved no state to resume from: start the job again"))
                     try:
                         with EventLog(job.events_path) as log:
                             log.emit("error", message=message)
