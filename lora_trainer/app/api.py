@@ -621,6 +621,11 @@ def create_router(services: Services) -> APIRouter:
         job = job_or_404(job_id)
         if job.status == "running":
             raise ApiError(409, "job_running", f"job {job_id} is running; stop it first (POST {PREFIX}/jobs/{job_id}/stop)")
+        waiting = [j.id for j in services.store.all() if j.resumed_from == job_id and j.status in ("queued", "running")]
+        if waiting:  # its folder holds the state that job resumes from
+            raise ApiError(409, "job_running", f"job {waiting[0]} resumes from job {job_id}'s saved state; delete job "
+                           f"{job_id} once job {waiting[0]} has ended (or take it out of the queue: POST "
+                           f"{PREFIX}/jobs/{waiting[0]}/stop)")
         services.store.delete(job_id)
         if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
             shutil.rmtree(job.folder, ignore_errors=True)

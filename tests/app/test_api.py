@@ -183,6 +183,29 @@ def test_resume_answers_201_with_the_new_job_and_its_end_calls_the_jobs_webhook(
     assert [call["job"]["id"] for call in received] == [job["id"], resumed.json()["id"]]
 
 
+def test_a_job_whose_state_a_queued_job_resumes_from_cannot_be_deleted(client, job_services, job_body, tmp_path,
+                                                                        monkeypatch):
+    """Deleting it removes its folder, where its state is: the queued job would fail with 'no such folder'."""
+    paused = client.post(f"{V1}/jobs", json=job_body).json()
+    assert wait_for(client, paused["id"])["status"] == "finished"
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("model.safetensors", "train_state.pt"):
+        (state / name).write_bytes(b"x")
+    job_services.store.update(paused["id"], status="paused", last_state=str(state))
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.3")
+    blocker = client.post(f"{V1}/jobs", json={**job_body, "name": "blocker",
+                                               "options": {**job_body["options"], "max_train_steps": 200}}).json()
+    assert wait_for(client, blocker["id"], ("running",))["status"] == "running"
+    resumed = client.post(f"{V1}/jobs/{paused['id']}/resume").json()
+    error = assert_error(client.delete(f"{V1}/jobs/{paused['id']}"), 409, "job_running")
+    assert error["message"].startswith(f"job {resumed['id']} resumes from job {paused['id']}'s saved state")
+    assert client.post(f"{V1}/jobs/{resumed['id']}/stop").json()["status"] == "stopped"  # out of the queue
+    assert client.delete(f"{V1}/jobs/{paused['id']}").json() == {"deleted": paused["id"]}
+    client.post(f"{V1}/jobs/{blocker['id']}/stop")
+    wait_for(client, blocker["id"])
+
+
 @pytest.mark.parametrize("change, status, field", [
     ({"name": "a/b"}, 400, "name"),
     ({"name": ".."}, 400, "name"),
