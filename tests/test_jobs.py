@@ -228,6 +228,30 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
         runner.stop(job.id, pause=True)
 
 
+def test_resumes_asked_at_once_make_one_job(runner, tmp_path, monkeypatch):
+    """Four clients pressing Resume together: one job, the others told it was resumed already."""
+    job = runner.submit("long", options(tmp_path, "wait"))
+    thread = _run_in_background(runner)
+    runner.stop(job.id)
+    thread.join(timeout=10)
+    submit = runner.submit
+    monkeypatch.setattr(runner, "submit", lambda *a, **k: (time.sleep(0.2), submit(*a, **k))[1])  # a slow check
+    answers = []
+
+    def press():
+        try:
+            answers.append(runner.resume(job.id).id)
+        except UserError as error:
+            answers.append(str(error))
+
+    presses = [threading.Thread(target=press) for _ in range(4)]
+    for press_ in presses:
+        press_.start()
+    for press_ in presses:
+        press_.join(timeout=10)
+    assert sum(isinstance(a, int) for a in answers) == 1 and sum("resumed already" in str(a) for a in answers) == 3
+
+
 def test_a_job_whose_state_was_cut_off_while_being_replaced_resumes_from_the_one_it_replaced(runner, tmp_path):
     job = runner.submit("long", options(tmp_path, "wait"))
     thread = _run_in_background(runner)

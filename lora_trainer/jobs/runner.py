@@ -168,6 +168,7 @@ class JobRunner:
         self._held: dict[int, list[str]] = {}
         # stop, pause and the control words against the queue taking a job and the trainer saying start
         self._lock = threading.Lock()
+        self._resuming = threading.Lock()  # one resume at a time: two would both find the state not yet resumed
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
@@ -202,6 +203,10 @@ class JobRunner:
         return job
 
     def resume(self, job_id: int) -> Job:
+        with self._resuming:
+            return self._resume(job_id)
+
+    def _resume(self, job_id: int) -> Job:
         job = self._job(job_id)
         if job.status in ("queued", "running"):
             raise UserError(f"job {job_id} is {job.status}; nothing to resume")
