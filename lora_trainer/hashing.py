@@ -43,6 +43,12 @@ def tensor_data_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         header = int.from_bytes(handle.read(8), "little")
+        size = os.fstat(handle.fileno()).st_size
+        if header > size - 8:
+            from .errors import UserError
+
+            raise UserError(f"{path} is not a whole safetensors file (its header claims {header} bytes, the file holds "
+                            f"{size}): it is damaged or was cut short; save or download it again")
         handle.seek(8 + header)
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)

@@ -115,6 +115,8 @@ def test_bad_grids_are_refused_and_big_ones_need_confirmation(library):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)
     with pytest.raises(UserError, match="no LoRA named 'nosuch'"):
         plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="nosuch"), library)
+    with pytest.raises(UserError, match=r"epoch axis: epochs 3, 99 are not among the run's files \(epochs 1, 2\)"):
+        plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["1", "3", "99"])), library)  # not 1 row
     big = request(AxisSpec("strength", ["0-1 [20]"]), AxisSpec("seed", [str(i) for i in range(20)]))
     with pytest.raises(UserError, match="confirm"):
         plan_grid(big, library)

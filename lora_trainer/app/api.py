@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import shutil
 import threading
@@ -899,9 +900,13 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
     lora = str(body.get("lora") or "")
     if "/" in lora or "\\" in lora:
         lora = str(checked_path(lora, roots, "lora", must_exist=True))
+    strength = body.get("strength", 1.0)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ApiError(400, "invalid", "strength: give a number such as 0.8 (the LoRA's weight where no axis sets it)",
+                       "strength")
     try:
         return GridRequest(x=axis("x"), y=axis("y"), settings=dataclasses.replace(defaults, **overrides), lora=lora,
-                           strength=float(body.get("strength", 1.0)), checkpoint=body.get("checkpoint"),
+                           strength=float(strength), checkpoint=body.get("checkpoint"),
                            baseline=flag(body, "baseline", True), confirmed=flag(body, "confirmed", False))
     except (TypeError, ValueError) as error:
         raise ApiError(400, "invalid", f"grid: {error}") from None
@@ -929,6 +934,9 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
                     status.message = "no cell finished (interrupted or skipped): nothing was saved"
                 elif result.finished < result.total:
                     status.message = f"{result.finished} of {result.total} cells finished; the others are grey"
+                warnings = getattr(services.host, "take_warnings", lambda: [])()  # a LoRA not found or not fitting
+                if warnings:
+                    status.message = "; ".join(filter(None, [status.message, *warnings]))
             except Exception as error:  # noqa: BLE001 - reported through GET /grids/{id}
                 status.status, status.message = "failed", str(error)
                 if not isinstance(error, UserError):

@@ -180,6 +180,11 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver) ->
             unknown = [v for v in values if not v.isdigit()]
             if unknown:
                 raise UserError(f"epoch axis: {', '.join(unknown)} is not an epoch number; give numbers such as 2, 4, 6")
+            missing = sorted(wanted - {f.epoch for f in files})
+            if missing:  # a row silently left out reads as a grid of the epochs asked for
+                have = ", ".join(str(f.epoch) for f in files if f.epoch is not None) or "none numbered"
+                said = f"epoch {missing[0]} is" if len(missing) == 1 else f"epochs {', '.join(map(str, missing))} are"
+                raise UserError(f"epoch axis: {said} not among the run's files (epochs {have})")
             files = [f for f in files if f.epoch in wanted]
         if not files:
             raise UserError(f"epoch axis: none of the epochs {', '.join(values)} is among the run's files")

@@ -348,6 +348,9 @@ def merge_prompt_loras(prompt: str, library: LoraLibrary, merged, config) -> tup
     wanted, used, skipped = [], [], []
     for call in calls:
         path = library.resolve(call.name)
+        if path is None:  # a file added since the folders were listed (a copied-in LoRA, a new epoch)
+            library.refresh()
+            path = library.resolve(call.name)
         if path is None:
             folders = ", ".join(str(f) for f in library.folders) or "no LoRA folder"
             skipped.append((f"missing:{call.name}", f"LoRA {call.name!r} not found in {folders}; generating without it"))

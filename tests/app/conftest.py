@@ -73,6 +73,10 @@ class FakeHost:
     def refresh_loras(self) -> None:
         self.calls.append(("refresh_loras", ()))
 
+    def take_warnings(self) -> list[str]:
+        """What the standalone host says of a LoRA it left out (not found, not fitting), once per generation here."""
+        return [f"LoRA left out of {len(self.generated)} images"] if self.generated else []
+
     def release_gpu(self) -> None:
         self.calls.append(("release_gpu", ()))
 

@@ -627,6 +627,7 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
             break
         time.sleep(0.05)
     assert status["status"] == "finished" and status["progress"] == {"done": 6, "total": 6}  # 2 seeds × (baseline + 2)
+    assert status["message"] == "LoRA left out of 6 images"  # what the host said while drawing: not a silent grid
     prompts = sorted(settings.prompt for settings, _ in fake_host.generated)
     assert prompts.count("a star") == 2 and "a star <lora:mylora:0.5>" in prompts
     assert {settings.sampler for settings, _ in fake_host.generated} == {"Euler"}  # the host's name for it
@@ -638,6 +639,12 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     unknown = assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400, field="lora")
     assert "press" not in unknown["message"]  # no button in an API answer
     assert_error(client.post(f"{V1}/grids", json={**body, "lora": "/etc/passwd"}), 403, field="lora")
+    for strength in ("abc", None, True):
+        assert_error(client.post(f"{V1}/grids", json={**body, "x": {"kind": "seed", "values": ["1"]},
+                                                       "strength": strength}), 400, field="strength")
+    (services.settings.lora_folder / "cut short.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    damaged = assert_error(client.post(f"{V1}/grids", json={**body, "lora": "cut short"}), 400)  # was a 500
+    assert "is not a whole safetensors file" in damaged["message"]
     assert_error(client.get(f"{V1}/grids/nope"), 404, "grid_not_found")
     # a checkpoint outside the roots is neither opened nor said to exist; settings are checked before any cell
     outside = {**body, "y": {"kind": "checkpoint", "values": ["/etc/hostname"]}}

@@ -51,6 +51,19 @@ def test_infotext_has_lora_hashes_and_a_missing_lora_is_skipped_with_one_warning
     assert len(warnings) == 1 and "'nosuch' not found" in warnings[0]
 
 
+def test_a_lora_copied_into_the_folder_after_listing_is_found(host):
+    import shutil
+
+    folder = host.library.folders[0]
+    host.library.entries()  # listed before the copy
+    shutil.copy(folder / "tinylora.safetensors", folder / "copied in.safetensors")
+    try:
+        assert np.array_equal(pixels(host, "zkstar <lora:copied in:1>"), pixels(host, "zkstar <lora:tinylora:1>"))
+    finally:
+        (folder / "copied in.safetensors").unlink()
+        host.library.refresh()
+
+
 def test_checkpoints_interrupt_and_gpu_release(host):
     assert host.checkpoints()[EMBEDDED_TITLE] == TINY_MODEL_PATH
     assert host.generation_defaults().width == 64
