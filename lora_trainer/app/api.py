@@ -716,7 +716,9 @@ def create_router(services: Services) -> APIRouter:
         if query.get("reset") == "true" or any(key in query for key in keys):
             data = {key: query[key] for key in keys if key in query}
             if "untagged" in data:
-                data["untagged"] = data["untagged"].lower() in ("1", "true", "yes")
+                if data["untagged"].lower() not in ("true", "false", "1", "0"):
+                    raise ApiError(400, "invalid", "untagged: give true or false", "untagged")
+                data["untagged"] = data["untagged"].lower() in ("true", "1")
             tag_sessions.set_filter(session, tag_sessions.filter_from(data))
         page, page_size = page_params(request)
         return tag_sessions.page_of(session, page, page_size)
@@ -793,18 +795,26 @@ def create_router(services: Services) -> APIRouter:
         mode = body.get("mode", "skip")
         if mode not in EXISTING_CAPTION_MODES:
             raise ApiError(400, "invalid", f"mode: use one of {', '.join(EXISTING_CAPTION_MODES)}", "mode")
-        try:
-            selection = TagSelection(general_threshold=float(body.get("general_threshold", 0.35)),
-                                     character_threshold=float(body.get("character_threshold", 0.85)),
-                                     excluded_tags=frozenset(tag_sessions.tag_editor.split_tags(str(body.get("excluded_tags", "")))))
-        except (TypeError, ValueError):
-            raise ApiError(400, "invalid", "thresholds must be numbers between 0 and 1", "general_threshold") from None
+        thresholds = {name: body.get(name, default) for name, default in
+                      (("general_threshold", 0.35), ("character_threshold", 0.85))}
+        for name, value in thresholds.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ApiError(400, "invalid", f"{name}: give a number between 0 and 1", name)
+        excluded = body.get("excluded_tags", "")
+        if isinstance(excluded, list) and all(isinstance(tag, str) for tag in excluded):
+            excluded = ", ".join(excluded)
+        if not isinstance(excluded, str):
+            raise ApiError(400, "invalid", 'excluded_tags: give tags as "a, b" or ["a", "b"]', "excluded_tags")
+        trigger = body.get("trigger_word")
+        if trigger is not None and not isinstance(trigger, str):
+            raise ApiError(400, "invalid", "trigger_word: give the word as text", "trigger_word")
+        selection = TagSelection(**thresholds, excluded_tags=frozenset(tag_sessions.tag_editor.split_tags(excluded)))
         try:
             tagger = WD14Tagger(folder, selection)
         except UserError as error:
             raise ApiError(400, "tagger_unavailable", str(error), "tagger") from None
         images = tag_sessions.selected_images(session, body.get("selection", "all"))
-        return tag_sessions.autotag(session, tagger, images, mode, body.get("trigger_word") or None)
+        return tag_sessions.autotag(session, tagger, images, mode, trigger or None)
 
     add_grid_routes(router, services, object_body)
 

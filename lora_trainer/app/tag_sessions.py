@@ -161,12 +161,18 @@ def _tags(value, field_name: str) -> Tags:
 def filter_from(data: dict | None) -> TagFilter:
     """``{"all": [...], "any": [...], "none": [...], "regex": "...", "untagged": bool}`` → TagFilter."""
     data = data or {}
+    if not isinstance(data, dict):
+        raise UserError('filter: give an object such as {"all": ["red hair"], "untagged": false}.', "filter")
     unknown = sorted(set(data) - {"all", "any", "none", "regex", "untagged"})
     if unknown:
         raise UserError(f"filter: unknown key(s) {', '.join(unknown)}; use all, any, none, regex, untagged.", "filter")
+    if not isinstance(data.get("untagged", False), bool):  # "false" would be read as true
+        raise UserError("filter.untagged: give true or false.", "filter.untagged")
+    if not isinstance(data.get("regex") or "", str):
+        raise UserError("filter.regex: give a regular expression as text.", "filter.regex")
     return TagFilter(all_of=_tags(data.get("all"), "filter.all"), any_of=_tags(data.get("any"), "filter.any"),
                      none_of=_tags(data.get("none"), "filter.none"), caption_regex=data.get("regex") or None,
-                     untagged=bool(data.get("untagged")))
+                     untagged=data.get("untagged", False))
 
 
 def filter_as_data(tag_filter: TagFilter) -> dict:

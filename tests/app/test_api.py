@@ -497,6 +497,10 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "selection": ["../../etc/passwd"]}),
                  400, field="selection")
     assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "nuke"}), 400, "invalid", field="op")
+    for bad, field in (([1], "filter"), ("zkchar", "filter"), (5, "filter"), ({"untagged": "false"}, "filter.untagged")):
+        assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "filter": bad}), 400,
+                     field=field)  # a 500, a list of letters as unknown keys, or "false" read as true
+    assert_error(client.get(f"{V1}/datasets/{sid}", params={"untagged": "maybe"}), 400, field="untagged")
     assert_error(client.get(f"{V1}/datasets/{sid}/image", params={"name": "nope.png"}), 400, field="name")
     wrong = assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "position": "first"}), 400)
     assert "position must be a whole number or null" in wrong["message"]
@@ -529,6 +533,11 @@ def test_tag_session_paths_and_autotag_errors(services, make_dataset):
                          "tagger_unavailable", "tagger")
     assert "model.onnx" in error["message"]
     assert_error(client.post(f"{V1}/datasets/{sid}/autotag", json={"tagger": "/opt"}), 403, field="tagger")
+    for bad, field in (({"trigger_word": ["zk"]}, "trigger_word"), ({"trigger_word": 5}, "trigger_word"),
+                       ({"general_threshold": 5}, "general_threshold"), ({"character_threshold": -1}, "character_threshold"),
+                       ({"excluded_tags": [1]}, "excluded_tags")):  # each was a 500, or took the session down later
+        assert_error(client.post(f"{V1}/datasets/{sid}/autotag", json={"tagger": str(empty_tagger), **bad}), 400,
+                     field=field)
 
 
 # --- one real job: the trainer on the tiny model ----------------------------------------------------------------
