@@ -129,7 +129,8 @@ def test_a_new_job_moves_an_earlier_runs_files_of_its_name_aside_instead_of_repl
     lora = tmp_path / "Lora"
     lora.mkdir()
     for name, text in (("run.safetensors", "first attempt"), ("run-000002.safetensors", "its epoch"),
-                       ("run.json", '{"activation text": "zkchar"}'), ("run.v2.safetensors", "another LoRA")):
+                       ("run.json", '{"activation text": "zkchar"}'), ("run.v2.safetensors", "another LoRA"),
+                       ("run-000001.png", "a picture of no run: no run-000001 network beside it")):
         (lora / name).write_text(text, encoding="utf-8")
     again = {**options(tmp_path, "finish"), "output_dir": str(lora), "output_name": "run"}
     note = earlier_files_note(again, runner.replaced_folder)
@@ -140,7 +141,7 @@ def test_a_new_job_moves_an_earlier_runs_files_of_its_name_aside_instead_of_repl
     assert not replaced.is_relative_to(job.folder)  # deleting the job must not delete them
     assert (replaced / "run.safetensors").read_text(encoding="utf-8") == "first attempt"
     assert sorted(p.name for p in replaced.iterdir()) == ["run-000002.safetensors", "run.json", "run.safetensors"]
-    assert sorted(p.name for p in lora.iterdir()) == ["run.safetensors", "run.v2.safetensors"]  # the new file and the other LoRA
+    assert sorted(p.name for p in lora.iterdir()) == ["run-000001.png", "run.safetensors", "run.v2.safetensors"]
     events, _ = read_events(job.events_path)
     assert events[0]["event"] == "warning" and f"moved out of the way into {replaced}" in events[0]["message"]
     assert earlier_files_note({**again, "resume": "some state"}, runner.replaced_folder) is None  # its own files

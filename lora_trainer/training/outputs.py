@@ -35,15 +35,21 @@ from .state import staging_folder
 _COMPANION_SUFFIXES = (".json", ".preview.png", ".png", ".jpg", ".jpeg", ".webp")
 
 
+_NETWORK_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+
+
 def files_of_run(folder: Path, name: str) -> list[Path]:
-    """The files in ``folder`` a run named ``name`` writes there (final, epoch and step files, in any saved format) or
-    the WebUI keeps with them (cards, previews): what a new run of that name would replace or leave mixed in."""
-    suffixes = "|".join(re.escape(s) for s in (*(f".{kind}" for kind in ("safetensors", "ckpt", "pt")), *_COMPANION_SUFFIXES))
+    """The files in ``folder`` a run named ``name`` writes there (final, epoch and step files, in any saved format) and
+    what the WebUI keeps beside each of them (cards, previews): what a new run of that name would replace or leave
+    mixed in. A picture or card without a network file beside it is no run's (a dataset's ``star_000.png``)."""
+    suffixes = "|".join(re.escape(s) for s in (*_NETWORK_SUFFIXES, *_COMPANION_SUFFIXES))
     pattern = re.compile(re.escape(name) + rf"(-\d{{6}}|-step\d{{8}})?({suffixes})",
                          re.IGNORECASE if os.name == "nt" else 0)  # Windows' names ignore case
     if not folder.is_dir():
         return []
-    return sorted(path for path in folder.iterdir() if pattern.fullmatch(path.name) and path.is_file())
+    found = {path: match for path in folder.iterdir() if (match := pattern.fullmatch(path.name)) and path.is_file()}
+    networks = {(match[1] or "").lower() for match in found.values() if match[2].lower() in _NETWORK_SUFFIXES}
+    return sorted(path for path, match in found.items() if (match[1] or "").lower() in networks)
 
 
 def _check_writable(folder: Path, what: str, option: str) -> None:
