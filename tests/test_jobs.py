@@ -229,6 +229,15 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
         runner.stop(job.id, pause=True)
 
 
+def test_a_pause_pressed_after_a_stop_does_not_turn_the_stop_into_a_pause(runner, tmp_path):
+    job = runner.submit("long", options(tmp_path, "wait"))
+    thread = _run_in_background(runner)
+    runner.stop(job.id)
+    runner.stop(job.id, pause=True)
+    thread.join(timeout=10)
+    assert runner.store.get(job.id).status == "stopped"
+
+
 def test_resumes_asked_at_once_make_one_job(runner, tmp_path, monkeypatch):
     """Four clients pressing Resume together: one job, the others told it was resumed already."""
     job = runner.submit("long", options(tmp_path, "wait"))

@@ -215,7 +215,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
         try:
             options = gui_settings_options(options, notes if notes is not None else [], "Kohya GUI settings")
         except UserError as error:
-            raise ApiError(400, "invalid", str(error), "LoRA_type") from None
+            raise ApiError(400, "invalid", str(error), error.field or "LoRA_type") from None
     # an empty path or name means not given (as in a TOML file), not the server's current folder
     options = {k: v for k, v in options.items() if not (k in FIELDS and not_given(k, v))}
     for key in options:

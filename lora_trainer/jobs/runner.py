@@ -365,7 +365,7 @@ class JobRunner:
         code = process.returncode
         if code is None:  # adopted: no exit code to read, its events say how it ended
             code = 0 if ended and error is None else 1
-        if job.id in self._pause_requested and code == 0:
+        if job.id in self._pause_requested and job.id not in self._stop_requested and code == 0:
             status, message = "paused", "paused: resume continues from the saved state"
         elif job.id in self._stop_requested | self._pause_requested and code != 0 and not stepped:
             # still loading the model or caching latents when the wait ran out: killed, and nothing was lost

@@ -363,7 +363,10 @@ def gui_settings_options(data: dict, notes: list[str], source: str) -> dict[str,
 
     options = options_from_gui(data, notes, source)
     if str(data.get("additional_parameters") or "").strip():
-        options.update(_command_line_values(data["additional_parameters"], f"{source}: additional_parameters"))
+        try:
+            options.update(_command_line_values(data["additional_parameters"], f"{source}: additional_parameters"))
+        except UserError as error:
+            raise UserError(str(error), "additional_parameters") from None
     return options
 
 
@@ -659,6 +662,11 @@ def validate(options: TrainOptions, template: bool = False) -> None:
     if options.max_train_epochs is not None and options.max_train_epochs < 0:  # 0 is "not set", as in the Kohya GUI
         problems.append(f"--max_train_epochs {options.max_train_epochs}: give 1 or more epochs, or 0 (or leave it out) to "
                         "count the run in --max_train_steps")
+    # sd-scripts' file names hold 6 digits of epoch and 8 of step (name-000001, name-step00000050)
+    for name, limit in (("max_train_epochs", 10**6 - 1), ("max_train_steps", 10**8 - 1)):
+        if (getattr(options, name) or 0) > limit:
+            problems.append(f"--{name} {getattr(options, name)} is more than the {limit} that sd-scripts' file names "
+                            "can number; give fewer")
     if options.resolution is not None:
         try:
             sides = [int(v) for v in str(options.resolution).split(",")]

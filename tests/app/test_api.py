@@ -135,6 +135,9 @@ def test_kohya_gui_settings_are_accepted_as_the_gui_reads_them(client, job_body)
     assert job["options"]["max_train_epochs"] == 2 and job["options"]["network_train_unet_only"] is True
     assert any("sample_prompts is not carried over" in w for w in job["warnings"])
     assert_error(client.post(f"{V1}/jobs", json={**body, "LoRA_type": "Flux1"}), 400, field="LoRA_type")
+    for wrong in ("--foo 1", '--unclosed "quote'):
+        assert_error(client.post(f"{V1}/jobs", json={**body, "additional_parameters": wrong}), 400,
+                     field="additional_parameters")
 
 
 def test_second_job_is_queued_and_state_changes(client, job_body, monkeypatch):
@@ -246,6 +249,7 @@ def test_a_job_whose_state_a_queued_job_resumes_from_cannot_be_deleted(client, j
     ({"options": {"min_snr_gamma": {}}}, 400, "min_snr_gamma"),  # not an empty section that drops the option
     ({"options": {"max_train_steps": 1e30}}, 400, "max_train_steps"),
     ({"options": {"resolution": "100000000"}}, 400, "resolution"),
+    ({"options": {"max_train_epochs": 10**12}}, 400, "max_train_epochs"),  # 4e13 steps, and names of 6 digits
 ])
 def test_bad_jobs_are_refused_before_queueing(client, job_body, change, status, field):
     body = {**job_body, **{k: v for k, v in change.items() if k != "options"},
