@@ -119,7 +119,7 @@ def checked_name(value: str, field: str) -> str:
 def checked_path(value: Any, roots: list[Path], field: str, must_exist: bool) -> Path:
     """Below a root first, then existing: a path outside the roots gets the same answer whether it exists or not."""
     if not isinstance(value, str):
-        raise UserError(f"{field}: give a path as a string")
+        raise UserError(f"{field}: give a path as a string", field)
     path = allowed_path(value, roots, field, must_exist=False)
     if must_exist and not path.exists():
         raise ApiError(400, "not_found", f"{field}: {value} does not exist", field)
@@ -698,9 +698,15 @@ def create_router(services: Services) -> APIRouter:
                                           "caption_extension": {"type": "string"}}, ["path"]))
     def open_dataset(body: dict = Depends(object_body)):
         """Returns the session id and the first page (images with tags, tag frequencies, history)."""
+        from ..dataset.caption_files import checked_caption_extension
+
         folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
-        session = sessions.open(folder, recursive=flag(body, "recursive", False),
-                                caption_extension=text(body, "caption_extension", ".txt"))
+        extension = text(body, "caption_extension", ".txt")
+        try:
+            checked_caption_extension(extension)
+        except UserError as error:
+            raise ApiError(400, "invalid", str(error), "caption_extension") from None
+        session = sessions.open(folder, recursive=flag(body, "recursive", False), caption_extension=extension)
         note = " ".join(f"{n[0].upper()}{n[1:]}." for n in (tag_editor.empty_folder_note(session.editor),
                                                              tag_editor.multiline_note(session.editor)) if n)
         return JSONResponse({**tag_sessions.page_of(session), **({"note": note} if note else {})}, 201)

@@ -482,6 +482,9 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     assert_error(client.post(f"{V1}/datasets/open", json={"path": str(folder), "recursive": "maybe"}), 400, field="recursive")
     assert_error(client.post(f"{V1}/datasets/open", json={"path": str(folder), "caption_extension": 5}), 400,
                  field="caption_extension")
+    assert_error(client.post(f"{V1}/datasets/open", json={"path": str(folder), "caption_extension": ".png"}), 400,
+                 field="caption_extension")
+    assert_error(client.post(f"{V1}/datasets/open", json={}), 400, field="path")
     opened = client.post(f"{V1}/datasets/open", json={"path": str(folder)})
     assert opened.status_code == 201, opened.text
     sid = opened.json()["session"]
