@@ -141,7 +141,7 @@ def test_broken_modules_are_named_nan_shape_and_unknown_suffix(tiny_kohya):
     assert f"{name}: NaN or Inf in lora_down.weight" in text
     assert any(p.startswith("lora_unet_mid_block_attentions_0_proj_in: ") and "input_blocks" not in p and "middle_block.1.proj_in" in p
                for p in report.problems), text
-    assert "lora_unet_mid_block_attentions_0_proj_out.mystery: no known network tensor suffix" in text
+    assert "1 key no network algorithm reads: lora_unet_mid_block_attentions_0_proj_out.mystery" in text
 
 
 def test_kohya_network_args_become_a_spec_and_unknown_ones_are_refused_by_name():

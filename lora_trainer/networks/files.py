@@ -129,6 +129,9 @@ class MatchReport:
     unmatched: list[str] = field(default_factory=list)  # module names that are no layer of this model
     problems: list[str] = field(default_factory=list)  # broken modules: unknown algorithm, NaN, shape, duplicate
     hint: str = ""
+    # keys no algorithm reads (a bundled embedding's ``bundle_emb.*``, a stray tensor): left out, as the WebUI's Lora
+    # extension leaves them, while the rest applies
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -141,7 +144,19 @@ class MatchReport:
         if self.unmatched:
             lines.append("unmatched: " + ", ".join(self.unmatched[:10]) + (" …" if len(self.unmatched) > 10 else ""))
         lines += self.problems[:20]
+        if self.ignored:
+            lines.append(self.ignored_note())
         return "\n".join(lines)
+
+    def ignored_note(self) -> str:
+        embeddings = sorted({key.split(".")[1] for key in self.ignored if key.startswith("bundle_emb.")})
+        others = [key for key in self.ignored if not key.startswith("bundle_emb.")]
+        parts = ([f"its bundled embedding{'s' if len(embeddings) > 1 else ''} {', '.join(embeddings)} (not loaded here: "
+                  "the WebUI's built-in Lora extension loads them)"] if embeddings else [])
+        if others:
+            parts.append(f"{len(others)} key{'s' if len(others) > 1 else ''} no network algorithm reads: "
+                         + ", ".join(others[:5]) + (" …" if len(others) > 5 else ""))
+        return "left out " + "; ".join(parts)
 
 
 _VERSION_PREFIXES = {"lora_te1": "SDXL", "lora_te2": "SDXL"}
@@ -168,8 +183,7 @@ def match_network(network: NetworkFile, targets: dict[str, Target], parameters, 
     table = alias_table(targets)
     report = MatchReport(network.name)
     seen: dict[str, str] = {}
-    for key in network.unreadable_keys:
-        report.problems.append(f"{key}: no known network tensor suffix")
+    report.ignored = list(network.unreadable_keys)
     for name, tensors in network.modules.items():
         target = table.get(canonical(name))
         if target is None:

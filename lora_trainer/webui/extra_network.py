@@ -58,6 +58,8 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
             if not report.ok:
                 self._warn(f"<lora:{call.name}> skipped: {report.message()}")
                 continue
+            if report.ignored:
+                self._warn(f"<lora:{call.name}>: {report.ignored_note()}")
             wanted.append((network, strength))
             hashes[call.name.translate(_REMOVE_SYMBOLS)] = self.library.short_hash(network.path)
         merged.set_networks(wanted)

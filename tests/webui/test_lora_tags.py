@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from tests.webui.conftest import txt2img, use_checkpoint
@@ -84,6 +85,31 @@ def test_the_builtin_lora_settings_are_obeyed_while_we_own_the_tags(webui):
     webui.shared.opts.data.update(sd_lora="None", lora_add_hashes_to_infotext=False)
     p, without_hashes = txt2img(webui, "a red circle <lora:cats:1>")
     assert np.array_equal(pixels(without_hashes), pixels(cats)) and "Lora hashes" not in p.extra_generation_params
+
+
+def test_a_lora_with_a_bundled_embedding_or_a_stray_key_applies_the_rest_and_says_what_it_left_out(webui, lora_folder):
+    """The WebUI's Lora extension applies what it can read and leaves the rest (bundle_emb: its embeddings)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(lora_folder / "cats.safetensors")
+    with safe_open(str(lora_folder / "cats.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    extras = {"cats_bundle": {"bundle_emb.zkstar.string_to_param.*": torch.randn(1, 32)},
+              "cats_stray": {"lora_unet_foo.some_extra": torch.zeros(1)}}
+    for name, extra in extras.items():
+        save_file({**tensors, **extra}, str(lora_folder / f"{name}.safetensors"), metadata)
+    try:
+        _, cats = txt2img(webui, "a red circle <lora:cats:1>")
+        for name in extras:
+            p, image = txt2img(webui, f"a red circle <lora:{name}:1>")
+            assert np.array_equal(pixels(image), pixels(cats)), name
+        assert any("left out its bundled embedding zkstar" in comment for comment in
+                   txt2img(webui, "a red circle <lora:cats_bundle:1>")[0].comments)
+        assert any("1 key no network algorithm reads: lora_unet_foo.some_extra" in comment for comment in p.comments)
+    finally:
+        for name in extras:
+            (lora_folder / f"{name}.safetensors").unlink()
 
 
 def test_new_checkpoint_weights_are_not_overwritten_by_a_stale_restore(webui):
