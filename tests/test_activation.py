@@ -166,10 +166,13 @@ def test_a_name_found_twice_resolves_to_the_file_the_webui_picks(tmp_path):
 
     for folder in ("Lora/a_old", "Lora/b_new", "LyCORIS"):
         (tmp_path / folder).mkdir(parents=True)
-    for path in ("Lora/a_old/style", "Lora/b_new/style", "Lora/b_new/pose", "LyCORIS/pose"):
+    (tmp_path / "Lora/.trash").mkdir()
+    for path in ("Lora/a_old/style", "Lora/b_new/style", "Lora/b_new/pose", "LyCORIS/pose", "Lora/.trash/style",
+                 "Lora/.hidden"):
         save_file({"x": torch.zeros(1)}, str(tmp_path / f"{path}.safetensors"))
     library = LoraLibrary([tmp_path / "Lora", tmp_path / "LyCORIS"])
-    assert library.resolve("style") == tmp_path / "Lora/b_new/style.safetensors"
+    assert library.resolve("style") == tmp_path / "Lora/b_new/style.safetensors"  # hidden ones are not listed either
+    assert library.resolve(".hidden") is None
     assert library.resolve("pose") == tmp_path / "LyCORIS/pose.safetensors"
 
 

@@ -198,7 +198,8 @@ class LoraLibrary:
         for folder in self.folders:
             if folder.is_dir():
                 found = [p for p in folder.rglob("*")
-                         if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not in_state_folder(p)]
+                         if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not in_state_folder(p)
+                         and not any(part.startswith(".") for part in p.relative_to(folder).parts)]  # as the WebUI
                 for path in sorted(found, key=lambda p: str(p).lower()):
                     try:
                         files.append((path, path.stat().st_mtime_ns))
