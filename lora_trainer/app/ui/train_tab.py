@@ -192,10 +192,13 @@ def resume_target(services: Services, job_id: int | None) -> Job | None:
     """The selected job (whether it can be resumed is the runner's to say), else, with none selected, the last
     paused/stopped/interrupted one with a saved state. Never another job than the selected one: a failed run
     without a state would resume some other run."""
+    from ...training.state import readable_state  # torch: once a resume is asked for
+
     jobs = services.store.all()
     if job_id is not None:
         return next((job for job in jobs if job.id == job_id), None)
-    candidates = [job for job in jobs if job.status in RESUMABLE and job.last_state and Path(job.last_state).exists()]
+    candidates = [job for job in jobs if job.status in RESUMABLE and job.last_state
+                  and readable_state(Path(job.last_state)).exists()]
     return candidates[-1] if candidates else None
 
 
