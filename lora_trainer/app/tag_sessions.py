@@ -170,9 +170,12 @@ def filter_from(data: dict | None) -> TagFilter:
         raise UserError("filter.untagged: give true or false.", "filter.untagged")
     if not isinstance(data.get("regex") or "", str):
         raise UserError("filter.regex: give a regular expression as text.", "filter.regex")
-    return TagFilter(all_of=_tags(data.get("all"), "filter.all"), any_of=_tags(data.get("any"), "filter.any"),
-                     none_of=_tags(data.get("none"), "filter.none"), caption_regex=data.get("regex") or None,
-                     untagged=data.get("untagged", False))
+    try:
+        return TagFilter(all_of=_tags(data.get("all"), "filter.all"), any_of=_tags(data.get("any"), "filter.any"),
+                         none_of=_tags(data.get("none"), "filter.none"), caption_regex=data.get("regex") or None,
+                         untagged=data.get("untagged", False))
+    except UserError as error:
+        raise UserError(str(error), error.field or "filter.regex") from None  # the one check TagFilter makes itself
 
 
 def filter_as_data(tag_filter: TagFilter) -> dict:
@@ -230,8 +233,9 @@ def history(editor: TagEditor) -> dict:
 def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> dict:
     """One page of the filtered images with their tags, the tag frequencies (all images and the filtered ones),
     the undo/redo history and what is unsaved: everything a view of the folder needs, as JSON-able data."""
-    if page < 1 or page_size < 1:
-        raise UserError("page and page_size must be at least 1.", "page")
+    for name, value in (("page", page), ("page_size", page_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1.", name)
     with session.lock:
         editor, tag_filter = session.editor, session.tag_filter
     filtered = tag_editor.select(editor, tag_filter)

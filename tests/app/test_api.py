@@ -508,6 +508,9 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
         assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "filter": bad}), 400,
                      field=field)  # a 500, a list of letters as unknown keys, or "false" read as true
     assert_error(client.get(f"{V1}/datasets/{sid}", params={"untagged": "maybe"}), 400, field="untagged")
+    assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "filter": {"regex": "(("}}),
+                 400, field="filter.regex")
+    assert_error(client.get(f"{V1}/datasets/{sid}", params={"page_size": 0}), 400, field="page_size")
     assert_error(client.get(f"{V1}/datasets/{sid}/image", params={"name": "nope.png"}), 400, field="name")
     wrong = assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "position": "first"}), 400)
     assert "position must be a whole number or null" in wrong["message"]
