@@ -112,6 +112,31 @@ def test_prepare_mirrors_folders_copies_captions_and_never_touches_sources(tmp_p
     assert not list(out.rglob("*.tmp"))
 
 
+def test_transparency_is_kept_where_the_format_holds_it_and_said_where_it_is_flattened(tmp_path, monkeypatch):
+    """--alpha_mask trains with the transparency: a PNG or WebP keeps it; a format without any says it lost it."""
+    picture = np.zeros((300, 400, 4), np.uint8)
+    picture[..., 0] = 200
+    picture[:, 200:, 3] = 255  # the left half transparent
+    (tmp_path / "src").mkdir()
+    for name in ("cut.png", "cut.webp"):
+        Image.fromarray(picture, "RGBA").save(tmp_path / "src" / name)
+    make_image(tmp_path / "src" / "plain.png", (400, 300), 1)
+    result = prepare_dataset(tmp_path / "src", tmp_path / "out", PrepSettings(size=128, flip=True))
+    for name in ("cut.png", "cut.webp", "cut_flip.png"):
+        with Image.open(tmp_path / "out" / name) as written:
+            alpha = np.asarray(written.convert("RGBA"))[..., 3]
+            left, right = (alpha[:, :40], alpha[:, -40:]) if "flip" not in name else (alpha[:, -40:], alpha[:, :40])
+            assert written.mode == "RGBA" and left.max() == 0 and right.min() == 255, name
+    with Image.open(tmp_path / "out" / "plain.png") as plain:
+        assert plain.mode == "RGB"
+    assert result.flattened == ()
+    monkeypatch.setattr(preprocess, "_KEEPS_TRANSPARENCY", (".png",))  # WebP standing for a format without it
+    result = prepare_dataset(tmp_path / "src", tmp_path / "again", PrepSettings(size=128))
+    with Image.open(tmp_path / "again" / "cut.webp") as flattened:
+        assert flattened.mode == "RGB"
+    assert result.flattened == ("cut.webp",) and "Transparent parts flattened onto white" in result.summary()
+
+
 def test_bucket_output_sizes(tmp_path):
     make_image(tmp_path / "src" / "wide.png", (800, 600), 1)
     make_image(tmp_path / "src" / "small.png", (200, 150), 2)

@@ -25,7 +25,7 @@ import numpy as np
 from lora_trainer.dataset.buckets import BucketChoice, BucketSettings, centre_crop_box, nearest_bucket, select_bucket
 from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, write_captions
 from lora_trainer.dataset.focus import Box, best_offset, face_detector_available, interest_of, require_face_detector
-from lora_trainer.dataset.images import ImageError, load_image
+from lora_trainer.dataset.images import ImageError, load_image_and_alpha
 from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates, list_images, parse_repeats_folder_name
 from lora_trainer.errors import UserError
 
@@ -224,6 +224,7 @@ class PrepResult:
     skipped: tuple[tuple[str, str], ...] = ()
     seconds: float = 0.0
     face_folders: tuple[str, ...] = field(default=())
+    flattened: tuple[str, ...] = ()  # transparent pictures written where the format holds no transparency
 
     def summary(self) -> str:
         lines = [f"Wrote {self.images} images, {self.flipped} flipped copies, {self.face_crops} face close-ups and "
@@ -234,6 +235,9 @@ class PrepResult:
             lines.append(f"Enlarged (smaller than the target; --no-upscale keeps them small): {', '.join(self.enlarged)}")
         if self.without_face:
             lines.append(f"No usable face found (no close-up written): {', '.join(self.without_face)}")
+        if self.flattened:
+            lines.append("Transparent parts flattened onto white (their format holds no transparency, which "
+                         f"--alpha_mask would train with; PNG and WebP keep it): {', '.join(self.flattened)}")
         for name, reason in self.skipped:
             lines.append(f"Skipped {name}: {reason}")
         return "\n".join(lines)
@@ -247,11 +251,18 @@ def _save(image, target: Path) -> None:
         image.save(temporary, format=image_format, **options)
 
 
-def _cut(image, plan: CropPlan):
+_KEEPS_TRANSPARENCY = (".png", ".webp")
+
+
+def _cut(image, plan: CropPlan, alpha=None):
+    """The crop, resampled; with ``alpha`` (the picture's transparency, cut the same way) as an RGBA picture."""
     from PIL import Image
 
     # reducing_gap: shrink by whole factors first (fast), then Lanczos the rest; indistinguishable at gap 3
-    return image.resize(plan.output_size, Image.Resampling.LANCZOS, box=plan.source_box, reducing_gap=3.0)
+    cut = image.resize(plan.output_size, Image.Resampling.LANCZOS, box=plan.source_box, reducing_gap=3.0)
+    if alpha is not None:
+        cut.putalpha(alpha.resize(plan.output_size, Image.Resampling.LANCZOS, box=plan.source_box, reducing_gap=3.0))
+    return cut
 
 
 def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettings(),
@@ -272,17 +283,22 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
 
     captions: dict[Path, str] = {}
     written = flipped = faces = 0
-    enlarged, without_face, skipped, face_folders = [], [], [], set()
+    enlarged, without_face, skipped, flattened, face_folders = [], [], [], [], set()
     for index, item in enumerate(items):
         name = item.source.relative_to(source).as_posix()
         try:
-            image = load_image(item.source)
+            image, alpha = load_image_and_alpha(item.source)  # colours over white, as training reads them
         except ImageError as error:
             skipped.append((name, str(error)))
             continue
+        if alpha is not None and alpha.getextrema()[0] == 255:  # an alpha channel with nothing transparent
+            alpha = None
+        if alpha is not None and item.output.suffix.lower() not in _KEEPS_TRANSPARENCY:
+            flattened.append(name)
+            alpha = None
         interest = interest_of(image, use_faces) if settings.crop == "focal" or settings.face_emphasis_repeats else None
         plan = plan_crop(image.size, settings, interest.weights if interest else None)
-        result = _cut(image, plan)
+        result = _cut(image, plan, alpha)
         _save(result, item.output)
         written += 1
         if plan.scale > 1.0:
@@ -297,7 +313,7 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
             if face_plan is None:
                 without_face.append(name)
             else:
-                _save(_cut(image, face_plan), item.face)
+                _save(_cut(image, face_plan, alpha), item.face)
                 outputs.append(item.face)
                 face_folders.add(item.face.parent.name)
                 faces += 1
@@ -307,4 +323,4 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
             progress(index + 1, len(items))
     write_captions(captions, backup_dir=None)
     return PrepResult(out, written, flipped, faces, len(captions), tuple(enlarged), tuple(without_face), tuple(skipped),
-                      time.perf_counter() - started, tuple(sorted(face_folders)))
+                      time.perf_counter() - started, tuple(sorted(face_folders)), tuple(flattened))
