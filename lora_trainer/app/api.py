@@ -39,7 +39,7 @@ from . import tag_sessions
 from .paths import PathNotAllowed, allowed_path, plain_name, unquoted
 from .services import Services
 from .settings import AppSettings
-from .tag_sessions import SaveConflict, SessionNotFound
+from .tag_sessions import SaveConflict, SessionNotFound, TooManySessions
 
 PREFIX = "/lora-trainer/v1"
 log = logging.getLogger("lora_trainer.api")
@@ -67,6 +67,8 @@ def response_for(error: Exception) -> JSONResponse:
         return error_response(403, "path_not_allowed", str(error), error.field)
     if isinstance(error, SessionNotFound):
         return error_response(404, "session_not_found", str(error))
+    if isinstance(error, TooManySessions):
+        return error_response(409, "too_many_sessions", str(error))
     if isinstance(error, SaveConflict):
         return error_response(409, "save_conflict", str(error), conflicts=error.conflicts)
     if isinstance(error, UserError):

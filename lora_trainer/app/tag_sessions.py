@@ -41,6 +41,10 @@ class SessionNotFound(UserError):
     """The session id is unknown: closed, evicted by newer sessions, or from before a restart."""
 
 
+class TooManySessions(UserError):
+    """Every session that could make room holds unsaved edits."""
+
+
 class SaveConflict(UserError):
     """Captions changed on disk since they were read; ``conflicts`` names them. Nothing was written."""
 
@@ -79,7 +83,13 @@ class TagSessions:
         self._lock = threading.Lock()
 
     def open(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession:
-        """Read ``folder`` (already checked against the allowed roots by the caller) into a new session."""
+        """Read ``folder`` (already checked against the allowed roots by the caller) into a new session. Refused
+        while ``4 × limit`` sessions hold unsaved edits: they are never dropped, so they would fill the memory."""
+        with self._lock:
+            unsaved = [key for key, kept in self._sessions.items() if tag_editor.unsaved_images(kept.editor)]
+        if len(unsaved) >= 4 * self.limit:
+            raise TooManySessions(f"{len(unsaved)} tag-editor sessions hold unsaved edits; save or close one (DELETE "
+                                  f"the session, or Save in the tab) before opening another folder.")
         editor = tag_editor.open_folder(Path(folder), recursive=recursive, caption_extension=caption_extension)
         session = TagSession(secrets.token_urlsafe(12), editor)
         with self._lock:

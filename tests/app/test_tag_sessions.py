@@ -122,6 +122,19 @@ def test_a_session_with_unsaved_edits_is_never_dropped_for_newer_ones(folder):
         registry.get(editing.id)
 
 
+def test_opening_more_folders_is_refused_while_too_many_sessions_hold_unsaved_edits(folder):
+    """Never dropped, they would otherwise fill the server's memory: the client is asked to save or close one."""
+    from lora_trainer.app.tag_sessions import TooManySessions
+
+    registry = TagSessions(limit=1)
+    for _ in range(4):
+        tag_sessions.apply_request(registry.open(folder), {"op": "add", "tags": ["solo"], "selection": "all"})
+    with pytest.raises(TooManySessions, match="4 tag-editor sessions hold unsaved edits; save or close one"):
+        registry.open(folder)
+    registry.close(registry.ids()[0])
+    assert registry.open(folder)
+
+
 def test_services_share_one_registry(services):
     assert tag_sessions.sessions_of(services) is tag_sessions.sessions_of(services)
 
