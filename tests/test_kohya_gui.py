@@ -74,7 +74,9 @@ def test_gui_settings_become_the_options_the_gui_hands_sd_scripts(tmp_path):
     assert options.multires_noise_iterations is None  # "Original" noise: the multires fields are not passed
     assert options.sdpa and not options.xformers and options.no_half_vae
     assert options.seed is None and options.scale_weight_norms is None  # "" and 0 are unset in the GUI
-    assert any("sample_prompts is not carried over" in n and "save them as a .txt" in n for n in notes)
+    # the GUI keeps the prompts' text and writes it into a file as it starts: so does the reader
+    assert Path(options.sample_prompts).read_text(encoding="utf-8") == "zkstar, a yellow star --w 512 --h 512\n"
+    assert not any("sample_prompts" in n for n in notes)
     assert any("epoch is not read" in n for n in notes) is False  # consumed, not a front-end leftover
 
 
@@ -126,7 +128,7 @@ def test_a_gui_settings_file_trains_here_and_imports_into_the_form(tmp_path):
         metadata = handle.metadata()
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_epoch"]) == ("16", "8.0", "1")
     events, _ = read_events(tmp_path / "out" / "mychar.events.jsonl")
-    assert any("sample_prompts is not carried over" in e["message"] for e in events if e["event"] == "warning")
+    assert not any("sample_prompts is not carried over" in e["message"] for e in events if e["event"] == "warning")
     imported = presets.import_kohya_toml(path)  # the Train tab's import takes the same file
     assert (imported["optimizer_type"], imported["resolution"], imported["max_train_epochs"]) == ("AdamW", "64,64", 1)
 

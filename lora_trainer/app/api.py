@@ -215,7 +215,8 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
         raise ApiError(400, "invalid", str(error), error.field) from None
     if is_gui_config(options):  # a Kohya GUI user posts the settings file as it is
         try:
-            options = gui_settings_options(options, notes if notes is not None else [], "Kohya GUI settings")
+            options = gui_settings_options(options, notes if notes is not None else [], "Kohya GUI settings",
+                                           settings.data_folder / "sample-prompts")  # not a path the request chose
         except UserError as error:
             raise ApiError(400, "invalid", str(error), error.field or "LoRA_type") from None
     # an empty path or name means not given (as in a TOML file), not the server's current folder

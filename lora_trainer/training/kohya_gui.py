@@ -123,14 +123,13 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     if lora_type == "LyCORIS/iA3" and options.pop("network_dropout", None) is not None:
         notes.append(f"{source}: network_dropout is not carried over (LyCORIS's iA3 has no neuron dropout, so it did "
                      "nothing there)")
-    for name in ("sample_prompts", "stop_text_encoder_training_pct", "use_wandb"):
+    for name in ("stop_text_encoder_training_pct", "use_wandb"):  # sample_prompts: gui_settings_options writes them
         if _set(data.get(name)):
             notes.append(f"{source}: {name} is not carried over ({_WHY[name]})")
     return options
 
 
-_WHY = {"sample_prompts": "the GUI keeps the prompts' text there; save them as a .txt file and give its path",
-        "stop_text_encoder_training_pct": "sd-scripts' LoRA training has no such option",
+_WHY = {"stop_text_encoder_training_pct": "sd-scripts' LoRA training has no such option",
         "use_wandb": "wandb is not supported here; TensorBoard logs are written with --logging_dir"}
 
 

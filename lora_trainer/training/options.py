@@ -356,18 +356,40 @@ def _gui_config(path: Path, text: str, notes: list[str]) -> dict[str, Any]:
     return gui_settings_options(data, notes, str(path))
 
 
-def gui_settings_options(data: dict, notes: list[str], source: str) -> dict[str, Any]:
+def gui_settings_options(data: dict, notes: list[str], source: str, prompts_folder: Path | None = None) -> dict[str, Any]:
     """The Kohya GUI's saved settings → sd-scripts option values (``kohya_gui.options_from_gui``), with its
-    ``additional_parameters`` read as the command line reads them: the GUI appends them to sd-scripts' command."""
+    ``additional_parameters`` read as the command line reads them: the GUI appends them to sd-scripts' command.
+    The GUI keeps the sample prompts' text and writes it into a file when it starts training; so does this, into
+    ``prompts_folder`` (default: the user's cache folder, not the output folder, which may be relative to where the
+    run starts, or another machine's)."""
+    from ..hashing import cache_dir
     from .kohya_gui import options_from_gui
 
     options = options_from_gui(data, notes, source)
+    prompts = str(data.get("sample_prompts") or "").strip()
+    if prompts:
+        try:
+            options["sample_prompts"] = str(write_prompts_file(prompts, prompts_folder or cache_dir() / "sample-prompts"))
+        except OSError as error:
+            notes.append(f"{source}: sample_prompts is not carried over: the GUI keeps the prompts' text there, and it "
+                         f"could not be written into a file ({error}); save them as a .txt file and give its path")
     if str(data.get("additional_parameters") or "").strip():
         try:
             options.update(_command_line_values(data["additional_parameters"], f"{source}: additional_parameters"))
         except UserError as error:
             raise UserError(str(error), "additional_parameters") from None
     return options
+
+
+def write_prompts_file(text: str, folder: Path) -> Path:
+    """Sample prompts typed as text, written where a run reads them from (named by their content, so jobs queued with
+    other prompts never overwrite each other's)."""
+    import hashlib
+
+    from ..safe_io import write_text
+
+    text = "\n".join(line.strip() for line in text.splitlines() if line.strip()) + "\n"
+    return write_text(Path(folder) / f"prompts-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}.txt", text)
 
 
 def split_command_line(text: str, windows: bool = os.name == "nt") -> list[str]:

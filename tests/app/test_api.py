@@ -118,7 +118,7 @@ def test_flat_kohya_toml_sections_are_accepted(client, job_body):
     assert wait_for(client, created.json()["id"])["status"] == "finished"
 
 
-def test_kohya_gui_settings_are_accepted_as_the_gui_reads_them(client, job_body):
+def test_kohya_gui_settings_are_accepted_as_the_gui_reads_them(client, job_body, app_settings):
     """A Kohya GUI user posts the settings file as it is: its names are read as the GUI reads them, and what it
     keeps to itself comes back under warnings; a LoRA type not trained here is a 400 naming the field."""
     options = job_body["options"]
@@ -133,7 +133,8 @@ def test_kohya_gui_settings_are_accepted_as_the_gui_reads_them(client, job_body)
     assert (job["name"], job["options"]["optimizer_type"], job["options"]["network_module"]) == ("gui", "AdamW", "lycoris.kohya")
     assert {"preset=attn-mlp", "algo=loha", "conv_dim=4"} <= set(job["options"]["network_args"])
     assert job["options"]["max_train_epochs"] == 2 and job["options"]["network_train_unet_only"] is True
-    assert any("sample_prompts is not carried over" in w for w in job["warnings"])
+    prompts = Path(job["options"]["sample_prompts"])  # the GUI keeps the text: written into the data folder
+    assert prompts.is_relative_to(app_settings.data_folder) and prompts.read_text(encoding="utf-8") == "zkchar, a portrait\n"
     assert_error(client.post(f"{V1}/jobs", json={**body, "LoRA_type": "Flux1"}), 400, field="LoRA_type")
     for wrong in ("--foo 1", '--unclosed "quote'):
         assert_error(client.post(f"{V1}/jobs", json={**body, "additional_parameters": wrong}), 400,

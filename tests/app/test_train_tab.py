@@ -210,7 +210,7 @@ def test_import_fills_the_form_from_kohya_gui_settings(tmp_path):
     assert values[-1].startswith("Imported my gui settings.json.")
     config.write_text(config.read_text(encoding="utf-8").replace("}", ', "sample_prompts": "zkchar, smiling"}'),
                       encoding="utf-8")
-    assert "sample_prompts is not carried over" in train_tab.import_into_form(str(config))[-1]  # said, not lost
+    assert "sample_prompts = " in train_tab.import_into_form(str(config))[-2]  # carried over as a file of the text
 
 
 def test_an_imported_optimizer_or_scheduler_outside_the_lists_is_shown_as_imported(services, tmp_path):

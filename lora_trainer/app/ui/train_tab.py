@@ -7,7 +7,6 @@ The handlers are plain functions of ``Services`` and the form values; ``build`` 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from ...errors import UserError
 from ...jobs.runner import earlier_files_note
 from ...jobs.store import Job
 from ...training.lr_schedules import SCHEDULER_NAMES
-from ...training.options import DEFAULTS, options_from, resolution_of
+from ...training.options import DEFAULTS, options_from, resolution_of, write_prompts_file
 from .. import presets
 from ..estimate import estimate
 from ..extras import EXTRAS, install_extras
@@ -116,12 +115,7 @@ def sample_prompt_file(services: Services, prompt: str, resolution: Any) -> str:
     width, height = _resolution_pair(resolution)
     lines = [line.strip() for line in prompt.splitlines() if line.strip()]
     lines = [line if re.search(r"--[wh]\s", line + " ") else f"{line} --w {width} --h {height}" for line in lines]
-    text = "\n".join(lines) + "\n"
-    folder = services.settings.data_folder / "sample-prompts"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    return str(write_prompts_file("\n".join(lines), services.settings.data_folder / "sample-prompts"))
 
 
 def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any], bool]:
