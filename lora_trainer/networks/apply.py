@@ -3,10 +3,10 @@
 The first time a layer is touched its original weight is copied aside; restore copies it back, so the base
 model is bit-identical afterwards whatever happened in between. Each network's contribution to a layer is
 kept: for algorithms linear in the multiplier that is ΔW at strength 1, for DoRA/OFT/BOFT the current ΔW(m),
-recomputed only for their own layers. A layer is always written afresh as original + Σ mᵢ·ΔWᵢ, summed in fp32
-in a fixed order and rounded to the weight's dtype once (fp16, fp8 alike): the weights then depend only on the
-networks and strengths asked for now, never on the generations before (adding and subtracting strength changes
-in fp16 would leave rounding residue that grows with every X/Y/Z cell). Every delta is computed from the original
+recomputed only for their own layers. A changed layer is always written afresh as original + Σ mᵢ·ΔWᵢ, in a fixed
+order (the WebUI's fp8 weights summed in fp16): the weights then depend only on the networks and strengths asked
+for now, never on the generations before (adding and subtracting strength changes in fp16 would leave rounding
+residue that grows with every X/Y/Z cell). Every delta is computed from the original
 weight, so the order networks are listed in does not matter (the WebUI instead feeds each network the weight
 patched by the previous ones, which differs only where two weight-dependent networks such as DoRA and OFT sit on
 the same layer). A network listed twice is applied twice, its strengths adding up, as in the WebUI.
@@ -252,15 +252,15 @@ def _computable(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _set_sum(own: torch.Tensor, original: torch.Tensor, parts: list[tuple[torch.Tensor | None, float]]) -> None:
-    """``own`` = original + Σ factor·delta, summed in fp32 and rounded to ``own``'s dtype once."""
+    """``own`` = original + Σ factor·delta, in place and always in the same order: the result depends only on the parts
+    (fp16 rounds each addition, as the WebUI's own merge does). fp8 has no arithmetic: summed in fp16, rounded once."""
     parts = [(delta, factor) for delta, factor in parts if delta is not None and factor != 0]
-    if not parts:
-        own.copy_(original)
-        return
-    total = original.to(own.device, torch.float32, copy=True)
+    target = own if own.dtype.itemsize > 1 or not parts else torch.empty(own.shape, dtype=torch.float16, device=own.device)
+    target.copy_(original)
     for delta, factor in parts:
-        total.add_(delta.to(own.device, torch.float32), alpha=factor)
-    own.copy_(total)
+        target.add_(delta.to(target.device, target.dtype), alpha=factor)
+    if target is not own:
+        own.copy_(target)
 
 
 @torch.no_grad()
