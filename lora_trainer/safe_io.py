@@ -89,6 +89,19 @@ def remove_files(paths: list[Path]) -> int:
     return freed
 
 
+def check_writable(folder: Path, what: str, option: str) -> None:
+    """``folder`` exists (made if need be) and takes a new file, else one UserError naming ``option`` to change."""
+    from .errors import UserError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{what} {folder} is not writable ({error}); pick another {option}") from error
+
+
 WINDOWS_LONGEST_FILE_PATH = 259  # MAX_PATH, less its terminating NUL
 WINDOWS_LONGEST_FOLDER_PATH = 247  # a folder leaves room for an 8.3 file name in it (MAX_PATH - 12, NUL included)
 ENABLE_LONG_PATHS = ("enable long paths (Group Policy \"Enable Win32 long paths\", or LongPathsEnabled = 1 in "

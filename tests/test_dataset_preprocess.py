@@ -137,6 +137,14 @@ def test_transparency_is_kept_where_the_format_holds_it_and_said_where_it_is_fla
     assert result.flattened == ("cut.webp",) and "Transparent parts flattened onto white" in result.summary()
 
 
+def test_a_picture_read_through_a_plug_in_is_written_as_png(tmp_path):
+    """.avif/.jxl are listed where a Pillow plug-in reads them, which may not write them: prep stopped part-way."""
+    from lora_trainer.dataset.preprocess import plan_outputs
+
+    (item,) = plan_outputs(tmp_path / "src", tmp_path / "out", [tmp_path / "src" / "10_x" / "a.avif"], {}, PrepSettings())
+    assert item.output == tmp_path / "out" / "10_x" / "a.png"
+
+
 def test_bucket_output_sizes(tmp_path):
     make_image(tmp_path / "src" / "wide.png", (800, 600), 1)
     make_image(tmp_path / "src" / "small.png", (200, 150), 2)

@@ -312,7 +312,7 @@ def test_svd_merge_of_a_lora_and_a_loha_at_full_rank_is_the_weighted_sum(tmp_pat
 
 
 def test_svd_merge_asks_for_the_model_only_when_it_needs_it(tmp_path):
-    with pytest.raises(UserError, match=r"tiny_loha.*kernel size.*--model"):
+    with pytest.raises(UserError, match=r"tiny_loha.*layer's shape.*--model"):
         merge([(KOHYA_LOHA, 1.0)], tmp_path / "a.safetensors", mode="svd", rank=4)
     with pytest.raises(UserError, match=r"lora_dora.*depends on the base weights.*--model"):
         merge([(REFERENCE / "network-fixtures" / "lora_dora.safetensors", 1.0)], tmp_path / "b.safetensors", mode="svd", rank=4)
@@ -419,3 +419,59 @@ def test_the_long_tools_report_their_progress_module_by_module(tmp_path):
         tool(lambda done, total: calls.append((done, total)))
         total = calls[-1][1]
         assert total > 1 and calls[-1] == (total, total) and [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+# --- what every tool checks before its work --------------------------------------------------------------------
+
+from lora_trainer.networks.tools.extract import extract  # noqa: E402
+
+
+def test_no_tool_overwrites_an_input_even_a_read_only_one_or_writes_a_ckpt_it_cannot(tmp_path):
+    """bake --out my_lora.safetensors replaced the LoRA with a checkpoint; merge --out base replaced the checkpoint."""
+    import shutil
+
+    lora, base = tmp_path / "my lora.safetensors", tmp_path / "base.safetensors"
+    shutil.copy(KOHYA_LORA, lora)
+    shutil.copy(TINY_KOHYA_CHECKPOINT, base)
+    lora.chmod(0o444)
+    before = lora.read_bytes(), base.read_bytes()
+    with pytest.raises(UserError, match="refusing to overwrite an input"):
+        bake(base, [(lora, Strength(1.0))], lora)
+    with pytest.raises(UserError, match="refusing to overwrite an input"):
+        merge([(KOHYA_LOHA, 1.0)], base, mode="svd", rank=4, model=base)
+    assert (lora.read_bytes(), base.read_bytes()) == before
+    for out, problem in ((tmp_path / "x.ckpt", "write safetensors files; name it x.safetensors"),
+                         (tmp_path, "is a folder"), (lora / "x.safetensors", "is not writable")):
+        for run in (lambda: resize(KOHYA_LORA, out, rank=2), lambda: merge([(KOHYA_LORA, 1.0)], out),
+                    lambda: extract(base, base, out), lambda: bake(base, [(KOHYA_LORA, Strength(1.0))], out)):
+            with pytest.raises(UserError, match=problem):  # said before any work, not a traceback after it
+                run()
+
+
+def test_a_diverged_lora_is_named_by_resize_and_merge_and_shown_by_inspect(tmp_path):
+    tensors = load_file(KOHYA_LORA)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    diverged = tmp_path / "diverged.safetensors"
+    save_file(tensors, str(diverged))
+    for run in (lambda: resize(diverged, tmp_path / "r.safetensors", rank=2),
+                lambda: merge([(diverged, 1.0)], tmp_path / "m.safetensors"),
+                lambda: merge([(diverged, 1.0)], tmp_path / "s.safetensors", mode="svd", rank=2)):
+        with pytest.raises(UserError, match=f"{key.rsplit('.', 2)[0]}: NaN or Inf in lora_up.weight.*diverged"):
+            run()
+    assert any("NaN or Inf in lora_up.weight" in p for p in inspect_network(diverged).problems)
+    assert not list(tmp_path.glob("[rms].safetensors"))
+
+
+def test_numbers_the_tools_cannot_use_are_refused_by_option(tmp_path):
+    out = tmp_path / "o.safetensors"
+    for quantile in (0, -0.5, 2, float("nan")):  # 0 clamped every factor to a negative limit: ΔW off 124×
+        with pytest.raises(UserError, match="--clamp_quantile"):
+            merge([(KOHYA_LORA, 1.0)], out, mode="svd", rank=2, clamp_quantile=quantile)
+    for method, parameter in (("sv_ratio", 0), ("sv_fro", -1), ("sv_cumulative", 1.5)):
+        with pytest.raises(UserError, match=f"--dynamic_param {parameter}"):
+            resize(KOHYA_LORA, out, rank=4, method=method, parameter=parameter)
+    with pytest.raises(UserError, match="are for --mode svd"):
+        merge([(KOHYA_LORA, 1.0)], out, rank=2)
+    assert main(["lora", "resize", str(KOHYA_LORA), "--out", str(out), "--new_rank", "2", "--save_precision", "float"]) == 0
+    assert load_file(out)[next(iter(load_file(out)))].dtype == torch.float32  # sd-scripts' name for fp32

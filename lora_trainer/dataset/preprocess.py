@@ -163,6 +163,8 @@ def plan_outputs(source_root: Path, out_root: Path, images: list[Path], captions
     for image in images:
         relative = image.relative_to(source_root)
         output = out_root / relative
+        if output.suffix.lower() not in _SAVE_OPTIONS:  # read through a plug-in (.avif, .jxl) that may not write
+            output = output.with_suffix(".png")
         face = None
         if settings.face_emphasis_repeats:
             face = out_root / face_folder_name(settings.face_emphasis_repeats, relative.parent, source_root.name) / image.name

@@ -23,8 +23,8 @@ import torch
 from ..errors import UserError
 from ..hashing import file_sha256, legacy_model_hash
 from ..networks.network import SAVE_DTYPES, base_metadata, save_network
-from ..safe_io import (ENABLE_LONG_PATHS, STALE_AFTER_SECONDS, atomic_path, remove_files, stale_temporaries,
-                       temporary_beside, windows_path_length)
+from ..safe_io import (ENABLE_LONG_PATHS, STALE_AFTER_SECONDS, atomic_path, check_writable, remove_files,
+                       stale_temporaries, temporary_beside, windows_path_length)
 from .optimizers import takes_its_own_step
 from .options import TrainOptions, is_data_url, resolution_of
 from .samples import sample_path
@@ -52,16 +52,6 @@ def files_of_run(folder: Path, name: str) -> list[Path]:
     return sorted(path for path, match in found.items() if (match[1] or "").lower() in networks)
 
 
-def _check_writable(folder: Path, what: str, option: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"{what} {folder} is not writable ({error}); pick another {option}") from error
-
-
 def _entries(folder: Path) -> list[Path]:
     try:
         return list(folder.iterdir())
@@ -74,12 +64,12 @@ class OutputPlan:
         self.options = options
         self.num_epochs = num_epochs  # known once the data is counted: set it then (the names do not depend on it)
         self.folder = Path(options.output_dir or "output")
-        _check_writable(self.folder, "output folder", "--output_dir")
+        check_writable(self.folder, "output folder", "--output_dir")
         self.name = options.output_name
         self.suffix = "." + options.save_model_as
         self.state_folder = Path(options.state_dir) if options.state_dir else self.folder
         if options.state_dir:  # a stop saves a state there too: said now, not at the first save an epoch in
-            _check_writable(self.state_folder, "state folder", "--state_dir")
+            check_writable(self.state_folder, "state folder", "--state_dir")
 
     @property
     def every_epochs(self) -> int | None:

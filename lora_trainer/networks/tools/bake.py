@@ -23,7 +23,7 @@ from ..files import MatchReport, NetworkFile, match_network
 from ..naming import UNET, Target, model_targets
 from ..network import SAVE_DTYPES
 from ..registry import module_delta
-from .shared import read_network_file
+from .shared import checked_output, read_network_file
 
 
 @dataclass
@@ -114,10 +114,7 @@ def bake(checkpoint: str | Path, networks: Sequence[tuple[str | Path | NetworkFi
         raise UserError(f"precision {precision!r} is not one of {', '.join(SAVE_DTYPES)}")
     if checkpoint.is_dir():
         raise UserError(f"{checkpoint}: bake writes single-file checkpoints; give a .safetensors/.ckpt file, not a Diffusers folder")
-    if out.resolve() == checkpoint.resolve():
-        raise UserError(f"{out}: refusing to overwrite the checkpoint being baked; choose another output name")
-    if out.suffix.lower() != ".safetensors":
-        raise UserError(f"{out}: the baked checkpoint is written as safetensors; name it …{out.stem}.safetensors")
+    out = checked_output(out, [checkpoint, *(n.path if isinstance(n, NetworkFile) else n for n, _ in networks)])
     source = open_tensors(checkpoint)
     config, _ = detect_architecture(source)
     loaded = [(n if isinstance(n, NetworkFile) else read_network_file(n), s) for n, s in networks]

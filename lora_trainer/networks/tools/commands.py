@@ -10,7 +10,7 @@ from ...console import progress_callback
 from ...errors import UserError
 
 
-PRECISIONS = ["fp16", "bf16", "fp32"]
+PRECISIONS = ["fp16", "bf16", "fp32", "float"]  # float: sd-scripts' name for fp32
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -127,7 +127,7 @@ def add_lora_commands(subparsers) -> None:
                    help="concat: exact, LoRA/LoCon only, rank = sum of ranks; svd: any algorithm, SVD to --new_rank")
     g.add_argument("--new_rank", type=int, help="rank of the merged LoRA (svd)")
     g.add_argument("--new_conv_rank", type=int, help="rank of 3×3 conv modules (svd; default --new_rank)")
-    g.add_argument("--model", type=Path, help="the base checkpoint: needed for DoRA/OFT/IA3/GLoRA and LoHa/LoKr convs (svd)")
+    g.add_argument("--model", type=Path, help="the base checkpoint: needed for DoRA/OFT/IA3/GLoRA, and for LoHa/LoKr (svd)")
     g.add_argument("--clamp_quantile", type=float, default=0.99, help="clamp the SVD factors to this quantile, as sd-scripts (1: off)")
     g.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")
     g.set_defaults(run=run_merge)

@@ -20,7 +20,7 @@ from ..lora import DOWN, UP
 from ..naming import ATTENTION, CONV
 from ..network import base_metadata, save_network
 from ..spec import NetworkSpec
-from .shared import CLAMP_QUANTILE, CheckpointLayers, is_kxk_conv, low_rank
+from .shared import CLAMP_QUANTILE, CheckpointLayers, check_clamp_quantile, checked_output, is_kxk_conv, low_rank
 
 MIN_DIFF = 0.01
 
@@ -81,9 +81,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, dim: int = 4, 
             progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     if dim < 1 or (conv_dim is not None and conv_dim < 0):
         raise UserError("--dim must be at least 1 (and --conv_dim at least 0)")
-    out = Path(out)
-    if out.resolve() in (Path(base).resolve(), Path(tuned).resolve()):
-        raise UserError(f"{out}: refusing to overwrite an input checkpoint; choose another output name")
+    out = checked_output(out, [base, tuned])
+    check_clamp_quantile(clamp_quantile)
     base_layers, tuned_layers = CheckpointLayers(base), CheckpointLayers(tuned)
     if base_layers.config.label != tuned_layers.config.label:
         raise UserError(f"{tuned}: is {tuned_layers.config.label} and {base} is {base_layers.config.label}; "

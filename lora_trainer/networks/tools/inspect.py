@@ -11,7 +11,7 @@ from pathlib import Path
 from ...hashing import file_sha256, tensor_data_sha256
 from ..files import NetworkFile
 from ..registry import Tensors, find_algorithm, modifiers_for
-from .shared import read_network_file
+from .shared import non_finite, read_network_file
 
 # shown in their own fields, not again in the metadata list
 _SHOWN_KEYS = {"ss_tag_frequency", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -192,8 +192,9 @@ def tag_frequency(metadata: dict[str, str]) -> Counter:
 def inspect_network(path: str | Path, top_tags: int = 20) -> NetworkSummary:
     """Everything a user asks about a LoRA-family file; UserError when the file is missing or not a network."""
     path = Path(path)
-    network = read_network_file(path)
+    network = read_network_file(path, finite=False)  # said among its problems instead
     problems = [f"{key}: no known network tensor suffix" for key in network.unreadable_keys[:20]]
+    problems += [f"{problem} (the training diverged; use an earlier epoch)" for problem in non_finite(network)[:20]]
     base, source = base_model_of(network)
     metadata = network.metadata
     try:

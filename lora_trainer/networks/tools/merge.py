@@ -4,7 +4,7 @@
 rank — the merged ΔW is exactly Σ wᵢ·ΔWᵢ. ``svd`` (any algorithm): Σ ΔWᵢ(wᵢ) computed by each algorithm's own
 code, then truncated SVD to the asked rank with α = rank, as sd-scripts' ``svd_merge_lora.py`` does (including
 its clamp of the factors to the 0.99 quantile). Algorithms whose ΔW reads the base weight (DoRA, OFT, BOFT,
-IA3, GLoRA) need the checkpoint (``model``); so do LoHa/LoKr convs whose kernel size the file does not record.
+IA3, GLoRA) need the checkpoint (``model``); so do LoHa/LoKr modules whose layer shape the file does not record.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ..naming import canonical
 from ..network import save_network
 from ..registry import Tensors, find_algorithm, modifiers_for, module_delta, scale
 from .inspect import base_model_of
-from .shared import CLAMP_QUANTILE, CheckpointLayers, is_kxk_conv, is_plain_lora, lora_layer_shape, low_rank, read_network_file
+from .shared import (CLAMP_QUANTILE, CheckpointLayers, check_clamp_quantile, checked_output, is_kxk_conv, is_plain_lora,
+                     lora_layer_shape, low_rank, read_network_file)
 
 MODES = ("concat", "svd")
 
@@ -110,8 +111,8 @@ def summed_delta(name: str, parts, layers: CheckpointLayers | None) -> tuple[tor
                             f"{' with DoRA' if modifiers_for(tensors) else ''}, whose change depends on the base weights; "
                             "give the checkpoint it was trained on with --model")
         if shape is None:
-            raise UserError(f"{network.path}: {name} ({find_algorithm(tensors).name}) does not record its layer's kernel "
-                            "size; give the checkpoint with --model")
+            raise UserError(f"{network.path}: {name} ({find_algorithm(tensors).name}) does not record its layer's shape "
+                            "(a Linear layer or a flattened convolution read alike); give the checkpoint with --model")
         if len(shape) < 2:
             return None, False  # norm layers: a LoRA cannot express a change of a 1-D weight
         reads_weight = target is not None and needs_base_weight(tensors)
@@ -211,10 +212,13 @@ def merge_networks(networks: Sequence[tuple[NetworkFile, float]], mode: str = "c
 def merge(inputs: Sequence[tuple[str | Path, float]], out: str | Path, mode: str = "concat", rank: int | None = None,
           conv_rank: int | None = None, model: str | Path | None = None, precision: str = "fp16",
           clamp_quantile: float | None = CLAMP_QUANTILE, progress: Callable[[int, int], None] | None = None) -> MergeResult:
-    out = Path(out)
+    out = checked_output(out, [path for path, _ in inputs] + [model])
+    if mode == "concat" and (rank is not None or conv_rank is not None or model is not None):
+        raise UserError("--new_rank, --new_conv_rank and --model are for --mode svd; concat keeps every module's rank")
+    if mode == "svd" and (rank is not None and rank < 1 or conv_rank is not None and conv_rank < 1):
+        raise UserError("--new_rank and --new_conv_rank must be at least 1")
+    check_clamp_quantile(clamp_quantile)
     networks = [(read_network_file(path), weight) for path, weight in inputs]
-    if any(n.path and n.path.resolve() == out.resolve() for n, _ in networks):
-        raise UserError(f"{out}: refusing to overwrite an input; choose another output name")
     layers = CheckpointLayers(model) if model else None
     result = merge_networks(networks, mode, rank, conv_rank, layers, clamp_quantile, title=out.stem, progress=progress)
     result.path = save_network(result.tensors, out, result.metadata, precision)

@@ -18,7 +18,7 @@ from ..files import NetworkFile
 from ..lora import DOWN, MID, UP, lora_weight
 from ..network import save_network
 from ..registry import Tensors, scale
-from .shared import MIN_SINGULAR_VALUE, is_kxk_conv, lora_layer_shape, read_network_file, require_plain_lora
+from .shared import MIN_SINGULAR_VALUE, checked_output, is_kxk_conv, lora_layer_shape, read_network_file, require_plain_lora
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -120,11 +120,17 @@ def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None
                    parameter: float | None = None, progress: Callable[[int, int], None] | None = None) -> ResizeResult:
     """Every module resized (k×k convs to ``conv_rank``, default ``rank``); metadata rewritten as sd-scripts does;
     ``progress(done, total)`` after each module."""
-    require_plain_lora(network, "resize", "convert it first with `lora merge --mode svd` (one file, weight 1)")
+    require_plain_lora(network, "resize", "convert it first with `lora merge --mode svd --new_rank N` (one file, "
+                       "weight 1; LoHa/LoKr files also need their checkpoint, --model)")
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise UserError("the new rank must be at least 1")
     if method and parameter is None:
         raise UserError(f"--dynamic_method {method} needs --dynamic_param")
+    if method == "sv_ratio" and not parameter >= 1:  # as sd-scripts: the largest over the smallest kept value
+        raise UserError(f"--dynamic_param {parameter}: sv_ratio keeps singular values within that ratio of the "
+                        "largest; give 1 or more (e.g. 8)")
+    if method in ("sv_fro", "sv_cumulative") and not 0 < parameter <= 1:
+        raise UserError(f"--dynamic_param {parameter}: {method} keeps that share of the module (0 to 1, e.g. 0.9)")
     conv_rank = rank if conv_rank is None else conv_rank
     tensors, modules = {}, []
     for done, (name, module) in enumerate(network.modules.items(), 1):
@@ -152,9 +158,8 @@ def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None
 def resize(path: str | Path, out: str | Path, rank: int, conv_rank: int | None = None, method: str | None = None,
            parameter: float | None = None, precision: str = "fp16",
            progress: Callable[[int, int], None] | None = None) -> ResizeResult:
+    out = checked_output(out, [path])
     network = read_network_file(path)
-    if Path(out).resolve() == Path(path).resolve():
-        raise UserError(f"{out}: refusing to overwrite the input; choose another output name")
     result = resize_network(network, rank, conv_rank, method, parameter, progress)
     result.path = save_network(result.tensors, out, result.metadata, precision)
     return result

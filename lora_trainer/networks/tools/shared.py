@@ -22,8 +22,36 @@ CLAMP_QUANTILE = 0.99
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.")
 
 
-def read_network_file(path) -> NetworkFile:
-    """A LoRA-family file, or UserError naming the file and what it is instead."""
+def checked_output(out, inputs) -> Path:
+    """Where a tool writes its file, checked before any work: a ``.safetensors`` name (the WebUI and sd-scripts read a
+    ``.ckpt`` as a pickle), never one of ``inputs`` (a read-only file would be replaced all the same), in a folder that
+    can be written."""
+    from ...safe_io import check_writable
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give the file to write, such as {out / 'merged.safetensors'}")
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"{out}: the tools write safetensors files; name it {out.stem}.safetensors")
+    if any(Path(path).resolve() == out.resolve() for path in inputs if path is not None):
+        raise UserError(f"{out}: refusing to overwrite an input; choose another output name")
+    check_writable(out.parent, "the output folder", "--out")
+    return out
+
+
+def non_finite(network: NetworkFile) -> list[str]:
+    """``module: NaN or Inf in <tensor>`` for every module holding one (a diverged training's file)."""
+    found = []
+    for name, tensors in network.modules.items():
+        bad = [suffix for suffix, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            found.append(f"{name}: NaN or Inf in {', '.join(bad)}")
+    return found
+
+
+def read_network_file(path, finite: bool = True) -> NetworkFile:
+    """A LoRA-family file, or UserError naming the file and what it is instead; with ``finite``, one whose values are
+    all numbers (a NaN would stop an SVD with a traceback, or pass into a merged file)."""
     network = read_network(path)
     keys = [f"{m}.{s}" for m, tensors in network.modules.items() for s in tensors] + network.unreadable_keys
     if any(key.startswith(_CHECKPOINT_PREFIXES) for key in keys):
@@ -32,6 +60,9 @@ def read_network_file(path) -> NetworkFile:
     if not network.modules:
         raise UserError(f"{network.path}: holds no LoRA/LyCORIS module (no key ends in a known network suffix such as "
                         "lora_up.weight or hada_w1_a); it is not a network file")
+    if finite and (bad := non_finite(network)):
+        raise UserError(f"{network.path}: {bad[0]}{f' (and {len(bad) - 1} more modules)' if len(bad) > 1 else ''}: the "
+                        "training diverged; use an earlier epoch's file")
     return network
 
 
@@ -92,6 +123,12 @@ class LowRank:
 
 def singular_values(delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(delta.reshape(delta.shape[0], -1).float())
+
+
+def check_clamp_quantile(value: float | None) -> None:
+    if value is not None and not 0 < value <= 1:  # also NaN
+        raise UserError(f"--clamp_quantile {value}: give a share between 0 and 1, as sd-scripts (0.99 by default; 1 "
+                        "clamps nothing)")
 
 
 def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float | None = None) -> LowRank:
