@@ -423,9 +423,6 @@ def test_the_long_tools_report_their_progress_module_by_module(tmp_path):
 
 # --- what every tool checks before its work --------------------------------------------------------------------
 
-from lora_trainer.networks.tools.extract import extract  # noqa: E402
-
-
 def test_no_tool_overwrites_an_input_even_a_read_only_one_or_writes_a_ckpt_it_cannot(tmp_path):
     """bake --out my_lora.safetensors replaced the LoRA with a checkpoint; merge --out base replaced the checkpoint."""
     import shutil
