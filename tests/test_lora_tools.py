@@ -472,3 +472,13 @@ def test_numbers_the_tools_cannot_use_are_refused_by_option(tmp_path):
         merge([(KOHYA_LORA, 1.0)], out, rank=2)
     assert main(["lora", "resize", str(KOHYA_LORA), "--out", str(out), "--new_rank", "2", "--save_precision", "float"]) == 0
     assert load_file(out)[next(iter(load_file(out)))].dtype == torch.float32  # sd-scripts' name for fp32
+
+
+def test_a_baked_checkpoint_does_not_carry_the_source_s_content_hashes(tmp_path):
+    source = tmp_path / "hashed base.safetensors"
+    save_file(load_file(TINY_KOHYA_CHECKPOINT), str(source), {"modelspec.hash_sha256": "0x" + "ab" * 32,
+                                                               "modelspec.title": "base"})
+    bake(source, [(KOHYA_LORA, Strength(1.0))], tmp_path / "baked.safetensors")
+    with safe_open(str(tmp_path / "baked.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert "modelspec.hash_sha256" not in metadata and metadata["modelspec.title"] == "base"

@@ -105,6 +105,9 @@ def baked_tensors(source: TensorSource, config, networks: Sequence[tuple[Network
     return changed, reports
 
 
+_CONTENT_HASHES = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
+
+
 def bake(checkpoint: str | Path, networks: Sequence[tuple[str | Path | NetworkFile, Strength]], out: str | Path,
          precision: str = "fp16", progress: Callable[[int, int], None] | None = None) -> BakeResult:
     """Merge ``networks`` (any algorithm, each with text-encoder/UNet strengths) into ``checkpoint`` and save ``out``;
@@ -129,7 +132,8 @@ def bake(checkpoint: str | Path, networks: Sequence[tuple[str | Path | NetworkFi
         tensors[key] = tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
     record = [{"name": n.name, "te": s.te, "unet": s.te if s.unet is None else s.unet, **({"blocks": s.blocks} if s.blocks else {})}
               for n, s in loaded]
-    metadata = {**source.metadata, "lora_trainer.baked": json.dumps(record, ensure_ascii=False),
+    kept = {k: v for k, v in source.metadata.items() if k not in _CONTENT_HASHES}  # of the source's tensors, not these
+    metadata = {**kept, "lora_trainer.baked": json.dumps(record, ensure_ascii=False),
                 "modelspec.merged_from": ", ".join([checkpoint.stem] + [n.name for n, _ in loaded])}
     save_safetensors(tensors, out, metadata)
     return BakeResult(out, sorted(changed), reports)
