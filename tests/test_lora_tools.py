@@ -482,3 +482,11 @@ def test_a_baked_checkpoint_does_not_carry_the_source_s_content_hashes(tmp_path)
     with safe_open(str(tmp_path / "baked.safetensors"), "pt") as handle:
         metadata = handle.metadata()
     assert "modelspec.hash_sha256" not in metadata and metadata["modelspec.title"] == "base"
+
+
+def test_inspect_says_when_a_file_changes_nothing(tmp_path):
+    """A LoRA saved before its first step (or at a learning rate of 0): every lora_up still zero."""
+    tensors = {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v) for k, v in load_file(KOHYA_LORA).items()}
+    save_file(tensors, str(tmp_path / "untrained.safetensors"))
+    assert any("every lora_up is zero" in p for p in inspect_network(tmp_path / "untrained.safetensors").problems)
+    assert not any("every lora_up is zero" in p for p in inspect_network(KOHYA_LORA).problems)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ...hashing import file_sha256, tensor_data_sha256
 from ..files import NetworkFile
+from ..lora import UP
 from ..registry import Tensors, find_algorithm, modifiers_for
 from .shared import non_finite, read_network_file
 
@@ -195,6 +196,10 @@ def inspect_network(path: str | Path, top_tags: int = 20) -> NetworkSummary:
     network = read_network_file(path, finite=False)  # said among its problems instead
     problems = [f"{key}: no known network tensor suffix" for key in network.unreadable_keys[:20]]
     problems += [f"{problem} (the training diverged; use an earlier epoch)" for problem in non_finite(network)[:20]]
+    ups = [tensors[UP] for tensors in network.modules.values() if UP in tensors]
+    if ups and all(not up.any() for up in ups):  # sd-scripts' check_lora_weights.py is run to spot this
+        problems.append("every lora_up is zero: this file changes nothing (saved before its first training step, or "
+                        "trained with a learning rate of 0)")
     base, source = base_model_of(network)
     metadata = network.metadata
     try:
