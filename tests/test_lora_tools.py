@@ -490,3 +490,11 @@ def test_inspect_says_when_a_file_changes_nothing(tmp_path):
     save_file(tensors, str(tmp_path / "untrained.safetensors"))
     assert any("every lora_up is zero" in p for p in inspect_network(tmp_path / "untrained.safetensors").problems)
     assert not any("every lora_up is zero" in p for p in inspect_network(KOHYA_LORA).problems)
+
+
+def test_conv_rank_applies_to_one_by_one_convolutions_as_sd_scripts_resizes_them(tmp_path):
+    """sd-scripts' resize_lora.py takes --new_conv_rank for every 4-D module: SD1's 1×1 proj_in/proj_out too."""
+    result = resize(KOHYA_LORA, tmp_path / "r.safetensors", rank=2, conv_rank=1)
+    ranks = {k.rsplit(".", 2)[0]: (t.dim(), t.shape[0]) for k, t in result.tensors.items() if k.endswith("lora_down.weight")}
+    assert {rank for dim, rank in ranks.values() if dim == 4} == {1} and {rank for dim, rank in ranks.values() if dim == 2} == {2}
+    assert any(name.endswith("proj_in") for name, (dim, _) in ranks.items() if dim == 4)

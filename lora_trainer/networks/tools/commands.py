@@ -113,7 +113,8 @@ def add_lora_commands(subparsers) -> None:
     r.add_argument("--out", "--save_to", type=Path, required=True)
     r.add_argument("--new_rank", type=int, default=4,
                    help="the rank (a module of a lower rank keeps its own); with --dynamic_method the largest rank kept")
-    r.add_argument("--new_conv_rank", type=int, help="rank of 3×3 conv modules (default: --new_rank)")
+    r.add_argument("--new_conv_rank", type=int, help="rank of conv modules, SD1's 1×1 proj_in/out too as sd-scripts "
+                   "resizes them (default: --new_rank)")
     r.add_argument("--dynamic_method", choices=["sv_ratio", "sv_fro", "sv_cumulative"])
     r.add_argument("--dynamic_param", type=float, help="sv_ratio: largest/smallest kept; sv_fro, sv_cumulative: share kept (0-1)")
     r.add_argument("--precision", "--save_precision", choices=PRECISIONS, default="fp16")

@@ -18,7 +18,7 @@ from ..files import NetworkFile
 from ..lora import DOWN, MID, UP, lora_weight
 from ..network import save_network
 from ..registry import Tensors, scale
-from .shared import MIN_SINGULAR_VALUE, checked_output, is_kxk_conv, lora_layer_shape, read_network_file, require_plain_lora
+from .shared import MIN_SINGULAR_VALUE, checked_output, lora_layer_shape, read_network_file, require_plain_lora
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -118,7 +118,8 @@ class ResizeResult:
 
 def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None, method: str | None = None,
                    parameter: float | None = None, progress: Callable[[int, int], None] | None = None) -> ResizeResult:
-    """Every module resized (k×k convs to ``conv_rank``, default ``rank``); metadata rewritten as sd-scripts does;
+    """Every module resized (convolutions, 1×1 ones too as in sd-scripts' resize_lora.py, to ``conv_rank``, default
+    ``rank``); metadata rewritten as sd-scripts does;
     ``progress(done, total)`` after each module."""
     require_plain_lora(network, "resize", "convert it first with `lora merge --mode svd --new_rank N` (one file, "
                        "weight 1; LoHa/LoKr files also need their checkpoint, --model)")
@@ -134,7 +135,7 @@ def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None
     conv_rank = rank if conv_rank is None else conv_rank
     tensors, modules = {}, []
     for done, (name, module) in enumerate(network.modules.items(), 1):
-        max_rank = conv_rank if is_kxk_conv(lora_layer_shape(module)) else rank
+        max_rank = conv_rank if len(lora_layer_shape(module)) == 4 else rank  # 1×1 convs too, as sd-scripts
         resized, figures = resize_module(name, module, max_rank, method, parameter)
         tensors |= {f"{name}.{suffix}": t for suffix, t in resized.items()}
         modules.append(figures)
