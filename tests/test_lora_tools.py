@@ -498,3 +498,18 @@ def test_conv_rank_applies_to_one_by_one_convolutions_as_sd_scripts_resizes_them
     ranks = {k.rsplit(".", 2)[0]: (t.dim(), t.shape[0]) for k, t in result.tensors.items() if k.endswith("lora_down.weight")}
     assert {rank for dim, rank in ranks.values() if dim == 4} == {1} and {rank for dim, rank in ranks.values() if dim == 2} == {2}
     assert any(name.endswith("proj_in") for name, (dim, _) in ranks.items() if dim == 4)
+
+
+def test_a_concat_merge_saved_in_fp16_keeps_the_digits_of_a_small_alpha(tmp_path):
+    """α = 1 at rank 64 scales ΔW by 1/64: folded into lora_up alone, fp16 stored its values as subnormals."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name in ("lora_unet_a", "lora_unet_b"):
+        tensors |= {f"{name}.lora_down.weight": torch.randn(64, 320, generator=generator) * 0.05,
+                    f"{name}.lora_up.weight": torch.randn(320, 64, generator=generator) * 1e-3,
+                    f"{name}.alpha": torch.tensor(1.0)}
+    save_file(tensors, str(tmp_path / "small alpha.safetensors"))
+    merge([(tmp_path / "small alpha.safetensors", 0.5)], tmp_path / "m.safetensors", precision="fp16")
+    for name, delta in deltas(read_network(tmp_path / "m.safetensors")).items():
+        expected = 0.5 * deltas(read_network(tmp_path / "small alpha.safetensors"))[name]
+        assert float((delta - expected).norm() / expected.norm()) < 2e-3, name

@@ -9,6 +9,8 @@ IA3, GLoRA) need the checkpoint (``model``); so do LoHa/LoKr modules whose layer
 
 from __future__ import annotations
 
+import math
+
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +54,8 @@ def _grouped(networks: Sequence[tuple[NetworkFile, float]]) -> dict[str, list[tu
 
 
 def concat_merge(networks: Sequence[tuple[NetworkFile, float]]) -> dict[str, torch.Tensor]:
-    """Exact merge of LoRA/LoCon files: up = [w₁s₁·up₁ | w₂s₂·up₂ …], down = [down₁; down₂ …], α = Σ rᵢ."""
+    """Exact merge of LoRA/LoCon files: up = [√f₁·up₁ | √f₂·up₂ …], down = [√f₁·down₁; √f₂·down₂ …] with fᵢ = wᵢsᵢ
+    (the sign on up), α = Σ rᵢ."""
     tensors = {}
     for name, parts in _grouped(networks).items():
         shapes = {lora_layer_shape(t) for _, t, _ in parts}
@@ -67,8 +70,12 @@ def concat_merge(networks: Sequence[tuple[NetworkFile, float]]) -> dict[str, tor
             down, up = module[DOWN].float(), module[UP].float()
             if down.dim() == 4 and up.dim() == 2:  # DyLoRA saves conv ups flat
                 up = up[:, :, None, None]
-            ups.append(up * (weight * scale(module, down.shape[0])))
-            downs.append(down)
+            # the factor split as √|f| on both sides (its sign on up), as sd-scripts' merge_lora.py: folded into up
+            # alone, a small α/r pushed up's values into fp16's subnormals, where they lose digits
+            factor = weight * scale(module, down.shape[0])
+            root = abs(factor) ** 0.5
+            ups.append(up * math.copysign(root, factor))
+            downs.append(down * root)
         up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
         tensors |= {f"{name}.{UP}": up, f"{name}.{DOWN}": down, f"{name}.alpha": torch.tensor(float(down.shape[0]))}
     return tensors
