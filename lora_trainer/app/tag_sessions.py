@@ -202,7 +202,10 @@ def edit_from(data: dict) -> tag_editor.TagEdit:
     for key in ("tags",):
         if key in parameters:
             parameters[key] = _tags(parameters[key], key)
-    return tag_editor.make_edit(EDIT_NAMES[op], **parameters)
+    try:
+        return tag_editor.make_edit(EDIT_NAMES[op], **parameters)
+    except UserError as error:  # said with the op's name as the client wrote it ("dedupe", not the core's name)
+        raise UserError(str(error).replace(f"Tag edit {EDIT_NAMES[op]!r}", f"Tag edit {op!r}"), error.field) from None
 
 
 def selected_images(session: TagSession, selection, tag_filter: TagFilter | None = None) -> list[Path]:

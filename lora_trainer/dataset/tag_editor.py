@@ -281,11 +281,11 @@ def make_edit(kind: str, **parameters) -> TagEdit:
     missing = [name for name, f in edit_fields.items() if f.default is MISSING and name not in values]
     if unknown or missing:
         problem = f"has no parameter {unknown[0]!r}" if unknown else f"needs {missing[0]}"
-        raise UserError(f"Tag edit {kind!r} {problem}; it takes {takes}.")
+        raise UserError(f"Tag edit {kind!r} {problem}; it takes {takes}.", unknown[0] if unknown else missing[0])
     for name, value in values.items():  # checked here: a wrong type would fail only when the edit runs
         kinds = _PARAMETER_KINDS.get(str(edit_fields[name].type))
         if kinds and not _is_kind(value, kinds[0]):
-            raise UserError(f"Tag edit {kind!r}: {name} must be {kinds[1]}, not {value!r}.")
+            raise UserError(f"Tag edit {kind!r}: {name} must be {kinds[1]}, not {value!r}.", name)
     return EDIT_KINDS[kind](**values)
 
 

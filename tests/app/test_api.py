@@ -513,10 +513,13 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
                  400, field="filter.regex")
     assert_error(client.get(f"{V1}/datasets/{sid}", params={"page_size": 0}), 400, field="page_size")
     assert_error(client.get(f"{V1}/datasets/{sid}/image", params={"name": "nope.png"}), 400, field="name")
-    wrong = assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "position": "first"}), 400)
+    wrong = assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "position": "first"}),
+                         400, field="position")
     assert "position must be a whole number or null" in wrong["message"]
     assert "needs tags; it takes tags, position" in assert_error(
-        client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add"}), 400)["message"]
+        client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add"}), 400, field="tags")["message"]
+    assert assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "dedupe", "keep": 1}), 400,
+                        field="keep")["message"].startswith("Tag edit 'dedupe' has no parameter 'keep'")
 
     (folder / "img_003.txt").write_text("changed, elsewhere", encoding="utf-8")
     conflict = assert_error(client.post(f"{V1}/datasets/{sid}/save", json={}), 409, "save_conflict")
