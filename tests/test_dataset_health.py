@@ -116,6 +116,8 @@ def test_caption_problems_name_the_file_and_the_fix(tmp_path):
     caption(make_image(folder / "blank.png", (512, 512), 5), "  \nsks dog, on the second line")
     make_image(folder / "gbk.png", (512, 512), 3).with_suffix(".txt").write_bytes("一只狗, 草地".encode("gbk"))
     caption(make_image(folder / "lines.png", (512, 512), 4), "sks dog, grass\nsecond line")
+    make_image(folder / "bom.png", (512, 512), 6).with_suffix(".txt").write_bytes("\ufeffsks dog, bom".encode("utf-8"))
+    make_image(folder / "wide.png", (512, 512), 7).with_suffix(".txt").write_bytes("sks dog, wide".encode("utf-16"))
     report = check_dataset(tmp_path)
     by_path = {(f.kind, f.path): f.message for f in report.findings}
     assert "class tokens 'sks dog'" in by_path[("missing-caption", "10_sks dog/missing.png")]
@@ -124,10 +126,14 @@ def test_caption_problems_name_the_file_and_the_fix(tmp_path):
     assert "empty first line" in by_path[("blank-first-line", "10_sks dog/blank.txt")]
     assert "UTF-8" in by_path[("caption-not-utf8", "10_sks dog/gbk.txt")]
     assert ("multi-line-caption", "10_sks dog/lines.txt") in by_path
+    # read right here, misread by sd-scripts (and so by --backend sd-scripts): said as a note
+    assert "byte-order mark, which sd-scripts keeps glued to the first tag" in by_path[("caption-encoding", "10_sks dog/bom.txt")]
+    assert "UTF-16, which stops sd-scripts" in by_path[("caption-encoding", "10_sks dog/wide.txt")]
     assert {f.kind for f in report.errors} == {"empty-caption", "caption-not-utf8"}
     trained = {image.path: (image.caption, image.caption_source) for image in report.images}
     assert trained["10_sks dog/missing.png"] == ("sks dog", "class tokens")
     assert trained["10_sks dog/lines.png"] == ("sks dog, grass", "file")
+    assert trained["10_sks dog/bom.png"] == ("sks dog, bom", "file") and trained["10_sks dog/wide.png"][0] == "sks dog, wide"
 
 
 def test_long_captions_are_graded_by_token_windows(tmp_path):

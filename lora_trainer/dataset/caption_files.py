@@ -64,6 +64,7 @@ class CaptionFile:
     path: Path
     text: str
     stamp: CaptionStamp
+    sd_scripts_misreading: str | None = None  # ``sd_scripts_misreading`` of its bytes
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,16 @@ def _normalise_line_ends(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def sd_scripts_misreading(data: bytes) -> str | None:
+    """How sd-scripts (``open(..., encoding="utf-8")``) misreads a caption this module reads kindly, or None."""
+    if data.startswith(codecs.BOM_UTF8):
+        return ("starts with a UTF-8 byte-order mark, which sd-scripts keeps glued to the first tag ('\\ufeff' + tag "
+                "matches no prompt: a trigger word there is lost)")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "is UTF-16, which stops sd-scripts with a UnicodeDecodeError"
+    return None
+
+
 def decode_caption(data: bytes, path: Path, encoding: str | None = None) -> str:
     """Decode a caption file's bytes: UTF-8 (with or without BOM) or UTF-16 with BOM, unless ``encoding`` is given."""
     if encoding is not None:
@@ -140,7 +151,8 @@ def load_caption_file(path: Path, encoding: str | None = None) -> CaptionFile:
     """Read a caption file whole; a missing file reads as empty text with the ``NO_FILE`` stamp."""
     path = path if isinstance(path, Path) else Path(path)  # Path(path) parses again: 10,000 captions in an open
     data, stamp = _read_bytes(path)
-    return CaptionFile(path, decode_caption(data, path, encoding) if stamp.exists else "", stamp)
+    return CaptionFile(path, decode_caption(data, path, encoding) if stamp.exists else "", stamp,
+                       sd_scripts_misreading(data) if stamp.exists else None)
 
 
 @dataclass(frozen=True)

@@ -475,6 +475,10 @@ def _effective_caption(image: Path, name: str, class_tokens: str, extension: str
         findings.append(Finding("warning", "missing-caption", name, f"has no {caption_path.name}, so it trains on {target}; {fix}."))
         return class_tokens, "class tokens" if class_tokens else "none", findings
     caption = training_caption(caption_file.text)
+    if caption_file.sd_scripts_misreading:  # read right here: said for Kohya's tools and --backend sd-scripts
+        findings.append(Finding("note", "caption-encoding", _sibling_name(name, caption_path),
+                                f"{caption_file.sd_scripts_misreading}; read correctly here, but re-save it as UTF-8 "
+                                "without a mark for sd-scripts (in Notepad: Encoding: UTF-8, not UTF-8 with BOM)."))
     if caption_file.text == "":
         findings.append(Finding("error", "empty-caption", _sibling_name(name, caption_path),
                                 "is empty, which stops sd-scripts with an assertion error; write the caption in it or "
