@@ -41,6 +41,8 @@ STAND_IN = textwrap.dedent('''
         print(f"\\nsaving checkpoint: {out / name}", flush=True)
 ''')
 
+SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
+
 
 @pytest.fixture
 def checkout(tmp_path) -> Path:
@@ -70,6 +72,19 @@ def test_the_run_goes_to_sd_scripts_with_our_options_and_comes_back_as_events(ch
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
     assert [Path(e["path"]).name for e in events if e["event"] == "saved"] == ["star-000001.safetensors", "star.safetensors"]
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 6 and len(events[-1]["files"]) == 2
+
+
+def test_captions_sd_scripts_misreads_are_said_before_it_runs(checkout, tmp_path):
+    """A byte-order mark sd-scripts glues to the first tag (the trigger word) is read right here, but not there."""
+    import shutil
+
+    shutil.copytree(SAMPLE, tmp_path / "data" / "1_star")
+    caption = next((tmp_path / "data" / "1_star").glob("*.txt"))
+    caption.write_bytes("\ufeff".encode("utf-8") + caption.read_bytes())
+    assert train(checkout, tmp_path, "--caption_extension", ".txt") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert any(f"1 caption file(s) sd-scripts misreads, e.g. {caption}: it starts with a UTF-8 byte-order mark"
+               in e["message"] for e in events if e["event"] == "warning")
 
 
 def test_relative_paths_reach_sd_scripts_absolute_since_it_runs_in_its_checkout(checkout, tmp_path, monkeypatch):

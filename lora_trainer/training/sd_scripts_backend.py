@@ -133,6 +133,33 @@ def absolute_dataset_config(source: Path, target: Path) -> Path:
     return target
 
 
+def _misread_captions(options: TrainOptions) -> list[str]:
+    """Caption files this trainer reads right and sd-scripts does not (a byte-order mark, UTF-16), said before it
+    runs: a mark glued to the first tag loses a trigger word there without a word."""
+    from ..dataset.caption_files import sd_scripts_misreading
+    from ..dataset.layouts import dataset_images
+    from .data import dataset_group
+
+    try:  # the captions only: any resolution reads them (sd-scripts says what it makes of a missing one)
+        scanned = dataclasses.replace(options, resolution=options.resolution or "512")
+        datasets = [dataset_images(dataset) for dataset in dataset_group(scanned).datasets]
+    except (UserError, OSError):  # sd-scripts says what it makes of a dataset it cannot read
+        return []
+    misread = []
+    for dataset in datasets:
+        for subset in dataset.subsets:
+            for entry in subset.images:
+                if entry.caption_file is not None:
+                    with open(entry.caption_file, "rb") as handle:
+                        if why := sd_scripts_misreading(handle.read(4)):
+                            misread.append((entry.caption_file, why))
+    if not misread:
+        return []
+    path, why = misread[0]
+    return [f"{len(misread)} caption file(s) sd-scripts misreads, e.g. {path}: it {why}; re-save them as UTF-8 without "
+            "a mark (this trainer reads them right)"]
+
+
 def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
     checkout = checkout_of(options.backend)
     script, options = for_sd_scripts(options)
@@ -144,7 +171,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
     config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
-    for note in sd_scripts_notes(options, script):
+    for note in [*sd_scripts_notes(options, script), *_misread_captions(options)]:
         events.emit("warning", message=note)
     if options.state_dir and (options.save_state or options.save_state_on_train_end):
         events.emit("warning", message=f"sd-scripts saves its states beside its files in {options.output_dir}, "
