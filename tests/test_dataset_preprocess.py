@@ -94,6 +94,8 @@ def test_prepare_mirrors_folders_copies_captions_and_never_touches_sources(tmp_p
     bom.write_bytes("\ufeffzk star, tall".encode("utf-8"))
     make_image(source / "10_zk star" / "nocaption.webp", (512, 512), 3, caption=None)
     (source / "10_zk star" / "broken.png").write_bytes(b"garbage")
+    make_image(source / "10_zk star" / "mixed.Jpg", (64, 64), 4, caption=None)  # never read by training: said
+    make_image(source / "10_zk star" / "moving.gif", (64, 64), 5, caption=None)
     before = snapshot(source)
     out = tmp_path / "输出 out"
     result = prepare_dataset(source, out, PrepSettings(size=256, flip=True))
@@ -109,6 +111,7 @@ def test_prepare_mirrors_folders_copies_captions_and_never_touches_sources(tmp_p
         assert np.array_equal(np.asarray(written)[:, ::-1], np.asarray(mirrored))
     assert (result.images, result.flipped, result.captions) == (3, 3, 4)
     assert [name for name, _ in result.skipped] == ["10_zk star/broken.png"]
+    assert result.not_read == ("10_zk star/mixed.Jpg", "10_zk star/moving.gif") and "Not prepared" in result.summary()
     assert not list(out.rglob("*.tmp"))
 
 

@@ -191,13 +191,23 @@ def check_folders(source: Path, out: Path, overwrite: bool) -> None:
                         "files of the same name in it.")
 
 
-def find_source_images(source: Path) -> list[Path]:
-    """Training images in ``source`` and its sub-folders (hidden ones skipped), sorted by folder, then name."""
+# pictures training does not read: said, as a prepared folder without them is missing what the user put in
+_PICTURE_SUFFIXES = frozenset((".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif"))
+
+
+def find_source_images(source: Path) -> tuple[list[Path], list[Path]]:
+    """Training images in ``source`` and its sub-folders (hidden ones skipped), sorted by folder, then name; and the
+    pictures among the other files, which training would not read either (``a.Jpg``: the case of its extension)."""
     images: list[Path] = []
-    for folder, subfolders, _ in os.walk(source):
+    not_read: list[Path] = []
+    for folder, subfolders, names in os.walk(source):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        images += list_images(Path(folder))
-    return images
+        found = list_images(Path(folder))
+        images += found
+        not_read += sorted(Path(folder) / name for name in names if not name.startswith(".")
+                           and Path(name).suffix.lower() in _PICTURE_SUFFIXES | set(IMAGE_EXTENSIONS)
+                           and Path(folder) / name not in found)
+    return images, not_read
 
 
 def read_source_captions(images: list[Path], caption_extension: str) -> dict[Path, str | None]:
@@ -227,6 +237,7 @@ class PrepResult:
     seconds: float = 0.0
     face_folders: tuple[str, ...] = field(default=())
     flattened: tuple[str, ...] = ()  # transparent pictures written where the format holds no transparency
+    not_read: tuple[str, ...] = ()  # pictures in a format (or an extension's case) training does not read
 
     def summary(self) -> str:
         lines = [f"Wrote {self.images} images, {self.flipped} flipped copies, {self.face_crops} face close-ups and "
@@ -240,6 +251,9 @@ class PrepResult:
         if self.flattened:
             lines.append("Transparent parts flattened onto white (their format holds no transparency, which "
                          f"--alpha_mask would train with; PNG and WebP keep it): {', '.join(self.flattened)}")
+        if self.not_read:
+            lines.append(f"Not prepared, as training would not read them ({', '.join(IMAGE_EXTENSIONS)} in lower or "
+                         f"upper case): {', '.join(self.not_read)}")
         for name, reason in self.skipped:
             lines.append(f"Skipped {name}: {reason}")
         return "\n".join(lines)
@@ -277,7 +291,7 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
     check_folders(source, out, settings.overwrite)
     if settings.face_emphasis_repeats:
         require_face_detector()
-    images = find_source_images(source)
+    images, not_read = find_source_images(source)
     if not images:
         raise UserError(f"{source} has no images ({' '.join(IMAGE_EXTENSIONS)}); nothing was written.")
     items = plan_outputs(source, out, images, read_source_captions(images, settings.caption_extension), settings)
@@ -325,4 +339,5 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
             progress(index + 1, len(items))
     write_captions(captions, backup_dir=None)
     return PrepResult(out, written, flipped, faces, len(captions), tuple(enlarged), tuple(without_face), tuple(skipped),
-                      time.perf_counter() - started, tuple(sorted(face_folders)), tuple(flattened))
+                      time.perf_counter() - started, tuple(sorted(face_folders)), tuple(flattened),
+                      tuple(path.relative_to(source).as_posix() for path in not_read))
