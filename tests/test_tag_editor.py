@@ -107,6 +107,10 @@ def test_counts_and_filters_select_the_images_a_user_asks_for(dataset):
         (ReplaceText("solo", ""), ("solo", "star"), ("star",)),
         (ReplaceText(", simple background", "", whole_caption=True), ("star", "simple background"), ("star",)),
         (RenameTag("1girl", "one girl"), ("1girl", "one girl", "x"), ("one girl", "x")),
+        # a comma or a line break put into a tag separates tags, as the saved caption will: no fake "b, c" tag
+        (ReplaceText("x", "b, c"), ("zk", "x"), ("zk", "b", "c")),
+        (ReplaceText(r"\s+", "\n", regex=True), ("zk", "long hair"), ("zk", "long", "hair")),
+        (RenameTag("zk", "p, q"), ("zk", "q", "x"), ("p", "q", "x")),
         (RemoveDuplicates(), ("a", "b", "a"), ("a", "b")),
         (SortTags(keep_first=1), ("zkstar", "b", "A", "c"), ("zkstar", "A", "b", "c")),
         (MoveToFront(("zkstar",)), ("a", "zkstar", "b"), ("zkstar", "a", "b")),
@@ -165,6 +169,15 @@ def test_save_writes_only_changed_captions_after_backing_them_up(dataset):
     # the saved state can be edited and saved again without a false "changed on disk"
     save(apply_edit(saved, RemoveTags(("zkstar",)), [dataset / "c.webp"]))
     assert (dataset / "c.txt").read_text(encoding="utf-8") == "red circle"
+
+
+def test_a_save_that_would_write_an_empty_caption_file_writes_nothing(dataset):
+    """sd-scripts stops on an empty caption file (read_caption asserts), and so does this trainer."""
+    before = (dataset / "c.txt").read_text(encoding="utf-8")
+    editor = apply_edit(open_folder(dataset), RemoveTags(("red circle",)), [dataset / "c.webp"])
+    with pytest.raises(UserError, match=r"1 caption file\(s\) would be written empty \(c.txt\).*nothing was written"):
+        save(editor)
+    assert (dataset / "c.txt").read_text(encoding="utf-8") == before
 
 
 def test_images_sharing_a_stem_share_their_caption_and_are_edited_together(tmp_path):

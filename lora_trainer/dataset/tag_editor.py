@@ -146,6 +146,8 @@ class ReplaceText:
             if find not in "\n".join(tags):  # then in no tag either: most images, in most replaces
                 return tags
             replaced = tuple([tag.replace(find, replacement).strip() if find in tag else tag for tag in tags])
+        if any("," in tag or "\n" in tag for tag in replaced):  # a comma or a line break made there separates tags
+            return split_tags(", ".join(replaced))
         return replaced if all(replaced) else tuple(tag for tag in replaced if tag)
 
     def describe(self) -> str:
@@ -163,8 +165,8 @@ class RenameTag:
     def apply(self, tags: Tags) -> Tags:
         if self.old not in tags:
             return tags
-        new = self.new.strip()
-        return _unique(new if tag == self.old else tag for tag in tags if tag != self.old or new)
+        new = split_tags(self.new)  # "b, c" is two tags, as the caption file will say
+        return _unique(part for tag in tags for part in (new if tag == self.old else (tag,)))
 
     def describe(self) -> str:
         return f"Rename {self.old} to {self.new}"
@@ -604,6 +606,10 @@ def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
     written and the ``UserError`` lists them: ``reload`` first."""
     changed = unsaved_images(editor)
     texts = {editor.caption_path(image): caption_text(editor, image) for image in changed}
+    if empty := [path.name for path, text in texts.items() if not text]:
+        raise UserError(f"{len(empty)} caption file(s) would be written empty ({', '.join(empty[:5])}"
+                        f"{', …' if len(empty) > 5 else ''}), which stops sd-scripts and this trainer: give those images "
+                        "a tag (or undo the edit); nothing was written")
     result = write_captions(texts, editor.backup_dir, {path: editor.stamps.get(path, NO_FILE) for path in texts})
     saved = editor.on_disk | {image: editor.tags[image] for image in changed}
     stamps = editor.stamps | dict(result.written)
