@@ -191,6 +191,13 @@ def test_overwrite_keeps_the_old_caption_in_a_backup(star_folder):
     assert result.backup_folder.parent == star_folder / ".caption-backups"
 
 
+def test_appended_tags_go_on_the_first_line_and_the_lines_after_it_are_kept(star_folder):
+    """The first line is what training reads; the others (wildcard alternatives) must not merge into it."""
+    (star_folder / "hand.txt").write_text("zk, x\n{red|blue} hair, y\n", encoding="utf-8")
+    tag_folder(star_folder, ColourTagger(), mode="append")
+    assert (star_folder / "hand.txt").read_text(encoding="utf-8") == "zk, x, circle, red\n{red|blue} hair, y\n"
+
+
 def test_a_caption_written_by_hand_during_tagging_is_not_overwritten(star_folder):
     proposal = propose_captions(find_images(star_folder), ColourTagger())
     (star_folder / "new.txt").write_text("written meanwhile", encoding="utf-8")

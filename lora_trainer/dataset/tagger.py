@@ -250,7 +250,9 @@ def propose_captions(
         raise UserError(f"Unknown mode {mode!r} for existing captions; use one of {', '.join(EXISTING_CAPTION_MODES)}.")
     captions = read_image_captions(list(images), caption_extension)
     stamps, unreadable = captions.stamps, dict(captions.unreadable)
-    existing: dict[Path, Tags] = {image: split_tags(text) for image, text in captions.texts.items()}
+    # a caption's tags are its first line, which training reads; the lines after it are kept as they are
+    lines = {image: text.partition("\n") for image, text in captions.texts.items()}
+    existing: dict[Path, Tags] = {image: split_tags(first) for image, (first, _, _) in lines.items()}
     skipped: list[Path] = []
     to_tag: list[Path] = []
     for image in existing:
@@ -277,7 +279,8 @@ def propose_captions(
             if merged is None:
                 skipped.append(image)
             else:
-                captions[caption_path_for(image, caption_extension)] = join_tags(merged)
+                later = lines[image][2]
+                captions[caption_path_for(image, caption_extension)] = join_tags(merged) + (f"\n{later}" if later else "")
         if on_progress:
             on_progress(min(start + batch_size, len(to_tag)), len(to_tag))
     return TaggingProposal(captions, {path: stamps[path] for path in captions}, tuple(skipped), unreadable, found)
