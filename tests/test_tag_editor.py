@@ -23,6 +23,7 @@ from lora_trainer.dataset.tag_editor import (
     make_edit,
     multiline_note,
     open_folder,
+    record_step,
     redo,
     reload,
     revert,
@@ -186,6 +187,10 @@ def test_images_sharing_a_stem_share_their_caption_and_are_edited_together(tmp_p
     assert editor.tags[folder / "a.jpg"] == ("y",)
     save(editor)
     assert (folder / "a.txt").read_text(encoding="utf-8") == "y"
+    # tags given per image (auto-tagging): one caption file holds one text, the first image's
+    tagged = record_step(open_folder(folder), "auto-tag", {folder / "a.png": ("y", "w8"), folder / "a.jpg": ("y", "w16")})
+    assert tagged.tags[folder / "a.png"] == tagged.tags[folder / "a.jpg"] == ("y", "w8")
+    assert not unsaved_images(reload(save(tagged)[0])[0])
 
 
 def test_a_caption_edited_elsewhere_blocks_save_and_reload_reports_it(dataset):

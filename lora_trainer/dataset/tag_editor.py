@@ -533,8 +533,14 @@ def _with_tags(editor: TagEditor, new_tags: Mapping[Path, Tags]) -> Mapping[Path
 
 
 def record_step(editor: TagEditor, description: str, after: Mapping[Path, Tags]) -> TagEditor:
-    """New tags for some images as one undoable step (edits use it; so does auto-tagging, whose tags differ per image)."""
-    changed = {image: tags for image, tags in after.items() if editor.tags.get(image, tags) != tags}
+    """New tags for some images as one undoable step (edits use it; so does auto-tagging, whose tags differ per image).
+    Images sharing a caption file (``a.png``, ``a.jpg``) get the tags of the first of them given: one file, one text."""
+    shared: dict[Path, Tags] = {}
+    for image, tags in after.items():
+        group = [image, *(sibling for sibling in editor.siblings.get(image, ()) if sibling in editor.tags)]
+        if not any(member in shared for member in group):
+            shared.update(dict.fromkeys(group, tags))
+    changed = {image: tags for image, tags in shared.items() if editor.tags.get(image, tags) != tags}
     if not changed:
         return editor
     step = Step(description, MappingProxyType({image: editor.tags[image] for image in changed}), MappingProxyType(changed))
