@@ -193,6 +193,18 @@ def test_images_sharing_a_stem_share_their_caption_and_are_edited_together(tmp_p
     assert not unsaved_images(reload(save(tagged)[0])[0])
 
 
+def test_a_face_crop_without_its_own_caption_shows_the_source_s_which_training_reads(tmp_path):
+    """sd-scripts trains char_100_80_40_48.png on char.txt when it has no caption of its own: the editor shows those
+    tags (it showed none, and Add wrote a new caption of the added tag alone); an edit goes to the crop's own file."""
+    folder = make_dataset(tmp_path / "d", {"char.png": "zk, red hair\nalt line", "char_100_80_40_48.png": None})
+    crop = folder / "char_100_80_40_48.png"
+    editor = open_folder(folder)
+    assert editor.tags[crop] == ("zk", "red hair") and not unsaved_images(editor)
+    save(apply_edit(editor, AddTags(("face",)), [crop]))
+    assert (folder / "char_100_80_40_48.txt").read_text(encoding="utf-8") == "zk, red hair, face\nalt line"
+    assert (folder / "char.txt").read_text(encoding="utf-8") == "zk, red hair\nalt line"
+
+
 def test_a_caption_edited_elsewhere_blocks_save_and_reload_reports_it(dataset):
     editor = apply_edit(open_folder(dataset), AddTags(("mine",)), [dataset / "a.png"])
     (dataset / "a.txt").write_text("their version", encoding="utf-8")

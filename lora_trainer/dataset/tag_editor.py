@@ -31,10 +31,11 @@ from lora_trainer.dataset.caption_files import (
     CaptionStamp,
     caption_path_for,
     checked_caption_extension,
+    load_caption_file,
     read_image_captions,
     write_captions,
 )
-from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS
+from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates
 from lora_trainer.errors import UserError
 
 Tags = tuple[str, ...]
@@ -402,11 +403,26 @@ def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
     captions = read_image_captions(images, caption_extension)
     tags, later_lines = {}, {}
     for image, text in captions.texts.items():
+        if not captions.stamps[caption_path_for(image, caption_extension)].exists:
+            text = _face_crop_source_caption(image, caption_extension) or text
         first, _, later = text.partition("\n")  # sd-scripts trains on the first line only
         tags[image] = split_tags(first)
         if later.strip():
             later_lines[image] = later
     return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable)
+
+
+def _face_crop_source_caption(image: Path, caption_extension: str) -> str | None:
+    """A face crop without its own caption (``a_120_80_40_48.png``) trains on its source's (``a.txt``), as sd-scripts
+    reads it: shown as its tags, and saved to its own file once edited (the source's caption stays as it is)."""
+    for candidate in caption_candidates(image, caption_extension)[1:]:
+        try:
+            found = load_caption_file(candidate)
+        except UserError:
+            return None
+        if found.stamp.exists:
+            return found.text
+    return None
 
 
 def _siblings(images: Iterable[Path]) -> dict[Path, tuple[Path, ...]]:
