@@ -513,3 +513,13 @@ def test_a_concat_merge_saved_in_fp16_keeps_the_digits_of_a_small_alpha(tmp_path
     for name, delta in deltas(read_network(tmp_path / "m.safetensors")).items():
         expected = 0.5 * deltas(read_network(tmp_path / "small alpha.safetensors"))[name]
         assert float((delta - expected).norm() / expected.norm()) < 2e-3, name
+
+
+def test_a_file_given_with_too_many_numbers_says_so():
+    from lora_trainer.networks.tools.commands import network_with_numbers
+
+    assert network_with_numbers(f"{KOHYA_LORA}:0.5:0.8", 2) == (KOHYA_LORA, [0.5, 0.8])
+    with pytest.raises(UserError, match="at most 2 numbers after the file"):
+        network_with_numbers(f"{KOHYA_LORA}:1:2:3", 2)  # was "no such network file …:1"
+    with pytest.raises(UserError, match="at most 1 number after the file"):
+        network_with_numbers(f"{KOHYA_LORA}:1:2", 1)

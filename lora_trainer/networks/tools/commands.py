@@ -24,6 +24,9 @@ def network_with_numbers(text: str, most: int) -> tuple[Path, list[float]]:
             break
         numbers.insert(0, float(last))
         head = rest
+    if ":" in head and _NUMBER.match(head.rsplit(":", 1)[1]) and not Path(head).exists():
+        raise UserError(f"{text}: at most {most} number{'s' if most > 1 else ''} after the file "
+                        f"({'FILE:TE:UNET' if most == 2 else 'FILE:WEIGHT'})")
     return Path(head), numbers
 
 
