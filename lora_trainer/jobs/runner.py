@@ -181,19 +181,22 @@ class JobRunner:
         """Where an earlier run's files go when a new job of its name starts: beside the job folders, not in one."""
         return self.store.jobs_folder.parent / "replaced"
 
-    def submit(self, name: str, options: dict) -> Job:
-        """Validate now (a clear message before anything is queued), then queue."""
+    def check(self, name: str, options: dict) -> None:
+        """What ``submit`` refuses, without queueing (the Train tab's Validate asks the same): the options, the dataset's
+        layout and resolution, the device and the checkpoint's kind, so a job that would fail as it starts is refused
+        before it exists (no id or folder used up, nothing the queue could start half-made)."""
         if not name or "/" in name or "\\" in name or ".." in name:
             raise UserError(f"job name {name!r}: use a plain name without / or ..")
-        # torch: imported when a job is submitted, not with the tabs
+        # torch: imported when a job is checked, not with the tabs
         from ..training.data import dataset_group
         from ..training.trainer import check_before_queueing
 
-        # checked before the job exists (no id or folder used up, nothing the queue could start half-made): the
-        # options, the dataset's layout and resolution, the device and the checkpoint's kind, so a job that would
-        # fail as it starts is refused instead
         checked = options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}")
         check_before_queueing(checked, dataset_group(checked))
+
+    def submit(self, name: str, options: dict) -> Job:
+        """Validate now (a clear message before anything is queued), then queue."""
+        self.check(name, options)
         job = self.store.add(name, options)
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),

@@ -61,3 +61,11 @@ def test_loss_plot_draws_the_curves_through_every_step():
     heights = [float(point.split(",")[1]) for point in curves["loss"].split()]
     lowest = min(range(len(view.loss)), key=lambda i: view.loss[i][1])
     assert heights[lowest] == max(heights)  # the lowest loss is drawn lowest (SVG's y grows downwards)
+
+
+def test_sd_scripts_backend_steps_carry_only_the_average_and_still_move_the_view():
+    """sd-scripts prints only its running average (avr_loss): the live view read event["loss"] and failed each poll."""
+    steps = [{"event": "step", "step": s, "total": 6, "epoch": 1, "average": 0.5 / s, "seconds": 1.0} for s in (1, 2)]
+    view = view_of([{"event": "start", "backend": "sd-scripts"}, *steps], "running")
+    assert view.step == 2 and view.loss == [] and [step for step, _ in view.average] == [1, 2]
+    assert "step 2/6" in progress_text(view) and loss_plot(view)

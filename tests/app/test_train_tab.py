@@ -270,3 +270,24 @@ def test_a_poll_leaves_the_job_and_file_the_user_or_a_button_chose(services):
     picked.file = saved
     _, _, _, _, _, files, *_ = train_tab.poll(services, views, picked)
     assert "value" not in files  # the file the user picked stays picked
+
+
+def test_what_start_would_refuse_is_said_by_validate_and_start_never_fails_without_a_sentence(services, tmp_path):
+    """A folder of loose images (no <repeats>_<name> folder) passed Validate, then Start raised a bare error."""
+    loose = SAMPLE_DATASET / next(p.name for p in SAMPLE_DATASET.iterdir() if p.is_dir())
+    text = train_tab.validation_text(services, form(dataset=str(loose)))
+    assert text.startswith("**Cannot start:**"), text
+    message, job_id = train_tab.submit(services, form(dataset=str(loose)))
+    assert message.startswith("**Cannot start:**") and job_id is None
+    # a typed resolution the sample prompt cannot read: a sentence, not a ValueError
+    assert "give \"512\" or \"768,512\"" in train_tab.validation_text(services, form(resolution="768x512"))
+
+
+def test_paths_in_advanced_lie_in_the_allowed_folders_and_the_forms_own_are_set_by_the_form(services, tmp_path):
+    """On a WebUI shared with --listen this tab is served to others: Advanced must not reach other folders, and a
+    train_data_dir there would train another folder than the one Validate checked."""
+    for extra, said in (('logging_dir = "/tmp/anywhere"', "outside the allowed folders"),
+                        ('sample_prompts = "/etc/hostname"', "outside the allowed folders"),
+                        (f'train_data_dir = "{tmp_path}"', "train_data_dir is set by Dataset folder")):
+        text = train_tab.validation_text(services, form(extra=extra))
+        assert text.startswith("**Cannot start:**") and said in text, (extra, text)

@@ -53,7 +53,8 @@ def apply_event(view: LiveView, event: dict, smoothing: float = 0.2) -> LiveView
     elif kind == "step":
         view.phase = "training"
         view.step, view.total, view.epoch = event["step"], event.get("total", view.total), event.get("epoch", view.epoch)
-        view.loss.append((view.step, float(event["loss"])))
+        if event.get("loss") is not None:  # sd-scripts (--backend) prints only its running average
+            view.loss.append((view.step, float(event["loss"])))
         if event.get("average") is not None:
             view.average.append((view.step, float(event["average"])))
         lr = event.get("lr")

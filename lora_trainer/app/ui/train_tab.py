@@ -81,7 +81,10 @@ def _is_sdxl(path: Path) -> bool:
 
 
 def _resolution_pair(text: Any) -> tuple[int, int]:
-    sides = [int(float(v)) for v in str(text or "512").split(",")]
+    try:
+        sides = [int(float(v)) for v in str(text or "512").split(",")]
+    except ValueError:
+        raise UserError(f'Resolution {text!r}: give "512" or "768,512" (width,height)', "resolution") from None
     return (sides[0], sides[-1])
 
 
@@ -118,6 +121,27 @@ def sample_prompt_file(services: Services, prompt: str, resolution: Any) -> str:
     return str(write_prompts_file("\n".join(lines), services.settings.data_folder / "sample-prompts"))
 
 
+# what the form's own fields name: typed in Advanced, Validate would check one folder and the job train another
+_FORM_PATHS = {"pretrained_model_name_or_path": "Base model", "train_data_dir": "Dataset folder",
+               "output_dir": "the Lora folder (the app's setting)"}
+
+
+def _check_advanced_paths(services: Services, extra: dict[str, Any]) -> None:
+    """Files and folders named in Advanced lie below the allowed roots, as every path the API takes (a WebUI shared
+    with --listen serves this tab to others)."""
+    from ...training.options import PATH_OPTIONS
+
+    for key, field in _FORM_PATHS.items():
+        if extra.get(key):
+            raise UserError(f"Advanced: {key} is set by {field}; remove it from Advanced", "extra")
+    for key in [*PATH_OPTIONS, "backend"]:
+        value = extra.get(key)
+        values = value if isinstance(value, list) else [value] if value else []
+        for item in values:
+            path = str(item).split("=", 1)[1] if key == "backend" and "=" in str(item) else str(item)
+            allowed_path(path, services.settings.roots(), f"Advanced: {key}", must_exist=PATH_OPTIONS.get(key, True))
+
+
 def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The form → checked sd-scripts option values (and whether the base is SDXL); raises UserError."""
     checkpoint = checkpoint_path(services, form.get("checkpoint") or "")
@@ -127,6 +151,7 @@ def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any
         raise UserError(f"Advanced: {elsewhere[0]} names the datasets in a file, and this tab trains the Dataset folder's "
                         "<repeats>_<name> subfolders: remove it and pick the folder, or train that file from the command "
                         f"line (python -m lora_trainer.train_network --{elsewhere[0]} FILE) or the API (POST /jobs)", "extra")
+    _check_advanced_paths(services, extra)
     dataset = allowed_path(form.get("dataset") or "", services.settings.dataset_roots, "dataset folder")
     name = plain_name(form.get("output_name") or "", "output name")
     sdxl = _is_sdxl(checkpoint)
@@ -145,6 +170,7 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         options, sdxl = job_options(services, form)
         checked = options_from(options, "Train form")
         report = health_report(services, form["dataset"], options)
+        services.runner.check(options["output_name"], options)  # what Start would refuse, said now
     except UserError as error:
         return f"**Cannot start:** {error}"
     if report.errors:
@@ -176,7 +202,10 @@ def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
         return text, None
     options, _ = job_options(services, form)
     running = [job for job in services.store.all() if job.status in ("queued", "running")]
-    job = services.runner.submit(options["output_name"], options)
+    try:
+        job = services.runner.submit(options["output_name"], options)
+    except UserError as error:  # changed on disk since Validate (a checkpoint replaced, captions edited)
+        return f"**Cannot start:** {error}", None
     write_card_hints(job, presets.PRESETS[form.get("preset") or "character"].preferred_weight)
     where = f"queued behind {len(running)} job(s)" if running else "starting"
     return f"Job {job.id} ({job.name}) {where}.\n\n{text}", job.id
