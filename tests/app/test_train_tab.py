@@ -291,3 +291,11 @@ def test_paths_in_advanced_lie_in_the_allowed_folders_and_the_forms_own_are_set_
                         (f'train_data_dir = "{tmp_path}"', "train_data_dir is set by Dataset folder")):
         text = train_tab.validation_text(services, form(extra=extra))
         assert text.startswith("**Cannot start:**") and said in text, (extra, text)
+
+
+def test_an_sdxl_base_at_the_presets_512_px_is_warned_about(services, monkeypatch):
+    """The presets fill Resolution for SD1 (512) as the page loads; an SDXL run there silently trained at 512."""
+    monkeypatch.setattr(train_tab, "_is_sdxl", lambda path: True)
+    assert "The base model is SDXL, which is trained at 1024 px, and Resolution is 512" in \
+        train_tab.validation_text(services, form(resolution="512"))
+    assert "trained at 1024 px" not in train_tab.validation_text(services, form(resolution="1024"))

@@ -178,6 +178,9 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
     note = earlier_files_note(options, services.runner.replaced_folder)
     planned = estimate(checked, report, "sdxl" if sdxl else "sd1")
     lines = planned.lines()
+    if sdxl and max(resolution_of(checked) or (0, 0)) < 1024:  # the presets' fields are filled at SD1's 512
+        lines.append(f"⚠ The base model is SDXL, which is trained at 1024 px, and Resolution is {checked.resolution}: "
+                     "set 1024 (or 1024,768 …) unless a smaller size is what you mean")
     card = presets.tier_gib(form.get("tier") or presets.NO_TIER)
     if card is not None and planned.vram_gib > card:
         lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: lower the batch size or the "
