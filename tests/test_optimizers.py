@@ -223,3 +223,18 @@ def test_a_schedule_free_optimizer_is_used_with_its_averaged_weights_and_trains_
     assert torch.allclose(parameter.detach(), training, atol=1e-6) and optimizer.param_groups[0]["train_mode"]
     with evaluating(make_optimizer("AdamW", [{"params": [parameter]}], 0.1, [])):  # others: nothing to switch
         assert torch.allclose(parameter.detach(), training, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer, rate, warned", [("Prodigy", 1e-4, True), ("DAdaptAdam", 0.05, True),
+                                                     ("Prodigy", 1.0, False), ("AdamW", 1e-4, False)])
+def test_an_adaptive_optimizer_at_a_small_learning_rate_is_said_to_hardly_learn(optimizer, rate, warned):
+    """Prodigy and D-Adaptation take the rate as a factor on their own step size (sd-scripts warns below 0.1)."""
+    import torch
+
+    from lora_trainer.training import trainer
+    from lora_trainer.training.options import options_from
+
+    options = options_from({"pretrained_model_name_or_path": "x", "train_data_dir": "d", "optimizer_type": optimizer,
+                            "learning_rate": rate, "unet_lr": rate}, "test")
+    said = [w for w in trainer._option_warnings(options, None, torch.device("cpu"), torch.float32) if "hardly learns" in w]
+    assert bool(said) is warned

@@ -802,6 +802,10 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
     """What the options ask for that this run does otherwise, or not at all; chooses the attention kernel."""
     warnings = [f"--{name} has no effect here: {f.metadata['inert']}" for name, f in FIELDS.items()
                 if f.metadata["inert"] and getattr(options, name)]
+    rates = [rate for rate in (options.unet_lr, *(options.text_encoder_lr or []), options.learning_rate) if rate]
+    if any(kind in options.optimizer.lower() for kind in ("dadapt", "prodigy")) and rates and max(rates) <= 0.1:
+        warnings.append(f"--optimizer_type {options.optimizer} finds its own step size and takes the learning rate as a "
+                        f"factor on it: at {max(rates):g} it hardly learns; give 1.0 (as sd-scripts advises)")
     if options.network_module == "lycoris.kohya":
         warnings += lycoris_reading_notes(options.network_args)
     if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
