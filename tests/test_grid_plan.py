@@ -228,3 +228,21 @@ def test_promoting_over_the_runs_final_file_keeps_that_last_epoch_under_its_epoc
         promote(loras / "tinylora-000001.safetensors", lora_folder, "other", 1.0)
     assert (lora_folder / "other.safetensors").exists()
     shutil.rmtree(lora_folder)
+
+
+def test_promoting_another_epoch_after_a_first_promotion_and_never_over_another_run(tmp_path):
+    """Changing one's mind after promoting epoch 1 was refused (its epoch file 'exists'); promoting over an unrelated
+    LoRA's name turned that LoRA into an epoch of this run, and its card became this file's."""
+    lora_folder = tmp_path / "Lora"
+    make_epoch_files(lora_folder, "run", epochs=2, seed=0)
+    make_epoch_files(lora_folder, "inkstyle", epochs=1, seed=1)
+    epoch_one, epoch_two = (lora_folder / "run-000001.safetensors").read_bytes(), (lora_folder / "run.safetensors").read_bytes()
+    promote(lora_folder / "run-000001.safetensors", lora_folder, "run", 0.7)
+    assert (lora_folder / "run-000002.safetensors").read_bytes() == epoch_two
+    promote(lora_folder / "run-000002.safetensors", lora_folder, "run", 0.8)  # the mind changed
+    assert (lora_folder / "run.safetensors").read_bytes() == epoch_two
+    assert (lora_folder / "run-000001.safetensors").read_bytes() == epoch_one
+    with pytest.raises(UserError, match=r"inkstyle.safetensors is another LoRA \(trained as 'inkstyle'\)"):
+        promote(lora_folder / "run-000001.safetensors", lora_folder, "inkstyle", 1.0)
+    with pytest.raises(UserError, match="give the preferred weight as a number"):
+        promote(lora_folder / "run-000001.safetensors", lora_folder, "run", "")

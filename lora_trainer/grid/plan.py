@@ -374,6 +374,8 @@ def _keep_as_epoch_file(target: Path) -> Path:
     epoch axis; where that name is taken or the epoch unknown, the promotion is refused instead."""
     epoch = read_safetensors_metadata(target).get("ss_epoch", "") if target.suffix == ".safetensors" else ""
     kept = target.with_name(f"{target.stem}-{int(epoch):06d}{target.suffix}") if epoch.isdigit() else None
+    if kept is not None and kept.exists() and filecmp.cmp(kept, target, shallow=False):
+        return kept  # the final file is a copy of that epoch (an earlier promotion): nothing to keep
     if kept is None or kept.exists():
         raise UserError(f"promote: {target} would be replaced, and it cannot be kept as an epoch file "
                         f"({'its epoch is unknown' if kept is None else f'{kept.name} exists'}); give another final name")
@@ -390,7 +392,15 @@ def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: floa
     if not epoch_file.is_file():
         raise UserError(f"promote: {epoch_file} does not exist")
     name = plain_name(final_name, "final name")
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise UserError(f"promote: give the preferred weight as a number (such as 0.8), not {strength!r}") from None
     target = lora_folder / f"{name}{epoch_file.suffix}"
+    theirs, ours = (read_safetensors_metadata(path).get("ss_output_name") for path in (target, epoch_file))
+    if target.exists() and theirs and ours and theirs != ours:  # another run's LoRA (and card) under that name
+        raise UserError(f"promote: {target.name} is another LoRA (trained as {theirs!r}), which the promotion would "
+                        "replace; give another final name")
     if target.exists() and target.resolve() == epoch_file.resolve():
         copied = target
     else:
