@@ -104,7 +104,10 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
     options["network_args"] = network_args or None
     if form.get("sample_prompts"):
         options["sample_prompts"] = form["sample_prompts"]
-    options.update(parse_extra_options(form.get("extra", "")))
+    extra = parse_extra_options(form.get("extra", ""))
+    if extra.get("text_encoder_lr") and "network_train_unet_only" not in extra:  # Advanced's rate wins, so it trains
+        options["network_train_unet_only"] = False
+    options.update(extra)
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -121,3 +121,11 @@ def test_kohya_dataset_config_imports_as_dataset_config(tmp_path):
     dataset.write_text('[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 512\n[[datasets.subsets]]\n'
                        'image_dir = "img"\nnum_repeats = 10\n', encoding="utf-8")
     assert presets.import_kohya_toml(dataset) == {"dataset_config": str(dataset.resolve())}
+
+
+def test_a_text_encoder_rate_in_advanced_trains_the_text_encoder_though_the_forms_field_is_0():
+    """Advanced wins over the form: its rate was applied while the field's 0 kept the text encoder untrained."""
+    form = {**PATHS, "checkpoint": "base.safetensors", "dataset": "d", "text_encoder_lr": 0}
+    assert form_to_options(form, "character")["network_train_unet_only"] is True
+    options = form_to_options({**form, "extra": "text_encoder_lr = 5e-5"}, "character")
+    assert options["text_encoder_lr"] == 5e-5 and options["network_train_unet_only"] is False
