@@ -299,3 +299,22 @@ def test_an_sdxl_base_at_the_presets_512_px_is_warned_about(services, monkeypatc
     assert "The base model is SDXL, which is trained at 1024 px, and Resolution is 512" in \
         train_tab.validation_text(services, form(resolution="512"))
     assert "trained at 1024 px" not in train_tab.validation_text(services, form(resolution="1024"))
+
+
+def test_a_kohya_gui_file_s_off_values_stay_off_on_import(tmp_path):
+    """The GUI saves shuffle_caption: false, min_snr_gamma: 0 … and leaves them out of sd-scripts' command; the
+    preset turned them back on at Start (min_snr_gamma 5, shuffle_caption, save_state, a warm-up)."""
+    import toml
+
+    config = tmp_path / "gui.json"
+    config.write_text('{"LoRA_type": "Standard", "pretrained_model_name_or_path": "base.safetensors", "epoch": 4, '
+                      '"max_resolution": "512,512", "optimizer": "AdamW", "shuffle_caption": false, "keep_tokens": "0", '
+                      '"min_snr_gamma": 0, "save_state": false, "lr_warmup": 0, "lr_scheduler": "cosine", "seed": ""}',
+                      encoding="utf-8")
+    values = train_tab.import_into_form(str(config))
+    advanced = toml.loads(values[-2])
+    assert advanced["shuffle_caption"] is False and advanced["save_state"] is False
+    assert advanced["min_snr_gamma"] == 0 and advanced["keep_tokens"] == 0 and advanced["lr_warmup_steps"] == 0
+    assert "seed" not in advanced  # "" is unset in the GUI too: the preset's seed may apply
+    for option in ("min_snr_gamma", "shuffle_caption", "save_state", "keep_tokens", "lr_warmup_steps"):
+        assert f"{option} =" not in values[-1].split("preset adds", 1)[-1] or "preset adds" not in values[-1]

@@ -7,6 +7,7 @@ The handlers are plain functions of ``Services`` and the form values; ``build`` 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -533,6 +534,30 @@ def build(services: Services) -> gr.Blocks:
     return tab
 
 
+# numbers the Kohya GUI saves as 0 for "off" and then leaves out of sd-scripts' command
+_GUI_ZERO_IS_OFF = {"min_snr_gamma": "min_snr_gamma", "keep_tokens": "keep_tokens", "lr_warmup_steps": "lr_warmup",
+                    "noise_offset": "noise_offset"}
+
+
+def _gui_switched_off(data: dict, preset: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The options a Kohya GUI file sets off (a switch false, a number 0) that the preset would otherwise turn on at
+    Start: the importer reads those values as unset, as the GUI leaves them out of its command."""
+    from ...training.options import FIELDS
+
+    off = {}
+    for key in preset:
+        field = FIELDS.get(key)
+        if key in options or field is None:
+            continue
+        gui_key = _GUI_ZERO_IS_OFF.get(key, key)
+        value = data.get(gui_key)
+        if field.type in ("bool", "bool | None") and value is False:
+            off[key] = False
+        elif key in _GUI_ZERO_IS_OFF and value is not None and value != "" and float(value) == 0:
+            off[key] = 0
+    return off
+
+
 def import_into_form(path: str, preset: str = "character") -> list[Any]:
     """An uploaded Kohya TOML, Kohya GUI settings (JSON) or our preset file → the form's fields (what does not fit
     a field goes to Advanced). A Kohya file's scheduler and optimizer left out are sd-scripts' defaults, as the file
@@ -548,6 +573,8 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
             options = presets.read_preset_file(path).options
         else:
             options = {"lr_scheduler": "constant", "optimizer_type": "AdamW", **presets.import_kohya_toml(path, notes)}
+            if Path(path).suffix.lower() == ".json":  # the GUI's own settings: what it set off stays off
+                options |= _gui_switched_off(json.loads(text), presets.preset_options(preset), options)
             added = {k: v for k, v in presets.preset_options(preset).items()  # those that change something
                      if k not in options and k not in shown | {"learning_rate"}  # its rate shows in the UNet field
                      and getattr(DEFAULTS, k, None) != v}
