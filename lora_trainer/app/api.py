@@ -178,6 +178,11 @@ def flag(body: dict, name: str, default: bool) -> bool:
     return value
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number: true and false are not (Python counts them as ints)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def text(body: dict, name: str, default: str) -> str:
     value = body.get(name) or default
     if not isinstance(value, str):
@@ -807,7 +812,7 @@ def create_router(services: Services) -> APIRouter:
         thresholds = {name: body.get(name, default) for name, default in
                       (("general_threshold", 0.35), ("character_threshold", 0.85))}
         for name, value in thresholds.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            if not is_number(value) or not 0 <= value <= 1:
                 raise ApiError(400, "invalid", f"{name}: give a number between 0 and 1", name)
         excluded = body.get("excluded_tags", "")
         if isinstance(excluded, list) and all(isinstance(tag, str) for tag in excluded):
@@ -849,8 +854,7 @@ def _checked_grid_settings(overrides: dict) -> dict:
     for key, value in overrides.items():
         if key in _GRID_SETTING_RANGES:
             kind, low, high = _GRID_SETTING_RANGES[key]
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or kind is int and value != int(value) or not low <= value <= high:
+            if not is_number(value) or kind is int and value != int(value) or not low <= value <= high:
                 raise ApiError(400, "invalid", f"settings.{key}: give a {'whole ' if kind is int else ''}number from "
                                f"{low} to {high}", f"settings.{key}")
             overrides = {**overrides, key: kind(value)}
@@ -920,7 +924,7 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
     if "/" in lora or "\\" in lora:
         lora = str(checked_path(lora, roots, "lora", must_exist=True))
     strength = body.get("strength", 1.0)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+    if not is_number(strength) or not math.isfinite(strength):
         raise ApiError(400, "invalid", "strength: give a number such as 0.8 (the LoRA's weight where no axis sets it)",
                        "strength")
     try:

@@ -191,8 +191,9 @@ def check_folders(source: Path, out: Path, overwrite: bool) -> None:
                         "files of the same name in it.")
 
 
-# pictures training does not read: said, as a prepared folder without them is missing what the user put in
-_PICTURE_SUFFIXES = frozenset((".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif"))
+# pictures training does not read (and training's own, in a case it does not read): said, as a prepared folder
+# without them is missing what the user put in
+_PICTURE_SUFFIXES = frozenset((".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", *IMAGE_EXTENSIONS))
 
 
 def find_source_images(source: Path) -> tuple[list[Path], list[Path]]:
@@ -204,9 +205,9 @@ def find_source_images(source: Path) -> tuple[list[Path], list[Path]]:
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         found = list_images(Path(folder))
         images += found
-        not_read += sorted(Path(folder) / name for name in names if not name.startswith(".")
-                           and Path(name).suffix.lower() in _PICTURE_SUFFIXES | set(IMAGE_EXTENSIONS)
-                           and Path(folder) / name not in found)
+        read = {image.name for image in found}
+        not_read += sorted(Path(folder) / name for name in names if not name.startswith(".") and name not in read
+                           and os.path.splitext(name)[1].lower() in _PICTURE_SUFFIXES)
     return images, not_read
 
 

@@ -206,12 +206,17 @@ def match_network(network: NetworkFile, targets: dict[str, Target], parameters, 
     return report
 
 
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The suffixes of a module's tensors that hold NaN or Inf (a diverged training's file)."""
+    return [suffix for suffix, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def _module_problem(name: str, tensors: dict[str, torch.Tensor], target: Target, weight: torch.Tensor) -> str | None:
     try:
         find_algorithm(tensors)
     except ValueError as error:
         return f"{name}: {error}"
-    bad = [suffix for suffix, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite_tensors(tensors)
     if bad:
         return f"{name}: NaN or Inf in {', '.join(bad)} (the training diverged; use an earlier epoch)"
     shape = weight.shape

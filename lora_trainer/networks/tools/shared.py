@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
-from ..files import NetworkFile, read_network
+from ..files import NetworkFile, non_finite_tensors, read_network
 from ..lora import DOWN, MID, UP, lora_weight
 from ..registry import Tensors, find_algorithm, modifiers_for, scale
 
@@ -43,8 +43,7 @@ def non_finite(network: NetworkFile) -> list[str]:
     """``module: NaN or Inf in <tensor>`` for every module holding one (a diverged training's file)."""
     found = []
     for name, tensors in network.modules.items():
-        bad = [suffix for suffix, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
+        if bad := non_finite_tensors(tensors):
             found.append(f"{name}: NaN or Inf in {', '.join(bad)}")
     return found
 
