@@ -12,11 +12,26 @@ from ..training.options import TrainOptions, resolution_of
 
 MIN_IMAGES = 5  # below this a LoRA memorises its few images instead of learning the subject
 MIN_STEPS = 100
-# Full-size weights in GiB at 16 bits (UNet + text encoders + VAE) and a measured-order seconds per step at batch 1
-# and native resolution on a mid-range GPU (RTX 3060-class); both are guides, not promises.
-_ARCH = {"sd1": {"weights": 2.1, "native": 512, "activations": 3.0, "seconds": 0.45},
-         "sdxl": {"weights": 6.9, "native": 1024, "activations": 9.0, "seconds": 1.6}}
+# Full-size weights in GiB at 16 bits (UNet + text encoders + VAE); activations in GiB per image at the native
+# resolution in 16 bits, as `bench train --size sd15|sdxl` allocated them on a lent H200 (2026-12-04: SD1.5 3.30 GiB
+# at batch 1, 6.72 at 4, 20.45 at 16; SDXL 21.07 at batch 2, 67.57 at 8), and about a quarter of that with gradient
+# checkpointing (SD1.5 0.22, SDXL 0.26 there); a seconds-per-step order at batch 1 on a mid-range GPU (RTX 3060-class).
+# Guides, not promises.
+_ARCH = {"sd1": {"weights": 2.1, "native": 512, "activations": 1.15, "seconds": 0.45},
+         "sdxl": {"weights": 6.9, "native": 1024, "activations": 7.0, "seconds": 1.6}}
+_CHECKPOINTED = 0.25  # of the activations kept with gradient checkpointing
 _CUDA_OVERHEAD_GIB = 0.8
+# Trainable parameters per unit of rank of sd-scripts' LoRA (its default layers; counted from its key lists of the
+# full-size models), and per unit of conv_dim where the 3×3 convolutions are trained too
+_PER_RANK = {"sd1": {"unet": 423_936, "text_encoder": 165_888, "conv": 626_880},
+             "sdxl": {"unet": 2_659_840, "text_encoder": 903_168, "conv": 414_400}}
+# Optimizer state in bytes per trainable fp32 parameter (the weight and its gradient come on top)
+_OPTIMIZER_BYTES = {"adamw": 8, "pagedadamw": 8, "pagedadamw32bit": 8, "adamw8bit": 2, "pagedadamw8bit": 2,
+                    "ademamix8bit": 3, "pagedademamix8bit": 3, "lion": 4, "lion8bit": 1, "pagedlion8bit": 1,
+                    "sgd": 0, "sgdnesterov": 4, "sgdnesterov8bit": 1, "adafactor": 1, "prodigy": 16,
+                    "dadaptation": 12, "dadaptadampreprint": 12, "dadaptadam": 12, "dadaptadan": 16,
+                    "dadaptadanip": 16, "dadaptadagrad": 8, "dadaptlion": 8, "dadaptsgd": 8,
+                    "adamwschedulefree": 8, "radamschedulefree": 8, "sgdschedulefree": 4}
 
 
 @dataclass(frozen=True)
@@ -71,12 +86,40 @@ def vram_gib(options: TrainOptions, architecture: str = "sd1") -> float:
     if options.fp8_base:  # UNet and text-encoder Linear/Conv weights take one byte; the VAE and norms keep theirs
         weights *= 0.55
     activations = arch["activations"] * options.train_batch_size * (width * height) / arch["native"] ** 2
-    activations *= (0.3 if options.gradient_checkpointing else 1) * (1 if half else 2)
+    activations *= (_CHECKPOINTED if options.gradient_checkpointing else 1) * (1 if half else 2)
     if not options.cache_latents:
         activations += 0.5  # the VAE encodes every batch
     if not options.network_train_unet_only:
-        activations += 0.4  # text-encoder activations kept for its gradients
-    return round(weights + activations + _CUDA_OVERHEAD_GIB, 1)
+        activations += 0.1  # text-encoder activations kept for its gradients (77 tokens: small)
+    return round(weights + activations + network_gib(options, architecture) + _CUDA_OVERHEAD_GIB, 1)
+
+
+def _network_arg(options: TrainOptions, key: str) -> str | None:
+    return next((arg.split("=", 1)[1].strip() for arg in options.network_args or []
+                 if arg.split("=", 1)[0].strip() == key and "=" in arg), None)
+
+
+def network_gib(options: TrainOptions, architecture: str = "sd1") -> float:
+    """The trained network's weights, gradients and optimizer state: a rank-128 SDXL LoRA under AdamW is ≈ 5 GiB,
+    which a guess from the model alone leaves out."""
+    per_rank = _PER_RANK[architecture]
+    dim = options.network_dim or 4
+    parameters = 0 if options.network_train_text_encoder_only else per_rank["unet"] * dim
+    if not options.network_train_unet_only:
+        parameters += per_rank["text_encoder"] * dim
+    try:
+        conv_dim = int(float(_network_arg(options, "conv_dim") or 0))
+    except ValueError:
+        conv_dim = 0
+    algo = (_network_arg(options, "algo") or "").lower()
+    if "lycoris" in (options.network_module or "") and algo in ("locon", "loha", "lokr") and not conv_dim:
+        conv_dim = dim  # LyCORIS trains the convolutions at the network's dim unless told otherwise
+    if not options.network_train_text_encoder_only:
+        parameters += per_rank["conv"] * conv_dim
+    if algo == "loha":  # two pairs of factors where LoRA has one
+        parameters *= 2
+    state = _OPTIMIZER_BYTES.get((options.optimizer_type or "AdamW").lower(), 8)
+    return parameters * (4 + 4 + state) / 2**30
 
 
 def minutes(total_steps: int, options: TrainOptions, architecture: str = "sd1") -> float:

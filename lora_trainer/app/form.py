@@ -79,9 +79,16 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
         options["resolution"] = str(int(options["resolution"]))
     _fit_buckets(options)
     unet_lr = _number(form.get("unet_lr"), "UNet learning rate", integer=False)
-    if unet_lr is not None:
-        options["unet_lr"] = options["learning_rate"] = unet_lr
     text_encoder_lr = _number(form.get("text_encoder_lr"), "text encoder learning rate", integer=False)
+    if unet_lr == 0 and text_encoder_lr == 0:
+        raise UserError("UNet and text encoder learning rates are both 0: nothing would train; give one of them a rate",
+                        "unet_lr")
+    if unet_lr == 0:  # 0 means "do not train the UNet", as in Kohya's GUI (its rate trained the modules at 0)
+        options.pop("unet_lr", None)
+        options["network_train_text_encoder_only"] = True
+        options["network_train_unet_only"] = False
+    elif unet_lr is not None:
+        options["unet_lr"] = options["learning_rate"] = unet_lr
     if text_encoder_lr is not None:
         if text_encoder_lr == 0:  # 0 means "do not train the text encoder", as in Kohya's GUI
             options.pop("text_encoder_lr", None)
@@ -101,14 +108,61 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
     if algorithm == "DyLoRA":
         dim = int(options.get("network_dim") or 4)  # the rank must be a multiple of the unit (sd-scripts asserts it)
         network_args.append(f"unit={next(unit for unit in (4, 3, 2, 1) if dim % unit == 0)}")
+    extra = parse_extra_options(form.get("extra", ""))
+    # Advanced's network_args refine the algorithm's (conv_dim=8, dropout=0.1, …); with its own network_module,
+    # Advanced names the whole network
+    more = _listed(extra.pop("network_args", None))
+    network_args = more if extra.get("network_module") else merged_network_args(network_args, more)
     options["network_args"] = network_args or None
     if form.get("sample_prompts"):
         options["sample_prompts"] = form["sample_prompts"]
-    extra = parse_extra_options(form.get("extra", ""))
     if extra.get("text_encoder_lr") and "network_train_unet_only" not in extra:  # Advanced's rate wins, so it trains
         options["network_train_unet_only"] = False
     options.update(extra)
     return {k: v for k, v in options.items() if v is not None}
+
+
+def _listed(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)] if value else []
+
+
+def _arg_key(arg: str) -> str:
+    return arg.split("=", 1)[0].strip()
+
+
+def _normal_arg(arg: str) -> str:
+    key, _, value = str(arg).partition("=")
+    return f"{key.strip()}={value.strip()}".lower()
+
+
+def merged_network_args(base: list[str], more: list[str]) -> list[str]:
+    """``base``'s key=value items, each replaced by ``more``'s item of the same key; ``more``'s other items after."""
+    given = {_arg_key(arg): arg for arg in more}
+    return [given.pop(_arg_key(arg), arg) for arg in base] + list(given.values())
+
+
+def algorithm_of(module: str | None, args: list[str] | None, dim: Any = None, alpha: Any = None) -> tuple[str | None, list[str]]:
+    """The Algorithm choice a Kohya file's network_module and network_args make, and the args it leaves to Advanced
+    (None when no choice matches: the file's module and args then stay in Advanced, which wins). The defaults the
+    choice would change are kept as the file meant them: LyCORIS's convolutions at the network's dim and alpha,
+    sd-scripts' DyLoRA unit 1."""
+    module = module or "networks.lora"
+    given = _listed(args)
+    normal = {_normal_arg(arg) for arg in given}
+    for name, (own_module, own_args) in reversed(ALGORITHMS.items()):  # DoRA (algo=lora + dora_wd) before LoRA
+        if own_module != module or not {_normal_arg(arg) for arg in own_args} <= normal:
+            continue
+        own = {_normal_arg(arg) for arg in own_args}
+        rest = [arg for arg in given if _normal_arg(arg) not in own]
+        keys = {_arg_key(arg) for arg in rest}
+        if name in CONV_ALGORITHMS and "conv_dim" not in keys:
+            rest.append(f"conv_dim={int(float(dim or 4))}")
+        if name in CONV_ALGORITHMS and "conv_alpha" not in keys:
+            rest.append(f"conv_alpha={float(alpha or 1):g}")
+        if name == "DyLoRA" and "unit" not in keys:
+            rest.append("unit=1")
+        return name, rest
+    return None, given
 
 
 def _fit_buckets(options: dict[str, Any]) -> None:

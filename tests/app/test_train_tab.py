@@ -177,6 +177,17 @@ def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(se
     assert "above the" not in train_tab.validation_text(services, form(tier="24 GB"))
 
 
+def test_a_run_above_the_gpus_memory_without_a_tier_is_warned_about(services, monkeypatch):
+    """"no limit" trains fp32 without gradient checkpointing: SD1.5 at batch 2 is ≈ 17 GiB, and an 8 GB card heard
+    nothing before the out-of-memory error."""
+    monkeypatch.setattr(train_tab, "gpu_gib", lambda device: 8.0)
+    text = train_tab.validation_text(services, form(tier="no limit", resolution="512", batch_size=2))
+    assert "above this GPU's 8 GiB, and no GPU memory tier is chosen" in text
+    assert "above this GPU" not in train_tab.validation_text(services, form(tier="no limit", resolution="64", batch_size=1))
+    monkeypatch.setattr(train_tab, "gpu_gib", lambda device: None)  # no GPU: nothing to compare with
+    assert "above this GPU" not in train_tab.validation_text(services, form(tier="no limit", resolution="512", batch_size=2))
+
+
 def test_failed_job_shows_its_error(services):
     _, job_id = train_tab.submit(services, form())
     job = services.store.update(job_id, status="failed", message="CUDA out of memory")
@@ -206,11 +217,62 @@ def test_import_fills_the_form_from_kohya_gui_settings(tmp_path):
                       encoding="utf-8")
     values = train_tab.import_into_form(str(config))
     assert (values[0], values[3], values[5], values[6], values[12]) == ("base.safetensors", 6, "768,768", 32, "Prodigy")
-    assert "noise_offset = 0.05" in values[-2] and "network_train_unet_only = true" in values[-2]
+    assert "noise_offset = 0.05" in values[-2] and values[9] == 0  # text encoder 0: the UNet only
     assert values[-1].startswith("Imported my gui settings.json.")
     config.write_text(config.read_text(encoding="utf-8").replace("}", ', "sample_prompts": "zkchar, smiling"}'),
                       encoding="utf-8")
-    assert "sample_prompts = " in train_tab.import_into_form(str(config))[-2]  # carried over as a file of the text
+    values = train_tab.import_into_form(str(config))
+    assert values[15] == "zkchar, smiling" and "sample_prompts" not in values[-2]  # in the Sample prompt field
+
+
+def imported_form(values: list, **changes) -> dict:
+    """The form after an import (fields the import left alone keep the test form's values), then the user's edits."""
+    filled = {field: value for field, value in zip(train_tab.IMPORTED_FIELDS, values)
+              if field in train_tab.FORM_FIELDS and not isinstance(value, dict)}  # gr.update(): left as it was
+    return form(**{**filled, "checkpoint": form()["checkpoint"], "dataset": form()["dataset"], **changes})
+
+
+def test_an_imported_files_values_show_in_the_fields_and_later_edits_of_those_fields_count(services, tmp_path):
+    """Advanced wins over the fields, and an import put the file's network, text-encoder switch and sample prompts
+    there: choosing LoHa, a text-encoder rate or other prompts afterwards changed nothing."""
+    import toml
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkstar on a table --w 64 --h 64\n", encoding="utf-8")
+    config = tmp_path / "run.toml"
+    config.write_text(f'network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "conv_dim=2"]\nnetwork_dim = 8\n'
+                      f'network_alpha = 4\nlearning_rate = 3e-4\nnetwork_train_unet_only = true\n'
+                      f'sample_prompts = "{prompts.as_posix()}"\n', encoding="utf-8")
+    values = train_tab.import_into_form(str(config))
+    assert (values[8], values[9], values[14], values[15]) == (3e-4, 0, "LoCon", "zkstar on a table --w 64 --h 64")
+    advanced = toml.loads(values[-2])
+    assert advanced["network_args"] == ["conv_dim=2", "conv_alpha=4"]  # LyCORIS's conv alpha = the network's, kept
+    assert not {"network_module", "network_train_unet_only", "learning_rate", "sample_prompts"} & set(advanced)
+    as_imported, _ = train_tab.job_options(services, imported_form(values))
+    assert as_imported["network_module"] == "lycoris.kohya" and as_imported["network_train_unet_only"] is True
+    assert as_imported["network_args"] == ["algo=locon", "conv_dim=2", "conv_alpha=4"]
+    edited, _ = train_tab.job_options(services, imported_form(values, algorithm="LoHa", text_encoder_lr=5e-5,
+                                                              sample_prompt="zkstar in the sky"))
+    assert edited["network_args"] == ["algo=loha", "conv_dim=2", "conv_alpha=4"]
+    assert edited["network_train_unet_only"] is False and edited["text_encoder_lr"] == [5e-5]
+    assert "zkstar in the sky" in Path(edited["sample_prompts"]).read_text(encoding="utf-8")
+
+
+def test_a_network_that_is_no_algorithm_choice_stays_in_advanced_and_decides(services, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lora", "preset=full"]\n', encoding="utf-8")
+    values = train_tab.import_into_form(str(config))
+    assert "stays in Advanced, which decides over the Algorithm buttons" in values[-1]
+    options, _ = train_tab.job_options(services, imported_form(values, algorithm="LoHa"))
+    assert options["network_module"] == "lycoris.kohya" and options["network_args"] == ["algo=lora", "preset=full"]
+
+
+def test_a_unet_rate_of_0_trains_the_text_encoder_only_as_in_kohyas_gui(services):
+    options, _ = train_tab.job_options(services, form(unet_lr=0))
+    assert options["network_train_text_encoder_only"] is True and "unet_lr" not in options
+    assert options_from(options).network_train_text_encoder_only
+    text = train_tab.validation_text(services, form(unet_lr=0, text_encoder_lr=0))
+    assert text.startswith("**Cannot start:**") and "both 0: nothing would train" in text
 
 
 def test_an_imported_optimizer_or_scheduler_outside_the_lists_is_shown_as_imported(services, tmp_path):

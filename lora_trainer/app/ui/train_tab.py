@@ -25,7 +25,7 @@ from ...training.options import DEFAULTS, options_from, resolution_of, write_pro
 from .. import presets
 from ..estimate import estimate
 from ..extras import EXTRAS, install_extras
-from ..form import ALGORITHMS, form_to_options, parse_extra_options
+from ..form import ALGORITHMS, algorithm_of, form_to_options, parse_extra_options
 from ..paths import allowed_path, plain_name
 from ..services import Services, write_card_hints
 from .compat import js_kwarg, poll_kwarg, table
@@ -186,7 +186,21 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
     if card is not None and planned.vram_gib > card:
         lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: lower the batch size or the "
                      "resolution (or pick the card's real size)")
+    elif card is None and (gpu := gpu_gib(services.settings.cuda_device)) and planned.vram_gib > gpu:
+        lines.append(f"⚠ The estimate is above this GPU's {gpu:.0f} GiB, and no GPU memory tier is chosen (without one "
+                     "the run trains in full precision without gradient checkpointing): pick your card's size under GPU "
+                     "memory")
     return "\n\n".join([*lines, f"**Note:** {note}"] if note else lines)
+
+
+def gpu_gib(device: str | None) -> float | None:
+    """The memory of the GPU a job trains on (the host's device id, else the first), None on a machine without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = int(device) if str(device or "").isdigit() and int(device) < torch.cuda.device_count() else 0
+    return torch.cuda.get_device_properties(index).total_memory / 2**30
 
 
 def tier_values(preset: str, tier: str) -> dict[str, Any]:
@@ -523,7 +537,7 @@ def build(services: Services) -> gr.Blocks:
         import_file.upload(lambda f, name: import_into_form(f.name if hasattr(f, "name") else f, name),
                            [import_file, preset], [checkpoint, dataset, output_name, epochs, batch_size, resolution, network_dim,
                                          network_alpha, unet_lr, text_encoder_lr, save_every, sample_every, optimizer,
-                                         scheduler, extra, message])
+                                         scheduler, algorithm, sample_prompt, extra, message])
 
         send.click(lambda path: "Sent to Prompt-Lora-Grid." if path else "Pick a saved file first.", files, message,
                    **js_kwarg(_SEND_TO_GRID))
@@ -558,6 +572,45 @@ def _gui_switched_off(data: dict, preset: dict[str, Any], options: dict[str, Any
     return off
 
 
+# What an import fills, in this order (the components ``build`` wires to the upload)
+IMPORTED_FIELDS = ("checkpoint", "dataset", "output_name", "epochs", "batch_size", "resolution", "network_dim",
+                   "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "sample_every_n_epochs",
+                   "optimizer", "scheduler", "algorithm", "sample_prompt", "extra", "message")
+
+
+def _imported_rates(options: dict[str, Any], rest: dict[str, Any]) -> tuple[Any, Any]:
+    """The UNet and text-encoder fields as sd-scripts reads the file's rates: each part's own rate, else
+    learning_rate; 0 for a part the file does not train. Taken out of Advanced where the fields hold them."""
+    base = options.get("learning_rate")
+    unet = options.get("unet_lr", base)
+    unet = 0 if options.get("network_train_text_encoder_only") else base if unet is None else unet
+    te = options.get("text_encoder_lr")
+    if isinstance(te, list):
+        if len(set(te)) > 1:  # one rate per SDXL text encoder: the one field cannot show both, Advanced keeps them
+            rest["text_encoder_lr"] = te
+            te = None
+        te = te[0] if te else None
+    elif te is None:
+        te = base
+    te = 0 if options.get("network_train_unet_only") else te
+    for key in ("learning_rate", "network_train_unet_only", "network_train_text_encoder_only"):
+        rest.pop(key, None)
+    return unet, te
+
+
+def _imported_prompts(rest: dict[str, Any]) -> str | None:
+    """A .txt prompts file's lines for the Sample prompt field (taken out of Advanced); a .toml/.json one stays."""
+    path = Path(str(rest.get("sample_prompts") or ""))
+    if path.suffix.lower() != ".txt" or not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    del rest["sample_prompts"]
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def import_into_form(path: str, preset: str = "character") -> list[Any]:
     """An uploaded Kohya TOML, Kohya GUI settings (JSON) or our preset file → the form's fields (what does not fit
     a field goes to Advanced). A Kohya file's scheduler and optimizer left out are sd-scripts' defaults, as the file
@@ -579,17 +632,30 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
                      if k not in options and k not in shown | {"learning_rate"}  # its rate shows in the UNet field
                      and getattr(DEFAULTS, k, None) != v}
     except UserError as error:
-        return [gr.update()] * 15 + [f"error: {error}"]
+        return [gr.update()] * (len(IMPORTED_FIELDS) - 1) + [f"error: {error}"]
     import toml
 
+    # Advanced is applied last and wins, so what a field shows must not also stay there: a later edit of the field
+    # would be overridden by the file's value
     rest = {k: v for k, v in options.items() if k not in shown and v is not None}
-    te = options.get("text_encoder_lr")
+    unet, te = _imported_rates(options, rest)
+    algorithm, network_args = algorithm_of(options.get("network_module"), options.get("network_args"),
+                                           options.get("network_dim"), options.get("network_alpha"))
+    if algorithm:
+        rest.pop("network_module", None)
+        rest.pop("network_args", None)
+        if network_args:
+            rest["network_args"] = network_args
+    prompts = _imported_prompts(rest)
     values = [options.get("pretrained_model_name_or_path"), options.get("train_data_dir"), options.get("output_name"),
               options.get("max_train_epochs"), options.get("train_batch_size"), options.get("resolution"),
-              options.get("network_dim"), options.get("network_alpha"), options.get("unet_lr") or options.get("learning_rate"),
-              (te[0] if isinstance(te, list) and te else te), options.get("save_every_n_epochs"),
-              options.get("sample_every_n_epochs"), options.get("optimizer_type"), options.get("lr_scheduler")]
+              options.get("network_dim"), options.get("network_alpha"), unet, te, options.get("save_every_n_epochs"),
+              options.get("sample_every_n_epochs"), options.get("optimizer_type"), options.get("lr_scheduler"),
+              algorithm, prompts]
     said = "".join(f" {note.split(': ', 1)[-1]}." for note in notes)  # what it holds that is not carried over
+    if not algorithm:
+        said += (f" Its network ({options['network_module']}) is no Algorithm choice: it stays in Advanced, which decides "
+                 "over the Algorithm buttons.")
     if added:  # the form trains with its preset's options where the file has none
         said += (f" The {preset} preset adds what the file leaves out: "
                  + ", ".join(f"{k} = {v!r}" for k, v in added.items()) + " (change them in Advanced).")
