@@ -28,6 +28,20 @@ def test_progress_eta_and_series():
     assert "step 4/10 (40%)" in text and "2.00 it/s" in text and "ETA 0:03" in text and "lr 1.00e-04 / 5.00e-05" in text
 
 
+def test_a_slow_first_step_does_not_hold_up_the_eta_or_the_speed():
+    """The first step warms up (on a GPU it may compile for minutes); an average seeded with it said hours for a run
+    of minutes until dozens of steps had passed."""
+    steps = [{"event": "step", "step": 1, "total": 100, "loss": 0.1, "seconds": 60.0, "time": 1000.0}]
+    steps += [{"event": "step", "step": s, "total": 100, "loss": 0.1, "seconds": 0.5, "time": 1000.0 + 0.5 * (s - 1)}
+              for s in range(2, 6)]
+    view = view_of(steps, "running")
+    assert view.seconds_per_step == 0.5 and "2.00 it/s" in progress_text(view)
+    assert view.eta_seconds == 95 * 0.5
+    # a sample every 4 steps costs 2 s: the pace since the first step counts it
+    steps += [{"event": "step", "step": 6, "total": 100, "loss": 0.1, "seconds": 2.5, "time": 1000.0 + 2 + 2.5}]
+    assert view_of(steps, "running").eta_seconds == 94 * (4.5 / 5)
+
+
 def test_end_gives_the_recommended_epoch_and_files():
     view = view_of([*EVENTS, {"event": "end", "files": [], "recommended_epoch": 3, "reason": "lowest validation loss"}], "finished")
     assert view.samples == ["/runs/sample/a_e000001.png"] and view.files == ["/runs/star-000001.safetensors"]

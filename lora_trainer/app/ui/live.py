@@ -33,6 +33,9 @@ class LiveView:
     recommended_epoch: int | None = None
     recommendation: str = ""
     error: str = ""
+    timed_steps: int = 0
+    first_step_at: tuple[int, float] | None = None  # (step, event time) of the run's first step, and of its latest
+    last_step_at: tuple[int, float] | None = None
 
     @property
     def fraction(self) -> float:
@@ -40,13 +43,22 @@ class LiveView:
 
     @property
     def eta_seconds(self) -> float | None:
-        if self.seconds_per_step is None or not self.total:
+        """The steps left at the pace since the first step, which counts the saves, samples and validations that
+        fall due between steps and leaves out the first step's warm-up (allocation, kernel choice, compilation)."""
+        if not self.total:
             return None
-        return max(0, self.total - self.step) * self.seconds_per_step
+        if self.first_step_at and self.last_step_at and self.last_step_at[0] > self.first_step_at[0]:
+            per_step = (self.last_step_at[1] - self.first_step_at[1]) / (self.last_step_at[0] - self.first_step_at[0])
+        elif self.seconds_per_step is not None:
+            per_step = self.seconds_per_step
+        else:
+            return None
+        return max(0, self.total - self.step) * per_step
 
 
 def apply_event(view: LiveView, event: dict, smoothing: float = 0.2) -> LiveView:
-    """Fold one event into the view (in place; returns it). it/s is an exponential average of step times."""
+    """Fold one event into the view (in place; returns it). it/s is an exponential average of step times from the
+    second step on (the first warms up)."""
     kind = event.get("event")
     if kind == "step" and "phase" in event:
         view.phase = f"{event['phase']} {event.get('done', 0)}/{event.get('total', 0)}"
@@ -61,8 +73,13 @@ def apply_event(view: LiveView, event: dict, smoothing: float = 0.2) -> LiveView
         view.learning_rate = [float(v) for v in (lr if isinstance(lr, list) else [lr] if lr is not None else [])]
         if event.get("seconds"):
             seconds = float(event["seconds"])
-            view.seconds_per_step = seconds if view.seconds_per_step is None else \
-                (1 - smoothing) * view.seconds_per_step + smoothing * seconds
+            view.timed_steps += 1
+            view.seconds_per_step = seconds if view.timed_steps <= 2 else \
+                (1 - smoothing) * view.seconds_per_step + smoothing * seconds  # the second replaces the warm-up step
+        if event.get("time") is not None:
+            mark = (view.step, float(event["time"]))
+            view.first_step_at = view.first_step_at or mark
+            view.last_step_at = mark
         if event.get("memory_mib") is not None:
             view.memory_mib = float(event["memory_mib"])
     elif kind == "start":
