@@ -58,3 +58,21 @@ def test_a_stopped_runs_final_file_is_labelled_as_stopped_early(tmp_path):
     save_file(load_file(source), str(tmp_path / "tinylora-000001.safetensors"), {**metadata, "ss_steps": "20"})
     labels = [f.label for f in run_files(tmp_path / "tinylora.safetensors")]
     assert labels == ["epoch 1 (20 steps)", "epoch 1 (22 of 160 steps: stopped early)"]
+
+
+def test_two_grids_saved_in_the_same_second_keep_both(tmp_path, monkeypatch):
+    """Grids are named by the time to the second: a second grid from another browser tab or the API in that second
+    overwrote the first one and its cells."""
+    from PIL import Image
+
+    from lora_trainer.grid import render
+
+    monkeypatch.setattr(render.time, "strftime", lambda pattern: "20261205-120000")
+    saved = []
+    for colour in ("red", "blue"):
+        cell = Image.new("RGB", (8, 8), colour)
+        saved.append(render.save_grid(cell, [[cell]], [["Steps: 1"]], tmp_path, colour))
+    (first, first_cells), (second, second_cells) = saved
+    assert first != second and first_cells[0] != second_cells[0]
+    assert Image.open(first).getpixel((0, 0)) == (255, 0, 0) and Image.open(second).getpixel((0, 0)) == (0, 0, 255)
+    assert Image.open(first_cells[0]).getpixel((0, 0)) == (255, 0, 0)

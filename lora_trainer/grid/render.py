@@ -3,6 +3,7 @@ infotext. What the cells are and how they are generated is ``plan.py``'s."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,11 +81,30 @@ def save_grid(image: Image.Image, cells, infos, folder: Path, grid_infotext: str
     """Every generated cell as a PNG with its own infotext, and the grid (with the title and LoRA legend as its
     text). A cell without infotext was never generated (an interrupted grid's grey placeholder): not written."""
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    paths = []
-    for r, (row, row_infos) in enumerate(zip(cells, infos)):
-        for c, (cell, text) in enumerate(zip(row, row_infos)):
-            if text:
-                paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
-    grid_path = write_png(image, folder / f"grid-{stamp}.png", grid_infotext)
+    stamp, reserved = _reserve_stamp(folder)
+    try:
+        paths = []
+        for r, (row, row_infos) in enumerate(zip(cells, infos)):
+            for c, (cell, text) in enumerate(zip(row, row_infos)):
+                if text:
+                    paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
+        grid_path = write_png(image, reserved, grid_infotext)
+    except BaseException:
+        if reserved.exists() and not reserved.stat().st_size:
+            reserved.unlink()
+        raise
     return grid_path, paths
+
+
+def _reserve_stamp(folder: Path) -> tuple[str, Path]:
+    """The time to the second names a grid and its cells; a second grid in the same second (two browser tabs, the
+    API) takes ``-2``, ``-3``…: its name is reserved by creating the grid's file, so neither overwrites the other."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        candidate = stamp if n == 1 else f"{stamp}-{n}"
+        try:
+            with (folder / f"grid-{candidate}.png").open("x"):
+                return candidate, folder / f"grid-{candidate}.png"
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
