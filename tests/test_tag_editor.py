@@ -272,3 +272,23 @@ def test_edits_can_be_named_as_data_for_the_api_and_cli(dataset):
         make_edit("renam", old="a", new="b")
     with pytest.raises(UserError, match="'sort'"):
         make_edit("sort", by_frequency=True)
+
+
+def test_sort_by_frequency_or_length_as_the_tag_editor_extension_sorts(tmp_path):
+    """Most frequent tags first is the order people clean booru captions in; it sorted alphabetically only."""
+    folder = make_dataset(tmp_path / "5_zkchar", {"a.png": "zkchar, solo, red dress, smile",
+                                                  "b.png": "zkchar, smile, solo, long hair", "c.png": "zkchar, solo"})
+    editor = open_folder(folder)
+    by_count = apply_edit(editor, make_edit("sort", by="frequency", descending=True, keep_first=1))
+    assert by_count.tags[folder / "a.png"] == ("zkchar", "solo", "smile", "red dress")  # 3, 2, 1 of 3 images
+    assert by_count.tags[folder / "b.png"] == ("zkchar", "solo", "smile", "long hair")
+    rarest = apply_edit(editor, make_edit("sort", by="frequency"))
+    assert rarest.tags[folder / "a.png"] == ("red dress", "smile", "solo", "zkchar")  # ties alphabetically
+    longest = apply_edit(editor, make_edit("sort", by="length", descending=True))
+    assert longest.tags[folder / "b.png"] == ("long hair", "zkchar", "smile", "solo")
+    assert apply_edit(editor, make_edit("sort", descending=True)).tags[folder / "c.png"] == ("zkchar", "solo")
+    assert by_count.undo_steps[-1].description == "Sort tags by frequency, descending after the first 1"
+    with pytest.raises(UserError, match="by must be one of alphabetical, frequency, length"):
+        make_edit("sort", by="count")
+    with pytest.raises(UserError, match="has no parameter '_counts'"):
+        make_edit("sort", _counts={"a": 1})

@@ -182,18 +182,39 @@ class RemoveDuplicates:
         return "Remove duplicate tags"
 
 
+SORT_ORDERS = ("alphabetical", "frequency", "length")
+
+
 @dataclass(frozen=True)
 class SortTags:
-    """Sort alphabetically (case-insensitive), leaving the first ``keep_first`` tags (the trigger word) in place."""
+    """Sort, leaving the first ``keep_first`` tags (the trigger word) in place: alphabetically (case-insensitive), by
+    ``frequency`` (how many of the folder's images carry the tag, as the tag list counts them) or by ``length``, ties
+    alphabetically; ``descending`` puts the most frequent or longest first — the tag-editor extension's sort orders."""
 
     keep_first: int = 0
+    by: str = "alphabetical"
+    descending: bool = False
+    _counts: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)  # by frequency: the folder's
+
+    def __post_init__(self):
+        if self.by not in SORT_ORDERS:
+            raise UserError(f"Sort tags: by must be one of {', '.join(SORT_ORDERS)}, not {self.by!r}.", "by")
+
+    def for_editor(self, editor: TagEditor) -> SortTags:
+        return replace(self, _counts=dict(tag_counts(editor))) if self.by == "frequency" else self
 
     def apply(self, tags: Tags) -> Tags:
         head, tail = tags[: self.keep_first], tags[self.keep_first:]
-        return head + tuple(sorted(tail, key=lambda tag: (tag.casefold(), tag)))
+        if self.by == "alphabetical":
+            return head + tuple(sorted(tail, key=lambda tag: (tag.casefold(), tag), reverse=self.descending))
+        sign = -1 if self.descending else 1
+        measure = (lambda tag: self._counts.get(tag, 0)) if self.by == "frequency" else len
+        return head + tuple(sorted(tail, key=lambda tag: (sign * measure(tag), tag.casefold(), tag)))
 
     def describe(self) -> str:
-        return "Sort tags" + (f" after the first {self.keep_first}" if self.keep_first else "")
+        order = "" if self.by == "alphabetical" and not self.descending else \
+            f" by {self.by}{', descending' if self.descending else ''}"
+        return f"Sort tags{order}" + (f" after the first {self.keep_first}" if self.keep_first else "")
 
 
 @dataclass(frozen=True)
@@ -278,7 +299,7 @@ def make_edit(kind: str, **parameters) -> TagEdit:
         hint = f" Did you mean {close[0]!r}?" if close else f" Known edits: {', '.join(EDIT_KINDS)}."
         raise UserError(f"Unknown tag edit {kind!r}.{hint}")
     values = {name: tuple(value) if isinstance(value, list) else value for name, value in parameters.items()}
-    edit_fields = {f.name: f for f in fields(EDIT_KINDS[kind])}
+    edit_fields = {f.name: f for f in fields(EDIT_KINDS[kind]) if not f.name.startswith("_")}
     takes = ", ".join(edit_fields) or "no parameters"
     unknown = sorted(set(values) - set(edit_fields))
     missing = [name for name, f in edit_fields.items() if f.default is MISSING and name not in values]
@@ -574,6 +595,8 @@ def apply_edit(editor: TagEditor, edit: TagEdit, images: Iterable[Path] | None =
     """Apply one edit to the selected images (default: every editable image) as one undoable step."""
     targets = list(editor.tags) if images is None else _with_siblings(editor, images)
     tags = editor.tags
+    if hasattr(edit, "for_editor"):  # an edit that reads the whole folder (a sort by frequency)
+        edit = edit.for_editor(editor)
     return record_step(editor, edit.describe(), {image: edit.apply(tags[image]) for image in targets})
 
 

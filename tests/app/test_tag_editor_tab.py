@@ -120,3 +120,12 @@ def test_tools_report_missing_pieces_clearly(services, opened):
 
 def test_the_tab_builds(services):
     assert tab.build(services) is not None
+
+
+def test_sort_by_frequency_from_the_batch_form(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    view = tab.batch_edit(services, state, "filtered", "Sort tags", "", "", "", False, False, False, 0, "frequency", False)
+    assert view[VIEW["history"]].values.tolist()[-1][1:] == ["Sort tags by frequency", "done", 60]
+    tab.save(services, state, False)
+    assert (folder / "10_zkchar" / "img_000.txt").read_text(encoding="utf-8") == "red, square, zkchar"  # 30, 30 (ties by name), 60

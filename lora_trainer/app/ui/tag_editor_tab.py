@@ -219,7 +219,7 @@ def set_caption(services, state: TabState, caption: str) -> tuple:
 
 
 def edit_data(operation: str, tags: str, find: str, replacement: str, regex: bool, whole_caption: bool,
-              at_front: bool, keep_first) -> dict:
+              at_front: bool, keep_first, sort_by: str = "alphabetical", descending: bool = False) -> dict:
     """The batch-edit form → ``tag_sessions`` edit data."""
     op = OPERATIONS.get(operation)
     if op is None:
@@ -239,15 +239,16 @@ def edit_data(operation: str, tags: str, find: str, replacement: str, regex: boo
             raise UserError("Rename tag: type the tag to rename in 'Find' and its new name in 'Replace with'.")
         return {"op": op, "old": find.strip(), "new": replacement or ""}
     if op == "sort":
-        return {"op": op, "keep_first": int(keep_first or 0)}
+        return {"op": op, "keep_first": int(keep_first or 0), "by": sort_by or "alphabetical", "descending": bool(descending)}
     return {"op": op}
 
 
 @_guarded
 def batch_edit(services, state: TabState, scope: str, operation: str, tags: str, find: str, replacement: str,
-               regex: bool, whole_caption: bool, at_front: bool, keep_first) -> tuple:
+               regex: bool, whole_caption: bool, at_front: bool, keep_first, sort_by: str = "alphabetical",
+               descending: bool = False) -> tuple:
     session = _session(services, state)
-    data = edit_data(operation, tags, find, replacement, regex, whole_caption, at_front, keep_first)
+    data = edit_data(operation, tags, find, replacement, regex, whole_caption, at_front, keep_first, sort_by, descending)
     if scope == "selected":
         if not state.selection:
             raise UserError("No image is selected: click images, use a range, or apply to the filtered images.")
@@ -442,7 +443,11 @@ def build(services):
                         use_regex = gr.Checkbox(label="Regex")
                         whole_caption = gr.Checkbox(label="Whole caption")
                         at_front = gr.Checkbox(label="Add at the front")
+                    with gr.Row():
                         keep_first = gr.Number(label="Sort: keep first N", value=0, precision=0)
+                        sort_by = gr.Dropdown(list(tag_editor.SORT_ORDERS), value="alphabetical", label="Sort by",
+                                              elem_id="lora_trainer_tags_sort_by")
+                        descending = gr.Checkbox(label="Descending (most frequent, longest first)")
                     apply_button = gr.Button("Apply", variant="primary", elem_id="lora_trainer_tags_apply")
                 with gr.Row():
                     undo_button = gr.Button("Undo", elem_id="lora_trainer_tags_undo")
@@ -502,7 +507,8 @@ def build(services):
             return click_tag(rows, evt.index[0], all_text)
 
         frequency.select(on_tag, [frequency, all_of], [all_of]).then(call(set_filter), filter_inputs, view)
-        edit_inputs = [state, scope, operation, tags, find, replacement, use_regex, whole_caption, at_front, keep_first]
+        edit_inputs = [state, scope, operation, tags, find, replacement, use_regex, whole_caption, at_front, keep_first,
+                       sort_by, descending]
         apply_button.click(call(batch_edit), edit_inputs, view)
         undo_button.click(call(undo), [state], view)
         redo_button.click(call(redo), [state], view)
