@@ -30,6 +30,17 @@ def test_check_prints_json_and_exits_0_on_a_healthy_folder(tmp_path, capsys):
     assert report["images"][0]["bucket"] == [640, 384]
 
 
+def test_check_reads_a_dataset_toml_whose_values_win_over_the_flags(tmp_path, capsys):
+    for index in range(3):
+        make_image(tmp_path / "pics" / f"{index}.png", (512, 512), index)
+    config = tmp_path / "dataset.toml"
+    config.write_text(f'[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "{(tmp_path / "pics").as_posix()}"\n'
+                      'num_repeats = 4\ncaption_extension = ".txt"\n', encoding="utf-8")
+    assert main(["dataset", "check", str(config), "--json", "--batch-size", "4", "--resolution", "512"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["samples_per_epoch"], report["steps_per_epoch"]) == (12, 6)  # the file's batch 2, not --batch-size 4
+
+
 def test_check_exits_1_and_names_the_problem_when_training_would_fail(tmp_path, capsys):
     make_image(tmp_path / "10_zk" / "a.png", (512, 512), 1, caption="")
     with pytest.raises(SystemExit) as stopped:

@@ -262,3 +262,28 @@ def test_report_is_stable_json_and_text_with_unicode_paths(tmp_path):
     assert "3_猫 cat: 3 repeats x 2 images = 6 samples" in text
     assert "steps per epoch at batch size 2: 4" in text  # two buckets of 3 samples: 2 + 2 batches
     assert "error   empty-caption" in text
+
+
+def test_a_dataset_toml_is_checked_subset_by_subset_each_dataset_at_its_batch_size(tmp_path):
+    """sd-scripts sums the datasets' batches: 3 × 4 samples at batch 2 and 5 samples in two buckets at batch 1 are
+    6 + 5 steps; a regularisation subset is trained but not counted here, and said."""
+    from lora_trainer.dataset.health import check_dataset_config
+
+    for index in range(4):
+        caption(make_image(tmp_path / "chars" / f"a{index}.png", (64, 64), index), f"zkchar, pose {index}")
+    for index in range(5):
+        make_image(tmp_path / "style" / f"b{index}.png", (64, 32) if index % 2 else (32, 64), 10 + index)
+    make_image(tmp_path / "reg" / "r.png", (64, 64), 99)
+    config = tmp_path / "datasets.toml"
+    config.write_text(
+        '[general]\ncaption_extension = ".txt"\nenable_bucket = true\nmin_bucket_reso = 32\nbucket_reso_steps = 32\n'
+        f'[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "{(tmp_path / "chars").as_posix()}"\n'
+        f'num_repeats = 3\n[[datasets.subsets]]\nimage_dir = "{(tmp_path / "reg").as_posix()}"\nis_reg = true\n'
+        f'[[datasets]]\nresolution = 64\nbatch_size = 1\n[[datasets.subsets]]\nimage_dir = "{(tmp_path / "style").as_posix()}"\n'
+        'class_tokens = "zkstyle"\n', encoding="utf-8")
+    report = check_dataset_config(config, HealthSettings())
+    assert [(f.path, f.repeats, f.class_tokens, f.image_count) for f in report.concept_folders] == [
+        ("chars", 3, "", 4), ("style", 1, "zkstyle", 5)]
+    assert report.samples_per_epoch == 17 and report.steps_per_epoch == 6 + 5
+    assert "not-counted" in kinds(report, (tmp_path / "reg").as_posix()) and report.folder == str(config)
+    assert report.settings.batch_size == 2 and report.settings.resolution == (64, 64)  # the first dataset's header

@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
-from .paths import PathNotAllowed, allowed_path, plain_name, unquoted
+from .paths import PathNotAllowed, allowed_path, check_dataset_config_paths, check_metadata_images, plain_name, unquoted
 from .services import Services
 from .settings import AppSettings
 from .tag_sessions import SaveConflict, SessionNotFound, TooManySessions
@@ -128,23 +128,6 @@ def checked_path(value: Any, roots: list[Path], field: str, must_exist: bool) ->
     return path
 
 
-def _check_dataset_config(path: Path, roots: list[Path], options: dict) -> None:
-    """The folders a ``--dataset_config`` names are requests' paths too."""
-    from ..dataset.config import load_dataset_config
-
-    for dataset in load_dataset_config(path, options, support_controlnet=bool(options.get("masked_loss"))).datasets:
-        for subset in dataset.subsets:
-            for folder in (subset.image_dir, subset.metadata_file, subset.conditioning_data_dir):
-                if folder is None:
-                    continue
-                if not Path(folder).is_absolute():
-                    raise ApiError(400, "invalid", f"dataset_config: {folder} is relative; give absolute paths in a "
-                                   "config sent to the API", "dataset_config")
-                checked_path(str(folder), roots, "dataset_config", must_exist=True)
-            if subset.metadata_file is not None:
-                _check_metadata_images(subset.metadata_file, subset.image_dir, roots, "dataset_config")
-
-
 def _checked_network_args(items: Any, roots: list[Path]) -> list[str]:
     """A LyCORIS preset file (``preset=…toml``) is a request's path too: absolute, inside the roots."""
     from ..training.options import network_preset_file
@@ -160,14 +143,6 @@ def _checked_network_args(items: Any, roots: list[Path]) -> list[str]:
             item = f"preset={checked_path(preset, roots, 'network_args', must_exist=True)}"
         checked.append(item)
     return checked
-
-
-def _check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: list[Path], field: str) -> None:
-    """A fine-tuning metadata file may name images by absolute path: those are requests' paths too."""
-    from ..dataset.layouts import metadata_image_paths
-
-    for image in metadata_image_paths(metadata_file, image_dir):
-        checked_path(str(image), roots, field, must_exist=False)
 
 
 def flag(body: dict, name: str, default: bool) -> bool:
@@ -256,10 +231,10 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     if options.get("network_args") is not None:
         options["network_args"] = _checked_network_args(options["network_args"], roots)
     if options.get("dataset_config"):
-        _check_dataset_config(Path(options["dataset_config"]), roots, options)
+        check_dataset_config_paths(Path(options["dataset_config"]), roots, options)
     elif options.get("in_json"):
         image_dir = Path(options["train_data_dir"]) if options.get("train_data_dir") else None
-        _check_metadata_images(Path(options["in_json"]), image_dir, roots, "in_json")
+        check_metadata_images(Path(options["in_json"]), image_dir, roots, "in_json")
     webhook = body.get("webhook")
     if webhook is not None:
         parsed = urllib.parse.urlparse(webhook) if isinstance(webhook, str) else None

@@ -68,7 +68,12 @@ def samples_per_bucket(report: HealthReport) -> list[int]:
 def planned_steps(bucket_samples: list[int], options: TrainOptions) -> tuple[int, int, int]:
     """(steps per epoch, epochs, total optimizer steps) as sd-scripts counts them: batches within buckets, divided
     by gradient accumulation; epochs given win over max_train_steps."""
-    per_epoch = math.ceil(steps_per_epoch(bucket_samples, options.train_batch_size) / options.gradient_accumulation_steps)
+    return planned_from_batches(steps_per_epoch(bucket_samples, options.train_batch_size), options)
+
+
+def planned_from_batches(batches: int, options: TrainOptions) -> tuple[int, int, int]:
+    """``planned_steps`` from the batches of one epoch (a dataset TOML batches each dataset at its own size)."""
+    per_epoch = math.ceil(batches / options.gradient_accumulation_steps)
     if options.max_train_epochs:
         epochs = options.max_train_epochs
         total = per_epoch * epochs
@@ -156,6 +161,6 @@ def warnings_for(options: TrainOptions, images: int, total_steps: int, epochs: i
 def estimate(options: TrainOptions, report: HealthReport | None, architecture: str = "sd1") -> Estimate:
     buckets = samples_per_bucket(report) if report else []
     images = len(report.images) if report else 0
-    per_epoch, epochs, total = planned_steps(buckets, options)
+    per_epoch, epochs, total = planned_from_batches(report.steps_per_epoch if report else 0, options)
     return Estimate(images, sum(buckets), per_epoch, epochs, total, vram_gib(options, architecture),
                     minutes(total, options, architecture), warnings_for(options, images, total, epochs))

@@ -47,3 +47,29 @@ def plain_name(name: str, field: str = "name") -> str:
     if not is_plain_name(name):
         raise PathNotAllowed(f"{field}: {name!r} is not a plain file name; use letters, digits, spaces, - and _", field)
     return name
+
+
+def check_dataset_config_paths(path: Path, roots: list[Path], options: dict, field: str = "dataset_config") -> None:
+    """The folders and files a ``--dataset_config`` names are a request's or a form's paths too: absolute (a relative
+    one would resolve against the server's working folder), existing, below the roots."""
+    from ..dataset.config import load_dataset_config
+
+    for dataset in load_dataset_config(path, options, support_controlnet=bool(options.get("masked_loss"))).datasets:
+        for subset in dataset.subsets:
+            for folder in (subset.image_dir, subset.metadata_file, subset.conditioning_data_dir):
+                if folder is None:
+                    continue
+                if not Path(folder).is_absolute():
+                    raise UserError(f"{field}: {folder} in {Path(path).name} is relative; give absolute paths in a "
+                                    "dataset config used here", field)
+                allowed_path(str(folder), roots, field)
+            if subset.metadata_file is not None:
+                check_metadata_images(subset.metadata_file, subset.image_dir, roots, field)
+
+
+def check_metadata_images(metadata_file: Path, image_dir: Path | None, roots: list[Path], field: str) -> None:
+    """A fine-tuning metadata file may name images by absolute path: those are paths to check too."""
+    from ..dataset.layouts import metadata_image_paths
+
+    for image in metadata_image_paths(metadata_file, image_dir):
+        allowed_path(str(image), roots, field, must_exist=False)

@@ -20,7 +20,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def run_check(args) -> None:
-    from lora_trainer.dataset.health import HealthSettings, check_dataset
+    from lora_trainer.dataset.health import HealthSettings, check_dataset, check_dataset_config
 
     settings = HealthSettings(
         resolution=args.resolution,
@@ -33,7 +33,14 @@ def run_check(args) -> None:
         caption_extension=args.caption_extension,
         trigger=args.trigger,
     )
-    report = check_dataset(args.folder, settings)
+    if args.folder.is_file() and args.folder.suffix.lower() in (".toml", ".json"):  # a --dataset_config
+        report = check_dataset_config(args.folder, settings, {
+            "resolution": ",".join(map(str, args.resolution)), "train_batch_size": args.batch_size,
+            "enable_bucket": not args.no_buckets, "min_bucket_reso": args.min_bucket_reso,
+            "max_bucket_reso": args.max_bucket_reso, "bucket_reso_steps": args.bucket_reso_steps,
+            "bucket_no_upscale": args.bucket_no_upscale, "caption_extension": args.caption_extension})
+    else:
+        report = check_dataset(args.folder, settings)
     print(report.to_json() if args.json else report.to_text())
     if report.errors:
         raise SystemExit(1)  # scripts can run `dataset check DIR && train …`
@@ -71,7 +78,8 @@ def add_dataset_commands(subparsers) -> None:
     check = commands.add_parser(
         "check", help="health report: what sd-scripts will do with a --train_data_dir folder",
         description="Read-only. Exit status 1 when the report has errors (training would fail or train nothing).")
-    check.add_argument("folder", type=Path, help="the folder holding <repeats>_<name> image folders")
+    check.add_argument("folder", type=Path, help="the folder holding <repeats>_<name> image folders, or a "
+                       "--dataset_config TOML (its values win over these options, as in sd-scripts)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--resolution", type=parse_resolution, default=(512, 512), help="512 or 512,768 (default 512)")
     check.add_argument("--batch-size", type=int, default=1)

@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -343,26 +343,78 @@ def discover_layout(root: Path) -> Layout:
 # The report
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One image folder as training reads it, under its dataset's buckets and batch size."""
+
+    path: Path
+    repeats: int
+    class_tokens: str
+    caption_extension: str
+    buckets: BucketSettings
+    dataset: int = 0
+
+
 def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> HealthReport:
     """Check ``folder`` as sd-scripts' ``--train_data_dir`` (or a single image folder) under ``settings``."""
-    from lora_trainer.models.tokenizer import CLIPTokenizer
-
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; give the folder that holds your <repeats>_<name> image folders.")
     layout = discover_layout(root)
-    findings = list(layout.findings)
     bucket_settings = settings.buckets()
     bucket_list(bucket_settings)  # bucket options that contradict the resolution: one error, not one per image
-    tokenizer = CLIPTokenizer.default()
     caption_extension = checked_caption_extension(settings.caption_extension)
+    sources = [_Source(path, repeats, tokens, caption_extension, bucket_settings)
+               for path, repeats, tokens in layout.concept_folders]
+    return _report(root, str(root), sources, list(layout.findings), settings, {0: settings.batch_size})
 
+
+def check_dataset_config(path: Path, settings: HealthSettings, options: object | None = None) -> HealthReport:
+    """Check the image folders a ``--dataset_config`` file names, each subset with its repeats, class tokens and
+    caption extension and each dataset with its buckets and batch size (``options``: the run's, which the file's
+    values override, as sd-scripts reads them). Regularisation and metadata-file subsets are named, not counted."""
+    from lora_trainer.dataset.config import load_dataset_config
+
+    path = Path(path)
+    group = load_dataset_config(path, options)
+    sources, findings, batches = [], [Finding("note", "dataset-config", "", warning) for warning in group.warnings], {}
+    for index, dataset in enumerate(group.datasets):
+        buckets = dataset.bucket_settings
+        bucket_list(buckets)
+        batches[index] = dataset.batch_size
+        for subset in dataset.subsets:
+            where = str(subset.image_dir or subset.metadata_file)
+            if subset.is_reg or subset.metadata_file or not dataset.is_dreambooth:
+                kind = "regularisation images" if subset.is_reg else "captions from a metadata file"
+                findings.append(Finding("note", "not-counted", where, f"{kind}: trained, but not checked or counted here"))
+                continue
+            if not subset.image_dir.is_dir():
+                findings.append(Finding("error", "no-folder", where, f"image_dir in {path.name} is not a folder; fix the path"))
+                continue
+            sources.append(_Source(subset.image_dir, subset.num_repeats, subset.class_tokens or "",
+                                   checked_caption_extension(subset.caption_extension), buckets, index))
+    first = group.datasets[0] if group.datasets else None
+    if first and first.resolution:  # the report's header shows the first dataset's settings
+        settings = replace(settings, resolution=first.resolution, batch_size=first.batch_size,
+                           enable_bucket=first.enable_bucket, min_bucket_reso=first.min_bucket_reso,
+                           max_bucket_reso=first.max_bucket_reso, bucket_reso_steps=first.bucket_reso_steps,
+                           bucket_no_upscale=first.bucket_no_upscale)
+    return _report(path.parent, str(path), sources, findings, settings, batches)
+
+
+def _report(root: Path, label: str, sources: list[_Source], findings: list[Finding], settings: HealthSettings,
+            batches: dict[int, int]) -> HealthReport:
+    from lora_trainer.models.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.default()
     concept_folders: list[ConceptFolder] = []
     images: list[ImageCheck] = []
-    samples_per_bucket: Counter[Size] = Counter()
+    samples_per_bucket: Counter[tuple[int, Size]] = Counter()
     hashes: dict[str, int] = {}
     frequency_by_folder: list[dict[str, int]] = []
-    for concept_path, repeats, class_tokens in layout.concept_folders:
+    for source in sources:
+        concept_path, repeats, class_tokens, caption_extension = (source.path, source.repeats, source.class_tokens,
+                                                                  source.caption_extension)
         folder_name = _relative(concept_path, root)
         image_paths = list_images(concept_path)
         findings += _folder_file_findings(concept_path, root, image_paths, caption_extension)
@@ -375,9 +427,9 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
             if facts.problem or facts.size is None:
                 findings.append(Finding("error", "corrupt-image", name, f"{facts.problem} (sd-scripts stops on it)"))
                 continue
-            caption, source, caption_findings = _effective_caption(image_path, name, class_tokens, caption_extension)
+            caption, caption_source, caption_findings = _effective_caption(image_path, name, class_tokens, caption_extension)
             findings += caption_findings
-            if source == "file":
+            if caption_source == "file":
                 captioned_texts[name] = caption
             trained_captions.append(caption)
             tokens = len(tokenizer.encode(caption)) if caption else 0
@@ -385,9 +437,10 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
             if too_long:
                 findings.append(Finding("warning", too_long[0], name, too_long[1]))
             hashes[name] = perceptual_hash(facts.thumbnail)
-            check = _image_check(name, folder_name, facts.size, caption, source, tokens, hashes[name], bucket_settings, findings)
+            check = _image_check(name, folder_name, facts.size, caption, caption_source, tokens, hashes[name],
+                                 source.buckets, findings)
             images.append(check)
-            samples_per_bucket[check.bucket] += repeats
+            samples_per_bucket[(source.dataset, check.bucket)] += repeats
             usable += 1
         frequency_by_folder.append(tag_frequency(trained_captions))  # sd-scripts counts class-token captions too
         concept_folders.append(ConceptFolder(folder_name, repeats, class_tokens, usable, len(captioned_texts)))
@@ -396,14 +449,14 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
     if not images:
         findings.append(Finding(
             "error", "no-images", ".",
-            f"{root} has no image sd-scripts would train on ({' '.join(IMAGE_EXTENSIONS)} files inside "
+            f"{label} has no image sd-scripts would train on ({' '.join(IMAGE_EXTENSIONS)} files inside "
             "<repeats>_<name> subfolders, e.g. 10_mychar); add images or give the right folder."))
 
     without_trigger: tuple[str, ...] = ()
     if settings.trigger:
         without_trigger = tuple(sorted(image.path for image in images if not mentions(image.caption, settings.trigger)))
-        for name in without_trigger:
-            findings.append(Finding("warning", "missing-trigger", name,
+        for image_name in without_trigger:
+            findings.append(Finding("warning", "missing-trigger", image_name,
                                     f"the caption lacks the trigger word '{settings.trigger}'; add it (first, if you use keep_tokens)."))
 
     duplicates = near_duplicate_groups(hashes, settings.near_duplicate_bits)
@@ -415,12 +468,13 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
     for counts in frequency_by_folder:
         totals.update(counts)
     return HealthReport(
-        folder=str(root),
+        folder=label,
         settings=settings,
         concept_folders=tuple(concept_folders),
         images=tuple(sorted(images, key=lambda image: image.path)),
         samples_per_epoch=sum(samples_per_bucket.values()),
-        steps_per_epoch=steps_per_epoch(samples_per_bucket.values(), settings.batch_size),
+        steps_per_epoch=sum(steps_per_epoch([n for (d, _), n in samples_per_bucket.items() if d == dataset], batch)
+                            for dataset, batch in batches.items()),
         resolution_histogram=_histogram(_size_text(image.size) for image in images),
         bucket_histogram=_histogram(_size_text(image.bucket) for image in images),
         tag_frequency=tuple(sorted(totals.items(), key=lambda item: (-item[1], item[0]))),

@@ -118,10 +118,34 @@ def test_validation_shows_steps_and_refuses_bad_input(services, tmp_path):
     assert "output name: empty; type a name" in train_tab.validation_text(services, form(output_name=" "))
     # an imported Kohya TOML's dataset_config: said for what it is, not "dataset folder: no path given"
     text = train_tab.validation_text(services, form(dataset="", extra='dataset_config = "datasets.toml"'))
-    assert "Advanced: dataset_config names the datasets in a file" in text and "--dataset_config FILE" in text
+    assert "Advanced: dataset_config is the Dataset field's to give: put the dataset TOML's path there" in text
     assert "16 images" in train_tab.validation_text(services, form(extra='dataset_config = ""'))  # empty: not given
     assert "does not exist" in train_tab.validation_text(services, form(checkpoint=str(services.settings.data_folder / "missing.safetensors")))
     assert "Advanced options" in train_tab.validation_text(services, form(extra="noise_offset = "))
+
+
+def test_a_kohya_dataset_toml_trains_from_the_dataset_field(services, tmp_path):
+    """Kohya users keep their datasets in --dataset_config TOMLs; the tab refused them ("train that file from the
+    command line"). Its subsets' repeats and its batch size count, as sd-scripts reads them."""
+    concept = next(p for p in SAMPLE_DATASET.iterdir() if p.is_dir())
+    config = tmp_path / "my datasets.toml"
+    config.write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nbatch_size = 2\nresolution = 64\n'
+                      f'[[datasets.subsets]]\nimage_dir = "{concept.as_posix()}"\nnum_repeats = 3\n', encoding="utf-8")
+    services.settings.dataset_roots.append(tmp_path)
+    text = train_tab.validation_text(services, form(dataset=str(config), batch_size=4))
+    assert "16 images → 48 samples per epoch (with repeats) → 24 steps per epoch" in text, text  # batch 2, not 4
+    assert "Samples per epoch: 48" in train_tab.check_dataset_text(services, form(dataset=str(config)))
+    message, job_id = train_tab.submit(services, form(dataset=str(config)))
+    job = services.store.get(job_id)
+    assert job.options["dataset_config"] == str(config.resolve()) and "train_data_dir" not in job.options, message
+    values = train_tab.import_into_form(str(config))  # importing it fills the Dataset field and nothing else
+    assert values[1] == str(config.resolve()) and values[-1].startswith("Imported my datasets.toml as the Dataset")
+    assert all(isinstance(value, dict) for value in values[2:-1])
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-outside"
+    elsewhere.mkdir()
+    config.write_text(config.read_text(encoding="utf-8").replace(concept.as_posix(), elsewhere.as_posix()), encoding="utf-8")
+    text = train_tab.validation_text(services, form(dataset=str(config)))
+    assert text.startswith("**Cannot start:**") and "outside the allowed folders" in text
 
 
 def test_dataset_check_shows_the_health_report(services):

@@ -16,7 +16,7 @@ from typing import Any
 
 import gradio as gr
 
-from ...dataset.health import HealthSettings, check_dataset, report_lines
+from ...dataset.health import HealthSettings, check_dataset, check_dataset_config, report_lines
 from ...errors import UserError
 from ...jobs.runner import earlier_files_note
 from ...jobs.store import Job
@@ -26,7 +26,7 @@ from .. import presets
 from ..estimate import estimate
 from ..extras import EXTRAS, install_extras
 from ..form import ALGORITHMS, algorithm_of, form_to_options, parse_extra_options
-from ..paths import allowed_path, plain_name
+from ..paths import allowed_path, check_dataset_config_paths, plain_name
 from ..services import Services, write_card_hints
 from .compat import js_kwarg, poll_kwarg, table
 from .live import NOTIFY_STATUSES, LiveView, apply_event, loss_plot, progress_text
@@ -98,8 +98,17 @@ def health_settings(options: dict[str, Any]) -> HealthSettings:
                           bucket_no_upscale=checked.bucket_no_upscale, caption_extension=checked.caption_extension)
 
 
+def dataset_config_file(services: Services, dataset: str) -> Path | None:
+    """The Dataset field's Kohya dataset TOML (``--dataset_config``), None for a folder."""
+    path = allowed_path(dataset, services.settings.dataset_roots, "dataset folder")
+    return path if path.is_file() and path.suffix.lower() in (".toml", ".json") else None
+
+
 def health_report(services: Services, dataset: str, options: dict[str, Any]):
     folder = allowed_path(dataset, services.settings.dataset_roots, "dataset folder")
+    if (config := dataset_config_file(services, dataset)) is not None:
+        check_dataset_config_paths(config, services.settings.dataset_roots, options, "dataset folder")
+        return check_dataset_config(config, health_settings(options), options)
     return check_dataset(folder, health_settings(options))
 
 
@@ -147,19 +156,25 @@ def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any
     """The form → checked sd-scripts option values (and whether the base is SDXL); raises UserError."""
     checkpoint = checkpoint_path(services, form.get("checkpoint") or "")
     extra = parse_extra_options(form.get("extra", ""))
-    elsewhere = [key for key in ("dataset_config", "in_json") if extra.get(key)]  # "" is not given
-    if elsewhere:  # an imported Kohya TOML may carry one; its datasets are not what the form checks and estimates
-        raise UserError(f"Advanced: {elsewhere[0]} names the datasets in a file, and this tab trains the Dataset folder's "
-                        "<repeats>_<name> subfolders: remove it and pick the folder, or train that file from the command "
-                        f"line (python -m lora_trainer.train_network --{elsewhere[0]} FILE) or the API (POST /jobs)", "extra")
+    if extra.get("dataset_config"):  # "" is not given
+        raise UserError("Advanced: dataset_config is the Dataset field's to give: put the dataset TOML's path there "
+                        "(and remove it from Advanced)", "extra")
+    if extra.get("in_json"):  # fine-tuning metadata: its images and captions are not what the form checks and estimates
+        raise UserError("Advanced: in_json names the captions in a metadata file, and this tab trains a Dataset folder "
+                        "or dataset TOML: remove it, or train that file from the command line (python -m "
+                        "lora_trainer.train_network --in_json FILE) or the API (POST /jobs)", "extra")
     _check_advanced_paths(services, extra)
     dataset = allowed_path(form.get("dataset") or "", services.settings.dataset_roots, "dataset folder")
+    config = dataset_config_file(services, str(dataset))
     name = plain_name(form.get("output_name") or "", "output name")
     sdxl = _is_sdxl(checkpoint)
-    values = {**form, "checkpoint": str(checkpoint), "dataset": str(dataset), "output_name": name}
+    values = {**form, "checkpoint": str(checkpoint), "dataset": None if config else str(dataset), "output_name": name}
     if (form.get("sample_prompt") or "").strip():
         values["sample_prompts"] = sample_prompt_file(services, form["sample_prompt"], form.get("resolution") or 512)
     options = form_to_options(values, form.get("preset") or "character", form.get("tier") or presets.NO_TIER, sdxl)
+    if config:  # its subsets name the folders; its [general]/[[datasets]] values win over the form's, as in sd-scripts
+        options["dataset_config"] = str(config)
+        check_dataset_config_paths(config, services.settings.dataset_roots, options, "dataset folder")
     options["output_dir"] = str(services.settings.lora_folder)
     options_from(options, "Train form")
     return options, sdxl
@@ -393,7 +408,8 @@ def build(services: Services) -> gr.Blocks:
                                      info="from the list, or the path of a .safetensors file")
             refresh = gr.Button("🔄", elem_id="lora_trainer_refresh_checkpoints", scale=0, min_width=40)
             dataset = gr.Textbox(label="Dataset folder", elem_id="lora_trainer_dataset",
-                                 placeholder="folder with <repeats>_<name> subfolders, e.g. 10_mychar")
+                                 placeholder="folder with <repeats>_<name> subfolders, e.g. 10_mychar, or a Kohya "
+                                             "dataset TOML (--dataset_config)")
             check = gr.Button("Check", elem_id="lora_trainer_check", scale=0)
         with gr.Row():
             preset = gr.Dropdown(names, value="character", label="Preset", elem_id="lora_trainer_preset")
@@ -625,7 +641,11 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
         if "[options]" in text:
             options = presets.read_preset_file(path).options
         else:
-            options = {"lr_scheduler": "constant", "optimizer_type": "AdamW", **presets.import_kohya_toml(path, notes)}
+            imported = presets.import_kohya_toml(path, notes)
+            if set(imported) == {"dataset_config"}:  # a dataset TOML: the Dataset field's, the rest of the form as it is
+                return ([gr.update()] + [imported["dataset_config"]] + [gr.update()] * (len(IMPORTED_FIELDS) - 3)
+                        + [f"Imported {Path(path).name} as the Dataset: its subsets name the image folders."])
+            options = {"lr_scheduler": "constant", "optimizer_type": "AdamW", **imported}
             if Path(path).suffix.lower() == ".json":  # the GUI's own settings: what it set off stays off
                 options |= _gui_switched_off(json.loads(text), presets.preset_options(preset), options)
             added = {k: v for k, v in presets.preset_options(preset).items()  # those that change something
@@ -647,7 +667,8 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
         if network_args:
             rest["network_args"] = network_args
     prompts = _imported_prompts(rest)
-    values = [options.get("pretrained_model_name_or_path"), options.get("train_data_dir"), options.get("output_name"),
+    dataset = rest.pop("dataset_config", None) or options.get("train_data_dir")  # a dataset TOML goes in the field too
+    values = [options.get("pretrained_model_name_or_path"), dataset, options.get("output_name"),
               options.get("max_train_epochs"), options.get("train_batch_size"), options.get("resolution"),
               options.get("network_dim"), options.get("network_alpha"), unet, te, options.get("save_every_n_epochs"),
               options.get("sample_every_n_epochs"), options.get("optimizer_type"), options.get("lr_scheduler"),
