@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
-from .paths import PathNotAllowed, allowed_path, check_dataset_config_paths, check_metadata_images, plain_name, unquoted
+from .paths import MissingPath, PathNotAllowed, allowed_path, check_dataset_config_paths, check_metadata_images, plain_name, unquoted
 from .services import Services
 from .settings import AppSettings
 from .tag_sessions import SaveConflict, SessionNotFound, TooManySessions
@@ -65,6 +65,8 @@ def response_for(error: Exception) -> JSONResponse:
         return error_response(error.status, error.code, error.message, error.field, **error.extra)
     if isinstance(error, PathNotAllowed):
         return error_response(403, "path_not_allowed", str(error), error.field)
+    if isinstance(error, MissingPath):
+        return error_response(400, "not_found", str(error), error.field)
     if isinstance(error, SessionNotFound):
         return error_response(404, "session_not_found", str(error))
     if isinstance(error, TooManySessions):

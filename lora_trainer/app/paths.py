@@ -14,6 +14,10 @@ class PathNotAllowed(UserError):
         super().__init__(message, field)
 
 
+class MissingPath(UserError):
+    """An allowed path that does not exist (the API's 400 ``not_found``)."""
+
+
 def unquoted(value: str) -> str:
     """A pasted path without its surrounding spaces and quotes (Windows Explorer's "Copy as path" quotes it)."""
     value = value.strip()
@@ -62,7 +66,8 @@ def check_dataset_config_paths(path: Path, roots: list[Path], options: dict, fie
                 if not Path(folder).is_absolute():
                     raise UserError(f"{field}: {folder} in {Path(path).name} is relative; give absolute paths in a "
                                     "dataset config used here", field)
-                allowed_path(str(folder), roots, field)
+                if not allowed_path(str(folder), roots, field, must_exist=False).exists():
+                    raise MissingPath(f"{field}: {folder} in {Path(path).name} does not exist", field)
             if subset.metadata_file is not None:
                 check_metadata_images(subset.metadata_file, subset.image_dir, roots, field)
 

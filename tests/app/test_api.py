@@ -598,6 +598,9 @@ def test_dataset_config_folders_must_lie_in_the_roots(client, job_body, app_sett
     body = {**job_body, "options": {**job_body["options"], "dataset_config": str(config)}}
     del body["options"]["train_data_dir"]
     assert_error(client.post(f"{V1}/jobs", json=body), 403, field="dataset_config")
+    missing = Path(job_body["options"]["train_data_dir"]) / "not there"  # allowed, but missing: a 400 as for any input
+    config.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{missing}'\n", encoding="utf-8")
+    assert_error(client.post(f"{V1}/jobs", json=body), 400, code="not_found", field="dataset_config")
     inside = job_body["options"]["train_data_dir"]  # a mask folder (--masked_loss) is a request's path too
     config.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{inside}'\n"
                       f"conditioning_data_dir = '{tmp_path}'\n", encoding="utf-8")
