@@ -39,6 +39,8 @@ class NetworkFile:
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     unreadable_keys: list[str] = field(default_factory=list)  # keys with no suffix any algorithm owns
+    # textual-inversion embeddings bundled with the network (``bundle_emb.*``), per name: the WebUI loads them
+    embeddings: dict[str, dict] = field(default_factory=dict, repr=False)
     # this file cut to fewer ranks (``dyn=``), kept so a repeated tag gets the same object (incremental strength changes)
     ranks: dict[int, NetworkFile] = field(default_factory=dict, repr=False, compare=False)
 
@@ -84,7 +86,23 @@ def group_tensors(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] 
             continue
         name, suffix = split
         modules.setdefault(name, {})[suffix] = tensor
-    return NetworkFile(modules, dict(metadata or {}), path, unreadable)
+    return NetworkFile(modules, dict(metadata or {}), path, unreadable, embeddings=bundled_embeddings(state_dict))
+
+
+def bundled_embeddings(state_dict: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """``bundle_emb.<name>.string_to_param.*`` (SD1/SD2) or ``bundle_emb.<name>.clip_l`` and ``.clip_g`` (SDXL) → per
+    name, the data an embedding file holds, which the WebUI's Lora extension makes an embedding of."""
+    embeddings: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        if not key.startswith("bundle_emb.") or key.count(".") < 2:
+            continue
+        _, name, vector = key.split(".", 2)
+        data = embeddings.setdefault(name, {})
+        if vector.startswith("string_to_param."):
+            data["string_to_param"] = {vector.split(".", 1)[1]: tensor}
+        else:
+            data[vector] = tensor
+    return embeddings
 
 
 def read_network(path: str | Path) -> NetworkFile:
@@ -148,11 +166,16 @@ class MatchReport:
             lines.append(self.ignored_note())
         return "\n".join(lines)
 
-    def ignored_note(self) -> str:
-        embeddings = sorted({key.split(".")[1] for key in self.ignored if key.startswith("bundle_emb.")})
+    def ignored_note(self, embeddings_loaded: bool = False) -> str:
+        """What was left out; ``embeddings_loaded``: the host loads bundled embeddings itself (the WebUI), so they
+        are not said."""
+        embeddings = [] if embeddings_loaded else sorted({key.split(".")[1] for key in self.ignored
+                                                          if key.startswith("bundle_emb.")})
         others = [key for key in self.ignored if not key.startswith("bundle_emb.")]
+        if not embeddings and not others:
+            return ""
         parts = ([f"its bundled embedding{'s' if len(embeddings) > 1 else ''} {', '.join(embeddings)} (not loaded here: "
-                  "the WebUI's built-in Lora extension loads them)"] if embeddings else [])
+                  "the WebUI loads them)"] if embeddings else [])
         if others:
             parts.append(f"{len(others)} key{'s' if len(others) > 1 else ''} no network algorithm reads: "
                          + ", ".join(others[:5]) + (" …" if len(others) > 5 else ""))

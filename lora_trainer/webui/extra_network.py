@@ -33,6 +33,8 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
         self._merged: MergedNetworks | None = None
         self._config = None
         self._generation = None  # the processing object of the generation being activated: its comments
+        self._bundled: dict[tuple, tuple] = {}  # (file, name) → (its data, the WebUI's Embedding made of it)
+        self._bundled_registered: list = []  # the embeddings registered for the current generation
 
     # --- WebUI interface ----------------------------------------------------------------------------------------
 
@@ -58,11 +60,12 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
             if not report.ok:
                 self._warn(f"<lora:{call.name}> skipped: {report.message()}")
                 continue
-            if report.ignored:
-                self._warn(f"<lora:{call.name}>: {report.ignored_note()}")
+            if note := report.ignored_note(embeddings_loaded=True):
+                self._warn(f"<lora:{call.name}>: {note}")
             wanted.append((network, strength))
             hashes[call.name.translate(_REMOVE_SYMBOLS)] = self.library.short_hash(network.path)
         merged.set_networks(wanted)
+        self._register_bundled_embeddings([network for network, _ in wanted])
         if not getattr(shared.opts, "lora_add_hashes_to_infotext", True):  # the built-in Lora extension's setting
             return
         if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):  # hires fix: both passes' LoRAs
@@ -148,6 +151,36 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
         except UserError as error:
             self._warn(f"<lora:{call.name}> skipped: {error}")
             return None
+
+    def _register_bundled_embeddings(self, networks: list[NetworkFile]) -> None:
+        """The networks' bundled embeddings (``bundle_emb.*``) become the WebUI's textual-inversion embeddings for this
+        generation, usable by name in its prompt, as the built-in Lora extension registers them (this runs before the
+        prompt is encoded); the previous generation's are taken back first. An embedding of the same name loaded from
+        the embeddings folder stays and is said; one of another model's shape is listed as skipped."""
+        from modules import sd_hijack
+        from modules.textual_inversion.textual_inversion import create_embedding_from_data
+
+        database, model = sd_hijack.model_hijack.embedding_db, shared.sd_model
+        for embedding in self._bundled_registered:  # ours only: the folder's may have been reloaded under that name
+            if database.word_embeddings.get(embedding.name) is embedding:
+                database.register_embedding_by_name(None, model, embedding.name)
+        self._bundled_registered = []
+        for network in networks:
+            for name, data in network.embeddings.items():
+                if name in database.word_embeddings:
+                    self._warn(f"<lora:{network.name}>: its bundled embedding {name} is not used: an embedding of that "
+                               "name is loaded from the embeddings folder")
+                    continue
+                cached = self._bundled.get((network.path, name))
+                if cached is None or cached[0] is not data:  # first use, or the file was read again
+                    cached = self._bundled[(network.path, name)] = (
+                        data, create_embedding_from_data(data, name, filename=f"{network.path}/{name}"))
+                embedding = cached[1]
+                if database.expected_shape not in (-1, embedding.shape):
+                    database.skipped_embeddings[name] = embedding
+                    continue
+                database.register_embedding(embedding, model)
+                self._bundled_registered.append(embedding)
 
     def _warn(self, message: str) -> None:
         """Said under every image it concerns (the generation's comments, as the built-in says "Lora not found"), and

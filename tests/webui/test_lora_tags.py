@@ -104,12 +104,56 @@ def test_a_lora_with_a_bundled_embedding_or_a_stray_key_applies_the_rest_and_say
         for name in extras:
             p, image = txt2img(webui, f"a red circle <lora:{name}:1>")
             assert np.array_equal(pixels(image), pixels(cats)), name
-        assert any("left out its bundled embedding zkstar" in comment for comment in
-                   txt2img(webui, "a red circle <lora:cats_bundle:1>")[0].comments)
+        assert not any("bundled embedding" in comment for comment in
+                       txt2img(webui, "a red circle <lora:cats_bundle:1>")[0].comments)  # loaded, see the next test
         assert any("1 key no network algorithm reads: lora_unet_foo.some_extra" in comment for comment in p.comments)
     finally:
         for name in extras:
             (lora_folder / f"{name}.safetensors").unlink()
+
+
+def test_a_loras_bundled_embeddings_are_the_webuis_embeddings_while_it_is_in_the_prompt(webui, lora_folder, monkeypatch):
+    """The built-in Lora extension registers a LoRA's bundle_emb.* as textual-inversion embeddings before the prompt
+    is encoded (pivotal-tuning LoRAs need their token); ours left them out."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from modules import sd_hijack
+    from modules.textual_inversion.textual_inversion import Embedding
+
+    database = sd_hijack.model_hijack.embedding_db
+    seen = {}
+    real_activate = webui.extra_networks.activate
+
+    def activate(p, data):  # what a prompt encoded right after the activation could name
+        real_activate(p, data)
+        seen[p.prompt] = dict(database.word_embeddings)
+
+    monkeypatch.setattr(webui.extra_networks, "activate", activate)
+    tensors = load_file(lora_folder / "cats.safetensors")
+    with safe_open(str(lora_folder / "cats.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    vector = torch.randn(2, 32)
+    save_file({**tensors, "bundle_emb.zkpet.string_to_param.*": vector, "bundle_emb.zkbowl.string_to_param.*": vector[:1].clone()},
+              str(lora_folder / "pet.safetensors"), metadata)
+    folder_embedding = Embedding(torch.zeros(1, 32), "zkbowl")
+    database.register_embedding(folder_embedding, None)  # the user's own embeddings folder has a zkbowl
+    try:
+        p, _ = txt2img(webui, "zkpet on a rug <lora:pet:1>")
+        registered = seen[p.prompt]
+        assert torch.equal(registered["zkpet"].vec, vector) and registered["zkpet"].vectors == 2
+        assert registered["zkbowl"] is folder_embedding  # the folder's stays, and that is said
+        assert any("bundled embedding zkbowl is not used: an embedding of that name is loaded from the embeddings "
+                   "folder" in comment for comment in p.comments)
+        p, _ = txt2img(webui, "zkpet on a rug")
+        assert "zkpet" not in seen[p.prompt] and seen[p.prompt]["zkbowl"] is folder_embedding  # taken back, ours only
+        database.expected_shape = 1024  # an SD2 model: a 32-wide embedding is skipped, as the WebUI skips it
+        p, _ = txt2img(webui, "zkpet on a rug <lora:pet:1>")
+        assert "zkpet" not in seen[p.prompt] and "zkpet" in database.skipped_embeddings
+    finally:
+        database.expected_shape = -1
+        database.register_embedding_by_name(None, None, "zkbowl")
+        (lora_folder / "pet.safetensors").unlink()
 
 
 def test_new_checkpoint_weights_are_not_overwritten_by_a_stale_restore(webui):
