@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
 
     try:
         options, actions = parse_args(argv, prog)
+        entry = "sdxl_train_network.py" if "sdxl" in prog else "train_network.py"
         if actions.print_kohya_command:  # the script for the checkpoint's version, as the backend would run
             from .training.sd_scripts_backend import for_sd_scripts
 
-            script, told = for_sd_scripts(options)
-            script = "sdxl_train_network.py" if "sdxl" in prog else script
+            script, told = for_sd_scripts(options, unreadable=entry)
             print(kohya_command(told, script))
             for note in sd_scripts_notes(told, script):
                 print(f"note: {note}", file=sys.stderr)
@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
             return 0
         from .training.distributed import world_from_env
         from .training.trainer import train
+
+        if entry == "sdxl_train_network.py" and not options.backend:
+            from .training.sd_scripts_backend import for_sd_scripts
+
+            if for_sd_scripts(options, unreadable=entry)[0] != entry:  # as train_network does: said, not refused
+                actions.notes.append(f"{prog} was given a checkpoint that is not SDXL: it trains for the checkpoint's "
+                                     "own version (read from the file), where sd-scripts' sdxl_train_network.py would "
+                                     "stop; train_network is the command for it")
 
         name = options.output_name or "last"
         to_stdout = options.events_file == "-"  # JSON lines for a program reading this process

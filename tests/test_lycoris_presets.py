@@ -76,6 +76,12 @@ def test_sdxl_full_preset_is_sd_scripts_conv_lora_layout_since_its_unet_has_no_n
 def test_presets_are_refused_outside_lycoris_and_unknown_ones_are_named():
     with pytest.raises(UserError, match="preset=…: LyCORIS options, which networks.lora would ignore"):
         spec_from_kohya("networks.lora", 4, 1, ["preset=attn-mlp"])
+    # sd-scripts' networks.lora and networks.dylora never read dropout=: it trained with dropout here, silently
+    for module in ("networks.lora", "networks.dylora"):
+        with pytest.raises(UserError, match=r"dropout=…: LyCORIS options, which networks\.\w+ would ignore \(its dropout is "
+                                            r"--network_dropout 0\.1\)"):
+            spec_from_kohya(module, 4, 1, ["dropout=0.1"])
+    assert spec_from_kohya("lycoris.kohya", 4, 1, ["algo=locon", "dropout=0.1"]).dropout == 0.1
     with pytest.raises(UserError, match="preset=ia3: .* choose no layer of an SD model"):
         spec_from_kohya("lycoris.kohya", 4, 1, ["preset=ia3"])
     with pytest.raises(UserError, match="preset=atn-mlp: not a LyCORIS preset .full, full-lin, attn-mlp"):

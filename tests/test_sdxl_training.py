@@ -61,6 +61,17 @@ def test_the_kohya_command_of_an_sdxl_checkpoint_names_sdxl_train_network(tiny_s
     assert capsys.readouterr().out.startswith("accelerate launch sdxl_train_network.py --pretrained_model_name_or_path")
     assert train(TINY_MODEL_PATH, dataset, tmp_path, "--print-kohya-command") == 0
     assert capsys.readouterr().out.startswith("accelerate launch train_network.py")
+    # run as sdxl_train_network: still the checkpoint's script (sd-scripts' sdxl_train_network.py cannot load SD1)
+    sdxl_entry = "python -m lora_trainer.sdxl_train_network"
+    arguments = ["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
+                 "--output_dir", str(tmp_path), "--resolution", "64", "--max_train_steps", "1", "--caption_extension", ".txt"]
+    assert train_main([*arguments, "--print-kohya-command"], prog=sdxl_entry) == 0
+    assert capsys.readouterr().out.startswith("accelerate launch train_network.py")
+    assert train_main([*arguments, "--print-kohya-command", "--pretrained_model_name_or_path", str(tmp_path / "gone.safetensors")],
+                      prog=sdxl_entry) == 0  # unreadable: the command's own script
+    assert capsys.readouterr().out.startswith("accelerate launch sdxl_train_network.py")
+    assert train_main(arguments, prog=sdxl_entry) == 0  # trains SD1, and says so
+    assert "was given a checkpoint that is not SDXL: it trains for the checkpoint's own version" in capsys.readouterr().err
 
 
 def test_sdxl_run_writes_both_text_encoders_and_sdxl_metadata(tiny_sdxl, dataset, tmp_path):

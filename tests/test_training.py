@@ -689,6 +689,25 @@ def test_save_n_epoch_ratio_spaces_the_epoch_files_over_the_run_as_sd_scripts_do
     assert saved_epochs(2, 3) == [1]
 
 
+def test_a_run_without_an_output_name_names_files_and_states_as_sd_scripts(tmp_path):
+    """sd-scripts' DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME and DEFAULT_LAST_OUTPUT_NAME: the states were last-000001-state
+    and last-step…-state, which scripts looking for epoch-000001-state (sd-scripts' name) missed."""
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.outputs import OutputPlan
+
+    plan = OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
+                                    "output_dir": str(tmp_path)}))
+    assert [plan.epoch_path(1).name, plan.step_path(1).name, plan.final_path().name] == [
+        "epoch-000001.safetensors", "at-step00000001.safetensors", "last.safetensors"]
+    assert [plan.state_path(1, None).name, plan.state_path(None, 1).name, plan.state_path(None, None).name] == [
+        "epoch-000001-state", "at-step00000001-state", "last-state"]
+    for leftover in ("epoch-000001-state.tmp", "at-step00000001-state.tmp"):  # and a killed save's staging goes
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"0" * 10)
+    assert "removed what a run named 'last' left" in plan.remove_leftovers(now=time.time() + 3600)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_run_whose_paths_windows_cannot_hold_is_refused_before_loading(dataset, tmp_path, capsys, monkeypatch):
     """Where long paths are off, Windows refuses paths over 259 characters: a deep WebUI folder and a long name would
     train for hours and then fail at the first save. The check counts what a run may write, exactly."""
@@ -1041,6 +1060,19 @@ def test_a_run_continued_from_its_epoch_file_counts_and_names_on_from_the_initia
         assert [e["step"] for e in events if e["event"] == "step" and "phase" not in e] == expected
 
 
+def test_network_weights_with_another_alpha_keep_the_files_alpha_and_say_so(baseline, dataset, tmp_path, capsys):
+    """The files said ss_network_alpha 2 while their tensors held the loaded file's alpha 4 (which trained), silently."""
+    first = baseline / "star-000001.safetensors"  # trained with alpha 4
+    assert run(dataset, tmp_path / "out", "--network_weights", str(first), "--network_alpha", "2", "--max_train_steps", "1",
+               "--max_train_epochs", "0") == 0
+    assert "holds alpha 4 and --network_alpha is 2: the file's alpha is kept" in capsys.readouterr().err
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        alphas = {float(handle.get_tensor(key)) for key in handle.keys() if key.endswith(".alpha")}
+        assert alphas == {4.0} and handle.metadata()["ss_network_alpha"] == "4.0"
+    assert run(dataset, tmp_path / "same", "--network_weights", str(first), "--max_train_steps", "1", "--max_train_epochs", "0") == 0
+    assert "holds alpha" not in capsys.readouterr().err  # --network_alpha 4 as in the file: nothing to say
+
+
 def test_a_run_resumes_from_sd_scripts_own_state_folder_with_its_network_and_step_count(dataset, tmp_path, capsys):
     """A Kohya GUI run's --save_state folder (accelerate's: model.safetensors, train_state.json) goes on here as
     sd-scripts would go on: its weights, the epoch of its step, the learning-rate schedule at that step."""
@@ -1139,7 +1171,7 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     config.write_text('lr_scheduler_args = []\nhuggingface_repo_id = ""\nwandb_api_key = ""\ndeepspeed = false\n'
                       'vae = ""\nnetwork_weights = ""\nsample_prompts = ""\nresume = ""\nlogging_dir = ""\n'
                       'epoch = 15\nnoise_offset_type = "Original"\ndynamo_backend = "no"\nlr_restart_cycles = 1\n'
-                      'text_encoder_lr = 1e-5\n'  # one number, as older sd-scripts took it
+                      'text_encoder_lr = 1e-5\nbatch_size = 1\n'  # one number, as older sd-scripts took it
                       # lora-scripts' own template (config/lora.toml) carries its contrastive-loss settings, off
                       'enable_contrastive = false\nnegative_sampling_method = "Random-Noise"\nnoise_strength = 1.0\n'
                       'contrastive_weight = 0.05\ncontrastive_warmup_steps = 100\n', encoding="utf-8")
@@ -1150,6 +1182,13 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     said = " ".join(e["message"] for e in events if e["event"] == "warning")
     assert "kohya_gui.toml: epoch is not read, by sd-scripts either" in said and "noise_offset_type is not read" in said
     assert "noise_strength is not read" in said and "contrastive_weight is not read" in said
+    assert "batch_size is not read, by sd-scripts either (lora-scripts' config_file.toml has it; sd-scripts reads " \
+           "train_batch_size" in said  # was refused as "did you mean vae_batch_size?"
+    capsys.readouterr()
+    assert run(dataset, tmp_path, "--mixed_precision", "fp32") == 2  # a wrong value: one sentence, not the usage
+    error = capsys.readouterr().err
+    assert error.strip() == ("error: command line: argument --mixed_precision: invalid choice: 'fp32' (choose from "
+                             "'no', 'fp16', 'bf16'); `--help` lists the options and their values")
     config.write_text("learning_rat = 1e-4\n", encoding="utf-8")  # a typo still stops the run
     assert run(dataset, tmp_path / "typo", "--config_file", str(config)) == 2
     assert "unknown option(s) learning_rat (did you mean learning_rate?)" in capsys.readouterr().err

@@ -133,7 +133,7 @@ _UNLOADABLE_LYCORIS = {"tlora": " (T-LoRA, LyCORIS 4.1.3) is not trained here: i
 # LyCORIS options refused when on (off, they change nothing here)
 _NOT_HERE = {"train_t5xxl": "an SD model has no T5 encoder", "train_llm_adapter": "an SD model has no LLM adapter"}
 # sd-scripts' networks.lora / networks.dylora would ignore these without a word
-_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", *_NOT_HERE, *_BOOL_ARGS,
+_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", "dropout", *_NOT_HERE, *_BOOL_ARGS,
                  *_TUCKER_ARGS, *_SAME_RESULT_ARGS}
 _KNOWN = ({"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS, *_SAME_RESULT_ARGS, *_NOT_HERE}
           | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS)
@@ -185,8 +185,9 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
     args = dict(network_args) if isinstance(network_args, dict) else parse_network_args(network_args)
     lycoris_only = sorted(_LYCORIS_ONLY & args.keys())
     if lycoris_only and network_module != "lycoris.kohya":
+        dropout = f" (its dropout is --network_dropout {args['dropout']})" if "dropout" in lycoris_only else ""
         raise UserError(f"network_args {', '.join(f'{k}=…' for k in lycoris_only)}: LyCORIS options, which "
-                        f"{network_module} would ignore; use --network_module lycoris.kohya with them")
+                        f"{network_module} would ignore{dropout}; use --network_module lycoris.kohya with them")
     for arg, why in _NOT_HERE.items():
         if arg in args and _truthy(args[arg]):
             raise UserError(f"network_args {arg}={args[arg]}: {why}")

@@ -244,7 +244,7 @@ def optimizer_label(optimizer: torch.optim.Optimizer, optimizer_args: list[str] 
     if kwargs is None:
         kwargs = parse_optimizer_args(optimizer_args)
     shown = torch.optim.AdamW if isinstance(optimizer, FlatAdamW) else type(optimizer)  # the same algorithm
-    name = f"{shown.__module__}.{shown.__name__}"
+    name = getattr(shown, "sd_scripts_name", f"{shown.__module__}.{shown.__name__}")
     arguments = ",".join(f"{key}={value}" for key, value in kwargs.items())
     return name + (f"({arguments})" if arguments else "")
 
@@ -254,6 +254,8 @@ class Lion(torch.optim.Optimizer):
 
     c = β1·m + (1 − β1)·g;  θ ← θ − lr·(sign(c) + λ·θ);  m ← β2·m + (1 − β2)·g
     """
+
+    sd_scripts_name = "lion_pytorch.lion_pytorch.Lion"  # the class sd-scripts trains with, as its ss_optimizer names it
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
         if lr <= 0.0:
@@ -296,6 +298,8 @@ class Adafactor(torch.optim.Optimizer):
     ``scale_parameter``: the step is multiplied by ``max(eps[1], RMS(θ))``. Matrices keep factored row/column
     second moments; the update is clipped to RMS ``clip_threshold``; ``beta1`` adds momentum.
     """
+
+    sd_scripts_name = "transformers.optimization.Adafactor"  # the class sd-scripts trains with, as its ss_optimizer names it
 
     def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0, scale_parameter: bool = True,

@@ -276,9 +276,17 @@ def _steps_or_fraction_argument(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
 
+class _OneSentenceParser(argparse.ArgumentParser):
+    """A wrong value (``--mixed_precision fp32``) is one sentence naming the option, as every other mistake is;
+    argparse's own answer is its whole usage, some 170 lines, and exit 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; `--help` lists the options and their values")
+
+
 def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a LoRA with sd-scripts' options (Kohya-compatible).",
-                                     argument_default=argparse.SUPPRESS)
+    parser = _OneSentenceParser(prog=prog, description="Train a LoRA with sd-scripts' options (Kohya-compatible).",
+                                argument_default=argparse.SUPPRESS)
     for f in FIELDS.values():
         meta = f.metadata
         if f.type == "bool":
@@ -309,6 +317,8 @@ FRONT_END_KEYS = {
     "huggingface_path_in_repo": "used only with huggingface_repo_id",
     "wandb_run_name": "used only with --log_with wandb; the Kohya GUI writes it into every file it hands sd-scripts",
     "lr_restart_cycles": "lora-scripts' name; sd-scripts reads lr_scheduler_num_cycles",
+    "batch_size": "lora-scripts' config_file.toml has it; sd-scripts reads train_batch_size, and batch_size only in "
+                  "a dataset TOML",
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     "lora-scripts' template: settings of its enable_contrastive, which is off"),
 }
@@ -420,7 +430,10 @@ def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None, source: str
     """The options ``argv`` gives. A foreign switch given bare (--deepspeed) asks for something, where an empty list
     in a TOML file does not: it reads as True, to be refused by name. Unknown options are named, with the closest
     known one (argparse would print its whole usage)."""
-    given, unknown = parser.parse_known_args(argv)
+    try:
+        given, unknown = parser.parse_known_args(argv)
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
     if unknown:
         flags = [word.split("=", 1)[0] for word in unknown if word.startswith("-")]
         if not flags:

@@ -91,12 +91,13 @@ class OutputPlan:
         return self.folder / f"{self.name or 'last'}{self.suffix}"
 
     def state_path(self, epoch: int | None, step: int | None) -> Path:
-        name = self.name or "last"
+        """Named as the file saved with it (sd-scripts' ``at-step…-state``, ``epoch-…-state``, ``last-state`` when the
+        run has no output name)."""
         if step is not None:
-            return self.state_folder / f"{name}-step{step:08d}-state"
+            return self.state_folder / f"{self.step_path(step).stem}-state"
         if epoch is not None:
-            return self.state_folder / f"{name}-{epoch:06d}-state"
-        return self.state_folder / f"{name}-state"
+            return self.state_folder / f"{self.epoch_path(epoch).stem}-state"
+        return self.state_folder / f"{self.final_path().stem}-state"
 
     def save_at_epoch(self, epoch: int) -> bool:
         return bool(self.every_epochs) and epoch % self.every_epochs == 0 and epoch < self.num_epochs
@@ -133,12 +134,11 @@ class OutputPlan:
         hidden temporaries of its files, staging folders of its states (``<state>.tmp``), and an ``<state>.old`` that
         was not removed once its replacement was in place. Returns a note saying what went, or None."""
         now = time.time() if now is None else now
-        files = rf"({re.escape(self.final_path().stem)}|{re.escape(self.epoch_path(0).stem[:-6])}\d{{6}}|" \
-                rf"{re.escape(self.step_path(0).stem[:-8])}\d{{8}})\.(safetensors|ckpt|pt)"
-        gone = stale_temporaries(self.folder, re.compile(files), now)
+        stems = rf"{re.escape(self.final_path().stem)}|{re.escape(self.epoch_path(0).stem[:-6])}\d{{6}}|" \
+                rf"{re.escape(self.step_path(0).stem[:-8])}\d{{8}}"  # of the files, and of the states named after them
+        gone = stale_temporaries(self.folder, re.compile(rf"({stems})\.(safetensors|ckpt|pt)"), now)
         freed = remove_files(gone)
-        name = re.escape(self.name or "last")
-        states = re.compile(rf"({name}|{name}-\d{{6}}|{name}-step\d{{8}})-state\.(tmp|old)")
+        states = re.compile(rf"({stems})-state\.(tmp|old)")
         for folder in _entries(self.state_folder):
             match = states.fullmatch(folder.name)
             if not match or not folder.is_dir() or match[2] == "old" and not folder.with_suffix("").is_dir():

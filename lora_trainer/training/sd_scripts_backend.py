@@ -59,11 +59,11 @@ def python_of(checkout: Path) -> str:
     return sys.executable
 
 
-def for_sd_scripts(options: TrainOptions) -> tuple[str, TrainOptions]:
-    """The script for the checkpoint's version, and the options with what sd-scripts must be told and this trainer
-    detects: ``--v2`` for an SD2 file, ``--v_parameterization`` where the file declares v-prediction (a wrong or
-    missing flag fails sd-scripts' strict load, or trains the wrong target), and what it requires and this trainer
-    defaults (``with_sd_scripts_requirements``)."""
+def for_sd_scripts(options: TrainOptions, unreadable: str = "train_network.py") -> tuple[str, TrainOptions]:
+    """The script for the checkpoint's version (``unreadable`` where the file cannot be read), and the options with
+    what sd-scripts must be told and this trainer detects: ``--v2`` for an SD2 file, ``--v_parameterization`` where
+    the file declares v-prediction (a wrong or missing flag fails sd-scripts' strict load, or trains the wrong
+    target), and what it requires and this trainer defaults (``with_sd_scripts_requirements``)."""
     from ..models.checkpoint import declared_prediction_type, detect_architecture, open_tensors
 
     options = with_sd_scripts_requirements(options)
@@ -72,7 +72,7 @@ def for_sd_scripts(options: TrainOptions) -> tuple[str, TrainOptions]:
         source = open_tensors(path)
         config, _ = detect_architecture(source)
     except Exception:  # sd-scripts gives its own message for a file it cannot read
-        return "train_network.py", options
+        return unreadable, options
     told = {}
     if config.name.startswith("sd2") and not options.v2:
         told["v2"] = True

@@ -1108,6 +1108,7 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     trained = {part(key) for key in own}
     skipped = sorted({part(key) for key in state} - trained)
     state = {key: tensor for key, tensor in state.items() if part(key) in trained}
+    asked = _alphas(network)
     missing, unexpected = network.load_state_dict(state, strict=False)
     notes = [f"--network_weights {path}: its {', '.join(TRAINED_PART_NAMES.get(p, p) for p in skipped)} modules "
              "are left out, since this run does not train that part (they are not in the files it saves)"] if skipped else []
@@ -1115,6 +1116,15 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
         raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
                         f"{_other_network_advice(file, network.spec.algorithm)}add --dim_from_weights to take the "
                         "network's kind and shape from the file")
+    changed = [(asked[name], alpha) for name, alpha in _alphas(network).items() if name in asked and alpha != asked[name]]
+    if changed:  # α/rank scales the loaded weights: the file's alpha keeps them at the strength they were trained to
+        before, after = max(set(changed), key=changed.count)
+        alpha = network.spec.alpha * after / before  # the option's value (rsLoRA stores α·√r)
+        notes.append(f"--network_weights {path} holds alpha {alpha:g} and --network_alpha is {network.spec.alpha:g}: "
+                     f"the file's alpha is kept (the weights are scaled by alpha / rank, so they go on at the strength "
+                     f"they were trained to) and the files this run saves say {alpha:g}. sd-scripts trains at "
+                     f"--network_alpha's scale but saves the file's alpha; give --network_alpha {alpha:g} to silence this")
+        network.spec = dataclasses.replace(network.spec, alpha=alpha)
     return notes
 
 
