@@ -203,6 +203,10 @@ def test_dyn_uses_the_first_ranks_at_the_full_ranks_scale_as_the_webui_does():
     assert at_rank(network, 8) is not network and at_rank(network, None) is network
     assert torch.equal(at_rank(network, 8).modules["lora_unet_x"]["lora_down.weight"], down)
     assert parse_lora_call(["dylora", "1", "1", "2"]).dyn == 2
+    # dyn=0 keeps no rank: the built-in's slice up[:, :0] applies nothing (here it applied the whole network)
+    assert not parse_lora_call(["dylora", "1", "dyn=0"]).has_effect and parse_lora_call(["dylora", "1"]).has_effect
+    with pytest.raises(UserError, match="dyn -1 is below 0"):
+        parse_lora_call(["dylora", "1", "dyn=-1"])
 
 
 def test_library_keeps_a_read_network_until_its_file_changes_and_only_the_most_recent_files(tmp_path):

@@ -47,6 +47,12 @@ class LoraCall:
     def unet_multiplier(self) -> float:
         return self.te if self.unet is None else self.unet
 
+    @property
+    def has_effect(self) -> bool:
+        """False at weight 0 for both parts, or ``dyn=0``, which keeps none of the ranks (the built-in slices them
+        away): the LoRA is loaded and named in the infotext, its weights are left as they are."""
+        return self.dyn != 0 and not (self.te == 0 and self.unet_multiplier == 0)
+
 
 def _tag(items: list) -> str:
     return "<lora:" + ":".join(str(i) for i in items) + ">"
@@ -93,6 +99,8 @@ def parse_lora_call(items: list) -> LoraCall:
     unet = _number(items, "unet weight", named["unet"]) if "unet" in named else unet
     dyn = _number(items, "dyn", positional[3], int) if len(positional) > 3 else None
     dyn = _number(items, "dyn", named["dyn"], int) if "dyn" in named else dyn
+    if dyn is not None and dyn < 0:
+        raise UserError(f"{_tag(items)}: dyn {dyn} is below 0; give the number of ranks to use (dyn=8), or leave it out")
     blocks = parse_block_vector(named["lbw"], _tag(items)) if "lbw" in named else None
     return LoraCall(str(positional[0]).strip(), te, unet, dyn, blocks)
 
@@ -364,7 +372,7 @@ def merge_prompt_loras(prompt: str, library: LoraLibrary, merged, config) -> tup
                                              f"{report.message()}"))
             continue
         used.append((call.name, path))
-        if call.te == 0 and call.unet_multiplier == 0:
+        if not call.has_effect:
             continue  # unmerged rather than merged at 0: the base weights come back bit for bit
         wanted.append((network, strength_of(call, config.unet)))
     merged.set_networks(wanted)

@@ -50,7 +50,7 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
         merged = self._merged_for(shared.sd_model)
         if merged is None:
             return
-        wanted, hashes = [], {}
+        wanted, loaded, hashes = [], [], {}
         for call in calls:
             found = self._network_for(call)
             if found is None:
@@ -62,10 +62,12 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
                 continue
             if note := report.ignored_note(embeddings_loaded=True):
                 self._warn(f"<lora:{call.name}>: {note}")
-            wanted.append((network, strength))
+            loaded.append(network)
+            if call.has_effect:
+                wanted.append((network, strength))
             hashes[call.name.translate(_REMOVE_SYMBOLS)] = self.library.short_hash(network.path)
         merged.set_networks(wanted)
-        self._register_bundled_embeddings([network for network, _ in wanted])
+        self._register_bundled_embeddings(loaded)
         if not getattr(shared.opts, "lora_add_hashes_to_infotext", True):  # the built-in Lora extension's setting
             return
         if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):  # hires fix: both passes' LoRAs

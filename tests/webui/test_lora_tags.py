@@ -87,6 +87,12 @@ def test_the_builtin_lora_settings_are_obeyed_while_we_own_the_tags(webui):
     assert np.array_equal(pixels(without_hashes), pixels(cats)) and "Lora hashes" not in p.extra_generation_params
 
 
+def test_dyn_0_keeps_no_rank_as_the_built_in_slices_them_away(webui):
+    _, plain = txt2img(webui, "a red circle")
+    p, none_kept = txt2img(webui, "a red circle <lora:cats:1:1:0>")
+    assert np.array_equal(pixels(none_kept), pixels(plain)) and "cats: " in p.extra_generation_params["Lora hashes"]
+
+
 def test_a_lora_with_a_bundled_embedding_or_a_stray_key_applies_the_rest_and_says_what_it_left_out(webui, lora_folder):
     """The WebUI's Lora extension applies what it can read and leaves the rest (bundle_emb: its embeddings)."""
     from safetensors import safe_open
