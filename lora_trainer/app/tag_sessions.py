@@ -253,6 +253,7 @@ def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> d
         editor, tag_filter = session.editor, session.tag_filter
     filtered = tag_editor.select(editor, tag_filter)
     pages = max(1, math.ceil(len(filtered) / page_size))
+    page = min(page, pages)  # past the end (a filter or an edit shortened the list): the last page, said by "page"
     shown = filtered[(page - 1) * page_size: page * page_size]
     unsaved = set(tag_editor.unsaved_images(editor))
     return {

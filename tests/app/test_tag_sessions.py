@@ -24,6 +24,8 @@ def test_page_lists_filtered_images_with_frequencies_and_paging(folder):
     assert ["zkchar", 6] in first["tag_frequency"] and ["red", 3] in first["filtered_tag_frequency"]
     assert ["blue", 3] not in first["filtered_tag_frequency"]
     assert [image["name"] for image in tag_sessions.page_of(session, 2, 2)["images"]] == ["img_004.png"]
+    past = tag_sessions.page_of(session, 9, 2)  # past the end (a filter shortened the list): the last page, said
+    assert past["page"] == 2 and [image["name"] for image in past["images"]] == ["img_004.png"]
 
 
 def test_filter_keys_none_regex_untagged(make_dataset):
