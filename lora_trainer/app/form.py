@@ -109,7 +109,7 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
         dim = int(options.get("network_dim") or 4)  # the rank must be a multiple of the unit (sd-scripts asserts it)
         network_args.append(f"unit={next(unit for unit in (4, 3, 2, 1) if dim % unit == 0)}")
     extra = parse_extra_options(form.get("extra", ""))
-    # Advanced's network_args refine the algorithm's (conv_dim=8, dropout=0.1, …); with its own network_module,
+    # Advanced's network_args refine the algorithm's (conv_dim=8, rank_dropout=0.1, …); with its own network_module,
     # Advanced names the whole network
     more = _listed(extra.pop("network_args", None))
     network_args = more if extra.get("network_module") else merged_network_args(network_args, more)
@@ -150,9 +150,9 @@ def algorithm_of(module: str | None, args: list[str] | None, dim: Any = None, al
     given = _listed(args)
     normal = {_normal_arg(arg) for arg in given}
     for name, (own_module, own_args) in reversed(ALGORITHMS.items()):  # DoRA (algo=lora + dora_wd) before LoRA
-        if own_module != module or not {_normal_arg(arg) for arg in own_args} <= normal:
-            continue
         own = {_normal_arg(arg) for arg in own_args}
+        if own_module != module or not own <= normal:
+            continue
         rest = [arg for arg in given if _normal_arg(arg) not in own]
         keys = {_arg_key(arg) for arg in rest}
         if name in CONV_ALGORITHMS and "conv_dim" not in keys:
