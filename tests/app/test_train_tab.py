@@ -404,3 +404,18 @@ def test_a_kohya_gui_file_s_off_values_stay_off_on_import(tmp_path):
     assert "seed" not in advanced  # "" is unset in the GUI too: the preset's seed may apply
     for option in ("min_snr_gamma", "shuffle_caption", "save_state", "keep_tokens", "lr_warmup_steps"):
         assert f"{option} =" not in values[-1].split("preset adds", 1)[-1] or "preset adds" not in values[-1]
+
+
+def test_the_import_fills_the_components_its_values_are_for(services):
+    """import_into_form answers by position: the upload's outputs must be those components in IMPORTED_FIELDS' order
+    (the Algorithm and Sample prompt fields were added to both)."""
+    blocks = train_tab.build(services)
+    config = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
+    elem_ids = {component["id"]: component.get("props", {}).get("elem_id") for component in config["components"]}
+    upload = next(dep for dep in config["dependencies"]
+                  if any(elem_ids.get(target[0] if isinstance(target, (list, tuple)) else target) == "lora_trainer_import"
+                         for target in dep.get("targets", [])))
+    short = {"network_dim": "dim", "network_alpha": "alpha", "text_encoder_lr": "te_lr",
+             "save_every_n_epochs": "save_every", "sample_every_n_epochs": "sample_every"}
+    assert [elem_ids[output] for output in upload["outputs"]] == [
+        f"lora_trainer_{short.get(field, field)}" for field in train_tab.IMPORTED_FIELDS]
