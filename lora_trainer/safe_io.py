@@ -49,7 +49,9 @@ def temporary_beside(target: Path, tag: str = "12345678") -> Path:
     """The hidden name a file is written under before it is renamed onto ``target`` (``tag``: 8 random hex digits).
     ``target``'s name is cut to keep it within the 255 bytes a file name may have: a name the user could give the file
     itself (80 CJK characters are 240 bytes) must not fail for the temporary's few extra characters."""
-    shortened = target.name.encode("utf-8")[:255 - len(f"..{tag}.tmp")].decode("utf-8", "ignore")
+    shortened, limit = target.name, 255 - len(f"..{tag}.tmp")
+    while len(shortened.encode("utf-8", "surrogateescape")) > limit:  # whole characters; a name that is not UTF-8
+        shortened = shortened[:-1]  # (GBK bytes unpacked on Linux) counts its own bytes
     return target.with_name(f".{shortened}.{tag}.tmp")
 
 

@@ -122,6 +122,18 @@ def test_a_file_name_near_the_length_limit_still_saves(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def test_a_file_name_that_is_not_utf8_saves_beside_itself(tmp_path):
+    """GBK bytes unpacked on Linux: the temporary's name was cut as UTF-8, which cannot encode them, so a caption
+    save, a prep or a cached latent beside such a picture failed with a traceback."""
+    target = tmp_path / (os.fsdecode("星".encode("gbk")) * 100 + ".txt")  # 200 bytes: cut to fit, whole characters
+    try:
+        safe_io.write_text(target, "zkstar, gbk")
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    assert target.read_text(encoding="utf-8") == "zkstar, gbk" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert len(os.fsencode(safe_io.temporary_beside(target).name)) <= 255
+
+
 def test_windows_counts_a_path_in_utf16_units():
     """A CJK character is one unit of Windows' 259, an emoji two: not bytes, not code points."""
     assert safe_io.windows_path_length("/模型/😀.png") == len("/模型/") + 2 + len(".png")

@@ -73,6 +73,28 @@ def baseline(dataset, tmp_path_factory) -> Path:
     return out
 
 
+def test_file_names_that_are_not_utf8_train_with_their_latents_cached_on_disk(tmp_path, capsys):
+    """A zip made on Chinese Windows, unpacked on Linux, names files in GBK bytes: Python reads them as lone
+    surrogates, which UTF-8 cannot encode. The run trained every step and then died writing its last event (or at
+    once, writing a warning that named the file, or a cached latent's temporary)."""
+    gbk = os.fsdecode("星星".encode("gbk"))  # '\udcd0\udcc7…'
+    folder = tmp_path / "data" / "2_zkstar"
+    try:
+        shutil.copytree(SAMPLE, folder)
+        for index, image in enumerate(sorted(folder.glob("*.png"))[:2]):
+            image.rename(folder / f"{gbk}{index}.png")  # the first keeps its caption's old name: none, a warning
+        (folder / f"{gbk}1.txt").write_text("zkstar, gbk", encoding="utf-8")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8 (Windows, macOS)")
+    out = tmp_path / "out"
+    assert run(folder.parent, out, "--max_train_epochs", "1", "--cache_latents_to_disk") == 0
+    events, _ = read_events(out / "star.events.jsonl")
+    assert events[-1]["event"] == "end" and (out / "star.safetensors").exists()
+    assert any(gbk in e.get("message", "") for e in events if e["event"] == "warning")  # read back as Python named it
+    assert sorted(p.name for p in folder.glob(f"{gbk}*.npz")) == [f"{gbk}0_0064x0064_sd.npz", f"{gbk}1_0064x0064_sd.npz"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
 def test_every_file_a_run_writes_gets_the_permissions_of_any_new_file(baseline, tmp_path):
     """A WebUI or ComfyUI running as another user (a service, a container) reads the LoRA files, and a state folder

@@ -41,6 +41,19 @@ def console_line(event: dict) -> str | None:
     return None
 
 
+def json_line(event: dict) -> str:
+    """One JSON line, UTF-8 writable whatever the text holds: a file name that is not UTF-8 (GBK bytes from a zip
+    unpacked on Linux) reaches Python as lone surrogates, which UTF-8 cannot encode; written as ``\\udcXX``, the JSON
+    escape of the same character, so a reader gets the name back as Python gave it."""
+    return writable(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+
+
+def writable(text: str) -> str:
+    """``text`` with lone surrogates as ``\\udcXX`` (what Python's own stderr writes for them), so any UTF-8 stream
+    takes it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class EventLog:
     """Events appended to ``path``; also written as JSON lines to ``echo`` (``--events_file -``: stdout) and, as
     ``console_line`` words them, to ``console`` (the CLI's stderr, above its progress bar)."""
@@ -62,7 +75,7 @@ class EventLog:
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         event = {"event": kind, "time": round(time.time(), 3), **fields}
-        line = json.dumps(event, ensure_ascii=False, default=str) + "\n"
+        line = json_line(event)
         if self._file is not None:
             self._file.write(line)
             self._file.flush()
@@ -75,7 +88,7 @@ class EventLog:
         if self.console is not None and (words := console_line(event)) is not None:
             from tqdm import tqdm
 
-            tqdm.write(words, file=self.console)  # the bar is cleared and drawn again below the line
+            tqdm.write(writable(words), file=self.console)  # the bar is cleared and drawn again below the line
         return event
 
     def _stop_echo(self) -> None:
