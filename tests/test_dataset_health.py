@@ -287,3 +287,17 @@ def test_a_dataset_toml_is_checked_subset_by_subset_each_dataset_at_its_batch_si
     assert report.samples_per_epoch == 17 and report.steps_per_epoch == 6 + 5
     assert "not-counted" in kinds(report, (tmp_path / "reg").as_posix()) and report.folder == str(config)
     assert report.settings.batch_size == 2 and report.settings.resolution == (64, 64)  # the first dataset's header
+
+
+def test_a_caption_that_cannot_be_read_is_a_finding_naming_it_not_a_traceback(tmp_path):
+    """No read permission (or, here, a folder with the caption's name) raised out of check, prep, the tag editor
+    and training as a raw OSError."""
+    from lora_trainer.dataset import tag_editor
+
+    make_image(tmp_path / "10_zk" / "a.png", (64, 64), 1)
+    caption(make_image(tmp_path / "10_zk" / "b.png", (64, 64), 2), "zk")
+    (tmp_path / "10_zk" / "a.txt").mkdir()
+    report = check_dataset(tmp_path, HealthSettings(resolution=(64, 64), min_bucket_reso=64))
+    assert "caption-unreadable" in kinds(report, "10_zk/a.txt") and "cannot be read" in report.to_text()
+    editor = tag_editor.open_folder(tmp_path / "10_zk")
+    assert "a.txt: cannot be read" in editor.unreadable[tmp_path / "10_zk" / "a.png"]

@@ -108,7 +108,14 @@ def _read_bytes(path: Path) -> tuple[bytes, CaptionStamp]:
             data = handle.read()
     except FileNotFoundError:
         return b"", NO_FILE
+    except OSError as error:  # no read permission, a file locked by another program, a folder named like a caption
+        raise CaptionUnreadable(f"{path}: cannot be read ({error.strerror or error}); give your account read access "
+                                "to it, or move it away") from None
     return data, _stamp(data, stat)
+
+
+class CaptionUnreadable(UserError):
+    """The caption file exists and the system would not let it be read."""
 
 
 def _normalise_line_ends(text: str) -> str:

@@ -24,7 +24,8 @@ import numpy as np
 
 from lora_trainer.dataset.buckets import (BucketSettings, bucket_list, centre_crop_box, fixed_resolution_problem,
                                          select_bucket)
-from lora_trainer.dataset.caption_files import caption_path_for, checked_caption_extension, load_caption_file, training_caption
+from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_for, checked_caption_extension,
+                                                 load_caption_file, training_caption)
 from lora_trainer.dataset.captions import tag_frequency
 from lora_trainer.dataset.images import ImageError, load_image
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, caption_candidates, images_in_unread_case, list_images,
@@ -519,7 +520,8 @@ def _effective_caption(image: Path, name: str, class_tokens: str, extension: str
     try:
         caption_file = load_caption_file(caption_path)
     except UserError as error:
-        findings.append(Finding("error", "caption-not-utf8", _sibling_name(name, caption_path), str(error)))
+        kind = "caption-unreadable" if isinstance(error, CaptionUnreadable) else "caption-not-utf8"
+        findings.append(Finding("error", kind, _sibling_name(name, caption_path), str(error)))
         return class_tokens, "class tokens" if class_tokens else "none", findings
     if not caption_file.stamp.exists:
         target = f"the folder's class tokens '{class_tokens}'" if class_tokens else "an empty caption"
