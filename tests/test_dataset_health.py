@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,24 @@ def test_a_caption_that_cannot_be_read_is_a_finding_naming_it_not_a_traceback(tm
     assert "caption-unreadable" in kinds(report, "10_zk/a.txt") and "cannot be read" in report.to_text()
     editor = tag_editor.open_folder(tmp_path / "10_zk")
     assert "a.txt: cannot be read" in editor.unreadable[tmp_path / "10_zk" / "a.png"]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="symlinks need privileges on Windows")
+def test_images_that_are_links_to_nothing_are_said_by_check_training_and_prep(tmp_path):
+    """A library on a drive that is not mounted: the links were dropped without a word (prep gave the wrong reason);
+    sd-scripts lists them and stops at the first."""
+    from lora_trainer.dataset.config import SubsetConfig
+    from lora_trainer.dataset.layouts import dreambooth_images
+    from lora_trainer.dataset.preprocess import PrepSettings, prepare_dataset
+
+    folder = tmp_path / "data" / "10_zk"
+    caption(make_image(folder / "a.png", (64, 64), 1), "zk")
+    os.symlink(tmp_path / "unmounted" / "b.png", folder / "b.png")
+    report = check_dataset(tmp_path / "data", HealthSettings(resolution=(64, 64), min_bucket_reso=64))
+    said = "b.png links to a file that is not there (a drive not mounted?): not trained here, and sd-scripts stops"
+    assert "broken-link" in kinds(report, "10_zk") and said in report.to_text()
+    assert any(said in note for note in dreambooth_images(SubsetConfig("dreambooth", image_dir=folder,
+                                                                       caption_extension=".txt")).notes)
+    prepared = prepare_dataset(tmp_path / "data", tmp_path / "out", PrepSettings(size=64))
+    assert prepared.skipped == (("10_zk/b.png", "a link to a file that is not there (a drive not mounted?)"),)
+    assert not prepared.not_read

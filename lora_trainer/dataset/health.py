@@ -28,7 +28,8 @@ from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_
                                                  load_caption_file, training_caption)
 from lora_trainer.dataset.captions import tag_frequency
 from lora_trainer.dataset.images import ImageError, load_image
-from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, caption_candidates, images_in_unread_case, list_images,
+from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
+                                         images_in_unread_case, list_images,
                                          nested_images_note, other_caption_extension, parse_repeats_folder_name,
                                          unread_case_note)
 from lora_trainer.errors import UserError
@@ -572,6 +573,8 @@ def _folder_file_findings(folder: Path, root: Path, images: list[Path], caption_
                                     f"sd-scripts does not read {child.suffix} files; convert it to PNG or JPEG."))
     if unread := images_in_unread_case(folder):
         findings.append(Finding("warning", "unread-case", _relative(folder, root), unread_case_note(unread)))
+    if links := broken_links(folder):
+        findings.append(Finding("warning", "broken-link", _relative(folder, root), broken_links_note(links)))
     if nested := nested_images_note(folder):
         findings.append(Finding("warning", "nested-images", _relative(folder, root), f"{nested}."))
     return findings

@@ -174,6 +174,20 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def broken_links(folder: Path) -> list[Path]:
+    """Images in ``folder`` that are links to files that are not there (a library on a drive not mounted):
+    ``list_images`` leaves them out, where sd-scripts lists them and stops at the first."""
+    return sorted(path for path in Path(folder).iterdir()
+                  if path.suffix in _IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_symlink()
+                  and not path.exists())
+
+
+def broken_links_note(links: list[Path]) -> str:
+    return (f"{_some(path.name for path in links)} {'link' if len(links) > 1 else 'links'} to "
+            f"{'files that are' if len(links) > 1 else 'a file that is'} not there (a drive not mounted?): not trained "
+            "here, and sd-scripts stops at them; reconnect the drive or remove the links.")
+
+
 def images_in_unread_case(folder: Path) -> list[Path]:
     """``a.Jpg``: an image sd-scripts skips, reading extensions in lower or upper case only."""
     return sorted(
@@ -278,6 +292,8 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
     unread = images_in_unread_case(folder)
     if unread:
         notes.append(f"{folder}: {unread_case_note(unread)}")
+    if links := broken_links(folder):
+        notes.append(f"{folder}: {broken_links_note(links)}")
     if nested := nested_images_note(folder):
         notes.append(f"{folder}: {nested}.")
     entries: list[ImageEntry] = []

@@ -26,7 +26,8 @@ from lora_trainer.dataset.buckets import BucketChoice, BucketSettings, centre_cr
 from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, write_captions
 from lora_trainer.dataset.focus import Box, best_offset, face_detector_available, interest_of, require_face_detector
 from lora_trainer.dataset.images import ImageError, load_image_and_alpha
-from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates, list_images, parse_repeats_folder_name
+from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, caption_candidates, list_images,
+                                         parse_repeats_folder_name)
 from lora_trainer.errors import UserError
 
 Size = tuple[int, int]
@@ -196,19 +197,23 @@ def check_folders(source: Path, out: Path, overwrite: bool) -> None:
 _PICTURE_SUFFIXES = frozenset((".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", *IMAGE_EXTENSIONS))
 
 
-def find_source_images(source: Path) -> tuple[list[Path], list[Path]]:
-    """Training images in ``source`` and its sub-folders (hidden ones skipped), sorted by folder, then name; and the
-    pictures among the other files, which training would not read either (``a.Jpg``: the case of its extension)."""
+def find_source_images(source: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Training images in ``source`` and its sub-folders (hidden ones skipped), sorted by folder, then name; the
+    pictures among the other files, which training would not read either (``a.Jpg``: the case of its extension); and
+    the images that are links to files that are not there."""
     images: list[Path] = []
     not_read: list[Path] = []
+    links: list[Path] = []
     for folder, subfolders, names in os.walk(source):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         found = list_images(Path(folder))
         images += found
-        read = {image.name for image in found}
+        missing = broken_links(Path(folder))
+        links += missing
+        read = {path.name for path in [*found, *missing]}
         not_read += sorted(Path(folder) / name for name in names if not name.startswith(".") and name not in read
                            and os.path.splitext(name)[1].lower() in _PICTURE_SUFFIXES)
-    return images, not_read
+    return images, not_read, links
 
 
 def read_source_captions(images: list[Path], caption_extension: str) -> dict[Path, str | None]:
@@ -292,7 +297,7 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
     check_folders(source, out, settings.overwrite)
     if settings.face_emphasis_repeats:
         require_face_detector()
-    images, not_read = find_source_images(source)
+    images, not_read, links = find_source_images(source)
     if not images:
         raise UserError(f"{source} has no images ({' '.join(IMAGE_EXTENSIONS)}); nothing was written.")
     items = plan_outputs(source, out, images, read_source_captions(images, settings.caption_extension), settings)
@@ -300,7 +305,9 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
 
     captions: dict[Path, str] = {}
     written = flipped = faces = 0
-    enlarged, without_face, skipped, flattened, face_folders = [], [], [], [], set()
+    enlarged, without_face, flattened, face_folders = [], [], [], set()
+    skipped = [(link.relative_to(source).as_posix(), "a link to a file that is not there (a drive not mounted?)")
+               for link in links]
     for index, item in enumerate(items):
         name = item.source.relative_to(source).as_posix()
         try:
