@@ -259,3 +259,30 @@ def test_opencv_finds_a_drawn_face_and_the_focal_crop_keeps_it_whole(tmp_path):
     prepare_dataset(tmp_path / "src", tmp_path / "out", PrepSettings(size=256, crop="focal"))
     cropped = Image.open(tmp_path / "out" / "portrait.png")
     assert cropped.size == (256, 256) and len(focus.detect_faces(np.asarray(cropped.convert("RGB")))) == 1
+
+
+def test_one_image_no_bucket_fits_is_skipped_and_the_rest_prepared_with_their_captions(tmp_path):
+    """A 1×4000 sliver with --buckets --no-upscale stopped prep part-way: two pictures written, no caption at all
+    (captions come last), the error naming no file, and a rerun needing --overwrite."""
+    for name, size in (("a", (192, 256)), ("b_sliver", (1, 4000)), ("c", (256, 192))):
+        make_image(tmp_path / "src" / f"{name}.png", size, 1, caption=f"zk, {name}")
+    result = prepare_dataset(tmp_path / "src", tmp_path / "out", PrepSettings(size=128, buckets=True, no_upscale=True))
+    assert result.images == 2 and result.captions == 2 and [name for name, _ in result.skipped] == ["b_sliver.png"]
+    assert "less than one bucket step" in result.summary()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a.txt", "c.png", "c.txt"]
+
+
+def test_a_64_px_bucketed_prep_runs_as_sd_scripts_would_train_it(tmp_path):
+    """Half the size (32) was below the bucket step: refused, naming min_bucket_reso, which prep has no option for."""
+    make_image(tmp_path / "src" / "a.png", (96, 128), 1)
+    assert prepare_dataset(tmp_path / "src", tmp_path / "out", PrepSettings(size=64, buckets=True)).images == 1
+
+
+def test_captions_under_the_other_usual_extension_are_pointed_to(tmp_path):
+    """sd-scripts' own default is .caption; prep (.txt, as the taggers write) wrote the images and no caption, silently."""
+    make_image(tmp_path / "src" / "a.png", (96, 128), 1, caption=None)
+    (tmp_path / "src" / "a.caption").write_text("zk, a", encoding="utf-8")
+    result = prepare_dataset(tmp_path / "src", tmp_path / "out", PrepSettings(size=64))
+    assert result.captions == 0 and "give --caption-extension .caption to copy those" in result.summary()
+    again = prepare_dataset(tmp_path / "src", tmp_path / "again", PrepSettings(size=64, caption_extension=".caption"))
+    assert again.captions == 1 and "No caption was carried along" not in again.summary()

@@ -27,7 +27,7 @@ from lora_trainer.dataset.caption_files import caption_path_for, load_caption_fi
 from lora_trainer.dataset.focus import Box, best_offset, face_detector_available, interest_of, require_face_detector
 from lora_trainer.dataset.images import ImageError, load_image_and_alpha
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, caption_candidates, list_images,
-                                         parse_repeats_folder_name)
+                                         other_caption_extension, parse_repeats_folder_name)
 from lora_trainer.errors import UserError
 
 Size = tuple[int, int]
@@ -72,8 +72,11 @@ class PrepSettings:
             object.__setattr__(self, "caption_extension", "." + self.caption_extension)
 
     def bucket_settings(self) -> BucketSettings:
-        """sd-scripts' bucket options for a ``size`` resolution: its defaults for 512 (256–1024), scaled for others."""
-        return BucketSettings((self.size, self.size), True, self.size // 2, self.size * 2, self.bucket_reso_steps, self.no_upscale)
+        """sd-scripts' bucket options for a ``size`` resolution: its defaults for 512 (256–1024), scaled for others,
+        the smallest never below one bucket step (sd-scripts' minimum: a 64 px run would else be refused, naming a
+        min_bucket_reso that prep has no option for)."""
+        return BucketSettings((self.size, self.size), True, max(self.size // 2, self.bucket_reso_steps), self.size * 2,
+                              self.bucket_reso_steps, self.no_upscale)
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,7 @@ class PrepResult:
     face_folders: tuple[str, ...] = field(default=())
     flattened: tuple[str, ...] = ()  # transparent pictures written where the format holds no transparency
     not_read: tuple[str, ...] = ()  # pictures in a format (or an extension's case) training does not read
+    captions_elsewhere: str = ""  # the other usual caption extension, where the chosen one found none and it does
 
     def summary(self) -> str:
         lines = [f"Wrote {self.images} images, {self.flipped} flipped copies, {self.face_crops} face close-ups and "
@@ -262,6 +266,9 @@ class PrepResult:
                          f"upper case): {', '.join(self.not_read)}")
         for name, reason in self.skipped:
             lines.append(f"Skipped {name}: {reason}")
+        if self.captions_elsewhere:
+            lines.append(f"No caption was carried along: the pictures have {self.captions_elsewhere} captions; give "
+                         f"--caption-extension {self.captions_elsewhere} to copy those")
         return "\n".join(lines)
 
 
@@ -321,7 +328,11 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
             flattened.append(name)
             alpha = None
         interest = interest_of(image, use_faces) if settings.crop == "focal" or settings.face_emphasis_repeats else None
-        plan = plan_crop(image.size, settings, interest.weights if interest else None)
+        try:
+            plan = plan_crop(image.size, settings, interest.weights if interest else None)
+        except UserError as error:  # no bucket fits this shape (a 1×4000 sliver with --no-upscale): this image only
+            skipped.append((name, str(error)))
+            continue
         result = _cut(image, plan, alpha)
         _save(result, item.output)
         written += 1
@@ -346,6 +357,8 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
         if progress:
             progress(index + 1, len(items))
     write_captions(captions, backup_dir=None)
+    elsewhere = "" if captions else next(filter(None, (other_caption_extension(image, settings.caption_extension)
+                                                       for image in images)), "")
     return PrepResult(out, written, flipped, faces, len(captions), tuple(enlarged), tuple(without_face), tuple(skipped),
                       time.perf_counter() - started, tuple(sorted(face_folders)), tuple(flattened),
-                      tuple(path.relative_to(source).as_posix() for path in not_read))
+                      tuple(path.relative_to(source).as_posix() for path in not_read), elsewhere)
