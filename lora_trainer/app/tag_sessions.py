@@ -336,7 +336,7 @@ def autotag(session: TagSession, tagger, images: list[Path], mode: str = "skip",
             try:
                 pictures.append(load_image_for_tagging(image))
                 batch.append(image)
-            except (OSError, ValueError) as error:
+            except (UserError, OSError, ValueError) as error:  # ImageError (a user error) for what training refuses
                 unreadable[image_name(session.editor, image)] = str(error)
         for image, tags in zip(batch, tagger.tag(pictures) if pictures else []):
             found[image] = tuple(tags)

@@ -181,18 +181,22 @@ def to_rgb(image: Image.Image, background: Colour = WHITE) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The picture upright as 8-bit RGB (first frame of an animation); ``ImageError`` names the file and why not."""
-    return load_image_and_alpha(path, background, max_pixels)[0]
+def load_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS,
+               at_least: tuple[int, int] | None = None) -> Image.Image:
+    """The picture upright as 8-bit RGB (first frame of an animation); ``ImageError`` names the file and why not.
+    ``at_least``: a JPEG may be decoded at a fraction of its size down to this (thumbnails: many times faster)."""
+    return load_image_and_alpha(path, background, max_pixels, at_least)[0]
 
 
-def load_image_and_alpha(path: Path, background: Colour = WHITE,
-                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Image.Image | None]:
+def load_image_and_alpha(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS,
+                         at_least: tuple[int, int] | None = None) -> tuple[Image.Image, Image.Image | None]:
     """``load_image`` and the picture's transparency as an 8-bit "L" image (None when it has none): one decode
     serves training with ``alpha_mask``, which masks the loss where the picture is transparent."""
     path = Path(path)
     with _open(path, max_pixels) as image:
         orientation = exif_orientation(image)
+        if at_least:
+            image.draft(None, at_least)
         _decode(image, path)
         try:
             upright = image.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else image

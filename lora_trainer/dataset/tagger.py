@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from lora_trainer.dataset.images import to_rgb
+from lora_trainer.dataset.images import load_image, to_rgb
 from lora_trainer.dataset.caption_files import CaptionStamp, caption_path_for, read_image_captions, write_captions
 from lora_trainer.dataset.tag_editor import (
     DEFAULT_BACKUP_FOLDER,
@@ -214,12 +214,9 @@ def merged_caption(existing: Tags, found: Tags, mode: ExistingCaptionMode, trigg
 
 
 def load_image_for_tagging(path: Path) -> Image.Image:
-    """The image upright (EXIF orientation) and decoded; the first frame of an animation."""
-    with Image.open(path) as image:
-        image.seek(0)
-        upright = ImageOps.exif_transpose(image)
-        upright.load()
-        return upright
+    """The image as training reads it (``images.load_image``: upright, the first frame, transparency on white, 16
+    bits scaled), so the tags describe what trains; ``ImageError`` names the file and why not."""
+    return load_image(path)
 
 
 @dataclass(frozen=True)
@@ -268,8 +265,8 @@ def propose_captions(
             try:
                 pictures.append(load_image_for_tagging(image))
                 batch.append(image)
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                unreadable[image] = f"{image} could not be read as an image ({error})."
+            except (UserError, OSError, ValueError) as error:  # ImageError names the file already
+                unreadable[image] = str(error) if isinstance(error, UserError) else f"{image} could not be read as an image ({error})."
         results = tagger.tag(pictures) if pictures else []
         if len(results) != len(pictures):
             raise UserError(f"The tagger {tagger.name} returned {len(results)} results for {len(pictures)} images.")

@@ -129,3 +129,24 @@ def test_sort_by_frequency_from_the_batch_form(services, opened):
     assert view[VIEW["history"]].values.tolist()[-1][1:] == ["Sort tags by frequency", "done", 60]
     tab.save(services, state, False)
     assert (folder / "10_zkchar" / "img_000.txt").read_text(encoding="utf-8") == "red, square, zkchar"  # 30, 30 (ties by name), 60
+
+
+def test_thumbnails_show_what_trains_and_a_bomb_is_a_grey_square(tmp_path, monkeypatch):
+    """A 16-bit PNG showed solid white (training sees its gradient), a transparent picture its hidden pixels (training
+    puts them on white), and a scan over Pillow's pixel limit broke the page."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 64, dtype=np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # mode I;16
+    hidden = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # red, fully transparent
+    hidden.save(tmp_path / "clear.png")
+    thumbs = tmp_path / "thumbs"
+    deep = np.asarray(Image.open(tab.thumbnail(tmp_path / "deep.png", thumbs)).convert("L"), dtype=int)
+    assert deep[:, 0].mean() < 40 and deep[:, -1].mean() > 215  # dark to light, as training reads it
+    assert np.asarray(Image.open(tab.thumbnail(tmp_path / "clear.png", thumbs))).min() > 240  # white, not red
+    Image.new("RGB", (80, 80), (0, 0, 255)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 80×80 is over twice that: a bomb to Pillow
+    bomb = tab.thumbnail(tmp_path / "bomb.png", thumbs)
+    monkeypatch.undo()
+    assert Image.open(bomb).getpixel((0, 0)) == (90, 90, 90)

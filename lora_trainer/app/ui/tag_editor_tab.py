@@ -50,7 +50,9 @@ class TabState:
 
 def thumbnail(image: Path, cache_folder: Path, size: int = THUMBNAIL_SIZE) -> Path:
     """A small JPEG of ``image`` (made once, reused until the image changes)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from ...dataset.images import ImageError, load_image
 
     stat = image.stat()
     key = hashlib.sha1(f"{image.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}".encode()).hexdigest()
@@ -58,12 +60,10 @@ def thumbnail(image: Path, cache_folder: Path, size: int = THUMBNAIL_SIZE) -> Pa
     if not target.exists():
         from ...safe_io import atomic_path
 
-        try:
-            with Image.open(image) as opened:
-                opened.draft("RGB", (size, size))  # JPEGs decode at reduced size: much faster for big photos
-                small = ImageOps.exif_transpose(opened).convert("RGB")
-                small.thumbnail((size, size))
-        except (OSError, ValueError):
+        try:  # as training reads it (upright, on white, 16 bits scaled), a JPEG decoded at a fraction of its size
+            small = load_image(image, at_least=(size, size))
+            small.thumbnail((size, size))
+        except (ImageError, OSError, ValueError):
             small = Image.new("RGB", (size, size), (90, 90, 90))  # unreadable: a grey square keeps the page usable
         with atomic_path(target) as temporary:
             small.save(temporary, format="JPEG", quality=85)
