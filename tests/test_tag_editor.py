@@ -172,13 +172,20 @@ def test_save_writes_only_changed_captions_after_backing_them_up(dataset):
     assert (dataset / "c.txt").read_text(encoding="utf-8") == "red circle"
 
 
-def test_a_save_that_would_write_an_empty_caption_file_writes_nothing(dataset):
-    """sd-scripts stops on an empty caption file (read_caption asserts), and so does this trainer."""
-    before = (dataset / "c.txt").read_text(encoding="utf-8")
+def test_an_image_without_tags_is_saved_as_an_empty_line_which_trains_and_an_undo_restores(dataset):
+    """sd-scripts stops on a 0-byte caption file (read_caption asserts), and so does this trainer; an empty first line
+    trains as an empty caption in both. Refusing such saves also refused saving the undo of an edit of a blank caption."""
+    from lora_trainer.dataset.caption_files import training_caption
+
     editor = apply_edit(open_folder(dataset), RemoveTags(("red circle",)), [dataset / "c.webp"])
-    with pytest.raises(UserError, match=r"1 caption file\(s\) would be written empty \(c.txt\).*nothing was written"):
-        save(editor)
-    assert (dataset / "c.txt").read_text(encoding="utf-8") == before
+    editor, result = save(editor)
+    assert (dataset / "c.txt").read_bytes() == b"\n" and result.without_tags == (dataset / "c.txt",)
+    assert training_caption((dataset / "c.txt").read_text(encoding="utf-8")) == ""
+    (dataset / "e.txt").write_text("   \n", encoding="utf-8")  # blank, as a tagger left it
+    editor, _ = save(apply_edit(reload(editor)[0], AddTags(("zkstar",)), [dataset / "e.PNG"]))
+    editor, result = save(undo(editor))
+    assert not unsaved_images(editor) and result.without_tags == (dataset / "e.txt",)
+    assert training_caption((dataset / "e.txt").read_text(encoding="utf-8")) == ""
 
 
 def test_images_sharing_a_stem_share_their_caption_and_are_edited_together(tmp_path):

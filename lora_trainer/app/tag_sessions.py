@@ -305,6 +305,7 @@ def save_session(session: TagSession, overwrite_changed: bool = False) -> dict:
         session.editor = editor
     return {
         "written": [path.relative_to(editor.folder).as_posix() for path in result.written],  # caption files
+        "without_tags": [path.relative_to(editor.folder).as_posix() for path in result.without_tags],
         "backup_folder": str(result.backup_folder) if result.backup_folder else None,
         "conflicts_overwritten": [image_name(editor, image) for image in reloaded.conflicts] if reloaded else [],
         "updated_from_disk": [image_name(editor, image) for image in reloaded.updated] if reloaded else [],

@@ -643,6 +643,7 @@ def revert(editor: TagEditor, images: Iterable[Path] | None = None) -> TagEditor
 class SaveResult:
     written: tuple[Path, ...]
     backup_folder: Path | None
+    without_tags: tuple[Path, ...] = ()  # caption files written with an empty first line: an empty caption
 
 
 def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
@@ -651,16 +652,16 @@ def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
     written and the ``UserError`` lists them: ``reload`` first."""
     changed = unsaved_images(editor)
     texts = {editor.caption_path(image): caption_text(editor, image) for image in changed}
-    if empty := [path.name for path, text in texts.items() if not text]:
-        raise UserError(f"{len(empty)} caption file(s) would be written empty ({', '.join(empty[:5])}"
-                        f"{', …' if len(empty) > 5 else ''}), which stops sd-scripts and this trainer: give those images "
-                        "a tag (or undo the edit); nothing was written")
+    # an image without tags gets an empty first line, which sd-scripts and this trainer train as an empty caption
+    # (as a blank caption file): a 0-byte file stops both. Undoing an edit of a blank caption and saving restores it.
+    without_tags = tuple(path for path, text in texts.items() if not text)
+    texts.update(dict.fromkeys(without_tags, "\n"))
     result = write_captions(texts, editor.backup_dir, {path: editor.stamps.get(path, NO_FILE) for path in texts})
     saved = editor.on_disk | {image: editor.tags[image] for image in changed}
     stamps = editor.stamps | dict(result.written)
     return (
         replace(editor, on_disk=_frozen(saved), stamps=_frozen(stamps)),
-        SaveResult(tuple(texts), result.backup_folder),
+        SaveResult(tuple(texts), result.backup_folder, without_tags),
     )
 
 
