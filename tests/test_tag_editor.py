@@ -299,3 +299,13 @@ def test_sort_by_frequency_or_length_as_the_tag_editor_extension_sorts(tmp_path)
         make_edit("sort", by="count")
     with pytest.raises(UserError, match="has no parameter '_counts'"):
         make_edit("sort", _counts={"a": 1})
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
+def test_a_link_back_to_a_parent_folder_is_read_once_not_for_ever(tmp_path):
+    """A recursive open raised a raw OSError (too many levels of links) after 40 levels, with a path thousands of
+    characters long: the API answered 500."""
+    folder = make_dataset(tmp_path / "d", {"a.png": "x", "sub/b.png": "y"})
+    os.symlink(folder, folder / "sub" / "back to top")
+    os.symlink(folder / "sub", folder / "sub again")  # the same folder twice: its images once
+    assert names(open_folder(folder, recursive=True).images) == ["a.png", "b.png"]

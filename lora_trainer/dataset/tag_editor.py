@@ -391,14 +391,16 @@ def find_images(folder: Path, recursive: bool = False) -> list[Path]:
     """The images sd-scripts would train on in ``folder`` (and its sub-folders, hidden ones skipped, when
     ``recursive``), sorted by folder, then name; not hidden files (macOS's ``._name.jpg``: its glob skips them)."""
     found: list[tuple[str, str, str]] = []  # (folder, name, path) as strings: sorted before any Path is built
-    pending = [str(folder)]
+    pending, seen = [str(folder)], {os.path.realpath(folder)}
     while pending:
         current = pending.pop()
         with os.scandir(current) as entries:
             for entry in entries:
                 if entry.is_dir():
-                    # hidden folders hold our own backups (and .git and the like), never training images
-                    if recursive and not entry.name.startswith("."):
+                    # hidden folders hold our own backups (and .git and the like), never training images; a folder
+                    # reached again through a link (one back to a parent loops for ever) is read once
+                    if recursive and not entry.name.startswith(".") and (real := os.path.realpath(entry.path)) not in seen:
+                        seen.add(real)
                         pending.append(entry.path)
                 elif is_training_image(entry.name) and not entry.name.startswith(".") and entry.is_file():
                     found.append((current, entry.name, entry.path))
