@@ -323,3 +323,21 @@ def test_images_that_are_links_to_nothing_are_said_by_check_training_and_prep(tm
     prepared = prepare_dataset(tmp_path / "data", tmp_path / "out", PrepSettings(size=64))
     assert prepared.skipped == (("10_zk/b.png", "a link to a file that is not there (a drive not mounted?)"),)
     assert not prepared.not_read
+
+
+def test_pictures_sd_scripts_trains_otherwise_are_noted_per_folder(tmp_path):
+    """The check says "what sd-scripts will do": a phone photo shows upright (and trains so here), sd-scripts trains
+    it sideways; 16-bit and transparent pictures differ too."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "10_zk").mkdir()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(tmp_path / "10_zk" / "photo.jpg", exif=exif.tobytes())
+    caption(tmp_path / "10_zk" / "photo.jpg", "zk, photo")
+    caption(make_image(tmp_path / "10_zk" / "plain.png", (64, 64), 3), "zk")
+    report = check_dataset(tmp_path, HealthSettings(resolution=(64, 64), min_bucket_reso=64))
+    note = next(f.message for f in report.findings if f.kind == "sd-scripts-reads-otherwise")
+    assert note.startswith("1 picture(s) sd-scripts trains otherwise than shown here (and trained here), e.g. photo.jpg "
+                           "has an EXIF orientation, which sd-scripts ignores")
+    assert next(i for i in report.images if i.path.endswith("photo.jpg")).size == (64, 96)  # upright, as trained here

@@ -85,6 +85,18 @@ def test_captions_sd_scripts_misreads_are_said_before_it_runs(checkout, tmp_path
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert any(f"1 caption file(s) sd-scripts misreads, e.g. {caption}: it starts with a UTF-8 byte-order mark"
                in e["message"] for e in events if e["event"] == "warning")
+    # a phone photo: turned upright here by its EXIF orientation, trained sideways there
+    from PIL import Image
+
+    photo = caption.with_suffix(".png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    Image.open(photo).convert("RGB").save(photo.with_suffix(".jpg"), exif=exif.tobytes())
+    photo.unlink()
+    assert train(checkout, tmp_path, "--caption_extension", ".txt") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert any(f"1 picture(s) sd-scripts trains otherwise than this trainer, e.g. {photo.with_suffix('.jpg')}: it has "
+               "an EXIF orientation, which sd-scripts ignores" in e["message"] for e in events if e["event"] == "warning")
 
 
 def test_relative_paths_reach_sd_scripts_absolute_since_it_runs_in_its_checkout(checkout, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from lora_trainer.dataset.buckets import (BucketSettings, bucket_list, centre_cr
 from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_for, checked_caption_extension,
                                                  load_caption_file, training_caption)
 from lora_trainer.dataset.captions import tag_frequency
-from lora_trainer.dataset.images import ImageError, load_image
+from lora_trainer.dataset.images import ImageError, load_image, sd_scripts_reading
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
                                          images_in_unread_case, list_images,
                                          nested_images_note, other_caption_extension, parse_repeats_folder_name,
@@ -423,6 +423,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
         usable = 0
         captioned_texts: dict[str, str] = {}
         trained_captions: list[str] = []
+        otherwise: list[tuple[str, str]] = []  # (image, how sd-scripts trains it otherwise)
         for image_path in image_paths:
             name = _relative(image_path, root)
             facts = read_image_facts(image_path)
@@ -444,6 +445,13 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
             images.append(check)
             samples_per_bucket[(source.dataset, check.bucket)] += repeats
             usable += 1
+            if why := sd_scripts_reading(image_path):
+                otherwise.append((image_path.name, why))
+        if otherwise:
+            findings.append(Finding("note", "sd-scripts-reads-otherwise", folder_name,
+                                    f"{len(otherwise)} picture(s) sd-scripts trains otherwise than shown here (and "
+                                    f"trained here), e.g. {otherwise[0][0]} {otherwise[0][1]}; `dataset prep` writes "
+                                    "them as trained here, for sd-scripts too"))
         frequency_by_folder.append(tag_frequency(trained_captions))  # sd-scripts counts class-token captions too
         concept_folders.append(ConceptFolder(folder_name, repeats, class_tokens, usable, len(captioned_texts)))
         findings += _class_token_findings(folder_name, class_tokens, captioned_texts)

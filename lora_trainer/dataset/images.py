@@ -181,6 +181,25 @@ def to_rgb(image: Image.Image, background: Colour = WHITE) -> Image.Image:
     return image.convert("RGB")
 
 
+def sd_scripts_reading(path: Path) -> str | None:
+    """How sd-scripts (``Image.open(path).convert("RGB")``, no EXIF turn) trains a picture otherwise than this trainer
+    reads it, from its header; None when alike (or unreadable: said elsewhere)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                orientation, mode, info = exif_orientation(image), image.mode, image.info
+    except Exception:
+        return None
+    if orientation in _UPRIGHT:
+        return "has an EXIF orientation, which sd-scripts ignores: it trains the picture as stored, turned or mirrored"
+    if mode.startswith("I"):
+        return "has 16 bits a channel, which sd-scripts' conversion clips to near-white"
+    if mode in _ALPHA_MODES or "transparency" in info:
+        return "is transparent: sd-scripts trains the colours hidden under its transparent parts (here: white)"
+    return None
+
+
 def load_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS,
                at_least: tuple[int, int] | None = None) -> Image.Image:
     """The picture upright as 8-bit RGB (first frame of an animation); ``ImageError`` names the file and why not.

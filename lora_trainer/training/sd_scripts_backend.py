@@ -134,9 +134,11 @@ def absolute_dataset_config(source: Path, target: Path) -> Path:
 
 
 def _misread_captions(options: TrainOptions) -> list[str]:
-    """Caption files this trainer reads right and sd-scripts does not (a byte-order mark, UTF-16), said before it
-    runs: a mark glued to the first tag loses a trigger word there without a word."""
+    """Caption files this trainer reads right and sd-scripts does not (a byte-order mark, UTF-16), and pictures it
+    trains otherwise (an EXIF turn ignored, 16 bits clipped, transparency kept), said before it runs: a mark glued to
+    the first tag loses a trigger word there without a word, a phone photo trains sideways."""
     from ..dataset.caption_files import sd_scripts_misreading
+    from ..dataset.images import sd_scripts_reading
     from ..dataset.layouts import dataset_images
     from .data import dataset_group
 
@@ -145,7 +147,7 @@ def _misread_captions(options: TrainOptions) -> list[str]:
         datasets = [dataset_images(dataset) for dataset in dataset_group(scanned).datasets]
     except (UserError, OSError):  # sd-scripts says what it makes of a dataset it cannot read
         return []
-    misread = []
+    misread, pictures = [], []
     for dataset in datasets:
         for subset in dataset.subsets:
             for entry in subset.images:
@@ -153,11 +155,18 @@ def _misread_captions(options: TrainOptions) -> list[str]:
                     with open(entry.caption_file, "rb") as handle:
                         if why := sd_scripts_misreading(handle.read(4)):
                             misread.append((entry.caption_file, why))
-    if not misread:
-        return []
-    path, why = misread[0]
-    return [f"{len(misread)} caption file(s) sd-scripts misreads, e.g. {path}: it {why}; re-save them as UTF-8 without "
-            "a mark (this trainer reads them right)"]
+                if why := sd_scripts_reading(entry.path):
+                    pictures.append((entry.path, why))
+    notes = []
+    if misread:
+        path, why = misread[0]
+        notes.append(f"{len(misread)} caption file(s) sd-scripts misreads, e.g. {path}: it {why}; re-save them as UTF-8 "
+                     "without a mark (this trainer reads them right)")
+    if pictures:
+        path, why = pictures[0]
+        notes.append(f"{len(pictures)} picture(s) sd-scripts trains otherwise than this trainer, e.g. {path}: it {why}; "
+                     "`python -m lora_trainer dataset prep` writes them upright, in 8 bits, on white")
+    return notes
 
 
 def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
