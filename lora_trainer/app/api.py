@@ -27,7 +27,8 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse as _JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
@@ -47,6 +48,15 @@ log = logging.getLogger("lora_trainer.api")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Errors: one JSON shape for every failure.
+
+
+class JSONResponse(_JSONResponse):
+    """JSON whose text may hold file names that are not UTF-8 (GBK bytes unpacked on Linux reach Python as lone
+    surrogates): written as ``\\udcXX`` escapes, which a client sends back as the same name; the plain response
+    answered 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 class ApiError(Exception):
@@ -479,7 +489,7 @@ TAG_EDIT_EXAMPLES = {
 
 def create_router(services: Services) -> APIRouter:
     """Every route under ``/lora-trainer/v1``, without auth (``register`` adds it)."""
-    router = APIRouter(prefix=PREFIX, tags=["LoRA Trainer"], route_class=_ErrorsAsJson)
+    router = APIRouter(prefix=PREFIX, tags=["LoRA Trainer"], route_class=_ErrorsAsJson, default_response_class=JSONResponse)
     settings = services.settings
     sessions = tag_sessions.sessions_of(services)
     feeds = EventFeeds()

@@ -477,6 +477,29 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
     assert_error(client.post(f"{V1}/dataset/check", json={"path": str(services.settings.dataset_roots[0] / "nope")}), 400, "not_found")
 
 
+def test_a_tag_session_with_file_names_that_are_not_utf8_answers_and_takes_them_back(services, make_dataset):
+    """GBK bytes unpacked on Linux: every page listing such a name answered 500 (JSON text cannot be UTF-8 there)."""
+    import os
+
+    client = make_client(services)
+    folder = make_dataset(count=2) / "10_zkchar"
+    gbk = os.fsdecode("星".encode("gbk"))
+    try:
+        (folder / "img_001.png").rename(folder / f"{gbk}.png")
+        (folder / "img_001.txt").rename(folder / f"{gbk}.txt")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    opened = client.post(f"{V1}/datasets/open", json={"path": str(folder)})
+    assert opened.status_code == 201, opened.text
+    names = [image["name"] for image in opened.json()["images"]]
+    assert f"{gbk}.png" in names  # the JSON escape \udcd0… reads back as the name Python gave
+    sid = opened.json()["session"]
+    edited = client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": "gbk", "selection": [f"{gbk}.png"]})
+    assert edited.status_code == 200, edited.text
+    assert client.post(f"{V1}/datasets/{sid}/save", json={}).status_code == 200
+    assert (folder / f"{gbk}.txt").read_text(encoding="utf-8").endswith("gbk")
+
+
 def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     client = make_client(services)
     folder = make_dataset(count=5) / "10_zkchar"
