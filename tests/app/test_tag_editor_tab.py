@@ -150,3 +150,20 @@ def test_thumbnails_show_what_trains_and_a_bomb_is_a_grey_square(tmp_path, monke
     bomb = tab.thumbnail(tmp_path / "bomb.png", thumbs)
     monkeypatch.undo()
     assert Image.open(bomb).getpixel((0, 0)) == (90, 90, 90)
+
+
+def test_a_file_name_that_is_not_utf8_shows_instead_of_breaking_the_page(services, make_dataset):
+    """GBK bytes unpacked on Linux: the label held lone surrogates, which the browser's JSON cannot carry."""
+    import os
+
+    folder = make_dataset("gbk", "10_zkchar", count=2)
+    name = os.fsdecode("星".encode("gbk")) + ".png"
+    try:
+        (folder / "10_zkchar" / "img_001.png").rename(folder / "10_zkchar" / name)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    view = tab.open_folder(services, tab.TabState(), str(folder / "10_zkchar"), False, ".txt")
+    labels = [label for _, label in view[VIEW["gallery"]]]
+    assert any("\ufffd\ufffd.png" in label for label in labels)
+    for text in [*labels, view[VIEW["status"]], view[VIEW["page_info"]]]:
+        text.encode("utf-8")  # what gradio's JSON does with every string

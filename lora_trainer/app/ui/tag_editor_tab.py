@@ -55,7 +55,8 @@ def thumbnail(image: Path, cache_folder: Path, size: int = THUMBNAIL_SIZE) -> Pa
     from ...dataset.images import ImageError, load_image
 
     stat = image.stat()
-    key = hashlib.sha1(f"{image.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}".encode()).hexdigest()
+    identity = f"{image.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}"
+    key = hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()  # a name that is not UTF-8 too
     target = cache_folder / key[:2] / f"{key}.jpg"
     if not target.exists():
         from ...safe_io import atomic_path
@@ -104,7 +105,7 @@ def render(services, state: TabState, status: str = "") -> tuple:
     frequency = tag_view.frequency_rows(tag_editor.tag_counts(editor, filtered), state.tag_query)
     info = tag_view.page_text(page, len(state.selection), len(unsaved))
     return (state, items, info, table(frequency, FREQUENCY_COLUMNS), table(tag_view.history_rows(editor), HISTORY_COLUMNS),
-            status)
+            tag_view.shown(status))
 
 
 def _guarded(handler):

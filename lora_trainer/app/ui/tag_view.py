@@ -44,7 +44,13 @@ def page_text(page: Page, selected: int, unsaved: int) -> str:
 def item_label(editor: TagEditor, image: Path, index: int, selected: bool, unsaved: bool) -> str:
     """The caption under a thumbnail: position (for range selection), markers, the image's tags."""
     marks = ("☑ " if selected else "") + ("* " if unsaved else "")
-    return f"{marks}#{index} {image.name}: {tag_editor.caption_of(editor, image) or '(no tags)'}"
+    return shown(f"{marks}#{index} {image.name}: {tag_editor.caption_of(editor, image) or '(no tags)'}")
+
+
+def shown(text: str) -> str:
+    """``text`` for the page: a file name that is not UTF-8 (GBK bytes unpacked on Linux, lone surrogates to Python)
+    shows its undecodable bytes as � — the browser's JSON cannot carry them, and the page failed to draw."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def frequency_rows(counts: list[tuple[str, int]], query: str = "", sort: str = "frequency",
