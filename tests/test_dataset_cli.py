@@ -41,6 +41,15 @@ def test_check_reads_a_dataset_toml_whose_values_win_over_the_flags(tmp_path, ca
     assert (report["samples_per_epoch"], report["steps_per_epoch"]) == (12, 6)  # the file's batch 2, not --batch-size 4
 
 
+def test_check_at_a_low_resolution_needs_no_bucket_limits(tmp_path, capsys):
+    """--resolution 64 was refused ("min_bucket_reso 256 is larger than the shorter side"); the API's check lets the
+    limits follow the resolution, and so does the command now."""
+    make_image(tmp_path / "10_zk" / "a.png", (64, 64), 1)
+    assert main(["dataset", "check", str(tmp_path), "--json", "--resolution", "64"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert (settings["min_bucket_reso"], settings["max_bucket_reso"]) == (64, 1024)
+
+
 def test_check_exits_1_and_names_the_problem_when_training_would_fail(tmp_path, capsys):
     make_image(tmp_path / "10_zk" / "a.png", (512, 512), 1, caption="")
     with pytest.raises(SystemExit) as stopped:

@@ -223,6 +223,10 @@ def test_stop_is_graceful_and_resume_continues_from_the_saved_state(runner, tmp_
     resumed = runner.resume(job.id)
     assert resumed.status == "queued" and resumed.options["resume"] == stopped.last_state and resumed.resumed_from == job.id
     assert runner.store.get(job.id).message == f"resumed as job {resumed.id}"  # no longer reads as one to resume
+    # a finished run's state is at its last step: the resumed job failed "leaves nothing to train" after a 201
+    runner.store.update(resumed.id, status="finished", last_state=stopped.last_state)
+    with pytest.raises(UserError, match=f"job {resumed.id} finished: nothing is left to train"):
+        runner.resume(resumed.id)
     with pytest.raises(UserError, match=f"job {job.id} was resumed already, as job {resumed.id}: resume that one"):
         runner.resume(job.id)  # a second job from the same state would train the same steps and write the same files
     with pytest.raises(UserError, match=f"job {job.id} is stopped; only a running job can be paused"):

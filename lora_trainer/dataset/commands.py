@@ -22,6 +22,12 @@ def parse_resolution(text: str) -> tuple[int, int]:
 def run_check(args) -> None:
     from lora_trainer.dataset.health import HealthSettings, check_dataset, check_dataset_config
 
+    # limits not given follow the resolution, as the API's check does: 256…1024 would refuse 64 or 2048 px
+    if args.min_bucket_reso is None:
+        args.min_bucket_reso = min(HealthSettings.min_bucket_reso, *args.resolution)
+    if args.max_bucket_reso is None:
+        args.max_bucket_reso = max(HealthSettings.max_bucket_reso, *args.resolution)
+
     settings = HealthSettings(
         resolution=args.resolution,
         batch_size=args.batch_size,
@@ -65,8 +71,8 @@ def run_prep(args) -> None:
 
 
 def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--min-bucket-reso", type=int, default=256)
-    parser.add_argument("--max-bucket-reso", type=int, default=1024)
+    parser.add_argument("--min-bucket-reso", type=int, help="default 256, or the resolution's shorter side below it")
+    parser.add_argument("--max-bucket-reso", type=int, help="default 1024, or the resolution's longer side above it")
     parser.add_argument("--bucket-reso-steps", type=int, default=64)
 
 

@@ -213,6 +213,9 @@ class JobRunner:
         job = self._job(job_id)
         if job.status in ("queued", "running"):
             raise UserError(f"job {job_id} is {job.status}; nothing to resume")
+        if job.status == "finished":  # its state is at the last step: the resumed job would fail, leaving nothing to train
+            raise UserError(f"job {job_id} finished: nothing is left to train; to train on, start a new job with its last "
+                            "file as --network_weights (or more epochs from its state: --resume with max_train_epochs raised)")
         later = [j for j in self.store.all() if j.resumed_from == job_id and j.status != "failed"]
         if later:  # two jobs from one state would train the same steps twice and write the same files
             raise UserError(f"job {job_id} was resumed already, as job {later[-1].id}: resume that one")
