@@ -309,3 +309,15 @@ def test_a_link_back_to_a_parent_folder_is_read_once_not_for_ever(tmp_path):
     os.symlink(folder, folder / "sub" / "back to top")
     os.symlink(folder / "sub", folder / "sub again")  # the same folder twice: its images once
     assert names(open_folder(folder, recursive=True).images) == ["a.png", "b.png"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
+def test_a_linked_caption_becomes_the_images_own_file_and_the_shared_one_stays(tmp_path):
+    """Saving replaced the link with a file and said nothing; the shared caption kept its text."""
+    folder = make_dataset(tmp_path / "d", {"a.png": None})
+    (tmp_path / "shared.txt").write_text("zkchar, shared", encoding="utf-8")
+    os.symlink(tmp_path / "shared.txt", folder / "a.txt")
+    editor, result = save(apply_edit(open_folder(folder), AddTags(("solo",))))
+    assert result.unlinked == (folder / "a.txt",) and not (folder / "a.txt").is_symlink()
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "zkchar, shared, solo"
+    assert (tmp_path / "shared.txt").read_text(encoding="utf-8") == "zkchar, shared"

@@ -306,6 +306,7 @@ def save_session(session: TagSession, overwrite_changed: bool = False) -> dict:
     return {
         "written": [path.relative_to(editor.folder).as_posix() for path in result.written],  # caption files
         "without_tags": [path.relative_to(editor.folder).as_posix() for path in result.without_tags],
+        "unlinked": [path.relative_to(editor.folder).as_posix() for path in result.unlinked],
         "backup_folder": str(result.backup_folder) if result.backup_folder else None,
         "conflicts_overwritten": [image_name(editor, image) for image in reloaded.conflicts] if reloaded else [],
         "updated_from_disk": [image_name(editor, image) for image in reloaded.updated] if reloaded else [],

@@ -646,6 +646,7 @@ class SaveResult:
     written: tuple[Path, ...]
     backup_folder: Path | None
     without_tags: tuple[Path, ...] = ()  # caption files written with an empty first line: an empty caption
+    unlinked: tuple[Path, ...] = ()  # caption files that were links (to a shared caption): now files of their own
 
 
 def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
@@ -658,12 +659,15 @@ def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
     # (as a blank caption file): a 0-byte file stops both. Undoing an edit of a blank caption and saving restores it.
     without_tags = tuple(path for path, text in texts.items() if not text)
     texts.update(dict.fromkeys(without_tags, "\n"))
+    # a caption that is a link (to one caption several folders share) becomes this image's own file: writing through
+    # the link would change the other images' captions behind the editor's back
+    unlinked = tuple(path for path in texts if path.is_symlink())
     result = write_captions(texts, editor.backup_dir, {path: editor.stamps.get(path, NO_FILE) for path in texts})
     saved = editor.on_disk | {image: editor.tags[image] for image in changed}
     stamps = editor.stamps | dict(result.written)
     return (
         replace(editor, on_disk=_frozen(saved), stamps=_frozen(stamps)),
-        SaveResult(tuple(texts), result.backup_folder, without_tags),
+        SaveResult(tuple(texts), result.backup_folder, without_tags, unlinked),
     )
 
 

@@ -282,6 +282,9 @@ def save(services, state: TabState, overwrite_changed: bool) -> tuple:
     if empty := result["without_tags"]:
         backup += (f" ⚠ {len(empty)} without tags ({', '.join(empty[:5])}{', …' if len(empty) > 5 else ''}): they train "
                    "with an empty caption; undo and save again if that is not meant.")
+    if linked := result["unlinked"]:
+        backup += (f" {len(linked)} caption(s) were links to a shared file ({', '.join(linked[:5])}): each is now a file "
+                   "of its own; the shared one is unchanged.")
     return render(services, state, f"Saved {len(result['written'])} caption file(s).{backup}")
 
 
