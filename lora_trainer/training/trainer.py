@@ -1050,14 +1050,22 @@ def _alphas(network: LoRANetwork) -> dict[str, float]:
     return {name: float(module.alpha) for name, module in network.items() if "alpha" in module._buffers}
 
 
+def _loaded_alpha(network: LoRANetwork, asked: dict[str, float]) -> float | None:
+    """The --network_alpha value the loaded weights hold where it is not the one asked (``asked``: the modules' alphas
+    before loading), else None; the option's value, not the stored one (rsLoRA stores α·√r)."""
+    changed = [(asked[name], alpha) for name, alpha in _alphas(network).items() if name in asked and alpha != asked[name]]
+    if not changed:
+        return None
+    before, after = max(set(changed), key=changed.count)
+    return network.spec.alpha * after / before
+
+
 def _spec_with_loaded_alpha(options: TrainOptions, network: LoRANetwork, asked: dict[str, float], events: EventLog):
     """A resumed state keeps the alpha it was trained with (α/rank scales its weights), whatever --network_alpha
     says now: said, and written into the files' metadata as the alpha their tensors hold."""
-    changed = [(asked[name], alpha) for name, alpha in _alphas(network).items() if name in asked and alpha != asked[name]]
-    if not changed:
+    alpha = _loaded_alpha(network, asked)
+    if alpha is None:
         return network.spec
-    before, after = max(set(changed), key=changed.count)
-    alpha = network.spec.alpha * after / before  # the option's value (rsLoRA stores α·√r)
     events.emit("warning", message=f"--network_alpha {network.spec.alpha:g}: {options.resume} was trained with alpha "
                 f"{alpha:g}, which it keeps (the weights are scaled by alpha / rank); its files say {alpha:g}")
     return dataclasses.replace(network.spec, alpha=alpha)
@@ -1116,10 +1124,7 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
         raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
                         f"{_other_network_advice(file, network.spec.algorithm)}add --dim_from_weights to take the "
                         "network's kind and shape from the file")
-    changed = [(asked[name], alpha) for name, alpha in _alphas(network).items() if name in asked and alpha != asked[name]]
-    if changed:  # α/rank scales the loaded weights: the file's alpha keeps them at the strength they were trained to
-        before, after = max(set(changed), key=changed.count)
-        alpha = network.spec.alpha * after / before  # the option's value (rsLoRA stores α·√r)
+    if (alpha := _loaded_alpha(network, asked)) is not None:  # α/rank scales the loaded weights: kept as trained
         notes.append(f"--network_weights {path} holds alpha {alpha:g} and --network_alpha is {network.spec.alpha:g}: "
                      f"the file's alpha is kept (the weights are scaled by alpha / rank, so they go on at the strength "
                      f"they were trained to) and the files this run saves say {alpha:g}. sd-scripts trains at "
