@@ -431,7 +431,7 @@ def health_json(report) -> dict:
 
 
 def health_settings_from(body: dict):
-    from ..dataset.health import HealthSettings
+    from ..dataset.health import HealthSettings, bucket_limits_for
 
     known = {f.name for f in dataclasses.fields(HealthSettings)}
     values = {key: value for key, value in body.items() if key != "path"}
@@ -440,9 +440,9 @@ def health_settings_from(body: dict):
         raise ApiError(400, "invalid", f"{unknown[0]}: not a health-check setting; use {', '.join(sorted(known))}", unknown[0])
     if "resolution" in values:
         values["resolution"] = _health_resolution(values["resolution"])
-        # bucket limits left out follow the resolution: their defaults (256…1024) would refuse 64 or 2048 px
-        values.setdefault("min_bucket_reso", min(HealthSettings.min_bucket_reso, *values["resolution"]))
-        values.setdefault("max_bucket_reso", max(HealthSettings.max_bucket_reso, *values["resolution"]))
+        low, high = bucket_limits_for(values["resolution"])  # bucket limits left out follow the resolution
+        values.setdefault("min_bucket_reso", low)
+        values.setdefault("max_bucket_reso", high)
     for f in dataclasses.fields(HealthSettings):  # the type each setting's default has: a wrong one is a 400, not a 500
         value, default = values.get(f.name), f.default
         if value is None or f.name == "resolution":

@@ -20,13 +20,11 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def run_check(args) -> None:
-    from lora_trainer.dataset.health import HealthSettings, check_dataset, check_dataset_config
+    from lora_trainer.dataset.health import HealthSettings, bucket_limits_for, check_dataset, check_dataset_config
 
-    # limits not given follow the resolution, as the API's check does: 256…1024 would refuse 64 or 2048 px
-    if args.min_bucket_reso is None:
-        args.min_bucket_reso = min(HealthSettings.min_bucket_reso, *args.resolution)
-    if args.max_bucket_reso is None:
-        args.max_bucket_reso = max(HealthSettings.max_bucket_reso, *args.resolution)
+    low, high = bucket_limits_for(args.resolution)  # limits not given follow the resolution, as the API's check
+    args.min_bucket_reso = low if args.min_bucket_reso is None else args.min_bucket_reso
+    args.max_bucket_reso = high if args.max_bucket_reso is None else args.max_bucket_reso
 
     settings = HealthSettings(
         resolution=args.resolution,

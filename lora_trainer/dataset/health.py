@@ -31,7 +31,7 @@ from lora_trainer.dataset.images import ImageError, load_image, sd_scripts_readi
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
                                          images_in_unread_case, list_images,
                                          nested_images_note, other_caption_extension, parse_repeats_folder_name,
-                                         unread_case_note)
+                                         UNREAD_PICTURE_SUFFIXES, unread_case_note)
 from lora_trainer.errors import UserError
 
 Size = tuple[int, int]
@@ -40,7 +40,6 @@ Box = tuple[int, int, int, int]
 # sd-scripts trains on 75 tokens unless --max_token_length is 150 or 225; beyond that the text encoder never sees it.
 TOKEN_LIMITS = (75, 150, 225)
 # Files users drop into a folder expecting them to be trained, which sd-scripts' glob never picks up.
-UNREAD_IMAGE_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif"})
 # An enlargement this large makes a visibly soft training image.
 TOO_SMALL_UPSCALE = 2.0
 # 64-bit perceptual hashes this close are the same picture re-encoded, resized or lightly edited.
@@ -357,6 +356,12 @@ class _Source:
     dataset: int = 0
 
 
+def bucket_limits_for(resolution: Size) -> tuple[int, int]:
+    """Bucket limits where none are given: sd-scripts' 256…1024, widened to hold the resolution (they would refuse 64
+    or 2048 px)."""
+    return min(HealthSettings.min_bucket_reso, *resolution), max(HealthSettings.max_bucket_reso, *resolution)
+
+
 def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> HealthReport:
     """Check ``folder`` as sd-scripts' ``--train_data_dir`` (or a single image folder) under ``settings``."""
     root = Path(folder)
@@ -576,7 +581,7 @@ def _folder_file_findings(folder: Path, root: Path, images: list[Path], caption_
                                     f"is the caption of {names} (same name, different extension); rename one image "
                                     "and give it its own caption."))
     for child in folder.iterdir():
-        if child.suffix.lower() in UNREAD_IMAGE_SUFFIXES and child.is_file():
+        if child.suffix.lower() in UNREAD_PICTURE_SUFFIXES and child.is_file():
             findings.append(Finding("warning", "unread-format", _relative(child, root),
                                     f"sd-scripts does not read {child.suffix} files; convert it to PNG or JPEG."))
     if unread := images_in_unread_case(folder):

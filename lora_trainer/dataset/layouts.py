@@ -55,6 +55,8 @@ def _optional_extensions() -> tuple[str, ...]:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + _optional_extensions()
 _IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | frozenset(extension.upper() for extension in IMAGE_EXTENSIONS)
+# pictures sd-scripts does not read: said where they lie among the training images (check, prep)
+UNREAD_PICTURE_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif"})
 _LIST_LIMIT = 5
 
 

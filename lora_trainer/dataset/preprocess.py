@@ -27,7 +27,7 @@ from lora_trainer.dataset.caption_files import caption_path_for, load_caption_fi
 from lora_trainer.dataset.focus import Box, best_offset, face_detector_available, interest_of, require_face_detector
 from lora_trainer.dataset.images import ImageError, load_image_and_alpha
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, caption_candidates, list_images,
-                                         other_caption_extension, parse_repeats_folder_name)
+                                         other_caption_extension, parse_repeats_folder_name, UNREAD_PICTURE_SUFFIXES)
 from lora_trainer.errors import UserError
 
 Size = tuple[int, int]
@@ -197,7 +197,7 @@ def check_folders(source: Path, out: Path, overwrite: bool) -> None:
 
 # pictures training does not read (and training's own, in a case it does not read): said, as a prepared folder
 # without them is missing what the user put in
-_PICTURE_SUFFIXES = frozenset((".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", *IMAGE_EXTENSIONS))
+_PICTURE_SUFFIXES = frozenset((*UNREAD_PICTURE_SUFFIXES, *IMAGE_EXTENSIONS))
 
 
 def find_source_images(source: Path) -> tuple[list[Path], list[Path], list[Path]]:

@@ -133,7 +133,7 @@ def absolute_dataset_config(source: Path, target: Path) -> Path:
     return target
 
 
-def _misread_captions(options: TrainOptions) -> list[str]:
+def _sd_scripts_misreadings(options: TrainOptions) -> list[str]:
     """Caption files this trainer reads right and sd-scripts does not (a byte-order mark, UTF-16), and pictures it
     trains otherwise (an EXIF turn ignored, 16 bits clipped, transparency kept), said before it runs: a mark glued to
     the first tag loses a trigger word there without a word, a phone photo trains sideways."""
@@ -180,7 +180,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
     config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
-    for note in [*sd_scripts_notes(options, script), *_misread_captions(options)]:
+    for note in [*sd_scripts_notes(options, script), *_sd_scripts_misreadings(options)]:
         events.emit("warning", message=note)
     if options.state_dir and (options.save_state or options.save_state_on_train_end):
         events.emit("warning", message=f"sd-scripts saves its states beside its files in {options.output_dir}, "
