@@ -37,6 +37,13 @@ def test_frequency_rows_search_sort_and_limit():
     assert tag_view.frequency_rows(counts, limit=1) == [["zkchar", 100]]
 
 
+def test_tag_search_finds_escaped_brackets_by_what_they_read():
+    counts = [("hair \\(style\\)", 5), ("artist \\[name\\]", 3), ("smile", 2)]
+    assert tag_view.frequency_rows(counts, query="(style)") == [["hair \\(style\\)", 5]]
+    assert tag_view.frequency_rows(counts, query="\\(style") == [["hair \\(style\\)", 5]]
+    assert tag_view.frequency_rows(counts, query="[name]") == [["artist \\[name\\]", 3]]
+
+
 def test_range_selection_is_inclusive_in_either_order_and_checked(editor):
     filtered = tag_editor.select(editor, tag_editor.TagFilter())
     assert [p.name for p in tag_view.index_range(filtered, 5, 3)] == ["img_002.png", "img_003.png", "img_004.png"]

@@ -5,6 +5,7 @@ these to components, so a folder of 10,000 images costs one page of work per cli
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +56,18 @@ def shown(text: str) -> str:
 
 def frequency_rows(counts: list[tuple[str, int]], query: str = "", sort: str = "frequency",
                    limit: int = FREQUENCY_ROWS) -> list[list]:
-    """``[tag, count]`` rows, filtered by a substring ``query``, sorted by frequency or name, at most ``limit``."""
+    """``[tag, count]`` rows, filtered by a substring ``query``, sorted by frequency or name, at most ``limit``. A tag
+    matches as written and as it reads: ``hair \\(style\\)`` is found by ``(style)`` too (the prompt escapes are the
+    WebUI's, not the user's words)."""
     query = query.strip().casefold()
-    rows = [[tag, count] for tag, count in counts if query in tag.casefold()]
+    rows = [[tag, count] for tag, count in counts if query in tag.casefold() or query in _unescaped(tag).casefold()]
     if sort == "name":
         rows.sort(key=lambda row: (row[0].casefold(), row[0]))
     return rows[:limit]
+
+
+def _unescaped(tag: str) -> str:
+    return re.sub(r"\\([()\[\]])", r"\1", tag)
 
 
 def index_range(filtered: tuple[Path, ...], start: int, end: int) -> tuple[Path, ...]:
