@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from lora_trainer.dataset.buckets import select_bucket
 from lora_trainer.dataset.config import load_dataset_config, resolve_dataset_config
+from lora_trainer.dataset.health import check_dataset
 from lora_trainer.dataset.layouts import (
     caption_fallback_notes,
     config_from_folders,
@@ -65,14 +66,22 @@ def test_folder_names_give_repeats_and_class_tokens_like_sd_scripts(name, parsed
 
 
 def test_folder_scan_keeps_good_folders_and_says_how_to_rename_the_others(tmp_path):
-    for name in ("10_zk star", "5_", "abc_dog", "0_cat"):
+    for name in ("10_zk star", "5_", "empty"):
         (tmp_path / name).mkdir()
+    for index in range(40):
+        image(tmp_path / "abc_dog" / f"{index}.png")
+    image(tmp_path / "0_cat" / "a.png")
     (tmp_path / "notes.txt").write_text("not a folder", encoding="utf-8")
     scan = scan_dreambooth_folders(tmp_path)
     assert [(Path(s["image_dir"]).name, s["num_repeats"], s["class_tokens"]) for s in scan.subsets] == [("10_zk star", 10, "zk star"), ("5_", 5, "")]
     notes = " ".join(scan.notes)
-    assert "rename it to 10_abc_dog" in notes and "rename it to 1_cat" in notes
+    assert "'abc_dog' (40 image(s), rename it to 5_abc_dog)" in notes
+    assert "'0_cat' (1 image(s), it asks for 0 repeats; rename it to 20_cat)" in notes
+    assert "'empty' (no images)" in notes
     assert "5_: the folder name gives no class tokens" in notes
+    # the same names as dataset check suggests: one rule, not two hints that disagree
+    findings = {f.path: f.message for f in check_dataset(tmp_path).findings if f.kind == "skipped-folder"}
+    assert "rename it to 5_abc_dog." in findings["abc_dog"] and "rename it to 20_cat." in findings["0_cat"]
 
 
 def test_images_directly_in_the_train_folder_are_explained(tmp_path):

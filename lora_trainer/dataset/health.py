@@ -31,7 +31,7 @@ from lora_trainer.dataset.images import ImageError, load_image, sd_scripts_readi
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
                                          images_in_unread_case, list_images,
                                          nested_images_note, other_caption_extension, parse_repeats_folder_name,
-                                         UNREAD_PICTURE_SUFFIXES, unread_case_note)
+                                         suggested_folder_name, UNREAD_PICTURE_SUFFIXES, unread_case_note)
 from lora_trainer.errors import UserError
 
 Size = tuple[int, int]
@@ -44,9 +44,6 @@ TOKEN_LIMITS = (75, 150, 225)
 TOO_SMALL_UPSCALE = 2.0
 # 64-bit perceptual hashes this close are the same picture re-encoded, resized or lightly edited.
 NEAR_DUPLICATE_BITS = 6
-# The suggested repeats aim at about this many samples per epoch (a common starting point for 10–50 images).
-SUGGESTED_SAMPLES_PER_EPOCH = 200
-MAX_SUGGESTED_REPEATS = 20
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "note": 2}
 
@@ -145,17 +142,6 @@ class HealthReport:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Folder names (sd-scripts' ``generate_dreambooth_subsets_config_by_subdirs``)
-
-
-def suggested_repeats(image_count: int) -> int:
-    return max(1, min(MAX_SUGGESTED_REPEATS, round(SUGGESTED_SAMPLES_PER_EPOCH / max(1, image_count))))
-
-
-def suggested_folder_name(name: str, image_count: int) -> str:
-    """A name sd-scripts accepts for a folder it would skip: the repeats in front, the old name as class tokens."""
-    parsed_head, _, rest = name.partition("_")
-    words = rest if parsed_head.lstrip("-").isdigit() else name
-    return f"{suggested_repeats(image_count)}_{words or 'concept'}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

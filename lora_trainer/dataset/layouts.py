@@ -58,6 +58,9 @@ _IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | frozenset(extension.upper() for 
 # pictures sd-scripts does not read: said where they lie among the training images (check, prep)
 UNREAD_PICTURE_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif"})
 _LIST_LIMIT = 5
+# The suggested repeats aim at about this many samples per epoch (a common starting point for 10–50 images).
+SUGGESTED_SAMPLES_PER_EPOCH = 200
+MAX_SUGGESTED_REPEATS = 20
 
 
 def _some(paths: Iterable[Any]) -> str:
@@ -82,14 +85,25 @@ def parse_repeats_folder_name(name: str) -> tuple[int, str] | None:
     return repeats, rest
 
 
-def _rename_hint(name: str) -> str:
-    head, _, rest = name.partition("_")
-    try:
-        if int(head) < 1:
-            return f"it asks for {int(head)} repeats; rename it to 1_{rest or 'name'} or more"
-    except ValueError:
-        pass
-    return f"rename it to 10_{name} (10 repeats, class tokens {name!r}) or drop it"
+def suggested_repeats(image_count: int) -> int:
+    return max(1, min(MAX_SUGGESTED_REPEATS, round(SUGGESTED_SAMPLES_PER_EPOCH / max(1, image_count))))
+
+
+def suggested_folder_name(name: str, image_count: int) -> str:
+    """A name sd-scripts accepts for a folder it would skip: the repeats in front, the old name as class tokens."""
+    parsed_head, _, rest = name.partition("_")
+    words = rest if parsed_head.lstrip("-").isdigit() else name
+    return f"{suggested_repeats(image_count)}_{words or 'concept'}"
+
+
+def _rename_hint(folder: Path) -> str:
+    """What training says of a skipped folder: the same name as ``dataset check`` suggests for it."""
+    count = len(list_images(folder))
+    if not count:
+        return "no images"
+    head, _, _ = folder.name.partition("_")
+    asks = f"it asks for {int(head)} repeats; " if head.lstrip("-").isdigit() else ""
+    return f"{count} image(s), {asks}rename it to {suggested_folder_name(folder.name, count)}"
 
 
 @dataclass(frozen=True)
@@ -115,7 +129,7 @@ def _scan_parent(parent: Path, is_reg: bool, option: str) -> tuple[list[dict[str
     for folder in sorted(child for child in parent.iterdir() if child.is_dir() and not child.name.startswith(".")):
         parsed = parse_repeats_folder_name(folder.name)
         if parsed is None:
-            skipped.append(f"{folder.name!r} ({_rename_hint(folder.name)})")
+            skipped.append(f"{folder.name!r} ({_rename_hint(folder)})")
             continue
         repeats, class_tokens = parsed
         if not class_tokens:
