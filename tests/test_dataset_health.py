@@ -96,6 +96,16 @@ def test_bucket_options_that_contradict_the_resolution_are_one_error_not_one_per
     assert not report.errors
 
 
+def test_a_bucket_step_only_sdxl_takes_is_said_and_one_no_model_takes_is_an_error(tmp_path):
+    """The check does not know the model: 32 px steps pass for SDXL and are refused by SD1/SD2 training."""
+    caption(make_image(tmp_path / "10_zk" / "a.png", (512, 384), 1), "zk")
+    kinds = lambda report: [(f.severity, f.kind) for f in report.findings if f.kind.startswith("bucket-step")]
+    assert kinds(check_dataset(tmp_path, HealthSettings())) == []
+    assert kinds(check_dataset(tmp_path, HealthSettings(bucket_reso_steps=32))) == [("note", "bucket-step-sdxl-only")]
+    assert kinds(check_dataset(tmp_path, HealthSettings(bucket_reso_steps=48))) == [("error", "bucket-step")]
+    assert kinds(check_dataset(tmp_path, HealthSettings(bucket_reso_steps=48, enable_bucket=False))) == []
+
+
 def test_images_the_trainer_skips_are_reported_and_a_wrong_caption_extension_is_named(tmp_path):
     """What the trainer warns about, the report says before: images in sub-folders of an image folder and an image
     extension in mixed case (both never read); captions under the other usual extension point at the option."""

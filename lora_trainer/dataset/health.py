@@ -460,6 +460,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
             findings.append(Finding("warning", "missing-trigger", image_name,
                                     f"the caption lacks the trigger word '{settings.trigger}'; add it (first, if you use keep_tokens)."))
 
+    findings += _bucket_step_findings(settings)
     duplicates = near_duplicate_groups(hashes, settings.near_duplicate_bits)
     for group in duplicates:
         findings.append(Finding("warning", "near-duplicate", group[0],
@@ -593,6 +594,21 @@ def _class_token_findings(folder: str, class_tokens: str, captions: dict[str, st
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text form
+
+
+def _bucket_step_findings(settings: HealthSettings) -> list[Finding]:
+    """The check does not know the model; training does, and refuses a bucket step its model's UNet cannot take
+    (sd-scripts asserts a multiple of 64 in train_network.py, of 32 in sdxl_train_network.py)."""
+    step = settings.bucket_reso_steps
+    if not settings.enable_bucket or step % 64 == 0:
+        return []
+    if step % 32 == 0:
+        return [Finding("note", "bucket-step-sdxl-only", "",
+                        f"bucket_reso_steps {step} gives buckets only SDXL training takes: SD1/SD2 training needs a "
+                        "multiple of 64; check with --bucket-reso-steps 64 for an SD1/SD2 model")]
+    return [Finding("error", "bucket-step", "",
+                    f"bucket_reso_steps {step}: training refuses it (SD1/SD2 need a multiple of 64, SDXL of 32); "
+                    "use 64")]
 
 
 def report_lines(report: HealthReport) -> list[str]:
