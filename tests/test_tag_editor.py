@@ -18,6 +18,7 @@ from lora_trainer.dataset.tag_editor import (
     TagFilter,
     UnderscoresToSpaces,
     apply_edit,
+    broken_links_shown_note,
     caption_of,
     edit_caption,
     make_edit,
@@ -255,6 +256,19 @@ def test_a_multiline_caption_shows_and_edits_the_first_line_training_reads_and_k
     assert (dataset / "c.txt").read_text(encoding="utf-8") == "zkstar, red circle\nsecond line tag, not trained\n"
     assert (dataset / "a.txt").read_text(encoding="utf-8") == "zkstar, yellow star, blue_background"
     assert multiline_note(open_folder(dataset / "..")) is None
+
+
+def test_pictures_that_are_links_to_nothing_are_named_not_silently_missing(dataset, tmp_path):
+    """A library on a drive not mounted: check, prep and training name such links; the editor cannot show them."""
+    (dataset / "gone.png").symlink_to(tmp_path / "unmounted" / "gone.png")
+    (dataset / "sub").mkdir()
+    (dataset / "sub" / "deep.jpg").symlink_to(tmp_path / "unmounted" / "deep.jpg")
+    editor = open_folder(dataset)
+    assert names(editor.broken_links) == ["gone.png"] and "gone.png" not in names(editor.images)
+    assert broken_links_shown_note(editor).startswith("not shown: gone.png links to a file that is not there")
+    assert names(open_folder(dataset, recursive=True).broken_links) == ["gone.png", "deep.jpg"]
+    (dataset / "gone.png").unlink()
+    assert broken_links_shown_note(reload(open_folder(dataset))[0]) is None
 
 
 def test_an_image_extension_is_refused_as_the_caption_extension(dataset):

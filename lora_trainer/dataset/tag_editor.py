@@ -35,7 +35,7 @@ from lora_trainer.dataset.caption_files import (
     read_image_captions,
     write_captions,
 )
-from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, caption_candidates
+from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, broken_links_note, caption_candidates
 from lora_trainer.errors import UserError
 
 Tags = tuple[str, ...]
@@ -354,6 +354,7 @@ class TagEditor:
     siblings: Mapping[Path, tuple[Path, ...]]
     later_lines: Mapping[Path, str] = field(default_factory=dict)
     unreadable: Mapping[Path, str] = field(default_factory=dict)
+    broken_links: tuple[Path, ...] = ()  # pictures that are links to nothing: listed, not shown
     undo_steps: tuple[Step, ...] = ()
     redo_steps: tuple[Step, ...] = ()
 
@@ -385,12 +386,19 @@ class _FolderScan:
     stamps: dict[Path, CaptionStamp]
     later_lines: dict[Path, str]
     unreadable: dict[Path, str]
+    broken_links: tuple[Path, ...]
 
 
 def find_images(folder: Path, recursive: bool = False) -> list[Path]:
     """The images sd-scripts would train on in ``folder`` (and its sub-folders, hidden ones skipped, when
     ``recursive``), sorted by folder, then name; not hidden files (macOS's ``._name.jpg``: its glob skips them)."""
+    return _find_pictures(folder, recursive)[0]
+
+
+def _find_pictures(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """``find_images``, and the pictures that are links to nothing (a drive not mounted) found on the way."""
     found: list[tuple[str, str, str]] = []  # (folder, name, path) as strings: sorted before any Path is built
+    broken: list[str] = []
     pending, seen = [str(folder)], {os.path.realpath(folder)}
     while pending:
         current = pending.pop()
@@ -402,9 +410,12 @@ def find_images(folder: Path, recursive: bool = False) -> list[Path]:
                     if recursive and not entry.name.startswith(".") and (real := os.path.realpath(entry.path)) not in seen:
                         seen.add(real)
                         pending.append(entry.path)
-                elif is_training_image(entry.name) and not entry.name.startswith(".") and entry.is_file():
-                    found.append((current, entry.name, entry.path))
-    return [Path(path) for _, _, path in sorted(found)]
+                elif is_training_image(entry.name) and not entry.name.startswith("."):
+                    if entry.is_file():
+                        found.append((current, entry.name, entry.path))
+                    elif entry.is_symlink() and not os.path.exists(entry.path):
+                        broken.append(entry.path)
+    return [Path(path) for _, _, path in sorted(found)], [Path(path) for path in sorted(broken)]
 
 
 def empty_folder_note(editor: TagEditor) -> str | None:
@@ -422,7 +433,7 @@ def empty_folder_note(editor: TagEditor) -> str | None:
 
 
 def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
-    images = find_images(folder, recursive)
+    images, broken_links = _find_pictures(folder, recursive)
     captions = read_image_captions(images, caption_extension)
     tags, later_lines = {}, {}
     for image, text in captions.texts.items():
@@ -432,7 +443,7 @@ def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
         tags[image] = split_tags(first)
         if later.strip():
             later_lines[image] = later
-    return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable)
+    return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable, tuple(broken_links))
 
 
 def _face_crop_source_caption(image: Path, caption_extension: str) -> str | None:
@@ -483,6 +494,7 @@ def open_folder(
         siblings=_frozen(_siblings(scan.images)),
         later_lines=_frozen(scan.later_lines),
         unreadable=_frozen(scan.unreadable),
+        broken_links=scan.broken_links,
     )
 
 
@@ -498,6 +510,11 @@ def caption_text(editor: TagEditor, image: Path) -> str:
     """The caption file's text for the image's tags: the first line, then the lines after it as they were read."""
     later = editor.later_lines.get(image)
     return caption_of(editor, image) + (f"\n{later}" if later else "")
+
+
+def broken_links_shown_note(editor: TagEditor) -> str | None:
+    """Pictures that are links to nothing cannot be shown or captioned; check, prep and training name them too."""
+    return f"not shown: {broken_links_note(list(editor.broken_links))}" if editor.broken_links else None
 
 
 def multiline_note(editor: TagEditor) -> str | None:
@@ -713,6 +730,7 @@ def reload(editor: TagEditor) -> tuple[TagEditor, ReloadReport]:
         siblings=_frozen(_siblings(scan.images)),
         later_lines=_frozen(scan.later_lines),
         unreadable=_frozen(scan.unreadable),
+        broken_links=scan.broken_links,
     )
     # the other program's versions arrive as an undoable step, so undo never silently mixes two histories
     reloaded = record_step(reloaded, "Reload captions changed on disk", {image: tags[image] for image in updated})

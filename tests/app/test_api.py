@@ -517,6 +517,10 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     train = client.post(f"{V1}/datasets/open", json={"path": str(folder.parent)}).json()
     assert train["total"] == 0 and "its sub-folders hold some (10_zkchar)" in train["note"]
     assert "note" not in client.post(f"{V1}/datasets/open", json={"path": str(folder.parent), "recursive": True}).json()
+    (folder / "gone.png").symlink_to(folder / "not-there.png")  # a drive not mounted: said, not silently missing
+    note = client.post(f"{V1}/datasets/open", json={"path": str(folder)}).json()["note"]
+    assert note.startswith("Not shown: gone.png links to a file that is not there") and note.count("..") == 0
+    (folder / "gone.png").unlink()
 
     page = client.get(f"{V1}/datasets/{sid}", params={"all": "blue", "page_size": 1, "page": 2}).json()
     assert page["filtered"] == 2 and page["pages"] == 2 and [i["name"] for i in page["images"]] == ["img_003.png"]
