@@ -120,6 +120,16 @@ def test_jobs_run_one_at_a_time_in_order_and_record_their_files(runner, tmp_path
     assert runner.run_next().id == second.id and runner.run_next() is None
 
 
+def test_a_windows_path_with_a_part_starting_with_x_reaches_the_trainer(runner, tmp_path):
+    """toml 0.10.2 writes "\\x" unescaped: every job of a D:\\models\\xxmix… checkpoint or an \\xl\\ folder failed as it
+    started ("not valid TOML: Reserved escape sequence"). Linux allows backslashes in a name, so the path is one here."""
+    out = tmp_path / "D:\\AI\\xxmix out"
+    runner.submit("x path", {**options(tmp_path, "finish"), "output_dir": str(out)})
+    done = runner.run_next()
+    assert done.status == "finished", done.message
+    assert done.files == [str(out / "run.safetensors")]
+
+
 def test_a_new_job_moves_an_earlier_runs_files_of_its_name_aside_instead_of_replacing_them(runner, tmp_path):
     """Training "mychar" again in the Tab must not destroy the first attempt (and its edited card) in models/Lora:
     it is said before the job is queued, and the files wait beside the job folders to be moved back."""

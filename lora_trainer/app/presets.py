@@ -13,6 +13,7 @@ from typing import Any
 
 import toml
 
+from .. import toml_text
 from ..errors import UserError
 from ..safe_io import read_utf8, write_text
 from ..training.options import FIELDS, TrainOptions, kohya_command, options_from, read_config_file, write_config
@@ -131,7 +132,7 @@ def write_preset_file(preset: PresetFile, path: str | Path) -> Path:
         raise UserError(f"preset {preset.title!r}: unknown option(s) {', '.join(unknown)}")
     data = {"preset": {"title": preset.title, "preferred_weight": preset.preferred_weight, "guidance": preset.guidance},
             "options": {k: v for k, v in preset.options.items() if v is not None}}
-    return write_text(Path(path), toml.dumps(data))
+    return write_text(Path(path), toml_text.dumps(data))
 
 
 def read_preset_file(path: str | Path) -> PresetFile:

@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import toml
-
+from .. import toml_text
 from ..errors import UserError
 from ..training.events import EventLog, read_events
 from ..training.options import options_from
@@ -201,7 +200,7 @@ class JobRunner:
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),
                   "state_dir": str(job.state_folder)}
-        job.config_path.write_text(toml.dumps(values), encoding="utf-8")
+        job.config_path.write_text(toml_text.dumps(values), encoding="utf-8")
         self._wake.set()
         return job
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import toml
 
+from .. import toml_text
 from ..dataset.buckets import check_largest_side
 from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
@@ -920,7 +921,7 @@ def write_config(options: TrainOptions, path: str | Path) -> Path:
     """The options that differ from the defaults, as a TOML sd-scripts' ``--config_file`` reads too."""
     from ..safe_io import write_text
 
-    return write_text(Path(path), toml.dumps(non_default(options)))
+    return write_text(Path(path), toml_text.dumps(non_default(options)))
 
 
 def with_sd_scripts_requirements(options: TrainOptions) -> TrainOptions:

@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import toml
-
+from .. import toml_text
 from ..errors import UserError
 from .control import control_command
 from .events import EventLog
@@ -129,7 +128,7 @@ def absolute_dataset_config(source: Path, target: Path) -> Path:
             for key in _DATASET_PATHS:
                 if isinstance(subset.get(key), str):
                     subset[key] = absolute_path(subset[key], must_exist=False)
-    target.write_text(toml.dumps(config), encoding="utf-8")
+    target.write_text(toml_text.dumps(config), encoding="utf-8")
     return target
 
 
@@ -177,7 +176,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
     if options.dataset_config:
         dataset = absolute_dataset_config(Path(options.dataset_config), config.with_suffix(".dataset.toml"))
         options = dataclasses.replace(options, dataset_config=str(dataset))
-    config.write_text(toml.dumps(non_default(options)), encoding="utf-8")
+    config.write_text(toml_text.dumps(non_default(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
     for note in [*sd_scripts_notes(options, script), *_sd_scripts_misreadings(options)]:

@@ -653,7 +653,7 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
                      and getattr(DEFAULTS, k, None) != v}
     except UserError as error:
         return [gr.update()] * (len(IMPORTED_FIELDS) - 1) + [f"error: {error}"]
-    import toml
+    from ... import toml_text
 
     # Advanced is applied last and wins, so what a field shows must not also stay there: a later edit of the field
     # would be overridden by the file's value
@@ -680,4 +680,4 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
     if added:  # the form trains with its preset's options where the file has none
         said += (f" The {preset} preset adds what the file leaves out: "
                  + ", ".join(f"{k} = {v!r}" for k, v in added.items()) + " (change them in Advanced).")
-    return [gr.update() if v is None else v for v in values] + [toml.dumps(rest), f"Imported {Path(path).name}.{said}"]
+    return [gr.update() if v is None else v for v in values] + [toml_text.dumps(rest), f"Imported {Path(path).name}.{said}"]
