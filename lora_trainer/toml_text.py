@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import toml
 
+from .errors import UserError
+
 
 def _basic_string(text: str) -> str:
     # JSON leaves DEL as it is, which TOML forbids unescaped; a lone surrogate (a file name that is not UTF-8) has no
@@ -27,3 +29,14 @@ class _Encoder(toml.TomlEncoder):
 
 def dumps(data: Mapping[str, Any]) -> str:
     return toml.dumps(data, encoder=_Encoder())
+
+
+def loads(text: str, what: str, advice: str = "") -> dict[str, Any]:
+    """``text`` read as TOML; a mistake is a UserError naming ``what`` ("Config file D:\\run.toml"), where and — for the
+    usual one, a Windows path written in double quotes — the fix (else ``advice``, if any)."""
+    try:
+        return toml.loads(text)
+    except toml.TomlDecodeError as error:
+        hint = ("; a Windows path in double quotes needs each backslash doubled: write it in single quotes "
+                "('D:\\data\\10_name') or with forward slashes" if "escape" in error.msg.lower() else advice)
+        raise UserError(f"{what} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno}){hint}.") from None

@@ -1362,6 +1362,37 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
         parse_args(["--config_file", str(tmp_path / "typo.toml")])
 
 
+def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path):
+    """'D:\\训练集\\10_x' in double quotes is an invalid escape, 'D:\\new\\train' a line break and a tab: both name the fix
+    (sd-scripts' toml reader says only "Reserved escape sequence", or trains on a folder that is not there)."""
+    from lora_trainer.training.options import parse_args
+
+    config = tmp_path / "ds.toml"
+    config.write_text('pretrained_model_name_or_path = "m.safetensors"\ntrain_data_dir = "D:\\训练集\\10_x"\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"ds.toml is not valid TOML: Reserved escape sequence used \(line \d+, column \d+\); "
+                                        r"a Windows path in double quotes needs each backslash doubled: write it in single quotes"):
+        parse_args(["--config_file", str(config)])
+    config.write_text('pretrained_model_name_or_path = "m.safetensors"\ntrain_data_dir = "D:\\new\\train"\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"--train_data_dir 'D:\\new\\train' holds a line break or tab: .* single quotes"):
+        parse_args(["--config_file", str(config)])
+
+
+@pytest.mark.parametrize("low, high, said", [
+    (900, 100, "--min_timestep 900 is above --max_timestep 100: swap them"),
+    (None, 2000, "--max_timestep 2000: give 1 to 1000"),
+    (-5, None, "--min_timestep -5: give 0 to 999"),
+    (1000, 1000, "--min_timestep 1000: give 0 to 999"),  # one fixed timestep past the schedule's last
+])
+def test_timestep_ranges_that_would_crash_mid_run_or_train_from_the_schedules_end_are_refused(low, high, said, tmp_path):
+    from lora_trainer.training.options import options_from
+
+    given = {k: v for k, v in (("min_timestep", low), ("max_timestep", high)) if v is not None}
+    with pytest.raises(UserError, match=re.escape(said)):
+        options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d", **given})
+    assert options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "min_timestep": 500,
+                         "max_timestep": 500}).min_timestep == 500  # one fixed timestep, as sd-scripts trains it
+
+
 def test_output_config_writes_the_config_file_as_sd_scripts_names_it_and_it_reads_back(tmp_path, capsys):
     """sd-scripts' --output_config --config_file NAME writes NAME.toml (never over a file) instead of reading it."""
     from lora_trainer.training.options import parse_args

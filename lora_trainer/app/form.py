@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import toml
-
+from .. import toml_text
 from ..errors import UserError
 from .presets import NO_TIER, preset_options
 
@@ -39,10 +38,10 @@ def parse_extra_options(text: str) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        values = json.loads(text) if text.startswith("{") else toml.loads(text)
-    except (json.JSONDecodeError, toml.TomlDecodeError) as error:
-        raise UserError(f"Advanced options: not valid {'JSON' if text.startswith('{') else 'TOML'} ({error}); "
-                        'write one option per line, e.g. noise_offset = 0.05') from None
+        values = json.loads(text) if text.startswith("{") else toml_text.loads(text, "Advanced options", "; write one option per line, e.g. noise_offset = 0.05")
+    except json.JSONDecodeError as error:
+        raise UserError(f"Advanced options: not valid JSON ({error}); write one option per line, e.g. "
+                        "noise_offset = 0.05") from None
     if not isinstance(values, dict) or any(isinstance(v, dict) for v in values.values()):
         raise UserError("Advanced options: give plain option = value lines, without [tables]")
     return values

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import toml
-
 from .. import toml_text
 from ..errors import UserError
 from ..safe_io import read_utf8, write_text
@@ -137,10 +135,7 @@ def write_preset_file(preset: PresetFile, path: str | Path) -> Path:
 
 def read_preset_file(path: str | Path) -> PresetFile:
     path = Path(path)
-    try:
-        data = toml.loads(read_utf8(path, "Preset file"))
-    except toml.TomlDecodeError as error:
-        raise UserError(f"Preset file {path} is not valid TOML: {error.msg} (line {error.lineno}).") from None
+    data = toml_text.loads(read_utf8(path, "Preset file"), f"Preset file {path}")
     if not isinstance(data.get("options"), dict):
         raise UserError(f"Preset file {path}: no [options] table; export a preset from the Train tab to see the layout")
     head = data.get("preset", {})
@@ -158,10 +153,7 @@ def import_kohya_toml(path: str | Path, notes: list[str] | None = None) -> dict[
     path = Path(path)
     if path.suffix.lower() == ".json":
         return read_config_file(path, notes)
-    try:
-        raw = toml.loads(read_utf8(path, "Config file"))
-    except toml.TomlDecodeError as error:
-        raise UserError(f"Config file {path} is not valid TOML: {error.msg} (line {error.lineno}).") from None
+    raw = toml_text.loads(read_utf8(path, "Config file"), f"Config file {path}")
     if "datasets" in raw:
         from ..dataset.config import read_config_file as read_dataset_config
 

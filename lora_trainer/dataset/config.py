@@ -23,8 +23,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import toml
-
+from lora_trainer import toml_text
 from lora_trainer.dataset.buckets import BucketSettings, adjusted_bucket_range
 from lora_trainer.dataset.caption_files import checked_caption_extension
 from lora_trainer.dataset.captions import CaptionOptions
@@ -230,9 +229,7 @@ def read_config_file(path: Path) -> dict:
         raise UserError(f"Dataset config {path} must end in .toml or .json (sd-scripts reads only those).")
     text = read_utf8(path, "Dataset config")
     try:
-        loaded = toml.loads(text) if suffix == ".toml" else json.loads(text)
-    except toml.TomlDecodeError as error:
-        raise UserError(f"Dataset config {path} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno}).") from None
+        loaded = toml_text.loads(text, f"Dataset config {path}") if suffix == ".toml" else json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"Dataset config {path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from None
     if not isinstance(loaded, dict):

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import toml
-
 from .. import toml_text
 from ..dataset.buckets import check_largest_side
 from ..errors import UserError, with_closest
@@ -343,10 +341,7 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
     text = read_utf8(path, "Config file")
     if gui:
         return _flattened(path, _gui_config(path, text, notes if notes is not None else []), notes)
-    try:
-        data = toml.loads(text)
-    except toml.TomlDecodeError as error:
-        raise UserError(f"Config file {path} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno}).") from None
+    data = toml_text.loads(text, f"Config file {path}")
     return _flattened(path, data, notes)
 
 
@@ -608,6 +603,36 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions, "notes": notes})
 
 
+TRAINING_TIMESTEPS = 1000  # every SD model's schedule: timesteps 0…999
+
+
+def _timestep_problems(low: int | None, high: int | None) -> list[str]:
+    """sd-scripts draws from [min, max) and trains at max when min ≥ max; out of 0…1000 it indexes past its schedule
+    and crashes mid-run (or, below 0, silently from its end)."""
+    problems = []
+    if low is not None and not 0 <= low < TRAINING_TIMESTEPS:
+        problems.append(f"--min_timestep {low}: give 0 to {TRAINING_TIMESTEPS - 1}")
+    if high is not None and not 1 <= high <= TRAINING_TIMESTEPS:
+        problems.append(f"--max_timestep {high}: give 1 to {TRAINING_TIMESTEPS} (it is exclusive)")
+    if not problems and low is not None and high is not None and low > high:
+        problems.append(f"--min_timestep {low} is above --max_timestep {high}: swap them (for one fixed timestep t, "
+                        "give both as t)")
+    return problems
+
+
+def _control_characters_in_paths(options: TrainOptions) -> list[str]:
+    """``"D:\\new\\train"`` in a TOML file reads as a line break and a tab: said as that, not as a folder not found."""
+    problems = []
+    for name in PATH_OPTIONS:
+        values = getattr(options, name)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and re.search(r"[\x00-\x1f]", value):
+                problems.append(f"--{name} {value!r} holds a line break or tab: in a TOML file a Windows path in double "
+                                "quotes turns \\n, \\t, \\b into them; write it in single quotes ('D:\\data') or with "
+                                "forward slashes")
+    return problems
+
+
 def validate(options: TrainOptions, template: bool = False) -> None:
     """Contradictions sd-scripts rejects (and a few it lets through to fail later), said before any heavy work."""
     problems = []
@@ -628,6 +653,8 @@ def validate(options: TrainOptions, template: bool = False) -> None:
                             "--zero_terminal_snr on an epsilon model; add --v_parameterization or drop one of them")
     if options.network_train_unet_only and options.network_train_text_encoder_only:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    problems += _timestep_problems(options.min_timestep, options.max_timestep)
+    problems += _control_characters_in_paths(options)
     if options.output_name and not is_plain_name(options.output_name):
         problems.append(f"--output_name {options.output_name!r} cannot be a file name on Windows; use letters, digits, "
                         "spaces, - and _")

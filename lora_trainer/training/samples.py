@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import toml
 import torch
 
+from .. import toml_text
 from ..errors import UserError
 from ..safe_io import read_utf8
 from ..sampling.samplers import is_stand_in, sampler_name
@@ -124,10 +124,7 @@ def read_prompts(path: str | Path, default_size: int = 512) -> list[SamplePrompt
 
 def _toml_entries(path: Path, text: str) -> list:
     """sd-scripts' layout: ``[prompt]`` with the defaults, then one ``[[prompt.subset]]`` per image."""
-    try:
-        data = toml.loads(text)
-    except toml.TomlDecodeError as error:
-        raise UserError(f"{path} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    data = toml_text.loads(text, str(path))
     prompt = data.get("prompt")
     if not isinstance(prompt, dict) or not isinstance(prompt.get("subset"), list):
         raise UserError(f"{path}: write the defaults under [prompt] and one [[prompt.subset]] table per sample, each "
