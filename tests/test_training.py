@@ -225,6 +225,25 @@ def test_a_control_word_is_a_leftover_only_when_older_than_a_fat_drive_can_tell_
         request.close()
 
 
+def test_a_control_word_written_by_windows_shells_and_editors_is_obeyed(tmp_path):
+    """PowerShell 5's `echo stop > file` writes UTF-16 with a BOM: it killed the run with a UnicodeDecodeError and
+    nothing saved; Notepad's UTF-8 BOM made "\ufeffstop" an unknown word. Bytes that are no text read as a stop."""
+    from lora_trainer.training.trainer import StopRequest
+
+    control = tmp_path / "control"
+    warned = []
+    request = StopRequest(control, warned.append)
+    try:
+        for data, command in (("stop\r\n".encode("utf-16"), "stop"), (b"\xef\xbb\xbfsave\r\n", "save"),
+                              ("sample".encode("utf-16-be"), "sample"),  # no BOM: ASCII words still read
+                              (b"\xff\xfe\x00\xd8", "stop"), (b"\x80\x81", "stop")):
+            control.write_bytes(data)
+            assert request.command() == command, data
+        assert warned == []
+    finally:
+        request.close()
+
+
 def test_a_control_file_that_cannot_be_removed_is_obeyed_once_and_said(tmp_path, monkeypatch):
     """A folder without write access (or a virus scanner holding the file on Windows): the word is still obeyed,
     not a crash that saves nothing, and not obeyed again at every step until the file changes."""

@@ -1,9 +1,25 @@
 """The control file (``--stop_file``): one command a line, added by the job runner (or written by hand), read once
-a step by the trainer and by the sd-scripts backend. Pure: text in, command out."""
+a step by the trainer and by the sd-scripts backend. Pure: bytes or text in, command out."""
 
 from __future__ import annotations
 
+import codecs
+
 WORDS = ("stop", "pause", "save", "sample")
+
+
+def control_text(data: bytes) -> str:
+    """The file's words however a Windows shell wrote them: PowerShell 5's ``echo stop > file`` writes UTF-16 with a
+    BOM, Notepad may add a UTF-8 BOM. Bytes that are no text at all read as a stop (someone meant to control the run,
+    and a stop saves before it ends)."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        return data.decode(encoding).replace("\x00", "")
+    except UnicodeDecodeError:
+        return "stop"
 
 
 def control_command(text: str) -> tuple[str | None, list[str]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import toml_text
 from ..errors import UserError
-from .control import control_command
+from .control import control_command, control_text
 from .events import EventLog
 from .options import (TrainOptions, absolute_path, non_default, sd_scripts_notes, with_absolute_paths,
                       with_sd_scripts_requirements)
@@ -46,7 +46,7 @@ def checkout_of(backend: str) -> Path:
 
 def _asks_to_stop(stop_file: Path | None) -> bool:
     """The control file asks to stop or pause: sd-scripts can neither save nor sample now, so only that is obeyed."""
-    return stop_file is not None and stop_file.exists() and control_command(stop_file.read_text(encoding="utf-8"))[0] == "stop"
+    return stop_file is not None and stop_file.exists() and control_command(control_text(stop_file.read_bytes()))[0] == "stop"
 
 
 def python_of(checkout: Path) -> str:

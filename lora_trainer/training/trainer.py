@@ -43,7 +43,7 @@ from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum
 from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
-from .control import control_command
+from .control import control_command, control_text
 from .data import TrainingData, build_training_data, check_bucket_steps
 from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
 from .events import EventLog
@@ -224,7 +224,7 @@ class StopRequest:
             stat = self.stop_file.stat()
             if (stat.st_mtime_ns, stat.st_size) == self._obeyed:
                 return None
-            text = self.stop_file.read_text(encoding="utf-8").strip()
+            text = control_text(self.stop_file.read_bytes()).strip()
         except OSError:
             return None
         try:
