@@ -560,6 +560,18 @@ def _state_of(pid: int) -> str:
     return "zombie" if "\nState:\tZ" in status else "alive"
 
 
+def test_on_windows_the_trainer_outlives_the_webuis_console_window():
+    """Closing the console window reaches every process attached to it; the trainer gets a hidden one of its own
+    (and its own process group, so the host's Ctrl-C does not stop the job unasked)."""
+    from lora_trainer.jobs.runner import own_group
+
+    flags = own_group(windows=True)["creationflags"]
+    assert flags & 0x08000000 and flags & 0x00000200  # CREATE_NO_WINDOW, CREATE_NEW_PROCESS_GROUP
+    assert own_group(windows=False) == {"start_new_session": True}
+    if os.name == "nt":
+        assert flags == subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_killing_a_stubborn_trainer_takes_its_data_loader_workers_with_it(tmp_path):
     from lora_trainer.jobs.runner import _OWN_GROUP, kill_process_tree

@@ -106,9 +106,16 @@ def _installed() -> bool:
     return PACKAGE_ROOT in sites
 
 
-# The trainer in its own process group, as the host's Ctrl-C must not reach it (it would stop the job unasked) and a
-# kill must reach its data-loader workers too: a new session on POSIX, a new process group on Windows.
-_OWN_GROUP = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+def own_group(windows: bool = os.name == "nt") -> dict:
+    """Popen's arguments that put the trainer in its own process group, as the host's Ctrl-C must not reach it (it
+    would stop the job unasked) and a kill must reach its data-loader workers too: a new session on POSIX; on Windows
+    a new process group and a console of its own (no window), since closing the WebUI's console window sends its
+    close event to every process attached to it, whatever their group, and the run would end unsaved."""
+    create_new_process_group, create_no_window = 0x00000200, 0x08000000  # subprocess has them on Windows only
+    return {"creationflags": create_new_process_group | create_no_window} if windows else {"start_new_session": True}
+
+
+_OWN_GROUP = own_group()
 
 
 def kill_process_tree(process: subprocess.Popen, windows: bool = os.name == "nt") -> None:
