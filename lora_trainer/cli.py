@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .app.standalone import add_ui_command
+from .console import utf8_when_redirected
 from .dataset.commands import add_dataset_commands
 from .errors import UserError
 from .networks.tools.commands import add_lora_commands
@@ -196,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    utf8_when_redirected()
     args = parser().parse_args(argv)
     try:
         args.run(args)

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import codecs
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Callable
+
+
+def utf8_when_redirected() -> None:
+    """Output sent to a file or a pipe in UTF-8: on Windows it would be in the ANSI code page (cp1252), which cannot
+    write a Chinese file name — ``dataset check D:\\训练集 > report.txt`` died with a UnicodeEncodeError, and
+    ``--events_file -`` stopped echoing after its first event. A console shows Unicode whatever its code page."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if not stream.isatty() and codecs.lookup(stream.encoding).name != "utf-8":
+                stream.reconfigure(encoding="utf-8")
+        except (AttributeError, LookupError, OSError, ValueError):  # replaced by a test's or a host's own stream
+            pass
 
 
 def progress_bar(total: int, unit: str, description: str | None = None, initial: int = 0, leave: bool = True):

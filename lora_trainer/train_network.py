@@ -16,9 +16,11 @@ from .errors import UserError
 
 def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.train_network") -> int:
     started = time.time()  # a control word older than this is an earlier run's
+    from .console import utf8_when_redirected
     from .training.events import EventLog
     from .training.options import kohya_command, non_default, parse_args, sd_scripts_notes, write_output_config
 
+    utf8_when_redirected()
     try:
         options, actions = parse_args(argv, prog)
         entry = "sdxl_train_network.py" if "sdxl" in prog else "train_network.py"

@@ -30,6 +30,27 @@ def test_check_prints_json_and_exits_0_on_a_healthy_folder(tmp_path, capsys):
     assert report["images"][0]["bucket"] == [640, 384]
 
 
+def test_output_redirected_on_a_windows_code_page_is_written_in_utf_8(tmp_path):
+    """`dataset check D:\\训练集 > report.txt` on Windows wrote in cp1252 and died on the first Chinese name; the
+    trainer's `--events_file -` stopped echoing after its first event. A file or a pipe gets UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+    make_image(tmp_path / "训练 集" / "10_角色" / "图.png", (64, 64), 0, caption="角色")
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    check = subprocess.run([sys.executable, "-m", "lora_trainer", "dataset", "check", str(tmp_path / "训练 集"),
+                            "--resolution", "64"], capture_output=True, env=env)
+    assert check.returncode == 0, check.stderr.decode("utf-8", "replace")
+    assert "10_角色: 10 repeats x 1 images" in check.stdout.decode("utf-8")
+    command = subprocess.run([sys.executable, "-m", "lora_trainer.train_network", "--pretrained_model_name_or_path",
+                              str(TINY_MODEL_PATH), "--train_data_dir", str(tmp_path / "训练 集"), "--output_dir",
+                              str(tmp_path / "输出"), "--print-kohya-command"], capture_output=True, env=env)
+    assert command.returncode == 0 and "输出" in command.stdout.decode("utf-8"), command.stderr.decode("utf-8", "replace")
+
+
 def test_check_reads_a_dataset_toml_whose_values_win_over_the_flags(tmp_path, capsys):
     for index in range(3):
         make_image(tmp_path / "pics" / f"{index}.png", (512, 512), index)
