@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from .errors import UserError
+
 if TYPE_CHECKING:  # the dataset tools write files without needing torch loaded
     import torch
 
@@ -93,8 +95,6 @@ def remove_files(paths: list[Path]) -> int:
 
 def check_writable(folder: Path, what: str, option: str) -> None:
     """``folder`` exists (made if need be) and takes a new file, else one UserError naming ``option`` to change."""
-    from .errors import UserError
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
@@ -163,6 +163,11 @@ def give_permissions(written: Path, permissions: int) -> None:
         os.chmod(written, permissions)
 
 
+class HeldFile(UserError):
+    """The target exists and cannot be replaced: another program has it open (Windows refuses to replace a file that
+    is open or memory-mapped, e.g. a LoRA the WebUI or ComfyUI loaded) or its folder is read-only."""
+
+
 @contextmanager
 def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one step, on error it vanishes.
@@ -179,9 +184,7 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
         try:
             replace_path(temporary, target)
         except PermissionError as error:
-            from .errors import UserError
-
-            raise UserError(f"{target} could not be replaced ({error.strerror}): another program has it open, or the "
+            raise HeldFile(f"{target} could not be replaced ({error.strerror}): another program has it open, or the "
                             "folder is read-only; close that program (or choose another output folder) and save again. "
                             "The previous file is unchanged.") from error
     finally:
@@ -215,8 +218,6 @@ def write_text(target: str | Path, text: str) -> Path:
 
 def read_utf8(path: str | Path, what: str) -> str:
     """A text file people edit by hand (configs, prompts, metadata): UTF-8 with or without BOM, else one clear error."""
-    from .errors import UserError
-
     try:
         return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,15 @@ def test_library_keeps_a_read_network_until_its_file_changes_and_only_the_most_r
         library.network(other)
     assert library.network(others[-1]) is library.network(others[-1])
     assert library.network(path) is not changed  # pushed out by 16 newer files: read again
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
+def test_a_network_the_webui_keeps_does_not_hold_its_file(tmp_path):
+    """Windows cannot replace a file that is memory-mapped: the 16 networks the library keeps after a generation or a
+    grid made training that name again, or promoting an epoch, fail ("could not be replaced"), losing the last epoch."""
+    path = save_safetensors({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1),
+                             "lora_unet_x.alpha": torch.tensor(1.0)}, tmp_path / "held lora.safetensors", {})
+    kept = LoraLibrary([tmp_path]).network(path)
+    assert str(path) not in Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+    assert torch.equal(kept.modules["lora_unet_x"]["lora_up.weight"], torch.ones(2, 1))
+

@@ -157,6 +157,30 @@ def test_a_new_job_moves_an_earlier_runs_files_of_its_name_aside_instead_of_repl
     assert earlier_files_note({**again, "resume": "some state"}, runner.replaced_folder) is None  # its own files
 
 
+def test_an_earlier_file_another_program_holds_is_said_in_the_jobs_events(runner, tmp_path, monkeypatch):
+    """Windows cannot move a LoRA the WebUI or ComfyUI has open: only the server's log said so."""
+    import shutil
+
+    lora = tmp_path / "Lora"
+    lora.mkdir()
+    for name in ("run.safetensors", "run-000001.safetensors"):
+        (lora / name).write_text("first attempt", encoding="utf-8")
+    move = shutil.move
+
+    def held(source, target):
+        if Path(source).name == "run.safetensors":
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return move(source, target)
+
+    monkeypatch.setattr(shutil, "move", held)
+    job = runner.submit("run", {**options(tmp_path, "finish"), "output_dir": str(lora), "output_name": "run"})
+    assert runner.run_next().status == "finished"
+    messages = [e["message"] for e in read_events(job.events_path)[0] if e["event"] == "warning"]
+    assert "1 file(s) of an earlier run named 'run' were moved out of the way" in messages[0]
+    assert messages[1].startswith("run.safetensors of an earlier run could not be moved out of the way (another "
+                                  "program has it open?)")
+
+
 def test_a_job_lists_its_files_where_a_later_run_moved_them_and_a_run_that_wrote_nothing_puts_them_back(runner, tmp_path):
     """An automation client that downloads a job's file must get that job's run, not the later one written under the
     same name; and a re-run that fails before its first file leaves the Lora folder as it found it."""

@@ -900,6 +900,31 @@ def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_earlier_files_an
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_a_file_the_webui_holds_open_does_not_cost_the_runs_weights(baseline, dataset, tmp_path, capsys, monkeypatch):
+    """Windows refuses to replace a LoRA another program has loaded: the final save failed and the run ended without
+    its last epoch. It is saved beside, said, and the held file is left as it was."""
+    from lora_trainer import safe_io
+
+    held = tmp_path / "star.safetensors"
+    held.write_bytes(b"the WebUI has this one open")
+    real = os.replace
+
+    def refuses_the_held_file(source, target):
+        if Path(target) == held:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return real(source, target)
+
+    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0, 0))
+    monkeypatch.setattr(os, "replace", refuses_the_held_file)
+    assert run(dataset, tmp_path, "--save_every_n_epochs", "1") == 0
+    assert "Saved as star (2).safetensors instead: rename it once that program lets go" in capsys.readouterr().err
+    assert held.read_bytes() == b"the WebUI has this one open"
+    saved, expected = weights(tmp_path / "star (2).safetensors"), weights(baseline / "star.safetensors")
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    end = next(e for e in read_events(tmp_path / "star.events.jsonl")[0] if e["event"] == "end")
+    assert str(tmp_path / "star (2).safetensors") in end["files"] and str(held) not in end["files"]
+
+
 def test_what_a_run_killed_while_saving_left_is_removed_by_the_next_run_of_that_name(dataset, tmp_path, capsys):
     """SIGKILL or a power cut mid-save leaves hidden temporaries the size of a network (states: staging folders), and
     a kill mid-caching leaves half-written caches beside the images; nothing else is touched, and a minute-fresh

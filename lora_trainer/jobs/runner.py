@@ -56,7 +56,7 @@ def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
 def set_aside_earlier_files(job: Job, replaced_folder: Path) -> dict[Path, Path]:
     """Move an earlier run's files out of the new job's way, into ``replaced_folder/<job folder's name>``: nothing is
     lost (deleting the job leaves them), and moving them back restores them. A file another program holds open stays
-    (the run then replaces it). Returns where each file went."""
+    (the job's events say so; the trainer saves beside a file it cannot replace). Returns where each file went."""
     return _moved(job, {path: replaced_folder / job.folder.name / path.name for path in earlier_files(job.options)})
 
 
@@ -317,6 +317,11 @@ class JobRunner:
                 events.emit("warning", message=f"{len(moved)} file(s) of an earlier run named "
                             f"{job.options.get('output_name')!r} were moved out of the way into "
                             f"{next(iter(moved.values())).parent}; move them back to restore them")
+        if stuck := earlier_files(job.options):  # held open by another program (Windows: a LoRA the WebUI loaded)
+            with EventLog(job.events_path) as events:
+                events.emit("warning", message=f"{', '.join(p.name for p in stuck)} of an earlier run could not be moved "
+                            "out of the way (another program has it open?): it stays, and a save this run cannot put "
+                            "in its place goes beside it")
         log = open(job.folder / "trainer.log", "w", encoding="utf-8")
         try:
             process = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, cwd=job.folder,

@@ -114,7 +114,9 @@ def read_network(path: str | Path) -> NetworkFile:
         try:
             with safe_open(str(path), "pt") as handle:
                 metadata = handle.metadata() or {}
-                state = {key: handle.get_tensor(key) for key in handle.keys()}
+                # copied out of the file's memory map: a mapped file cannot be replaced on Windows, and the WebUI
+                # keeps networks it used, so training that name again or promoting an epoch would fail
+                state = {key: handle.get_tensor(key).clone() for key in handle.keys()}
         except Exception as error:  # safetensors raises its own types for truncated or foreign files
             raise UserError(f"{path}: not a readable safetensors file ({error}); re-download or re-save it") from error
     elif path.suffix.lower() in (".pt", ".ckpt", ".bin"):

@@ -7,6 +7,7 @@ CLI, the UI and the API start it as a subprocess (``python -m lora_trainer.train
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -38,7 +39,7 @@ from ..networks.files import read_network
 from ..networks.network import LoRANetwork, create_network, network_from_file
 from ..networks.spec import lycoris_reading_notes, spec_from_kohya
 from ..process_memory import peak_rss_mib
-from ..safe_io import windows_path_limits
+from ..safe_io import HeldFile, windows_path_limits
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
 from .distributed import finish as finish_world
 from .distributed import start as start_world
@@ -792,8 +793,14 @@ class TrainingRun:
         with evaluating(self.optimizer):  # a schedule-free optimizer's weights as they are used
             if not self.world.is_main:
                 return
+            metadata = self.metadata.build(epoch, step, self.judgement())
             with _writing(path):
-                saved = self.plan.save(self.network, path, self.metadata.build(epoch, step, self.judgement()))
+                try:
+                    saved = self.plan.save(self.network, path, metadata)
+                except HeldFile as held:  # the run's weights must not be lost to a file the WebUI keeps open
+                    saved = self.plan.save(self.network, _free_name_beside(path), metadata)
+                    self.events.emit("warning", message=f"{held} Saved as {saved.name} instead: rename it once that "
+                                     "program lets go of the file")
             self.written.append(saved)
             self.events.emit("saved", path=str(saved), epoch=epoch, step=step)
 
@@ -898,6 +905,12 @@ def _prepared_network(options: TrainOptions, model, spec, train_te: bool, device
     if (options.full_fp16 or options.full_bf16) and weight_dtype != torch.float32:
         network.to(weight_dtype)
     return network.apply_to()
+
+
+def _free_name_beside(path: Path) -> Path:
+    """``name (2).safetensors``, the first free one: where a save goes when ``path`` is held by another program."""
+    return next(candidate for n in itertools.count(2)
+                if not (candidate := path.with_name(f"{path.stem} ({n}){path.suffix}")).exists())
 
 
 @contextmanager
