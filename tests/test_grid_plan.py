@@ -230,6 +230,29 @@ def test_promoting_over_the_runs_final_file_keeps_that_last_epoch_under_its_epoc
     shutil.rmtree(lora_folder)
 
 
+def test_promoting_over_a_final_file_another_program_holds_is_a_sentence_and_loses_nothing(loras, tmp_path, monkeypatch):
+    """Windows refuses to rename a file the WebUI has open (after a grid drew with it): a traceback before."""
+    import os
+
+    from lora_trainer import safe_io
+    from lora_trainer.safe_io import save_safetensors
+
+    lora_folder = tmp_path / "Lora"
+    save_safetensors({"w": torch.ones(2)}, lora_folder / "mychar.safetensors", {"ss_epoch": "8"})
+    held = (lora_folder / "mychar.safetensors").read_bytes()
+
+    def refused(source, target):
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", (0,))
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(UserError, match=r"promote: .*mychar.safetensors could not be renamed to mychar-000008.safetensors "
+                                        r"\(The process cannot access the file.*\): another program has it open"):
+        promote(loras / "tinylora-000001.safetensors", lora_folder, "mychar", 0.7)
+    assert [p.name for p in lora_folder.iterdir()] == ["mychar.safetensors"]
+    assert (lora_folder / "mychar.safetensors").read_bytes() == held
+
+
 def test_promoting_another_epoch_after_a_first_promotion_and_never_over_another_run(tmp_path):
     """Changing one's mind after promoting epoch 1 was refused (its epoch file 'exists'); promoting over an unrelated
     LoRA's name turned that LoRA into an epoch of this run, and its card became this file's."""

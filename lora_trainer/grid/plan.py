@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import filecmp
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Callable, Protocol
 from PIL import Image
 
 from ..errors import UserError
-from ..safe_io import atomic_path, read_safetensors_metadata, write_text
+from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
 from .axes import EpochFile, check_size, parse_values, run_files
 from .render import GridResult, assemble, save_grid
@@ -379,7 +378,11 @@ def _keep_as_epoch_file(target: Path) -> Path:
     if kept is None or kept.exists():
         raise UserError(f"promote: {target} would be replaced, and it cannot be kept as an epoch file "
                         f"({'its epoch is unknown' if kept is None else f'{kept.name} exists'}); give another final name")
-    os.replace(target, kept)
+    try:
+        replace_path(target, kept)
+    except PermissionError as error:
+        raise UserError(f"promote: {target} could not be renamed to {kept.name} ({error.strerror}): another program has "
+                        "it open (the WebUI or ComfyUI after using it?); close it, or give another final name") from None
     return kept
 
 
