@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from .errors import UserError
 from .safe_io import write_text
 
 
@@ -33,8 +34,8 @@ def file_sha256(path: str | Path) -> str:
     cache[key] = digest.hexdigest()
     try:
         write_text(cache_file, json.dumps(cache, indent=0))
-    except OSError:
-        pass  # a read-only home must not stop generation
+    except (OSError, UserError):
+        pass  # a read-only home, or the WebUI writing it as the trainer does (Windows refuses the rename): only a cache
     return cache[key]
 
 

@@ -170,3 +170,18 @@ def test_windows_limits_paths_unless_long_paths_are_enabled(monkeypatch, value, 
     assert found == limits
     assert registry.asked == ["HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem"]
     assert safe_io.windows_path_limits() is None  # Linux and macOS: no such limit
+
+
+def test_a_hash_cache_another_process_is_writing_is_only_a_cache(tmp_path, monkeypatch):
+    """The WebUI and the trainer both keep hashes.json: on Windows a rename refused for good stopped the run as it
+    started (the model's hash for ss_new_sd_model_hash) instead of leaving the cache unwritten."""
+    from lora_trainer import hashing
+
+    monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "hashes.json").write_text("{}", encoding="utf-8")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    refuse(monkeypatch, 100, waits=(0,))
+    assert hashing.file_sha256(model) == "9a129038d9a00aed0cf6a7ea059ca50a813449061ab87848cf1a13eafdf33b2c"
+    assert (tmp_path / "cache" / "hashes.json").read_text(encoding="utf-8") == "{}"
