@@ -106,6 +106,22 @@ def test_a_bucket_step_only_sdxl_takes_is_said_and_one_no_model_takes_is_an_erro
     assert kinds(check_dataset(tmp_path, HealthSettings(bucket_reso_steps=48, enable_bucket=False))) == []
 
 
+def test_on_windows_a_mixed_case_extension_is_trained_as_sd_scripts_trains_it_there(tmp_path, monkeypatch):
+    """sd-scripts globs *.jpg and *.JPG; Windows' file system ignores case, so there a.Jpg is trained, and was
+    skipped here with a note claiming sd-scripts skips it too."""
+    from lora_trainer.dataset import layouts
+    from lora_trainer.dataset.tag_editor import open_folder
+
+    monkeypatch.setattr(layouts, "CASE_FOLDING_FILE_SYSTEM", True)
+    folder = tmp_path / "10_zk"
+    caption(make_image(folder / "a.png", (512, 512), 1), "zk, a")
+    caption(make_image(folder / "Mixed.Jpg", (512, 512), 3), "zk, b")
+    report = check_dataset(tmp_path)
+    assert sorted(image.path for image in report.images) == ["10_zk/Mixed.Jpg", "10_zk/a.png"]
+    assert not [f for f in report.findings if f.kind == "unread-case"]
+    assert [p.name for p in open_folder(folder).images] == ["Mixed.Jpg", "a.png"]
+
+
 def test_images_the_trainer_skips_are_reported_and_a_wrong_caption_extension_is_named(tmp_path):
     """What the trainer warns about, the report says before: images in sub-folders of an image folder and an image
     extension in mixed case (both never read); captions under the other usual extension point at the option."""

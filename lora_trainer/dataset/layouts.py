@@ -22,6 +22,7 @@ matched to ``<image_dir>/<key>.<image extension>`` instead of failing when the i
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ def _optional_extensions() -> tuple[str, ...]:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + _optional_extensions()
 _IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | frozenset(extension.upper() for extension in IMAGE_EXTENSIONS)
+# sd-scripts globs "*.png" and "*.PNG": on Windows the file system ignores case, so a.Jpg is trained there too
+CASE_FOLDING_FILE_SYSTEM = os.name == "nt"
 # pictures sd-scripts does not read: said where they lie among the training images (check, prep)
 UNREAD_PICTURE_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif"})
 _LIST_LIMIT = 5
@@ -182,11 +185,16 @@ def config_from_metadata(
 # --- images and captions of a subset ----------------------------------------------------------------------------
 
 
+def is_picture_suffix(suffix: str) -> bool:
+    """Whether sd-scripts reads a file with this extension as a training image."""
+    return (suffix.lower() in IMAGE_EXTENSIONS) if CASE_FOLDING_FILE_SYSTEM else suffix in _IMAGE_SUFFIXES
+
+
 def list_images(folder: Path) -> list[Path]:
     """Training images directly in ``folder``, sorted by name, as sd-scripts' ``glob_images`` lists them."""
     return sorted(
         path for path in Path(folder).iterdir()
-        if path.suffix in _IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+        if is_picture_suffix(path.suffix) and not path.name.startswith(".") and path.is_file()
     )
 
 
@@ -194,7 +202,7 @@ def broken_links(folder: Path) -> list[Path]:
     """Images in ``folder`` that are links to files that are not there (a library on a drive not mounted):
     ``list_images`` leaves them out, where sd-scripts lists them and stops at the first."""
     return sorted(path for path in Path(folder).iterdir()
-                  if path.suffix in _IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_symlink()
+                  if is_picture_suffix(path.suffix) and not path.name.startswith(".") and path.is_symlink()
                   and not path.exists())
 
 
@@ -208,7 +216,7 @@ def images_in_unread_case(folder: Path) -> list[Path]:
     """``a.Jpg``: an image sd-scripts skips, reading extensions in lower or upper case only."""
     return sorted(
         path for path in folder.iterdir()
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.suffix not in _IMAGE_SUFFIXES and path.is_file()
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not is_picture_suffix(path.suffix) and path.is_file()
     )
 
 
@@ -423,7 +431,7 @@ def _image_for_key(key: str, image_dir: Path | None, metadata_file: Path) -> Pat
                 "--train_data_dir) to the folder they are in."
             )
         path = image_dir / key
-    if path.suffix in _IMAGE_SUFFIXES or path.is_file():
+    if is_picture_suffix(path.suffix) or path.is_file():
         return path
     for extension in IMAGE_EXTENSIONS:
         for candidate in (path.with_name(path.name + extension), path.with_name(path.name + extension.upper())):

@@ -35,20 +35,17 @@ from lora_trainer.dataset.caption_files import (
     read_image_captions,
     write_captions,
 )
-from lora_trainer.dataset.layouts import IMAGE_EXTENSIONS, broken_links_note, caption_candidates
+from lora_trainer.dataset.layouts import broken_links_note, caption_candidates, is_picture_suffix
 from lora_trainer.errors import UserError
 
 Tags = tuple[str, ...]
-
-# sd-scripts' IMAGE_EXTENSIONS, in lower or upper case only: the same list the trainer reads (layouts)
-_IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | frozenset(suffix.upper() for suffix in IMAGE_EXTENSIONS)
 
 DEFAULT_BACKUP_FOLDER = ".caption-backups"
 
 
 def is_training_image(name: str) -> bool:
     """Whether sd-scripts would train on a file with this name (by extension)."""
-    return os.path.splitext(name)[1] in _IMAGE_SUFFIXES
+    return is_picture_suffix(os.path.splitext(name)[1])
 
 
 def split_tags(caption: str) -> Tags:
