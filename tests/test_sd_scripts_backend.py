@@ -253,3 +253,17 @@ def test_the_sd_scripts_command_is_told_the_version_and_prediction_this_trainer_
     assert " --v2" in printed(sd2) and " --v_parameterization" in printed(sd2)  # the WebUI's .yaml beside it
     assert "--v2" not in printed(TINY_MODEL_PATH) and "--v_parameterization" not in printed(TINY_MODEL_PATH)
     assert "--output_dir output --network_module networks.lora" in printed(TINY_MODEL_PATH)  # required there
+
+
+@pytest.mark.parametrize("venv", ["venv/Scripts/python.exe", "venv/bin/python", ".venv/Scripts/python.exe",
+                                  ".venv/bin/python"])
+def test_the_checkout_runs_in_its_own_venv_as_its_installers_make_it(tmp_path, venv):
+    """Kohya's setup makes venv; uv and many guides make .venv — on Windows under Scripts\\python.exe."""
+    import sys
+
+    from lora_trainer.training.sd_scripts_backend import python_of
+
+    assert python_of(tmp_path) == sys.executable  # no venv: ours
+    (tmp_path / venv).parent.mkdir(parents=True)
+    (tmp_path / venv).write_bytes(b"")
+    assert python_of(tmp_path) == str(tmp_path / venv)

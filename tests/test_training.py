@@ -1560,6 +1560,17 @@ def test_on_windows_a_command_line_keeps_its_backslashes_and_apostrophes():
     assert split_command_line("--output_name 'my lora'", windows=False) == ["--output_name", "my lora"]
 
 
+def test_a_printed_windows_command_quotes_what_cmd_would_take_for_an_operator():
+    """--print-kohya-command pasted into cmd.exe: D:\\Tom&Jerry unquoted ran "Jerry\\img" as a second command; a
+    backslash before a closing quote is doubled, as the C runtime reads arguments."""
+    from lora_trainer.training.options import join_command_line
+
+    assert join_command_line(["--train_data_dir", "D:\\Tom&Jerry\\img", "--output_dir", "D:\\lora (v2)\\",
+                              "--output_name", "plain"], windows=True) == \
+        '--train_data_dir "D:\\Tom&Jerry\\img" --output_dir "D:\\lora (v2)\\\\" --output_name plain'
+    assert join_command_line(["--output_dir", "D:\\a|b^c\\"], windows=True) == '--output_dir "D:\\a|b^c\\\\"'
+
+
 def test_step_files_count_the_epochs_completed_as_sd_scripts_and_run_at_epoch_names_the_epoch_end(dataset, tmp_path):
     """sd-scripts writes a step file's ss_epoch as the epochs completed (0 inside the first): a step file inside
     epoch 2 must not be taken for epoch 2's file by <lora:run@e2> (the final file is)."""

@@ -411,7 +411,17 @@ def split_command_line(text: str, windows: bool = os.name == "nt") -> list[str]:
 def join_command_line(parts: list[str], windows: bool = os.name == "nt") -> str:
     """One line to paste into the user's shell: double quotes as cmd.exe and PowerShell read them on Windows
     (POSIX single quotes are not quotes there), POSIX quoting elsewhere."""
-    return subprocess.list2cmdline(parts) if windows else shlex.join(parts)
+    return " ".join(_windows_word(part) for part in parts) if windows else shlex.join(parts)
+
+
+def _windows_word(word: str) -> str:
+    """``subprocess.list2cmdline``'s quoting, and double quotes also around cmd.exe's operators (``D:\\Tom&Jerry``
+    unquoted is two commands); a backslash before the closing quote is doubled, as the C runtime reads it."""
+    quoted = subprocess.list2cmdline([word])
+    if quoted.startswith('"') or not re.search(r"[&|<>^()]", word):
+        return quoted
+    trailing = len(word) - len(word.rstrip("\\"))
+    return '"' + quoted + "\\" * trailing + '"'
 
 
 def _command_line_values(text: str, source: str) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def _asks_to_stop(stop_file: Path | None) -> bool:
 def python_of(checkout: Path) -> str:
     """The checkout's own venv when it has one (that is where its accelerate/diffusers live), else ours."""
     for candidate in (checkout / "venv" / "Scripts" / "python.exe", checkout / "venv" / "bin" / "python",
-                      checkout / ".venv" / "bin" / "python"):
+                      checkout / ".venv" / "Scripts" / "python.exe", checkout / ".venv" / "bin" / "python"):
         if candidate.is_file():
             return str(candidate)
     return sys.executable
