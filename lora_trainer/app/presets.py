@@ -80,15 +80,17 @@ VRAM_TIERS: dict[str, dict[str, Any]] = {
     "16 GB": {"mixed_precision": "bf16", "cache_latents": True, "train_batch_size": 2, "sdpa": True},
     "24 GB": {"mixed_precision": "bf16", "cache_latents": True, "train_batch_size": 4, "sdpa": True},
 }
+NO_TIER = "no limit"
 # SDXL at the same card: its native resolution, below 16 GB the UNet only, and up to 12 GB its weights in fp8.
 SDXL_TIERS: dict[str, dict[str, Any]] = {
+    NO_TIER: {"resolution": "1024"},
     "6 GB": {"resolution": "768", "network_train_unet_only": True, "fp8_base": True},
     "8 GB": {"resolution": "1024", "network_train_unet_only": True, "fp8_base": True},
     "12 GB": {"resolution": "1024", "network_train_unet_only": True, "fp8_base": True},
     "16 GB": {"resolution": "1024", "gradient_checkpointing": True},
     "24 GB": {"resolution": "1024", "gradient_checkpointing": True},
 }
-NO_TIER = "no limit"
+
 
 
 def tier_gib(tier: str) -> float | None:
@@ -105,8 +107,11 @@ def preset_options(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> dict
     options = dict(PRESETS[preset].options)
     if tier != NO_TIER:
         options.update(VRAM_TIERS[tier])
-        if sdxl:
-            options.update(SDXL_TIERS[tier])
+    if sdxl:
+        options.update(SDXL_TIERS[tier])
+        options.pop("clip_skip", None)  # SDXL keeps its encoders' layers: sd-scripts and the WebUI ignore it there
+        if options.get("mixed_precision") == "fp16":
+            options["no_half_vae"] = True  # SDXL's VAE overflows in fp16: NaN latents, black samples
     if options.get("network_train_unet_only"):
         options.pop("text_encoder_lr", None)
     return options
