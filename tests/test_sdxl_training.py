@@ -168,3 +168,19 @@ def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_sch
     assert train(marked, dataset, tmp_path / "out") == 0
     with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
         assert handle.metadata()["modelspec.prediction_type"] == "v"
+
+
+def test_text_encoders_set_aside_for_samples_encode_in_fp32_on_the_cpu(tiny_sdxl):
+    """With cached outputs the encoders leave the GPU; in fp16 there, every sample round failed on the WebUI's torch
+    2.1 ("LayerNormKernelImpl" not implemented for 'Half' on the CPU). sd-scripts parks them in fp32 too."""
+    from lora_trainer.models.checkpoint import load_checkpoint
+    from lora_trainer.models.conditioning import encode_prompts
+    from lora_trainer.training.trainer import park_text_encoders
+
+    model = load_checkpoint(tiny_sdxl, dtype=torch.float16)
+    park_text_encoders(model.text_encoders, torch.device("cpu"))  # a CPU run: nothing to move
+    assert {p.dtype for encoder in model.text_encoders for p in encoder.parameters()} == {torch.float16}
+    park_text_encoders(model.text_encoders, torch.device("cuda"))
+    assert {(p.device.type, p.dtype) for encoder in model.text_encoders for p in encoder.parameters()} == {("cpu", torch.float32)}
+    context = encode_prompts(model.config, model.text_encoders, ["zkstar, white hair"]).context
+    assert context.dtype == torch.float32 and context.isfinite().all()

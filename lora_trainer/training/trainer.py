@@ -237,6 +237,14 @@ class StopRequest:
         return text
 
 
+def park_text_encoders(encoders: list[torch.nn.Module], device: torch.device) -> None:
+    """With their outputs cached the encoders are needed again only for samples: off the GPU, in fp32 — the WebUI's
+    torch 2.1 has no half-precision layer norm or matrix product on the CPU, and every sample round failed there."""
+    if device.type == "cuda":
+        for encoder in encoders:
+            encoder.to("cpu", torch.float32)
+
+
 def peak_memory_mib(device: torch.device) -> float | None:
     """Peak GPU memory of the run, or the process's peak RSS on the CPU (None where the OS does not say)."""
     if device.type == "cuda":
@@ -550,9 +558,7 @@ class TrainingRun:
         text_cache = TextEncoderCache(self.config)
         text_cache.fill(self.model.text_encoders, fixed_captions, self.tokenizer,
                         caption_encoding(self.options, self.config), self.options.cache_text_encoder_outputs_to_disk)
-        if self.device.type == "cuda":  # the encoders are needed again only for samples: keep them off the GPU
-            for encoder in self.model.text_encoders:
-                encoder.to("cpu")
+        park_text_encoders(self.model.text_encoders, self.device)
         return text_cache
 
     # --- the loop --------------------------------------------------------------------------------------------
