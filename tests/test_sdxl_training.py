@@ -83,6 +83,20 @@ def test_sdxl_run_writes_both_text_encoders_and_sdxl_metadata(tiny_sdxl, dataset
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
+def test_a_second_text_encoder_rate_is_said_to_be_unused_as_sd_scripts_leaves_it(tiny_sdxl, dataset, tmp_path):
+    """SDXL users give one rate per encoder; networks.lora takes the first for both, in sd-scripts as here: said."""
+    from lora_trainer.training.events import read_events
+
+    assert train(tiny_sdxl, dataset, tmp_path / "two", "--text_encoder_lr", "1e-5", "2e-5") == 0
+    assert train(tiny_sdxl, dataset, tmp_path / "one", "--text_encoder_lr", "1e-5") == 0
+    two, one = load_file(str(tmp_path / "two" / "star.safetensors")), load_file(str(tmp_path / "one" / "star.safetensors"))
+    assert all(torch.equal(two[k], one[k]) for k in one)
+    said = [e["message"] for e in read_events(tmp_path / "two" / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert any("--text_encoder_lr 1e-05 2e-05: every text encoder trains at the first rate, 1e-05" in m for m in said)
+    assert not [e for e in read_events(tmp_path / "one" / "star.events.jsonl")[0]
+                if e["event"] == "warning" and "text_encoder_lr" in e["message"]]
+
+
 def test_cached_text_encoder_outputs_train_what_encoding_every_step_trains(tiny_sdxl, dataset, tmp_path):
     assert train(tiny_sdxl, dataset, tmp_path / "live", "--network_train_unet_only") == 0
     assert train(tiny_sdxl, dataset, tmp_path / "cached", "--network_train_unet_only",

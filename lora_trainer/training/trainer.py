@@ -435,6 +435,10 @@ class TrainingRun:
         self.network = network = _prepared_network(options, self.model, self.spec, self.train_te, device, weight_dtype,
                                                    network_notes)
         self.spec = network.spec  # --dim_from_weights: the file's rank and alpha
+        if self.train_te and len(options.text_encoder_lr or []) > 1:
+            network_notes.append(f"--text_encoder_lr {' '.join(f'{r:g}' for r in options.text_encoder_lr)}: every text "
+                                 f"encoder trains at the first rate, {te_lr:g}, as sd-scripts' networks.lora trains them "
+                                 "(it takes one rate); the others are not used")
         for message in network_notes:
             events.emit("warning", message=message)
         if options.torch_compile and options.dynamo_backend != "no":  # after the hooks, so the graphs include them
