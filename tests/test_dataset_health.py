@@ -177,6 +177,14 @@ def test_long_captions_are_graded_by_token_windows(tmp_path):
     assert kinds(report, "1_zk/over150.png") == {"caption-over-150"}
     assert kinds(report, "1_zk/over225.png") == {"caption-over-225"}
     assert {image.path: image.tokens for image in report.images}["1_zk/over75.png"] == 79
+    # a run that reads 225 tokens: only what it still cuts (it warned "cut at 75" for every long caption)
+    report = check_dataset(tmp_path, HealthSettings(max_token_length=225))
+    assert [(f.kind, f.path) for f in report.findings if f.kind.startswith("caption-over")] == [("caption-over-225", "1_zk/over225.png")]
+    report = check_dataset(tmp_path, HealthSettings(max_token_length=150))
+    assert "needs --max_token_length 225, else it is cut at 150" in {f.path: f.message for f in report.findings}["1_zk/over150.png"]
+    assert not kinds(report, "1_zk/over75.png")
+    with pytest.raises(UserError, match="max_token_length 100: sd-scripts reads 75, 150 or 225 tokens"):
+        HealthSettings(max_token_length=100)
 
 
 def test_tag_frequency_and_trigger_coverage(tmp_path):

@@ -1406,6 +1406,23 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
         parse_args(["--config_file", str(tmp_path / "typo.toml")])
 
 
+def test_captions_longer_than_the_run_reads_are_said_at_its_start(tmp_path, capsys):
+    """Booru-tagged captions of 200 tokens lose their last tags every step; sd-scripts cuts them without a word."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "1_zkstar")
+    images = sorted((data / "1_zkstar").glob("*.png"))
+    for image in images[4:]:
+        image.unlink()
+        image.with_suffix(".txt").unlink()
+    (data / "1_zkstar" / images[1].with_suffix(".txt").name).write_text(", ".join(["cat"] * 60), encoding="utf-8")
+    (data / "1_zkstar" / images[2].with_suffix(".txt").name).write_text(", ".join(["cat"] * 100), encoding="utf-8")
+    assert run(data, tmp_path / "75", "--max_train_epochs", "1") == 0
+    assert (f"2 caption(s) are longer than the 75 tokens the text encoder reads (longest: {images[2].name}, 199 tokens): "
+            "the rest is cut, as sd-scripts cuts it; --max_token_length 225 reads them whole") in capsys.readouterr().err
+    assert run(data, tmp_path / "225", "--max_train_epochs", "1", "--max_token_length", "225") == 0
+    assert "longer than the" not in capsys.readouterr().err
+
+
 def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path):
     """'D:\\训练集\\10_x' in double quotes is an invalid escape, 'D:\\new\\train' a line break and a tab: both name the fix
     (sd-scripts' toml reader says only "Reserved escape sequence", or trains on a folder that is not there)."""

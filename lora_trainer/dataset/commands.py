@@ -36,6 +36,7 @@ def run_check(args) -> None:
         bucket_no_upscale=args.bucket_no_upscale,
         caption_extension=args.caption_extension,
         trigger=args.trigger,
+        max_token_length=args.max_token_length,
     )
     if args.folder.is_file() and args.folder.suffix.lower() in (".toml", ".json"):  # a --dataset_config
         report = check_dataset_config(args.folder, settings, {
@@ -72,6 +73,8 @@ def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-bucket-reso", type=int, help="default 256, or the resolution's shorter side below it")
     parser.add_argument("--max-bucket-reso", type=int, help="default 1024, or the resolution's longer side above it")
     parser.add_argument("--bucket-reso-steps", type=int, default=64)
+    parser.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,
+                        help="the tokens training reads of a caption (sd-scripts' --max_token_length; default 75)")
 
 
 def add_dataset_commands(subparsers) -> None:

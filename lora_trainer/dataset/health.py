@@ -61,7 +61,13 @@ class HealthSettings:
     bucket_no_upscale: bool = False
     caption_extension: str = ".txt"
     trigger: str | None = None
+    max_token_length: int = TOKEN_LIMITS[0]  # the tokens a caption is read to (--max_token_length; 75 when not set)
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
+
+    def __post_init__(self) -> None:
+        if self.max_token_length not in TOKEN_LIMITS:
+            raise UserError(f"max_token_length {self.max_token_length}: sd-scripts reads 75, 150 or 225 tokens",
+                            "max_token_length")
 
     def buckets(self) -> BucketSettings:
         return BucketSettings(self.resolution, self.enable_bucket, self.min_bucket_reso, self.max_bucket_reso,
@@ -167,15 +173,16 @@ def steps_per_epoch(samples_per_bucket: Iterable[int], batch_size: int) -> int:
     return sum(math.ceil(samples / batch_size) for samples in samples_per_bucket if samples)
 
 
-def token_count_problem(tokens: int) -> tuple[str, str] | None:
-    """(kind, message) for a caption longer than sd-scripts' token windows."""
+def token_count_problem(tokens: int, max_token_length: int = TOKEN_LIMITS[0]) -> tuple[str, str] | None:
+    """(kind, message) for a caption longer than the run reads (``max_token_length``: sd-scripts' 75, 150 or 225)."""
+    if tokens <= max_token_length:
+        return None
     if tokens > TOKEN_LIMITS[2]:
         return "caption-over-225", f"{tokens} tokens: everything after 225 is cut even with --max_token_length 225; shorten the caption."
     if tokens > TOKEN_LIMITS[1]:
-        return "caption-over-150", f"{tokens} tokens: needs --max_token_length 225, else it is cut at 75; or shorten the caption."
-    if tokens > TOKEN_LIMITS[0]:
-        return "caption-over-75", f"{tokens} tokens: cut at 75 unless you train with --max_token_length 150 or 225; or shorten the caption."
-    return None
+        return "caption-over-150", (f"{tokens} tokens: needs --max_token_length 225, else it is cut at "
+                                    f"{max_token_length}; or shorten the caption.")
+    return "caption-over-75", f"{tokens} tokens: cut at 75 unless you train with --max_token_length 150 or 225; or shorten the caption."
 
 
 def mentions(caption: str, word: str) -> bool:
@@ -427,7 +434,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
                 captioned_texts[name] = caption
             trained_captions.append(caption)
             tokens = len(tokenizer.encode(caption)) if caption else 0
-            too_long = token_count_problem(tokens)
+            too_long = token_count_problem(tokens, settings.max_token_length)
             if too_long:
                 findings.append(Finding("warning", too_long[0], name, too_long[1]))
             hashes[name] = perceptual_hash(facts.thumbnail)

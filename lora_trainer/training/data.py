@@ -221,6 +221,19 @@ class TrainingData:
         return [C.process_caption(r.caption, r.subset.caption_options, rng, epoch=epoch + 1, step=step,
                                   max_train_steps=total_steps) for r in batch.records]
 
+    def long_captions_note(self, tokenizer, limit: int) -> str | None:
+        """Captions longer than the text encoder reads at ``max_token_length`` (75 unless set): sd-scripts cuts them
+        without a word, and a booru-tagged caption of 200 tokens loses its last tags every step."""
+        lengths = {r.path: len(tokenizer.encode(r.caption.split("\n")[0])) for r in self.records}
+        over = {path: n for path, n in lengths.items() if n > limit}
+        if not over:
+            return None
+        longest = max(over, key=over.get)
+        fix = next((f"--max_token_length {w} reads {'more' if over[longest] > w else 'them whole'}"
+                    for w in (150, 225) if w > limit and (over[longest] <= w or w == 225)), "shorten them")
+        return (f"{len(over)} caption(s) are longer than the {limit} tokens the text encoder reads (longest: "
+                f"{longest.name}, {over[longest]} tokens): the rest is cut, as sd-scripts cuts it; {fix}")
+
     def fixed_captions(self) -> dict[Path, str]:
         """Each image's caption as training sees it, for ``--cache_text_encoder_outputs`` (refused when captions vary)."""
         problems = sorted({p for r in self.records for p in caching_problems(r.subset.caption_options)})

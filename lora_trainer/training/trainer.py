@@ -415,6 +415,8 @@ class TrainingRun:
         self.data = data = build_training_data(options, config, seed, world.size)
         data.check_cache_path_lengths(windows_path_limits())
         warnings += data.notes  # what the dataset left out (folders without repeats, unreadable images …)
+        if long_captions := data.long_captions_note(CLIPTokenizer.default(), options.max_token_length or 75):
+            warnings.append(long_captions)
         fixed_captions = data.fixed_captions() if options.cache_text_encoder_outputs else {}  # refused before the caching
         if options.zero_terminal_snr and config.prediction_type != "v_prediction":
             warnings.append("--zero_terminal_snr on an epsilon-prediction model: at the last timestep the input is pure "

@@ -95,7 +95,8 @@ def health_settings(options: dict[str, Any]) -> HealthSettings:
     return HealthSettings(resolution=resolution_of(checked) or (512, 512), batch_size=checked.train_batch_size,
                           enable_bucket=checked.enable_bucket, min_bucket_reso=checked.min_bucket_reso,
                           max_bucket_reso=checked.max_bucket_reso, bucket_reso_steps=checked.bucket_reso_steps,
-                          bucket_no_upscale=checked.bucket_no_upscale, caption_extension=checked.caption_extension)
+                          bucket_no_upscale=checked.bucket_no_upscale, caption_extension=checked.caption_extension,
+                          max_token_length=checked.max_token_length or 75)
 
 
 def dataset_config_file(services: Services, dataset: str) -> Path | None:
