@@ -12,13 +12,14 @@ from ..training.options import TrainOptions, resolution_of
 
 MIN_IMAGES = 5  # below this a LoRA memorises its few images instead of learning the subject
 MIN_STEPS = 100
-# Full-size weights in GiB at 16 bits (UNet + text encoders + VAE); activations in GiB per image at the native
+# Full-size weights in GiB at 16 bits that stay on the GPU (UNet, VAE, the rest) and the text encoders' (off it
+# with --cache_text_encoder_outputs, as sd-scripts moves them); activations in GiB per image at the native
 # resolution in 16 bits, as `bench train --size sd15|sdxl` allocated them on a lent H200 (2026-12-04: SD1.5 3.30 GiB
-# at batch 1, 6.72 at 4, 20.45 at 16; SDXL 21.07 at batch 2, 67.57 at 8), and about a quarter of that with gradient
-# checkpointing (SD1.5 0.22, SDXL 0.26 there); a seconds-per-step order at batch 1 on a mid-range GPU (RTX 3060-class).
-# Guides, not promises.
-_ARCH = {"sd1": {"weights": 2.1, "native": 512, "activations": 1.15, "seconds": 0.45},
-         "sdxl": {"weights": 6.9, "native": 1024, "activations": 7.0, "seconds": 1.6}}
+# at batch 1, 6.72 at 4, 20.45 at 16; SDXL, text-encoder outputs cached, 21.07 at batch 2, 67.57 at 8), and about a
+# quarter of that with gradient checkpointing (SD1.5 0.22, SDXL 0.26 there); a seconds-per-step order at batch 1 on
+# a mid-range GPU (RTX 3060-class). Guides, not promises.
+_ARCH = {"sd1": {"weights": 1.87, "text_encoders": 0.23, "native": 512, "activations": 1.15, "seconds": 0.45},
+         "sdxl": {"weights": 6.9, "text_encoders": 1.53, "native": 1024, "activations": 7.0, "seconds": 1.6}}
 _CHECKPOINTED = 0.25  # of the activations kept with gradient checkpointing
 _CUDA_OVERHEAD_GIB = 0.8
 # Trainable parameters per unit of rank of sd-scripts' LoRA (its default layers; counted from its key lists of the
@@ -87,7 +88,7 @@ def vram_gib(options: TrainOptions, architecture: str = "sd1") -> float:
     arch = _ARCH[architecture]
     width, height = resolution_of(options) or (arch["native"], arch["native"])
     half = options.mixed_precision in ("fp16", "bf16")
-    weights = arch["weights"] * (1 if half else 2)
+    weights = (arch["weights"] + (0 if options.cache_text_encoder_outputs else arch["text_encoders"])) * (1 if half else 2)
     if options.fp8_base:  # UNet and text-encoder Linear/Conv weights take one byte; the VAE and norms keep theirs
         weights *= 0.55
     activations = arch["activations"] * options.train_batch_size * (width * height) / arch["native"] ** 2

@@ -902,6 +902,21 @@ def left_out_of_command(options: TrainOptions, script: str) -> list[str]:
     """The options of this run that ``script`` does not take (``kohya_command`` leaves them out: say so)."""
     return [] if "sdxl" in script else [f"--{name}" for name in SDXL_SCRIPT_ONLY if getattr(options, name)]
 
+def memory_advice(options: TrainOptions) -> str:
+    """The switches that lower memory which this run does not use yet, most effective first."""
+    unused = [hint for hint, used in (
+        ("--gradient_checkpointing", options.gradient_checkpointing),
+        ("--mixed_precision bf16 (or fp16)", options.mixed_precision != "no"),
+        ("--cache_latents", options.cache_latents),
+        ("--fp8_base (with mixed precision)", options.fp8_base),
+        ("--optimizer_type AdamW8bit (needs bitsandbytes)", "8bit" in options.optimizer.lower()),
+        ("--network_train_unet_only", options.network_train_unet_only),
+        ("--cache_text_encoder_outputs (with --network_train_unet_only)", options.cache_text_encoder_outputs),
+        (f"a smaller --train_batch_size (now {options.train_batch_size})", options.train_batch_size == 1),
+        ("a lower --resolution", False),
+    ) if not used]
+    return "to fit, try " + ", ".join(unused)
+
 
 def sd_scripts_notes(options: TrainOptions, script: str) -> list[str]:
     """What a user running this run with sd-scripts' ``script`` must know: options left out of the command, and

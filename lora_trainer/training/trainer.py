@@ -51,7 +51,7 @@ from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import (clip_grad_norm_, evaluating, is_schedule_free, make_optimizer, optimizer_label,
                          takes_its_own_step)
-from .options import FIELDS, TrainOptions, join_command_line
+from .options import FIELDS, TrainOptions, join_command_line, memory_advice
 from .outputs import OutputPlan, RunMetadata
 from ..sampling.samplers import is_stand_in, sampler_name
 from .samples import draw_samples, not_read_warning, read_prompts
@@ -355,20 +355,6 @@ def release_cached_memory(device: torch.device, options: TrainOptions) -> None:
         torch.cuda.empty_cache()
 
 
-def memory_advice(options: TrainOptions) -> str:
-    """The switches that lower memory which this run does not use yet, most effective first."""
-    unused = [hint for hint, used in (
-        ("--gradient_checkpointing", options.gradient_checkpointing),
-        ("--mixed_precision bf16 (or fp16)", options.mixed_precision != "no"),
-        ("--cache_latents", options.cache_latents),
-        ("--fp8_base (with mixed precision)", options.fp8_base),
-        ("--optimizer_type AdamW8bit (needs bitsandbytes)", "8bit" in options.optimizer.lower()),
-        ("--network_train_unet_only", options.network_train_unet_only),
-        ("--cache_text_encoder_outputs (with --network_train_unet_only)", options.cache_text_encoder_outputs),
-        (f"a smaller --train_batch_size (now {options.train_batch_size})", options.train_batch_size == 1),
-        ("a lower --resolution", False),
-    ) if not used]
-    return "to fit, try " + ", ".join(unused)
 
 
 def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str],

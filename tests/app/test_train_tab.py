@@ -197,7 +197,9 @@ def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(se
     assert train_tab.tier_values("character", "6 GB") == {"batch_size": 1, "optimizer": "AdamW8bit", "text_encoder_lr": 0}
     assert set(train_tab.tier_values("character", "24 GB")) == {"batch_size", "optimizer"}  # not epochs, rank, rates
     text = train_tab.validation_text(services, form(tier="6 GB", resolution="1024", batch_size=8))
-    assert "above the 6 GB chosen as GPU memory: lower the batch size or the resolution" in text
+    advice = text.split("above the 6 GB chosen as GPU memory: to fit, try ")[1]  # what the run does not use yet
+    assert "a smaller --train_batch_size (now 8)" in advice and "--fp8_base" in advice
+    assert "--gradient_checkpointing" not in advice and "--cache_latents" not in advice
     assert "above the" not in train_tab.validation_text(services, form(tier="24 GB"))
 
 

@@ -21,7 +21,7 @@ from ...errors import UserError
 from ...jobs.runner import earlier_files_note
 from ...jobs.store import Job
 from ...training.lr_schedules import SCHEDULER_NAMES
-from ...training.options import DEFAULTS, options_from, resolution_of, write_prompts_file
+from ...training.options import DEFAULTS, memory_advice, options_from, resolution_of, write_prompts_file
 from .. import presets
 from ..estimate import estimate
 from ..extras import EXTRAS, install_extras
@@ -200,8 +200,8 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
                      "set 1024 (or 1024,768 …) unless a smaller size is what you mean")
     card = presets.tier_gib(form.get("tier") or presets.NO_TIER)
     if card is not None and planned.vram_gib > card:
-        lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: lower the batch size or the "
-                     "resolution (or pick the card's real size)")
+        lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: {memory_advice(checked)} "
+                     "(or pick the card's real size)")
     elif card is None and (gpu := gpu_gib(services.settings.cuda_device)) and planned.vram_gib > gpu:
         lines.append(f"⚠ The estimate is above this GPU's {gpu:.0f} GiB, and no GPU memory tier is chosen (without one "
                      "the run trains in full precision without gradient checkpointing): pick your card's size under GPU "
