@@ -201,6 +201,22 @@ def test_tag_frequency_and_trigger_coverage(tmp_path):
     assert mentions("a photo of Sks Dog, grass", "sks dog") and not mentions("sks doggo", "sks dog")
 
 
+def test_a_trigger_that_shuffling_would_move_is_said(tmp_path):
+    """Pony captions start with score tags: under keep_tokens 1 the trigger behind them is shuffled like any tag."""
+    folder = tmp_path / "10_zkchar"
+    caption(make_image(folder / "a.png", (512, 512), 1), "score_9, score_8_up, score_7_up, zkchar, 1girl, smile")
+    caption(make_image(folder / "b.png", (512, 512), 2), "zkchar, 1girl, smile")
+    caption(make_image(folder / "c.png", (512, 512), 3), "score_9, zkchar ||| 1girl, smile")
+    shuffled = lambda **values: [f.message for f in check_dataset(tmp_path, HealthSettings(**values)).findings
+                                 if f.kind == "trigger-shuffled"]
+    [message] = shuffled(shuffle_caption=True, keep_tokens=1)  # the folder's class tokens are the trigger
+    assert message.startswith("2 caption(s) have the trigger behind the tags kept in place (keep_tokens 1)")
+    assert "e.g. 10_zkchar/a.png: 'zkchar' is tag 4); put it first, keep more tags in place (keep_tokens 4)" in message
+    assert shuffled(shuffle_caption=True, keep_tokens=1, keep_tokens_separator="|||")[0].startswith("1 caption(s)")
+    assert shuffled(shuffle_caption=True, keep_tokens=4) == [] and shuffled(keep_tokens=1) == []
+    assert shuffled(shuffle_caption=True, keep_tokens=1, trigger="smile")[0].startswith("3 caption(s)")
+
+
 def test_class_tokens_ignored_when_captions_exist(tmp_path):
     folder = tmp_path / "10_ohwx woman"
     caption(make_image(folder / "a.png", (512, 512), 1), "a woman, smiling")

@@ -37,6 +37,8 @@ def run_check(args) -> None:
         caption_extension=args.caption_extension,
         trigger=args.trigger,
         max_token_length=args.max_token_length,
+        shuffle_caption=args.shuffle_caption,
+        keep_tokens=args.keep_tokens,
     )
     if args.folder.is_file() and args.folder.suffix.lower() in (".toml", ".json"):  # a --dataset_config
         report = check_dataset_config(args.folder, settings, {
@@ -73,6 +75,9 @@ def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-bucket-reso", type=int, help="default 256, or the resolution's shorter side below it")
     parser.add_argument("--max-bucket-reso", type=int, help="default 1024, or the resolution's longer side above it")
     parser.add_argument("--bucket-reso-steps", type=int, default=64)
+    parser.add_argument("--shuffle-caption", action="store_true",
+                        help="check as a run with --shuffle_caption: is the trigger among the tags kept in place?")
+    parser.add_argument("--keep-tokens", type=int, default=0, help="the tags --shuffle_caption keeps in place")
     parser.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,
                         help="the tokens training reads of a caption (sd-scripts' --max_token_length; default 75)")
 

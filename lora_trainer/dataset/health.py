@@ -26,7 +26,7 @@ from lora_trainer.dataset.buckets import (BucketSettings, bucket_list, centre_cr
                                          select_bucket)
 from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_for, checked_caption_extension,
                                                  load_caption_file, training_caption)
-from lora_trainer.dataset.captions import tag_frequency
+from lora_trainer.dataset.captions import CaptionOptions, split_kept_tags, tag_frequency
 from lora_trainer.dataset.images import ImageError, load_image, sd_scripts_reading
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
                                          images_in_unread_case, list_images,
@@ -62,6 +62,9 @@ class HealthSettings:
     caption_extension: str = ".txt"
     trigger: str | None = None
     max_token_length: int = TOKEN_LIMITS[0]  # the tokens a caption is read to (--max_token_length; 75 when not set)
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
 
     def __post_init__(self) -> None:
@@ -466,7 +469,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
         for image_name in without_trigger:
             findings.append(Finding("warning", "missing-trigger", image_name,
                                     f"the caption lacks the trigger word '{settings.trigger}'; add it (first, if you use keep_tokens)."))
-
+    findings += _shuffled_trigger_findings(images, settings, {f.path: f.class_tokens for f in concept_folders})
     findings += _bucket_step_findings(settings)
     duplicates = near_duplicate_groups(hashes, settings.near_duplicate_bits)
     for group in duplicates:
@@ -601,6 +604,33 @@ def _class_token_findings(folder: str, class_tokens: str, captions: dict[str, st
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text form
+
+
+def _shuffled_trigger_findings(images: Sequence[ImageCheck], settings: HealthSettings,
+                               class_tokens: dict[str, str]) -> list[Finding]:
+    """A trigger behind the tags kept in place is shuffled like any tag: Pony's ``score_9, score_8_up, score_7_up,
+    zkchar, …`` under keep_tokens 1 keeps only score_9 first. sd-scripts says nothing. The trigger is the one given,
+    else each folder's class tokens (``10_zkchar``)."""
+    if not settings.shuffle_caption:
+        return []
+    kept_options = CaptionOptions(keep_tokens=settings.keep_tokens, keep_tokens_separator=settings.keep_tokens_separator)
+    late: dict[str, tuple[str, int]] = {}  # image → its trigger and that tag's place among its tags, from 1
+    for image in images:
+        trigger = settings.trigger or class_tokens.get(image.folder)
+        if not trigger or not mentions(image.caption, trigger):
+            continue
+        kept, moving, kept_last = split_kept_tags(image.caption, kept_options)
+        if not any(mentions(tag, trigger) for tag in kept + kept_last):
+            late[image.path] = trigger, len(kept) + next(i for i, t in enumerate(moving) if mentions(t, trigger)) + 1
+    if not late:
+        return []
+    example = min(late)
+    trigger, place = late[example]
+    return [Finding("warning", "trigger-shuffled", "",
+                    f"{len(late)} caption(s) have the trigger behind the tags kept in place (keep_tokens "
+                    f"{settings.keep_tokens}), so shuffle_caption moves it like any tag (e.g. {example}: '{trigger}' is "
+                    f"tag {place}); put it first, keep more tags in place (keep_tokens "
+                    f"{max(p for _, p in late.values())}), or end the kept tags with keep_tokens_separator")]
 
 
 def _bucket_step_findings(settings: HealthSettings) -> list[Finding]:

@@ -96,7 +96,8 @@ def health_settings(options: dict[str, Any]) -> HealthSettings:
                           enable_bucket=checked.enable_bucket, min_bucket_reso=checked.min_bucket_reso,
                           max_bucket_reso=checked.max_bucket_reso, bucket_reso_steps=checked.bucket_reso_steps,
                           bucket_no_upscale=checked.bucket_no_upscale, caption_extension=checked.caption_extension,
-                          max_token_length=checked.max_token_length or 75)
+                          max_token_length=checked.max_token_length or 75, shuffle_caption=checked.shuffle_caption,
+                          keep_tokens=checked.keep_tokens, keep_tokens_separator=checked.keep_tokens_separator or "")
 
 
 def dataset_config_file(services: Services, dataset: str) -> Path | None:
