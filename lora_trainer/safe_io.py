@@ -21,14 +21,16 @@ if TYPE_CHECKING:  # the dataset tools write files without needing torch loaded
 # what np.load raises for a cache another tool left half-written or in another layout: read as "no cache"
 UNREADABLE_NPZ = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
 
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+# device names, whatever the extension and with spaces before it ("NUL .safetensors"); the superscript digits too
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                     *(f"{port}{digit}" for port in ("COM", "LPT") for digit in "123456789¹²³")}
 
 
 def is_plain_name(name: str) -> bool:
     """A file name that works on Windows and Linux alike: no separators, no ``..``, none of ``<>:"|?*``, no reserved
     device name (CON, NUL, COM1 …), no trailing space or dot, no leading dot (a hidden file that file lists skip)."""
     return bool(name) and not ("/" in name or "\\" in name or ".." in name or re.search(r'[<>:"|?*\x00-\x1f]', name)
-                               or name.split(".")[0].upper() in _WINDOWS_RESERVED or name.endswith((" ", "."))
+                               or name.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED or name.endswith((" ", "."))
                                or name.startswith("."))
 
 

@@ -43,7 +43,8 @@ def test_missing_paths_say_so_unless_they_are_outputs_to_create(roots):
     assert allowed_path(roots[0] / "new out", roots, "output_dir", must_exist=False).name == "new out"
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "CON", "nul.txt", "x:y", "trailing.", ".hidden", ""])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "CON", "nul.txt", "x:y", "trailing.", ".hidden", "",
+                                  "NUL .safetensors", "conin$", "COM¹", "lpt9.png"])  # device names Windows opens as such
 def test_names_that_are_not_plain_file_names_on_windows_or_linux_are_refused(name):
     with pytest.raises(PathNotAllowed, match="not a plain file name|empty; type a name"):
         plain_name(name)
