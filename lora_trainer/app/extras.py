@@ -11,6 +11,7 @@ and without their dependencies. A plan that would replace one of the WebUI's cor
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -71,7 +72,9 @@ def _installed(name: str) -> str:
 
 
 def _run_pip(command: list[str], failure: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace")
+    # pip's output in UTF-8, as it is read: on Windows it would be the console's code page (a Chinese user folder)
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
         raise UserError(f"{failure}:\n{tail}")

@@ -133,8 +133,9 @@ def test_extras_put_only_what_the_webui_lacks_into_the_folder_never_torch_again(
     """pip --target alone ignores the installed packages: for bitsandbytes it would download torch and CUDA again."""
     ran = []
 
-    def pip(command, **_):
+    def pip(command, **arguments):
         ran.append(command)
+        assert arguments["env"]["PYTHONIOENCODING"] == "utf-8"  # read as UTF-8: not the Windows console's code page
         planned = report(("bitsandbytes", "0.45.0")) if "--dry-run" in command else {}
         return subprocess.CompletedProcess(command, 0, json.dumps(planned), "")
 
