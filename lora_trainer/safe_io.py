@@ -39,9 +39,15 @@ def is_plain_name(name: str) -> bool:
 REPLACE_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6) if os.name == "nt" else ()
 
 
-def replace_path(source: str | Path, target: str | Path) -> None:
-    """``os.replace``, tried again for a few seconds where Windows refuses it while another program has a file open."""
-    for wait in REPLACE_RETRY_SECONDS:
+# A folder is refused while any file in it is open: an antivirus scan of a freshly written multi-GB optimizer state
+# can take much longer than a caption's
+FOLDER_RETRY_SECONDS = REPLACE_RETRY_SECONDS + ((2.0, 4.0, 8.0, 12.0) if os.name == "nt" else ())
+
+
+def replace_path(source: str | Path, target: str | Path, waits: tuple[float, ...] | None = None) -> None:
+    """``os.replace``, tried again for a few seconds (``waits``) where Windows refuses it while another program has a
+    file open."""
+    for wait in REPLACE_RETRY_SECONDS if waits is None else waits:
         try:
             return os.replace(source, target)
         except PermissionError:

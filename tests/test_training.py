@@ -925,6 +925,30 @@ def test_a_file_the_webui_holds_open_does_not_cost_the_runs_weights(baseline, da
     assert str(tmp_path / "star (2).safetensors") in end["files"] and str(held) not in end["files"]
 
 
+def test_a_state_an_antivirus_scan_holds_is_said_and_the_run_goes_on(dataset, tmp_path, capsys, monkeypatch):
+    """Windows refuses to rename a folder while a file in it is open: the run stopped there, for a state it can save
+    again at the next epoch. The previous state stays in place and nothing half-made is left."""
+    from lora_trainer import safe_io
+    from lora_trainer.training import state as state_module
+
+    real = os.replace
+
+    def scanned(source, target):
+        if Path(target).name == "star-000001-state":
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return real(source, target)
+
+    monkeypatch.setattr(state_module, "FOLDER_RETRY_SECONDS", (0, 0))
+    monkeypatch.setattr(safe_io, "REPLACE_RETRY_SECONDS", ())
+    monkeypatch.setattr(os, "replace", scanned)
+    assert run(dataset, tmp_path, "--save_every_n_epochs", "1", "--save_state", "--max_train_epochs", "3") == 0
+    assert ("the state star-000001-state could not be put in place (The process cannot access the file because it is "
+            "being used by another process): another program holds a file in it (an antivirus scan?); the previous "
+            "state is kept; the run goes on") in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["star-000002-state", "star-state"]
+    assert (tmp_path / "star-000002.safetensors").exists() and (tmp_path / "star.safetensors").exists()
+
+
 def test_what_a_run_killed_while_saving_left_is_removed_by_the_next_run_of_that_name(dataset, tmp_path, capsys):
     """SIGKILL or a power cut mid-save leaves hidden temporaries the size of a network (states: staging folders), and
     a kill mid-caching leaves half-written caches beside the images; nothing else is touched, and a minute-fresh

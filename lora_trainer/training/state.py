@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..safe_io import replace_path, save_safetensors
+from ..safe_io import FOLDER_RETRY_SECONDS, HeldFile, replace_path, save_safetensors
 
 
 def staging_folder(folder: Path) -> Path:
@@ -64,14 +64,21 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     except BaseException:  # a full disk or a kill: the half-written folder goes, the previous state stays
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        replace_path(folder, old)
-        replace_path(temporary, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        replace_path(temporary, folder)
+    old = folder.with_name(folder.name + ".old")
+    moved_aside = False
+    try:
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            replace_path(folder, old, FOLDER_RETRY_SECONDS)
+            moved_aside = True
+        replace_path(temporary, folder, FOLDER_RETRY_SECONDS)
+    except PermissionError as error:  # a file in it held open (an antivirus scan): the previous state stays in place
+        if moved_aside:
+            replace_path(old, folder, FOLDER_RETRY_SECONDS)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise HeldFile(f"the state {folder.name} could not be put in place ({error.strerror}): another program holds a "
+                       "file in it (an antivirus scan?); the previous state is kept") from error
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

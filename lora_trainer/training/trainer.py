@@ -782,7 +782,14 @@ class TrainingRun:
             if not self.world.is_main:
                 return
             with _writing(path):
-                save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state, self._facts())
+                try:
+                    save_state(path, self.network, self.optimizer, self.scheduler, self.generator, self.state,
+                               self._facts())
+                except HeldFile as held:
+                    if stopped:  # the state this stop was to be resumed from: not a thing to train on without
+                        raise
+                    self.events.emit("warning", message=f"{held}; the run goes on")
+                    return
             self.events.emit("state", action="saved", path=str(path), epoch=self.state.current_epoch, step=self.state.step,
                              **({"stopped": True} if stopped else {}))
 
