@@ -15,9 +15,10 @@ def utf8_when_redirected() -> None:
     ``--events_file -`` stopped echoing after its first event. A console shows Unicode whatever its code page."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            if not stream.isatty() and codecs.lookup(stream.encoding).name != "utf-8":
+            encoding = getattr(stream, "encoding", None)
+            if encoding and not stream.isatty() and codecs.lookup(encoding).name != "utf-8":
                 stream.reconfigure(encoding="utf-8")
-        except (AttributeError, LookupError, OSError, ValueError):  # replaced by a test's or a host's own stream
+        except (AttributeError, LookupError, OSError, ValueError):  # a host's own stream (a StringIO has no encoding)
             pass
 
 
