@@ -1460,6 +1460,10 @@ def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path):
     config.write_text('pretrained_model_name_or_path = "m.safetensors"\ntrain_data_dir = "D:\\new\\train"\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"--train_data_dir 'D:\\new\\train' holds a line break or tab: .* single quotes"):
         parse_args(["--config_file", str(config)])
+    # cmd.exe: "D:\\my data\\" --output_dir out reaches Python as one argument, the quote escaped
+    with pytest.raises(UserError, match=r'holds a double quote: on a Windows command line a quoted path ending in a '
+                                        r'backslash .* leave out the last backslash'):
+        parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", 'D:\\my data" --output_dir out'])
 
 
 @pytest.mark.parametrize("low, high, said", [

@@ -631,7 +631,9 @@ def _timestep_problems(low: int | None, high: int | None) -> list[str]:
 
 
 def _control_characters_in_paths(options: TrainOptions) -> list[str]:
-    """``"D:\\new\\train"`` in a TOML file reads as a line break and a tab: said as that, not as a folder not found."""
+    """``"D:\\new\\train"`` in a TOML file reads as a line break and a tab, and ``"D:\\my data\\"`` on a Windows
+    command line escapes its closing quote (the next options become part of the path): said as that, not as a folder
+    not found."""
     problems = []
     for name in PATH_OPTIONS:
         values = getattr(options, name)
@@ -640,6 +642,10 @@ def _control_characters_in_paths(options: TrainOptions) -> list[str]:
                 problems.append(f"--{name} {value!r} holds a line break or tab: in a TOML file a Windows path in double "
                                 "quotes turns \\n, \\t, \\b into them; write it in single quotes ('D:\\data') or with "
                                 "forward slashes")
+            elif isinstance(value, str) and '"' in value:
+                problems.append(f"--{name} {value} holds a double quote: on a Windows command line a quoted path "
+                                'ending in a backslash ("D:\\my data\\") escapes its closing quote; leave out the last '
+                                "backslash")
     return problems
 
 
