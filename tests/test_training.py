@@ -1817,6 +1817,46 @@ def test_a_stop_while_the_latents_cache_ends_the_stream_as_a_stop_not_a_tracebac
     assert signal.getsignal(signal.SIGTERM) == before  # given back
 
 
+def test_a_full_disk_under_the_event_log_neither_ends_the_run_nor_garbles_the_log(dataset, tmp_path, capsys, monkeypatch):
+    """Another program fills the disk: the events, flushed every step, are the first write to fail. The run died
+    unsaved on the OSError (and a server restart died writing a recovered job's error). Now it is said once, the
+    torn line is skipped by readers, and events go on once there is room."""
+    import errno
+
+    from lora_trainer.training import events as events_module
+
+    real_open, failing = open, {"left": 0}
+
+    class FillingUp:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            if failing["left"]:
+                failing["left"] -= 1
+                self.handle.write(data[:7])  # part of the line reached the disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def close(self):
+            self.handle.close()
+
+    monkeypatch.setattr(events_module, "open", lambda path, mode="r", **k: FillingUp(real_open(path, mode, **k))
+                        if mode == "ab" else real_open(path, mode, **k), raising=False)
+    log = events_module.EventLog(tmp_path / "events.jsonl")
+    log.emit("start")
+    failing["left"] = 2
+    log.emit("warning", message="lost")
+    log.emit("warning", message="lost too")
+    log.emit("end", files=[])
+    log.close()
+    assert [e["event"] for e in read_events(tmp_path / "events.jsonl")[0]] == ["start", "end"]
+    assert capsys.readouterr().err.count("could not be written (No space left on device); the run goes on") == 1
+    failing["left"] = 3  # during a run: it trains and saves as usual
+    assert run(dataset, tmp_path / "run", "--max_train_epochs", "1") == 0
+    assert (tmp_path / "run" / "star.safetensors").exists()
+
+
 def test_a_reader_of_the_event_stream_going_away_leaves_the_run_training(dataset, tmp_path, capsys, monkeypatch):
     """``--events_file - | head``: the pipe breaks; the run goes on and saves (it died unsaved on BrokenPipeError)."""
     import io

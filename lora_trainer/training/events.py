@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,10 +64,11 @@ class EventLog:
         self.echo = echo
         self.console = console
         self._file = None
+        self._torn = False  # a write failed part-way: the next line starts on a line of its own
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")
+                self._file = open(self.path, "ab", buffering=0)  # each line reaches the file whole, or is said torn
             except OSError as error:
                 raise UserError(f"the event log {self.path} is not writable ({error}); pick another --output_dir "
                                 "or --events_file") from None
@@ -77,8 +79,7 @@ class EventLog:
         event = {"event": kind, "time": round(time.time(), 3), **fields}
         line = json_line(event)
         if self._file is not None:
-            self._file.write(line)
-            self._file.flush()
+            self._write_file(line)
         if self.echo is not None:
             try:
                 self.echo.write(line)
@@ -90,6 +91,22 @@ class EventLog:
 
             tqdm.write(writable(words), file=self.console)  # the bar is cleared and drawn again below the line
         return event
+
+    def _write_file(self, line: str) -> None:
+        """A full disk (another program filled it) must not end the run unsaved, or stop a server from starting: the
+        failure is said once, and later events are written again once there is room."""
+        data = (b"\n" if self._torn else b"") + line.encode("utf-8")
+        try:
+            while data:
+                data = data[self._file.write(data):]
+        except OSError as error:
+            if not self._torn:
+                (self.console or sys.stderr).write(f"warning: the event log {self.path} could not be written "
+                                                   f"({error.strerror or error}); the run goes on, and its events are "
+                                                   "written there again once they can be\n")
+            self._torn = True
+        else:
+            self._torn = False
 
     def _stop_echo(self) -> None:
         echo, self.echo = self.echo, None
@@ -126,8 +143,11 @@ def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:
         if not line.endswith(b"\n"):
             break
         consumed += len(line)
-        if line.strip():
-            events.append(json.loads(line))
+        try:
+            if line.strip():
+                events.append(json.loads(line))
+        except ValueError:  # a line torn by a full disk (the writer starts the next one afresh)
+            continue
     return events, start + consumed
 
 
