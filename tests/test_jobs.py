@@ -486,6 +486,32 @@ def test_a_trainer_still_running_after_a_restart_is_followed_to_its_end_and_hold
     assert restarted.run_next().id == waiting.id
 
 
+def test_a_runner_made_anew_in_the_same_process_takes_the_trainer_over_alone(runner, tmp_path):
+    """The WebUI's "Reload UI" closes the old runner and makes a new one in the same process: the old one went on
+    following the trainer beside the new one, and told its listeners "finished" while the new one said "paused"."""
+    script = tmp_path / "fake_trainer.py"
+    heard_by_old, heard_by_new = [], []
+    old = JobRunner(runner.store, command=runner.command, kill_after=5.0, poll=0.05,
+                    on_event=lambda job, event: heard_by_old.append(event["event"]))
+    job = old.submit("reloaded", options(tmp_path, "wait"))
+    thread = _run_in_background(old)
+    started = time.time()
+    old.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.time() - started < 2  # it waited its 5 s timeout, still following
+    assert old.store.get(job.id).status == "running"
+    new = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), command=lambda j: [sys.executable, str(script)],
+                    kill_after=5.0, poll=0.05, on_event=lambda job, event: heard_by_new.append(event["event"]))
+    follower = threading.Thread(target=new.run_next)
+    follower.start()
+    time.sleep(0.3)
+    heard_before = list(heard_by_old)
+    new.stop(job.id, pause=True)
+    follower.join(timeout=10)
+    assert new.store.get(job.id).status == "paused"
+    assert heard_by_old == heard_before and "job" in heard_by_new  # only the new runner follows it to its end
+
+
 @pytest.mark.parametrize("text, command, unknown", [
     ("", "stop", []), ("stop\n", "stop", []), ("PAUSE", "stop", []), ("save\nsample\n", "save+sample", []),
     ("save\n\n", "save", []),  # a blank line (an editor's last newline) is no stop

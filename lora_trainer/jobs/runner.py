@@ -132,16 +132,27 @@ def kill_process_tree(process: subprocess.Popen, windows: bool = os.name == "nt"
         pass
 
 
+# Trainers this process started and has not seen end, by pid: a runner made anew in the same process (the WebUI's
+# "Reload UI") follows its predecessor's trainer through the same Popen, which reads its exit and reaps it (a pid
+# alone would stay "alive" as an unreaped zombie)
+_LAUNCHED: dict[int, subprocess.Popen] = {}
+
+
 class AdoptedProcess:
     """A trainer that an earlier server started and left running (the WebUI restarted): followed by its pid, since
-    only its parent could read its exit code."""
+    only its parent could read its exit code (or through that parent's Popen, where it is this process)."""
 
     def __init__(self, job: Job):
         self.job = job
         self.pid = job.pid
+        self.launched = _LAUNCHED.get(job.pid)
         self.returncode: int | None = None  # unknown: its events tell how it ended
 
     def poll(self) -> bool | None:
+        if self.launched is not None:
+            ended = self.launched.poll()
+            self.returncode = ended
+            return ended
         return None if trainer_alive(self.job) else True
 
     def kill(self) -> None:
@@ -333,6 +344,7 @@ class JobRunner:
             return self.store.update(job.id, status="failed", finished=time.time(),
                                      message=f"the trainer could not be started: {error}")
         self._process, self._current = process, job.id
+        _LAUNCHED[process.pid] = process
         job = self.store.update(job.id, pid=process.pid)
         self._notify(job)
         return self._follow(job, process, log)
@@ -372,6 +384,10 @@ class JobRunner:
                 job = self.store.update(job.id, files=[f for f in files if Path(f).exists()], last_state=last_state)
             if finished:
                 break
+            if self._closing:  # a new runner takes over ("Reload UI"): it adopts the trainer, still running
+                if log is not None:
+                    log.close()
+                return job
             if job.id in self._stop_requested | self._pause_requested:
                 stop_seen_at = stop_seen_at or time.time()
                 if time.time() - stop_seen_at > self.kill_after:
@@ -379,6 +395,7 @@ class JobRunner:
             time.sleep(self.poll)
         if log is not None:
             log.close()
+        _LAUNCHED.pop(process.pid, None)
         code = process.returncode
         if code is None:  # adopted: no exit code to read, its events say how it ended
             code = 0 if ended and error is None else 1
