@@ -237,6 +237,17 @@ def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | No
     return dataclasses.replace(NetworkSpec(), **fields)
 
 
+def forge_problem(spec: NetworkSpec) -> str | None:
+    """What Forge's own loader (it reads ``<lora:…>`` there, not this extension) does with a file of ``spec``, where
+    it is not what was trained (docs/networks.md)."""
+    if spec.algorithm in ("diag-oft", "boft", "ia3"):
+        return (f"Forge's own LoRA loader does not apply {spec.algorithm} files (it skips the whole file as a "
+                "\"LoRA version mismatch\"); they work in the WebUI 1.10 and ComfyUI — for Forge, train LoRA, LoHa or LoKr")
+    if spec.algorithm == "lokr" and spec.tucker:
+        return "Forge fails the whole generation on LoKr files with use_tucker; for Forge, train LoKr without it"
+    return None
+
+
 def _lycoris_layers(preset: str, fields: dict) -> dict:
     """LyCORIS's defaults for the layers: its preset (``full`` unless given), convolutions at ``conv_dim`` =
     ``network_dim`` and ``conv_alpha`` = ``network_alpha`` unless given, none where the preset has them off (unless a

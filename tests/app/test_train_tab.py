@@ -293,6 +293,18 @@ def test_a_network_that_is_no_algorithm_choice_stays_in_advanced_and_decides(ser
     assert options["network_module"] == "lycoris.kohya" and options["network_args"] == ["algo=lora", "preset=full"]
 
 
+def test_on_forge_a_network_its_own_loader_would_not_apply_is_said_before_training(services, monkeypatch):
+    """On Forge the extension leaves <lora:…> to Forge's loader, which skips Diag-OFT, BOFT and (IA)³ files whole and
+    fails the generation on LoKr with use_tucker: hours of training that would show nothing there."""
+    extra = 'network_module = "lycoris.kohya"\nnetwork_args = ["algo=diag-oft", "constraint=0.01"]'
+    assert "Forge" not in train_tab.validation_text(services, form(extra=extra))  # the standalone app applies it
+    monkeypatch.setattr(services.host, "name", "forge")
+    assert "⚠ Forge's own LoRA loader does not apply diag-oft files" in train_tab.validation_text(services, form(extra=extra))
+    tucker = 'network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "use_tucker=True", "conv_dim=4"]'
+    assert "Forge fails the whole generation on LoKr files with use_tucker" in train_tab.validation_text(services, form(extra=tucker))
+    assert "Forge" not in train_tab.validation_text(services, form(algorithm="LoKr"))
+
+
 def test_a_unet_rate_of_0_trains_the_text_encoder_only_as_in_kohyas_gui(services):
     options, _ = train_tab.job_options(services, form(unet_lr=0))
     assert options["network_train_text_encoder_only"] is True and "unet_lr" not in options

@@ -20,6 +20,7 @@ from ...dataset.health import HealthSettings, check_dataset, check_dataset_confi
 from ...errors import UserError
 from ...jobs.runner import earlier_files_note
 from ...jobs.store import Job
+from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
 from ...training.options import DEFAULTS, memory_advice, options_from, resolution_of, write_prompts_file
 from .. import presets
@@ -196,6 +197,10 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
     note = earlier_files_note(options, services.runner.replaced_folder)
     planned = estimate(checked, report, "sdxl" if sdxl else "sd1")
     lines = planned.lines()
+    if services.host.name == "forge" and (problem := forge_problem(
+            spec_from_kohya(checked.network_module or "networks.lora", checked.network_dim, checked.network_alpha,
+                            checked.network_args, checked.network_dropout))):
+        lines.append(f"⚠ {problem}")
     if sdxl and max(resolution_of(checked) or (0, 0)) < 1024:  # the presets' fields are filled at SD1's 512
         lines.append(f"⚠ The base model is SDXL, which is trained at 1024 px, and Resolution is {checked.resolution}: "
                      "set 1024 (or 1024,768 …) unless a smaller size is what you mean")
