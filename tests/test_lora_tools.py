@@ -255,6 +255,18 @@ def test_resize_above_a_modules_rank_keeps_its_rank_and_says_so():
     assert not any("kept" in line for line in resize_network(original, 8).lines())
 
 
+def test_resize_keeps_the_embeddings_a_file_bundles():
+    """A LoRA that brings its trigger word as a bundled embedding (bundle_emb.*) lost it silently when resized."""
+    original = lora_with_singular_values()
+    vectors = {"bundle_emb.zkstar.string_to_param.*": torch.randn(2, 768),
+               "bundle_emb.zkchar.clip_l": torch.randn(1, 768), "bundle_emb.zkchar.clip_g": torch.randn(1, 1280)}
+    with_embeddings = group_tensors({**{f"lora_unet_layer.{k}": t for k, t in original.modules["lora_unet_layer"].items()},
+                                     **vectors})
+    resized = resize_network(with_embeddings, 4).tensors
+    assert all(torch.equal(resized[key], value) for key, value in vectors.items())
+    assert group_tensors(resized).embeddings.keys() == {"zkstar", "zkchar"}
+
+
 def test_resize_command_prints_retained_energy_and_writes_a_hashed_file(tmp_path, capsys):
     out = tmp_path / "small.safetensors"
     assert main(["lora", "resize", str(KOHYA_LORA), "--out", str(out), "--new_rank", "2", "--verbose"]) == 0

@@ -105,6 +105,18 @@ def bundled_embeddings(state_dict: dict[str, torch.Tensor]) -> dict[str, dict]:
     return embeddings
 
 
+def bundled_embedding_tensors(network: NetworkFile) -> dict[str, torch.Tensor]:
+    """The ``bundle_emb.*`` tensors as the file stored them, for a tool that rewrites the file (resize)."""
+    tensors = {}
+    for name, data in network.embeddings.items():
+        for vector, value in data.items():
+            if vector == "string_to_param":
+                tensors |= {f"bundle_emb.{name}.string_to_param.{key}": t for key, t in value.items()}
+            else:
+                tensors[f"bundle_emb.{name}.{vector}"] = value
+    return tensors
+
+
 def read_network(path: str | Path) -> NetworkFile:
     """A ``.safetensors`` network (or a ``.pt``/``.ckpt`` one, loaded with ``weights_only``: never unpickled code)."""
     path = Path(path)

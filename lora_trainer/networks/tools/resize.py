@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
-from ..files import NetworkFile
+from ..files import NetworkFile, bundled_embedding_tensors
 from ..lora import DOWN, MID, UP, lora_weight
 from ..network import save_network
 from ..registry import Tensors, scale
@@ -153,6 +153,7 @@ def resize_network(network: NetworkFile, rank: int, conv_rank: int | None = None
         metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {min(rank, old_dim)}{conv}; {comment}"
         metadata["ss_network_dim"] = str(min(rank, old_dim))
         metadata["ss_network_alpha"] = str(modules[-1].new_alpha)  # sd-scripts writes the last module's
+    tensors |= bundled_embedding_tensors(network)  # the trigger words the file brings stay with it (sd-scripts drops them)
     return ResizeResult(tensors, metadata, modules, asked_rank=None if method else rank)
 
 
