@@ -949,6 +949,42 @@ def test_a_state_an_antivirus_scan_holds_is_said_and_the_run_goes_on(dataset, tm
     assert (tmp_path / "star-000002.safetensors").exists() and (tmp_path / "star.safetensors").exists()
 
 
+def test_an_image_damaged_mid_run_stops_it_with_what_it_learnt_saved_and_resumable(tmp_path, capsys, monkeypatch):
+    """Without cached latents each image is read when its batch comes: one deleted or damaged mid-run ended the run
+    with nothing saved since the last save (up to an epoch). What was trained is saved, as a stop saves it, the
+    image is named, and resuming once it is fixed trains what an uninterrupted run trains."""
+    from lora_trainer.training import trainer
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "2_zkstar")
+    arguments = ("--max_train_epochs", "1", "--seed", "3")
+    learn, batches = trainer.TrainingRun._learn, []
+
+    def damaged_at_step_3(self, batch, epoch):
+        batches.append(1)
+        if len(batches) == 4:  # the 4th batch (after 3 steps) finds its image gone
+            raise trainer.ImageError(f"{data / '2_zkstar' / 'star_007.png'} does not exist.")
+        return learn(self, batch, epoch)
+
+    def run_uncached(out, *extra):
+        return train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(data),
+                           "--output_dir", str(out), "--output_name", "star", "--resolution", "64",
+                           "--train_batch_size", "4", "--network_dim", "4", "--network_alpha", "4", "--learning_rate",
+                           "1e-3", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", *arguments, *extra])
+
+    assert run_uncached(tmp_path / "whole") == 0
+    monkeypatch.setattr(trainer.TrainingRun, "_learn", damaged_at_step_3)
+    assert run_uncached(tmp_path / "cut") == 2
+    err = capsys.readouterr().err
+    state = tmp_path / "cut" / "star-step00000003-state"
+    assert "star_007.png does not exist. Training stopped at step 3; what it learnt is saved in " \
+           "star-step00000003.safetensors" in err and f"--resume {state}" in err
+    monkeypatch.setattr(trainer.TrainingRun, "_learn", learn)
+    assert run_uncached(tmp_path / "resumed", "--resume", str(state)) == 0
+    resumed, whole = weights(tmp_path / "resumed" / "star.safetensors"), weights(tmp_path / "whole" / "star.safetensors")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 def test_what_a_run_killed_while_saving_left_is_removed_by_the_next_run_of_that_name(dataset, tmp_path, capsys):
     """SIGKILL or a power cut mid-save leaves hidden temporaries the size of a network (states: staging folders), and
     a kill mid-caching leaves half-written caches beside the images; nothing else is touched, and a minute-fresh

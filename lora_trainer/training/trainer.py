@@ -25,6 +25,7 @@ import torch
 from ..compat import DYNAMO_TRACES_SLOWLY, native_bf16, SCALES_LOSS_ON_CPU, GradScaler, OutOfMemoryError, autocast
 from ..console import progress_bar
 from ..dataset.config import DatasetGroupConfig
+from ..dataset.images import ImageError
 from ..dataset.layouts import dataset_images
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
@@ -564,20 +565,39 @@ class TrainingRun:
             resumed_at = state.batch_in_epoch  # resumed mid-epoch: the batches before it were trained before
             if not resumed_at:
                 state.epoch_first_step = state.step
-            for index, batch in enumerate(data.loaded(batches[resumed_at:], options.max_data_loader_n_workers), resumed_at):
-                self._learn(batch, epoch)
-                state.batch_in_epoch = index + 1
-                if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
-                    continue
-                self._step(epoch)
-                if state.step >= self.total_steps:
-                    break
-                if self._obey(epoch) == "stop":  # the file counts the epoch it stopped in, from 1, as a step save does
-                    return self.finish(epoch + 1, stopped=True)
+            try:
+                for index, batch in enumerate(data.loaded(batches[resumed_at:], options.max_data_loader_n_workers),
+                                              resumed_at):
+                    self._learn(batch, epoch)
+                    state.batch_in_epoch = index + 1
+                    if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
+                        continue
+                    self._step(epoch)
+                    if state.step >= self.total_steps:
+                        break
+                    if self._obey(epoch) == "stop":  # the file counts the epoch it stopped in, from 1, as a step save does
+                        return self.finish(epoch + 1, stopped=True)
+            except ImageError as error:
+                self._stop_at_unreadable_image(error, epoch)
             self._end_epoch(epoch)
             if state.step >= self.total_steps:
                 break
         return self.finish(state.epoch)
+
+    def _stop_at_unreadable_image(self, error: ImageError, epoch: int) -> None:
+        """An image deleted or damaged while the run reads it (without cached latents): what was trained so far is
+        saved, as a stop saves it, before the error ends the run — up to an epoch of work would be lost otherwise."""
+        state = self.state
+        state.batch_in_epoch -= state.batch_in_epoch % self.options.gradient_accumulation_steps  # at a whole step
+        self.optimizer.zero_grad(set_to_none=True)  # a part-accumulated step is trained again on resuming
+        if state.step == state.first_step:
+            raise error
+        state.epoch = epoch
+        weights, resumable = self.plan.step_path(state.step), self.plan.state_path(None, state.step)
+        self.save_network_file(weights, epoch, state.step)
+        self.save_state_file(resumable, stopped=True)
+        raise UserError(f"{error} Training stopped at step {state.step}; what it learnt is saved in {weights.name}, and "
+                        f"a state in {resumable}: fix or remove the image, then continue with --resume {resumable}") from None
 
     def _learn(self, batch, epoch: int) -> None:
         """Forward and backward on this rank's rows of ``batch``; every rank's per-image losses are recorded."""
