@@ -22,7 +22,7 @@ from lora_trainer.training.events import read_events
 
 # A stand-in trainer: reads its config like the real one, writes events, obeys (or ignores) the stop file.
 FAKE_TRAINER = textwrap.dedent('''
-    import json, sys, time, toml
+    import json, signal, sys, time, toml
     from pathlib import Path
     options = toml.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     mode = options["training_comment"]
@@ -46,9 +46,13 @@ FAKE_TRAINER = textwrap.dedent('''
         import os, signal
         print("saved state /out/star-000001-state", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    if mode == "loading":  # a model that takes longer to load than a stop waits; the control file is not read yet
+    if mode in ("loading", "deaf"):  # a model that takes long to load; the control file is not read yet
+        if mode == "deaf":  # a trainer that does not end on SIGTERM (Windows has none to send)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if mode == "loading":  # as the trainer: SIGTERM before the first step ends it at once, saying so
+            signal.signal(signal.SIGTERM, lambda *_: (emit("end", files=[], steps=0, stopped=True), sys.exit(130)))
         time.sleep(30)
-    if mode == "ignore":  # stuck in training: it took a step, then stopped reading the control file
+    if mode in ("wait", "ignore"):  # training (ignore: stuck, it took a step and stopped reading the control file)
         emit("step", step=1)
     if mode in ("wait", "ignore"):
         while not (mode == "wait" and control.exists() and control.read_text().split() not in ([], ["save"])):
@@ -315,6 +319,7 @@ def test_a_stop_pressed_before_the_trainer_took_its_start_time_is_obeyed_not_dro
                                                                                                  word, status):
     """The trainer drops control words older than its own start (an earlier run's); a stop pressed as the job
     starts, while the trainer's interpreter still loads, is this job's and must stop it, saved."""
+    runner.terminates_early = False  # as on Windows: the word waits for the trainer to read it
     job = runner.submit("early", options(tmp_path, "late"))
     thread = threading.Thread(target=runner.run_next)
     thread.start()
@@ -398,15 +403,21 @@ def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path, p
                                                    "message": runner.store.get(job.id).message}
 
 
-def test_a_stop_while_the_model_loads_ends_the_job_stopped_saying_nothing_was_trained(runner, tmp_path):
-    """Killed when the wait runs out, as a stuck trainer is, but before its first step there was nothing to lose:
+@pytest.mark.parametrize("mode", ["loading", "deaf"])
+def test_a_stop_while_the_model_loads_ends_the_job_stopped_saying_nothing_was_trained(runner, tmp_path, mode):
+    """The trainer reads its control file between steps only: loading or caching, it is told by SIGTERM and ends at
+    once (it waited out the 2-minute timeout, then a SIGKILL cut a cache file mid-write). One that does not end is
+    killed when the wait runs out, as a stuck trainer is; before its first step there was nothing to lose either way:
     the job says so, and its events end as a stopped run, not as an error."""
-    job = runner.submit("slow start", options(tmp_path, "loading"))
+    runner.kill_after = 60.0 if mode == "loading" else 1.0
+    job = runner.submit("slow start", options(tmp_path, mode))
     thread = _run_in_background(runner)
     while not [e for e in read_events(job.events_path)[0] if e["event"] == "start"]:
         time.sleep(0.02)
+    asked = time.time()
     runner.stop(job.id, pause=True)
     thread.join(timeout=10)
+    assert not thread.is_alive() and time.time() - asked < 8
     ended = runner.store.get(job.id)
     assert ended.status == "stopped" and "before its first step" in ended.message and "nothing was trained" in ended.message
     last = read_events(job.events_path)[0][-1]

@@ -118,6 +118,14 @@ def own_group(windows: bool = os.name == "nt") -> dict:
 _OWN_GROUP = own_group()
 
 
+def _terminate(process) -> None:
+    """SIGTERM to the trainer itself (a Popen or an adopted one), which saves and ends as on a stop."""
+    try:
+        os.kill(process.pid, signal.SIGTERM)
+    except OSError:  # it ended between the poll and now
+        pass
+
+
 def kill_process_tree(process: subprocess.Popen, windows: bool = os.name == "nt") -> None:
     """Kill the trainer and its data-loader workers: its process group on POSIX; on Windows, which has no process
     groups to signal, ``taskkill /T`` (its tree), or the process alone where taskkill fails."""
@@ -174,6 +182,8 @@ class JobRunner:
         self.poll = poll
         self.on_event = on_event
         self.extras_folder = extras_folder  # optional packages installed for the trainer only (bitsandbytes, …)
+        # a stop before the first step is a SIGTERM (POSIX); Windows has no signal a Python process can catch there
+        self.terminates_early = os.name != "nt"
         self.cuda_device = cuda_device  # the host's GPU index (the WebUI's --device-id); None: the first visible one
         self._process: subprocess.Popen | None = None
         self._current: int | None = None
@@ -389,6 +399,10 @@ class JobRunner:
                     log.close()
                 return job
             if job.id in self._stop_requested | self._pause_requested:
+                if stop_seen_at is None and not stepped and self.terminates_early:
+                    # it reads its control file between steps only: loading or caching, it stops on SIGTERM at once,
+                    # cleanly (its caches whole), where waiting out kill_after ended in a SIGKILL mid-write
+                    _terminate(process)
                 stop_seen_at = stop_seen_at or time.time()
                 if time.time() - stop_seen_at > self.kill_after:
                     kill_process_tree(process)
@@ -402,9 +416,9 @@ class JobRunner:
         if job.id in self._pause_requested and job.id not in self._stop_requested and code == 0:
             status, message = "paused", "paused: resume continues from the saved state"
         elif job.id in self._stop_requested | self._pause_requested and code != 0 and not stepped:
-            # still loading the model or caching latents when the wait ran out: killed, and nothing was lost
-            status, message = "stopped", (f"stopped before its first step (the model was still loading or the latents "
-                                          f"caching after {self.kill_after:g} s): nothing was trained or saved")
+            # still loading the model or caching latents: stopped there (or killed after the wait), nothing was lost
+            status, message = "stopped", ("stopped before its first step (the model was still loading or the latents "
+                                          "caching): nothing was trained or saved")
         elif job.id in self._stop_requested | self._pause_requested:  # a pause killed after the timeout is a stop
             status, message = "stopped", "stopped and saved" if code == 0 else "stopped (killed after the timeout)"
         elif code == 0:
