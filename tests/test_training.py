@@ -1483,6 +1483,21 @@ def test_captions_longer_than_the_run_reads_are_said_at_its_start(tmp_path, caps
     assert "longer than the" not in capsys.readouterr().err
 
 
+def test_latent_caches_on_disk_train_the_same_weights_whichever_of_them_exist(tmp_path):
+    """A run killed while caching left some .npz files: every later run on that dataset drew other latents for the
+    images still to encode (one random sequence over the images to do), so it was no longer the same run."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "2_zkstar")
+    assert run(data, tmp_path / "fresh", "--max_train_epochs", "1", "--cache_latents_to_disk") == 0
+    caches = sorted((data / "2_zkstar").glob("*.npz"))
+    assert len(caches) == 16
+    for cache in caches[::2]:
+        cache.unlink()
+    assert run(data, tmp_path / "half", "--max_train_epochs", "1", "--cache_latents_to_disk") == 0
+    fresh, half = weights(tmp_path / "fresh" / "star.safetensors"), weights(tmp_path / "half" / "star.safetensors")
+    assert all(torch.equal(fresh[k], half[k]) for k in fresh)
+
+
 def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path):
     """'D:\\训练集\\10_x' in double quotes is an invalid escape, 'D:\\new\\train' a line break and a tab: both name the fix
     (sd-scripts' toml reader says only "Reserved escape sequence", or trains on a folder that is not there)."""

@@ -10,6 +10,7 @@ masks from the images' transparency (``alpha_mask``) or from mask folders (``con
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -104,6 +105,12 @@ class DatasetPlan:
     validation: list[ImageRecord]
     tag_frequency: dict[str, dict[str, int]]
     num_reg_images: int  # with their folders' repeats, before they are balanced against the training images
+
+
+def latent_noise_seed(seed: int, record: ImageRecord) -> int:
+    """The seed of an image's latent sample: the run's seed, the image (its folder's and its own name) and its bucket."""
+    key = f"{seed}|{record.path.parent.name}/{record.path.name}|{record.bucket}".encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
 
 class TrainingData:
@@ -270,7 +277,6 @@ class TrainingData:
     @torch.no_grad()
     def cache_latents(self, vae, device, events) -> None:
         """Encode every image once (with ``--cache_latents``; the validation images always: they are never augmented)."""
-        generator = torch.Generator().manual_seed(self.seed)
         vae.to(device)
         todo = [r for r in (self.records if self.options.cache_latents else []) + self.validation if r.latents is None]
         todo.sort(key=lambda r: (r.bucket, str(r.path)))
@@ -288,7 +294,7 @@ class TrainingData:
             disk = [_read_npz(r, self.config_name, self._interpolation(r), encoder)
                     if self.options.cache_latents_to_disk else None for r in group]
             fresh = [r for r, cached in zip(group, disk) if cached is None]
-            encoded = iter(self._encode_for_cache(fresh, vae, device, generator) if fresh else [])
+            encoded = iter(self._encode_for_cache(fresh, vae, device) if fresh else [])
             for record, cached in zip(group, disk):
                 if cached is None:
                     cached = next(encoded)
@@ -301,14 +307,17 @@ class TrainingData:
             bar.update(len(group))
         bar.close()
 
-    def _encode_for_cache(self, records: list[ImageRecord], vae, device, generator):
+    def _encode_for_cache(self, records: list[ImageRecord], vae, device):
         """(latents, flipped latents or None, mask) of each record, the images through the VAE as one batch."""
         images = [training_pixels(r.path, r.choice, alpha_mask=r.subset.alpha_mask, mask_path=r.mask_path,
                                   interpolation=self._interpolation(r)) for r in records]
         pixels = torch.stack([image.pixels for image in images]).to(device, vae.dtype)
         posteriors = [vae.encode(pixels)] + ([vae.encode(pixels.flip(-1))] if records[0].subset.flip_aug else [])
-        # drawn image by image, flipped after unflipped: the same draws whatever --vae_batch_size is
-        noise = torch.randn((len(records), len(posteriors), *posteriors[0].mean.shape[1:]), generator=generator)
+        # each image's own draws, flipped after unflipped: the same whatever --vae_batch_size is, and whichever other
+        # images a cache on disk already holds (a run killed while caching changed every later run's latents)
+        shape = (len(posteriors), *posteriors[0].mean.shape[1:])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(latent_noise_seed(self.seed, r)))
+                             for r in records])
         latents = [posterior.sample_with(noise[:, i]).float().cpu() for i, posterior in enumerate(posteriors)]
         _check_finite(torch.stack(latents, 1), records, vae.dtype)
         return [(latents[0][i], latents[1][i] if len(latents) > 1 else None, image.mask) for i, image in enumerate(images)]
