@@ -152,7 +152,8 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     state = baseline / "star-000001-state"
     assert (state / "model.safetensors").is_file() and json.loads((state / "train_state.json").read_text()) == {
         "current_epoch": 1, "current_step": 8, "seed": 3, "images": 32, "batches_per_epoch": 8,
-        "optimizer": "AdamW", "resolution": "64", "gradient_accumulation_steps": 1}  # sd-scripts reads the first two
+        "optimizer": "AdamW", "resolution": "64", "gradient_accumulation_steps": 1, "lr_scheduler": "constant",
+        "total_steps": 16}  # sd-scripts reads the first two
     assert run(dataset, tmp_path, "--resume", str(state)) == 0
     resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
@@ -292,7 +293,8 @@ def test_a_leftover_control_word_and_an_unknown_one_are_said_and_not_obeyed(data
         e["message"] for e in events if e["event"] == "warning"]
 
 
-def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_with(dataset, tmp_path, monkeypatch):
+def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_with(dataset, tmp_path, monkeypatch,
+                                                                                     capsys):
     """Without --seed each run draws one, and the data order comes from it: a resumed run must take the interrupted
     run's, or the epoch it stopped in is trained in another order (some images twice, some never)."""
     stop = tmp_path / "stop-now"
@@ -312,11 +314,9 @@ def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_
     events, _ = read_events(tmp_path / "d" / "star.events.jsonl")
     said = [e["message"] for e in events if e["event"] == "warning" and "--resume" in e["message"]]
     assert len(said) == 1 and "(batches per epoch 8 then, 16 now)" in said[0], said
-    # another accumulation trains fewer epochs in the same steps; another resolution other latents: both said
-    assert run(dataset, tmp_path / "e", "--resume", state, "--gradient_accumulation_steps", "2", seed=None) == 0
-    events, _ = read_events(tmp_path / "e" / "star.events.jsonl")
-    said = [e["message"] for e in events if e["event"] == "warning" and "--resume" in e["message"]]
-    assert len(said) == 1 and "--gradient_accumulation_steps 1 then, 2 now" in said[0], said
+    # another accumulation makes its step count mean other batches: refused (test_a_resume_that_changes_the_schedule…)
+    assert run(dataset, tmp_path / "e", "--resume", state, "--gradient_accumulation_steps", "2", seed=None) == 2
+    assert "resume with --gradient_accumulation_steps 1" in capsys.readouterr().err
 
 
 def test_a_resume_that_leaves_nothing_to_train_is_refused_not_saved_as_finished(dataset, tmp_path, capsys):
@@ -344,6 +344,23 @@ def test_a_state_resumed_with_another_optimizer_is_refused_and_other_learning_ra
     said = [e["message"] for e in events if e["event"] == "warning" and "learning rates" in e["message"]]
     assert len(said) == 1 and "goes on at the learning rates it was saved with (0.001" in said[0]
     assert "not this command's (0.005" in said[0]
+
+
+def test_a_resume_that_changes_the_schedule_is_said_and_one_that_changes_the_accumulation_is_refused(
+        baseline, dataset, tmp_path, capsys):
+    """Another scheduler, or more epochs under a decaying one, recomputes the rate over the new run: it jumped without
+    a word. Another accumulation count changes what a step counts, and the run ended early without a word."""
+    state = baseline / "star-000001-state"  # a constant-rate run of 2 epochs, 8 steps each
+    assert run(dataset, tmp_path / "cosine", "--resume", str(state), "--lr_scheduler", "cosine") == 0
+    said = [e["message"] for e in read_events(tmp_path / "cosine" / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert any("the learning-rate schedule was constant over 16 steps, and is cosine over 16 now: the rate goes on from "
+               "where the new schedule is at step 8" in message for message in said)
+    assert run(dataset, tmp_path / "longer", "--resume", str(state), "--max_train_epochs", "3") == 0  # constant: no length
+    said = [e["message"] for e in read_events(tmp_path / "longer" / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert not any("schedule" in message for message in said)
+    assert run(dataset, tmp_path / "accumulated", "--resume", str(state), "--gradient_accumulation_steps", "2") == 2
+    assert (f"--gradient_accumulation_steps 2: --resume {state} counts its steps of 1 batch(es), so the run would end "
+            "early or late; resume with --gradient_accumulation_steps 1") in capsys.readouterr().err
 
 
 def test_a_state_resumed_with_another_network_alpha_keeps_its_own_and_the_files_say_so(baseline, dataset, tmp_path):

@@ -492,13 +492,19 @@ class TrainingRun:
             initial_from = f"--resume {options.resume} (at step {initial_step})"
         elif options.resume:
             asked = _learning_rates(self.optimizer)
+            saved_accumulation = self.resumed_facts.get("gradient_accumulation_steps", options.gradient_accumulation_steps)
+            if saved_accumulation != options.gradient_accumulation_steps:  # its step count means other batches now
+                raise UserError(f"--gradient_accumulation_steps {options.gradient_accumulation_steps}: --resume "
+                                f"{options.resume} counts its steps of {saved_accumulation} batch(es), so the run would "
+                                f"end early or late; resume with --gradient_accumulation_steps {saved_accumulation}",
+                                "gradient_accumulation_steps")
             state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
             if state.step >= self.total_steps:  # else "finished" at once, its weights saved as if trained to this end
                 raise UserError(f"--resume {options.resume} (at step {state.step}, epoch {state.current_epoch}) leaves "
                                 f"nothing to train: this run has {self.total_steps} steps ({self.num_epochs} epochs of "
                                 f"{self.steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
             events.emit("state", action="resumed", path=options.resume, epoch=state.current_epoch, step=state.step)
-            for message in self._resumed_differently():
+            for message in self._resumed_differently(state.step):
                 events.emit("warning", message=message)
             if (saved := _learning_rates(self.optimizer)) != asked:  # the state's optimizer and schedule replace ours
                 events.emit("warning", message=f"--resume {options.resume} goes on at the learning rates it was saved "
@@ -532,20 +538,28 @@ class TrainingRun:
         """What fixes this run's data order, and its optimizer: kept in its states."""
         return {"seed": self.seed, "images": self.data.num_images, "batches_per_epoch": self.data.batches_per_epoch,
                 "optimizer": self.options.optimizer, "resolution": self.options.resolution or "",
-                "gradient_accumulation_steps": self.options.gradient_accumulation_steps}
+                "gradient_accumulation_steps": self.options.gradient_accumulation_steps,
+                "lr_scheduler": self.options.lr_scheduler, "total_steps": self.total_steps}
 
-    def _resumed_differently(self) -> list[str]:
+    def _resumed_differently(self, step: int) -> list[str]:
         """Why a resumed run will not end as the interrupted one would have: another seed, dataset or batch size."""
         saved, now = self.resumed_facts, self._facts()
         names = {"seed": "--seed", "images": "images", "batches_per_epoch": "batches per epoch",
                  "resolution": "--resolution", "gradient_accumulation_steps": "--gradient_accumulation_steps"}
         changed = [f"{names[key]} {saved[key]} then, {now[key]} now" for key in names
                    if key in saved and saved[key] != now[key]]
-        if not changed:
-            return []
-        return [f"--resume {self.options.resume} was saved by a run with other data or options ({'; '.join(changed)}): "
-                "it goes on from its step, but its epochs are not the batches the interrupted run would have trained; "
-                "resume with the same dataset, options and --seed (or none) to continue it exactly"]
+        said = [] if not changed else [
+            f"--resume {self.options.resume} was saved by a run with other data or options ({'; '.join(changed)}): it "
+            "goes on from its step, but its epochs are not the batches the interrupted run would have trained; resume "
+            "with the same dataset, options and --seed (or none) to continue it exactly"]
+        schedule = {key: saved[key] for key in ("lr_scheduler", "total_steps") if key in saved}
+        if schedule and schedule != {key: now[key] for key in schedule} and not (
+                saved.get("lr_scheduler") == now["lr_scheduler"] == "constant"):  # a constant rate has no length
+            said.append(f"--resume {self.options.resume}: the learning-rate schedule was {saved.get('lr_scheduler', '?')} "
+                        f"over {saved.get('total_steps', '?')} steps, and is {now['lr_scheduler']} over "
+                        f"{now['total_steps']} now: the rate goes on from where the new schedule is at step "
+                        f"{step}, not from where it was")
+        return said
 
     def _text_cache(self, fixed_captions: dict) -> TextEncoderCache:
         text_cache = TextEncoderCache(self.config)
