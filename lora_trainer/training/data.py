@@ -108,8 +108,9 @@ class DatasetPlan:
 
 
 def latent_noise_seed(seed: int, record: ImageRecord) -> int:
-    """The seed of an image's latent sample: the run's seed, the image (its folder's and its own name) and its bucket."""
-    key = f"{seed}|{record.path.parent.name}/{record.path.name}|{record.bucket}".encode("utf-8", "surrogateescape")
+    """The seed of an image's latent sample: the run's seed, the image's file name and its bucket (not its folder: the
+    same pictures copied to another folder train the same)."""
+    key = f"{seed}|{record.path.name}|{record.bucket}".encode("utf-8", "surrogateescape")
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
 

@@ -356,8 +356,6 @@ def release_cached_memory(device: torch.device, options: TrainOptions) -> None:
         torch.cuda.empty_cache()
 
 
-
-
 def _train(options: TrainOptions, events: EventLog, world: World, device: torch.device, notes: list[str],
            started: float) -> list[Path]:
     run = TrainingRun(options, events, world, device, notes, started)
@@ -545,7 +543,7 @@ class TrainingRun:
         """Why a resumed run will not end as the interrupted one would have: another seed, dataset or batch size."""
         saved, now = self.resumed_facts, self._facts()
         names = {"seed": "--seed", "images": "images", "batches_per_epoch": "batches per epoch",
-                 "resolution": "--resolution", "gradient_accumulation_steps": "--gradient_accumulation_steps"}
+                 "resolution": "--resolution"}  # another accumulation is refused before
         changed = [f"{names[key]} {saved[key]} then, {now[key]} now" for key in names
                    if key in saved and saved[key] != now[key]]
         said = [] if not changed else [
