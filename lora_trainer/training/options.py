@@ -908,6 +908,7 @@ def left_out_of_command(options: TrainOptions, script: str) -> list[str]:
     """The options of this run that ``script`` does not take (``kohya_command`` leaves them out: say so)."""
     return [] if "sdxl" in script else [f"--{name}" for name in SDXL_SCRIPT_ONLY if getattr(options, name)]
 
+
 def memory_advice(options: TrainOptions) -> str:
     """The switches that lower memory which this run does not use yet, most effective first."""
     unused = [hint for hint, used in (
