@@ -71,13 +71,14 @@ def test_folder_scan_keeps_good_folders_and_says_how_to_rename_the_others(tmp_pa
     for index in range(40):
         image(tmp_path / "abc_dog" / f"{index}.png")
     image(tmp_path / "0_cat" / "a.png")
+    image(tmp_path / "²_x" / "a.png")  # a digit to str.isdigit, not to int(): it crashed the scan
     (tmp_path / "notes.txt").write_text("not a folder", encoding="utf-8")
     scan = scan_dreambooth_folders(tmp_path)
     assert [(Path(s["image_dir"]).name, s["num_repeats"], s["class_tokens"]) for s in scan.subsets] == [("10_zk star", 10, "zk star"), ("5_", 5, "")]
     notes = " ".join(scan.notes)
     assert "'abc_dog' (40 image(s), rename it to 5_abc_dog)" in notes
     assert "'0_cat' (1 image(s), it asks for 0 repeats; rename it to 20_cat)" in notes
-    assert "'empty' (no images)" in notes
+    assert "'empty' (no images)" in notes and "'²_x' (1 image(s), rename it to 20_²_x)" in notes
     assert "5_: the folder name gives no class tokens" in notes
     # the same names as dataset check suggests: one rule, not two hints that disagree
     findings = {f.path: f.message for f in check_dataset(tmp_path).findings if f.kind == "skipped-folder"}

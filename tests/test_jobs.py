@@ -424,6 +424,27 @@ def test_a_stop_while_the_model_loads_ends_the_job_stopped_saying_nothing_was_tr
     assert last["event"] == "end" and last["stopped"] and last["files"] == []
 
 
+def test_a_stop_before_the_first_step_of_an_sd_scripts_backend_job_is_its_stop_file_not_a_signal(runner, tmp_path,
+                                                                                                monkeypatch):
+    """The backend runs sd-scripts as its own child and reads the stop file itself: a SIGTERM ended our wrapper alone
+    and left sd-scripts training on the GPU, orphaned, while the next job started."""
+    import lora_trainer.jobs.runner as runner_module
+
+    checkout = tmp_path / "sd-scripts"
+    checkout.mkdir()
+    (checkout / "train_network.py").write_text("", encoding="utf-8")
+    signalled = []
+    monkeypatch.setattr(runner_module, "_terminate", signalled.append)
+    runner.kill_after = 1.0
+    job = runner.submit("backend", {**options(tmp_path, "deaf"), "backend": f"sd-scripts={checkout}"})
+    thread = _run_in_background(runner)
+    while not [e for e in read_events(job.events_path)[0] if e["event"] == "start"]:
+        time.sleep(0.02)
+    runner.stop(job.id)
+    thread.join(timeout=10)
+    assert signalled == [] and runner.store.get(job.id).status == "stopped"
+
+
 def test_a_job_running_when_the_webui_died_is_shown_interrupted_after_restart(runner, tmp_path):
     job = runner.submit("was running", options(tmp_path, "finish"))
     runner.store.update(job.id, status="running", pid=2**22 + 12345)  # a process that no longer exists

@@ -1920,6 +1920,21 @@ def test_a_full_disk_under_the_event_log_neither_ends_the_run_nor_garbles_the_lo
     log.close()
     assert [e["event"] for e in read_events(tmp_path / "events.jsonl")[0]] == ["start", "end"]
     assert capsys.readouterr().err.count("could not be written (No space left on device); the run goes on") == 1
+    # a trainer killed mid-line: the next writer (the job runner's closing event) starts on a line of its own
+    with open(tmp_path / "events.jsonl", "ab") as torn:
+        torn.write(b'{"event": "st')
+    with events_module.EventLog(tmp_path / "events.jsonl") as later:
+        later.emit("error", message="killed")
+    assert [e["event"] for e in read_events(tmp_path / "events.jsonl")[0]] == ["start", "end", "error"]
+    class FullStderr:  # the job's trainer.log, on the same full disk
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = write
+
+    failing["left"] = 1
+    with events_module.EventLog(tmp_path / "events.jsonl", console=FullStderr()) as full:
+        full.emit("warning", message="neither the file nor the console takes it")
     failing["left"] = 3  # during a run: it trains and saves as usual
     assert run(dataset, tmp_path / "run", "--max_train_epochs", "1") == 0
     assert (tmp_path / "run" / "star.safetensors").exists()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ def suggested_repeats(image_count: int) -> int:
 def suggested_folder_name(name: str, image_count: int) -> str:
     """A name sd-scripts accepts for a folder it would skip: the repeats in front, the old name as class tokens."""
     parsed_head, _, rest = name.partition("_")
-    words = rest if parsed_head.lstrip("-").isdigit() else name
+    words = rest if re.fullmatch(r"-?[0-9]+", parsed_head) else name
     return f"{suggested_repeats(image_count)}_{words or 'concept'}"
 
 
@@ -105,7 +106,7 @@ def _rename_hint(folder: Path) -> str:
     if not count:
         return "no images"
     head, _, _ = folder.name.partition("_")
-    asks = f"it asks for {int(head)} repeats; " if head.lstrip("-").isdigit() else ""
+    asks = f"it asks for {int(head)} repeats; " if re.fullmatch(r"-?[0-9]+", head) else ""
     return f"{count} image(s), {asks}rename it to {suggested_folder_name(folder.name, count)}"
 
 

@@ -399,7 +399,8 @@ class JobRunner:
                     log.close()
                 return job
             if job.id in self._stop_requested | self._pause_requested:
-                if stop_seen_at is None and not stepped and self.terminates_early:
+                if stop_seen_at is None and not stepped and self.terminates_early and not job.options.get("backend"):
+                    # (an sd-scripts backend run reads its stop file itself; a SIGTERM would orphan its training process)
                     # it reads its control file between steps only: loading or caching, it stops on SIGTERM at once,
                     # cleanly (its caches whole), where waiting out kill_after ended in a SIGKILL mid-write
                     _terminate(process)

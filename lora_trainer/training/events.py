@@ -69,6 +69,7 @@ class EventLog:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "ab", buffering=0)  # each line reaches the file whole, or is said torn
+                self._torn = _ends_torn(self.path)  # a writer before this one (a trainer killed mid-line)
             except OSError as error:
                 raise UserError(f"the event log {self.path} is not writable ({error}); pick another --output_dir "
                                 "or --events_file") from None
@@ -89,7 +90,10 @@ class EventLog:
         if self.console is not None and (words := console_line(event)) is not None:
             from tqdm import tqdm
 
-            tqdm.write(writable(words), file=self.console)  # the bar is cleared and drawn again below the line
+            try:  # the bar is cleared and drawn again below the line
+                tqdm.write(writable(words), file=self.console)
+            except OSError:  # the job's trainer.log on a full disk: the event file says it, or says it later
+                pass
         return event
 
     def _write_file(self, line: str) -> None:
@@ -101,9 +105,12 @@ class EventLog:
                 data = data[self._file.write(data):]
         except OSError as error:
             if not self._torn:
-                (self.console or sys.stderr).write(f"warning: the event log {self.path} could not be written "
-                                                   f"({error.strerror or error}); the run goes on, and its events are "
-                                                   "written there again once they can be\n")
+                try:
+                    (self.console or sys.stderr).write(f"warning: the event log {self.path} could not be written "
+                                                       f"({error.strerror or error}); the run goes on, and its events "
+                                                       "are written there again once they can be\n")
+                except OSError:  # stderr on the same full disk (the job's trainer.log)
+                    pass
             self._torn = True
         else:
             self._torn = False
@@ -127,6 +134,15 @@ class EventLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ends_torn(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if not handle.tell():
+            return False
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) != b"\n"
 
 
 def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:
