@@ -361,6 +361,8 @@ def test_a_resume_that_changes_the_schedule_is_said_and_one_that_changes_the_acc
     assert run(dataset, tmp_path / "accumulated", "--resume", str(state), "--gradient_accumulation_steps", "2") == 2
     assert (f"--gradient_accumulation_steps 2: --resume {state} counts its steps of 1 batch(es), so the run would end "
             "early or late; resume with --gradient_accumulation_steps 1") in capsys.readouterr().err
+    events = tmp_path / "accumulated" / "star.events.jsonl"  # refused before the model loads and latents are cached
+    assert "start" not in [e["event"] for e in read_events(events)[0]]
 
 
 def test_a_state_resumed_with_another_network_alpha_keeps_its_own_and_the_files_say_so(baseline, dataset, tmp_path):
@@ -966,7 +968,9 @@ def test_a_state_an_antivirus_scan_holds_is_said_and_the_run_goes_on(dataset, tm
     assert (tmp_path / "star-000002.safetensors").exists() and (tmp_path / "star.safetensors").exists()
 
 
-def test_an_image_damaged_mid_run_stops_it_with_what_it_learnt_saved_and_resumable(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("accumulation, step", [(1, 3), (2, 1)])  # with 2: the 4th batch is the 2nd of step 2
+def test_an_image_damaged_mid_run_stops_it_with_what_it_learnt_saved_and_resumable(tmp_path, capsys, monkeypatch,
+                                                                                    accumulation, step):
     """Without cached latents each image is read when its batch comes: one deleted or damaged mid-run ended the run
     with nothing saved since the last save (up to an epoch). What was trained is saved, as a stop saves it, the
     image is named, and resuming once it is fixed trains what an uninterrupted run trains."""
@@ -974,7 +978,7 @@ def test_an_image_damaged_mid_run_stops_it_with_what_it_learnt_saved_and_resumab
 
     data = tmp_path / "data"
     shutil.copytree(SAMPLE, data / "2_zkstar")
-    arguments = ("--max_train_epochs", "1", "--seed", "3")
+    arguments = ("--max_train_epochs", "1", "--seed", "3", "--gradient_accumulation_steps", str(accumulation))
     learn, batches = trainer.TrainingRun._learn, []
 
     def damaged_at_step_3(self, batch, epoch):
@@ -993,9 +997,9 @@ def test_an_image_damaged_mid_run_stops_it_with_what_it_learnt_saved_and_resumab
     monkeypatch.setattr(trainer.TrainingRun, "_learn", damaged_at_step_3)
     assert run_uncached(tmp_path / "cut") == 2
     err = capsys.readouterr().err
-    state = tmp_path / "cut" / "star-step00000003-state"
-    assert "star_007.png does not exist. Training stopped at step 3; what it learnt is saved in " \
-           "star-step00000003.safetensors" in err and f"--resume {state}" in err
+    state = tmp_path / "cut" / f"star-step{step:08d}-state"
+    assert f"star_007.png does not exist. Training stopped at step {step}; what it learnt is saved in " \
+           f"star-step{step:08d}.safetensors" in err and f"--resume {state}" in err
     monkeypatch.setattr(trainer.TrainingRun, "_learn", learn)
     assert run_uncached(tmp_path / "resumed", "--resume", str(state)) == 0
     resumed, whole = weights(tmp_path / "resumed" / "star.safetensors"), weights(tmp_path / "whole" / "star.safetensors")

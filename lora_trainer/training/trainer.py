@@ -463,6 +463,7 @@ class TrainingRun:
         for message in _sample_warnings(options, self.prompts):
             events.emit("warning", message=message)
         self.written: list[Path] = []
+        self._losses_since_step: list[str] = []  # images whose loss was recorded since the last optimizer step
         self.tracker = Tracker(options.logging_dir if world.is_main else None, options.log_prefix, options.log_tracker_name)
         self.stop = StopRequest(self.plan.stop_file, lambda message: events.emit("warning", message=message))
         if world.is_main:  # the one rank that reads the control file
@@ -490,12 +491,6 @@ class TrainingRun:
             initial_from = f"--resume {options.resume} (at step {initial_step})"
         elif options.resume:
             asked = _learning_rates(self.optimizer)
-            saved_accumulation = self.resumed_facts.get("gradient_accumulation_steps", options.gradient_accumulation_steps)
-            if saved_accumulation != options.gradient_accumulation_steps:  # its step count means other batches now
-                raise UserError(f"--gradient_accumulation_steps {options.gradient_accumulation_steps}: --resume "
-                                f"{options.resume} counts its steps of {saved_accumulation} batch(es), so the run would "
-                                f"end early or late; resume with --gradient_accumulation_steps {saved_accumulation}",
-                                "gradient_accumulation_steps")
             state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
             if state.step >= self.total_steps:  # else "finished" at once, its weights saved as if trained to this end
                 raise UserError(f"--resume {options.resume} (at step {state.step}, epoch {state.current_epoch}) leaves "
@@ -572,6 +567,7 @@ class TrainingRun:
         options, state, data = self.options, self.state, self.data
         if options.sample_at_first and state.step == 0:
             self.sample(0, 0)
+        self._at_last_step = self.generator.get_state()  # what an unreadable image rolls back to (see below)
         for epoch in range(state.epoch, self.num_epochs):
             batches = data.epoch_batches(epoch)
             resumed_at = state.batch_in_epoch  # resumed mid-epoch: the batches before it were trained before
@@ -585,6 +581,7 @@ class TrainingRun:
                     if (index + 1) % options.gradient_accumulation_steps != 0 and index + 1 != len(batches):
                         continue
                     self._step(epoch)
+                    self._at_last_step, self._losses_since_step = self.generator.get_state(), []
                     if state.step >= self.total_steps:
                         break
                     if self._obey(epoch) == "stop":  # the file counts the epoch it stopped in, from 1, as a step save does
@@ -600,8 +597,12 @@ class TrainingRun:
         """An image deleted or damaged while the run reads it (without cached latents): what was trained so far is
         saved, as a stop saves it, before the error ends the run — up to an epoch of work would be lost otherwise."""
         state = self.state
-        state.batch_in_epoch -= state.batch_in_epoch % self.options.gradient_accumulation_steps  # at a whole step
-        self.optimizer.zero_grad(set_to_none=True)  # a part-accumulated step is trained again on resuming
+        # back to the last whole step: a part-accumulated one is trained again on resuming, with the same draws
+        state.batch_in_epoch -= state.batch_in_epoch % self.options.gradient_accumulation_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        self.generator.set_state(self._at_last_step)
+        for path in self._losses_since_step:
+            state.per_image_loss[path].pop()
         if state.step == state.first_step:
             raise error
         state.epoch = epoch
@@ -629,6 +630,7 @@ class TrainingRun:
         self._loss = every_sample.mean()
         for record, value in zip(batch.records, every_sample.tolist()):
             self.state.per_image_loss.setdefault(str(record.path), []).append(value)
+            self._losses_since_step.append(str(record.path))
 
     def _step(self, epoch: int) -> None:
         """The optimizer step, its reports, and what falls due at this step (a step file, validation, samples)."""
@@ -1045,7 +1047,13 @@ def _shared_name(image: str) -> str:
 
 
 def _check_resumed_optimizer(options: TrainOptions, saved: dict) -> None:
-    """A state's optimizer moments only mean something to the optimizer that made them."""
+    """A state's optimizer moments only mean something to the optimizer that made them; its step count only means
+    the batches it counted at its own accumulation (at another the run ended early without a word). Before loading."""
+    accumulation = saved.get("gradient_accumulation_steps", options.gradient_accumulation_steps)
+    if accumulation != options.gradient_accumulation_steps:
+        raise UserError(f"--gradient_accumulation_steps {options.gradient_accumulation_steps}: --resume {options.resume} "
+                        f"counts its steps of {accumulation} batch(es), so the run would end early or late; resume with "
+                        f"--gradient_accumulation_steps {accumulation}", "gradient_accumulation_steps")
     made_by = saved.get("optimizer")
     if made_by and made_by.lower() != options.optimizer.lower():
         raise UserError(f"--resume {options.resume} was saved by --optimizer_type {made_by}, and its moments do not fit "
