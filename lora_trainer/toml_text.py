@@ -17,7 +17,7 @@ from .errors import UserError
 def _basic_string(text: str) -> str:
     # JSON leaves DEL as it is, which TOML forbids unescaped; a lone surrogate (a file name that is not UTF-8) has no
     # TOML escape, so it goes as the character U+FFFD the reader would show for it anyway
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
@@ -38,5 +38,6 @@ def loads(text: str, what: str, advice: str = "") -> dict[str, Any]:
         return toml.loads(text)
     except toml.TomlDecodeError as error:
         hint = ("; a Windows path in double quotes needs each backslash doubled: write it in single quotes "
-                "('D:\\data\\10_name') or with forward slashes" if "escape" in error.msg.lower() else advice)
+                "('D:\\data\\10_name') or with forward slashes"
+                if "escape" in error.msg.lower() or "unbalanced quotes" in error.msg.lower() else advice)
         raise UserError(f"{what} is not valid TOML: {error.msg} (line {error.lineno}, column {error.colno}){hint}.") from None

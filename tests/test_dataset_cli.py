@@ -51,6 +51,15 @@ def test_output_redirected_on_a_windows_code_page_is_written_in_utf_8(tmp_path):
     assert command.returncode == 0 and "输出" in command.stdout.decode("utf-8"), command.stderr.decode("utf-8", "replace")
 
 
+def test_check_takes_the_shuffling_options_of_the_run(tmp_path, capsys):
+    make_image(tmp_path / "10_zk" / "a.png", (512, 512), 0, caption="score_9, zk, star")
+    assert main(["dataset", "check", str(tmp_path), "--json", "--shuffle-caption", "--keep-tokens", "1"]) == 0
+    assert "trigger-shuffled" in [f["kind"] for f in json.loads(capsys.readouterr().out)["findings"]]
+    (tmp_path / "10_zk" / "a.txt").write_text("score_9, zk ||| star", encoding="utf-8")
+    assert main(["dataset", "check", str(tmp_path), "--json", "--shuffle-caption", "--keep-tokens-separator", "|||"]) == 0
+    assert "trigger-shuffled" not in [f["kind"] for f in json.loads(capsys.readouterr().out)["findings"]]
+
+
 def test_check_reads_a_dataset_toml_whose_values_win_over_the_flags(tmp_path, capsys):
     for index in range(3):
         make_image(tmp_path / "pics" / f"{index}.png", (512, 512), index)

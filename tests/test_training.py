@@ -1519,7 +1519,7 @@ def test_latent_caches_on_disk_train_the_same_weights_whichever_of_them_exist(tm
     assert all(torch.equal(fresh[k], half[k]) for k in fresh)
 
 
-def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path):
+def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path, monkeypatch):
     """'D:\\训练集\\10_x' in double quotes is an invalid escape, 'D:\\new\\train' a line break and a tab: both name the fix
     (sd-scripts' toml reader says only "Reserved escape sequence", or trains on a folder that is not there)."""
     from lora_trainer.training.options import parse_args
@@ -1533,9 +1533,16 @@ def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path):
     with pytest.raises(UserError, match=r"--train_data_dir 'D:\\new\\train' holds a line break or tab: .* single quotes"):
         parse_args(["--config_file", str(config)])
     # cmd.exe: "D:\\my data\\" --output_dir out reaches Python as one argument, the quote escaped
+    quoted = ["--pretrained_model_name_or_path", "m", "--train_data_dir", 'D:\\my data" --output_dir out']
+    assert parse_args(quoted)[0].train_data_dir == 'D:\\my data" --output_dir out'  # a legal POSIX name
+    monkeypatch.setattr("lora_trainer.training.options.WINDOWS_PATHS", True)
     with pytest.raises(UserError, match=r'holds a double quote: on a Windows command line a quoted path ending in a '
                                         r'backslash .* leave out the last backslash'):
-        parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", 'D:\\my data" --output_dir out'])
+        parse_args(quoted)
+    # a trailing backslash before the closing quote in TOML: "Unbalanced quotes", with the same hint
+    config.write_text('pretrained_model_name_or_path = "m.safetensors"\ntrain_data_dir = "D:\\data\\"\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"not valid TOML: .*; a Windows path in double quotes needs each backslash"):
+        parse_args(["--config_file", str(config)])
 
 
 @pytest.mark.parametrize("low, high, said", [

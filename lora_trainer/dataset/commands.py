@@ -39,6 +39,7 @@ def run_check(args) -> None:
         max_token_length=args.max_token_length,
         shuffle_caption=args.shuffle_caption,
         keep_tokens=args.keep_tokens,
+        keep_tokens_separator=args.keep_tokens_separator,
     )
     if args.folder.is_file() and args.folder.suffix.lower() in (".toml", ".json"):  # a --dataset_config
         report = check_dataset_config(args.folder, settings, {
@@ -78,6 +79,8 @@ def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shuffle-caption", action="store_true",
                         help="check as a run with --shuffle_caption: is the trigger among the tags kept in place?")
     parser.add_argument("--keep-tokens", type=int, default=0, help="the tags --shuffle_caption keeps in place")
+    parser.add_argument("--keep-tokens-separator", default="",
+                        help="the text before it is kept in place (sd-scripts' --keep_tokens_separator, e.g. |||)")
     parser.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,
                         help="the tokens training reads of a caption (sd-scripts' --max_token_length; default 75)")
 

@@ -23,8 +23,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import toml
-
+from .. import toml_text
 from ..errors import UserError
 from .naming import ATTENTION, CONV, NORM, UNET, Target
 from .registry import algorithm_name, trainable_algorithms
@@ -163,9 +162,9 @@ def lycoris_preset(name: str) -> Preset:
 def _parse_preset_file(path: Path, text: bytes) -> Preset:
     where = f"LyCORIS preset file {path}"
     try:
-        raw = toml.loads(text.decode("utf-8"))
-    except (toml.TomlDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{where}: not valid TOML ({error})") from error
+        raw = toml_text.loads(text.decode("utf-8-sig"), where)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{where}: not UTF-8 ({error}); re-save it as UTF-8") from error
     refused = [f"{key} ({_REFUSED_KEYS[key]})" for key, value in raw.items() if key in _REFUSED_KEYS and value]
     unknown = sorted(set(raw) - _FILE_KEYS.keys() - _REFUSED_KEYS.keys())
     if refused or unknown:

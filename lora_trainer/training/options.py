@@ -614,6 +614,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
 
 
 TRAINING_TIMESTEPS = 1000  # every SD model's schedule: timesteps 0…999
+WINDOWS_PATHS = os.name == "nt"
 
 
 def _timestep_problems(low: int | None, high: int | None) -> list[str]:
@@ -642,7 +643,7 @@ def _control_characters_in_paths(options: TrainOptions) -> list[str]:
                 problems.append(f"--{name} {value!r} holds a line break or tab: in a TOML file a Windows path in double "
                                 "quotes turns \\n, \\t, \\b into them; write it in single quotes ('D:\\data') or with "
                                 "forward slashes")
-            elif isinstance(value, str) and '"' in value:
+            elif isinstance(value, str) and '"' in value and WINDOWS_PATHS:  # a legal character in a POSIX name
                 problems.append(f"--{name} {value} holds a double quote: on a Windows command line a quoted path "
                                 'ending in a backslash ("D:\\my data\\") escapes its closing quote; leave out the last '
                                 "backslash")

@@ -73,11 +73,15 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
             moved_aside = True
         replace_path(temporary, folder, FOLDER_RETRY_SECONDS)
     except PermissionError as error:  # a file in it held open (an antivirus scan): the previous state stays in place
-        if moved_aside:
-            replace_path(old, folder, FOLDER_RETRY_SECONDS)
         shutil.rmtree(temporary, ignore_errors=True)
+        kept = "the previous state is kept"
+        if moved_aside:
+            try:
+                replace_path(old, folder, FOLDER_RETRY_SECONDS)
+            except PermissionError:
+                kept = f"the previous state is kept as {old.name} (rename it back to {folder.name} to resume from it)"
         raise HeldFile(f"the state {folder.name} could not be put in place ({error.strerror}): another program holds a "
-                       "file in it (an antivirus scan?); the previous state is kept") from error
+                       f"file in it (an antivirus scan?); {kept}") from error
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
