@@ -176,6 +176,11 @@ def steps_per_epoch(samples_per_bucket: Iterable[int], batch_size: int) -> int:
     return sum(math.ceil(samples / batch_size) for samples in samples_per_bucket if samples)
 
 
+def token_length_reading(tokens: int) -> int | None:
+    """The --max_token_length that reads a caption of ``tokens`` whole (75, 150 or 225), None past 225."""
+    return next((limit for limit in TOKEN_LIMITS if tokens <= limit), None)
+
+
 def token_count_problem(tokens: int, max_token_length: int = TOKEN_LIMITS[0]) -> tuple[str, str] | None:
     """(kind, message) for a caption longer than the run reads (``max_token_length``: sd-scripts' 75, 150 or 225)."""
     if tokens <= max_token_length:

@@ -27,6 +27,7 @@ import torch
 from ..dataset import buckets as B
 from ..dataset import captions as C
 from ..dataset.config import DatasetConfig, DatasetGroupConfig, SubsetConfig, load_dataset_config
+from ..dataset.health import token_length_reading
 from ..dataset.images import checked_image_size, read_image_size
 from ..dataset.layouts import (ImageEntry, caption_fallback_notes, config_from_folders, config_from_metadata,
                                dataset_images, face_in_name, list_images, regularization_repeats)
@@ -237,8 +238,9 @@ class TrainingData:
         if not over:
             return None
         longest = max(over, key=over.get)
-        fix = next((f"--max_token_length {w} reads {'more' if over[longest] > w else 'them whole'}"
-                    for w in (150, 225) if w > limit and (over[longest] <= w or w == 225)), "shorten them")
+        whole = token_length_reading(over[longest])
+        fix = (f"--max_token_length {whole} reads them whole" if whole else
+               "--max_token_length 225 reads more" if limit < 225 else "shorten them")
         return (f"{len(over)} caption(s) are longer than the {limit} tokens the text encoder reads (longest: "
                 f"{longest.name}, {over[longest]} tokens): the rest is cut, as sd-scripts cuts it; {fix}")
 
