@@ -16,6 +16,17 @@ from .errors import UserError
 
 def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.train_network") -> int:
     started = time.time()  # a control word older than this is an earlier run's
+    # a stop from the first moment (the job runner sends SIGTERM to a trainer that has not taken a step): while the
+    # options are read and torch is imported it ends the run in one sentence, not a traceback or a silent kill
+    with _interrupt_on_sigterm():
+        try:
+            return _main(argv, prog, started)
+        except KeyboardInterrupt:
+            print("stopped before the run started: nothing was trained or saved", file=sys.stderr)
+            return 130
+
+
+def _main(argv: list[str] | None, prog: str, started: float) -> int:
     from .console import utf8_when_redirected
     from .training.events import EventLog
     from .training.options import kohya_command, non_default, parse_args, sd_scripts_notes, write_output_config

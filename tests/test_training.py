@@ -1896,6 +1896,28 @@ def test_a_stop_while_the_latents_cache_ends_the_stream_as_a_stop_not_a_tracebac
     assert signal.getsignal(signal.SIGTERM) == before  # given back
 
 
+def test_a_stop_while_the_options_are_read_is_one_sentence_not_a_silent_kill(dataset, tmp_path, capsys, monkeypatch):
+    """The job runner sends SIGTERM to a trainer that has not taken a step: in its first second (options, imports)
+    that killed it without a word, or Ctrl-C printed a KeyboardInterrupt traceback."""
+    import os
+    import signal
+
+    from lora_trainer.training import options as options_module
+
+    before, parse = signal.getsignal(signal.SIGTERM), options_module.parse_args
+
+    def stopped_while_parsing(*args, **kwargs):
+        if signal.getsignal(signal.SIGTERM) == before:  # not taken over: the signal would end this test's process
+            raise AssertionError("SIGTERM would kill the trainer here")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(options_module, "parse_args", stopped_while_parsing)
+    assert run(dataset, tmp_path) == 130
+    assert "stopped before the run started: nothing was trained or saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # given back
+
+
 def test_a_full_disk_under_the_event_log_neither_ends_the_run_nor_garbles_the_log(dataset, tmp_path, capsys, monkeypatch):
     """Another program fills the disk: the events, flushed every step, are the first write to fail. The run died
     unsaved on the OSError (and a server restart died writing a recovered job's error). Now it is said once, the
