@@ -32,6 +32,8 @@ FAKE_TRAINER = textwrap.dedent('''
     if mode == "late":  # a slow interpreter start: the job is running well before the trainer takes its start time
         time.sleep(0.5)
         mode = "wait"
+    slow = mode == "slow"  # it takes a second to finish its step and save once told to stop
+    mode = "wait" if slow else mode
     started = time.time()  # as train_network.main takes it
     time.sleep(0.05)  # the trainer's imports, before it says start
     emit("start")
@@ -63,6 +65,8 @@ FAKE_TRAINER = textwrap.dedent('''
                 step_file.write_bytes(b"x")
                 emit("saved", path=str(step_file))
             time.sleep(0.05)
+        if slow:
+            time.sleep(1.0)
         state = Path(options["output_dir"]) / "run-state"
         state.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
@@ -542,6 +546,21 @@ def test_a_runner_made_anew_in_the_same_process_takes_the_trainer_over_alone(run
     follower.join(timeout=10)
     assert new.store.get(job.id).status == "paused"
     assert heard_by_old == heard_before and "job" in heard_by_new  # only the new runner follows it to its end
+
+
+def test_a_pause_asked_just_before_the_runner_is_made_anew_ends_as_a_pause(runner, tmp_path):
+    """Pause, then "Reload UI" before the trainer has ended: the new runner adopted it without knowing, and the job
+    that the trainer ended paused (saved, exit 0) was shown "finished"."""
+    old = JobRunner(runner.store, command=runner.command, kill_after=5.0, poll=0.05)
+    job = old.submit("paused, then reloaded", options(tmp_path, "slow"))
+    thread = _run_in_background(old)
+    old.stop(job.id, pause=True)
+    old.close()
+    thread.join(timeout=5)
+    assert old.store.get(job.id).status == "running"  # the trainer is still finishing its step
+    new = JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), command=runner.command, kill_after=5.0, poll=0.05)
+    assert new.run_next().id == job.id
+    assert new.store.get(job.id).status == "paused"
 
 
 @pytest.mark.parametrize("text, command, unknown", [

@@ -144,6 +144,9 @@ def kill_process_tree(process: subprocess.Popen, windows: bool = os.name == "nt"
 # "Reload UI") follows its predecessor's trainer through the same Popen, which reads its exit and reaps it (a pid
 # alone would stay "alive" as an unreaped zombie)
 _LAUNCHED: dict[int, subprocess.Popen] = {}
+# What a closing runner had been asked for its trainer, by job id: (stop asked, pause asked, words held until it
+# starts), for the runner that adopts it (a pause asked just before "Reload UI" must end as a pause, not "finished")
+_HANDED_OVER: dict[int, tuple[bool, bool, list[str]]] = {}
 
 
 class AdoptedProcess:
@@ -327,6 +330,14 @@ class JobRunner:
         orphan = next((job for job in self.store.all() if job.status == "running" and job.id != self._current
                        and trainer_alive(job)), None)
         if orphan is not None:
+            stop, pause, held = _HANDED_OVER.pop(orphan.id, (False, False, []))
+            with self._lock:
+                if stop:
+                    self._stop_requested.add(orphan.id)
+                if pause:
+                    self._pause_requested.add(orphan.id)
+                if held:
+                    self._held.setdefault(orphan.id, []).extend(held)
             return self._follow(orphan, AdoptedProcess(orphan), log=None)
         job = self._take_next()
         if job is None:
@@ -397,6 +408,9 @@ class JobRunner:
             if self._closing:  # a new runner takes over ("Reload UI"): it adopts the trainer, still running
                 if log is not None:
                     log.close()
+                with self._lock:
+                    _HANDED_OVER[job.id] = (job.id in self._stop_requested, job.id in self._pause_requested,
+                                            self._held.pop(job.id, []))
                 return job
             if job.id in self._stop_requested | self._pause_requested:
                 if stop_seen_at is None and not stepped and self.terminates_early and not job.options.get("backend"):
