@@ -702,9 +702,8 @@ def create_router(services: Services) -> APIRouter:
         except UserError as error:
             raise ApiError(400, "invalid", str(error), "caption_extension") from None
         session = sessions.open(folder, recursive=flag(body, "recursive", False), caption_extension=extension)
-        note = " ".join(f"{n[0].upper()}{n[1:]}{'' if n.endswith('.') else '.'}"
-                        for n in (tag_editor.empty_folder_note(session.editor), tag_editor.multiline_note(session.editor),
-                                  tag_editor.broken_links_shown_note(session.editor)) if n)
+        empty = tag_editor.empty_folder_note(session.editor)
+        note = " ".join(([tag_editor.as_sentence(empty)] if empty else []) + tag_editor.folder_notes(session.editor))
         return JSONResponse({**tag_sessions.page_of(session), **({"note": note} if note else {})}, 201)
 
     @router.get("/datasets/{session_id}", summary="A page of a tag-editor session")

@@ -38,7 +38,8 @@ def parse_extra_options(text: str) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        values = json.loads(text) if text.startswith("{") else toml_text.loads(text, "Advanced options", "; write one option per line, e.g. noise_offset = 0.05")
+        values = json.loads(text) if text.startswith("{") else toml_text.loads(
+            text, "Advanced options", "; write one option per line, e.g. noise_offset = 0.05")
     except json.JSONDecodeError as error:
         raise UserError(f"Advanced options: not valid JSON ({error}); write one option per line, e.g. "
                         "noise_offset = 0.05") from None

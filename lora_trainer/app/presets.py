@@ -92,7 +92,6 @@ SDXL_TIERS: dict[str, dict[str, Any]] = {
 }
 
 
-
 def tier_gib(tier: str) -> float | None:
     """The card size a VRAM tier names ("8 GB" → 8), None for no limit."""
     return float(tier.split()[0]) if tier in VRAM_TIERS else None

@@ -93,10 +93,15 @@ def suggested_repeats(image_count: int) -> int:
     return max(1, min(MAX_SUGGESTED_REPEATS, round(SUGGESTED_SAMPLES_PER_EPOCH / max(1, image_count))))
 
 
+def _number_in_front(name: str) -> tuple[int | None, str]:
+    """``0_cat`` → (0, "cat"); ``cat`` → (None, "cat"): the repeats a name asks for (any number), and the rest."""
+    head, _, rest = name.partition("_")
+    return (int(head), rest) if re.fullmatch(r"-?[0-9]+", head) else (None, name)
+
+
 def suggested_folder_name(name: str, image_count: int) -> str:
     """A name sd-scripts accepts for a folder it would skip: the repeats in front, the old name as class tokens."""
-    parsed_head, _, rest = name.partition("_")
-    words = rest if re.fullmatch(r"-?[0-9]+", parsed_head) else name
+    words = _number_in_front(name)[1]
     return f"{suggested_repeats(image_count)}_{words or 'concept'}"
 
 
@@ -105,8 +110,8 @@ def _rename_hint(folder: Path) -> str:
     count = len(list_images(folder))
     if not count:
         return "no images"
-    head, _, _ = folder.name.partition("_")
-    asks = f"it asks for {int(head)} repeats; " if re.fullmatch(r"-?[0-9]+", head) else ""
+    asked = _number_in_front(folder.name)[0]
+    asks = "" if asked is None else f"it asks for {asked} repeats; "
     return f"{count} image(s), {asks}rename it to {suggested_folder_name(folder.name, count)}"
 
 

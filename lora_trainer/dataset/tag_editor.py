@@ -514,6 +514,15 @@ def broken_links_shown_note(editor: TagEditor) -> str | None:
     return f"not shown: {broken_links_note(list(editor.broken_links))}" if editor.broken_links else None
 
 
+def as_sentence(note: str) -> str:
+    return f"{note[0].upper()}{note[1:]}{'' if note.endswith('.') else '.'}"
+
+
+def folder_notes(editor: TagEditor) -> list[str]:
+    """What opening the folder found, as sentences (multi-line captions, links to nothing): the tab and the API say it."""
+    return [as_sentence(note) for note in (multiline_note(editor), broken_links_shown_note(editor)) if note]
+
+
 def multiline_note(editor: TagEditor) -> str | None:
     if not editor.multiline:
         return None

@@ -631,7 +631,7 @@ def _timestep_problems(low: int | None, high: int | None) -> list[str]:
     return problems
 
 
-def _control_characters_in_paths(options: TrainOptions) -> list[str]:
+def _mistyped_paths(options: TrainOptions) -> list[str]:
     """``"D:\\new\\train"`` in a TOML file reads as a line break and a tab, and ``"D:\\my data\\"`` on a Windows
     command line escapes its closing quote (the next options become part of the path): said as that, not as a folder
     not found."""
@@ -671,7 +671,7 @@ def validate(options: TrainOptions, template: bool = False) -> None:
     if options.network_train_unet_only and options.network_train_text_encoder_only:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     problems += _timestep_problems(options.min_timestep, options.max_timestep)
-    problems += _control_characters_in_paths(options)
+    problems += _mistyped_paths(options)
     if options.output_name and not is_plain_name(options.output_name):
         problems.append(f"--output_name {options.output_name!r} cannot be a file name on Windows; use letters, digits, "
                         "spaces, - and _")

@@ -149,9 +149,7 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
         note += f" {empty[0].upper()}{empty[1:]} (tick 'Sub-folders too')."
     if editor.unreadable:
         note += f" {len(editor.unreadable)} caption file(s) could not be read and are left alone."
-    for extra in (tag_editor.multiline_note(editor), tag_editor.broken_links_shown_note(editor)):
-        if extra:
-            note += f" {extra[0].upper()}{extra[1:]}{'' if extra.endswith('.') else '.'}"
+    note += "".join(f" {sentence}" for sentence in tag_editor.folder_notes(editor))
     return render(services, TabState(session=session.id), note)
 
 
