@@ -79,6 +79,9 @@ def _main(argv: list[str] | None, prog: str, started: float) -> int:
                 with _interrupt_on_sigterm():
                     train(options, events, actions.notes, started)
             except KeyboardInterrupt:  # before the training loop's own handlers (loading, caching): nothing to save
+                if events.ended:  # a second Ctrl-C after the loop gave the signals back: the end event told the outcome
+                    print("interrupted after the run ended: the files it listed are saved", file=sys.stderr)
+                    return 0
                 message = "stopped before the first step (the model was loading or the latents caching): nothing was trained or saved"
                 events.emit("end", files=[], steps=0, stopped=True, message=message)
                 print(message, file=sys.stderr)

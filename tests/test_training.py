@@ -2266,3 +2266,23 @@ def test_modelspec_options_fill_the_files_metadata_and_a_thumbnail_file_becomes_
     assert "--metadata_thumbnail" in capsys.readouterr().err
     assert run(dataset, tmp_path / "deepspeed", "--offload_optimizer_device", "cpu") == 2  # DeepSpeed's own options
     assert "not supported: --offload_optimizer_device" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_after_the_run_ended_does_not_say_nothing_was_trained(dataset, tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C lands after the loop gave the signals back (its end event listed the saved files): it was
+    reported as a stop before the first step that saved nothing, with a second end event saying so."""
+    from lora_trainer.training import trainer as trainer_module
+
+    train = trainer_module.train
+
+    def interrupted_on_the_way_out(*args, **kwargs):
+        train(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "train", interrupted_on_the_way_out)
+    assert run(dataset, tmp_path) == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    ends = [event for event in events if event["event"] == "end"]
+    assert len(ends) == 1 and ends[0]["files"] and not ends[0]["stopped"]
+    err = capsys.readouterr().err
+    assert "nothing was trained" not in err and "interrupted after the run ended: the files it listed are saved" in err

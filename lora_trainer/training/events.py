@@ -65,6 +65,7 @@ class EventLog:
         self.console = console
         self._file = None
         self._torn = False  # a write failed part-way: the next line starts on a line of its own
+        self.ended = False  # the end event was written: the run's outcome is told
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,7 @@ class EventLog:
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         event = {"event": kind, "time": round(time.time(), 3), **fields}
+        self.ended = self.ended or kind == "end"
         line = json_line(event)
         if self._file is not None:
             self._write_file(line)
