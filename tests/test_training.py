@@ -2286,3 +2286,30 @@ def test_a_ctrl_c_after_the_run_ended_does_not_say_nothing_was_trained(dataset, 
     assert len(ends) == 1 and ends[0]["files"] and not ends[0]["stopped"]
     err = capsys.readouterr().err
     assert "nothing was trained" not in err and "interrupted after the run ended: the files it listed are saved" in err
+
+
+def test_under_gradient_accumulation_the_reported_losses_count_every_batch(dataset, tmp_path, monkeypatch):
+    """With --gradient_accumulation_steps 2 the step loss, the epoch average (and so the recommended epoch) were the
+    last batch's alone: half the images never counted. sd-scripts records every batch."""
+    from lora_trainer.training import trainer as trainer_module
+
+    batch_means, training_step = [], trainer_module._training_step
+
+    def recorded(*args, **kwargs):
+        losses = training_step(*args, **kwargs)
+        batch_means.append(float(losses.detach().mean()))
+        return losses
+
+    monkeypatch.setattr(trainer_module, "_training_step", recorded)
+    assert run(dataset, tmp_path, "--gradient_accumulation_steps", "2") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    steps = [event for event in events if event["event"] == "step"]
+    epochs = [event for event in events if event["event"] == "epoch"]
+    assert len(batch_means) == 2 * len(steps)  # even batches per epoch: every step took two
+    for number, step in enumerate(steps):
+        assert step["loss"] == pytest.approx((batch_means[2 * number] + batch_means[2 * number + 1]) / 2, rel=1e-6)
+    half = len(batch_means) // 2
+    for epoch, means in zip(epochs, (batch_means[:half], batch_means[half:])):
+        assert epoch["average"] == pytest.approx(sum(means) / len(means), rel=1e-6)
+    per_epoch = len(steps) // 2  # the running average spans one epoch of steps, not one of batches
+    assert steps[-1]["average"] == pytest.approx(sum(step["loss"] for step in steps[-per_epoch:]) / per_epoch, rel=1e-6)

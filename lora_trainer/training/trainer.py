@@ -469,7 +469,7 @@ class TrainingRun:
         if world.is_main:  # the one rank that reads the control file
             self.stop.drop_leftover(started)
         self.progress = progress_bar(self.total_steps, "step", initial=self.state.step)
-        self._loss = torch.zeros(())  # the latest batch's mean loss over every rank
+        self._step_losses: list[float] = []  # each batch's mean loss over every rank, since the last optimizer step
         self._last_time = time.perf_counter()
 
     def close(self) -> None:
@@ -627,7 +627,7 @@ class TrainingRun:
         every_sample = torch.zeros(len(batch.records))
         every_sample[rows] = per_sample.detach().float().cpu()
         every_sample = sum_across(world, every_sample)
-        self._loss = every_sample.mean()
+        self._step_losses.append(float(every_sample.mean()))
         for record, value in zip(batch.records, every_sample.tolist()):
             self.state.per_image_loss.setdefault(str(record.path), []).append(value)
             self._losses_since_step.append(str(record.path))
@@ -645,12 +645,13 @@ class TrainingRun:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         norms = apply_max_norm(self.network.values(), options.scale_weight_norms) if options.scale_weight_norms else None
-        value = float(self._loss.detach())
+        # every batch the step accumulated counts, as sd-scripts records each batch (the last alone hid N-1 of N)
+        value, self._step_losses = sum(self._step_losses) / len(self._step_losses), []
         if not math.isfinite(value):
             self._stop_diverged(f"the loss became {value}")
         state.losses.append(value)
         now = time.perf_counter()
-        window = state.losses[-self.data.batches_per_epoch:]
+        window = state.losses[-self.steps_per_epoch:]  # the last epoch's worth, as sd-scripts' running average
         average = sum(window) / len(window)
         self.progress.update(1)
         self.progress.set_postfix(epoch=epoch + 1, avr_loss=f"{average:.4f}")
