@@ -2313,3 +2313,27 @@ def test_under_gradient_accumulation_the_reported_losses_count_every_batch(datas
         assert epoch["average"] == pytest.approx(sum(means) / len(means), rel=1e-6)
     per_epoch = len(steps) // 2  # the running average spans one epoch of steps, not one of batches
     assert steps[-1]["average"] == pytest.approx(sum(step["loss"] for step in steps[-per_epoch:]) / per_epoch, rel=1e-6)
+
+
+def test_off_a_terminal_the_console_still_shows_progress(dataset, tmp_path, capsys):
+    """stderr to a file (nohup … > log, a notebook's !python, the job's trainer.log): the bar is off there, and a run
+    of hours printed nothing between its warnings and its end — it looked hung."""
+    assert run(dataset, tmp_path) == 0  # pytest's captured stderr is not a terminal
+    lines = capsys.readouterr().err.splitlines()
+    progress = [line for line in lines if line.startswith(("step ", "epoch "))]
+    assert progress[0].startswith("step 1/16 (epoch 1): loss ")
+    assert any(line.startswith("epoch 1 done at step 8: average loss ") for line in progress)
+    assert progress[-1].startswith("epoch 2 done at step 16")
+    assert any(line.startswith("step 16/16 (epoch 2)") for line in progress)  # the last step, whatever the interval
+    assert len(progress) == 4  # the steps between, within a minute of the first, are not each a line
+
+
+def test_off_terminal_progress_says_the_time_left():
+    from lora_trainer.training.events import OffTerminalProgress
+
+    progress = OffTerminalProgress(every=60)
+    step = {"event": "step", "total": 101, "epoch": 1, "loss": 0.1, "average": 0.1}
+    assert progress.line({**step, "time": 1000.0, "step": 1}) == "step 1/101 (epoch 1): loss 0.10000, average 0.10000"
+    assert progress.line({**step, "time": 1030.0, "step": 11}) is None
+    assert progress.line({**step, "time": 1060.0, "step": 21}).endswith("average 0.10000, about 4:00 left")
+    assert progress.line({**step, "time": 5000.0, "step": 100}).endswith("about 0:40 left")

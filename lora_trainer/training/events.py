@@ -42,6 +42,50 @@ def console_line(event: dict) -> str | None:
     return None
 
 
+class OffTerminalProgress:
+    """What the progress bar tells, for a console that is not a terminal (``nohup … > log``, a notebook's ``!python``,
+    the job's trainer.log), where the bar is off: the first step, a line at most every ``every`` seconds, each epoch's
+    end — a long run must not look hung."""
+
+    def __init__(self, every: float = 60.0):
+        self.every = every
+        self._first: tuple[float, int] | None = None  # (time, step) of the first step seen
+        self._said = 0.0
+
+    def line(self, event: dict) -> str | None:
+        kind, now = event["event"], event["time"]
+        if kind == "epoch":
+            return f"epoch {event['epoch']} done at step {event['step']}: average loss {event['average']:.5f}"
+        if kind != "step":
+            return None
+        step, total = event["step"], event["total"]
+        if self._first is None:
+            self._first = (now, step)
+        elif now - self._said < self.every and step != total:
+            return None
+        self._said = now
+        words = f"step {step}/{total} (epoch {event['epoch']}): loss {event['loss']:.5f}, average {event['average']:.5f}"
+        began, first = self._first
+        if step > first and step < total:
+            left = (now - began) / (step - first) * (total - step)
+            words += f", about {format_seconds(left)} left"
+        return words
+
+
+def format_seconds(seconds: float) -> str:
+    """``1:02:03`` or ``2:03``, as tqdm writes a time."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a host's own stream, or a closed one
+        return False
+
+
 def json_line(event: dict) -> str:
     """One JSON line, UTF-8 writable whatever the text holds: a file name that is not UTF-8 (GBK bytes from a zip
     unpacked on Linux) reaches Python as lone surrogates, which UTF-8 cannot encode; written as ``\\udcXX``, the JSON
@@ -66,6 +110,7 @@ class EventLog:
         self._file = None
         self._torn = False  # a write failed part-way: the next line starts on a line of its own
         self.ended = False  # the end event was written: the run's outcome is told
+        self._progress = None if console is None or _is_terminal(console) else OffTerminalProgress()
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +134,8 @@ class EventLog:
                 self.echo.flush()
             except (BrokenPipeError, ValueError):  # the reader of --events_file - went away: train on, unwatched
                 self._stop_echo()
-        if self.console is not None and (words := console_line(event)) is not None:
+        words = console_line(event) or (self._progress.line(event) if self._progress else None)
+        if self.console is not None and words is not None:
             from tqdm import tqdm
 
             try:  # the bar is cleared and drawn again below the line

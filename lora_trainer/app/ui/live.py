@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...training.events import read_events
+from ...training.events import format_seconds, read_events
 
 NOTIFY_STATUSES = ("finished", "failed", "stopped", "paused", "interrupted")
 
@@ -117,11 +117,6 @@ def read_view(events_path: str | Path, status: str, message: str | None = None) 
     return view_of(events, status, message)
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
-
-
 def progress_text(view: LiveView) -> str:
     """One Markdown line: status, step/total, epoch, it/s, ETA, lr, memory."""
     parts = [f"**{view.status}**"]
@@ -135,7 +130,7 @@ def progress_text(view: LiveView) -> str:
         speed = 1 / view.seconds_per_step
         parts.append(f"{speed:.2f} it/s" if speed >= 1 else f"{view.seconds_per_step:.2f} s/it")
     if view.eta_seconds is not None and view.status == "running":
-        parts.append(f"ETA {_clock(view.eta_seconds)}")
+        parts.append(f"ETA {format_seconds(view.eta_seconds)}")
     if view.loss:
         parts.append(f"loss {view.loss[-1][1]:.4f}" + (f" (avg {view.average[-1][1]:.4f})" if view.average else ""))
     if view.learning_rate:
