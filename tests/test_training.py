@@ -405,19 +405,50 @@ def test_sample_now_draws_the_sample_prompts_at_that_step(dataset, tmp_path, mon
 
 
 def test_a_failing_sample_is_a_warning_and_the_training_goes_on(dataset, tmp_path, monkeypatch, capsys):
-    """A sample (out of memory on a small GPU, say) shows the training: losing the run to it would lose hours."""
-    def broken(*_, **__):
-        raise RuntimeError("out of memory while drawing")
+    """A sample (out of memory on a small GPU at a large --w, say) shows the training: losing the run to it would lose
+    hours; and one prompt that fails no longer loses the other prompts of that round."""
+    from lora_trainer.training import samples
 
-    monkeypatch.setattr("lora_trainer.training.trainer.draw_samples", broken)
+    txt2img = samples.txt2img
+
+    def broken_for_large(model, settings):
+        if settings.width > 64:
+            raise RuntimeError("out of memory while drawing")
+        return txt2img(model, settings)
+
+    monkeypatch.setattr(samples, "txt2img", broken_for_large)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("zkstar --w 64 --h 64 --s 2\n", encoding="utf-8")
+    prompts.write_text("zkstar --w 128 --h 64 --s 1\nzkstar, small --w 64 --h 64 --s 1\n", encoding="utf-8")
     assert run(dataset, tmp_path / "a", "--sample_prompts", str(prompts), "--sample_every_n_steps", "4") == 0
     events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
-    warnings = [e["message"] for e in events if e["event"] == "warning" and "samples" in e["message"]]
-    assert warnings[0] == ("the samples at step 4 failed (RuntimeError: out of memory while drawing); training goes "
-                           "on without them") and len(warnings) == 4
+    warnings = [e["message"] for e in events if e["event"] == "warning" and "sample prompt" in e["message"]]
+    assert warnings[0] == ("sample prompt 1 at step 4 failed (RuntimeError: out of memory while drawing); training "
+                           "goes on, the other prompts are drawn") and len(warnings) == 4
+    assert [e["step"] for e in events if e["event"] == "sample"] == [4, 8, 12, 16]  # the second prompt, each time
     assert events[-1]["event"] == "end" and (tmp_path / "a" / "star.safetensors").is_file()
+
+
+def test_sample_settings_that_do_not_do_what_they_say_are_said_at_the_start(dataset, tmp_path, capsys):
+    """Timing without a prompts file drew nothing without a word; steps and epochs together draw by epoch alone (as
+    sd-scripts does); prompt syntax the sample cannot follow is named; a seed no generator takes is refused."""
+    assert run(dataset, tmp_path / "a", "--sample_at_first", "--sample_every_n_steps", "2", "--max_train_steps", "1") == 0
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    warned = [e["message"] for e in events if e["event"] == "warning"]
+    assert ("--sample_every_n_steps and --sample_at_first without --sample_prompts: no samples are drawn; give a "
+            "prompts file") in warned
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("zkstar, [red:blue:0.5], (smile:1.2 --n (ugly --w 64 --h 64 --s 1\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "b", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
+               "--sample_every_n_epochs", "1", "--max_train_steps", "1") == 0
+    events, _ = read_events(tmp_path / "b" / "star.events.jsonl")
+    warned = [e["message"] for e in events if e["event"] == "warning"]
+    assert any(m.startswith("--sample_every_n_steps and --sample_every_n_epochs: samples are drawn every 1 epoch(s) "
+                            "only") for m in warned)
+    assert any(m.startswith(f"{prompts} prompt 1, prompt: ") and "prompt editing" in m for m in warned)
+    assert any(m.startswith(f"{prompts} prompt 1, negative prompt: ") for m in warned)
+    prompts.write_text("zkstar --d 18446744073709551616\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "c", "--sample_prompts", str(prompts)) == 2
+    assert f"{prompts} line 1: seed 18446744073709551616 is larger than a seed can be" in capsys.readouterr().err
 
 
 def test_an_unknown_sampler_is_refused_before_the_run_with_the_names_to_use(dataset, tmp_path, capsys):

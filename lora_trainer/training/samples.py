@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def _fixed(prompt: SamplePrompt, where: str) -> SamplePrompt:
     prompt.steps = min(1000, max(1, _number(prompt, "steps", int, where)))
     prompt.scale = _number(prompt, "scale", float, where)
     seed = None if prompt.seed is None else _number(prompt, "seed", int, where)
+    if seed is not None and seed >= 2**64:  # torch's generators take 64 bits: every sample would fail, hours in
+        raise UserError(f"{where}: seed {seed} is larger than a seed can be (below 2^64); use a smaller number")
     prompt.seed = None if seed is None or seed < 0 else seed  # -1: a new seed each time, as in the WebUI
     if prompt.sampler:
         check_sampler(prompt.sampler, f"{where}: sampler")
@@ -154,8 +157,10 @@ def sample_path(folder: Path, name: str | None, index: int, seed: int | None, ep
 
 @torch.no_grad()
 def draw_samples(model, prompts: list[SamplePrompt], default_sampler: str, folder: Path, name: str | None,
-                 epoch: int | None, step: int, clip_skip: int = 1) -> list[Path]:
-    """Draw every prompt with the model as it is now (network hooks active); random state left untouched."""
+                 epoch: int | None, step: int, clip_skip: int = 1,
+                 failed: Callable[[int, Exception], None] | None = None) -> list[Path]:
+    """Draw every prompt with the model as it is now (network hooks active); random state left untouched. A prompt
+    that fails is given to ``failed`` (its number from 1), and the others are still drawn; without it, it raises."""
     folder.mkdir(parents=True, exist_ok=True)
     cpu_state = torch.get_rng_state()
     python_state = random.getstate()
@@ -168,8 +173,14 @@ def draw_samples(model, prompts: list[SamplePrompt], default_sampler: str, folde
                                           prompt.height, clip_skip=clip_skip)
             if is_stand_in(sampler):
                 settings.extra_infotext["Sampler note"] = f"{sampler} drawn with {sampler_name(sampler)}"
-            image = txt2img(model, settings)[0]
-            paths.append(write_png(image.image, sample_path(folder, name, index, prompt.seed, epoch, step), image.infotext))
+            try:
+                image = txt2img(model, settings)[0]
+                paths.append(write_png(image.image, sample_path(folder, name, index, prompt.seed, epoch, step),
+                                       image.infotext))
+            except Exception as error:
+                if failed is None:
+                    raise
+                failed(index + 1, error)
     finally:
         torch.set_rng_state(cpu_state)
         random.setstate(python_state)

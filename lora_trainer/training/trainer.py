@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
 from ..models.checkpoint import detect_architecture, load_checkpoint, open_tensors
 from ..models.fp8 import store_in_fp8
+from ..models.prompt import prompt_problems
 from ..models.tokenizer import CLIPTokenizer
 from ..models.vae import vae_layout
 from ..networks.activation import lora_calls_in
@@ -273,10 +274,20 @@ def _sample_warnings(options: TrainOptions, prompts: list) -> list[str]:
         if lora_calls_in(prompt.prompt)[1]:
             warnings.append(f"{path} prompt {number}: its <lora:…> tags are left out; a sample shows the base model "
                             "with the network being trained, and no other")
+        for text, part in ((prompt.prompt, "prompt"), (prompt.negative_prompt, "negative prompt")):
+            warnings += [f"{path} prompt {number}, {part}: {problem}" for problem in prompt_problems(text or "")]
     stand_ins = sorted({name for name in [options.sample_sampler] + [p.sampler for p in prompts] if name and is_stand_in(name)})
     if prompts and stand_ins:  # sd-scripts has samplers the WebUI's list has not
         warnings.append("samples are drawn with the closest sampler this trainer has: "
                         + ", ".join(f"{name} with {sampler_name(name)}" for name in stand_ins))
+    timing = [f"--{name}" for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
+              if getattr(options, name)]
+    if timing and not path:
+        warnings.append(f"{' and '.join(timing)} without --sample_prompts: no samples are drawn; give a prompts file")
+    if options.sample_every_n_steps and options.sample_every_n_epochs:
+        warnings.append("--sample_every_n_steps and --sample_every_n_epochs: samples are drawn every "
+                        f"{options.sample_every_n_epochs} epoch(s) only, as sd-scripts does (the steps setting is "
+                        "left out); keep one of them")
     if path and not prompts:
         warnings.append(f"{path} holds no prompt: no samples are drawn")
     elif prompts and not (options.sample_every_n_steps or options.sample_every_n_epochs or options.sample_at_first):
@@ -750,14 +761,14 @@ class TrainingRun:
             self.events.emit("sample", path=str(path), epoch=epoch, step=step)
 
     def _draw_samples(self, epoch: int | None, step: int) -> list[Path]:
+        def failed(number: int, error: Exception) -> None:  # a sample shows the training; it is never worth the training
+            self.events.emit("warning", message=f"sample prompt {number} at step {step} failed ({type(error).__name__}: "
+                             f"{error}); training goes on, the other prompts are drawn")
+
         self.network.eval().set_multiplier(1.0)
         try:
             return draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
-                                self.options.output_name, epoch, step, self.options.clip_skip or 1)
-        except Exception as error:  # a sample shows the training; it is never worth the training itself
-            self.events.emit("warning", message=f"the samples at step {step} failed ({type(error).__name__}: {error}); "
-                             "training goes on without them")
-            return []
+                                self.options.output_name, epoch, step, self.options.clip_skip or 1, failed)
         finally:
             self.network.train()
 
