@@ -269,3 +269,26 @@ def test_promoting_another_epoch_after_a_first_promotion_and_never_over_another_
         promote(lora_folder / "run-000001.safetensors", lora_folder, "inkstyle", 1.0)
     with pytest.raises(UserError, match="give the preferred weight as a number"):
         promote(lora_folder / "run-000001.safetensors", lora_folder, "run", "")
+
+
+def test_the_grid_stars_the_trainers_recommendation_and_a_step_file_shows_its_own_loss(tmp_path):
+    """The grid recomputed the knee over the kept files only (epochs 2, 4, 6: a knee at 4) while the trainer had
+    said epoch 2 from every epoch's loss; and a step file showed the validation loss of another epoch's weights."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.grid.axes import run_files
+    from lora_trainer.grid.plan import best_epoch, epoch_losses
+
+    training = dict(zip("123456", (0.2, 0.12, 0.11, 0.105, 0.1, 0.098)))
+    recorded = json.dumps({"epoch_training_loss": training, "step_validation_loss": {"25": 0.31}})
+    for stem, epoch, steps in (("run-000002", 2, 20), ("run-step00000025", 2, 25), ("run-000004", 4, 40), ("run", 6, 60)):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / f"{stem}.safetensors"),
+                  {"ss_epoch": str(epoch), "ss_steps": str(steps), "lora_trainer.losses": recorded})
+    files = run_files(tmp_path / "run.safetensors")
+    assert best_epoch(files).name == "run-000002.safetensors"
+    losses = epoch_losses(files)
+    assert losses[tmp_path / "run-step00000025.safetensors"].validation == 0.31
+    assert losses[tmp_path / "run-step00000025.safetensors"].training is None
+    assert losses[tmp_path / "run-000004.safetensors"].training == 0.105
+    kept = [f for f in files if f.path.name != "run-000002.safetensors"]  # epoch 2 not kept: the nearest kept file
+    assert best_epoch(kept).name == "run-000004.safetensors"

@@ -614,7 +614,8 @@ def test_validation_split_gives_a_loss_per_epoch_and_a_recommended_epoch(dataset
     validations = [e for e in events if e["event"] == "validation"]
     assert [v["epoch"] for v in validations] == [1, 2] and all(v["loss"] > 0 for v in validations)
     end = events[-1]
-    best = min(validations, key=lambda v: v["loss"])["epoch"]
+    lowest = min(v["loss"] for v in validations)  # the earliest epoch within 1 % of it: a tie is a few images' noise
+    best = next(v["epoch"] for v in validations if v["loss"] <= lowest * 1.01)
     assert end["recommended_epoch"] == best and "validation loss" in end["reason"]
     assert len(end["highest_loss_images"]) == 5
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
@@ -634,6 +635,30 @@ def test_recommendation_without_a_split_is_the_knee_of_the_training_loss():
     assert advice.epoch == 3 and "knee" in advice.reason
     # a run continued from epoch 5 (--initial_epoch) numbers its epochs from there
     assert recommend_epoch([1.0, 0.5, 0.3, 0.28, 0.27, 0.26], [None] * 6, list(range(5, 11))).epoch == 7
+
+
+def test_without_a_knee_the_recommendation_is_the_last_epoch_and_says_why():
+    """A loss still falling evenly recommended epoch 1 (no point below the chord: max() fell back to the first),
+    a rising one a middle epoch, and two epochs were called a knee."""
+    from lora_trainer.training.evaluation import recommend_epoch
+
+    falling = recommend_epoch([0.1077, 0.0948, 0.0786], [None] * 3)
+    assert falling.epoch == 3 and "still falling about evenly: more epochs may still pay off" in falling.reason
+    assert recommend_epoch([1.0 - 0.05 * i for i in range(10)], [None] * 10).epoch == 10
+    rising = recommend_epoch([0.1, 0.11, 0.12, 0.13], [None] * 4)
+    assert rising.epoch == 4 and "did not fall" in rising.reason
+    two = recommend_epoch([0.2, 0.1], [None, None], no_validation="validation never ran on an epoch (every 100 epochs)")
+    assert two.epoch == 2 and two.reason.startswith("validation never ran on an epoch (every 100 epochs); 2 epochs are "
+                                                    "too few")
+
+
+def test_validation_ties_go_to_the_earlier_epoch_and_a_nan_is_never_the_best():
+    from lora_trainer.training.evaluation import recommend_epoch
+
+    tied = recommend_epoch([0.3, 0.2, 0.1, 0.05], [0.1001, 0.1000, 0.1002, 0.0999])
+    assert tied.epoch == 1 and "within 1% of the lowest (0.0999, epoch 4)" in tied.reason
+    assert recommend_epoch([0.3, 0.2, 0.1, 0.05], [0.2, 0.1, 0.15, 0.18]).epoch == 2
+    assert recommend_epoch([0.3, 0.2, 0.1, 0.05], [float("nan"), 0.25, 0.22, 0.26]).epoch == 3
 
 
 def test_bucket_steps_follow_sd_scripts_multiples_sd1_64_sdxl_32(dataset, tmp_path, capsys):
@@ -1853,8 +1878,8 @@ def test_an_empty_dataset_or_an_output_path_that_is_a_file_is_refused_and_nothin
 
 
 def test_validation_every_n_steps_adds_step_losses_to_the_events_and_the_file(dataset, tmp_path):
-    assert run(dataset, tmp_path, "--validation_split", "0.25", "--validate_every_n_steps", "2",
-               "--max_validation_steps", "2") == 0
+    assert run(dataset, tmp_path, "--validation_split", "0.5", "--validate_every_n_steps", "2",
+               "--max_validation_steps", "1") == 0
     events, _ = read_events(tmp_path / "star.events.jsonl")
     by_step = [e for e in events if e["event"] == "validation" and "epoch" not in e]
     by_epoch = [e for e in events if e["event"] == "validation" and "epoch" in e]
@@ -1863,8 +1888,8 @@ def test_validation_every_n_steps_adds_step_losses_to_the_events_and_the_file(da
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
         losses = json.loads(handle.metadata()["lora_trainer.losses"])
     assert set(losses["step_validation_loss"]) == {str(e["step"]) for e in by_step}
-    # two of the four held-out images per run: a different (cheaper) mean than all four
-    assert run(dataset, tmp_path / "all", "--validation_split", "0.25", "--validate_every_n_steps", "2") == 0
+    # one batch (4 images, as sd-scripts counts the steps) of the eight held out: another (cheaper) mean than all eight
+    assert run(dataset, tmp_path / "all", "--validation_split", "0.5", "--validate_every_n_steps", "2") == 0
     every, _ = read_events(tmp_path / "all" / "star.events.jsonl")
     first_all = next(e["loss"] for e in every if e["event"] == "validation")
     assert by_step[0]["loss"] != first_all
@@ -2368,3 +2393,54 @@ def test_off_terminal_progress_says_the_time_left():
     assert progress.line({**step, "time": 1030.0, "step": 11}) is None
     assert progress.line({**step, "time": 1060.0, "step": 21}).endswith("average 0.10000, about 4:00 left")
     assert progress.line({**step, "time": 5000.0, "step": 100}).endswith("about 0:40 left")
+
+
+def test_the_validation_split_is_drawn_per_subset_as_sd_scripts_draws_it(tmp_path):
+    """The split was drawn over the whole dataset: a small subset (a second concept) could be held out whole and never
+    trained, without a word. Now each subset is split on its own, holding out the images sd-scripts holds out."""
+    import random
+
+    from lora_trainer.training.evaluation import split_validation
+
+    def sd_scripts_held_out(names, fraction, seed):  # train_util.split_train_val: seeded shuffle, the tail held out
+        shuffled = list(names)
+        random.Random(seed).shuffle(shuffled)
+        return set(shuffled[len(shuffled) - round(len(shuffled) * fraction):])
+
+    for count, fraction, seed in ((10, 0.2, 14), (6, 0.25, 5), (16, 0.25, 3), (7, 0.5, 0)):
+        names = [f"img_{i:03d}.png" for i in range(count)]
+        train, held = split_validation(names, fraction, seed)
+        assert set(held) == sd_scripts_held_out(names, fraction, seed) and not set(train) & set(held)
+    assert split_validation(["a", "b", "c"], 0.9, 1)[0]  # sd-scripts would hold out all three: one still trains
+
+    root = tmp_path / "data"
+    shutil.copytree(SAMPLE, root / "10_a")
+    (root / "5_b").mkdir()
+    for name in ("star_001", "star_002"):
+        for suffix in (".png", ".txt"):
+            shutil.copy(SAMPLE / f"{name}{suffix}", root / "5_b" / f"{name}{suffix}")
+    assert run(root, tmp_path / "out", "--validation_split", "0.2", "--validation_seed", "14", "--max_train_steps", "1") == 0
+    events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
+    assert any(e["message"] == f"{root / '5_b'}: --validation_split 0.2 holds out none of its 2 image(s); it trains on "
+               "all of them" for e in events if e["event"] == "warning")
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert set(json.loads(metadata["ss_dataset_dirs"])) == {"10_a", "5_b"}
+    assert metadata["ss_num_validation_images"] == "3"  # round(16 × 0.2) of 10_a, none of 5_b
+
+
+def test_validation_is_measured_as_the_run_trains_at_sd_scripts_timesteps(dataset, tmp_path, capsys):
+    """Validation was plain L2 at 100/350/600/850 whatever the run trained: with --max_timestep 500 it measured
+    timesteps never trained, with a Huber loss or min-SNR another quantity than sd-scripts logs under the same tag."""
+    from lora_trainer.training.evaluation import validation_timesteps
+
+    assert validation_timesteps(None, None, 1000) == [200, 400, 600, 800]
+    assert validation_timesteps(None, 500, 1000) == [100, 200, 300, 400]
+    first = {}
+    for name, extra in (("l2", ()), ("huber", ("--loss_type", "huber")), ("snr", ("--min_snr_gamma", "5"))):
+        assert run(dataset, tmp_path / name, "--validation_split", "0.25", "--max_train_epochs", "1", *extra) == 0
+        events, _ = read_events(tmp_path / name / "star.events.jsonl")
+        first[name] = next(e["loss"] for e in events if e["event"] == "validation")
+    assert len(set(first.values())) == 3
+    assert run(dataset, tmp_path / "none", "--validation_split", "0.25", "--max_validation_steps", "0") == 2
+    assert "--max_validation_steps 0: give 1 or more batches" in capsys.readouterr().err

@@ -78,6 +78,12 @@ def run_files(final_or_any: str | Path) -> list[EpochFile]:
     return sorted(files, key=lambda f: (f.steps if f.steps is not None else 1 << 60, f.path.stem != run, f.path.name))
 
 
+def is_step_file(path: Path) -> bool:
+    """``<run>-step00000050``: saved at a step, between epochs (its ss_epoch counts the epochs completed)."""
+    match = _NUMBERED.match(path.stem)
+    return bool(match and match.group("step"))
+
+
 def glob_escape(text: str) -> str:
     return re.sub(r"([\[\]*?])", r"[\1]", text)
 

@@ -27,7 +27,7 @@ from PIL import Image
 from ..errors import UserError
 from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
-from .axes import EpochFile, check_size, parse_values, run_files
+from .axes import EpochFile, check_size, is_step_file, parse_values, run_files
 from .render import GridResult, assemble, save_grid
 
 AXIS_KINDS = ("epoch", "strength", "lora", "prompt", "seed", "checkpoint")
@@ -104,9 +104,9 @@ class _AxisValue:
 # Reading axes.
 
 
-def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
-    """Each epoch file's training/validation loss as the trainer recorded it (any file of the run holds the losses
-    up to its own epoch)."""
+def recorded_losses(files: list[EpochFile]) -> dict[str, dict[str, float]]:
+    """The losses the trainer recorded in the run's files, merged (a later file holds the losses up to its own step):
+    ``epoch_training_loss`` and ``epoch_validation_loss`` by epoch, ``step_validation_loss`` by step."""
     recorded: dict[str, dict] = {}
     for file in files:
         text = read_safetensors_metadata(file.path).get(LOSSES_KEY)
@@ -114,10 +114,22 @@ def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
             data = json.loads(text) if text else {}
         except json.JSONDecodeError:
             continue
-        for kind in ("epoch_training_loss", "epoch_validation_loss"):
+        for kind in ("epoch_training_loss", "epoch_validation_loss", "step_validation_loss"):
             recorded.setdefault(kind, {}).update(data.get(kind) or {})
+    return recorded
+
+
+def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
+    """Each file's losses as the trainer recorded them: an epoch file's (or the final file's) epoch losses; a step
+    file's validation loss at its step (the epoch losses of its ss_epoch describe other weights)."""
+    recorded = recorded_losses(files)
     losses = {}
     for file in files:
+        if is_step_file(file.path):
+            validation = recorded.get("step_validation_loss", {}).get(str(file.steps))
+            if validation is not None:
+                losses[file.path] = EpochLoss(None, validation)
+            continue
         if file.epoch is None:
             continue
         key = str(file.epoch)
@@ -127,15 +139,21 @@ def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
     return losses
 
 
-def best_epoch(files: list[EpochFile], losses: dict[Path, EpochLoss]) -> Path | None:
-    """The trainer's recommendation (lowest validation loss, else the knee of the training loss) among ``files``."""
+def best_epoch(files: list[EpochFile]) -> Path | None:
+    """The trainer's recommendation, made from every epoch it recorded (as the trainer made it at the end), then the
+    kept file of that epoch, or the nearest kept one (the earlier of two as near)."""
     from ..training.evaluation import recommend_epoch
 
-    measured = [f for f in files if f.path in losses and losses[f.path].training is not None]
-    if not measured:
+    recorded = recorded_losses(files)
+    training, validation = recorded.get("epoch_training_loss", {}), recorded.get("epoch_validation_loss", {})
+    epochs = sorted(int(key) for key in training if key.isdigit())
+    kept = {f.epoch: f.path for f in reversed(files) if f.epoch is not None and not is_step_file(f.path)}
+    if not epochs or not kept:
         return None
-    advice = recommend_epoch([losses[f.path].training for f in measured], [losses[f.path].validation for f in measured])
-    return measured[advice.epoch - 1].path if advice else None
+    advice = recommend_epoch([training[str(e)] for e in epochs], [validation.get(str(e)) for e in epochs], epochs)
+    if advice is None:
+        return None
+    return kept[min(kept, key=lambda epoch: (abs(epoch - advice.epoch), epoch))]
 
 
 def loss_text(loss: EpochLoss | None) -> str:
@@ -301,7 +319,7 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         legend=lora_hashes(files),
         files=files,
         epoch_losses=losses,
-        best_epoch=best_epoch(epoch_files, losses) if epoch_files else None,
+        best_epoch=best_epoch(epoch_files) if epoch_files else None,
     )
 
 

@@ -608,7 +608,7 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
             (reg if subset.is_reg else train).append(record)
         notes.extend(caption_fallback_notes(subset, kept, config_file))  # after the skips: it names only images that train
     validation_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
-    train, validation = split_validation(train, dataset.validation_split, validation_seed)
+    train, validation = _split_each_subset(train, dataset.validation_split, validation_seed, notes)
     num_reg_images = sum(r.repeats for r in reg)  # what sd-scripts records as ss_num_reg_images
     used = regularization_repeats(sum(r.repeats for r in train), [r.repeats for r in reg])
     for record, repeats in zip(reg, used):
@@ -618,6 +618,21 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
         if record.subset.face_crop_aug_range is not None:
             record.face = face_in_name(record.path)
     return DatasetPlan(dataset, train, reg, validation, tag_frequency, num_reg_images)
+
+
+def _split_each_subset(records: list[ImageRecord], fraction: float, seed: int, notes: list[str]):
+    """The held-out split of each subset on its own, as sd-scripts draws it: a small subset is never held out whole
+    by a split drawn over the dataset. A subset too small to give an image is said."""
+    train, validation = [], []
+    subsets = {id(record.subset): record.subset for record in records}
+    for key, subset in subsets.items():
+        kept, held = split_validation([r for r in records if id(r.subset) == key], fraction, seed)
+        train += kept
+        validation += held
+        if fraction > 0 and not held:
+            notes.append(f"{subset.image_dir}: --validation_split {fraction} holds out none of its {len(kept)} "
+                         "image(s); it trains on all of them")
+    return train, validation
 
 
 def dataset_group(options: TrainOptions) -> DatasetGroupConfig:

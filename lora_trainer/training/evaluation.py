@@ -6,22 +6,30 @@ held-out image gets its own noise and a fixed set of timesteps, drawn once from 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
-VALIDATION_TIMESTEPS = (100, 350, 600, 850)  # spread over the schedule; the same for every evaluation
+def validation_timesteps(min_timestep: int | None, max_timestep: int | None, num_timesteps: int) -> list[int]:
+    """sd-scripts' four: evenly inside the trained range (200, 400, 600, 800 by default), the same at every
+    evaluation; a range narrowed by --min/--max_timestep is measured where it trains."""
+    low = 0 if min_timestep is None else min_timestep
+    high = num_timesteps if max_timestep is None else max_timestep
+    return [low + (high - low) * i // 5 for i in range(1, 5)]
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training, validation): a seeded shuffle, then ``fraction`` of the images (at least one) held out."""
+    """(training, validation) of one subset, as sd-scripts splits it: Python's shuffle seeded with ``seed``, the
+    last round(n × ``fraction``) held out — the same images for the same seed and the same (sorted) files. Unlike
+    sd-scripts, the two never share an image, and one image at least trains."""
     if fraction <= 0 or len(items) < 2:
         return list(items), []
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    count = min(len(items) - 1, max(1, round(len(items) * fraction)))
-    held = set(order[:count])
+    count = min(len(items) - 1, round(len(items) * fraction))
+    held = set(order[len(items) - count:])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
@@ -36,29 +44,57 @@ class Recommendation:
     reason: str
 
 
-def knee(values: list[float]) -> int:
-    """Index of the knee of a falling curve: the point farthest below the chord from first to last (Kneedle)."""
-    if len(values) < 3:
-        return len(values) - 1
+TIED_WITHIN = 0.01  # validation losses this close (relative) to the lowest are ties: a few images' noise
+
+
+def knee(values: list[float]) -> int | None:
+    """Index of the knee of a falling curve: the point farthest below the chord from first to last (Kneedle); None
+    when there is none: fewer than 3 points, a curve that did not fall, or one that falls about evenly (no point
+    clearly below the chord: a tenth of the fall)."""
+    if len(values) < 3 or values[-1] >= values[0]:
+        return None
     first, last = values[0], values[-1]
     span = len(values) - 1
     distances = [(first + (last - first) * i / span) - v for i, v in enumerate(values)]
-    return max(range(len(values)), key=lambda i: distances[i])
+    index = max(range(len(values)), key=lambda i: distances[i])
+    return index if distances[index] > 0.1 * (first - last) else None
 
 
 def recommend_epoch(train_losses: list[float], validation_losses: list[float | None],
-                    epochs: list[int] | None = None) -> Recommendation | None:
-    """Lowest validation loss when there is a held-out split, else the knee of the training loss; ``epochs`` numbers
-    the losses (1, 2, … unless given: a run continued from a later epoch)."""
+                    epochs: list[int] | None = None, no_validation: str = "no validation split") -> Recommendation | None:
+    """The earliest epoch within ``TIED_WITHIN`` of the lowest validation loss when epochs were validated, else the
+    knee of the training loss; ``epochs`` numbers the losses (1, 2, … unless given: a run continued from a later
+    epoch); ``no_validation`` says why there is no validation loss."""
     if not train_losses:
         return None
     epochs = epochs or list(range(1, len(train_losses) + 1))
-    measured = [(loss, i) for i, loss in enumerate(validation_losses) if loss is not None]
+    measured = [(loss, i) for i, loss in enumerate(validation_losses) if loss is not None and math.isfinite(loss)]
     if measured:
-        loss, index = min(measured)
-        return Recommendation(epochs[index], f"lowest validation loss ({loss:.4f}) of {len(measured)} evaluated epochs")
-    return Recommendation(epochs[knee(train_losses)], "no validation split: the knee of the training loss, where more "
-                          "epochs stop paying off (check the grid around it; training loss alone cannot show overfitting)")
+        lowest, at = min(measured)
+        loss, index = next((loss, i) for loss, i in sorted(measured, key=lambda m: m[1])
+                           if loss <= lowest + TIED_WITHIN * abs(lowest))
+        reason = f"lowest validation loss ({lowest:.4f}) of {len(measured)} evaluated epochs"
+        if index != at:
+            reason = (f"validation loss {loss:.4f}, within {TIED_WITHIN:.0%} of the lowest ({lowest:.4f}, epoch "
+                      f"{epochs[at]}) of {len(measured)} evaluated epochs: the earlier file, less fitted to the images")
+        return Recommendation(epochs[index], reason)
+    finite = [(loss, i) for i, loss in enumerate(train_losses) if math.isfinite(loss)]
+    if not finite:
+        return None
+    values = [loss for loss, _ in finite]
+    at = knee(values)
+    last = epochs[finite[-1][1]]
+    if at is not None:
+        return Recommendation(epochs[finite[at][1]], f"{no_validation}: the knee of the training loss, where more "
+                              "epochs stop paying off (check the grid around it; training loss alone cannot show "
+                              "overfitting)")
+    if len(values) < 3:
+        why = f"{len(values)} epoch{'s' if len(values) > 1 else ''} are too few to find where training stops paying off"
+    elif values[-1] >= values[0]:
+        why = "the training loss did not fall over the run (a learning rate too low, or too few steps?)"
+    else:
+        why = "the training loss was still falling about evenly: more epochs may still pay off"
+    return Recommendation(last, f"{no_validation}; {why}: the last epoch (compare the epochs in the grid)")
 
 
 def outlier_images(per_image: dict[str, list[float]], count: int = 5) -> list[tuple[str, float]]:

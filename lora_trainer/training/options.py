@@ -99,7 +99,7 @@ class TrainOptions:
     validation_seed: int | None = opt(None, "seed of the held-out split")
     validate_every_n_steps: int | None = opt(None, "validation loss every N steps too (the live plot shows it)")
     validate_every_n_epochs: int | None = opt(None, "validation every N epochs")
-    max_validation_steps: int | None = opt(None, "held-out images per validation run (each at the fixed timesteps)")
+    max_validation_steps: int | None = opt(None, "batches of held-out images per validation run (train_batch_size each, as sd-scripts counts them)")
     # training loop and precision
     output_dir: str | None = opt(None, "where the LoRA files go")
     output_name: str | None = opt(None, "file name without extension")
@@ -730,6 +730,9 @@ def validate(options: TrainOptions, template: bool = False) -> None:
                         "text encoders)")
     if not (0.0 <= options.validation_split < 1.0):
         problems.append(f"--validation_split {options.validation_split} must be in [0, 1)")
+    if options.max_validation_steps is not None and options.max_validation_steps < 1:
+        problems.append(f"--max_validation_steps {options.max_validation_steps}: give 1 or more batches (leave it out "
+                        "to validate on every held-out image)")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(options, name) < 1:
             problems.append(f"--{name} must be at least 1")

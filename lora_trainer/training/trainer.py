@@ -48,7 +48,7 @@ from .distributed import start as start_world
 from . import noise as N
 from .control import control_command, control_text
 from .data import TrainingData, build_training_data, check_bucket_steps
-from .evaluation import VALIDATION_TIMESTEPS, fixed_noise, outlier_images, recommend_epoch
+from .evaluation import fixed_noise, outlier_images, recommend_epoch, validation_timesteps
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import (clip_grad_norm_, evaluating, is_schedule_free, make_optimizer, optimizer_label,
@@ -734,7 +734,7 @@ class TrainingRun:
         self.progress.close()  # the summary below stands under the finished bar, not above a redrawn one
         epochs = sorted(state.epoch_train_loss)
         advice = recommend_epoch([state.epoch_train_loss[e] for e in epochs],
-                                 [state.epoch_validation_loss.get(e) for e in epochs], epochs)
+                                 [state.epoch_validation_loss.get(e) for e in epochs], epochs, self._no_validation())
         reason = advice and advice.reason
         if advice and not (self.plan.epoch_path(advice.epoch).exists() or advice.epoch == epoch and not stopped):
             reason += (f"; no file of epoch {advice.epoch} was kept: to have it, save every epoch "
@@ -744,6 +744,14 @@ class TrainingRun:
                          recommended_epoch=advice.epoch if advice else None, reason=reason,
                          highest_loss_images=outlier_images(state.per_image_loss))
         return self.written
+
+    def _no_validation(self) -> str:
+        """Why an epoch has no validation loss to judge it by, in the recommendation's words."""
+        if not self.options.validation_split:
+            return "no validation split"
+        if not self.data.validation:
+            return f"--validation_split {self.options.validation_split} held out no image"
+        return f"validation never ran on an epoch (every {self.options.validate_every_n_epochs} epochs)"
 
     # --- between steps ---------------------------------------------------------------------------------------
 
@@ -1022,12 +1030,18 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
         return torch.zeros(0, device=device)
     prediction, target = _predict(model, config, options, tokenizer, captions, sizes, latents, noise, perturbed,
                                   timesteps, abar, v_prediction, device, weight_dtype, train_te, text_cache)
+    masks = None if batch.masks is None else batch.masks[rows].to(device)
+    return _per_sample_loss(prediction, target, timesteps, masks, options, abar, v_prediction, device) * \
+        batch.loss_weights[rows].to(device)
+
+
+def _per_sample_loss(prediction, target, timesteps, masks, options: TrainOptions, abar, v_prediction: bool, device):
+    """The loss of each sample as the run trains on it: its loss type (with the Huber schedule), mask and timestep
+    weighting (min-SNR, v-prediction scaling, debiased estimation)."""
     huber = None
     if options.loss_type in ("huber", "smooth_l1"):
         huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, abar).to(device)
-    masks = None if batch.masks is None else batch.masks[rows].to(device)
     loss = N.masked(N.elementwise_loss(prediction, target, options.loss_type, huber), masks).mean(dim=(1, 2, 3))
-    loss = loss * batch.loss_weights[rows].to(device)
     weights = N.loss_weights(timesteps, abar, v_prediction, options.min_snr_gamma, options.scale_v_pred_loss_like_noise_pred,
                              options.v_pred_like_loss, options.debiased_estimation_loss)
     return loss * weights.to(device)
@@ -1036,18 +1050,23 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
 @torch.no_grad()
 def _validation_loss(data: TrainingData, model, config, options: TrainOptions, tokenizer, abar, v_prediction, device,
                      weight_dtype, text_cache: TextEncoderCache | None = None) -> float:
-    """Mean loss of the held-out images at fixed timesteps with fixed noise: comparable across epochs."""
-    timesteps = torch.tensor(VALIDATION_TIMESTEPS)
+    """Mean loss of the held-out images at fixed timesteps with fixed noise, comparable across epochs; measured as
+    the run trains (loss type, mask, weighting) at sd-scripts' timesteps. ``--max_validation_steps`` counts batches
+    of ``--train_batch_size`` images, as sd-scripts' validation loader does."""
+    timesteps = torch.tensor(validation_timesteps(options.min_timestep, options.max_timestep, config.schedule.num_timesteps))
     count = len(timesteps)
     losses = []
-    for index, record in enumerate(data.validation[: options.max_validation_steps]):
+    limit = None if options.max_validation_steps is None else options.max_validation_steps * options.train_batch_size
+    for index, record in enumerate(data.validation[:limit]):
         latents = (record.latents.to(device, torch.float32) * config.vae.scaling_factor).expand(count, -1, -1, -1)
         noise = fixed_noise(tuple(latents.shape), data.validation_seed, index).to(device)
         sizes = ([(record.size[1], record.size[0])] * count, [(0, 0)] * count, [(record.bucket[1], record.bucket[0])] * count)
         prediction, target = _predict(model, config, options, tokenizer, [record.caption.split("\n")[0]] * count, sizes,
                                       latents, noise, noise, timesteps, abar, v_prediction, device, weight_dtype,
                                       text_cache=text_cache)
-        losses.append(float(N.elementwise_loss(prediction, target, "l2").mean()))
+        masks = None if record.mask is None else record.mask[None].expand(count, -1, -1).to(device)
+        losses.append(float(_per_sample_loss(prediction, target, timesteps, masks, options, abar, v_prediction,
+                                             device).mean()))
     return sum(losses) / len(losses)
 
 
