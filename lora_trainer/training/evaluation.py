@@ -98,6 +98,20 @@ def recommend_epoch(train_losses: list[float], validation_losses: list[float | N
 
 
 def outlier_images(per_image: dict[str, list[float]], count: int = 5) -> list[tuple[str, float]]:
-    """Images whose mean training loss is highest: often a bad crop, a wrong caption or an odd one out."""
-    means = {path: sum(v) / len(v) for path, v in per_image.items() if v}
-    return sorted(means.items(), key=lambda item: -item[1])[:count]
+    """Images whose mean training loss stands clearly above the others' (more than three standard deviations above
+    their mean; at most ``count``, highest first): often a bad crop, a wrong caption or an odd one out. Without such a
+    gap none: the highest of a set of alike images is the noise of the timesteps drawn, not a finding. Needs five
+    images, each seen three times."""
+    means = {path: sum(v) / len(v) for path, v in per_image.items() if len(v) >= 3}
+    if len(means) < 5:
+        return []
+    ranked = sorted(means.items(), key=lambda item: -item[1])
+    outliers = []
+    for path, loss in ranked[:count]:
+        others = [value for other, value in means.items() if other != path]  # the image itself would widen the spread
+        mean = sum(others) / len(others)
+        spread = (sum((value - mean) ** 2 for value in others) / len(others)) ** 0.5
+        if loss <= mean + 3 * spread:
+            break
+        outliers.append((path, loss))
+    return outliers

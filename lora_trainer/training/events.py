@@ -37,9 +37,20 @@ def console_line(event: dict) -> str | None:
     if kind == "validation" and event.get("loss") is not None:
         when = f"epoch {event['epoch']}" if event.get("epoch") is not None else f"step {event.get('step')}"
         return f"{when}: validation loss {event['loss']:.5f}"
-    if kind == "end" and event.get("recommended_epoch") is not None:
-        return f"recommended epoch: {event['recommended_epoch']} ({event['reason']})"
+    if kind == "end":
+        lines = [f"recommended epoch: {event['recommended_epoch']} ({event['reason']})"] \
+            if event.get("recommended_epoch") is not None else []
+        if event.get("highest_loss_images"):
+            lines.append(outliers_sentence(event["highest_loss_images"]))
+        return "\n".join(lines) or None
     return None
+
+
+def outliers_sentence(images: list) -> str:
+    """The images the run learnt least well, with what to do about them."""
+    named = ", ".join(f"{Path(path).name} ({loss:.4f})" for path, loss in images)
+    return (f"images with a clearly higher training loss than the others: {named} — check their crop and caption "
+            "(an odd one out, a wrong tag, a mostly cut-off subject)")
 
 
 class OffTerminalProgress:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...training.events import format_seconds, read_events
+from ...training.events import format_seconds, outliers_sentence, read_events
 
 NOTIFY_STATUSES = ("finished", "failed", "stopped", "paused", "interrupted")
 
@@ -32,6 +32,7 @@ class LiveView:
     warnings: list[str] = field(default_factory=list)
     recommended_epoch: int | None = None
     recommendation: str = ""
+    outliers: list = field(default_factory=list)  # [path, loss] of the images learnt clearly less well
     error: str = ""
     timed_steps: int = 0
     first_step_at: tuple[int, float] | None = None  # (step, event time) of the run's first step, and of its latest
@@ -100,6 +101,7 @@ def apply_event(view: LiveView, event: dict, smoothing: float = 0.2) -> LiveView
         view.phase = "done"
         view.recommended_epoch = event.get("recommended_epoch")
         view.recommendation = event.get("reason") or ""
+        view.outliers = list(event.get("highest_loss_images") or [])
     return view
 
 
@@ -140,6 +142,8 @@ def progress_text(view: LiveView) -> str:
     text = " · ".join(parts)
     if view.recommended_epoch:
         text += f"\n\nRecommended epoch: **{view.recommended_epoch}**" + (f" ({view.recommendation})" if view.recommendation else "")
+    if view.outliers:
+        text += f"\n\n{outliers_sentence(view.outliers)}"
     if view.error:
         text += f"\n\n**Error:** {view.error}"
     return text
