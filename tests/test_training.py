@@ -2460,7 +2460,9 @@ def test_only_images_clearly_above_the_others_are_named_and_the_console_and_trai
     assert outlier_images(alike) == []
     odd = {**alike, "10_a/noise.png": [0.3, 0.32, 0.29, 0.31, 0.3, 0.33]}
     assert [path for path, _ in outlier_images(odd)] == ["10_a/noise.png"]
-    assert outlier_images({**odd, "10_a/seen_once.png": [0.9]}) == outlier_images(odd)  # too few draws to judge
+    assert outlier_images({**odd, "10_a/seen_once.png": [0.2]}) == outlier_images(odd)  # one draw is no evidence
+    timesteps_noise = {f"10_a/img_{i:02d}.png": [draw.choice((0.01, 0.05, 0.2, 0.9)) for _ in range(4)] for i in range(16)}
+    assert outlier_images(timesteps_noise) == []  # four draws at random timesteps: a high mean is no finding
     end = {"event": "end", "time": 0, "files": [], "steps": 8, "recommended_epoch": 2, "reason": "the knee",
            "highest_loss_images": [["/data/10_a/noise.png", 0.308]]}
     said = console_line(end).splitlines()
@@ -2468,3 +2470,16 @@ def test_only_images_clearly_above_the_others_are_named_and_the_console_and_trai
     assert said[1].startswith("images with a clearly higher training loss than the others: noise.png (0.3080) — check "
                               "their crop and caption")
     assert said[1] in progress_text(view_of([end], "finished"))
+
+
+def test_the_held_out_count_is_said_at_the_start_and_a_follower_stops_at_an_error(dataset, tmp_path, capsys):
+    from lora_trainer.training.events import EventLog, follow
+
+    assert run(dataset, tmp_path, "--validation_split", "0.25", "--max_train_steps", "1") == 0
+    start = read_events(tmp_path / "star.events.jsonl")[0][0]
+    assert start["validation_images"] == 4 and start["images"] == 24
+    assert "validation: 4 image(s) held out, 24 training images (with repeats)" in capsys.readouterr().err.splitlines()
+    with EventLog(tmp_path / "failed.jsonl") as events:  # a failed run ends with error and no end: follow() waited forever
+        events.emit("start")
+        events.emit("error", message="out of memory")
+    assert [e["event"] for e in follow(tmp_path / "failed.jsonl", poll=0.01)] == ["start", "error"]

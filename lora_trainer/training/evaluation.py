@@ -98,20 +98,16 @@ def recommend_epoch(train_losses: list[float], validation_losses: list[float | N
 
 
 def outlier_images(per_image: dict[str, list[float]], count: int = 5) -> list[tuple[str, float]]:
-    """Images whose mean training loss stands clearly above the others' (more than three standard deviations above
-    their mean; at most ``count``, highest first): often a bad crop, a wrong caption or an odd one out. Without such a
-    gap none: the highest of a set of alike images is the noise of the timesteps drawn, not a finding. Needs five
-    images, each seen three times."""
-    means = {path: sum(v) / len(v) for path, v in per_image.items() if len(v) >= 3}
-    if len(means) < 5:
+    """Images whose mean training loss stands clearly above the rest, at most ``count``, highest first: often a bad
+    crop, a wrong caption or an odd one out. Each loss was drawn at a random timestep, which moves it tenfold, so an
+    image's mean is named only when it lies more than four standard errors (the spread of all draws over the root of
+    its own count) above the mean of all draws — usually none: the highest of alike images is noise, not a finding."""
+    draws = [value for values in per_image.values() for value in values]
+    if len(per_image) < 5 or len(draws) < 2:
         return []
-    ranked = sorted(means.items(), key=lambda item: -item[1])
-    outliers = []
-    for path, loss in ranked[:count]:
-        others = [value for other, value in means.items() if other != path]  # the image itself would widen the spread
-        mean = sum(others) / len(others)
-        spread = (sum((value - mean) ** 2 for value in others) / len(others)) ** 0.5
-        if loss <= mean + 3 * spread:
-            break
-        outliers.append((path, loss))
-    return outliers
+    mean = sum(draws) / len(draws)
+    spread = (sum((value - mean) ** 2 for value in draws) / (len(draws) - 1)) ** 0.5
+    means = {path: sum(v) / len(v) for path, v in per_image.items() if v}
+    clear = [(path, loss) for path, loss in means.items()
+             if loss > mean + 4 * spread / len(per_image[path]) ** 0.5]
+    return sorted(clear, key=lambda item: -item[1])[:count]

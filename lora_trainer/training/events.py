@@ -26,6 +26,9 @@ def console_line(event: dict) -> str | None:
     kind = event["event"]
     if kind == "warning":
         return f"warning: {event['message']}"
+    if kind == "start" and event.get("validation_images") is not None:
+        return (f"validation: {event['validation_images']} image(s) held out, {event['images']} training images "
+                "(with repeats)")
     if kind == "saved":
         return f"saved {event['path']}"
     if kind == "state" and event.get("action") == "saved":
@@ -226,8 +229,9 @@ def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:
     return events, start + consumed
 
 
-def follow(path: str | Path, poll: float = 0.5, until: tuple[str, ...] = ("end",)) -> Iterator[dict]:
-    """Yield events as they are written, stopping after an event whose kind is in ``until``."""
+def follow(path: str | Path, poll: float = 0.5, until: tuple[str, ...] = ("end", "error")) -> Iterator[dict]:
+    """Yield events as they are written, stopping after an event whose kind is in ``until`` (a run that fails ends
+    with ``error``, without an ``end``)."""
     offset = 0
     while True:
         events, offset = read_events(path, offset)

@@ -419,6 +419,7 @@ class TrainingRun:
                             "noise and the target equals it; the paper pairs it with --v_parameterization")
         events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
                     batches_per_epoch=data.batches_per_epoch, device=str(device),
+                    **({"validation_images": data.num_validation_images} if options.validation_split else {}),
                     **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
         for message in warnings:
             events.emit("warning", message=message)
