@@ -2478,6 +2478,8 @@ def test_the_held_out_count_is_said_at_the_start_and_a_follower_stops_at_an_erro
     assert run(dataset, tmp_path, "--validation_split", "0.25", "--max_train_steps", "1") == 0
     start = read_events(tmp_path / "star.events.jsonl")[0][0]
     assert start["validation_images"] == 4 and start["images"] == 24
+    # what --log_config asks of sd-scripts: the run's options, where every reader of the events finds them
+    assert start["options"]["validation_split"] == 0.25 and start["options"]["network_dim"] == 4
     assert "validation: 4 image(s) held out, 24 training images (with repeats)" in capsys.readouterr().err.splitlines()
     with EventLog(tmp_path / "failed.jsonl") as events:  # a failed run ends with error and no end: follow() waited forever
         events.emit("start")

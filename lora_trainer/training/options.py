@@ -209,7 +209,7 @@ class TrainOptions:
     sample_sampler: str = opt("ddim", "sampler of the samples")
     logging_dir: str | None = opt(None, "TensorBoard logs with sd-scripts' tags (needs the tensorboard package)")
     log_with: str | None = opt(None, "tensorboard", choices=[None, "tensorboard", "wandb", "all"])
-    log_config: bool = inert("the options are in the event stream and the saved files' ss_* metadata")
+    log_config: bool = inert("the options are in the start event (every option not at its default) and the saved files' ss_* metadata")
     log_prefix: str | None = opt(None, "prefix of the log folder")
     log_tracker_name: str | None = opt(None, "tracker name")
     # sd-scripts' console logging: its console is its log; here the event stream is, and the console shows progress

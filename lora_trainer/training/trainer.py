@@ -53,7 +53,7 @@ from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import (clip_grad_norm_, evaluating, is_schedule_free, make_optimizer, optimizer_label,
                          takes_its_own_step)
-from .options import FIELDS, TrainOptions, join_command_line, memory_advice
+from .options import FIELDS, TrainOptions, join_command_line, memory_advice, non_default
 from .outputs import OutputPlan, RunMetadata
 from ..sampling.samplers import is_stand_in, sampler_name
 from .samples import draw_samples, not_read_warning, read_prompts
@@ -420,6 +420,7 @@ class TrainingRun:
         events.emit("start", seed=seed, model=config.label, images=data.num_images, reg_images=data.num_reg_images,
                     batches_per_epoch=data.batches_per_epoch, device=str(device),
                     **({"validation_images": data.num_validation_images} if options.validation_split else {}),
+                    options=non_default(options),
                     **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
         for message in warnings:
             events.emit("warning", message=message)
