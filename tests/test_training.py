@@ -1422,6 +1422,8 @@ def test_tensorboard_logs_the_adapted_step_of_prodigy_as_sd_scripts_does(dataset
     events.Reload()
     assert [e.value for e in events.Scalars("lr/d*lr/unet")][:1] == pytest.approx([1e-3])
     assert [e.value for e in events.Scalars("lr/d*lr/textencoder")][:1] == pytest.approx([5e-4])
+    # and by group number after the text encoder's, as sd-scripts' for-else logs lr/group<i> beside it
+    assert [e.value for e in events.Scalars("lr/d*lr/group1")][:1] == pytest.approx([1e-3])
 
 
 def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named():

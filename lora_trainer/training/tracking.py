@@ -55,10 +55,12 @@ class Tracker:
             self.writer.add_scalar(f"lr/d*lr/{name}", rate, step)
         # sd-scripts also logs every group after the text encoder's by number (a for-else in its generate_step_logs),
         # and dashboards that compare runs by tag look for them
-        values = list(rates.values())
+        values, steps = list(rates.values()), [(adapted or {}).get(name) for name in rates]
         first = 1 if next(iter(rates), "").startswith("textencoder") else 0
         for index in range(first, len(values)):
             self.writer.add_scalar(f"lr/group{index}", values[index], step)
+            if steps[index] is not None:
+                self.writer.add_scalar(f"lr/d*lr/group{index}", steps[index], step)
         if norms is not None:
             self.writer.add_scalar("max_norm/keys_scaled", norms.keys_scaled, step)
             self.writer.add_scalar("max_norm/max_key_norm", norms.max_norm, step)
