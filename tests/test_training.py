@@ -154,9 +154,14 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
         "current_epoch": 1, "current_step": 8, "seed": 3, "images": 32, "batches_per_epoch": 8,
         "optimizer": "AdamW", "resolution": "64", "gradient_accumulation_steps": 1, "lr_scheduler": "constant",
         "total_steps": 16}  # sd-scripts reads the first two
-    assert run(dataset, tmp_path, "--resume", str(state)) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkstar --w 64 --h 64 --s 1\n", encoding="utf-8")
+    assert run(dataset, tmp_path, "--resume", str(state), "--sample_prompts", str(prompts), "--sample_at_first") == 0
     resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # samples leave the training alone
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    first = next(e for e in events if e["event"] in ("sample", "step"))  # --sample_at_first: the weights resumed from
+    assert first["event"] == "sample" and (first["epoch"], first["step"]) == (1, 8) and "_e000001_" in first["path"]
 
 
 def test_a_state_whose_replacing_save_was_cut_off_between_its_renames_resumes_from_the_one_it_replaced(

@@ -578,8 +578,8 @@ class TrainingRun:
 
     def train(self) -> list[Path]:
         options, state, data = self.options, self.state, self.data
-        if options.sample_at_first and state.step == 0:
-            self.sample(0, 0)
+        if options.sample_at_first:  # a resumed run too, as sd-scripts draws it: the weights it goes on from
+            self.sample(0 if state.step == 0 else (state.epoch if not state.batch_in_epoch else None), state.step)
         self._at_last_step = self.generator.get_state()  # what an unreadable image rolls back to (see below)
         for epoch in range(state.epoch, self.num_epochs):
             batches = data.epoch_batches(epoch)
