@@ -68,9 +68,11 @@ class OffTerminalProgress:
 
     def line(self, event: dict) -> str | None:
         kind, now = event["event"], event["time"]
-        if kind == "epoch":
-            return f"epoch {event['epoch']} done at step {event['step']}: average loss {event['average']:.5f}"
-        if kind != "step":
+        if kind == "epoch":  # sd-scripts' events (the backend) carry fewer fields
+            words = f"epoch {event.get('epoch', '?')} done"
+            words += f" at step {event['step']}" if event.get("step") is not None else ""
+            return words + (f": average loss {event['average']:.5f}" if event.get("average") is not None else "")
+        if kind != "step" or event.get("total") is None:
             return None
         step, total = event["step"], event["total"]
         if self._first is None:
@@ -78,7 +80,9 @@ class OffTerminalProgress:
         elif now - self._said < self.every and step != total:
             return None
         self._said = now
-        words = f"step {step}/{total} (epoch {event['epoch']}): loss {event['loss']:.5f}, average {event['average']:.5f}"
+        figures = [f"{name} {event[name]:.5f}" for name in ("loss", "average") if event.get(name) is not None]
+        words = f"step {step}/{total}" + (f" (epoch {event['epoch']})" if event.get("epoch") else "")
+        words += f": {', '.join(figures)}" if figures else ""
         began, first = self._first
         if step > first and step < total:
             left = (now - began) / (step - first) * (total - step)
