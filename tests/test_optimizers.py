@@ -242,3 +242,84 @@ def test_an_adaptive_optimizer_at_a_small_learning_rate_is_said_to_hardly_learn(
                             "learning_rate": rate, "unet_lr": rate}, "test")
     said = [w for w in trainer._option_warnings(options, None, torch.device("cpu"), torch.float32) if "hardly learns" in w]
     assert bool(said) is warned
+
+
+def _options(**values):
+    from lora_trainer.training.options import options_from
+
+    return options_from({"pretrained_model_name_or_path": "x", "train_data_dir": "d", **values}, "test")
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"text_encoder_lr": 0.5}, "--learning_rate 1, --text_encoder_lr 0.5"),
+    ({"unet_lr": 2.0, "network_args": ["loraplus_lr_ratio=16"]}, "--unet_lr 2, --learning_rate 1; network_args loraplus"),
+    ({"network_args": ["down_lr_weight=0.5"]}, "network_args down_lr_weight"),
+])
+def test_prodigy_and_d_adaptation_with_different_rates_are_refused_before_the_model_loads(values, named):
+    """Their own check refuses different group rates at the first step: the run died after loading and caching, with
+    a message calling it a bug to report."""
+    with pytest.raises(UserError, match="adapts one step size for every parameter group") as error:
+        _options(optimizer_type="Prodigy", learning_rate=1.0, **values)
+    assert named in str(error.value)
+    _options(optimizer_type="DAdaptAdam", learning_rate=1.0, unet_lr=1.0, text_encoder_lr=0)  # 0: that part rests
+    _options(optimizer_type="Prodigy", unet_lr=1.0, text_encoder_lr=1.0)  # the Train tab's form: learning_rate unused
+    _options(optimizer_type="Prodigy", learning_rate=1.0, text_encoder_lr=0.5, network_train_unet_only=True)
+
+
+def test_adafactor_schedule_mistakes_are_refused_with_the_option_the_user_wrote():
+    with pytest.raises(UserError, match=r"Adafactor on its relative step \(its default\) takes no warm-up "
+                                        r"\(--lr_warmup_steps 2\)"):
+        _options(optimizer_type="Adafactor", lr_scheduler="cosine", lr_warmup_steps=2)
+    with pytest.raises(UserError, match="--lr_scheduler adafactor is Adafactor's own relative step"):
+        _options(optimizer_type="AdamW", lr_scheduler="adafactor")
+    _options(optimizer_type="Adafactor", lr_scheduler="adafactor")
+
+
+def test_a_schedule_free_optimizer_ignores_the_scheduler_options_as_sd_scripts_does():
+    """sd-scripts gives schedule-free optimizers its dummy scheduler before reading anything else: a custom scheduler
+    annealed the rate here, and a warm-up on constant was refused."""
+    pytest.importorskip("schedulefree")
+    from lora_trainer.training import trainer
+    from lora_trainer.training.lr_schedules import make_scheduler
+
+    options = _options(optimizer_type="AdamWScheduleFree", lr_scheduler="constant", lr_warmup_steps=5,
+                       lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args=["T_max=30"])
+    said = [w for w in trainer._option_warnings(options, None, torch.device("cpu"), torch.float32) if "own schedule" in w]
+    assert said and "--lr_scheduler_type CosineAnnealingLR, --lr_warmup_steps 5 change nothing" in said[0]
+    optimizer = make_optimizer("AdamWScheduleFree", groups(3e-3), 3e-3, [])
+    scheduler = make_scheduler(optimizer, "constant", 30, 5, scheduler_type="CosineAnnealingLR",
+                               scheduler_args=["T_max=30"])
+    for _ in range(30):
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == [1.5e-3, 3e-3]
+
+
+def test_adafactor_at_fixed_rates_logs_the_scheduled_rate_as_sd_scripts_does():
+    """The computed step (with its RMS(θ) factor, one step behind) was logged for every Adafactor; sd-scripts logs it
+    only on the relative step, and the schedule's rate otherwise."""
+    from lora_trainer.training.trainer import group_rates
+
+    fixed = make_optimizer("Adafactor", groups(1e-3), 1e-3, ["relative_step=False"])
+    relative = make_optimizer("Adafactor", groups(1e-3), 1e-3, [])
+    for optimizer in (fixed, relative):
+        for group in optimizer.param_groups:
+            with torch.no_grad():
+                group["params"][0].fill_(0.3)  # RMS(θ) 0.3: scale_parameter makes the step 0.3 × lr
+            group["params"][0].grad = torch.full_like(group["params"][0], 0.1)
+        optimizer.step()
+    assert group_rates(fixed) == {"textencoder": 5e-4, "unet": 1e-3}
+    assert group_rates(relative)["unet"] == relative.param_groups[1]["step_size"] != 1e-3
+
+
+def test_lion_takes_lion_pytorchs_decoupled_weight_decay_and_use_triton():
+    """sd-scripts pins lion-pytorch 0.2.3, whose Lion divides a decoupled decay by the starting rate."""
+    plain, decoupled = (torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64)) for _ in range(2))
+    steps = [(plain, []), (decoupled, ["decoupled_weight_decay=True", "use_triton=False"])]
+    for parameter, arguments in steps:
+        optimizer = make_optimizer("Lion", [{"params": [parameter], "lr": 0.1}], 0.1, ["weight_decay=0.01", *arguments])
+        parameter.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        optimizer.step()
+    assert plain.detach().tolist() == pytest.approx([1.0 * (1 - 0.1 * 0.01) - 0.1, -2.0 * (1 - 0.1 * 0.01) + 0.1])
+    assert decoupled.detach().tolist() == pytest.approx([1.0 * (1 - 0.01) - 0.1, -2.0 * (1 - 0.01) + 0.1])
+

@@ -1421,14 +1421,14 @@ def test_tensorboard_logs_the_adapted_step_of_prodigy_as_sd_scripts_does(dataset
     Prodigy.__module__ = "prodigyopt"
     monkeypatch.setitem(sys.modules, "prodigyopt", types.SimpleNamespace(Prodigy=Prodigy))
     assert run(dataset, tmp_path, "--logging_dir", str(tmp_path / "logs"), "--optimizer_type", "Prodigy",
-               "--learning_rate", "1", "--text_encoder_lr", "0.5") == 0
+               "--learning_rate", "0.5") == 0
     (folder,) = (tmp_path / "logs").glob("*/network_train")
     events = EventAccumulator(str(folder))
     events.Reload()
-    assert [e.value for e in events.Scalars("lr/d*lr/unet")][:1] == pytest.approx([1e-3])
+    assert [e.value for e in events.Scalars("lr/d*lr/unet")][:1] == pytest.approx([5e-4])
     assert [e.value for e in events.Scalars("lr/d*lr/textencoder")][:1] == pytest.approx([5e-4])
     # and by group number after the text encoder's, as sd-scripts' for-else logs lr/group<i> beside it
-    assert [e.value for e in events.Scalars("lr/d*lr/group1")][:1] == pytest.approx([1e-3])
+    assert [e.value for e in events.Scalars("lr/d*lr/group1")][:1] == pytest.approx([5e-4])
 
 
 def test_numbers_written_as_text_in_a_file_are_numbers_and_a_wrong_one_is_named():
@@ -2492,3 +2492,19 @@ def test_the_held_out_count_is_said_at_the_start_and_a_follower_stops_at_an_erro
         events.emit("start")
         events.emit("error", message="out of memory")
     assert [e["event"] for e in follow(tmp_path / "failed.jsonl", poll=0.01)] == ["start", "error"]
+
+
+def test_a_missing_optimizer_package_is_said_before_the_model_loads(dataset, tmp_path, monkeypatch, capsys):
+    """AdamW8bit without bitsandbytes failed after the model loaded and the latents cached (minutes on a real model,
+    after waiting in the queue). The WebUI's own process cannot check it: the trainer's process does, first."""
+    import sys
+
+    from lora_trainer.training import trainer as trainer_module
+
+    def loaded(*args):
+        raise AssertionError("the model was loaded before the optimizer's package was looked for")
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    monkeypatch.setattr(trainer_module, "_prepared_model", loaded)
+    assert run(dataset, tmp_path, "--optimizer_type", "AdamW8bit") == 2
+    assert "--optimizer_type AdamW8bit needs the Python package bitsandbytes" in capsys.readouterr().err

@@ -274,7 +274,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     schedule whatever ``name`` says, because sd-scripts forces ``adafactor:<lr>`` there. ``scheduler_type`` (a torch
     scheduler class, with ``scheduler_args``) replaces ``name`` altogether, as sd-scripts' ``--lr_scheduler_type`` does.
     """
-    if scheduler_type:
+    schedule_free = callable(getattr(optimizer, "eval", None))  # its own schedule: sd-scripts' dummy scheduler
+    if scheduler_type and not schedule_free:
         found, kwargs = check_custom_scheduler(scheduler_type, scheduler_args, warmup)
         try:
             return found(optimizer, **kwargs)
@@ -285,8 +286,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     warmup_steps = resolve_warmup(warmup, total_steps)
     if getattr(optimizer, "uses_relative_step", False):
         name = "adafactor"
-    if callable(getattr(optimizer, "eval", None)):  # schedule-free: its own schedule (sd-scripts' dummy scheduler)
-        name, warmup_steps = "constant", 0
+    if schedule_free:
+        name, warmup_steps, scheduler_args = "constant", 0, None
     shape = check_schedule(name, warmup_steps, scheduler_args)
     initial_lr = optimizer.defaults.get("lr")
     if name == "polynomial" and not (initial_lr and initial_lr > shape.lr_end):

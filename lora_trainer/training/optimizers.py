@@ -140,6 +140,13 @@ def check_optimizer_name(optimizer_type: str) -> None:
         raise _unknown(name)
 
 
+def check_optimizer_importable(optimizer_type: str) -> None:
+    """The optimizer's package imported in the trainer's process, before the model loads and the latents cache: a
+    missing bitsandbytes or prodigyopt is said in seconds. (The WebUI's own process cannot tell: the packages a job
+    uses live in the extension's extras folder, which only the trainer's process has on its path.)"""
+    _resolve(optimizer_type)
+
+
 def _resolve(optimizer_type: str) -> tuple[type, OptimizerSource | None]:
     """The optimizer class; like sd-scripts, other names are looked up in torch.optim, dotted ones are imported."""
     source = _BY_LOWER_NAME.get((optimizer_type or "AdamW").lower())
@@ -257,12 +264,17 @@ class Lion(torch.optim.Optimizer):
 
     sd_scripts_name = "lion_pytorch.lion_pytorch.Lion"  # the class sd-scripts trains with, as its ss_optimizer names it
 
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 use_triton: bool = False, decoupled_weight_decay: bool = False):
+        """lion-pytorch 0.2.3's arguments (sd-scripts' pin): ``use_triton`` picks its GPU kernel for the same update;
+        ``decoupled_weight_decay`` divides the decay by the starting ``lr``, so the decay per step follows the
+        schedule's shape but not its size."""
         if lr <= 0.0:
             raise ValueError(f"lr must be positive, got {lr}")
         if not all(0.0 <= beta <= 1.0 for beta in betas):
             raise ValueError(f"betas must lie in [0, 1], got {betas}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+        self.decay_divisor = lr if decoupled_weight_decay else 1.0
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -272,7 +284,7 @@ class Lion(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lr, weight_decay = group["lr"], group["weight_decay"]
+            lr, weight_decay = group["lr"], group["weight_decay"] / self.decay_divisor
             for param in group["params"]:
                 if param.grad is None:
                     continue

@@ -25,7 +25,7 @@ from ..dataset.buckets import check_largest_side
 from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
 from .lr_schedules import steps_or_fraction
-from .optimizers import check_optimizer_name, moments_underflow_in_fp16
+from .optimizers import check_optimizer_name, is_schedule_free, moments_underflow_in_fp16, takes_its_own_step
 
 LONGEST_OUTPUT_NAME_BYTES = 200  # leaves room for what a run adds to it within a file name's 255 bytes
 
@@ -696,7 +696,10 @@ def validate(options: TrainOptions, template: bool = False) -> None:
                         "(the network's own weights are small: it saves little)")
     if options.full_bf16 and options.mixed_precision != "bf16":
         problems.append("--full_bf16 needs --mixed_precision bf16")
-    if options.lr_scheduler_type:  # replaces --lr_scheduler
+    problems += _optimizer_problems(options)
+    if is_schedule_free(options.optimizer):  # its own schedule: the scheduler options go unused (said when it starts)
+        pass
+    elif options.lr_scheduler_type:  # replaces --lr_scheduler
         from .lr_schedules import check_custom_scheduler
 
         try:
@@ -897,6 +900,42 @@ def with_absolute_paths(options: TrainOptions) -> TrainOptions:
         changes["network_args"] = [f"preset={absolute_path(preset, True)}" if (preset := network_preset_file(item)) else item
                                    for item in options.network_args]
     return dataclasses.replace(options, **changes)
+
+
+def _optimizer_problems(options: TrainOptions) -> list[str]:
+    """Optimizer and schedule pairs that would fail at the first step (or train another schedule), said before the
+    model loads."""
+    from ..networks.spec import parse_network_args
+
+    name, problems = (options.optimizer or "AdamW").lower(), []
+    if name.startswith("dadapt") or name == "prodigy":  # they adapt one step size: their own check refuses other rates
+        rates = {}  # each part's rate as its group gets it (unset: --learning_rate; 0: that part does not train)
+        if not options.network_train_text_encoder_only:
+            rates["--unet_lr" if options.unet_lr is not None else "--learning_rate"] = (
+                options.unet_lr if options.unet_lr is not None else options.learning_rate)
+        text_encoder_lr = (options.text_encoder_lr or [None])[0]
+        if not options.network_train_unet_only:
+            rates["--text_encoder_lr" if text_encoder_lr is not None else "--learning_rate"] = (
+                text_encoder_lr if text_encoder_lr is not None else options.learning_rate)
+        given = {rate for rate in rates.values() if rate}
+        args = parse_network_args(options.network_args)
+        split = sorted(key for key in args if key.startswith("loraplus") or key.endswith("_lr_weight"))
+        if len(given) > 1 or split:
+            said = ", ".join(f"{flag} {rate:g}" for flag, rate in rates.items() if rate)
+            problems.append(f"--optimizer_type {options.optimizer} adapts one step size for every parameter group and "
+                            f"refuses different rates at the first step ({said}{'; ' if said and split else ''}"
+                            f"{', '.join(f'network_args {key}' for key in split)}): give one --learning_rate (1 is "
+                            "usual) and leave out the others")
+    relative_step = takes_its_own_step(options.optimizer, options.optimizer_args)
+    if relative_step and options.lr_warmup_steps:
+        problems.append(f"--optimizer_type Adafactor on its relative step (its default) takes no warm-up "
+                        f"(--lr_warmup_steps {options.lr_warmup_steps}): drop it, or add --optimizer_args "
+                        "relative_step=False scale_parameter=False warmup_init=False for fixed rates with a warm-up")
+    if options.lr_scheduler == "adafactor" and not relative_step:
+        problems.append(f"--lr_scheduler adafactor is Adafactor's own relative step: it needs --optimizer_type Adafactor "
+                        f"(without relative_step=False), as in sd-scripts; with {options.optimizer or 'AdamW'} use "
+                        "constant or another schedule")
+    return problems
 
 
 def non_default(options: TrainOptions) -> dict[str, Any]:

@@ -51,8 +51,8 @@ from .data import TrainingData, build_training_data, check_bucket_steps
 from .evaluation import fixed_noise, outlier_images, recommend_epoch, validation_timesteps
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
-from .optimizers import (clip_grad_norm_, evaluating, is_schedule_free, make_optimizer, optimizer_label,
-                         takes_its_own_step)
+from .optimizers import (check_optimizer_importable, clip_grad_norm_, evaluating, is_schedule_free, make_optimizer,
+                         optimizer_label, takes_its_own_step)
 from .options import FIELDS, TrainOptions, join_command_line, memory_advice, non_default
 from .outputs import OutputPlan, RunMetadata
 from ..sampling.samplers import is_stand_in, sampler_name
@@ -406,6 +406,7 @@ class TrainingRun:
             warnings.append(removed)
         self.started = time.time()
 
+        check_optimizer_importable(options.optimizer)
         self.model, fp8_saved = _prepared_model(options, device, weight_dtype, warnings)
         self.config = config = self.model.config
         self.data = data = build_training_data(options, config, seed, world.size)
@@ -890,10 +891,14 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
         warnings.append(f"--optimizer_type Adafactor takes its own step size (relative_step, its default): "
                         f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing, as in sd-scripts; for fixed rates add --optimizer_args "
                         "relative_step=False scale_parameter=False warmup_init=False")
-    if is_schedule_free(options.optimizer) and (options.lr_scheduler != "constant" or options.lr_warmup_steps):
-        warnings.append(f"--optimizer_type {options.optimizer} makes its own schedule: --lr_scheduler "
-                        f"{options.lr_scheduler} and --lr_warmup_steps change nothing, as in sd-scripts; give it a "
-                        "warm-up with --optimizer_args warmup_steps=N")
+    if is_schedule_free(options.optimizer):
+        unused = [f"--{name} {getattr(options, name)}" for name in ("lr_scheduler_type", "lr_warmup_steps")
+                  if getattr(options, name)]
+        unused = ([f"--lr_scheduler {options.lr_scheduler}"] if options.lr_scheduler != "constant" else []) + unused
+        if unused:
+            warnings.append(f"--optimizer_type {options.optimizer} makes its own schedule: {', '.join(unused)} "
+                            f"{'changes' if len(unused) == 1 else 'change'} nothing, as in sd-scripts; give it a "
+                            "warm-up with --optimizer_args warmup_steps=N")
     ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(options, name)]
     if options.dataset_config and ignored:  # sd-scripts says the same
         warnings.append(f"--dataset_config {options.dataset_config} describes the data: {' and '.join(ignored)} "
@@ -1097,8 +1102,8 @@ def _check_resumed_optimizer(options: TrainOptions, saved: dict) -> None:
 def group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Each parameter group's rate this step, by sd-scripts' TensorBoard names (textencoder, unet, unet_block3 plus
     …); an Adafactor on its relative step reports the step it took, as sd-scripts' adafactor schedule shows it."""
-    return {group.get("description", f"group{i}"): group.get("step_size", group["lr"])
-            for i, group in enumerate(optimizer.param_groups)}
+    return {group.get("description", f"group{i}"): group["step_size"] if group.get("relative_step") and "step_size" in group
+            else group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
 def adapted_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
