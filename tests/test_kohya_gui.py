@@ -248,3 +248,66 @@ def test_the_guis_torch_scheduler_in_additional_parameters_sets_the_learning_rat
     # down to 0 in two steps and up again, not the GUI's own lr_scheduler "cosine" (a step reports the rate after
     # its scheduler step, as sd-scripts logs get_last_lr())
     assert rates == pytest.approx([5e-4, 0.0, 5e-4, 1e-3], abs=1e-9)
+
+
+# An early GUI's LoRA save (v21.1 and older, as its presets/lora/lion_optimizer.json still was at v21.5.0): no
+# LoRA_type, no optimizer field (use_8bit_adam instead), numbers as text
+EARLY_GUI_SETTINGS = {
+    "pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5", "v2": False, "v_parameterization": False,
+    "logging_dir": "D:\\dataset\\lora/log", "train_data_dir": "D:\\dataset\\lora\\img", "reg_data_dir": "",
+    "output_dir": "D:/lora/sd1.5", "max_resolution": "512,512", "learning_rate": "0.00003333", "lr_scheduler": "cosine",
+    "lr_warmup": "0", "train_batch_size": 8, "epoch": "1", "save_every_n_epochs": "1", "mixed_precision": "bf16",
+    "save_precision": "fp16", "seed": "1234", "num_cpu_threads_per_process": 2, "cache_latents": False,
+    "caption_extension": "", "enable_bucket": True, "stop_text_encoder_training": 0, "use_8bit_adam": True,
+    "xformers": True, "save_model_as": "safetensors", "text_encoder_lr": "0.000016666", "unet_lr": "0.00003333",
+    "network_dim": 128, "lora_network_weights": "", "clip_skip": "1", "gradient_accumulation_steps": 1.0,
+    "output_name": "mrtmcfl_v2.0", "model_list": "runwayml/stable-diffusion-v1-5", "max_token_length": "75",
+    "max_train_epochs": "", "max_data_loader_n_workers": "0", "network_alpha": 128, "keep_tokens": "0",
+    "lr_scheduler_num_cycles": "", "lr_scheduler_power": "", "bucket_reso_steps": 64.0,
+}
+
+
+def test_an_early_gui_lora_file_without_lora_type_trains_as_the_gui_opens_it(tmp_path):
+    """The GUI opens a file without LoRA_type as Standard, and use_8bit_adam as the AdamW8bit optimizer
+    (common_gui.update_my_data); it was refused here as a DreamBooth config."""
+    path = tmp_path / "lion_optimizer.json"
+    path.write_text(json.dumps(EARLY_GUI_SETTINGS), encoding="utf-8")
+    options, actions = parse_args(["--config_file", str(path)])
+    assert (options.network_module, options.network_dim, options.network_alpha) == ("networks.lora", 128, 128)
+    assert options.optimizer_type == "AdamW8bit" and not options.use_8bit_adam
+    assert options.max_train_epochs == 1 and options.seed == 1234 and options.xformers
+    assert any("no LoRA_type" in note and "trained as a Standard LoRA" in note for note in actions.notes)
+    path.write_text(json.dumps({**EARLY_GUI_SETTINGS, "use_8bit_adam": False}), encoding="utf-8")
+    assert parse_args(["--config_file", str(path)])[0].optimizer_type == "AdamW"
+
+
+def test_an_early_gui_loha_file_s_use_cp_trains_with_tucker_as_it_did_there(tmp_path):
+    """GUIs before use_tucker (v21.x) passed use_cp=… for LoHa, which LyCORIS reads as its Tucker switch."""
+    loha, notes = read(tmp_path, LoRA_type="LyCORIS/LoHa", conv_dim=4, conv_alpha=2, use_cp=True)
+    assert "use_tucker=True" in loha.network_args
+    assert any("use_cp = true is LyCORIS's Tucker switch" in note for note in notes)
+    newer, _ = read(tmp_path, LoRA_type="LyCORIS/LoHa", conv_dim=4, conv_alpha=2, use_cp=True, use_tucker=False)
+    assert "use_tucker=False" in newer.network_args  # a GUI with use_tucker passed that, not use_cp
+    dylora, notes = read(tmp_path, LoRA_type="LyCORIS/DyLoRA", conv_dim=4, conv_alpha=2, use_cp=True)
+    assert not any("use_tucker" in arg for arg in dylora.network_args)
+    assert any("use_cp = true is not carried over: LyCORIS's DyLoRA has no Tucker form" in note for note in notes)
+
+
+def test_flux_switches_left_in_an_sd_file_are_not_passed_as_the_gui_does_not_pass_them(tmp_path):
+    """The GUI passes fp8_base_unet, cpu_offload_checkpointing … only with flux1_checkbox ticked; they stopped an SDXL
+    run here ("not supported: --fp8_base_unet"), naming the command line that did not set them."""
+    options, notes = read(tmp_path, fp8_base_unet=True, cpu_offload_checkpointing=True, guidance_scale=3.5,
+                          flux1_checkbox=False)
+    assert options.network_module == "networks.lora"
+    assert any("cpu_offload_checkpointing, fp8_base_unet, guidance_scale are Flux.1 settings, which the GUI passes "
+               "only with flux1_checkbox ticked" in note for note in notes)
+    with pytest.raises(UserError, match="saved for Flux.1 \\(flux1_checkbox\\)"):
+        read(tmp_path, fp8_base_unet=True, flux1_checkbox=True)
+    # what only the file asks for is said as the file's, not the command line's
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({**GUI_SETTINGS, "additional_parameters": "--deepspeed"}), encoding="utf-8")
+    with pytest.raises(UserError) as refused:
+        parse_args(["--config_file", str(path)])
+    assert str(refused.value).startswith(f"{path}: not supported: --deepspeed")
+    with pytest.raises(UserError, match="^command line and .*not supported: --deepspeed, --fp8_base_unet"):
+        parse_args(["--config_file", str(path), "--fp8_base_unet"])

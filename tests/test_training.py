@@ -1402,7 +1402,7 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     assert "unknown option(s) learning_rat (did you mean learning_rate?)" in capsys.readouterr().err
     config.write_text("enable_contrastive = true\n", encoding="utf-8")  # the message says where it came from
     assert run(dataset, tmp_path / "contrastive", "--config_file", str(config)) == 2
-    assert f"command line and {config}: not supported: --enable_contrastive" in capsys.readouterr().err
+    assert f"error: {config}: not supported: --enable_contrastive" in capsys.readouterr().err
 
 
 def test_tensorboard_logs_the_adapted_step_of_prodigy_as_sd_scripts_does(dataset, tmp_path, monkeypatch):

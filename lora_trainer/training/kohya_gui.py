@@ -40,13 +40,23 @@ _GUI_ONLY = {"LoRA_type", "LyCORIS_preset", "model_list", "sdxl", "sdxl_no_half_
              "xformers", "lr_warmup", "epoch", "noise_offset_type", "num_cpu_threads_per_process", "additional_parameters",
              "stop_text_encoder_training", "stop_text_encoder_training_pct", "unit", "factor", "use_cp", "use_tucker",
              "use_scalar", "decompose_both", "conv_dim", "conv_alpha", "constrain", "rescaled", "train_on_input",
-             "rank_dropout_scale", "dora_wd", "bypass_mode", "train_norm", "sample_prompts", "use_wandb",
-             *_KOHYA_BLOCK_FIELDS, *_LORAPLUS}
+             "rank_dropout_scale", "dora_wd", "bypass_mode", "train_norm", "sample_prompts", "use_wandb", "use_8bit_adam",
+             "flux1_checkbox", "sd3_checkbox", *_KOHYA_BLOCK_FIELDS, *_LORAPLUS}
+# Fields lora_gui.py passes only with its Flux.1 checkbox ticked (train_model: ``x if flux1_checkbox else None``): a
+# value left from ticking it once stays in every later save, and an SD/SDXL run never gets it
+_FLUX_ONLY = ("fp8_base_unet", "cpu_offload_checkpointing", "split_mode", "t5xxl_max_token_length", "guidance_scale",
+              "mem_eff_save", "apply_t5_attn_mask", "blocks_to_swap", "single_blocks_to_swap", "double_blocks_to_swap",
+              "discrete_flow_shift", "model_prediction_type", "timestep_sampling", "ae", "clip_l", "t5xxl", "model_type",
+              "flux1_cache_text_encoder_outputs", "flux1_cache_text_encoder_outputs_to_disk")
+# what an early GUI's LoRA tab saved before it had LoRA_type (v21.1 and older), and its DreamBooth tab never saves
+_EARLY_LORA_FIELDS = {"network_dim", "network_alpha", "lora_network_weights"}
 
 
 def is_gui_config(data: dict) -> bool:
-    """A Kohya GUI LoRA settings file (every version saves its LoRA type)."""
-    return "LoRA_type" in data
+    """A Kohya GUI LoRA settings file: every version since v21.2 saves its LoRA type; the older ones have the
+    network's fields beside the GUI's own max_resolution (sd-scripts' options have neither name)."""
+    early = _EARLY_LORA_FIELDS & data.keys() and {"max_resolution", "lora_network_weights"} & data.keys()
+    return "LoRA_type" in data or bool(early)
 
 
 def _set(value: Any) -> bool:
@@ -71,14 +81,27 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     """The sd-scripts options the GUI would write for ``data``; ``notes`` gain what is not carried over."""
     from .options import FIELDS, FOREIGN
 
-    lora_type = data.get("LoRA_type", "Standard")
+    if data.get("flux1_checkbox") or data.get("sd3_checkbox"):
+        model = "Flux.1 (flux1_checkbox)" if data.get("flux1_checkbox") else "SD3 (sd3_checkbox)"
+        raise UserError(f"{source}: saved for {model}, which the GUI trains with its own script; only SD1, SD2 and "
+                        "SDXL are trained here (untick it in the GUI and save again to train an SD/SDXL model)")
+    if "LoRA_type" not in data:  # update_my_data: the GUI opens such a file as Standard
+        notes.append(f"{source}: no LoRA_type (an early Kohya GUI's file): trained as a Standard LoRA, as the GUI opens it")
+    lora_type = data.get("LoRA_type") or "Standard"
     sdxl = bool(data.get("sdxl"))
+    flux_only = sorted(k for k in _FLUX_ONLY if _set(data.get(k)))
+    if flux_only:
+        notes.append(f"{source}: {', '.join(flux_only)} {'is a Flux.1 setting' if len(flux_only) == 1 else 'are Flux.1 settings'}"
+                     ", which the GUI passes only with flux1_checkbox ticked: not carried over")
+    data = {k: v for k, v in data.items() if k not in _FLUX_ONLY}
     options_like = FIELDS.keys() | FOREIGN | _RENAMED.keys()  # checked as a TOML's are (FOREIGN: refused by name)
     options = {_RENAMED.get(k, k): v for k, v in data.items() if k not in _GUI_ONLY and k in options_like and _set(v)}
     left = sorted(k for k, v in data.items() if k not in _GUI_ONLY and k not in options_like and _set(v))
     if left:
         notes.append(f"{source}: {', '.join(left)} {'is' if len(left) == 1 else 'are'} the GUI's own, not carried over")
-    options.update(_network(lora_type, data, source))
+    if "optimizer" not in data:  # update_my_data: the GUI's optimizer choice replaced its use_8bit_adam switch (v21.2)
+        options["optimizer_type"] = "AdamW8bit" if data.get("use_8bit_adam") else "AdamW"
+    options.update(_network(lora_type, data, source, notes))
 
     kind = data.get("noise_offset_type", "Original")  # one noise kind is passed, the other's fields are left
     unused = ("multires_noise_iterations", "multires_noise_discount") if kind == "Original" else \
@@ -133,13 +156,22 @@ _WHY = {"stop_text_encoder_training_pct": "sd-scripts' LoRA training has no such
         "use_wandb": "wandb is not supported here; TensorBoard logs are written with --logging_dir"}
 
 
-def _network(lora_type: str, data: dict, source: str) -> dict[str, Any]:
+def _network(lora_type: str, data: dict, source: str, notes: list[str]) -> dict[str, Any]:
     """network_module and network_args for the GUI's LoRA type, built as lora_gui.py builds them."""
     if lora_type in _LYCORIS_ALGOS:
         algo = _LYCORIS_ALGOS[lora_type]
         args = [f"preset={data.get('LyCORIS_preset') or 'full'}", f"algo={algo}"]
         gui_field = {"constraint": "constrain"}  # the GUI's field name for LyCORIS's constraint
         values = {name: data.get(gui_field.get(name, name)) for name in _LYCORIS_FIELDS[algo]}
+        if algo in ("loha", "dylora") and "use_tucker" not in data and _truthy(data.get("use_cp")):
+            # a GUI before use_tucker (v21.x) passed use_cp=… for LoHa and DyLoRA, LyCORIS's Tucker switch
+            if algo == "loha":
+                values["use_tucker"] = True
+                notes.append(f"{source}: use_cp = true is LyCORIS's Tucker switch, which this GUI version passed for "
+                             "LoHa: trained with use_tucker=True")
+            else:
+                notes.append(f"{source}: use_cp = true is not carried over: LyCORIS's DyLoRA has no Tucker form and "
+                             "ignored it")
         args += [f"{name}={value}" for name, value in values.items() if value not in ("", None)]
         if algo == "dylora" and _set(data.get("unit")):
             args.append(f"block_size={data['unit']}")
@@ -153,6 +185,10 @@ def _network(lora_type: str, data: dict, source: str) -> dict[str, Any]:
         return {"network_module": "networks.dylora", "network_args": args + _loraplus(data)}
     raise UserError(f"{source}: LoRA_type {lora_type!r} is not trained here (SD1/SD2/SDXL LoRA types: Standard, "
                     f"Kohya LoCon, Kohya DyLoRA, {', '.join(_LYCORIS_ALGOS)})")
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
 def _loraplus(data: dict) -> list[str]:

@@ -355,7 +355,7 @@ def _gui_config(path: Path, text: str, notes: list[str]) -> dict[str, Any]:
         raise UserError(f"Config file {path} is not valid JSON: {error.msg} (line {error.lineno}).") from None
     if not isinstance(data, dict) or not is_gui_config(data):
         if isinstance(data, dict) and {"max_resolution", "learning_rate_te"} & data.keys():
-            raise UserError(f"{path}: a Kohya GUI config without LoRA_type, from its DreamBooth or fine-tuning tab, "
+            raise UserError(f"{path}: a Kohya GUI config without LoRA_type or network_dim, from its DreamBooth or fine-tuning tab, "
                             "which trains the whole model; save the settings from the GUI's LoRA tab to train a LoRA here")
         raise UserError(f"{path}: a JSON config here is a Kohya GUI LoRA config (it has LoRA_type); sd-scripts' own "
                         "config files are TOML")
@@ -608,9 +608,19 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     elif given.get("config_file"):
         values.update(read_config_file(given["config_file"], notes))
     values.update(given)
-    options = options_from(values, f"command line and {given['config_file']}" if given.get("config_file") else "command line",
-                           template=bool(given.get("output_config")))
+    options = options_from(values, _source_of(values, given), template=bool(given.get("output_config")))
     return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions, "notes": notes})
+
+
+def _source_of(values: dict[str, Any], given: dict[str, Any]) -> str:
+    """Where the options a refusal would name come from: the file alone, the command line alone, or both."""
+    if not given.get("config_file"):
+        return "command line"
+    refused = {k for k, v in values.items()
+               if k in FOREIGN and v not in (None, False, "", []) or k not in FIELDS and k not in FOREIGN}
+    if refused and not refused & given.keys():
+        return str(given["config_file"])
+    return f"command line and {given['config_file']}"
 
 
 TRAINING_TIMESTEPS = 1000  # every SD model's schedule: timesteps 0…999
