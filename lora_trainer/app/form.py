@@ -118,6 +118,8 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
         options["sample_prompts"] = form["sample_prompts"]
     if extra.get("text_encoder_lr") and "network_train_unet_only" not in extra:  # Advanced's rate wins, so it trains
         options["network_train_unet_only"] = False
+    if form.get("epochs") in (None, "") and extra.get("max_train_steps"):  # steps counted in Advanced: the preset's
+        options.pop("max_train_epochs", None)  # epochs would override them (sd-scripts' epochs win)
     options.update(extra)
     return {k: v for k, v in options.items() if v is not None}
 

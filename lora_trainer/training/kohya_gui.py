@@ -149,6 +149,22 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     for name in ("stop_text_encoder_training_pct", "use_wandb"):  # sample_prompts: gui_settings_options writes them
         if _set(data.get(name)):
             notes.append(f"{source}: {name} is not carried over ({_WHY[name]})")
+    return _as_numbers(options, source)
+
+
+def _as_numbers(options: dict[str, Any], source: str) -> dict[str, Any]:
+    """The GUI saves many numbers as text (seed "1234", clip_skip "2"): as numbers where the option is one, so they
+    read as numbers wherever the options go (the Train tab's Advanced box shows them as TOML). A text that is no
+    number stays as written, for the options' check to name."""
+    from .options import FIELDS, _normalised
+
+    numbers = {k: v for k, v in options.items() if isinstance(v, str) and k in FIELDS
+               and FIELDS[k].type in ("int", "int | None", "float", "float | None")}
+    for name, value in numbers.items():
+        try:
+            options[name] = _normalised(name, value, source)
+        except UserError:
+            pass
     return options
 
 

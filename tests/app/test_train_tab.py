@@ -253,8 +253,9 @@ def test_import_fills_the_form_from_kohya_gui_settings(tmp_path):
 
 def imported_form(values: list, **changes) -> dict:
     """The form after an import (fields the import left alone keep the test form's values), then the user's edits."""
-    filled = {field: value for field, value in zip(train_tab.IMPORTED_FIELDS, values)
-              if field in train_tab.FORM_FIELDS and not isinstance(value, dict)}  # gr.update(): left as it was
+    filled = {field: value.get("value") if isinstance(value, dict) else value
+              for field, value in zip(train_tab.IMPORTED_FIELDS, values)  # gr.update(): left as it was, unless it
+              if field in train_tab.FORM_FIELDS and not (isinstance(value, dict) and "value" not in value)}  # clears
     return form(**{**filled, "checkpoint": form()["checkpoint"], "dataset": form()["dataset"], **changes})
 
 
@@ -433,3 +434,49 @@ def test_the_import_fills_the_components_its_values_are_for(services):
              "save_every_n_epochs": "save_every", "sample_every_n_epochs": "sample_every"}
     assert [elem_ids[output] for output in upload["outputs"]] == [
         f"lora_trainer_{short.get(field, field)}" for field in train_tab.IMPORTED_FIELDS]
+
+
+# The GUI's own preset "SDXL - LoRA AI_Now ADamW v1.0" (presets/lora), as a user saves it from the GUI: with the
+# folders every save has (another machine's), and its numbers as text
+GUI_SAVE = {
+    "LoRA_type": "Standard", "adaptive_noise_scale": 0, "additional_parameters": "", "block_alphas": "", "block_dims": "",
+    "bucket_no_upscale": True, "bucket_reso_steps": 64, "cache_latents": True, "cache_latents_to_disk": True,
+    "caption_extension": ".txt", "clip_skip": "1", "enable_bucket": True, "epoch": 160, "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": True, "keep_tokens": "0", "learning_rate": 0.0001, "logging_dir": "D:\\kohya\\logs",
+    "lora_network_weights": "", "lr_scheduler": "constant", "lr_scheduler_num_cycles": "", "lr_warmup": 0,
+    "max_resolution": "1024,1024", "max_train_epochs": "", "max_train_steps": "320", "min_snr_gamma": 0,
+    "mixed_precision": "bf16", "model_list": "custom", "network_alpha": 256, "network_dim": 256,
+    "noise_offset_type": "Original", "noise_offset": 0.0357, "optimizer": "AdamW", "optimizer_args": "",
+    "output_dir": "D:\\kohya\\model", "output_name": "ai_now", "pretrained_model_name_or_path": "D:\\models\\sdxl.safetensors",
+    "reg_data_dir": "", "save_every_n_epochs": 10, "save_precision": "bf16", "sdxl": True, "seed": "12345",
+    "shuffle_caption": False, "text_encoder_lr": 0.0001, "train_batch_size": 1, "train_data_dir": "D:\\kohya\\img",
+    "unet_lr": 0.0001, "xformers": "xformers",
+}
+
+
+def test_a_kohya_gui_save_imports_into_a_form_that_starts(services, tmp_path):
+    """Every GUI save has output_dir: it landed in Advanced, and Start refused it ("output_dir is set by the Lora
+    folder"); a file counting steps kept the form's epochs, which override steps (80 steps trained of 320)."""
+    import toml
+
+    config = tmp_path / "SDXL - LoRA AI_Now ADamW v1.0.json"
+    config.write_text(json.dumps(GUI_SAVE, indent=2), encoding="utf-8")
+    values = train_tab.import_into_form(str(config), "character", services.settings)
+    said = values[-1]
+    assert f"output_dir D:\\kohya\\model is not used: files go to the Lora folder {services.settings.lora_folder}" in said
+    assert "logging_dir D:\\kohya\\logs is not used: it is outside the folders this tab may write to" in said
+    assert "Epochs is cleared: the file counts max_train_steps = 320" in said
+    advanced = toml.loads(values[-2])
+    assert not {"output_dir", "logging_dir"} & set(advanced)
+    assert advanced["seed"] == 12345 and advanced["max_train_steps"] == 320  # numbers, not the GUI's text
+    epochs = values[train_tab.IMPORTED_FIELDS.index("epochs")]
+    assert isinstance(epochs, dict) and "value" in epochs and epochs["value"] is None  # cleared, not left as it was
+    imported = imported_form(values, resolution="64")
+    assert imported["epochs"] is None
+    text = train_tab.validation_text(services, imported)
+    assert not text.startswith("**Cannot start:**"), text
+    options, _ = train_tab.job_options(services, imported)
+    assert options["max_train_steps"] == 320 and "max_train_epochs" not in options  # the preset's 10 epochs too
+    assert options["output_dir"] == str(services.settings.lora_folder)
+    # a number typed in Epochs afterwards counts, as sd-scripts' epochs win over steps
+    assert train_tab.job_options(services, imported_form(values, resolution="64", epochs=3))[0]["max_train_epochs"] == 3

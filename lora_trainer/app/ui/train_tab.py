@@ -29,6 +29,7 @@ from ..extras import EXTRAS, install_extras
 from ..form import ALGORITHMS, algorithm_of, form_to_options, parse_extra_options
 from ..paths import allowed_path, check_dataset_config_paths, plain_name
 from ..services import Services, write_card_hints
+from ..settings import AppSettings
 from .compat import js_kwarg, poll_kwarg, table
 from .live import NOTIFY_STATUSES, LiveView, apply_event, loss_plot, progress_text
 
@@ -557,7 +558,7 @@ def build(services: Services) -> gr.Blocks:
         export_kohya.click(lambda *v: export("kohya", *v), form, [exported, command, message])
         export_preset.click(lambda *v: export("preset", *v), form, [exported, command, message])
         show_command.click(lambda *v: export("command", *v), form, [exported, command, message])
-        import_file.upload(lambda f, name: import_into_form(f.name if hasattr(f, "name") else f, name),
+        import_file.upload(lambda f, name: import_into_form(f.name if hasattr(f, "name") else f, name, services.settings),
                            [import_file, preset], [checkpoint, dataset, output_name, epochs, batch_size, resolution, network_dim,
                                          network_alpha, unet_lr, text_encoder_lr, save_every, sample_every, optimizer,
                                          scheduler, algorithm, sample_prompt, extra, message])
@@ -634,10 +635,41 @@ def _imported_prompts(rest: dict[str, Any]) -> str | None:
     return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def import_into_form(path: str, preset: str = "character") -> list[Any]:
+def _folders_the_app_sets(options: dict[str, Any], settings: AppSettings | None) -> list[str]:
+    """The file's output folder (every Kohya GUI save has one, often another machine's): the Lora folder decides
+    where a job's files go, and Start refuses output_dir in Advanced. A logging_dir outside the folders this tab may
+    write to would be refused too: both are left out, and said. Taken out of ``options``."""
+    said = []
+    output_dir = options.pop("output_dir", None)
+    if output_dir:
+        where = f"the Lora folder {settings.lora_folder}" if settings else "the Lora folder (the app's setting)"
+        said.append(f"output_dir {output_dir} is not used: files go to {where}")
+    logging_dir = options.get("logging_dir")
+    if logging_dir and settings:
+        try:
+            allowed_path(logging_dir, settings.roots(), "logging_dir", must_exist=False)
+        except UserError:
+            del options["logging_dir"]
+            said.append(f"logging_dir {logging_dir} is not used: it is outside the folders this tab may write to (for "
+                        "TensorBoard logs, give one inside them in Advanced)")
+    return said
+
+
+def _steps_without_epochs(options: dict[str, Any]) -> str | None:
+    """A file that counts steps (max_train_steps, no max_train_epochs): the Epochs field is cleared, as a number
+    there would override the steps (sd-scripts' epochs win over steps), and the form's blank Epochs leaves the
+    preset's out too."""
+    if options.get("max_train_steps") and not options.get("max_train_epochs"):
+        return (f"Epochs is cleared: the file counts max_train_steps = {options['max_train_steps']} (in Advanced), "
+                "which a number of epochs would override")
+    return None
+
+
+def import_into_form(path: str, preset: str = "character", settings: AppSettings | None = None) -> list[Any]:
     """An uploaded Kohya TOML, Kohya GUI settings (JSON) or our preset file → the form's fields (what does not fit
     a field goes to Advanced). A Kohya file's scheduler and optimizer left out are sd-scripts' defaults, as the file
-    meant them; the ``preset``'s options it leaves out still apply, and are named."""
+    meant them; the ``preset``'s options it leaves out still apply, and are named. ``settings``: the app's (its Lora
+    folder, where the files go instead of the file's output_dir)."""
     notes: list[str] = []
     shown = {"pretrained_model_name_or_path", "train_data_dir", "output_name", "max_train_epochs", "train_batch_size",
              "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs",
@@ -662,6 +694,8 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
         return [gr.update()] * (len(IMPORTED_FIELDS) - 1) + [f"error: {error}"]
     from ... import toml_text
 
+    set_by_the_app = _folders_the_app_sets(options, settings)
+    steps_only = _steps_without_epochs(options)
     # Advanced is applied last and wins, so what a field shows must not also stay there: a later edit of the field
     # would be overridden by the file's value
     rest = {k: v for k, v in options.items() if k not in shown and v is not None}
@@ -681,10 +715,14 @@ def import_into_form(path: str, preset: str = "character") -> list[Any]:
               options.get("sample_every_n_epochs"), options.get("optimizer_type"), options.get("lr_scheduler"),
               algorithm, prompts]
     said = "".join(f" {note.split(': ', 1)[-1]}." for note in notes)  # what it holds that is not carried over
+    said += "".join(f" {sentence}." for sentence in [*set_by_the_app, steps_only] if sentence)
     if not algorithm:
         said += (f" Its network ({options['network_module']}) is no Algorithm choice: it stays in Advanced, which decides "
                  "over the Algorithm buttons.")
     if added:  # the form trains with its preset's options where the file has none
         said += (f" The {preset} preset adds what the file leaves out: "
                  + ", ".join(f"{k} = {v!r}" for k, v in added.items()) + " (change them in Advanced).")
-    return [gr.update() if v is None else v for v in values] + [toml_text.dumps(rest), f"Imported {Path(path).name}.{said}"]
+    shown_values = [gr.update() if v is None else v for v in values]
+    if steps_only:
+        shown_values[IMPORTED_FIELDS.index("epochs")] = gr.update(value=None)
+    return shown_values + [toml_text.dumps(rest), f"Imported {Path(path).name}.{said}"]
