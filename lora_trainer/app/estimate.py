@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..dataset.health import HealthReport, steps_per_epoch
+from ..dataset.layouts import regularization_repeats
 from ..training.options import TrainOptions, resolution_of
 
 MIN_IMAGES = 5  # below this a LoRA memorises its few images instead of learning the subject
@@ -45,9 +46,12 @@ class Estimate:
     vram_gib: float
     minutes: float
     warnings: list[str] = field(default_factory=list)
+    regularization_samples: int = 0  # of samples_per_epoch
 
     def lines(self) -> list[str]:
-        lines = [f"{self.images} images → {self.samples_per_epoch} samples per epoch (with repeats) → "
+        counted = (f"with repeats; {self.regularization_samples} of them regularisation images"
+                   if self.regularization_samples else "with repeats")
+        lines = [f"{self.images} images → {self.samples_per_epoch} samples per epoch ({counted}) → "
                  f"{self.steps_per_epoch} steps per epoch × {self.epochs} epochs = {self.total_steps} steps",
                  f"Estimated VRAM ≈ {self.vram_gib:.1f} GiB; time ≈ {_duration(self.minutes)} on a mid-range GPU"]
         return lines + [f"⚠ {warning}" for warning in self.warnings]
@@ -57,13 +61,33 @@ def _duration(minutes: float) -> str:
     return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
-def samples_per_bucket(report: HealthReport) -> list[int]:
-    """Samples (images × their folder's repeats) in each bucket, the numbers sd-scripts batches within."""
+def samples_per_bucket(report: HealthReport, regularization: HealthReport | None = None) -> list[int]:
+    """Samples (images × their folder's repeats) in each bucket, the numbers sd-scripts batches within; with the
+    ``regularization`` folder's images as the trainer adds them (``regularization_samples``)."""
+    return list((_bucket_samples(report) + regularization_samples(report, regularization)).values())
+
+
+def _bucket_samples(report: HealthReport) -> Counter:
     repeats = {folder.path: folder.repeats for folder in report.concept_folders}
     counts: Counter = Counter()
     for image in report.images:
         counts[image.bucket] += repeats.get(image.folder, 1)
-    return list(counts.values())
+    return counts
+
+
+def regularization_samples(report: HealthReport, regularization: HealthReport | None) -> Counter:
+    """The regularisation images' samples in each bucket, as the trainer takes them (sd-scripts' DreamBooth
+    balancing, ``regularization_repeats``): in order, with their repeats, until they match the training samples, so
+    an epoch has about twice the batches; batched in the same buckets as the training images."""
+    if regularization is None:
+        return Counter()
+    repeats = {folder.path: folder.repeats for folder in regularization.concept_folders}
+    used = regularization_repeats(sum(_bucket_samples(report).values()),
+                                  [repeats.get(image.folder, 1) for image in regularization.images])
+    counts: Counter = Counter()
+    for image, times in zip(regularization.images, used):
+        counts[image.bucket] += times
+    return counts
 
 
 def planned_steps(bucket_samples: list[int], options: TrainOptions) -> tuple[int, int, int]:
@@ -159,9 +183,17 @@ def warnings_for(options: TrainOptions, images: int, total_steps: int, epochs: i
     return warnings
 
 
-def estimate(options: TrainOptions, report: HealthReport | None, architecture: str = "sd1") -> Estimate:
+def estimate(options: TrainOptions, report: HealthReport | None, architecture: str = "sd1",
+             regularization: HealthReport | None = None) -> Estimate:
+    """``regularization``: the report of --reg_data_dir's folder, whose images the trainer adds to every epoch."""
     buckets = samples_per_bucket(report) if report else []
     images = len(report.images) if report else 0
-    per_epoch, epochs, total = planned_from_batches(report.steps_per_epoch if report else 0, options)
+    batches = report.steps_per_epoch if report else 0
+    reg = regularization_samples(report, regularization) if report else Counter()
+    if reg:  # a folder dataset (one batch size): reg and training images batched together, bucket by bucket
+        buckets = samples_per_bucket(report, regularization)
+        batches = steps_per_epoch(buckets, options.train_batch_size)
+    per_epoch, epochs, total = planned_from_batches(batches, options)
     return Estimate(images, sum(buckets), per_epoch, epochs, total, vram_gib(options, architecture),
-                    minutes(total, options, architecture), warnings_for(options, images, total, epochs))
+                    minutes(total, options, architecture), warnings_for(options, images, total, epochs),
+                    sum(reg.values()))

@@ -123,3 +123,29 @@ def test_cached_text_encoder_outputs_take_the_encoders_off_the_estimate():
     encoding = vram_gib(options(**common), "sdxl")
     cached = vram_gib(options(**common, cache_text_encoder_outputs=True), "sdxl")
     assert encoding - cached == pytest.approx(1.5, abs=0.1)
+
+
+def test_regularisation_images_count_in_the_steps_as_the_trainer_batches_them(tmp_path):
+    """sd-scripts (and the trainer) repeat the reg images until they match the training samples and batch them in
+    the same buckets: an epoch has about twice the batches; the estimate counted the training images alone."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from lora_trainer.training.data import build_training_data
+
+    reg = tmp_path / "reg" / "1_person"
+    reg.mkdir(parents=True)
+    for index in range(11):  # in two other buckets than the training images' (128x128), each with a short last batch
+        Image.new("RGB", (256, 128) if index % 2 else (128, 256), (index * 20, 90, 160)).save(reg / f"{index:02}.png")
+    values = dict(resolution="128", train_batch_size=4, max_train_epochs=2, min_bucket_reso=64, enable_bucket=True,
+                  bucket_reso_steps=64)
+    settings = HealthSettings(resolution=(128, 128), batch_size=4, min_bucket_reso=64)
+    report = check_dataset(SAMPLE_DATASET, settings)
+    alone = estimate(options(**values), report)
+    result = estimate(options(**values), report, regularization=check_dataset(reg.parent, settings))
+    trained = build_training_data(options(**values, train_data_dir=str(SAMPLE_DATASET), reg_data_dir=str(reg.parent)),
+                                  SimpleNamespace(bucket_step_multiple=64, name="sd1", label="SD1"), seed=1)
+    assert result.steps_per_epoch == trained.batches_per_epoch > alone.steps_per_epoch
+    assert result.samples_per_epoch == 2 * alone.samples_per_epoch == 320
+    assert "320 samples per epoch (with repeats; 160 of them regularisation images)" in result.lines()[0]

@@ -480,3 +480,19 @@ def test_a_kohya_gui_save_imports_into_a_form_that_starts(services, tmp_path):
     assert options["output_dir"] == str(services.settings.lora_folder)
     # a number typed in Epochs afterwards counts, as sd-scripts' epochs win over steps
     assert train_tab.job_options(services, imported_form(values, resolution="64", epochs=3))[0]["max_train_epochs"] == 3
+
+
+def test_validate_counts_the_regularisation_images_of_advanced_s_reg_data_dir(services):
+    """The trainer adds the reg images up to the training samples (batches per epoch about doubled); Validate's
+    step count left them out."""
+    from PIL import Image
+
+    reg = services.settings.data_folder / "reg" / "1_person"
+    reg.mkdir(parents=True)
+    for index in range(5):
+        Image.new("RGB", (64, 64), (index * 40, 90, 160)).save(reg / f"{index}.png")
+    plain = train_tab.validation_text(services, form())
+    assert "160 samples per epoch (with repeats) → 40 steps per epoch × 2 epochs = 80 steps" in plain, plain
+    text = train_tab.validation_text(services, form(extra=f'reg_data_dir = "{reg.parent.as_posix()}"'))
+    assert ("320 samples per epoch (with repeats; 160 of them regularisation images) → 80 steps per epoch × 2 epochs "
+            "= 160 steps") in text, text

@@ -116,6 +116,16 @@ def health_report(services: Services, dataset: str, options: dict[str, Any]):
     return check_dataset(folder, health_settings(options))
 
 
+def regularization_report(services: Services, options: dict[str, Any]):
+    """The reg_data_dir folder (given in Advanced) checked as the trainer reads it, for the estimate to count its
+    images; None without one, or with a dataset TOML (whose subsets say what is regularisation)."""
+    folder = options.get("reg_data_dir")
+    if not folder or options.get("dataset_config"):
+        return None
+    path = allowed_path(folder, services.settings.roots(), "Advanced: reg_data_dir")
+    return check_dataset(path, health_settings(options))
+
+
 def check_dataset_text(services: Services, form: dict[str, Any]) -> str:
     """The Check button: the dataset's health report under the form's current settings."""
     try:
@@ -190,13 +200,14 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         options, sdxl = job_options(services, form)
         checked = options_from(options, "Train form")
         report = health_report(services, form["dataset"], options)
+        regularization = regularization_report(services, options)
         services.runner.check(options["output_name"], options)  # what Start would refuse, said now
     except UserError as error:
         return f"**Cannot start:** {error}"
     if report.errors:
         return "**Cannot start:** " + "; ".join(f"{f.path}: {f.message}" for f in report.errors[:3])
     note = earlier_files_note(options, services.runner.replaced_folder)
-    planned = estimate(checked, report, "sdxl" if sdxl else "sd1")
+    planned = estimate(checked, report, "sdxl" if sdxl else "sd1", regularization)
     lines = planned.lines()
     if services.host.name == "forge" and (problem := forge_problem(
             spec_from_kohya(checked.network_module or "networks.lora", checked.network_dim, checked.network_alpha,
