@@ -210,6 +210,17 @@ def test_a_gui_config_with_a_dataset_config_and_no_step_count_trains_sd_scripts_
     assert read(tmp_path)[0].max_train_epochs == 3  # folders: the GUI counts its steps from the epochs
 
 
+def test_a_gui_config_counting_epochs_says_it_trains_whole_epochs_where_the_gui_counted_steps(tmp_path):
+    """lora_gui.py passed max_train_steps = ceil(Σ repeats × images / batch / accumulation × epoch × reg factor),
+    counted from the folder at its Start: with buckets, sd-scripts' epochs have more batches, and that run stopped
+    before the last epoch's end. Here the epochs are trained whole (the folder may be another by then), and said."""
+    options, notes = read(tmp_path)
+    assert options.max_train_epochs == 3 and options.max_train_steps == 1600  # sd-scripts' default, overridden
+    assert any("epoch = 3 trains 3 whole epochs (max_train_epochs); the GUI passed max_train_steps counted from the "
+               "folder's images instead" in note for note in notes)
+    assert not any("whole epochs" in note for note in read(tmp_path, max_train_steps="320")[1])
+
+
 def test_config_files_of_other_tools_read_as_sd_scripts_reads_them(tmp_path, capsys):
     """LyCORIS's example configs write resume = false (no resume, to sd-scripts); a dataset config handed to
     --config_file says where it goes; sd-scripts' hub options on the command line are named, not 'unknown'."""

@@ -124,7 +124,14 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
                      "max_train_steps nor max_train_epochs, so it trains its default 1600 steps; set max_train_epochs "
                      "to train by epochs")
     elif no_count:
-        options["max_train_epochs"] = int(_number(data["epoch"]))  # the GUI counts its steps from the epochs then
+        # The GUI counted max_train_steps itself then (lora_gui.py: Σ repeats × images / batch / accumulation × epoch,
+        # × 2 with reg_data_dir), from the folder as it was at its Start. Not copied: the folder is read here later,
+        # maybe another (the command line's --train_data_dir, the Train tab's Dataset field), or not there at all
+        options["max_train_epochs"] = epochs = int(_number(data["epoch"]))
+        notes.append(f"{source}: epoch = {epochs} trains {epochs} whole epochs (max_train_epochs); the GUI passed "
+                     "max_train_steps counted from the folder's images instead (× 2 with reg_data_dir), which stops "
+                     "some batches short of them when the images fall into several buckets; set max_train_steps to "
+                     "train a fixed number of steps")
     if "lr_scheduler_num_cycles" in data and not _set(data.get("lr_scheduler_num_cycles")) and _set(data.get("epoch")):
         options["lr_scheduler_num_cycles"] = int(_number(data["epoch"]))  # the GUI's default: one cycle per epoch
     if data.get("lr_scheduler", "constant") == "constant":  # the GUI zeroes (and locks) the warm-up for it
