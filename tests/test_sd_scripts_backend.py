@@ -74,6 +74,14 @@ def test_the_run_goes_to_sd_scripts_with_our_options_and_comes_back_as_events(ch
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 6 and len(events[-1]["files"]) == 2
 
 
+def test_off_a_terminal_the_backend_run_prints_its_progress_from_what_sd_scripts_shows(checkout, tmp_path, capsys):
+    """The job's trainer.log is no terminal: the progress lines there needed a step loss sd-scripts does not show, and
+    the backend job failed at its first step with "unexpected KeyError"."""
+    assert train(checkout, tmp_path) == 0
+    console = capsys.readouterr().err
+    assert "step 1/6" in console and "step 6/6: average 0.0833" in console and "epoch 1 done" in console
+
+
 def test_captions_sd_scripts_misreads_are_said_before_it_runs(checkout, tmp_path):
     """A byte-order mark sd-scripts glues to the first tag (the trigger word) is read right here, but not there."""
     import shutil
