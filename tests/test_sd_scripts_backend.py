@@ -192,6 +192,11 @@ REPLAY = textwrap.dedent('''
     for line in json.loads(Path(__file__).with_name("console.json").read_text(encoding="utf-8")):
         if line.startswith("@write "):  # a file sd-scripts (or the user) writes at this point
             Path(line[7:].format(out=out)).write_text("stop" if line.endswith("STOP") else "weights", encoding="utf-8")
+        elif line.startswith("@mkdir "):  # a state folder as accelerate's save_state writes it
+            state = Path(line[7:].format(out=out))
+            state.mkdir(parents=True)
+            for name in ("train_state.json", "model.safetensors"):
+                (state / name).write_text("{}", encoding="utf-8")
         elif line == "@pause":  # let the trainer read everything printed so far
             time.sleep(1.5)
         elif line == "@hang":
@@ -275,3 +280,101 @@ def test_the_checkout_runs_in_its_own_venv_as_its_installers_make_it(tmp_path, v
     (tmp_path / venv).parent.mkdir(parents=True)
     (tmp_path / venv).write_bytes(b"")
     assert python_of(tmp_path) == str(tmp_path / venv)
+
+
+# sd-scripts' lines around an epoch's state (--save_state): its file, then train_util's log line, then the folder
+STATE_AT_EPOCH_1 = [
+    "epoch 1/2", "steps:  50%|█████     | 3/6 [00:01<00:01,  2.1it/s, avr_loss=1.14]",
+    "@write {out}/star-000001.safetensors", "saving checkpoint: {out}/star-000001.safetensors",
+    "2026-12-01 20:13:17 INFO     saving state at epoch 1                   train_util.py:5942",
+    "@mkdir {out}/star-000001-state", "epoch 2/2"]
+
+
+def test_a_state_sd_scripts_saves_is_said_with_its_folder_and_a_stop_says_to_resume_from_it(checkout, tmp_path):
+    """The runner resumes from the last state event's path: sd-scripts' "saving state" line alone gave none, so a
+    paused backend job could not be resumed."""
+    lines = [*STATE_AT_EPOCH_1, "@pause", "@write {out}/STOP", "@hang"]
+    assert train(replay(checkout, lines), tmp_path, "--save_state", "--stop_file", str(tmp_path / "STOP")) == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    states = [e for e in events if e["event"] == "state"]
+    assert states == [{**states[0], "action": "saved", "path": str(tmp_path / "star-000001-state"), "epoch": 1, "step": 3}]
+    assert events[-1]["event"] == "end" and events[-1]["stopped"]
+    assert "cannot save at a stop; resume from its last saved state, step 3" in events[-1]["message"]
+
+
+def test_state_folders_are_named_as_sd_scripts_names_them():
+    from lora_trainer.training.options import TrainOptions
+    from lora_trainer.training.sd_scripts_backend import state_folder
+
+    named, unnamed = TrainOptions(output_dir="/out", output_name="star"), TrainOptions(output_dir="/out")
+    logged = "2026-12-01 20:13:17 INFO     saving state at step 120                 train_util.py:5964"
+    assert state_folder(logged, named) == {"path": str(Path("/out/star-step00000120-state")), "step": 120}
+    assert state_folder(logged, unnamed)["path"] == str(Path("/out/at-step00000120-state"))
+    assert state_folder("INFO saving state at epoch 3", unnamed)["path"] == str(Path("/out/epoch-000003-state"))
+    assert state_folder("INFO saving last state.", named) == {"path": str(Path("/out/star-state"))}
+    assert state_folder("INFO removing old state: /out/star-000001-state", named) is None
+
+
+def _runner(tmp_path):
+    from lora_trainer.jobs.runner import JobRunner
+    from lora_trainer.jobs.store import JobStore
+
+    return JobRunner(JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs"), kill_after=60.0, poll=0.05)
+
+
+def _job_options(checkout: Path, tmp_path: Path, **more) -> dict:
+    (tmp_path / "data" / "1_zk").mkdir(parents=True, exist_ok=True)  # a job is checked for its images when submitted
+    (tmp_path / "data" / "1_zk" / "a.png").write_bytes(b"")
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return {"backend": f"sd-scripts={checkout}", "pretrained_model_name_or_path": str(TINY_MODEL_PATH),
+            "train_data_dir": str(tmp_path / "data"), "resolution": "64", "output_dir": str(tmp_path / "out"),
+            "output_name": "star", "max_train_epochs": 2, **more}
+
+
+def _events_until(path: Path, kind: str, seconds: float = 60.0) -> list[dict]:
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        events = read_events(path)[0] if path.exists() else []
+        if any(e["event"] == kind for e in events):
+            return events
+        assert not [e for e in events if e["event"] in ("error", "end")], events
+        time.sleep(0.05)
+    raise AssertionError(f"no {kind} event in {path} within {seconds} s")
+
+
+def test_a_paused_backend_job_resumes_from_the_last_state_sd_scripts_saved(checkout, tmp_path):
+    """The runner said "paused: resume continues from the saved state" and then refused to resume (no state)."""
+    import threading
+
+    runner = _runner(tmp_path)
+    job = runner.submit("backend", _job_options(replay(checkout, [*STATE_AT_EPOCH_1, "@hang"]), tmp_path, save_state=True))
+    thread = threading.Thread(target=runner.run_next)
+    thread.start()
+    _events_until(job.events_path, "state")
+    runner.stop(job.id, pause=True)
+    thread.join(timeout=60)
+    paused = runner.store.get(job.id)
+    assert paused.status == "paused" and paused.last_state == str(tmp_path / "out" / "star-000001-state")
+    assert paused.message == "paused (sd-scripts cannot save at a stop; resume continues from its last saved state, step 3)"
+    resumed = runner.resume(job.id)
+    assert resumed.options["resume"] == str(tmp_path / "out" / "star-000001-state")
+
+
+def test_a_stopped_backend_job_without_a_state_does_not_claim_one(checkout, tmp_path):
+    import threading
+
+    runner = _runner(tmp_path)
+    lines = ["epoch 1/2", "steps:  50%|█████     | 3/6 [00:01<00:01,  2.1it/s, avr_loss=1.14]", "@hang"]
+    job = runner.submit("backend", _job_options(replay(checkout, lines), tmp_path))
+    thread = threading.Thread(target=runner.run_next)
+    thread.start()
+    _events_until(job.events_path, "step")
+    runner.stop(job.id, pause=True)
+    thread.join(timeout=60)
+    stopped = runner.store.get(job.id)
+    assert stopped.status == "stopped" and "saved" not in stopped.message.split("(")[0]
+    assert "sd-scripts cannot save at a stop, and it saved no state to resume from" in stopped.message
+    with pytest.raises(UserError, match="saved no state to resume from"):
+        runner.resume(job.id)

@@ -381,6 +381,7 @@ class JobRunner:
         """The running trainer's events into the job (files, last state, error) and its end into the job's status."""
         self._process, self._current = process, job.id
         offset, files, last_state, error, ended, stepped = 0, [], None, None, False, False
+        state_step = None
         stop_seen_at = None
         while True:
             finished = process.poll() is not None
@@ -389,7 +390,7 @@ class JobRunner:
                 if event["event"] == "saved":
                     files.append(event["path"])
                 elif event["event"] == "state" and event.get("action") == "saved":
-                    last_state = event["path"]
+                    last_state, state_step = event["path"], event.get("step")
                 elif event["event"] == "error":
                     error = event.get("message")
                 elif event["event"] == "start":
@@ -428,7 +429,11 @@ class JobRunner:
         code = process.returncode
         if code is None:  # adopted: no exit code to read, its events say how it ended
             code = 0 if ended and error is None else 1
-        if job.id in self._pause_requested and job.id not in self._stop_requested and code == 0:
+        asked = job.id in self._stop_requested | self._pause_requested
+        if asked and code == 0 and job.options.get("backend"):  # sd-scripts was terminated: it saved nothing then
+            status, message = _backend_stopped(job.id in self._pause_requested and job.id not in self._stop_requested,
+                                               last_state, state_step)
+        elif job.id in self._pause_requested and job.id not in self._stop_requested and code == 0:
             status, message = "paused", "paused: resume continues from the saved state"
         elif job.id in self._stop_requested | self._pause_requested and code != 0 and not stepped:
             # still loading the model or caching latents: stopped there (or killed after the wait), nothing was lost
@@ -507,6 +512,18 @@ def _tell(job: Job, command: str) -> None:
     sample within one step are both done)."""
     with open(job.stop_path, "a", encoding="utf-8") as control:
         control.write(command + "\n")
+
+
+def _backend_stopped(pause: bool, last_state: str | None, state_step: int | None) -> tuple[str, str]:
+    """The status and message of an sd-scripts backend job a stop or pause ended: sd-scripts cannot save at a stop (it
+    is terminated), so a resume goes on from the last state it saved on its own, and without one it cannot resume."""
+    if last_state is None:
+        return "stopped", ("stopped (sd-scripts cannot save at a stop, and it saved no state to resume from: "
+                           "--save_state keeps one with each file it saves); the files it saved are kept")
+    at = f", step {state_step}" if state_step is not None else ""
+    if pause:
+        return "paused", f"paused (sd-scripts cannot save at a stop; resume continues from its last saved state{at})"
+    return "stopped", f"stopped (sd-scripts cannot save at a stop; resume from its last saved state{at})"
 
 
 def _tail(path: Path, lines: int = 5) -> str:

@@ -29,7 +29,9 @@ from .options import (TrainOptions, absolute_path, non_default, sd_scripts_notes
 _STEPS = re.compile(r"(?<![\w ])steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[[^\]]*?(?:,\s*avr_loss=([0-9.eE+-]+|nan|inf))?\]")
 _EPOCH = re.compile(r"^epoch (\d+)/(\d+)\s*$")
 _SAVED = re.compile(r"saving checkpoint: (.+?)\s*$")
-_STATE = re.compile(r"saving (?:last )?state")
+# train_util's log lines as a state is about to be written (save_and_remove_state_on_epoch_end / _stepwise,
+# save_state_on_train_end); its folder is named from the options, not read from the line, which rich may wrap
+_STATE = re.compile(r"saving state at (epoch|step) (\d+)|saving last state")
 _ERROR = re.compile(r"^(\w+(?:Error|Exception)): (.+)$")
 
 
@@ -95,11 +97,24 @@ def event_from_line(line: str) -> dict | None:
         return {"event": "epoch", "epoch": int(match[1]) - 1, "epochs": int(match[2])} if int(match[1]) > 1 else None
     if match := _SAVED.search(line):
         return {"event": "saved", "path": match[1]}
-    if _STATE.search(line):
-        return {"event": "state", "action": "saving"}
     if match := _ERROR.match(line):
         return {"event": "error", "message": f"sd-scripts: {match[1]}: {match[2]}"}
     return None
+
+
+def state_folder(line: str, options: TrainOptions) -> dict | None:
+    """The state folder sd-scripts is about to write when ``line`` says so, named as its train_util names it
+    (EPOCH_STATE_NAME, STEP_STATE_NAME, LAST_STATE_NAME in --output_dir, with its default names where --output_name is
+    not given), with the epoch or step the line tells; None for other lines."""
+    match = _STATE.search(line)
+    if match is None:
+        return None
+    output = Path(options.output_dir or "output")
+    if match[1] == "epoch":
+        return {"path": str(output / f"{options.output_name or 'epoch'}-{int(match[2]):06d}-state"), "epoch": int(match[2])}
+    if match[1] == "step":
+        return {"path": str(output / f"{options.output_name or 'at'}-step{int(match[2]):08d}-state"), "step": int(match[2])}
+    return {"path": str(output / f"{options.output_name or 'last'}-state")}
 
 
 def _lines(stream):
@@ -168,6 +183,15 @@ def _sd_scripts_misreadings(options: TrainOptions) -> list[str]:
     return notes
 
 
+def stopped_message(last_state: dict | None) -> str:
+    """What a stop of sd-scripts kept: it cannot save at a stop, so a resume goes on from the last state it saved."""
+    if last_state is None:
+        return ("stopped: sd-scripts cannot save at a stop, and it saved no state to resume from (--save_state keeps "
+                "one with each file); the files it saved are kept")
+    return (f"stopped: sd-scripts cannot save at a stop; resume from its last saved state, step {last_state['step']} "
+            f"({last_state['path']})")
+
+
 def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
     checkout = checkout_of(options.backend)
     script, options = for_sd_scripts(options)
@@ -190,12 +214,29 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
     # sd-scripts draws each step twice: progress_bar.update(1) (avr_loss still that of the step before), then
     # set_postfix(avr_loss=...). A step is held until its redraw (or the next line we track) so it carries its own loss.
     pending: dict | None = None
+    # a state sd-scripts said it is writing: recorded once a later line shows its save_state returned (the folder is
+    # whole), so a resume never starts from one a stop cut short
+    state: dict | None = None
+    last_state: dict | None = None
 
     def flush():
         nonlocal pending
         if pending is not None:
             events.emit("step", **pending)
             pending = None
+
+    def state_written():
+        nonlocal state, last_state
+        if state is None:
+            return
+        if Path(state["path"]).is_dir():
+            last_state = {"action": "saved", "path": state["path"], "epoch": state.get("epoch", epoch_now),
+                          "step": state.get("step", last_step)}
+            events.emit("state", **last_state)
+        else:
+            events.emit("warning", message=f"sd-scripts said it saved a state, but {state['path']} is not there: "
+                                           "it is not a state to resume from")
+        state = None
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w", encoding="utf-8") as log, \
             subprocess.Popen(command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
@@ -204,6 +245,11 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
             if match := _EPOCH.match(line.strip()):
                 epoch_now, epochs = int(match[1]), int(match[2])
             event = event_from_line(line)
+            if event is not None:
+                state_written()
+            if saving := state_folder(line, options):
+                flush()
+                state = saving
             if event is not None and event["event"] == "step":
                 event.pop("event")
                 if pending is not None and event["step"] == pending["step"]:
@@ -229,10 +275,12 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
                 events.emit("warning", message="sd-scripts cannot stop gracefully: terminated; the files it saved are kept")
         code = process.wait()
     flush()
+    if code == 0:
+        state_written()
     if code != 0 and not stopped:  # a stop the user asked for ends like our own trainer's stop: with "end"
         raise UserError(error or f"sd-scripts exited with code {code}; see {log_path}")
     if epochs_done < epoch_now and not stopped:  # the last epoch has no "epoch N+1" line after it
         events.emit("epoch", epoch=epoch_now, epochs=epochs)
-    events.emit("end", files=files, steps=last_step, seconds=round(time.time() - started, 2), backend="sd-scripts",
-                **({"stopped": True} if stopped else {}))
+    stop = {"stopped": True, "message": stopped_message(last_state)} if stopped else {}
+    events.emit("end", files=files, steps=last_step, seconds=round(time.time() - started, 2), backend="sd-scripts", **stop)
     return code
