@@ -4,6 +4,7 @@ tqdm "steps" bar with avr_loss, "epoch N/M", "saving checkpoint: FILE")."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -183,12 +184,13 @@ REAL_CONSOLE = [
 ]
 
 REPLAY = textwrap.dedent('''
-    import argparse, json, sys, time, toml
+    import argparse, json, os, sys, time, toml
     from pathlib import Path
     parser = argparse.ArgumentParser()
     parser.add_argument("--config_file")
     options = toml.loads(Path(parser.parse_args().config_file).read_text(encoding="utf-8"))
     out = Path(options["output_dir"])
+    Path(__file__).with_name("pid").write_text(str(os.getpid()), encoding="utf-8")
     for line in json.loads(Path(__file__).with_name("console.json").read_text(encoding="utf-8")):
         if line.startswith("@write "):  # a file sd-scripts (or the user) writes at this point
             Path(line[7:].format(out=out)).write_text("stop" if line.endswith("STOP") else "weights", encoding="utf-8")
@@ -378,3 +380,38 @@ def test_a_stopped_backend_job_without_a_state_does_not_claim_one(checkout, tmp_
     assert "sd-scripts cannot save at a stop, and it saved no state to resume from" in stopped.message
     with pytest.raises(UserError, match="saved no state to resume from"):
         runner.resume(job.id)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is a POSIX signal")
+def test_sigterm_to_the_backend_ends_sd_scripts_too_and_says_the_steps_it_reached(checkout, tmp_path):
+    """SIGTERM reached our wrapper alone: sd-scripts trained on, orphaned, and the end event said nothing was trained."""
+    import signal
+    import subprocess
+    import sys
+
+    lines = ["epoch 1/2", "steps:  50%|█████     | 3/6 [00:01<00:01,  2.1it/s, avr_loss=1.14]", "@hang"]
+    replay(checkout, lines)
+    wrapper = subprocess.Popen([sys.executable, "-m", "lora_trainer.train_network", "--backend", f"sd-scripts={checkout}",
+                                "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir",
+                                str(tmp_path / "data"), "--output_dir", str(tmp_path), "--output_name", "star"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _events_until(tmp_path / "star.events.jsonl", "step")
+        sd_scripts = int((checkout / "pid").read_text(encoding="utf-8"))
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=30) == 0
+    finally:
+        wrapper.kill()
+    alive = True
+    try:
+        os.kill(sd_scripts, 0)
+    except ProcessLookupError:
+        alive = False
+    if alive:
+        os.kill(sd_scripts, signal.SIGKILL)
+    assert not alive
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert [e["event"] for e in events].count("end") == 1
+    assert events[-1] == {**events[-1], "event": "end", "stopped": True, "steps": 30}
+    assert "nothing was trained" not in events[-1]["message"]
+    assert any("interrupted: sd-scripts cannot stop gracefully" in e["message"] for e in events if e["event"] == "warning")

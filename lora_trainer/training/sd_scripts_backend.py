@@ -183,6 +183,18 @@ def _sd_scripts_misreadings(options: TrainOptions) -> list[str]:
     return notes
 
 
+def _terminate(process: subprocess.Popen) -> bool:
+    """sd-scripts has no graceful stop: it is ended (TerminateProcess on Windows) and waited for, never left running
+    without us; a second Ctrl-C while it ends kills it. True: stopped."""
+    process.terminate()
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.kill()
+        process.wait()
+    return True
+
+
 def stopped_message(last_state: dict | None) -> str:
     """What a stop of sd-scripts kept: it cannot save at a stop, so a resume goes on from the last state it saved."""
     if last_state is None:
@@ -240,40 +252,45 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w", encoding="utf-8") as log, \
             subprocess.Popen(command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
-        for line in _lines(process.stdout):
-            log.write(line + "\n")
-            if match := _EPOCH.match(line.strip()):
-                epoch_now, epochs = int(match[1]), int(match[2])
-            event = event_from_line(line)
-            if event is not None:
-                state_written()
-            if saving := state_folder(line, options):
-                flush()
-                state = saving
-            if event is not None and event["event"] == "step":
-                event.pop("event")
-                if pending is not None and event["step"] == pending["step"]:
-                    pending.update(event)  # the redraw after set_postfix: this step's own average
+        try:
+            for line in _lines(process.stdout):
+                log.write(line + "\n")
+                if match := _EPOCH.match(line.strip()):
+                    epoch_now, epochs = int(match[1]), int(match[2])
+                event = event_from_line(line)
+                if event is not None:
+                    state_written()
+                if saving := state_folder(line, options):
                     flush()
-                elif event["step"] > last_step:
+                    state = saving
+                if event is not None and event["event"] == "step":
+                    event.pop("event")
+                    if pending is not None and event["step"] == pending["step"]:
+                        pending.update(event)  # the redraw after set_postfix: this step's own average
+                        flush()
+                    elif event["step"] > last_step:
+                        flush()
+                        pending, last_step = event, event["step"]
+                elif event is not None:
                     flush()
-                    pending, last_step = event, event["step"]
-            elif event is not None:
-                flush()
-                kind = event.pop("event")
-                files += [event["path"]] if kind == "saved" else []
-                epochs_done = event["epoch"] if kind == "epoch" else epochs_done
-                if kind == "error":  # becomes the UserError below; the caller writes the one error event
-                    error = event["message"]
-                else:
-                    events.emit(kind, **event)
-            if process.returncode is None and _asks_to_stop(stop_file):
-                flush()
-                process.terminate()
-                process.returncode = process.wait()
-                stopped = True
-                events.emit("warning", message="sd-scripts cannot stop gracefully: terminated; the files it saved are kept")
-        code = process.wait()
+                    kind = event.pop("event")
+                    files += [event["path"]] if kind == "saved" else []
+                    epochs_done = event["epoch"] if kind == "epoch" else epochs_done
+                    if kind == "error":  # becomes the UserError below; the caller writes the one error event
+                        error = event["message"]
+                    else:
+                        events.emit(kind, **event)
+                if process.returncode is None and _asks_to_stop(stop_file):
+                    flush()
+                    stopped = _terminate(process)
+                    events.emit("warning", message="sd-scripts cannot stop gracefully: terminated; the files it saved are kept")
+            code = process.wait()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (train_network makes it one): sd-scripts must not train on orphaned
+            flush()
+            stopped = _terminate(process)
+            code = process.returncode
+            events.emit("warning", message="interrupted: sd-scripts cannot stop gracefully, so it was terminated; the "
+                                           "files it saved are kept")
     flush()
     if code == 0:
         state_written()
