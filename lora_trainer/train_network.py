@@ -74,7 +74,7 @@ def _main(argv: list[str] | None, prog: str, started: float) -> int:
 
                     log = Path(events_path).with_suffix(".sd-scripts.log") if events_path else \
                         Path(options.output_dir or "output") / f"{name}.sd-scripts.log"
-                    run_sd_scripts(options, events, log)
+                    run_sd_scripts(options, events, log, started)
                     return 0
                 with _interrupt_on_sigterm():
                     train(options, events, actions.notes, started)

@@ -415,3 +415,18 @@ def test_sigterm_to_the_backend_ends_sd_scripts_too_and_says_the_steps_it_reache
     assert events[-1] == {**events[-1], "event": "end", "stopped": True, "steps": 30}
     assert "nothing was trained" not in events[-1]["message"]
     assert any("interrupted: sd-scripts cannot stop gracefully" in e["message"] for e in events if e["event"] == "warning")
+
+
+def test_a_stop_file_left_from_an_earlier_run_is_removed_and_said_not_obeyed(checkout, tmp_path):
+    """It stopped the new run at sd-scripts' first console line; our own trainer drops such a leftover."""
+    import time
+
+    stop = tmp_path / "STOP"
+    stop.write_text("pause\n", encoding="utf-8")
+    os.utime(stop, (time.time() - 600, time.time() - 600))
+    assert train(checkout, tmp_path, "--stop_file", str(stop)) == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["steps"] == 6 and "stopped" not in events[-1]
+    assert f"{stop} held 'pause' from before this run started: removed, not obeyed" in [
+        e["message"] for e in events if e["event"] == "warning"]
+    assert not stop.exists()

@@ -46,9 +46,28 @@ def checkout_of(backend: str) -> Path:
     return checkout
 
 
-def _asks_to_stop(stop_file: Path | None) -> bool:
-    """The control file asks to stop or pause: sd-scripts can neither save nor sample now, so only that is obeyed."""
-    return stop_file is not None and stop_file.exists() and control_command(control_text(stop_file.read_bytes()))[0] == "stop"
+def _asks_to_stop(stop_file: Path | None, started: float) -> bool:
+    """The control file asks to stop or pause: sd-scripts can neither save nor sample now, so only that is obeyed. A
+    file older than the run (one that could not be removed as a leftover) is not this run's."""
+    try:
+        return stop_file is not None and stop_file.stat().st_mtime >= started - 2.0 and \
+            control_command(control_text(stop_file.read_bytes()))[0] == "stop"
+    except OSError:
+        return False
+
+
+def dropped_leftover(stop_file: Path | None, started: float) -> str | None:
+    """A control file written before this run started (a stop as the last run ended), removed, as our trainer's
+    StopRequest.drop_leftover does: what to say, or None. It would stop this run at sd-scripts' first line. FAT keeps
+    file times to 2 s, so a word of this run may read up to that much older than its start."""
+    try:
+        if stop_file is None or stop_file.stat().st_mtime >= started - 2.0:
+            return None
+        text = control_text(stop_file.read_bytes()).strip()
+        stop_file.unlink()
+    except OSError:
+        return None
+    return f"{stop_file} held {text.replace(chr(10), ', ') or 'stop'!r} from before this run started: removed, not obeyed"
 
 
 def python_of(checkout: Path) -> str:
@@ -204,7 +223,8 @@ def stopped_message(last_state: dict | None) -> str:
             f"({last_state['path']})")
 
 
-def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> int:
+def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, started: float) -> int:
+    """``started``: when the command started (train_network.main); a control word older than that is an earlier run's."""
     checkout = checkout_of(options.backend)
     script, options = for_sd_scripts(options)
     options = with_absolute_paths(options)  # it runs in its checkout
@@ -221,7 +241,9 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
         events.emit("warning", message=f"sd-scripts saves its states beside its files in {options.output_dir}, "
                                        f"not in --state_dir {options.state_dir}")
     stop_file = Path(options.stop_file) if options.stop_file else None
-    started, last_step, files, error = time.time(), 0, [], None
+    if leftover := dropped_leftover(stop_file, started):
+        events.emit("warning", message=leftover)
+    last_step, files, error = 0, [], None
     epochs_done, epoch_now, epochs, stopped = 0, 0, None, False
     # sd-scripts draws each step twice: progress_bar.update(1) (avr_loss still that of the step before), then
     # set_postfix(avr_loss=...). A step is held until its redraw (or the next line we track) so it carries its own loss.
@@ -280,7 +302,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path) -> i
                         error = event["message"]
                     else:
                         events.emit(kind, **event)
-                if process.returncode is None and _asks_to_stop(stop_file):
+                if process.returncode is None and _asks_to_stop(stop_file, started):
                     flush()
                     stopped = _terminate(process)
                     events.emit("warning", message="sd-scripts cannot stop gracefully: terminated; the files it saved are kept")
