@@ -430,3 +430,21 @@ def test_a_stop_file_left_from_an_earlier_run_is_removed_and_said_not_obeyed(che
     assert f"{stop} held 'pause' from before this run started: removed, not obeyed" in [
         e["message"] for e in events if e["event"] == "warning"]
     assert not stop.exists()
+
+
+def test_a_webui_sampler_name_reaches_sd_scripts_as_its_own_name_and_a_stand_in_is_said(checkout, tmp_path):
+    """sd-scripts' TOML skips its --sample_sampler choices: "Euler a" written as such drew with DDIM, without a word."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a star\n", encoding="utf-8")
+    assert train(checkout, tmp_path, "--sample_prompts", str(prompts), "--sample_sampler", "Euler a",
+                 "--max_token_length", "75") == 0
+    seen = toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))
+    assert seen["sample_sampler"] == "euler_a" and "max_token_length" not in seen
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert not [e for e in events if e["event"] == "warning" and "sampler" in e["message"]]  # the same sampler there
+    assert train(checkout, tmp_path, "--sample_prompts", str(prompts), "--sample_sampler", "DPM++ 2M Karras") == 0
+    assert toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))["sample_sampler"] == "dpmsolver++"
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert "--sample_sampler 'DPM++ 2M Karras': sd-scripts has no such sampler; it draws the samples with dpmsolver++ " \
+           "(DPM++ 2M without Karras spacing), so they differ from this trainer's" in [
+               e["message"] for e in events if e["event"] == "warning"]

@@ -306,6 +306,16 @@ def sd_scripts_sampler(name: str) -> str:
     return name if name in SD_SCRIPTS_SAMPLERS else _SD_SCRIPTS_NAME[sampler_name(name)]
 
 
+_SD_SCRIPTS_STAND_INS = {"DPM++ 2M Karras": "dpmsolver++ (DPM++ 2M without Karras spacing)",
+                         "DPM++ 2S a Karras": "k_dpm_2_a (DPM2 a)"}
+
+
+def sd_scripts_stand_in(name: str) -> str | None:
+    """What sd-scripts draws with for a sampler it does not have (``sd_scripts_sampler``'s closest), to be said; None
+    where it has the sampler itself."""
+    return None if name in SD_SCRIPTS_SAMPLERS else _SD_SCRIPTS_STAND_INS.get(sampler_name(name))
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower().replace("++", "pp"))
 

@@ -980,13 +980,17 @@ def memory_advice(options: TrainOptions) -> str:
 
 def sd_scripts_notes(options: TrainOptions, script: str) -> list[str]:
     """What a user running this run with sd-scripts' ``script`` must know: options left out of the command, and
-    runs sd-scripts stops on that this trainer does."""
+    runs sd-scripts stops on that this trainer does, or runs otherwise."""
+    from ..networks.spec import spec_from_kohya
+    from ..sampling.samplers import sd_scripts_stand_in
+
     notes = []
     if left_out := left_out_of_command(options, script):
         notes.append(f"{', '.join(left_out)} left out: sd-scripts' {script} does not take "
                      f"{'it' if len(left_out) == 1 else 'them'} (sdxl_train_network.py only)")
-    from ..networks.spec import spec_from_kohya
-
+    if options.sample_prompts and (instead := sd_scripts_stand_in(options.sample_sampler)):
+        notes.append(f"--sample_sampler {options.sample_sampler!r}: sd-scripts has no such sampler; it draws the samples "
+                     f"with {instead}, so they differ from this trainer's")
     preset = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
                              options.network_args, options.network_dropout).preset  # LyCORIS's default when not given
     if "sdxl" not in script and preset in ("full", "full-lin", "unet-only"):
@@ -996,16 +1000,14 @@ def sd_scripts_notes(options: TrainOptions, script: str) -> list[str]:
     return notes
 
 
-def kohya_command(options: TrainOptions, script: str = "train_network.py", windows: bool = os.name == "nt") -> str:
-    """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell;
-    without the options ``script`` does not take (``left_out_of_command``)."""
+def sd_scripts_values(options: TrainOptions) -> dict[str, Any]:
+    """``non_default(options)`` with the values sd-scripts' choices refuse written as it takes them, for its command
+    line and its TOML alike (a TOML value skips the choices: a sampler name it does not know draws with DDIM without
+    a word): 75 tokens is its default (None); a dynamo_backend of "no" compiles nothing (no --torch_compile); a WebUI
+    sampler name as its closest (``sd_scripts_notes`` says where that is another sampler); box is area."""
     from ..sampling.samplers import sd_scripts_sampler
 
-    parts = ["accelerate", "launch", script]
-    left_out = {name.removeprefix("--") for name in left_out_of_command(options, script)}
     values = non_default(options)
-    # values its command line's choices refuse, written as it takes them: 75 tokens is its default (None); a
-    # dynamo_backend of "no" compiles nothing (no --torch_compile); a WebUI sampler name as its closest; box is area
     if values.get("max_token_length") == 75:
         del values["max_token_length"]
     if values.get("dynamo_backend") == "no":
@@ -1015,7 +1017,15 @@ def kohya_command(options: TrainOptions, script: str = "train_network.py", windo
         values["sample_sampler"] = sd_scripts_sampler(values["sample_sampler"])
     if values.get("resize_interpolation") == "box":
         values["resize_interpolation"] = "area"
-    for name, value in values.items():
+    return values
+
+
+def kohya_command(options: TrainOptions, script: str = "train_network.py", windows: bool = os.name == "nt") -> str:
+    """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell;
+    without the options ``script`` does not take (``left_out_of_command``)."""
+    parts = ["accelerate", "launch", script]
+    left_out = {name.removeprefix("--") for name in left_out_of_command(options, script)}
+    for name, value in sd_scripts_values(options).items():
         if name in left_out:
             continue
         if FIELDS[name].type == "int | float" and value == 1.0 and isinstance(value, float):

@@ -21,7 +21,7 @@ from .. import toml_text
 from ..errors import UserError
 from .control import control_command, control_text
 from .events import EventLog
-from .options import (TrainOptions, absolute_path, non_default, sd_scripts_notes, with_absolute_paths,
+from .options import (TrainOptions, absolute_path, sd_scripts_notes, sd_scripts_values, with_absolute_paths,
                       with_sd_scripts_requirements)
 
 # "steps:" is the training bar; sd-scripts' "validation steps:" / "epoch validation steps:" bars (with
@@ -232,7 +232,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
     if options.dataset_config:
         dataset = absolute_dataset_config(Path(options.dataset_config), config.with_suffix(".dataset.toml"))
         options = dataclasses.replace(options, dataset_config=str(dataset))
-    config.write_text(toml_text.dumps(non_default(options)), encoding="utf-8")
+    config.write_text(toml_text.dumps(sd_scripts_values(options)), encoding="utf-8")
     command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
     for note in [*sd_scripts_notes(options, script), *_sd_scripts_misreadings(options)]:
