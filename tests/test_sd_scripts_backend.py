@@ -27,6 +27,13 @@ STAND_IN = textwrap.dedent('''
     Path("seen-options.toml").write_text(toml.dumps(options), encoding="utf-8")
     if options.get("training_comment") == "crash":
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    if options.get("training_comment") == "oom":  # torch 2.5+ names its own class, in its module
+        sys.exit("Traceback (most recent call last):\\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    if options.get("training_comment") in ("logged", "no data"):  # rich's log lines, wrapped at 80 columns
+        print("2026-12-01 20:13:16 ERROR    Could not load image path / 画像を読み込めません:   train_util.py:6638")
+        print("                             /data/1_star/a.png, error: cannot identify image file")
+        print("                    INFO     done                                   train_network.py:12")
+        sys.exit(1 if options["training_comment"] == "logged" else 0)
     if options.get("network_module") is None:  # sd-scripts: importlib.import_module(args.network_module)
         raise AttributeError("'NoneType' object has no attribute 'startswith'")
     out = Path(options["output_dir"]); out.mkdir(parents=True, exist_ok=True)
@@ -448,3 +455,19 @@ def test_a_webui_sampler_name_reaches_sd_scripts_as_its_own_name_and_a_stand_in_
     assert "--sample_sampler 'DPM++ 2M Karras': sd-scripts has no such sampler; it draws the samples with dpmsolver++ " \
            "(DPM++ 2M without Karras spacing), so they differ from this trainer's" in [
                e["message"] for e in events if e["event"] == "warning"]
+
+
+def test_an_sd_scripts_crash_says_why_for_dotted_exceptions_logged_errors_and_out_of_memory(checkout, tmp_path):
+    """"sd-scripts exited with code 1" was all it said for torch.OutOfMemoryError or an error sd-scripts logged."""
+    def error(comment: str) -> str:
+        assert train(checkout, tmp_path, "--training_comment", comment) == 2
+        events, _ = read_events(tmp_path / "star.events.jsonl")
+        assert events[-1]["event"] == "error"
+        return events[-1]["message"]
+
+    oom = error("oom")
+    assert oom.startswith("sd-scripts: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; to fit, try "
+                          "--gradient_checkpointing")
+    assert error("logged") == ("sd-scripts exited with code 1 after logging: Could not load image path / 画像を読み込めません: "
+                               f"/data/1_star/a.png, error: cannot identify image file; see {tmp_path / 'star.events.sd-scripts.log'}")
+    assert error("no data").startswith("sd-scripts ended without training a step; it logged: Could not load image path")

@@ -21,8 +21,8 @@ from .. import toml_text
 from ..errors import UserError
 from .control import control_command, control_text
 from .events import EventLog
-from .options import (TrainOptions, absolute_path, sd_scripts_notes, sd_scripts_values, with_absolute_paths,
-                      with_sd_scripts_requirements)
+from .options import (TrainOptions, absolute_path, memory_advice, sd_scripts_notes, sd_scripts_values,
+                      with_absolute_paths, with_sd_scripts_requirements)
 
 # "steps:" is the training bar; sd-scripts' "validation steps:" / "epoch validation steps:" bars (with
 # --validation_split) count their own 1..N and must not become step events, hence the look-behind.
@@ -32,7 +32,11 @@ _SAVED = re.compile(r"saving checkpoint: (.+?)\s*$")
 # train_util's log lines as a state is about to be written (save_and_remove_state_on_epoch_end / _stepwise,
 # save_state_on_train_end); its folder is named from the options, not read from the line, which rich may wrap
 _STATE = re.compile(r"saving state at (epoch|step) (\d+)|saving last state")
-_ERROR = re.compile(r"^(\w+(?:Error|Exception)): (.+)$")
+_ERROR = re.compile(r"^([\w.]+(?:Error|Exception)): (.+)$")  # dotted too: torch.OutOfMemoryError
+# its log lines through rich: "2026-12-01 20:13:16 ERROR    message    train_util.py:6638" (the time left blank where it
+# repeats); a message wider than the console goes on in lines indented past the level column
+_LOGGED_ERROR = re.compile(r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)?\s*(?:ERROR|CRITICAL)\s+(.+?)(?:\s+[\w.-]+\.py:\d+)?$")
+_CONTINUED = re.compile(r"^\s{20,}(?!(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s)(\S.*?)(?:\s+[\w.-]+\.py:\d+)?$")
 
 
 def checkout_of(backend: str) -> Path:
@@ -134,6 +138,16 @@ def state_folder(line: str, options: TrainOptions) -> dict | None:
     if match[1] == "step":
         return {"path": str(output / f"{options.output_name or 'at'}-step{int(match[2]):08d}-state"), "step": int(match[2])}
     return {"path": str(output / f"{options.output_name or 'last'}-state")}
+
+
+def crash_message(error: str | None, logged_error: str | None, code: int, log_path: Path, options: TrainOptions) -> str:
+    """Why sd-scripts failed: its exception, else the last ERROR line it logged, else its exit code; with our memory
+    advice after an out-of-memory error, as our own trainer gives it."""
+    message = error or (f"sd-scripts exited with code {code}" + (f" after logging: {logged_error}" if logged_error else "")
+                        + f"; see {log_path}")
+    if "out of memory" in message.lower():
+        message += f"; {memory_advice(options)}"
+    return message
 
 
 def _lines(stream):
@@ -244,6 +258,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
     if leftover := dropped_leftover(stop_file, started):
         events.emit("warning", message=leftover)
     last_step, files, error = 0, [], None
+    logged_error, error_goes_on = None, False  # the last ERROR line sd-scripts logged, and whether the next lines extend it
     epochs_done, epoch_now, epochs, stopped = 0, 0, None, False
     # sd-scripts draws each step twice: progress_bar.update(1) (avr_loss still that of the step before), then
     # set_postfix(avr_loss=...). A step is held until its redraw (or the next line we track) so it carries its own loss.
@@ -277,6 +292,12 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
         try:
             for line in _lines(process.stdout):
                 log.write(line + "\n")
+                if match := _LOGGED_ERROR.match(line.rstrip()):
+                    logged_error, error_goes_on = match[1], True
+                elif error_goes_on and (match := _CONTINUED.match(line.rstrip())):
+                    logged_error += " " + match[1]
+                else:
+                    error_goes_on = False
                 if match := _EPOCH.match(line.strip()):
                     epoch_now, epochs = int(match[1]), int(match[2])
                 event = event_from_line(line)
@@ -317,7 +338,9 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
     if code == 0:
         state_written()
     if code != 0 and not stopped:  # a stop the user asked for ends like our own trainer's stop: with "end"
-        raise UserError(error or f"sd-scripts exited with code {code}; see {log_path}")
+        raise UserError(crash_message(error, logged_error, code, log_path, options))
+    if code == 0 and not stopped and not last_step and logged_error:  # it returns after "No data found", unsaid
+        raise UserError(f"sd-scripts ended without training a step; it logged: {logged_error} (see {log_path})")
     if epochs_done < epoch_now and not stopped:  # the last epoch has no "epoch N+1" line after it
         events.emit("epoch", epoch=epoch_now, epochs=epochs)
     stop = {"stopped": True, "message": stopped_message(last_state)} if stopped else {}
