@@ -471,3 +471,25 @@ def test_an_sd_scripts_crash_says_why_for_dotted_exceptions_logged_errors_and_ou
     assert error("logged") == ("sd-scripts exited with code 1 after logging: Could not load image path / 画像を読み込めません: "
                                f"/data/1_star/a.png, error: cannot identify image file; see {tmp_path / 'star.events.sd-scripts.log'}")
     assert error("no data").startswith("sd-scripts ended without training a step; it logged: Could not load image path")
+
+
+def test_a_backend_job_with_a_wrong_checkout_is_refused_when_submitted(tmp_path):
+    """It was queued and failed only when the queue reached it."""
+    runner = _runner(tmp_path)
+    for backend, said in (("kohya", "write --backend sd-scripts=PATH"),
+                          (f"sd-scripts={tmp_path / 'nowhere'}", "holds no train_network.py")):
+        with pytest.raises(UserError, match=said) as refused:
+            runner.submit("backend", {**_job_options(tmp_path, tmp_path), "backend": backend})
+        assert refused.value.field == "backend"  # the API's 400 names it
+    assert runner.store.all() == []
+
+
+def test_save_and_sample_are_refused_for_a_backend_job_as_sd_scripts_cannot_do_them_on_request(checkout, tmp_path):
+    """They were accepted and silently ignored."""
+    runner = _runner(tmp_path)
+    job = runner.submit("backend", _job_options(checkout, tmp_path))
+    runner.store.update(job.id, status="running")
+    for command in ("save", "sample"):
+        with pytest.raises(UserError, match=f"runs on sd-scripts \\(--backend\\), which cannot {command} on request"):
+            runner.control(job.id, command)
+    assert not job.stop_path.exists()

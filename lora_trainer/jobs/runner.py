@@ -222,6 +222,13 @@ class JobRunner:
         from ..training.trainer import check_before_queueing
 
         checked = options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}")
+        if checked.backend:  # a wrong path failed only when the queue reached the job
+            from ..training.sd_scripts_backend import checkout_of
+
+            try:
+                checkout_of(checked.backend)
+            except UserError as error:
+                raise UserError(str(error), "backend") from None
         check_before_queueing(checked, dataset_group(checked))
 
     def submit(self, name: str, options: dict) -> Job:
@@ -282,6 +289,10 @@ class JobRunner:
             job = self._job(job_id)
             if job.status != "running":
                 raise UserError(f"job {job_id} is {job.status}; {command} works only while it runs")
+            if job.options.get("backend"):
+                raise UserError(f"job {job_id} runs on sd-scripts (--backend), which cannot {command} on request: it "
+                                "saves and draws samples only at the steps and epochs its options set "
+                                "(save_every_n_epochs/steps, sample_every_n_epochs/steps)")
             self._send(job, command)
         return job
 
