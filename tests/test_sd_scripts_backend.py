@@ -233,7 +233,7 @@ def test_real_sd_scripts_console_steps_carry_their_own_loss_and_validation_bars_
     steps = [e for e in events if e["event"] == "step"]
     assert [(e["step"], e["total"], e.get("average")) for e in steps] == [
         (1, 60, 1.14), (2, 60, 1.12), (5, 60, 1.17), (6, 60, 1.16), (7, 60, 1.15), (60, 60, 1.13)]
-    assert [e["event"] for e in events] == ["start"] + ["step"] * 6 + ["saved", "epoch", "end"]
+    assert [e["event"] for e in events] == ["start", "warning"] + ["step"] * 6 + ["saved", "epoch", "end"]
     assert events[-1]["steps"] == 60 and events[-1]["files"] == [str(tmp_path / "val.safetensors")]
     assert (tmp_path / "star.events.sd-scripts.toml").is_file()  # the config it ran, beside its log
 
@@ -244,7 +244,7 @@ def test_a_stop_terminates_sd_scripts_keeps_its_files_and_ends_without_an_error(
              "@pause", "@write {out}/STOP", "@hang"]
     assert train(replay(checkout, lines), tmp_path, "--stop_file", str(tmp_path / "STOP")) == 0
     events, _ = read_events(tmp_path / "star.events.jsonl")
-    assert [e["event"] for e in events if e["event"] != "step"] == ["start", "saved", "epoch", "warning", "end"]
+    assert [e["event"] for e in events if e["event"] != "step"] == ["start", "warning", "saved", "epoch", "warning", "end"]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1]  # epoch 2 was cut short
     assert events[-1]["stopped"] is True and events[-1]["files"] == [str(tmp_path / "star-000001.safetensors")]
     assert (tmp_path / "star-000001.safetensors").is_file()
@@ -285,10 +285,14 @@ def test_the_checkout_runs_in_its_own_venv_as_its_installers_make_it(tmp_path, v
 
     from lora_trainer.training.sd_scripts_backend import python_of
 
-    assert python_of(tmp_path) == sys.executable  # no venv: ours
+    checkout = tmp_path / "sd-scripts"
+    assert python_of(checkout) == sys.executable  # no venv: ours
     (tmp_path / venv).parent.mkdir(parents=True)
     (tmp_path / venv).write_bytes(b"")
-    assert python_of(tmp_path) == str(tmp_path / venv)
+    assert python_of(checkout) == str(tmp_path / venv)  # the Kohya GUI's: kohya_ss/venv beside kohya_ss/sd-scripts
+    (checkout / venv).parent.mkdir(parents=True)
+    (checkout / venv).write_bytes(b"")
+    assert python_of(checkout) == str(checkout / venv)  # its own first
 
 
 # sd-scripts' lines around an epoch's state (--save_state): its file, then train_util's log line, then the folder
@@ -448,7 +452,7 @@ def test_a_webui_sampler_name_reaches_sd_scripts_as_its_own_name_and_a_stand_in_
     seen = toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))
     assert seen["sample_sampler"] == "euler_a" and "max_token_length" not in seen
     events, _ = read_events(tmp_path / "star.events.jsonl")
-    assert not [e for e in events if e["event"] == "warning" and "sampler" in e["message"]]  # the same sampler there
+    assert not [e for e in events if e["event"] == "warning" and "--sample_sampler" in e["message"]]  # the same sampler there
     assert train(checkout, tmp_path, "--sample_prompts", str(prompts), "--sample_sampler", "DPM++ 2M Karras") == 0
     assert toml.loads((checkout / "seen-options.toml").read_text(encoding="utf-8"))["sample_sampler"] == "dpmsolver++"
     events, _ = read_events(tmp_path / "star.events.jsonl")
@@ -493,3 +497,23 @@ def test_save_and_sample_are_refused_for_a_backend_job_as_sd_scripts_cannot_do_t
         with pytest.raises(UserError, match=f"runs on sd-scripts \\(--backend\\), which cannot {command} on request"):
             runner.control(job.id, command)
     assert not job.stop_path.exists()
+
+
+def test_the_kohya_gui_folder_is_pointed_to_its_sd_scripts_and_a_missing_module_says_where_to_install_it(checkout,
+                                                                                                       tmp_path):
+    """kohya_ss/ holds sd-scripts/ and venv/: kohya_ss said "holds no train_network.py" with no hint; kohya_ss/sd-scripts
+    ran on our Python and failed on "No module named 'accelerate'" with nothing more."""
+    import sys
+
+    kohya_ss = tmp_path / "kohya_ss"
+    (kohya_ss / "sd-scripts").mkdir(parents=True)
+    (kohya_ss / "sd-scripts" / "train_network.py").write_text("", encoding="utf-8")
+    with pytest.raises(UserError, match=f"use --backend sd-scripts={kohya_ss / 'sd-scripts'} "):
+        checkout_of(f"sd-scripts={kohya_ss}")
+    (checkout / "train_network.py").write_text("import accelerate_not_installed_here\n", encoding="utf-8")
+    assert train(checkout, tmp_path) == 2
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert f"{checkout} has no venv (nor .venv, nor one beside it): sd-scripts runs with this trainer's Python, " \
+           f"{sys.executable}, which needs sd-scripts' requirements" in [e["message"] for e in events if e["event"] == "warning"]
+    assert events[-1]["message"].startswith("sd-scripts: ModuleNotFoundError: No module named 'accelerate_not_installed_here'; "
+                                            f"install it into {sys.executable}, the Python that runs sd-scripts")

@@ -46,7 +46,10 @@ def checkout_of(backend: str) -> Path:
         raise UserError(f"--backend {backend!r}: write --backend sd-scripts=PATH (PATH = your sd-scripts checkout)")
     checkout = Path(path.strip()).expanduser()
     if not (checkout / "train_network.py").is_file():
-        raise UserError(f"--backend: {checkout} holds no train_network.py; point it at the sd-scripts checkout folder")
+        inside = checkout / "sd-scripts"  # the Kohya GUI's install: kohya_ss/ holds sd-scripts/ and venv/
+        hint = f": use --backend sd-scripts={inside} (the Kohya GUI keeps its sd-scripts there)" if \
+            (inside / "train_network.py").is_file() else "; point it at the sd-scripts checkout folder"
+        raise UserError(f"--backend: {checkout} holds no train_network.py{hint}")
     return checkout
 
 
@@ -75,11 +78,13 @@ def dropped_leftover(stop_file: Path | None, started: float) -> str | None:
 
 
 def python_of(checkout: Path) -> str:
-    """The checkout's own venv when it has one (that is where its accelerate/diffusers live), else ours."""
-    for candidate in (checkout / "venv" / "Scripts" / "python.exe", checkout / "venv" / "bin" / "python",
-                      checkout / ".venv" / "Scripts" / "python.exe", checkout / ".venv" / "bin" / "python"):
-        if candidate.is_file():
-            return str(candidate)
+    """The checkout's own venv when it has one (that is where its accelerate/diffusers live), or the one beside it
+    (the Kohya GUI's kohya_ss/venv beside kohya_ss/sd-scripts), else ours."""
+    for folder in (checkout, checkout.parent):
+        for venv in ("venv", ".venv"):
+            for candidate in (folder / venv / "Scripts" / "python.exe", folder / venv / "bin" / "python"):
+                if candidate.is_file():
+                    return str(candidate)
     return sys.executable
 
 
@@ -140,13 +145,17 @@ def state_folder(line: str, options: TrainOptions) -> dict | None:
     return {"path": str(output / f"{options.output_name or 'last'}-state")}
 
 
-def crash_message(error: str | None, logged_error: str | None, code: int, log_path: Path, options: TrainOptions) -> str:
+def crash_message(error: str | None, logged_error: str | None, code: int, log_path: Path, options: TrainOptions,
+                  python: str) -> str:
     """Why sd-scripts failed: its exception, else the last ERROR line it logged, else its exit code; with our memory
-    advice after an out-of-memory error, as our own trainer gives it."""
+    advice after an out-of-memory error, as our own trainer gives it, and where a missing module goes."""
     message = error or (f"sd-scripts exited with code {code}" + (f" after logging: {logged_error}" if logged_error else "")
                         + f"; see {log_path}")
     if "out of memory" in message.lower():
         message += f"; {memory_advice(options)}"
+    if "ModuleNotFoundError" in message:
+        message += (f"; install it into {python}, the Python that runs sd-scripts (its requirements.txt lists what it "
+                    "needs), or give the checkout a venv of its own")
     return message
 
 
@@ -247,8 +256,12 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
         dataset = absolute_dataset_config(Path(options.dataset_config), config.with_suffix(".dataset.toml"))
         options = dataclasses.replace(options, dataset_config=str(dataset))
     config.write_text(toml_text.dumps(sd_scripts_values(options)), encoding="utf-8")
-    command = [python_of(checkout), str(checkout / script), "--config_file", str(config)]
+    python = python_of(checkout)
+    command = [python, str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
+    if python == sys.executable:
+        events.emit("warning", message=f"{checkout} has no venv (nor .venv, nor one beside it): sd-scripts runs with "
+                                       f"this trainer's Python, {python}, which needs sd-scripts' requirements")
     for note in [*sd_scripts_notes(options, script), *_sd_scripts_misreadings(options)]:
         events.emit("warning", message=note)
     if options.state_dir and (options.save_state or options.save_state_on_train_end):
@@ -338,7 +351,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
     if code == 0:
         state_written()
     if code != 0 and not stopped:  # a stop the user asked for ends like our own trainer's stop: with "end"
-        raise UserError(crash_message(error, logged_error, code, log_path, options))
+        raise UserError(crash_message(error, logged_error, code, log_path, options, python))
     if code == 0 and not stopped and not last_step and logged_error:  # it returns after "No data found", unsaid
         raise UserError(f"sd-scripts ended without training a step; it logged: {logged_error} (see {log_path})")
     if epochs_done < epoch_now and not stopped:  # the last epoch has no "epoch N+1" line after it
