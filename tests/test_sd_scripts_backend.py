@@ -18,13 +18,15 @@ from lora_trainer.training.events import read_events
 from lora_trainer.training.sd_scripts_backend import checkout_of, event_from_line
 
 STAND_IN = textwrap.dedent('''
-    import argparse, sys, time, toml
+    import argparse, os, sys, time, toml
     from pathlib import Path
     from tqdm import tqdm
     parser = argparse.ArgumentParser()
     parser.add_argument("--config_file")
     options = toml.loads(Path(parser.parse_args().config_file).read_text(encoding="utf-8"))
     Path("seen-options.toml").write_text(toml.dumps(options), encoding="utf-8")
+    Path("seen-environment.toml").write_text(toml.dumps({name: os.environ.get(name, "(unset)") for name in
+                                                         ("PYTHONPATH", "CUDA_VISIBLE_DEVICES")}), encoding="utf-8")
     if options.get("training_comment") == "crash":
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     if options.get("training_comment") == "oom":  # torch 2.5+ names its own class, in its module
@@ -517,3 +519,24 @@ def test_the_kohya_gui_folder_is_pointed_to_its_sd_scripts_and_a_missing_module_
            f"{sys.executable}, which needs sd-scripts' requirements" in [e["message"] for e in events if e["event"] == "warning"]
     assert events[-1]["message"].startswith("sd-scripts: ModuleNotFoundError: No module named 'accelerate_not_installed_here'; "
                                             f"install it into {sys.executable}, the Python that runs sd-scripts")
+
+
+def test_device_becomes_the_gpus_sd_scripts_is_shown_and_our_package_folders_leave_its_pythonpath(checkout, tmp_path,
+                                                                                                 monkeypatch):
+    """--device was dropped without a word (sd-scripts has no such option); the runner's PYTHONPATH (our package's
+    folder, the WebUI extension's extras/) came before sd-scripts' venv packages."""
+    from lora_trainer.jobs.runner import PACKAGE_ROOT
+
+    elsewhere = str(tmp_path / "user's own")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PACKAGE_ROOT), elsewhere, str(PACKAGE_ROOT / "extras")]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # the host's choice (the WebUI's --device-id): indexed into
+    assert train(checkout, tmp_path, "--device", "cuda:1") == 0
+    seen = toml.loads((checkout / "seen-environment.toml").read_text(encoding="utf-8"))
+    assert seen == {"PYTHONPATH": elsewhere, "CUDA_VISIBLE_DEVICES": "3"}
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert "--device cuda:1: sd-scripts takes no device option, so it is shown that GPU alone (CUDA_VISIBLE_DEVICES=3)" \
+        in [e["message"] for e in events if e["event"] == "warning"]
+    monkeypatch.setenv("PYTHONPATH", str(PACKAGE_ROOT))
+    assert train(checkout, tmp_path, "--device", "cpu") == 0
+    seen = toml.loads((checkout / "seen-environment.toml").read_text(encoding="utf-8"))
+    assert seen == {"PYTHONPATH": "(unset)", "CUDA_VISIBLE_DEVICES": ""}

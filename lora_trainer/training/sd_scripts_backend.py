@@ -237,6 +237,42 @@ def _terminate(process: subprocess.Popen) -> bool:
     return True
 
 
+def child_environment(environ: dict[str, str], device: str) -> tuple[dict[str, str], list[str]]:
+    """sd-scripts' environment, and what to say about it. Its output in UTF-8, unbuffered; PYTHONPATH without this
+    package's folder and what lies in it (the job runner puts them there, with the WebUI extension's extras/, whose
+    packages would come before those of sd-scripts' venv); ``device`` (sd-scripts takes no such option) as the GPUs
+    it is shown: ``cuda:N`` that GPU alone, ``cpu`` none."""
+    from ..jobs.runner import PACKAGE_ROOT, visible_devices
+
+    env = {**environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+    root = PACKAGE_ROOT.resolve()
+    paths = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep)
+             if entry and not (Path(entry).resolve() == root or root in Path(entry).resolve().parents)]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    else:
+        env.pop("PYTHONPATH", None)
+    notes = []
+    if device.startswith("cuda:") and device[5:].isdigit():
+        visible = visible_devices(device[5:], environ.get("CUDA_VISIBLE_DEVICES"))
+        if visible is None:  # an index past the list the host gives: left to the host
+            notes.append(f"--device {device}: sd-scripts takes no device option, and the GPUs this process is shown "
+                         f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')}) have no number {device[5:]}: it "
+                         "trains on the first of them")
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+            notes.append(f"--device {device}: sd-scripts takes no device option, so it is shown that GPU alone "
+                         f"(CUDA_VISIBLE_DEVICES={visible})")
+    elif device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        notes.append("--device cpu: sd-scripts takes no device option, so it is shown no GPU (CUDA_VISIBLE_DEVICES "
+                     "empty) and trains on the CPU")
+    elif device not in ("auto", "cuda"):
+        notes.append(f"--device {device}: sd-scripts takes no device option and picks its device itself (accelerate): "
+                     "this one is not passed on")
+    return env, notes
+
+
 def stopped_message(last_state: dict | None) -> str:
     """What a stop of sd-scripts kept: it cannot save at a stop, so a resume goes on from the last state it saved."""
     if last_state is None:
@@ -299,7 +335,9 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
             events.emit("warning", message=f"sd-scripts said it saved a state, but {state['path']} is not there: "
                                            "it is not a state to resume from")
         state = None
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+    env, notes = child_environment(dict(os.environ), options.device)
+    for note in notes:
+        events.emit("warning", message=note)
     with open(log_path, "w", encoding="utf-8") as log, \
             subprocess.Popen(command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
         try:
