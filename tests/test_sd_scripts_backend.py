@@ -89,7 +89,8 @@ def test_off_a_terminal_the_backend_run_prints_its_progress_from_what_sd_scripts
     the backend job failed at its first step with "unexpected KeyError"."""
     assert train(checkout, tmp_path) == 0
     console = capsys.readouterr().err
-    assert "step 1/6" in console and "step 6/6: average 0.0833" in console and "epoch 1 done" in console
+    assert "step 1/6 (epoch 1): average 0.500" in console and "step 6/6 (epoch 2): average 0.0833" in console
+    assert "epoch 1 done at step 3: average loss 0.16700" in console
 
 
 def test_captions_sd_scripts_misreads_are_said_before_it_runs(checkout, tmp_path):
@@ -202,6 +203,7 @@ REPLAY = textwrap.dedent('''
     Path(__file__).with_name("pid").write_text(str(os.getpid()), encoding="utf-8")
     for line in json.loads(Path(__file__).with_name("console.json").read_text(encoding="utf-8")):
         if line.startswith("@write "):  # a file sd-scripts (or the user) writes at this point
+            Path(line[7:].format(out=out)).parent.mkdir(parents=True, exist_ok=True)
             Path(line[7:].format(out=out)).write_text("stop" if line.endswith("STOP") else "weights", encoding="utf-8")
         elif line.startswith("@mkdir "):  # a state folder as accelerate's save_state writes it
             state = Path(line[7:].format(out=out))
@@ -540,3 +542,31 @@ def test_device_becomes_the_gpus_sd_scripts_is_shown_and_our_package_folders_lea
     assert train(checkout, tmp_path, "--device", "cpu") == 0
     seen = toml.loads((checkout / "seen-environment.toml").read_text(encoding="utf-8"))
     assert seen == {"PYTHONPATH": "(unset)", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_sd_scripts_samples_are_sample_events_and_its_steps_and_epochs_say_their_epoch(checkout, tmp_path):
+    """Its event stream had no samples, and steps without their epoch."""
+    lines = ["epoch 1/1", "steps:  50%|█████     | 1/2 [00:01<00:01,  1.1it/s, avr_loss=1.1]",
+             "2026-12-01 20:13:16 INFO     generating sample images at step /     train_util.py:6394",
+             "                             サンプル画像生成 ステップ: 1",
+             "@write {out}/sample/star_000001_00_20261201201316_42.png",
+             "steps: 100%|██████████| 2/2 [00:02<00:00,  1.1it/s, avr_loss=0.9]",
+             "                    INFO     generating sample images at step /     train_util.py:6394",
+             "@write {out}/sample/star_e000001_00_20261201201317_42.png",
+             "@write {out}/star.safetensors", "saving checkpoint: {out}/star.safetensors"]
+    (tmp_path / "sample").mkdir()
+    (tmp_path / "sample" / "star_e000003_00_20261130101010_42.png").write_bytes(b"")  # an earlier run's
+    assert train(replay(checkout, lines), tmp_path, "--max_train_epochs", "1") == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    samples = [{k: e[k] for k in ("path", "epoch", "step")} for e in events if e["event"] == "sample"]
+    assert samples == [{"path": str(tmp_path / "sample" / "star_000001_00_20261201201316_42.png"), "epoch": None, "step": 1},
+                       {"path": str(tmp_path / "sample" / "star_e000001_00_20261201201317_42.png"), "epoch": 1, "step": 2}]
+    assert [(e["step"], e["epoch"]) for e in events if e["event"] == "step"] == [(1, 1), (2, 1)]
+    from lora_trainer.training.sd_scripts_backend import round_samples  # sd-scripts a round ahead of its console read
+
+    ahead = [tmp_path / "star_000001_00_20261201201316.png", tmp_path / "star_e000001_00_20261201201317.png"]
+    assert [e["path"] for e in round_samples(ahead, 1, 1)] == [str(ahead[0])]
+    first = tmp_path / "star_e000000_00_20261201201315_42.png"  # --sample_at_first: drawn as "epoch 0", before epoch 1
+    assert round_samples([first], 0, 0) == [{"path": str(first), "epoch": 0, "step": 0}]
+    assert [{k: e[k] for k in ("epoch", "step", "average")} for e in events if e["event"] == "epoch"] == [
+        {"epoch": 1, "step": 2, "average": 0.9}]

@@ -2,9 +2,9 @@
 
 The options become the TOML sd-scripts reads (``--config_file``; the options that are ours stay out), the
 script is chosen from the checkpoint (``sdxl_train_network.py`` for SDXL), and its console output — the tqdm
-``steps`` bar with ``avr_loss``, ``epoch N/M``, ``saving checkpoint: FILE`` — becomes our event stream, so the
-UI, the API and the job runner follow it exactly as they follow our own trainer. sd-scripts has no graceful
-stop: the control file's stop terminates it, keeping the files it saved.
+``steps`` bar with ``avr_loss``, ``epoch N/M``, ``saving checkpoint: FILE``, its log's state, sample and ERROR lines
+— becomes our event stream, so the UI, the API and the job runner follow it as they follow our own trainer. sd-scripts
+has no graceful stop: the control file's stop (or Ctrl-C, SIGTERM) terminates it, keeping the files and states it saved.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ _STATE = re.compile(r"saving state at (epoch|step) (\d+)|saving last state")
 _ERROR = re.compile(r"^([\w.]+(?:Error|Exception)): (.+)$")  # dotted too: torch.OutOfMemoryError
 # its log lines through rich: "2026-12-01 20:13:16 ERROR    message    train_util.py:6638" (the time left blank where it
 # repeats); a message wider than the console goes on in lines indented past the level column
+# "generating sample images at step / サンプル画像生成 ステップ: N": only its start, which rich does not wrap
+_SAMPLING = re.compile(r"generating sample")
+# sd-scripts' sample file names: [<output_name>_]e<epoch:06d> or <step:06d>, _<prompt:02d>_<time>[_<seed>].png
+_SAMPLE_NAME = re.compile(r"(?:^|_)(e?)(\d{6})_\d{2}_\d{14}(?:_\d+)?\.png$")
 _LOGGED_ERROR = re.compile(r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)?\s*(?:ERROR|CRITICAL)\s+(.+?)(?:\s+[\w.-]+\.py:\d+)?$")
 _CONTINUED = re.compile(r"^\s{20,}(?!(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s)(\S.*?)(?:\s+[\w.-]+\.py:\d+)?$")
 
@@ -143,6 +147,18 @@ def state_folder(line: str, options: TrainOptions) -> dict | None:
     if match[1] == "step":
         return {"path": str(output / f"{options.output_name or 'at'}-step{int(match[2]):08d}-state"), "step": int(match[2])}
     return {"path": str(output / f"{options.output_name or 'last'}-state")}
+
+
+def round_samples(new: list[Path], step: int, epoch: int) -> list[dict]:
+    """The samples of the round sd-scripts said it draws after ``step`` in ``epoch``, among the ``new`` files of its
+    sample folder, as our ``sample`` events: those named for that step (``epoch`` 0 for --sample_at_first, else None),
+    or, for a round at an epoch's end, those named for the epoch. A file of a later round (sd-scripts may be ahead of
+    the console read so far) is left for its own round."""
+    named = [(path, match) for path in new if (match := _SAMPLE_NAME.search(path.name))]
+    at_step = [{"path": str(path), "epoch": 0 if step == 0 else None, "step": step}
+               for path, match in named if not match[1] and int(match[2]) == step]
+    return at_step or [{"path": str(path), "epoch": epoch, "step": step}
+                       for path, match in named if match[1] and int(match[2]) == epoch]
 
 
 def crash_message(error: str | None, logged_error: str | None, code: int, log_path: Path, options: TrainOptions,
@@ -316,12 +332,25 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
     # whole), so a resume never starts from one a stop cut short
     state: dict | None = None
     last_state: dict | None = None
+    # samples: the files new in <output_dir>/sample once sd-scripts has said it draws and a later line shows it is done
+    sample_folder = Path(options.output_dir or "output") / "sample"
+    samples_seen = set(sample_folder.glob("*.png")) if sample_folder.is_dir() else set()
+    rounds, last_average = [], None  # (step, epoch) of each round of samples said and not yet found
 
     def flush():
         nonlocal pending
         if pending is not None:
             events.emit("step", **pending)
             pending = None
+
+    def samples_drawn():
+        if not rounds or not sample_folder.is_dir():
+            return
+        for step, epoch in rounds:
+            for event in round_samples(sorted(set(sample_folder.glob("*.png")) - samples_seen), step, epoch):
+                events.emit("sample", **event)
+                samples_seen.add(Path(event["path"]))
+        rounds.clear()
 
     def state_written():
         nonlocal state, last_state
@@ -354,22 +383,29 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
                 event = event_from_line(line)
                 if event is not None:
                     state_written()
+                    samples_drawn()
+                if _SAMPLING.search(line):  # drawn after the step its bar showed last, at the end of this epoch or not
+                    flush()
+                    rounds.append((last_step, epoch_now))
                 if saving := state_folder(line, options):
                     flush()
                     state = saving
                 if event is not None and event["event"] == "step":
                     event.pop("event")
+                    last_average = event.get("average", last_average)
                     if pending is not None and event["step"] == pending["step"]:
                         pending.update(event)  # the redraw after set_postfix: this step's own average
                         flush()
                     elif event["step"] > last_step:
                         flush()
-                        pending, last_step = event, event["step"]
+                        pending, last_step = {**event, **({"epoch": epoch_now} if epoch_now else {})}, event["step"]
                 elif event is not None:
                     flush()
                     kind = event.pop("event")
                     files += [event["path"]] if kind == "saved" else []
-                    epochs_done = event["epoch"] if kind == "epoch" else epochs_done
+                    if kind == "epoch":  # its last step's average is sd-scripts' average over the epoch
+                        epochs_done = event["epoch"]
+                        event.update(step=last_step, **({"average": last_average} if last_average is not None else {}))
                     if kind == "error":  # becomes the UserError below; the caller writes the one error event
                         error = event["message"]
                     else:
@@ -388,12 +424,14 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
     flush()
     if code == 0:
         state_written()
+        samples_drawn()
     if code != 0 and not stopped:  # a stop the user asked for ends like our own trainer's stop: with "end"
         raise UserError(crash_message(error, logged_error, code, log_path, options, python))
     if code == 0 and not stopped and not last_step and logged_error:  # it returns after "No data found", unsaid
         raise UserError(f"sd-scripts ended without training a step; it logged: {logged_error} (see {log_path})")
     if epochs_done < epoch_now and not stopped:  # the last epoch has no "epoch N+1" line after it
-        events.emit("epoch", epoch=epoch_now, epochs=epochs)
+        events.emit("epoch", epoch=epoch_now, epochs=epochs, step=last_step,
+                    **({"average": last_average} if last_average is not None else {}))
     stop = {"stopped": True, "message": stopped_message(last_state)} if stopped else {}
     events.emit("end", files=files, steps=last_step, seconds=round(time.time() - started, 2), backend="sd-scripts", **stop)
     return code
