@@ -193,6 +193,15 @@ def test_stop_pause_resume_and_controls_say_what_happens(services):
     assert len(services.store.all()) == 4  # no job was added
 
 
+def test_stopping_an_sd_scripts_backend_job_does_not_claim_a_save(services):
+    """sd-scripts is terminated at a stop: "saving first" was not so."""
+    job = services.store.add("backend", {"backend": "sd-scripts=/opt/sd-scripts"})
+    services.store.update(job.id, status="running")
+    text, _ = train_tab.job_action(services, "pause", job.id)
+    assert text == (f"Job {job.id}: pausing (frees the GPU): sd-scripts is ended now, without saving (it cannot save at "
+                    "a stop); a resume goes on from the last state it saved.")
+
+
 def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(services):
     assert train_tab.tier_values("character", "6 GB") == {"batch_size": 1, "optimizer": "AdamW8bit", "text_encoder_lr": 0}
     assert set(train_tab.tier_values("character", "24 GB")) == {"batch_size", "optimizer"}  # not epochs, rank, rates

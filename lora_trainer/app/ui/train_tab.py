@@ -290,8 +290,13 @@ def job_action(services: Services, action: str, job_id: int | None) -> tuple[str
             return "No job selected.", None
         if action in ("stop", "pause"):
             job = services.runner.stop(job_id, pause=action == "pause")
-            return (f"Job {job_id}: {'pausing (frees the GPU)' if action == 'pause' else 'stopping'} after the current step, "
-                    "saving first." if job.status == "running" else f"Job {job_id} is {job.status}."), job_id
+            doing = "pausing (frees the GPU)" if action == "pause" else "stopping"
+            if job.status != "running":
+                return f"Job {job_id} is {job.status}.", job_id
+            if job.options.get("backend"):  # terminated: it cannot save at a stop
+                return (f"Job {job_id}: {doing}: sd-scripts is ended now, without saving (it cannot save at a stop); "
+                        "a resume goes on from the last state it saved."), job_id
+            return f"Job {job_id}: {doing} after the current step, saving first.", job_id
         services.runner.control(job_id, action)
         return f"Job {job_id}: {'saving' if action == 'save' else 'drawing samples'} after the current step.", job_id
     except UserError as error:
