@@ -31,3 +31,16 @@ def control_command(text: str) -> tuple[str | None, list[str]]:
     if not words or {"stop", "pause"} & set(words):
         return "stop", unknown
     return "+".join(word for word in ("save", "sample") if word in words) or None, unknown
+
+
+CLOCK_SLACK_SECONDS = 2.0  # FAT keeps file times to 2 s: a word of this run may read up to that much older than its start
+
+
+def written_before(modified: float, started: float) -> bool:
+    """Whether a control file last written at ``modified`` is a leftover of an earlier run (a pause pressed twice, a
+    stop as the last run ended): obeyed, it would stop this run at its first step."""
+    return modified < started - CLOCK_SLACK_SECONDS
+
+
+def leftover_warning(stop_file, text: str) -> str:
+    return f"{stop_file} held {text.replace(chr(10), ', ') or 'stop'!r} from before this run started: removed, not obeyed"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import toml_text
 from ..errors import UserError
-from .control import control_command, control_text
+from .control import control_command, control_text, leftover_warning, written_before
 from .events import EventLog
 from .options import (TrainOptions, absolute_path, memory_advice, sd_scripts_notes, sd_scripts_values,
                       with_absolute_paths, with_sd_scripts_requirements)
@@ -68,17 +68,16 @@ def _asks_to_stop(stop_file: Path | None, started: float) -> bool:
 
 
 def dropped_leftover(stop_file: Path | None, started: float) -> str | None:
-    """A control file written before this run started (a stop as the last run ended), removed, as our trainer's
-    StopRequest.drop_leftover does: what to say, or None. It would stop this run at sd-scripts' first line. FAT keeps
-    file times to 2 s, so a word of this run may read up to that much older than its start."""
+    """A control file written before this run started, removed, as our trainer's StopRequest.drop_leftover does: what
+    to say, or None. It would stop this run at sd-scripts' first line."""
     try:
-        if stop_file is None or stop_file.stat().st_mtime >= started - 2.0:
+        if stop_file is None or not written_before(stop_file.stat().st_mtime, started):
             return None
         text = control_text(stop_file.read_bytes()).strip()
         stop_file.unlink()
     except OSError:
         return None
-    return f"{stop_file} held {text.replace(chr(10), ', ') or 'stop'!r} from before this run started: removed, not obeyed"
+    return leftover_warning(stop_file, text)
 
 
 def python_of(checkout: Path) -> str:

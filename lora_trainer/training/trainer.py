@@ -46,7 +46,7 @@ from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum
 from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
-from .control import control_command, control_text
+from .control import control_command, control_text, leftover_warning, written_before
 from .data import TrainingData, build_training_data, check_bucket_steps
 from .evaluation import fixed_noise, outlier_images, recommend_epoch, validation_timesteps
 from .events import EventLog
@@ -207,15 +207,14 @@ class StopRequest:
     def drop_leftover(self, started: float) -> None:
         """A command written before this run started (a pause pressed twice, a stop as the last run ended) is removed
         and said, not obeyed: it would stop this run after its first step."""
-        try:  # FAT keeps file times to 2 s: a word of this run may read up to that much older than its start
-            if self.stop_file is None or self.stop_file.stat().st_mtime >= started - 2.0:
+        try:
+            if self.stop_file is None or not written_before(self.stop_file.stat().st_mtime, started):
                 return
         except OSError:
             return
         text = self._take()
         if text is not None:
-            self.warn(f"{self.stop_file} held {text.replace(chr(10), ', ') or 'stop'!r} from before this run started: "
-                      "removed, not obeyed")
+            self.warn(leftover_warning(self.stop_file, text))
 
     def _take(self) -> str | None:
         """The control file's words, the file removed; None without one. A file that cannot be removed (a folder
