@@ -107,6 +107,18 @@ def test_gui_lycoris_types_carry_their_network_args_and_drop_what_lycoris_ignore
         read(tmp_path, LoRA_type="Flux1")
 
 
+def test_gui_kohya_dylora_drops_the_standard_lora_fields_sd_scripts_dylora_does_not_read(tmp_path):
+    """The GUI passes its block and dropout fields to networks.dylora as well, which reads none of them: carried
+    over they would be refused, so they are left out and said."""
+    dylora, notes = read(tmp_path, LoRA_type="Kohya DyLoRA", conv_dim=16, unit=4, network_dropout=0.1, rank_dropout=0.1,
+                         block_dims=",".join(["8"] * 23), up_lr_weight="cosine")
+    assert dylora.network_module == "networks.dylora" and dylora.network_dropout is None
+    assert dylora.network_args == ["conv_dim=16", "conv_alpha=1", "unit=4"]
+    assert any("up_lr_weight, block_dims, rank_dropout are not carried over: sd-scripts' networks.dylora does not read "
+               "them, so they changed nothing there" in note for note in notes), notes
+    assert any("network_dropout is not carried over (sd-scripts' networks.dylora has no dropout" in note for note in notes)
+
+
 def test_gui_additional_parameters_are_read_as_the_command_line_reads_them(tmp_path):
     options, _ = read(tmp_path, additional_parameters="--network_train_unet_only --clip_skip 2 --max_grad_norm 0.5")
     assert (options.network_train_unet_only, options.clip_skip, options.max_grad_norm) == (True, 2, 0.5)

@@ -16,7 +16,7 @@ from lora_trainer.networks.apply import MergedNetworks, Strength
 from lora_trainer.networks.files import group_tensors, read_network
 from lora_trainer.networks.naming import model_targets
 from lora_trainer.networks.network import create_network
-from lora_trainer.networks.spec import NetworkSpec, spec_from_kohya
+from lora_trainer.networks.spec import NetworkSpec, network_args_notes, spec_from_kohya
 
 
 def kohya_list(name: str) -> dict[str, tuple[int, ...]]:
@@ -152,6 +152,71 @@ def test_kohya_network_args_become_a_spec_and_unknown_ones_are_refused_by_name()
         spec_from_kohya("networks.lora", 4, 1, ["conv_dimm=4"])
     with pytest.raises(UserError, match="network_module"):
         spec_from_kohya("networks.oft_magic", 4, 1, [])
+
+
+# (module, args, what is said): an arg the module's create_network never reads (sd-scripts 48d368fa networks/lora.py,
+# networks/dylora.py; lycoris-lora 4.1.3 kohya.py) would build another network there than here
+UNREAD_ARGS = [
+    ("lycoris.kohya", ["algo=locon", "block_dims=" + ",".join(["4"] * 25)],
+     "block_dims=4,.*: lycoris.kohya does not read it, so sd-scripts would build its network without it .LyCORIS trains "
+     "every layer at network_dim/conv_dim"),
+    ("lycoris.kohya", ["algo=locon", "preset=attn-mlp", "down_lr_weight=0.5"],
+     "down_lr_weight=0.5: lycoris.kohya does not read it.*only networks.lora has block learning rates"),
+    ("lycoris.kohya", ["algo=dylora", "unit=2"], "unit=2: lycoris.kohya does not read it.*LyCORIS's DyLoRA reads its "
+                                                 "blocks of ranks from block_size"),
+    ("networks.dylora", ["block_dims=" + ",".join(["4"] * 25)], "networks.dylora does not read it.*sd-scripts' DyLoRA "
+                                                                "trains every layer at network_dim"),
+    ("networks.dylora", ["rank_dropout=0.1", "module_dropout=0.1"],
+     "module_dropout=0.1, rank_dropout=0.1: networks.dylora does not read them.*DyLoRA module has no dropout.; drop them"),
+    ("networks.dylora", ["up_lr_weight=cosine"], "up_lr_weight=cosine: networks.dylora does not read it"),
+    ("networks.dylora", ["block_size=2"], "block_size=…: LyCORIS options, which networks.dylora would ignore "
+                                          ".sd-scripts' DyLoRA reads its blocks of ranks from unit."),
+    ("networks.lora", ["unit=2"], "unit=2: networks.lora does not read it.*networks.dylora reads unit"),
+    ("networks.lora", ["block_size=2"], "block_size=…: LyCORIS options, which networks.lora would ignore"),
+]
+
+
+@pytest.mark.parametrize("network_module, args, said", UNREAD_ARGS)
+def test_each_network_module_refuses_the_args_it_does_not_read_naming_the_module_that_does(network_module, args, said):
+    with pytest.raises(UserError, match=said):
+        spec_from_kohya(network_module, 4, 1, args)
+
+
+def test_networks_dylora_refuses_network_dropout_which_its_module_has_not():
+    with pytest.raises(UserError, match="--network_dropout 0.1: networks.dylora does not read it .sd-scripts' DyLoRA "
+                                        "module has no dropout"):
+        spec_from_kohya("networks.dylora", 4, 1, ["unit=2"], network_dropout=0.1)
+    assert spec_from_kohya("networks.lora", 4, 1, [], network_dropout=0.1).dropout == 0.1
+
+
+@pytest.mark.parametrize("arg", ["down_lr_weight=0.5", "up_lr_weight=2"])
+def test_a_single_number_for_down_or_up_block_rates_is_refused_as_sd_scripts_stops_on_it(arg):
+    """It read as [0.5, 1 × 11]: IN00 alone, which has no layer, so nothing changed."""
+    with pytest.raises(UserError, match=f"{arg}: give one weight per block, comma-separated .12 values, SDXL 9., or a "
+                                        "preset .cosine, sine, linear, reverse_linear, zeros"):
+        spec_from_kohya("networks.lora", 4, 1, [arg])
+    with pytest.raises(UserError, match="mid_lr_weight=linear: give numbers"):
+        spec_from_kohya("networks.lora", 4, 1, ["mid_lr_weight=linear"])
+    assert spec_from_kohya("networks.lora", 4, 1, ["down_lr_weight=cosine+0.5", "mid_lr_weight=0.5"]).per_block
+
+
+def test_block_lists_outside_sd_scripts_block_mode_are_said_unused():
+    """sd-scripts reads block_alphas and the conv block lists only with block_dims or a block learning rate."""
+    convs = ",".join(["2"] * 25)
+    notes = network_args_notes(spec_from_kohya("networks.lora", 4, 1, [f"conv_block_dims={convs}"]))
+    assert notes == ["network_args conv_block_dims: not used without block_dims or a block learning rate (down_lr_weight, "
+                     "mid_lr_weight, up_lr_weight), as sd-scripts reads the block lists only then (the 3×3 convolutions "
+                     "train only with conv_dim then); add block_dims to train by block"]
+    assert network_args_notes(spec_from_kohya("networks.lora", 4, 1, [f"conv_block_dims={convs}", "mid_lr_weight=1"])) == []
+
+
+@pytest.mark.parametrize("algo, said", [("loha", "the loha layers have none"), ("lokr", "the lokr layers have none"),
+                                        ("ia3", "the ia3 layers"), ("dylora", "the dylora layers have none")])
+def test_loraplus_on_a_lycoris_algorithm_without_lora_up_is_said_to_change_nothing(algo, said):
+    notes = network_args_notes(spec_from_kohya("lycoris.kohya", 4, 1, [f"algo={algo}", "loraplus_lr_ratio=16"]))
+    assert any(note.startswith("network_args loraplus_lr_ratio: LoRA+ raises the rate of the lora_up weights, and ")
+               and said in note and note.endswith("so it changes nothing there") for note in notes), notes
+    assert network_args_notes(spec_from_kohya("lycoris.kohya", 4, 1, ["algo=locon", "loraplus_lr_ratio=16"])) == []
 
 
 # network_args as the Kohya GUI writes them for its LyCORIS types (lora_gui.py), with its defaults filled in

@@ -14,8 +14,8 @@ from lora_trainer.models.configs import SD2, SDXL
 from lora_trainer.networks.apply import MergedNetworks, Strength
 from lora_trainer.networks.files import read_network
 from lora_trainer.networks.lycoris_presets import LYCORIS_PRESETS
-from lora_trainer.networks.network import base_metadata, create_network, kohya_hashes, save_network
-from lora_trainer.networks.spec import NetworkSpec
+from lora_trainer.networks.network import base_metadata, block_index, create_network, kohya_hashes, save_network
+from lora_trainer.networks.spec import NetworkSpec, spec_from_kohya
 from lora_trainer.tiny_model.build import tiny_config, tiny_like
 
 SD1_TINY = tiny_config()
@@ -232,6 +232,56 @@ def test_learning_rate_groups_follow_sd_scripts_text_encoder_unet_blocks_and_lor
     assert not any(d.startswith("unet_block") and int(d.split()[0][10:]) < 12 for d in groups)
 
 
+def test_layers_outside_the_blocks_keep_the_unet_rate_when_block_rates_are_given():
+    """A LyCORIS preset trains the time embedding and conv_out, which have no block (spec_from_kohya refuses block
+    rates under lycoris.kohya, which never reads them; a spec made otherwise must still give its groups)."""
+    config, unet, text_encoders = _models("sd1")
+    spec = NetworkSpec(network_module="lycoris.kohya", preset="full", lycoris=LYCORIS_PRESETS["full"], conv_dim=2,
+                       network_args=(("down_lr_weight", "zeros+0.5"),))
+    network = create_network(config, unet, text_encoders, spec)
+    groups = {g["description"]: g for g in network.parameter_groups(1e-4)}
+    assert groups["unet"]["lr"] == 1e-4 and groups["unet_block1"]["lr"] == pytest.approx(0.5e-4)
+    outside = {id(p) for m in network.unet_modules() if block_index(m.target, "diffusers") is None for p in m.parameters()}
+    assert outside and outside == {id(p) for p in groups["unet"]["params"]}
+
+
+def _unet_alphas(network, kxk: bool) -> dict[str, float]:
+    return {name: float(m.alpha) for name, m in network.items()
+            if not m.target.is_text_encoder and (m.lora_down.weight.dim() == 4 and m.lora_down.weight.shape[-1] == 3) == kxk}
+
+
+def test_block_lists_are_read_as_sd_scripts_reads_them_whenever_block_dims_or_block_rates_are_given():
+    """sd-scripts' block mode: block_alphas apply with block learning rates alone (block_dims then all network_dim),
+    and without either the conv block lists are not read, so no 3×3 convolution trains without conv_dim."""
+    config, unet, text_encoders = _models("sd1")
+    alphas = ",".join(str(i + 1) for i in range(25))
+    spec = spec_from_kohya("networks.lora", 4, 1, ["mid_lr_weight=1", f"block_alphas={alphas}", "conv_dim=2"])
+    network = create_network(config, unet, text_encoders, spec)
+    blocks = {name: block_index(m.target, "diffusers") for name, m in network.items() if not m.target.is_text_encoder}
+    assert _unet_alphas(network, kxk=False) == {name: blocks[name] + 1.0 for name in _unet_alphas(network, kxk=False)}
+    assert set(_unet_alphas(network, kxk=True).values()) == {1.0}  # conv_alpha: conv_block_alphas not given
+    assert all(float(m.alpha) == 1.0 for m in network.text_encoder_modules())
+
+    convs = ",".join(["2"] * 25)
+    alone = create_network(config, unet, text_encoders, spec_from_kohya("networks.lora", 4, 1, [f"conv_block_dims={convs}"]))
+    assert not _unet_alphas(alone, kxk=True) and _unet_alphas(alone, kxk=False)
+    by_block = create_network(config, unet, text_encoders, spec_from_kohya("networks.lora", 4, 1, [f"conv_block_dims={convs}",
+                                                                                                     "up_lr_weight=linear"]))
+    assert _unet_alphas(by_block, kxk=True)
+
+
+@pytest.mark.parametrize("network_module, args, plus", [
+    ("lycoris.kohya", ["algo=dylora", "block_size=2", "preset=attn-mlp", "loraplus_lr_ratio=16"], False),
+    ("networks.dylora", ["unit=2", "loraplus_lr_ratio=16"], True)])
+def test_loraplus_raises_dylora_up_weights_where_the_network_library_does(network_module, args, plus):
+    """sd-scripts' DyLoRA raises its lora_B (up) weights; LyCORIS's DyLoRA keeps them in up_list, which its LoRA+
+    (``"lora_up" in name``) never picks."""
+    config, unet, text_encoders = _models("sd1")
+    spec = spec_from_kohya(network_module, 4, 4, args)
+    groups = {g["description"] for g in create_network(config, unet, text_encoders, spec).parameter_groups(1e-4)}
+    assert groups == ({"textencoder", "textencoder plus", "unet", "unet plus"} if plus else {"textencoder", "unet"})
+
+
 def test_a_loaded_alpha_sets_the_scale_the_hooks_apply():
     """Weights loaded onto a network (--network_weights, a resumed state) bring their own alpha; the forward uses it."""
     unet, text_encoders, _ = build_models(SD1_TINY)
@@ -358,3 +408,4 @@ def test_files_name_their_base_model_as_sd_scripts_does(family, prediction, vers
     metadata = base_metadata(config, NetworkSpec(), "title")
     assert (metadata["ss_base_model_version"], metadata["modelspec.architecture"]) == (version, architecture + "/lora")
     assert metadata["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")
+

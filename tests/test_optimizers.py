@@ -253,7 +253,7 @@ def _options(**values):
 @pytest.mark.parametrize("values, named", [
     ({"text_encoder_lr": 0.5}, "--learning_rate 1, --text_encoder_lr 0.5"),
     ({"unet_lr": 2.0, "network_args": ["loraplus_lr_ratio=16"]}, "--unet_lr 2, --learning_rate 1; network_args loraplus"),
-    ({"network_args": ["down_lr_weight=0.5"]}, "network_args down_lr_weight"),
+    ({"network_args": ["down_lr_weight=0.5,0.5"]}, "network_args down_lr_weight"),
 ])
 def test_prodigy_and_d_adaptation_with_different_rates_are_refused_before_the_model_loads(values, named):
     """Their own check refuses different group rates at the first step: the run died after loading and caching, with

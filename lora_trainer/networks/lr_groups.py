@@ -2,7 +2,8 @@
 
 Text encoders get ``text_encoder_lr`` (else the base learning rate), the UNet ``unet_lr``; block-wise learning
 rates (``down_lr_weight``, ``mid_lr_weight``, ``up_lr_weight`` in network_args) split the UNet into one group
-per block; LoRA+ puts the ``lora_up`` weights of a side into their own group with a multiplied rate. A group
+per block (a layer outside the blocks stays in ``unet`` at weight 1); LoRA+ puts the ``lora_up`` weights of a side
+(not LyCORIS DyLoRA's, as in LyCORIS) into their own group with a multiplied rate. A group
 whose rate is 0 or None is dropped, so ``text_encoder_lr=0`` trains the UNet only.
 """
 
@@ -70,7 +71,7 @@ def parameter_groups(network, learning_rate: float, text_encoder_lr: float | Non
         plain, plus = [], []
         for module in modules:
             for name, parameter in module.named_parameters():
-                (plus if plus_ratio and "lora_up" in name else plain).append(parameter)
+                (plus if plus_ratio and module.loraplus_raises_up and "lora_up" in name else plain).append(parameter)
         if plain:
             groups.append({"params": plain, "lr": lr, "description": description})
         if plus:
@@ -81,9 +82,12 @@ def parameter_groups(network, learning_rate: float, text_encoder_lr: float | Non
     if block_weights is None:
         add(network.unet_modules(), unet_rate, "unet", loraplus_unet)
     else:
-        by_block: dict[int, list] = {}
+        by_block: dict[int | None, list] = {}
         for module in network.unet_modules():
             by_block.setdefault(block_of(module), []).append(module)
-        for index in sorted(by_block):
-            add(by_block[index], unet_rate * block_weights[index], f"unet_block{index}", loraplus_unet)
+        for index in sorted(by_block, key=lambda index: (index is None, index or 0)):
+            if index is None:  # outside sd-scripts' blocks (LyCORIS presets' time embedding, conv_out): no block weight
+                add(by_block[index], unet_rate, "unet", loraplus_unet)
+            else:
+                add(by_block[index], unet_rate * block_weights[index], f"unet_block{index}", loraplus_unet)
     return groups

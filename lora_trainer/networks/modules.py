@@ -110,6 +110,9 @@ class NetworkModule(nn.Module):
         # LyCORIS drops the module's output and one set of ranks for the whole batch, unscaled; sd-scripts the
         # hidden ranks, per sample, rescaled: each network library's own dropouts
         self.lycoris_dropouts = spec.network_module == "lycoris.kohya"
+        # LoRA+ raises the rate of the weights named lora_up; LyCORIS's DyLoRA names its up weights up_list.N, so
+        # there it raises none (sd-scripts' DyLoRA: lora_B, its up)
+        self.loraplus_raises_up = not (self.algorithm == "dylora" and self.lycoris_dropouts)
         for suffix, tensor in tensors.items():
             tensor = tensor.to(layer_weight.device)
             if not tensor.is_floating_point() or suffix in ("alpha", "scale"):  # fixed numbers, not trained

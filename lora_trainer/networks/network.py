@@ -52,21 +52,22 @@ def layer_options(spec: NetworkSpec, target: Target, weight: torch.Tensor) -> Ne
 
 
 def _rank_and_alpha(target: Target, weight: torch.Tensor, spec: NetworkSpec, naming: str) -> tuple[int, float]:
-    """sd-scripts' rule: Linear and 1×1 convs use dim/alpha, k×k convs conv_dim/conv_alpha (block lists win)."""
+    """sd-scripts' rule: Linear and 1×1 convs use dim/alpha, k×k convs conv_dim/conv_alpha. In its block mode
+    (``spec.per_block``) a UNet layer takes its block's entry of each list given (conv_block_alphas only with
+    conv_block_dims); without it the lists are not read."""
     is_kxk = has_kernel(weight.shape)
-    index = block_index(target, naming)
     if is_kxk:
-        dims, alphas, dim, alpha = spec.conv_block_dims, spec.conv_block_alphas, spec.conv_dim or 0, spec.conv_alpha
-        alpha = 1.0 if alpha is None else alpha
+        dim, alpha = spec.conv_dim or 0, 1.0 if spec.conv_alpha is None else spec.conv_alpha
+        dims, alphas = spec.conv_block_dims, spec.conv_block_alphas if spec.conv_block_dims is not None else None
     else:
         dims, alphas, dim, alpha = spec.block_dims, spec.block_alphas, spec.dim, spec.alpha
+    index = block_index(target, naming) if spec.per_block else None
+    if index is None:
+        return dim, alpha
     for values in (dims, alphas):
         if values is not None and len(values) != BLOCK_COUNT[naming]:
             raise UserError(f"network_args block lists need {BLOCK_COUNT[naming]} values for this model, got {len(values)}")
-    if index is not None and dims is not None:
-        dim = dims[index]
-        alpha = alphas[index] if alphas is not None else alpha
-    return dim, alpha
+    return dims[index] if dims is not None else dim, alphas[index] if alphas is not None else alpha
 
 
 def block_lr_weights_for(config, spec: NetworkSpec) -> list[float] | None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import UserError, with_closest
+from .lr_groups import PRESETS
 from .lycoris_presets import LYCORIS_DEFAULT, Preset, lycoris_preset
 from .registry import algorithm_name, trainable_algorithms
 MODULES = ("networks.lora", "networks.dylora", "lycoris.kohya")
@@ -73,8 +74,14 @@ class NetworkSpec:
             raise UserError("use_tucker: DyLoRA has no Tucker form; drop use_tucker or use algo=lora")
 
     @property
+    def per_block(self) -> bool:
+        """sd-scripts' block mode (networks/lora.py create_network): the UNet's ranks come from the block lists
+        whenever block_dims or a block learning rate is given; otherwise the block lists are not read."""
+        return self.block_dims is not None or any(key in BLOCK_LR_ARGS for key, _ in self.network_args)
+
+    @property
     def with_convs(self) -> bool:
-        return bool(self.conv_dim) or bool(self.conv_block_dims)
+        return bool(self.conv_dim) or (self.per_block and bool(self.conv_block_dims))
 
     def for_layer(self, options: Mapping[str, object], kxk: bool) -> NetworkSpec:
         """These options with a LyCORIS block map's ``options`` for one layer (its ``dim``/``alpha`` are the conv
@@ -123,8 +130,8 @@ _FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "modu
 _INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}
 _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, "conv_block_alphas": float}
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
-_OPTIMIZER_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-                   "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+BLOCK_LR_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 # LyCORIS's algo= names after 4.1.3
 _NEWER_LYCORIS = {"abba", "gora", "ralora", "lora2"}
 # in 4.1.3, not trained here: what its files would be good for
@@ -132,11 +139,27 @@ _UNLOADABLE_LYCORIS = {"tlora": " (T-LoRA, LyCORIS 4.1.3) is not trained here: i
                                 "timestep) load in neither the WebUI nor ComfyUI; choose"}
 # LyCORIS options refused when on (off, they change nothing here)
 _NOT_HERE = {"train_t5xxl": "an SD model has no T5 encoder", "train_llm_adapter": "an SD model has no LLM adapter"}
-# sd-scripts' networks.lora / networks.dylora would ignore these without a word
-_LYCORIS_ONLY = {"algo", "preset", "wd_on_output", "factor", "disable_conv_cp", "constraint", "dropout", *_NOT_HERE, *_BOOL_ARGS,
-                 *_TUCKER_ARGS, *_SAME_RESULT_ARGS}
-_KNOWN = ({"algo", "wd_on_output", "preset", "disable_conv_cp", *_TUCKER_ARGS, *_SAME_RESULT_ARGS, *_NOT_HERE}
-          | _BOOL_ARGS.keys() | _FLOAT_ARGS.keys() | _INT_ARGS.keys() | _LIST_ARGS.keys() | _OPTIMIZER_ARGS)
+# The network_args each module's create_network reads (sd-scripts 48d368fa networks/lora.py and networks/dylora.py,
+# lycoris-lora 4.1.3 lycoris/kohya.py): the same command must build the same network, so any other is refused,
+# naming the module that reads it, never applied where the real module would ignore it
+READ_BY = {
+    "networks.lora": {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *_LIST_ARGS, *BLOCK_LR_ARGS,
+                      *LORAPLUS_ARGS},
+    "networks.dylora": {"conv_dim", "conv_alpha", "unit", *LORAPLUS_ARGS},
+    "lycoris.kohya": {"conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "algo", "preset", "factor",
+                      "decompose_both", "block_size", "constraint", "wd_on_output", "disable_conv_cp", *_TUCKER_ARGS,
+                      *_BOOL_ARGS, *_NOT_HERE, *_SAME_RESULT_ARGS, *LORAPLUS_ARGS},
+}
+_KNOWN = set().union(*READ_BY.values())
+# what a module reads instead of an arg it does not (the arg: the module, what it reads or does)
+_INSTEAD = {("lycoris.kohya", "unit"): "LyCORIS's DyLoRA reads its blocks of ranks from block_size",
+            ("networks.dylora", "block_size"): "sd-scripts' DyLoRA reads its blocks of ranks from unit",
+            **{("lycoris.kohya", arg): "LyCORIS trains every layer at network_dim/conv_dim (a preset file's block maps "
+                                       "give layers their own dim)" for arg in _LIST_ARGS},
+            **{("networks.dylora", arg): "sd-scripts' DyLoRA trains every layer at network_dim" for arg in _LIST_ARGS},
+            **{(module, arg): "only networks.lora has block learning rates" for arg in BLOCK_LR_ARGS
+               for module in ("lycoris.kohya", "networks.dylora")},
+            **{("networks.dylora", arg): "sd-scripts' DyLoRA module has no dropout" for arg in ("rank_dropout", "module_dropout")}}
 
 
 def _truthy(value: str) -> bool:
@@ -166,6 +189,31 @@ def lycoris_reading_notes(network_args: list[str] | None) -> list[str]:
     return notes
 
 
+def network_args_notes(spec: NetworkSpec) -> list[str]:
+    """What the network args ask for that the network library they name reads otherwise, or not at all (and so
+    neither does this trainer, to build the same network): said, with how to get what they say."""
+    args = dict(spec.network_args)
+    notes = lycoris_reading_notes([f"{k}={v}" for k, v in spec.network_args]) if spec.network_module == "lycoris.kohya" else []
+    unread = [arg for arg in ("block_alphas", "conv_block_dims", "conv_block_alphas") if arg in args and not spec.per_block]
+    if unread:
+        convs = " (the 3×3 convolutions train only with conv_dim then)" if "conv_block_dims" in unread else ""
+        notes.append(f"network_args {', '.join(unread)}: not used without block_dims or a block learning rate "
+                     f"(down_lr_weight, mid_lr_weight, up_lr_weight), as sd-scripts reads the block lists only "
+                     f"then{convs}; add block_dims to train by block")
+    elif spec.per_block and "conv_block_alphas" in args and "conv_block_dims" not in args:
+        notes.append(f"network_args conv_block_alphas: not used without conv_block_dims (sd-scripts gives the 3×3 "
+                     f"convolutions conv_alpha {1.0 if spec.conv_alpha is None else spec.conv_alpha:g} then); add "
+                     "conv_block_dims")
+    loraplus = [arg for arg in LORAPLUS_ARGS if arg in args]
+    # LyCORIS's LoRA+ picks the weights named lora_up: only its LoRA/LoCon has them (its DyLoRA's are up_list)
+    without_up = sorted(spec.algorithms - {"lora"}) if spec.network_module == "lycoris.kohya" else []
+    if loraplus and without_up:
+        notes.append(f"network_args {', '.join(loraplus)}: LoRA+ raises the rate of the lora_up weights, and the "
+                     f"{' and '.join(without_up)} layers have none (LyCORIS picks them by that name), so it changes "
+                     "nothing there")
+    return notes
+
+
 def parse_network_args(items: list[str] | None) -> dict[str, str]:
     """``["conv_dim=4", "algo=loha"]`` → {"conv_dim": "4", "algo": "loha"}; a malformed item is named."""
     parsed = {}
@@ -177,26 +225,62 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
     return parsed
 
 
+def _refuse_unread(network_module: str, args: dict[str, str], network_dropout: float | None) -> None:
+    """Refuses the args ``network_module`` does not read (sd-scripts would build another network from the same
+    command), naming the module that reads each, then the args no module reads."""
+    unread = sorted(args.keys() & _KNOWN - READ_BY[network_module])
+    lycoris_only = [arg for arg in unread if arg in READ_BY["lycoris.kohya"] and not any(
+        arg in READ_BY[module] for module in MODULES if module != "lycoris.kohya")]
+    if lycoris_only:
+        instead = [f"its dropout is --network_dropout {args['dropout']}"] if "dropout" in lycoris_only else []
+        instead += [_INSTEAD[network_module, arg] for arg in lycoris_only if (network_module, arg) in _INSTEAD]
+        instead = f" ({'; '.join(instead)})" if instead else ""
+        raise UserError(f"network_args {', '.join(f'{k}=…' for k in lycoris_only)}: LyCORIS options, which "
+                        f"{network_module} would ignore{instead}; use --network_module lycoris.kohya with them")
+    if unread:
+        readers = {arg: " and ".join(module for module in MODULES if arg in READ_BY[module]) for arg in unread}
+        why = dict.fromkeys(_INSTEAD.get((network_module, arg), f"{readers[arg]} read{'' if ' and ' in readers[arg] else 's'} {arg}") for arg in unread)
+        them = "it" if len(unread) == 1 else "them"
+        raise UserError(f"network_args {', '.join(f'{k}={args[k]}' for k in unread)}: {network_module} does not read "
+                        f"{them}, so sd-scripts would build its network without {them} ({'; '.join(why)}); drop {them} "
+                        f"or use the --network_module that reads {them}")
+    if network_module == "networks.dylora" and network_dropout:
+        raise UserError(f"--network_dropout {network_dropout:g}: networks.dylora does not read it (sd-scripts' DyLoRA "
+                        "module has no dropout), so sd-scripts would train without it; drop it", "network_dropout")
+    unknown = sorted(set(args) - _KNOWN)
+    if unknown:
+        raise UserError(f"unsupported network_args: {with_closest(unknown, _KNOWN)}")
+
+
+def _check_block_lr_weights(args: dict[str, str]) -> None:
+    """sd-scripts' reading of the block learning rates (lora.py get_block_lr_weight): down/up a comma list or a preset,
+    mid a comma list; a single number there stops sd-scripts (it is no preset), and would change nothing here."""
+    for arg in ("down_lr_weight", "up_lr_weight"):
+        text = args.get(arg)
+        if text is not None and "," not in text and text.split("+")[0] not in PRESETS:
+            raise UserError(f"network_args {arg}={text}: give one weight per block, comma-separated (12 values, SDXL 9), "
+                            f"or a preset ({', '.join(PRESETS)}, optionally +base, e.g. cosine+0.5); sd-scripts stops on "
+                            "a single number")
+    mid = args.get("mid_lr_weight")
+    if mid is not None and mid.split("+")[0] in PRESETS:
+        raise UserError(f"network_args mid_lr_weight={mid}: give numbers (1 value, SDXL 3); the presets are for "
+                        "down_lr_weight and up_lr_weight, as in sd-scripts")
+
+
 def spec_from_kohya(network_module: str = "networks.lora", network_dim: int | None = None, network_alpha: float | None = None,
                     network_args: list[str] | dict[str, str] | None = None, network_dropout: float | None = None) -> NetworkSpec:
     """sd-scripts' network options → NetworkSpec, refusing what we would silently mis-train."""
     if network_module not in MODULES:
         raise UserError(f"--network_module {network_module!r} is not supported; use one of {', '.join(MODULES)}")
     args = dict(network_args) if isinstance(network_args, dict) else parse_network_args(network_args)
-    lycoris_only = sorted(_LYCORIS_ONLY & args.keys())
-    if lycoris_only and network_module != "lycoris.kohya":
-        dropout = f" (its dropout is --network_dropout {args['dropout']})" if "dropout" in lycoris_only else ""
-        raise UserError(f"network_args {', '.join(f'{k}=…' for k in lycoris_only)}: LyCORIS options, which "
-                        f"{network_module} would ignore{dropout}; use --network_module lycoris.kohya with them")
+    _refuse_unread(network_module, args, network_dropout)
+    _check_block_lr_weights(args)
     for arg, why in _NOT_HERE.items():
         if arg in args and _truthy(args[arg]):
             raise UserError(f"network_args {arg}={args[arg]}: {why}")
     if "disable_conv_cp" in args:
         raise UserError("network_args disable_conv_cp: LyCORIS reads it from network_args as text, so it never "
                         "turns the Tucker form on; give use_tucker=True")
-    unknown = sorted(set(args) - _KNOWN)
-    if unknown:
-        raise UserError(f"unsupported network_args: {with_closest(unknown, _KNOWN)}")
     fields: dict = {"network_module": network_module, "network_args": tuple(args.items())}
     if network_dim is not None:
         fields["dim"] = int(network_dim)

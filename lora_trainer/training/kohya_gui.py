@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
+from ..networks.spec import READ_BY
 
 # The GUI's LoRA types for SD1/SD2/SDXL and the network each trains (lora_gui.py).
 _LYCORIS_ALGOS = {"LoCon": "locon", "LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr",
@@ -153,6 +154,9 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
     if lora_type == "LyCORIS/iA3" and options.pop("network_dropout", None) is not None:
         notes.append(f"{source}: network_dropout is not carried over (LyCORIS's iA3 has no neuron dropout, so it did "
                      "nothing there)")
+    if lora_type == "Kohya DyLoRA" and options.pop("network_dropout", None) is not None:
+        notes.append(f"{source}: network_dropout is not carried over (sd-scripts' networks.dylora has no dropout, so it "
+                     "did nothing there)")
     for name in ("stop_text_encoder_training_pct", "use_wandb"):  # sample_prompts: gui_settings_options writes them
         if _set(data.get(name)):
             notes.append(f"{source}: {name} is not carried over ({_WHY[name]})")
@@ -204,7 +208,13 @@ def _network(lora_type: str, data: dict, source: str, notes: list[str]) -> dict[
         args += [f"{name}={data[name]}" for name in _KOHYA_BLOCK_FIELDS if _set(data.get(name))]
         return {"network_module": "networks.lora", "network_args": args + _loraplus(data)}
     if lora_type == "Kohya DyLoRA":
-        args = [f"{name}={data[name]}" for name in ("conv_dim", "conv_alpha", *_KOHYA_BLOCK_FIELDS, "unit") if _set(data.get(name))]
+        given = [name for name in ("conv_dim", "conv_alpha", *_KOHYA_BLOCK_FIELDS, "unit") if _set(data.get(name))]
+        unread = [name for name in given if name not in READ_BY["networks.dylora"]]
+        if unread:  # the GUI passes Standard LoRA's block and dropout fields to DyLoRA too
+            notes.append(f"{source}: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not carried over: "
+                         f"sd-scripts' networks.dylora does not read {'it' if len(unread) == 1 else 'them'}, so "
+                         f"{'it' if len(unread) == 1 else 'they'} changed nothing there")
+        args = [f"{name}={data[name]}" for name in given if name not in unread]
         return {"network_module": "networks.dylora", "network_args": args + _loraplus(data)}
     raise UserError(f"{source}: LoRA_type {lora_type!r} is not trained here (SD1/SD2/SDXL LoRA types: Standard, "
                     f"Kohya LoCon, Kohya DyLoRA, {', '.join(_LYCORIS_ALGOS)})")
