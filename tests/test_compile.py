@@ -8,7 +8,7 @@ import torch
 from lora_trainer.errors import UserError
 from lora_trainer.models.checkpoint import load_checkpoint
 from lora_trainer.networks.network import create_network
-from lora_trainer.networks.spec import spec_from_kohya
+from lora_trainer.networks.spec import NetworkSpec, spec_from_kohya
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 from lora_trainer.training.trainer import compile_models
 
@@ -72,7 +72,7 @@ def test_compiling_under_a_torch_that_traces_for_minutes_says_so_before_the_run_
     monkeypatch.setattr(trainer, "DYNAMO_TRACES_SLOWLY", slow_tracer)
     options = options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
                             "torch_compile": True})
-    warnings = trainer._option_warnings(options, None, torch.device("cpu"), torch.float32)
+    warnings = trainer._option_warnings(options, NetworkSpec(), torch.device("cpu"), torch.float32)
     assert any("traces a UNet with a network for minutes" in w and torch.__version__ in w for w in warnings) is warned
     assert not any("minutes" in w for w in trainer._option_warnings(
         options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d"}), None, torch.device("cpu"),

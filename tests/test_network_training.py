@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,9 @@ from lora_trainer.networks.files import read_network
 from lora_trainer.networks.lycoris_presets import LYCORIS_PRESETS
 from lora_trainer.networks.network import base_metadata, block_index, create_network, kohya_hashes, save_network
 from lora_trainer.networks.spec import NetworkSpec, spec_from_kohya
-from lora_trainer.tiny_model.build import tiny_config, tiny_like
+from lora_trainer.tiny_model.build import TINY_MODEL_PATH, tiny_config, tiny_like
+from lora_trainer.train_network import main as train_main
+from lora_trainer.training.events import read_events
 
 SD1_TINY = tiny_config()
 
@@ -409,3 +413,24 @@ def test_files_name_their_base_model_as_sd_scripts_does(family, prediction, vers
     assert (metadata["ss_base_model_version"], metadata["modelspec.architecture"]) == (version, architecture + "/lora")
     assert metadata["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")
 
+
+def test_a_run_says_the_block_lists_it_does_not_use_and_its_steps_carry_the_loraplus_rate(tmp_path):
+    """Two groups, unet and unet plus: the LoRA+ rate is in the step events all the same; conv_block_dims without
+    block_dims or block rates is said unused (sd-scripts trains no 3×3 convolution from it)."""
+    data = tmp_path / "data"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar",
+                    data / "1_zkstar")
+    assert train_main([
+        "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(data), "--output_dir",
+        str(tmp_path / "out"), "--output_name", "star", "--resolution", "64", "--train_batch_size", "4",
+        "--max_train_steps", "1", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
+        "--network_module", "networks.lora", "--network_dim", "4", "--learning_rate", "1e-4", "--network_train_unet_only",
+        "--network_args", "loraplus_unet_lr_ratio=4", "conv_block_dims=" + ",".join(["2"] * 25)]) == 0
+    events = read_events(tmp_path / "out" / "star.events.jsonl")[0]
+    step = next(e for e in events if e["event"] == "step")
+    assert step["lr_groups"] == {"unet": 1e-4, "unet plus": 4e-4}
+    assert any(e["message"].startswith("network_args conv_block_dims: not used without block_dims or a block learning "
+                                       "rate") for e in events if e["event"] == "warning")
+    with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
+        assert not [key for key in handle.keys() if key.endswith("lora_down.weight") and len(handle.get_slice(key).get_shape()) == 4
+                    and handle.get_slice(key).get_shape()[-1] == 3]

@@ -10,6 +10,7 @@ import torch
 
 from lora_trainer.compat import SCALES_LOSS_ON_CPU
 from lora_trainer.errors import UserError
+from lora_trainer.networks.spec import NetworkSpec
 from lora_trainer.training.flat_adamw import FlatAdamW
 from lora_trainer.training.optimizers import Adafactor, Lion, make_optimizer, optimizer_label, parse_optimizer_args
 from reference import REFERENCE
@@ -240,7 +241,7 @@ def test_an_adaptive_optimizer_at_a_small_learning_rate_is_said_to_hardly_learn(
 
     options = options_from({"pretrained_model_name_or_path": "x", "train_data_dir": "d", "optimizer_type": optimizer,
                             "learning_rate": rate, "unet_lr": rate}, "test")
-    said = [w for w in trainer._option_warnings(options, None, torch.device("cpu"), torch.float32) if "hardly learns" in w]
+    said = [w for w in trainer._option_warnings(options, NetworkSpec(), torch.device("cpu"), torch.float32) if "hardly learns" in w]
     assert bool(said) is warned
 
 
@@ -284,7 +285,7 @@ def test_a_schedule_free_optimizer_ignores_the_scheduler_options_as_sd_scripts_d
 
     options = _options(optimizer_type="AdamWScheduleFree", lr_scheduler="constant", lr_warmup_steps=5,
                        lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args=["T_max=30"])
-    said = [w for w in trainer._option_warnings(options, None, torch.device("cpu"), torch.float32) if "own schedule" in w]
+    said = [w for w in trainer._option_warnings(options, NetworkSpec(), torch.device("cpu"), torch.float32) if "own schedule" in w]
     assert said and "--lr_scheduler_type CosineAnnealingLR, --lr_warmup_steps 5 change nothing" in said[0]
     optimizer = make_optimizer("AdamWScheduleFree", groups(3e-3), 3e-3, [])
     scheduler = make_scheduler(optimizer, "constant", 30, 5, scheduler_type="CosineAnnealingLR",

@@ -39,7 +39,7 @@ from ..networks.apply import Strength, merge_for_good
 from ..networks.max_norm import apply_max_norm, left_alone_warning
 from ..networks.files import read_network
 from ..networks.network import LoRANetwork, create_network, network_from_file
-from ..networks.spec import lycoris_reading_notes, spec_from_kohya
+from ..networks.spec import network_args_notes, spec_from_kohya
 from ..process_memory import peak_rss_mib
 from ..safe_io import HeldFile, windows_path_limits
 from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum_gradients, world_from_env
@@ -671,7 +671,7 @@ class TrainingRun:
         rates = group_rates(optimizer)
         self.tracker.step(state.step, value, average, rates, norms, adapted_rates(optimizer))
         self.events.emit("step", step=state.step, total=self.total_steps, epoch=epoch + 1, loss=value, average=average,
-                         lr=part_rates(rates), **({"lr_groups": rates} if len(rates) > 2 else {}),
+                         lr=part_rates(rates), **({"lr_groups": rates} if set(rates) - {"textencoder", "unet"} else {}),
                          seconds=round(now - self._last_time, 4),
                          memory_mib=peak_memory_mib(self.device),
                          **({"keys_scaled": norms.keys_scaled, "average_key_norm": round(norms.average_norm, 5),
@@ -874,8 +874,7 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
     if any(kind in options.optimizer.lower() for kind in ("dadapt", "prodigy")) and rates and max(rates) <= 0.1:
         warnings.append(f"--optimizer_type {options.optimizer} finds its own step size and takes the learning rate as a "
                         f"factor on it: at {max(rates):g} it hardly learns; give 1.0 (as sd-scripts advises)")
-    if options.network_module == "lycoris.kohya":
-        warnings += lycoris_reading_notes(options.network_args)
+    warnings += network_args_notes(spec)
     if options.scale_weight_norms and (left_alone := left_alone_warning(spec.algorithms, spec.train_norm)):
         warnings.append(left_alone)
     conv_alpha = dict(spec.network_args).get("conv_alpha") if options.network_module == "networks.dylora" else None
