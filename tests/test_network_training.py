@@ -414,18 +414,24 @@ def test_files_name_their_base_model_as_sd_scripts_does(family, prediction, vers
     assert metadata["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")
 
 
+def _one_step(tmp_path, out, *extra: str) -> int:
+    """One step of the tiny model on the sample dataset (networks.lora, dim 4, unless ``extra`` says otherwise)."""
+    data = tmp_path / "data"
+    if not data.exists():
+        shutil.copytree(Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar",
+                        data / "1_zkstar")
+    return train_main([
+        "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(data), "--output_dir", str(out),
+        "--output_name", "star", "--resolution", "64", "--train_batch_size", "4", "--max_train_steps", "1",
+        "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", "--network_module", "networks.lora",
+        "--network_dim", "4", "--learning_rate", "1e-4", *extra])
+
+
 def test_a_run_says_the_block_lists_it_does_not_use_and_its_steps_carry_the_loraplus_rate(tmp_path):
     """Two groups, unet and unet plus: the LoRA+ rate is in the step events all the same; conv_block_dims without
     block_dims or block rates is said unused (sd-scripts trains no 3×3 convolution from it)."""
-    data = tmp_path / "data"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar",
-                    data / "1_zkstar")
-    assert train_main([
-        "--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(data), "--output_dir",
-        str(tmp_path / "out"), "--output_name", "star", "--resolution", "64", "--train_batch_size", "4",
-        "--max_train_steps", "1", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
-        "--network_module", "networks.lora", "--network_dim", "4", "--learning_rate", "1e-4", "--network_train_unet_only",
-        "--network_args", "loraplus_unet_lr_ratio=4", "conv_block_dims=" + ",".join(["2"] * 25)]) == 0
+    assert _one_step(tmp_path, tmp_path / "out", "--network_train_unet_only", "--network_args", "loraplus_unet_lr_ratio=4",
+                     "conv_block_dims=" + ",".join(["2"] * 25)) == 0
     events = read_events(tmp_path / "out" / "star.events.jsonl")[0]
     step = next(e for e in events if e["event"] == "step")
     assert step["lr_groups"] == {"unet": 1e-4, "unet plus": 4e-4}
@@ -434,3 +440,14 @@ def test_a_run_says_the_block_lists_it_does_not_use_and_its_steps_carry_the_lora
     with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
         assert not [key for key in handle.keys() if key.endswith("lora_down.weight") and len(handle.get_slice(key).get_shape()) == 4
                     and handle.get_slice(key).get_shape()[-1] == 3]
+
+
+def test_a_lokr_file_split_by_another_factor_is_refused_naming_the_factor_not_the_dim(tmp_path, capsys):
+    lokr = ("--network_module", "lycoris.kohya", "--network_dim", "8")
+    assert _one_step(tmp_path, tmp_path / "a", *lokr, "--network_args", "algo=lokr", "preset=attn-only", "factor=4") == 0
+    assert _one_step(tmp_path, tmp_path / "b", *lokr, "--network_weights", str(tmp_path / "a" / "star.safetensors"),
+                     "--network_args", "algo=lokr", "preset=attn-only", "factor=2") == 2
+    said = capsys.readouterr().err
+    assert ("its LoKr factors split the layers otherwise than this run's network_args factor and decompose_both (the "
+            "file was trained with factor=4); give the file's, or add --dim_from_weights") in said
+    assert "--network_dim" not in said

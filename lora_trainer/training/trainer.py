@@ -1198,10 +1198,15 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
         key = other[0]
         ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith("lora_down.weight")})
         rank = f"its rank is {', '.join(map(str, ranks))} and " if ranks else ""
-        raise UserError(f"{path}: {len(other)} tensors have other shapes than this network's (e.g. {key}: "
-                        f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} here): {rank}this run has "
-                        f"--network_dim {network.spec.dim}; set the file's --network_dim (and --network_alpha), or add "
-                        "--dim_from_weights to take them from the file")
+        shapes = (f"{path}: {len(other)} tensors have other shapes than this network's (e.g. {key}: "
+                  f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} here)")
+        if all(k.rsplit(".", 1)[-1].startswith("lokr_") for k in other):  # LoKr's split of each layer, not its rank
+            given = ", ".join(f"{k}={file.training_args[k]}" for k in ("factor", "decompose_both") if k in file.training_args)
+            raise UserError(f"{shapes}: its LoKr factors split the layers otherwise than this run's network_args "
+                            f"factor and decompose_both{f' (the file was trained with {given})' if given else ''}; give "
+                            "the file's, or add --dim_from_weights to take them from the file")
+        raise UserError(f"{shapes}: {rank}this run has --network_dim {network.spec.dim}; set the file's --network_dim "
+                        "(and --network_alpha), or add --dim_from_weights to take them from the file")
 
     def part(key: str) -> str:  # lora_unet, lora_te, lora_te1 …: the model part a module belongs to
         words = key.split("_", 2)
