@@ -75,7 +75,7 @@ def test_compiling_under_a_torch_that_traces_for_minutes_says_so_before_the_run_
     warnings = trainer._option_warnings(options, NetworkSpec(), torch.device("cpu"), torch.float32)
     assert any("traces a UNet with a network for minutes" in w and torch.__version__ in w for w in warnings) is warned
     assert not any("minutes" in w for w in trainer._option_warnings(
-        options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d"}), None, torch.device("cpu"),
+        options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d"}), NetworkSpec(), torch.device("cpu"),
         torch.float32))
 
 
@@ -87,7 +87,8 @@ def test_compiling_on_a_gpu_says_the_first_step_waits_for_the_compiler(monkeypat
     monkeypatch.setattr(trainer, "DYNAMO_TRACES_SLOWLY", False)
     def warnings(device: str, **options) -> list[str]:
         chosen = options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d", **options})
-        return [w for w in trainer._option_warnings(chosen, None, torch.device(device), torch.float32) if "compil" in w]
+        return [w for w in trainer._option_warnings(chosen, NetworkSpec(), torch.device(device), torch.float32)
+                if "compil" in w]
 
     assert warnings("cuda", torch_compile=True) == [
         "--torch_compile on CUDA: inductor compiles the UNet with its network before the first step, which takes "
