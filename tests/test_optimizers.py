@@ -264,6 +264,10 @@ def test_prodigy_and_d_adaptation_with_different_rates_are_refused_before_the_mo
     assert named in str(error.value)
     _options(optimizer_type="DAdaptAdam", learning_rate=1.0, unet_lr=1.0, text_encoder_lr=0)  # 0: that part rests
     _options(optimizer_type="Prodigy", unet_lr=1.0, text_encoder_lr=1.0)  # the Train tab's form: learning_rate unused
+    # block weights of 0 and 1 keep one rate (a weight-0 block has no group): sd-scripts trains these with Prodigy
+    _options(optimizer_type="Prodigy", learning_rate=1.0, network_args=["down_lr_weight=zeros"])
+    _options(optimizer_type="Prodigy", learning_rate=1.0, network_args=["up_lr_weight=" + ",".join(["1"] * 12)])
+    _options(optimizer_type="Prodigy", learning_rate=1.0, network_args=["loraplus_lr_ratio=1"])
     _options(optimizer_type="Prodigy", learning_rate=1.0, text_encoder_lr=0.5, network_train_unet_only=True)
 
 

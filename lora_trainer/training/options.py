@@ -927,15 +927,23 @@ def _optimizer_problems(options: TrainOptions) -> list[str]:
         if not options.network_train_unet_only:
             rates["--text_encoder_lr" if text_encoder_lr is not None else "--learning_rate"] = (
                 text_encoder_lr if text_encoder_lr is not None else options.learning_rate)
-        given = {rate for rate in rates.values() if rate}
         args = parse_network_args(options.network_args)
-        split = sorted(key for key in args if key.startswith("loraplus") or key.endswith("_lr_weight"))
-        if len(given) > 1 or split:
+        given = {rate for rate in rates.values() if rate}
+        unet_rate = rates.get("--unet_lr", rates.get("--learning_rate")) if not options.network_train_text_encoder_only else 0
+        split = []
+        weights = _block_weights(args)  # a block's group trains at the UNet's rate × its weight; weight 0: no group
+        if unet_rate and weights and {unet_rate * w for w in weights if w} - {unet_rate}:
+            given |= {unet_rate * w for w in weights if w}
+            split += sorted(key for key in args if key.endswith("_lr_weight"))
+        plus = sorted(key for key in args if key.startswith("loraplus") and _number_or_none(args[key]) not in (None, 1.0))
+        if plus:  # the lora_up weights' own group at ratio × the rate
+            split += plus
+        if len(given) > 1 or plus:
             said = ", ".join(f"{flag} {rate:g}" for flag, rate in rates.items() if rate)
             problems.append(f"--optimizer_type {options.optimizer} adapts one step size for every parameter group and "
                             f"refuses different rates at the first step ({said}{'; ' if said and split else ''}"
                             f"{', '.join(f'network_args {key}' for key in split)}): give one --learning_rate (1 is "
-                            "usual) and leave out the others")
+                            "usual) and leave out the others (block weights of 0 and 1 keep one rate)")
     relative_step = takes_its_own_step(options.optimizer, options.optimizer_args)
     if relative_step and options.lr_warmup_steps:
         problems.append(f"--optimizer_type Adafactor on its relative step (its default) takes no warm-up "
@@ -946,6 +954,26 @@ def _optimizer_problems(options: TrainOptions) -> list[str]:
                         f"(without relative_step=False), as in sd-scripts; with {options.optimizer or 'AdamW'} use "
                         "constant or another schedule")
     return problems
+
+
+def _block_weights(args: dict[str, str]) -> list[float] | None:
+    """The block learning-rate weights network_args ask for (SD1's layout, else SDXL's), or None; a list that fits
+    neither is refused with its own message when the network is made."""
+    from ..networks.lr_groups import block_lr_weights
+
+    for per_side, middle in ((12, 1), (9, 3)):
+        try:
+            return block_lr_weights(args, per_side, middle, False)
+        except (UserError, ValueError, ZeroDivisionError):
+            continue
+    return None
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def non_default(options: TrainOptions) -> dict[str, Any]:
