@@ -212,6 +212,13 @@ REPLAY = textwrap.dedent('''
                 (state / name).write_text("{}", encoding="utf-8")
         elif line == "@pause":  # let the trainer read everything printed so far
             time.sleep(1.5)
+        elif line.startswith("@exit "):  # ends as a killed process would, without a word
+            sys.exit(int(line[6:]))
+        elif line == "@count":  # trains on quickly: lines wait in the pipe while a stop terminates it
+            for i in range(31, 60):
+                print(f"\\rsteps:  50%|█████     | {i}/60 [00:14<00:14,  2.1it/s, avr_loss=1.1]", flush=True); time.sleep(0.02)
+            while True:
+                time.sleep(0.2)
         elif line == "@hang":
             while True:
                 print("steps:  50%|█████     | 30/60 [00:14<00:14,  2.1it/s, avr_loss=1.1]", flush=True); time.sleep(0.2)
@@ -252,6 +259,17 @@ def test_a_stop_terminates_sd_scripts_keeps_its_files_and_ends_without_an_error(
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1]  # epoch 2 was cut short
     assert events[-1]["stopped"] is True and events[-1]["files"] == [str(tmp_path / "star-000001.safetensors")]
     assert (tmp_path / "star-000001.safetensors").is_file()
+    assert not (tmp_path / "STOP").exists()  # obeyed and taken, as our trainer takes it: a resume would stop on it
+
+
+def test_after_a_stop_nothing_sd_scripts_printed_while_it_ended_becomes_an_event(checkout, tmp_path):
+    lines = ["epoch 1/3", "steps:  33%|███▎      | 20/60 [00:09<00:18,  2.1it/s, avr_loss=1.14]", "@pause",
+             "@write {out}/STOP", "@count"]
+    assert train(replay(checkout, lines), tmp_path, "--stop_file", str(tmp_path / "STOP")) == 0
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    stop = next(i for i, e in enumerate(events) if e["event"] == "warning" and "terminated" in e["message"])
+    assert [e["event"] for e in events[stop + 1:]] == ["end"]  # the steps printed while it ended went to its log only
+    assert events[-1]["steps"] == [e["step"] for e in events[:stop] if e["event"] == "step"][-1]
 
 
 def test_an_sd_scripts_crash_is_one_error_event(checkout, tmp_path):
@@ -293,6 +311,8 @@ def test_the_checkout_runs_in_its_own_venv_as_its_installers_make_it(tmp_path, v
     assert python_of(checkout) == sys.executable  # no venv: ours
     (tmp_path / venv).parent.mkdir(parents=True)
     (tmp_path / venv).write_bytes(b"")
+    assert python_of(checkout) == sys.executable  # a venv that merely lies beside it (~/venv beside ~/sd-scripts): not it
+    (tmp_path / "kohya_gui.py").write_text("", encoding="utf-8")
     assert python_of(checkout) == str(tmp_path / venv)  # the Kohya GUI's: kohya_ss/venv beside kohya_ss/sd-scripts
     (checkout / venv).parent.mkdir(parents=True)
     (checkout / venv).write_bytes(b"")
@@ -517,7 +537,7 @@ def test_the_kohya_gui_folder_is_pointed_to_its_sd_scripts_and_a_missing_module_
     (checkout / "train_network.py").write_text("import accelerate_not_installed_here\n", encoding="utf-8")
     assert train(checkout, tmp_path) == 2
     events, _ = read_events(tmp_path / "star.events.jsonl")
-    assert f"{checkout} has no venv (nor .venv, nor one beside it): sd-scripts runs with this trainer's Python, " \
+    assert f"{checkout} has no venv (nor .venv, nor the Kohya GUI's beside it): sd-scripts runs with this trainer's Python, " \
            f"{sys.executable}, which needs sd-scripts' requirements" in [e["message"] for e in events if e["event"] == "warning"]
     assert events[-1]["message"].startswith("sd-scripts: ModuleNotFoundError: No module named 'accelerate_not_installed_here'; "
                                             f"install it into {sys.executable}, the Python that runs sd-scripts")
@@ -564,9 +584,23 @@ def test_sd_scripts_samples_are_sample_events_and_its_steps_and_epochs_say_their
     assert [(e["step"], e["epoch"]) for e in events if e["event"] == "step"] == [(1, 1), (2, 1)]
     from lora_trainer.training.sd_scripts_backend import round_samples  # sd-scripts a round ahead of its console read
 
+    hundredth = tmp_path / "star_e000001_100_20261201201317.png"  # {i:02d}: the 101st prompt's file
+    assert round_samples([hundredth], 2, 1) == [{"path": str(hundredth), "epoch": 1, "step": 2}]
+
     ahead = [tmp_path / "star_000001_00_20261201201316.png", tmp_path / "star_e000001_00_20261201201317.png"]
     assert [e["path"] for e in round_samples(ahead, 1, 1)] == [str(ahead[0])]
     first = tmp_path / "star_e000000_00_20261201201315_42.png"  # --sample_at_first: drawn as "epoch 0", before epoch 1
     assert round_samples([first], 0, 0) == [{"path": str(first), "epoch": 0, "step": 0}]
     assert [{k: e[k] for k in ("epoch", "step", "average")} for e in events if e["event"] == "epoch"] == [
         {"epoch": 1, "step": 2, "average": 0.9}]
+
+
+def test_an_error_sd_scripts_logged_and_trained_on_is_not_given_as_a_later_crashs_cause(checkout, tmp_path):
+    """sd-scripts logs 'No prompt file' at each sample round and trains on; a kill (the OOM killer) later was said as
+    'exited with code 137 after logging: No prompt file'."""
+    lines = ["2026-12-01 20:13:16 ERROR    No prompt file / プロンプトファイルがありません: p.txt   train_util.py:6396",
+             "epoch 1/3", "steps:  33%|███▎      | 20/60 [00:09<00:18,  2.1it/s, avr_loss=1.14]", "@exit 137"]
+    assert train(replay(checkout, lines), tmp_path) == 2
+    events, _ = read_events(tmp_path / "star.events.jsonl")
+    assert events[-1]["event"] == "error" and "sd-scripts exited with code 137" in events[-1]["message"]
+    assert "No prompt file" not in events[-1]["message"]

@@ -161,7 +161,7 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # samples leave the training alone
     events, _ = read_events(tmp_path / "star.events.jsonl")
     first = next(e for e in events if e["event"] in ("sample", "step"))  # --sample_at_first: the weights resumed from
-    assert first["event"] == "sample" and (first["epoch"], first["step"]) == (1, 8) and "_e000001_" in first["path"]
+    assert first["event"] == "sample" and (first["epoch"], first["step"]) == (0, 8) and "_e000000_" in first["path"]
 
 
 def test_a_state_whose_replacing_save_was_cut_off_between_its_renames_resumes_from_the_one_it_replaced(

@@ -9,6 +9,7 @@ has no graceful stop: the control file's stop (or Ctrl-C, SIGTERM) terminates it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -38,7 +39,7 @@ _ERROR = re.compile(r"^([\w.]+(?:Error|Exception)): (.+)$")  # dotted too: torch
 # "generating sample images at step / サンプル画像生成 ステップ: N": only its start, which rich does not wrap
 _SAMPLING = re.compile(r"generating sample")
 # sd-scripts' sample file names: [<output_name>_]e<epoch:06d> or <step:06d>, _<prompt:02d>_<time>[_<seed>].png
-_SAMPLE_NAME = re.compile(r"(?:^|_)(e?)(\d{6})_\d{2}_\d{14}(?:_\d+)?\.png$")
+_SAMPLE_NAME = re.compile(r"(?:^|_)(e?)(\d{6})_\d{2,}_\d{14}(?:_\d+)?\.png$")  # {i:02d}: three digits from 100
 _LOGGED_ERROR = re.compile(r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)?\s*(?:ERROR|CRITICAL)\s+(.+?)(?:\s+[\w.-]+\.py:\d+)?$")
 _CONTINUED = re.compile(r"^\s{20,}(?!(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s)(\S.*?)(?:\s+[\w.-]+\.py:\d+)?$")
 
@@ -61,7 +62,7 @@ def _asks_to_stop(stop_file: Path | None, started: float) -> bool:
     """The control file asks to stop or pause: sd-scripts can neither save nor sample now, so only that is obeyed. A
     file older than the run (one that could not be removed as a leftover) is not this run's."""
     try:
-        return stop_file is not None and stop_file.stat().st_mtime >= started - 2.0 and \
+        return stop_file is not None and not written_before(stop_file.stat().st_mtime, started) and \
             control_command(control_text(stop_file.read_bytes()))[0] == "stop"
     except OSError:
         return False
@@ -83,7 +84,8 @@ def dropped_leftover(stop_file: Path | None, started: float) -> str | None:
 def python_of(checkout: Path) -> str:
     """The checkout's own venv when it has one (that is where its accelerate/diffusers live), or the one beside it
     (the Kohya GUI's kohya_ss/venv beside kohya_ss/sd-scripts), else ours."""
-    for folder in (checkout, checkout.parent):
+    kohya_ss = (checkout.parent / "kohya_gui").is_dir() or (checkout.parent / "kohya_gui.py").is_file()
+    for folder in (checkout, checkout.parent) if kohya_ss else (checkout,):  # not any venv that lies beside it
         for venv in ("venv", ".venv"):
             for candidate in (folder / venv / "Scripts" / "python.exe", folder / venv / "bin" / "python"):
                 if candidate.is_file():
@@ -311,7 +313,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
     command = [python, str(checkout / script), "--config_file", str(config)]
     events.emit("start", backend="sd-scripts", checkout=str(checkout), command=command)
     if python == sys.executable:
-        events.emit("warning", message=f"{checkout} has no venv (nor .venv, nor one beside it): sd-scripts runs with "
+        events.emit("warning", message=f"{checkout} has no venv (nor .venv, nor the Kohya GUI's beside it): sd-scripts runs with "
                                        f"this trainer's Python, {python}, which needs sd-scripts' requirements")
     for note in [*sd_scripts_notes(options, script), *_sd_scripts_misreadings(options)]:
         events.emit("warning", message=note)
@@ -371,6 +373,8 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
         try:
             for line in _lines(process.stdout):
                 log.write(line + "\n")
+                if stopped:  # what it printed before it ended goes to its log, not into the events after the stop
+                    continue
                 if match := _LOGGED_ERROR.match(line.rstrip()):
                     logged_error, error_goes_on = match[1], True
                 elif error_goes_on and (match := _CONTINUED.match(line.rstrip())):
@@ -391,6 +395,7 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
                     state = saving
                 if event is not None and event["event"] == "step":
                     event.pop("event")
+                    logged_error = None  # an error it logged and trained on (a missing prompts file) is not a crash's cause
                     last_average = event.get("average", last_average)
                     if pending is not None and event["step"] == pending["step"]:
                         pending.update(event)  # the redraw after set_postfix: this step's own average
@@ -412,6 +417,8 @@ def run_sd_scripts(options: TrainOptions, events: EventLog, log_path: Path, star
                 if process.returncode is None and _asks_to_stop(stop_file, started):
                     flush()
                     stopped = _terminate(process)
+                    with contextlib.suppress(OSError):  # obeyed, as our trainer takes it: a resume must not stop on it
+                        stop_file.unlink(missing_ok=True)
                     events.emit("warning", message="sd-scripts cannot stop gracefully: terminated; the files it saved are kept")
             code = process.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (train_network makes it one): sd-scripts must not train on orphaned

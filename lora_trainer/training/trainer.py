@@ -578,8 +578,8 @@ class TrainingRun:
 
     def train(self) -> list[Path]:
         options, state, data = self.options, self.state, self.data
-        if options.sample_at_first:  # a resumed run too, as sd-scripts draws it: the weights it goes on from
-            self.sample(0 if state.step == 0 else (state.epoch if not state.batch_in_epoch else None), state.step)
+        if options.sample_at_first:  # a resumed run too, as sd-scripts draws it (named e000000 there too)
+            self.sample(0, state.step)
         self._at_last_step = self.generator.get_state()  # what an unreadable image rolls back to (see below)
         for epoch in range(state.epoch, self.num_epochs):
             batches = data.epoch_batches(epoch)
@@ -806,7 +806,7 @@ class TrainingRun:
         with evaluating(self.optimizer):  # on every rank, the same weights after it
             if self.world.is_main:
                 self.state.step_validation_loss[step] = loss = self.validation_loss()
-                window = self.state.losses[-self.data.batches_per_epoch:]
+                window = self.state.losses[-self.steps_per_epoch:]
                 self.tracker.step_validation(step, loss, sum(window) / max(1, len(window)))
                 self.events.emit("validation", step=step, loss=loss)
 
