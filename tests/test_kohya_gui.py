@@ -101,6 +101,9 @@ def test_gui_lycoris_types_carry_their_network_args_and_drop_what_lycoris_ignore
     assert {"preset=full", "algo=lokr", "conv_dim=8", "conv_alpha=4", "factor=8", "use_cp=True"} <= set(lokr.network_args)
     ia3, notes = read(tmp_path, LoRA_type="LyCORIS/iA3", network_dropout=0.3, train_on_input=True)
     assert ia3.network_dropout is None and any("network_dropout is not carried over" in n for n in notes)
+    loha, notes = read(tmp_path, LoRA_type="LyCORIS/LoHa", network_dropout=0.1)  # as the GUI's locon-AdamW.json has it
+    assert loha.network_dropout is None
+    assert any("network_dropout is not carried over (LyCORIS's loha has no neuron dropout" in n for n in notes)
     kohya_locon, _ = read(tmp_path, LoRA_type="Kohya LoCon", conv_dim=4, conv_alpha=2, down_lr_weight="0,0,0,0,0,0,1,1,1,1,1,1")
     assert kohya_locon.network_args == ["conv_dim=4", "conv_alpha=2", "down_lr_weight=0,0,0,0,0,0,1,1,1,1,1,1"]
     with pytest.raises(UserError, match="LoRA_type 'Flux1' is not trained here"):

@@ -191,7 +191,7 @@ def test_networks_dylora_refuses_network_dropout_which_its_module_has_not():
 
 @pytest.mark.parametrize("arg", ["down_lr_weight=0.5", "up_lr_weight=2"])
 def test_a_single_number_for_down_or_up_block_rates_is_refused_as_sd_scripts_stops_on_it(arg):
-    """It read as [0.5, 1 × 11]: IN00 alone, which has no layer, so nothing changed."""
+    """It read as [0.5, 1 × 11]: IN00 alone, which has no layer, so nothing changed (sd-scripts stops on it)."""
     with pytest.raises(UserError, match=f"{arg}: give one weight per block, comma-separated .12 values, SDXL 9., or a "
                                         "preset .cosine, sine, linear, reverse_linear, zeros"):
         spec_from_kohya("networks.lora", 4, 1, [arg])
@@ -208,6 +208,12 @@ def test_block_lists_outside_sd_scripts_block_mode_are_said_unused():
                      "mid_lr_weight, up_lr_weight), as sd-scripts reads the block lists only then (the 3×3 convolutions "
                      "train only with conv_dim then); add block_dims to train by block"]
     assert network_args_notes(spec_from_kohya("networks.lora", 4, 1, [f"conv_block_dims={convs}", "mid_lr_weight=1"])) == []
+    # the threshold alone starts no block mode in sd-scripts (parse_block_lr_kwargs: None without a weight list)
+    threshold = spec_from_kohya("networks.lora", 4, 1, [f"conv_block_dims={convs}", "block_lr_zero_threshold=0.1"])
+    assert not threshold.per_block and not threshold.with_convs and network_args_notes(threshold)
+    with pytest.raises(UserError, match="sd-scripts' DyLoRA has no neuron dropout") as refused:
+        spec_from_kohya("networks.dylora", 4, 1, ["dropout=0.1"])
+    assert "--network_dropout" not in str(refused.value)  # which networks.dylora refuses too
 
 
 @pytest.mark.parametrize("algo, said", [("loha", "the loha layers have none"), ("lokr", "the lokr layers have none"),

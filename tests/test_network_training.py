@@ -451,3 +451,9 @@ def test_a_lokr_file_split_by_another_factor_is_refused_naming_the_factor_not_th
     assert ("its LoKr factors split the layers otherwise than this run's network_args factor and decompose_both (the "
             "file was trained with factor=4); give the file's, or add --dim_from_weights") in said
     assert "--network_dim" not in said
+    # the same factor at another rank: the rank axis of the factors differs, which --network_dim sets
+    assert _one_step(tmp_path, tmp_path / "c", "--network_module", "lycoris.kohya", "--network_dim", "2", "--network_weights",
+                     str(tmp_path / "a" / "star.safetensors"), "--network_args", "algo=lokr", "preset=attn-only",
+                     "factor=4") == 2
+    said = capsys.readouterr().err
+    assert "this run has --network_dim 2; set the file's --network_dim" in said and "LoKr factors" not in said

@@ -268,6 +268,13 @@ def test_prodigy_and_d_adaptation_with_different_rates_are_refused_before_the_mo
     _options(optimizer_type="Prodigy", learning_rate=1.0, network_args=["down_lr_weight=zeros"])
     _options(optimizer_type="Prodigy", learning_rate=1.0, network_args=["up_lr_weight=" + ",".join(["1"] * 12)])
     _options(optimizer_type="Prodigy", learning_rate=1.0, network_args=["loraplus_lr_ratio=1"])
+    with pytest.raises(UserError, match="mid_lr_weight"):  # SDXL's three middle parts: the 0.5 is a group of its own
+        _options(optimizer_type="Prodigy", learning_rate=1.0, network_args=["mid_lr_weight=1,0.5,1"])
+    # LoRA+ where no plus group is made: LyCORIS's LoHa has no lora_up; the text encoder's ratio on a UNet-only run
+    _options(optimizer_type="Prodigy", learning_rate=1.0, network_module="lycoris.kohya",
+             network_args=["algo=loha", "loraplus_lr_ratio=4"])
+    _options(optimizer_type="Prodigy", learning_rate=1.0, network_train_unet_only=True,
+             network_args=["loraplus_text_encoder_lr_ratio=4"])
     _options(optimizer_type="Prodigy", learning_rate=1.0, text_encoder_lr=0.5, network_train_unet_only=True)
 
 

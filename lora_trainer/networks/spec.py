@@ -77,7 +77,7 @@ class NetworkSpec:
     def per_block(self) -> bool:
         """sd-scripts' block mode (networks/lora.py create_network): the UNet's ranks come from the block lists
         whenever block_dims or a block learning rate is given; otherwise the block lists are not read."""
-        return self.block_dims is not None or any(key in BLOCK_LR_ARGS for key, _ in self.network_args)
+        return self.block_dims is not None or any(key in BLOCK_LR_WEIGHTS for key, _ in self.network_args)
 
     @property
     def with_convs(self) -> bool:
@@ -130,7 +130,8 @@ _FLOAT_ARGS = {"conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout", "modu
 _INT_ARGS = {"conv_dim": "conv_dim", "factor": "factor", "unit": "unit", "block_size": "unit"}
 _LIST_ARGS = {"block_dims": int, "block_alphas": float, "conv_block_dims": int, "conv_block_alphas": float}
 # Accepted and recorded, handled elsewhere (learning rates belong to the optimizer's parameter groups).
-BLOCK_LR_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+BLOCK_LR_WEIGHTS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")  # any of them: sd-scripts' block mode
+BLOCK_LR_ARGS = (*BLOCK_LR_WEIGHTS, "block_lr_zero_threshold")  # the threshold alone starts nothing
 LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 # LyCORIS's algo= names after 4.1.3
 _NEWER_LYCORIS = {"abba", "gora", "ralora", "lora2"}
@@ -232,7 +233,10 @@ def _refuse_unread(network_module: str, args: dict[str, str], network_dropout: f
     lycoris_only = [arg for arg in unread if arg in READ_BY["lycoris.kohya"] and not any(
         arg in READ_BY[module] for module in MODULES if module != "lycoris.kohya")]
     if lycoris_only:
-        instead = [f"its dropout is --network_dropout {args['dropout']}"] if "dropout" in lycoris_only else []
+        instead = []
+        if "dropout" in lycoris_only:
+            instead.append(f"its dropout is --network_dropout {args['dropout']}" if network_module == "networks.lora"
+                           else "sd-scripts' DyLoRA has no neuron dropout")
         instead += [_INSTEAD[network_module, arg] for arg in lycoris_only if (network_module, arg) in _INSTEAD]
         instead = f" ({'; '.join(instead)})" if instead else ""
         raise UserError(f"network_args {', '.join(f'{k}=…' for k in lycoris_only)}: LyCORIS options, which "

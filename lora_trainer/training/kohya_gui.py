@@ -151,8 +151,9 @@ def options_from_gui(data: dict, notes: list[str], source: str = "Kohya GUI conf
         options["network_train_unet_only"] = te_lr == 0 and unet_lr != 0
         options["network_train_text_encoder_only"] = te_lr != 0 and unet_lr == 0
 
-    if lora_type == "LyCORIS/iA3" and options.pop("network_dropout", None) is not None:
-        notes.append(f"{source}: network_dropout is not carried over (LyCORIS's iA3 has no neuron dropout, so it did "
+    algo = _LYCORIS_ALGOS.get(lora_type)
+    if algo not in (None, "locon", "dylora") and options.pop("network_dropout", None) is not None:
+        notes.append(f"{source}: network_dropout is not carried over (LyCORIS's {algo} has no neuron dropout, so it did "
                      "nothing there)")
     if lora_type == "Kohya DyLoRA" and options.pop("network_dropout", None) is not None:
         notes.append(f"{source}: network_dropout is not carried over (sd-scripts' networks.dylora has no dropout, so it "

@@ -935,7 +935,11 @@ def _optimizer_problems(options: TrainOptions) -> list[str]:
         if unet_rate and weights and {unet_rate * w for w in weights if w} - {unet_rate}:
             given |= {unet_rate * w for w in weights if w}
             split += sorted(key for key in args if key.endswith("_lr_weight"))
-        plus = sorted(key for key in args if key.startswith("loraplus") and _number_or_none(args[key]) not in (None, 1.0))
+        trains = {"loraplus_lr_ratio": True, "loraplus_unet_lr_ratio": not options.network_train_text_encoder_only,
+                  "loraplus_text_encoder_lr_ratio": not options.network_train_unet_only}
+        # LyCORIS makes a plus group only of lora_up weights: LoCon's, not LoHa's, LoKr's … nor its DyLoRA's
+        has_up = options.network_module != "lycoris.kohya" or args.get("algo", "lora") in ("lora", "locon")
+        plus = sorted(key for key in args if has_up and trains.get(key) and _number_or_none(args[key]) not in (None, 1.0))
         if plus:  # the lora_up weights' own group at ratio × the rate
             split += plus
         if len(given) > 1 or plus:
@@ -957,16 +961,17 @@ def _optimizer_problems(options: TrainOptions) -> list[str]:
 
 
 def _block_weights(args: dict[str, str]) -> list[float] | None:
-    """The block learning-rate weights network_args ask for (SD1's layout, else SDXL's), or None; a list that fits
-    neither is refused with its own message when the network is made."""
+    """The block learning-rate weights network_args ask for, in SD1's layout and SDXL's together (the model is not
+    read yet), or None; a list that fits neither is refused with its own message when the network is made."""
     from ..networks.lr_groups import block_lr_weights
 
-    for per_side, middle in ((12, 1), (9, 3)):
+    weights = []
+    for per_side, middle in ((12, 1), (9, 3)):  # a list may fit either: one that differs in either layout counts
         try:
-            return block_lr_weights(args, per_side, middle, False)
+            weights += block_lr_weights(args, per_side, middle, False) or []
         except (UserError, ValueError, ZeroDivisionError):
             continue
-    return None
+    return weights or None
 
 
 def _number_or_none(text: str) -> float | None:

@@ -1189,6 +1189,16 @@ def _kind_of(file, spec):
     return spec_from_kohya(module, spec.dim, spec.alpha, args, spec.dropout)
 
 
+def _lokr_rank_axis_only(key: str, file_shape, own_shape) -> bool:
+    """Whether a LoKr factor differs only along its rank (``lokr_w*_a``: columns, ``lokr_w*_b``: rows), which
+    --network_dim sets, not factor or decompose_both."""
+    suffix = key.rsplit(".", 1)[-1]
+    axis = 1 if suffix.endswith("_a") else 0 if suffix.endswith("_b") else None
+    if not suffix.startswith("lokr_") or axis is None or len(file_shape) != len(own_shape):
+        return False
+    return [n for i, n in enumerate(file_shape) if i != axis] == [n for i, n in enumerate(own_shape) if i != axis]
+
+
 def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     file = read_network(path)
     state = {f"{name}.{suffix}": tensor for name, tensors in file.modules.items() for suffix, tensor in tensors.items()}
@@ -1196,11 +1206,12 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     other = [key for key, tensor in state.items() if key in own and own[key].shape != tensor.shape]
     if other:  # torch would stop with a page of size mismatches
         key = other[0]
-        ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith("lora_down.weight")})
+        ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith(("lora_down.weight", "lokr_w2_b"))})
         rank = f"its rank is {', '.join(map(str, ranks))} and " if ranks else ""
         shapes = (f"{path}: {len(other)} tensors have other shapes than this network's (e.g. {key}: "
                   f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} here)")
-        if all(k.rsplit(".", 1)[-1].startswith("lokr_") for k in other):  # LoKr's split of each layer, not its rank
+        if not all(_lokr_rank_axis_only(k, state[k].shape, own[k].shape) for k in other) and \
+                all(k.rsplit(".", 1)[-1].startswith("lokr_") for k in other):  # LoKr's split of each layer, not its rank
             given = ", ".join(f"{k}={file.training_args[k]}" for k in ("factor", "decompose_both") if k in file.training_args)
             raise UserError(f"{shapes}: its LoKr factors split the layers otherwise than this run's network_args "
                             f"factor and decompose_both{f' (the file was trained with {given})' if given else ''}; give "
