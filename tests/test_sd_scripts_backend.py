@@ -383,34 +383,32 @@ def _events_until(path: Path, kind: str, seconds: float = 60.0) -> list[dict]:
 
 def test_a_paused_backend_job_resumes_from_the_last_state_sd_scripts_saved(checkout, tmp_path):
     """The runner said "paused: resume continues from the saved state" and then refused to resume (no state)."""
-    import threading
-
     runner = _runner(tmp_path)
     job = runner.submit("backend", _job_options(replay(checkout, [*STATE_AT_EPOCH_1, "@hang"]), tmp_path, save_state=True))
-    thread = threading.Thread(target=runner.run_next)
-    thread.start()
-    _events_until(job.events_path, "state")
-    runner.stop(job.id, pause=True)
-    thread.join(timeout=60)
-    paused = runner.store.get(job.id)
+    paused = _paused_after(runner, job, "state")
     assert paused.status == "paused" and paused.last_state == str(tmp_path / "out" / "star-000001-state")
     assert paused.message == "paused (sd-scripts cannot save at a stop; resume continues from its last saved state, step 3)"
     resumed = runner.resume(job.id)
     assert resumed.options["resume"] == str(tmp_path / "out" / "star-000001-state")
 
 
-def test_a_stopped_backend_job_without_a_state_does_not_claim_one(checkout, tmp_path):
+def _paused_after(runner, job, event: str):
+    """The job run by the queue, paused once its events hold ``event``; its record after the runner let it go."""
     import threading
 
+    thread = threading.Thread(target=runner.run_next)
+    thread.start()
+    _events_until(job.events_path, event)
+    runner.stop(job.id, pause=True)
+    thread.join(timeout=60)
+    return runner.store.get(job.id)
+
+
+def test_a_stopped_backend_job_without_a_state_does_not_claim_one(checkout, tmp_path):
     runner = _runner(tmp_path)
     lines = ["epoch 1/2", "steps:  50%|█████     | 3/6 [00:01<00:01,  2.1it/s, avr_loss=1.14]", "@hang"]
     job = runner.submit("backend", _job_options(replay(checkout, lines), tmp_path))
-    thread = threading.Thread(target=runner.run_next)
-    thread.start()
-    _events_until(job.events_path, "step")
-    runner.stop(job.id, pause=True)
-    thread.join(timeout=60)
-    stopped = runner.store.get(job.id)
+    stopped = _paused_after(runner, job, "step")
     assert stopped.status == "stopped" and "saved" not in stopped.message.split("(")[0]
     assert "sd-scripts cannot save at a stop, and it saved no state to resume from" in stopped.message
     with pytest.raises(UserError, match="saved no state to resume from"):
