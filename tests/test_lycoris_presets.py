@@ -77,9 +77,9 @@ def test_presets_are_refused_outside_lycoris_and_unknown_ones_are_named():
     with pytest.raises(UserError, match="preset=…: LyCORIS options, which networks.lora would ignore"):
         spec_from_kohya("networks.lora", 4, 1, ["preset=attn-mlp"])
     # sd-scripts' networks.lora and networks.dylora never read dropout=: it trained with dropout here, silently
-    for module in ("networks.lora", "networks.dylora"):
-        with pytest.raises(UserError, match=r"dropout=…: LyCORIS options, which networks\.\w+ would ignore \(its dropout is "
-                                            r"--network_dropout 0\.1\)"):
+    for module, instead in (("networks.lora", r"its dropout is --network_dropout 0\.1"),
+                            ("networks.dylora", "sd-scripts' DyLoRA has no neuron dropout")):
+        with pytest.raises(UserError, match=rf"dropout=…: LyCORIS options, which {module} would ignore \({instead}\)"):
             spec_from_kohya(module, 4, 1, ["dropout=0.1"])
     assert spec_from_kohya("lycoris.kohya", 4, 1, ["algo=locon", "dropout=0.1"]).dropout == 0.1
     with pytest.raises(UserError, match="preset=ia3: .* choose no layer of an SD model"):
