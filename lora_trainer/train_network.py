@@ -87,16 +87,52 @@ def _main(argv: list[str] | None, prog: str, started: float) -> int:
                 print(message, file=sys.stderr)
                 return 130
             except UserError as error:
-                events.emit("error", message=str(error))
+                _tell(events, events_path, str(error))
                 raise
             except Exception as error:  # a bug: the UI and the API show this event; the traceback goes to the console
-                events.emit("error", message=f"unexpected {type(error).__name__}: {error}; please report it with the "
-                            "traceback from the console or the job's log")
+                if (stopped := _another_process_stopped(error)) is not None:
+                    _tell(events, events_path, stopped)
+                    raise UserError(stopped) from None
+                _tell(events, events_path, f"unexpected {type(error).__name__}: {error}; please report it with the "
+                      "traceback from the console or the job's log")
                 raise
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _tell(events, events_path: str | None, message: str) -> None:
+    """The error in the run's one event stream. Under torchrun only rank 0 writes events and its error is the one
+    error event; another rank's own failure (its out of memory, its unreadable image) is added as a warning with its
+    rank, or the stream would name only the connection rank 0 lost."""
+    from .training.distributed import world_from_env
+    from .training.events import EventLog
+
+    world = world_from_env()
+    if world.is_main:
+        events.emit("error", message=message)
+    elif events_path:
+        try:
+            with EventLog(events_path) as shared:
+                shared.emit("warning", message=f"process {world.rank} of {world.size} stopped: {message}", rank=world.rank)
+        except UserError:  # its folder not writable from here: its console says it
+            pass
+
+
+def _another_process_stopped(error: Exception) -> str | None:
+    """What to say when a collective failed because another torchrun process ended or timed out (gloo's and NCCL's
+    words), else None: it is no bug of this one."""
+    from .training.distributed import world_from_env
+
+    world, text = world_from_env(), str(error)
+    words = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "Broken pipe")
+    if not world.distributed or not any(word in text for word in words):
+        return None
+    return (f"process {world.rank} of {world.size} lost the others ({text.splitlines()[0][:160]}): another process "
+            "stopped (its error is in these events or its console) or was waited for too long — rank 0 alone draws "
+            "samples and validates; raise --ddp_timeout (minutes) if that takes longer. Nothing was saved after the "
+            "last saved file or state; continue from it with --resume")
 
 
 @contextmanager

@@ -56,6 +56,8 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process_with_the_global_ba
     single_events = read_events(tmp_path / "single" / "star.events.jsonl")[0]
     ddp_events = read_events(tmp_path / "ddp" / "star.events.jsonl")[0]
     assert [e["event"] for e in ddp_events].count("start") == 1  # rank 1 wrote nothing
+    start = ddp_events[0]  # the effective batch is said, as sd-scripts multiplies it
+    assert (start["processes"], start["global_batch"]) == (2, 4) and "processes" not in single_events[0]
     assert [e["step"] for e in ddp_events if e["event"] == "step"] == [e["step"] for e in single_events if e["event"] == "step"]
     losses = [(a["loss"], b["loss"]) for a, b in zip(*[[e for e in events if e["event"] == "step"] for events in (single_events, ddp_events)])]
     assert all(abs(a - b) < 1e-4 for a, b in losses)
@@ -133,4 +135,41 @@ def test_only_rank_0_writes_the_event_stream_even_when_every_rank_fails(tmp_path
         assert main(arguments) == 2
         assert "the loss became nan at step 3" in capsys.readouterr().err  # each rank says it on its console
     events, _ = read_events(tmp_path / "out" / "star.events.jsonl")
-    assert [e["event"] for e in events] == ["error"]
+    assert [e["event"] for e in events] == ["warning", "error"]  # one error: rank 0's; rank 1's said with its rank
+    assert events[0]["message"] == "process 1 of 2 stopped: the loss became nan at step 3" and events[0]["rank"] == 1
+
+
+def test_when_another_process_stops_rank_0_says_so_instead_of_a_bug_to_report(tmp_path, monkeypatch, capsys):
+    """Rank 1 ran out of memory (or timed out while rank 0 drew samples): rank 0's collective failed with gloo's
+    "Connection closed by peer", which the stream called an unexpected error to report; rank 1's own message
+    reached only its console."""
+    from lora_trainer.train_network import main
+    from lora_trainer.training import trainer
+
+    def lost(options, events, notes=(), started=None):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:10126")
+
+    monkeypatch.setattr(trainer, "train", lost)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(tmp_path),
+                 "--output_dir", str(tmp_path / "out"), "--output_name", "star"]) == 2
+    (error,) = [e for e in read_events(tmp_path / "out" / "star.events.jsonl")[0] if e["event"] == "error"]
+    assert error["message"].startswith("process 0 of 2 lost the others (") and "please report" not in error["message"]
+    assert "raise --ddp_timeout" in error["message"] and "continue from it with --resume" in error["message"]
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused_as_every_process_would_take_it(monkeypatch):
+    import torch
+
+    from lora_trainer.errors import UserError
+    from lora_trainer.training.distributed import World
+    from lora_trainer.training.trainer import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda", World(1, 2, 1)) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="--device cuda:0 under torchrun would put all 2 processes on GPU 0"):
+        pick_device("cuda:0", World(1, 2, 1))
+    assert pick_device("cuda:1", World()) == torch.device("cuda", 1)

@@ -235,7 +235,8 @@ class TrainOptions:
     cache_text_encoder_outputs: bool = opt(False, "encode captions once, before training (UNet-only runs)")
     cache_text_encoder_outputs_to_disk: bool = opt(False, "… and keep them beside the images (<image>_te_outputs.npz)")
     # torchrun
-    ddp_timeout: int | None = opt(None, "minutes a rank waits for the others before giving up (torch's default: 10)")
+    ddp_timeout: int | None = opt(None, "minutes a process waits for the others before giving up (torch's default: "
+                                        "10 on NCCL, 30 on gloo); rank 0 alone draws samples and validates")
     ddp_gradient_as_bucket_view: bool = inert("gradients are summed in one flat buffer per step, without torch's DDP "
                                               "wrapper and its buckets")
     ddp_static_graph: bool = inert("there is no DDP wrapper here whose graph could be static")

@@ -74,6 +74,10 @@ def pick_device(name: str, world: World = World()) -> torch.device:
                         "of torch for your driver, or use --device cpu")
     if device.index is None:  # under torchrun each rank takes its own GPU, as with --device auto
         device = torch.device("cuda", world.local_rank)
+    elif world.distributed:  # every rank on that one GPU: NCCL stops on "Duplicate GPU", or they share its memory
+        raise UserError(f"--device {name} under torchrun would put all {world.size} processes on GPU {device.index}: "
+                        "use --device cuda (each process takes the GPU of its LOCAL_RANK) and choose the GPUs with "
+                        "CUDA_VISIBLE_DEVICES")
     if device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
                         "use --device cuda or auto")
@@ -396,6 +400,11 @@ class TrainingRun:
         self.spec = spec_from_kohya(options.network_module or "networks.lora", options.network_dim, options.network_alpha,
                                     options.network_args, options.network_dropout)
         warnings = notes + _option_warnings(options, self.spec, device, weight_dtype)  # said right after the start event
+        warmup = options.lr_warmup_steps
+        if world.distributed and isinstance(warmup, int) and warmup >= 1:
+            warnings.append(f"--lr_warmup_steps {warmup} counts optimizer steps here, whatever the number of processes; "
+                            f"sd-scripts under accelerate on {world.size} GPUs ends it after {warmup / world.size:g} "
+                            "(its scheduler steps once per process): give a fraction (0.05) to mean the same in both")
         check_precision(options, device)
         require_tensorboard(options.logging_dir)
         # the folders and names only, before the model loads (the epoch count, known later, does not change them)
@@ -421,6 +430,8 @@ class TrainingRun:
                     batches_per_epoch=data.batches_per_epoch, device=str(device),
                     **({"validation_images": data.num_validation_images} if options.validation_split else {}),
                     options=non_default(options),
+                    **({"processes": world.size, "global_batch": options.train_batch_size * world.size}
+                       if world.distributed else {}),
                     **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
         for message in warnings:
             events.emit("warning", message=message)
@@ -618,6 +629,10 @@ class TrainingRun:
             state.per_image_loss[path].pop()
         if state.step == state.first_step:
             raise error
+        if not self.world.is_main:  # the others read it (a copy of the data per node): only rank 0 saves, and it did not
+            raise UserError(f"{error} (process {self.world.rank} of {self.world.size}; the others read it) Training "
+                            f"stopped at step {state.step}; nothing was saved at this step: continue from the last "
+                            "saved state once every process reads the same images") from None
         state.epoch = epoch
         weights, resumable = self.plan.step_path(state.step), self.plan.state_path(None, state.step)
         self.save_network_file(weights, epoch, state.step)
