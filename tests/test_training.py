@@ -153,7 +153,7 @@ def test_resuming_from_the_epoch_state_ends_bit_identical_to_the_uninterrupted_r
     assert (state / "model.safetensors").is_file() and json.loads((state / "train_state.json").read_text()) == {
         "current_epoch": 1, "current_step": 8, "seed": 3, "images": 32, "batches_per_epoch": 8,
         "optimizer": "AdamW", "resolution": "64", "gradient_accumulation_steps": 1, "lr_scheduler": "constant",
-        "total_steps": 16}  # sd-scripts reads the first two
+        "total_steps": 16, "processes": 1, "train_batch_size": 4}  # sd-scripts reads the first two
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("zkstar --w 64 --h 64 --s 1\n", encoding="utf-8")
     assert run(dataset, tmp_path, "--resume", str(state), "--sample_prompts", str(prompts), "--sample_at_first") == 0
@@ -318,7 +318,8 @@ def test_a_run_without_a_seed_resumes_exactly_with_the_seed_its_state_was_saved_
     assert run(dataset, tmp_path / "d", "--resume", state, "--train_batch_size", "2", seed=None) == 0
     events, _ = read_events(tmp_path / "d" / "star.events.jsonl")
     said = [e["message"] for e in events if e["event"] == "warning" and "--resume" in e["message"]]
-    assert len(said) == 1 and "(batches per epoch 8 then, 16 now)" in said[0], said
+    assert len(said) == 1 and "(batches per epoch 8 then, 16 now; 1 process(es) × batch 4 then: with 1 process(es) " \
+        "give --train_batch_size 4)" in said[0], said  # the batch that continues it (a torchrun state on one process)
     # another accumulation makes its step count mean other batches: refused (test_a_resume_that_changes_the_schedule…)
     assert run(dataset, tmp_path / "e", "--resume", state, "--gradient_accumulation_steps", "2", seed=None) == 2
     assert "resume with --gradient_accumulation_steps 1" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def save_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
 
 _FACT_TYPES = {"seed": int, "images": int, "batches_per_epoch": int, "optimizer": str, "resolution": str,
                "lr_scheduler": str, "total_steps": int,
-               "gradient_accumulation_steps": int}
+               "gradient_accumulation_steps": int, "processes": int, "train_batch_size": int}
 
 
 def saved_facts(folder: Path) -> dict[str, int | str]:

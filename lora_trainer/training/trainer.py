@@ -556,7 +556,8 @@ class TrainingRun:
         return {"seed": self.seed, "images": self.data.num_images, "batches_per_epoch": self.data.batches_per_epoch,
                 "optimizer": self.options.optimizer, "resolution": self.options.resolution or "",
                 "gradient_accumulation_steps": self.options.gradient_accumulation_steps,
-                "lr_scheduler": self.options.lr_scheduler, "total_steps": self.total_steps}
+                "lr_scheduler": self.options.lr_scheduler, "total_steps": self.total_steps,
+                "processes": self.world.size, "train_batch_size": self.options.train_batch_size}
 
     def _resumed_differently(self, step: int) -> list[str]:
         """Why a resumed run will not end as the interrupted one would have: another seed, dataset or batch size."""
@@ -565,6 +566,11 @@ class TrainingRun:
                  "resolution": "--resolution"}  # another accumulation is refused before
         changed = [f"{names[key]} {saved[key]} then, {now[key]} now" for key in names
                    if key in saved and saved[key] != now[key]]
+        if changed and {"processes", "train_batch_size"} <= saved.keys():  # a torchrun state resumed otherwise, or back
+            was, now_global = saved["processes"] * saved["train_batch_size"], now["processes"] * now["train_batch_size"]
+            if was != now_global and was % now["processes"] == 0:
+                changed.append(f"{saved['processes']} process(es) × batch {saved['train_batch_size']} then: with "
+                               f"{now['processes']} process(es) give --train_batch_size {was // now['processes']}")
         said = [] if not changed else [
             f"--resume {self.options.resume} was saved by a run with other data or options ({'; '.join(changed)}): it "
             "goes on from its step, but its epochs are not the batches the interrupted run would have trained; resume "
