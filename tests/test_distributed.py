@@ -159,17 +159,3 @@ def test_when_another_process_stops_rank_0_says_so_instead_of_a_bug_to_report(tm
     assert error["message"].startswith("process 0 of 2 lost the others (") and "please report" not in error["message"]
     assert "raise --ddp_timeout" in error["message"] and "continue from it with --resume" in error["message"]
 
-
-def test_an_explicit_gpu_under_torchrun_is_refused_as_every_process_would_take_it(monkeypatch):
-    import torch
-
-    from lora_trainer.errors import UserError
-    from lora_trainer.training.distributed import World
-    from lora_trainer.training.trainer import pick_device
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert pick_device("cuda", World(1, 2, 1)) == torch.device("cuda", 1)
-    with pytest.raises(UserError, match="--device cuda:0 under torchrun would put all 2 processes on GPU 0"):
-        pick_device("cuda:0", World(1, 2, 1))
-    assert pick_device("cuda:1", World()) == torch.device("cuda", 1)

@@ -764,7 +764,9 @@ def test_a_plain_cuda_device_is_this_ranks_gpu_and_a_missing_one_is_named(monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("cuda", World(1, 2, 1)) == torch.device("cuda", 1)
     assert pick_device("cuda") == torch.device("cuda", 0)
-    assert pick_device("cuda:1", World(0, 2, 0)) == torch.device("cuda", 1)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="--device cuda:1 under torchrun would put all 2 processes on GPU 1"):
+        pick_device("cuda:1", World(0, 2, 0))  # each rank on that one GPU: NCCL's "Duplicate GPU", or shared memory
     with pytest.raises(UserError, match="--device cuda:7: this machine has 2 CUDA GPU"):
         pick_device("cuda:7")
 
