@@ -97,15 +97,11 @@ class LoRANetwork(nn.ModuleDict):
 
     def parameter_groups(self, learning_rate: float, text_encoder_lr: float | None = None, unet_lr: float | None = None) -> list[dict]:
         """Optimizer groups as sd-scripts makes them (text encoder / UNet rates, block rates, LoRA+)."""
-        args = dict(self.spec.network_args)
-        plus = args.get("loraplus_lr_ratio")
-        unet_plus = args.get("loraplus_unet_lr_ratio", plus)
-        te_plus = args.get("loraplus_text_encoder_lr_ratio", plus)
+        unet_plus, te_plus = self.spec.loraplus_ratios()
         weights = block_lr_weights_for(self.config, self.spec) if self.config is not None else None
         naming = self.config.lora_unet_naming if self.config is not None else "diffusers"
         return parameter_groups(self, learning_rate, text_encoder_lr, unet_lr, weights,
-                                lambda m: block_index(m.target, naming),
-                                None if unet_plus is None else float(unet_plus), None if te_plus is None else float(te_plus))
+                                lambda m: block_index(m.target, naming), unet_plus, te_plus)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """What the network file stores, by ``<Kohya name>.<suffix>`` (a module's trained scalar folded in)."""

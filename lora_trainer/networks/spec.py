@@ -101,6 +101,19 @@ class NetworkSpec:
         """DoRA on any layer: the network's option, or a block map's."""
         return self.dora or any(options.get("dora") for options in self.map_options())
 
+    def loraplus_ratios(self) -> tuple[float | None, float | None]:
+        """LoRA+'s (UNet, text encoder) ratios as sd-scripts reads them: a side's own ratio, else loraplus_lr_ratio."""
+        args = dict(self.network_args)
+        both = args.get("loraplus_lr_ratio")
+        sides = (args.get("loraplus_unet_lr_ratio", both), args.get("loraplus_text_encoder_lr_ratio", both))
+        return tuple(None if ratio is None else float(ratio) for ratio in sides)
+
+    @property
+    def raises_lora_up(self) -> bool:
+        """Whether LoRA+ finds weights to raise: LyCORIS picks them by the name lora_up, which only its LoRA/LoCon
+        layers have; sd-scripts' LoRA and DyLoRA raise their up weights."""
+        return self.network_module != "lycoris.kohya" or "lora" in self.algorithms
+
     @property
     def algorithms(self) -> set[str]:
         """The algorithms of every layer: the network's, and those a block map names."""

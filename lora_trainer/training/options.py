@@ -707,7 +707,6 @@ def validate(options: TrainOptions, template: bool = False) -> None:
                         "(the network's own weights are small: it saves little)")
     if options.full_bf16 and options.mixed_precision != "bf16":
         problems.append("--full_bf16 needs --mixed_precision bf16")
-    problems += _optimizer_problems(options)
     if is_schedule_free(options.optimizer):  # its own schedule: the scheduler options go unused (said when it starts)
         pass
     elif options.lr_scheduler_type:  # replaces --lr_scheduler
@@ -789,6 +788,7 @@ def validate(options: TrainOptions, template: bool = False) -> None:
         said, field = str(problem), problem.field or "network_args"
         problems.append(said if said.startswith("--") else f"--{said}" if said.startswith(field) else f"--{field}: {said}")
         spec = None
+    problems += _optimizer_problems(options, spec)
     if options.scale_weight_norms is not None:
         if options.scale_weight_norms <= 0:
             problems.append(f"--scale_weight_norms {options.scale_weight_norms} must be above 0 (sd-scripts' guides use 1)")
@@ -913,11 +913,9 @@ def with_absolute_paths(options: TrainOptions) -> TrainOptions:
     return dataclasses.replace(options, **changes)
 
 
-def _optimizer_problems(options: TrainOptions) -> list[str]:
+def _optimizer_problems(options: TrainOptions, spec) -> list[str]:
     """Optimizer and schedule pairs that would fail at the first step (or train another schedule), said before the
-    model loads."""
-    from ..networks.spec import parse_network_args
-
+    model loads; ``spec``: the network options read (None when they were refused: said already)."""
     name, problems = (options.optimizer or "AdamW").lower(), []
     if name.startswith("dadapt") or name == "prodigy":  # they adapt one step size: their own check refuses other rates
         rates = {}  # each part's rate as its group gets it (unset: --learning_rate; 0: that part does not train)
@@ -928,21 +926,21 @@ def _optimizer_problems(options: TrainOptions) -> list[str]:
         if not options.network_train_unet_only:
             rates["--text_encoder_lr" if text_encoder_lr is not None else "--learning_rate"] = (
                 text_encoder_lr if text_encoder_lr is not None else options.learning_rate)
-        args = parse_network_args(options.network_args)
         given = {rate for rate in rates.values() if rate}
         unet_rate = rates.get("--unet_lr", rates.get("--learning_rate")) if not options.network_train_text_encoder_only else 0
+        args = dict(spec.network_args) if spec is not None else {}
         split = []
-        weights = _block_weights(args)  # a block's group trains at the UNet's rate × its weight; weight 0: no group
+        weights = _block_weights(spec)  # a block's group trains at the UNet's rate × its weight; weight 0: no group
         if unet_rate and weights and {unet_rate * w for w in weights if w} - {unet_rate}:
             given |= {unet_rate * w for w in weights if w}
             split += sorted(key for key in args if key.endswith("_lr_weight"))
-        trains = {"loraplus_lr_ratio": True, "loraplus_unet_lr_ratio": not options.network_train_text_encoder_only,
-                  "loraplus_text_encoder_lr_ratio": not options.network_train_unet_only}
-        # LyCORIS makes a plus group only of lora_up weights: LoCon's, not LoHa's, LoKr's … nor its DyLoRA's
-        has_up = options.network_module != "lycoris.kohya" or args.get("algo", "lora") in ("lora", "locon")
-        plus = sorted(key for key in args if has_up and trains.get(key) and _number_or_none(args[key]) not in (None, 1.0))
-        if plus:  # the lora_up weights' own group at ratio × the rate
-            split += plus
+        # the lora_up weights' own group at ratio × the rate, where there are lora_up weights and their side trains
+        unet_plus, te_plus = spec.loraplus_ratios() if spec is not None and spec.raises_lora_up else (None, None)
+        plus = [ratio for ratio, trains in ((unet_plus, not options.network_train_text_encoder_only),
+                                            (te_plus, not options.network_train_unet_only))
+                if trains and ratio not in (None, 1.0)]
+        if plus:
+            split += sorted(key for key in args if key.startswith("loraplus"))
         if len(given) > 1 or plus:
             said = ", ".join(f"{flag} {rate:g}" for flag, rate in rates.items() if rate)
             problems.append(f"--optimizer_type {options.optimizer} adapts one step size for every parameter group and "
@@ -961,25 +959,19 @@ def _optimizer_problems(options: TrainOptions) -> list[str]:
     return problems
 
 
-def _block_weights(args: dict[str, str]) -> list[float] | None:
-    """The block learning-rate weights network_args ask for, in SD1's layout and SDXL's together (the model is not
-    read yet), or None; a list that fits neither is refused with its own message when the network is made."""
-    from ..networks.lr_groups import block_lr_weights
+def _block_weights(spec) -> list[float] | None:
+    """The block learning-rate weights the network options ask for, on SD1's blocks and SDXL's together (the model is
+    not read yet), or None; a list that fits neither is refused with its own message when the network is made."""
+    from ..models.configs import SD1, SDXL
+    from ..networks.network import block_lr_weights_for
 
     weights = []
-    for per_side, middle in ((12, 1), (9, 3)):  # a list may fit either: one that differs in either layout counts
+    for config in (SD1, SDXL) if spec is not None else ():  # a list may fit either: one that differs in either counts
         try:
-            weights += block_lr_weights(args, per_side, middle, False) or []
+            weights += block_lr_weights_for(config, spec) or []
         except (UserError, ValueError, ZeroDivisionError):
             continue
     return weights or None
-
-
-def _number_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def non_default(options: TrainOptions) -> dict[str, Any]:
