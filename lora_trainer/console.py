@@ -22,12 +22,20 @@ def utf8_when_redirected() -> None:
             pass
 
 
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is a console a person watches (a bar redrawn in place), not a file, a pipe or a log."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a host's own stream, or a closed one
+        return False
+
+
 def progress_bar(total: int, unit: str, description: str | None = None, initial: int = 0, leave: bool = True):
     """A tqdm bar on stderr at a terminal, a disabled one elsewhere (a log must not hold a bar redrawn a thousand
     times); ``leave=False`` for a phase that gives way to the next bar."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit=unit, desc=description, disable=not total or not sys.stderr.isatty(),
+    return tqdm(total=total, initial=initial, unit=unit, desc=description, disable=not total or not is_terminal(sys.stderr),
                 dynamic_ncols=True, leave=leave)
 
 

@@ -65,7 +65,8 @@ def _main(argv: list[str] | None, prog: str, started: float) -> int:
         to_stdout = options.events_file == "-"  # JSON lines for a program reading this process
         events_path = None if to_stdout else (
             options.events_file or str(Path(options.output_dir or "output") / f"{name}.events.jsonl"))
-        main_rank = world_from_env().is_main  # under torchrun, rank 0 tells
+        world = world_from_env()
+        main_rank = world.is_main  # under torchrun, rank 0 tells
         with EventLog(events_path if main_rank else None, echo=sys.stdout if to_stdout and main_rank else None,
                       console=sys.stderr if main_rank else None) as events:
             try:
@@ -87,13 +88,13 @@ def _main(argv: list[str] | None, prog: str, started: float) -> int:
                 print(message, file=sys.stderr)
                 return 130
             except UserError as error:
-                _tell(events, events_path, str(error))
+                _tell(events, events_path, world, str(error))
                 raise
             except Exception as error:  # a bug: the UI and the API show this event; the traceback goes to the console
-                if (stopped := _another_process_stopped(error)) is not None:
-                    _tell(events, events_path, stopped)
+                if (stopped := _another_process_stopped(error, world)) is not None:
+                    _tell(events, events_path, world, stopped)
                     raise UserError(stopped) from None
-                _tell(events, events_path, f"unexpected {type(error).__name__}: {error}; please report it with the "
+                _tell(events, events_path, world, f"unexpected {type(error).__name__}: {error}; please report it with the "
                       "traceback from the console or the job's log")
                 raise
         return 0
@@ -102,14 +103,12 @@ def _main(argv: list[str] | None, prog: str, started: float) -> int:
         return 2
 
 
-def _tell(events, events_path: str | None, message: str) -> None:
+def _tell(events, events_path: str | None, world, message: str) -> None:
     """The error in the run's one event stream. Under torchrun only rank 0 writes events and its error is the one
     error event; another rank's own failure (its out of memory, its unreadable image) is added as a warning with its
     rank, or the stream would name only the connection rank 0 lost."""
-    from .training.distributed import world_from_env
     from .training.events import EventLog
 
-    world = world_from_env()
     if world.is_main:
         events.emit("error", message=message)
     elif events_path:
@@ -120,12 +119,10 @@ def _tell(events, events_path: str | None, message: str) -> None:
             pass
 
 
-def _another_process_stopped(error: Exception) -> str | None:
+def _another_process_stopped(error: Exception, world) -> str | None:
     """What to say when a collective failed because another torchrun process ended or timed out (gloo's and NCCL's
     words), else None: it is no bug of this one."""
-    from .training.distributed import world_from_env
-
-    world, text = world_from_env(), str(error)
+    text = str(error)
     words = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "Broken pipe")
     if not world.distributed or not any(word in text for word in words):
         return None

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..console import is_terminal
 from ..errors import UserError
 
 KINDS = ("start", "step", "epoch", "validation", "sample", "saved", "state", "warning", "error", "end")
@@ -97,13 +98,6 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _is_terminal(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # a host's own stream, or a closed one
-        return False
-
-
 def json_line(event: dict) -> str:
     """One JSON line, UTF-8 writable whatever the text holds: a file name that is not UTF-8 (GBK bytes from a zip
     unpacked on Linux) reaches Python as lone surrogates, which UTF-8 cannot encode; written as ``\\udcXX``, the JSON
@@ -128,7 +122,7 @@ class EventLog:
         self._file = None
         self._torn = False  # a write failed part-way: the next line starts on a line of its own
         self.ended = False  # the end event was written: the run's outcome is told
-        self._progress = None if console is None or _is_terminal(console) else OffTerminalProgress()
+        self._progress = None if console is None or is_terminal(console) else OffTerminalProgress()
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
