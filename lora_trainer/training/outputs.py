@@ -59,6 +59,15 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
+def state_name(output_name: str | None, epoch: int | None, step: int | None) -> str:
+    """A state folder's name as sd-scripts' train_util names it: that of the file saved with it, plus ``-state``."""
+    if step is not None:
+        return f"{output_name or 'at'}-step{step:08d}-state"
+    if epoch is not None:
+        return f"{output_name or 'epoch'}-{epoch:06d}-state"
+    return f"{output_name or 'last'}-state"
+
+
 class OutputPlan:
     def __init__(self, options: TrainOptions, num_epochs: int = 1):
         self.options = options
@@ -93,11 +102,7 @@ class OutputPlan:
     def state_path(self, epoch: int | None, step: int | None) -> Path:
         """Named as the file saved with it (sd-scripts' ``at-step…-state``, ``epoch-…-state``, ``last-state`` when the
         run has no output name)."""
-        if step is not None:
-            return self.state_folder / f"{self.step_path(step).stem}-state"
-        if epoch is not None:
-            return self.state_folder / f"{self.epoch_path(epoch).stem}-state"
-        return self.state_folder / f"{self.final_path().stem}-state"
+        return self.state_folder / state_name(self.name, epoch, step)
 
     def save_at_epoch(self, epoch: int) -> bool:
         return bool(self.every_epochs) and epoch % self.every_epochs == 0 and epoch < self.num_epochs

@@ -142,12 +142,11 @@ def state_folder(line: str, options: TrainOptions) -> dict | None:
     match = _STATE.search(line)
     if match is None:
         return None
-    output = Path(options.output_dir or "output")
-    if match[1] == "epoch":
-        return {"path": str(output / f"{options.output_name or 'epoch'}-{int(match[2]):06d}-state"), "epoch": int(match[2])}
-    if match[1] == "step":
-        return {"path": str(output / f"{options.output_name or 'at'}-step{int(match[2]):08d}-state"), "step": int(match[2])}
-    return {"path": str(output / f"{options.output_name or 'last'}-state")}
+    from .outputs import state_name  # the trainer's naming: outputs loads the network code, needed here only now
+
+    said = {match[1]: int(match[2])} if match[1] else {}  # {"epoch": 3}, {"step": 120} or {} (the last state)
+    name = state_name(options.output_name, said.get("epoch"), said.get("step"))
+    return {"path": str(Path(options.output_dir or "output") / name), **said}
 
 
 def round_samples(new: list[Path], step: int, epoch: int) -> list[dict]:
