@@ -164,7 +164,8 @@ def test_a_v_prediction_sdxl_model_trains_with_sd_scripts_flags_and_says_so_in_t
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
 
-def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_schedule(tiny_sdxl, dataset, tmp_path):
+def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_schedule(tiny_sdxl, dataset, tmp_path,
+                                                                                           capsys):
     """v-prediction SDXL files carry empty v_pred/ztsnr tensors (ComfyUI reads them): loading follows the file, so a
     run and its samples use v-prediction on the zero-terminal-SNR schedule without being told."""
     from lora_trainer.models.checkpoint import load_checkpoint
@@ -182,6 +183,16 @@ def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_sch
     assert train(marked, dataset, tmp_path / "out") == 0
     with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
         assert handle.metadata()["modelspec.prediction_type"] == "v"
+    # --v_parameterization (as sd-scripts needs it) keeps the file's schedule: the flag only repeats the marker
+    assert load_checkpoint(marked, prediction_type="v_prediction").config.schedule.zero_terminal_snr
+    # the loss options follow the prediction the file trains, not the flag: an eps-only weighting would divide by the
+    # rescaled SNR of 0 at t=999 (an infinite loss); a v-only one trains
+    assert train(marked, dataset, tmp_path / "like", "--v_pred_like_loss", "0.2") == 2
+    assert ("--v_pred_like_loss is for epsilon-prediction models and this run trains v-prediction (vpred.safetensors "
+            "says so)") in capsys.readouterr().err
+    assert train(marked, dataset, tmp_path / "scaled", "--scale_v_pred_loss_like_noise_pred") == 0
+    assert train(tiny_sdxl, dataset, tmp_path / "eps", "--scale_v_pred_loss_like_noise_pred") == 2
+    assert "--scale_v_pred_loss_like_noise_pred is for v-prediction models" in capsys.readouterr().err
 
 
 def test_text_encoders_set_aside_for_samples_encode_in_fp32_on_the_cpu(tiny_sdxl):

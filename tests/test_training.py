@@ -2511,3 +2511,26 @@ def test_a_missing_optimizer_package_is_said_before_the_model_loads(dataset, tmp
     monkeypatch.setattr(trainer_module, "_prepared_model", loaded)
     assert run(dataset, tmp_path, "--optimizer_type", "AdamW8bit") == 2
     assert "--optimizer_type AdamW8bit needs the Python package bitsandbytes" in capsys.readouterr().err
+
+
+def test_validation_noise_is_shaped_as_training_shapes_it(dataset, tmp_path):
+    """sd-scripts validates through its training noise (offset, pyramid, input perturbation, drawn from the reset
+    validation seed); validation here used plain noise whatever the run trained with, so a run with --noise_offset
+    measured another quantity than sd-scripts logs, and than its own training loss."""
+    first = {}
+    for name, extra in (("plain", ()), ("offset", ("--noise_offset", "0.5")), ("pyramid", ("--multires_noise_iterations", "6")),
+                        ("perturbed", ("--ip_noise_gamma", "0.5"))):
+        # a learning rate of 1e-30: every run validates the same weights, so only the noise can tell them apart
+        assert run(dataset, tmp_path / name, "--validation_split", "0.25", "--max_train_epochs", "1",
+                   "--learning_rate", "1e-30", *extra) == 0
+        events, _ = read_events(tmp_path / name / "star.events.jsonl")
+        first[name] = next(e["loss"] for e in events if e["event"] == "validation")
+    assert len(set(first.values())) == 4, first
+
+
+
+def test_a_learning_rate_of_zero_everywhere_is_refused_before_loading(dataset, tmp_path, capsys):
+    """It trained nothing and stopped after loading and caching with torch's "optimizer got an empty parameter list"."""
+    assert run(dataset, tmp_path, "--learning_rate", "0") == 2
+    assert "every learning rate is 0 (--learning_rate, --unet_lr, --text_encoder_lr): nothing would train" in capsys.readouterr().err
+    assert run(dataset, tmp_path, "--learning_rate", "0", "--unet_lr", "1e-4", "--max_train_steps", "1") == 0

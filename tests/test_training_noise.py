@@ -9,6 +9,7 @@ from lora_trainer.sampling.schedule import NoiseSchedule
 from lora_trainer.training import noise as N
 
 ABAR = NoiseSchedule().alphas_cumprod
+SNR = NoiseSchedule().loss_weighting_snr
 
 
 def _generator(seed=0):
@@ -60,8 +61,8 @@ def test_pyramid_noise_has_unit_variance_and_is_spatially_correlated_unlike_whit
 def test_min_snr_weights_follow_the_paper_for_eps_and_v():
     t = torch.tensor([10, 300, 900])
     snr = ABAR[t] / (1 - ABAR[t])
-    eps = N.loss_weights(t, ABAR, v_prediction=False, min_snr_gamma=5.0)
-    v = N.loss_weights(t, ABAR, v_prediction=True, min_snr_gamma=5.0)
+    eps = N.loss_weights(t, SNR, v_prediction=False, min_snr_gamma=5.0)
+    v = N.loss_weights(t, SNR, v_prediction=True, min_snr_gamma=5.0)
     torch.testing.assert_close(eps, torch.clamp(snr, max=5.0) / snr)
     torch.testing.assert_close(v, torch.clamp(snr, max=5.0) / (snr + 1))
     assert eps[0] < 0.1 and eps[2] == pytest.approx(1.0)  # easy (low-noise) steps are down-weighted
@@ -70,9 +71,9 @@ def test_min_snr_weights_follow_the_paper_for_eps_and_v():
 def test_debiased_and_v_like_weights():
     t = torch.tensor([50, 700])
     snr = torch.clamp(ABAR[t] / (1 - ABAR[t]), max=1000)
-    torch.testing.assert_close(N.loss_weights(t, ABAR, False, debiased_estimation_loss=True), 1 / snr.sqrt())
+    torch.testing.assert_close(N.loss_weights(t, SNR, False, debiased_estimation_loss=True), 1 / snr.sqrt())
     scale = snr / (snr + 1)
-    torch.testing.assert_close(N.loss_weights(t, ABAR, False, v_pred_like_loss=0.5), 1 + 0.5 / scale)
+    torch.testing.assert_close(N.loss_weights(t, SNR, False, v_pred_like_loss=0.5), 1 + 0.5 / scale)
 
 
 def test_huber_losses_behave_like_l2_for_small_errors_and_l1_for_large_ones():

@@ -483,6 +483,14 @@ def identify(
     return config, reason, notes, source
 
 
+def _with_marked_schedule(config: ModelConfig, source: TensorSource, notes: list[str]) -> ModelConfig:
+    """A v-prediction file with the ztsnr marker was trained on the zero-terminal-SNR schedule, and trains on it."""
+    if "ztsnr" not in source.shapes or config.prediction_type != "v_prediction" or config.schedule.zero_terminal_snr:
+        return config
+    notes.append("zero terminal SNR schedule (the file's ztsnr marker)")
+    return dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, zero_terminal_snr=True))
+
+
 def _choose_unet_weights(source: TensorSource, use_ema: bool, notes: list[str]) -> TensorSource:
     ema = _ema_names(source.shapes)
     has_regular = "model.diffusion_model.input_blocks.0.0.weight" in source.shapes
@@ -496,26 +504,23 @@ def _choose_unet_weights(source: TensorSource, use_ema: bool, notes: list[str]) 
 
 
 def _with_prediction_type(config, source, path, override, overrides, notes) -> ModelConfig:
-    """eps or v, decided like the WebUI: the user, a .yaml beside the file, metadata, else a test forward (SD2)."""
+    """eps or v, decided like the WebUI: the user, a .yaml beside the file, metadata, else a test forward (SD2); and a
+    v-prediction file's ztsnr marker, whoever decided."""
     if override:
         notes.append(f"prediction type {override} (set by the user)")
-        return config.with_prediction(override)
+        return _with_marked_schedule(config.with_prediction(override), source, notes)
     prediction = _yaml_prediction(path)
     if prediction:
         notes.append(f"prediction type {prediction} (from {path.with_suffix('.yaml').name})")
-        return config.with_prediction(prediction)
+        return _with_marked_schedule(config.with_prediction(prediction), source, notes)
     declared = _prediction_from_metadata(source.metadata) or (overrides or {}).get("prediction_type")
     declared = declared or _metadata_overrides(source.metadata).get("prediction_type")
     if declared:
         notes.append(f"prediction type {declared} (declared by the file)")
-        return config.with_prediction(declared)
+        return _with_marked_schedule(config.with_prediction(declared), source, notes)
     if "v_pred" in source.shapes:  # the marker v-prediction SDXL files (NoobAI-XL v-pred) carry, as ComfyUI reads it
         notes.append("prediction type v_prediction (the file's v_pred marker)")
-        config = config.with_prediction("v_prediction")
-        if "ztsnr" in source.shapes:  # and trained on the zero-terminal-SNR schedule
-            notes.append("zero terminal SNR schedule (the file's ztsnr marker)")
-            config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, zero_terminal_snr=True))
-        return config
+        return _with_marked_schedule(config.with_prediction("v_prediction"), source, notes)
     if config.name == "sd2" and config.unet == FULL_SIZE["sd2"].unet:
         prediction = "v_prediction" if _responds_like_v_prediction(source, config) else "epsilon"
         notes.append(f"prediction type {prediction} (from a test forward, as the WebUI decides)")

@@ -52,13 +52,16 @@ class NoiseSchedule:
     # ---- tables (float64 maths, float32 storage) -------------------------------------------------------------
 
     @cached_property
-    def _alphas_cumprod64(self) -> np.ndarray:
+    def _betas64(self) -> np.ndarray:
+        """The betas before any zero-terminal-SNR rescale."""
         n = self.num_timesteps
         if self.kind == "scaled_linear":
-            betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float64) ** 2
-        else:
-            betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
-        abar = np.cumprod(1.0 - betas)
+            return np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float64) ** 2
+        return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
+
+    @cached_property
+    def _alphas_cumprod64(self) -> np.ndarray:
+        abar = np.cumprod(1.0 - self._betas64)
         if self.zero_terminal_snr:
             abar = rescale_zero_terminal_snr(abar)
         return abar
@@ -74,6 +77,16 @@ class NoiseSchedule:
     def alphas_cumprod(self) -> Tensor:
         """float32 alpha-bar per timestep (exactly 0 at the end with zero terminal SNR: pure noise there)."""
         return torch.from_numpy(self._alphas_cumprod64).float()
+
+    @cached_property
+    def loss_weighting_snr(self) -> Tensor:
+        """The SNR of each timestep that min-SNR, v-prediction scaling and debiased estimation weigh the loss by. Those
+        of the schedule before the zero-terminal-SNR rescale, as sd-scripts computes its ``all_snr`` before rescaling
+        (kohya-ss/sd-scripts#1263): a run weighs its timesteps as sd-scripts' runs of the same options do, and the
+        weights stay finite at the last timestep, whose rescaled SNR is 0."""
+        abar = np.cumprod(1.0 - self._betas64) if self.zero_terminal_snr else self._alphas_cumprod64
+        abar = abar.astype(np.float32).astype(np.float64)  # from the float32 table, as sd-scripts and the weights before
+        return torch.from_numpy(abar / (1 - abar)).float()
 
     @cached_property
     def sigmas(self) -> Tensor:

@@ -33,9 +33,9 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def fixed_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
-    """Noise for held-out image ``index``: the same tensor at every evaluation."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+def validation_generator(seed: int, index: int) -> torch.Generator:
+    """The random draws (noise) of held-out image ``index``: the same at every evaluation."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
 @dataclass(frozen=True)

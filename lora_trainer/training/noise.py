@@ -49,6 +49,16 @@ def training_noise(latents: Tensor, generator: torch.Generator, noise_offset: fl
     return noise
 
 
+def perturbed_input(noise: Tensor, generator: torch.Generator, ip_noise_gamma: float | None = None,
+                    random_strength: bool = False) -> Tensor:
+    """The noise the input is noised with: ``noise`` plus input perturbation (``ip_noise_gamma``); the target stays
+    ``noise``."""
+    if not ip_noise_gamma:
+        return noise
+    gamma = ip_noise_gamma * (float(_rand(generator)) if random_strength else 1.0)
+    return noise + gamma * _randn(noise.shape, generator, noise)
+
+
 def sample_timesteps(batch: int, generator: torch.Generator, num_timesteps: int, min_timestep: int | None = None,
                      max_timestep: int | None = None) -> Tensor:
     low = 0 if min_timestep is None else min_timestep
@@ -109,23 +119,19 @@ def masked(loss: Tensor, masks: Tensor | None) -> Tensor:
     return loss * grid
 
 
-def snr(timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    abar = alphas_cumprod[timesteps].double()
-    return (abar / (1 - abar)).float()
-
-
-def loss_weights(timesteps: Tensor, alphas_cumprod: Tensor, v_prediction: bool, min_snr_gamma: float | None = None,
+def loss_weights(timesteps: Tensor, all_snr: Tensor, v_prediction: bool, min_snr_gamma: float | None = None,
                  scale_v_pred_loss_like_noise_pred: bool = False, v_pred_like_loss: float | None = None,
                  debiased_estimation_loss: bool = False) -> Tensor:
-    """Per-sample multipliers of the loss, applied in sd-scripts' order.
+    """Per-sample multipliers of the loss, applied in sd-scripts' order. ``all_snr``: the SNR of every timestep the
+    weights read (``NoiseSchedule.loss_weighting_snr``, sd-scripts' ``all_snr``).
 
     ``v_pred_like_loss`` (loss + k·loss/scale) is a multiplier too: 1 + k/scale.
     """
-    s = snr(timesteps, alphas_cumprod)
+    s = all_snr[timesteps].float()
     weight = torch.ones_like(s)
     if min_snr_gamma:
         clipped = torch.minimum(s, torch.full_like(s, min_snr_gamma))
-        # at a zero-terminal-SNR timestep min(snr, γ)/snr → 1 (its limit), not 0/0
+        # at an SNR of 0 min(snr, γ)/snr → 1 (its limit), not 0/0
         weight = weight * (clipped / (s + 1) if v_prediction else torch.where(s > 0, clipped / s.clamp(min=1e-30), 1.0))
     capped = torch.minimum(s, torch.full_like(s, 1000.0))
     like_noise = capped / (capped + 1)

@@ -661,6 +661,29 @@ def _mistyped_paths(options: TrainOptions) -> list[str]:
     return problems
 
 
+def _trained_rates(options: TrainOptions) -> list[float]:
+    """The learning rates of the parts the run trains (a part whose rate is 0 is left out, as sd-scripts leaves it)."""
+    unet = options.learning_rate if options.unet_lr is None else options.unet_lr
+    text_encoder = (options.text_encoder_lr or [None])[0]  # the trainer's reading: the first encoder's rate
+    text_encoder = options.learning_rate if text_encoder is None else text_encoder
+    if options.network_train_unet_only:
+        return [unet]
+    return [text_encoder] if options.network_train_text_encoder_only else [unet, text_encoder]
+
+
+def prediction_problems(options: TrainOptions, prediction_type: str, decided_by: str) -> list[str]:
+    """The loss options that need (or exclude) the prediction type the run trains, which ``decided_by`` says: the
+    flag, or the checkpoint (a v_pred marker, a .yaml, metadata, the WebUI's test forward for SD2)."""
+    if prediction_type == "v_prediction":
+        if options.v_pred_like_loss is not None:
+            return [f"--v_pred_like_loss is for epsilon-prediction models and this run trains v-prediction ({decided_by}); "
+                    "drop --v_pred_like_loss"]
+    elif options.scale_v_pred_loss_like_noise_pred:
+        return [f"--scale_v_pred_loss_like_noise_pred is for v-prediction models and this run trains epsilon-prediction "
+                f"({decided_by}); drop it, or add --v_parameterization if the model is a v-prediction one"]
+    return []
+
+
 def validate(options: TrainOptions, template: bool = False) -> None:
     """Contradictions sd-scripts rejects (and a few it lets through to fail later), said before any heavy work."""
     problems = []
@@ -670,15 +693,11 @@ def validate(options: TrainOptions, template: bool = False) -> None:
             problems.append(f"--{name} {getattr(options, name)!r} is not one of {', '.join(str(c) for c in allowed if c is not None)}")
     if options.adaptive_noise_scale is not None and options.noise_offset is None:
         problems.append("--adaptive_noise_scale needs --noise_offset")
-    if options.scale_v_pred_loss_like_noise_pred and not options.v_parameterization:
-        problems.append("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
-    if options.v_pred_like_loss is not None and options.v_parameterization:
-        problems.append("--v_pred_like_loss is for eps models; drop it with --v_parameterization")
-    if options.zero_terminal_snr and not options.v_parameterization:
-        infinite = [f"--{name}" for name in ("debiased_estimation_loss", "v_pred_like_loss") if getattr(options, name)]
-        if infinite:
-            problems.append(f"{' and '.join(infinite)} weigh the loss by 1/SNR, which is infinite at the last timestep of "
-                            "--zero_terminal_snr on an epsilon model; add --v_parameterization or drop one of them")
+    if options.v_parameterization:  # a v-prediction file without the flag is checked once loaded (prediction_problems)
+        problems += prediction_problems(options, "v_prediction", "--v_parameterization")
+    if not any(_trained_rates(options)):
+        problems.append("every learning rate is 0 (--learning_rate, --unet_lr, --text_encoder_lr): nothing would "
+                        "train; give the part you train a rate above 0")
     if options.network_train_unet_only and options.network_train_text_encoder_only:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     problems += _timestep_problems(options.min_timestep, options.max_timestep)

@@ -48,12 +48,12 @@ from .distributed import start as start_world
 from . import noise as N
 from .control import control_command, control_text, leftover_warning, written_before
 from .data import TrainingData, build_training_data, check_bucket_steps
-from .evaluation import fixed_noise, outlier_images, recommend_epoch, validation_timesteps
+from .evaluation import outlier_images, recommend_epoch, validation_generator, validation_timesteps
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import (check_optimizer_importable, clip_grad_norm_, evaluating, is_schedule_free, make_optimizer,
                          optimizer_label, takes_its_own_step)
-from .options import FIELDS, TrainOptions, join_command_line, memory_advice, non_default
+from .options import FIELDS, TrainOptions, join_command_line, memory_advice, non_default, prediction_problems
 from .outputs import OutputPlan, RunMetadata
 from ..sampling.samplers import is_stand_in, sampler_name
 from .samples import draw_samples, not_read_warning, read_prompts
@@ -950,6 +950,7 @@ def _prepared_model(options: TrainOptions, device: torch.device, weight_dtype: t
                                                                                      zero_terminal_snr=True))
     config = model.config
     _check_model_matches_options(config, options)
+    _check_prediction_matches_options(config, options)
     if (options.clip_skip or 1) > 1 and not config.takes_clip_skip:
         warnings.append(f"--clip_skip {options.clip_skip} on an {config.label} model: sd-scripts and the WebUI leave "
                         f"{config.label}'s text-encoder layers as they are, and so does this run")
@@ -1046,10 +1047,7 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
     noise = N.training_noise(latents, generator, options.noise_offset, options.noise_offset_random_strength,
                              options.adaptive_noise_scale, options.multires_noise_iterations, options.multires_noise_discount)
     timesteps = N.sample_timesteps(len(latents), generator, config.schedule.num_timesteps, options.min_timestep, options.max_timestep)
-    perturbed = noise
-    if options.ip_noise_gamma:
-        gamma = options.ip_noise_gamma * (float(torch.rand((), generator=generator)) if options.ip_noise_gamma_random_strength else 1.0)
-        perturbed = noise + gamma * torch.randn(latents.shape, generator=generator).to(latents)
+    perturbed = N.perturbed_input(noise, generator, options.ip_noise_gamma, options.ip_noise_gamma_random_strength)
     sizes = tuple(values[rows] for values in (batch.original_sizes, batch.crops, batch.target_sizes))
     latents, noise, perturbed, timesteps, captions = latents[rows], noise[rows], perturbed[rows], timesteps[rows], captions[rows]
     if not len(latents):
@@ -1057,18 +1055,19 @@ def _training_step(batch, epoch, step, total_steps, model, config, network: LoRA
     prediction, target = _predict(model, config, options, tokenizer, captions, sizes, latents, noise, perturbed,
                                   timesteps, abar, v_prediction, device, weight_dtype, train_te, text_cache)
     masks = None if batch.masks is None else batch.masks[rows].to(device)
-    return _per_sample_loss(prediction, target, timesteps, masks, options, abar, v_prediction, device) * \
+    return _per_sample_loss(prediction, target, timesteps, masks, options, config.schedule, v_prediction, device) * \
         batch.loss_weights[rows].to(device)
 
 
-def _per_sample_loss(prediction, target, timesteps, masks, options: TrainOptions, abar, v_prediction: bool, device):
+def _per_sample_loss(prediction, target, timesteps, masks, options: TrainOptions, schedule, v_prediction: bool, device):
     """The loss of each sample as the run trains on it: its loss type (with the Huber schedule), mask and timestep
     weighting (min-SNR, v-prediction scaling, debiased estimation)."""
     huber = None
     if options.loss_type in ("huber", "smooth_l1"):
-        huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, abar).to(device)
+        huber = N.huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale,
+                                  schedule.alphas_cumprod).to(device)
     loss = N.masked(N.elementwise_loss(prediction, target, options.loss_type, huber), masks).mean(dim=(1, 2, 3))
-    weights = N.loss_weights(timesteps, abar, v_prediction, options.min_snr_gamma, options.scale_v_pred_loss_like_noise_pred,
+    weights = N.loss_weights(timesteps, schedule.loss_weighting_snr, v_prediction, options.min_snr_gamma, options.scale_v_pred_loss_like_noise_pred,
                              options.v_pred_like_loss, options.debiased_estimation_loss)
     return loss * weights.to(device)
 
@@ -1085,13 +1084,18 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
     limit = None if options.max_validation_steps is None else options.max_validation_steps * options.train_batch_size
     for index, record in enumerate(data.validation[:limit]):
         latents = (record.latents.to(device, torch.float32) * config.vae.scaling_factor).expand(count, -1, -1, -1)
-        noise = fixed_noise(tuple(latents.shape), data.validation_seed, index).to(device)
+        # the same draws at every evaluation, shaped as training shapes them (offset, pyramid, input perturbation)
+        generator = validation_generator(data.validation_seed, index)
+        noise = N.training_noise(latents, generator, options.noise_offset, options.noise_offset_random_strength,
+                                 options.adaptive_noise_scale, options.multires_noise_iterations,
+                                 options.multires_noise_discount)
+        perturbed = N.perturbed_input(noise, generator, options.ip_noise_gamma, options.ip_noise_gamma_random_strength)
         sizes = ([(record.size[1], record.size[0])] * count, [(0, 0)] * count, [(record.bucket[1], record.bucket[0])] * count)
         prediction, target = _predict(model, config, options, tokenizer, [record.caption.split("\n")[0]] * count, sizes,
-                                      latents, noise, noise, timesteps, abar, v_prediction, device, weight_dtype,
-                                      text_cache=text_cache)
+                                      latents, noise, perturbed, timesteps, abar, v_prediction,
+                                      device, weight_dtype, text_cache=text_cache)
         masks = None if record.mask is None else record.mask[None].expand(count, -1, -1).to(device)
-        losses.append(float(_per_sample_loss(prediction, target, timesteps, masks, options, abar, v_prediction,
+        losses.append(float(_per_sample_loss(prediction, target, timesteps, masks, options, config.schedule, v_prediction,
                                              device).mean()))
     return sum(losses) / len(losses)
 
@@ -1148,6 +1152,14 @@ def _check_model_matches_options(config, options: TrainOptions) -> None:
     if options.v2 and not config.name.startswith("sd2"):
         raise UserError(f"--v2 is set but {options.pretrained_model_name_or_path} is an {config.label} model; drop --v2 "
                         "or pick an SD2 checkpoint", "v2")
+
+
+def _check_prediction_matches_options(config, options: TrainOptions) -> None:
+    """The loss options against the prediction type the loaded checkpoint trains (a v_pred marker makes a file
+    v-prediction without --v_parameterization)."""
+    decided_by = "--v_parameterization" if options.v_parameterization else f"{Path(options.pretrained_model_name_or_path).name} says so"
+    if problems := prediction_problems(options, config.prediction_type, decided_by):
+        raise UserError("; ".join(problems), "v_parameterization")
 
 
 def _merge_base_weights(model, options: TrainOptions) -> list[str]:
