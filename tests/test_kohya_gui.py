@@ -335,5 +335,5 @@ def test_flux_switches_left_in_an_sd_file_are_not_passed_as_the_gui_does_not_pas
     with pytest.raises(UserError) as refused:
         parse_args(["--config_file", str(path)])
     assert str(refused.value).startswith(f"{path}: not supported: --deepspeed")
-    with pytest.raises(UserError, match="^command line and .*not supported: --deepspeed, --fp8_base_unet"):
-        parse_args(["--config_file", str(path), "--fp8_base_unet"])
+    with pytest.raises(UserError, match="^command line and .*not supported: --debug_dataset, --deepspeed"):
+        parse_args(["--config_file", str(path), "--debug_dataset"])

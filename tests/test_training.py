@@ -1236,6 +1236,12 @@ def test_fp8_base_trains_nearly_the_same_lora_and_says_so_in_the_file(baseline, 
         assert handle.metadata()["ss_fp8_base"] == "True"
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert events[0]["fp8_saved_mib"] > 0
+    # sd-scripts' --fp8_base_unet (refused here before): the UNet alone in fp8, the text encoders in bf16
+    assert run(dataset, tmp_path / "unet", "--fp8_base_unet", "--mixed_precision", "bf16", "--max_train_steps", "2") == 0
+    with safe_open(str(tmp_path / "unet" / "star.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_fp8_base_unet"] == "True" and handle.metadata()["ss_fp8_base"] == "False"
+    unet_only, _ = read_events(tmp_path / "unet" / "star.events.jsonl")
+    assert 0 < unet_only[0]["fp8_saved_mib"] < events[0]["fp8_saved_mib"]
 
 
 def test_the_gpu_cache_goes_back_to_the_card_after_caching_and_samples_unless_highvram(monkeypatch):

@@ -112,9 +112,12 @@ def vram_gib(options: TrainOptions, architecture: str = "sd1") -> float:
     arch = _ARCH[architecture]
     width, height = resolution_of(options) or (arch["native"], arch["native"])
     half = options.mixed_precision in ("fp16", "bf16")
-    weights = (arch["weights"] + (0 if options.cache_text_encoder_outputs else arch["text_encoders"])) * (1 if half else 2)
-    if options.fp8_base:  # UNet and text-encoder Linear/Conv weights take one byte; the VAE and norms keep theirs
-        weights *= 0.55
+    # fp8: Linear/Conv weights take one byte (the UNet's, and the text encoders' unless --fp8_base_unet); the VAE
+    # and norms keep theirs
+    unet_share = 0.55 if options.fp8_base or options.fp8_base_unet else 1
+    encoder_share = 0.55 if options.fp8_base and not options.fp8_base_unet else 1
+    weights = (arch["weights"] * unet_share + (0 if options.cache_text_encoder_outputs else arch["text_encoders"] * encoder_share)
+               ) * (1 if half else 2)
     activations = arch["activations"] * options.train_batch_size * (width * height) / arch["native"] ** 2
     activations *= (_CHECKPOINTED if options.gradient_checkpointing else 1) * (1 if half else 2)
     if not options.cache_latents:

@@ -29,18 +29,51 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return autocast_dtype(x.device.type) or x.dtype
 
 
+class _LinearOnFp8(torch.autograd.Function):
+    """``F.linear`` with a frozen fp8 weight upcast for the product, keeping the fp8 weight (not the upcast copy) for
+    the input's gradient: otherwise every frozen layer is held twice until backward, in fp8 and in 16 bits, and
+    ``--fp8_base`` without gradient checkpointing uses more memory than no fp8 at all."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad.matmul(weight.to(grad.dtype)), None, None  # base weights and biases are frozen
+
+
+class _ConvOnFp8(torch.autograd.Function):
+    """A convolution with a frozen fp8 weight, keeping the fp8 weight for the input's gradient (see ``_LinearOnFp8``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Conv2d) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.input_shape, ctx.layer = x.shape, layer
+        return layer._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        layer = ctx.layer
+        grad_input = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(grad.dtype), grad, layer.stride,
+                                                layer.padding, layer.dilation, layer.groups)
+        return grad_input, None, None, None
+
+
 class Fp8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        return _LinearOnFp8.apply(x.to(_compute_dtype(x)), self.weight, self.bias)
 
 
 class Fp8Conv2d(Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
+        if self.padding_mode != "zeros":  # padding modes pad first: the upcast path, its copy kept for backward
+            dtype = _compute_dtype(x)
+            return super()._conv_forward(x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+        return _ConvOnFp8.apply(x.to(_compute_dtype(x)), self.weight, self.bias, self)
 
 
 _FP8_CLASS = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d, Conv2d: Fp8Conv2d, PointwiseConv2d: Fp8Conv2d}

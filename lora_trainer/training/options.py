@@ -115,9 +115,12 @@ class TrainOptions:
     full_bf16: bool = opt(False, "network weights in bf16 too")
     fp8_base: bool = opt(False, "keep the frozen base model's Linear/Conv2d weights in fp8 (about half the memory of "
                          "fp16; needs --mixed_precision fp16 or bf16)")
+    fp8_base_unet: bool = opt(False, "keep only the UNet's Linear/Conv2d weights in fp8; the text encoders keep the "
+                              "training precision (needs --mixed_precision fp16 or bf16)")
     save_precision: str | None = opt(None, "dtype of saved files", choices=[None, "float", "fp16", "bf16"])
     no_half_vae: bool = opt(False, "keep the VAE in fp32")
-    lowram: bool = inert("the model always loads straight to its device here (the GPU when training on one), tensor by tensor from the mapped file")
+    lowram: bool = inert("the model always loads straight to its device here (the GPU when training on one), tensor by "
+                         "tensor from the mapped file; with fp8 first to the CPU, converted there, as sd-scripts does")
     disable_mmap_load_safetensors: bool = inert("the checkpoint is converted tensor by tensor, so memory stays low "
                                                 "with the file mapped")
     highvram: bool = opt(False, "keep the GPU's cached memory after caching latents and drawing samples (by default "
@@ -265,7 +268,7 @@ FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token"
            "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
            "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
            "dataset_class", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
-           "debug_dataset", "cpu_offload_checkpointing", "fp8_base_unet", "conditioning_data_dir",
+           "debug_dataset", "cpu_offload_checkpointing", "conditioning_data_dir",
            "log_tracker_config", "enable_contrastive"}
 
 
@@ -863,8 +866,9 @@ def validate(options: TrainOptions, template: bool = False) -> None:
     if options.resume and (options.initial_epoch is not None or options.initial_step is not None):
         problems.append("--resume continues exactly where its state stopped; --initial_epoch/--initial_step are for "
                         "continuing from a network file (--network_weights) without a state: drop one of them")
-    if options.fp8_base and options.mixed_precision == "no":
-        problems.append("--fp8_base needs --mixed_precision fp16 or bf16 (the fp8 weights are computed in that precision)")
+    for name in ("fp8_base", "fp8_base_unet"):
+        if getattr(options, name) and options.mixed_precision == "no":
+            problems.append(f"--{name} needs --mixed_precision fp16 or bf16 (the fp8 weights are computed in that precision)")
     if options.dataset_repeats < 1:
         problems.append(f"--dataset_repeats {options.dataset_repeats} must be 1 or more")
     if options.pretrained_model_name_or_path is None and not template:

@@ -286,7 +286,7 @@ class RunMetadata:
             "ss_huber_scale": o.huber_scale,
             "ss_huber_c": o.huber_c,
             "ss_fp8_base": o.fp8_base,
-            "ss_fp8_base_unet": False,
+            "ss_fp8_base_unet": o.fp8_base_unet,
             "ss_validation_seed": o.validation_seed,
             "ss_validation_split": o.validation_split,
             "ss_max_validation_steps": o.max_validation_steps,

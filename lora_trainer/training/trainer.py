@@ -432,7 +432,7 @@ class TrainingRun:
                     options=non_default(options),
                     **({"processes": world.size, "global_batch": options.train_batch_size * world.size}
                        if world.distributed else {}),
-                    **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base else {}))
+                    **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base or options.fp8_base_unet else {}))
         for message in warnings:
             events.emit("warning", message=message)
         data.cache_latents(self.model.vae, device, events)
@@ -942,7 +942,10 @@ def _option_warnings(options: TrainOptions, spec, device: torch.device, weight_d
 
 def _prepared_model(options: TrainOptions, device: torch.device, weight_dtype: torch.dtype, warnings: list[str]):
     """The checkpoint loaded, checked against the options, with --base_weights merged, frozen; and the bytes fp8 saved."""
-    model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype, device=device, vae_path=options.vae,
+    # fp8: loaded and converted on the CPU, then moved, as sd-scripts does: a 6 GB card never holds the 16-bit SDXL
+    fp8 = options.fp8_base or options.fp8_base_unet
+    model = load_checkpoint(options.pretrained_model_name_or_path, dtype=weight_dtype,
+                            device=torch.device("cpu") if fp8 else device, vae_path=options.vae,
                             vae_dtype=torch.float32 if options.no_half_vae else None,
                             prediction_type="v_prediction" if options.v_parameterization else None)
     if options.zero_terminal_snr:  # trained (and sampled during training) on the rescaled schedule
@@ -956,15 +959,24 @@ def _prepared_model(options: TrainOptions, device: torch.device, weight_dtype: t
                         f"{config.label}'s text-encoder layers as they are, and so does this run")
     if options.base_weights:
         warnings += _merge_base_weights(model, options)
-    fp8_saved = 0
-    if options.fp8_base:  # after the merge, which adds to full-precision weights; before the network reads them
-        fp8_saved = sum(store_in_fp8(part) for part in (model.unet, *model.text_encoders))
+    # after the merge, which adds to full-precision weights; before the network reads them
+    fp8_saved = sum(store_in_fp8(part) for part in _fp8_parts(model, options))
+    if fp8:
+        model.to(device)
     for module in model.modules():
         module.requires_grad_(False).eval()
     if options.gradient_checkpointing:
         for module in (model.unet, *model.text_encoders):
             module.gradient_checkpointing = True
     return model, fp8_saved
+
+
+def _fp8_parts(model, options: TrainOptions) -> list:
+    """The parts of ``model`` that keep their weights in fp8, as sd-scripts decides: the UNet (--fp8_base_unet, the
+    text encoders keeping the training precision), or it and the text encoders (--fp8_base alone)."""
+    if options.fp8_base_unet:
+        return [model.unet]
+    return [model.unet, *model.text_encoders] if options.fp8_base else []
 
 
 def _prepared_network(options: TrainOptions, model, spec, train_te: bool, device: torch.device,
