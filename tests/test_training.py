@@ -2400,6 +2400,22 @@ def test_off_a_terminal_the_console_still_shows_progress(dataset, tmp_path, caps
     assert len(progress) == 4  # the steps between, within a minute of the first, are not each a line
 
 
+def test_caching_fifty_latents_or_more_off_a_terminal_says_how_far_it_is_and_trains(tmp_path, capsys):
+    """Every 50 cached latents make a progress event without a step: off a terminal (every WebUI and API job writes
+    trainer.log) its console line raised KeyError 'step', and any run of 50 images or more stopped before training."""
+    images = sorted(SAMPLE.glob("*.png"))
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for number in range(52):
+        source = images[number % len(images)]
+        shutil.copy(source, folder / f"{number:03d}.png")
+        shutil.copy(source.with_suffix(".txt"), folder / f"{number:03d}.txt")
+    assert run(folder.parent, tmp_path / "out", "--max_train_steps", "1") == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert "caching latents: 50/52" in lines  # the first count a run says, then one a minute and the last
+    assert (tmp_path / "out" / "star.safetensors").exists()
+
+
 def test_off_terminal_progress_says_the_time_left():
     from lora_trainer.training.events import OffTerminalProgress
 
@@ -2540,3 +2556,28 @@ def test_a_learning_rate_of_zero_everywhere_is_refused_before_loading(dataset, t
     assert run(dataset, tmp_path, "--learning_rate", "0") == 2
     assert "every learning rate is 0 (--learning_rate, --unet_lr, --text_encoder_lr): nothing would train" in capsys.readouterr().err
     assert run(dataset, tmp_path, "--learning_rate", "0", "--unet_lr", "1e-4", "--max_train_steps", "1") == 0
+
+
+def test_a_parked_vae_decoder_comes_to_the_gpu_only_while_samples_decode():
+    """After latents are cached the decoder is needed only for samples; it stayed on the GPU all run (0.1–0.2 GiB of
+    a 6 GB card with SDXL's fp32 VAE). A sample that fails still puts it back."""
+    from lora_trainer.training.trainer import decoder_on
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moves = []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    vae = Recorder()
+    with decoder_on(vae, torch.device("cuda"), parked=True):
+        assert vae.moves == ["cuda"]
+    with pytest.raises(RuntimeError), decoder_on(vae, torch.device("cuda"), parked=True):
+        raise RuntimeError("a prompt failed")
+    assert vae.moves == ["cuda", "cpu", "cuda", "cpu"]
+    with decoder_on(vae, torch.device("cpu"), parked=False):
+        pass
+    assert len(vae.moves) == 4  # a CPU run (or uncached latents) never moves it

@@ -75,6 +75,11 @@ class OffTerminalProgress:
             return words + (f": average loss {event['average']:.5f}" if event.get("average") is not None else "")
         if kind != "step" or event.get("total") is None:
             return None
+        if event.get("phase"):  # work before training (caching latents): its count, not a training step
+            if now - self._said < self.every and event.get("done") != event["total"]:
+                return None
+            self._said = now
+            return f"{event['phase']}: {event.get('done', '?')}/{event['total']}"
         step, total = event["step"], event["total"]
         if self._first is None:
             self._first = (now, step)

@@ -6,6 +6,7 @@ CLI, the UI and the API start it as a subprocess (``python -m lora_trainer.train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -250,6 +251,21 @@ def park_text_encoders(encoders: list[torch.nn.Module], device: torch.device) ->
             encoder.to("cpu", torch.float32)
 
 
+@contextlib.contextmanager
+def decoder_on(vae: torch.nn.Module, device: torch.device, parked: bool):
+    """The VAE (its decoder: the encoder is freed once latents are cached) on ``device`` while samples decode, and
+    back on the CPU after when ``parked``: between sample rounds it would only hold GPU memory, as sd-scripts too
+    moves it off after caching."""
+    if not parked:
+        yield
+        return
+    vae.to(device)
+    try:
+        yield
+    finally:
+        vae.to("cpu")
+
+
 def peak_memory_mib(device: torch.device) -> float | None:
     """Peak GPU memory of the run, or the process's peak RSS on the CPU (None where the OS does not say)."""
     if device.type == "cuda":
@@ -436,8 +452,13 @@ class TrainingRun:
         for message in warnings:
             events.emit("warning", message=message)
         data.cache_latents(self.model.vae, device, events)
-        if options.cache_latents:  # every latent is ready: free the encoder (sd-scripts moves the whole VAE off the GPU)
+        # every latent is ready: free the encoder, and park the decoder off the GPU until samples need it (sd-scripts
+        # moves the whole VAE off the GPU)
+        self.vae_parked = options.cache_latents and device.type == "cuda"
+        if options.cache_latents:
             self.model.vae.encoder = None
+        if self.vae_parked:
+            self.model.vae.to("cpu")
         release_cached_memory(device, options)
 
         te_lr = (options.text_encoder_lr or [None])[0]
@@ -798,8 +819,9 @@ class TrainingRun:
 
         self.network.eval().set_multiplier(1.0)
         try:
-            return draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
-                                self.options.output_name, epoch, step, self.options.clip_skip or 1, failed)
+            with decoder_on(self.model.vae, self.device, self.vae_parked):
+                return draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
+                                    self.options.output_name, epoch, step, self.options.clip_skip or 1, failed)
         finally:
             self.network.train()
 
