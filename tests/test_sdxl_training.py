@@ -133,6 +133,45 @@ def test_cached_text_encoder_outputs_train_what_encoding_every_step_trains(tiny_
     assert all(torch.allclose(other_live[k].float(), other_cached[k].float(), atol=1e-3, rtol=1e-2) for k in other_live)
 
 
+def test_validation_conditions_on_the_held_out_images_captions_and_crops_as_training_does(tiny_sdxl, tmp_path,
+                                                                                          monkeypatch):
+    """A held-out 2:1 image is measured with its own crop conditioning (not (0, 0)) and the caption training builds:
+    with cached text encoder outputs, the caption in its _te_outputs.npz carries the --caption_prefix trigger word."""
+    from PIL import Image
+
+    import lora_trainer.training.trainer as trainer
+
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:4]:  # 128x64: fitted inside the 64x64 bucket with 16 px above and below
+        Image.open(image).convert("RGB").resize((128, 64)).save(folder / image.name)
+        (folder / image.with_suffix(".txt").name).write_text("red background", encoding="utf-8")
+    crops, inside = [], []
+    validation_loss, vector = trainer._validation_loss, trainer.sdxl_vector
+
+    def validating(*args, **kwargs):
+        inside.append(True)
+        try:
+            return validation_loss(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def conditioning(pooled, original_sizes, crop_sizes, target_sizes):
+        if inside:
+            crops.extend(crop_sizes)
+        return vector(pooled, original_sizes, crop_sizes, target_sizes)
+
+    monkeypatch.setattr(trainer, "_validation_loss", validating)
+    monkeypatch.setattr(trainer, "sdxl_vector", conditioning)
+    assert train(tiny_sdxl, folder.parent, tmp_path / "out", "--network_train_unet_only", "--validation_split", "0.5",
+                 "--cache_text_encoder_outputs_to_disk", "--caption_prefix", "zkstar") == 0
+    assert crops and set(crops) == {(16, 0)}
+    for npz in folder.glob("*_te_outputs.npz"):  # the held-out images' too
+        with np.load(npz) as arrays:
+            assert str(arrays["caption"]) == "zkstar red background"
+    assert len(list(folder.glob("*_te_outputs.npz"))) == 4
+
+
 def test_caching_refuses_what_would_make_captions_vary(tiny_sdxl, dataset, tmp_path, capsys):
     assert train(tiny_sdxl, dataset, tmp_path, "--cache_text_encoder_outputs") == 2
     assert "needs --network_train_unet_only" in capsys.readouterr().err

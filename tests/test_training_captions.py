@@ -81,3 +81,39 @@ def test_training_with_weighted_captions_changes_only_what_the_weights_touch(tmp
         caption.write_text("(" + caption.read_text(encoding="utf-8").replace(",", ":1.4),", 1), encoding="utf-8")
     emphasised = _train(tmp_path / "data", tmp_path / "emphasised", "--weighted_captions")
     assert any(not torch.equal(plain[k], emphasised[k]) for k in plain)
+
+
+def test_validation_measures_the_captions_training_builds_the_same_at_every_evaluation(tmp_path, monkeypatch):
+    """The trigger word of --caption_prefix and a resolved wildcard, as the training steps see them; sd-scripts'
+    validation dataset runs the same caption processing."""
+    import lora_trainer.training.trainer as trainer
+
+    folder = tmp_path / "data" / "1_shapes"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:4]:
+        shutil.copy(image, folder / image.name)
+        (folder / image.with_suffix(".txt").name).write_text("{red|blue} shape;; flat", encoding="utf-8")
+    measured: list[list[str]] = []
+    inside = []
+    validation_loss, encode = trainer._validation_loss, trainer.encode_captions
+
+    def validating(*args, **kwargs):
+        inside.append(True)
+        measured.append([])
+        try:
+            return validation_loss(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def encoding(config, text_encoders, captions, *args, **kwargs):
+        if inside:
+            measured[-1] += captions
+        return encode(config, text_encoders, captions, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_validation_loss", validating)
+    monkeypatch.setattr(trainer, "encode_captions", encoding)
+    _train(tmp_path / "data", tmp_path / "out", "--caption_prefix", "zkstar", "--enable_wildcard",
+           "--secondary_separator", ";;", "--validation_split", "0.5", "--max_train_steps", "2")
+    assert len(measured) == 2 and measured[0] and measured[0] == measured[1]  # the same captions at every evaluation
+    for caption in measured[0]:
+        assert caption in ("zkstar red shape, flat", "zkstar blue shape, flat"), caption

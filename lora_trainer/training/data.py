@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..hashing import weights_fingerprint
 from ..safe_io import (ENABLE_LONG_PATHS, UNREADABLE_NPZ, remove_files, save_npz, stale_temporaries, temporary_beside,
                        windows_path_length)
-from .evaluation import split_validation
+from .evaluation import split_validation, validation_generator
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
 from .text import TE_OUTPUTS_SUFFIX, caching_problems, te_outputs_path
@@ -78,24 +78,28 @@ class Batch:
 
     @property
     def original_sizes(self):
-        # (h, w) as SDXL's conditioning wants; a face crop is "uncropped at the target size", as sd-scripts says
-        return [(r.bucket[1], r.bucket[0]) if r.face else (r.size[1], r.size[0]) for r in self.records]
+        return [sdxl_sizes(r, f)[0] for r, f in zip(self.records, self.flips)]
 
     @property
     def crops(self):
-        """SDXL's (top, left) crop conditioning as sd-scripts gives it, mirrored for a flipped image."""
-        crops = []
-        for record, flipped in zip(self.records, self.flips):
-            if record.face:  # sd-scripts: crop (0, 0, 0, 0), which its mirroring turns into a left of the full width
-                crops.append((0, 0))
-                continue
-            left, top, right, _ = B.crop_ltrb(record.bucket, record.size)
-            crops.append((int(top), int(record.bucket[0] - right if flipped else left)))
-        return crops
+        return [sdxl_sizes(r, f)[1] for r, f in zip(self.records, self.flips)]
 
     @property
     def target_sizes(self):
-        return [(r.bucket[1], r.bucket[0]) for r in self.records]
+        return [sdxl_sizes(r, f)[2] for r, f in zip(self.records, self.flips)]
+
+
+Hw = tuple[int, int]
+
+
+def sdxl_sizes(record: ImageRecord, flipped: bool) -> tuple[Hw, Hw, Hw]:
+    """SDXL's size conditioning of an image as sd-scripts gives it: (original h, w), (crop top, left), (target h, w),
+    the crop mirrored for a flipped image."""
+    target = (record.bucket[1], record.bucket[0])
+    if record.face:  # "uncropped at the target size", as sd-scripts says; crop (0, 0, 0, 0)
+        return target, (0, 0), target
+    left, top, right, _ = B.crop_ltrb(record.bucket, record.size)
+    return (record.size[1], record.size[0]), (int(top), int(record.bucket[0] - right if flipped else left)), target
 
 
 @dataclass
@@ -254,7 +258,20 @@ class TrainingData:
         rng = random.Random(0)  # unused: nothing random is on
         captions = {r.path: C.process_caption(r.caption, r.subset.caption_options, rng, epoch=1, step=0, max_train_steps=1)
                     for r in self.records}
-        captions.update({r.path: r.caption.split("\n")[0] for r in self.validation})
+        # nothing here changes with the step (token warm-up is refused above): any step count gives these captions
+        captions.update(zip((r.path for r in self.validation), self.validation_captions(total_steps=1)))
+        return captions
+
+    def validation_captions(self, total_steps: int) -> list[str]:
+        """Each held-out image's caption as training builds it (prefix and suffix, wildcards, separators, dropout), as
+        the first epoch draws it once token warm-up is over; drawn from the image's own validation generator, so every
+        evaluation measures the same captions and epochs compare (sd-scripts resets to the validation seed)."""
+        captions = []
+        for index, record in enumerate(self.validation):
+            generator = validation_generator(self.validation_seed, index)
+            rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
+            captions.append(C.process_caption(record.caption, record.subset.caption_options, rng, epoch=1,
+                                              step=total_steps, max_train_steps=total_steps))
         return captions
 
     def check_cache_path_lengths(self, limits: tuple[int, int] | None) -> None:

@@ -48,7 +48,7 @@ from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
 from .control import control_command, control_text, leftover_warning, written_before
-from .data import TrainingData, build_training_data, check_bucket_steps
+from .data import TrainingData, build_training_data, check_bucket_steps, sdxl_sizes
 from .evaluation import outlier_images, recommend_epoch, validation_generator, validation_timesteps
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
@@ -829,7 +829,7 @@ class TrainingRun:
         self.network.eval().set_multiplier(1.0)
         loss = _validation_loss(self.data, self.model, self.config, self.options, self.tokenizer,
                                 self.config.schedule.alphas_cumprod, self.v_prediction, self.device, self.weight_dtype,
-                                self.text_cache)
+                                self.text_cache, total_steps=self.total_steps)
         self.network.train()
         return loss
 
@@ -1108,7 +1108,7 @@ def _per_sample_loss(prediction, target, timesteps, masks, options: TrainOptions
 
 @torch.no_grad()
 def _validation_loss(data: TrainingData, model, config, options: TrainOptions, tokenizer, abar, v_prediction, device,
-                     weight_dtype, text_cache: TextEncoderCache | None = None) -> float:
+                     weight_dtype, text_cache: TextEncoderCache | None = None, *, total_steps: int) -> float:
     """Mean loss of the held-out images at fixed timesteps with fixed noise, comparable across epochs; measured as
     the run trains (loss type, mask, weighting) at sd-scripts' timesteps. ``--max_validation_steps`` counts batches
     of ``--train_batch_size`` images, as sd-scripts' validation loader does."""
@@ -1116,6 +1116,7 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
     count = len(timesteps)
     losses = []
     limit = None if options.max_validation_steps is None else options.max_validation_steps * options.train_batch_size
+    captions = data.validation_captions(total_steps)
     for index, record in enumerate(data.validation[:limit]):
         latents = (record.latents.to(device, torch.float32) * config.vae.scaling_factor).expand(count, -1, -1, -1)
         # the same draws at every evaluation, shaped as training shapes them (offset, pyramid, input perturbation)
@@ -1124,8 +1125,8 @@ def _validation_loss(data: TrainingData, model, config, options: TrainOptions, t
                                  options.adaptive_noise_scale, options.multires_noise_iterations,
                                  options.multires_noise_discount)
         perturbed = N.perturbed_input(noise, generator, options.ip_noise_gamma, options.ip_noise_gamma_random_strength)
-        sizes = ([(record.size[1], record.size[0])] * count, [(0, 0)] * count, [(record.bucket[1], record.bucket[0])] * count)
-        prediction, target = _predict(model, config, options, tokenizer, [record.caption.split("\n")[0]] * count, sizes,
+        sizes = tuple([size] * count for size in sdxl_sizes(record, flipped=False))
+        prediction, target = _predict(model, config, options, tokenizer, [captions[index]] * count, sizes,
                                       latents, noise, perturbed, timesteps, abar, v_prediction,
                                       device, weight_dtype, text_cache=text_cache)
         masks = None if record.mask is None else record.mask[None].expand(count, -1, -1).to(device)
