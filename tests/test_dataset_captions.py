@@ -135,6 +135,14 @@ def test_token_warmup_below_one_is_a_fraction_of_all_training_steps():
     assert process_caption(TAGS, options, random.Random(0), step=10, max_train_steps=40) == "zkstar, yellow star, blue background"
 
 
+def test_a_warmup_fraction_that_rounds_to_no_steps_leaves_the_caption_as_written_as_sd_scripts_does():
+    # 0.001 of 500 steps is 0 warm-up steps: sd-scripts turns the warm-up off and never splits the tags
+    options = CaptionOptions(token_warmup_step=0.001)
+    assert process_caption("a,,b, c ,d,", options, random.Random(0), step=3, max_train_steps=500) == "a,,b, c ,d,"
+    longer = CaptionOptions(token_warmup_step=0.01)  # 5 steps: on, and split as in sd-scripts
+    assert process_caption("a,,b, c ,d,", longer, random.Random(0), step=7, max_train_steps=500) == "a, , b, c, d, "
+
+
 def test_empty_tags_survive_as_empty_entries_when_tags_are_split():
     # sd-scripts keeps the empty tag between ",," when splitting without a keep_tokens_separator
     options = CaptionOptions(token_warmup_step=1)

@@ -9,7 +9,8 @@ wildcard line, wildcard choices, shuffle, tag dropout), so a seed reproduces a c
    ``caption_dropout_every_n_epochs`` (epochs count from 1, as in sd-scripts);
 3. wildcards ``{a|b}`` (``{{``/``}}`` are literal braces) after picking one line of a multi-line caption; without
    wildcards only the first line is kept;
-4. when shuffling, warming up or dropping tags: split on ``caption_separator``; the first ``keep_tokens`` tags, or the
+4. when shuffling, warming up (for at least one step: a fraction of the steps that rounds to 0 is off, as in
+   sd-scripts) or dropping tags: split on ``caption_separator``; the first ``keep_tokens`` tags, or the
    text before ``keep_tokens_separator`` (and after a second one), stay in place; token warm-up keeps only the first
    tags early in training; the rest are shuffled, then each is dropped with ``caption_tag_dropout_rate``; the tags are
    joined with ", " whatever the separator;
@@ -138,7 +139,8 @@ def process_caption(
     else:
         caption = caption.split("\n")[0]
 
-    if options.shuffle_caption or options.token_warmup_step > 0 or options.caption_tag_dropout_rate > 0:
+    warming_up = warmup_steps(options.token_warmup_step, max_train_steps) > 0  # a fraction may round to no steps: off
+    if options.shuffle_caption or warming_up or options.caption_tag_dropout_rate > 0:
         fixed, flexible, fixed_suffix = split_kept_tags(caption, options)
         kept_count = warmup_tag_count(len(flexible), step, options, max_train_steps)
         if kept_count is not None:
