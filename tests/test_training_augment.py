@@ -103,6 +103,7 @@ def test_the_loss_mask_zeroes_the_transparent_part_of_the_loss():
 def test_sdxl_crop_conditioning_is_mirrored_for_a_flipped_image():
     class Record:
         bucket, size, face = (64, 64), (128, 64), None  # a 2:1 image in a square bucket: fitted inside, 16 px margins
+        choice = BucketChoice((64, 64), (128, 64), -1.0)
 
     crops = Batch([Record(), Record()], [False, True]).crops
     assert crops[0] == (16, 0) and crops[1] == (16, 0)  # symmetric margins mirror onto themselves
@@ -166,6 +167,7 @@ def test_face_crop_with_random_crop_wanders_but_keeps_the_face_in_the_middle_mos
 def test_sdxl_conditioning_of_a_face_crop_is_the_uncropped_target_as_sd_scripts_gives_it():
     class Record:
         bucket, size, face = (64, 64), (256, 128), (180, 60, 32, 32)
+        choice = BucketChoice((64, 64), (128, 64), -1.0)
 
     batch = Batch([Record(), Record()], [False, True])
     assert batch.original_sizes == [(64, 64), (64, 64)] and batch.crops == [(0, 0), (0, 0)]
@@ -185,6 +187,52 @@ def test_face_crop_trains_uncached_without_buckets_and_is_refused_where_sd_scrip
     assert "--face_crop_aug_range changes the pixels every step" in capsys.readouterr().err
     assert train(folder.parent, tmp_path / "c", "--face_crop_aug_range", "2.0,4.0", "--enable_bucket") == 2
     assert "does not work with --enable_bucket" in capsys.readouterr().err
+
+
+def _fixed_resolution_data(tmp_path: Path, sizes: dict[str, tuple[int, int]], *extra: str):
+    """The run's data plan at resolution 64 without buckets or cached latents, over one-pixel checkerboards."""
+    from types import SimpleNamespace
+
+    from lora_trainer.training.data import build_training_data
+    from lora_trainer.training.options import options_from
+
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for name, (width, height) in sizes.items():
+        board = (np.indices((height, width)).sum(0) % 2 * 255).astype(np.uint8)
+        Image.fromarray(board).convert("RGB").save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("zkstar", encoding="utf-8")
+    values = {"pretrained_model_name_or_path": "m", "train_data_dir": str(folder.parent), "resolution": "64",
+              "caption_extension": ".txt", "train_batch_size": 1, **{name: True for name in extra}}
+    return build_training_data(options_from(values), SimpleNamespace(bucket_step_multiple=64, name="sdxl", label="SDXL"),
+                               seed=3)
+
+
+def test_random_crop_without_buckets_trains_native_patches_as_sd_scripts_does(tmp_path):
+    """sd-scripts cuts the resolution out of a larger image at its own size: the one-pixel checkerboard stays sharp
+    (resized to cover, it would average to grey), and SDXL is told the patch is the original, crop (0, 0) or
+    (0, width) when flipped."""
+    data = _fixed_resolution_data(tmp_path, {"board": (160, 128)}, "random_crop", "flip_aug")
+    batches = data.epoch_batches(0) + data.epoch_batches(1) + data.epoch_batches(2)
+    for batch in data.loaded(batches, workers=1):
+        assert batch.pixels[0].pixels.shape == (3, 64, 64)
+        assert batch.pixels[0].pixels.abs().min() > 0.99  # every pixel still black or white
+        assert batch.original_sizes == [(64, 64)] and batch.target_sizes == [(64, 64)]
+        assert batch.crops == [(0, 64) if batch.flips[0] else (0, 0)]
+    assert {b.flips[0] for b in batches} == {False, True}
+    assert not [note for note in data.notes if "sd-scripts would stop" in note]
+
+
+def test_images_sd_scripts_stops_on_without_buckets_are_resized_and_said_once(tmp_path):
+    data = _fixed_resolution_data(tmp_path, {"large": (160, 128), "small": (48, 48), "exact": (64, 64)})
+    said = [note for note in data.notes if "sd-scripts would stop" in note]
+    assert len(said) == 1 and "(and 1 more image)" in said[0]
+    assert "160x128 is larger than the resolution 64x64 and neither buckets nor random_crop are on" in said[0]
+    assert "This run resizes such images to cover 64x64 and crops them instead" in said[0]
+    batch = next(data.loaded(data.epoch_batches(0)[:1], workers=1))
+    assert batch.pixels[0].pixels.shape == (3, 64, 64)  # resized to cover and cropped, as before
+    data = _fixed_resolution_data(tmp_path / "crop", {"small": (48, 48)}, "random_crop")
+    assert any("48x48 is smaller than the resolution 64x64" in note for note in data.notes)
 
 
 # --- training end to end --------------------------------------------------------------------------------------

@@ -42,11 +42,13 @@ class BucketSettings:
 @dataclass(frozen=True)
 class BucketChoice:
     """Where one image goes: the bucket (training size), the size it is resized to before the centre crop, and
-    the bucket's aspect ratio minus the image's (sd-scripts averages its absolute value as ``mean_img_ar_error``)."""
+    the bucket's aspect ratio minus the image's (sd-scripts averages its absolute value as ``mean_img_ar_error``);
+    ``native``: cut out at the image's own size, never resized (``native_patch``)."""
 
     bucket: Size
     resized_size: Size
     aspect_error: float
+    native: bool = False
 
 
 LARGEST_SIDE = 8192  # pixels: 64 megapixels an image (SDXL trains at 1024); beyond, a typo that would take the memory
@@ -180,10 +182,21 @@ def bucket_without_upscale(image_size: Size, max_area: int, steps: int) -> Bucke
     return BucketChoice(bucket, resized, bucket[0] / bucket[1] - aspect)
 
 
-def select_bucket(image_size: Size, settings: BucketSettings) -> BucketChoice:
-    """The bucket sd-scripts gives an image of ``image_size`` (width, height) under ``settings``."""
+def native_patch(image_size: Size, resolution: Size) -> BucketChoice | None:
+    """Buckets off with ``random_crop`` (latents then are never cached): sd-scripts cuts the resolution out of an
+    image at least that large at its own size, never resizing it; None for one it would stop on."""
+    if fixed_resolution_problem(image_size, resolution, random_crop=True) is not None:
+        return None
+    return BucketChoice(resolution, image_size, resolution[0] / resolution[1] - image_size[0] / image_size[1], native=True)
+
+
+def select_bucket(image_size: Size, settings: BucketSettings, random_crop: bool = False) -> BucketChoice:
+    """The bucket sd-scripts gives an image of ``image_size`` (width, height) under ``settings``; with buckets off
+    and ``random_crop`` its ``native_patch`` where sd-scripts cuts one."""
     if image_size[0] < 1 or image_size[1] < 1:
         raise UserError(f"an image of {image_size[0]}x{image_size[1]} has no pixels to train on; remove it from the dataset.")
+    if not settings.enable_bucket and random_crop and (patch := native_patch(image_size, settings.resolution)):
+        return patch
     if settings.enable_bucket and settings.bucket_no_upscale:
         # sd-scripts checks min/max against the resolution even though this mode never uses them
         adjusted_bucket_range(settings.resolution, settings.min_bucket_reso, settings.max_bucket_reso, settings.bucket_reso_steps)

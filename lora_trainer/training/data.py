@@ -98,6 +98,8 @@ def sdxl_sizes(record: ImageRecord, flipped: bool) -> tuple[Hw, Hw, Hw]:
     target = (record.bucket[1], record.bucket[0])
     if record.face:  # "uncropped at the target size", as sd-scripts says; crop (0, 0, 0, 0)
         return target, (0, 0), target
+    if record.choice.native:  # the patch is the original; crop (0, 0, 0, 0), whose mirror is a left of the full width
+        return target, (0, record.bucket[0] if flipped else 0), target
     left, top, right, _ = B.crop_ltrb(record.bucket, record.size)
     return (record.size[1], record.size[0]), (int(top), int(record.bucket[0] - right if flipped else left)), target
 
@@ -568,7 +570,8 @@ _CHECK_THREADS = min(8, os.cpu_count() or 1)
 _SizedImage = tuple[tuple[int, int], B.BucketChoice]  # an image's original size (w, h) and its bucket
 
 
-def _sized_image(entry: ImageEntry, settings: B.BucketSettings, cached_as: str | None = None) -> _SizedImage | UserError:
+def _sized_image(entry: ImageEntry, settings: B.BucketSettings, cached_as: str | None = None,
+                 random_crop: bool = False) -> _SizedImage | UserError:
     """The image's size and bucket, or why it cannot train. Its pixels are decoded once here, even when the metadata
     gives its size: a file truncated after a good header is then skipped like any unreadable one, before anything is
     counted, instead of stopping the run when its latents are cached (or mid-epoch without caching). Not when this
@@ -581,7 +584,7 @@ def _sized_image(entry: ImageEntry, settings: B.BucketSettings, cached_as: str |
                 return size, B.select_bucket(size, settings)
         size = checked_image_size(entry.path)
         size = entry.image_size or size  # sd-scripts buckets a metadata entry by the size it gives
-        return size, B.select_bucket(size, settings)
+        return size, B.select_bucket(size, settings, random_crop)
     except UserError as problem:
         return problem
 
@@ -599,7 +602,8 @@ def _each_decoded(check: Callable, items: Sequence, unit: str) -> list:
 
 
 def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: int,
-                  cached_as: str | None = None, config_file: str | None = None) -> DatasetPlan:
+                  cached_as: str | None = None, config_file: str | None = None,
+                  latents_cached: bool = False) -> DatasetPlan:
     images = dataset_images(dataset)
     notes.extend(images.notes)
     settings = dataset.bucket_settings
@@ -609,7 +613,8 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
         subset = subset_images.subset
         masks = _mask_files(subset, subset_images.images, notes) if subset.conditioning_data_dir else None
         kept = []
-        checked = _each_decoded(lambda entry: _sized_image(entry, settings, cached_as), subset_images.images, "image")
+        checked = _each_decoded(lambda entry: _sized_image(entry, settings, cached_as, subset.random_crop),
+                                subset_images.images, "image")
         for entry, sized in zip(subset_images.images, checked):
             if isinstance(sized, UserError):
                 said = str(sized).rstrip(".")
@@ -634,7 +639,23 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
     for record in train + reg:  # validation images are never augmented
         if record.subset.face_crop_aug_range is not None:
             record.face = face_in_name(record.path)
+    if not dataset.enable_bucket and not latents_cached:
+        notes.extend(_fixed_resolution_note(train + reg + validation, settings.resolution))
     return DatasetPlan(dataset, train, reg, validation, tag_frequency, num_reg_images)
+
+
+def _fixed_resolution_note(records: list[ImageRecord], resolution: tuple[int, int]) -> list[str]:
+    """Without buckets and cached latents sd-scripts trains only images of the resolution (larger ones with
+    random_crop or a face crop) and stops on the others; here they are resized to cover it and cropped: said once."""
+    problems = [(record, problem) for record in records if (problem := B.fixed_resolution_problem(
+        record.size, resolution, record.subset.random_crop,
+        face_crop=record.subset.face_crop_aug_range is not None and face_in_name(record.path) is not None))]
+    if not problems:
+        return []
+    first, problem = problems[0]
+    others = f" (and {len(problems) - 1} more image{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    return [f"{first.path}{others}: sd-scripts would stop on it (buckets off, latents not cached): {problem} This run "
+            f"resizes such images to cover {resolution[0]}x{resolution[1]} and crops them instead"]
 
 
 def _split_each_subset(records: list[ImageRecord], fraction: float, seed: int, notes: list[str]):
@@ -682,7 +703,8 @@ def build_training_data(options: TrainOptions, config, seed: int, world_size: in
     notes = list(group.warnings)
     _check_augmentations(group.datasets, options)
     cached_as = config.name if options.cache_latents_to_disk else None  # whose disk caches the run would read
-    datasets = [_plan_dataset(i, d, notes, seed, cached_as, options.dataset_config) for i, d in enumerate(group.datasets)]
+    datasets = [_plan_dataset(i, d, notes, seed, cached_as, options.dataset_config, options.cache_latents)
+                for i, d in enumerate(group.datasets)]
     datasets = [d for d in datasets if d.train]
     if not datasets:
         raise UserError("the dataset has no usable training images" + (f" ({'; '.join(notes[:3])})" if notes else ""))
