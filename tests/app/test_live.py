@@ -83,3 +83,21 @@ def test_sd_scripts_backend_steps_carry_only_the_average_and_still_move_the_view
     view = view_of([{"event": "start", "backend": "sd-scripts"}, *steps], "running")
     assert view.step == 2 and view.loss == [] and [step for step, _ in view.average] == [1, 2]
     assert "step 2/6" in progress_text(view) and loss_plot(view)
+
+
+def test_a_long_run_draws_a_few_points_per_pixel_keeping_its_spike_and_its_last_loss():
+    """Every step went into the SVG: 90,000 steps sent 2 MiB to each open Train tab every second."""
+    total, spike_step = 90_000, 45_678
+    losses = {s: 0.1 + 0.1 * (s % 7) / 6 for s in range(1, total + 1)}  # between 0.1 and 0.2, noisy
+    losses[spike_step], losses[total] = 1.0, 0.15  # the last loss lies inside its column's range
+    view = view_of([{"event": "step", "step": s, "total": total, "loss": loss, "average": 0.15}
+                    for s, loss in losses.items()], "running")
+    drawn = loss_plot(view)
+    curves = {name: [tuple(map(float, point.split(","))) for point in points.split()]
+              for name, points in re.findall(r'<polyline class="(\w+)"[^>]* points="([^"]+)"', drawn)}
+    assert 0 < len(curves["loss"]) <= 1200 and 0 < len(curves["average"]) <= 1200
+    assert len(drawn) < 64 * 1024
+    top, bottom = 8.0, 240 - 36  # the plot's frame: the highest loss is drawn at its top
+    assert min(y for _, y in curves["loss"]) == top  # the spike
+    last_x, last_y = curves["loss"][-1]
+    assert last_x == 640 - 8 and last_y == round(top + (bottom - top) * (1 - (0.15 - 0.1) / (1.0 - 0.1)), 1)
