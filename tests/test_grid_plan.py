@@ -139,6 +139,29 @@ def test_planning_a_grid_again_reads_no_epoch_file_again_unless_it_was_rewritten
     assert sorted(hashed) == ["tinylora-000001.safetensors", "tinylora.safetensors", "tinylora.safetensors"]
 
 
+def test_a_grid_on_the_runs_base_model_is_planned_once(loras, tmp_path, monkeypatch):
+    """Finding the base model planned the grid a second time, every epoch file hashed again where no cache can be
+    written (a read-only home)."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.grid.plan import plan_on_base_model
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    (tmp_path / "read-only home").write_text("", encoding="utf-8")
+    monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "read-only home"))  # a file: the cache is never kept
+    run = tmp_path / "Lora"
+    run.mkdir()
+    for source in loras.glob("tinylora*.safetensors"):
+        metadata = {**read_safetensors_metadata(source), "ss_sd_model_name": "tiny-sd15.safetensors"}
+        save_file(load_file(source), str(run / source.name), metadata)
+    hashed = counted_tensor_hashes(monkeypatch)
+    checkpoints = {"sd/tiny-sd15.safetensors": tmp_path / "tiny-sd15.safetensors"}
+    plan, base = plan_on_base_model(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", [])), LoraLibrary([run]),
+                                    checkpoints)
+    assert base == "sd/tiny-sd15.safetensors" and {cell.checkpoint for row in plan.cells for cell in row} == {base}
+    assert sorted(hashed) == ["tinylora-000001.safetensors", "tinylora.safetensors"]
+
+
 def test_bad_grids_are_refused_and_big_ones_need_confirmation(library):
     with pytest.raises(UserError, match="no values"):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)

@@ -260,12 +260,15 @@ def base_model_title(files: list[Path], checkpoints: dict[str, Path]) -> str | N
 
 def plan_on_base_model(request: GridRequest, library: LoraResolver, checkpoints: dict[str, Path]) -> tuple[GridPlan, str | None]:
     """``plan_grid``; with no checkpoint asked, on the LoRAs' own base model where the host lists it (its title is
-    returned, else None: the host's current model)."""
+    returned, else None: the host's current model). The cells a checkpoint axis does not set take it, as they take a
+    checkpoint asked: the plan is not made twice (each making reads every epoch file's metadata and hashes)."""
     plan = plan_grid(request, library)
     base = None if request.checkpoint else base_model_title(plan.files, checkpoints)
     if base is None:
         return plan, None
-    return plan_grid(dataclasses.replace(request, checkpoint=base), library), base
+    cells = [[cell if cell.checkpoint is not None else dataclasses.replace(cell, checkpoint=base) for cell in row]
+             for row in plan.cells]
+    return dataclasses.replace(plan, cells=cells), base
 
 
 def _axis_values_of(name: str, axis: AxisSpec, request: GridRequest, library: LoraResolver):
