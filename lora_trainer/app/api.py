@@ -678,12 +678,16 @@ def create_router(services: Services) -> APIRouter:
 
     # --- tag-editor sessions ------------------------------------------------------------------------------
 
-    def page_params(request: Request) -> tuple[int, int]:
+    def page_params(request: Request) -> tuple[int, int, int]:
         query = request.query_params
-        try:
-            return int(query.get("page", 1)), int(query.get("page_size", tag_sessions.PAGE_SIZE))
-        except ValueError:
-            raise ApiError(400, "invalid", "page and page_size must be whole numbers", "page") from None
+        values = []
+        for name, default in (("page", 1), ("page_size", tag_sessions.PAGE_SIZE), ("tag_limit", tag_sessions.FREQUENCY_ROWS)):
+            try:
+                values.append(int(query.get(name, default)))
+            except ValueError:
+                raise ApiError(400, "invalid", f"{name} must be a whole number, not {query[name]!r}", name) from None
+        page, page_size, tag_limit = values
+        return page, page_size, tag_limit
 
     @router.post("/datasets/open", status_code=201, summary="Open a folder in the tag editor",
                  openapi_extra=_body_doc("The folder of images and captions, `recursive` for sub-folders, "
@@ -708,9 +712,9 @@ def create_router(services: Services) -> APIRouter:
 
     @router.get("/datasets/{session_id}", summary="A page of a tag-editor session")
     def dataset_page(session_id: str, request: Request):
-        """Query: `page`, `page_size`, and the filter: `all`, `any`, `none` (comma-separated tags), `regex`,
-        `untagged=true`. Given filter keys replace the session's filter (the one `"selection": "filtered"` edits);
-        `reset=true` clears it."""
+        """Query: `page`, `page_size`, `tag_limit` (tag-frequency rows, default 300), and the filter: `all`, `any`,
+        `none` (comma-separated tags), `regex`, `untagged=true`. Given filter keys replace the session's filter (the
+        one `"selection": "filtered"` edits); `reset=true` clears it."""
         session = sessions.get(session_id)
         query = request.query_params
         keys = ("all", "any", "none", "regex", "untagged")
@@ -721,8 +725,7 @@ def create_router(services: Services) -> APIRouter:
                     raise ApiError(400, "invalid", "untagged: give true or false", "untagged")
                 data["untagged"] = data["untagged"].lower() in ("true", "1")
             tag_sessions.set_filter(session, tag_sessions.filter_from(data))
-        page, page_size = page_params(request)
-        return tag_sessions.page_of(session, page, page_size)
+        return tag_sessions.page_of(session, *page_params(request))
 
     @router.get("/datasets/{session_id}/image", summary="One image of a session", response_class=FileResponse)
     def dataset_image(session_id: str, name: str):

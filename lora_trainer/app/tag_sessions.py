@@ -27,6 +27,9 @@ from ..errors import UserError
 
 DEFAULT_LIMIT = 8  # open folders kept in memory; 10,000 images with their history is a few MB each
 PAGE_SIZE = 48
+# Tag-frequency rows a page carries, as many as the tab lists (a folder of 3,000 tags sent both full lists, 148 KiB,
+# with every page, edit and undo).
+FREQUENCY_ROWS = 300
 
 # The API's edit names (and the core's own names, so either works) → tag_editor.EDIT_KINDS.
 EDIT_NAMES = {
@@ -243,12 +246,15 @@ def history(editor: TagEditor) -> dict:
             "redo": [step.description for step in reversed(editor.redo_steps)]}
 
 
-def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> dict:
-    """One page of the filtered images with their tags, the tag frequencies (all images and the filtered ones),
-    the undo/redo history and what is unsaved: everything a view of the folder needs, as JSON-able data."""
+def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE, tag_limit: int = FREQUENCY_ROWS) -> dict:
+    """One page of the filtered images with their tags, the ``tag_limit`` most frequent tags (of all images and of
+    the filtered ones) with how many tags there are, the undo/redo history and what is unsaved: everything a view of
+    the folder needs, as JSON-able data."""
     for name, value in (("page", page), ("page_size", page_size)):
         if value < 1:
             raise UserError(f"{name} must be at least 1.", name)
+    if tag_limit < 0:
+        raise UserError("tag_limit must be 0 or more (the number of tag-frequency rows to send).", "tag_limit")
     with session.lock:
         editor, tag_filter = session.editor, session.tag_filter
     filtered = tag_editor.select(editor, tag_filter)
@@ -256,6 +262,7 @@ def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> d
     page = min(page, pages)  # past the end (a filter or an edit shortened the list): the last page, said by "page"
     shown = filtered[(page - 1) * page_size: page * page_size]
     unsaved = set(tag_editor.unsaved_images(editor))
+    counts, filtered_counts = tag_editor.tag_counts(editor), tag_editor.tag_counts(editor, filtered)
     return {
         "session": session.id,
         "folder": str(editor.folder),
@@ -264,8 +271,11 @@ def page_of(session: TagSession, page: int = 1, page_size: int = PAGE_SIZE) -> d
         "total": len(editor.images), "filtered": len(filtered),
         "images": [{"name": image_name(editor, image), "tags": list(editor.tags[image]), "unsaved": image in unsaved}
                    for image in shown],
-        "tag_frequency": [[tag, count] for tag, count in tag_editor.tag_counts(editor)],
-        "filtered_tag_frequency": [[tag, count] for tag, count in tag_editor.tag_counts(editor, filtered)],
+        "tag_limit": tag_limit,
+        "tag_frequency": [[tag, count] for tag, count in counts[:tag_limit]],
+        "tag_frequency_total": len(counts),
+        "filtered_tag_frequency": [[tag, count] for tag, count in filtered_counts[:tag_limit]],
+        "filtered_tag_frequency_total": len(filtered_counts),
         "unsaved": len(unsaved),
         "unreadable": {image_name(editor, image): reason for image, reason in editor.unreadable.items()},
         "multiline": [image_name(editor, image) for image in editor.multiline],

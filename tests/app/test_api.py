@@ -539,6 +539,11 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "filter": {"regex": "(("}}),
                  400, field="filter.regex")
     assert_error(client.get(f"{V1}/datasets/{sid}", params={"page_size": 0}), 400, field="page_size")
+    limited = client.get(f"{V1}/datasets/{sid}", params={"reset": "true", "tag_limit": 2}).json()
+    assert limited["tag_frequency"] == [["zkchar", 5], ["red", 3]] and limited["tag_frequency_total"] == 5
+    assert limited["filtered_tag_frequency_total"] == 5 and len(limited["filtered_tag_frequency"]) == 2
+    assert "whole number, not 'all'" in assert_error(client.get(f"{V1}/datasets/{sid}", params={"tag_limit": "all"}), 400,
+                                                     field="tag_limit")["message"]
     assert_error(client.get(f"{V1}/datasets/{sid}/image", params={"name": "nope.png"}), 400, field="name")
     wrong = assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "position": "first"}),
                          400, field="position")

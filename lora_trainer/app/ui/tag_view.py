@@ -12,9 +12,9 @@ from pathlib import Path
 from ...dataset import tag_editor
 from ...dataset.tag_editor import TagEditor, TagFilter
 from ...errors import UserError
+from ..tag_sessions import FREQUENCY_ROWS  # the rest is reached by typing in the tag search
 
 PAGE_SIZE = 48
-FREQUENCY_ROWS = 300  # the rest is reached by typing in the tag search
 
 
 @dataclass(frozen=True)
