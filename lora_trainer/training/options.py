@@ -270,6 +270,31 @@ FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token"
            "dataset_class", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
            "debug_dataset", "cpu_offload_checkpointing", "conditioning_data_dir",
            "log_tracker_config", "enable_contrastive"}
+# FOREIGN options that sd-scripts' LoRA scripts do not run either: their refusal says why, instead of sending the user
+# to sd-scripts with them
+NOT_FOR_SD_SCRIPTS_LORA = {
+    "cpu_offload_checkpointing": "sd-scripts takes it for its Flux, SD3 and Lumina scripts; its SD1/SDXL UNet stops on "
+                                 "it (enable_gradient_checkpointing takes no cpu_offload)",
+    "fused_backward_pass": "sd-scripts' train_network.py and sdxl_train_network.py take it with Adafactor only, and "
+                           "then do nothing with it (its full fine-tuning scripts use it)",
+    "enable_contrastive": "a setting of lora-scripts' own trainer, which sd-scripts does not have",
+}
+# The WebUI's memory switches, typed here out of habit: "did you mean --lowram?" would point at system RAM
+WEBUI_MEMORY_SWITCHES = ("lowvram", "medvram", "medvram_sdxl")
+
+
+def unknown_options(names: list[str], prefix: str = "") -> str:
+    """Unknown option names for a message: each with the closest known one, and the WebUI's memory switches with
+    the trainer's own ways to lower memory."""
+    webui = [name for name in names if name.lstrip("-").replace("-", "_").lower() in WEBUI_MEMORY_SWITCHES]
+    others = [name for name in names if name not in webui]
+    parts = [with_closest(others, FIELDS, prefix)] if others else []
+    if webui:
+        parts.append(f"{', '.join(webui)} ({'are switches' if len(webui) > 1 else 'is a switch'} of the Stable "
+                     f"Diffusion WebUI, not of training: here {prefix}gradient_checkpointing, {prefix}cache_latents, "
+                     f"{prefix}mixed_precision fp16 and {prefix}fp8_base lower the GPU memory, and the Train tab's "
+                     "GPU memory tier sets them for a card's size)")
+    return ", ".join(parts)
 
 
 def _steps_or_fraction_argument(text: str) -> int | float:
@@ -448,7 +473,7 @@ def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None, source: str
         flags = [word.split("=", 1)[0] for word in unknown if word.startswith("-")]
         if not flags:
             raise UserError(f"{source}: unexpected value(s) {' '.join(unknown)}; each value follows its --option")
-        raise UserError(f"{source}: unknown option(s) {with_closest(flags, FIELDS, '--')}; `--help` lists the options")
+        raise UserError(f"{source}: unknown option(s) {unknown_options(flags, '--')}; `--help` lists the options")
     return {k: True if k in FOREIGN and v == [] else v for k, v in vars(given).items()}
 
 
@@ -478,7 +503,7 @@ def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dic
             notes.append(f"{path}: {key} is not read, by sd-scripts either ({FRONT_END_KEYS[key]})")
     unknown = sorted(k for k in flat if k not in FIELDS and k not in FOREIGN)
     if unknown:
-        raise UserError(f"{path}: unknown option(s) {with_closest(unknown, FIELDS)}")
+        raise UserError(f"{path}: unknown option(s) {unknown_options(unknown)}")
     return flat
 
 
@@ -586,14 +611,17 @@ def options_from(values: dict[str, Any], source: str = "options", template: bool
     foreign = sorted(k for k, v in values.items() if k in FOREIGN and v not in (None, False, "", []))
     unknown = sorted(k for k in values if k not in FIELDS and k not in FOREIGN)
     if unknown:
-        raise UserError(f"{source}: unknown option(s) {with_closest(unknown, FIELDS)}", unknown[0])
+        raise UserError(f"{source}: unknown option(s) {unknown_options(unknown)}", unknown[0])
     options = TrainOptions(**{k: _normalised(k, v, source) for k, v in values.items() if k in FIELDS})
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):  # 0 or less is none, as sd-scripts reads it
         if getattr(options, name) is not None and getattr(options, name) <= 0:
             options = dataclasses.replace(options, **{name: None})
     if foreign:
-        raise UserError(f"{source}: not supported: {', '.join('--' + n for n in foreign)}; remove them to train here "
-                        "(or run the same command with sd-scripts)", foreign[0])
+        named = ", ".join(f"--{n} ({NOT_FOR_SD_SCRIPTS_LORA[n]})" if n in NOT_FOR_SD_SCRIPTS_LORA else f"--{n}"
+                          for n in foreign)
+        elsewhere = "" if NOT_FOR_SD_SCRIPTS_LORA.keys() & set(foreign) else " (or run the same command with sd-scripts)"
+        raise UserError(f"{source}: not supported: {named}; remove {'it' if len(foreign) == 1 else 'them'} to train "
+                        f"here{elsewhere}", foreign[0])
     validate(options, template)
     return options
 

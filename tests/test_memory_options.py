@@ -1,0 +1,43 @@
+"""The memory options as a user meets them in messages: WebUI switches typed here, options sd-scripts' LoRA scripts
+do not run either, and the advice that follows an estimate above the card."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_trainer.errors import UserError
+from lora_trainer.training.options import options_from, parse_args
+
+PATHS = {"pretrained_model_name_or_path": "base.safetensors", "train_data_dir": "dataset"}
+
+
+def refusal(argv: list[str]) -> str:
+    with pytest.raises(UserError) as refused:
+        parse_args(["--pretrained_model_name_or_path", "base.safetensors", "--train_data_dir", "dataset", *argv])
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("switch", ["--lowvram", "--medvram", "--medvram-sdxl"])
+def test_the_webuis_memory_switches_are_named_as_such_with_the_trainers_own(switch):
+    """"did you mean --lowram?" sent a WebUI habit to an option about system RAM."""
+    message = refusal([switch])
+    assert f"unknown option(s) {switch} (is a switch of the Stable Diffusion WebUI, not of training: here " \
+           "--gradient_checkpointing, --cache_latents, --mixed_precision fp16 and --fp8_base lower the GPU memory, " \
+           "and the Train tab's GPU memory tier sets them for a card's size)" in message
+    assert "lowram" not in message
+
+
+def test_a_webui_switch_in_a_file_or_beside_a_typo_keeps_each_ones_hint():
+    with pytest.raises(UserError) as refused:
+        options_from({**PATHS, "medvram": True, "learning_rat": 1e-4})
+    assert "learning_rat (did you mean learning_rate?), medvram (is a switch of the Stable Diffusion WebUI" \
+           in str(refused.value)
+
+
+def test_cpu_offload_checkpointing_is_refused_without_sending_the_user_to_sd_scripts():
+    """sd-scripts' SD1/SDXL UNet stops on it: its enable_gradient_checkpointing takes no cpu_offload."""
+    message = refusal(["--gradient_checkpointing", "--cpu_offload_checkpointing"])
+    assert "not supported: --cpu_offload_checkpointing (sd-scripts takes it for its Flux, SD3 and Lumina scripts; its " \
+           "SD1/SDXL UNet stops on it" in message
+    assert message.endswith("remove it to train here") and "run the same command with sd-scripts" not in message
+    assert "run the same command with sd-scripts" in refusal(["--deepspeed"])  # which sd-scripts does run
