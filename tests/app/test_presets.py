@@ -41,9 +41,15 @@ def test_strength_guidance_matches_what_users_expect():
     assert "0.6–0.8" in presets.PRESETS["character"].guidance and "0.4–0.5" in presets.PRESETS["style"].guidance
 
 
-def test_the_smallest_tier_trains_the_unet_only():
+def test_sd1_keeps_its_text_encoder_on_the_smallest_tier_and_sdxl_trains_its_unet_only():
+    """SD1's text encoder costs ≈ 0.1 GiB at 6 GB (3.4 GiB estimated against 3.3): the tier gave it up for nothing."""
+    from lora_trainer.app.estimate import vram_gib
+
     options = presets.preset_options("character", "6 GB")
-    assert options["network_train_unet_only"] and "text_encoder_lr" not in options
+    assert not options.get("network_train_unet_only") and options["text_encoder_lr"] == [5e-5]
+    assert vram_gib(options_from({**options, **PATHS})) <= 6
+    sdxl = presets.preset_options("character", "6 GB", sdxl=True)
+    assert sdxl["network_train_unet_only"] and "text_encoder_lr" not in sdxl
 
 
 def test_unknown_preset_or_tier_is_a_user_error():

@@ -203,7 +203,7 @@ def test_stopping_an_sd_scripts_backend_job_does_not_claim_a_save(services):
 
 
 def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(services):
-    assert train_tab.tier_values("character", "6 GB") == {"batch_size": 1, "optimizer": "AdamW8bit", "text_encoder_lr": 0}
+    assert train_tab.tier_values("character", "6 GB") == {"batch_size": 1, "optimizer": "AdamW8bit"}  # SD1's TE trains
     assert set(train_tab.tier_values("character", "24 GB")) == {"batch_size", "optimizer"}  # not epochs, rank, rates
     text = train_tab.validation_text(services, form(tier="6 GB", resolution="1024", batch_size=8))
     advice = text.split("above the 6 GB chosen as GPU memory: to fit, try ")[1]  # what the run does not use yet
