@@ -41,3 +41,31 @@ def test_cpu_offload_checkpointing_is_refused_without_sending_the_user_to_sd_scr
            "SD1/SDXL UNet stops on it" in message
     assert message.endswith("remove it to train here") and "run the same command with sd-scripts" not in message
     assert "run the same command with sd-scripts" in refusal(["--deepspeed"])  # which sd-scripts does run
+
+
+def test_caching_the_text_encoders_outputs_with_shuffled_captions_is_refused_before_queueing():
+    """It was refused as the trainer started, after the model had loaded (minutes for SDXL)."""
+    from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+    from lora_trainer.tiny_model.demo import SAMPLE_DATASET
+    from lora_trainer.training.data import dataset_group
+    from lora_trainer.training.trainer import check_before_queueing
+
+    options = options_from({"pretrained_model_name_or_path": str(TINY_MODEL_PATH), "train_data_dir": str(SAMPLE_DATASET),
+                            "device": "cpu", "resolution": "64", "network_train_unet_only": True,
+                            "cache_text_encoder_outputs": True,
+                            "shuffle_caption": True, "caption_dropout_rate": 0.1})
+    with pytest.raises(UserError) as refused:
+        check_before_queueing(options, dataset_group(options))
+    assert str(refused.value) == ("--cache_text_encoder_outputs encodes each caption once, but caption_dropout_rate, "
+                                  "shuffle_caption change the captions between steps; turn them off (in the options or "
+                                  "the dataset TOML) or drop the caching")
+    assert refused.value.field == "caption_dropout_rate"
+
+
+def test_the_memory_advice_says_which_caption_options_caching_turns_off():
+    from lora_trainer.training.options import memory_advice
+
+    advice = memory_advice(options_from({**PATHS, "shuffle_caption": True, "caption_tag_dropout_rate": 0.1}))
+    assert ("--cache_text_encoder_outputs (with --network_train_unet_only, and --shuffle_caption, "
+            "--caption_tag_dropout_rate off: cached captions cannot change between steps)") in advice
+    assert "--cache_text_encoder_outputs (with --network_train_unet_only), " in memory_advice(options_from(PATHS))

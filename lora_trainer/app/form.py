@@ -8,7 +8,8 @@ from typing import Any
 
 from .. import toml_text
 from ..errors import UserError
-from .presets import NO_TIER, preset_options
+from ..dataset.captions import VARYING_CAPTION_OPTIONS
+from .presets import NO_TIER, preset_options, unet_only_tier
 
 # The algorithm choice as sd-scripts and LyCORIS spell it: (network_module, network_args).
 ALGORITHMS: dict[str, tuple[str, list[str]]] = {
@@ -95,7 +96,9 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
             options["network_train_unet_only"] = True
         else:
             options["text_encoder_lr"] = [text_encoder_lr]
-            options["network_train_unet_only"] = False
+            # an SDXL tier below 16 GB trains the UNet only, whatever rate the preset filled in (Validate says so)
+            options["network_train_unet_only"] = (unet_only_tier(tier, sdxl)
+                                                  and not options.get("network_train_text_encoder_only"))
     algorithm = form.get("algorithm") or "LoRA"
     if algorithm not in ALGORITHMS:
         raise UserError(f"algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
@@ -121,6 +124,10 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
     if form.get("epochs") in (None, "") and extra.get("max_train_steps"):  # steps counted in Advanced: the preset's
         options.pop("max_train_epochs", None)  # epochs would override them (sd-scripts' epochs win)
     options.update(extra)
+    if "cache_text_encoder_outputs" not in extra and options.get("cache_text_encoder_outputs") and (
+            not options.get("network_train_unet_only") or any(options.get(name) for name in VARYING_CAPTION_OPTIONS)):
+        del options["cache_text_encoder_outputs"]  # the tier's caching gives way to a trained text encoder or varied
+        # captions asked for (Validate's estimate says what that costs)
     return {k: v for k, v in options.items() if v is not None}
 
 

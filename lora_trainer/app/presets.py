@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import toml_text
+from ..dataset.captions import VARYING_CAPTION_OPTIONS
 from ..errors import UserError
 from ..safe_io import read_utf8, write_text
 from ..training.options import FIELDS, TrainOptions, kohya_command, options_from, read_config_file, write_config
@@ -82,15 +83,24 @@ VRAM_TIERS: dict[str, dict[str, Any]] = {
     "24 GB": {"mixed_precision": "bf16", "cache_latents": True, "train_batch_size": 4, "sdpa": True},
 }
 NO_TIER = "no limit"
-# SDXL at the same card: its native resolution, below 16 GB the UNet only, and up to 12 GB its weights in fp8.
+# SDXL at the same card: its native resolution; below 16 GB the UNet only, its weights in fp8 and the captions encoded
+# once (the text encoders then leave the GPU), which needs captions that do not vary between steps; on 6 GB 768 px
+# and a rank of at most 16 (the LoRA's weights, gradients and moments at rank 32 are 0.8 GiB).
+_UNET_ONLY_IN_FP8 = {"network_train_unet_only": True, "fp8_base": True, "cache_text_encoder_outputs": True}
 SDXL_TIERS: dict[str, dict[str, Any]] = {
     NO_TIER: {"resolution": "1024"},
-    "6 GB": {"resolution": "768", "network_train_unet_only": True, "fp8_base": True},
-    "8 GB": {"resolution": "1024", "network_train_unet_only": True, "fp8_base": True},
-    "12 GB": {"resolution": "1024", "network_train_unet_only": True, "fp8_base": True},
+    "6 GB": {"resolution": "768", **_UNET_ONLY_IN_FP8},
+    "8 GB": {"resolution": "1024", **_UNET_ONLY_IN_FP8},
+    "12 GB": {"resolution": "1024", **_UNET_ONLY_IN_FP8},
     "16 GB": {"resolution": "1024", "gradient_checkpointing": True},
     "24 GB": {"resolution": "1024", "gradient_checkpointing": True},
 }
+_SDXL_MAX_RANK = {"6 GB": 16}
+
+
+def unet_only_tier(tier: str, sdxl: bool) -> bool:
+    """Whether the tier gives up the text encoders' training (SDXL below 16 GB)."""
+    return bool(sdxl and SDXL_TIERS.get(tier, {}).get("network_train_unet_only"))
 
 
 def tier_gib(tier: str) -> float | None:
@@ -109,6 +119,13 @@ def preset_options(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> dict
         options.update(VRAM_TIERS[tier])
     if sdxl:
         options.update(SDXL_TIERS[tier])
+        if options.get("cache_text_encoder_outputs"):  # the presets' shuffled tags would be refused with it
+            for name in VARYING_CAPTION_OPTIONS:
+                options.pop(name, None)
+        rank = _SDXL_MAX_RANK.get(tier)
+        if rank and options["network_dim"] > rank:  # alpha with it, keeping the preset's alpha/dim scale
+            options["network_alpha"] = options["network_alpha"] * rank / options["network_dim"]
+            options["network_dim"] = rank
         options.pop("clip_skip", None)  # SDXL keeps its encoders' layers: sd-scripts and the WebUI ignore it there
         if options.get("mixed_precision") == "fp16":
             options["no_half_vae"] = True  # SDXL's VAE overflows in fp16: NaN latents, black samples

@@ -51,6 +51,16 @@ class CaptionOptions:
     token_warmup_step: float = 0.0
 
 
+# What makes a caption differ between steps, so that --cache_text_encoder_outputs cannot encode it once
+VARYING_CAPTION_OPTIONS = ("shuffle_caption", "enable_wildcard", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                           "caption_tag_dropout_rate", "token_warmup_step")
+
+
+def caching_problems(caption_options) -> list[str]:
+    """The ``VARYING_CAPTION_OPTIONS`` that ``caption_options`` (a subset's, or the run's options) turn on."""
+    return [name for name in VARYING_CAPTION_OPTIONS if getattr(caption_options, name)]
+
+
 def with_prefix_and_suffix(caption: str, prefix: str | None, suffix: str | None) -> str:
     if prefix:
         caption = prefix + " " + caption

@@ -16,7 +16,7 @@ import os
 import random
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from ..safe_io import (ENABLE_LONG_PATHS, UNREADABLE_NPZ, remove_files, save_npz
 from .evaluation import split_validation, validation_generator
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
-from .text import TE_OUTPUTS_SUFFIX, caching_problems, te_outputs_path
+from .text import TE_OUTPUTS_SUFFIX, te_outputs_path
 
 
 @dataclass
@@ -252,11 +252,7 @@ class TrainingData:
 
     def fixed_captions(self) -> dict[Path, str]:
         """Each image's caption as training sees it, for ``--cache_text_encoder_outputs`` (refused when captions vary)."""
-        problems = sorted({p for r in self.records for p in caching_problems(r.subset.caption_options)})
-        if problems:
-            raise UserError(f"--cache_text_encoder_outputs encodes each caption once, but {', '.join(problems)} "
-                            f"{'changes' if len(problems) == 1 else 'change'} the captions between steps; turn them off "
-                            "(in the options or the dataset TOML) or drop the caching")
+        check_captions_cacheable(r.subset.caption_options for r in self.records)
         rng = random.Random(0)  # unused: nothing random is on
         captions = {r.path: C.process_caption(r.caption, r.subset.caption_options, rng, epoch=1, step=0, max_train_steps=1)
                     for r in self.records}
@@ -671,6 +667,16 @@ def _split_each_subset(records: list[ImageRecord], fraction: float, seed: int, n
             notes.append(f"{subset.image_dir}: --validation_split {fraction} holds out none of its {len(kept)} "
                          "image(s); it trains on all of them")
     return train, validation
+
+
+def check_captions_cacheable(caption_options: Iterable[C.CaptionOptions]) -> None:
+    """--cache_text_encoder_outputs encodes each caption once: no subset may change its captions between steps."""
+    problems = sorted({p for options in caption_options for p in C.caching_problems(options)})
+    if problems:
+        raise UserError(f"--cache_text_encoder_outputs encodes each caption once, but {', '.join(problems)} "
+                        f"{'changes' if len(problems) == 1 else 'change'} the captions between steps; turn "
+                        f"{'it' if len(problems) == 1 else 'them'} off (in the options or the dataset TOML) or drop the "
+                        "caching", problems[0])
 
 
 def dataset_group(options: TrainOptions) -> DatasetGroupConfig:

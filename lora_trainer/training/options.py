@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import toml_text
 from ..dataset.buckets import check_largest_side
+from ..dataset.captions import caching_problems
 from ..errors import UserError, with_closest
 from ..safe_io import is_plain_name, read_utf8
 from .lr_schedules import steps_or_fraction
@@ -1041,6 +1042,9 @@ def left_out_of_command(options: TrainOptions, script: str) -> list[str]:
 
 def memory_advice(options: TrainOptions) -> str:
     """The switches that lower memory which this run does not use yet, most effective first."""
+    varying = [f"--{name}" for name in caching_problems(options)]  # cached captions cannot vary: they go with it
+    caching = "--cache_text_encoder_outputs (with --network_train_unet_only" + (
+        f", and {', '.join(varying)} off: cached captions cannot change between steps)" if varying else ")")
     unused = [hint for hint, used in (
         ("--gradient_checkpointing", options.gradient_checkpointing),
         ("--mixed_precision bf16 (or fp16)", options.mixed_precision != "no"),
@@ -1048,7 +1052,7 @@ def memory_advice(options: TrainOptions) -> str:
         ("--fp8_base (with mixed precision)", options.fp8_base),
         ("--optimizer_type AdamW8bit (needs bitsandbytes)", "8bit" in options.optimizer.lower()),
         ("--network_train_unet_only", options.network_train_unet_only),
-        ("--cache_text_encoder_outputs (with --network_train_unet_only)", options.cache_text_encoder_outputs),
+        (caching, options.cache_text_encoder_outputs),
         (f"a smaller --train_batch_size (now {options.train_batch_size})", options.train_batch_size == 1),
         ("a lower --resolution", False),
     ) if not used]

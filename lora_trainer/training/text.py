@@ -110,17 +110,6 @@ def te_outputs_path(image: Path) -> Path:
     return image.with_name(image.stem + TE_OUTPUTS_SUFFIX)
 
 
-def caching_problems(caption_options) -> list[str]:
-    """Why captions of a subset cannot be encoded once: anything that makes the caption differ between steps."""
-    o = caption_options
-    problems = [name for name, on in (("shuffle_caption", o.shuffle_caption), ("enable_wildcard", o.enable_wildcard),
-                                      ("caption_dropout_rate", o.caption_dropout_rate),
-                                      ("caption_dropout_every_n_epochs", o.caption_dropout_every_n_epochs),
-                                      ("caption_tag_dropout_rate", o.caption_tag_dropout_rate),
-                                      ("token_warmup_step", o.token_warmup_step)) if on]
-    return problems
-
-
 class TextEncoderCache:
     """Every caption encoded once before training (``--cache_text_encoder_outputs``): the UNet-only run then needs
     the text encoders no more. With ``--cache_text_encoder_outputs_to_disk`` each image gets sd-scripts'

@@ -48,7 +48,7 @@ from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
 from .control import control_command, control_text, leftover_warning, written_before
-from .data import TrainingData, build_training_data, check_bucket_steps, sdxl_sizes
+from .data import TrainingData, build_training_data, check_bucket_steps, check_captions_cacheable, sdxl_sizes
 from .evaluation import outlier_images, recommend_epoch, validation_generator, validation_timesteps
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
@@ -88,8 +88,9 @@ def pick_device(name: str, world: World = World()) -> torch.device:
 def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> None:
     """What the trainer would refuse as it starts, found from headers and caption files alone, so that the job queue
     refuses it at once instead of hours later behind another job: a GPU this machine lacks, a file that is not an SD
-    checkpoint (a LoRA, a VAE), --v2 on an SD1 file, a bucket step that model does not take, caption files it cannot
-    read (not UTF-8, empty). ``group``: the job's datasets (``dataset_group``), read once by the caller."""
+    checkpoint (a LoRA, a VAE), --v2 on an SD1 file, a bucket step that model does not take, captions that vary under
+    --cache_text_encoder_outputs, caption files it cannot read (not UTF-8, empty). ``group``: the job's datasets
+    (``dataset_group``), read once by the caller."""
     try:
         pick_device(options.device)
     except UserError as error:
@@ -103,6 +104,8 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> N
         _check_model_matches_options(config, options)
         check_bucket_steps(group, config)
     require_tensorboard(options.logging_dir)
+    if options.cache_text_encoder_outputs:  # refused as the trainer starts, after the model has loaded
+        check_captions_cacheable(subset.caption_options for dataset in group.datasets for subset in dataset.subsets)
     for dataset in group.datasets:
         try:
             dataset_images(dataset)

@@ -212,6 +212,28 @@ def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(se
     assert "above the" not in train_tab.validation_text(services, form(tier="24 GB"))
 
 
+def test_an_sdxl_tier_below_16_gb_trains_the_unet_only_with_cached_captions_whatever_rate_the_preset_filled(
+        services, monkeypatch):
+    """The form's text encoder rate (the preset's 5e-5) made the SDXL tiers train the text encoders, and with the tier's
+    cached captions the run was refused."""
+    monkeypatch.setattr(train_tab, "_is_sdxl", lambda path: True)
+    options, sdxl = train_tab.job_options(services, form(tier="8 GB", text_encoder_lr=5e-5))
+    assert sdxl and options["network_train_unet_only"] and options["cache_text_encoder_outputs"]
+    assert "shuffle_caption" not in options
+    text = train_tab.validation_text(services, form(tier="8 GB", text_encoder_lr=5e-5))
+    assert "Cannot start" not in text and "above the 8 GB" not in text
+    assert ("⚠ The 8 GB GPU memory tier trains SDXL's UNet only (the captions are encoded once, so the text encoders "
+            "leave the GPU): the text encoder learning rate is not used. To train the text encoders, choose 16 GB or "
+            "more, or add network_train_unet_only = false in Advanced") in text
+    assert "UNet only" not in train_tab.validation_text(services, form(tier="8 GB", text_encoder_lr=0))
+    # the text encoders alone, or shuffled captions asked for in Advanced: the tier's caching gives way
+    options, _ = train_tab.job_options(services, form(tier="8 GB", unet_lr=0))
+    assert options["network_train_text_encoder_only"] and "cache_text_encoder_outputs" not in options
+    options, _ = train_tab.job_options(services, form(tier="8 GB", extra="shuffle_caption = true"))
+    assert options["network_train_unet_only"] and "cache_text_encoder_outputs" not in options
+    assert "Cannot start" not in train_tab.validation_text(services, form(tier="8 GB", unet_lr=0))
+
+
 def test_a_run_above_the_gpus_memory_without_a_tier_is_warned_about(services, monkeypatch):
     """"no limit" trains fp32 without gradient checkpointing: SD1.5 at batch 2 is ≈ 17 GiB, and an 8 GB card heard
     nothing before the out-of-memory error."""

@@ -216,7 +216,12 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
     if sdxl and max(resolution_of(checked) or (0, 0)) < 1024:  # the presets' fields are filled at SD1's 512
         lines.append(f"⚠ The base model is SDXL, which is trained at 1024 px, and Resolution is {checked.resolution}: "
                      "set 1024 (or 1024,768 …) unless a smaller size is what you mean")
-    card = presets.tier_gib(form.get("tier") or presets.NO_TIER)
+    tier = form.get("tier") or presets.NO_TIER
+    if presets.unet_only_tier(tier, sdxl) and checked.network_train_unet_only and float(form.get("text_encoder_lr") or 0):
+        lines.append(f"⚠ The {tier} GPU memory tier trains SDXL's UNet only (the captions are encoded once, so the text "
+                     "encoders leave the GPU): the text encoder learning rate is not used. To train the text encoders, "
+                     "choose 16 GB or more, or add network_train_unet_only = false in Advanced")
+    card = presets.tier_gib(tier)
     if card is not None and planned.vram_gib > card:
         lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: {memory_advice(checked)} "
                      "(or pick the card's real size)")
