@@ -96,6 +96,24 @@ def test_missing_optional_package_says_what_to_install(monkeypatch, optimizer_ty
     assert "extras folder" in str(error.value) and optimizer_type in str(error.value)
 
 
+def test_a_missing_package_is_said_before_queueing_with_how_to_install_it_there(monkeypatch, tmp_path):
+    """Outside the WebUI (no extras folder) pip into this Python; inside it, the Install extras button, which offers
+    every package an optimizer needs."""
+    from lora_trainer.app.extras import EXTRAS
+    from lora_trainer.training.optimizers import OPTIMIZERS, check_optimizer_installed
+
+    monkeypatch.setitem(sys.modules, "dadaptation", None)
+    with pytest.raises(UserError) as refused:
+        check_optimizer_installed("DAdaptAdam")
+    assert str(refused.value) == (f"--optimizer_type DAdaptAdam needs the Python package dadaptation, which is not "
+                                  f"installed: run `{sys.executable} -m pip install dadaptation`, or choose AdamW, which "
+                                  "needs none")
+    with pytest.raises(UserError, match="tick dadaptation among the optional trainer extras and press Install extras"):
+        check_optimizer_installed("DAdaptAdam", tmp_path / "extras")
+    assert {source.pip_package for source in OPTIMIZERS.values() if source.pip_package} <= set(EXTRAS)
+    check_optimizer_installed("AdamW"), check_optimizer_installed("Lion")  # torch's and ours need nothing
+
+
 def test_optional_optimizer_gets_the_rate_and_the_arguments(monkeypatch):
     prodigyopt = types.ModuleType("prodigyopt")
 

@@ -24,6 +24,8 @@ EXTRAS = {
     "onnxruntime": "WD14 tagger",
     "bitsandbytes": "8-bit optimizers (AdamW8bit, Lion8bit…)",
     "prodigyopt": "Prodigy optimizer",
+    "dadaptation": "D-Adaptation optimizers (DAdaptAdam…)",
+    "schedulefree": "schedule-free optimizers (AdamWScheduleFree…)",
     "lion-pytorch": "Lion optimizer",
 }
 

@@ -213,12 +213,13 @@ class JobRunner:
 
     def check(self, name: str, options: dict) -> None:
         """What ``submit`` refuses, without queueing (the Train tab's Validate asks the same): the options, the dataset's
-        layout and resolution, the device and the checkpoint's kind, so a job that would fail as it starts is refused
+        layout and resolution, the device, the checkpoint's kind and the optimizer's package, so a job that would fail as it starts is refused
         before it exists (no id or folder used up, nothing the queue could start half-made)."""
         if not name or "/" in name or "\\" in name or ".." in name:
             raise UserError(f"job name {name!r}: use a plain name without / or ..")
         # torch: imported when a job is checked, not with the tabs
         from ..training.data import dataset_group
+        from ..training.optimizers import check_optimizer_installed
         from ..training.trainer import check_before_queueing
 
         checked = options_from({**options, "events_file": "events.jsonl", "stop_file": "stop"}, f"job {name}")
@@ -229,6 +230,8 @@ class JobRunner:
                 checkout_of(checked.backend)
             except UserError as error:
                 raise UserError(str(error), "backend") from None
+        else:  # sd-scripts imports its optimizers from its own environment
+            check_optimizer_installed(checked.optimizer, self.extras_folder)
         check_before_queueing(checked, dataset_group(checked))
 
     def submit(self, name: str, options: dict) -> Job:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -142,9 +145,37 @@ def check_optimizer_name(optimizer_type: str) -> None:
 
 def check_optimizer_importable(optimizer_type: str) -> None:
     """The optimizer's package imported in the trainer's process, before the model loads and the latents cache: a
-    missing bitsandbytes or prodigyopt is said in seconds. (The WebUI's own process cannot tell: the packages a job
-    uses live in the extension's extras folder, which only the trainer's process has on its path.)"""
+    missing bitsandbytes or prodigyopt is said in seconds. (The queue asks ``missing_package`` first, which looks into
+    the extension's extras folder too: only the trainer's process has it on its path.)"""
     _resolve(optimizer_type)
+
+
+def missing_package(optimizer_type: str | None, extras_folder: Path | None = None) -> str | None:
+    """The pip package ``optimizer_type`` needs that neither this Python nor ``extras_folder`` (the WebUI extension's
+    private folder, which the trainer's process has on its path) holds; found without importing it, so the WebUI's
+    process can ask. None when nothing is missing, or the optimizer is torch's, ours or a dotted path."""
+    source = _BY_LOWER_NAME.get((optimizer_type or "AdamW").lower())
+    if source is None or source.pip_package is None:
+        return None
+    module = source.module.split(".")[0]
+    if extras_folder is not None and ((extras_folder / module).is_dir() or (extras_folder / f"{module}.py").is_file()):
+        return None  # as pip --target leaves it (the import system would cache a folder made after its first look)
+    if module in sys.modules:  # imported already, or None: known to be missing
+        return None if sys.modules[module] is not None else source.pip_package
+    return None if importlib.util.find_spec(module) is not None else source.pip_package
+
+
+def check_optimizer_installed(optimizer_type: str | None, extras_folder: Path | None = None) -> None:
+    """Before a job is queued: a missing bitsandbytes (the 6–12 GB tiers' AdamW8bit) or prodigyopt said at once, with
+    how to install it — the Train tab's Install extras button where the trainer has the extras folder (the WebUI) —
+    instead of when the job's turn comes."""
+    package = missing_package(optimizer_type, extras_folder)
+    if package is None:
+        return
+    install = (f"in the Train tab's Advanced, tick {package} among the optional trainer extras and press Install extras"
+               if extras_folder is not None else f"run `{sys.executable} -m pip install {package}`")
+    raise UserError(f"--optimizer_type {optimizer_type} needs the Python package {package}, which is not installed: "
+                    f"{install}, or choose AdamW, which needs none", "optimizer_type")
 
 
 def _resolve(optimizer_type: str) -> tuple[type, OptimizerSource | None]:

@@ -202,14 +202,46 @@ def test_stopping_an_sd_scripts_backend_job_does_not_claim_a_save(services):
                     "a stop); a resume goes on from the last state it saved.")
 
 
-def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(services):
-    assert train_tab.tier_values("character", "6 GB") == {"batch_size": 1, "optimizer": "AdamW8bit"}  # SD1's TE trains
+def installed_bitsandbytes(folder: Path) -> Path:
+    """An extras folder holding (a stand-in for) bitsandbytes, as the Install extras button leaves it."""
+    (folder / "bitsandbytes").mkdir(parents=True)
+    (folder / "bitsandbytes" / "__init__.py").write_text("", encoding="utf-8")
+    return folder
+
+
+def test_a_gpu_memory_tier_sets_only_what_memory_decides_and_a_misfit_is_said(services, tmp_path):
+    extras = installed_bitsandbytes(tmp_path / "extras")
+    assert train_tab.tier_values("character", "6 GB", extras) == {"batch_size": 1, "optimizer": "AdamW8bit"}  # SD1's TE trains
     assert set(train_tab.tier_values("character", "24 GB")) == {"batch_size", "optimizer"}  # not epochs, rank, rates
     text = train_tab.validation_text(services, form(tier="6 GB", resolution="1024", batch_size=8))
     advice = text.split("above the 6 GB chosen as GPU memory: to fit, try ")[1]  # what the run does not use yet
     assert "a smaller --train_batch_size (now 8)" in advice and "--fp8_base" in advice
     assert "--gradient_checkpointing" not in advice and "--cache_latents" not in advice
     assert "above the" not in train_tab.validation_text(services, form(tier="24 GB"))
+
+
+def test_a_tiers_8_bit_optimizer_without_bitsandbytes_becomes_adamw_and_a_job_asking_for_it_is_refused_at_once(
+        tmp_path, monkeypatch):
+    """The 6/8/12 GB tiers chose AdamW8bit; without bitsandbytes the job failed only when its turn came."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed beside the WebUI
+    values = train_tab.tier_values("character", "8 GB", tmp_path / "extras")
+    assert values["optimizer"] == "AdamW"
+    assert values["guidance"].endswith("The 8 GB tier's AdamW8bit needs bitsandbytes, which is not installed: the "
+                                       "optimizer is AdamW, whose moments take ≈ 0.11 GiB more on SD 1.5 (≈ 0.5 GiB on "
+                                       "SDXL). Install bitsandbytes with Install extras (under Advanced) to choose "
+                                       "AdamW8bit again.")
+    settings = AppSettings(lora_folder=tmp_path / "Lora", data_folder=tmp_path / "data", dataset_roots=[SAMPLE_DATASET],
+                           unload_checkpoint_while_training=False, extras_folder=tmp_path / "extras")
+    services = Services.create(settings, FakeHost(), start=False, command=lambda job: [sys.executable, "-c", "pass"])
+    try:
+        text = train_tab.validation_text(services, form(optimizer="AdamW8bit"))
+        assert text == ("**Cannot start:** --optimizer_type AdamW8bit needs the Python package bitsandbytes, which is "
+                        "not installed: in the Train tab's Advanced, tick bitsandbytes among the optional trainer extras "
+                        "and press Install extras, or choose AdamW, which needs none")
+        installed_bitsandbytes(tmp_path / "extras")  # what the button does: the trainer's process will find it there
+        assert "Cannot start" not in train_tab.validation_text(services, form(optimizer="AdamW8bit"))
+    finally:
+        services.close()
 
 
 def test_an_sdxl_tier_below_16_gb_trains_the_unet_only_with_cached_captions_whatever_rate_the_preset_filled(

@@ -119,7 +119,7 @@ def test_extras_install_into_the_private_folder_only(tmp_path):
     command = pip_command(["prodigyopt==1.1.2", "lion-pytorch==0.2.5"], tmp_path / "extras", python="py")
     assert command == ["py", "-m", "pip", "install", "--target", str(tmp_path / "extras"), "--no-deps", "--upgrade",
                        "--prefer-binary", "prodigyopt==1.1.2", "lion-pytorch==0.2.5"]
-    assert set(EXTRAS) == {"onnxruntime", "bitsandbytes", "prodigyopt", "lion-pytorch"}
+    assert set(EXTRAS) == {"onnxruntime", "bitsandbytes", "prodigyopt", "lion-pytorch", "dadaptation", "schedulefree"}
     with pytest.raises(UserError, match="unknown extra torch"):
         plan_command(["torch"])
 

@@ -22,9 +22,10 @@ from ...jobs.runner import earlier_files_note
 from ...jobs.store import Job
 from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
+from ...training.optimizers import missing_package
 from ...training.options import DEFAULTS, memory_advice, options_from, resolution_of, write_prompts_file
 from .. import presets
-from ..estimate import estimate
+from ..estimate import estimate, network_gib
 from ..extras import EXTRAS, install_extras
 from ..form import ALGORITHMS, algorithm_of, form_to_options, parse_extra_options
 from ..paths import allowed_path, check_dataset_config_paths, plain_name
@@ -242,14 +243,32 @@ def gpu_gib(device: str | None) -> float | None:
     return torch.cuda.get_device_properties(index).total_memory / 2**30
 
 
-def tier_values(preset: str, tier: str) -> dict[str, Any]:
+def tier_values(preset: str, tier: str, extras_folder: Path | None = None) -> dict[str, Any]:
     """The form fields a GPU memory tier decides (batch size, optimizer, the text encoder's rate when a small card
-    trains the UNet only): choosing a tier leaves the epochs, rank, rates and resolution typed or imported as they are."""
+    trains the UNet only): choosing a tier leaves the epochs, rank, rates and resolution typed or imported as they are.
+    An 8-bit optimizer whose bitsandbytes is not installed (here or in ``extras_folder``) becomes AdamW, and the
+    preset's guidance says so: the job would be refused."""
     options = presets.preset_options(preset, tier)
     values = {"batch_size": options.get("train_batch_size"), "optimizer": options.get("optimizer_type")}
     if "text_encoder_lr" not in options:
         values["text_encoder_lr"] = 0
+    if package := missing_package(values["optimizer"], extras_folder):
+        install = "with Install extras (under Advanced)" if extras_folder is not None else f"(pip install {package})"
+        sd1, sdxl = (_adamw_extra_gib(preset, tier, values["optimizer"], sdxl) for sdxl in (False, True))
+        values["guidance"] = (f"{presets.PRESETS[preset].guidance} The {tier} tier's {values['optimizer']} needs "
+                              f"{package}, which is not installed: the optimizer is AdamW, whose moments take ≈ "
+                              f"{sd1:.2f} GiB more on SD 1.5 (≈ {sdxl:.1f} GiB on SDXL). Install {package} {install} "
+                              f"to choose {values['optimizer']} again.")
+        values["optimizer"] = "AdamW"
     return values
+
+
+def _adamw_extra_gib(preset: str, tier: str, optimizer: str, sdxl: bool) -> float:
+    """What AdamW's moments take beyond ``optimizer``'s for the preset's network at the tier."""
+    options = {**presets.preset_options(preset, tier, sdxl), "pretrained_model_name_or_path": "-", "train_data_dir": "-"}
+    architecture = "sdxl" if sdxl else "sd1"
+    return (network_gib(options_from({**options, "optimizer_type": "AdamW"}), architecture)
+            - network_gib(options_from({**options, "optimizer_type": optimizer}), architecture))
 
 
 def submit(services: Services, form: dict[str, Any]) -> tuple[str, int | None]:
@@ -514,14 +533,15 @@ def build(services: Services) -> gr.Blocks:
 
         def fill_from_preset(name, tier_name):
             options = presets.preset_options(name, tier_name)
+            tiered = tier_values(name, tier_name, services.settings.extras_folder)
             te = options.get("text_encoder_lr")
             return [options.get("max_train_epochs"), options.get("train_batch_size"), options.get("resolution"),
                     options.get("network_dim"), options.get("network_alpha"), options.get("unet_lr"),
-                    te[0] if te else 0, options.get("save_every_n_epochs"), options.get("optimizer_type"),
-                    options.get("lr_scheduler"), presets.PRESETS[name].guidance]
+                    te[0] if te else 0, options.get("save_every_n_epochs"), tiered["optimizer"],
+                    options.get("lr_scheduler"), tiered.get("guidance", presets.PRESETS[name].guidance)]
 
         def fill_from_tier(name, tier_name):
-            values = tier_values(name, tier_name)
+            values = tier_values(name, tier_name, services.settings.extras_folder)
             return [values.get(field, gr.update()) for field in ("epochs", "batch_size", "resolution", "network_dim",
                     "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "optimizer", "scheduler",
                     "guidance")]
