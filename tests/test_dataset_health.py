@@ -391,3 +391,59 @@ def test_pictures_sd_scripts_trains_otherwise_are_noted_per_folder(tmp_path):
     assert note.startswith("1 picture(s) sd-scripts trains otherwise than shown here (and trained here), e.g. photo.jpg "
                            "has an EXIF orientation, which sd-scripts ignores")
     assert next(i for i in report.images if i.path.endswith("photo.jpg")).size == (64, 96)  # upright, as trained here
+
+
+def test_a_large_jpeg_is_decoded_at_an_eighth_of_its_size_and_a_truncated_one_is_still_found(tmp_path, monkeypatch):
+    """A 12-megapixel phone photo took a quarter of a second to decode whole; its size comes from the header and its
+    thumbnail from a decode at an eighth of the size, which still reads the file to its end."""
+    from PIL import ImageFile
+
+    folder = tmp_path / "10_zk"
+    photo = make_image(folder / "photo.jpg", (2048, 1536), 1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the check reports it upright and hashes it upright
+    Image.open(photo).rotate(90, expand=True).save(folder / "turned.jpg", exif=exif.tobytes(), quality=95)
+    (folder / "truncated.jpg").write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
+    decoded: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def counting_load(image):
+        decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    report = check_dataset(tmp_path)
+    assert {image.path: image.size for image in report.images} == {"10_zk/photo.jpg": (2048, 1536),
+                                                                    "10_zk/turned.jpg": (2048, 1536)}
+    assert decoded and max(decoded) <= (256, 192)
+    truncated = next(f for f in report.findings if f.path == "10_zk/truncated.jpg")
+    assert truncated.kind == "corrupt-image" and "truncated" in truncated.message
+    assert report.near_duplicates == (("10_zk/photo.jpg", "10_zk/turned.jpg"),)
+
+
+def test_a_second_check_of_an_unchanged_folder_opens_no_image_again(tmp_path, monkeypatch):
+    """The Train tab's Validate checks the folder and Start checks it again: the second reads only what changed
+    (and what could not be read, which may have been fixed since)."""
+    opened: list[str] = []
+    open_image = Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return open_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    folder = tmp_path / "10_zk"
+    for index in range(4):
+        caption(make_image(folder / f"{index}.png", (256, 256), index), "zk")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    first = check_dataset(tmp_path)
+    assert {"0.png", "3.png", "broken.png"} <= set(opened)
+    opened.clear()
+    assert check_dataset(tmp_path) == first
+    assert opened == ["broken.png"]
+    opened.clear()
+    make_image(folder / "2.png", (320, 256), 9)
+    os.utime(folder / "2.png", ns=(1, 1))  # a copy that keeps another modification time is read again too
+    second = check_dataset(tmp_path)
+    assert sorted(set(opened)) == ["2.png", "broken.png"]
+    assert {image.path: image.size for image in second.images}["10_zk/2.png"] == (320, 256)

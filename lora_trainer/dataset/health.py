@@ -7,7 +7,8 @@ coverage and near-duplicates (perceptual hashes); and ``Finding``s — one per p
 sd-scripts does with it and the fix. Everything is sorted, so two runs on the same folder give the same report.
 
 The judgements (which folder names sd-scripts accepts, which caption it trains on, how many steps an epoch has) are
-pure functions over plain data; only ``scan_images`` touches the disk, and nothing here ever writes.
+pure functions over plain data; only the reading of the folder touches the disk (each image once in a process
+while it is unchanged), and nothing here ever writes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,7 +30,7 @@ from lora_trainer.dataset.buckets import (BucketSettings, bucket_list, centre_cr
 from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_for, checked_caption_extension,
                                                  load_caption_file, training_caption)
 from lora_trainer.dataset.captions import CaptionOptions, split_kept_tags, tag_frequency
-from lora_trainer.dataset.images import ImageError, load_image, sd_scripts_reading
+from lora_trainer.dataset.images import ImageError, checked_size_and_thumbnail, sd_scripts_reading
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
                                          images_in_unread_case, list_images,
                                          nested_images_note, other_caption_extension, parse_repeats_folder_name,
@@ -264,24 +267,62 @@ def _size_text(size: Size) -> str:
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What the disk says about one image: its upright size and grey 32×32 thumbnail, or why it cannot be read."""
+    """What the disk says about one image: its upright size, perceptual hash and how sd-scripts reads it otherwise
+    (None when alike), or why it cannot be read."""
 
-    path: Path
     size: Size | None = None
-    thumbnail: np.ndarray | None = field(default=None, compare=False)
+    perceptual_hash: int = 0
+    sd_scripts_reading: str | None = None
     problem: str | None = None
 
 
 def read_image_facts(path: Path) -> ImageFacts:
-    """Decode the whole image (a header alone cannot show truncation) and keep its upright size and a thumbnail."""
-    from PIL import Image
-
+    """The size from the header; every pixel decoded (a header alone cannot show truncation), a JPEG at an eighth of
+    its size, for the thumbnail the hash is taken from."""
     try:
-        image = load_image(path)
+        size, thumbnail = checked_size_and_thumbnail(path, 32)
     except ImageError as error:
-        return ImageFacts(path, problem=str(error))
-    thumbnail = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
-    return ImageFacts(path, image.size, thumbnail)
+        return ImageFacts(problem=str(error))
+    return ImageFacts(size, perceptual_hash(np.asarray(thumbnail, dtype=np.float64)), sd_scripts_reading(path))
+
+
+# The facts of unchanged files, kept for the app's next check (Validate, then Start, check the same folder): by
+# resolved path, size and modification time, so an edited or replaced file is read again. A file that could not
+# be read is never kept: a copy finished or a permission fixed shows at once.
+_FACTS_KEPT = 20_000  # the tag editor's 10,000 images, with as many regularisation images
+_facts_cache: OrderedDict[tuple[str, int, int], ImageFacts] = OrderedDict()
+_facts_lock = threading.Lock()
+_READERS = 2  # decoding releases the GIL: two files at a time, without taking every core of the machine
+
+
+def _file_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        stat = path.stat()
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+    except OSError:  # gone or a broken link: read (and reported) without a key
+        return None
+
+
+def _cached_image_facts(path: Path) -> ImageFacts:
+    key = _file_key(path)
+    with _facts_lock:
+        if key in _facts_cache:
+            _facts_cache.move_to_end(key)
+            return _facts_cache[key]
+    facts = read_image_facts(path)
+    if key is not None and facts.problem is None:
+        with _facts_lock:
+            _facts_cache[key] = facts
+            while len(_facts_cache) > _FACTS_KEPT:
+                _facts_cache.popitem(last=False)
+    return facts
+
+
+def read_all_image_facts(paths: Sequence[Path]) -> dict[Path, ImageFacts]:
+    """``read_image_facts`` of every path, two files at a time; unchanged files already read in this process are
+    not read again."""
+    with ThreadPoolExecutor(max_workers=_READERS) as pool:
+        return dict(zip(paths, pool.map(_cached_image_facts, paths)))
 
 
 @dataclass(frozen=True)
@@ -420,11 +461,12 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
     samples_per_bucket: Counter[tuple[int, Size]] = Counter()
     hashes: dict[str, int] = {}
     frequency_by_folder: list[dict[str, int]] = []
-    for source in sources:
+    image_paths_by_source = [list_images(source.path) for source in sources]
+    facts_by_path = read_all_image_facts([path for paths in image_paths_by_source for path in paths])
+    for source, image_paths in zip(sources, image_paths_by_source):
         concept_path, repeats, class_tokens, caption_extension = (source.path, source.repeats, source.class_tokens,
                                                                   source.caption_extension)
         folder_name = _relative(concept_path, root)
-        image_paths = list_images(concept_path)
         findings += _folder_file_findings(concept_path, root, image_paths, caption_extension)
         usable = 0
         captioned_texts: dict[str, str] = {}
@@ -432,7 +474,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
         otherwise: list[tuple[str, str]] = []  # (image, how sd-scripts trains it otherwise)
         for image_path in image_paths:
             name = _relative(image_path, root)
-            facts = read_image_facts(image_path)
+            facts = facts_by_path[image_path]
             if facts.problem or facts.size is None:
                 findings.append(Finding("error", "corrupt-image", name, f"{facts.problem} (sd-scripts stops on it)"))
                 continue
@@ -445,13 +487,13 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
             too_long = token_count_problem(tokens, settings.max_token_length)
             if too_long:
                 findings.append(Finding("warning", too_long[0], name, too_long[1]))
-            hashes[name] = perceptual_hash(facts.thumbnail)
+            hashes[name] = facts.perceptual_hash
             check = _image_check(name, folder_name, facts.size, caption, caption_source, tokens, hashes[name],
                                  source.buckets, findings)
             images.append(check)
             samples_per_bucket[(source.dataset, check.bucket)] += repeats
             usable += 1
-            if why := sd_scripts_reading(image_path):
+            if why := facts.sd_scripts_reading:
                 otherwise.append((image_path.name, why))
         if otherwise:
             findings.append(Finding("note", "sd-scripts-reads-otherwise", folder_name,

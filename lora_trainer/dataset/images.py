@@ -149,6 +149,27 @@ def checked_image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Size
         return size
 
 
+def checked_size_and_thumbnail(path: Path, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Size, Image.Image]:
+    """``checked_image_size`` and a grey ``side``×``side`` thumbnail of the picture upright (over white where
+    transparent, as ``load_image`` reads it). Every pixel is still decoded, so damage is found, but a JPEG at down to
+    an eighth of its size."""
+    path = Path(path)
+    with _open(path, max_pixels) as image:
+        size = _upright_size(image)
+        orientation = exif_orientation(image)
+        # JPEG only (other formats ignore it): decoded at 1/2, 1/4 or 1/8 scale, still 4 source pixels a thumbnail pixel
+        image.draft(None, (side * 4, side * 4))
+        _decode(image, path)
+        try:
+            small = to_rgb(image).convert("L").resize((side, side), Image.Resampling.BOX)
+        except MemoryError:
+            raise
+        except Exception as error:  # a mode Pillow cannot convert (LAB, say): as unreadable as a damaged file
+            raise _undecodable(path, error) from None
+        # a square turned or mirrored is the turned square of the picture: turned here, at 32 pixels
+        return size, small.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else small
+
+
 def _decode(image: Image.Image, path: Path) -> None:
     """Every pixel of the first frame; a damaged file (truncated, corrupt data) is an ``ImageError`` naming it."""
     try:
