@@ -447,3 +447,29 @@ def test_a_second_check_of_an_unchanged_folder_opens_no_image_again(tmp_path, mo
     second = check_dataset(tmp_path)
     assert sorted(set(opened)) == ["2.png", "broken.png"]
     assert {image.path: image.size for image in second.images}["10_zk/2.png"] == (320, 256)
+
+
+def test_the_text_of_a_large_dataset_names_the_commonest_sizes_and_a_few_files_of_each_kind(tmp_path):
+    """1500 phone photos made 4957 lines (a line per size and per finding); the JSON keeps every one."""
+    from dataclasses import replace
+
+    from lora_trainer.dataset.health import Finding, report_lines
+
+    caption(make_image(tmp_path / "10_zk" / "a.png", (512, 512), 1), "zk")
+    names = [f"10_zk/{index:04d}.png" for index in range(1500)]
+    report = replace(
+        check_dataset(tmp_path),
+        resolution_histogram=(("4032x3024", 12),) + tuple((f"{600 + index}x800", 1) for index in range(1488)),
+        near_duplicates=tuple((names[index], names[index + 1]) for index in range(0, 60, 2)) + (tuple(names[100:140]),),
+        findings=tuple(Finding("warning", "too-small", name, "is enlarged 4.0x") for name in names)
+        + tuple(Finding("warning", "missing-trigger", name, "the caption lacks the trigger word") for name in names[:600]))
+    lines = report_lines(report)
+    assert len(lines) < 60 and max(map(len, lines)) < 400
+    assert lines[lines.index("Image sizes:") + 1].split() == ["4032x3024", "12"]
+    assert "  … and 1479 more sizes (1479 images)" in lines
+    assert "  … and 21 more groups" in lines
+    assert [line for line in lines if "too-small" in line][5:] == [
+        "  warning too-small            … and 1495 more (1500 in all)"]
+    assert "  warning missing-trigger      … and 595 more (600 in all)" in lines
+    data = json.loads(report.to_json())
+    assert len(data["findings"]) == 2100 and len(data["resolution_histogram"]) == 1489

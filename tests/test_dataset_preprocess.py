@@ -10,6 +10,7 @@ from PIL import Image
 from lora_trainer.dataset import focus, preprocess
 from lora_trainer.dataset.focus import Interest, best_offset, saliency_map
 from lora_trainer.dataset.preprocess import (
+    PrepResult,
     PrepSettings,
     crop_target,
     face_folder_name,
@@ -286,3 +287,14 @@ def test_captions_under_the_other_usual_extension_are_pointed_to(tmp_path):
     assert result.captions == 0 and "give --caption-extension .caption to copy those" in result.summary()
     again = prepare_dataset(tmp_path / "src", tmp_path / "again", PrepSettings(size=64, caption_extension=".caption"))
     assert again.captions == 1 and "No caption was carried along" not in again.summary()
+
+
+def test_the_summary_of_a_large_folder_names_ten_pictures_of_each_list(tmp_path):
+    """1500 phone photos smaller than the target made one line of 1300 names."""
+    names = tuple(f"{index:04d}.jpg" for index in range(1300))
+    summary = PrepResult(tmp_path, 1300, 0, 0, 0, enlarged=names,
+                         skipped=tuple((name, "is truncated") for name in names[:30])).summary()
+    assert "Enlarged (smaller than the target; --no-upscale keeps them small): 1300 pictures: 0000.jpg, 0001.jpg" in summary
+    assert "0009.jpg and 1290 more" in summary and "0010.jpg" not in summary.split("Skipped")[0]
+    assert summary.count("Skipped ") == 10 and summary.endswith("… and 20 more skipped (30 in all)")
+    assert len(summary) < 1000

@@ -95,7 +95,8 @@ def add_dataset_commands(subparsers) -> None:
         description="Read-only. Exit status 1 when the report has errors (training would fail or train nothing).")
     check.add_argument("folder", type=Path, help="the folder holding <repeats>_<name> image folders, or a "
                        "--dataset_config TOML (its values win over these options, as in sd-scripts)")
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--json", action="store_true", help="print the report as JSON: every size, file and near-duplicate, where the text names the "
+                       "commonest sizes and 5 files of each kind of finding")
     check.add_argument("--resolution", type=parse_resolution, default=(512, 512), help="512 or 512,768 (default 512)")
     check.add_argument("--batch-size", type=int, default=1)
     check.add_argument("--trigger", help="the trigger word every caption should contain")

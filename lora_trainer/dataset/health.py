@@ -19,7 +19,8 @@ import re
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from itertools import groupby
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,7 +33,7 @@ from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_
 from lora_trainer.dataset.captions import CaptionOptions, split_kept_tags, tag_frequency
 from lora_trainer.dataset.images import ImageError, checked_size_and_thumbnail, sd_scripts_reading
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
-                                         images_in_unread_case, list_images,
+                                         first_few, images_in_unread_case, list_images,
                                          nested_images_note, other_caption_extension, parse_repeats_folder_name,
                                          suggested_folder_name, UNREAD_PICTURE_SUFFIXES, unread_case_note)
 from lora_trainer.errors import UserError
@@ -49,6 +50,12 @@ TOO_SMALL_UPSCALE = 2.0
 NEAR_DUPLICATE_BITS = 6
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "note": 2}
+# The text form names the commonest sizes and buckets, a few files of each kind of finding and a few near-duplicate
+# groups (1500 phone photos made 4957 lines); the JSON form (--json, the API) keeps every one.
+TEXT_SIZES = 10
+TEXT_BUCKETS = 20
+TEXT_GROUPS = 10
+TEXT_EXAMPLES = 5
 
 
 @dataclass(frozen=True)
@@ -521,7 +528,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
     duplicates = near_duplicate_groups(hashes, settings.near_duplicate_bits)
     for group in duplicates:
         findings.append(Finding("warning", "near-duplicate", group[0],
-                                f"looks like {', '.join(group[1:])}; near-copies count double in training: keep the best one."))
+                                f"looks like {first_few(group[1:])}; near-copies count double in training: keep the best one."))
 
     totals: Counter[str] = Counter()
     for counts in frequency_by_folder:
@@ -710,8 +717,8 @@ def report_lines(report: HealthReport) -> list[str]:
         lines.append("  (none)")
     lines.append(f"Samples per epoch: {report.samples_per_epoch}; steps per epoch at batch size {settings.batch_size}: "
                  f"{report.steps_per_epoch}")
-    lines += ["", "Image sizes:"] + [f"  {size:>11}  {count}" for size, count in report.resolution_histogram]
-    lines += ["Buckets:"] + [f"  {size:>11}  {count}" for size, count in report.bucket_histogram]
+    lines += ["", "Image sizes:"] + _histogram_lines(report.resolution_histogram, TEXT_SIZES, "sizes")
+    lines += ["Buckets:"] + _histogram_lines(report.bucket_histogram, TEXT_BUCKETS, "buckets")
     cropped = [image for image in report.images if image.cut_off >= 0.05]
     if cropped:
         lines.append(f"Crops cutting off 5% or more: {len(cropped)} image(s) (largest: "
@@ -724,10 +731,27 @@ def report_lines(report: HealthReport) -> list[str]:
         covered = len(report.images) - len(report.images_without_trigger)
         lines.append(f"Trigger '{settings.trigger}': in {covered} of {len(report.images)} captions")
     if report.near_duplicates:
-        lines += ["", "Near-duplicates:"] + ["  " + " ~ ".join(group) for group in report.near_duplicates]
+        groups = report.near_duplicates
+        lines += ["", "Near-duplicates:"] + ["  " + first_few(group, TEXT_EXAMPLES, " ~ ")
+                                              for group in groups[:TEXT_GROUPS]]
+        if len(groups) > TEXT_GROUPS:
+            lines.append(f"  … and {len(groups) - TEXT_GROUPS} more groups")
     counts = Counter(finding.severity for finding in report.findings)
     lines += ["", f"Findings: {counts['error']} error(s), {counts['warning']} warning(s), {counts['note']} note(s)"]
-    for finding in report.findings:
-        where = f"{finding.path}: " if finding.path and finding.path != "." else ""
-        lines.append(f"  {finding.severity:<7} {finding.kind:<20} {where}{finding.message}")
+    for (severity, kind), of_kind in groupby(report.findings, key=lambda finding: (finding.severity, finding.kind)):
+        of_kind = list(of_kind)
+        for finding in of_kind[:TEXT_EXAMPLES]:
+            where = f"{finding.path}: " if finding.path and finding.path != "." else ""
+            lines.append(f"  {severity:<7} {kind:<20} {where}{finding.message}")
+        if len(of_kind) > TEXT_EXAMPLES:
+            lines.append(f"  {severity:<7} {kind:<20} … and {len(of_kind) - TEXT_EXAMPLES} more ({len(of_kind)} in all)")
+    return lines
+
+
+def _histogram_lines(histogram: Sequence[tuple[str, int]], shown: int, what: str) -> list[str]:
+    """The ``shown`` commonest entries (the histogram is sorted so), and how many more there are."""
+    lines = [f"  {size:>11}  {count}" for size, count in histogram[:shown]]
+    if len(histogram) > shown:
+        rest = histogram[shown:]
+        lines.append(f"  … and {len(rest)} more {what} ({sum(count for _, count in rest)} images)")
     return lines

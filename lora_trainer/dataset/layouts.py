@@ -67,10 +67,11 @@ SUGGESTED_SAMPLES_PER_EPOCH = 200
 MAX_SUGGESTED_REPEATS = 20
 
 
-def _some(paths: Iterable[Any]) -> str:
-    names = [str(path) for path in paths]
-    shown = ", ".join(names[:_LIST_LIMIT])
-    return shown + (f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
+def first_few(items: Iterable[Any], limit: int = _LIST_LIMIT, separator: str = ", ") -> str:
+    """``a, b, c, d, e and 95 more``: a list said in a message, at most ``limit`` of it named."""
+    names = [str(item) for item in items]
+    shown = separator.join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # --- DreamBooth folders -----------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def _scan_parent(parent: Path, is_reg: bool, option: str) -> tuple[list[dict[str
             notes.append(f"{folder}: the folder name gives no class tokens, so its images without a caption file train with an empty caption.")
         subsets.append({"image_dir": str(folder), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": class_tokens})
     if skipped:
-        notes.append(f"{option} {parent}: skipped folders without a <repeats>_ prefix: {_some(skipped)}.")
+        notes.append(f"{option} {parent}: skipped folders without a <repeats>_ prefix: {first_few(skipped)}.")
     if not subsets and not is_reg:
         loose_images = list_images(parent)
         if loose_images:
@@ -153,7 +154,7 @@ def _scan_parent(parent: Path, is_reg: bool, option: str) -> tuple[list[dict[str
                 f"{option} {parent} holds {len(loose_images)} images directly, but sd-scripts reads only subfolders named "
                 f"<repeats>_<name>: move them into a subfolder such as {parent / '10_mytrigger'}."
             )
-        found = f" (found {_some(skipped)})" if skipped else ""
+        found = f" (found {first_few(skipped)})" if skipped else ""
         raise UserError(f"{option} {parent} has no subfolder named <repeats>_<name>, such as 10_mytrigger{found}.")
     return subsets, notes
 
@@ -213,7 +214,7 @@ def broken_links(folder: Path) -> list[Path]:
 
 
 def broken_links_note(links: list[Path]) -> str:
-    return (f"{_some(path.name for path in links)} {'link' if len(links) > 1 else 'links'} to "
+    return (f"{first_few(path.name for path in links)} {'link' if len(links) > 1 else 'links'} to "
             f"{'files that are' if len(links) > 1 else 'a file that is'} not there (a drive not mounted?): not trained "
             "here, and sd-scripts stops at them; reconnect the drive or remove the links.")
 
@@ -227,7 +228,7 @@ def images_in_unread_case(folder: Path) -> list[Path]:
 
 
 def unread_case_note(unread: list[Path]) -> str:
-    return (f"{_some(path.name for path in unread)} skipped: sd-scripts reads extensions in lower or upper case only; "
+    return (f"{first_few(path.name for path in unread)} skipped: sd-scripts reads extensions in lower or upper case only; "
             "rename them.")
 
 
@@ -239,13 +240,13 @@ def nested_images_note(folder: Path) -> str | None:
     nested = {name: count for name, count in nested.items() if count}
     if not nested:
         return None
-    return (f"{sum(nested.values())} images in its sub-folders ({_some(nested)}) are not trained: sd-scripts reads only "
+    return (f"{sum(nested.values())} images in its sub-folders ({first_few(nested)}) are not trained: sd-scripts reads only "
             f"the folder's own images; move them up into {folder.name}, or make each sub-folder a <repeats>_<name> "
             "folder beside it")
 
 
 def blank_first_line_note(folder: Path, caption_files: list[Path]) -> str:
-    return (f"{folder}: the first line of {_some(path.name for path in caption_files)} is empty, and the first line is "
+    return (f"{folder}: the first line of {first_few(path.name for path in caption_files)} is empty, and the first line is "
             "the caption sd-scripts trains on (so an empty caption); write the caption on the first line.")
 
 
@@ -353,7 +354,7 @@ def dreambooth_images(subset: SubsetConfig) -> SubsetImages:
         raise UserError(f"{str(undecodable[0]).rstrip('.')}{more}.")
     if empty_files:
         raise UserError(
-            f"Empty caption files (sd-scripts stops on them): {_some(empty_files)}; write a caption in each, or delete "
+            f"Empty caption files (sd-scripts stops on them): {first_few(empty_files)}; write a caption in each, or delete "
             "them to train those images with the folder's class tokens."
         )
     if blank_first_lines:
@@ -377,7 +378,7 @@ def caption_fallback_notes(subset: SubsetConfig, entries: Iterable[ImageEntry],
     fallback = f"the class tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
     return [
         f"{subset.image_dir}: {len(without_caption)} images have no {subset.caption_extension} caption and train with "
-        f"{fallback}: {_some(path.name for path in without_caption)}."
+        f"{fallback}: {first_few(path.name for path in without_caption)}."
         f"{_other_caption_hint(without_caption, subset.caption_extension, config_file)}"
     ]
 
@@ -479,7 +480,7 @@ def fine_tuning_images(subset: SubsetConfig) -> SubsetImages:
         entries.append(ImageEntry(path, caption, None, (int(size[0]), int(size[1])) if size else None, counted))
     notes = []
     if missing:
-        notes.append(f"Metadata file {metadata_file}: no image found for {_some(missing)}.")
+        notes.append(f"Metadata file {metadata_file}: no image found for {first_few(missing)}.")
     if not metadata:
         notes.append(f"Metadata file {metadata_file} lists no images; this subset is ignored.")
     return SubsetImages(subset, tuple(entries), metadata_file.name, _counted_tags(entries), tuple(notes))
@@ -540,10 +541,10 @@ def dataset_images(dataset: DatasetConfig) -> DatasetImages:
     num_train = sum(subset.subset.num_repeats * len(subset.images) for subset in kept if not subset.subset.is_reg)
     num_reg = sum(subset.subset.num_repeats * len(subset.images) for subset in kept if subset.subset.is_reg)
     if num_train == 0:
-        where = _some(str(subset.subset.image_dir or subset.subset.metadata_file) for subset in loaded)
+        where = first_few(str(subset.subset.image_dir or subset.subset.metadata_file) for subset in loaded)
         missing = [subset.subset.image_dir for subset in loaded
                    if subset.subset.image_dir is not None and not subset.subset.image_dir.is_dir()]
-        why = f" ({_some(str(folder) for folder in missing)}: no such folder)" if missing else ""
+        why = f" ({first_few(str(folder) for folder in missing)}: no such folder)" if missing else ""
         raise UserError(f"No training images found in {where}{why}; add images ({', '.join(IMAGE_EXTENSIONS)}) or fix the paths.")
     if num_reg > num_train:
         notes.append(f"There are more regularisation samples ({num_reg}) than training samples ({num_train}); some are never used.")

@@ -26,7 +26,7 @@ from lora_trainer.dataset.buckets import BucketChoice, BucketSettings, centre_cr
 from lora_trainer.dataset.caption_files import caption_path_for, load_caption_file, write_captions
 from lora_trainer.dataset.focus import Box, best_offset, face_detector_available, interest_of, require_face_detector
 from lora_trainer.dataset.images import ImageError, load_image_and_alpha
-from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, caption_candidates, list_images,
+from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, caption_candidates, first_few, list_images,
                                          other_caption_extension, parse_repeats_folder_name, UNREAD_PICTURE_SUFFIXES)
 from lora_trainer.errors import UserError
 
@@ -233,6 +233,14 @@ def read_source_captions(images: list[Path], caption_extension: str) -> dict[Pat
 # Running
 
 
+# The summary names this many pictures of each list: 1500 photos smaller than the target made one line of 1300 names.
+_NAMED = 10
+
+
+def _names(names: tuple[str, ...]) -> str:
+    return f"{len(names)} pictures: {first_few(names, _NAMED)}" if len(names) > _NAMED else first_few(names, _NAMED)
+
+
 @dataclass(frozen=True)
 class PrepResult:
     out: Path
@@ -255,17 +263,19 @@ class PrepResult:
         if self.face_folders:
             lines.append(f"Face folders: {', '.join(self.face_folders)}")
         if self.enlarged:
-            lines.append(f"Enlarged (smaller than the target; --no-upscale keeps them small): {', '.join(self.enlarged)}")
+            lines.append(f"Enlarged (smaller than the target; --no-upscale keeps them small): {_names(self.enlarged)}")
         if self.without_face:
-            lines.append(f"No usable face found (no close-up written): {', '.join(self.without_face)}")
+            lines.append(f"No usable face found (no close-up written): {_names(self.without_face)}")
         if self.flattened:
             lines.append("Transparent parts flattened onto white (their format holds no transparency, which "
-                         f"--alpha_mask would train with; PNG and WebP keep it): {', '.join(self.flattened)}")
+                         f"--alpha_mask would train with; PNG and WebP keep it): {_names(self.flattened)}")
         if self.not_read:
             lines.append(f"Not prepared, as training would not read them ({', '.join(IMAGE_EXTENSIONS)} in lower or "
-                         f"upper case): {', '.join(self.not_read)}")
-        for name, reason in self.skipped:
+                         f"upper case): {_names(self.not_read)}")
+        for name, reason in self.skipped[:_NAMED]:
             lines.append(f"Skipped {name}: {reason}")
+        if len(self.skipped) > _NAMED:
+            lines.append(f"… and {len(self.skipped) - _NAMED} more skipped ({len(self.skipped)} in all)")
         if self.captions_elsewhere:
             lines.append(f"No caption was carried along: the pictures have {self.captions_elsewhere} captions; give "
                          f"--caption-extension {self.captions_elsewhere} to copy those")

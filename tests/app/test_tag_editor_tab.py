@@ -167,3 +167,9 @@ def test_a_file_name_that_is_not_utf8_shows_instead_of_breaking_the_page(service
     assert any("\ufffd\ufffd.png" in label for label in labels)
     for text in [*labels, view[VIEW["status"]], view[VIEW["page_info"]]]:
         text.encode("utf-8")  # what gradio's JSON does with every string
+
+
+def test_the_health_report_names_a_few_files_of_each_kind_of_finding(services, make_dataset):
+    folder = make_dataset(count=8)  # no caption has the trigger zkstar
+    text = tab.health_report(services, str(folder), "zkstar")
+    assert text.count("missing-trigger") == 6 and "missing-trigger      … and 3 more (8 in all)" in text

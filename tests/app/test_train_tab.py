@@ -559,3 +559,16 @@ def test_validate_counts_the_regularisation_images_of_advanced_s_reg_data_dir(se
     text = train_tab.validation_text(services, form(extra=f'reg_data_dir = "{reg.parent.as_posix()}"'))
     assert ("320 samples per epoch (with repeats; 160 of them regularisation images) → 80 steps per epoch × 2 epochs "
             "= 160 steps") in text, text
+
+
+def test_the_check_button_names_a_few_files_of_each_kind_of_finding(services, tmp_path):
+    """The report box showed every size and every finding: thousands of lines for a folder of phone photos."""
+    from PIL import Image
+
+    folder = tmp_path / "mine"
+    (folder / "10_zkstar").mkdir(parents=True)
+    for index in range(8):  # 16×16 pictures: each is enlarged 4× to 64 px and said too small
+        Image.new("RGB", (16, 16), (30 * index, 90, 160)).save(folder / "10_zkstar" / f"{index}.png")
+    services.settings.dataset_roots.append(tmp_path)
+    text = train_tab.check_dataset_text(services, form(dataset=str(folder)))
+    assert text.count("too-small") == 6 and "too-small            … and 3 more (8 in all)" in text
