@@ -473,3 +473,38 @@ def test_the_text_of_a_large_dataset_names_the_commonest_sizes_and_a_few_files_o
     assert "  warning missing-trigger      … and 595 more (600 in all)" in lines
     data = json.loads(report.to_json())
     assert len(data["findings"]) == 2100 and len(data["resolution_histogram"]) == 1489
+
+
+def test_near_duplicate_groups_are_every_pair_within_the_bits_joined_transitively():
+    """The groups of a fixed random set with planted near-copies and a chain (a ~ b ~ c, a and c further apart) are
+    those of comparing every pair bit by bit."""
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, 2**63, 400, dtype=np.uint64) * 2 + rng.integers(0, 2, 400, dtype=np.uint64)  # all 64 bits
+    hashes = {f"img{index:03d}": int(value) for index, value in enumerate(values)}
+    for index in range(0, 60, 3):  # near-copies 1 to 6 bits from an original; 7 and 8 bits away are other pictures
+        original = hashes[f"img{index:03d}"]
+        for copy, flipped in enumerate(((63,), (0, 5, 9), (1, 2, 3, 4, 60, 61), range(20, 27), range(56, 64))):
+            hashes[f"img{index:03d}-{copy}"] = original ^ sum(1 << bit for bit in flipped)
+    hashes["chain-a"], hashes["chain-b"], hashes["chain-c"] = 0, (1 << 6) - 1, (1 << 12) - 1
+    hashes["top"] = 2**64 - 1  # every bit set
+    hashes["top-copy"] = 2**64 - 1 - (1 << 63)
+
+    names = sorted(hashes)
+    parent = {name: name for name in names}
+
+    def root(name):
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for first in names:
+        for second in names:
+            if first < second and bin(hashes[first] ^ hashes[second]).count("1") <= 6:
+                parent[root(second)] = root(first)
+    expected = {}
+    for name in names:
+        expected.setdefault(root(name), []).append(name)
+    groups = near_duplicate_groups(hashes, 6)
+    assert groups == tuple(sorted(tuple(group) for group in expected.values() if len(group) > 1))
+    assert ("chain-a", "chain-b", "chain-c") in groups and ("top", "top-copy") in groups
+    assert ("img000", "img000-0", "img000-1", "img000-2") in groups  # 7 bits away is another picture
