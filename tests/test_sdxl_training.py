@@ -13,29 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_network_training import CONFIGS
 
-from lora_trainer.models.checkpoint import ARCHITECTURE_METADATA_KEY, architecture_overrides, build_models
+from lora_trainer.models.checkpoint import ARCHITECTURE_METADATA_KEY
 from lora_trainer.safe_io import save_safetensors
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 from lora_trainer.train_network import main as train_main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lora_trainer" / "assets" / "sample-dataset" / "10_zkstar"
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    """Random tiny SDXL weights with the tiny SD1 model's VAE (the latents only need to be consistent)."""
-    config = CONFIGS["sdxl"]
-    torch.manual_seed(0)
-    unet, text_encoders, _ = build_models(config, device="cpu")
-    state = {config.unet_prefix + k: v for k, v in unet.state_dict().items()}
-    for slot, encoder in zip(config.text_encoders, text_encoders):
-        state.update({slot.prefix + k: v for k, v in encoder.state_dict().items()})
-    with safe_open(str(TINY_MODEL_PATH), "pt") as handle:
-        state.update({k: handle.get_tensor(k).float() for k in handle.keys() if k.startswith(config.vae_prefix)})
-    path = tmp_path_factory.mktemp("model") / "tiny sdxl.safetensors"
-    return save_safetensors(state, path, {ARCHITECTURE_METADATA_KEY: json.dumps(architecture_overrides(config))})
 
 
 @pytest.fixture
