@@ -103,6 +103,11 @@ def unet_only_tier(tier: str, sdxl: bool) -> bool:
     return bool(sdxl and SDXL_TIERS.get(tier, {}).get("network_train_unet_only"))
 
 
+def max_rank(tier: str, sdxl: bool) -> int | None:
+    """The highest rank the tier fits (SDXL on 6 GB: 16), None where any rank does."""
+    return _SDXL_MAX_RANK.get(tier) if sdxl else None
+
+
 def tier_gib(tier: str) -> float | None:
     """The card size a VRAM tier names ("8 GB" → 8), None for no limit."""
     return float(tier.split()[0]) if tier in VRAM_TIERS else None
@@ -122,7 +127,7 @@ def preset_options(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> dict
         if options.get("cache_text_encoder_outputs"):  # the presets' shuffled tags would be refused with it
             for name in VARYING_CAPTION_OPTIONS:
                 options.pop(name, None)
-        rank = _SDXL_MAX_RANK.get(tier)
+        rank = max_rank(tier, sdxl)
         if rank and options["network_dim"] > rank:  # alpha with it, keeping the preset's alpha/dim scale
             options["network_alpha"] = options["network_alpha"] * rank / options["network_dim"]
             options["network_dim"] = rank

@@ -266,6 +266,83 @@ def test_an_sdxl_tier_below_16_gb_trains_the_unet_only_with_cached_captions_what
     assert "Cannot start" not in train_tab.validation_text(services, form(tier="8 GB", unet_lr=0))
 
 
+class TwoCheckpointsHost(FakeHost):
+    def __init__(self, sdxl: Path):
+        self.sdxl = sdxl
+
+    def checkpoints(self):
+        return {"tiny-sd": TINY_MODEL_PATH, "tiny-sdxl": self.sdxl}
+
+
+@pytest.fixture
+def sdxl_services(tmp_path, tiny_sdxl):
+    """The tab with an SD1 and an SDXL checkpoint to pick, and bitsandbytes for the tiers' AdamW8bit."""
+    settings = AppSettings(lora_folder=tmp_path / "Lora", data_folder=tmp_path / "data", dataset_roots=[SAMPLE_DATASET],
+                           unload_checkpoint_while_training=False, extras_folder=installed_bitsandbytes(tmp_path / "extras"))
+    services = Services.create(settings, TwoCheckpointsHost(tiny_sdxl), start=False,
+                               command=lambda job: [sys.executable, "-c", "pass"])
+    yield services
+    services.close()
+
+
+def picked(services, shown: dict, filled, fill, **changes) -> dict:
+    """The form after the user changes ``changes`` and the tab's fill handler for that change answers."""
+    shown = {**shown, **changes}
+    return {**shown, **{k: v for k, v in fill(services, shown, filled).items() if k != "guidance"}}
+
+
+def test_the_preset_and_tier_fill_the_form_for_an_sdxl_checkpoint(sdxl_services):
+    """The fill handlers filled SD1's values whatever the checkpoint: SDXL on 6 GB trained at 512 px and rank 32
+    (5.8 GiB estimated), and typing the 1024 px the resolution warning asked for went above the card."""
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sdxl")  # the page loads
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("1024", 32, 5e-5)
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
+    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"]) == ("768", 16, 8)
+    assert (shown["batch_size"], shown["optimizer"], shown["text_encoder_lr"]) == (1, "AdamW8bit", 0)
+    options, sdxl = train_tab.job_options(sdxl_services, shown)
+    assert sdxl and options["cache_text_encoder_outputs"] and options["network_train_unet_only"] and options["fp8_base"]
+    text = train_tab.validation_text(sdxl_services, shown)
+    assert "Cannot start" not in text and "above the 6 GB" not in text
+    assert "VRAM ≈ 6.0 GiB" in text, text
+    # another tier, then an SD1 checkpoint: the preset's values for them, where the form still shows the fill's
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="16 GB")
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("1024", 32, 5e-5)
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sd")
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("512", 32, 5e-5)
+    # a rank and resolution typed stay, but for the 6 GB tier's cap, which an SDXL checkpoint picked then brings
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB", resolution="640", network_dim=24,
+                   network_alpha=24)
+    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"]) == ("640", 24, 24)
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl")
+    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"], shown["text_encoder_lr"]) == ("640", 16, 16, 0)
+    assert picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl") == shown
+
+
+def test_the_preset_and_tier_fill_sd1_values_for_an_sd1_checkpoint(sdxl_services):
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sd")
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
+    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"], shown["text_encoder_lr"]) == ("512", 32, 16, 5e-5)
+    assert shown["batch_size"] == 1 and shown["optimizer"] == "AdamW8bit"
+    options, sdxl = train_tab.job_options(sdxl_services, shown)
+    assert not sdxl and "cache_text_encoder_outputs" not in options and options["text_encoder_lr"] == [5e-5]
+
+
+def test_the_checkpoint_is_read_once_for_the_fills(sdxl_services, monkeypatch):
+    """Each preset, tier and checkpoint pick asks the checkpoint's architecture: a .ckpt is unpickled to tell."""
+    import lora_trainer.models.checkpoint as checkpoint
+
+    opened = []
+    monkeypatch.setattr(checkpoint, "open_tensors", lambda path, real=checkpoint.open_tensors: opened.append(path) or real(path))
+    train_tab._is_sdxl_file.cache_clear()
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(checkpoint="tiny-sdxl"), filled, train_tab.fill_for_preset)
+    for tier in ("6 GB", "8 GB", "no limit"):
+        shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier=tier)
+    assert len(opened) == 1
+
+
 def test_a_run_above_the_gpus_memory_without_a_tier_is_warned_about(services, monkeypatch):
     """"no limit" trains fp32 without gradient checkpointing: SD1.5 at batch 2 is ≈ 17 GiB, and an 8 GB card heard
     nothing before the out-of-memory error."""

@@ -7,6 +7,7 @@ The handlers are plain functions of ``Services`` and the form values; ``build`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -40,6 +41,12 @@ TITLE = "Train LoRA"
 FORM_FIELDS = ("checkpoint", "dataset", "preset", "tier", "algorithm", "output_name", "epochs", "batch_size", "resolution",
                "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "sample_every_n_epochs",
                "sample_prompt", "optimizer", "scheduler", "extra")
+# What a preset fills (the components ``build`` passes to the fill handlers, in this order).
+PRESET_FIELDS = ("epochs", "batch_size", "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr",
+                 "save_every_n_epochs", "optimizer", "scheduler")
+# what a preset fills differently by tier and base model (SDXL: 1024 px, on 6 GB 768 and rank 16, below 16 GB no text
+# encoder rate)
+_TIER_AND_MODEL_FIELDS = ("resolution", "network_dim", "network_alpha", "text_encoder_lr")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov", "DAdaptAdam")
 RESUMABLE = ("paused", "stopped", "interrupted", "failed")
 
@@ -75,6 +82,17 @@ def _form(values: tuple | list) -> dict[str, Any]:
 
 
 def _is_sdxl(path: Path) -> bool:
+    """Whether the checkpoint is SDXL, told from its tensors' names once per version of the file: the form asks at
+    every preset, tier and checkpoint pick, and a .ckpt is unpickled to tell."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return _is_sdxl_file(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _is_sdxl_file(path: str, size: int, modified_ns: int) -> bool:  # size and time: a file saved again is read again
     from ...models.checkpoint import detect_architecture, open_tensors
 
     try:
@@ -82,6 +100,15 @@ def _is_sdxl(path: Path) -> bool:
     except (UserError, OSError):
         return False
     return "xl" in config.label.lower()
+
+
+def checkpoint_is_sdxl(services: Services, value: str | None) -> bool | None:
+    """Whether the Base checkpoint field names an SDXL model; None while it names no file (a path being typed)."""
+    try:
+        path = checkpoint_path(services, value or "")
+    except UserError:
+        return None
+    return _is_sdxl(path) if path.exists() else None
 
 
 def _resolution_pair(text: Any) -> tuple[int, int]:
@@ -243,12 +270,103 @@ def gpu_gib(device: str | None) -> float | None:
     return torch.cuda.get_device_properties(index).total_memory / 2**30
 
 
-def tier_values(preset: str, tier: str, extras_folder: Path | None = None) -> dict[str, Any]:
+@dataclass
+class Filled:
+    """What the form's preset values were filled for (the GPU memory tier, an SDXL base or not), for one browser
+    session (a ``gr.State``, changed in place): a tier or checkpoint picked later changes a field only where the form
+    still shows the filled value, so what the user typed stays."""
+
+    tier: str = presets.NO_TIER
+    sdxl: bool = False
+
+
+def preset_values(preset: str, tier: str, sdxl: bool = False, extras_folder: Path | None = None) -> dict[str, Any]:
+    """What picking a preset fills (``PRESET_FIELDS`` and its guidance): its values at the tier, for the base model."""
+    options = presets.preset_options(preset, tier, sdxl)
+    tiered = tier_values(preset, tier, extras_folder, sdxl)
+    te = options.get("text_encoder_lr")
+    return {"epochs": options.get("max_train_epochs"), "batch_size": tiered["batch_size"],
+            "resolution": options.get("resolution"), "network_dim": options.get("network_dim"),
+            "network_alpha": options.get("network_alpha"), "unet_lr": options.get("unet_lr"),
+            "text_encoder_lr": te[0] if te else 0, "save_every_n_epochs": options.get("save_every_n_epochs"),
+            "optimizer": tiered["optimizer"], "scheduler": options.get("lr_scheduler"),
+            "guidance": tiered.get("guidance", presets.PRESETS[preset].guidance)}
+
+
+def refilled_values(preset: str, before: Filled, after: Filled, form: dict[str, Any],
+                    extras_folder: Path | None = None) -> dict[str, Any]:
+    """The fields the preset fills differently for ``after`` than for ``before`` (resolution, rank, the text encoder's
+    rate), where the form still shows ``before``'s value; and a rank above the tier's cap lowered to it, alpha with
+    it (keeping the form's alpha/rank scale)."""
+    old = preset_values(preset, before.tier, before.sdxl, extras_folder)
+    new = preset_values(preset, after.tier, after.sdxl, extras_folder)
+    values = {field: new[field] for field in _TIER_AND_MODEL_FIELDS
+              if not _same(new[field], old[field]) and _same(form.get(field), old[field])}
+    cap = presets.max_rank(after.tier, after.sdxl)
+    dim = _number_or_none(values.get("network_dim", form.get("network_dim")))
+    if cap and dim and dim > cap:
+        alpha = _number_or_none(values.get("network_alpha", form.get("network_alpha")))
+        values["network_dim"] = cap
+        values["network_alpha"] = alpha * cap / dim if alpha else new["network_alpha"]
+    return values
+
+
+def _number_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _same(shown: Any, filled: Any) -> bool:
+    """A form value as a fill put it there (gradio gives numbers back as floats, a resolution as text)."""
+    if (a := _number_or_none(shown)) is not None and (b := _number_or_none(filled)) is not None:
+        return a == b
+    return str(shown if shown is not None else "").strip() == str(filled if filled is not None else "").strip()
+
+
+def _base_is_sdxl(services: Services, form: dict[str, Any], filled: Filled) -> bool:
+    """The Base checkpoint's architecture; the last one known while the field names no file."""
+    sdxl = checkpoint_is_sdxl(services, form.get("checkpoint"))
+    return filled.sdxl if sdxl is None else sdxl
+
+
+def fill_for_preset(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
+    """A preset picked (or the page loaded): every field it fills, for the tier and the base checkpoint."""
+    tier = form.get("tier") or presets.NO_TIER
+    filled.tier, filled.sdxl = tier, _base_is_sdxl(services, form, filled)
+    return preset_values(form["preset"], tier, filled.sdxl, services.settings.extras_folder)
+
+
+def fill_for_tier(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
+    """A GPU memory tier picked: what the tier decides on the base checkpoint (``tier_values``), and the preset's
+    resolution, rank and text encoder rate for it where the form shows the earlier fill's."""
+    after = Filled(form.get("tier") or presets.NO_TIER, _base_is_sdxl(services, form, filled))
+    extras = services.settings.extras_folder
+    values = {**refilled_values(form["preset"], filled, after, form, extras),
+              **tier_values(form["preset"], after.tier, extras, after.sdxl)}
+    filled.tier, filled.sdxl = after.tier, after.sdxl
+    return values
+
+
+def fill_for_checkpoint(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
+    """Another checkpoint picked: from SD1 to SDXL or back, the preset's resolution, rank and text encoder rate at the
+    tier for it, where the form shows the earlier fill's; nothing for a checkpoint of the same kind."""
+    sdxl = checkpoint_is_sdxl(services, form.get("checkpoint"))
+    if sdxl is None or sdxl == filled.sdxl:
+        return {}
+    after = Filled(form.get("tier") or presets.NO_TIER, sdxl)
+    values = refilled_values(form["preset"], filled, after, form, services.settings.extras_folder)
+    filled.tier, filled.sdxl = after.tier, after.sdxl
+    return values
+
+
+def tier_values(preset: str, tier: str, extras_folder: Path | None = None, sdxl: bool = False) -> dict[str, Any]:
     """The form fields a GPU memory tier decides (batch size, optimizer, the text encoder's rate when a small card
-    trains the UNet only): choosing a tier leaves the epochs, rank, rates and resolution typed or imported as they are.
-    An 8-bit optimizer whose bitsandbytes is not installed (here or in ``extras_folder``) becomes AdamW, and the
-    preset's guidance says so: the job would be refused."""
-    options = presets.preset_options(preset, tier)
+    trains SDXL's UNet only): choosing a tier leaves the epochs, rank, rates and resolution typed or imported as they
+    are (``refilled_values`` changes those the preset filled). An 8-bit optimizer whose bitsandbytes is not installed
+    (here or in ``extras_folder``) becomes AdamW, and the preset's guidance says so: the job would be refused."""
+    options = presets.preset_options(preset, tier, sdxl)
     values = {"batch_size": options.get("train_batch_size"), "optimizer": options.get("optimizer_type")}
     if "text_encoder_lr" not in options:
         values["text_encoder_lr"] = 0
@@ -531,24 +649,21 @@ def build(services: Services) -> gr.Blocks:
         preset_fields = [epochs, batch_size, resolution, network_dim, network_alpha, unet_lr, text_encoder_lr, save_every,
                          optimizer, scheduler]
 
-        def fill_from_preset(name, tier_name):
-            options = presets.preset_options(name, tier_name)
-            tiered = tier_values(name, tier_name, services.settings.extras_folder)
-            te = options.get("text_encoder_lr")
-            return [options.get("max_train_epochs"), options.get("train_batch_size"), options.get("resolution"),
-                    options.get("network_dim"), options.get("network_alpha"), options.get("unet_lr"),
-                    te[0] if te else 0, options.get("save_every_n_epochs"), tiered["optimizer"],
-                    options.get("lr_scheduler"), tiered.get("guidance", presets.PRESETS[name].guidance)]
+        filled = gr.State(Filled())
 
-        def fill_from_tier(name, tier_name):
-            values = tier_values(name, tier_name, services.settings.extras_folder)
-            return [values.get(field, gr.update()) for field in ("epochs", "batch_size", "resolution", "network_dim",
-                    "network_alpha", "unet_lr", "text_encoder_lr", "save_every_n_epochs", "optimizer", "scheduler",
-                    "guidance")]
+        def filler(fill):
+            def handler(checkpoint_value, name, tier_name, *values):
+                *values, state = values
+                changed = fill(services, {"checkpoint": checkpoint_value, "preset": name, "tier": tier_name,
+                                          **dict(zip(PRESET_FIELDS, values))}, state)
+                return [changed.get(field, gr.update()) for field in (*PRESET_FIELDS, "guidance")]
+            return handler
 
-        preset.change(fill_from_preset, [preset, tier], preset_fields + [guidance])
-        tier.change(fill_from_tier, [preset, tier], preset_fields + [guidance])
-        tab.load(fill_from_preset, [preset, tier], preset_fields + [guidance])
+        fill_inputs = [checkpoint, preset, tier, *preset_fields, filled]
+        preset.change(filler(fill_for_preset), fill_inputs, preset_fields + [guidance])
+        tier.change(filler(fill_for_tier), fill_inputs, preset_fields + [guidance])
+        checkpoint.change(filler(fill_for_checkpoint), fill_inputs, preset_fields + [guidance])
+        tab.load(filler(fill_for_preset), fill_inputs, preset_fields + [guidance])
         refresh.click(lambda: gr.update(choices=checkpoint_choices(services)), None, checkpoint)
         check.click(lambda *v: check_dataset_text(services, _form(v)), form, report)
         validate_button.click(lambda *v: validation_text(services, _form(v)), form, message)
