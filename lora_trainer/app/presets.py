@@ -108,6 +108,11 @@ def max_rank(tier: str, sdxl: bool) -> int | None:
     return _SDXL_MAX_RANK.get(tier) if sdxl else None
 
 
+def sdxl_resolution(tier: str) -> int:
+    """The side SDXL trains at on the tier: its native 1024 px, 768 on 6 GB."""
+    return int(SDXL_TIERS.get(tier, SDXL_TIERS[NO_TIER])["resolution"])
+
+
 def tier_gib(tier: str) -> float | None:
     """The card size a VRAM tier names ("8 GB" → 8), None for no limit."""
     return float(tier.split()[0]) if tier in VRAM_TIERS else None

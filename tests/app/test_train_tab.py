@@ -303,7 +303,7 @@ def test_the_preset_and_tier_fill_the_form_for_an_sdxl_checkpoint(sdxl_services)
     options, sdxl = train_tab.job_options(sdxl_services, shown)
     assert sdxl and options["cache_text_encoder_outputs"] and options["network_train_unet_only"] and options["fp8_base"]
     text = train_tab.validation_text(sdxl_services, shown)
-    assert "Cannot start" not in text and "above the 6 GB" not in text
+    assert "Cannot start" not in text and "above the 6 GB" not in text and "The base model is SDXL" not in text
     assert "VRAM ≈ 6.0 GiB" in text, text
     # another tier, then an SD1 checkpoint: the preset's values for them, where the form still shows the fill's
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="16 GB")
@@ -535,11 +535,15 @@ def test_paths_in_advanced_lie_in_the_allowed_folders_and_the_forms_own_are_set_
 
 
 def test_an_sdxl_base_at_the_presets_512_px_is_warned_about(services, monkeypatch):
-    """The presets fill Resolution for SD1 (512) as the page loads; an SDXL run there silently trained at 512."""
+    """A resolution typed or imported for SD1 (512): an SDXL run there silently trained at 512. On 6 GB the tier's 768
+    is what to set (1024 is above the card)."""
     monkeypatch.setattr(train_tab, "_is_sdxl", lambda path: True)
     assert "The base model is SDXL, which is trained at 1024 px, and Resolution is 512" in \
         train_tab.validation_text(services, form(resolution="512"))
     assert "trained at 1024 px" not in train_tab.validation_text(services, form(resolution="1024"))
+    assert ("The base model is SDXL, which the 6 GB GPU memory tier trains at 768 px, and Resolution is 512: set 768 (or "
+            "768,576 …)") in train_tab.validation_text(services, form(resolution="512", tier="6 GB"))
+    assert "The base model is SDXL" not in train_tab.validation_text(services, form(resolution="768", tier="6 GB"))
 
 
 def test_a_kohya_gui_file_s_off_values_stay_off_on_import(tmp_path):

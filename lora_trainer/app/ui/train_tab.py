@@ -241,10 +241,12 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
             spec_from_kohya(checked.network_module or "networks.lora", checked.network_dim, checked.network_alpha,
                             checked.network_args, checked.network_dropout))):
         lines.append(f"⚠ {problem}")
-    if sdxl and max(resolution_of(checked) or (0, 0)) < 1024:  # the presets' fields are filled at SD1's 512
-        lines.append(f"⚠ The base model is SDXL, which is trained at 1024 px, and Resolution is {checked.resolution}: "
-                     "set 1024 (or 1024,768 …) unless a smaller size is what you mean")
     tier = form.get("tier") or presets.NO_TIER
+    # a resolution typed or imported for SD1 (the fill gives SDXL its tier's)
+    if sdxl and max(resolution_of(checked) or (0, 0)) < (side := presets.sdxl_resolution(tier)):
+        trained = "is trained at 1024 px" if side == 1024 else f"the {tier} GPU memory tier trains at {side} px"
+        lines.append(f"⚠ The base model is SDXL, which {trained}, and Resolution is {checked.resolution}: set {side} "
+                     f"(or {side},{side * 3 // 4} …) unless a smaller size is what you mean")
     if presets.unet_only_tier(tier, sdxl) and checked.network_train_unet_only and float(form.get("text_encoder_lr") or 0):
         lines.append(f"⚠ The {tier} GPU memory tier trains SDXL's UNet only (the captions are encoded once, so the text "
                      "encoders leave the GPU): the text encoder learning rate is not used. To train the text encoders, "
