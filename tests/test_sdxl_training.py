@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora_trainer.errors import UserError
 from lora_trainer.models.checkpoint import ARCHITECTURE_METADATA_KEY
 from lora_trainer.safe_io import save_safetensors
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
@@ -211,9 +212,21 @@ def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_sch
     # the loss options follow the prediction the file trains, not the flag: an eps-only weighting would divide by the
     # rescaled SNR of 0 at t=999 (an infinite loss); a v-only one trains
     assert train(marked, dataset, tmp_path / "like", "--v_pred_like_loss", "0.2") == 2
-    assert ("--v_pred_like_loss is for epsilon-prediction models and this run trains v-prediction (vpred.safetensors "
-            "says so)") in capsys.readouterr().err
+    assert ("--v_pred_like_loss is for epsilon-prediction models and this run trains v-prediction (vpred.safetensors: "
+            "the file's v_pred marker)") in capsys.readouterr().err
     assert train(marked, dataset, tmp_path / "scaled", "--scale_v_pred_loss_like_noise_pred") == 0
+    # a job is refused as it is queued (from the header: the marker), not after loading behind other jobs
+    from lora_trainer.training.data import dataset_group
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.trainer import check_before_queueing
+
+    for checkpoint, option, value, said in ((marked, "v_pred_like_loss", 0.2, "vpred.safetensors: declared by the file"),
+                                            (tiny_sdxl, "scale_v_pred_loss_like_noise_pred", True,
+                                             f"no --v_parameterization, and {tiny_sdxl.name} declares no v-prediction")):
+        options = options_from({"pretrained_model_name_or_path": str(checkpoint), "train_data_dir": str(dataset),
+                                "resolution": "64", option: value})
+        with pytest.raises(UserError, match=f"--{option} is for .* \\({said}\\)"):
+            check_before_queueing(options, dataset_group(options))
     assert train(tiny_sdxl, dataset, tmp_path / "eps", "--scale_v_pred_loss_like_noise_pred") == 2
     assert "--scale_v_pred_loss_like_noise_pred is for v-prediction models" in capsys.readouterr().err
 
@@ -232,3 +245,13 @@ def test_text_encoders_set_aside_for_samples_encode_in_fp32_on_the_cpu(tiny_sdxl
     assert {(p.device.type, p.dtype) for encoder in model.text_encoders for p in encoder.parameters()} == {("cpu", torch.float32)}
     context = encode_prompts(model.config, model.text_encoders, ["zkstar, white hair"]).context
     assert context.dtype == torch.float32 and context.isfinite().all()
+    # fp8 encoders (--fp8_base) are parked as fp8, the rest of them in fp32: an fp32 copy of SDXL's took 3.3 GB of RAM
+    from lora_trainer.models.fp8 import FP8, store_in_fp8
+
+    model = load_checkpoint(tiny_sdxl, dtype=torch.float16)
+    for encoder in model.text_encoders:
+        store_in_fp8(encoder)
+    park_text_encoders(model.text_encoders, torch.device("cuda"))
+    dtypes = {p.dtype for encoder in model.text_encoders for p in encoder.parameters()}
+    assert dtypes == {FP8, torch.float32}
+    assert encode_prompts(model.config, model.text_encoders, ["zkstar, white hair"]).context.isfinite().all()

@@ -170,7 +170,8 @@ def test_sdxl_conditioning_of_a_face_crop_is_the_uncropped_target_as_sd_scripts_
         choice = BucketChoice((64, 64), (128, 64), -1.0)
 
     batch = Batch([Record(), Record()], [False, True])
-    assert batch.original_sizes == [(64, 64), (64, 64)] and batch.crops == [(0, 0), (0, 0)]
+    # flipped: sd-scripts' crop (0, 0, 0, 0) mirrored, a left of the target's width (train_util.py's flipped crop_ltrb)
+    assert batch.original_sizes == [(64, 64), (64, 64)] and batch.crops == [(0, 0), (0, 64)]
 
 
 def test_face_crop_trains_uncached_without_buckets_and_is_refused_where_sd_scripts_ignores_it(tmp_path, capsys):

@@ -96,9 +96,8 @@ def sdxl_sizes(record: ImageRecord, flipped: bool) -> tuple[Hw, Hw, Hw]:
     """SDXL's size conditioning of an image as sd-scripts gives it: (original h, w), (crop top, left), (target h, w),
     the crop mirrored for a flipped image."""
     target = (record.bucket[1], record.bucket[0])
-    if record.face:  # "uncropped at the target size", as sd-scripts says; crop (0, 0, 0, 0)
-        return target, (0, 0), target
-    if record.choice.native:  # the patch is the original; crop (0, 0, 0, 0), whose mirror is a left of the full width
+    if record.face or record.choice.native:  # "uncropped at the target size" (a face crop, a patch at its own size):
+        # crop (0, 0, 0, 0), whose mirror sd-scripts gives as a left of the full width
         return target, (0, record.bucket[0] if flipped else 0), target
     left, top, right, _ = B.crop_ltrb(record.bucket, record.size)
     return (record.size[1], record.size[0]), (int(top), int(record.bucket[0] - right if flipped else left)), target
@@ -319,7 +318,8 @@ class TrainingData:
                     if self.options.cache_latents_to_disk:
                         _write_npz(record, *cached, self.config_name, encoder)
                 record.latents, record.latents_flipped, record.mask = cached
-            if (done + len(group)) // 50 > done // 50:
+            # every 50 latents, and the last count of a caching long enough to have said one
+            if (done + len(group)) // 50 > done // 50 or (done + len(group) == len(todo) >= 50):
                 events.emit("step", phase="caching latents", done=done + len(group), total=len(todo))
             done += len(group)
             bar.update(len(group))

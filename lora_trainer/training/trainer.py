@@ -30,8 +30,8 @@ from ..dataset.images import ImageError
 from ..dataset.layouts import dataset_images
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
-from ..models.checkpoint import detect_architecture, load_checkpoint, open_tensors
-from ..models.fp8 import store_in_fp8
+from ..models.checkpoint import declared_prediction_type, detect_architecture, load_checkpoint, open_tensors
+from ..models.fp8 import FP8, store_in_fp8
 from ..models.prompt import prompt_problems
 from ..models.tokenizer import CLIPTokenizer
 from ..models.vae import vae_layout
@@ -98,10 +98,15 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> N
     path = Path(options.pretrained_model_name_or_path)
     if path.suffix.lower() == ".safetensors":  # a header; a pickle (.ckpt) would have to be loaded whole
         try:
-            config, _ = detect_architecture(open_tensors(path))
+            source = open_tensors(path)
+            config, _ = detect_architecture(source)
         except UserError as error:
             raise UserError(str(error), "pretrained_model_name_or_path") from None
         _check_model_matches_options(config, options)
+        declared = "v_prediction" if options.v_parameterization else declared_prediction_type(source, path)
+        notes = [f"prediction type {declared} (declared by the file)"] if declared and not options.v_parameterization else []
+        # an SD2 file that declares nothing is told apart by a test forward as it loads: checked then
+        _check_prediction_matches_options(declared or (None if config.name.startswith("sd2") else "epsilon"), options, notes)
         check_bucket_steps(group, config)
     require_tensorboard(options.logging_dir)
     if options.cache_text_encoder_outputs:  # refused as the trainer starts, after the model has loaded
@@ -248,10 +253,15 @@ class StopRequest:
 
 def park_text_encoders(encoders: list[torch.nn.Module], device: torch.device) -> None:
     """With their outputs cached the encoders are needed again only for samples: off the GPU, in fp32 — the WebUI's
-    torch 2.1 has no half-precision layer norm or matrix product on the CPU, and every sample round failed there."""
+    torch 2.1 has no half-precision layer norm or matrix product on the CPU, and every sample round failed there.
+    fp8 weights (--fp8_base) stay fp8: their layers compute in the input's precision, and fp32 copies of SDXL's
+    encoders would take 3.3 GB of RAM instead of 0.8."""
     if device.type == "cuda":
         for encoder in encoders:
-            encoder.to("cpu", torch.float32)
+            encoder.to("cpu")
+            for tensor in itertools.chain(encoder.parameters(), encoder.buffers()):
+                if tensor.is_floating_point() and tensor.dtype not in (torch.float32, FP8):
+                    tensor.data = tensor.data.float()
 
 
 @contextlib.contextmanager
@@ -978,7 +988,7 @@ def _prepared_model(options: TrainOptions, device: torch.device, weight_dtype: t
                                                                                      zero_terminal_snr=True))
     config = model.config
     _check_model_matches_options(config, options)
-    _check_prediction_matches_options(config, options)
+    _check_prediction_matches_options(config.prediction_type, options, model.notes)
     if (options.clip_skip or 1) > 1 and not config.takes_clip_skip:
         warnings.append(f"--clip_skip {options.clip_skip} on an {config.label} model: sd-scripts and the WebUI leave "
                         f"{config.label}'s text-encoder layers as they are, and so does this run")
@@ -1192,11 +1202,21 @@ def _check_model_matches_options(config, options: TrainOptions) -> None:
                         "or pick an SD2 checkpoint", "v2")
 
 
-def _check_prediction_matches_options(config, options: TrainOptions) -> None:
-    """The loss options against the prediction type the loaded checkpoint trains (a v_pred marker makes a file
-    v-prediction without --v_parameterization)."""
-    decided_by = "--v_parameterization" if options.v_parameterization else f"{Path(options.pretrained_model_name_or_path).name} says so"
-    if problems := prediction_problems(options, config.prediction_type, decided_by):
+def _check_prediction_matches_options(prediction_type: str | None, options: TrainOptions, notes: list[str]) -> None:
+    """The loss options against the prediction type the run trains (a v_pred marker makes a file v-prediction without
+    --v_parameterization); None: not known before loading (an SD2 file that declares nothing), checked once loaded.
+    ``notes``: the loader's, which say what decided it."""
+    if prediction_type is None:
+        return
+    said = next((note for note in notes if note.startswith("prediction type") and "(" in note), None)
+    name = Path(options.pretrained_model_name_or_path).name
+    if options.v_parameterization:
+        decided_by = "--v_parameterization"
+    elif said is not None:
+        decided_by = f"{name}: {said[said.index('(') + 1:].rstrip(')')}"
+    else:
+        decided_by = f"no --v_parameterization, and {name} declares no v-prediction"
+    if problems := prediction_problems(options, prediction_type, decided_by):
         raise UserError("; ".join(problems), "v_parameterization")
 
 
