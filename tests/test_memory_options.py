@@ -43,6 +43,29 @@ def test_cpu_offload_checkpointing_is_refused_without_sending_the_user_to_sd_scr
     assert "run the same command with sd-scripts" in refusal(["--deepspeed"])  # which sd-scripts does run
 
 
+def test_fused_backward_pass_runs_with_a_warning_as_sd_scripts_lora_scripts_leave_it_unused():
+    """It was refused, though the refusal itself said sd-scripts' LoRA scripts take it and do nothing with it."""
+    import torch
+
+    from lora_trainer.networks.spec import NetworkSpec
+    from lora_trainer.training import trainer
+
+    options = options_from({**PATHS, "fused_backward_pass": True, "optimizer_type": "Adafactor"})
+    warnings = trainer._option_warnings(options, NetworkSpec(), torch.device("cpu"), torch.float32)
+    assert ("--fused_backward_pass has no effect here: it fuses a full fine-tune's optimizer step into the backward "
+            "pass; for LoRA training it does nothing, as in sd-scripts (whose LoRA scripts take it with Adafactor only "
+            "and leave it unused)") in warnings
+
+
+def test_a_refusal_of_several_options_says_which_ones_sd_scripts_would_run():
+    """"--cpu_offload_checkpointing (…), --deepspeed; remove them to train here" lost --deepspeed's way out."""
+    message = refusal(["--cpu_offload_checkpointing", "--deepspeed"])
+    assert message.endswith("--deepspeed; remove them to train here (or remove --cpu_offload_checkpointing and run the "
+                            "same command with sd-scripts)")
+    assert refusal(["--deepspeed", "--zero_stage", "2"]).endswith(
+        "not supported: --deepspeed, --zero_stage; remove them to train here (or run the same command with sd-scripts)")
+
+
 def test_caching_the_text_encoders_outputs_with_shuffled_captions_is_refused_before_queueing():
     """It was refused as the trainer started, after the model had loaded (minutes for SDXL)."""
     from lora_trainer.tiny_model.build import TINY_MODEL_PATH

@@ -160,6 +160,9 @@ class TrainOptions:
     use_lion_optimizer: bool = opt(False, "old spelling of --optimizer_type Lion")
     learning_rate: float = opt(2e-6, "base learning rate")
     optimizer_args: list[str] | None = opt(None, "key=value optimizer arguments", nargs="*")
+    fused_backward_pass: bool = inert("it fuses a full fine-tune's optimizer step into the backward pass; for LoRA "
+                                      "training it does nothing, as in sd-scripts (whose LoRA scripts take it with "
+                                      "Adafactor only and leave it unused)")
     lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
                                         "cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, piecewise_constant")
     lr_warmup_steps: int | float = opt(0, "warm-up steps, or a fraction (< 1) of all steps")
@@ -265,7 +268,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 DEFAULTS = TrainOptions()
 # sd-scripts options we know but do not offer at all (DeepSpeed, hub uploads, …): refused by name when given.
 FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token", "save_state_to_huggingface",
-           "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name", "fused_backward_pass",
+           "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name",
            "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
            "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
            "dataset_class", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
@@ -276,8 +279,6 @@ FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token"
 NOT_FOR_SD_SCRIPTS_LORA = {
     "cpu_offload_checkpointing": "sd-scripts takes it for its Flux, SD3 and Lumina scripts; its SD1/SDXL UNet stops on "
                                  "it (enable_gradient_checkpointing takes no cpu_offload)",
-    "fused_backward_pass": "sd-scripts' train_network.py and sdxl_train_network.py take it with Adafactor only, and "
-                           "then do nothing with it (its full fine-tuning scripts use it)",
     "enable_contrastive": "a setting of lora-scripts' own trainer, which sd-scripts does not have",
 }
 # The WebUI's memory switches, typed here out of habit: "did you mean --lowram?" would point at system RAM
@@ -296,6 +297,20 @@ def unknown_options(names: list[str], prefix: str = "") -> str:
                      f"{prefix}mixed_precision fp16 and {prefix}fp8_base lower the GPU memory, and the Train tab's "
                      "GPU memory tier sets them for a card's size)")
     return ", ".join(parts)
+
+
+def foreign_refusal(names: list[str]) -> str:
+    """What to do about FOREIGN options given: remove them to train here; sd-scripts runs the same command only
+    without those its LoRA scripts do not run either (each named with why)."""
+    named = ", ".join(f"--{n} ({NOT_FOR_SD_SCRIPTS_LORA[n]})" if n in NOT_FOR_SD_SCRIPTS_LORA else f"--{n}" for n in names)
+    not_there = [f"--{n}" for n in names if n in NOT_FOR_SD_SCRIPTS_LORA]
+    if len(not_there) == len(names):
+        elsewhere = ""
+    elif not_there:
+        elsewhere = f" (or remove {', '.join(not_there)} and run the same command with sd-scripts)"
+    else:
+        elsewhere = " (or run the same command with sd-scripts)"
+    return f"{named}; remove {'it' if len(names) == 1 else 'them'} to train here{elsewhere}"
 
 
 def _steps_or_fraction_argument(text: str) -> int | float:
@@ -618,11 +633,7 @@ def options_from(values: dict[str, Any], source: str = "options", template: bool
         if getattr(options, name) is not None and getattr(options, name) <= 0:
             options = dataclasses.replace(options, **{name: None})
     if foreign:
-        named = ", ".join(f"--{n} ({NOT_FOR_SD_SCRIPTS_LORA[n]})" if n in NOT_FOR_SD_SCRIPTS_LORA else f"--{n}"
-                          for n in foreign)
-        elsewhere = "" if NOT_FOR_SD_SCRIPTS_LORA.keys() & set(foreign) else " (or run the same command with sd-scripts)"
-        raise UserError(f"{source}: not supported: {named}; remove {'it' if len(foreign) == 1 else 'them'} to train "
-                        f"here{elsewhere}", foreign[0])
+        raise UserError(f"{source}: not supported: {foreign_refusal(foreign)}", foreign[0])
     validate(options, template)
     return options
 
