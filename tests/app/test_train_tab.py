@@ -244,6 +244,29 @@ def test_a_tiers_8_bit_optimizer_without_bitsandbytes_becomes_adamw_and_a_job_as
         services.close()
 
 
+def test_the_guidance_is_the_chosen_tiers_not_an_earlier_ones(tmp_path, monkeypatch):
+    """After the 6 GB tier said "AdamW8bit needs bitsandbytes", picking 16 GB (or installing bitsandbytes) left that
+    sentence on screen: the tier's fill gave the guidance only when a package was missing."""
+    from lora_trainer.app import presets
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed beside the WebUI
+    settings = AppSettings(lora_folder=tmp_path / "Lora", data_folder=tmp_path / "data", dataset_roots=[SAMPLE_DATASET],
+                           unload_checkpoint_while_training=False, extras_folder=tmp_path / "extras")
+    services = Services.create(settings, FakeHost(), start=False, command=lambda job: [sys.executable, "-c", "pass"])
+    try:
+        filled = train_tab.Filled()
+        shown = form(preset="style")
+        assert "AdamW8bit needs bitsandbytes" in train_tab.fill_for_tier(services, {**shown, "tier": "6 GB"}, filled)["guidance"]
+        values = train_tab.fill_for_tier(services, {**shown, "tier": "16 GB"}, filled)
+        assert values["guidance"] == presets.PRESETS["style"].guidance
+        train_tab.fill_for_tier(services, {**shown, "tier": "8 GB"}, filled)
+        installed_bitsandbytes(tmp_path / "extras")  # Install extras pressed, then the tier picked again
+        values = train_tab.fill_for_tier(services, {**shown, "tier": "6 GB"}, filled)
+        assert values["guidance"] == presets.PRESETS["style"].guidance and values["optimizer"] == "AdamW8bit"
+    finally:
+        services.close()
+
+
 def test_an_sdxl_tier_below_16_gb_trains_the_unet_only_with_cached_captions_whatever_rate_the_preset_filled(
         services, monkeypatch):
     """The form's text encoder rate (the preset's 5e-5) made the SDXL tiers train the text encoders, and with the tier's

@@ -342,10 +342,12 @@ def fill_for_preset(services: Services, form: dict[str, Any], filled: Filled) ->
 
 def fill_for_tier(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
     """A GPU memory tier picked: what the tier decides on the base checkpoint (``tier_values``), and the preset's
-    resolution, rank and text encoder rate for it where the form shows the earlier fill's."""
+    resolution, rank and text encoder rate for it where the form shows the earlier fill's. The guidance is always the
+    tier's: an earlier tier's "needs bitsandbytes" must not stay on screen."""
     after = Filled(form.get("tier") or presets.NO_TIER, _base_is_sdxl(services, form, filled))
     extras = services.settings.extras_folder
     values = {**refilled_values(form["preset"], filled, after, form, extras),
+              "guidance": presets.PRESETS[form["preset"]].guidance,
               **tier_values(form["preset"], after.tier, extras, after.sdxl)}
     filled.tier, filled.sdxl = after.tier, after.sdxl
     return values
