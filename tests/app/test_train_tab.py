@@ -289,6 +289,40 @@ def test_an_sdxl_tier_below_16_gb_trains_the_unet_only_with_cached_captions_what
     assert "Cannot start" not in train_tab.validation_text(services, form(tier="8 GB", unet_lr=0))
 
 
+def test_an_sdxl_tier_below_16_gb_trains_a_dataset_toml_with_shuffled_captions_encoding_them_at_each_step(
+        services, tmp_path, monkeypatch):
+    """The tier's cached captions met a dataset TOML's shuffle_caption: Validate said Cannot start, for a run that
+    trained before the tiers cached them. The caching gives way, as to shuffled captions typed in Advanced."""
+    monkeypatch.setattr(train_tab, "_is_sdxl", lambda path: True)
+    concept = next(p for p in SAMPLE_DATASET.iterdir() if p.is_dir())
+    config = tmp_path / "datasets.toml"
+    config.write_text(f'[general]\nshuffle_caption = true\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\n'
+                      f'[[datasets.subsets]]\nimage_dir = "{concept.as_posix()}"\ncaption_dropout_rate = 0.1\n',
+                      encoding="utf-8")
+    services.settings.dataset_roots.append(tmp_path)
+    options, _ = train_tab.job_options(services, form(tier="8 GB", dataset=str(config)))
+    assert options["network_train_unet_only"] and "cache_text_encoder_outputs" not in options
+    text = train_tab.validation_text(services, form(tier="8 GB", dataset=str(config)))
+    assert not text.startswith("**Cannot start:**"), text
+    assert ("⚠ The 8 GB GPU memory tier encodes the captions once, but shuffle_caption, caption_dropout_rate in the "
+            "dataset TOML change them between steps: they are encoded at every step instead, with the text encoders on "
+            "the GPU (the estimate counts them). To encode them once, turn them off in the dataset TOML") in text
+    assert ("⚠ The 8 GB GPU memory tier trains SDXL's UNet only: the text encoder learning rate is not used.") in text
+    message, job_id = train_tab.submit(services, form(tier="8 GB", dataset=str(config)))
+    assert job_id is not None, message
+    # the caching asked for in Advanced is refused, naming what varies
+    text = train_tab.validation_text(services, form(tier="8 GB", dataset=str(config),
+                                                    extra="cache_text_encoder_outputs = true"))
+    assert text.startswith("**Cannot start:** --cache_text_encoder_outputs encodes each caption once, but "
+                           "caption_dropout_rate, shuffle_caption change the captions between steps"), text
+    # a TOML whose captions stay the same keeps the tier's caching, and Validate says nothing of it
+    config.write_text(config.read_text(encoding="utf-8").replace("shuffle_caption = true", "shuffle_caption = false")
+                      .replace("caption_dropout_rate = 0.1", "num_repeats = 1"), encoding="utf-8")
+    options, _ = train_tab.job_options(services, form(tier="8 GB", dataset=str(config)))
+    assert options["cache_text_encoder_outputs"]
+    assert "encodes the captions once, but" not in train_tab.validation_text(services, form(tier="8 GB", dataset=str(config)))
+
+
 class TwoCheckpointsHost(FakeHost):
     def __init__(self, sdxl: Path):
         self.sdxl = sdxl

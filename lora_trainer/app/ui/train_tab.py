@@ -17,6 +17,8 @@ from typing import Any
 
 import gradio as gr
 
+from ...dataset.captions import VARYING_CAPTION_OPTIONS, caching_problems
+from ...dataset.config import load_dataset_config
 from ...dataset.health import HealthSettings, check_dataset, check_dataset_config, report_lines
 from ...errors import UserError
 from ...jobs.runner import earlier_files_note
@@ -24,7 +26,7 @@ from ...jobs.store import Job
 from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
 from ...training.optimizers import missing_package
-from ...training.options import DEFAULTS, memory_advice, options_from, resolution_of, write_prompts_file
+from ...training.options import DEFAULTS, TrainOptions, memory_advice, options_from, resolution_of, write_prompts_file
 from .. import presets
 from ..estimate import estimate, network_gib
 from ..extras import EXTRAS, install_extras
@@ -218,8 +220,24 @@ def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any
         options["dataset_config"] = str(config)
         check_dataset_config_paths(config, services.settings.dataset_roots, options, "dataset folder")
     options["output_dir"] = str(services.settings.lora_folder)
-    options_from(options, "Train form")
+    checked = options_from(options, "Train form")
+    if (options.get("cache_text_encoder_outputs") and "cache_text_encoder_outputs" not in extra
+            and not extra.get("cache_text_encoder_outputs_to_disk") and varying_captions(checked)):
+        del options["cache_text_encoder_outputs"]  # the tier's caching gives way to captions the dataset TOML varies,
+        # as form_to_options' gives way to the form's (Validate says so); caching asked for in Advanced is refused
     return options, sdxl
+
+
+def varying_captions(checked: TrainOptions) -> list[str]:
+    """The caption options that change captions between steps in some subset of the run's dataset: a dataset TOML's
+    subsets have their own (its [general] and [[datasets]] win over the form's, as in sd-scripts), folders the
+    options'."""
+    if not checked.dataset_config:
+        return caching_problems(checked)
+    group = load_dataset_config(Path(checked.dataset_config), checked, support_controlnet=checked.masked_loss)
+    found = {name for dataset in group.datasets for subset in dataset.subsets
+             for name in caching_problems(subset.caption_options)}
+    return [name for name in VARYING_CAPTION_OPTIONS if name in found]
 
 
 def validation_text(services: Services, form: dict[str, Any]) -> str:
@@ -247,10 +265,20 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         trained = "is trained at 1024 px" if side == 1024 else f"the {tier} GPU memory tier trains at {side} px"
         lines.append(f"⚠ The base model is SDXL, which {trained}, and Resolution is {checked.resolution}: set {side} "
                      f"(or {side},{side * 3 // 4} …) unless a smaller size is what you mean")
-    if presets.unet_only_tier(tier, sdxl) and checked.network_train_unet_only and float(form.get("text_encoder_lr") or 0):
-        lines.append(f"⚠ The {tier} GPU memory tier trains SDXL's UNet only (the captions are encoded once, so the text "
-                     "encoders leave the GPU): the text encoder learning rate is not used. To train the text encoders, "
-                     "choose 16 GB or more, or add network_train_unet_only = false in Advanced")
+    unet_only = presets.unet_only_tier(tier, sdxl) and checked.network_train_unet_only
+    if unet_only and float(form.get("text_encoder_lr") or 0):
+        cached = (" (the captions are encoded once, so the text encoders leave the GPU)"
+                  if checked.cache_text_encoder_outputs else "")
+        lines.append(f"⚠ The {tier} GPU memory tier trains SDXL's UNet only{cached}: the text encoder learning rate is "
+                     "not used. To train the text encoders, choose 16 GB or more, or add network_train_unet_only = "
+                     "false in Advanced")
+    if unet_only and not checked.cache_text_encoder_outputs and (varying := varying_captions(checked)):
+        where = " in the dataset TOML" if checked.dataset_config else ""
+        one = len(varying) == 1
+        lines.append(f"⚠ The {tier} GPU memory tier encodes the captions once, but {', '.join(varying)}{where} "
+                     f"{'changes' if one else 'change'} them between steps: they are encoded at every step instead, "
+                     "with the text encoders on the GPU (the estimate counts them). To encode them once, turn "
+                     f"{'it' if one else 'them'} off{where}")
     card = presets.tier_gib(tier)
     if card is not None and planned.vram_gib > card:
         lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: {memory_advice(checked)} "
