@@ -9,9 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if "LORA_TRAINER_CACHE" not in os.environ:
     # the hash cache (hashes.json) of files the tests make goes to a folder of this run, not the user's ~/.cache
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["LORA_TRAINER_CACHE"] = tempfile.mkdtemp(prefix="lora-trainer-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LORA_TRAINER_CACHE"], True)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per worker, for the trainers it starts too: the tiny models' ops gain nothing from a second

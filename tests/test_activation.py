@@ -151,10 +151,16 @@ def test_library_leaves_out_training_states_and_files_renamed_away_while_it_look
     assert [e.name for e in library.entries()] == ["star"]
 
 
-def test_short_hash_is_the_recorded_one_or_the_tensor_data_hash(tmp_path):
+def test_short_hash_is_the_recorded_one_or_the_tensor_data_hash(tmp_path, monkeypatch):
+    from lora_trainer.networks import activation
+
     library = LoraLibrary([tmp_path])
     recorded = _lora(tmp_path / "r.safetensors", sshs_model_hash="abcdef0123456789ff")
+    read = []
+    hashed = activation.tensor_data_sha256
+    monkeypatch.setattr(activation, "tensor_data_sha256", lambda path: read.append(path) or hashed(path))
     assert library.short_hash(recorded) == "abcdef012345"
+    assert read == []  # a recorded hash is taken as it is, without reading the file's tensors
     # the tensor-data hash ignores the header, so metadata edits keep it
     a = _lora(tmp_path / "a.safetensors", ss_output_name="x")
     b = _lora(tmp_path / "b.safetensors", ss_output_name="a much longer name")

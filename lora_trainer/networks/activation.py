@@ -273,8 +273,9 @@ class LoraLibrary:
         key = (path, mtime)
         if key not in self._short_hashes:
             recorded = self.metadata_of(path, mtime).get("sshs_model_hash")
-            content = tensor_data_sha256(path) if path.suffix.lower() == ".safetensors" else file_sha256(path)
-            self._short_hashes[key] = (recorded or content)[:12]
+            if not recorded:  # the file says its hash: no need to read all of it
+                recorded = tensor_data_sha256(path) if path.suffix.lower() == ".safetensors" else file_sha256(path)
+            self._short_hashes[key] = recorded[:12]
         return self._short_hashes[key]
 
 
