@@ -55,6 +55,9 @@ def test_fused_backward_pass_runs_with_a_warning_as_sd_scripts_lora_scripts_leav
     assert ("--fused_backward_pass has no effect here: it fuses a full fine-tune's optimizer step into the backward "
             "pass; for LoRA training it does nothing, as in sd-scripts (whose LoRA scripts take it with Adafactor only "
             "and leave it unused)") in warnings
+    # sd-scripts stops on it with another optimizer (its get_optimizer asserts Adafactor): refused the same
+    with pytest.raises(UserError, match="--fused_backward_pass: sd-scripts stops on it unless --optimizer_type Adafactor"):
+        options_from({**PATHS, "fused_backward_pass": True, "optimizer_type": "AdamW"})
 
 
 def test_a_refusal_of_several_options_says_which_ones_sd_scripts_would_run():

@@ -220,13 +220,20 @@ def test_the_v_pred_and_ztsnr_markers_of_a_checkpoint_set_its_prediction_and_sch
     from lora_trainer.training.options import options_from
     from lora_trainer.training.trainer import check_before_queueing
 
-    for checkpoint, option, value, said in ((marked, "v_pred_like_loss", 0.2, "vpred.safetensors: declared by the file"),
+    for checkpoint, option, value, said in ((marked, "v_pred_like_loss", 0.2, "vpred.safetensors: the file.s v_pred marker"),
                                             (tiny_sdxl, "scale_v_pred_loss_like_noise_pred", True,
-                                             f"no --v_parameterization, and {tiny_sdxl.name} declares no v-prediction")):
+                                             f"{tiny_sdxl.name}: declared by the file")):
         options = options_from({"pretrained_model_name_or_path": str(checkpoint), "train_data_dir": str(dataset),
                                 "resolution": "64", option: value})
         with pytest.raises(UserError, match=f"--{option} is for .* \\({said}\\)"):
             check_before_queueing(options, dataset_group(options))
+    # the queue reads the file's declaration as the loader reads it (here our own architecture metadata)
+    declared_v = save_safetensors(state, tmp_path / "declared-v.safetensors",
+                                  {ARCHITECTURE_METADATA_KEY: json.dumps({**architecture, "prediction_type": "v_prediction"})})
+    options = options_from({"pretrained_model_name_or_path": str(declared_v), "train_data_dir": str(dataset),
+                            "resolution": "64", "scale_v_pred_loss_like_noise_pred": True})
+    check_before_queueing(options, dataset_group(options))
+    assert load_checkpoint(declared_v).config.prediction_type == "v_prediction"
     assert train(tiny_sdxl, dataset, tmp_path / "eps", "--scale_v_pred_loss_like_noise_pred") == 2
     assert "--scale_v_pred_loss_like_noise_pred is for v-prediction models" in capsys.readouterr().err
 

@@ -67,6 +67,7 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
     """Preset (+ VRAM tier) first, then the main fields, the algorithm, the learning rates and finally the
     Advanced box, each overriding what came before. Blank fields keep the preset's value."""
     options = preset_options(preset, tier, sdxl)
+    extra = parse_extra_options(form.get("extra", ""))
     for field, name in _DIRECT.items():
         value = form.get(field)
         if value in (None, ""):
@@ -97,8 +98,8 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
         else:
             options["text_encoder_lr"] = [text_encoder_lr]
             # an SDXL tier below 16 GB trains the UNet only, whatever rate the preset filled in (Validate says so)
-            options["network_train_unet_only"] = (unet_only_tier(tier, sdxl)
-                                                  and not options.get("network_train_text_encoder_only"))
+            options["network_train_unet_only"] = (unet_only_tier(tier, sdxl) and not options.get(
+                "network_train_text_encoder_only") and not extra.get("network_train_text_encoder_only"))
     algorithm = form.get("algorithm") or "LoRA"
     if algorithm not in ALGORITHMS:
         raise UserError(f"algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
@@ -111,7 +112,6 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
     if algorithm == "DyLoRA":
         dim = int(options.get("network_dim") or 4)  # the rank must be a multiple of the unit (sd-scripts asserts it)
         network_args.append(f"unit={next(unit for unit in (4, 3, 2, 1) if dim % unit == 0)}")
-    extra = parse_extra_options(form.get("extra", ""))
     # Advanced's network_args refine the algorithm's (conv_dim=8, rank_dropout=0.1, …); with its own network_module,
     # Advanced names the whole network
     more = _listed(extra.pop("network_args", None))

@@ -509,18 +509,10 @@ def _with_prediction_type(config, source, path, override, overrides, notes) -> M
     if override:
         notes.append(f"prediction type {override} (set by the user)")
         return _with_marked_schedule(config.with_prediction(override), source, notes)
-    prediction = _yaml_prediction(path)
-    if prediction:
-        notes.append(f"prediction type {prediction} (from {path.with_suffix('.yaml').name})")
+    if (declared := declared_prediction(source, path, overrides)) is not None:
+        prediction, how = declared
+        notes.append(f"prediction type {prediction} ({how})")
         return _with_marked_schedule(config.with_prediction(prediction), source, notes)
-    declared = _prediction_from_metadata(source.metadata) or (overrides or {}).get("prediction_type")
-    declared = declared or _metadata_overrides(source.metadata).get("prediction_type")
-    if declared:
-        notes.append(f"prediction type {declared} (declared by the file)")
-        return _with_marked_schedule(config.with_prediction(declared), source, notes)
-    if "v_pred" in source.shapes:  # the marker v-prediction SDXL files (NoobAI-XL v-pred) carry, as ComfyUI reads it
-        notes.append("prediction type v_prediction (the file's v_pred marker)")
-        return _with_marked_schedule(config.with_prediction("v_prediction"), source, notes)
     if config.name == "sd2" and config.unet == FULL_SIZE["sd2"].unet:
         prediction = "v_prediction" if _responds_like_v_prediction(source, config) else "epsilon"
         notes.append(f"prediction type {prediction} (from a test forward, as the WebUI decides)")
@@ -537,11 +529,24 @@ def _yaml_prediction(path: Path) -> str | None:
     return "v_prediction" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
 
 
+def declared_prediction(source: TensorSource, path: Path, overrides: dict | None = None) -> tuple[str, str] | None:
+    """eps or v as the file says it, and how it says so: a .yaml beside it, its metadata (ours or modelspec's), a
+    Diffusers folder's config (``overrides``), the v_pred marker; None where only a test forward (``identify``) could
+    tell. The loader and the job queue's checks read it alike."""
+    if prediction := _yaml_prediction(path):
+        return prediction, f"from {path.with_suffix('.yaml').name}"
+    declared = _prediction_from_metadata(source.metadata) or (overrides or {}).get("prediction_type")
+    if declared := declared or _metadata_overrides(source.metadata).get("prediction_type"):
+        return declared, "declared by the file"
+    if "v_pred" in source.shapes:  # the marker v-prediction SDXL files (NoobAI-XL v-pred) carry, as ComfyUI reads it
+        return "v_prediction", "the file's v_pred marker"
+    return None
+
+
 def declared_prediction_type(source: TensorSource, path: Path) -> str | None:
-    """eps or v as the file says it, by a .yaml beside it, its metadata or the v_pred marker; None where only a test
-    forward (``identify``) could tell."""
-    return _yaml_prediction(path) or _prediction_from_metadata(source.metadata) or (
-        "v_prediction" if "v_pred" in source.shapes else None)
+    """The prediction type of ``declared_prediction``, without how it was said."""
+    declared = declared_prediction(source, path)
+    return None if declared is None else declared[0]
 
 
 def _prediction_from_metadata(metadata: dict[str, str]) -> str | None:

@@ -278,7 +278,8 @@ FOREIGN = {"deepspeed", "zero_stage", "huggingface_repo_id", "huggingface_token"
 # to sd-scripts with them
 NOT_FOR_SD_SCRIPTS_LORA = {
     "cpu_offload_checkpointing": "sd-scripts takes it for its Flux, SD3 and Lumina scripts; its SD1/SDXL UNet stops on "
-                                 "it (enable_gradient_checkpointing takes no cpu_offload)",
+                                 "it with --gradient_checkpointing (enable_gradient_checkpointing takes no cpu_offload) "
+                                 "and ignores it without",
     "enable_contrastive": "a setting of lora-scripts' own trainer, which sd-scripts does not have",
 }
 # The WebUI's memory switches, typed here out of habit: "did you mean --lowram?" would point at system RAM
@@ -738,6 +739,9 @@ def validate(options: TrainOptions, template: bool = False) -> None:
         problems.append("--adaptive_noise_scale needs --noise_offset")
     if options.v_parameterization:  # a v-prediction file without the flag is checked once loaded (prediction_problems)
         problems += prediction_problems(options, "v_prediction", "--v_parameterization")
+    if options.fused_backward_pass and (options.optimizer.lower() != "adafactor" or options.gradient_accumulation_steps > 1):
+        problems.append("--fused_backward_pass: sd-scripts stops on it unless --optimizer_type Adafactor with "
+                        "--gradient_accumulation_steps 1 (and does nothing with it for LoRA training); drop it")
     if not any(_trained_rates(options)):
         problems.append("every learning rate is 0 (--learning_rate, --unet_lr, --text_encoder_lr): nothing would "
                         "train; give the part you train a rate above 0")

@@ -30,7 +30,7 @@ from ..dataset.images import ImageError
 from ..dataset.layouts import dataset_images
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
-from ..models.checkpoint import declared_prediction_type, detect_architecture, load_checkpoint, open_tensors
+from ..models.checkpoint import declared_prediction, detect_architecture, load_checkpoint, open_tensors
 from ..models.fp8 import FP8, store_in_fp8
 from ..models.prompt import prompt_problems
 from ..models.tokenizer import CLIPTokenizer
@@ -103,10 +103,11 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> N
         except UserError as error:
             raise UserError(str(error), "pretrained_model_name_or_path") from None
         _check_model_matches_options(config, options)
-        declared = "v_prediction" if options.v_parameterization else declared_prediction_type(source, path)
-        notes = [f"prediction type {declared} (declared by the file)"] if declared and not options.v_parameterization else []
+        declared = None if options.v_parameterization else declared_prediction(source, path)
+        notes = [] if declared is None else [f"prediction type {declared[0]} ({declared[1]})"]
+        prediction = "v_prediction" if options.v_parameterization else declared and declared[0]
         # an SD2 file that declares nothing is told apart by a test forward as it loads: checked then
-        _check_prediction_matches_options(declared or (None if config.name.startswith("sd2") else "epsilon"), options, notes)
+        _check_prediction_matches_options(prediction or (None if config.name.startswith("sd2") else "epsilon"), options, notes)
         check_bucket_steps(group, config)
     require_tensorboard(options.logging_dir)
     if options.cache_text_encoder_outputs:  # refused as the trainer starts, after the model has loaded

@@ -152,3 +152,14 @@ def test_a_text_encoder_rate_in_advanced_trains_the_text_encoder_though_the_form
     assert form_to_options(form, "character")["network_train_unet_only"] is True
     options = form_to_options({**form, "extra": "text_encoder_lr = 5e-5"}, "character")
     assert options["text_encoder_lr"] == 5e-5 and options["network_train_unet_only"] is False
+
+
+def test_advanced_text_encoder_only_wins_over_an_sdxl_tiers_unet_only():
+    """SDXL 8 GB trains the UNet only; asking for the text encoder only in Advanced was refused ("--network_train_unet_only
+    and --network_train_text_encoder_only exclude each other"), the tier's UNet-only having been decided before
+    Advanced was read."""
+    options = form_to_options({"checkpoint": "m.safetensors", "dataset": "d", "text_encoder_lr": 5e-5,
+                               "extra": "network_train_text_encoder_only = true"}, "character", "8 GB", sdxl=True)
+    assert options["network_train_text_encoder_only"] is True and not options.get("network_train_unet_only")
+    assert form_to_options({"checkpoint": "m.safetensors", "dataset": "d", "text_encoder_lr": 5e-5}, "character", "8 GB",
+                           sdxl=True)["network_train_unet_only"] is True
