@@ -127,7 +127,12 @@ def form_to_options(form: dict[str, Any], preset: str, tier: str = NO_TIER, sdxl
     if "cache_text_encoder_outputs" not in extra and options.get("cache_text_encoder_outputs") and (
             not options.get("network_train_unet_only") or any(options.get(name) for name in VARYING_CAPTION_OPTIONS)):
         del options["cache_text_encoder_outputs"]  # the tier's caching gives way to a trained text encoder or varied
-        # captions asked for (Validate's estimate says what that costs)
+        # captions asked for (Validate's estimate says what that costs); the preset's own caption options, which the
+        # caching had set aside, come back with it
+        preset_captions = preset_options(preset)
+        for name in VARYING_CAPTION_OPTIONS:
+            if name in preset_captions and name not in extra:
+                options[name] = preset_captions[name]
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -163,3 +163,14 @@ def test_advanced_text_encoder_only_wins_over_an_sdxl_tiers_unet_only():
     assert options["network_train_text_encoder_only"] is True and not options.get("network_train_unet_only")
     assert form_to_options({"checkpoint": "m.safetensors", "dataset": "d", "text_encoder_lr": 5e-5}, "character", "8 GB",
                            sdxl=True)["network_train_unet_only"] is True
+
+
+def test_the_presets_shuffled_captions_come_back_when_an_sdxl_tiers_caching_gives_way():
+    """The SDXL 8 GB tier encodes captions once and so sets the preset's shuffle_caption aside; following Validate's
+    advice to train the text encoders (network_train_unet_only = false) dropped the caching but kept the shuffle off."""
+    form = {"checkpoint": "m.safetensors", "dataset": "d", "text_encoder_lr": 5e-5}
+    cached = form_to_options(form, "character", "8 GB", sdxl=True)
+    assert cached["cache_text_encoder_outputs"] is True and not cached.get("shuffle_caption")
+    trained = form_to_options({**form, "extra": "network_train_unet_only = false"}, "character", "8 GB", sdxl=True)
+    assert "cache_text_encoder_outputs" not in trained
+    assert trained.get("shuffle_caption") == form_to_options(form, "character", "16 GB", sdxl=True).get("shuffle_caption") is True
