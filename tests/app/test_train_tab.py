@@ -386,6 +386,47 @@ def test_the_preset_and_tier_fill_sd1_values_for_an_sd1_checkpoint(sdxl_services
     assert not sdxl and "cache_text_encoder_outputs" not in options and options["text_encoder_lr"] == [5e-5]
 
 
+def test_an_imported_files_values_stay_when_its_checkpoint_changes_the_model(sdxl_services, tmp_path):
+    """The import writes the Base checkpoint, whose change then refilled the imported values that equalled the SD1
+    fill: an SDXL file's 512 px became 1024 (here 768), its text encoder rate 0 and its rank 32 became 16."""
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sd")
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("512", 32, 5e-5)  # SD1's fill
+    config = tmp_path / "sdxl run.toml"
+    config.write_text('pretrained_model_name_or_path = "tiny-sdxl"\nresolution = "512"\nnetwork_dim = 32\n'
+                      'unet_lr = 1e-4\ntext_encoder_lr = 5e-5\n', encoding="utf-8")
+    values = train_tab.import_into_form(str(config), "character", sdxl_services.settings)
+    filled = train_tab.filled_after_import(values, filled)  # the upload's last output, as build wires it
+    shown = {**shown, **{field: value for field, value in zip(train_tab.IMPORTED_FIELDS, values)
+                         if field in train_tab.FORM_FIELDS and not isinstance(value, dict)}}
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint)  # the import changed the checkpoint
+    assert (shown["checkpoint"], shown["resolution"], shown["network_dim"], shown["network_alpha"],
+            shown["text_encoder_lr"]) == ("tiny-sdxl", "512", 32, 16, 5e-5)
+    # another checkpoint picked leaves them too; a tier picked sets what the tier decides (SDXL's rank cap on 6 GB);
+    # a preset picked fills them all again
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sd")
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl")
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("512", 32, 5e-5)
+    tiered = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="8 GB")
+    assert (tiered["resolution"], tiered["network_dim"]) == ("512", 32)
+    tiered = picked(sdxl_services, tiered, filled, train_tab.fill_for_tier, tier="6 GB")
+    assert (tiered["resolution"], tiered["network_dim"], tiered["network_alpha"]) == ("512", 16, 8)
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_preset)
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("768", 16, 0)
+
+
+def test_a_dataset_toml_imported_leaves_the_fill_to_the_checkpoint(sdxl_services, tmp_path):
+    """Importing a dataset TOML writes the Dataset field only: the form's filled values stay the fill's."""
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sd")
+    config = tmp_path / "dataset.toml"
+    config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{SAMPLE_DATASET.as_posix()}"\n', encoding="utf-8")
+    filled = train_tab.filled_after_import(train_tab.import_into_form(str(config)), filled)
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl")
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("1024", 32, 5e-5)
+
+
 def test_the_checkpoint_is_read_once_for_the_fills(sdxl_services, monkeypatch):
     """Each preset, tier and checkpoint pick asks the checkpoint's architecture: a .ckpt is unpickled to tell."""
     import lora_trainer.models.checkpoint as checkpoint
@@ -634,7 +675,8 @@ def test_the_import_fills_the_components_its_values_are_for(services):
     short = {"network_dim": "dim", "network_alpha": "alpha", "text_encoder_lr": "te_lr",
              "save_every_n_epochs": "save_every", "sample_every_n_epochs": "sample_every"}
     assert [elem_ids[output] for output in upload["outputs"]] == [
-        f"lora_trainer_{short.get(field, field)}" for field in train_tab.IMPORTED_FIELDS]
+        *(f"lora_trainer_{short.get(field, field)}" for field in train_tab.IMPORTED_FIELDS), None]  # and the Filled state
+    assert upload["outputs"][-1] in upload["inputs"]  # the state the fill handlers read
 
 
 # The GUI's own preset "SDXL - LoRA AI_Now ADamW v1.0" (presets/lora), as a user saves it from the GUI: with the

@@ -304,10 +304,12 @@ def gpu_gib(device: str | None) -> float | None:
 class Filled:
     """What the form's preset values were filled for (the GPU memory tier, an SDXL base or not), for one browser
     session (a ``gr.State``, changed in place): a tier or checkpoint picked later changes a field only where the form
-    still shows the filled value, so what the user typed stays."""
+    still shows the filled value, so what the user typed stays. ``imported``: the fields an imported file wrote since
+    the last preset pick, which only a preset pick fills again (a file's value may equal the fill's)."""
 
     tier: str = presets.NO_TIER
     sdxl: bool = False
+    imported: frozenset[str] = frozenset()
 
 
 def preset_values(preset: str, tier: str, sdxl: bool = False, extras_folder: Path | None = None) -> dict[str, Any]:
@@ -326,15 +328,18 @@ def preset_values(preset: str, tier: str, sdxl: bool = False, extras_folder: Pat
 def refilled_values(preset: str, before: Filled, after: Filled, form: dict[str, Any],
                     extras_folder: Path | None = None) -> dict[str, Any]:
     """The fields the preset fills differently for ``after`` than for ``before`` (resolution, rank, the text encoder's
-    rate), where the form still shows ``before``'s value; and a rank above the tier's cap lowered to it, alpha with
-    it (keeping the form's alpha/rank scale)."""
+    rate), where the form still shows ``before``'s value and no file imported it; and a rank above the tier's cap
+    lowered to it, alpha with it (keeping the form's alpha/rank scale)."""
     old = preset_values(preset, before.tier, before.sdxl, extras_folder)
     new = preset_values(preset, after.tier, after.sdxl, extras_folder)
-    values = {field: new[field] for field in _TIER_AND_MODEL_FIELDS
-              if not _same(new[field], old[field]) and _same(form.get(field), old[field])}
+    values = {field: new[field] for field in _TIER_AND_MODEL_FIELDS if field not in before.imported
+              and not _same(new[field], old[field]) and _same(form.get(field), old[field])}
     cap = presets.max_rank(after.tier, after.sdxl)
     dim = _number_or_none(values.get("network_dim", form.get("network_dim")))
-    if cap and dim and dim > cap:
+    # an imported rank is the file's: a tier picked caps it (as the tier sets the batch size and optimizer), a
+    # checkpoint changed, the import's own checkpoint included, does not
+    tier_picked = after.tier != before.tier
+    if cap and dim and dim > cap and ("network_dim" not in before.imported or tier_picked):
         alpha = _number_or_none(values.get("network_alpha", form.get("network_alpha")))
         values["network_dim"] = cap
         values["network_alpha"] = alpha * cap / dim if alpha else new["network_alpha"]
@@ -364,7 +369,7 @@ def _base_is_sdxl(services: Services, form: dict[str, Any], filled: Filled) -> b
 def fill_for_preset(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
     """A preset picked (or the page loaded): every field it fills, for the tier and the base checkpoint."""
     tier = form.get("tier") or presets.NO_TIER
-    filled.tier, filled.sdxl = tier, _base_is_sdxl(services, form, filled)
+    filled.tier, filled.sdxl, filled.imported = tier, _base_is_sdxl(services, form, filled), frozenset()
     return preset_values(form["preset"], tier, filled.sdxl, services.settings.extras_folder)
 
 
@@ -391,6 +396,18 @@ def fill_for_checkpoint(services: Services, form: dict[str, Any], filled: Filled
     values = refilled_values(form["preset"], filled, after, form, services.settings.extras_folder)
     filled.tier, filled.sdxl = after.tier, after.sdxl
     return values
+
+
+def filled_after_import(imported: list[Any], filled: Filled) -> Filled:
+    """An import's values (``import_into_form``'s answer) written into the form: the preset fields it wrote are the
+    file's from then on, which the checkpoint change the import sets off, and any tier or checkpoint picked later,
+    leave as they are (an alpha goes with the rank it scales)."""
+    written = {field for field, value in zip(IMPORTED_FIELDS, imported)
+               if field in PRESET_FIELDS and not (isinstance(value, dict) and "value" not in value)}  # gr.update(): kept
+    if "network_dim" in written:
+        written.add("network_alpha")
+    filled.imported = filled.imported | written
+    return filled
 
 
 def tier_values(preset: str, tier: str, extras_folder: Path | None = None, sdxl: bool = False) -> dict[str, Any]:
@@ -746,10 +763,16 @@ def build(services: Services) -> gr.Blocks:
         export_kohya.click(lambda *v: export("kohya", *v), form, [exported, command, message])
         export_preset.click(lambda *v: export("preset", *v), form, [exported, command, message])
         show_command.click(lambda *v: export("command", *v), form, [exported, command, message])
-        import_file.upload(lambda f, name: import_into_form(f.name if hasattr(f, "name") else f, name, services.settings),
-                           [import_file, preset], [checkpoint, dataset, output_name, epochs, batch_size, resolution, network_dim,
-                                         network_alpha, unet_lr, text_encoder_lr, save_every, sample_every, optimizer,
-                                         scheduler, algorithm, sample_prompt, extra, message])
+
+        def import_file_into_form(upload, name, state):
+            values = import_into_form(upload.name if hasattr(upload, "name") else upload, name, services.settings)
+            return [*values, filled_after_import(values, state)]
+
+        # the Filled state last: the checkpoint change the import sets off reads it
+        import_file.upload(import_file_into_form, [import_file, preset, filled],
+                           [checkpoint, dataset, output_name, epochs, batch_size, resolution, network_dim, network_alpha,
+                            unet_lr, text_encoder_lr, save_every, sample_every, optimizer, scheduler, algorithm,
+                            sample_prompt, extra, message, filled])
 
         send.click(lambda path: "Sent to Prompt-Lora-Grid." if path else "Pick a saved file first.", files, message,
                    **js_kwarg(_SEND_TO_GRID))
