@@ -71,6 +71,16 @@ def test_check_reads_a_dataset_toml_whose_values_win_over_the_flags(tmp_path, ca
     assert (report["samples_per_epoch"], report["steps_per_epoch"]) == (12, 6)  # the file's batch 2, not --batch-size 4
 
 
+def test_check_without_buckets_takes_the_runs_random_crop_and_latent_caching(tmp_path, capsys):
+    make_image(tmp_path / "10_zk" / "a.png", (640, 576), 1)
+    with pytest.raises(SystemExit):
+        main(["dataset", "check", str(tmp_path), "--no-buckets"])
+    assert "error   wrong-size" in capsys.readouterr().out
+    for flag in ("--random-crop", "--cache-latents"):
+        assert main(["dataset", "check", str(tmp_path), "--no-buckets", flag]) == 0
+        assert "wrong-size" not in capsys.readouterr().out
+
+
 def test_check_at_a_low_resolution_needs_no_bucket_limits(tmp_path, capsys):
     """--resolution 64 was refused ("min_bucket_reso 256 is larger than the shorter side"); the API's check lets the
     limits follow the resolution, and so does the command now."""

@@ -87,6 +87,28 @@ def test_without_buckets_images_of_another_size_are_errors(tmp_path):
     assert [(f.kind, f.path) for f in report.errors] == [("wrong-size", "10_zk/other.png")]
 
 
+def test_without_buckets_random_crop_trains_a_larger_image_and_cached_latents_any_size(tmp_path):
+    """As training plans it: with random_crop a larger image gives a patch at its own size (no error, not resized),
+    a smaller one is still an error; cached latents are resized like a bucket, so neither is one."""
+    from lora_trainer.dataset.health import check_dataset_config
+
+    caption(make_image(tmp_path / "10_zk" / "large.png", (640, 576), 1), "zk")
+    caption(make_image(tmp_path / "10_zk" / "small.png", (480, 480), 2), "zk")
+    report = check_dataset(tmp_path, HealthSettings(enable_bucket=False, random_crop=True))
+    assert [(f.kind, f.path) for f in report.errors] == [("wrong-size", "10_zk/small.png")]
+    large = {image.path: image for image in report.images}["10_zk/large.png"]
+    assert (large.bucket, large.resized_size, large.scale) == ((512, 512), (640, 576), 1.0)
+    assert large.crop_box == (64, 32, 576, 544)
+    cached = check_dataset(tmp_path, HealthSettings(enable_bucket=False, cache_latents=True))
+    assert not cached.errors and "upscaled" in kinds(cached, "10_zk/small.png")
+    config = tmp_path / "datasets.toml"  # a subset's own random_crop
+    config.write_text(f'[[datasets]]\nresolution = 512\nenable_bucket = false\n[[datasets.subsets]]\n'
+                      f'image_dir = "{(tmp_path / "10_zk").as_posix()}"\ncaption_extension = ".txt"\n'
+                      'random_crop = true\n', encoding="utf-8")
+    from_config = check_dataset_config(config, HealthSettings())
+    assert [(f.kind, f.path) for f in from_config.errors] == [("wrong-size", "10_zk/small.png")]
+
+
 def test_bucket_options_that_contradict_the_resolution_are_one_error_not_one_per_image(tmp_path):
     for seed in range(3):
         caption(make_image(tmp_path / "10_zk" / f"{seed}.png", (64, 64), seed), "zk")

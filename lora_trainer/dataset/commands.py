@@ -40,13 +40,16 @@ def run_check(args) -> None:
         shuffle_caption=args.shuffle_caption,
         keep_tokens=args.keep_tokens,
         keep_tokens_separator=args.keep_tokens_separator,
+        random_crop=args.random_crop,
+        cache_latents=args.cache_latents,
     )
     if args.folder.is_file() and args.folder.suffix.lower() in (".toml", ".json"):  # a --dataset_config
         report = check_dataset_config(args.folder, settings, {
             "resolution": ",".join(map(str, args.resolution)), "train_batch_size": args.batch_size,
             "enable_bucket": not args.no_buckets, "min_bucket_reso": args.min_bucket_reso,
             "max_bucket_reso": args.max_bucket_reso, "bucket_reso_steps": args.bucket_reso_steps,
-            "bucket_no_upscale": args.bucket_no_upscale, "caption_extension": args.caption_extension})
+            "bucket_no_upscale": args.bucket_no_upscale, "caption_extension": args.caption_extension,
+            "random_crop": args.random_crop})
     else:
         report = check_dataset(args.folder, settings)
     print(report.to_json() if args.json else report.to_text())
@@ -104,6 +107,12 @@ def add_dataset_commands(subparsers) -> None:
                        help="check as if enable_bucket were off (buckets are on here, as the Kohya GUI trains; "
                             "sd-scripts' command line has them off unless --enable_bucket)")
     check.add_argument("--bucket-no-upscale", action="store_true")
+    check.add_argument("--random-crop", action="store_true",
+                       help="check as a run with --random_crop: without buckets, a larger image trains a patch at "
+                            "its own size")
+    check.add_argument("--cache-latents", action="store_true",
+                       help="check as a run with --cache_latents: without buckets, every image is resized to the "
+                            "resolution")
     check.add_argument("--caption-extension", default=".txt",
                        help="default .txt, as the taggers and the Kohya GUI write; sd-scripts' own default is .caption")
     _add_bucket_options(check)

@@ -76,6 +76,10 @@ class HealthSettings:
     keep_tokens: int = 0
     keep_tokens_separator: str = ""
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
+    # Buckets off, these decide which images of another size than the resolution train: with random_crop a larger
+    # one gives a patch at its own size; cached latents are resized like a bucket, so any size trains.
+    random_crop: bool = False
+    cache_latents: bool = False
 
     def __post_init__(self) -> None:
         if self.max_token_length not in TOKEN_LIMITS:
@@ -410,6 +414,7 @@ class _Source:
     caption_extension: str
     buckets: BucketSettings
     dataset: int = 0
+    random_crop: bool = False
 
 
 def bucket_limits_for(resolution: Size) -> tuple[int, int]:
@@ -427,15 +432,16 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
     bucket_settings = settings.buckets()
     bucket_list(bucket_settings)  # bucket options that contradict the resolution: one error, not one per image
     caption_extension = checked_caption_extension(settings.caption_extension)
-    sources = [_Source(path, repeats, tokens, caption_extension, bucket_settings)
+    sources = [_Source(path, repeats, tokens, caption_extension, bucket_settings, random_crop=settings.random_crop)
                for path, repeats, tokens in layout.concept_folders]
     return _report(root, str(root), sources, list(layout.findings), settings, {0: settings.batch_size})
 
 
 def check_dataset_config(path: Path, settings: HealthSettings, options: object | None = None) -> HealthReport:
     """Check the image folders a ``--dataset_config`` file names, each subset with its repeats, class tokens and
-    caption extension and each dataset with its buckets and batch size (``options``: the run's, which the file's
-    values override, as sd-scripts reads them). Regularisation and metadata-file subsets are named, not counted."""
+    caption extension and random_crop and each dataset with its buckets and batch size (``options``: the run's, which
+    the file's values override, as sd-scripts reads them). Regularisation and metadata-file subsets are named, not
+    counted."""
     from lora_trainer.dataset.config import load_dataset_config
 
     path = Path(path)
@@ -455,7 +461,8 @@ def check_dataset_config(path: Path, settings: HealthSettings, options: object |
                 findings.append(Finding("error", "no-folder", where, f"image_dir in {path.name} is not a folder; fix the path"))
                 continue
             sources.append(_Source(subset.image_dir, subset.num_repeats, subset.class_tokens or "",
-                                   checked_caption_extension(subset.caption_extension), buckets, index))
+                                   checked_caption_extension(subset.caption_extension), buckets, index,
+                                   subset.random_crop))
     first = group.datasets[0] if group.datasets else None
     if first and first.resolution:  # the report's header shows the first dataset's settings
         settings = replace(settings, resolution=first.resolution, batch_size=first.batch_size,
@@ -503,7 +510,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
                 findings.append(Finding("warning", too_long[0], name, too_long[1]))
             hashes[name] = facts.perceptual_hash
             check = _image_check(name, folder_name, facts.size, caption, caption_source, tokens, hashes[name],
-                                 source.buckets, findings)
+                                 source.buckets, source.random_crop, settings.cache_latents, findings)
             images.append(check)
             samples_per_bucket[(source.dataset, check.bucket)] += repeats
             usable += 1
@@ -558,18 +565,21 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
 
 
 def _image_check(name: str, folder: str, size: Size, caption: str, source: str, tokens: int, image_hash: int,
-                 bucket_settings: BucketSettings, findings: list[Finding]) -> ImageCheck:
+                 bucket_settings: BucketSettings, random_crop: bool, latents_cached: bool,
+                 findings: list[Finding]) -> ImageCheck:
+    """Buckets off, as training plans it: cached latents resize any size to cover the resolution; without them
+    random_crop trains a patch of a larger image at its own size, and sd-scripts stops on the other sizes."""
     hash_text = f"{image_hash:016x}"
     try:
-        choice = select_bucket(size, bucket_settings)
+        choice = select_bucket(size, bucket_settings, random_crop and not latents_cached)
     except UserError as error:
         findings.append(Finding("error", "no-bucket", name, str(error)))
         return ImageCheck(name, folder, size, caption, source, tokens, (0, 0), size, (0, 0, *size), 0.0, 1.0, hash_text)
     crop = crop_in_image_pixels(size, choice.resized_size, choice.bucket)
     kept = (crop[2] - crop[0]) * (crop[3] - crop[1])
     scale = max(choice.resized_size[0] / size[0], choice.resized_size[1] / size[1])
-    if not bucket_settings.enable_bucket:
-        problem = fixed_resolution_problem(size, bucket_settings.resolution, random_crop=False)
+    if not bucket_settings.enable_bucket and not latents_cached:
+        problem = fixed_resolution_problem(size, bucket_settings.resolution, random_crop)
         if problem:
             findings.append(Finding("error", "wrong-size", name, problem))
     if scale >= TOO_SMALL_UPSCALE:

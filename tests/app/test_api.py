@@ -475,6 +475,12 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
     assert client.post(f"{V1}/dataset/check", json=small).json()["settings"]["min_bucket_reso"] == 64
     assert client.post(f"{V1}/dataset/check", json={**small, "resolution": 2048}).json()["settings"]["max_bucket_reso"] == 2048
     assert_error(client.post(f"{V1}/dataset/check", json={"path": str(services.settings.dataset_roots[0] / "nope")}), 400, "not_found")
+    # buckets off, the 16x16 images are larger than 16x8: an error unless the run crops them or caches latents
+    fixed = {**small, "resolution": "16,8", "enable_bucket": False}
+    assert "wrong-size" in [f["kind"] for f in client.post(f"{V1}/dataset/check", json=fixed).json()["findings"]]
+    for setting in ("random_crop", "cache_latents"):
+        checked = client.post(f"{V1}/dataset/check", json={**fixed, setting: True}).json()
+        assert "wrong-size" not in [f["kind"] for f in checked["findings"]] and checked["settings"][setting]
 
 
 def test_a_tag_session_with_file_names_that_are_not_utf8_answers_and_takes_them_back(services, make_dataset):

@@ -153,6 +153,24 @@ def test_dataset_check_shows_the_health_report(services):
     assert "10_zkstar" in text and "Samples per epoch" in text
 
 
+def test_dataset_check_without_buckets_knows_the_runs_random_crop_and_latent_caching(services, tmp_path):
+    """A larger image is an error only where training would stop on it: not with the preset's cached latents
+    (resized like a bucket), nor with random_crop (a patch at its own size)."""
+    from PIL import Image
+
+    services.settings.dataset_roots.append(tmp_path)
+    folder = tmp_path / "chars"
+    (folder / "10_zkchar").mkdir(parents=True)
+    Image.new("RGB", (96, 80), (40, 90, 160)).save(folder / "10_zkchar" / "a.png")
+    (folder / "10_zkchar" / "a.txt").write_text("zkchar", encoding="utf-8")
+    checked = form(dataset=str(folder), resolution="64")
+    assert "wrong-size" in train_tab.check_dataset_text(services, {**checked, "extra": "enable_bucket = false\ncache_latents = false"})
+    assert "wrong-size" not in train_tab.check_dataset_text(services, {**checked, "extra": "enable_bucket = false"})
+    text = train_tab.check_dataset_text(services, {**checked, "extra": "enable_bucket = false\ncache_latents = false\n"
+                                                                        "random_crop = true"})
+    assert "wrong-size" not in text and "Samples per epoch" in text
+
+
 def test_start_queues_a_second_job_and_the_live_view_follows_it(services):
     message, first = train_tab.submit(services, form())
     assert first is not None and "starting" in message

@@ -122,14 +122,16 @@ def _resolution_pair(text: Any) -> tuple[int, int]:
 
 
 def health_settings(options: dict[str, Any]) -> HealthSettings:
-    """The health check under the run's own resolution, batch size and buckets."""
+    """The health check under the run's own resolution, batch size, buckets, random_crop and latent caching."""
     checked = options_from({"pretrained_model_name_or_path": "-", "train_data_dir": "-", **options}, "Train form")
     return HealthSettings(resolution=resolution_of(checked) or (512, 512), batch_size=checked.train_batch_size,
                           enable_bucket=checked.enable_bucket, min_bucket_reso=checked.min_bucket_reso,
                           max_bucket_reso=checked.max_bucket_reso, bucket_reso_steps=checked.bucket_reso_steps,
                           bucket_no_upscale=checked.bucket_no_upscale, caption_extension=checked.caption_extension,
                           max_token_length=checked.max_token_length or 75, shuffle_caption=checked.shuffle_caption,
-                          keep_tokens=checked.keep_tokens, keep_tokens_separator=checked.keep_tokens_separator or "")
+                          keep_tokens=checked.keep_tokens, keep_tokens_separator=checked.keep_tokens_separator or "",
+                          random_crop=checked.random_crop,
+                          cache_latents=checked.cache_latents or checked.cache_latents_to_disk)
 
 
 def dataset_config_file(services: Services, dataset: str) -> Path | None:
