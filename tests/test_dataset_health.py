@@ -471,6 +471,19 @@ def test_a_second_check_of_an_unchanged_folder_opens_no_image_again(tmp_path, mo
     assert {image.path: image.size for image in second.images}["10_zk/2.png"] == (320, 256)
 
 
+def test_a_file_replaced_by_one_of_the_same_size_and_modification_time_is_read_again(tmp_path):
+    """On FAT (2-second times) or after a copy that keeps the source's time, a replaced picture kept its old size,
+    bucket and hash in the report."""
+    folder = tmp_path / "10_zk"
+    picture = caption(make_image(folder / "a.bmp", (64, 48), 1), "zk").with_suffix(".bmp")
+    assert [image.size for image in check_dataset(tmp_path).images] == [(64, 48)]
+    replacement = make_image(tmp_path / "copy" / "a.bmp", (48, 64), 2)  # BMP rows of 192 and 144 bytes: same size
+    assert replacement.stat().st_size == picture.stat().st_size
+    os.utime(replacement, ns=(picture.stat().st_atime_ns, picture.stat().st_mtime_ns))
+    os.replace(replacement, picture)
+    assert [image.size for image in check_dataset(tmp_path).images] == [(48, 64)]
+
+
 def test_the_text_of_a_large_dataset_names_the_commonest_sizes_and_a_few_files_of_each_kind(tmp_path):
     """1500 phone photos made 4957 lines (a line per size and per finding); the JSON keeps every one."""
     from dataclasses import replace

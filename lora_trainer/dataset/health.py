@@ -305,18 +305,21 @@ def read_image_facts(path: Path) -> ImageFacts:
 
 
 # The facts of unchanged files, kept for the app's next check (Validate, then Start, check the same folder): by
-# resolved path, size and modification time, so an edited or replaced file is read again. A file that could not
-# be read is never kept: a copy finished or a permission fixed shows at once.
+# resolved path, size, modification time, file id and change time, so an edited or replaced file is read again —
+# also one of the same size whose modification time was kept by the copy or rounded to FAT's 2 seconds (its file
+# id or change time differs). A file that could not be read is never kept: a copy finished or a permission fixed
+# shows at once.
 _FACTS_KEPT = 20_000  # the tag editor's 10,000 images, with as many regularisation images
-_facts_cache: OrderedDict[tuple[str, int, int], ImageFacts] = OrderedDict()
+_FileKey = tuple[str, int, int, int, int]
+_facts_cache: OrderedDict[_FileKey, ImageFacts] = OrderedDict()
 _facts_lock = threading.Lock()
 _READERS = 2  # decoding releases the GIL: two files at a time, without taking every core of the machine
 
 
-def _file_key(path: Path) -> tuple[str, int, int] | None:
+def _file_key(path: Path) -> _FileKey | None:
     try:
-        stat = path.stat()
-        return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+        stat = path.stat()  # st_ino is the NTFS file id on Windows
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
     except OSError:  # gone or a broken link: read (and reported) without a key
         return None
 
