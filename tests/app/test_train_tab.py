@@ -459,6 +459,40 @@ def test_the_checkpoint_is_read_once_for_the_fills(sdxl_services, monkeypatch):
     assert len(opened) == 1
 
 
+def test_the_page_load_fill_does_not_unpickle_a_ckpt(sdxl_services, tiny_sdxl, tmp_path, monkeypatch):
+    """Each page load of the Train tab unpickled a legacy .ckpt named in the Base checkpoint field, the whole file, in
+    the WebUI's process; it fills SD 1.5's values until a pick reads the file. A .safetensors header is still read,
+    and a Diffusers folder's parts are looked at."""
+    import torch
+    from safetensors.torch import load_file
+
+    import lora_trainer.models.checkpoint as checkpoint
+
+    legacy = tmp_path / "tiny sdxl.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_sdxl))}, legacy, _use_new_zipfile_serialization=False)
+    sdxl_services.settings.checkpoint_folders.append(tmp_path)
+    real_open = checkpoint._open_pickle
+
+    def refused(path):
+        raise AssertionError(f"{path} unpickled at page load")
+
+    monkeypatch.setattr(checkpoint, "_open_pickle", refused)
+    train_tab._is_sdxl_file.cache_clear()
+    shown = picked(sdxl_services, form(checkpoint=str(legacy)), train_tab.Filled(), train_tab.fill_at_page_load)
+    assert (shown["resolution"], shown["text_encoder_lr"]) == ("512", 5e-5)
+    shown = picked(sdxl_services, form(checkpoint="tiny-sdxl"), train_tab.Filled(), train_tab.fill_at_page_load)
+    assert shown["resolution"] == "1024"
+    diffusers = tmp_path / "xl-diffusers"  # a Diffusers SDXL folder, by its second text encoder (was SD 1.5's fill)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        (diffusers / part).mkdir(parents=True)
+        (diffusers / part / "config.json").write_text("{}", encoding="utf-8")
+    shown = picked(sdxl_services, form(checkpoint=str(diffusers)), train_tab.Filled(), train_tab.fill_at_page_load)
+    assert shown["resolution"] == "1024"
+    monkeypatch.setattr(checkpoint, "_open_pickle", real_open)  # a preset picked reads it
+    shown = picked(sdxl_services, form(checkpoint=str(legacy)), train_tab.Filled(), train_tab.fill_for_preset)
+    assert shown["resolution"] == "1024"
+
+
 def test_a_run_above_the_gpus_memory_without_a_tier_is_warned_about(services, monkeypatch):
     """"no limit" trains fp32 without gradient checkpointing: SD1.5 at batch 2 is ≈ 17 GiB, and an 8 GB card heard
     nothing before the out-of-memory error."""

@@ -85,7 +85,10 @@ def _form(values: tuple | list) -> dict[str, Any]:
 
 def _is_sdxl(path: Path) -> bool:
     """Whether the checkpoint is SDXL, told from its tensors' names once per version of the file: the form asks at
-    every preset, tier and checkpoint pick, and a .ckpt is unpickled to tell."""
+    every preset, tier and checkpoint pick, and a .ckpt is unpickled to tell. A Diffusers folder by its second text
+    encoder, as the loader tells it."""
+    if path.is_dir():
+        return (path / "text_encoder_2" / "config.json").exists()
     try:
         stat = path.stat()
     except OSError:
@@ -104,13 +107,16 @@ def _is_sdxl_file(path: str, size: int, modified_ns: int) -> bool:  # size and t
     return "xl" in config.label.lower()
 
 
-def checkpoint_is_sdxl(services: Services, value: str | None) -> bool | None:
-    """Whether the Base checkpoint field names an SDXL model; None while it names no file (a path being typed)."""
+def checkpoint_is_sdxl(services: Services, value: str | None, unpickle: bool = True) -> bool | None:
+    """Whether the Base checkpoint field names an SDXL model; None while it names no file (a path being typed), and
+    without ``unpickle`` for a .ckpt/.pt, which only unpickling the whole file tells."""
     try:
         path = checkpoint_path(services, value or "")
     except UserError:
         return None
-    return _is_sdxl(path) if path.exists() else None
+    if not path.exists() or not (unpickle or path.is_dir() or path.suffix.lower() == ".safetensors"):
+        return None
+    return _is_sdxl(path)
 
 
 def _resolution_pair(text: Any) -> tuple[int, int]:
@@ -369,10 +375,22 @@ def _base_is_sdxl(services: Services, form: dict[str, Any], filled: Filled) -> b
 
 
 def fill_for_preset(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
-    """A preset picked (or the page loaded): every field it fills, for the tier and the base checkpoint."""
+    """A preset picked: every field it fills, for the tier and the base checkpoint."""
+    return _preset_fill(services, form, filled, _base_is_sdxl(services, form, filled))
+
+
+def fill_at_page_load(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
+    """The page loaded: the preset's fill for the base checkpoint as its header tells. A .ckpt is not unpickled in the
+    WebUI's process at every page load: SD 1.5's fill (or the last answer known) stays until a preset, tier or
+    checkpoint pick reads it; Validate and Start read it in any case."""
+    sdxl = checkpoint_is_sdxl(services, form.get("checkpoint"), unpickle=False)
+    return _preset_fill(services, form, filled, filled.sdxl if sdxl is None else sdxl)
+
+
+def _preset_fill(services: Services, form: dict[str, Any], filled: Filled, sdxl: bool) -> dict[str, Any]:
     tier = form.get("tier") or presets.NO_TIER
-    filled.tier, filled.sdxl, filled.imported = tier, _base_is_sdxl(services, form, filled), frozenset()
-    return preset_values(form["preset"], tier, filled.sdxl, services.settings.extras_folder)
+    filled.tier, filled.sdxl, filled.imported = tier, sdxl, frozenset()
+    return preset_values(form["preset"], tier, sdxl, services.settings.extras_folder)
 
 
 def fill_for_tier(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
@@ -714,7 +732,7 @@ def build(services: Services) -> gr.Blocks:
         preset.change(filler(fill_for_preset), fill_inputs, preset_fields + [guidance])
         tier.change(filler(fill_for_tier), fill_inputs, preset_fields + [guidance])
         checkpoint.change(filler(fill_for_checkpoint), fill_inputs, preset_fields + [guidance])
-        tab.load(filler(fill_for_preset), fill_inputs, preset_fields + [guidance])
+        tab.load(filler(fill_at_page_load), fill_inputs, preset_fields + [guidance])
         refresh.click(lambda: gr.update(choices=checkpoint_choices(services)), None, checkpoint)
         check.click(lambda *v: check_dataset_text(services, _form(v)), form, report)
         validate_button.click(lambda *v: validation_text(services, _form(v)), form, message)
