@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -138,36 +139,57 @@ def read_image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Size:
         return _upright_size(image)
 
 
+class _Decoded(NamedTuple):
+    image: Image.Image  # as stored: not yet turned upright
+    size: Size  # upright, at full size (a JPEG's pixels may be decoded smaller)
+    orientation: int
+
+
+@contextmanager
+def _decoded(path: Path, max_pixels: int, at_least: Size | None = None) -> Iterator[_Decoded]:
+    """The file opened and every pixel of its first frame decoded — a JPEG at a fraction of its size down to
+    ``at_least`` (other formats ignore it) — with the picture's upright size and EXIF orientation, read before the
+    decoding shrinks it. A damaged file is an ``ImageError`` naming it; the image is closed on leaving."""
+    with _open(path, max_pixels) as image:
+        size, orientation = _upright_size(image), exif_orientation(image)
+        if at_least:
+            image.draft(None, at_least)
+        _decode(image, path)
+        yield _Decoded(image, size, orientation)
+
+
+def _turned_upright(image: Image.Image, orientation: int) -> Image.Image:
+    return image.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else image
+
+
+@contextmanager
+def _conversion_problems(path: Path) -> Iterator[None]:
+    """A mode Pillow cannot convert (LAB, say) is as unreadable as a damaged file: an ``ImageError`` naming it."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise _undecodable(path, error) from None
+
+
 def checked_image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Size:
     """``read_image_size`` once every pixel has been decoded (the first frame of an animation): a file damaged
     after a good header (truncated, corrupt data) is an ``ImageError`` here, like a file Pillow cannot open, so it
     can be left out of a dataset before training, not found when ``load_image`` reads it part-way through a run."""
-    path = Path(path)
-    with _open(path, max_pixels) as image:
-        size = _upright_size(image)
-        _decode(image, path)
-        return size
+    with _decoded(Path(path), max_pixels) as decoded:
+        return decoded.size
 
 
 def checked_size_and_thumbnail(path: Path, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Size, Image.Image]:
     """``checked_image_size`` and a grey ``side``×``side`` thumbnail of the picture upright (over white where
     transparent, as ``load_image`` reads it). Every pixel is still decoded, so damage is found, but a JPEG at down to
-    an eighth of its size."""
+    an eighth of its size (still 4 source pixels a thumbnail pixel)."""
     path = Path(path)
-    with _open(path, max_pixels) as image:
-        size = _upright_size(image)
-        orientation = exif_orientation(image)
-        # JPEG only (other formats ignore it): decoded at 1/2, 1/4 or 1/8 scale, still 4 source pixels a thumbnail pixel
-        image.draft(None, (side * 4, side * 4))
-        _decode(image, path)
-        try:
-            small = to_rgb(image).convert("L").resize((side, side), Image.Resampling.BOX)
-        except MemoryError:
-            raise
-        except Exception as error:  # a mode Pillow cannot convert (LAB, say): as unreadable as a damaged file
-            raise _undecodable(path, error) from None
+    with _decoded(path, max_pixels, (side * 4, side * 4)) as decoded, _conversion_problems(path):
+        small = to_rgb(decoded.image).convert("L").resize((side, side), Image.Resampling.BOX)
         # a square turned or mirrored is the turned square of the picture: turned here, at 32 pixels
-        return size, small.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else small
+        return decoded.size, _turned_upright(small, decoded.orientation)
 
 
 def _decode(image: Image.Image, path: Path) -> None:
@@ -233,20 +255,11 @@ def load_image_and_alpha(path: Path, background: Colour = WHITE, max_pixels: int
     """``load_image`` and the picture's transparency as an 8-bit "L" image (None when it has none): one decode
     serves training with ``alpha_mask``, which masks the loss where the picture is transparent."""
     path = Path(path)
-    with _open(path, max_pixels) as image:
-        orientation = exif_orientation(image)
-        if at_least:
-            image.draft(None, at_least)
-        _decode(image, path)
-        try:
-            upright = image.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else image
-            has_alpha = (upright.mode == "P" and "transparency" in upright.info) or upright.mode in _ALPHA_MODES
-            alpha = upright.convert("RGBA").getchannel("A") if has_alpha else None
-            return to_rgb(upright, background).copy(), alpha
-        except MemoryError:
-            raise
-        except Exception as error:  # a mode Pillow cannot convert (LAB, say): as unreadable as a damaged file
-            raise _undecodable(path, error) from None
+    with _decoded(path, max_pixels, at_least) as decoded, _conversion_problems(path):
+        upright = _turned_upright(decoded.image, decoded.orientation)
+        has_alpha = (upright.mode == "P" and "transparency" in upright.info) or upright.mode in _ALPHA_MODES
+        alpha = upright.convert("RGBA").getchannel("A") if has_alpha else None
+        return to_rgb(upright, background).copy(), alpha
 
 
 @dataclass(frozen=True)
