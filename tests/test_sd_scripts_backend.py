@@ -299,6 +299,30 @@ def test_the_sd_scripts_command_is_told_the_version_and_prediction_this_trainer_
     assert "--output_dir output --network_module networks.lora" in printed(TINY_MODEL_PATH)  # required there
 
 
+def test_the_sd_scripts_command_is_told_the_schedule_of_a_ztsnr_marked_v_prediction_file(tiny_sdxl, tmp_path, capsys):
+    """A v-prediction file with the ztsnr marker trains here on the zero-terminal-SNR schedule; sd-scripts, not told,
+    trained it on the file's ordinary schedule. An epsilon file's marker changes nothing, as the loader reads it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_trainer.safe_io import save_safetensors
+
+    state = load_file(str(tiny_sdxl))
+
+    def printed(model: Path, *more: str) -> str:
+        assert train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", "d",
+                           "--print-kohya-command", *more]) == 0
+        return capsys.readouterr().out
+
+    v_marked = save_safetensors({**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, tmp_path / "v.safetensors")
+    command = printed(v_marked)
+    assert " --v_parameterization" in command and " --zero_terminal_snr" in command
+    eps_marked = save_safetensors({**state, "ztsnr": torch.tensor([])}, tmp_path / "eps.safetensors")
+    assert "--zero_terminal_snr" not in printed(eps_marked)
+    command = printed(eps_marked, "--v_parameterization")  # v by the flag, as the loader takes it
+    assert " --v_parameterization" in command and " --zero_terminal_snr" in command
+
+
 @pytest.mark.parametrize("venv", ["venv/Scripts/python.exe", "venv/bin/python", ".venv/Scripts/python.exe",
                                   ".venv/bin/python"])
 def test_the_checkout_runs_in_its_own_venv_as_its_installers_make_it(tmp_path, venv):

@@ -97,7 +97,9 @@ def for_sd_scripts(options: TrainOptions, unreadable: str = "train_network.py") 
     """The script for the checkpoint's version (``unreadable`` where the file cannot be read), and the options with
     what sd-scripts must be told and this trainer detects: ``--v2`` for an SD2 file, ``--v_parameterization`` where
     the file declares v-prediction (a wrong or missing flag fails sd-scripts' strict load, or trains the wrong
-    target), and what it requires and this trainer defaults (``with_sd_scripts_requirements``)."""
+    target), ``--zero_terminal_snr`` for a v-prediction file with the ztsnr marker (trained here on that schedule,
+    as the loader reads the marker), and what it requires and this trainer defaults
+    (``with_sd_scripts_requirements``)."""
     from ..models.checkpoint import declared_prediction_type, detect_architecture, open_tensors
 
     options = with_sd_scripts_requirements(options)
@@ -112,6 +114,9 @@ def for_sd_scripts(options: TrainOptions, unreadable: str = "train_network.py") 
         told["v2"] = True
     if declared_prediction_type(source, path) == "v_prediction" and not options.v_parameterization:
         told["v_parameterization"] = True
+    v_prediction = options.v_parameterization or told.get("v_parameterization", False)
+    if "ztsnr" in source.shapes and v_prediction and not options.zero_terminal_snr:
+        told["zero_terminal_snr"] = True
     return ("sdxl_train_network.py" if config.name == "sdxl" else "train_network.py"), dataclasses.replace(options, **told)
 
 
