@@ -21,6 +21,13 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _reference_folder() -> Path:
+    """The ecosystem's reference facts: $LORA_TRAINER_REFERENCE, else the workspace's ../shared/reference."""
+    import os
+
+    return Path(os.environ.get("LORA_TRAINER_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")
+
+
 def _default_model() -> Path:
     from .tiny_model.build import TINY_MODEL_PATH
 
@@ -168,8 +175,9 @@ def parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("area", choices=["load", "generate", "networks", "train", "tags", "prep", "ui", "api", "grid", "tags-ui"])
     bench_parser.add_argument("--work-dir", type=Path, help="where to write the random full-size checkpoints")
     bench_parser.add_argument("--models", default="sd15,sdxl")
-    bench_parser.add_argument("--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-fixtures",
-                              help="sd-scripts' fixture folder (train)")
+    bench_parser.add_argument("--fixtures", type=Path, default=_reference_folder() / "kohya-fixtures",
+                              help="sd-scripts' fixture folder (train; default: kohya-fixtures in $LORA_TRAINER_REFERENCE, "
+                                   "else in the workspace's ../shared/reference)")
     bench_parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "bf16"], help="weights dtype (networks)")
     bench_parser.add_argument("--size", default="reference", choices=["reference", "small", "sd15", "sdxl"],
                               help="train: sd-scripts' reference run on the tiny fixture, or random weights of a small "

@@ -124,3 +124,17 @@ def test_a_size_bench_trains_through_the_real_command_and_reports_speed_memory_a
     assert "64 px, batch 1, LoRA rank 2" in report and "UNet only with cached text-encoder outputs" in report
     assert ", --min_snr_gamma=5)" in report  # what was measured is named with its figures
     assert "images/s" in report and "peak RSS" in report and "TFLOP per step" in report and "MFU needs --peak-tflops" in report
+
+
+def test_bench_train_reads_lora_trainer_reference_and_says_how_to_give_the_fixtures(tmp_path, monkeypatch):
+    """Outside the workspace it looked in a folder beside the install ("…/shared/reference/…: no such file") and
+    ignored LORA_TRAINER_REFERENCE, which the README names."""
+    from lora_trainer.cli import parser
+    from lora_trainer.errors import UserError
+    from lora_trainer.training.bench import run
+
+    monkeypatch.setenv("LORA_TRAINER_REFERENCE", str(tmp_path / "reference"))
+    args = parser().parse_args(["bench", "train"])
+    assert args.fixtures == tmp_path / "reference" / "kohya-fixtures"
+    with pytest.raises(UserError, match="give their folder with --fixtures .* or set LORA_TRAINER_REFERENCE"):
+        run(args.fixtures)

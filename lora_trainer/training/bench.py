@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .. import process_memory
+from ..errors import UserError
 from ..models.configs import SD1, SDXL, ModelConfig
 from .events import read_events
 from .sd_scripts_backend import python_of
@@ -158,6 +159,9 @@ def _line(name: str, figures: RunFigures) -> str:
 def run(fixtures: Path, checkout: Path | None = None, rounds: int = 1, extra: Sequence[str] = ()) -> None:
     """Our reference run ``rounds`` times; with an sd-scripts checkout, its run alternately with ours (the same
     host's load for both), and our figures scaled to the reference machine by the ratios."""
+    if not (fixtures / "model" / "tiny-sd15.safetensors").is_file():
+        raise UserError(f"bench train: sd-scripts' fixtures are not in {fixtures}; give their folder with --fixtures "
+                        "(kohya-fixtures in the reference facts) or set LORA_TRAINER_REFERENCE to the reference folder")
     pairs = []
     for _ in range(rounds):
         theirs = sd_scripts(checkout, fixtures, extra) if checkout else None

@@ -89,7 +89,7 @@ def recommend_epoch(train_losses: list[float], validation_losses: list[float | N
                               "epochs stop paying off (check the grid around it; training loss alone cannot show "
                               "overfitting)")
     if len(values) < 3:
-        why = f"{len(values)} epoch{'s' if len(values) > 1 else ''} are too few to find where training stops paying off"
+        why = (f"{len(values)} epochs are" if len(values) > 1 else "1 epoch is") + " too few to find where training stops paying off"
     elif values[-1] >= values[0]:
         why = "the training loss did not fall over the run (a learning rate too low, or too few steps?)"
     else:
