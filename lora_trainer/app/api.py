@@ -1073,12 +1073,17 @@ def auth_dependency(settings: AppSettings, listening_remotely: bool) -> Callable
     return check
 
 
-def register(app: FastAPI, services: Services, listening_remotely: bool) -> None:
-    """Add every route to ``app`` behind the auth dependency; say at startup when the API refuses remote use."""
+def register(app: FastAPI, services: Services, listening_remotely: bool, own_pages: bool = False) -> None:
+    """Add every route to ``app`` behind the auth dependency; with ``own_pages`` (the standalone app, whose pages are
+    ours, not the WebUI's) guard the pages with the same credentials on the network. Say at startup what refuses
+    remote use."""
     settings = services.settings
+    guards_pages = listening_remotely and own_pages
     if listening_remotely and not settings.api_credentials and not settings.allow_unauthenticated_remote:
-        log.warning("LoRA Trainer: the API at %s answers 403: the server listens on the network without --api-auth. "
-                    "Set --api-auth user:password, or allow unauthenticated remote access %s.",
-                    PREFIX, ALLOW_REMOTE)
+        refused = f"the pages and the API ({PREFIX}) answer" if guards_pages else f"the API at {PREFIX} answers"
+        log.warning("LoRA Trainer: %s 403: the server listens on the network without --api-auth. "
+                    "Set --api-auth user:password, or allow unauthenticated remote access %s.", refused, ALLOW_REMOTE)
     app.include_router(create_router(services), dependencies=[Depends(auth_dependency(settings, listening_remotely))])
+    if guards_pages:  # the tabs read and write files as the API does: the same credentials
+        app.add_middleware(RemotePageGuard, settings=settings)
     resume_webhooks(services)

@@ -63,13 +63,11 @@ def create_app(services: Services, listening_remotely: bool):
     import gradio as gr
     from fastapi import FastAPI
 
-    from .api import RemotePageGuard, register
+    from .api import register
     from .ui import build_tabs
 
     app = FastAPI(title="LoRA Trainer")
-    register(app, services, listening_remotely)
-    if listening_remotely:  # the tabs read and write files as the API does: the same credentials
-        app.add_middleware(RemotePageGuard, settings=services.settings)
+    register(app, services, listening_remotely, own_pages=True)
     tabs = build_tabs(services)  # built outside the page: a Blocks created inside another would render twice
     with gr.Blocks(title="LoRA Trainer", analytics_enabled=False, css=_stylesheet()) as page:
         for blocks, title, elem_id in tabs:

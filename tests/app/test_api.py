@@ -423,6 +423,18 @@ def test_the_standalone_pages_on_the_network_ask_for_the_same_credentials(servic
     assert TestClient(create_app(services, listening_remotely=False)).get("/").status_code == 200
 
 
+def test_the_startup_warning_names_what_answers_403_on_the_network_without_credentials(services, caplog):
+    """The standalone app refuses its pages too (the WebUI's pages are the WebUI's): the warning named the API only,
+    and the user looked for the cause of a 403 page elsewhere."""
+    from lora_trainer.app.standalone import create_app
+
+    create_app(services, listening_remotely=True)
+    assert "the pages and the API (/lora-trainer/v1) answer 403" in caplog.text
+    caplog.clear()
+    make_client(services, listening_remotely=True)  # the WebUI's registration
+    assert "the API at /lora-trainer/v1 answers 403" in caplog.text and "pages" not in caplog.text
+
+
 def test_remote_without_credentials_is_refused_unless_allowed(services):
     client = make_client(services, listening_remotely=True)
     error = assert_error(client.get(f"{V1}/loras"), 403, "auth_required")
