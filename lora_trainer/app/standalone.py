@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # the CLI imports this module; torch and gradio load only whe
 
 log = logging.getLogger("lora_trainer.ui")
 
+# relative: started from another folder the app has another (empty) job list and Lora folder, so help and the
+# startup line name the folder it resolved to
+DEFAULT_DATA = Path("lora-trainer-data")
+
 
 def add_ui_command(commands) -> None:
     ui = commands.add_parser("ui", help="the Train / Tag editor / Grid tabs in a browser, without the WebUI")
@@ -26,7 +30,9 @@ def add_ui_command(commands) -> None:
     ui.add_argument("--listen", action="store_true",
                     help="listen on every interface (0.0.0.0); the API and the pages then need --api-auth")
     ui.add_argument("--port", type=int, default=7870)
-    ui.add_argument("--data", type=Path, default=Path("lora-trainer-data"), help="job database, job folders, grids")
+    ui.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help=f"job database, job folders, grids (default: {DEFAULT_DATA} in the current folder"
+                         f"{_resolved_for_help(DEFAULT_DATA)})")
     ui.add_argument("--lora-dir", type=Path, help="where finished LoRAs go (default: <data>/Lora)")
     ui.add_argument("--dataset-root", type=Path, action="append", default=[],
                     help="a folder datasets may be read from (repeatable; the bundled sample always is, and the current "
@@ -35,6 +41,13 @@ def add_ui_command(commands) -> None:
     ui.add_argument("--api-auth", help="user:password[,user2:password2] for the HTTP API (and the pages, with --listen)")
     ui.add_argument("--allow-unauthenticated", action="store_true", help="serve the API to the network without credentials")
     ui.set_defaults(run=run)
+
+
+def _resolved_for_help(relative: Path) -> str:
+    try:
+        return ", now " + str(relative.resolve()).replace("%", "%%")  # argparse formats help with %
+    except OSError:  # the current folder was deleted: every command builds this help, and the others still work
+        return ""
 
 
 def listens_remotely(args: argparse.Namespace) -> bool:
@@ -86,6 +99,12 @@ def _stylesheet() -> str:
     return ""
 
 
+def startup_line(address: str, port: int, settings: AppSettings) -> str:
+    """The address, and where the jobs and LoRAs are: started from another folder, the app finds none of them."""
+    return (f"LoRA Trainer: http://{address}:{port}/ (jobs in {settings.data_folder}, "
+            f"LoRAs in {settings.lora_folder})")
+
+
 def run(args: argparse.Namespace) -> None:
     import importlib.util
 
@@ -106,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
     address = "0.0.0.0" if args.listen else args.host
     try:
         app = create_app(services, listening_remotely=listens_remotely(args))
-        log.info("LoRA Trainer: http://%s:%d/", address, args.port)
+        log.info("%s", startup_line(address, args.port, settings))
         # open event streams and the page's websocket would hold a graceful shutdown forever
         uvicorn.run(app, host=address, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
