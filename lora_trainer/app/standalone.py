@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..jobs.store import Job, trainer_alive
 from .settings import AppSettings, parse_api_auth
 
 if TYPE_CHECKING:  # the CLI imports this module; torch and gradio load only when the app starts
@@ -105,6 +108,18 @@ def startup_line(address: str, port: int, settings: AppSettings) -> str:
             f"LoRAs in {settings.lora_folder})")
 
 
+def still_training(jobs: Iterable[Job], data_folder: Path) -> list[str]:
+    """A line for each trainer that outlives the app: it runs in its own session (jobs.runner.own_group) so that a
+    restart follows it, and an app that exits without a word looks as if it had stopped it."""
+    return [f"job {job.id} ({job.name}) is still training in the background (pid {job.pid}); start the app again "
+            f"(same data folder: {data_folder}) to follow or stop it"
+            for job in jobs if job.status == "running" and trainer_alive(job)]
+
+
+def _exit_on_terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> None:
     import importlib.util
 
@@ -123,6 +138,9 @@ def run(args: argparse.Namespace) -> None:
     host = StandaloneHost(settings.checkpoint_folders, [settings.lora_folder])
     services = Services.create(settings, host)
     address = "0.0.0.0" if args.listen else args.host
+    # uvicorn raises a SIGTERM again once it has shut down: the default handler then ended the process before the
+    # finally below (the runner's hand-over, the lines on trainers still running); a SystemExit runs it
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
     try:
         app = create_app(services, listening_remotely=listens_remotely(args))
         log.info("%s", startup_line(address, args.port, settings))
@@ -130,3 +148,5 @@ def run(args: argparse.Namespace) -> None:
         uvicorn.run(app, host=address, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
         services.close()
+        for line in still_training(services.store.all(), settings.data_folder):
+            log.warning("%s", line)

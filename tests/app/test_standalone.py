@@ -1,12 +1,46 @@
-"""The standalone app's shell (``python -m lora_trainer ui``): what it says at startup and in ``--help``."""
+"""The standalone app's shell (``python -m lora_trainer ui``): what it says at startup, in ``--help`` and when it
+closes while a trainer runs on."""
 
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from lora_trainer.app.settings import AppSettings
-from lora_trainer.app.standalone import startup_line
+from lora_trainer.app.standalone import startup_line, still_training
 from lora_trainer.cli import main
+from lora_trainer.jobs.store import JobStore, process_start_time
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mark_running(store: JobStore, name: str, pid: int):
+    """A job whose trainer is process ``pid``, as the runner records one it started."""
+    job = store.add(name, {})
+    return store.update(job.id, status="running", pid=pid, started=process_start_time(pid) or time.time())
+
+
+def test_closing_the_app_names_each_trainer_that_trains_on_and_how_to_follow_it(services):
+    """The trainer runs in its own session so that a restarted app follows it; the app exited without a word and
+    the user took training for stopped."""
+    store = services.store
+    running = mark_running(store, "mychar", os.getpid())
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    mark_running(store, "crashed", ended.pid)  # its trainer is gone: recover() marks it at the next start
+    store.update(store.add("done", {}).id, status="finished")
+
+    data = services.settings.data_folder
+    assert still_training(store.all(), data) == [
+        f"job {running.id} (mychar) is still training in the background (pid {os.getpid()}); start the app again "
+        f"(same data folder: {data}) to follow or stop it"]
 
 
 def test_ui_help_and_the_startup_line_name_the_data_folder_the_app_uses(tmp_path, monkeypatch, capsys):
@@ -22,3 +56,34 @@ def test_ui_help_and_the_startup_line_name_the_data_folder_the_app_uses(tmp_path
                            dataset_roots=[], checkpoint_folders=[])
     assert startup_line("127.0.0.1", 7870, settings) == (
         f"LoRA Trainer: http://127.0.0.1:7870/ (jobs in {tmp_path / 'lora-trainer-data'}, LoRAs in {tmp_path / 'loras'})")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is TerminateProcess on Windows: nothing runs after it")
+def test_a_terminated_app_says_which_trainers_train_on(tmp_path):
+    """SIGTERM (a service manager, ``kill``): uvicorn raises it again once it has shut down, which ended the process
+    before the app could say anything."""
+    data = tmp_path / "data"
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        paths = AppSettings(lora_folder=data / "Lora", data_folder=data, dataset_roots=[], checkpoint_folders=[])
+        job = mark_running(JobStore(paths.jobs_database, paths.jobs_folder), "mychar", trainer.pid)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        app = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--data", str(data)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"})
+        try:
+            first = app.stdout.readline()  # the startup line, once the app is built
+            app.send_signal(signal.SIGTERM)
+            rest, _ = app.communicate(timeout=60)
+        finally:
+            if app.poll() is None:
+                app.kill()
+        assert f"http://127.0.0.1:{port}/ (jobs in {data}" in first
+        assert f"job {job.id} (mychar) is still training in the background (pid {trainer.pid})" in rest
+        assert app.returncode == 128 + signal.SIGTERM
+        assert trainer.poll() is None  # the design: a restart follows it
+    finally:
+        trainer.kill()
+        trainer.wait()
