@@ -553,7 +553,7 @@ def create_router(services: Services) -> APIRouter:
         name, options, webhook = job_request(body, settings, notes, services.host.checkpoints())
         if note := earlier_files_note(options, services.runner.replaced_folder):
             notes.append(note)
-        job = services.runner.submit(name, options)
+        job = services.runner.submit(name, options, notes)
         if webhook:
             (job.folder / WEBHOOK_FILE).write_text(webhook, encoding="utf-8")
             watch_for_webhook(services, job.id, webhook)

@@ -211,10 +211,11 @@ class JobRunner:
         """Where an earlier run's files go when a new job of its name starts: beside the job folders, not in one."""
         return self.store.jobs_folder.parent / "replaced"
 
-    def check(self, name: str, options: dict) -> None:
+    def check(self, name: str, options: dict) -> list[str]:
         """What ``submit`` refuses, without queueing (the Train tab's Validate asks the same): the options, the dataset's
         layout and resolution, the device, the checkpoint's kind and the optimizer's package, so a job that would fail as it starts is refused
-        before it exists (no id or folder used up, nothing the queue could start half-made)."""
+        before it exists (no id or folder used up, nothing the queue could start half-made). Returns what the run would
+        warn of as it starts (``check_before_queueing``)."""
         if not name or "/" in name or "\\" in name or ".." in name:
             raise UserError(f"job name {name!r}: use a plain name without / or ..")
         # torch: imported when a job is checked, not with the tabs
@@ -232,11 +233,14 @@ class JobRunner:
                 raise UserError(str(error), "backend") from None
         else:  # sd-scripts imports its optimizers from its own environment
             check_optimizer_installed(checked.optimizer, self.extras_folder)
-        check_before_queueing(checked, dataset_group(checked))
+        return check_before_queueing(checked, dataset_group(checked))
 
-    def submit(self, name: str, options: dict) -> Job:
-        """Validate now (a clear message before anything is queued), then queue."""
-        self.check(name, options)
+    def submit(self, name: str, options: dict, warnings: list[str] | None = None) -> Job:
+        """Validate now (a clear message before anything is queued), then queue; what the run would warn of as it
+        starts goes into ``warnings``."""
+        notes = self.check(name, options)
+        if warnings is not None:
+            warnings += notes
         job = self.store.add(name, options)
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),

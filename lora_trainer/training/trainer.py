@@ -27,7 +27,7 @@ from ..compat import DYNAMO_TRACES_SLOWLY, native_bf16, SCALES_LOSS_ON_CPU, Grad
 from ..console import progress_bar
 from ..dataset.config import DatasetGroupConfig
 from ..dataset.images import ImageError
-from ..dataset.layouts import dataset_images
+from ..dataset.layouts import caption_fallback_notes, dataset_images
 from ..errors import UserError
 from ..models.attention import set_attention_backend, xformers_installed, xformers_problem
 from ..models.checkpoint import declared_prediction, detect_architecture, load_checkpoint, open_tensors
@@ -85,12 +85,13 @@ def pick_device(name: str, world: World = World()) -> torch.device:
     return device
 
 
-def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> None:
+def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> list[str]:
     """What the trainer would refuse as it starts, found from headers and caption files alone, so that the job queue
     refuses it at once instead of hours later behind another job: a GPU this machine lacks, a file that is not an SD
     checkpoint (a LoRA, a VAE), --v2 on an SD1 file, a bucket step that model does not take, captions that vary under
     --cache_text_encoder_outputs, caption files it cannot read (not UTF-8, empty). ``group``: the job's datasets
-    (``dataset_group``), read once by the caller."""
+    (``dataset_group``), read once by the caller. Returns what the run would warn of as it starts that the user may
+    want to fix first (images without a caption file, when captions lie under another extension)."""
     try:
         pick_device(options.device)
     except UserError as error:
@@ -112,12 +113,15 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> N
     require_tensorboard(options.logging_dir)
     if options.cache_text_encoder_outputs:  # refused as the trainer starts, after the model has loaded
         check_captions_cacheable(subset.caption_options for dataset in group.datasets for subset in dataset.subsets)
+    notes = []
     for dataset in group.datasets:
         try:
-            dataset_images(dataset)
+            images = dataset_images(dataset)
         except UserError as error:
             field = next(name for name in ("dataset_config", "in_json", "train_data_dir") if getattr(options, name))
             raise UserError(str(error), field) from None
+        for subset in images.subsets:  # what the run would warn of as it starts, said as the job is submitted
+            notes += caption_fallback_notes(subset.subset, subset.images, options.dataset_config)
     vae = Path(options.vae) if options.vae else None
     if vae is not None and vae.suffix.lower() == ".safetensors":
         try:
@@ -127,6 +131,7 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> N
         if vae_layout(keys) is None:
             raise UserError(f"--vae {vae}: not a VAE ({len(keys)} tensors such as {sorted(keys)[0] if keys else 'none'}); "
                             "give a VAE file (such as sdxl_vae.safetensors) or leave --vae out", "vae")
+    return notes
 
 
 def check_precision(options: TrainOptions, device: torch.device) -> None:

@@ -784,3 +784,15 @@ def test_a_job_named_as_an_earlier_run_in_the_lora_folder_is_told_its_files_will
     assert answer.status_code == 201, answer.text
     assert any("already holds a run named 'zkchar' (zkchar.safetensors): when this job starts they are moved into "
                f"{app_settings.data_folder / 'replaced'}, not overwritten" in warning for warning in answer.json()["warnings"])
+
+
+def test_a_job_whose_captions_lie_under_another_extension_is_told_so_when_submitted(client, job_body):
+    """Without caption_extension the captions are read from .caption files, as sd-scripts reads them; a dataset
+    captioned in .txt then trained every image on its class token alone, said only as an event once it ran."""
+    answer = client.post(f"{V1}/jobs", json=job_body)
+    assert answer.status_code == 201, answer.text
+    assert any("have no .caption caption and train with" in warning and "add --caption_extension .txt" in warning
+               for warning in answer.json().get("warnings", [])), answer.json()
+    fixed = client.post(f"{V1}/jobs", json={**job_body, "name": "txt",
+                                            "options": {**job_body["options"], "caption_extension": ".txt"}})
+    assert "warnings" not in fixed.json()
