@@ -104,16 +104,15 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> l
         except UserError as error:
             raise UserError(str(error), "pretrained_model_name_or_path") from None
         _check_model_matches_options(config, options)
-        declared = None if options.v_parameterization else declared_prediction(source, path)
-        notes = [] if declared is None else [f"prediction type {declared[0]} ({declared[1]})"]
-        prediction = "v_prediction" if options.v_parameterization else declared and declared[0]
+        prediction, how = ("v_prediction", None) if options.v_parameterization else (
+            declared_prediction(source, path) or (None, None))
         # an SD2 file that declares nothing is told apart by a test forward as it loads: checked then
-        _check_prediction_matches_options(prediction or (None if config.name.startswith("sd2") else "epsilon"), options, notes)
+        _check_prediction_matches_options(prediction or (None if config.name.startswith("sd2") else "epsilon"), options, how)
         check_bucket_steps(group, config)
     require_tensorboard(options.logging_dir)
     if options.cache_text_encoder_outputs:  # refused as the trainer starts, after the model has loaded
         check_captions_cacheable(subset.caption_options for dataset in group.datasets for subset in dataset.subsets)
-    notes = []
+    to_fix_first = []
     for dataset in group.datasets:
         try:
             images = dataset_images(dataset)
@@ -121,7 +120,7 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> l
             field = next(name for name in ("dataset_config", "in_json", "train_data_dir") if getattr(options, name))
             raise UserError(str(error), field) from None
         for subset in images.subsets:  # what the run would warn of as it starts, said as the job is submitted
-            notes += caption_fallback_notes(subset.subset, subset.images, options.dataset_config)
+            to_fix_first += caption_fallback_notes(subset.subset, subset.images, options.dataset_config)
     vae = Path(options.vae) if options.vae else None
     if vae is not None and vae.suffix.lower() == ".safetensors":
         try:
@@ -131,7 +130,7 @@ def check_before_queueing(options: TrainOptions, group: DatasetGroupConfig) -> l
         if vae_layout(keys) is None:
             raise UserError(f"--vae {vae}: not a VAE ({len(keys)} tensors such as {sorted(keys)[0] if keys else 'none'}); "
                             "give a VAE file (such as sdxl_vae.safetensors) or leave --vae out", "vae")
-    return notes
+    return to_fix_first
 
 
 def check_precision(options: TrainOptions, device: torch.device) -> None:
@@ -994,7 +993,7 @@ def _prepared_model(options: TrainOptions, device: torch.device, weight_dtype: t
                                                                                      zero_terminal_snr=True))
     config = model.config
     _check_model_matches_options(config, options)
-    _check_prediction_matches_options(config.prediction_type, options, model.notes)
+    _check_prediction_matches_options(config.prediction_type, options, _how_prediction_was_decided(model.notes))
     if (options.clip_skip or 1) > 1 and not config.takes_clip_skip:
         warnings.append(f"--clip_skip {options.clip_skip} on an {config.label} model: sd-scripts and the WebUI leave "
                         f"{config.label}'s text-encoder layers as they are, and so does this run")
@@ -1208,22 +1207,27 @@ def _check_model_matches_options(config, options: TrainOptions) -> None:
                         "or pick an SD2 checkpoint", "v2")
 
 
-def _check_prediction_matches_options(prediction_type: str | None, options: TrainOptions, notes: list[str]) -> None:
+def _check_prediction_matches_options(prediction_type: str | None, options: TrainOptions, how: str | None) -> None:
     """The loss options against the prediction type the run trains (a v_pred marker makes a file v-prediction without
     --v_parameterization); None: not known before loading (an SD2 file that declares nothing), checked once loaded.
-    ``notes``: the loader's, which say what decided it."""
+    ``how``: what of the file decided it (``declared_prediction``'s words), None where nothing did."""
     if prediction_type is None:
         return
-    said = next((note for note in notes if note.startswith("prediction type") and "(" in note), None)
     name = Path(options.pretrained_model_name_or_path).name
     if options.v_parameterization:
         decided_by = "--v_parameterization"
-    elif said is not None:
-        decided_by = f"{name}: {said[said.index('(') + 1:].rstrip(')')}"
+    elif how is not None:
+        decided_by = f"{name}: {how}"
     else:
         decided_by = f"no --v_parameterization, and {name} declares no v-prediction"
     if problems := prediction_problems(options, prediction_type, decided_by):
         raise UserError("; ".join(problems), "v_parameterization")
+
+
+def _how_prediction_was_decided(notes: list[str]) -> str | None:
+    """The loader's words for what decided the prediction type ("prediction type v_prediction (from x.yaml)")."""
+    said = next((note for note in notes if note.startswith("prediction type") and "(" in note), None)
+    return None if said is None else said[said.index("(") + 1:].rstrip(")")
 
 
 def _merge_base_weights(model, options: TrainOptions) -> list[str]:

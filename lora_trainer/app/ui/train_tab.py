@@ -441,10 +441,10 @@ def tier_values(preset: str, tier: str, extras_folder: Path | None = None, sdxl:
         values["text_encoder_lr"] = 0
     if package := missing_package(values["optimizer"], extras_folder):
         install = "with Install extras (under Advanced)" if extras_folder is not None else f"(pip install {package})"
-        sd1, sdxl = (_adamw_extra_gib(preset, tier, values["optimizer"], sdxl) for sdxl in (False, True))
+        on_sd1, on_sdxl = (_adamw_extra_gib(preset, tier, values["optimizer"], base) for base in (False, True))
         values["guidance"] = (f"{presets.PRESETS[preset].guidance} The {tier} tier's {values['optimizer']} needs "
                               f"{package}, which is not installed: the optimizer is AdamW, whose moments take ≈ "
-                              f"{sd1:.2f} GiB more on SD 1.5 (≈ {sdxl:.1f} GiB on SDXL). Install {package} {install} "
+                              f"{on_sd1:.2f} GiB more on SD 1.5 (≈ {on_sdxl:.1f} GiB on SDXL). Install {package} {install} "
                               f"to choose {values['optimizer']} again.")
         values["optimizer"] = "AdamW"
     return values
