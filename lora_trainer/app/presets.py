@@ -71,7 +71,9 @@ PRESETS: dict[str, Preset] = {
 
 # The switches that make a run fit the card: memory first (checkpointing, 8-bit optimizer, mixed precision, cached
 # latents, batch size), then what to give up (SDXL's text encoders and 1024 resolution). SD1 keeps its text encoder
-# on 6 GB: it costs ≈ 0.1 GiB there.
+# on 6 GB: it costs ≈ 0.1 GiB there. Each tier leaves a tenth of its card free: the estimate (``vram_gib``) of every
+# preset on it, SD1 and SDXL, is at most 0.9 × the card, as a desktop and other programs take about that much (a
+# 6 GB card under Windows has ≈ 5.3–5.6 GiB free).
 VRAM_TIERS: dict[str, dict[str, Any]] = {
     "6 GB": {"gradient_checkpointing": True, "mixed_precision": "fp16", "cache_latents": True, "optimizer_type": "AdamW8bit",
              "train_batch_size": 1, "sdpa": True},
@@ -84,18 +86,25 @@ VRAM_TIERS: dict[str, dict[str, Any]] = {
 }
 NO_TIER = "no limit"
 # SDXL at the same card: its native resolution; below 16 GB the UNet only, its weights in fp8 and the captions encoded
-# once (the text encoders then leave the GPU), which needs captions that do not vary between steps; on 6 GB 768 px
-# and a rank of at most 16 (the LoRA's weights, gradients and moments at rank 32 are 0.8 GiB).
+# once (the text encoders then leave the GPU), which needs captions that do not vary between steps; on 6 GB 640 px
+# and a rank of at most 4 (at 768 px even rank 4 is 5.7 GiB estimated, rank 8 at 640 px 5.5); on 16 GB the 8-bit
+# optimizer (rank 32 under AdamW is 14.5 GiB estimated).
 _UNET_ONLY_IN_FP8 = {"network_train_unet_only": True, "fp8_base": True, "cache_text_encoder_outputs": True}
 SDXL_TIERS: dict[str, dict[str, Any]] = {
     NO_TIER: {"resolution": "1024"},
-    "6 GB": {"resolution": "768", **_UNET_ONLY_IN_FP8},
+    "6 GB": {"resolution": "640", **_UNET_ONLY_IN_FP8},
     "8 GB": {"resolution": "1024", **_UNET_ONLY_IN_FP8},
     "12 GB": {"resolution": "1024", **_UNET_ONLY_IN_FP8},
-    "16 GB": {"resolution": "1024", "gradient_checkpointing": True},
+    "16 GB": {"resolution": "1024", "gradient_checkpointing": True, "optimizer_type": "AdamW8bit"},
     "24 GB": {"resolution": "1024", "gradient_checkpointing": True},
 }
-_SDXL_MAX_RANK = {"6 GB": 16}
+_SDXL_MAX_RANK = {"6 GB": 4}
+# What a tier gives up for SDXL beyond memory switches, said after the preset's guidance
+_SDXL_TIER_ADVICE = {
+    "6 GB": ("On 6 GB, SDXL trains at 640 px (its native size is 1024) and rank 4 at most, so that a tenth of the card "
+             "stays free for the desktop: details finer than that resolution and rank are not learnt. On a card with "
+             "nothing else on it, 768 px and rank 8 fit too (type them in)."),
+}
 
 
 def unet_only_tier(tier: str, sdxl: bool) -> bool:
@@ -104,18 +113,23 @@ def unet_only_tier(tier: str, sdxl: bool) -> bool:
 
 
 def max_rank(tier: str, sdxl: bool) -> int | None:
-    """The highest rank the tier fits (SDXL on 6 GB: 16), None where any rank does."""
+    """The highest rank the tier fits (SDXL on 6 GB: 4), None where any rank does."""
     return _SDXL_MAX_RANK.get(tier) if sdxl else None
 
 
 def sdxl_resolution(tier: str) -> int:
-    """The side SDXL trains at on the tier: its native 1024 px, 768 on 6 GB."""
+    """The side SDXL trains at on the tier: its native 1024 px, 640 on 6 GB."""
     return int(SDXL_TIERS.get(tier, SDXL_TIERS[NO_TIER])["resolution"])
 
 
 def tier_gib(tier: str) -> float | None:
     """The card size a VRAM tier names ("8 GB" → 8), None for no limit."""
     return float(tier.split()[0]) if tier in VRAM_TIERS else None
+
+
+def guidance(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> str:
+    """The preset's strength guidance, and what the tier gives up on the base model."""
+    return " ".join(filter(None, [PRESETS[preset].guidance, _SDXL_TIER_ADVICE.get(tier, "") if sdxl else ""]))
 
 
 def preset_options(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> dict[str, Any]:

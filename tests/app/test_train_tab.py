@@ -372,25 +372,29 @@ def test_the_preset_and_tier_fill_the_form_for_an_sdxl_checkpoint(sdxl_services)
     filled = train_tab.Filled()
     shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sdxl")  # the page loads
     assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("1024", 32, 5e-5)
+    guidance = train_tab.fill_for_tier(sdxl_services, {**shown, "tier": "6 GB"}, train_tab.Filled(sdxl=True))["guidance"]
+    assert "On 6 GB, SDXL trains at 640 px (its native size is 1024) and rank 4 at most" in guidance  # what it gives up
+    guidance = train_tab.fill_for_checkpoint(sdxl_services, {**shown, "tier": "6 GB"}, train_tab.Filled("6 GB"))["guidance"]
+    assert "On 6 GB, SDXL trains at 640 px" in guidance  # an SDXL checkpoint picked on 6 GB says it too
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
-    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"]) == ("768", 16, 8)
+    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"]) == ("640", 4, 2)
     assert (shown["batch_size"], shown["optimizer"], shown["text_encoder_lr"]) == (1, "AdamW8bit", 0)
     options, sdxl = train_tab.job_options(sdxl_services, shown)
     assert sdxl and options["cache_text_encoder_outputs"] and options["network_train_unet_only"] and options["fp8_base"]
     text = train_tab.validation_text(sdxl_services, shown)
     assert "Cannot start" not in text and "above the 6 GB" not in text and "The base model is SDXL" not in text
-    assert "VRAM ≈ 6.0 GiB" in text, text
+    assert "VRAM ≈ 5.4 GiB" in text, text  # a tenth of the 6 GB left for the desktop
     # another tier, then an SD1 checkpoint: the preset's values for them, where the form still shows the fill's
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="16 GB")
     assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("1024", 32, 5e-5)
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sd")
     assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("512", 32, 5e-5)
     # a rank and resolution typed stay, but for the 6 GB tier's cap, which an SDXL checkpoint picked then brings
-    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB", resolution="640", network_dim=24,
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB", resolution="768", network_dim=24,
                    network_alpha=24)
-    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"]) == ("640", 24, 24)
+    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"]) == ("768", 24, 24)
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl")
-    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"], shown["text_encoder_lr"]) == ("640", 16, 16, 0)
+    assert (shown["resolution"], shown["network_dim"], shown["network_alpha"], shown["text_encoder_lr"]) == ("768", 4, 4, 0)
     assert picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl") == shown
 
 
@@ -429,9 +433,9 @@ def test_an_imported_files_values_stay_when_its_checkpoint_changes_the_model(sdx
     tiered = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="8 GB")
     assert (tiered["resolution"], tiered["network_dim"]) == ("512", 32)
     tiered = picked(sdxl_services, tiered, filled, train_tab.fill_for_tier, tier="6 GB")
-    assert (tiered["resolution"], tiered["network_dim"], tiered["network_alpha"]) == ("512", 16, 8)
+    assert (tiered["resolution"], tiered["network_dim"], tiered["network_alpha"]) == ("512", 4, 2)
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_preset)
-    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("768", 16, 0)
+    assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("640", 4, 0)
 
 
 def test_a_dataset_toml_imported_leaves_the_fill_to_the_checkpoint(sdxl_services, tmp_path):
@@ -685,15 +689,15 @@ def test_paths_in_advanced_lie_in_the_allowed_folders_and_the_forms_own_are_set_
 
 
 def test_an_sdxl_base_at_the_presets_512_px_is_warned_about(services, monkeypatch):
-    """A resolution typed or imported for SD1 (512): an SDXL run there silently trained at 512. On 6 GB the tier's 768
+    """A resolution typed or imported for SD1 (512): an SDXL run there silently trained at 512. On 6 GB the tier's 640
     is what to set (1024 is above the card)."""
     monkeypatch.setattr(train_tab, "_is_sdxl", lambda path: True)
     assert "The base model is SDXL, which is trained at 1024 px, and Resolution is 512" in \
         train_tab.validation_text(services, form(resolution="512"))
     assert "trained at 1024 px" not in train_tab.validation_text(services, form(resolution="1024"))
-    assert ("The base model is SDXL, which the 6 GB GPU memory tier trains at 768 px, and Resolution is 512: set 768 (or "
-            "768,576 …)") in train_tab.validation_text(services, form(resolution="512", tier="6 GB"))
-    assert "The base model is SDXL" not in train_tab.validation_text(services, form(resolution="768", tier="6 GB"))
+    assert ("The base model is SDXL, which the 6 GB GPU memory tier trains at 640 px, and Resolution is 512: set 640 (or "
+            "640,480 …)") in train_tab.validation_text(services, form(resolution="512", tier="6 GB"))
+    assert "The base model is SDXL" not in train_tab.validation_text(services, form(resolution="640", tier="6 GB"))
 
 
 def test_a_kohya_gui_file_s_off_values_stay_off_on_import(tmp_path):

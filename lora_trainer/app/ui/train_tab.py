@@ -46,7 +46,7 @@ FORM_FIELDS = ("checkpoint", "dataset", "preset", "tier", "algorithm", "output_n
 # What a preset fills (the components ``build`` passes to the fill handlers, in this order).
 PRESET_FIELDS = ("epochs", "batch_size", "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr",
                  "save_every_n_epochs", "optimizer", "scheduler")
-# what a preset fills differently by tier and base model (SDXL: 1024 px, on 6 GB 768 and rank 16, below 16 GB no text
+# what a preset fills differently by tier and base model (SDXL: 1024 px, on 6 GB 640 and rank 4, below 16 GB no text
 # encoder rate)
 _TIER_AND_MODEL_FIELDS = ("resolution", "network_dim", "network_alpha", "text_encoder_lr")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov", "DAdaptAdam")
@@ -330,7 +330,7 @@ def preset_values(preset: str, tier: str, sdxl: bool = False, extras_folder: Pat
             "network_alpha": options.get("network_alpha"), "unet_lr": options.get("unet_lr"),
             "text_encoder_lr": te[0] if te else 0, "save_every_n_epochs": options.get("save_every_n_epochs"),
             "optimizer": tiered["optimizer"], "scheduler": options.get("lr_scheduler"),
-            "guidance": tiered.get("guidance", presets.PRESETS[preset].guidance)}
+            "guidance": tiered.get("guidance", presets.guidance(preset, tier, sdxl))}
 
 
 def refilled_values(preset: str, before: Filled, after: Filled, form: dict[str, Any],
@@ -400,7 +400,7 @@ def fill_for_tier(services: Services, form: dict[str, Any], filled: Filled) -> d
     after = Filled(form.get("tier") or presets.NO_TIER, _base_is_sdxl(services, form, filled))
     extras = services.settings.extras_folder
     values = {**refilled_values(form["preset"], filled, after, form, extras),
-              "guidance": presets.PRESETS[form["preset"]].guidance,
+              "guidance": presets.guidance(form["preset"], after.tier, after.sdxl),
               **tier_values(form["preset"], after.tier, extras, after.sdxl)}
     filled.tier, filled.sdxl = after.tier, after.sdxl
     return values
@@ -408,12 +408,14 @@ def fill_for_tier(services: Services, form: dict[str, Any], filled: Filled) -> d
 
 def fill_for_checkpoint(services: Services, form: dict[str, Any], filled: Filled) -> dict[str, Any]:
     """Another checkpoint picked: from SD1 to SDXL or back, the preset's resolution, rank and text encoder rate at the
-    tier for it, where the form shows the earlier fill's; nothing for a checkpoint of the same kind."""
+    tier for it, where the form shows the earlier fill's, and the guidance for it; nothing for a checkpoint of the same
+    kind."""
     sdxl = checkpoint_is_sdxl(services, form.get("checkpoint"))
     if sdxl is None or sdxl == filled.sdxl:
         return {}
     after = Filled(form.get("tier") or presets.NO_TIER, sdxl)
-    values = refilled_values(form["preset"], filled, after, form, services.settings.extras_folder)
+    values = {**refilled_values(form["preset"], filled, after, form, services.settings.extras_folder),
+              "guidance": preset_values(form["preset"], after.tier, sdxl, services.settings.extras_folder)["guidance"]}
     filled.tier, filled.sdxl = after.tier, after.sdxl
     return values
 
@@ -442,7 +444,7 @@ def tier_values(preset: str, tier: str, extras_folder: Path | None = None, sdxl:
     if package := missing_package(values["optimizer"], extras_folder):
         install = "with Install extras (under Advanced)" if extras_folder is not None else f"(pip install {package})"
         on_sd1, on_sdxl = (_adamw_extra_gib(preset, tier, values["optimizer"], base) for base in (False, True))
-        values["guidance"] = (f"{presets.PRESETS[preset].guidance} The {tier} tier's {values['optimizer']} needs "
+        values["guidance"] = (f"{presets.guidance(preset, tier, sdxl)} The {tier} tier's {values['optimizer']} needs "
                               f"{package}, which is not installed: the optimizer is AdamW, whose moments take ≈ "
                               f"{on_sd1:.2f} GiB more on SD 1.5 (≈ {on_sdxl:.1f} GiB on SDXL). Install {package} {install} "
                               f"to choose {values['optimizer']} again.")
