@@ -19,7 +19,8 @@ def test_every_preset_and_tier_is_a_valid_run(name, tier):
     for sdxl in (False, True):
         options = options_from({**presets.preset_options(name, tier, sdxl), **PATHS})
         if tier in ("6 GB", "8 GB"):
-            assert options.gradient_checkpointing and options.train_batch_size == 1 and options.optimizer_type == "AdamW8bit"
+            assert options.gradient_checkpointing and options.optimizer_type == "AdamW8bit"
+            assert options.train_batch_size == (2 if tier == "8 GB" and not sdxl else 1)
         if sdxl:  # its native size; no clip skip (ignored there); a VAE that does not overflow in fp16
             assert options.resolution in ("640", "1024") and options.clip_skip is None
             assert options.no_half_vae == (options.mixed_precision == "fp16")
@@ -55,6 +56,17 @@ def test_every_tier_leaves_a_tenth_of_its_card_free_by_the_estimate(tier, sdxl):
         options = options_from({**presets.preset_options(name, tier, sdxl), **PATHS})
         estimated = vram_gib(options, "sdxl" if sdxl else "sd1")
         assert estimated <= 0.9 * presets.tier_gib(tier), f"{name} on {tier} ({'SDXL' if sdxl else 'SD1'}): {estimated} GiB"
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_a_larger_tier_trains_more_than_the_one_below(sdxl):
+    """SD1's 6 GB and 8 GB tiers were the same options: an 8 GB card trained at 6 GB's batch 1."""
+    tiers = list(presets.VRAM_TIERS)
+    for name in presets.PRESETS:
+        for smaller, larger in zip(tiers, tiers[1:]):
+            assert presets.preset_options(name, smaller, sdxl) != presets.preset_options(name, larger, sdxl), (smaller, larger)
+    if not sdxl:
+        assert presets.preset_options("character", "8 GB")["train_batch_size"] == 2
 
 
 def test_sdxl_at_6_gb_keeps_the_presets_alpha_scale_at_rank_4_and_says_what_it_gives_up():

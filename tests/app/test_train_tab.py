@@ -404,6 +404,8 @@ def test_the_preset_and_tier_fill_sd1_values_for_an_sd1_checkpoint(sdxl_services
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
     assert (shown["resolution"], shown["network_dim"], shown["network_alpha"], shown["text_encoder_lr"]) == ("512", 32, 16, 5e-5)
     assert shown["batch_size"] == 1 and shown["optimizer"] == "AdamW8bit"
+    assert picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="8 GB")["batch_size"] == 2
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
     options, sdxl = train_tab.job_options(sdxl_services, shown)
     assert not sdxl and "cache_text_encoder_outputs" not in options and options["text_encoder_lr"] == [5e-5]
 
