@@ -421,7 +421,7 @@ def test_an_imported_files_values_stay_when_its_checkpoint_changes_the_model(sdx
     config.write_text('pretrained_model_name_or_path = "tiny-sdxl"\nresolution = "512"\nnetwork_dim = 32\n'
                       'unet_lr = 1e-4\ntext_encoder_lr = 5e-5\n', encoding="utf-8")
     values = train_tab.import_into_form(str(config), "character", sdxl_services.settings)
-    filled = train_tab.filled_after_import(values, filled)  # the upload's last output, as build wires it
+    filled = train_tab.filled_after_import(sdxl_services, values, filled)  # the upload's last output, as build wires it
     shown = {**shown, **{field: value for field, value in zip(train_tab.IMPORTED_FIELDS, values)
                          if field in train_tab.FORM_FIELDS and not isinstance(value, dict)}}
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint)  # the import changed the checkpoint
@@ -440,13 +440,56 @@ def test_an_imported_files_values_stay_when_its_checkpoint_changes_the_model(sdx
     assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("640", 4, 0)
 
 
+@pytest.mark.parametrize("name, text", [
+    ("sdxl run.toml", 'pretrained_model_name_or_path = "tiny-sdxl"\nlearning_rate = 1e-4\nnetwork_train_unet_only = true\n'),
+    ("gui.json", '{"LoRA_type": "Standard", "pretrained_model_name_or_path": "tiny-sdxl", "learning_rate": 1e-4, '
+                 '"unet_lr": 1e-4, "text_encoder_lr": 0}'),
+    ("no checkpoint.toml", 'network_dim = 8\nunet_lr = 1e-4\ntext_encoder_lr = 0\n')])
+def test_an_sd1_checkpoint_picked_after_an_import_brings_the_text_encoder_rate_back(sdxl_services, tmp_path, name, text):
+    """Imported while SDXL's 6 GB tier trained its UNet only, a file training the UNet only kept the text encoder rate
+    at 0 once an SD1 checkpoint was picked: SD1 trained its UNet only on 6 GB, where without the import the preset's
+    rate came back."""
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sdxl")
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
+    config = tmp_path / name
+    config.write_text(text, encoding="utf-8")
+    values = train_tab.import_into_form(str(config), "character", sdxl_services.settings)
+    assert values[-1].startswith(f"Imported {name}."), values[-1]
+    filled = train_tab.filled_after_import(sdxl_services, values, filled)
+    shown = {**shown, **{field: value for field, value in zip(train_tab.IMPORTED_FIELDS, values)
+                         if field in train_tab.FORM_FIELDS and not isinstance(value, dict)}}
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint)  # the import's own checkpoint
+    assert shown["text_encoder_lr"] == 0
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sd")
+    assert shown["text_encoder_lr"] == 5e-5  # the character preset's
+    options, sdxl = train_tab.job_options(sdxl_services, {**shown, "resolution": "64"})
+    assert not sdxl and not options.get("network_train_unet_only") and options["text_encoder_lr"] == [5e-5]
+
+
+def test_an_sd1_file_training_the_unet_only_keeps_it_when_imported_over_sdxl(sdxl_services, tmp_path):
+    """The file's own choice for an SD1 checkpoint stays, where the SDXL tier's UNet only gives way."""
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sdxl")
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB")
+    config = tmp_path / "sd1 run.toml"
+    config.write_text('pretrained_model_name_or_path = "tiny-sd"\nunet_lr = 1e-4\ntext_encoder_lr = 0\n', encoding="utf-8")
+    values = train_tab.import_into_form(str(config), "character", sdxl_services.settings)
+    filled = train_tab.filled_after_import(sdxl_services, values, filled)
+    shown = {**shown, **{field: value for field, value in zip(train_tab.IMPORTED_FIELDS, values)
+                         if field in train_tab.FORM_FIELDS and not isinstance(value, dict)}}
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint)  # the import's own checkpoint: SD1
+    assert (shown["checkpoint"], shown["text_encoder_lr"]) == ("tiny-sd", 0)
+    assert train_tab.job_options(sdxl_services, {**shown, "resolution": "64"})[0]["network_train_unet_only"]
+
+
 def test_a_dataset_toml_imported_leaves_the_fill_to_the_checkpoint(sdxl_services, tmp_path):
     """Importing a dataset TOML writes the Dataset field only: the form's filled values stay the fill's."""
     filled = train_tab.Filled()
     shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sd")
     config = tmp_path / "dataset.toml"
     config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{SAMPLE_DATASET.as_posix()}"\n', encoding="utf-8")
-    filled = train_tab.filled_after_import(train_tab.import_into_form(str(config)), filled)
+    filled = train_tab.filled_after_import(sdxl_services, train_tab.import_into_form(str(config)), filled)
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl")
     assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("1024", 32, 5e-5)
 

@@ -420,14 +420,21 @@ def fill_for_checkpoint(services: Services, form: dict[str, Any], filled: Filled
     return values
 
 
-def filled_after_import(imported: list[Any], filled: Filled) -> Filled:
+def filled_after_import(services: Services, imported: list[Any], filled: Filled) -> Filled:
     """An import's values (``import_into_form``'s answer) written into the form: the preset fields it wrote are the
     file's from then on, which the checkpoint change the import sets off, and any tier or checkpoint picked later,
-    leave as they are (an alpha goes with the rank it scales)."""
+    leave as they are (an alpha goes with the rank it scales). A text encoder rate of 0 (the UNet only) where the
+    tier trains the UNet only anyway, on the checkpoint the form names after the import, is the tier's as a fill's is:
+    an SD1 checkpoint picked later brings the preset's rate back, as it does without an import."""
     written = {field for field, value in zip(IMPORTED_FIELDS, imported)
                if field in PRESET_FIELDS and not (isinstance(value, dict) and "value" not in value)}  # gr.update(): kept
     if "network_dim" in written:
         written.add("network_alpha")
+    if "text_encoder_lr" in written and _same(imported[IMPORTED_FIELDS.index("text_encoder_lr")], 0):
+        checkpoint = imported[IMPORTED_FIELDS.index("checkpoint")]
+        sdxl = checkpoint_is_sdxl(services, checkpoint) if isinstance(checkpoint, str) else None
+        if presets.unet_only_tier(filled.tier, filled.sdxl if sdxl is None else sdxl):
+            written.discard("text_encoder_lr")
     filled.imported = filled.imported | written
     return filled
 
@@ -788,7 +795,7 @@ def build(services: Services) -> gr.Blocks:
 
         def import_file_into_form(upload, name, state):
             values = import_into_form(upload.name if hasattr(upload, "name") else upload, name, services.settings)
-            return [*values, filled_after_import(values, state)]
+            return [*values, filled_after_import(services, values, state)]
 
         # the Filled state last: the checkpoint change the import sets off reads it
         import_file.upload(import_file_into_form, [import_file, preset, filled],
