@@ -36,14 +36,32 @@ def trigger_words(metadata: dict[str, str], limit: int = 3) -> list[str]:
     return words[:limit]
 
 
-def card_metadata(metadata: dict[str, str], end_event: dict, preferred_weight: float = 1.0) -> dict:
+def network_shape(lora: Path) -> tuple[int | None, float | None]:
+    """The file's rank and alpha read from its tensors (None, None where it cannot be read as a network)."""
+    from ..errors import UserError
+    from ..networks.files import read_network
+    from ..networks.tools.inspect import rank_and_alpha
+
+    try:
+        return rank_and_alpha(read_network(lora))
+    except UserError:
+        return None, None
+
+
+def card_metadata(metadata: dict[str, str], end_event: dict, preferred_weight: float = 1.0,
+                  shape: tuple[int | None, float | None] = (None, None)) -> dict:
+    """``shape``: the rank and alpha of the tensors (``network_shape``), which the card says rather than the
+    ss_network_dim/alpha keys: sd-scripts writes the command's values there, "None" where it gave none."""
     advice = ""
     if end_event.get("recommended_epoch"):
         advice = f" Recommended epoch: {end_event['recommended_epoch']} ({end_event.get('reason', '')})."
+    rank, alpha = shape
+    dim = rank if rank is not None else metadata.get("ss_network_dim", "?").replace("None", "?")
+    alpha = f"{alpha:g}" if alpha is not None else metadata.get("ss_network_alpha", "?").replace("None", "?")
     summary = (f"Trained with the LoRA Trainer on {metadata.get('ss_sd_model_name', 'an unknown model')}: "
                f"{metadata.get('ss_num_train_images', '?')} images, {end_event.get('epochs', metadata.get('ss_epoch', '?'))} epochs, "
-               f"{end_event.get('steps', metadata.get('ss_steps', '?'))} steps, dim {metadata.get('ss_network_dim', '?')} / "
-               f"alpha {metadata.get('ss_network_alpha', '?')}, lr {metadata.get('ss_learning_rate', '?')}.{advice}")
+               f"{end_event.get('steps', metadata.get('ss_steps', '?'))} steps, dim {dim} / "
+               f"alpha {alpha}, lr {metadata.get('ss_learning_rate', '?')}.{advice}")
     return {
         "description": summary,
         "sd version": SD_VERSION.get(metadata.get("ss_base_model_version", ""), "Unknown"),
@@ -61,7 +79,7 @@ def write_card_metadata(lora: Path, end_event: dict, preferred_weight: float = 1
     """Write (or update) ``<lora>.json``. What the user typed is kept: a field is ours to rewrite only while it is
     empty or still what we wrote last time (a resumed run's card then tells its whole run, not its first part)."""
     target = lora.with_suffix(".json")
-    card = card_metadata(read_safetensors_metadata(lora), end_event, preferred_weight)
+    card = card_metadata(read_safetensors_metadata(lora), end_event, preferred_weight, network_shape(lora))
     existing = {}
     if target.exists():
         try:

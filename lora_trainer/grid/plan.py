@@ -441,9 +441,10 @@ def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: floa
         except (OSError, json.JSONDecodeError):
             raise UserError(f"promote: {card_path} is not valid JSON; fix or delete it, then promote again") from None
     if not card:
-        from ..app.user_metadata import card_metadata
+        from ..app.user_metadata import card_metadata, network_shape
 
-        card = card_metadata(read_safetensors_metadata(copied), {}) if copied.suffix == ".safetensors" else {}
+        card = card_metadata(read_safetensors_metadata(copied), {}, 1.0, network_shape(copied)) \
+            if copied.suffix == ".safetensors" else {}
     card["preferred weight"] = float(strength)
     write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
     return copied

@@ -1257,27 +1257,23 @@ def _loaded_alpha(network: LoRANetwork, asked: dict[str, float]) -> float | None
 
 def _spec_with_loaded_alpha(options: TrainOptions, network: LoRANetwork, asked: dict[str, float], events: EventLog):
     """A resumed state keeps the alpha it was trained with (α/rank scales its weights), whatever --network_alpha
-    says now: said, and written into the files' metadata as the alpha their tensors hold."""
+    says now: said, and saved in the files' tensors (their ss_network_alpha keeps the command's value, as sd-scripts
+    writes it)."""
     alpha = _loaded_alpha(network, asked)
     if alpha is None:
         return network.spec
     events.emit("warning", message=f"--network_alpha {network.spec.alpha:g}: {options.resume} was trained with alpha "
-                f"{alpha:g}, which it keeps (the weights are scaled by alpha / rank); its files say {alpha:g}")
+                f"{alpha:g}, which it keeps (the weights are scaled by alpha / rank) and its files hold (their "
+                f"ss_network_alpha keeps the command's value, as sd-scripts writes it)")
     return dataclasses.replace(network.spec, alpha=alpha)
 
 
 def _shape_of(file, spec):
     """``spec`` with the rank and alpha most of the file's modules have (``--dim_from_weights``)."""
-    from collections import Counter
+    from ..networks.tools.inspect import rank_and_alpha
 
-    from ..networks.tools.inspect import module_rank
-
-    ranks = Counter(rank for tensors in file.modules.values() if (rank := module_rank(tensors)) is not None)
-    alphas = Counter(float(tensors["alpha"]) for tensors in file.modules.values() if "alpha" in tensors)
-    if not ranks:
-        return spec
-    rank = ranks.most_common(1)[0][0]
-    return dataclasses.replace(spec, dim=rank, alpha=alphas.most_common(1)[0][0] if alphas else float(rank))
+    rank, alpha = rank_and_alpha(file)
+    return spec if rank is None else dataclasses.replace(spec, dim=rank, alpha=alpha)
 
 
 def _kind_of(file, spec):
@@ -1338,7 +1334,8 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     if (alpha := _loaded_alpha(network, asked)) is not None:  # α/rank scales the loaded weights: kept as trained
         notes.append(f"--network_weights {path} holds alpha {alpha:g} and --network_alpha is {network.spec.alpha:g}: "
                      f"the file's alpha is kept (the weights are scaled by alpha / rank, so they go on at the strength "
-                     f"they were trained to) and the files this run saves say {alpha:g}. sd-scripts trains at "
+                     f"they were trained to) and the files this run saves hold it (their ss_network_alpha keeps the "
+                     f"command's value, as sd-scripts writes it). sd-scripts trains at "
                      f"--network_alpha's scale but saves the file's alpha; give --network_alpha {alpha:g} to silence this")
         network.spec = dataclasses.replace(network.spec, alpha=alpha)
     return notes

@@ -71,6 +71,13 @@ def test_card_says_the_version_the_webui_filters_on_and_summarises_the_run():
     assert "160 images, 4 epochs, 40 steps" in card["description"] and "Recommended epoch: 3" in card["description"]
 
 
+def test_the_card_says_the_rank_of_the_tensors_not_the_none_sd_scripts_writes_without_network_dim(tmp_path):
+    unset = {**RUN_METADATA, "ss_network_dim": "None", "ss_network_alpha": "1.0"}
+    assert "dim ? / alpha 1.0," in card_metadata(unset, {})["description"]
+    card = json.loads(write_card_metadata(lora_file(tmp_path / "star.safetensors", unset), {}).read_text(encoding="utf-8"))
+    assert "dim 1 / alpha 1," in card["description"]
+
+
 def test_rewriting_the_card_keeps_what_the_user_typed(tmp_path):
     lora = lora_file(tmp_path / "star.safetensors", RUN_METADATA)
     (tmp_path / "star.json").write_text(json.dumps({"activation text": "my words", "notes": ""}), encoding="utf-8")

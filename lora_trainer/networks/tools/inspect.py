@@ -106,6 +106,18 @@ def module_rank(tensors: Tensors) -> int | None:
     return None
 
 
+def rank_and_alpha(network: NetworkFile) -> tuple[int | None, float | None]:
+    """The rank and alpha most of the file's modules have (a module without an alpha tensor has alpha = rank); None,
+    None for algorithms without a rank. The network's shape as the WebUI reads it: its ss_network_dim/alpha keys hold
+    the command's values, as sd-scripts writes them ("None" where not given)."""
+    ranks = Counter(rank for tensors in network.modules.values() if (rank := module_rank(tensors)) is not None)
+    if not ranks:
+        return None, None
+    rank = ranks.most_common(1)[0][0]
+    alphas = Counter(float(tensors["alpha"]) for tensors in network.modules.values() if "alpha" in tensors)
+    return rank, alphas.most_common(1)[0][0] if alphas else float(rank)
+
+
 _DIFFUSERS_BLOCK = re.compile(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_")
 _SGM_BLOCK = re.compile(r"lora_unet_(input|output)_blocks_(\d+)_")
 
