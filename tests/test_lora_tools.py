@@ -84,6 +84,38 @@ def test_inspect_command_prints_json(capsys):
     assert len(data["top_tags"]) == 3
 
 
+def test_inspect_command_prints_a_short_summary_and_every_key_with_all(capsys):
+    """Every ss_* key by default (about 95 lines) buried what a user looks for."""
+    assert main(["lora", "inspect", str(KOHYA_LORA)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  trained as: networks.lora, rank 4, alpha 4" in lines
+    assert "  base model: SD1 (from ss_base_model_version), trained on tiny-sd15.safetensors" in lines
+    assert "  training: 160 images (repeats counted), at 128x128, epoch 2 of 2, step 160 of 160" in lines
+    assert "  trigger words: shapes, simple, flat colors" in lines
+    assert any(line.startswith("  AutoV2 hash: ") for line in lines) and any("matches sshs_model_hash" in l for l in lines)
+    assert lines[-1] == "  (--all: rank and alpha of each of the 17 blocks and the 84 other metadata keys)"
+    assert len(lines) < 15 and not any("ss_session_id" in line for line in lines)
+    assert main(["lora", "inspect", str(KOHYA_LORA), "--all"]) == 0
+    everything = capsys.readouterr().out.splitlines()
+    assert "  blocks:" in everything and "    ss_seed: 42" in everything and len(everything) > 100
+
+
+def test_inspect_says_the_recommended_epoch_and_the_shape_where_the_metadata_holds_the_commands(tmp_path, capsys):
+    """Our trainer records the epoch losses; sd-scripts writes "None" for a dim the command did not give."""
+    with safe_open(str(KOHYA_LORA), "pt") as handle:
+        metadata = handle.metadata()
+    losses = {"epoch_training_loss": {"1": 0.2, "2": 0.1, "3": 0.098, "4": 0.097}, "epoch_validation_loss": {}}
+    metadata.update({"ss_network_dim": "None", "ss_network_alpha": "1.0", "lora_trainer.losses": json.dumps(losses),
+                     "modelspec.trigger_phrase": "zkshape"})
+    save_file(load_file(KOHYA_LORA), str(tmp_path / "ours.safetensors"), metadata)
+    assert main(["lora", "inspect", str(tmp_path / "ours.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("  trained as: networks.lora, rank 4, alpha 4 (its metadata says dim None, alpha 1.0: the training "
+            "command's values)") in lines
+    assert "  trigger words: zkshape" in lines
+    assert any(line.startswith("  recommended epoch: 2 (") for line in lines)
+
+
 def test_inspect_refuses_a_checkpoint_and_a_missing_file(tmp_path, capsys):
     with pytest.raises(UserError, match="checkpoint, not a LoRA"):
         inspect_network(TINY_KOHYA_CHECKPOINT)

@@ -10,30 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..networks.tools.inspect import trigger_words
 from ..safe_io import read_safetensors_metadata, write_text
 
 SD_VERSION = {"sd_v1": "SD1", "sd_v2": "SD2", "sd_v2_v": "SD2", "sdxl_base_v1-0": "SDXL"}
-
-
-def trigger_words(metadata: dict[str, str], limit: int = 3) -> list[str]:
-    """Tags present in every caption of a dataset folder (first folders first), else the folders' class names."""
-    try:
-        frequencies = json.loads(metadata.get("ss_tag_frequency") or "{}")
-        folders = json.loads(metadata.get("ss_dataset_dirs") or "{}")
-    except json.JSONDecodeError:
-        return []
-    words: list[str] = []
-    for folder, tags in frequencies.items():
-        images = (folders.get(folder) or {}).get("img_count") or max(tags.values(), default=0)
-        for tag, count in sorted(tags.items(), key=lambda item: -item[1]):
-            if images and count >= images and tag not in words:
-                words.append(tag)
-    if not words:
-        for folder in folders:
-            name = folder.split("_", 1)[1] if "_" in folder and folder.split("_", 1)[0].isdigit() else folder
-            if name and name not in words:
-                words.append(name)
-    return words[:limit]
 
 
 def network_shape(lora: Path) -> tuple[int | None, float | None]:

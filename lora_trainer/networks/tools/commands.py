@@ -46,7 +46,7 @@ def run_inspect(args) -> None:
         print("[" + ",\n".join(s.to_json() for s in summaries) + "]" if len(summaries) > 1 else summaries[0].to_json())
         return
     for summary in summaries:
-        print("\n".join(summary.lines()))
+        print("\n".join(summary.lines(every_key=args.all)))
 
 
 def run_bake(args) -> None:
@@ -95,9 +95,11 @@ def add_lora_commands(subparsers) -> None:
     lora = subparsers.add_parser("lora", help="LoRA file tools: inspect, resize, merge, bake, extract")
     tools = lora.add_subparsers(dest="lora_command", required=True)
 
-    i = tools.add_parser("inspect", help="algorithm, rank per block, alpha, base model, tags, metadata, hashes")
+    i = tools.add_parser("inspect", help="algorithm, rank and alpha, base model, run, tags, trigger words, recommended "
+                         "epoch, hashes (--all: per block, and every metadata key)")
     i.add_argument("files", type=Path, nargs="+")
-    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--all", action="store_true", help="also the rank and alpha of each block and every metadata key")
+    i.add_argument("--json", action="store_true", help="print everything as JSON")
     i.add_argument("--tags", type=int, default=20, help="how many of the most frequent training tags to show")
     i.set_defaults(run=run_inspect)
 

@@ -51,6 +51,12 @@ class NetworkSummary:
     autov2: str  # what the WebUI shows as the LoRA's short hash
     sha256: str
     problems: list[str] = field(default_factory=list)
+    rank: int | None = None  # read from the tensors (the most common), as the WebUI applies it
+    rank_alpha: float | None = None
+    trigger_words: list[str] = field(default_factory=list)
+    recommended_epoch: int | None = None  # from the losses this file records (its run up to its own epoch)
+    recommendation: str | None = None
+    training: dict[str, str] = field(default_factory=dict)  # the summary's training keys, as stored
 
     @property
     def hash_matches(self) -> bool | None:
@@ -61,20 +67,34 @@ class NetworkSummary:
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "hash_matches": self.hash_matches}, indent=2, ensure_ascii=False)
 
-    def lines(self) -> list[str]:
+    def lines(self, every_key: bool = False) -> list[str]:
+        """What a user asks first (the network, its shape, base model, run, tags, trigger words, recommended epoch,
+        hashes); ``every_key``: the rank and alpha of each block and every other metadata key too."""
         out = [f"{self.path}",
                f"  algorithms: {', '.join(f'{n} ({c} modules)' for n, c in sorted(self.algorithms.items()))}",
-               f"  base model: {self.base_model} (from {self.base_model_source})"]
-        if self.network_module:
-            args = f", args {json.dumps(self.network_args, ensure_ascii=False)}" if self.network_args else ""
+               f"  base model: {self.base_model} (from {self.base_model_source})"
+               + (f", trained on {self.training['ss_sd_model_name']}" if self.training.get("ss_sd_model_name") else "")]
+        args = f", args {json.dumps(self.network_args, ensure_ascii=False)}" if self.network_args else ""
+        if self.rank is not None:  # the shape the WebUI applies, which is the tensors'
+            several = len({rank for block in self.blocks for rank in block.ranks}) > 1
+            out.append(f"  trained as: {self.network_module or 'unknown module'}, rank {self.rank}, alpha "
+                       f"{self.rank_alpha:g}{' (most modules)' if several else ''}{args}{self._metadata_shape()}")
+        elif self.network_module:
             out.append(f"  trained as: {self.network_module}, dim {self.dim}, alpha {self.alpha}{args}")
-        out.append("  blocks:")
-        for block in self.blocks:
-            ranks = "/".join(map(str, block.ranks)) or "-"
-            alphas = "/".join(f"{a:g}" for a in block.alphas) or "-"
-            out.append(f"    {block.block:<6} {block.modules:>4} modules  rank {ranks:<8} alpha {alphas:<8} {', '.join(block.algorithms)}")
+        if run := self._run_line():
+            out.append(f"  training: {run}")
+        if every_key:
+            out.append("  blocks:")
+            for block in self.blocks:
+                ranks = "/".join(map(str, block.ranks)) or "-"
+                alphas = "/".join(f"{a:g}" for a in block.alphas) or "-"
+                out.append(f"    {block.block:<6} {block.modules:>4} modules  rank {ranks:<8} alpha {alphas:<8} {', '.join(block.algorithms)}")
         if self.top_tags:
             out.append("  top tags: " + ", ".join(f"{tag} ({count})" for tag, count in self.top_tags))
+        if self.trigger_words:
+            out.append("  trigger words: " + ", ".join(self.trigger_words))
+        if self.recommended_epoch is not None:
+            out.append(f"  recommended epoch: {self.recommended_epoch} ({self.recommendation})")
         out.append(f"  AutoV2 hash: {self.autov2}  sha256: {self.sha256}")
         if self.stored_model_hash is None:
             out.append(f"  model hash: {self.model_hash} (none stored in the file)")
@@ -87,10 +107,40 @@ class NetworkSummary:
             out.append(f"  model hash: {self.model_hash} — MISMATCH with stored sshs_model_hash {self.stored_model_hash}: "
                        "the tensors were changed after the trainer saved them (converted, pruned or edited)")
         out += [f"  problem: {p}" for p in self.problems]
-        if self.metadata:
+        if every_key and self.metadata:
             out.append("  metadata:")
             out += [f"    {key}: {_shorten(value)}" for key, value in sorted(self.metadata.items())]
+        elif not every_key:
+            out.append(f"  (--all: rank and alpha of each of the {len(self.blocks)} blocks"
+                       + (f" and the {len(self.metadata)} other metadata keys)" if self.metadata else ")"))
         return out
+
+    def _metadata_shape(self) -> str:
+        """What ss_network_dim/alpha say where it is not the tensors' shape: sd-scripts writes the command's values
+        there ("None" where not given, the command's alpha under --dim_from_weights)."""
+        if self.dim is None or (self.dim == str(self.rank) and _same_number(self.alpha, self.rank_alpha)):
+            return ""
+        return f" (its metadata says dim {self.dim}, alpha {self.alpha}: the training command's values)"
+
+    def _run_line(self) -> str:
+        t = self.training
+        parts = []
+        if images := t.get("ss_num_train_images"):
+            parts.append(f"{images} images (repeats counted)")
+        if resolution := t.get("modelspec.resolution") or t.get("ss_resolution"):
+            parts.append(f"at {resolution}")
+        if epoch := t.get("ss_epoch"):
+            parts.append(f"epoch {epoch}" + (f" of {t['ss_num_epochs']}" if t.get("ss_num_epochs") else ""))
+        if steps := t.get("ss_steps"):
+            parts.append(f"step {steps}" + (f" of {t['ss_max_train_steps']}" if t.get("ss_max_train_steps") else ""))
+        return ", ".join(parts)
+
+
+def _same_number(text: str | None, number: float | None) -> bool:
+    try:
+        return number is not None and float(text) == number
+    except (TypeError, ValueError):
+        return False
 
 
 def _shorten(value: str, limit: int = 160) -> str:
@@ -202,6 +252,47 @@ def tag_frequency(metadata: dict[str, str]) -> Counter:
     return counts
 
 
+def trigger_words(metadata: dict[str, str], limit: int = 3) -> list[str]:
+    """Tags present in every caption of a dataset folder (first folders first), else the folders' class names."""
+    try:
+        frequencies = json.loads(metadata.get("ss_tag_frequency") or "{}")
+        folders = json.loads(metadata.get("ss_dataset_dirs") or "{}")
+    except json.JSONDecodeError:
+        return []
+    words: list[str] = []
+    for folder, tags in frequencies.items():
+        images = (folders.get(folder) or {}).get("img_count") or max(tags.values(), default=0)
+        for tag, count in sorted(tags.items(), key=lambda item: -item[1]):
+            if images and count >= images and tag not in words:
+                words.append(tag)
+    if not words:
+        for folder in folders:
+            name = folder.split("_", 1)[1] if "_" in folder and folder.split("_", 1)[0].isdigit() else folder
+            if name and name not in words:
+                words.append(name)
+    return words[:limit]
+
+
+def recorded_recommendation(metadata: dict[str, str]):
+    """The trainer's recommended epoch, made again from the epoch losses this file records (our trainer writes them;
+    an epoch file holds its run up to its own epoch); None for a file without them (sd-scripts')."""
+    from ...grid.plan import LOSSES_KEY
+    from ...training.evaluation import recommend_epoch
+
+    try:
+        losses = json.loads(metadata.get(LOSSES_KEY) or "{}")
+        training, validation = losses.get("epoch_training_loss") or {}, losses.get("epoch_validation_loss") or {}
+        epochs = sorted(int(key) for key in training if str(key).isdigit())
+        return recommend_epoch([training[str(e)] for e in epochs], [validation.get(str(e)) for e in epochs], epochs) \
+            if epochs else None
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
+_TRAINING_KEYS = ("ss_sd_model_name", "ss_num_train_images", "modelspec.resolution", "ss_resolution", "ss_epoch",
+                  "ss_num_epochs", "ss_steps", "ss_max_train_steps")
+
+
 def inspect_network(path: str | Path, top_tags: int = 20) -> NetworkSummary:
     """Everything a user asks about a LoRA-family file; UserError when the file is missing or not a network."""
     path = Path(path)
@@ -219,6 +310,9 @@ def inspect_network(path: str | Path, top_tags: int = 20) -> NetworkSummary:
     except json.JSONDecodeError:
         network_args = {"unparsed": metadata["ss_network_args"]}
     sha256 = file_sha256(path)
+    rank, rank_alpha = rank_and_alpha(network)
+    advice = recorded_recommendation(metadata)
+    trigger_phrase = [metadata["modelspec.trigger_phrase"]] if metadata.get("modelspec.trigger_phrase") else []
     return NetworkSummary(
         path=str(path),
         modules=len(network.modules),
@@ -237,4 +331,10 @@ def inspect_network(path: str | Path, top_tags: int = 20) -> NetworkSummary:
         autov2=sha256[:10],
         sha256=sha256,
         problems=problems,
+        rank=rank,
+        rank_alpha=rank_alpha,
+        trigger_words=trigger_phrase or trigger_words(metadata),
+        recommended_epoch=advice.epoch if advice else None,
+        recommendation=advice.reason if advice else None,
+        training={key: metadata[key] for key in _TRAINING_KEYS if metadata.get(key)},
     )
