@@ -85,6 +85,16 @@ def test_inspect_names_architecture_parts_and_hashes(capsys):
     assert "AutoV2" in out and "other (schedule buffers" in out
 
 
+def test_model_inspect_of_a_lora_says_so_and_gives_the_lora_command(tmp_path, capsys):
+    path = save_safetensors({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+                             "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)},
+                            tmp_path / "my lora.safetensors")
+    code, out, _ = run(capsys, "model", "inspect", path, "--no-hash")
+    assert code == 0
+    assert "architecture:  LoRA/LyCORIS network, not a checkpoint" in out
+    assert f'run: python -m lora_trainer lora inspect "{path}"' in out
+
+
 def test_inspect_says_unknown_and_why_for_a_flux_file(tmp_path, capsys):
     path = save_safetensors({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, tmp_path / "flux.safetensors")
     code, out, _ = run(capsys, "model", "inspect", path, "--no-hash")

@@ -117,8 +117,9 @@ def test_inspect_says_the_recommended_epoch_and_the_shape_where_the_metadata_hol
 
 
 def test_inspect_refuses_a_checkpoint_and_a_missing_file(tmp_path, capsys):
-    with pytest.raises(UserError, match="checkpoint, not a LoRA"):
+    with pytest.raises(UserError, match="checkpoint, not a LoRA") as error:
         inspect_network(TINY_KOHYA_CHECKPOINT)
+    assert str(error.value).endswith(f"run: python -m lora_trainer model inspect {TINY_KOHYA_CHECKPOINT}")
     assert main(["lora", "inspect", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
 

@@ -152,16 +152,22 @@ class UnknownArchitecture(UserError):
     pass
 
 
+NETWORK_KIND = "a LoRA/LyCORIS network (put it in models/Lora)"
 # (key pattern, what it is): files people mistake for SD checkpoints, named so the message can say what they are.
 _OTHER_FILE_KINDS = [
     (re.compile(r"(^|\.)joint_blocks\."), "a Stable Diffusion 3 model"),
     (re.compile(r"(^|\.)double_blocks\."), "a Flux model"),
     (re.compile(r"(^|\.)(down_blocks|up_blocks)\..*(down|up)samplers|^model\.diffusion_model\..*\.time_mixer"), None),
-    (re.compile(r"^lora_(unet|te\d?)_|\.lora_down\.|\.lora_A\.|\.hada_w1_a$|\.lokr_w1$"), "a LoRA/LyCORIS network (put it in models/Lora)"),
+    (re.compile(r"^lora_(unet|te\d?)_|\.lora_down\.|\.lora_A\.|\.hada_w1_a$|\.lokr_w1$"), NETWORK_KIND),
     (re.compile(r"^(string_to_param|emb_params|clip_[lg])$"), "a textual-inversion embedding (put it in embeddings/)"),
     (re.compile(r"^(encoder|decoder)\.(conv_in|down|up|mid)"), "a standalone VAE (give it with --vae)"),
     (re.compile(r"^model\.diffusion_model\.(joint_blocks|double_blocks|layers\.0\.)"), "a non-UNet diffusion model"),
 ]
+
+
+def looks_like_network(keys: list[str]) -> bool:
+    """Whether a file's keys are a LoRA/LyCORIS network's rather than a model's."""
+    return _what_else_is_it(keys) == NETWORK_KIND
 
 
 def _what_else_is_it(keys: list[str]) -> str | None:

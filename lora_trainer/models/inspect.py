@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..hashing import file_sha256, legacy_model_hash
-from .checkpoint import UnknownArchitecture, dtype_histogram, identify, open_tensors
+from .checkpoint import UnknownArchitecture, dtype_histogram, identify, looks_like_network, open_tensors
 
 _PARTS = {
     "UNet": ("model.diffusion_model.",),
@@ -68,6 +68,11 @@ def inspect_checkpoint(path: str | Path, with_hashes: bool = True) -> Checkpoint
         architecture = config.label
     except UnknownArchitecture as error:
         architecture, reason, notes = "unknown", str(error), []
+        if looks_like_network(list(source.shapes)):
+            shown = f'"{path}"' if " " in str(path) else str(path)
+            architecture = "LoRA/LyCORIS network, not a checkpoint"
+            reason = (f"its tensors are a network's (lora_down/lora_up, hada_…, lokr_…); for its rank, base model, "
+                      f"training and tags run: python -m lora_trainer lora inspect {shown}")
     sha = file_sha256(path) if with_hashes else None
     legacy = legacy_model_hash(path) if with_hashes else None
     return CheckpointReport(path, architecture, reason, dtype_histogram(source), parts, other, len(source.shapes), sha, legacy, notes, source.metadata)

@@ -48,14 +48,15 @@ def non_finite(network: NetworkFile) -> list[str]:
     return found
 
 
-def read_network_file(path, finite: bool = True) -> NetworkFile:
-    """A LoRA-family file, or UserError naming the file and what it is instead; with ``finite``, one whose values are
-    all numbers (a NaN would stop an SVD with a traceback, or pass into a merged file)."""
+def read_network_file(path, finite: bool = True,
+                      for_checkpoint: str = "give the checkpoint with --model and the network file as the LoRA") -> NetworkFile:
+    """A LoRA-family file, or UserError naming the file and what it is instead (``for_checkpoint``: what to do with a
+    checkpoint given in its place); with ``finite``, one whose values are all numbers (a NaN would stop an SVD with a
+    traceback, or pass into a merged file)."""
     network = read_network(path)
     keys = [f"{m}.{s}" for m, tensors in network.modules.items() for s in tensors] + network.unreadable_keys
     if any(key.startswith(_CHECKPOINT_PREFIXES) for key in keys):
-        raise UserError(f"{network.path}: is a Stable Diffusion checkpoint, not a LoRA/LyCORIS network; "
-                        "give the checkpoint with --model and the network file as the LoRA")
+        raise UserError(f"{network.path}: is a Stable Diffusion checkpoint, not a LoRA/LyCORIS network; {for_checkpoint}")
     if not network.modules:
         raise UserError(f"{network.path}: holds no LoRA/LyCORIS module (no key ends in a known network suffix such as "
                         "lora_up.weight or hada_w1_a); it is not a network file")
