@@ -28,10 +28,12 @@ def _reference_folder() -> Path:
     return Path(os.environ.get("LORA_TRAINER_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")
 
 
-def _default_model() -> Path:
-    from .tiny_model.build import TINY_MODEL_PATH
+def _checkpoint(given: Path | None) -> Path:
+    """A checkpoint argument: a file or folder, the bundled tiny model by a name the API takes (tiny-sd), or, not
+    given, the tiny model."""
+    from .tiny_model.build import TINY_MODEL_PATH, bundled_model
 
-    return TINY_MODEL_PATH
+    return TINY_MODEL_PATH if given is None else bundled_model(given) or given
 
 
 def load_for_inference(model: Path | None, vae: Path | None, precision: str | None, device: str, prediction: str | None):
@@ -42,7 +44,7 @@ def load_for_inference(model: Path | None, vae: Path | None, precision: str | No
 
     device = _device(device)
     dtype = parse_dtype(precision or ("fp16" if device == "cuda" else "fp32"))
-    path = model or _default_model()
+    path = _checkpoint(model)
     return load_checkpoint(path, dtype=dtype, device=device, vae_path=vae, prediction_type=prediction,
                            vae_dtype=torch.float32 if device == "cpu" else None)
 
@@ -108,7 +110,7 @@ def apply_prompt_loras(prompt: str, model, folders: list[Path]) -> tuple[list[tu
 def inspect_model(args) -> None:
     from .models.inspect import inspect_checkpoint
 
-    print("\n".join(inspect_checkpoint(args.file, with_hashes=not args.no_hash).lines()))
+    print("\n".join(inspect_checkpoint(_checkpoint(args.file), with_hashes=not args.no_hash).lines()))
 
 
 def demo(args) -> None:
@@ -136,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
     g = commands.add_parser("generate", help="txt2img from a checkpoint (default: the embedded tiny model)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--model", type=Path, help="checkpoint file or Diffusers folder (default: the tiny shapes model)")
+    g.add_argument("--model", type=Path, help="checkpoint file or Diffusers folder (default: the tiny shapes model, "
+                   "also named tiny-sd)")
     g.add_argument("--vae", type=Path, help="a separate VAE file")
     g.add_argument("--sampler", default="Euler a", help="Euler, Euler a, DPM++ 2M Karras, DPM++ 2S a Karras, DDIM")
     g.add_argument("--steps", type=int, default=20)
@@ -157,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
 
     m = commands.add_parser("model", help="model file tools").add_subparsers(dest="model_command", required=True)
     i = m.add_parser("inspect", help="say what kind of model a file is")
-    i.add_argument("file", type=Path)
+    i.add_argument("file", type=Path, help="a checkpoint file or Diffusers folder, or tiny-sd (the bundled model)")
     i.add_argument("--no-hash", action="store_true", help="skip hashing (fast on big files)")
     i.set_defaults(run=inspect_model)
 

@@ -85,6 +85,20 @@ def test_inspect_names_architecture_parts_and_hashes(capsys):
     assert "AutoV2" in out and "other (schedule buffers" in out
 
 
+def test_the_bundled_model_is_named_tiny_sd_or_by_its_title_wherever_a_command_takes_a_checkpoint(capsys):
+    """The API took the tiny model by its title; the command line took only its path inside the package."""
+    from lora_trainer.tiny_model.build import EMBEDDED_TITLE, TINY_MODEL_PATH
+    from lora_trainer.train_network import main as train_main
+
+    for name in ("tiny-sd", EMBEDDED_TITLE):
+        code, out, err = run(capsys, "model", "inspect", name, "--no-hash")
+        assert code == 0, err
+        assert f"file:          {TINY_MODEL_PATH}" in out and "architecture:  SD1" in out
+    assert train_main(["--pretrained_model_name_or_path", "tiny-sd", "--train_data_dir", ".",
+                       "--print-kohya-command"]) == 0
+    assert f"--pretrained_model_name_or_path {TINY_MODEL_PATH}" in capsys.readouterr().out
+
+
 def test_model_inspect_of_a_lora_says_so_and_gives_the_lora_command(tmp_path, capsys):
     path = save_safetensors({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
                              "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)},

@@ -191,6 +191,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     they name) are checked once, by ``JobRunner.submit``, before the job is queued.
     The base model may also be named by its title in the host's list (``checkpoints``: ``GET /checkpoints``, the
     WebUI's checkpoint titles), as the Train tab names it."""
+    from ..tiny_model.build import bundled_model
     from ..training.kohya_gui import is_gui_config
     from ..training.options import (DATA_URL_OPTIONS, FIELDS, FOREIGN, PATH_OPTIONS, flattened_sections,
                                     gui_settings_options, is_data_url, not_given)
@@ -229,7 +230,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     options.setdefault("output_dir", str(settings.lora_folder))
     roots = settings.roots()
     model = options.get("pretrained_model_name_or_path")
-    listed = (checkpoints or {}).get(model) if isinstance(model, str) else None
+    listed = ((checkpoints or {}).get(model) or bundled_model(model)) if isinstance(model, str) else None
     if isinstance(model, str) and listed is None and not Path(unquoted(model)).is_absolute():
         raise ApiError(400, "not_found", f"pretrained_model_name_or_path: {model!r} is not a checkpoint title (GET "
                        "/checkpoints lists them) nor an absolute path", "pretrained_model_name_or_path")

@@ -21,7 +21,6 @@ from ..sampling.txt2img import GeneratedImage, GenerationSettings
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-EMBEDDED_TITLE = "tiny-sd (embedded demo model)"
 
 
 class StandaloneHost:
@@ -47,7 +46,7 @@ class StandaloneHost:
     # --- Host -------------------------------------------------------------------------------------------------
 
     def checkpoints(self) -> dict[str, Path]:
-        from ..tiny_model.build import TINY_MODEL_PATH
+        from ..tiny_model.build import EMBEDDED_TITLE, TINY_MODEL_PATH
 
         found = {EMBEDDED_TITLE: TINY_MODEL_PATH}
         for folder in self.checkpoint_folders:

@@ -33,6 +33,16 @@ from ..safe_io import save_safetensors
 from .shapes import random_scene, render, training_caption
 
 TINY_MODEL_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd" / "tiny-sd.safetensors"
+EMBEDDED_TITLE = "tiny-sd (embedded demo model)"  # its title in the standalone app's checkpoint list
+
+
+def bundled_model(name: str | Path | None) -> Path | None:
+    """The bundled tiny model's file where ``name`` is one of its names: ``tiny-sd``, or its title in the app's list
+    (a job posted over the API names it so); None for anything else, and for a file or folder of that name here."""
+    text = str(name).strip() if name is not None else ""
+    if text.lower() not in ("tiny-sd", EMBEDDED_TITLE) or Path(text).exists():
+        return None
+    return TINY_MODEL_PATH
 
 
 def tiny_config(scaling_factor: float = 1.0) -> ModelConfig:

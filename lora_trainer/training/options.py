@@ -630,6 +630,10 @@ def options_from(values: dict[str, Any], source: str = "options", template: bool
     if unknown:
         raise UserError(f"{source}: unknown option(s) {unknown_options(unknown)}", unknown[0])
     options = TrainOptions(**{k: _normalised(k, v, source) for k, v in values.items() if k in FIELDS})
+    from ..tiny_model.build import bundled_model
+
+    if bundled := bundled_model(options.pretrained_model_name_or_path):  # by its name, as the API takes it
+        options = dataclasses.replace(options, pretrained_model_name_or_path=str(bundled))
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):  # 0 or less is none, as sd-scripts reads it
         if getattr(options, name) is not None and getattr(options, name) <= 0:
             options = dataclasses.replace(options, **{name: None})

@@ -775,6 +775,10 @@ def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fa
     unknown = {"name": "zkchar3", "options": {**options, "pretrained_model_name_or_path": "sd15 [abcd1234]"}}
     error = assert_error(client.post(f"{V1}/jobs", json=unknown), 400, "not_found", "pretrained_model_name_or_path")
     assert "'sd15 [abcd1234]' is not a checkpoint title (GET /checkpoints lists them) nor an absolute path" in error["message"]
+    short = {"name": "zkchar4", "options": {**options, "pretrained_model_name_or_path": "tiny-sd"}}  # as the CLI takes it
+    response = client.post(f"{V1}/jobs", json=short)
+    assert response.status_code == 201, response.text
+    assert response.json()["options"]["pretrained_model_name_or_path"] == str(TINY_MODEL_PATH)
 
 
 def test_a_job_named_as_an_earlier_run_in_the_lora_folder_is_told_its_files_will_be_moved_aside(client, job_body,

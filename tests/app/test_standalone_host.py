@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lora_trainer.app.standalone_host import EMBEDDED_TITLE, StandaloneHost
+from lora_trainer.app.standalone_host import StandaloneHost
 from lora_trainer.grid.bench import make_epoch_files
 from lora_trainer.models.checkpoint import load_checkpoint
 from lora_trainer.sampling.txt2img import GenerationSettings
-from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+from lora_trainer.tiny_model.build import EMBEDDED_TITLE, TINY_MODEL_PATH
 
 SETTINGS = GenerationSettings("zkstar", steps=1, sampler="Euler", cfg_scale=5.0, seed=3, width=64, height=64)
 
