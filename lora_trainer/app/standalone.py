@@ -110,10 +110,16 @@ def startup_line(address: str, port: int, settings: AppSettings) -> str:
 
 def still_training(jobs: Iterable[Job], data_folder: Path) -> list[str]:
     """A line for each trainer that outlives the app: it runs in its own session (jobs.runner.own_group) so that a
-    restart follows it, and an app that exits without a word looks as if it had stopped it."""
-    return [f"job {job.id} ({job.name}) is still training in the background (pid {job.pid}); start the app again "
-            f"(same data folder: {data_folder}) to follow or stop it"
-            for job in jobs if job.status == "running" and trainer_alive(job)]
+    restart follows it, and an app that exits without a word looks as if it had stopped it; then one for each queued
+    job, which nothing starts until the app runs again (a user took the queue for running on, as the trainer does)."""
+    jobs = list(jobs)
+    running = [f"job {job.id} ({job.name}) is still training in the background (pid {job.pid}); start the app again "
+               f"(same data folder: {data_folder}) to follow or stop it"
+               for job in jobs if job.status == "running" and trainer_alive(job)]
+    queued = [f"job {job.id} ({job.name}) waits in the queue: it starts only when the app starts again (same data "
+              f"folder: {data_folder}), after the jobs before it"
+              for job in sorted(jobs, key=lambda job: job.id) if job.status == "queued"]
+    return running + queued
 
 
 def _exit_on_terminate(signum, frame) -> None:

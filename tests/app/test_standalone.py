@@ -43,6 +43,19 @@ def test_closing_the_app_names_each_trainer_that_trains_on_and_how_to_follow_it(
         f"(same data folder: {data}) to follow or stop it"]
 
 
+def test_closing_the_app_names_each_queued_job_and_that_it_waits_for_the_next_start(services):
+    """The queued jobs do not follow the background trainer: they start when the app starts again."""
+    store = services.store
+    running = mark_running(store, "mychar", os.getpid())
+    waiting = [store.add(name, {}) for name in ("second", "third")]
+    data = services.settings.data_folder
+    assert still_training(store.all(), data) == [
+        f"job {running.id} (mychar) is still training in the background (pid {os.getpid()}); start the app again "
+        f"(same data folder: {data}) to follow or stop it",
+        *(f"job {job.id} ({job.name}) waits in the queue: it starts only when the app starts again (same data folder: "
+          f"{data}), after the jobs before it" for job in waiting)]
+
+
 def test_ui_help_and_the_startup_line_name_the_data_folder_the_app_uses(tmp_path, monkeypatch, capsys):
     """Jobs and LoRAs live under ./lora-trainer-data: started from another folder the app showed an empty job list
     and Lora folder, and nothing said where it looked."""
