@@ -156,6 +156,13 @@ def best_epoch(files: list[EpochFile]) -> Path | None:
     return kept[min(kept, key=lambda epoch: (abs(epoch - advice.epoch), epoch))]
 
 
+def recommended_label(label: str) -> str:
+    """An epoch's grid label marked as the trainer's recommendation: ``*`` and ``recommended`` on its first line, in
+    characters the picture's default font draws (it has no ★: the Grid tab's table stars it)."""
+    first, newline, rest = label.partition("\n")
+    return f"* {first}, recommended{newline}{rest}"
+
+
 def loss_text(loss: EpochLoss | None) -> str:
     if loss is None:
         return ""
@@ -314,15 +321,20 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     baseline_label = "no LoRA" if request.x.kind != "lora" else f"without {x_name}"
     s = request.settings
     title = f"{s.prompt} | seed {seed} | {s.sampler}, {s.steps} steps, CFG {s.cfg_scale:g}, {s.width}x{s.height}"
+    best = best_epoch(epoch_files) if epoch_files else None
+
+    def label(value: _AxisValue, kind: str) -> str:
+        return recommended_label(value.label) if kind == "epoch" and best and value.loras == (best,) else value.label
+
     return GridPlan(
         cells=cells,
-        row_labels=[y.label for y in ys],
-        column_labels=([baseline_label] if request.baseline else []) + [x.label for x in xs],
+        row_labels=[label(y, request.y.kind) for y in ys],
+        column_labels=([baseline_label] if request.baseline else []) + [label(x, request.x.kind) for x in xs],
         title=title,
         legend=lora_hashes(files),
         files=files,
         epoch_losses=losses,
-        best_epoch=best_epoch(epoch_files) if epoch_files else None,
+        best_epoch=best,
     )
 
 
