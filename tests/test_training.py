@@ -552,6 +552,31 @@ def test_sample_prompt_files_in_toml_and_json_read_as_sd_scripts_reads_them(tmp_
     assert [(p.width, p.height, p.seed) for p in read_prompts(tmp_path / "upper.txt")] == [(64, 96, None)]
 
 
+def test_a_number_option_is_read_by_its_leading_number_as_sd_scripts_reads_it_and_the_rest_is_said(dataset, tmp_path):
+    """sd-scripts reads --w 768px as 768 and --l 7,5 as 7 (re.match(r"l ([\\d\\.]+)")): they were refused here; read
+    the same, the ignored rest is said once, so a decimal comma does not pass as a silent 7."""
+    from lora_trainer.training.samples import read_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# samples\nzkstar --w 64px --h 64 --l 7,5 --s 2\n", encoding="utf-8")
+    (prompt,) = read_prompts(prompts)
+    assert (prompt.width, prompt.scale, prompt.steps) == (64, 7.0, 2)
+    assert prompt.read_partly == (
+        f"{prompts} line 2: --w 64px is read as 64, as sd-scripts reads it ('px' after the number is ignored)",
+        f"{prompts} line 2: --l 7,5 is read as 7, as sd-scripts reads it (',5' after the number is ignored; for a "
+        "decimal write 7.5)")
+    assert run(dataset, tmp_path / "run", "--sample_prompts", str(prompts), "--sample_every_n_steps", "-1",
+               "--max_train_steps", "1", "--max_train_epochs", "0") == 0
+    events, _ = read_events(tmp_path / "run" / "star.events.jsonl")
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert all(warnings.count(message) == 1 for message in prompt.read_partly)
+    for line, said in (("zkstar --w big", "--w big does not start with a number, so sd-scripts would not read it either; "
+                        "give one, such as --w 512"), ("zkstar --l 7.5.1", "scale '7.5.1' is not a number")):
+        prompts.write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(UserError, match=re.escape(f"{prompts} line 1: {said}")):
+            read_prompts(prompts)
+
+
 def test_json_lines_read_as_txt_lines_and_options_not_read_are_named(tmp_path):
     """sd-scripts reads a JSON string as a .txt line, options and all; a typo'd or other-model option is kept
     apart to be said, not dropped in silence."""
@@ -611,7 +636,7 @@ def test_an_unreadable_sample_prompt_is_named_with_its_line_before_any_work(data
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# samples\nzkstar --w 64\nzkstar --w big\n", encoding="utf-8")
     assert run(dataset, tmp_path, "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1") == 2
-    assert f"{prompts} line 3: width 'big' is not a whole number" in capsys.readouterr().err
+    assert f"{prompts} line 3: --w big does not start with a number" in capsys.readouterr().err
     assert not (tmp_path / "star.events.jsonl").exists()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +32,15 @@ class SamplePrompt:
     seed: int | None = None
     sampler: str | None = None
     not_read: tuple[str, ...] = ()  # the line's options or the entry's keys that this trainer does not read
+    read_partly: tuple[str, ...] = ()  # a warning per number option whose text after the number was ignored
 
 
 _TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "s": "steps", "l": "scale", "d": "seed", "ss": "sampler"}
+# sd-scripts reads a number option by the number it starts with (re.match(r"w (\d+)", …)) and ignores the rest; its
+# --d -1 reads no seed, a new one each time, which -1 asks of ours
+_LEADING_NUMBER = {"w": re.compile(r"\d+"), "h": re.compile(r"\d+"), "s": re.compile(r"\d+"), "d": re.compile(r"-?\d+"),
+                   "l": re.compile(r"[\d.]+")}
+_EXAMPLES = {"w": "512", "h": "512", "s": "30", "d": "42", "l": "7.5"}
 _TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
               "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
 # sd-scripts reads these for its other models (FLUX, SD3, Lumina, ControlNet): known, and not drawn here
@@ -85,15 +92,31 @@ def parse_txt_line(line: str, default_size: int = 512, where: str = "sample prom
     does)."""
     parts = line.split(" --")
     prompt = SamplePrompt(parts[0].strip(), width=default_size, height=default_size)
-    not_read = []
+    not_read, read_partly = [], []
     for part in parts[1:]:
         key, _, value = part.strip().partition(" ")
+        value = value.strip()
         if key.lower() in _TXT_OPTIONS:
-            setattr(prompt, _TXT_OPTIONS[key.lower()], value.strip())
+            number = _LEADING_NUMBER.get(key.lower())
+            match = number.match(value) if number else None
+            if number and not match:
+                raise UserError(f"{where}: {f'--{key} {value}'.strip()} does not start with a number, so sd-scripts would "
+                                f"not read it either; give one, such as --{key} {_EXAMPLES[key.lower()]}")
+            if match and match.group() != value:
+                read_partly.append(partly_read_warning(where, f"--{key} {value}", match.group(), value[match.end():]))
+                value = match.group()
+            setattr(prompt, _TXT_OPTIONS[key.lower()], value)
         else:
             not_read.append(f"--{key}" + (" (for sd-scripts' other models)" if key.lower() in _OTHER_MODELS_TXT else ""))
-    prompt.not_read = tuple(not_read)
+    prompt.not_read, prompt.read_partly = tuple(not_read), tuple(read_partly)
     return _fixed(prompt, where)
+
+
+def partly_read_warning(where: str, option: str, number: str, ignored: str) -> str:
+    """``--l 7,5`` read as 7, as sd-scripts reads it: said, since a decimal comma would otherwise pass unseen."""
+    decimal = re.match(r",(\d+)", ignored)
+    hint = f"; for a decimal write {number}.{decimal.group(1)}" if decimal else ""
+    return f"{where}: {option} is read as {number}, as sd-scripts reads it ({ignored!r} after the number is ignored{hint})"
 
 
 def read_prompts(path: str | Path, default_size: int = 512) -> list[SamplePrompt]:

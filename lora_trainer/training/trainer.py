@@ -308,6 +308,7 @@ def _sample_warnings(options: TrainOptions, prompts: list) -> list[str]:
     for number, prompt in enumerate(prompts, 1):
         if prompt.not_read:
             warnings.append(not_read_warning(path, number, prompt))
+        warnings += prompt.read_partly
         if lora_calls_in(prompt.prompt)[1]:
             warnings.append(f"{path} prompt {number}: its <lora:…> tags are left out; a sample shows the base model "
                             "with the network being trained, and no other")
