@@ -371,15 +371,14 @@ def test_a_resume_that_changes_the_schedule_is_said_and_one_that_changes_the_acc
     assert "start" not in [e["event"] for e in read_events(events)[0]]
 
 
-def test_a_state_resumed_with_another_network_alpha_keeps_its_own_in_the_tensors(baseline, dataset, tmp_path):
-    """ss_network_alpha keeps the command's value, as sd-scripts writes it; the tensors hold the alpha that trained."""
+def test_a_state_resumed_with_another_network_alpha_keeps_its_own_and_the_files_say_so(baseline, dataset, tmp_path):
     state = baseline / "star-000001-state"
     assert run(dataset, tmp_path, "--resume", str(state), "--network_alpha", "1") == 0
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert any(e["message"].startswith(f"--network_alpha 1: {state} was trained with alpha 4, which it keeps")
                for e in events if e["event"] == "warning")
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
-        assert handle.metadata()["ss_network_alpha"] == "1.0"
+        assert handle.metadata()["ss_network_alpha"] == "4.0"
         assert {float(handle.get_tensor(k)) for k in handle.keys() if k.endswith(".alpha")} == {4.0}
     resumed, uninterrupted = weights(tmp_path / "star.safetensors"), weights(baseline / "star.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # trained on as the state was
@@ -1304,15 +1303,14 @@ def test_a_run_continued_from_its_epoch_file_counts_and_names_on_from_the_initia
 
 
 def test_network_weights_with_another_alpha_keep_the_files_alpha_and_say_so(baseline, dataset, tmp_path, capsys):
-    """The loaded file's alpha 4 trains and is saved in the tensors, said; ss_network_alpha keeps the command's 2, as
-    sd-scripts writes it (args.network_alpha)."""
+    """The files said ss_network_alpha 2 while their tensors held the loaded file's alpha 4 (which trained), silently."""
     first = baseline / "star-000001.safetensors"  # trained with alpha 4
     assert run(dataset, tmp_path / "out", "--network_weights", str(first), "--network_alpha", "2", "--max_train_steps", "1",
                "--max_train_epochs", "0") == 0
     assert "holds alpha 4 and --network_alpha is 2: the file's alpha is kept" in capsys.readouterr().err
     with safe_open(str(tmp_path / "out" / "star.safetensors"), "pt") as handle:
         alphas = {float(handle.get_tensor(key)) for key in handle.keys() if key.endswith(".alpha")}
-        assert alphas == {4.0} and handle.metadata()["ss_network_alpha"] == "2.0"
+        assert alphas == {4.0} and handle.metadata()["ss_network_alpha"] == "4.0"
     assert run(dataset, tmp_path / "same", "--network_weights", str(first), "--max_train_steps", "1", "--max_train_epochs", "0") == 0
     assert "holds alpha" not in capsys.readouterr().err  # --network_alpha 4 as in the file: nothing to say
 
@@ -2295,10 +2293,9 @@ def test_the_step_events_carry_each_parts_rate_and_every_group_when_there_are_mo
     assert step["lr_groups"] == {"textencoder": 1e-5, "textencoder plus": 1.6e-4, "unet": 1e-4, "unet plus": 1.6e-3}
 
 
-def test_dim_from_weights_keeps_the_commands_dim_and_alpha_in_the_metadata_as_sd_scripts_and_needs_the_file(
-        baseline, dataset, tmp_path, capsys):
-    """sd-scripts writes ss_network_dim/alpha from the command (args.network_dim, args.network_alpha), not from the
-    shape it took from the file; the card and lora inspect say the shape of the tensors."""
+def test_dim_from_weights_writes_the_files_rank_and_alpha_and_needs_the_file(baseline, dataset, tmp_path, capsys):
+    """The card in the WebUI shows ss_network_dim: a run that took its shape from a file must say that shape (where
+    sd-scripts writes the command's --network_dim and --network_alpha, which its tensors do not hold)."""
     from lora_trainer.app.user_metadata import write_card_metadata
 
     start = baseline / "star.safetensors"
@@ -2306,24 +2303,11 @@ def test_dim_from_weights_keeps_the_commands_dim_and_alpha_in_the_metadata_as_sd
                "--network_alpha", "1") == 0
     with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
         metadata = handle.metadata()
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("16", "1.0")
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "4.0")
     card = json.loads(write_card_metadata(tmp_path / "star.safetensors", {}).read_text(encoding="utf-8"))
     assert "dim 4 / alpha 4," in card["description"]
     assert run(dataset, tmp_path / "none", "--dim_from_weights") == 2
     assert "--dim_from_weights takes the network's shape from --network_weights: give that file" in capsys.readouterr().err
-
-
-def test_a_run_without_network_dim_or_alpha_records_them_as_sd_scripts_does(dataset, tmp_path):
-    """sd-scripts writes str(args.network_dim): "None" without --network_dim, and its --network_alpha default 1."""
-    assert train_main(["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", str(dataset),
-                       "--output_dir", str(tmp_path), "--output_name", "star", "--resolution", "64",
-                       "--network_module", "networks.lora", "--max_train_steps", "1", "--max_train_epochs", "0",
-                       "--caption_extension", ".txt", "--max_data_loader_n_workers", "0"]) == 0
-    with safe_open(str(tmp_path / "star.safetensors"), "pt") as handle:
-        metadata = handle.metadata()
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("None", "1.0")
-    downs = [t for k, t in weights(tmp_path / "star.safetensors").items() if k.endswith("lora_down.weight")]
-    assert {t.shape[0] for t in downs} == {4}  # trained at the default rank all the same
 
 
 def test_a_schedule_free_run_stopped_and_resumed_ends_as_the_uninterrupted_one(dataset, tmp_path, monkeypatch):

@@ -220,9 +220,6 @@ class RunMetadata:
         self.spec = spec
         title = o.metadata_title or o.output_name or f"LoRA@{time.strftime('%Y%m%d%H%M%S')}"
         self.base = base_metadata(config, spec, title, resolution_of(o))
-        # sd-scripts records the command's values, not the network's shape: "None" without --network_dim, and under
-        # --dim_from_weights the command's --network_alpha (the tools and the WebUI read the shape from the tensors)
-        self.base["ss_network_dim"], self.base["ss_network_alpha"] = str(o.network_dim), str(o.network_alpha)
         if o.metadata_author:
             self.base["modelspec.author"] = o.metadata_author
         for key in ("description", "license", "tags", "trigger_phrase", "usage_hint", "merged_from", "preprocessor",

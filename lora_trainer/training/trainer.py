@@ -1258,14 +1258,12 @@ def _loaded_alpha(network: LoRANetwork, asked: dict[str, float]) -> float | None
 
 def _spec_with_loaded_alpha(options: TrainOptions, network: LoRANetwork, asked: dict[str, float], events: EventLog):
     """A resumed state keeps the alpha it was trained with (α/rank scales its weights), whatever --network_alpha
-    says now: said, and saved in the files' tensors (their ss_network_alpha keeps the command's value, as sd-scripts
-    writes it)."""
+    says now: said, and written into the files' metadata as the alpha their tensors hold."""
     alpha = _loaded_alpha(network, asked)
     if alpha is None:
         return network.spec
     events.emit("warning", message=f"--network_alpha {network.spec.alpha:g}: {options.resume} was trained with alpha "
-                f"{alpha:g}, which it keeps (the weights are scaled by alpha / rank) and its files hold (their "
-                f"ss_network_alpha keeps the command's value, as sd-scripts writes it)")
+                f"{alpha:g}, which it keeps (the weights are scaled by alpha / rank); its files say {alpha:g}")
     return dataclasses.replace(network.spec, alpha=alpha)
 
 
@@ -1335,8 +1333,7 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     if (alpha := _loaded_alpha(network, asked)) is not None:  # α/rank scales the loaded weights: kept as trained
         notes.append(f"--network_weights {path} holds alpha {alpha:g} and --network_alpha is {network.spec.alpha:g}: "
                      f"the file's alpha is kept (the weights are scaled by alpha / rank, so they go on at the strength "
-                     f"they were trained to) and the files this run saves hold it (their ss_network_alpha keeps the "
-                     f"command's value, as sd-scripts writes it). sd-scripts trains at "
+                     f"they were trained to) and the files this run saves say {alpha:g}. sd-scripts trains at "
                      f"--network_alpha's scale but saves the file's alpha; give --network_alpha {alpha:g} to silence this")
         network.spec = dataclasses.replace(network.spec, alpha=alpha)
     return notes

@@ -158,8 +158,8 @@ def module_rank(tensors: Tensors) -> int | None:
 
 def rank_and_alpha(network: NetworkFile) -> tuple[int | None, float | None]:
     """The rank and alpha most of the file's modules have (a module without an alpha tensor has alpha = rank); None,
-    None for algorithms without a rank. The network's shape as the WebUI reads it: its ss_network_dim/alpha keys hold
-    the command's values, as sd-scripts writes them ("None" where not given)."""
+    None for algorithms without a rank. The network's shape as the WebUI reads it: sd-scripts' files hold the command's
+    values in their ss_network_dim/alpha keys ("None" where not given), which the tensors need not have."""
     ranks = Counter(rank for tensors in network.modules.values() if (rank := module_rank(tensors)) is not None)
     if not ranks:
         return None, None
