@@ -2174,6 +2174,36 @@ def test_a_truncated_image_is_skipped_like_an_unreadable_one_and_counts_nowhere(
     assert json.loads(metadata["ss_bucket_info"])["buckets"] == {"0": {"resolution": [64, 64], "count": 32}}
 
 
+def test_training_start_decodes_a_large_jpeg_at_an_eighth_of_its_size_and_still_skips_a_truncated_one(tmp_path,
+                                                                                                       monkeypatch):
+    """The start of a run decodes every image to find damaged ones: 1500 12-megapixel photos took minutes in full.
+    A JPEG is decoded at an eighth of each side, which still reads its stream to the end: a truncated one is skipped
+    with its note, and a good one keeps its full size (its bucket)."""
+    from types import SimpleNamespace
+
+    from PIL import ImageFile
+
+    from lora_trainer.training.data import build_training_data
+    from lora_trainer.training.options import options_from
+
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    Image.fromarray(noise, "RGB").save(folder / "photo.jpg", quality=90)
+    cut = folder / "cut.jpg"
+    cut.write_bytes((folder / "photo.jpg").read_bytes()[: (folder / "photo.jpg").stat().st_size // 2])
+    decoded: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image.size) or load(image))
+    options = options_from({"pretrained_model_name_or_path": "m", "train_data_dir": str(folder.parent),
+                            "resolution": "64", "enable_bucket": True, "min_bucket_reso": "64", "max_bucket_reso": "128"})
+    data = build_training_data(options, SimpleNamespace(bucket_step_multiple=64, name="sd", label="SD 1.5"), seed=3)
+    assert (f"{cut} is truncated (the file ends early); re-export or re-download it, or remove it; skipped"
+            in data.notes)
+    assert [(record.path.name, record.size) for record in data.datasets[0].train] == [("photo.jpg", (1024, 768))]
+    assert sorted(decoded) == [(128, 96), (128, 96)]  # both JPEGs, each at an eighth of 1024 x 768
+
+
 def test_a_dataset_of_truncated_images_only_is_refused_naming_them(tmp_path, capsys):
     folder = tmp_path / "data" / "2_zkstar"
     folder.mkdir(parents=True)
