@@ -143,6 +143,9 @@ def test_fixed_resolution_explains_why_an_image_would_fail_without_buckets():
     assert "smaller" in fixed_resolution_problem((400, 600), (512, 512), random_crop=True)
     assert "random_crop" in fixed_resolution_problem((768, 512), (512, 512), random_crop=False)
     assert fixed_resolution_problem((768, 512), (512, 512), random_crop=True) is None
+    # sd-scripts' crop_target cuts a larger image around its face, and stops on a smaller one (it never enlarges)
+    assert fixed_resolution_problem((768, 512), (512, 512), random_crop=False, face_crop=True) is None
+    assert "smaller" in fixed_resolution_problem((768, 400), (512, 512), random_crop=False, face_crop=True)
 
 
 def test_min_bucket_below_one_step_is_refused_instead_of_a_zero_wide_bucket():

@@ -79,6 +79,9 @@ def test_check_without_buckets_takes_the_runs_random_crop_and_latent_caching(tmp
     for flag in ("--random-crop", "--cache-latents"):
         assert main(["dataset", "check", str(tmp_path), "--no-buckets", flag]) == 0
         assert "wrong-size" not in capsys.readouterr().out
+    (tmp_path / "10_zk" / "a.png").rename(tmp_path / "10_zk" / "a_320_300_120_140.png")  # sd-scripts' face-crop name
+    assert main(["dataset", "check", str(tmp_path), "--no-buckets", "--face-crop"]) == 0
+    assert "wrong-size" not in capsys.readouterr().out
 
 
 def test_check_at_a_low_resolution_needs_no_bucket_limits(tmp_path, capsys):

@@ -109,6 +109,29 @@ def test_without_buckets_random_crop_trains_a_larger_image_and_cached_latents_an
     assert [(f.kind, f.path) for f in from_config.errors] == [("wrong-size", "10_zk/small.png")]
 
 
+def test_without_buckets_a_face_crop_trains_a_larger_image_named_with_its_face(tmp_path):
+    """With the run's face_crop_aug_range, training cuts the resolution around the face a file's name gives
+    (sd-scripts' name_<cx>_<cy>_<w>_<h>): a larger such image is no wrong size; one without a face in its name, or a
+    smaller one (sd-scripts never enlarges it), still is; a TOML subset's own face_crop_aug_range does the same."""
+    from lora_trainer.dataset.health import check_dataset_config
+
+    caption(make_image(tmp_path / "10_zk" / "portrait_320_300_120_140.png", (640, 576), 1), "zk")
+    caption(make_image(tmp_path / "10_zk" / "unnamed.png", (640, 576), 2), "zk")
+    caption(make_image(tmp_path / "10_zk" / "small_200_200_80_80.png", (480, 480), 3), "zk")
+    plain = check_dataset(tmp_path, HealthSettings(enable_bucket=False))
+    assert sorted(f.path for f in plain.errors if f.kind == "wrong-size") == [
+        "10_zk/portrait_320_300_120_140.png", "10_zk/small_200_200_80_80.png", "10_zk/unnamed.png"]
+    face_crop = check_dataset(tmp_path, HealthSettings(enable_bucket=False, face_crop=True))
+    assert sorted((f.kind, f.path) for f in face_crop.errors) == [("wrong-size", "10_zk/small_200_200_80_80.png"),
+                                                                  ("wrong-size", "10_zk/unnamed.png")]
+    config = tmp_path / "datasets.toml"
+    config.write_text(f'[[datasets]]\nresolution = 512\nenable_bucket = false\n[[datasets.subsets]]\n'
+                      f'image_dir = "{(tmp_path / "10_zk").as_posix()}"\ncaption_extension = ".txt"\n'
+                      'face_crop_aug_range = [2.0, 4.0]\n', encoding="utf-8")
+    from_config = check_dataset_config(config, HealthSettings())
+    assert sorted(f.path for f in from_config.errors) == ["10_zk/small_200_200_80_80.png", "10_zk/unnamed.png"]
+
+
 def test_bucket_options_that_contradict_the_resolution_are_one_error_not_one_per_image(tmp_path):
     for seed in range(3):
         caption(make_image(tmp_path / "10_zk" / f"{seed}.png", (64, 64), seed), "zk")

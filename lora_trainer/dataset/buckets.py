@@ -228,16 +228,17 @@ def centre_crop_box(resized_size: Size, bucket: Size) -> tuple[int, int, int, in
 
 def fixed_resolution_problem(image_size: Size, resolution: Size, random_crop: bool, face_crop: bool = False) -> str | None:
     """Without buckets (and without latent caching, which resizes like a bucket) sd-scripts trains an image only if
-    it has exactly the resolution, or is larger with ``random_crop``/face crop; this says why one would fail."""
+    it has exactly the resolution, or is larger with ``random_crop``/face crop (its ``crop_target`` never enlarges:
+    it stops on a smaller image with a face too); this says why one would fail."""
     width, height = image_size
-    if (width, height) == resolution or face_crop:
+    if (width, height) == resolution:
         return None
     if width < resolution[0] or height < resolution[1]:
         return (
             f"{width}x{height} is smaller than the resolution {resolution[0]}x{resolution[1]} and buckets are off; "
             "turn on enable_bucket or resize the image."
         )
-    if not random_crop:
+    if not (random_crop or face_crop):
         return (
             f"{width}x{height} is larger than the resolution {resolution[0]}x{resolution[1]} and neither buckets nor "
             "random_crop are on; turn on enable_bucket (or random_crop)."

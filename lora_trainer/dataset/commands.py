@@ -42,6 +42,7 @@ def run_check(args) -> None:
         keep_tokens_separator=args.keep_tokens_separator,
         random_crop=args.random_crop,
         cache_latents=args.cache_latents,
+        face_crop=args.face_crop,
     )
     if args.folder.is_file() and args.folder.suffix.lower() in (".toml", ".json"):  # a --dataset_config
         report = check_dataset_config(args.folder, settings, {
@@ -113,6 +114,9 @@ def add_dataset_commands(subparsers) -> None:
     check.add_argument("--cache-latents", action="store_true",
                        help="check as a run with --cache_latents: without buckets, every image is resized to the "
                             "resolution")
+    check.add_argument("--face-crop", action="store_true",
+                       help="check as a run with --face_crop_aug_range: without buckets, a larger image whose name "
+                            "gives its face (name_<cx>_<cy>_<w>_<h>.png) is cut around it at the resolution")
     check.add_argument("--caption-extension", default=".txt",
                        help="default .txt, as the taggers and the Kohya GUI write; sd-scripts' own default is .caption")
     _add_bucket_options(check)

@@ -33,7 +33,7 @@ from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_
 from lora_trainer.dataset.captions import CaptionOptions, split_kept_tags, tag_frequency
 from lora_trainer.dataset.images import ImageError, checked_size_and_thumbnail, sd_scripts_reading
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
-                                         first_few, images_in_unread_case, list_images,
+                                         face_in_name, first_few, images_in_unread_case, list_images,
                                          nested_images_note, other_caption_extension, parse_repeats_folder_name,
                                          suggested_folder_name, UNREAD_PICTURE_SUFFIXES, unread_case_note)
 from lora_trainer.errors import UserError
@@ -77,9 +77,11 @@ class HealthSettings:
     keep_tokens_separator: str = ""
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
     # Buckets off, these decide which images of another size than the resolution train: with random_crop a larger
-    # one gives a patch at its own size; cached latents are resized like a bucket, so any size trains.
+    # one gives a patch at its own size; cached latents are resized like a bucket, so any size trains; with the run's
+    # face_crop_aug_range (face_crop) a larger one whose name gives its face is cut around it.
     random_crop: bool = False
     cache_latents: bool = False
+    face_crop: bool = False
 
     def __post_init__(self) -> None:
         if self.max_token_length not in TOKEN_LIMITS:
@@ -418,6 +420,7 @@ class _Source:
     buckets: BucketSettings
     dataset: int = 0
     random_crop: bool = False
+    face_crop: bool = False
 
 
 def bucket_limits_for(resolution: Size) -> tuple[int, int]:
@@ -435,16 +438,16 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> 
     bucket_settings = settings.buckets()
     bucket_list(bucket_settings)  # bucket options that contradict the resolution: one error, not one per image
     caption_extension = checked_caption_extension(settings.caption_extension)
-    sources = [_Source(path, repeats, tokens, caption_extension, bucket_settings, random_crop=settings.random_crop)
-               for path, repeats, tokens in layout.concept_folders]
+    sources = [_Source(path, repeats, tokens, caption_extension, bucket_settings, random_crop=settings.random_crop,
+                       face_crop=settings.face_crop) for path, repeats, tokens in layout.concept_folders]
     return _report(root, str(root), sources, list(layout.findings), settings, {0: settings.batch_size})
 
 
 def check_dataset_config(path: Path, settings: HealthSettings, options: object | None = None) -> HealthReport:
     """Check the image folders a ``--dataset_config`` file names, each subset with its repeats, class tokens and
-    caption extension and random_crop and each dataset with its buckets and batch size (``options``: the run's, which
-    the file's values override, as sd-scripts reads them). Regularisation and metadata-file subsets are named, not
-    counted."""
+    caption extension, random_crop and face_crop_aug_range and each dataset with its buckets and batch size
+    (``options``: the run's, which the file's values override, as sd-scripts reads them; ``settings.face_crop`` stands
+    for a run's face_crop_aug_range). Regularisation and metadata-file subsets are named, not counted."""
     from lora_trainer.dataset.config import load_dataset_config
 
     path = Path(path)
@@ -465,7 +468,7 @@ def check_dataset_config(path: Path, settings: HealthSettings, options: object |
                 continue
             sources.append(_Source(subset.image_dir, subset.num_repeats, subset.class_tokens or "",
                                    checked_caption_extension(subset.caption_extension), buckets, index,
-                                   subset.random_crop))
+                                   subset.random_crop, subset.face_crop_aug_range is not None or settings.face_crop))
     first = group.datasets[0] if group.datasets else None
     if first and first.resolution:  # the report's header shows the first dataset's settings
         settings = replace(settings, resolution=first.resolution, batch_size=first.batch_size,
@@ -513,7 +516,8 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
                 findings.append(Finding("warning", too_long[0], name, too_long[1]))
             hashes[name] = facts.perceptual_hash
             check = _image_check(name, folder_name, facts.size, caption, caption_source, tokens, hashes[name],
-                                 source.buckets, source.random_crop, settings.cache_latents, findings)
+                                 source.buckets, source.random_crop, settings.cache_latents, findings,
+                                 face_crop=source.face_crop and face_in_name(image_path) is not None)
             images.append(check)
             samples_per_bucket[(source.dataset, check.bucket)] += repeats
             usable += 1
@@ -569,9 +573,10 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
 
 def _image_check(name: str, folder: str, size: Size, caption: str, source: str, tokens: int, image_hash: int,
                  bucket_settings: BucketSettings, random_crop: bool, latents_cached: bool,
-                 findings: list[Finding]) -> ImageCheck:
+                 findings: list[Finding], face_crop: bool = False) -> ImageCheck:
     """Buckets off, as training plans it: cached latents resize any size to cover the resolution; without them
-    random_crop trains a patch of a larger image at its own size, and sd-scripts stops on the other sizes."""
+    random_crop trains a patch of a larger image at its own size, a face crop (``face_crop``: the image's name gives
+    its face) cuts the resolution around the face of a larger one, and sd-scripts stops on the other sizes."""
     hash_text = f"{image_hash:016x}"
     try:
         choice = select_bucket(size, bucket_settings, random_crop and not latents_cached)
@@ -582,7 +587,7 @@ def _image_check(name: str, folder: str, size: Size, caption: str, source: str, 
     kept = (crop[2] - crop[0]) * (crop[3] - crop[1])
     scale = max(choice.resized_size[0] / size[0], choice.resized_size[1] / size[1])
     if not bucket_settings.enable_bucket and not latents_cached:
-        problem = fixed_resolution_problem(size, bucket_settings.resolution, random_crop)
+        problem = fixed_resolution_problem(size, bucket_settings.resolution, random_crop, face_crop)
         if problem:
             findings.append(Finding("error", "wrong-size", name, problem))
     if scale >= TOO_SMALL_UPSCALE:

@@ -493,6 +493,12 @@ def test_dataset_check_returns_the_health_report(services, make_dataset):
     for setting in ("random_crop", "cache_latents"):
         checked = client.post(f"{V1}/dataset/check", json={**fixed, setting: True}).json()
         assert "wrong-size" not in [f["kind"] for f in checked["findings"]] and checked["settings"][setting]
+    # a face crop cuts around the face its name gives (sd-scripts' name_<cx>_<cy>_<w>_<h>): those alone fit
+    concept = Path(body["path"]) / "10_zkchar"
+    (concept / "img_000.png").rename(concept / "img_000_8_8_4_4.png")
+    checked = client.post(f"{V1}/dataset/check", json={**fixed, "face_crop": True}).json()
+    assert sorted(f["path"] for f in checked["findings"] if f["kind"] == "wrong-size") == [
+        "10_zkchar/img_001.png", "10_zkchar/img_002.png"]
 
 
 def test_a_tag_session_with_file_names_that_are_not_utf8_answers_and_takes_them_back(services, make_dataset):

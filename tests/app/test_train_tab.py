@@ -153,9 +153,10 @@ def test_dataset_check_shows_the_health_report(services):
     assert "10_zkstar" in text and "Samples per epoch" in text
 
 
-def test_dataset_check_without_buckets_knows_the_runs_random_crop_and_latent_caching(services, tmp_path):
+def test_dataset_check_without_buckets_knows_the_runs_random_crop_face_crop_and_latent_caching(services, tmp_path):
     """A larger image is an error only where training would stop on it: not with the preset's cached latents
-    (resized like a bucket), nor with random_crop (a patch at its own size)."""
+    (resized like a bucket), nor with random_crop (a patch at its own size), nor where a face crop cuts around the
+    face its name gives."""
     from PIL import Image
 
     services.settings.dataset_roots.append(tmp_path)
@@ -168,6 +169,11 @@ def test_dataset_check_without_buckets_knows_the_runs_random_crop_and_latent_cac
     assert "wrong-size" not in train_tab.check_dataset_text(services, {**checked, "extra": "enable_bucket = false"})
     text = train_tab.check_dataset_text(services, {**checked, "extra": "enable_bucket = false\ncache_latents = false\n"
                                                                         "random_crop = true"})
+    assert "wrong-size" not in text and "Samples per epoch" in text
+    for name in ("a.png", "a.txt"):  # sd-scripts' face-crop name: the run cuts the resolution around that face
+        (folder / "10_zkchar" / name).rename(folder / "10_zkchar" / name.replace("a.", "a_48_40_20_20."))
+    face_crop = {**checked, "extra": 'enable_bucket = false\ncache_latents = false\nface_crop_aug_range = "2.0,4.0"'}
+    text = train_tab.check_dataset_text(services, face_crop)
     assert "wrong-size" not in text and "Samples per epoch" in text
 
 

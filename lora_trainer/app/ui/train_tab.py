@@ -128,7 +128,8 @@ def _resolution_pair(text: Any) -> tuple[int, int]:
 
 
 def health_settings(options: dict[str, Any]) -> HealthSettings:
-    """The health check under the run's own resolution, batch size, buckets, random_crop and latent caching."""
+    """The health check under the run's own resolution, batch size, buckets, random_crop, face crop and latent
+    caching."""
     checked = options_from({"pretrained_model_name_or_path": "-", "train_data_dir": "-", **options}, "Train form")
     return HealthSettings(resolution=resolution_of(checked) or (512, 512), batch_size=checked.train_batch_size,
                           enable_bucket=checked.enable_bucket, min_bucket_reso=checked.min_bucket_reso,
@@ -137,7 +138,8 @@ def health_settings(options: dict[str, Any]) -> HealthSettings:
                           max_token_length=checked.max_token_length or 75, shuffle_caption=checked.shuffle_caption,
                           keep_tokens=checked.keep_tokens, keep_tokens_separator=checked.keep_tokens_separator or "",
                           random_crop=checked.random_crop,
-                          cache_latents=checked.cache_latents or checked.cache_latents_to_disk)
+                          cache_latents=checked.cache_latents or checked.cache_latents_to_disk,
+                          face_crop=bool(checked.face_crop_aug_range))
 
 
 def dataset_config_file(services: Services, dataset: str) -> Path | None:
