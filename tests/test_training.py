@@ -1241,6 +1241,30 @@ def test_fine_tuning_metadata_json_trains_exactly_as_the_same_captions_in_folder
     assert written["ss_num_train_images"] == "32"
 
 
+def test_a_metadata_image_size_buckets_the_image_and_names_its_cache_but_sdxl_is_conditioned_on_its_pixels(tmp_path):
+    """sd-scripts buckets a fine-tuning entry by the metadata's image_size and names its latent cache by it, but gives
+    SDXL the size of the pixels it reads (``trim_and_resize_if_required``): a picture shrunk after its metadata was
+    written trains as 80x64, not as the 160x128 the file says."""
+    from types import SimpleNamespace
+
+    from lora_trainer.training.data import build_training_data, npz_path
+    from lora_trainer.training.options import options_from
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (80, 64), (200, 40, 40)).save(folder / "shrunk.png")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"shrunk.png": {"caption": "zkstar", "image_size": [160, 128]}}), encoding="utf-8")
+    options = options_from({"pretrained_model_name_or_path": "m", "train_data_dir": str(folder), "in_json": str(meta),
+                            "resolution": "64", "enable_bucket": True, "min_bucket_reso": "64", "max_bucket_reso": "128"})
+    data = build_training_data(options, SimpleNamespace(bucket_step_multiple=32, name="sdxl", label="SDXL"), seed=3)
+    record = data.datasets[0].train[0]
+    assert (record.bucket, record.choice.resized_size) == ((64, 64), (80, 64))  # from 160x128, as sd-scripts buckets
+    assert npz_path(record, "sdxl").name == "shrunk_0160x0128_sdxl.npz"  # sd-scripts' name from the metadata size
+    batch = data.epoch_batches(0)[0]
+    assert (batch.original_sizes, batch.crops, batch.target_sizes) == ([(64, 80)], [(6, 0)], [(64, 64)])
+
+
 def test_in_json_with_reg_images_is_refused_as_a_contradiction(dataset, tmp_path, capsys):
     meta = tmp_path / "meta.json"
     meta.write_text("{}", encoding="utf-8")

@@ -48,7 +48,7 @@ class ImageRecord:
     caption: str
     subset: SubsetConfig
     dataset: int  # index of its dataset
-    size: tuple[int, int]  # original (w, h)
+    size: tuple[int, int]  # original (w, h), of the file's pixels: SDXL's original size and crop, as sd-scripts gives them
     choice: B.BucketChoice  # the bucket (w, h) it is trained at, and the size it is resized to first
     repeats: int
     latents: torch.Tensor | None = None
@@ -56,6 +56,8 @@ class ImageRecord:
     mask: torch.Tensor | None = None  # a masked image with cached latents: [H, W] at the bucket size, unflipped
     face: tuple[int, int, int, int] | None = None  # face centre and size from the name, with face_crop_aug_range
     mask_path: Path | None = None  # its image in the subset's mask folder (conditioning_data_dir)
+    listed_size: tuple[int, int] | None = None  # a fine-tuning metadata entry's image_size: sd-scripts buckets it and
+    # names its latent cache by it, but conditions SDXL on the pixels' size
 
     @property
     def masked(self) -> bool:
@@ -459,8 +461,9 @@ _CACHE_NAMES = re.compile(r".+_\d{4}x\d{4}_(sd|sdxl)\.npz|.+" + re.escape(TE_OUT
 
 
 def npz_path(record: ImageRecord, config_name: str) -> Path:
-    """sd-scripts' cache name: ``<stem>_<W:04d>x<H:04d>_sd.npz`` (``_sdxl``), W×H the original image size."""
-    return _npz_beside(record.path, record.size, config_name)
+    """sd-scripts' cache name: ``<stem>_<W:04d>x<H:04d>_sd.npz`` (``_sdxl``), W×H the original image size (a metadata
+    entry's image_size where it gives one)."""
+    return _npz_beside(record.path, record.listed_size or record.size, config_name)
 
 
 def _npz_beside(image: Path, size: tuple[int, int], config_name: str) -> Path:
@@ -572,15 +575,16 @@ def _sized_image(entry: ImageEntry, settings: B.BucketSettings, cached_as: str |
     gives its size: a file truncated after a good header is then skipped like any unreadable one, before anything is
     counted, instead of stopping the run when its latents are cached (or mid-epoch without caching). Not when this
     model family's disk cache (``cached_as``) is newer than the image: the run reads the latents, never the pixels
-    (unless the cache was made at another resolution, when the image is read to encode it again)."""
+    (unless the cache was made at another resolution, when the image is read to encode it again). The size is the
+    file's; the bucket is a metadata entry's image_size's, where it gives one, as sd-scripts buckets it."""
+    listed = entry.image_size
     try:
         if cached_as is not None:
-            size = entry.image_size or read_image_size(entry.path)
-            if _cached_since(entry.path, _npz_beside(entry.path, size, cached_as)):
-                return size, B.select_bucket(size, settings)
+            size = read_image_size(entry.path)
+            if _cached_since(entry.path, _npz_beside(entry.path, listed or size, cached_as)):
+                return size, B.select_bucket(listed or size, settings)
         size = checked_image_size(entry.path)
-        size = entry.image_size or size  # sd-scripts buckets a metadata entry by the size it gives
-        return size, B.select_bucket(size, settings, random_crop)
+        return size, B.select_bucket(listed or size, settings, random_crop)
     except UserError as problem:
         return problem
 
@@ -622,7 +626,8 @@ def _plan_dataset(index: int, dataset: DatasetConfig, notes: list[str], seed: in
             kept.append(entry)
             size, choice = sized
             record = ImageRecord(entry.path, entry.caption, subset, index, size, choice, subset.num_repeats,
-                                 mask_path=masks.get(entry.path.stem) if masks is not None else None)
+                                 mask_path=masks.get(entry.path.stem) if masks is not None else None,
+                                 listed_size=entry.image_size)
             (reg if subset.is_reg else train).append(record)
         notes.extend(caption_fallback_notes(subset, kept, config_file))  # after the skips: it names only images that train
     validation_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
