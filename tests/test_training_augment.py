@@ -451,6 +451,33 @@ def test_disk_caches_are_reused_and_never_taken_from_the_other_model_family(tmp_
     assert [path.stat().st_mtime_ns for path in own[1:]] == stamps[1:]
 
 
+def test_an_older_stem_npz_beside_the_image_is_read_as_sd_scripts_reads_it_and_encoded_again_into_it(tmp_path):
+    """sd-scripts still reads a latent cache under its older name ``<stem>.npz`` (``get_latents_npz_path``) before
+    ``<stem>_WWWWxHHHH_sd.npz``, and encodes again into that same file one that does not fit: a dataset cached by an
+    older sd-scripts trains from its files, and no second cache is written beside them."""
+    folder = tmp_path / "data" / "1_zkstar"
+    folder.mkdir(parents=True)
+    for image in sorted(SAMPLE.glob("*.png"))[:6]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    assert train(folder.parent, tmp_path / "memory", "--cache_latents") == 0
+    assert train(folder.parent, tmp_path / "first", "--cache_latents_to_disk") == 0
+    for ours in sorted(folder.glob("*_0064x0064_sd.npz")):  # as sd-scripts writes them: its keys only
+        with np.load(ours) as data:
+            np.savez(folder / ours.name.replace("_0064x0064_sd.npz", ".npz"), latents=data["latents"],
+                     original_size=data["original_size"], crop_ltrb=data["crop_ltrb"])
+        ours.unlink()
+    older = sorted(folder.glob("*.npz"))
+    np.savez(older[0], latents=np.zeros((4, 4, 4), dtype=np.float32), original_size=np.array([64, 64]),
+             crop_ltrb=np.zeros(4))  # cached at another resolution: it does not fit this run's bucket
+    stamps = [path.stat().st_mtime_ns for path in older]
+    assert train(folder.parent, tmp_path / "older", "--cache_latents_to_disk") == 0
+    assert sorted(folder.glob("*.npz")) == older  # no _0064x0064_sd.npz beside them
+    assert [path.stat().st_mtime_ns for path in older[1:]] == stamps[1:]  # read, not encoded again
+    assert np.load(older[0])["latents"].shape == (4, 8, 8)  # encoded again, into the same file
+    assert same(lora(tmp_path / "older"), lora(tmp_path / "memory"))
+
+
 def test_latents_cached_by_another_vae_encoder_are_encoded_again_and_a_decoder_only_vae_keeps_them(tmp_path):
     """Switching to a checkpoint or --vae with another encoder must not train on the old latents (sd-scripts would:
     it checks only their shape); a VAE whose decoder alone was tuned (as sd-vae-ft-mse is) makes the same latents."""

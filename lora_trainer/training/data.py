@@ -39,7 +39,7 @@ from ..safe_io import (ENABLE_LONG_PATHS, UNREADABLE_NPZ, remove_files, save_npz
 from .evaluation import split_validation, validation_generator
 from .pixels import TrainingPixels, cut_mask, mask_image, training_pixels
 from .options import TrainOptions, resolution_of
-from .text import TE_OUTPUTS_SUFFIX, te_outputs_path
+from .text import te_outputs_path
 
 
 @dataclass
@@ -456,17 +456,20 @@ def _with_pixels(batch: Batch, pixels: Future) -> Batch:
     return batch
 
 
-# the names of the caches written beside the images (``_npz_beside``, ``text.te_outputs_path``)
-_CACHE_NAMES = re.compile(r".+_\d{4}x\d{4}_(sd|sdxl)\.npz|.+" + re.escape(TE_OUTPUTS_SUFFIX))
+# the names of the caches written beside the images (``_npz_beside``, an older ``<stem>.npz``, ``text.te_outputs_path``)
+_CACHE_NAMES = re.compile(r".+\.npz")
 
 
 def npz_path(record: ImageRecord, config_name: str) -> Path:
     """sd-scripts' cache name: ``<stem>_<W:04d>x<H:04d>_sd.npz`` (``_sdxl``), W×H the original image size (a metadata
-    entry's image_size where it gives one)."""
+    entry's image_size where it gives one); an older ``<stem>.npz`` beside the image instead, where there is one."""
     return _npz_beside(record.path, record.listed_size or record.size, config_name)
 
 
 def _npz_beside(image: Path, size: tuple[int, int], config_name: str) -> Path:
+    older = image.with_suffix(".npz")  # sd-scripts' name before sizes and families: it still reads it, SD and SDXL
+    if older.is_file():  # alike, and encodes again into it when it does not fit (``get_latents_npz_path``)
+        return older
     w, h = size
     return image.with_name(f"{image.stem}_{w:04d}x{h:04d}_{'sdxl' if config_name == 'sdxl' else 'sd'}.npz")
 
