@@ -416,6 +416,36 @@ def test_the_preset_and_tier_fill_sd1_values_for_an_sd1_checkpoint(sdxl_services
     assert not sdxl and "cache_text_encoder_outputs" not in options and options["text_encoder_lr"] == [5e-5]
 
 
+def test_a_preset_exported_at_sdxls_6_gb_tier_trains_an_sd1_checkpoint_with_that_checkpoints_tier(sdxl_services, tmp_path):
+    """The exported preset carried the tier's fp8, cached captions, UNet only and 640 px: imported with an SD 1.5
+    checkpoint, Advanced held them and Validate refused (--cache_text_encoder_outputs needs the UNet only)."""
+    import toml
+
+    from lora_trainer.app import presets
+
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sdxl")
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="6 GB", extra="max_grad_norm = 0.5")
+    options, sdxl = train_tab.job_options(sdxl_services, shown)
+    assert sdxl and options["fp8_base"] and options["cache_text_encoder_outputs"]  # the tier's, in the run
+    path = presets.write_preset_file(train_tab.preset_file(shown, options, sdxl), tmp_path / "mine.preset.toml")
+    values = train_tab.import_into_form(str(path))
+    advanced = toml.loads(values[-2])
+    assert not {"fp8_base", "cache_text_encoder_outputs", "gradient_checkpointing", "no_half_vae"} & set(advanced)
+    assert advanced["max_grad_norm"] == 0.5  # what Advanced typed stays the file's
+    imported = dict(zip(train_tab.IMPORTED_FIELDS, values))
+    assert isinstance(imported["resolution"], dict) and isinstance(imported["network_dim"], dict)  # the form's kept
+    sd1 = {**shown, "checkpoint": "tiny-sd", "tier": "6 GB", "resolution": "512", "network_dim": 32, "network_alpha": 16,
+           "text_encoder_lr": 5e-5, "extra": values[-2]}
+    options, sdxl = train_tab.job_options(sdxl_services, sd1)
+    assert not sdxl and not options.get("fp8_base") and "cache_text_encoder_outputs" not in options
+    assert "Cannot start" not in train_tab.validation_text(sdxl_services, sd1)
+    # typed in Advanced, the same switches are the file's
+    typed = {**shown, "extra": "fp8_base = true"}
+    options, sdxl = train_tab.job_options(sdxl_services, typed)
+    assert train_tab.preset_file(typed, options, sdxl).options["fp8_base"] is True
+
+
 def test_an_imported_files_values_stay_when_its_checkpoint_changes_the_model(sdxl_services, tmp_path):
     """The import writes the Base checkpoint, whose change then refilled the imported values that equalled the SD1
     fill: an SDXL file's 512 px became 1024 (here 768), its text encoder rate 0 and its rank 32 became 16."""

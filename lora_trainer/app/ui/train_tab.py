@@ -782,11 +782,8 @@ def build(services: Services) -> gr.Blocks:
                 if kind == "kohya":
                     path = presets.export_kohya_toml(options, folder / f"{options['output_name']}.toml")
                 else:
-                    chosen = presets.PRESETS[form_values["preset"]]
-                    kept = {k: v for k, v in options.items() if k not in ("pretrained_model_name_or_path", "train_data_dir",
-                                                                           "output_dir", "sample_prompts")}
-                    path = presets.write_preset_file(presets.PresetFile(form_values["output_name"], kept, chosen.preferred_weight,
-                                                                        chosen.guidance), folder / f"{options['output_name']}.preset.toml")
+                    path = presets.write_preset_file(preset_file(form_values, options, sdxl),
+                                                     folder / f"{options['output_name']}.preset.toml")
                 return str(path), gr.update(), f"Written {path}"
             except UserError as error:
                 return gr.update(), gr.update(), f"error: {error}"
@@ -905,6 +902,22 @@ def _steps_without_epochs(options: dict[str, Any]) -> str | None:
         return (f"Epochs is cleared: the file counts max_train_steps = {options['max_train_steps']} (in Advanced), "
                 "which a number of epochs would override")
     return None
+
+
+def preset_file(form: dict[str, Any], options: dict[str, Any], sdxl: bool) -> presets.PresetFile:
+    """The form's run as a preset file: its options without the folders, and without what the GPU memory tier and the
+    base model filled in (where the run still has the tier's value and Advanced does not type it): the form the file
+    is imported into fills those for its own card and model. A file exported at SDXL's 6 GB tier carried fp8,
+    cached captions and 640 px into Advanced, which an SD 1.5 checkpoint then refused."""
+    chosen, tier = form["preset"], form.get("tier") or presets.NO_TIER
+    plain, tiered = presets.preset_options(chosen), presets.preset_options(chosen, tier, sdxl)
+    filled = {name for name, value in tiered.items() if name not in plain or plain[name] != value}
+    typed = parse_extra_options(form.get("extra") or "")
+    kept = {name: value for name, value in options.items()
+            if name not in ("pretrained_model_name_or_path", "train_data_dir", "output_dir", "sample_prompts")
+            and not (name in filled and name not in typed and value == tiered[name])}
+    return presets.PresetFile(form["output_name"], kept, presets.PRESETS[chosen].preferred_weight,
+                              presets.PRESETS[chosen].guidance)
 
 
 def import_into_form(path: str, preset: str = "character", settings: AppSettings | None = None) -> list[Any]:
