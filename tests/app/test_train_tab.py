@@ -497,10 +497,28 @@ def test_an_sd1_checkpoint_picked_after_an_import_brings_the_text_encoder_rate_b
                          if field in train_tab.FORM_FIELDS and not isinstance(value, dict)}}
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint)  # the import's own checkpoint
     assert shown["text_encoder_lr"] == 0
+    larger = picked(sdxl_services, shown, train_tab.Filled(**vars(filled)), train_tab.fill_for_tier, tier="16 GB")
+    assert larger["text_encoder_lr"] == 0  # the file's UNet only stays for SDXL on a larger card
+    assert train_tab.job_options(sdxl_services, {**larger, "resolution": "64"})[0]["network_train_unet_only"]
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sd")
     assert shown["text_encoder_lr"] == 5e-5  # the character preset's
     options, sdxl = train_tab.job_options(sdxl_services, {**shown, "resolution": "64"})
     assert not sdxl and not options.get("network_train_unet_only") and options["text_encoder_lr"] == [5e-5]
+
+
+@pytest.mark.parametrize("tier, batch, optimizer", [("8 GB", 1, "AdamW8bit"), ("16 GB", 2, "AdamW8bit")])
+def test_an_sdxl_checkpoint_picked_after_sd1s_fill_takes_sdxls_batch_and_optimizer_for_the_tier(sdxl_services, tier,
+                                                                                               batch, optimizer):
+    """SD1's 8 GB fill (batch 2) and 16 GB fill (AdamW) stayed when an SDXL checkpoint was picked: 8.9 GiB on 8 GB,
+    14.5 GiB on 16 GB, where SDXL's own fill for the tier fits (batch 1; AdamW8bit)."""
+    filled = train_tab.Filled()
+    shown = picked(sdxl_services, form(), filled, train_tab.fill_for_preset, checkpoint="tiny-sd", tier=tier)
+    shown = picked(sdxl_services, shown, filled, train_tab.fill_for_checkpoint, checkpoint="tiny-sdxl")
+    assert (shown["batch_size"], shown["optimizer"]) == (batch, optimizer)
+    assert "above the" not in train_tab.validation_text(sdxl_services, shown)
+    typed = picked(sdxl_services, {**form(), "batch_size": 3}, train_tab.Filled(), train_tab.fill_for_checkpoint,
+                   checkpoint="tiny-sdxl", tier=tier)
+    assert typed["batch_size"] == 3  # typed, not filled: it stays
 
 
 def test_an_sd1_file_training_the_unet_only_keeps_it_when_imported_over_sdxl(sdxl_services, tmp_path):

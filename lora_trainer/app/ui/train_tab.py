@@ -47,8 +47,8 @@ FORM_FIELDS = ("checkpoint", "dataset", "preset", "tier", "algorithm", "output_n
 PRESET_FIELDS = ("epochs", "batch_size", "resolution", "network_dim", "network_alpha", "unet_lr", "text_encoder_lr",
                  "save_every_n_epochs", "optimizer", "scheduler")
 # what a preset fills differently by tier and base model (SDXL: 1024 px, on 6 GB 640 and rank 4, below 16 GB no text
-# encoder rate)
-_TIER_AND_MODEL_FIELDS = ("resolution", "network_dim", "network_alpha", "text_encoder_lr")
+# encoder rate; the batch size and optimizer that fit the card: SD1 on 8 GB batch 2, SDXL 1)
+_TIER_AND_MODEL_FIELDS = ("resolution", "network_dim", "network_alpha", "text_encoder_lr", "batch_size", "optimizer")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGDNesterov", "DAdaptAdam")
 RESUMABLE = ("paused", "stopped", "interrupted", "failed")
 
@@ -315,11 +315,14 @@ class Filled:
     """What the form's preset values were filled for (the GPU memory tier, an SDXL base or not), for one browser
     session (a ``gr.State``, changed in place): a tier or checkpoint picked later changes a field only where the form
     still shows the filled value, so what the user typed stays. ``imported``: the fields an imported file wrote since
-    the last preset pick, which only a preset pick fills again (a file's value may equal the fill's)."""
+    the last preset pick, which only a preset pick fills again (a file's value may equal the fill's);
+    ``tier_zero_rate``: the imported text encoder rate is a 0 that the SDXL tier would have filled anyway, which an SD1
+    checkpoint picked later fills again (``filled_after_import``)."""
 
     tier: str = presets.NO_TIER
     sdxl: bool = False
     imported: frozenset[str] = frozenset()
+    tier_zero_rate: bool = False
 
 
 def preset_values(preset: str, tier: str, sdxl: bool = False, extras_folder: Path | None = None) -> dict[str, Any]:
@@ -342,7 +345,11 @@ def refilled_values(preset: str, before: Filled, after: Filled, form: dict[str, 
     lowered to it, alpha with it (keeping the form's alpha/rank scale)."""
     old = preset_values(preset, before.tier, before.sdxl, extras_folder)
     new = preset_values(preset, after.tier, after.sdxl, extras_folder)
-    values = {field: new[field] for field in _TIER_AND_MODEL_FIELDS if field not in before.imported
+    # an imported 0 the SDXL tier would have filled anyway is the fill's once SD1 is picked (only then: the file's
+    # UNet-only stays for a larger SDXL tier)
+    refilled_anyway = {"text_encoder_lr"} if before.tier_zero_rate and before.sdxl and not after.sdxl else set()
+    values = {field: new[field] for field in _TIER_AND_MODEL_FIELDS
+              if (field not in before.imported or field in refilled_anyway)
               and not _same(new[field], old[field]) and _same(form.get(field), old[field])}
     cap = presets.max_rank(after.tier, after.sdxl)
     dim = _number_or_none(values.get("network_dim", form.get("network_dim")))
@@ -391,7 +398,7 @@ def fill_at_page_load(services: Services, form: dict[str, Any], filled: Filled) 
 
 def _preset_fill(services: Services, form: dict[str, Any], filled: Filled, sdxl: bool) -> dict[str, Any]:
     tier = form.get("tier") or presets.NO_TIER
-    filled.tier, filled.sdxl, filled.imported = tier, sdxl, frozenset()
+    filled.tier, filled.sdxl, filled.imported, filled.tier_zero_rate = tier, sdxl, frozenset(), False
     return preset_values(form["preset"], tier, sdxl, services.settings.extras_folder)
 
 
@@ -426,17 +433,17 @@ def filled_after_import(services: Services, imported: list[Any], filled: Filled)
     """An import's values (``import_into_form``'s answer) written into the form: the preset fields it wrote are the
     file's from then on, which the checkpoint change the import sets off, and any tier or checkpoint picked later,
     leave as they are (an alpha goes with the rank it scales). A text encoder rate of 0 (the UNet only) where the
-    tier trains the UNet only anyway, on the checkpoint the form names after the import, is the tier's as a fill's is:
-    an SD1 checkpoint picked later brings the preset's rate back, as it does without an import."""
+    tier trains the UNet only anyway, on the checkpoint the form names after the import, stays the file's for SDXL,
+    but an SD1 checkpoint picked later brings the preset's rate back, as it does without an import."""
     written = {field for field, value in zip(IMPORTED_FIELDS, imported)
                if field in PRESET_FIELDS and not (isinstance(value, dict) and "value" not in value)}  # gr.update(): kept
     if "network_dim" in written:
         written.add("network_alpha")
-    if "text_encoder_lr" in written and _same(imported[IMPORTED_FIELDS.index("text_encoder_lr")], 0):
+    if "text_encoder_lr" in written:
         checkpoint = imported[IMPORTED_FIELDS.index("checkpoint")]
         sdxl = checkpoint_is_sdxl(services, checkpoint) if isinstance(checkpoint, str) else None
-        if presets.unet_only_tier(filled.tier, filled.sdxl if sdxl is None else sdxl):
-            written.discard("text_encoder_lr")
+        filled.tier_zero_rate = (_same(imported[IMPORTED_FIELDS.index("text_encoder_lr")], 0)
+                                 and presets.unet_only_tier(filled.tier, filled.sdxl if sdxl is None else sdxl))
     filled.imported = filled.imported | written
     return filled
 
