@@ -476,6 +476,13 @@ def test_an_older_stem_npz_beside_the_image_is_read_as_sd_scripts_reads_it_and_e
     assert [path.stat().st_mtime_ns for path in older[1:]] == stamps[1:]  # read, not encoded again
     assert np.load(older[0])["latents"].shape == (4, 8, 8)  # encoded again, into the same file
     assert same(lora(tmp_path / "older"), lora(tmp_path / "memory"))
+    from lora_trainer.training.events import read_events
+
+    # SD and SDXL latents have the same shape and sd-scripts' older files do not say which VAE made them: said
+    warnings = [e["message"] for e in read_events(tmp_path / "older" / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert any(m.startswith("5 latent caches named <image>.npz (sd-scripts' older name, the same for SD and SDXL) were "
+                            "read as this SD 1.x/2.x run's") and "if they were made for the other model, delete them" in m
+               for m in warnings), warnings
 
 
 def test_latents_cached_by_another_vae_encoder_are_encoded_again_and_a_decoder_only_vae_keeps_them(tmp_path):

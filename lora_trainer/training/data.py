@@ -308,11 +308,12 @@ class TrainingData:
                 events.emit("warning", message=f"removed {len(left)} cache file{'s' if len(left) > 1 else ''} that a run "
                             f"killed while caching left half-written beside the images ({freed / 2**20:.1f} MiB), "
                             f"e.g. {left[0]}")
-        done, bar = 0, progress_bar(len(todo), "image", "caching latents", leave=False)
+        done, bar, unmarked = 0, progress_bar(len(todo), "image", "caching latents", leave=False), []
         for group in _vae_batches(todo, self.options.vae_batch_size):
             disk = [_read_npz(r, self.config_name, self._interpolation(r), encoder)
                     if self.options.cache_latents_to_disk else None for r in group]
             fresh = [r for r, cached in zip(group, disk) if cached is None]
+            unmarked += [r.path for r, cached in zip(group, disk) if cached is not None and _older_unmarked(r)]
             encoded = iter(self._encode_for_cache(fresh, vae, device) if fresh else [])
             for record, cached in zip(group, disk):
                 if cached is None:
@@ -326,6 +327,12 @@ class TrainingData:
             done += len(group)
             bar.update(len(group))
         bar.close()
+        if unmarked:  # SD and SDXL latents have the same shape: only the user knows which VAE made these
+            family = "SDXL" if self.config_name == "sdxl" else "SD 1.x/2.x"
+            events.emit("warning", message=f"{len(unmarked)} latent cache{'s' if len(unmarked) > 1 else ''} named "
+                        f"<image>.npz (sd-scripts' older name, the same for SD and SDXL) were read as this {family} "
+                        f"run's, as sd-scripts reads them, e.g. {unmarked[0].with_suffix('.npz')}: if they were made "
+                        "for the other model, delete them and they are encoded again")
 
     def _encode_for_cache(self, records: list[ImageRecord], vae, device):
         """(latents, flipped latents or None, mask) of each record, the images through the VAE as one batch."""
@@ -485,7 +492,8 @@ def _flip(mask: torch.Tensor, flipped: bool) -> torch.Tensor:
 
 def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None, encoder: str):
     """(latents, flipped latents, mask) from this model family's sd-scripts cache when it fits this run, else None.
-    Only the family's own file: SD and SDXL latents have the same shape but come from different VAEs; and not one
+    Only the family's own file (SD and SDXL latents have the same shape but come from different VAEs), but for an
+    older ``<stem>.npz``, which sd-scripts reads for both (a cache_latents warning names those); and not one
     ours wrote with another VAE encoder (``encoder``: its weights' fingerprint; a checkpoint with another baked-in VAE,
     or ``--vae``), which sd-scripts would train on unnoticed. A mask folder's mask is not in it (sd-scripts reads
     those images each step): it is read from the folder."""
@@ -510,6 +518,18 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None, 
     if record.mask_path is not None:
         mask = cut_mask(mask_image(record.mask_path, record.size), record.choice, interpolation=interpolation)
     return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
+
+
+def _older_unmarked(record: ImageRecord) -> bool:
+    """Whether the record's latents came from an older ``<stem>.npz`` without our VAE entry (sd-scripts' own)."""
+    older = record.path.with_suffix(".npz")
+    if not older.is_file():  # then it is the cache read (``_npz_beside``)
+        return False
+    try:
+        with np.load(older) as data:
+            return "vae_encoder" not in data.files
+    except UNREADABLE_NPZ:
+        return False
 
 
 def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None,
