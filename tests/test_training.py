@@ -557,20 +557,23 @@ def test_a_number_option_is_read_by_its_leading_number_as_sd_scripts_reads_it_an
     from lora_trainer.training.samples import read_prompts
 
     prompts = tmp_path / "p.txt"
-    prompts.write_text("# samples\nzkstar --w 64px --h 64 --l 7,5 --s 2\n", encoding="utf-8")
+    prompts.write_text("# samples\nzkstar --w 64px --h 64 --l 7,5 --s 2,5\n", encoding="utf-8")
     (prompt,) = read_prompts(prompts)
     assert (prompt.width, prompt.scale, prompt.steps) == (64, 7.0, 2)
     assert prompt.read_partly == (
         f"{prompts} line 2: --w 64px is read as 64, as sd-scripts reads it ('px' after the number is ignored)",
         f"{prompts} line 2: --l 7,5 is read as 7, as sd-scripts reads it (',5' after the number is ignored; for a "
-        "decimal write 7.5)")
+        "decimal write 7.5)",
+        f"{prompts} line 2: --s 2,5 is read as 2, as sd-scripts reads it (',5' after the number is ignored)")  # whole steps
     assert run(dataset, tmp_path / "run", "--sample_prompts", str(prompts), "--sample_every_n_steps", "-1",
                "--max_train_steps", "1", "--max_train_epochs", "0") == 0
     events, _ = read_events(tmp_path / "run" / "star.events.jsonl")
     warnings = [e["message"] for e in events if e["event"] == "warning"]
     assert all(warnings.count(message) == 1 for message in prompt.read_partly)
     for line, said in (("zkstar --w big", "--w big does not start with a number, so sd-scripts would not read it either; "
-                        "give one, such as --w 512"), ("zkstar --l 7.5.1", "scale '7.5.1' is not a number")):
+                        "give one, such as --w 512"), ("zkstar --l 7.5.1", "scale '7.5.1' is not a number"),
+                       ("zkstar --l -1", "--l -1 is a negative number, which sd-scripts does not read; give one, such as "
+                        "--l 7.5")):
         prompts.write_text(line + "\n", encoding="utf-8")
         with pytest.raises(UserError, match=re.escape(f"{prompts} line 1: {said}")):
             read_prompts(prompts)

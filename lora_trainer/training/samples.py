@@ -100,10 +100,13 @@ def parse_txt_line(line: str, default_size: int = 512, where: str = "sample prom
             number = _LEADING_NUMBER.get(key.lower())
             match = number.match(value) if number else None
             if number and not match:
-                raise UserError(f"{where}: {f'--{key} {value}'.strip()} does not start with a number, so sd-scripts would "
-                                f"not read it either; give one, such as --{key} {_EXAMPLES[key.lower()]}")
+                what = ("is a negative number, which sd-scripts does not read" if value.startswith("-") else
+                        "does not start with a number, so sd-scripts would not read it either")
+                raise UserError(f"{where}: {f'--{key} {value}'.strip()} {what}; give one, such as "
+                                f"--{key} {_EXAMPLES[key.lower()]}")
             if match and match.group() != value:
-                read_partly.append(partly_read_warning(where, f"--{key} {value}", match.group(), value[match.end():]))
+                read_partly.append(partly_read_warning(where, f"--{key} {value}", match.group(), value[match.end():],
+                                                       decimal=key.lower() == "l"))
                 value = match.group()
             setattr(prompt, _TXT_OPTIONS[key.lower()], value)
         else:
@@ -112,10 +115,11 @@ def parse_txt_line(line: str, default_size: int = 512, where: str = "sample prom
     return _fixed(prompt, where)
 
 
-def partly_read_warning(where: str, option: str, number: str, ignored: str) -> str:
-    """``--l 7,5`` read as 7, as sd-scripts reads it: said, since a decimal comma would otherwise pass unseen."""
-    decimal = re.match(r",(\d+)", ignored)
-    hint = f"; for a decimal write {number}.{decimal.group(1)}" if decimal else ""
+def partly_read_warning(where: str, option: str, number: str, ignored: str, decimal: bool = False) -> str:
+    """``--l 7,5`` read as 7, as sd-scripts reads it: said, since a decimal comma would otherwise pass unseen (the
+    decimal is named only where the option takes one: the scale)."""
+    comma = re.match(r",(\d+)", ignored) if decimal else None
+    hint = f"; for a decimal write {number}.{comma.group(1)}" if comma else ""
     return f"{where}: {option} is read as {number}, as sd-scripts reads it ({ignored!r} after the number is ignored{hint})"
 
 
