@@ -53,7 +53,7 @@ def test_epoch_by_strength_finds_the_run_files_and_adds_a_baseline_column(librar
     assert plan.column_labels == ["no LoRA", "strength 0.5", "strength 1"]
     # labels from ss_epoch/ss_steps, with the validation loss the trainer recorded under each epoch; the picture
     # marks the recommended one (lowest validation loss) as the Grid tab's table stars it
-    assert plan.row_labels == ["* epoch 1 (10 steps), recommended\nval loss 0.1500", "epoch 2 (20 steps)\nval loss 0.1700"]
+    assert plan.row_labels == ["epoch 1 (10 steps)\n* recommended\nval loss 0.1500", "epoch 2 (20 steps)\nval loss 0.1700"]
     assert plan.best_epoch.name == "tinylora-000001.safetensors"
     by_column = plan_grid(request(AxisSpec("epoch", []), AxisSpec("strength", ["1"])), library)
     assert by_column.column_labels[1:] == plan.row_labels

@@ -157,10 +157,11 @@ def best_epoch(files: list[EpochFile]) -> Path | None:
 
 
 def recommended_label(label: str) -> str:
-    """An epoch's grid label marked as the trainer's recommendation: ``*`` and ``recommended`` on its first line, in
-    characters the picture's default font draws (it has no ★: the Grid tab's table stars it)."""
+    """An epoch's grid label marked as the trainer's recommendation: ``* recommended`` on a line of its own under the
+    first (a column's label is as wide as its cell: a longer first line ran into the next column's), in characters
+    the picture's default font draws (it has no ★: the Grid tab's table stars it)."""
     first, newline, rest = label.partition("\n")
-    return f"* {first}, recommended{newline}{rest}"
+    return f"{first}\n* recommended{newline}{rest}"
 
 
 def loss_text(loss: EpochLoss | None) -> str:
