@@ -114,6 +114,11 @@ def test_inspect_says_the_recommended_epoch_and_the_shape_where_the_metadata_hol
             "command's values)") in lines
     assert "  trigger words: zkshape" in lines
     assert any(line.startswith("  recommended epoch: 2 (") for line in lines)
+    metadata.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})  # a dynamic resize wrote these
+    save_file(load_file(KOHYA_LORA), str(tmp_path / "resized.safetensors"), metadata)
+    assert main(["lora", "inspect", str(tmp_path / "resized.safetensors")]) == 0
+    assert ("  trained as: networks.lora, rank 4, alpha 4 (its metadata says dim Dynamic: resized to a rank per "
+            "module)") in capsys.readouterr().out.splitlines()
 
 
 def test_inspect_refuses_a_checkpoint_and_a_missing_file(tmp_path, capsys):

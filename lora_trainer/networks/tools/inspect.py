@@ -120,6 +120,8 @@ class NetworkSummary:
         there ("None" where not given, the command's alpha under --dim_from_weights)."""
         if self.dim is None or (self.dim == str(self.rank) and _same_number(self.alpha, self.rank_alpha)):
             return ""
+        if self.dim == "Dynamic":  # what a resize with a dynamic method writes (sd-scripts' resize_lora.py, ours)
+            return " (its metadata says dim Dynamic: resized to a rank per module)"
         return f" (its metadata says dim {self.dim}, alpha {self.alpha}: the training command's values)"
 
     def _run_line(self) -> str:
