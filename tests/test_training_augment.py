@@ -641,3 +641,23 @@ def test_a_damaged_mask_is_named_before_any_work(tmp_path, capsys):
     assert f"conditioning_data_dir {mask_dir}: 1 masks cannot be read" in error and f"{damaged} is truncated" in error
     events = tmp_path / "out" / "star.events.jsonl"
     assert "caching latents" not in (events.read_text(encoding="utf-8") if events.exists() else "")
+
+
+def test_a_metadata_entry_with_a_fresh_latent_cache_trains_from_it_when_its_picture_no_longer_reads(tmp_path):
+    """sd-scripts never opens the picture of a metadata entry whose cache is fresh: the header read added for SDXL's
+    original size skipped it where its header no longer read (damaged, or moved to a slow disk and replaced by a stub)."""
+    from lora_trainer.dataset import buckets as B
+    from lora_trainer.dataset.buckets import BucketSettings
+    from lora_trainer.dataset.layouts import ImageEntry
+    from lora_trainer.errors import UserError
+    from lora_trainer.training.data import _sized_image
+
+    picture = tmp_path / "photo.png"
+    picture.write_bytes(b"not a picture any more")
+    cache = tmp_path / "photo_0080x0064_sd.npz"
+    np.savez(cache, latents=np.zeros((4, 8, 8), dtype=np.float32))
+    os.utime(picture, (cache.stat().st_mtime - 60,) * 2)  # the cache is newer than the picture
+    settings = BucketSettings((64, 64), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=8)
+    size, choice = _sized_image(ImageEntry(picture, "zkstar", image_size=(80, 64)), settings, "sd")
+    assert size == (80, 64) and choice.bucket == B.select_bucket((80, 64), settings).bucket
+    assert isinstance(_sized_image(ImageEntry(picture, "zkstar"), settings, "sd"), UserError)  # no size listed: skipped

@@ -603,13 +603,24 @@ def _sized_image(entry: ImageEntry, settings: B.BucketSettings, cached_as: str |
     listed = entry.image_size
     try:
         if cached_as is not None:
-            size = read_image_size(entry.path)
+            size = _header_size_or_listed(entry.path, listed)
             if _cached_since(entry.path, _npz_beside(entry.path, listed or size, cached_as)):
                 return size, B.select_bucket(listed or size, settings)
         size = checked_image_size(entry.path)
         return size, B.select_bucket(listed or size, settings, random_crop)
     except UserError as problem:
         return problem
+
+
+def _header_size_or_listed(path: Path, listed: tuple[int, int] | None) -> tuple[int, int]:
+    """The size the file's header gives, or the metadata's where the header cannot be read: with a fresh cache the
+    run never opens the picture (sd-scripts takes the metadata's size then, and trains from the cache)."""
+    try:
+        return read_image_size(path)
+    except UserError:
+        if listed is None:
+            raise
+        return listed
 
 
 def _each_decoded(check: Callable, items: Sequence, unit: str) -> list:
