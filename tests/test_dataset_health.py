@@ -124,6 +124,8 @@ def test_without_buckets_a_face_crop_trains_a_larger_image_named_with_its_face(t
     face_crop = check_dataset(tmp_path, HealthSettings(enable_bucket=False, face_crop=True))
     assert sorted((f.kind, f.path) for f in face_crop.errors) == [("wrong-size", "10_zk/small_200_200_80_80.png"),
                                                                   ("wrong-size", "10_zk/unnamed.png")]
+    unnamed = next(f.message for f in face_crop.errors if f.path == "10_zk/unnamed.png")
+    assert "face_crop_aug_range crops only an image whose name gives its face (<name>_<cx>_<cy>_<w>_<h>" in unnamed
     config = tmp_path / "datasets.toml"
     config.write_text(f'[[datasets]]\nresolution = 512\nenable_bucket = false\n[[datasets.subsets]]\n'
                       f'image_dir = "{(tmp_path / "10_zk").as_posix()}"\ncaption_extension = ".txt"\n'

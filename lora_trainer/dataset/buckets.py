@@ -226,10 +226,12 @@ def centre_crop_box(resized_size: Size, bucket: Size) -> tuple[int, int, int, in
     return left, top, left + bucket[0], top + bucket[1]
 
 
-def fixed_resolution_problem(image_size: Size, resolution: Size, random_crop: bool, face_crop: bool = False) -> str | None:
+def fixed_resolution_problem(image_size: Size, resolution: Size, random_crop: bool, face_crop: bool = False,
+                             face_named: bool = True) -> str | None:
     """Without buckets (and without latent caching, which resizes like a bucket) sd-scripts trains an image only if
-    it has exactly the resolution, or is larger with ``random_crop``/face crop (its ``crop_target`` never enlarges:
-    it stops on a smaller image with a face too); this says why one would fail."""
+    it has exactly the resolution, or is larger with ``random_crop``/face crop (``face_crop``: face_crop_aug_range,
+    which crops only an image whose name gives its face, ``face_named``; its ``crop_target`` never enlarges: it stops
+    on a smaller image with a face too); this says why one would fail."""
     width, height = image_size
     if (width, height) == resolution:
         return None
@@ -238,9 +240,13 @@ def fixed_resolution_problem(image_size: Size, resolution: Size, random_crop: bo
             f"{width}x{height} is smaller than the resolution {resolution[0]}x{resolution[1]} and buckets are off; "
             "turn on enable_bucket or resize the image."
         )
-    if not (random_crop or face_crop):
-        return (
-            f"{width}x{height} is larger than the resolution {resolution[0]}x{resolution[1]} and neither buckets nor "
-            "random_crop are on; turn on enable_bucket (or random_crop)."
-        )
-    return None
+    if random_crop or (face_crop and face_named):
+        return None
+    if face_crop:
+        return (f"{width}x{height} is larger than the resolution {resolution[0]}x{resolution[1]}, buckets are off, and "
+                "face_crop_aug_range crops only an image whose name gives its face (<name>_<cx>_<cy>_<w>_<h>, as "
+                "sd-scripts reads it); name it so, or turn on enable_bucket (or random_crop).")
+    return (
+        f"{width}x{height} is larger than the resolution {resolution[0]}x{resolution[1]} and neither buckets nor "
+        "random_crop are on; turn on enable_bucket (or random_crop)."
+    )

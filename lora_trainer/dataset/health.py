@@ -517,7 +517,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
             hashes[name] = facts.perceptual_hash
             check = _image_check(name, folder_name, facts.size, caption, caption_source, tokens, hashes[name],
                                  source.buckets, source.random_crop, settings.cache_latents, findings,
-                                 face_crop=source.face_crop and face_in_name(image_path) is not None)
+                                 face_crop=source.face_crop, face_named=face_in_name(image_path) is not None)
             images.append(check)
             samples_per_bucket[(source.dataset, check.bucket)] += repeats
             usable += 1
@@ -573,10 +573,10 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
 
 def _image_check(name: str, folder: str, size: Size, caption: str, source: str, tokens: int, image_hash: int,
                  bucket_settings: BucketSettings, random_crop: bool, latents_cached: bool,
-                 findings: list[Finding], face_crop: bool = False) -> ImageCheck:
+                 findings: list[Finding], face_crop: bool = False, face_named: bool = False) -> ImageCheck:
     """Buckets off, as training plans it: cached latents resize any size to cover the resolution; without them
-    random_crop trains a patch of a larger image at its own size, a face crop (``face_crop``: the image's name gives
-    its face) cuts the resolution around the face of a larger one, and sd-scripts stops on the other sizes."""
+    random_crop trains a patch of a larger image at its own size, a face crop (``face_crop``, where ``face_named``: the
+    image's name gives its face) cuts the resolution around the face of a larger one, and sd-scripts stops on the other sizes."""
     hash_text = f"{image_hash:016x}"
     try:
         choice = select_bucket(size, bucket_settings, random_crop and not latents_cached)
@@ -587,7 +587,7 @@ def _image_check(name: str, folder: str, size: Size, caption: str, source: str, 
     kept = (crop[2] - crop[0]) * (crop[3] - crop[1])
     scale = max(choice.resized_size[0] / size[0], choice.resized_size[1] / size[1])
     if not bucket_settings.enable_bucket and not latents_cached:
-        problem = fixed_resolution_problem(size, bucket_settings.resolution, random_crop, face_crop)
+        problem = fixed_resolution_problem(size, bucket_settings.resolution, random_crop, face_crop, face_named)
         if problem:
             findings.append(Finding("error", "wrong-size", name, problem))
     if scale >= TOO_SMALL_UPSCALE:

@@ -683,8 +683,8 @@ def _fixed_resolution_note(records: list[ImageRecord], resolution: tuple[int, in
     """Without buckets and cached latents sd-scripts trains only images of the resolution (larger ones with
     random_crop or a face crop) and stops on the others; here they are resized to cover it and cropped: said once."""
     problems = [(record, problem) for record in records if (problem := B.fixed_resolution_problem(
-        record.size, resolution, record.subset.random_crop,
-        face_crop=record.subset.face_crop_aug_range is not None and face_in_name(record.path) is not None))]
+        record.size, resolution, record.subset.random_crop, face_crop=record.subset.face_crop_aug_range is not None,
+        face_named=face_in_name(record.path) is not None))]
     if not problems:
         return []
     first, problem = problems[0]
