@@ -114,6 +114,11 @@ def test_inspect_says_the_recommended_epoch_and_the_shape_where_the_metadata_hol
             "command's values)") in lines
     assert "  trigger words: zkshape" in lines
     assert any(line.startswith("  recommended epoch: 2 (") for line in lines)
+    metadata.update({"ss_epoch": "4", "ss_num_epochs": "10"})  # an epoch file: its run up to its own epoch
+    save_file(load_file(KOHYA_LORA), str(tmp_path / "epoch4.safetensors"), metadata)
+    assert main(["lora", "inspect", str(tmp_path / "epoch4.safetensors")]) == 0
+    assert any(line.startswith("  recommended epoch: 2 as of this file's epoch 4 of 10 (")
+               for line in capsys.readouterr().out.splitlines())
     metadata.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})  # a dynamic resize wrote these
     save_file(load_file(KOHYA_LORA), str(tmp_path / "resized.safetensors"), metadata)
     assert main(["lora", "inspect", str(tmp_path / "resized.safetensors")]) == 0

@@ -142,15 +142,10 @@ def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
 def best_epoch(files: list[EpochFile]) -> Path | None:
     """The trainer's recommendation, made from every epoch it recorded (as the trainer made it at the end), then the
     kept file of that epoch, or the nearest kept one (the earlier of two as near)."""
-    from ..training.evaluation import recommend_epoch
+    from ..training.evaluation import recommended_from_recorded
 
-    recorded = recorded_losses(files)
-    training, validation = recorded.get("epoch_training_loss", {}), recorded.get("epoch_validation_loss", {})
-    epochs = sorted(int(key) for key in training if key.isdigit())
     kept = {f.epoch: f.path for f in reversed(files) if f.epoch is not None and not is_step_file(f.path)}
-    if not epochs or not kept:
-        return None
-    advice = recommend_epoch([training[str(e)] for e in epochs], [validation.get(str(e)) for e in epochs], epochs)
+    advice = recommended_from_recorded(recorded_losses(files)) if kept else None
     if advice is None:
         return None
     return kept[min(kept, key=lambda epoch: (abs(epoch - advice.epoch), epoch))]

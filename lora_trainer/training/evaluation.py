@@ -60,6 +60,16 @@ def knee(values: list[float]) -> int | None:
     return index if distances[index] > 0.1 * (first - last) else None
 
 
+def recommended_from_recorded(recorded: dict) -> Recommendation | None:
+    """``recommend_epoch`` over the epoch losses a file records (``epoch_training_loss`` and
+    ``epoch_validation_loss`` by epoch, as the trainer writes them); None without any."""
+    training, validation = recorded.get("epoch_training_loss") or {}, recorded.get("epoch_validation_loss") or {}
+    epochs = sorted(int(key) for key in training if str(key).isdigit())
+    if not epochs:
+        return None
+    return recommend_epoch([training[str(e)] for e in epochs], [validation.get(str(e)) for e in epochs], epochs)
+
+
 def recommend_epoch(train_losses: list[float], validation_losses: list[float | None],
                     epochs: list[int] | None = None, no_validation: str = "no validation split") -> Recommendation | None:
     """The earliest epoch within ``TIED_WITHIN`` of the lowest validation loss when epochs were validated, else the

@@ -93,8 +93,10 @@ class NetworkSummary:
             out.append("  top tags: " + ", ".join(f"{tag} ({count})" for tag, count in self.top_tags))
         if self.trigger_words:
             out.append("  trigger words: " + ", ".join(self.trigger_words))
-        if self.recommended_epoch is not None:
-            out.append(f"  recommended epoch: {self.recommended_epoch} ({self.recommendation})")
+        if self.recommended_epoch is not None:  # an epoch file knows its run up to its own epoch
+            epoch, epochs = self.training.get("ss_epoch"), self.training.get("ss_num_epochs")
+            partial = f" as of this file's epoch {epoch} of {epochs}" if epoch and epochs and epoch != epochs else ""
+            out.append(f"  recommended epoch: {self.recommended_epoch}{partial} ({self.recommendation})")
         out.append(f"  AutoV2 hash: {self.autov2}  sha256: {self.sha256}")
         if self.stored_model_hash is None:
             out.append(f"  model hash: {self.model_hash} (none stored in the file)")
@@ -279,14 +281,10 @@ def recorded_recommendation(metadata: dict[str, str]):
     """The trainer's recommended epoch, made again from the epoch losses this file records (our trainer writes them;
     an epoch file holds its run up to its own epoch); None for a file without them (sd-scripts')."""
     from ...grid.plan import LOSSES_KEY
-    from ...training.evaluation import recommend_epoch
+    from ...training.evaluation import recommended_from_recorded
 
     try:
-        losses = json.loads(metadata.get(LOSSES_KEY) or "{}")
-        training, validation = losses.get("epoch_training_loss") or {}, losses.get("epoch_validation_loss") or {}
-        epochs = sorted(int(key) for key in training if str(key).isdigit())
-        return recommend_epoch([training[str(e)] for e in epochs], [validation.get(str(e)) for e in epochs], epochs) \
-            if epochs else None
+        return recommended_from_recorded(json.loads(metadata.get(LOSSES_KEY) or "{}"))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return None
 
