@@ -106,7 +106,13 @@ def test_model_inspect_of_a_lora_says_so_and_gives_the_lora_command(tmp_path, ca
     code, out, _ = run(capsys, "model", "inspect", path, "--no-hash")
     assert code == 0
     assert "architecture:  LoRA/LyCORIS network, not a checkpoint" in out
-    assert f'run: python -m lora_trainer lora inspect "{path}"' in out
+    import shlex
+
+    command = out.split("training and tags run: ", 1)[1].splitlines()[0]
+    assert shlex.split(command) == ["python", "-m", "lora_trainer", "lora", "inspect", str(path)]  # pasted as it is
+    path = path.rename(tmp_path / "Tom's.safetensors")  # no space, yet a quote the shell reads
+    command = run(capsys, "model", "inspect", path, "--no-hash")[1].split("training and tags run: ", 1)[1].splitlines()[0]
+    assert shlex.split(command)[-1] == str(path)
 
 
 def test_inspect_says_unknown_and_why_for_a_flux_file(tmp_path, capsys):

@@ -69,10 +69,12 @@ def inspect_checkpoint(path: str | Path, with_hashes: bool = True) -> Checkpoint
     except UnknownArchitecture as error:
         architecture, reason, notes = "unknown", str(error), []
         if looks_like_network(list(source.shapes)):
-            shown = f'"{path}"' if " " in str(path) else str(path)
+            from ..training.options import join_command_line
+
+            command = join_command_line(["python", "-m", "lora_trainer", "lora", "inspect", str(path)])
             architecture = "LoRA/LyCORIS network, not a checkpoint"
             reason = (f"its tensors are a network's (lora_down/lora_up, hada_…, lokr_…); for its rank, base model, "
-                      f"training and tags run: python -m lora_trainer lora inspect {shown}")
+                      f"training and tags run: {command}")
     sha = file_sha256(path) if with_hashes else None
     legacy = legacy_model_hash(path) if with_hashes else None
     return CheckpointReport(path, architecture, reason, dtype_histogram(source), parts, other, len(source.shapes), sha, legacy, notes, source.metadata)

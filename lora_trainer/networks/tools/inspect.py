@@ -295,10 +295,12 @@ _TRAINING_KEYS = ("ss_sd_model_name", "ss_num_train_images", "modelspec.resoluti
 
 def inspect_network(path: str | Path, top_tags: int = 20) -> NetworkSummary:
     """Everything a user asks about a LoRA-family file; UserError when the file is missing or not a network."""
+    from ...training.options import join_command_line
+
     path = Path(path)
-    shown = f'"{path}"' if " " in str(path) else str(path)
+    command = join_command_line(["python", "-m", "lora_trainer", "model", "inspect", str(path)])
     network = read_network_file(path, finite=False,  # non-finite values: said among its problems instead
-                                for_checkpoint=f"to see what it is, run: python -m lora_trainer model inspect {shown}")
+                                for_checkpoint=f"to see what it is, run: {command}")
     problems = [f"{key}: no known network tensor suffix" for key in network.unreadable_keys[:20]]
     problems += [f"{problem} (the training diverged; use an earlier epoch)" for problem in non_finite(network)[:20]]
     ups = [tensors[UP] for tensors in network.modules.values() if UP in tensors]
