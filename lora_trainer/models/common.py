@@ -34,7 +34,10 @@ class CheckpointedModel(nn.Module):
 # A CPU convolution whose im2col buffer (batch × input channels × kernel area × output pixels) holds fewer elements than
 # this is cheaper through torch's own im2col + matrix product than through oneDNN, whose per-call setup (≈ 0.1–0.15 ms)
 # outweighs the arithmetic: a small model's 3×3 convolutions at 16×16 pixels and below, forward and backward (measured
-# on x86_64 with AVX2, torch 2.13: the reference training run's step 5–11 % faster). Larger ones stay on oneDNN.
+# on x86_64 with AVX2, torch 2.13: the reference training run's step 5–11 % faster). Larger ones stay on oneDNN. Above
+# a batch of 2 the bound halves with each doubling: torch's kernel unfolds one sample at a time, so its cost grows with
+# the batch where oneDNN's setup does not (8 images with guidance, a batch of 16, generated 16 % slower at 2**18; per
+# shape, forward and backward, the crossing lay at 2**17 for a batch of 4 and 2**16 for 8).
 IM2COL_BELOW = 2**18
 
 
@@ -48,7 +51,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         kernel, stride, padding = weight.shape[2:], _pair(stride), _pair(padding)
         rows = (x.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
         columns = (x.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
-        if x.shape[0] * x.shape[1] * kernel[0] * kernel[1] * rows * columns < IM2COL_BELOW:
+        batch = x.shape[0]
+        if batch * x.shape[1] * kernel[0] * kernel[1] * rows * columns < IM2COL_BELOW * 2 // max(batch, 2):
             return torch._C._nn.thnn_conv2d(x, weight, kernel, bias, stride, padding)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
