@@ -335,6 +335,41 @@ def test_a_resume_that_leaves_nothing_to_train_is_refused_not_saved_as_finished(
     assert not (tmp_path / "b" / "star.safetensors").exists()
 
 
+def test_a_state_from_an_earlier_version_is_said_and_another_optimizer_stops_it_with_a_sentence(baseline, dataset,
+                                                                                                   tmp_path, capsys):
+    """A state saved before states recorded their seed and optimizer (2026-12-04) resumed with SGDNesterov loaded,
+    cached and died in torch's SGD with KeyError 'momentum'; nothing said that its seed and options were not known."""
+    import json as json_module
+
+    state = tmp_path / "old-state"
+    shutil.copytree(baseline / "star-000001-state", state)
+    saved = json_module.loads((state / "train_state.json").read_text(encoding="utf-8"))
+    (state / "train_state.json").write_text(json_module.dumps({k: v for k, v in saved.items() if k in ("step", "epoch")}),
+                                            encoding="utf-8")
+    assert run(dataset, tmp_path / "sgd", "--resume", str(state), "--optimizer_type", "SGDNesterov") == 2
+    error = capsys.readouterr().err
+    assert f"--resume {state}: its optimizer state does not fit --optimizer_type SGDNesterov (KeyError" in error
+    assert f"start afresh from its network with --network_weights {state / 'model.safetensors'}" in error
+    assert "Traceback" not in error
+    assert run(dataset, tmp_path / "same", "--resume", str(state), "--seed", "5") == 0
+    warnings = [e["message"] for e in read_events(tmp_path / "same" / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert any(m.startswith(f"--resume {state} was saved by an earlier version of this trainer, which did not record "
+                            "its seed, optimizer or accumulation") for m in warnings), warnings
+
+
+def test_a_state_from_a_later_version_resumes_and_says_what_it_does_not_read(baseline, dataset, tmp_path):
+    """A state saved by a later version (an extension rolled back) stopped with a TypeError on its unknown field."""
+    state = tmp_path / "later-state"
+    shutil.copytree(baseline / "star-000001-state", state)
+    saved = torch.load(state / "train_state.pt", weights_only=True)
+    saved["run"]["a_later_counter"] = 3
+    torch.save(saved, state / "train_state.pt")
+    assert run(dataset, tmp_path / "out", "--resume", str(state)) == 0
+    warnings = [e["message"] for e in read_events(tmp_path / "out" / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert any("was saved by a later version of this trainer: what it recorded of a_later_counter is not read here"
+               in m for m in warnings), warnings
+
+
 def test_a_state_resumed_with_another_optimizer_is_refused_and_other_learning_rates_are_said(baseline, dataset,
                                                                                                 tmp_path, capsys):
     """The moments in a state belong to the optimizer that made them; its rates and schedule replace the command's

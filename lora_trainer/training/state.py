@@ -294,6 +294,8 @@ def _load_network(folder: Path, network, tensors: dict[str, torch.Tensor]) -> No
 
 
 def load_state(folder: Path, network, optimizer, scheduler, generator: torch.Generator):
+    """The run's counters (``RunState``) and the names of what it recorded that this version does not read; the
+    network, optimizer, schedule and generators restored in place."""
     from .trainer import RunState
 
     folder = Path(folder)
@@ -316,4 +318,7 @@ def load_state(folder: Path, network, optimizer, scheduler, generator: torch.Gen
     random.setstate(saved["python"])
     name, keys, position, has_gauss, gauss = saved["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
-    return RunState(**saved["run"])
+    known = {field.name for field in dataclasses.fields(RunState)}
+    # a state a later version saved (an extension rolled back): what this version does not know is left out, said
+    later = sorted(set(saved["run"]) - known)
+    return RunState(**{key: value for key, value in saved["run"].items() if key in known}), later

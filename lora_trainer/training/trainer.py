@@ -428,6 +428,7 @@ class TrainingRun:
         # a resumed run draws its data in the order the interrupted one would have: with the seed it was saved with
         self.resumed_facts = saved_facts(Path(options.resume)) if options.resume else {}
         _check_resumed_optimizer(options, self.resumed_facts)
+        self._optimizer_unproven = bool(options.resume)  # a state's moments meet the optimizer at its first step
         seed = options.seed if options.seed is not None else self.resumed_facts.get("seed", random.randrange(2**32))
         self.seed = seed = agree_on_seed(world, seed)
         seed_everything(seed)
@@ -555,12 +556,21 @@ class TrainingRun:
             initial_from = f"--resume {options.resume} (at step {initial_step})"
         elif options.resume:
             asked = _learning_rates(self.optimizer)
-            state = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
+            state, later = load_state(Path(options.resume), self.network, self.optimizer, self.scheduler, self.generator)
             if state.step >= self.total_steps:  # else "finished" at once, its weights saved as if trained to this end
                 raise UserError(f"--resume {options.resume} (at step {state.step}, epoch {state.current_epoch}) leaves "
                                 f"nothing to train: this run has {self.total_steps} steps ({self.num_epochs} epochs of "
                                 f"{self.steps_per_epoch}); raise --max_train_epochs/--max_train_steps")
             events.emit("state", action="resumed", path=options.resume, epoch=state.current_epoch, step=state.step)
+            if later:
+                events.emit("warning", message=f"--resume {options.resume} was saved by a later version of this trainer: "
+                            f"what it recorded of {', '.join(later)} is not read here, so its epoch's figures may be off; "
+                            "update the extension to resume it exactly")
+            if not self.resumed_facts:  # its data order and schedule follow from what this command says
+                events.emit("warning", message=f"--resume {options.resume} was saved by an earlier version of this "
+                            "trainer, which did not record its seed, optimizer or accumulation: give the same --seed, "
+                            "--optimizer_type and --gradient_accumulation_steps it was trained with, or the run goes on "
+                            "with another data order, or stops at its first step")
             for message in self._resumed_differently(state.step):
                 events.emit("warning", message=message)
             if (saved := _learning_rates(self.optimizer)) != asked:  # the state's optimizer and schedule replace ours
@@ -706,6 +716,22 @@ class TrainingRun:
             self.state.per_image_loss.setdefault(str(record.path), []).append(value)
             self._losses_since_step.append(str(record.path))
 
+    def _optimizer_step(self) -> None:
+        """The optimizer's step; the first after a resume said as a sentence where the state's moments or settings do
+        not fit the optimizer (a state saved before states recorded their optimizer is not refused before loading)."""
+        if not self._optimizer_unproven:
+            self.scaler.step(self.optimizer)
+            return
+        self._optimizer_unproven = False
+        try:
+            self.scaler.step(self.optimizer)
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            resume = self.options.resume
+            raise UserError(f"--resume {resume}: its optimizer state does not fit --optimizer_type "
+                            f"{self.options.optimizer} ({type(error).__name__}: {error}); resume with the optimizer it "
+                            f"was saved with, or start afresh from its network with --network_weights "
+                            f"{Path(resume) / 'model.safetensors'}") from error
+
     def _step(self, epoch: int) -> None:
         """The optimizer step, its reports, and what falls due at this step (a step file, validation, samples)."""
         options, state, optimizer = self.options, self.state, self.optimizer
@@ -713,7 +739,7 @@ class TrainingRun:
         self.scaler.unscale_(optimizer)
         if options.max_grad_norm:
             clip_grad_norm_(self.optimizer, self.trainable, options.max_grad_norm)
-        self.scaler.step(optimizer)
+        self._optimizer_step()
         self.scaler.update()
         self.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
