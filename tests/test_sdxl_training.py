@@ -113,6 +113,17 @@ def test_cached_text_encoder_outputs_train_what_encoding_every_step_trains(tiny_
     assert train(other, dataset, tmp_path / "other", "--network_train_unet_only",
                  "--cache_text_encoder_outputs_to_disk") == 0
     assert not np.allclose(np.load(npz[0])["hidden_state2"], before)
+    # sd-scripts' own caches (and ours before they recorded their encoders) say nothing of the model: read, and said
+    from lora_trainer.training.events import read_events
+
+    for path in npz:
+        with np.load(path) as arrays:
+            np.savez(path, **{k: arrays[k] for k in ("hidden_state1", "hidden_state2", "pool2")})
+    assert train(other, dataset, tmp_path / "unmarked", "--network_train_unet_only",
+                 "--cache_text_encoder_outputs_to_disk") == 0
+    said = [e["message"] for e in read_events(tmp_path / "unmarked" / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert any("text encoder output caches beside the images do not record which model made them" in m and
+               "if the checkpoint or its text encoders changed since, delete them" in m for m in said), said
     assert train(other, dataset, tmp_path / "other live", "--network_train_unet_only") == 0
     other_cached, other_live = (load_file(str(tmp_path / name / "star.safetensors")) for name in ("other", "other live"))
     assert all(torch.allclose(other_live[k].float(), other_cached[k].float(), atol=1e-3, rtol=1e-2) for k in other_live)

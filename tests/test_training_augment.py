@@ -480,9 +480,10 @@ def test_an_older_stem_npz_beside_the_image_is_read_as_sd_scripts_reads_it_and_e
 
     # SD and SDXL latents have the same shape and sd-scripts' older files do not say which VAE made them: said
     warnings = [e["message"] for e in read_events(tmp_path / "older" / "star.events.jsonl")[0] if e["event"] == "warning"]
-    assert any(m.startswith("5 latent caches named <image>.npz (sd-scripts' older name, the same for SD and SDXL) were "
-                            "read as this SD 1.x/2.x run's") and "if they were made for the other model, delete them" in m
-               for m in warnings), warnings
+    assert any(m.startswith("5 latent caches beside the images do not record which model made them (sd-scripts' own, or "
+                            "this trainer's before 2026-12-05) and were read as this run's") and "if the checkpoint or VAE "
+               "(for <image>.npz, sd-scripts' older name, also if they were made for SD where this run is SDXL, or the "
+               "reverse) changed since, delete them" in m for m in warnings), warnings
 
 
 def test_latents_cached_by_another_vae_encoder_are_encoded_again_and_a_decoder_only_vae_keeps_them(tmp_path):

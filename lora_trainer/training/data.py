@@ -313,7 +313,8 @@ class TrainingData:
             disk = [_read_npz(r, self.config_name, self._interpolation(r), encoder)
                     if self.options.cache_latents_to_disk else None for r in group]
             fresh = [r for r, cached in zip(group, disk) if cached is None]
-            unmarked += [r.path for r, cached in zip(group, disk) if cached is not None and _older_unmarked(r)]
+            unmarked += [path for r, cached in zip(group, disk)
+                         if cached is not None and not _records_encoder(path := npz_path(r, self.config_name))]
             encoded = iter(self._encode_for_cache(fresh, vae, device) if fresh else [])
             for record, cached in zip(group, disk):
                 if cached is None:
@@ -327,12 +328,11 @@ class TrainingData:
             done += len(group)
             bar.update(len(group))
         bar.close()
-        if unmarked:  # SD and SDXL latents have the same shape: only the user knows which VAE made these
-            family = "SDXL" if self.config_name == "sdxl" else "SD 1.x/2.x"
-            events.emit("warning", message=f"{len(unmarked)} latent cache{'s' if len(unmarked) > 1 else ''} named "
-                        f"<image>.npz (sd-scripts' older name, the same for SD and SDXL) were read as this {family} "
-                        f"run's, as sd-scripts reads them, e.g. {unmarked[0].with_suffix('.npz')}: if they were made "
-                        "for the other model, delete them and they are encoded again")
+        if unmarked:  # only the user knows which VAE made these; SD and SDXL latents even have the same shape
+            older = any(not re.search(r"_\d{4}x\d{4}_(sd|sdxl)$", path.stem) for path in unmarked)
+            other = " (for <image>.npz, sd-scripts' older name, also if they were made for SD where this run is SDXL, " \
+                    "or the reverse)" if older else ""
+            events.emit("warning", message=unmarked_caches_warning(unmarked, "latent", f"checkpoint or VAE{other}"))
 
     def _encode_for_cache(self, records: list[ImageRecord], vae, device):
         """(latents, flipped latents or None, mask) of each record, the images through the VAE as one batch."""
@@ -520,16 +520,24 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None, 
     return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
 
 
-def _older_unmarked(record: ImageRecord) -> bool:
-    """Whether the record's latents came from an older ``<stem>.npz`` without our VAE entry (sd-scripts' own)."""
-    older = record.path.with_suffix(".npz")
-    if not older.is_file():  # then it is the cache read (``_npz_beside``)
-        return False
+def _records_encoder(cache: Path) -> bool:
+    """Whether a latent cache records the VAE encoder that made it (ours since 2026-12-04; sd-scripts' never do)."""
     try:
-        with np.load(older) as data:
-            return "vae_encoder" not in data.files
+        with np.load(cache) as data:
+            return "vae_encoder" in data.files
     except UNREADABLE_NPZ:
-        return False
+        return True  # not read as a cache either
+
+
+def unmarked_caches_warning(caches: list[Path], kind: str, changed: str) -> str:
+    """Caches read as this run's that do not record what made them: sd-scripts' own, or this trainer's before it
+    recorded it. Read as sd-scripts reads them, and said, since only the user knows whether the model changed."""
+    many = len(caches) > 1
+    return (f"{len(caches)} {kind} cache{'s' if many else ''} beside the images {'do' if many else 'does'} not record "
+            f"which model made {'them' if many else 'it'} (sd-scripts' own, or this trainer's before 2026-12-05) and "
+            f"{'were' if many else 'was'} read as this run's, as sd-scripts reads them, e.g. {caches[0]}: if the "
+            f"{changed} changed since, delete {'them' if many else 'it'} and {'they are' if many else 'it is'} "
+            "encoded again")
 
 
 def _write_npz(record: ImageRecord, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None,

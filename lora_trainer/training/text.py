@@ -122,6 +122,7 @@ class TextEncoderCache:
         self.encoding = CaptionEncoding()
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._made_by = ""  # the text encoders' weights_fingerprint
+        self.unmarked: list[Path] = []  # caches read that do not record their text encoders (sd-scripts', older ours)
 
     def fill(self, text_encoders, captions_by_image: dict, tokenizer: CLIPTokenizer, encoding: CaptionEncoding,
              to_disk: bool, batch_size: int = 16) -> None:
@@ -196,8 +197,11 @@ class TextEncoderCache:
                 parts = [torch.from_numpy(npz[f"hidden_state{i + 1}"]).float() for i in range(len(self._widths()))]
                 pool_key = f"pool{len(self._widths())}"
                 pooled = torch.from_numpy(npz[pool_key]).float() if pool_key in npz else None
+                marked = "text_encoders" in npz
         except UNREADABLE_NPZ:
             return None  # unreadable or another layout: encode again
         if [p.shape[-1] for p in parts] != self._widths() or len({p.shape[0] for p in parts}) != 1:
             return None
+        if not marked:
+            self.unmarked.append(path)
         return torch.cat(parts, dim=-1), pooled

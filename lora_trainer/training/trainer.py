@@ -48,7 +48,8 @@ from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
 from .control import control_command, control_text, leftover_warning, written_before
-from .data import TrainingData, build_training_data, check_bucket_steps, check_captions_cacheable, sdxl_sizes
+from .data import (TrainingData, build_training_data, check_bucket_steps, check_captions_cacheable, sdxl_sizes,
+                   unmarked_caches_warning)
 from .evaluation import outlier_images, recommend_epoch, validation_generator, validation_timesteps
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
@@ -638,6 +639,9 @@ class TrainingRun:
         text_cache = TextEncoderCache(self.config)
         text_cache.fill(self.model.text_encoders, fixed_captions, self.tokenizer,
                         caption_encoding(self.options, self.config), self.options.cache_text_encoder_outputs_to_disk)
+        if text_cache.unmarked:
+            self.events.emit("warning", message=unmarked_caches_warning(text_cache.unmarked, "text encoder output",
+                                                                       "checkpoint or its text encoders"))
         park_text_encoders(self.model.text_encoders, self.device)
         return text_cache
 
