@@ -47,6 +47,11 @@ def test_end_gives_the_recommended_epoch_and_files():
     assert view.samples == ["/runs/sample/a_e000001.png"] and view.files == ["/runs/star-000001.safetensors"]
     assert "Recommended epoch: **3** (lowest validation loss)" in progress_text(view)
     assert "ETA" not in progress_text(view)
+    # a paused job trains on when resumed: its pause's end event is no verdict (it showed "Recommended epoch: 1")
+    paused = view_of([*EVENTS, {"event": "end", "files": [], "stopped": True, "recommended_epoch": 1, "reason": "x",
+                                "highest_loss_images": [["/a.png", 0.5]]}], "paused")
+    assert "Recommended epoch" not in progress_text(paused) and "/a.png" not in progress_text(paused)
+    assert progress_text(paused).startswith("**paused**")
 
 
 def test_failed_job_shows_the_trainer_error_or_the_store_message():

@@ -141,6 +141,8 @@ def progress_text(view: LiveView) -> str:
     if view.memory_mib is not None:
         parts.append(f"memory {view.memory_mib / 1024:.1f} GiB")
     text = " · ".join(parts)
+    if view.status == "paused":  # it trains on when resumed: a verdict on the epochs so far would read as final
+        return text + ("\n\n**Error:** " + view.error if view.error else "")
     if view.recommended_epoch:
         text += f"\n\nRecommended epoch: **{view.recommended_epoch}**" + (f" ({view.recommendation})" if view.recommendation else "")
     if view.outliers:
