@@ -128,6 +128,20 @@ def tier_gib(tier: str) -> float | None:
     return float(tier.split()[0]) if tier in VRAM_TIERS else None
 
 
+def without_tier_switches(options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A preset file's options less the switches of the GPU memory tier it was exported at (files the Train tab
+    exported before 2026-12-05 carried them, and they would override the tier the form fills now), and that tier's
+    name; the options as they are where every switch of no tier is there with its value."""
+    for tier in VRAM_TIERS:
+        for sdxl in (True, False):
+            switches = {**VRAM_TIERS[tier], **({k: v for k, v in SDXL_TIERS[tier].items() if k != "resolution"}
+                                               if sdxl else {})}
+            if all(name in options and options[name] == value for name, value in switches.items()):
+                kept = {name: value for name, value in options.items() if name not in switches}
+                return kept, f"{tier}{' SDXL' if sdxl else ''}"
+    return options, None
+
+
 def guidance(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> str:
     """The preset's strength guidance, and what the tier gives up on the base model."""
     return " ".join(filter(None, [PRESETS[preset].guidance, _SDXL_TIER_ADVICE.get(tier, "") if sdxl else ""]))

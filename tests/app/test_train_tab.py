@@ -446,6 +446,25 @@ def test_a_preset_exported_at_sdxls_6_gb_tier_trains_an_sd1_checkpoint_with_that
     assert train_tab.preset_file(typed, options, sdxl).options["fp8_base"] is True
 
 
+def test_a_preset_file_exported_before_with_a_tiers_switches_imports_without_them(tmp_path):
+    """Files the tab exported before 2026-12-05 carry the tier's switches (here SDXL's 6 GB: fp8, cached captions,
+    UNet only, checkpointing, fp16, AdamW8bit, batch 1): imported, they sat in Advanced over the tier chosen now."""
+    import toml
+
+    from lora_trainer.app import presets
+
+    old = {**presets.preset_options("character", "6 GB", sdxl=True), "resolution": "768", "max_grad_norm": 0.5}
+    path = presets.write_preset_file(presets.PresetFile("old", old), tmp_path / "old.preset.toml")
+    values = train_tab.import_into_form(str(path))
+    advanced = toml.loads(values[-2])
+    assert not {"fp8_base", "cache_text_encoder_outputs", "gradient_checkpointing", "mixed_precision", "sdpa"} & set(advanced)
+    assert advanced["max_grad_norm"] == 0.5
+    assert "it carries the 6 GB SDXL GPU memory tier's switches, which are left out" in values[-1]
+    plain = presets.write_preset_file(presets.PresetFile("plain", {**presets.preset_options("character"), "sdpa": True}),
+                                      tmp_path / "plain.preset.toml")
+    assert toml.loads(train_tab.import_into_form(str(plain))[-2])["sdpa"] is True  # no tier's whole set: kept
+
+
 def test_an_imported_files_values_stay_when_its_checkpoint_changes_the_model(sdxl_services, tmp_path):
     """The import writes the Base checkpoint, whose change then refilled the imported values that equalled the SD1
     fill: an SDXL file's 512 px became 1024 (here 768), its text encoder rate 0 and its rank 32 became 16."""
