@@ -60,6 +60,27 @@ def test_a_stopped_runs_final_file_is_labelled_as_stopped_early(tmp_path):
     assert labels == ["epoch 1 (20 steps)", "epoch 1 (22 of 160 steps: stopped early)"]
 
 
+def test_a_final_file_renamed_after_training_keeps_its_epochs(tmp_path):
+    """char.safetensors renamed char_v2 (ss_output_name still char) was a run of one file, and each char-00000N a
+    run of its own; a later run trained as char (another session) stays apart."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    source = REFERENCE / "kohya-fixtures" / "lora-baseline"
+    for name, target in (("tinylora-000001", "char-000001"), ("tinylora", "char_v2"), ("tinylora", "char")):
+        metadata = {**read_safetensors_metadata(source / f"{name}.safetensors"), "ss_output_name": "char"}
+        save_file(load_file(source / f"{name}.safetensors"), str(tmp_path / f"{target}.safetensors"), metadata)
+    files = run_files(tmp_path / "char_v2.safetensors")
+    assert [(f.path.name, f.label) for f in files] == [("char-000001.safetensors", "epoch 1 (80 steps)"),
+                                                       ("char_v2.safetensors", "epoch 2 (160 steps)")]
+    later = {**read_safetensors_metadata(source / "tinylora-000001.safetensors"), "ss_output_name": "char",
+             "ss_session_id": "2"}
+    save_file(load_file(source / "tinylora-000001.safetensors"), str(tmp_path / "char-000003.safetensors"), later)
+    assert [f.path.name for f in run_files(tmp_path / "char_v2.safetensors")] == [
+        "char-000001.safetensors", "char_v2.safetensors"]
+
+
 def test_two_grids_saved_in_the_same_second_keep_both(tmp_path, monkeypatch):
     """Grids are named by the time to the second: a second grid from another browser tab or the API in that second
     overwrote the first one and its cells."""

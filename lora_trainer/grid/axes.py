@@ -66,16 +66,39 @@ _NUMBERED = re.compile(r"^(?P<run>.+?)-(?:(?P<epoch>\d{6})|step(?P<step>\d{8}))$
 
 def run_files(final_or_any: str | Path) -> list[EpochFile]:
     """Every file of the run ``<name>.safetensors`` belongs to: ``<name>-000001``…, ``<name>-step…``, the final
-    file; ordered by training progress, labelled from their metadata."""
+    file; ordered by training progress, labelled from their metadata. A final file renamed after training
+    (``char_v2``, trained as ``char``) keeps the numbered files of the name it was trained under, as its
+    ``ss_output_name`` (and ``ss_session_id`` where both have one) says."""
     path = Path(final_or_any)
     match = _NUMBERED.match(path.stem)
     run = match.group("run") if match else path.stem
-    candidates = [p for p in path.parent.glob(f"{glob_escape(run)}*{path.suffix}")
-                  if p.stem == run or ((m := _NUMBERED.match(p.stem)) and m.group("run") == run)]
+    candidates = _numbered_or_final(path.parent, run, path.suffix, final=True)
+    metadata = read_safetensors_metadata(path)
+    trained_as = metadata.get("ss_output_name", "")
+    if not match and trained_as and trained_as != run:  # renamed: its epochs still carry the old name
+        candidates += [p for p in _numbered_or_final(path.parent, trained_as, path.suffix, final=False)
+                       if _same_run(metadata, read_safetensors_metadata(p))]
     if not candidates:
         raise UserError(f"{path}: no files of this training run found")
     files = [_describe(p) for p in candidates]
-    return sorted(files, key=lambda f: (f.steps if f.steps is not None else 1 << 60, f.path.stem != run, f.path.name))
+    return sorted(files, key=_training_progress)
+
+
+def _training_progress(file: EpochFile) -> tuple:
+    """By steps; at equal steps the final file first."""
+    return file.steps if file.steps is not None else 1 << 60, _NUMBERED.match(file.path.stem) is not None, file.path.name
+
+
+def _numbered_or_final(folder: Path, run: str, suffix: str, final: bool) -> list[Path]:
+    return [p for p in folder.glob(f"{glob_escape(run)}*{suffix}")
+            if (final and p.stem == run) or ((m := _NUMBERED.match(p.stem)) and m.group("run") == run)]
+
+
+def _same_run(final: dict[str, str], other: dict[str, str]) -> bool:
+    if other.get("ss_output_name") != final.get("ss_output_name"):
+        return False
+    sessions = final.get("ss_session_id"), other.get("ss_session_id")
+    return None in sessions or sessions[0] == sessions[1]  # another run trained under the name since
 
 
 def is_step_file(path: Path) -> bool:
