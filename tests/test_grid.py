@@ -60,6 +60,14 @@ def test_a_stopped_runs_final_file_is_labelled_as_stopped_early(tmp_path):
     assert labels == ["epoch 1 (20 steps)", "epoch 1 (22 of 160 steps: stopped early)"]
 
 
+def test_a_step_file_is_labelled_by_its_step_not_by_the_epochs_completed_before_it(tmp_path):
+    """sd-scripts saves a step file with ss_epoch = the epochs completed: step 10 of epoch 1 showed as "epoch 0"."""
+    for source in (REFERENCE / "kohya-fixtures" / "lora-toml-variant").glob("tinylora_toml*.safetensors"):
+        shutil.copy(source, tmp_path / source.name)
+    labels = [f.label for f in run_files(tmp_path / "tinylora_toml.safetensors")]
+    assert labels == ["step 10", "epoch 1 (20 steps)", "epoch 2 (40 steps)"]
+
+
 def test_a_final_file_renamed_after_training_keeps_its_epochs(tmp_path):
     """char.safetensors renamed char_v2 (ss_output_name still char) was a run of one file, and each char-00000N a
     run of its own; a later run trained as char (another session) stays apart."""

@@ -165,6 +165,33 @@ def test_a_grid_on_the_runs_base_model_is_planned_once(loras, tmp_path, monkeypa
     assert sorted(hashed) == ["tinylora-000001.safetensors", "tinylora.safetensors"]
 
 
+def test_the_epoch_axis_takes_epochs_and_step_files_only_by_their_step(tmp_path):
+    """Epoch 1 gave two rows, "epoch 1 (20 steps)" and a snapshot inside epoch 2 that sd-scripts saved with ss_epoch 1;
+    step 10 showed as "epoch 0"."""
+    from reference import REFERENCE
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    source = REFERENCE / "kohya-fixtures" / "lora-toml-variant"
+    for path in source.glob("tinylora_toml*.safetensors"):
+        shutil.copy(path, tmp_path / path.name)
+    step_ten = source / "tinylora_toml-step00000010.safetensors"  # and step 30, as sd-scripts saves it inside epoch 2
+    save_file(load_file(step_ten), str(tmp_path / "tinylora_toml-step00000030.safetensors"),
+              {**read_safetensors_metadata(step_ten), "ss_epoch": "1", "ss_steps": "30"})
+    library = LoraLibrary([tmp_path])
+    asked = request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["1"]), lora="tinylora_toml")
+    plan = plan_grid(asked, library)
+    assert plan.row_labels == ["epoch 1 (20 steps)"]
+    assert plan.notes == ["The run's files saved at steps (step 10, step 30) are not on the epoch axis: add them to it "
+                          "as step 50."]
+    plan = plan_grid(dataclasses.replace(asked, y=AxisSpec("epoch", ["step 10", "1", "2"])), library)
+    assert [label.split("\n")[0] for label in plan.row_labels] == ["step 10", "epoch 1 (20 steps)", "epoch 2 (40 steps)"]
+    assert plan.notes == []
+    with pytest.raises(UserError, match=r"epoch axis: step 20 is not among the run's step files \(steps 10, 30\)"):
+        plan_grid(dataclasses.replace(asked, y=AxisSpec("epoch", ["step 20"])), library)
+
+
 def test_bad_grids_are_refused_and_big_ones_need_confirmation(library):
     with pytest.raises(UserError, match="no values"):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)

@@ -115,11 +115,14 @@ def _describe(path: Path) -> EpochFile:
     metadata = read_safetensors_metadata(path)  # {} for an unreadable file: it still gets a name-based label
     epoch = int(metadata["ss_epoch"]) if metadata.get("ss_epoch", "").isdigit() else None
     steps = int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None
-    label = f"epoch {epoch}" if epoch is not None else path.stem
+    if is_step_file(path):  # its ss_epoch counts the epochs completed before it: "epoch 0 (10 steps)" read as the start
+        label = f"step {int(_NUMBERED.match(path.stem).group('step'))}"
+    else:
+        label = f"epoch {epoch}" if epoch is not None else path.stem
     planned = int(metadata["ss_max_train_steps"]) if metadata.get("ss_max_train_steps", "").isdigit() else None
     if steps is not None and planned and steps < planned and not re.search(r"-(\d{6}|step\d{8})$", path.stem):
         label += f" ({steps} of {planned} steps: stopped early)"  # a run's final file, saved where a stop cut it short
-    elif steps is not None:
+    elif steps is not None and not is_step_file(path):
         label += f" ({steps} steps)"
     return EpochFile(path, epoch, steps, label)
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import filecmp
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class GridPlan:
     files: list[Path]
     epoch_losses: dict[Path, EpochLoss] = field(default_factory=dict)
     best_epoch: Path | None = None  # the trainer's recommendation among the grid's epoch files
+    notes: list[str] = field(default_factory=list)  # what the plan changed or left out of the request, in sentences
 
     @property
     def size(self) -> tuple[int, int]:
@@ -191,21 +193,13 @@ def _run_of(request: GridRequest, library: LoraResolver) -> list[EpochFile]:
     return run_files(resolve_lora(request.lora, library, "training run"))
 
 
-def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver) -> tuple[list[_AxisValue], list[EpochFile]]:
+def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
+                 notes: list[str]) -> tuple[list[_AxisValue], list[EpochFile]]:
     values = [v for v in (str(v).strip() for v in axis.values) if v]
     if axis.kind == "epoch":
         files = _run_of(request, library)
         if values:
-            wanted = {int(v) for v in values if v.isdigit()}
-            unknown = [v for v in values if not v.isdigit()]
-            if unknown:
-                raise UserError(f"epoch axis: {', '.join(unknown)} is not an epoch number; give numbers such as 2, 4, 6")
-            missing = sorted(wanted - {f.epoch for f in files})
-            if missing:  # a row silently left out reads as a grid of the epochs asked for
-                have = ", ".join(str(f.epoch) for f in files if f.epoch is not None) or "none numbered"
-                said = f"epoch {missing[0]} is" if len(missing) == 1 else f"epochs {', '.join(map(str, missing))} are"
-                raise UserError(f"epoch axis: {said} not among the run's files (epochs {have})")
-            files = [f for f in files if f.epoch in wanted]
+            files = _chosen_files(files, values, notes)
         if not files:
             raise UserError(f"epoch axis: none of the epochs {', '.join(values)} is among the run's files")
         losses = epoch_losses(files)
@@ -229,6 +223,40 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver) ->
     if axis.kind == "checkpoint":
         return [_AxisValue(Path(v).stem if Path(v).suffix else v, checkpoint=v) for v in values], []
     raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}")
+
+
+_STEP_VALUE = re.compile(r"^step\s*(\d+)$", re.IGNORECASE)
+
+
+def _chosen_files(files: list[EpochFile], values: list[str], notes: list[str]) -> list[EpochFile]:
+    """The epoch axis's values: epoch numbers pick epoch files and the final file (by ss_epoch); ``step 50`` picks a
+    step file (sd-scripts saves it with the epochs completed as ss_epoch: "1" would also pick a snapshot inside
+    epoch 2)."""
+    wanted = {int(v) for v in values if v.isdigit()}
+    steps = {int(m.group(1)) for v in values if (m := _STEP_VALUE.match(v))}
+    unknown = [v for v in values if not v.isdigit() and not _STEP_VALUE.match(v)]
+    if unknown:
+        raise UserError(f"epoch axis: {', '.join(unknown)} is not an epoch number; give numbers such as 2, 4, 6 "
+                        "(or step 50 for a file saved at a step)")
+    epoch_files = [f for f in files if not is_step_file(f.path)]
+    step_files = {_step_of(f): f for f in files if is_step_file(f.path)}
+    missing = sorted(wanted - {f.epoch for f in epoch_files})
+    if missing:  # a row silently left out reads as a grid of the epochs asked for
+        have = ", ".join(str(f.epoch) for f in epoch_files if f.epoch is not None) or "none numbered"
+        said = f"epoch {missing[0]} is" if len(missing) == 1 else f"epochs {', '.join(map(str, missing))} are"
+        raise UserError(f"epoch axis: {said} not among the run's files (epochs {have})")
+    if missing := sorted(steps - set(step_files)):
+        have = ", ".join(map(str, sorted(step_files))) or "none"
+        raise UserError(f"epoch axis: step {', '.join(map(str, missing))} is not among the run's step files (steps {have})")
+    if step_files and not steps:
+        notes.append(f"The run's files saved at steps ({', '.join(f'step {s}' for s in sorted(step_files))}) are not "
+                     "on the epoch axis: add them to it as step 50.")
+    return [f for f in files if (f.epoch in wanted and not is_step_file(f.path)) or
+            (is_step_file(f.path) and _step_of(f) in steps)]
+
+
+def _step_of(file: EpochFile) -> int:
+    return int(file.path.stem.rpartition("-step")[2])  # <run>-step00000050: the global step sd-scripts names it by
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,10 +302,10 @@ def plan_on_base_model(request: GridRequest, library: LoraResolver, checkpoints:
     return dataclasses.replace(plan, cells=cells), base
 
 
-def _axis_values_of(name: str, axis: AxisSpec, request: GridRequest, library: LoraResolver):
+def _axis_values_of(name: str, axis: AxisSpec, request: GridRequest, library: LoraResolver, notes: list[str]):
     """``_axis_values``, its mistakes naming the axis (the API's field) unless they name a field of their own."""
     try:
-        return _axis_values(axis, request, library)
+        return _axis_values(axis, request, library, notes)
     except UserError as error:
         if error.field:
             raise
@@ -292,8 +320,9 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
             raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}", name)
         if axis.kind != "epoch" and not [v for v in axis.values if str(v).strip()]:
             raise UserError(f"the {axis.kind} axis has no values", name)
-    xs, x_files = _axis_values_of("x", request.x, request, library)
-    ys, y_files = _axis_values_of("y", request.y, request, library)
+    notes: list[str] = []
+    xs, x_files = _axis_values_of("x", request.x, request, library, notes)
+    ys, y_files = _axis_values_of("y", request.y, request, library, notes)
     try:
         check_size(len(ys), len(xs) + int(request.baseline), request.confirmed)
     except UserError as error:
@@ -331,6 +360,7 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         files=files,
         epoch_losses=losses,
         best_epoch=best,
+        notes=notes,
     )
 
 
