@@ -60,6 +60,18 @@ def test_epoch_by_strength_finds_the_run_files_and_adds_a_baseline_column(librar
     assert plan.legend.startswith("tinylora-000001: ") and ", tinylora: " in plan.legend
 
 
+def test_the_runs_own_tags_leave_the_prompt_and_other_loras_stay_in_every_cell(library):
+    """``zkstar, <lora:char:0.8>`` kept the tag in every cell: the "no LoRA" baseline had it, the cells stacked two."""
+    asked = request(AxisSpec("strength", ["0.5"]), AxisSpec("epoch", ["2"]),
+                    settings=dataclasses.replace(SETTINGS, prompt="zkstar, <lora:tinylora-000001:0.8>, <lora:style:1>"))
+    plan = plan_grid(asked, library)
+    assert prompts(plan) == [["zkstar, , <lora:style:1>", "zkstar, , <lora:style:1> <lora:tinylora:0.5>"]]
+    assert plan.notes == ["The grid took <lora:tinylora-000001:0.8> out of the prompt: it sets that LoRA in each cell "
+                          "itself, and the baseline has none.", "<lora:style:1> stays in every cell, the baseline too."]
+    by_alias = plan_grid(dataclasses.replace(asked, settings=dataclasses.replace(SETTINGS, prompt="zkstar <lora:tinylora@e1>")),
+                         library)
+    assert prompts(by_alias) == [["zkstar", "zkstar <lora:tinylora:0.5>"]]
+
 def test_chosen_epochs_only_and_a_random_seed_is_fixed_once_for_every_cell(library):
     plan = plan_grid(request(AxisSpec("epoch", ["2"]), AxisSpec("strength", ["1"]),
                              settings=dataclasses.replace(SETTINGS, seed=-1), baseline=False), library)

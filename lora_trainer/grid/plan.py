@@ -259,6 +259,46 @@ def _step_of(file: EpochFile) -> int:
     return int(file.path.stem.rpartition("-step")[2])  # <run>-step00000050: the global step sd-scripts names it by
 
 
+def _grid_lora_files(request: GridRequest, library: LoraResolver) -> set[Path]:
+    """Every file the grid's axes may put in a cell: each file of the run, each LoRA of a LoRA axis. Names that do not
+    resolve are left to the axes, which say so."""
+    files: set[Path] = set()
+    with contextlib.suppress(UserError):
+        if request.lora.strip():
+            files |= {f.path.resolve() for f in _run_of(request, library)}
+    for axis in (request.x, request.y):
+        for value in axis.values if axis.kind == "lora" else ():
+            with contextlib.suppress(UserError):
+                files.add(resolve_lora(str(value), library, "LoRA axis", None))
+    return files
+
+
+def _without_grid_tags(prompt: str, files: set[Path], library: LoraResolver, notes: list[str]) -> str:
+    """The prompt without the ``<lora:…>`` tags that name one of ``files`` (by file name, alias or ``name@eN``, as
+    the host resolves them): left in, every cell stacked its own file on the tag's and the "no LoRA" column had
+    one. Tags of other LoRAs stay in every cell, the baseline too; ``notes`` says both."""
+    from ..models.prompt import EXTRA_NETWORK
+    from ..networks.activation import TAG_NAMES
+
+    removed, kept = [], []
+
+    def take(match: re.Match) -> str:
+        if match.group(1) not in TAG_NAMES:
+            return match.group(0)
+        found = library.resolve(match.group(2).split(":")[0].strip())
+        chosen = removed if found is not None and Path(found).resolve() in files else kept
+        chosen.append(match.group(0))
+        return "" if chosen is removed else match.group(0)
+
+    cleaned = EXTRA_NETWORK.sub(take, prompt).rstrip()  # only the tag goes: the rest is the text the host encodes
+    if removed:
+        notes.append(f"The grid took {' '.join(removed)} out of the prompt: it sets that LoRA in each cell itself, and "
+                     "the baseline has none.")
+    if kept:
+        notes.append(f"{' '.join(kept)} {'stays' if len(kept) == 1 else 'stay'} in every cell, the baseline too.")
+    return cleaned
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The plan.
 
@@ -321,6 +361,8 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         if axis.kind != "epoch" and not [v for v in axis.values if str(v).strip()]:
             raise UserError(f"the {axis.kind} axis has no values", name)
     notes: list[str] = []
+    prompt = _without_grid_tags(request.settings.prompt, _grid_lora_files(request, library), library, notes)
+    request = dataclasses.replace(request, settings=dataclasses.replace(request.settings, prompt=prompt))
     xs, x_files = _axis_values_of("x", request.x, request, library, notes)
     ys, y_files = _axis_values_of("y", request.y, request, library, notes)
     try:
