@@ -204,6 +204,17 @@ def test_the_epoch_axis_takes_epochs_and_step_files_only_by_their_step(tmp_path)
         plan_grid(dataclasses.replace(asked, y=AxisSpec("epoch", ["step 20"])), library)
 
 
+def test_an_epoch_file_shadowed_by_a_file_of_the_same_name_in_another_folder_is_refused(loras, tmp_path):
+    """a/dup-000001 was the row, b/dup-000001 the image: the label, losses and hash were a's."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    for source in loras.glob("tinylora*.safetensors"):
+        shutil.copy(source, tmp_path / "a" / source.name.replace("tinylora", "dup"))
+    shutil.copy(loras / "style.safetensors", tmp_path / "b" / "dup-000001.safetensors")
+    with pytest.raises(UserError, match=r"<lora:dup-000001> means .*b/dup-000001.safetensors to the generator, not "
+                                        r".*a/dup-000001.safetensors of this grid: rename or move one of the two files"):
+        plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="dup"), LoraLibrary([tmp_path]))
+
 def test_bad_grids_are_refused_and_big_ones_need_confirmation(library):
     with pytest.raises(UserError, match="no values"):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)

@@ -382,6 +382,7 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         cells.append(row)
 
     files = list(dict.fromkeys(path for row in cells for cell in row for path, _ in cell.loras))
+    _check_names_resolve(files, library)
     epoch_files = x_files or y_files
     losses = epoch_losses(epoch_files) if epoch_files else {}
     x_name = xs[0].label if request.x.kind == "lora" and len(xs) == 1 else "LoRA"
@@ -404,6 +405,16 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         best_epoch=best,
         notes=notes,
     )
+
+
+def _check_names_resolve(files: list[Path], library: LoraResolver) -> None:
+    """Each file the cells name by ``<lora:stem>`` must be the one that name resolves to: a file of the same name
+    in another folder wins in the host (the last one listed), and its images would pass for this file's."""
+    for path in files:
+        found = library.resolve(path.stem)
+        if found is not None and Path(found).resolve() != Path(path).resolve():
+            raise UserError(f"<lora:{path.stem}> means {found} to the generator, not {path} of this grid: rename or move "
+                            "one of the two files, then refresh")
 
 
 def _baseline(request: GridRequest, seed: int, y: _AxisValue) -> GridCell:
