@@ -125,6 +125,30 @@ def test_a_grid_without_a_checkpoint_runs_on_the_runs_own_base_model_when_the_ho
     assert base is None and {c.checkpoint for row in plan.cells for c in row} == {None}  # not listed: the current one
 
 
+def test_an_sdxl_lora_on_an_sd1_checkpoint_is_refused_before_the_first_image(loras, tmp_path):
+    """Every cell equalled the baseline, and the host's warning came after the grid, once a session."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.grid.plan import plan_on_base_model
+    from lora_trainer.safe_io import read_safetensors_metadata
+    from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+    for source in loras.glob("tinylora*.safetensors"):
+        metadata = {**read_safetensors_metadata(source), "ss_base_model_version": "sdxl_base_v1-0"}
+        save_file(load_file(source), str(tmp_path / source.name.replace("tinylora", "xlchar")), metadata)
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.ones(())}, str(tmp_path / "bare.safetensors"))
+    library, checkpoints = LoraLibrary([tmp_path]), {"demo (embedded)": TINY_MODEL_PATH}
+    asked = request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="xlchar", checkpoint="demo (embedded)")
+    with pytest.raises(UserError, match=r"xlchar-000001.safetensors is an SDXL LoRA and the checkpoint tiny-sd.safetensors "
+                                        r"is SD1: it fits none of its layers and every cell would equal the baseline"):
+        plan_on_base_model(asked, library, checkpoints)
+    bare = request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1"]), lora="bare")  # the host's current checkpoint
+    with pytest.raises(UserError, match="bare.safetensors is an SDXL LoRA and the checkpoint tiny-sd.safetensors is SD1"):
+        plan_on_base_model(bare, library, checkpoints, current=TINY_MODEL_PATH)
+    plan, _ = plan_on_base_model(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", [])), LoraLibrary([loras]),
+                                 checkpoints, current=TINY_MODEL_PATH)  # SD1 on SD1
+    assert plan.size == (2, 2)
+
 def counted_tensor_hashes(monkeypatch) -> list:
     """The files whose tensor data is read through to hash it (the addnet hash of a grid's legend), in order."""
     from lora_trainer import hashing

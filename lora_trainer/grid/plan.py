@@ -329,17 +329,81 @@ def base_model_title(files: list[Path], checkpoints: dict[str, Path]) -> str | N
     return next((title for title, path in checkpoints.items() if Path(path).name == Path(name).name), None)
 
 
-def plan_on_base_model(request: GridRequest, library: LoraResolver, checkpoints: dict[str, Path]) -> tuple[GridPlan, str | None]:
+def plan_on_base_model(request: GridRequest, library: LoraResolver, checkpoints: dict[str, Path],
+                       current: Path | None = None) -> tuple[GridPlan, str | None]:
     """``plan_grid``; with no checkpoint asked, on the LoRAs' own base model where the host lists it (its title is
-    returned, else None: the host's current model). The cells a checkpoint axis does not set take it, as they take a
-    checkpoint asked: the plan is not made twice (each making reads every epoch file's metadata and hashes)."""
+    returned, else None: the host's current model, ``current`` where the host says which). The cells a checkpoint axis
+    does not set take it, as they take a checkpoint asked: the plan is not made twice (each making reads every epoch
+    file's metadata and hashes). A LoRA made for another model family than its cell's checkpoint is refused here."""
     plan = plan_grid(request, library)
     base = None if request.checkpoint else base_model_title(plan.files, checkpoints)
-    if base is None:
-        return plan, None
-    cells = [[cell if cell.checkpoint is not None else dataclasses.replace(cell, checkpoint=base) for cell in row]
-             for row in plan.cells]
-    return dataclasses.replace(plan, cells=cells), base
+    if base is not None:
+        cells = [[cell if cell.checkpoint is not None else dataclasses.replace(cell, checkpoint=base) for cell in row]
+                 for row in plan.cells]
+        plan = dataclasses.replace(plan, cells=cells)
+    _check_model_families(plan, checkpoints, current)
+    return plan, base
+
+
+def _check_model_families(plan: GridPlan, checkpoints: dict[str, Path], current: Path | None) -> None:
+    """An SDXL LoRA on an SD1 checkpoint (or the reverse) fits no layer: the host skips it, every cell equals the
+    baseline, and its warning came after the whole grid (once a session). Files or checkpoints that do not say
+    their family pass."""
+    from functools import cache
+
+    families = cache(checkpoint_family)
+    pairs = {(path, cell.checkpoint) for row in plan.cells for cell in row for path, _ in cell.loras}
+    for path, title in sorted(pairs, key=lambda pair: (str(pair[0]), pair[1] or "")):
+        checkpoint = checkpoints.get(title) if title else current
+        if checkpoint is None and title and Path(title).is_file():
+            checkpoint = Path(title)
+        made_for = lora_families(path)
+        family = families(Path(checkpoint)) if checkpoint and made_for else None
+        if family and family not in made_for:
+            lora_kind = "/".join(sorted(made_for))
+            raise UserError(f"{path.name} is an {lora_kind} LoRA and the checkpoint {Path(checkpoint).name} is {family}: it "
+                            f"fits none of its layers and every cell would equal the baseline; pick an {lora_kind} "
+                            f"checkpoint, or a LoRA trained on {family}", "checkpoint")
+
+
+_SDXL_KEY_PREFIXES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_",
+                      "lora_unet_output_blocks_")  # sd-scripts' SDXL names; SD1/SD2 use lora_te_, lora_unet_down_blocks_…
+_SD1_SD2_KEY_PREFIXES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
+
+
+def lora_families(path: Path) -> set[str]:
+    """The model families a LoRA file is made for: {"SD1"}, {"SD2"}, {"SDXL"} from its metadata, else from its
+    tensor names ({"SD1", "SD2"}: their names are the same); empty when it does not say."""
+    from ..networks.activation import sd_version_of
+
+    version = sd_version_of(read_safetensors_metadata(path))
+    if version != "unknown":
+        return {version}
+    if Path(path).suffix.lower() != ".safetensors":
+        return set()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file says nothing here; the host reports it when loading
+        return set()
+    if any(key.startswith(_SDXL_KEY_PREFIXES) for key in keys):
+        return {"SDXL"}
+    return {"SD1", "SD2"} if any(key.startswith(_SD1_SD2_KEY_PREFIXES) for key in keys) else set()
+
+
+def checkpoint_family(path: Path) -> str | None:
+    """"SD1", "SD2" or "SDXL" from a .safetensors checkpoint's tensor names and shapes (its header only); None for
+    other files (a .ckpt would be unpickled whole) and files that are not a known model."""
+    from ..models.checkpoint import detect_architecture, open_tensors
+
+    if Path(path).suffix.lower() != ".safetensors" or not Path(path).is_file():
+        return None
+    try:
+        return detect_architecture(open_tensors(path))[0].label.removesuffix("-v")
+    except UserError:
+        return None
 
 
 def _axis_values_of(name: str, axis: AxisSpec, request: GridRequest, library: LoraResolver, notes: list[str]):
