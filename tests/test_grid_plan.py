@@ -149,6 +149,15 @@ def test_an_sdxl_lora_on_an_sd1_checkpoint_is_refused_before_the_first_image(lor
                                  checkpoints, current=TINY_MODEL_PATH)  # SD1 on SD1
     assert plan.size == (2, 2)
 
+
+def test_the_current_checkpoint_of_a_standalone_host_is_the_one_it_draws_on_before_its_first_image(loras):
+    """The Grid tab and the API pass it, so that a grid left on "current" is checked too."""
+    from lora_trainer.grid.plan import current_checkpoint
+    from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+    assert current_checkpoint(StandaloneHost([], [loras])) == TINY_MODEL_PATH
+    assert current_checkpoint(object()) is None  # a host that does not say
+
 def counted_tensor_hashes(monkeypatch) -> list:
     """The files whose tensor data is read through to hash it (the addnet hash of a grid's legend), in order."""
     from lora_trainer import hashing

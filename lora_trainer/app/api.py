@@ -970,13 +970,14 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
     def create_grid(body: dict = Depends(object_body)):
         """Planned at once (an empty axis, an unknown LoRA or too many cells answer 400), then generated in the
         background; returns the grid id to poll."""
-        from ..grid.plan import plan_on_base_model
+        from ..grid.plan import current_checkpoint, plan_on_base_model
         from ..networks.activation import LoraLibrary
 
         checkpoints = services.host.checkpoints()
         request = grid_request(body, services.host.generation_defaults(), services.settings.roots(), checkpoints,
                                services.host)
-        plan, _ = plan_on_base_model(request, LoraLibrary([services.settings.lora_folder]), checkpoints)
+        plan, _ = plan_on_base_model(request, LoraLibrary([services.settings.lora_folder]), checkpoints,
+                                     current_checkpoint(services.host))
         status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
         status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None
         grids[status.id] = status

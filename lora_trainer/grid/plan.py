@@ -345,6 +345,12 @@ def plan_on_base_model(request: GridRequest, library: LoraResolver, checkpoints:
     return plan, base
 
 
+def current_checkpoint(host) -> Path | None:
+    """The checkpoint ``host`` draws a cell without one on, where it says: its loaded model, else the one it loads
+    first (standalone). None where it does not say: the family check then passes those cells."""
+    return getattr(host, "loaded_checkpoint", None) or getattr(host, "default_checkpoint", None)
+
+
 def _check_model_families(plan: GridPlan, checkpoints: dict[str, Path], current: Path | None) -> None:
     """An SDXL LoRA on an SD1 checkpoint (or the reverse) fits no layer: the host skips it, every cell equals the
     baseline, and its warning came after the whole grid (once a session). Files or checkpoints that do not say

@@ -153,6 +153,14 @@ class WebUIHost:
             progress(settings.steps, settings.steps)
         return GeneratedImage(processed.images[0], seed, processed.infotexts[0])
 
+    @property
+    def loaded_checkpoint(self) -> Path | None:
+        """The WebUI's loaded model file (a grid's cells without a checkpoint are drawn on it)."""
+        from modules import shared
+
+        filename = getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "filename", None)
+        return Path(filename) if filename else None
+
     def interrupted(self) -> bool:
         from modules import shared
 

@@ -74,7 +74,10 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
                 AxisSpec(y_kind, _values(y_values) if y_kind != "strength" else [y_values or ""])]
         request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
                               checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
-        plan, base = plan_on_base_model(request, library_of(services), services.host.checkpoints())
+        from ...grid.plan import current_checkpoint
+
+        plan, base = plan_on_base_model(request, library_of(services), services.host.checkpoints(),
+                                        current_checkpoint(services.host))
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
         result = run_grid(services.host, plan, services.settings.grids_folder, report, _stop.is_set)
     except UserError as error:
