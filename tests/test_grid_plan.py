@@ -323,6 +323,29 @@ def test_a_host_batch_spans_the_grid_and_a_cut_short_cell_stays_grey(library, tm
     assert [p.name[-11:] for p in result.cell_paths] == ["r00-c00.png", "r00-c02.png"]  # no file for the grey cell
 
 
+def test_a_cell_whose_lora_file_was_deleted_or_rewritten_during_the_grid_is_grey_and_says_why(loras, tmp_path):
+    """The host drew without the deleted file (or with the rewritten file's weights) under the planned label."""
+    run = tmp_path / "Lora"
+    make_epoch_files(run, "char", epochs=3, seed=0)
+    plan = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="char", baseline=False),
+                     LoraLibrary([run]))
+    host = BatchHost()
+    drawn = host.generate
+
+    def generate(settings, checkpoint=None, progress=None):
+        if len(host.log) == 1:  # during the first cell: epoch 2 deleted, the final file saved again
+            (run / "char-000002.safetensors").unlink()
+            shutil.copy(run / "char-000001.safetensors", run / "char.safetensors")
+        return drawn(settings, checkpoint, progress)
+
+    host.generate = generate
+    result = run_grid(host, plan, tmp_path / "grid")
+    assert [entry[1] for entry in host.log if entry[0] == "cell"] == ["zkstar, shapes <lora:char-000001:1>"]
+    assert (result.finished, result.total) == (1, 3)
+    grey = [np.asarray(row[0]) for row in result.cells[1:]]
+    assert all((image == 128).mean() > 0.5 and image.max() > 200 for image in grey)  # grey, with the reason on it
+    assert len(result.cell_paths) == 1
+
 def test_an_interrupt_during_the_first_cell_saves_nothing(library, tmp_path):
     host = BatchHost(interrupt_at=1)
     plan = plan_grid(request(AxisSpec("strength", ["0.5, 1"]), AxisSpec("epoch", ["2"])), library)

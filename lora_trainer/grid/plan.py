@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import filecmp
 import json
+import logging
 import re
 import shutil
 import time
@@ -30,6 +31,8 @@ from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, writ
 from ..sampling.txt2img import GenerationSettings
 from .axes import EpochFile, check_size, is_step_file, parse_values, run_files
 from .render import GridResult, assemble, save_grid
+
+log = logging.getLogger(__name__)
 
 AXIS_KINDS = ("epoch", "strength", "lora", "prompt", "seed", "checkpoint")
 LOSSES_KEY = "lora_trainer.losses"  # written by the trainer (training/trainer.py, judgement())
@@ -86,6 +89,7 @@ class GridPlan:
     epoch_losses: dict[Path, EpochLoss] = field(default_factory=dict)
     best_epoch: Path | None = None  # the trainer's recommendation among the grid's epoch files
     notes: list[str] = field(default_factory=list)  # what the plan changed or left out of the request, in sentences
+    file_stats: dict[Path, tuple[int, int]] = field(default_factory=dict)  # size and mtime of each file, when planned
 
     @property
     def size(self) -> tuple[int, int]:
@@ -474,7 +478,31 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         epoch_losses=losses,
         best_epoch=best,
         notes=notes,
+        file_stats={path: _stat(path) for path in files},
     )
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def changed_since_planned(plan: GridPlan, cell: GridCell) -> str | None:
+    """Why ``cell`` cannot be drawn as planned: one of its LoRA files was deleted or rewritten since (the host would
+    draw without it, or with other weights, under the planned label and hash); None when they are as planned."""
+    for path, _ in cell.loras:
+        planned = plan.file_stats.get(path)
+        if planned is None:
+            continue
+        now = _stat(path)
+        if now is None:
+            return f"{path.name} was deleted"
+        if now != planned:
+            return f"{path.name} changed"
+    return None
 
 
 def _check_names_resolve(files: list[Path], library: LoraResolver) -> None:
@@ -512,12 +540,14 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     """Generate every cell through ``host.generate`` (identical cells once) inside ``host.batch`` when the host has
     one (its progress then spans the grid), between cells honouring ``should_stop`` and the host's Interrupt, then
     assemble the grid and save it and every cell with infotext. An interrupted grid keeps the cells finished so far
-    (the others grey) and says so in ``GridResult.stopped``; a cell the host cut short is grey too. When not one
-    cell finished, nothing is saved (``GridResult.path`` stays None)."""
+    (the others grey) and says so in ``GridResult.stopped``; a cell the host cut short is grey too, and so is a cell
+    whose LoRA file was deleted or rewritten since the plan (the reason written on it). When not one cell finished,
+    nothing is saved (``GridResult.path`` stays None)."""
     started = time.perf_counter()
     switching_before = getattr(host, "switching_seconds", 0.0)  # hosts that merge LoRAs themselves measure it
     unique = list(dict.fromkeys(cell.key for row in plan.cells for cell in row))
     done: dict[tuple, object] = {}
+    skipped: dict[tuple, str] = {}  # cells whose files changed since planning: grey, with the reason written on them
     stopped = False
     by_key = {cell.key: cell for row in plan.cells for cell in row}
     batch = getattr(host, "batch", None)
@@ -528,8 +558,10 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
                 stopped = True
                 break
             cell = by_key[key]
-            image = host.generate(cell.settings, cell.checkpoint)
-            if image is not None:
+            if reason := changed_since_planned(plan, cell):
+                skipped[key] = reason
+                log.warning("Prompt-Lora-Grid: a cell was left grey: %s since the grid was planned", reason)
+            elif (image := host.generate(cell.settings, cell.checkpoint)) is not None:
                 done[key] = image
             if progress:
                 progress(index + 1, len(unique))
@@ -537,7 +569,8 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
             stopped = host.interrupted() and len(done) < len(unique)
     width, height = plan.cells[0][0].settings.width, plan.cells[0][0].settings.height
     blank = Image.new("RGB", (width, height), (128, 128, 128))
-    images = [[done[c.key].image if c.key in done else blank for c in row] for row in plan.cells]
+    images = [[done[c.key].image if c.key in done else _grey_cell(blank, skipped[c.key]) if c.key in skipped else blank
+               for c in row] for row in plan.cells]
     infos = [[done[c.key].infotext if c.key in done else "" for c in row] for row in plan.cells]
     legend = f"Lora hashes: {plan.legend}" if plan.legend else ""
     grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend)
@@ -547,6 +580,18 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     if out_folder is not None and done:
         result.path, result.cell_paths = save_grid(grid, images, infos, Path(out_folder), plan.title + "\n" + legend)
     return result
+
+
+def _grey_cell(blank: Image.Image, reason: str) -> Image.Image:
+    """A grey cell that says why it was not drawn, wrapped to its width in the picture's default font."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    cell = blank.copy()
+    per_line = max(8, cell.width // 7)
+    ImageDraw.Draw(cell).multiline_text((3, 3), textwrap.fill(reason, per_line), fill=(255, 255, 255))
+    return cell
 
 
 def _keep_as_epoch_file(target: Path) -> Path:
