@@ -359,12 +359,12 @@ def test_promote_copies_the_epoch_and_writes_the_preferred_weight(loras, tmp_pat
     lora_folder.mkdir()
     (lora_folder / "mychar.json").write_text(json.dumps({"activation text": "zkstar", "preferred weight": 1}),
                                              encoding="utf-8")
-    copied = promote(loras / "tinylora-000001.safetensors", lora_folder, "mychar", 0.7)
+    copied = promote(loras / "tinylora-000001.safetensors", lora_folder, "mychar", 0.7).path
     assert copied == lora_folder / "mychar.safetensors"
     assert copied.read_bytes() == (loras / "tinylora-000001.safetensors").read_bytes()
     card = json.loads((lora_folder / "mychar.json").read_text(encoding="utf-8"))
     assert card == {"activation text": "zkstar", "preferred weight": 0.7}
-    fresh = promote(loras / "style.safetensors", lora_folder, "newstyle", 0.9)
+    fresh = promote(loras / "style.safetensors", lora_folder, "newstyle", 0.9).path
     assert json.loads(fresh.with_suffix(".json").read_text(encoding="utf-8"))["preferred weight"] == 0.9
     with pytest.raises(UserError, match="plain file name"):
         promote(loras / "style.safetensors", lora_folder, "../evil", 1.0)
@@ -431,6 +431,38 @@ def test_promoting_another_epoch_after_a_first_promotion_and_never_over_another_
     with pytest.raises(UserError, match="give the preferred weight as a number"):
         promote(lora_folder / "run-000001.safetensors", lora_folder, "run", "")
 
+
+def test_promoting_a_run_in_a_subfolder_writes_beside_it_keeps_the_users_card_and_refuses_a_name_taken_elsewhere(tmp_path):
+    """Lora/char.safetensors was written while <lora:char> still meant sub dir/char.safetensors, and its new card had
+    lost the user's activation text."""
+    lora_folder = tmp_path / "Lora"
+    run = lora_folder / "sub dir"
+    make_epoch_files(run, "char", epochs=3, seed=0)
+    (run / "char.json").write_text(json.dumps({"activation text": "zkstar", "description": "mine", "preferred weight": 1}),
+                                   encoding="utf-8")
+    promotion = promote(run / "char-000002.safetensors", lora_folder, "char final", 0.8)
+    assert promotion.path == run / "char final.safetensors" and not (lora_folder / "char final.safetensors").exists()
+    card = json.loads((run / "char final.json").read_text(encoding="utf-8"))
+    assert card == {"activation text": "zkstar", "description": "mine", "preferred weight": 0.8}
+    assert promotion.message == (f"Promoted char-000002.safetensors to {run / 'char final.safetensors'} with preferred "
+                                 "weight 0.8. Its card (activation text, description …) is a copy of char.json.")
+    make_epoch_files(lora_folder / "other", "best", epochs=1, seed=1)
+    with pytest.raises(UserError, match=r"promote: .*sub dir/best.safetensors would have the name of .*other/best.safetensors, "
+                                        r"and <lora:best> would mean only one of them to the generator; give another "
+                                        r"final name, or rename or move best.safetensors"):
+        promote(run / "char-000002.safetensors", lora_folder, "best", 1.0)
+    assert not (run / "best.safetensors").exists()
+
+
+def test_promoting_another_epoch_to_a_name_in_use_says_what_the_earlier_file_became(tmp_path):
+    """Epochs 1 then 2 promoted to "char final": the first became "char final-000001" and nothing said so."""
+    lora_folder = tmp_path / "Lora"
+    make_epoch_files(lora_folder, "char", epochs=3, seed=0)
+    assert promote(lora_folder / "char-000001.safetensors", lora_folder, "char final", 1.0).kept is None
+    promotion = promote(lora_folder / "char-000002.safetensors", lora_folder, "char final", 0.9)
+    assert promotion.kept == lora_folder / "char final-000001.safetensors" and promotion.kept.is_file()
+    assert promotion.message.endswith(" with preferred weight 0.9. The earlier char final.safetensors is kept as "
+                                      "char final-000001.safetensors.")
 
 def test_the_grid_stars_the_trainers_recommendation_and_a_step_file_shows_its_own_loss(tmp_path):
     """The grid recomputed the knee over the kept files only (epochs 2, 4, 6: a knee at 4) while the trainer had

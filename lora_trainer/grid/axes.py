@@ -101,6 +101,11 @@ def _same_run(final: dict[str, str], other: dict[str, str]) -> bool:
     return None in sessions or sessions[0] == sessions[1]  # another run trained under the name since
 
 
+def is_final_file(path: Path) -> bool:
+    """Neither ``<run>-000003`` nor ``<run>-step…``: a run's final file (or a promoted one)."""
+    return _NUMBERED.match(Path(path).stem) is None
+
+
 def is_step_file(path: Path) -> bool:
     """``<run>-step00000050``: saved at a step, between epochs (its ss_epoch counts the epochs completed)."""
     match = _NUMBERED.match(path.stem)

@@ -29,7 +29,7 @@ from PIL import Image
 from ..errors import UserError
 from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
-from .axes import EpochFile, check_size, is_step_file, parse_values, run_files
+from .axes import EpochFile, check_size, glob_escape, is_final_file, is_step_file, parse_values, run_files
 from .render import GridResult, assemble, save_grid
 
 log = logging.getLogger(__name__)
@@ -594,14 +594,15 @@ def _grey_cell(blank: Image.Image, reason: str) -> Image.Image:
     return cell
 
 
-def _keep_as_epoch_file(target: Path) -> Path:
+def _keep_as_epoch_file(target: Path) -> Path | None:
     """The file a promotion would replace (by default the run's final file: its last epoch, which sd-scripts saves
     under no other name) is kept under its epoch's name, ``<name>-000008.safetensors``, where it stays on the grid's
-    epoch axis; where that name is taken or the epoch unknown, the promotion is refused instead."""
+    epoch axis; where that name is taken or the epoch unknown, the promotion is refused instead. Returns the new
+    name, or None when that epoch's file is already there (the final file was a copy of it)."""
     epoch = read_safetensors_metadata(target).get("ss_epoch", "") if target.suffix == ".safetensors" else ""
     kept = target.with_name(f"{target.stem}-{int(epoch):06d}{target.suffix}") if epoch.isdigit() else None
     if kept is not None and kept.exists() and filecmp.cmp(kept, target, shallow=False):
-        return kept  # the final file is a copy of that epoch (an earlier promotion): nothing to keep
+        return None  # the final file is a copy of that epoch (an earlier promotion): nothing to keep
     if kept is None or kept.exists():
         raise UserError(f"promote: {target} would be replaced, and it cannot be kept as an epoch file "
                         f"({'its epoch is unknown' if kept is None else f'{kept.name} exists'}); give another final name")
@@ -613,9 +614,31 @@ def _keep_as_epoch_file(target: Path) -> Path:
     return kept
 
 
-def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: float) -> Path:
-    """Copy the chosen epoch into the Lora folder as ``<final_name>.safetensors`` (atomically) and record
-    ``strength`` as the card's preferred weight in ``<final_name>.json``, keeping the card's other fields."""
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote`` did, for the sentence the Grid tab shows."""
+
+    source: Path  # the epoch file promoted
+    path: Path  # the final file written
+    strength: float
+    kept: Path | None = None  # the earlier file of that name, renamed to keep it (its epoch's name)
+    card_from: Path | None = None  # the run's card the new card was made from
+
+    @property
+    def message(self) -> str:
+        text = f"Promoted {self.source.name} to {self.path} with preferred weight {self.strength:g}."
+        if self.kept is not None:
+            text += f" The earlier {self.path.name} is kept as {self.kept.name}."
+        if self.card_from is not None:
+            text += f" Its card (activation text, description …) is a copy of {self.card_from.name}."
+        return text
+
+
+def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: float) -> Promotion:
+    """Copy the chosen epoch as ``<final_name>.safetensors`` (atomically) into its own folder, or into the Lora
+    folder when it is outside it, and record ``strength`` as the card's preferred weight in ``<final_name>.json``,
+    keeping the card's other fields (a new card starts from the run's). A name another folder of the Lora folder
+    has already is refused: ``<lora:name>`` would mean only one of the two files."""
     from ..app.paths import plain_name
 
     epoch_file, lora_folder = Path(epoch_file), Path(lora_folder)
@@ -626,31 +649,67 @@ def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: floa
         strength = float(strength)
     except (TypeError, ValueError):
         raise UserError(f"promote: give the preferred weight as a number (such as 0.8), not {strength!r}") from None
-    target = lora_folder / f"{name}{epoch_file.suffix}"
+    in_library = epoch_file.resolve().is_relative_to(lora_folder.resolve())
+    target = (epoch_file.parent if in_library else lora_folder) / f"{name}{epoch_file.suffix}"
+    if (other := _same_name_elsewhere(target, lora_folder)) is not None:
+        raise UserError(f"promote: {target} would have the name of {other}, and <lora:{name}> would mean only one of "
+                        f"them to the generator; give another final name, or rename or move {other.name}")
     theirs, ours = (read_safetensors_metadata(path).get("ss_output_name") for path in (target, epoch_file))
     if target.exists() and theirs and ours and theirs != ours:  # another run's LoRA (and card) under that name
         raise UserError(f"promote: {target.name} is another LoRA (trained as {theirs!r}), which the promotion would "
                         "replace; give another final name")
-    if target.exists() and target.resolve() == epoch_file.resolve():
-        copied = target
-    else:
+    kept = None
+    if not (target.exists() and target.resolve() == epoch_file.resolve()):
         if target.exists() and not filecmp.cmp(target, epoch_file, shallow=False):
-            _keep_as_epoch_file(target)
+            kept = _keep_as_epoch_file(target)
         with atomic_path(target) as temporary:
             shutil.copyfile(epoch_file, temporary)
-        copied = target
-    card_path = copied.with_suffix(".json")
-    card = {}
+    card_path = target.with_suffix(".json")
+    card, card_from = {}, None
     if card_path.exists():
         try:
             card = json.loads(card_path.read_text(encoding="utf-8-sig"))
         except (OSError, json.JSONDecodeError):
             raise UserError(f"promote: {card_path} is not valid JSON; fix or delete it, then promote again") from None
     if not card:
+        card, card_from = _run_card(epoch_file, card_path)
+    if not card:
         from ..app.user_metadata import card_metadata, network_shape
 
-        card = card_metadata(read_safetensors_metadata(copied), {}, 1.0, network_shape(copied)) \
-            if copied.suffix == ".safetensors" else {}
+        card = card_metadata(read_safetensors_metadata(target), {}, 1.0, network_shape(target)) \
+            if target.suffix == ".safetensors" else {}
     card["preferred weight"] = float(strength)
     write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
-    return copied
+    return Promotion(epoch_file, target, strength, kept, card_from)
+
+
+def _same_name_elsewhere(target: Path, lora_folder: Path) -> Path | None:
+    """A LoRA file of ``target``'s name in another folder of the Lora folder (where the generator looks)."""
+    from ..networks.activation import LORA_SUFFIXES, in_state_folder
+
+    if not lora_folder.is_dir():
+        return None
+    for path in sorted(lora_folder.rglob(f"{glob_escape(target.stem)}.*")):
+        elsewhere = path.parent.resolve() != target.parent.resolve()
+        if (path.stem == target.stem and path.suffix.lower() in LORA_SUFFIXES and elsewhere and path.is_file()
+                and not in_state_folder(path) and not any(part.startswith(".") for part in path.relative_to(lora_folder).parts)):
+            return path
+    return None
+
+
+def _run_card(epoch_file: Path, card_path: Path) -> tuple[dict, Path | None]:
+    """The card beside the run's final file (the user's activation text and description), for a new final name."""
+    try:
+        finals = [f.path for f in run_files(epoch_file) if is_final_file(f.path)]
+    except UserError:
+        return {}, None
+    for final in finals:
+        source = final.with_suffix(".json")
+        if source != card_path and source.is_file():
+            try:
+                card = json.loads(source.read_text(encoding="utf-8-sig"))
+            except (OSError, json.JSONDecodeError):
+                continue  # the user's broken card is theirs to fix; the new one starts from the metadata
+            if isinstance(card, dict) and card:
+                return card, source
+    return {}, None

@@ -133,11 +133,11 @@ def promote_epoch(services, epoch_file: str, final_name: str, strength) -> str:
         if not epoch_file:
             raise UserError("Generate a grid first, then pick the epoch to promote.")
         name = (final_name or "").strip() or _run_name(Path(epoch_file))
-        copied = promote(Path(epoch_file), services.settings.lora_folder, name, float(strength))
+        promotion = promote(Path(epoch_file), services.settings.lora_folder, name, float(strength))
     except UserError as error:
         return f"⚠ {error}"
     services.host.refresh_loras()
-    return f"Promoted {Path(epoch_file).name} to {copied} with preferred weight {float(strength):g}."
+    return promotion.message
 
 
 def _run_name(path: Path) -> str:
