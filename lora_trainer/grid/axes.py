@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -13,21 +16,33 @@ from ..safe_io import read_safetensors_metadata
 MAX_CELLS = 400
 MAX_AXIS_VALUES = 1000  # counted before any list is made: "0-1 [10000000]" must not fill the memory to be refused
 
-_RANGE = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*(?:\(\s*([+-]?[\d.]+)\s*\))?\s*$")  # no step: 1
-_COUNT = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*\[\s*(\d+)\s*\]\s*$")
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+_RANGE = re.compile(rf"^\s*({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*({_NUMBER})\s*\))?\s*$")  # no step: 1
+_COUNT = re.compile(rf"^\s*({_NUMBER})\s*-\s*({_NUMBER})\s*\[\s*(\d+)\s*\]\s*$")
+_WHOLE_RANGE = re.compile(r"^\s*([+-]?\d+)\s*-\s*([+-]?\d+)\s*(?:\(\s*([+-]?\d+)\s*\)|\[\s*(\d+)\s*\])?\s*$")
+_DECIMAL_COMMA = re.compile(r"(?<![\d.])(\d+),(\d+)(?![\d.])")  # 0,8: no space after the comma
+
+
+def split_values(text: str) -> list[str]:
+    """Axis values as the X/Y/Z plot splits them (``csv.reader``): comma separated, a value holding a comma in double
+    quotes (``"1girl, standing", "1girl, sitting"``), the spaces around a value dropped, blanks skipped."""
+    rows = csv.reader(io.StringIO(text or ""), skipinitialspace=True)
+    return [value.strip() for row in rows for value in row if value.strip()]
 
 
 def parse_values(text: str) -> list[float]:
-    """``0.2-1.0 (+0.2)``, ``1-3`` (step 1), ``0-1 [5]`` (5 evenly spaced values) or ``0, 0.5, 1`` — the X/Y/Z plot's
-    syntax."""
+    """Strengths as the X/Y/Z plot reads a number axis: ``0.2-1.0 (+0.2)``, ``1-3`` (step 1), ``0-1 [5]`` (5 evenly
+    spaced values, rounded to 4 significant digits where that keeps them apart, so labels and tags read 0.25, not
+    0.2500001) or ``0, 0.5, 1``, split as ``split_values`` splits. Where it differs: a range stops at its end
+    (``0-1 (+0.3)`` gives 0, 0.3, 0.6, 0.9; the X/Y/Z plot's ``np.arange(start, end + step)`` goes on to 1.2), and
+    ``0,8`` (a decimal comma, no space after it) is refused rather than read as the strengths 0 and 8."""
+    _refuse_decimal_commas(text)
     values: list[float] = []
-    for part in re.split(r",(?![^(\[]*[)\]])", text):
-        if not part.strip():
-            continue
+    for part in split_values(text):
         if match := _RANGE.match(part):
             start, end, step = (Decimal(g or "1") for g in match.groups())
             if step == 0 or (end - start) * step < 0:
-                raise UserError(f"range {part.strip()!r}: the step must move from {start} towards {end}")
+                raise UserError(f"range {part!r}: the step must move from {start} towards {end}")
             _check_count(part, int((end - start) / step) + 1, len(values))
             value = start
             while (value <= end) if step > 0 else (value >= end):
@@ -36,15 +51,68 @@ def parse_values(text: str) -> list[float]:
         elif match := _COUNT.match(part):
             start, end, count = float(match.group(1)), float(match.group(2)), int(match.group(3))
             _check_count(part, count, len(values))
-            values += [start] if count == 1 else [start + (end - start) * i / (count - 1) for i in range(count)]
+            if count < 1:
+                raise UserError(f"range {part!r}: give at least 1 value in the brackets, such as {start:g}-{end:g} [5]")
+            inside = [start + (end - start) * i / (count - 1) for i in range(1, count - 1)]
+            values += [start] if count == 1 else [start, *_short(inside), end]
         else:
             try:
-                values.append(float(part))
+                value = float(part)
             except ValueError:
-                raise UserError(f"{part.strip()!r} is not a number or a range such as 0.2-1.0 (+0.2)") from None
+                raise UserError(f"{part!r} is not a number or a range such as 0.2-1.0 (+0.2)") from None
+            if not math.isfinite(value):
+                raise UserError(f"{part!r} is not a strength a LoRA can take: give a finite number such as 0.8")
+            values.append(value)
     if not values:
         raise UserError(f"no values in {text!r}")
     return values
+
+
+def _short(values: list[float]) -> list[float]:
+    """``values`` to 4 significant digits, or to as few more as keep them as many distinct values as before."""
+    for digits in range(4, 17):
+        rounded = [float(f"{value:.{digits}g}") for value in values]
+        if len(set(rounded)) == len(set(values)):
+            return rounded
+    return values
+
+
+def _refuse_decimal_commas(text: str) -> None:
+    """``0,8`` splits into the strengths 0 and 8; where the decimal reading is a strength (up to 2) and the split one
+    is not, it was meant as 0.8."""
+    for match in _DECIMAL_COMMA.finditer(text or ""):
+        whole, fraction = match.groups()
+        if float(f"{whole}.{fraction}") <= 2 < max(int(whole), int(fraction)):
+            raise UserError(f"{match.group()!r} reads as the two strengths {whole} and {fraction}: for "
+                            f"{whole}.{fraction} write a point ({whole}.{fraction}), for two strengths a space after "
+                            f"the comma ({whole}, {fraction})")
+
+
+def whole_numbers(values: list[str]) -> list[str]:
+    """Epoch or seed values with the X/Y/Z plot's whole-number ranges written out: ``1-3`` (1, 2, 3), ``1-9 (+2)``
+    (1, 3, 5, 7, 9), ``1-10 [5]`` (5 evenly spaced, rounded down as it rounds them: 1, 3, 5, 7, 10); anything else
+    stays as it is, for the axis to read or refuse."""
+    written: list[str] = []
+    for value in values:
+        match = _WHOLE_RANGE.match(value)
+        if match is None:
+            written.append(value)
+            continue
+        start, end = int(match.group(1)), int(match.group(2))
+        if match.group(4) is not None:
+            count = int(match.group(4))
+            _check_count(value, count, len(written))
+            if count < 1:
+                raise UserError(f"range {value!r}: give at least 1 value in the brackets, such as {start}-{end} [5]")
+            step = (end - start) / (count - 1) if count > 1 else 0
+            written += [str(int(start + step * i)) for i in range(count - 1)] + ([str(end)] if count > 1 else [])
+            continue
+        step = int(match.group(3) or 1)
+        if step == 0 or (end - start) * step < 0:
+            raise UserError(f"range {value!r}: the step must move from {start} towards {end}")
+        _check_count(value, (end - start) // step + 1, len(written))
+        written += [str(n) for n in range(start, end + (1 if step > 0 else -1), step)]
+    return written
 
 
 def _check_count(part: str, count: int, before: int) -> None:

@@ -29,7 +29,7 @@ from PIL import Image
 from ..errors import UserError
 from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
-from .axes import EpochFile, check_size, glob_escape, is_final_file, is_step_file, parse_values, run_files
+from .axes import EpochFile, check_size, glob_escape, is_final_file, is_step_file, parse_values, run_files, whole_numbers
 from .render import GridResult, assemble, save_grid
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,8 @@ def _run_of(request: GridRequest, library: LoraResolver) -> list[EpochFile]:
 def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
                  notes: list[str]) -> tuple[list[_AxisValue], list[EpochFile]]:
     values = [v for v in (str(v).strip() for v in axis.values) if v]
+    if axis.kind in ("epoch", "seed"):
+        values = whole_numbers(values)  # 1-10 [5], 1-3: the X/Y/Z plot's whole-number ranges
     if axis.kind == "epoch":
         files = _run_of(request, library)
         if values:
@@ -215,9 +217,9 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
         return [_AxisValue(Path(resolve_lora(v, library, "LoRA axis", None)).stem, loras=(resolve_lora(v, library, "LoRA axis", None),))
                 for v in values], []
     if axis.kind == "prompt":
-        if values and values[0] not in request.settings.prompt:
-            raise UserError(f"prompt axis: {values[0]!r} (the first value) does not occur in the prompt; "
-                            "the first value is the text each value replaces, as in Prompt S/R")
+        if values and values[0] not in request.settings.prompt and values[0] not in request.settings.negative_prompt:
+            raise UserError(f"prompt axis: {values[0]!r} (the first value) does not occur in the prompt or the negative "
+                            "prompt; the first value is the text each value replaces, as in Prompt S/R")
         return [_AxisValue(v, prompt=(values[0], v)) for v in values], []
     if axis.kind == "seed":
         try:
@@ -312,14 +314,15 @@ def _cell(request: GridRequest, seed: int, parts: list[_AxisValue], fallback_lor
     if not any(part.loras for part in parts) and fallback_lora is not None:
         loras = (fallback_lora,)
     strength = next((p.strength for p in parts if p.strength is not None), request.strength)
-    prompt = request.settings.prompt
+    prompt, negative = request.settings.prompt, request.settings.negative_prompt
     for part in parts:
-        if part.prompt:
-            prompt = prompt.replace(*part.prompt)
+        if part.prompt:  # in both, as the WebUI's Prompt S/R replaces
+            prompt, negative = prompt.replace(*part.prompt), negative.replace(*part.prompt)
     cell_seed = next((p.seed for p in parts if p.seed is not None), seed)
     checkpoint = next((p.checkpoint for p in parts if p.checkpoint is not None), request.checkpoint)
     tags = "".join(f" <lora:{path.stem}:{strength:g}>" for path in loras)
-    settings = dataclasses.replace(request.settings, prompt=prompt + tags, seed=cell_seed, batch_size=1)
+    settings = dataclasses.replace(request.settings, prompt=prompt + tags, negative_prompt=negative, seed=cell_seed,
+                                   batch_size=1)
     return GridCell(settings, checkpoint, tuple((path, strength) for path in loras))
 
 

@@ -20,11 +20,13 @@ def run(services):
     return "tinylora"
 
 
-def generate(services, run, x_kind="strength", x_values="0.5-1.0 (+0.5)", y_kind="epoch", y_values="", **changes):
+def generate(services, run, x_kind="strength", x_values="0.5-1.0 (+0.5)", y_kind="epoch", y_values="", strength=1.0,
+             confirmed=False, session=None, **changes):
     values = {**SETTINGS, **changes}
-    return grid_tab.generate_grid(services, run, x_kind, x_values, y_kind, y_values, 1.0, values["prompt"],
+    tab = {"session": session} if session is not None else {}
+    return grid_tab.generate_grid(services, run, x_kind, x_values, y_kind, y_values, strength, values["prompt"],
                                   values["negative"], values["seed"], values["sampler"], values["steps"], values["width"],
-                                  values["height"], values["cfg"], values["checkpoint"], True, False)
+                                  values["height"], values["cfg"], values["checkpoint"], True, confirmed, **tab)
 
 
 def test_runs_are_listed_and_an_epoch_by_strength_grid_goes_through_the_host(services, fake_host, run):
@@ -76,3 +78,30 @@ def test_the_tab_builds_with_the_host_defaults_and_samplers(services, fake_host)
     sampler = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Sampler")
     names = [c[0] if isinstance(c, tuple) else c for c in sampler.choices]  # gradio 4 keeps (name, value) pairs
     assert names == ["Euler a", "Euler", "DPM++ 2M Karras"]  # the host's list, its default sampler first
+
+
+def test_axis_values_are_split_and_ranged_as_the_xyz_plot_does(services, fake_host, run):
+    """Quoted values keep their commas (every axis), the epoch and seed axes take whole-number ranges, and Prompt S/R
+    replaces in the negative prompt too."""
+    status = generate(services, run, x_kind="prompt", x_values='"1girl, standing", "1girl, sitting"', y_values="2",
+                      prompt="1girl, standing, park", negative="blurry, 1girl, standing")[4]
+    assert "Grid saved" in status
+    sent = [(settings.prompt, settings.negative_prompt) for settings, _ in fake_host.generated]
+    assert sent[-1] == ("1girl, sitting, park <lora:tinylora:1>", "blurry, 1girl, sitting")
+    fake_host.calls.clear()
+    assert "Grid saved" in generate(services, run, x_values='"0.5"', y_values="1-2")[4]
+    assert [settings.prompt for settings, _ in fake_host.generated][1:] == [
+        "zkstar <lora:tinylora-000001:0.5>", "zkstar <lora:tinylora:0.5>"]
+    fake_host.calls.clear()
+    assert "Grid saved" in generate(services, run, x_kind="seed", x_values="3-9 [3], 20-22 (+2)", y_values="2")[4]
+    assert [settings.seed for settings, _ in fake_host.generated] == [5, 3, 6, 9, 20, 22]
+    fake_host.calls.clear()
+    status = generate(services, run, x_kind="prompt", x_values="smile, frown", y_values="2", negative="smile")[4]
+    assert "Grid saved" in status and fake_host.generated[-1][0].negative_prompt == "frown"
+
+
+def test_a_decimal_comma_and_numbers_no_lora_takes_are_refused(services, fake_host, run):
+    assert "for 0.8 write a point (0.8)" in generate(services, run, x_values="0,8")[4]
+    assert "'nan' is not a strength" in generate(services, run, x_values="0.5, nan")[4]
+    assert "'inf' is not a strength" in generate(services, run, x_values="inf")[4]
+    assert not fake_host.generated

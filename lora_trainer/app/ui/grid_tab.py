@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from ...errors import UserError
-from ...grid.axes import run_files
+from ...grid.axes import run_files, split_values
 from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_on_base_model, promote, run_grid
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
@@ -52,13 +52,6 @@ def _newest_first(entry) -> float:
         return 0.0
 
 
-def _values(text: str) -> list[str]:
-    """Axis values, comma separated; ranges such as ``0.2-1.0 (+0.2)`` stay whole (their commas are inside brackets)."""
-    import re
-
-    return [part.strip() for part in re.split(r",(?![^(\[]*[)\]])", text or "") if part.strip()]
-
-
 def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y_values: str, strength,
                   prompt: str, negative: str, seed, sampler: str, steps, width, height, cfg, checkpoint: str,
                   baseline: bool, confirmed: bool, scheduler: str = "", progress=None):
@@ -70,8 +63,8 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
     try:
         settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
                                       int(width), int(height), scheduler=scheduler or "")
-        axes = [AxisSpec(x_kind, _values(x_values) if x_kind != "strength" else [x_values or ""]),
-                AxisSpec(y_kind, _values(y_values) if y_kind != "strength" else [y_values or ""])]
+        axes = [AxisSpec(x_kind, split_values(x_values) if x_kind != "strength" else [x_values or ""]),
+                AxisSpec(y_kind, split_values(y_values) if y_kind != "strength" else [y_values or ""])]
         request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
                               checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
         from ...grid.plan import current_checkpoint
