@@ -276,7 +276,7 @@ def test_run_grid_on_the_tiny_model_gives_the_images_users_later_get(library, lo
     assert result.path.is_file() and len(result.cell_paths) == 3
     saved = Image.open(result.cell_paths[2]).text["parameters"]
     assert "<lora:tinylora:1>" in saved and 'Lora hashes: "tinylora: ' in saved and "Seed: 7" in saved
-    assert "Lora hashes: tinylora: " in Image.open(result.path).text["parameters"]
+    assert 'Lora hashes: "tinylora: ' in Image.open(result.path).text["parameters"]
 
 
 def test_an_interrupted_grid_keeps_the_cells_done(library, loras):

@@ -1,14 +1,32 @@
-"""Grid axis values read as the WebUI's X/Y/Z plot reads them: csv quoting, whole-number ranges (the grids themselves:
-test_grid_plan.py)."""
+"""Grid axis values read as the WebUI's X/Y/Z plot reads them (csv quoting, whole-number ranges, fixed seeds), and the
+grid PNG's infotext read as PNG Info reads it (the grids themselves: test_grid_plan.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+from PIL import Image
 
 from lora_trainer.errors import UserError
 from lora_trainer.grid.axes import parse_values, split_values, whole_numbers
+
+# The WebUI's infotext_utils.parse_generation_parameters, as far as keys and values go: the last line holds the
+# parameters when it has 3 or more, a quoted value is JSON.
+_WEBUI_PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def webui_parameters(infotext: str) -> dict[str, str]:
+    *lines, last = infotext.strip().split("\n")
+    if len(_WEBUI_PARAMETER.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt = "\n".join(line for line in lines if not line.startswith("Negative prompt:"))
+    parameters = {"Prompt": prompt}
+    for key, value in _WEBUI_PARAMETER.findall(last):
+        parameters[key] = json.loads(value) if value[:1] == '"' == value[-1:] else value
+    return parameters
 
 
 @pytest.mark.parametrize("text, values", [
@@ -45,3 +63,27 @@ def test_whole_number_ranges_are_written_out_as_the_xyz_plots_int_axes_do():
         whole_numbers(["1-100000000"])
     with pytest.raises(UserError, match="the step must move from 5 towards 1"):
         whole_numbers(["5-1"])
+
+
+def test_the_grid_png_carries_its_first_cells_infotext_and_the_axes_as_the_xyz_plot_writes_them(tmp_path):
+    from lora_trainer.app.standalone_host import StandaloneHost
+    from lora_trainer.grid.bench import make_epoch_files
+    from lora_trainer.grid.plan import AxisSpec, GridRequest, plan_grid, run_grid
+    from lora_trainer.networks.activation import LoraLibrary
+    from lora_trainer.sampling.txt2img import GenerationSettings
+
+    folder = tmp_path / "loras"
+    make_epoch_files(folder, "tinylora", epochs=2)
+    settings = GenerationSettings("zkstar, shapes", "blurry", steps=1, sampler="Euler", cfg_scale=5.0, seed=7,
+                                  width=64, height=64)
+    request = GridRequest(AxisSpec("strength", ["0.5, 1"]), AxisSpec("epoch", ["1-2"]), settings, lora="tinylora")
+    result = run_grid(StandaloneHost([], [folder]), plan_grid(request, LoraLibrary([folder])), tmp_path / "grid")
+    grid = webui_parameters(Image.open(result.path).text["parameters"])
+    first_cell = webui_parameters(Image.open(result.cell_paths[0]).text["parameters"])
+    assert grid["Prompt"] == first_cell["Prompt"] == "zkstar, shapes"  # the baseline, top left
+    assert (grid["Seed"], grid["Steps"], grid["Sampler"], grid["Size"]) == ("7", "1", "Euler", "64x64")
+    assert grid["Grid"] == "Prompt-Lora-Grid" and "Script" not in grid  # a Script the WebUI lacks fails its paste
+    assert [grid[f"Grid {key}"] for key in ("X Type", "X Values", "Y Type", "Y Values")] == ["strength", "0.5, 1",
+                                                                                          "epoch", "1-2"]
+    assert grid["Lora hashes"].startswith("tinylora-000001: ") and ", tinylora: " in grid["Lora hashes"]
+    assert "Grid" not in first_cell  # the cells keep their own infotext

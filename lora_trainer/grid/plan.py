@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
 from .axes import EpochFile, check_size, glob_escape, is_final_file, is_step_file, parse_values, run_files, whole_numbers
-from .render import GridResult, assemble, save_grid
+from .render import GridResult, assemble, axes_infotext, grid_infotext, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class GridPlan:
     best_epoch: Path | None = None  # the trainer's recommendation among the grid's epoch files
     notes: list[str] = field(default_factory=list)  # what the plan changed or left out of the request, in sentences
     file_stats: dict[Path, tuple[int, int]] = field(default_factory=dict)  # size and mtime of each file, when planned
+    infotext: dict[str, str] = field(default_factory=dict)  # the grid PNG's Script, X/Y Type and Values
 
     @property
     def size(self) -> tuple[int, int]:
@@ -482,6 +483,7 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         best_epoch=best,
         notes=notes,
         file_stats={path: _stat(path) for path in files},
+        infotext=axes_infotext({"X": (request.x, xs), "Y": (request.y, ys)}),
     )
 
 
@@ -581,7 +583,8 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     result = GridResult(grid, images, time.perf_counter() - started, switching, stopped=stopped,
                         finished=len(done), total=len(unique))
     if out_folder is not None and done:
-        result.path, result.cell_paths = save_grid(grid, images, infos, Path(out_folder), plan.title + "\n" + legend)
+        result.path, result.cell_paths = save_grid(grid, images, infos, Path(out_folder),
+                                                   grid_infotext(infos, {**plan.infotext, "Lora hashes": plan.legend}))
     return result
 
 

@@ -4,6 +4,8 @@ infotext. What the cells are and how they are generated is ``plan.py``'s."""
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,13 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..sampling.txt2img import write_png
+
+# The X/Y/Z plot's grid keys (Script, X Type, X Values…) under a "Grid" prefix: the WebUI's "Send to
+# txt2img" pastes "Script" into its script list, and 1.10 fails the whole paste on a title it lacks (scripts.py,
+# onload_script_visibility: self.titles.index); "X Type" goes into the X/Y/Z plot's type list, where "strength" is
+# none of its choices. Keys it does not know it leaves alone.
+GRID_KEY, GRID_NAME = "Grid", "Prompt-Lora-Grid"
+_PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # the WebUI's re_param (infotext_utils)
 
 
 @dataclass
@@ -77,9 +86,47 @@ def _wrap(text: str, font, width: int, measure) -> list[str]:
     return lines
 
 
-def save_grid(image: Image.Image, cells, infos, folder: Path, grid_infotext: str = "") -> tuple[Path, list[Path]]:
-    """Every generated cell as a PNG with its own infotext, and the grid (with the title and LoRA legend as its
-    text). A cell without infotext was never generated (an interrupted grid's grey placeholder): not written."""
+def axes_infotext(axes: dict[str, tuple]) -> dict[str, str]:
+    """The keys the X/Y/Z plot adds to its grid's infotext, for ``{"X": (axis, values), "Y": …}`` (an ``AxisSpec``
+    and its planned values), named ``Grid …`` (see GRID_KEY): ``Grid: Prompt-Lora-Grid``, ``Grid X Type``, ``Grid X
+    Values`` as typed (CSV quoted where a value holds a comma; none for an epoch axis left empty: every epoch file)."""
+    parameters = {GRID_KEY: GRID_NAME}
+    for letter, (axis, values) in axes.items():
+        typed = [str(value).strip() for value in axis.values if str(value).strip()]
+        parameters[f"{GRID_KEY} {letter} Type"] = axis.kind
+        if typed:  # a strength axis is one text (``0.2-1.0 (+0.2)``, ``0.5, 1``): kept whole
+            parameters[f"{GRID_KEY} {letter} Values"] = ", ".join(typed) if axis.kind == "strength" else _csv_line(typed)
+    return parameters
+
+
+def _csv_line(values: list[str]) -> str:
+    """Values as typed into the tab, which ``split_values`` reads back: a value with a comma or a quote quoted."""
+    return ", ".join(f'"{value.replace(chr(34), chr(34) * 2)}"' if "," in value or '"' in value else value
+                     for value in values)
+
+
+def grid_infotext(infos: list[list[str]], parameters: dict[str, str]) -> str:
+    """The grid's infotext as the X/Y/Z plot writes it: the first generated cell's (top left, unless an interrupt
+    left it grey), with ``parameters`` added to its last line, replacing a key it has (an empty value adds nothing),
+    quoted as the WebUI quotes a value holding a comma, a colon or a line break. PNG Info and "Send to txt2img" then
+    read the prompt, seed, steps and sampler of that cell."""
+    first = next((text for row in infos for text in row if text), "")
+    lines = first.split("\n") if first else []
+    last = lines.pop() if len(lines) > 1 and _PARAMETER.findall(lines[-1]) else ""  # else a prompt: keep it
+    added = {key: _quote(value) for key, value in parameters.items() if value}
+    kept = [match.group(0).strip().rstrip(",") for match in _PARAMETER.finditer(last)
+            if match.group(0).strip() and match.group(1) not in added]
+    return "\n".join([*lines, ", ".join([*kept, *(f"{key}: {value}" for key, value in added.items())])])
+
+
+def _quote(value: str) -> str:
+    """The WebUI's ``infotext_utils.quote``."""
+    return json.dumps(value, ensure_ascii=False) if any(mark in value for mark in ",\n:") else value
+
+
+def save_grid(image: Image.Image, cells, infos, folder: Path, infotext: str = "") -> tuple[Path, list[Path]]:
+    """Every generated cell as a PNG with its own infotext, and the grid with ``infotext`` (``grid_infotext``'s). A
+    cell without infotext was never generated (an interrupted grid's grey placeholder): not written."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp, reserved = _reserve_stamp(folder)
     try:
@@ -88,7 +135,7 @@ def save_grid(image: Image.Image, cells, infos, folder: Path, grid_infotext: str
             for c, (cell, text) in enumerate(zip(row, row_infos)):
                 if text:
                     paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
-        grid_path = write_png(image, reserved, grid_infotext)
+        grid_path = write_png(image, reserved, infotext)
     except BaseException:
         if reserved.exists() and not reserved.stat().st_size:
             reserved.unlink()
