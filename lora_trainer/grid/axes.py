@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import random
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -21,6 +22,7 @@ _RANGE = re.compile(rf"^\s*({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*({_NUMBER})\s
 _COUNT = re.compile(rf"^\s*({_NUMBER})\s*-\s*({_NUMBER})\s*\[\s*(\d+)\s*\]\s*$")
 _WHOLE_RANGE = re.compile(r"^\s*([+-]?\d+)\s*-\s*([+-]?\d+)\s*(?:\(\s*([+-]?\d+)\s*\)|\[\s*(\d+)\s*\])?\s*$")
 _DECIMAL_COMMA = re.compile(r"(?<![\d.])(\d+),(\d+)(?![\d.])")  # 0,8: no space after the comma
+SEED_RANGE = 4294967294  # the X/Y/Z plot's fixed seeds for -1: random.randrange(4294967294)
 
 
 def split_values(text: str) -> list[str]:
@@ -113,6 +115,12 @@ def whole_numbers(values: list[str]) -> list[str]:
         _check_count(value, (end - start) // step + 1, len(written))
         written += [str(n) for n in range(start, end + (1 if step > 0 else -1), step)]
     return written
+
+
+def fixed_seeds(seeds: list[int]) -> list[int]:
+    """A seed axis's -1 values drawn once, each its own random seed, as the X/Y/Z plot fixes them: the cells keep
+    the seed their label shows and two -1 values are two columns, not one image twice."""
+    return [random.randrange(SEED_RANGE) if seed == -1 else seed for seed in seeds]
 
 
 def _check_count(part: str, count: int, before: int) -> None:

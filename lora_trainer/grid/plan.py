@@ -29,7 +29,8 @@ from PIL import Image
 from ..errors import UserError
 from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
-from .axes import EpochFile, check_size, glob_escape, is_final_file, is_step_file, parse_values, run_files, whole_numbers
+from .axes import (EpochFile, check_size, fixed_seeds, glob_escape, is_final_file, is_step_file, parse_values, run_files,
+                   whole_numbers)
 from .render import GridResult, assemble, axes_infotext, grid_infotext, save_grid
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
         return [_AxisValue(v, prompt=(values[0], v)) for v in values], []
     if axis.kind == "seed":
         try:
-            return [_AxisValue(f"seed {int(v)}", seed=int(v)) for v in values], []
+            return [_AxisValue(f"seed {seed}", seed=seed) for seed in fixed_seeds([int(v) for v in values])], []
         except ValueError:
             raise UserError(f"seed axis: {', '.join(values)} must be whole numbers") from None
     if axis.kind == "checkpoint":

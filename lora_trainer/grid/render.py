@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..sampling.txt2img import write_png
 
-# The X/Y/Z plot's grid keys (Script, X Type, X Values…) under a "Grid" prefix: the WebUI's "Send to
+# The X/Y/Z plot's grid keys (Script, X Type, X Values, Fixed X Values…) under a "Grid" prefix: the WebUI's "Send to
 # txt2img" pastes "Script" into its script list, and 1.10 fails the whole paste on a title it lacks (scripts.py,
 # onload_script_visibility: self.titles.index); "X Type" goes into the X/Y/Z plot's type list, where "strength" is
 # none of its choices. Keys it does not know it leaves alone.
@@ -89,13 +89,16 @@ def _wrap(text: str, font, width: int, measure) -> list[str]:
 def axes_infotext(axes: dict[str, tuple]) -> dict[str, str]:
     """The keys the X/Y/Z plot adds to its grid's infotext, for ``{"X": (axis, values), "Y": …}`` (an ``AxisSpec``
     and its planned values), named ``Grid …`` (see GRID_KEY): ``Grid: Prompt-Lora-Grid``, ``Grid X Type``, ``Grid X
-    Values`` as typed (CSV quoted where a value holds a comma; none for an epoch axis left empty: every epoch file)."""
+    Values`` as typed (CSV quoted where a value holds a comma; none for an epoch axis left empty: every epoch file)
+    and, for a seed axis, ``Grid Fixed X Values``: the seeds drawn for its -1 values."""
     parameters = {GRID_KEY: GRID_NAME}
     for letter, (axis, values) in axes.items():
         typed = [str(value).strip() for value in axis.values if str(value).strip()]
         parameters[f"{GRID_KEY} {letter} Type"] = axis.kind
         if typed:  # a strength axis is one text (``0.2-1.0 (+0.2)``, ``0.5, 1``): kept whole
             parameters[f"{GRID_KEY} {letter} Values"] = ", ".join(typed) if axis.kind == "strength" else _csv_line(typed)
+        if axis.kind == "seed":
+            parameters[f"{GRID_KEY} Fixed {letter} Values"] = ", ".join(str(value.seed) for value in values)
     return parameters
 
 

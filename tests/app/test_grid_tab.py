@@ -105,3 +105,12 @@ def test_a_decimal_comma_and_numbers_no_lora_takes_are_refused(services, fake_ho
     assert "'nan' is not a strength" in generate(services, run, x_values="0.5, nan")[4]
     assert "'inf' is not a strength" in generate(services, run, x_values="inf")[4]
     assert not fake_host.generated
+
+
+def test_seed_minus_one_is_drawn_once_per_value_and_shown(services, fake_host, run):
+    path, _, _, _, status = generate(services, run, x_kind="seed", x_values="-1, -1", y_values="2")
+    seeds = [settings.seed for settings, _ in fake_host.generated][1:]  # after the baseline
+    assert len(set(seeds)) == 2 and -1 not in seeds
+    from PIL import Image
+
+    assert f'Grid X Values: "-1, -1", Grid Fixed X Values: "{seeds[0]}, {seeds[1]}"' in Image.open(path).text["parameters"]
