@@ -114,3 +114,8 @@ def test_seed_minus_one_is_drawn_once_per_value_and_shown(services, fake_host, r
     from PIL import Image
 
     assert f'Grid X Values: "-1, -1", Grid Fixed X Values: "{seeds[0]}, {seeds[1]}"' in Image.open(path).text["parameters"]
+
+
+def test_strength_zero_where_no_axis_sets_it_stays_zero(services, fake_host, run):
+    assert "Grid saved" in generate(services, run, x_kind="seed", x_values="1", y_values="2", strength=0)[4]
+    assert fake_host.generated[-1][0].prompt == "zkstar <lora:tinylora:0>"

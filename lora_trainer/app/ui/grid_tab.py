@@ -65,7 +65,8 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
                                       int(width), int(height), scheduler=scheduler or "")
         axes = [AxisSpec(x_kind, split_values(x_values) if x_kind != "strength" else [x_values or ""]),
                 AxisSpec(y_kind, split_values(y_values) if y_kind != "strength" else [y_values or ""])]
-        request = GridRequest(axes[0], axes[1], settings, lora=run or "", strength=float(strength or 1.0),
+        request = GridRequest(axes[0], axes[1], settings, lora=run or "",
+                              strength=1.0 if strength in (None, "") else float(strength),  # 0 is a strength
                               checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
         from ...grid.plan import current_checkpoint
 
