@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import UserError
 from ..sampling.txt2img import write_png
 
 # The X/Y/Z plot's grid keys (Script, X Type, X Values, Fixed X Values…) under a "Grid" prefix: the WebUI's "Send to
@@ -125,6 +126,16 @@ def grid_infotext(infos: list[list[str]], parameters: dict[str, str]) -> str:
 def _quote(value: str) -> str:
     """The WebUI's ``infotext_utils.quote``."""
     return json.dumps(value, ensure_ascii=False) if any(mark in value for mark in ",\n:") else value
+
+
+def check_megapixels(rows: int, columns: int, width: int, height: int, limit: float) -> None:
+    """Refuses a grid whose cells come to more than ``limit`` megapixels, as the X/Y/Z plot refuses one over the
+    WebUI's "Maximum image size": every cell is held in memory until the grid is assembled."""
+    megapixels = rows * columns * width * height / 1_000_000
+    if megapixels > limit:
+        raise UserError(f"the grid would be {rows} × {columns} images of {width}×{height}: {megapixels:,.0f} megapixels, "
+                        f"over the limit of {limit:g} (the WebUI's \"Maximum image size\" setting); use fewer values "
+                        "or a smaller width and height")
 
 
 def save_grid(image: Image.Image, cells, infos, folder: Path, infotext: str = "") -> tuple[Path, list[Path]]:

@@ -161,6 +161,12 @@ class WebUIHost:
         filename = getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "filename", None)
         return Path(filename) if filename else None
 
+    def max_image_megapixels(self) -> float:
+        """The WebUI's "Maximum image size" (``img_max_size_mp``): its X/Y/Z plot refuses larger grids, and so does ours."""
+        from modules import shared
+
+        return float(getattr(shared.opts, "img_max_size_mp", 200))
+
     def interrupted(self) -> bool:
         from modules import shared
 

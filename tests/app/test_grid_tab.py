@@ -119,3 +119,11 @@ def test_seed_minus_one_is_drawn_once_per_value_and_shown(services, fake_host, r
 def test_strength_zero_where_no_axis_sets_it_stays_zero(services, fake_host, run):
     assert "Grid saved" in generate(services, run, x_kind="seed", x_values="1", y_values="2", strength=0)[4]
     assert fake_host.generated[-1][0].prompt == "zkstar <lora:tinylora:0>"
+
+
+def test_a_grid_over_the_megapixel_limit_is_refused_before_any_image(services, fake_host, run):
+    status = generate(services, run, x_values="0-1 [100]", width=1024, height=1024, confirmed=True)[4]
+    assert "2 × 101 images of 1024×1024: 212 megapixels, over the limit of 200" in status
+    assert not fake_host.generated
+    fake_host.max_image_megapixels = lambda: 0.01  # the WebUI's "Maximum image size", lowered
+    assert "over the limit of 0.01" in generate(services, run)[4]

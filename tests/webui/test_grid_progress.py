@@ -103,3 +103,10 @@ def test_the_grid_offers_the_webuis_visible_samplers(webui_modules, monkeypatch)
     monkeypatch.setattr(sd_samplers, "samplers_hidden", {"DDIM"})
     names = WebUIHost().sampler_names()
     assert names == [s.name for s in sd_samplers.all_samplers if s.name != "DDIM"] and "DDIM" not in names
+
+
+def test_a_grid_over_the_webuis_maximum_image_size_is_refused_before_any_image(webui, monkeypatch):
+    """Its setting "Maximum image size" (img_max_size_mp), which caps its X/Y/Z plot, caps the grid tab too."""
+    monkeypatch.setitem(webui.shared.opts.data, "img_max_size_mp", 0.02)  # 6 cells of 64×64 are 0.025 megapixels
+    _, seen, (path, _, _, _, status) = run_grid_tab(webui, monkeypatch)
+    assert "0.02 (the WebUI's \"Maximum image size\" setting)" in status and path is None and not seen

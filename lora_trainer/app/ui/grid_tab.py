@@ -12,12 +12,14 @@ import gradio as gr
 from ...errors import UserError
 from ...grid.axes import run_files, split_values
 from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_on_base_model, promote, run_grid
+from ...grid.render import check_megapixels
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
 from .compat import table
 
 LOSS_COLUMNS = ["epoch file", "training loss", "validation loss", "best epoch"]
 _stop = threading.Event()  # the tab's Interrupt; hosts with their own (the WebUI's) are asked too
+MAX_GRID_MEGAPIXELS = 200  # the WebUI's default "Maximum image size" (img_max_size_mp), which caps its X/Y/Z plot
 
 
 def library_of(services) -> LoraLibrary:
@@ -72,6 +74,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
 
         plan, base = plan_on_base_model(request, library_of(services), services.host.checkpoints(),
                                         current_checkpoint(services.host))
+        check_megapixels(*plan.size, settings.width, settings.height, max_megapixels(services))
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
         result = run_grid(services.host, plan, services.settings.grids_folder, report, _stop.is_set)
     except UserError as error:
@@ -112,6 +115,12 @@ def form_updates(fields: list[str], values: list, samplers: list[str]) -> list:
         else:
             updates.append(value)
     return updates
+
+
+def max_megapixels(services) -> float:
+    """The host's cap on a grid's size (the WebUI's "Maximum image size" setting), else the WebUI's default."""
+    limit = getattr(services.host, "max_image_megapixels", None)
+    return float(limit()) if limit else MAX_GRID_MEGAPIXELS
 
 
 def interrupt(services) -> str:
