@@ -53,7 +53,7 @@ def test_mistakes_and_interrupts_are_reported_in_the_status(services, fake_host,
     assert "no LoRA named" in generate(services, "nosuch")[4]
     fake_host.interrupt_after = 2
     assert generate(services, run)[4].startswith("Interrupted")
-    assert grid_tab.interrupt(services).startswith("Interrupting")
+    assert grid_tab.interrupt(services, {}) == "No grid of this tab is being generated: nothing to interrupt."
 
 
 def test_promote_writes_the_file_and_the_preferred_weight(services, fake_host, run):
@@ -127,3 +127,32 @@ def test_a_grid_over_the_megapixel_limit_is_refused_before_any_image(services, f
     assert not fake_host.generated
     fake_host.max_image_megapixels = lambda: 0.01  # the WebUI's "Maximum image size", lowered
     assert "over the limit of 0.01" in generate(services, run)[4]
+
+
+def test_interrupt_stops_the_grid_of_the_tab_that_pressed_it(services, fake_host, run):
+    tab_a, tab_b = {}, {}
+    generate_cell = fake_host.generate
+    pressed = []
+
+    def generate_pressing(settings, checkpoint=None, progress=None):
+        if not pressed:  # during tab A's first cell
+            pressed.append(grid_tab.interrupt(services, tab_b))  # tab B has no grid running: A's goes on
+        return generate_cell(settings, checkpoint, progress)
+
+    fake_host.generate = generate_pressing
+    assert "Grid saved" in generate(services, run, session=tab_a)[4] and pressed[0].startswith("No grid")
+    assert len(fake_host.generated) == 5 and tab_a == {}
+
+    fake_host.calls.clear()
+    pressed.clear()
+
+    def generate_pressing(settings, checkpoint=None, progress=None):
+        if not pressed:
+            pressed.append(grid_tab.interrupt(services, tab_a))  # tab A's own Interrupt
+            pressed.append(generate(services, run, x_values="1", y_values="2", session=tab_b)[4])  # B's Generate
+        return generate_cell(settings, checkpoint, progress)
+
+    fake_host.generate = generate_pressing
+    status = generate(services, run, session=tab_a)[4]
+    assert pressed[0].startswith("Interrupting") and "Grid saved" in pressed[1]  # B's grid ran, A's flag stayed
+    assert status.startswith("Interrupted after 1 of 5 cells")

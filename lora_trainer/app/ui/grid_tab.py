@@ -18,7 +18,6 @@ from ...sampling.txt2img import GenerationSettings
 from .compat import table
 
 LOSS_COLUMNS = ["epoch file", "training loss", "validation loss", "best epoch"]
-_stop = threading.Event()  # the tab's Interrupt; hosts with their own (the WebUI's) are asked too
 MAX_GRID_MEGAPIXELS = 200  # the WebUI's default "Maximum image size" (img_max_size_mp), which caps its X/Y/Z plot
 
 
@@ -56,12 +55,12 @@ def _newest_first(entry) -> float:
 
 def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y_values: str, strength,
                   prompt: str, negative: str, seed, sampler: str, steps, width, height, cfg, checkpoint: str,
-                  baseline: bool, confirmed: bool, scheduler: str = "", progress=None):
-    """→ (grid image path, cell images, losses rows, epoch choices update, status)."""
-    _stop.clear()
-    clear = getattr(services.host, "clear_interrupt", None)
-    if clear:
-        clear()
+                  baseline: bool, confirmed: bool, scheduler: str = "", progress=None, session: dict | None = None):
+    """→ (grid image path, cell images, losses rows, epoch choices update, status). ``session``: the browser tab's
+    own state (a ``gr.State``), where the grid leaves its stop flag for that tab's Interrupt, and no other tab's."""
+    stop = threading.Event()
+    if session is not None:
+        session["stop"] = stop
     try:
         settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
                                       int(width), int(height), scheduler=scheduler or "")
@@ -76,9 +75,12 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
                                         current_checkpoint(services.host))
         check_megapixels(*plan.size, settings.width, settings.height, max_megapixels(services))
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
-        result = run_grid(services.host, plan, services.settings.grids_folder, report, _stop.is_set)
+        result = run_grid(services.host, plan, services.settings.grids_folder, report, stop.is_set)
     except UserError as error:
         return None, [], table([], LOSS_COLUMNS), gr.update(), f"⚠ {error}"
+    finally:
+        if session is not None and session.get("stop") is stop:
+            del session["stop"]
     losses = table([[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
                     for path, loss in plan.epoch_losses.items()], LOSS_COLUMNS)
     epochs = [str(p) for p in plan.files]
@@ -123,11 +125,13 @@ def max_megapixels(services) -> float:
     return float(limit()) if limit else MAX_GRID_MEGAPIXELS
 
 
-def interrupt(services) -> str:
-    _stop.set()
-    stop = getattr(services.host, "interrupt", None)
-    if stop:
-        stop()
+def interrupt(services, session: dict | None = None) -> str:
+    """Stops the grid this browser tab (``session``) started, after its current image; another tab's grid goes on
+    (the WebUI's own Interrupt stops whatever the WebUI generates, a grid too)."""
+    stop = (session or {}).get("stop")
+    if stop is None:
+        return "No grid of this tab is being generated: nothing to interrupt."
+    stop.set()
     return "Interrupting after the current image…"
 
 
@@ -243,12 +247,15 @@ def build(services):
         run.change(lambda name: (run_summary(services, name), preferred_weight(services, name)), run,
                    [run_files_text, promote_strength])
 
+        session = gr.State({})  # one per browser tab: its Interrupt stops its own grid
+
         def on_generate(*args, progress=gr.Progress()):
-            return generate_grid(services, *args, progress=progress)
+            *form, tab = args
+            return generate_grid(services, *form, progress=progress, session=tab)
 
         generate.click(on_generate, [run, x_kind, x_values, y_kind, y_values, strength, prompt, negative, seed, sampler,
-                                     steps, width, height, cfg, checkpoint, baseline, confirmed, scheduler],
+                                     steps, width, height, cfg, checkpoint, baseline, confirmed, scheduler, session],
                        [grid_image, cells, losses, epoch, status])
-        stop.click(lambda: interrupt(services), None, status, queue=False)
+        stop.click(lambda tab: interrupt(services, tab), session, status, queue=False)
         promote_button.click(lambda *a: promote_epoch(services, *a), [epoch, final_name, promote_strength], promote_status)
     return blocks
