@@ -883,8 +883,10 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
         if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
             raise ApiError(400, "invalid", f'{name}: give an axis such as {{"kind": "strength", "values": ["0.5", "1"]}}', name)
         values = value.get("values", [])
-        if isinstance(values, str):
-            values = [v.strip() for v in values.split(",")]
+        if isinstance(values, str):  # as the Grid tab and the X/Y/Z plot split them: quotes keep a comma
+            from ..grid.axes import split_values
+
+            values = split_values(values)
         values = [str(v) for v in values]
         if value["kind"] == "checkpoint":
             values = [checkpoint(v, f"{name}.values") for v in values]
@@ -949,8 +951,8 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
                 elif result.finished < result.total:
                     status.message = f"{result.finished} of {result.total} cells finished; the others are grey"
                 warnings = getattr(services.host, "take_warnings", lambda: [])()  # a LoRA not found or not fitting
-                if warnings:
-                    status.message = "; ".join(filter(None, [status.message, *warnings]))
+                if warnings or plan.notes:
+                    status.message = "; ".join(filter(None, [status.message, *plan.notes, *warnings]))
             except Exception as error:  # noqa: BLE001 - reported through GET /grids/{id}
                 status.status, status.message = "failed", str(error)
                 if not isinstance(error, UserError):
@@ -978,6 +980,9 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
                                services.host)
         plan, _ = plan_on_base_model(request, LoraLibrary([services.settings.lora_folder]), checkpoints,
                                      current_checkpoint(services.host))
+        from ..grid.render import check_megapixels, megapixel_limit
+
+        check_megapixels(*plan.size, request.settings.width, request.settings.height, megapixel_limit(services.host))
         status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
         status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None
         grids[status.id] = status

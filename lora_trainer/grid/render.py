@@ -128,6 +128,15 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(mark in value for mark in ",\n:") else value
 
 
+MAX_GRID_MEGAPIXELS = 200  # the WebUI's default "Maximum image size" (img_max_size_mp), which caps its X/Y/Z plot
+
+
+def megapixel_limit(host) -> float:
+    """The host's cap on a grid's size (the WebUI's "Maximum image size" setting), else the WebUI's default."""
+    limit = getattr(host, "max_image_megapixels", None)
+    return float(limit()) if limit else MAX_GRID_MEGAPIXELS
+
+
 def check_megapixels(rows: int, columns: int, width: int, height: int, limit: float) -> None:
     """Refuses a grid whose cells come to more than ``limit`` megapixels, as the X/Y/Z plot refuses one over the
     WebUI's "Maximum image size": every cell is held in memory until the grid is assembled."""

@@ -742,6 +742,33 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     assert "'Eular a' is not a sampler here; use one of Euler, DPM++ 2M Karras" in error["message"]
 
 
+def test_a_grids_answer_says_what_the_plan_did_and_a_grid_over_the_megapixel_cap_is_refused(services, fake_host):
+    """POST /grids planned as the tab does: its run's tag taken out of the prompt was said nowhere, the cap on a grid's
+    megapixels the tab applies was not applied, and a string of values was split at every comma, quotes or not."""
+    import numpy
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    client = make_client(services)
+    body = {"lora": "mylora", "x": {"kind": "strength", "values": ["1"]},
+            "y": {"kind": "prompt", "values": '"night, sky", "day, sea"'},
+            "settings": {"prompt": "a star, night, sky <lora:mylora:0.7>", "steps": 3}}
+    created = client.post(f"{V1}/grids", json=body)
+    assert created.status_code == 202, created.text
+    for _ in range(400):
+        status = client.get(f"{V1}/grids/{created.json()['id']}").json()
+        if status["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    assert status["status"] == "finished", status
+    assert "took <lora:mylora:0.7> out of the prompt" in status["message"]
+    assert any("day, sea" in settings.prompt for settings, _ in fake_host.generated)  # the quoted value, whole
+    big = {**body, "y": {"kind": "seed", "values": "1-50"}, "settings": {"width": 2048, "height": 2048, "steps": 3}}
+    error = assert_error(client.post(f"{V1}/grids", json=big), 400)
+    assert "megapixels" in error["message"]
+
+
 def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(services, fake_host):
     import numpy
     from safetensors.numpy import save_file

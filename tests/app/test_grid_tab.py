@@ -46,6 +46,9 @@ def test_runs_are_listed_and_an_epoch_by_strength_grid_goes_through_the_host(ser
     assert len(cells) == 6 and "Grid saved" in status
     assert losses.values.tolist()[0][0] == "tinylora-000001" and losses.values.tolist()[0][3] == "★ recommended"
     assert epochs["value"].endswith("tinylora-000001.safetensors") and len(epochs["choices"]) == 2
+    # the run's own tag in the prompt (from txt2img, or the Prompt S/R habit) is taken out, and the status says so
+    status = generate(services, run, prompt="zkstar <lora:tinylora:0.8>")[4]
+    assert "took <lora:tinylora:0.8> out of the prompt" in status, status
 
 
 def test_mistakes_and_interrupts_are_reported_in_the_status(services, fake_host, run):

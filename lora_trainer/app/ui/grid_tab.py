@@ -12,13 +12,12 @@ import gradio as gr
 from ...errors import UserError
 from ...grid.axes import run_files, split_values
 from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_on_base_model, promote, run_grid
-from ...grid.render import check_megapixels
+from ...grid.render import check_megapixels, megapixel_limit
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
 from .compat import table
 
 LOSS_COLUMNS = ["epoch file", "training loss", "validation loss", "best epoch"]
-MAX_GRID_MEGAPIXELS = 200  # the WebUI's default "Maximum image size" (img_max_size_mp), which caps its X/Y/Z plot
 
 
 def library_of(services) -> LoraLibrary:
@@ -73,7 +72,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
 
         plan, base = plan_on_base_model(request, library_of(services), services.host.checkpoints(),
                                         current_checkpoint(services.host))
-        check_megapixels(*plan.size, settings.width, settings.height, max_megapixels(services))
+        check_megapixels(*plan.size, settings.width, settings.height, megapixel_limit(services.host))
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
         result = run_grid(services.host, plan, services.settings.grids_folder, report, stop.is_set)
     except UserError as error:
@@ -96,6 +95,8 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
                     + note)
         elif result.finished < result.total:
             note = f"{result.total - result.finished} of {result.total} cells were skipped (grey). " + note
+    if plan.notes:  # what the plan did to the prompt, step files left out
+        note += " " + " ".join(f"{n.rstrip('.')}." for n in plan.notes)
     warnings = getattr(services.host, "take_warnings", lambda: [])()
     if warnings:
         note += " " + " ".join(f"⚠ {w}" for w in warnings)
@@ -117,12 +118,6 @@ def form_updates(fields: list[str], values: list, samplers: list[str]) -> list:
         else:
             updates.append(value)
     return updates
-
-
-def max_megapixels(services) -> float:
-    """The host's cap on a grid's size (the WebUI's "Maximum image size" setting), else the WebUI's default."""
-    limit = getattr(services.host, "max_image_megapixels", None)
-    return float(limit()) if limit else MAX_GRID_MEGAPIXELS
 
 
 def interrupt(services, session: dict | None = None) -> str:
