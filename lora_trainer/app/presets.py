@@ -128,18 +128,22 @@ def tier_gib(tier: str) -> float | None:
     return float(tier.split()[0]) if tier in VRAM_TIERS else None
 
 
-def without_tier_switches(options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def without_tier_switches(options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A preset file's options less the switches of the GPU memory tier it was exported at (files the Train tab
-    exported before 2026-12-05 carried them, and they would override the tier the form fills now), and that tier's
-    name; the options as they are where every switch of no tier is there with its value."""
+    exported before 2026-12-05 carried them, and they would override the tier the form fills now), and the names of
+    those left out; the options as they are where every switch of no tier is there with its value. Of the tiers that
+    match, the one with the most switches (SDXL's 12 GB holds SD 1.5's 8 GB and more)."""
+    matches = []
     for tier in VRAM_TIERS:
         for sdxl in (True, False):
             switches = {**VRAM_TIERS[tier], **({k: v for k, v in SDXL_TIERS[tier].items() if k != "resolution"}
                                                if sdxl else {})}
             if all(name in options and options[name] == value for name, value in switches.items()):
-                kept = {name: value for name, value in options.items() if name not in switches}
-                return kept, f"{tier}{' SDXL' if sdxl else ''}"
-    return options, None
+                matches.append(switches)
+    if not matches:
+        return options, []
+    switches = max(matches, key=len)
+    return {name: value for name, value in options.items() if name not in switches}, sorted(switches)
 
 
 def guidance(preset: str, tier: str = NO_TIER, sdxl: bool = False) -> str:

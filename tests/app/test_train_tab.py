@@ -459,7 +459,10 @@ def test_a_preset_file_exported_before_with_a_tiers_switches_imports_without_the
     advanced = toml.loads(values[-2])
     assert not {"fp8_base", "cache_text_encoder_outputs", "gradient_checkpointing", "mixed_precision", "sdpa"} & set(advanced)
     assert advanced["max_grad_norm"] == 0.5
-    assert "it carries the 6 GB SDXL GPU memory tier's switches, which are left out" in values[-1]
+    assert "it carries a GPU memory tier's switches (cache_latents, cache_text_encoder_outputs, fp8_base" in values[-1]
+    twelve = presets.write_preset_file(presets.PresetFile("12", presets.preset_options("character", "12 GB", sdxl=True)),
+                                       tmp_path / "twelve.preset.toml")  # SDXL's 12 GB holds SD 1.5's 8 GB and more
+    assert not {"fp8_base", "cache_text_encoder_outputs"} & set(toml.loads(train_tab.import_into_form(str(twelve))[-2]))
     plain = presets.write_preset_file(presets.PresetFile("plain", {**presets.preset_options("character"), "sdpa": True}),
                                       tmp_path / "plain.preset.toml")
     assert toml.loads(train_tab.import_into_form(str(plain))[-2])["sdpa"] is True  # no tier's whole set: kept

@@ -940,10 +940,10 @@ def import_into_form(path: str, preset: str = "character", settings: AppSettings
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
         if "[options]" in text:
-            options, tier = presets.without_tier_switches(presets.read_preset_file(path).options)
-            if tier:  # the form's tier fills them for its own card and checkpoint
-                notes.append(f"tier: it carries the {tier} GPU memory tier's switches, which are left out: the GPU "
-                             "memory tier chosen here sets them")
+            options, switches = presets.without_tier_switches(presets.read_preset_file(path).options)
+            if switches:  # the form's tier fills them for its own card and checkpoint
+                notes.append(f"tier: it carries a GPU memory tier's switches ({', '.join(switches)}), which are left "
+                             "out: the GPU memory tier chosen here sets them")
         else:
             imported = presets.import_kohya_toml(path, notes)
             if set(imported) == {"dataset_config"}:  # a dataset TOML: the Dataset field's, the rest of the form as it is
