@@ -357,6 +357,29 @@ def test_a_state_from_an_earlier_version_is_said_and_another_optimizer_stops_it_
                             "its seed, optimizer or accumulation") for m in warnings), warnings
 
 
+def test_running_out_of_memory_at_the_first_step_after_a_resume_is_said_as_memory_not_as_the_optimizer(
+        baseline, dataset, tmp_path, capsys, monkeypatch):
+    """An out-of-memory error is a RuntimeError: the first resumed step blamed it on the state's optimizer."""
+    import json as json_module
+
+    from lora_trainer.compat import OutOfMemoryError
+    from lora_trainer.training.flat_adamw import FlatAdamW
+
+    state = tmp_path / "old-state"
+    shutil.copytree(baseline / "star-000001-state", state)
+    saved = json_module.loads((state / "train_state.json").read_text(encoding="utf-8"))
+    (state / "train_state.json").write_text(json_module.dumps({k: v for k, v in saved.items() if k in ("step", "epoch")}),
+                                            encoding="utf-8")  # an earlier version's: its optimizer unknown
+
+    def out_of_memory(self, *args, **kwargs):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FlatAdamW, "step", out_of_memory)
+    assert run(dataset, tmp_path / "out", "--resume", str(state), "--seed", "5") != 0
+    error = capsys.readouterr().err
+    assert "out of memory" in error.lower() and "its optimizer state does not fit" not in error
+
+
 def test_a_state_from_a_later_version_resumes_and_says_what_it_does_not_read(baseline, dataset, tmp_path):
     """A state saved by a later version (an extension rolled back) stopped with a TypeError on its unknown field."""
     state = tmp_path / "later-state"

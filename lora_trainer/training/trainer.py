@@ -429,7 +429,8 @@ class TrainingRun:
         # a resumed run draws its data in the order the interrupted one would have: with the seed it was saved with
         self.resumed_facts = saved_facts(Path(options.resume)) if options.resume else {}
         _check_resumed_optimizer(options, self.resumed_facts)
-        self._optimizer_unproven = bool(options.resume)  # a state's moments meet the optimizer at its first step
+        # a state that does not record its optimizer (an earlier version's, sd-scripts') meets it at the first step
+        self._optimizer_unproven = bool(options.resume) and "optimizer" not in self.resumed_facts
         seed = options.seed if options.seed is not None else self.resumed_facts.get("seed", random.randrange(2**32))
         self.seed = seed = agree_on_seed(world, seed)
         seed_everything(seed)
@@ -729,6 +730,8 @@ class TrainingRun:
         self._optimizer_unproven = False
         try:
             self.scaler.step(self.optimizer)
+        except OutOfMemoryError:
+            raise  # said with the memory options, as at any step
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             resume = self.options.resume
             raise UserError(f"--resume {resume}: its optimizer state does not fit --optimizer_type "
