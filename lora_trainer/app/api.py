@@ -883,10 +883,10 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
         if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
             raise ApiError(400, "invalid", f'{name}: give an axis such as {{"kind": "strength", "values": ["0.5", "1"]}}', name)
         values = value.get("values", [])
-        if isinstance(values, str):  # as the Grid tab and the X/Y/Z plot split them: quotes keep a comma
-            from ..grid.axes import split_values
+        if isinstance(values, str):  # as the Grid tab and the X/Y/Z plot split them: quotes keep a comma; strengths
+            from ..grid.axes import split_values  # whole, where a decimal comma (0,8) is told from a list (0, 8)
 
-            values = split_values(values)
+            values = [values] if value["kind"] == "strength" else split_values(values)
         values = [str(v) for v in values]
         if value["kind"] == "checkpoint":
             values = [checkpoint(v, f"{name}.values") for v in values]

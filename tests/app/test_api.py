@@ -767,6 +767,8 @@ def test_a_grids_answer_says_what_the_plan_did_and_a_grid_over_the_megapixel_cap
     big = {**body, "y": {"kind": "seed", "values": "1-50"}, "settings": {"width": 2048, "height": 2048, "steps": 3}}
     error = assert_error(client.post(f"{V1}/grids", json=big), 400)
     assert "megapixels" in error["message"]
+    comma = {**body, "y": {"kind": "strength", "values": "0,8"}}  # a decimal comma: refused as in the tab, not 0 and 8
+    assert "0.8" in assert_error(client.post(f"{V1}/grids", json=comma), 400)["message"]
 
 
 def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(services, fake_host):
