@@ -229,7 +229,7 @@ def test_the_epoch_axis_takes_epochs_and_step_files_only_by_their_step(tmp_path)
     plan = plan_grid(asked, library)
     assert plan.row_labels == ["epoch 1 (20 steps)"]
     assert plan.notes == ["The run's files saved at steps (step 10, step 30) are not on the epoch axis: add them to it "
-                          "as step 50."]
+                          "as step 10."]
     plan = plan_grid(dataclasses.replace(asked, y=AxisSpec("epoch", ["step 10", "1", "2"])), library)
     assert [label.split("\n")[0] for label in plan.row_labels] == ["step 10", "epoch 1 (20 steps)", "epoch 2 (40 steps)"]
     assert plan.notes == []
@@ -485,3 +485,14 @@ def test_the_grid_stars_the_trainers_recommendation_and_a_step_file_shows_its_ow
     assert losses[tmp_path / "run-000004.safetensors"].training == 0.105
     kept = [f for f in files if f.path.name != "run-000002.safetensors"]  # epoch 2 not kept: the nearest kept file
     assert best_epoch(kept).name == "run-000004.safetensors"
+
+
+def test_a_grey_cells_reason_is_written_in_a_font_sized_to_the_cell():
+    """The default 10 px font could not be read on a 1024 px cell once the grid was scaled to a screen."""
+    from PIL import Image
+
+    from lora_trainer.grid.plan import _grey_cell
+
+    cell = _grey_cell(Image.new("RGB", (512, 512), (128, 128, 128)), "the file changed after planning")
+    white = Image.eval(cell.convert("L"), lambda v: 255 if v > 200 else 0).getbbox()
+    assert white is not None and white[3] - white[1] >= 20  # 32 px letters: a tenth of 512 or more is readable

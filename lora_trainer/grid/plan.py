@@ -258,7 +258,7 @@ def _chosen_files(files: list[EpochFile], values: list[str], notes: list[str]) -
         raise UserError(f"epoch axis: step {', '.join(map(str, missing))} is not among the run's step files (steps {have})")
     if step_files and not steps:
         notes.append(f"The run's files saved at steps ({', '.join(f'step {s}' for s in sorted(step_files))}) are not "
-                     "on the epoch axis: add them to it as step 50.")
+                     f"on the epoch axis: add them to it as step {min(step_files)}.")
     return [f for f in files if (f.epoch in wanted and not is_step_file(f.path)) or
             (is_step_file(f.path) and _step_of(f) in steps)]
 
@@ -590,14 +590,18 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
 
 
 def _grey_cell(blank: Image.Image, reason: str) -> Image.Image:
-    """A grey cell that says why it was not drawn, wrapped to its width in the picture's default font."""
+    """A grey cell that says why it was not drawn, wrapped to its width, in a font sized to the cell as the labels'
+    are (the default 10 px could not be read on a 1024 px cell in the grid)."""
     import textwrap
 
     from PIL import ImageDraw
 
+    from .render import _font
+
     cell = blank.copy()
-    per_line = max(8, cell.width // 7)
-    ImageDraw.Draw(cell).multiline_text((3, 3), textwrap.fill(reason, per_line), fill=(255, 255, 255))
+    size = max(10, cell.width // 16)
+    per_line = max(8, int(cell.width / (size * 0.6)))
+    ImageDraw.Draw(cell).multiline_text((3, 3), textwrap.fill(reason, per_line), fill=(255, 255, 255), font=_font(size))
     return cell
 
 
