@@ -104,6 +104,8 @@ def test_library_resolves_stem_alias_and_epochs(tmp_path):
     assert library.resolve("cats@e3") == final
     assert library.resolve("dogs@e1") == tmp_path / "sub" / "dogs_v2_e1.safetensors"
     assert library.resolve("cats@e7") is None and library.resolve("nothing") is None
+    _lora(tmp_path / "cats-step00000030.safetensors", ss_output_name="cats", ss_epoch=2)  # saved inside epoch 2
+    assert LoraLibrary([tmp_path]).resolve("cats@e2") is None  # a snapshot inside the epoch is not the epoch's file
     entry = library.entry("dogs")
     assert (entry.name, entry.alias, entry.sd_version, entry.epoch) == ("dogs_v2_final", "dogs", "SDXL", 2)
     assert {e.name for e in library.entries()} == {"cats", "cats-000001", "dogs_v2_final", "dogs_v2_e1", "old"}

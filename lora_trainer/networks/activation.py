@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
-from ..grid.axes import run_files
+from ..grid.axes import is_step_file, run_files
 from ..hashing import file_sha256, tensor_data_sha256
 from ..models.configs import SD1, SDXL
 from ..models.prompt import EXTRA_NETWORK
@@ -260,11 +260,12 @@ class LoraLibrary:
             return numbered
         named = [e for e in entries if e.alias == run or e.name == run]
         if named:
-            # every file of that run, the numbered ones and the final one, with their ss_epoch
+            # every file of that run, the numbered ones and the final one, with their ss_epoch (a step file's is the
+            # epoch it was saved in, or completed: never that epoch's file)
             for file in run_files(named[0].path):
-                if file.epoch == epoch:
+                if file.epoch == epoch and not is_step_file(file.path):
                     return file.path
-        return next((e.path for e in named if e.epoch == epoch), None)
+        return next((e.path for e in named if e.epoch == epoch and not is_step_file(e.path)), None)
 
     def short_hash(self, path: Path) -> str:
         """The hash the WebUI writes into ``Lora hashes``: ``sshs_model_hash`` from the metadata, else the hash of
