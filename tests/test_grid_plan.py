@@ -94,6 +94,12 @@ def test_prompt_axis_replaces_the_first_value_like_prompt_sr_and_seed_axis_sets_
     assert [[c.settings.seed for c in row] for row in plan.cells] == [[1, 1], [2, 2]]
     with pytest.raises(UserError, match="does not occur in the prompt"):
         plan_grid(request(AxisSpec("prompt", ["square", "circle"]), AxisSpec("seed", ["1"])), library)
+    # weighted tags written without quotes are split at their commas, as X/Y/Z splits them: said, not drawn broken
+    from lora_trainer.grid.axes import split_values
+
+    typed = split_values("(shapes, blue:1.2), (circle, red:1.2)")
+    with pytest.raises(UserError, match=r"prompt axis: '\(shapes' opens a bracket it does not close"):
+        plan_grid(request(AxisSpec("prompt", typed), AxisSpec("seed", ["1"])), library)
 
 
 def test_checkpoint_axis_sends_each_column_to_its_checkpoint(library):

@@ -219,6 +219,10 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
         return [_AxisValue(Path(resolve_lora(v, library, "LoRA axis", None)).stem, loras=(resolve_lora(v, library, "LoRA axis", None),))
                 for v in values], []
     if axis.kind == "prompt":
+        if unbalanced := next((v for v in values if any(v.count(a) != v.count(b) for a, b in ("()", "[]", "{}"))), None):
+            raise UserError(f"prompt axis: {unbalanced!r} opens a bracket it does not close: values are split at each "
+                            'comma, as in the X/Y/Z plot; put a value that holds a comma in double quotes, such as '
+                            '"(red hair, blue eyes:1.2)"')
         if values and values[0] not in request.settings.prompt and values[0] not in request.settings.negative_prompt:
             raise UserError(f"prompt axis: {values[0]!r} (the first value) does not occur in the prompt or the negative "
                             "prompt; the first value is the text each value replaces, as in Prompt S/R")
