@@ -458,6 +458,11 @@ def test_promoting_a_run_in_a_subfolder_writes_beside_it_keeps_the_users_card_an
                                         r"final name, or rename or move best.safetensors"):
         promote(run / "char-000002.safetensors", lora_folder, "best", 1.0)
     assert not (run / "best.safetensors").exists()
+    # a run promoted before 2026-12-05 left its final file at the Lora folder's top: the refusal says so
+    shutil.copy(run / "char.safetensors", lora_folder / "char.safetensors")
+    with pytest.raises(UserError, match=r"char.safetensors is an earlier promotion of this run: Promote wrote to the "
+                                        r"Lora folder's top before 2026-12-05"):
+        promote(run / "char-000002.safetensors", lora_folder, "char", 1.0)
 
 
 def test_promoting_another_epoch_to_a_name_in_use_says_what_the_earlier_file_became(tmp_path):

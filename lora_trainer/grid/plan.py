@@ -522,7 +522,7 @@ def _check_names_resolve(files: list[Path], library: LoraResolver) -> None:
         found = library.resolve(path.stem)
         if found is not None and Path(found).resolve() != Path(path).resolve():
             raise UserError(f"<lora:{path.stem}> means {found} to the generator, not {path} of this grid: rename or move "
-                            "one of the two files, then refresh")
+                            f"one of the two files, then refresh{_earlier_promotion(Path(found), Path(path))}")
 
 
 def _baseline(request: GridRequest, seed: int, y: _AxisValue) -> GridCell:
@@ -668,7 +668,8 @@ def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: floa
     target = (epoch_file.parent if in_library else lora_folder) / f"{name}{epoch_file.suffix}"
     if (other := _same_name_elsewhere(target, lora_folder)) is not None:
         raise UserError(f"promote: {target} would have the name of {other}, and <lora:{name}> would mean only one of "
-                        f"them to the generator; give another final name, or rename or move {other.name}")
+                        f"them to the generator; give another final name, or rename or move {other.name}"
+                        f"{_earlier_promotion(other, epoch_file)}")
     theirs, ours = (read_safetensors_metadata(path).get("ss_output_name") for path in (target, epoch_file))
     if target.exists() and theirs and ours and theirs != ours:  # another run's LoRA (and card) under that name
         raise UserError(f"promote: {target.name} is another LoRA (trained as {theirs!r}), which the promotion would "
@@ -696,6 +697,17 @@ def promote(epoch_file: Path, lora_folder: Path, final_name: str, strength: floa
     card["preferred weight"] = float(strength)
     write_text(card_path, json.dumps(card, indent=4, ensure_ascii=False))
     return Promotion(epoch_file, target, strength, kept, card_from)
+
+
+def _earlier_promotion(other: Path, of_run: Path) -> str:
+    """Said where ``other`` was trained by the same run: Promote wrote to the Lora folder's top before 2026-12-05, so a
+    run in a subfolder promoted then left its final file there."""
+    names = [read_safetensors_metadata(path).get("ss_output_name") if path.suffix == ".safetensors" else None
+             for path in (other, of_run)]
+    if names[0] and names[0] == names[1]:
+        return (f" ({other.name} is an earlier promotion of this run: Promote wrote to the Lora folder's top before "
+                "2026-12-05, and now writes beside the run; delete it or move it beside the run)")
+    return ""
 
 
 def _same_name_elsewhere(target: Path, lora_folder: Path) -> Path | None:
