@@ -33,7 +33,7 @@ class StandaloneHost:
         self.checkpoint_folders = [Path(f) for f in checkpoint_folders]
         self.library = LoraLibrary([Path(f) for f in lora_folders])
         self.default_checkpoint = Path(default_checkpoint) if default_checkpoint else TINY_MODEL_PATH
-        self.interrupt_event = threading.Event()  # set by the grid's Interrupt button
+        self.interrupt_event = threading.Event()  # the host-wide stop (interrupt()); the Grid tab stops its own grids
         self.switching_seconds = 0.0  # time spent merging/unmerging LoRAs, for the grid's measure
         self._lock = threading.RLock()  # one generation at a time: the merged weights are shared
         self._model = None

@@ -159,3 +159,21 @@ def test_interrupt_stops_the_grid_of_the_tab_that_pressed_it(services, fake_host
     status = generate(services, run, session=tab_a)[4]
     assert pressed[0].startswith("Interrupting") and "Grid saved" in pressed[1]  # B's grid ran, A's flag stayed
     assert status.startswith("Interrupted after 1 of 5 cells")
+
+
+def test_a_tab_without_a_grid_stops_another_tabs_grid_when_pressed_twice(services, fake_host, run):
+    """A grid started in a tab since reloaded (its stop flag gone with the page) held the generator until it ended."""
+    generate_cell, pressed, other_tab = fake_host.generate, [], {}
+
+    def generate_pressing(settings, checkpoint=None, progress=None):
+        if not pressed:  # during the first cell, a reloaded tab presses Interrupt twice
+            pressed.append(grid_tab.interrupt(services, other_tab))
+            pressed.append(grid_tab.interrupt(services, other_tab))
+        return generate_cell(settings, checkpoint, progress)
+
+    fake_host.generate = generate_pressing
+    status = generate(services, run, session={})[4]
+    assert "press Interrupt again within 10 s to stop it" in pressed[0]
+    assert pressed[1].startswith("Interrupting the grid another tab started")
+    assert status.startswith("Interrupted after 1 of 5 cells")
+    assert grid_tab.interrupt(services, other_tab) == "No grid of this tab is being generated: nothing to interrupt."

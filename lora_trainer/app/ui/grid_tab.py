@@ -5,6 +5,7 @@ images and standalone they are ours. Handlers are plain functions (tests call th
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -60,6 +61,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
     stop = threading.Event()
     if session is not None:
         session["stop"] = stop
+    _RUNNING.add(stop)
     try:
         settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
                                       int(width), int(height), scheduler=scheduler or "")
@@ -78,6 +80,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
     except UserError as error:
         return None, [], table([], LOSS_COLUMNS), gr.update(), f"⚠ {error}"
     finally:
+        _RUNNING.discard(stop)
         if session is not None and session.get("stop") is stop:
             del session["stop"]
     losses = table([[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
@@ -120,14 +123,32 @@ def form_updates(fields: list[str], values: list, samplers: list[str]) -> list:
     return updates
 
 
+# the stop flags of the grids generating now, in every browser tab
+_RUNNING: set[threading.Event] = set()
+_CONFIRM_SECONDS = 10
+
+
 def interrupt(services, session: dict | None = None) -> str:
     """Stops the grid this browser tab (``session``) started, after its current image; another tab's grid goes on
-    (the WebUI's own Interrupt stops whatever the WebUI generates, a grid too)."""
-    stop = (session or {}).get("stop")
-    if stop is None:
+    (the WebUI's own Interrupt stops whatever the WebUI generates, a grid too). A tab without a grid of its own stops
+    the grids that are running when pressed twice within ``_CONFIRM_SECONDS``: one started in a tab since reloaded or
+    closed would hold the generator otherwise."""
+    session = session if session is not None else {}
+    stop = session.get("stop")
+    if stop is not None:
+        stop.set()
+        return "Interrupting after the current image…"
+    running = list(_RUNNING)
+    if not running:
         return "No grid of this tab is being generated: nothing to interrupt."
-    stop.set()
-    return "Interrupting after the current image…"
+    asked, session["others_asked"] = session.get("others_asked"), time.monotonic()
+    if asked is None or time.monotonic() - asked > _CONFIRM_SECONDS:
+        return (f"No grid of this tab is being generated; another tab's grid is (or this tab's before a reload): press "
+                f"Interrupt again within {_CONFIRM_SECONDS} s to stop it.")
+    del session["others_asked"]
+    for other in running:
+        other.set()
+    return "Interrupting the grid another tab started, after the current image…"
 
 
 def promote_epoch(services, epoch_file: str, final_name: str, strength) -> str:
