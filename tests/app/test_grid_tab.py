@@ -177,3 +177,18 @@ def test_a_tab_without_a_grid_stops_another_tabs_grid_when_pressed_twice(service
     assert pressed[1].startswith("Interrupting the grid another tab started")
     assert status.startswith("Interrupted after 1 of 5 cells")
     assert grid_tab.interrupt(services, other_tab) == "No grid of this tab is being generated: nothing to interrupt."
+
+
+def test_a_grid_left_on_the_current_model_is_checked_against_the_model_the_host_has_loaded(services, fake_host):
+    """The tab passed no current checkpoint: an SDXL LoRA on the loaded SD1 model drew every cell as the baseline."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.ones(())},
+              str(services.settings.lora_folder / "xl.safetensors"))
+    fake_host.loaded_checkpoint = TINY_MODEL_PATH
+    status = generate(services, "xl", x_values="1", y_kind="seed", y_values="1")[4]
+    assert "xl.safetensors is an SDXL LoRA and the checkpoint tiny-sd.safetensors is SD1" in status
+    assert not fake_host.generated
