@@ -192,3 +192,13 @@ def test_a_grid_left_on_the_current_model_is_checked_against_the_model_the_host_
     status = generate(services, "xl", x_values="1", y_kind="seed", y_values="1")[4]
     assert "xl.safetensors is an SDXL LoRA and the checkpoint tiny-sd.safetensors is SD1" in status
     assert not fake_host.generated
+
+
+def test_a_run_renamed_after_training_is_one_run_in_the_list_and_promote_suggests_its_name(services, fake_host):
+    """char_v2 (trained as char) was listed beside char-000001 … as runs of their own, and Promote suggested 'char'."""
+    lora = services.settings.lora_folder
+    make_epoch_files(lora, "char", epochs=3)
+    (lora / "char.safetensors").rename(lora / "char_v2.safetensors")
+    assert grid_tab.training_runs(services) == ["char_v2"]
+    message = grid_tab.promote_epoch(services, str(lora / "char-000002.safetensors"), "", 0.8)
+    assert f"to {lora / 'char_v2.safetensors'}" in message, message

@@ -31,14 +31,26 @@ def library_of(services) -> LoraLibrary:
 
 
 def training_runs(services) -> list[str]:
-    """Runs in the Lora folder: every final file that has numbered epoch siblings, newest first, then the others."""
+    """Runs in the Lora folder: every final file that has numbered epoch siblings (under its own name, or the name
+    it was trained under: ``char_v2`` renamed from ``char``), newest first, then the others."""
     library = library_of(services)
     entries = library.entries()
     stems = {e.name for e in entries}
-    runs = [e for e in entries if any(s.startswith(e.name + "-") and _saved_along(s[len(e.name) + 1:]) for s in stems)]
-    singles = [e for e in entries if e not in runs
-               and not (_saved_along(e.name.rsplit("-", 1)[-1]) and e.name.rsplit("-", 1)[0] in stems)]
+
+    def names(entry) -> set[str]:  # a final file's own name, and the one it was trained under
+        return {entry.name} if _numbered_head(entry.name) else {entry.name} | ({entry.alias} if entry.alias else set())
+
+    runs = [e for e in entries if not _numbered_head(e.name)
+            and any(s.startswith(n + "-") and _saved_along(s[len(n) + 1:]) for n in names(e) for s in stems)]
+    heads = stems | {n for e in runs for n in names(e)}
+    singles = [e for e in entries if e not in runs and _numbered_head(e.name) not in heads]
     return [e.name for e in sorted(runs, key=_newest_first)] + [e.name for e in sorted(singles, key=_newest_first)]
+
+
+def _numbered_head(name: str) -> str | None:
+    """``char`` for ``char-000003`` or ``char-step00000185``; None for a name saved along no run."""
+    head, _, tail = name.rpartition("-")
+    return head if head and _saved_along(tail) else None
 
 
 def _saved_along(suffix: str) -> bool:
@@ -164,9 +176,18 @@ def promote_epoch(services, epoch_file: str, final_name: str, strength) -> str:
 
 
 def _run_name(path: Path) -> str:
-    stem = path.stem
-    head, _, tail = stem.rpartition("-")
-    return head if head and tail.isdigit() else stem
+    """The final name an epoch file is promoted to by default: its run's final file, renamed after training too."""
+    head, _, tail = path.stem.rpartition("-")
+    if not (head and tail.isdigit()):
+        return path.stem
+    if path.with_name(head + path.suffix).exists():
+        return head
+    from ...grid.axes import is_final_file
+    from ...safe_io import read_safetensors_metadata
+
+    renamed = [p for p in path.parent.glob(f"*{path.suffix}") if is_final_file(p)
+               and read_safetensors_metadata(p).get("ss_output_name") == head]
+    return renamed[0].stem if len(renamed) == 1 else head
 
 
 def preferred_weight(services, run: str) -> float:
