@@ -75,6 +75,7 @@ PRESETS: dict[str, Preset] = {
 # preset on it, SD1 and SDXL, is at most 0.9 × the card, as a desktop and other programs take about that much (a
 # 6 GB card under Windows has ≈ 5.3–5.6 GiB free). Within that, a larger card trains more at once: SD1 at batch 2
 # from 8 GB, without gradient checkpointing (faster steps) from 12 GB.
+USABLE_SHARE = 0.9  # of a card, for training: the rest is the desktop's and other programs'
 VRAM_TIERS: dict[str, dict[str, Any]] = {
     "6 GB": {"gradient_checkpointing": True, "mixed_precision": "fp16", "cache_latents": True, "optimizer_type": "AdamW8bit",
              "train_batch_size": 1, "sdpa": True},

@@ -390,6 +390,10 @@ def test_the_preset_and_tier_fill_the_form_for_an_sdxl_checkpoint(sdxl_services)
     text = train_tab.validation_text(sdxl_services, shown)
     assert "Cannot start" not in text and "above the 6 GB" not in text and "The base model is SDXL" not in text
     assert "VRAM ≈ 5.4 GiB" in text, text  # a tenth of the 6 GB left for the desktop
+    assert "leaves less than a tenth" not in text
+    # what the guidance offers a card with nothing else on it: under the card, over the tenth the tiers keep free
+    typed = train_tab.validation_text(sdxl_services, {**shown, "resolution": "768", "network_dim": 8, "network_alpha": 4})
+    assert "The estimate leaves less than a tenth of the 6 GB card free" in typed and "above the 6 GB" not in typed
     # another tier, then an SD1 checkpoint: the preset's values for them, where the form still shows the fill's
     shown = picked(sdxl_services, shown, filled, train_tab.fill_for_tier, tier="16 GB")
     assert (shown["resolution"], shown["network_dim"], shown["text_encoder_lr"]) == ("1024", 32, 5e-5)

@@ -293,6 +293,10 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
     if card is not None and planned.vram_gib > card:
         lines.append(f"⚠ The estimate is above the {form['tier']} chosen as GPU memory: {memory_advice(checked)} "
                      "(or pick the card's real size)")
+    elif card is not None and planned.vram_gib > presets.USABLE_SHARE * card:  # what the tiers themselves keep free
+        lines.append(f"⚠ The estimate leaves less than a tenth of the {form['tier']} card free, which a desktop and "
+                     "other programs usually take: close the programs that use the GPU (a browser with hardware "
+                     f"acceleration, games), or lower the resolution or rank — {memory_advice(checked)}")
     elif card is None and (gpu := gpu_gib(services.settings.cuda_device)) and planned.vram_gib > gpu:
         lines.append(f"⚠ The estimate is above this GPU's {gpu:.0f} GiB, and no GPU memory tier is chosen (without one "
                      "the run trains in full precision without gradient checkpointing): pick your card's size under GPU "
