@@ -310,11 +310,9 @@ class TrainingData:
                             f"e.g. {left[0]}")
         done, bar, unmarked = 0, progress_bar(len(todo), "image", "caching latents", leave=False), []
         for group in _vae_batches(todo, self.options.vae_batch_size):
-            disk = [_read_npz(r, self.config_name, self._interpolation(r), encoder)
+            disk = [_read_npz(r, self.config_name, self._interpolation(r), encoder, unmarked)
                     if self.options.cache_latents_to_disk else None for r in group]
             fresh = [r for r, cached in zip(group, disk) if cached is None]
-            unmarked += [path for r, cached in zip(group, disk)
-                         if cached is not None and not _records_encoder(path := npz_path(r, self.config_name))]
             encoded = iter(self._encode_for_cache(fresh, vae, device) if fresh else [])
             for record, cached in zip(group, disk):
                 if cached is None:
@@ -490,13 +488,14 @@ def _flip(mask: torch.Tensor, flipped: bool) -> torch.Tensor:
     return mask.flip(-1) if flipped else mask
 
 
-def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None, encoder: str):
+def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None, encoder: str, unmarked: list[Path]):
     """(latents, flipped latents, mask) from this model family's sd-scripts cache when it fits this run, else None.
     Only the family's own file (SD and SDXL latents have the same shape but come from different VAEs), but for an
     older ``<stem>.npz``, which sd-scripts reads for both (a cache_latents warning names those); and not one
     ours wrote with another VAE encoder (``encoder``: its weights' fingerprint; a checkpoint with another baked-in VAE,
     or ``--vae``), which sd-scripts would train on unnoticed. A mask folder's mask is not in it (sd-scripts reads
-    those images each step): it is read from the folder."""
+    those images each step): it is read from the folder. A cache read that does not record its VAE encoder is added
+    to ``unmarked``."""
     path = npz_path(record, config_name)
     if not _cached_since(record.path, path):
         return None
@@ -517,16 +516,9 @@ def _read_npz(record: ImageRecord, config_name: str, interpolation: str | None, 
     mask = torch.from_numpy(mask.astype(np.float32)) if record.subset.alpha_mask else None
     if record.mask_path is not None:
         mask = cut_mask(mask_image(record.mask_path, record.size), record.choice, interpolation=interpolation)
+    if made_by is None:  # ours record it since 2026-12-04; sd-scripts' never do
+        unmarked.append(path)
     return torch.from_numpy(latents), None if flipped is None else torch.from_numpy(flipped), mask
-
-
-def _records_encoder(cache: Path) -> bool:
-    """Whether a latent cache records the VAE encoder that made it (ours since 2026-12-04; sd-scripts' never do)."""
-    try:
-        with np.load(cache) as data:
-            return "vae_encoder" in data.files
-    except UNREADABLE_NPZ:
-        return True  # not read as a cache either
 
 
 def unmarked_caches_warning(caches: list[Path], kind: str, changed: str) -> str:
