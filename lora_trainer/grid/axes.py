@@ -184,8 +184,13 @@ def is_final_file(path: Path) -> bool:
 
 def is_step_file(path: Path) -> bool:
     """``<run>-step00000050``: saved at a step, between epochs (its ss_epoch counts the epochs completed)."""
-    match = _NUMBERED.match(path.stem)
-    return bool(match and match.group("step"))
+    return step_of(path) is not None
+
+
+def step_of(path: Path) -> int | None:
+    """The global step a step file's name gives (``<run>-step00000050``: 50), None for other files."""
+    match = _NUMBERED.match(Path(path).stem)
+    return int(match.group("step")) if match and match.group("step") else None
 
 
 def glob_escape(text: str) -> str:
@@ -196,12 +201,13 @@ def _describe(path: Path) -> EpochFile:
     metadata = read_safetensors_metadata(path)  # {} for an unreadable file: it still gets a name-based label
     epoch = int(metadata["ss_epoch"]) if metadata.get("ss_epoch", "").isdigit() else None
     steps = int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None
-    if is_step_file(path):  # its ss_epoch counts the epochs completed before it: "epoch 0 (10 steps)" read as the start
-        label = f"step {int(_NUMBERED.match(path.stem).group('step'))}"
+    # a step file's ss_epoch counts the epochs completed before it: "epoch 0 (10 steps)" read as the start
+    if (step := step_of(path)) is not None:
+        label = f"step {step}"
     else:
         label = f"epoch {epoch}" if epoch is not None else path.stem
     planned = int(metadata["ss_max_train_steps"]) if metadata.get("ss_max_train_steps", "").isdigit() else None
-    if steps is not None and planned and steps < planned and not re.search(r"-(\d{6}|step\d{8})$", path.stem):
+    if steps is not None and planned and steps < planned and is_final_file(path):
         label += f" ({steps} of {planned} steps: stopped early)"  # a run's final file, saved where a stop cut it short
     elif steps is not None and not is_step_file(path):
         label += f" ({steps} steps)"

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
 from .axes import (EpochFile, check_size, fixed_seeds, glob_escape, is_final_file, is_step_file, parse_values, run_files,
-                   whole_numbers)
+                   step_of, whole_numbers)
 from .render import GridResult, assemble, axes_infotext, grid_infotext, save_grid
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def _chosen_files(files: list[EpochFile], values: list[str], notes: list[str]) -
         raise UserError(f"epoch axis: {', '.join(unknown)} is not an epoch number; give numbers such as 2, 4, 6 "
                         "(or step 50 for a file saved at a step)")
     epoch_files = [f for f in files if not is_step_file(f.path)]
-    step_files = {_step_of(f): f for f in files if is_step_file(f.path)}
+    step_files = {step_of(f.path): f for f in files if is_step_file(f.path)}
     missing = sorted(wanted - {f.epoch for f in epoch_files})
     if missing:  # a row silently left out reads as a grid of the epochs asked for
         have = ", ".join(str(f.epoch) for f in epoch_files if f.epoch is not None) or "none numbered"
@@ -264,11 +264,7 @@ def _chosen_files(files: list[EpochFile], values: list[str], notes: list[str]) -
         notes.append(f"The run's files saved at steps ({', '.join(f'step {s}' for s in sorted(step_files))}) are not "
                      f"on the epoch axis: add them to it as step {min(step_files)}.")
     return [f for f in files if (f.epoch in wanted and not is_step_file(f.path)) or
-            (is_step_file(f.path) and _step_of(f) in steps)]
-
-
-def _step_of(file: EpochFile) -> int:
-    return int(file.path.stem.rpartition("-step")[2])  # <run>-step00000050: the global step sd-scripts names it by
+            (is_step_file(f.path) and step_of(f.path) in steps)]
 
 
 def _grid_lora_files(request: GridRequest, library: LoraResolver) -> set[Path]:
