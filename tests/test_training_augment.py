@@ -118,6 +118,11 @@ def test_face_position_is_read_from_sd_scripts_face_crop_names():
     assert face_in_name(Path("photo_2024_01_02_beach.png")) is None  # dates are not a face (sd-scripts crashes)
     assert face_in_name(Path("a_0_10_20_20.png")) is None  # centre x 0: sd-scripts' "no face"
     assert face_in_name(Path("a_1_2_3.png")) is None
+    # sd-scripts reads the parts with int(): a face centred above the picture is a face, cropped at the top edge
+    assert face_in_name(Path("a_5_-3_30_40.png")) == (5, -3, 30, 40)
+    assert face_crop_plan((256, 256), (64, 64), (5, -3, 30, 40), (2.0, 2.0), False, random.Random(0))[1][:2] == (0, 0)
+    assert face_in_name(Path("a_5_3_0_0.png")) is None  # a face of size 0 (sd-scripts divides by it): trained whole
+    assert face_in_name(Path("a_²_3_4_5.png")) is None  # a digit that is not a number
 
 
 def _face_image(path: Path, size=(256, 256), face=(180, 60, 32, 32)) -> Path:

@@ -261,13 +261,18 @@ def caption_candidates(image: Path, caption_extension: str) -> tuple[Path, ...]:
 
 def face_in_name(image: Path) -> tuple[int, int, int, int] | None:
     """``a_120_80_40_48.png`` → the face's centre (120, 80) and size 40×48, sd-scripts' face-crop naming (written by
-    its ``detect_face_rotate.py``); None when the last four parts are not whole numbers or the centre x is 0, where
-    sd-scripts finds no face (it crashes on a name like ``photo_2024_01_02_x``: we train such an image normally)."""
+    its ``detect_face_rotate.py``); the parts are read with ``int`` as sd-scripts reads them, so a centre above or left
+    of the picture (``a_5_-3_30_40``) is a face that the crop keeps at the edge. None when the last four parts are
+    not whole numbers or the centre x is 0, where sd-scripts finds no face (it crashes on a name like
+    ``photo_2024_01_02_x`` and divides by a face of size 0: we train such an image normally)."""
     parts = image.stem.split("_")
-    if len(parts) < 5 or not all(part.isdigit() for part in parts[-4:]):
+    if len(parts) < 5:
         return None
-    cx, cy, width, height = (int(part) for part in parts[-4:])
-    return (cx, cy, width, height) if cx > 0 else None
+    try:
+        cx, cy, width, height = (int(part) for part in parts[-4:])
+    except ValueError:
+        return None
+    return (cx, cy, width, height) if cx > 0 and max(width, height) > 0 else None
 
 
 @dataclass(frozen=True)
