@@ -43,6 +43,13 @@ def prompts(plan) -> list[list[str]]:
     return [[cell.settings.prompt for cell in row] for row in plan.cells]
 
 
+def test_a_baseline_beside_seed_columns_names_its_own_seed(library):
+    """The "no LoRA" column of a seed X axis is drawn at the form's seed, which none of the columns has."""
+    plan = plan_grid(request(AxisSpec("seed", ["1", "2"]), AxisSpec("strength", ["1"])), library)
+    assert plan.column_labels == ["no LoRA, seed 7", "seed 1", "seed 2"]
+    assert [cell.settings.seed for cell in plan.cells[0]] == [7, 1, 2]
+
+
 def test_epoch_by_strength_finds_the_run_files_and_adds_a_baseline_column(library):
     plan = plan_grid(request(AxisSpec("strength", ["0.5-1.0 (+0.5)"]), AxisSpec("epoch", [])), library)
     assert prompts(plan) == [

@@ -466,6 +466,8 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     losses = epoch_losses(epoch_files) if epoch_files else {}
     x_name = xs[0].label if request.x.kind == "lora" and len(xs) == 1 else "LoRA"
     baseline_label = "no LoRA" if request.x.kind != "lora" else f"without {x_name}"
+    if request.x.kind == "seed":  # the columns' seeds are not the baseline's: say which one it drew
+        baseline_label += f", seed {seed}"
     s = request.settings
     title = f"{s.prompt} | seed {seed} | {s.sampler}, {s.steps} steps, CFG {s.cfg_scale:g}, {s.width}x{s.height}"
     best = best_epoch(epoch_files) if epoch_files else None
