@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +33,10 @@ from pathlib import Path
 from typing import Mapping
 
 from lora_trainer.errors import UserError
-from lora_trainer.safe_io import give_permissions, open_temporary_beside, replace_path
+from lora_trainer.safe_io import give_permissions, open_temporary_beside, replace_path, write_text
 
 CAPTION_WRITE_ENCODING = "utf-8"
+BACKUP_MANIFEST = "backup.json"  # in each backup folder: where its files go back, and the captions its save created
 
 # fsync costs ~4 ms a file on an ordinary disk, so 1,000 captions take 4 s one after another; run side by side, the
 # file system folds them into a few journal commits (0.13 s measured for 1,000 files on a 2-core machine).
@@ -272,13 +274,20 @@ def write_captions(
                 f"{len(conflicts)} caption file(s) changed on disk since they were read, so nothing was saved: {listed}. "
                 "Reload them to see the other version, then save again."
             )
-    texts = {Path(path): text.encode(CAPTION_WRITE_ENCODING) for path, text in changes.items()}
-    temporaries = _run_all_or_clean_up(lambda path: _write_synced(path, texts[path]), targets)
+    return _replace_all({Path(path): text.encode(CAPTION_WRITE_ENCODING) for path, text in changes.items()}, backup_dir)
+
+
+def _replace_all(contents: Mapping[Path, bytes], backup_dir: Path | None, removed: tuple[Path, ...] = ()) -> CaptionWriteResult:
+    """Write ``contents`` and delete ``removed``, all or nothing up to the renames, after keeping every current
+    version (and what the write creates, in the backup's manifest) in a new folder under ``backup_dir``."""
+    targets = list(contents)
+    temporaries = _run_all_or_clean_up(lambda path: _write_synced(path, contents[path]), targets)
     backup_folder = None
-    existing = [path for path in targets if path.is_file()] if backup_dir is not None else []
-    if existing:
+    if backup_dir is not None:
+        existing = [path for path in (*targets, *removed) if path.is_file()]
         try:
-            backup_folder = _keep_previous_versions(existing, Path(backup_dir))
+            backup_folder = _keep_previous_versions(existing, [path for path in targets if not path.is_file()],
+                                                    Path(backup_dir))
         except BaseException:
             for temporary in temporaries:
                 temporary.unlink(missing_ok=True)
@@ -300,18 +309,28 @@ def write_captions(
             f"Could not replace {len(failures)} of {len(targets)} captions ({failures[0]}); the others were written"
             + (f", and the previous versions are in {backup_folder}." if backup_folder else ".")
         )
-    written = {target: _stamp(texts[target], os.stat(target)) for target in targets}
+    for path in removed:
+        path.unlink(missing_ok=True)
+    written = {target: _stamp(contents[target], os.stat(target)) for target in targets}
     return CaptionWriteResult(written, backup_folder)
 
 
-def _keep_previous_versions(existing: list[Path], backup_dir: Path) -> Path:
+def _keep_previous_versions(existing: list[Path], created: list[Path], backup_dir: Path) -> Path:
     """Put the current version of each file into a new timestamped folder under ``backup_dir``, keeping the files'
-    layout relative to their common folder."""
+    layout relative to their common folder, with a manifest (``BACKUP_MANIFEST``) of where each goes back and which
+    captions the write creates, which ``restore_backup`` reads."""
     try:
         folder = _backup_folder(backup_dir)
     except OSError as error:
         raise UserError(f"Could not create a backup folder in {backup_dir} ({error}); no caption was changed.") from None
     root = _common_root(existing)
+    manifest = {"files": {_backup_name(path, root).as_posix(): _from_backup(folder, path) for path in existing},
+                "created": [_from_backup(folder, path) for path in created]}
+    try:
+        # escaped: a file name that is not UTF-8 (GBK bytes on Linux) is kept as Python's surrogates, which read back
+        write_text(folder / BACKUP_MANIFEST, json.dumps(manifest, indent=1))
+    except OSError as error:
+        raise UserError(f"Could not write the backup's manifest in {folder} ({error}); no caption was changed.") from None
 
     def keep(path: Path) -> Path:
         backup = folder / _backup_name(path, root)
@@ -326,6 +345,46 @@ def _keep_previous_versions(existing: list[Path], backup_dir: Path) -> Path:
 
     _run_all_or_clean_up(keep, existing, f"Could not back up the previous captions into {folder}")
     return folder
+
+
+def _from_backup(folder: Path, path: Path) -> str:
+    """Where ``path`` is as seen from the backup ``folder``: relative (a dataset moved with its backups restores into its
+    new place), or absolute where no relative path leads there (another drive on Windows)."""
+    try:
+        return Path(os.path.relpath(path, folder)).as_posix()
+    except ValueError:
+        return str(Path(path).absolute())
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    restored: tuple[Path, ...]  # captions put back as the backup holds them
+    removed: tuple[Path, ...]  # captions the backed-up save had created
+    backup_folder: Path | None  # the versions the restore replaced: restoring it undoes the restore
+
+
+def restore_backup(folder: Path, backup_dir: Path | None) -> RestoreResult:
+    """Put the captions of the backup ``folder`` back where they were, and remove those its save created, keeping the
+    current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / BACKUP_MANIFEST).read_text(encoding="utf-8"))
+        files, created = dict(manifest["files"]), list(manifest["created"])
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no {BACKUP_MANIFEST}: it is not a caption backup, or one made before backups "
+                        "recorded where their captions go back (2026-12-05); copy its files back by hand") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{folder / BACKUP_MANIFEST} cannot be read ({error}); copy the backup's files back by hand") from None
+
+    def target(relative: str) -> Path:
+        return Path(os.path.normpath(folder / relative))
+
+    contents = {target(place): (folder / name).read_bytes() for name, place in files.items()}
+    removed = tuple(path for path in map(target, created) if path.is_file() and path not in contents)
+    if not contents and not removed:
+        raise UserError(f"{folder} holds no caption, and the captions its save created are gone: nothing to restore")
+    result = _replace_all(contents, backup_dir, removed)
+    return RestoreResult(tuple(contents), removed, result.backup_folder)
 
 
 def _run_all_or_clean_up(prepare, items: list, failure: str = "Could not write captions") -> list[Path]:

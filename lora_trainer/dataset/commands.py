@@ -90,7 +90,7 @@ def _add_bucket_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dataset_commands(subparsers) -> None:
-    """Register ``dataset check`` and ``dataset prep`` on the CLI's sub-command list."""
+    """Register ``dataset check``, ``dataset prep`` and ``dataset tags`` on the CLI's sub-command list."""
     dataset = subparsers.add_parser("dataset", help="check or prepare a training image folder")
     commands = dataset.add_subparsers(dest="dataset_command", required=True)
 
@@ -139,4 +139,8 @@ def add_dataset_commands(subparsers) -> None:
     prep.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)")
     prep.add_argument("--quiet", action="store_true")
     prep.set_defaults(run=run_prep)
+
+    from .tag_commands import add_tags_command
+
+    add_tags_command(commands)
 

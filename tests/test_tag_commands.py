@@ -1,0 +1,94 @@
+"""``dataset tags``: the tag editor's batch edits from the command line, and ``--restore`` of the backups every save
+keeps (the undo path of a caption edit once the editor that made it is gone)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from lora_trainer.cli import main
+
+
+def folder_of(root: Path, captions: dict[str, str | bytes | None]) -> Path:
+    """Images named by ``captions``' keys, each with that caption (bytes as they are; None: no caption file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stem, caption in captions.items():
+        Image.new("RGB", (8, 8)).save(root / f"{stem}.png")
+        if isinstance(caption, bytes):
+            (root / f"{stem}.txt").write_bytes(caption)
+        elif caption is not None:
+            (root / f"{stem}.txt").write_text(caption, encoding="utf-8")
+    return root
+
+
+def captions(folder: Path) -> dict[str, str]:
+    return {path.stem: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.txt"))}
+
+
+def test_edits_run_in_the_order_given_on_the_images_the_filter_picks(tmp_path, capsys):
+    folder = folder_of(tmp_path / "10_数据 集", {"a": "1girl, long_hair, smile", "b": "1girl, smile, smile", "c": "cat, 1girl"})
+    before = captions(folder)
+    assert main(["dataset", "tags", str(folder), "--with", "1girl", "--without", "cat", "--remove", "zk",
+                 "--add-front", "zk", "--dedupe", "--underscores-to-spaces", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 captions change (2 picked by the filter)" in out and "dry run: nothing written" in out
+    assert "a.png: '1girl, long_hair, smile' → 'zk, 1girl, long_hair, smile'" in out
+    assert captions(folder) == before and not (folder / ".caption-backups").exists()
+
+    assert main(["dataset", "tags", str(folder), "--with", "1girl", "--without", "cat", "--add-front", "zk",
+                 "--dedupe", "--underscores-to-spaces"]) == 0
+    assert captions(folder) == {"a": "zk, 1girl, long hair, smile", "b": "zk, 1girl, smile", "c": "cat, 1girl"}
+    # the order matters: removing the trigger after adding it leaves no trigger
+    assert main(["dataset", "tags", str(folder), "--add-front", "zk", "--remove", "zk"]) == 0
+    assert "zk" not in captions(folder)["a"].split(", ")
+
+
+def test_without_an_edit_the_tags_are_listed_by_frequency(tmp_path, capsys):
+    folder = folder_of(tmp_path / "set", {"a": "zk, smile", "b": "zk, smile, hat", "c": "zk"})
+    assert main(["dataset", "tags", str(folder), "--top", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["3 tags in 3 image(s):", "     3  zk", "     2  smile",
+                                                    "… 1 more (--top 3 lists them all)"]
+
+
+def test_restore_puts_back_the_exact_bytes_and_removes_the_captions_the_save_created(tmp_path, capsys):
+    original = "\ufeffzk, smile\r\nsecond line\r\n".encode("utf-8")  # a BOM and Windows line ends: rewritten by a save
+    folder = folder_of(tmp_path / "set", {"a": original, "b": "zk, hat", "none": None})
+    assert main(["dataset", "tags", str(folder), "--add", "new tag"]) == 0
+    assert "--restore puts them back" in capsys.readouterr().out
+    assert (folder / "none.txt").read_text(encoding="utf-8") == "new tag"  # an image without a caption got one
+    edited = captions(folder)
+
+    assert main(["dataset", "tags", str(folder), "--restore"]) == 0
+    out = capsys.readouterr().out
+    assert "restored 2 caption file(s) and removed 1 that the save had created" in out
+    assert (folder / "a.txt").read_bytes() == original and (folder / "b.txt").read_text(encoding="utf-8") == "zk, hat"
+    assert not (folder / "none.txt").exists()
+
+    # the restore kept what it replaced: restoring the newest backup again undoes the restore, created caption too
+    assert main(["dataset", "tags", str(folder), "--restore"]) == 0
+    assert captions(folder) == edited
+
+
+def test_a_dataset_moved_with_its_backups_restores_into_its_new_place(tmp_path, capsys):
+    folder = folder_of(tmp_path / "old place", {"a": "zk"})
+    assert main(["dataset", "tags", str(folder), "--add", "hat"]) == 0
+    moved = tmp_path / "new place"
+    shutil.move(str(folder), str(moved))
+    assert main(["dataset", "tags", str(moved), "--restore"]) == 0
+    assert captions(moved) == {"a": "zk"} and not folder.exists()
+
+
+def test_restore_mistakes_are_one_sentence_and_change_nothing(tmp_path, capsys):
+    folder = folder_of(tmp_path / "set", {"a": "zk"})
+    assert main(["dataset", "tags", str(folder), "--restore"]) == 2
+    assert "holds no backup that --restore can put back" in capsys.readouterr().err
+    handmade = folder / ".caption-backups" / "2026-01-01_00-00-00"  # a backup from before backups had a manifest
+    handmade.mkdir(parents=True)
+    (handmade / "a.txt").write_text("old", encoding="utf-8")
+    assert main(["dataset", "tags", str(folder), "--restore", str(handmade)]) == 2
+    assert "copy its files back by hand" in capsys.readouterr().err
+    assert main(["dataset", "tags", str(folder), "--restore", "--add", "x"]) == 2
+    assert "in a command of their own" in capsys.readouterr().err
+    assert captions(folder) == {"a": "zk"}
