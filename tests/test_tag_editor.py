@@ -335,3 +335,35 @@ def test_a_linked_caption_becomes_the_images_own_file_and_the_shared_one_stays(t
     assert result.unlinked == (folder / "a.txt",) and not (folder / "a.txt").is_symlink()
     assert (folder / "a.txt").read_text(encoding="utf-8") == "zkchar, shared, solo"
     assert (tmp_path / "shared.txt").read_text(encoding="utf-8") == "zkchar, shared"
+
+
+def test_a_draft_of_unsaved_edits_round_trips_as_data_and_lays_them_over_the_folder_read_again(tmp_path):
+    """The draft a restart brings back: only unsaved images, their caption as a save writes it (lines after the first
+    kept), shared captions (a.png, a.jpg) edited together, a face crop's edit that will go to its own file."""
+    from datetime import datetime, timezone
+
+    from lora_trainer.dataset import tag_drafts
+
+    folder = make_dataset(tmp_path / "数据 集", {"a.png": "x", "a.jpg": "x", "m.png": "one\nalt line", "z.png": "z",
+                                                  "char.png": "zk", "char_100_80_40_48.png": None})
+    crop = folder / "char_100_80_40_48.png"
+    editor = edit_caption(edit_caption(open_folder(folder), folder / "a.png", "y"), folder / "m.png", "one, two")
+    editor = apply_edit(editor, AddTags(("face",)), [crop])
+    at = datetime(2026, 12, 3, 14, 5, tzinfo=timezone.utc)
+    draft = tag_drafts.draft_of(editor, at)
+    assert [(edit.name, edit.caption) for edit in draft.edits] == [
+        ("a.jpg", "y"), ("a.png", "y"), ("char_100_80_40_48.png", "zk, face"), ("m.png", "one, two\nalt line")]
+    assert tag_drafts.draft_from_data(tag_drafts.draft_as_data(draft)) == draft
+    assert tag_drafts.draft_of(open_folder(folder), at) is None  # nothing unsaved, no draft
+
+    restored, outcome = tag_drafts.restore(open_folder(folder), draft)
+    assert {image: restored.tags[image] for image in unsaved_images(restored)} == \
+        {image: editor.tags[image] for image in unsaved_images(editor)}
+    assert len(outcome.restored) == 4 and not outcome.left_out
+    assert [step.description for step in restored.undo_steps] == [
+        f"Restore unsaved edits from {tag_drafts.shown_time(at)} (before the restart)"]
+    save(restored)
+    assert (folder / "m.txt").read_text(encoding="utf-8") == "one, two\nalt line"
+    assert (folder / "char_100_80_40_48.txt").read_text(encoding="utf-8") == "zk, face"
+    with pytest.raises(ValueError, match="draft format 2, which this version does not read"):
+        tag_drafts.draft_from_data({**tag_drafts.draft_as_data(draft), "tag_editor_draft": 2})

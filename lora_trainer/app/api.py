@@ -708,8 +708,13 @@ def create_router(services: Services) -> APIRouter:
             raise ApiError(400, "invalid", str(error), "caption_extension") from None
         session = sessions.open(folder, recursive=flag(body, "recursive", False), caption_extension=extension)
         empty = tag_editor.empty_folder_note(session.editor)
-        note = " ".join(([tag_editor.as_sentence(empty)] if empty else []) + tag_editor.folder_notes(session.editor))
-        return JSONResponse({**tag_sessions.page_of(session), **({"note": note} if note else {})}, 201)
+        draft = session.draft or tag_sessions.DraftOpening()  # the unsaved edits from before a restart
+        note = " ".join(([tag_editor.as_sentence(empty)] if empty else []) + tag_editor.folder_notes(session.editor)
+                        + ([draft.note] if draft.note else []))
+        restored = draft.restored
+        return JSONResponse({**tag_sessions.page_of(session), **({"note": note} if note else {}),
+                             "restored": len(restored.restored) if restored else 0,
+                             "not_restored": [edit.name for edit in restored.left_out] if restored else []}, 201)
 
     @router.get("/datasets/{session_id}", summary="A page of a tag-editor session")
     def dataset_page(session_id: str, request: Request):

@@ -39,7 +39,8 @@ class Services:
     def create(cls, settings: AppSettings, host: Host, start: bool = True, **runner_options) -> Services:
         settings.data_folder.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.jobs_database, settings.jobs_folder)
-        services = cls(settings, host, store, None)  # type: ignore[arg-type]
+        services = cls(settings, host, store, None,  # type: ignore[arg-type]
+                       tag_sessions=TagSessions(drafts_folder=settings.tag_drafts_folder))
         services.runner = JobRunner(store, on_event=services._on_event, extras_folder=settings.extras_folder,
                                     cuda_device=settings.cuda_device, **runner_options)
         if start:
@@ -48,6 +49,8 @@ class Services:
 
     def close(self) -> None:
         self.runner.close()
+        if self.tag_sessions.drafts is not None:
+            self.tag_sessions.drafts.flush()  # the last steps' draft, written before the process ends
 
     def _on_event(self, job: Job, event: dict) -> None:
         kind = event.get("event")

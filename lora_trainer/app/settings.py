@@ -32,6 +32,11 @@ class AppSettings:
     def grids_folder(self) -> Path:
         return self.data_folder / "grids"
 
+    @property
+    def tag_drafts_folder(self) -> Path:
+        """The tag editor's unsaved edits, one JSON draft per folder, so that a restart loses none."""
+        return self.data_folder / "tag-drafts"
+
     def roots(self) -> list[Path]:
         """Every folder a request may name: datasets, LoRAs, checkpoints and our own data."""
         return [*self.dataset_roots, self.lora_folder, *self.checkpoint_folders, self.data_folder]

@@ -7,23 +7,34 @@ sessions (LRU); a closed or evicted session answers with a clear message. Nothin
 FastAPI: the tab and the routes turn requests into the plain calls below.
 
 Images are named by their path relative to the folder, with ``/`` separators (``sub/a.png``), in the UI and the API.
+
+Unsaved edits outlive the process: with a drafts folder (the data folder's ``tag-drafts/``), every step that changes a
+folder's unsaved edits rewrites its draft (``TagDrafts``, the data in ``dataset.tag_drafts``), and saving or closing
+removes it; opening the folder after a restart lays the draft over the captions as read then, as one undo step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..dataset import tag_editor
+from ..dataset import tag_drafts, tag_editor
 from ..dataset.caption_files import find_changed_on_disk
 from ..dataset.tag_editor import TagEditor, TagFilter, Tags
 from ..errors import UserError
+from ..safe_io import replace_path, write_text
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 8  # open folders kept in memory; 10,000 images with their history is a few MB each
 PAGE_SIZE = 48
@@ -56,6 +67,22 @@ class SaveConflict(UserError):
         self.conflicts = conflicts
 
 
+@dataclass(frozen=True)
+class DraftOpening:
+    """What opening a folder found in its draft: what was restored (None when the draft could not be read), where
+    the edits left out are kept, or why the draft could not be read (``problem``, one sentence)."""
+
+    restored: tag_drafts.DraftRestore | None = None
+    left_out_kept_in: str | None = None
+    problem: str | None = None
+
+    @property
+    def note(self) -> str:
+        if self.restored is None:
+            return self.problem or ""
+        return tag_drafts.restore_note(self.restored, self.left_out_kept_in)
+
+
 @dataclass
 class TagSession:
     id: str
@@ -63,16 +90,175 @@ class TagSession:
     tag_filter: TagFilter = field(default_factory=TagFilter)
     used: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    draft: DraftOpening | None = None  # what opening the folder restored from its draft
+    on_change: Callable[[TagSession], None] | None = field(default=None, repr=False)  # the registry keeps the draft
 
     @property
     def folder(self) -> Path:
         return self.editor.folder
 
     def change(self, update: Callable[[TagEditor], TagEditor]) -> TagEditor:
-        """Replace the editor by ``update(editor)`` under the session's lock; returns the new editor."""
+        """Replace the editor by ``update(editor)`` under the session's lock; returns the new editor. Every change of
+        the editor goes through here, so the folder's draft follows each one."""
         with self.lock:
             self.editor = update(self.editor)
+            if self.on_change is not None:
+                self.on_change(self)
             return self.editor
+
+
+def _json_text(data: dict, indent: int | None = 1) -> str:
+    text = json.dumps(data, ensure_ascii=False, indent=indent)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (GBK bytes on Linux): escaped, it reads back the same
+        text = json.dumps(data, indent=indent)
+    return text
+
+
+def _file_time() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# Steps made within this time after one another are written as one draft: a batch edit of 10,000 images would
+# otherwise pay for its draft (about 0.2 s to build and write) before the page answers.
+DRAFT_DELAY_SECONDS = 0.3
+
+
+class TagDrafts:
+    """Each folder's unsaved edits as a JSON draft in ``folder`` (the data folder's ``tag-drafts/``), one file per
+    folder and way of reading it (named by a hash of both), so that a restart (a crash, an update, a closed console)
+    loses none. A step only marks its folder due (``follow``); a writer thread writes it a moment later from the
+    latest state, only the unsaved images, and only when they changed; a failed write is logged once and never fails
+    the edit. A draft that cannot be read is moved aside and named, never deleted.
+
+    ``source_of(editor)`` is the session whose unsaved edits the draft of that editor's folder keeps (the latest
+    one there with unsaved edits), or None: no draft."""
+
+    def __init__(self, folder: Path, source_of: Callable[[TagEditor], TagSession | None],
+                 delay: float = DRAFT_DELAY_SECONDS):
+        self.folder = Path(folder)
+        self.source_of, self.delay = source_of, delay
+        # draft → the session id and edits it was last written with
+        self._kept: dict[Path, tuple[str, tuple[tag_drafts.DraftEdit, ...]]] = {}
+        self._failed: dict[Path, str] = {}  # draft → why its last write failed
+        self._in_the_way: set[Path] = set()  # unreadable drafts that could not be moved aside: never written over
+        self._due: dict[Path, TagEditor] = {}  # drafts to write, by the last editor that changed there
+        self._writing = False
+        self._hurry = False
+        self._state = threading.Condition()
+        self._writer: threading.Thread | None = None
+
+    def follow(self, editor: TagEditor) -> None:
+        """The unsaved edits of ``editor``'s folder changed: its draft is written (or removed) in a moment."""
+        with self._state:
+            self._due[self._path_of(editor)] = editor
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_due, name="tag-drafts", daemon=True)
+                self._writer.start()
+            self._state.notify_all()
+
+    def flush(self) -> None:
+        """Write what is due now, and return once it is written (before a draft is read, and at exit)."""
+        with self._state:
+            self._hurry = True
+            self._state.notify_all()
+            self._state.wait_for(lambda: not self._due and not self._writing)
+            self._hurry = False
+
+    def _write_due(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: self._due)
+                self._state.wait_for(lambda: self._hurry, timeout=self.delay)  # later steps join this write
+                due, self._due, self._writing = self._due, {}, True
+            try:
+                for editor in due.values():
+                    self.keep(editor, self.source_of(editor))
+            except Exception:  # a bug here must not stop every later draft
+                log.exception("Tag editor: writing a draft of unsaved edits failed")
+            finally:
+                with self._state:
+                    self._writing = False
+                    self._state.notify_all()
+
+    def path_for(self, folder: Path, recursive: bool, caption_extension: str) -> Path:
+        identity = json.dumps([str(Path(folder).resolve()), bool(recursive), caption_extension])
+        return self.folder / f"{hashlib.sha1(identity.encode('utf-8', 'surrogateescape')).hexdigest()[:20]}.json"
+
+    def _path_of(self, editor: TagEditor) -> Path:
+        return self.path_for(editor.folder, editor.recursive, editor.caption_extension)
+
+    def keep(self, editor: TagEditor, source: TagSession | None) -> None:
+        """Write the draft of ``editor``'s folder from ``source``, the session whose unsaved edits it keeps, or remove
+        it when none is given (no session holds unsaved edits there). The writer thread's work."""
+        path = self._path_of(editor)
+        if path in self._in_the_way:
+            return
+        draft = tag_drafts.draft_of(source.editor, datetime.now().astimezone()) if source is not None else None
+        if draft is None:
+            self._kept.pop(path, None)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                self._failed_once(path, editor.folder, f"the draft {path} could not be removed ({error})")
+            return
+        if self._kept.get(path) == (source.id, draft.edits):
+            return  # a step that left the unsaved captions as they were (an edit that matched nothing)
+        self._kept.pop(path, None)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_text(path, _json_text(tag_drafts.draft_as_data(draft), indent=None))  # json's C encoder: 4× faster
+        except (OSError, UserError) as error:
+            self._failed_once(path, editor.folder, f"the draft {path} could not be written ({error})")
+            return
+        self._failed.pop(path, None)
+        self._kept[path] = (source.id, draft.edits)
+
+    def _failed_once(self, path: Path, folder: Path, problem: str) -> None:
+        if path not in self._failed:  # every later step would say it again
+            log.warning("Tag editor: %s; the unsaved caption edits in %s are not kept if the app stops before they are "
+                        "saved.", problem, folder)
+        self._failed[path] = problem
+
+    def restore(self, editor: TagEditor) -> tuple[TagEditor, DraftOpening | None]:
+        """The folder's draft, if there is one, laid over the freshly read ``editor`` (one undo step); the edits left
+        out (their captions changed on disk since, their images gone) are kept in a file beside it."""
+        path = self._path_of(editor)
+        self.flush()  # a draft still being written (a session here just saved or closed) is read as it is now
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            draft = tag_drafts.draft_from_data(data)
+        except (FileNotFoundError, NotADirectoryError):  # no draft (the drafts folder may not be one: said on writing)
+            return editor, None
+        except (OSError, ValueError) as error:  # cut short, edited by hand, no access; ValueError: JSON and UTF-8 too
+            return editor, self._moved_aside(path, str(error))
+        if self.path_for(draft.folder, draft.recursive, draft.caption_extension) != path:
+            return editor, self._moved_aside(path, f"it is the draft of {draft.folder}, read another way")
+        editor, restored = tag_drafts.restore(editor, draft)
+        kept_in = self._keep_left_out(path, draft, restored.left_out) if restored.left_out else None
+        return editor, DraftOpening(restored, kept_in)
+
+    def _keep_left_out(self, path: Path, draft: tag_drafts.Draft, left_out: tuple[tag_drafts.DraftEdit, ...]) -> str:
+        kept = path.with_name(f"{path.stem}.not-restored-{_file_time()}.json")
+        try:
+            write_text(kept, _json_text(tag_drafts.draft_as_data(replace(draft, edits=left_out))))
+        except (OSError, UserError) as error:  # then in the message itself, so that nothing is lost
+            texts = "; ".join(f"{edit.name}: {edit.caption!r}" for edit in left_out)
+            return f"this message, as {kept} could not be written ({error}): {texts}"
+        return str(kept)
+
+    def _moved_aside(self, path: Path, reason: str) -> DraftOpening:
+        aside = path.with_name(f"{path.stem}.unreadable-{_file_time()}.json")
+        try:
+            replace_path(path, aside)
+        except OSError as error:
+            self._in_the_way.add(path)
+            return DraftOpening(problem=f"The draft of unsaved edits {path} could not be read ({reason}), nor moved "
+                                        f"aside ({error}): it stays there untouched, and this folder's edits are not "
+                                        "kept as a draft until it is moved elsewhere.")
+        return DraftOpening(problem=f"The draft of this folder's unsaved edits could not be read ({reason}); it was "
+                                    f"moved to {aside}, where you can open it to take captions from it by hand.")
 
 
 class TagSessions:
@@ -80,10 +266,11 @@ class TagSessions:
     dropped: the tab and API clients share the registry, and one client's opens must not throw away another's work).
     Thread-safe."""
 
-    def __init__(self, limit: int = DEFAULT_LIMIT):
+    def __init__(self, limit: int = DEFAULT_LIMIT, drafts_folder: Path | None = None):
         self.limit = limit
         self._sessions: OrderedDict[str, TagSession] = OrderedDict()
         self._lock = threading.Lock()
+        self.drafts = TagDrafts(drafts_folder, self._draft_source) if drafts_folder is not None else None
 
     def open(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession:
         """Read ``folder`` (already checked against the allowed roots by the caller) into a new session. Refused
@@ -94,14 +281,29 @@ class TagSessions:
             raise TooManySessions(f"{len(unsaved)} tag-editor sessions hold unsaved edits; save or close one (DELETE "
                                   f"the session, or Save in the tab) before opening another folder.")
         editor = tag_editor.open_folder(Path(folder), recursive=recursive, caption_extension=caption_extension)
-        session = TagSession(secrets.token_urlsafe(12), editor)
+        opening = None
+        # a live session's edits are in the draft already: laid over this one too, they would be in two sessions
+        if self.drafts is not None and self.with_unsaved(editor.folder, recursive=editor.recursive,
+                                                         caption_extension=editor.caption_extension) is None:
+            editor, opening = self.drafts.restore(editor)
+        session = TagSession(secrets.token_urlsafe(12), editor, draft=opening, on_change=self._keep_draft)
         with self._lock:
             self._sessions[session.id] = session
             clean = [key for key, kept in self._sessions.items()
                      if key != session.id and not tag_editor.unsaved_images(kept.editor)]
             for key in clean[: max(0, len(self._sessions) - self.limit)]:
                 del self._sessions[key]
+        if opening is not None:
+            self._keep_draft(session)  # now without the edits left out, which are kept beside it
         return session
+
+    def _keep_draft(self, session: TagSession) -> None:
+        """After a change of ``session`` (or its closing): its folder's draft follows."""
+        if self.drafts is not None:
+            self.drafts.follow(session.editor)
+
+    def _draft_source(self, editor: TagEditor) -> TagSession | None:
+        return self.with_unsaved(editor.folder, recursive=editor.recursive, caption_extension=editor.caption_extension)
 
     def with_unsaved(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession | None:
         """The latest open session of ``folder`` (read the same way) that holds unsaved edits: a page reloaded in the
@@ -128,8 +330,11 @@ class TagSessions:
         return session
 
     def close(self, session_id: str) -> None:
+        """Forget the session and its unsaved edits, and so their draft: closing (Discard) is the user's choice."""
         with self._lock:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._keep_draft(session)
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -312,7 +517,7 @@ def save_session(session: TagSession, overwrite_changed: bool = False) -> dict:
                                    f"was saved: {', '.join(conflicts[:10])}. Save with overwrite to keep the edits made "
                                    "here (the other versions are backed up), or reload.", conflicts)
         editor, result = tag_editor.save(editor)
-        session.editor = editor
+        session.change(lambda _: editor)
     return {
         "written": [path.relative_to(editor.folder).as_posix() for path in result.written],  # caption files
         "without_tags": [path.relative_to(editor.folder).as_posix() for path in result.without_tags],
@@ -326,7 +531,7 @@ def save_session(session: TagSession, overwrite_changed: bool = False) -> dict:
 def reload_session(session: TagSession) -> dict:
     with session.lock:
         editor, report = tag_editor.reload(session.editor)
-        session.editor = editor
+        session.change(lambda _: editor)
     return {key: [image_name(editor, image) if image.is_relative_to(editor.folder) else str(image)
                   for image in getattr(report, key)]
             for key in ("updated", "conflicts", "added", "removed", "unreadable")}

@@ -592,6 +592,31 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     assert_error(client.get(f"{V1}/datasets/{sid}"), 404, "session_not_found")
 
 
+def test_opening_a_folder_after_a_restart_reports_the_unsaved_edits_it_restored(services, make_dataset, app_settings,
+                                                                                  fake_host):
+    client = make_client(services)
+    folder = make_dataset(count=3) / "10_zkchar"
+    opened = client.post(f"{V1}/datasets/open", json={"path": str(folder)}).json()
+    assert opened["restored"] == 0 and opened["not_restored"] == [] and "note" not in opened
+    sid = opened["session"]
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["solo"], "selection": ["img_000.png", "img_001.png"]})
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["smile"], "selection": ["img_002.png"]})
+    services.close()  # the server stops
+    (folder / "img_002.txt").write_text("edited, elsewhere", encoding="utf-8")
+
+    restarted = Services.create(app_settings, fake_host, start=False)
+    try:
+        reopened = make_client(restarted).post(f"{V1}/datasets/open", json={"path": str(folder)})
+        assert reopened.status_code == 201, reopened.text
+        body = reopened.json()
+        assert body["restored"] == 2 and body["unsaved"] == 2 and body["not_restored"] == ["img_002.png"]
+        assert body["note"].startswith("Restored 2 unsaved caption edit(s) from ")
+        assert "their captions changed on disk since: img_002.png" in body["note"]
+        assert body["history"]["undo"][0].startswith("Restore unsaved edits from ")
+    finally:
+        restarted.close()
+
+
 def test_tag_session_paths_and_autotag_errors(services, make_dataset):
     client = make_client(services)
     assert_error(client.post(f"{V1}/datasets/open", json={"path": "/etc"}), 403, field="path")

@@ -41,6 +41,28 @@ def test_folders_outside_the_dataset_roots_are_refused_in_the_status_line(servic
     assert "outside the allowed folders" in view[VIEW["status"]] and not view[VIEW["state"]].session
 
 
+def test_unsaved_edits_come_back_after_a_restart_said_in_the_status_line(services, opened, app_settings, fake_host):
+    """Restarting the WebUI or the app (a crash, an update, a closed console) lost every unsaved caption edit."""
+    from lora_trainer.app.services import Services
+
+    folder, view = opened
+    state = replace(view[VIEW["state"]], selection=("10_zkchar/img_000.png", "10_zkchar/img_001.png"))
+    tab.batch_edit(services, state, "selected", "Add tags", "solo", "", "", False, False, False, 0)
+    services.close()  # the app stops
+
+    restarted = Services.create(app_settings, fake_host, start=False)
+    try:
+        view = tab.open_folder(restarted, tab.TabState(), str(folder), True, ".txt")
+        status = view[VIEW["status"]]
+        assert "Opened" in status and "Restored 2 unsaved caption edit(s) from " in status
+        assert "(before the restart): Save them, or Undo to go back to the captions on disk." in status
+        assert view[VIEW["page_info"]].endswith("; 2 unsaved")
+        view = tab.undo(restarted, view[VIEW["state"]])
+        assert view[VIEW["page_info"]].endswith("; 0 unsaved")
+    finally:
+        restarted.close()
+
+
 def test_filter_batch_replace_undo_and_save_write_the_caption_files(services, opened):
     folder, view = opened
     state = view[VIEW["state"]]

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +189,130 @@ def test_autotag_merges_into_the_session_as_one_undo_step(make_dataset):
     assert not (folder / "img_001.txt").exists()  # the files change on save only
     session.change(tag_sessions.tag_editor.undo)
     assert session.editor.tags[folder / "img_001.png"] == ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drafts: unsaved edits outlive a restart.
+
+
+def restarted(drafts_folder, registry: TagSessions | None = None) -> TagSessions:
+    """The process ends (its last draft written, as its exit does) and a new one starts with the same data folder."""
+    if registry is not None:
+        registry.drafts.flush()
+    return TagSessions(drafts_folder=drafts_folder)
+
+
+def test_unsaved_edits_come_back_after_a_restart_as_one_undoable_step(make_dataset, tmp_path):
+    """An hour of tagging was lost without a word when the WebUI or the app restarted (a crash, an update)."""
+    folder = make_dataset("数据 集", "10_数据 集", count=4) / "10_数据 集"
+    drafts = tmp_path / "data" / "tag-drafts"
+    registry = TagSessions(drafts_folder=drafts)
+    session = registry.open(folder)
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": ["img_000.png", "img_001.png"]})
+    tag_sessions.apply_request(session, {"op": "replace", "find": "red", "replacement": "crimson", "selection": ["img_000.png"]})
+
+    reopened = restarted(drafts, registry).open(folder)
+    tags = reopened.editor.tags
+    assert tags[folder / "img_000.png"] == ("zkchar", "crimson", "square", "solo")
+    assert tags[folder / "img_001.png"] == ("zkchar", "blue", "circle", "solo")
+    assert tag_sessions.page_of(reopened)["unsaved"] == 2
+    assert reopened.draft.restored.restored == (folder / "img_000.png", folder / "img_001.png")
+    assert reopened.draft.note.startswith("Restored 2 unsaved caption edit(s) from ")
+    assert "(before the restart)" in reopened.draft.note
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, red, square"  # the files change on save only
+    reopened.change(tag_sessions.tag_editor.undo)  # one step back: the captions on disk
+    assert tag_sessions.page_of(reopened)["unsaved"] == 0 and not reopened.editor.undo_steps
+
+
+def test_a_caption_changed_on_disk_since_the_draft_is_not_overwritten_but_named_and_its_text_kept(folder, tmp_path):
+    drafts = tmp_path / "tag-drafts"
+    registry = TagSessions(drafts_folder=drafts)
+    session = registry.open(folder)
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"],
+                                         "selection": ["img_000.png", "img_001.png", "img_002.png"]})
+    registry = restarted(drafts, registry)
+    (folder / "img_001.txt").write_text("edited, elsewhere", encoding="utf-8")
+    (folder / "img_002.png").unlink()
+
+    reopened = registry.open(folder)
+    assert reopened.editor.tags[folder / "img_000.png"][-1] == "solo"
+    assert reopened.editor.tags[folder / "img_001.png"] == ("edited", "elsewhere")
+    note = reopened.draft.note
+    assert "Restored 1 unsaved caption edit(s)" in note
+    assert "1 draft edit(s) not restored: their captions changed on disk since: img_001.png." in note
+    assert "1 draft edit(s) not restored: their images are gone or their captions unreadable: img_002.png." in note
+    kept = Path(note.split("Their texts are kept in ")[1].rstrip("."))
+    assert kept.parent == drafts and [(image["name"], image["caption"]) for image in json.loads(
+        kept.read_text(encoding="utf-8"))["images"]] == [("img_001.png", "zkchar, blue, circle, solo"),
+                                                        ("img_002.png", "zkchar, red, square, solo")]
+    # the draft now holds what was restored, so a second restart neither names img_001 again nor loses img_000
+    again = restarted(drafts, registry).open(folder)
+    assert "not restored" not in again.draft.note and again.editor.tags[folder / "img_000.png"][-1] == "solo"
+
+
+def test_saving_or_closing_removes_the_draft_and_a_folder_without_edits_writes_none(folder, tmp_path):
+    drafts = tmp_path / "tag-drafts"
+    registry = TagSessions(drafts_folder=drafts)
+    session = registry.open(folder)
+    session.change(tag_sessions.tag_editor.undo)  # nothing to undo: nothing unsaved
+    registry.get(session.id)
+    registry.drafts.flush()
+    assert not drafts.exists() or not list(drafts.iterdir())
+
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": "all"})
+    registry.drafts.flush()
+    assert len(list(drafts.glob("*.json"))) == 1
+    tag_sessions.save_session(session)
+    registry.drafts.flush()
+    assert not list(drafts.glob("*.json"))
+
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["smile"], "selection": "all"})
+    registry.drafts.flush()
+    assert len(list(drafts.glob("*.json"))) == 1
+    registry.close(session.id)  # Discard, or the API's DELETE: the user's choice
+    registry.drafts.flush()
+    assert not list(drafts.glob("*.json"))
+    assert restarted(drafts).open(folder).draft is None
+
+
+def test_a_draft_that_cannot_be_read_is_named_and_moved_aside_never_deleted(folder, tmp_path):
+    drafts = tmp_path / "tag-drafts"
+    registry = TagSessions(drafts_folder=drafts)
+    tag_sessions.apply_request(registry.open(folder), {"op": "add", "tags": ["solo"], "selection": "all"})
+    registry.drafts.flush()
+    draft = next(drafts.glob("*.json"))
+    draft.write_text('{"tag_editor_draft": 1, "folder": "cut short', encoding="utf-8")
+
+    reopened = restarted(drafts).open(folder)
+    assert tag_sessions.page_of(reopened)["unsaved"] == 0 and reopened.draft.restored is None
+    note = reopened.draft.note
+    assert note.startswith("The draft of this folder's unsaved edits could not be read (")
+    moved = Path(note.split("it was moved to ")[1].split(", where")[0])
+    assert moved.read_text(encoding="utf-8") == '{"tag_editor_draft": 1, "folder": "cut short'
+    assert not draft.exists()  # an edit now writes a new draft, not over the unreadable one
+
+
+def test_a_draft_that_cannot_be_written_never_fails_the_edit_and_is_said_once(folder, tmp_path, caplog):
+    not_a_folder = tmp_path / "tag-drafts"
+    not_a_folder.write_text("a file where the drafts folder should be", encoding="utf-8")
+    registry = TagSessions(drafts_folder=not_a_folder)
+    session = registry.open(folder)
+    for tag in ("solo", "smile"):
+        tag_sessions.apply_request(session, {"op": "add", "tags": [tag], "selection": ["img_000.png"]})
+        registry.drafts.flush()
+    assert session.editor.tags[folder / "img_000.png"][-2:] == ("solo", "smile")
+    warnings = [record.getMessage() for record in caplog.records if "could not be written" in record.getMessage()]
+    assert len(warnings) == 1 and f"the unsaved caption edits in {folder} are not kept" in warnings[0]
+
+
+def test_a_folder_open_with_unsaved_edits_elsewhere_does_not_get_them_twice(folder, tmp_path):
+    """The API opens a new session each time: laid over it too, the live session's edits would be in two places."""
+    registry = TagSessions(drafts_folder=tmp_path / "tag-drafts")
+    editing = registry.open(folder)
+    tag_sessions.apply_request(editing, {"op": "add", "tags": ["solo"], "selection": "all"})
+    registry.drafts.flush()
+    other = registry.open(folder)
+    assert other.draft is None and tag_sessions.page_of(other)["unsaved"] == 0
+    registry.close(other.id)  # closing the clean one keeps the draft of the one with edits
+    registry.drafts.flush()
+    assert restarted(tmp_path / "tag-drafts").open(folder).draft.note.startswith("Restored 6 unsaved caption edit(s)")

@@ -150,6 +150,8 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
     if editor.unreadable:
         note += f" {len(editor.unreadable)} caption file(s) could not be read and are left alone."
     note += "".join(f" {sentence}" for sentence in tag_editor.folder_notes(editor))
+    if session.draft is not None and session.draft.note:  # edits from before a restart
+        note += f" {session.draft.note}"
     return render(services, TabState(session=session.id), note)
 
 
