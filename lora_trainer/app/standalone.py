@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> None:
 
     from .services import Services
     from .standalone_host import StandaloneHost
+    from .tag_sessions import unsaved_edits_at_exit
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = settings_from(args)
@@ -155,4 +156,6 @@ def run(args: argparse.Namespace) -> None:
     finally:
         services.close()
         for line in still_training(services.store.all(), settings.data_folder):
+            log.warning("%s", line)
+        for line in unsaved_edits_at_exit(services.tag_sessions.unsaved_at_exit()):
             log.warning("%s", line)

@@ -107,6 +107,25 @@ class TagSession:
             return self.editor
 
 
+@dataclass(frozen=True)
+class UnsavedFolder:
+    """A session's unsaved edits as the process ends: kept in ``draft``, or not, and why (``problem``)."""
+
+    folder: Path
+    unsaved: int
+    draft: Path | None
+    problem: str = ""
+
+
+def unsaved_edits_at_exit(folders: Iterable[UnsavedFolder]) -> list[str]:
+    """A line for each session with unsaved edits as the app stops: kept as a draft (an app that exits without a word
+    looks as if it had dropped them), or lost, and why."""
+    return [f"{kept.unsaved} unsaved caption edit(s) in {kept.folder} are kept as a draft and come back when you open "
+            "that folder again" if kept.draft else
+            f"{kept.unsaved} unsaved caption edit(s) in {kept.folder} are lost as the app stops: {kept.problem}"
+            for kept in folders]
+
+
 def _json_text(data: dict, indent: int | None = 1) -> str:
     text = json.dumps(data, ensure_ascii=False, indent=indent)
     try:
@@ -221,6 +240,17 @@ class TagDrafts:
                         "saved.", problem, folder)
         self._failed[path] = problem
 
+    def where_kept(self, session: TagSession) -> tuple[Path | None, str]:
+        """The draft that keeps ``session``'s unsaved edits, or None and why none does."""
+        path = self._path_of(session.editor)
+        if path in self._in_the_way:
+            return None, f"an unreadable draft is in the way at {path}; move it elsewhere"
+        if path in self._failed:
+            return None, self._failed[path]
+        if self._kept.get(path, ("",))[0] != session.id:
+            return None, "another session of that folder was edited later, and a folder's draft keeps the latest one's"
+        return path, ""
+
     def restore(self, editor: TagEditor) -> tuple[TagEditor, DraftOpening | None]:
         """The folder's draft, if there is one, laid over the freshly read ``editor`` (one undo step); the edits left
         out (their captions changed on disk since, their images gone) are kept in a file beside it."""
@@ -304,6 +334,20 @@ class TagSessions:
 
     def _draft_source(self, editor: TagEditor) -> TagSession | None:
         return self.with_unsaved(editor.folder, recursive=editor.recursive, caption_extension=editor.caption_extension)
+
+    def unsaved_at_exit(self) -> list[UnsavedFolder]:
+        """Each session with unsaved edits, and the draft that keeps them (``unsaved_edits_at_exit`` says it)."""
+        if self.drafts is not None:
+            self.drafts.flush()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        found = []
+        for session in sessions:
+            if unsaved := len(tag_editor.unsaved_images(session.editor)):
+                draft, problem = (self.drafts.where_kept(session) if self.drafts is not None
+                                  else (None, "no drafts folder is set"))
+                found.append(UnsavedFolder(session.folder, unsaved, draft, problem))
+        return found
 
     def with_unsaved(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession | None:
         """The latest open session of ``folder`` (read the same way) that holds unsaved edits: a page reloaded in the

@@ -183,6 +183,12 @@ def _script_unloaded():
         _lora_tags.restore()
         _lora_tags = None
     if _services is not None:
+        # the WebUI runs this on Reload UI (a new Services follows); killed or stopped with Ctrl-C it runs nothing
+        # (its SIGINT handler exits at once), which the drafts, written at each edit, do not need
+        from ..app.tag_sessions import unsaved_edits_at_exit
+
+        for line in unsaved_edits_at_exit(_services.tag_sessions.unsaved_at_exit()):
+            log.warning("LoRA Trainer: %s", line)
         _services.close()
         _services = None
     if _txt2img_form is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_trainer.app import tag_sessions
 from lora_trainer.app.settings import AppSettings
 from lora_trainer.app.standalone import startup_line, still_training
 from lora_trainer.cli import main
@@ -54,6 +55,19 @@ def test_closing_the_app_names_each_queued_job_and_that_it_waits_for_the_next_st
         f"(same data folder: {data}) to follow or stop it",
         *(f"job {job.id} ({job.name}) waits in the queue: it starts only when the app starts again (same data folder: "
           f"{data}), after the jobs before it" for job in waiting)]
+
+
+def test_closing_the_app_names_each_folder_whose_unsaved_caption_edits_are_kept_as_a_draft(services, make_dataset):
+    """The drafts come back when the folder is opened again; an app that exits without a word looks as if it had
+    dropped them. Edits that no draft keeps are said to be lost, with the reason."""
+    registry = services.tag_sessions
+    folder = make_dataset(count=3) / "10_zkchar"
+    tag_sessions.apply_request(registry.open(folder), {"op": "add", "tags": ["solo"], "selection": ["img_000.png", "img_001.png"]})
+    registry.open(folder.parent, recursive=True)  # nothing unsaved there: no line
+    assert tag_sessions.unsaved_edits_at_exit(registry.unsaved_at_exit()) == [
+        f"2 unsaved caption edit(s) in {folder} are kept as a draft and come back when you open that folder again"]
+    assert tag_sessions.unsaved_edits_at_exit([tag_sessions.UnsavedFolder(folder, 3, None, "no drafts folder is set")]) == [
+        f"3 unsaved caption edit(s) in {folder} are lost as the app stops: no drafts folder is set"]
 
 
 def test_ui_help_and_the_startup_line_name_the_data_folder_the_app_uses(tmp_path, monkeypatch, capsys):

@@ -303,6 +303,8 @@ def test_a_draft_that_cannot_be_written_never_fails_the_edit_and_is_said_once(fo
     assert session.editor.tags[folder / "img_000.png"][-2:] == ("solo", "smile")
     warnings = [record.getMessage() for record in caplog.records if "could not be written" in record.getMessage()]
     assert len(warnings) == 1 and f"the unsaved caption edits in {folder} are not kept" in warnings[0]
+    [line] = tag_sessions.unsaved_edits_at_exit(registry.unsaved_at_exit())
+    assert line.startswith(f"1 unsaved caption edit(s) in {folder} are lost as the app stops: the draft ")
 
 
 def test_a_folder_open_with_unsaved_edits_elsewhere_does_not_get_them_twice(folder, tmp_path):

@@ -104,6 +104,30 @@ def test_host_generates_through_the_webui_with_its_lora_handling(webui, monkeypa
     assert calls == ["unload", "reload"]
 
 
+def test_reload_ui_names_the_unsaved_tag_edits_and_the_next_services_bring_them_back(load_extension, tmp_path, caplog):
+    """Reload UI builds new services, whose sessions start empty: the edits come back from their draft, and the
+    console says so as the old ones go (Ctrl-C runs no callback: the drafts are written as the edits are made)."""
+    from PIL import Image
+
+    from lora_trainer.app import tag_sessions
+
+    w = load_extension(before_ui=False)
+    extension = w.script.extension  # the module the script registered
+    folder = tmp_path / "datasets" / "数据 集"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "a.txt").write_text("zkchar, red", encoding="utf-8")
+    w.shared.opts.data["lora_trainer_dataset_roots"] = str(tmp_path / "datasets")
+    w.shared.opts.data["lora_trainer_data_folder"] = str(tmp_path / "data")
+    session = extension.services().tag_sessions.open(folder)
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": "all"})
+    w.script_callbacks.script_unloaded_callback()
+    assert (f"LoRA Trainer: 1 unsaved caption edit(s) in {folder} are kept as a draft and come back when you open "
+            "that folder again") in caplog.messages
+    reopened = extension.services().tag_sessions.open(folder)
+    assert reopened.editor.tags[folder / "a.png"] == ("zkchar", "red", "solo")
+
+
 def test_unloading_the_script_restores_the_weights(webui):
     _, base = txt2img(webui, "a red circle")
     txt2img(webui, "a red circle <lora:cats:1>")
