@@ -888,10 +888,10 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
         if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
             raise ApiError(400, "invalid", f'{name}: give an axis such as {{"kind": "strength", "values": ["0.5", "1"]}}', name)
         values = value.get("values", [])
-        if isinstance(values, str):  # as the Grid tab and the X/Y/Z plot split them: quotes keep a comma; strengths
-            from ..grid.axes import split_values  # whole, where a decimal comma (0,8) is told from a list (0, 8)
+        if isinstance(values, str):  # as the Grid tab and the X/Y/Z plot split them: quotes keep a comma
+            from ..grid.axes import typed_values
 
-            values = [values] if value["kind"] == "strength" else split_values(values)
+            values = typed_values(value["kind"], values)
         values = [str(v) for v in values]
         if value["kind"] == "checkpoint":
             values = [checkpoint(v, f"{name}.values") for v in values]
@@ -911,11 +911,9 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
         raise ApiError(400, "invalid", f"settings.{unknown[0]}: use {', '.join(GRID_SETTINGS)}", "settings")
     overrides = _checked_grid_settings(overrides)
     if host is not None and "sampler" in overrides:
-        named = host.sampler(overrides["sampler"])
-        if named is None:  # the WebUI would draw every cell with its default sampler instead
-            raise ApiError(400, "invalid", f"settings.sampler: {overrides['sampler']!r} is not a sampler here; use one "
-                           f"of {', '.join(host.sampler_names())}", "settings.sampler")
-        overrides = {**overrides, "sampler": named}
+        from ..grid.plan import host_sampler
+
+        overrides = {**overrides, "sampler": host_sampler(host, overrides["sampler"], "settings.sampler")}
     if body.get("checkpoint") is not None:
         body = {**body, "checkpoint": checkpoint(str(body["checkpoint"]), "checkpoint")}
     lora = str(body.get("lora") or "")
@@ -977,17 +975,13 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
     def create_grid(body: dict = Depends(object_body)):
         """Planned at once (an empty axis, an unknown LoRA or too many cells answer 400), then generated in the
         background; returns the grid id to poll."""
-        from ..grid.plan import current_checkpoint, plan_on_base_model
+        from ..grid.plan import plan_for_host
         from ..networks.activation import LoraLibrary
 
         checkpoints = services.host.checkpoints()
         request = grid_request(body, services.host.generation_defaults(), services.settings.roots(), checkpoints,
                                services.host)
-        plan, _ = plan_on_base_model(request, LoraLibrary([services.settings.lora_folder]), checkpoints,
-                                     current_checkpoint(services.host))
-        from ..grid.render import check_megapixels, megapixel_limit
-
-        check_megapixels(*plan.size, request.settings.width, request.settings.height, megapixel_limit(services.host))
+        plan, _ = plan_for_host(request, LoraLibrary([services.settings.lora_folder]), services.host, checkpoints)
         status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
         status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None
         grids[status.id] = status

@@ -32,6 +32,13 @@ def split_values(text: str) -> list[str]:
     return [value.strip() for row in rows for value in row if value.strip()]
 
 
+def typed_values(kind: str, text: str) -> list[str]:
+    """An axis's values as typed in one line (the Grid tab's field, the API's string, the CLI's ``--x KIND:VALUES``):
+    a strength axis's kept whole for ``parse_values``, which tells a decimal comma (0,8) from a list (0, 8) only in
+    the whole text; any other split as ``split_values`` splits (quotes keep a comma)."""
+    return [text or ""] if kind == "strength" else split_values(text)
+
+
 def parse_values(text: str) -> list[float]:
     """Strengths as the X/Y/Z plot reads a number axis: ``0.2-1.0 (+0.2)``, ``1-3`` (step 1), ``0-1 [5]`` (5 evenly
     spaced values, rounded to 4 significant digits where that keeps them apart, so labels and tags read 0.25, not

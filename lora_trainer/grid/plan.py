@@ -31,11 +31,14 @@ from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, writ
 from ..sampling.txt2img import GenerationSettings
 from .axes import (EpochFile, check_size, fixed_seeds, glob_escape, is_final_file, is_step_file, parse_values, run_files,
                    step_of, whole_numbers)
-from .render import GridResult, assemble, axes_infotext, grid_infotext, save_grid
+from .render import GridResult, assemble, axes_infotext, check_megapixels, grid_infotext, megapixel_limit, save_grid
 
 log = logging.getLogger(__name__)
 
 AXIS_KINDS = ("epoch", "strength", "lora", "prompt", "seed", "checkpoint")
+# the axes a grid starts with (the Grid tab's fields, the CLI's --x and --y): strengths across, every epoch file down
+DEFAULT_X_AXIS = ("strength", "0.2-1.0 (+0.2)")
+DEFAULT_Y_AXIS = ("epoch", "")
 LOSSES_KEY = "lora_trainer.losses"  # written by the trainer (training/trainer.py, judgement())
 
 
@@ -173,6 +176,16 @@ def loss_text(loss: EpochLoss | None) -> str:
     if loss.validation is not None:
         return f"val loss {loss.validation:.4f}"
     return f"loss {loss.training:.4f}" if loss.training is not None else ""
+
+
+LOSS_COLUMNS = ["epoch file", "training loss", "validation loss", "best epoch"]
+
+
+def loss_rows(plan: GridPlan) -> list[list]:
+    """The losses the trainer recorded for the grid's epoch files, one row each (``LOSS_COLUMNS``), the trainer's
+    recommendation starred: the Grid tab's table, the CLI's lines."""
+    return [[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
+            for path, loss in plan.epoch_losses.items()]
 
 
 def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA", field: str = "lora") -> Path:
@@ -358,6 +371,26 @@ def current_checkpoint(host) -> Path | None:
     """The checkpoint ``host`` draws a cell without one on, where it says: its loaded model, else the one it loads
     first (standalone). None where it does not say: the family check then passes those cells."""
     return getattr(host, "loaded_checkpoint", None) or getattr(host, "default_checkpoint", None)
+
+
+def plan_for_host(request: GridRequest, library: LoraResolver, host,
+                  checkpoints: dict[str, Path] | None = None) -> tuple[GridPlan, str | None]:
+    """``plan_on_base_model`` over the ``host``'s checkpoints (``checkpoints``, where the caller listed them already)
+    and the model it draws on now, refused where the cells come to more megapixels than the host takes, as the
+    X/Y/Z plot refuses them: how the Grid tab, the API and the CLI plan a grid."""
+    plan, base = plan_on_base_model(request, library, host.checkpoints() if checkpoints is None else checkpoints,
+                                    current_checkpoint(host))
+    check_megapixels(*plan.size, request.settings.width, request.settings.height, megapixel_limit(host))
+    return plan, base
+
+
+def host_sampler(host, name: str, field: str) -> str:
+    """``name`` as the ``host`` names that sampler; one it lacks is refused (``field``: the option or key to name),
+    where the WebUI would draw every cell with its default sampler instead."""
+    named = host.sampler(name)
+    if named is None:
+        raise UserError(f"{field}: {name!r} is not a sampler here; use one of {', '.join(host.sampler_names())}", field)
+    return named
 
 
 def _check_model_families(plan: GridPlan, checkpoints: dict[str, Path], current: Path | None) -> None:

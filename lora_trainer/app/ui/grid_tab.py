@@ -11,14 +11,12 @@ from pathlib import Path
 import gradio as gr
 
 from ...errors import UserError
-from ...grid.axes import run_files, split_values
-from ...grid.plan import AXIS_KINDS, AxisSpec, GridRequest, loss_text, plan_on_base_model, promote, run_grid
-from ...grid.render import check_megapixels, megapixel_limit
+from ...grid.axes import run_files, typed_values
+from ...grid.plan import (AXIS_KINDS, DEFAULT_X_AXIS, DEFAULT_Y_AXIS, LOSS_COLUMNS, AxisSpec, GridRequest, loss_rows,
+                          loss_text, plan_for_host, promote, run_grid)
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
 from .compat import table
-
-LOSS_COLUMNS = ["epoch file", "training loss", "validation loss", "best epoch"]
 
 
 def library_of(services) -> LoraLibrary:
@@ -77,16 +75,11 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
     try:
         settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
                                       int(width), int(height), scheduler=scheduler or "")
-        axes = [AxisSpec(x_kind, split_values(x_values) if x_kind != "strength" else [x_values or ""]),
-                AxisSpec(y_kind, split_values(y_values) if y_kind != "strength" else [y_values or ""])]
-        request = GridRequest(axes[0], axes[1], settings, lora=run or "",
+        request = GridRequest(AxisSpec(x_kind, typed_values(x_kind, x_values)),
+                              AxisSpec(y_kind, typed_values(y_kind, y_values)), settings, lora=run or "",
                               strength=1.0 if strength in (None, "") else float(strength),  # 0 is a strength
                               checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
-        from ...grid.plan import current_checkpoint
-
-        plan, base = plan_on_base_model(request, library_of(services), services.host.checkpoints(),
-                                        current_checkpoint(services.host))
-        check_megapixels(*plan.size, settings.width, settings.height, megapixel_limit(services.host))
+        plan, base = plan_for_host(request, library_of(services), services.host)
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
         result = run_grid(services.host, plan, services.settings.grids_folder, report, stop.is_set)
     except UserError as error:
@@ -95,8 +88,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
         _RUNNING.discard(stop)
         if session is not None and session.get("stop") is stop:
             del session["stop"]
-    losses = table([[Path(path).stem, loss.training, loss.validation, "★ recommended" if path == plan.best_epoch else ""]
-                    for path, loss in plan.epoch_losses.items()], LOSS_COLUMNS)
+    losses = table(loss_rows(plan), LOSS_COLUMNS)
     epochs = [str(p) for p in plan.files]
     if result.path is None:
         note = ("Interrupted before the first cell finished: nothing was saved." if result.stopped else
@@ -234,10 +226,10 @@ def build(services):
             run = gr.Textbox(label="Run / LoRA used by the grid", elem_id="lora_trainer_grid_run", scale=3)
         run_files_text = gr.Markdown()
         with gr.Row():
-            x_kind = gr.Dropdown(list(AXIS_KINDS), value="strength", label="X axis (columns)")
-            x_values = gr.Textbox(value="0.2-1.0 (+0.2)", label="X values", elem_id="lora_trainer_grid_x_values")
-            y_kind = gr.Dropdown(list(AXIS_KINDS), value="epoch", label="Y axis (rows)")
-            y_values = gr.Textbox(value="", label="Y values (epoch: empty = every epoch file)")
+            x_kind = gr.Dropdown(list(AXIS_KINDS), value=DEFAULT_X_AXIS[0], label="X axis (columns)")
+            x_values = gr.Textbox(value=DEFAULT_X_AXIS[1], label="X values", elem_id="lora_trainer_grid_x_values")
+            y_kind = gr.Dropdown(list(AXIS_KINDS), value=DEFAULT_Y_AXIS[0], label="Y axis (rows)")
+            y_values = gr.Textbox(value=DEFAULT_Y_AXIS[1], label="Y values (epoch: empty = every epoch file)")
             strength = gr.Number(value=1.0, label="Strength where no axis sets it")
         txt2img_form = getattr(services.host, "txt2img_form", None)  # the WebUI's txt2img page, when hosted there
         with gr.Row():
