@@ -841,19 +841,14 @@ def create_router(services: Services) -> APIRouter:
 
 GRID_SETTINGS = ("prompt", "negative_prompt", "steps", "sampler", "scheduler", "cfg_scale", "seed", "width", "height",
                  "clip_skip")
-# each setting's type and range, checked when the grid is asked for (not when its first cell fails)
-_GRID_SETTING_RANGES = {"steps": (int, 1, 150), "seed": (int, -1, 2**32 - 1), "width": (int, 64, 2048),
-                        "height": (int, 64, 2048), "clip_skip": (int, 1, 12), "cfg_scale": (float, 0.0, 100.0)}
 
 
 def _checked_grid_settings(overrides: dict) -> dict:
+    from ..grid.plan import SETTING_RANGES, checked_setting
+
     for key, value in overrides.items():
-        if key in _GRID_SETTING_RANGES:
-            kind, low, high = _GRID_SETTING_RANGES[key]
-            if not is_number(value) or kind is int and value != int(value) or not low <= value <= high:
-                raise ApiError(400, "invalid", f"settings.{key}: give a {'whole ' if kind is int else ''}number from "
-                               f"{low} to {high}", f"settings.{key}")
-            overrides = {**overrides, key: kind(value)}
+        if key in SETTING_RANGES:
+            overrides = {**overrides, key: checked_setting(key, value, f"settings.{key}")}
         elif not isinstance(value, str):
             raise ApiError(400, "invalid", f"settings.{key}: give text", f"settings.{key}")
     return overrides

@@ -384,6 +384,21 @@ def plan_for_host(request: GridRequest, library: LoraResolver, host,
     return plan, base
 
 
+# each generation setting's type and range, checked when the grid is asked for (not when its first cell fails)
+SETTING_RANGES = {"steps": (int, 1, 150), "seed": (int, -1, 2**32 - 1), "width": (int, 64, 2048),
+                  "height": (int, 64, 2048), "clip_skip": (int, 1, 12), "cfg_scale": (float, 0.0, 100.0)}
+
+
+def checked_setting(key: str, value, name: str) -> int | float:
+    """A setting of ``SETTING_RANGES`` as its type; a value of another type or out of its range is refused, naming
+    ``name`` (the API's key, the CLI's option). True and false are not numbers here (Python counts them as ints)."""
+    kind, low, high = SETTING_RANGES[key]
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value)
+            or not low <= value <= high):
+        raise UserError(f"{name}: give a {'whole ' if kind is int else ''}number from {low} to {high}", name)
+    return kind(value)
+
+
 def host_sampler(host, name: str, field: str) -> str:
     """``name`` as the ``host`` names that sampler; one it lacks is refused (``field``: the option or key to name),
     where the WebUI would draw every cell with its default sampler instead."""
