@@ -10,7 +10,10 @@ from .app.standalone import add_ui_command
 from .console import utf8_when_redirected
 from .dataset.commands import add_dataset_commands
 from .errors import UserError
+from .grid.commands import add_grid_command
 from .networks.tools.commands import add_lora_commands
+
+DEFAULT_LORA_FOLDER = Path("models") / "Lora"  # the WebUI's, as a path from the folder it runs in
 
 
 def _device(name: str) -> str:
@@ -69,7 +72,7 @@ def generate(args) -> list[Path]:
         for problem in prompt_problems(text):
             print(f"warning: {problem}", file=sys.stderr)
     model = load_for_inference(args.model, args.vae, args.precision, args.device, args.prediction_type)
-    _, extra = apply_prompt_loras(args.prompt, model, args.lora_dir or [Path("models") / "Lora"])
+    _, extra = apply_prompt_loras(args.prompt, model, args.lora_dir or [DEFAULT_LORA_FOLDER])
     resolution = model.config.resolution
     settings = GenerationSettings(
         prompt=args.prompt,
@@ -153,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override eps/v detection")
     g.add_argument("--lora-dir", type=Path, action="append",
-                   help="where <lora:name:weight> tags of the prompt are looked up (repeatable; default: models/Lora)")
+                   help=f"where <lora:name:weight> tags of the prompt are looked up (repeatable; default: {DEFAULT_LORA_FOLDER})")
     g.add_argument("--out", type=Path, default=Path("outputs") / "txt2img")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(run=generate)
@@ -203,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_dataset_commands(commands)
     add_lora_commands(commands)
+    add_grid_command(commands)
     add_ui_command(commands)
     return root
 

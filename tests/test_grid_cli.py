@@ -1,0 +1,144 @@
+"""`python -m lora_trainer grid`: a run's epochs × strengths from the command line, planned as the Grid tab plans them,
+its path the last line on stdout, and one sentence (exit 2) for each mistake."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_trainer.cli import main
+from lora_trainer.grid.bench import make_epoch_files
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("Lora 模型")
+    make_epoch_files(folder, "tinylora", epochs=2, seed=0)
+    return folder
+
+
+def grid(capsys, *argv):
+    code = main(["grid", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cell_prompts(grid_path) -> list[str]:
+    """The prompts of the cells saved beside a grid, row by row."""
+    cells = sorted(grid_path.parent.glob(f"{grid_path.stem}-r*-c*.png"))
+    return [Image.open(cell).text["parameters"].split("\n")[0] for cell in cells]
+
+
+def test_a_runs_epochs_by_strengths_are_drawn_and_the_grids_path_is_the_last_line_of_stdout(runs, tmp_path, capsys):
+    code, out, err = grid(capsys, "tinylora", "--lora-dir", runs, "--x", "strength:0.5, 1", "--y", "epoch:1, 2",
+                          "--no-baseline", "--steps", 1, "--out", tmp_path / "grids")
+    assert code == 0, err
+    path = Path(out.splitlines()[-1])
+    assert path.parent == tmp_path / "grids" and path.suffix == ".png" and path.is_file()
+    assert cell_prompts(path) == ["zkstar <lora:tinylora-000001:0.5>", "zkstar <lora:tinylora-000001:1>",
+                                  "zkstar <lora:tinylora:0.5>", "zkstar <lora:tinylora:1>"]
+    parameters = Image.open(path).text["parameters"]
+    assert 'Grid X Type: strength, Grid X Values: "0.5, 1", Grid Y Type: epoch, Grid Y Values: "1, 2"' in parameters
+    assert Image.open(path).size[1] > 2 * 64  # the labels' rows above the 2 × 2 cells of 64 px
+    # the losses the trainer recorded, as the tab's table shows them, the recommended epoch starred
+    lines = err.splitlines()
+    assert lines[0].split() == ["epoch", "file", "training", "loss", "validation", "loss", "best", "epoch"]
+    assert lines[1].split() == ["tinylora-000001", "0.1500", "0.1500", "★", "recommended"]
+    assert lines[2].split() == ["tinylora", "0.1000", "0.1700"]
+
+
+def test_a_run_given_by_the_path_of_a_file_outside_the_lora_folders_finds_its_epochs_beside_it(runs, tmp_path, capsys):
+    code, out, err = grid(capsys, runs / "tinylora.safetensors", "--lora-dir", tmp_path / "empty", "--x", "epoch",
+                          "--y", "strength:0.8", "--steps", 1, "--out", tmp_path)
+    assert code == 0, err
+    assert cell_prompts(Path(out.splitlines()[-1])) == [
+        "zkstar", "zkstar <lora:tinylora-000001:0.8>", "zkstar <lora:tinylora:0.8>"]  # the baseline column first
+
+
+def test_axis_values_in_double_quotes_keep_their_commas(runs, tmp_path, capsys):
+    code, out, err = grid(capsys, "tinylora", "--lora-dir", runs, "--prompt", "zkstar, shapes", "--x",
+                          'prompt:"zkstar, shapes", "zkstar, circle"', "--y", "strength:1", "--no-baseline",
+                          "--steps", 1, "--out", tmp_path)
+    assert code == 0, err
+    path = Path(out.splitlines()[-1])
+    assert cell_prompts(path) == ["zkstar, shapes <lora:tinylora:1>", "zkstar, circle <lora:tinylora:1>"]
+    assert 'Grid X Values: "\\"zkstar, shapes\\", \\"zkstar, circle\\""' in Image.open(path).text["parameters"]
+
+
+@pytest.mark.parametrize("arguments, sentence", [
+    (["--x", "strength:0,8"], "'0,8' reads as the two strengths 0 and 8: for 0.8 write a point (0.8), for two "
+                              "strengths a space after the comma (0, 8)"),
+    (["--y", "size:1, 2"], "axis kind 'size' is unknown; use one of epoch, strength, lora, prompt, seed, checkpoint"),
+    (["--x", "strength:0-1 [25]", "--y", "seed:1-20"], "20 × 26 = 520 images; confirm grids of more than 400 cells: "
+                                                       "add --yes to draw it"),
+    (["--x", "strength:0-1 [25]", "--y", "seed:1-20", "--yes", "--width", 1024, "--height", 1024],
+     "the grid would be 20 × 26 images of 1024×1024: 545 megapixels, over the limit of 200"),
+    (["--sampler", "UniPC"], "--sampler: 'UniPC' is not a sampler here; use one of Euler, Euler a, DPM++ 2M Karras"),
+    (["--strength", "0.5, 1"], "--strength 0.5, 1: give one strength, such as 0.8 (several go on an axis"),
+    (["--steps", 0], "--steps: give a whole number from 1 to 150"),  # was a traceback from the sampler
+    (["--cfg", "nan"], "--cfg-scale: give a number from 0.0 to 100.0"),
+    (["--y", "checkpoint:tiny-sd, missing.safetensors"],  # the bundled model by its name, as --model takes it
+     "checkpoint axis: missing.safetensors is not a checkpoint file; give .safetensors or .ckpt files, or tiny-sd"),
+])
+def test_mistakes_are_one_sentence_and_exit_code_2_before_any_image(runs, tmp_path, capsys, arguments, sentence):
+    code, out, err = grid(capsys, "tinylora", "--lora-dir", runs, *arguments, "--out", tmp_path)
+    assert (code, out) == (2, "") and err.startswith(f"error: {sentence}") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_not_found_names_the_folders_searched(runs, tmp_path, capsys):
+    code, _, err = grid(capsys, "tinylorra", "--lora-dir", runs, "--lora-dir", tmp_path / "more")
+    assert code == 2 and err == (f"error: no LoRA or training run named 'tinylorra' in {runs} or {tmp_path / 'more'}; "
+                                 "give its name there, the path of one of its files, or its folder with --lora-dir\n")
+    code, _, err = grid(capsys, tmp_path / "gone.safetensors")
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'gone.safetensors'}: no such LoRA file")
+
+
+def test_the_size_defaults_to_the_models_own(runs, tmp_path, capsys, monkeypatch):
+    """As `generate` sizes its images: an SDXL checkpoint's grid is 1024 px unless told (the host's default is 512)."""
+    import dataclasses
+
+    from lora_trainer.errors import UserError
+    from lora_trainer.grid import plan
+    from lora_trainer.models import checkpoint
+    from lora_trainer.models.configs import SDXL
+
+    model = tmp_path / "xl.safetensors"
+    model.write_bytes(b"")
+    monkeypatch.setattr(checkpoint, "detect_architecture", lambda source: (dataclasses.replace(SDXL), "stand-in"))
+    monkeypatch.setattr(checkpoint, "open_tensors", lambda path: None)
+    asked = []
+
+    def planned(request, *args, **kwargs):
+        asked.append((request.settings.width, request.settings.height))
+        raise UserError("planned")
+
+    monkeypatch.setattr(plan, "plan_for_host", planned)
+    for size in ([], ["--width", 768]):
+        assert grid(capsys, "tinylora", "--lora-dir", runs, "--model", model, *size)[0] == 2
+    assert asked == [(1024, 1024), (768, 1024)]
+
+
+def test_ctrl_c_stops_after_the_current_cell_and_saves_the_cells_drawn(runs, tmp_path, capsys, monkeypatch):
+    from lora_trainer.app.standalone_host import StandaloneHost
+
+    generate = StandaloneHost.generate
+
+    def generate_then_ctrl_c(self, *args, **kwargs):
+        image = generate(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return image
+
+    monkeypatch.setattr(StandaloneHost, "generate", generate_then_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        main(["grid", "tinylora", "--lora-dir", str(runs), "--x", "strength:0.5, 1", "--y", "epoch:2", "--no-baseline",
+              "--steps", "1", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 130 and "interrupted after 1 of 2 cells: the cells not drawn are grey" in err
+    path = Path(out.splitlines()[-1])  # the grid with the cell drawn, the other grey, and that cell alone
+    assert sorted(tmp_path.iterdir()) == sorted([path, path.with_name(f"{path.stem}-r00-c00.png")])
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C stops the process again
