@@ -60,6 +60,7 @@ class StandaloneHost:
         return found
 
     def generation_defaults(self) -> GenerationSettings:
+        from ..models.checkpoint import native_resolution
         from ..tiny_model.build import TINY_MODEL_PATH
         from ..tiny_model.shapes import CONCEPT_TRIGGER
 
@@ -67,7 +68,8 @@ class StandaloneHost:
             # the tiny model draws 64-pixel shapes; the demo's settings show its LoRAs best
             return GenerationSettings(CONCEPT_TRIGGER, steps=20, sampler="DPM++ 2M Karras", cfg_scale=5.0, seed=11,
                                       width=64, height=64)
-        return GenerationSettings("", steps=20, sampler="DPM++ 2M Karras", cfg_scale=7.0, seed=-1, width=512, height=512)
+        size = native_resolution(self.default_checkpoint) or 512  # SDXL draws at 1024: at 512 it gives broken images
+        return GenerationSettings("", steps=20, sampler="DPM++ 2M Karras", cfg_scale=7.0, seed=-1, width=size, height=size)
 
     def sampler_names(self) -> list[str]:
         from ..sampling.samplers import SAMPLERS

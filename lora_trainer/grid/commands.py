@@ -75,6 +75,7 @@ def draw_grid(args) -> Path | None:
     from ..app.standalone_host import StandaloneHost
     from ..cli import DEFAULT_LORA_FOLDER, _checkpoint
     from ..console import progress_callback
+    from ..models.checkpoint import native_resolution
     from .axes import parse_values
     from .plan import SETTING_RANGES, GridRequest, checked_setting, host_sampler, plan_for_host, run_grid
 
@@ -94,7 +95,7 @@ def draw_grid(args) -> Path | None:
         raise UserError(f"no LoRA or training run named {args.training_run!r} in {' or '.join(map(str, folders))}; "
                         "give its name there, the path of one of its files, or its folder with --lora-dir")
     defaults = host.generation_defaults()
-    native = _native_size(checkpoint) if not (args.width and args.height) else None
+    native = native_resolution(checkpoint) if not (args.width and args.height) else None
     given = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg_scale,
              "seed": args.seed, "clip_skip": args.clip_skip, "width": args.width or native,
              "height": args.height or native}
@@ -162,20 +163,6 @@ def _checkpoint_files(axis: AxisSpec) -> AxisSpec:
         said = "is not a checkpoint file" if len(missing) == 1 else "are not checkpoint files"
         raise UserError(f"checkpoint axis: {', '.join(missing)} {said}; give .safetensors or .ckpt files, or tiny-sd")
     return dataclasses.replace(axis, values=[str(file) for file in files])
-
-
-def _native_size(checkpoint: Path) -> int | None:
-    """The checkpoint's own image size (SD1 512, SDXL 1024), from a .safetensors file's header, as ``generate`` sizes
-    its images; None for other files (a .ckpt would be unpickled whole, then again to draw) and where the header does
-    not say (the host's default then, and loading the file says what is wrong)."""
-    from ..models.checkpoint import detect_architecture, open_tensors
-
-    if checkpoint.suffix.lower() != ".safetensors":
-        return None
-    try:
-        return detect_architecture(open_tensors(checkpoint))[0].resolution
-    except (UserError, OSError):
-        return None
 
 
 def _loss_lines(plan) -> list[str]:

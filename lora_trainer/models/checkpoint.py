@@ -177,6 +177,17 @@ def _what_else_is_it(keys: list[str]) -> str | None:
     return None
 
 
+def native_resolution(checkpoint: Path) -> int | None:
+    """The image size a checkpoint was trained at (SD1 512, SDXL 1024, the tiny model 64), from a .safetensors file's
+    header; None for other files (a .ckpt would be unpickled whole just to ask) and where the header does not say."""
+    if Path(checkpoint).suffix.lower() != ".safetensors":
+        return None
+    try:
+        return detect_architecture(open_tensors(checkpoint))[0].resolution
+    except (UserError, OSError):
+        return None
+
+
 def detect_architecture(source: TensorSource, overrides: dict | None = None) -> tuple[ModelConfig, str]:
     """Return the model config for a file's tensors and the reason for the verdict, or raise ``UnknownArchitecture``."""
     shapes = source.shapes

@@ -100,3 +100,19 @@ def test_the_current_folder_is_a_dataset_root_only_while_the_app_serves_this_mac
     assert tmp_path in settings_from(local).dataset_roots
     for remote in ({"listen": True}, {"host": "0.0.0.0"}):
         assert tmp_path not in settings_from(argparse.Namespace(**{**vars(local), **remote})).dataset_roots
+
+
+def test_generation_defaults_take_the_default_checkpoints_own_size(tmp_path, monkeypatch):
+    """The Grid tab's first values in the app started on an SDXL checkpoint: 1024 px, where 512 drew broken images."""
+    from lora_trainer.models import checkpoint
+    from lora_trainer.models.configs import SD1, SDXL
+
+    model = tmp_path / "xl.safetensors"
+    model.write_bytes(b"")
+    monkeypatch.setattr(checkpoint, "open_tensors", lambda path: None)
+    monkeypatch.setattr(checkpoint, "detect_architecture", lambda source: (SDXL, "stand-in"))
+    defaults = StandaloneHost([], [], default_checkpoint=model).generation_defaults()
+    assert (defaults.width, defaults.height) == (1024, 1024)
+    monkeypatch.setattr(checkpoint, "detect_architecture", lambda source: (SD1, "stand-in"))
+    assert StandaloneHost([], [], default_checkpoint=model).generation_defaults().width == 512
+    assert StandaloneHost([], []).generation_defaults().width == 64  # the tiny model, at the demo's settings
