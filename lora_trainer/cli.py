@@ -68,6 +68,12 @@ def generate(args) -> list[Path]:
     from .models.prompt import prompt_problems
     from .sampling.txt2img import GenerationSettings, txt2img
 
+    from .grid.plan import checked_setting
+
+    for key in ("steps", "cfg_scale", "clip_skip", "seed"):  # before the model loads: steps 0 died in the sampler
+        checked_setting(key, getattr(args, key), f"--{key.replace('_', '-')}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: give 1 or more images")
     for text in (args.prompt, args.negative):
         for problem in prompt_problems(text):
             print(f"warning: {problem}", file=sys.stderr)
