@@ -33,7 +33,6 @@ class StandaloneHost:
         self.checkpoint_folders = [Path(f) for f in checkpoint_folders]
         self.library = LoraLibrary([Path(f) for f in lora_folders])
         self.default_checkpoint = Path(default_checkpoint) if default_checkpoint else TINY_MODEL_PATH
-        self.interrupt_event = threading.Event()  # the host-wide stop (interrupt()); the Grid tab stops its own grids
         self.switching_seconds = 0.0  # time spent merging/unmerging LoRAs, for the grid's measure
         self._lock = threading.RLock()  # one generation at a time: the merged weights are shared
         self._model = None
@@ -104,7 +103,7 @@ class StandaloneHost:
             return image[0]
 
     def interrupted(self) -> bool:
-        return self.interrupt_event.is_set()
+        return False  # no host-wide Interrupt here: the Grid tab, the API and the grid command stop their own grids
 
     def refresh_loras(self) -> None:
         self.library.refresh()
@@ -121,12 +120,6 @@ class StandaloneHost:
             self._released_path = None
 
     # --- for the grid tab -------------------------------------------------------------------------------------
-
-    def interrupt(self) -> None:
-        self.interrupt_event.set()
-
-    def clear_interrupt(self) -> None:
-        self.interrupt_event.clear()
 
     def take_warnings(self) -> list[str]:
         """Warnings since the last call (each missing or unfit LoRA is reported once per session)."""

@@ -64,13 +64,9 @@ def test_a_lora_copied_into_the_folder_after_listing_is_found(host):
         host.library.refresh()
 
 
-def test_checkpoints_interrupt_and_gpu_release(host):
+def test_checkpoints_and_gpu_release(host):
     assert host.checkpoints()[EMBEDDED_TITLE] == TINY_MODEL_PATH
     assert host.generation_defaults().width == 64
-    host.interrupt()
-    assert host.interrupted()
-    host.clear_interrupt()
-    assert not host.interrupted()
     host.generate(SETTINGS)
     host.release_gpu()
     assert host.loaded_checkpoint is None
