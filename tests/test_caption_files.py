@@ -152,3 +152,33 @@ def test_backup_is_a_copy_where_hard_links_are_not_possible(tmp_path, monkeypatc
     result = write_captions({caption: "new"}, tmp_path / "backups", {caption: load_caption_file(caption).stamp})
     assert (result.backup_folder / "a.txt").read_text(encoding="utf-8") == "old"
     assert caption.read_text(encoding="utf-8") == "new"
+
+
+def test_backups_are_listed_newest_first_with_what_each_holds_and_named_never_by_path(tmp_path, monkeypatch):
+    """The Tag Editor tab and the API offer a folder's backups to restore, the one the last save made first."""
+    from datetime import datetime
+
+    a, b, backups = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / ".caption-backups"
+    a.write_text("first", encoding="utf-8")
+    for name in ("2026-12-05_17-02-44", "2026-12-05_17-02-44_2", "2026-12-05_17-02-44_10", "2026-12-04_09-00-00"):
+        monkeypatch.setattr(caption_files, "_backup_folder", lambda backup_dir, name=name: _made(backup_dir / name))
+        write_captions({a: f"saved at {name}", b: "new"} if name.endswith("_10") else {a: f"saved at {name}"}, backups)
+    (backups / "2026-12-06_00-00-00").mkdir()  # no manifest: a folder copied in by hand, not a backup
+    assert [p.name for p in caption_files.restorable_backups(backups)] == [
+        "2026-12-05_17-02-44_10", "2026-12-05_17-02-44_2", "2026-12-05_17-02-44", "2026-12-04_09-00-00"]
+    newest = caption_files.backup_summaries(backups)[0]
+    assert (newest.name, newest.time, newest.captions, newest.created) == (
+        "2026-12-05_17-02-44_10", datetime(2026, 12, 5, 17, 2, 44), 1, 1)  # a.txt kept, b.txt created by that save
+    assert caption_files.backup_named(backups, "2026-12-04_09-00-00") == backups / "2026-12-04_09-00-00"
+    for name in ("../..", "..", "/etc", "x/../2026-12-04_09-00-00", "C:\\Windows", ""):
+        with pytest.raises(UserError, match="is not a backup's name") as refused:
+            caption_files.backup_named(backups, name)
+        assert refused.value.field == "backup"
+    with pytest.raises(caption_files.BackupNotFound, match="holds no backup '2026-12-06_00-00-00'"):
+        caption_files.backup_named(backups, "2026-12-06_00-00-00")
+    assert caption_files.restorable_backups(tmp_path / "none") == []
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    return folder

@@ -14,7 +14,9 @@ Writing. ``write_captions`` first checks that no file changed on disk since it w
 ``CaptionStamp`` taken when reading; a file that was merely touched is not a conflict), writes every new text into a
 temporary file beside its target and fsyncs it, keeps every previous version in a new timestamped backup folder (a
 hard link where the file system allows, else a copy), and only when all of that succeeded renames the temporary files
-over the targets. A failure before the renames leaves every caption as it was.
+over the targets. A failure before the renames leaves every caption as it was. Each backup folder is named by its
+save's time and holds a manifest of where its files go back: ``restorable_backups`` lists a folder's, newest first
+(``backup_summaries`` with what each holds, for a list to pick from), and ``restore_backup`` puts one back.
 
 Not ``safe_io.atomic_path``: it fsyncs and renames one file at a time, and one fsync costs ~4 ms on an ordinary disk,
 so 1,000 captions would take 4 s; here the writes, syncs and renames of a batch run side by side.
@@ -29,6 +31,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
@@ -37,6 +41,7 @@ from lora_trainer.safe_io import give_permissions, open_temporary_beside, replac
 
 CAPTION_WRITE_ENCODING = "utf-8"
 BACKUP_MANIFEST = "backup.json"  # in each backup folder: where its files go back, and the captions its save created
+BACKUP_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # a backup folder's name: the time of the save that made it
 
 # fsync costs ~4 ms a file on an ordinary disk, so 1,000 captions take 4 s one after another; run side by side, the
 # file system folds them into a few journal commits (0.13 s measured for 1,000 files on a 2-core machine).
@@ -204,7 +209,7 @@ def read_caption(path: Path, encoding: str | None = None, enable_wildcard: bool 
 
 
 def _backup_folder(backup_dir: Path) -> Path:
-    base = Path(backup_dir) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    base = Path(backup_dir) / time.strftime(BACKUP_TIME_FORMAT)
     folder, attempt = base, 1
     while True:
         try:
@@ -363,10 +368,8 @@ class RestoreResult:
     backup_folder: Path | None  # the versions the restore replaced: restoring it undoes the restore
 
 
-def restore_backup(folder: Path, backup_dir: Path | None) -> RestoreResult:
-    """Put the captions of the backup ``folder`` back where they were, and remove those its save created, keeping the
-    current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``)."""
-    folder = Path(folder)
+def _read_manifest(folder: Path) -> tuple[dict[str, str], list[str]]:
+    """A backup's manifest: where each of its files goes back, and the captions its save created."""
     try:
         manifest = json.loads((folder / BACKUP_MANIFEST).read_text(encoding="utf-8"))
         files, created = dict(manifest["files"]), list(manifest["created"])
@@ -375,6 +378,91 @@ def restore_backup(folder: Path, backup_dir: Path | None) -> RestoreResult:
                         "recorded where their captions go back (2026-12-05); copy its files back by hand") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{folder / BACKUP_MANIFEST} cannot be read ({error}); copy the backup's files back by hand") from None
+    return files, created
+
+
+def restorable_backups(backup_dir: Path) -> list[Path]:
+    """The backups under ``backup_dir`` that ``restore_backup`` can put back (those with a manifest), newest first:
+    the first is the one the last save or restore made."""
+    backup_dir = Path(backup_dir)
+    if not backup_dir.is_dir():
+        return []
+    found = [folder for folder in backup_dir.iterdir() if (folder / BACKUP_MANIFEST).is_file()]
+    return sorted(found, key=_saved_order, reverse=True)
+
+
+def _saved_order(backup: Path) -> tuple[str, int]:
+    """``2026-12-05_17-02-44``, then ``…_2`` … ``…_10`` for later saves within that second (``_backup_folder``)."""
+    stamp, _, count = backup.name[:19], backup.name[19:20], backup.name[20:]
+    return stamp, int(count) if count.isdigit() else 1
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    """What a backup holds, for a list to pick one from: its folder's name, the time of the save that made it (None
+    for a folder named otherwise), how many captions it puts back and how many its save created (a restore removes
+    them); ``problem`` when its manifest cannot be read (a restore says why)."""
+
+    name: str
+    time: datetime | None
+    captions: int
+    created: int
+    problem: str = ""
+
+
+def backup_time(name: str) -> datetime | None:
+    """The time a backup folder's name says (this machine's local time), or None for a folder named otherwise."""
+    try:
+        return datetime.strptime(name[:19], BACKUP_TIME_FORMAT)
+    except ValueError:
+        return None
+
+
+def backup_summary(name: str, files: Mapping[str, str], created: list[str]) -> BackupSummary:
+    """The summary of the backup folder ``name`` with this manifest (``_read_manifest``)."""
+    return BackupSummary(name, backup_time(name), len(files), len(created))
+
+
+def backup_summaries(backup_dir: Path) -> list[BackupSummary]:
+    """``restorable_backups`` with what each holds, newest first."""
+    summaries = []
+    for folder in restorable_backups(backup_dir):
+        try:
+            stat = (folder / BACKUP_MANIFEST).stat()
+            summaries.append(_summary_of(folder, stat.st_mtime_ns, stat.st_size))
+        except (OSError, UserError) as error:
+            summaries.append(BackupSummary(folder.name, backup_time(folder.name), 0, 0, str(error)))
+    return summaries
+
+
+# A manifest is written once, with its backup; a save's list of 100 backups of 10,000 captions would read 60 MB.
+@lru_cache(maxsize=1024)
+def _summary_of(folder: Path, mtime_ns: int, size: int) -> BackupSummary:
+    return backup_summary(folder.name, *_read_manifest(folder))
+
+
+class BackupNotFound(UserError):
+    """No restorable backup of that name in the backup folder."""
+
+
+def backup_named(backup_dir: Path, name: str) -> Path:
+    """The restorable backup folder ``name`` (``2026-12-05_17-02-44``) under ``backup_dir``: a name, never a path, so a
+    request can restore nothing outside it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(mark in name for mark in ("/", "\\", ":", "\0")):
+        raise UserError(f"backup: {name!r} is not a backup's name; give a folder name from the list of backups, such as "
+                        "2026-12-05_17-02-44", "backup")
+    folder = Path(backup_dir) / name
+    if folder not in restorable_backups(backup_dir):
+        raise BackupNotFound(f"backup: {backup_dir} holds no backup {name!r} that can be put back; pick one from the "
+                             "list of backups", "backup")
+    return folder
+
+
+def restore_backup(folder: Path, backup_dir: Path | None) -> RestoreResult:
+    """Put the captions of the backup ``folder`` back where they were, and remove those its save created, keeping the
+    current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``)."""
+    folder = Path(folder)
+    files, created = _read_manifest(folder)
 
     def target(relative: str) -> Path:
         return Path(os.path.normpath(folder / relative))

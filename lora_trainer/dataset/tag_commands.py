@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .caption_files import BACKUP_MANIFEST, RestoreResult, restore_backup
+from .caption_files import RestoreResult, restorable_backups, restore_backup
 from .tag_editor import (DEFAULT_BACKUP_FOLDER, SORT_ORDERS, TagEditor, TagFilter, apply_edit, caption_of, folder_notes, make_edit, open_folder,
                          save, select, split_tags, tag_counts, unsaved_images)
 
@@ -128,18 +128,11 @@ def _backup(folder: Path, chosen: str) -> Path:
     if chosen != LATEST:
         return Path(chosen)
     backups = folder / DEFAULT_BACKUP_FOLDER
-    found = sorted((p for p in backups.glob("*") if (p / BACKUP_MANIFEST).is_file()), key=_saved_order) \
-        if backups.is_dir() else []
+    found = restorable_backups(backups)
     if not found:
         raise UserError(f"{backups} holds no backup that --restore can put back (backups made from 2026-12-05 on); "
                         "name one: --restore FOLDER", "restore")
-    return found[-1]
-
-
-def _saved_order(backup: Path) -> tuple[str, int]:
-    """``2026-12-05_17-02-44``, then ``…_2`` … ``…_10`` for later saves within that second (``caption_files``)."""
-    stamp, _, count = backup.name[:19], backup.name[19:20], backup.name[20:]
-    return stamp, int(count) if count.isdigit() else 1
+    return found[0]
 
 
 def restore_report(result: RestoreResult) -> str:
