@@ -28,8 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..dataset import tag_drafts, tag_editor
-from ..dataset.caption_files import find_changed_on_disk
+from ..dataset import caption_files, tag_drafts, tag_editor
+from ..dataset.caption_files import BackupSummary, find_changed_on_disk
 from ..dataset.tag_editor import TagEditor, TagFilter, Tags
 from ..errors import UserError
 from ..safe_io import replace_path, write_text
@@ -57,6 +57,10 @@ class SessionNotFound(UserError):
 
 class TooManySessions(UserError):
     """Every session that could make room holds unsaved edits."""
+
+
+class UnsavedEdits(UserError):
+    """The session holds unsaved edits, which a restore from a backup would mix with the restored captions."""
 
 
 class SaveConflict(UserError):
@@ -579,6 +583,71 @@ def reload_session(session: TagSession) -> dict:
     return {key: [image_name(editor, image) if image.is_relative_to(editor.folder) else str(image)
                   for image in getattr(report, key)]
             for key in ("updated", "conflicts", "added", "removed", "unreadable")}
+
+
+def backups_of(session: TagSession) -> list[BackupSummary]:
+    """The backups of the session's folder that a restore can put back, newest first (every save keeps one)."""
+    backup_dir = session.editor.backup_dir
+    return caption_files.backup_summaries(backup_dir) if backup_dir is not None else []
+
+
+def backup_title(name: str) -> str:
+    """A backup as a user reads it: its save's time (``2026-12-05 17:02:44``, ``… (2)`` for a later save within that
+    second), or its folder's name where that is no time."""
+    made = caption_files.backup_time(name)
+    if made is None:
+        return name
+    later = name[20:]
+    return made.strftime("%Y-%m-%d %H:%M:%S") + (f" ({later})" if later else "")
+
+
+def backup_as_data(summary: BackupSummary) -> dict:
+    """``{"name", "time", "captions", "created"}`` (``time`` in the server's local time, ISO 8601), and ``problem``
+    when its manifest cannot be read."""
+    return {"name": summary.name, "time": summary.time.isoformat() if summary.time else None,
+            "captions": summary.captions, "created": summary.created, **({"problem": summary.problem} if summary.problem else {})}
+
+
+def restore_session_backup(session: TagSession, backup_name: str | None = None) -> dict:
+    """Put the backup ``backup_name`` (a folder name under the session's backup folder; None: the newest) back on disk
+    (``caption_files.restore_backup``: byte for byte, the captions its save created removed, the current ones kept in
+    a new backup first), then read the folder again, so the session shows the restored captions. Refused while the
+    session holds unsaved edits: saved or undone first, they cannot mix with the restored captions."""
+    with session.lock:
+        editor = session.editor
+        if editor.backup_dir is None:
+            raise UserError(f"{editor.folder} is open without a backup folder, so there is no backup to restore.")
+        if unsaved := tag_editor.unsaved_images(editor):
+            raise UnsavedEdits(f"{len(unsaved)} caption edit(s) in {editor.folder} are not saved: save or undo them "
+                               "first, so that the restored captions do not mix with edits made here.")
+        if backup_name is None:
+            newest = caption_files.restorable_backups(editor.backup_dir)
+            if not newest:
+                raise caption_files.BackupNotFound(f"backup: {editor.backup_dir} holds no backup that can be put back "
+                                                   "(every save keeps one there, from 2026-12-05 on)", "backup")
+            folder = newest[0]
+        else:
+            folder = caption_files.backup_named(editor.backup_dir, backup_name)
+        result = caption_files.restore_backup(folder, editor.backup_dir)
+        editor, _ = tag_editor.reload(editor)
+        session.change(lambda _: editor)
+
+    def named(path: Path) -> str:  # a backup of a folder moved to another drive names its captions absolutely
+        return path.relative_to(editor.folder).as_posix() if path.is_relative_to(editor.folder) else str(path)
+
+    message = f"Restored {len(result.restored)} caption file(s) from the backup of {backup_title(folder.name)}"
+    if result.removed:
+        message += f" and removed {len(result.removed)} that its save had created"
+    message += (f". The captions they replaced are in a new backup, {backup_title(result.backup_folder.name)}: "
+                "restoring it (the newest) undoes this.")
+    return {
+        "backup": folder.name,
+        "restored": [named(path) for path in result.restored],  # caption files
+        "removed": [named(path) for path in result.removed],
+        "backup_folder": str(result.backup_folder),
+        "undo_backup": result.backup_folder.name,
+        "message": message,
+    }
 
 
 def autotag(session: TagSession, tagger, images: list[Path], mode: str = "skip", trigger_word: str | None = None,

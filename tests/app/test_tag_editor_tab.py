@@ -82,6 +82,46 @@ def test_filter_batch_replace_undo_and_save_write_the_caption_files(services, op
     assert (captions / "img_001.txt").read_text(encoding="utf-8") == "zkchar, blue, circle"
 
 
+def backups_list(view) -> dict:
+    """The Backups list that Open, Save, Reload and Restore return after the view."""
+    return view[len(tab.OUTPUTS)]
+
+
+def test_a_regretted_save_is_restored_from_the_backups_list_and_restoring_again_undoes_it(services, opened):
+    """A bad batch replace saved yesterday, the app restarted since: Undo is gone, the save's backup is not."""
+    import re
+
+    folder, view = opened
+    state = view[VIEW["state"]]
+    assert backups_list(view)["choices"] == []
+    tab.batch_edit(services, state, "filtered", "Replace text", "", "red", "crimson", False, False, False, 0)
+    view = tab.save(services, state, False)
+    saved = backups_list(view)
+    assert len(saved["choices"]) == 1 and saved["value"] == saved["choices"][0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d — 30 captions", saved["value"]), saved["value"]
+    caption = folder / "10_zkchar" / "img_000.txt"
+
+    tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    view = tab.restore(services, state, saved["value"])
+    assert "60 caption edit(s) in" in view[VIEW["status"]] and "not saved: save or undo them first" in view[VIEW["status"]]
+    assert caption.read_text(encoding="utf-8") == "zkchar, crimson, square"  # nothing restored over the edits
+    tab.undo(services, state)
+
+    view = tab.restore(services, state, saved["value"])
+    assert caption.read_text(encoding="utf-8") == "zkchar, red, square"
+    assert ["red", 30] in view[VIEW["frequency"]].values.tolist() and view[VIEW["page_info"]].endswith("; 0 unsaved")
+    assert view[VIEW["status"]].startswith("Restored 30 caption file(s) from the backup of ")
+    assert "restoring it (the newest) undoes this" in view[VIEW["status"]]
+    after = backups_list(view)
+    assert len(after["choices"]) == 2 and after["choices"][1] == saved["value"] and after["value"] == after["choices"][0]
+    view = tab.restore(services, state, after["value"])  # the restore's own backup: the restore undone
+    assert caption.read_text(encoding="utf-8") == "zkchar, crimson, square"
+    assert ["crimson", 30] in view[VIEW["frequency"]].values.tolist() and len(backups_list(view)["choices"]) == 3
+
+    assert "Pick a backup in 'Backups' first" in tab.restore(services, state, "")[VIEW["status"]]
+    assert "is no longer in" in tab.restore(services, state, "2020-01-01 00:00:00 — 1 caption")[VIEW["status"]]
+
+
 def test_unsaved_edits_are_not_dropped_by_opening_a_folder_or_reloading_the_page(services, opened, make_dataset):
     folder, view = opened
     state = view[VIEW["state"]]

@@ -318,3 +318,30 @@ def test_a_folder_open_with_unsaved_edits_elsewhere_does_not_get_them_twice(fold
     registry.close(other.id)  # closing the clean one keeps the draft of the one with edits
     registry.drafts.flush()
     assert restarted(tmp_path / "tag-drafts").open(folder).draft.note.startswith("Restored 6 unsaved caption edit(s)")
+
+
+def test_a_backup_restored_shows_in_the_session_and_is_refused_over_unsaved_edits(folder):
+    """A save regretted after a restart (Undo gone): its backup goes back on disk and into the open session."""
+    session = TagSessions().open(folder)
+    tag_sessions.apply_request(session, {"op": "replace", "find": "red", "replacement": "crimson", "selection": "all"})
+    saved = tag_sessions.save_session(session)
+    (folder / "img_000.png").with_name("extra.png").write_bytes((folder / "img_000.png").read_bytes())
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["new"], "selection": ["img_001.png"]})
+    with pytest.raises(tag_sessions.UnsavedEdits, match="1 caption edit.* not saved: save or undo them first"):
+        tag_sessions.restore_session_backup(session)
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, crimson, square"  # nothing restored
+    session.change(tag_sessions.tag_editor.undo)
+
+    restored = tag_sessions.restore_session_backup(session, Path(saved["backup_folder"]).name)
+    assert sorted(restored["restored"]) == ["img_000.txt", "img_002.txt", "img_004.txt"] and restored["removed"] == []
+    assert "restoring it (the newest) undoes this" in restored["message"]
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, red, square"
+    page = tag_sessions.page_of(session)
+    shown = {image["name"]: image["tags"] for image in page["images"]}
+    assert shown["img_000.png"] == ["zkchar", "red", "square"] and page["unsaved"] == 0
+    assert "extra.png" in shown  # the folder read again from disk
+    newest = tag_sessions.backups_of(session)[0]
+    assert (newest.name, newest.captions) == (restored["undo_backup"], 3)
+    tag_sessions.restore_session_backup(session)  # the newest: the restore's own backup
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, crimson, square"
+    assert tag_sessions.page_of(session)["images"][1]["tags"] == ["zkchar", "crimson", "square"]  # after extra.png

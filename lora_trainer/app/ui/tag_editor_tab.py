@@ -1,6 +1,7 @@
 """The Dataset Tag Editor tab: a thin gradio shell over ``app.tag_sessions`` (the server-side editor the API shares)
 and ``tag_view`` (what a page shows). Handlers are plain functions of the services and the browser's ``TabState``
-returning every output in ``OUTPUTS`` order, so tests call them directly.
+returning every output in ``OUTPUTS`` order (Open, Save, Reload and Restore then the Backups list), so tests call
+them directly.
 
 Only one page of thumbnails (48) goes to the browser; thumbnails are made when a page first shows them and kept
 under the data folder, keyed by file, size and modification time.
@@ -125,7 +126,32 @@ def _guarded(handler):
     return run
 
 
-@_guarded
+def backup_choices(services, state: TabState) -> dict:
+    """The Backups list: the open folder's backups, newest first (the one the last save or restore made), picked."""
+    labels = []
+    if state.session:
+        try:
+            labels = [tag_view.backup_label(summary) for summary in tag_sessions.backups_of(_session(services, state))]
+        except UserError:  # the session is gone (said in the status line): no list
+            pass
+    return gr.update(choices=labels, value=labels[0] if labels else None)
+
+
+def _with_backups(handler):
+    """A handler that changes the folder's backups (Open, Save, Reload, Restore): its view, then the Backups list as
+    ``backup_choices``. Not every handler: the list reads each backup's manifest."""
+    guarded = _guarded(handler)
+
+    def run(services, state: TabState, *args):
+        view = guarded(services, state, *args)
+        return (*view, backup_choices(services, view[0]))
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+@_with_backups
 def open_folder(services, state: TabState, folder: str, recursive: bool, caption_extension: str) -> tuple:
     path = allowed_path(folder, services.settings.dataset_roots, "dataset folder")
     registry = tag_sessions.sessions_of(services)
@@ -273,7 +299,7 @@ def redo(services, state: TabState) -> tuple:
     return render(services, state, "Redone.")
 
 
-@_guarded
+@_with_backups
 def save(services, state: TabState, overwrite_changed: bool) -> tuple:
     try:
         result = tag_sessions.save_session(_session(services, state), bool(overwrite_changed))
@@ -289,7 +315,7 @@ def save(services, state: TabState, overwrite_changed: bool) -> tuple:
     return render(services, state, f"Saved {len(result['written'])} caption file(s).{backup}")
 
 
-@_guarded
+@_with_backups
 def reload(services, state: TabState) -> tuple:
     report = tag_sessions.reload_session(_session(services, state))
     parts = [f"{len(report[key])} {key}" for key in ("updated", "conflicts", "added", "removed") if report[key]]
@@ -297,6 +323,18 @@ def reload(services, state: TabState) -> tuple:
     if report["conflicts"]:
         note += " Conflicts keep the edits made here; Save with overwrite replaces the other versions."
     return render(services, state, note)
+
+
+@_with_backups
+def restore(services, state: TabState, chosen: str) -> tuple:
+    """Put the backup picked in the Backups list back on disk and show it (a save regretted after Undo is gone)."""
+    session = _session(services, state)
+    if not chosen:
+        raise UserError("Pick a backup in 'Backups' first: every Save keeps the captions it replaced there.")
+    names = {tag_view.backup_label(summary): summary.name for summary in tag_sessions.backups_of(session)}
+    if chosen not in names:
+        raise UserError(f"The backup {chosen!r} is no longer in {session.editor.backup_dir}; pick one from the list again.")
+    return render(services, state, tag_sessions.restore_session_backup(session, names[chosen])["message"])
 
 
 def click_tag(frequency: list[list], row: int, all_of: str) -> str:
@@ -465,6 +503,11 @@ def build(services):
                     overwrite = gr.Checkbox(label="Overwrite captions changed on disk")
                     save_button = gr.Button("Save", variant="primary", elem_id="lora_trainer_tags_save")
                     reload_button = gr.Button("Reload from disk")
+                with gr.Row():
+                    # every save keeps the captions it replaced; a restore after a restart, when Undo is gone
+                    backups = gr.Dropdown([], label="Backups (newest first)", allow_custom_value=True, scale=3,
+                                          elem_id="lora_trainer_tags_backups")
+                    restore_button = gr.Button("Restore", scale=1, elem_id="lora_trainer_tags_restore")
                 train_button = gr.Button("Train on this folder", elem_id="lora_trainer_tags_train")
         with gr.Accordion("Auto-tag", open=False):
             with gr.Row():
@@ -493,7 +536,7 @@ def build(services):
 
         view = [state, gallery, page_info, frequency, history, status]
         call = lambda handler: (lambda *args: handler(services, *args))  # noqa: E731
-        open_button.click(call(open_folder), [state, folder, recursive, extension], view)
+        open_button.click(call(open_folder), [state, folder, recursive, extension], view + [backups])
         filter_inputs = [state, all_of, any_of, none_of, regex, untagged]
         filter_button.click(call(set_filter), filter_inputs, view)
         page_number.submit(call(go_to_page), [state, page_number], view)
@@ -520,8 +563,9 @@ def build(services):
         apply_button.click(call(batch_edit), edit_inputs, view)
         undo_button.click(call(undo), [state], view)
         redo_button.click(call(redo), [state], view)
-        save_button.click(call(save), [state, overwrite], view)
-        reload_button.click(call(reload), [state], view)
+        save_button.click(call(save), [state, overwrite], view + [backups])
+        reload_button.click(call(reload), [state], view + [backups])
+        restore_button.click(call(restore), [state, backups], view + [backups])
         train_button.click(None, [folder], [folder], **js_kwarg(TRAIN_ON_FOLDER_JS))
         autotag_button.click(call(autotag), [state, scope, tagger_kind, model_folder, general, character, mode, trigger], view)
         prep_button.click(lambda *a: preprocess(services, *a),

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...dataset import tag_editor
+from ...dataset.caption_files import BACKUP_MANIFEST, BackupSummary
 from ...dataset.tag_editor import TagEditor, TagFilter
 from ...errors import UserError
 from ..tag_sessions import FREQUENCY_ROWS  # the rest is reached by typing in the tag search
+from ..tag_sessions import backup_title
 
 PAGE_SIZE = 48
 
@@ -104,3 +106,12 @@ def with_tag(field_text: str, tag: str) -> str:
     """``field_text`` (comma-separated tags) with ``tag`` added, or removed when it is already there (click twice)."""
     tags = tag_editor.split_tags(field_text or "")
     return tag_editor.join_tags(tuple(t for t in tags if t != tag) if tag in tags else tags + (tag,))
+
+
+def backup_label(summary: BackupSummary) -> str:
+    """A backup in the tab's Backups list: ``2026-12-05 17:02:44 — 3 captions``, and how many captions its save
+    created (a restore removes them)."""
+    if summary.problem:
+        return shown(f"{backup_title(summary.name)} — its {BACKUP_MANIFEST} cannot be read")
+    label = f"{backup_title(summary.name)} — {summary.captions} caption{'' if summary.captions == 1 else 's'}"
+    return shown(label + (f" (its save created {summary.created})" if summary.created else ""))
