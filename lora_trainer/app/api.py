@@ -33,6 +33,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from ..dataset import tag_editor
+from ..dataset.caption_files import BackupNotFound
 from ..errors import UserError
 from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
@@ -40,7 +41,7 @@ from . import tag_sessions
 from .paths import MissingPath, PathNotAllowed, allowed_path, check_dataset_config_paths, check_metadata_images, plain_name, unquoted
 from .services import Services
 from .settings import AppSettings
-from .tag_sessions import SaveConflict, SessionNotFound, TooManySessions
+from .tag_sessions import SaveConflict, SessionNotFound, TooManySessions, UnsavedEdits
 
 PREFIX = "/lora-trainer/v1"
 log = logging.getLogger("lora_trainer.api")
@@ -83,6 +84,10 @@ def response_for(error: Exception) -> JSONResponse:
         return error_response(409, "too_many_sessions", str(error))
     if isinstance(error, SaveConflict):
         return error_response(409, "save_conflict", str(error), conflicts=error.conflicts)
+    if isinstance(error, UnsavedEdits):
+        return error_response(409, "unsaved_edits", str(error))
+    if isinstance(error, BackupNotFound):  # named in the body, as a path that does not exist
+        return error_response(400, "not_found", str(error), error.field)
     if isinstance(error, UserError):
         return error_response(400, "invalid", str(error), getattr(error, "field", None))
     if isinstance(error, RequestValidationError):
@@ -780,6 +785,29 @@ def create_router(services: Services) -> APIRouter:
     def reload_dataset(session_id: str):
         """Keeps unsaved edits; reports updated, conflicting, added and removed images."""
         return tag_sessions.reload_session(sessions.get(session_id))
+
+    @router.get("/datasets/{session_id}/backups", summary="The folder's caption backups, newest first")
+    def dataset_backups(session_id: str):
+        """Every save keeps the captions it replaced in a backup folder (`FOLDER/.caption-backups/<time>`): each with
+        its `name` (to restore it), `time`, how many `captions` it puts back and how many its save `created`."""
+        backups = tag_sessions.backups_of(sessions.get(session_id))
+        return {"backups": [tag_sessions.backup_as_data(summary) for summary in backups]}
+
+    @router.post("/datasets/{session_id}/restore", summary="Put a caption backup back",
+                 openapi_extra=_body_doc(
+                     "`backup`: a backup's `name` from GET …/backups (default: the newest, the one the last save or "
+                     "restore made). Its captions go back byte for byte and the captions its save created are removed; "
+                     "the current ones are kept in a new backup first (`undo_backup`: restoring it undoes this). "
+                     "Refused with 409 while the session holds unsaved edits.",
+                     {"newest": {}, "by name": {"backup": "2026-12-05_17-02-44"}}, {"backup": {"type": "string"}}))
+    def restore_dataset(session_id: str, body: dict = Depends(object_body)):
+        """Restores a backup on disk and reads the folder again; answers `restored` and `removed` (caption files),
+        `backup`, `backup_folder` and `undo_backup` (where the replaced captions went), `message`."""
+        session = sessions.get(session_id)
+        name = body.get("backup")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "invalid", "backup: give a backup's name as text, as GET …/backups lists it", "backup")
+        return tag_sessions.restore_session_backup(session, name)
 
     @router.delete("/datasets/{session_id}", summary="Close a session")
     def close_dataset(session_id: str):

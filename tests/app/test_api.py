@@ -451,7 +451,8 @@ def test_openapi_documents_every_route_with_examples(services):
     operations = [(path, method, op) for path, item in schema["paths"].items() for method, op in item.items()]
     assert all(path.startswith(V1) for path, _, _ in operations)
     assert {"/jobs", "/jobs/{job_id}/events", "/loras", "/dataset/check", "/datasets/open", "/datasets/{session_id}/edit",
-            "/grids", "/grids/{grid_id}/image"} <= {path[len(V1):] for path, _, _ in operations}
+            "/datasets/{session_id}/backups", "/datasets/{session_id}/restore", "/grids",
+            "/grids/{grid_id}/image"} <= {path[len(V1):] for path, _, _ in operations}
     for path, method, op in operations:
         assert op.get("summary") and op.get("description"), (method, path)
         if method == "post" and "requestBody" in op:
@@ -590,6 +591,41 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
     assert client.delete(f"{V1}/datasets/{sid}").status_code == 200
     assert_error(client.get(f"{V1}/datasets/{sid}"), 404, "session_not_found")
+
+
+def test_a_tag_session_lists_its_folders_backups_and_restores_one_by_name(services, make_dataset):
+    client = make_client(services)
+    folder = make_dataset(count=4) / "10_zkchar"
+    sid = client.post(f"{V1}/datasets/open", json={"path": str(folder)}).json()["session"]
+    assert client.get(f"{V1}/datasets/{sid}/backups").json() == {"backups": []}
+    assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={}), 400, "not_found", field="backup")
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "replace", "find": "red", "replacement": "crimson"})
+    saved = client.post(f"{V1}/datasets/{sid}/save", json={}).json()
+    (backup,) = client.get(f"{V1}/datasets/{sid}/backups").json()["backups"]
+    assert backup["name"] == Path(saved["backup_folder"]).name and (backup["captions"], backup["created"]) == (2, 0)
+    assert backup["time"].replace("T", "_").replace(":", "-") == backup["name"][:19]  # ISO 8601, the name's time
+
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["solo"], "selection": ["img_001.png"]})
+    assert "save or undo them first" in assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={}), 409,
+                                                      "unsaved_edits")["message"]
+    client.post(f"{V1}/datasets/{sid}/undo")
+    for name in ("../../..", "../10_zkchar", "/etc", "..\\.."):
+        assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={"backup": name}), 400, "invalid", field="backup")
+    assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={"backup": "2020-01-01_00-00-00"}), 400, "not_found",
+                 field="backup")
+    assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={"backup": 5}), 400, "invalid", field="backup")
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, crimson, square"  # none of those restored
+
+    restored = client.post(f"{V1}/datasets/{sid}/restore", json={"backup": backup["name"]})
+    assert restored.status_code == 200, restored.text
+    assert sorted(restored.json()["restored"]) == ["img_000.txt", "img_002.txt"] and restored.json()["removed"] == []
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, red, square"
+    assert ["red", 2] in client.get(f"{V1}/datasets/{sid}").json()["tag_frequency"]  # the session read it again
+    newest = client.get(f"{V1}/datasets/{sid}/backups").json()["backups"]
+    assert [b["name"] for b in newest] == [restored.json()["undo_backup"], backup["name"]]
+    assert client.post(f"{V1}/datasets/{sid}/restore").status_code == 200  # no body: the newest, undoing the restore
+    assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, crimson, square"
+    assert_error(client.get(f"{V1}/datasets/zzz/backups"), 404, "session_not_found")
 
 
 def test_opening_a_folder_after_a_restart_reports_the_unsaved_edits_it_restored(services, make_dataset, app_settings,
