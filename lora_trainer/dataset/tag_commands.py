@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .caption_files import RestoreResult, restorable_backups, restore_backup
-from .tag_editor import (DEFAULT_BACKUP_FOLDER, SORT_ORDERS, TagEditor, TagFilter, apply_edit, caption_of, folder_notes, make_edit, open_folder,
-                         save, select, split_tags, tag_counts, unsaved_images)
+from .tag_editor import (DEFAULT_BACKUP_FOLDER, SORT_ORDERS, TagEditor, TagFilter, apply_edit, caption_of, folder_notes,
+                         make_edit, open_folder, save, select, split_tags, tag_counts, unsaved_images)
 
 EXAMPLES = 3  # changed captions shown per edit
 LATEST = "latest"
