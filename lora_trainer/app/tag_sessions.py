@@ -629,7 +629,7 @@ def restore_session_backup(session: TagSession, backup_name: str | None = None) 
         else:
             folder = caption_files.backup_named(editor.backup_dir, backup_name)
         result = caption_files.restore_backup(folder, editor.backup_dir)
-        editor, _ = tag_editor.reload(editor)
+        editor, _ = tag_editor.reload(editor, f"Restore the backup of {backup_title(folder.name)}")
         session.change(lambda _: editor)
 
     def named(path: Path) -> str:  # a backup of a folder moved to another drive names its captions absolutely

@@ -707,8 +707,9 @@ class ReloadReport:
     unreadable: tuple[Path, ...] = ()
 
 
-def reload(editor: TagEditor) -> tuple[TagEditor, ReloadReport]:
-    """Read the folder again without losing unsaved edits; see ``ReloadReport`` for what happens to each image."""
+def reload(editor: TagEditor, why: str = "Reload captions changed on disk") -> tuple[TagEditor, ReloadReport]:
+    """Read the folder again without losing unsaved edits; see ``ReloadReport`` for what happens to each image.
+    ``why`` names the undo step of the captions that changed on disk (a restored backup, another program)."""
     scan = _scan(editor.folder, editor.recursive, editor.caption_extension)
     old_images, new_images = set(editor.images), set(scan.images)
     updated, conflicts = [], []
@@ -739,7 +740,7 @@ def reload(editor: TagEditor) -> tuple[TagEditor, ReloadReport]:
         broken_links=scan.broken_links,
     )
     # the other program's versions arrive as an undoable step, so undo never silently mixes two histories
-    reloaded = record_step(reloaded, "Reload captions changed on disk", {image: tags[image] for image in updated})
+    reloaded = record_step(reloaded, why, {image: tags[image] for image in updated})
     report = ReloadReport(
         updated=tuple(updated),
         conflicts=tuple(conflicts),

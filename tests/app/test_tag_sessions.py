@@ -340,6 +340,7 @@ def test_a_backup_restored_shows_in_the_session_and_is_refused_over_unsaved_edit
     shown = {image["name"]: image["tags"] for image in page["images"]}
     assert shown["img_000.png"] == ["zkchar", "red", "square"] and page["unsaved"] == 0
     assert "extra.png" in shown  # the folder read again from disk
+    assert session.editor.undo_steps[-1].description.startswith("Restore the backup of 20")  # History names it
     newest = tag_sessions.backups_of(session)[0]
     assert (newest.name, newest.captions) == (restored["undo_backup"], 3)
     tag_sessions.restore_session_backup(session)  # the newest: the restore's own backup
