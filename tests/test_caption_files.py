@@ -182,3 +182,19 @@ def test_backups_are_listed_newest_first_with_what_each_holds_and_named_never_by
 def _made(folder: Path) -> Path:
     folder.mkdir(parents=True)
     return folder
+
+
+def test_a_read_only_caption_on_windows_stops_the_save_before_any_caption_changes(tmp_path, monkeypatch):
+    """Windows refuses to replace a read-only file: it failed after the other captions were replaced (a save half
+    done, said only as "could not replace 1 of 4")."""
+    files = {tmp_path / f"{name}.txt": name for name in ("a", "b", "c")}
+    for path, text in files.items():
+        path.write_text(text, encoding="utf-8")
+    held = tmp_path / "b.txt"
+    real_access = os.access
+    monkeypatch.setattr(caption_files, "_ON_WINDOWS", True)
+    monkeypatch.setattr(caption_files.os, "access", lambda path, mode: Path(path) != held and real_access(path, mode))
+    with pytest.raises(UserError, match=r"1 caption file\(s\) are read-only.*b\.txt.*Clear their read-only attribute"):
+        write_captions({path: "new" for path in files}, tmp_path / "backups")
+    assert {path.read_text(encoding="utf-8") for path in files} == {"a", "b", "c"}
+    assert not (tmp_path / "backups").exists()

@@ -90,5 +90,59 @@ def test_restore_mistakes_are_one_sentence_and_change_nothing(tmp_path, capsys):
     assert main(["dataset", "tags", str(folder), "--restore", str(handmade)]) == 2
     assert "copy its files back by hand" in capsys.readouterr().err
     assert main(["dataset", "tags", str(folder), "--restore", "--add", "x"]) == 2
-    assert "in a command of their own" in capsys.readouterr().err
+    assert "so it takes no edits: run that in a command of its own" in capsys.readouterr().err
+    assert captions(folder) == {"a": "zk"}
+
+
+def test_a_kohya_root_folder_is_refused_with_the_way_to_its_images(tmp_path, capsys):
+    """The folder --train_data_dir and `dataset check` take: the images are a level down; it did nothing, exit 0."""
+    folder_of(tmp_path / "train" / "10_zk", {"a": "zk"})
+    assert main(["dataset", "tags", str(tmp_path / "train"), "--add", "hat"]) == 2
+    err = capsys.readouterr().err
+    assert "its sub-folders hold some (10_zk)" in err and "Add --recursive" in err
+    assert main(["dataset", "tags", str(tmp_path / "train"), "--recursive", "--add", "hat"]) == 0
+    assert captions(tmp_path / "train" / "10_zk") == {"a": "zk, hat"}
+
+
+def test_captions_under_the_other_usual_extension_are_not_doubled_by_new_txt_files(tmp_path, capsys):
+    """sd-scripts' default is .caption; an edit with the default .txt wrote new .txt captions beside them."""
+    folder = folder_of(tmp_path / "set", {"a": None, "b": None})
+    for stem in "ab":
+        (folder / f"{stem}.caption").write_text("zk, smile", encoding="utf-8")
+    assert main(["dataset", "tags", str(folder), "--add-front", "zkchar"]) == 2
+    assert "2 image(s) have no .txt caption but a .caption one" in capsys.readouterr().err
+    assert not list(folder.glob("*.txt"))
+    assert main(["dataset", "tags", str(folder)]) == 0  # listing says it as a note
+    assert "note: 2 image(s) have no .txt caption but a .caption one" in capsys.readouterr().out
+    assert main(["dataset", "tags", str(folder), "--caption-extension", ".caption", "--add-front", "zkchar"]) == 0
+    assert (folder / "a.caption").read_text(encoding="utf-8") == "zkchar, zk, smile"
+
+
+def test_option_mistakes_are_one_sentence_and_restore_takes_nothing_it_would_ignore(tmp_path, capsys):
+    import pytest
+
+    folder = folder_of(tmp_path / "set", {"a": "zk"})
+    for arguments, said in ((["--add", ""], "argument --add: give one or more tags"),
+                            (["--top", "0"], "argument --top: give a whole number from 1 up"),
+                            (["--keep-first", "-1", "--sort"], "argument --keep-first: give a whole number from 0 up")):
+        with pytest.raises(SystemExit) as stopped:  # argparse's own exit, not a traceback
+            main(["dataset", "tags", str(folder), *arguments])
+        assert stopped.value.code == 2 and said in capsys.readouterr().err
+    for arguments, said in ((["--keep-first", "1", "--add", "x"], "--keep-first is how many tags --sort leaves"),
+                            (["--replace-regex", "^(.*)$", "\\2"], "the replacement '\\\\2' does not fit the pattern"),
+                            (["--restore", "--dry-run"], "--restore puts a whole backup back as it is, so it takes no "
+                                                         "--dry-run"),
+                            (["--restore", "--with", "zk"], "so it takes no --with"),
+                            (["--restore", "2026-01-01_00-00-00"], "holds no backup '2026-01-01_00-00-00'"),
+                            (["--restore", str(tmp_path / "nowhere" / "x")], "no such folder")):
+        assert main(["dataset", "tags", str(folder), *arguments]) == 2
+        assert said in capsys.readouterr().err
+    assert captions(folder) == {"a": "zk"}
+
+
+def test_restore_takes_a_backup_by_the_name_its_folder_has(tmp_path, capsys):
+    folder = folder_of(tmp_path / "set", {"a": "zk"})
+    assert main(["dataset", "tags", str(folder), "--add", "hat"]) == 0
+    name = next((folder / ".caption-backups").iterdir()).name
+    assert main(["dataset", "tags", str(folder), "--restore", name]) == 0
     assert captions(folder) == {"a": "zk"}

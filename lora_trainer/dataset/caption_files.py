@@ -40,6 +40,7 @@ from lora_trainer.errors import UserError
 from lora_trainer.safe_io import give_permissions, open_temporary_beside, replace_path, write_text
 
 CAPTION_WRITE_ENCODING = "utf-8"
+_ON_WINDOWS = os.name == "nt"
 BACKUP_MANIFEST = "backup.json"  # in each backup folder: where its files go back, and the captions its save created
 BACKUP_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # a backup folder's name: the time of the save that made it
 
@@ -286,6 +287,10 @@ def _replace_all(contents: Mapping[Path, bytes], backup_dir: Path | None, remove
     """Write ``contents`` and delete ``removed``, all or nothing up to the renames, after keeping every current
     version (and what the write creates, in the backup's manifest) in a new folder under ``backup_dir``."""
     targets = list(contents)
+    if held := _read_only([*targets, *removed]):
+        raise UserError(f"{len(held)} caption file(s) are read-only, which Windows does not let a program replace: "
+                        f"{', '.join(str(path) for path in held[:10])}{' …' if len(held) > 10 else ''}. Clear "
+                        "their read-only attribute (Properties), then save again; no caption was changed.")
     temporaries = _run_all_or_clean_up(lambda path: _write_synced(path, contents[path]), targets)
     backup_folder = None
     if backup_dir is not None:
@@ -312,12 +317,22 @@ def _replace_all(contents: Mapping[Path, bytes], backup_dir: Path | None, remove
     if failures:
         raise UserError(
             f"Could not replace {len(failures)} of {len(targets)} captions ({failures[0]}); the others were written"
-            + (f", and the previous versions are in {backup_folder}." if backup_folder else ".")
+            + (f", and the previous versions are in {backup_folder} (restoring that backup puts them back)."
+               if backup_folder else ".")
         )
     for path in removed:
         path.unlink(missing_ok=True)
     written = {target: _stamp(contents[target], os.stat(target)) for target in targets}
     return CaptionWriteResult(written, backup_folder)
+
+
+def _read_only(paths: list[Path]) -> list[Path]:
+    """The files Windows would refuse to replace or delete (their read-only attribute), found before anything is
+    written: one of them failing after the others were replaced left a save half done. Elsewhere a file's own mode
+    does not stop a rename over it."""
+    if not _ON_WINDOWS:
+        return []
+    return [path for path in paths if path.is_file() and not os.access(path, os.W_OK)]
 
 
 def _keep_previous_versions(existing: list[Path], created: list[Path], backup_dir: Path) -> Path:

@@ -13,9 +13,10 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .caption_files import RestoreResult, restorable_backups, restore_backup
-from .tag_editor import (DEFAULT_BACKUP_FOLDER, SORT_ORDERS, TagEditor, TagFilter, apply_edit, caption_of, folder_notes,
-                         make_edit, open_folder, save, select, split_tags, tag_counts, unsaved_images)
+from .caption_files import RestoreResult, backup_named, restorable_backups, restore_backup
+from .tag_editor import (DEFAULT_BACKUP_FOLDER, SORT_ORDERS, TagEditor, TagFilter, apply_edit, as_sentence, caption_of,
+                         captions_elsewhere, empty_folder_note, folder_notes, make_edit, open_folder, other_extension_note, save, select,
+                         split_tags, tag_counts, unsaved_images)
 
 EXAMPLES = 3  # changed captions shown per edit
 LATEST = "latest"
@@ -29,7 +30,23 @@ class _Edit(argparse.Action):
         self.kind, self.build = kind, build
 
     def __call__(self, parser, namespace, values, option_string=None):
-        namespace.edits = [*(getattr(namespace, "edits", None) or []), (self.kind, self.build(values))]
+        try:
+            edit = (self.kind, self.build(values))
+        except argparse.ArgumentTypeError as error:  # an action's own errors are not argparse's to catch
+            parser.error(f"argument {option_string}: {error}")
+        namespace.edits = [*(getattr(namespace, "edits", None) or []), edit]
+
+
+def _at_least(low: int):
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"give a whole number from {low} up, not {text!r}")
+        return value
+    return number
 
 
 def _tags(text: str) -> tuple[str, ...]:
@@ -70,7 +87,7 @@ def add_tags_command(commands) -> None:
                              ("--underscores-to-spaces", "underscores_to_spaces", "long_hair → long hair (not ^_^)"),
                              ("--spaces-to-underscores", "spaces_to_underscores", "long hair → long_hair")):
         edit.add_argument(flag, nargs=0, action=_Edit, kind=kind, build=lambda v: {}, help=text)
-    tags.add_argument("--keep-first", type=int, default=0, metavar="N",
+    tags.add_argument("--keep-first", type=_at_least(0), default=0, metavar="N",
                       help="--sort leaves the first N tags in place (as --keep_tokens keeps them in training)")
     chosen = tags.add_argument_group("which images (default: all)")
     chosen.add_argument("--with", dest="with_tags", metavar="TAGS", type=_tags, default=(),
@@ -82,17 +99,28 @@ def add_tags_command(commands) -> None:
     tags.add_argument("--restore", nargs="?", const=LATEST, metavar="BACKUP",
                       help="put back the captions of a backup folder (default: the newest under FOLDER/.caption-backups; "
                            "the one the last save or restore made), keeping the current ones in a new backup first")
-    tags.add_argument("--top", type=int, default=30, metavar="N", help="without an edit: list this many tags (default 30)")
+    tags.add_argument("--top", type=_at_least(1), default=30, metavar="N", help="without an edit: list this many tags (default 30)")
     tags.set_defaults(run=run_tags, edits=[])
 
 
 def run_tags(args) -> None:
     if args.restore:
-        if args.edits:
-            raise UserError("--restore puts a backup back as it is: run the edits in a command of their own", "restore")
+        given = [option for option, value in (("edits", args.edits), ("--dry-run", args.dry_run), ("--with", args.with_tags),
+                                              ("--without", args.without), ("--matching", args.matching),
+                                              ("--untagged", args.untagged)) if value]
+        if given:
+            raise UserError(f"--restore puts a whole backup back as it is, so it takes no {given[0]}: run that in a "
+                            "command of its own", "restore")
         print(restore_report(restore_backup(_backup(args.folder, args.restore), args.folder / DEFAULT_BACKUP_FOLDER)))
         return
+    if args.keep_first and not any(kind == "sort" for kind, _ in args.edits):
+        raise UserError("--keep-first is how many tags --sort leaves in place: add --sort", "keep_first")
     editor = open_folder(args.folder, recursive=args.recursive, caption_extension=args.caption_extension)
+    if empty := empty_folder_note(editor):  # a Kohya root (train/10_zkchar/): the images are a level down
+        raise UserError(f"{as_sentence(empty)} Add --recursive to edit them all, or name one of those folders.")
+    if args.edits and (elsewhere := captions_elsewhere(editor)):
+        raise UserError(f"{as_sentence(other_extension_note(editor))} Nothing was changed: add --caption-extension "
+                        f"{elsewhere[0]}.", "caption_extension")
     for note in folder_notes(editor):
         print(f"note: {note}")
     tag_filter = TagFilter(all_of=args.with_tags, none_of=args.without, caption_regex=args.matching or None,
@@ -124,10 +152,17 @@ def run_tags(args) -> None:
 
 
 def _backup(folder: Path, chosen: str) -> Path:
-    """The backup folder ``--restore`` names, or the newest of ``folder``'s (their names are their times)."""
-    if chosen != LATEST:
-        return Path(chosen)
+    """The backup folder ``--restore`` names (a path, or a name under the folder's backups as the tab lists them), or
+    the newest of ``folder``'s (their names are their times)."""
     backups = folder / DEFAULT_BACKUP_FOLDER
+    if chosen != LATEST:
+        named = Path(chosen)
+        if len(named.parts) == 1 and not named.exists():
+            return backup_named(backups, chosen)
+        if not named.is_dir():
+            raise UserError(f"--restore {chosen}: no such folder; give a backup under {backups}, by its name or path",
+                            "restore")
+        return named
     found = restorable_backups(backups)
     if not found:
         raise UserError(f"{backups} holds no backup that --restore can put back (backups made from 2026-12-05 on); "

@@ -35,7 +35,7 @@ from lora_trainer.dataset.caption_files import (
     read_image_captions,
     write_captions,
 )
-from lora_trainer.dataset.layouts import broken_links_note, caption_candidates, is_picture_suffix
+from lora_trainer.dataset.layouts import broken_links_note, caption_candidates, is_picture_suffix, other_caption_extension
 from lora_trainer.errors import UserError
 
 Tags = tuple[str, ...]
@@ -124,7 +124,11 @@ class ReplaceText:
         if not self.find:
             raise UserError("Replace needs some text to find.")
         if self.regex:
-            _compiled(self.find)
+            try:  # a group the pattern lacks (\2, \g<name>) failed at the first tag it matched; sub reads the
+                _compiled(self.find).sub(self.replacement, "")  # replacement before it searches
+            except (re.error, IndexError) as error:
+                raise UserError(f"Replace: the replacement {self.replacement!r} does not fit the pattern {self.find!r} "
+                                f"({error}); refer to its groups as \\1 or \\g<name>", "replacement") from None
 
     def _replace(self, text: str) -> str:
         if self.regex:
@@ -519,8 +523,29 @@ def as_sentence(note: str) -> str:
 
 
 def folder_notes(editor: TagEditor) -> list[str]:
-    """What opening the folder found, as sentences (multi-line captions, links to nothing): the tab and the API say it."""
-    return [as_sentence(note) for note in (multiline_note(editor), broken_links_shown_note(editor)) if note]
+    """What opening the folder found, as sentences (captions under the other usual extension, multi-line captions,
+    links to nothing): the tab, the API and ``dataset tags`` say it."""
+    notes = (other_extension_note(editor), multiline_note(editor), broken_links_shown_note(editor))
+    return [as_sentence(note) for note in notes if note]
+
+
+def captions_elsewhere(editor: TagEditor) -> tuple[str, int] | None:
+    """The other usual caption extension (sd-scripts' default is .caption, the taggers write .txt) of the captions
+    beside images that have none of the editor's extension, and how many; None when there are none."""
+    found = Counter(other for image in editor.images if image in editor.tags
+                    and not editor.stamps.get(editor.caption_path(image), NO_FILE).exists
+                    and (other := other_caption_extension(image, editor.caption_extension)))
+    return found.most_common(1)[0] if found else None
+
+
+def other_extension_note(editor: TagEditor) -> str | None:
+    """Images with captions only under the other usual extension: edited so, they would get a second caption file."""
+    if (elsewhere := captions_elsewhere(editor)) is None:
+        return None
+    other, count = elsewhere
+    return (f"{count} image(s) have no {editor.caption_extension} caption but a {other} one beside them: open the folder "
+            f"with the caption extension {other} to edit those (an edit here writes new {editor.caption_extension} "
+            "files beside them)")
 
 
 def multiline_note(editor: TagEditor) -> str | None:
