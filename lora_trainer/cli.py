@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +27,6 @@ def _device(name: str) -> str:
 
 def _reference_folder() -> Path:
     """The ecosystem's reference facts: $LORA_TRAINER_REFERENCE, else the workspace's ../shared/reference."""
-    import os
-
     return Path(os.environ.get("LORA_TRAINER_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")
 
 
@@ -217,9 +216,23 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def take_underscored_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every ``--long-option`` of ``parser`` and its sub-commands also as ``--long_option``, the spelling of
+    sd-scripts and of ``train_network`` (whose hints users copy: ``--caption_extension``), unlisted in the help."""
+    for action in parser._actions:
+        for option in list(action.option_strings):
+            underscored = "--" + option[2:].replace("-", "_")
+            if option.startswith("--") and underscored not in parser._option_string_actions:
+                parser._option_string_actions[underscored] = action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                take_underscored_spellings(sub)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     utf8_when_redirected()
-    args = parser().parse_args(argv)
+    args = take_underscored_spellings(parser()).parse_args(argv)
     try:
         args.run(args)
     except UserError as error:
@@ -228,4 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `… | head` stopped reading: it has what it wanted, and a traceback would follow it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 1
     return 0

@@ -146,3 +146,26 @@ def test_restore_takes_a_backup_by_the_name_its_folder_has(tmp_path, capsys):
     name = next((folder / ".caption-backups").iterdir()).name
     assert main(["dataset", "tags", str(folder), "--restore", name]) == 0
     assert captions(folder) == {"a": "zk"}
+
+
+def test_options_take_sd_scripts_underscored_spelling_too(tmp_path, capsys):
+    """`dataset check` tells users to train with --caption_extension; the same spelling here was "unrecognized"."""
+    folder = folder_of(tmp_path / "set", {"a": None})
+    (folder / "a.caption").write_text("zk", encoding="utf-8")
+    assert main(["dataset", "tags", str(folder), "--caption_extension", ".caption", "--add_front", "zkchar"]) == 0
+    assert (folder / "a.caption").read_text(encoding="utf-8") == "zkchar, zk"
+
+
+def test_a_reader_that_stops_reading_ends_the_command_without_a_traceback(tmp_path):
+    """`lora inspect … --json | head` ended in a BrokenPipeError traceback once head had what it wanted."""
+    import os
+    import subprocess
+    import sys
+
+    folder = folder_of(tmp_path / "set", {"a": ", ".join(f"tag number {index}" for index in range(6000))})
+    reading = subprocess.Popen([sys.executable, "-m", "lora_trainer", "dataset", "tags", str(folder), "--top", "6000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert reading.stdout.read(20)  # more than a pipe holds is still to come
+    reading.stdout.close()
+    assert reading.wait(timeout=60) == 1
+    assert b"Traceback" not in reading.stderr.read()
