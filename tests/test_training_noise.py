@@ -95,3 +95,64 @@ def test_offset_and_pyramid_noise_both_apply_when_both_are_asked_for():
     generator = _generator()
     by_hand = N.pyramid_noise(N.training_noise(latents, generator, noise_offset=0.1), generator, 6, 0.3)
     assert not torch.equal(both, offset_only) and torch.equal(both, by_hand)
+
+
+def test_huber_thresholds_follow_sd_scripts_schedules():
+    """sd-scripts' ``get_huber_threshold_if_needed``: constant c·scale; exponential exp(−(−ln c / T)·t)·scale, so
+    scale at t = 0 falling to c·scale at t = T; snr (1 − c)/(1 + σ)² + c, where huber_scale plays no part."""
+    c, scale = 0.1, 2.0
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(N.huber_threshold(t, "constant", c, scale, ABAR), torch.full((3,), c * scale))
+    exponential = N.huber_threshold(t, "exponential", c, scale, ABAR)
+    torch.testing.assert_close(exponential, scale * c ** (t.double() / 1000), check_dtype=False)
+    sigma = ((1 - ABAR[t].double()) / ABAR[t].double()).sqrt()
+    by_snr = (1 - c) / (1 + sigma) ** 2 + c
+    torch.testing.assert_close(N.huber_threshold(t, "snr", c, scale, ABAR), by_snr, check_dtype=False)
+    torch.testing.assert_close(N.huber_threshold(t, "snr", c, 1.0, ABAR), by_snr, check_dtype=False)
+
+
+def test_timesteps_cover_the_whole_schedule_when_no_bound_is_given():
+    """sd-scripts draws randint(0, T): every timestep from 0 to T − 1, the purest noise included."""
+    t = N.sample_timesteps(20000, _generator(), 1000)
+    assert t.min() == 0 and t.max() == 999
+
+
+def test_input_perturbation_adds_gamma_times_fresh_noise_and_random_strength_scales_gamma():
+    """--ip_noise_gamma: the input is noised with ε + γ·ε' (the target stays ε); with random strength γ·u, u ~ U[0, 1)."""
+    noise = torch.randn(2, 4, 8, 8, generator=_generator(5))
+    reference = _generator()
+    perturbed = N.perturbed_input(noise, _generator(), 0.5)
+    torch.testing.assert_close(perturbed, noise + 0.5 * torch.randn(noise.shape, generator=reference))
+    reference = _generator()
+    strength = 0.5 * float(torch.rand((), generator=reference))
+    random = N.perturbed_input(noise, _generator(), 0.5, random_strength=True)
+    torch.testing.assert_close(random, noise + strength * torch.randn(noise.shape, generator=reference))
+    assert N.perturbed_input(noise, _generator(), None) is noise
+
+
+def test_adaptive_noise_offset_grows_with_the_size_of_each_channels_mean_whatever_its_sign():
+    """sd-scripts' ``apply_noise_offset``: offset + scale·|mean of the channel| (clamped at 0) times one draw per
+    channel; a dark latent (negative mean) gets a larger offset, not a smaller one."""
+    latents = torch.full((2, 4, 8, 8), -1.0)
+    reference = _generator()
+    white = torch.randn(latents.shape, generator=reference)
+    per_channel = torch.randn((2, 4, 1, 1), generator=reference)
+    got = N.training_noise(latents, _generator(), noise_offset=0.1, adaptive_noise_scale=0.5)
+    torch.testing.assert_close(got, white + (0.1 + 0.5 * 1.0) * per_channel)
+
+
+def test_pyramid_noise_adds_each_coarser_level_weighted_by_the_next_power_of_the_discount():
+    """sd-scripts' ``pyramid_noise_like``: level i (shrunk by a random r ∈ [2, 4) to the i-th power) is upsampled
+    and added times discount**i, so the full-size level 0 counts fully; then the sum is rescaled to unit std."""
+    latents = torch.zeros(1, 1, 16, 16)
+    reference = _generator()
+    white = torch.randn(latents.shape, generator=reference)
+    torch.rand((), generator=reference)  # level 0's factor: r**0 = 1 whatever it is
+    level0 = torch.randn(latents.shape, generator=reference)
+    r = float(torch.rand((), generator=reference)) * 2 + 2
+    size = int(16 / r)
+    level1 = torch.nn.functional.interpolate(torch.randn((1, 1, size, size), generator=reference), size=(16, 16),
+                                             mode="bilinear")
+    by_hand = white + level0 + 0.3 * level1
+    got = N.training_noise(latents, _generator(), multires_noise_iterations=2, multires_noise_discount=0.3)
+    torch.testing.assert_close(got, by_hand / by_hand.std())
