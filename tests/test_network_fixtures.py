@@ -8,6 +8,7 @@ user path: read the file, match its names to the model's layers, merge, change t
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from lora_trainer.networks.apply import MergedNetworks, Strength
 from lora_trainer.networks.files import read_network
 from lora_trainer.networks.naming import Target
+from lora_trainer.networks.registry import module_delta
 from reference import REFERENCE
 
 FIXTURES = REFERENCE / "network-fixtures"
@@ -184,3 +186,42 @@ def test_fp8_weights_as_the_webui_stores_them_take_a_network_and_come_back_bit_e
     assert not all(torch.equal(state[k].float(), loaded[k].float()) for k in loaded)
     merged.set_networks([])
     assert all(torch.equal(v.float(), loaded[k].float()) for k, v in model.state_dict().items())
+
+
+# --- ΔW asked for at a strength directly: a layer's forward, `lora bake`, `lora merge` -------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_layers_delta_asked_for_at_half_strength_is_lycoris_own(case):
+    """Merging scales ΔW(1) by the strength where an algorithm is linear in it; a network run as the layers' forward,
+    `lora bake` and `lora merge` ask ``module_delta`` for the strength itself, which must give the same ΔW and Δb."""
+    expected = load_file(FIXTURES / f"{case}.expected.safetensors")
+    with safe_open(str(FIXTURES / f"{case}.expected.safetensors"), "pt") as handle:
+        answer_key = json.loads(handle.metadata()["lora_name_to_module"])
+    network = read_network(FIXTURES / f"{case}.safetensors")
+    for name, path in answer_key.items():
+        delta = module_delta(network.modules[name], expected[f"{path}.weight"], 0.5)
+        assert _close(delta.weight.double(), expected[f"{path}.delta@0.5"]), path
+        if f"{path}.delta_bias@0.5" in expected:
+            assert _close(delta.bias.double(), expected[f"{path}.delta_bias@0.5"]), path
+
+
+def test_a1111s_scale_key_replaces_alpha_over_rank():
+    """The WebUI's optional ``<name>.scale`` (``calc_scale``): when present it is the scale, whatever alpha says."""
+    up, down = torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0, 4.0]])
+    tensors = {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0)}
+    weight = torch.empty(2, 2, device="meta")
+    torch.testing.assert_close(module_delta(tensors, weight).weight, up @ down)  # α/r = 1
+    torch.testing.assert_close(module_delta({**tensors, "scale": torch.tensor(0.25)}, weight).weight, 0.25 * up @ down)
+
+
+def test_constrained_oft_clamps_the_rotation_generator_to_alpha_times_the_output_channels():
+    """LyCORIS's diag-OFT stores ``alpha`` = constraint and clamps ‖Q‖ at constraint · out_dim: one 2×2 block with
+    Q = [[0, q], [−q, 0]] turns W by the Cayley rotation (I + Q)(I − Q)⁻¹ = [[1 − q², 2q], [−2q, 1 − q²]] / (1 + q²)."""
+    weight = torch.eye(2)
+    blocks = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])  # Q = B − Bᵀ has norm √2, far above the constraint
+    alpha = 0.01
+    q = alpha * 2 / math.sqrt(2)  # ‖Q‖ scaled down to alpha · out_dim = 0.02
+    rotation = torch.tensor([[1 - q * q, 2 * q], [-2 * q, 1 - q * q]]) / (1 + q * q)
+    delta = module_delta({"oft_blocks": blocks, "alpha": torch.tensor(alpha)}, weight).weight
+    torch.testing.assert_close(delta, rotation.T @ weight - weight)
