@@ -75,8 +75,9 @@ CASES = [
     (NO_UPSCALE, (1920, 1080), (640, 384), (683, 384)),
     # no-upscale 9:16 is not the transpose of the above branch: width rounding (384x640, error 0.0375) wins
     (NO_UPSCALE, (1080, 1920), (384, 640), (384, 683)),
-    # no-upscale with an area exactly the resolution's: not "larger", so kept as is
-    (NO_UPSCALE, (512, 512), (512, 512), (512, 512)),
+    # no-upscale with an area exactly the resolution's (768·432 = 576²): not "larger", so kept as is and floored to
+    # 768x384; treated as larger it would be re-rounded by the height branch to 683x384 in a 640x384 bucket
+    (dict(NO_UPSCALE, resolution=(576, 576)), (768, 432), (768, 384), (768, 432)),
     # no-upscale ignores min/max and uses the step only: 1000x700 at step 32 → 992x672 (SDXL allows step 32)
     (dict(resolution=(1024, 1024), enable_bucket=True, bucket_no_upscale=True, bucket_reso_steps=32), (1000, 700), (992, 672), (1000, 700)),
 ]
