@@ -58,6 +58,7 @@ def test_a_decimal_comma_and_non_finite_strengths_are_refused(text, message):
 
 def test_whole_number_ranges_are_written_out_as_the_xyz_plots_int_axes_do():
     assert whole_numbers(["1-10 [5]"]) == ["1", "3", "5", "7", "10"]  # np.linspace, rounded down by int()
+    assert whole_numbers(["0-10 [5]"]) == ["0", "2", "5", "7", "10"]  # 0, 2.5, 5, 7.5, 10: a fractional step
     assert whole_numbers(["1-3", "8", "9-5 (-2)", "-1", "x"]) == ["1", "2", "3", "8", "9", "7", "5", "-1", "x"]
     with pytest.raises(UserError, match="an axis takes at most 1000"):
         whole_numbers(["1-100000000"])
