@@ -899,6 +899,23 @@ def test_save_n_epoch_ratio_spaces_the_epoch_files_over_the_run_as_sd_scripts_do
     assert saved_epochs(2, 3) == [1]
 
 
+def test_save_last_n_epochs_counts_saved_files_not_epochs(tmp_path):
+    """sd-scripts removes epoch - save_every_n_epochs × save_last_n_epochs: saving every 2 epochs and keeping 2, the
+    save at epoch 6 removes epoch 2's file and state and keeps epoch 4's."""
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.outputs import OutputPlan
+
+    plan = OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
+                                    "output_dir": str(tmp_path), "output_name": "star", "save_every_n_epochs": 2,
+                                    "save_last_n_epochs": 2, "save_state": True}))
+    for epoch in (2, 4, 6):
+        plan.epoch_path(epoch).write_bytes(b"")
+        plan.state_path(epoch, None).mkdir()
+    plan.prune_epochs(6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["star-000004-state", "star-000004.safetensors",
+                                                          "star-000006-state", "star-000006.safetensors"]
+
+
 def test_a_run_without_an_output_name_names_files_and_states_as_sd_scripts(tmp_path):
     """sd-scripts' DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME and DEFAULT_LAST_OUTPUT_NAME: the states were last-000001-state
     and last-step…-state, which scripts looking for epoch-000001-state (sd-scripts' name) missed."""
