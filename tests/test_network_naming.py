@@ -83,6 +83,25 @@ def test_diffusers_peft_names_and_webui_compvis_names_reach_the_same_layers():
         assert [m.target.module for m in report.matched] == ["input_blocks.1.1.transformer_blocks.0.attn1.to_q"], naming
 
 
+def test_webui_compvis_names_of_an_sdxl_file_reach_each_text_encoders_own_layers():
+    """The WebUI names SDXL's CLIP-L layers ``0_transformer_text_model_…`` and OpenCLIP's ``1_model_transformer_…``
+    (its conditioner's embedders 0 and 1): each must land in its own encoder, not the other's or nowhere."""
+    config = FULL_SIZE["sdxl"]
+    unet, text_encoders, _ = build_models(config)
+    merged = MergedNetworks(model_targets(config, unet, text_encoders),
+                            {"lora_unet": unet, "lora_te1": text_encoders[0], "lora_te2": text_encoders[1]})
+    compvis = group_tensors({
+        "0_transformer_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),
+        "0_transformer_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 4),
+        "1_model_transformer_resblocks_0_mlp_c_fc.lora_down.weight": torch.zeros(4, 1280),
+        "1_model_transformer_resblocks_0_mlp_c_fc.lora_up.weight": torch.zeros(5120, 4),
+    })
+    report = merged.check(compvis)
+    assert report.unmatched == [] and report.problems == []
+    assert sorted((m.target.component, m.target.module) for m in report.matched) == [
+        ("lora_te1", "text_model.encoder.layers.0.mlp.fc1"), ("lora_te2", "transformer.resblocks.0.mlp.c_fc")]
+
+
 def test_sdxl_network_on_sd1_model_is_refused_with_a_reason_and_the_model_is_untouched(tiny_kohya):
     sdxl_file = group_tensors({
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),
