@@ -31,7 +31,8 @@ from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, writ
 from ..sampling.txt2img import GenerationSettings
 from .axes import (EpochFile, check_size, fixed_seeds, glob_escape, is_final_file, is_step_file, parse_values, run_files,
                    step_of, whole_numbers)
-from .render import GridResult, assemble, axes_infotext, check_megapixels, grid_infotext, megapixel_limit, save_grid
+from .render import (GridResult, assemble, axes_infotext, check_megapixels, grid_font_file, grid_infotext,
+                     megapixel_limit, save_grid)
 
 log = logging.getLogger(__name__)
 
@@ -625,11 +626,12 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
             stopped = host.interrupted() and len(done) < len(unique)
     width, height = plan.cells[0][0].settings.width, plan.cells[0][0].settings.height
     blank = Image.new("RGB", (width, height), (128, 128, 128))
-    images = [[done[c.key].image if c.key in done else _grey_cell(blank, skipped[c.key]) if c.key in skipped else blank
-               for c in row] for row in plan.cells]
+    font_file = grid_font_file(host)
+    images = [[done[c.key].image if c.key in done else _grey_cell(blank, skipped[c.key], font_file)
+               if c.key in skipped else blank for c in row] for row in plan.cells]
     infos = [[done[c.key].infotext if c.key in done else "" for c in row] for row in plan.cells]
     legend = f"Lora hashes: {plan.legend}" if plan.legend else ""
-    grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend)
+    grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend, font_file)
     switching = getattr(host, "switching_seconds", 0.0) - switching_before
     result = GridResult(grid, images, time.perf_counter() - started, switching, stopped=stopped,
                         finished=len(done), total=len(unique))
@@ -639,19 +641,21 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     return result
 
 
-def _grey_cell(blank: Image.Image, reason: str) -> Image.Image:
+def _grey_cell(blank: Image.Image, reason: str, font_file: str | None = None) -> Image.Image:
     """A grey cell that says why it was not drawn, wrapped to its width, in a font sized to the cell as the labels'
-    are (the default 10 px could not be read on a 1024 px cell in the grid)."""
+    are (the default 10 px could not be read on a 1024 px cell in the grid), chosen as theirs (``label_font``)."""
     import textwrap
 
     from PIL import ImageDraw
 
-    from .render import _font
+    from .render import drawable, label_font
 
     cell = blank.copy()
     size = max(10, cell.width // 16)
     per_line = max(8, int(cell.width / (size * 0.6)))
-    ImageDraw.Draw(cell).multiline_text((3, 3), textwrap.fill(reason, per_line), fill=(255, 255, 255), font=_font(size))
+    font = label_font(size, reason, font_file)
+    ImageDraw.Draw(cell).multiline_text((3, 3), drawable(textwrap.fill(reason, per_line), font), fill=(255, 255, 255),
+                                        font=font)
     return cell
 
 

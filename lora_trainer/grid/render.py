@@ -3,10 +3,15 @@ infotext. What the cells are and how they are generated is ``plan.py``'s."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import logging
+import os
 import re
+import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +27,8 @@ from ..sampling.txt2img import write_png
 GRID_KEY, GRID_NAME = "Grid", "Prompt-Lora-Grid"
 _PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # the WebUI's re_param (infotext_utils)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GridResult:
@@ -36,20 +43,142 @@ class GridResult:
     total: int = 0  # distinct cells planned
 
 
-def _font(size: int):
+def _default_font(size: int):
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
+    except TypeError:  # Pillow < 10.1 (the WebUI pins 9.5): a bitmap font of one size, Latin-1 only
         return ImageFont.load_default()
 
 
+def _font_file(path: str | Path, size: int):
+    """The font in ``path`` (the first of a .ttc collection), or None where it cannot be read."""
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError:
+        return None
+
+
+# File names of the fonts a label falls back to, preferred first, matched case-insensitively at the start of a
+# file's name: those that draw Chinese, Japanese and Korean as Windows (%WINDIR%\Fonts), macOS and Linux (Noto Sans
+# CJK, WenQuanYi, Droid Sans Fallback) install them, then wide Latin, Greek and Cyrillic ones. Pillow's default font
+# has none of their characters (nor é): 蓝色背景 was drawn as four boxes.
+FALLBACK_FONT_NAMES = ("msyh.", "msgothic.", "simhei.", "yugothr.", "malgun.", "pingfang.", "hiragino sans gb.",
+                       "ヒラギノ角ゴシック w3.", "stheiti light.", "applesdgothicneo.", "arial unicode.", "notosanscjk",
+                       "notoserifcjk", "sourcehansans", "notosanssc-", "notosansjp-", "notosanstc-", "notosanskr-",
+                       "wqy-microhei.", "wqy-zenhei.", "droidsansfallback", "segoeui.", "dejavusans.")
+
+
+def font_folders() -> list[Path]:
+    """Where this system keeps its fonts (the user's own too)."""
+    home = Path.home()
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA")
+        return [Path(os.environ.get("WINDIR", r"C:\Windows")) / "Fonts",
+                *([Path(local) / "Microsoft" / "Windows" / "Fonts"] if local else [])]
+    if sys.platform == "darwin":
+        return [Path("/System/Library/Fonts"), Path("/Library/Fonts"), home / "Library" / "Fonts"]
+    return [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), home / ".local" / "share" / "fonts",
+            home / ".fonts"]
+
+
+def find_fallback_fonts(folders: list[Path]) -> list[Path]:
+    """The font files in ``folders`` (searched recursively) that ``FALLBACK_FONT_NAMES`` names, in its order of
+    preference, regular weights before bold or light ones of the same name."""
+    found = []
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                lowered = unicodedata.normalize("NFC", name).lower()  # macOS may list ギ as キ and a mark
+                rank = next((i for i, prefix in enumerate(FALLBACK_FONT_NAMES) if lowered.startswith(prefix)), None)
+                if rank is not None and lowered.endswith((".ttf", ".ttc", ".otf", ".otc")):
+                    weighted = any(weight in lowered for weight in ("bold", "black", "heavy", "light", "thin", "medium"))
+                    found.append((rank, weighted and "regular" not in lowered, lowered, Path(root) / name))
+    return [path for *_, path in sorted(found)]
+
+
+@functools.cache
+def system_fallback_fonts() -> tuple[Path, ...]:
+    """``find_fallback_fonts`` over this system's font folders, searched once a process."""
+    return tuple(find_fallback_fonts(font_folders()))
+
+
+def undrawable(font, text: str) -> set[str]:
+    """The characters of ``text`` that ``font`` has no glyph for: it draws them as its missing-glyph box (the glyph
+    of a character no font has), or, as a bitmap font, cannot draw them at all (beyond Latin-1). Spaces are never
+    missing."""
+    def glyph(character: str):
+        mask = font.getmask(character)
+        return mask.size, bytes(mask)
+
+    try:
+        box = glyph("\U0010FFFF")
+    except UnicodeEncodeError:  # a bitmap font: Latin-1 only, and no box
+        box = None
+    missing = set()
+    for character in set(text) - set(" \t\n"):
+        try:
+            if glyph(character) == box:
+                missing.add(character)
+        except UnicodeEncodeError:
+            missing.add(character)
+    return missing
+
+
+def label_font(size: int, text: str, font_file: str | Path | None = None):
+    """The font a grid's texts (all of them in ``text``) are drawn in: ``font_file`` (the host's own, such as the
+    WebUI's grid font) or Pillow's default; where it has no glyph for some of their characters (Chinese, Japanese,
+    Korean), the installed font that draws them all, else the most of them (``system_fallback_fonts``, the first of
+    equals). Where some stay boxes, the log says once which font to install."""
+    font = (_font_file(font_file, size) if font_file else None) or _default_font(size)
+    missing = undrawable(font, text)
+    for path in system_fallback_fonts() if missing else ():
+        fallback = _font_file(path, size)
+        if fallback is not None and len(fewer := undrawable(fallback, text)) < len(missing):
+            font, missing = fallback, fewer
+            if not missing:
+                break
+    if missing:
+        _say_no_font("".join(character for character in dict.fromkeys(text) if character in missing))
+    return font
+
+
+_said_no_font: list[str] = []  # what the log said: once a process, not at every grid
+
+
+def _say_no_font(missing: str) -> None:
+    if _said_no_font:
+        return
+    _said_no_font.append(missing)
+    log.warning("Prompt-Lora-Grid: no font installed here draws %s of the grid's labels: they show as boxes; install "
+                "a CJK font (Noto Sans CJK: fonts-noto-cjk on Debian and Ubuntu, google-noto-sans-cjk-fonts on "
+                "Fedora; Windows and macOS come with one), or, in the WebUI, name a font file that has them in its "
+                "setting \"Font for image grids that have text\"", missing)
+
+
+def drawable(text: str, font) -> str:
+    """``text`` as ``font`` can draw it: a bitmap font (Pillow < 10.1) raises on characters beyond Latin-1 where a
+    TrueType font draws a box, so those become "?"."""
+    if isinstance(font, ImageFont.ImageFont):
+        return text.encode("latin-1", "replace").decode("latin-1")
+    return text
+
+
+def grid_font_file(host) -> str | None:
+    """The font file ``host`` labels its own grids in (the WebUI's setting "Font for image grids that have text",
+    else its Roboto), or None: Pillow's default."""
+    font = getattr(host, "grid_font", None)
+    return font() if font else None
+
+
 def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
-             legend: str = "") -> Image.Image:
+             legend: str = "", font_file: str | Path | None = None) -> Image.Image:
     """Cells with column labels on top, row labels on the left (labels may have several lines), a title line above
-    and a legend line below."""
+    and a legend line below, in ``label_font``'s font (``font_file`` first)."""
     width, height = cells[0][0].size
     font_size = max(10, width // 8)
-    font = _font(font_size)
+    font = label_font(font_size, "".join([title, legend, *row_labels, *column_labels]), font_file)
+    title, legend = drawable(title, font), drawable(legend, font)
+    row_labels, column_labels = [drawable(t, font) for t in row_labels], [drawable(t, font) for t in column_labels]
     line = font_size + 4
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_width = max(int(measure.textlength(part, font=font)) for t in row_labels for part in t.split("\n")) + 12

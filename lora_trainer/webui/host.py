@@ -167,6 +167,14 @@ class WebUIHost:
 
         return float(getattr(shared.opts, "img_max_size_mp", 200))
 
+    def grid_font(self) -> str | None:
+        """The font the WebUI labels its own grids in (``images.get_font``): its setting "Font for image grids that
+        have text" (``font``), else its Roboto; a Chinese or Japanese user's font there labels our grids too."""
+        from modules import paths_internal, shared
+
+        font = getattr(shared.opts, "font", "") or getattr(paths_internal, "roboto_ttf_file", None)
+        return str(font) if font else None
+
     def interrupted(self) -> bool:
         from modules import shared
 

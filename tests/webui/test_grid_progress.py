@@ -110,3 +110,20 @@ def test_a_grid_over_the_webuis_maximum_image_size_is_refused_before_any_image(w
     monkeypatch.setitem(webui.shared.opts.data, "img_max_size_mp", 0.02)  # 6 cells of 64×64 are 0.025 megapixels
     _, seen, (path, _, _, _, status) = run_grid_tab(webui, monkeypatch)
     assert "0.02 (the WebUI's \"Maximum image size\" setting)" in status and path is None and not seen
+
+
+def test_the_grid_is_labelled_in_the_webuis_grid_font(webui, monkeypatch, tmp_path):
+    """Its setting "Font for image grids that have text" (``images.get_font``), where a Chinese or Japanese user names
+    a font that has their characters, labels the grid tab's grids as it labels the WebUI's own."""
+    import string
+
+    from grid_fonts import FAMILY, font_with
+
+    from lora_trainer.grid import render
+
+    monkeypatch.setitem(webui.shared.opts.data, "font", str(font_with(tmp_path / "own.ttf", string.printable)))
+    used = []
+    monkeypatch.setattr(render, "label_font", lambda *asked, label_font=render.label_font:
+                        used.append(label_font(*asked)) or used[-1])
+    _, _, (path, _, _, _, status) = run_grid_tab(webui, monkeypatch)
+    assert status.startswith("Grid saved") and used and all(font.getname() == FAMILY for font in used)
