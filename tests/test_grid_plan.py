@@ -74,7 +74,8 @@ def test_the_runs_own_tags_leave_the_prompt_and_other_loras_stay_in_every_cell(l
     plan = plan_grid(asked, library)
     assert prompts(plan) == [["zkstar, , <lora:style:1>", "zkstar, , <lora:style:1> <lora:tinylora:0.5>"]]
     assert plan.notes == ["The grid took <lora:tinylora-000001:0.8> out of the prompt: it sets that LoRA in each cell "
-                          "itself, and the baseline has none.", "<lora:style:1> stays in every cell, the baseline too."]
+                          "itself, and the baseline has none.", "<lora:style:1> stays in every cell, the baseline too.",
+                          "The recommended epoch 1 is not on the epoch axis: add it."]
     by_alias = plan_grid(dataclasses.replace(asked, settings=dataclasses.replace(SETTINGS, prompt="zkstar <lora:tinylora@e1>")),
                          library)
     assert prompts(by_alias) == [["zkstar", "zkstar <lora:tinylora:0.5>"]]
@@ -496,13 +497,37 @@ def test_the_grid_stars_the_trainers_recommendation_and_a_step_file_shows_its_ow
         save_file({"x": torch.zeros(1)}, str(tmp_path / f"{stem}.safetensors"),
                   {"ss_epoch": str(epoch), "ss_steps": str(steps), "lora_trainer.losses": recorded})
     files = run_files(tmp_path / "run.safetensors")
-    assert best_epoch(files).name == "run-000002.safetensors"
+    notes = []
+    assert best_epoch(files, files, notes).name == "run-000002.safetensors" and notes == []
     losses = epoch_losses(files)
     assert losses[tmp_path / "run-step00000025.safetensors"].validation == 0.31
     assert losses[tmp_path / "run-step00000025.safetensors"].training is None
     assert losses[tmp_path / "run-000004.safetensors"].training == 0.105
-    kept = [f for f in files if f.path.name != "run-000002.safetensors"]  # epoch 2 not kept: the nearest kept file
-    assert best_epoch(kept).name == "run-000004.safetensors"
+    # epoch 2 not kept: no file is starred (the nearest kept one is not the recommendation), and the grid says so
+    kept = [f for f in files if f.path.name != "run-000002.safetensors"]
+    assert best_epoch(kept, kept, notes) is None
+    assert notes == ["The recommended epoch is 2, and no file of epoch 2 was kept: to have it, save every epoch "
+                     "(--save_every_n_epochs 1, and --save_last_n_epochs none or larger)."]
+
+
+def test_the_star_is_the_runs_recommended_epoch_and_an_axis_without_it_says_to_add_it(tmp_path):
+    """``grid zkstar --y epoch:1,4`` starred epoch 1, the nearer of those shown to epoch 2, which training and
+    ``lora inspect`` recommend; ``--y epoch:1`` starred 1 from its own losses alone."""
+    from lora_trainer.grid.plan import loss_rows
+    from lora_trainer.networks.tools.inspect import inspect_network
+
+    make_epoch_files(tmp_path, "four", epochs=4)  # the validation loss is lowest at epoch 2
+    assert inspect_network(tmp_path / "four.safetensors").recommended_epoch == 2
+    library = LoraLibrary([tmp_path])
+    for shown in (["1", "4"], ["1"], ["3-4"]):
+        plan = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", shown), lora="four"), library)
+        assert plan.best_epoch is None and not any("recommended" in label for label in plan.row_labels)
+        assert all(row[3] == "" for row in loss_rows(plan))  # the tab's table and the CLI's star none
+        assert plan.notes == ["The recommended epoch 2 is not on the epoch axis: add it."]
+    plan = plan_grid(request(AxisSpec("epoch", ["1", "2", "4"]), AxisSpec("strength", ["1"]), lora="four"), library)
+    assert plan.best_epoch == tmp_path / "four-000002.safetensors" and plan.notes == []
+    assert [label.split("\n")[1] for label in plan.column_labels[1:]] == ["val loss 0.1700", "* recommended", "val loss 0.1900"]
+    assert [row[3] for row in loss_rows(plan)] == ["", "★ recommended", ""]
 
 
 def test_a_grey_cells_reason_is_written_in_a_font_sized_to_the_cell():

@@ -92,7 +92,7 @@ class GridPlan:
     legend: str  # "Lora hashes" of every file the grid uses
     files: list[Path]
     epoch_losses: dict[Path, EpochLoss] = field(default_factory=dict)
-    best_epoch: Path | None = None  # the trainer's recommendation among the grid's epoch files
+    best_epoch: Path | None = None  # the file of the run's recommended epoch, where the grid shows it
     notes: list[str] = field(default_factory=list)  # what the plan changed or left out of the request, in sentences
     file_stats: dict[Path, tuple[int, int]] = field(default_factory=dict)  # size and mtime of each file, when planned
     infotext: dict[str, str] = field(default_factory=dict)  # the grid PNG's Script, X/Y Type and Values
@@ -151,16 +151,32 @@ def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
     return losses
 
 
-def best_epoch(files: list[EpochFile]) -> Path | None:
-    """The trainer's recommendation, made from every epoch it recorded (as the trainer made it at the end), then the
-    kept file of that epoch, or the nearest kept one (the earlier of two as near)."""
+def recommended_epoch(run: list[EpochFile]) -> int | None:
+    """The run's recommended epoch, as the trainer made it at its end and ``lora inspect`` makes it again from a
+    file: ``recommended_from_recorded`` over the losses every file of the run recorded (the files on a grid's axis
+    alone may stop before the epochs that decide it). None where no file recorded losses (sd-scripts' runs)."""
     from ..training.evaluation import recommended_from_recorded
 
-    kept = {f.epoch: f.path for f in reversed(files) if f.epoch is not None and not is_step_file(f.path)}
-    advice = recommended_from_recorded(recorded_losses(files)) if kept else None
-    if advice is None:
+    advice = recommended_from_recorded(recorded_losses(run))
+    return advice.epoch if advice else None
+
+
+def best_epoch(shown: list[EpochFile], run: list[EpochFile], notes: list[str]) -> Path | None:
+    """The file of the run's recommended epoch among the ``shown`` ones (the axis's), which the grid stars; where
+    the axis leaves it out, none is starred (the best of those shown is not the run's best) and ``notes`` says to
+    add it, or, where the run kept no file of it, how to keep one."""
+    from ..training.evaluation import unkept_epoch
+
+    epoch = recommended_epoch(run)
+    if epoch is None:
         return None
-    return kept[min(kept, key=lambda epoch: (abs(epoch - advice.epoch), epoch))]
+    # the first of a kind in training order: at equal steps the final file, which a grid shows before its copy
+    found = next((f.path for f in shown if f.epoch == epoch and not is_step_file(f.path)), None)
+    if found is None and any(f.epoch == epoch and not is_step_file(f.path) for f in run):
+        notes.append(f"The recommended epoch {epoch} is not on the epoch axis: add it.")
+    elif found is None:
+        notes.append(f"The recommended epoch is {epoch}, and {unkept_epoch(epoch)}.")
+    return found
 
 
 def recommended_label(label: str) -> str:
@@ -513,13 +529,13 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     _check_names_resolve(files, library)
     epoch_files = x_files or y_files
     losses = epoch_losses(epoch_files) if epoch_files else {}
+    best = best_epoch(epoch_files, _run_of(request, library), notes) if epoch_files else None
     x_name = xs[0].label if request.x.kind == "lora" and len(xs) == 1 else "LoRA"
     baseline_label = "no LoRA" if request.x.kind != "lora" else f"without {x_name}"
     if request.x.kind == "seed":  # the columns' seeds are not the baseline's: say which one it drew
         baseline_label += f", seed {seed}"
     s = request.settings
     title = f"{s.prompt} | seed {seed} | {s.sampler}, {s.steps} steps, CFG {s.cfg_scale:g}, {s.width}x{s.height}"
-    best = best_epoch(epoch_files) if epoch_files else None
 
     def label(value: _AxisValue, kind: str) -> str:
         return recommended_label(value.label) if kind == "epoch" and best and value.loras == (best,) else value.label

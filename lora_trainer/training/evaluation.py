@@ -70,6 +70,12 @@ def recommended_from_recorded(recorded: dict) -> Recommendation | None:
     return recommend_epoch([training[str(e)] for e in epochs], [validation.get(str(e)) for e in epochs], epochs)
 
 
+def unkept_epoch(epoch: int) -> str:
+    """Said where the recommended ``epoch`` has no file (the trainer's end, the grid)."""
+    return (f"no file of epoch {epoch} was kept: to have it, save every epoch (--save_every_n_epochs 1, and "
+            "--save_last_n_epochs none or larger)")
+
+
 def recommend_epoch(train_losses: list[float], validation_losses: list[float | None],
                     epochs: list[int] | None = None, no_validation: str = "no validation split") -> Recommendation | None:
     """The earliest epoch within ``TIED_WITHIN`` of the lowest validation loss when epochs were validated, else the

@@ -50,7 +50,7 @@ from . import noise as N
 from .control import control_command, control_text, leftover_warning, written_before
 from .data import (TrainingData, build_training_data, check_bucket_steps, check_captions_cacheable, sdxl_sizes,
                    unmarked_caches_warning)
-from .evaluation import outlier_images, recommend_epoch, validation_generator, validation_timesteps
+from .evaluation import outlier_images, recommend_epoch, unkept_epoch, validation_generator, validation_timesteps
 from .events import EventLog
 from .lr_schedules import advance, make_scheduler, resolve_warmup
 from .optimizers import (check_optimizer_importable, clip_grad_norm_, evaluating, is_schedule_free, make_optimizer,
@@ -833,8 +833,7 @@ class TrainingRun:
                                  [state.epoch_validation_loss.get(e) for e in epochs], epochs, self._no_validation())
         reason = advice and advice.reason
         if advice and not (self.plan.epoch_path(advice.epoch).exists() or advice.epoch == epoch and not stopped):
-            reason += (f"; no file of epoch {advice.epoch} was kept: to have it, save every epoch "
-                       "(--save_every_n_epochs 1, and --save_last_n_epochs none or larger)")
+            reason += f"; {unkept_epoch(advice.epoch)}"
         self.events.emit("end", files=[str(p) for p in self.written if p.exists()], steps=state.step, epochs=epoch,
                          stopped=stopped, seconds=round(time.time() - self.started, 2),
                          recommended_epoch=advice.epoch if advice else None, reason=reason,
