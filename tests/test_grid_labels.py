@@ -71,3 +71,50 @@ def test_fallback_fonts_are_found_by_name_in_the_font_folders_preferred_first(tm
         (tmp_path / name).write_bytes(b"")
     assert [path.relative_to(tmp_path).as_posix() for path in find_fallback_fonts([tmp_path, tmp_path / "none"])] == [
         "msyh.ttc", "noto/NotoSansCJK-Regular.ttc", "noto/NotoSansCJK-Bold.ttc", "wqy-zenhei.ttc", "DejaVuSans.ttf"]
+
+
+def text_boxes(layout) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Each drawn text's box, as Pillow measures it in the layout's font."""
+    from PIL import ImageDraw
+
+    from lora_trainer.grid.render import LINE_SPACING
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def boxes(texts):
+        return [measure.multiline_textbbox(at, text, font=layout.font, spacing=LINE_SPACING) for at, text in texts]
+
+    return {"title": boxes([layout.title]), "columns": boxes(layout.column_labels), "rows": boxes(layout.row_labels)}
+
+
+@pytest.mark.parametrize("columns", [
+    ["no LoRA", "blue background, simple", "red background", "zkstar_trigger_word_of_a_long_run"],
+    ["no LoRA", "蓝色背景，简单的背景", "蓝色背景"],
+])
+def test_labels_and_the_title_stay_inside_their_room_on_64_px_cells(columns, tmp_path, monkeypatch, no_font_said):
+    """At 64 px cells the title was cut off ("…4 steps, CFG!") and "blue background, simple" ran into the next
+    column's label: each is wrapped (by words, a longer word or Chinese between characters) to its column."""
+    import string
+
+    from lora_trainer.grid.render import grid_layout
+
+    cjk = font_with(tmp_path / "NotoSansCJK-Regular.ttc", string.printable + "".join(columns))
+    monkeypatch.setattr(render, "system_fallback_fonts", lambda: (cjk,))
+    rows = ["epoch 1 (10 steps)\n* recommended\nval loss 0.1500", "epoch 2 (20 steps)\nval loss 0.1700"]
+    title = "zkstar, shapes, simple background | seed 11 | DPM++ 2M Karras, 4 steps, CFG 5, 64x64"
+    cells = [[Image.new("RGB", (64, 64), "red")] * len(columns)] * len(rows)
+    legend = "Lora hashes: tinylora-000001: 0123456789ab, tinylora: ba9876543210"
+    grid, layout = assemble(cells, rows, columns, title, legend), grid_layout((64, 64), rows, columns, title, legend)
+    assert grid.size == layout.size
+    boxes = text_boxes(layout)
+    left, top = layout.cells_at
+    for c, ((_, text), box) in enumerate(zip(layout.column_labels, boxes["columns"])):
+        assert left + 64 * c <= box[0] and box[2] <= left + 64 * (c + 1), (text, box)  # inside its own column
+        assert box[1] >= boxes["title"][0][3] and box[3] <= top  # below the title, above the cells
+        assert text.replace("\n", "").replace(" ", "") == columns[c].replace(" ", "")  # every character, in order
+    assert layout.column_labels[1][1].count("\n") >= 1  # the long label wrapped
+    title_box = boxes["title"][0]
+    assert title_box[0] >= 0 and title_box[2] <= grid.width and layout.title[1].replace("\n", " ") == title
+    assert all(box[2] <= left for box in boxes["rows"])  # row labels left of the cells
+    assert layout.title[1].count("\n") >= 1  # wrapped, not cut off at the grid's edge
+

@@ -50,6 +50,15 @@ def test_a_baseline_beside_seed_columns_names_its_own_seed(library):
     assert [cell.settings.seed for cell in plan.cells[0]] == [7, 1, 2]
 
 
+def test_the_title_of_a_grid_with_a_seed_axis_names_no_single_seed(library):
+    """It said "seed 7", the form's seed, which only the baseline was drawn at."""
+    by_column = plan_grid(request(AxisSpec("seed", ["1", "2"]), AxisSpec("strength", ["1"])), library)
+    by_row = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1", "2"])), library)
+    assert " | seeds per column | " in by_column.title and " | seeds per row | " in by_row.title
+    assert "seed 7" not in by_column.title + by_row.title
+    assert " | seed 7 | " in plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", [])), library).title
+
+
 def test_epoch_by_strength_finds_the_run_files_and_adds_a_baseline_column(library):
     plan = plan_grid(request(AxisSpec("strength", ["0.5-1.0 (+0.5)"]), AxisSpec("epoch", [])), library)
     assert prompts(plan) == [

@@ -535,7 +535,9 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     if request.x.kind == "seed":  # the columns' seeds are not the baseline's: say which one it drew
         baseline_label += f", seed {seed}"
     s = request.settings
-    title = f"{s.prompt} | seed {seed} | {s.sampler}, {s.steps} steps, CFG {s.cfg_scale:g}, {s.width}x{s.height}"
+    # a seed axis gives each column (or row) its own seed: "seed 11" was the baseline's alone
+    seeds = "seeds per column" if request.x.kind == "seed" else "seeds per row" if request.y.kind == "seed" else f"seed {seed}"
+    title = f"{s.prompt} | {seeds} | {s.sampler}, {s.steps} steps, CFG {s.cfg_scale:g}, {s.width}x{s.height}"
 
     def label(value: _AxisValue, kind: str) -> str:
         return recommended_label(value.label) if kind == "epoch" and best and value.loras == (best,) else value.label
@@ -658,20 +660,17 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
 
 
 def _grey_cell(blank: Image.Image, reason: str, font_file: str | None = None) -> Image.Image:
-    """A grey cell that says why it was not drawn, wrapped to its width, in a font sized to the cell as the labels'
-    are (the default 10 px could not be read on a 1024 px cell in the grid), chosen as theirs (``label_font``)."""
-    import textwrap
-
+    """A grey cell that says why it was not drawn, wrapped to its width as the labels are, in a font sized to the
+    cell as theirs (the default 10 px could not be read on a 1024 px cell in the grid), chosen as theirs."""
     from PIL import ImageDraw
 
-    from .render import drawable, label_font
+    from .render import _wrap, drawable, label_font
 
     cell = blank.copy()
-    size = max(10, cell.width // 16)
-    per_line = max(8, int(cell.width / (size * 0.6)))
-    font = label_font(size, reason, font_file)
-    ImageDraw.Draw(cell).multiline_text((3, 3), drawable(textwrap.fill(reason, per_line), font), fill=(255, 255, 255),
-                                        font=font)
+    font = label_font(max(10, cell.width // 16), reason, font_file)
+    draw = ImageDraw.Draw(cell)
+    draw.multiline_text((3, 3), "\n".join(_wrap(drawable(reason, font), font, cell.width - 6, draw)),
+                        fill=(255, 255, 255), font=font)
     return cell
 
 

@@ -170,49 +170,98 @@ def grid_font_file(host) -> str | None:
     return font() if font else None
 
 
+LINE_SPACING = 4  # between the lines of a label
+MARGIN = 6  # around the labels, the title and the legend (a column label keeps MARGIN // 2 from its cell's sides)
+
+
+@dataclass
+class GridLayout:
+    """Where ``assemble`` draws each text, every one wrapped to the room it has: a column label to its column, a row
+    label to the row labels' column (at most two cells wide), the title and the legend to the grid's width."""
+
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont
+    size: tuple[int, int]  # the whole grid's
+    cells_at: tuple[int, int]  # the top left cell's corner
+    title: tuple[tuple[int, int], str]  # (where, wrapped text); no text: no title
+    column_labels: list[tuple[tuple[int, int], str]]
+    row_labels: list[tuple[tuple[int, int], str]]
+    legend: tuple[tuple[int, int], str]
+
+
+def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels: list[str], title: str = "",
+                legend: str = "", font_file: str | Path | None = None) -> GridLayout:
+    """The texts of ``assemble``'s grid, placed and wrapped (``_wrap``) in ``label_font``'s font (``font_file``
+    first), sized to the cells (an eighth of their width, 10 px at least)."""
+    width, height = cell_size
+    font = label_font(max(10, width // 8), "".join([title, legend, *row_labels, *column_labels]), font_file)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def wrapped(text: str, room: int, separator: str = " ") -> str:
+        return "\n".join(_wrap(drawable(text, font), font, room, measure, separator))
+
+    def bottom(text: str) -> int:
+        return int(measure.multiline_textbbox((0, 0), text, font=font, spacing=LINE_SPACING)[3]) if text else 0
+
+    rows = [wrapped(label, 2 * width - 2 * MARGIN) for label in row_labels]
+    columns = [wrapped(label, width - MARGIN // 2) for label in column_labels]  # the next one starts MARGIN // 2 in
+    left = max((int(measure.multiline_textbbox((0, 0), text, font=font, spacing=LINE_SPACING)[2]) for text in rows if text),
+               default=0) + 2 * MARGIN
+    total_width = left + width * len(columns)
+    title_text = wrapped(title, total_width - 2 * MARGIN)
+    legend_text = wrapped(legend, total_width - 2 * MARGIN, ", ")  # a legend lists name: hash, name: hash
+    column_top = bottom(title_text) + MARGIN + (MARGIN if title_text else 0)
+    top = column_top + max(map(bottom, columns), default=0) + MARGIN
+    legend_top = top + height * len(rows) + 2
+    return GridLayout(
+        font=font,
+        size=(total_width, legend_top + (bottom(legend_text) + MARGIN if legend_text else 0)),
+        cells_at=(left, top),
+        title=((MARGIN, MARGIN), title_text),
+        column_labels=[((left + c * width + MARGIN // 2, column_top), text) for c, text in enumerate(columns)],
+        row_labels=[((MARGIN, top + r * height + (height - bottom(text)) // 2), text) for r, text in enumerate(rows)],
+        legend=((MARGIN, legend_top), legend_text),
+    )
+
+
 def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
              legend: str = "", font_file: str | Path | None = None) -> Image.Image:
-    """Cells with column labels on top, row labels on the left (labels may have several lines), a title line above
-    and a legend line below, in ``label_font``'s font (``font_file`` first)."""
+    """Cells with column labels on top, row labels on the left (labels may have several lines), a title above and a
+    legend below, each wrapped to its room (``grid_layout``)."""
     width, height = cells[0][0].size
-    font_size = max(10, width // 8)
-    font = label_font(font_size, "".join([title, legend, *row_labels, *column_labels]), font_file)
-    title, legend = drawable(title, font), drawable(legend, font)
-    row_labels, column_labels = [drawable(t, font) for t in row_labels], [drawable(t, font) for t in column_labels]
-    line = font_size + 4
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = max(int(measure.textlength(part, font=font)) for t in row_labels for part in t.split("\n")) + 12
-    column_lines = max((label.count("\n") + 1 for label in column_labels), default=1)
-    title_height = line + 4 if title else 0
-    top = title_height + column_lines * line + 8
-    total_width = label_width + width * len(column_labels)
-    legend_lines = _wrap(legend, font, total_width - 12, measure) if legend else []
-    bottom = len(legend_lines) * line + 4 if legend else 0
-    grid = Image.new("RGB", (total_width, top + height * len(row_labels) + bottom), "white")
+    layout = grid_layout((width, height), row_labels, column_labels, title, legend, font_file)
+    grid = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((6, 4), title, fill="black", font=font)
-    for c, label in enumerate(column_labels):
-        draw.multiline_text((label_width + c * width + 4, title_height + 4), label, fill="black", font=font, spacing=4)
-    for r, label in enumerate(row_labels):
-        lines = label.count("\n") + 1
-        draw.multiline_text((6, top + r * height + height // 2 - lines * line // 2), label, fill="black", font=font, spacing=4)
-        for c, cell in enumerate(cells[r]):
-            grid.paste(cell, (label_width + c * width, top + r * height))
-    if legend_lines:
-        draw.multiline_text((6, top + height * len(row_labels) + 2), "\n".join(legend_lines), fill="black", font=font, spacing=4)
+    for at, text in [layout.title, *layout.column_labels, *layout.row_labels, layout.legend]:
+        if text:
+            draw.multiline_text(at, text, fill="black", font=layout.font, spacing=LINE_SPACING)
+    left, top = layout.cells_at
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            grid.paste(cell, (left + c * width, top + r * height))
     return grid
 
 
-def _wrap(text: str, font, width: int, measure) -> list[str]:
-    """Lines no wider than ``width``, broken after commas (a legend lists ``name: hash, name: hash``)."""
-    lines = [""]
-    for part in text.split(", "):
-        candidate = f"{lines[-1]}, {part}" if lines[-1] else part
-        if lines[-1] and measure.textlength(candidate, font=font) > width:
-            lines.append(part)
-        else:
-            lines[-1] = candidate
+def _wrap(text: str, font, width: int, measure, separator: str = " ") -> list[str]:
+    """Lines no wider than ``width``: ``text``'s own lines broken between its parts (words; a legend's ``name:
+    hash`` after its comma), a part wider than a line by itself between its characters (a long name, Chinese or
+    Japanese, which has no spaces)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for part in paragraph.split(separator):
+            joined = f"{line}{separator}{part}" if line else part
+            if measure.textlength(joined, font=font) <= width:
+                line = joined
+                continue
+            if line:
+                lines.append(line)
+            line = ""
+            for character in part:
+                if line and measure.textlength(line + character, font=font) > width:
+                    lines.append(line)
+                    line = ""
+                line += character
+        lines.append(line)
     return lines
 
 
