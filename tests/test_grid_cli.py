@@ -79,6 +79,9 @@ def test_axis_values_in_double_quotes_keep_their_commas(runs, tmp_path, capsys):
     (["--sampler", "UniPC"], "--sampler: 'UniPC' is not a sampler here; use one of Euler, Euler a, DPM++ 2M Karras"),
     (["--strength", "0.5, 1"], "--strength 0.5, 1: give one strength, such as 0.8 (several go on an axis"),
     (["--steps", 0], "--steps: give a whole number from 1 to 150"),  # was a traceback from the sampler
+    # said after the losses were printed, from the first cell, naming no option
+    (["--width", 100], "--width: 100 is not a multiple of 8 (the image's sides must be); give 96 or 104"),
+    (["--height", 2047], "--height: 2047 is not a multiple of 8 (the image's sides must be); give 2040"),
     (["--cfg", "nan"], "--cfg-scale: give a number from 0.0 to 100.0"),
     (["--y", "checkpoint:tiny-sd, missing.safetensors"],  # the bundled model by its name, as --model takes it
      "checkpoint axis: missing.safetensors is not a checkpoint file; give .safetensors or .ckpt files, or tiny-sd"),

@@ -406,13 +406,24 @@ SETTING_RANGES = {"steps": (int, 1, 150), "seed": (int, -1, 2**32 - 1), "width":
                   "height": (int, 64, 2048), "clip_skip": (int, 1, 12), "cfg_scale": (float, 0.0, 100.0)}
 
 
+# settings that must be a multiple of a step: an image's sides (the latent image is an eighth of it)
+SETTING_MULTIPLES = {"width": 8, "height": 8}
+
+
 def checked_setting(key: str, value, name: str) -> int | float:
-    """A setting of ``SETTING_RANGES`` as its type; a value of another type or out of its range is refused, naming
-    ``name`` (the API's key, the CLI's option). True and false are not numbers here (Python counts them as ints)."""
+    """A setting of ``SETTING_RANGES`` as its type; a value of another type, out of its range or, for the image's
+    sides, not a multiple of 8 (``SETTING_MULTIPLES``; the nearest ones suggested) is refused, naming ``name`` (the
+    API's key, the CLI's option, the tab's field). True and false are not numbers here (Python counts them as ints)."""
     kind, low, high = SETTING_RANGES[key]
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value)
             or not low <= value <= high):
         raise UserError(f"{name}: give a {'whole ' if kind is int else ''}number from {low} to {high}", name)
+    step = SETTING_MULTIPLES.get(key)
+    if step and value % step:
+        below = int(value) // step * step
+        nearest = [side for side in (below, below + step) if low <= side <= high]
+        raise UserError(f"{name}: {value:g} is not a multiple of {step} (the image's sides must be); give "
+                        f"{' or '.join(map(str, nearest))}", name)
     return kind(value)
 
 

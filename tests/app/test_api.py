@@ -797,6 +797,9 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
         key = next(iter(wrong))
         assert_error(client.post(f"{V1}/grids", json={**body, "settings": {**body["settings"], **wrong}}), 400,
                      field=f"settings.{key}")
+    not_eighths = assert_error(client.post(f"{V1}/grids", json={**body, "settings": {**body["settings"], "width": 100}}),
+                               400, field="settings.width")
+    assert not_eighths["message"] == "settings.width: 100 is not a multiple of 8 (the image's sides must be); give 96 or 104"
     # a sampler the host lacks: the WebUI would draw every cell with its default one instead
     error = assert_error(client.post(f"{V1}/grids", json={**body, "settings": {"sampler": "Eular a"}}), 400,
                          field="settings.sampler")

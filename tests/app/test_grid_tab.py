@@ -54,6 +54,8 @@ def test_runs_are_listed_and_an_epoch_by_strength_grid_goes_through_the_host(ser
 def test_mistakes_and_interrupts_are_reported_in_the_status(services, fake_host, run):
     assert "does not occur in the prompt" in generate(services, run, x_kind="prompt", x_values="cat, dog")[4]
     assert "no LoRA named" in generate(services, "nosuch")[4]
+    assert generate(services, run, width=100)[4] == "⚠ Width: 100 is not a multiple of 8 (the image's sides must be); give 96 or 104"
+    assert not fake_host.generated  # refused before the first image
     fake_host.interrupt_after = 2
     assert generate(services, run)[4].startswith("Interrupted")
     assert grid_tab.interrupt(services, {}) == "No grid of this tab is being generated: nothing to interrupt."

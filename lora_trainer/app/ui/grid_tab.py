@@ -12,8 +12,8 @@ import gradio as gr
 
 from ...errors import UserError
 from ...grid.axes import run_files, typed_values
-from ...grid.plan import (AXIS_KINDS, DEFAULT_X_AXIS, DEFAULT_Y_AXIS, LOSS_COLUMNS, AxisSpec, GridRequest, loss_rows,
-                          loss_text, plan_for_host, promote, run_grid)
+from ...grid.plan import (AXIS_KINDS, DEFAULT_X_AXIS, DEFAULT_Y_AXIS, LOSS_COLUMNS, AxisSpec, GridRequest,
+                          checked_setting, loss_rows, loss_text, plan_for_host, promote, run_grid)
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
 from .compat import table
@@ -73,8 +73,9 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
         session["stop"] = stop
     _RUNNING.add(stop)
     try:
+        width, height = checked_setting("width", width, "Width"), checked_setting("height", height, "Height")
         settings = GenerationSettings(prompt or "", negative or "", int(steps), sampler, float(cfg), int(seed),
-                                      int(width), int(height), scheduler=scheduler or "")
+                                      width, height, scheduler=scheduler or "")
         request = GridRequest(AxisSpec(x_kind, typed_values(x_kind, x_values)),
                               AxisSpec(y_kind, typed_values(y_kind, y_values)), settings, lora=run or "",
                               strength=1.0 if strength in (None, "") else float(strength),  # 0 is a strength
