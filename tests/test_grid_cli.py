@@ -141,7 +141,7 @@ def test_ctrl_c_stops_after_the_current_cell_and_saves_the_cells_drawn(runs, tmp
         main(["grid", "tinylora", "--lora-dir", str(runs), "--x", "strength:0.5, 1", "--y", "epoch:2", "--no-baseline",
               "--steps", "1", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
-    assert stopped.value.code == 130 and "interrupted after 1 of 2 cells: the cells not drawn are grey" in err
+    assert stopped.value.code == 130 and "interrupted after 1 of 2 images; the rest are grey" in err
     path = Path(out.splitlines()[-1])  # the grid with the cell drawn, the other grey, and that cell alone
     assert sorted(tmp_path.iterdir()) == sorted([path, path.with_name(f"{path.stem}-r00-c00.png")])
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C stops the process again

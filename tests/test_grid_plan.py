@@ -346,6 +346,21 @@ def test_a_host_batch_spans_the_grid_and_a_cut_short_cell_stays_grey(library, tm
     assert [p.name[-11:] for p in result.cell_paths] == ["r00-c00.png", "r00-c02.png"]  # no file for the grey cell
 
 
+def test_an_interrupted_grid_counts_the_images_it_drew_as_the_grid_counts_them(library, tmp_path):
+    """After Ctrl-C the grid command said "2 of 7 cells" (distinct cells) beside "grid of 3 × 3 images"."""
+    from lora_trainer.grid.plan import unfinished_images
+
+    plan = plan_grid(request(AxisSpec("epoch", []), AxisSpec("strength", ["0.25, 0.5, 1"])), library)
+    result = run_grid(BatchHost(interrupt_at=3), plan, tmp_path / "grid")
+    assert plan.size == (3, 3) and (result.finished, result.total) == (2, 7)
+    assert unfinished_images(result, plan) == ("interrupted after 2 of 7 distinct images (the baseline cells share "
+                                               "one); the rest are grey")
+    whole = plan_grid(request(AxisSpec("epoch", []), AxisSpec("strength", ["1"]), baseline=False), library)
+    result = run_grid(BatchHost(cut_short=(2,)), whole, tmp_path / "grid")
+    assert unfinished_images(result, whole) == "1 of 2 images were skipped; they are grey"
+    assert unfinished_images(run_grid(BatchHost(), whole, None), whole) is None
+
+
 def test_a_cell_whose_lora_file_was_deleted_or_rewritten_during_the_grid_is_grey_and_says_why(loras, tmp_path):
     """The host drew without the deleted file (or with the rewritten file's weights) under the planned label."""
     run = tmp_path / "Lora"

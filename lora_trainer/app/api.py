@@ -959,7 +959,7 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
     one_at_a_time = threading.Lock()  # one model, one GPU: grids queue behind each other
 
     def run(status: GridStatus, plan) -> None:
-        from ..grid.plan import run_grid
+        from ..grid.plan import run_grid, unfinished_images
 
         with one_at_a_time:
             status.status = "running"
@@ -974,8 +974,8 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
                 status.status = "stopped" if result.stopped else "finished"
                 if result.path is None:
                     status.message = "no cell finished (interrupted or skipped): nothing was saved"
-                elif result.finished < result.total:
-                    status.message = f"{result.finished} of {result.total} cells finished; the others are grey"
+                else:
+                    status.message = unfinished_images(result, plan)
                 warnings = getattr(services.host, "take_warnings", lambda: [])()  # a LoRA not found or not fitting
                 if warnings or plan.notes:
                     status.message = "; ".join(filter(None, [status.message, *plan.notes, *warnings]))

@@ -77,7 +77,8 @@ def draw_grid(args) -> Path | None:
     from ..console import progress_callback
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
-    from .plan import SETTING_RANGES, GridRequest, checked_setting, host_sampler, plan_for_host, run_grid
+    from .plan import (SETTING_RANGES, GridRequest, checked_setting, host_sampler, plan_for_host, run_grid,
+                       unfinished_images)
 
     strengths = parse_values(args.strength)
     if len(strengths) != 1:
@@ -123,10 +124,8 @@ def draw_grid(args) -> Path | None:
     if result.path is None:
         print("interrupted before the first cell finished: nothing was saved" if result.stopped else
               "no cell finished (every one was skipped): nothing was saved", file=sys.stderr)
-    elif result.stopped:
-        print(f"interrupted after {result.finished} of {result.total} cells: the cells not drawn are grey", file=sys.stderr)
-    elif result.finished < result.total:
-        print(f"{result.total - result.finished} of {result.total} cells were skipped (grey)", file=sys.stderr)
+    elif unfinished := unfinished_images(result, plan):
+        print(unfinished, file=sys.stderr)
     if result.path is not None:
         rows, columns = plan.size
         print(f"grid of {rows} × {columns} images in {result.seconds:.1f} s", file=sys.stderr)

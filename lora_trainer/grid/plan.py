@@ -96,6 +96,7 @@ class GridPlan:
     notes: list[str] = field(default_factory=list)  # what the plan changed or left out of the request, in sentences
     file_stats: dict[Path, tuple[int, int]] = field(default_factory=dict)  # size and mtime of each file, when planned
     infotext: dict[str, str] = field(default_factory=dict)  # the grid PNG's Script, X/Y Type and Values
+    baseline: bool = False  # the first column is the row without what the columns bring
 
     @property
     def size(self) -> tuple[int, int]:
@@ -565,6 +566,7 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
         notes=notes,
         file_stats={path: _stat(path) for path in files},
         infotext=axes_infotext({"X": (request.x, xs), "Y": (request.y, ys)}),
+        baseline=request.baseline,
     )
 
 
@@ -668,6 +670,24 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
         result.path, result.cell_paths = save_grid(grid, images, infos, Path(out_folder),
                                                    grid_infotext(infos, {**plan.infotext, "Lora hashes": plan.legend}))
     return result
+
+
+def unfinished_images(result: GridResult, plan: GridPlan) -> str | None:
+    """What a grid that did not draw every image says (None where it drew them all), in the images of its rows ×
+    columns that the grid's own line counts, where the cells counted were distinct images (the baseline shared by
+    every row is drawn once): "2 of 7 cells" read wrong beside "grid of 3 × 3 images"."""
+    if not result.stopped and result.finished >= result.total:
+        return None
+    rows, columns = plan.size
+    images = "images"
+    if result.total < rows * columns:
+        baseline_once = plan.baseline and len({row[0].key for row in plan.cells}) == 1
+        shared = "the baseline cells share one" if baseline_once and rows * columns - result.total == rows - 1 \
+            else "identical cells share one"
+        images = f"distinct images ({shared})"
+    if result.stopped:
+        return f"interrupted after {result.finished} of {result.total} {images}; the rest are grey"
+    return f"{result.total - result.finished} of {result.total} {images} were skipped; they are grey"
 
 
 def _grey_cell(blank: Image.Image, reason: str, font_file: str | None = None) -> Image.Image:

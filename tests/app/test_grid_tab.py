@@ -160,7 +160,7 @@ def test_interrupt_stops_the_grid_of_the_tab_that_pressed_it(services, fake_host
     fake_host.generate = generate_pressing
     status = generate(services, run, session=tab_a)[4]
     assert pressed[0].startswith("Interrupting") and "Grid saved" in pressed[1]  # B's grid ran, A's flag stayed
-    assert status.startswith("Interrupted after 1 of 5 cells")
+    assert status.startswith("Interrupted after 1 of 5 distinct images")
 
 
 def test_a_tab_without_a_grid_stops_another_tabs_grid_when_pressed_twice(services, fake_host, run):
@@ -177,7 +177,7 @@ def test_a_tab_without_a_grid_stops_another_tabs_grid_when_pressed_twice(service
     status = generate(services, run, session={})[4]
     assert "press Interrupt again within 10 s to stop it" in pressed[0]
     assert pressed[1].startswith("Interrupting the grid another tab started")
-    assert status.startswith("Interrupted after 1 of 5 cells")
+    assert status.startswith("Interrupted after 1 of 5 distinct images")
     assert grid_tab.interrupt(services, other_tab) == "No grid of this tab is being generated: nothing to interrupt."
 
 

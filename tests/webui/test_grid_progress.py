@@ -57,7 +57,8 @@ def test_interrupt_stops_the_grid_and_keeps_the_finished_cells(webui, monkeypatc
 
     _, seen, (path, cells, _, _, status) = run_grid_tab(webui, monkeypatch, press_interrupt)
     assert len(seen) == 3  # no cell after the interrupted one
-    assert status.startswith("Interrupted after 2 of 5 cells") and "Grid saved" in status
+    assert status.startswith("Interrupted after 2 of 5 distinct images (the baseline cells share one); the rest are "
+                             "grey. Grid saved")
     assert Path(path).is_file()
     # row 1: baseline, 0.5, 1 → the first two drawn, the third (cut short) grey; row 2: baseline shared, rest grey
     assert [grey(c) for c in cells] == [False, False, True, False, True, True]
@@ -80,7 +81,7 @@ def test_skip_leaves_that_cell_grey_and_the_grid_goes_on(webui, monkeypatch):
             webui.shared.state.skip()
 
     _, seen, (_, cells, _, _, status) = run_grid_tab(webui, monkeypatch, press_skip)
-    assert len(seen) == 5 and status.startswith("1 of 5 cells were skipped (grey). Grid saved")
+    assert len(seen) == 5 and status.startswith("1 of 5 distinct images (the baseline cells share one) were skipped; they are grey. Grid saved")
     assert [grey(c) for c in cells] == [False, True, False, False, False, False]
 
 

@@ -13,7 +13,7 @@ import gradio as gr
 from ...errors import UserError
 from ...grid.axes import run_files, typed_values
 from ...grid.plan import (AXIS_KINDS, DEFAULT_X_AXIS, DEFAULT_Y_AXIS, LOSS_COLUMNS, AxisSpec, GridRequest,
-                          checked_setting, loss_rows, loss_text, plan_for_host, promote, run_grid)
+                          checked_setting, loss_rows, loss_text, plan_for_host, promote, run_grid, unfinished_images)
 from ...networks.activation import LoraLibrary
 from ...sampling.txt2img import GenerationSettings
 from .compat import table
@@ -98,11 +98,8 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
         note = f"Grid saved: {result.path} ({result.seconds:.1f} s"
         note = (f"Checkpoint {base}, the one the LoRA was trained on. " if base else "") + note
         note += f", switching LoRAs {result.switching_seconds:.2f} s)." if result.switching_seconds else ")."
-        if result.stopped:
-            note = (f"Interrupted after {result.finished} of {result.total} cells: the cells not generated are grey. "
-                    + note)
-        elif result.finished < result.total:
-            note = f"{result.total - result.finished} of {result.total} cells were skipped (grey). " + note
+        if unfinished := unfinished_images(result, plan):
+            note = f"{unfinished[0].upper()}{unfinished[1:]}. {note}"
     if plan.notes:  # what the plan did to the prompt, step files left out
         note += " " + " ".join(f"{n.rstrip('.')}." for n in plan.notes)
     warnings = getattr(services.host, "take_warnings", lambda: [])()
