@@ -98,6 +98,10 @@ def test_a_run_not_found_names_the_folders_searched(runs, tmp_path, capsys):
                                  "give its name there, the path of one of its files, or its folder with --lora-dir\n")
     code, _, err = grid(capsys, tmp_path / "gone.safetensors")
     assert code == 2 and err.startswith(f"error: {tmp_path / 'gone.safetensors'}: no such LoRA file")
+    # a LoRA axis's name: the folders searched, and --lora-dir, not the tab's refresh
+    code, _, err = grid(capsys, "tinylora", "--lora-dir", runs, "--x", "lora:stlye")
+    assert code == 2 and err == (f"error: LoRA axis: no LoRA named 'stlye' in the Lora folder ({runs}); check the name, "
+                                 "or add the folder that has it with --lora-dir\n")
 
 
 def test_the_size_defaults_to_the_models_own(runs, tmp_path, capsys, monkeypatch):

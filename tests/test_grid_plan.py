@@ -271,11 +271,17 @@ def test_an_epoch_file_shadowed_by_a_file_of_the_same_name_in_another_folder_is_
                                         r".*a/dup-000001.safetensors of this grid: rename or move one of the two files"):
         plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="dup"), LoraLibrary([tmp_path]))
 
-def test_bad_grids_are_refused_and_big_ones_need_confirmation(library):
+def test_bad_grids_are_refused_and_big_ones_need_confirmation(library, loras):
     with pytest.raises(UserError, match="no values"):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)
     with pytest.raises(UserError, match="no LoRA named 'nosuch'"):
         plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="nosuch"), library)
+    # the folders searched are named (it said "in the Lora folder": which one, the CLI's --lora-dir or the WebUI's?)
+    with pytest.raises(UserError) as unknown:
+        plan_grid(request(AxisSpec("lora", ["nosuch"]), AxisSpec("strength", ["1"])), library)
+    assert (str(unknown.value), unknown.value.field) == (
+        f"LoRA axis: no LoRA named 'nosuch' in the Lora folder ({loras}); check the name (a file added since the list "
+        "was read shows after a refresh)", "x")
     with pytest.raises(UserError, match=r"epoch axis: epochs 3, 99 are not among the run's files \(epochs 1, 2\)"):
         plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["1", "3", "99"])), library)  # not 1 row
     big = request(AxisSpec("strength", ["0-1 [20]"]), AxisSpec("seed", [str(i) for i in range(20)]))

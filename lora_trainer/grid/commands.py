@@ -77,8 +77,8 @@ def draw_grid(args) -> Path | None:
     from ..console import progress_callback
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
-    from .plan import (SETTING_RANGES, GridRequest, checked_setting, host_sampler, plan_for_host, run_grid,
-                       unfinished_images)
+    from .plan import (SETTING_RANGES, GridRequest, LoraNotFound, checked_setting, host_sampler, plan_for_host,
+                       run_grid, unfinished_images)
 
     strengths = parse_values(args.strength)
     if len(strengths) != 1:
@@ -110,6 +110,9 @@ def draw_grid(args) -> Path | None:
                           confirmed=args.yes)
     try:
         plan, _ = plan_for_host(request, host.library, host)
+    except LoraNotFound as error:  # the Lora folders here are --lora-dir's, read afresh: no refresh to wait for
+        raise error.advised("check the name, or add the folder that has it with --lora-dir" if error.by_name else
+                            "add its folder with --lora-dir") from None
     except UserError as error:
         if error.field == "confirmed":
             raise UserError(f"{error}: add --yes to draw it") from None

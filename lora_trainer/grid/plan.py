@@ -44,7 +44,19 @@ LOSSES_KEY = "lora_trainer.losses"  # written by the trainer (training/trainer.p
 
 
 class LoraResolver(Protocol):
-    def resolve(self, name: str) -> Path | None: ...
+    def resolve(self, name: str) -> Path | None: ...  # a LoraLibrary has ``folders`` too, which errors name
+
+
+class LoraNotFound(UserError):
+    """A LoRA the Lora folders do not hold (``by_name``: no file of that name; else a file outside them): ``subject``
+    says which and where was searched, ``advice`` what to do, which the grid command says in its own terms."""
+
+    def __init__(self, subject: str, advice: str, field: str | None, by_name: bool):
+        super().__init__(f"{subject}; {advice}", field)
+        self.subject, self.by_name = subject, by_name
+
+    def advised(self, advice: str) -> LoraNotFound:
+        return LoraNotFound(self.subject, advice, self.field, self.by_name)
 
 
 @dataclass
@@ -213,16 +225,19 @@ def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA", fie
     if not text:
         raise UserError(f"{field_name}: no LoRA given; pick a training run or type a LoRA name", field)
     path = Path(text)
+    folders = [str(folder) for folder in getattr(library, "folders", [])]
+    where = f"the Lora folder{'s' if len(folders) > 1 else ''}" + (f" ({', '.join(folders)})" if folders else "")
     if path.suffix and path.is_file():
         found = library.resolve(path.stem)
         if found is None or Path(found).resolve() != path.resolve():
-            raise UserError(f"{field_name}: {path} is not in the Lora folder the generator reads; "
-                            "copy or promote it there (or add its folder to the Lora folders)", field)
+            raise LoraNotFound(f"{field_name}: {path} is not in {where}, which the generator reads",
+                               "copy or promote it there (or add its folder to the Lora folders)", field, by_name=False)
         return path.resolve()
     found = library.resolve(text)
     if found is None:
-        raise UserError(f"{field_name}: no LoRA named {text!r} in the Lora folder; check the name (a file added since "
-                        "the list was read shows after a refresh)", field)
+        raise LoraNotFound(f"{field_name}: no LoRA named {text!r} in {where}",
+                           "check the name (a file added since the list was read shows after a refresh)", field,
+                           by_name=True)
     return Path(found).resolve()
 
 
@@ -503,9 +518,8 @@ def _axis_values_of(name: str, axis: AxisSpec, request: GridRequest, library: Lo
     try:
         return _axis_values(axis, request, library, notes)
     except UserError as error:
-        if error.field:
-            raise
-        raise UserError(str(error), name) from None
+        error.field = error.field or name  # the same error (a LoraNotFound stays one, for the CLI's advice)
+        raise
 
 
 def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
