@@ -162,6 +162,7 @@ def test_backups_are_listed_newest_first_with_what_each_holds_and_named_never_by
     a.write_text("first", encoding="utf-8")
     for name in ("2026-12-05_17-02-44", "2026-12-05_17-02-44_2", "2026-12-05_17-02-44_10", "2026-12-04_09-00-00"):
         monkeypatch.setattr(caption_files, "_backup_folder", lambda backup_dir, name=name: _made(backup_dir / name))
+        _saving_at(monkeypatch, caption_files.backup_time(name))
         write_captions({a: f"saved at {name}", b: "new"} if name.endswith("_10") else {a: f"saved at {name}"}, backups)
     (backups / "2026-12-06_00-00-00").mkdir()  # no manifest: a folder copied in by hand, not a backup
     assert [p.name for p in caption_files.restorable_backups(backups)] == [
@@ -177,6 +178,18 @@ def test_backups_are_listed_newest_first_with_what_each_holds_and_named_never_by
     with pytest.raises(caption_files.BackupNotFound, match="holds no backup '2026-12-06_00-00-00'"):
         caption_files.backup_named(backups, "2026-12-06_00-00-00")
     assert caption_files.restorable_backups(tmp_path / "none") == []
+
+
+def _saving_at(monkeypatch, local: "datetime") -> None:
+    """Saves from now on record ``local`` (this machine's time) as their time."""
+    from datetime import datetime, timezone
+
+    class At(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return local.astimezone(timezone.utc)
+
+    monkeypatch.setattr(caption_files, "datetime", At)
 
 
 def _made(folder: Path) -> Path:
@@ -198,3 +211,109 @@ def test_a_read_only_caption_on_windows_stops_the_save_before_any_caption_change
         write_captions({path: "new" for path in files}, tmp_path / "backups")
     assert {path.read_text(encoding="utf-8") for path in files} == {"a", "b", "c"}
     assert not (tmp_path / "backups").exists()
+
+
+def test_the_newest_backup_is_the_last_saved_whatever_its_name_says(tmp_path, monkeypatch):
+    """Names are local times: in the hour repeated when clocks go back (or after a wrong clock) the restore's own
+    backup could sort below another, and "restoring the newest undoes this" restored that other one."""
+    from datetime import datetime
+
+    a, backups = tmp_path / "a.txt", tmp_path / ".caption-backups"
+    a.write_text("first", encoding="utf-8")
+    for name, saved in (("2026-10-25_02-30-00", datetime(2026, 10, 25, 2, 30)), ("2026-10-25_02-10-00_b", datetime(2026, 12, 1))):
+        monkeypatch.setattr(caption_files, "_backup_folder", lambda backup_dir, name=name: _made(backup_dir / name))
+        _saving_at(monkeypatch, saved)
+        write_captions({a: f"after {name}"}, backups)
+    assert [p.name for p in caption_files.restorable_backups(backups)] == ["2026-10-25_02-10-00_b", "2026-10-25_02-30-00"]
+
+
+def _dataset_with_backup(tmp_path: Path) -> tuple[Path, Path]:
+    dataset = tmp_path / "set"
+    (dataset / "sub").mkdir(parents=True)
+    (dataset / "sub" / "a.txt").write_text("before", encoding="utf-8")
+    result = write_captions({dataset / "sub" / "a.txt": "after"}, dataset / ".caption-backups")
+    return dataset, result.backup_folder
+
+
+def test_a_restore_writes_and_removes_only_captions_of_its_dataset_whatever_the_manifest_says(tmp_path):
+    """Backups travel inside the dataset: a shared dataset's crafted manifest overwrote, read and deleted files
+    anywhere on disk through one restore (the API's and the tab's default pick, the newest)."""
+    import json
+
+    dataset, backup = _dataset_with_backup(tmp_path)
+    victim = tmp_path / "victim.py"
+    victim.write_text("mine", encoding="utf-8")
+    manifest = backup / caption_files.BACKUP_MANIFEST
+    honest = json.loads(manifest.read_text(encoding="utf-8"))
+    for crafted in ({**honest, "files": {"a.txt": "../../../victim.py"}},
+                    {**honest, "files": {"a.txt": str(victim)}},
+                    {**honest, "files": {"../../../victim.py": "../../sub/a.txt"}},
+                    {**honest, "created": ["../../../victim.py"]},
+                    {**honest, "files": {"a.txt": "../../sub/a.png"}}):
+        manifest.write_text(json.dumps(crafted), encoding="utf-8")
+        with pytest.raises(UserError, match="nothing was restored"):
+            caption_files.restore_backup(backup, dataset, dataset / ".caption-backups")
+        assert victim.read_text(encoding="utf-8") == "mine"
+        assert (dataset / "sub" / "a.txt").read_text(encoding="utf-8") == "after"
+    manifest.write_text(json.dumps(honest), encoding="utf-8")
+    caption_files.restore_backup(backup, dataset, dataset / ".caption-backups")
+    assert (dataset / "sub" / "a.txt").read_text(encoding="utf-8") == "before"
+
+
+def test_a_folder_deleted_since_is_not_brought_back_by_a_restore(tmp_path):
+    import shutil
+
+    dataset, backup = _dataset_with_backup(tmp_path)
+    (dataset / "b.txt").write_text("b", encoding="utf-8")
+    shutil.rmtree(dataset / "sub")
+    with pytest.raises(UserError, match="nothing to restore"):
+        caption_files.restore_backup(backup, dataset, dataset / ".caption-backups")
+    assert not (dataset / "sub").exists()
+    result = write_captions({dataset / "b.txt": "b2", dataset / "c.txt": "c"}, dataset / ".caption-backups")
+    (dataset / "sub").mkdir()
+    restored = caption_files.restore_backup(result.backup_folder, dataset, dataset / ".caption-backups")
+    assert restored.folders_gone == () and not (dataset / "c.txt").exists()
+
+
+def test_a_backup_whose_files_did_not_all_get_kept_is_not_offered(tmp_path, monkeypatch):
+    """The manifest was written first: a failed backup left a folder of a manifest alone, listed as the newest and
+    restored with a FileNotFoundError; a missing file in a backup is said before anything changes."""
+    dataset = tmp_path / "set"
+    dataset.mkdir()
+    (dataset / "a.txt").write_text("before", encoding="utf-8")
+    real_write = caption_files._write_synced
+
+    def full_disk(*arguments, **keywords):
+        raise OSError(28, "No space left on device")
+
+    def writes_but_no_backups(target, data):  # the captions' temporaries are written; the backup's copies are not
+        return full_disk() if ".caption-backups" in str(target) else real_write(target, data)
+
+    monkeypatch.setattr(caption_files.os, "link", full_disk)
+    monkeypatch.setattr(caption_files, "_write_synced", writes_but_no_backups)
+    with pytest.raises(UserError, match="Could not back up the previous captions.*no caption was changed"):
+        write_captions({dataset / "a.txt": "after"}, dataset / ".caption-backups")
+    monkeypatch.undo()
+    assert caption_files.restorable_backups(dataset / ".caption-backups") == []
+    assert (dataset / "a.txt").read_text(encoding="utf-8") == "before"
+
+    result = write_captions({dataset / "a.txt": "after"}, dataset / ".caption-backups")
+    (result.backup_folder / "a.txt").unlink()
+    with pytest.raises(UserError, match="a.txt is missing from the backup"):
+        caption_files.restore_backup(result.backup_folder, dataset, dataset / ".caption-backups")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need a privilege on Windows")
+def test_the_backup_of_a_linked_caption_is_a_copy_that_keeps_its_text(tmp_path):
+    """Linux hard-links the symbolic link itself: the "backup" followed the shared caption's later changes (or
+    pointed nowhere), and a restore wrote the shared file's current text."""
+    dataset, shared = tmp_path / "set", tmp_path / "shared.txt"
+    dataset.mkdir()
+    shared.write_text("shared v1", encoding="utf-8")
+    (dataset / "a.txt").symlink_to(shared)
+    result = write_captions({dataset / "a.txt": "own"}, dataset / ".caption-backups")
+    shared.write_text("shared v2", encoding="utf-8")
+    kept = result.backup_folder / "a.txt"
+    assert not kept.is_symlink() and kept.read_text(encoding="utf-8") == "shared v1"
+    caption_files.restore_backup(result.backup_folder, dataset, dataset / ".caption-backups")
+    assert (dataset / "a.txt").read_text(encoding="utf-8") == "shared v1"

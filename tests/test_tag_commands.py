@@ -56,7 +56,7 @@ def test_restore_puts_back_the_exact_bytes_and_removes_the_captions_the_save_cre
     original = "\ufeffzk, smile\r\nsecond line\r\n".encode("utf-8")  # a BOM and Windows line ends: rewritten by a save
     folder = folder_of(tmp_path / "set", {"a": original, "b": "zk, hat", "none": None})
     assert main(["dataset", "tags", str(folder), "--add", "new tag"]) == 0
-    assert "--restore puts them back" in capsys.readouterr().out
+    assert "(--restore puts it back)" in capsys.readouterr().out
     assert (folder / "none.txt").read_text(encoding="utf-8") == "new tag"  # an image without a caption got one
     edited = captions(folder)
 
@@ -110,12 +110,21 @@ def test_captions_under_the_other_usual_extension_are_not_doubled_by_new_txt_fil
     for stem in "ab":
         (folder / f"{stem}.caption").write_text("zk, smile", encoding="utf-8")
     assert main(["dataset", "tags", str(folder), "--add-front", "zkchar"]) == 2
-    assert "2 image(s) have no .txt caption but a .caption one" in capsys.readouterr().err
+    assert "2 of the images these edits change have no .txt caption but a .caption one" in capsys.readouterr().err
     assert not list(folder.glob("*.txt"))
     assert main(["dataset", "tags", str(folder)]) == 0  # listing says it as a note
     assert "note: 2 image(s) have no .txt caption but a .caption one" in capsys.readouterr().out
     assert main(["dataset", "tags", str(folder), "--caption-extension", ".caption", "--add-front", "zkchar"]) == 0
     assert (folder / "a.caption").read_text(encoding="utf-8") == "zkchar, zk, smile"
+
+
+def test_a_stray_caption_of_the_other_extension_stops_only_edits_that_would_touch_its_image(tmp_path, capsys):
+    folder = folder_of(tmp_path / "set", {"a": "1girl", "b": "1girl", "old": None})
+    (folder / "old.caption").write_text("cat", encoding="utf-8")
+    assert main(["dataset", "tags", str(folder), "--with", "1girl", "--add", "smile"]) == 0
+    assert captions(folder) == {"a": "1girl, smile", "b": "1girl, smile"}
+    assert main(["dataset", "tags", str(folder), "--add", "hat"]) == 2  # old.png would get an old.txt of "hat"
+    assert "1 of the images these edits change" in capsys.readouterr().err and not (folder / "old.txt").exists()
 
 
 def test_option_mistakes_are_one_sentence_and_restore_takes_nothing_it_would_ignore(tmp_path, capsys):
@@ -133,6 +142,8 @@ def test_option_mistakes_are_one_sentence_and_restore_takes_nothing_it_would_ign
                             (["--restore", "--dry-run"], "--restore puts a whole backup back as it is, so it takes no "
                                                          "--dry-run"),
                             (["--restore", "--with", "zk"], "so it takes no --with"),
+                            (["--restore", ""], "--restore: give a backup's name or folder"),
+                            (["--restore", "--recursive"], "so it takes no --recursive"),
                             (["--restore", "2026-01-01_00-00-00"], "holds no backup '2026-01-01_00-00-00'"),
                             (["--restore", str(tmp_path / "nowhere" / "x")], "no such folder")):
         assert main(["dataset", "tags", str(folder), *arguments]) == 2

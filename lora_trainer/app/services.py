@@ -50,7 +50,7 @@ class Services:
     def close(self) -> None:
         self.runner.close()
         if self.tag_sessions.drafts is not None:
-            self.tag_sessions.drafts.flush()  # the last steps' draft, written before the process ends
+            self.tag_sessions.drafts.close()  # the last steps' draft written, and its writer ended
 
     def _on_event(self, job: Job, event: dict) -> None:
         kind = event.get("event")

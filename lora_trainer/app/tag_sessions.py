@@ -169,6 +169,7 @@ class TagDrafts:
         self._due: dict[Path, TagEditor] = {}  # drafts to write, by the last editor that changed there
         self._writing = False
         self._hurry = False
+        self._closed = False
         self._state = threading.Condition()
         self._writer: threading.Thread | None = None
 
@@ -189,11 +190,25 @@ class TagDrafts:
             self._state.wait_for(lambda: not self._due and not self._writing)
             self._hurry = False
 
+    def close(self) -> None:
+        """Write what is due, then end the writer thread: a Reload UI makes a new registry, and the old one's thread
+        would keep it (every session's editor and history) alive for good."""
+        self.flush()
+        with self._state:
+            self._closed = True
+            self._state.notify_all()
+            writer = self._writer
+        if writer is not None:
+            writer.join(timeout=5)
+
     def _write_due(self) -> None:
         while True:
             with self._state:
-                self._state.wait_for(lambda: self._due)
-                self._state.wait_for(lambda: self._hurry, timeout=self.delay)  # later steps join this write
+                self._state.wait_for(lambda: self._due or self._closed)
+                if self._closed and not self._due:
+                    self._writer = None
+                    return
+                self._state.wait_for(lambda: self._hurry or self._closed, timeout=self.delay)  # later steps join
                 due, self._due, self._writing = self._due, {}, True
             try:
                 for editor in due.values():
@@ -628,7 +643,7 @@ def restore_session_backup(session: TagSession, backup_name: str | None = None) 
             folder = newest[0]
         else:
             folder = caption_files.backup_named(editor.backup_dir, backup_name)
-        result = caption_files.restore_backup(folder, editor.backup_dir)
+        result = caption_files.restore_backup(folder, editor.folder, editor.backup_dir)
         editor, _ = tag_editor.reload(editor, f"Restore the backup of {backup_title(folder.name)}")
         session.change(lambda _: editor)
 
@@ -639,7 +654,7 @@ def restore_session_backup(session: TagSession, backup_name: str | None = None) 
     if result.removed:
         message += f" and removed {len(result.removed)} that its save had created"
     message += (f". The captions they replaced are in a new backup, {backup_title(result.backup_folder.name)}: "
-                "restoring it (the newest) undoes this.")
+                "restoring it (the newest) undoes this.") + (f" {result.gone_note}" if result.gone_note else "")
     return {
         "backup": folder.name,
         "restored": [named(path) for path in result.restored],  # caption files

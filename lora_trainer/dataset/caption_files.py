@@ -31,7 +31,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
@@ -320,8 +320,16 @@ def _replace_all(contents: Mapping[Path, bytes], backup_dir: Path | None, remove
             + (f", and the previous versions are in {backup_folder} (restoring that backup puts them back)."
                if backup_folder else ".")
         )
+    held = []
     for path in removed:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:  # open in another program (Windows), or a read-only folder
+            held.append(f"{path} ({error})")
+    if held:
+        raise UserError(f"The captions were put back, but {len(held)} that the backed-up save had created could not be "
+                        f"removed: {'; '.join(held[:5])}. Delete them by hand"
+                        + (f"; the versions replaced are in {backup_folder}." if backup_folder else "."))
     written = {target: _stamp(contents[target], os.stat(target)) for target in targets}
     return CaptionWriteResult(written, backup_folder)
 
@@ -337,33 +345,41 @@ def _read_only(paths: list[Path]) -> list[Path]:
 
 def _keep_previous_versions(existing: list[Path], created: list[Path], backup_dir: Path) -> Path:
     """Put the current version of each file into a new timestamped folder under ``backup_dir``, keeping the files'
-    layout relative to their common folder, with a manifest (``BACKUP_MANIFEST``) of where each goes back and which
-    captions the write creates, which ``restore_backup`` reads."""
+    layout relative to their common folder, then a manifest (``BACKUP_MANIFEST``) of where each goes back, which
+    captions the write creates and when, which ``restore_backup`` reads: written last, so a folder with a manifest
+    holds every file it names."""
     try:
         folder = _backup_folder(backup_dir)
     except OSError as error:
         raise UserError(f"Could not create a backup folder in {backup_dir} ({error}); no caption was changed.") from None
     root = _common_root(existing)
-    manifest = {"files": {_backup_name(path, root).as_posix(): _from_backup(folder, path) for path in existing},
-                "created": [_from_backup(folder, path) for path in created]}
-    try:
-        # escaped: a file name that is not UTF-8 (GBK bytes on Linux) is kept as Python's surrogates, which read back
-        write_text(folder / BACKUP_MANIFEST, json.dumps(manifest, indent=1))
-    except OSError as error:
-        raise UserError(f"Could not write the backup's manifest in {folder} ({error}); no caption was changed.") from None
 
     def keep(path: Path) -> Path:
         backup = folder / _backup_name(path, root)
         backup.parent.mkdir(parents=True, exist_ok=True)
         try:
             # A hard link is a free, instant backup: captions are only ever replaced by rename, never written in
-            # place, so the linked file keeps the old text once the caption's name points at the new file.
+            # place, so the linked file keeps the old text once the caption's name points at the new file. Not for a
+            # link to a caption shared elsewhere (Linux links the link itself) nor a file with other names: those
+            # may change in place, and the backup with them.
+            if path.is_symlink() or path.stat().st_nlink > 1:
+                raise OSError("shared caption: copied")
             os.link(path, backup)
         except OSError:  # another drive, or a file system without hard links
             os.replace(_write_synced(backup, path.read_bytes()), backup)
         return backup
 
-    _run_all_or_clean_up(keep, existing, f"Could not back up the previous captions into {folder}")
+    kept = _run_all_or_clean_up(keep, existing, f"Could not back up the previous captions into {folder}")
+    manifest = {"saved": datetime.now(timezone.utc).isoformat(),
+                "files": {_backup_name(path, root).as_posix(): _from_backup(folder, path) for path in existing},
+                "created": [_from_backup(folder, path) for path in created]}
+    try:
+        # escaped: a file name that is not UTF-8 (GBK bytes on Linux) is kept as Python's surrogates, which read back
+        write_text(folder / BACKUP_MANIFEST, json.dumps(manifest, indent=1))
+    except OSError as error:
+        for path in kept:
+            path.unlink(missing_ok=True)
+        raise UserError(f"Could not write the backup's manifest in {folder} ({error}); no caption was changed.") from None
     return folder
 
 
@@ -381,29 +397,67 @@ class RestoreResult:
     restored: tuple[Path, ...]  # captions put back as the backup holds them
     removed: tuple[Path, ...]  # captions the backed-up save had created
     backup_folder: Path | None  # the versions the restore replaced: restoring it undoes the restore
+    folders_gone: tuple[Path, ...] = ()  # folders deleted since: their captions are not brought back
+
+    @property
+    def gone_note(self) -> str:
+        """The folders whose captions stayed in the backup, as a sentence ("" when none)."""
+        if not self.folders_gone:
+            return ""
+        return (f"The captions of {len(self.folders_gone)} folder(s) deleted since stay in the backup: "
+                f"{', '.join(str(path) for path in self.folders_gone[:3])}{' …' if len(self.folders_gone) > 3 else ''}.")
 
 
-def _read_manifest(folder: Path) -> tuple[dict[str, str], list[str]]:
-    """A backup's manifest: where each of its files goes back, and the captions its save created."""
+@dataclass(frozen=True)
+class _Manifest:
+    files: dict[str, str]  # file in the backup → where it goes back, from the backup folder
+    created: list[str]  # captions its save created, from the backup folder
+    saved: datetime | None  # when (UTC); None in the manifests of 2026-12-05's first hours
+
+
+def _read_manifest(folder: Path) -> _Manifest:
     try:
-        manifest = json.loads((folder / BACKUP_MANIFEST).read_text(encoding="utf-8"))
-        files, created = dict(manifest["files"]), list(manifest["created"])
+        data = json.loads((folder / BACKUP_MANIFEST).read_text(encoding="utf-8"))
+        saved = datetime.fromisoformat(data["saved"]) if "saved" in data else None
+        return _Manifest(dict(data["files"]), list(data["created"]), saved)
     except FileNotFoundError:
         raise UserError(f"{folder} has no {BACKUP_MANIFEST}: it is not a caption backup, or one made before backups "
                         "recorded where their captions go back (2026-12-05); copy its files back by hand") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{folder / BACKUP_MANIFEST} cannot be read ({error}); copy the backup's files back by hand") from None
-    return files, created
+
+
+# A manifest is written once, with its backup; listing 100 backups of 10,000 captions at each save would read 60 MB.
+@lru_cache(maxsize=1024)
+def _manifest_of(folder: Path, mtime_ns: int, size: int) -> _Manifest:
+    return _read_manifest(folder)
+
+
+def _cached_manifest(folder: Path) -> _Manifest:
+    stat = (folder / BACKUP_MANIFEST).stat()
+    return _manifest_of(folder, stat.st_mtime_ns, stat.st_size)
 
 
 def restorable_backups(backup_dir: Path) -> list[Path]:
-    """The backups under ``backup_dir`` that ``restore_backup`` can put back (those with a manifest), newest first:
-    the first is the one the last save or restore made."""
+    """The backups under ``backup_dir`` that ``restore_backup`` can put back (those with a manifest), newest first by
+    the time their manifests record (in UTC: the hour repeated when clocks go back sorts right), then by name: the
+    first is the one the last save or restore made."""
     backup_dir = Path(backup_dir)
     if not backup_dir.is_dir():
         return []
     found = [folder for folder in backup_dir.iterdir() if (folder / BACKUP_MANIFEST).is_file()]
-    return sorted(found, key=_saved_order, reverse=True)
+    return sorted(found, key=lambda folder: (_saved_at(folder), _saved_order(folder)), reverse=True)
+
+
+def _saved_at(folder: Path) -> float:
+    try:
+        saved = _cached_manifest(folder).saved
+    except (OSError, UserError):
+        saved = None
+    if saved is None:
+        named = backup_time(folder.name)
+        return named.timestamp() if named else 0.0
+    return saved.timestamp()
 
 
 def _saved_order(backup: Path) -> tuple[str, int]:
@@ -414,9 +468,9 @@ def _saved_order(backup: Path) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class BackupSummary:
-    """What a backup holds, for a list to pick one from: its folder's name, the time of the save that made it (None
-    for a folder named otherwise), how many captions it puts back and how many its save created (a restore removes
-    them); ``problem`` when its manifest cannot be read (a restore says why)."""
+    """What a backup holds, for a list to pick one from: its folder's name, the time of the save that made it (this
+    machine's local time; None for a folder named otherwise), how many captions it puts back and how many its save
+    created (a restore removes them); ``problem`` when its manifest cannot be read (a restore says why)."""
 
     name: str
     time: datetime | None
@@ -433,27 +487,19 @@ def backup_time(name: str) -> datetime | None:
         return None
 
 
-def backup_summary(name: str, files: Mapping[str, str], created: list[str]) -> BackupSummary:
-    """The summary of the backup folder ``name`` with this manifest (``_read_manifest``)."""
-    return BackupSummary(name, backup_time(name), len(files), len(created))
-
-
 def backup_summaries(backup_dir: Path) -> list[BackupSummary]:
     """``restorable_backups`` with what each holds, newest first."""
     summaries = []
     for folder in restorable_backups(backup_dir):
         try:
-            stat = (folder / BACKUP_MANIFEST).stat()
-            summaries.append(_summary_of(folder, stat.st_mtime_ns, stat.st_size))
+            manifest = _cached_manifest(folder)
         except (OSError, UserError) as error:
             summaries.append(BackupSummary(folder.name, backup_time(folder.name), 0, 0, str(error)))
+            continue
+        made = (manifest.saved.astimezone().replace(tzinfo=None, microsecond=0) if manifest.saved
+                else backup_time(folder.name))
+        summaries.append(BackupSummary(folder.name, made, len(manifest.files), len(manifest.created)))
     return summaries
-
-
-# A manifest is written once, with its backup; a save's list of 100 backups of 10,000 captions would read 60 MB.
-@lru_cache(maxsize=1024)
-def _summary_of(folder: Path, mtime_ns: int, size: int) -> BackupSummary:
-    return backup_summary(folder.name, *_read_manifest(folder))
 
 
 class BackupNotFound(UserError):
@@ -473,21 +519,43 @@ def backup_named(backup_dir: Path, name: str) -> Path:
     return folder
 
 
-def restore_backup(folder: Path, backup_dir: Path | None) -> RestoreResult:
+def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None) -> RestoreResult:
     """Put the captions of the backup ``folder`` back where they were, and remove those its save created, keeping the
-    current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``)."""
+    current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``). Only caption
+    files inside ``dataset`` (the folder the backups belong to) are written or removed, whatever the manifest says: a
+    dataset shared with its backups brings its own manifest. Captions of folders deleted since stay gone."""
     folder = Path(folder)
-    files, created = _read_manifest(folder)
+    manifest = _read_manifest(folder)
+    inside = Path(dataset).resolve()
 
-    def target(relative: str) -> Path:
-        return Path(os.path.normpath(folder / relative))
+    def target(relative: str, field: str) -> Path:
+        path = Path(os.path.normpath(folder / relative))
+        resolved = path.resolve()
+        if (not resolved.is_relative_to(inside) or resolved.is_relative_to(folder.resolve().parent)
+                or path.suffix.lower() in _IMAGE_LIKE):
+            raise UserError(f"{folder / BACKUP_MANIFEST} names {relative!r} in its {field}, which is not a caption of "
+                            f"{dataset}: nothing was restored; copy the backup's files back by hand")
+        return path
 
-    contents = {target(place): (folder / name).read_bytes() for name, place in files.items()}
-    removed = tuple(path for path in map(target, created) if path.is_file() and path not in contents)
+    def source(name: str) -> Path:
+        path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise UserError(f"{folder / BACKUP_MANIFEST} names {name!r}, which is not in the backup: nothing was restored")
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the backup its manifest describes: nothing was restored; copy the "
+                            "backup's other files back by hand")
+        return path
+
+    placed = {target(place, "files"): source(name) for name, place in manifest.files.items()}
+    gone = tuple(dict.fromkeys(path.parent for path in placed if not path.parent.is_dir()))
+    contents = {path: kept.read_bytes() for path, kept in placed.items() if path.parent.is_dir()}
+    removed = tuple(path for path in (target(place, "created") for place in manifest.created)
+                    if path.is_file() and path not in contents)
     if not contents and not removed:
-        raise UserError(f"{folder} holds no caption, and the captions its save created are gone: nothing to restore")
+        raise UserError(f"{folder} holds no caption of a folder that is still there, and the captions its save created "
+                        "are gone: nothing to restore")
     result = _replace_all(contents, backup_dir, removed)
-    return RestoreResult(tuple(contents), removed, result.backup_folder)
+    return RestoreResult(tuple(contents), removed, result.backup_folder, gone)
 
 
 def _run_all_or_clean_up(prepare, items: list, failure: str = "Could not write captions") -> list[Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from .caption_files import RestoreResult, backup_named, restorable_backups, restore_backup
 from .tag_editor import (DEFAULT_BACKUP_FOLDER, SORT_ORDERS, TagEditor, TagFilter, apply_edit, as_sentence, caption_of,
-                         captions_elsewhere, empty_folder_note, folder_notes, make_edit, open_folder, other_extension_note, save, select,
+                         captions_elsewhere, empty_folder_note, folder_notes, make_edit, open_folder, save, select,
                          split_tags, tag_counts, unsaved_images)
 
 EXAMPLES = 3  # changed captions shown per edit
@@ -104,23 +104,24 @@ def add_tags_command(commands) -> None:
 
 
 def run_tags(args) -> None:
-    if args.restore:
+    if args.restore is not None:
+        if not args.restore.strip():
+            raise UserError("--restore: give a backup's name or folder, or nothing for the newest", "restore")
         given = [option for option, value in (("edits", args.edits), ("--dry-run", args.dry_run), ("--with", args.with_tags),
                                               ("--without", args.without), ("--matching", args.matching),
-                                              ("--untagged", args.untagged)) if value]
+                                              ("--untagged", args.untagged), ("--keep-first", args.keep_first),
+                                              ("--recursive", args.recursive)) if value]
         if given:
             raise UserError(f"--restore puts a whole backup back as it is, so it takes no {given[0]}: run that in a "
                             "command of its own", "restore")
-        print(restore_report(restore_backup(_backup(args.folder, args.restore), args.folder / DEFAULT_BACKUP_FOLDER)))
+        print(restore_report(restore_backup(_backup(args.folder, args.restore), args.folder,
+                                            args.folder / DEFAULT_BACKUP_FOLDER)))
         return
     if args.keep_first and not any(kind == "sort" for kind, _ in args.edits):
         raise UserError("--keep-first is how many tags --sort leaves in place: add --sort", "keep_first")
     editor = open_folder(args.folder, recursive=args.recursive, caption_extension=args.caption_extension)
     if empty := empty_folder_note(editor):  # a Kohya root (train/10_zkchar/): the images are a level down
         raise UserError(f"{as_sentence(empty)} Add --recursive to edit them all, or name one of those folders.")
-    if args.edits and (elsewhere := captions_elsewhere(editor)):
-        raise UserError(f"{as_sentence(other_extension_note(editor))} Nothing was changed: add --caption-extension "
-                        f"{elsewhere[0]}.", "caption_extension")
     for note in folder_notes(editor):
         print(f"note: {note}")
     tag_filter = TagFilter(all_of=args.with_tags, none_of=args.without, caption_regex=args.matching or None,
@@ -137,14 +138,18 @@ def run_tags(args) -> None:
         edited = apply_edit(edited, change, images)
         print(edit_report(change.describe(), before, edited))
     changed = unsaved_images(edited)
+    if elsewhere := captions_elsewhere(editor, changed):  # they would get a second caption file, of this extension
+        other, count = elsewhere
+        raise UserError(f"{count} of the images these edits change have no {editor.caption_extension} caption but a "
+                        f"{other} one beside them: nothing was changed; add --caption-extension {other}, or leave them "
+                        "out with --with/--without", "caption_extension")
     print(f"{len(changed)} of {len(editor.images)} captions change ({len(images)} picked by the filter)")
     if args.dry_run or not changed:
         if changed:
             print("dry run: nothing written")
         return
     _, result = save(edited)
-    backup = f"; the previous versions are in {result.backup_folder} (--restore puts them back)" \
-        if result.backup_folder else ""
+    backup = f"; its backup is {result.backup_folder} (--restore puts it back)" if result.backup_folder else ""
     print(f"wrote {len(result.written)} caption file(s){backup}")
     if result.without_tags:
         print(f"{len(result.without_tags)} image(s) now have no tags: their captions are an empty line (an empty "
@@ -175,6 +180,8 @@ def restore_report(result: RestoreResult) -> str:
              + (f" and removed {len(result.removed)} that the save had created" if result.removed else "")]
     if result.backup_folder:
         lines.append(f"the captions they replaced are in {result.backup_folder} (--restore again undoes this)")
+    if result.gone_note:
+        lines.append(result.gone_note)
     return "\n".join(lines)
 
 

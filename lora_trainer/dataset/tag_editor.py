@@ -529,10 +529,11 @@ def folder_notes(editor: TagEditor) -> list[str]:
     return [as_sentence(note) for note in notes if note]
 
 
-def captions_elsewhere(editor: TagEditor) -> tuple[str, int] | None:
+def captions_elsewhere(editor: TagEditor, images: Iterable[Path] | None = None) -> tuple[str, int] | None:
     """The other usual caption extension (sd-scripts' default is .caption, the taggers write .txt) of the captions
-    beside images that have none of the editor's extension, and how many; None when there are none."""
-    found = Counter(other for image in editor.images if image in editor.tags
+    beside images (of ``images``, default all) that have none of the editor's extension, and how many; None when
+    there are none."""
+    found = Counter(other for image in (editor.images if images is None else images) if image in editor.tags
                     and not editor.stamps.get(editor.caption_path(image), NO_FILE).exists
                     and (other := other_caption_extension(image, editor.caption_extension)))
     return found.most_common(1)[0] if found else None

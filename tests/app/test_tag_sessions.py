@@ -346,3 +346,21 @@ def test_a_backup_restored_shows_in_the_session_and_is_refused_over_unsaved_edit
     tag_sessions.restore_session_backup(session)  # the newest: the restore's own backup
     assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, crimson, square"
     assert tag_sessions.page_of(session)["images"][1]["tags"] == ["zkchar", "crimson", "square"]  # after extra.png
+
+
+def test_closing_the_drafts_writes_the_last_edit_and_lets_the_old_registry_go(folder, tmp_path):
+    """Reload UI makes new Services: the old registry's writer thread waited for good and kept every session's
+    editor and history alive (a few MB a folder, at every reload)."""
+    import gc
+    import weakref
+
+    drafts = tmp_path / "tag-drafts"
+    registry = TagSessions(drafts_folder=drafts)
+    session = registry.open(folder)
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": "all"})
+    registry.drafts.close()
+    assert len(list(drafts.glob("*.json"))) == 1  # the edit made just before is in its draft
+    gone = weakref.ref(registry)
+    del registry, session
+    gc.collect()
+    assert gone() is None

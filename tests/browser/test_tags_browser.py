@@ -107,7 +107,7 @@ def test_filter_replace_undo_redo_save_in_the_browser(page, app_folders, screens
     screenshot("redone")
 
     page.click("#lora_trainer_tags_save")
-    expect(status).to_contain_text("Saved 100 caption file(s). Previous versions in", timeout=WAIT_MS)
+    expect(status).to_contain_text("Saved 100 caption file(s). Backup:", timeout=WAIT_MS)
     expect(page_info).to_contain_text("0 unsaved")
     screenshot("saved")
 

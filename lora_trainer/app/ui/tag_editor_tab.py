@@ -305,7 +305,7 @@ def save(services, state: TabState, overwrite_changed: bool) -> tuple:
         result = tag_sessions.save_session(_session(services, state), bool(overwrite_changed))
     except tag_sessions.SaveConflict as conflict:
         return render(services, state, f"⚠ {conflict}")
-    backup = f" Previous versions in {result['backup_folder']}." if result["backup_folder"] else ""
+    backup = f" Backup: {result['backup_folder']} (Restore puts it back)." if result["backup_folder"] else ""
     if empty := result["without_tags"]:
         backup += (f" ⚠ {len(empty)} without tags ({', '.join(empty[:5])}{', …' if len(empty) > 5 else ''}): they train "
                    "with an empty caption; undo and save again if that is not meant.")
