@@ -560,6 +560,23 @@ def test_the_star_is_the_runs_recommended_epoch_and_an_axis_without_it_says_to_a
     assert [row[3] for row in loss_rows(plan)] == ["", "★ recommended", ""]
 
 
+def test_an_earlier_runs_leftover_files_of_the_same_name_do_not_change_the_recommendation(tmp_path):
+    """Trained again under the same name from the command line (the app moves earlier files aside): the 10-epoch
+    run's epochs 5-10 stayed, and their losses, merged into the new run's, made the grid recommend epoch 5."""
+    import os
+
+    from lora_trainer.networks.tools.inspect import inspect_network
+
+    earlier = make_epoch_files(tmp_path, "run", epochs=10, seed=1)
+    for path in earlier:  # written an hour before the new run
+        os.utime(path, (path.stat().st_atime - 3600, path.stat().st_mtime - 3600))
+    make_epoch_files(tmp_path, "run", epochs=4, seed=0)
+    assert inspect_network(tmp_path / "run.safetensors").recommended_epoch == 2
+    plan = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["1-4"]), lora="run"), LoraLibrary([tmp_path]))
+    assert plan.best_epoch == tmp_path / "run-000002.safetensors" and plan.notes == []
+    assert plan.row_labels[0].endswith("val loss 0.1700")  # the new run's epoch 1, not the earlier run's
+
+
 def test_a_grey_cells_reason_is_written_in_a_font_sized_to_the_cell():
     """The default 10 px font could not be read on a 1024 px cell once the grid was scaled to a screen."""
     from PIL import Image

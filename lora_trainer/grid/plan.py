@@ -129,19 +129,32 @@ class _AxisValue:
 # Reading axes.
 
 
+_LOSS_KINDS = ("epoch_training_loss", "epoch_validation_loss", "step_validation_loss")
+
+
 def recorded_losses(files: list[EpochFile]) -> dict[str, dict[str, float]]:
-    """The losses the trainer recorded in the run's files, merged (a later file holds the losses up to its own step):
-    ``epoch_training_loss`` and ``epoch_validation_loss`` by epoch, ``step_validation_loss`` by step."""
-    recorded: dict[str, dict] = {}
-    for file in files:
+    """The losses the trainer recorded in the run's files (each holds them up to its own step): ``epoch_training_loss``
+    and ``epoch_validation_loss`` by epoch, ``step_validation_loss`` by step. The newest file's record, completed by
+    the older files whose records agree with it where both have a value: a run's files (resumed, or copied by a
+    promotion) share one history, while an earlier run's files left under the same name (more epochs, other losses)
+    would have put their epochs into this run's."""
+    records = []
+    for file in sorted(files, key=lambda f: ((_stat(f.path) or (0, 0))[1], f.steps or 0)):  # oldest first
         text = read_safetensors_metadata(file.path).get(LOSSES_KEY)
         try:
             data = json.loads(text) if text else {}
         except json.JSONDecodeError:
             continue
-        for kind in ("epoch_training_loss", "epoch_validation_loss", "step_validation_loss"):
-            recorded.setdefault(kind, {}).update(data.get(kind) or {})
-    return recorded
+        if isinstance(data, dict) and any(data.get(kind) for kind in _LOSS_KINDS):
+            records.append({kind: dict(data.get(kind) or {}) for kind in _LOSS_KINDS})
+    if not records:
+        return {}
+    merged = records.pop()  # the newest, by modification time
+    for record in reversed(records):
+        if all(merged[kind].get(key, value) == value for kind in _LOSS_KINDS for key, value in record[kind].items()):
+            for kind in _LOSS_KINDS:
+                merged[kind] = {**record[kind], **merged[kind]}
+    return merged
 
 
 def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
