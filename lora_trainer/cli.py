@@ -67,12 +67,10 @@ def generate(args) -> list[Path]:
     from .models.prompt import prompt_problems
     from .sampling.txt2img import GenerationSettings, txt2img
 
-    from .grid.plan import checked_setting
-
-    for key in ("steps", "cfg_scale", "clip_skip", "seed"):  # before the model loads: steps 0 died in the sampler
-        checked_setting(key, getattr(args, key), f"--{key.replace('_', '-')}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: give 1 or more images")
+    for option, value, low in (("--steps", args.steps, 1), ("--cfg-scale", args.cfg_scale, 0), ("--seed", args.seed, -1),
+                               ("--batch-size", args.batch_size, 1), ("--clip-skip", args.clip_skip, 1)):
+        if value < low:  # before the model loads: --steps 0 died in the sampler with a ValueError
+            raise UserError(f"{option} {value:g}: give {low} or more", option)
     for text in (args.prompt, args.negative):
         for problem in prompt_problems(text):
             print(f"warning: {problem}", file=sys.stderr)
@@ -216,23 +214,37 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def take_underscored_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Every ``--long-option`` of ``parser`` and its sub-commands also as ``--long_option``, the spelling of
-    sd-scripts and of ``train_network`` (whose hints users copy: ``--caption_extension``), unlisted in the help."""
-    for action in parser._actions:
-        for option in list(action.option_strings):
-            underscored = "--" + option[2:].replace("-", "_")
-            if option.startswith("--") and underscored not in parser._option_string_actions:
-                parser._option_string_actions[underscored] = action
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                take_underscored_spellings(sub)
-    return parser
+def hyphenated(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with sd-scripts' underscored spelling of our ``--long-options`` (``--caption_extension``, which
+    ``train_network`` and the hints of ``dataset check`` use) written with hyphens, as ``parser`` and its
+    sub-commands spell them; what follows ``--`` and the values after ``=`` stay as they are. (Registered as second
+    names instead, they made every shortened option ambiguous: ``--batch`` matched ``--batch-size`` and ``--batch_size``.)"""
+    spelled = set()
+
+    def collect(of: argparse.ArgumentParser) -> None:
+        for action in of._actions:
+            spelled.update(option for option in action.option_strings if option.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    collect(sub)
+
+    collect(parser)
+    words = list(argv)
+    for index, word in enumerate(words):
+        if word == "--":
+            break
+        option, equals, value = word.partition("=")
+        if option.startswith("--") and "_" in option and option not in spelled:
+            hyphens = "--" + option[2:].replace("_", "-")
+            if hyphens in spelled:
+                words[index] = hyphens + equals + value
+    return words
 
 
 def main(argv: list[str] | None = None) -> int:
     utf8_when_redirected()
-    args = take_underscored_spellings(parser()).parse_args(argv)
+    commands = parser()
+    args = commands.parse_args(hyphenated(sys.argv[1:] if argv is None else argv, commands))
     try:
         args.run(args)
     except UserError as error:

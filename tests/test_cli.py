@@ -79,9 +79,10 @@ def test_unbalanced_brackets_warn_with_the_position_and_still_generate(quick_mod
 
 def test_generate_refuses_settings_out_of_range_before_loading_the_model(tmp_path, capsys):
     """--steps 0 ended in a ValueError traceback from the sampler, after the model had loaded."""
-    for option, value, said in (("--steps", 0, "--steps: give a whole number from 1 to 150"),
-                                ("--cfg-scale", -1, "--cfg-scale: give a number from 0.0 to 100.0"),
-                                ("--batch-size", 0, "--batch-size 0: give 1 or more images")):
+    for option, value, said in (("--steps", 0, "--steps 0: give 1 or more"),
+                                ("--cfg-scale", -1, "--cfg-scale -1: give 0 or more"),
+                                ("--batch", 0, "--batch-size 0: give 1 or more"),  # shortened, as argparse lets it
+                                ("--seed", -2, "--seed -2: give -1 or more")):
         code, _, err = run(capsys, "generate", "--model", tmp_path / "not loaded.safetensors", "--prompt", "circle",
                            option, value, "--out", tmp_path)
         assert code == 2 and err == f"error: {said}\n"
