@@ -118,3 +118,41 @@ def test_labels_and_the_title_stay_inside_their_room_on_64_px_cells(columns, tmp
     assert all(box[2] <= left for box in boxes["rows"])  # row labels left of the cells
     assert layout.title[1].count("\n") >= 1  # wrapped, not cut off at the grid's edge
 
+
+
+def test_a_row_label_taller_than_its_row_is_cut_to_its_row_and_never_reaches_the_legend(no_font_said):
+    """A long prompt-axis row label at 64 px cells started above its row, ran into the next row's label, and on the
+    last row over the Lora hashes legend."""
+    from lora_trainer.grid.render import grid_layout
+
+    long = "masterpiece, best quality, 1girl, solo, long hair, looking at viewer, smile, outdoors, blue sky, city"
+    rows = [long * 2, long * 2, "short"]
+    layout = grid_layout((64, 64), rows, ["no LoRA", "1"], "zkstar", "Lora hashes: a: 0123456789ab")
+    boxes = text_boxes(layout)
+    top = layout.cells_at[1]
+    for r, box in enumerate(boxes["rows"]):
+        assert top + 64 * r <= box[1] and box[3] <= top + 64 * (r + 1), (r, box)  # inside its own row
+    assert layout.row_labels[0][1].endswith("…") and layout.row_labels[2][1] == "short"
+    assert boxes["rows"][-1][3] <= layout.legend[0][1]
+
+
+def test_a_long_word_is_broken_between_the_characters_a_reader_sees(no_font_said):
+    """Broken between code points, an accent written on its own (macOS file names) began a line, and an emoji family
+    fell apart at its joiners."""
+    from lora_trainer.grid.render import grid_layout
+
+    decomposed = "cafe\u0301" * 12  # NFD, as macOS stores names
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467" * 8
+    for label in (decomposed, family):
+        text = grid_layout((64, 64), ["1"], [label], "", "").column_labels[0][1]
+        lines = text.split("\n")
+        assert len(lines) > 1
+        assert not any(line[0] in "\u0301\u200d" or line[-1] == "\u200d" for line in lines)
+
+
+def test_the_missing_font_advice_names_a_cjk_font_only_for_east_asian_text(monkeypatch, no_font_said, caplog):
+    monkeypatch.setattr(render, "system_fallback_fonts", lambda: ())
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.grid.render"):
+        label_font(12, "zkstar \U0001F468\u200d\U0001F469")
+    said = caplog.records[-1].getMessage()
+    assert "a font that has them" in said and "CJK" not in said

@@ -145,14 +145,19 @@ def label_font(size: int, text: str, font_file: str | Path | None = None):
 _said_no_font: list[str] = []  # what the log said: once a process, not at every grid
 
 
+_EAST_ASIAN_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO", "IDEOGRAPHIC", "FULLWIDTH", "HALFWIDTH")
+
+
 def _say_no_font(missing: str) -> None:
     if _said_no_font:
         return
     _said_no_font.append(missing)
+    east_asian = any(unicodedata.name(character, "").startswith(_EAST_ASIAN_SCRIPTS) for character in missing)
+    install = ("a CJK font (Noto Sans CJK: fonts-noto-cjk on Debian and Ubuntu, google-noto-sans-cjk-fonts on Fedora; "
+               "Windows and macOS come with one)" if east_asian else "a font that has them")
     log.warning("Prompt-Lora-Grid: no font installed here draws %s of the grid's labels: they show as boxes; install "
-                "a CJK font (Noto Sans CJK: fonts-noto-cjk on Debian and Ubuntu, google-noto-sans-cjk-fonts on "
-                "Fedora; Windows and macOS come with one), or, in the WebUI, name a font file that has them in its "
-                "setting \"Font for image grids that have text\"", missing)
+                "%s, or, in the WebUI, name a font file that has them in its setting \"Font for image grids that have "
+                "text\"", missing, install)
 
 
 def drawable(text: str, font) -> str:
@@ -197,12 +202,21 @@ def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def wrapped(text: str, room: int, separator: str = " ") -> str:
-        return "\n".join(_wrap(drawable(text, font), font, room, measure, separator))
+        return "\n".join(_wrap(drawable(unicodedata.normalize("NFC", text), font), font, room, measure, separator))
 
     def bottom(text: str) -> int:
         return int(measure.multiline_textbbox((0, 0), text, font=font, spacing=LINE_SPACING)[3]) if text else 0
 
-    rows = [wrapped(label, 2 * width - 2 * MARGIN) for label in row_labels]
+    def within_a_row(text: str) -> str:
+        """A row label cut to the lines its row has room for, the last ending in "…": a taller one ran into the next
+        row's label and, on the last row, over the legend."""
+        lines = text.split("\n")
+        while len(lines) > 1 and bottom("\n".join(lines)) > height - 2:
+            lines = lines[:-1]
+            lines[-1] = lines[-1].rstrip(" ,") + "…"
+        return "\n".join(lines)
+
+    rows = [within_a_row(wrapped(label, 2 * width - 2 * MARGIN)) for label in row_labels]
     columns = [wrapped(label, width - MARGIN // 2) for label in column_labels]  # the next one starts MARGIN // 2 in
     left = max((int(measure.multiline_textbbox((0, 0), text, font=font, spacing=LINE_SPACING)[2]) for text in rows if text),
                default=0) + 2 * MARGIN
@@ -256,13 +270,28 @@ def _wrap(text: str, font, width: int, measure, separator: str = " ") -> list[st
             if line:
                 lines.append(line)
             line = ""
-            for character in part:
+            for character in _clusters(part):
                 if line and measure.textlength(line + character, font=font) > width:
                     lines.append(line)
                     line = ""
                 line += character
         lines.append(line)
     return lines
+
+
+def _clusters(text: str) -> list[str]:
+    """``text``'s characters as a reader sees them: an accent written as its own code point (macOS names files so),
+    a skin tone or variation selector, and what a zero-width joiner joins stay with the character before them, so
+    a line never starts with a bare accent or breaks an emoji family apart."""
+    clusters: list[str] = []
+    for character in text:
+        joins = clusters and (unicodedata.combining(character) or character in "\u200d\ufe0e\ufe0f"
+                              or "\U0001f3fb" <= character <= "\U0001f3ff" or clusters[-1].endswith("\u200d"))
+        if joins:
+            clusters[-1] += character
+        else:
+            clusters.append(character)
+    return clusters
 
 
 def axes_infotext(axes: dict[str, tuple]) -> dict[str, str]:
