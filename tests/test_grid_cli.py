@@ -82,6 +82,7 @@ def test_axis_values_in_double_quotes_keep_their_commas(runs, tmp_path, capsys):
     # said after the losses were printed, from the first cell, naming no option
     (["--width", 100], "--width: 100 is not a multiple of 8 (the image's sides must be); give 96 or 104"),
     (["--height", 2047], "--height: 2047 is not a multiple of 8 (the image's sides must be); give 2040"),
+    (["--width", 0], "--width: give a whole number from 64 to 2048"),  # 0 was taken for "not given"
     (["--cfg", "nan"], "--cfg-scale: give a number from 0.0 to 100.0"),
     (["--y", "checkpoint:tiny-sd, missing.safetensors"],  # the bundled model by its name, as --model takes it
      "checkpoint axis: missing.safetensors is not a checkpoint file; give .safetensors or .ckpt files, or tiny-sd"),
@@ -149,3 +150,14 @@ def test_ctrl_c_stops_after_the_current_cell_and_saves_the_cells_drawn(runs, tmp
     path = Path(out.splitlines()[-1])  # the grid with the cell drawn, the other grey, and that cell alone
     assert sorted(tmp_path.iterdir()) == sorted([path, path.with_name(f"{path.stem}-r00-c00.png")])
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C stops the process again
+
+
+def test_without_lora_dir_the_apps_lora_folder_is_searched_too(runs, tmp_path, capsys, monkeypatch):
+    """The app started in a folder keeps its LoRAs in lora-trainer-data/Lora; grid looked only in models/Lora."""
+    import shutil
+
+    shutil.copytree(runs, tmp_path / "lora-trainer-data" / "Lora")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = grid(capsys, "tinylora", "--x", "strength:1", "--y", "epoch:2", "--no-baseline", "--steps", 1)
+    assert code == 0, err
+    assert Path(out.splitlines()[-1]).parent.resolve() == (tmp_path / "lora-trainer-data" / "grids").resolve()

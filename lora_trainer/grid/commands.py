@@ -58,11 +58,12 @@ def add_grid_command(commands) -> None:
                                                "else -1)")
     grid.add_argument("--width", type=int, help="default: the model's own size (the tiny model 64, SD1 512, SDXL "
                                                 "1024)")
-    grid.add_argument("--height", type=int, help="default: as --width")
+    grid.add_argument("--height", type=int, help="default: the model's own size")
     grid.add_argument("--clip-skip", type=int, help="default: 1")
     grid.add_argument("--lora-dir", type=Path, action="append",
-                      help=f"where LoRA names are looked up (repeatable; default: {DEFAULT_LORA_FOLDER}); a RUN given as "
-                           "a path adds its own folder")
+                      help=f"where LoRA names are looked up (repeatable; default: {DEFAULT_LORA_FOLDER} and "
+                           f"{DEFAULT_DATA / 'Lora'}, the app's, where they exist); a RUN given as a path adds its own "
+                           "folder")
     grid.add_argument("--out", type=Path, default=DEFAULT_DATA / "grids",
                       help=f"where the grid and its cells are saved (default: {DEFAULT_DATA / 'grids'}, where the app "
                            "started in the same folder saves its grids)")
@@ -73,7 +74,7 @@ def draw_grid(args) -> Path | None:
     """Plan the grid as the Grid tab does, say what the plan noted and the losses the trainer recorded, draw it with
     a bar over the cells, then print its path. Ctrl-C stops after the cell being drawn."""
     from ..app.standalone_host import StandaloneHost
-    from ..cli import DEFAULT_LORA_FOLDER, _checkpoint
+    from ..cli import _checkpoint
     from ..console import progress_callback
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
@@ -85,7 +86,7 @@ def draw_grid(args) -> Path | None:
         raise UserError(f"--strength {args.strength}: give one strength, such as 0.8 (several go on an axis: "
                         f"--x strength:{args.strength})")
     run_file = _run_file(args.training_run)
-    folders = [folder.resolve() for folder in args.lora_dir or [DEFAULT_LORA_FOLDER]]
+    folders = [folder.resolve() for folder in args.lora_dir or _default_lora_folders()]
     if run_file is not None and not any(run_file.is_relative_to(folder) for folder in folders):
         folders.append(run_file.parent)  # last: its names win over a file of the same name elsewhere
     checkpoint = _checkpoint(args.model)
@@ -96,10 +97,10 @@ def draw_grid(args) -> Path | None:
         raise UserError(f"no LoRA or training run named {args.training_run!r} in {' or '.join(map(str, folders))}; "
                         "give its name there, the path of one of its files, or its folder with --lora-dir")
     defaults = host.generation_defaults()
-    native = native_resolution(checkpoint) if not (args.width and args.height) else None
+    native = native_resolution(checkpoint) if args.width is None or args.height is None else None
     given = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg_scale,
-             "seed": args.seed, "clip_skip": args.clip_skip, "width": args.width or native,
-             "height": args.height or native}
+             "seed": args.seed, "clip_skip": args.clip_skip,  # 0 is refused below, not taken for "not given"
+             "width": native if args.width is None else args.width, "height": native if args.height is None else args.height}
     given = {key: checked_setting(key, value, f"--{key.replace('_', '-')}") if key in SETTING_RANGES else value
              for key, value in given.items() if value is not None}
     settings = dataclasses.replace(defaults, **given,
@@ -138,6 +139,16 @@ def draw_grid(args) -> Path | None:
     if result.path is None:
         raise SystemExit(1)
     return result.path
+
+
+def _default_lora_folders() -> list[Path]:
+    """The WebUI's Lora folder and the one of the app started here (``ui``'s default), those that exist (the first
+    when neither does, for the message): a run the app trained is found as one the WebUI keeps."""
+    from ..app.standalone import DEFAULT_DATA
+    from ..cli import DEFAULT_LORA_FOLDER
+
+    candidates = [DEFAULT_LORA_FOLDER, DEFAULT_DATA / "Lora"]
+    return [folder for folder in candidates if folder.is_dir()] or candidates[:1]
 
 
 def _run_file(run: str) -> Path | None:
