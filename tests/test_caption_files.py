@@ -180,7 +180,7 @@ def test_backups_are_listed_newest_first_with_what_each_holds_and_named_never_by
     assert caption_files.restorable_backups(tmp_path / "none") == []
 
 
-def _saving_at(monkeypatch, local: "datetime") -> None:
+def _saving_at(monkeypatch, local) -> None:
     """Saves from now on record ``local`` (this machine's time) as their time."""
     from datetime import datetime, timezone
 
