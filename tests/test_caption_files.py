@@ -227,9 +227,15 @@ def test_the_newest_backup_is_the_last_saved_whatever_its_name_says(tmp_path, mo
     assert [p.name for p in caption_files.restorable_backups(backups)] == ["2026-10-25_02-10-00_b", "2026-10-25_02-30-00"]
 
 
+def _pictures(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")  # only its name matters to a restore
+
+
 def _dataset_with_backup(tmp_path: Path) -> tuple[Path, Path]:
     dataset = tmp_path / "set"
-    (dataset / "sub").mkdir(parents=True)
+    _pictures(dataset / "sub" / "a.png")
     (dataset / "sub" / "a.txt").write_text("before", encoding="utf-8")
     result = write_captions({dataset / "sub" / "a.txt": "after"}, dataset / ".caption-backups")
     return dataset, result.backup_folder
@@ -245,16 +251,25 @@ def test_a_restore_writes_and_removes_only_captions_of_its_dataset_whatever_the_
     victim.write_text("mine", encoding="utf-8")
     manifest = backup / caption_files.BACKUP_MANIFEST
     honest = json.loads(manifest.read_text(encoding="utf-8"))
+    (dataset / ".git").mkdir()
+    (dataset / ".git" / "config").write_text("[core]", encoding="utf-8")
     for crafted in ({**honest, "files": {"a.txt": "../../../victim.py"}},
                     {**honest, "files": {"a.txt": str(victim)}},
                     {**honest, "files": {"../../../victim.py": "../../sub/a.txt"}},
                     {**honest, "created": ["../../../victim.py"]},
-                    {**honest, "files": {"a.txt": "../../sub/a.png"}}):
+                    {**honest, "files": {"a.txt": "../../sub/a.png"}},
+                    {**honest, "files": {"a.txt": "../../.git/config"}}):  # inside the dataset, in a hidden folder
         manifest.write_text(json.dumps(crafted), encoding="utf-8")
         with pytest.raises(UserError, match="nothing was restored"):
             caption_files.restore_backup(backup, dataset, dataset / ".caption-backups")
-        assert victim.read_text(encoding="utf-8") == "mine"
+        assert victim.read_text(encoding="utf-8") == "mine" and (dataset / ".git" / "config").read_text() == "[core]"
         assert (dataset / "sub" / "a.txt").read_text(encoding="utf-8") == "after"
+    # a file of the dataset that is no picture's caption (a notes.txt, a config): left alone, said
+    (dataset / "notes.txt").write_text("mine", encoding="utf-8")
+    manifest.write_text(json.dumps({**honest, "files": {**honest["files"], "a.txt": "../../notes.txt"}}), encoding="utf-8")
+    with pytest.raises(UserError, match="no caption of a picture that is still there"):
+        caption_files.restore_backup(backup, dataset, dataset / ".caption-backups")
+    assert (dataset / "notes.txt").read_text(encoding="utf-8") == "mine"
     manifest.write_text(json.dumps(honest), encoding="utf-8")
     caption_files.restore_backup(backup, dataset, dataset / ".caption-backups")
     assert (dataset / "sub" / "a.txt").read_text(encoding="utf-8") == "before"
@@ -264,6 +279,7 @@ def test_a_folder_deleted_since_is_not_brought_back_by_a_restore(tmp_path):
     import shutil
 
     dataset, backup = _dataset_with_backup(tmp_path)
+    _pictures(dataset / "b.png", dataset / "c.png")
     (dataset / "b.txt").write_text("b", encoding="utf-8")
     shutil.rmtree(dataset / "sub")
     with pytest.raises(UserError, match="nothing to restore"):
@@ -272,14 +288,17 @@ def test_a_folder_deleted_since_is_not_brought_back_by_a_restore(tmp_path):
     result = write_captions({dataset / "b.txt": "b2", dataset / "c.txt": "c"}, dataset / ".caption-backups")
     (dataset / "sub").mkdir()
     restored = caption_files.restore_backup(result.backup_folder, dataset, dataset / ".caption-backups")
-    assert restored.folders_gone == () and not (dataset / "c.txt").exists()
+    assert restored.left_out == () and not (dataset / "c.txt").exists()
+    (dataset / "b.png").unlink()  # a picture deleted since: its caption stays in the backup, said
+    restored = caption_files.restore_backup(restored.backup_folder, dataset, dataset / ".caption-backups")
+    assert restored.left_out == (dataset / "b.txt",) and "picture or folder was deleted" in restored.left_out_note
 
 
 def test_a_backup_whose_files_did_not_all_get_kept_is_not_offered(tmp_path, monkeypatch):
     """The manifest was written first: a failed backup left a folder of a manifest alone, listed as the newest and
     restored with a FileNotFoundError; a missing file in a backup is said before anything changes."""
     dataset = tmp_path / "set"
-    dataset.mkdir()
+    _pictures(dataset / "a.png")
     (dataset / "a.txt").write_text("before", encoding="utf-8")
     real_write = caption_files._write_synced
 
@@ -308,7 +327,7 @@ def test_the_backup_of_a_linked_caption_is_a_copy_that_keeps_its_text(tmp_path):
     """Linux hard-links the symbolic link itself: the "backup" followed the shared caption's later changes (or
     pointed nowhere), and a restore wrote the shared file's current text."""
     dataset, shared = tmp_path / "set", tmp_path / "shared.txt"
-    dataset.mkdir()
+    _pictures(dataset / "a.png")
     shared.write_text("shared v1", encoding="utf-8")
     (dataset / "a.txt").symlink_to(shared)
     result = write_captions({dataset / "a.txt": "own"}, dataset / ".caption-backups")
@@ -317,3 +336,36 @@ def test_the_backup_of_a_linked_caption_is_a_copy_that_keeps_its_text(tmp_path):
     assert not kept.is_symlink() and kept.read_text(encoding="utf-8") == "shared v1"
     caption_files.restore_backup(result.backup_folder, dataset, dataset / ".caption-backups")
     assert (dataset / "a.txt").read_text(encoding="utf-8") == "shared v1"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need a privilege on Windows")
+def test_captions_saved_through_a_linked_sub_folder_are_restored_through_it(tmp_path):
+    """A recursive session follows a linked folder (10_b → elsewhere); its save promised --restore, which then refused
+    the backup as naming files outside the dataset."""
+    dataset, elsewhere = tmp_path / "set", tmp_path / "elsewhere" / "10_b"
+    _pictures(elsewhere / "x.png")
+    (elsewhere / "x.txt").write_text("before", encoding="utf-8")
+    dataset.mkdir()
+    (dataset / "10_b").symlink_to(elsewhere, target_is_directory=True)
+    result = write_captions({dataset / "10_b" / "x.txt": "after"}, dataset / ".caption-backups")
+    caption_files.restore_backup(result.backup_folder, dataset, dataset / ".caption-backups")
+    assert (elsewhere / "x.txt").read_text(encoding="utf-8") == "before"
+
+
+def test_a_created_caption_that_cannot_be_removed_is_said_and_the_rest_is_restored(tmp_path, monkeypatch):
+    dataset = tmp_path / "set"
+    _pictures(dataset / "a.png", dataset / "b.png")
+    (dataset / "a.txt").write_text("before", encoding="utf-8")
+    result = write_captions({dataset / "a.txt": "after", dataset / "b.txt": "new"}, dataset / ".caption-backups")
+    real_unlink = Path.unlink
+
+    def held_open(path, missing_ok=False):
+        if path.name == "b.txt":
+            raise PermissionError(13, "in use by another process")
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held_open)
+    restored = caption_files.restore_backup(result.backup_folder, dataset, dataset / ".caption-backups")
+    assert (dataset / "a.txt").read_text(encoding="utf-8") == "before"
+    assert restored.not_removed == (dataset / "b.txt",) and restored.removed == ()
+    assert "could not be removed" in restored.left_out_note

@@ -654,7 +654,7 @@ def restore_session_backup(session: TagSession, backup_name: str | None = None) 
     if result.removed:
         message += f" and removed {len(result.removed)} that its save had created"
     message += (f". The captions they replaced are in a new backup, {backup_title(result.backup_folder.name)}: "
-                "restoring it (the newest) undoes this.") + (f" {result.gone_note}" if result.gone_note else "")
+                "restoring it (the newest) undoes this.") + (f" {result.left_out_note}" if result.left_out_note else "")
     return {
         "backup": folder.name,
         "restored": [named(path) for path in result.restored],  # caption files

@@ -28,6 +28,7 @@ import codecs
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class CaptionWriteResult:
 
     written: Mapping[Path, CaptionStamp]
     backup_folder: Path | None
+    not_removed: tuple[Path, ...] = ()  # files to delete that could not be (a restore's)
 
 
 def caption_path_for(image: Path, extension: str = ".txt") -> Path:
@@ -324,14 +326,10 @@ def _replace_all(contents: Mapping[Path, bytes], backup_dir: Path | None, remove
     for path in removed:
         try:
             path.unlink(missing_ok=True)
-        except OSError as error:  # open in another program (Windows), or a read-only folder
-            held.append(f"{path} ({error})")
-    if held:
-        raise UserError(f"The captions were put back, but {len(held)} that the backed-up save had created could not be "
-                        f"removed: {'; '.join(held[:5])}. Delete them by hand"
-                        + (f"; the versions replaced are in {backup_folder}." if backup_folder else "."))
+        except OSError:  # open in another program (Windows), or a read-only folder: said by the caller
+            held.append(path)
     written = {target: _stamp(contents[target], os.stat(target)) for target in targets}
-    return CaptionWriteResult(written, backup_folder)
+    return CaptionWriteResult(written, backup_folder, tuple(held))
 
 
 def _read_only(paths: list[Path]) -> list[Path]:
@@ -369,7 +367,7 @@ def _keep_previous_versions(existing: list[Path], created: list[Path], backup_di
             os.replace(_write_synced(backup, path.read_bytes()), backup)
         return backup
 
-    kept = _run_all_or_clean_up(keep, existing, f"Could not back up the previous captions into {folder}")
+    _run_all_or_clean_up(keep, existing, f"Could not back up the previous captions into {folder}")
     manifest = {"saved": datetime.now(timezone.utc).isoformat(),
                 "files": {_backup_name(path, root).as_posix(): _from_backup(folder, path) for path in existing},
                 "created": [_from_backup(folder, path) for path in created]}
@@ -377,8 +375,7 @@ def _keep_previous_versions(existing: list[Path], created: list[Path], backup_di
         # escaped: a file name that is not UTF-8 (GBK bytes on Linux) is kept as Python's surrogates, which read back
         write_text(folder / BACKUP_MANIFEST, json.dumps(manifest, indent=1))
     except OSError as error:
-        for path in kept:
-            path.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # made above, holding only the copies just kept
         raise UserError(f"Could not write the backup's manifest in {folder} ({error}); no caption was changed.") from None
     return folder
 
@@ -397,15 +394,24 @@ class RestoreResult:
     restored: tuple[Path, ...]  # captions put back as the backup holds them
     removed: tuple[Path, ...]  # captions the backed-up save had created
     backup_folder: Path | None  # the versions the restore replaced: restoring it undoes the restore
-    folders_gone: tuple[Path, ...] = ()  # folders deleted since: their captions are not brought back
+    left_out: tuple[Path, ...] = ()  # captions whose picture (or folder) was deleted since: not brought back
+    not_removed: tuple[Path, ...] = ()  # captions its save created that could not be removed (held open)
 
     @property
-    def gone_note(self) -> str:
-        """The folders whose captions stayed in the backup, as a sentence ("" when none)."""
-        if not self.folders_gone:
-            return ""
-        return (f"The captions of {len(self.folders_gone)} folder(s) deleted since stay in the backup: "
-                f"{', '.join(str(path) for path in self.folders_gone[:3])}{' …' if len(self.folders_gone) > 3 else ''}.")
+    def left_out_note(self) -> str:
+        """What the restore did not do, as sentences ("" when it did everything)."""
+        note = ""
+        if self.left_out:
+            note += (f"{len(self.left_out)} caption(s) whose picture or folder was deleted since stay in the backup: "
+                     f"{_first_few(self.left_out)}.")
+        if self.not_removed:
+            note += (f" {len(self.not_removed)} caption(s) its save had created could not be removed (open in another "
+                     f"program?): {_first_few(self.not_removed)}; delete them by hand.")
+        return note.strip()
+
+
+def _first_few(paths: tuple[Path, ...]) -> str:
+    return ", ".join(str(path) for path in paths[:3]) + (" …" if len(paths) > 3 else "")
 
 
 @dataclass(frozen=True)
@@ -427,15 +433,25 @@ def _read_manifest(folder: Path) -> _Manifest:
         raise UserError(f"{folder / BACKUP_MANIFEST} cannot be read ({error}); copy the backup's files back by hand") from None
 
 
+@dataclass(frozen=True)
+class _Listed:
+    """What listing a backup needs of its manifest (the whole one of 10,000 captions is ≈ 1.7 MB in memory)."""
+
+    saved: datetime | None
+    captions: int
+    created: int
+
+
 # A manifest is written once, with its backup; listing 100 backups of 10,000 captions at each save would read 60 MB.
 @lru_cache(maxsize=1024)
-def _manifest_of(folder: Path, mtime_ns: int, size: int) -> _Manifest:
-    return _read_manifest(folder)
+def _listed_of(folder: Path, mtime_ns: int, size: int) -> _Listed:
+    manifest = _read_manifest(folder)
+    return _Listed(manifest.saved, len(manifest.files), len(manifest.created))
 
 
-def _cached_manifest(folder: Path) -> _Manifest:
+def _listed(folder: Path) -> _Listed:
     stat = (folder / BACKUP_MANIFEST).stat()
-    return _manifest_of(folder, stat.st_mtime_ns, stat.st_size)
+    return _listed_of(folder, stat.st_mtime_ns, stat.st_size)
 
 
 def restorable_backups(backup_dir: Path) -> list[Path]:
@@ -451,7 +467,7 @@ def restorable_backups(backup_dir: Path) -> list[Path]:
 
 def _saved_at(folder: Path) -> float:
     try:
-        saved = _cached_manifest(folder).saved
+        saved = _listed(folder).saved
     except (OSError, UserError):
         saved = None
     if saved is None:
@@ -492,13 +508,13 @@ def backup_summaries(backup_dir: Path) -> list[BackupSummary]:
     summaries = []
     for folder in restorable_backups(backup_dir):
         try:
-            manifest = _cached_manifest(folder)
+            manifest = _listed(folder)
         except (OSError, UserError) as error:
             summaries.append(BackupSummary(folder.name, backup_time(folder.name), 0, 0, str(error)))
             continue
         made = (manifest.saved.astimezone().replace(tzinfo=None, microsecond=0) if manifest.saved
                 else backup_time(folder.name))
-        summaries.append(BackupSummary(folder.name, made, len(manifest.files), len(manifest.created)))
+        summaries.append(BackupSummary(folder.name, made, manifest.captions, manifest.created))
     return summaries
 
 
@@ -521,25 +537,37 @@ def backup_named(backup_dir: Path, name: str) -> Path:
 
 def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None) -> RestoreResult:
     """Put the captions of the backup ``folder`` back where they were, and remove those its save created, keeping the
-    current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``). Only caption
-    files inside ``dataset`` (the folder the backups belong to) are written or removed, whatever the manifest says: a
-    dataset shared with its backups brings its own manifest. Captions of folders deleted since stay gone."""
-    folder = Path(folder)
+    current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``).
+
+    Whatever the manifest says (a dataset shared with its backups brings its own), only caption files are written or
+    removed: inside ``dataset`` (the folder the backups belong to; by path, so a linked sub folder the editor saved
+    through stays one), in no hidden folder, not pictures themselves, and beside a picture of the same name; a
+    manifest naming anything else restores nothing. Captions whose folder or picture is gone stay in the backup."""
+    folder = Path(os.path.normpath(Path(folder).absolute()))
     manifest = _read_manifest(folder)
-    inside = Path(dataset).resolve()
+    inside, backups = Path(os.path.normpath(Path(dataset).absolute())), folder.parent
+    pictures: dict[Path, set[str]] = {}
 
     def target(relative: str, field: str) -> Path:
         path = Path(os.path.normpath(folder / relative))
-        resolved = path.resolve()
-        if (not resolved.is_relative_to(inside) or resolved.is_relative_to(folder.resolve().parent)
+        below = path.relative_to(inside).parts if path.is_relative_to(inside) else None
+        if (below is None or path.is_relative_to(backups) or any(part.startswith(".") for part in below)
                 or path.suffix.lower() in _IMAGE_LIKE):
             raise UserError(f"{folder / BACKUP_MANIFEST} names {relative!r} in its {field}, which is not a caption of "
                             f"{dataset}: nothing was restored; copy the backup's files back by hand")
         return path
 
+    def beside_its_picture(path: Path) -> bool:
+        if path.parent not in pictures:
+            try:
+                pictures[path.parent] = {entry.stem for entry in path.parent.iterdir() if entry.suffix.lower() in _IMAGE_LIKE}
+            except OSError:  # the folder is gone
+                pictures[path.parent] = set()
+        return path.stem in pictures[path.parent]
+
     def source(name: str) -> Path:
-        path = folder / name
-        if not path.resolve().is_relative_to(folder.resolve()):
+        path = Path(os.path.normpath(folder / name))
+        if not path.is_relative_to(folder) or not path.resolve().is_relative_to(folder.resolve()):
             raise UserError(f"{folder / BACKUP_MANIFEST} names {name!r}, which is not in the backup: nothing was restored")
         if not path.is_file():
             raise UserError(f"{path} is missing from the backup its manifest describes: nothing was restored; copy the "
@@ -547,15 +575,16 @@ def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None) -> Rest
         return path
 
     placed = {target(place, "files"): source(name) for name, place in manifest.files.items()}
-    gone = tuple(dict.fromkeys(path.parent for path in placed if not path.parent.is_dir()))
-    contents = {path: kept.read_bytes() for path, kept in placed.items() if path.parent.is_dir()}
-    removed = tuple(path for path in (target(place, "created") for place in manifest.created)
-                    if path.is_file() and path not in contents)
+    created = [target(place, "created") for place in manifest.created]
+    contents = {path: kept.read_bytes() for path, kept in placed.items() if beside_its_picture(path)}
+    removed = tuple(path for path in created if path.is_file() and path not in contents and beside_its_picture(path))
     if not contents and not removed:
-        raise UserError(f"{folder} holds no caption of a folder that is still there, and the captions its save created "
+        raise UserError(f"{folder} holds no caption of a picture that is still there, and the captions its save created "
                         "are gone: nothing to restore")
     result = _replace_all(contents, backup_dir, removed)
-    return RestoreResult(tuple(contents), removed, result.backup_folder, gone)
+    return RestoreResult(tuple(contents), tuple(path for path in removed if path not in result.not_removed),
+                         result.backup_folder, tuple(path for path in placed if path not in contents),
+                         result.not_removed)
 
 
 def _run_all_or_clean_up(prepare, items: list, failure: str = "Could not write captions") -> list[Path]:

@@ -180,8 +180,8 @@ def restore_report(result: RestoreResult) -> str:
              + (f" and removed {len(result.removed)} that the save had created" if result.removed else "")]
     if result.backup_folder:
         lines.append(f"the captions they replaced are in {result.backup_folder} (--restore again undoes this)")
-    if result.gone_note:
-        lines.append(result.gone_note)
+    if result.left_out_note:
+        lines.append(result.left_out_note)
     return "\n".join(lines)
 
 
