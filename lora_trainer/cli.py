@@ -30,6 +30,15 @@ def _reference_folder() -> Path:
     return Path(os.environ.get("LORA_TRAINER_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")
 
 
+def default_lora_folders() -> list[Path]:
+    """Where LoRA names are looked up without --lora-dir: the WebUI's Lora folder and the one of the app started here
+    (``ui``'s default), those that exist (the first when neither does, for the message)."""
+    from .app.standalone import DEFAULT_DATA
+
+    candidates = [DEFAULT_LORA_FOLDER, DEFAULT_DATA / "Lora"]
+    return [folder for folder in candidates if folder.is_dir()] or candidates[:1]
+
+
 def _checkpoint(given: Path | None) -> Path:
     """A checkpoint argument: a file or folder, the bundled tiny model by a name the API takes (tiny-sd), or, not
     given, the tiny model."""
@@ -69,13 +78,13 @@ def generate(args) -> list[Path]:
 
     for option, value, low in (("--steps", args.steps, 1), ("--cfg-scale", args.cfg_scale, 0), ("--seed", args.seed, -1),
                                ("--batch-size", args.batch_size, 1), ("--clip-skip", args.clip_skip, 1)):
-        if value < low:  # before the model loads: --steps 0 died in the sampler with a ValueError
+        if not value >= low:  # before the model loads (--steps 0 died in the sampler); nan is not a number here
             raise UserError(f"{option} {value:g}: give {low} or more", option)
     for text in (args.prompt, args.negative):
         for problem in prompt_problems(text):
             print(f"warning: {problem}", file=sys.stderr)
     model = load_for_inference(args.model, args.vae, args.precision, args.device, args.prediction_type)
-    _, extra = apply_prompt_loras(args.prompt, model, args.lora_dir or [DEFAULT_LORA_FOLDER])
+    _, extra = apply_prompt_loras(args.prompt, model, args.lora_dir or default_lora_folders())
     resolution = model.config.resolution
     settings = GenerationSettings(
         prompt=args.prompt,
@@ -159,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override eps/v detection")
     g.add_argument("--lora-dir", type=Path, action="append",
-                   help=f"where <lora:name:weight> tags of the prompt are looked up (repeatable; default: {DEFAULT_LORA_FOLDER})")
+                   help=f"where <lora:name:weight> tags of the prompt are looked up (repeatable; default: "
+                        f"{DEFAULT_LORA_FOLDER} and lora-trainer-data/Lora, the app's, where they exist)")
     g.add_argument("--out", type=Path, default=Path("outputs") / "txt2img")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(run=generate)
@@ -219,20 +229,21 @@ def hyphenated(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     ``train_network`` and the hints of ``dataset check`` use) written with hyphens, as ``parser`` and its
     sub-commands spell them; what follows ``--`` and the values after ``=`` stay as they are. (Registered as second
     names instead, they made every shortened option ambiguous: ``--batch`` matched ``--batch-size`` and ``--batch_size``.)"""
-    spelled = set()
+    spelled: set[str] = set()
+    words, current = list(argv), parser
 
-    def collect(of: argparse.ArgumentParser) -> None:
-        for action in of._actions:
-            spelled.update(option for option in action.option_strings if option.startswith("--"))
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    collect(sub)
+    def learn(of: argparse.ArgumentParser) -> None:  # the options of the command named so far, not of the others
+        spelled.update(option for action in of._actions for option in action.option_strings if option.startswith("--"))
 
-    collect(parser)
-    words = list(argv)
+    learn(current)
     for index, word in enumerate(words):
         if word == "--":
             break
+        commands = next((a.choices for a in current._actions if isinstance(a, argparse._SubParsersAction)), {})
+        if word in commands:
+            current = commands[word]
+            learn(current)
+            continue
         option, equals, value = word.partition("=")
         if option.startswith("--") and "_" in option and option not in spelled:
             hyphens = "--" + option[2:].replace("_", "-")

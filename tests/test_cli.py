@@ -82,7 +82,8 @@ def test_generate_refuses_settings_out_of_range_before_loading_the_model(tmp_pat
     for option, value, said in (("--steps", 0, "--steps 0: give 1 or more"),
                                 ("--cfg-scale", -1, "--cfg-scale -1: give 0 or more"),
                                 ("--batch", 0, "--batch-size 0: give 1 or more"),  # shortened, as argparse lets it
-                                ("--seed", -2, "--seed -2: give -1 or more")):
+                                ("--seed", -2, "--seed -2: give -1 or more"),
+                                ("--cfg-scale", "nan", "--cfg-scale nan: give 0 or more")):
         code, _, err = run(capsys, "generate", "--model", tmp_path / "not loaded.safetensors", "--prompt", "circle",
                            option, value, "--out", tmp_path)
         assert code == 2 and err == f"error: {said}\n"
@@ -165,3 +166,22 @@ def test_the_app_without_its_extra_says_what_to_install(capsys, monkeypatch):
     code, _, err = run(capsys, "ui", "--port", 7899)
     assert code == 2
     assert 'the standalone app needs fastapi, uvicorn, which this install lacks: pip install -e ".[ui]"' in err
+
+
+def test_underscored_options_are_read_as_the_command_named_spells_them(capsys):
+    """sd-scripts' spelling (--caption_extension) is ours with hyphens; only the named command's options are
+    rewritten, so a mistake is said in the user's own spelling, not as another command's option."""
+    import pytest
+
+    from lora_trainer.cli import hyphenated, parser
+
+    commands = parser()
+    assert hyphenated(["dataset", "tags", "D", "--caption_extension", ".caption", "--add_front=zk"], commands) == \
+        ["dataset", "tags", "D", "--caption-extension", ".caption", "--add-front=zk"]
+    # --no-hash is model inspect's, not generate's; values after = and after -- stay as typed
+    assert hyphenated(["generate", "--no_hash"], commands) == ["generate", "--no_hash"]
+    assert hyphenated(["bench", "train", "--sd-scripts-arg=--tokenizer_cache_dir=X", "--", "--a_b"], commands) == \
+        ["bench", "train", "--sd-scripts-arg=--tokenizer_cache_dir=X", "--", "--a_b"]
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", "--no_hash"])
+    assert "unrecognized arguments: --no_hash" in capsys.readouterr().err

@@ -143,11 +143,14 @@ def test_a_long_word_is_broken_between_the_characters_a_reader_sees(no_font_said
 
     decomposed = "cafe\u0301" * 12  # NFD, as macOS stores names
     family = "\U0001F468\u200d\U0001F469\u200d\U0001F467" * 8
-    for label in (decomposed, family):
+    thai, flags = "\u0e01\u0e34\u0e19" * 12, "\U0001F1EF\U0001F1F5" * 12  # a vowel mark above; two letters a flag
+    for label in (decomposed, family, thai, flags):
         text = grid_layout((64, 64), ["1"], [label], "", "").column_labels[0][1]
         lines = text.split("\n")
         assert len(lines) > 1
-        assert not any(line[0] in "\u0301\u200d" or line[-1] == "\u200d" for line in lines)
+        assert not any(line[0] in "\u0301\u200d\u0e34" or line[-1] == "\u200d" for line in lines)
+        if label == flags:
+            assert all(len(line) % 2 == 0 for line in lines)  # never half a flag
 
 
 def test_the_missing_font_advice_names_a_cjk_font_only_for_east_asian_text(monkeypatch, no_font_said, caplog):

@@ -575,6 +575,10 @@ def test_an_earlier_runs_leftover_files_of_the_same_name_do_not_change_the_recom
     plan = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["1-4"]), lora="run"), LoraLibrary([tmp_path]))
     assert plan.best_epoch == tmp_path / "run-000002.safetensors" and plan.notes == []
     assert plan.row_labels[0].endswith("val loss 0.1700")  # the new run's epoch 1, not the earlier run's
+    for path in tmp_path.glob("run*.safetensors"):  # equal times (FAT's 2 s, a touch): the final file decides
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+    plan = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["1-4"]), lora="run"), LoraLibrary([tmp_path]))
+    assert plan.best_epoch == tmp_path / "run-000002.safetensors" and plan.notes == []
 
 
 def test_a_grey_cells_reason_is_written_in_a_font_sized_to_the_cell():

@@ -74,7 +74,7 @@ def draw_grid(args) -> Path | None:
     """Plan the grid as the Grid tab does, say what the plan noted and the losses the trainer recorded, draw it with
     a bar over the cells, then print its path. Ctrl-C stops after the cell being drawn."""
     from ..app.standalone_host import StandaloneHost
-    from ..cli import _checkpoint
+    from ..cli import _checkpoint, default_lora_folders
     from ..console import progress_callback
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
@@ -86,7 +86,7 @@ def draw_grid(args) -> Path | None:
         raise UserError(f"--strength {args.strength}: give one strength, such as 0.8 (several go on an axis: "
                         f"--x strength:{args.strength})")
     run_file = _run_file(args.training_run)
-    folders = [folder.resolve() for folder in args.lora_dir or _default_lora_folders()]
+    folders = [folder.resolve() for folder in args.lora_dir or default_lora_folders()]
     if run_file is not None and not any(run_file.is_relative_to(folder) for folder in folders):
         folders.append(run_file.parent)  # last: its names win over a file of the same name elsewhere
     checkpoint = _checkpoint(args.model)
@@ -139,16 +139,6 @@ def draw_grid(args) -> Path | None:
     if result.path is None:
         raise SystemExit(1)
     return result.path
-
-
-def _default_lora_folders() -> list[Path]:
-    """The WebUI's Lora folder and the one of the app started here (``ui``'s default), those that exist (the first
-    when neither does, for the message): a run the app trained is found as one the WebUI keeps."""
-    from ..app.standalone import DEFAULT_DATA
-    from ..cli import DEFAULT_LORA_FOLDER
-
-    candidates = [DEFAULT_LORA_FOLDER, DEFAULT_DATA / "Lora"]
-    return [folder for folder in candidates if folder.is_dir()] or candidates[:1]
 
 
 def _run_file(run: str) -> Path | None:

@@ -139,7 +139,8 @@ def recorded_losses(files: list[EpochFile]) -> dict[str, dict[str, float]]:
     promotion) share one history, while an earlier run's files left under the same name (more epochs, other losses)
     would have put their epochs into this run's."""
     records = []
-    for file in sorted(files, key=lambda f: ((_stat(f.path) or (0, 0))[1], f.steps or 0)):  # oldest first
+    # oldest first; at equal times (FAT's 2 s, a touch) the final file last: a new run always rewrites it
+    for file in sorted(files, key=lambda f: ((_stat(f.path) or (0, 0))[1], is_final_file(f.path), f.steps or 0)):
         text = read_safetensors_metadata(file.path).get(LOSSES_KEY)
         try:
             data = json.loads(text) if text else {}
@@ -179,8 +180,8 @@ def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
 
 def recommended_epoch(run: list[EpochFile]) -> int | None:
     """The run's recommended epoch, as the trainer made it at its end and ``lora inspect`` makes it again from a
-    file: ``recommended_from_recorded`` over the losses every file of the run recorded (the files on a grid's axis
-    alone may stop before the epochs that decide it). None where no file recorded losses (sd-scripts' runs)."""
+    file: ``recommended_from_recorded`` over the run's recorded losses (``recorded_losses``: the files on a grid's
+    axis alone may stop before the epochs that decide it). None where no file recorded losses (sd-scripts' runs)."""
     from ..training.evaluation import recommended_from_recorded
 
     advice = recommended_from_recorded(recorded_losses(run))

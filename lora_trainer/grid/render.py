@@ -285,8 +285,10 @@ def _clusters(text: str) -> list[str]:
     a line never starts with a bare accent or breaks an emoji family apart."""
     clusters: list[str] = []
     for character in text:
-        joins = clusters and (unicodedata.combining(character) or character in "\u200d\ufe0e\ufe0f"
-                              or "\U0001f3fb" <= character <= "\U0001f3ff" or clusters[-1].endswith("\u200d"))
+        flag = "\U0001f1e6" <= character <= "\U0001f1ff"  # two regional indicators make one flag
+        joins = clusters and (unicodedata.category(character) in ("Mn", "Mc", "Me") or character in "\u200d\ufe0e\ufe0f"
+                              or "\U0001f3fb" <= character <= "\U0001f3ff" or clusters[-1].endswith("\u200d")
+                              or flag and len(clusters[-1]) == 1 and "\U0001f1e6" <= clusters[-1] <= "\U0001f1ff")
         if joins:
             clusters[-1] += character
         else:
