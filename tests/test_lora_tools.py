@@ -578,3 +578,16 @@ def test_a_file_given_with_too_many_numbers_says_so():
         network_with_numbers(f"{KOHYA_LORA}:1:2:3", 2)  # was "no such network file …:1"
     with pytest.raises(UserError, match="at most 1 number after the file"):
         network_with_numbers(f"{KOHYA_LORA}:1:2", 1)
+
+
+def test_inspect_takes_a_loras_name_as_grid_and_generate_do(tmp_path, capsys, monkeypatch):
+    """`lora inspect zkstar` said "no such network file" where `grid zkstar` and `<lora:zkstar>` find it."""
+    from lora_trainer.grid.bench import make_epoch_files
+
+    make_epoch_files(tmp_path / "models" / "Lora", "zkstar", epochs=2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["lora", "inspect", "zkstar", "zkstar@e1"]) == 0
+    out = capsys.readouterr().out
+    assert "zkstar.safetensors" in out and "zkstar-000001.safetensors" in out
+    assert main(["lora", "inspect", "nosuch"]) == 2
+    assert "nosuch: no such network file, nor a LoRA of that name in models" in capsys.readouterr().err

@@ -38,10 +38,24 @@ def _strength(text: str):
     return path, Strength(te, numbers[1] if len(numbers) > 1 else None)
 
 
+def _named(path: Path) -> Path:
+    """A file, or a LoRA's name as ``<lora:name>`` and ``grid`` take it, looked up in the Lora folders."""
+    if path.exists() or len(path.parts) != 1:
+        return path
+    from ...cli import default_lora_folders
+    from ..activation import LoraLibrary
+
+    folders = default_lora_folders()
+    found = LoraLibrary(folders).resolve(str(path))
+    if found is None:
+        raise UserError(f"{path}: no such network file, nor a LoRA of that name in {' or '.join(map(str, folders))}")
+    return found
+
+
 def run_inspect(args) -> None:
     from .inspect import inspect_network
 
-    summaries = [inspect_network(path, top_tags=args.tags) for path in args.files]
+    summaries = [inspect_network(_named(path), top_tags=args.tags) for path in args.files]
     if args.json:
         print("[" + ",\n".join(s.to_json() for s in summaries) + "]" if len(summaries) > 1 else summaries[0].to_json())
         return
@@ -97,7 +111,9 @@ def add_lora_commands(subparsers) -> None:
 
     i = tools.add_parser("inspect", help="algorithm, rank and alpha, base model, run, tags, trigger words, recommended "
                          "epoch, hashes (--all: per block, and every metadata key)")
-    i.add_argument("files", type=Path, nargs="+")
+    i.add_argument("files", type=Path, nargs="+", metavar="FILE",
+                   help="a file, or a LoRA's name as <lora:name> takes it (name@e3: its epoch 3), looked up in "
+                        "models/Lora and lora-trainer-data/Lora")
     i.add_argument("--all", action="store_true", help="also the rank and alpha of each block and every metadata key")
     i.add_argument("--json", action="store_true", help="print everything as JSON")
     i.add_argument("--tags", type=int, default=20, help="how many of the most frequent training tags to show")
