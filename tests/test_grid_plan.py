@@ -519,7 +519,7 @@ def test_the_grid_stars_the_trainers_recommendation_and_a_step_file_shows_its_ow
     from safetensors.torch import save_file
 
     from lora_trainer.grid.axes import run_files
-    from lora_trainer.grid.plan import best_epoch, epoch_losses
+    from lora_trainer.grid.plan import best_epoch, epoch_losses, recorded_losses
 
     training = dict(zip("123456", (0.2, 0.12, 0.11, 0.105, 0.1, 0.098)))
     recorded = json.dumps({"epoch_training_loss": training, "step_validation_loss": {"25": 0.31}})
@@ -528,14 +528,14 @@ def test_the_grid_stars_the_trainers_recommendation_and_a_step_file_shows_its_ow
                   {"ss_epoch": str(epoch), "ss_steps": str(steps), "lora_trainer.losses": recorded})
     files = run_files(tmp_path / "run.safetensors")
     notes = []
-    assert best_epoch(files, files, notes).name == "run-000002.safetensors" and notes == []
+    assert best_epoch(files, files, recorded_losses(files), notes).name == "run-000002.safetensors" and notes == []
     losses = epoch_losses(files)
     assert losses[tmp_path / "run-step00000025.safetensors"].validation == 0.31
     assert losses[tmp_path / "run-step00000025.safetensors"].training is None
     assert losses[tmp_path / "run-000004.safetensors"].training == 0.105
     # epoch 2 not kept: no file is starred (the nearest kept one is not the recommendation), and the grid says so
     kept = [f for f in files if f.path.name != "run-000002.safetensors"]
-    assert best_epoch(kept, kept, notes) is None
+    assert best_epoch(kept, kept, recorded_losses(kept), notes) is None
     assert notes == ["The recommended epoch is 2, and no file of epoch 2 was kept: to have it, save every epoch "
                      "(--save_every_n_epochs 1, and --save_last_n_epochs none or larger)."]
 

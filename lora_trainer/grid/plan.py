@@ -158,10 +158,11 @@ def recorded_losses(files: list[EpochFile]) -> dict[str, dict[str, float]]:
     return merged
 
 
-def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
-    """Each file's losses as the trainer recorded them: an epoch file's (or the final file's) epoch losses; a step
-    file's validation loss at its step (the epoch losses of its ss_epoch describe other weights)."""
-    recorded = recorded_losses(files)
+def epoch_losses(files: list[EpochFile], recorded: dict[str, dict[str, float]] | None = None) -> dict[Path, EpochLoss]:
+    """Each file's losses as the trainer recorded them (``recorded``: the run's record, ``recorded_losses``, read from
+    ``files`` where not given): an epoch file's (or the final file's) epoch losses; a step file's validation loss at
+    its step (the epoch losses of its ss_epoch describe other weights)."""
+    recorded = recorded_losses(files) if recorded is None else recorded
     losses = {}
     for file in files:
         if is_step_file(file.path):
@@ -178,23 +179,24 @@ def epoch_losses(files: list[EpochFile]) -> dict[Path, EpochLoss]:
     return losses
 
 
-def recommended_epoch(run: list[EpochFile]) -> int | None:
+def recommended_epoch(recorded: dict[str, dict[str, float]]) -> int | None:
     """The run's recommended epoch, as the trainer made it at its end and ``lora inspect`` makes it again from a
-    file: ``recommended_from_recorded`` over the run's recorded losses (``recorded_losses``: the files on a grid's
+    file: ``recommended_from_recorded`` over the run's record (``recorded_losses`` of all its files: those on a grid's
     axis alone may stop before the epochs that decide it). None where no file recorded losses (sd-scripts' runs)."""
     from ..training.evaluation import recommended_from_recorded
 
-    advice = recommended_from_recorded(recorded_losses(run))
+    advice = recommended_from_recorded(recorded)
     return advice.epoch if advice else None
 
 
-def best_epoch(shown: list[EpochFile], run: list[EpochFile], notes: list[str]) -> Path | None:
-    """The file of the run's recommended epoch among the ``shown`` ones (the axis's), which the grid stars; where
-    the axis leaves it out, none is starred (the best of those shown is not the run's best) and ``notes`` says to
-    add it, or, where the run kept no file of it, how to keep one."""
+def best_epoch(shown: list[EpochFile], run: list[EpochFile], recorded: dict[str, dict[str, float]],
+               notes: list[str]) -> Path | None:
+    """The file of the run's recommended epoch (from its record, ``recorded``) among the ``shown`` ones (the axis's),
+    which the grid stars; where the axis leaves it out, none is starred (the best of those shown is not the run's
+    best) and ``notes`` says to add it, or, where the run kept no file of it, how to keep one."""
     from ..training.evaluation import unkept_epoch
 
-    epoch = recommended_epoch(run)
+    epoch = recommended_epoch(recorded)
     if epoch is None:
         return None
     # the first of a kind in training order: at equal steps the final file, which a grid shows before its copy
@@ -265,12 +267,12 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
     if axis.kind in ("epoch", "seed"):
         values = whole_numbers(values)  # 1-10 [5], 1-3: the X/Y/Z plot's whole-number ranges
     if axis.kind == "epoch":
-        files = _run_of(request, library)
+        run = files = _run_of(request, library)
         if values:
             files = _chosen_files(files, values, notes)
         if not files:
             raise UserError(f"epoch axis: none of the epochs {', '.join(values)} is among the run's files")
-        losses = epoch_losses(files)
+        losses = epoch_losses(files, recorded_losses(run))  # the run's record, as the star and the table read it
         labels = [f.label + (f"\n{loss_text(losses.get(f.path))}" if f.path in losses else "") for f in files]
         return [_AxisValue(label, loras=(f.path,)) for f, label in zip(files, labels)], files
     if axis.kind == "strength":
@@ -568,8 +570,10 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     files = list(dict.fromkeys(path for row in cells for cell in row for path, _ in cell.loras))
     _check_names_resolve(files, library)
     epoch_files = x_files or y_files
-    losses = epoch_losses(epoch_files) if epoch_files else {}
-    best = best_epoch(epoch_files, _run_of(request, library), notes) if epoch_files else None
+    run = _run_of(request, library) if epoch_files else []
+    recorded = recorded_losses(run)  # read once for the table and the star
+    losses = epoch_losses(epoch_files, recorded)
+    best = best_epoch(epoch_files, run, recorded, notes) if epoch_files else None
     x_name = xs[0].label if request.x.kind == "lora" and len(xs) == 1 else "LoRA"
     baseline_label = "no LoRA" if request.x.kind != "lora" else f"without {x_name}"
     if request.x.kind == "seed":  # the columns' seeds are not the baseline's: say which one it drew
