@@ -369,3 +369,59 @@ def test_a_created_caption_that_cannot_be_removed_is_said_and_the_rest_is_restor
     assert (dataset / "a.txt").read_text(encoding="utf-8") == "before"
     assert restored.not_removed == (dataset / "b.txt",) and restored.removed == ()
     assert "could not be removed" in restored.left_out_note
+
+
+def _unrecorded_backup(dataset: Path, name: str, files: dict[str, str]) -> Path:
+    """A backup as saves made it before backups had a manifest (2026-12-05): its files laid out relative to their
+    common folder, which nothing recorded."""
+    folder = dataset / ".caption-backups" / name
+    for relative, text in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(text, encoding="utf-8")
+    return folder
+
+
+def _kohya_dataset(tmp_path: Path) -> Path:
+    dataset = tmp_path / "数据 集"
+    _pictures(dataset / "10_a" / "1.png", dataset / "10_a" / "2.PNG", dataset / "10_b" / "3.jpg")
+    for relative in ("10_a/1.txt", "10_a/2.txt", "10_b/3.txt"):
+        (dataset / relative).write_text("now", encoding="utf-8")
+    return dataset
+
+
+def test_a_backup_made_before_backups_had_a_manifest_is_listed_and_restored_where_its_captions_were(tmp_path):
+    """Saves before 2026-12-05 kept backups without saying where their files go back: they were not listed, and the
+    only undo of such a save was copying files back by hand, guessing the folder."""
+    from datetime import datetime
+
+    dataset = _kohya_dataset(tmp_path)
+    backups = dataset / ".caption-backups"
+    one_folder = _unrecorded_backup(dataset, "2026-12-01_10-00-00", {"1.txt": "one", "2.txt": "two"})
+    two_folders = _unrecorded_backup(dataset, "2026-12-02_10-00-00", {"10_a/1.txt": "a1", "10_b/3.txt": "b3"})
+    summaries = caption_files.backup_summaries(backups)
+    assert [(s.name, s.time, s.captions, s.created) for s in summaries] == [
+        ("2026-12-02_10-00-00", datetime(2026, 12, 2, 10), 2, 0), ("2026-12-01_10-00-00", datetime(2026, 12, 1, 10), 2, 0)]
+
+    restored = caption_files.restore_backup(one_folder, dataset, backups)
+    assert {path.relative_to(dataset).as_posix(): path.read_text(encoding="utf-8") for path in restored.restored} == {
+        "10_a/1.txt": "one", "10_a/2.txt": "two"}  # below 10_a, the only folder with pictures 1 and 2
+    assert (dataset / "10_b" / "3.txt").read_text(encoding="utf-8") == "now"
+    caption_files.restore_backup(two_folders, dataset, backups)
+    assert [(dataset / name).read_text(encoding="utf-8") for name in ("10_a/1.txt", "10_a/2.txt", "10_b/3.txt")] == [
+        "a1", "two", "b3"]
+    # each restore kept what it replaced in a backup with a manifest: the newest undoes the last restore
+    caption_files.restore_backup(caption_files.restorable_backups(backups)[0], dataset, backups)
+    assert (dataset / "10_a" / "1.txt").read_text(encoding="utf-8") == "one"
+
+
+def test_a_backup_without_a_manifest_that_fits_two_folders_or_none_restores_nothing_and_says_why(tmp_path):
+    dataset = _kohya_dataset(tmp_path)
+    _pictures(dataset / "10_b" / "1.webp")  # 1.txt now fits 10_a and 10_b alike
+    both = _unrecorded_backup(dataset, "2026-12-01_10-00-00", {"1.txt": "one"})
+    with pytest.raises(UserError, match=r"fit as well below .*10_a and .*10_b.*copy its files back by hand"):
+        caption_files.restore_backup(both, dataset, dataset / ".caption-backups")
+    unrelated = _unrecorded_backup(dataset, "2026-12-02_10-00-00", {"notes.md": "mine"})
+    with pytest.raises(UserError, match="none of its files is a caption of a picture"):
+        caption_files.restore_backup(unrelated, dataset, dataset / ".caption-backups")
+    assert {(dataset / name).read_text(encoding="utf-8") for name in ("10_a/1.txt", "10_b/3.txt")} == {"now"}
+    assert not (dataset / "10_b" / "1.txt").exists()

@@ -84,7 +84,7 @@ def test_restore_mistakes_are_one_sentence_and_change_nothing(tmp_path, capsys):
     folder = folder_of(tmp_path / "set", {"a": "zk"})
     assert main(["dataset", "tags", str(folder), "--restore"]) == 2
     assert "holds no backup that --restore can put back" in capsys.readouterr().err
-    handmade = folder / ".caption-backups" / "2026-01-01_00-00-00"  # a backup from before backups had a manifest
+    handmade = folder / ".caption-backups" / "my copy"  # neither a manifest nor a save's time as its name
     handmade.mkdir(parents=True)
     (handmade / "a.txt").write_text("old", encoding="utf-8")
     assert main(["dataset", "tags", str(folder), "--restore", str(handmade)]) == 2
@@ -92,6 +92,15 @@ def test_restore_mistakes_are_one_sentence_and_change_nothing(tmp_path, capsys):
     assert main(["dataset", "tags", str(folder), "--restore", "--add", "x"]) == 2
     assert "so it takes no edits: run that in a command of its own" in capsys.readouterr().err
     assert captions(folder) == {"a": "zk"}
+
+
+def test_a_backup_from_before_backups_had_a_manifest_is_restored_as_the_newest(tmp_path, capsys):
+    folder = folder_of(tmp_path / "set", {"a": "zk"})
+    earlier = folder / ".caption-backups" / "2026-12-01_09-00-00"  # saved then: no manifest, laid out from the folder
+    earlier.mkdir(parents=True)
+    (earlier / "a.txt").write_text("old", encoding="utf-8")
+    assert main(["dataset", "tags", str(folder), "--restore"]) == 0
+    assert captions(folder) == {"a": "old"} and "restored 1 caption file(s)" in capsys.readouterr().out
 
 
 def test_a_kohya_root_folder_is_refused_with_the_way_to_its_images(tmp_path, capsys):

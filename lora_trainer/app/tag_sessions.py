@@ -639,7 +639,7 @@ def restore_session_backup(session: TagSession, backup_name: str | None = None) 
             newest = caption_files.restorable_backups(editor.backup_dir)
             if not newest:
                 raise caption_files.BackupNotFound(f"backup: {editor.backup_dir} holds no backup that can be put back "
-                                                   "(every save keeps one there, from 2026-12-05 on)", "backup")
+                                                   "(every save keeps one there)", "backup")
             folder = newest[0]
         else:
             folder = caption_files.backup_named(editor.backup_dir, backup_name)

@@ -422,6 +422,7 @@ class _Manifest:
 
 
 def _read_manifest(folder: Path) -> _Manifest:
+    """``folder``'s manifest; ``UserError`` when there is none (see ``_manifest_or_inferred``) or it cannot be read."""
     try:
         data = json.loads((folder / BACKUP_MANIFEST).read_text(encoding="utf-8"))
         saved = datetime.fromisoformat(data["saved"]) if "saved" in data else None
@@ -431,6 +432,54 @@ def _read_manifest(folder: Path) -> _Manifest:
                         "recorded where their captions go back (2026-12-05); copy its files back by hand") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{folder / BACKUP_MANIFEST} cannot be read ({error}); copy the backup's files back by hand") from None
+
+
+def _is_unrecorded(folder: Path) -> bool:
+    """A backup made before backups had manifests (before 2026-12-05): named by its save's time, holding its files
+    laid out relative to their common folder, which nothing recorded (``_manifest_or_inferred`` finds it again)."""
+    return (backup_time(folder.name) is not None and not (folder / BACKUP_MANIFEST).exists()
+            and any(path.is_file() for path in folder.rglob("*")))
+
+
+def _unrecorded_files(folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+def _manifest_or_inferred(folder: Path, dataset: Path) -> _Manifest:
+    """The backup's manifest, or for a backup without one, where its files go back inferred from ``dataset``: the one
+    folder under it (the dataset itself or a sub folder, hidden ones left out) below which the most of its files name
+    captions beside a picture of the same name. Several folders fitting as well are refused: the user chooses by hand."""
+    if not _is_unrecorded(folder):
+        return _read_manifest(folder)
+    names = _unrecorded_files(folder)
+    beside_a_picture, fits = _PictureCheck(), {}
+    for root, folders, _ in os.walk(dataset):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # the backups' own folder too
+        fits[Path(root)] = sum(beside_a_picture(Path(root) / name) for name in names)
+    best = max(fits.values(), default=0)
+    roots = [root for root, count in fits.items() if count == best]
+    if best == 0 or len(roots) > 1:
+        found = ("none of its files is" if best == 0 else
+                 f"its files fit as well below {' and '.join(str(root) for root in roots[:3])}")
+        raise UserError(f"{folder} was made before backups recorded where their captions go back (2026-12-05), and "
+                        f"{found} a caption of a picture in {dataset}: copy its files back by hand")
+    return _Manifest({name: _from_backup(folder, roots[0] / name) for name in names}, [], None)
+
+
+class _PictureCheck:
+    """Whether a caption path is beside a picture of the same name; each folder listed once."""
+
+    def __init__(self):
+        self._stems: dict[Path, set[str]] = {}
+
+    def __call__(self, caption: Path) -> bool:
+        if caption.parent not in self._stems:
+            try:
+                self._stems[caption.parent] = {entry.stem for entry in caption.parent.iterdir()
+                                               if entry.suffix.lower() in _IMAGE_LIKE}
+            except OSError:  # the folder is gone
+                self._stems[caption.parent] = set()
+        return caption.stem in self._stems[caption.parent]
 
 
 @dataclass(frozen=True)
@@ -449,19 +498,27 @@ def _listed_of(folder: Path, mtime_ns: int, size: int) -> _Listed:
     return _Listed(manifest.saved, len(manifest.files), len(manifest.created))
 
 
+@lru_cache(maxsize=1024)
+def _unrecorded_listed_of(folder: Path, mtime_ns: int) -> _Listed:
+    return _Listed(None, len(_unrecorded_files(folder)), 0)
+
+
 def _listed(folder: Path) -> _Listed:
+    if _is_unrecorded(folder):
+        return _unrecorded_listed_of(folder, folder.stat().st_mtime_ns)
     stat = (folder / BACKUP_MANIFEST).stat()
     return _listed_of(folder, stat.st_mtime_ns, stat.st_size)
 
 
 def restorable_backups(backup_dir: Path) -> list[Path]:
-    """The backups under ``backup_dir`` that ``restore_backup`` can put back (those with a manifest), newest first by
-    the time their manifests record (in UTC: the hour repeated when clocks go back sorts right), then by name: the
+    """The backups under ``backup_dir`` that ``restore_backup`` can put back (those with a manifest, and those made
+    before backups had one, which it places by inference), newest first by the time their manifests record (in UTC: the hour repeated when clocks go back sorts right), then by name: the
     first is the one the last save or restore made."""
     backup_dir = Path(backup_dir)
     if not backup_dir.is_dir():
         return []
-    found = [folder for folder in backup_dir.iterdir() if (folder / BACKUP_MANIFEST).is_file()]
+    found = [folder for folder in backup_dir.iterdir()
+             if (folder / BACKUP_MANIFEST).is_file() or folder.is_dir() and _is_unrecorded(folder)]
     return sorted(found, key=lambda folder: (_saved_at(folder), _saved_order(folder)), reverse=True)
 
 
@@ -544,9 +601,9 @@ def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None) -> Rest
     through stays one), in no hidden folder, not pictures themselves, and beside a picture of the same name; a
     manifest naming anything else restores nothing. Captions whose folder or picture is gone stay in the backup."""
     folder = Path(os.path.normpath(Path(folder).absolute()))
-    manifest = _read_manifest(folder)
     inside, backups = Path(os.path.normpath(Path(dataset).absolute())), folder.parent
-    pictures: dict[Path, set[str]] = {}
+    manifest = _manifest_or_inferred(folder, inside)
+    beside_its_picture = _PictureCheck()
 
     def target(relative: str, field: str) -> Path:
         path = Path(os.path.normpath(folder / relative))
@@ -556,14 +613,6 @@ def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None) -> Rest
             raise UserError(f"{folder / BACKUP_MANIFEST} names {relative!r} in its {field}, which is not a caption of "
                             f"{dataset}: nothing was restored; copy the backup's files back by hand")
         return path
-
-    def beside_its_picture(path: Path) -> bool:
-        if path.parent not in pictures:
-            try:
-                pictures[path.parent] = {entry.stem for entry in path.parent.iterdir() if entry.suffix.lower() in _IMAGE_LIKE}
-            except OSError:  # the folder is gone
-                pictures[path.parent] = set()
-        return path.stem in pictures[path.parent]
 
     def source(name: str) -> Path:
         path = Path(os.path.normpath(folder / name))

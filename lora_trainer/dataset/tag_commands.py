@@ -170,7 +170,7 @@ def _backup(folder: Path, chosen: str) -> Path:
         return named
     found = restorable_backups(backups)
     if not found:
-        raise UserError(f"{backups} holds no backup that --restore can put back (backups made from 2026-12-05 on); "
+        raise UserError(f"{backups} holds no backup that --restore can put back; "
                         "name one: --restore FOLDER", "restore")
     return found[0]
 
