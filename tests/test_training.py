@@ -1924,6 +1924,27 @@ def test_keeping_the_last_files_keeps_as_many_states_unless_told_otherwise(datas
     assert {"star-000001-state", "star-000002-state"} <= {p.name for p in (tmp_path / "b").iterdir()}
 
 
+def test_an_old_epoch_file_another_program_holds_is_said_and_the_run_goes_on(dataset, tmp_path, monkeypatch):
+    """Windows refuses to delete a file a WebUI or ComfyUI has mapped to try that epoch: the PermissionError of
+    --save_last_n_epochs' pruning ended the run as an unexpected error, before the epoch's state was saved."""
+    real_unlink = Path.unlink
+
+    def held_open(path, missing_ok=False):
+        if path.name in ("star-000001.safetensors", "star-step00000005.safetensors"):
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held_open)
+    assert run(dataset, tmp_path, "--max_train_epochs", "3", "--save_state", "--save_every_n_epochs", "1",
+               "--save_last_n_epochs", "1", "--save_every_n_steps", "5", "--save_last_n_steps", "1") == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"star.safetensors", "star-000002-state", "star-000001.safetensors", "star-step00000005.safetensors"} <= names
+    warnings = [e["message"] for e in read_events(tmp_path / "star.events.jsonl")[0] if e["event"] == "warning"]
+    assert any(w.startswith("--save_last_n_epochs 1: could not remove") and "star-000001.safetensors" in w
+               and "delete it by hand once it is free" in w for w in warnings)
+    assert any(w.startswith("--save_last_n_steps 1: could not remove") and "star-step00000005" in w for w in warnings)
+
+
 def test_step_states_are_saved_pruned_and_resume_mid_epoch_to_the_same_weights(baseline, dataset, tmp_path):
     assert run(dataset, tmp_path / "a", "--save_every_n_steps", "5", "--save_state", "--save_last_n_steps_state", "1") == 0
     states = sorted(p.name for p in (tmp_path / "a").glob("star-step*-state"))

@@ -68,6 +68,17 @@ def state_name(output_name: str | None, epoch: int | None, step: int | None) -> 
     return f"{output_name or 'last'}-state"
 
 
+def _unlinked(path: Path, why: str) -> list[str]:
+    """Removes ``path``; a file another program holds (Windows refuses to delete a file a WebUI or ComfyUI has mapped
+    to try that epoch) is said, not raised: pruning is never worth the run."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        return [f"{why}: could not remove {path} ({error.strerror or error}); another program may hold it open (a "
+                "WebUI or ComfyUI that loaded it): the run goes on, delete it by hand once it is free"]
+    return []
+
+
 class OutputPlan:
     def __init__(self, options: TrainOptions, num_epochs: int = 1):
         self.options = options
@@ -110,29 +121,35 @@ class OutputPlan:
     def save_at_step(self, step: int) -> bool:
         return bool(self.options.save_every_n_steps) and step % self.options.save_every_n_steps == 0
 
-    def prune_epochs(self, epoch: int) -> None:
-        keep = self.options.save_last_n_epochs
+    def prune_epochs(self, epoch: int) -> list[str]:
+        """Removes the epoch file (and state) that ``--save_last_n_epochs`` (``_state``) no longer keeps; returns what
+        could not be removed, as warnings: the run goes on."""
+        keep, held = self.options.save_last_n_epochs, []
         if keep and self.every_epochs:
             old = epoch - self.every_epochs * keep
             if old > 0:
-                self.epoch_path(old).unlink(missing_ok=True)
+                held += _unlinked(self.epoch_path(old), f"--save_last_n_epochs {keep}")
         keep_states = self.options.save_last_n_epochs_state or keep  # sd-scripts: states follow the files unless told
         if keep_states and self.every_epochs and self.options.save_state:  # never a state this run did not write
             old = epoch - self.every_epochs * keep_states
             if old > 0:
                 shutil.rmtree(self.state_path(old, None), ignore_errors=True)
+        return held
 
-    def prune_steps(self, step: int) -> None:
+    def prune_steps(self, step: int) -> list[str]:
+        """``prune_epochs`` for ``--save_last_n_steps`` (``_state``)."""
         every = self.options.save_every_n_steps
         keep_files = self.options.save_last_n_steps
         keep_states = (self.options.save_last_n_steps_state or keep_files) if self.options.save_state else None
-        for keep, remove in ((keep_files, lambda s: self.step_path(s).unlink(missing_ok=True)),
-                             (keep_states, lambda s: shutil.rmtree(self.state_path(None, s), ignore_errors=True))):
+        held = []
+        for keep, remove in ((keep_files, lambda s: _unlinked(self.step_path(s), f"--save_last_n_steps {keep_files}")),
+                             (keep_states, lambda s: shutil.rmtree(self.state_path(None, s), ignore_errors=True) or [])):
             if keep and every:
                 old = step - keep - 1
                 old -= old % every
                 if old > 0:
-                    remove(old)
+                    held += remove(old)
+        return held
 
     def remove_leftovers(self, now: float | None = None) -> str | None:
         """What a run of this name killed while saving (SIGKILL, a power cut) left behind, each the size of a network:

@@ -776,7 +776,7 @@ class TrainingRun:
             if options.save_state:
                 state.epoch = epoch  # the state is inside this epoch, at batch_in_epoch
                 self.save_state_file(self.plan.state_path(None, state.step))
-            self.plan.prune_steps(state.step)
+            self._warn(self.plan.prune_steps(state.step))
         self.validate_at_step(state.step)
         every = options.sample_every_n_steps
         if every and not options.sample_every_n_epochs and state.step % every == 0:
@@ -816,9 +816,13 @@ class TrainingRun:
             self.sample(done, state.step)
         if plan.save_at_epoch(done):
             self.save_network_file(plan.epoch_path(done), done, state.step)
-            plan.prune_epochs(done)
+            self._warn(plan.prune_epochs(done))
             if options.save_state:
                 self.save_state_file(plan.state_path(done, None))
+
+    def _warn(self, messages: list[str]) -> None:
+        for message in messages:
+            self.events.emit("warning", message=message)
 
     def finish(self, epoch: int, stopped: bool = False) -> list[Path]:
         """The final file (and state): at the last step, or where a stop or pause cut the run short (``stopped``)."""
