@@ -415,7 +415,7 @@ def lora_json(path: Path, folder: Path) -> dict:
     metadata = read_safetensors_metadata(path)
     card = path.with_suffix(".json")
     try:
-        user_metadata = json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None
+        user_metadata = json.loads(card.read_text(encoding="utf-8-sig")) if card.is_file() else None  # Notepad's BOM
     except (OSError, json.JSONDecodeError):
         user_metadata = None
     sha256 = file_sha256(path)

@@ -78,6 +78,19 @@ def assert_error(response, status: int, code: str | None = None, field: str | No
     return error
 
 
+def test_a_lora_card_saved_with_a_bom_is_listed_with_its_fields(tmp_path):
+    """Windows Notepad saves UTF-8 with a BOM: the card was read as invalid JSON and listed as null."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_trainer.app.api import lora_json
+
+    lora = tmp_path / "星 star.safetensors"
+    save_file({"lora_unet_x.alpha": torch.tensor(4.0)}, str(lora), metadata={"ss_output_name": "星 star"})
+    lora.with_suffix(".json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"activation text": "zkstar"}).encode("utf-8"))
+    assert lora_json(lora, tmp_path)["user_metadata"] == {"activation text": "zkstar"}
+
+
 # --- jobs ------------------------------------------------------------------------------------------------------
 
 
