@@ -87,6 +87,21 @@ def test_the_process_group_gets_a_timeout_only_when_ddp_timeout_is_given(monkeyp
     assert calls == [("gloo", {}), ("gloo", {"timeout": timedelta(minutes=5)})]
 
 
+def test_gpus_without_nccl_are_refused_before_the_process_group_with_the_way_to_train(monkeypatch):
+    """torch's Windows builds have no NCCL: init_process_group failed, and its "NCCL" error was said as "lost the
+    others … raise --ddp_timeout"."""
+    import torch.distributed as dist
+
+    from lora_trainer.errors import UserError
+    from lora_trainer.training.distributed import start
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("the group was started"))
+    with pytest.raises(UserError, match="torchrun on 2 GPUs needs NCCL.*train on one GPU without torchrun, or on Linux or WSL"):
+        start(World(0, 2), torch.device("cuda", 0))
+
+
 def _sum_gradients_on_rank(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 

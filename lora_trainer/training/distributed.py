@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch
 
+from ..errors import UserError
+
 COMMANDS = (None, "stop", "save", "sample", "save+sample")  # the control file's commands, as one value to share
 
 
@@ -53,6 +55,10 @@ def world_from_env() -> World:
 def start(world: World, device: torch.device, timeout_minutes: int | None = None) -> None:
     dist = _dist() if world.distributed else None
     if dist is not None and not dist.is_initialized():
+        if device.type == "cuda" and not dist.is_nccl_available():
+            # said here: NCCL's absence surfaced later as "lost the others", sending users after --ddp_timeout
+            raise UserError(f"torchrun on {world.size} GPUs needs NCCL, which this torch build lacks (torch's Windows "
+                            "builds have none): train on one GPU without torchrun, or on Linux or WSL")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
