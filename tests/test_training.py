@@ -543,6 +543,25 @@ def test_bad_runs_are_refused_before_heavy_work_with_the_reason(dataset, tmp_pat
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_log_folder_names_windows_cannot_make_are_refused_before_the_model_loads(tmp_path):
+    """The TensorBoard folder <logging_dir>/<log_prefix><time>/<log_tracker_name> was made after the model loaded:
+    a ':' there ended the run on Windows as an unexpected OSError."""
+    from lora_trainer.training.options import options_from, validate
+
+    def problems(**names) -> str:
+        try:
+            validate(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": str(tmp_path),
+                                   "logging_dir": str(tmp_path / "logs"), **names}))
+        except UserError as error:
+            return str(error)
+        return ""
+
+    assert "--log_prefix 'run:' cannot be part of a folder name on Windows" in problems(log_prefix="run:")
+    assert "--log_tracker_name 'net?' cannot be part of a folder name on Windows" in problems(log_tracker_name="net?")
+    assert "--log_tracker_name 'CON'" in problems(log_tracker_name="CON")
+    assert "log_" not in problems(log_prefix="星 run. ", log_tracker_name="network train")  # the time follows the prefix
+
+
 def test_logging_without_tensorboard_installed_is_refused_before_the_model_loads(dataset, tmp_path, monkeypatch, capsys):
     """Found when the writer was made, it came after the loading and caching (and under torchrun left the other ranks
     failing with a gloo traceback): now every rank says it before the start event."""

@@ -756,6 +756,12 @@ def validate(options: TrainOptions, template: bool = False) -> None:
     if options.output_name and not is_plain_name(options.output_name):
         problems.append(f"--output_name {options.output_name!r} cannot be a file name on Windows; use letters, digits, "
                         "spaces, - and _")
+    # the log folder is <logging_dir>/<log_prefix><time>/<log_tracker_name>, made once the model has loaded
+    for flag, name in (("log_prefix", f"{options.log_prefix}20261205120000" if options.log_prefix else None),
+                       ("log_tracker_name", options.log_tracker_name)):
+        if name is not None and not is_plain_name(name):
+            problems.append(f"--{flag} {getattr(options, flag)!r} cannot be part of a folder name on Windows; use "
+                            "letters, digits, spaces, - and _")
     name_bytes = len((options.output_name or "").encode("utf-8"))
     if name_bytes > LONGEST_OUTPUT_NAME_BYTES:
         problems.append(f"--output_name is {name_bytes} bytes long in UTF-8; a file name may "
