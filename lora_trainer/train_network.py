@@ -134,20 +134,26 @@ def _another_process_stopped(error: Exception, world) -> str | None:
 
 @contextmanager
 def _interrupt_on_sigterm():
-    """SIGTERM as Ctrl-C until the training loop takes both over (it finishes the step and saves): a stop while the
-    model loads ends the event stream as a stop, not with a silent kill."""
+    """SIGTERM (and Windows' SIGBREAK) as Ctrl-C until the training loop takes them over (it finishes the step and
+    saves): a stop while the model loads ends the event stream as a stop, not with a silent kill."""
+    from .training.trainer import stop_signals
+
     def interrupt(*_):
         raise KeyboardInterrupt
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        for sig in stop_signals():
+            if sig != signal.SIGINT:  # Ctrl-C raises KeyboardInterrupt already
+                previous[sig] = signal.signal(sig, interrupt)
     except ValueError:  # not the main thread: signals stay as they are
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

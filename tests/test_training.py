@@ -231,6 +231,28 @@ def test_a_control_word_is_a_leftover_only_when_older_than_a_fat_drive_can_tell_
         request.close()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="stands SIGUSR1 in for Windows' SIGBREAK")
+def test_ctrl_break_and_closing_the_windows_console_stop_the_run_as_ctrl_c_does(tmp_path, monkeypatch):
+    """Windows sends SIGBREAK for Ctrl-Break and for a console window closed: its default ended the run at once,
+    without finishing the step or saving; before the first step it ended without the stream's end event."""
+    import signal
+
+    from lora_trainer.train_network import _interrupt_on_sigterm
+    from lora_trainer.training.trainer import StopRequest
+
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    with pytest.raises(KeyboardInterrupt), _interrupt_on_sigterm():  # loading the model: ends as a stop
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # given back
+    request = StopRequest(tmp_path / "control", lambda message: None)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # training: the step finishes, then the run saves and stops
+        assert request.signalled
+    finally:
+        request.close()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_a_control_word_written_by_windows_shells_and_editors_is_obeyed(tmp_path):
     """PowerShell 5's `echo stop > file` writes UTF-16 with a BOM: it killed the run with a UnicodeDecodeError and
     nothing saved; Notepad's UTF-8 BOM made "\ufeffstop" an unknown word. Bytes that are no text read as a stop."""

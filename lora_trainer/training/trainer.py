@@ -180,6 +180,12 @@ class RunState:
         return cls(epoch=epoch, step=step, batch_in_epoch=(step - epoch * steps_per_epoch) * accumulation, first_step=step)
 
 
+def stop_signals() -> list[int]:
+    """The signals that stop a run (finish the step, save): Ctrl-C, SIGTERM, and on Windows SIGBREAK, which Ctrl-Break
+    and closing the console window send and whose default ends the process without a save."""
+    return [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)]
+
+
 class StopRequest:
     """SIGINT/SIGTERM or the control file: finish the step, then act.
 
@@ -195,7 +201,7 @@ class StopRequest:
         self.signalled = False
         self._obeyed: tuple[int, int] | None = None  # the control file read but not removable, by time and size
         self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals():
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals stay as they are
