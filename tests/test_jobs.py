@@ -308,6 +308,38 @@ def test_resumes_asked_at_once_make_one_job(runner, tmp_path, monkeypatch):
     assert sum(isinstance(a, int) for a in answers) == 1 and sum("resumed already" in str(a) for a in answers) == 3
 
 
+def test_an_earlier_file_held_open_on_another_drive_stays_without_a_copy_left_in_replaced(tmp_path, monkeypatch):
+    """Across drives a move is a copy, then the original's removal, which Windows refuses while a program (the WebUI
+    hashing it) holds the file: the full copy stayed in replaced/ beside the original, never cleaned up."""
+    import errno
+
+    from lora_trainer.jobs import runner as runner_module
+    from lora_trainer.jobs.store import Job
+
+    output = tmp_path / "Lora"
+    output.mkdir()
+    (output / "run.safetensors").write_bytes(b"weights")
+    job = Job(1, "run", "queued", {"output_dir": str(output), "output_name": "run"}, tmp_path / "jobs" / "job-1", 0.0)
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def other_drive(source, target, *args, **kwargs):
+        if Path(source).parent == output:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(source, target, *args, **kwargs)
+
+    def held(path, *args, **kwargs):
+        if Path(path).parent == output:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.shutil.os, "rename", other_drive)
+    monkeypatch.setattr(runner_module.shutil.os, "unlink", held)
+    assert runner_module.set_aside_earlier_files(job, tmp_path / "replaced") == {}
+    monkeypatch.undo()
+    assert (output / "run.safetensors").read_bytes() == b"weights"
+    assert not [p for p in (tmp_path / "replaced").rglob("*") if p.is_file()]
+
+
 def test_a_job_whose_state_was_cut_off_while_being_replaced_resumes_from_the_one_it_replaced(runner, tmp_path):
     job = runner.submit("long", options(tmp_path, "wait"))
     thread = _run_in_background(runner)

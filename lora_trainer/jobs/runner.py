@@ -80,6 +80,8 @@ def _moved(job: Job, moves: dict[Path, Path]) -> dict[Path, Path]:
         try:
             shutil.move(str(path), str(target))
         except OSError as error:
+            if path.is_file() and target.is_file():  # copied to another drive, the original held open: it stays, alone
+                target.unlink(missing_ok=True)
             logging.getLogger(__name__).warning("job %s: could not move %s to %s (%s)", job.id, path, target, error)
             continue
         done[path] = target
