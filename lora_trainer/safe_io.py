@@ -10,7 +10,7 @@ import time
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .errors import UserError
 
@@ -32,6 +32,13 @@ def is_plain_name(name: str) -> bool:
     return bool(name) and not ("/" in name or "\\" in name or ".." in name or re.search(r'[<>:"|?*\x00-\x1f]', name)
                                or name.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED or name.endswith((" ", "."))
                                or name.startswith("."))
+
+
+def resolves_below(path: str | Path, folders: Iterable[str | Path]) -> bool:
+    """Whether ``path``, its links and ``..`` followed as far as it exists, lies below one of ``folders`` (resolved
+    too): the one check of the allowed folders, for a path a request names and a link a dataset holds alike."""
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(Path(folder).resolve()) for folder in folders)
 
 
 # On Windows a file that another program has open cannot be replaced: an antivirus scan or the search indexer opens

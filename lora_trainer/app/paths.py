@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..safe_io import is_plain_name
+from ..safe_io import is_plain_name, resolves_below
 
 
 class PathNotAllowed(UserError):
@@ -33,7 +33,7 @@ def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: b
         raise PathNotAllowed(f"{field}: no path given", field)
     path = Path(value).expanduser()
     resolved = path.resolve()  # symlinks and .. followed as far as the path exists
-    if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+    if not resolves_below(resolved, roots):
         # said before existence, so a request cannot probe which files exist outside the roots
         shown = ", ".join(str(r) for r in roots) or "(none configured)"
         raise PathNotAllowed(f"{field}: {value} is outside the allowed folders ({shown}); allow its folder (in the "

@@ -32,7 +32,7 @@ from ..dataset import caption_files, tag_drafts, tag_editor
 from ..dataset.caption_files import BackupSummary, find_changed_on_disk
 from ..dataset.tag_editor import TagEditor, TagFilter, Tags
 from ..errors import UserError
-from ..safe_io import replace_path, write_text
+from ..safe_io import replace_path, resolves_below, write_text
 
 log = logging.getLogger(__name__)
 
@@ -321,15 +321,19 @@ class TagSessions:
         self._lock = threading.Lock()
         self.drafts = TagDrafts(drafts_folder, self._draft_source) if drafts_folder is not None else None
 
-    def open(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt") -> TagSession:
-        """Read ``folder`` (already checked against the allowed roots by the caller) into a new session. Refused
-        while ``4 × limit`` sessions hold unsaved edits: they are never dropped, so they would fill the memory."""
+    def open(self, folder: Path, *, recursive: bool = False, caption_extension: str = ".txt",
+             within: Iterable[Path] | None = None) -> TagSession:
+        """Read ``folder`` (already checked against the allowed roots by the caller) into a new session; with
+        ``within`` (those roots) its pictures and captions too: links leading elsewhere are left out, and never read,
+        served or written by the session. Refused while ``4 × limit`` sessions hold unsaved edits: they are never
+        dropped, so they would fill the memory."""
         with self._lock:
             unsaved = [key for key, kept in self._sessions.items() if tag_editor.unsaved_images(kept.editor)]
         if len(unsaved) >= 4 * self.limit:
             raise TooManySessions(f"{len(unsaved)} tag-editor sessions hold unsaved edits; save or close one (DELETE "
                                   f"the session, or Save in the tab) before opening another folder.")
-        editor = tag_editor.open_folder(Path(folder), recursive=recursive, caption_extension=caption_extension)
+        editor = tag_editor.open_folder(Path(folder), recursive=recursive, caption_extension=caption_extension,
+                                        within=within)
         opening = None
         # a live session's edits are in the draft already: laid over this one too, they would be in two sessions
         if self.drafts is not None and self.with_unsaved(editor.folder, recursive=editor.recursive,
@@ -643,7 +647,7 @@ def restore_session_backup(session: TagSession, backup_name: str | None = None) 
             folder = newest[0]
         else:
             folder = caption_files.backup_named(editor.backup_dir, backup_name)
-        result = caption_files.restore_backup(folder, editor.folder, editor.backup_dir)
+        result = caption_files.restore_backup(folder, editor.folder, editor.backup_dir, editor.within)
         editor, _ = tag_editor.reload(editor, f"Restore the backup of {backup_title(folder.name)}")
         session.change(lambda _: editor)
 
@@ -678,6 +682,9 @@ def autotag(session: TagSession, tagger, images: list[Path], mode: str = "skip",
         for image in images[start:start + batch_size]:
             if mode == "skip" and session.editor.tags.get(image):
                 continue  # hand-written captions cost no tagging time
+            if session.editor.within is not None and not resolves_below(image, session.editor.within):
+                unreadable[image_name(session.editor, image)] = "a link leading outside the allowed folders: not read"
+                continue  # made since the folder was read
             try:
                 pictures.append(load_image_for_tagging(image))
                 batch.append(image)

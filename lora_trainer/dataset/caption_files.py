@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from lora_trainer.errors import UserError
-from lora_trainer.safe_io import give_permissions, open_temporary_beside, replace_path, write_text
+from lora_trainer.safe_io import give_permissions, open_temporary_beside, replace_path, resolves_below, write_text
 
 CAPTION_WRITE_ENCODING = "utf-8"
 _ON_WINDOWS = os.name == "nt"
@@ -264,12 +264,14 @@ def write_captions(
     changes: Mapping[Path, str],
     backup_dir: Path | None,
     expected: Mapping[Path, CaptionStamp] | None = None,
+    within: Iterable[Path] | None = None,
 ) -> CaptionWriteResult:
     """Write caption texts (UTF-8, no BOM) all-or-nothing, keeping the previous versions in a new folder under
     ``backup_dir`` (none when ``backup_dir`` is None).
 
     ``expected`` holds the stamp each file had when it was read (``NO_FILE`` for "must not exist yet"); if any file
-    in ``changes`` differs from its stamp, nothing is written and the ``UserError`` lists those files.
+    in ``changes`` differs from its stamp, nothing is written and the ``UserError`` lists those files. With
+    ``within`` (the app's allowed folders) every caption and the backup folder must resolve below them.
     """
     targets = [Path(path) for path in changes]
     if not targets:
@@ -282,13 +284,23 @@ def write_captions(
                 f"{len(conflicts)} caption file(s) changed on disk since they were read, so nothing was saved: {listed}. "
                 "Reload them to see the other version, then save again."
             )
-    return _replace_all({Path(path): text.encode(CAPTION_WRITE_ENCODING) for path, text in changes.items()}, backup_dir)
+    return _replace_all({Path(path): text.encode(CAPTION_WRITE_ENCODING) for path, text in changes.items()}, backup_dir,
+                        within=within)
 
 
-def _replace_all(contents: Mapping[Path, bytes], backup_dir: Path | None, removed: tuple[Path, ...] = ()) -> CaptionWriteResult:
+def _replace_all(contents: Mapping[Path, bytes], backup_dir: Path | None, removed: tuple[Path, ...] = (),
+                 within: Iterable[Path] | None = None) -> CaptionWriteResult:
     """Write ``contents`` and delete ``removed``, all or nothing up to the renames, after keeping every current
-    version (and what the write creates, in the backup's manifest) in a new folder under ``backup_dir``."""
+    version (and what the write creates, in the backup's manifest) in a new folder under ``backup_dir``. With
+    ``within``, a caption or backup folder resolving outside those folders (a link) changes nothing: its backup would
+    copy the file it leads to into the dataset."""
     targets = list(contents)
+    if within is not None:
+        within = list(within)
+        if elsewhere := [path for path in (*targets, *removed, *([backup_dir] if backup_dir else []))
+                         if not resolves_below(path, within)]:
+            raise UserError(f"{_first_few(tuple(elsewhere))} lead{'s' if len(elsewhere) == 1 else ''} outside the "
+                            "allowed folders (a link): no caption was changed; replace the link by a file or folder of its own")
     if held := _read_only([*targets, *removed]):
         raise UserError(f"{len(held)} caption file(s) are read-only, which Windows does not let a program replace: "
                         f"{', '.join(str(path) for path in held[:10])}{' …' if len(held) > 10 else ''}. Clear "
@@ -592,14 +604,16 @@ def backup_named(backup_dir: Path, name: str) -> Path:
     return folder
 
 
-def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None) -> RestoreResult:
+def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None, within: Iterable[Path] | None = None) -> RestoreResult:
     """Put the captions of the backup ``folder`` back where they were, and remove those its save created, keeping the
     current versions in a new backup under ``backup_dir`` first (all or nothing, as ``write_captions``).
 
     Whatever the manifest says (a dataset shared with its backups brings its own), only caption files are written or
     removed: inside ``dataset`` (the folder the backups belong to; by path, so a linked sub folder the editor saved
     through stays one), in no hidden folder, not pictures themselves, and beside a picture of the same name; a
-    manifest naming anything else restores nothing. Captions whose folder or picture is gone stay in the backup."""
+    manifest naming anything else restores nothing. Captions whose folder or picture is gone stay in the backup.
+    With ``within`` (the app's allowed folders), the backup's files and the captions it replaces must resolve below
+    them."""
     folder = Path(os.path.normpath(Path(folder).absolute()))
     inside, backups = Path(os.path.normpath(Path(dataset).absolute())), folder.parent
     manifest = _manifest_or_inferred(folder, inside)
@@ -630,7 +644,7 @@ def restore_backup(folder: Path, dataset: Path, backup_dir: Path | None) -> Rest
     if not contents and not removed:
         raise UserError(f"{folder} holds no caption of a picture that is still there, and the captions its save created "
                         "are gone: nothing to restore")
-    result = _replace_all(contents, backup_dir, removed)
+    result = _replace_all(contents, backup_dir, removed, within)
     return RestoreResult(tuple(contents), tuple(path for path in removed if path not in result.not_removed),
                          result.backup_folder, tuple(path for path in placed if path not in contents),
                          result.not_removed)

@@ -33,10 +33,12 @@ from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_
 from lora_trainer.dataset.captions import CaptionOptions, split_kept_tags, tag_frequency
 from lora_trainer.dataset.images import ImageError, checked_size_and_thumbnail, sd_scripts_reading
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
-                                         face_in_name, first_few, images_in_unread_case, list_images,
-                                         nested_images_note, other_caption_extension, parse_repeats_folder_name,
-                                         suggested_folder_name, UNREAD_PICTURE_SUFFIXES, unread_case_note)
+                                         captions_leading_outside, face_in_name, first_few, images_in_unread_case,
+                                         list_images, nested_images_note, other_caption_extension, outside_links_note,
+                                         parse_repeats_folder_name, suggested_folder_name, UNREAD_PICTURE_SUFFIXES,
+                                         unread_case_note)
 from lora_trainer.errors import UserError
+from lora_trainer.safe_io import resolves_below
 
 Size = tuple[int, int]
 Box = tuple[int, int, int, int]
@@ -363,13 +365,17 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def discover_layout(root: Path) -> Layout:
+def discover_layout(root: Path, within: Iterable[Path] | None = None) -> Layout:
     """The ``<N>_<name>`` folders under ``root``; a flat folder of images is checked as one folder (its own
-    ``N_name`` if it has one, else 1 repeat) with a finding that says what to rename."""
+    ``N_name`` if it has one, else 1 repeat) with a finding that says what to rename. With ``within`` (the app's
+    allowed folders) a sub-folder that is a link leading outside them is named, not read."""
     subfolders = sorted(child for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
     concept: list[tuple[Path, int, str]] = []
     findings: list[Finding] = []
     for child in subfolders:
+        if within is not None and not resolves_below(child, within):
+            findings.append(Finding("warning", "outside-link", _relative(child, root), outside_links_note([child])))
+            continue
         parsed = parse_repeats_folder_name(child.name)
         if parsed:
             concept.append((child, *parsed))
@@ -429,18 +435,22 @@ def bucket_limits_for(resolution: Size) -> tuple[int, int]:
     return min(HealthSettings.min_bucket_reso, *resolution), max(HealthSettings.max_bucket_reso, *resolution)
 
 
-def check_dataset(folder: Path, settings: HealthSettings = HealthSettings()) -> HealthReport:
-    """Check ``folder`` as sd-scripts' ``--train_data_dir`` (or a single image folder) under ``settings``."""
+def check_dataset(folder: Path, settings: HealthSettings = HealthSettings(),
+                  within: Iterable[Path] | None = None) -> HealthReport:
+    """Check ``folder`` as sd-scripts' ``--train_data_dir`` (or a single image folder) under ``settings``; with
+    ``within`` (the app's allowed folders) links leading outside them (sub-folders, pictures, captions) are named as
+    findings and what they lead to is not read."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; give the folder that holds your <repeats>_<name> image folders.")
-    layout = discover_layout(root)
+    within = None if within is None else list(within)
+    layout = discover_layout(root, within)
     bucket_settings = settings.buckets()
     bucket_list(bucket_settings)  # bucket options that contradict the resolution: one error, not one per image
     caption_extension = checked_caption_extension(settings.caption_extension)
     sources = [_Source(path, repeats, tokens, caption_extension, bucket_settings, random_crop=settings.random_crop,
                        face_crop=settings.face_crop) for path, repeats, tokens in layout.concept_folders]
-    return _report(root, str(root), sources, list(layout.findings), settings, {0: settings.batch_size})
+    return _report(root, str(root), sources, list(layout.findings), settings, {0: settings.batch_size}, within)
 
 
 def check_dataset_config(path: Path, settings: HealthSettings, options: object | None = None) -> HealthReport:
@@ -478,8 +488,24 @@ def check_dataset_config(path: Path, settings: HealthSettings, options: object |
     return _report(path.parent, str(path), sources, findings, settings, batches)
 
 
+def _inside(images: list[Path], caption_extension: str, within: list[Path] | None) -> tuple[list[Path], list[Path]]:
+    """The images to check, and the links leading outside ``within`` (pictures, their captions) whose images are left
+    out unread; every image where ``within`` is None."""
+    if within is None:
+        return images, []
+    kept, outside = [], []
+    for image in images:
+        links = ([image] if image.is_symlink() and not resolves_below(image, within)
+                 else captions_leading_outside(image, caption_extension, within))
+        if links:
+            outside += links
+        else:
+            kept.append(image)
+    return kept, outside
+
+
 def _report(root: Path, label: str, sources: list[_Source], findings: list[Finding], settings: HealthSettings,
-            batches: dict[int, int]) -> HealthReport:
+            batches: dict[int, int], within: list[Path] | None = None) -> HealthReport:
     from lora_trainer.models.tokenizer import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.default()
@@ -488,13 +514,21 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
     samples_per_bucket: Counter[tuple[int, Size]] = Counter()
     hashes: dict[str, int] = {}
     frequency_by_folder: list[dict[str, int]] = []
-    image_paths_by_source = [list_images(source.path) for source in sources]
+    image_paths_by_source = []
+    for source in sources:
+        paths, outside = _inside(list_images(source.path), source.caption_extension, within)
+        image_paths_by_source.append(paths)
+        if within is not None:  # outside before missing: a link to nothing elsewhere is said to lead outside
+            outside += [link for link in broken_links(source.path) if not resolves_below(link, within)]
+        if outside:
+            findings.append(Finding("warning", "outside-link", _relative(source.path, root),
+                                    outside_links_note(sorted(set(outside)))))
     facts_by_path = read_all_image_facts([path for paths in image_paths_by_source for path in paths])
     for source, image_paths in zip(sources, image_paths_by_source):
         concept_path, repeats, class_tokens, caption_extension = (source.path, source.repeats, source.class_tokens,
                                                                   source.caption_extension)
         folder_name = _relative(concept_path, root)
-        findings += _folder_file_findings(concept_path, root, image_paths, caption_extension)
+        findings += _folder_file_findings(concept_path, root, image_paths, caption_extension, within)
         usable = 0
         captioned_texts: dict[str, str] = {}
         trained_captions: list[str] = []
@@ -645,7 +679,8 @@ def _sibling_name(image_name: str, sibling: Path) -> str:
     return str(Path(image_name).with_name(sibling.name).as_posix())
 
 
-def _folder_file_findings(folder: Path, root: Path, images: list[Path], caption_extension: str) -> list[Finding]:
+def _folder_file_findings(folder: Path, root: Path, images: list[Path], caption_extension: str,
+                          within: list[Path] | None = None) -> list[Finding]:
     findings = []
     by_caption: dict[Path, list[Path]] = {}
     for image in images:
@@ -662,7 +697,7 @@ def _folder_file_findings(folder: Path, root: Path, images: list[Path], caption_
                                     f"sd-scripts does not read {child.suffix} files; convert it to PNG or JPEG."))
     if unread := images_in_unread_case(folder):
         findings.append(Finding("warning", "unread-case", _relative(folder, root), unread_case_note(unread)))
-    if links := broken_links(folder):
+    if links := [link for link in broken_links(folder) if within is None or resolves_below(link, within)]:
         findings.append(Finding("warning", "broken-link", _relative(folder, root), broken_links_note(links)))
     if nested := nested_images_note(folder):
         findings.append(Finding("warning", "nested-images", _relative(folder, root), f"{nested}."))

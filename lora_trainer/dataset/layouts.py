@@ -39,7 +39,7 @@ from lora_trainer.dataset.config import (
     resolve_dataset_config,
 )
 from lora_trainer.errors import UserError
-from lora_trainer.safe_io import read_utf8
+from lora_trainer.safe_io import read_utf8, resolves_below
 
 
 def _optional_extensions() -> tuple[str, ...]:
@@ -217,6 +217,22 @@ def broken_links_note(links: list[Path]) -> str:
     return (f"{first_few(path.name for path in links)} {'link' if len(links) > 1 else 'links'} to "
             f"{'files that are' if len(links) > 1 else 'a file that is'} not there (a drive not mounted?): not trained "
             "here, and sd-scripts stops at them; reconnect the drive or remove the links.")
+
+
+def captions_leading_outside(image: Path, caption_extension: str, within: Iterable[Path]) -> list[Path]:
+    """The image's caption files (its own, a face crop's source's) that are links leading outside ``within``."""
+    return [path for path in caption_candidates(image, caption_extension)
+            if os.path.islink(path) and not resolves_below(path, within)]
+
+
+def outside_links_note(links: list[Path]) -> str:
+    """Links (pictures, captions, folders) leading outside the allowed folders, which the app neither reads nor
+    shows; said without whether anything is there."""
+    if len(links) == 1:
+        return (f"{links[0].name} is a link leading outside the allowed folders, so it is not read here; copy what it "
+                "links to into the dataset, or allow that folder")
+    return (f"{first_few(path.name for path in links)} are links leading outside the allowed folders, so they are not "
+            "read here; copy what they link to into the dataset, or allow those folders")
 
 
 def images_in_unread_case(folder: Path) -> list[Path]:

@@ -35,8 +35,10 @@ from lora_trainer.dataset.caption_files import (
     read_image_captions,
     write_captions,
 )
-from lora_trainer.dataset.layouts import broken_links_note, caption_candidates, is_picture_suffix, other_caption_extension
+from lora_trainer.dataset.layouts import (broken_links_note, caption_candidates, captions_leading_outside, is_picture_suffix,
+                                         other_caption_extension, outside_links_note)
 from lora_trainer.errors import UserError
+from lora_trainer.safe_io import resolves_below
 
 Tags = tuple[str, ...]
 
@@ -356,6 +358,10 @@ class TagEditor:
     later_lines: Mapping[Path, str] = field(default_factory=dict)
     unreadable: Mapping[Path, str] = field(default_factory=dict)
     broken_links: tuple[Path, ...] = ()  # pictures that are links to nothing: listed, not shown
+    # the folders every picture and caption must resolve below (the app's allowed folders; None: anywhere), and the
+    # links found leading elsewhere (pictures, their captions, sub-folders): listed, their pictures not shown
+    within: tuple[Path, ...] | None = None
+    outside_links: tuple[Path, ...] = ()
     undo_steps: tuple[Step, ...] = ()
     redo_steps: tuple[Step, ...] = ()
 
@@ -388,18 +394,30 @@ class _FolderScan:
     later_lines: dict[Path, str]
     unreadable: dict[Path, str]
     broken_links: tuple[Path, ...]
+    outside_links: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class _Pictures:
+    found: list[Path]
+    broken: list[Path]  # links to nothing (a drive not mounted)
+    outside: list[Path]  # pictures and sub-folders that are links leading outside the allowed folders
+    with_links: set[str]  # folders holding links to files other than pictures, whose captions may be such links
 
 
 def find_images(folder: Path, recursive: bool = False) -> list[Path]:
     """The images sd-scripts would train on in ``folder`` (and its sub-folders, hidden ones skipped, when
     ``recursive``), sorted by folder, then name; not hidden files (macOS's ``._name.jpg``: its glob skips them)."""
-    return _find_pictures(folder, recursive)[0]
+    return _find_pictures(folder, recursive).found
 
 
-def _find_pictures(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
-    """``find_images``, and the pictures that are links to nothing (a drive not mounted) found on the way."""
+def _find_pictures(folder: Path, recursive: bool, within: tuple[Path, ...] | None = None) -> _Pictures:
+    """``find_images``, and what was found on the way: the pictures that are links to nothing, and with ``within``
+    the links leading outside those folders (only links are resolved: a dataset without them costs nothing more)."""
     found: list[tuple[str, str, str]] = []  # (folder, name, path) as strings: sorted before any Path is built
     broken: list[str] = []
+    outside: list[str] = []
+    with_links: set[str] = set()
     pending, seen = [str(folder)], {os.path.realpath(folder)}
     while pending:
         current = pending.pop()
@@ -410,13 +428,22 @@ def _find_pictures(folder: Path, recursive: bool) -> tuple[list[Path], list[Path
                     # reached again through a link (one back to a parent loops for ever) is read once
                     if recursive and not entry.name.startswith(".") and (real := os.path.realpath(entry.path)) not in seen:
                         seen.add(real)
-                        pending.append(entry.path)
+                        if within is not None and not resolves_below(real, within):
+                            outside.append(entry.path)
+                        else:
+                            pending.append(entry.path)
                 elif is_training_image(entry.name) and not entry.name.startswith("."):
-                    if entry.is_file():
+                    # outside before missing, as for a path a request names: nothing is said of what lies elsewhere
+                    if within is not None and entry.is_symlink() and not resolves_below(entry.path, within):
+                        outside.append(entry.path)
+                    elif entry.is_file():
                         found.append((current, entry.name, entry.path))
                     elif entry.is_symlink() and not os.path.exists(entry.path):
                         broken.append(entry.path)
-    return [Path(path) for _, _, path in sorted(found)], [Path(path) for path in sorted(broken)]
+                elif within is not None and entry.is_symlink():
+                    with_links.add(current)
+    return _Pictures([Path(path) for _, _, path in sorted(found)], [Path(path) for path in sorted(broken)],
+                     [Path(path) for path in sorted(outside)], with_links)
 
 
 def empty_folder_note(editor: TagEditor) -> str | None:
@@ -433,8 +460,14 @@ def empty_folder_note(editor: TagEditor) -> str | None:
     return f"no images in {editor.folder} itself, but its sub-folders hold some ({shown}): open one, or include sub-folders"
 
 
-def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
-    images, broken_links = _find_pictures(folder, recursive)
+def _scan(folder: Path, recursive: bool, caption_extension: str, within: tuple[Path, ...] | None = None) -> _FolderScan:
+    pictures = _find_pictures(folder, recursive, within)
+    images, outside = pictures.found, list(pictures.outside)
+    if within is not None and pictures.with_links:  # a picture whose caption leads elsewhere is left out, unread
+        leading_out = {image: links for image in images if str(image.parent) in pictures.with_links
+                       and (links := captions_leading_outside(image, caption_extension, within))}
+        images = [image for image in images if image not in leading_out]
+        outside = sorted({*outside, *chain.from_iterable(leading_out.values())})
     captions = read_image_captions(images, caption_extension)
     tags, later_lines = {}, {}
     for image, text in captions.texts.items():
@@ -444,7 +477,8 @@ def _scan(folder: Path, recursive: bool, caption_extension: str) -> _FolderScan:
         tags[image] = split_tags(first)
         if later.strip():
             later_lines[image] = later
-    return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable, tuple(broken_links))
+    return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable, tuple(pictures.broken),
+                       tuple(outside))
 
 
 def _face_crop_source_caption(image: Path, caption_extension: str) -> str | None:
@@ -475,14 +509,18 @@ def open_folder(
     recursive: bool = False,
     caption_extension: str = ".txt",
     backup_dir: Path | str | None = DEFAULT_BACKUP_FOLDER,
+    within: Iterable[Path] | None = None,
 ) -> TagEditor:
     """Read a folder's images (sd-scripts' extensions; sub-folders too when ``recursive``, hidden ones skipped) and
-    their captions. ``backup_dir`` is where ``save`` keeps previous versions (relative to ``folder``; None: none)."""
+    their captions. ``backup_dir`` is where ``save`` keeps previous versions (relative to ``folder``; None: none).
+    With ``within`` (the app's allowed folders) a picture, caption or sub-folder that is a link leading outside them is
+    never read or written: its pictures are left out and the links named (``outside_links``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder.")
     caption_extension = checked_caption_extension(caption_extension)
-    scan = _scan(folder, recursive, caption_extension)
+    within = None if within is None else tuple(Path(root) for root in within)
+    scan = _scan(folder, recursive, caption_extension, within)
     return TagEditor(
         folder=folder,
         recursive=recursive,
@@ -496,6 +534,8 @@ def open_folder(
         later_lines=_frozen(scan.later_lines),
         unreadable=_frozen(scan.unreadable),
         broken_links=scan.broken_links,
+        within=within,
+        outside_links=scan.outside_links,
     )
 
 
@@ -518,14 +558,19 @@ def broken_links_shown_note(editor: TagEditor) -> str | None:
     return f"not shown: {broken_links_note(list(editor.broken_links))}" if editor.broken_links else None
 
 
+def outside_links_shown_note(editor: TagEditor) -> str | None:
+    return f"not shown: {outside_links_note(list(editor.outside_links))}" if editor.outside_links else None
+
+
 def as_sentence(note: str) -> str:
     return f"{note[0].upper()}{note[1:]}{'' if note.endswith('.') else '.'}"
 
 
 def folder_notes(editor: TagEditor) -> list[str]:
     """What opening the folder found, as sentences (captions under the other usual extension, multi-line captions,
-    links to nothing): the tab, the API and ``dataset tags`` say it."""
-    notes = (other_extension_note(editor), multiline_note(editor), broken_links_shown_note(editor))
+    links to nothing or leading outside the allowed folders): the tab, the API and ``dataset tags`` say it."""
+    notes = (other_extension_note(editor), multiline_note(editor), broken_links_shown_note(editor),
+             outside_links_shown_note(editor))
     return [as_sentence(note) for note in notes if note]
 
 
@@ -711,7 +756,8 @@ def save(editor: TagEditor) -> tuple[TagEditor, SaveResult]:
     # a caption that is a link (to one caption several folders share) becomes this image's own file: writing through
     # the link would change the other images' captions behind the editor's back
     unlinked = tuple(path for path in texts if path.is_symlink())
-    result = write_captions(texts, editor.backup_dir, {path: editor.stamps.get(path, NO_FILE) for path in texts})
+    result = write_captions(texts, editor.backup_dir, {path: editor.stamps.get(path, NO_FILE) for path in texts},
+                            editor.within)
     saved = editor.on_disk | {image: editor.tags[image] for image in changed}
     stamps = editor.stamps | dict(result.written)
     return (
@@ -736,7 +782,7 @@ class ReloadReport:
 def reload(editor: TagEditor, why: str = "Reload captions changed on disk") -> tuple[TagEditor, ReloadReport]:
     """Read the folder again without losing unsaved edits; see ``ReloadReport`` for what happens to each image.
     ``why`` names the undo step of the captions that changed on disk (a restored backup, another program)."""
-    scan = _scan(editor.folder, editor.recursive, editor.caption_extension)
+    scan = _scan(editor.folder, editor.recursive, editor.caption_extension, editor.within)
     old_images, new_images = set(editor.images), set(scan.images)
     updated, conflicts = [], []
     tags = {}
@@ -764,6 +810,7 @@ def reload(editor: TagEditor, why: str = "Reload captions changed on disk") -> t
         later_lines=_frozen(scan.later_lines),
         unreadable=_frozen(scan.unreadable),
         broken_links=scan.broken_links,
+        outside_links=scan.outside_links,
     )
     # the other program's versions arrive as an undoable step, so undo never silently mixes two histories
     reloaded = record_step(reloaded, why, {image: tags[image] for image in updated})

@@ -684,6 +684,81 @@ def test_tag_session_paths_and_autotag_errors(services, make_dataset):
                      field=field)
 
 
+@pytest.fixture
+def outside_files(tmp_path):
+    """A picture and a caption outside every allowed folder, which links inside a dataset lead to."""
+    from PIL import Image
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(outside / "secret.png")
+    (outside / "secret.txt").write_text("secretword, hidden", encoding="utf-8")
+    return outside
+
+
+def test_links_in_a_dataset_leading_outside_the_roots_are_left_out_never_read_served_or_written(
+        services, make_dataset, outside_files):
+    """A downloaded dataset holding b.png -> /etc/passwd and b.txt -> /etc/hostname showed the host name as b.png's
+    tags and served /etc/passwd as b.png: only the folder was checked against the roots."""
+    from PIL import Image
+
+    client = make_client(services)
+    folder = make_dataset(count=2) / "10_zkchar"
+    (folder / "b.png").symlink_to(outside_files / "secret.png")
+    Image.new("RGB", (16, 16)).save(folder / "c.png")
+    (folder / "c.txt").symlink_to(outside_files / "secret.txt")
+    (folder / "d.png").symlink_to(outside_files / "not-there.png")  # outside, said so: not whether it exists
+    (folder / "e.png").symlink_to(folder / "img_000.png")  # a link inside the roots is followed, as the docs say
+    (folder / "sub").symlink_to(outside_files, target_is_directory=True)
+    opened = client.post(f"{V1}/datasets/open", json={"path": str(folder), "recursive": True})
+    assert opened.status_code == 201, opened.text
+    assert [image["name"] for image in opened.json()["images"]] == ["e.png", "img_000.png", "img_001.png"]
+    assert "secretword" not in opened.text
+    assert opened.json()["note"] == ("Not shown: b.png, c.txt, d.png, sub are links leading outside the allowed "
+                                     "folders, so they are not read here; copy what they link to into the dataset, or "
+                                     "allow those folders.")
+    sid = opened.json()["session"]
+    for name in ("b.png", "c.png", "sub/secret.png"):
+        assert_error(client.get(f"{V1}/datasets/{sid}/image", params={"name": name}), 400, field="name")
+    # a link made after the folder was read: refused when served, nothing copied by a save or a restore
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["solo"], "selection": ["img_000.png"]})
+    assert client.post(f"{V1}/datasets/{sid}/save", json={}).status_code == 200
+    (folder / "img_001.png").unlink()
+    (folder / "img_001.png").symlink_to(outside_files / "secret.png")
+    assert_error(client.get(f"{V1}/datasets/{sid}/image", params={"name": "img_001.png"}), 403, "path_not_allowed",
+                 field="name")
+    (folder / "img_000.txt").unlink()
+    (folder / "img_000.txt").symlink_to(outside_files / "secret.txt")
+    restored = assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={}), 400, "invalid")
+    assert "img_000.txt leads outside the allowed folders" in restored["message"]
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["smile"], "selection": ["e.png"]})
+    assert client.post(f"{V1}/datasets/{sid}/save", json={"overwrite_changed": True}).status_code == 200
+    assert (outside_files / "secret.txt").read_text(encoding="utf-8") == "secretword, hidden"
+    backups = [path for path in (folder / ".caption-backups").rglob("*") if path.is_file()]
+    assert backups and not any(b"secretword" in path.read_bytes() for path in backups)
+    assert "secretword" not in client.get(f"{V1}/datasets/{sid}").text
+
+
+def test_the_dataset_check_names_links_leading_outside_the_roots_and_reads_nothing_there(services, make_dataset,
+                                                                                       outside_files):
+    client = make_client(services)
+    dataset = make_dataset(count=2)
+    concept = dataset / "10_zkchar"
+    (concept / "img_001.txt").unlink()
+    (concept / "img_001.txt").symlink_to(outside_files / "secret.txt")
+    (concept / "b.png").symlink_to(outside_files / "secret.png")
+    (concept / "d.png").symlink_to(outside_files / "not-there.png")
+    (dataset / "5_other").symlink_to(outside_files, target_is_directory=True)
+    report = client.post(f"{V1}/dataset/check", json={"path": str(dataset), "resolution": 64, "min_bucket_reso": 64})
+    assert report.status_code == 200, report.text
+    assert "secretword" not in report.text
+    assert [image["path"] for image in report.json()["images"]] == ["10_zkchar/img_000.png"]
+    outside = {(f["path"], f["message"].split(" are ")[0].split(" is ")[0])
+               for f in report.json()["findings"] if f["kind"] == "outside-link"}
+    assert outside == {("5_other", "5_other"), ("10_zkchar", "b.png, d.png, img_001.txt")}
+    assert "broken-link" not in [f["kind"] for f in report.json()["findings"]]
+
+
 # --- one real job: the trainer on the tiny model ----------------------------------------------------------------
 
 

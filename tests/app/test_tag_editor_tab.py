@@ -235,3 +235,27 @@ def test_the_health_report_names_a_few_files_of_each_kind_of_finding(services, m
     folder = make_dataset(count=8)  # no caption has the trigger zkstar
     text = tab.health_report(services, str(folder), "zkstar")
     assert text.count("missing-trigger") == 6 and "missing-trigger      … and 3 more (8 in all)" in text
+
+
+def test_links_leading_outside_the_allowed_folders_are_not_shown_nor_made_thumbnails(services, make_dataset, tmp_path):
+    """The tab shares the API's sessions: a picture or caption linked to a file elsewhere showed its content."""
+    from PIL import Image
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (16, 16), (250, 0, 0)).save(outside / "secret.png")
+    (outside / "secret.txt").write_text("secretword", encoding="utf-8")
+    folder = make_dataset("links", "10_zkchar", count=2) / "10_zkchar"
+    (folder / "b.png").symlink_to(outside / "secret.png")
+    (folder / "img_001.txt").unlink()
+    (folder / "img_001.txt").symlink_to(outside / "secret.txt")
+    view = tab.open_folder(services, tab.TabState(), str(folder), False, ".txt")
+    assert [label.split(": ")[0] for _, label in view[VIEW["gallery"]]] == ["#1 img_000.png"]
+    assert ("Not shown: b.png, img_001.txt are links leading outside the allowed folders" in view[VIEW["status"]]
+            and "secretword" not in view[VIEW["frequency"]].to_string())
+    assert "secretword" not in tab.health_report(services, str(folder.parent), "")
+    # a link made after the folder was read: a grey square, the picture unread
+    (folder / "img_000.png").unlink()
+    (folder / "img_000.png").symlink_to(outside / "secret.png")
+    (thumbnail, _), = tab.render(services, view[VIEW["state"]])[VIEW["gallery"]]
+    assert Image.open(thumbnail).getpixel((0, 0)) == (90, 90, 90)

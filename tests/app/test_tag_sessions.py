@@ -191,6 +191,19 @@ def test_autotag_merges_into_the_session_as_one_undo_step(make_dataset):
     assert session.editor.tags[folder / "img_001.png"] == ()
 
 
+def test_autotag_does_not_read_a_picture_that_became_a_link_leading_outside_the_allowed_folders(make_dataset, tmp_path):
+    from PIL import Image
+
+    folder = make_dataset(count=2, tags=[None, None]) / "10_zkchar"
+    session = TagSessions().open(folder, within=[folder.parent])
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(tmp_path / "elsewhere.png")
+    (folder / "img_001.png").unlink()
+    (folder / "img_001.png").symlink_to(tmp_path / "elsewhere.png")
+    report = tag_sessions.autotag(session, _ColourTagger(), list(session.editor.images))
+    assert report["tagged"] == 1 and list(report["unreadable"]) == ["img_001.png"]
+    assert "leading outside the allowed folders" in report["unreadable"]["img_001.png"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Drafts: unsaved edits outlive a restart.
 

@@ -13,11 +13,13 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import gradio as gr
 
 from ...dataset import tag_editor
 from ...errors import UserError
+from ...safe_io import resolves_below
 from .. import tag_sessions
 from ..paths import allowed_path
 from . import tag_view
@@ -49,20 +51,27 @@ class TabState:
 # Thumbnails.
 
 
-def thumbnail(image: Path, cache_folder: Path, size: int = THUMBNAIL_SIZE) -> Path:
-    """A small JPEG of ``image`` (made once, reused until the image changes)."""
+def thumbnail(image: Path, cache_folder: Path, size: int = THUMBNAIL_SIZE, within: Iterable[Path] | None = None) -> Path:
+    """A small JPEG of ``image`` (made once, reused until the image changes); a grey square, the image unread, where
+    it resolves outside ``within`` (the allowed folders: a link made since the folder was read)."""
     from PIL import Image
 
     from ...dataset.images import ImageError, load_image
 
-    stat = image.stat()
-    identity = f"{image.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}"
+    outside = within is not None and not resolves_below(image, within)
+    if outside:
+        identity = f"outside the allowed folders|{size}"
+    else:
+        stat = image.stat()
+        identity = f"{image.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}"
     key = hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()  # a name that is not UTF-8 too
     target = cache_folder / key[:2] / f"{key}.jpg"
     if not target.exists():
         from ...safe_io import atomic_path
 
         try:  # as training reads it (upright, on white, 16 bits scaled), a JPEG decoded at a fraction of its size
+            if outside:
+                raise ValueError("outside the allowed folders: not read")
             small = load_image(image, at_least=(size, size))
             small.thumbnail((size, size))
         except (ImageError, OSError, ValueError):
@@ -102,7 +111,7 @@ def render(services, state: TabState, status: str = "") -> tuple:
     for offset, image in enumerate(page.images):
         name = tag_sessions.image_name(editor, image)
         label = tag_view.item_label(editor, image, page.first_index + offset, name in chosen, image in unsaved)
-        items.append((str(thumbnail(image, cache)), label))
+        items.append((str(thumbnail(image, cache, within=editor.within)), label))
     frequency = tag_view.frequency_rows(tag_editor.tag_counts(editor, filtered), state.tag_query)
     info = tag_view.page_text(page, len(state.selection), len(unsaved))
     return (state, items, info, table(frequency, FREQUENCY_COLUMNS), table(tag_view.history_rows(editor), HISTORY_COLUMNS),
@@ -168,7 +177,7 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
         unsaved = len(tag_editor.unsaved_images(kept.editor))
         return render(services, TabState(session=kept.id), f"Opened {path} with its {unsaved} unsaved caption edit(s) "
                       "from before (the page was reloaded): Save them, or Undo.")
-    session = registry.open(path, **reading)
+    session = registry.open(path, **reading, within=services.settings.roots())
     editor = session.editor
     note = f"Opened {path}: {len(editor.images)} images."
     if empty := tag_editor.empty_folder_note(editor):
@@ -410,7 +419,8 @@ def health_report(services, folder: str, trigger: str) -> str:
 
     try:
         path = allowed_path(folder, services.settings.dataset_roots, "dataset folder")
-        return check_dataset(path, HealthSettings(trigger=(trigger or "").strip() or None)).to_text()
+        return check_dataset(path, HealthSettings(trigger=(trigger or "").strip() or None),
+                             services.settings.roots()).to_text()
     except UserError as error:
         return f"⚠ {error}"
 
