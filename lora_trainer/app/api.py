@@ -23,7 +23,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +34,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from ..dataset import tag_editor
 from ..dataset.caption_files import BackupNotFound
-from ..errors import UserError
+from ..errors import UserError, with_closest
 from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
@@ -160,6 +160,18 @@ def _checked_network_args(items: Any, roots: list[Path]) -> list[str]:
             item = f"preset={checked_path(preset, roots, 'network_args', must_exist=True)}"
         checked.append(item)
     return checked
+
+
+def only_fields(body: dict, accepted: Iterable[str], route: str) -> dict:
+    """``body``, refused with a 400 naming the first field ``route`` does not take and listing those it does: a
+    misspelt field was ignored, and the route did what no field asked (``{"backupp": …}`` restored the newest
+    backup)."""
+    accepted = list(accepted)
+    if unknown := sorted(set(body) - set(accepted)):
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no fields: send no body, or {}"
+        raise ApiError(400, "invalid", f"{with_closest(unknown[:1], accepted)}: not a field of {route}; {takes}",
+                       unknown[0])
+    return body
 
 
 def flag(body: dict, name: str, default: bool) -> bool:
@@ -439,11 +451,8 @@ def health_json(report) -> dict:
 def health_settings_from(body: dict):
     from ..dataset.health import HealthSettings, bucket_limits_for
 
-    known = {f.name for f in dataclasses.fields(HealthSettings)}
+    only_fields(body, ["path", *sorted(f.name for f in dataclasses.fields(HealthSettings))], "POST /dataset/check")
     values = {key: value for key, value in body.items() if key != "path"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ApiError(400, "invalid", f"{unknown[0]}: not a health-check setting; use {', '.join(sorted(known))}", unknown[0])
     if "resolution" in values:
         values["resolution"] = _health_resolution(values["resolution"])
         low, high = bucket_limits_for(values["resolution"])  # bucket limits left out follow the resolution
@@ -486,6 +495,8 @@ def _body_doc(description: str, examples: dict[str, dict], properties: dict[str,
         "schema": schema, "examples": {name: {"summary": name, "value": value} for name, value in examples.items()}}}}}
 
 
+AUTOTAG_FIELDS = ("tagger", "mode", "trigger_word", "general_threshold", "character_threshold", "excluded_tags", "selection")
+
 TAG_EDIT_EXAMPLES = {
     "replace": {"op": "replace", "find": "1girl", "replacement": "1woman", "selection": "filtered"},
     "add trigger at the front": {"op": "add", "tags": ["zkchar"], "position": 0, "selection": "all"},
@@ -523,6 +534,14 @@ def create_router(services: Services) -> APIRouter:
         if not isinstance(body, dict):
             raise ApiError(400, "invalid", "the body must be a JSON object")
         return body
+
+    def no_fields(route: str) -> Any:
+        """A dependency of the routes that take no body: a field sent to them is a 400, not silently ignored."""
+
+        def check(body: dict = Depends(object_body)) -> None:
+            only_fields(body, (), route)
+
+        return Depends(check)
 
     def job_or_404(job_id: int) -> Job:
         job = services.store.get(job_id)
@@ -583,19 +602,19 @@ def create_router(services: Services) -> APIRouter:
             raise ApiError(409, "job_state", str(error)) from None
 
     @router.post("/jobs/{job_id}/stop", summary="Stop a job (save, then exit)")
-    def stop_job(job_id: int):
+    def stop_job(job_id: int, _: None = no_fields("POST /jobs/{id}/stop")):
         """A running job finishes its step, saves the network and its state and exits (killed after the timeout);
         a queued job leaves the queue."""
         return state_change(job_id, lambda: services.runner.stop(job_id))
 
     @router.post("/jobs/{job_id}/pause", summary="Pause a job (frees the GPU)")
-    def pause_job(job_id: int):
+    def pause_job(job_id: int, _: None = no_fields("POST /jobs/{id}/pause")):
         """Like stop, but the job is marked `paused`; `resume` continues from the saved state. Only a running job:
         a queued one has nothing to save (409; stop takes it out of the queue)."""
         return state_change(job_id, lambda: services.runner.stop(job_id, pause=True))
 
     @router.post("/jobs/{job_id}/resume", status_code=201, summary="Resume a stopped, paused or interrupted job")
-    def resume_job(job_id: int):
+    def resume_job(job_id: int, _: None = no_fields("POST /jobs/{id}/resume")):
         """Queues a new job that continues from the job's last saved state; returns the new job (201, as
         `POST /jobs` does: a job was created). The job's webhook, if it had one, is called when the new one ends."""
         resumed = state_change(job_id, lambda: services.runner.resume(job_id))
@@ -607,12 +626,12 @@ def create_router(services: Services) -> APIRouter:
         return JSONResponse(resumed, 201)
 
     @router.post("/jobs/{job_id}/save", summary="Save the network now")
-    def save_job(job_id: int):
+    def save_job(job_id: int, _: None = no_fields("POST /jobs/{id}/save")):
         """The running job writes its network and state now and goes on."""
         return state_change(job_id, lambda: services.runner.control(job_id, "save"))
 
     @router.post("/jobs/{job_id}/sample", summary="Draw the sample images now")
-    def sample_job(job_id: int):
+    def sample_job(job_id: int, _: None = no_fields("POST /jobs/{id}/sample")):
         """The running job draws its sample prompts now and goes on."""
         return state_change(job_id, lambda: services.runner.control(job_id, "sample"))
 
@@ -705,6 +724,7 @@ def create_router(services: Services) -> APIRouter:
         """Returns the session id and the first page (images with tags, tag frequencies, history)."""
         from ..dataset.caption_files import checked_caption_extension
 
+        only_fields(body, ("path", "recursive", "caption_extension"), "POST /datasets/open")
         folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
         extension = text(body, "caption_extension", ".txt")
         try:
@@ -762,14 +782,14 @@ def create_router(services: Services) -> APIRouter:
         return tag_sessions.page_of(session, *page_params(request))
 
     @router.post("/datasets/{session_id}/undo", summary="Undo the last edit")
-    def undo_dataset(session_id: str, request: Request):
+    def undo_dataset(session_id: str, request: Request, _: None = no_fields("POST /datasets/{sid}/undo")):
         """Takes back the last edit step (nothing is written until save); returns the page."""
         session = sessions.get(session_id)
         session.change(tag_sessions.tag_editor.undo)
         return tag_sessions.page_of(session, *page_params(request))
 
     @router.post("/datasets/{session_id}/redo", summary="Redo the last undone edit")
-    def redo_dataset(session_id: str, request: Request):
+    def redo_dataset(session_id: str, request: Request, _: None = no_fields("POST /datasets/{sid}/redo")):
         """Applies again the last undone step; returns the page."""
         session = sessions.get(session_id)
         session.change(tag_sessions.tag_editor.redo)
@@ -783,10 +803,11 @@ def create_router(services: Services) -> APIRouter:
                                          {"overwrite_changed": {"type": "boolean"}}))
     def save_dataset(session_id: str, body: dict = Depends(object_body)):
         """Only the changed captions are written, previous versions backed up, all or nothing."""
+        only_fields(body, ("overwrite_changed",), "POST /datasets/{sid}/save")
         return tag_sessions.save_session(sessions.get(session_id), flag(body, "overwrite_changed", False))
 
     @router.post("/datasets/{session_id}/reload", summary="Read captions changed on disk")
-    def reload_dataset(session_id: str):
+    def reload_dataset(session_id: str, _: None = no_fields("POST /datasets/{sid}/reload")):
         """Keeps unsaved edits; reports updated, conflicting, added and removed images."""
         return tag_sessions.reload_session(sessions.get(session_id))
 
@@ -807,6 +828,7 @@ def create_router(services: Services) -> APIRouter:
     def restore_dataset(session_id: str, body: dict = Depends(object_body)):
         """Restores a backup on disk and reads the folder again; answers `restored` and `removed` (caption files),
         `backup`, `backup_folder` and `undo_backup` (where the replaced captions went), `message`."""
+        only_fields(body, ("backup",), "POST /datasets/{sid}/restore")
         session = sessions.get(session_id)
         name = body.get("backup")
         if name is not None and not isinstance(name, str):
@@ -832,6 +854,7 @@ def create_router(services: Services) -> APIRouter:
         """Needs onnxruntime and a local WD14 model; either missing answers 400 naming what to install or download."""
         from ..dataset.tagger import EXISTING_CAPTION_MODES, TagSelection, WD14Tagger
 
+        only_fields(body, AUTOTAG_FIELDS, "POST /datasets/{sid}/autotag")
         session = sessions.get(session_id)
         folder = checked_path(body.get("tagger"), settings.roots(), "tagger", must_exist=True)
         mode = body.get("mode", "skip")

@@ -684,6 +684,34 @@ def test_tag_session_paths_and_autotag_errors(services, make_dataset):
                      field=field)
 
 
+def test_a_field_a_route_does_not_take_is_a_400_naming_it_not_ignored(services, make_dataset):
+    """``{"backupp": …}`` on restore put the newest backup back: a misspelt field was ignored and the route went on."""
+    client = make_client(services)
+    folder = make_dataset(count=2) / "10_zkchar"
+    sid = client.post(f"{V1}/datasets/open", json={"path": str(folder)}).json()["session"]
+    for tag in ("first", "second"):
+        client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": [tag], "selection": ["img_000.png"]})
+        assert client.post(f"{V1}/datasets/{sid}/save", json={}).status_code == 200
+    oldest = client.get(f"{V1}/datasets/{sid}/backups").json()["backups"][-1]["name"]
+    refused = assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={"backupp": oldest}), 400, "invalid",
+                           field="backupp")
+    assert refused["message"] == ("backupp (did you mean backup?): not a field of POST /datasets/{sid}/restore; it "
+                                  "takes backup")
+    assert (folder / "img_000.txt").read_text(encoding="utf-8").endswith("first, second")  # nothing restored
+    for route, body, takes in (
+            ("/datasets/open", {"path": str(folder), "recurse": True}, "it takes path, recursive, caption_extension"),
+            (f"/datasets/{sid}/save", {"overwrite": True}, "it takes overwrite_changed"),
+            (f"/datasets/{sid}/autotag", {"tagger": str(folder), "treshold": 0.5}, "it takes tagger, mode, "),
+            (f"/datasets/{sid}/reload", {"all": True}, "it takes no fields: send no body, or {}"),
+            (f"/datasets/{sid}/undo", {"steps": 2}, "it takes no fields"),
+            ("/jobs/1/resume", {"options": {"max_train_epochs": 20}}, "it takes no fields"),
+            ("/jobs/1/pause", {"force": True}, "it takes no fields")):
+        error = assert_error(client.post(V1 + route, json=body), 400, "invalid", field=sorted(set(body) - {"path", "tagger"})[0])
+        assert takes in error["message"], route
+    assert client.post(f"{V1}/datasets/{sid}/reload", json={}).status_code == 200  # no body, or {}: as before
+    assert client.post(f"{V1}/datasets/{sid}/undo").status_code == 200
+
+
 @pytest.fixture
 def outside_files(tmp_path):
     """A picture and a caption outside every allowed folder, which links inside a dataset lead to."""
