@@ -466,6 +466,8 @@ def health_settings_from(body: dict):
         if isinstance(value, bool) != (wanted is bool) or not isinstance(value, wanted):
             raise ApiError(400, "invalid", f"{f.name}: give {'true or false' if wanted is bool else 'a ' + wanted.__name__}",
                            f.name)
+    if values.get("batch_size", 1) < 1:  # the report's own check names the command line's --batch-size
+        raise ApiError(400, "invalid", f"batch_size: {values['batch_size']} images per step; give 1 or more", "batch_size")
     return HealthSettings(**values)
 
 

@@ -126,7 +126,8 @@ class FolderScan:
 
 def _scan_parent(parent: Path, is_reg: bool, option: str) -> tuple[list[dict[str, Any]], list[str]]:
     if not parent.is_dir():
-        raise UserError(f"{option} {parent} is not a folder; give the folder that holds the <repeats>_<name> subfolders.")
+        raise UserError(f"{option} {parent} is not a folder; give the folder that holds the <repeats>_<name> subfolders.",
+                        option.lstrip("-"))
     subsets: list[dict[str, Any]] = []
     notes: list[str] = []
     skipped: list[str] = []
@@ -134,7 +135,7 @@ def _scan_parent(parent: Path, is_reg: bool, option: str) -> tuple[list[dict[str
     if own and list_images(parent) and not any(parse_repeats_folder_name(child.name) for child in parent.iterdir()
                                                if child.is_dir()):
         raise UserError(f"{option} {parent} is itself a <repeats>_<name> folder ({own[0]} repeats): give the folder "
-                        f"that holds it, {option} {parent.parent}")
+                        f"that holds it, {option} {parent.parent}", option.lstrip("-"))
     # hidden folders (the tag editor's .caption-backups, .git) are never image folders: not worth a rename hint
     for folder in sorted(child for child in parent.iterdir() if child.is_dir() and not child.name.startswith(".")):
         parsed = parse_repeats_folder_name(folder.name)

@@ -63,11 +63,11 @@ def _unique(tags: Iterable[str]) -> Tags:
     return tuple(dict.fromkeys(tags))
 
 
-def _compiled(pattern: str) -> re.Pattern[str]:
+def _compiled(pattern: str, field: str | None = None) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as error:
-        raise UserError(f"The regular expression {pattern!r} is not valid: {error}.") from None
+        raise UserError(f"The regular expression {pattern!r} is not valid: {error}.", field) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,10 +124,11 @@ class ReplaceText:
 
     def __post_init__(self) -> None:
         if not self.find:
-            raise UserError("Replace needs some text to find.")
+            raise UserError("Replace needs some text to find.", "find")
         if self.regex:
+            pattern = _compiled(self.find, "find")
             try:  # a group the pattern lacks (\2, \g<name>) failed at the first tag it matched; sub reads the
-                _compiled(self.find).sub(self.replacement, "")  # replacement before it searches
+                pattern.sub(self.replacement, "")  # replacement before it searches
             except (re.error, IndexError) as error:
                 raise UserError(f"Replace: the replacement {self.replacement!r} does not fit the pattern {self.find!r} "
                                 f"({error}); refer to its groups as \\1 or \\g<name>", "replacement") from None

@@ -712,6 +712,21 @@ def test_a_field_a_route_does_not_take_is_a_400_naming_it_not_ignored(services, 
     assert client.post(f"{V1}/datasets/{sid}/undo").status_code == 200
 
 
+def test_errors_name_the_field_they_are_about(services, client, job_body):
+    """Each said field: null, and the dataset check named the command line's --batch-size."""
+    dataset = Path(job_body["options"]["train_data_dir"])
+    error = assert_error(client.post(f"{V1}/dataset/check", json={"path": str(dataset), "batch_size": 0}), 400,
+                         field="batch_size")
+    assert error["message"] == "batch_size: 0 images per step; give 1 or more"
+    concept = {**job_body, "options": {**job_body["options"], "train_data_dir": str(dataset / "10_zkchar")}}
+    assert "is itself a <repeats>_<name> folder" in assert_error(client.post(f"{V1}/jobs", json=concept), 400,
+                                                                 field="train_data_dir")["message"]
+    sid = client.post(f"{V1}/datasets/open", json={"path": str(dataset / "10_zkchar")}).json()["session"]
+    for find in ("(", ""):
+        assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "replace", "find": find, "replacement": "x",
+                                                                    "regex": True}), 400, field="find")
+
+
 @pytest.fixture
 def outside_files(tmp_path):
     """A picture and a caption outside every allowed folder, which links inside a dataset lead to."""
