@@ -271,6 +271,28 @@ def test_an_epoch_file_shadowed_by_a_file_of_the_same_name_in_another_folder_is_
                                         r".*a/dup-000001.safetensors of this grid: rename or move one of the two files"):
         plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="dup"), LoraLibrary([tmp_path]))
 
+def test_a_resized_copy_trained_under_the_runs_name_is_not_the_runs_final_file(loras, tmp_path):
+    """A run still training (no final file yet) beside a resized copy ``zkstar r2`` (ss_output_name zkstar, newer):
+    the run given by its name showed the copy as its final file, its last row and the file its strength grid drew."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    # epochs 1 and 2 trained as zkstar, then the copy of epoch 2 (the newest file)
+    for source, target in (("tinylora-000001", "zkstar-000001"), ("tinylora", "zkstar-000002"), ("tinylora", "zkstar r2")):
+        metadata = {**read_safetensors_metadata(loras / f"{source}.safetensors"), "ss_output_name": "zkstar"}
+        save_file(load_file(loras / f"{source}.safetensors"), str(tmp_path / f"{target}.safetensors"), metadata)
+    library = LoraLibrary([tmp_path])
+    by_epoch = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="zkstar"), library)
+    assert prompts(by_epoch) == [["zkstar, shapes", "zkstar, shapes <lora:zkstar-000001:1>"],
+                                 ["zkstar, shapes", "zkstar, shapes <lora:zkstar-000002:1>"]]
+    by_strength = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1"]), lora="zkstar"), library)
+    assert prompts(by_strength)[0][1] == "zkstar, shapes <lora:zkstar-000002:1>"
+    # the copy named as itself is a LoRA of its own, drawn as it is
+    by_name = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1"]), lora="zkstar r2"), library)
+    assert prompts(by_name)[0][1] == "zkstar, shapes <lora:zkstar r2:1>"
+
+
 def test_bad_grids_are_refused_and_big_ones_need_confirmation(library, loras):
     with pytest.raises(UserError, match="no values"):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)

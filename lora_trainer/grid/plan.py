@@ -257,8 +257,25 @@ def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA", fie
     return Path(found).resolve()
 
 
+def _run_file(request: GridRequest, library: LoraResolver, field_name: str = "training run") -> Path:
+    """The file the request's run is found from (``run_files``) and drawn with where no axis brings a LoRA: the LoRA
+    its name or path gives, except where a name is only the ``ss_output_name`` of the file found (the run's final
+    ``NAME.safetensors`` not saved yet, the run still training): then the run's latest file of its own name beside
+    it. sd-scripts names a run's files ``NAME``, ``NAME-000001`` and ``NAME-step00000050``; another file trained
+    under the name (``zkstar r2``, a resized copy) is neither its final file nor one of its epochs."""
+    found = resolve_lora(request.lora, library, field_name)
+    name = request.lora.strip()
+    trained_as = read_safetensors_metadata(found).get("ss_output_name")
+    if found.stem == name or trained_as != name or not is_final_file(found):
+        return found
+    try:
+        return run_files(found.with_name(f"{name}{found.suffix}"))[-1].path
+    except UserError:  # no file of the run's own name: the file found is all there is (renamed after training)
+        return found
+
+
 def _run_of(request: GridRequest, library: LoraResolver) -> list[EpochFile]:
-    return run_files(resolve_lora(request.lora, library, "training run"))
+    return run_files(_run_file(request, library))
 
 
 def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
@@ -556,7 +573,7 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     except UserError as error:
         raise UserError(str(error), "confirmed") from None
     brings_lora = any(axis.kind in ("epoch", "lora") for axis in (request.x, request.y))
-    fallback = None if brings_lora else resolve_lora(request.lora, library)
+    fallback = None if brings_lora else _run_file(request, library, "LoRA")
     seed = request.settings.resolved_seed()
 
     cells = []
