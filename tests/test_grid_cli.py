@@ -105,6 +105,28 @@ def test_a_run_not_found_names_the_folders_searched(runs, tmp_path, capsys):
                                  "or add the folder that has it with --lora-dir\n")
 
 
+def test_a_run_file_shadowed_by_a_file_of_its_name_in_another_lora_dir_says_what_to_do_here(runs, tmp_path, capsys):
+    """The sentence ended "…then refresh", the Grid tab's word: the command reads its folders afresh each time."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    for source in runs.glob("tinylora*.safetensors"):
+        shutil.copy(source, tmp_path / "a" / source.name.replace("tinylora", "dup"))
+    other = {**read_safetensors_metadata(runs / "tinylora.safetensors"), "ss_output_name": "other"}  # another run's
+    save_file(load_file(runs / "tinylora.safetensors"), str(tmp_path / "b" / "dup-000001.safetensors"), other)
+    code, out, err = grid(capsys, "dup", "--lora-dir", tmp_path / "a", "--lora-dir", tmp_path / "b", "--x", "strength:1",
+                          "--out", tmp_path / "grids")
+    assert (code, out) == (2, "") and err == (
+        f"error: <lora:dup-000001> means {tmp_path / 'b' / 'dup-000001.safetensors'} to the generator, not "
+        f"{tmp_path / 'a' / 'dup-000001.safetensors'} of this grid: rename or move one of the two files, then run the "
+        "grid command again\n")
+
+
 def test_the_size_defaults_to_the_models_own(runs, tmp_path, capsys, monkeypatch):
     """As `generate` sizes its images: an SDXL checkpoint's grid is 1024 px unless told (the host's default is 512)."""
     import dataclasses

@@ -268,8 +268,10 @@ def test_an_epoch_file_shadowed_by_a_file_of_the_same_name_in_another_folder_is_
         shutil.copy(source, tmp_path / "a" / source.name.replace("tinylora", "dup"))
     shutil.copy(loras / "style.safetensors", tmp_path / "b" / "dup-000001.safetensors")
     with pytest.raises(UserError, match=r"<lora:dup-000001> means .*b/dup-000001.safetensors to the generator, not "
-                                        r".*a/dup-000001.safetensors of this grid: rename or move one of the two files"):
+                                        r".*a/dup-000001.safetensors of this grid: rename or move one of the two files, "
+                                        r"then refresh$"):  # the tab's Lora list: the grid command says its own
         plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="dup"), LoraLibrary([tmp_path]))
+
 
 def test_a_resized_copy_trained_under_the_runs_name_is_not_the_runs_final_file(loras, tmp_path):
     """A run still training (no final file yet) beside a resized copy ``zkstar r2`` (ss_output_name zkstar, newer):

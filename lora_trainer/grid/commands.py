@@ -78,8 +78,8 @@ def draw_grid(args) -> Path | None:
     from ..console import progress_callback
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
-    from .plan import (SETTING_RANGES, GridRequest, LoraNotFound, checked_setting, host_sampler, plan_for_host,
-                       run_grid, unfinished_images)
+    from .plan import (SETTING_RANGES, GridRequest, LoraNameShadowed, LoraNotFound, checked_setting, host_sampler,
+                       plan_for_host, run_grid, unfinished_images)
 
     strengths = parse_values(args.strength)
     if len(strengths) != 1:
@@ -114,6 +114,8 @@ def draw_grid(args) -> Path | None:
     except LoraNotFound as error:  # the Lora folders here are --lora-dir's, read afresh: no refresh to wait for
         raise error.advised("check the name, or add the folder that has it with --lora-dir" if error.by_name else
                             "add its folder with --lora-dir") from None
+    except LoraNameShadowed as error:
+        raise error.advised("rename or move one of the two files, then run the grid command again") from None
     except UserError as error:
         if error.field == "confirmed":
             raise UserError(f"{error}: add --yes to draw it") from None

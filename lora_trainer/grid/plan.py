@@ -59,6 +59,19 @@ class LoraNotFound(UserError):
         return LoraNotFound(self.subject, advice, self.field, self.by_name)
 
 
+class LoraNameShadowed(UserError):
+    """A grid's file whose ``<lora:stem>`` means another file to the generator: ``subject`` says which two, ``note``
+    what the other one is where known, ``advice`` how to part them in the tab's terms (the Lora list refreshed after
+    the move), which the grid command, reading its folders afresh each time, says in its own (``advised``)."""
+
+    def __init__(self, subject: str, advice: str, note: str = ""):
+        super().__init__(f"{subject}: {advice}{note}")
+        self.subject, self.note = subject, note
+
+    def advised(self, advice: str) -> LoraNameShadowed:
+        return LoraNameShadowed(self.subject, advice, self.note)
+
+
 @dataclass
 class AxisSpec:
     kind: str
@@ -648,8 +661,9 @@ def _check_names_resolve(files: list[Path], library: LoraResolver) -> None:
     for path in files:
         found = library.resolve(path.stem)
         if found is not None and Path(found).resolve() != Path(path).resolve():
-            raise UserError(f"<lora:{path.stem}> means {found} to the generator, not {path} of this grid: rename or move "
-                            f"one of the two files, then refresh{_earlier_promotion(Path(found), Path(path))}")
+            raise LoraNameShadowed(f"<lora:{path.stem}> means {found} to the generator, not {path} of this grid",
+                                   "rename or move one of the two files, then refresh",
+                                   _earlier_promotion(Path(found), Path(path)))
 
 
 def _baseline(request: GridRequest, seed: int, y: _AxisValue) -> GridCell:
