@@ -159,3 +159,19 @@ def test_the_missing_font_advice_names_a_cjk_font_only_for_east_asian_text(monke
         label_font(12, "zkstar \U0001F468\u200d\U0001F469")
     said = caplog.records[-1].getMessage()
     assert "a font that has them" in said and "CJK" not in said
+
+
+def test_a_64_px_columns_recommended_epoch_keeps_its_words_whole():
+    """"* recommended" under an epoch on 64 px cells was broken mid-word at the smallest font (10 px): a word that
+    fits the column stays whole, and "recommended", which does not, takes its short form."""
+    from lora_trainer.grid.plan import recommended_label
+    from lora_trainer.grid.render import grid_layout
+
+    label = recommended_label("epoch 1 (10 steps)\nval loss 0.1500")
+    layout = grid_layout((64, 64), ["strength 1"], ["no LoRA", label, "epoch 2 (20 steps)\nval loss 0.1700"])
+    lines = layout.column_labels[1][1].split("\n")
+    assert "* rec." in lines
+    words = set(label.split()) | {"rec."}
+    assert all(word in words for line in lines for word in line.split()), lines  # no word cut in two
+    assert [word for line in layout.column_labels[2][1].split("\n") for word in line.split()] == \
+        "epoch 2 (20 steps) val loss 0.1700".split()

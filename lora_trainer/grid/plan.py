@@ -223,8 +223,9 @@ def best_epoch(shown: list[EpochFile], run: list[EpochFile], recorded: dict[str,
 
 def recommended_label(label: str) -> str:
     """An epoch's grid label marked as the trainer's recommendation: ``* recommended`` on a line of its own under the
-    first (a column's label is as wide as its cell: a longer first line ran into the next column's), in characters
-    the picture's default font draws (it has no ★: the Grid tab's table stars it)."""
+    first (a column's label is as wide as its cell: a longer first line ran into the next column's; in one too narrow
+    for the word, ``* rec.``: ``render.SHORT_FORMS``), in characters the picture's default font draws (it has no ★:
+    the Grid tab's table stars it)."""
     first, newline, rest = label.partition("\n")
     return f"{first}\n* recommended{newline}{rest}"
 

@@ -255,14 +255,21 @@ def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_label
     return grid
 
 
+# Words of the grid's own labels and the shorter forms they take where a line cannot hold them: "* recommended"
+# under an epoch is 69 px at the smallest font (10 px), wider than a 64 px cell's column.
+SHORT_FORMS = {"recommended": "rec."}
+
+
 def _wrap(text: str, font, width: int, measure, separator: str = " ") -> list[str]:
     """Lines no wider than ``width``: ``text``'s own lines broken between its parts (words; a legend's ``name:
-    hash`` after its comma), a part wider than a line by itself between its characters (a long name, Chinese or
-    Japanese, which has no spaces)."""
+    hash`` after its comma); a part wider than a line by itself in its short form where it has one (``SHORT_FORMS``),
+    else broken between its characters (a long name, Chinese or Japanese, which has no spaces)."""
     lines = []
     for paragraph in text.split("\n"):
         line = ""
         for part in paragraph.split(separator):
+            if part in SHORT_FORMS and measure.textlength(part, font=font) > width:
+                part = SHORT_FORMS[part]
             joined = f"{line}{separator}{part}" if line else part
             if measure.textlength(joined, font=font) <= width:
                 line = joined
