@@ -174,6 +174,57 @@ def test_ctrl_c_stops_after_the_current_cell_and_saves_the_cells_drawn(runs, tmp
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C stops the process again
 
 
+def ctrl_c_at(monkeypatch, presses_after_the_first_cell: int, presses_at_the_first_write: int) -> None:
+    """Ctrl-C pressed (the handler called by a real SIGINT) after the first cell is drawn and as the save writes its
+    first file."""
+    from lora_trainer.app.standalone_host import StandaloneHost
+    from lora_trainer.grid import render
+
+    generate, write_png = StandaloneHost.generate, render.write_png
+    pressed = []
+
+    def generate_then_ctrl_c(self, *args, **kwargs):
+        image = generate(self, *args, **kwargs)
+        for _ in range(0 if pressed else presses_after_the_first_cell):
+            signal.raise_signal(signal.SIGINT)
+        pressed.append("cell")
+        return image
+
+    def ctrl_c_then_write(*args, **kwargs):
+        for _ in range(0 if "save" in pressed else presses_at_the_first_write):
+            pressed.append("save")
+            signal.raise_signal(signal.SIGINT)
+        return write_png(*args, **kwargs)
+
+    monkeypatch.setattr(StandaloneHost, "generate", generate_then_ctrl_c)
+    monkeypatch.setattr(render, "write_png", ctrl_c_then_write)
+
+
+def test_ctrl_c_again_while_the_grid_is_saved_lets_the_save_finish(runs, tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C during the final save left the cells' PNGs and no grid."""
+    ctrl_c_at(monkeypatch, 1, 1)
+    with pytest.raises(SystemExit) as stopped:
+        main(["grid", "tinylora", "--lora-dir", str(runs), "--x", "strength:0.5, 1", "--y", "epoch:2", "--no-baseline",
+              "--steps", "1", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 130 and "interrupted after 1 of 2 images; the rest are grey" in err
+    assert f"saving the grid in {tmp_path} first (Ctrl-C again stops, keeping what is saved by then)" in err
+    path = Path(out.splitlines()[-1])
+    assert sorted(tmp_path.iterdir()) == sorted([path, path.with_name(f"{path.stem}-r00-c00.png")])
+    assert Image.open(path).text["parameters"].startswith("zkstar <lora:tinylora:0.5>")
+
+
+def test_ctrl_c_twice_while_the_grid_is_saved_stops_and_says_where_the_files_are(runs, tmp_path, capsys, monkeypatch):
+    ctrl_c_at(monkeypatch, 0, 2)  # at the grid's own file: nothing is written
+    with pytest.raises(SystemExit) as stopped:
+        main(["grid", "tinylora", "--lora-dir", str(runs), "--x", "strength:1", "--y", "epoch:2", "--no-baseline",
+              "--steps", "1", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert (stopped.value.code, out) == (130, "") and err.endswith(
+        f"interrupted while saving: the files written by then (the grid first, then its cells) are in {tmp_path}\n")
+    assert not list(tmp_path.iterdir())
+
+
 def test_without_lora_dir_the_apps_lora_folder_is_searched_too(runs, tmp_path, capsys, monkeypatch):
     """The app started in a folder keeps its LoRAs in lora-trainer-data/Lora; grid looked only in models/Lora."""
     import shutil

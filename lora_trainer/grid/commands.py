@@ -79,7 +79,7 @@ def draw_grid(args) -> Path | None:
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
     from .plan import (SETTING_RANGES, GridRequest, LoraNameShadowed, LoraNotFound, checked_setting, host_sampler,
-                       plan_for_host, run_grid, unfinished_images)
+                       plan_for_host, run_grid, save_result, unfinished_images)
 
     strengths = parse_values(args.strength)
     if len(strengths) != 1:
@@ -124,9 +124,27 @@ def draw_grid(args) -> Path | None:
         print(f"warning: {note}", file=sys.stderr)
     for line in _loss_lines(plan):
         print(line, file=sys.stderr)
-    stop = threading.Event()
-    with _stopped_by_ctrl_c(stop), progress_callback("cell", "grid") as progress:
-        result = run_grid(host, plan, args.out, progress, stop.is_set)  # the host logs a LoRA it leaves out as it does
+    stop, saving = threading.Event(), threading.Event()
+
+    def stopping() -> bool:  # asked before each cell: where it says stop, the grid is assembled and saved
+        if stop.is_set():
+            saving.set()
+        return stop.is_set()
+
+    with _stopped_by_ctrl_c(stop, saving, args.out):
+        with progress_callback("cell", "grid") as progress:
+            def drawn(done: int, total: int) -> None:
+                progress(done, total)
+                if done == total:  # the last cell: the grid is assembled and saved next
+                    saving.set()
+
+            result = run_grid(host, plan, None, drawn, stopping)  # the host logs a LoRA it leaves out as it does
+        try:
+            save_result(result, plan, args.out)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted while saving: the files written by then (the grid first, then its cells) are in "
+                  f"{args.out}", file=sys.stderr)
+            raise SystemExit(130) from None
     if result.path is None:
         print("interrupted before the first cell finished: nothing was saved" if result.stopped else
               "no cell finished (every one was skipped): nothing was saved", file=sys.stderr)
@@ -187,22 +205,31 @@ def _loss(value: float | None) -> str:
 
 
 @contextlib.contextmanager
-def _stopped_by_ctrl_c(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C sets ``stop``: the grid ends after the cell being drawn and saves the cells drawn so far (the others
-    grey); a second Ctrl-C stops at once, saving nothing. Outside the main thread (no signals there), or where Ctrl-C
-    is ignored (a script's background job), it does nothing."""
+def _stopped_by_ctrl_c(stop: threading.Event, saving: threading.Event, folder: Path) -> Iterator[None]:
+    """While the cells are drawn, Ctrl-C sets ``stop``: the grid ends after the cell being drawn and saves the cells
+    drawn so far (the others grey); a second Ctrl-C stops at once, saving nothing. Once ``saving`` is set, the grid
+    and its cells are being written to ``folder``: Ctrl-C lets that finish (cut short, it left the cells without the
+    grid), saying so; one more stops it, keeping what was written. Outside the main thread (no signals there), or
+    where Ctrl-C is ignored (a script's background job), it does nothing."""
     before = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     if before is None or before == signal.SIG_IGN:
         yield
         return
     at_once = before if callable(before) else signal.default_int_handler
+    pressed_while_saving = threading.Event()
 
-    def first(signum, frame) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, at_once)
-        print("\nstopping after the current cell (Ctrl-C again stops at once, saving nothing)", file=sys.stderr)
+    def pressed(signum, frame) -> None:
+        if saving.is_set() and not pressed_while_saving.is_set():
+            pressed_while_saving.set()
+            print(f"\nsaving the grid in {folder} first (Ctrl-C again stops, keeping what is saved by then)",
+                  file=sys.stderr)
+        elif stop.is_set() or saving.is_set():
+            at_once(signum, frame)
+        else:
+            stop.set()
+            print("\nstopping after the current cell (Ctrl-C again stops at once, saving nothing)", file=sys.stderr)
 
-    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGINT, pressed)
     try:
         yield
     finally:

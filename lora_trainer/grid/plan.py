@@ -729,10 +729,18 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend, font_file)
     switching = getattr(host, "switching_seconds", 0.0) - switching_before
     result = GridResult(grid, images, time.perf_counter() - started, switching, stopped=stopped,
-                        finished=len(done), total=len(unique))
-    if out_folder is not None and done:
-        result.path, result.cell_paths = save_grid(grid, images, infos, Path(out_folder),
-                                                   grid_infotext(infos, {**plan.infotext, "Lora hashes": plan.legend}))
+                        finished=len(done), total=len(unique), infotexts=infos)
+    return result if out_folder is None else save_result(result, plan, Path(out_folder))
+
+
+def save_result(result: GridResult, plan: GridPlan, out_folder: Path) -> GridResult:
+    """``run_grid``'s grid and every cell it drew saved in ``out_folder`` with their infotext (``result.path`` and
+    ``cell_paths`` set); nothing where not one cell finished. Apart from drawing for the grid command, whose Ctrl-C
+    stops the drawing but not the save."""
+    if result.finished:
+        result.path, result.cell_paths = save_grid(
+            result.image, result.cells, result.infotexts, out_folder,
+            grid_infotext(result.infotexts, {**plan.infotext, "Lora hashes": plan.legend}))
     return result
 
 

@@ -41,6 +41,7 @@ class GridResult:
     stopped: bool = False  # interrupted: the cells not generated are grey
     finished: int = 0  # distinct cells generated (identical cells are drawn once)
     total: int = 0  # distinct cells planned
+    infotexts: list[list[str]] = field(default_factory=list)  # each cell's, "" for one not generated
 
 
 def _default_font(size: int):
@@ -364,17 +365,18 @@ def check_megapixels(rows: int, columns: int, width: int, height: int, limit: fl
 
 
 def save_grid(image: Image.Image, cells, infos, folder: Path, infotext: str = "") -> tuple[Path, list[Path]]:
-    """Every generated cell as a PNG with its own infotext, and the grid with ``infotext`` (``grid_infotext``'s). A
-    cell without infotext was never generated (an interrupted grid's grey placeholder): not written."""
+    """The grid with ``infotext`` (``grid_infotext``'s), then every generated cell as a PNG with its own infotext: the
+    grid first, which holds them all, so that a save cut short keeps it. A cell without infotext was never generated
+    (an interrupted grid's grey placeholder): not written."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp, reserved = _reserve_stamp(folder)
     try:
+        grid_path = write_png(image, reserved, infotext)
         paths = []
         for r, (row, row_infos) in enumerate(zip(cells, infos)):
             for c, (cell, text) in enumerate(zip(row, row_infos)):
                 if text:
                     paths.append(write_png(cell, folder / f"grid-{stamp}-r{r:02d}-c{c:02d}.png", text))
-        grid_path = write_png(image, reserved, infotext)
     except BaseException:
         if reserved.exists() and not reserved.stat().st_size:
             reserved.unlink()
