@@ -47,6 +47,18 @@ def _checkpoint(given: Path | None) -> Path:
     return TINY_MODEL_PATH if given is None else bundled_model(given) or given
 
 
+def model_path(given: Path | None, option: str = "--model") -> Path:
+    """A model as generate and grid take it (``_checkpoint``): a checkpoint file, a Diffusers folder, tiny-sd, or,
+    not given, the tiny model; anything else is refused in one sentence naming ``option``, before any work."""
+    from .models.diffusers_format import is_diffusers_folder
+
+    path = _checkpoint(given)
+    if path.is_file() or is_diffusers_folder(path):
+        return path
+    found = " is a folder but not a Diffusers model (no unet/config.json)" if path.is_dir() else ": no such file"
+    raise UserError(f"{option} {given}{found}; give a .safetensors or .ckpt file, a Diffusers model folder, or tiny-sd")
+
+
 def load_for_inference(model: Path | None, vae: Path | None, precision: str | None, device: str, prediction: str | None):
     import torch
 
@@ -55,7 +67,7 @@ def load_for_inference(model: Path | None, vae: Path | None, precision: str | No
 
     device = _device(device)
     dtype = parse_dtype(precision or ("fp16" if device == "cuda" else "fp32"))
-    path = _checkpoint(model)
+    path = model_path(model)
     return load_checkpoint(path, dtype=dtype, device=device, vae_path=vae, prediction_type=prediction,
                            vae_dtype=torch.float32 if device == "cpu" else None)
 
@@ -72,9 +84,8 @@ def save_png(image, infotext: str, folder: Path, seed: int) -> Path:
 def generate(args) -> list[Path]:
     from tqdm import tqdm
 
-    from .hashing import short_hash
     from .models.prompt import prompt_problems
-    from .sampling.txt2img import GenerationSettings, txt2img
+    from .sampling.txt2img import GenerationSettings, model_infotext, txt2img
 
     for option, value, low in (("--steps", args.steps, 1), ("--cfg-scale", args.cfg_scale, 0), ("--seed", args.seed, -1),
                                ("--batch-size", args.batch_size, 1), ("--clip-skip", args.clip_skip, 1)):
@@ -99,7 +110,7 @@ def generate(args) -> list[Path]:
         clip_skip=args.clip_skip,
         extra_infotext=extra,
     )
-    info = {"Model hash": short_hash(model.path), "Model": model.path.stem} if model.path.is_file() else {"Model": model.path.name}
+    info = model_infotext(model.path)
     with tqdm(total=args.steps, desc="sampling", unit="step", disable=args.quiet) as bar:
         images = txt2img(model, settings, callback=lambda step, total: bar.update(1), model_info=info)
     paths = [save_png(g.image, g.infotext, args.out, g.seed) for g in images]

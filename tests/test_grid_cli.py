@@ -85,7 +85,8 @@ def test_axis_values_in_double_quotes_keep_their_commas(runs, tmp_path, capsys):
     (["--width", 0], "--width: give a whole number from 64 to 2048"),  # 0 was taken for "not given"
     (["--cfg", "nan"], "--cfg-scale: give a number from 0.0 to 100.0"),
     (["--y", "checkpoint:tiny-sd, missing.safetensors"],  # the bundled model by its name, as --model takes it
-     "checkpoint axis: missing.safetensors is not a checkpoint file; give .safetensors or .ckpt files, or tiny-sd"),
+     "checkpoint axis: missing.safetensors: no such file; give a .safetensors or .ckpt file, a Diffusers model folder, "
+     "or tiny-sd"),
 ])
 def test_mistakes_are_one_sentence_and_exit_code_2_before_any_image(runs, tmp_path, capsys, arguments, sentence):
     code, out, err = grid(capsys, "tinylora", "--lora-dir", runs, *arguments, "--out", tmp_path)
@@ -125,6 +126,44 @@ def test_a_run_file_shadowed_by_a_file_of_its_name_in_another_lora_dir_says_what
         f"error: <lora:dup-000001> means {tmp_path / 'b' / 'dup-000001.safetensors'} to the generator, not "
         f"{tmp_path / 'a' / 'dup-000001.safetensors'} of this grid: rename or move one of the two files, then run the "
         "grid command again\n")
+
+
+def diffusers_folder(folder: Path) -> Path:
+    """A small random SD1-layout model in Diffusers' format (unet/, text_encoder/, vae/ with their configs)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                         cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                         ).save_pretrained(folder / "unet")
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=49408, max_position_embeddings=77, eos_token_id=49407)
+                  ).save_pretrained(folder / "text_encoder")
+    AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,  # 8× as SD's VAE
+                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, layers_per_block=1
+                  ).save_pretrained(folder / "vae")
+    (folder / "model_index.json").write_text("{}", encoding="utf-8")
+    return folder
+
+
+def test_a_diffusers_model_folder_that_generate_takes_draws_the_grid(runs, tmp_path, capsys):
+    """grid --model refused a Diffusers folder ("no checkpoint file there") that generate --model draws with."""
+    model = diffusers_folder(tmp_path / "my model (diffusers)")
+    code, out, err = grid(capsys, "tinylora", "--lora-dir", runs, "--model", model, "--x", "strength:1", "--y", "epoch:2",
+                          "--no-baseline", "--steps", 1, "--out", tmp_path / "grids")
+    assert code == 0, err
+    cell = Image.open(Path(out.splitlines()[-1]).with_name(f"{Path(out.splitlines()[-1]).stem}-r00-c00.png"))
+    assert cell.size == (512, 512)  # SD1's own size, as generate draws it from that folder
+    assert ", Model: my model (diffusers)" in cell.text["parameters"]
+    # a folder neither takes, both refuse in the same words
+    refused = (f"error: --model {tmp_path} is a folder but not a Diffusers model (no unet/config.json); give a "
+               ".safetensors or .ckpt file, a Diffusers model folder, or tiny-sd\n")
+    assert grid(capsys, "tinylora", "--lora-dir", runs, "--model", tmp_path)[::2] == (2, refused)
+    assert main(["generate", "--prompt", "x", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == refused
 
 
 def test_the_size_defaults_to_the_models_own(runs, tmp_path, capsys, monkeypatch):

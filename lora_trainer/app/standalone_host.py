@@ -90,16 +90,15 @@ class StandaloneHost:
                  progress: Callable[[int, int], None] | None = None) -> GeneratedImage:
         import dataclasses
 
-        from ..hashing import short_hash
         from ..networks.activation import lora_hashes_infotext
-        from ..sampling.txt2img import txt2img
+        from ..sampling.txt2img import model_infotext, txt2img
 
         with self._lock:
             model = self._load(self._checkpoint_path(checkpoint))
             used = self._apply_loras(settings.prompt, model)
             extra = {**settings.extra_infotext, **lora_hashes_infotext(used, self.library)}
-            info = {"Model hash": short_hash(self._model_path)[:10], "Model": self._model_path.stem}
-            image = txt2img(model, dataclasses.replace(settings, extra_infotext=extra), callback=progress, model_info=info)
+            image = txt2img(model, dataclasses.replace(settings, extra_infotext=extra), callback=progress,
+                            model_info=model_infotext(self._model_path))
             return image[0]
 
     def interrupted(self) -> bool:
@@ -139,7 +138,7 @@ class StandaloneHost:
         if checkpoint in titles:
             return titles[checkpoint]
         path = Path(checkpoint)
-        if path.is_file():
+        if path.exists():  # a file or a Diffusers folder, as generate loads them
             return path
         raise UserError(f"checkpoint {checkpoint!r} is neither a listed checkpoint nor a file; pick one from the list")
 

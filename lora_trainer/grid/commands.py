@@ -49,7 +49,8 @@ def add_grid_command(commands) -> None:
     grid.add_argument("--prompt", help="the prompt of every cell, which the grid adds each cell's <lora:…> tag to "
                                        "(default: zkstar on the tiny model, else empty)")
     grid.add_argument("--negative", help="negative prompt")
-    grid.add_argument("--model", type=Path, help="checkpoint file (default: the tiny shapes model, also named tiny-sd)")
+    grid.add_argument("--model", type=Path, help="checkpoint file or Diffusers folder, as generate takes it "
+                                                 "(default: the tiny shapes model, also named tiny-sd)")
     grid.add_argument("--sampler", help="Euler, Euler a, DPM++ 2M Karras, DPM++ 2S a Karras, DDIM "
                                         "(default: DPM++ 2M Karras)")
     grid.add_argument("--steps", type=int, help="default: 20")
@@ -74,7 +75,7 @@ def draw_grid(args) -> Path | None:
     """Plan the grid as the Grid tab does, say what the plan noted and the losses the trainer recorded, draw it with
     a bar over the cells, then print its path. Ctrl-C stops after the cell being drawn."""
     from ..app.standalone_host import StandaloneHost
-    from ..cli import _checkpoint, default_lora_folders
+    from ..cli import default_lora_folders, model_path
     from ..console import progress_callback
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
@@ -89,9 +90,7 @@ def draw_grid(args) -> Path | None:
     folders = [folder.resolve() for folder in args.lora_dir or default_lora_folders()]
     if run_file is not None and not any(run_file.is_relative_to(folder) for folder in folders):
         folders.append(run_file.parent)  # last: its names win over a file of the same name elsewhere
-    checkpoint = _checkpoint(args.model)
-    if not checkpoint.is_file():
-        raise UserError(f"--model {args.model}: no checkpoint file there; give a .safetensors or .ckpt file, or tiny-sd")
+    checkpoint = model_path(args.model)  # as generate takes it
     host = StandaloneHost([], folders, default_checkpoint=checkpoint)
     if run_file is None and host.library.resolve(args.training_run) is None:
         raise UserError(f"no LoRA or training run named {args.training_run!r} in {' or '.join(map(str, folders))}; "
@@ -175,17 +174,14 @@ def _run_file(run: str) -> Path | None:
 
 
 def _checkpoint_files(axis: AxisSpec) -> AxisSpec:
-    """A checkpoint axis's values as files, as --model takes them (tiny-sd: the bundled model); one that is not there
-    is refused now, where the host would find it missing only at its cells, after drawing the cells before them."""
-    from ..cli import _checkpoint
+    """A checkpoint axis's values as --model takes them (files, Diffusers folders, tiny-sd: the bundled model); one
+    that is not there is refused now, where the host would find it missing only at its cells, after drawing the cells
+    before them."""
+    from ..cli import model_path
 
     if axis.kind != "checkpoint":
         return axis
-    files = [_checkpoint(Path(value)) for value in axis.values]
-    if missing := [str(file) for file in files if not file.is_file()]:
-        said = "is not a checkpoint file" if len(missing) == 1 else "are not checkpoint files"
-        raise UserError(f"checkpoint axis: {', '.join(missing)} {said}; give .safetensors or .ckpt files, or tiny-sd")
-    return dataclasses.replace(axis, values=[str(file) for file in files])
+    return dataclasses.replace(axis, values=[str(model_path(Path(value), "checkpoint axis:")) for value in axis.values])
 
 
 def _loss_lines(plan) -> list[str]:

@@ -325,8 +325,9 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
             return [_AxisValue(f"seed {seed}", seed=seed) for seed in fixed_seeds([int(v) for v in values])], []
         except ValueError:
             raise UserError(f"seed axis: {', '.join(values)} must be whole numbers") from None
-    if axis.kind == "checkpoint":
-        return [_AxisValue(Path(v).stem if Path(v).suffix else v, checkpoint=v) for v in values], []
+    if axis.kind == "checkpoint":  # a file or a Diffusers folder by its name, a title as the host lists it
+        return [_AxisValue(Path(v).name if Path(v).is_dir() else Path(v).stem if Path(v).suffix else v, checkpoint=v)
+                for v in values], []
     raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}")
 
 
@@ -509,7 +510,7 @@ def _check_model_families(plan: GridPlan, checkpoints: dict[str, Path], current:
     pairs = {(path, cell.checkpoint) for row in plan.cells for cell in row for path, _ in cell.loras}
     for path, title in sorted(pairs, key=lambda pair: (str(pair[0]), pair[1] or "")):
         checkpoint = checkpoints.get(title) if title else current
-        if checkpoint is None and title and Path(title).is_file():
+        if checkpoint is None and title and Path(title).exists():  # a file or a Diffusers folder
             checkpoint = Path(title)
         made_for = lora_families(path)
         family = families(Path(checkpoint)) if checkpoint and made_for else None
@@ -548,10 +549,15 @@ def lora_families(path: Path) -> set[str]:
 
 
 def checkpoint_family(path: Path) -> str | None:
-    """"SD1", "SD2" or "SDXL" from a .safetensors checkpoint's tensor names and shapes (its header only); None for
-    other files (a .ckpt would be unpickled whole) and files that are not a known model."""
+    """"SD1", "SD2" or "SDXL" from a .safetensors checkpoint's tensor names and shapes (its header only) or a
+    Diffusers folder's configs; None for other files (a .ckpt would be unpickled whole) and files that are not a known
+    model."""
     from ..models.checkpoint import detect_architecture, open_tensors
+    from ..models.diffusers_format import diffusers_family
 
+    if Path(path).is_dir():
+        family = diffusers_family(Path(path))
+        return family.label if family else None
     if Path(path).suffix.lower() != ".safetensors" or not Path(path).is_file():
         return None
     try:

@@ -179,7 +179,13 @@ def _what_else_is_it(keys: list[str]) -> str | None:
 
 def native_resolution(checkpoint: Path) -> int | None:
     """The image size a checkpoint was trained at (SD1 512, SDXL 1024, the tiny model 64), from a .safetensors file's
-    header; None for other files (a .ckpt would be unpickled whole just to ask) and where the header does not say."""
+    header or a Diffusers folder's configs (its family's, as it loads); None for other files (a .ckpt would be
+    unpickled whole just to ask) and where the header does not say."""
+    if Path(checkpoint).is_dir():
+        from .diffusers_format import diffusers_family
+
+        family = diffusers_family(Path(checkpoint))
+        return family.resolution if family else None
     if Path(checkpoint).suffix.lower() != ".safetensors":
         return None
     try:

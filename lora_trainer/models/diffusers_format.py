@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UserError
 from .checkpoint import TensorSource, open_tensors
-from .configs import SD1, SD2, SDXL
+from .configs import SD1, SD2, SDXL, ModelConfig
 from .text_encoders import TextEncoderConfig, text_encoder_from_transformers
 from .unet import UNetConfig, unet_from_diffusers
 from .vae import vae_from_diffusers
@@ -95,13 +95,29 @@ def _text_encoder_config(config: dict, layout: str) -> TextEncoderConfig:
     )
 
 
+def diffusers_family(path: Path) -> ModelConfig | None:
+    """SD1, SD2 or SDXL: the family a Diffusers folder loads as, from its configs alone (its native size, the LoRAs
+    that fit it, told without reading a weight); None for a folder that is not one, or whose UNet config is damaged
+    (loading it says what is wrong)."""
+    if not is_diffusers_folder(path):
+        return None
+    try:
+        return _family(path, unet_config_from_diffusers(_read_json(path / "unet" / "config.json")))
+    except (UserError, KeyError, TypeError):
+        return None
+
+
+def _family(path: Path, unet_config: UNetConfig) -> ModelConfig:
+    has_second_encoder = (path / "text_encoder_2" / "config.json").exists()
+    return SDXL if has_second_encoder else (SD2 if unet_config.context_dim == 1024 else SD1)
+
+
 def open_diffusers_folder(path: Path) -> tuple[TensorSource, dict]:
     """The folder's tensors under single-file names, plus the overrides its configs dictate."""
     if not is_diffusers_folder(path):
         raise UserError(f"{path} is a folder but not a Diffusers model (no unet/config.json): give a checkpoint file.")
     unet_config = unet_config_from_diffusers(_read_json(path / "unet" / "config.json"))
-    has_second_encoder = (path / "text_encoder_2" / "config.json").exists()
-    family = SDXL if has_second_encoder else (SD2 if unet_config.context_dim == 1024 else SD1)
+    family = _family(path, unet_config)
 
     tensors = {family.unet_prefix + k: v for k, v in unet_from_diffusers(_read_weights(path / "unet"), unet_config).items()}
     overrides: dict = {

@@ -116,6 +116,15 @@ def txt2img(
     return [GeneratedImage(image, seed + i, infotext(named, seed + i, info)) for i, image in enumerate(images)]
 
 
+def model_infotext(path: Path) -> dict[str, str]:
+    """The infotext's ``Model hash`` and ``Model`` of the checkpoint at ``path``, as the WebUI writes them; a Diffusers
+    folder, which has no one file to hash, by its name alone."""
+    from ..hashing import short_hash
+
+    path = Path(path)
+    return {"Model hash": short_hash(path), "Model": path.stem} if path.is_file() else {"Model": path.name}
+
+
 def infotext(settings: GenerationSettings, seed: int, model_info: dict[str, str]) -> str:
     """The WebUI's ``parameters`` text, so PNG Info, civitai and the X/Y/Z plot read our images like theirs."""
     fields = {
