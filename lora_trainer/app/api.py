@@ -660,10 +660,12 @@ def create_router(services: Services) -> APIRouter:
     def job_event_stream(job_id: int, request: Request, after: int | None = None):
         """One message per event line (`data` = the event JSON: start, step, epoch, validation, sample, saved,
         state, warning, error, end), `id` = its line number. Reconnect with the `Last-Event-ID` header (or
-        `?after=N`) to continue after line N. The stream ends after the `end` event, or when the job is no longer
-        running and every event has been sent."""
+        `?after=N`) to continue after line N; the header wins where both are given (an EventSource opened with
+        `?after=N` sends that URL again on reconnecting, with the header). The stream ends after the `end` event, or
+        when the job is no longer running and every event has been sent."""
         job = job_or_404(job_id)
-        start = after if after is not None else request.headers.get("last-event-id")
+        header = request.headers.get("last-event-id")
+        start = header if header is not None else after
         try:
             start = max(0, int(start or 0))  # ids count from 1: before the first is from the start
         except ValueError:

@@ -110,6 +110,10 @@ def test_job_runs_streams_events_and_its_file_is_listed(client, job_body, app_se
     resumed = sse_events(client.get(f"{V1}/jobs/{job['id']}/events", headers={"Last-Event-ID": "3"}).text)
     assert [number for number, _ in resumed] == list(range(4, len(events) + 1))
     assert sse_events(client.get(f"{V1}/jobs/{job['id']}/events?after=6").text)[0][0] == 7
+    # an EventSource opened with ?after=2 sends that URL again on reconnecting, with the id it last received: the
+    # header wins, or every event since line 2 came again
+    reconnected = client.get(f"{V1}/jobs/{job['id']}/events?after=2", headers={"Last-Event-ID": "6"})
+    assert sse_events(reconnected.text)[0][0] == 7
 
     loras = client.get(f"{V1}/loras").json()["loras"]
     assert [lora["name"] for lora in loras] == ["zkchar"]
