@@ -898,6 +898,7 @@ def create_router(services: Services) -> APIRouter:
 # ---------------------------------------------------------------------------------------------------------------
 # Grids: planned at once (mistakes answer 400), generated in the background one grid at a time.
 
+GRID_FIELDS = ("x", "y", "lora", "strength", "checkpoint", "settings", "baseline", "confirmed")
 GRID_SETTINGS = ("prompt", "negative_prompt", "steps", "sampler", "scheduler", "cfg_scale", "seed", "width", "height",
                  "clip_skip")
 
@@ -959,6 +960,8 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
             return value
         return str(checked_path(value, roots, field, must_exist=True))
 
+    if unknown := sorted(set(body) - set(GRID_FIELDS)):  # "baselin": false was dropped, and the grid drew a baseline
+        raise ApiError(400, "invalid", f"{unknown[0]}: not a grid key; use {', '.join(GRID_FIELDS)}", unknown[0])
     overrides = body.get("settings") or {}
     unknown = sorted(set(overrides) - set(GRID_SETTINGS)) if isinstance(overrides, dict) else ["settings"]
     if unknown:

@@ -914,6 +914,8 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     # each mistake names the body's key it is about
     assert_error(client.post(f"{V1}/grids", json={**body, "x": {"kind": "strength", "values": []}}), 400, field="x")
     assert_error(client.post(f"{V1}/grids", json={**body, "y": {"kind": "seed", "values": ["one"]}}), 400, field="y")
+    typo = assert_error(client.post(f"{V1}/grids", json={**body, "baselin": False}), 400, field="baselin")  # was dropped
+    assert typo["message"] == "baselin: not a grid key; use x, y, lora, strength, checkpoint, settings, baseline, confirmed"
     unknown = assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400, field="lora")
     assert "press" not in unknown["message"]  # no button in an API answer
     assert_error(client.post(f"{V1}/grids", json={**body, "lora": "/etc/passwd"}), 403, field="lora")
