@@ -308,6 +308,15 @@ def test_bad_grids_are_refused_and_big_ones_need_confirmation(library, loras):
         "was read shows after a refresh)", "x")
     with pytest.raises(UserError, match=r"epoch axis: epochs 3, 99 are not among the run's files \(epochs 1, 2\)"):
         plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", ["1", "3", "99"])), library)  # not 1 row
+    # one kind on both axes drew identical rows (or stacked two epochs): refused for the tab, the CLI and the API
+    with pytest.raises(UserError) as twice:
+        plan_grid(request(AxisSpec("epoch", []), AxisSpec("epoch", [])), library)
+    assert (str(twice.value), twice.value.field) == (
+        "y: both axes are epoch axes, and every cell would stack two epoch files of the run; pick another kind "
+        "for y, or put every epoch on the x axis", "y")
+    for kind, values in (("strength", ["1"]), ("seed", ["1"]), ("checkpoint", ["a.safetensors"])):
+        with pytest.raises(UserError, match=f"the x axis's {kind}, so every row would be the same"):
+            plan_grid(request(AxisSpec(kind, values), AxisSpec(kind, values)), library)
     big = request(AxisSpec("strength", ["0-1 [20]"]), AxisSpec("seed", [str(i) for i in range(20)]))
     with pytest.raises(UserError, match="confirm"):
         plan_grid(big, library)

@@ -37,6 +37,11 @@ from .render import (GridResult, assemble, axes_infotext, check_megapixels, grid
 log = logging.getLogger(__name__)
 
 AXIS_KINDS = ("epoch", "strength", "lora", "prompt", "seed", "checkpoint")
+# why a kind cannot be on both axes (two LoRA axes combine a character and a style; two prompt axes replace two texts)
+_ONE_AXIS_ONLY = {"epoch": "every cell would stack two epoch files of the run",
+                  "strength": "a cell takes the x axis's strength, so every row would be the same",
+                  "seed": "a cell takes the x axis's seed, so every row would be the same",
+                  "checkpoint": "a cell takes the x axis's checkpoint, so every row would be the same"}
 # the axes a grid starts with (the Grid tab's fields, the CLI's --x and --y): strengths across, every epoch file down
 DEFAULT_X_AXIS = ("strength", "0.2-1.0 (+0.2)")
 DEFAULT_Y_AXIS = ("epoch", "")
@@ -583,6 +588,9 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
             raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}", name)
         if axis.kind != "epoch" and not [v for v in axis.values if str(v).strip()]:
             raise UserError(f"the {axis.kind} axis has no values", name)
+    if request.x.kind == request.y.kind and request.x.kind in _ONE_AXIS_ONLY:
+        raise UserError(f"y: both axes are {request.x.kind} axes, and {_ONE_AXIS_ONLY[request.x.kind]}; pick "
+                        f"another kind for y, or put every {request.x.kind} on the x axis", "y")
     notes: list[str] = []
     prompt = _without_grid_tags(request.settings.prompt, _grid_lora_files(request, library), library, notes)
     request = dataclasses.replace(request, settings=dataclasses.replace(request.settings, prompt=prompt))

@@ -914,6 +914,8 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     # each mistake names the body's key it is about
     assert_error(client.post(f"{V1}/grids", json={**body, "x": {"kind": "strength", "values": []}}), 400, field="x")
     assert_error(client.post(f"{V1}/grids", json={**body, "y": {"kind": "seed", "values": ["one"]}}), 400, field="y")
+    same = assert_error(client.post(f"{V1}/grids", json={**body, "y": body["x"]}), 400, field="y")  # was 202, rows alike
+    assert same["message"].startswith("y: both axes are strength axes, and a cell takes the x axis's strength")
     typo = assert_error(client.post(f"{V1}/grids", json={**body, "baselin": False}), 400, field="baselin")  # was dropped
     assert typo["message"] == "baselin: not a grid key; use x, y, lora, strength, checkpoint, settings, baseline, confirmed"
     unknown = assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400, field="lora")
@@ -968,7 +970,7 @@ def test_a_grids_answer_says_what_the_plan_did_and_a_grid_over_the_megapixel_cap
     big = {**body, "y": {"kind": "seed", "values": "1-50"}, "settings": {"width": 2048, "height": 2048, "steps": 3}}
     error = assert_error(client.post(f"{V1}/grids", json=big), 400)
     assert "megapixels" in error["message"]
-    comma = {**body, "y": {"kind": "strength", "values": "0,8"}}  # a decimal comma: refused as in the tab, not 0 and 8
+    comma = {**body, "x": {"kind": "seed", "values": [1]}, "y": {"kind": "strength", "values": "0,8"}}  # a decimal comma: refused as in the tab, not 0 and 8
     assert "0.8" in assert_error(client.post(f"{V1}/grids", json=comma), 400)["message"]
 
 
