@@ -104,6 +104,17 @@ def test_a_run_not_found_names_the_folders_searched(runs, tmp_path, capsys):
     code, _, err = grid(capsys, "tinylora", "--lora-dir", runs, "--x", "lora:stlye")
     assert code == 2 and err == (f"error: LoRA axis: no LoRA named 'stlye' in the Lora folder ({runs}); check the name, "
                                  "or add the folder that has it with --lora-dir\n")
+    # an epoch the run has no file of: the epochs it has, not "no LoRA named"
+    code, _, err = grid(capsys, "tinylora@e99", "--lora-dir", runs)
+    assert code == 2 and err == "error: 'tinylora@e99': the run 'tinylora' has no epoch 99 (it has epochs 1, 2)\n"
+
+
+def test_a_run_given_as_a_prompts_lora_tag_is_drawn_at_its_weight(runs, tmp_path, capsys):
+    """<lora:tinylora:0.7>, copied from a prompt, was "no LoRA or training run named '<lora:tinylora:0.7>'"."""
+    code, out, err = grid(capsys, "<lora:tinylora:0.7>", "--lora-dir", runs, "--x", "seed:1", "--y", "epoch:2",
+                          "--no-baseline", "--steps", 1, "--out", tmp_path)
+    assert code == 0, err
+    assert cell_prompts(Path(out.splitlines()[-1])) == ["zkstar <lora:tinylora:0.7>"]
 
 
 def test_a_run_file_shadowed_by_a_file_of_its_name_in_another_lora_dir_says_what_to_do_here(runs, tmp_path, capsys):

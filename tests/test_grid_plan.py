@@ -104,6 +104,39 @@ def test_lora_a_by_lora_b_combines_both_and_the_baseline_keeps_the_row_lora(libr
     assert plan.column_labels == ["without style", "style"]
 
 
+def test_a_lora_given_as_a_prompts_tag_is_drawn_at_its_weight(library):
+    """<lora:name:weight> copied from a prompt was "no LoRA named '<lora:…>'": the run, or a LoRA axis's value, is
+    read as the WebUI reads the tag, and its weight is the strength it is drawn at."""
+    run = plan_grid(request(AxisSpec("seed", ["1"]), AxisSpec("epoch", ["1"]), lora="<lora:tinylora:0.7>",
+                            baseline=False), library)
+    assert prompts(run) == [["zkstar, shapes <lora:tinylora-000001:0.7>"]]
+    with pytest.raises(UserError) as both:  # a strength given as well, and another: which one was meant?
+        plan_grid(request(AxisSpec("seed", ["1"]), AxisSpec("epoch", []), lora="<lora:tinylora:0.7>", strength=1.0),
+                  library)
+    assert (str(both.value), both.value.field) == ("strength: 1, and <lora:tinylora:0.7> says 0.7: give one of them",
+                                                   "strength")
+    styled = plan_grid(request(AxisSpec("lora", ["<lora:style:0.5>", "style"]), AxisSpec("lora", ["tinylora"]), lora="",
+                               strength=0.8), library)
+    assert prompts(styled) == [["zkstar, shapes <lora:tinylora:0.8>", "zkstar, shapes <lora:style:0.5> <lora:tinylora:0.8>",
+                                "zkstar, shapes <lora:style:0.8> <lora:tinylora:0.8>"]]
+    assert styled.column_labels == ["without LoRA", "style:0.5", "style"]
+    with pytest.raises(UserError, match="x: style:0.5 gives its LoRA a weight, and the strength axis sets each cell's"):
+        plan_grid(request(AxisSpec("lora", ["<lora:style:0.5>"]), AxisSpec("strength", ["0.5, 1"])), library)
+    with pytest.raises(UserError, match=r"<lora:style:1:0.5> sets more than one strength, and a grid draws each LoRA "
+                                        r"at one: give <lora:style:1>"):
+        plan_grid(request(AxisSpec("lora", ["<lora:style:1:0.5>"]), AxisSpec("seed", ["1"])), library)
+
+
+def test_a_runs_epoch_it_has_no_file_of_is_said_with_the_epochs_it_has(library):
+    """"tinylora@e99" said "no LoRA named 'tinylora@e99'", as if the run were missing."""
+    with pytest.raises(UserError) as missing:
+        plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1"]), lora="tinylora@e99"), library)
+    assert (str(missing.value), missing.value.field) == (
+        "LoRA: 'tinylora@e99': the run 'tinylora' has no epoch 99 (it has epochs 1, 2)", "lora")
+    with pytest.raises(UserError, match="LoRA axis: 'style@e3': the run 'style' has no epoch 3 \\(it has epochs 1\\)"):
+        plan_grid(request(AxisSpec("lora", ["style@e3"]), AxisSpec("seed", ["1"])), library)
+
+
 def test_prompt_axis_replaces_the_first_value_like_prompt_sr_and_seed_axis_sets_row_seeds(library):
     plan = plan_grid(request(AxisSpec("prompt", ["shapes", "circle"]), AxisSpec("seed", ["1", "2"]), baseline=False),
                      library)

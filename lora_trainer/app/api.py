@@ -936,7 +936,7 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
     """The grid body → ``grid.plan.GridRequest`` (generation settings: the host's defaults, overridden by
     ``settings``); a LoRA or a checkpoint given as a path must lie in the allowed folders, a checkpoint otherwise be
     one of the host's titles (``checkpoints``); a sampler one of the ``host``'s, by its name there."""
-    from ..grid.plan import AxisSpec, GridRequest
+    from ..grid.plan import AxisSpec, GridRequest, is_lora_tag
 
     def axis(name: str) -> AxisSpec:
         value = body.get(name)
@@ -974,15 +974,15 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
     if body.get("checkpoint") is not None:
         body = {**body, "checkpoint": checkpoint(str(body["checkpoint"]), "checkpoint")}
     lora = str(body.get("lora") or "")
-    if "/" in lora or "\\" in lora:
+    if ("/" in lora or "\\" in lora) and not is_lora_tag(lora):  # a tag names a LoRA as a prompt does
         lora = str(checked_path(lora, roots, "lora", must_exist=True))
-    strength = body.get("strength", 1.0)
-    if not is_number(strength) or not math.isfinite(strength):
+    strength = body.get("strength")  # left out: a <lora:name:weight> tag's weight, else 1
+    if "strength" in body and (not is_number(strength) or not math.isfinite(strength)):
         raise ApiError(400, "invalid", "strength: give a number such as 0.8 (the LoRA's weight where no axis sets it)",
                        "strength")
     try:
         return GridRequest(x=axis("x"), y=axis("y"), settings=dataclasses.replace(defaults, **overrides), lora=lora,
-                           strength=float(strength), checkpoint=body.get("checkpoint"),
+                           strength=None if strength is None else float(strength), checkpoint=body.get("checkpoint"),
                            baseline=flag(body, "baseline", True), confirmed=flag(body, "confirmed", False))
     except (TypeError, ValueError) as error:
         raise ApiError(400, "invalid", f"grid: {error}") from None

@@ -35,15 +35,17 @@ def add_grid_command(commands) -> None:
         description="The Prompt-Lora-Grid tab from the command line: each cell is the image its prompt's <lora:…> tag "
                     "gives, the same seed everywhere; a progress bar on stderr, the grid's path on stdout.")
     grid.add_argument("training_run", metavar="RUN",
-                      help="a training run or LoRA by its name in the Lora folders, or the path of one of its "
-                           ".safetensors files (its run's epoch files are found beside it)")
+                      help="a training run or LoRA by its name in the Lora folders (name@e3: its epoch 3; or as a "
+                           "prompt's <lora:name:weight>), or the path of one of its .safetensors files (its run's epoch "
+                           "files are found beside it)")
     grid.add_argument("--x", type=axis_option, default=":".join(DEFAULT_X_AXIS), metavar="KIND[:VALUES]",
                       help=f"the columns: KIND is one of {kinds}; VALUES as in the Grid tab: comma separated, a value "
                            'holding a comma in double quotes, ranges such as 1-10 [5] or 0-1 (+0.25) '
                            f"(default: {':'.join(DEFAULT_X_AXIS)})")
     grid.add_argument("--y", type=axis_option, default=":".join(DEFAULT_Y_AXIS), metavar="KIND[:VALUES]",
                       help="the rows, as --x (default: epoch: every epoch file of the run)")
-    grid.add_argument("--strength", default="1", help="the LoRA's strength where no axis sets it (default: 1)")
+    grid.add_argument("--strength", help="the LoRA's strength where no axis sets it (default: the weight of a RUN given "
+                                         "as <lora:name:weight>, else 1)")
     grid.add_argument("--no-baseline", action="store_true", help="leave out the column without the LoRA")
     grid.add_argument("--yes", action="store_true", help="draw a grid of more than 400 images (the Grid tab asks first)")
     grid.add_argument("--prompt", help="the prompt of every cell, which the grid adds each cell's <lora:…> tag to "
@@ -80,9 +82,9 @@ def draw_grid(args) -> Path | None:
     from ..models.checkpoint import native_resolution
     from .axes import parse_values
     from .plan import (SETTING_RANGES, GridRequest, LoraNameShadowed, LoraNotFound, checked_setting, host_sampler,
-                       plan_for_host, run_grid, save_result, unfinished_images)
+                       lora_tag, missing_epoch, plan_for_host, run_grid, save_result, unfinished_images)
 
-    strengths = parse_values(args.strength)
+    strengths = [None] if args.strength is None else parse_values(args.strength)
     if len(strengths) != 1:
         raise UserError(f"--strength {args.strength}: give one strength, such as 0.8 (several go on an axis: "
                         f"--x strength:{args.strength})")
@@ -92,8 +94,11 @@ def draw_grid(args) -> Path | None:
         folders.append(run_file.parent)  # last: its names win over a file of the same name elsewhere
     checkpoint = model_path(args.model)  # as generate takes it
     host = StandaloneHost([], folders, default_checkpoint=checkpoint)
-    if run_file is None and host.library.resolve(args.training_run) is None:
-        raise UserError(f"no LoRA or training run named {args.training_run!r} in {' or '.join(map(str, folders))}; "
+    name = (lora_tag(args.training_run) or (args.training_run,))[0]
+    if run_file is None and host.library.resolve(name) is None:
+        if missing := missing_epoch(name, host.library):
+            raise UserError(missing)
+        raise UserError(f"no LoRA or training run named {name!r} in {' or '.join(map(str, folders))}; "
                         "give its name there, the path of one of its files, or its folder with --lora-dir")
     defaults = host.generation_defaults()
     native = native_resolution(checkpoint) if args.width is None or args.height is None else None
@@ -164,9 +169,10 @@ def _run_file(run: str) -> Path | None:
     """RUN as a file path (a name such as ``char_v1.5`` is not one), or None for a name; a path that is not there is
     refused."""
     from ..networks.activation import LORA_SUFFIXES
+    from .plan import is_lora_tag
 
     path = Path(run)
-    if not ("/" in run or "\\" in run or path.suffix.lower() in LORA_SUFFIXES):
+    if is_lora_tag(run) or not ("/" in run or "\\" in run or path.suffix.lower() in LORA_SUFFIXES):
         return None
     if not path.is_file():
         raise UserError(f"{run}: no such LoRA file; give one of the run's .safetensors files, or the run's name")

@@ -88,8 +88,8 @@ class GridRequest:
     x: AxisSpec
     y: AxisSpec
     settings: GenerationSettings
-    lora: str = ""  # the LoRA or training run the axes vary around: a name the host knows or a file path
-    strength: float = 1.0  # used where no axis sets the strength
+    lora: str = ""  # the LoRA or training run the axes vary around: a name the host knows, a file path or a <lora:…> tag
+    strength: float | None = None  # used where no axis sets the strength; None: a <lora:name:weight> tag's, else 1
     checkpoint: str | None = None  # host checkpoint title; None: the host's current one
     baseline: bool = True
     confirmed: bool = False
@@ -253,22 +253,73 @@ def loss_rows(plan: GridPlan) -> list[list]:
             for path, loss in plan.epoch_losses.items()]
 
 
+def lora_tag(text: str) -> tuple[str, float | None] | None:
+    """A ``<lora:name:weight>`` (or ``<lyco:…>``) tag as a prompt holds it, copied into a grid's LoRA or run: its
+    name and its weight (None where it gives none), read as the WebUI reads the tag; None for anything else (a name,
+    a path). A tag that sets more than one strength (te and unet apart, dyn, lbw) is refused: a grid draws each LoRA
+    at one strength."""
+    from ..networks.activation import parse_lora_call
+
+    items = _tag_items(text)
+    if items is None:
+        return None
+    call = parse_lora_call(items)
+    if call.unet_multiplier != call.te or call.dyn is not None or call.blocks is not None:
+        raise UserError(f"{text.strip()} sets more than one strength, and a grid draws each LoRA at one: give "
+                        f"<lora:{call.name}:{call.te:g}>")
+    return call.name, call.te if len(items) > 1 else None
+
+
+def is_lora_tag(text: str) -> bool:
+    """``text`` is one ``<lora:…>`` tag (which names a LoRA as a prompt does: never by a path)."""
+    return _tag_items(text) is not None
+
+
+def _tag_items(text: str) -> list[str] | None:
+    from ..models.prompt import EXTRA_NETWORK
+    from ..networks.activation import TAG_NAMES
+
+    match = EXTRA_NETWORK.fullmatch(text.strip())
+    return match.group(2).split(":") if match and match.group(1) in TAG_NAMES else None
+
+
+def missing_epoch(name: str, library: LoraResolver) -> str | None:
+    """Where ``name`` is ``run@eN`` of a run the Lora folders hold, which kept no file of epoch N: says so and which
+    epochs it has (None otherwise), where "no LoRA named 'run@e99'" sent the user looking for a file."""
+    from ..networks.activation import EPOCH_SUFFIX
+
+    match = EPOCH_SUFFIX.match(name.strip())
+    run = library.resolve(match.group("run")) if match else None
+    if run is None:
+        return None
+    epochs = sorted({f.epoch for f in run_files(run) if f.epoch is not None and not is_step_file(f.path)})
+    have = f"it has epochs {', '.join(map(str, epochs))}" if epochs else "none of its files says its epoch"
+    return f"{name.strip()!r}: the run {match.group('run')!r} has no epoch {int(match.group('epoch'))} ({have})"
+
+
 def resolve_lora(name: str, library: LoraResolver, field_name: str = "LoRA", field: str = "lora") -> Path:
-    """A LoRA as the host will find it from ``<lora:stem>``: by name, or a file path whose stem the host resolves to
-    that same file. ``field``: the request's key the mistakes name."""
+    """A LoRA as the host will find it from ``<lora:stem>``: by name (or a ``<lora:name:weight>`` tag's), or a file
+    path whose stem the host resolves to that same file. ``field``: the request's key the mistakes name."""
     text = name.strip()
     if not text:
         raise UserError(f"{field_name}: no LoRA given; pick a training run or type a LoRA name", field)
+    try:
+        tag = lora_tag(text)
+    except UserError as error:
+        raise UserError(f"{field_name}: {error}", field) from None
+    text = tag[0] if tag else text
     path = Path(text)
     folders = [str(folder) for folder in getattr(library, "folders", [])]
     where = f"the Lora folder{'s' if len(folders) > 1 else ''}" + (f" ({', '.join(folders)})" if folders else "")
-    if path.suffix and path.is_file():
+    if not tag and path.suffix and path.is_file():
         found = library.resolve(path.stem)
         if found is None or Path(found).resolve() != path.resolve():
             raise LoraNotFound(f"{field_name}: {path} is not in {where}, which the generator reads",
                                "copy or promote it there (or add its folder to the Lora folders)", field, by_name=False)
         return path.resolve()
     found = library.resolve(text)
+    if found is None and (missing := missing_epoch(text, library)):
+        raise UserError(f"{field_name}: {missing}", field)
     if found is None:
         raise LoraNotFound(f"{field_name}: no LoRA named {text!r} in {where}",
                            "check the name (a file added since the list was read shows after a refresh)", field,
@@ -314,8 +365,7 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
     if axis.kind == "strength":
         return [_AxisValue(f"strength {s:g}", strength=s) for s in parse_values(", ".join(values))], []
     if axis.kind == "lora":
-        return [_AxisValue(Path(resolve_lora(v, library, "LoRA axis", None)).stem, loras=(resolve_lora(v, library, "LoRA axis", None),))
-                for v in values], []
+        return [_lora_value(v, library) for v in values], []
     if axis.kind == "prompt":
         if unbalanced := next((v for v in values if any(v.count(a) != v.count(b) for a, b in ("()", "[]", "{}"))), None):
             raise UserError(f"prompt axis: {unbalanced!r} opens a bracket it does not close: values are split at each "
@@ -334,6 +384,13 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
         return [_AxisValue(Path(v).name if Path(v).is_dir() else Path(v).stem if Path(v).suffix else v, checkpoint=v)
                 for v in values], []
     raise UserError(f"axis kind {axis.kind!r} is unknown; use one of {', '.join(AXIS_KINDS)}")
+
+
+def _lora_value(value: str, library: LoraResolver) -> _AxisValue:
+    """A LoRA axis's value: a LoRA, drawn at the cell's strength, or a ``<lora:name:weight>`` tag, at its weight."""
+    path = resolve_lora(value, library, "LoRA axis", None)
+    weight = (lora_tag(value) or (None, None))[1]
+    return _AxisValue(path.stem if weight is None else f"{path.stem}:{weight:g}", loras=(path,), strength=weight)
 
 
 _STEP_VALUE = re.compile(r"^step\s*(\d+)$", re.IGNORECASE)
@@ -411,20 +468,21 @@ def _without_grid_tags(prompt: str, files: set[Path], library: LoraResolver, not
 
 
 def _cell(request: GridRequest, seed: int, parts: list[_AxisValue], fallback_lora: Path | None) -> GridCell:
-    loras = tuple(path for part in parts for path in part.loras)
-    if not any(part.loras for part in parts) and fallback_lora is not None:
-        loras = (fallback_lora,)
-    strength = next((p.strength for p in parts if p.strength is not None), request.strength)
+    # a strength axis's value, else the request's; a LoRA axis's tag keeps its own weight
+    strength = next((p.strength for p in parts if p.strength is not None and not p.loras), request.strength)
+    loras = tuple((path, strength if part.strength is None else part.strength) for part in parts for path in part.loras)
+    if not loras and fallback_lora is not None:
+        loras = ((fallback_lora, strength),)
     prompt, negative = request.settings.prompt, request.settings.negative_prompt
     for part in parts:
         if part.prompt:  # in both, as the WebUI's Prompt S/R replaces
             prompt, negative = prompt.replace(*part.prompt), negative.replace(*part.prompt)
     cell_seed = next((p.seed for p in parts if p.seed is not None), seed)
     checkpoint = next((p.checkpoint for p in parts if p.checkpoint is not None), request.checkpoint)
-    tags = "".join(f" <lora:{path.stem}:{strength:g}>" for path in loras)
+    tags = "".join(f" <lora:{path.stem}:{weight:g}>" for path, weight in loras)
     settings = dataclasses.replace(request.settings, prompt=prompt + tags, negative_prompt=negative, seed=cell_seed,
                                    batch_size=1)
-    return GridCell(settings, checkpoint, tuple((path, strength) for path in loras))
+    return GridCell(settings, checkpoint, loras)
 
 
 def base_model_title(files: list[Path], checkpoints: dict[str, Path]) -> str | None:
@@ -571,6 +629,19 @@ def checkpoint_family(path: Path) -> str | None:
         return None
 
 
+def _strength_of(request: GridRequest) -> float:
+    """The strength where no axis sets one: the request's, or the weight of the ``<lora:name:weight>`` tag it names
+    its LoRA by (the two differing are refused), else 1."""
+    try:
+        weight = (lora_tag(request.lora) or (None, None))[1]
+    except UserError:
+        return 1.0 if request.strength is None else request.strength  # said where the LoRA is resolved, naming it
+    if weight is not None and request.strength is not None and weight != request.strength:
+        raise UserError(f"strength: {request.strength:g}, and {request.lora.strip()} says {weight:g}: give one of them",
+                        "strength")
+    return next((s for s in (request.strength, weight) if s is not None), 1.0)
+
+
 def _axis_values_of(name: str, axis: AxisSpec, request: GridRequest, library: LoraResolver, notes: list[str]):
     """``_axis_values``, its mistakes naming the axis (the API's field) unless they name a field of their own."""
     try:
@@ -591,11 +662,16 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     if request.x.kind == request.y.kind and request.x.kind in _ONE_AXIS_ONLY:
         raise UserError(f"y: both axes are {request.x.kind} axes, and {_ONE_AXIS_ONLY[request.x.kind]}; pick "
                         f"another kind for y, or put every {request.x.kind} on the x axis", "y")
+    request = dataclasses.replace(request, strength=_strength_of(request))
     notes: list[str] = []
     prompt = _without_grid_tags(request.settings.prompt, _grid_lora_files(request, library), library, notes)
     request = dataclasses.replace(request, settings=dataclasses.replace(request.settings, prompt=prompt))
     xs, x_files = _axis_values_of("x", request.x, request, library, notes)
     ys, y_files = _axis_values_of("y", request.y, request, library, notes)
+    for name, values, other in (("x", xs, request.y), ("y", ys, request.x)):
+        if other.kind == "strength" and (weighted := next((v for v in values if v.loras and v.strength is not None), None)):
+            raise UserError(f"{name}: {weighted.label} gives its LoRA a weight, and the strength axis sets each cell's: "
+                            "leave the weights out of the LoRA axis", name)
     try:
         check_size(len(ys), len(xs) + int(request.baseline), request.confirmed)
     except UserError as error:

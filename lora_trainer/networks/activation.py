@@ -27,7 +27,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 TAG_NAMES = ("lora", "lyco")  # the built-in Lora extension answers both
 
 # The WebUI's extra-network syntax: <kind:arg1:arg2…> (modules/extra_networks.py, re_extra_net).
-_EPOCH_SUFFIX = re.compile(r"^(?P<run>.+)@e(?P<epoch>\d+)$")
+EPOCH_SUFFIX = re.compile(r"^(?P<run>.+)@e(?P<epoch>\d+)$")
 
 # Vector lengths the block-weight extension accepts: the short form (blocks with attention) and every block.
 _LAYOUT_BY_LENGTH = {len(layout): config.unet for config in (SD1, SDXL) for layout in block_layouts(config.unet)}
@@ -251,7 +251,7 @@ class LoraLibrary:
         by_alias = [e for e in entries if e.alias == name]
         if by_alias:  # every file of a run carries its name: take the latest epoch (the final file)
             return max(by_alias, key=lambda e: (e.epoch or 0, e.path.stat().st_mtime_ns)).path
-        match = _EPOCH_SUFFIX.match(name)
+        match = EPOCH_SUFFIX.match(name)
         return self._epoch_file(match.group("run"), int(match.group("epoch")), entries) if match else None
 
     def _epoch_file(self, run: str, epoch: int, entries: list[LoraEntry]) -> Path | None:
@@ -325,7 +325,7 @@ def with_block_weights(value: str) -> Callable[[list[str]], list[str]]:
 
 def run_name(name: str) -> str:
     """The training run a LoRA name belongs to: ``cats@e3`` and ``cats-000003`` → ``cats``."""
-    if match := _EPOCH_SUFFIX.match(name):
+    if match := EPOCH_SUFFIX.match(name):
         return match.group("run")
     numbered = re.match(r"^(?P<run>.+?)-\d{6}$", name)
     return numbered.group("run") if numbered else name

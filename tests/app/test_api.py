@@ -916,6 +916,13 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     assert_error(client.post(f"{V1}/grids", json={**body, "y": {"kind": "seed", "values": ["one"]}}), 400, field="y")
     same = assert_error(client.post(f"{V1}/grids", json={**body, "y": body["x"]}), 400, field="y")  # was 202, rows alike
     assert same["message"].startswith("y: both axes are strength axes, and a cell takes the x axis's strength")
+    tagged = client.post(f"{V1}/grids", json={**body, "lora": "<lora:mylora:0.7>", "x": {"kind": "prompt", "values": ["star"]}})
+    assert tagged.status_code == 202, tagged.text
+    for _ in range(400):
+        if client.get(f"{V1}/grids/{tagged.json()['id']}").json()["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    assert "a star <lora:mylora:0.7>" in [settings.prompt for settings, _ in fake_host.generated]  # it was a 400
     typo = assert_error(client.post(f"{V1}/grids", json={**body, "baselin": False}), 400, field="baselin")  # was dropped
     assert typo["message"] == "baselin: not a grid key; use x, y, lora, strength, checkpoint, settings, baseline, confirmed"
     unknown = assert_error(client.post(f"{V1}/grids", json={**body, "lora": "nothing-like-it"}), 400, field="lora")
