@@ -38,6 +38,7 @@ from ..errors import UserError, with_closest
 from ..jobs.runner import earlier_files_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
+from .grid_queue import GridStatus
 from .paths import MissingPath, PathNotAllowed, allowed_path, check_dataset_config_paths, check_metadata_images, plain_name, unquoted
 from .services import Services
 from .settings import AppSettings
@@ -914,22 +915,12 @@ def _checked_grid_settings(overrides: dict) -> dict:
     return overrides
 
 
-@dataclasses.dataclass
-class GridStatus:
-    id: str
-    status: str = "queued"  # queued, running, finished, stopped, failed
-    done: int = 0
-    total: int = 0
-    message: str | None = None
-    image: Path | None = None
-    seconds: float | None = None
-    best_epoch: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"id": self.id, "status": self.status, "progress": {"done": self.done, "total": self.total},
-                "message": self.message, "seconds": self.seconds, "best_epoch": self.best_epoch,
-                "image": f"{PREFIX}/grids/{self.id}/image" if self.image else None,
-                "image_path": str(self.image) if self.image else None}
+def grid_json(status: GridStatus) -> dict:
+    return {"id": status.id, "status": status.status, "created": status.created, "started": status.started,
+            "progress": {"done": status.done, "total": status.total}, "message": status.message,
+            "seconds": status.seconds, "best_epoch": status.best_epoch,
+            "image": f"{PREFIX}/grids/{status.id}/image" if status.image else None,
+            "image_path": str(status.image) if status.image else None}
 
 
 def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[str, Path] | None = None, host=None):
@@ -989,40 +980,13 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
 
 
 def add_grid_routes(router: APIRouter, services: Services, object_body: Callable) -> None:
-    grids: dict[str, GridStatus] = {}
-    one_at_a_time = threading.Lock()  # one model, one GPU: grids queue behind each other
-
-    def run(status: GridStatus, plan) -> None:
-        from ..grid.plan import run_grid, unfinished_images
-
-        with one_at_a_time:
-            status.status = "running"
-            started = time.perf_counter()
-
-            def progress(done: int, total: int) -> None:
-                status.done, status.total = done, total
-
-            try:
-                result = run_grid(services.host, plan, services.settings.grids_folder / status.id, progress)
-                status.image = result.path
-                status.status = "stopped" if result.stopped else "finished"
-                if result.path is None:
-                    status.message = "no cell finished (interrupted or skipped): nothing was saved"
-                else:
-                    status.message = unfinished_images(result, plan)
-                warnings = getattr(services.host, "take_warnings", lambda: [])()  # a LoRA not found or not fitting
-                if warnings or plan.notes:
-                    status.message = "; ".join(filter(None, [status.message, *plan.notes, *warnings]))
-            except Exception as error:  # noqa: BLE001 - reported through GET /grids/{id}
-                status.status, status.message = "failed", str(error)
-                if not isinstance(error, UserError):
-                    log.exception("LoRA Trainer: grid %s failed", status.id)
-            status.seconds = round(time.perf_counter() - started, 3)
+    grids = services.grids
 
     @router.post("/grids", status_code=202, summary="Make a Prompt-Lora-Grid",
                  openapi_extra=_body_doc(
                      "Two axes (`kind`: epoch, strength, lora, prompt, seed, checkpoint; `values`), the LoRA or training "
-                     "run (`lora`: a name in the Lora folder, or a file path), `strength` where no axis sets it, "
+                     "run (`lora`: a name in the Lora folder, `name@eN`, a `<lora:name:weight>` tag, or a file path), "
+                     "`strength` where no axis sets it (default: the tag's weight, else 1), "
                      "`settings` (prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height; default: the "
                      "host's txt2img values), `baseline` (a column without the LoRA), `confirmed` (needed above 400 cells).",
                      {"epoch x strength": {"lora": "zkstar", "x": {"kind": "strength", "values": ["0.4", "0.7", "1.0"]},
@@ -1039,21 +1003,33 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
         request = grid_request(body, services.host.generation_defaults(), services.settings.roots(), checkpoints,
                                services.host)
         plan, _ = plan_for_host(request, LoraLibrary([services.settings.lora_folder]), services.host, checkpoints)
-        status = GridStatus(secrets.token_hex(8), total=len({cell.key for row in plan.cells for cell in row}))
-        status.best_epoch = str(plan.best_epoch) if plan.best_epoch else None
-        grids[status.id] = status
-        threading.Thread(target=run, args=(status, plan), name=f"lora-trainer-grid-{status.id}", daemon=True).start()
-        return JSONResponse(status.as_dict(), 202)
+        return JSONResponse(grid_json(grids.submit(plan)), 202)
 
     def grid_or_404(grid_id: str) -> GridStatus:
-        if grid_id not in grids:
+        status = grids.get(grid_id)
+        if status is None:
             raise ApiError(404, "grid_not_found", f"no grid {grid_id} (grids are kept until the server restarts)")
-        return grids[grid_id]
+        return status
+
+    @router.get("/grids", summary="List grids")
+    def list_grids():
+        """Every grid asked for since the server started, newest first, with its status and progress."""
+        return {"grids": [grid_json(status) for status in grids.all()]}
 
     @router.get("/grids/{grid_id}", summary="A grid's progress and result")
     def get_grid(grid_id: str):
         """Status (queued, running, finished, stopped, failed), cells done of total, the image once finished."""
-        return grid_or_404(grid_id).as_dict()
+        return grid_json(grid_or_404(grid_id))
+
+    @router.post("/grids/{grid_id}/stop", summary="Stop a grid (keeping the images drawn)")
+    def stop_grid(grid_id: str):
+        """A running grid stops after the image being drawn and saves the images drawn so far, the others grey
+        (status `stopped` once it has: poll GET /grids/{id}); a queued grid leaves the queue. 409 once it has ended."""
+        grid_or_404(grid_id)
+        try:
+            return grid_json(grids.stop(grid_id))
+        except UserError as error:
+            raise ApiError(409, "grid_state", str(error)) from None
 
     @router.get("/grids/{grid_id}/image", summary="The grid image (PNG)", response_class=FileResponse)
     def grid_image(grid_id: str):

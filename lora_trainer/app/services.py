@@ -1,4 +1,5 @@
-"""One object per process that the tabs and the HTTP API share: settings, host, the job store and its runner.
+"""One object per process that the tabs and the HTTP API share: settings, host, the job store and its runner, the
+API's grid queue.
 
 Built once by the WebUI extension (``lora_trainer.webui.extension``) or the standalone app; both call
 ``Services.create``. The runner's event hook is where the host hears about saved files (Lora list refresh) and
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from ..jobs.runner import JobRunner
 from ..jobs.store import Job, JobStore
+from .grid_queue import GridQueue
 from .host import Host
 from .settings import AppSettings
 from .tag_sessions import TagSessions
@@ -33,6 +35,7 @@ class Services:
     store: JobStore
     runner: JobRunner
     tag_sessions: TagSessions = field(default_factory=TagSessions)  # the Tag Editor tab and the API share them
+    grids: GridQueue = None  # type: ignore[assignment]  # set by create: it needs the host and the grids folder
     _gpu_released: bool = False
 
     @classmethod
@@ -40,7 +43,8 @@ class Services:
         settings.data_folder.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.jobs_database, settings.jobs_folder)
         services = cls(settings, host, store, None,  # type: ignore[arg-type]
-                       tag_sessions=TagSessions(drafts_folder=settings.tag_drafts_folder))
+                       tag_sessions=TagSessions(drafts_folder=settings.tag_drafts_folder),
+                       grids=GridQueue(host, settings.grids_folder))
         services.runner = JobRunner(store, on_event=services._on_event, extras_folder=settings.extras_folder,
                                     cuda_device=settings.cuda_device, **runner_options)
         if start:
@@ -48,6 +52,7 @@ class Services:
         return services
 
     def close(self) -> None:
+        self.grids.close()  # the grid being drawn ends after its image: no thread may be inside torch at exit
         self.runner.close()
         if self.tag_sessions.drafts is not None:
             self.tag_sessions.drafts.close()  # the last steps' draft written, and its writer ended

@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> None:
                         "pip install -e \".[ui]\" in the extension's folder (or pip install \"lora-trainer[ui]\")")
     import uvicorn
 
+    from .grid_queue import grids_at_exit
     from .services import Services
     from .standalone_host import StandaloneHost
     from .tag_sessions import unsaved_edits_at_exit
@@ -154,8 +155,9 @@ def run(args: argparse.Namespace) -> None:
         # open event streams and the page's websocket would hold a graceful shutdown forever
         uvicorn.run(app, host=address, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
+        grids = services.grids.close()  # the grid being drawn ends after its image, before Python finalizes
         services.close()
-        for line in still_training(services.store.all(), settings.data_folder):
+        for line in [*still_training(services.store.all(), settings.data_folder), *grids_at_exit(grids)]:
             log.warning("%s", line)
         for line in unsaved_edits_at_exit(services.tag_sessions.unsaved_at_exit()):
             log.warning("%s", line)

@@ -469,7 +469,7 @@ def test_openapi_documents_every_route_with_examples(services):
     assert all(path.startswith(V1) for path, _, _ in operations)
     assert {"/jobs", "/jobs/{job_id}/events", "/loras", "/dataset/check", "/datasets/open", "/datasets/{session_id}/edit",
             "/datasets/{session_id}/backups", "/datasets/{session_id}/restore", "/grids",
-            "/grids/{grid_id}/image"} <= {path[len(V1):] for path, _, _ in operations}
+            "/grids/{grid_id}/image", "/grids/{grid_id}/stop"} <= {path[len(V1):] for path, _, _ in operations}
     for path, method, op in operations:
         assert op.get("summary") and op.get("description"), (method, path)
         if method == "post" and "requestBody" in op:
@@ -999,6 +999,91 @@ def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(service
     assert status["status"] == "stopped" and status["image"] is None
     assert status["message"] == "no cell finished (interrupted or skipped): nothing was saved"
     assert_error(client.get(f"{V1}/grids/{grid_id}/image"), 409, "grid_not_ready")
+
+
+def wait_for_grid(client: TestClient, grid_id: str, statuses=("finished", "stopped", "failed")) -> dict:
+    for _ in range(400):
+        status = client.get(f"{V1}/grids/{grid_id}").json()
+        if status["status"] in statuses:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"grid {grid_id} stayed {status['status']}")
+
+
+@pytest.fixture
+def gated_host(fake_host):
+    """``fake_host`` whose ``generate`` waits for ``fake_host.gate`` (set by the test) after saying it began."""
+    fake_host.gate, fake_host.drawing = threading.Event(), threading.Semaphore(0)
+    generate = fake_host.generate
+
+    def gated(settings, checkpoint=None, progress=None):
+        fake_host.drawing.release()
+        assert fake_host.gate.wait(20)
+        return generate(settings, checkpoint, progress)
+
+    fake_host.generate = gated
+    return fake_host
+
+
+def test_grids_are_listed_newest_first_and_stopped_as_the_tabs_interrupt_stops_them(services, gated_host):
+    """There was no GET /grids nor a stop: a mistaken 400-image grid held every later one, and `stopped` could not be
+    reached. A running grid stops after the image being drawn and keeps it; a queued one leaves the queue."""
+    import numpy
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    client = make_client(services)
+    body = {"lora": "mylora", "x": {"kind": "strength", "values": ["0.5", "1"]}, "y": {"kind": "seed", "values": "1-4"}}
+    first = client.post(f"{V1}/grids", json=body).json()
+    assert gated_host.drawing.acquire(timeout=20)  # drawing its first image
+    second = client.post(f"{V1}/grids", json=body).json()
+    listed = client.get(f"{V1}/grids").json()["grids"]
+    assert [(g["id"], g["status"]) for g in listed] == [(second["id"], "queued"), (first["id"], "running")]
+    assert listed[0]["created"] >= listed[1]["created"] and listed[1]["progress"] == {"done": 0, "total": 12}
+
+    dropped = client.post(f"{V1}/grids/{second['id']}/stop").json()
+    assert dropped["status"] == "stopped" and "removed from the queue" in dropped["message"]
+    assert client.post(f"{V1}/grids/{first['id']}/stop").json()["status"] == "running"  # until its image is drawn
+    gated_host.gate.set()
+    stopped = wait_for_grid(client, first["id"])
+    assert stopped["status"] == "stopped" and stopped["progress"] == {"done": 1, "total": 12}
+    assert stopped["message"].startswith("interrupted after 1 of 12 images; the rest are grey")
+    assert client.get(stopped["image"]).content[:4] == b"\x89PNG"  # the image drawn is kept
+    assert len(gated_host.generated) == 1  # the queued grid drew nothing
+    assert_error(client.post(f"{V1}/grids/{first['id']}/stop"), 409, "grid_state")
+    assert_error(client.post(f"{V1}/grids/nope/stop"), 404, "grid_not_found")
+
+
+def test_closing_the_services_stops_the_grid_being_drawn_after_its_image_and_says_what_was_kept(services, gated_host):
+    """SIGTERM to the app while a grid was drawing ended in "terminate called without an active exception" (its
+    daemon thread inside torch as Python finalized): the exit now stops it after its image, waits, and says so."""
+    import numpy
+    from safetensors.numpy import save_file
+
+    from lora_trainer.app.grid_queue import grids_at_exit
+
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    client = make_client(services)
+    body = {"lora": "mylora", "x": {"kind": "strength", "values": ["1"]}, "y": {"kind": "seed", "values": "1-3"}}
+    running = client.post(f"{V1}/grids", json=body).json()
+    assert gated_host.drawing.acquire(timeout=20)
+    queued = client.post(f"{V1}/grids", json=body).json()
+    stopped = []
+    closing = threading.Thread(target=lambda: stopped.extend(services.grids.close()))
+    closing.start()
+    assert services.grids.get(running["id"]).stop.wait(20)  # told to stop while its image is being drawn
+    gated_host.gate.set()
+    closing.join(20)
+    assert [grid.id for grid in stopped] == [running["id"], queued["id"]] and len(gated_host.generated) == 1
+    first, second = grids_at_exit(stopped)
+    image = services.settings.grids_folder / running["id"]
+    assert first.startswith(f"grid {running['id']} was stopped after 1 of 6 images; those are saved in {image}")
+    assert second == (f"grid {queued['id']} (6 images) was dropped before it started; ask for it again once the app "
+                      "runs")
+    assert services.grids.close() == []
+    assert_error(client.post(f"{V1}/grids", json=body), 400)  # the server is shutting down
 
 
 def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fake_host, make_dataset, tmp_path):
