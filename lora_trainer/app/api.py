@@ -280,6 +280,26 @@ def job_json(job: Job) -> dict:
             "webhook": (job.folder / WEBHOOK_FILE).is_file()}
 
 
+def job_file(job: Job, name: str) -> Path:
+    """The file named ``name`` that the job wrote: a network its ``saved`` events name (where it is now: an earlier
+    run's files moved aside are listed there, ``Job.files``) or an image of its ``sample`` events; nothing else (its
+    config, its log, other files beside them)."""
+    from ..training.events import read_events
+
+    events, _ = read_events(job.events_path)
+    written = [*job.files, *(event["path"] for event in events if event["event"] == "sample" and event.get("path"))]
+    paths = [path if path.is_absolute() else job.folder / path for path in map(Path, written)]  # the trainer's folder
+    named = [path for path in paths if path.name == name]
+    if not named:
+        names = ", ".join(dict.fromkeys(path.name for path in paths)) or "none yet"
+        raise ApiError(404, "file_not_found", f"job {job.id} wrote no file named {name!r}; its networks and sample "
+                       f"images: {names}")
+    if not named[-1].is_file():
+        raise ApiError(404, "file_not_found", f"{name}: job {job.id} wrote it at {named[-1]}, where it is no longer "
+                       "(removed since)")
+    return named[-1]
+
+
 def last_end_event(job: Job) -> dict | None:
     from ..training.events import read_events
 
@@ -654,6 +674,13 @@ def create_router(services: Services) -> APIRouter:
         if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
             shutil.rmtree(job.folder, ignore_errors=True)
         return {"deleted": job_id}
+
+    @router.get("/jobs/{job_id}/files/{name}", summary="Download a network or sample image the job wrote",
+                response_class=FileResponse)
+    def job_file_download(job_id: int, name: str):
+        """By its file name (the last part of a path in the job's `files`, or of a `sample` event's `path`): the
+        networks the job saved and the sample images it drew, nothing else; 404 `file_not_found` otherwise."""
+        return FileResponse(job_file(job_or_404(job_id), name), filename=name)
 
     @router.get("/jobs/{job_id}/events", summary="Follow a job's events (Server-Sent Events)",
                 responses={200: {"content": {"text/event-stream": {"example": 'id: 3\ndata: {"event": "step", "step": 1, '

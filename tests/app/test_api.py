@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -92,6 +93,38 @@ def test_a_lora_card_saved_with_a_bom_is_listed_with_its_fields(tmp_path):
 
 
 # --- jobs ------------------------------------------------------------------------------------------------------
+
+
+def test_a_jobs_networks_and_sample_images_are_downloaded_by_name_and_nothing_else(client, job_body, app_settings,
+                                                                                   job_services):
+    """An automation client on another machine got only the server's paths of what a job wrote."""
+    job = client.post(f"{V1}/jobs", json=job_body).json()
+    assert wait_for(client, job["id"])["status"] == "finished"
+    network = client.get(f"{V1}/jobs/{job['id']}/files/zkchar.safetensors")
+    assert network.status_code == 200 and network.content == (app_settings.lora_folder / "zkchar.safetensors").read_bytes()
+    assert 'filename="zkchar.safetensors"' in network.headers["content-disposition"]
+    sample = Path(job["folder"]) / "sample" / "zkchar_e000001_00_20261205120000_7.png"  # written relative, as the
+    sample.parent.mkdir()  # trainer writes it in its working folder (the job's) under a relative output_dir
+    Image.new("RGB", (8, 8)).save(sample)
+    with open(Path(job["folder"]) / "events.jsonl", "a", encoding="utf-8") as events:
+        events.write(json.dumps({"event": "sample", "path": f"sample/{sample.name}", "epoch": 1, "step": 5}) + "\n")
+    drawn = client.get(f"{V1}/jobs/{job['id']}/files/{sample.name}")
+    assert drawn.status_code == 200 and drawn.headers["content-type"] == "image/png"
+    assert drawn.content == sample.read_bytes()
+    # what the job did not write as a network or a sample is not served, whatever lies beside them
+    (app_settings.lora_folder / "another.safetensors").write_bytes(b"x")
+    for name in ("config.toml", "events.jsonl", "another.safetensors", "..%2Fconfig.toml"):
+        assert client.get(f"{V1}/jobs/{job['id']}/files/{name}").status_code == 404, name
+    missing = assert_error(client.get(f"{V1}/jobs/{job['id']}/files/nope.png"), 404, "file_not_found")
+    assert missing["message"] == (f"job {job['id']} wrote no file named 'nope.png'; its networks and sample images: "
+                                  f"zkchar.safetensors, {sample.name}")
+    sample.unlink()
+    gone = assert_error(client.get(f"{V1}/jobs/{job['id']}/files/{sample.name}"), 404, "file_not_found")
+    assert "where it is no longer (removed since)" in gone["message"]
+    assert_error(client.get(f"{V1}/jobs/999/files/zkchar.safetensors"), 404, "job_not_found")
+    job_services.settings.api_credentials = {"alice": "s3cret"}  # behind the credentials, as every route
+    assert client.get(f"{V1}/jobs/{job['id']}/files/zkchar.safetensors").status_code == 401
+    assert client.get(f"{V1}/jobs/{job['id']}/files/zkchar.safetensors", auth=("alice", "s3cret")).status_code == 200
 
 
 def test_job_runs_streams_events_and_its_file_is_listed(client, job_body, app_settings):
