@@ -968,6 +968,9 @@ def grid_request(body: dict, defaults, roots: list[Path], checkpoints: Mapping[s
         values = [str(v) for v in values]
         if value["kind"] == "checkpoint":
             values = [checkpoint(v, f"{name}.values") for v in values]
+        if value["kind"] == "lora":  # a path as the `lora` key's: "is not in the Lora folder" said the file existed
+            values = [str(checked_path(v, roots, f"{name}.values", must_exist=True))
+                      if ("/" in v or "\\" in v) and not is_lora_tag(v) else v for v in values]
         return AxisSpec(value["kind"], values)
 
     def checkpoint(value: str, field: str) -> str:

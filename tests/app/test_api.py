@@ -971,6 +971,11 @@ def test_grid_is_planned_then_generated_in_the_background(services, fake_host):
     # a checkpoint outside the roots is neither opened nor said to exist; settings are checked before any cell
     outside = {**body, "y": {"kind": "checkpoint", "values": ["/etc/hostname"]}}
     assert_error(client.post(f"{V1}/grids", json=outside), 403, field="y.values")
+    beside_the_roots = services.settings.lora_folder.parent  # "is not in the Lora folder" said a file was there
+    (beside_the_roots / "there.safetensors").write_bytes(b"x")
+    for there_or_not in (beside_the_roots / "there.safetensors", beside_the_roots / "not there.safetensors"):
+        assert_error(client.post(f"{V1}/grids", json={**body, "y": {"kind": "lora", "values": [str(there_or_not)]}}), 403,
+                     field="y.values")
     assert_error(client.post(f"{V1}/grids", json={**body, "checkpoint": "/etc/nope.safetensors"}), 403, field="checkpoint")
     for wrong in ({"steps": "many"}, {"width": 100000}, {"height": -64}, {"cfg_scale": True}, {"prompt": 5}):
         key = next(iter(wrong))
