@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> None:
     from .services import Services
     from .standalone_host import StandaloneHost
     from .tag_sessions import unsaved_edits_at_exit
+    from .ui.grid_tab import stop_every_grid
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = settings_from(args)
@@ -155,9 +156,10 @@ def run(args: argparse.Namespace) -> None:
         # open event streams and the page's websocket would hold a graceful shutdown forever
         uvicorn.run(app, host=address, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
+        tab_grids = stop_every_grid(settings.grids_folder)  # first: they stop while the API's grid does
         grids = services.grids.close()  # the grid being drawn ends after its image, before Python finalizes
         services.close()
-        for line in [*still_training(services.store.all(), settings.data_folder), *grids_at_exit(grids)]:
+        for line in [*still_training(services.store.all(), settings.data_folder), *grids_at_exit(grids), *tab_grids]:
             log.warning("%s", line)
         for line in unsaved_edits_at_exit(services.tag_sessions.unsaved_at_exit()):
             log.warning("%s", line)

@@ -181,6 +181,24 @@ def test_a_tab_without_a_grid_stops_another_tabs_grid_when_pressed_twice(service
     assert grid_tab.interrupt(services, other_tab) == "No grid of this tab is being generated: nothing to interrupt."
 
 
+def test_the_apps_exit_stops_a_tabs_grid_after_the_image_being_drawn(services, fake_host, run):
+    """Ctrl-C or SIGTERM to the app while a tab drew a grid: its worker thread, which Python waits for, drew every
+    image left before the app could exit."""
+    generate_cell, said = fake_host.generate, []
+
+    def generate_exiting(settings, checkpoint=None, progress=None):
+        if not said:  # the app is told to stop during the first image
+            said.extend(grid_tab.stop_every_grid(services.settings.grids_folder))
+        return generate_cell(settings, checkpoint, progress)
+
+    fake_host.generate = generate_exiting
+    path, _, _, _, status = generate(services, run, session={})
+    assert status.startswith("Interrupted after 1 of 5 distinct images") and Path(path).is_file()
+    assert said == [f"a Grid tab's grid stops after the image being drawn; the images drawn are saved in "
+                    f"{services.settings.grids_folder}"]
+    assert grid_tab.stop_every_grid(services.settings.grids_folder) == []  # none drawing: nothing to say
+
+
 def test_a_grid_left_on_the_current_model_is_checked_against_the_model_the_host_has_loaded(services, fake_host):
     """The tab passed no current checkpoint: an SDXL LoRA on the loaded SD1 model drew every cell as the baseline."""
     import torch

@@ -153,6 +153,19 @@ def interrupt(services, session: dict | None = None) -> str:
     return "Interrupting the grid another tab started, after the current image…"
 
 
+def stop_every_grid(grids_folder: Path) -> list[str]:
+    """At the app's exit: every tab's grid stops after the image being drawn, saving those drawn. Its thread is one of
+    the server's workers, which Python waits for at exit: the app went on drawing the whole grid after Ctrl-C or
+    SIGTERM. Returns a line for the exit to say, if a grid was drawing."""
+    running = list(_RUNNING)
+    for stop in running:
+        stop.set()
+    if not running:
+        return []
+    grids = "a Grid tab's grid stops" if len(running) == 1 else f"{len(running)} Grid tab grids stop"
+    return [f"{grids} after the image being drawn; the images drawn are saved in {grids_folder}"]
+
+
 def promote_epoch(services, epoch_file: str, final_name: str, strength) -> str:
     try:
         if not epoch_file:
