@@ -328,6 +328,23 @@ def test_a_resized_copy_trained_under_the_runs_name_is_not_the_runs_final_file(l
     assert prompts(by_name)[0][1] == "zkstar, shapes <lora:zkstar r2:1>"
 
 
+def test_a_final_file_renamed_after_training_is_still_the_runs_last_row_when_the_run_is_named(loras, tmp_path):
+    """char.safetensors renamed char_v2 (trained further than char-000001, the same network): the run given as "char"
+    lost its last epoch, and a strength grid drew char-000001, once a copy under the run's name was told apart."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    for source, target in (("tinylora-000001", "char-000001"), ("tinylora", "char_v2")):
+        metadata = {**read_safetensors_metadata(loras / f"{source}.safetensors"), "ss_output_name": "char"}
+        save_file(load_file(loras / f"{source}.safetensors"), str(tmp_path / f"{target}.safetensors"), metadata)
+    library = LoraLibrary([tmp_path])
+    by_epoch = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="char"), library)
+    assert [row[1] for row in prompts(by_epoch)] == ["zkstar, shapes <lora:char-000001:1>", "zkstar, shapes <lora:char_v2:1>"]
+    by_strength = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1"]), lora="char"), library)
+    assert prompts(by_strength)[0][1] == "zkstar, shapes <lora:char_v2:1>"
+
+
 def test_bad_grids_are_refused_and_big_ones_need_confirmation(library, loras):
     with pytest.raises(UserError, match="no values"):
         plan_grid(request(AxisSpec("strength", [" "]), AxisSpec("epoch", [])), library)

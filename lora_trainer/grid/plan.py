@@ -332,16 +332,31 @@ def _run_file(request: GridRequest, library: LoraResolver, field_name: str = "tr
     its name or path gives, except where a name is only the ``ss_output_name`` of the file found (the run's final
     ``NAME.safetensors`` not saved yet, the run still training): then the run's latest file of its own name beside
     it. sd-scripts names a run's files ``NAME``, ``NAME-000001`` and ``NAME-step00000050``; another file trained
-    under the name (``zkstar r2``, a resized copy) is neither its final file nor one of its epochs."""
+    under the name (``zkstar r2``, a resized copy or a copy of an epoch) is neither its final file nor one of its
+    epochs, while the final file renamed after training (``char_v2``: the same network, trained further than the
+    run's last file of its own name) stays the run's."""
     found = resolve_lora(request.lora, library, field_name)
     name = request.lora.strip()
-    trained_as = read_safetensors_metadata(found).get("ss_output_name")
-    if found.stem == name or trained_as != name or not is_final_file(found):
+    found_metadata = read_safetensors_metadata(found)
+    if found.stem == name or found_metadata.get("ss_output_name") != name or not is_final_file(found):
         return found
     try:
-        return run_files(found.with_name(f"{name}{found.suffix}"))[-1].path
+        latest = run_files(found.with_name(f"{name}{found.suffix}"))[-1].path
     except UserError:  # no file of the run's own name: the file found is all there is (renamed after training)
         return found
+    latest_metadata = read_safetensors_metadata(latest)
+    shape = ("ss_network_module", "ss_network_dim", "ss_network_alpha")
+    if ([found_metadata.get(key) for key in shape] == [latest_metadata.get(key) for key in shape]
+            and _steps(found_metadata) > _steps(latest_metadata)):
+        return found
+    return latest
+
+
+def _steps(metadata: dict[str, str]) -> int:
+    try:
+        return int(metadata.get("ss_steps", ""))
+    except ValueError:
+        return -1
 
 
 def _run_of(request: GridRequest, library: LoraResolver) -> list[EpochFile]:
