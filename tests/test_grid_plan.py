@@ -113,7 +113,7 @@ def test_a_lora_given_as_a_prompts_tag_is_drawn_at_its_weight(library):
     with pytest.raises(UserError) as both:  # a strength given as well, and another: which one was meant?
         plan_grid(request(AxisSpec("seed", ["1"]), AxisSpec("epoch", []), lora="<lora:tinylora:0.7>", strength=1.0),
                   library)
-    assert (str(both.value), both.value.field) == ("strength: 1, and <lora:tinylora:0.7> says 0.7: give one of them",
+    assert (str(both.value), both.value.field) == ("strength: 1, and <lora:tinylora:0.7> says 0.7: give one of them and leave the other out",
                                                    "strength")
     styled = plan_grid(request(AxisSpec("lora", ["<lora:style:0.5>", "style"]), AxisSpec("lora", ["tinylora"]), lora="",
                                strength=0.8), library)

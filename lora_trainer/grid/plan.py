@@ -652,8 +652,8 @@ def _strength_of(request: GridRequest) -> float:
     except UserError:
         return 1.0 if request.strength is None else request.strength  # said where the LoRA is resolved, naming it
     if weight is not None and request.strength is not None and weight != request.strength:
-        raise UserError(f"strength: {request.strength:g}, and {request.lora.strip()} says {weight:g}: give one of them",
-                        "strength")
+        raise UserError(f"strength: {request.strength:g}, and {request.lora.strip()} says {weight:g}: give one of them "
+                        "and leave the other out", "strength")
     return next((s for s in (request.strength, weight) if s is not None), 1.0)
 
 

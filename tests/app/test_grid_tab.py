@@ -51,6 +51,17 @@ def test_runs_are_listed_and_an_epoch_by_strength_grid_goes_through_the_host(ser
     assert "took <lora:tinylora:0.8> out of the prompt" in status, status
 
 
+def test_a_run_given_as_a_lora_tag_draws_at_its_weight_once_the_strength_field_is_cleared(services, fake_host, run):
+    """The tab always sent a strength (1 when the field was cleared), so a pasted <lora:name:0.7> was refused with
+    "give one of them" whatever the user did."""
+    status = generate(services, "<lora:tinylora:0.7>", x_kind="seed", x_values="5", y_kind="epoch", strength=1.0)[4]
+    assert status == "⚠ strength: 1, and <lora:tinylora:0.7> says 0.7: give one of them and leave the other out"
+    assert "Grid saved" in generate(services, "<lora:tinylora:0.7>", x_kind="seed", x_values="5", y_kind="epoch",
+                                    strength=None)[4]
+    assert [settings.prompt for settings, _ in fake_host.generated][1:] == [
+        "zkstar <lora:tinylora-000001:0.7>", "zkstar <lora:tinylora:0.7>"]
+
+
 def test_mistakes_and_interrupts_are_reported_in_the_status(services, fake_host, run):
     assert "does not occur in the prompt" in generate(services, run, x_kind="prompt", x_values="cat, dog")[4]
     assert "no LoRA named" in generate(services, "nosuch")[4]

@@ -78,7 +78,8 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
                                       width, height, scheduler=scheduler or "")
         request = GridRequest(AxisSpec(x_kind, typed_values(x_kind, x_values)),
                               AxisSpec(y_kind, typed_values(y_kind, y_values)), settings, lora=run or "",
-                              strength=1.0 if strength in (None, "") else float(strength),  # 0 is a strength
+                              # cleared: the run's <lora:name:weight> tag says it, else 1 (0 is a strength)
+                              strength=None if strength in (None, "") else float(strength),
                               checkpoint=checkpoint or None, baseline=bool(baseline), confirmed=bool(confirmed))
         plan, base = plan_for_host(request, library_of(services), services.host)
         report = (lambda done, total: progress((done, total), desc="Generating the grid")) if progress is not None else None
