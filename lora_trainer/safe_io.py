@@ -29,9 +29,15 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
 def is_plain_name(name: str) -> bool:
     """A file name that works on Windows and Linux alike: no separators, no ``..``, none of ``<>:"|?*``, no reserved
     device name (CON, NUL, COM1 …), no trailing space or dot, no leading dot (a hidden file that file lists skip)."""
-    return bool(name) and not ("/" in name or "\\" in name or ".." in name or re.search(r'[<>:"|?*\x00-\x1f]', name)
-                               or name.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED or name.endswith((" ", "."))
-                               or name.startswith("."))
+    return bool(name) and not ("/" in name or "\\" in name or ".." in name or name.startswith(".")) and windows_can_make(name)
+
+
+def windows_can_make(relative: str) -> bool:
+    """Whether Windows can make the relative path ``relative`` (folders between ``/`` or ``\\``): none of ``<>:"|?*``
+    or control characters, no reserved device name, no part ending in a space or dot (``.`` and ``..`` apart)."""
+    return not re.search(r'[<>:"|?*\x00-\x1f]', relative) and not any(
+        part.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED or part.endswith((" ", ".")) and part not in (".", "..")
+        for part in re.split(r"[\\/]", relative))
 
 
 def resolves_below(path: str | Path, folders: Iterable[str | Path]) -> bool:

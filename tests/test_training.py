@@ -578,10 +578,14 @@ def test_log_folder_names_windows_cannot_make_are_refused_before_the_model_loads
             return str(error)
         return ""
 
-    assert "--log_prefix 'run:' cannot be part of a folder name on Windows" in problems(log_prefix="run:")
-    assert "--log_tracker_name 'net?' cannot be part of a folder name on Windows" in problems(log_tracker_name="net?")
+    assert "--log_prefix 'run:': Windows cannot make that folder" in problems(log_prefix="run:")
+    assert "--log_tracker_name 'net?': Windows cannot make that folder" in problems(log_tracker_name="net?")
     assert "--log_tracker_name 'CON'" in problems(log_tracker_name="CON")
-    assert "log_" not in problems(log_prefix="星 run. ", log_tracker_name="network train")  # the time follows the prefix
+    assert "--log_prefix 'proj. /run_'" in problems(log_prefix="proj. /run_")
+    # what sd-scripts users write: the time follows the prefix, and a / makes a folder inside, as there
+    for fine in ({"log_prefix": "星 run. ", "log_tracker_name": "network train"}, {"log_prefix": "my-lora-"},
+                 {"log_prefix": "proj/run_"}, {"log_prefix": ".hidden_"}, {"log_tracker_name": "a\\b"}):
+        assert "log_" not in problems(**fine), fine
 
 
 def test_logging_without_tensorboard_installed_is_refused_before_the_model_loads(dataset, tmp_path, monkeypatch, capsys):

@@ -24,7 +24,7 @@ from .. import toml_text
 from ..dataset.buckets import check_largest_side
 from ..dataset.captions import caching_problems
 from ..errors import UserError, with_closest
-from ..safe_io import is_plain_name, read_utf8
+from ..safe_io import is_plain_name, read_utf8, windows_can_make
 from .lr_schedules import steps_or_fraction
 from .optimizers import check_optimizer_name, is_schedule_free, moments_underflow_in_fp16, takes_its_own_step
 
@@ -756,12 +756,13 @@ def validate(options: TrainOptions, template: bool = False) -> None:
     if options.output_name and not is_plain_name(options.output_name):
         problems.append(f"--output_name {options.output_name!r} cannot be a file name on Windows; use letters, digits, "
                         "spaces, - and _")
-    # the log folder is <logging_dir>/<log_prefix><time>/<log_tracker_name>, made once the model has loaded
+    # the log folder is <logging_dir>/<log_prefix><time>/<log_tracker_name>, made once the model has loaded (a / in
+    # them makes folders inside, as in sd-scripts)
     for flag, name in (("log_prefix", f"{options.log_prefix}20261205120000" if options.log_prefix else None),
                        ("log_tracker_name", options.log_tracker_name)):
-        if name is not None and not is_plain_name(name):
-            problems.append(f"--{flag} {getattr(options, flag)!r} cannot be part of a folder name on Windows; use "
-                            "letters, digits, spaces, - and _")
+        if options.logging_dir and name is not None and not windows_can_make(name):
+            problems.append(f"--{flag} {getattr(options, flag)!r}: Windows cannot make that folder (none of <>:\"|?*, "
+                            "no CON, NUL, COM1 …, no folder name ending in a dot or space)")
     name_bytes = len((options.output_name or "").encode("utf-8"))
     if name_bytes > LONGEST_OUTPUT_NAME_BYTES:
         problems.append(f"--output_name is {name_bytes} bytes long in UTF-8; a file name may "
