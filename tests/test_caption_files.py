@@ -421,7 +421,62 @@ def test_a_backup_without_a_manifest_that_fits_two_folders_or_none_restores_noth
     with pytest.raises(UserError, match=r"fit as well below .*10_a and .*10_b.*copy its files back by hand"):
         caption_files.restore_backup(both, dataset, dataset / ".caption-backups")
     unrelated = _unrecorded_backup(dataset, "2026-12-02_10-00-00", {"notes.md": "mine"})
-    with pytest.raises(UserError, match="none of its files is a caption of a picture"):
+    with pytest.raises(UserError, match="0 of its 1 files are captions of pictures"):
         caption_files.restore_backup(unrelated, dataset, dataset / ".caption-backups")
     assert {(dataset / name).read_text(encoding="utf-8") for name in ("10_a/1.txt", "10_b/3.txt")} == {"now"}
     assert not (dataset / "10_b" / "1.txt").exists()
+
+
+def test_a_save_cut_off_before_its_manifest_is_no_backup_to_restore(tmp_path, monkeypatch):
+    """A save killed while its backup was kept (its copies made, no manifest yet) was listed as a backup of before
+    manifests, the newest, and the default restore put back the captions it had not changed."""
+    dataset = _kohya_dataset(tmp_path)
+    backups = dataset / ".caption-backups"
+    first = write_captions({dataset / "10_a" / "1.txt": "v2"}, backups).backup_folder
+    monkeypatch.setattr(caption_files, "_backup_folder", lambda backup_dir: _made(backup_dir / "2099-01-01_00-00-00"))
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(caption_files, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_captions({dataset / "10_a" / "1.txt": "v3"}, backups)
+    assert (backups / "2099-01-01_00-00-00" / "1.txt").is_file()  # its copy made, its manifest not
+    assert caption_files.restorable_backups(backups) == [first]
+
+
+def test_a_backup_without_a_manifest_goes_back_only_where_most_of_its_files_fit(tmp_path):
+    """Three of alice's four pictures deleted since, bob's folder with pictures 1 and 2: the backup of alice's
+    captions was restored over bob's, the folder where the most (two of four) fit."""
+    dataset = tmp_path / "set"
+    _pictures(dataset / "10_alice" / "4.png", dataset / "5_bob" / "1.png", dataset / "5_bob" / "2.png")
+    (dataset / "5_bob" / "1.txt").write_text("bob", encoding="utf-8")
+    alice = _unrecorded_backup(dataset, "2026-12-01_10-00-00", {f"{n}.txt": f"alice {n}" for n in "1234"})
+    with pytest.raises(UserError, match="2 of its 4 files are captions of pictures in .* \\(more than half must be\\)"):
+        caption_files.restore_backup(alice, dataset, dataset / ".caption-backups")
+    assert (dataset / "5_bob" / "1.txt").read_text(encoding="utf-8") == "bob"
+
+
+def test_what_file_browsers_leave_in_a_backup_without_a_manifest_is_not_a_caption(tmp_path):
+    dataset = _kohya_dataset(tmp_path)
+    backups = dataset / ".caption-backups"
+    kept = _unrecorded_backup(dataset, "2026-12-01_10-00-00", {"1.txt": "one", ".DS_Store": "x", "Thumbs.db": "x"})
+    _unrecorded_backup(dataset, "2026-12-02_10-00-00", {"desktop.ini": "x"})  # nothing but that: no backup
+    assert [(s.name, s.captions) for s in caption_files.backup_summaries(backups)] == [("2026-12-01_10-00-00", 1)]
+    restored = caption_files.restore_backup(kept, dataset, backups)
+    assert [path.relative_to(dataset).as_posix() for path in restored.restored] == ["10_a/1.txt"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need a privilege on Windows")
+def test_a_backup_folder_that_is_a_link_leading_elsewhere_is_not_offered(tmp_path):
+    """A dataset brings its own .caption-backups: a time-named link to a folder elsewhere was the newest backup, and
+    the default restore wrote what that folder held into the dataset."""
+    dataset = _kohya_dataset(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "1.txt").write_text("secret", encoding="utf-8")
+    (dataset / ".caption-backups").mkdir()
+    (dataset / ".caption-backups" / "2099-01-01_00-00-00").symlink_to(elsewhere, target_is_directory=True)
+    assert caption_files.restorable_backups(dataset / ".caption-backups") == []
+    with pytest.raises(caption_files.BackupNotFound):
+        caption_files.backup_named(dataset / ".caption-backups", "2099-01-01_00-00-00")

@@ -30,12 +30,13 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from pathlib import Path
-from typing import Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator, Mapping
 
 from lora_trainer.errors import UserError
 from lora_trainer.safe_io import give_permissions, open_temporary_beside, replace_path, resolves_below, write_text
@@ -43,6 +44,8 @@ from lora_trainer.safe_io import give_permissions, open_temporary_beside, replac
 CAPTION_WRITE_ENCODING = "utf-8"
 _ON_WINDOWS = os.name == "nt"
 BACKUP_MANIFEST = "backup.json"  # in each backup folder: where its files go back, and the captions its save created
+UNFINISHED_BACKUP = ".unfinished"  # in a backup folder from its making until its manifest is written
+_NOT_CAPTIONS = frozenset(("thumbs.db", "desktop.ini"))  # what Windows' Explorer leaves in a folder (macOS': hidden)
 BACKUP_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # a backup folder's name: the time of the save that made it
 
 # fsync costs ~4 ms a file on an ordinary disk, so 1,000 captions take 4 s one after another; run side by side, the
@@ -362,6 +365,11 @@ def _keep_previous_versions(existing: list[Path], created: list[Path], backup_di
         folder = _backup_folder(backup_dir)
     except OSError as error:
         raise UserError(f"Could not create a backup folder in {backup_dir} ({error}); no caption was changed.") from None
+    try:  # a save cut off (Ctrl-C, a kill) before its manifest leaves a folder that is no backup of before manifests
+        (folder / UNFINISHED_BACKUP).touch()
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise UserError(f"Could not write in the backup folder {folder} ({error}); no caption was changed.") from None
     root = _common_root(existing)
 
     def keep(path: Path) -> Path:
@@ -389,6 +397,7 @@ def _keep_previous_versions(existing: list[Path], created: list[Path], backup_di
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)  # made above, holding only the copies just kept
         raise UserError(f"Could not write the backup's manifest in {folder} ({error}); no caption was changed.") from None
+    (folder / UNFINISHED_BACKUP).unlink(missing_ok=True)  # left, it is harmless: a folder with a manifest is whole
     return folder
 
 
@@ -450,31 +459,44 @@ def _is_unrecorded(folder: Path) -> bool:
     """A backup made before backups had manifests (before 2026-12-05): named by its save's time, holding its files
     laid out relative to their common folder, which nothing recorded (``_manifest_or_inferred`` finds it again)."""
     return (backup_time(folder.name) is not None and not (folder / BACKUP_MANIFEST).exists()
-            and any(path.is_file() for path in folder.rglob("*")))
+            and not (folder / UNFINISHED_BACKUP).exists() and any(True for _ in _unrecorded_files(folder)))
 
 
-def _unrecorded_files(folder: Path) -> list[str]:
-    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+def _unrecorded_files(folder: Path) -> Iterator[str]:
+    """The captions of a backup without a manifest, relative to it: not what file browsers leave beside them."""
+    for path in folder.rglob("*"):
+        name = path.relative_to(folder).as_posix()
+        if not any(part.startswith(".") for part in name.split("/")) and path.name.lower() not in _NOT_CAPTIONS \
+                and path.is_file():
+            yield name
 
 
 def _manifest_or_inferred(folder: Path, dataset: Path) -> _Manifest:
     """The backup's manifest, or for a backup without one, where its files go back inferred from ``dataset``: the one
-    folder under it (the dataset itself or a sub folder, hidden ones left out) below which the most of its files name
-    captions beside a picture of the same name. Several folders fitting as well are refused: the user chooses by hand."""
+    folder under it (the dataset itself or a sub folder, hidden ones left out) below which more than half of its files
+    name captions beside a picture of the same name. Else (two folders fitting as well, or none) it is refused: the
+    user copies the files by hand."""
     if not _is_unrecorded(folder):
         return _read_manifest(folder)
-    names = _unrecorded_files(folder)
-    beside_a_picture, fits = _PictureCheck(), {}
-    for root, folders, _ in os.walk(dataset):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))  # the backups' own folder too
-        fits[Path(root)] = sum(beside_a_picture(Path(root) / name) for name in names)
+    names = sorted(_unrecorded_files(folder))
+    wanted: dict[tuple[str, ...], set[str]] = {}  # the folders a backup's files are in, relative: the pictures' stems
+    for name in names:
+        wanted.setdefault(PurePosixPath(name).parent.parts, set()).add(PurePosixPath(name).stem)
+    fits: Counter[Path] = Counter()
+    for current, folders, files in os.walk(dataset):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # the backups' own folder too
+        stems = {Path(name).stem for name in files if Path(name).suffix.lower() in _IMAGE_LIKE}
+        here = Path(current).parts
+        for parts, captions in wanted.items():  # a root that puts the backup's folder here, by its trailing names
+            if stems and (not parts or here[-len(parts):] == parts) and len(here) - len(parts) >= len(dataset.parts):
+                fits[Path(*here[:len(here) - len(parts)])] += len(captions & stems)
     best = max(fits.values(), default=0)
-    roots = [root for root, count in fits.items() if count == best]
-    if best == 0 or len(roots) > 1:
-        found = ("none of its files is" if best == 0 else
-                 f"its files fit as well below {' and '.join(str(root) for root in roots[:3])}")
+    roots = sorted(root for root, count in fits.items() if count == best)
+    if best * 2 <= len(names) or len(roots) > 1:
+        found = (f"its files fit as well below {' and '.join(str(root) for root in roots[:3])}" if best and len(roots) > 1
+                 else f"{best} of its {len(names)} files are captions of pictures in {dataset} (more than half must be)")
         raise UserError(f"{folder} was made before backups recorded where their captions go back (2026-12-05), and "
-                        f"{found} a caption of a picture in {dataset}: copy its files back by hand")
+                        f"{found}: copy its files back by hand")
     return _Manifest({name: _from_backup(folder, roots[0] / name) for name in names}, [], None)
 
 
@@ -512,7 +534,7 @@ def _listed_of(folder: Path, mtime_ns: int, size: int) -> _Listed:
 
 @lru_cache(maxsize=1024)
 def _unrecorded_listed_of(folder: Path, mtime_ns: int) -> _Listed:
-    return _Listed(None, len(_unrecorded_files(folder)), 0)
+    return _Listed(None, sum(1 for _ in _unrecorded_files(folder)), 0)
 
 
 def _listed(folder: Path) -> _Listed:
@@ -529,8 +551,10 @@ def restorable_backups(backup_dir: Path) -> list[Path]:
     backup_dir = Path(backup_dir)
     if not backup_dir.is_dir():
         return []
-    found = [folder for folder in backup_dir.iterdir()
-             if (folder / BACKUP_MANIFEST).is_file() or folder.is_dir() and _is_unrecorded(folder)]
+    real = backup_dir.resolve()
+    found = [folder for folder in backup_dir.iterdir()  # not a link leading elsewhere: a dataset may bring its own
+             if folder.resolve().is_relative_to(real)
+             and ((folder / BACKUP_MANIFEST).is_file() or folder.is_dir() and _is_unrecorded(folder))]
     return sorted(found, key=lambda folder: (_saved_at(folder), _saved_order(folder)), reverse=True)
 
 
