@@ -44,6 +44,9 @@ class GridQueue:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._closed = False
+        # Ctrl-C again while close() waited: the worker is left inside torch, so the process must end without Python's
+        # finalization (os._exit), which would abort in C++ under it
+        self.abandoned = False
 
     def submit(self, plan) -> GridStatus:
         """Queue a ``grid.plan.GridPlan``; its worker starts where none runs."""
@@ -96,7 +99,11 @@ class GridQueue:
         if running:
             log.warning("LoRA Trainer: stopping grid %s after the image being drawn…", running[0].id)
         if worker is not None:
-            worker.join()
+            try:
+                worker.join()
+            except KeyboardInterrupt:
+                self.abandoned = True
+                log.warning("LoRA Trainer: stopping at once; the grid's images saved before stay in %s", self.folder)
         return [status for status in running + dropped if status.status == "stopped"]  # not one that ended meanwhile
 
     def _drop(self, status: GridStatus, message: str) -> None:

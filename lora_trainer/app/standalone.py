@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from collections.abc import Iterable
 from pathlib import Path
@@ -147,9 +148,12 @@ def run(args: argparse.Namespace) -> None:
     host = StandaloneHost(settings.checkpoint_folders, [settings.lora_folder])
     services = Services.create(settings, host)
     address = "0.0.0.0" if args.listen else args.host
-    # uvicorn raises a SIGTERM again once it has shut down: the default handler then ended the process before the
-    # finally below (the runner's hand-over, the lines on trainers still running); a SystemExit runs it
-    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    # uvicorn raises a SIGTERM (Windows' Ctrl-Break: SIGBREAK) again once it has shut down: the default handler then
+    # ended the process before the finally below (the runner's hand-over, the lines on trainers still running); a
+    # SystemExit runs it
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _exit_on_terminate)
     try:
         app = create_app(services, listening_remotely=listens_remotely(args))
         log.info("%s", startup_line(address, args.port, settings))
@@ -163,3 +167,6 @@ def run(args: argparse.Namespace) -> None:
             log.warning("%s", line)
         for line in unsaved_edits_at_exit(services.tag_sessions.unsaved_at_exit()):
             log.warning("%s", line)
+        if services.grids.abandoned:
+            logging.shutdown()
+            os._exit(130)

@@ -182,7 +182,8 @@ class RunState:
 
 def stop_signals() -> list[int]:
     """The signals that stop a run (finish the step, save): Ctrl-C, SIGTERM, and on Windows SIGBREAK, which Ctrl-Break
-    and closing the console window send and whose default ends the process without a save."""
+    sends and whose default ends the process without a save. (Closing the console window sends it too, but Windows
+    ends the process a few seconds later whatever it does: too soon for a step and a save.)"""
     return [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)]
 
 

@@ -1124,6 +1124,28 @@ def test_closing_the_services_stops_the_grid_being_drawn_after_its_image_and_say
     assert_error(client.post(f"{V1}/grids", json=body), 400)  # the server is shutting down
 
 
+def test_ctrl_c_again_while_the_exit_waits_for_the_grids_image_is_said_and_ends_without_finalizing(services, gated_host):
+    """The KeyboardInterrupt escaped close()'s wait: the rest of the exit was skipped and Python finalized with the
+    worker inside torch, the C++ abort the wait was there to prevent."""
+    import _thread
+
+    import numpy
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    client = make_client(services)
+    body = {"lora": "mylora", "x": {"kind": "strength", "values": ["1"]}, "y": {"kind": "seed", "values": "1-3"}}
+    client.post(f"{V1}/grids", json=body)
+    assert gated_host.drawing.acquire(timeout=20)
+    threading.Timer(0.3, _thread.interrupt_main).start()  # the second Ctrl-C, while the image is still being drawn
+    try:
+        services.grids.close()
+    finally:
+        gated_host.gate.set()
+    assert services.grids.abandoned  # the app then ends with os._exit after its exit lines
+
+
 def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fake_host, make_dataset, tmp_path):
     """Automation names checkpoints as the WebUI's API titles them, and the standalone app's embedded model lies
     outside every root: a title from GET /checkpoints is taken as the Train tab takes it; a path still needs a root."""
