@@ -258,6 +258,8 @@ def test_ctrl_c_again_while_the_grid_is_saved_lets_the_save_finish(runs, tmp_pat
               "--steps", "1", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
     assert stopped.value.code == 130 and "interrupted after 1 of 2 images; the rest are grey" in err
+    # the first press said a second would save nothing, which held only while the cell was drawn
+    assert "stopping after the current cell, then saving the cells drawn (Ctrl-C again while the cell is drawn" in err
     assert f"saving the grid in {tmp_path} first (Ctrl-C again stops, keeping what is saved by then)" in err
     path = Path(out.splitlines()[-1])
     assert sorted(tmp_path.iterdir()) == sorted([path, path.with_name(f"{path.stem}-r00-c00.png")])
@@ -271,7 +273,8 @@ def test_ctrl_c_twice_while_the_grid_is_saved_stops_and_says_where_the_files_are
               "--steps", "1", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
     assert (stopped.value.code, out) == (130, "") and err.endswith(
-        f"interrupted while saving: the files written by then (the grid first, then its cells) are in {tmp_path}\n")
+        f"interrupted while saving into {tmp_path}: what was written there by then stays (the grid is written first, "
+        "then its cells)\n")
     assert not list(tmp_path.iterdir())
 
 

@@ -146,8 +146,8 @@ def draw_grid(args) -> Path | None:
         try:
             save_result(result, plan, args.out)
         except KeyboardInterrupt:
-            print(f"\ninterrupted while saving: the files written by then (the grid first, then its cells) are in "
-                  f"{args.out}", file=sys.stderr)
+            print(f"\ninterrupted while saving into {args.out}: what was written there by then stays (the grid is "
+                  "written first, then its cells)", file=sys.stderr)
             raise SystemExit(130) from None
     if result.path is None:
         print("interrupted before the first cell finished: nothing was saved" if result.stopped else
@@ -229,7 +229,8 @@ def _stopped_by_ctrl_c(stop: threading.Event, saving: threading.Event, folder: P
             at_once(signum, frame)
         else:
             stop.set()
-            print("\nstopping after the current cell (Ctrl-C again stops at once, saving nothing)", file=sys.stderr)
+            print("\nstopping after the current cell, then saving the cells drawn (Ctrl-C again while the cell is "
+                  "drawn stops at once, saving nothing)", file=sys.stderr)
 
     signal.signal(signal.SIGINT, pressed)
     try:
