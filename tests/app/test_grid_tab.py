@@ -205,7 +205,7 @@ def test_the_apps_exit_stops_a_tabs_grid_after_the_image_being_drawn(services, f
     fake_host.generate = generate_exiting
     path, _, _, _, status = generate(services, run, session={})
     assert status.startswith("Interrupted after 1 of 5 distinct images") and Path(path).is_file()
-    assert said == [f"a Grid tab's grid stops after the image being drawn; the images drawn are saved in "
+    assert said == [f"a Grid tab's grid stops after the image being drawn, then saves the images drawn by then (if any) in "
                     f"{services.settings.grids_folder}"]
     assert grid_tab.stop_every_grid(services.settings.grids_folder) == []  # none drawing: nothing to say
 

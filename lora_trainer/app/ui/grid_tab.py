@@ -164,7 +164,7 @@ def stop_every_grid(grids_folder: Path) -> list[str]:
     if not running:
         return []
     grids = "a Grid tab's grid stops" if len(running) == 1 else f"{len(running)} Grid tab grids stop"
-    return [f"{grids} after the image being drawn; the images drawn are saved in {grids_folder}"]
+    return [f"{grids} after the image being drawn, then saves the images drawn by then (if any) in {grids_folder}"]
 
 
 def promote_epoch(services, epoch_file: str, final_name: str, strength) -> str:
