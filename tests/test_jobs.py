@@ -422,6 +422,9 @@ def test_save_now_reaches_the_running_job_which_goes_on_until_stopped(runner, tm
     assert runner.store.get(job.id).status == "running"
     with pytest.raises(UserError, match="use save or sample"):
         runner.control(job.id, "rm -rf")
+    # answered "sent" and then only a warning in the events said nothing was drawn
+    with pytest.raises(UserError, match=f"job {job.id} has no sample prompts \\(sample_prompts\\): there is nothing to draw"):
+        runner.control(job.id, "sample")
     runner.stop(job.id)
     thread.join(timeout=10)
     assert runner.store.get(job.id).status == "stopped"

@@ -177,6 +177,17 @@ class AdoptedProcess:
             pass
 
 
+def _sample_prompts(job: Job) -> str | None:
+    """The job's ``sample_prompts`` as the trainer reads its options (a config file's too); assumed given where they
+    cannot be read here (the trainer then says what it does)."""
+    from ..training.options import options_from
+
+    try:
+        return options_from(job.options, f"job {job.id}").sample_prompts
+    except UserError:
+        return "unreadable here"
+
+
 class JobRunner:
     def __init__(self, store: JobStore, command: Callable[[Job], list[str]] = trainer_command, kill_after: float = 120.0,
                  poll: float = 0.5, on_event: Callable[[Job, dict], None] | None = None, extras_folder: Path | None = None,
@@ -302,6 +313,9 @@ class JobRunner:
                 raise UserError(f"job {job_id} runs on sd-scripts (--backend), which cannot {command} on request: it "
                                 "saves and draws samples only at the steps and epochs its options set "
                                 "(save_every_n_epochs/steps, sample_every_n_epochs/steps)")
+            if command == "sample" and not _sample_prompts(job):
+                raise UserError(f"job {job_id} has no sample prompts (sample_prompts): there is nothing to draw; give "
+                                "a prompts file when starting a job to sample it while it trains")
             self._send(job, command)
         return job
 
