@@ -33,10 +33,10 @@ from lora_trainer.dataset.caption_files import (CaptionUnreadable, caption_path_
 from lora_trainer.dataset.captions import CaptionOptions, split_kept_tags, tag_frequency
 from lora_trainer.dataset.images import ImageError, checked_size_and_thumbnail, sd_scripts_reading
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, broken_links_note, caption_candidates,
-                                         captions_leading_outside, face_in_name, first_few, images_in_unread_case,
-                                         list_images, nested_images_note, other_caption_extension, outside_links_note,
-                                         parse_repeats_folder_name, suggested_folder_name, UNREAD_PICTURE_SUFFIXES,
-                                         unread_case_note)
+                                         face_in_name, first_few, images_in_unread_case, list_images,
+                                         nested_images_note, other_caption_extension, outside_links_note,
+                                         parse_repeats_folder_name, pictures_inside, suggested_folder_name,
+                                         UNREAD_PICTURE_SUFFIXES, unread_case_note)
 from lora_trainer.errors import UserError
 from lora_trainer.safe_io import resolves_below
 
@@ -453,11 +453,13 @@ def check_dataset(folder: Path, settings: HealthSettings = HealthSettings(),
     return _report(root, str(root), sources, list(layout.findings), settings, {0: settings.batch_size}, within)
 
 
-def check_dataset_config(path: Path, settings: HealthSettings, options: object | None = None) -> HealthReport:
+def check_dataset_config(path: Path, settings: HealthSettings, options: object | None = None,
+                         within: Iterable[Path] | None = None) -> HealthReport:
     """Check the image folders a ``--dataset_config`` file names, each subset with its repeats, class tokens and
     caption extension, random_crop and face_crop_aug_range and each dataset with its buckets and batch size
     (``options``: the run's, which the file's values override, as sd-scripts reads them; ``settings.face_crop`` stands
-    for a run's face_crop_aug_range). Regularisation and metadata-file subsets are named, not counted."""
+    for a run's face_crop_aug_range). Regularisation and metadata-file subsets are named, not counted. ``within`` as
+    for ``check_dataset``."""
     from lora_trainer.dataset.config import load_dataset_config
 
     path = Path(path)
@@ -485,23 +487,7 @@ def check_dataset_config(path: Path, settings: HealthSettings, options: object |
                            enable_bucket=first.enable_bucket, min_bucket_reso=first.min_bucket_reso,
                            max_bucket_reso=first.max_bucket_reso, bucket_reso_steps=first.bucket_reso_steps,
                            bucket_no_upscale=first.bucket_no_upscale)
-    return _report(path.parent, str(path), sources, findings, settings, batches)
-
-
-def _inside(images: list[Path], caption_extension: str, within: list[Path] | None) -> tuple[list[Path], list[Path]]:
-    """The images to check, and the links leading outside ``within`` (pictures, their captions) whose images are left
-    out unread; every image where ``within`` is None."""
-    if within is None:
-        return images, []
-    kept, outside = [], []
-    for image in images:
-        links = ([image] if image.is_symlink() and not resolves_below(image, within)
-                 else captions_leading_outside(image, caption_extension, within))
-        if links:
-            outside += links
-        else:
-            kept.append(image)
-    return kept, outside
+    return _report(path.parent, str(path), sources, findings, settings, batches, None if within is None else list(within))
 
 
 def _report(root: Path, label: str, sources: list[_Source], findings: list[Finding], settings: HealthSettings,
@@ -516,7 +502,7 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
     frequency_by_folder: list[dict[str, int]] = []
     image_paths_by_source = []
     for source in sources:
-        paths, outside = _inside(list_images(source.path), source.caption_extension, within)
+        paths, outside = pictures_inside(list_images(source.path), source.caption_extension, within)
         image_paths_by_source.append(paths)
         if within is not None:  # outside before missing: a link to nothing elsewhere is said to lead outside
             outside += [link for link in broken_links(source.path) if not resolves_below(link, within)]

@@ -226,6 +226,24 @@ def captions_leading_outside(image: Path, caption_extension: str, within: Iterab
             if os.path.islink(path) and not resolves_below(path, within)]
 
 
+def pictures_inside(images: list[Path], caption_extension: str,
+                    within: Iterable[Path] | None) -> tuple[list[Path], list[Path]]:
+    """The images to read, and the links leading outside ``within`` (the app's allowed folders: pictures, their
+    captions) whose images are left out unread; every image where ``within`` is None."""
+    if within is None:
+        return images, []
+    within = list(within)
+    kept, outside = [], []
+    for image in images:
+        links = ([image] if image.is_symlink() and not resolves_below(image, within)
+                 else captions_leading_outside(image, caption_extension, within))
+        if links:
+            outside += links
+        else:
+            kept.append(image)
+    return kept, outside
+
+
 def outside_links_note(links: list[Path]) -> str:
     """Links (pictures, captions, folders) leading outside the allowed folders, which the app neither reads nor
     shows; said without whether anything is there."""

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -27,8 +27,10 @@ from lora_trainer.dataset.caption_files import caption_path_for, load_caption_fi
 from lora_trainer.dataset.focus import Box, best_offset, face_detector_available, interest_of, require_face_detector
 from lora_trainer.dataset.images import ImageError, load_image_and_alpha
 from lora_trainer.dataset.layouts import (IMAGE_EXTENSIONS, broken_links, caption_candidates, first_few, list_images,
-                                         other_caption_extension, parse_repeats_folder_name, UNREAD_PICTURE_SUFFIXES)
+                                         other_caption_extension, outside_links_note, parse_repeats_folder_name,
+                                         pictures_inside, UNREAD_PICTURE_SUFFIXES)
 from lora_trainer.errors import UserError
+from lora_trainer.safe_io import resolves_below
 
 Size = tuple[int, int]
 SourceBox = tuple[float, float, float, float]
@@ -256,6 +258,7 @@ class PrepResult:
     flattened: tuple[str, ...] = ()  # transparent pictures written where the format holds no transparency
     not_read: tuple[str, ...] = ()  # pictures in a format (or an extension's case) training does not read
     captions_elsewhere: str = ""  # the other usual caption extension, where the chosen one found none and it does
+    outside_links: tuple[str, ...] = ()  # pictures and captions that are links leading outside the allowed folders
 
     def summary(self) -> str:
         lines = [f"Wrote {self.images} images, {self.flipped} flipped copies, {self.face_crops} face close-ups and "
@@ -276,6 +279,8 @@ class PrepResult:
             lines.append(f"Skipped {name}: {reason}")
         if len(self.skipped) > _NAMED:
             lines.append(f"… and {len(self.skipped) - _NAMED} more skipped ({len(self.skipped)} in all)")
+        if self.outside_links:
+            lines.append(f"Not prepared: {outside_links_note([Path(name) for name in self.outside_links])}")
         if self.captions_elsewhere:
             lines.append(f"No caption was carried along: the pictures have {self.captions_elsewhere} captions; give "
                          f"--caption-extension {self.captions_elsewhere} to copy those")
@@ -305,8 +310,11 @@ def _cut(image, plan: CropPlan, alpha=None):
 
 
 def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettings(),
-                    progress: Callable[[int, int], None] | None = None) -> PrepResult:
-    """Crop and resize every image under ``source`` into ``out`` (see the module's description)."""
+                    progress: Callable[[int, int], None] | None = None,
+                    within: Iterable[Path] | None = None) -> PrepResult:
+    """Crop and resize every image under ``source`` into ``out`` (see the module's description). With ``within``
+    (the app's dataset folders) a picture or caption that is a link leading outside them is neither read nor copied:
+    its picture is left out and the links named."""
     from PIL import ImageOps
 
     started = time.perf_counter()
@@ -315,6 +323,14 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
     if settings.face_emphasis_repeats:
         require_face_detector()
     images, not_read, links = find_source_images(source)
+    within = None if within is None else list(within)
+    images, outside = pictures_inside(images, settings.caption_extension, within)
+    if within is not None:  # outside before missing: nothing is said of what lies elsewhere
+        outside += [link for link in links if not resolves_below(link, within)]
+        links = [link for link in links if resolves_below(link, within)]
+    outside_names = tuple(sorted({path.relative_to(source).as_posix() for path in outside}))
+    if not images and outside:
+        raise UserError(f"Nothing was written: {outside_links_note([Path(name) for name in outside_names])}.")
     if not images:
         raise UserError(f"{source} has no images ({' '.join(IMAGE_EXTENSIONS)}); nothing was written.")
     items = plan_outputs(source, out, images, read_source_captions(images, settings.caption_extension), settings)
@@ -371,4 +387,4 @@ def prepare_dataset(source: Path, out: Path, settings: PrepSettings = PrepSettin
                                                        for image in images)), "")
     return PrepResult(out, written, flipped, faces, len(captions), tuple(enlarged), tuple(without_face), tuple(skipped),
                       time.perf_counter() - started, tuple(sorted(face_folders)), tuple(flattened),
-                      tuple(path.relative_to(source).as_posix() for path in not_read), elsewhere)
+                      tuple(path.relative_to(source).as_posix() for path in not_read), elsewhere, outside_names)

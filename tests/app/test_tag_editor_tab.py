@@ -259,3 +259,29 @@ def test_links_leading_outside_the_allowed_folders_are_not_shown_nor_made_thumbn
     (folder / "img_000.png").symlink_to(outside / "secret.png")
     (thumbnail, _), = tab.render(services, view[VIEW["state"]])[VIEW["gallery"]]
     assert Image.open(thumbnail).getpixel((0, 0)) == (90, 90, 90)
+
+
+def test_preprocess_leaves_out_pictures_and_captions_that_are_links_leading_outside_the_dataset_folders(
+        services, make_dataset, tmp_path):
+    """Preprocess copied raw/b.png -> /outside/secret.png and b.txt -> /outside/secret.txt into the prepared folder,
+    where the Tag Editor then showed them as the dataset's own."""
+    from PIL import Image
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (16, 16), (250, 0, 0)).save(outside / "secret.png")
+    (outside / "secret.txt").write_text("secretword", encoding="utf-8")
+    raw = make_dataset("raw", "10_zkchar", count=2) / "10_zkchar"
+    (raw / "b.png").symlink_to(outside / "secret.png")
+    (raw / "img_001.txt").unlink()
+    (raw / "img_001.txt").symlink_to(outside / "secret.txt")
+    out = services.settings.dataset_roots[0] / "prepared"
+    status = tab.preprocess(services, str(raw), str(out), 64, "centre", False, 0, False)
+    assert "Wrote 1 images" in status and ("Not prepared: b.png, img_001.txt are links leading outside the allowed "
+                                           "folders" in status), status
+    assert sorted(path.name for path in out.rglob("*")) == ["img_000.png", "img_000.txt"]
+    assert not any(b"secretword" in path.read_bytes() for path in out.rglob("*") if path.is_file())
+    (raw / "img_000.png").unlink()
+    status = tab.preprocess(services, str(raw), str(out.with_name("again")), 64, "centre", False, 0, False)
+    assert status == ("⚠ Nothing was written: b.png, img_001.txt are links leading outside the allowed folders, so they "
+                      "are not read here; copy what they link to into the dataset, or allow those folders.")

@@ -368,7 +368,7 @@ def preprocess(services, source: str, out: str, size, crop: str, flip: bool, fac
         out_path = allowed_path(out, roots, "output folder", must_exist=False)
         settings = PrepSettings(size=int(size), crop=crop, flip=bool(flip), buckets=bool(buckets),
                                 face_emphasis_repeats=int(face_repeats) if face_repeats else None)
-        return prepare_dataset(source_path, out_path, settings).summary()
+        return prepare_dataset(source_path, out_path, settings, within=roots).summary()
     except UserError as error:
         return f"⚠ {error}"
 
