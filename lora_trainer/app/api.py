@@ -730,8 +730,8 @@ def create_router(services: Services) -> APIRouter:
         """Images, captions, buckets, steps per epoch, tag frequencies, near-duplicates and findings."""
         from ..dataset.health import check_dataset
 
-        folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
-        return health_json(check_dataset(folder, health_settings_from(body), settings.roots()))
+        folder = checked_path(body.get("path"), settings.dataset_roots, "path", must_exist=True)
+        return health_json(check_dataset(folder, health_settings_from(body), settings.dataset_roots))
 
     # --- tag-editor sessions ------------------------------------------------------------------------------
 
@@ -757,14 +757,14 @@ def create_router(services: Services) -> APIRouter:
         from ..dataset.caption_files import checked_caption_extension
 
         only_fields(body, ("path", "recursive", "caption_extension"), "POST /datasets/open")
-        folder = checked_path(body.get("path"), settings.roots(), "path", must_exist=True)
+        folder = checked_path(body.get("path"), settings.dataset_roots, "path", must_exist=True)
         extension = text(body, "caption_extension", ".txt")
         try:
             checked_caption_extension(extension)
         except UserError as error:
             raise ApiError(400, "invalid", str(error), "caption_extension") from None
         session = sessions.open(folder, recursive=flag(body, "recursive", False), caption_extension=extension,
-                                within=settings.roots())
+                                within=settings.dataset_roots)
         empty = tag_editor.empty_folder_note(session.editor)
         draft = session.draft or tag_sessions.DraftOpening()  # the unsaved edits from before a restart
         note = " ".join(([tag_editor.as_sentence(empty)] if empty else []) + tag_editor.folder_notes(session.editor)
@@ -794,10 +794,10 @@ def create_router(services: Services) -> APIRouter:
     @router.get("/datasets/{session_id}/image", summary="One image of a session", response_class=FileResponse)
     def dataset_image(session_id: str, name: str):
         """The image file by its name as a page lists it (only images of the session's folder, resolving below the
-        allowed folders: a link made elsewhere since the folder was read is refused too)."""
+        dataset roots: a link made elsewhere since the folder was read is refused too)."""
         session = sessions.get(session_id)
         image = tag_sessions.images_named(session.editor, [name], "name")[0]
-        allowed_path(image, settings.roots(), "name", must_exist=False)
+        allowed_path(image, settings.dataset_roots, "name", must_exist=False)
         return FileResponse(image)
 
     @router.post("/datasets/{session_id}/edit", summary="Batch-edit tags (one undo step)",

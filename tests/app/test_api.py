@@ -839,6 +839,42 @@ def test_the_dataset_check_names_links_leading_outside_the_roots_and_reads_nothi
     assert "broken-link" not in [f["kind"] for f in report.json()["findings"]]
 
 
+def test_links_in_a_dataset_are_held_to_the_dataset_roots_not_the_data_or_lora_folders(services, make_dataset):
+    """img_001.txt -> <data>/jobs/1/webhook.url showed the job's webhook URL as tags: dataset links were held to every
+    allowed folder, the data folder (whose job folders hold those URLs) and the Lora folder among them."""
+    from PIL import Image
+
+    client = make_client(services)
+    settings = services.settings
+    job = settings.data_folder / "jobs" / "1"
+    job.mkdir(parents=True)
+    (job / "webhook.url").write_text("https://hooks.example/secrettoken", encoding="utf-8")
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(settings.lora_folder / "card.png")
+    dataset = make_dataset(count=2)
+    folder = dataset / "10_zkchar"
+    (folder / "img_001.txt").unlink()
+    (folder / "img_001.txt").symlink_to(job / "webhook.url")
+    (folder / "b.png").symlink_to(settings.lora_folder / "card.png")
+    opened = client.post(f"{V1}/datasets/open", json={"path": str(folder)})
+    assert opened.status_code == 201, opened.text
+    assert [image["name"] for image in opened.json()["images"]] == ["img_000.png"] and "secrettoken" not in opened.text
+    assert opened.json()["note"].startswith("Not shown: b.png, img_001.txt are links leading outside the allowed folders")
+    report = client.post(f"{V1}/dataset/check", json={"path": str(dataset), "resolution": 64, "min_bucket_reso": 64})
+    assert report.status_code == 200 and "secrettoken" not in report.text
+    assert [f["path"] for f in report.json()["findings"] if f["kind"] == "outside-link"] == ["10_zkchar"]
+    # a dataset path elsewhere is refused naming the dataset roots only: the others' paths are not the client's to know
+    listed = f"outside the allowed folders ({settings.dataset_roots[0]});"
+    for route in ("/dataset/check", "/datasets/open"):
+        error = assert_error(client.post(f"{V1}{route}", json={"path": str(settings.lora_folder)}), 403,
+                             "path_not_allowed", field="path")
+        assert listed in error["message"], error
+    (folder / "img_000.png").unlink()
+    (folder / "img_000.png").symlink_to(settings.lora_folder / "card.png")
+    error = assert_error(client.get(f"{V1}/datasets/{opened.json()['session']}/image", params={"name": "img_000.png"}),
+                         403, "path_not_allowed", field="name")
+    assert listed in error["message"], error
+
+
 # --- one real job: the trainer on the tiny model ----------------------------------------------------------------
 
 

@@ -285,3 +285,20 @@ def test_preprocess_leaves_out_pictures_and_captions_that_are_links_leading_outs
     status = tab.preprocess(services, str(raw), str(out.with_name("again")), 64, "centre", False, 0, False)
     assert status == ("⚠ Nothing was written: b.png, img_001.txt are links leading outside the allowed folders, so they "
                       "are not read here; copy what they link to into the dataset, or allow those folders.")
+
+
+def test_links_to_the_data_folder_are_not_read_it_is_no_dataset_folder(services, make_dataset):
+    """img_001.txt -> <data>/jobs/1/webhook.url showed the job's webhook URL as tags: links were held to every allowed
+    folder, the data folder among them."""
+    job = services.settings.data_folder / "jobs" / "1"
+    job.mkdir(parents=True)
+    (job / "webhook.url").write_text("https://hooks.example/secrettoken", encoding="utf-8")
+    folder = make_dataset("hooks", "10_zkchar", count=2) / "10_zkchar"
+    (folder / "img_001.txt").unlink()
+    (folder / "img_001.txt").symlink_to(job / "webhook.url")
+    view = tab.open_folder(services, tab.TabState(), str(folder), False, ".txt")
+    assert [label.split(": ")[0] for _, label in view[VIEW["gallery"]]] == ["#1 img_000.png"]
+    assert "Not shown: img_001.txt is a link leading outside the allowed folders" in view[VIEW["status"]]
+    assert "secrettoken" not in view[VIEW["frequency"]].to_string()
+    report = tab.health_report(services, str(folder.parent), "")
+    assert "secrettoken" not in report and "img_001.txt is a link leading outside" in report, report

@@ -177,7 +177,7 @@ def open_folder(services, state: TabState, folder: str, recursive: bool, caption
         unsaved = len(tag_editor.unsaved_images(kept.editor))
         return render(services, TabState(session=kept.id), f"Opened {path} with its {unsaved} unsaved caption edit(s) "
                       "from before (the page was reloaded): Save them, or Undo.")
-    session = registry.open(path, **reading, within=services.settings.roots())
+    session = registry.open(path, **reading, within=services.settings.dataset_roots)
     editor = session.editor
     note = f"Opened {path}: {len(editor.images)} images."
     if empty := tag_editor.empty_folder_note(editor):
@@ -420,7 +420,7 @@ def health_report(services, folder: str, trigger: str) -> str:
     try:
         path = allowed_path(folder, services.settings.dataset_roots, "dataset folder")
         return check_dataset(path, HealthSettings(trigger=(trigger or "").strip() or None),
-                             services.settings.roots()).to_text()
+                             services.settings.dataset_roots).to_text()
     except UserError as error:
         return f"⚠ {error}"
 
