@@ -605,9 +605,13 @@ def reload_session(session: TagSession) -> dict:
 
 
 def backups_of(session: TagSession) -> list[BackupSummary]:
-    """The backups of the session's folder that a restore can put back, newest first (every save keeps one)."""
-    backup_dir = session.editor.backup_dir
-    return caption_files.backup_summaries(backup_dir) if backup_dir is not None else []
+    """The backups of the session's folder that a restore can put back, newest first (every save keeps one); none
+    where the backup folder is a link leading outside the session's allowed folders, whose backups are not read (a
+    restore or save through it is refused too)."""
+    editor = session.editor
+    if editor.backup_dir is None or editor.within is not None and not resolves_below(editor.backup_dir, editor.within):
+        return []
+    return caption_files.backup_summaries(editor.backup_dir)
 
 
 def backup_title(name: str) -> str:

@@ -678,6 +678,25 @@ def test_a_tag_session_lists_its_folders_backups_and_restores_one_by_name(servic
     assert_error(client.get(f"{V1}/datasets/zzz/backups"), 404, "session_not_found")
 
 
+def test_a_backup_folder_that_is_a_link_leading_outside_the_dataset_roots_lists_no_backup(services, make_dataset,
+                                                                                         tmp_path):
+    """GET …/backups listed (and read the manifests of) the backups of a .caption-backups folder linked to elsewhere,
+    where a restore or save through it is refused."""
+    client = make_client(services)
+    folder = make_dataset(count=2) / "10_zkchar"
+    sid = client.post(f"{V1}/datasets/open", json={"path": str(folder)}).json()["session"]
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["solo"], "selection": "all"})
+    assert client.post(f"{V1}/datasets/{sid}/save", json={}).status_code == 200
+    elsewhere = tmp_path / "outside" / "backups"
+    elsewhere.parent.mkdir()
+    (folder / ".caption-backups").rename(elsewhere)
+    (folder / ".caption-backups").symlink_to(elsewhere, target_is_directory=True)
+    sid = client.post(f"{V1}/datasets/open", json={"path": str(folder)}).json()["session"]
+    assert client.get(f"{V1}/datasets/{sid}/backups").json() == {"backups": []}
+    refused = assert_error(client.post(f"{V1}/datasets/{sid}/restore", json={}), 400, "invalid")
+    assert ".caption-backups leads outside the allowed folders" in refused["message"]
+
+
 def test_opening_a_folder_after_a_restart_reports_the_unsaved_edits_it_restored(services, make_dataset, app_settings,
                                                                                   fake_host):
     client = make_client(services)
