@@ -149,25 +149,21 @@ def dataset_config_file(services: Services, dataset: str) -> Path | None:
 
 
 def health_report(services: Services, dataset: str, options: dict[str, Any]):
-    """The dataset's report; a picture, caption or sub-folder that is a link leading outside the dataset folders is
-    named, not read (the trainer follows links, as sd-scripts does)."""
-    roots = services.settings.dataset_roots
-    folder = allowed_path(dataset, roots, "dataset folder")
+    folder = allowed_path(dataset, services.settings.dataset_roots, "dataset folder")
     if (config := dataset_config_file(services, dataset)) is not None:
-        check_dataset_config_paths(config, roots, options, "dataset folder")
-        return check_dataset_config(config, health_settings(options), options, roots)
-    return check_dataset(folder, health_settings(options), roots)
+        check_dataset_config_paths(config, services.settings.dataset_roots, options, "dataset folder")
+        return check_dataset_config(config, health_settings(options), options)
+    return check_dataset(folder, health_settings(options))
 
 
 def regularization_report(services: Services, options: dict[str, Any]):
     """The reg_data_dir folder (given in Advanced) checked as the trainer reads it, for the estimate to count its
-    images; None without one, or with a dataset TOML (whose subsets say what is regularisation). A dataset too, read
-    as ``health_report`` reads one."""
+    images; None without one, or with a dataset TOML (whose subsets say what is regularisation)."""
     folder = options.get("reg_data_dir")
     if not folder or options.get("dataset_config"):
         return None
-    path = allowed_path(folder, services.settings.dataset_roots, "Advanced: reg_data_dir")
-    return check_dataset(path, health_settings(options), services.settings.dataset_roots)
+    path = allowed_path(folder, services.settings.roots(), "Advanced: reg_data_dir")
+    return check_dataset(path, health_settings(options))
 
 
 def check_dataset_text(services: Services, form: dict[str, Any]) -> str:
@@ -205,11 +201,9 @@ def _check_advanced_paths(services: Services, extra: dict[str, Any]) -> None:
     for key in [*PATH_OPTIONS, "backend"]:
         value = extra.get(key)
         values = value if isinstance(value, list) else [value] if value else []
-        # regularisation images are a dataset: below the dataset folders, as the Dataset field's
-        roots = services.settings.dataset_roots if key == "reg_data_dir" else services.settings.roots()
         for item in values:
             path = str(item).split("=", 1)[1] if key == "backend" and "=" in str(item) else str(item)
-            allowed_path(path, roots, f"Advanced: {key}", must_exist=PATH_OPTIONS.get(key, True))
+            allowed_path(path, services.settings.roots(), f"Advanced: {key}", must_exist=PATH_OPTIONS.get(key, True))
 
 
 def job_options(services: Services, form: dict[str, Any]) -> tuple[dict[str, Any], bool]:
