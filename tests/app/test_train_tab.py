@@ -5,6 +5,8 @@ real training)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -122,6 +124,25 @@ def test_validation_shows_steps_and_refuses_bad_input(services, tmp_path):
     assert "16 images" in train_tab.validation_text(services, form(extra='dataset_config = ""'))  # empty: not given
     assert "does not exist" in train_tab.validation_text(services, form(checkpoint=str(services.settings.data_folder / "missing.safetensors")))
     assert "Advanced options" in train_tab.validation_text(services, form(extra="noise_offset = "))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need a privilege on Windows")
+def test_a_dataset_of_pictures_linked_from_elsewhere_is_counted_as_training_reads_it(tmp_path):
+    """Training follows links as sd-scripts does: holding the Train tab's Check to the dataset roots refused such a
+    dataset at Start ("no image sd-scripts would train on") and would estimate a partly linked one short."""
+    photos, roots = tmp_path / "photos", tmp_path / "datasets"
+    shutil.copytree(SAMPLE_DATASET / "10_zkstar", photos)
+    (roots / "star" / "10_zkstar").mkdir(parents=True)
+    for picture in photos.glob("*.png"):
+        (roots / "star" / "10_zkstar" / picture.name).symlink_to(picture)
+        shutil.copy(picture.with_suffix(".txt"), roots / "star" / "10_zkstar" / picture.with_suffix(".txt").name)
+    settings = AppSettings(lora_folder=tmp_path / "Lora", data_folder=tmp_path / "data", dataset_roots=[roots],
+                           unload_checkpoint_while_training=False)
+    services = Services.create(settings, FakeHost(), start=False)
+    try:
+        assert "16 images" in train_tab.validation_text(services, form(dataset=str(roots / "star")))
+    finally:
+        services.close()
 
 
 def test_a_kohya_dataset_toml_trains_from_the_dataset_field(services, tmp_path):
