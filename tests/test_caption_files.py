@@ -445,6 +445,22 @@ def test_a_save_cut_off_before_its_manifest_is_no_backup_to_restore(tmp_path, mo
     assert caption_files.restorable_backups(backups) == [first]
 
 
+def test_an_unfinished_mark_that_cannot_be_removed_does_not_fail_the_save(tmp_path, monkeypatch):
+    """An antivirus holding the new mark for a moment on Windows: the save failed with a bare PermissionError."""
+    dataset = _kohya_dataset(tmp_path)
+    real_unlink = Path.unlink
+
+    def held(path, missing_ok=False):
+        if path.name == caption_files.UNFINISHED_BACKUP:
+            raise PermissionError(13, "The process cannot access the file")
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held)
+    result = write_captions({dataset / "10_a" / "1.txt": "v2"}, dataset / ".caption-backups")
+    assert (dataset / "10_a" / "1.txt").read_text(encoding="utf-8") == "v2"
+    assert caption_files.restorable_backups(dataset / ".caption-backups") == [result.backup_folder]
+
+
 def test_a_backup_without_a_manifest_goes_back_only_where_most_of_its_files_fit(tmp_path):
     """Three of alice's four pictures deleted since, bob's folder with pictures 1 and 2: the backup of alice's
     captions was restored over bob's, the folder where the most (two of four) fit."""

@@ -336,13 +336,19 @@ def test_a_final_file_renamed_after_training_is_still_the_runs_last_row_when_the
     from lora_trainer.safe_io import read_safetensors_metadata
 
     for source, target in (("tinylora-000001", "char-000001"), ("tinylora", "char_v2")):
-        metadata = {**read_safetensors_metadata(loras / f"{source}.safetensors"), "ss_output_name": "char"}
+        metadata = {**read_safetensors_metadata(loras / f"{source}.safetensors"), "ss_output_name": "char",
+                    "ss_session_id": "222"}
         save_file(load_file(loras / f"{source}.safetensors"), str(tmp_path / f"{target}.safetensors"), metadata)
     library = LoraLibrary([tmp_path])
     by_epoch = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="char"), library)
     assert [row[1] for row in prompts(by_epoch)] == ["zkstar, shapes <lora:char-000001:1>", "zkstar, shapes <lora:char_v2:1>"]
     by_strength = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1"]), lora="char"), library)
     assert prompts(by_strength)[0][1] == "zkstar, shapes <lora:char_v2:1>"
+    # last week's final kept as char_v2, beside today's run of that name (another session): not today's last row
+    metadata = {**read_safetensors_metadata(tmp_path / "char_v2.safetensors"), "ss_session_id": "111"}
+    save_file(load_file(tmp_path / "char_v2.safetensors"), str(tmp_path / "char_v2.safetensors"), metadata)
+    today = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("seed", ["1"]), lora="char"), library)
+    assert prompts(today)[0][1] == "zkstar, shapes <lora:char-000001:1>"
 
 
 def test_bad_grids_are_refused_and_big_ones_need_confirmation(library, loras):

@@ -582,6 +582,9 @@ def test_log_folder_names_windows_cannot_make_are_refused_before_the_model_loads
     assert "--log_tracker_name 'net?': Windows cannot make that folder" in problems(log_tracker_name="net?")
     assert "--log_tracker_name 'CON'" in problems(log_tracker_name="CON")
     assert "--log_prefix 'proj. /run_'" in problems(log_prefix="proj. /run_")
+    for escaping in ({"log_prefix": "../../../tmp/escaped_"}, {"log_prefix": "/tmp/abs_"}, {"log_prefix": "C:run_"},
+                     {"log_tracker_name": "a/../../b"}, {"log_tracker_name": "\\\\server\\share"}):
+        assert "the log folder must stay inside --logging_dir" in problems(**escaping), escaping  # the API's roots
     # what sd-scripts users write: the time follows the prefix, and a / makes a folder inside, as there
     for fine in ({"log_prefix": "星 run. ", "log_tracker_name": "network train"}, {"log_prefix": "my-lora-"},
                  {"log_prefix": "proj/run_"}, {"log_prefix": ".hidden_"}, {"log_tracker_name": "a\\b"}):

@@ -101,7 +101,7 @@ class GridQueue:
         if worker is not None:
             try:
                 worker.join()
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a SIGTERM/Ctrl-Break made SystemExit, again
                 self.abandoned = True
                 log.warning("LoRA Trainer: stopping at once; the grid's images saved before stay in %s", self.folder)
         return [status for status in running + dropped if status.status == "stopped"]  # not one that ended meanwhile

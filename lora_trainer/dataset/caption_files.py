@@ -397,7 +397,10 @@ def _keep_previous_versions(existing: list[Path], created: list[Path], backup_di
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)  # made above, holding only the copies just kept
         raise UserError(f"Could not write the backup's manifest in {folder} ({error}); no caption was changed.") from None
-    (folder / UNFINISHED_BACKUP).unlink(missing_ok=True)  # left, it is harmless: a folder with a manifest is whole
+    try:
+        (folder / UNFINISHED_BACKUP).unlink(missing_ok=True)
+    except OSError:  # held for a moment (an antivirus scan): harmless left, a folder with a manifest is whole
+        pass
     return folder
 
 

@@ -333,8 +333,8 @@ def _run_file(request: GridRequest, library: LoraResolver, field_name: str = "tr
     ``NAME.safetensors`` not saved yet, the run still training): then the run's latest file of its own name beside
     it. sd-scripts names a run's files ``NAME``, ``NAME-000001`` and ``NAME-step00000050``; another file trained
     under the name (``zkstar r2``, a resized copy or a copy of an epoch) is neither its final file nor one of its
-    epochs, while the final file renamed after training (``char_v2``: the same network, trained further than the
-    run's last file of its own name) stays the run's."""
+    epochs, while the final file renamed after training (``char_v2``: the same network and training session, trained
+    further than the run's last file of its own name) stays the run's."""
     found = resolve_lora(request.lora, library, field_name)
     name = request.lora.strip()
     found_metadata = read_safetensors_metadata(found)
@@ -345,8 +345,9 @@ def _run_file(request: GridRequest, library: LoraResolver, field_name: str = "tr
     except UserError:  # no file of the run's own name: the file found is all there is (renamed after training)
         return found
     latest_metadata = read_safetensors_metadata(latest)
-    shape = ("ss_network_module", "ss_network_dim", "ss_network_alpha")
-    if ([found_metadata.get(key) for key in shape] == [latest_metadata.get(key) for key in shape]
+    same = ("ss_network_module", "ss_network_dim", "ss_network_alpha")
+    sessions = {found_metadata.get("ss_session_id"), latest_metadata.get("ss_session_id")} - {None}
+    if ([found_metadata.get(key) for key in same] == [latest_metadata.get(key) for key in same] and len(sessions) <= 1
             and _steps(found_metadata) > _steps(latest_metadata)):
         return found
     return latest

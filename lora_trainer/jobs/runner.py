@@ -315,7 +315,8 @@ class JobRunner:
                                 "(save_every_n_epochs/steps, sample_every_n_epochs/steps)")
             if command == "sample" and not _sample_prompts(job):
                 raise UserError(f"job {job_id} has no sample prompts (sample_prompts): there is nothing to draw; give "
-                                "a prompts file when starting a job to sample it while it trains")
+                                "sample prompts (the Train tab's Sample prompt) when starting a job to sample it while "
+                                "it trains")
             self._send(job, command)
         return job
 

@@ -760,7 +760,12 @@ def validate(options: TrainOptions, template: bool = False) -> None:
     # them makes folders inside, as in sd-scripts)
     for flag, name in (("log_prefix", f"{options.log_prefix}20261205120000" if options.log_prefix else None),
                        ("log_tracker_name", options.log_tracker_name)):
-        if options.logging_dir and name is not None and not windows_can_make(name):
+        if not options.logging_dir or name is None:
+            continue
+        if Path(name).is_absolute() or re.match(r"[A-Za-z]:|[\\/]", name) or ".." in re.split(r"[\\/]", name):
+            problems.append(f"--{flag} {getattr(options, flag)!r}: the log folder must stay inside --logging_dir; "
+                            "give a name (folders inside it with /), without .. or a drive")
+        elif not windows_can_make(name):
             problems.append(f"--{flag} {getattr(options, flag)!r}: Windows cannot make that folder (none of <>:\"|?*, "
                             "no CON, NUL, COM1 …, no folder name ending in a dot or space)")
     name_bytes = len((options.output_name or "").encode("utf-8"))

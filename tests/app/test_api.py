@@ -1201,6 +1201,35 @@ def test_ctrl_c_again_while_the_exit_waits_for_the_grids_image_is_said_and_ends_
     assert services.grids.abandoned  # the app then ends with os._exit after its exit lines
 
 
+def test_a_second_sigterm_while_the_exit_waits_for_the_grids_image_is_taken_as_a_ctrl_c(services, gated_host, monkeypatch):
+    """SIGTERM and Ctrl-Break raise SystemExit in the app: that escaped the wait as the Ctrl-C did."""
+    from lora_trainer.app import grid_queue
+
+    worker_join = threading.Thread.join
+
+    def terminated(self, *args, **kwargs):
+        if self.name == "lora-trainer-grids":
+            raise SystemExit(143)
+        return worker_join(self, *args, **kwargs)
+
+    import numpy
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    client = make_client(services)
+    client.post(f"{V1}/grids", json={"lora": "mylora", "x": {"kind": "strength", "values": ["1"]},
+                                     "y": {"kind": "seed", "values": "1-3"}})
+    assert gated_host.drawing.acquire(timeout=20)
+    monkeypatch.setattr(grid_queue.threading.Thread, "join", terminated)
+    try:
+        services.grids.close()
+    finally:
+        monkeypatch.undo()
+        gated_host.gate.set()
+    assert services.grids.abandoned
+
+
 def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fake_host, make_dataset, tmp_path):
     """Automation names checkpoints as the WebUI's API titles them, and the standalone app's embedded model lies
     outside every root: a title from GET /checkpoints is taken as the Train tab takes it; a path still needs a root."""
