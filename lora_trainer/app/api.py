@@ -220,8 +220,12 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     if not isinstance(nested, dict):
         raise ApiError(400, "invalid", "options: give an object of sd-scripts options", "options")
     try:  # sections flattened, as in a Kohya TOML
-        options = {**flattened_sections({k: v for k, v in body.items() if k not in JOB_FIELDS}, "body"),
-                   **flattened_sections(nested, "options")}
+        top, inner = (flattened_sections({k: v for k, v in body.items() if k not in JOB_FIELDS}, "body"),
+                      flattened_sections(nested, "options"))
+        if clash := next((key for key in sorted(top.keys() & inner.keys()) if top[key] != inner[key]), None):
+            raise UserError(f"{clash} is given twice, as {top[clash]!r} in the body and {inner[clash]!r} in "
+                            "options; keep one", clash)
+        options = {**top, **inner}
     except UserError as error:
         raise ApiError(400, "invalid", str(error), error.field) from None
     if is_gui_config(options):  # a Kohya GUI user posts the settings file as it is

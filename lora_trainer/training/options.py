@@ -496,15 +496,16 @@ def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None, source: str
 
 def flattened_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
     """One level of tables flattened, as sd-scripts reads a ``--config_file``: a table's keys are options. A table
-    named after an option (``[network_args]``, ``"learning_rate": {…}``) is a mistake for that option's value."""
+    named after an option (``[network_args]``, ``"learning_rate": {…}``) is a mistake for that option's value, and an
+    option given two values (sd-scripts silently takes the last table's) is refused."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if not isinstance(value, dict):
-            flat[key] = value
-        elif key in FIELDS:
+        if isinstance(value, dict) and key in FIELDS:
             raise UserError(f"{source}: {key} is a table; give it {_expected(FIELDS[key])}", key)
-        else:
-            flat.update(value)
+        for name, given in (value.items() if isinstance(value, dict) else [(key, value)]):
+            if name in flat and flat[name] != given:
+                raise UserError(f"{source}: {name} is given twice, as {flat[name]!r} and {given!r}; keep one", name)
+            flat[name] = given
     return flat
 
 

@@ -166,6 +166,13 @@ def test_flat_kohya_toml_sections_are_accepted(client, job_body):
     assert created.status_code == 201, created.text
     assert created.json()["options"]["max_train_steps"] == 2
     assert wait_for(client, created.json()["id"])["status"] == "finished"
+    # one option given two values was the last one's, silently (sd-scripts' flattening): a client's mistake, said
+    twice = {**body, "training_arguments": {"max_train_steps": 999}}
+    assert "max_train_steps is given twice, as 2 and 999; keep one" in assert_error(
+        client.post(f"{V1}/jobs", json=twice), 400, field="max_train_steps")["message"]
+    beside = {**body, "options": {"max_train_steps": 4}}
+    assert "max_train_steps is given twice, as 2 in the body and 4 in options" in assert_error(
+        client.post(f"{V1}/jobs", json=beside), 400, field="max_train_steps")["message"]
 
 
 def test_kohya_gui_settings_are_accepted_as_the_gui_reads_them(client, job_body, app_settings):
