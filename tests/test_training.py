@@ -1589,6 +1589,18 @@ def test_sd_scripts_options_we_do_not_offer_are_refused_by_name(dataset, tmp_pat
     assert f"error: {config}: not supported: --enable_contrastive" in capsys.readouterr().err
 
 
+def test_an_option_in_two_sections_of_a_config_file_is_the_last_as_in_sd_scripts_and_said(tmp_path):
+    from lora_trainer.training.options import read_config_file
+
+    config = tmp_path / "run.toml"
+    config.write_text("[optimizer_arguments]\nlearning_rate = 1e-4\n[training_arguments]\nlearning_rate = 5e-4\n"
+                      "[saving_arguments]\nsave_every_n_epochs = 1\n[other]\nsave_every_n_epochs = 1\n", encoding="utf-8")
+    notes = []
+    assert read_config_file(config, notes) == {"learning_rate": 5e-4, "save_every_n_epochs": 1}
+    assert notes == [f"{config}: learning_rate is given twice, as 0.0001 and 0.0005: the last is used, as sd-scripts "
+                     "uses it; keep one"]  # the same value twice is no mistake
+
+
 def test_tensorboard_logs_the_adapted_step_of_prodigy_as_sd_scripts_does(dataset, tmp_path, monkeypatch):
     """D-Adaptation and Prodigy find their own step d; lr only scales it, so d·lr is what a user watches."""
     import sys

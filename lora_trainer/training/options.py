@@ -494,17 +494,21 @@ def _parsed(parser: argparse.ArgumentParser, argv: list[str] | None, source: str
     return {k: True if k in FOREIGN and v == [] else v for k, v in vars(given).items()}
 
 
-def flattened_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
+def flattened_sections(data: dict[str, Any], source: str, notes: list[str] | None = None) -> dict[str, Any]:
     """One level of tables flattened, as sd-scripts reads a ``--config_file``: a table's keys are options. A table
-    named after an option (``[network_args]``, ``"learning_rate": {…}``) is a mistake for that option's value, and an
-    option given two values (sd-scripts silently takes the last table's) is refused."""
+    named after an option (``[network_args]``, ``"learning_rate": {…}``) is a mistake for that option's value. An
+    option given two values (sd-scripts silently takes the last) is said in ``notes`` and the last taken, as there;
+    without ``notes`` (a request's body, no file of sd-scripts') it is refused."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and key in FIELDS:
             raise UserError(f"{source}: {key} is a table; give it {_expected(FIELDS[key])}", key)
         for name, given in (value.items() if isinstance(value, dict) else [(key, value)]):
             if name in flat and flat[name] != given:
-                raise UserError(f"{source}: {name} is given twice, as {flat[name]!r} and {given!r}; keep one", name)
+                if notes is None:
+                    raise UserError(f"{source}: {name} is given twice, as {flat[name]!r} and {given!r}; keep one", name)
+                notes.append(f"{source}: {name} is given twice, as {flat[name]!r} and {given!r}: the last is used, "
+                             "as sd-scripts uses it; keep one")
             flat[name] = given
     return flat
 
@@ -514,7 +518,7 @@ def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dic
     if "datasets" in data:
         raise UserError(f"{path} is a dataset config ([[datasets]]): give it with --dataset_config (the training "
                         "options go in --config_file)", "dataset_config")
-    flat = flattened_sections(data, str(path))
+    flat = flattened_sections(data, str(path), notes)
     for key in sorted(FRONT_END_KEYS.keys() & flat.keys()):
         del flat[key]
         if notes is not None:
