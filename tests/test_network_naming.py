@@ -171,6 +171,11 @@ def test_kohya_network_args_become_a_spec_and_unknown_ones_are_refused_by_name()
         spec_from_kohya("networks.lora", 4, 1, ["conv_dimm=4"])
     with pytest.raises(UserError, match="network_module"):
         spec_from_kohya("networks.oft_magic", 4, 1, [])
+    # sd-scripts splits at "=" without stripping: its lora.py never sees "conv_dim " and trains no conv layer, where
+    # the stripped key trained them, and --print-kohya-command's line built that other network there
+    with pytest.raises(UserError, match="sd-scripts reads its key as 'conv_dim ', spaces included, .* write conv_dim=4$"):
+        spec_from_kohya("networks.lora", 4, 1, ["conv_dim = 4"])
+    assert spec_from_kohya("networks.lora", 4, 1, ["conv_dim= 4"]).conv_dim == 4  # int(" 4") is 4 there too
 
 
 # (module, args, what is said): an arg the module's create_network never reads (sd-scripts 48d368fa networks/lora.py,

@@ -235,7 +235,10 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"network_args item {item!r} is not key=value (e.g. conv_dim=4)")
-        parsed[key.strip()] = value.strip()
+        if key != key.strip():  # its value is read as a number either way, or compared as here after stripping
+            raise UserError(f"network_args item {item!r}: sd-scripts reads its key as {key!r}, spaces included, which "
+                            f"no network reads, so it trains without it; write {key.strip()}={value.strip()}")
+        parsed[key] = value.strip()
     return parsed
 
 
