@@ -2466,6 +2466,34 @@ def test_network_weights_of_another_rank_name_it_instead_of_torchs_size_mismatch
            "--dim_from_weights" in error and "Traceback" not in error
 
 
+def test_network_weights_of_another_base_model_say_so_not_that_the_rank_differs(dataset, tmp_path, capsys):
+    """The ranks agreed (4 and 4) and the message said to set --network_dim 4 or add --dim_from_weights, which led to
+    20 lines of tensors that do not fit: the file was trained on another model."""
+    from reference import REFERENCE
+
+    other = REFERENCE / "kohya-fixtures" / "lora-baseline" / "tinylora.safetensors"  # trained on tiny-sd15
+    assert run(dataset, tmp_path, "--network_weights", str(other)) == 2
+    assert "its rank is this run's, 4, so its layers are of another size: it was trained on 'tiny-sd15.safetensors', " \
+           "another base model than this run's" in capsys.readouterr().err
+
+
+def test_a_locons_extra_modules_are_left_out_when_networks_lora_continues_it_as_sd_scripts_does(tmp_path):
+    """sd-scripts loads --network_weights with strict=False: a LoCon's time-embedding module, which networks.lora
+    does not make, is ignored and the rest trains on; it was refused here."""
+    from reference import REFERENCE, TINY_KOHYA_CHECKPOINT
+
+    fixtures = REFERENCE / "kohya-fixtures"
+    locon = fixtures / "lora-lycoris" / "tiny_locon.safetensors"
+    assert train_main(["--pretrained_model_name_or_path", str(TINY_KOHYA_CHECKPOINT), "--train_data_dir",
+                       str(fixtures / "dataset" / "train"), "--output_dir", str(tmp_path), "--output_name", "go_on",
+                       "--resolution", "64", "--network_module", "networks.lora", "--network_dim", "4",
+                       "--network_alpha", "4", "--network_weights", str(locon), "--max_train_steps", "1",
+                       "--caption_extension", ".txt", "--seed", "1"]) == 0
+    events, _ = read_events(tmp_path / "go_on.events.jsonl")
+    assert any("tensors fit no module of this network (e.g. lora_unet_time_embedding" in e["message"]
+               and "left out, as sd-scripts leaves them out" in e["message"] for e in events if e["event"] == "warning")
+
+
 def test_network_weights_go_on_unet_only_without_the_text_encoder_part(baseline, dataset, tmp_path):
     """sd-scripts continues a full LoRA with --network_train_unet_only (its load is not strict): so does this, and
     says the text-encoder modules are left out."""

@@ -1355,6 +1355,11 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
             raise UserError(f"{shapes}: its LoKr factors split the layers otherwise than this run's network_args "
                             f"factor and decompose_both{f' (the file was trained with {given})' if given else ''}; give "
                             "the file's, or add --dim_from_weights to take them from the file")
+        if ranks == [network.spec.dim]:  # the ranks agree: the layers themselves are another model's widths
+            trained_on = file.metadata.get("ss_sd_model_name")
+            raise UserError(f"{shapes}: its rank is this run's, {ranks[0]}, so its layers are of another size: it was "
+                            f"trained on {f'{trained_on!r}, ' if trained_on else ''}another base model than this run's; "
+                            "continue a LoRA on the model it was trained on (or one of that model's architecture)")
         raise UserError(f"{shapes}: {rank}this run has --network_dim {network.spec.dim}; set the file's --network_dim "
                         "(and --network_alpha), or add --dim_from_weights to take them from the file")
 
@@ -1369,10 +1374,14 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     missing, unexpected = network.load_state_dict(state, strict=False)
     notes = [f"--network_weights {path}: its {', '.join(TRAINED_PART_NAMES.get(p, p) for p in skipped)} modules "
              "are left out, since this run does not train that part (they are not in the files it saves)"] if skipped else []
-    if unexpected:
+    continued = [key for key in state if key not in unexpected and not key.endswith((".alpha", ".scale"))]
+    if unexpected and not continued:  # no weight would be continued: a run from scratch, unasked
         raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
                         f"{_other_network_advice(file, network.spec.algorithm)}add --dim_from_weights to take the "
                         "network's kind and shape from the file")
+    if unexpected:  # a LoCon's time-embedding module given to networks.lora: left out, as sd-scripts' strict=False does
+        notes.append(f"--network_weights {path}: {len(unexpected)} of its tensors fit no module of this network (e.g. "
+                     f"{unexpected[0]}): left out, as sd-scripts leaves them out; the others go on training")
     if (alpha := _loaded_alpha(network, asked)) is not None:  # α/rank scales the loaded weights: kept as trained
         notes.append(f"--network_weights {path} holds alpha {alpha:g} and --network_alpha is {network.spec.alpha:g}: "
                      f"the file's alpha is kept (the weights are scaled by alpha / rank, so they go on at the strength "
