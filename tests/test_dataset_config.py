@@ -198,6 +198,9 @@ def test_a_resolution_off_the_bucket_step_is_refused_with_the_nearest_sizes_unle
     path = one_subset(tmp_path, 'image_dir = "a"', "resolution = [500, 768]")
     message = error_of(path)
     assert str(path) in message and "resolution 500x768" in message and "use 448x768 or 512x768" in message
+    (tmp_path / "small").mkdir()
+    small = one_subset(tmp_path / "small", 'image_dir = "a"', "resolution = [32, 48]")  # both round to the step
+    assert "; use 64x64, or turn on enable_bucket" in error_of(small)  # said "use 64x64 or 64x64"
     bucketed = one_subset(tmp_path, 'image_dir = "a"', "resolution = [500, 768]\nenable_bucket = true")
     assert load_dataset_config(bucketed).datasets[0].resolution == (500, 768)  # the buckets keep to the step
 

@@ -389,11 +389,12 @@ def _check_dataset_values(source: str, table: str, dataset: DatasetConfig) -> Da
             down = "x".join(str(max(step, side // step * step)) for side in dataset.resolution)
             up = "x".join(str(-(-side // step) * step) for side in dataset.resolution)
             width, height = dataset.resolution
+            sizes = " or ".join(dict.fromkeys((down, up)))  # below the step both round to it: one size, said once
             if source.startswith("--"):  # folders named on the command line: said in its options
                 raise UserError(f"{source}: --resolution {width},{height} is not a multiple of --bucket_reso_steps {step}; "
-                                f"use {down.replace('x', ',')} or {up.replace('x', ',')}, or add --enable_bucket.", "resolution")
+                                f"use {sizes.replace('x', ',')}, or add --enable_bucket.", "resolution")
             raise UserError(f"{source}: resolution {width}x{height} of {table} is not a multiple of bucket_reso_steps "
-                            f"{step}; use {down} or {up}, or turn on enable_bucket.")
+                            f"{step}; use {sizes}, or turn on enable_bucket.")
         return dataset
     try:
         min_reso, max_reso = adjusted_bucket_range(
