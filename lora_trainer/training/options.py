@@ -905,6 +905,11 @@ def validate(options: TrainOptions, template: bool = False) -> None:
     if options.network_weights and not options.backend and not Path(options.network_weights).is_file():
         problems.append(f"--network_weights {options.network_weights}: no such network file; give the LoRA file to "
                         "continue training from, or leave the option out to start a new one")
+    legacy = [f"--{name}" for name in ("use_8bit_adam", "use_lion_optimizer") if getattr(options, name)]
+    if legacy and (len(legacy) > 1 or options.optimizer_type):  # sd-scripts' get_optimizer asserts one choice
+        given = " and ".join(legacy + [f"--optimizer_type {options.optimizer_type}"] * bool(options.optimizer_type))
+        problems.append(f"{given} each choose the optimizer, and sd-scripts stops on them together: keep one "
+                        "(--use_8bit_adam is the old spelling of --optimizer_type AdamW8bit, --use_lion_optimizer of Lion)")
     try:
         check_optimizer_name(options.optimizer)
     except UserError as problem:
