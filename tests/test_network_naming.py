@@ -178,6 +178,13 @@ def test_kohya_network_args_become_a_spec_and_unknown_ones_are_refused_by_name()
     assert spec_from_kohya("networks.lora", 4, 1, ["conv_dim= 4"]).conv_dim == 4  # int(" 4") is 4 there too
 
 
+def test_network_args_are_read_as_sd_scripts_splits_them():
+    """sd-scripts splits each item at "=": an item without one stops it; networks.dylora trains DyLoRA, not LoRA."""
+    assert spec_from_kohya("networks.dylora", 8, 1, ["unit=2"]).algorithm == "dylora"
+    with pytest.raises(UserError, match="network_args item 'conv_dim' is not key=value"):
+        spec_from_kohya("networks.lora", 4, 1, ["conv_dim"])
+
+
 # (module, args, what is said): an arg the module's create_network never reads (sd-scripts 48d368fa networks/lora.py,
 # networks/dylora.py; lycoris-lora 4.1.3 kohya.py) would build another network there than here
 UNREAD_ARGS = [
