@@ -215,6 +215,12 @@ def test_a_misspelled_resize_filter_gets_the_closest_one(tmp_path):
     assert "did you mean lanczos?" in error_of(one_subset(tmp_path, 'image_dir = "a"\nresize_interpolation = "lanczo"'))
 
 
+def test_a_batch_size_below_one_is_refused_naming_the_dataset(tmp_path):
+    """batch_size = 0 (or a --train_batch_size 0 fallback) would make no batches: said before any work."""
+    assert "batch_size of [[datasets]] #1 is 0; it must be 1 or more" in error_of(one_subset(tmp_path, 'image_dir = "a"',
+                                                                                          "resolution = 512\nbatch_size = 0"))
+
+
 def test_duplicate_and_zero_repeat_subsets_are_ignored_with_a_warning(tmp_path):
     path = write(tmp_path, """
 [[datasets]]

@@ -945,6 +945,7 @@ def test_save_n_epoch_ratio_spaces_the_epoch_files_over_the_run_as_sd_scripts_do
 
     assert saved_epochs(10, 3) == [3, 6, 9]
     assert saved_epochs(2, 3) == [1]
+    assert saved_epochs(11, 4) == [2, 4, 6, 8, 10]  # floor(11 / 4) = 2, not 11 / 4 rounded to 3
 
 
 def test_save_last_n_epochs_counts_saved_files_not_epochs(tmp_path):
@@ -962,6 +963,24 @@ def test_save_last_n_epochs_counts_saved_files_not_epochs(tmp_path):
     plan.prune_epochs(6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["star-000004-state", "star-000004.safetensors",
                                                           "star-000006-state", "star-000006.safetensors"]
+
+
+def test_save_last_n_steps_keeps_the_files_of_the_last_n_steps_as_sd_scripts_counts_them(tmp_path):
+    """sd-scripts removes the file of step (step - n - 1) floored to the saving interval: saving every 10 steps and
+    keeping 20, the save at step 40 removes step 10's file and state and keeps steps 20 and 30."""
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.outputs import OutputPlan
+
+    plan = OutputPlan(options_from({"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d",
+                                    "output_dir": str(tmp_path), "output_name": "star", "save_every_n_steps": 10,
+                                    "save_last_n_steps": 20, "save_state": True}))
+    for step in (10, 20, 30, 40):
+        plan.step_path(step).write_bytes(b"")
+        plan.state_path(None, step).mkdir()
+        plan.prune_steps(step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "star-step00000020-state", "star-step00000020.safetensors", "star-step00000030-state",
+        "star-step00000030.safetensors", "star-step00000040-state", "star-step00000040.safetensors"]
 
 
 def test_a_run_without_an_output_name_names_files_and_states_as_sd_scripts(tmp_path):
