@@ -102,16 +102,18 @@ def test_a_dataset_config_runs_metadata_has_the_values_sd_scripts_wrote_for_it(t
 
 def test_what_the_fixtures_leave_at_their_defaults_is_written_as_sd_scripts_writes_it(fixture_dataset, tmp_path):
     """Accumulation multiplies the total batch; only the given timestep end is the user's; the VAE by its file name;
-    network_alpha 1 when not given; Adafactor's own step records its schedule and no rates."""
+    network_alpha 1 when not given; the caption dropout given; Adafactor's own step records its schedule and no
+    rates; no output name is str(None)."""
     vae = tmp_path / "models" / "my vae.safetensors"
     command = baseline_command(fixture_dataset, "--gradient_accumulation_steps", "2", "--min_timestep", "100",
-                               "--vae", str(vae))
+                               "--vae", str(vae), "--caption_dropout_rate", "0.1")
     command[command.index("--network_alpha"):command.index("--network_alpha") + 2] = []
     ours = run_metadata(command, epoch=2, step=80, num_epochs=2, total_steps=80)
     assert ours["ss_total_batch_size"] == "4"  # batch_size × processes × gradient_accumulation_steps
     assert ours["modelspec.timestep_range"] == "100,1000"  # max_timestep's default is 1000
     assert ours["ss_vae_name"] == "my vae.safetensors"
     assert (ours["ss_network_alpha"], ours["ss_network_dim"]) == ("1.0", "4")
+    assert ours["ss_caption_dropout_rate"] == "0.1"  # the command line's, as sd-scripts records it
     command = baseline_command(fixture_dataset, "--optimizer_type", "Adafactor")
     command[command.index("--output_name"):command.index("--output_name") + 2] = []
     ours = run_metadata(command, 2, 160, 2, 160)
