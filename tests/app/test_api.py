@@ -175,14 +175,6 @@ def test_flat_kohya_toml_sections_are_accepted(client, job_body):
         client.post(f"{V1}/jobs", json=beside), 400, field="max_train_steps")["message"]
 
 
-def test_an_option_both_at_the_top_level_and_under_options_is_taken_from_options(client, job_body):
-    """``options`` is the body's own place for them: a top-level copy (a flattened TOML pasted beside) does not win."""
-    created = client.post(f"{V1}/jobs", json={**job_body, "max_train_steps": 3})
-    assert created.status_code == 201, created.text
-    assert created.json()["options"]["max_train_steps"] == job_body["options"]["max_train_steps"] == 5
-    wait_for(client, created.json()["id"])
-
-
 def test_kohya_gui_settings_are_accepted_as_the_gui_reads_them(client, job_body, app_settings):
     """A Kohya GUI user posts the settings file as it is: its names are read as the GUI reads them, and what it
     keeps to itself comes back under warnings; a LoRA type not trained here is a 400 naming the field."""
