@@ -51,12 +51,17 @@ def job_body(app_settings, make_dataset):
 
 
 def wait_for(client: TestClient, job_id: int, statuses=("finished", "failed", "stopped", "paused")) -> dict:
-    for _ in range(600):
-        job = client.get(f"{V1}/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
+    return polled(client, f"{V1}/jobs/{job_id}", statuses, 600)
+
+
+def polled(client: TestClient, url: str, statuses, tries: int) -> dict:
+    """``url``'s object once its status is one of ``statuses`` (asked every 0.05 s, ``tries`` times)."""
+    for _ in range(tries):
+        found = client.get(url).json()
+        if found["status"] in statuses:
+            return found
         time.sleep(0.05)
-    raise AssertionError(f"job {job_id} stayed {job['status']}")
+    raise AssertionError(f"{url} stayed {found['status']}")
 
 
 def sse_events(text: str) -> list[tuple[int, dict]]:
@@ -1102,12 +1107,7 @@ def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(service
 
 
 def wait_for_grid(client: TestClient, grid_id: str, statuses=("finished", "stopped", "failed")) -> dict:
-    for _ in range(400):
-        status = client.get(f"{V1}/grids/{grid_id}").json()
-        if status["status"] in statuses:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"grid {grid_id} stayed {status['status']}")
+    return polled(client, f"{V1}/grids/{grid_id}", statuses, 400)
 
 
 @pytest.fixture

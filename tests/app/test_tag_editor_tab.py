@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -237,18 +238,25 @@ def test_the_health_report_names_a_few_files_of_each_kind_of_finding(services, m
     assert text.count("missing-trigger") == 6 and "missing-trigger      … and 3 more (8 in all)" in text
 
 
-def test_links_leading_outside_the_allowed_folders_are_not_shown_nor_made_thumbnails(services, make_dataset, tmp_path):
-    """The tab shares the API's sessions: a picture or caption linked to a file elsewhere showed its content."""
+def _with_links_leading_outside(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """``folder`` with b.png -> outside/secret.png (red) and img_001.txt -> outside/secret.txt ("secretword")."""
     from PIL import Image
 
     outside = tmp_path / "outside"
     outside.mkdir()
     Image.new("RGB", (16, 16), (250, 0, 0)).save(outside / "secret.png")
     (outside / "secret.txt").write_text("secretword", encoding="utf-8")
-    folder = make_dataset("links", "10_zkchar", count=2) / "10_zkchar"
     (folder / "b.png").symlink_to(outside / "secret.png")
     (folder / "img_001.txt").unlink()
     (folder / "img_001.txt").symlink_to(outside / "secret.txt")
+    return folder, outside
+
+
+def test_links_leading_outside_the_allowed_folders_are_not_shown_nor_made_thumbnails(services, make_dataset, tmp_path):
+    """The tab shares the API's sessions: a picture or caption linked to a file elsewhere showed its content."""
+    from PIL import Image
+
+    folder, outside = _with_links_leading_outside(make_dataset("links", "10_zkchar", count=2) / "10_zkchar", tmp_path)
     view = tab.open_folder(services, tab.TabState(), str(folder), False, ".txt")
     assert [label.split(": ")[0] for _, label in view[VIEW["gallery"]]] == ["#1 img_000.png"]
     assert ("Not shown: b.png, img_001.txt are links leading outside the allowed folders" in view[VIEW["status"]]
@@ -265,16 +273,7 @@ def test_preprocess_leaves_out_pictures_and_captions_that_are_links_leading_outs
         services, make_dataset, tmp_path):
     """Preprocess copied raw/b.png -> /outside/secret.png and b.txt -> /outside/secret.txt into the prepared folder,
     where the Tag Editor then showed them as the dataset's own."""
-    from PIL import Image
-
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    Image.new("RGB", (16, 16), (250, 0, 0)).save(outside / "secret.png")
-    (outside / "secret.txt").write_text("secretword", encoding="utf-8")
-    raw = make_dataset("raw", "10_zkchar", count=2) / "10_zkchar"
-    (raw / "b.png").symlink_to(outside / "secret.png")
-    (raw / "img_001.txt").unlink()
-    (raw / "img_001.txt").symlink_to(outside / "secret.txt")
+    raw, _ = _with_links_leading_outside(make_dataset("raw", "10_zkchar", count=2) / "10_zkchar", tmp_path)
     out = services.settings.dataset_roots[0] / "prepared"
     status = tab.preprocess(services, str(raw), str(out), 64, "centre", False, 0, False)
     assert "Wrote 1 images" in status and ("Not prepared: b.png, img_001.txt are links leading outside the allowed "
