@@ -496,3 +496,21 @@ def test_a_backup_folder_that_is_a_link_leading_elsewhere_is_not_offered(tmp_pat
     assert caption_files.restorable_backups(dataset / ".caption-backups") == []
     with pytest.raises(caption_files.BackupNotFound):
         caption_files.backup_named(dataset / ".caption-backups", "2099-01-01_00-00-00")
+
+
+def test_a_backups_listed_time_is_its_names_however_long_its_copies_take(tmp_path, monkeypatch):
+    """The manifest's time was taken after the copies: a save whose copies took a second was listed a second after
+    its folder's name (the API's time and name disagreed)."""
+    import time as clock
+
+    dataset = _kohya_dataset(tmp_path)
+    real_link = os.link
+
+    def slow_link(source, target):
+        clock.sleep(1.05)  # 10,000 captions on a slow disk
+        return real_link(source, target)
+
+    monkeypatch.setattr(caption_files.os, "link", slow_link)
+    write_captions({dataset / "10_a" / "1.txt": "v2"}, dataset / ".caption-backups")
+    (listed,) = caption_files.backup_summaries(dataset / ".caption-backups")
+    assert listed.time == caption_files.backup_time(listed.name)

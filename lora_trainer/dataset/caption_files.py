@@ -361,6 +361,7 @@ def _keep_previous_versions(existing: list[Path], created: list[Path], backup_di
     layout relative to their common folder, then a manifest (``BACKUP_MANIFEST``) of where each goes back, which
     captions the write creates and when, which ``restore_backup`` reads: written last, so a folder with a manifest
     holds every file it names."""
+    saved = datetime.now(timezone.utc)  # as the folder is named: the copies below take seconds for 10,000 captions
     try:
         folder = _backup_folder(backup_dir)
     except OSError as error:
@@ -388,7 +389,7 @@ def _keep_previous_versions(existing: list[Path], created: list[Path], backup_di
         return backup
 
     _run_all_or_clean_up(keep, existing, f"Could not back up the previous captions into {folder}")
-    manifest = {"saved": datetime.now(timezone.utc).isoformat(),
+    manifest = {"saved": saved.isoformat(),
                 "files": {_backup_name(path, root).as_posix(): _from_backup(folder, path) for path in existing},
                 "created": [_from_backup(folder, path) for path in created]}
     try:
