@@ -550,8 +550,9 @@ def _listed(folder: Path) -> _Listed:
 
 def restorable_backups(backup_dir: Path) -> list[Path]:
     """The backups under ``backup_dir`` that ``restore_backup`` can put back (those with a manifest, and those made
-    before backups had one, which it places by inference), newest first by the time their manifests record (in UTC: the hour repeated when clocks go back sorts right), then by name: the
-    first is the one the last save or restore made."""
+    before backups had one, which it places by inference), newest first by the time their manifests record (in UTC:
+    the hour repeated when clocks go back sorts right), then by name: the first is the one the last save or restore
+    made."""
     backup_dir = Path(backup_dir)
     if not backup_dir.is_dir():
         return []

@@ -767,7 +767,7 @@ def validate(options: TrainOptions, template: bool = False) -> None:
                        ("log_tracker_name", options.log_tracker_name)):
         if not options.logging_dir or name is None:
             continue
-        if Path(name).is_absolute() or re.match(r"[A-Za-z]:|[\\/]", name) or ".." in re.split(r"[\\/]", name):
+        if re.match(r"[A-Za-z]:|[\\/]", name) or ".." in re.split(r"[\\/]", name):  # a drive, a root, a way up
             problems.append(f"--{flag} {getattr(options, flag)!r}: the log folder must stay inside --logging_dir; "
                             "give a name (folders inside it with /), without .. or a drive")
         elif not windows_can_make(name):

@@ -478,8 +478,7 @@ class TrainingRun:
                     **({"processes": world.size, "global_batch": options.train_batch_size * world.size}
                        if world.distributed else {}),
                     **({"fp8_saved_mib": round(fp8_saved / 2**20, 1)} if options.fp8_base or options.fp8_base_unet else {}))
-        for message in warnings:
-            events.emit("warning", message=message)
+        self._warn(warnings)
         data.cache_latents(self.model.vae, device, events)
         # every latent is ready: free the encoder, and park the decoder off the GPU until samples need it (sd-scripts
         # moves the whole VAE off the GPU)
@@ -500,8 +499,7 @@ class TrainingRun:
             network_notes.append(f"--text_encoder_lr {' '.join(f'{r:g}' for r in options.text_encoder_lr)}: every text "
                                  f"encoder trains at the first rate, {te_lr:g}, as sd-scripts' networks.lora trains them "
                                  "(it takes one rate); the others are not used")
-        for message in network_notes:
-            events.emit("warning", message=message)
+        self._warn(network_notes)
         if options.torch_compile and options.dynamo_backend != "no":  # after the hooks, so the graphs include them
             compile_models(self.model, options.dynamo_backend)
 
@@ -534,12 +532,11 @@ class TrainingRun:
         self.tokenizer = CLIPTokenizer.default()
         self.text_cache = self._text_cache(fixed_captions) if options.cache_text_encoder_outputs else None
         self.prompts = read_prompts(options.sample_prompts, config.resolution) if options.sample_prompts else []
-        for message in _sample_warnings(options, self.prompts):
-            events.emit("warning", message=message)
+        self._warn(_sample_warnings(options, self.prompts))
         self.written: list[Path] = []
         self._losses_since_step: list[str] = []  # images whose loss was recorded since the last optimizer step
         self.tracker = Tracker(options.logging_dir if world.is_main else None, options.log_prefix, options.log_tracker_name)
-        self.stop = StopRequest(self.plan.stop_file, lambda message: events.emit("warning", message=message))
+        self.stop = StopRequest(self.plan.stop_file, lambda message: self._warn([message]))
         if world.is_main:  # the one rank that reads the control file
             self.stop.drop_leftover(started)
         self.progress = progress_bar(self.total_steps, "step", initial=self.state.step)
@@ -580,8 +577,7 @@ class TrainingRun:
                             "trainer, which did not record its seed, optimizer or accumulation: give the same --seed, "
                             "--optimizer_type and --gradient_accumulation_steps it was trained with, or the run goes on "
                             "with another data order, or stops at its first step")
-            for message in self._resumed_differently(state.step):
-                events.emit("warning", message=message)
+            self._warn(self._resumed_differently(state.step))
             if (saved := _learning_rates(self.optimizer)) != asked:  # the state's optimizer and schedule replace ours
                 events.emit("warning", message=f"--resume {options.resume} goes on at the learning rates it was saved "
                             f"with ({', '.join(f'{lr:g}' for lr in saved)}), not this command's "
@@ -1374,8 +1370,9 @@ def _load_weights(network: LoRANetwork, path: str) -> list[str]:
     missing, unexpected = network.load_state_dict(state, strict=False)
     notes = [f"--network_weights {path}: its {', '.join(TRAINED_PART_NAMES.get(p, p) for p in skipped)} modules "
              "are left out, since this run does not train that part (they are not in the files it saves)"] if skipped else []
-    continued = [key for key in state if key not in unexpected and not key.endswith((".alpha", ".scale"))]
-    if unexpected and not continued:  # no weight would be continued: a run from scratch, unasked
+    left_out = set(unexpected)
+    # no weight of the file would go on training: a run from scratch, unasked
+    if left_out and all(key in left_out or key.endswith((".alpha", ".scale")) for key in state):
         raise UserError(f"{path}: {len(unexpected)} tensors fit no module of this network (e.g. {unexpected[0]}); "
                         f"{_other_network_advice(file, network.spec.algorithm)}add --dim_from_weights to take the "
                         "network's kind and shape from the file")
