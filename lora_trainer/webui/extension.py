@@ -31,7 +31,7 @@ def option_infos() -> dict:
     return {
         "lora_trainer_output_folder": info("", "Folder for finished LoRAs (empty: the WebUI's Lora folder)").needs_restart(),
         "lora_trainer_data_folder": info("", "Folder for jobs, states and grids (empty: <webui data>/lora_trainer)").needs_restart(),
-        "lora_trainer_dataset_roots": info("", "Folders datasets may be read and edited in (comma or newline separated)",
+        "lora_trainer_dataset_roots": info("", "Folders datasets may be read and edited in (separated by commas, semicolons or lines)",
                                            onchange=_apply_live_settings),
         "lora_trainer_unload_checkpoint": info(True, "Unload the checkpoint from the GPU while training",
                                                onchange=_apply_live_settings),
@@ -69,6 +69,13 @@ def lora_folders() -> list[Path]:
     return unique
 
 
+def folder_list(text: str) -> list[Path]:
+    """The dataset folders as typed in Settings: one a line or separated by commas, or by semicolons as Windows lists
+    folders (PATH), each perhaps in the double quotes Explorer's "Copy as path" puts around it."""
+    parts = (part.strip().strip('"').strip() for part in re.split(r"[,;\n]", text or ""))
+    return [Path(part) for part in parts if part]
+
+
 def app_settings() -> AppSettings:
     from modules import paths_internal, shared
 
@@ -78,7 +85,7 @@ def app_settings() -> AppSettings:
     return AppSettings(
         lora_folder=Path(_option("lora_trainer_output_folder") or shared.cmd_opts.lora_dir),
         data_folder=Path(_option("lora_trainer_data_folder") or os.path.join(paths_internal.data_path, "lora_trainer")),
-        dataset_roots=[Path(p.strip()) for p in re.split(r"[,\n]", _option("lora_trainer_dataset_roots")) if p.strip()],
+        dataset_roots=folder_list(_option("lora_trainer_dataset_roots")),
         checkpoint_folders=checkpoint_folders,
         unload_checkpoint_while_training=bool(_option("lora_trainer_unload_checkpoint")),
         allow_unauthenticated_remote=bool(_option("lora_trainer_allow_unauthenticated_remote")),
