@@ -104,3 +104,22 @@ def test_the_printed_kohya_command_holds_switches_bare_and_none_of_this_trainers
     assert after.startswith("--")  # not --cache_latents True
     assert not {"--device", "--events_file", "--backend", "--state_dir", "--stop_file"} & set(words)
     assert parse_args(words[3:])[0].flip_aug is True
+
+
+def test_a_file_given_to_resume_is_said_for_what_it_is_with_what_to_give_instead(tmp_path):
+    """--resume takes a state folder; a user who gives the network file, or a file in the folder, is told the fix."""
+    state = tmp_path / "name-state"
+    state.mkdir()
+    for part in ("model.safetensors", "train_state.pt", "train_state.json"):
+        (state / part).write_bytes(b"x")
+    network, notes = tmp_path / "name-000002.safetensors", tmp_path / "notes.txt"
+    network.write_bytes(b"x")
+    notes.write_text("x", encoding="utf-8")
+    for part in ("model.safetensors", "train_state.json"):
+        refused(f"--resume {state / part}: a file inside a state folder; give its folder, {state}",
+                resume=str(state / part))
+    refused(f"--resume {network}: a network file: continue it with --network_weights {network} (or give the state "
+            f"folder {tmp_path / 'name-000002-state'} if the run saved one)", resume=str(network))
+    refused(f"--resume {notes}: not a state folder", resume=str(notes))
+    refused(f"--resume {tmp_path / 'gone'}: no such folder", resume=str(tmp_path / "gone"))
+    assert options_from({**BASE, "resume": str(state)}).resume == str(state)

@@ -121,6 +121,8 @@ def readable_state(folder: Path) -> Path:
 def state_kind(folder: Path) -> str:
     """"ours" or "sd-scripts" (a ``--save_state`` folder of sd-scripts); anything else is refused with what it lacks."""
     folder = readable_state(folder)
+    if folder.is_file():
+        raise UserError(_not_a_folder(folder))
     if not folder.is_dir():
         raise UserError(f"--resume {folder}: no such folder; give a state folder a run saved (name-000001-state, "
                         "name-state …)")
@@ -131,6 +133,21 @@ def state_kind(folder: Path) -> str:
     raise UserError(f"--resume {folder}: not a state folder (ours holds model.safetensors and train_state.pt, "
                     "sd-scripts' model.safetensors and train_state.json); a network file can be continued with "
                     "--network_weights instead")
+
+
+def _not_a_folder(file: Path) -> str:
+    """What a file given to --resume is, and what to give instead: its state folder, or --network_weights."""
+    try:
+        state_kind(file.parent)
+        return f"--resume {file}: a file inside a state folder; give its folder, {file.parent}"
+    except UserError:
+        pass
+    if file.suffix.lower() == ".safetensors":
+        # a state is saved beside the network file it belongs to, named as it plus -state (outputs.state_name)
+        return (f"--resume {file}: a network file: continue it with --network_weights {file} (or give the state "
+                f"folder {file.with_name(file.stem + '-state')} if the run saved one)")
+    return (f"--resume {file}: not a state folder, but a file; give a state folder a run saved (name-000001-state, "
+            "name-state …)")
 
 
 # Where sd-scripts' networks.lora puts each layer's parameters in its optimizer: module by module as its models register
