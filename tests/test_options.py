@@ -85,13 +85,25 @@ def test_two_ways_of_choosing_the_optimizer_at_once_are_refused_as_sd_scripts_st
 
 
 def test_a_refusal_names_where_the_refused_option_was_given(tmp_path):
+    """The file where the file gave the value (the user edits it there), the command line where that did."""
     config = tmp_path / "args.toml"
-    config.write_text("learning_rate = 1e-4\n", encoding="utf-8")
-    with pytest.raises(UserError, match=re.escape(f"command line and {config}: not supported: --deepspeed")):
-        parse_args([*COMMAND, "--config_file", str(config), "--deepspeed"])
-    config.write_text("deepspeed = true\n", encoding="utf-8")
-    with pytest.raises(UserError, match=re.escape(f"{config}: not supported: --deepspeed")):
-        parse_args([*COMMAND, "--config_file", str(config)])
+
+    def said(toml: str, *more: str) -> str:
+        config.write_text(toml, encoding="utf-8")
+        with pytest.raises(UserError) as refusal:
+            parse_args([*COMMAND, "--config_file", str(config), *more])
+        return str(refusal.value)
+
+    assert said("learning_rate = 1e-4\n", "--deepspeed").startswith("command line: not supported: --deepspeed")
+    assert said("deepspeed = true\n").startswith(f"{config}: not supported: --deepspeed")
+    assert said('learning_rate = "abc"\n') == f"{config}: learning_rate = 'abc' is not a number"
+    assert said('resolution = "100,100,3"\n') == f'--resolution \'100,100,3\' (in {config}): give "512" or "512,768"'
+    assert said("adaptive_noise_scale = 0.1\n") == f"--adaptive_noise_scale (in {config}) needs --noise_offset"
+    assert said('mixed_precision = "fp32"\n').startswith(f"--mixed_precision 'fp32' (in {config}) is not one of")
+    assert said("learning_rate = -1e-4\n").startswith(f"--learning_rate -0.0001 (in {config}): a learning rate is")
+    # the command line beats the file: its value is said as before
+    assert said("adaptive_noise_scale = 0.2\n", "--adaptive_noise_scale", "0.1") == \
+        "--adaptive_noise_scale needs --noise_offset"
 
 
 def test_the_printed_kohya_command_holds_switches_bare_and_none_of_this_trainers_own_options():

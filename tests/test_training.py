@@ -1808,7 +1808,7 @@ def test_windows_paths_in_double_quotes_are_said_as_such(tmp_path, monkeypatch):
                                         r"a Windows path in double quotes needs each backslash doubled: write it in single quotes"):
         parse_args(["--config_file", str(config)])
     config.write_text('pretrained_model_name_or_path = "m.safetensors"\ntrain_data_dir = "D:\\new\\train"\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"--train_data_dir 'D:\\new\\train' holds a line break or tab: .* single quotes"):
+    with pytest.raises(UserError, match=r"--train_data_dir 'D:\\new\\train' \(in .*ds.toml\) holds a line break or tab: .* single quotes"):
         parse_args(["--config_file", str(config)])
     # cmd.exe: "D:\\my data\\" --output_dir out reaches Python as one argument, the quote escaped
     quoted = ["--pretrained_model_name_or_path", "m", "--train_data_dir", 'D:\\my data" --output_dir out']

@@ -626,15 +626,23 @@ def _number(kind: type, value: Any) -> int | float:
     return float(number)
 
 
-def options_from(values: dict[str, Any], source: str = "options", template: bool = False) -> TrainOptions:
+def options_from(values: dict[str, Any], source: str = "options", template: bool = False,
+                 from_file: dict[str, str] | None = None) -> TrainOptions:
     """A dict of option values (CLI, TOML, UI form or API body) → validated TrainOptions; a ``template`` (what
-    --output_config writes) may leave the model and the dataset out, as sd-scripts writes it unchecked."""
+    --output_config writes) may leave the model and the dataset out, as sd-scripts writes it unchecked.
+    ``from_file``: the options a --config_file gave (name → that file), which a refusal names instead of ``source``."""
+    from_file = from_file or {}
+
+    def given_in(names: list[str]) -> str:
+        return " and ".join([source] * any(n not in from_file for n in names)
+                            + sorted({from_file[n] for n in names if n in from_file}))
+
     # an empty value asks for nothing (Kohya GUI files carry e.g. lr_scheduler_args = [], wandb_api_key = "")
     foreign = sorted(k for k, v in values.items() if k in FOREIGN and v not in (None, False, "", []))
     unknown = sorted(k for k in values if k not in FIELDS and k not in FOREIGN)
     if unknown:
-        raise UserError(f"{source}: unknown option(s) {unknown_options(unknown)}", unknown[0])
-    options = TrainOptions(**{k: _normalised(k, v, source) for k, v in values.items() if k in FIELDS})
+        raise UserError(f"{given_in(unknown)}: unknown option(s) {unknown_options(unknown)}", unknown[0])
+    options = TrainOptions(**{k: _normalised(k, v, given_in([k])) for k, v in values.items() if k in FIELDS})
     from ..tiny_model.build import bundled_model
 
     if bundled := bundled_model(options.pretrained_model_name_or_path):  # by its name, as the API takes it
@@ -643,8 +651,8 @@ def options_from(values: dict[str, Any], source: str = "options", template: bool
         if getattr(options, name) is not None and getattr(options, name) <= 0:
             options = dataclasses.replace(options, **{name: None})
     if foreign:
-        raise UserError(f"{source}: not supported: {foreign_refusal(foreign)}", foreign[0])
-    validate(options, template)
+        raise UserError(f"{given_in(foreign)}: not supported: {foreign_refusal(foreign)}", foreign[0])
+    validate(options, template, from_file)
     return options
 
 
@@ -661,20 +669,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
                             "file and does not read or overwrite this one: give another --config_file")
     elif given.get("config_file"):
         values.update(read_config_file(given["config_file"], notes))
+    from_file = {name: str(given["config_file"]) for name in values if name not in given}  # the command line beats it
     values.update(given)
-    options = options_from(values, _source_of(values, given), template=bool(given.get("output_config")))
+    options = options_from(values, "command line", bool(given.get("output_config")), from_file)
     return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions, "notes": notes})
-
-
-def _source_of(values: dict[str, Any], given: dict[str, Any]) -> str:
-    """Where the options a refusal would name come from: the file alone, the command line alone, or both."""
-    if not given.get("config_file"):
-        return "command line"
-    refused = {k for k, v in values.items()
-               if k in FOREIGN and v not in (None, False, "", []) or k not in FIELDS and k not in FOREIGN}
-    if refused and not refused & given.keys():
-        return str(given["config_file"])
-    return f"command line and {given['config_file']}"
 
 
 TRAINING_TIMESTEPS = 1000  # every SD model's schedule: timesteps 0…999
@@ -737,8 +735,21 @@ def prediction_problems(options: TrainOptions, prediction_type: str, decided_by:
     return []
 
 
-def validate(options: TrainOptions, template: bool = False) -> None:
-    """Contradictions sd-scripts rejects (and a few it lets through to fail later), said before any heavy work."""
+def _with_file(problem: str, options: TrainOptions, from_file: dict[str, str]) -> str:
+    """A problem about an option a --config_file gave (``--name value: …``) says that file after the value, so the
+    user edits the file rather than looks for the option on the command line."""
+    about = re.match(r"--(\w+)", problem)
+    if not about or about[1] not in from_file:
+        return problem
+    value, rest = getattr(options, about[1], None), problem[about.end():]
+    shown = next((said for said in (f" {value!r}", f" {value}")
+                  if value is not None and re.match(re.escape(said) + r"(?!\w)", rest)), "")
+    return f"{problem[:about.end()]}{shown} (in {from_file[about[1]]}){rest[len(shown):]}"
+
+
+def validate(options: TrainOptions, template: bool = False, from_file: dict[str, str] | None = None) -> None:
+    """Contradictions sd-scripts rejects (and a few it lets through to fail later), said before any heavy work;
+    ``from_file``: the options a --config_file gave (name → file), named with it."""
     problems = []
     for name, f in FIELDS.items():  # the command line checks these itself; TOML, the UI and the API do not
         allowed = f.metadata["choices"]
@@ -945,6 +956,7 @@ def validate(options: TrainOptions, template: bool = False) -> None:
         problems.append("no base model: give --pretrained_model_name_or_path")
     if problems:
         # each problem names the option it is about (--name …) first, which the API and the UI point at
+        problems = [_with_file(problem, options, from_file or {}) for problem in problems]
         first_option = re.search(r"--(\w+)", problems[0])
         raise UserError("; ".join(problems), first_option and first_option[1])
 
