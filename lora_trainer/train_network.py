@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m lora_trainer.trai
 def _main(argv: list[str] | None, prog: str, started: float) -> int:
     from .console import utf8_when_redirected
     from .training.events import EventLog
-    from .training.options import kohya_command, non_default, parse_args, sd_scripts_notes, write_output_config
+    from .training.options import (kohya_command, kohya_command_notes, non_default, parse_args, sd_scripts_notes,
+                                   write_output_config)
 
     utf8_when_redirected()
     try:
@@ -40,7 +41,7 @@ def _main(argv: list[str] | None, prog: str, started: float) -> int:
 
             script, told = for_sd_scripts(options, unreadable=entry)
             print(kohya_command(told, script))
-            for note in sd_scripts_notes(told, script):
+            for note in [*sd_scripts_notes(told, script), *kohya_command_notes(told, script)]:  # stdout: the line alone
                 print(f"note: {note}", file=sys.stderr)
             return 0
         if actions.print_config:

@@ -135,3 +135,29 @@ def test_a_file_given_to_resume_is_said_for_what_it_is_with_what_to_give_instead
     refused(f"--resume {notes}: not a state folder", resume=str(notes))
     refused(f"--resume {tmp_path / 'gone'}: no such folder", resume=str(tmp_path / "gone"))
     assert options_from({**BASE, "resume": str(state)}).resume == str(state)
+
+
+def test_the_printed_kohya_command_says_which_of_this_trainers_own_options_it_left_out(capsys):
+    """--state_dir, --stop_file … were dropped without a word; stdout stays the one line to paste."""
+    from lora_trainer.train_network import main as train_main
+
+    assert train_main([*COMMAND, "--state_dir", "states", "--stop_file", "stop", "--device", "cpu",
+                       "--print-kohya-command"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.count("\n") == 1 and printed.out.startswith("accelerate launch train_network.py")
+    assert ("note: --device, --stop_file, --state_dir left out (this trainer's own: sd-scripts has no such option)"
+            in printed.err)
+    assert train_main([*COMMAND, "--print-kohya-command"]) == 0
+    assert "left out" not in capsys.readouterr().err
+
+
+def test_a_printed_windows_command_says_the_values_powershell_would_expand_in_single_quotes():
+    """The line is quoted for cmd.exe; PowerShell expands $name and `x inside its double quotes."""
+    from lora_trainer.training.options import kohya_command_notes
+
+    options, _ = parse_args([*COMMAND, "--output_name", "it's $5", "--sample_prompts", "`prompts.txt"])
+    assert kohya_command_notes(options, windows=True) == [
+        "in PowerShell (not cmd), give --output_name 'it''s $5', --sample_prompts '`prompts.txt' in single quotes: "
+        "it expands $ and ` inside double quotes and unquoted words"]
+    assert kohya_command_notes(options, windows=False) == []  # POSIX quoting already keeps them
+    assert kohya_command_notes(parse_args(COMMAND)[0], windows=True) == []

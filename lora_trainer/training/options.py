@@ -1079,8 +1079,12 @@ def _block_weights(spec) -> list[float] | None:
     return weights or None
 
 
+# this trainer's own options (TrainOptions' "ours"), which sd-scripts' parser has not: left out of what it is given
+OWN_OPTIONS = ("device", "events_file", "stop_file", "state_dir", "backend")
+
+
 def non_default(options: TrainOptions) -> dict[str, Any]:
-    ours = {"device", "events_file", "stop_file", "state_dir", "config_file", "output_config", "backend"}
+    ours = {*OWN_OPTIONS, "config_file", "output_config"}  # a config file's values are in the options themselves
     return {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(DEFAULTS, k) and k not in ours}
 
 
@@ -1157,6 +1161,28 @@ def sd_scripts_values(options: TrainOptions) -> dict[str, Any]:
 def kohya_command(options: TrainOptions, script: str = "train_network.py", windows: bool = os.name == "nt") -> str:
     """The sd-scripts command line for the same run (``--print-kohya-command``), quoted for this system's shell;
     without the options ``script`` does not take (``left_out_of_command``)."""
+    return join_command_line(_kohya_words(options, script), windows)
+
+
+def kohya_command_notes(options: TrainOptions, script: str = "train_network.py",
+                        windows: bool = os.name == "nt") -> list[str]:
+    """What ``--print-kohya-command`` says beside the command (which stays one line to paste): this trainer's own
+    options it leaves out, and on Windows the values PowerShell would change (the line is quoted for cmd.exe, whose
+    double quotes PowerShell reads with $variables and `escapes expanded)."""
+    notes = []
+    if own := [f"--{name}" for name in OWN_OPTIONS if getattr(options, name) != getattr(DEFAULTS, name)]:
+        notes.append(f"{', '.join(own)} left out (this trainer's own: sd-scripts has no such option)")
+    words = _kohya_words(options, script)
+    expanded = [(next((w for w in reversed(words[:i]) if w.startswith("--")), ""), word)
+                for i, word in enumerate(words) if re.search(r"[$`]", word)]
+    if windows and expanded:  # PowerShell's single quotes take every character as it is, a ' written twice
+        single_quoted = ", ".join(f"{name} '{word.replace(chr(39), chr(39) * 2)}'".strip() for name, word in expanded)
+        notes.append(f"in PowerShell (not cmd), give {single_quoted} in single quotes: it expands $ and ` inside "
+                     "double quotes and unquoted words")
+    return notes
+
+
+def _kohya_words(options: TrainOptions, script: str) -> list[str]:
     parts = ["accelerate", "launch", script]
     left_out = {name.removeprefix("--") for name in left_out_of_command(options, script)}
     for name, value in sd_scripts_values(options).items():
@@ -1170,7 +1196,7 @@ def kohya_command(options: TrainOptions, script: str = "train_network.py", windo
             parts += [f"--{name}", *map(str, value)]
         else:
             parts += [f"--{name}", str(value)]
-    return join_command_line(parts, windows)
+    return parts
 
 
 def write_config(options: TrainOptions, path: str | Path) -> Path:
