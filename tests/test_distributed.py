@@ -102,6 +102,32 @@ def test_gpus_without_nccl_are_refused_before_the_process_group_with_the_way_to_
         start(World(0, 2), torch.device("cuda", 0))
 
 
+def test_without_nccl_only_rank_0_says_why_and_every_rank_stops(monkeypatch, capsys):
+    """torchrun shares one console: N ranks printed the same paragraph N times."""
+    import torch.distributed as dist
+
+    from lora_trainer.train_network import main
+    from lora_trainer.training import trainer
+    from lora_trainer.training.distributed import start
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("the group was started"))
+    monkeypatch.setattr(trainer, "pick_device", lambda *_: torch.device("cuda", 1))  # no GPU needed to get this far
+    monkeypatch.setattr(trainer, "start_world", start)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    arguments = ["--pretrained_model_name_or_path", str(TINY_MODEL_PATH), "--train_data_dir", ".", "--events_file", "-"]
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments)
+    assert stopped.value.code == 2
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    assert main(arguments) == 2
+    printed = capsys.readouterr()
+    assert printed.err.count("needs NCCL") == 1 and '"event": "error"' in printed.out
+
+
 def _sum_gradients_on_rank(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 

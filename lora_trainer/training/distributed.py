@@ -56,7 +56,11 @@ def start(world: World, device: torch.device, timeout_minutes: int | None = None
     dist = _dist() if world.distributed else None
     if dist is not None and not dist.is_initialized():
         if device.type == "cuda" and not dist.is_nccl_available():
-            # said here: NCCL's absence surfaced later as "lost the others", sending users after --ddp_timeout
+            # said here: NCCL's absence surfaced later as "lost the others", sending users after --ddp_timeout. Every
+            # rank meets it: rank 0 says it, the others end with the same status (the entry point's 2 for an error)
+            # without printing the paragraph again on the shared console
+            if not world.is_main:
+                raise SystemExit(2)
             raise UserError(f"torchrun on {world.size} GPUs needs NCCL, which this torch build lacks (torch's Windows "
                             "builds have none): train on one GPU without torchrun, or on Linux or WSL")
         if device.type == "cuda":
