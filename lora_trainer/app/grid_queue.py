@@ -134,7 +134,7 @@ class GridQueue:
             message = ("no cell finished (interrupted or skipped): nothing was saved" if result.path is None else
                        unfinished_images(result, plan))
             warnings = getattr(self.host, "take_warnings", lambda: [])()  # a LoRA not found or not fitting
-            message = "; ".join(filter(None, [message, *plan.notes, *warnings])) or None
+            message = "; ".join(filter(None, [message, *plan.notes, *result.warnings, *warnings])) or None
             ended = "stopped" if result.stopped else "finished"
         except Exception as error:  # noqa: BLE001 - reported through GET /grids/{id}
             ended, message = "failed", str(error)

@@ -42,6 +42,7 @@ class GridResult:
     finished: int = 0  # distinct cells generated (identical cells are drawn once)
     total: int = 0  # distinct cells planned
     infotexts: list[list[str]] = field(default_factory=list)  # each cell's, "" for one not generated
+    warnings: list[str] = field(default_factory=list)  # what drawing it went wrong in (labels no font draws)
 
 
 def _default_font(size: int):
@@ -125,11 +126,12 @@ def undrawable(font, text: str) -> set[str]:
     return missing
 
 
-def label_font(size: int, text: str, font_file: str | Path | None = None):
+def label_font(size: int, text: str, font_file: str | Path | None = None, warnings: list[str] | None = None):
     """The font a grid's texts (all of them in ``text``) are drawn in: ``font_file`` (the host's own, such as the
     WebUI's grid font) or Pillow's default; where it has no glyph for some of their characters (Chinese, Japanese,
     Korean), the installed font that draws them all, else the most of them (``system_fallback_fonts``, the first of
-    equals). Where some stay boxes, the log says once which font to install."""
+    equals). Where some stay boxes, the log says once a process which font to install, and ``warnings`` gain it for
+    this grid (what the API's grid record and the Grid tab show: a remote user reads no server log)."""
     font = (_font_file(font_file, size) if font_file else None) or _default_font(size)
     missing = undrawable(font, text)
     for path in system_fallback_fonts() if missing else ():
@@ -139,7 +141,12 @@ def label_font(size: int, text: str, font_file: str | Path | None = None):
             if not missing:
                 break
     if missing:
-        _say_no_font("".join(character for character in dict.fromkeys(text) if character in missing))
+        advice = no_font_advice("".join(character for character in dict.fromkeys(text) if character in missing))
+        if not _said_no_font:
+            _said_no_font.append(advice)
+            log.warning("Prompt-Lora-Grid: %s", advice)
+        if warnings is not None and advice not in warnings:
+            warnings.append(advice)
     return font
 
 
@@ -149,16 +156,13 @@ _said_no_font: list[str] = []  # what the log said: once a process, not at every
 _EAST_ASIAN_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO", "IDEOGRAPHIC", "FULLWIDTH", "HALFWIDTH")
 
 
-def _say_no_font(missing: str) -> None:
-    if _said_no_font:
-        return
-    _said_no_font.append(missing)
+def no_font_advice(missing: str) -> str:
+    """What to install so that the characters ``missing`` are drawn, in one sentence."""
     east_asian = any(unicodedata.name(character, "").startswith(_EAST_ASIAN_SCRIPTS) for character in missing)
     install = ("a CJK font (Noto Sans CJK: fonts-noto-cjk on Debian and Ubuntu, google-noto-sans-cjk-fonts on Fedora; "
                "Windows and macOS come with one)" if east_asian else "a font that has them")
-    log.warning("Prompt-Lora-Grid: no font installed here draws %s of the grid's labels: they show as boxes; install "
-                "%s, or, in the WebUI, name a font file that has them in its setting \"Font for image grids that have "
-                "text\"", missing, install)
+    return (f"no font installed here draws {missing} of the grid's labels: they show as boxes; install {install}, or, "
+            "in the WebUI, name a font file that has them in its setting \"Font for image grids that have text\"")
 
 
 def drawable(text: str, font) -> str:
@@ -195,11 +199,11 @@ class GridLayout:
 
 
 def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels: list[str], title: str = "",
-                legend: str = "", font_file: str | Path | None = None) -> GridLayout:
+                legend: str = "", font_file: str | Path | None = None, warnings: list[str] | None = None) -> GridLayout:
     """The texts of ``assemble``'s grid, placed and wrapped (``_wrap``) in ``label_font``'s font (``font_file``
-    first), sized to the cells (an eighth of their width, 10 px at least)."""
+    first), sized to the cells (an eighth of their width, 10 px at least); ``warnings`` gain what no font draws."""
     width, height = cell_size
-    font = label_font(max(10, width // 8), "".join([title, legend, *row_labels, *column_labels]), font_file)
+    font = label_font(max(10, width // 8), "".join([title, legend, *row_labels, *column_labels]), font_file, warnings)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def wrapped(text: str, room: int, separator: str = " ") -> str:
@@ -239,11 +243,11 @@ def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels
 
 
 def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
-             legend: str = "", font_file: str | Path | None = None) -> Image.Image:
+             legend: str = "", font_file: str | Path | None = None, warnings: list[str] | None = None) -> Image.Image:
     """Cells with column labels on top, row labels on the left (labels may have several lines), a title above and a
-    legend below, each wrapped to its room (``grid_layout``)."""
+    legend below, each wrapped to its room (``grid_layout``; ``warnings`` gain what no font draws)."""
     width, height = cells[0][0].size
-    layout = grid_layout((width, height), row_labels, column_labels, title, legend, font_file)
+    layout = grid_layout((width, height), row_labels, column_labels, title, legend, font_file, warnings)
     grid = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(grid)
     for at, text in [layout.title, *layout.column_labels, *layout.row_labels, layout.legend]:

@@ -1106,6 +1106,30 @@ def test_a_grid_interrupted_before_its_first_cell_says_nothing_was_saved(service
     assert_error(client.get(f"{V1}/grids/{grid_id}/image"), 409, "grid_not_ready")
 
 
+def test_a_grid_whose_labels_no_installed_font_draws_says_so_in_its_answer(services, fake_host, monkeypatch):
+    """A host without a CJK font drew 蓝色背景 as boxes and said so only in the server's log (once a process): the
+    grid's message was null, and an automation user saw boxes with no reason given."""
+    import numpy
+    from safetensors.numpy import save_file
+
+    from lora_trainer.grid import render
+
+    monkeypatch.setattr(render, "system_fallback_fonts", lambda: ())
+    monkeypatch.setattr(render, "_said_no_font", ["an earlier grid's labels"])  # the log has said it already
+    save_file({"lora_unet_x.lora_down.weight": numpy.ones((1, 1), numpy.float32)},
+              str(services.settings.lora_folder / "mylora.safetensors"), metadata={"ss_output_name": "mylora"})
+    monkeypatch.setattr(fake_host, "take_warnings", lambda: [])
+    client = make_client(services)
+    body = {"lora": "mylora", "x": {"kind": "strength", "values": ["1"]},
+            "y": {"kind": "prompt", "values": ["蓝色背景", "红色背景"]}, "settings": {"prompt": "a star, 蓝色背景"}}
+    created = client.post(f"{V1}/grids", json=body)
+    assert created.status_code == 202, created.text
+    status = wait_for_grid(client, created.json()["id"])
+    assert status["status"] == "finished", status
+    assert "no font installed here draws 蓝色背景红 of the grid's labels: they show as boxes" in status["message"]
+    assert "Noto Sans CJK" in status["message"]
+
+
 def wait_for_grid(client: TestClient, grid_id: str, statuses=("finished", "stopped", "failed")) -> dict:
     return polled(client, f"{V1}/grids/{grid_id}", statuses, 400)
 

@@ -72,6 +72,16 @@ def test_mistakes_and_interrupts_are_reported_in_the_status(services, fake_host,
     assert grid_tab.interrupt(services, {}) == "No grid of this tab is being generated: nothing to interrupt."
 
 
+def test_labels_no_installed_font_draws_are_said_in_the_status(services, fake_host, run, monkeypatch):
+    """The tab said "Grid saved" over a grid of boxes: only the server's log (once a process) said why."""
+    from lora_trainer.grid import render
+
+    monkeypatch.setattr(render, "system_fallback_fonts", lambda: ())
+    monkeypatch.setattr(render, "_said_no_font", ["an earlier grid's labels"])
+    status = generate(services, run, x_kind="prompt", x_values="蓝色背景, 红色背景", prompt="zkstar, 蓝色背景")[4]
+    assert "Grid saved" in status and "⚠ no font installed here draws 蓝色背景红 of the grid's labels" in status, status
+
+
 def test_promote_writes_the_file_and_the_preferred_weight(services, fake_host, run):
     assert grid_tab.preferred_weight(services, run) == 1.0  # no card yet
     (services.settings.lora_folder / "tinylora.json").write_text('{"preferred weight": 0.7}', encoding="utf-8")

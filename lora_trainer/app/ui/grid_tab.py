@@ -103,7 +103,7 @@ def generate_grid(services, run: str, x_kind: str, x_values: str, y_kind: str, y
             note = f"{unfinished[0].upper()}{unfinished[1:]}. {note}"
     if plan.notes:  # what the plan did to the prompt, step files left out
         note += " " + " ".join(f"{n.rstrip('.')}." for n in plan.notes)
-    warnings = getattr(services.host, "take_warnings", lambda: [])()
+    warnings = [*result.warnings, *getattr(services.host, "take_warnings", lambda: [])()]  # labels drawn as boxes too
     if warnings:
         note += " " + " ".join(f"⚠ {w}" for w in warnings)
     best = str(plan.best_epoch) if plan.best_epoch else (epochs[-1] if epochs else None)
