@@ -602,6 +602,8 @@ def test_a_pause_asked_just_before_the_runner_is_made_anew_ends_as_a_pause(runne
     ("", "stop", []), ("stop\n", "stop", []), ("PAUSE", "stop", []), ("save\nsample\n", "save+sample", []),
     ("save\n\n", "save", []),  # a blank line (an editor's last newline) is no stop
     ("save\nstop\n", "stop", []),  # a stop saves too: it takes the others' place
+    # "Sample now" then "Pause" within one step: the samples were dropped, the stop won
+    ("sample\npause\n", "sample+stop", []), ("stop\nsave\nsample\n", "sample+stop", []),
     ("smaple\n", None, ["smaple"]), ("sample\nrm -rf\n", "sample", ["rm", "-rf"]),
 ])
 def test_the_control_file_words_read_as_one_command(text, command, unknown):

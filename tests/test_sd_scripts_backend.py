@@ -262,6 +262,20 @@ def test_a_stop_terminates_sd_scripts_keeps_its_files_and_ends_without_an_error(
     assert not (tmp_path / "STOP").exists()  # obeyed and taken, as our trainer takes it: a resume would stop on it
 
 
+def test_sample_now_then_pause_stops_sd_scripts_which_cannot_sample_on_request(tmp_path):
+    """The control file's "sample" and "pause" within one step read as sample+stop: sd-scripts draws samples only
+    when its options say, so its run obeys the stop alone (as it did when the stop took the sample's place)."""
+    import time
+
+    from lora_trainer.training.sd_scripts_backend import _asks_to_stop
+
+    control = tmp_path / "STOP"
+    started = time.time()
+    for words, stops in (("sample\npause\n", True), ("stop\n", True), ("sample\n", False), ("save\n", False)):
+        control.write_text(words, encoding="utf-8")
+        assert _asks_to_stop(control, started) is stops, words
+
+
 def test_after_a_stop_nothing_sd_scripts_printed_while_it_ended_becomes_an_event(checkout, tmp_path):
     lines = ["epoch 1/3", "steps:  33%|███▎      | 20/60 [00:09<00:18,  2.1it/s, avr_loss=1.14]", "@pause",
              "@write {out}/STOP", "@count"]

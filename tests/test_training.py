@@ -490,6 +490,19 @@ def test_sample_now_draws_the_sample_prompts_at_that_step(dataset, tmp_path, mon
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 8
 
 
+def test_sample_now_then_pause_within_one_step_draws_the_samples_then_stops(dataset, tmp_path, monkeypatch):
+    """"Sample now" then "Pause" within one step: the stop won and the samples were dropped without a word."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkstar --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
+    control = tmp_path / "control"
+    command_while_running(monkeypatch, control, "sample\npause\n")
+    assert run(dataset, tmp_path / "a", "--stop_file", str(control), "--sample_prompts", str(prompts)) == 0
+    events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "sample"] == [1]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1]
+    assert events[-1]["event"] == "end" and events[-1]["stopped"] is True and not control.exists()
+
+
 def test_a_failing_sample_is_a_warning_and_the_training_goes_on(dataset, tmp_path, monkeypatch, capsys):
     """A sample (out of memory on a small GPU at a large --w, say) shows the training: losing the run to it would lose
     hours; and one prompt that fails no longer loses the other prompts of that round."""

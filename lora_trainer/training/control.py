@@ -24,13 +24,20 @@ def control_text(data: bytes) -> str:
 
 def control_command(text: str) -> tuple[str | None, list[str]]:
     """The command the file's words ask for, and the words that are none. ``stop`` for stop or pause or an empty
-    file (a stop saves too, so it takes the others' place); else ``save``, ``sample`` or ``save+sample`` (both asked
-    within one step); None when only unknown words are there."""
+    file (a stop saves too, so it takes a save's place), ``sample+stop`` where a sample was asked too ("Sample now"
+    then "Pause" within one step: the samples are drawn, then the run stops); else ``save``, ``sample`` or
+    ``save+sample`` (both asked within one step); None when only unknown words are there. The parts are done in the
+    order they are named (``asks_to_stop`` tells a stop)."""
     words = text.lower().split()
     unknown = [word for word in words if word not in WORDS]
     if not words or {"stop", "pause"} & set(words):
-        return "stop", unknown
+        return ("sample+stop" if "sample" in words else "stop"), unknown
     return "+".join(word for word in ("save", "sample") if word in words) or None, unknown
+
+
+def asks_to_stop(command: str | None) -> bool:
+    """Whether ``control_command``'s command ends the run (``stop``, ``sample+stop``)."""
+    return "stop" in (command or "").split("+")
 
 
 CLOCK_SLACK_SECONDS = 2.0  # FAT keeps file times to 2 s: a word of this run may read up to that much older than its start

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 
-COMMANDS = (None, "stop", "save", "sample", "save+sample")  # the control file's commands, as one value to share
+COMMANDS = (None, "stop", "save", "sample", "save+sample", "sample+stop")  # the control file's commands, as one value to share
 
 
 def _dist():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import toml_text
 from ..errors import UserError
-from .control import control_command, control_text, leftover_warning, written_before
+from .control import asks_to_stop, control_command, control_text, leftover_warning, written_before
 from .events import EventLog
 from .options import (TrainOptions, absolute_path, memory_advice, sd_scripts_notes, sd_scripts_values,
                       with_absolute_paths, with_sd_scripts_requirements)
@@ -59,11 +59,12 @@ def checkout_of(backend: str) -> Path:
 
 
 def _asks_to_stop(stop_file: Path | None, started: float) -> bool:
-    """The control file asks to stop or pause: sd-scripts can neither save nor sample now, so only that is obeyed. A
-    file older than the run (one that could not be removed as a leftover) is not this run's."""
+    """The control file asks to stop or pause (a sample asked with it too): sd-scripts can neither save nor sample
+    now, so only the stop is obeyed. A file older than the run (one that could not be removed as a leftover) is not
+    this run's."""
     try:
         return stop_file is not None and not written_before(stop_file.stat().st_mtime, started) and \
-            control_command(control_text(stop_file.read_bytes()))[0] == "stop"
+            asks_to_stop(control_command(control_text(stop_file.read_bytes()))[0])
     except OSError:
         return False
 

@@ -47,7 +47,7 @@ from .distributed import World, agree_on_command, agree_on_seed, sum_across, sum
 from .distributed import finish as finish_world
 from .distributed import start as start_world
 from . import noise as N
-from .control import control_command, control_text, leftover_warning, written_before
+from .control import asks_to_stop, control_command, control_text, leftover_warning, written_before
 from .data import (TrainingData, build_training_data, check_bucket_steps, check_captions_cacheable, sdxl_sizes,
                    unmarked_caches_warning)
 from .evaluation import outlier_images, recommend_epoch, unkept_epoch, validation_generator, validation_timesteps
@@ -192,8 +192,8 @@ class StopRequest:
 
     The control file (``--stop_file``, written by the job runner) holds a word a line: ``stop`` or ``pause`` (or
     nothing) = save weights and state, exit 0; ``save`` = save now and go on; ``sample`` = draw the samples now and go
-    on. A stop takes the others' place (it saves too); save and sample both written within a step are both done.
-    Another word is said through ``warn`` and not obeyed.
+    on. A stop takes a save's place (it saves too); a sample written with it is drawn before the stop; save and sample
+    both written within a step are both done. Another word is said through ``warn`` and not obeyed.
     """
 
     def __init__(self, stop_file: Path | None, warn: Callable[[str], None]):
@@ -218,7 +218,7 @@ class StopRequest:
         self.signalled = True
 
     def command(self) -> str | None:
-        """``stop``, ``save``, ``sample`` or None; a command is taken (the file removed) when read: a stop left behind
+        """``stop``, ``save``, ``sample``, ``save+sample``, ``sample+stop`` or None; a command is taken (the file removed) when read: a stop left behind
         would stop the resumed run, and every later one with that name, after its first step."""
         if self.signalled:
             return "stop"
@@ -672,7 +672,7 @@ class TrainingRun:
                     self._at_last_step, self._losses_since_step = self.generator.get_state(), []
                     if state.step >= self.total_steps:
                         break
-                    if self._obey(epoch) == "stop":  # the file counts the epoch it stopped in, from 1, as a step save does
+                    if asks_to_stop(self._obey(epoch)):  # the file counts the epoch it stopped in, from 1, as a step save does
                         return self.finish(epoch + 1, stopped=True)
             except ImageError as error:
                 self._stop_at_unreadable_image(error, epoch)
@@ -799,7 +799,7 @@ class TrainingRun:
             self.save_network_file(plan.step_path(state.step), epoch, state.step)
             state.epoch = epoch
             self.save_state_file(plan.state_path(None, state.step))
-        if command == "stop":
+        if "stop" in asked:
             state.epoch = epoch
             self.save_state_file(plan.state_path(epoch, state.step), stopped=True)
         return command
