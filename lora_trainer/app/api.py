@@ -325,6 +325,37 @@ def post_json(url: str, payload: dict, timeout: float = 10.0) -> None:
         response.read()
 
 
+# (job database, job id) of the webhooks called or about to be: a queued job deleted is called by the delete, and its
+# watcher, which may see it stopped before it is gone, must not call a second time
+_WEBHOOKS_CLAIMED: set[tuple[Path, int]] = set()
+_WEBHOOKS_LOCK = threading.Lock()
+
+
+def claim_webhook(services: Services, job_id: int) -> bool:
+    """True for the first caller only: that one calls the job's webhook."""
+    with _WEBHOOKS_LOCK:
+        key = (services.store.database, job_id)
+        claimed = key not in _WEBHOOKS_CLAIMED
+        _WEBHOOKS_CLAIMED.add(key)
+        return claimed
+
+
+def release_webhook(services: Services, job_id: int) -> None:
+    with _WEBHOOKS_LOCK:
+        _WEBHOOKS_CLAIMED.discard((services.store.database, job_id))
+
+
+def webhook_payload(job: Job) -> dict:
+    return {"job": job_json(job), "end": last_end_event(job)}
+
+
+def call_webhook(url: str, payload: dict, job_id: int) -> None:
+    try:
+        post_json(url, payload)
+    except Exception as error:  # noqa: BLE001 - a webhook is a courtesy; the job is done either way
+        log.warning("LoRA Trainer: webhook %s for job %s failed: %s", url, job_id, error)
+
+
 def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0.5) -> threading.Thread:
     def watch() -> None:
         while True:
@@ -334,10 +365,8 @@ def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0
             if job.status not in ACTIVE:
                 break
             time.sleep(poll)
-        try:
-            post_json(url, {"job": job_json(job), "end": last_end_event(job)})
-        except Exception as error:  # noqa: BLE001 - a webhook is a courtesy; the job is done either way
-            log.warning("LoRA Trainer: webhook %s for job %s failed: %s", url, job_id, error)
+        if claim_webhook(services, job_id):
+            call_webhook(url, webhook_payload(job), job_id)
 
     thread = threading.Thread(target=watch, name=f"lora-trainer-webhook-{job_id}", daemon=True)
     thread.start()
@@ -665,7 +694,7 @@ def create_router(services: Services) -> APIRouter:
     @router.delete("/jobs/{job_id}", summary="Delete a job")
     def delete_job(job_id: int):
         """Removes the job and its folder (events, config, log); the LoRA files it saved stay. Refused while it
-        runs: stop it first."""
+        runs: stop it first. A queued job's webhook is called as for a stop from the queue (status `stopped`)."""
         job = job_or_404(job_id)
         if job.status == "running":
             raise ApiError(409, "job_running", f"job {job_id} is running; stop it first (POST {PREFIX}/jobs/{job_id}/stop)")
@@ -674,6 +703,20 @@ def create_router(services: Services) -> APIRouter:
             raise ApiError(409, "job_running", f"job {waiting[0]} resumes from job {job_id}'s saved state; delete job "
                            f"{job_id} once job {waiting[0]} has ended (or take it out of the queue: POST "
                            f"{PREFIX}/jobs/{waiting[0]}/stop)")
+        hook = job.folder / WEBHOOK_FILE
+        if job.status == "queued":  # taken out of the queue as a stop takes it, and its webhook told so, once
+            claimed = hook.is_file() and claim_webhook(services, job_id)
+            try:
+                job = services.runner.dequeue(job_id)
+            except UserError:  # the queue started it meanwhile: its watcher calls the webhook when it ends
+                if claimed:
+                    release_webhook(services, job_id)
+                raise ApiError(409, "job_running", f"job {job_id} has just started; stop it first (POST "
+                               f"{PREFIX}/jobs/{job_id}/stop)") from None
+            if claimed:  # read before the folder goes; sent without holding up the answer
+                url, payload = hook.read_text(encoding="utf-8").strip(), webhook_payload(job)
+                threading.Thread(target=call_webhook, args=(url, payload, job_id), name=f"lora-trainer-webhook-{job_id}",
+                                 daemon=True).start()
         services.store.delete(job_id)
         if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
             shutil.rmtree(job.folder, ignore_errors=True)

@@ -290,16 +290,29 @@ class JobRunner:
             if job.status == "queued" and pause:  # it has trained nothing, so there is nothing to save
                 raise UserError(f"job {job_id} is queued, not running: nothing to pause; stop takes it out of the queue")
             if job.status == "queued":
-                removed = "removed from the queue"
-                with EventLog(job.events_path) as events:  # its stream ends as every stopped job's does
-                    events.emit("end", files=[], steps=0, stopped=True, message=removed)
-                return self.store.update(job_id, status="stopped", finished=time.time(), message=removed)
+                return self._dequeue(job)
             if job.status != "running":
                 raise UserError(f"job {job_id} is {job.status}; only a {'running' if pause else 'queued or running'} "
                                 f"job can be {'paused' if pause else 'stopped'}")
             (self._pause_requested if pause else self._stop_requested).add(job_id)
             self._send(job, "pause" if pause else "stop")
         return self.store.get(job_id)
+
+    def dequeue(self, job_id: int) -> Job:
+        """A queued job out of the queue, ended as a stop ends it there; UserError where it is queued no longer (the
+        queue took it meanwhile: a delete must not remove a running job's row)."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.status != "queued":
+                raise UserError(f"job {job_id} is {job.status}, no longer queued")
+            return self._dequeue(job)
+
+    def _dequeue(self, job: Job) -> Job:
+        """Under ``_lock``: the queued ``job`` marked stopped, its stream ended as every stopped job's is."""
+        removed = "removed from the queue"
+        with EventLog(job.events_path) as events:
+            events.emit("end", files=[], steps=0, stopped=True, message=removed)
+        return self.store.update(job.id, status="stopped", finished=time.time(), message=removed)
 
     def control(self, job_id: int, command: str) -> Job:
         """``save`` (write the network and a state now, go on) or ``sample`` (draw the sample prompts now, go on)."""

@@ -439,6 +439,22 @@ def test_webhook_gets_the_summary_when_the_job_ends(client, job_body):
     wait_for(client, plain["id"])
 
 
+def test_deleting_a_queued_job_calls_its_webhook_once_as_a_stop_from_the_queue(services, job_body):
+    """DELETE of a job that had not started said nothing to its webhook: a client waiting on it waited for good."""
+    client = make_client(services)  # the runner is not started: the job stays queued
+    with webhook_server() as (url, received):
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        assert client.delete(f"{V1}/jobs/{job['id']}").json() == {"deleted": job["id"]}
+        wait_for_calls(received, 1)
+        time.sleep(1.2)  # the job's watcher polls every 0.5 s: it must not call a second time
+    assert len(received) == 1, received
+    assert set(received[0]) == {"job", "end"}  # the shape an ended job's call has
+    assert received[0]["job"]["id"] == job["id"] and received[0]["job"]["status"] == "stopped"
+    assert received[0]["job"]["message"] == "removed from the queue"
+    assert received[0]["end"]["stopped"] is True and received[0]["end"]["files"] == []
+    assert_error(client.get(f"{V1}/jobs/{job['id']}"), 404, "job_not_found")
+
+
 def test_unreachable_webhook_does_not_affect_the_job(client, job_body):
     job = client.post(f"{V1}/jobs", json={**job_body, "webhook": "http://127.0.0.1:9/nothing-listens"}).json()
     assert wait_for(client, job["id"])["status"] == "finished"
