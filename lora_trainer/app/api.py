@@ -35,7 +35,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from ..dataset import tag_editor
 from ..dataset.caption_files import BackupNotFound
 from ..errors import UserError, with_closest
-from ..jobs.runner import earlier_files_note
+from ..jobs.runner import earlier_files_note, same_run_jobs_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
 from .grid_queue import GridStatus
@@ -632,8 +632,10 @@ def create_router(services: Services) -> APIRouter:
         the queue (status `queued`); jobs never run in parallel."""
         notes: list[str] = []
         name, options, webhook = job_request(body, settings, notes, services.host.checkpoints())
-        if note := earlier_files_note(options, services.runner.replaced_folder):
-            notes.append(note)
+        for note in (earlier_files_note(options, services.runner.replaced_folder),
+                     same_run_jobs_note(options, services.store.all(), services.runner.replaced_folder)):
+            if note:
+                notes.append(note)
         job = services.runner.submit(name, options, notes)
         if webhook:
             (job.folder / WEBHOOK_FILE).write_text(webhook, encoding="utf-8")

@@ -53,6 +53,27 @@ def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
             f"starts they are moved into {replaced_folder}, not overwritten")
 
 
+def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) -> str | None:
+    """What a job of the same output name and folder queued or running before this one will lose when this one starts
+    (its files moved aside, as an earlier run's are), said before this one is queued; None where there is none."""
+    if options.get("resume"):  # a resumed run writes its own files again, it moves none aside
+        return None
+
+    def run_of(values: dict) -> tuple[str, str]:
+        folder = Path(values.get("output_dir") or "output").resolve()
+        return os.path.normcase(str(folder)), os.path.normcase(values.get("output_name") or "last")  # Windows: any case
+
+    same = [job for job in jobs if job.status in ("queued", "running") and run_of(job.options) == run_of(options)]
+    if not same:
+        return None
+    one = len(same) == 1
+    listed = ", ".join(f"{job.id} ({job.status})" for job in same)
+    return (f"job{'' if one else 's'} {listed} also write{'s' if one else ''} the run {options.get('output_name')!r} in "
+            f"{Path(options.get('output_dir') or 'output')}: when this job starts, the files {'it' if one else 'they'} "
+            f"wrote by then are moved into {replaced_folder}, not overwritten; give this job another output name to keep "
+            f"{'both' if one else 'all'} where they are")
+
+
 def set_aside_earlier_files(job: Job, replaced_folder: Path) -> dict[Path, Path]:
     """Move an earlier run's files out of the new job's way, into ``replaced_folder/<job folder's name>``: nothing is
     lost (deleting the job leaves them), and moving them back restores them. A file another program holds open stays

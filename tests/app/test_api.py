@@ -1311,6 +1311,23 @@ def test_a_job_named_as_an_earlier_run_in_the_lora_folder_is_told_its_files_will
                f"{app_settings.data_folder / 'replaced'}, not overwritten" in warning for warning in answer.json()["warnings"])
 
 
+def test_a_job_queued_behind_one_of_the_same_output_name_is_told_it_will_move_that_ones_files_aside(services,
+                                                                                                   job_body):
+    """Two jobs writing zkchar.safetensors into the Lora folder, queued together: the second moved the first's files
+    into replaced/ when it ran, said at POST time by nothing."""
+    client = make_client(services)  # the runner is not started: both stay queued
+    first = client.post(f"{V1}/jobs", json=job_body).json()
+    second = client.post(f"{V1}/jobs", json={**job_body, "name": "zkchar again", "options": {
+        **job_body["options"], "output_name": "zkchar"}})
+    assert second.status_code == 201, second.text
+    said = [warning for warning in second.json()["warnings"] if f"job {first['id']}" in warning]
+    assert said == [f"job {first['id']} (queued) also writes the run 'zkchar' in {services.settings.lora_folder}: when "
+                    f"this job starts, the files it wrote by then are moved into {services.settings.data_folder / 'replaced'}"
+                    ", not overwritten; give this job another output name to keep both where they are"], second.json()
+    other = client.post(f"{V1}/jobs", json={**job_body, "name": "zkother"}).json()
+    assert not any("also writes" in warning for warning in other.get("warnings", []))
+
+
 def test_a_job_whose_captions_lie_under_another_extension_is_told_so_when_submitted(client, job_body):
     """Without caption_extension the captions are read from .caption files, as sd-scripts reads them; a dataset
     captioned in .txt then trained every image on its class token alone, said only as an event once it ran."""

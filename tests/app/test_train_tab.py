@@ -215,6 +215,12 @@ def test_start_queues_a_second_job_and_the_live_view_follows_it(services):
     assert train_tab.shown_job(services, None).id == second  # the newest when nothing runs
 
 
+def test_start_of_a_job_named_as_a_queued_one_says_it_will_move_that_ones_files_aside(services):
+    first = train_tab.submit(services, form())[1]
+    message, second = train_tab.submit(services, form())
+    assert second is not None and f"job {first} (queued) also writes the run 'star'" in message, message
+
+
 def test_stop_pause_resume_and_controls_say_what_happens(services):
     text, _ = train_tab.job_action(services, "resume", None)
     assert "Nothing to resume" in text

@@ -21,7 +21,7 @@ from ...dataset.captions import VARYING_CAPTION_OPTIONS, caching_problems
 from ...dataset.config import load_dataset_config
 from ...dataset.health import HealthSettings, check_dataset, check_dataset_config, report_lines
 from ...errors import UserError
-from ...jobs.runner import earlier_files_note
+from ...jobs.runner import earlier_files_note, same_run_jobs_note
 from ...jobs.store import Job
 from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
@@ -262,7 +262,8 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         return f"**Cannot start:** {error}"
     if report.errors:
         return "**Cannot start:** " + "; ".join(f"{f.path}: {f.message}" for f in report.errors[:3])
-    note = earlier_files_note(options, services.runner.replaced_folder)
+    notes = [note for note in (earlier_files_note(options, services.runner.replaced_folder),
+                               same_run_jobs_note(options, services.store.all(), services.runner.replaced_folder)) if note]
     planned = estimate(checked, report, "sdxl" if sdxl else "sd1", regularization)
     lines = planned.lines()
     if services.host.name == "forge" and (problem := forge_problem(
@@ -301,7 +302,7 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         lines.append(f"⚠ The estimate is above this GPU's {gpu:.0f} GiB, and no GPU memory tier is chosen (without one "
                      "the run trains in full precision without gradient checkpointing): pick your card's size under GPU "
                      "memory")
-    return "\n\n".join([*lines, f"**Note:** {note}"] if note else lines)
+    return "\n\n".join([*lines, *(f"**Note:** {note}" for note in notes)])
 
 
 def gpu_gib(device: str | None) -> float | None:
