@@ -247,8 +247,14 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     name = body.get("name") or options.get("output_name")
     if not isinstance(name, str):
         raise ApiError(400, "invalid", "name: give the job a name as text (it also names the LoRA file by default)", "name")
+    given = {"name" if body.get("name") else "output_name": name, "output_name": str(options.get("output_name") or "")}
     name = checked_name(name, "name")
     options["output_name"] = checked_name(str(options.get("output_name") or name), "output_name")
+    for field, value in given.items():  # trimmed as the Train tab trims its Output name, and said
+        used = name if field == "name" else options["output_name"]
+        note = f"{field}: {value!r} has spaces at its start or end: they were removed, and {used!r} is used"
+        if value and value != used and notes is not None and note not in notes:
+            notes.append(note)
     options.setdefault("output_dir", str(settings.lora_folder))
     roots = settings.roots()
     model = options.get("pretrained_model_name_or_path")

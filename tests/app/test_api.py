@@ -1328,6 +1328,22 @@ def test_a_job_queued_behind_one_of_the_same_output_name_is_told_it_will_move_th
     assert not any("also writes" in warning for warning in other.get("warnings", []))
 
 
+def test_spaces_around_a_jobs_name_are_removed_and_said(services, job_body):
+    """" lead" became "lead" without a word: a client looking for " lead.safetensors" found nothing. Trimmed as the
+    Train tab trims its Output name, and said."""
+    client = make_client(services)
+    job = client.post(f"{V1}/jobs", json={**job_body, "name": " lead"})
+    assert job.status_code == 201, job.text
+    assert job.json()["name"] == "lead" and job.json()["options"]["output_name"] == "lead"
+    assert "name: ' lead' has spaces at its start or end: they were removed, and 'lead' is used" in job.json()["warnings"]
+    named = client.post(f"{V1}/jobs", json={**job_body, "options": {**job_body["options"], "output_name": "zk "}}).json()
+    assert named["name"] == "zkchar" and named["options"]["output_name"] == "zk"
+    assert [w for w in named["warnings"] if "has spaces" in w] == [
+        "output_name: 'zk ' has spaces at its start or end: they were removed, and 'zk' is used"]
+    plain = client.post(f"{V1}/jobs", json={**job_body, "name": "plain"}).json()
+    assert not any("has spaces" in warning for warning in plain.get("warnings", []))
+
+
 def test_a_job_whose_captions_lie_under_another_extension_is_told_so_when_submitted(client, job_body):
     """Without caption_extension the captions are read from .caption files, as sd-scripts reads them; a dataset
     captioned in .txt then trained every image on its class token alone, said only as an event once it ran."""
