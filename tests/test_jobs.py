@@ -620,23 +620,63 @@ def test_a_windows_trainer_is_asked_whether_it_runs_without_a_signal(monkeypatch
 
     from lora_trainer.jobs.store import pid_alive
 
-    class Kernel32:
-        def OpenProcess(self, access, inherit, pid):
-            return 7 if pid in (11, 12) else 0
-
-        def GetExitCodeProcess(self, handle, code):
-            code._obj.value = 259 if self.asked == 11 else 0  # STILL_ACTIVE, or an exit code
-            return 1
-
-        def CloseHandle(self, handle):
-            pass
-
-    kernel32 = Kernel32()
+    kernel32 = fake_kernel32()
     monkeypatch.setattr(os, "kill", lambda *_: pytest.fail("os.kill on Windows sends Ctrl-C"))
     monkeypatch.setattr(ctypes, "WinDLL", lambda name: kernel32, raising=False)
     for pid, running in ((11, True), (12, False), (13, False)):
         kernel32.asked = pid
         assert pid_alive(pid, windows=True) is running
+
+
+HANDLE_ABOVE_32_BITS = 0x1_0000_0F0C  # 64-bit Windows hands out handles a 32-bit int cannot hold
+
+
+def fake_kernel32():
+    """kernel32's calls that the job store makes, as plain functions (which, like ctypes' functions, take a restype
+    and argtypes): pids 11 and 12 are open, 11 is still running; every process started at 2026-01-01 00:00 UTC."""
+    import types
+
+    kernel32 = types.SimpleNamespace(asked=None, closed=[])
+
+    def open_process(access, inherit, pid):
+        return HANDLE_ABOVE_32_BITS if pid in (11, 12) else None
+
+    def get_exit_code_process(handle, code):
+        code._obj.value = 259 if kernel32.asked == 11 else 0  # STILL_ACTIVE, or an exit code
+        return 1
+
+    def get_process_times(handle, created, exited, kernel, user):
+        ticks = int((1767225600 + 11644473600) * 1e7)  # 100 ns since 1601
+        created._obj.dwHighDateTime, created._obj.dwLowDateTime = ticks >> 32, ticks & 0xFFFFFFFF
+        return 1
+
+    kernel32.OpenProcess, kernel32.GetExitCodeProcess = open_process, get_exit_code_process
+    kernel32.GetProcessTimes = get_process_times
+    kernel32.CloseHandle = lambda handle: kernel32.closed.append(handle)
+    return kernel32
+
+
+def test_kernel32_calls_are_declared_so_a_64_bit_handle_is_not_cut_to_32_bits(monkeypatch):
+    """OpenProcess was called without its restype: ctypes read the HANDLE as a C int, so on 64-bit Windows a handle
+    above 2**31 came back cut (or negative), and the trainer was asked about through a handle that was not its own."""
+    import ctypes
+    from ctypes import wintypes
+
+    from lora_trainer.jobs.store import pid_alive, process_start_time
+
+    kernel32 = fake_kernel32()
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name: kernel32, raising=False)
+    kernel32.asked = 11
+    assert pid_alive(11, windows=True) is True
+    assert process_start_time(11, windows=True) == pytest.approx(1767225600)
+    assert kernel32.closed == [HANDLE_ABOVE_32_BITS] * 2
+    assert kernel32.OpenProcess.restype is wintypes.HANDLE
+    assert kernel32.OpenProcess.argtypes == [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    assert kernel32.GetProcessTimes.argtypes == [wintypes.HANDLE] + [wintypes.LPFILETIME] * 4
+    assert kernel32.GetExitCodeProcess.argtypes == [wintypes.HANDLE, wintypes.LPDWORD]
+    assert kernel32.CloseHandle.argtypes == [wintypes.HANDLE]
+    assert {kernel32.GetProcessTimes.restype, kernel32.GetExitCodeProcess.restype,
+            kernel32.CloseHandle.restype} == {wintypes.BOOL}
 
 
 def test_bad_options_and_names_are_refused_before_anything_is_queued(runner, tmp_path):

@@ -105,11 +105,28 @@ def process_start_time(pid: int, windows: bool = os.name == "nt") -> float | Non
         return None
 
 
+def windows_kernel32(kernel32=None):
+    """kernel32 (``ctypes.WinDLL``'s, or the one given) with the prototypes of the calls made here: without them ctypes
+    reads every result as a C int, and on 64-bit Windows a HANDLE above 2**31 came back cut (or negative)."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = kernel32 or ctypes.WinDLL("kernel32")
+    for name, restype, argtypes in (
+            ("OpenProcess", wintypes.HANDLE, [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]),
+            ("GetProcessTimes", wintypes.BOOL, [wintypes.HANDLE] + [wintypes.LPFILETIME] * 4),
+            ("GetExitCodeProcess", wintypes.BOOL, [wintypes.HANDLE, wintypes.LPDWORD]),
+            ("CloseHandle", wintypes.BOOL, [wintypes.HANDLE])):
+        function = getattr(kernel32, name)
+        function.restype, function.argtypes = restype, argtypes
+    return kernel32
+
+
 def _windows_process_start(pid: int) -> float | None:
     import ctypes
     from ctypes import wintypes
 
-    kernel32 = ctypes.WinDLL("kernel32")
+    kernel32 = windows_kernel32()
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:
         return None
@@ -142,7 +159,7 @@ def pid_alive(pid: int | None, windows: bool = os.name == "nt") -> bool:
 def _windows_process_running(pid: int, kernel32=None) -> bool:
     import ctypes
 
-    kernel32 = kernel32 or ctypes.WinDLL("kernel32")
+    kernel32 = windows_kernel32(kernel32)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:
         return False
