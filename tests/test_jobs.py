@@ -33,7 +33,8 @@ FAKE_TRAINER = textwrap.dedent('''
         time.sleep(0.5)
         mode = "wait"
     slow = mode == "slow"  # it takes a second to finish its step and save once told to stop
-    mode = "wait" if slow else mode
+    drawing = mode == "drawing"  # told to stop, it draws samples for 2.5 s (one each 0.25 s), then saves
+    mode = "wait" if slow or drawing else mode
     started = time.time()  # as train_network.main takes it
     time.sleep(0.05)  # the trainer's imports, before it says start
     emit("start")
@@ -67,6 +68,9 @@ FAKE_TRAINER = textwrap.dedent('''
             time.sleep(0.05)
         if slow:
             time.sleep(1.0)
+        for image in range(10 if drawing else 0):
+            time.sleep(0.25)
+            emit("sample", path=f"sample-{image}.png")
         state = Path(options["output_dir"]) / "run-state"
         state.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
@@ -440,6 +444,21 @@ def test_a_job_that_ignores_stop_is_killed_after_the_timeout(runner, tmp_path, p
     assert "killed" in runner.store.get(job.id).message
     assert read_events(job.events_path)[0][-1] == {**read_events(job.events_path)[0][-1], "event": "error",
                                                    "message": runner.store.get(job.id).message}
+
+
+def test_a_stop_is_not_cut_off_while_the_trainer_is_still_saying_what_it_does(runner, tmp_path):
+    """Stop (or Pause) after Sample now draws the samples first: on a slow GPU that takes minutes, beyond the wait after
+    which a silent trainer is killed. A trainer that goes on writing events is finishing its work, not stuck: it was
+    killed mid-sample, its step's weights and state never saved."""
+    job = runner.submit("samples first", options(tmp_path, "drawing"))  # kill_after is 1 s, the samples take 2.5 s
+    thread = _run_in_background(runner)
+    while not [e for e in read_events(job.events_path)[0] if e["event"] == "step"]:
+        time.sleep(0.02)
+    runner.stop(job.id, pause=True)
+    thread.join(timeout=15)
+    ended = runner.store.get(job.id)
+    assert (ended.status, ended.message) == ("paused", ended.message) and "killed" not in (ended.message or "")
+    assert [e["event"] for e in read_events(job.events_path)[0]][-3:] == ["state", "saved", "end"]
 
 
 @pytest.mark.parametrize("mode", ["loading", "deaf"])

@@ -1,7 +1,7 @@
 """Run queued training jobs one at a time, each as a trainer subprocess, and keep the store up to date.
 
 Stop is graceful: a stop file makes the trainer finish its step, save the network and its state, and exit;
-after ``kill_after`` seconds it is killed. Every job's events go to ``<job folder>/events.jsonl``; the runner
+after ``kill_after`` seconds without a word from it (other than a step) it is killed. Every job's events go to ``<job folder>/events.jsonl``; the runner
 reads them to record saved files and the last state, which ``resume`` continues from.
 """
 
@@ -488,7 +488,11 @@ class JobRunner:
                     # it reads its control file between steps only: loading or caching, it stops on SIGTERM at once,
                     # cleanly (its caches whole), where waiting out kill_after ended in a SIGKILL mid-write
                     _terminate(process)
-                stop_seen_at = stop_seen_at or time.time()
+                # the wait runs from the stop or the trainer's last event other than a step: one that still says what
+                # it does (samples drawn before a stop, a slow save) is finishing, and a kill then lost the step's save;
+                # one that goes on stepping does not obey
+                finishing = any(event["event"] != "step" for event in events)
+                stop_seen_at = time.time() if stop_seen_at is None or finishing else stop_seen_at
                 if time.time() - stop_seen_at > self.kill_after:
                     kill_process_tree(process)
             time.sleep(self.poll)
