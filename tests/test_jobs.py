@@ -57,6 +57,11 @@ FAKE_TRAINER = textwrap.dedent('''
         time.sleep(30)
     if mode in ("wait", "ignore"):  # training (ignore: stuck, it took a step and stopped reading the control file)
         emit("step", step=1)
+    if mode in ("stepping", "talking"):  # never reads the control file: steps with a validation each, or talks after one
+        for step in range(1, 300):
+            emit("step", step=step) if mode == "stepping" or step == 1 else None
+            emit("validation" if mode == "stepping" else "warning", step=step, message="…")
+            time.sleep(0.1)
     if mode in ("wait", "ignore"):
         while not (mode == "wait" and control.exists() and control.read_text().split() not in ([], ["save"])):
             if control.exists() and control.read_text().split() == ["save"]:  # save now, go on (as the trainer does)
@@ -459,6 +464,23 @@ def test_a_stop_is_not_cut_off_while_the_trainer_is_still_saying_what_it_does(ru
     ended = runner.store.get(job.id)
     assert (ended.status, ended.message) == ("paused", ended.message) and "killed" not in (ended.message or "")
     assert [e["event"] for e in read_events(job.events_path)[0]][-3:] == ["state", "saved", "end"]
+
+
+@pytest.mark.parametrize("mode", ["stepping", "talking"])
+def test_a_trainer_that_goes_on_stepping_or_talking_after_a_stop_is_killed_all_the_same(runner, tmp_path, mode):
+    """Its words do not keep it alive: one that still steps (a validation each step) does not obey; one that only
+    talks is given ten times the wait, not forever."""
+    runner.kill_after = 0.3
+    job = runner.submit("deaf", options(tmp_path, mode))
+    thread = _run_in_background(runner)
+    while not [e for e in read_events(job.events_path)[0] if e["event"] == "step"]:
+        time.sleep(0.02)
+    asked = time.time()
+    runner.stop(job.id)
+    thread.join(timeout=20)
+    took = time.time() - asked
+    assert not thread.is_alive() and "killed" in runner.store.get(job.id).message
+    assert took < 2 if mode == "stepping" else 2.9 < took < 8
 
 
 @pytest.mark.parametrize("mode", ["loading", "deaf"])

@@ -503,6 +503,26 @@ def test_sample_now_then_pause_within_one_step_draws_the_samples_then_stops(data
     assert events[-1]["event"] == "end" and events[-1]["stopped"] is True and not control.exists()
 
 
+def test_each_sample_is_said_as_it_is_drawn_not_after_the_round(dataset, tmp_path, monkeypatch):
+    """A round of samples takes minutes on a small GPU: the job runner, waiting to stop the run, hears the trainer
+    drawing (a silent round was killed mid-sample, its step's save lost), and the UI shows each image as it comes."""
+    from lora_trainer.training import samples
+
+    txt2img, said_before = samples.txt2img, []
+
+    def drawing(model, settings):
+        events, _ = read_events(tmp_path / "a" / "star.events.jsonl")
+        said_before.append(len([e for e in events if e["event"] == "sample"]))
+        return txt2img(model, settings)
+
+    monkeypatch.setattr(samples, "txt2img", drawing)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkstar --w 64 --h 64 --s 2 --d 1\nzkstar red --w 64 --h 64 --s 2 --d 2\n", encoding="utf-8")
+    assert run(dataset, tmp_path / "a", "--sample_prompts", str(prompts), "--sample_at_first",
+               "--max_train_steps", "1") == 0
+    assert said_before == [0, 1]
+
+
 def test_a_failing_sample_is_a_warning_and_the_training_goes_on(dataset, tmp_path, monkeypatch, capsys):
     """A sample (out of memory on a small GPU at a large --w, say) shows the training: losing the run to it would lose
     hours; and one prompt that fails no longer loses the other prompts of that round."""

@@ -1,8 +1,9 @@
 """Run queued training jobs one at a time, each as a trainer subprocess, and keep the store up to date.
 
 Stop is graceful: a stop file makes the trainer finish its step, save the network and its state, and exit;
-after ``kill_after`` seconds without a word from it (other than a step) it is killed. Every job's events go to ``<job folder>/events.jsonl``; the runner
-reads them to record saved files and the last state, which ``resume`` continues from.
+after ``kill_after`` seconds without a word from it (or with more steps) it is killed. Every job's events go to
+``<job folder>/events.jsonl``; the runner reads them to record saved files and the last state, which ``resume``
+continues from.
 """
 
 from __future__ import annotations
@@ -451,7 +452,7 @@ class JobRunner:
         self._process, self._current = process, job.id
         offset, files, last_state, error, ended, stepped = 0, [], None, None, False, False
         state_step = None
-        stop_seen_at = None
+        stop_seen_at = stop_asked_at = None
         while True:
             finished = process.poll() is not None
             events, offset = read_events(job.events_path, offset)
@@ -488,12 +489,14 @@ class JobRunner:
                     # it reads its control file between steps only: loading or caching, it stops on SIGTERM at once,
                     # cleanly (its caches whole), where waiting out kill_after ended in a SIGKILL mid-write
                     _terminate(process)
-                # the wait runs from the stop or the trainer's last event other than a step: one that still says what
-                # it does (samples drawn before a stop, a slow save) is finishing, and a kill then lost the step's save;
-                # one that goes on stepping does not obey
-                finishing = any(event["event"] != "step" for event in events)
-                stop_seen_at = time.time() if stop_seen_at is None or finishing else stop_seen_at
-                if time.time() - stop_seen_at > self.kill_after:
+                # the wait runs from the stop or the trainer's last word while it no longer steps: one still saying
+                # what it does (samples drawn before a stop, each as drawn; a slow save) is finishing, and a kill then
+                # lost the step's save. One that goes on stepping does not obey; none waits past ten times the wait
+                if stop_seen_at is None:
+                    stop_asked_at = stop_seen_at = time.time()
+                elif events and not any(event["event"] == "step" for event in events):
+                    stop_seen_at = time.time()
+                if time.time() - min(stop_seen_at, stop_asked_at + 9 * self.kill_after) > self.kill_after:
                     kill_process_tree(process)
             time.sleep(self.poll)
         if log is not None:

@@ -185,9 +185,11 @@ def sample_path(folder: Path, name: str | None, index: int, seed: int | None, ep
 @torch.no_grad()
 def draw_samples(model, prompts: list[SamplePrompt], default_sampler: str, folder: Path, name: str | None,
                  epoch: int | None, step: int, clip_skip: int = 1,
-                 failed: Callable[[int, Exception], None] | None = None) -> list[Path]:
+                 failed: Callable[[int, Exception], None] | None = None,
+                 drawn: Callable[[Path], None] | None = None) -> list[Path]:
     """Draw every prompt with the model as it is now (network hooks active); random state left untouched. A prompt
-    that fails is given to ``failed`` (its number from 1), and the others are still drawn; without it, it raises."""
+    that fails is given to ``failed`` (its number from 1), and the others are still drawn; without it, it raises.
+    ``drawn`` hears of each file as it is written (a round can take minutes: the job runner and the UI follow it)."""
     folder.mkdir(parents=True, exist_ok=True)
     cpu_state = torch.get_rng_state()
     python_state = random.getstate()
@@ -204,6 +206,8 @@ def draw_samples(model, prompts: list[SamplePrompt], default_sampler: str, folde
                 image = txt2img(model, settings)[0]
                 paths.append(write_png(image.image, sample_path(folder, name, index, prompt.seed, epoch, step),
                                        image.infotext))
+                if drawn:
+                    drawn(paths[-1])
             except Exception as error:
                 if failed is None:
                     raise

@@ -865,10 +865,9 @@ class TrainingRun:
         if not self.prompts:
             return
         with evaluating(self.optimizer):  # every rank: a schedule-free optimizer's weights as they are used
-            paths = self._draw_samples(epoch, step) if self.world.is_main else []
+            if self.world.is_main:
+                self._draw_samples(epoch, step)
         release_cached_memory(self.device, self.options)
-        for path in paths:
-            self.events.emit("sample", path=str(path), epoch=epoch, step=step)
 
     def _draw_samples(self, epoch: int | None, step: int) -> list[Path]:
         def failed(number: int, error: Exception) -> None:  # a sample shows the training; it is never worth the training
@@ -879,7 +878,8 @@ class TrainingRun:
         try:
             with decoder_on(self.model.vae, self.device, self.vae_parked):
                 return draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
-                                    self.options.output_name, epoch, step, self.options.clip_skip or 1, failed)
+                                    self.options.output_name, epoch, step, self.options.clip_skip or 1, failed,
+                                    lambda path: self.events.emit("sample", path=str(path), epoch=epoch, step=step))
         finally:
             self.network.train()
 
