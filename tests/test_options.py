@@ -97,6 +97,8 @@ def test_a_refusal_names_where_the_refused_option_was_given(tmp_path):
     assert said("learning_rate = 1e-4\n", "--deepspeed").startswith("command line: not supported: --deepspeed")
     assert said("deepspeed = true\n").startswith(f"{config}: not supported: --deepspeed")
     assert said('learning_rate = "abc"\n') == f"{config}: learning_rate = 'abc' is not a number"
+    with pytest.raises(UserError, match=re.escape(f"{config}: learning_rate = 'abc'")):  # named as read: .toml added
+        parse_args([*COMMAND, "--config_file", str(config.with_suffix(""))])
     assert said('resolution = "100,100,3"\n') == f'--resolution \'100,100,3\' (in {config}): give "512" or "512,768"'
     assert said("adaptive_noise_scale = 0.1\n") == f"--adaptive_noise_scale (in {config}) needs --noise_offset"
     assert said('mixed_precision = "fp32"\n').startswith(f"--mixed_precision 'fp32' (in {config}) is not one of")
@@ -130,8 +132,13 @@ def test_a_file_given_to_resume_is_said_for_what_it_is_with_what_to_give_instead
     for part in ("model.safetensors", "train_state.json"):
         refused(f"--resume {state / part}: a file inside a state folder; give its folder, {state}",
                 resume=str(state / part))
-    refused(f"--resume {network}: a network file: continue it with --network_weights {network} (or give the state "
-            f"folder {tmp_path / 'name-000002-state'} if the run saved one)", resume=str(network))
+    refused(f"--resume {network}: a network file: continue it with --network_weights {network}", resume=str(network))
+    with pytest.raises(UserError) as refusal:  # a job's states are in its own folder: no folder beside it is named
+        options_from({**BASE, "resume": str(network)})
+    assert "state folder" not in str(refusal.value)
+    (tmp_path / "name-000002-state").mkdir()
+    refused(f"--resume {network}: a network file: continue it with --network_weights {network} (or give its state "
+            f"folder, {tmp_path / 'name-000002-state'})", resume=str(network))
     refused(f"--resume {notes}: not a state folder", resume=str(notes))
     refused(f"--resume {tmp_path / 'gone'}: no such folder", resume=str(tmp_path / "gone"))
     assert options_from({**BASE, "resume": str(state)}).resume == str(state)

@@ -375,13 +375,16 @@ def toml_file_path(name: str | Path) -> Path:
     return path if path.suffix.lower() == ".toml" else path.with_name(path.name + ".toml")
 
 
+def config_file_read(name: str | Path) -> Path:
+    """The file ``--config_file NAME`` reads: a Kohya GUI ``.json`` as named, else ``toml_file_path``."""
+    return Path(name) if Path(name).suffix.lower() == ".json" else toml_file_path(name)
+
+
 def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
     """sd-scripts' ``--config_file``: ``.toml`` appended if missing, one level of tables flattened; front-ends' own
     keys are dropped, each with a line in ``notes``. A ``.json`` is the Kohya GUI's saved settings instead."""
-    path = Path(path)
+    path = config_file_read(path)
     gui = path.suffix.lower() == ".json"
-    if not gui:
-        path = toml_file_path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     text = read_utf8(path, "Config file")
@@ -669,7 +672,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
                             "file and does not read or overwrite this one: give another --config_file")
     elif given.get("config_file"):
         values.update(read_config_file(given["config_file"], notes))
-    from_file = {name: str(given["config_file"]) for name in values if name not in given}  # the command line beats it
+    file = given.get("config_file") and str(config_file_read(given["config_file"]))
+    from_file = {name: file for name in values if name not in given}  # the command line beats it
     values.update(given)
     options = options_from(values, "command line", bool(given.get("output_config")), from_file)
     return options, argparse.Namespace(**{"print_config": False, "print_kohya_command": False, **actions, "notes": notes})

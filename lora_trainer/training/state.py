@@ -143,9 +143,11 @@ def _not_a_folder(file: Path) -> str:
     except UserError:
         pass
     if file.suffix.lower() == ".safetensors":
-        # a state is saved beside the network file it belongs to, named as it plus -state (outputs.state_name)
-        return (f"--resume {file}: a network file: continue it with --network_weights {file} (or give the state "
-                f"folder {file.with_name(file.stem + '-state')} if the run saved one)")
+        # a state saved beside its network file is named as it plus -state (outputs.state_name); jobs keep theirs in
+        # their own folder, and --state_dir elsewhere: named only where it is
+        state = file.with_name(file.stem + "-state")
+        instead = f" (or give its state folder, {state})" if state.is_dir() else ""
+        return f"--resume {file}: a network file: continue it with --network_weights {file}{instead}"
     return (f"--resume {file}: not a state folder, but a file; give a state folder a run saved (name-000001-state, "
             "name-state …)")
 
