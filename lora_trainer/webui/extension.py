@@ -31,7 +31,7 @@ def option_infos() -> dict:
     return {
         "lora_trainer_output_folder": info("", "Folder for finished LoRAs (empty: the WebUI's Lora folder)").needs_restart(),
         "lora_trainer_data_folder": info("", "Folder for jobs, states and grids (empty: <webui data>/lora_trainer)").needs_restart(),
-        "lora_trainer_dataset_roots": info("", "Folders datasets may be read and edited in (separated by commas, semicolons or lines)",
+        "lora_trainer_dataset_roots": info("", "Folders datasets may be read and edited in (separated by commas, semicolons or lines; in double quotes a name may hold them)",
                                            onchange=_apply_live_settings),
         "lora_trainer_unload_checkpoint": info(True, "Unload the checkpoint from the GPU while training",
                                                onchange=_apply_live_settings),
@@ -71,9 +71,10 @@ def lora_folders() -> list[Path]:
 
 def folder_list(text: str) -> list[Path]:
     """The dataset folders as typed in Settings: one a line or separated by commas, or by semicolons as Windows lists
-    folders (PATH), each perhaps in the double quotes Explorer's "Copy as path" puts around it."""
-    parts = (part.strip().strip('"').strip() for part in re.split(r"[,;\n]", text or ""))
-    return [Path(part) for part in parts if part]
+    folders (PATH), each perhaps in the double quotes Explorer's "Copy as path" puts around it (which keep a comma or
+    semicolon in a folder's name)."""
+    parts = (quoted or bare.strip() for quoted, bare in re.findall(r'"([^"]*)"|([^,;\n"]+)', text or ""))
+    return [Path(part.strip()) for part in parts if part.strip()]
 
 
 def app_settings() -> AppSettings:

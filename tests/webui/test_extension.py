@@ -178,6 +178,7 @@ def test_an_extra_that_needs_another_torch_is_refused_naming_both_versions(tmp_p
         "onnxruntime==1.20.1", "coloredlogs==15.0.1"]
     assert missing_distributions(report()) == []  # the WebUI has them all: nothing to put in the folder
 
+
 def test_dataset_folders_typed_the_windows_way_are_read():
     """A Windows user lists folders as PATH does (semicolons) and pastes them with Explorer's "Copy as path", which
     quotes them: each must become the folder itself, not a path with quotes in it."""
@@ -186,3 +187,5 @@ def test_dataset_folders_typed_the_windows_way_are_read():
     typed = '"D:\\数据集\\char a";D:\\styles, E:\\pets\r\n\n"F:\\x"'
     assert folder_list(typed) == [Path("D:\\数据集\\char a"), Path("D:\\styles"), Path("E:\\pets"), Path("F:\\x")]
     assert folder_list("") == [] and folder_list(' ; "" ,') == []
+    assert folder_list('"D:\\art, misc";"/data/sets;v2"\n/data/b') == [Path("D:\\art, misc"), Path("/data/sets;v2"),
+                                                                        Path("/data/b")]
