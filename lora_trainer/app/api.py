@@ -337,29 +337,35 @@ _WEBHOOKS_CLAIMED: set[tuple[Path, int]] = set()
 _WEBHOOKS_LOCK = threading.Lock()
 
 
+def _webhook_key(services: Services, job_id: int) -> tuple[Path, int]:
+    return services.store.database.resolve(), job_id
+
+
 def claim_webhook(services: Services, job_id: int) -> bool:
-    """True for the first caller only: that one calls the job's webhook."""
+    """True for the first caller only: that one calls the job's webhook (``call_webhook``), then releases it."""
     with _WEBHOOKS_LOCK:
-        key = (services.store.database, job_id)
-        claimed = key not in _WEBHOOKS_CLAIMED
-        _WEBHOOKS_CLAIMED.add(key)
+        claimed = _webhook_key(services, job_id) not in _WEBHOOKS_CLAIMED
+        _WEBHOOKS_CLAIMED.add(_webhook_key(services, job_id))
         return claimed
 
 
 def release_webhook(services: Services, job_id: int) -> None:
     with _WEBHOOKS_LOCK:
-        _WEBHOOKS_CLAIMED.discard((services.store.database, job_id))
+        _WEBHOOKS_CLAIMED.discard(_webhook_key(services, job_id))
 
 
 def webhook_payload(job: Job) -> dict:
     return {"job": job_json(job), "end": last_end_event(job)}
 
 
-def call_webhook(url: str, payload: dict, job_id: int) -> None:
+def call_webhook(services: Services, url: str, payload: dict, job_id: int) -> None:
+    """Called by the claim's holder; released after (by then the job is gone or ended, so no one else calls)."""
     try:
         post_json(url, payload)
     except Exception as error:  # noqa: BLE001 - a webhook is a courtesy; the job is done either way
         log.warning("LoRA Trainer: webhook %s for job %s failed: %s", url, job_id, error)
+    finally:
+        release_webhook(services, job_id)
 
 
 def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0.5) -> threading.Thread:
@@ -372,7 +378,7 @@ def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0
                 break
             time.sleep(poll)
         if claim_webhook(services, job_id):
-            call_webhook(url, webhook_payload(job), job_id)
+            call_webhook(services, url, webhook_payload(job), job_id)
 
     thread = threading.Thread(target=watch, name=f"lora-trainer-webhook-{job_id}", daemon=True)
     thread.start()
@@ -716,15 +722,17 @@ def create_router(services: Services) -> APIRouter:
             claimed = hook.is_file() and claim_webhook(services, job_id)
             try:
                 job = services.runner.dequeue(job_id)
-            except UserError:  # the queue started it meanwhile: its watcher calls the webhook when it ends
-                if claimed:
+            except UserError:  # queued no longer: started (its watcher calls the webhook when it ends), or taken out
+                if claimed:  # by a stop or another delete (which call it)
                     release_webhook(services, job_id)
-                raise ApiError(409, "job_running", f"job {job_id} has just started; stop it first (POST "
-                               f"{PREFIX}/jobs/{job_id}/stop)") from None
+                    claimed = False
+                if (job := job_or_404(job_id)).status == "running":
+                    raise ApiError(409, "job_running", f"job {job_id} has just started; stop it first (POST "
+                                   f"{PREFIX}/jobs/{job_id}/stop)") from None
             if claimed:  # read before the folder goes; sent without holding up the answer
                 url, payload = hook.read_text(encoding="utf-8").strip(), webhook_payload(job)
-                threading.Thread(target=call_webhook, args=(url, payload, job_id), name=f"lora-trainer-webhook-{job_id}",
-                                 daemon=True).start()
+                threading.Thread(target=call_webhook, args=(services, url, payload, job_id),
+                                 name=f"lora-trainer-webhook-{job_id}", daemon=True).start()
         services.store.delete(job_id)
         if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
             shutil.rmtree(job.folder, ignore_errors=True)

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from lora_trainer.app.api import PREFIX, register
 from lora_trainer.app.services import Services
+from lora_trainer.errors import UserError
 from lora_trainer.safe_io import save_safetensors
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 
@@ -453,6 +454,40 @@ def test_deleting_a_queued_job_calls_its_webhook_once_as_a_stop_from_the_queue(s
     assert received[0]["job"]["message"] == "removed from the queue"
     assert received[0]["end"]["stopped"] is True and received[0]["end"]["files"] == []
     assert_error(client.get(f"{V1}/jobs/{job['id']}"), 404, "job_not_found")
+
+
+def test_a_queued_job_deleted_twice_at_once_is_deleted_once_and_its_webhook_called_once(services, job_body,
+                                                                                          monkeypatch):
+    """Two clients delete the same queued job: the one that finds it taken out of the queue by the other was told the
+    job 'has just started; stop it first', a job no longer there."""
+    client = make_client(services)
+    dequeue = services.runner.dequeue
+
+    def taken_by_the_other_client(job_id):
+        dequeue(job_id)  # the other DELETE's, just before this one's
+        raise UserError(f"job {job_id} is stopped, no longer queued")
+
+    with webhook_server() as (url, received):
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        monkeypatch.setattr(services.runner, "dequeue", taken_by_the_other_client)
+        assert client.delete(f"{V1}/jobs/{job['id']}").json() == {"deleted": job["id"]}
+        time.sleep(1.2)
+    assert received == []  # the other DELETE calls it
+    assert_error(client.delete(f"{V1}/jobs/{job['id']}"), 404, "job_not_found")
+
+
+def test_a_job_of_a_new_database_gets_its_webhook_though_an_old_job_had_its_number(app_settings, fake_host, job_body):
+    """The data folder wiped and the app reloaded in one process: job 1 again, whose webhook was taken for called."""
+    with webhook_server() as (url, received):
+        for calls in (1, 2):
+            services = Services.create(app_settings, fake_host, start=False)
+            client = make_client(services)
+            job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+            assert job["id"] == 1 and client.delete(f"{V1}/jobs/1").status_code == 200
+            wait_for_calls(received, calls)
+            services.close()
+            services.store.database.unlink()
+    assert len(received) == 2
 
 
 def test_unreachable_webhook_does_not_affect_the_job(client, job_body):
