@@ -9,6 +9,7 @@ writes files and events; what it decides (stop, save now, sample now) is broadca
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,7 +60,8 @@ def start(world: World, device: torch.device, timeout_minutes: int | None = None
             # said here: NCCL's absence surfaced later as "lost the others", sending users after --ddp_timeout. Every
             # rank meets it: rank 0 says it, the others end with the same status (the entry point's 2 for an error)
             # without printing the paragraph again on the shared console
-            if not world.is_main:
+            if not world.is_main:  # after rank 0 has had time to say it: torchrun ends the others at a first exit
+                time.sleep(2)
                 raise SystemExit(2)
             raise UserError(f"torchrun on {world.size} GPUs needs NCCL, which this torch build lacks (torch's Windows "
                             "builds have none): train on one GPU without torchrun, or on Linux or WSL")

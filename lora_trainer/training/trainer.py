@@ -218,8 +218,9 @@ class StopRequest:
         self.signalled = True
 
     def command(self) -> str | None:
-        """``stop``, ``save``, ``sample``, ``save+sample``, ``sample+stop`` or None; a command is taken (the file removed) when read: a stop left behind
-        would stop the resumed run, and every later one with that name, after its first step."""
+        """``stop``, ``save``, ``sample``, ``save+sample``, ``sample+stop`` or None; a command is taken (the file
+        removed) when read: a stop left behind would stop the resumed run, and every later one with that name, after
+        its first step."""
         if self.signalled:
             return "stop"
         text = self._take()
