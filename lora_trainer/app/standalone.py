@@ -123,6 +123,21 @@ def still_training(jobs: Iterable[Job], data_folder: Path) -> list[str]:
     return running + queued
 
 
+class ClosedConnectionsSaidQuietly(logging.Filter):
+    """uvicorn cancels the connections still open when its graceful wait ends (a browser page, a client following a
+    job's events) and logged that as an error with a 30-line traceback for each: an ordinary exit, said in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        if "timeout graceful shutdown exceeded" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "closing the connections still open (browser pages, event streams)", ()
+        return True
+
+
 def _exit_on_terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -158,6 +173,7 @@ def run(args: argparse.Namespace) -> None:
         app = create_app(services, listening_remotely=listens_remotely(args))
         log.info("%s", startup_line(address, args.port, settings))
         # open event streams and the page's websocket would hold a graceful shutdown forever
+        logging.getLogger("uvicorn.error").addFilter(ClosedConnectionsSaidQuietly())
         uvicorn.run(app, host=address, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
         tab_grids = stop_every_grid(settings.grids_folder)  # first: they stop while the API's grid does

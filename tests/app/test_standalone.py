@@ -85,6 +85,19 @@ def test_ui_help_and_the_startup_line_name_the_data_folder_the_app_uses(tmp_path
         f"LoRA Trainer: http://127.0.0.1:7870/ (jobs in {tmp_path / 'lora-trainer-data'}, LoRAs in {tmp_path / 'loras'})")
 
 
+def following(port: int, path: str) -> socket.socket:
+    """A connection that has asked for ``path`` and got its answer's first line (the server listening by then)."""
+    for _ in range(200):
+        try:
+            connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    assert connection.recv(12) == b"HTTP/1.1 200"
+    return connection
+
+
 @pytest.mark.skipif(os.name == "nt", reason="SIGTERM is TerminateProcess on Windows: nothing runs after it")
 def test_a_terminated_app_says_which_trainers_train_on(tmp_path):
     """SIGTERM (a service manager, ``kill``): uvicorn raises it again once it has shut down, which ended the process
@@ -102,13 +115,16 @@ def test_a_terminated_app_says_which_trainers_train_on(tmp_path):
                                env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"})
         try:
             first = app.stdout.readline()  # the startup line, once the app is built
+            follower = following(port, f"/lora-trainer/v1/jobs/{job.id}/events")  # a client holds the job's events open
             app.send_signal(signal.SIGTERM)
             rest, _ = app.communicate(timeout=60)
+            follower.close()
         finally:
             if app.poll() is None:
                 app.kill()
         assert f"http://127.0.0.1:{port}/ (jobs in {data}" in first
         assert f"job {job.id} (mychar) is still training in the background (pid {trainer.pid})" in rest
+        assert "Traceback" not in rest and "closing the connections still open" in rest  # not 30 lines of uvicorn's
         assert app.returncode == 128 + signal.SIGTERM
         assert trainer.poll() is None  # the design: a restart follows it
     finally:
