@@ -713,6 +713,9 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     best = best_epoch(epoch_files, run, recorded, notes) if epoch_files else None
     x_name = xs[0].label if request.x.kind == "lora" and len(xs) == 1 else "LoRA"
     baseline_label = "no LoRA" if request.x.kind != "lora" else f"without {x_name}"
+    if request.x.kind == "epoch" and request.y.kind == "lora":  # the baseline keeps the row's LoRA (_baseline)
+        run_stem = re.sub(r"-(?:\d{6}|step\d{8})$", "", run[-1].path.stem)  # the run's name, its final file saved or not
+        baseline_label = f"without {run_stem}"
     if request.x.kind == "seed":  # the columns' seeds are not the baseline's: say which one it drew
         baseline_label += f", seed {seed}"
     s = request.settings
