@@ -88,3 +88,18 @@ def test_labels_are_an_eighth_of_the_cell_wide_centred_in_their_row_and_below_th
     (_, title_top), title = layout.title
     title_bottom = title_top + measure.multiline_textbbox((0, 0), title, font=layout.font, spacing=LINE_SPACING)[3]
     assert layout.column_labels[0][0][1] - title_bottom >= MARGIN
+
+
+def test_a_seed_axis_takes_the_seeds_the_seed_field_takes(loras):
+    """-5 was drawn at a new random seed each time under the label "seed -5" (the standalone host takes any seed
+    below 0 as random), where the seed field refuses it."""
+    from lora_trainer.errors import UserError
+
+    library = LoraLibrary([loras])
+    for value in ("-5", "4294967296"):
+        with pytest.raises(UserError, match=rf"seed axis: {value} is not a seed; give whole numbers from -1 \(random\) "
+                                            r"to 4294967295"):
+            plan_grid(GridRequest(AxisSpec("seed", ["1", value]), AxisSpec("epoch", []), SETTINGS, lora="tinylora"), library)
+    plan = plan_grid(GridRequest(AxisSpec("seed", ["0", "4294967295"]), AxisSpec("epoch", ["1"]), SETTINGS, lora="tinylora"),
+                     library)
+    assert plan.column_labels[1:] == ["seed 0", "seed 4294967295"]

@@ -393,9 +393,13 @@ def _axis_values(axis: AxisSpec, request: GridRequest, library: LoraResolver,
         return [_AxisValue(v, prompt=(values[0], v)) for v in values], []
     if axis.kind == "seed":
         try:
-            return [_AxisValue(f"seed {seed}", seed=seed) for seed in fixed_seeds([int(v) for v in values])], []
+            seeds = [int(v) for v in values]
         except ValueError:
             raise UserError(f"seed axis: {', '.join(values)} must be whole numbers") from None
+        low, high = SETTING_RANGES["seed"][1:]  # below -1 the standalone host drew a new random seed at each image
+        if (wrong := next((seed for seed in seeds if not low <= seed <= high), None)) is not None:
+            raise UserError(f"seed axis: {wrong} is not a seed; give whole numbers from -1 (random) to {high}")
+        return [_AxisValue(f"seed {seed}", seed=seed) for seed in fixed_seeds(seeds)], []
     if axis.kind == "checkpoint":  # a file or a Diffusers folder by its name, a title as the host lists it
         return [_AxisValue(Path(v).name if Path(v).is_dir() else Path(v).stem if Path(v).suffix else v, checkpoint=v)
                 for v in values], []
