@@ -108,3 +108,36 @@ def test_a_ui_config_with_old_and_new_keys_and_a_bom_gives_the_newest_values(web
     path.write_text(json.dumps({"customscript/sampler.py/txt2img/Sampling steps/value": 28,
                                 "txt2img/Sampling steps/value": 20}), encoding="utf-8-sig")
     assert WebUIHost().generation_defaults().steps == 28
+
+
+def test_the_hires_pass_keeps_the_first_passs_lora_hashes(webui):
+    p = webui.processing.StableDiffusionProcessingTxt2Img(prompt="a red circle <lora:cats:1>", seed=3, steps=1, width=64,
+                                                          height=64, sampler_name="Euler", cfg_scale=5)
+    p.is_hr_pass, p.lora_hashes = True, {"first_pass": "0123456789ab"}  # as after the first pass with another LoRA
+    webui.processing.process_images(p)
+    hashes = p.extra_generation_params["Lora hashes"]
+    assert hashes.startswith("first_pass: 0123456789ab, cats: ")
+
+
+def test_a_lora_in_the_output_folder_chosen_in_settings_is_found(webui, lora_folder, tmp_path):
+    _, cats = txt2img(webui, "a red circle <lora:cats:1>")
+    shutil.copyfile(lora_folder / "cats.safetensors", tmp_path / "elsewhere.safetensors")
+    webui.shared.opts.data["lora_trainer_output_folder"] = str(tmp_path)
+    p, elsewhere = txt2img(webui, "a red circle <lora:elsewhere:1>")
+    assert not p.comments and np.array_equal(pixels(elsewhere), pixels(cats))
+
+
+def test_checkpoints_of_ckpt_dir_are_the_trainers_too(load_extension, tmp_path):
+    from lora_trainer.webui import extension
+
+    w = load_extension()
+    w.shared.cmd_opts.ckpt_dir = str(tmp_path)
+    assert extension.app_settings().checkpoint_folders[-1] == tmp_path
+
+
+def test_an_sd2_lora_fits_a_v_prediction_sd2_checkpoint():
+    """LoRA metadata says SD2 for both SD2 kinds: the model's "SD2-v" must not refuse it."""
+    from lora_trainer.models.configs import SD2
+    from lora_trainer.webui.model_map import sd_version_of_config
+
+    assert sd_version_of_config(SD2.with_prediction("v_prediction")) == "SD2"
