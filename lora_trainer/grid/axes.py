@@ -154,7 +154,7 @@ def run_files(final_or_any: str | Path) -> list[EpochFile]:
     ``ss_output_name`` (and ``ss_session_id`` where both have one) says."""
     path = Path(final_or_any)
     match = _NUMBERED.match(path.stem)
-    run = match.group("run") if match else path.stem
+    run = run_name(path)
     candidates = _numbered_or_final(path.parent, run, path.suffix, final=True)
     metadata = read_safetensors_metadata(path)
     trained_as = metadata.get("ss_output_name", "")
@@ -182,6 +182,12 @@ def _same_run(final: dict[str, str], other: dict[str, str]) -> bool:
         return False
     sessions = final.get("ss_session_id"), other.get("ss_session_id")
     return None in sessions or sessions[0] == sessions[1]  # another run trained under the name since
+
+
+def run_name(path: Path) -> str:
+    """The name the run a file belongs to was trained under: ``char`` for ``char-000003``, ``char-step…`` and ``char``."""
+    match = _NUMBERED.match(Path(path).stem)
+    return match.group("run") if match else Path(path).stem
 
 
 def is_final_file(path: Path) -> bool:

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..safe_io import atomic_path, read_safetensors_metadata, replace_path, write_text
 from ..sampling.txt2img import GenerationSettings
 from .axes import (EpochFile, check_size, fixed_seeds, glob_escape, is_final_file, is_step_file, parse_values, run_files,
-                   step_of, whole_numbers)
+                   run_name, step_of, whole_numbers)
 from .render import (GridResult, assemble, axes_infotext, check_megapixels, grid_font_file, grid_infotext,
                      megapixel_limit, save_grid)
 
@@ -718,8 +718,7 @@ def plan_grid(request: GridRequest, library: LoraResolver) -> GridPlan:
     x_name = xs[0].label if request.x.kind == "lora" and len(xs) == 1 else "LoRA"
     baseline_label = "no LoRA" if request.x.kind != "lora" else f"without {x_name}"
     if request.x.kind == "epoch" and request.y.kind == "lora":  # the baseline keeps the row's LoRA (_baseline)
-        run_stem = re.sub(r"-(?:\d{6}|step\d{8})$", "", run[-1].path.stem)  # the run's name, its final file saved or not
-        baseline_label = f"without {run_stem}"
+        baseline_label = f"without {run_name(run[-1].path)}"  # its final file saved or not
     if request.x.kind == "seed":  # the columns' seeds are not the baseline's: say which one it drew
         baseline_label += f", seed {seed}"
     s = request.settings

@@ -1,4 +1,4 @@
-"""What an artist sees of a grid where the mutation review found no test: labels, order, the star, strengths."""
+"""What an artist sees of a grid: labels, order, the star, strengths, seeds (first pinned by a mutation review)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What an artist sees in the WebUI where the mutation review found no test: the LoRA applied and named, the X/Y/Z
+"""What an artist sees in the WebUI: the LoRA applied and named, the X/Y/Z
 axes' rewritten tags and lists, the grid form filled from txt2img."""
 
 from __future__ import annotations
