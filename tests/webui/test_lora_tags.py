@@ -73,7 +73,9 @@ def test_an_sdxl_lora_without_version_metadata_applies_to_an_sdxl_checkpoint(web
     save_file(load_file(kohya), str(folder / "xl_converted.safetensors"), {"format": "pt"})
     _, with_metadata = txt2img(webui, "a red circle <lora:xl:1>", size=32)
     _, converted = txt2img(webui, "a red circle <lora:xl_converted:1>", size=32)
+    _, plain = txt2img(webui, "a red circle", size=32)
     assert np.array_equal(pixels(converted), pixels(with_metadata))
+    assert not np.array_equal(pixels(converted), pixels(plain))  # applied, not both left out
 
 
 def test_the_builtin_lora_settings_are_obeyed_while_we_own_the_tags(webui):
