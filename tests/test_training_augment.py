@@ -397,7 +397,7 @@ def test_resize_filter_follows_sd_scripts_default_and_the_chosen_interpolation(t
     config.write_text('resize_interpolation = "cubik"\n', encoding="utf-8")
     assert train_main(["--config_file", str(config), "--pretrained_model_name_or_path", str(TINY_MODEL_PATH),
                        "--train_data_dir", str(tmp_path)]) == 2
-    assert "--resize_interpolation 'cubik' is not one of lanczos" in capsys.readouterr().err
+    assert f"--resize_interpolation 'cubik' (in {config}) is not one of lanczos" in capsys.readouterr().err
 
 
 def test_an_uncached_batch_mixing_masked_and_unmasked_subsets_trains(tmp_path):

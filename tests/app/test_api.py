@@ -486,6 +486,8 @@ def test_a_job_of_a_new_database_gets_its_webhook_though_an_old_job_had_its_numb
             assert job["id"] == 1 and client.delete(f"{V1}/jobs/1").status_code == 200
             wait_for_calls(received, calls)
             services.close()
+            for watcher in [t for t in threading.enumerate() if t.name == "lora-trainer-webhook-1"]:
+                watcher.join(timeout=5)  # it sees the job gone at its next poll; reading on, it made the file again
             services.store.database.unlink()
     assert len(received) == 2
 
