@@ -287,7 +287,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
 def job_json(job: Job) -> dict:
     """The job, its events' URL, and whether a webhook waits for its end (not the URL: it may hold a token)."""
     return {**job.as_dict(), "events": f"{PREFIX}/jobs/{job.id}/events",
-            "webhook": (job.folder / WEBHOOK_FILE).is_file()}
+            "webhook": any((job.folder / name).is_file() for name in (WEBHOOK_FILE, WEBHOOK_CALLED_FILE))}
 
 
 def job_file(job: Job, name: str) -> Path:
@@ -322,6 +322,7 @@ def last_end_event(job: Job) -> dict | None:
 # Webhooks: called once when a job ends; a failing webhook never touches the job.
 
 WEBHOOK_FILE = "webhook.url"
+WEBHOOK_CALLED_FILE = "webhook.called"  # the same URL, once its call was claimed (claim_webhook)
 
 
 def post_json(url: str, payload: dict, timeout: float = 10.0) -> None:
@@ -331,54 +332,53 @@ def post_json(url: str, payload: dict, timeout: float = 10.0) -> None:
         response.read()
 
 
-# (job database, job id) of the webhooks called or about to be: a queued job deleted is called by the delete, and its
-# watcher, which may see it stopped before it is gone, must not call a second time
-_WEBHOOKS_CLAIMED: set[tuple[Path, int]] = set()
-_WEBHOOKS_LOCK = threading.Lock()
+def webhook_url(job: Job) -> str | None:
+    """The URL the job's end is sent to, whether sent already or not; None where it asked for none."""
+    for name in (WEBHOOK_FILE, WEBHOOK_CALLED_FILE):
+        if (job.folder / name).is_file():
+            return (job.folder / name).read_text(encoding="utf-8").strip()
+    return None
 
 
-def _webhook_key(services: Services, job_id: int) -> tuple[Path, int]:
-    return services.store.database.resolve(), job_id
+def claim_webhook(job: Job) -> str | None:
+    """The job's webhook URL for the one caller that renames its file first, None for every other: a job's end is
+    sent once whoever sees it (its watcher, a DELETE, a watcher of the Services a "Reload UI" made), across restarts."""
+    hook, called = job.folder / WEBHOOK_FILE, job.folder / WEBHOOK_CALLED_FILE
+    try:
+        hook.rename(called)
+    except OSError:  # gone: claimed by another, or none asked for
+        return None
+    return called.read_text(encoding="utf-8").strip()
 
 
-def claim_webhook(services: Services, job_id: int) -> bool:
-    """True for the first caller only: that one calls the job's webhook (``call_webhook``), then releases it."""
-    with _WEBHOOKS_LOCK:
-        claimed = _webhook_key(services, job_id) not in _WEBHOOKS_CLAIMED
-        _WEBHOOKS_CLAIMED.add(_webhook_key(services, job_id))
-        return claimed
-
-
-def release_webhook(services: Services, job_id: int) -> None:
-    with _WEBHOOKS_LOCK:
-        _WEBHOOKS_CLAIMED.discard(_webhook_key(services, job_id))
+def unclaim_webhook(job: Job) -> None:
+    (job.folder / WEBHOOK_CALLED_FILE).rename(job.folder / WEBHOOK_FILE)
 
 
 def webhook_payload(job: Job) -> dict:
     return {"job": job_json(job), "end": last_end_event(job)}
 
 
-def call_webhook(services: Services, url: str, payload: dict, job_id: int) -> None:
-    """Called by the claim's holder; released after (by then the job is gone or ended, so no one else calls)."""
+def call_webhook(url: str, payload: dict, job_id: int) -> None:
     try:
         post_json(url, payload)
     except Exception as error:  # noqa: BLE001 - a webhook is a courtesy; the job is done either way
         log.warning("LoRA Trainer: webhook %s for job %s failed: %s", url, job_id, error)
-    finally:
-        release_webhook(services, job_id)
 
 
 def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0.5) -> threading.Thread:
     def watch() -> None:
         while True:
+            if services.runner.closed:  # a "Reload UI" made new Services, which watch it again (resume_webhooks)
+                return
             job = services.store.get(job_id)
             if job is None:
                 return
             if job.status not in ACTIVE:
                 break
             time.sleep(poll)
-        if claim_webhook(services, job_id):
-            call_webhook(services, url, webhook_payload(job), job_id)
+        if claim_webhook(job):
+            call_webhook(url, webhook_payload(job), job_id)
 
     thread = threading.Thread(target=watch, name=f"lora-trainer-webhook-{job_id}", daemon=True)
     thread.start()
@@ -688,9 +688,7 @@ def create_router(services: Services) -> APIRouter:
         """Queues a new job that continues from the job's last saved state; returns the new job (201, as
         `POST /jobs` does: a job was created). The job's webhook, if it had one, is called when the new one ends."""
         resumed = state_change(job_id, lambda: services.runner.resume(job_id))
-        hook = job_or_404(job_id).folder / WEBHOOK_FILE
-        if hook.is_file():  # the run goes on, so whoever waits for its end still does
-            url = hook.read_text(encoding="utf-8").strip()
+        if url := webhook_url(job_or_404(job_id)):  # the run goes on, so whoever waits for its end still does
             (services.store.get(resumed["id"]).folder / WEBHOOK_FILE).write_text(url, encoding="utf-8")
             watch_for_webhook(services, resumed["id"], url)
         return JSONResponse(resumed, 201)
@@ -705,38 +703,41 @@ def create_router(services: Services) -> APIRouter:
         """The running job draws its sample prompts now and goes on."""
         return state_change(job_id, lambda: services.runner.control(job_id, "sample"))
 
+    deleting = threading.Lock()
+
     @router.delete("/jobs/{job_id}", summary="Delete a job")
     def delete_job(job_id: int):
         """Removes the job and its folder (events, config, log); the LoRA files it saved stay. Refused while it
-        runs: stop it first. A queued job's webhook is called as for a stop from the queue (status `stopped`)."""
-        job = job_or_404(job_id)
-        if job.status == "running":
-            raise ApiError(409, "job_running", f"job {job_id} is running; stop it first (POST {PREFIX}/jobs/{job_id}/stop)")
-        waiting = [j.id for j in services.store.all() if j.resumed_from == job_id and j.status in ("queued", "running")]
-        if waiting:  # its folder holds the state that job resumes from
-            raise ApiError(409, "job_running", f"job {waiting[0]} resumes from job {job_id}'s saved state; delete job "
-                           f"{job_id} once job {waiting[0]} has ended (or take it out of the queue: POST "
-                           f"{PREFIX}/jobs/{waiting[0]}/stop)")
-        hook = job.folder / WEBHOOK_FILE
-        if job.status == "queued":  # taken out of the queue as a stop takes it, and its webhook told so, once
-            claimed = hook.is_file() and claim_webhook(services, job_id)
-            try:
-                job = services.runner.dequeue(job_id)
-            except UserError:  # queued no longer: started (its watcher calls the webhook when it ends), or taken out
-                if claimed:  # by a stop or another delete (which call it)
-                    release_webhook(services, job_id)
-                    claimed = False
-                if (job := job_or_404(job_id)).status == "running":
-                    raise ApiError(409, "job_running", f"job {job_id} has just started; stop it first (POST "
-                                   f"{PREFIX}/jobs/{job_id}/stop)") from None
-            if claimed:  # read before the folder goes; sent without holding up the answer
-                url, payload = hook.read_text(encoding="utf-8").strip(), webhook_payload(job)
-                threading.Thread(target=call_webhook, args=(services, url, payload, job_id),
+        runs: stop it first. A webhook not called yet is called now: a queued job's as for a stop from the queue
+        (status `stopped`), an ended one's (its end seen by no watcher yet) with its end."""
+        with deleting:  # one at a time: a second DELETE of the job finds it gone (404)
+            job = job_or_404(job_id)
+            if job.status == "running":
+                raise ApiError(409, "job_running",
+                               f"job {job_id} is running; stop it first (POST {PREFIX}/jobs/{job_id}/stop)")
+            waiting = [j.id for j in services.store.all()
+                       if j.resumed_from == job_id and j.status in ("queued", "running")]
+            if waiting:  # its folder holds the state that job resumes from
+                raise ApiError(409, "job_running", f"job {waiting[0]} resumes from job {job_id}'s saved state; delete "
+                               f"job {job_id} once job {waiting[0]} has ended (or take it out of the queue: POST "
+                               f"{PREFIX}/jobs/{waiting[0]}/stop)")
+            url = claim_webhook(job)  # before the queue can start it, before another DELETE removes its folder
+            if job.status == "queued":  # taken out of the queue as a stop takes it
+                try:
+                    job = services.runner.dequeue(job_id)
+                except UserError:  # queued no longer: started, or taken out by a stop (whose end this one sends)
+                    if (job := job_or_404(job_id)).status == "running":
+                        if url:  # its watcher calls it when it ends
+                            unclaim_webhook(job)
+                        raise ApiError(409, "job_running", f"job {job_id} has just started; stop it first (POST "
+                                       f"{PREFIX}/jobs/{job_id}/stop)") from None
+            if url:  # its end (or its removal from the queue) not yet sent: sent now, without holding up the answer
+                threading.Thread(target=call_webhook, args=(url, webhook_payload(job), job_id),
                                  name=f"lora-trainer-webhook-{job_id}", daemon=True).start()
-        services.store.delete(job_id)
-        if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
-            shutil.rmtree(job.folder, ignore_errors=True)
-        return {"deleted": job_id}
+            services.store.delete(job_id)
+            if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
+                shutil.rmtree(job.folder, ignore_errors=True)
+            return {"deleted": job_id}
 
     @router.get("/jobs/{job_id}/files/{name}", summary="Download a network or sample image the job wrote",
                 response_class=FileResponse)

@@ -382,6 +382,10 @@ class JobRunner:
             self._thread = threading.Thread(target=self._loop, name="lora-trainer-jobs", daemon=True)
             self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def close(self) -> None:
         self._closing = True
         self._wake.set()

@@ -456,24 +456,40 @@ def test_deleting_a_queued_job_calls_its_webhook_once_as_a_stop_from_the_queue(s
     assert_error(client.get(f"{V1}/jobs/{job['id']}"), 404, "job_not_found")
 
 
-def test_a_queued_job_deleted_twice_at_once_is_deleted_once_and_its_webhook_called_once(services, job_body,
-                                                                                          monkeypatch):
-    """Two clients delete the same queued job: the one that finds it taken out of the queue by the other was told the
-    job 'has just started; stop it first', a job no longer there."""
+def test_a_job_a_stop_took_out_of_the_queue_just_before_its_delete_is_deleted_and_its_end_sent_once(services, job_body,
+                                                                                                  monkeypatch):
+    """The stop's watcher would see the job gone: the DELETE sends its end. It answered 'has just started; stop it
+    first' about a job no longer there."""
     client = make_client(services)
     dequeue = services.runner.dequeue
 
-    def taken_by_the_other_client(job_id):
-        dequeue(job_id)  # the other DELETE's, just before this one's
-        raise UserError(f"job {job_id} is stopped, no longer queued")
+    def taken_by_a_stop(job_id):
+        services.runner.stop(job_id)  # just before this DELETE's own take-out
+        dequeue(job_id)
 
     with webhook_server() as (url, received):
         job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
-        monkeypatch.setattr(services.runner, "dequeue", taken_by_the_other_client)
+        monkeypatch.setattr(services.runner, "dequeue", taken_by_a_stop)
         assert client.delete(f"{V1}/jobs/{job['id']}").json() == {"deleted": job["id"]}
-        time.sleep(1.2)
-    assert received == []  # the other DELETE calls it
+        wait_for_calls(received, 1)
+        time.sleep(1.2)  # the watcher polls every 0.5 s
+    assert [call["job"]["status"] for call in received] == ["stopped"]
     assert_error(client.delete(f"{V1}/jobs/{job['id']}"), 404, "job_not_found")
+
+
+def test_after_a_reload_a_jobs_end_is_sent_once(app_settings, fake_host, job_body):
+    """"Reload UI" makes new Services that watch the job again while the old watcher still polls: both sent it."""
+    with webhook_server() as (url, received):
+        old = Services.create(app_settings, fake_host, start=False)
+        job = make_client(old).post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        old.close()
+        new = Services.create(app_settings, fake_host, start=False)
+        client = make_client(new)  # registering the routes watches the jobs that wait for a webhook again
+        assert client.post(f"{V1}/jobs/{job['id']}/stop").json()["status"] == "stopped"
+        wait_for_calls(received, 1)
+        time.sleep(1.2)
+        new.close()
+    assert len(received) == 1 and client.get(f"{V1}/jobs/{job['id']}").json()["webhook"] is True
 
 
 def test_a_job_of_a_new_database_gets_its_webhook_though_an_old_job_had_its_number(app_settings, fake_host, job_body):
