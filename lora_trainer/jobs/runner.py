@@ -1,7 +1,7 @@
 """Run queued training jobs one at a time, each as a trainer subprocess, and keep the store up to date.
 
 Stop is graceful: a stop file makes the trainer finish its step, save the network and its state, and exit;
-after ``kill_after`` seconds without a word from it (or with more steps) it is killed. Every job's events go to
+after ``kill_after`` seconds without a sign of finishing (``FINISHING_EVENTS``) it is killed. Every job's events go to
 ``<job folder>/events.jsonl``; the runner reads them to record saved files and the last state, which ``resume``
 continues from.
 """
@@ -208,6 +208,11 @@ def _sample_prompts(job: Job) -> str | None:
         return options_from(job.options, f"job {job.id}").sample_prompts
     except UserError:
         return "unreadable here"
+
+
+# what a trainer told to stop writes while it ends its step, draws the samples asked for and saves (a step's own event
+# counts once: the step it was in)
+FINISHING_EVENTS = ("step", "epoch", "validation", "sample", "saved", "state")
 
 
 class JobRunner:
@@ -456,7 +461,7 @@ class JobRunner:
         self._process, self._current = process, job.id
         offset, files, last_state, error, ended, stepped = 0, [], None, None, False, False
         state_step = None
-        stop_seen_at = stop_asked_at = None
+        stop_seen_at, steps_since_stop = None, 0
         while True:
             finished = process.poll() is not None
             events, offset = read_events(job.events_path, offset)
@@ -469,7 +474,9 @@ class JobRunner:
                     error = event.get("message")
                 elif event["event"] == "start":
                     self._listen(job)
-                stepped = stepped or event["event"] == "step"
+                training_step = event["event"] == "step" and "phase" not in event  # not a count of cached latents
+                stepped = stepped or training_step
+                steps_since_stop += training_step and stop_seen_at is not None
                 ended = ended or event["event"] in ("end", "error")
                 if self.on_event:
                     try:
@@ -493,14 +500,14 @@ class JobRunner:
                     # it reads its control file between steps only: loading or caching, it stops on SIGTERM at once,
                     # cleanly (its caches whole), where waiting out kill_after ended in a SIGKILL mid-write
                     _terminate(process)
-                # the wait runs from the stop or the trainer's last word while it no longer steps: one still saying
-                # what it does (samples drawn before a stop, each as drawn; a slow save) is finishing, and a kill then
-                # lost the step's save. One that goes on stepping does not obey; none waits past ten times the wait
-                if stop_seen_at is None:
-                    stop_asked_at = stop_seen_at = time.time()
-                elif events and not any(event["event"] == "step" for event in events):
+                # the wait runs from the stop or the trainer's last sign of finishing its step: the step's own end,
+                # its validation, each sample drawn, a file or state saved (a kill then lost the step's save; a round
+                # of samples takes minutes on a small GPU). Warnings are no such sign, and a trainer that takes a
+                # second step after the stop does not obey
+                finishing = any(event["event"] in FINISHING_EVENTS for event in events)
+                if stop_seen_at is None or finishing and steps_since_stop <= 1:
                     stop_seen_at = time.time()
-                if time.time() - min(stop_seen_at, stop_asked_at + 9 * self.kill_after) > self.kill_after:
+                if time.time() - stop_seen_at > self.kill_after:
                     kill_process_tree(process)
             time.sleep(self.poll)
         if log is not None:
