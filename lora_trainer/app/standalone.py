@@ -123,6 +123,9 @@ def still_training(jobs: Iterable[Job], data_folder: Path) -> list[str]:
     return running + queued
 
 
+SHUTDOWN_CANCEL = "timeout graceful shutdown exceeded"  # uvicorn's words for the connections it cancels at exit
+
+
 class ClosedConnectionsSaidQuietly(logging.Filter):
     """uvicorn cancels the connections still open when its graceful wait ends (a browser page, a client following a
     job's events) and logged that as an error with a 30-line traceback for each: an ordinary exit, said in one line."""
@@ -130,9 +133,10 @@ class ClosedConnectionsSaidQuietly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         import asyncio
 
-        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
-            return False
-        if "timeout graceful shutdown exceeded" in record.getMessage():
+        error = record.exc_info and record.exc_info[1]
+        if isinstance(error, asyncio.CancelledError) and SHUTDOWN_CANCEL in " ".join(map(str, error.args)):
+            return False  # any other cancel while serving is an error, and said as one
+        if SHUTDOWN_CANCEL in record.getMessage():
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "closing the connections still open (browser pages, event streams)", ()
         return True

@@ -58,8 +58,8 @@ def start(world: World, device: torch.device, timeout_minutes: int | None = None
     if dist is not None and not dist.is_initialized():
         if device.type == "cuda" and not dist.is_nccl_available():
             # said here: NCCL's absence surfaced later as "lost the others", sending users after --ddp_timeout. Every
-            # rank meets it: rank 0 says it, the others end with the same status (the entry point's 2 for an error)
-            # without printing the paragraph again on the shared console
+            # rank meets it: rank 0 says it, the others exit without printing the paragraph again on the shared
+            # console (status 2, as the entry point's for an error, if torchrun has not ended them by then)
             if not world.is_main:  # after rank 0 has had time to say it: torchrun ends the others at a first exit
                 time.sleep(2)
                 raise SystemExit(2)

@@ -206,12 +206,13 @@ def draw_samples(model, prompts: list[SamplePrompt], default_sampler: str, folde
                 image = txt2img(model, settings)[0]
                 paths.append(write_png(image.image, sample_path(folder, name, index, prompt.seed, epoch, step),
                                        image.infotext))
-                if drawn:
-                    drawn(paths[-1])
             except Exception as error:
                 if failed is None:
                     raise
                 failed(index + 1, error)
+                continue
+            if drawn:
+                drawn(paths[-1])
     finally:
         torch.set_rng_state(cpu_state)
         random.setstate(python_state)

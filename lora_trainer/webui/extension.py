@@ -73,8 +73,8 @@ def folder_list(text: str) -> list[Path]:
     """The dataset folders as typed in Settings: one a line or separated by commas, or by semicolons as Windows lists
     folders (PATH), each perhaps in the double quotes Explorer's "Copy as path" puts around it (which keep a comma or
     semicolon in a folder's name)."""
-    parts = (quoted or bare.strip() for quoted, bare in re.findall(r'"([^"]*)"|([^,;\n"]+)', text or ""))
-    return [Path(part.strip()) for part in parts if part.strip()]
+    items = re.findall(r'\s*"([^"]*)"\s*(?=[,;\n]|$)|([^,;\n]+)', text or "")  # quotes count around a whole item only
+    return [Path(part.strip()) for quoted, bare in items if (part := quoted or bare).strip()]
 
 
 def app_settings() -> AppSettings:

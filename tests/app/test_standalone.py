@@ -93,9 +93,33 @@ def following(port: int, path: str) -> socket.socket:
             break
         except ConnectionRefusedError:
             time.sleep(0.1)
+    else:
+        pytest.fail(f"the app never listened on port {port}")
     connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    assert connection.recv(12) == b"HTTP/1.1 200"
+    answer = b""
+    while b"\r\n" not in answer and (chunk := connection.recv(64)):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer
     return connection
+
+
+def test_only_the_cancels_of_closing_are_kept_out_of_the_log():
+    """A request cancelled while the app serves is an error and must be logged; the cancels of the exit are not."""
+    import asyncio
+    import logging
+
+    from lora_trainer.app.standalone import ClosedConnectionsSaidQuietly
+
+    def record(message: str, error: BaseException | None) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, message, (),
+                                 (type(error), error, None) if error else None)
+
+    quiet = ClosedConnectionsSaidQuietly()
+    assert not quiet.filter(record("Exception in ASGI application",
+                                   asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded")))
+    assert quiet.filter(record("Exception in ASGI application", asyncio.CancelledError()))
+    said = record("Cancel 1 running task(s), timeout graceful shutdown exceeded", None)
+    assert quiet.filter(said) and said.levelno == logging.INFO and "closing the connections" in said.getMessage()
 
 
 @pytest.mark.skipif(os.name == "nt", reason="SIGTERM is TerminateProcess on Windows: nothing runs after it")
@@ -116,9 +140,11 @@ def test_a_terminated_app_says_which_trainers_train_on(tmp_path):
         try:
             first = app.stdout.readline()  # the startup line, once the app is built
             follower = following(port, f"/lora-trainer/v1/jobs/{job.id}/events")  # a client holds the job's events open
-            app.send_signal(signal.SIGTERM)
-            rest, _ = app.communicate(timeout=60)
-            follower.close()
+            try:
+                app.send_signal(signal.SIGTERM)
+                rest, _ = app.communicate(timeout=60)
+            finally:
+                follower.close()
         finally:
             if app.poll() is None:
                 app.kill()

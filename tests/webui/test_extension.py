@@ -189,3 +189,4 @@ def test_dataset_folders_typed_the_windows_way_are_read():
     assert folder_list("") == [] and folder_list(' ; "" ,') == []
     assert folder_list('"D:\\art, misc";"/data/sets;v2"\n/data/b') == [Path("D:\\art, misc"), Path("/data/sets;v2"),
                                                                         Path("/data/b")]
+    assert folder_list('/data/my "best" set') == [Path('/data/my "best" set')]  # quotes inside a name are its own
