@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import secrets
 import shutil
 import threading
@@ -344,15 +345,32 @@ def claim_webhook(job: Job) -> str | None:
     """The job's webhook URL for the one caller that renames its file first, None for every other: a job's end is
     sent once whoever sees it (its watcher, a DELETE, a watcher of the Services a "Reload UI" made), across restarts."""
     hook, called = job.folder / WEBHOOK_FILE, job.folder / WEBHOOK_CALLED_FILE
-    try:
-        hook.rename(called)
-    except OSError:  # gone: claimed by another, or none asked for
-        return None
-    return called.read_text(encoding="utf-8").strip()
+    for attempt in range(20):
+        try:
+            os.replace(hook, called)
+            return called.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:  # gone: claimed by another, or none asked for
+            return None
+        except PermissionError:  # Windows: open elsewhere a moment (a resume reading it, an antivirus scan)
+            time.sleep(0.1)
+    log.warning("LoRA Trainer: the webhook of job %s was not called: %s stayed open elsewhere", job.id, hook)
+    return None
 
 
 def unclaim_webhook(job: Job) -> None:
-    (job.folder / WEBHOOK_CALLED_FILE).rename(job.folder / WEBHOOK_FILE)
+    try:
+        os.replace(job.folder / WEBHOOK_CALLED_FILE, job.folder / WEBHOOK_FILE)
+    except OSError as error:  # the job's watcher then finds it claimed: said, as it will not be called
+        log.warning("LoRA Trainer: the webhook of job %s will not be called: %s", job.id, error)
+
+
+def set_webhook(job: Job, url: str | None) -> None:
+    """The job's webhook file, and none left from a job of an earlier database that had its folder (a stale
+    webhook.called sent a new job's resume to the old job's receiver)."""
+    (job.folder / WEBHOOK_CALLED_FILE).unlink(missing_ok=True)
+    (job.folder / WEBHOOK_FILE).unlink(missing_ok=True)
+    if url:
+        (job.folder / WEBHOOK_FILE).write_text(url, encoding="utf-8")
 
 
 def webhook_payload(job: Job) -> dict:
@@ -649,8 +667,8 @@ def create_router(services: Services) -> APIRouter:
             if note:
                 notes.append(note)
         job = services.runner.submit(name, options, notes)
+        set_webhook(job, webhook)
         if webhook:
-            (job.folder / WEBHOOK_FILE).write_text(webhook, encoding="utf-8")
             watch_for_webhook(services, job.id, webhook)
         return JSONResponse({**job_json(job), **({"warnings": notes} if notes else {})}, 201)
 
@@ -689,7 +707,7 @@ def create_router(services: Services) -> APIRouter:
         `POST /jobs` does: a job was created). The job's webhook, if it had one, is called when the new one ends."""
         resumed = state_change(job_id, lambda: services.runner.resume(job_id))
         if url := webhook_url(job_or_404(job_id)):  # the run goes on, so whoever waits for its end still does
-            (services.store.get(resumed["id"]).folder / WEBHOOK_FILE).write_text(url, encoding="utf-8")
+            set_webhook(services.store.get(resumed["id"]), url)
             watch_for_webhook(services, resumed["id"], url)
         return JSONResponse(resumed, 201)
 
@@ -708,8 +726,7 @@ def create_router(services: Services) -> APIRouter:
     @router.delete("/jobs/{job_id}", summary="Delete a job")
     def delete_job(job_id: int):
         """Removes the job and its folder (events, config, log); the LoRA files it saved stay. Refused while it
-        runs: stop it first. A webhook not called yet is called now: a queued job's as for a stop from the queue
-        (status `stopped`), an ended one's (its end seen by no watcher yet) with its end."""
+        runs: stop it first. A queued job's webhook is called as for a stop from the queue (status `stopped`)."""
         with deleting:  # one at a time: a second DELETE of the job finds it gone (404)
             job = job_or_404(job_id)
             if job.status == "running":
@@ -721,8 +738,10 @@ def create_router(services: Services) -> APIRouter:
                 raise ApiError(409, "job_running", f"job {waiting[0]} resumes from job {job_id}'s saved state; delete "
                                f"job {job_id} once job {waiting[0]} has ended (or take it out of the queue: POST "
                                f"{PREFIX}/jobs/{waiting[0]}/stop)")
-            url = claim_webhook(job)  # before the queue can start it, before another DELETE removes its folder
-            if job.status == "queued":  # taken out of the queue as a stop takes it
+            # a queued job's removal is this DELETE's to send; an ended job's end its watcher's (one ended under an
+            # earlier version, whose webhook.url stayed after its call, is not sent again)
+            url = claim_webhook(job) if job.status == "queued" else None  # claimed before the queue can start it
+            if job.status == "queued":
                 try:
                     job = services.runner.dequeue(job_id)
                 except UserError:  # queued no longer: started, or taken out by a stop (whose end this one sends)

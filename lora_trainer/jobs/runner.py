@@ -504,7 +504,7 @@ class JobRunner:
                 # its validation, each sample drawn, a file or state saved (a kill then lost the step's save; a round
                 # of samples takes minutes on a small GPU). Warnings are no such sign, and a trainer that takes a
                 # second step after the stop does not obey
-                finishing = any(event["event"] in FINISHING_EVENTS for event in events)
+                finishing = any(event["event"] in FINISHING_EVENTS and "phase" not in event for event in events)
                 if stop_seen_at is None or finishing and steps_since_stop <= 1:
                     stop_seen_at = time.time()
                 if time.time() - stop_seen_at > self.kill_after:

@@ -492,6 +492,51 @@ def test_after_a_reload_a_jobs_end_is_sent_once(app_settings, fake_host, job_bod
     assert len(received) == 1 and client.get(f"{V1}/jobs/{job['id']}").json()["webhook"] is True
 
 
+def test_a_jobs_end_is_sent_once_however_many_watch_it_and_not_again_when_it_is_deleted(app_settings, fake_host,
+                                                                                        job_body):
+    """Two Services on one data folder (a reload whose old one still runs, a second app) both watch the job; an ended
+    job's DELETE, weeks later, sent its end a second time."""
+    with webhook_server() as (url, received):
+        first = Services.create(app_settings, fake_host, start=False)
+        client = make_client(first)
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        second = Services.create(app_settings, fake_host, start=False)
+        make_client(second)  # registering the routes watches the jobs that wait for a webhook
+        assert client.post(f"{V1}/jobs/{job['id']}/stop").json()["status"] == "stopped"
+        wait_for_calls(received, 1)
+        time.sleep(1.2)
+        assert client.delete(f"{V1}/jobs/{job['id']}").status_code == 200
+        time.sleep(0.5)
+        first.close()
+        second.close()
+    assert len(received) == 1
+
+
+def test_deleting_a_job_that_ended_under_an_earlier_version_does_not_send_its_end_again(services, job_body):
+    """Earlier versions left webhook.url after calling it: its DELETE, weeks later, sent the end a second time."""
+    client = make_client(services)
+    with webhook_server() as (url, received):
+        job = client.post(f"{V1}/jobs", json=job_body).json()
+        services.store.update(job["id"], status="finished", finished=time.time())  # ended then, its end sent then
+        (Path(job["folder"]) / "webhook.url").write_text(url, encoding="utf-8")  # and the file kept
+        assert client.delete(f"{V1}/jobs/{job['id']}").status_code == 200
+        time.sleep(1.2)
+    assert received == []
+
+
+def test_a_job_folder_left_by_an_earlier_database_brings_no_webhook(app_settings, fake_host, job_body):
+    """Only jobs.sqlite removed, jobs/ kept: job 1's folder is reused, and its old webhook file made the new job say
+    it had one (and a resume of it send to the old receiver)."""
+    services = Services.create(app_settings, fake_host, start=False)
+    client = make_client(services)
+    folder = app_settings.data_folder / "jobs" / "job-00001"
+    folder.mkdir(parents=True)
+    (folder / "webhook.called").write_text("http://127.0.0.1:9/old-receiver", encoding="utf-8")
+    job = client.post(f"{V1}/jobs", json=job_body).json()
+    assert job["folder"] == str(folder) and job["webhook"] is False
+    services.close()
+
+
 def test_a_job_of_a_new_database_gets_its_webhook_though_an_old_job_had_its_number(app_settings, fake_host, job_body):
     """The data folder wiped and the app reloaded in one process: job 1 again, whose webhook was taken for called."""
     with webhook_server() as (url, received):
