@@ -384,6 +384,12 @@ def call_webhook(url: str, payload: dict, job_id: int) -> None:
         log.warning("LoRA Trainer: webhook %s for job %s failed: %s", url, job_id, error)
 
 
+def call_webhook_in_background(url: str, job: Job) -> None:
+    """Its payload read now (before a DELETE removes the folder), sent without holding up the caller."""
+    threading.Thread(target=call_webhook, args=(url, webhook_payload(job), job.id), name=f"lora-trainer-webhook-{job.id}",
+                     daemon=True).start()
+
+
 def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0.5) -> threading.Thread:
     def watch() -> None:
         while True:
@@ -404,7 +410,11 @@ def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0
 
 
 def resume_webhooks(services: Services) -> None:
-    """After a restart: watch again the jobs still queued that asked for a webhook."""
+    """After a restart: watch again the jobs still queued or running that asked for a webhook, and send the ends of
+    those that ended while no app followed them (a trainer trains on after the app closes: its end came unheard)."""
+    for job in services.runner.recovered:
+        if url := claim_webhook(job):
+            call_webhook_in_background(url, job)
     for job in services.store.all():
         hook = job.folder / WEBHOOK_FILE
         if job.status in ACTIVE and hook.is_file():
@@ -751,8 +761,7 @@ def create_router(services: Services) -> APIRouter:
                         raise ApiError(409, "job_running", f"job {job_id} has just started; stop it first (POST "
                                        f"{PREFIX}/jobs/{job_id}/stop)") from None
             if url:  # its end (or its removal from the queue) not yet sent: sent now, without holding up the answer
-                threading.Thread(target=call_webhook, args=(url, webhook_payload(job), job_id),
-                                 name=f"lora-trainer-webhook-{job_id}", daemon=True).start()
+                call_webhook_in_background(url, job)
             services.store.delete(job_id)
             if job.folder.resolve().is_relative_to(settings.jobs_folder.resolve()):
                 shutil.rmtree(job.folder, ignore_errors=True)

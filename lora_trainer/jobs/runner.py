@@ -242,7 +242,7 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
-        store.recover()
+        self.recovered = store.recover()  # the jobs that ended while no app followed them, ended now
 
     # --- queue ----------------------------------------------------------------------------------------------
 

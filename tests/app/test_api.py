@@ -512,6 +512,38 @@ def test_a_jobs_end_is_sent_once_however_many_watch_it_and_not_again_when_it_is_
     assert len(received) == 1
 
 
+def test_a_job_that_ended_while_the_app_was_closed_has_its_end_sent_at_the_next_start(app_settings, fake_host,
+                                                                                      job_body):
+    """The trainer trains on after the app closes; it finished unheard, and at the next start the job was marked
+    finished without a word to its webhook: the client waited for good."""
+    import subprocess
+    import sys
+
+    from lora_trainer.jobs.store import JobStore
+    from lora_trainer.training.events import EventLog
+
+    store = JobStore(app_settings.jobs_database, app_settings.jobs_folder)
+    job = store.add("unheard", {})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    store.update(job.id, status="running", pid=gone.pid, started=time.time())
+    with EventLog(job.events_path) as events:  # what the trainer said while nobody followed it
+        events.emit("start")
+        events.emit("end", files=[], steps=5, stopped=False)
+    with webhook_server() as (url, received):
+        (job.folder / "webhook.url").write_text(url, encoding="utf-8")
+        services = Services.create(app_settings, fake_host, start=False)
+        make_client(services)
+        again = Services.create(app_settings, fake_host, start=False)  # a second start: sent once only
+        make_client(again)
+        wait_for_calls(received, 1)
+        time.sleep(0.5)
+        services.close()
+        again.close()
+    assert [(call["job"]["id"], call["job"]["status"], call["end"]["steps"]) for call in received] == [
+        (job.id, "finished", 5)]
+
+
 def test_deleting_a_job_that_ended_under_an_earlier_version_does_not_send_its_end_again(services, job_body):
     """Earlier versions left webhook.url after calling it: its DELETE, weeks later, sent the end a second time."""
     client = make_client(services)
