@@ -345,7 +345,7 @@ def claim_webhook(job: Job) -> str | None:
     """The job's webhook URL for the one caller that renames its file first, None for every other: a job's end is
     sent once whoever sees it (its watcher, a DELETE, a watcher of the Services a "Reload UI" made), across restarts."""
     hook, called = job.folder / WEBHOOK_FILE, job.folder / WEBHOOK_CALLED_FILE
-    for attempt in range(20):
+    for _ in range(20):
         try:
             os.replace(hook, called)
             return called.read_text(encoding="utf-8").strip()
@@ -750,8 +750,9 @@ def create_router(services: Services) -> APIRouter:
                                f"{PREFIX}/jobs/{waiting[0]}/stop)")
             # a queued job's removal is this DELETE's to send; an ended job's end its watcher's (one ended under an
             # earlier version, whose webhook.url stayed after its call, is not sent again)
-            url = claim_webhook(job) if job.status == "queued" else None  # claimed before the queue can start it
+            url = None
             if job.status == "queued":
+                url = claim_webhook(job)  # before the queue can start it
                 try:
                     job = services.runner.dequeue(job_id)
                 except UserError:  # queued no longer: started, or taken out by a stop (whose end this one sends)

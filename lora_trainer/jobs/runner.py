@@ -34,6 +34,11 @@ def trainer_command(job: Job) -> list[str]:
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds lora_trainer/
 
 
+def run_location(options: dict) -> tuple[Path, str]:
+    """The folder and name a job's run writes its files under, with sd-scripts' defaults."""
+    return Path(options.get("output_dir") or "output"), options.get("output_name") or "last"
+
+
 def earlier_files(options: dict) -> list[Path]:
     """Files of an earlier run of the same name in the job's output folder (the Lora folder): a new job would replace
     them. None for a resumed job, whose files they are."""
@@ -41,7 +46,7 @@ def earlier_files(options: dict) -> list[Path]:
 
     if options.get("resume"):
         return []
-    return files_of_run(Path(options.get("output_dir") or "output"), options.get("output_name") or "last")
+    return files_of_run(*run_location(options))
 
 
 def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
@@ -61,8 +66,8 @@ def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) ->
         return None
 
     def run_of(values: dict) -> tuple[str, str]:
-        folder = Path(values.get("output_dir") or "output").resolve()
-        return os.path.normcase(str(folder)), os.path.normcase(values.get("output_name") or "last")  # Windows: any case
+        folder, name = run_location(values)
+        return os.path.normcase(str(folder.resolve())), os.path.normcase(name)  # Windows: any case
 
     same = [job for job in jobs if job.status in ("queued", "running") and run_of(job.options) == run_of(options)]
     if not same:
@@ -70,7 +75,7 @@ def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) ->
     one = len(same) == 1
     listed = ", ".join(f"{job.id} ({job.status})" for job in same)
     return (f"job{'' if one else 's'} {listed} also write{'s' if one else ''} the run {options.get('output_name')!r} in "
-            f"{Path(options.get('output_dir') or 'output')}: when this job starts, the files {'it' if one else 'they'} "
+            f"{run_location(options)[0]}: when this job starts, the files {'it' if one else 'they'} "
             f"wrote by then are moved into {replaced_folder}, not overwritten; give this job another output name to keep "
             f"{'both' if one else 'all'} where they are")
 

@@ -870,7 +870,7 @@ class TrainingRun:
                 self._draw_samples(epoch, step)
         release_cached_memory(self.device, self.options)
 
-    def _draw_samples(self, epoch: int | None, step: int) -> list[Path]:
+    def _draw_samples(self, epoch: int | None, step: int) -> None:
         def failed(number: int, error: Exception) -> None:  # a sample shows the training; it is never worth the training
             self.events.emit("warning", message=f"sample prompt {number} at step {step} failed ({type(error).__name__}: "
                              f"{error}); training goes on, the other prompts are drawn")
@@ -878,9 +878,9 @@ class TrainingRun:
         self.network.eval().set_multiplier(1.0)
         try:
             with decoder_on(self.model.vae, self.device, self.vae_parked):
-                return draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
-                                    self.options.output_name, epoch, step, self.options.clip_skip or 1, failed,
-                                    lambda path: self.events.emit("sample", path=str(path), epoch=epoch, step=step))
+                draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
+                             self.options.output_name, epoch, step, self.options.clip_skip or 1, failed,
+                             lambda path: self.events.emit("sample", path=str(path), epoch=epoch, step=step))
         finally:
             self.network.train()
 
