@@ -479,6 +479,31 @@ def test_a_cell_whose_lora_file_was_deleted_or_rewritten_during_the_grid_is_grey
     assert all((image == 128).mean() > 0.5 and image.max() > 200 for image in grey)  # grey, with the reason on it
     assert len(result.cell_paths) == 1
 
+def test_labels_and_a_grey_cell_no_font_draws_give_one_warning_naming_every_character(tmp_path, monkeypatch):
+    """The grey cell's reason (角色-000002.safetensors was deleted) and the labels (蓝色背景 too) lacked different
+    characters: two near-identical warnings, one naming 角色, the other 角色蓝背景."""
+    from lora_trainer.grid import render
+
+    monkeypatch.setattr(render, "system_fallback_fonts", lambda: ())
+    monkeypatch.setattr(render, "_said_no_font", [])
+    run = tmp_path / "Lora"
+    make_epoch_files(run, "角色", epochs=2, seed=0)
+    plan = plan_grid(request(AxisSpec("prompt", ["shapes", "蓝色背景"]), AxisSpec("epoch", []), lora="角色",
+                             baseline=False),
+                     LoraLibrary([run]))
+    host = BatchHost()
+    drawn = host.generate
+
+    def generate(settings, checkpoint=None, progress=None):
+        (run / "角色-000001.safetensors").unlink(missing_ok=True)  # during the first cell: the second is grey
+        return drawn(settings, checkpoint, progress)
+
+    host.generate = generate
+    result = run_grid(host, plan, None)
+    assert result.finished == 3 and len(result.warnings) == 1, result.warnings
+    assert set("角色蓝背景") <= set(result.warnings[0].split(" of the grid's labels")[0]), result.warnings
+
+
 def test_an_interrupt_during_the_first_cell_saves_nothing(library, tmp_path):
     host = BatchHost(interrupt_at=1)
     plan = plan_grid(request(AxisSpec("strength", ["0.5, 1"]), AxisSpec("epoch", ["2"])), library)

@@ -32,7 +32,7 @@ from ..sampling.txt2img import GenerationSettings
 from .axes import (EpochFile, check_size, fixed_seeds, glob_escape, is_final_file, is_step_file, parse_values, run_files,
                    run_name, step_of, whole_numbers)
 from .render import (GridResult, assemble, axes_infotext, check_megapixels, grid_font_file, grid_infotext,
-                     megapixel_limit, save_grid)
+                     megapixel_limit, no_font_advice, save_grid)
 
 log = logging.getLogger(__name__)
 
@@ -834,12 +834,13 @@ def run_grid(host, plan: GridPlan, out_folder: Path | None, progress: Callable[[
     width, height = plan.cells[0][0].settings.width, plan.cells[0][0].settings.height
     blank = Image.new("RGB", (width, height), (128, 128, 128))
     font_file = grid_font_file(host)
-    warnings: list[str] = []
-    images = [[done[c.key].image if c.key in done else _grey_cell(blank, skipped[c.key], font_file, warnings)
+    undrawn: dict[str, None] = {}  # the labels' and the grey cells' characters no font draws: one warning says them
+    images = [[done[c.key].image if c.key in done else _grey_cell(blank, skipped[c.key], font_file, undrawn)
                if c.key in skipped else blank for c in row] for row in plan.cells]
     infos = [[done[c.key].infotext if c.key in done else "" for c in row] for row in plan.cells]
     legend = f"Lora hashes: {plan.legend}" if plan.legend else ""
-    grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend, font_file, warnings)
+    grid = assemble(images, plan.row_labels, plan.column_labels, plan.title, legend, font_file, undrawn)
+    warnings = [no_font_advice("".join(undrawn))] if undrawn else []
     switching = getattr(host, "switching_seconds", 0.0) - switching_before
     result = GridResult(grid, images, time.perf_counter() - started, switching, stopped=stopped,
                         finished=len(done), total=len(unique), infotexts=infos, warnings=warnings)
@@ -876,7 +877,7 @@ def unfinished_images(result: GridResult, plan: GridPlan) -> str | None:
 
 
 def _grey_cell(blank: Image.Image, reason: str, font_file: str | None = None,
-               warnings: list[str] | None = None) -> Image.Image:
+               undrawn: dict[str, None] | None = None) -> Image.Image:
     """A grey cell that says why it was not drawn, wrapped to its width as the labels are, in a font sized to the
     cell as theirs (the default 10 px could not be read on a 1024 px cell in the grid), chosen as theirs."""
     from PIL import ImageDraw
@@ -884,7 +885,7 @@ def _grey_cell(blank: Image.Image, reason: str, font_file: str | None = None,
     from .render import _wrap, drawable, label_font
 
     cell = blank.copy()
-    font = label_font(max(10, cell.width // 16), reason, font_file, warnings)
+    font = label_font(max(10, cell.width // 16), reason, font_file, undrawn)
     draw = ImageDraw.Draw(cell)
     draw.multiline_text((3, 3), "\n".join(_wrap(drawable(reason, font), font, cell.width - 6, draw)),
                         fill=(255, 255, 255), font=font)

@@ -126,12 +126,13 @@ def undrawable(font, text: str) -> set[str]:
     return missing
 
 
-def label_font(size: int, text: str, font_file: str | Path | None = None, warnings: list[str] | None = None):
+def label_font(size: int, text: str, font_file: str | Path | None = None, undrawn: dict[str, None] | None = None):
     """The font a grid's texts (all of them in ``text``) are drawn in: ``font_file`` (the host's own, such as the
     WebUI's grid font) or Pillow's default; where it has no glyph for some of their characters (Chinese, Japanese,
     Korean), the installed font that draws them all, else the most of them (``system_fallback_fonts``, the first of
-    equals). Where some stay boxes, the log says once a process which font to install, and ``warnings`` gain it for
-    this grid (what the API's grid record and the Grid tab show: a remote user reads no server log)."""
+    equals). Characters that stay boxes are added to ``undrawn``, whose owner says them in one warning for the whole
+    grid (``no_font_advice``: the Grid tab, the API's grid record and the grid command show it); without one, the log
+    says once a process which font to install."""
     font = (_font_file(font_file, size) if font_file else None) or _default_font(size)
     missing = undrawable(font, text)
     for path in system_fallback_fonts() if missing else ():
@@ -140,17 +141,16 @@ def label_font(size: int, text: str, font_file: str | Path | None = None, warnin
             font, missing = fallback, fewer
             if not missing:
                 break
-    if missing:
-        advice = no_font_advice("".join(character for character in dict.fromkeys(text) if character in missing))
-        if not _said_no_font:
-            _said_no_font.append(advice)
-            log.warning("Prompt-Lora-Grid: %s", advice)
-        if warnings is not None and advice not in warnings:
-            warnings.append(advice)
+    in_order = "".join(character for character in dict.fromkeys(text) if character in missing)
+    if in_order and undrawn is not None:
+        undrawn.update(dict.fromkeys(in_order))
+    elif in_order and not _said_no_font:
+        _said_no_font.append(in_order)
+        log.warning("Prompt-Lora-Grid: %s", no_font_advice(in_order))
     return font
 
 
-_said_no_font: list[str] = []  # what the log said: once a process, not at every grid
+_said_no_font: list[str] = []  # what the log said: once a process, not at every drawing
 
 
 _EAST_ASIAN_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO", "IDEOGRAPHIC", "FULLWIDTH", "HALFWIDTH")
@@ -199,11 +199,11 @@ class GridLayout:
 
 
 def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels: list[str], title: str = "",
-                legend: str = "", font_file: str | Path | None = None, warnings: list[str] | None = None) -> GridLayout:
+                legend: str = "", font_file: str | Path | None = None, undrawn: dict[str, None] | None = None) -> GridLayout:
     """The texts of ``assemble``'s grid, placed and wrapped (``_wrap``) in ``label_font``'s font (``font_file``
-    first), sized to the cells (an eighth of their width, 10 px at least); ``warnings`` gain what no font draws."""
+    first), sized to the cells (an eighth of their width, 10 px at least); ``undrawn`` gains what no font draws."""
     width, height = cell_size
-    font = label_font(max(10, width // 8), "".join([title, legend, *row_labels, *column_labels]), font_file, warnings)
+    font = label_font(max(10, width // 8), "".join([title, legend, *row_labels, *column_labels]), font_file, undrawn)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def wrapped(text: str, room: int, separator: str = " ") -> str:
@@ -243,11 +243,11 @@ def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels
 
 
 def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
-             legend: str = "", font_file: str | Path | None = None, warnings: list[str] | None = None) -> Image.Image:
+             legend: str = "", font_file: str | Path | None = None, undrawn: dict[str, None] | None = None) -> Image.Image:
     """Cells with column labels on top, row labels on the left (labels may have several lines), a title above and a
-    legend below, each wrapped to its room (``grid_layout``; ``warnings`` gain what no font draws)."""
+    legend below, each wrapped to its room (``grid_layout``; ``undrawn`` gains what no font draws)."""
     width, height = cells[0][0].size
-    layout = grid_layout((width, height), row_labels, column_labels, title, legend, font_file, warnings)
+    layout = grid_layout((width, height), row_labels, column_labels, title, legend, font_file, undrawn)
     grid = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(grid)
     for at, text in [layout.title, *layout.column_labels, *layout.row_labels, layout.legend]:
