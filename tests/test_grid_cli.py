@@ -50,6 +50,20 @@ def test_a_runs_epochs_by_strengths_are_drawn_and_the_grids_path_is_the_last_lin
     assert lines[2].split() == ["tinylora", "0.1000", "0.1700"]
 
 
+def test_labels_no_installed_font_draws_are_a_warning_on_stderr(runs, tmp_path, capsys, monkeypatch):
+    """The grid command drew 蓝色背景 as boxes and said why only in a log line (once a process, if a handler showed
+    it), not as the "warning: …" its other warnings are."""
+    from lora_trainer.grid import render
+
+    monkeypatch.setattr(render, "system_fallback_fonts", lambda: ())
+    monkeypatch.setattr(render, "_said_no_font", ["an earlier drawing's labels"])
+    code, out, err = grid(capsys, "tinylora", "--lora-dir", runs, "--x", "prompt:zkstar, 蓝色背景", "--y", "epoch:2",
+                          "--no-baseline", "--steps", 1, "--out", tmp_path)
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "蓝色背景" in line]
+    assert len(said) == 1 and said[0].startswith("warning: no font installed here draws 蓝色背景 of the grid's labels"), err
+
+
 def test_a_run_given_by_the_path_of_a_file_outside_the_lora_folders_finds_its_epochs_beside_it(runs, tmp_path, capsys):
     code, out, err = grid(capsys, runs / "tinylora.safetensors", "--lora-dir", tmp_path / "empty", "--x", "epoch",
                           "--y", "strength:0.8", "--steps", 1, "--out", tmp_path)

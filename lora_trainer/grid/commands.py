@@ -154,6 +154,8 @@ def draw_grid(args) -> Path | None:
               "no cell finished (every one was skipped): nothing was saved", file=sys.stderr)
     elif unfinished := unfinished_images(result, plan):
         print(unfinished, file=sys.stderr)
+    for warning in result.warnings:  # labels drawn as boxes: which font to install
+        print(f"warning: {warning}", file=sys.stderr)
     if result.path is not None:
         rows, columns = plan.size
         print(f"grid of {rows} × {columns} images in {result.seconds:.1f} s", file=sys.stderr)
