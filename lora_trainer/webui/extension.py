@@ -72,9 +72,10 @@ def lora_folders() -> list[Path]:
 def folder_list(text: str) -> list[Path]:
     """The dataset folders as typed in Settings: one a line or separated by commas, or by semicolons as Windows lists
     folders (PATH), each perhaps in the double quotes Explorer's "Copy as path" puts around it (which keep a comma or
-    semicolon in a folder's name)."""
-    items = re.findall(r'\s*"([^"]*)"\s*(?=[,;\n]|$)|([^,;\n]+)', text or "")  # quotes count around a whole item only
-    return [Path(part.strip()) for quoted, bare in items if (part := quoted or bare).strip()]
+    semicolon in a folder's name). A quote without its pair at an item's start or end is the half of such a pair that
+    editing left (Windows names hold no quote): dropped, the item ending at the next separator."""
+    items = re.findall(r'\s*"([^"\n]*)"\s*(?=[,;\n]|$)|([^,;\n]+)', text or "")  # quotes count around a whole item only
+    return [Path(part) for quoted, bare in items if (part := (quoted or bare.strip().strip('"')).strip())]
 
 
 def app_settings() -> AppSettings:

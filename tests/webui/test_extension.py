@@ -190,3 +190,13 @@ def test_dataset_folders_typed_the_windows_way_are_read():
     assert folder_list('"D:\\art, misc";"/data/sets;v2"\n/data/b') == [Path("D:\\art, misc"), Path("/data/sets;v2"),
                                                                         Path("/data/b")]
     assert folder_list('/data/my "best" set') == [Path('/data/my "best" set')]  # quotes inside a name are its own
+
+
+def test_a_dataset_folder_whose_closing_quote_was_lost_is_the_folder_itself():
+    """``"D:\\data\\a, D:\\b`` (a pasted path whose closing quote went while editing) allowed a folder named
+    ``"D:\\data\\a``, which no path is below: Windows names hold no quote, so a lone one at an item's start or end is
+    a lost half of Explorer's pair and the item ends at the next separator."""
+    from lora_trainer.webui.extension import folder_list
+
+    assert folder_list('"D:\\data\\a, D:\\b') == [Path("D:\\data\\a"), Path("D:\\b")]
+    assert folder_list('D:\\c";"E:\\d\n/data/e"') == [Path("D:\\c"), Path("E:\\d"), Path("/data/e")]
