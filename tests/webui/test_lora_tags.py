@@ -219,3 +219,39 @@ def test_on_forge_lora_tags_are_left_to_forge(load_extension, webui_modules, mon
     w = load_extension()
     assert "lora" not in w.extra_networks.extra_network_registry
     assert any(o.label == "[LoRA] Strength" for o in w.xyz.axis_options)  # the rest of the extension still works
+
+
+def _built_in_pick(files: list[tuple[str, str]], name: str) -> str | None:
+    """The file the built-in Lora extension loads for ``<lora:name>``, from (stem, alias) in its walk order
+    (extensions-builtin/Lora/networks.py, list_available_networks and load_networks): one table filled with each
+    file's stem and then its alias, a later file overwriting; an alias that is a key already when its file comes is
+    barred (case-insensitively, as "none" and "Addams" are), and a barred name is looked up by stem alone."""
+    by_stem, by_either, barred = {}, {}, {"none", "addams"}
+    for stem, alias in files:
+        by_stem[stem] = stem
+        if alias in by_either:
+            barred.add(alias.lower())
+        by_either[stem] = by_either[alias] = stem
+    return by_stem.get(name) if name.lower() in barred else by_either.get(name)
+
+
+@pytest.mark.parametrize("files", [
+    [("a", "b"), ("b", "b")],  # a's alias is b's name, a first
+    [("a", "a"), ("b", "a")],  # b's alias is a's name, b later
+    [("a", "x"), ("b", "a"), ("c", "y")],  # a's name taken as an alias, a third alias its own
+    [("Art", "Art"), ("b", "art")],  # an alias differing from a name by case only
+])
+def test_a_name_that_is_another_files_alias_loads_what_the_built_in_loads(tmp_path, files):
+    """The same <lora:…> must load the same file whether ours or the built-in handler answers it: a file's name
+    wins over another file's alias in both (the built-in bars an alias that comes after the name it equals)."""
+    from lora_trainer.networks.activation import LoraLibrary
+    from lora_trainer.safe_io import save_safetensors
+
+    for stem, alias in files:  # listed in this order: sorted names in one folder
+        save_safetensors({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, tmp_path / f"{stem}.safetensors",
+                         {"ss_output_name": alias})
+    library = LoraLibrary([tmp_path])
+    for name in {name for pair in files for name in pair}:
+        expected = _built_in_pick(files, name)
+        if expected is not None:  # names the built-in finds no file for are ours alone (a run's epochs, name@eN)
+            assert library.resolve(name) == tmp_path / f"{expected}.safetensors", name
