@@ -89,6 +89,37 @@ def test_a_final_file_renamed_after_training_keeps_its_epochs(tmp_path):
         "char-000001.safetensors", "char_v2.safetensors"]
 
 
+def _copy_with(tmp_path, source_name: str, target: str, **changes) -> None:
+    """A kohya fixture saved as ``target`` with its metadata changed (a value of None: the key left out)."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.safe_io import read_safetensors_metadata
+
+    source = REFERENCE / "kohya-fixtures" / "lora-baseline" / f"{source_name}.safetensors"
+    metadata = {**read_safetensors_metadata(source), **changes}
+    save_file(load_file(source), str(tmp_path / f"{target}.safetensors"),
+              {key: value for key, value in metadata.items() if value is not None})
+
+
+def test_a_file_whose_training_progress_is_unknown_comes_after_those_whose_progress_is_known(tmp_path):
+    """A file without ss_steps (its metadata stripped by another tool) cannot be placed among the others: the epoch
+    axis puts it after them rather than before the first epoch."""
+    _copy_with(tmp_path, "tinylora-000001", "run-000001", ss_steps=None, ss_output_name="run")
+    _copy_with(tmp_path, "tinylora-000001", "run-000002", ss_output_name="run", ss_epoch="2", ss_steps="100")
+    _copy_with(tmp_path, "tinylora", "run", ss_output_name="run")
+    assert [f.path.stem for f in run_files(tmp_path / "run.safetensors")] == ["run-000002", "run", "run-000001"]
+
+
+def test_a_renamed_final_files_run_takes_epoch_files_without_a_session_id_and_not_those_of_another_name(tmp_path):
+    """sd-scripts before ss_session_id (early 2023) wrote none: such an epoch file of the name the final file was
+    trained under cannot be told apart and stays on its epoch axis; an epoch file renamed into that name from
+    another run (its ss_output_name says which) does not."""
+    _copy_with(tmp_path, "tinylora", "char_v2", ss_output_name="char")
+    _copy_with(tmp_path, "tinylora-000001", "char-000001", ss_output_name="char", ss_session_id=None)
+    _copy_with(tmp_path, "tinylora-000001", "char-000002", ss_output_name="dogs", ss_session_id=None, ss_steps="100")
+    assert [f.path.stem for f in run_files(tmp_path / "char_v2.safetensors")] == ["char-000001", "char_v2"]
+
+
 def test_two_grids_saved_in_the_same_second_keep_both(tmp_path, monkeypatch):
     """Grids are named by the time to the second: a second grid from another browser tab or the API in that second
     overwrote the first one and its cells."""
