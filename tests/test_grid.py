@@ -110,6 +110,14 @@ def test_a_file_whose_training_progress_is_unknown_comes_after_those_whose_progr
     assert [f.path.stem for f in run_files(tmp_path / "run.safetensors")] == ["run-000002", "run", "run-000001"]
 
 
+def test_a_run_whose_files_all_lack_their_progress_keeps_its_final_file_last(tmp_path):
+    """Every file's ss_steps stripped: the final file (the last epoch) came first, before epoch 1, as the file that
+    goes first of two at equal steps."""
+    for source, target in (("tinylora-000001", "run-000001"), ("tinylora-000001", "run-000002"), ("tinylora", "run")):
+        _copy_with(tmp_path, source, target, ss_steps=None, ss_output_name="run")
+    assert [f.path.stem for f in run_files(tmp_path / "run.safetensors")] == ["run-000001", "run-000002", "run"]
+
+
 def test_a_renamed_final_files_run_takes_epoch_files_without_a_session_id_and_not_those_of_another_name(tmp_path):
     """sd-scripts before ss_session_id (early 2023) wrote none: such an epoch file of the name the final file was
     trained under cannot be told apart and stays on its epoch axis; an epoch file renamed into that name from

@@ -168,8 +168,10 @@ def run_files(final_or_any: str | Path) -> list[EpochFile]:
 
 
 def _training_progress(file: EpochFile) -> tuple:
-    """By steps; at equal steps the final file first."""
-    return file.steps if file.steps is not None else 1 << 60, _NUMBERED.match(file.path.stem) is not None, file.path.name
+    """By steps; at equal steps the final file first. Files without steps after the others, their final file last
+    (it ends the run), the numbered ones in their names' order."""
+    unknown, numbered = file.steps is None, _NUMBERED.match(file.path.stem) is not None
+    return unknown, file.steps or 0, numbered != unknown, file.path.name
 
 
 def _numbered_or_final(folder: Path, run: str, suffix: str, final: bool) -> list[Path]:
