@@ -5,6 +5,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from lora_trainer.errors import UserError
@@ -200,3 +201,24 @@ def test_a_dataset_folder_whose_closing_quote_was_lost_is_the_folder_itself():
 
     assert folder_list('"D:\\data\\a, D:\\b') == [Path("D:\\data\\a"), Path("D:\\b")]
     assert folder_list('D:\\c";"E:\\d\n/data/e"') == [Path("D:\\c"), Path("E:\\d"), Path("/data/e")]
+
+
+def test_a_lora_in_the_output_folder_wins_over_one_of_its_name_in_the_webuis_lora_folder(webui_modules, tmp_path):
+    """The trainer saves into the output folder (Settings → LoRA Trainer): <lora:name> is the run just trained there,
+    not an older file of that name in --lora-dir; the output folder set to --lora-dir itself lists each file once."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.networks.activation import LoraLibrary
+    from lora_trainer.webui.extension import lora_folders
+
+    shared = webui_modules.shared
+    webui_lora, lyco, output = (tmp_path / name for name in ("Lora", "LyCORIS", "trained"))
+    for folder in (webui_lora, lyco, output):
+        folder.mkdir()
+        save_file({"x": torch.zeros(1)}, str(folder / "char.safetensors"))
+    shared.cmd_opts.lora_dir, shared.cmd_opts.lyco_dir_backcompat = str(webui_lora), str(lyco)
+    shared.opts.data["lora_trainer_output_folder"] = str(output)
+    assert LoraLibrary(lora_folders()).resolve("char") == output / "char.safetensors"
+    shared.opts.data["lora_trainer_output_folder"] = str(webui_lora)
+    assert [entry.path for entry in LoraLibrary(lora_folders()).entries()] == [webui_lora / "char.safetensors",
+                                                                              lyco / "char.safetensors"]
