@@ -97,6 +97,14 @@ def test_txt2img_fields_the_webui_lacks_keep_the_grid_values(load_extension):
     assert filled == {"prompt": "a red circle, night sky", "steps": 33}  # seed, size, CFG… are not written
 
 
+def test_a_txt2img_page_with_only_a_prompt_fills_the_grid_prompt_with_its_text(load_extension):
+    """One field found (a WebUI whose other txt2img fields have other names): gradio gives a button with one output
+    the bare value, so the prompt must not get the list of one value."""
+    w = load_extension()
+    demo, txt2img = build_page(w, txt2img_ids=("txt2img_prompt",))
+    assert click(demo, "lora_trainer_grid_from_txt2img", values_of(txt2img)) == {"prompt": "a red circle, night sky"}
+
+
 def test_an_empty_seed_box_keeps_the_grid_seed(load_extension):
     w = load_extension()
     demo, txt2img = build_page(w)
@@ -151,6 +159,17 @@ def test_older_webui_keys_and_unusable_values(webui):
                             "txt2img/Seed/value": "", "txt2img/Width/value": "wide"})
     defaults = WebUIHost().generation_defaults()
     assert (defaults.steps, defaults.sampler, defaults.seed, defaults.width) == (40, "Euler", -1, 512)
+
+
+def test_saved_values_the_txt2img_page_cannot_show_keep_the_built_in_ones(webui):
+    """A hand-edited ui-config.json: CFG 0 (the WebUI's CFG slider starts at 1, as the grid's does) and a checkbox's
+    true where a number belongs (float(True) is 1: one sampling step) keep the built-in values."""
+    from lora_trainer.webui.host import WebUIHost
+
+    write_ui_config(webui, {"txt2img/CFG Scale/value": 0, "customscript/sampler.py/txt2img/Sampling steps/value": True,
+                            "txt2img/Width/value": 512.0, "txt2img/Height/value": 767.6})
+    defaults = WebUIHost().generation_defaults()
+    assert (defaults.cfg_scale, defaults.steps, defaults.width, defaults.height) == (7.0, 20, 512, 768)
 
 
 def test_without_a_ui_config_the_grid_starts_from_built_in_values(webui, caplog):
