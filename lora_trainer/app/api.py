@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
@@ -390,6 +391,17 @@ def call_webhook_in_background(url: str, job: Job) -> None:
                      daemon=True).start()
 
 
+# The job folders that a watcher of this process waits on, and how many watchers each: an ended job among them has
+# its end unsent until its watcher's next poll, which a DELETE in between sends instead (the watcher finds it gone)
+_watched: Counter[Path] = Counter()
+_watched_lock = threading.Lock()
+
+
+def is_watched(job: Job) -> bool:
+    with _watched_lock:
+        return _watched[job.folder.resolve()] > 0
+
+
 def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0.5) -> threading.Thread:
     def watch() -> None:
         while True:
@@ -401,10 +413,22 @@ def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0
             if job.status not in ACTIVE:
                 break
             time.sleep(poll)
+        payload = webhook_payload(job)  # read before the claim: a DELETE that finds it claimed removes the folder
         if claim_webhook(job):
-            call_webhook(url, webhook_payload(job), job_id)
+            call_webhook(url, payload, job_id)
 
-    thread = threading.Thread(target=watch, name=f"lora-trainer-webhook-{job_id}", daemon=True)
+    def watched(folder: Path) -> None:
+        try:
+            watch()
+        finally:
+            with _watched_lock:
+                _watched[folder] -= 1
+
+    job = services.store.get(job_id)
+    folder = job.folder.resolve() if job else Path()  # (none: the watcher ends at once)
+    with _watched_lock:  # counted before the thread runs: a DELETE right after the POST finds the job watched
+        _watched[folder] += 1
+    thread = threading.Thread(target=watched, args=(folder,), name=f"lora-trainer-webhook-{job_id}", daemon=True)
     thread.start()
     return thread
 
@@ -748,9 +772,10 @@ def create_router(services: Services) -> APIRouter:
                 raise ApiError(409, "job_running", f"job {waiting[0]} resumes from job {job_id}'s saved state; delete "
                                f"job {job_id} once job {waiting[0]} has ended (or take it out of the queue: POST "
                                f"{PREFIX}/jobs/{waiting[0]}/stop)")
-            # a queued job's removal is this DELETE's to send; an ended job's end its watcher's (one ended under an
-            # earlier version, whose webhook.url stayed after its call, is not sent again)
-            url = None
+            # a queued job's removal is this DELETE's to send; an ended job's end its watcher's, unless the watcher
+            # has not yet seen it end (stopped within its poll): it would find the job gone. One ended under an
+            # earlier version, whose webhook.url stayed after its call, has no watcher and is not sent again
+            url = claim_webhook(job) if job.status not in ACTIVE and is_watched(job) else None
             if job.status == "queued":
                 url = claim_webhook(job)  # before the queue can start it
                 try:

@@ -477,6 +477,20 @@ def test_a_job_a_stop_took_out_of_the_queue_just_before_its_delete_is_deleted_an
     assert_error(client.delete(f"{V1}/jobs/{job['id']}"), 404, "job_not_found")
 
 
+def test_a_job_deleted_right_after_its_stop_has_its_end_sent_once(services, job_body):
+    """The DELETE came within the watcher's 0.5 s poll: it took the end for the watcher's to send, and the watcher
+    found the job gone. The client waited for good."""
+    client = make_client(services)  # the runner is not started: the stop takes the job out of the queue
+    with webhook_server() as (url, received):
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        assert client.post(f"{V1}/jobs/{job['id']}/stop").json()["status"] == "stopped"
+        assert client.delete(f"{V1}/jobs/{job['id']}").json() == {"deleted": job["id"]}
+        wait_for_calls(received, 1)
+        time.sleep(1.2)  # the watcher polls every 0.5 s: it must not call a second time
+    assert [(call["job"]["id"], call["job"]["status"], call["end"]["stopped"]) for call in received] == [
+        (job["id"], "stopped", True)]
+
+
 def test_after_a_reload_a_jobs_end_is_sent_once(app_settings, fake_host, job_body):
     """"Reload UI" makes new Services that watch the job again while the old watcher still polls: both sent it."""
     with webhook_server() as (url, received):
