@@ -738,12 +738,14 @@ def create_router(services: Services) -> APIRouter:
     @router.post("/jobs/{job_id}/resume", status_code=201, summary="Resume a stopped, paused or interrupted job")
     def resume_job(job_id: int, _: None = no_fields("POST /jobs/{id}/resume")):
         """Queues a new job that continues from the job's last saved state; returns the new job (201, as
-        `POST /jobs` does: a job was created). The job's webhook, if it had one, is called when the new one ends."""
-        resumed = state_change(job_id, lambda: services.runner.resume(job_id))
+        `POST /jobs` does: a job was created), with `warnings` where a job queued or running before it writes the same
+        run. The job's webhook, if it had one, is called when the new one ends."""
+        notes: list[str] = []
+        resumed = state_change(job_id, lambda: services.runner.resume(job_id, notes))
         if url := webhook_url(job_or_404(job_id)):  # the run goes on, so whoever waits for its end still does
             set_webhook(services.store.get(resumed["id"]), url)
             watch_for_webhook(services, resumed["id"], url)
-        return JSONResponse(resumed, 201)
+        return JSONResponse({**resumed, **({"warnings": notes} if notes else {})}, 201)
 
     @router.post("/jobs/{job_id}/save", summary="Save the network now")
     def save_job(job_id: int, _: None = no_fields("POST /jobs/{id}/save")):

@@ -61,9 +61,8 @@ def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
 
 def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) -> str | None:
     """What a job of the same output name and folder queued or running before this one will lose when this one starts
-    (its files moved aside, as an earlier run's are), said before this one is queued; None where there is none."""
-    if options.get("resume"):  # a resumed run writes its own files again, it moves none aside
-        return None
+    (its files moved aside, as an earlier run's are; a resumed run moves none aside and writes over them), said before
+    this one is queued; None where there is none."""
 
     def run_of(values: dict) -> tuple[str, str]:
         folder, name = run_location(values)
@@ -74,9 +73,14 @@ def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) ->
         return None
     one = len(same) == 1
     listed = ", ".join(f"{job.id} ({job.status})" for job in same)
-    return (f"job{'' if one else 's'} {listed} also write{'s' if one else ''} the run {options.get('output_name')!r} in "
-            f"{run_location(options)[0]}: when this job starts, the files {'it' if one else 'they'} "
-            f"wrote by then are moved into {replaced_folder}, not overwritten; give this job another output name to keep "
+    also = (f"job{'' if one else 's'} {listed} also write{'s' if one else ''} the run {options.get('output_name')!r} in "
+            f"{run_location(options)[0]}")
+    if options.get("resume"):  # it goes on with its own run, whose files are its own: none are moved aside
+        return (f"{also}, and this resumed job, which runs after {'it' if one else 'them'}, writes over the files of "
+                f"the same name {'it' if one else 'they'} saved (a resume moves no files aside); to keep "
+                f"{'both' if one else 'all'}, run {'that job' if one else 'those jobs'} under another output name")
+    return (f"{also}: when this job starts, the files {'it' if one else 'they'} wrote by then are moved into "
+            f"{replaced_folder}, not overwritten; give this job another output name to keep "
             f"{'both' if one else 'all'} where they are")
 
 
@@ -294,11 +298,13 @@ class JobRunner:
         self._wake.set()
         return job
 
-    def resume(self, job_id: int) -> Job:
+    def resume(self, job_id: int, warnings: list[str] | None = None) -> Job:
+        """A new job that goes on from the job's last state; ``warnings`` gain what a job queued or running before it
+        does to the same run (``same_run_jobs_note``)."""
         with self._resuming:
-            return self._resume(job_id)
+            return self._resume(job_id, warnings)
 
-    def _resume(self, job_id: int) -> Job:
+    def _resume(self, job_id: int, warnings: list[str] | None) -> Job:
         job = self._job(job_id)
         if job.status in ("queued", "running"):
             raise UserError(f"job {job_id} is {job.status}; nothing to resume")
@@ -312,7 +318,11 @@ class JobRunner:
 
         if not job.last_state or not readable_state(Path(job.last_state)).exists():
             raise UserError(f"job {job_id} saved no state to resume from; start it again (or use its last file as --network_weights)")
-        resumed = self.submit(job.name, {**job.options, "resume": job.last_state})
+        options = {**job.options, "resume": job.last_state}
+        note = same_run_jobs_note(options, self.store.all(), self.replaced_folder)
+        resumed = self.submit(job.name, options)
+        if note and warnings is not None:
+            warnings.append(note)
         self.store.update(job.id, message=f"resumed as job {resumed.id}")  # its status stays what it ended as
         return self.store.update(resumed.id, resumed_from=job.id)
 

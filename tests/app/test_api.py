@@ -1472,6 +1472,31 @@ def test_a_job_queued_behind_one_of_the_same_output_name_is_told_it_will_move_th
     assert not any("also writes" in warning for warning in other.get("warnings", []))
 
 
+def test_a_job_resumed_behind_one_of_the_same_output_name_is_told_it_will_write_over_that_ones_files(services,
+                                                                                                      job_body, tmp_path):
+    """A resume writes its own run again, moving nothing aside: it wrote over the files of the job queued before it
+    under the same name, said by nothing (POST /jobs said it, a resume did not)."""
+    client = make_client(services)  # the runner is not started: jobs stay queued
+    paused = client.post(f"{V1}/jobs", json=job_body).json()
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("model.safetensors", "train_state.pt"):  # what a state folder holds (resuming checks for them)
+        (state / name).write_bytes(b"x")
+    services.store.update(paused["id"], status="paused", last_state=str(state))
+    queued = client.post(f"{V1}/jobs", json=job_body).json()
+    resumed = client.post(f"{V1}/jobs/{paused['id']}/resume")
+    assert resumed.status_code == 201, resumed.text
+    assert resumed.json()["warnings"] == [
+        f"job {queued['id']} (queued) also writes the run 'zkchar' in {services.settings.lora_folder}, and this resumed "
+        "job, which runs after it, writes over the files of the same name it saved (a resume moves no files aside); to "
+        "keep both, run that job under another output name"]
+    client.post(f"{V1}/jobs/{queued['id']}/stop")
+    client.post(f"{V1}/jobs/{resumed.json()['id']}/stop")
+    services.store.update(resumed.json()["id"], status="failed")  # a failed resume may be resumed again: alone now
+    again = client.post(f"{V1}/jobs/{paused['id']}/resume")
+    assert again.status_code == 201 and "warnings" not in again.json(), again.text
+
+
 def test_spaces_around_a_jobs_name_are_removed_and_said(services, job_body):
     """" lead" became "lead" without a word: a client looking for " lead.safetensors" found nothing. Trimmed as the
     Train tab trims its Output name, and said."""

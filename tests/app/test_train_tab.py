@@ -221,6 +221,16 @@ def test_start_of_a_job_named_as_a_queued_one_says_it_will_move_that_ones_files_
     assert second is not None and f"job {first} (queued) also writes the run 'star'" in message, message
 
 
+def test_resume_of_a_job_named_as_a_queued_one_says_it_will_write_over_that_ones_files(services):
+    _, paused = train_tab.submit(services, form())
+    services.runner.run_next()
+    services.store.update(paused, status="paused")
+    queued = train_tab.submit(services, form())[1]
+    text, resumed = train_tab.job_action(services, "resume", paused)
+    assert f"Job {resumed} resumes job {paused} from its last state.\n\n**Note:** job {queued} (queued) also writes the " \
+           "run 'star'" in text and "writes over the files of the same name it saved" in text, text
+
+
 def test_stop_pause_resume_and_controls_say_what_happens(services):
     text, _ = train_tab.job_action(services, "resume", None)
     assert "Nothing to resume" in text

@@ -518,8 +518,10 @@ def job_action(services: Services, action: str, job_id: int | None) -> tuple[str
             target = resume_target(services, job_id)
             if target is None:
                 return "Nothing to resume: no paused, stopped or interrupted job saved a state.", job_id
-            job = services.runner.resume(target.id)
-            return f"Job {job.id} resumes job {target.id} from its last state.", job.id
+            notes: list[str] = []
+            job = services.runner.resume(target.id, notes)
+            return "\n\n".join([f"Job {job.id} resumes job {target.id} from its last state.",
+                                 *(f"**Note:** {note}" for note in notes)]), job.id
         if job_id is None:
             return "No job selected.", None
         if action in ("stop", "pause"):
