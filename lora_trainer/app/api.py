@@ -37,7 +37,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from ..dataset import tag_editor
 from ..dataset.caption_files import BackupNotFound
 from ..errors import UserError, with_closest
-from ..jobs.runner import earlier_files_note, same_run_jobs_note
+from ..jobs.runner import earlier_files_note, same_run_jobs_note, trimmed_name_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
 from .grid_queue import GridStatus
@@ -253,9 +253,8 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     name = checked_name(name, "name")
     options["output_name"] = checked_name(str(options.get("output_name") or name), "output_name")
     for field, value in given.items():  # trimmed as the Train tab trims its Output name, and said
-        used = name if field == "name" else options["output_name"]
-        note = f"{field}: {value!r} has spaces at its start or end: they were removed, and {used!r} is used"
-        if value and value != used and notes is not None and note not in notes:
+        note = trimmed_name_note(field, value, name if field == "name" else options["output_name"])
+        if note and notes is not None and note not in notes:
             notes.append(note)
     options.setdefault("output_dir", str(settings.lora_folder))
     roots = settings.roots()

@@ -49,6 +49,14 @@ def earlier_files(options: dict) -> list[Path]:
     return files_of_run(*run_location(options))
 
 
+def trimmed_name_note(field: str, given: str, used: str) -> str | None:
+    """A name given with spaces at its start or end, which the job's name and files leave out (a file ending in a space
+    is one Windows cannot open): said, as a client or user looking for the name as typed would find nothing."""
+    if not given or given == used:
+        return None
+    return f"{field}: {given!r} has spaces at its start or end: they were removed, and {used!r} is used"
+
+
 def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
     """What submitting the job will do to an earlier run's files, said before it is queued."""
     files = earlier_files(options)

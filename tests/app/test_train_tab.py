@@ -221,6 +221,15 @@ def test_start_of_a_job_named_as_a_queued_one_says_it_will_move_that_ones_files_
     assert second is not None and f"job {first} (queued) also writes the run 'star'" in message, message
 
 
+def test_spaces_around_the_output_name_are_removed_and_said(services):
+    """" star " became "star" without a word (the API says so): one looking for " star.safetensors" found nothing."""
+    said = "Output name: ' star ' has spaces at its start or end: they were removed, and 'star' is used"
+    assert f"**Note:** {said}" in train_tab.validation_text(services, form(output_name=" star "))
+    message, job = train_tab.submit(services, form(output_name=" star "))
+    assert services.store.get(job).options["output_name"] == "star" and said in message, message
+    assert "has spaces" not in train_tab.validation_text(services, form(output_name="star"))
+
+
 def test_resume_of_a_job_named_as_a_queued_one_says_it_will_write_over_that_ones_files(services):
     _, paused = train_tab.submit(services, form())
     services.runner.run_next()

@@ -21,7 +21,7 @@ from ...dataset.captions import VARYING_CAPTION_OPTIONS, caching_problems
 from ...dataset.config import load_dataset_config
 from ...dataset.health import HealthSettings, check_dataset, check_dataset_config, report_lines
 from ...errors import UserError
-from ...jobs.runner import earlier_files_note, same_run_jobs_note
+from ...jobs.runner import earlier_files_note, same_run_jobs_note, trimmed_name_note
 from ...jobs.store import Job
 from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
@@ -262,7 +262,8 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
         return f"**Cannot start:** {error}"
     if report.errors:
         return "**Cannot start:** " + "; ".join(f"{f.path}: {f.message}" for f in report.errors[:3])
-    notes = [note for note in (earlier_files_note(options, services.runner.replaced_folder),
+    notes = [note for note in (trimmed_name_note("Output name", form.get("output_name") or "", options["output_name"]),
+                               earlier_files_note(options, services.runner.replaced_folder),
                                same_run_jobs_note(options, services.store.all(), services.runner.replaced_folder)) if note]
     planned = estimate(checked, report, "sdxl" if sdxl else "sd1", regularization)
     lines = planned.lines()
