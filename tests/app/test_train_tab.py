@@ -230,6 +230,26 @@ def test_spaces_around_the_output_name_are_removed_and_said(services):
     assert "has spaces" not in train_tab.validation_text(services, form(output_name="star"))
 
 
+def test_the_sd_scripts_command_comes_with_what_runs_otherwise_there(services):
+    """--print-kohya-command says what the line leaves out or sd-scripts runs otherwise; the tab showed the line
+    alone. The runner's own options (a state_dir typed in Advanced: every job's states go to its folder) are not the
+    user's to be told of."""
+    states = services.settings.lora_folder / "states"
+    values = form(algorithm="LoHa", extra=f'device = "cpu"\nstate_dir = "{states.as_posix()}"\n'
+                                          'sample_sampler = "DPM++ 2M Karras"')
+    options, sdxl = train_tab.job_options(services, values)
+    command, notes = train_tab.equivalent_command(options, sdxl)
+    assert command.startswith("accelerate launch train_network.py") and "\n" not in command
+    assert notes.split("\n\n") == [
+        "**Note:** --sample_sampler 'DPM++ 2M Karras': sd-scripts has no such sampler; it draws the samples with "
+        "dpmsolver++ (DPM++ 2M without Karras spacing), so they differ from this trainer's",
+        "**Note:** sd-scripts with lycoris-lora 4.1.3 stops on an SD1/SD2 model with preset=full (LyCORIS's default is "
+        "full): it lists the time embedding twice (\"duplicated lora name\"); this trainer trains it once. To run it "
+        "there, add preset=attn-mlp (or another preset) to --network_args",
+        "**Note:** --device left out (this trainer's own: sd-scripts has no such option)"]
+    assert train_tab.equivalent_command(train_tab.job_options(services, form())[0], False)[1] == ""
+
+
 def test_resume_of_a_job_named_as_a_queued_one_says_it_will_write_over_that_ones_files(services):
     _, paused = train_tab.submit(services, form())
     services.runner.run_next()

@@ -26,7 +26,8 @@ from ...jobs.store import Job
 from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
 from ...training.optimizers import missing_package
-from ...training.options import DEFAULTS, TrainOptions, memory_advice, options_from, resolution_of, write_prompts_file
+from ...training.options import (DEFAULTS, TrainOptions, kohya_command_notes, memory_advice, options_from,
+                                resolution_of, sd_scripts_notes, write_prompts_file)
 from .. import presets
 from ..estimate import estimate, network_gib
 from ..extras import EXTRAS, install_extras
@@ -304,6 +305,23 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
                      "the run trains in full precision without gradient checkpointing): pick your card's size under GPU "
                      "memory")
     return "\n\n".join([*lines, *(f"**Note:** {note}" for note in notes)])
+
+
+# the job runner sets these for every job (its folder's events, control file and states), whatever Advanced says
+RUNNER_OPTIONS = ("events_file", "stop_file", "state_dir")
+
+
+def equivalent_command(options: dict[str, Any], sdxl: bool) -> tuple[str, str]:
+    """"Show sd-scripts command": the command (one line to paste) and, for the message under it, what
+    ``--print-kohya-command`` says beside it that concerns the form's run: options sd-scripts' script does not take, a
+    sampler or LyCORIS preset it runs otherwise, this trainer's own options typed in Advanced (device, backend; not
+    the runner's ``RUNNER_OPTIONS``, which it sets for every job whatever Advanced says) and, on Windows, values
+    PowerShell would change."""
+    script = "sdxl_train_network.py" if sdxl else "train_network.py"
+    checked = options_from({k: v for k, v in options.items() if v is not None and k not in RUNNER_OPTIONS},
+                           "training options")
+    notes = [*sd_scripts_notes(checked, script), *kohya_command_notes(checked, script)]
+    return presets.command_for(options, sdxl), "\n\n".join(f"**Note:** {note}" for note in notes)
 
 
 def gpu_gib(device: str | None) -> float | None:
@@ -793,7 +811,7 @@ def build(services: Services) -> gr.Blocks:
                 options, sdxl = job_options(services, form_values)
                 folder = services.settings.data_folder / "exports"
                 if kind == "command":
-                    return gr.update(), presets.command_for(options, sdxl), ""
+                    return gr.update(), *equivalent_command(options, sdxl)
                 if kind == "kohya":
                     path = presets.export_kohya_toml(options, folder / f"{options['output_name']}.toml")
                 else:
