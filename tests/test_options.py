@@ -106,6 +106,17 @@ def test_a_refusal_names_where_the_refused_option_was_given(tmp_path):
     # the command line beats the file: its value is said as before
     assert said("adaptive_noise_scale = 0.2\n", "--adaptive_noise_scale", "0.1") == \
         "--adaptive_noise_scale needs --noise_offset"
+    # every option of the file a refusal is about, not only its first; one it names as the fix is not the file's value
+    assert said("min_timestep = 800\nmax_timestep = 200\n") == (
+        f"--min_timestep 800 (in {config}) is above --max_timestep 200 (in {config}): swap them (for one fixed "
+        "timestep t, give both as t)")
+    assert said("min_timestep = 800\n", "--max_timestep", "200").startswith(
+        f"--min_timestep 800 (in {config}) is above --max_timestep 200: swap them")
+    assert said("network_train_unet_only = true\nnetwork_train_text_encoder_only = true\n") == (
+        f"--network_train_unet_only (in {config}) and --network_train_text_encoder_only (in {config}) exclude each other")
+    fp16 = said('full_fp16 = true\nmixed_precision = "bf16"\n')
+    assert fp16.startswith(f"--full_fp16 (in {config}) needs --mixed_precision fp16; ")
+    assert "or --mixed_precision bf16 --full_bf16, or drop" in fp16  # a fix, after the statement's colon
 
 
 def test_the_printed_kohya_command_holds_switches_bare_and_none_of_this_trainers_own_options():

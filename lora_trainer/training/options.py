@@ -740,15 +740,27 @@ def prediction_problems(options: TrainOptions, prediction_type: str, decided_by:
 
 
 def _with_file(problem: str, options: TrainOptions, from_file: dict[str, str]) -> str:
-    """A problem about an option a --config_file gave (``--name value: …``) says that file after the value, so the
-    user edits the file rather than looks for the option on the command line."""
-    about = re.match(r"--(\w+)", problem)
-    if not about or about[1] not in from_file:
-        return problem
-    value, rest = getattr(options, about[1], None), problem[about.end():]
-    shown = next((said for said in (f" {value!r}", f" {value}")
-                  if value is not None and re.match(re.escape(said) + r"(?!\w)", rest)), "")
-    return f"{problem[:about.end()]}{shown} (in {from_file[about[1]]}){rest[len(shown):]}"
+    """A problem about options a --config_file gave (``--name value: …``) says that file after each one's value, so the
+    user edits the file rather than looks for the option on the command line: the option it starts with, and each
+    other the file gave that its statement (before ``: ``, where the fix follows) names with its value, as a switch
+    the file turns on, or bare (``--a/--b``); never one named with another value, a fix (``needs --mixed_precision
+    fp16``). Each option once, where it is first named."""
+    parts, done, marked = [], 0, set()
+    statement = problem.find(": ") % (len(problem) + 1)  # (none: all of it)
+    for about in re.finditer(r"--(\w+)", problem):
+        name, rest = about[1], problem[about.end():]
+        if name not in from_file or name in marked:
+            continue
+        value = getattr(options, name, None)
+        shown = next((said for said in (f" {value!r}", f" {value}")
+                      if value is not None and re.match(re.escape(said) + r"(?!\w)", rest)), "")
+        if about.start() > 0 and (about.start() > statement
+                                  or not shown and value is not True and re.match(r" \S", rest)):
+            continue
+        marked.add(name)
+        parts.append(f"{problem[done:about.end()]}{shown} (in {from_file[name]})")
+        done = about.end() + len(shown)
+    return "".join(parts) + problem[done:]
 
 
 def validate(options: TrainOptions, template: bool = False, from_file: dict[str, str] | None = None) -> None:
