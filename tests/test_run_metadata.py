@@ -102,7 +102,7 @@ def test_a_dataset_config_runs_metadata_has_the_values_sd_scripts_wrote_for_it(t
 
 def test_what_the_fixtures_leave_at_their_defaults_is_written_as_sd_scripts_writes_it(fixture_dataset, tmp_path):
     """Accumulation multiplies the total batch; only the given timestep end is the user's; the VAE by its file name;
-    network_alpha 1 when not given; the caption dropout given; Adafactor's own step records its schedule and no
+    network_alpha "1" when not given (str of sd-scripts' default=1, which argparse leaves an int); the caption dropout given; Adafactor's own step records its schedule and no
     rates; no output name is str(None)."""
     vae = tmp_path / "models" / "my vae.safetensors"
     command = baseline_command(fixture_dataset, "--gradient_accumulation_steps", "2", "--min_timestep", "100",
@@ -112,10 +112,25 @@ def test_what_the_fixtures_leave_at_their_defaults_is_written_as_sd_scripts_writ
     assert ours["ss_total_batch_size"] == "4"  # batch_size × processes × gradient_accumulation_steps
     assert ours["modelspec.timestep_range"] == "100,1000"  # max_timestep's default is 1000
     assert ours["ss_vae_name"] == "my vae.safetensors"
-    assert (ours["ss_network_alpha"], ours["ss_network_dim"]) == ("1.0", "4")
+    assert (ours["ss_network_alpha"], ours["ss_network_dim"]) == ("1", "4")  # argparse keeps its default=1 an int
     assert ours["ss_caption_dropout_rate"] == "0.1"  # the command line's, as sd-scripts records it
     command = baseline_command(fixture_dataset, "--optimizer_type", "Adafactor")
     command[command.index("--output_name"):command.index("--output_name") + 2] = []
     ours = run_metadata(command, 2, 160, 2, 160)
     assert ours["ss_output_name"] == "None"  # str(None), as sd-scripts writes every value
     assert (ours["ss_lr_scheduler"], ours["ss_learning_rate"], ours["ss_unet_lr"]) == ("adafactor:0.0001", "None", "None")
+
+
+def test_network_alpha_is_recorded_as_sd_scripts_records_it_from_a_config_file_and_from_the_command_line(
+        fixture_dataset, tmp_path):
+    """sd-scripts writes str(args.network_alpha): a --config_file's values bypass argparse's type=float, so a TOML's
+    8 is "8", where --network_alpha 8 is "8.0" (and a TOML's 8.0 too). Every TOML gave "8.0" here."""
+    command = baseline_command(fixture_dataset)
+    command[command.index("--network_alpha"):command.index("--network_alpha") + 2] = []
+    for given, recorded in (("network_alpha = 8\n", "8"), ("network_alpha = 8.0\n", "8.0"),
+                            ("[network]\nnetwork_alpha = 2\n", "2")):
+        (tmp_path / "args.toml").write_text(given, encoding="utf-8")
+        ours = run_metadata([*command, "--config_file", str(tmp_path / "args.toml")], 2, 160, 2, 160)
+        assert (ours["ss_network_alpha"], ours["ss_network_dim"]) == (recorded, "4"), given
+    ours = run_metadata([*command, "--network_alpha", "8"], 2, 160, 2, 160)
+    assert ours["ss_network_alpha"] == "8.0"

@@ -178,7 +178,9 @@ class TrainOptions:
     # network
     network_module: str | None = opt(None, "networks.lora, networks.dylora or lycoris.kohya")
     network_dim: int | None = opt(None, "rank (default 4)")
-    network_alpha: float = opt(1.0, "alpha (default 1: scale 1/dim)")
+    # a whole number where a file (or the default) gives one: sd-scripts records str(args.network_alpha), and argparse
+    # converts only the command line's to float ("8.0"), not a --config_file's or its default=1 ("8", "1")
+    network_alpha: float = opt(1, "alpha (default 1: scale 1/dim)")
     network_dropout: float | None = opt(None, "dropout on the LoRA's hidden activations")
     network_args: list[str] | None = opt(None, "key=value network options (conv_dim=4, algo=loha, …)", nargs="*")
     network_weights: str | None = opt(None, "start from these network weights")
@@ -578,6 +580,8 @@ def _normalised(name: str, value: Any, source: str) -> Any:
         except ValueError as error:
             raise UserError(f"{source}: {name} = {value!r}: {error}", name) from None
     kind = _NUMBERS.get(f.type)
+    if name == "network_alpha" and isinstance(value, numbers.Integral):  # kept whole, as sd-scripts keeps it
+        kind = int
     if kind is None:
         return value
     try:

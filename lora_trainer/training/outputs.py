@@ -237,6 +237,8 @@ class RunMetadata:
         self.spec = spec
         title = o.metadata_title or o.output_name or f"LoRA@{time.strftime('%Y%m%d%H%M%S')}"
         self.base = base_metadata(config, spec, title, resolution_of(o))
+        if spec.alpha == o.network_alpha:  # str() of the value as given, as sd-scripts writes it: a TOML's 8 is "8"
+            self.base["ss_network_alpha"] = str(o.network_alpha)
         if o.metadata_author:
             self.base["modelspec.author"] = o.metadata_author
         for key in ("description", "license", "tags", "trigger_phrase", "usage_hint", "merged_from", "preprocessor",
