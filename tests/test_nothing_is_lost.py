@@ -379,6 +379,29 @@ def test_the_state_a_save_cut_off_between_its_renames_left_is_kept_at_the_next_s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["star-000001-state.old", "star-000002-state"]
 
 
+def test_a_sample_image_being_drawn_when_the_run_was_killed_leaves_no_temporary_at_the_next_start(tmp_path):
+    """A trainer killed (SIGKILL) while writing a sample image left its hidden temporary in the samples folder for
+    good; only this run's are removed (another run's, a file of the user's stay), and none being written now."""
+    plan = _plan(tmp_path)
+    folder = tmp_path / "sample"
+    folder.mkdir()
+    ours = [folder / ".star_e000001_00_20261205120000_7.png.0a1b2c3d.tmp",
+            folder / ".star_000050_01_20261205120000.png.ffffffff.tmp"]
+    others = [folder / ".other_e000001_00_20261205120000_7.png.0a1b2c3d.tmp",
+              folder / "star_e000001_00_20261205120000_7.png", folder / ".star_notes.txt.0a1b2c3d.tmp"]
+    for path in [*ours, *others]:
+        path.write_bytes(b"x" * 2048)
+    long_ago = time.time() - 3600
+    for path in [*ours, *others]:
+        os.utime(path, (long_ago, long_ago))
+    fresh = folder / ".star_e000002_00_20261205120000_7.png.12345678.tmp"  # a twin run drawing now
+    fresh.write_bytes(b"x")
+    said = plan.remove_leftovers()
+    assert said.startswith("removed what a run named 'star' left when it was killed while saving or drawing samples: ")
+    assert all(path.name in said for path in ours)
+    assert sorted(folder.iterdir()) == sorted([*others, fresh])
+
+
 def test_a_state_being_written_by_a_twin_run_is_not_removed_as_a_leftover(tmp_path):
     """The same job started twice by mistake: the second must not delete the first one's state while it is saved."""
     plan = _plan(tmp_path)

@@ -98,6 +98,10 @@ class OutputPlan:
         return self.options.save_every_n_epochs
 
     @property
+    def sample_folder(self) -> Path:
+        return self.folder / "sample"
+
+    @property
     def stop_file(self) -> Path:
         return Path(self.options.stop_file) if self.options.stop_file else self.folder / f"{self.name or 'last'}.stop"
 
@@ -154,11 +158,14 @@ class OutputPlan:
     def remove_leftovers(self, now: float | None = None) -> str | None:
         """What a run of this name killed while saving (SIGKILL, a power cut) left behind, each the size of a network:
         hidden temporaries of its files, staging folders of its states (``<state>.tmp``), and an ``<state>.old`` that
-        was not removed once its replacement was in place. Returns a note saying what went, or None."""
+        was not removed once its replacement was in place; and the temporaries of its sample images (killed while
+        drawing). Returns a note saying what went, or None."""
         now = time.time() if now is None else now
         stems = rf"{re.escape(self.final_path().stem)}|{re.escape(self.epoch_path(0).stem[:-6])}\d{{6}}|" \
                 rf"{re.escape(self.step_path(0).stem[:-8])}\d{{8}}"  # of the files, and of the states named after them
         gone = stale_temporaries(self.folder, re.compile(rf"({stems})\.(safetensors|ckpt|pt)"), now)
+        samples = re.escape(f"{self.name}_" if self.name else "") + r"(e\d{6}|\d{6})_\d{2}_\d{14}(_\d+)?\.png"
+        gone += stale_temporaries(self.sample_folder, re.compile(samples), now)  # sample_path's names
         freed = remove_files(gone)
         states = re.compile(rf"({stems})-state\.(tmp|old)")
         for folder in _entries(self.state_folder):
@@ -176,8 +183,8 @@ class OutputPlan:
             gone.append(folder)
         if not gone:
             return None
-        return (f"removed what a run named {self.name or 'last'!r} left when it was killed while saving: "
-                f"{', '.join(p.name for p in gone)} ({freed / 2**20:.1f} MiB)")
+        return (f"removed what a run named {self.name or 'last'!r} left when it was killed while saving or drawing "
+                f"samples: {', '.join(p.name for p in gone)} ({freed / 2**20:.1f} MiB)")
 
     def longest_paths(self) -> tuple[list[Path], list[Path]]:
         """The longest file and folder paths this run may write: a step file's temporary (a stop saves one at any step)
@@ -186,7 +193,7 @@ class OutputPlan:
         state = staging_folder(self.state_path(None, last_step))
         files = [temporary_beside(self.step_path(last_step)), temporary_beside(state / "model.safetensors")]
         if self.options.sample_prompts:
-            files.append(temporary_beside(sample_path(self.folder / "sample", self.name, 99, 2**32 - 1, 999999, 0)))
+            files.append(temporary_beside(sample_path(self.sample_folder, self.name, 99, 2**32 - 1, 999999, 0)))
         return files, [state]
 
     def check_path_lengths(self, limits: tuple[int, int] | None) -> None:

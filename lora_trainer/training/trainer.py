@@ -878,7 +878,7 @@ class TrainingRun:
         self.network.eval().set_multiplier(1.0)
         try:
             with decoder_on(self.model.vae, self.device, self.vae_parked):
-                draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.folder / "sample",
+                draw_samples(self.model, self.prompts, self.options.sample_sampler, self.plan.sample_folder,
                              self.options.output_name, epoch, step, self.options.clip_skip or 1, failed,
                              lambda path: self.events.emit("sample", path=str(path), epoch=epoch, step=step))
         finally:
