@@ -32,6 +32,10 @@ FAKE_TRAINER = textwrap.dedent('''
     if mode == "late":  # a slow interpreter start: the job is running well before the trainer takes its start time
         time.sleep(0.5)
         mode = "wait"
+    quick = mode == "quick"  # a slow start, then a fast model: three steps before it reads the control file, 1.5 s saving
+    if quick:
+        time.sleep(1.0)
+        mode = "wait"
     slow = mode == "slow"  # it takes a second to finish its step and save once told to stop
     drawing = mode == "drawing"  # told to stop, it ends its step, draws samples for 2.5 s (one each 0.25 s), saves
     mode = "wait" if slow or drawing else mode
@@ -59,7 +63,8 @@ FAKE_TRAINER = textwrap.dedent('''
             signal.signal(signal.SIGTERM, lambda *_: (emit("end", files=[], steps=0, stopped=True), sys.exit(130)))
         time.sleep(30)
     if mode in ("wait", "ignore"):  # training (ignore: stuck, it took a step and stopped reading the control file)
-        emit("step", step=1)
+        for step in range(1, 4 if quick else 2):
+            emit("step", step=step)
     if mode in ("stepping", "talking"):  # never reads the control file: steps with a validation each, or talks after one
         for step in range(1, 300):
             emit("step", step=step) if mode == "stepping" or step == 1 else None
@@ -74,8 +79,8 @@ FAKE_TRAINER = textwrap.dedent('''
                 step_file.write_bytes(b"x")
                 emit("saved", path=str(step_file))
             time.sleep(0.05)
-        if slow:
-            time.sleep(1.0)
+        if slow or quick:
+            time.sleep(1.5 if quick else 1.0)
         if drawing:  # the step it was in ends with its validation, in one read of the events
             time.sleep(0.6)
             emit("step", step=2)
@@ -383,6 +388,24 @@ def test_a_stop_pressed_before_the_trainer_took_its_start_time_is_obeyed_not_dro
     ended = runner.store.get(job.id)
     assert ended.status == status and ended.last_state == str(tmp_path / "out-late" / "run-state"), ended.message
     assert [e for e in read_events(job.events_path)[0] if e["event"] == "warning"] == []
+
+
+def test_a_stop_relayed_at_the_start_of_a_fast_trainer_waits_for_its_save_from_the_relay(runner, tmp_path):
+    """On Windows the stop waits for the trainer's start; its wait and its "one step since the stop" were counted from
+    the press: a fast model's steps taken before the relay were counted as disobeying, and the trainer was killed
+    mid-save, 2 s after the press (its save begins as it starts, 1 s after the press, and takes 1.5 s)."""
+    runner.terminates_early = False  # as on Windows: the word waits for the trainer to read it
+    runner.kill_after = 2.0
+    job = runner.submit("fast", options(tmp_path, "quick"))
+    thread = threading.Thread(target=runner.run_next)
+    thread.start()
+    while runner.store.get(job.id).status != "running":
+        time.sleep(0.01)
+    runner.stop(job.id)
+    thread.join(timeout=15)
+    ended = runner.store.get(job.id)
+    assert (ended.status, ended.message) == ("stopped", "stopped and saved")
+    assert [e["event"] for e in read_events(job.events_path)[0]][-3:] == ["state", "saved", "end"]
 
 
 def test_a_stop_pressed_as_the_job_leaves_the_queue_is_not_undone_by_its_start(runner, tmp_path):

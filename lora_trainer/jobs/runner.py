@@ -390,12 +390,15 @@ class JobRunner:
         else:
             self._held.setdefault(job.id, []).append(command)
 
-    def _listen(self, job: Job) -> None:
-        """The trainer has said start, so it has taken its start time: the words held until now are this job's."""
+    def _listen(self, job: Job) -> list[str]:
+        """The trainer has said start, so it has taken its start time: the words held until now are this job's (told
+        now, and returned)."""
         with self._lock:
             self._listening.add(job.id)
-            for command in self._held.pop(job.id, []):
+            held = self._held.pop(job.id, [])
+            for command in held:
                 _tell(job, command)
+            return held
 
     def _job(self, job_id: int) -> Job:
         job = self.store.get(job_id)
@@ -488,6 +491,7 @@ class JobRunner:
         while True:
             finished = process.poll() is not None
             events, offset = read_events(job.events_path, offset)
+            relayed = False  # a stop held until the trainer's start, told it in this read
             for event in events:
                 if event["event"] == "saved":
                     files.append(event["path"])
@@ -495,11 +499,13 @@ class JobRunner:
                     last_state, state_step = event["path"], event.get("step")
                 elif event["event"] == "error":
                     error = event.get("message")
-                elif event["event"] == "start":
-                    self._listen(job)
+                elif event["event"] == "start" and {"stop", "pause"} & set(self._listen(job)) and stop_seen_at:
+                    # the trainer hears it only now (Windows: no signal before its first step): its wait and its one
+                    # step start here, and the steps this read holds after the start were taken before it
+                    stop_seen_at, steps_since_stop, relayed = time.time(), 0, True
                 training_step = event["event"] == "step" and "phase" not in event  # not a count of cached latents
                 stepped = stepped or training_step
-                steps_since_stop += training_step and stop_seen_at is not None
+                steps_since_stop += training_step and stop_seen_at is not None and not relayed
                 ended = ended or event["event"] in ("end", "error")
                 if self.on_event:
                     try:
