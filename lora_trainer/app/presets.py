@@ -7,6 +7,7 @@ Everything here is plain dicts of sd-scripts option names, so what a preset fill
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from .. import toml_text
 from ..dataset.captions import VARYING_CAPTION_OPTIONS
 from ..errors import UserError
 from ..safe_io import read_utf8, write_text
-from ..training.options import FIELDS, TrainOptions, kohya_command, options_from, read_config_file, write_config
+from ..training.options import (FIELDS, TrainOptions, kohya_command, kohya_command_notes, options_from,
+                                read_config_file, sd_scripts_notes, write_config)
+from ..training.sd_scripts_backend import for_sd_scripts, told_by_checkpoint
 
 # What every preset shares: sd-scripts' LoRA on attention + text encoder, buckets, latents cached, a numbered file
 # and a sample every epoch so the user can pick the best epoch afterwards.
@@ -229,13 +232,17 @@ def import_kohya_toml(path: str | Path, notes: list[str] | None = None) -> dict[
 
 
 def export_kohya_toml(values: dict[str, Any], path: str | Path) -> Path:
-    """The run as a TOML sd-scripts' ``--config_file`` reads (only what differs from the defaults)."""
-    return write_config(_checked(values), path)
+    """The run as a TOML sd-scripts' ``--config_file`` reads (only what differs from the defaults), with the switches
+    it must be told for the checkpoint (``--v2`` for an SD2 file: it detects none of them)."""
+    options = _checked(values)
+    return write_config(dataclasses.replace(options, **told_by_checkpoint(options)[1]), path)
 
 
-def command_for(values: dict[str, Any], sdxl: bool = False) -> str:
-    """"Show the equivalent sd-scripts command"."""
-    return kohya_command(_checked(values), "sdxl_train_network.py" if sdxl else "train_network.py")
+def sd_scripts_command(values: dict[str, Any], sdxl: bool = False) -> tuple[str, list[str]]:
+    """"Show the equivalent sd-scripts command": the line, for the checkpoint's script and told what sd-scripts does
+    not detect (as ``--print-kohya-command``), and what ``--print-kohya-command`` says beside it."""
+    script, told = for_sd_scripts(_checked(values), "sdxl_train_network.py" if sdxl else "train_network.py")
+    return kohya_command(told, script), [*sd_scripts_notes(told, script), *kohya_command_notes(told, script)]
 
 
 def _checked(values: dict[str, Any]) -> TrainOptions:

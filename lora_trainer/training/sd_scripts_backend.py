@@ -96,20 +96,26 @@ def python_of(checkout: Path) -> str:
 
 def for_sd_scripts(options: TrainOptions, unreadable: str = "train_network.py") -> tuple[str, TrainOptions]:
     """The script for the checkpoint's version (``unreadable`` where the file cannot be read), and the options with
-    what sd-scripts must be told and this trainer detects: ``--v2`` for an SD2 file, ``--v_parameterization`` where
-    the file declares v-prediction (a wrong or missing flag fails sd-scripts' strict load, or trains the wrong
-    target), ``--zero_terminal_snr`` for a v-prediction file with the ztsnr marker (trained here on that schedule,
-    as the loader reads the marker), and what it requires and this trainer defaults
-    (``with_sd_scripts_requirements``)."""
+    what sd-scripts must be told and this trainer detects (``told_by_checkpoint``) and what it requires and this
+    trainer defaults (``with_sd_scripts_requirements``)."""
+    script, told = told_by_checkpoint(options)
+    return script or unreadable, dataclasses.replace(with_sd_scripts_requirements(options), **told)
+
+
+def told_by_checkpoint(options: TrainOptions) -> tuple[str | None, dict[str, bool]]:
+    """sd-scripts' script for the checkpoint's version (None where the file cannot be read: sd-scripts gives its own
+    message) and the switches it must be told and this trainer detects: ``--v2`` for an SD2 file,
+    ``--v_parameterization`` where the file declares v-prediction (a wrong or missing flag fails sd-scripts' strict
+    load, or trains the wrong target), ``--zero_terminal_snr`` for a v-prediction file with the ztsnr marker (trained
+    here on that schedule, as the loader reads the marker)."""
     from ..models.checkpoint import declared_prediction_type, detect_architecture, open_tensors
 
-    options = with_sd_scripts_requirements(options)
     path = Path(options.pretrained_model_name_or_path or "")
     try:
         source = open_tensors(path)
         config, _ = detect_architecture(source)
-    except Exception:  # sd-scripts gives its own message for a file it cannot read
-        return unreadable, options
+    except Exception:
+        return None, {}
     told = {}
     if config.name.startswith("sd2") and not options.v2:
         told["v2"] = True
@@ -118,7 +124,7 @@ def for_sd_scripts(options: TrainOptions, unreadable: str = "train_network.py") 
     v_prediction = options.v_parameterization or told.get("v_parameterization", False)
     if "ztsnr" in source.shapes and v_prediction and not options.zero_terminal_snr:
         told["zero_terminal_snr"] = True
-    return ("sdxl_train_network.py" if config.name == "sdxl" else "train_network.py"), dataclasses.replace(options, **told)
+    return ("sdxl_train_network.py" if config.name == "sdxl" else "train_network.py"), told
 
 
 def event_from_line(line: str) -> dict | None:

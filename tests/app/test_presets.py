@@ -163,9 +163,9 @@ def test_kohya_toml_import_export_round_trip(tmp_path):
     imported = presets.import_kohya_toml(kohya)
     exported = presets.export_kohya_toml(imported, tmp_path / "out.toml")
     assert read_config_file(exported) == imported
-    command = presets.command_for(imported)
+    command = presets.sd_scripts_command(imported)[0]
     assert command.startswith("accelerate launch train_network.py") and "--network_dim 16" in command
-    assert presets.command_for(imported, sdxl=True).startswith("accelerate launch sdxl_train_network.py")
+    assert presets.sd_scripts_command(imported, sdxl=True)[0].startswith("accelerate launch sdxl_train_network.py")
 
 
 def test_kohya_dataset_config_imports_as_dataset_config(tmp_path):

@@ -250,6 +250,26 @@ def test_the_sd_scripts_command_comes_with_what_runs_otherwise_there(services):
     assert train_tab.equivalent_command(train_tab.job_options(services, form())[0], False)[1] == ""
 
 
+def test_the_sd_scripts_command_and_kohya_toml_of_an_sd2_checkpoint_tell_sd_scripts_v2(services, tmp_path):
+    """sd-scripts detects no SD2 file (without --v2 its strict load fails) nor a v-prediction one: the tab's command
+    and its Kohya TOML carry what this trainer reads from the file, as --print-kohya-command does."""
+    from lora_trainer.app import presets
+    from lora_trainer.bench import write_random_checkpoint
+    from lora_trainer.models.configs import SD2
+    from lora_trainer.tiny_model.build import tiny_like
+
+    sd2 = write_random_checkpoint(tiny_like(SD2), tmp_path / "my sd2.safetensors")
+    sd2.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n', encoding="utf-8")
+    options, _ = train_tab.job_options(services, form())
+    command, _ = train_tab.equivalent_command({**options, "pretrained_model_name_or_path": str(sd2)}, False)
+    assert " --v2 " in command and " --v_parameterization" in command, command
+    exported = presets.export_kohya_toml({**options, "pretrained_model_name_or_path": str(sd2)}, tmp_path / "sd2.toml")
+    assert "v2 = true" in exported.read_text(encoding="utf-8") and "v_parameterization = true" in exported.read_text(
+        encoding="utf-8")
+    command, _ = train_tab.equivalent_command(options, False)  # the tiny SD1 model: told nothing
+    assert "--v2" not in command and "--v_parameterization" not in command, command
+
+
 def test_resume_of_a_job_named_as_a_queued_one_says_it_will_write_over_that_ones_files(services):
     _, paused = train_tab.submit(services, form())
     services.runner.run_next()

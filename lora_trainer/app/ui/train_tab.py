@@ -26,8 +26,8 @@ from ...jobs.store import Job
 from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
 from ...training.optimizers import missing_package
-from ...training.options import (DEFAULTS, TrainOptions, kohya_command_notes, memory_advice, options_from,
-                                resolution_of, sd_scripts_notes, write_prompts_file)
+from ...training.options import (DEFAULTS, TrainOptions, memory_advice, options_from, resolution_of,
+                                write_prompts_file)
 from .. import presets
 from ..estimate import estimate, network_gib
 from ..extras import EXTRAS, install_extras
@@ -317,11 +317,8 @@ def equivalent_command(options: dict[str, Any], sdxl: bool) -> tuple[str, str]:
     sampler or LyCORIS preset it runs otherwise, this trainer's own options typed in Advanced (device, backend; not
     the runner's ``RUNNER_OPTIONS``, which it sets for every job whatever Advanced says) and, on Windows, values
     PowerShell would change."""
-    script = "sdxl_train_network.py" if sdxl else "train_network.py"
-    checked = options_from({k: v for k, v in options.items() if v is not None and k not in RUNNER_OPTIONS},
-                           "training options")
-    notes = [*sd_scripts_notes(checked, script), *kohya_command_notes(checked, script)]
-    return presets.command_for(options, sdxl), "\n\n".join(f"**Note:** {note}" for note in notes)
+    command, notes = presets.sd_scripts_command({k: v for k, v in options.items() if k not in RUNNER_OPTIONS}, sdxl)
+    return command, "\n\n".join(f"**Note:** {note}" for note in notes)
 
 
 def gpu_gib(device: str | None) -> float | None:
