@@ -170,19 +170,27 @@ def test_short_hash_is_the_recorded_one_or_the_tensor_data_hash(tmp_path, monkey
 
 
 def test_a_name_found_twice_resolves_to_the_file_the_webui_picks(tmp_path):
-    """The WebUI's Lora extension walks its folders in sorted order and the last file of a name wins."""
+    """The WebUI's Lora extension walks each folder as its walk_files does (sub-folders in natural order of their
+    paths, a folder's own files first, hidden folders listed by its default) and the last file of a name wins: the
+    same <lora:style> must load the same file in both."""
     from safetensors.torch import save_file
 
-    for folder in ("Lora/a_old", "Lora/b_new", "LyCORIS"):
-        (tmp_path / folder).mkdir(parents=True)
-    (tmp_path / "Lora/.trash").mkdir()
     for path in ("Lora/a_old/style", "Lora/b_new/style", "Lora/b_new/pose", "LyCORIS/pose", "Lora/.trash/style",
-                 "Lora/.hidden"):
+                 "Lora/style", "Lora/.hidden", "Lora/v9/look", "Lora/v10/look", "Lora/Z/look"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         save_file({"x": torch.zeros(1)}, str(tmp_path / f"{path}.safetensors"))
     library = LoraLibrary([tmp_path / "Lora", tmp_path / "LyCORIS"])
-    assert library.resolve("style") == tmp_path / "Lora/b_new/style.safetensors"  # hidden ones are not listed either
-    assert library.resolve(".hidden") is None
+    assert library.resolve("style") == tmp_path / "Lora/b_new/style.safetensors"  # over Lora/style, listed first
+    assert library.resolve(".hidden") == tmp_path / "Lora/.hidden.safetensors"
     assert library.resolve("pose") == tmp_path / "LyCORIS/pose.safetensors"
+    assert library.resolve("look") == tmp_path / "Lora/Z/look.safetensors"  # v9 < v10 < Z: by number, without case
+    (tmp_path / "Lora/Z/look.safetensors").unlink()
+    library.refresh()
+    assert library.resolve("look") == tmp_path / "Lora/v10/look.safetensors"  # as text, v10 came before v9
+    (tmp_path / "Lora/b_new/style.safetensors").unlink()
+    (tmp_path / "Lora/a_old/style.safetensors").unlink()
+    library.refresh()
+    assert library.resolve("style") == tmp_path / "Lora/.trash/style.safetensors"  # a hidden folder is listed
 
 
 def test_sd_version_from_metadata():

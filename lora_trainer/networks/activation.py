@@ -169,14 +169,20 @@ def in_state_folder(path: Path) -> bool:
     return folder.name.removesuffix(".tmp").removesuffix(".old").endswith("-state") or (folder / "train_state.json").exists()
 
 
+def natural_order(text: str) -> list:
+    """The WebUI's natural sort key: numbers by value, text without case (``a9`` before ``a10``)."""
+    return [int(part) if i % 2 else part.lower() for i, part in enumerate(re.split(r"([0-9]+)", text))]  # odd: digits
+
+
 class LoraLibrary:
     """The LoRA files in some folders (searched recursively), by name, by alias and by ``name@eN``.
 
     Listing is cheap (directory walk); metadata is read from a file's header when first needed and kept until the
     file's modification time changes. A file name found twice resolves as in the WebUI's Lora extension, to the
-    last one listed (folders in order, each walked in sorted order: ``b/style`` over ``a/style``, the LyCORIS folder
-    over the Lora folder); an alias several files share (the epochs of one run) to the one with the highest
-    ``ss_epoch``.
+    last one listed (folders in order, each walked as the WebUI's ``walk_files``: its sub-folders in natural order of
+    their paths, a folder's own files before its sub-folders', hidden ones too as by its default "list_hidden_files":
+    ``b/style`` over ``a/style`` over ``style``, ``a10/style`` over ``a9/style``, the LyCORIS folder over the Lora
+    folder); an alias several files share (the epochs of one run) to the one with the highest ``ss_epoch``.
     """
 
     NETWORKS_KEPT = 16  # read files kept: a 10-epoch grid switches without re-reading
@@ -206,9 +212,8 @@ class LoraLibrary:
         for folder in self.folders:
             if folder.is_dir():
                 found = [p for p in folder.rglob("*")
-                         if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not in_state_folder(p)
-                         and not any(part.startswith(".") for part in p.relative_to(folder).parts)]  # as the WebUI
-                for path in sorted(found, key=lambda p: str(p).lower()):
+                         if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not in_state_folder(p)]
+                for path in sorted(found, key=lambda p: (natural_order(str(p.parent)), natural_order(p.name))):
                     try:
                         files.append((path, path.stat().st_mtime_ns))
                     except (FileNotFoundError, NotADirectoryError):  # renamed away meanwhile (an atomic save)
