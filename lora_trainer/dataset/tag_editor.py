@@ -50,6 +50,12 @@ def is_training_image(name: str) -> bool:
     return is_picture_suffix(os.path.splitext(name)[1])
 
 
+def _is_listed_image(name: str) -> bool:
+    """A picture the editor lists: a training image that is not hidden (macOS's ``._name.jpg``: sd-scripts' glob
+    skips it)."""
+    return is_training_image(name) and not name.startswith(".")
+
+
 def split_tags(caption: str) -> Tags:
     """``"a, b ,,c\\nd"`` → ``("a", "b", "c", "d")``: commas and line breaks separate tags; blanks are dropped."""
     return tuple([tag for tag in map(str.strip, caption.replace("\n", ",").split(",")) if tag])
@@ -433,7 +439,7 @@ def _find_pictures(folder: Path, recursive: bool, within: tuple[Path, ...] | Non
                             outside.append(entry.path)
                         else:
                             pending.append(entry.path)
-                elif is_training_image(entry.name) and not entry.name.startswith("."):
+                elif _is_listed_image(entry.name):
                     # outside before missing, as for a path a request names: nothing is said of what lies elsewhere
                     if within is not None and entry.is_symlink() and not resolves_below(entry.path, within):
                         outside.append(entry.path)
@@ -454,7 +460,7 @@ def empty_folder_note(editor: TagEditor) -> str | None:
         return None
     with os.scandir(editor.folder) as entries:
         holders = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith(".")
-                         and any(is_training_image(name) for name in os.listdir(entry.path)))
+                         and any(_is_listed_image(name) for name in os.listdir(entry.path)))
     if not holders:
         return None
     shown = ", ".join(holders[:3]) + (f" and {len(holders) - 3} more" if len(holders) > 3 else "")
