@@ -455,11 +455,13 @@ def _find_pictures(folder: Path, recursive: bool, within: tuple[Path, ...] | Non
 
 def empty_folder_note(editor: TagEditor) -> str | None:
     """What to do when a folder opened without its sub-folders shows no image but its sub-folders hold some: a Kohya
-    training folder (``train/10_zkchar/``) is opened so."""
+    training folder (``train/10_zkchar/``) is opened so. A sub-folder that is a link leading outside the allowed
+    folders is not looked into: including sub-folders would not show it."""
     if editor.images or editor.recursive:
         return None
     with os.scandir(editor.folder) as entries:
         holders = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith(".")
+                         and (editor.within is None or resolves_below(entry.path, editor.within))
                          and any(_is_listed_image(name) for name in os.listdir(entry.path)))
     if not holders:
         return None
