@@ -3,10 +3,31 @@ the history and the caption files after Save. Each test pins a behaviour that a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 
+import pytest
+
+from lora_trainer.app import tag_sessions
 from lora_trainer.app.ui import tag_editor_tab as tab
+from lora_trainer.errors import UserError
 
 VIEW = {name: index for index, name in enumerate(tab.OUTPUTS)}
+
+
+@pytest.fixture
+def opened(services, make_dataset):
+    """chars/10_zkchar: 6 images, img_000 "zkchar, red, square", img_001 "zkchar, blue, circle", alternating."""
+    folder = make_dataset("chars", "10_zkchar", count=6)
+    view = tab.open_folder(services, tab.TabState(), str(folder / "10_zkchar"), False, ".txt")
+    return folder / "10_zkchar", view
+
+
+def shown_names(view) -> list[str]:
+    return [label.lstrip("☑* ").split(": ")[0].split(" ")[1] for _, label in view[VIEW["gallery"]]]
+
+
+def caption(folder, name: str) -> str:
+    return (folder / f"{name}.txt").read_text(encoding="utf-8")
 
 
 def test_a_folder_whose_sub_folders_hold_only_hidden_files_does_not_send_the_artist_into_them(services, make_dataset):
@@ -35,3 +56,118 @@ def test_a_sub_folder_linked_from_outside_the_allowed_folders_is_not_looked_into
     status = tab.open_folder(services, tab.TabState(), str(folder), True, ".txt")[VIEW["status"]]
     assert status == (f"Opened {folder}: 0 images. Not shown: 10_private is a link leading outside the allowed "
                       "folders, so it is not read here; copy what it links to into the dataset, or allow that folder.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Filters and selection: which images the gallery shows and an edit changes.
+
+
+def test_all_of_wants_every_tag_none_of_refuses_any_and_the_regex_is_searched_anywhere(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    assert shown_names(tab.set_filter(services, state, "zkchar, red", "", "", "", False)) == [
+        "img_000.png", "img_002.png", "img_004.png"]
+    assert shown_names(tab.set_filter(services, state, "", "", "square, circle", "", False)) == []
+    assert shown_names(tab.set_filter(services, state, "", "", "", "circle", False)) == [
+        "img_001.png", "img_003.png", "img_005.png"]
+
+
+def test_the_tag_list_counts_the_filtered_images(services, opened):
+    folder, view = opened
+    view = tab.set_filter(services, view[VIEW["state"]], "red", "", "", "", False)
+    assert view[VIEW["frequency"]].values.tolist() == [["red", 3], ["square", 3], ["zkchar", 3]]
+
+
+def test_a_range_over_images_already_selected_counts_each_once(services, opened):
+    folder, view = opened
+    state = tab.click_image(services, view[VIEW["state"]], 0)[VIEW["state"]]
+    view = tab.select_range(services, state, 1, 2)
+    assert view[VIEW["state"]].selection == ("img_000.png", "img_001.png")
+    assert "; 2 selected; " in view[VIEW["page_info"]]
+
+
+def test_an_image_whose_caption_cannot_be_read_is_not_offered_for_editing(services, make_dataset):
+    folder = make_dataset("chars", "10_zkchar", count=3) / "10_zkchar"
+    (folder / "img_001.txt").write_bytes("红色".encode("gbk"))
+    view = tab.open_folder(services, tab.TabState(), str(folder), False, ".txt")
+    assert shown_names(view) == ["img_000.png", "img_002.png"]
+    assert "1 caption file(s) could not be read and are left alone." in view[VIEW["status"]]
+    page = tag_sessions.page_of(tag_sessions.sessions_of(services).get(view[VIEW["state"]].session))
+    assert [image["name"] for image in page["images"]] == ["img_000.png", "img_002.png"]
+    assert list(page["unreadable"]) == ["img_001.png"] and page["filtered"] == 2
+
+
+def test_an_api_edit_of_all_images_ignores_the_filter_the_tab_last_set(services, opened):
+    folder, view = opened
+    tab.set_filter(services, view[VIEW["state"]], "red", "", "", "", False)
+    session = tag_sessions.sessions_of(services).get(view[VIEW["state"]].session)
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": "all"})
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["smile"]})  # the filtered images, by default
+    assert [tags[-2:] for tags in session.editor.tags.values()] == [("solo", "smile"), ("circle", "solo")] * 3
+
+
+def test_a_position_of_true_is_refused_not_read_as_one(services, opened):
+    folder, view = opened
+    session = tag_sessions.sessions_of(services).get(view[VIEW["state"]].session)
+    with pytest.raises(UserError, match="position must be a whole number or null, not True"):
+        tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "position": True})
+    assert not session.editor.undo_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The status line after an edit, a save, a reload, an auto-tag; the history.
+
+
+def test_an_edit_that_changes_nothing_says_so(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    assert "6 image(s) changed" in tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False,
+                                                  False, 0)[VIEW["status"]]
+    view = tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    assert view[VIEW["status"]] == "Add tags: 0 image(s) changed (not saved yet)."
+
+
+def test_saving_an_image_left_without_tags_warns_that_it_trains_with_an_empty_caption(services, opened):
+    folder, view = opened
+    state = replace(view[VIEW["state"]], current="img_000.png")
+    tab.set_caption(services, state, "")
+    status = tab.save(services, state, False)[VIEW["status"]]
+    assert "⚠ 1 without tags (img_000.txt): they train with an empty caption; undo and save again" in status
+    assert caption(folder, "img_000") == "\n"
+
+
+def test_reload_takes_the_same_edit_made_elsewhere_and_keeps_a_different_one_as_a_conflict(services, opened):
+    folder, view = opened
+    state = replace(view[VIEW["state"]], selection=("img_000.png", "img_001.png"))
+    tab.batch_edit(services, state, "selected", "Add tags", "solo", "", "", False, False, False, 0)
+    (folder / "img_000.txt").write_text("zkchar, red, square, solo", encoding="utf-8")  # the same edit, elsewhere
+    (folder / "img_001.txt").write_text("zkchar, blue, circle, smile", encoding="utf-8")
+    view = tab.reload(services, state)
+    assert view[VIEW["status"]] == ("Reloaded: 1 updated, 1 conflicts. Conflicts keep the edits made here; Save with "
+                                    "overwrite replaces the other versions.")
+    assert view[VIEW["page_info"]].endswith("; 1 unsaved")
+
+
+def test_the_history_lists_undone_steps_in_the_order_redo_takes_them(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    for tag in ("solo", "smile"):
+        tab.batch_edit(services, state, "filtered", "Add tags", tag, "", "", False, False, False, 0)
+    tab.undo(services, state)
+    view = tab.undo(services, state)
+    assert [row[1:3] for row in view[VIEW["history"]].values.tolist()] == [
+        ["Add solo at the end", "undone"], ["Add smile at the end", "undone"]]
+    page = tag_sessions.page_of(tag_sessions.sessions_of(services).get(state.session))
+    assert page["history"] == {"undo": [], "redo": ["Add solo at the end", "Add smile at the end"]}
+
+
+def test_auto_tag_of_the_selection_tags_only_it_and_counts_only_captions_that_change(services, opened, monkeypatch):
+    folder, view = opened
+    monkeypatch.setattr(services.host, "interrogate", lambda image, kind: "smile, zkchar", raising=False)
+    state = replace(view[VIEW["state"]], selection=("img_002.png",))
+    view = tab.autotag(services, state, "selected", "DeepBooru", "", 0.35, 0.85, "append", "")
+    assert view[VIEW["status"]] == "Auto-tagged 1 image(s); 1 caption(s) changed (not saved yet)."
+    view = tab.autotag(services, state, "selected", "DeepBooru", "", 0.35, 0.85, "append", "")
+    assert view[VIEW["status"]] == "Auto-tagged 1 image(s); 0 caption(s) changed (not saved yet)."
+    session = tag_sessions.sessions_of(services).get(state.session)
+    assert [image.name for image, tags in session.editor.tags.items() if "smile" in tags] == ["img_002.png"]
