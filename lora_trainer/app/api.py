@@ -959,8 +959,22 @@ def create_router(services: Services) -> APIRouter:
 
     @router.post("/datasets/{session_id}/reload", summary="Read captions changed on disk")
     def reload_dataset(session_id: str, _: None = no_fields("POST /datasets/{sid}/reload")):
-        """Keeps unsaved edits; reports updated, conflicting, added and removed images."""
+        """Keeps unsaved edits; reports updated, conflicting (the edits made here kept; revert takes the other
+        versions), added and removed images."""
         return tag_sessions.reload_session(sessions.get(session_id))
+
+    @router.post("/datasets/{session_id}/revert", summary="Discard unsaved edits (one undo step)",
+                 openapi_extra=_body_doc(
+                     "`selection`: \"all\" (default), \"filtered\" (the session's filter) or a list of image names, as "
+                     "for edits. Their unsaved edits go: they show their captions as last read or saved again, which "
+                     "after a reload are the other program's versions of the `conflicts`. Undo brings the edits back.",
+                     {"all": {}, "two images": {"selection": ["a.png", "sub/b.png"]}}, {"selection": {}}))
+    def revert_dataset(session_id: str, request: Request, body: dict = Depends(object_body)):
+        """Returns the page, with `reverted`: the images that went back to their saved captions."""
+        only_fields(body, ("selection",), "POST /datasets/{sid}/revert")
+        session = sessions.get(session_id)
+        reverted = tag_sessions.revert_session(session, body.get("selection", "all"))
+        return {**tag_sessions.page_of(session, *page_params(request)), "reverted": reverted}
 
     @router.get("/datasets/{session_id}/backups", summary="The folder's caption backups, newest first")
     def dataset_backups(session_id: str):

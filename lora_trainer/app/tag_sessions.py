@@ -509,6 +509,18 @@ def apply_request(session: TagSession, data: dict) -> TagEditor:
         return session.change(lambda editor: tag_editor.apply_edit(editor, edit, images))
 
 
+def revert_session(session: TagSession, selection="all") -> list[str]:
+    """Throw away the unsaved edits of the images ``selection`` picks (as for edits: ``"all"``, ``"filtered"`` or a
+    list of names), as one undo step: they show their captions as last read or saved again, which after a reload are
+    the other program's versions of the conflicts. Returns the names of the images that went back."""
+    with session.lock:
+        images = selected_images(session, selection)
+        before = session.editor
+        editor = session.change(lambda editor: tag_editor.revert(editor, images))
+    went_back = editor.undo_steps[-1].after if editor is not before else {}  # no step when nothing was unsaved
+    return [image_name(editor, image) for image in went_back]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What a page shows.
 

@@ -673,7 +673,7 @@ def test_openapi_documents_every_route_with_examples(services):
     operations = [(path, method, op) for path, item in schema["paths"].items() for method, op in item.items()]
     assert all(path.startswith(V1) for path, _, _ in operations)
     assert {"/jobs", "/jobs/{job_id}/events", "/loras", "/dataset/check", "/datasets/open", "/datasets/{session_id}/edit",
-            "/datasets/{session_id}/backups", "/datasets/{session_id}/restore", "/grids",
+            "/datasets/{session_id}/backups", "/datasets/{session_id}/restore", "/datasets/{session_id}/revert", "/grids",
             "/grids/{grid_id}/image", "/grids/{grid_id}/stop"} <= {path[len(V1):] for path, _, _ in operations}
     for path, method, op in operations:
         assert op.get("summary") and op.get("description"), (method, path)
@@ -848,6 +848,37 @@ def test_a_tag_session_lists_its_folders_backups_and_restores_one_by_name(servic
     assert client.post(f"{V1}/datasets/{sid}/restore").status_code == 200  # no body: the newest, undoing the restore
     assert (folder / "img_000.txt").read_text(encoding="utf-8") == "zkchar, crimson, square"
     assert_error(client.get(f"{V1}/datasets/zzz/backups"), 404, "session_not_found")
+
+
+def test_revert_discards_unsaved_edits_taking_the_other_programs_caption_after_a_reload_conflict(services,
+                                                                                                 make_dataset):
+    client = make_client(services)
+    folder = make_dataset(count=4) / "10_zkchar"
+    sid = client.post(f"{V1}/datasets/open", json={"path": str(folder)}).json()["session"]
+    client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["solo"], "selection": "all"})
+    (folder / "img_001.txt").write_text("zkchar, blue, circle, smile", encoding="utf-8")  # a tagger, meanwhile
+    assert client.post(f"{V1}/datasets/{sid}/reload").json()["conflicts"] == ["img_001.png"]
+
+    reverted = client.post(f"{V1}/datasets/{sid}/revert", json={"selection": ["img_001.png"]})
+    assert reverted.status_code == 200, reverted.text
+    page = reverted.json()
+    assert page["reverted"] == ["img_001.png"] and page["unsaved"] == 3
+    assert page["images"][1] == {"name": "img_001.png", "tags": ["zkchar", "blue", "circle", "smile"], "unsaved": False}
+    assert page["history"]["undo"][-1] == "Revert to the saved captions"
+    undone = client.post(f"{V1}/datasets/{sid}/undo").json()
+    assert undone["images"][1]["tags"] == ["zkchar", "blue", "circle", "solo"] and undone["unsaved"] == 4
+
+    everything = client.post(f"{V1}/datasets/{sid}/revert").json()  # no body: every image
+    assert everything["reverted"] == ["img_000.png", "img_001.png", "img_002.png", "img_003.png"]
+    assert everything["unsaved"] == 0
+    assert client.post(f"{V1}/datasets/{sid}/revert", json={}).json()["reverted"] == []
+    assert client.post(f"{V1}/datasets/{sid}/save", json={}).json()["written"] == []
+    assert (folder / "img_001.txt").read_text(encoding="utf-8") == "zkchar, blue, circle, smile"
+    assert_error(client.post(f"{V1}/datasets/{sid}/revert", json={"images": ["img_001.png"]}), 400, "invalid",
+                 field="images")
+    assert_error(client.post(f"{V1}/datasets/{sid}/revert", json={"selection": ["../secret.png"]}), 400, "invalid",
+                 field="selection")
+    assert_error(client.post(f"{V1}/datasets/zzz/revert"), 404, "session_not_found")
 
 
 def test_a_backup_folder_that_is_a_link_leading_outside_the_dataset_roots_lists_no_backup(services, make_dataset,

@@ -361,6 +361,24 @@ def test_a_backup_restored_shows_in_the_session_and_is_refused_over_unsaved_edit
     assert tag_sessions.page_of(session)["images"][1]["tags"] == ["zkchar", "crimson", "square"]  # after extra.png
 
 
+def test_revert_takes_the_filtered_or_named_images_back_to_their_saved_captions_as_one_undo_step(folder, tmp_path):
+    registry = TagSessions(drafts_folder=tmp_path / "tag-drafts")
+    session = registry.open(folder)
+    tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": "all"})
+    tag_sessions.set_filter(session, tag_sessions.filter_from({"all": ["blue"]}))
+    assert tag_sessions.revert_session(session, "filtered") == ["img_001.png", "img_003.png", "img_005.png"]
+    assert tag_sessions.revert_session(session, ["img_000.png", "img_001.png"]) == ["img_000.png"]
+    assert [image.name for image in tag_sessions.tag_editor.unsaved_images(session.editor)] == ["img_002.png", "img_004.png"]
+    assert tag_sessions.revert_session(session) == ["img_002.png", "img_004.png"]
+    registry.drafts.flush()
+    assert not list((tmp_path / "tag-drafts").glob("*.json"))  # nothing unsaved: no draft brings the edits back
+    session.change(tag_sessions.tag_editor.undo)
+    assert tag_sessions.page_of(session)["unsaved"] == 2
+    with pytest.raises(UserError, match="not an image"):
+        tag_sessions.revert_session(session, ["../secret.png"])
+    registry.drafts.close()
+
+
 def test_closing_the_drafts_writes_the_last_edit_and_lets_the_old_registry_go(folder, tmp_path):
     """Reload UI makes new Services: the old registry's writer thread waited for good and kept every session's
     editor and history alive (a few MB a folder, at every reload)."""
