@@ -144,8 +144,51 @@ def test_reload_takes_the_same_edit_made_elsewhere_and_keeps_a_different_one_as_
     (folder / "img_001.txt").write_text("zkchar, blue, circle, smile", encoding="utf-8")
     view = tab.reload(services, state)
     assert view[VIEW["status"]] == ("Reloaded: 1 updated, 1 conflicts. Conflicts keep the edits made here; Save with "
-                                    "overwrite replaces the other versions.")
+                                    "overwrite replaces the other versions; Discard unsaved edits takes the other versions.")
     assert view[VIEW["page_info"]].endswith("; 1 unsaved")
+
+
+def gallery_caption(view, name: str) -> str:
+    return next(label.lstrip("☑* ").split(": ", 1)[1] for _, label in view[VIEW["gallery"]] if f" {name}: " in label)
+
+
+def test_discard_after_a_reload_conflict_takes_the_other_programs_caption_and_undo_brings_the_edit_back(
+        services, opened):
+    """Reload kept the edit made here over the tagger's text; the artist wanting the tagger's text had to retype it."""
+    folder, view = opened
+    state = view[VIEW["state"]]
+    tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    (folder / "img_001.txt").write_text("zkchar, blue, circle, smile", encoding="utf-8")  # a tagger, meanwhile
+    assert "1 conflicts" in tab.reload(services, state)[VIEW["status"]]
+    view = tab.discard_unsaved(services, state)
+    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 6 image(s): they show their saved captions again "
+                                    "(Undo brings the edits back).")
+    assert gallery_caption(view, "img_001.png") == "zkchar, blue, circle, smile"
+    assert gallery_caption(view, "img_000.png") == "zkchar, red, square"
+    assert view[VIEW["page_info"]].endswith("; 0 unsaved")
+    assert view[VIEW["history"]].values.tolist()[-1][1:] == ["Revert to the saved captions", "done", 6]
+
+    view = tab.undo(services, state)
+    assert gallery_caption(view, "img_001.png") == "zkchar, blue, circle, solo"
+    assert view[VIEW["page_info"]].endswith("; 6 unsaved")
+    tab.redo(services, state)
+    assert tab.save(services, state, False)[VIEW["status"]] == "Saved 0 caption file(s)."
+    assert caption(folder, "img_001") == "zkchar, blue, circle, smile"
+    assert caption(folder, "img_000") == "zkchar, red, square"
+
+
+def test_discard_with_images_selected_takes_back_only_their_edits_and_says_when_there_are_none(services, opened):
+    folder, view = opened
+    state = view[VIEW["state"]]
+    tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    chosen = replace(state, selection=("img_002.png", "img_003.png"))
+    view = tab.discard_unsaved(services, chosen)
+    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 2 selected image(s): they show their saved captions "
+                                    "again (Undo brings the edits back).")
+    assert view[VIEW["page_info"]].endswith("; 4 unsaved") and gallery_caption(view, "img_002.png") == "zkchar, red, square"
+    assert tab.discard_unsaved(services, chosen)[VIEW["status"]] == "No selected image has unsaved edits: nothing to discard."
+    tab.discard_unsaved(services, state)
+    assert tab.discard_unsaved(services, state)[VIEW["status"]] == "No image has unsaved edits: nothing to discard."
 
 
 def test_the_history_lists_undone_steps_in_the_order_redo_takes_them(services, opened):

@@ -330,8 +330,22 @@ def reload(services, state: TabState) -> tuple:
     parts = [f"{len(report[key])} {key}" for key in ("updated", "conflicts", "added", "removed") if report[key]]
     note = "Reloaded: " + (", ".join(parts) if parts else "nothing changed on disk") + "."
     if report["conflicts"]:
-        note += " Conflicts keep the edits made here; Save with overwrite replaces the other versions."
+        note += (" Conflicts keep the edits made here; Save with overwrite replaces the other versions; Discard unsaved "
+                 "edits takes the other versions.")
     return render(services, state, note)
+
+
+@_guarded
+def discard_unsaved(services, state: TabState) -> tuple:
+    """Throw away the unsaved edits of the selected images (of every image when none is selected), as one undo step:
+    they show their saved captions again, and after Reload the other program's versions of the conflicts."""
+    selected = list(state.selection)
+    went_back = tag_sessions.revert_session(_session(services, state), selected or "all")
+    which = "selected " if selected else ""
+    if not went_back:
+        return render(services, state, f"No {which}image has unsaved edits: nothing to discard.")
+    return render(services, state, f"Discarded the unsaved edits of {len(went_back)} {which}image(s): they show their "
+                                   "saved captions again (Undo brings the edits back).")
 
 
 @_with_backups
@@ -513,6 +527,7 @@ def build(services):
                     overwrite = gr.Checkbox(label="Overwrite captions changed on disk")
                     save_button = gr.Button("Save", variant="primary", elem_id="lora_trainer_tags_save")
                     reload_button = gr.Button("Reload from disk")
+                    discard_button = gr.Button("Discard unsaved edits", elem_id="lora_trainer_tags_discard")
                 with gr.Row():
                     # every save keeps the captions it replaced; a restore after a restart, when Undo is gone
                     backups = gr.Dropdown([], label="Backups (newest first)", allow_custom_value=True, scale=3,
@@ -575,6 +590,7 @@ def build(services):
         redo_button.click(call(redo), [state], view)
         save_button.click(call(save), [state, overwrite], view + [backups])
         reload_button.click(call(reload), [state], view + [backups])
+        discard_button.click(call(discard_unsaved), [state], view)
         restore_button.click(call(restore), [state, backups], view + [backups])
         train_button.click(None, [folder], [folder], **js_kwarg(TRAIN_ON_FOLDER_JS))
         autotag_button.click(call(autotag), [state, scope, tagger_kind, model_folder, general, character, mode, trigger], view)
