@@ -214,3 +214,26 @@ def test_auto_tag_of_the_selection_tags_only_it_and_counts_only_captions_that_ch
     assert view[VIEW["status"]] == "Auto-tagged 1 image(s); 0 caption(s) changed (not saved yet)."
     session = tag_sessions.sessions_of(services).get(state.session)
     assert [image.name for image, tags in session.editor.tags.items() if "smile" in tags] == ["img_002.png"]
+
+
+def test_a_caption_changed_under_the_caption_box_is_not_set_back_unseen(services, opened):
+    """The caption box keeps the text it was filled with when the image was clicked; after a batch edit (or Undo,
+    Reload) changed that caption, 'Set caption' of the box's old text took the change back for that image, unseen."""
+    folder, view = opened
+    clicked = tab.click_image(services, view[VIEW["state"]], 0)
+    state, shown = clicked[VIEW["state"]], clicked[-1]
+    assert shown == "zkchar, red, square"
+    state = tab.batch_edit(services, state, "all", "Add tags", "solo", "", "", False, False, False, 0)[VIEW["state"]]
+    view = tab.set_caption(services, state, shown + ", smile")
+    assert view[VIEW["status"]] == ('⚠ The caption of img_000.png changed since it was opened here (a batch edit, Undo '
+                                    'or Reload): it is now "zkchar, red, square, solo". Click the image again to edit '
+                                    'that caption; your text stays in the box to copy from.')
+    tab.save(services, view[VIEW["state"]], False)
+    assert caption(folder, "img_000") == "zkchar, red, square, solo"
+    clicked = tab.click_image(services, view[VIEW["state"]], 0)
+    view = tab.set_caption(services, clicked[VIEW["state"]], clicked[-1] + ", smile")
+    assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
+    view = tab.set_caption(services, view[VIEW["state"]], "zkchar, smile")  # the box set twice: its own change
+    assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
+    tab.save(services, view[VIEW["state"]], False)
+    assert caption(folder, "img_000") == "zkchar, smile"

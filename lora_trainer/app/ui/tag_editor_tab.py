@@ -43,6 +43,9 @@ class TabState:
     page: int = 1
     selection: tuple[str, ...] = ()  # image names (relative to the folder)
     current: str = ""  # the image in the per-image editor
+    # (image, caption) the per-image editor was filled with: a batch edit, Undo or Reload since changes the caption
+    # under the box, and setting the box's text then would take that change back unseen
+    opened: tuple[str, str] | None = None
     tag_query: str = ""
     discard_asked: bool = False  # Open was pressed over unsaved edits once: pressed again, they are dropped
 
@@ -240,9 +243,9 @@ def click_image(services, state: TabState, index: int) -> tuple:
         image = page.images[index]
     except (UserError, IndexError) as error:
         return (*render(services, state, f"⚠ {error}" if isinstance(error, UserError) else ""), "", "")
-    name = tag_sessions.image_name(editor, image)
-    state = replace(state, selection=tag_view.toggled(state.selection, name), current=name)
-    return (*render(services, state), name, tag_editor.caption_of(editor, image))
+    name, caption = tag_sessions.image_name(editor, image), tag_editor.caption_of(editor, image)
+    state = replace(state, selection=tag_view.toggled(state.selection, name), current=name, opened=(name, caption))
+    return (*render(services, state), name, caption)
 
 
 @_guarded
@@ -251,7 +254,13 @@ def set_caption(services, state: TabState, caption: str) -> tuple:
     if not state.current:
         raise UserError("Click an image first; its caption appears here for editing.")
     image = tag_sessions.images_named(session.editor, [state.current])[0]
+    now = tag_editor.caption_of(session.editor, image)
+    if state.opened and state.opened[0] == state.current and now not in (state.opened[1], caption or ""):
+        raise UserError(f"The caption of {state.current} changed since it was opened here (a batch edit, Undo or "
+                        f"Reload): it is now \"{now}\". Click the image again to edit that caption; your text stays in "
+                        "the box to copy from.")
     session.change(lambda editor: tag_editor.edit_caption(editor, image, caption or ""))
+    state = replace(state, opened=(state.current, tag_editor.caption_of(session.editor, image)))
     return render(services, state, f"Caption of {state.current} changed (not saved yet).")
 
 
