@@ -139,17 +139,16 @@ def test_library_leaves_out_training_states_and_files_renamed_away_while_it_look
     vanishing = _lora(tmp_path / "star-000001.safetensors", ss_output_name="star")
     real_stat, looked = pathlib.Path.stat, []
 
-    def stat(path, *args, **kwargs):  # the walk sees the file, then it is renamed away before its stat
+    def stat(path, *args, **kwargs):  # the walk lists the file, then it is renamed away before its stat
         if path == vanishing:
             looked.append(path)
-            if len(looked) > 1:
-                raise FileNotFoundError(2, "No such file or directory", str(path))
+            raise FileNotFoundError(2, "No such file or directory", str(path))
         return real_stat(path, *args, **kwargs)
 
     library = LoraLibrary([tmp_path])
     monkeypatch.setattr(pathlib.Path, "stat", stat)
     library.refresh()
-    assert len(looked) == 2
+    assert len(looked) == 1
     assert [e.name for e in library.entries()] == ["star"]
 
 
@@ -191,6 +190,31 @@ def test_a_name_found_twice_resolves_to_the_file_the_webui_picks(tmp_path):
     (tmp_path / "Lora/a_old/style.safetensors").unlink()
     library.refresh()
     assert library.resolve("style") == tmp_path / "Lora/.trash/style.safetensors"  # a hidden folder is listed
+
+
+def test_a_lora_in_a_linked_folder_is_found_as_the_webui_finds_it(tmp_path):
+    """The WebUI walks its Lora folder following linked sub-folders (a LoRA collection on another drive, linked in);
+    a link back up the tree is walked once; macOS's ._name companions beside copied files are no LoRAs; with the
+    WebUI's "list_hidden_files" off, hidden folders are left out."""
+    from safetensors.torch import save_file
+
+    elsewhere = tmp_path / "other drive" / "styles"
+    elsewhere.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(elsewhere / "ink.safetensors"))
+    (elsewhere / "._ink.safetensors").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    lora = tmp_path / "Lora"
+    (lora / ".old").mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(lora / ".old" / "aside.safetensors"))
+    try:
+        (lora / "linked").symlink_to(elsewhere, target_is_directory=True)
+        (elsewhere / "back up").symlink_to(tmp_path / "other drive", target_is_directory=True)
+    except OSError:
+        pytest.skip("this system makes no folder links for this user")
+    library = LoraLibrary([lora])
+    assert library.resolve("ink") == lora / "linked" / "ink.safetensors"
+    assert [e.path.name for e in library.entries()].count("ink.safetensors") == 1  # the loop is walked once
+    assert library.resolve("._ink") is None and library.resolve("aside") == lora / ".old" / "aside.safetensors"
+    assert LoraLibrary([lora], list_hidden=False).resolve("aside") is None
 
 
 def test_sd_version_from_metadata():

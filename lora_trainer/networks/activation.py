@@ -8,6 +8,7 @@ the built-in Lora extension reads them (positional te, unet, dyn; ``te=``, ``une
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -174,21 +175,40 @@ def natural_order(text: str) -> list:
     return [int(part) if i % 2 else part.lower() for i, part in enumerate(re.split(r"([0-9]+)", text))]  # odd: digits
 
 
+def walked(folder: Path, list_hidden: bool = True) -> list[Path]:
+    """The files below ``folder`` in the order of the WebUI's ``walk_files``: linked sub-folders followed, the folders
+    in natural order of their paths (a folder's own files before its sub-folders'), each one's files in natural order;
+    without ``list_hidden`` (its "list_hidden_files" setting, on by default) none in a folder whose name starts with a
+    dot. A link back up the tree is walked once (the WebUI's walk would not end)."""
+    seen, rows = set(), []
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        if not list_hidden:
+            folders[:] = [name for name in folders if not name.startswith(".")]
+        rows.append((root, files))
+    rows.sort(key=lambda row: natural_order(row[0]))
+    return [Path(root, name) for root, files in rows for name in sorted(files, key=natural_order)]
+
+
 class LoraLibrary:
     """The LoRA files in some folders (searched recursively), by name, by alias and by ``name@eN``.
 
     Listing is cheap (directory walk); metadata is read from a file's header when first needed and kept until the
     file's modification time changes. A file name found twice resolves as in the WebUI's Lora extension, to the
-    last one listed (folders in order, each walked as the WebUI's ``walk_files``: its sub-folders in natural order of
-    their paths, a folder's own files before its sub-folders', hidden ones too as by its default "list_hidden_files":
-    ``b/style`` over ``a/style`` over ``style``, ``a10/style`` over ``a9/style``, the LyCORIS folder over the Lora
-    folder); an alias several files share (the epochs of one run) to the one with the highest ``ss_epoch``.
+    last one listed (folders in order, each ``walked`` as the WebUI walks them: ``b/style`` over ``a/style`` over
+    ``style``, ``a10/style`` over ``a9/style``, the LyCORIS folder over the Lora folder); an alias several files share
+    (the epochs of one run) to the one with the highest ``ss_epoch``. macOS's ``._name`` companions are no LoRAs.
     """
 
     NETWORKS_KEPT = 16  # read files kept: a 10-epoch grid switches without re-reading
 
-    def __init__(self, folders: list[Path]):
+    def __init__(self, folders: list[Path], list_hidden: bool = True):
         self.folders = [Path(f) for f in folders]
+        self.list_hidden = list_hidden
         self._files: list[tuple[Path, int]] | None = None
         self._metadata: dict[Path, tuple[int, dict[str, str]]] = {}
         self._short_hashes: dict[tuple[Path, int], str] = {}
@@ -211,9 +231,9 @@ class LoraLibrary:
         files = []
         for folder in self.folders:
             if folder.is_dir():
-                found = [p for p in folder.rglob("*")
-                         if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not in_state_folder(p)]
-                for path in sorted(found, key=lambda p: (natural_order(str(p.parent)), natural_order(p.name))):
+                for path in walked(folder, self.list_hidden):
+                    if path.suffix.lower() not in LORA_SUFFIXES or path.name.startswith("._") or in_state_folder(path):
+                        continue
                     try:
                         files.append((path, path.stat().st_mtime_ns))
                     except (FileNotFoundError, NotADirectoryError):  # renamed away meanwhile (an atomic save)

@@ -124,8 +124,9 @@ def _refresh_library() -> None:
 
 def _library():
     from ..networks.activation import LoraLibrary
+    from .extra_network import list_hidden_files
 
-    return _lora_tags.library if _lora_tags is not None else LoraLibrary(lora_folders())
+    return _lora_tags.library if _lora_tags is not None else LoraLibrary(lora_folders(), list_hidden_files())
 
 
 def owns_lora_tags() -> bool:

@@ -23,11 +23,16 @@ log = logging.getLogger("lora_trainer")
 _REMOVE_SYMBOLS = str.maketrans("", "", ":,")  # the built-in strips these from names in "Lora hashes"
 
 
+def list_hidden_files() -> bool:
+    """The WebUI's Settings → "Load models/files in hidden directories" (on by default), which its Lora list obeys."""
+    return bool(getattr(shared.opts, "list_hidden_files", True))
+
+
 class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
     def __init__(self, folders: Callable[[], list[Path]]):
         super().__init__("lora")
         self.folders = folders
-        self.library = LoraLibrary(folders())
+        self.library = LoraLibrary(folders(), list_hidden_files())
         self.warnings: list[str] = []  # every warning given, once each (the console shows them too)
         self._model = None  # the WebUI model self._merged belongs to
         self._merged: MergedNetworks | None = None
@@ -94,9 +99,9 @@ class ExtraNetworkLoraTrainer(extra_networks.ExtraNetwork):
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        folders = self.folders()
-        if folders != self.library.folders:
-            self.library = LoraLibrary(folders)
+        folders, hidden = self.folders(), list_hidden_files()
+        if folders != self.library.folders or hidden != self.library.list_hidden:
+            self.library = LoraLibrary(folders, hidden)
         self.library.refresh()
 
     def restore(self) -> None:

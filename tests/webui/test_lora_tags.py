@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import torch
 import pytest
@@ -209,6 +211,26 @@ def test_each_tag_has_exactly_one_owner(load_extension, webui_modules, own):
     assert w.extra_networks.extra_network_aliases["lyco"] is owner
     assert (owner is builtin) is (not own)
     assert type(owner).__name__ == ("ExtraNetworkLoraTrainer" if own else "ExtraNetwork")
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_loras_in_hidden_folders_resolve_as_the_webui_setting_says(load_extension, webui_modules, listed, tmp_path):
+    """Settings → "Load models/files in hidden directories" (on by default) decides whether the WebUI's Lora list
+    holds Lora/.old/x: <lora:x> must load what that list shows, and follow the setting when it changes."""
+    from safetensors.torch import save_file
+
+    w = webui_modules
+    w.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")  # not the session's shared folder
+    hidden = tmp_path / "Lora" / ".old" / "kept aside.safetensors"
+    hidden.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"x": torch.zeros(1)}, str(hidden))
+    w.shared.opts.data["list_hidden_files"] = listed
+    load_extension()
+    owner = w.extra_networks.extra_network_registry["lora"]
+    assert owner.library.resolve("kept aside") == (hidden if listed else None)
+    w.shared.opts.data["list_hidden_files"] = not listed
+    owner.refresh()
+    assert owner.library.resolve("kept aside") == (None if listed else hidden)
 
 
 def test_on_forge_lora_tags_are_left_to_forge(load_extension, webui_modules, monkeypatch):

@@ -22,6 +22,9 @@ options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
     "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
     "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),
 }))
+options_templates.update(options_section(("system", "System", "system"), {
+    "list_hidden_files": OptionInfo(True, "Load models/files in hidden directories"),
+}))
 options_templates.update(options_section(("saving-images", "Saving images/grids", "saving"), {
     "font": OptionInfo("", "Font for image grids that have text"),
 }))
