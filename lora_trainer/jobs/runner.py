@@ -52,7 +52,7 @@ def earlier_files(options: dict) -> list[Path]:
 def trimmed_name_note(field: str, given: str, used: str) -> str | None:
     """A name given with spaces at its start or end, which the job's name and files leave out (a file ending in a space
     is one Windows cannot open): said, as a client or user looking for the name as typed would find nothing."""
-    if not given or given == used:
+    if not given or given == used or given.strip() != used:  # another name is used (Advanced's output_name)
         return None
     return f"{field}: {given!r} has spaces at its start or end: they were removed, and {used!r} is used"
 

@@ -228,6 +228,8 @@ def test_spaces_around_the_output_name_are_removed_and_said(services):
     message, job = train_tab.submit(services, form(output_name=" star "))
     assert services.store.get(job).options["output_name"] == "star" and said in message, message
     assert "has spaces" not in train_tab.validation_text(services, form(output_name="star"))
+    # Advanced names the output: no spaces were removed from the field's name, whatever name is used
+    assert "has spaces" not in train_tab.validation_text(services, form(output_name="star", extra='output_name = "other"'))
 
 
 def test_the_sd_scripts_command_comes_with_what_runs_otherwise_there(services):
