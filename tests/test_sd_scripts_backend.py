@@ -640,3 +640,25 @@ def test_an_error_sd_scripts_logged_and_trained_on_is_not_given_as_a_later_crash
     events, _ = read_events(tmp_path / "star.events.jsonl")
     assert events[-1]["event"] == "error" and "sd-scripts exited with code 137" in events[-1]["message"]
     assert "No prompt file" not in events[-1]["message"]
+
+
+def test_the_checkpoint_is_read_once_per_version_for_the_command(tmp_path, monkeypatch):
+    """The Train tab asks at each "Show sd-scripts command" and export; a .ckpt is unpickled whole to tell its version.
+    A file saved again (or a .yaml put beside it) is read again."""
+    import lora_trainer.models.checkpoint as checkpoint
+    from lora_trainer.bench import write_random_checkpoint
+    from lora_trainer.models.configs import SD2
+    from lora_trainer.tiny_model.build import tiny_like
+    from lora_trainer.training.options import options_from
+    from lora_trainer.training.sd_scripts_backend import told_by_checkpoint
+
+    sd2 = write_random_checkpoint(tiny_like(SD2), tmp_path / "sd2.safetensors")
+    opened = []
+    real = checkpoint.open_tensors
+    monkeypatch.setattr(checkpoint, "open_tensors", lambda path: opened.append(path) or real(path))
+    options = options_from({"pretrained_model_name_or_path": str(sd2), "train_data_dir": "d"})
+    assert told_by_checkpoint(options) == told_by_checkpoint(options) == ("train_network.py", {"v2": True})
+    assert len(opened) == 1
+    sd2.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n', encoding="utf-8")
+    assert told_by_checkpoint(options) == ("train_network.py", {"v2": True, "v_parameterization": True})
+    assert len(opened) == 2

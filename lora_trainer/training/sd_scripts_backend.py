@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -108,23 +109,42 @@ def told_by_checkpoint(options: TrainOptions) -> tuple[str | None, dict[str, boo
     ``--v_parameterization`` where the file declares v-prediction (a wrong or missing flag fails sd-scripts' strict
     load, or trains the wrong target), ``--zero_terminal_snr`` for a v-prediction file with the ztsnr marker (trained
     here on that schedule, as the loader reads the marker)."""
+    path = Path(options.pretrained_model_name_or_path or "")
+    facts = _checkpoint_facts(str(path), _stamp(path), _stamp(path.with_suffix(".yaml")))
+    if facts is None:
+        return None, {}
+    architecture, prediction, ztsnr = facts
+    told = {}
+    if architecture.startswith("sd2") and not options.v2:
+        told["v2"] = True
+    if prediction == "v_prediction" and not options.v_parameterization:
+        told["v_parameterization"] = True
+    v_prediction = options.v_parameterization or told.get("v_parameterization", False)
+    if ztsnr and v_prediction and not options.zero_terminal_snr:
+        told["zero_terminal_snr"] = True
+    return ("sdxl_train_network.py" if architecture == "sdxl" else "train_network.py"), told
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _checkpoint_facts(path: str, stamp, yaml_stamp) -> tuple[str, str | None, bool] | None:
+    """The architecture, declared prediction and ztsnr marker of a checkpoint, read once per version of the file and
+    of the .yaml beside it (the Train tab asks at each "Show sd-scripts command", and a .ckpt is unpickled to tell)."""
     from ..models.checkpoint import declared_prediction_type, detect_architecture, open_tensors
 
-    path = Path(options.pretrained_model_name_or_path or "")
     try:
         source = open_tensors(path)
         config, _ = detect_architecture(source)
     except Exception:
-        return None, {}
-    told = {}
-    if config.name.startswith("sd2") and not options.v2:
-        told["v2"] = True
-    if declared_prediction_type(source, path) == "v_prediction" and not options.v_parameterization:
-        told["v_parameterization"] = True
-    v_prediction = options.v_parameterization or told.get("v_parameterization", False)
-    if "ztsnr" in source.shapes and v_prediction and not options.zero_terminal_snr:
-        told["zero_terminal_snr"] = True
-    return ("sdxl_train_network.py" if config.name == "sdxl" else "train_network.py"), told
+        return None
+    return config.name, declared_prediction_type(source, Path(path)), "ztsnr" in source.shapes
 
 
 def event_from_line(line: str) -> dict | None:
