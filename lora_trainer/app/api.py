@@ -412,7 +412,10 @@ def watch_for_webhook(services: Services, job_id: int, url: str, poll: float = 0
             if job.status not in ACTIVE:
                 break
             time.sleep(poll)
-        payload = webhook_payload(job)  # read before the claim: a DELETE that finds it claimed removes the folder
+        try:  # read before the claim: a DELETE that finds it claimed removes the folder
+            payload = webhook_payload(job)
+        except OSError:  # removed already, by a DELETE that claimed the call (the claim below fails), or unreadable
+            payload = {"job": job_json(job), "end": None}
         if claim_webhook(job):
             call_webhook(url, payload, job_id)
 

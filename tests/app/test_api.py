@@ -491,6 +491,27 @@ def test_a_job_deleted_right_after_its_stop_has_its_end_sent_once(services, job_
         (job["id"], "stopped", True)]
 
 
+def test_a_watcher_that_finds_the_jobs_events_gone_sends_the_end_once_without_a_traceback(services, job_body,
+                                                                                           monkeypatch):
+    """A DELETE that claimed the call removes the folder while the watcher reads the end: the watcher's thread died
+    with "Exception in thread lora-trainer-webhook-N" in the server log. A job whose events cannot be read still has
+    its end sent (without the end event) by whoever claims it."""
+    import threading
+
+    from lora_trainer.app import api
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: crashed.append(hook.exc_value))
+    monkeypatch.setattr(api, "last_end_event", lambda job: (_ for _ in ()).throw(FileNotFoundError(2, "gone")))
+    client = make_client(services)
+    with webhook_server() as (url, received):
+        job = client.post(f"{V1}/jobs", json={**job_body, "webhook": url}).json()
+        assert client.post(f"{V1}/jobs/{job['id']}/stop").json()["status"] == "stopped"
+        wait_for_calls(received, 1)
+        time.sleep(1.2)
+    assert crashed == [] and [(c["job"]["status"], c["end"]) for c in received] == [("stopped", None)]
+
+
 def test_after_a_reload_a_jobs_end_is_sent_once(app_settings, fake_host, job_body):
     """"Reload UI" makes new Services that watch the job again while the old watcher still polls: both sent it."""
     with webhook_server() as (url, received):
