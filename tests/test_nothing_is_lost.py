@@ -386,7 +386,8 @@ def test_a_sample_image_being_drawn_when_the_run_was_killed_leaves_no_temporary_
     folder = tmp_path / "sample"
     folder.mkdir()
     ours = [folder / ".star_e000001_00_20261205120000_7.png.0a1b2c3d.tmp",
-            folder / ".star_000050_01_20261205120000.png.ffffffff.tmp"]
+            folder / ".star_000050_01_20261205120000.png.ffffffff.tmp",
+            folder / ".star_1000000_104_20261205120000_-3.png.0a1b2c3d.tmp"]  # the 105th prompt, its seed -3
     others = [folder / ".other_e000001_00_20261205120000_7.png.0a1b2c3d.tmp",
               folder / "star_e000001_00_20261205120000_7.png", folder / ".star_notes.txt.0a1b2c3d.tmp"]
     for path in [*ours, *others]:

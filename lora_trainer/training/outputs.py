@@ -164,7 +164,7 @@ class OutputPlan:
         stems = rf"{re.escape(self.final_path().stem)}|{re.escape(self.epoch_path(0).stem[:-6])}\d{{6}}|" \
                 rf"{re.escape(self.step_path(0).stem[:-8])}\d{{8}}"  # of the files, and of the states named after them
         gone = stale_temporaries(self.folder, re.compile(rf"({stems})\.(safetensors|ckpt|pt)"), now)
-        samples = re.escape(f"{self.name}_" if self.name else "") + r"(e\d{6}|\d{6})_\d{2}_\d{14}(_\d+)?\.png"
+        samples = re.escape(f"{self.name}_" if self.name else "") + r"(e\d{6,}|\d{6,})_\d{2,}_\d{14}(_-?\d+)?\.png"
         gone += stale_temporaries(self.sample_folder, re.compile(samples), now)  # sample_path's names
         freed = remove_files(gone)
         states = re.compile(rf"({stems})-state\.(tmp|old)")
