@@ -179,3 +179,15 @@ def test_a_printed_windows_command_says_the_values_powershell_would_expand_in_si
         "it expands $ and ` inside double quotes and unquoted words"]
     assert kohya_command_notes(options, windows=False) == []  # POSIX quoting already keeps them
     assert kohya_command_notes(parse_args(COMMAND)[0], windows=True) == []
+
+
+def test_a_value_a_refusal_shows_is_named_with_its_file_only_where_it_is_the_whole_value():
+    """A file's 8 (alpha kept whole, as sd-scripts keeps it) is not the start of a message's "8.0": the file's name
+    went inside the number ("8 (in a.toml).0")."""
+    from lora_trainer.training.options import _with_file
+
+    options = options_from({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "network_alpha": 8})
+    said = _with_file("--network_alpha 8.0 is above --network_dim 4", options, {"network_alpha": "a.toml"})
+    assert "(in a.toml).0" not in said and said.startswith("--network_alpha (in a.toml) 8.0 is above"), said
+    said = _with_file("--network_alpha 8. Lower it", options, {"network_alpha": "a.toml"})
+    assert said == "--network_alpha 8 (in a.toml). Lower it"

@@ -757,7 +757,7 @@ def _with_file(problem: str, options: TrainOptions, from_file: dict[str, str]) -
             continue
         value = getattr(options, name, None)
         shown = next((said for said in (f" {value!r}", f" {value}")
-                      if value is not None and re.match(re.escape(said) + r"(?!\w)", rest)), "")
+                      if value is not None and re.match(re.escape(said) + r"(?!\w|\.\d)", rest)), "")
         if about.start() > 0 and (about.start() > statement
                                   or not shown and value is not True and re.match(r" \S", rest)):
             continue
