@@ -86,7 +86,8 @@ def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) ->
     if options.get("resume"):  # it goes on with its own run, whose files are its own: none are moved aside
         return (f"{also}, and this resumed job, which runs after {'it' if one else 'them'}, writes over the files of "
                 f"the same name {'it' if one else 'they'} saved (a resume moves no files aside); to keep "
-                f"{'both' if one else 'all'}, run {'that job' if one else 'those jobs'} under another output name")
+                f"{'both' if one else 'all'}, stop {'that job' if one else 'those jobs'} and start {'it' if one else 'them'} "
+                "again under another output name")
     return (f"{also}: when this job starts, the files {'it' if one else 'they'} wrote by then are moved into "
             f"{replaced_folder}, not overwritten; give this job another output name to keep "
             f"{'both' if one else 'all'} where they are")

@@ -1541,7 +1541,7 @@ def test_a_job_resumed_behind_one_of_the_same_output_name_is_told_it_will_write_
     assert resumed.json()["warnings"] == [
         f"job {queued['id']} (queued) also writes the run 'zkchar' in {services.settings.lora_folder}, and this resumed "
         "job, which runs after it, writes over the files of the same name it saved (a resume moves no files aside); to "
-        "keep both, run that job under another output name"]
+        "keep both, stop that job and start it again under another output name"]
     client.post(f"{V1}/jobs/{queued['id']}/stop")
     client.post(f"{V1}/jobs/{resumed.json()['id']}/stop")
     services.store.update(resumed.json()["id"], status="failed")  # a failed resume may be resumed again: alone now
