@@ -37,7 +37,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from ..dataset import tag_editor
 from ..dataset.caption_files import BackupNotFound
 from ..errors import UserError, with_closest
-from ..jobs.runner import earlier_files_note, same_run_jobs_note, trimmed_name_note
+from ..jobs.runner import RUNNER_OPTIONS, earlier_files_note, same_run_jobs_note, trimmed_name_note
 from ..jobs.store import ACTIVE, Job
 from . import tag_sessions
 from .grid_queue import GridStatus
@@ -125,7 +125,7 @@ class _ErrorsAsJson(APIRoute):
 
 JOB_FIELDS = ("name", "options", "webhook")
 # path options and whether the path must exist already
-RUNNER_OPTIONS = ("events_file", "stop_file", "state_dir", "config_file", "output_config")  # the runner sets these itself
+REFUSED_IN_A_JOB = (*RUNNER_OPTIONS, "config_file", "output_config")  # the runner's, and what would not train
 # a request names data, never a program: --backend runs the train_network.py (and venv) of the folder it names
 LOCAL_ONLY_OPTIONS = ("backend",)
 
@@ -239,7 +239,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     # an empty path or name means not given (as in a TOML file), not the server's current folder
     options = {k: v for k, v in options.items() if not (k in FIELDS and not_given(k, v))}
     for key in options:
-        if key in RUNNER_OPTIONS:
+        if key in REFUSED_IN_A_JOB:
             raise ApiError(400, "invalid", f"{key}: set by the job runner; leave it out", key)
         if key in LOCAL_ONLY_OPTIONS and options[key]:
             raise ApiError(400, "invalid", f"{key}: runs the program of the folder it names, which a request may not "

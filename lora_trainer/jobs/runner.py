@@ -67,6 +67,10 @@ def earlier_files_note(options: dict, replaced_folder: Path) -> str | None:
             f"starts they are moved into {replaced_folder}, not overwritten")
 
 
+# what the runner sets for every job, whatever the job's options say: its folder's event log, control file and states
+RUNNER_OPTIONS = ("events_file", "stop_file", "state_dir")
+
+
 def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) -> str | None:
     """What a job of the same output name and folder queued or running before this one will lose when this one starts
     (its files moved aside, as an earlier run's are; a resumed run moves none aside and writes over them), said before
@@ -302,7 +306,7 @@ class JobRunner:
         job = self.store.add(name, options)
         # states in the job's folder: in models/Lora the WebUI would list each state's files as Lora cards
         values = {**options, "events_file": str(job.events_path), "stop_file": str(job.stop_path),
-                  "state_dir": str(job.state_folder)}
+                  "state_dir": str(job.state_folder)}  # RUNNER_OPTIONS
         job.config_path.write_text(toml_text.dumps(values), encoding="utf-8")
         self._wake.set()
         return job

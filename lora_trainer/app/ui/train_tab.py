@@ -21,7 +21,7 @@ from ...dataset.captions import VARYING_CAPTION_OPTIONS, caching_problems
 from ...dataset.config import load_dataset_config
 from ...dataset.health import HealthSettings, check_dataset, check_dataset_config, report_lines
 from ...errors import UserError
-from ...jobs.runner import earlier_files_note, same_run_jobs_note, trimmed_name_note
+from ...jobs.runner import RUNNER_OPTIONS, earlier_files_note, same_run_jobs_note, trimmed_name_note
 from ...jobs.store import Job
 from ...networks.spec import forge_problem, spec_from_kohya
 from ...training.lr_schedules import SCHEDULER_NAMES
@@ -305,10 +305,6 @@ def validation_text(services: Services, form: dict[str, Any]) -> str:
                      "the run trains in full precision without gradient checkpointing): pick your card's size under GPU "
                      "memory")
     return "\n\n".join([*lines, *(f"**Note:** {note}" for note in notes)])
-
-
-# the job runner sets these for every job (its folder's events, control file and states), whatever Advanced says
-RUNNER_OPTIONS = ("events_file", "stop_file", "state_dir")
 
 
 def equivalent_command(options: dict[str, Any], sdxl: bool) -> tuple[str, str]:
