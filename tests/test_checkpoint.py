@@ -212,7 +212,9 @@ def test_sd2_eps_or_v_is_decided_by_a_test_forward_like_the_webui(monkeypatch):
 
 
 def test_the_v_test_forward_itself_tells_v_from_eps():
-    """A UNet whose output is -2·x (what a v-model gives at t=999 on this input) is v; one returning x is eps."""
+    """A UNet whose output is -2·x (what a v-model gives at t=999 on this input) is v; one returning x is eps. The
+    threshold is the WebUI's (sd_models_config.is_using_v_parameterization_for_sd2: (unet(x) - x).mean() < -1 with
+    x = 0.5 everywhere): a UNet that outputs its final bias b gives b - 0.5, so -0.6 is v and -0.4 eps."""
     from lora_trainer.models import checkpoint
 
     # run the real function on a tiny SD2-shaped UNet whose final conv we control
@@ -220,7 +222,7 @@ def test_the_v_test_forward_itself_tells_v_from_eps():
                                                                 num_heads=None, head_dim=16, norm_groups=8))
     from lora_trainer.models.unet import UNetModel
 
-    for bias, expected in ((-3.0, True), (1.0, False)):
+    for bias, expected in ((-3.0, True), (1.0, False), (-0.6, True), (-0.4, False)):
         torch.manual_seed(0)
         unet = UNetModel(config.unet)
         with torch.no_grad():

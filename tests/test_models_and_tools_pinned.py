@@ -22,7 +22,6 @@ from lora_trainer.grid.plan import lora_tag
 from lora_trainer.models import checkpoint
 from lora_trainer.models.checkpoint import TensorSource, UnknownArchitecture, build_models, detect_architecture, open_tensors
 from lora_trainer.models.configs import SD1, SD2, SDXL
-from lora_trainer.models.unet import UNetModel
 from lora_trainer.networks.activation import LoraLibrary, merge_prompt_loras, parse_lora_call
 from lora_trainer.networks.apply import MergedNetworks, Strength
 from lora_trainer.networks.block_weights import block_layouts
@@ -34,7 +33,6 @@ from lora_trainer.networks.tools.merge import merge_networks
 from lora_trainer.networks.tools.resize import dynamic_rank, resize, resize_network
 from lora_trainer.networks.tools.shared import low_rank
 from lora_trainer.safe_io import save_safetensors
-from lora_trainer.tiny_model.build import tiny_config
 from lora_trainer.train_network import main as train_main
 from lora_trainer.training.events import read_events
 from lora_trainer.training.kohya_gui import options_from_gui
@@ -103,22 +101,6 @@ def test_the_test_forward_is_run_on_full_size_sd2_only(monkeypatch):
     narrow = dataclasses.replace(SD2, unet=dataclasses.replace(SD2.unet, model_channels=64))
     config, _, notes, _ = checkpoint.identify(shapes_of_config(narrow), Path("/nonexistent/narrow.safetensors"))
     assert config.prediction_type == "epsilon" and not any("test forward" in note for note in notes)
-
-
-@pytest.mark.parametrize(("bias", "is_v"), [(-0.6, True), (-0.4, False)])
-def test_the_v_test_forward_threshold_is_the_webuis_minus_one(bias, is_v):
-    """sd_models_config.is_using_v_parameterization_for_sd2: (unet(x) - x).mean() < -1 with x = 0.5 everywhere. A UNet
-    that outputs its final bias b gives b - 0.5: -1.1 is v, -0.9 is eps."""
-    unet = dataclasses.replace(tiny_config().unet, use_linear_projection=True, context_dim=1024, num_heads=None, head_dim=16,
-                               norm_groups=8)
-    config = dataclasses.replace(SD2, unet=unet)
-    torch.manual_seed(0)
-    unet = UNetModel(config.unet)
-    with torch.no_grad():
-        unet.out[2].weight.zero_()
-        unet.out[2].bias.fill_(bias)
-    state = {config.unet_prefix + k: v for k, v in unet.state_dict().items()}
-    assert checkpoint._responds_like_v_prediction(TensorSource.from_dict(Path("x"), state), config) is is_v
 
 
 def test_a_peft_lora_given_as_base_model_is_named_as_a_lora(tmp_path):
