@@ -1163,12 +1163,11 @@ def add_grid_routes(router: APIRouter, services: Services, object_body: Callable
         """Planned at once (an empty axis, an unknown LoRA or too many cells answer 400), then generated in the
         background; returns the grid id to poll."""
         from ..grid.plan import plan_for_host
-        from ..networks.activation import LoraLibrary
 
         checkpoints = services.host.checkpoints()
         request = grid_request(body, services.host.generation_defaults(), services.settings.roots(), checkpoints,
                                services.host)
-        plan, _ = plan_for_host(request, LoraLibrary([services.settings.lora_folder]), services.host, checkpoints)
+        plan, _ = plan_for_host(request, services.lora_library(), services.host, checkpoints)
         return JSONResponse(grid_json(grids.submit(plan)), 202)
 
     def grid_or_404(grid_id: str) -> GridStatus:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..jobs.runner import JobRunner
 from ..jobs.store import Job, JobStore
+from ..networks.activation import LoraLibrary
 from .grid_queue import GridQueue
 from .host import Host
 from .settings import AppSettings
@@ -37,6 +38,7 @@ class Services:
     tag_sessions: TagSessions = field(default_factory=TagSessions)  # the Tag Editor tab and the API share them
     grids: GridQueue = None  # type: ignore[assignment]  # set by create: it needs the host and the grids folder
     _gpu_released: bool = False
+    _lora_library: LoraLibrary | None = None
 
     @classmethod
     def create(cls, settings: AppSettings, host: Host, start: bool = True, **runner_options) -> Services:
@@ -50,6 +52,15 @@ class Services:
         if start:
             services.runner.start()
         return services
+
+    def lora_library(self) -> LoraLibrary:
+        """The trainer's Lora folder, listed again, as the host lists LoRAs (the WebUI's "Load models/files in hidden
+        directories" setting): where the grid finds runs, as ``<lora:…>`` finds the files it draws them with."""
+        hidden = getattr(self.host, "list_hidden_files", True)
+        if self._lora_library is None or self._lora_library.list_hidden != hidden:
+            self._lora_library = LoraLibrary([self.settings.lora_folder], hidden)
+        self._lora_library.refresh()
+        return self._lora_library
 
     def close(self) -> None:
         self.grids.close()  # the grid being drawn ends after its image: no thread may be inside torch at exit

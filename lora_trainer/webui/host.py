@@ -28,6 +28,12 @@ class WebUIHost:
         self.txt2img_form = txt2img_form  # the txt2img components, for the grid tab's "From txt2img"
         self._local = threading.local()  # the batch this thread runs, if any (it holds the queue lock)
 
+    @property
+    def list_hidden_files(self) -> bool:
+        from .extra_network import list_hidden_files
+
+        return list_hidden_files()
+
     def checkpoints(self) -> dict[str, Path]:
         from modules import sd_models
 

@@ -243,3 +243,17 @@ def test_a_run_renamed_after_training_is_one_run_in_the_list_and_promote_suggest
     assert grid_tab.training_runs(services) == ["char_v2"]
     message = grid_tab.promote_epoch(services, str(lora / "char-000002.safetensors"), "", 0.8)
     assert f"to {lora / 'char_v2.safetensors'}" in message, message
+
+
+def test_the_grid_finds_runs_as_the_host_lists_loras(services):
+    """The WebUI's "Load models/files in hidden directories" off: <lora:x> does not see Lora/.old/x, so neither may
+    the grid (it read that file's epochs and drew the images with another x)."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden = services.settings.lora_folder / ".old" / "x.safetensors"
+    hidden.parent.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(hidden))
+    assert grid_tab.library_of(services).resolve("x") == hidden  # the WebUI's default, and the standalone app's
+    services.host.list_hidden_files = False
+    assert grid_tab.library_of(services).resolve("x") is None

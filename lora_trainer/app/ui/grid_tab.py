@@ -21,11 +21,7 @@ from .compat import table
 
 def library_of(services) -> LoraLibrary:
     """The Lora folder as the host sees it: the same names ``<lora:…>`` resolves to."""
-    library = getattr(services, "_grid_library", None)
-    if library is None:
-        library = services._grid_library = LoraLibrary([services.settings.lora_folder])
-    library.refresh()
-    return library
+    return services.lora_library()
 
 
 def training_runs(services) -> list[str]:
