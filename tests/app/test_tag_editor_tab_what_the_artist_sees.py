@@ -225,9 +225,12 @@ def test_a_caption_changed_under_the_caption_box_is_not_set_back_unseen(services
     assert shown == "zkchar, red, square"
     state = tab.batch_edit(services, state, "all", "Add tags", "solo", "", "", False, False, False, 0)[VIEW["state"]]
     view = tab.set_caption(services, state, shown + ", smile")
-    assert view[VIEW["status"]] == ('⚠ The caption of img_000.png changed since it was opened here (a batch edit, Undo '
-                                    'or Reload): it is now "zkchar, red, square, solo". Click the image again to edit '
-                                    'that caption; your text stays in the box to copy from.')
+    assert view[VIEW["status"]] == ('⚠ The caption of img_000.png changed since it was opened here (a batch edit, Undo, '
+                                    'Discard, Reload or Restore): it is now "zkchar, red, square, solo". Copy your text '
+                                    'from the box first if you want it, then click the image again to edit its caption '
+                                    'now (a click also selects or unselects it).')
+    # the caption now, typed with other spacing, is no change taken back
+    assert "changed (not saved yet)" in tab.set_caption(services, state, "zkchar,red ,  square, solo ")[VIEW["status"]]
     tab.save(services, view[VIEW["state"]], False)
     assert caption(folder, "img_000") == "zkchar, red, square, solo"
     clicked = tab.click_image(services, view[VIEW["state"]], 0)
