@@ -889,10 +889,11 @@ def test_revert_discards_unsaved_edits_taking_the_other_programs_caption_after_a
     undone = client.post(f"{V1}/datasets/{sid}/undo").json()
     assert undone["images"][1]["tags"] == ["zkchar", "blue", "circle", "solo"] and undone["unsaved"] == 4
 
-    everything = client.post(f"{V1}/datasets/{sid}/revert").json()  # no body: every image
+    assert client.get(f"{V1}/datasets/{sid}", params={"all": "blue"}).status_code == 200  # a filter: 001, 003
+    everything = client.post(f"{V1}/datasets/{sid}/revert", json={"selection": None}).json()  # null: every image
     assert everything["reverted"] == ["img_000.png", "img_001.png", "img_002.png", "img_003.png"]
     assert everything["unsaved"] == 0
-    assert client.post(f"{V1}/datasets/{sid}/revert", json={}).json()["reverted"] == []
+    assert client.post(f"{V1}/datasets/{sid}/revert").json()["reverted"] == []  # no body: every image, none unsaved
     assert client.post(f"{V1}/datasets/{sid}/save", json={}).json()["written"] == []
     assert (folder / "img_001.txt").read_text(encoding="utf-8") == "zkchar, blue, circle, smile"
     assert_error(client.post(f"{V1}/datasets/{sid}/revert", json={"images": ["img_001.png"]}), 400, "invalid",

@@ -187,6 +187,13 @@ def test_discard_with_images_selected_takes_back_only_their_edits_and_says_when_
                                     "again (Undo brings the edits back).")
     assert view[VIEW["page_info"]].endswith("; 4 unsaved") and gallery_caption(view, "img_002.png") == "zkchar, red, square"
     assert tab.discard_unsaved(services, chosen)[VIEW["status"]] == "No selected image has unsaved edits: nothing to discard."
+    # a filter on and nothing selected: the images shown, not those out of sight
+    state = tab.set_filter(services, state, "blue", "", "", "", False)[VIEW["state"]]
+    view = tab.discard_unsaved(services, state)
+    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 2 shown image(s): they show their saved captions "
+                                    "again (Undo brings the edits back).")  # img_001 and img_005; 003 was taken back
+    assert view[VIEW["page_info"]].endswith("; 2 unsaved")  # img_000 and img_004, hidden by the filter
+    state = tab.set_filter(services, state, "", "", "", "", False)[VIEW["state"]]
     tab.discard_unsaved(services, state)
     assert tab.discard_unsaved(services, state)[VIEW["status"]] == "No image has unsaved edits: nothing to discard."
 

@@ -346,11 +346,13 @@ def reload(services, state: TabState) -> tuple:
 
 @_guarded
 def discard_unsaved(services, state: TabState) -> tuple:
-    """Throw away the unsaved edits of the selected images (of every image when none is selected), as one undo step:
-    they show their saved captions again, and after Reload the other program's versions of the conflicts."""
-    selected = list(state.selection)
-    went_back = tag_sessions.revert_session(_session(services, state), selected or "all")
-    which = "selected " if selected else ""
+    """Throw away the unsaved edits of the selected images (of those the filter shows when none is selected, as batch
+    edits do: never of images out of sight), as one undo step: they show their saved captions again, and after
+    Reload the other program's versions of the conflicts."""
+    selected, session = list(state.selection), _session(services, state)
+    went_back = tag_sessions.revert_session(session, selected or "filtered")
+    hidden = not selected and len(tag_editor.select(session.editor, session.tag_filter)) < len(session.editor.tags)
+    which = "selected " if selected else "shown " if hidden else ""
     if not went_back:
         return render(services, state, f"No {which}image has unsaved edits: nothing to discard.")
     return render(services, state, f"Discarded the unsaved edits of {len(went_back)} {which}image(s): they show their "
