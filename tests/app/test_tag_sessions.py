@@ -365,6 +365,8 @@ def test_revert_takes_the_filtered_or_named_images_back_to_their_saved_captions_
     registry = TagSessions(drafts_folder=tmp_path / "tag-drafts")
     session = registry.open(folder)
     tag_sessions.apply_request(session, {"op": "add", "tags": ["solo"], "selection": "all"})
+    registry.drafts.flush()
+    assert list((tmp_path / "tag-drafts").glob("*.json"))  # the edits' draft, which the revert must take back too
     tag_sessions.set_filter(session, tag_sessions.filter_from({"all": ["blue"]}))
     assert tag_sessions.revert_session(session, "filtered") == ["img_001.png", "img_003.png", "img_005.png"]
     assert tag_sessions.revert_session(session, ["img_000.png", "img_001.png"]) == ["img_000.png"]
