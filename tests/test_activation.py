@@ -215,6 +215,10 @@ def test_a_lora_in_a_linked_folder_is_found_as_the_webui_finds_it(tmp_path):
     assert [e.path.name for e in library.entries()].count("ink.safetensors") == 1  # the loop is walked once
     assert library.resolve("._ink") is None and library.resolve("aside") == lora / ".old" / "aside.safetensors"
     assert LoraLibrary([lora], list_hidden=False).resolve("aside") is None
+    (lora / "again").symlink_to(elsewhere, target_is_directory=True)  # linked twice: listed twice, as in the WebUI
+    library.refresh()
+    assert [e.path for e in library.entries() if e.path.name == "ink.safetensors"] == [
+        lora / "again" / "ink.safetensors", lora / "linked" / "ink.safetensors"]
 
 
 def test_sd_version_from_metadata():

@@ -176,20 +176,26 @@ def natural_order(text: str) -> list:
 
 
 def walked(folder: Path, list_hidden: bool = True) -> list[Path]:
-    """The files below ``folder`` in the order of the WebUI's ``walk_files``: linked sub-folders followed, the folders
-    in natural order of their paths (a folder's own files before its sub-folders'), each one's files in natural order;
-    without ``list_hidden`` (its "list_hidden_files" setting, on by default) none in a folder whose name starts with a
-    dot. A link back up the tree is walked once (the WebUI's walk would not end)."""
-    seen, rows = set(), []
+    """The files below ``folder`` in the order of the WebUI's ``walk_files``: linked sub-folders followed (a folder
+    linked twice is listed twice, as there), the folders in natural order of their paths (a folder's own files before
+    its sub-folders'), each one's files in natural order; without ``list_hidden`` (its "list_hidden_files" setting,
+    on by default) none in a folder below ``folder`` whose name starts with a dot. A link back to a folder it is in
+    is not followed (the WebUI's walk would not end)."""
+    real_of: dict[str, str] = {}  # each walked folder's real path, for its sub-folders' loop check
+    rows = []
     for root, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            folders[:] = []
+        real = real_of[root] = os.path.realpath(root)
+        parent = os.path.dirname(root)
+        while parent in real_of:  # its chain of folders up to ``folder``
+            if real_of[parent] == real:
+                break
+            parent = os.path.dirname(parent)
+        else:
+            if not list_hidden:
+                folders[:] = [name for name in folders if not name.startswith(".")]
+            rows.append((root, files))
             continue
-        seen.add(real)
-        if not list_hidden:
-            folders[:] = [name for name in folders if not name.startswith(".")]
-        rows.append((root, files))
+        folders[:] = []  # a loop: this folder is one it is in
     rows.sort(key=lambda row: natural_order(row[0]))
     return [Path(root, name) for root, files in rows for name in sorted(files, key=natural_order)]
 
