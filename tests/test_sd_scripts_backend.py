@@ -662,3 +662,5 @@ def test_the_checkpoint_is_read_once_per_version_for_the_command(tmp_path, monke
     sd2.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n', encoding="utf-8")
     assert told_by_checkpoint(options) == ("train_network.py", {"v2": True, "v_parameterization": True})
     assert len(opened) == 2
+    root = options_from({"pretrained_model_name_or_path": "/", "train_data_dir": "d"})  # a folder: sd-scripts says
+    assert told_by_checkpoint(root) == (None, {})

@@ -110,7 +110,8 @@ def told_by_checkpoint(options: TrainOptions) -> tuple[str | None, dict[str, boo
     load, or trains the wrong target), ``--zero_terminal_snr`` for a v-prediction file with the ztsnr marker (trained
     here on that schedule, as the loader reads the marker)."""
     path = Path(options.pretrained_model_name_or_path or "")
-    facts = _checkpoint_facts(str(path), _stamp(path), _stamp(path.with_suffix(".yaml")))
+    yaml = path.with_suffix(".yaml") if path.name else None  # ("/" or "D:\\" has no name to put .yaml on)
+    facts = _checkpoint_facts(str(path), _stamp(path), yaml and _stamp(yaml))
     if facts is None:
         return None, {}
     architecture, prediction, ztsnr = facts
