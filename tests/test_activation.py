@@ -221,6 +221,20 @@ def test_a_lora_in_a_linked_folder_is_found_as_the_webui_finds_it(tmp_path):
         lora / "again" / "ink.safetensors", lora / "linked" / "ink.safetensors"]
 
 
+def test_a_lora_folder_at_a_drive_root_is_walked(monkeypatch):
+    """--lora-dir L:\\ or a share's root: such a folder is its own parent by os.path.dirname, and the loop check
+    took it for a link back to itself and listed nothing."""
+    from lora_trainer.networks import activation
+
+    def walk(top, followlinks):
+        yield "/", ["styles"], ["a.safetensors"]
+        yield os.path.join("/", "styles"), [], ["b.safetensors"]
+
+    monkeypatch.setattr(activation.os, "walk", walk)
+    monkeypatch.setattr(activation.os.path, "realpath", lambda path: path)
+    assert activation.walked(Path("/")) == [Path("/a.safetensors"), Path("/styles/b.safetensors")]
+
+
 def test_sd_version_from_metadata():
     assert sd_version_of({"ss_base_model_version": "sdxl_base_v1-0"}) == "SDXL"
     assert sd_version_of({"ss_v2": "True"}) == "SD2"

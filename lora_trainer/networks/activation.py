@@ -180,22 +180,22 @@ def walked(folder: Path, list_hidden: bool = True) -> list[Path]:
     linked twice is listed twice, as there), the folders in natural order of their paths (a folder's own files before
     its sub-folders'), each one's files in natural order; without ``list_hidden`` (its "list_hidden_files" setting,
     on by default) none in a folder below ``folder`` whose name starts with a dot. A link back to a folder it is in
-    is not followed (the WebUI's walk would not end)."""
+    is not followed (the WebUI's walk goes round until the system's limit on links, several such links for good)."""
     real_of: dict[str, str] = {}  # each walked folder's real path, for its sub-folders' loop check
+    parent_of: dict[str, str] = {}  # (not os.path.dirname: a drive or share root is its own dirname)
     rows = []
     for root, folders, files in os.walk(folder, followlinks=True):
         real = real_of[root] = os.path.realpath(root)
-        parent = os.path.dirname(root)
-        while parent in real_of:  # its chain of folders up to ``folder``
-            if real_of[parent] == real:
-                break
-            parent = os.path.dirname(parent)
-        else:
-            if not list_hidden:
-                folders[:] = [name for name in folders if not name.startswith(".")]
-            rows.append((root, files))
+        parent = parent_of.get(root)
+        while parent is not None and real_of[parent] != real:  # its chain of folders up to ``folder``
+            parent = parent_of.get(parent)
+        if parent is not None:
+            folders[:] = []  # a loop: this folder is one it is in
             continue
-        folders[:] = []  # a loop: this folder is one it is in
+        if not list_hidden:
+            folders[:] = [name for name in folders if not name.startswith(".")]
+        parent_of.update((os.path.join(root, name), root) for name in folders)
+        rows.append((root, files))
     rows.sort(key=lambda row: natural_order(row[0]))
     return [Path(root, name) for root, files in rows for name in sorted(files, key=natural_order)]
 
