@@ -976,8 +976,7 @@ def create_router(services: Services) -> APIRouter:
         """Returns the page, with `reverted`: the images that went back to their saved captions."""
         only_fields(body, ("selection",), "POST /datasets/{sid}/revert")
         session = sessions.get(session_id)
-        selection = body.get("selection")
-        reverted = tag_sessions.revert_session(session, "all" if selection is None else selection)
+        reverted = tag_sessions.revert_session(session, body.get("selection"))
         return {**tag_sessions.page_of(session, *page_params(request)), "reverted": reverted}
 
     @router.get("/datasets/{session_id}/backups", summary="The folder's caption backups, newest first")

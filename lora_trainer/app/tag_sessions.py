@@ -514,7 +514,7 @@ def revert_session(session: TagSession, selection="all") -> list[str]:
     list of names), as one undo step: they show their captions as last read or saved again, which after a reload are
     the other program's versions of the conflicts. Returns the names of the images that went back."""
     with session.lock:
-        images = selected_images(session, selection)
+        images = selected_images(session, "all" if selection is None else selection)
         before = session.editor
         editor = session.change(lambda editor: tag_editor.revert(editor, images))
     went_back = editor.undo_steps[-1].after if editor is not before else {}  # no step when nothing was unsaved

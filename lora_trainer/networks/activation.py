@@ -246,7 +246,7 @@ class LoraLibrary:
                         continue
         self._files = files
         known = {p for p, _ in files}
-        self._metadata = {p: m for p, m in self._metadata.items() if p in known}
+        self._metadata = {p: m for p, m in dict(self._metadata).items() if p in known}  # (copied: another thread adds)
 
     def _listing(self) -> list[tuple[Path, int]]:
         if self._files is None:

@@ -144,7 +144,8 @@ def test_reload_takes_the_same_edit_made_elsewhere_and_keeps_a_different_one_as_
     (folder / "img_001.txt").write_text("zkchar, blue, circle, smile", encoding="utf-8")
     view = tab.reload(services, state)
     assert view[VIEW["status"]] == ("Reloaded: 1 updated, 1 conflicts. Conflicts keep the edits made here; Save with "
-                                    "overwrite replaces the other versions; Discard unsaved edits takes the other versions.")
+                                    "overwrite replaces the other versions; Discard unsaved edits takes the other versions (of "
+                                    "the images shown or selected).")
     assert view[VIEW["page_info"]].endswith("; 1 unsaved")
 
 
@@ -193,8 +194,17 @@ def test_discard_with_images_selected_takes_back_only_their_edits_and_says_when_
     assert view[VIEW["status"]] == ("Discarded the unsaved edits of 2 shown image(s): they show their saved captions "
                                     "again (Undo brings the edits back).")  # img_001 and img_005; 003 was taken back
     assert view[VIEW["page_info"]].endswith("; 2 unsaved")  # img_000 and img_004, hidden by the filter
+    state = tab.set_filter(services, state, "", "", "zkchar", "", False)[VIEW["state"]]  # none: shows no image
+    assert tab.discard_unsaved(services, state)[VIEW["status"]] == (
+        "⚠ The filter shows no image: clear it, or select images, to discard their unsaved edits.")
+    state = tab.set_filter(services, state, "solo", "", "", "", False)[VIEW["state"]]  # all of solo: 000 and 004
+    # the filter showed 2 of 6 before the discard (after it, none): said as it was
+    assert "edits of 2 shown image(s)" in tab.discard_unsaved(services, state)[VIEW["status"]]
     state = tab.set_filter(services, state, "", "", "", "", False)[VIEW["state"]]
-    tab.discard_unsaved(services, state)
+    tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    state = tab.set_filter(services, state, "solo", "", "", "", False)[VIEW["state"]]  # all 6 shown, none after
+    assert "edits of 6 image(s)" in tab.discard_unsaved(services, state)[VIEW["status"]]
+    state = tab.set_filter(services, state, "", "", "", "", False)[VIEW["state"]]
     assert tab.discard_unsaved(services, state)[VIEW["status"]] == "No image has unsaved edits: nothing to discard."
 
 

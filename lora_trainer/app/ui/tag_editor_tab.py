@@ -340,7 +340,7 @@ def reload(services, state: TabState) -> tuple:
     note = "Reloaded: " + (", ".join(parts) if parts else "nothing changed on disk") + "."
     if report["conflicts"]:
         note += (" Conflicts keep the edits made here; Save with overwrite replaces the other versions; Discard unsaved "
-                 "edits takes the other versions.")
+                 "edits takes the other versions (of the images shown or selected).")
     return render(services, state, note)
 
 
@@ -350,9 +350,11 @@ def discard_unsaved(services, state: TabState) -> tuple:
     edits do: never of images out of sight), as one undo step: they show their saved captions again, and after
     Reload the other program's versions of the conflicts."""
     selected, session = list(state.selection), _session(services, state)
+    shown = len(_filtered(services, state))  # before the discard, which may change what the filter shows
+    if not selected and not shown:
+        raise UserError("The filter shows no image: clear it, or select images, to discard their unsaved edits.")
     went_back = tag_sessions.revert_session(session, selected or "filtered")
-    hidden = not selected and len(tag_editor.select(session.editor, session.tag_filter)) < len(session.editor.tags)
-    which = "selected " if selected else "shown " if hidden else ""
+    which = "selected " if selected else "shown " if shown < len(session.editor.tags) else ""
     if not went_back:
         return render(services, state, f"No {which}image has unsaved edits: nothing to discard.")
     return render(services, state, f"Discarded the unsaved edits of {len(went_back)} {which}image(s): they show their "
