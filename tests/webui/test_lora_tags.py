@@ -228,6 +228,9 @@ def test_loras_in_hidden_folders_resolve_as_the_webui_setting_says(load_extensio
     load_extension()
     owner = w.extra_networks.extra_network_registry["lora"]
     assert owner.library.resolve("kept aside") == (hidden if listed else None)
+    from lora_trainer.webui.host import WebUIHost
+
+    assert WebUIHost().list_hidden_files is listed  # what the grid's library of the output folder follows
     w.shared.opts.data["list_hidden_files"] = not listed
     owner.refresh()
     assert owner.library.resolve("kept aside") == (None if listed else hidden)
