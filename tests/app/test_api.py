@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 
 from lora_trainer.app.api import PREFIX, register
 from lora_trainer.app.services import Services
-from lora_trainer.errors import UserError
 from lora_trainer.safe_io import save_safetensors
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 
