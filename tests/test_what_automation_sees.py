@@ -603,6 +603,20 @@ def test_the_event_stream_ends_at_the_end_event_though_the_trainer_has_not_exite
     assert [event["event"] for _, event in messages] == ["start", "end"]
 
 
+def test_the_event_stream_sends_no_empty_message_for_a_blank_line(tmp_path):
+    """A write a full disk refused before its first byte leaves the next event after a blank line: sent as an empty
+    ``data``, it broke a client's JSON parse. Ids stay the file's line numbers."""
+    services, client = api(tmp_path)
+    try:
+        job = services.runner.submit("blank", options(tmp_path, "finish"))
+        job.events_path.write_bytes(b'{"event": "start"}\n\n{"event": "step", "step": 1}\n{"event": "end"}\n')
+        services.store.update(job.id, status="finished", finished=time.time())
+        messages = streamed(client, f"{PREFIX}/jobs/{job.id}/events")
+    finally:
+        services.close()
+    assert [(number, event["event"]) for number, event in messages] == [(1, "start"), (3, "step"), (4, "end")]
+
+
 @pytest.mark.xfail(strict=True, reason="api.py EventFeed._read parses each line with json.loads unguarded: a torn "
                                        "line (full disk; EventLog starts the next on a line of its own) kills the "
                                        "feed's task and the stream never ends")
