@@ -487,8 +487,13 @@ class EventFeed:
             active = self.is_active()  # before reading: a job that ended before this read has nothing more to write
             lines, offset = _lines_from(self.path, offset)
             for line in lines:
-                self.lines.append(line.decode("utf-8", errors="replace"))
-                if self.end_line is None and line.strip() and json.loads(line).get("event") == "end":
+                text = line.decode("utf-8", errors="replace")
+                try:
+                    event = json.loads(text) if text.strip() else None
+                except ValueError:  # a line a full disk tore (the log starts the next on its own): skipped, as
+                    event, text = None, ""  # read_events skips it, its number kept so that ids stay line numbers
+                self.lines.append(text)
+                if self.end_line is None and isinstance(event, dict) and event.get("event") == "end":
                     self.end_line = len(self.lines)
             self.done = self.end_line is not None or (not lines and not active)
             if not self.done:
