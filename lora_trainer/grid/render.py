@@ -199,7 +199,8 @@ class GridLayout:
 
 
 def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels: list[str], title: str = "",
-                legend: str = "", font_file: str | Path | None = None, undrawn: dict[str, None] | None = None) -> GridLayout:
+                legend: str = "", font_file: str | Path | None = None,
+                undrawn: dict[str, None] | None = None) -> GridLayout:
     """The texts of ``assemble``'s grid, placed and wrapped (``_wrap``) in ``label_font``'s font (``font_file``
     first), sized to the cells (an eighth of their width, 10 px at least); ``undrawn`` gains what no font draws."""
     width, height = cell_size
@@ -243,7 +244,8 @@ def grid_layout(cell_size: tuple[int, int], row_labels: list[str], column_labels
 
 
 def assemble(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
-             legend: str = "", font_file: str | Path | None = None, undrawn: dict[str, None] | None = None) -> Image.Image:
+             legend: str = "", font_file: str | Path | None = None,
+             undrawn: dict[str, None] | None = None) -> Image.Image:
     """Cells with column labels on top, row labels on the left (labels may have several lines), a title above and a
     legend below, each wrapped to its room (``grid_layout``; ``undrawn`` gains what no font draws)."""
     width, height = cells[0][0].size

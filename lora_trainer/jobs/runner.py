@@ -85,13 +85,13 @@ def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) ->
         return None
     one = len(same) == 1
     listed = ", ".join(f"{job.id} ({job.status})" for job in same)
-    also = (f"job{'' if one else 's'} {listed} also write{'s' if one else ''} the run {options.get('output_name')!r} in "
-            f"{run_location(options)[0]}")
+    also = (f"job{'' if one else 's'} {listed} also write{'s' if one else ''} the run {options.get('output_name')!r} "
+            f"in {run_location(options)[0]}")
     if options.get("resume"):  # it goes on with its own run, whose files are its own: none are moved aside
         return (f"{also}, and this resumed job, which runs after {'it' if one else 'them'}, writes over the files of "
                 f"the same name {'it' if one else 'they'} saved (a resume moves no files aside); to keep "
-                f"{'both' if one else 'all'}, stop {'that job' if one else 'those jobs'} and start {'it' if one else 'them'} "
-                "again under another output name")
+                f"{'both' if one else 'all'}, stop {'that job' if one else 'those jobs'} and start "
+                f"{'it' if one else 'them'} again under another output name")
     return (f"{also}: when this job starts, the files {'it' if one else 'they'} wrote by then are moved into "
             f"{replaced_folder}, not overwritten; give this job another output name to keep "
             f"{'both' if one else 'all'} where they are")

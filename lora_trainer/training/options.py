@@ -745,10 +745,10 @@ def prediction_problems(options: TrainOptions, prediction_type: str, decided_by:
 
 def _with_file(problem: str, options: TrainOptions, from_file: dict[str, str]) -> str:
     """A problem about options a --config_file gave (``--name value: …``) says that file after each one's value, so the
-    user edits the file rather than looks for the option on the command line: the option it starts with, and each
-    other the file gave that its statement (before ``: ``, where the fix follows) names with its value, as a switch
-    the file turns on, or bare (``--a/--b``); never one named with another value, a fix (``needs --mixed_precision
-    fp16``). Each option once, where it is first named."""
+    user edits the file rather than looks for the option on the command line: the option it starts with, and each other
+    the file gave that its statement (before ``: ``, where the fix follows) names with its value, as a switch the file
+    turns on, or bare (``--a/--b``); never one named with another value, a fix (``needs --mixed_precision fp16``). Each
+    option once, where it is first named."""
     parts, done, marked = [], 0, set()
     statement = problem.find(": ") % (len(problem) + 1)  # (none: all of it)
     for about in re.finditer(r"--(\w+)", problem):

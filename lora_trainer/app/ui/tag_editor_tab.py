@@ -254,11 +254,13 @@ def set_caption(services, state: TabState, caption: str) -> tuple:
     if not state.current:
         raise UserError("Click an image first; its caption appears here for editing.")
     image = tag_sessions.images_named(session.editor, [state.current])[0]
-    now, typed = tag_editor.caption_of(session.editor, image), tag_editor.join_tags(tag_editor.split_tags(caption or ""))
+    now = tag_editor.caption_of(session.editor, image)
+    typed = tag_editor.join_tags(tag_editor.split_tags(caption or ""))
     if state.opened and state.opened[0] == state.current and now not in (state.opened[1], typed):
         raise UserError(f"The caption of {state.current} changed since it was opened here (a batch edit, Undo, "
                         f"Discard, Reload or Restore): it is now \"{now}\". Copy your text from the box first if you "
-                        "want it, then click the image again to edit its caption now (a click also selects or unselects it).")
+                        "want it, then click the image again to edit its caption now (a click also selects or "
+                        "unselects it).")
     session.change(lambda editor: tag_editor.edit_caption(editor, image, caption or ""))
     state = replace(state, opened=(state.current, tag_editor.caption_of(session.editor, image)))
     return render(services, state, f"Caption of {state.current} changed (not saved yet).")
@@ -339,8 +341,8 @@ def reload(services, state: TabState) -> tuple:
     parts = [f"{len(report[key])} {key}" for key in ("updated", "conflicts", "added", "removed") if report[key]]
     note = "Reloaded: " + (", ".join(parts) if parts else "nothing changed on disk") + "."
     if report["conflicts"]:
-        note += (" Conflicts keep the edits made here; Save with overwrite replaces the other versions; Discard unsaved "
-                 "edits takes the other versions (of the images shown or selected).")
+        note += (" Conflicts keep the edits made here; Save with overwrite replaces the other versions; Discard "
+                 "unsaved edits takes the other versions (of the images shown or selected).")
     return render(services, state, note)
 
 
