@@ -335,9 +335,9 @@ def test_a_final_file_renamed_after_training_is_still_the_runs_last_row_when_the
 
     from lora_trainer.safe_io import read_safetensors_metadata
 
-    for source, target in (("tinylora-000001", "char-000001"), ("tinylora", "char_v2")):
+    for source, target, alpha in (("tinylora-000001", "char-000001", "4.0"), ("tinylora", "char_v2", "4")):
         metadata = {**read_safetensors_metadata(loras / f"{source}.safetensors"), "ss_output_name": "char",
-                    "ss_session_id": "222"}
+                    "ss_session_id": "222", "ss_network_alpha": alpha}  # resumed across the version writing "4"
         save_file(load_file(loras / f"{source}.safetensors"), str(tmp_path / f"{target}.safetensors"), metadata)
     library = LoraLibrary([tmp_path])
     by_epoch = plan_grid(request(AxisSpec("strength", ["1"]), AxisSpec("epoch", []), lora="char"), library)

@@ -347,10 +347,20 @@ def _run_file(request: GridRequest, library: LoraResolver, field_name: str = "tr
     latest_metadata = read_safetensors_metadata(latest)
     same = ("ss_network_module", "ss_network_dim", "ss_network_alpha")
     sessions = {found_metadata.get("ss_session_id"), latest_metadata.get("ss_session_id")} - {None}
-    if ([found_metadata.get(key) for key in same] == [latest_metadata.get(key) for key in same] and len(sessions) <= 1
+    if ([_value(found_metadata.get(key)) for key in same] == [_value(latest_metadata.get(key)) for key in same]
+            and len(sessions) <= 1
             and _steps(found_metadata) > _steps(latest_metadata)):
         return found
     return latest
+
+
+def _value(text: str | None) -> float | str | None:
+    """A metadata value as a number where it is one: alpha "8" and "8.0" are one value (a run resumed across the
+    version that began writing a file's whole alpha as sd-scripts does)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
 
 
 def _steps(metadata: dict[str, str]) -> int:
