@@ -5,7 +5,6 @@ code (a mutation review) that the other tests let through."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +13,6 @@ import textwrap
 import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ from lora_trainer.jobs.store import JobStore
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
 from lora_trainer.training.control import control_command, control_text
 from lora_trainer.training.events import EventLog, read_events
+from api_client import sse_events, webhook_server
 
 # A stand-in trainer: reads its config, writes events; its training_comment says how it behaves.
 FAKE_TRAINER = textwrap.dedent('''
@@ -455,28 +454,6 @@ def job_body(tmp_path: Path, **more) -> dict:
                                           "resolution": 64, "max_train_steps": 5}, **more}
 
 
-@contextlib.contextmanager
-def webhook_server():
-    """A local endpoint that keeps what it is sent: (its URL, the JSON bodies received)."""
-    received = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/done", received
-    finally:
-        server.shutdown()
-
-
 def streamed(client: TestClient, url: str, seconds: float = 10.0) -> list[tuple[int, dict]]:
     """The (id, event) messages of the event stream at ``url``, which must end within ``seconds`` (read on a loop of
     its own, so that a stream that never ends fails the test, not the run's exit)."""
@@ -492,12 +469,7 @@ def streamed(client: TestClient, url: str, seconds: float = 10.0) -> list[tuple[
         text = asyncio.run(asyncio.wait_for(get(), seconds))
     except asyncio.TimeoutError:
         pytest.fail(f"the event stream {url} did not end within {seconds} s")
-    messages = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        if fields:
-            messages.append((int(fields["id"]), json.loads(fields["data"])))
-    return messages
+    return sse_events(text)
 
 
 def test_a_jobs_answer_names_its_event_stream(tmp_path):

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from lora_trainer.app.api import PREFIX, register
 from lora_trainer.app.services import Services
 from lora_trainer.safe_io import save_safetensors
 from lora_trainer.tiny_model.build import TINY_MODEL_PATH
+from api_client import sse_events, webhook_server
 
 V1 = PREFIX
 
@@ -62,15 +61,6 @@ def polled(client: TestClient, url: str, statuses, tries: int) -> dict:
             return found
         time.sleep(0.05)
     raise AssertionError(f"{url} stayed {found['status']}")
-
-
-def sse_events(text: str) -> list[tuple[int, dict]]:
-    messages = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        if fields:
-            messages.append((int(fields["id"]), json.loads(fields["data"])))
-    return messages
 
 
 def assert_error(response, status: int, code: str | None = None, field: str | None = None) -> dict:
@@ -394,28 +384,6 @@ def test_body_too_large_and_not_json(job_services):
     client = make_client(job_services)
     assert_error(client.post(f"{V1}/jobs", json={"name": "x" * 200}), 413, "body_too_large")
     assert_error(client.post(f"{V1}/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json")
-
-
-@contextlib.contextmanager
-def webhook_server():
-    """A local endpoint that keeps what it is sent: (its URL, the JSON bodies received)."""
-    received = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/done", received
-    finally:
-        server.shutdown()
 
 
 def wait_for_calls(received: list, count: int) -> list:
@@ -1170,7 +1138,6 @@ def test_dataset_config_folders_must_lie_in_the_roots(client, job_body, app_sett
                       f"conditioning_data_dir = '{tmp_path}'\n", encoding="utf-8")
     body["options"]["masked_loss"] = True
     assert_error(client.post(f"{V1}/jobs", json=body), 403, field="dataset_config")
-
 
 
 def test_fine_tuning_metadata_may_not_name_images_outside_the_roots(client, job_body, app_settings, tmp_path):
