@@ -189,3 +189,14 @@ def test_a_reader_that_stops_reading_ends_the_command_without_a_traceback(tmp_pa
     reading.stdout.close()
     assert reading.wait(timeout=60) == 1
     assert b"Traceback" not in reading.stderr.read()
+
+
+def test_a_caption_that_cannot_be_read_is_named_with_its_fix_and_left_alone(tmp_path, capsys):
+    """An edit over a folder with a caption saved in a local encoding (GBK, Latin-1) changes the others; the one it
+    cannot read is said by name with how to fix it, not silently skipped."""
+    folder = folder_of(tmp_path / "set", {"a": "zk, hat", "b": "zk, caf\xe9".encode("latin-1")})
+    assert main(["dataset", "tags", str(folder), "--add", "smile"]) == 0
+    out = capsys.readouterr().out
+    assert "b.txt is not UTF-8" in out and "re-save it as UTF-8" in out and "left alone" in out
+    assert (folder / "b.txt").read_bytes() == "zk, caf\xe9".encode("latin-1")
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "zk, hat, smile"

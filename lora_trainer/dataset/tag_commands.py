@@ -124,6 +124,8 @@ def run_tags(args) -> None:
         raise UserError(f"{as_sentence(empty)} Add --recursive to edit them all, or name one of those folders.")
     for note in folder_notes(editor):
         print(f"note: {note}")
+    for reason in editor.unreadable.values():  # the tab counts them; here each is named with its fix
+        print(f"note: left alone: {reason}")
     tag_filter = TagFilter(all_of=args.with_tags, none_of=args.without, caption_regex=args.matching or None,
                            untagged=args.untagged)
     images = select(editor, tag_filter)
