@@ -823,6 +823,9 @@ def test_without_a_knee_the_recommendation_is_the_last_epoch_and_says_why():
     two = recommend_epoch([0.2, 0.1], [None, None], no_validation="validation never ran on an epoch (every 100 epochs)")
     assert two.epoch == 2 and two.reason.startswith("validation never ran on an epoch (every 100 epochs); 2 epochs are "
                                                     "too few")
+    knee = recommend_epoch([1.0, 0.5, 0.3, 0.28, 0.27, 0.26], [None] * 6)
+    # shown as "recommended epoch: 3 (reason)": a reason closing its own parenthesis read "… grid))"
+    assert [advice.reason.endswith(")") for advice in (falling, rising, two, knee)] == [False] * 4
 
 
 def test_validation_ties_go_to_the_earlier_epoch_and_a_nan_is_never_the_best():

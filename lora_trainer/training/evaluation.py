@@ -102,15 +102,15 @@ def recommend_epoch(train_losses: list[float], validation_losses: list[float | N
     last = epochs[finite[-1][1]]
     if at is not None:
         return Recommendation(epochs[finite[at][1]], f"{no_validation}: the knee of the training loss, where more "
-                              "epochs stop paying off (check the grid around it; training loss alone cannot show "
-                              "overfitting)")
+                              "epochs stop paying off; check the grid around it: training loss alone cannot show "
+                              "overfitting")
     if len(values) < 3:
         why = (f"{len(values)} epochs are" if len(values) > 1 else "1 epoch is") + " too few to find where training stops paying off"
     elif values[-1] >= values[0]:
         why = "the training loss did not fall over the run (a learning rate too low, or too few steps?)"
     else:
         why = "the training loss was still falling about evenly: more epochs may still pay off"
-    return Recommendation(last, f"{no_validation}; {why}: the last epoch (compare the epochs in the grid)")
+    return Recommendation(last, f"{no_validation}; {why}: the last epoch; compare the epochs in the grid")
 
 
 def outlier_images(per_image: dict[str, list[float]], count: int = 5) -> list[tuple[str, float]]:
