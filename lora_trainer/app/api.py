@@ -211,7 +211,6 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     they name) are checked once, by ``JobRunner.submit``, before the job is queued.
     The base model may also be named by its title in the host's list (``checkpoints``: ``GET /checkpoints``, the
     WebUI's checkpoint titles), as the Train tab names it."""
-    from ..tiny_model.build import bundled_model
     from ..training.kohya_gui import is_gui_config
     from ..training.options import (DATA_URL_OPTIONS, FIELDS, FOREIGN, PATH_OPTIONS, flattened_sections,
                                     gui_settings_options, is_data_url, not_given)
@@ -259,7 +258,7 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
     options.setdefault("output_dir", str(settings.lora_folder))
     roots = settings.roots()
     model = options.get("pretrained_model_name_or_path")
-    listed = ((checkpoints or {}).get(model) or bundled_model(model)) if isinstance(model, str) else None
+    listed = _listed_checkpoint(model, checkpoints or {}) if isinstance(model, str) else None
     if isinstance(model, str) and listed is None and not Path(unquoted(model)).is_absolute():
         raise ApiError(400, "not_found", f"pretrained_model_name_or_path: {model!r} is not a checkpoint title (GET "
                        "/checkpoints lists them) nor an absolute path", "pretrained_model_name_or_path")
@@ -283,6 +282,23 @@ def job_request(body: Any, settings: AppSettings, notes: list[str] | None = None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ApiError(400, "invalid", "webhook: give an http:// or https:// URL", "webhook")
     return name, options, webhook
+
+
+def _listed_checkpoint(model: str, checkpoints: Mapping[str, Path]) -> Path | None:
+    """The host's checkpoint ``model`` names: by its title, as the bundled model (``tiny-sd``), or by the very path
+    ``GET /checkpoints`` gives beside the title; None for anything else (a path then needs a root)."""
+    from ..tiny_model.build import bundled_model
+
+    if (by_name := checkpoints.get(model) or bundled_model(model)) is not None:
+        return by_name
+    given = Path(unquoted(model))
+    if not given.is_absolute():
+        return None
+
+    def where(path: Path) -> str:
+        return os.path.normcase(str(path.resolve()))  # Windows: any case, either slash
+
+    return next((path for path in checkpoints.values() if where(path) == where(given)), None)
 
 
 def job_json(job: Job) -> dict:

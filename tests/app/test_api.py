@@ -1442,7 +1442,8 @@ def test_a_second_sigterm_while_the_exit_waits_for_the_grids_image_is_taken_as_a
 
 def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fake_host, make_dataset, tmp_path):
     """Automation names checkpoints as the WebUI's API titles them, and the standalone app's embedded model lies
-    outside every root: a title from GET /checkpoints is taken as the Train tab takes it; a path still needs a root."""
+    outside every root: a title from GET /checkpoints is taken as the Train tab takes it, and so is the path listed
+    beside it (a client posting the `path` it was given was refused); any other path still needs a root."""
     embedded = tmp_path / "package" / "tiny-sd.safetensors"  # outside the roots, as the shipped model is
     embedded.parent.mkdir()
     shutil.copy(TINY_MODEL_PATH, embedded)
@@ -1454,8 +1455,14 @@ def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fa
     response = client.post(f"{V1}/jobs", json={"name": "zkchar", "options": options})
     assert response.status_code == 201, response.text
     assert response.json()["options"]["pretrained_model_name_or_path"] == str(embedded)
-    by_path = {"name": "zkchar2", "options": {**options, "pretrained_model_name_or_path": str(embedded)}}
-    assert_error(client.post(f"{V1}/jobs", json=by_path), 403, "path_not_allowed", "pretrained_model_name_or_path")
+    by_path = {"name": "zkchar2", "options": {**options, "pretrained_model_name_or_path": listed[0]["path"]}}
+    response = client.post(f"{V1}/jobs", json=by_path)
+    assert response.status_code == 201, response.text
+    assert response.json()["options"]["pretrained_model_name_or_path"] == str(embedded)
+    beside = embedded.with_name("other.safetensors")  # in the listed file's folder, but not listed itself
+    shutil.copy(TINY_MODEL_PATH, beside)
+    not_listed = {"name": "zkchar5", "options": {**options, "pretrained_model_name_or_path": str(beside)}}
+    assert_error(client.post(f"{V1}/jobs", json=not_listed), 403, "path_not_allowed", "pretrained_model_name_or_path")
     unknown = {"name": "zkchar3", "options": {**options, "pretrained_model_name_or_path": "sd15 [abcd1234]"}}
     error = assert_error(client.post(f"{V1}/jobs", json=unknown), 400, "not_found", "pretrained_model_name_or_path")
     assert "'sd15 [abcd1234]' is not a checkpoint title (GET /checkpoints lists them) nor an absolute path" in error["message"]
