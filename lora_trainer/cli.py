@@ -85,12 +85,17 @@ def generate(args) -> list[Path]:
     from tqdm import tqdm
 
     from .models.prompt import prompt_problems
+    from .sampling.samplers import sampler_name
     from .sampling.txt2img import GenerationSettings, model_infotext, txt2img
 
     for option, value, low in (("--steps", args.steps, 1), ("--cfg-scale", args.cfg_scale, 0), ("--seed", args.seed, -1),
                                ("--batch-size", args.batch_size, 1), ("--clip-skip", args.clip_skip, 1)):
         if not value >= low:  # before the model loads (--steps 0 died in the sampler); nan is not a number here
             raise UserError(f"{option} {value:g}: give {low} or more", option)
+    try:
+        sampler_name(args.sampler)
+    except ValueError as error:
+        raise UserError(str(error), "--sampler") from None
     for text in (args.prompt, args.negative):
         for problem in prompt_problems(text):
             print(f"warning: {problem}", file=sys.stderr)
