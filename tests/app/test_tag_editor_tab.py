@@ -146,7 +146,7 @@ def test_selection_by_click_and_range_then_edit_only_those(services, opened):
     state = view[VIEW["state"]]
     clicked = tab.click_image(services, state, 2)
     state = clicked[VIEW["state"]]
-    assert state.selection == ("10_zkchar/img_002.png",) and clicked[-2:] == ("10_zkchar/img_002.png", "zkchar, red, square")
+    assert state.selection == ("10_zkchar/img_002.png",) and clicked[-2:] == ("zkchar, red, square", "10_zkchar/img_002.png")
     state = tab.select_range(services, state, 4, 5)[VIEW["state"]]
     assert state.selection == ("10_zkchar/img_002.png", "10_zkchar/img_003.png", "10_zkchar/img_004.png")
     view = tab.batch_edit(services, state, "selected", "Remove tags", "zkchar", "", "", False, False, False, 0)

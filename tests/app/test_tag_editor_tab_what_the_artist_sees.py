@@ -233,25 +233,54 @@ def test_auto_tag_of_the_selection_tags_only_it_and_counts_only_captions_that_ch
     assert [image.name for image, tags in session.editor.tags.items() if "smile" in tags] == ["img_002.png"]
 
 
-def test_a_caption_changed_under_the_caption_box_is_not_set_back_unseen(services, opened):
-    """The caption box keeps the text it was filled with when the image was clicked; after a batch edit (or Undo,
-    Reload) changed that caption, 'Set caption' of the box's old text took the change back for that image, unseen."""
+def test_the_caption_box_shows_the_caption_that_batch_edits_undo_discard_and_reload_leave(services, opened):
+    """The caption box kept the text it was filled with when the image was clicked: after a batch edit, Undo, Discard
+    or Reload had changed that caption, it showed the old one (and Set caption of it took the change back)."""
     folder, view = opened
     clicked = tab.click_image(services, view[VIEW["state"]], 0)
-    state, shown = clicked[VIEW["state"]], clicked[-1]
+    state = clicked[VIEW["state"]]
+    assert clicked[VIEW["caption"]] == "zkchar, red, square" and clicked[len(tab.OUTPUTS)] == "img_000.png"
+    view = tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    assert view[VIEW["caption"]] == "zkchar, red, square, solo"
+    view = tab.set_caption(services, view[VIEW["state"]], "zkchar, red, square, solo, smile")  # the box, typed on
+    assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
+    assert view[VIEW["caption"]] == tab.gr.update()  # the box keeps the text as typed
+    view = tab.undo(services, view[VIEW["state"]])
+    assert view[VIEW["caption"]] == "zkchar, red, square, solo"
+    view = tab.discard_unsaved(services, view[VIEW["state"]])
+    assert view[VIEW["caption"]] == "zkchar, red, square"
+    (folder / "img_000.txt").write_text("zkchar, red, square, hat", encoding="utf-8")  # a tagger, meanwhile
+    view = tab.reload(services, view[VIEW["state"]])
+    assert view[VIEW["caption"]] == "zkchar, red, square, hat"
+    # a view that changes no caption leaves the box as typed
+    assert tab.go_to_page(services, view[VIEW["state"]], 1)[VIEW["caption"]] == tab.gr.update()
+    # the box set from its new text is no change taken back
+    view = tab.set_caption(services, view[VIEW["state"]], "zkchar, red, square, hat, smile")
+    assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
+    tab.save(services, view[VIEW["state"]], False)
+    assert caption(folder, "img_000") == "zkchar, red, square, hat, smile"
+
+
+def test_a_caption_changed_under_the_caption_box_is_not_set_back_unseen(services, opened):
+    """A caption changed where the tab did not show it (the API, on the same session): 'Set caption' of the box's
+    old text would take the change back for that image, unseen; the box keeps the typed text, to be copied."""
+    folder, view = opened
+    clicked = tab.click_image(services, view[VIEW["state"]], 0)
+    state, shown = clicked[VIEW["state"]], clicked[VIEW["caption"]]
     assert shown == "zkchar, red, square"
-    state = tab.batch_edit(services, state, "all", "Add tags", "solo", "", "", False, False, False, 0)[VIEW["state"]]
+    tag_sessions.apply_request(tag_sessions.sessions_of(services).get(state.session), {"op": "add", "tags": "solo"})
     view = tab.set_caption(services, state, shown + ", smile")
     assert view[VIEW["status"]] == ('⚠ The caption of img_000.png changed since it was opened here (a batch edit, Undo, '
                                     'Discard, Reload or Restore): it is now "zkchar, red, square, solo". Copy your text '
                                     'from the box first if you want it, then click the image again to edit its caption '
                                     'now (a click also selects or unselects it).')
+    assert view[VIEW["caption"]] == tab.gr.update()
     # the caption now, typed with other spacing, is no change taken back
     assert "changed (not saved yet)" in tab.set_caption(services, state, "zkchar,red ,  square, solo ")[VIEW["status"]]
     tab.save(services, view[VIEW["state"]], False)
     assert caption(folder, "img_000") == "zkchar, red, square, solo"
     clicked = tab.click_image(services, view[VIEW["state"]], 0)
-    view = tab.set_caption(services, clicked[VIEW["state"]], clicked[-1] + ", smile")
+    view = tab.set_caption(services, clicked[VIEW["state"]], clicked[VIEW["caption"]] + ", smile")
     assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
     view = tab.set_caption(services, view[VIEW["state"]], "zkchar, smile")  # the box set twice: its own change
     assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."

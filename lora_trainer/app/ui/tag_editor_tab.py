@@ -1,7 +1,8 @@
 """The Dataset Tag Editor tab: a thin gradio shell over ``app.tag_sessions`` (the server-side editor the API shares)
 and ``tag_view`` (what a page shows). Handlers are plain functions of the services and the browser's ``TabState``
 returning every output in ``OUTPUTS`` order (Open, Save, Reload and Restore then the Backups list), so tests call
-them directly.
+them directly. The caption box is among them: it shows the clicked image's caption again whenever that caption changed
+since the box was filled (a batch edit, Undo, Discard, Reload, Restore), and is left as typed otherwise.
 
 Only one page of thumbnails (48) goes to the browser; thumbnails are made when a page first shows them and kept
 under the data folder, keyed by file, size and modification time.
@@ -32,7 +33,7 @@ OPERATIONS = {  # label → tag_sessions op
     "Remove duplicates": "dedupe", "Sort tags": "sort", "Move tags to the front": "move_first",
     "Lowercase": "lowercase", "Underscores to spaces": "underscores_to_spaces", "Spaces to underscores": "spaces_to_underscores",
 }
-OUTPUTS = ("state", "gallery", "page_info", "frequency", "history", "status")
+OUTPUTS = ("state", "gallery", "page_info", "frequency", "history", "status", "caption")
 FREQUENCY_COLUMNS = ["tag", "images"]
 HISTORY_COLUMNS = ["#", "step", "state", "images"]
 
@@ -43,8 +44,8 @@ class TabState:
     page: int = 1
     selection: tuple[str, ...] = ()  # image names (relative to the folder)
     current: str = ""  # the image in the per-image editor
-    # (image, caption) the per-image editor was filled with: a batch edit, Undo or Reload since changes the caption
-    # under the box, and setting the box's text then would take that change back unseen
+    # (image, caption) the caption box was last filled with: when the image's caption is another since (a batch edit,
+    # Undo, Reload, or the API), the next view fills the box anew; setting a box left stale would take that change back
     opened: tuple[str, str] | None = None
     tag_query: str = ""
     discard_asked: bool = False  # Open was pressed over unsaved edits once: pressed again, they are dropped
@@ -98,12 +99,30 @@ def _session(services, state: TabState):
     return tag_sessions.sessions_of(services).get(state.session)
 
 
-def render(services, state: TabState, status: str = "") -> tuple:
-    """Every output for ``state``: gallery items of the current page, page text, frequency rows, history rows."""
+def _caption_box(editor, state: TabState) -> tuple[TabState, object]:
+    """The caption box's update: the clicked image's caption when it is not the one the box was filled with (the
+    state then remembers the box holds it), else no change (the box keeps what the artist typed)."""
+    if not state.current or not state.opened or state.opened[0] != state.current:
+        return state, gr.update()
+    try:
+        image = tag_sessions.images_named(editor, [state.current])[0]
+    except UserError:  # gone from the folder since (Reload): Set caption says so
+        return state, gr.update()
+    now = tag_editor.caption_of(editor, image)
+    if now == state.opened[1]:
+        return state, gr.update()
+    return replace(state, opened=(state.current, now)), now
+
+
+def render(services, state: TabState, status: str = "", refresh_caption: bool = True) -> tuple:
+    """Every output for ``state``: gallery items of the current page, page text, frequency rows, history rows, status
+    and the caption box (``_caption_box``; left as typed without ``refresh_caption``)."""
     if not state.session:
-        return state, [], "No folder open.", table([], FREQUENCY_COLUMNS), table([], HISTORY_COLUMNS), status
+        return (state, [], "No folder open.", table([], FREQUENCY_COLUMNS), table([], HISTORY_COLUMNS), status,
+                gr.update())
     session = _session(services, state)
     editor, tag_filter = session.editor, session.tag_filter
+    state, caption_box = _caption_box(editor, state) if refresh_caption else (state, gr.update())
     filtered = tag_editor.select(editor, tag_filter)
     page = tag_view.page_of(editor, filtered, state.page)
     state = replace(state, page=page.number)
@@ -118,7 +137,7 @@ def render(services, state: TabState, status: str = "") -> tuple:
     frequency = tag_view.frequency_rows(tag_editor.tag_counts(editor, filtered), state.tag_query)
     info = tag_view.page_text(page, len(state.selection), len(unsaved))
     return (state, items, info, table(frequency, FREQUENCY_COLUMNS), table(tag_view.history_rows(editor), HISTORY_COLUMNS),
-            tag_view.shown(status))
+            tag_view.shown(status), caption_box)
 
 
 def _guarded(handler):
@@ -236,16 +255,16 @@ def select_range(services, state: TabState, start, end) -> tuple:
 
 def click_image(services, state: TabState, index: int) -> tuple:
     """A click in the gallery (``index`` on the page) toggles the image's selection and opens it in the caption
-    editor; returns the view plus (image name, caption) for the per-image editor."""
+    editor; returns the view, its caption box filled with the image's caption, plus the image's name."""
     try:
         editor = _session(services, state).editor
         page = tag_view.page_of(editor, _filtered(services, state), state.page)
         image = page.images[index]
     except (UserError, IndexError) as error:
-        return (*render(services, state, f"⚠ {error}" if isinstance(error, UserError) else ""), "", "")
+        return (*render(services, state, f"⚠ {error}" if isinstance(error, UserError) else "")[:-1], "", "")
     name, caption = tag_sessions.image_name(editor, image), tag_editor.caption_of(editor, image)
     state = replace(state, selection=tag_view.toggled(state.selection, name), current=name, opened=(name, caption))
-    return (*render(services, state), name, caption)
+    return (*render(services, state)[:-1], caption, name)
 
 
 @_guarded
@@ -257,10 +276,11 @@ def set_caption(services, state: TabState, caption: str) -> tuple:
     now = tag_editor.caption_of(session.editor, image)
     typed = tag_editor.join_tags(tag_editor.split_tags(caption or ""))
     if state.opened and state.opened[0] == state.current and now not in (state.opened[1], typed):
-        raise UserError(f"The caption of {state.current} changed since it was opened here (a batch edit, Undo, "
-                        f"Discard, Reload or Restore): it is now \"{now}\". Copy your text from the box first if you "
-                        "want it, then click the image again to edit its caption now (a click also selects or "
-                        "unselects it).")
+        # changed where this tab did not show it (the API): the box keeps the typed text, to be copied
+        return render(services, state, f"⚠ The caption of {state.current} changed since it was opened here (a batch "
+                      f"edit, Undo, Discard, Reload or Restore): it is now \"{now}\". Copy your text from the box first "
+                      "if you want it, then click the image again to edit its caption now (a click also selects or "
+                      "unselects it).", refresh_caption=False)
     session.change(lambda editor: tag_editor.edit_caption(editor, image, caption or ""))
     state = replace(state, opened=(state.current, tag_editor.caption_of(session.editor, image)))
     return render(services, state, f"Caption of {state.current} changed (not saved yet).")
@@ -574,7 +594,7 @@ def build(services):
             health_button = gr.Button("Check")
             health_text = gr.Textbox(label="Report", lines=12, interactive=False)
 
-        view = [state, gallery, page_info, frequency, history, status]
+        view = [state, gallery, page_info, frequency, history, status, caption]
         call = lambda handler: (lambda *args: handler(services, *args))  # noqa: E731
         open_button.click(call(open_folder), [state, folder, recursive, extension], view + [backups])
         filter_inputs = [state, all_of, any_of, none_of, regex, untagged]
@@ -590,7 +610,7 @@ def build(services):
         def on_gallery(s, evt: gr.SelectData):
             return click_image(services, s, evt.index)
 
-        gallery.select(on_gallery, [state], view + [current_name, caption])
+        gallery.select(on_gallery, [state], view + [current_name])
         set_caption_button.click(call(set_caption), [state, caption], view)
 
         def on_tag(table, all_text, evt: gr.SelectData):
