@@ -990,8 +990,8 @@ def create_router(services: Services) -> APIRouter:
     @router.post("/datasets/{session_id}/revert", summary="Discard unsaved edits (one undo step)",
                  openapi_extra=_body_doc(
                      "`selection`: \"all\" (default), \"filtered\" (the session's filter) or a list of image names, as "
-                     "for edits. Their unsaved edits go: they show their captions as last read or saved again, which "
-                     "after a reload are the other program's versions of the `conflicts`. Undo brings the edits back.",
+                     "for edits. Their unsaved edits go: they show their caption files as they are now, read again "
+                     "(another program's versions too, without a reload). Undo brings the edits back.",
                      {"all": {}, "two images": {"selection": ["a.png", "sub/b.png"]}}, {"selection": {}}))
     def revert_dataset(session_id: str, request: Request, body: dict = Depends(object_body)):
         """Returns the page, with `reverted`: the images that went back to their saved captions."""

@@ -511,13 +511,14 @@ def apply_request(session: TagSession, data: dict) -> TagEditor:
 
 def revert_session(session: TagSession, selection="all") -> list[str]:
     """Throw away the unsaved edits of the images ``selection`` picks (as for edits: ``"all"``, ``"filtered"`` or a
-    list of names), as one undo step: they show their captions as last read or saved again, which after a reload are
-    the other program's versions of the conflicts. Returns the names of the images that went back."""
+    list of names), as one undo step: they show their caption files as they are now (read again: another program's
+    version too, without a reload). Returns the names of the images that went back."""
     with session.lock:
         images = selected_images(session, "all" if selection is None else selection)
-        before = session.editor
+        steps = len(session.editor.undo_steps)
         editor = session.change(lambda editor: tag_editor.revert(editor, images))
-    went_back = editor.undo_steps[-1].after if editor is not before else {}  # no step when nothing was unsaved
+    # no step when nothing was unsaved, or the files now hold the edits
+    went_back = editor.undo_steps[-1].after if len(editor.undo_steps) > steps else {}
     return [image_name(editor, image) for image in went_back]
 
 

@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Protocol
 from lora_trainer.dataset.caption_files import (
     NO_FILE,
     CaptionStamp,
+    ImageCaptions,
     caption_path_for,
     checked_caption_extension,
     load_caption_file,
@@ -477,6 +478,13 @@ def _scan(folder: Path, recursive: bool, caption_extension: str, within: tuple[P
                        and (links := captions_leading_outside(image, caption_extension, within))}
         images = [image for image in images if image not in leading_out]
         outside = sorted({*outside, *chain.from_iterable(leading_out.values())})
+    captions, tags, later_lines = _read_tags(images, caption_extension)
+    return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable, tuple(pictures.broken),
+                       tuple(outside))
+
+
+def _read_tags(images: list[Path], caption_extension: str) -> tuple[ImageCaptions, dict[Path, Tags], dict[Path, str]]:
+    """The images' caption files read: as read, the tags of their first lines, and their later lines where any."""
     captions = read_image_captions(images, caption_extension)
     tags, later_lines = {}, {}
     for image, text in captions.texts.items():
@@ -486,8 +494,7 @@ def _scan(folder: Path, recursive: bool, caption_extension: str, within: tuple[P
         tags[image] = split_tags(first)
         if later.strip():
             later_lines[image] = later
-    return _FolderScan(tuple(images), tags, captions.stamps, later_lines, captions.unreadable, tuple(pictures.broken),
-                       tuple(outside))
+    return captions, tags, later_lines
 
 
 def _face_crop_source_caption(image: Path, caption_extension: str) -> str | None:
@@ -735,8 +742,19 @@ def redo(editor: TagEditor) -> TagEditor:
 
 
 def revert(editor: TagEditor, images: Iterable[Path] | None = None) -> TagEditor:
-    """Throw away unsaved edits (of ``images``, default all) as one undoable step."""
+    """Throw away unsaved edits (of ``images``, default all) as one undoable step: those images show their caption
+    files as they are now, read again (another program may have changed one since the folder was read); a caption that
+    cannot be read now, or has become a link leading outside ``within``, goes back to the text last read."""
     chosen = unsaved_images(editor) if images is None else _with_siblings(editor, images)
+    discarded = [image for image in chosen if editor.tags[image] != editor.on_disk[image]]
+    if editor.within is not None:
+        discarded = [image for image in discarded
+                     if not captions_leading_outside(image, editor.caption_extension, editor.within)]
+    if discarded:
+        captions, tags, later_lines = _read_tags(discarded, editor.caption_extension)
+        kept_later = {image: text for image, text in editor.later_lines.items() if image not in tags}
+        editor = replace(editor, on_disk=_frozen(editor.on_disk | tags), stamps=_frozen(editor.stamps | captions.stamps),
+                         later_lines=_frozen(kept_later | later_lines))
     return record_step(editor, "Revert to the saved captions", {image: editor.on_disk[image] for image in chosen})
 
 

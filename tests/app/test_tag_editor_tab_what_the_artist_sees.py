@@ -178,6 +178,36 @@ def test_discard_after_a_reload_conflict_takes_the_other_programs_caption_and_un
     assert caption(folder, "img_000") == "zkchar, red, square"
 
 
+def test_discard_takes_the_caption_files_as_they_are_now_without_a_reload_and_undo_keeps_both_versions(
+        services, opened):
+    """Discard took the images back to the text the session read when the folder was opened: a tagger's caption
+    written since (no Reload pressed) showed the older text."""
+    folder, view = opened
+    state = view[VIEW["state"]]
+    tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
+    (folder / "img_001.txt").write_text("zkchar, blue, circle, smile", encoding="utf-8")  # a tagger, meanwhile
+    (folder / "img_002.txt").write_text("zkchar, red, hat\nwildcard line", encoding="utf-8")
+    view = tab.discard_unsaved(services, replace(state, selection=("img_001.png", "img_002.png", "img_003.png")))
+    assert "Discarded the unsaved edits of 3 selected image(s)" in view[VIEW["status"]]
+    assert gallery_caption(view, "img_001.png") == "zkchar, blue, circle, smile"
+    assert gallery_caption(view, "img_002.png") == "zkchar, red, hat"
+    assert gallery_caption(view, "img_003.png") == "zkchar, blue, circle"
+    assert view[VIEW["page_info"]].endswith("; 3 unsaved")
+    assert view[VIEW["history"]].values.tolist()[-1][1:] == ["Revert to the saved captions", "done", 3]
+    view = tab.undo(services, state)  # one step brings the three edits back, over the files as they are now
+    assert gallery_caption(view, "img_001.png") == "zkchar, blue, circle, solo"
+    assert view[VIEW["page_info"]].endswith("; 6 unsaved")
+    assert tab.save(services, state, False)[VIEW["status"]].startswith("Saved 6 caption file(s).")
+    assert caption(folder, "img_001") == "zkchar, blue, circle, solo"
+    assert caption(folder, "img_002") == "zkchar, red, square, solo\nwildcard line"
+    # the other program wrote the very edit: nothing is left to discard, the image is no longer unsaved
+    tab.batch_edit(services, state, "filtered", "Add tags", "smile", "", "", False, False, False, 0)
+    (folder / "img_004.txt").write_text("zkchar, red, square, solo, smile", encoding="utf-8")
+    view = tab.discard_unsaved(services, replace(state, selection=("img_004.png",)))
+    assert view[VIEW["status"]] == "No selected image has unsaved edits: nothing to discard."
+    assert view[VIEW["page_info"]].endswith("; 5 unsaved")
+
+
 def test_discard_with_images_selected_takes_back_only_their_edits_and_says_when_there_are_none(services, opened):
     folder, view = opened
     state = view[VIEW["state"]]

@@ -369,8 +369,8 @@ def reload(services, state: TabState) -> tuple:
 @_guarded
 def discard_unsaved(services, state: TabState) -> tuple:
     """Throw away the unsaved edits of the selected images (of those the filter shows when none is selected, as batch
-    edits do: never of images out of sight), as one undo step: they show their saved captions again, and after
-    Reload the other program's versions of the conflicts."""
+    edits do: never of images out of sight), as one undo step: they show their caption files as they are now (another
+    program's versions too, without Reload)."""
     selected, session = list(state.selection), _session(services, state)
     shown = len(_filtered(services, state))  # before the discard, which may change what the filter shows
     if not selected and not shown:
