@@ -88,10 +88,13 @@ def same_run_jobs_note(options: dict, jobs: list[Job], replaced_folder: Path) ->
     also = (f"job{'' if one else 's'} {listed} also write{'s' if one else ''} the run {options.get('output_name')!r} "
             f"in {run_location(options)[0]}")
     if options.get("resume"):  # it goes on with its own run, whose files are its own: none are moved aside
+        # stopping the other job would lose its progress (its resume writes the same names again); this one, queued,
+        # has trained nothing, and its state stays to be resumed from later
         return (f"{also}, and this resumed job, which runs after {'it' if one else 'them'}, writes over the files of "
                 f"the same name {'it' if one else 'they'} saved (a resume moves no files aside); to keep "
-                f"{'both' if one else 'all'}, stop {'that job' if one else 'those jobs'} and start "
-                f"{'it' if one else 'them'} again under another output name")
+                f"{'both' if one else 'all'}, stop this job while it is queued (it has trained nothing yet), and when "
+                f"{'that job has' if one else 'those jobs have'} ended, move {'its' if one else 'their'} files out of "
+                f"that folder and resume again from the same state")
     return (f"{also}: when this job starts, the files {'it' if one else 'they'} wrote by then are moved into "
             f"{replaced_folder}, not overwritten; give this job another output name to keep "
             f"{'both' if one else 'all'} where they are")
@@ -324,7 +327,10 @@ class JobRunner:
         if job.status == "finished":  # its state is at the last step: the resumed job would fail, leaving nothing to train
             raise UserError(f"job {job_id} finished: nothing is left to train; to train on, start a new job with its last "
                             "file as --network_weights (or more epochs from its state: --resume with max_train_epochs raised)")
-        later = [j for j in self.store.all() if j.resumed_from == job_id and j.status != "failed"]
+        # one taken out of the queue before it started trained nothing (and saved no state): this job's state is the
+        # run's last still, as after a failed one
+        later = [j for j in self.store.all() if j.resumed_from == job_id and j.status != "failed"
+                 and not (j.status == "stopped" and j.started is None)]
         if later:  # two jobs from one state would train the same steps twice and write the same files
             raise UserError(f"job {job_id} was resumed already, as job {later[-1].id}: resume that one")
         from ..training.state import readable_state

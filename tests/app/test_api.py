@@ -1515,12 +1515,18 @@ def test_a_job_resumed_behind_one_of_the_same_output_name_is_told_it_will_write_
     assert resumed.json()["warnings"] == [
         f"job {queued['id']} (queued) also writes the run 'zkchar' in {services.settings.lora_folder}, and this resumed "
         "job, which runs after it, writes over the files of the same name it saved (a resume moves no files aside); to "
-        "keep both, stop that job and start it again under another output name"]
-    client.post(f"{V1}/jobs/{queued['id']}/stop")
-    client.post(f"{V1}/jobs/{resumed.json()['id']}/stop")
-    services.store.update(resumed.json()["id"], status="failed")  # a failed resume may be resumed again: alone now
+        "keep both, stop this job while it is queued (it has trained nothing yet), and when that job has ended, move its "
+        "files out of that folder and resume again from the same state"]
+    # the advice, followed: the other job (queued here) kept whole, this one out of the queue, then resumed again
+    # (it was refused as "resumed already" by the job taken out of the queue, which saved no state to resume from)
+    stopped = client.post(f"{V1}/jobs/{resumed.json()['id']}/stop").json()
+    assert stopped["status"] == "stopped" and stopped["message"] == "removed from the queue"
+    client.post(f"{V1}/jobs/{queued['id']}/stop")  # ended
     again = client.post(f"{V1}/jobs/{paused['id']}/resume")
     assert again.status_code == 201 and "warnings" not in again.json(), again.text
+    assert again.json()["options"]["resume"] == str(state)
+    refused = client.post(f"{V1}/jobs/{paused['id']}/resume")  # queued now: one job from one state
+    assert refused.status_code == 409 and "was resumed already, as job" in refused.text
 
 
 def test_spaces_around_a_jobs_name_are_removed_and_said(services, job_body):
