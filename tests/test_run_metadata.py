@@ -121,16 +121,34 @@ def test_what_the_fixtures_leave_at_their_defaults_is_written_as_sd_scripts_writ
     assert (ours["ss_lr_scheduler"], ours["ss_learning_rate"], ours["ss_unet_lr"]) == ("adafactor:0.0001", "None", "None")
 
 
-def test_network_alpha_is_recorded_as_sd_scripts_records_it_from_a_config_file_and_from_the_command_line(
+# sd-scripts' float options that its metadata records as str(args.X) (train_network.py's metadata dict; the text
+# encoder's rate is its first)
+WHOLE_FLOATS = {"learning_rate": "ss_learning_rate", "unet_lr": "ss_unet_lr", "text_encoder_lr": "ss_text_encoder_lr",
+                "network_alpha": "ss_network_alpha", "network_dropout": "ss_network_dropout",
+                "noise_offset": "ss_noise_offset", "adaptive_noise_scale": "ss_adaptive_noise_scale",
+                "multires_noise_discount": "ss_multires_noise_discount", "max_grad_norm": "ss_max_grad_norm",
+                "caption_dropout_rate": "ss_caption_dropout_rate", "caption_tag_dropout_rate": "ss_caption_tag_dropout_rate",
+                "prior_loss_weight": "ss_prior_loss_weight", "min_snr_gamma": "ss_min_snr_gamma",
+                "scale_weight_norms": "ss_scale_weight_norms", "ip_noise_gamma": "ss_ip_noise_gamma",
+                "huber_scale": "ss_huber_scale", "huber_c": "ss_huber_c", "validation_split": "ss_validation_split"}
+
+
+def test_whole_numbers_of_float_options_are_recorded_as_sd_scripts_records_them_from_a_file_and_the_command_line(
         fixture_dataset, tmp_path):
-    """sd-scripts writes str(args.network_alpha): a --config_file's values bypass argparse's type=float, so a TOML's
-    8 is "8", where --network_alpha 8 is "8.0" (and a TOML's 8.0 too). Every TOML gave "8.0" here."""
+    """sd-scripts writes str(args.X): a --config_file's values bypass argparse's type=float, so a TOML's 5 is "5",
+    where --min_snr_gamma 5 is "5.0" (and a TOML's 5.0 too). Every TOML's whole number but network_alpha's gave "5.0"
+    here."""
     command = baseline_command(fixture_dataset)
     command[command.index("--network_alpha"):command.index("--network_alpha") + 2] = []
-    for given, recorded in (("network_alpha = 8\n", "8"), ("network_alpha = 8.0\n", "8.0"),
-                            ("[network]\nnetwork_alpha = 2\n", "2")):
+    command[command.index("--learning_rate"):command.index("--learning_rate") + 2] = []
+    whole = {name: 0 if name in ("validation_split", "network_dropout") else 1 for name in WHOLE_FLOATS}
+    whole["text_encoder_lr"] = [1]
+    toml = "".join(f"{name} = {value}\n" for name, value in whole.items())
+    for given, recorded in ((toml, {key: str(whole[name]).strip("[]") for name, key in WHOLE_FLOATS.items()}),
+                            ("network_alpha = 8.0\nmin_snr_gamma = 5.0\n", {"ss_network_alpha": "8.0", "ss_min_snr_gamma": "5.0"}),
+                            ("[network]\nnetwork_alpha = 2\n", {"ss_network_alpha": "2"})):
         (tmp_path / "args.toml").write_text(given, encoding="utf-8")
         ours = run_metadata([*command, "--config_file", str(tmp_path / "args.toml")], 2, 160, 2, 160)
-        assert (ours["ss_network_alpha"], ours["ss_network_dim"]) == (recorded, "4"), given
-    ours = run_metadata([*command, "--network_alpha", "8"], 2, 160, 2, 160)
-    assert ours["ss_network_alpha"] == "8.0"
+        assert {key: ours[key] for key in recorded} == recorded, given
+    ours = run_metadata([*command, "--network_alpha", "8", "--min_snr_gamma", "5", "--text_encoder_lr", "1"], 2, 160, 2, 160)
+    assert (ours["ss_network_alpha"], ours["ss_min_snr_gamma"], ours["ss_text_encoder_lr"]) == ("8.0", "5.0", "1.0")

@@ -178,8 +178,7 @@ class TrainOptions:
     # network
     network_module: str | None = opt(None, "networks.lora, networks.dylora or lycoris.kohya")
     network_dim: int | None = opt(None, "rank (default 4)")
-    # a whole number where a file (or the default) gives one: sd-scripts records str(args.network_alpha), and argparse
-    # converts only the command line's to float ("8.0"), not a --config_file's or its default=1 ("8", "1")
+    # sd-scripts' default=1 is an int, recorded "1" in ss_network_alpha (a file's whole number stays whole: _number)
     network_alpha: float = opt(1, "alpha (default 1: scale 1/dim)")
     network_dropout: float | None = opt(None, "dropout on the LoRA's hidden activations")
     network_args: list[str] | None = opt(None, "key=value network options (conv_dim=4, algo=loha, …)", nargs="*")
@@ -580,8 +579,6 @@ def _normalised(name: str, value: Any, source: str) -> Any:
         except ValueError as error:
             raise UserError(f"{source}: {name} = {value!r}: {error}", name) from None
     kind = _NUMBERS.get(f.type)
-    if name == "network_alpha" and isinstance(value, numbers.Integral):  # kept whole, as sd-scripts keeps it
-        kind = int
     if kind is None:
         return value
     try:
@@ -626,7 +623,9 @@ def _number(kind: type, value: Any) -> int | float:
         raise ValueError(value)
     if abs(number) >= 2**63:  # beyond the 64-bit integers every count and seed is held in (1e30 in a JSON body)
         raise OverflowError(value)
-    if kind is int:
+    # a file's whole number stays whole for a float option too: sd-scripts records str(args.X) in the ss_* metadata,
+    # and argparse converts only the command line's ("5.0"), not a --config_file's ("5")
+    if kind is int or isinstance(number, numbers.Integral):
         if float(number) != int(number):
             raise ValueError(value)
         return int(number)
