@@ -68,11 +68,14 @@ def replace_path(source: str | Path, target: str | Path, waits: tuple[float, ...
     os.replace(source, target)
 
 
+NAME_BYTES = 255  # the longest file name most file systems take (ext4, APFS; NTFS 255 UTF-16 units)
+
+
 def temporary_beside(target: Path, tag: str = "12345678") -> Path:
     """The hidden name a file is written under before it is renamed onto ``target`` (``tag``: 8 random hex digits).
     ``target``'s name is cut to keep it within the 255 bytes a file name may have: a name the user could give the file
     itself (80 CJK characters are 240 bytes) must not fail for the temporary's few extra characters."""
-    shortened, limit = target.name, 255 - len(f"..{tag}.tmp")
+    shortened, limit = target.name, NAME_BYTES - len(f"..{tag}.tmp")
     while len(shortened.encode("utf-8", "surrogateescape")) > limit:  # whole characters; a name that is not UTF-8
         shortened = shortened[:-1]  # (GBK bytes unpacked on Linux) counts its own bytes
     return target.with_name(f".{shortened}.{tag}.tmp")
@@ -81,10 +84,17 @@ def temporary_beside(target: Path, tag: str = "12345678") -> Path:
 STALE_AFTER_SECONDS = 60.0  # a write in progress touches its temporary continually; one a minute older was abandoned
 
 
-def stale_temporaries(folder: Path, targets: re.Pattern, now: float | None = None) -> list[Path]:
+def beginnings(text: str) -> str:
+    """A regular expression for every beginning of ``text`` ("" too): what is left of it where a name was cut."""
+    return "|".join(re.escape(text[:end]) for end in range(len(text) + 1))
+
+
+def stale_temporaries(folder: Path, targets: re.Pattern, now: float | None = None,
+                      cut_targets: re.Pattern | None = None) -> list[Path]:
     """The temporaries in ``folder`` (``temporary_beside``) for a file name ``targets`` matches in full, that nothing has
     written for ``STALE_AFTER_SECONDS``: left by a process killed mid-write (SIGKILL, a power cut), never renamed. A
-    run started twice by mistake keeps its twin's live one."""
+    run started twice by mistake keeps its twin's live one. A temporary whose name was cut to fit (a long CJK name)
+    holds only a beginning of its target's: ``cut_targets`` matches those beginnings."""
     now = time.time() if now is None else now
     stale = []
     try:
@@ -93,12 +103,19 @@ def stale_temporaries(folder: Path, targets: re.Pattern, now: float | None = Non
         return []
     for entry in entries:
         name = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", entry.name)
+        ours = name and (targets.fullmatch(name[1]) or cut_targets is not None and _was_cut(entry.name)
+                         and cut_targets.fullmatch(name[1]))
         try:
-            if name and targets.fullmatch(name[1]) and now - entry.stat().st_mtime > STALE_AFTER_SECONDS and entry.is_file():
+            if ours and now - entry.stat().st_mtime > STALE_AFTER_SECONDS and entry.is_file():
                 stale.append(entry)
         except OSError:  # removed meanwhile
             continue
     return sorted(stale)
+
+
+def _was_cut(temporary: str) -> bool:
+    """Whether ``temporary_beside`` may have cut this name: it is within one character's bytes (4) of the limit."""
+    return len(temporary.encode("utf-8", "surrogateescape")) > NAME_BYTES - 4
 
 
 def remove_files(paths: list[Path]) -> int:

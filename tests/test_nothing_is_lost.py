@@ -403,6 +403,33 @@ def test_a_sample_image_being_drawn_when_the_run_was_killed_leaves_no_temporary_
     assert sorted(folder.iterdir()) == sorted([*others, fresh])
 
 
+@pytest.mark.parametrize("name, index, seed", [("模" * 66 + "ab", 0, -2147483648), ("模" * 66 + "ab", 104, 4294967295),
+                                               ("模" * 66 + "ab", 0, 2**64 - 1)])  # cut in .png, .png, the seed
+def test_a_sample_temporary_whose_long_name_was_cut_to_fit_is_removed_at_the_next_start_and_only_ours(
+        tmp_path, name, index, seed):
+    """A long CJK output name and a long seed (or the 105th prompt): the temporary of a sample image holds only the
+    beginning of the image's name (temporary_beside cuts it to 255 bytes), which the clean-up did not match: a run
+    killed while drawing it left it for good."""
+    from lora_trainer.training.samples import sample_path
+
+    plan = _plan(tmp_path, output_name=name)
+    plan.sample_folder.mkdir()
+    sample = sample_path(plan.sample_folder, name, index, seed, 1, 0)
+    ours = [safe_io.temporary_beside(sample, "0a1b2c3d"),
+            safe_io.temporary_beside(sample_path(plan.sample_folder, name, index, seed, None, 50), "ffffffff")]
+    assert len(os.fsencode(sample.name)) <= 255 and ".png." not in ours[0].name  # cut
+    another = name[:-1] + "星"  # another run's name, as long: its temporaries are cut as ours are
+    others = [safe_io.temporary_beside(sample_path(plan.sample_folder, another, index, seed, 1, 0), "0a1b2c3d"),
+              safe_io.temporary_beside(plan.sample_folder / f"{name}_e000001_00_notes of the user's.txt", "0a1b2c3d")]
+    long_ago = time.time() - 3600
+    for path in [*ours, *others]:
+        path.write_bytes(b"x" * 2048)
+        os.utime(path, (long_ago, long_ago))
+    said = plan.remove_leftovers()
+    assert said and all(path.name in said for path in ours)
+    assert sorted(plan.sample_folder.iterdir()) == sorted(others)
+
+
 def test_a_state_being_written_by_a_twin_run_is_not_removed_as_a_leftover(tmp_path):
     """The same job started twice by mistake: the second must not delete the first one's state while it is saved."""
     plan = _plan(tmp_path)

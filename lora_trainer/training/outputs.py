@@ -23,8 +23,8 @@ import torch
 from ..errors import UserError
 from ..hashing import file_sha256, legacy_model_hash
 from ..networks.network import SAVE_DTYPES, base_metadata, save_network
-from ..safe_io import (ENABLE_LONG_PATHS, STALE_AFTER_SECONDS, atomic_path, check_writable, remove_files,
-                       stale_temporaries, temporary_beside, windows_path_length)
+from ..safe_io import (ENABLE_LONG_PATHS, STALE_AFTER_SECONDS, atomic_path, beginnings, check_writable,
+                       remove_files, stale_temporaries, temporary_beside, windows_path_length)
 from .optimizers import takes_its_own_step
 from .options import TrainOptions, is_data_url, resolution_of
 from .samples import sample_path
@@ -164,8 +164,11 @@ class OutputPlan:
         stems = rf"{re.escape(self.final_path().stem)}|{re.escape(self.epoch_path(0).stem[:-6])}\d{{6}}|" \
                 rf"{re.escape(self.step_path(0).stem[:-8])}\d{{8}}"  # of the files, and of the states named after them
         gone = stale_temporaries(self.folder, re.compile(rf"({stems})\.(safetensors|ckpt|pt)"), now)
-        samples = re.escape(f"{self.name}_" if self.name else "") + r"(e\d{6,}|\d{6,})_\d{2,}_\d{14}(_-?\d+)?\.png"
-        gone += stale_temporaries(self.sample_folder, re.compile(samples), now)  # sample_path's names
+        # sample_path's names; a long seed (or 100 prompts) after a name near the longest --output_name makes one that
+        # temporary_beside cuts to fit, after its time (the name has 200 bytes at most): in the seed or the .png
+        drawn = re.escape(f"{self.name}_" if self.name else "") + r"(e\d{6,}|\d{6,})_\d{2,}_\d{14}"
+        cut = rf"{drawn}(_-?\d*|(_-?\d+)?({beginnings('.png')}))"
+        gone += stale_temporaries(self.sample_folder, re.compile(rf"{drawn}(_-?\d+)?\.png"), now, re.compile(cut))
         freed = remove_files(gone)
         states = re.compile(rf"({stems})-state\.(tmp|old)")
         for folder in _entries(self.state_folder):
