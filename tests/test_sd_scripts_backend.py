@@ -664,3 +664,34 @@ def test_the_checkpoint_is_read_once_per_version_for_the_command(tmp_path, monke
     assert len(opened) == 2
     root = options_from({"pretrained_model_name_or_path": "/", "train_data_dir": "d"})  # a folder: sd-scripts says
     assert told_by_checkpoint(root) == (None, {})
+
+
+def test_a_checkpoint_whose_permission_was_fixed_is_read_again(tmp_path, monkeypatch):
+    """Unreadable (no read permission) was kept per size and time of the file: after a chmod or a Windows ACL change,
+    which touch neither, the command kept leaving --v2 out until a restart. The file's refusal is simulated (the
+    tests may run as root, whom chmod does not stop)."""
+    import builtins
+
+    import lora_trainer.models.checkpoint as checkpoint
+    import lora_trainer.training.sd_scripts_backend as backend
+    from lora_trainer.bench import write_random_checkpoint
+    from lora_trainer.models.configs import SD2
+    from lora_trainer.tiny_model.build import tiny_like
+    from lora_trainer.training.options import options_from
+
+    sd2 = write_random_checkpoint(tiny_like(SD2), tmp_path / "sd2.safetensors")
+    refused = {str(sd2)}
+
+    def refusing(opener):
+        def opened_unless_refused(path, *args, **kwargs):
+            if str(path) in refused:
+                raise PermissionError(13, "Permission denied", str(path))
+            return opener(path, *args, **kwargs)
+        return opened_unless_refused
+
+    monkeypatch.setattr(backend, "open", refusing(builtins.open), raising=False)  # the module's open()
+    monkeypatch.setattr(checkpoint, "open_tensors", refusing(checkpoint.open_tensors))
+    options = options_from({"pretrained_model_name_or_path": str(sd2), "train_data_dir": "d"})
+    assert backend.told_by_checkpoint(options) == (None, {})
+    refused.clear()  # chmod a+r: the file itself untouched
+    assert backend.told_by_checkpoint(options) == ("train_network.py", {"v2": True})

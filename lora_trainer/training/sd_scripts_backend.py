@@ -126,12 +126,22 @@ def told_by_checkpoint(options: TrainOptions) -> tuple[str | None, dict[str, boo
     return ("sdxl_train_network.py" if architecture == "sdxl" else "train_network.py"), told
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, int, bool] | None:
+    """What a file's facts are kept for: its version, and whether it opens (a permission fixed with chmod or a Windows
+    ACL changes neither its size nor its time, and an unreadable file was said unreadable until a restart)."""
     try:
         stat = path.stat()
     except OSError:
         return None
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, _opens(path)
+
+
+def _opens(path: Path) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:  # refused, or a folder
+        return False
 
 
 @functools.lru_cache(maxsize=16)
