@@ -69,13 +69,22 @@ def lora_folders() -> list[Path]:
     return unique
 
 
-def folder_list(text: str) -> list[Path]:
+def folder_list(text: str, windows: bool = os.name == "nt") -> list[Path]:
     """The dataset folders as typed in Settings: one a line or separated by commas, or by semicolons as Windows lists
     folders (PATH), each perhaps in the double quotes Explorer's "Copy as path" puts around it (which keep a comma or
     semicolon in a folder's name). A quote without its pair at an item's start or end is the half of such a pair that
-    editing left (Windows names hold no quote): dropped, the item ending at the next separator."""
+    editing left, dropped (the item ending at the next separator) where it cannot be the name's own: on Windows, whose
+    names hold no quote, and elsewhere where the folder exists without it and not with it."""
     items = re.findall(r'\s*"([^"\n]*)"\s*(?=[,;\n]|$)|([^,;\n]+)', text or "")  # quotes count around a whole item only
-    return [Path(part) for quoted, bare in items if (part := (quoted or bare.strip().strip('"')).strip())]
+    parts = [(quoted or _without_lost_quote(bare.strip(), windows)).strip() for quoted, bare in items]
+    return [Path(part) for part in parts if part]
+
+
+def _without_lost_quote(item: str, windows: bool) -> str:
+    unquoted = item.strip('"')
+    if windows or unquoted == item:
+        return unquoted
+    return unquoted if Path(unquoted.strip()).is_dir() and not Path(item).is_dir() else item
 
 
 def app_settings() -> AppSettings:

@@ -199,8 +199,21 @@ def test_a_dataset_folder_whose_closing_quote_was_lost_is_the_folder_itself():
     a lost half of Explorer's pair and the item ends at the next separator."""
     from lora_trainer.webui.extension import folder_list
 
-    assert folder_list('"D:\\data\\a, D:\\b') == [Path("D:\\data\\a"), Path("D:\\b")]
-    assert folder_list('D:\\c";"E:\\d\n/data/e"') == [Path("D:\\c"), Path("E:\\d"), Path("/data/e")]
+    assert folder_list('"D:\\data\\a, D:\\b', windows=True) == [Path("D:\\data\\a"), Path("D:\\b")]
+    assert folder_list('D:\\c";"E:\\d\n/data/e"', windows=True) == [Path("D:\\c"), Path("E:\\d"), Path("/data/e")]
+
+
+def test_a_quote_at_the_end_of_a_folder_name_is_its_own_where_names_may_hold_one(tmp_path):
+    """Linux and macOS names may end in a quote: the folder 'sets"' was read as 'sets', another folder (or none). Only
+    where the folder exists without the quote and not with it is the quote a lost half of a pair."""
+    from lora_trainer.webui.extension import folder_list
+
+    (tmp_path / 'sets"').mkdir()
+    (tmp_path / "data").mkdir()
+    typed = f'{tmp_path}/sets", "{tmp_path}/data\n{tmp_path}/data", {tmp_path}/new"'
+    assert folder_list(typed, windows=False) == [tmp_path / 'sets"', tmp_path / "data", tmp_path / "data",
+                                                 tmp_path / 'new"']  # neither exists: as typed
+    assert folder_list(typed, windows=True)[:2] == [tmp_path / "sets", tmp_path / "data"]
 
 
 def test_a_lora_in_the_output_folder_wins_over_one_of_its_name_in_the_webuis_lora_folder(webui_modules, tmp_path):
