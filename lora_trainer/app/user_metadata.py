@@ -13,7 +13,17 @@ from pathlib import Path
 from ..networks.tools.inspect import trigger_words
 from ..safe_io import read_safetensors_metadata, write_text
 
-SD_VERSION = {"sd_v1": "SD1", "sd_v2": "SD2", "sd_v2_v": "SD2", "sdxl_base_v1-0": "SDXL"}
+
+def sd_version(metadata: dict[str, str]) -> str:
+    """The version the WebUI tells from the file (its Lora ``detect_version``), which the card's value overrides in
+    its Lora tab's filter: a value it would not give ("Unknown" for an SD1 v-prediction run's ``sd_v1_v``) changed
+    which models the LoRA is listed for."""
+    base = str(metadata.get("ss_base_model_version", ""))
+    if base.startswith("sdxl_"):
+        return "SDXL"
+    if str(metadata.get("ss_v2", "")) == "True" or base.startswith("sd_v2"):
+        return "SD2"
+    return "SD1" if metadata else "Unknown"
 
 
 def network_shape(lora: Path) -> tuple[int | None, float | None]:
@@ -44,7 +54,7 @@ def card_metadata(metadata: dict[str, str], end_event: dict, preferred_weight: f
                f"alpha {alpha}, lr {metadata.get('ss_learning_rate', '?')}.{advice}")
     return {
         "description": summary,
-        "sd version": SD_VERSION.get(metadata.get("ss_base_model_version", ""), "Unknown"),
+        "sd version": sd_version(metadata),
         "activation text": ", ".join(trigger_words(metadata)),
         "preferred weight": preferred_weight,
         "negative text": "",
