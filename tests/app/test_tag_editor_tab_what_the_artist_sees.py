@@ -162,8 +162,8 @@ def test_discard_after_a_reload_conflict_takes_the_other_programs_caption_and_un
     (folder / "img_001.txt").write_text("zkchar, blue, circle, smile", encoding="utf-8")  # a tagger, meanwhile
     assert "1 conflicts" in tab.reload(services, state)[VIEW["status"]]
     view = tab.discard_unsaved(services, state)
-    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 6 image(s): they show their saved captions again "
-                                    "(Undo brings the edits back).")
+    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 6 image(s): they show their caption files as they "
+                                    "are now (Undo brings the edits back).")
     assert gallery_caption(view, "img_001.png") == "zkchar, blue, circle, smile"
     assert gallery_caption(view, "img_000.png") == "zkchar, red, square"
     assert view[VIEW["page_info"]].endswith("; 0 unsaved")
@@ -214,15 +214,15 @@ def test_discard_with_images_selected_takes_back_only_their_edits_and_says_when_
     tab.batch_edit(services, state, "filtered", "Add tags", "solo", "", "", False, False, False, 0)
     chosen = replace(state, selection=("img_002.png", "img_003.png"))
     view = tab.discard_unsaved(services, chosen)
-    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 2 selected image(s): they show their saved captions "
-                                    "again (Undo brings the edits back).")
+    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 2 selected image(s): they show their caption files "
+                                    "as they are now (Undo brings the edits back).")
     assert view[VIEW["page_info"]].endswith("; 4 unsaved") and gallery_caption(view, "img_002.png") == "zkchar, red, square"
     assert tab.discard_unsaved(services, chosen)[VIEW["status"]] == "No selected image has unsaved edits: nothing to discard."
     # a filter on and nothing selected: the images shown, not those out of sight
     state = tab.set_filter(services, state, "blue", "", "", "", False)[VIEW["state"]]
     view = tab.discard_unsaved(services, state)
-    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 2 shown image(s): they show their saved captions "
-                                    "again (Undo brings the edits back).")  # img_001 and img_005; 003 was taken back
+    assert view[VIEW["status"]] == ("Discarded the unsaved edits of 2 shown image(s): they show their caption files as "
+                                    "they are now (Undo brings the edits back).")  # img_001 and img_005; 003 was taken back
     assert view[VIEW["page_info"]].endswith("; 2 unsaved")  # img_000 and img_004, hidden by the filter
     state = tab.set_filter(services, state, "", "", "zkchar", "", False)[VIEW["state"]]  # none: shows no image
     assert tab.discard_unsaved(services, state)[VIEW["status"]] == (
@@ -300,11 +300,14 @@ def test_a_caption_changed_under_the_caption_box_is_not_set_back_unseen(services
     assert shown == "zkchar, red, square"
     tag_sessions.apply_request(tag_sessions.sessions_of(services).get(state.session), {"op": "add", "tags": "solo"})
     view = tab.set_caption(services, state, shown + ", smile")
-    assert view[VIEW["status"]] == ('⚠ The caption of img_000.png changed since it was opened here (a batch edit, Undo, '
-                                    'Discard, Reload or Restore): it is now "zkchar, red, square, solo". Copy your text '
-                                    'from the box first if you want it, then click the image again to edit its caption '
-                                    'now (a click also selects or unselects it).')
+    assert view[VIEW["status"]] == ('⚠ The caption of img_000.png changed outside this tab (the API or another browser '
+                                    'tab): it is now "zkchar, red, square, solo". Set caption again puts your text in '
+                                    'place of that; a click on the image shows the caption now (and selects or '
+                                    'unselects it).')
     assert view[VIEW["caption"]] == tab.gr.update()
+    again = tab.set_caption(services, view[VIEW["state"]], shown + ", smile")  # as the refusal says
+    assert again[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
+    assert tab.undo(services, again[VIEW["state"]])[VIEW["caption"]] == "zkchar, red, square, solo"
     # the caption now, typed with other spacing, is no change taken back
     assert "changed (not saved yet)" in tab.set_caption(services, state, "zkchar,red ,  square, solo ")[VIEW["status"]]
     tab.save(services, view[VIEW["state"]], False)
@@ -316,3 +319,52 @@ def test_a_caption_changed_under_the_caption_box_is_not_set_back_unseen(services
     assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
     tab.save(services, view[VIEW["state"]], False)
     assert caption(folder, "img_000") == "zkchar, smile"
+
+
+def test_text_typed_in_the_caption_box_survives_a_batch_edit_of_that_image(services, opened):
+    """The box's text rides along with every view's event (``TabState.box``): a batch edit, Undo or Reload that changes
+    the clicked image's caption while the artist is typing keeps the typed text, and says what the caption is now;
+    Set caption then puts the typed text in its place, as said. The box was overwritten, the typed text lost."""
+    folder, view = opened
+    state = tab.click_image(services, view[VIEW["state"]], 0)[VIEW["state"]]
+    typed = "zkchar, red, square, scarf, outdoors"
+    view = tab.batch_edit(services, replace(state, box=typed), "filtered", "Add tags", "solo", "", "", False, False,
+                          False, 0)
+    assert view[VIEW["caption"]] == tab.gr.update()
+    assert view[VIEW["status"]].endswith(
+        'The caption of img_000.png is now "zkchar, red, square, solo"; the caption box keeps the text you typed: Set '
+        "caption puts it in place of that, a click on the image shows the caption now (and selects or unselects it).")
+    view = tab.go_to_page(services, replace(view[VIEW["state"]], box=typed), 1)  # a later view leaves it as well
+    assert view[VIEW["caption"]] == tab.gr.update() and "caption box keeps" not in view[VIEW["status"]]
+    view = tab.set_caption(services, view[VIEW["state"]], typed)
+    assert view[VIEW["status"]] == "Caption of img_000.png changed (not saved yet)."
+    tab.save(services, view[VIEW["state"]], False)
+    assert caption(folder, "img_000") == typed
+    # the box untouched since the click is filled anew, as before
+    state = tab.click_image(services, view[VIEW["state"]], 1)[VIEW["state"]]
+    view = tab.batch_edit(services, replace(state, box="zkchar, blue, circle, solo"), "filtered", "Remove tags", "solo",
+                          "", "", False, False, False, 0)
+    assert view[VIEW["caption"]] == "zkchar, blue, circle"
+
+
+def test_every_view_event_sends_the_caption_box_the_click_fills_it(services):
+    """Without the box among a view's inputs the tab cannot tell typed text from the text it filled in."""
+    blocks = tab.build(services)
+    config = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
+    labels = {component["id"]: component.get("props", {}).get("label") for component in config["components"]}
+    box = next(id_ for id_, label in labels.items() if label == "Caption (this image)")
+    writers = [dep for dep in config["dependencies"] if box in dep["outputs"]]
+    assert len(writers) > 10
+    for dep in writers:
+        targets = {labels.get(t[0] if isinstance(t, (list, tuple)) else t) for t in dep.get("targets", [])}
+        assert box in dep["inputs"] or "Images" in targets, (targets, dep["inputs"])  # the gallery's click fills it
+
+
+def test_a_click_that_finds_no_image_leaves_the_caption_box_and_its_image_as_they_were(services, opened):
+    """A click on a page changed meanwhile emptied the box but kept its image: Set caption then emptied that image's
+    caption, unasked."""
+    folder, view = opened
+    clicked = tab.click_image(services, view[VIEW["state"]], 0)
+    missed = tab.click_image(services, clicked[VIEW["state"]], 99)
+    assert missed[VIEW["caption"]] == tab.gr.update() and missed[len(tab.OUTPUTS)] == tab.gr.update()
+    assert missed[VIEW["state"]].current == "img_000.png"

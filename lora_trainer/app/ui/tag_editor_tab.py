@@ -44,9 +44,11 @@ class TabState:
     page: int = 1
     selection: tuple[str, ...] = ()  # image names (relative to the folder)
     current: str = ""  # the image in the per-image editor
-    # (image, caption) the caption box was last filled with: when the image's caption is another since (a batch edit,
-    # Undo, Reload, or the API), the next view fills the box anew; setting a box left stale would take that change back
+    # (image, caption) the caption box was last filled with, or whose change was last said: when the image's caption is
+    # another since (a batch edit, Undo, Reload, or the API), the next view fills the box anew, or says so where the
+    # artist typed in it; setting a box left stale would take that change back
     opened: tuple[str, str] | None = None
+    box: str | None = None  # the caption box's text when the event fired (None: not sent)
     tag_query: str = ""
     discard_asked: bool = False  # Open was pressed over unsaved edits once: pressed again, they are dropped
 
@@ -99,30 +101,38 @@ def _session(services, state: TabState):
     return tag_sessions.sessions_of(services).get(state.session)
 
 
-def _caption_box(editor, state: TabState) -> tuple[TabState, object]:
-    """The caption box's update: the clicked image's caption when it is not the one the box was filled with (the
-    state then remembers the box holds it), else no change (the box keeps what the artist typed)."""
+def _caption_box(editor, state: TabState) -> tuple[TabState, object, str]:
+    """The caption box's update and a note for the status line: when the clicked image's caption is not the one the
+    box was filled with, that caption, or, where the artist typed in the box, no change and a note saying what the
+    caption is now (typed text is never overwritten); the state remembers the caption shown or said."""
     if not state.current or not state.opened or state.opened[0] != state.current:
-        return state, gr.update()
+        return state, gr.update(), ""
     try:
         image = tag_sessions.images_named(editor, [state.current])[0]
     except UserError:  # gone from the folder since (Reload): Set caption says so
-        return state, gr.update()
+        return state, gr.update(), ""
     now = tag_editor.caption_of(editor, image)
     if now == state.opened[1]:
-        return state, gr.update()
-    return replace(state, opened=(state.current, now)), now
+        return state, gr.update(), ""
+    typed = state.box is not None and tag_editor.join_tags(tag_editor.split_tags(state.box)) != state.opened[1]
+    state = replace(state, opened=(state.current, now))
+    if typed:
+        return state, gr.update(), (f'The caption of {state.current} is now "{now}"; the caption box keeps the text you '
+                                    "typed: Set caption puts it in place of that, a click on the image shows the "
+                                    "caption now (and selects or unselects it).")
+    return replace(state, box=now), now, ""
 
 
-def render(services, state: TabState, status: str = "", refresh_caption: bool = True) -> tuple:
+def render(services, state: TabState, status: str = "") -> tuple:
     """Every output for ``state``: gallery items of the current page, page text, frequency rows, history rows, status
-    and the caption box (``_caption_box``; left as typed without ``refresh_caption``)."""
+    and the caption box (``_caption_box``)."""
     if not state.session:
         return (state, [], "No folder open.", table([], FREQUENCY_COLUMNS), table([], HISTORY_COLUMNS), status,
                 gr.update())
     session = _session(services, state)
     editor, tag_filter = session.editor, session.tag_filter
-    state, caption_box = _caption_box(editor, state) if refresh_caption else (state, gr.update())
+    state, caption_box, note = _caption_box(editor, state)
+    status = f"{status} {note}".strip()
     filtered = tag_editor.select(editor, tag_filter)
     page = tag_view.page_of(editor, filtered, state.page)
     state = replace(state, page=page.number)
@@ -261,9 +271,10 @@ def click_image(services, state: TabState, index: int) -> tuple:
         page = tag_view.page_of(editor, _filtered(services, state), state.page)
         image = page.images[index]
     except (UserError, IndexError) as error:
-        return (*render(services, state, f"⚠ {error}" if isinstance(error, UserError) else "")[:-1], "", "")
+        return (*render(services, state, f"⚠ {error}" if isinstance(error, UserError) else ""), gr.update())
     name, caption = tag_sessions.image_name(editor, image), tag_editor.caption_of(editor, image)
-    state = replace(state, selection=tag_view.toggled(state.selection, name), current=name, opened=(name, caption))
+    state = replace(state, selection=tag_view.toggled(state.selection, name), current=name, opened=(name, caption),
+                    box=caption)
     return (*render(services, state)[:-1], caption, name)
 
 
@@ -276,13 +287,13 @@ def set_caption(services, state: TabState, caption: str) -> tuple:
     now = tag_editor.caption_of(session.editor, image)
     typed = tag_editor.join_tags(tag_editor.split_tags(caption or ""))
     if state.opened and state.opened[0] == state.current and now not in (state.opened[1], typed):
-        # changed where this tab did not show it (the API): the box keeps the typed text, to be copied
-        return render(services, state, f"⚠ The caption of {state.current} changed since it was opened here (a batch "
-                      f"edit, Undo, Discard, Reload or Restore): it is now \"{now}\". Copy your text from the box first "
-                      "if you want it, then click the image again to edit its caption now (a click also selects or "
-                      "unselects it).", refresh_caption=False)
+        # changed where this tab did not show it (the API, another browser tab): said, the typed text kept
+        state = replace(state, opened=(state.current, now), box=caption or "")
+        return render(services, state, f"⚠ The caption of {state.current} changed outside this tab (the API or "
+                      f"another browser tab): it is now \"{now}\". Set caption again puts your text in place of that; a "
+                      "click on the image shows the caption now (and selects or unselects it).")
     session.change(lambda editor: tag_editor.edit_caption(editor, image, caption or ""))
-    state = replace(state, opened=(state.current, tag_editor.caption_of(session.editor, image)))
+    state = replace(state, opened=(state.current, tag_editor.caption_of(session.editor, image)), box=caption or "")
     return render(services, state, f"Caption of {state.current} changed (not saved yet).")
 
 
@@ -380,7 +391,7 @@ def discard_unsaved(services, state: TabState) -> tuple:
     if not went_back:
         return render(services, state, f"No {which}image has unsaved edits: nothing to discard.")
     return render(services, state, f"Discarded the unsaved edits of {len(went_back)} {which}image(s): they show their "
-                                   "saved captions again (Undo brings the edits back).")
+                                   "caption files as they are now (Undo brings the edits back).")
 
 
 @_with_backups
@@ -595,23 +606,31 @@ def build(services):
             health_text = gr.Textbox(label="Report", lines=12, interactive=False)
 
         view = [state, gallery, page_info, frequency, history, status, caption]
-        call = lambda handler: (lambda *args: handler(services, *args))  # noqa: E731
-        open_button.click(call(open_folder), [state, folder, recursive, extension], view + [backups])
-        filter_inputs = [state, all_of, any_of, none_of, regex, untagged]
+
+        def call(handler):
+            """The handler with the caption box's text, sent last by every view event, in its state (``_caption_box``
+            keeps typed text)."""
+            def run(state_now, *args):
+                *inputs, box = args
+                return handler(services, replace(state_now, box=box), *inputs)
+            return run
+
+        open_button.click(call(open_folder), [state, folder, recursive, extension, caption], view + [backups])
+        filter_inputs = [state, all_of, any_of, none_of, regex, untagged, caption]
         filter_button.click(call(set_filter), filter_inputs, view)
-        page_number.submit(call(go_to_page), [state, page_number], view)
-        previous_page.click(lambda s: go_to_page(services, s, s.page - 1), [state], view)
-        next_page.click(lambda s: go_to_page(services, s, s.page + 1), [state], view)
-        tag_search.submit(call(search_tags), [state, tag_search], view)
-        select_all.click(call(select_all_filtered), [state], view)
-        clear.click(call(clear_selection), [state], view)
-        select_range_button.click(call(select_range), [state, range_start, range_end], view)
+        page_number.submit(call(go_to_page), [state, page_number, caption], view)
+        previous_page.click(call(lambda services, s: go_to_page(services, s, s.page - 1)), [state, caption], view)
+        next_page.click(call(lambda services, s: go_to_page(services, s, s.page + 1)), [state, caption], view)
+        tag_search.submit(call(search_tags), [state, tag_search, caption], view)
+        select_all.click(call(select_all_filtered), [state, caption], view)
+        clear.click(call(clear_selection), [state, caption], view)
+        select_range_button.click(call(select_range), [state, range_start, range_end, caption], view)
 
         def on_gallery(s, evt: gr.SelectData):
             return click_image(services, s, evt.index)
 
         gallery.select(on_gallery, [state], view + [current_name])
-        set_caption_button.click(call(set_caption), [state, caption], view)
+        set_caption_button.click(call(set_caption), [state, caption, caption], view)
 
         def on_tag(table, all_text, evt: gr.SelectData):
             rows = table.values.tolist() if hasattr(table, "values") else table
@@ -619,16 +638,17 @@ def build(services):
 
         frequency.select(on_tag, [frequency, all_of], [all_of]).then(call(set_filter), filter_inputs, view)
         edit_inputs = [state, scope, operation, tags, find, replacement, use_regex, whole_caption, at_front, keep_first,
-                       sort_by, descending]
+                       sort_by, descending, caption]
         apply_button.click(call(batch_edit), edit_inputs, view)
-        undo_button.click(call(undo), [state], view)
-        redo_button.click(call(redo), [state], view)
-        save_button.click(call(save), [state, overwrite], view + [backups])
-        reload_button.click(call(reload), [state], view + [backups])
-        discard_button.click(call(discard_unsaved), [state], view)
-        restore_button.click(call(restore), [state, backups], view + [backups])
+        undo_button.click(call(undo), [state, caption], view)
+        redo_button.click(call(redo), [state, caption], view)
+        save_button.click(call(save), [state, overwrite, caption], view + [backups])
+        reload_button.click(call(reload), [state, caption], view + [backups])
+        discard_button.click(call(discard_unsaved), [state, caption], view)
+        restore_button.click(call(restore), [state, backups, caption], view + [backups])
         train_button.click(None, [folder], [folder], **js_kwarg(TRAIN_ON_FOLDER_JS))
-        autotag_button.click(call(autotag), [state, scope, tagger_kind, model_folder, general, character, mode, trigger], view)
+        autotag_button.click(call(autotag), [state, scope, tagger_kind, model_folder, general, character, mode, trigger,
+                                             caption], view)
         prep_button.click(lambda *a: preprocess(services, *a),
                           [folder, prep_out, prep_size, prep_crop, prep_flip, prep_faces, prep_buckets], prep_result)
         health_button.click(lambda *a: health_report(services, *a), [folder, health_trigger], health_text)
