@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         tab.go_to_page(services, state, 1)
         first_page = time.perf_counter() - started
+        state = tab.click_image(services, state, 0)[0]  # an image in the caption box: every view looks its caption up
         started = time.perf_counter()
         view = tab.batch_edit(services, state, "filtered", "Replace text", "", "solo", "alone", False, False, False, 0)
         replace = time.perf_counter() - started
         print(f"open (read {args.images} captions, first page): {opened * 1000:.0f} ms")
         print(f"first page (view model + 48 thumbnails made): {first_page * 1000:.0f} ms (target ≤ 1000 ms)")
         print(f"batch replace on {args.images} images through the tab's handler: {replace * 1000:.0f} ms (target ≤ 200 ms)"
-              f" — {view[-1]}")
+              f" — {view[tab.OUTPUTS.index('status')]}")
         services.tag_sessions.close(state.session)  # discarded: its draft would be restored by the next run's open
     finally:
         services.close()
