@@ -84,6 +84,8 @@ def _without_lost_quote(item: str, windows: bool) -> str:
     unquoted = item.strip('"')
     if windows or unquoted == item:
         return unquoted
+    if item.startswith('"') and Path(item[1:].strip()).is_absolute():  # the quote begins no absolute path's name
+        item = item[1:]
     return unquoted if Path(unquoted.strip()).is_dir() and not Path(item).is_dir() else item
 
 

@@ -214,6 +214,8 @@ def test_a_quote_at_the_end_of_a_folder_name_is_its_own_where_names_may_hold_one
     assert folder_list(typed, windows=False) == [tmp_path / 'sets"', tmp_path / "data", tmp_path / "data",
                                                  tmp_path / 'new"']  # neither exists: as typed
     assert folder_list(typed, windows=True)[:2] == [tmp_path / "sets", tmp_path / "data"]
+    # a quote before an absolute path is no part of its name, the folder there or not yet (a drive mounted later)
+    assert folder_list(f'"{tmp_path}/later, {tmp_path}/data', windows=False) == [tmp_path / "later", tmp_path / "data"]
 
 
 def test_a_lora_in_the_output_folder_wins_over_one_of_its_name_in_the_webuis_lora_folder(webui_modules, tmp_path):
