@@ -650,8 +650,8 @@ def test_the_grid_stars_the_trainers_recommendation_and_a_step_file_shows_its_ow
     # epoch 2 not kept: no file is starred (the nearest kept one is not the recommendation), and the grid says so
     kept = [f for f in files if f.path.name != "run-000002.safetensors"]
     assert best_epoch(kept, kept, recorded_losses(kept), notes) is None
-    assert notes == ["The recommended epoch is 2, and no file of epoch 2 was kept: to have it, save every epoch "
-                     "(--save_every_n_epochs 1, and --save_last_n_epochs none or larger)."]
+    assert notes == ["The recommended epoch is 2, and no file of epoch 2 was kept: to have it, save every epoch with "
+                     "--save_every_n_epochs 1, and --save_last_n_epochs left out or as large as the epochs."]
 
 
 def test_the_star_is_the_runs_recommended_epoch_and_an_axis_without_it_says_to_add_it(tmp_path):

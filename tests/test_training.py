@@ -859,6 +859,7 @@ def test_a_recommended_epoch_without_a_kept_file_says_how_to_keep_it(dataset, tm
     end = read_events(tmp_path / "finals only" / "star.events.jsonl")[0][-1]
     assert end["recommended_epoch"] == 1 and "no file of epoch 1 was kept" in end["reason"]
     assert "--save_every_n_epochs 1" in end["reason"]
+    assert not end["reason"].endswith(")")  # shown as "(reason)": it read "… larger))"
     assert run(dataset, tmp_path / "every epoch", "--save_every_n_epochs", "1") == 0
     end = read_events(tmp_path / "every epoch" / "star.events.jsonl")[0][-1]
     assert end["reason"] == "the knee"

@@ -72,8 +72,8 @@ def recommended_from_recorded(recorded: dict) -> Recommendation | None:
 
 def unkept_epoch(epoch: int) -> str:
     """Said where the recommended ``epoch`` has no file (the trainer's end, the grid)."""
-    return (f"no file of epoch {epoch} was kept: to have it, save every epoch (--save_every_n_epochs 1, and "
-            "--save_last_n_epochs none or larger)")
+    return (f"no file of epoch {epoch} was kept: to have it, save every epoch with --save_every_n_epochs 1, and "
+            "--save_last_n_epochs left out or as large as the epochs")
 
 
 def recommend_epoch(train_losses: list[float], validation_losses: list[float | None],
