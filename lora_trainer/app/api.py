@@ -292,13 +292,15 @@ def _listed_checkpoint(model: str, checkpoints: Mapping[str, Path]) -> Path | No
     if (by_name := checkpoints.get(model) or bundled_model(model)) is not None:
         return by_name
     given = Path(unquoted(model))
-    if not given.is_absolute():
+    if not given.is_absolute() or "\x00" in model:  # a NUL: refused as a path, by allowed_path
         return None
 
-    def where(path: Path) -> str:
-        return os.path.normcase(str(path.resolve()))  # Windows: any case, either slash
+    def where(path: Path, resolved: bool) -> str:
+        return os.path.normcase(str(path.resolve() if resolved else Path(os.path.abspath(path))))  # Windows: any case
 
-    return next((path for path in checkpoints.values() if where(path) == where(given)), None)
+    # the path as listed first: resolving hundreds of the WebUI's checkpoints at every submit only where it is not
+    return next((path for resolved in (False, True) for path in checkpoints.values()
+                 if where(path, resolved) == where(given, resolved)), None)
 
 
 def job_json(job: Job) -> dict:

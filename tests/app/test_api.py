@@ -1463,6 +1463,8 @@ def test_a_job_may_name_its_base_model_by_its_title_in_the_hosts_list(client, fa
     shutil.copy(TINY_MODEL_PATH, beside)
     not_listed = {"name": "zkchar5", "options": {**options, "pretrained_model_name_or_path": str(beside)}}
     assert_error(client.post(f"{V1}/jobs", json=not_listed), 403, "path_not_allowed", "pretrained_model_name_or_path")
+    nul = {"name": "zkchar6", "options": {**options, "pretrained_model_name_or_path": f"{embedded}\x00"}}
+    assert_error(client.post(f"{V1}/jobs", json=nul), 400, "invalid", "pretrained_model_name_or_path")
     unknown = {"name": "zkchar3", "options": {**options, "pretrained_model_name_or_path": "sd15 [abcd1234]"}}
     error = assert_error(client.post(f"{V1}/jobs", json=unknown), 400, "not_found", "pretrained_model_name_or_path")
     assert "'sd15 [abcd1234]' is not a checkpoint title (GET /checkpoints lists them) nor an absolute path" in error["message"]

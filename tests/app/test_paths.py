@@ -7,6 +7,7 @@ import os
 import pytest
 
 from lora_trainer.app.paths import PathNotAllowed, allowed_path, plain_name
+from lora_trainer.errors import UserError
 
 
 @pytest.fixture
@@ -65,3 +66,10 @@ def test_a_path_pasted_with_windows_explorers_quotes_is_read_without_them(roots)
     assert allowed_path(f' "{folder}" ', roots, "dataset folder") == folder.resolve()
     with pytest.raises(PathNotAllowed, match="dataset folder: no path given"):
         allowed_path('""', roots, "dataset folder")
+
+
+def test_a_path_holding_a_nul_character_is_refused_naming_the_field(roots):
+    """A request's path with a NUL (``"/data\\u0000x"`` in a JSON body) ended in a 500 from the file system's call."""
+    with pytest.raises(UserError, match="train_data_dir: a path cannot hold a NUL character") as refused:
+        allowed_path(f"{roots[0]}\x00x", roots, "train_data_dir")
+    assert refused.value.field == "train_data_dir" and not isinstance(refused.value, PathNotAllowed)
