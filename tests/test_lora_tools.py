@@ -350,6 +350,24 @@ def test_concat_merge_is_exactly_the_weighted_sum_of_deltas(tmp_path):
     assert summary.dim == "8" and summary.hash_matches and summary.metadata["modelspec.merged_from"] == "tinylora, tinylora-000001"
 
 
+def test_merge_takes_sd_scripts_models_and_ratios_as_merge_lora_py_does(tmp_path, capsys):
+    """A Kohya user's ``--models A B --ratios 0.7 -0.3 --save_to OUT`` (sd-scripts' merge_lora.py) was refused as
+    unrecognised arguments; it is the same merge as ``A:0.7 B:-0.3``."""
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    assert main(["lora", "merge", f"{KOHYA_LORA}:0.7", f"{KOHYA_LORA_EPOCH_1}:-0.3", "--out", str(ours)]) == 0
+    assert main(["lora", "merge", "--models", str(KOHYA_LORA), str(KOHYA_LORA_EPOCH_1), "--ratios", "0.7", "-0.3",
+                 "--save_to", str(theirs)]) == 0
+    assert deltas(read_network(ours)).keys() == deltas(read_network(theirs)).keys()
+    for name, delta in deltas(read_network(theirs)).items():
+        assert torch.equal(delta, deltas(read_network(ours))[name]), name
+    capsys.readouterr()
+    assert main(["lora", "merge", "--models", str(KOHYA_LORA), str(KOHYA_LORA_EPOCH_1), "--ratios", "0.7",
+                 "--save_to", str(tmp_path / "x.safetensors")]) == 2
+    assert "--ratios: give one ratio for each of the 2 --models (1 given)" in capsys.readouterr().err
+    assert main(["lora", "merge", str(KOHYA_LORA), "--models", str(KOHYA_LORA), "--save_to", str(tmp_path / "y.safetensors")]) == 2
+    assert "give the networks once" in capsys.readouterr().err
+
+
 def test_svd_merge_of_a_lora_and_a_loha_at_full_rank_is_the_weighted_sum(tmp_path):
     out = tmp_path / "svd.safetensors"
     result = merge([(KOHYA_LORA, 0.5), (KOHYA_LOHA, 1.0)], out, mode="svd", rank=10_000, model=TINY_KOHYA_CHECKPOINT,

@@ -85,10 +85,19 @@ def run_resize(args) -> None:
 def run_merge(args) -> None:
     from .merge import merge
 
+    if bool(args.files) == bool(args.models):
+        raise UserError("lora merge: give the networks once, as FILE[:WEIGHT] … or as sd-scripts' --models FILE … "
+                        "(with --ratios)")
     inputs = []
     for text in args.files:
         path, numbers = network_with_numbers(text, 1)
         inputs.append((path, numbers[0] if numbers else 1.0))
+    if args.models:
+        ratios = args.ratios or [1.0] * len(args.models)
+        if len(ratios) != len(args.models):
+            raise UserError(f"--ratios: give one ratio for each of the {len(args.models)} --models ({len(ratios)} given)",
+                            "ratios")
+        inputs = list(zip(args.models, ratios))
     with progress_callback("module", "merging") as progress:
         result = merge(inputs, args.out, args.mode, args.new_rank, args.new_conv_rank, args.model, args.precision,
                        args.clamp_quantile, progress)
@@ -143,7 +152,9 @@ def add_lora_commands(subparsers) -> None:
     r.set_defaults(run=run_resize)
 
     g = tools.add_parser("merge", help="several networks with weights into one LoRA (concatenated ranks, or SVD)")
-    g.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
+    g.add_argument("files", nargs="*", metavar="FILE[:WEIGHT]")
+    g.add_argument("--models", type=Path, nargs="+", help="the networks, as sd-scripts' merge_lora.py takes them")
+    g.add_argument("--ratios", type=float, nargs="+", help="their weights, one per --models file (default 1)")
     g.add_argument("--out", "--save_to", type=Path, required=True)
     g.add_argument("--mode", choices=["concat", "svd"], default="concat",
                    help="concat: exact, LoRA/LoCon only, rank = sum of ranks; svd: any algorithm, SVD to --new_rank")
