@@ -13,6 +13,7 @@ from pathlib import Path
 from ...training.events import format_seconds, outliers_sentence, read_events
 
 NOTIFY_STATUSES = ("finished", "failed", "stopped", "paused", "interrupted")
+WARNINGS_SHOWN = 5  # the trainer's latest warnings under the progress line
 
 
 @dataclass
@@ -121,7 +122,8 @@ def read_view(events_path: str | Path, status: str, message: str | None = None) 
 
 
 def progress_text(view: LiveView) -> str:
-    """One Markdown line: status, step/total, epoch, it/s, ETA, lr, memory."""
+    """One Markdown line: status, step/total, epoch, it/s, ETA, lr, memory; under it the trainer's latest warnings
+    (what it left out, changed or could not do), the recommended epoch and the error."""
     parts = [f"**{view.status}**"]
     if view.total:
         parts.append(f"step {view.step}/{view.total} ({view.fraction:.0%})")
@@ -141,6 +143,9 @@ def progress_text(view: LiveView) -> str:
     if view.memory_mib is not None:
         parts.append(f"memory {view.memory_mib / 1024:.1f} GiB")
     text = " · ".join(parts)
+    text += "".join(f"\n\n⚠ {warning}" for warning in view.warnings[-WARNINGS_SHOWN:])
+    if len(view.warnings) > WARNINGS_SHOWN:  # a sample prompt failing at every epoch must not push the rest away
+        text += f"\n\n{len(view.warnings) - WARNINGS_SHOWN} earlier warnings are in the job's events.jsonl (its folder)"
     if view.status == "paused":  # it trains on when resumed: a verdict on the epochs so far would read as final
         return text + ("\n\n**Error:** " + view.error if view.error else "")
     if view.recommended_epoch:
