@@ -26,3 +26,11 @@ def test_the_trainers_warnings_show_under_the_progress_line_the_latest_five():
         assert [line for line in text.split("\n\n") if line.startswith("⚠")] == [
             f"⚠ sample prompt {n} at step 4 failed (OSError: disk full)" for n in range(4, 9)], text
         assert "3 earlier warnings are in the job's events.jsonl (its folder)" in text
+
+
+def test_an_sd_scripts_backend_run_shows_its_average_loss_in_the_progress_line():
+    """sd-scripts prints only its running average (avr_loss), which the plot drew and the progress line left out: a
+    --backend run showed no loss number at all."""
+    steps = [{"event": "step", "step": s, "total": 6, "epoch": 1, "average": 0.5 / s, "seconds": 1.0} for s in (1, 2)]
+    text = progress_text(view_of([{"event": "start", "backend": "sd-scripts"}, *steps], "running"))
+    assert "step 2/6 (33%) · epoch 1 · 1.00 it/s · ETA 0:04 · avg loss 0.2500" in text, text

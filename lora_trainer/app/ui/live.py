@@ -138,6 +138,8 @@ def progress_text(view: LiveView) -> str:
         parts.append(f"ETA {format_seconds(view.eta_seconds)}")
     if view.loss:
         parts.append(f"loss {view.loss[-1][1]:.4f}" + (f" (avg {view.average[-1][1]:.4f})" if view.average else ""))
+    elif view.average:  # sd-scripts (--backend) prints only its running average
+        parts.append(f"avg loss {view.average[-1][1]:.4f}")
     if view.learning_rate:
         parts.append("lr " + " / ".join(f"{lr:.2e}" for lr in view.learning_rate))
     if view.memory_mib is not None:
