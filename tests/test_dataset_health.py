@@ -310,6 +310,8 @@ def test_zero_valid_images_and_corrupt_files(tmp_path):
     report = check_dataset(tmp_path)
     assert {(f.kind, f.path) for f in report.errors} == {
         ("corrupt-image", "10_zk/broken.png"), ("corrupt-image", "10_zk/zero.jpg"), ("no-images", ".")}
+    broken = next(f for f in report.errors if f.path == "10_zk/broken.png")
+    assert broken.message.endswith("; re-export it or remove it: sd-scripts stops on it."), broken.message  # not "it. ("
     good = make_image(tmp_path / "10_zk" / "good.png", (512, 512), 1)
     truncated = tmp_path / "10_zk" / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:200])
