@@ -421,16 +421,30 @@ def image_name(editor: TagEditor, image: Path) -> str:
     return image.relative_to(editor.folder).as_posix()
 
 
+_NAMES: dict[int, tuple[tuple[Path, ...], dict[str, Path]]] = {}  # id(images) → (those images, name → image)
+
+
+def _names_of(editor: TagEditor) -> dict[str, Path]:
+    """The editor's images by name, made once per folder read (edits keep the same ``images``): the clicked image is
+    looked up at every view, and a pass over 10,000 images each time cost more than the view."""
+    images = editor.images
+    cached = _NAMES.get(id(images))
+    if cached is None or cached[0] is not images:  # held here, so its id is no other tuple's while cached
+        if len(_NAMES) >= 8:
+            _NAMES.clear()
+        cached = _NAMES[id(images)] = (images, {image_name(editor, image): image for image in images})
+    return cached[1]
+
+
 def images_named(editor: TagEditor, names: Iterable[str], field: str = "selection") -> list[Path]:
     """Images by their relative names; a name that is not an image of the folder is a UserError naming it."""
-    names = list(names)
-    direct = [editor.folder.joinpath(*name.split("/")) for name in names]
-    if all(image in editor.tags and image_name(editor, image) == name for image, name in zip(direct, names)):
-        return direct  # the usual case (the clicked image, at every view), without a pass over 10,000 images
-    known = {image_name(editor, image): image for image in editor.images}
+    known = _names_of(editor)
     chosen, unknown = [], []
     for name in names:
-        (chosen if name in known else unknown).append(known.get(name, name))
+        if isinstance(name, str) and name in known:  # a number or a list in a request's selection is no name
+            chosen.append(known[name])
+        else:
+            unknown.append(name)
     if unknown:
         shown = ", ".join(repr(name) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
         raise UserError(f"{field}: {shown} is not an image of {editor.folder}; use the names the page lists.", field)

@@ -766,6 +766,9 @@ def test_tag_session_edit_filter_undo_redo_save(services, make_dataset):
     assert client.post(f"{V1}/datasets/{sid}/redo").json()["history"]["redo"] == []
     assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "selection": ["../../etc/passwd"]}),
                  400, field="selection")
+    for names in ([1], [None], [["img_000.png"]]):  # not names: a 400, never a 500
+        assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "selection": names}),
+                     400, field="selection")
     assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "nuke"}), 400, "invalid", field="op")
     for bad, field in (([1], "filter"), ("zkchar", "filter"), (5, "filter"), ({"untagged": "false"}, "filter.untagged")):
         assert_error(client.post(f"{V1}/datasets/{sid}/edit", json={"op": "add", "tags": ["x"], "filter": bad}), 400,

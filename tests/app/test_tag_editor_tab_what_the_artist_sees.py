@@ -347,17 +347,40 @@ def test_text_typed_in_the_caption_box_survives_a_batch_edit_of_that_image(servi
     assert view[VIEW["caption"]] == "zkchar, blue, circle"
 
 
-def test_every_view_event_sends_the_caption_box_the_click_fills_it(services):
-    """Without the box among a view's inputs the tab cannot tell typed text from the text it filled in."""
+def test_every_view_event_sends_the_caption_box_last_and_fills_it_only_once_the_view_is_shown(services):
+    """Without the box as a view's last input the tab cannot tell typed text from the text it filled in (an input
+    before it shifts every argument); a view's fill waits in a state for the step after it, which reads the box then."""
     blocks = tab.build(services)
     config = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
+    kinds = {component["id"]: component.get("type") for component in config["components"]}
     labels = {component["id"]: component.get("props", {}).get("label") for component in config["components"]}
     box = next(id_ for id_, label in labels.items() if label == "Caption (this image)")
-    writers = [dep for dep in config["dependencies"] if box in dep["outputs"]]
-    assert len(writers) > 10
-    for dep in writers:
-        targets = {labels.get(t[0] if isinstance(t, (list, tuple)) else t) for t in dep.get("targets", [])}
-        assert box in dep["inputs"] or "Images" in targets, (targets, dep["inputs"])  # the gallery's click fills it
+    views = [dep for dep in config["dependencies"] if len(dep["outputs"]) > tab.CAPTION
+             and kinds[dep["outputs"][tab.CAPTION]] == "state"]  # their caption fill goes to the pending state
+    fills = [dep for dep in config["dependencies"] if dep["outputs"][:1] == [box] and len(dep["outputs"]) == 2]
+    assert len(views) > 15 and len(fills) == len(views)
+    for dep in views + fills + [dep for dep in config["dependencies"] if box in dep["outputs"]]:
+        assert dep["inputs"][-1] == box, dep["inputs"]
+
+
+def test_text_typed_while_a_view_ran_is_kept_and_said(services, opened):
+    """The box's text is sent with the click on Apply; a batch edit (an Auto-tag: minutes) that changes the clicked
+    image's caption filled the box over what was typed while it ran."""
+    folder, view = opened
+    state = tab.click_image(services, view[VIEW["state"]], 0)[VIEW["state"]]
+    apply = tab.with_caption_box(services, tab.batch_edit)
+    out = apply(state, "filtered", "Add tags", "solo", "", "", False, False, False, 0, "zkchar, red, square")
+    pending = out[tab.CAPTION]
+    assert pending == ("img_000.png", "zkchar, red, square", "zkchar, red, square, solo")
+    assert tab.fill_caption_box(pending, out[VIEW["status"]], "zkchar, red, square") == (
+        "zkchar, red, square, solo", tab.gr.update())  # the box untouched until the view came: filled
+    box, status = tab.fill_caption_box(pending, out[VIEW["status"]], "zkchar, red, square, sca")  # typed meanwhile
+    assert box == tab.gr.update() and status.startswith(out[VIEW["status"]])
+    assert status.endswith('The caption of img_000.png is now "zkchar, red, square, solo"; the caption box keeps the text '
+                           "you typed: Set caption puts it in place of that, a click on the image shows the caption now "
+                           "(and selects or unselects it).")
+    again = apply(out[0], "filtered", "Remove tags", "not_there", "", "", False, False, False, 0, "zkchar, red, sca")
+    assert again[tab.CAPTION] is None  # nothing changed the caption: no fill
 
 
 def test_a_click_that_finds_no_image_leaves_the_caption_box_and_its_image_as_they_were(services, opened):

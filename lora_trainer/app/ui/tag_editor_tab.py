@@ -1,8 +1,10 @@
 """The Dataset Tag Editor tab: a thin gradio shell over ``app.tag_sessions`` (the server-side editor the API shares)
 and ``tag_view`` (what a page shows). Handlers are plain functions of the services and the browser's ``TabState``
 returning every output in ``OUTPUTS`` order (Open, Save, Reload and Restore then the Backups list), so tests call
-them directly. The caption box is among them: it shows the clicked image's caption again whenever that caption changed
-since the box was filled (a batch edit, Undo, Discard, Reload, Restore), and is left as typed otherwise.
+them directly. The caption box is among them: when the clicked image's caption changed since the box was filled (a
+batch edit, Undo, Discard, Reload, Restore), a view fills it anew where it still holds that text, and where the artist
+typed in it (before the event or while it ran: ``fill_caption_box`` reads the box once the view is shown) it keeps the
+typed text and the status line says what the caption is now.
 
 Only one page of thumbnails (48) goes to the browser; thumbnails are made when a page first shows them and kept
 under the data folder, keyed by file, size and modification time.
@@ -34,6 +36,7 @@ OPERATIONS = {  # label → tag_sessions op
     "Lowercase": "lowercase", "Underscores to spaces": "underscores_to_spaces", "Spaces to underscores": "spaces_to_underscores",
 }
 OUTPUTS = ("state", "gallery", "page_info", "frequency", "history", "status", "caption")
+CAPTION = OUTPUTS.index("caption")
 FREQUENCY_COLUMNS = ["tag", "images"]
 HISTORY_COLUMNS = ["#", "step", "state", "images"]
 
@@ -117,10 +120,39 @@ def _caption_box(editor, state: TabState) -> tuple[TabState, object, str]:
     typed = state.box is not None and tag_editor.join_tags(tag_editor.split_tags(state.box)) != state.opened[1]
     state = replace(state, opened=(state.current, now))
     if typed:
-        return state, gr.update(), (f'The caption of {state.current} is now "{now}"; the caption box keeps the text you '
-                                    "typed: Set caption puts it in place of that, a click on the image shows the "
-                                    "caption now (and selects or unselects it).")
+        return state, gr.update(), _kept_typed_text(state.current, now)
     return replace(state, box=now), now, ""
+
+
+def _kept_typed_text(name: str, caption: str) -> str:
+    return (f'The caption of {name} is now "{caption}"; the caption box keeps the text you typed: Set caption puts it '
+            "in place of that, a click on the image shows the caption now (and selects or unselects it).")
+
+
+def with_caption_box(services, handler):
+    """``handler`` as a view event calls it: the caption box's text comes last among the inputs (``TabState.box``), and
+    its fill of the box goes out as ``(image, box when sent, caption)`` for ``fill_caption_box`` to apply once the view
+    is shown (text typed while the event ran, minutes for an Auto-tag, is not overwritten); None: the box stays."""
+
+    def run(state_now, *args):
+        *inputs, box = args
+        outputs = list(handler(services, replace(state_now, box=box), *inputs))
+        fill = outputs[CAPTION]
+        outputs[CAPTION] = (outputs[0].current, box, fill) if isinstance(fill, str) else None
+        return tuple(outputs)
+
+    return run
+
+
+def fill_caption_box(pending, status: str, box: str) -> tuple:
+    """After a view: its fill of the caption box where the box still holds the text it had when the event was sent;
+    else the box keeps what was typed meanwhile, and the status line says what the caption is now."""
+    if pending is None:
+        return gr.update(), gr.update()
+    name, sent, caption = pending
+    if box == sent:
+        return caption, gr.update()
+    return gr.update(), f"{status or ''} {_kept_typed_text(name, caption)}".strip()
 
 
 def render(services, state: TabState, status: str = "") -> tuple:
@@ -605,50 +637,49 @@ def build(services):
             health_button = gr.Button("Check")
             health_text = gr.Textbox(label="Report", lines=12, interactive=False)
 
-        view = [state, gallery, page_info, frequency, history, status, caption]
+        # a view's fill of the caption box waits in `pending` until the view is shown: fill_caption_box then reads the
+        # box as it is (typed into meanwhile, or not)
+        pending = gr.State(None)
+        view = [state, gallery, page_info, frequency, history, status, pending]
 
-        def call(handler):
-            """The handler with the caption box's text, sent last by every view event, in its state (``_caption_box``
-            keeps typed text)."""
-            def run(state_now, *args):
-                *inputs, box = args
-                return handler(services, replace(state_now, box=box), *inputs)
-            return run
+        def on(trigger, handler, inputs, outputs=view):
+            event = trigger(with_caption_box(services, handler), [*inputs, caption], outputs)
+            return event.then(fill_caption_box, [pending, status, caption], [caption, status])
 
-        open_button.click(call(open_folder), [state, folder, recursive, extension, caption], view + [backups])
-        filter_inputs = [state, all_of, any_of, none_of, regex, untagged, caption]
-        filter_button.click(call(set_filter), filter_inputs, view)
-        page_number.submit(call(go_to_page), [state, page_number, caption], view)
-        previous_page.click(call(lambda services, s: go_to_page(services, s, s.page - 1)), [state, caption], view)
-        next_page.click(call(lambda services, s: go_to_page(services, s, s.page + 1)), [state, caption], view)
-        tag_search.submit(call(search_tags), [state, tag_search, caption], view)
-        select_all.click(call(select_all_filtered), [state, caption], view)
-        clear.click(call(clear_selection), [state, caption], view)
-        select_range_button.click(call(select_range), [state, range_start, range_end, caption], view)
+        on(open_button.click, open_folder, [state, folder, recursive, extension], view + [backups])
+        filter_inputs = [state, all_of, any_of, none_of, regex, untagged]
+        on(filter_button.click, set_filter, filter_inputs)
+        on(page_number.submit, go_to_page, [state, page_number])
+        on(previous_page.click, lambda services, s: go_to_page(services, s, s.page - 1), [state])
+        on(next_page.click, lambda services, s: go_to_page(services, s, s.page + 1), [state])
+        on(tag_search.submit, search_tags, [state, tag_search])
+        on(select_all.click, select_all_filtered, [state])
+        on(clear.click, clear_selection, [state])
+        on(select_range_button.click, select_range, [state, range_start, range_end])
 
-        def on_gallery(s, evt: gr.SelectData):
-            return click_image(services, s, evt.index)
+        def on_gallery(s, box, evt: gr.SelectData):  # a click fills the box with the image's caption, as asked
+            return click_image(services, replace(s, box=box), evt.index)
 
-        gallery.select(on_gallery, [state], view + [current_name])
-        set_caption_button.click(call(set_caption), [state, caption, caption], view)
+        gallery.select(on_gallery, [state, caption], [state, gallery, page_info, frequency, history, status, caption,
+                                                      current_name])
+        on(set_caption_button.click, set_caption, [state, caption])
 
         def on_tag(table, all_text, evt: gr.SelectData):
             rows = table.values.tolist() if hasattr(table, "values") else table
             return click_tag(rows, evt.index[0], all_text)
 
-        frequency.select(on_tag, [frequency, all_of], [all_of]).then(call(set_filter), filter_inputs, view)
+        on(frequency.select(on_tag, [frequency, all_of], [all_of]).then, set_filter, filter_inputs)
         edit_inputs = [state, scope, operation, tags, find, replacement, use_regex, whole_caption, at_front, keep_first,
-                       sort_by, descending, caption]
-        apply_button.click(call(batch_edit), edit_inputs, view)
-        undo_button.click(call(undo), [state, caption], view)
-        redo_button.click(call(redo), [state, caption], view)
-        save_button.click(call(save), [state, overwrite, caption], view + [backups])
-        reload_button.click(call(reload), [state, caption], view + [backups])
-        discard_button.click(call(discard_unsaved), [state, caption], view)
-        restore_button.click(call(restore), [state, backups, caption], view + [backups])
+                       sort_by, descending]
+        on(apply_button.click, batch_edit, edit_inputs)
+        on(undo_button.click, undo, [state])
+        on(redo_button.click, redo, [state])
+        on(save_button.click, save, [state, overwrite], view + [backups])
+        on(reload_button.click, reload, [state], view + [backups])
+        on(discard_button.click, discard_unsaved, [state])
+        on(restore_button.click, restore, [state, backups], view + [backups])
         train_button.click(None, [folder], [folder], **js_kwarg(TRAIN_ON_FOLDER_JS))
-        autotag_button.click(call(autotag), [state, scope, tagger_kind, model_folder, general, character, mode, trigger,
-                                             caption], view)
+        on(autotag_button.click, autotag, [state, scope, tagger_kind, model_folder, general, character, mode, trigger])
         prep_button.click(lambda *a: preprocess(services, *a),
                           [folder, prep_out, prep_size, prep_crop, prep_flip, prep_faces, prep_buckets], prep_result)
         health_button.click(lambda *a: health_report(services, *a), [folder, health_trigger], health_text)
