@@ -351,8 +351,9 @@ def test_concat_merge_is_exactly_the_weighted_sum_of_deltas(tmp_path):
 
 
 def test_merge_takes_sd_scripts_models_and_ratios_as_merge_lora_py_does(tmp_path, capsys):
-    """A Kohya user's ``--models A B --ratios 0.7 -0.3 --save_to OUT`` (sd-scripts' merge_lora.py) was refused as
-    unrecognised arguments; it is the same merge as ``A:0.7 B:-0.3``."""
+    """A Kohya user's ``--models A B --ratios 0.7 -0.3 --save_to OUT`` (sd-scripts' merge_lora.py; its ``--concat``
+    too) was refused as unrecognised arguments; it is the same merge as ``A:0.7 B:-0.3`` (r × ΔW: merge_lora.py's own
+    arithmetic gives r·|r| × ΔW, said in --help)."""
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
     assert main(["lora", "merge", f"{KOHYA_LORA}:0.7", f"{KOHYA_LORA_EPOCH_1}:-0.3", "--out", str(ours)]) == 0
     assert main(["lora", "merge", "--models", str(KOHYA_LORA), str(KOHYA_LORA_EPOCH_1), "--ratios", "0.7", "-0.3",
@@ -366,6 +367,11 @@ def test_merge_takes_sd_scripts_models_and_ratios_as_merge_lora_py_does(tmp_path
     assert "--ratios: give one ratio for each of the 2 --models (1 given)" in capsys.readouterr().err
     assert main(["lora", "merge", str(KOHYA_LORA), "--models", str(KOHYA_LORA), "--save_to", str(tmp_path / "y.safetensors")]) == 2
     assert "give the networks once" in capsys.readouterr().err
+    # ratios for files given as FILE[:WEIGHT] were ignored (merged at 1.0)
+    assert main(["lora", "merge", str(KOHYA_LORA), str(KOHYA_LORA_EPOCH_1), "--ratios", "0.1", "0.1",
+                 "--save_to", str(tmp_path / "z.safetensors")]) == 2
+    assert "--ratios weighs the --models files" in capsys.readouterr().err and not (tmp_path / "z.safetensors").exists()
+    assert main(["lora", "merge", "--models", str(KOHYA_LORA), "--concat", "--save_to", str(tmp_path / "c.safetensors")]) == 0
 
 
 def test_svd_merge_of_a_lora_and_a_loha_at_full_rank_is_the_weighted_sum(tmp_path):

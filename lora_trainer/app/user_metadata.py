@@ -21,7 +21,7 @@ def sd_version(metadata: dict[str, str]) -> str:
     base = str(metadata.get("ss_base_model_version", ""))
     if base.startswith("sdxl_"):
         return "SDXL"
-    if str(metadata.get("ss_v2", "")) == "True" or base.startswith("sd_v2"):
+    if str(metadata.get("ss_v2", "")) == "True":  # the WebUI's test; our files write it beside sd_v2…
         return "SD2"
     return "SD1" if metadata else "Unknown"
 

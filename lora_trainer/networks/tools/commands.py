@@ -85,9 +85,12 @@ def run_resize(args) -> None:
 def run_merge(args) -> None:
     from .merge import merge
 
-    if bool(args.files) == bool(args.models):
-        raise UserError("lora merge: give the networks once, as FILE[:WEIGHT] … or as sd-scripts' --models FILE … "
-                        "(with --ratios)")
+    if args.files and args.models:
+        raise UserError("lora merge: give the networks once, as FILE[:WEIGHT] … or as sd-scripts' --models FILE …")
+    if not args.files and not args.models:
+        raise UserError("lora merge: name the networks to merge, as FILE[:WEIGHT] … or as --models FILE … --ratios R …")
+    if args.ratios and not args.models:
+        raise UserError("--ratios weighs the --models files: give the weights as FILE:WEIGHT instead", "ratios")
     inputs = []
     for text in args.files:
         path, numbers = network_with_numbers(text, 1)
@@ -154,7 +157,10 @@ def add_lora_commands(subparsers) -> None:
     g = tools.add_parser("merge", help="several networks with weights into one LoRA (concatenated ranks, or SVD)")
     g.add_argument("files", nargs="*", metavar="FILE[:WEIGHT]")
     g.add_argument("--models", type=Path, nargs="+", help="the networks, as sd-scripts' merge_lora.py takes them")
-    g.add_argument("--ratios", type=float, nargs="+", help="their weights, one per --models file (default 1)")
+    g.add_argument("--ratios", type=float, nargs="+", help="their weights, one per --models file (default 1); a weight "
+                   "r gives r × ΔW, where merge_lora.py scales up by |r| and down by r (r·|r| × ΔW)")
+    g.add_argument("--concat", action="store_const", const="concat", dest="mode", default=argparse.SUPPRESS,
+                   help="sd-scripts' merge_lora.py switch for --mode concat (the default)")
     g.add_argument("--out", "--save_to", type=Path, required=True)
     g.add_argument("--mode", choices=["concat", "svd"], default="concat",
                    help="concat: exact, LoRA/LoCon only, rank = sum of ranks; svd: any algorithm, SVD to --new_rank")
