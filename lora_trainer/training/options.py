@@ -700,6 +700,15 @@ def _timestep_problems(low: int | None, high: int | None) -> list[str]:
     return problems
 
 
+def _ascending_pair(text: str) -> bool:
+    """``"low,high"`` with low ≤ high, as sd-scripts reads ``--face_crop_aug_range``."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        return False
+    return low <= high
+
+
 def _mistyped_paths(options: TrainOptions) -> list[str]:
     """``"D:\\new\\train"`` in a TOML file reads as a line break and a tab, and ``"D:\\my data\\"`` on a Windows
     command line escapes its closing quote (the next options become part of the path): said as that, not as a folder
@@ -842,6 +851,10 @@ def validate(options: TrainOptions, template: bool = False, from_file: dict[str,
             problems.append(str(problem))
     if options.cache_latents_to_disk:
         options.cache_latents = True
+    if options.face_crop_aug_range is not None and not _ascending_pair(options.face_crop_aug_range):
+        # sd-scripts' prepare_dataset_args stops on it; the dataset read a reversed range as one fixed scale
+        problems.append(f'--face_crop_aug_range {options.face_crop_aug_range!r}: give two numbers, the smaller first '
+                        '("2.0,4.0": the face 1/4 to 1/2 of the short side)')
     augmented = [f"--{name}" for name in ("color_aug", "random_crop", "face_crop_aug_range") if getattr(options, name)]
     if options.face_crop_aug_range and options.enable_bucket:
         problems.append("--face_crop_aug_range cuts the fixed resolution around the face and does not work with "

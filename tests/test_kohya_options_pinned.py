@@ -1,0 +1,23 @@
+"""A Kohya user's command line and --config_file TOML, pinned to sd-scripts' own reading of them (48d368fa,
+train_network.py's setup_parser and train_util's read_config_from_file, verify_training_args, prepare_dataset_args).
+Pure: nothing here loads a model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lora_trainer.errors import UserError
+from lora_trainer.training.options import parse_args
+
+COMMAND = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "d"]
+
+
+@pytest.mark.parametrize("given", ["4.0,2.0", "2.0", "2.0,3.0,4.0", "two,four"])
+def test_a_face_crop_range_sd_scripts_stops_on_is_refused_before_any_work(given):
+    """prepare_dataset_args asserts two numbers, the smaller first; a reversed range trained at one fixed scale here."""
+    with pytest.raises(UserError, match=re.escape(f"--face_crop_aug_range {given!r}: give two numbers, the smaller "
+                                                  'first ("2.0,4.0"')):
+        parse_args([*COMMAND, "--face_crop_aug_range", given])
+    assert parse_args([*COMMAND, "--face_crop_aug_range", "2,2"])[0].face_crop_aug_range == "2,2"
