@@ -21,3 +21,11 @@ def test_a_face_crop_range_sd_scripts_stops_on_is_refused_before_any_work(given)
                                                   'first ("2.0,4.0"')):
         parse_args([*COMMAND, "--face_crop_aug_range", given])
     assert parse_args([*COMMAND, "--face_crop_aug_range", "2,2"])[0].face_crop_aug_range == "2,2"
+
+
+def test_a_config_file_with_sd_scripts_old_spelling_caption_extention_reads_it_as_sd_scripts_does(tmp_path):
+    """--caption_extention is an option of sd-scripts' parser (its --output_config writes it from an old command), and
+    prepare_dataset_args puts it in place of caption_extension."""
+    config = tmp_path / "args.toml"
+    config.write_text('caption_extension = ".caption"\ncaption_extention = ".txt"\n', encoding="utf-8")
+    assert parse_args([*COMMAND, "--config_file", str(config)])[0].caption_extension == ".txt"

@@ -527,6 +527,8 @@ def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dic
         del flat[key]
         if notes is not None:
             notes.append(f"{path}: {key} is not read, by sd-scripts either ({FRONT_END_KEYS[key]})")
+    if "caption_extention" in flat:  # sd-scripts' old spelling, its own option, put in place of caption_extension
+        flat["caption_extension"] = flat.pop("caption_extention")
     unknown = sorted(k for k in flat if k not in FIELDS and k not in FOREIGN)
     if unknown:
         raise UserError(f"{path}: unknown option(s) {unknown_options(unknown)}")
