@@ -29,3 +29,13 @@ def test_a_config_file_with_sd_scripts_old_spelling_caption_extention_reads_it_a
     config = tmp_path / "args.toml"
     config.write_text('caption_extension = ".caption"\ncaption_extention = ".txt"\n', encoding="utf-8")
     assert parse_args([*COMMAND, "--config_file", str(config)])[0].caption_extension == ".txt"
+
+
+@pytest.mark.parametrize("written", ["9007199254740993", '"9007199254740993"'])
+def test_a_whole_number_beyond_a_floats_precision_is_that_number_to_the_last_digit(written, tmp_path):
+    """sd-scripts' type=int reads --seed 9007199254740993 as it is (a float would be off by one): this trainer said it
+    was "not a whole number"; a file's number, or its text, reads as the command line reads it."""
+    assert parse_args([*COMMAND, "--seed", "9007199254740993"])[0].seed == 9007199254740993
+    config = tmp_path / "args.toml"
+    config.write_text(f"seed = {written}\n", encoding="utf-8")
+    assert parse_args([*COMMAND, "--config_file", str(config)])[0].seed == 9007199254740993

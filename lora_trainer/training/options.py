@@ -628,7 +628,7 @@ def _number(kind: type, value: Any) -> int | float:
     # a file's whole number stays whole for a float option too: sd-scripts records str(args.X) in the ss_* metadata,
     # and argparse converts only the command line's ("5.0"), not a --config_file's ("5")
     if kind is int or isinstance(number, numbers.Integral):
-        if float(number) != int(number):
+        if not isinstance(number, numbers.Integral) and float(number) != int(number):  # 2.5; a whole int stays exact
             raise ValueError(value)
         return int(number)
     return float(number)
