@@ -32,7 +32,8 @@ def allowed_path(value: str | Path, roots: list[Path], field: str, must_exist: b
     if not value:
         raise PathNotAllowed(f"{field}: no path given", field)
     if "\x00" in value:  # the file system's calls stop on it with a ValueError
-        raise UserError(f"{field}: a path cannot hold a NUL character; give the path as the file manager shows it", field)
+        raise UserError(f"{field}: a path cannot hold a NUL character; give the path as the file manager shows it",
+                        field)
     path = Path(value).expanduser()
     resolved = path.resolve()  # symlinks and .. followed as far as the path exists
     if not resolves_below(resolved, roots):

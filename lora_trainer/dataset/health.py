@@ -523,7 +523,8 @@ def _report(root: Path, label: str, sources: list[_Source], findings: list[Findi
             name = _relative(image_path, root)
             facts = facts_by_path[image_path]
             if facts.problem or facts.size is None:
-                findings.append(Finding("error", "corrupt-image", name, f"{(facts.problem or 'its size cannot be read').rstrip('.')}: sd-scripts stops on it."))
+                problem = (facts.problem or "its size cannot be read").rstrip(".")
+                findings.append(Finding("error", "corrupt-image", name, f"{problem}: sd-scripts stops on it."))
                 continue
             caption, caption_source, caption_findings = _effective_caption(image_path, name, class_tokens, caption_extension)
             findings += caption_findings

@@ -753,7 +753,8 @@ def revert(editor: TagEditor, images: Iterable[Path] | None = None) -> TagEditor
     if discarded:
         captions, tags, later_lines = _read_tags(discarded, editor.caption_extension)
         kept_later = {image: text for image, text in editor.later_lines.items() if image not in tags}
-        editor = replace(editor, on_disk=_frozen(editor.on_disk | tags), stamps=_frozen(editor.stamps | captions.stamps),
+        editor = replace(editor, on_disk=_frozen(editor.on_disk | tags),
+                         stamps=_frozen(editor.stamps | captions.stamps),
                          later_lines=_frozen(kept_later | later_lines))
     return record_step(editor, "Revert to the saved captions", {image: editor.on_disk[image] for image in chosen})
 

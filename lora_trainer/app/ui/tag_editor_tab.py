@@ -322,8 +322,8 @@ def set_caption(services, state: TabState, caption: str) -> tuple:
         # changed where this tab did not show it (the API, another browser tab): said, the typed text kept
         state = replace(state, opened=(state.current, now), box=caption or "")
         return render(services, state, f"⚠ The caption of {state.current} changed outside this tab (the API or "
-                      f"another browser tab): it is now \"{now}\". Set caption again puts your text in place of that; a "
-                      "click on the image shows the caption now (and selects or unselects it).")
+                      f"another browser tab): it is now \"{now}\". Set caption again puts your text in place of "
+                      "that; a click on the image shows the caption now (and selects or unselects it).")
     session.change(lambda editor: tag_editor.edit_caption(editor, image, caption or ""))
     state = replace(state, opened=(state.current, tag_editor.caption_of(session.editor, image)), box=caption or "")
     return render(services, state, f"Caption of {state.current} changed (not saved yet).")

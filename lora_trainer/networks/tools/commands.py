@@ -88,7 +88,8 @@ def run_merge(args) -> None:
     if args.files and args.models:
         raise UserError("lora merge: give the networks once, as FILE[:WEIGHT] … or as sd-scripts' --models FILE …")
     if not args.files and not args.models:
-        raise UserError("lora merge: name the networks to merge, as FILE[:WEIGHT] … or as --models FILE … --ratios R …")
+        raise UserError("lora merge: name the networks to merge, as FILE[:WEIGHT] … or as --models FILE … "
+                        "--ratios R …")
     if args.ratios and not args.models:
         raise UserError("--ratios weighs the --models files: give the weights as FILE:WEIGHT instead", "ratios")
     inputs = []
@@ -98,8 +99,8 @@ def run_merge(args) -> None:
     if args.models:
         ratios = args.ratios or [1.0] * len(args.models)
         if len(ratios) != len(args.models):
-            raise UserError(f"--ratios: give one ratio for each of the {len(args.models)} --models ({len(ratios)} given)",
-                            "ratios")
+            raise UserError(f"--ratios: give one ratio for each of the {len(args.models)} --models "
+                            f"({len(ratios)} given)", "ratios")
         inputs = list(zip(args.models, ratios))
     with progress_callback("module", "merging") as progress:
         result = merge(inputs, args.out, args.mode, args.new_rank, args.new_conv_rank, args.model, args.precision,
