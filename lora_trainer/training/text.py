@@ -62,6 +62,8 @@ def caption_chunks(caption: str, tokenizer: CLIPTokenizer, pad_id: int, max_toke
     for start in range(1, limit + 1, CHUNK):
         piece = full[start : start + CHUNK]
         end = eos if piece[-1] not in (eos, pad_id) else pad_id  # a chunk cut mid-caption still ends with EOS
+        if piece[0] == pad_id:  # a chunk past the caption: sd-scripts turns <BOS> <PAD> into <BOS> <EOS>
+            piece = [eos, *piece[1:]]
         chunks.append([bos, *piece, end])
         chunk_weights.append([1.0, *weights[start : start + CHUNK], 1.0])
     return chunks, chunk_weights
