@@ -299,8 +299,11 @@ def _listed_checkpoint(model: str, checkpoints: Mapping[str, Path]) -> Path | No
         return os.path.normcase(str(path.resolve() if resolved else Path(os.path.abspath(path))))  # Windows: any case
 
     # the path as listed first: resolving hundreds of the WebUI's checkpoints at every submit only where it is not
-    return next((path for resolved in (False, True) for path in checkpoints.values()
-                 if where(path, resolved) == where(given, resolved)), None)
+    for resolved in (False, True):
+        wanted = where(given, resolved)
+        if (found := next((path for path in checkpoints.values() if where(path, resolved) == wanted), None)) is not None:
+            return found
+    return None
 
 
 def job_json(job: Job) -> dict:

@@ -330,6 +330,10 @@ class _OneSentenceParser(argparse.ArgumentParser):
         raise UserError(f"{message}; `--help` lists the options and their values")
 
 
+# sd-scripts' own options under an old spelling (its --output_config writes them from an old command): read as the new
+OLD_SPELLINGS = {"caption_extention": "caption_extension"}
+
+
 def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse.ArgumentParser:
     parser = _OneSentenceParser(prog=prog, description="Train a LoRA with sd-scripts' options (Kohya-compatible).",
                                 argument_default=argparse.SUPPRESS)
@@ -344,7 +348,8 @@ def build_parser(prog: str = "python -m lora_trainer.train_network") -> argparse
         parser.add_argument(f"--{f.name}", type=kind, nargs=meta["nargs"], choices=choices, help=meta["help"])
     for name in sorted(FOREIGN):
         parser.add_argument(f"--{name}", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--caption_extention", dest="caption_extension", help=argparse.SUPPRESS)  # sd-scripts' old spelling
+    for old, name in OLD_SPELLINGS.items():
+        parser.add_argument(f"--{old}", dest=name, help=argparse.SUPPRESS)
     parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
                         help="print the resolved options and exit")
     parser.add_argument("--print-kohya-command", "--print_kohya_command", dest="print_kohya_command", action="store_true",
@@ -517,6 +522,7 @@ def flattened_sections(data: dict[str, Any], source: str, notes: list[str] | Non
     return flat
 
 
+
 def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dict[str, Any]:
     """One level of tables flattened; front-ends' own keys dropped with a note; unknown keys refused."""
     if "datasets" in data:
@@ -527,8 +533,9 @@ def _flattened(path: Path, data: dict[str, Any], notes: list[str] | None) -> dic
         del flat[key]
         if notes is not None:
             notes.append(f"{path}: {key} is not read, by sd-scripts either ({FRONT_END_KEYS[key]})")
-    if "caption_extention" in flat:  # sd-scripts' old spelling, its own option, put in place of caption_extension
-        flat["caption_extension"] = flat.pop("caption_extention")
+    for old, name in OLD_SPELLINGS.items():
+        if old in flat:
+            flat[name] = flat.pop(old)
     unknown = sorted(k for k in flat if k not in FIELDS and k not in FOREIGN)
     if unknown:
         raise UserError(f"{path}: unknown option(s) {unknown_options(unknown)}")
