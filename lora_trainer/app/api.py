@@ -301,7 +301,8 @@ def _listed_checkpoint(model: str, checkpoints: Mapping[str, Path]) -> Path | No
     # the path as listed first: resolving hundreds of the WebUI's checkpoints at every submit only where it is not
     for resolved in (False, True):
         wanted = where(given, resolved)
-        if (found := next((path for path in checkpoints.values() if where(path, resolved) == wanted), None)) is not None:
+        found = next((path for path in checkpoints.values() if where(path, resolved) == wanted), None)
+        if found is not None:
             return found
     return None
 
